@@ -1,0 +1,351 @@
+"""The ``modelgate`` command line (Typer).
+
+Each command loads settings the same way (TOML file named by ``--config`` or
+``MODELGATE_CONFIG``, then ``MODELGATE_*`` variables) and reports a bad
+setting by field name with exit code 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from gateway import logs
+from gateway.config import Settings, load_settings
+from gateway.errors import ModelgateError
+
+app = typer.Typer(
+    help="modelgate: a streaming inference gateway that catches model theft.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+keys_app = typer.Typer(help="Create, list and revoke client API keys.")
+app.add_typer(keys_app, name="keys")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML settings file (else MODELGATE_CONFIG)."),
+]
+LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING.")]
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    if config is not None:
+        if not config.is_file():
+            typer.echo(f"error: config file {config} not found", err=True)
+            raise typer.Exit(2)
+        os.environ["MODELGATE_CONFIG"] = str(config)
+    try:
+        return load_settings(**overrides)
+    except ModelgateError as exc:
+        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _run(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except ModelgateError as exc:
+        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+        raise typer.Exit(1) from exc
+
+
+# -- stack ---------------------------------------------------------------------
+
+
+@app.command()
+def up() -> None:
+    """Start the local Kafka broker and Redis (no Docker) and leave them running."""
+    from gateway import stack
+
+    info = stack.up()
+    typer.echo(f"kafka {info.kafka_bootstrap}  redis {info.redis_url}")
+
+
+@app.command()
+def down() -> None:
+    """Stop the local stack started by ``modelgate up`` (once no run uses it)."""
+    from gateway import stack
+
+    stack.down()
+
+
+@app.command()
+def status() -> None:
+    """Say whether the local Kafka and Redis are running."""
+    from gateway import stack
+
+    typer.echo(stack.status())
+
+
+# -- worker --------------------------------------------------------------------
+
+
+@app.command()
+def worker(config: ConfigOption = None, log_level: LogLevel = "INFO") -> None:
+    """Run one gateway worker until SIGTERM or Ctrl-C; exits 0 after committing."""
+    logs.configure(log_level)
+    settings = _settings(config)
+    _run(_worker_main(settings))
+
+
+async def _worker_main(settings: Settings) -> None:
+    from gateway.worker import Worker
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with Worker(settings) as w:
+        await w.run(stop)
+
+
+# -- demo ----------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    config: ConfigOption = None,
+    report_dir: Annotated[
+        Path, typer.Option(help="Where report.md, report.json and plots go.")
+    ] = Path("report"),
+    benign: Annotated[int, typer.Option(help="Benign clients (at least 20).")] = 20,
+    quick: Annotated[bool, typer.Option(help="A smaller, faster run.")] = False,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Run real traffic and two real attacks through the gateway and report.
+
+    Exits 1 if a benign client was blocked or an attacker went unflagged.
+    """
+    from evaluation.demo import run_demo
+
+    logs.configure(log_level)
+    settings = _settings(config)
+    code = _run(run_demo(settings, report_dir, n_benign=benign, quick=quick))
+    raise typer.Exit(int(code))
+
+
+# -- send ----------------------------------------------------------------------
+
+
+@app.command()
+def send(
+    token: Annotated[
+        str,
+        typer.Option(envvar="MODELGATE_TOKEN", help="API key token from keys create."),
+    ],
+    model: Annotated[str, typer.Option(help="Model name.")] = "digits",
+    data: Annotated[
+        str | None, typer.Option(help="JSON list of one row's values.")
+    ] = None,
+    digit: Annotated[
+        int | None, typer.Option(help="Send held-out digit number N instead.")
+    ] = None,
+    client_id: Annotated[
+        str | None, typer.Option(help="Record key; defaults to the key's client.")
+    ] = None,
+    timeout_s: Annotated[float, typer.Option(help="Seconds to wait.")] = 30.0,
+    config: ConfigOption = None,
+) -> None:
+    """Send one request through Kafka and print the response as JSON."""
+    import numpy as np
+
+    from gateway.keys import KeyStore
+
+    settings = _settings(config)
+    if (data is None) == (digit is None):
+        typer.echo("error: give exactly one of --data or --digit", err=True)
+        raise typer.Exit(2)
+    if digit is not None:
+        from gateway.models import digits_split
+
+        rows = digits_split()[1][digit : digit + 1]
+    else:
+        try:
+            rows = np.asarray(json.loads(data or ""), dtype=np.float32).reshape(1, -1)
+        except (ValueError, TypeError) as exc:
+            typer.echo(f"error: --data is not a JSON list of numbers: {exc}", err=True)
+            raise typer.Exit(2) from exc
+    try:
+        key_id, secret = KeyStore.parse_token(token)
+    except ModelgateError as exc:
+        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+    response = _run(
+        _send_one(settings, key_id, secret, client_id or key_id, model, rows, timeout_s)
+    )
+    typer.echo(json.dumps(response, indent=2))
+    raise typer.Exit(0 if response.get("status") == "ok" else 1)
+
+
+async def _send_one(
+    settings: Settings,
+    key_id: str,
+    secret: bytes,
+    client_id: str,
+    model: str,
+    rows: Any,
+    timeout_s: float,
+) -> dict[str, Any]:
+    import msgspec
+
+    from gateway.client import GatewayClient, KafkaTransport
+
+    async with KafkaTransport(settings) as transport:
+        client = GatewayClient(transport, key_id, secret, client_id, model)
+        response = await client.infer(rows, timeout_s=timeout_s)
+    result: dict[str, Any] = msgspec.to_builtins(response)
+    return result
+
+
+# -- alerts --------------------------------------------------------------------
+
+
+@app.command()
+def alerts(
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new alerts.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Raw CloudEvents.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Print alerts: without --follow, all stored ones; with it, new ones live."""
+    settings = _settings(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        _run(_alerts(settings, follow, as_json))
+
+
+async def _alerts(settings: Settings, follow: bool, as_json: bool) -> None:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from gateway.alerts import format_alert
+
+    topic = settings.kafka.topics.alerts
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap, enable_auto_commit=False
+    )
+    await asyncio.wait_for(consumer.start(), settings.kafka.request_timeout_s)
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        if not tps:
+            typer.echo(f"no topic {topic} yet", err=True)
+            return
+        consumer.assign(tps)
+        if follow:
+            await consumer.seek_to_end(*tps)
+        else:
+            await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        while True:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                for record in records:
+                    _print_alert(record.value, as_json, format_alert)
+            if not follow:
+                positions = {tp: await consumer.position(tp) for tp in tps}
+                if all(positions[tp] >= end[tp] for tp in tps):
+                    return
+    finally:
+        await consumer.stop()
+
+
+def _print_alert(value: bytes | None, as_json: bool, fmt: Any) -> None:
+    try:
+        event = json.loads(value or b"")
+    except ValueError:
+        typer.echo("(unreadable alert record)", err=True)
+        return
+    typer.echo(json.dumps(event) if as_json else fmt(event))
+    sys.stdout.flush()
+
+
+# -- keys ----------------------------------------------------------------------
+
+
+@keys_app.command("create")
+def keys_create(
+    client_id: Annotated[str, typer.Argument(help="The client this key belongs to.")],
+    model: Annotated[
+        list[str] | None, typer.Option(help="Restrict to this model (repeatable).")
+    ] = None,
+    ttl_days: Annotated[
+        float | None, typer.Option(help="Expire after this many days.")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Create an API key and print its token once; it is not stored in clear."""
+    settings = _settings(config)
+
+    async def create() -> str:
+        async with _key_store(settings) as store:
+            key, token = await store.create(
+                client_id,
+                models=tuple(model or ()),
+                ttl_s=None if ttl_days is None else ttl_days * 86_400,
+            )
+            return f"key_id={key.key_id} client={key.client_id}\ntoken={token}"
+
+    typer.echo(_run(create()))
+    typer.echo("Store the token now: it cannot be shown again.", err=True)
+
+
+@keys_app.command("list")
+def keys_list(config: ConfigOption = None) -> None:
+    """List API keys (ids, clients, scopes, status; never secrets)."""
+    settings = _settings(config)
+
+    async def listing() -> list[dict[str, Any]]:
+        async with _key_store(settings) as store:
+            return list(await store.list())
+
+    for row in _run(listing()):
+        typer.echo(json.dumps(row))
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key id to revoke.")],
+    config: ConfigOption = None,
+) -> None:
+    """Revoke a key; every worker refuses it within auth.key_cache_ttl_s."""
+    settings = _settings(config)
+
+    async def revoke() -> bool:
+        async with _key_store(settings) as store:
+            return bool(await store.revoke(key_id))
+
+    if not _run(revoke()):
+        typer.echo(f"no key {key_id}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {key_id}")
+
+
+@contextlib.asynccontextmanager
+async def _key_store(settings: Settings) -> AsyncIterator[Any]:
+    import redis.asyncio as aioredis
+
+    from gateway.keys import KeyStore
+
+    client = aioredis.Redis.from_url(
+        settings.redis.url,
+        socket_timeout=settings.redis.socket_timeout_s,
+        socket_connect_timeout=settings.redis.socket_timeout_s,
+    )
+    try:
+        yield KeyStore(client, settings)
+    finally:
+        await client.aclose()
+
+
+def main() -> None:
+    app()

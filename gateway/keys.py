@@ -1,0 +1,558 @@
+"""API keys: the server key, key records in Redis, and request authentication.
+
+A client holds a token ``<key_id>.<secret>`` shown once at creation. Requests
+name the key id and carry an HMAC of the value under the secret
+(``gateway.protocol.sign``), so no secret ever travels through Kafka. Because
+the worker must recompute that HMAC, the secret cannot be stored as a one-way
+hash: it is encrypted at rest with Fernet under the server key, and only a
+process holding the server key can recover it.
+
+This module imports Redis, ``cryptography`` and the gateway's config, errors,
+protocol and store modules; nothing from Kafka or FastAPI.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import builtins
+import json
+import logging
+import os
+import re
+import secrets
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from cryptography.fernet import Fernet, InvalidToken
+from redis.asyncio import Redis
+
+from gateway import protocol
+from gateway.config import Settings
+from gateway.errors import AuthError, ConfigError
+from gateway.store import CLIENT_ID_PATTERN, redis_guard
+
+logger = logging.getLogger(__name__)
+
+KEY_ID_PREFIX = "mgk_"
+# 12 hex digits = 48 random bits: ids are public, so they only need to be
+# unique, not unguessable (the secret is what proves possession).
+KEY_ID_PATTERN = re.compile(r"^mgk_[0-9a-f]{12}$")
+SECRET_BYTES = 32
+
+KeyStatus = Literal["active", "revoked"]
+
+# Bounds the local cache so a flood of made-up key ids (each cached negatively)
+# cannot grow a worker's memory without limit.
+_CACHE_MAX_ENTRIES = 100_000
+# Used for unknown keys so that refusing one costs about as much as checking a
+# real signature; the value is irrelevant.
+_DUMMY_SECRET = b"\x00" * SECRET_BYTES
+_HEX_SIGNATURE = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """One API key with its decrypted secret.
+
+    ``models`` empty means every served model. ``repr`` never shows the secret,
+    so logging a key or an exception holding one cannot leak it.
+    """
+
+    key_id: str
+    client_id: str
+    secret: bytes = field(repr=False)
+    models: tuple[str, ...]
+    status: KeyStatus
+    created_ms: int
+    expires_ms: int | None = None
+
+    def allows_model(self, model: str) -> bool:
+        """Whether this key is scoped to ``model`` (an empty scope allows all)."""
+        return not self.models or model in self.models
+
+
+# Step: the server key -------------------------------------------------------
+
+
+def load_server_key(settings: Settings) -> bytes:
+    """Return the Fernet key that encrypts API-key secrets at rest.
+
+    Uses ``auth.server_key`` when set; otherwise reads ``auth.server_key_file``,
+    creating it (mode 0600, parent directories 0700) with a fresh key if it does
+    not exist. Blocking file I/O: call it at start-up, not on the event loop.
+
+    Parameters
+    ----------
+    settings
+        Process settings.
+
+    Returns
+    -------
+    bytes
+        The urlsafe-base64 Fernet key.
+
+    Raises
+    ------
+    ConfigError
+        The configured or stored key is not a valid Fernet key, or the file
+        cannot be read or created.
+    """
+    if settings.auth.server_key is not None:
+        key = settings.auth.server_key.get_secret_value().strip().encode("ascii")
+        _check_fernet_key(key, "auth.server_key")
+        return key
+
+    path = settings.auth.server_key_file
+    try:
+        key = _read_or_create_key_file(path)
+    except OSError as exc:
+        raise ConfigError(
+            f"auth.server_key_file: cannot read or create {path}: {exc.strerror}"
+        ) from exc
+    _check_fernet_key(key, "auth.server_key_file")
+    return key
+
+
+def _read_or_create_key_file(path: Path) -> bytes:
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Write a complete file under a temporary name, then link it into place:
+        # link fails if another process won the race, and nobody ever reads a
+        # half-written key.
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".server.key.")
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, Fernet.generate_key() + b"\n")
+            os.fsync(fd)
+            os.close(fd)
+            try:
+                os.link(tmp_name, path)
+                logger.info("created server key file", extra={"path": str(path)})
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(tmp_name)
+
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        logger.warning(
+            "server key file is readable by group or others",
+            extra={"path": str(path), "mode": oct(mode & 0o777)},
+        )
+    return path.read_bytes().strip()
+
+
+def _check_fernet_key(key: bytes, source: str) -> None:
+    try:
+        Fernet(key)
+    except (ValueError, binascii.Error) as exc:
+        raise ConfigError(f"{source}: not a valid Fernet key") from exc
+
+
+# Step: encryption at rest -----------------------------------------------------
+
+
+def encrypt_secret(fernet: Fernet, key_id: str, secret: bytes) -> bytes:
+    """Encrypt ``secret`` bound to ``key_id``.
+
+    Fernet has no associated data, so the key id goes inside the plaintext; a
+    ciphertext copied onto another key's record then fails to decrypt there.
+    """
+    return fernet.encrypt(key_id.encode("ascii") + b"\x00" + secret)
+
+
+def decrypt_secret(fernet: Fernet, key_id: str, token: bytes) -> bytes | None:
+    """Inverse of :func:`encrypt_secret`; ``None`` if the token is not valid for
+    this server key and key id."""
+    try:
+        plain = fernet.decrypt(token)
+    except InvalidToken:
+        return None
+    bound_id, sep, secret = plain.partition(b"\x00")
+    if not sep or bound_id != key_id.encode("ascii"):
+        return None
+    return secret
+
+
+# Step: tokens -------------------------------------------------------------------
+
+
+def format_token(key_id: str, secret: bytes) -> str:
+    """The one-time token shown to the key's owner: ``<key_id>.<urlsafe b64>``."""
+    encoded = base64.urlsafe_b64encode(secret).rstrip(b"=").decode("ascii")
+    return f"{key_id}.{encoded}"
+
+
+class KeyStore:
+    """API-key records in Redis, with a short-lived local cache.
+
+    Layout: ``{prefix}:key:{<key_id>}`` is a hash (``client_id``,
+    ``secret_enc``, ``models`` as JSON, ``status``, ``created_ms``,
+    ``expires_ms``, empty when none); ``{prefix}:keys`` is the set of ids, for
+    listing. The key id is the hash tag so a lookup touches one slot on Redis
+    Cluster. Records never expire: revoked and expired keys stay for audit.
+
+    Parameters
+    ----------
+    redis
+        An asyncio client with ``decode_responses=False``.
+    settings
+        Process settings: ``redis.key_prefix``, ``redis.socket_timeout_s``,
+        ``auth.key_cache_ttl_s`` and the server key.
+    server_key
+        The Fernet key; loaded with :func:`load_server_key` when omitted.
+    """
+
+    def __init__(
+        self, redis: Redis, settings: Settings, *, server_key: bytes | None = None
+    ) -> None:
+        self._redis = redis
+        self._prefix = settings.redis.key_prefix
+        self._timeout_s = settings.redis.socket_timeout_s
+        self._cache_ttl_s = settings.auth.key_cache_ttl_s
+        self._fernet = Fernet(server_key or load_server_key(settings))
+        # key_id -> (monotonic expiry, record or None for "not found").
+        self._cache: dict[str, tuple[float, ApiKey | None]] = {}
+
+    def record_key(self, key_id: str) -> str:
+        """Redis key of one API-key hash."""
+        return f"{self._prefix}:key:{{{key_id}}}"
+
+    @property
+    def index_key(self) -> str:
+        """Redis key of the set of all key ids."""
+        return f"{self._prefix}:keys"
+
+    @staticmethod
+    def parse_token(token: str) -> tuple[str, bytes]:
+        """Split a token into its key id and secret.
+
+        Raises
+        ------
+        AuthError
+            ``AUTH_UNKNOWN_KEY`` if the token is malformed. The message never
+            repeats the token.
+
+        Examples
+        --------
+        >>> key_id, secret = KeyStore.parse_token(format_token("mgk_" + "0" * 12,
+        ...                                                    b"s" * 32))
+        >>> key_id, len(secret)
+        ('mgk_000000000000', 32)
+        """
+        key_id, sep, encoded = token.strip().partition(".")
+        if not sep or not KEY_ID_PATTERN.fullmatch(key_id):
+            raise AuthError("malformed API key token", code="AUTH_UNKNOWN_KEY")
+        try:
+            padded = encoded + "=" * (-len(encoded) % 4)
+            secret = base64.b64decode(padded, altchars=b"-_", validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise AuthError("malformed API key token", code="AUTH_UNKNOWN_KEY") from exc
+        if len(secret) != SECRET_BYTES:
+            raise AuthError("malformed API key token", code="AUTH_UNKNOWN_KEY")
+        return key_id, secret
+
+    async def create(
+        self,
+        client_id: str,
+        models: Iterable[str] = (),
+        ttl_s: float | None = None,
+    ) -> tuple[ApiKey, str]:
+        """Create a key for ``client_id`` and return it with its one-time token.
+
+        The token is the only place the secret appears in plain form; it is not
+        stored or logged, so a lost token means a new key.
+
+        Parameters
+        ----------
+        client_id
+            The identity requests made with this key act as
+            (``[A-Za-z0-9._@-]{1,128}``: it becomes part of Redis key names).
+        models
+            Models the key may call; empty means all.
+        ttl_s
+            Lifetime in seconds; ``None`` for a key that does not expire.
+
+        Raises
+        ------
+        ValueError
+            Bad ``client_id``, model name or ``ttl_s``.
+        StoreError
+            Redis could not be reached.
+        """
+        if not CLIENT_ID_PATTERN.fullmatch(client_id):
+            raise ValueError(f"client_id must match {CLIENT_ID_PATTERN.pattern}")
+        scope = tuple(dict.fromkeys(models))
+        if any(not m for m in scope):
+            raise ValueError("model names must be non-empty")
+        if ttl_s is not None and ttl_s <= 0:
+            raise ValueError("ttl_s must be positive")
+
+        key_id = KEY_ID_PREFIX + secrets.token_hex(6)
+        secret = secrets.token_bytes(SECRET_BYTES)
+        created_ms = protocol.now_ms()
+        expires_ms = None if ttl_s is None else created_ms + round(ttl_s * 1000)
+        key = ApiKey(
+            key_id=key_id,
+            client_id=client_id,
+            secret=secret,
+            models=scope,
+            status="active",
+            created_ms=created_ms,
+            expires_ms=expires_ms,
+        )
+        mapping = {
+            "client_id": client_id,
+            "secret_enc": encrypt_secret(self._fernet, key_id, secret),
+            "models": json.dumps(list(scope)),
+            "status": "active",
+            "created_ms": str(created_ms),
+            "expires_ms": "" if expires_ms is None else str(expires_ms),
+        }
+
+        # The two keys live in different slots, so no MULTI; the set entry goes
+        # first and list() skips ids without a record, so a failure in between
+        # leaves nothing usable behind.
+        async with redis_guard("keys.create", self._timeout_s):
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.sadd(self.index_key, key_id)
+            pipe.hset(self.record_key(key_id), mapping=mapping)
+            await pipe.execute()
+
+        self._cache.pop(key_id, None)
+        logger.info(
+            "api key created",
+            extra={"client": client_id, "key_id": key_id, "models": list(scope)},
+        )
+        return key, format_token(key_id, secret)
+
+    async def revoke(self, key_id: str) -> bool:
+        """Mark a key revoked. Returns whether it existed.
+
+        This process sees it at once; other processes within
+        ``auth.key_cache_ttl_s``.
+        """
+        if not KEY_ID_PATTERN.fullmatch(key_id):
+            return False
+        record = self.record_key(key_id)
+        async with redis_guard("keys.revoke", self._timeout_s):
+            # Nothing deletes key records, so checking first cannot race with a
+            # delete, and HSET on a missing key would create a partial record.
+            if not await self._redis.exists(record):
+                return False
+            await self._redis.hset(record, "status", "revoked")
+        self._cache.pop(key_id, None)
+        logger.info("api key revoked", extra={"key_id": key_id})
+        return True
+
+    async def get(self, key_id: str) -> ApiKey | None:
+        """One key, or ``None`` if unknown; see :meth:`get_many`."""
+        return (await self.get_many([key_id])).get(key_id)
+
+    async def get_many(self, key_ids: Iterable[str]) -> dict[str, ApiKey]:
+        """Look up keys for a batch of requests.
+
+        Answers from the local cache where an entry is younger than
+        ``auth.key_cache_ttl_s`` (unknown ids are cached too, for the same
+        time), and fetches every miss in one pipelined round trip. Ids that are
+        not well-formed never reach Redis.
+
+        Returns
+        -------
+        dict[str, ApiKey]
+            Known keys by id, revoked and expired ones included (the caller
+            decides with :func:`authenticate`); unknown ids are absent.
+
+        Raises
+        ------
+        StoreError
+            Redis could not be reached.
+        """
+        now = time.monotonic()
+        found: dict[str, ApiKey] = {}
+        misses: builtins.list[str] = []
+        for key_id in dict.fromkeys(key_ids):
+            if not KEY_ID_PATTERN.fullmatch(key_id):
+                continue
+            cached = self._cache.get(key_id)
+            if cached is not None and cached[0] > now:
+                if cached[1] is not None:
+                    found[key_id] = cached[1]
+                continue
+            misses.append(key_id)
+        if not misses:
+            return found
+
+        async with redis_guard("keys.get_many", self._timeout_s):
+            pipe = self._redis.pipeline(transaction=False)
+            for key_id in misses:
+                pipe.hgetall(self.record_key(key_id))
+            rows = await pipe.execute()
+
+        expires_at = time.monotonic() + self._cache_ttl_s
+        for key_id, row in zip(misses, rows, strict=True):
+            key = self._decode(key_id, row) if row else None
+            if key is not None:
+                found[key_id] = key
+            self._remember(key_id, expires_at, key)
+        return found
+
+    def _decode(self, key_id: str, row: dict[bytes, bytes]) -> ApiKey | None:
+        secret = decrypt_secret(self._fernet, key_id, row.get(b"secret_enc", b""))
+        if secret is None:
+            # Most likely the server key changed since the key was created; the
+            # key is unusable, and refusing it is the only safe answer.
+            logger.error(
+                "cannot decrypt api key secret; is this the server key that "
+                "created it?",
+                extra={"key_id": key_id},
+            )
+            return None
+        status = row.get(b"status", b"").decode()
+        expires = row.get(b"expires_ms", b"")
+        return ApiKey(
+            key_id=key_id,
+            client_id=row[b"client_id"].decode(),
+            secret=secret,
+            models=tuple(json.loads(row.get(b"models", b"[]"))),
+            # Anything but an explicit "active" is treated as revoked.
+            status="active" if status == "active" else "revoked",
+            created_ms=int(row.get(b"created_ms", b"0")),
+            expires_ms=int(expires) if expires else None,
+        )
+
+    def _remember(self, key_id: str, expires_at: float, key: ApiKey | None) -> None:
+        if self._cache_ttl_s <= 0:
+            return
+        # Re-insert so dict order stays oldest-first for eviction below.
+        self._cache.pop(key_id, None)
+        self._cache[key_id] = (expires_at, key)
+        if len(self._cache) > _CACHE_MAX_ENTRIES:
+            now = time.monotonic()
+            for stale in [k for k, (exp, _) in self._cache.items() if exp <= now]:
+                del self._cache[stale]
+            while len(self._cache) > _CACHE_MAX_ENTRIES:
+                del self._cache[next(iter(self._cache))]
+
+    def forget(self, key_id: str | None = None) -> None:
+        """Drop one cached key, or the whole cache."""
+        if key_id is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(key_id, None)
+
+    # Last in the class: the method name shadows the builtin ``list`` for
+    # annotations evaluated in the class body after it.
+    async def list(self) -> builtins.list[dict[str, object]]:
+        """Every key's record without its secret, oldest first.
+
+        Two round trips (the id set, then the records); an admin call, not a
+        hot path.
+
+        Raises
+        ------
+        StoreError
+            Redis could not be reached.
+        """
+        async with redis_guard("keys.list", self._timeout_s):
+            ids = sorted(m.decode() for m in await self._redis.smembers(self.index_key))
+            pipe = self._redis.pipeline(transaction=False)
+            for key_id in ids:
+                pipe.hgetall(self.record_key(key_id))
+            rows = await pipe.execute() if ids else []
+
+        listing: builtins.list[tuple[int, str, dict[str, object]]] = []
+        for key_id, row in zip(ids, rows, strict=True):
+            if not row:
+                continue
+            created_ms = int(row.get(b"created_ms", b"0"))
+            expires = row.get(b"expires_ms", b"")
+            entry: dict[str, object] = {
+                "key_id": key_id,
+                "client_id": row.get(b"client_id", b"").decode(),
+                "models": json.loads(row.get(b"models", b"[]")),
+                "status": row.get(b"status", b"").decode(),
+                "created_ms": created_ms,
+                "expires_ms": int(expires) if expires else None,
+            }
+            listing.append((created_ms, key_id, entry))
+        listing.sort(key=lambda item: (item[0], item[1]))
+        return [entry for _, _, entry in listing]
+
+
+def authenticate(
+    key: ApiKey | None,
+    value: bytes,
+    signature: str | None,
+    ts_ms: int,
+    model: str,
+    now_ms: int,
+    max_skew_ms: int,
+) -> ApiKey:
+    """Decide whether a request proves possession of a live key for ``model``.
+
+    Checks run in this order, first failure wins: signature present, key
+    known, signature valid, key not revoked, not expired, timestamp within
+    skew, model in scope. Everything after the signature check is told only to
+    whoever holds the secret, so a stranger learns no more than whether a key
+    id exists; for unknown ids an HMAC is still computed, to keep timing alike.
+
+    Replays: a replay older than ``max_skew_ms`` is ``AUTH_STALE``; a newer
+    one is caught by request-id deduplication in the counter store, whose
+    window (``auth.replay_window_s``) must be at least the skew.
+
+    Parameters
+    ----------
+    key
+        The record for the request's key id, or ``None`` if unknown.
+    value
+        The exact Kafka value bytes that were signed.
+    signature
+        The ``mg-sig`` header (lowercase hex), or ``None`` if absent.
+    ts_ms
+        The request's own timestamp (from the signed value).
+    model
+        The model the request names (from the signed value).
+    now_ms
+        The worker's clock.
+    max_skew_ms
+        Largest accepted ``|now_ms - ts_ms|``.
+
+    Returns
+    -------
+    ApiKey
+        ``key``, now known to be good.
+
+    Raises
+    ------
+    AuthError
+        With code ``AUTH_MISSING``, ``AUTH_UNKNOWN_KEY``,
+        ``AUTH_BAD_SIGNATURE``, ``AUTH_REVOKED``, ``AUTH_EXPIRED``,
+        ``AUTH_STALE`` or ``AUTH_MODEL_FORBIDDEN``.
+    """
+    if not signature:
+        raise AuthError("no signature header", code="AUTH_MISSING")
+    # compare_digest raises TypeError on non-ASCII str, so malformed headers
+    # are refused here, by shape, before any comparison.
+    well_formed = _HEX_SIGNATURE.fullmatch(signature) is not None
+    if key is None:
+        protocol.verify(_DUMMY_SECRET, value, "0" * 64)
+        raise AuthError("unknown API key", code="AUTH_UNKNOWN_KEY")
+    if not well_formed or not protocol.verify(key.secret, value, signature):
+        raise AuthError("signature does not match", code="AUTH_BAD_SIGNATURE")
+    if key.status != "active":
+        raise AuthError("API key revoked", code="AUTH_REVOKED")
+    if key.expires_ms is not None and now_ms >= key.expires_ms:
+        raise AuthError("API key expired", code="AUTH_EXPIRED")
+    if abs(now_ms - ts_ms) > max_skew_ms:
+        raise AuthError(
+            "request timestamp outside the accepted clock skew", code="AUTH_STALE"
+        )
+    if not key.allows_model(model):
+        raise AuthError("API key not scoped to this model", code="AUTH_MODEL_FORBIDDEN")
+    return key

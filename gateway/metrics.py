@@ -1,0 +1,83 @@
+"""Prometheus metrics of one worker, on a registry of its own.
+
+A registry per worker (not the process-global default) lets tests run several
+workers in one process without metric name clashes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import start_http_server as _start_http_server
+
+logger = logging.getLogger(__name__)
+
+# Stage latencies span ~10 µs (decode of one batch) to seconds (a stalled broker).
+_STAGE_BUCKETS_S = (
+    1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 5.0,
+)  # fmt: skip
+_SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+class WorkerMetrics:
+    """Counters, histograms and gauges a worker exports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "modelgate_requests",
+            "Requests handled, by model, decision and error code ('' when none).",
+            ["model", "decision", "code"],
+            registry=self.registry,
+        )
+        self.stage_seconds = Histogram(
+            "modelgate_stage_seconds",
+            "Wall time of each stage of one batch.",
+            ["stage"],
+            buckets=_STAGE_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "modelgate_batch_records",
+            "Records per consumed batch.",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+            registry=self.registry,
+        )
+        self.detector_score = Histogram(
+            "modelgate_detector_score",
+            "Detector scores relative to threshold (1.0 = at threshold), capped at 1.",
+            ["detector"],
+            buckets=_SCORE_BUCKETS,
+            registry=self.registry,
+        )
+        self.alerts = Counter(
+            "modelgate_alerts",
+            "Alerts produced, by detector.",
+            ["detector"],
+            registry=self.registry,
+        )
+        self.deadletters = Counter(
+            "modelgate_deadletters",
+            "Records sent to the dead-letter topic, by code.",
+            ["code"],
+            registry=self.registry,
+        )
+        self.consumer_lag = Gauge(
+            "modelgate_consumer_lag",
+            "Records behind the partition's high watermark after the last batch.",
+            ["topic", "partition"],
+            registry=self.registry,
+        )
+        self.clients = Gauge(
+            "modelgate_clients_in_memory",
+            "Clients whose detector state this worker holds.",
+            registry=self.registry,
+        )
+
+    def serve(self, host: str, port: int) -> None:
+        """Expose /metrics on ``host:port`` in a daemon thread (port 0: off)."""
+        if port == 0:
+            return
+        _start_http_server(port, addr=host, registry=self.registry)
+        logger.info("metrics endpoint up", extra={"host": host, "port": port})

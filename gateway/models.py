@@ -1,0 +1,269 @@
+"""Model backends served in-process, their declared signatures, and the demo model.
+
+A model lives in a directory as three files: ``<name>.skops`` (loaded by skops
+with an explicit list of trusted types, so a tampered file cannot run code),
+``<name>.signature.json`` (input names, shapes, datatypes and value ranges that
+validation enforces) and ``<name>.reference.npy`` (a sample of the training
+inputs, loaded with ``allow_pickle=False``, that seeds the detectors' notion of
+normal traffic). The demo model is trained on scikit-learn's bundled digits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gateway.errors import BackendError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+# skops refuses any type not listed here; these are exactly the types the demo
+# models are made of. Adding a model family means adding its types, on purpose.
+TRUSTED_TYPES: tuple[str, ...] = (
+    "sklearn.pipeline.Pipeline",
+    "sklearn.preprocessing._data.StandardScaler",
+    "sklearn.preprocessing._data.MinMaxScaler",
+    "sklearn.linear_model._logistic.LogisticRegression",
+    "sklearn.neural_network._multilayer_perceptron.MLPClassifier",
+    "sklearn.preprocessing._label.LabelBinarizer",
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
+    "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
+    "numpy.dtype",
+    "numpy.ndarray",
+    "numpy.float64",
+    "numpy.int64",
+)
+
+DIGITS = "digits"
+DIGITS_SPLIT_SEED = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One declared tensor. ``shape`` uses -1 for the batch dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    min: float | None = None
+    max: float | None = None
+
+    @property
+    def row_size(self) -> int:
+        """Elements per row: the product of every dimension after the first."""
+        return int(np.prod(self.shape[1:], dtype=np.int64))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSignature:
+    name: str
+    version: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    classes: tuple[int, ...]
+    max_batch_rows: int = 32
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSignature:
+        raw = json.loads(text)
+        try:
+            return cls(
+                name=str(raw["name"]),
+                version=str(raw["version"]),
+                inputs=tuple(_spec(s) for s in raw["inputs"]),
+                outputs=tuple(_spec(s) for s in raw["outputs"]),
+                classes=tuple(int(c) for c in raw["classes"]),
+                max_batch_rows=int(raw.get("max_batch_rows", 32)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"bad model signature: {exc!r}") from exc
+
+    def to_json(self) -> str:
+        def spec(s: TensorSpec) -> dict[str, Any]:
+            out: dict[str, Any] = {
+                "name": s.name,
+                "datatype": s.datatype,
+                "shape": list(s.shape),
+            }
+            if s.min is not None:
+                out["min"] = s.min
+            if s.max is not None:
+                out["max"] = s.max
+            return out
+
+        return json.dumps(
+            {
+                "name": self.name,
+                "version": self.version,
+                "inputs": [spec(s) for s in self.inputs],
+                "outputs": [spec(s) for s in self.outputs],
+                "classes": list(self.classes),
+                "max_batch_rows": self.max_batch_rows,
+            },
+            indent=2,
+        )
+
+
+def _spec(raw: dict[str, Any]) -> TensorSpec:
+    return TensorSpec(
+        name=str(raw["name"]),
+        datatype=str(raw["datatype"]),
+        shape=tuple(int(d) for d in raw["shape"]),
+        min=None if raw.get("min") is None else float(raw["min"]),
+        max=None if raw.get("max") is None else float(raw["max"]),
+    )
+
+
+class ServedModel:
+    """A classifier loaded in-process with its signature and reference sample.
+
+    Only single-input models are served for now; ``predict_proba`` takes the
+    rows of that input as float32 of shape (n, row_size).
+    """
+
+    def __init__(
+        self, signature: ModelSignature, estimator: Any, reference: np.ndarray
+    ) -> None:
+        if len(signature.inputs) != 1:
+            raise ConfigError(
+                f"model {signature.name}: exactly one input tensor is supported"
+            )
+        self.signature = signature
+        self._estimator = estimator
+        self.reference = reference
+
+    @property
+    def name(self) -> str:
+        return self.signature.name
+
+    @property
+    def input(self) -> TensorSpec:
+        return self.signature.inputs[0]
+
+    def predict_proba(self, rows: np.ndarray) -> np.ndarray:
+        """Class probabilities, float32 of shape (n, n_classes)."""
+        try:
+            proba = self._estimator.predict_proba(rows)
+        except Exception as exc:  # a backend may fail in any way; the batch survives
+            raise BackendError(f"model {self.name} failed: {exc!r}") from exc
+        return np.asarray(proba, dtype=np.float32)
+
+
+def load_model(directory: Path, name: str) -> ServedModel:
+    """Load ``name`` from ``directory`` with skops' trusted-type check.
+
+    Raises
+    ------
+    ConfigError
+        A file is missing, or the skops file holds a type not in TRUSTED_TYPES.
+    """
+    import skops.io as sio
+
+    base = directory / name
+    try:
+        signature = ModelSignature.from_json(
+            base.with_suffix(".signature.json").read_text()
+        )
+        untrusted = [
+            t
+            for t in sio.get_untrusted_types(file=base.with_suffix(".skops"))
+            if t not in TRUSTED_TYPES
+        ]
+        if untrusted:
+            raise ConfigError(f"model {name}: untrusted types in file: {untrusted}")
+        estimator = sio.load(base.with_suffix(".skops"), trusted=list(TRUSTED_TYPES))
+        reference = np.load(base.with_suffix(".reference.npy"), allow_pickle=False)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"model {name}: missing file {exc.filename}") from exc
+    logger.info("loaded model", extra={"model": name, "version": signature.version})
+    return ServedModel(signature, estimator, reference)
+
+
+def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's digits split 50/50 into (X_train, X_test, y_train, y_test).
+
+    Pixels are raw intensities 0..16 as float32. The split is fixed so that the
+    model, the detectors' reference sample and the demo's held-out replay never
+    overlap.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = data.data.astype(np.float32)
+    y = data.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=0.5, random_state=DIGITS_SPLIT_SEED, stratify=y
+    )
+    return x_train, x_test, y_train, y_test
+
+
+def ensure_digits_model(directory: Path) -> Path:
+    """Train and save the demo digits model unless it is already there.
+
+    A small MLP (64 hidden units) on the training half of digits; about 97%
+    accuracy on the held-out half. Deterministic for a given scikit-learn.
+    """
+    import skops.io as sio
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    base = directory / DIGITS
+    if all(
+        base.with_suffix(s).exists()
+        for s in (".skops", ".signature.json", ".reference.npy")
+    ):
+        return base
+    directory.mkdir(parents=True, exist_ok=True)
+    logger.info("training demo model", extra={"model": DIGITS})
+
+    x_train, x_test, y_train, y_test = digits_split()
+    estimator = Pipeline(
+        [
+            ("scale", StandardScaler()),
+            (
+                "mlp",
+                MLPClassifier(hidden_layer_sizes=(64,), max_iter=600, random_state=0),
+            ),
+        ]
+    ).fit(x_train, y_train)
+    accuracy = float(estimator.score(x_test, y_test))
+
+    signature = ModelSignature(
+        name=DIGITS,
+        version="1",
+        inputs=(TensorSpec("pixels", "FP32", (-1, 64), 0.0, 16.0),),
+        outputs=(
+            TensorSpec("probabilities", "FP32", (-1, 10)),
+            TensorSpec("label", "INT64", (-1,)),
+        ),
+        classes=tuple(range(10)),
+    )
+    # Write to temporary names and rename, so a concurrent reader never sees a
+    # half-written model.
+    for suffix, write in (
+        (".skops", lambda p: sio.dump(estimator, p)),
+        (".reference.npy", lambda p: _save_npy(p, x_train)),
+        (".signature.json", lambda p: p.write_text(signature.to_json())),
+    ):
+        final = base.with_suffix(suffix)
+        tmp = final.with_name(final.name + ".tmp")
+        write(tmp)
+        tmp.replace(final)
+    logger.info(
+        "trained demo model", extra={"model": DIGITS, "accuracy": round(accuracy, 4)}
+    )
+    return base
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    # Through a file object: given a path, numpy would append ".npy" to the
+    # temporary name and the rename would miss it.
+    with path.open("wb") as fh:
+        np.save(fh, array, allow_pickle=False)

@@ -1,0 +1,242 @@
+"""Wire formats: the versioned request, response, decision and alert messages.
+
+Requests travel on ``modelgate.requests`` as JSON values; proof of the API key
+travels in a Kafka header so that it can cover the exact value bytes without any
+canonicalisation step. This module is shared by the worker and by clients, so it
+imports only the standard library, numpy and msgspec.
+
+Request (value, JSON, schema version 1)::
+
+    {"v": 1, "request_id": "r-1", "key_id": "k_ab12", "ts_ms": 1764000000000,
+     "model": "digits",
+     "inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32",
+                 "data": [0.0, 3.0, ...]}],
+     "reply_to": "modelgate.responses", "correlation_id": "c-9"}
+
+Headers: ``mg-sig`` = lowercase hex of HMAC-SHA256(secret, b"mg1\\n" + value).
+The record key should be the client id so that one client's stream stays on one
+partition; the worker never trusts it for identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+import uuid
+from typing import Any, Literal
+
+import msgspec
+import numpy as np
+
+SCHEMA_VERSION = 1
+SIGNATURE_HEADER = "mg-sig"
+_SIGNING_PREFIX = b"mg1\n"
+
+Datatype = Literal["FP32", "FP64", "INT32", "INT64", "BOOL"]
+Action = Literal["allow", "flag", "throttle", "degrade", "block"]
+
+
+class Tensor(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """An Open Inference Protocol v2 style tensor: row-major flat ``data``."""
+
+    name: str
+    shape: list[int]
+    datatype: Datatype
+    data: list[float | int | bool]
+
+
+class InferRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One inference request as a client produces it."""
+
+    v: int
+    request_id: str
+    key_id: str
+    ts_ms: int
+    model: str
+    inputs: list[Tensor]
+    reply_to: str | None = None
+    correlation_id: str | None = None
+
+
+class RequestEnvelope(msgspec.Struct, frozen=True):
+    """The few fields the worker tries to read even from an invalid request,
+    so that an error can still reach the sender. Unknown fields are ignored."""
+
+    request_id: str | None = None
+    key_id: str | None = None
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    model: str | None = None
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    code: str
+    message: str
+    retriable: bool = False
+
+
+class InferResponse(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The answer to one request, on ``reply_to`` or the responses topic.
+
+    ``status`` is ``ok`` with ``outputs``, or ``error`` with ``error``. ``action``
+    is what policy did; a degraded answer is still ``ok``.
+    """
+
+    v: int
+    request_id: str
+    status: Literal["ok", "error"]
+    ts_ms: int
+    model: str | None = None
+    correlation_id: str | None = None
+    action: str | None = None
+    outputs: list[Tensor] | None = None
+    error: ErrorBody | None = None
+    retry_after_ms: int | None = None
+
+
+class DecisionRecord(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Audit record on ``modelgate.decisions``: one per request, errors included."""
+
+    v: int
+    request_id: str
+    ts_ms: int
+    action: str
+    client_id: str | None = None
+    key_id: str | None = None
+    model: str | None = None
+    error_code: str | None = None
+    risk: float = 0.0
+    scores: dict[str, float] = {}
+    reasons: list[str] = []
+    shadow: bool = False
+    partition: int = -1
+    offset: int = -1
+    worker: str = ""
+
+
+class DeadLetter(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A message the gateway could not serve, with the reason and where it was.
+
+    ``value_b64`` holds the original value (base64) so nothing is lost; it may
+    contain a client's inputs, which is why the topic needs the same access
+    control as the requests topic.
+    """
+
+    v: int
+    code: str
+    message: str
+    topic: str
+    partition: int
+    offset: int
+    ts_ms: int
+    request_id: str | None = None
+    key_id: str | None = None
+    value_b64: str = ""
+    worker: str = ""
+
+
+_encoder = msgspec.json.Encoder()
+_request_decoder = msgspec.json.Decoder(InferRequest)
+_envelope_decoder = msgspec.json.Decoder(RequestEnvelope)
+_response_decoder = msgspec.json.Decoder(InferResponse)
+
+
+def encode(message: msgspec.Struct | dict[str, Any]) -> bytes:
+    """Serialise any message of this module to compact JSON bytes."""
+    return _encoder.encode(message)
+
+
+def decode_request(value: bytes) -> InferRequest:
+    """Decode and schema-check a request value.
+
+    Raises
+    ------
+    msgspec.DecodeError
+        Not JSON (``msgspec.DecodeError`` but not ``ValidationError``).
+    msgspec.ValidationError
+        JSON of the wrong shape: missing, mistyped or unknown fields.
+    """
+    return _request_decoder.decode(value)
+
+
+def decode_envelope(value: bytes) -> RequestEnvelope | None:
+    """Best-effort read of the reply fields from a value that failed decoding."""
+    try:
+        return _envelope_decoder.decode(value)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def decode_response(value: bytes) -> InferResponse:
+    return _response_decoder.decode(value)
+
+
+def sign(secret: bytes, value: bytes) -> str:
+    """Hex HMAC-SHA256 of ``value`` under ``secret`` (the ``mg-sig`` header)."""
+    return hmac.new(secret, _SIGNING_PREFIX + value, hashlib.sha256).hexdigest()
+
+
+def verify(secret: bytes, value: bytes, signature: str) -> bool:
+    """Constant-time check of an ``mg-sig`` header against the value bytes."""
+    return hmac.compare_digest(sign(secret, value), signature)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def tensor_from_array(name: str, array: np.ndarray[Any, Any]) -> Tensor:
+    """Wrap a numpy array as a tensor, choosing the datatype from its dtype."""
+    kind = array.dtype.kind
+    if kind == "b":
+        datatype: Datatype = "BOOL"
+    elif kind in "iu":
+        datatype = "INT64" if array.dtype.itemsize > 4 else "INT32"
+    else:
+        datatype = "FP64" if array.dtype == np.float64 else "FP32"
+    return Tensor(
+        name=name,
+        shape=list(array.shape),
+        datatype=datatype,
+        data=array.ravel().tolist(),
+    )
+
+
+def build_request(
+    *,
+    key_id: str,
+    secret: bytes,
+    model: str,
+    inputs: dict[str, np.ndarray[Any, Any]],
+    request_id: str | None = None,
+    reply_to: str | None = None,
+    correlation_id: str | None = None,
+    ts_ms: int | None = None,
+) -> tuple[InferRequest, bytes, list[tuple[str, bytes]]]:
+    """Build a signed request: the struct, its value bytes and its headers.
+
+    Examples
+    --------
+    >>> req, value, headers = build_request(
+    ...     key_id="k1", secret=b"s", model="digits",
+    ...     inputs={"pixels": np.zeros((1, 64), dtype=np.float32)})
+    >>> headers[0][0]
+    'mg-sig'
+    """
+    request = InferRequest(
+        v=SCHEMA_VERSION,
+        request_id=request_id or new_request_id(),
+        key_id=key_id,
+        ts_ms=now_ms() if ts_ms is None else ts_ms,
+        model=model,
+        inputs=[tensor_from_array(name, arr) for name, arr in inputs.items()],
+        reply_to=reply_to,
+        correlation_id=correlation_id,
+    )
+    value = encode(request)
+    return request, value, [(SIGNATURE_HEADER, sign(secret, value).encode("ascii"))]

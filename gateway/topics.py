@@ -1,0 +1,61 @@
+"""Creation of the project's Kafka topics with explicit partition counts.
+
+Auto-creation is off on the broker, so every process that needs a topic calls
+``ensure_topics`` first; it is idempotent and safe to race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from gateway.config import Settings
+from gateway.errors import BrokerError
+
+logger = logging.getLogger(__name__)
+
+
+async def ensure_topics(
+    settings: Settings, extra: dict[str, int] | None = None
+) -> None:
+    """Create the request, response, alert, decision and dead-letter topics
+    (plus ``extra`` name → partitions) when missing.
+
+    Raises
+    ------
+    BrokerError
+        The broker could not be reached within ``kafka.request_timeout_s``.
+    """
+    topics = settings.kafka.topics
+    wanted = {topics.requests: topics.requests_partitions}
+    for name in (topics.responses, topics.alerts, topics.decisions, topics.deadletter):
+        wanted[name] = topics.other_partitions
+    wanted.update(extra or {})
+
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka.bootstrap,
+        request_timeout_ms=int(settings.kafka.request_timeout_s * 1000),
+    )
+    try:
+        await asyncio.wait_for(admin.start(), settings.kafka.request_timeout_s)
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(name, n, topics.replication_factor)
+            for name, n in wanted.items()
+            if name not in existing
+        ]
+        if missing:
+            # Another process may win the race; the topic is then what we wanted.
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(missing)
+            logger.info("created topics", extra={"topics": [t.name for t in missing]})
+    except (KafkaError, TimeoutError, OSError) as exc:
+        raise BrokerError(
+            f"cannot create topics on {settings.kafka.bootstrap}: {exc!r}"
+        ) from exc
+    finally:
+        await admin.close()
