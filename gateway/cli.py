@@ -332,15 +332,10 @@ def keys_revoke(
 
 @contextlib.asynccontextmanager
 async def _key_store(settings: Settings) -> AsyncIterator[Any]:
-    import redis.asyncio as aioredis
-
     from gateway.keys import KeyStore
+    from gateway.store import redis_from_settings
 
-    client = aioredis.Redis.from_url(
-        settings.redis.url,
-        socket_timeout=settings.redis.socket_timeout_s,
-        socket_connect_timeout=settings.redis.socket_timeout_s,
-    )
+    client = redis_from_settings(settings)
     try:
         yield KeyStore(client, settings)
     finally:

@@ -196,29 +196,10 @@ class KafkaTransport:
                 acks="all",
                 linger_ms=1,
             )
-            consumer = AIOKafkaConsumer(
-                bootstrap_servers=kafka.bootstrap,
-                group_id=None,
-                enable_auto_commit=False,
-                auto_offset_reset="latest",
-                request_timeout_ms=timeout_ms,
-                # Replies are latency-bound: hand back a fetch as soon as any
-                # byte arrives rather than waiting up to the default 500 ms.
-                fetch_max_wait_ms=100,
-            )
+            consumer: AIOKafkaConsumer | None = None
             try:
                 await asyncio.wait_for(producer.start(), timeout_s)
-                partitions = await asyncio.wait_for(
-                    producer.partitions_for(self.reply_topic), timeout_s
-                )
-                await asyncio.wait_for(consumer.start(), timeout_s)
-                tps = [TopicPartition(self.reply_topic, p) for p in sorted(partitions)]
-                consumer.assign(tps)
-                await asyncio.wait_for(consumer.seek_to_end(*tps), timeout_s)
-                # seek_to_end only schedules the reset; position() waits until the
-                # end offset is known, which is what makes "nothing missed" true.
-                for tp in tps:
-                    await asyncio.wait_for(consumer.position(tp), timeout_s)
+                consumer = await _open_tail(producer, self._settings, self.reply_topic)
             except (KafkaError, TimeoutError, OSError) as exc:
                 await _quiet_stop(consumer, producer)
                 raise BrokerError(
@@ -235,10 +216,7 @@ class KafkaTransport:
                 self._dispatch_replies(), name=f"replies:{self.reply_topic}"
             )
             self._started = True
-            logger.info(
-                "transport started",
-                extra={"topic": self.reply_topic, "partitions": len(tps)},
-            )
+            logger.info("transport started", extra={"topic": self.reply_topic})
 
     async def stop(self) -> None:
         """Cancel the reply task, fail pending requests, close both clients.
@@ -280,6 +258,28 @@ class KafkaTransport:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+    async def tail(self, topic: str) -> AIOKafkaConsumer:
+        """A started consumer on every partition of ``topic``, at its end.
+
+        Only records produced after this returns are read, which is what an
+        observer of alerts or decisions started before the traffic wants. The
+        caller owns the consumer and must ``stop`` it.
+
+        Raises
+        ------
+        BrokerError
+            The topic's partitions or end offsets could not be read in time.
+        """
+        producer = self._producer
+        if not self._started or producer is None:
+            raise GatewayRequestError(
+                "transport is not started", code="TRANSPORT_CLOSED"
+            )
+        try:
+            return await _open_tail(producer, self._settings, topic)
+        except (KafkaError, TimeoutError, OSError) as exc:
+            raise BrokerError(f"cannot tail {topic}: {exc!r}") from exc
 
     async def send(
         self,
@@ -380,6 +380,41 @@ class KafkaTransport:
             return
         if not future.done():
             future.set_result(response)
+
+
+async def _open_tail(
+    producer: AIOKafkaProducer, settings: Settings, topic: str
+) -> AIOKafkaConsumer:
+    """Start a group-less consumer assigned all partitions of ``topic`` and
+    positioned at their current end. The producer supplies the partition list
+    because aiokafka's consumer has no public call that waits for it."""
+    kafka = settings.kafka
+    timeout_s = kafka.request_timeout_s
+    partitions = await asyncio.wait_for(producer.partitions_for(topic), timeout_s)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=kafka.bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="latest",
+        request_timeout_ms=int(timeout_s * 1000),
+        # Replies are latency-bound: hand back a fetch as soon as any byte
+        # arrives rather than after the default 500 ms wait.
+        fetch_max_wait_ms=100,
+    )
+    try:
+        await asyncio.wait_for(consumer.start(), timeout_s)
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await asyncio.wait_for(consumer.seek_to_end(*tps), timeout_s)
+        # seek_to_end only schedules the reset; position() returns once the end
+        # offset is known, and only then is "nothing produced later is missed"
+        # true.
+        for tp in tps:
+            await asyncio.wait_for(consumer.position(tp), timeout_s)
+    except BaseException:
+        await _quiet_stop(consumer, None)
+        raise
+    return consumer
 
 
 async def _quiet_stop(

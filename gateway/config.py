@@ -127,7 +127,6 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
-        toml_file=os.environ.get("MODELGATE_CONFIG", "modelgate.toml"),
     )
 
     kafka: KafkaConfig = KafkaConfig()
@@ -149,7 +148,14 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+        # The file is named at load time, not import time, so that a command's
+        # --config option (which sets MODELGATE_CONFIG) takes effect.
+        toml_file = os.environ.get("MODELGATE_CONFIG", "modelgate.toml")
+        return (
+            init_settings,
+            env_settings,
+            TomlConfigSettingsSource(settings_cls, toml_file=toml_file),
+        )
 
 
 def load_settings(**overrides: Any) -> Settings:

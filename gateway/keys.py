@@ -18,6 +18,7 @@ import binascii
 import builtins
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -30,10 +31,11 @@ from typing import Literal
 
 from cryptography.fernet import Fernet, InvalidToken
 from redis.asyncio import Redis
+from redis.typing import EncodableT
 
 from gateway import protocol
 from gateway.config import Settings
-from gateway.errors import AuthError, ConfigError
+from gateway.errors import AuthError, ConfigError, StoreError
 from gateway.store import CLIENT_ID_PATTERN, redis_guard
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,24 @@ _CACHE_MAX_ENTRIES = 100_000
 # real signature; the value is irrelevant.
 _DUMMY_SECRET = b"\x00" * SECRET_BYTES
 _HEX_SIGNATURE = re.compile(r"^[0-9a-f]{64}$")
+_URLSAFE_B64 = re.compile(r"^[A-Za-z0-9_-]+={0,2}$")
+
+# Both scripts touch one key only (the record), so they are cluster-safe; they
+# run as EVAL because they are admin calls, not worth a SHA cache.
+# Writes the record only if the id is new: ids are 48 random bits, so among a
+# million keys a collision is unlikely but not negligible (~0.2 %).
+_CREATE_IF_ABSENT_LUA = """
+if redis.call("EXISTS", KEYS[1]) == 1 then return 0 end
+redis.call("HSET", KEYS[1], unpack(ARGV))
+return 1
+"""
+# Marks the record revoked only if it exists, so a typo creates nothing.
+_REVOKE_LUA = """
+if redis.call("EXISTS", KEYS[1]) == 0 then return 0 end
+redis.call("HSET", KEYS[1], "status", "revoked")
+return 1
+"""
+_CREATE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +123,7 @@ def load_server_key(settings: Settings) -> bytes:
         cannot be read or created.
     """
     if settings.auth.server_key is not None:
-        key = settings.auth.server_key.get_secret_value().strip().encode("ascii")
+        key = settings.auth.server_key.get_secret_value().strip().encode()
         _check_fernet_key(key, "auth.server_key")
         return key
 
@@ -126,10 +146,13 @@ def _read_or_create_key_file(path: Path) -> bytes:
         # half-written key.
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".server.key.")
         try:
+            # mkstemp creates the file 0600 already; a written-down mode survives
+            # a reader's doubt and a future change of helper.
             os.fchmod(fd, 0o600)
-            os.write(fd, Fernet.generate_key() + b"\n")
-            os.fsync(fd)
-            os.close(fd)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(Fernet.generate_key() + b"\n")
+                handle.flush()
+                os.fsync(handle.fileno())
             try:
                 os.link(tmp_name, path)
                 logger.info("created server key file", extra={"path": str(path)})
@@ -246,7 +269,12 @@ class KeyStore:
         ('mgk_000000000000', 32)
         """
         key_id, sep, encoded = token.strip().partition(".")
-        if not sep or not KEY_ID_PATTERN.fullmatch(key_id):
+        if (
+            not sep
+            or not KEY_ID_PATTERN.fullmatch(key_id)
+            # b64decode with altchars still accepts "+" and "/"; be strict.
+            or not _URLSAFE_B64.fullmatch(encoded)
+        ):
             raise AuthError("malformed API key token", code="AUTH_UNKNOWN_KEY")
         try:
             padded = encoded + "=" * (-len(encoded) % 4)
@@ -290,9 +318,24 @@ class KeyStore:
         scope = tuple(dict.fromkeys(models))
         if any(not m for m in scope):
             raise ValueError("model names must be non-empty")
-        if ttl_s is not None and ttl_s <= 0:
-            raise ValueError("ttl_s must be positive")
+        if ttl_s is not None and not (ttl_s > 0 and math.isfinite(ttl_s)):
+            raise ValueError("ttl_s must be positive and finite")
 
+        for _ in range(_CREATE_ATTEMPTS):
+            key, token = await self._create_once(client_id, scope, ttl_s)
+            if key is not None:
+                logger.info(
+                    "api key created",
+                    extra={"client": client_id, "key_id": key.key_id, "models": scope},
+                )
+                return key, token
+        raise StoreError(
+            f"no free key id after {_CREATE_ATTEMPTS} attempts", retriable=True
+        )
+
+    async def _create_once(
+        self, client_id: str, scope: tuple[str, ...], ttl_s: float | None
+    ) -> tuple[ApiKey | None, str]:
         key_id = KEY_ID_PREFIX + secrets.token_hex(6)
         secret = secrets.token_bytes(SECRET_BYTES)
         created_ms = protocol.now_ms()
@@ -306,29 +349,36 @@ class KeyStore:
             created_ms=created_ms,
             expires_ms=expires_ms,
         )
-        mapping = {
-            "client_id": client_id,
-            "secret_enc": encrypt_secret(self._fernet, key_id, secret),
-            "models": json.dumps(list(scope)),
-            "status": "active",
-            "created_ms": str(created_ms),
-            "expires_ms": "" if expires_ms is None else str(expires_ms),
-        }
+        fields: list[EncodableT] = [
+            "client_id",
+            client_id,
+            "secret_enc",
+            encrypt_secret(self._fernet, key_id, secret),
+            "models",
+            json.dumps(scope),
+            "status",
+            "active",
+            "created_ms",
+            created_ms,
+            "expires_ms",
+            "" if expires_ms is None else expires_ms,
+        ]
 
-        # The two keys live in different slots, so no MULTI; the set entry goes
-        # first and list() skips ids without a record, so a failure in between
-        # leaves nothing usable behind.
+        # The record and the id set live in different slots, so no MULTI. The
+        # set entry goes first and list() skips ids without a record, so a
+        # failure in between leaves nothing usable behind.
         async with redis_guard("keys.create", self._timeout_s):
             pipe = self._redis.pipeline(transaction=False)
             pipe.sadd(self.index_key, key_id)
-            pipe.hset(self.record_key(key_id), mapping=mapping)
-            await pipe.execute()
+            pipe.eval(_CREATE_IF_ABSENT_LUA, 1, self.record_key(key_id), *fields)
+            _, written = await pipe.execute()
+        if not written:
+            logger.warning(
+                "api key id collision; drawing another", extra={"key_id": key_id}
+            )
+            return None, ""
 
         self._cache.pop(key_id, None)
-        logger.info(
-            "api key created",
-            extra={"client": client_id, "key_id": key_id, "models": list(scope)},
-        )
         return key, format_token(key_id, secret)
 
     async def revoke(self, key_id: str) -> bool:
@@ -339,13 +389,10 @@ class KeyStore:
         """
         if not KEY_ID_PATTERN.fullmatch(key_id):
             return False
-        record = self.record_key(key_id)
         async with redis_guard("keys.revoke", self._timeout_s):
-            # Nothing deletes key records, so checking first cannot race with a
-            # delete, and HSET on a missing key would create a partial record.
-            if not await self._redis.exists(record):
-                return False
-            await self._redis.hset(record, "status", "revoked")
+            revoked = await self._redis.eval(_REVOKE_LUA, 1, self.record_key(key_id))
+        if not revoked:
+            return False
         self._cache.pop(key_id, None)
         logger.info("api key revoked", extra={"key_id": key_id})
         return True
@@ -403,6 +450,15 @@ class KeyStore:
         return found
 
     def _decode(self, key_id: str, row: dict[bytes, bytes]) -> ApiKey | None:
+        try:
+            return self._decode_fields(key_id, row)
+        except (KeyError, ValueError, UnicodeDecodeError):
+            # json.JSONDecodeError is a ValueError. A damaged record must refuse
+            # its key, not stop the batch.
+            logger.error("api key record is damaged", extra={"key_id": key_id})
+            return None
+
+    def _decode_fields(self, key_id: str, row: dict[bytes, bytes]) -> ApiKey | None:
         secret = decrypt_secret(self._fernet, key_id, row.get(b"secret_enc", b""))
         if secret is None:
             # Most likely the server key changed since the key was created; the
@@ -460,7 +516,8 @@ class KeyStore:
             Redis could not be reached.
         """
         async with redis_guard("keys.list", self._timeout_s):
-            ids = sorted(m.decode() for m in await self._redis.smembers(self.index_key))
+            members = await self._redis.smembers(self.index_key)
+            ids = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
             pipe = self._redis.pipeline(transaction=False)
             for key_id in ids:
                 pipe.hgetall(self.record_key(key_id))

@@ -14,101 +14,50 @@ action ladder in ``gateway.policy``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-import numpy as np
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
-from detectors import Detector, DetectorScore, build_detectors
 from gateway import protocol
-from gateway.alerts import build_alert
+from gateway.batch import (
+    BatchItem,
+    alerts_for,
+    deadletter_for,
+    decision_for,
+    decode_record,
+    response_for,
+)
 from gateway.config import Settings
 from gateway.errors import (
-    BackendError,
     BrokerError,
     ModelgateError,
     PolicyError,
     StoreError,
     ValidationError,
 )
-from gateway.keys import ApiKey, KeyStore, authenticate
+from gateway.keys import KeyStore, authenticate
 from gateway.metrics import WorkerMetrics
 from gateway.models import ServedModel, ensure_digits_model, load_model
-from gateway.policy import Policy, Verdict
-from gateway.store import Admission, AdmitItem, CounterStore
+from gateway.scoring import Scorer
+from gateway.store import AdmitItem, CounterStore, redis_from_settings
 from gateway.topics import ensure_topics
-from gateway.validation import scale_to_unit, validate_request
+from gateway.validation import validate_request
 
 logger = logging.getLogger(__name__)
 
-# Codes that mean "the message itself is bad": these also go to the dead-letter
-# topic. Refusals by policy (throttle, block, duplicate) are answers, not faults.
-_DEADLETTER_PREFIXES = ("AUTH_", "MALFORMED", "SCHEMA", "UNSUPPORTED", "PAYLOAD")
-_DEADLETTER_CODES = frozenset(
-    {
-        "UNKNOWN_MODEL",
-        "TENSOR_NAME",
-        "SHAPE_MISMATCH",
-        "DTYPE_MISMATCH",
-        "NON_FINITE",
-        "OUT_OF_RANGE",
-        "INTERNAL",
-    }
-)
 _STATE_TTL_S = 7 * 86_400
 _TOPIC_REFRESH_S = 30.0
+_UNKNOWN_REFRESH_S = 2.0
 
 
-def _goes_to_deadletter(code: str) -> bool:
-    return code in _DEADLETTER_CODES or code.startswith(_DEADLETTER_PREFIXES)
-
-
-@dataclass(slots=True)
-class _Item:
-    """One record on its way through a batch."""
-
-    tp: TopicPartition
-    offset: int
-    value: bytes
-    record_key: str
-    signature: str | None
-    envelope: protocol.RequestEnvelope | None = None
-    request: protocol.InferRequest | None = None
-    key: ApiKey | None = None
-    model: ServedModel | None = None
-    rows: np.ndarray | None = None
-    admission: Admission | None = None
-    verdict: Verdict | None = None
-    scores: dict[str, float] = field(default_factory=dict)
-    probabilities: np.ndarray | None = None
-    error: ModelgateError | None = None
-    action: str = "allow"
-    query_index: int = 0
-
-    @property
-    def client_id(self) -> str | None:
-        return self.key.client_id if self.key is not None else None
-
-    @property
-    def request_id(self) -> str | None:
-        if self.request is not None:
-            return self.request.request_id
-        return self.envelope.request_id if self.envelope is not None else None
-
-    def fail(self, error: ModelgateError, action: str = "reject") -> None:
-        if self.error is None:
-            self.error = error
-            self.action = action
+def _under_prefix(topic: str, prefix: str) -> bool:
+    return topic == prefix or topic.startswith(prefix + ".")
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # untyped base
@@ -139,8 +88,7 @@ class Worker:
         self.settings = settings
         self.metrics = WorkerMetrics()
         self._models = models
-        self._detectors: dict[str, dict[str, Detector]] = {}
-        self._policy = Policy(settings.policy)
+        self._scorer: Scorer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._redis: aioredis.Redis | None = None
@@ -174,18 +122,9 @@ class Worker:
         if self._models is None:
             loop = asyncio.get_running_loop()
             self._models = await loop.run_in_executor(None, self._load_models)
-        for name, model in self._models.items():
-            detectors = build_detectors(s.detectors, seed=0)
-            reference = scale_to_unit(model.reference, model.signature)
-            for detector in detectors.values():
-                detector.learn_baseline(reference)
-            self._detectors[name] = detectors
+        self._scorer = Scorer(s, self._models, self.metrics)
 
-        self._redis = aioredis.Redis.from_url(
-            s.redis.url,
-            socket_timeout=s.redis.socket_timeout_s,
-            socket_connect_timeout=s.redis.socket_timeout_s,
-        )
+        self._redis = redis_from_settings(s)
         self._keys = KeyStore(self._redis, s)
         self._store = CounterStore(self._redis, s)
 
@@ -304,7 +243,11 @@ class Worker:
         answer; raises ``BrokerError`` if the produces did not all succeed."""
         timer = _StageTimer(self.metrics)
         self.metrics.batch_size.observe(len(records))
-        items = [self._decode(tp, record) for tp, record in records]
+        max_bytes = self.settings.kafka.max_message_bytes
+        items = [
+            decode_record(tp.topic, tp.partition, record, max_bytes)
+            for tp, record in records
+        ]
         timer.lap("decode")
 
         try:
@@ -317,7 +260,7 @@ class Worker:
             await self._load_new_clients(items)
 
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, self._score_and_predict, items)
+            await loop.run_in_executor(None, self._scorer.score_and_predict, items)
             timer.lap("detect_predict")
             await self._enforce_blocks(items)
         except asyncio.CancelledError:
@@ -333,38 +276,7 @@ class Worker:
         await self._produce(items)
         timer.lap("produce")
 
-    def _decode(self, tp: TopicPartition, record: Any) -> _Item:
-        value: bytes = record.value or b""
-        signature = None
-        for name, raw in record.headers or ():
-            if name == protocol.SIGNATURE_HEADER:
-                signature = raw.decode("ascii", "replace") if raw is not None else None
-        item = _Item(
-            tp=tp,
-            offset=record.offset,
-            value=value,
-            record_key=(record.key or b"").decode("utf-8", "replace"),
-            signature=signature,
-        )
-        if len(value) > self.settings.kafka.max_message_bytes:
-            item.fail(
-                ValidationError(
-                    f"message of {len(value)} bytes exceeds the limit of "
-                    f"{self.settings.kafka.max_message_bytes}",
-                    code="PAYLOAD_TOO_LARGE",
-                )
-            )
-            return item
-        try:
-            item.request = protocol.decode_request(value)
-        except msgspec.ValidationError as exc:
-            item.envelope = protocol.decode_envelope(value)
-            item.fail(ValidationError(f"schema: {exc}", code="SCHEMA_INVALID"))
-        except msgspec.DecodeError as exc:
-            item.fail(ValidationError(f"not JSON: {exc}", code="MALFORMED_JSON"))
-        return item
-
-    async def _authenticate(self, items: list[_Item]) -> None:
+    async def _authenticate(self, items: list[BatchItem]) -> None:
         assert self._keys is not None
         live = [i for i in items if i.error is None and i.request is not None]
         if not live:
@@ -395,7 +307,7 @@ class Worker:
             except ModelgateError as exc:
                 item.fail(exc)
 
-    def _validate(self, items: list[_Item]) -> None:
+    def _validate(self, items: list[BatchItem]) -> None:
         assert self._models is not None
         for item in items:
             if item.error is not None or item.request is None:
@@ -415,7 +327,7 @@ class Worker:
             except ValidationError as exc:
                 item.fail(exc)
 
-    async def _admit(self, items: list[_Item]) -> None:
+    async def _admit(self, items: list[BatchItem]) -> None:
         assert self._store is not None
         live = [i for i in items if i.error is None and i.key is not None]
         if not live:
@@ -465,7 +377,7 @@ class Worker:
                     action="block",
                 )
 
-    async def _load_new_clients(self, items: list[_Item]) -> None:
+    async def _load_new_clients(self, items: list[BatchItem]) -> None:
         """Bring in the snapshot of clients this worker sees for the first time
         (after a rebalance or restart), in one round trip."""
         assert self._store is not None
@@ -484,79 +396,9 @@ class Worker:
             logger.warning("detector state not loaded; clients start afresh")
             return
         for client_id, blob in blobs.items():
-            self._restore(client_id, blob)
+            self._scorer.restore(client_id, blob)
 
-    def _score_and_predict(self, items: list[_Item]) -> None:
-        """CPU part of a batch, run in an executor: detectors, policy, model."""
-        assert self._models is not None
-        by_model: dict[str, list[_Item]] = defaultdict(list)
-        for item in items:
-            if item.error is None and item.model is not None and item.rows is not None:
-                by_model[item.model.name].append(item)
-
-        for model_name, model_items in by_model.items():
-            model = self._models[model_name]
-            self._score(model, model_items)
-            served = [i for i in model_items if i.error is None]
-            if not served:
-                continue
-            rows = np.concatenate([i.rows for i in served if i.rows is not None])
-            try:
-                proba = model.predict_proba(rows)
-            except BackendError as exc:
-                for item in served:
-                    item.fail(exc)
-                continue
-            start = 0
-            for item in served:
-                assert item.rows is not None
-                n = len(item.rows)
-                item.probabilities = proba[start : start + n]
-                start += n
-
-    def _score(self, model: ServedModel, items: list[_Item]) -> None:
-        # One matrix of every row of the batch, in arrival order, so each
-        # detector updates each client's state in the order queries came.
-        row_items = [i for i in items for _ in range(len(i.rows or ()))]
-        x = scale_to_unit(
-            np.concatenate([i.rows for i in items if i.rows is not None]),
-            model.signature,
-        )
-        client_ids = [i.key.client_id for i in row_items if i.key is not None]
-        learn = [self._policy.good_standing(c) for c in client_ids]
-        per_detector: dict[str, list[DetectorScore]] = {
-            name: detector.score_batch(client_ids, x, learn=learn)
-            for name, detector in self._detectors[model.name].items()
-        }
-
-        # Policy per row; a request takes the most severe verdict of its rows.
-        severity = {"allow": 0, "flag": 1, "block": 2}
-        for row, item in enumerate(row_items):
-            scores = [per_detector[name][row] for name in per_detector]
-            verdict = self._policy.decide(client_ids[row], scores)
-            for s in scores:
-                item.scores[s.detector] = max(item.scores.get(s.detector, 0.0), s.score)
-                if s.threshold > 0:
-                    self.metrics.detector_score.labels(s.detector).observe(
-                        min(s.score / s.threshold, 1.0)
-                    )
-            if (
-                item.verdict is None
-                or severity[verdict.enforced] > severity[item.verdict.enforced]
-            ):
-                item.verdict = verdict
-        for item in items:
-            verdict = item.verdict
-            if verdict is None:
-                continue
-            item.action = verdict.enforced
-            if verdict.enforced == "block":
-                item.fail(
-                    PolicyError("client is blocked", code="BLOCKED", retriable=True),
-                    action="block",
-                )
-
-    async def _enforce_blocks(self, items: list[_Item]) -> None:
+    async def _enforce_blocks(self, items: list[BatchItem]) -> None:
         assert self._store is not None
         to_block = {
             i.key.client_id: i.verdict
@@ -576,114 +418,66 @@ class Worker:
                 # The answers still say BLOCKED; the next batch re-derives the
                 # block from the same detector state.
                 logger.warning("block not stored", extra={"client": client_id})
-            else:
-                logger.info("client blocked", extra={"client": client_id})
 
-    async def _produce(self, items: list[_Item]) -> None:
+    async def _produce(self, items: list[BatchItem]) -> None:
+        """Produce every answer, decision, alert and dead-letter record of the
+        batch without waiting per message, then wait for all of them."""
         assert self._producer is not None
+        producer = self._producer
         topics = self.settings.kafka.topics
         worker_id = self.settings.worker.worker_id
+        block_cooldown_ms = int(self.settings.policy.block_cooldown_s * 1000)
         now_ms = protocol.now_ms()
-        reply_topics = await self._known_reply_topics()
+        reply_topics = await self._known_reply_topics(items)
         sends: list[Awaitable[Any]] = []
-        producer = self._producer
 
-        async def send(topic: str, value: bytes, key: str | None) -> Awaitable[Any]:
-            return await producer.send(
-                topic, value, key=key.encode("utf-8") if key else None
+        async def send(topic: str, message: Any, key: str | None) -> None:
+            encoded_key = key.encode("utf-8") if key else None
+            sends.append(
+                await producer.send(topic, protocol.encode(message), key=encoded_key)
             )
 
         for item in items:
-            client_key = item.client_id or item.record_key or None
+            key = item.client_id or item.record_key or None
             code = item.error.code if item.error else ""
-            model_name = (
-                item.model.name
-                if item.model
-                else (item.request.model if item.request else "")
-            )
-            self.metrics.requests.labels(model_name or "-", item.action, code).inc()
+            self.metrics.requests.labels(
+                item.model_name or "-", item.action, code
+            ).inc()
 
             # The answer, wherever a request id tells us who is waiting.
             if item.request_id is not None:
                 reply_to = self._reply_topic(item, reply_topics)
-                sends.append(
-                    await send(
-                        reply_to,
-                        protocol.encode(self._response(item, now_ms)),
-                        client_key,
-                    )
-                )
+                await send(reply_to, response_for(item, now_ms, block_cooldown_ms), key)
 
             # Audit: one decision per record, answered or not.
-            sends.append(
-                await send(
-                    topics.decisions,
-                    protocol.encode(self._decision(item, now_ms, worker_id)),
-                    client_key,
-                )
-            )
+            await send(topics.decisions, decision_for(item, now_ms, worker_id), key)
 
-            # Alerts for flagged queries.
-            verdict = item.verdict
-            if verdict is not None and verdict.flagged and item.key is not None:
-                for s in verdict.flagged:
-                    event = build_alert(
-                        worker_id=worker_id,
-                        client_id=item.key.client_id,
-                        key_id=item.key.key_id,
-                        model=model_name,
-                        detector=s.detector,
-                        score=s.score,
-                        threshold=s.threshold,
-                        action=verdict.action,
-                        evidence=s.evidence,
-                        request_id=item.request_id or "",
-                        query_index=item.query_index,
-                        shadow=verdict.shadow,
-                    )
-                    self.metrics.alerts.labels(s.detector).inc()
-                    logger.info(
-                        "alert",
-                        extra={
-                            "client": item.key.client_id,
-                            "detector": s.detector,
-                            "request": item.request_id,
-                        },
-                    )
-                    sends.append(
-                        await send(topics.alerts, protocol.encode(event), client_key)
-                    )
+            for event in alerts_for(item, worker_id):
+                self.metrics.alerts.labels(event["data"]["detector"]).inc()
+                logger.info(
+                    "alert",
+                    extra={
+                        "client": item.client_id,
+                        "detector": event["data"]["detector"],
+                        "request": item.request_id,
+                    },
+                )
+                await send(topics.alerts, event, key)
 
             # Bad messages keep their bytes on the dead-letter topic.
-            if item.error is not None and _goes_to_deadletter(item.error.code):
-                self.metrics.deadletters.labels(item.error.code).inc()
+            dead = deadletter_for(item, now_ms, worker_id)
+            if dead is not None:
+                self.metrics.deadletters.labels(dead.code).inc()
                 logger.info(
                     "dead-lettered %s",
-                    item.error.code,
+                    dead.code,
                     extra={
-                        "partition": item.tp.partition,
+                        "partition": item.partition,
                         "offset": item.offset,
                         "request": item.request_id,
                     },
                 )
-                record = protocol.DeadLetter(
-                    v=protocol.SCHEMA_VERSION,
-                    code=item.error.code,
-                    message=item.error.message,
-                    topic=item.tp.topic,
-                    partition=item.tp.partition,
-                    offset=item.offset,
-                    ts_ms=now_ms,
-                    request_id=item.request_id,
-                    key_id=item.request.key_id
-                    if item.request
-                    else (item.envelope.key_id if item.envelope else None),
-                    value_b64=base64.b64encode(item.value).decode("ascii"),
-                    worker=worker_id,
-                )
-                sends.append(
-                    await send(topics.deadletter, protocol.encode(record), client_key)
-                )
+                await send(topics.deadletter, dead, key)
 
         try:
             await asyncio.wait_for(
@@ -692,96 +486,30 @@ class Worker:
         except (KafkaError, TimeoutError) as exc:
             raise BrokerError(f"produce failed: {exc!r}") from exc
 
-    def _response(self, item: _Item, now_ms: int) -> protocol.InferResponse:
-        request_id = item.request_id or ""
-        correlation_id = (
-            item.request.correlation_id
-            if item.request is not None
-            else (item.envelope.correlation_id if item.envelope else None)
-        )
-        model_name = item.model.name if item.model else None
-        if item.error is not None:
-            retry_after = None
-            if item.admission is not None and item.error.code in (
-                "RATE_LIMITED",
-                "BLOCKED",
-            ):
-                retry_after = item.admission.retry_after_ms or None
-            if item.error.code == "BLOCKED" and retry_after is None:
-                retry_after = int(self.settings.policy.block_cooldown_s * 1000)
-            return protocol.InferResponse(
-                v=protocol.SCHEMA_VERSION,
-                request_id=request_id,
-                status="error",
-                ts_ms=now_ms,
-                model=model_name,
-                correlation_id=correlation_id,
-                action=item.action,
-                error=protocol.ErrorBody(
-                    item.error.code, item.error.message, item.error.retriable
-                ),
-                retry_after_ms=retry_after,
-            )
-        assert item.probabilities is not None
-        labels = item.probabilities.argmax(axis=1).astype(np.int64)
-        return protocol.InferResponse(
-            v=protocol.SCHEMA_VERSION,
-            request_id=request_id,
-            status="ok",
-            ts_ms=now_ms,
-            model=model_name,
-            correlation_id=correlation_id,
-            action=item.action,
-            outputs=[
-                protocol.tensor_from_array("probabilities", item.probabilities),
-                protocol.tensor_from_array("label", labels),
-            ],
-        )
-
-    def _decision(
-        self, item: _Item, now_ms: int, worker_id: str
-    ) -> protocol.DecisionRecord:
-        verdict = item.verdict
-        return protocol.DecisionRecord(
-            v=protocol.SCHEMA_VERSION,
-            request_id=item.request_id or "",
-            ts_ms=now_ms,
-            action=verdict.action if verdict is not None else item.action,
-            client_id=item.client_id,
-            key_id=item.key.key_id if item.key else None,
-            model=item.model.name if item.model else None,
-            error_code=item.error.code if item.error else None,
-            risk=verdict.risk if verdict else 0.0,
-            scores=item.scores,
-            reasons=list(verdict.reasons) if verdict else [],
-            shadow=verdict.shadow if verdict else False,
-            partition=item.tp.partition,
-            offset=item.offset,
-            worker=worker_id,
-        )
-
-    def _reply_topic(self, item: _Item, known: set[str]) -> str:
+    def _reply_topic(self, item: BatchItem, known: set[str]) -> str:
         """Where the answer goes. A client may name its own reply topic under the
         configured prefix; an unknown or foreign name falls back to the shared
         responses topic, because producing to a missing topic would stall the
-        whole batch waiting for metadata."""
+        whole batch waiting for its metadata."""
         default = self.settings.kafka.topics.responses
-        wanted = (
-            item.request.reply_to
-            if item.request
-            else (item.envelope.reply_to if item.envelope else None)
-        )
-        if not wanted or wanted == default:
-            return default
-        prefix = self.settings.worker.reply_topic_prefix
-        if (wanted == prefix or wanted.startswith(prefix + ".")) and wanted in known:
-            return wanted
+        wanted = item.reply_to
+        if wanted and _under_prefix(wanted, self.settings.worker.reply_topic_prefix):
+            return wanted if wanted in known else default
         return default
 
-    async def _known_reply_topics(self) -> set[str]:
+    async def _known_reply_topics(self, items: list[BatchItem]) -> set[str]:
+        """Topics that exist, refreshed every 30 s, or sooner (at most every
+        2 s) when a request names a reply topic not yet known."""
         assert self._consumer is not None
-        now = time.monotonic()
-        if now - self._reply_topics_at > _TOPIC_REFRESH_S:
+        prefix = self.settings.worker.reply_topic_prefix
+        age_s = time.monotonic() - self._reply_topics_at
+        unknown = any(
+            i.reply_to
+            and _under_prefix(i.reply_to, prefix)
+            and i.reply_to not in self._reply_topics
+            for i in items
+        )
+        if age_s > _TOPIC_REFRESH_S or (unknown and age_s > _UNKNOWN_REFRESH_S):
             try:
                 self._reply_topics = set(
                     await asyncio.wait_for(
@@ -790,7 +518,7 @@ class Worker:
                 )
             except (KafkaError, TimeoutError):
                 logger.warning("could not refresh topic list; keeping the old one")
-            self._reply_topics_at = now
+            self._reply_topics_at = time.monotonic()
         return self._reply_topics
 
     # -- client state across rebalances -----------------------------------------
@@ -830,45 +558,17 @@ class Worker:
     async def _snapshot(self, client_ids: list[str]) -> None:
         if not client_ids or self._store is None:
             return
-        blobs = {c: self._dump(c) for c in client_ids}
+        assert self._scorer is not None
+        blobs = {c: self._scorer.dump(c) for c in client_ids}
         try:
             await self._store.save_states(blobs, _STATE_TTL_S)
         except StoreError:
             logger.warning("detector state of %d clients not saved", len(blobs))
 
-    def _dump(self, client_id: str) -> bytes:
-        state: dict[str, dict[str, bytes]] = {}
-        for model_name, detectors in self._detectors.items():
-            for name, detector in detectors.items():
-                blob = detector.dump_state(client_id)
-                if blob is not None:
-                    state.setdefault(model_name, {})[name] = blob
-        policy_blob = self._policy.dump_state(client_id)
-        if policy_blob is not None:
-            state["_policy"] = {"state": policy_blob}
-        return msgspec.msgpack.encode(state)
-
-    def _restore(self, client_id: str, blob: bytes) -> None:
-        try:
-            state = msgspec.msgpack.decode(blob, type=dict[str, dict[str, bytes]])
-            for model_name, blobs in state.items():
-                if model_name == "_policy":
-                    self._policy.load_state(client_id, blobs["state"])
-                    continue
-                detectors = self._detectors.get(model_name, {})
-                for name, detector_blob in blobs.items():
-                    if name in detectors:
-                        detectors[name].load_state(client_id, detector_blob)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, KeyError):
-            # A snapshot from an incompatible version: start the client afresh.
-            logger.warning("unreadable detector snapshot", extra={"client": client_id})
-
     def _forget(self, client_id: str) -> None:
         self._client_tp.pop(client_id, None)
-        for detectors in self._detectors.values():
-            for detector in detectors.values():
-                detector.forget(client_id)
-        self._policy.forget(client_id)
+        if self._scorer is not None:
+            self._scorer.forget(client_id)
         self.metrics.clients.set(len(self._client_tp))
 
 

@@ -1,0 +1,256 @@
+"""One record's journey through a worker batch, and the messages it produces.
+
+``BatchItem`` carries a consumer record from decoding to its answer; the
+functions here turn a finished item into its response, decision record,
+dead-letter record and alerts. Pure: no Kafka or Redis I/O happens here.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from gateway import protocol
+from gateway.alerts import build_alert
+from gateway.errors import ModelgateError, ValidationError
+from gateway.keys import ApiKey
+from gateway.models import ServedModel
+from gateway.policy import Verdict
+from gateway.store import Admission
+
+# Codes that mean "the message itself is bad": these also go to the dead-letter
+# topic. Refusals by policy (throttle, block, duplicate) are answers, not faults.
+_DEADLETTER_PREFIXES = ("AUTH_", "MALFORMED", "SCHEMA", "UNSUPPORTED", "PAYLOAD")
+_DEADLETTER_CODES = frozenset(
+    {
+        "UNKNOWN_MODEL",
+        "TENSOR_NAME",
+        "SHAPE_MISMATCH",
+        "DTYPE_MISMATCH",
+        "NON_FINITE",
+        "OUT_OF_RANGE",
+        "INTERNAL",
+    }
+)
+
+
+def goes_to_deadletter(code: str) -> bool:
+    return code in _DEADLETTER_CODES or code.startswith(_DEADLETTER_PREFIXES)
+
+
+@dataclass(slots=True)
+class BatchItem:
+    """One consumer record on its way through a batch.
+
+    Stages fill the fields in order; the first failure sets ``error`` and later
+    stages skip the item, but it is still answered.
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes
+    record_key: str
+    signature: str | None
+    envelope: protocol.RequestEnvelope | None = None
+    request: protocol.InferRequest | None = None
+    key: ApiKey | None = None
+    model: ServedModel | None = None
+    rows: np.ndarray | None = None
+    admission: Admission | None = None
+    verdict: Verdict | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+    probabilities: np.ndarray | None = None
+    error: ModelgateError | None = None
+    action: str = "allow"
+    query_index: int = 0
+
+    @property
+    def client_id(self) -> str | None:
+        return self.key.client_id if self.key is not None else None
+
+    @property
+    def request_id(self) -> str | None:
+        if self.request is not None:
+            return self.request.request_id
+        return self.envelope.request_id if self.envelope is not None else None
+
+    @property
+    def key_id(self) -> str | None:
+        if self.request is not None:
+            return self.request.key_id
+        return self.envelope.key_id if self.envelope is not None else None
+
+    @property
+    def reply_to(self) -> str | None:
+        if self.request is not None:
+            return self.request.reply_to
+        return self.envelope.reply_to if self.envelope is not None else None
+
+    @property
+    def correlation_id(self) -> str | None:
+        if self.request is not None:
+            return self.request.correlation_id
+        return self.envelope.correlation_id if self.envelope is not None else None
+
+    @property
+    def model_name(self) -> str | None:
+        if self.model is not None:
+            return self.model.name
+        return self.request.model if self.request is not None else None
+
+    def fail(self, error: ModelgateError, action: str = "reject") -> None:
+        """Record the first failure; later ones would only hide its cause."""
+        if self.error is None:
+            self.error = error
+            self.action = action
+
+
+def decode_record(topic: str, partition: int, record: Any, max_bytes: int) -> BatchItem:
+    """Turn a consumer record into a batch item: size check, then the codec."""
+    value: bytes = record.value or b""
+    signature = None
+    for name, raw in record.headers or ():
+        if name == protocol.SIGNATURE_HEADER and raw is not None:
+            signature = raw.decode("ascii", "replace")
+    item = BatchItem(
+        topic=topic,
+        partition=partition,
+        offset=record.offset,
+        value=value,
+        record_key=(record.key or b"").decode("utf-8", "replace"),
+        signature=signature,
+    )
+    if len(value) > max_bytes:
+        item.fail(
+            ValidationError(
+                f"message of {len(value)} bytes exceeds the limit of {max_bytes}",
+                code="PAYLOAD_TOO_LARGE",
+            )
+        )
+        return item
+    try:
+        item.request = protocol.decode_request(value)
+    except msgspec.ValidationError as exc:
+        item.envelope = protocol.decode_envelope(value)
+        item.fail(ValidationError(f"schema: {exc}", code="SCHEMA_INVALID"))
+    except msgspec.DecodeError as exc:
+        item.fail(ValidationError(f"not JSON: {exc}", code="MALFORMED_JSON"))
+    return item
+
+
+def response_for(
+    item: BatchItem, now_ms: int, block_cooldown_ms: int
+) -> protocol.InferResponse:
+    """The answer the client sees: outputs, or the error with its code."""
+    if item.error is not None:
+        retry_after = None
+        if item.admission is not None and item.error.code in (
+            "RATE_LIMITED",
+            "BLOCKED",
+        ):
+            retry_after = item.admission.retry_after_ms or None
+        if item.error.code == "BLOCKED" and retry_after is None:
+            retry_after = block_cooldown_ms
+        return protocol.InferResponse(
+            v=protocol.SCHEMA_VERSION,
+            request_id=item.request_id or "",
+            status="error",
+            ts_ms=now_ms,
+            model=item.model_name,
+            correlation_id=item.correlation_id,
+            action=item.action,
+            error=protocol.ErrorBody(
+                item.error.code, item.error.message, item.error.retriable
+            ),
+            retry_after_ms=retry_after,
+        )
+    if item.probabilities is None:
+        raise ValueError("an item without error must have probabilities")
+    labels = item.probabilities.argmax(axis=1).astype(np.int64)
+    return protocol.InferResponse(
+        v=protocol.SCHEMA_VERSION,
+        request_id=item.request_id or "",
+        status="ok",
+        ts_ms=now_ms,
+        model=item.model_name,
+        correlation_id=item.correlation_id,
+        action=item.action,
+        outputs=[
+            protocol.tensor_from_array("probabilities", item.probabilities),
+            protocol.tensor_from_array("label", labels),
+        ],
+    )
+
+
+def decision_for(
+    item: BatchItem, now_ms: int, worker_id: str
+) -> protocol.DecisionRecord:
+    """The audit record: what the rules said (even in shadow mode) and why."""
+    verdict = item.verdict
+    return protocol.DecisionRecord(
+        v=protocol.SCHEMA_VERSION,
+        request_id=item.request_id or "",
+        ts_ms=now_ms,
+        action=verdict.action if verdict is not None else item.action,
+        client_id=item.client_id,
+        key_id=item.key.key_id if item.key else None,
+        model=item.model_name,
+        error_code=item.error.code if item.error else None,
+        risk=verdict.risk if verdict else 0.0,
+        scores=item.scores,
+        reasons=list(verdict.reasons) if verdict else [],
+        shadow=verdict.shadow if verdict else False,
+        partition=item.partition,
+        offset=item.offset,
+        worker=worker_id,
+    )
+
+
+def deadletter_for(
+    item: BatchItem, now_ms: int, worker_id: str
+) -> protocol.DeadLetter | None:
+    """The dead-letter record of a bad message, or None if it was not bad."""
+    if item.error is None or not goes_to_deadletter(item.error.code):
+        return None
+    return protocol.DeadLetter(
+        v=protocol.SCHEMA_VERSION,
+        code=item.error.code,
+        message=item.error.message,
+        topic=item.topic,
+        partition=item.partition,
+        offset=item.offset,
+        ts_ms=now_ms,
+        request_id=item.request_id,
+        key_id=item.key_id,
+        value_b64=base64.b64encode(item.value).decode("ascii"),
+        worker=worker_id,
+    )
+
+
+def alerts_for(item: BatchItem, worker_id: str) -> list[dict[str, Any]]:
+    """One CloudEvent per detector that flagged this item's query."""
+    verdict = item.verdict
+    if verdict is None or item.key is None:
+        return []
+    return [
+        build_alert(
+            worker_id=worker_id,
+            client_id=item.key.client_id,
+            key_id=item.key.key_id,
+            model=item.model_name or "",
+            detector=s.detector,
+            score=s.score,
+            threshold=s.threshold,
+            action=verdict.action,
+            evidence=s.evidence,
+            request_id=item.request_id or "",
+            query_index=item.query_index,
+            shadow=verdict.shadow,
+        )
+        for s in verdict.flagged
+    ]

@@ -1,0 +1,173 @@
+"""The CPU half of a batch: detectors, policy and the model, per model served.
+
+``Scorer`` owns every per-client state a worker keeps in memory (detector
+states and the policy's memory of flags) and can hand it over as bytes when a
+client moves to another worker. It does no I/O, so the worker runs it in an
+executor thread and the event loop stays free for Kafka heartbeats.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+
+import msgspec
+import numpy as np
+
+from detectors import Detector, DetectorScore, build_detectors
+from gateway.batch import BatchItem
+from gateway.config import Settings
+from gateway.errors import BackendError, PolicyError
+from gateway.metrics import WorkerMetrics
+from gateway.models import ServedModel
+from gateway.policy import Policy
+from gateway.validation import scale_to_unit
+
+logger = logging.getLogger(__name__)
+
+_SEVERITY = {"allow": 0, "flag": 1, "block": 2}
+_POLICY_KEY = "_policy"
+
+
+class Scorer:
+    """Detectors per model plus one policy, over the clients of one worker.
+
+    Parameters
+    ----------
+    settings
+        ``detectors`` holds per-detector parameter overrides; ``policy`` the
+        ladder.
+    models
+        The models served; each gets its own detector set, whose shared
+        baseline is seeded with the model's reference sample.
+    metrics
+        Where detector score distributions are recorded.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        models: dict[str, ServedModel],
+        metrics: WorkerMetrics,
+    ) -> None:
+        self.models = models
+        self.policy = Policy(settings.policy)
+        self._metrics = metrics
+        self._detectors: dict[str, dict[str, Detector]] = {}
+        for name, model in models.items():
+            detectors = build_detectors(settings.detectors, seed=0)
+            reference = scale_to_unit(model.reference, model.signature)
+            for detector in detectors.values():
+                detector.learn_baseline(reference)
+            self._detectors[name] = detectors
+
+    def score_and_predict(self, items: Sequence[BatchItem]) -> None:
+        """Score every admitted item, apply policy, and run each model once on
+        the rows policy lets through. Fills ``verdict``, ``scores``, ``action``
+        and ``probabilities`` (or ``error``) in place."""
+        by_model: dict[str, list[BatchItem]] = defaultdict(list)
+        for item in items:
+            if item.error is None and item.model is not None and item.rows is not None:
+                by_model[item.model.name].append(item)
+
+        for model_name, model_items in by_model.items():
+            model = self.models[model_name]
+            self._score(model, model_items)
+
+            # One model call for every row policy lets through.
+            served = [i for i in model_items if i.error is None and i.rows is not None]
+            if not served:
+                continue
+            rows = np.concatenate([i.rows for i in served if i.rows is not None])
+            try:
+                proba = model.predict_proba(rows)
+            except BackendError as exc:
+                for item in served:
+                    item.fail(exc)
+                continue
+            start = 0
+            for item in served:
+                n = len(item.rows) if item.rows is not None else 0
+                item.probabilities = proba[start : start + n]
+                start += n
+
+    def _score(self, model: ServedModel, items: list[BatchItem]) -> None:
+        # One matrix of every row of the batch, in arrival order, so that each
+        # detector updates each client's state in the order the queries came.
+        row_items = [i for i in items for _ in range(len(i.rows or ()))]
+        x = scale_to_unit(
+            np.concatenate([i.rows for i in items if i.rows is not None]),
+            model.signature,
+        )
+        client_ids = [i.client_id or "" for i in row_items]
+        learn = [self.policy.good_standing(c) for c in client_ids]
+        per_detector: dict[str, list[DetectorScore]] = {
+            name: detector.score_batch(client_ids, x, learn=learn)
+            for name, detector in self._detectors[model.name].items()
+        }
+
+        # Policy per row; a request takes the most severe verdict of its rows.
+        for row, item in enumerate(row_items):
+            scores = [found[row] for found in per_detector.values()]
+            verdict = self.policy.decide(client_ids[row], scores)
+            for s in scores:
+                item.scores[s.detector] = max(item.scores.get(s.detector, 0.0), s.score)
+                if s.threshold > 0:
+                    self._metrics.detector_score.labels(s.detector).observe(
+                        min(s.score / s.threshold, 1.0)
+                    )
+            current = item.verdict
+            if (
+                current is None
+                or _SEVERITY[verdict.enforced] > _SEVERITY[current.enforced]
+            ):
+                item.verdict = verdict
+
+        for item in items:
+            if item.verdict is None:
+                continue
+            item.action = item.verdict.enforced
+            if item.verdict.enforced == "block":
+                item.fail(
+                    PolicyError("client is blocked", code="BLOCKED", retriable=True),
+                    action="block",
+                )
+
+    # -- per-client state ---------------------------------------------------------
+
+    def dump(self, client_id: str) -> bytes:
+        """Everything this worker knows about one client, as bytes."""
+        state: dict[str, dict[str, bytes]] = {}
+        for model_name, detectors in self._detectors.items():
+            for name, detector in detectors.items():
+                blob = detector.dump_state(client_id)
+                if blob is not None:
+                    state.setdefault(model_name, {})[name] = blob
+        policy_blob = self.policy.dump_state(client_id)
+        if policy_blob is not None:
+            state[_POLICY_KEY] = {"state": policy_blob}
+        return msgspec.msgpack.encode(state)
+
+    def restore(self, client_id: str, blob: bytes) -> None:
+        """Load what ``dump`` produced, possibly on another worker."""
+        try:
+            state = msgspec.msgpack.decode(blob, type=dict[str, dict[str, bytes]])
+            for model_name, blobs in state.items():
+                if model_name == _POLICY_KEY:
+                    self.policy.load_state(client_id, blobs["state"])
+                    continue
+                detectors = self._detectors.get(model_name, {})
+                for name, detector_blob in blobs.items():
+                    if name in detectors:
+                        detectors[name].load_state(client_id, detector_blob)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, KeyError):
+            # A snapshot from an incompatible version: start the client afresh.
+            logger.warning("unreadable client snapshot", extra={"client": client_id})
+            self.forget(client_id)
+
+    def forget(self, client_id: str) -> None:
+        for detectors in self._detectors.values():
+            for detector in detectors.values():
+                detector.forget(client_id)
+        self.policy.forget(client_id)

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+import pytest
+
+from gateway import protocol
+
+
+def _signed() -> tuple[protocol.InferRequest, bytes, str]:
+    request, value, headers = protocol.build_request(
+        key_id="k1",
+        secret=b"secret",
+        model="digits",
+        inputs={"pixels": np.arange(64, dtype=np.float32).reshape(1, 64) / 4},
+        reply_to="modelgate.responses",
+        correlation_id="c1",
+    )
+    return request, value, headers[0][1].decode()
+
+
+def test_round_trip_and_signature() -> None:
+    request, value, signature = _signed()
+    assert protocol.decode_request(value) == request
+    assert protocol.verify(b"secret", value, signature)
+
+
+def test_signature_covers_every_byte() -> None:
+    _, value, signature = _signed()
+    tampered = value.replace(b'"model":"digits"', b'"model":"digitz"')
+    assert tampered != value
+    assert not protocol.verify(b"secret", tampered, signature)
+    assert not protocol.verify(b"other", value, signature)
+
+
+def test_unknown_field_is_a_validation_error() -> None:
+    _, value, _ = _signed()
+    with pytest.raises(msgspec.ValidationError):
+        protocol.decode_request(value[:-1] + b',"extra":1}')
+
+
+def test_malformed_json_is_a_decode_error_not_validation() -> None:
+    with pytest.raises(msgspec.DecodeError) as info:
+        protocol.decode_request(b"{not json")
+    assert not isinstance(info.value, msgspec.ValidationError)
+
+
+def test_envelope_reads_reply_fields_from_an_invalid_request() -> None:
+    envelope = protocol.decode_envelope(
+        b'{"request_id":"r9","reply_to":"modelgate.responses.x","inputs":7}'
+    )
+    assert envelope is not None
+    assert envelope.request_id == "r9"
+    assert envelope.reply_to == "modelgate.responses.x"
+    assert protocol.decode_envelope(b"[1,2]") is None
+
+
+def test_tensor_datatypes_follow_numpy() -> None:
+    assert protocol.tensor_from_array("a", np.zeros(2, np.float32)).datatype == "FP32"
+    assert protocol.tensor_from_array("a", np.zeros(2, np.float64)).datatype == "FP64"
+    assert protocol.tensor_from_array("a", np.zeros(2, np.int64)).datatype == "INT64"
+    assert protocol.tensor_from_array("a", np.zeros(2, bool)).datatype == "BOOL"

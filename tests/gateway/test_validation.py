@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gateway.errors import ValidationError
+from gateway.models import ModelSignature, TensorSpec
+from gateway.protocol import InferRequest, Tensor
+from gateway.validation import scale_to_unit, validate_request
+
+SIGNATURE = ModelSignature(
+    name="digits",
+    version="1",
+    inputs=(TensorSpec("pixels", "FP32", (-1, 64), 0.0, 16.0),),
+    outputs=(TensorSpec("probabilities", "FP32", (-1, 10)),),
+    classes=tuple(range(10)),
+    max_batch_rows=4,
+)
+
+
+def _request(**changes: object) -> InferRequest:
+    tensor = {
+        "name": "pixels",
+        "shape": [1, 64],
+        "datatype": "FP32",
+        "data": [1.0] * 64,
+    }
+    tensor.update({k: v for k, v in changes.items() if k in tensor})
+    fields = {
+        "v": 1,
+        "request_id": "r1",
+        "key_id": "k1",
+        "ts_ms": 0,
+        "model": "digits",
+        "inputs": [Tensor(**tensor)],  # type: ignore[arg-type]
+    }
+    fields.update({k: v for k, v in changes.items() if k in fields})
+    return InferRequest(**fields)  # type: ignore[arg-type]
+
+
+def test_valid_request_returns_rows() -> None:
+    rows = validate_request(_request(shape=[2, 64], data=[3.0] * 128), SIGNATURE)
+    assert rows.shape == (2, 64)
+    assert rows.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    ("changes", "code"),
+    [
+        ({"v": 2}, "UNSUPPORTED_VERSION"),
+        ({"request_id": ""}, "SCHEMA_INVALID"),
+        ({"request_id": "x" * 129}, "SCHEMA_INVALID"),
+        ({"name": "image"}, "TENSOR_NAME"),
+        ({"datatype": "FP64"}, "DTYPE_MISMATCH"),
+        ({"shape": [1, 63], "data": [1.0] * 63}, "SHAPE_MISMATCH"),
+        ({"shape": [64]}, "SHAPE_MISMATCH"),
+        ({"shape": [5, 64], "data": [1.0] * 320}, "SHAPE_MISMATCH"),
+        ({"shape": [0, 64], "data": []}, "SHAPE_MISMATCH"),
+        ({"data": [1.0] * 63}, "SHAPE_MISMATCH"),
+        ({"data": [float("nan")] + [1.0] * 63}, "NON_FINITE"),
+        ({"data": [float("inf")] + [1.0] * 63}, "NON_FINITE"),
+        ({"data": [17.0] + [1.0] * 63}, "OUT_OF_RANGE"),
+        ({"data": [-0.5] + [1.0] * 63}, "OUT_OF_RANGE"),
+    ],
+)
+def test_each_bad_request_gets_its_code(changes: dict[str, object], code: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        validate_request(_request(**changes), SIGNATURE)
+    assert info.value.code == code, info.value.message
+
+
+def test_two_tensors_are_refused() -> None:
+    request = _request()
+    extra = Tensor(name="extra", shape=[1, 1], datatype="FP32", data=[0.0])
+    doubled = InferRequest(
+        v=1,
+        request_id="r",
+        key_id="k",
+        ts_ms=0,
+        model="digits",
+        inputs=[*request.inputs, extra],
+    )
+    with pytest.raises(ValidationError) as info:
+        validate_request(doubled, SIGNATURE)
+    assert info.value.code == "TENSOR_NAME"
+
+
+def test_scale_to_unit_uses_declared_range() -> None:
+    rows = np.array([[0.0, 8.0, 16.0] + [0.0] * 61], dtype=np.float32)
+    scaled = scale_to_unit(rows, SIGNATURE)
+    assert scaled[0, :3].tolist() == [0.0, 0.5, 1.0]

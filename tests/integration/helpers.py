@@ -1,0 +1,231 @@
+"""Shared pieces of the integration tests: isolated settings per test, a worker
+running in-process or as a subprocess, and raw Kafka access for sending
+arbitrary bytes and reading every topic the worker writes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from gateway import protocol
+from gateway.config import Settings, load_settings
+from gateway.keys import KeyStore
+from gateway.store import redis_from_settings
+from gateway.worker import Worker
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def isolated_settings(
+    kafka_bootstrap: str, redis_url: str, models_dir: Path, **overrides: Any
+) -> Settings:
+    """Settings whose topics, group and Redis keys no other test or run shares."""
+    tag = uuid.uuid4().hex[:10]
+    kafka = {
+        "bootstrap": kafka_bootstrap,
+        "group_id": f"test-{tag}",
+        "poll_timeout_ms": 100,
+        "topics": {
+            "requests": f"test-{tag}.requests",
+            "responses": f"modelgate.responses.test-{tag}",
+            "alerts": f"test-{tag}.alerts",
+            "decisions": f"test-{tag}.decisions",
+            "deadletter": f"test-{tag}.deadletter",
+            "requests_partitions": 2,
+            "other_partitions": 1,
+        },
+    }
+    kafka.update(overrides.pop("kafka", {}))
+    return load_settings(
+        kafka=kafka,
+        redis={"url": redis_url, "key_prefix": f"t{tag}"},
+        models={"directory": str(models_dir)},
+        worker={"metrics_port": 0},
+        **overrides,
+    )
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a subprocess load the same settings."""
+    env = dict(os.environ)
+    topics = settings.kafka.topics
+    env.update(
+        {
+            "MODELGATE_KAFKA__BOOTSTRAP": settings.kafka.bootstrap,
+            "MODELGATE_KAFKA__GROUP_ID": settings.kafka.group_id,
+            "MODELGATE_KAFKA__POLL_TIMEOUT_MS": str(settings.kafka.poll_timeout_ms),
+            "MODELGATE_KAFKA__TOPICS": topics.model_dump_json(),
+            "MODELGATE_REDIS__URL": settings.redis.url,
+            "MODELGATE_REDIS__KEY_PREFIX": settings.redis.key_prefix,
+            "MODELGATE_MODELS__DIRECTORY": str(settings.models.directory),
+            "MODELGATE_WORKER__METRICS_PORT": "0",
+            "MODELGATE_POLICY": settings.policy.model_dump_json(),
+            "MODELGATE_LIMITS": settings.limits.model_dump_json(),
+        }
+    )
+    return env
+
+
+def start_worker_process(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
+    log = log_path.open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway", "worker", "--log-level", "INFO"],
+        env=settings_env(settings),
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+@asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
+    """An in-process worker consuming until the block exits."""
+    worker = Worker(settings)
+    await worker.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        yield worker
+    finally:
+        stop.set()
+        try:
+            await asyncio.wait_for(task, 30)
+        finally:
+            await worker.stop()
+
+
+async def create_key(
+    settings: Settings, client_id: str, **kwargs: Any
+) -> tuple[str, bytes]:
+    redis = redis_from_settings(settings)
+    try:
+        _, token = await KeyStore(redis, settings).create(client_id, **kwargs)
+    finally:
+        await redis.aclose()
+    return KeyStore.parse_token(token)
+
+
+class RawKafka:
+    """A producer for arbitrary bytes and readers for the worker's topics."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap)
+
+    async def __aenter__(self) -> RawKafka:
+        await asyncio.wait_for(self.producer.start(), 30)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.producer.stop()
+
+    async def send_raw(
+        self,
+        value: bytes,
+        *,
+        key: str = "raw",
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
+        await self.producer.send_and_wait(
+            self.settings.kafka.topics.requests,
+            value,
+            key=key.encode(),
+            headers=headers or [],
+        )
+
+    async def send_request(
+        self,
+        key_id: str,
+        secret: bytes,
+        rows: np.ndarray,
+        *,
+        client_id: str = "c",
+        request_id: str | None = None,
+        model: str = "digits",
+        ts_ms: int | None = None,
+    ) -> str:
+        request, value, headers = protocol.build_request(
+            key_id=key_id,
+            secret=secret,
+            model=model,
+            inputs={"pixels": rows.astype(np.float32)},
+            request_id=request_id,
+            ts_ms=ts_ms,
+        )
+        await self.producer.send(
+            self.settings.kafka.topics.requests,
+            value,
+            key=client_id.encode(),
+            headers=headers,
+        )
+        return request.request_id
+
+    async def flush(self) -> None:
+        await self.producer.flush()
+
+
+async def read_topic(
+    settings: Settings,
+    topic: str,
+    *,
+    until: Any = None,
+    timeout_s: float = 30.0,
+) -> list[dict[str, Any]]:
+    """Every JSON record on ``topic`` from the beginning, read until
+    ``until(records)`` is true or ``timeout_s`` passes."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap, enable_auto_commit=False
+    )
+    await asyncio.wait_for(consumer.start(), 30)
+    records: list[dict[str, Any]] = []
+    try:
+        partitions: Iterable[int] = consumer.partitions_for_topic(topic) or []
+        tps = [TopicPartition(topic, p) for p in partitions]
+        if not tps:
+            await consumer.stop()
+            return records
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for messages in batch.values():
+                records.extend(json.loads(m.value) for m in messages)
+            if until is not None and until(records):
+                break
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def responses_for(
+    settings: Settings, request_ids: Iterable[str], timeout_s: float = 30.0
+) -> dict[str, dict[str, Any]]:
+    """The first response to each of ``request_ids`` (fails if any is missing)."""
+    wanted = set(request_ids)
+
+    def done(records: list[dict[str, Any]]) -> bool:
+        return wanted <= {r.get("request_id") for r in records}
+
+    records = await read_topic(
+        settings, settings.kafka.topics.responses, until=done, timeout_s=timeout_s
+    )
+    found: dict[str, dict[str, Any]] = {}
+    for record in records:
+        found.setdefault(record["request_id"], record)
+    missing = wanted - set(found)
+    assert not missing, (
+        f"{len(missing)} requests unanswered, e.g. {sorted(missing)[:3]}"
+    )
+    return {rid: found[rid] for rid in wanted}
