@@ -38,6 +38,9 @@ _DEADLETTER_CODES = frozenset(
 )
 
 
+_OVERFLOW = "Number out of range"
+
+
 def goes_to_deadletter(code: str) -> bool:
     return code in _DEADLETTER_CODES or code.startswith(_DEADLETTER_PREFIXES)
 
@@ -137,7 +140,10 @@ def decode_record(topic: str, partition: int, record: Any, max_bytes: int) -> Ba
         item.request = protocol.decode_request(value)
     except msgspec.ValidationError as exc:
         item.envelope = protocol.decode_envelope(value)
-        item.fail(ValidationError(f"schema: {exc}", code="SCHEMA_INVALID"))
+        # A literal such as 1e999 is valid JSON but overflows a double: it is
+        # an infinity in all but name, so it gets the same code as one.
+        code = "NON_FINITE" if str(exc).startswith(_OVERFLOW) else "SCHEMA_INVALID"
+        item.fail(ValidationError(f"schema: {exc}", code=code))
     except msgspec.DecodeError as exc:
         item.fail(ValidationError(f"not JSON: {exc}", code="MALFORMED_JSON"))
     return item

@@ -228,6 +228,7 @@ async def _alerts(settings: Settings, follow: bool, as_json: bool) -> None:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from gateway.alerts import format_alert
+    from gateway.topics import partitions_of
 
     topic = settings.kafka.topics.alerts
     consumer = AIOKafkaConsumer(
@@ -235,7 +236,7 @@ async def _alerts(settings: Settings, follow: bool, as_json: bool) -> None:
     )
     await asyncio.wait_for(consumer.start(), settings.kafka.request_timeout_s)
     try:
-        partitions = consumer.partitions_for_topic(topic) or set()
+        partitions = await partitions_of(settings, topic)
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         if not tps:
             typer.echo(f"no topic {topic} yet", err=True)

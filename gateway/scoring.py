@@ -95,7 +95,7 @@ class Scorer:
     def _score(self, model: ServedModel, items: list[BatchItem]) -> None:
         # One matrix of every row of the batch, in arrival order, so that each
         # detector updates each client's state in the order the queries came.
-        row_items = [i for i in items for _ in range(len(i.rows or ()))]
+        row_items = [i for i in items if i.rows is not None for _ in range(len(i.rows))]
         x = scale_to_unit(
             np.concatenate([i.rows for i in items if i.rows is not None]),
             model.signature,

@@ -59,3 +59,26 @@ async def ensure_topics(
         ) from exc
     finally:
         await admin.close()
+
+
+async def partitions_of(settings: Settings, topic: str) -> list[int]:
+    """The partition ids of ``topic`` (empty if it does not exist).
+
+    A plain consumer only knows partitions of topics it already has metadata
+    for, and has no public call that waits for it; the admin client asks.
+    """
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka.bootstrap,
+        request_timeout_ms=int(settings.kafka.request_timeout_s * 1000),
+    )
+    try:
+        await asyncio.wait_for(admin.start(), settings.kafka.request_timeout_s)
+        described = await admin.describe_topics([topic])
+    except (KafkaError, TimeoutError, OSError) as exc:
+        raise BrokerError(f"cannot describe {topic}: {exc!r}") from exc
+    finally:
+        await admin.close()
+    for entry in described:
+        if entry.get("topic") == topic and not entry.get("error_code"):
+            return sorted(p["partition"] for p in entry.get("partitions", []))
+    return []

@@ -68,6 +68,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # untyped ba
         await self._worker._on_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._worker.assigned.set()
         logger.info(
             "partitions assigned",
             extra={"partitions": sorted(tp.partition for tp in assigned)},
@@ -101,6 +102,9 @@ class Worker:
         self._reply_topics_at = 0.0
         self._started = False
         self.batches_done = 0
+        # Set once the group has given this worker its first assignment (which
+        # may be empty when there are more workers than partitions).
+        self.assigned = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -337,7 +341,7 @@ class Worker:
             AdmitItem(
                 client_id=i.key.client_id,
                 request_id=i.request.request_id,
-                delivery=f"{i.tp.partition}:{i.offset}",
+                delivery=f"{i.partition}:{i.offset}",
                 rate_per_s=limits.rate_per_s,
                 burst=limits.burst,
                 cost=1,
@@ -382,7 +386,7 @@ class Worker:
         (after a rebalance or restart), in one round trip."""
         assert self._store is not None
         new = {
-            i.key.client_id: i.tp
+            i.key.client_id: TopicPartition(i.topic, i.partition)
             for i in items
             if i.key is not None and i.key.client_id not in self._client_tp
         }

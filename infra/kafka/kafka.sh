@@ -86,10 +86,14 @@ cmd_install() {
     log "(first run only: about 45 MB, cached in ~/.m2 afterwards)"
     local started=$SECONDS tmp="$KDIR/libs.tmp.$$"
     rm -rf "$tmp"
-    if ! mvn -B -q -f "$POM" dependency:copy-dependencies \
-        -DoutputDirectory="$tmp" </dev/null >&2; then
+    # Output to a file: with -q it holds only errors, plus the stray colour resets
+    # Debian's Maven 3.8 prints even in batch mode.
+    if ! mvn -B -q -Dstyle.color=never -f "$POM" dependency:copy-dependencies \
+        -DoutputDirectory="$tmp" </dev/null >"$KDIR/mvn.log" 2>&1; then
         rm -rf "$tmp"
-        die "mvn could not resolve org.apache.kafka:kafka_2.13:$VERSION (see above)"
+        sed 's/\x1b\[[0-9;]*m//g' "$KDIR/mvn.log" | tail -n 40 >&2
+        die "mvn could not resolve org.apache.kafka:kafka_2.13:$VERSION" \
+            "(full output in $KDIR/mvn.log)"
     fi
     [[ -f $tmp/kafka_2.13-$VERSION.jar ]] || {
         rm -rf "$tmp"

@@ -22,6 +22,7 @@ from gateway import protocol
 from gateway.config import Settings, load_settings
 from gateway.keys import KeyStore
 from gateway.store import redis_from_settings
+from gateway.topics import ensure_topics, partitions_of
 from gateway.worker import Worker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,6 +97,10 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     try:
+        # Requests sent before the group forms would still be served (the
+        # consumer starts from the earliest offset), but the test's own
+        # timeouts should not include the group's formation.
+        await asyncio.wait_for(worker.assigned.wait(), 60)
         yield worker
     finally:
         stop.set()
@@ -124,6 +129,9 @@ class RawKafka:
         self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap)
 
     async def __aenter__(self) -> RawKafka:
+        # Create the topics first: a worker subprocess may not have yet, and a
+        # produce to a missing topic only retries until it appears.
+        await ensure_topics(self.settings)
         await asyncio.wait_for(self.producer.start(), 30)
         return self
 
@@ -190,7 +198,7 @@ async def read_topic(
     await asyncio.wait_for(consumer.start(), 30)
     records: list[dict[str, Any]] = []
     try:
-        partitions: Iterable[int] = consumer.partitions_for_topic(topic) or []
+        partitions: Iterable[int] = await partitions_of(settings, topic)
         tps = [TopicPartition(topic, p) for p in partitions]
         if not tps:
             await consumer.stop()

@@ -85,7 +85,7 @@ async def test_each_bad_input_gets_its_code_and_a_dead_letter(
     settings: Settings, kafka: RawKafka
 ) -> None:
     key_id, secret = await create_key(settings, "bob")
-    _, value, headers = protocol.build_request(
+    _, value, _ = protocol.build_request(
         key_id=key_id,
         secret=secret,
         model="digits",
@@ -312,7 +312,8 @@ async def test_sigterm_finishes_commits_and_exits_zero(
         late = await kafka.send_request(key_id, secret, X_TEST[40:41], client_id="gina")
         await kafka.flush()
         await responses_for(settings, [late])
-        assert again.batches_done >= 1
+    # Checked after the worker stopped: the answer is visible before the commit.
+    assert again.batches_done >= 1
     records = await read_topic(settings, settings.kafka.topics.responses, timeout_s=2)
     counts = [sum(r["request_id"] == i for r in records) for i in ids]
     assert counts == [1] * len(ids), counts

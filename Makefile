@@ -1,0 +1,85 @@
+# modelgate: the two commands first, then the rest.
+#
+#   make demo   set up everything on first use, run the demo (stack started by it)
+#   make test   set up everything on first use, run the test suite
+#
+# Each target installs what it needs and is quick the second time: the venv from
+# requirements.lock (infra/bootstrap.sh), the Kafka jars and redis-server
+# (infra/kafka/kafka.sh install, infra/redis.sh install). Kafka and Redis are started
+# and stopped by the commands themselves, through gateway.stack.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV := .venv
+BIN := $(VENV)/bin
+# Extra arguments for pytest, e.g. make test PYTEST_ARGS="-k stack -x".
+PYTEST_ARGS ?=
+
+.PHONY: help demo test lint fmt up down status bootstrap services lock clean
+
+help:
+	@echo "make demo     run the demo (installs and starts what it needs)"
+	@echo "make test     run the test suite (installs and starts what it needs)"
+	@echo "make lint     ruff check, ruff format --check, mypy --strict"
+	@echo "make fmt      ruff format + ruff check --fix"
+	@echo "make up       start Kafka and Redis and keep them running"
+	@echo "make down     drop the 'up' hold; they stop when nothing else holds them"
+	@echo "make status   holders and services"
+	@echo "make lock     regenerate requirements.lock from pyproject.toml"
+	@echo "make clean    remove var/ (jars, data, logs) and caches; keeps .venv"
+
+bootstrap:
+	@infra/bootstrap.sh
+
+# Fetch the Kafka jars and install redis-server ahead of time, so the first test run
+# does not spend its per-test timeout on downloads inside the pytest fixture.
+services:
+	@infra/kafka/kafka.sh install
+	@infra/redis.sh install
+
+demo: bootstrap services
+	$(BIN)/modelgate demo
+
+# The recipe's exit status is pytest's, so `make test` fails exactly when pytest
+# does (including exit 5, no tests collected).
+test: bootstrap services
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+# All three run even if one fails, so one CI pass shows every problem.
+lint: bootstrap
+	@rc=0; \
+	echo "ruff check"; $(BIN)/ruff check . || rc=1; \
+	echo "ruff format --check"; $(BIN)/ruff format --check . || rc=1; \
+	echo "mypy --strict"; $(BIN)/mypy || rc=1; \
+	exit $$rc
+
+fmt: bootstrap
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+up: services
+	@infra/stack.sh up
+
+down:
+	@infra/stack.sh down
+
+status:
+	@infra/stack.sh status
+
+lock:
+	@infra/bootstrap.sh lock
+
+# Refuses while this checkout's Kafka or Redis runs: deleting var/ under them would
+# pull the data directory out from under a live broker.
+clean:
+	@infra/stack.sh down
+	@if infra/kafka/kafka.sh status >/dev/null || infra/redis.sh status >/dev/null; then \
+		echo "services from this checkout are still held by someone:"; \
+		infra/stack.sh status; \
+		echo "release them (or 'infra/stack.sh reset') before make clean"; \
+		exit 1; \
+	fi
+	rm -rf var .mypy_cache .ruff_cache .pytest_cache report build *.egg-info
+	find . -path ./.venv -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

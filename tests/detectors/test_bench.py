@@ -1,0 +1,28 @@
+"""The benchmark runs and reports cost and state for every detector."""
+
+from __future__ import annotations
+
+import pytest
+
+from detectors import DETECTORS, MAX_STATE_BYTES
+from detectors.bench import measure
+
+
+def test_measure_reports_every_detector() -> None:
+    result = measure(n_clients=4, n_queries=30, batch_size=50)
+    assert result["n_clients"] == 4 and result["n_queries"] == 30
+    assert set(result["detectors"]) == set(DETECTORS)
+    for entry in result["detectors"].values():
+        assert entry["us_per_query"] > 0
+        assert entry["wall_us_per_query"] > 0
+        assert 0 < entry["state_bytes_per_client"] <= MAX_STATE_BYTES
+        assert 0 < entry["dump_bytes_per_client"] <= MAX_STATE_BYTES
+        assert entry["within_budget"]
+    assert result["total_us_per_query"] == pytest.approx(
+        sum(e["us_per_query"] for e in result["detectors"].values())
+    )
+
+
+def test_measure_refuses_empty_runs() -> None:
+    with pytest.raises(ValueError):
+        measure(n_clients=0, n_queries=10)

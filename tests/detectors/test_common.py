@@ -1,0 +1,242 @@
+"""One battery run on every registered detector (as river/checks does).
+
+State round-trip, finite and consistent scores, seeded determinism, batch
+equals row by row, bounded state, parameter validation, input validation and
+the package's import boundary.
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pydantic
+import pytest
+
+from detectors import DETECTORS, MAX_STATE_BYTES, Detector, DetectorScore
+from tests.detectors.conftest import Digits
+
+NAMES = sorted(DETECTORS)
+
+
+def build(name: str, digits: Digits, *, seed: int = 0, **params: Any) -> Detector[Any]:
+    cls = DETECTORS[name]
+    detector = cls(cls.Params(**params), seed=seed)
+    detector.learn_baseline(digits.train)
+    return detector
+
+
+def mixed_stream(
+    digits: Digits, n: int, n_clients: int, seed: int
+) -> tuple[list[str], npt.NDArray[np.float64]]:
+    """Interleaved clients sending a mix of held-out digits, near-duplicates of
+    earlier rows and uniform noise, so every detector's state moves both ways."""
+    rng = np.random.default_rng(seed)
+    rows = digits.test[rng.integers(0, len(digits.test), n)].copy()
+    kind = rng.integers(0, 3, n)
+    noise = kind == 1
+    rows[noise] = rng.random((int(noise.sum()), rows.shape[1]))
+    for i in np.flatnonzero(kind == 2):
+        if i > 0:
+            rows[i] = np.clip(rows[i - 1] + rng.normal(0, 0.005, rows.shape[1]), 0, 1)
+    ids = [f"c{c}" for c in rng.integers(0, n_clients, n).tolist()]
+    return ids, rows
+
+
+def key(scores: list[DetectorScore]) -> list[tuple[float, bool, bool]]:
+    return [(s.score, s.flagged, s.warm) for s in scores]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_round_trip_gives_identical_scores(name: str, digits: Digits) -> None:
+    original = build(name, digits)
+    ids, X = mixed_stream(digits, 400, 5, seed=1)
+    # learn=False keeps the shared baseline equal to a fresh detector's, so only
+    # per-client state can explain a difference.
+    original.score_batch(ids, X, learn=[False] * len(ids))
+
+    restored = build(name, digits)
+    for client in original.clients():
+        blob = original.dump_state(client)
+        assert blob is not None
+        restored.load_state(client, blob)
+        assert restored.dump_state(client) == blob
+    assert sorted(restored.clients()) == sorted(original.clients())
+
+    ids, X = mixed_stream(digits, 300, 5, seed=2)
+    no_learning = [False] * len(ids)
+    assert original.score_batch(ids, X, learn=no_learning) == restored.score_batch(
+        ids, X, learn=no_learning
+    )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scores_are_finite_and_consistent(name: str, digits: Digits) -> None:
+    detector = build(name, digits)
+    ids, X = mixed_stream(digits, 500, 4, seed=3)
+    scores = detector.score_batch(ids, X)
+    assert len(scores) == len(ids)
+    for s in scores:
+        assert s.detector == name
+        assert np.isfinite(s.score) and 0.0 <= s.score <= 1.0
+        assert s.threshold == detector.params.threshold
+        assert s.flagged == (s.warm and s.score >= s.threshold)
+        assert isinstance(s.evidence, str) and s.evidence
+    assert any(s.warm for s in scores)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_seed_same_scores(name: str, digits: Digits) -> None:
+    ids, X = mixed_stream(digits, 400, 6, seed=4)
+    first = build(name, digits, seed=7).score_batch(ids, X)
+    second = build(name, digits, seed=7).score_batch(ids, X)
+    assert first == second
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batch_scores_equal_row_by_row(name: str, digits: Digits) -> None:
+    # 700 rows cross the similarity chunk size; 3 clients make groups of both
+    # the vectorised-small and the per-client-big kind.
+    ids, X = mixed_stream(digits, 700, 3, seed=5)
+    learn = np.random.default_rng(5).random(len(ids)) < 0.7
+
+    whole = build(name, digits).score_batch(ids, X, learn=learn)
+
+    one_by_one = build(name, digits)
+    single = [
+        one_by_one.score_batch(ids[i : i + 1], X[i : i + 1], learn=learn[i : i + 1])[0]
+        for i in range(len(ids))
+    ]
+
+    uneven = build(name, digits)
+    cuts = [0, 1, 9, 10, 150, 151, 420, 700]
+    pieces: list[DetectorScore] = []
+    for a, b in itertools.pairwise(cuts):
+        pieces += uneven.score_batch(ids[a:b], X[a:b], learn=learn[a:b])
+
+    assert key(whole) == key(single) == key(pieces)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_stays_bounded(name: str, digits: Digits) -> None:
+    detector = build(name, digits)
+    rng = np.random.default_rng(6)
+    d = digits.train.shape[1]
+    detector.score_batch(["long"] * 20, rng.random((20, d)))
+    early = detector.state_nbytes("long")
+    for _ in range(10):
+        detector.score_batch(["long"] * 500, rng.random((500, d)))
+    blob = detector.dump_state("long")
+    assert blob is not None
+    assert detector.state_nbytes("long") == early
+    assert 0 < detector.state_nbytes("long") <= MAX_STATE_BYTES
+    assert len(blob) <= MAX_STATE_BYTES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_set_params_validates(name: str) -> None:
+    detector = DETECTORS[name]()
+    before = detector.params
+
+    detector.set_params(threshold=0.4)
+    assert detector.params.threshold == 0.4
+
+    with pytest.raises(ValueError, match="threshold"):
+        detector.set_params(threshold=-1.0)
+    with pytest.raises(ValueError, match="window"):
+        detector.set_params(window=before.window + 1)
+    with pytest.raises(ValueError, match="bogus"):
+        detector.set_params(bogus=1)
+    # A rejected update changes nothing, even its valid parts.
+    with pytest.raises(ValueError, match="window"):
+        detector.set_params(threshold=0.6, window=7)
+    assert detector.params.threshold == 0.4
+
+    # Re-applying a structural value unchanged is accepted.
+    detector.set_params(window=before.window)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_params_model_is_frozen_and_closed(name: str) -> None:
+    cls = DETECTORS[name]
+    assert cls._mutable_params <= set(cls.Params.model_fields)
+    with pytest.raises(pydantic.ValidationError):
+        cls.Params(bogus=1)  # type: ignore[call-arg]
+    params = cls.Params()
+    with pytest.raises(pydantic.ValidationError):
+        params.threshold = 0.9  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        cls(object())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_load_state_refuses_foreign_blobs(name: str, digits: Digits) -> None:
+    detector = build(name, digits)
+    detector.score_batch(["a"], digits.test[:1])
+    blob = detector.dump_state("a")
+    assert blob is not None
+
+    with pytest.raises(ValueError):
+        detector.load_state("b", b"\x00not msgpack")
+    other = next(n for n in NAMES if n != name)
+    foreign = build(other, digits)
+    foreign.score_batch(["a"], digits.test[:1])
+    foreign_blob = foreign.dump_state("a")
+    assert foreign_blob is not None
+    with pytest.raises(ValueError, match=other):
+        detector.load_state("b", foreign_blob)
+    wider = build(name, digits, window=detector.params.window + 5)
+    with pytest.raises(ValueError, match="layout"):
+        wider.load_state("b", blob)
+    assert "b" not in detector.clients()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forget_and_clients(name: str, digits: Digits) -> None:
+    detector = build(name, digits)
+    assert detector.dump_state("a") is None
+    assert detector.state_nbytes("a") == 0
+    detector.score_batch(["a", "b", "a"], digits.test[:3])
+    assert detector.clients() == ["a", "b"]
+    detector.forget("a")
+    detector.forget("never-seen")
+    assert detector.clients() == ["b"]
+    assert detector.dump_state("a") is None
+    # A forgotten client starts again from nothing.
+    again = detector.score_batch(["a"], digits.test[3:4])[0]
+    assert not again.warm
+    assert again.score == 0.0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_score_batch_rejects_bad_input(name: str, digits: Digits) -> None:
+    detector = build(name, digits)
+    X = digits.test[:2].copy()
+    with pytest.raises(ValueError, match="client ids"):
+        detector.score_batch(["a"], X)
+    with pytest.raises(ValueError, match="shape"):
+        detector.score_batch(["a"], X[0])
+    with pytest.raises(ValueError, match="learn"):
+        detector.score_batch(["a", "b"], X, learn=[True])
+    X[1, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        detector.score_batch(["a", "b"], X)
+    with pytest.raises(ValueError, match="features"):
+        detector.score_batch(["a"], np.zeros((1, 10)))
+    assert detector.score_batch([], np.zeros((0, 64))) == []
+
+
+def test_detectors_import_no_service_code() -> None:
+    code = (
+        "import sys, detectors, detectors.bench\n"
+        "bad = {'aiokafka', 'redis', 'fastapi', 'gateway'}\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in bad)\n"
+        "assert not loaded, loaded\n"
+        "import logging\n"
+        "assert not logging.getLogger().handlers, 'detectors configured logging'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
