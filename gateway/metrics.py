@@ -7,6 +7,7 @@ workers in one process without metric name clashes.
 from __future__ import annotations
 
 import logging
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import start_http_server as _start_http_server
@@ -24,6 +25,7 @@ class WorkerMetrics:
     """Counters, histograms and gauges a worker exports."""
 
     def __init__(self) -> None:
+        self._server: WSGIServer | None = None
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "modelgate_requests",
@@ -75,9 +77,19 @@ class WorkerMetrics:
             registry=self.registry,
         )
 
-    def serve(self, host: str, port: int) -> None:
-        """Expose /metrics on ``host:port`` in a daemon thread (port 0: off)."""
+    def serve(self, host: str, port: int) -> int:
+        """Expose /metrics on ``host:port`` in a daemon thread and return the
+        bound port (port 0 means none: metrics stay in-process only)."""
         if port == 0:
-            return
-        _start_http_server(port, addr=host, registry=self.registry)
-        logger.info("metrics endpoint up", extra={"host": host, "port": port})
+            return 0
+        self._server, _ = _start_http_server(port, addr=host, registry=self.registry)
+        bound = int(self._server.server_port)
+        logger.info("metrics endpoint up", extra={"host": host, "port": bound})
+        return bound
+
+    def close(self) -> None:
+        """Stop serving /metrics. Idempotent."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()

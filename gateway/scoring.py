@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -54,7 +55,7 @@ class Scorer:
         self.models = models
         self.policy = Policy(settings.policy)
         self._metrics = metrics
-        self._detectors: dict[str, dict[str, Detector]] = {}
+        self._detectors: dict[str, dict[str, Detector[Any]]] = {}
         for name, model in models.items():
             detectors = build_detectors(settings.detectors, seed=0)
             reference = scale_to_unit(model.reference, model.signature)

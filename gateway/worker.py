@@ -102,6 +102,7 @@ class Worker:
         self._reply_topics_at = 0.0
         self._started = False
         self.batches_done = 0
+        self.metrics_port = 0
         # Set once the group has given this worker its first assignment (which
         # may be empty when there are more workers than partitions).
         self.assigned = asyncio.Event()
@@ -157,7 +158,9 @@ class Worker:
             await self.stop()
             raise BrokerError(f"cannot reach Kafka at {s.kafka.bootstrap}") from exc
         self._consumer.subscribe([s.kafka.topics.requests], listener=_Rebalance(self))
-        self.metrics.serve(s.worker.metrics_host, s.worker.metrics_port)
+        self.metrics_port = self.metrics.serve(
+            s.worker.metrics_host, s.worker.metrics_port
+        )
         self._started = True
         logger.info(
             "worker started",
@@ -188,6 +191,7 @@ class Worker:
                 if producer is not None:
                     await producer.stop()
             finally:
+                self.metrics.close()
                 if redis_client is not None:
                     await redis_client.aclose()
         if self._started:
@@ -216,6 +220,13 @@ class Worker:
         assert self._consumer is not None
         first_offsets = {tp: records[0].offset for tp, records in batch.items()}
         last_offsets = {tp: records[-1].offset for tp, records in batch.items()}
+        for tp, offset in last_offsets.items():
+            # Lag as of this fetch: records on the broker behind this batch.
+            highwater = self._consumer.highwater(tp)
+            if highwater is not None:
+                self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
+                    max(highwater - offset - 1, 0)
+                )
         try:
             await self.process_records(
                 [(tp, r) for tp, records in batch.items() for r in records]
@@ -233,12 +244,6 @@ class Worker:
             await asyncio.sleep(0.5)  # back off a broker in trouble, not a race
             return
         self.batches_done += 1
-        for tp, offset in last_offsets.items():
-            highwater = self._consumer.highwater(tp)
-            if highwater is not None:
-                self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
-                    max(highwater - offset - 1, 0)
-                )
 
     async def process_records(
         self, records: Sequence[tuple[TopicPartition, Any]]
@@ -263,6 +268,7 @@ class Worker:
             timer.lap("admit")
             await self._load_new_clients(items)
 
+            assert self._scorer is not None
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, self._scorer.score_and_predict, items)
             timer.lap("detect_predict")
@@ -384,7 +390,7 @@ class Worker:
     async def _load_new_clients(self, items: list[BatchItem]) -> None:
         """Bring in the snapshot of clients this worker sees for the first time
         (after a rebalance or restart), in one round trip."""
-        assert self._store is not None
+        assert self._store is not None and self._scorer is not None
         new = {
             i.key.client_id: TopicPartition(i.topic, i.partition)
             for i in items

@@ -12,12 +12,14 @@ import subprocess
 import sys
 from typing import Any
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 import pydantic
 import pytest
 
 from detectors import DETECTORS, MAX_STATE_BYTES, Detector, DetectorScore
+from detectors._state import decode_blob, encode_blob
 from tests.detectors.conftest import Digits
 
 NAMES = sorted(DETECTORS)
@@ -240,3 +242,26 @@ def test_detectors_import_no_service_code() -> None:
         "assert not logging.getLogger().handlers, 'detectors configured logging'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_corrupt_state_is_refused_or_harmless(name: str, digits: Digits) -> None:
+    detector = build(name, digits)
+    ids, X = mixed_stream(digits, 60, 1, seed=8)
+    detector.score_batch(ids, X)
+    blob = detector.dump_state(ids[0])
+    assert blob is not None
+    state = decode_blob(blob)
+    for field, raw in state.fields.items():
+        for filler in (b"\xff", b"\x7f"):
+            fields = {**state.fields, field: filler * len(raw)}
+            tampered = encode_blob(msgspec.structs.replace(state, fields=fields))
+            fresh = build(name, digits)
+            try:
+                fresh.load_state("x", tampered)
+            except ValueError:
+                assert fresh.clients() == []
+                continue
+            # Accepted: it must still score without error.
+            scores = fresh.score_batch(["x"] * 5, X[:5])
+            assert all(np.isfinite(s.score) for s in scores), field

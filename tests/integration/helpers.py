@@ -48,11 +48,12 @@ def isolated_settings(
         },
     }
     kafka.update(overrides.pop("kafka", {}))
+    worker = {"metrics_port": 0, **overrides.pop("worker", {})}
     return load_settings(
         kafka=kafka,
         redis={"url": redis_url, "key_prefix": f"t{tag}"},
         models={"directory": str(models_dir)},
-        worker={"metrics_port": 0},
+        worker=worker,
         **overrides,
     )
 

@@ -317,3 +317,48 @@ async def test_sigterm_finishes_commits_and_exits_zero(
     records = await read_topic(settings, settings.kafka.topics.responses, timeout_s=2)
     counts = [sum(r["request_id"] == i for r in records) for i in ids]
     assert counts == [1] * len(ids), counts
+
+
+async def test_metrics_endpoint_reports_requests_stages_and_lag(
+    stack: StackInfo, models_dir: Path, free_port: int
+) -> None:
+    settings = isolated_settings(
+        stack.kafka_bootstrap,
+        stack.redis_url,
+        models_dir,
+        policy={"shadow": True},
+        worker={"metrics_port": free_port},
+    )
+    key_id, secret = await create_key(settings, "hana")
+    async with RawKafka(settings) as kafka, running_worker(settings) as worker:
+        ok = await kafka.send_request(key_id, secret, X_TEST[:1], client_id="hana")
+        await kafka.send_raw(b"{oops", key="hana")
+        await kafka.flush()
+        await responses_for(settings, [ok])
+        port = worker.metrics_port
+        body = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: _http_get(f"http://127.0.0.1:{port}/metrics")
+        )
+    assert 'modelgate_requests_total{code="",decision="allow",model="digits"} 1.0' in (
+        body
+    ), body[:3000]
+    assert 'code="MALFORMED_JSON"' in body, body[:2000]
+    assert 'modelgate_stage_seconds_count{stage="admit"}' in body
+    assert "modelgate_consumer_lag{" in body
+    assert 'modelgate_detector_score_count{detector="ood"}' in body
+
+
+def _http_get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
+@pytest.fixture
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
