@@ -1,0 +1,25 @@
+"""Detection library: per-client detectors of model extraction and probing.
+
+Pure Python, numpy and River. Nothing here imports Kafka, Redis, FastAPI or
+``gateway``, and nothing configures logging.
+"""
+
+from __future__ import annotations
+
+from detectors.base import MAX_STATE_BYTES, Detector, DetectorParams, DetectorScore
+from detectors.ood import OodParams, OutOfDistributionDetector
+from detectors.registry import DETECTORS, build_detectors
+from detectors.similarity import QuerySimilarityDetector, SimilarityParams
+
+__all__ = [
+    "DETECTORS",
+    "MAX_STATE_BYTES",
+    "Detector",
+    "DetectorParams",
+    "DetectorScore",
+    "OodParams",
+    "OutOfDistributionDetector",
+    "QuerySimilarityDetector",
+    "SimilarityParams",
+    "build_detectors",
+]

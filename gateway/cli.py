@@ -239,11 +239,16 @@ async def _alerts(settings: Settings, follow: bool, as_json: bool) -> None:
         partitions = await partitions_of(settings, topic)
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         if not tps:
-            typer.echo(f"no topic {topic} yet", err=True)
-            return
+            typer.echo(f"error: no topic {topic} (no worker has run yet?)", err=True)
+            raise typer.Exit(1)
         consumer.assign(tps)
         if follow:
             await consumer.seek_to_end(*tps)
+            # seek_to_end is lazy; once every position is known, no alert
+            # produced from now on can be missed, and we say so.
+            for tp in tps:
+                await consumer.position(tp)
+            typer.echo(f"following {topic} (Ctrl-C to stop)", err=True)
         else:
             await consumer.seek_to_beginning(*tps)
         end = await consumer.end_offsets(tps)

@@ -1,0 +1,334 @@
+"""Per-client state storage shared by the detectors: slot arenas, windows, blobs.
+
+Every detector keeps each client's state as one row ("slot") of a few
+preallocated numpy arrays, so a batch touching many clients is updated with a
+handful of vectorised operations instead of a Python loop per client. This
+module also holds the serialised form of one client's state (msgspec, never
+pickle) and the grouping helper that lets a batch hold the same client several
+times while keeping the result identical to processing rows one by one.
+
+Imports numpy and msgspec only; nothing from Kafka, Redis, FastAPI or
+``gateway``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+STATE_FORMAT = 1
+"""Version of the serialised state blob; bump when its meaning changes."""
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """Shape (per client) and dtype of one array of per-client state."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def describe_layout(fields: Mapping[str, FieldSpec]) -> str:
+    """A canonical string naming every field, its shape and dtype.
+
+    Two detectors can exchange a client's state only if their layouts are equal;
+    a structural parameter (``history``, ``window``) or the feature count changes
+    it.
+    """
+    return ";".join(
+        f"{name}:{np.dtype(spec.dtype).str}:{'x'.join(str(n) for n in spec.shape)}"
+        for name, spec in sorted(fields.items())
+    )
+
+
+class SlotArena:
+    """Per-client state as rows of preallocated arrays, one row per client.
+
+    Rows freed by :meth:`release` are zeroed and reused. Arrays grow by doubling
+    and never shrink, so memory follows the peak number of clients held at once.
+
+    Parameters
+    ----------
+    fields
+        Name to per-client shape and dtype. A fresh slot is all zeros, so every
+        field must mean "no history yet" when zero.
+    initial_slots
+        Rows allocated up front.
+    """
+
+    def __init__(self, fields: Mapping[str, FieldSpec], *, initial_slots: int = 16):
+        self.fields = dict(fields)
+        self.layout = describe_layout(self.fields)
+        self.arrays: dict[str, npt.NDArray[Any]] = {
+            name: np.zeros((initial_slots, *spec.shape), dtype=spec.dtype)
+            for name, spec in self.fields.items()
+        }
+        self._capacity = initial_slots
+        self._index: dict[str, int] = {}
+        self._free: list[int] = []
+        self._high_water = 0
+
+    @property
+    def slot_nbytes(self) -> int:
+        """Bytes of state one client holds, the same for every client."""
+        return sum(spec.nbytes for spec in self.fields.values())
+
+    def clients(self) -> list[str]:
+        return list(self._index)
+
+    def get(self, client_id: str) -> int | None:
+        return self._index.get(client_id)
+
+    def slots(self, client_ids: Sequence[str]) -> IntArray:
+        """Slot of each client, allocating zeroed slots for new ones."""
+        index = self._index
+        out = np.empty(len(client_ids), dtype=np.int64)
+        for i, client_id in enumerate(client_ids):
+            slot = index.get(client_id)
+            if slot is None:
+                slot = self._allocate()
+                index[client_id] = slot
+            out[i] = slot
+        return out
+
+    def release(self, client_id: str) -> None:
+        slot = self._index.pop(client_id, None)
+        if slot is None:
+            return
+        for array in self.arrays.values():
+            array[slot] = 0
+        self._free.append(slot)
+
+    def dump(self, client_id: str) -> dict[str, bytes] | None:
+        slot = self._index.get(client_id)
+        if slot is None:
+            return None
+        return {name: array[slot].tobytes() for name, array in self.arrays.items()}
+
+    def load(
+        self,
+        client_id: str,
+        fields: Mapping[str, bytes],
+        check: Callable[[Mapping[str, npt.NDArray[Any]]], None] | None = None,
+    ) -> None:
+        """Replace a client's state with ``fields`` (as :meth:`dump` returned).
+
+        ``check`` sees the decoded arrays first and raises ``ValueError`` if
+        they break an invariant; the client's state changes only after it
+        passes.
+        """
+        if set(fields) != set(self.fields):
+            raise ValueError(
+                f"state holds fields {sorted(fields)}, expected {sorted(self.fields)}"
+            )
+        values: dict[str, npt.NDArray[Any]] = {}
+        for name, spec in self.fields.items():
+            if len(fields[name]) != spec.nbytes:
+                raise ValueError(
+                    f"state field {name!r} has {len(fields[name])} bytes, "
+                    f"expected {spec.nbytes}"
+                )
+            values[name] = np.frombuffer(fields[name], dtype=spec.dtype).reshape(
+                spec.shape
+            )
+        if check is not None:
+            check(values)
+        (slot,) = self.slots([client_id])
+        for name, array in values.items():
+            self.arrays[name][slot] = array
+
+    def _allocate(self) -> int:
+        if self._free:
+            return self._free.pop()
+        if self._high_water == self._capacity:
+            self._grow()
+        slot = self._high_water
+        self._high_water += 1
+        return slot
+
+    def _grow(self) -> None:
+        new_capacity = self._capacity * 2
+        for name, array in self.arrays.items():
+            grown = np.zeros((new_capacity, *array.shape[1:]), dtype=array.dtype)
+            grown[: self._capacity] = array
+            self.arrays[name] = grown
+        self._capacity = new_capacity
+
+
+class StateBlob(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The serialised state of one client of one detector (msgpack)."""
+
+    format: int
+    detector: str
+    n_features: int
+    layout: str
+    fields: dict[str, bytes]
+
+
+_BLOB_ENCODER = msgspec.msgpack.Encoder()
+_BLOB_DECODER = msgspec.msgpack.Decoder(StateBlob)
+
+
+def encode_blob(blob: StateBlob) -> bytes:
+    return _BLOB_ENCODER.encode(blob)
+
+
+def decode_blob(data: bytes) -> StateBlob:
+    """Decode a blob, turning any malformation into ``ValueError``."""
+    try:
+        blob = _BLOB_DECODER.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"not a detector state blob: {exc}") from exc
+    if blob.format != STATE_FORMAT:
+        raise ValueError(
+            f"state blob format {blob.format} is not {STATE_FORMAT}, "
+            "the one this version reads"
+        )
+    return blob
+
+
+@dataclass(frozen=True, slots=True)
+class Groups:
+    """Rows of a batch grouped by client, keeping each client's row order.
+
+    Attributes
+    ----------
+    order
+        Permutation that sorts rows by slot, stable, so each client's rows stay
+        in arrival order; ``sorted = rows[order]``.
+    slot
+        Slot of each sorted row.
+    position
+        Index of each sorted row among its client's rows in this batch (0, 1, ...).
+    group
+        Group number of each sorted row, indexing ``unique``, ``start``, ``size``.
+    unique
+        Slot of each group.
+    start
+        Index (in sorted order) of each group's first row.
+    size
+        Rows in each group.
+    """
+
+    order: IntArray
+    slot: IntArray
+    position: IntArray
+    group: IntArray
+    unique: IntArray
+    start: IntArray
+    size: IntArray
+
+
+def group_rows(slots: IntArray) -> Groups:
+    order = np.argsort(slots, kind="stable")
+    sorted_slots = slots[order]
+    n = len(sorted_slots)
+    is_first = np.empty(n, dtype=bool)
+    is_first[:1] = True
+    np.not_equal(sorted_slots[1:], sorted_slots[:-1], out=is_first[1:])
+    start = np.flatnonzero(is_first)
+    group = np.cumsum(is_first) - 1
+    size = np.diff(np.append(start, n))
+    position = np.arange(n) - start[group]
+    return Groups(
+        order=order,
+        slot=sorted_slots,
+        position=position,
+        group=group,
+        unique=sorted_slots[start],
+        start=start,
+        size=size,
+    )
+
+
+def push_window(
+    ring: npt.NDArray[np.uint8],
+    pos: IntArray,
+    length: IntArray,
+    groups: Groups,
+    sorted_bits: npt.NDArray[np.bool_],
+) -> tuple[IntArray, IntArray]:
+    """Append one bit per row to each client's ring of the last ``window`` bits.
+
+    Rows are applied in order, so a client appearing several times in the batch
+    sees its own earlier rows, exactly as if the rows came one at a time; the
+    work is vectorised over the whole batch.
+
+    Parameters
+    ----------
+    ring, pos, length
+        Arena arrays: ``ring[slot]`` holds ``window`` bits, ``pos[slot]`` the
+        next index to write, ``length[slot]`` how many are filled. Updated in
+        place.
+    groups
+        The batch grouped by client.
+    sorted_bits
+        The bit of each row, in ``groups`` (sorted) order.
+
+    Returns
+    -------
+    tuple of arrays
+        For each row in sorted order: the number of set bits in the client's
+        window just after that row, and the window's length (≤ ``window``).
+    """
+    window = ring.shape[1]
+    bits = sorted_bits.astype(np.int64)
+    t = groups.position
+    g = groups.group
+    old_len = length[groups.unique]
+    old_pos = pos[groups.unique]
+
+    # Each group's old bits in arrival order (oldest first), then prefix sums
+    # so the last m of them sum in one subtraction.
+    columns = np.arange(window)
+    ring_index = (old_pos[:, None] - old_len[:, None] + columns[None, :]) % window
+    old_bits = ring[groups.unique[:, None], ring_index].astype(np.int64)
+    old_bits[columns[None, :] >= old_len[:, None]] = 0
+    old_prefix = np.zeros((len(groups.unique), window + 1), dtype=np.int64)
+    np.cumsum(old_bits, axis=1, out=old_prefix[:, 1:])
+
+    # New bits: the sum of the last min(t + 1, window) of this group's rows.
+    running = np.cumsum(bits)
+    before_group = running[groups.start] - bits[groups.start]
+    through_row = running - before_group[g]
+    new_sum = through_row.copy()
+    long_rows = np.flatnonzero(t >= window)
+    new_sum[long_rows] -= through_row[long_rows - window]
+
+    # Old bits still inside the window after t + 1 new ones.
+    keep_old = np.clip(window - (t + 1), 0, old_len[g])
+    row_old_len = old_len[g]
+    old_sum = old_prefix[g, row_old_len] - old_prefix[g, row_old_len - keep_old]
+    counts = new_sum + old_sum
+    lengths = np.minimum(row_old_len + t + 1, window)
+
+    # Write back only each group's last `window` bits; earlier ones would be
+    # overwritten anyway and duplicate fancy-index writes have no set order.
+    last = t >= groups.size[g] - window
+    ring[groups.slot[last], (old_pos[g[last]] + t[last]) % window] = bits[last]
+    pos[groups.unique] = (old_pos + groups.size) % window
+    length[groups.unique] = np.minimum(old_len + groups.size, window)
+    return counts, lengths
+
+
+def check_window(
+    values: Mapping[str, npt.NDArray[Any]], ring: str, pos: str, length: str
+) -> None:
+    """Raise ``ValueError`` unless a loaded window of bits is self-consistent."""
+    size = values[ring].shape[0]
+    if not 0 <= int(values[pos]) < size or not 0 <= int(values[length]) <= size:
+        raise ValueError(f"state field {pos!r} or {length!r} is out of range")
+    if int(values[ring].max(initial=0)) > 1:
+        raise ValueError(f"state field {ring!r} holds values other than 0 and 1")

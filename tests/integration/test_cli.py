@@ -1,0 +1,179 @@
+"""The ``modelgate`` command line against the real broker and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.config import Settings
+from gateway.keys import KeyStore
+from gateway.topics import ensure_topics
+from tests.conftest import StackInfo
+from tests.integration.helpers import (
+    REPO,
+    RawKafka,
+    isolated_settings,
+    read_topic,
+    running_worker,
+    settings_env,
+    start_worker_process,
+)
+from tests.integration.test_worker import models_dir  # noqa: F401  # fixture
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+
+def _cli(
+    settings: Settings, *args: str, timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        env=settings_env(settings),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
+def _spawn(settings: Settings, *args: str) -> subprocess.Popen[str]:
+    """A long-running CLI command with its output piped back to the test."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway", *args],
+        env=settings_env(settings),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture
+def settings(stack: StackInfo, models_dir: Path) -> Settings:  # noqa: F811
+    return isolated_settings(
+        stack.kafka_bootstrap, stack.redis_url, models_dir, policy={"shadow": True}
+    )
+
+
+def test_keys_send_and_revoke(settings: Settings, tmp_path: Path) -> None:
+    created = _cli(settings, "keys", "create", "zoe", "--model", "digits")
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.split("token=")[1].strip()
+    key_id = token.split(".")[0]
+    assert "cannot be shown again" in created.stderr
+
+    listed = _cli(settings, "keys", "list")
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [r["key_id"] for r in rows] == [key_id], listed.stdout
+    assert token.split(".")[1] not in listed.stdout
+
+    worker = start_worker_process(settings, tmp_path / "worker.log")
+    try:
+        sent = _cli(settings, "send", "--token", token, "--digit", "3")
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        answer = json.loads(sent.stdout)
+        assert answer["status"] == "ok"
+        assert answer["outputs"][1]["name"] == "label"
+
+        revoked = _cli(settings, "keys", "revoke", key_id)
+        assert revoked.returncode == 0, revoked.stderr
+        # Workers cache keys for auth.key_cache_ttl_s (1 s): within a few
+        # seconds of the revoke, a send must be refused.
+        deadline = time.monotonic() + 5
+        while True:
+            refused = _cli(settings, "send", "--token", token, "--digit", "3")
+            answer = json.loads(refused.stdout)
+            if answer["status"] == "error" or time.monotonic() > deadline:
+                break
+        assert refused.returncode == 1
+        assert answer["error"]["code"] == "AUTH_REVOKED"
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+
+
+async def test_alerts_are_printed_and_followed(settings: Settings) -> None:
+    created = _cli(settings, "keys", "create", "noisy")
+    token = created.stdout.split("token=")[1].strip()
+    key_id, secret = KeyStore.parse_token(token)
+    await ensure_topics(settings)
+    follower = _spawn(settings, "alerts", "--follow")
+    try:
+        # The follower says when it is positioned; alerts before that could be
+        # missed by design (it follows from the end).
+        assert follower.stderr is not None
+        ready = await asyncio.get_running_loop().run_in_executor(
+            None, follower.stderr.readline
+        )
+        assert ready.startswith("following"), ready
+        # Uniform noise is far from every digit: the OOD detector flags it.
+        rng = np.random.default_rng(0)
+        async with RawKafka(settings) as kafka, running_worker(settings):
+            for _ in range(40):
+                await kafka.send_request(
+                    key_id, secret, rng.uniform(0, 16, (1, 64)), client_id="noisy"
+                )
+            await kafka.flush()
+            alerts = await read_topic(
+                settings, settings.kafka.topics.alerts, until=lambda r: len(r) >= 3
+            )
+        assert alerts, "no alert for 40 uniform-noise queries"
+        assert alerts[0]["type"] == "dev.modelgate.alert.v1"
+        assert alerts[0]["data"]["client_id"] == "noisy"
+
+        printed = _cli(settings, "alerts")
+        assert printed.returncode == 0, printed.stderr
+        lines = printed.stdout.splitlines()
+        assert len(lines) >= len(alerts), printed.stdout
+        assert "client=noisy" in lines[0] and "detector=" in lines[0]
+    finally:
+        follower.terminate()
+        out, _ = follower.communicate(timeout=30)
+    assert "client=noisy" in out, out
+
+
+def test_bad_configuration_names_the_field(settings: Settings) -> None:
+    env = settings_env(settings)
+    env["MODELGATE_POLICY__FLAG_AT"] = "-1"
+    env.pop("MODELGATE_POLICY", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "worker"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "policy.flag_at" in result.stderr, result.stderr
+
+
+def test_every_command_has_help() -> None:
+    for command in (
+        [],
+        ["worker"],
+        ["demo"],
+        ["send"],
+        ["alerts"],
+        ["keys", "create"],
+        ["keys", "list"],
+        ["keys", "revoke"],
+        ["up"],
+        ["down"],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", *command, "--help"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, (command, result.stderr)
+        assert "Usage" in result.stdout
