@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]  # untyped
+from threadpoolctl import threadpool_limits
 
 from detectors.base import MAX_STATE_BYTES, Detector
 from detectors.registry import build_detectors
