@@ -18,7 +18,6 @@ under ``worker.reply_topic_prefix``) when that matters.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from types import TracebackType
 from typing import Any
@@ -201,13 +200,13 @@ class KafkaTransport:
                 await asyncio.wait_for(producer.start(), timeout_s)
                 consumer = await _open_tail(producer, self._settings, self.reply_topic)
             except (KafkaError, TimeoutError, OSError) as exc:
-                await _quiet_stop(consumer, producer)
+                await _quiet_stop(consumer, producer, timeout_s)
                 raise BrokerError(
                     f"cannot start transport on {kafka.bootstrap} "
                     f"(reply topic {self.reply_topic}): {exc!r}"
                 ) from exc
             except BaseException:
-                await _quiet_stop(consumer, producer)
+                await _quiet_stop(consumer, producer, timeout_s)
                 raise
 
             self._producer = producer
@@ -229,9 +228,7 @@ class KafkaTransport:
             self._started = False
             dispatcher, self._dispatcher = self._dispatcher, None
             if dispatcher is not None:
-                dispatcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await dispatcher
+                await cancel_and_wait(dispatcher)
             for request_id, future in self._pending.items():
                 if not future.done():
                     future.set_exception(
@@ -244,7 +241,9 @@ class KafkaTransport:
             self._pending.clear()
             consumer, self._consumer = self._consumer, None
             producer, self._producer = self._producer, None
-            await _quiet_stop(consumer, producer)
+            await _quiet_stop(
+                consumer, producer, self._settings.kafka.request_timeout_s
+            )
             logger.info("transport stopped", extra={"topic": self.reply_topic})
 
     async def __aenter__(self) -> KafkaTransport:
@@ -412,22 +411,38 @@ async def _open_tail(
         for tp in tps:
             await asyncio.wait_for(consumer.position(tp), timeout_s)
     except BaseException:
-        await _quiet_stop(consumer, None)
+        await _quiet_stop(consumer, None, timeout_s)
         raise
     return consumer
 
 
 async def _quiet_stop(
-    consumer: AIOKafkaConsumer | None, producer: AIOKafkaProducer | None
+    consumer: AIOKafkaConsumer | None,
+    producer: AIOKafkaProducer | None,
+    timeout_s: float,
 ) -> None:
-    # Stop both even if one fails: a half-closed transport leaks sockets.
+    # Stop both even if one fails or hangs: a half-closed transport leaks
+    # sockets, and a producer flushing to a dead broker would wait forever.
     for client in (consumer, producer):
         if client is None:
             continue
         try:
-            await client.stop()
-        except (KafkaError, OSError) as exc:
+            await asyncio.wait_for(client.stop(), timeout_s)
+        except (KafkaError, OSError, TimeoutError) as exc:
             logger.warning("error while closing kafka client: %r", exc)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel a background task and wait until it has finished.
+
+    ``asyncio.wait`` neither raises the task's ``CancelledError`` nor swallows
+    a new cancellation of the caller, and it still waits when the caller is
+    already being cancelled and is cleaning up in a ``finally`` block.
+    """
+    task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("background task %s had failed: %r", task, task.exception())
 
 
 class GatewayClient:

@@ -1,0 +1,165 @@
+"""Benign traffic: honest clients replaying held-out digits at uneven rates.
+
+Each client draws a habit (``BenignProfile``): a mean rate from a lognormal
+centred near 10 requests per second (most clients between 5 and 20), a number
+of queries, a start delay, and how often it bursts or pauses. Arrivals are an
+open-loop Poisson process (exponential gaps), so a slow reply does not slow the
+client down, as with real independent users; a burst sends several queries at
+once, a pause stands for a user reading a result. Queries are held-out rows in
+random order, one row per request.
+
+Imports the gateway's client library and numpy; nothing from the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from evaluation.ledger import ClientLedger
+from gateway.client import GatewayClient, GatewayRequestError
+from gateway.protocol import new_request_id
+
+logger = logging.getLogger(__name__)
+
+Array = np.ndarray[Any, Any]
+
+
+@dataclass(frozen=True)
+class BenignProfile:
+    """One honest client's habits.
+
+    Attributes
+    ----------
+    rate_per_s
+        Mean arrival rate between bursts and pauses.
+    n_queries
+        Queries the client sends in total.
+    start_delay_s
+        When it starts, after the demo's traffic begins.
+    burst_prob
+        Chance that an arrival is a burst instead of a single query.
+    burst_size
+        Smallest and largest number of queries in a burst (inclusive).
+    pause_prob
+        Chance of a pause after an arrival.
+    pause_s
+        Shortest and longest pause.
+    """
+
+    rate_per_s: float
+    n_queries: int
+    start_delay_s: float
+    burst_prob: float = 0.06
+    burst_size: tuple[int, int] = (3, 8)
+    pause_prob: float = 0.03
+    pause_s: tuple[float, float] = (0.5, 3.0)
+
+
+def draw_profiles(
+    n_clients: int,
+    rng: np.random.Generator,
+    *,
+    queries: tuple[int, int] = (40, 80),
+    spread_s: float = 30.0,
+    median_rate_per_s: float = 10.0,
+    rate_bounds: tuple[float, float] = (3.0, 30.0),
+) -> list[BenignProfile]:
+    """Draw ``n_clients`` habits.
+
+    Rates are lognormal with median ``median_rate_per_s`` and σ = 0.45 (so
+    about 70% of clients fall between 5 and 20 requests per second), clipped
+    to ``rate_bounds``; query counts are uniform in ``queries``; start delays
+    are uniform over ``spread_s`` so that honest traffic overlaps the attacks.
+    """
+    profiles = []
+    for _ in range(n_clients):
+        rate = float(
+            np.clip(rng.lognormal(np.log(median_rate_per_s), 0.45), *rate_bounds)
+        )
+        profiles.append(
+            BenignProfile(
+                rate_per_s=rate,
+                n_queries=int(rng.integers(queries[0], queries[1] + 1)),
+                start_delay_s=float(rng.uniform(0.0, spread_s)),
+            )
+        )
+    return profiles
+
+
+def arrival_plan(
+    profile: BenignProfile, rng: np.random.Generator
+) -> list[tuple[float, int]]:
+    """The client's schedule: (seconds after its start, queries sent at once).
+
+    Pure, so the traffic shape can be checked without a gateway.
+    """
+    plan: list[tuple[float, int]] = []
+    at_s = 0.0
+    left = profile.n_queries
+    while left > 0:
+        size = 1
+        if rng.random() < profile.burst_prob:
+            size = int(rng.integers(profile.burst_size[0], profile.burst_size[1] + 1))
+        size = min(size, left)
+        plan.append((at_s, size))
+        left -= size
+        at_s += float(rng.exponential(1.0 / profile.rate_per_s))
+        if rng.random() < profile.pause_prob:
+            at_s += float(rng.uniform(*profile.pause_s))
+    return plan
+
+
+async def run_benign_client(
+    client: GatewayClient,
+    profile: BenignProfile,
+    rows: Array,
+    ledger: ClientLedger,
+    rng: np.random.Generator,
+    *,
+    timeout_s: float,
+) -> None:
+    """Replay ``rows`` (already in this client's order) on the profile's plan.
+
+    Every reply or failure is counted in ``ledger``; nothing is raised for an
+    error answer, because an honest client just carries on.
+    """
+    loop = asyncio.get_running_loop()
+    plan = arrival_plan(profile, rng)
+    await asyncio.sleep(profile.start_delay_s)
+    started = loop.time()
+    in_flight: set[asyncio.Task[None]] = set()
+    position = 0
+
+    async def one(row: Array) -> None:
+        request_id = new_request_id()
+        ledger.sent(request_id)
+        try:
+            response = await client.infer(
+                row[None, :], request_id=request_id, timeout_s=timeout_s
+            )
+        except GatewayRequestError as exc:
+            ledger.failed(exc.code, request_id)
+            return
+        ledger.answered(response)
+
+    try:
+        for at_s, size in plan:
+            delay_s = started + at_s - loop.time()
+            if delay_s > 0:
+                await asyncio.sleep(delay_s)
+            for _ in range(size):
+                row = rows[position % len(rows)]
+                position += 1
+                task = asyncio.create_task(one(row))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+        if in_flight:
+            await asyncio.gather(*in_flight)
+    finally:
+        for task in in_flight:
+            task.cancel()
