@@ -41,6 +41,8 @@ TRUSTED_TYPES: tuple[str, ...] = (
 
 DIGITS = "digits"
 DIGITS_SPLIT_SEED = 0
+# Bump when the demo model's training changes, so cached copies are retrained.
+DIGITS_MODEL_VERSION = "2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,40 +206,38 @@ def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def ensure_digits_model(directory: Path) -> Path:
-    """Train and save the demo digits model unless it is already there.
+    """Train and save the demo digits model unless this version is there.
 
-    A small MLP (64 hidden units) on the training half of digits; about 97%
+    A small MLP (64 hidden units) on the training half of digits, about 97%
     accuracy on the held-out half. Deterministic for a given scikit-learn.
+
+    Inputs are scaled by the declared pixel range (x / 16), not by statistics
+    of the training set: a standardising scaler divides by the tiny spread of
+    border pixels, so any query that lights one up (a synthetic extraction
+    query, say) lands far outside anything the network was trained on.
     """
     import skops.io as sio
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.preprocessing import MinMaxScaler
 
     base = directory / DIGITS
-    if all(
-        base.with_suffix(s).exists()
-        for s in (".skops", ".signature.json", ".reference.npy")
-    ):
+    if _has_version(base, DIGITS_MODEL_VERSION):
         return base
     directory.mkdir(parents=True, exist_ok=True)
     logger.info("training demo model", extra={"model": DIGITS})
 
     x_train, x_test, y_train, y_test = digits_split()
-    estimator = Pipeline(
-        [
-            ("scale", StandardScaler()),
-            (
-                "mlp",
-                MLPClassifier(hidden_layer_sizes=(64,), max_iter=600, random_state=0),
-            ),
-        ]
-    ).fit(x_train, y_train)
+    # Fitted on the declared range itself, so the scaler is exactly x / 16.
+    scaler = MinMaxScaler().fit(np.array([[0.0] * 64, [16.0] * 64]))
+    mlp = MLPClassifier(hidden_layer_sizes=(64,), max_iter=600, random_state=0)
+    mlp.fit(scaler.transform(x_train), y_train)
+    estimator = Pipeline([("scale", scaler), ("mlp", mlp)])
     accuracy = float(estimator.score(x_test, y_test))
 
     signature = ModelSignature(
         name=DIGITS,
-        version="1",
+        version=DIGITS_MODEL_VERSION,
         inputs=(TensorSpec("pixels", "FP32", (-1, 64), 0.0, 16.0),),
         outputs=(
             TensorSpec("probabilities", "FP32", (-1, 10)),
@@ -260,6 +260,20 @@ def ensure_digits_model(directory: Path) -> Path:
         "trained demo model", extra={"model": DIGITS, "accuracy": round(accuracy, 4)}
     )
     return base
+
+
+def _has_version(base: Path, version: str) -> bool:
+    """True when all three files exist and the signature has ``version``."""
+    paths = [
+        base.with_suffix(s) for s in (".skops", ".signature.json", ".reference.npy")
+    ]
+    if not all(p.exists() for p in paths):
+        return False
+    try:
+        found = json.loads(base.with_suffix(".signature.json").read_text())["version"]
+    except (ValueError, KeyError):
+        return False
+    return str(found) == version
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
