@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -141,9 +140,7 @@ async def test_deeply_nested_json_is_refused_and_the_worker_survives(
     into it to skip it and raises RecursionError, which nobody catches."""
     key_id, secret = await create_key(settings, "deep-victim")
     depth = 1200
-    bad = (
-        b'{"request_id":"deep","zz":' + b"[" * depth + b"]" * depth + b"}"
-    )
+    bad = b'{"request_id":"deep","zz":' + b"[" * depth + b"]" * depth + b"}"
     async with running_worker(settings):
         await kafka.send_raw(bad, key="deep-victim")
         good = await _valid(kafka, key_id, secret, "deep-victim")
@@ -177,9 +174,7 @@ async def test_oversized_record_is_dead_lettered_without_stalling_the_partition(
         )
         await _assert_answered_once(settings, before, worker.batches_done)
     assert answers[after]["status"] == "ok", answers[after]
-    assert [d["code"] for d in dead] == ["PAYLOAD_TOO_LARGE"], [
-        d["code"] for d in dead
-    ]
+    assert [d["code"] for d in dead] == ["PAYLOAD_TOO_LARGE"], [d["code"] for d in dead]
 
 
 @pytest.mark.timeout(120)
@@ -202,9 +197,7 @@ async def test_schema_error_whose_message_expands_does_not_stall_the_partition(
     async with running_worker(settings):
         await kafka.send_raw(raw, key="enum-victim")
         good = await _valid(kafka, key_id, secret, "enum-victim")
-        answers = await responses_for(
-            settings, ["enum-bomb", good], timeout_s=ANSWER_S
-        )
+        answers = await responses_for(settings, ["enum-bomb", good], timeout_s=ANSWER_S)
     assert answers["enum-bomb"]["error"]["code"] == "SCHEMA_INVALID"
     assert answers[good]["status"] == "ok", answers[good]
 
@@ -433,7 +426,9 @@ async def test_hostile_envelopes_get_stable_codes_and_the_partition_moves_on(
     topics = settings.kafka.topics
     expected: dict[str, str] = {}  # request_id -> code ("" for ok)
 
-    async def send(body: dict[str, Any], secret: bytes | None, code: str, **kw: Any) -> None:
+    async def send(
+        body: dict[str, Any], secret: bytes | None, code: str, **kw: Any
+    ) -> None:
         raw = json.dumps(body).encode()
         headers = kw.get("headers", _signed(secret, raw) if secret else [])
         await kafka.send_raw(raw, key="hostile", headers=headers)
@@ -469,8 +464,10 @@ async def test_hostile_envelopes_get_stable_codes_and_the_partition_moves_on(
         records = await read_topic(
             settings,
             topics.responses,
-            until=lambda r: {x["request_id"] for x in r} >= {*expected, last}
-            and sum(x["request_id"] == "shared-id" for x in r) >= 2,
+            until=lambda r: (
+                {x["request_id"] for x in r} >= {*expected, last}
+                and sum(x["request_id"] == "shared-id" for x in r) >= 2
+            ),
             timeout_s=ANSWER_S,
         )
         dead = await read_topic(
@@ -523,15 +520,23 @@ class OwnRedis:
         self.proc = subprocess.Popen(
             [
                 binary,
-                "--bind", "127.0.0.1",
-                "--port", str(self.port),
-                "--dir", str(self.directory),
-                "--dbfilename", "dump.rdb",
-                "--save", "",
-                "--appendonly", "no",
-                "--protected-mode", "yes",
-                "--logfile", str(self.directory / "redis.log"),
-            ],  # fmt: skip
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--dir",
+                str(self.directory),
+                "--dbfilename",
+                "dump.rdb",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+                "--logfile",
+                str(self.directory / "redis.log"),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -585,11 +590,11 @@ async def test_redis_outage_answers_store_unavailable_and_recovers(
     cache_ttl = settings.auth.key_cache_ttl_s
 
     async def one(rows: slice) -> dict[str, Any]:
-        rid = await kafka.send_request(key_id, secret, X_TEST[rows], client_id="outage")
-        await kafka.flush()
+        rid = await raw.send_request(key_id, secret, X_TEST[rows], client_id="outage")
+        await raw.flush()
         return (await responses_for(settings, [rid], timeout_s=ANSWER_S))[rid]
 
-    async with RawKafka(settings) as kafka, running_worker(settings):
+    async with RawKafka(settings) as raw, running_worker(settings):
         assert (await one(slice(0, 1)))["status"] == "ok"
 
         # Hung Redis: connections open, nothing answers.
@@ -605,10 +610,10 @@ async def test_redis_outage_answers_store_unavailable_and_recovers(
         # pipelined EVALSHA) is what times out and is cancelled this time.
         own_redis.signal(signal.SIGSTOP)
         try:
-            rid = await kafka.send_request(
+            rid = await raw.send_request(
                 key_id, secret, X_TEST[10:11], client_id="outage"
             )
-            await kafka.flush()
+            await raw.flush()
             admit_hung = (await responses_for(settings, [rid], timeout_s=ANSWER_S))[rid]
         finally:
             own_redis.signal(signal.SIGCONT)
@@ -636,3 +641,90 @@ async def test_redis_outage_answers_store_unavailable_and_recovers(
         # Not a fluke of the first one: a stream keeps flowing.
         for i in range(5, 10):
             assert (await one(slice(i, i + 1)))["status"] == "ok"
+
+
+@pytest.mark.timeout(120)
+async def test_request_refused_store_unavailable_can_be_retried_under_its_id(
+    stack: StackInfo, models_dir: Path, own_redis: OwnRedis
+) -> None:
+    """BUG: when Redis stalls after the admission pipeline was written, the
+    worker times out and answers STORE_UNAVAILABLE (retriable), but Redis
+    still runs the queued EVALSHA when it wakes: the request id is recorded
+    as admitted (dedupe key = this record's partition:offset) and counted.
+    The client's retry under the same request id, a new record, is then
+    DUPLICATE_REQUEST: a request the gateway never served can never be."""
+    settings = isolated_settings(
+        stack.kafka_bootstrap,
+        own_redis.url,
+        models_dir,
+        policy={"shadow": True},
+        limits={"rate_per_s": 10_000, "burst": 10_000},
+    )
+    settings = settings.model_copy(
+        update={"redis": settings.redis.model_copy(update={"socket_timeout_s": 1.0})}
+    )
+    key_id, secret = await create_key(settings, "retrier")
+    async with RawKafka(settings) as kafka, running_worker(settings):
+        warm = await kafka.send_request(key_id, secret, X_TEST[:1], client_id="retrier")
+        await kafka.flush()
+        assert (await responses_for(settings, [warm]))[warm]["status"] == "ok"
+
+        # The key is cached now, so admission is the Redis call that stalls.
+        own_redis.signal(signal.SIGSTOP)
+        try:
+            rid = await kafka.send_request(
+                key_id, secret, X_TEST[1:2], client_id="retrier"
+            )
+            await kafka.flush()
+            first = (await responses_for(settings, [rid], timeout_s=ANSWER_S))[rid]
+        finally:
+            own_redis.signal(signal.SIGCONT)
+        assert first["error"]["code"] == "STORE_UNAVAILABLE", first
+        assert first["error"]["retriable"] is True, first
+
+        # The client does what the answer says: waits, then retries the same id.
+        await asyncio.sleep(1.0)
+        await kafka.send_request(
+            key_id, secret, X_TEST[1:2], client_id="retrier", request_id=rid
+        )
+        await kafka.flush()
+        records = await read_topic(
+            settings,
+            settings.kafka.topics.responses,
+            until=lambda r: sum(x["request_id"] == rid for x in r) >= 2,
+            timeout_s=ANSWER_S,
+        )
+    retry = [r for r in records if r["request_id"] == rid][1]
+    assert retry["status"] == "ok", retry.get("error")
+
+
+async def test_client_does_not_take_a_strangers_answer_for_its_own(
+    settings: Settings, kafka: RawKafka
+) -> None:
+    """BUG (medium), end to end: a client retrying under a request id that is
+    visible on the shared responses topic (the documented way to retry after
+    RATE_LIMITED or TIMEOUT) gets whatever answer carries that id first. An
+    unsigned record with that id and the victim's record key, sent just before
+    the retry, is answered AUTH_MISSING, keyed with the victim's name, and
+    KafkaTransport._deliver (matching on request_id alone) hands that forged
+    answer to the victim instead of its own prediction."""
+    from gateway.client import GatewayClient, KafkaTransport
+
+    key_id, secret = await create_key(settings, "victim")
+    rid = "retry-" + uuid.uuid4().hex[:8]
+    forged = _body("mgk_000000000000", request_id=rid)
+    async with KafkaTransport(settings) as transport:
+        client = GatewayClient(transport, key_id, secret, "victim", "digits")
+        await kafka.send_raw(json.dumps(forged).encode(), key="victim")  # unsigned
+        call = asyncio.create_task(
+            client.infer(X_TEST[:1], request_id=rid, timeout_s=ANSWER_S)
+        )
+        try:
+            # Let the victim's record reach the log behind the forged one.
+            await asyncio.sleep(1.5)
+            assert transport.pending_count == 1
+            async with running_worker(settings):
+                response = await asyncio.wait_for(call, ANSWER_S + 5)
+        finally:
+            call.cancel()
+    assert response.status == "ok", response.error
