@@ -8,6 +8,7 @@ dead-letter record and alerts. Pure: no Kafka or Redis I/O happens here.
 from __future__ import annotations
 
 import base64
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +39,12 @@ _DEADLETTER_CODES = frozenset(
 )
 
 
-_OVERFLOW = "Number out of range"
+_MAX_ID_CHARS = 256
+_MAX_MESSAGE_CHARS = 500
+# A dead letter keeps the head of the original value, its length and digest:
+# enough to diagnose it, never enough to exceed Kafka's 1 MiB record limit
+# (which would stall the partition on the dead-letter produce itself).
+DEADLETTER_VALUE_BYTES = 64 * 1024
 
 
 def goes_to_deadletter(code: str) -> bool:
@@ -139,14 +145,41 @@ def decode_record(topic: str, partition: int, record: Any, max_bytes: int) -> Ba
     try:
         item.request = protocol.decode_request(value)
     except msgspec.ValidationError as exc:
-        item.envelope = protocol.decode_envelope(value)
-        # A literal such as 1e999 is valid JSON but overflows a double: it is
-        # an infinity in all but name, so it gets the same code as one.
-        code = "NON_FINITE" if str(exc).startswith(_OVERFLOW) else "SCHEMA_INVALID"
-        item.fail(ValidationError(f"schema: {exc}", code=code))
-    except msgspec.DecodeError as exc:
-        item.fail(ValidationError(f"not JSON: {exc}", code="MALFORMED_JSON"))
+        envelope = protocol.decode_envelope(value)
+        if envelope is not None and _echoable(envelope):
+            item.envelope = envelope
+        item.fail(ValidationError(_clip(f"schema: {exc}"), code=_schema_code(exc)))
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        # msgspec raises UnicodeDecodeError for bad UTF-8 inside a string and
+        # RecursionError for very deep nesting; both are just malformed input.
+        item.fail(ValidationError(_clip(f"not JSON: {exc}"), code="MALFORMED_JSON"))
     return item
+
+
+def _schema_code(exc: msgspec.ValidationError) -> str:
+    """SCHEMA_INVALID, except for a tensor value too large for a number type
+    (1e999, a 400-digit integer): an infinity in all but name, so NON_FINITE."""
+    text = str(exc)
+    if "out of range" in text and "].data[" in text:
+        return "NON_FINITE"
+    return "SCHEMA_INVALID"
+
+
+def _echoable(envelope: protocol.RequestEnvelope) -> bool:
+    """Only ids of a sane length are echoed back from a request that failed
+    to decode; anything else is answered through the dead-letter topic only."""
+    return all(
+        value is None or len(value) <= _MAX_ID_CHARS
+        for value in (envelope.request_id, envelope.correlation_id, envelope.reply_to)
+    )
+
+
+def _clip(message: str) -> str:
+    """Error messages quote the offending input; keep them short so that an
+    answer can never approach Kafka's record size limit."""
+    if len(message) <= _MAX_MESSAGE_CHARS:
+        return message
+    return message[: _MAX_MESSAGE_CHARS - 1] + "…"
 
 
 def response_for(
@@ -171,7 +204,7 @@ def response_for(
             correlation_id=item.correlation_id,
             action=item.action,
             error=protocol.ErrorBody(
-                item.error.code, item.error.message, item.error.retriable
+                item.error.code, _clip(item.error.message), item.error.retriable
             ),
             retry_after_ms=retry_after,
         )
@@ -226,14 +259,16 @@ def deadletter_for(
     return protocol.DeadLetter(
         v=protocol.SCHEMA_VERSION,
         code=item.error.code,
-        message=item.error.message,
+        message=_clip(item.error.message),
         topic=item.topic,
         partition=item.partition,
         offset=item.offset,
         ts_ms=now_ms,
         request_id=item.request_id,
         key_id=item.key_id,
-        value_b64=base64.b64encode(item.value).decode("ascii"),
+        value_b64=base64.b64encode(item.value[:DEADLETTER_VALUE_BYTES]).decode("ascii"),
+        value_bytes=len(item.value),
+        value_sha256=hashlib.sha256(item.value).hexdigest(),
         worker=worker_id,
     )
 

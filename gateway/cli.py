@@ -190,7 +190,8 @@ def send(
         int | None, typer.Option(help="Send held-out digit number N instead.")
     ] = None,
     client_id: Annotated[
-        str | None, typer.Option(help="Record key; defaults to the key's client.")
+        str | None,
+        typer.Option(help="The key's client (looked up in Redis when omitted)."),
     ] = None,
     timeout_s: Annotated[float, typer.Option(help="Seconds to wait.")] = 30.0,
     config: ConfigOption = None,
@@ -219,11 +220,22 @@ def send(
     except ModelgateError as exc:
         typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
         raise typer.Exit(2) from exc
+    if client_id is None:
+        client_id = _run(_client_of(settings, key_id))
     response = _run(
-        _send_one(settings, key_id, secret, client_id or key_id, model, rows, timeout_s)
+        _send_one(settings, key_id, secret, client_id, model, rows, timeout_s)
     )
     typer.echo(json.dumps(response, indent=2))
     raise typer.Exit(0 if response.get("status") == "ok" else 1)
+
+
+async def _client_of(settings: Settings, key_id: str) -> str:
+    """The client a key belongs to: answers are keyed by it, and the client
+    library only accepts answers under its own client id."""
+    async with _key_store(settings) as store:
+        key = await store.get(key_id)
+    # An unknown key still gets sent, so the gateway can say AUTH_UNKNOWN_KEY.
+    return key_id if key is None else str(key.client_id)
 
 
 async def _send_one(

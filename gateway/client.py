@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 # Codes a caller may retry with the same request id after waiting. The worker
 # also sets ``retriable`` per response; this is the fallback when it does not.
+# How long an unauthenticated error answer waits for an authenticated answer
+# to the same request id to overtake it; the worker answers a batch in far less.
+_UNAUTHENTICATED_GRACE_S = 1.0
+
 _RETRIABLE_CODES = frozenset(
     {"RATE_LIMITED", "BACKEND_ERROR", "STORE_UNAVAILABLE", "TIMEOUT"}
 )
@@ -165,7 +169,8 @@ class KafkaTransport:
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._dispatcher: asyncio.Task[None] | None = None
-        self._pending: dict[str, asyncio.Future[InferResponse]] = {}
+        # request id -> (reply future, the record key its answer must carry)
+        self._pending: dict[str, tuple[asyncio.Future[InferResponse], bytes]] = {}
         self._lock = asyncio.Lock()
         self._started = False
 
@@ -229,7 +234,7 @@ class KafkaTransport:
             dispatcher, self._dispatcher = self._dispatcher, None
             if dispatcher is not None:
                 await cancel_and_wait(dispatcher)
-            for request_id, future in self._pending.items():
+            for request_id, (future, _) in self._pending.items():
                 if not future.done():
                     future.set_exception(
                         GatewayRequestError(
@@ -317,7 +322,7 @@ class KafkaTransport:
         reply: asyncio.Future[InferResponse] = (
             asyncio.get_running_loop().create_future()
         )
-        self._pending[request_id] = reply
+        self._pending[request_id] = (reply, key)
         try:
             delivery = await asyncio.wait_for(
                 producer.send(
@@ -338,9 +343,9 @@ class KafkaTransport:
 
     def forget(self, request_id: str) -> None:
         """Stop waiting for a reply; a late reply is then ignored."""
-        future = self._pending.pop(request_id, None)
-        if future is not None and not future.done():
-            future.cancel()
+        entry = self._pending.pop(request_id, None)
+        if entry is not None and not entry[0].done():
+            entry[0].cancel()
 
     @property
     def pending_count(self) -> int:
@@ -362,9 +367,9 @@ class KafkaTransport:
                 continue
             for records in batches.values():
                 for record in records:
-                    self._deliver(record.value)
+                    self._deliver(record.key, record.value)
 
-    def _deliver(self, value: bytes | None) -> None:
+    def _deliver(self, key: bytes | None, value: bytes | None) -> None:
         if value is None:
             return
         try:
@@ -372,13 +377,33 @@ class KafkaTransport:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             logger.warning("undecodable reply skipped: %s", exc)
             return
-        future = self._pending.pop(response.request_id, None)
-        if future is None:
+        entry = self._pending.get(response.request_id)
+        if entry is None:
             # Someone else's reply on a shared topic, or one we gave up on.
             logger.debug("reply for unknown request %s", response.request_id)
             return
-        if not future.done():
-            future.set_result(response)
+        future, expected_key = entry
+        if key == expected_key:
+            # The worker keys an answer with the client id it authenticated.
+            del self._pending[response.request_id]
+            if not future.done():
+                future.set_result(response)
+        elif key is None and response.status == "error":
+            # An answer to a request the worker could not authenticate carries
+            # no key. Anyone can provoke one by sending an unsigned copy of our
+            # request id, so it only counts if no authenticated answer comes
+            # within a short grace period.
+            asyncio.get_running_loop().call_later(
+                _UNAUTHENTICATED_GRACE_S, self._settle, response
+            )
+        else:
+            logger.debug("reply for %s under another key ignored", response.request_id)
+
+    def _settle(self, response: InferResponse) -> None:
+        entry = self._pending.get(response.request_id)
+        if entry is not None and not entry[0].done():
+            del self._pending[response.request_id]
+            entry[0].set_result(response)
 
 
 async def _open_tail(

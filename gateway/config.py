@@ -12,7 +12,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import (
     BaseSettings,
@@ -77,6 +84,15 @@ class AuthConfig(_Frozen):
     max_clock_skew_s: float = Field(300.0, gt=0, le=86_400)
     key_cache_ttl_s: float = Field(1.0, ge=0, le=60)
     replay_window_s: float = Field(900.0, gt=0, le=7 * 86_400)
+
+    @model_validator(mode="after")
+    def _window_covers_skew(self) -> AuthConfig:
+        # A request stamped max_clock_skew_s in the future stays acceptable
+        # until 2 x skew after it was sent; its request id must be remembered
+        # at least that long or it could be replayed.
+        if self.replay_window_s < 2 * self.max_clock_skew_s:
+            raise ValueError("replay_window_s must be at least 2 x max_clock_skew_s")
+        return self
 
 
 class LimitsConfig(_Frozen):

@@ -107,6 +107,7 @@ ERROR_CODES: dict[str, str] = {
     "RATE_LIMITED": "the client exceeded its rate limit; retry after retry_after_ms",
     "BLOCKED": "the client is blocked for a cool-down period",
     "BACKEND_ERROR": "the model failed to produce a prediction",
-    "STORE_UNAVAILABLE": "the counter store could not be reached",
+    "STORE_UNAVAILABLE": "the counter store could not be reached (internal: "
+    "the worker retries the batch instead of answering with it)",
     "INTERNAL": "an unexpected fault in the gateway; the request was not served",
 }

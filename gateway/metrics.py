@@ -65,6 +65,12 @@ class WorkerMetrics:
             ["code"],
             registry=self.registry,
         )
+        self.produce_failures = Counter(
+            "modelgate_produce_failures",
+            "Records the broker refused for good (retriable failures retry the batch).",
+            ["error"],
+            registry=self.registry,
+        )
         self.consumer_lag = Gauge(
             "modelgate_consumer_lag",
             "Records behind the partition's high watermark after the last batch.",

@@ -33,7 +33,7 @@ SCHEMA_VERSION = 1
 SIGNATURE_HEADER = "mg-sig"
 _SIGNING_PREFIX = b"mg1\n"
 
-Datatype = Literal["FP32", "FP64", "INT32", "INT64", "BOOL"]
+Datatype = Literal["FP32", "FP64", "INT32", "INT64"]
 Action = Literal["allow", "flag", "throttle", "degrade", "block"]
 
 
@@ -43,7 +43,9 @@ class Tensor(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     name: str
     shape: list[int]
     datatype: Datatype
-    data: list[float | int | bool]
+    # Numbers only: JSON true/false are refused by the codec rather than being
+    # read as 1.0/0.0 (no served model takes booleans).
+    data: list[float | int]
 
 
 class InferRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -118,9 +120,11 @@ class DecisionRecord(msgspec.Struct, frozen=True, omit_defaults=True):
 class DeadLetter(msgspec.Struct, frozen=True, omit_defaults=True):
     """A message the gateway could not serve, with the reason and where it was.
 
-    ``value_b64`` holds the original value (base64) so nothing is lost; it may
-    contain a client's inputs, which is why the topic needs the same access
-    control as the requests topic.
+    ``value_b64`` holds the original value (base64; its first 64 KiB when it
+    is longer, with ``value_bytes`` and ``value_sha256`` describing the whole)
+    so the message can be diagnosed and, if wanted, matched against the
+    requests topic at ``partition``/``offset``. It may contain a client's
+    inputs: the topic needs the same access control as the requests topic.
     """
 
     v: int
@@ -133,6 +137,8 @@ class DeadLetter(msgspec.Struct, frozen=True, omit_defaults=True):
     request_id: str | None = None
     key_id: str | None = None
     value_b64: str = ""
+    value_bytes: int = 0
+    value_sha256: str = ""
     worker: str = ""
 
 
@@ -164,7 +170,9 @@ def decode_envelope(value: bytes) -> RequestEnvelope | None:
     """Best-effort read of the reply fields from a value that failed decoding."""
     try:
         return _envelope_decoder.decode(value)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError):
+        # Whatever a hostile value does to the decoder, we just don't learn
+        # where to send the error.
         return None
 
 
@@ -192,11 +200,9 @@ def new_request_id() -> str:
 
 def tensor_from_array(name: str, array: np.ndarray[Any, Any]) -> Tensor:
     """Wrap a numpy array as a tensor, choosing the datatype from its dtype."""
-    kind = array.dtype.kind
-    if kind == "b":
-        datatype: Datatype = "BOOL"
-    elif kind in "iu":
-        datatype = "INT64" if array.dtype.itemsize > 4 else "INT32"
+    if array.dtype.kind in "iub":
+        datatype: Datatype = "INT64" if array.dtype.itemsize > 4 else "INT32"
+        array = array.astype(np.int64)
     else:
         datatype = "FP64" if array.dtype == np.float64 else "FP32"
     return Tensor(

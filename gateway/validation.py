@@ -87,7 +87,14 @@ def validate_request(request: InferRequest, signature: ModelSignature) -> np.nda
 
     # Values: finite and inside the declared range. The codec already refused
     # non-numbers; huge literals such as 1e999 decode to inf and stop here.
-    values = np.asarray(tensor.data, dtype=np.float64)
+    try:
+        values = np.asarray(tensor.data, dtype=np.float64)
+    except OverflowError as exc:
+        # A JSON integer too large for a double (the codec keeps it exact).
+        raise ValidationError(
+            f"input {spec.name!r} holds a number too large to represent",
+            code="NON_FINITE",
+        ) from exc
     if not np.isfinite(values).all():
         raise ValidationError(
             f"input {spec.name!r} holds NaN or Infinity", code="NON_FINITE"

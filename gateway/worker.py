@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -53,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 _STATE_TTL_S = 7 * 86_400
 _TOPIC_REFRESH_S = 30.0
+_MIN_BACKOFF_S = 0.5
+_MAX_BACKOFF_S = 5.0
 _UNKNOWN_REFRESH_S = 2.0
 
 
@@ -103,6 +106,7 @@ class Worker:
         self._started = False
         self.batches_done = 0
         self.metrics_port = 0
+        self._backoff_s = _MIN_BACKOFF_S
         # Set once the group has given this worker its first assignment (which
         # may be empty when there are more workers than partitions).
         self.assigned = asyncio.Event()
@@ -234,15 +238,21 @@ class Worker:
             await self._consumer.commit(
                 {tp: off + 1 for tp, off in last_offsets.items()}
             )
-        except (BrokerError, KafkaError) as exc:
-            # Answers may be half produced; rewind so the whole batch comes again
-            # (clients tolerate a duplicate answer, never a missing one).
-            logger.warning("batch not committed, will retry: %r", exc)
+        except (BrokerError, StoreError, KafkaError) as exc:
+            # Kafka or Redis is in trouble. Answers may be half produced; rewind
+            # so the whole batch comes again: clients tolerate a duplicate
+            # answer (admission recognises the same record as a redelivery),
+            # never a missing one.
+            logger.warning(
+                "batch not committed, retrying in %.1f s: %r", self._backoff_s, exc
+            )
             for tp, offset in first_offsets.items():
                 if tp in self._consumer.assignment():
                     self._consumer.seek(tp, offset)
-            await asyncio.sleep(0.5)  # back off a broker in trouble, not a race
+            await asyncio.sleep(self._backoff_s)  # back off a service in trouble
+            self._backoff_s = min(self._backoff_s * 2, _MAX_BACKOFF_S)
             return
+        self._backoff_s = _MIN_BACKOFF_S
         self.batches_done += 1
 
     async def process_records(
@@ -252,11 +262,7 @@ class Worker:
         answer; raises ``BrokerError`` if the produces did not all succeed."""
         timer = _StageTimer(self.metrics)
         self.metrics.batch_size.observe(len(records))
-        max_bytes = self.settings.kafka.max_message_bytes
-        items = [
-            decode_record(tp.topic, tp.partition, record, max_bytes)
-            for tp, record in records
-        ]
+        items = [self._decode(tp, record) for tp, record in records]
         timer.lap("decode")
 
         try:
@@ -273,7 +279,7 @@ class Worker:
             await loop.run_in_executor(None, self._scorer.score_and_predict, items)
             timer.lap("detect_predict")
             await self._enforce_blocks(items)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, StoreError, BrokerError):
             raise
         except Exception:
             # A bug must cost this batch's answers, not the worker: every request
@@ -286,19 +292,35 @@ class Worker:
         await self._produce(items)
         timer.lap("produce")
 
+    def _decode(self, tp: TopicPartition, record: Any) -> BatchItem:
+        max_bytes = self.settings.kafka.max_message_bytes
+        try:
+            return decode_record(tp.topic, tp.partition, record, max_bytes)
+        except Exception:
+            # Whatever the codec does with hostile bytes costs this record,
+            # never the worker: it is dead-lettered as INTERNAL.
+            logger.exception(
+                "decoder failed",
+                extra={"partition": tp.partition, "offset": record.offset},
+            )
+            item = BatchItem(
+                topic=tp.topic,
+                partition=tp.partition,
+                offset=record.offset,
+                value=record.value or b"",
+                record_key="",
+                signature=None,
+            )
+            item.fail(ModelgateError("could not decode the message", code="INTERNAL"))
+            return item
+
     async def _authenticate(self, items: list[BatchItem]) -> None:
         assert self._keys is not None
         live = [i for i in items if i.error is None and i.request is not None]
         if not live:
             return
-        try:
-            keys = await self._keys.get_many(
-                {i.request.key_id for i in live if i.request}
-            )
-        except StoreError as exc:
-            for item in live:
-                item.fail(exc)
-            return
+        # A StoreError here propagates: the batch is retried, not refused.
+        keys = await self._keys.get_many({i.request.key_id for i in live if i.request})
         now_ms = protocol.now_ms()
         max_skew_ms = int(self.settings.auth.max_clock_skew_s * 1000)
         for item in live:
@@ -355,14 +377,12 @@ class Worker:
             for i in live
             if i.key is not None and i.request is not None
         ]
-        try:
-            admissions = await self._store.admit_batch(admit_items)
-        except StoreError as exc:
-            # TODO: issue 4 adds a fail-open mode with a local per-worker cap;
-            # until then the gateway fails closed and says so, retriably.
-            for item in live:
-                item.fail(exc)
-            return
+        # Redis unreachable: StoreError propagates and the batch is retried.
+        # Answering it as refused would be worse: if the script did run before
+        # the connection failed, the client's retry under the same request id
+        # would then be refused as a duplicate.
+        # TODO: issue 4's fail-open mode (a local per-worker cap) belongs here.
+        admissions = await self._store.admit_batch(admit_items)
         for item, admission in zip(live, admissions, strict=True):
             item.admission = admission
             item.query_index = admission.client_requests
@@ -431,36 +451,42 @@ class Worker:
 
     async def _produce(self, items: list[BatchItem]) -> None:
         """Produce every answer, decision, alert and dead-letter record of the
-        batch without waiting per message, then wait for all of them."""
+        batch without waiting per message, then wait for all of them.
+
+        Raises ``BrokerError`` when a send failed in a way worth retrying (the
+        batch is then served again). A send the broker refuses for good (a
+        record too large, a reply topic that rejects it) must not stall the
+        partition: an answer bound for a client's own reply topic goes to the
+        shared responses topic instead, anything else is logged as lost.
+        """
         assert self._producer is not None
-        producer = self._producer
         topics = self.settings.kafka.topics
         worker_id = self.settings.worker.worker_id
         block_cooldown_ms = int(self.settings.policy.block_cooldown_s * 1000)
         now_ms = protocol.now_ms()
         reply_topics = await self._known_reply_topics(items)
-        sends: list[Awaitable[Any]] = []
-
-        async def send(topic: str, message: Any, key: str | None) -> None:
-            encoded_key = key.encode("utf-8") if key else None
-            sends.append(
-                await producer.send(topic, protocol.encode(message), key=encoded_key)
-            )
+        sends = _Sends(self._producer, self.metrics)
 
         for item in items:
-            key = item.client_id or item.record_key or None
+            # Only an authenticated client's id keys its answers: a record's
+            # own key is the sender's claim and must not let it pose as a
+            # client (a reader matching answers by record key would be fooled).
+            key = item.client_id
             code = item.error.code if item.error else ""
-            self.metrics.requests.labels(
-                item.model_name or "-", item.action, code
-            ).inc()
+            model = item.model.name if item.model is not None else "-"
+            self.metrics.requests.labels(model, item.action, code).inc()
 
             # The answer, wherever a request id tells us who is waiting.
             if item.request_id is not None:
+                response = response_for(item, now_ms, block_cooldown_ms)
                 reply_to = self._reply_topic(item, reply_topics)
-                await send(reply_to, response_for(item, now_ms, block_cooldown_ms), key)
+                fallback = topics.responses if reply_to != topics.responses else None
+                await sends.send(reply_to, response, key, fallback=fallback)
 
             # Audit: one decision per record, answered or not.
-            await send(topics.decisions, decision_for(item, now_ms, worker_id), key)
+            await sends.send(
+                topics.decisions, decision_for(item, now_ms, worker_id), key
+            )
 
             for event in alerts_for(item, worker_id):
                 self.metrics.alerts.labels(event["data"]["detector"]).inc()
@@ -472,9 +498,9 @@ class Worker:
                         "request": item.request_id,
                     },
                 )
-                await send(topics.alerts, event, key)
+                await sends.send(topics.alerts, event, key)
 
-            # Bad messages keep their bytes on the dead-letter topic.
+            # Bad messages keep (the head of) their bytes on the dead-letter topic.
             dead = deadletter_for(item, now_ms, worker_id)
             if dead is not None:
                 self.metrics.deadletters.labels(dead.code).inc()
@@ -487,14 +513,9 @@ class Worker:
                         "request": item.request_id,
                     },
                 )
-                await send(topics.deadletter, dead, key)
+                await sends.send(topics.deadletter, dead, key)
 
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(*sends), self.settings.kafka.request_timeout_s
-            )
-        except (KafkaError, TimeoutError) as exc:
-            raise BrokerError(f"produce failed: {exc!r}") from exc
+        await sends.wait(self.settings.kafka.request_timeout_s)
 
     def _reply_topic(self, item: BatchItem, known: set[str]) -> str:
         """Where the answer goes. A client may name its own reply topic under the
@@ -580,6 +601,79 @@ class Worker:
         if self._scorer is not None:
             self._scorer.forget(client_id)
         self.metrics.clients.set(len(self._client_tp))
+
+
+class _Sends:
+    """The produces of one batch: started without waiting, awaited together,
+    and sorted into retry-the-batch failures and failures for good."""
+
+    def __init__(self, producer: AIOKafkaProducer, metrics: WorkerMetrics) -> None:
+        self._producer = producer
+        self._metrics = metrics
+        self._pending: list[
+            tuple[Awaitable[Any], str, bytes, bytes | None, str | None]
+        ] = []
+        self._retry: BaseException | None = None
+
+    async def send(
+        self, topic: str, message: Any, key: str | None, *, fallback: str | None = None
+    ) -> None:
+        value = protocol.encode(message)
+        encoded_key = key.encode("utf-8") if key else None
+        try:
+            future = await self._producer.send(topic, value, key=encoded_key)
+        except KafkaError as exc:
+            await self._failed(exc, topic, value, encoded_key, fallback)
+            return
+        self._pending.append((future, topic, value, encoded_key, fallback))
+
+    async def wait(self, timeout_s: float) -> None:
+        pending, self._pending = self._pending, []
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(p[0] for p in pending), return_exceptions=True),
+                timeout_s,
+            )
+        except TimeoutError as exc:
+            raise BrokerError("produce timed out") from exc
+        for result, (_, topic, value, key, fallback) in zip(
+            results, pending, strict=True
+        ):
+            if isinstance(result, KafkaError):
+                await self._failed(result, topic, value, key, fallback)
+            elif isinstance(result, BaseException):
+                raise result
+        if self._pending:  # fallbacks started by _failed
+            await self.wait(timeout_s)
+        if self._retry is not None:
+            raise BrokerError(f"produce failed: {self._retry!r}") from self._retry
+
+    async def _failed(
+        self,
+        exc: KafkaError,
+        topic: str,
+        value: bytes,
+        key: bytes | None,
+        fallback: str | None,
+    ) -> None:
+        if getattr(exc, "retriable", False):
+            self._retry = exc
+            return
+        self._metrics.produce_failures.labels(type(exc).__name__).inc()
+        if fallback is not None:
+            logger.warning(
+                "reply topic %s refused an answer (%r); using %s", topic, exc, fallback
+            )
+            await self.send(
+                fallback, msgspec.Raw(value), None if key is None else key.decode()
+            )
+            return
+        logger.error(
+            "record for %s refused by the broker and lost: %r",
+            topic,
+            exc,
+            extra={"bytes": len(value)},
+        )
 
 
 class _StageTimer:

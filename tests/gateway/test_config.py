@@ -23,6 +23,7 @@ def test_defaults_are_valid() -> None:
         ({"kafka": {"topics": {"requests": "bad topic!"}}}, "kafka.topics.requests"),
         ({"kafka": {"no_such_key": 1}}, "kafka.no_such_key"),
         ({"redis": {"key_prefix": ""}}, "redis.key_prefix"),
+        ({"auth": {"max_clock_skew_s": 600, "replay_window_s": 900}}, "auth"),
     ],
 )
 def test_rejection_names_the_field(overrides: dict[str, object], field: str) -> None:

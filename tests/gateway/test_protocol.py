@@ -59,4 +59,12 @@ def test_tensor_datatypes_follow_numpy() -> None:
     assert protocol.tensor_from_array("a", np.zeros(2, np.float32)).datatype == "FP32"
     assert protocol.tensor_from_array("a", np.zeros(2, np.float64)).datatype == "FP64"
     assert protocol.tensor_from_array("a", np.zeros(2, np.int64)).datatype == "INT64"
-    assert protocol.tensor_from_array("a", np.zeros(2, bool)).datatype == "BOOL"
+    booleans = protocol.tensor_from_array("a", np.zeros(2, bool))
+    assert booleans.datatype == "INT32"
+    assert booleans.data == [0, 0]
+
+
+def test_booleans_are_not_numbers() -> None:
+    _, value, _ = _signed()
+    with pytest.raises(msgspec.ValidationError):
+        protocol.decode_request(value.replace(b'"data":[0.0', b'"data":[true'))

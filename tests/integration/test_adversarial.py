@@ -571,9 +571,12 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
 
 
 @pytest.mark.timeout(150)
-async def test_redis_outage_answers_store_unavailable_and_recovers(
+async def test_redis_outage_holds_the_batch_and_serves_it_on_recovery(
     stack: StackInfo, models_dir: Path, own_redis: OwnRedis
 ) -> None:
+    """While Redis hangs or is down the worker neither answers nor commits; it
+    retries the batch with back-off, and once Redis is back every request is
+    served (the admission script sees the same record as a redelivery)."""
     from gateway.store import redis_from_settings
 
     settings = isolated_settings(
@@ -589,42 +592,40 @@ async def test_redis_outage_answers_store_unavailable_and_recovers(
     key_id, secret = await create_key(settings, "outage")
     cache_ttl = settings.auth.key_cache_ttl_s
 
-    async def one(rows: slice) -> dict[str, Any]:
+    async def send(rows: slice) -> str:
         rid = await raw.send_request(key_id, secret, X_TEST[rows], client_id="outage")
         await raw.flush()
+        return rid
+
+    async def answer(rid: str) -> dict[str, Any]:
         return (await responses_for(settings, [rid], timeout_s=ANSWER_S))[rid]
 
     async with RawKafka(settings) as raw, running_worker(settings):
-        assert (await one(slice(0, 1)))["status"] == "ok"
+        assert (await answer(await send(slice(0, 1))))["status"] == "ok"
 
-        # Hung Redis: connections open, nothing answers.
-        own_redis.signal(signal.SIGSTOP)
-        await asyncio.sleep(cache_ttl + 0.2)
-        hung = await one(slice(1, 2))
-        own_redis.signal(signal.SIGCONT)
-        assert hung["error"]["code"] == "STORE_UNAVAILABLE", hung
-        assert hung["error"]["retriable"] is True, hung
-        assert (await one(slice(2, 3)))["status"] == "ok"
-
-        # Hung again at once, while the key is still cached: admission (the
-        # pipelined EVALSHA) is what times out and is cancelled this time.
+        # Hung Redis at the key lookup (cache expired): served after it wakes.
         own_redis.signal(signal.SIGSTOP)
         try:
-            rid = await raw.send_request(
-                key_id, secret, X_TEST[10:11], client_id="outage"
-            )
-            await raw.flush()
-            admit_hung = (await responses_for(settings, [rid], timeout_s=ANSWER_S))[rid]
+            await asyncio.sleep(cache_ttl + 0.2)
+            hung = await send(slice(1, 2))
         finally:
             own_redis.signal(signal.SIGCONT)
-        assert admit_hung["error"]["code"] == "STORE_UNAVAILABLE", admit_hung
+        assert (await answer(hung))["status"] == "ok"
+
+        # Hung again while the key is cached: admission times out this time.
+        own_redis.signal(signal.SIGSTOP)
+        try:
+            admit_hung = await send(slice(10, 11))
+        finally:
+            own_redis.signal(signal.SIGCONT)
+        assert (await answer(admit_hung))["status"] == "ok"
         # The cancelled pipeline must not leave a reply behind on a pooled
         # connection for the next call to read.
         for i in range(11, 14):
-            assert (await one(slice(i, i + 1)))["status"] == "ok"
+            assert (await answer(await send(slice(i, i + 1))))["status"] == "ok"
 
         # Dead Redis, then a restarted one (script cache empty, old sockets
-        # broken).
+        # broken): the request sent meanwhile is served after the restart.
         client = redis_from_settings(settings)
         try:
             await client.save()
@@ -632,70 +633,17 @@ async def test_redis_outage_answers_store_unavailable_and_recovers(
             await client.aclose()
         own_redis.kill()
         await asyncio.sleep(cache_ttl + 0.2)
-        down = await one(slice(3, 4))
-        assert down["error"]["code"] == "STORE_UNAVAILABLE", down
-        assert down["error"]["retriable"] is True, down
+        down = await send(slice(3, 4))
         own_redis.start()
-        back = await one(slice(4, 5))
-        assert back["status"] == "ok", back
-        # Not a fluke of the first one: a stream keeps flowing.
+        assert (await answer(down))["status"] == "ok"
         for i in range(5, 10):
-            assert (await one(slice(i, i + 1)))["status"] == "ok"
+            assert (await answer(await send(slice(i, i + 1))))["status"] == "ok"
 
-
-@pytest.mark.timeout(120)
-async def test_request_refused_store_unavailable_can_be_retried_under_its_id(
-    stack: StackInfo, models_dir: Path, own_redis: OwnRedis
-) -> None:
-    """BUG: when Redis stalls after the admission pipeline was written, the
-    worker times out and answers STORE_UNAVAILABLE (retriable), but Redis
-    still runs the queued EVALSHA when it wakes: the request id is recorded
-    as admitted (dedupe key = this record's partition:offset) and counted.
-    The client's retry under the same request id, a new record, is then
-    DUPLICATE_REQUEST: a request the gateway never served can never be."""
-    settings = isolated_settings(
-        stack.kafka_bootstrap,
-        own_redis.url,
-        models_dir,
-        policy={"shadow": True},
-        limits={"rate_per_s": 10_000, "burst": 10_000},
-    )
-    settings = settings.model_copy(
-        update={"redis": settings.redis.model_copy(update={"socket_timeout_s": 1.0})}
-    )
-    key_id, secret = await create_key(settings, "retrier")
-    async with RawKafka(settings) as kafka, running_worker(settings):
-        warm = await kafka.send_request(key_id, secret, X_TEST[:1], client_id="retrier")
-        await kafka.flush()
-        assert (await responses_for(settings, [warm]))[warm]["status"] == "ok"
-
-        # The key is cached now, so admission is the Redis call that stalls.
-        own_redis.signal(signal.SIGSTOP)
-        try:
-            rid = await kafka.send_request(
-                key_id, secret, X_TEST[1:2], client_id="retrier"
-            )
-            await kafka.flush()
-            first = (await responses_for(settings, [rid], timeout_s=ANSWER_S))[rid]
-        finally:
-            own_redis.signal(signal.SIGCONT)
-        assert first["error"]["code"] == "STORE_UNAVAILABLE", first
-        assert first["error"]["retriable"] is True, first
-
-        # The client does what the answer says: waits, then retries the same id.
-        await asyncio.sleep(1.0)
-        await kafka.send_request(
-            key_id, secret, X_TEST[1:2], client_id="retrier", request_id=rid
-        )
-        await kafka.flush()
-        records = await read_topic(
-            settings,
-            settings.kafka.topics.responses,
-            until=lambda r: sum(x["request_id"] == rid for x in r) >= 2,
-            timeout_s=ANSWER_S,
-        )
-    retry = [r for r in records if r["request_id"] == rid][1]
-    assert retry["status"] == "ok", retry.get("error")
+    records = await read_topic(settings, settings.kafka.topics.responses, timeout_s=2)
+    # Retried batches may answer a request twice, but never as a refusal.
+    assert all(r["status"] == "ok" for r in records), [
+        r.get("error") for r in records if r["status"] != "ok"
+    ]
 
 
 async def test_client_does_not_take_a_strangers_answer_for_its_own(
