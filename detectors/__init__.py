@@ -1,13 +1,14 @@
 """Detection library: per-client detectors of model extraction and probing.
 
-Pure Python, numpy and River. Nothing here imports Kafka, Redis, FastAPI or
-``gateway``, and nothing configures logging.
+Pure Python, numpy, scipy and River. Nothing here imports Kafka, Redis,
+FastAPI or ``gateway``, and nothing configures logging.
 """
 
 from __future__ import annotations
 
 from detectors.base import MAX_STATE_BYTES, Detector, DetectorParams, DetectorScore
 from detectors.ood import OodParams, OutOfDistributionDetector
+from detectors.prada import DistanceDistributionDetector, PradaParams
 from detectors.registry import DETECTORS, build_detectors
 from detectors.similarity import QuerySimilarityDetector, SimilarityParams
 
@@ -17,8 +18,10 @@ __all__ = [
     "Detector",
     "DetectorParams",
     "DetectorScore",
+    "DistanceDistributionDetector",
     "OodParams",
     "OutOfDistributionDetector",
+    "PradaParams",
     "QuerySimilarityDetector",
     "SimilarityParams",
     "build_detectors",

@@ -13,11 +13,13 @@ import pydantic
 
 from detectors.base import Detector, describe_validation_error
 from detectors.ood import OutOfDistributionDetector
+from detectors.prada import DistanceDistributionDetector
 from detectors.similarity import QuerySimilarityDetector
 
 DETECTORS: dict[str, type[Detector[Any]]] = {
     QuerySimilarityDetector.name: QuerySimilarityDetector,
     OutOfDistributionDetector.name: OutOfDistributionDetector,
+    DistanceDistributionDetector.name: DistanceDistributionDetector,
 }
 """Every registered detector class by its ``name``."""
 
@@ -50,7 +52,7 @@ def build_detectors(
     --------
     >>> detectors = build_detectors({"similarity": {"eps": 0.04}}, seed=0)
     >>> sorted(detectors), detectors["similarity"].params.eps
-    (['ood', 'similarity'], 0.04)
+    (['ood', 'prada', 'similarity'], 0.04)
     """
     unknown = sorted(set(overrides) - set(DETECTORS))
     if unknown:

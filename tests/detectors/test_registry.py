@@ -6,6 +6,7 @@ import pytest
 
 from detectors import (
     DETECTORS,
+    DistanceDistributionDetector,
     OutOfDistributionDetector,
     QuerySimilarityDetector,
     build_detectors,
@@ -13,7 +14,11 @@ from detectors import (
 
 
 def test_registry_names_match_classes() -> None:
-    expected = {"similarity": QuerySimilarityDetector, "ood": OutOfDistributionDetector}
+    expected = {
+        "similarity": QuerySimilarityDetector,
+        "ood": OutOfDistributionDetector,
+        "prada": DistanceDistributionDetector,
+    }
     assert expected == DETECTORS
     for name, cls in DETECTORS.items():
         assert cls.name == name

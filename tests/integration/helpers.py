@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from evaluation.process import settings_env
 from gateway import protocol
 from gateway.config import Settings, load_settings
 from gateway.keys import KeyStore
@@ -56,27 +56,6 @@ def isolated_settings(
         worker=worker,
         **overrides,
     )
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes a subprocess load the same settings."""
-    env = dict(os.environ)
-    topics = settings.kafka.topics
-    env.update(
-        {
-            "MODELGATE_KAFKA__BOOTSTRAP": settings.kafka.bootstrap,
-            "MODELGATE_KAFKA__GROUP_ID": settings.kafka.group_id,
-            "MODELGATE_KAFKA__POLL_TIMEOUT_MS": str(settings.kafka.poll_timeout_ms),
-            "MODELGATE_KAFKA__TOPICS": topics.model_dump_json(),
-            "MODELGATE_REDIS__URL": settings.redis.url,
-            "MODELGATE_REDIS__KEY_PREFIX": settings.redis.key_prefix,
-            "MODELGATE_MODELS__DIRECTORY": str(settings.models.directory),
-            "MODELGATE_WORKER__METRICS_PORT": "0",
-            "MODELGATE_POLICY": settings.policy.model_dump_json(),
-            "MODELGATE_LIMITS": settings.limits.model_dump_json(),
-        }
-    )
-    return env
 
 
 def start_worker_process(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from gateway import protocol
 from gateway.config import Settings
-from gateway.models import digits_split, ensure_digits_model
+from gateway.models import digits_split
 from gateway.topics import partitions_of
+from gateway.worker import Worker
 from tests.conftest import StackInfo
 from tests.integration.helpers import (
     RawKafka,
@@ -45,30 +46,6 @@ X_TEST = digits_split()[1]
 # How long a test waits for an answer that a healthy worker gives in well
 # under a second; long enough for a loaded 2-core machine.
 ANSWER_S = 25.0
-
-
-@pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("models")
-    ensure_digits_model(directory)
-    return directory
-
-
-@pytest.fixture
-def settings(stack: StackInfo, models_dir: Path) -> Settings:
-    return isolated_settings(
-        stack.kafka_bootstrap,
-        stack.redis_url,
-        models_dir,
-        policy={"shadow": True},
-        limits={"rate_per_s": 10_000, "burst": 10_000},
-    )
-
-
-@pytest.fixture
-async def kafka(settings: Settings) -> AsyncIterator[RawKafka]:
-    async with RawKafka(settings) as raw:
-        yield raw
 
 
 def _body(
@@ -172,7 +149,7 @@ async def test_oversized_record_is_dead_lettered_without_stalling_the_partition(
         dead = await read_topic(
             settings, settings.kafka.topics.deadletter, until=bool, timeout_s=10
         )
-        await _assert_answered_once(settings, before, worker.batches_done)
+        await _assert_answered_once(settings, before, worker)
     assert answers[after]["status"] == "ok", answers[after]
     assert [d["code"] for d in dead] == ["PAYLOAD_TOO_LARGE"], [d["code"] for d in dead]
 
@@ -203,15 +180,20 @@ async def test_schema_error_whose_message_expands_does_not_stall_the_partition(
 
 
 async def _assert_answered_once(
-    settings: Settings, request_id: str, batches_done: int
+    settings: Settings, request_id: str, worker: Worker
 ) -> None:
     """After a settle, ``request_id`` has exactly one answer (a batch rewound
-    again and again answers it again and again) and a batch was committed."""
+    again and again answers it again and again) and a batch was committed.
+
+    The settle is the point of the check: a stalled partition shows up only as
+    a second answer some time after the first.
+    """
     await asyncio.sleep(2)
     records = await read_topic(settings, settings.kafka.topics.responses, timeout_s=2)
     count = sum(r["request_id"] == request_id for r in records)
-    assert count == 1, f"answered {count} times; batches committed: {batches_done}"
-    assert batches_done >= 1
+    done = worker.batches_done
+    assert count == 1, f"answered {count} times; batches committed: {done}"
+    assert done >= 1
 
 
 @pytest.mark.timeout(120)
@@ -254,7 +236,7 @@ async def test_reply_topic_that_refuses_records_does_not_stall_the_partition(
             answers = await responses_for(
                 settings, [bystander, request.request_id], timeout_s=ANSWER_S
             )
-            await _assert_answered_once(settings, bystander, worker.batches_done)
+            await _assert_answered_once(settings, bystander, worker)
     finally:
         try:
             await admin.delete_topics([tiny])

@@ -25,7 +25,6 @@ from tests.integration.helpers import (
     settings_env,
     start_worker_process,
 )
-from tests.integration.test_worker import models_dir  # noqa: F401  # fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -56,7 +55,7 @@ def _spawn(settings: Settings, *args: str) -> subprocess.Popen[str]:
 
 
 @pytest.fixture
-def settings(stack: StackInfo, models_dir: Path) -> Settings:  # noqa: F811
+def settings(stack: StackInfo, models_dir: Path) -> Settings:
     return isolated_settings(
         stack.kafka_bootstrap, stack.redis_url, models_dir, policy={"shadow": True}
     )

@@ -7,7 +7,6 @@ import asyncio
 import base64
 import json
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 
 from gateway import protocol
 from gateway.config import Settings
-from gateway.models import digits_split, ensure_digits_model, load_model
+from gateway.models import digits_split, load_model
 from tests.conftest import StackInfo
 from tests.integration.helpers import (
     RawKafka,
@@ -30,32 +29,6 @@ from tests.integration.helpers import (
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 X_TEST = digits_split()[1]
-
-
-@pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("models")
-    ensure_digits_model(directory)
-    return directory
-
-
-@pytest.fixture
-def settings(stack: StackInfo, models_dir: Path) -> Settings:
-    # Shadow mode: these tests are about the path, not about detection, so a
-    # detector that flags a test stream must not turn answers into refusals.
-    return isolated_settings(
-        stack.kafka_bootstrap,
-        stack.redis_url,
-        models_dir,
-        policy={"shadow": True},
-        limits={"rate_per_s": 10_000, "burst": 10_000},
-    )
-
-
-@pytest.fixture
-async def kafka(settings: Settings) -> AsyncIterator[RawKafka]:
-    async with RawKafka(settings) as raw:
-        yield raw
 
 
 async def test_valid_request_gets_exactly_the_models_prediction(

@@ -1,0 +1,391 @@
+"""Known answers for the PRADA-style detector on digits and recorded attacks.
+
+The attack streams are recorded here, with a small budget and fixed seeds, by
+running the demo's Jacobian augmentation attacker against the demo model in
+process (``DirectOracle``), so the detector is tested on the real queries.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from scipy import stats
+
+from detectors import (
+    MAX_STATE_BYTES,
+    DetectorScore,
+    DistanceDistributionDetector,
+    OutOfDistributionDetector,
+    PradaParams,
+)
+from detectors.prada import shapiro_w
+from evaluation.attacks.extraction import (
+    JacobianParams,
+    pick_seed_set,
+    run_jacobian_extraction,
+)
+from evaluation.oracle import DirectOracle
+from gateway.models import digits_split, ensure_digits_model, load_model
+
+Array = npt.NDArray[np.float64]
+
+# Queries the Jacobian attacker sends in the tests: seeds and four rounds
+# (10 + 10 + 20 + 40 + 80 = 160), then 40 of the fifth round's candidates.
+JACOBIAN_BUDGET = 200
+
+
+@dataclass(frozen=True)
+class Demo:
+    """The demo's data as the detectors see it (X / 16) and recorded attacks."""
+
+    train: Array
+    test: Array
+    jacobian: dict[int, Array]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
+    directory = tmp_path_factory.mktemp("model")
+    ensure_digits_model(directory)
+    model = load_model(directory, "digits")
+    x_train, x_test, _, _ = digits_split()
+    labels = model.predict_proba(x_test).argmax(axis=1)
+
+    # The demo's attacker: one public held-out digit per class as seeds.
+    jacobian: dict[int, Array] = {}
+    for seed in range(3):
+        seeds = pick_seed_set(x_test, labels, 1, np.random.default_rng(seed))
+        others = np.setdiff1d(np.arange(len(x_test)), seeds)[:100]
+        oracle = DirectOracle(model.predict_proba, JACOBIAN_BUDGET)
+        sent: list[Array] = []
+
+        def query(
+            rows: Any, oracle: DirectOracle = oracle, sent: list[Array] = sent
+        ) -> Any:
+            sent.append(np.array(rows, dtype=np.float64))
+            return oracle(rows)
+
+        run_jacobian_extraction(
+            query,
+            x_test[seeds],
+            x_test[others],
+            labels[others],
+            JacobianParams(budget=JACOBIAN_BUDGET, seed=seed),
+        )
+        # The oracle answers a prefix of each call; what it answered was sent.
+        jacobian[seed] = np.concatenate(sent)[: oracle.used] / 16.0
+    return Demo(
+        train=np.asarray(x_train, dtype=np.float64) / 16.0,
+        test=np.asarray(x_test, dtype=np.float64) / 16.0,
+        jacobian=jacobian,
+    )
+
+
+def first_flag(scores: list[DetectorScore]) -> int:
+    """1-based index of the first flagged score, 0 if none."""
+    return next((i + 1 for i, s in enumerate(scores) if s.flagged), 0)
+
+
+def benign_client(test: Array, rng: np.random.Generator) -> Array:
+    """20-200 held-out digits in random order; three clients in ten also
+    resend some digits 2-30 times with small noise (retries, bursts)."""
+    n = int(rng.integers(20, 201))
+    picks = rng.choice(len(test), size=n, replace=False)
+    if rng.random() >= 0.3:
+        return test[picks]
+    rows: list[Array] = []
+    for i in picks.tolist():
+        rows.append(test[i])
+        if rng.random() < 0.08:
+            sigma = float(rng.choice([0.0, 0.005, 0.01, 0.02]))
+            copies = int(rng.integers(2, 31))
+            noise = rng.normal(0.0, sigma, (copies, test.shape[1]))
+            rows.extend(np.clip(test[i] + noise, 0.0, 1.0))
+    return np.array(rows[:n])
+
+
+def interleave(
+    streams: dict[str, Array], rng: np.random.Generator
+) -> tuple[list[str], Array]:
+    """Every client's rows in its own order, clients mixed at random."""
+    owner = np.concatenate(
+        [np.full(len(rows), i) for i, rows in enumerate(streams.values())]
+    )
+    order = rng.permutation(owner)
+    names = list(streams)
+    taken = dict.fromkeys(names, 0)
+    ids: list[str] = []
+    rows: list[Array] = []
+    for i in order.tolist():
+        name = names[i]
+        ids.append(name)
+        rows.append(streams[name][taken[name]])
+        taken[name] += 1
+    return ids, np.array(rows)
+
+
+def score_in_batches(
+    detector: DistanceDistributionDetector, ids: list[str], X: Array, size: int
+) -> list[DetectorScore]:
+    scores: list[DetectorScore] = []
+    for start in range(0, len(ids), size):
+        scores += detector.score_batch(
+            ids[start : start + size], X[start : start + size]
+        )
+    return scores
+
+
+def test_benign_digit_clients_are_not_flagged(demo: Demo) -> None:
+    rng = np.random.default_rng(0)
+    streams = {f"b{c}": benign_client(demo.test, rng) for c in range(200)}
+    ids, X = interleave(streams, rng)
+    scores = score_in_batches(DistanceDistributionDetector(), ids, X, 500)
+
+    flagged = {c for c, s in zip(ids, scores, strict=True) if s.flagged}
+    tested = {c for c, s in zip(ids, scores, strict=True) if s.warm}
+    lowest_w = 1.0 - max(s.score for s in scores)
+    # Measured on 1000 such clients (5 seeds): none flagged, lowest W 0.909.
+    assert not flagged, sorted(flagged)
+    assert len(tested) >= 100
+    assert lowest_w > 0.90
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_jacobian_augmentation_is_flagged_at_the_first_test(
+    demo: Demo, seed: int
+) -> None:
+    X = demo.jacobian[seed]
+    assert X.shape == (JACOBIAN_BUDGET, 64)
+    scores = DistanceDistributionDetector().score_batch(["thief"] * len(X), X)
+    flagged_at = first_flag(scores)
+    # Measured on 35 recorded streams: all flagged at query 60, the first
+    # test (50 distances), with W 0.64-0.84; so risk = score / threshold is
+    # at least 1.5, which the default policy blocks at once.
+    assert flagged_at == 60
+    assert scores[flagged_at - 1].score >= 0.15
+    assert "Shapiro-Wilk W=" in scores[flagged_at - 1].evidence
+
+
+def test_jacobian_hidden_among_benign_clients_is_still_flagged(demo: Demo) -> None:
+    rng = np.random.default_rng(1)
+    streams = {f"b{c}": benign_client(demo.test, rng) for c in range(30)}
+    streams["thief"] = demo.jacobian[0]
+    ids, X = interleave(streams, rng)
+    scores = score_in_batches(DistanceDistributionDetector(), ids, X, 64)
+    assert {c for c, s in zip(ids, scores, strict=True) if s.flagged} == {"thief"}
+
+
+def test_uniform_random_is_left_to_the_ood_detector(demo: Demo) -> None:
+    # A known weakness, kept visible: nearest distances among uniform points
+    # in 64 dimensions are close to normal, so W stays high (lowest W
+    # 0.93-0.98 over five 1000-query streams). The OOD detector catches them.
+    X = np.random.default_rng(2).random((300, 64))
+    prada = DistanceDistributionDetector().score_batch(["noise"] * len(X), X)
+    assert first_flag(prada) == 0
+    ood = OutOfDistributionDetector()
+    ood.learn_baseline(demo.train)
+    assert 0 < first_flag(ood.score_batch(["noise"] * len(X), X)) <= 10
+
+
+def test_w_matches_scipy_shapiro() -> None:
+    rng = np.random.default_rng(3)
+    for n in [3, 4, 5, 6, 7, 11, 50, 128, 300]:
+        for draw in (rng.normal, rng.exponential, rng.random, rng.standard_cauchy):
+            x = draw(size=n)
+            # The detector drops values beyond 3 sigma first, as PRADA's code.
+            kept = x[np.abs(x - x.mean()) <= 3 * x.std()]
+            assert shapiro_w(x) == pytest.approx(
+                stats.shapiro(kept).statistic, abs=1e-8
+            )
+    assert shapiro_w(np.full(60, 0.2)) == 0.0
+    assert shapiro_w(np.array([0.1, 0.2])) == 0.0
+
+
+def reference_scores(
+    params: PradaParams, ids: list[str], X: Array
+) -> list[tuple[float, bool]]:
+    """Row-by-row reference of the detector (PRADA's Algorithm 1, bounded,
+    class-agnostic, with the near-duplicate filter), using plain Python."""
+    d = X.shape[1]
+    scale = 255.0 * 255.0 * d
+    state: dict[str, dict[str, Any]] = {}
+    out = []
+    for client, row in zip(ids, X, strict=True):
+        s = state.setdefault(
+            client,
+            {
+                "gs": deque(maxlen=params.growing_set),
+                "recent": deque(maxlen=params.recent),
+                "dist": deque(maxlen=params.window),
+                "count": 0,
+                "mean": 0.0,
+                "m2": 0.0,
+                "T": 0.0,
+                "seen": 0,
+                "score": 0.0,
+                "tests": 0,
+            },
+        )
+        q = np.rint(np.clip(row, 0, 1) * 255).astype(np.int64)
+        s["seen"] += 1
+        near = [int(((q - r) ** 2).sum()) for r in s["recent"]]
+        s["recent"].append(q)
+        if not (near and math.sqrt(min(near) / scale) < params.eps):
+            if not s["gs"]:
+                s["count"], s["mean"], s["m2"] = 1, 0.0, 0.0
+                s["gs"].append(q)
+            else:
+                nearest = min(int(((q - g) ** 2).sum()) for g in s["gs"])
+                dist = math.sqrt(nearest / scale)
+                if dist >= params.eps:
+                    s["dist"].append(float(np.float32(dist)))
+                if dist > s["T"]:
+                    std = math.sqrt(s["m2"] / s["count"])
+                    s["T"] = max(s["T"], s["mean"] - std)
+                    s["count"] += 1
+                    step = dist - s["mean"]
+                    s["mean"] += step / s["count"]
+                    s["m2"] += step * (dist - s["mean"])
+                    s["gs"].append(q)
+        if s["seen"] % params.test_every == 0 and len(s["dist"]) >= params.min_queries:
+            s["score"] = 1.0 - shapiro_w(np.array(s["dist"]))
+            s["tests"] += 1
+        out.append((s["score"], s["tests"] > 0))
+    return out
+
+
+@pytest.mark.parametrize("growing_set", [8, 40])
+@pytest.mark.parametrize("seed", range(2))
+def test_matches_row_by_row_reference_including_eviction(
+    growing_set: int, seed: int
+) -> None:
+    # Random walks with occasional jumps and resends, on 16 features, for a
+    # skewed mix of clients; random batch cuts give groups of every size, on
+    # both the stacked and the per-client path, with and without eviction of
+    # growing-set members inside a batch.
+    rng = np.random.default_rng(seed)
+    n = 1500
+    ids = [f"c{c}" for c in rng.choice(4, n, p=[0.7, 0.1, 0.1, 0.1]).tolist()]
+    X = np.empty((n, 16))
+    last: dict[str, Array] = {}
+    for i, client in enumerate(ids):
+        previous = last.get(client, rng.random(16))
+        kind = rng.random()
+        if kind < 0.1:
+            row = rng.random(16)
+        elif kind < 0.2:
+            row = previous + rng.normal(0, 0.005, 16)
+        else:
+            row = previous + rng.normal(0, rng.choice([0.05, 0.2]), 16)
+        X[i] = last[client] = np.clip(row, 0, 1)
+    params = PradaParams(
+        growing_set=growing_set, window=30, recent=3, min_queries=12, test_every=4
+    )
+    detector = DistanceDistributionDetector(params)
+    cuts = sorted({0, n, *rng.integers(1, n, 12).tolist()})
+    got: list[tuple[float, bool]] = []
+    for a, b in itertools.pairwise(cuts):
+        got += [(s.score, s.warm) for s in detector.score_batch(ids[a:b], X[a:b])]
+    expected = reference_scores(params, ids, X)
+    assert got == expected
+    assert sum(warm for _, warm in got) > n // 2
+
+
+def test_single_client_batches_equal_row_by_row(demo: Demo) -> None:
+    # 200 rows of one client in one batch: more than the growing set holds
+    # (so the batch is cut into pieces) and a big group on its own path.
+    X = demo.jacobian[1]
+    whole = DistanceDistributionDetector().score_batch(["t"] * len(X), X)
+    single = DistanceDistributionDetector()
+    one_by_one = [single.score_batch(["t"], X[i : i + 1])[0] for i in range(len(X))]
+    assert whole == one_by_one
+
+
+def test_state_round_trip_mid_stream(demo: Demo) -> None:
+    X = demo.jacobian[2]
+    straight = DistanceDistributionDetector().score_batch(["t"] * len(X), X)
+
+    first = DistanceDistributionDetector()
+    first.score_batch(["t"] * 55, X[:55])
+    blob = first.dump_state("t")
+    assert blob is not None
+    second = DistanceDistributionDetector()
+    second.load_state("t", blob)
+    assert second.dump_state("t") == blob
+    assert second.score_batch(["t"] * (len(X) - 55), X[55:]) == straight[55:]
+
+
+def test_state_stays_bounded_after_5000_queries(demo: Demo) -> None:
+    rng = np.random.default_rng(4)
+    detector = DistanceDistributionDetector()
+    detector.score_batch(["long"], demo.test[:1])
+    early = detector.state_nbytes("long")
+    for _ in range(10):
+        picks = demo.test[rng.integers(0, len(demo.test), 500)]
+        detector.score_batch(["long"] * 500, picks + rng.normal(0, 0.01, picks.shape))
+    blob = detector.dump_state("long")
+    assert blob is not None
+    assert detector.state_nbytes("long") == early <= MAX_STATE_BYTES
+    assert len(blob) <= MAX_STATE_BYTES
+    # 64 x 64 growing set, 8 recent queries, 128 distances and counters.
+    assert early == 64 * 68 + 8 * 68 + 128 * 4 + 15 * 8
+
+
+def test_same_stream_same_scores(demo: Demo) -> None:
+    rng = np.random.default_rng(5)
+    streams = {f"b{c}": benign_client(demo.test, rng) for c in range(10)}
+    streams["thief"] = demo.jacobian[0]
+    ids, X = interleave(streams, rng)
+    first = score_in_batches(DistanceDistributionDetector(seed=1), ids, X, 100)
+    second = score_in_batches(DistanceDistributionDetector(seed=2), ids, X, 37)
+    assert first == second
+
+
+def test_evidence_names_w_and_the_distances(demo: Demo) -> None:
+    X = demo.jacobian[0]
+    scores = DistanceDistributionDetector().score_batch(["t"] * 60, X[:60])
+    assert scores[0].evidence == (
+        "0 of the 50 nearest-query distances needed for a normality test so far"
+    )
+    assert not scores[58].warm and scores[58].score == 0.0
+    last = scores[59]
+    w = 1.0 - last.score
+    assert last.evidence == (
+        f"Shapiro-Wilk W={w:.2f} over the last 59 nearest-query distances at "
+        "query 60 (flagged below 0.90; benign digit clients stayed above 0.91)"
+    )
+
+
+def test_threshold_and_test_every_change_live(demo: Demo) -> None:
+    X = demo.jacobian[0]
+    detector = DistanceDistributionDetector()
+    detector.score_batch(["t"] * 60, X[:60])
+    detector.set_params(threshold=0.9, test_every=1)
+    nxt = detector.score_batch(["t"], X[60:61])[0]
+    assert nxt.threshold == 0.9 and not nxt.flagged
+    assert "at query 61" in nxt.evidence
+    with pytest.raises(ValueError, match="growing_set"):
+        detector.set_params(growing_set=128)
+    with pytest.raises(ValueError, match="min_queries"):
+        detector.set_params(min_queries=500)
+
+
+def test_wide_inputs_keep_fewer_members_within_budget() -> None:
+    detector = DistanceDistributionDetector()
+    assert detector.capacity(64) == 64
+    fixed = 8 * 1004 + 128 * 4 + 15 * 8
+    # 1024 bytes stay free for the dump's msgpack envelope.
+    assert detector.capacity(1000) == (32_768 - 1024 - fixed) // 1004
+    rng = np.random.default_rng(6)
+    detector.score_batch(["w"] * 40, rng.random((40, 1000)))
+    blob = detector.dump_state("w")
+    assert blob is not None and len(blob) <= MAX_STATE_BYTES
+    with pytest.raises(ValueError, match="max_state_bytes"):
+        DistanceDistributionDetector().score_batch(["w"], rng.random((1, 5000)))

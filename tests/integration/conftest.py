@@ -1,0 +1,44 @@
+"""Fixtures shared by the integration tests (the ``stack`` fixture itself is
+in ``tests/conftest.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.config import Settings
+from gateway.models import ensure_digits_model
+from tests.conftest import StackInfo
+from tests.integration.helpers import RawKafka, isolated_settings
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model, trained once per session."""
+    directory = tmp_path_factory.mktemp("models")
+    ensure_digits_model(directory)
+    return directory
+
+
+@pytest.fixture
+def settings(stack: StackInfo, models_dir: Path) -> Settings:
+    """Isolated settings for tests of the request path, not of detection.
+
+    Shadow mode, so that a detector flagging a test stream cannot turn answers
+    into refusals; limits high enough never to throttle.
+    """
+    return isolated_settings(
+        stack.kafka_bootstrap,
+        stack.redis_url,
+        models_dir,
+        policy={"shadow": True},
+        limits={"rate_per_s": 10_000, "burst": 10_000},
+    )
+
+
+@pytest.fixture
+async def kafka(settings: Settings) -> AsyncIterator[RawKafka]:
+    async with RawKafka(settings) as raw:
+        yield raw
