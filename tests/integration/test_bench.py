@@ -16,7 +16,6 @@ import pytest
 from gateway.bench import STAGES, run_bench
 from tests.conftest import StackInfo
 from tests.integration.helpers import isolated_settings
-from tests.integration.test_worker import models_dir  # noqa: F401  # fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -36,7 +35,7 @@ def _numbers(tree: Any, path: str = "") -> Iterator[tuple[str, float]]:
 
 async def test_quick_bench_measures_every_section(
     stack: StackInfo,
-    models_dir: Path,  # noqa: F811
+    models_dir: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
