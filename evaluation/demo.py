@@ -21,6 +21,7 @@ module imports the gateway's client-side modules, never ``gateway.worker``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -63,6 +64,7 @@ from evaluation.report import (
 )
 from gateway.client import GatewayClient, GatewayRequestError, KafkaTransport, error_of
 from gateway.config import Settings
+from gateway.errors import BrokerError
 from gateway.keys import KeyStore
 from gateway.models import (
     DIGITS,
@@ -71,7 +73,7 @@ from gateway.models import (
     ensure_digits_model,
     load_model,
 )
-from gateway.topics import ensure_topics
+from gateway.topics import delete_topics, ensure_topics
 
 logger = logging.getLogger(__name__)
 
@@ -227,17 +229,51 @@ async def run_demo(
     say("starting the local Kafka and Redis (first run fetches the Kafka jars)")
     info = await loop.run_in_executor(None, holder.__enter__)
     try:
-        on_stack = settings.model_copy(
-            update={
-                "kafka": settings.kafka.model_copy(
-                    update={"bootstrap": info.kafka_bootstrap}
-                ),
-                "redis": settings.redis.model_copy(update={"url": info.redis_url}),
-            }
+        on_stack = _own_topics(
+            settings.model_copy(
+                update={
+                    "kafka": settings.kafka.model_copy(
+                        update={"bootstrap": info.kafka_bootstrap}
+                    ),
+                    "redis": settings.redis.model_copy(update={"url": info.redis_url}),
+                }
+            )
         )
-        return await _run_demo(on_stack, report_dir, n_benign, quick, seed, say)
+        topics = on_stack.kafka.topics
+        say(f"topics of this run: {topics.requests} ... (alerts on {topics.alerts})")
+        try:
+            return await _run_demo(on_stack, report_dir, n_benign, quick, seed, say)
+        finally:
+            with contextlib.suppress(BrokerError):
+                await delete_topics(on_stack, topics.all_names())
     finally:
         await loop.run_in_executor(None, holder.__exit__, None, None, None)
+
+
+def _own_topics(settings: Settings) -> Settings:
+    """The same settings with topics, consumer group and metrics port of this
+    run alone. Any ``modelgate worker`` already running on the default topics
+    (or another demo) would otherwise take this run's requests, and answer
+    them under a different server key."""
+    tag = "demo-" + datetime.now(UTC).strftime("%H%M%S") + "-" + secrets.token_hex(2)
+    kafka = settings.kafka
+    topics = kafka.topics.model_copy(
+        update={
+            "requests": f"modelgate.{tag}.requests",
+            "responses": f"{settings.worker.reply_topic_prefix}.{tag}",
+            "alerts": f"modelgate.{tag}.alerts",
+            "decisions": f"modelgate.{tag}.decisions",
+            "deadletter": f"modelgate.{tag}.deadletter",
+        }
+    )
+    return settings.model_copy(
+        update={
+            "kafka": kafka.model_copy(
+                update={"topics": topics, "group_id": f"modelgate-{tag}"}
+            ),
+            "worker": settings.worker.model_copy(update={"metrics_port": 0}),
+        }
+    )
 
 
 async def _run_demo(

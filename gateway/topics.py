@@ -82,3 +82,22 @@ async def partitions_of(settings: Settings, topic: str) -> list[int]:
         if entry.get("topic") == topic and not entry.get("error_code"):
             return sorted(p["partition"] for p in entry.get("partitions", []))
     return []
+
+
+async def delete_topics(settings: Settings, names: list[str]) -> None:
+    """Delete ``names`` (missing ones are ignored); for runs that made topics
+    of their own and should not leave them behind."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka.bootstrap,
+        request_timeout_ms=int(settings.kafka.request_timeout_s * 1000),
+    )
+    try:
+        await asyncio.wait_for(admin.start(), settings.kafka.request_timeout_s)
+        existing = set(await admin.list_topics())
+        doomed = [n for n in names if n in existing]
+        if doomed:
+            await admin.delete_topics(doomed)
+    except (KafkaError, TimeoutError, OSError) as exc:
+        raise BrokerError(f"cannot delete topics: {exc!r}") from exc
+    finally:
+        await admin.close()
