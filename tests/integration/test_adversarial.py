@@ -252,7 +252,7 @@ async def test_reply_topic_that_refuses_records_does_not_stall_the_partition(
 async def test_integer_too_big_for_a_double_is_non_finite_for_that_request_only(
     settings: Settings, kafka: RawKafka, digits: int
 ) -> None:
-    """BUG (400 digits): msgspec keeps a JSON integer literal of up to 4300
+    """Regression (was a bug; 400 digits): msgspec keeps a JSON integer literal of up to 4300
     digits as a Python int; validate_request's np.asarray(..., float64) raises
     OverflowError, which is not a ValidationError, so process_records answers
     INTERNAL for every request of the batch, other clients' included.
