@@ -52,10 +52,19 @@ def _settings(config: Path | None, **overrides: Any) -> Settings:
 
 
 def _run(coro: Any) -> Any:
+    from aiokafka.errors import KafkaError
+
     try:
         return asyncio.run(coro)
     except ModelgateError as exc:
         typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+        raise typer.Exit(1) from exc
+    except ValueError as exc:
+        # Arguments the stores refuse (a bad client id, a negative TTL).
+        typer.echo(f"error [BAD_ARGUMENT]: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    except (KafkaError, TimeoutError, OSError) as exc:
+        typer.echo(f"error [BROKER_UNAVAILABLE]: {exc!r}", err=True)
         raise typer.Exit(1) from exc
 
 
@@ -84,7 +93,10 @@ def status() -> None:
     """Say whether the local Kafka and Redis are running."""
     from gateway import stack
 
-    typer.echo(stack.status())
+    found = stack.status()
+    typer.echo(f"kafka: {found.kafka}")
+    typer.echo(f"redis: {found.redis}")
+    typer.echo(f"holders: {', '.join(found.holders) or 'none'}")
 
 
 # -- worker --------------------------------------------------------------------
@@ -186,8 +198,12 @@ def send(
     data: Annotated[
         str | None, typer.Option(help="JSON list of one row's values.")
     ] = None,
-    digit: Annotated[
-        int | None, typer.Option(help="Send held-out digit number N instead.")
+    sample: Annotated[
+        int | None,
+        typer.Option(
+            help="Send image number N (0-898) of the held-out digits instead; "
+            "N is a position in that set, not the digit's class."
+        ),
     ] = None,
     client_id: Annotated[
         str | None,
@@ -202,13 +218,17 @@ def send(
     from gateway.keys import KeyStore
 
     settings = _settings(config)
-    if (data is None) == (digit is None):
-        typer.echo("error: give exactly one of --data or --digit", err=True)
+    if (data is None) == (sample is None):
+        typer.echo("error: give exactly one of --data or --sample", err=True)
         raise typer.Exit(2)
-    if digit is not None:
+    if sample is not None:
         from gateway.models import digits_split
 
-        rows = digits_split()[1][digit : digit + 1]
+        held_out = digits_split()[1]
+        if not 0 <= sample < len(held_out):
+            typer.echo(f"error: --sample must be 0..{len(held_out) - 1}", err=True)
+            raise typer.Exit(2)
+        rows = held_out[sample : sample + 1]
     else:
         try:
             rows = np.asarray(json.loads(data or ""), dtype=np.float32).reshape(1, -1)

@@ -91,7 +91,9 @@ async def _valid(kafka: RawKafka, key_id: str, secret: bytes, client: str) -> st
 async def test_invalid_utf8_is_malformed_json_and_the_worker_survives(
     settings: Settings, kafka: RawKafka
 ) -> None:
-    """Regression (was a bug): msgspec raises UnicodeDecodeError (not DecodeError) for bytes that
+    """Regression test for a fixed bug.
+
+    msgspec raises UnicodeDecodeError (not DecodeError) for bytes that
     are not UTF-8 inside a JSON string. decode_record does not catch it and
     runs outside process_records' try, so the worker task dies; the record is
     never committed, so every restart dies on it again."""
@@ -112,7 +114,9 @@ async def test_invalid_utf8_is_malformed_json_and_the_worker_survives(
 async def test_deeply_nested_json_is_refused_and_the_worker_survives(
     settings: Settings, kafka: RawKafka
 ) -> None:
-    """Regression (was a bug): 1,200 nested brackets (2.4 KB, unauthenticated) in an unknown
+    """Regression test for a fixed bug.
+
+    1,200 nested brackets (2.4 KB, unauthenticated) in an unknown
     field: the strict decoder refuses the field, then decode_envelope recurses
     into it to skip it and raises RecursionError, which nobody catches."""
     key_id, secret = await create_key(settings, "deep-victim")
@@ -133,7 +137,9 @@ async def test_deeply_nested_json_is_refused_and_the_worker_survives(
 async def test_oversized_record_is_dead_lettered_without_stalling_the_partition(
     settings: Settings, kafka: RawKafka
 ) -> None:
-    """Regression (was a bug): a 900 KB record (the broker accepts up to ~1 MB) is refused as
+    """Regression test for a fixed bug.
+
+    a 900 KB record (the broker accepts up to ~1 MB) is refused as
     PAYLOAD_TOO_LARGE, but its dead-letter record carries the whole value in
     base64 (1.2 MB), over the producer's max_request_size. producer.send
     raises MessageSizeTooLargeError, _handle_batch rewinds and retries the
@@ -158,7 +164,9 @@ async def test_oversized_record_is_dead_lettered_without_stalling_the_partition(
 async def test_schema_error_whose_message_expands_does_not_stall_the_partition(
     settings: Settings, kafka: RawKafka
 ) -> None:
-    """Regression (was a bug): same stall from a record *within* the 256 KiB limit and without
+    """Regression test for a fixed bug.
+
+    same stall from a record *within* the 256 KiB limit and without
     any key. msgspec's "Invalid enum value" message holds repr() of the bad
     value; repr writes U+F0000 (4 UTF-8 bytes) as a 10-character escape, 11
     bytes once JSON-escaped. The SCHEMA_INVALID dead letter (base64 value + that
@@ -200,7 +208,9 @@ async def _assert_answered_once(
 async def test_reply_topic_that_refuses_records_does_not_stall_the_partition(
     settings: Settings, kafka: RawKafka
 ) -> None:
-    """Regression (was a bug): a client names an existing reply topic under the prefix whose
+    """Regression test for a fixed bug.
+
+    a client names an existing reply topic under the prefix whose
     broker config refuses the answer (here max.message.bytes=64; equally a
     compacted topic and a keyless record, or a missing ACL). The produce
     fails with a non-retriable error, the whole batch is rewound and retried
@@ -252,7 +262,9 @@ async def test_reply_topic_that_refuses_records_does_not_stall_the_partition(
 async def test_integer_too_big_for_a_double_is_non_finite_for_that_request_only(
     settings: Settings, kafka: RawKafka, digits: int
 ) -> None:
-    """Regression (was a bug; 400 digits): msgspec keeps a JSON integer literal of up to 4300
+    """Regression test for a fixed bug (400 digits).
+
+    msgspec keeps a JSON integer literal of up to 4300
     digits as a Python int; validate_request's np.asarray(..., float64) raises
     OverflowError, which is not a ValidationError, so process_records answers
     INTERNAL for every request of the batch, other clients' included.
@@ -282,7 +294,9 @@ async def test_integer_too_big_for_a_double_is_non_finite_for_that_request_only(
 async def test_overflowing_literal_in_an_integer_field_is_schema_invalid(
     settings: Settings, kafka: RawKafka, field: str, literal: bytes
 ) -> None:
-    """Regression (was a bug): decode_record maps every msgspec "Number out of range" to
+    """Regression test for a fixed bug.
+
+    decode_record maps every msgspec "Number out of range" to
     NON_FINITE, which README reserves for tensor values. ts_ms=1e300 is
     SCHEMA_INVALID (a float where an int belongs) but ts_ms=1e999 is
     NON_FINITE; shape [1e999, 64] is NON_FINITE rather than SCHEMA_INVALID."""
@@ -305,7 +319,9 @@ async def test_overflowing_literal_in_an_integer_field_is_schema_invalid(
 async def test_booleans_are_not_fp32_values(
     settings: Settings, kafka: RawKafka
 ) -> None:
-    """Regression (was a bug): Tensor.data is list[float | int | bool], so an FP32 tensor of
+    """Regression test for a fixed bug.
+
+    Tensor.data is list[float | int | bool], so an FP32 tensor of
     JSON true/false is served as 1.0/0.0 instead of being refused."""
     key_id, secret = await create_key(settings, "booler")
     body = _body(key_id, data=[True] * 32 + [False] * 32)
@@ -326,7 +342,9 @@ async def test_booleans_are_not_fp32_values(
 async def test_unauthenticated_model_names_do_not_grow_metric_series(
     settings: Settings, kafka: RawKafka
 ) -> None:
-    """Regression (was a bug): the model label of modelgate_requests_total is item.model_name,
+    """Regression test for a fixed bug.
+
+    the model label of modelgate_requests_total is item.model_name,
     which falls back to the request's own unchecked "model" string even when
     the request was refused before validation. Unsigned requests with made-up
     model names (each up to ~256 KB) add one series each, for the life of the
@@ -356,7 +374,9 @@ async def test_unauthenticated_model_names_do_not_grow_metric_series(
 async def test_unauthenticated_answer_is_not_keyed_as_the_claimed_client(
     settings: Settings, kafka: RawKafka
 ) -> None:
-    """Regression (was a bug): the answer to a record that failed authentication is
+    """Regression test for a fixed bug.
+
+    the answer to a record that failed authentication is
     keyed with the record's own, unchecked Kafka key (worker.py _produce:
     ``key = item.client_id or item.record_key``), and echoes any request_id
     and honours reply_to. Anyone can thus put an answer keyed "victim" with
@@ -631,7 +651,9 @@ async def test_redis_outage_holds_the_batch_and_serves_it_on_recovery(
 async def test_client_does_not_take_a_strangers_answer_for_its_own(
     settings: Settings, kafka: RawKafka
 ) -> None:
-    """Regression (was a bug), end to end: a client retrying under a request id that is
+    """Regression test for a fixed bug.
+
+    a client retrying under a request id that is
     visible on the shared responses topic (the documented way to retry after
     RATE_LIMITED or TIMEOUT) gets whatever answer carries that id first. An
     unsigned record with that id and the victim's record key, sent just before

@@ -75,7 +75,7 @@ def test_keys_send_and_revoke(settings: Settings, tmp_path: Path) -> None:
 
     worker = start_worker_process(settings, tmp_path / "worker.log")
     try:
-        sent = _cli(settings, "send", "--token", token, "--digit", "3")
+        sent = _cli(settings, "send", "--token", token, "--sample", "3")
         assert sent.returncode == 0, sent.stdout + sent.stderr
         answer = json.loads(sent.stdout)
         assert answer["status"] == "ok"
@@ -87,7 +87,7 @@ def test_keys_send_and_revoke(settings: Settings, tmp_path: Path) -> None:
         # seconds of the revoke, a send must be refused.
         deadline = time.monotonic() + 5
         while True:
-            refused = _cli(settings, "send", "--token", token, "--digit", "3")
+            refused = _cli(settings, "send", "--token", token, "--sample", "3")
             answer = json.loads(refused.stdout)
             if answer["status"] == "error" or time.monotonic() > deadline:
                 break
