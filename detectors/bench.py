@@ -1,6 +1,6 @@
 """Cost of each detector: µs of one core per query and bytes of state per client.
 
-``modelgate bench detectors`` will call :func:`measure`. Traffic is replayed
+``modelgate bench detectors`` calls :func:`measure`. Traffic is replayed
 scikit-learn digits (the demo model's data), interleaved across clients and cut
 into gateway-sized batches, so the numbers reflect what a worker pays.
 

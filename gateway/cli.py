@@ -155,8 +155,16 @@ def demo(
 # -- bench ---------------------------------------------------------------------
 
 
-@app.command()
+bench_app = typer.Typer(
+    help="Measure the hot path (no subcommand), or the detectors alone.",
+    invoke_without_command=True,
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback()
 def bench(
+    ctx: typer.Context,
     quick: Annotated[
         bool, typer.Option(help="A smaller run: 1,000 requests end to end.")
     ] = False,
@@ -173,6 +181,8 @@ def bench(
     local stack while it runs. Exits 1 if a request went unanswered or was
     refused, since the figures would then measure something else.
     """
+    if ctx.invoked_subcommand is not None:
+        return
     from gateway.bench import bench_command
 
     logs.configure(log_level)
@@ -183,6 +193,35 @@ def bench(
         typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
         raise typer.Exit(1) from exc
     raise typer.Exit(code)
+
+
+@bench_app.command("detectors")
+def bench_detectors(
+    clients: Annotated[int, typer.Option(help="Clients sending at once.")] = 100,
+    queries: Annotated[int, typer.Option(help="Queries per client.")] = 200,
+    budget_us: Annotated[
+        float, typer.Option(help="Per-query budget of all detectors together.")
+    ] = 20.0,
+) -> None:
+    """CPU µs per query and bytes of state per client, for every detector.
+
+    Runs in-process on replayed digits (no Kafka or Redis). Exits 1 when the
+    detectors together exceed ``--budget-us`` per query or any keeps more than
+    32 KB for one client.
+    """
+    from detectors.base import MAX_STATE_BYTES
+    from detectors.bench import measure
+
+    found = measure(n_clients=clients, n_queries=queries)
+    typer.echo(f"{'detector':<12}{'µs/query':>10}{'state B/client':>16}")
+    within = True
+    for name, row in found["detectors"].items():
+        state = int(row["state_bytes_per_client"])
+        within = within and bool(row["within_budget"]) and state <= MAX_STATE_BYTES
+        typer.echo(f"{name:<12}{row['us_per_query']:>10.2f}{state:>16,}")
+    total = float(found["total_us_per_query"])
+    typer.echo(f"{'total':<12}{total:>10.2f}   (budget {budget_us:g} µs)")
+    raise typer.Exit(0 if within and total <= budget_us else 1)
 
 
 # -- send ----------------------------------------------------------------------
