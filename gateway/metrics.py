@@ -12,6 +12,8 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import start_http_server as _start_http_server
 
+from gateway.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 # Stage latencies span ~10 µs (decode of one batch) to seconds (a stalled broker).
@@ -88,7 +90,15 @@ class WorkerMetrics:
         bound port (port 0 means none: metrics stay in-process only)."""
         if port == 0:
             return 0
-        self._server, _ = _start_http_server(port, addr=host, registry=self.registry)
+        try:
+            self._server, _ = _start_http_server(
+                port, addr=host, registry=self.registry
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"worker.metrics_port {port} on {host} is not free ({exc.strerror});"
+                " give each worker on a host its own port, or 0 for none"
+            ) from exc
         bound = int(self._server.server_port)
         logger.info("metrics endpoint up", extra={"host": host, "port": bound})
         return bound

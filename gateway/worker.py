@@ -132,6 +132,11 @@ class Worker:
             loop = asyncio.get_running_loop()
             self._models = await loop.run_in_executor(None, self._load_models)
         self._scorer = Scorer(s, self._models, self.metrics)
+        # Before joining the group: a port clash (ConfigError) should stop the
+        # worker before it takes partitions it could not report on.
+        self.metrics_port = self.metrics.serve(
+            s.worker.metrics_host, s.worker.metrics_port
+        )
 
         self._redis = redis_from_settings(s)
         self._keys = KeyStore(self._redis, s)
@@ -162,9 +167,6 @@ class Worker:
             await self.stop()
             raise BrokerError(f"cannot reach Kafka at {s.kafka.bootstrap}") from exc
         self._consumer.subscribe([s.kafka.topics.requests], listener=_Rebalance(self))
-        self.metrics_port = self.metrics.serve(
-            s.worker.metrics_host, s.worker.metrics_port
-        )
         self._started = True
         logger.info(
             "worker started",

@@ -335,3 +335,23 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+async def test_second_worker_on_a_taken_metrics_port_fails_clearly(
+    stack: StackInfo, models_dir: Path, free_port: int
+) -> None:
+    from gateway.errors import ConfigError
+    from gateway.worker import Worker
+
+    settings = isolated_settings(
+        stack.kafka_bootstrap,
+        stack.redis_url,
+        models_dir,
+        worker={"metrics_port": free_port},
+    )
+    async with running_worker(settings):
+        second = Worker(settings)
+        with pytest.raises(ConfigError) as info:
+            await second.start()
+        await second.stop()
+    assert "worker.metrics_port" in info.value.message
