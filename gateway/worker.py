@@ -142,7 +142,11 @@ class Worker:
         self._keys = KeyStore(self._redis, s)
         self._store = CounterStore(self._redis, s)
 
-        await ensure_topics(s)
+        try:
+            await ensure_topics(s)
+        except BaseException:
+            await self.stop()  # the metrics port and Redis pool are open
+            raise
         self._producer = AIOKafkaProducer(
             bootstrap_servers=s.kafka.bootstrap,
             acks="all",
@@ -186,16 +190,17 @@ class Worker:
         """Leave the group, flush produces and close connections. Idempotent."""
         consumer, producer, redis_client = self._consumer, self._producer, self._redis
         self._consumer = self._producer = self._redis = None
+        timeout_s = self.settings.kafka.request_timeout_s
         try:
             if consumer is not None:
                 # Snapshot before leaving, so the next owner of these clients
                 # starts from their history instead of from nothing.
                 await self._snapshot(list(self._client_tp))
-                await consumer.stop()
+                await asyncio.wait_for(consumer.stop(), timeout_s)
         finally:
             try:
                 if producer is not None:
-                    await producer.stop()
+                    await asyncio.wait_for(producer.stop(), timeout_s)
             finally:
                 self.metrics.close()
                 if redis_client is not None:
