@@ -39,7 +39,6 @@ _DEADLETTER_CODES = frozenset(
 )
 
 
-_MAX_ID_CHARS = 256
 _MAX_MESSAGE_CHARS = 500
 # A dead letter keeps the head of the original value, its length and digest:
 # enough to diagnose it, never enough to exceed Kafka's 1 MiB record limit
@@ -145,13 +144,9 @@ def decode_record(topic: str, partition: int, record: Any, max_bytes: int) -> Ba
     try:
         item.request = protocol.decode_request(value)
     except msgspec.ValidationError as exc:
-        envelope = protocol.decode_envelope(value)
-        if envelope is not None and _echoable(envelope):
-            item.envelope = envelope
+        item.envelope = protocol.decode_envelope(value)
         item.fail(ValidationError(_clip(f"schema: {exc}"), code=_schema_code(exc)))
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
-        # msgspec raises UnicodeDecodeError for bad UTF-8 inside a string and
-        # RecursionError for very deep nesting; both are just malformed input.
+    except protocol.DECODE_ERRORS as exc:
         item.fail(ValidationError(_clip(f"not JSON: {exc}"), code="MALFORMED_JSON"))
     return item
 
@@ -163,15 +158,6 @@ def _schema_code(exc: msgspec.ValidationError) -> str:
     if "out of range" in text and "].data[" in text:
         return "NON_FINITE"
     return "SCHEMA_INVALID"
-
-
-def _echoable(envelope: protocol.RequestEnvelope) -> bool:
-    """Only ids of a sane length are echoed back from a request that failed
-    to decode; anything else is answered through the dead-letter topic only."""
-    return all(
-        value is None or len(value) <= _MAX_ID_CHARS
-        for value in (envelope.request_id, envelope.correlation_id, envelope.reply_to)
-    )
 
 
 def _clip(message: str) -> str:

@@ -22,14 +22,18 @@ import logging
 from types import TracebackType
 from typing import Any
 
-import msgspec
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from gateway.config import Settings
 from gateway.errors import BrokerError, ModelgateError
-from gateway.protocol import InferResponse, build_request, decode_response
+from gateway.protocol import (
+    DECODE_ERRORS,
+    InferResponse,
+    build_request,
+    decode_response,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -374,7 +378,9 @@ class KafkaTransport:
             return
         try:
             response = decode_response(value)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except DECODE_ERRORS as exc:
+            # Anything on a shared topic may be hostile; one bad record must
+            # not end the task that delivers everyone's replies.
             logger.warning("undecodable reply skipped: %s", exc)
             return
         entry = self._pending.get(response.request_id)

@@ -24,7 +24,7 @@ import hashlib
 import hmac
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import numpy as np
@@ -34,13 +34,25 @@ SIGNATURE_HEADER = "mg-sig"
 _SIGNING_PREFIX = b"mg1\n"
 
 Datatype = Literal["FP32", "FP64", "INT32", "INT64"]
+
+# Every string the gateway may echo back is bounded by the codec itself, so an
+# unauthenticated message cannot make answers, decision records or log lines
+# large. Kafka topic names are at most 249 characters.
+RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+TopicName = Annotated[str, msgspec.Meta(min_length=1, max_length=249)]
+
+# What decoding hostile bytes can raise besides DecodeError: msgspec raises
+# UnicodeDecodeError for invalid UTF-8 inside a string and RecursionError for
+# very deep nesting.
+DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError)
 Action = Literal["allow", "flag", "throttle", "degrade", "block"]
 
 
 class Tensor(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """An Open Inference Protocol v2 style tensor: row-major flat ``data``."""
 
-    name: str
+    name: Name
     shape: list[int]
     datatype: Datatype
     # Numbers only: JSON true/false are refused by the codec rather than being
@@ -52,24 +64,24 @@ class InferRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """One inference request as a client produces it."""
 
     v: int
-    request_id: str
-    key_id: str
+    request_id: RequestId
+    key_id: Name
     ts_ms: int
-    model: str
+    model: Name
     inputs: list[Tensor]
-    reply_to: str | None = None
-    correlation_id: str | None = None
+    reply_to: TopicName | None = None
+    correlation_id: RequestId | None = None
 
 
 class RequestEnvelope(msgspec.Struct, frozen=True):
     """The few fields the worker tries to read even from an invalid request,
     so that an error can still reach the sender. Unknown fields are ignored."""
 
-    request_id: str | None = None
-    key_id: str | None = None
-    reply_to: str | None = None
-    correlation_id: str | None = None
-    model: str | None = None
+    request_id: RequestId | None = None
+    key_id: Name | None = None
+    reply_to: TopicName | None = None
+    correlation_id: RequestId | None = None
+    model: Name | None = None
 
 
 class ErrorBody(msgspec.Struct, frozen=True):
@@ -170,7 +182,7 @@ def decode_envelope(value: bytes) -> RequestEnvelope | None:
     """Best-effort read of the reply fields from a value that failed decoding."""
     try:
         return _envelope_decoder.decode(value)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError):
+    except DECODE_ERRORS:
         # Whatever a hostile value does to the decoder, we just don't learn
         # where to send the error.
         return None

@@ -74,7 +74,17 @@ class Scorer:
 
         for model_name, model_items in by_model.items():
             model = self.models[model_name]
-            self._score(model, model_items)
+            # A redelivered record (the worker died or the batch was retried
+            # after answering it) was scored the first time; scoring it again
+            # would count its flags twice and show the detectors an exact copy
+            # of a query, which looks like probing.
+            fresh = [
+                i
+                for i in model_items
+                if i.admission is None or i.admission.outcome != "redelivery"
+            ]
+            if fresh:
+                self._score(model, fresh)
 
             # One model call for every row policy lets through.
             served = [i for i in model_items if i.error is None and i.rows is not None]

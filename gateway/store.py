@@ -395,6 +395,26 @@ class CounterStore:
             logger.info("client unblocked", extra={"client": client_id})
         return bool(removed)
 
+    async def release_requests(self, requests: Sequence[tuple[str, str]]) -> None:
+        """Forget that these (client id, request id) pairs were admitted.
+
+        For requests admitted but then not served (model failure, a block
+        decided after admission): the client's retry under the same id must be
+        served, not refused as a duplicate. One round trip for all of them.
+        """
+        if not requests:
+            return
+        keys = [self.request_key(client, request) for client, request in requests]
+        # One DEL per key, pipelined: keys of different clients live in
+        # different hash slots, which a multi-key DEL would refuse on a cluster.
+        async with (
+            redis_guard("release", self._timeout_s),
+            self._redis.pipeline(transaction=False) as pipe,
+        ):
+            for key in keys:
+                pipe.delete(key)
+            await pipe.execute()
+
     async def is_blocked(self, client_id: str) -> bool:
         _check_client(client_id)
         async with redis_guard("is_blocked", self._timeout_s):

@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import errors as aiokafka_errors
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
@@ -55,6 +56,13 @@ logger = logging.getLogger(__name__)
 _STATE_TTL_S = 7 * 86_400
 _TOPIC_REFRESH_S = 30.0
 _MIN_BACKOFF_S = 0.5
+# Errors about one record that no retry will cure; any other produce error
+# retries the whole batch (aiokafka marks timeouts as not retriable, too).
+_REFUSED_FOR_GOOD = (
+    aiokafka_errors.MessageSizeTooLargeError,
+    aiokafka_errors.RecordTooLargeError,
+    aiokafka_errors.InvalidTopicError,
+)
 _MAX_BACKOFF_S = 5.0
 _UNKNOWN_REFRESH_S = 2.0
 
@@ -217,13 +225,26 @@ class Worker:
         assert self._consumer is not None, "start() first"
         kafka = self.settings.kafka
         while not stop_event.is_set():
-            batch = await self._consumer.getmany(
-                timeout_ms=kafka.poll_timeout_ms, max_records=kafka.max_batch_records
-            )
+            try:
+                batch = await self._consumer.getmany(
+                    timeout_ms=kafka.poll_timeout_ms,
+                    max_records=kafka.max_batch_records,
+                )
+            except KafkaError as exc:
+                # The consumer reconnects by itself; a fetch error must not end
+                # the worker (a restart would only meet it again).
+                logger.warning("fetch failed, retrying: %r", exc)
+                await asyncio.sleep(self._backoff_s)
+                continue
             if not batch:
                 continue
             async with self._batch_lock:
-                await self._handle_batch(batch)
+                # A revoke may have run between the fetch and the lock: those
+                # records now belong to another worker, which will serve them.
+                owned = self._consumer.assignment()
+                batch = {tp: rs for tp, rs in batch.items() if tp in owned}
+                if batch:
+                    await self._handle_batch(batch)
 
     # -- one batch ---------------------------------------------------------------
 
@@ -242,10 +263,13 @@ class Worker:
             await self.process_records(
                 [(tp, r) for tp, records in batch.items() for r in records]
             )
-            await self._consumer.commit(
-                {tp: off + 1 for tp, off in last_offsets.items()}
+            await asyncio.wait_for(
+                self._consumer.commit(
+                    {tp: off + 1 for tp, off in last_offsets.items()}
+                ),
+                self.settings.kafka.request_timeout_s,
             )
-        except (BrokerError, StoreError, KafkaError) as exc:
+        except (BrokerError, StoreError, KafkaError, TimeoutError) as exc:
             # Kafka or Redis is in trouble. Answers may be half produced; rewind
             # so the whole batch comes again: clients tolerate a duplicate
             # answer (admission recognises the same record as a redelivery),
@@ -286,6 +310,7 @@ class Worker:
             await loop.run_in_executor(None, self._scorer.score_and_predict, items)
             timer.lap("detect_predict")
             await self._enforce_blocks(items)
+            await self._release_unserved(items)
         except (asyncio.CancelledError, StoreError, BrokerError):
             raise
         except Exception:
@@ -425,13 +450,11 @@ class Worker:
         }
         if not new:
             return
+        # A StoreError propagates (the batch is retried): marking the clients
+        # known with empty state would let the next revoke erase their history.
+        blobs = await self._store.load_states(list(new))
         self._client_tp.update(new)
         self.metrics.clients.set(len(self._client_tp))
-        try:
-            blobs = await self._store.load_states(list(new))
-        except StoreError:
-            logger.warning("detector state not loaded; clients start afresh")
-            return
         for client_id, blob in blobs.items():
             self._scorer.restore(client_id, blob)
 
@@ -455,6 +478,22 @@ class Worker:
                 # The answers still say BLOCKED; the next batch re-derives the
                 # block from the same detector state.
                 logger.warning("block not stored", extra={"client": client_id})
+
+    async def _release_unserved(self, items: list[BatchItem]) -> None:
+        """Requests admitted but then refused (model failure, a block decided
+        on this very query) give their request id back, so that the retry
+        their answer invites is not refused as a duplicate."""
+        assert self._store is not None
+        unserved = [
+            (i.key.client_id, i.request.request_id)
+            for i in items
+            if i.error is not None
+            and i.admission is not None
+            and i.admission.outcome == "ok"
+            and i.key is not None
+            and i.request is not None
+        ]
+        await self._store.release_requests(unserved)
 
     async def _produce(self, items: list[BatchItem]) -> None:
         """Produce every answer, decision, alert and dead-letter record of the
@@ -564,17 +603,21 @@ class Worker:
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         # Wait for the batch in flight to commit, then hand the clients of the
         # revoked partitions over through Redis.
-        locked = False
         try:
             await asyncio.wait_for(
                 self._batch_lock.acquire(), self.settings.kafka.request_timeout_s
             )
-            locked = True
         except TimeoutError:
             # The batch is stuck (most likely on a commit that cannot finish
-            # during the rebalance); hand over what we have rather than stall
-            # the group. Its records will be redelivered to the new owner.
-            logger.warning("revoke did not wait for the batch in flight")
+            # during the rebalance). Its records go to the new owner again; the
+            # detector state is in use by the executor, so it is neither
+            # snapshotted nor forgotten, and the new owner starts those clients
+            # afresh rather than stall the group.
+            logger.warning(
+                "revoke did not wait for the batch in flight",
+                extra={"partitions": sorted(tp.partition for tp in revoked)},
+            )
+            return
         try:
             leaving = [c for c, tp in self._client_tp.items() if tp in revoked]
             try:
@@ -590,8 +633,7 @@ class Worker:
                 },
             )
         finally:
-            if locked:
-                self._batch_lock.release()
+            self._batch_lock.release()
 
     async def _snapshot(self, client_ids: list[str]) -> None:
         if not client_ids or self._store is None:
@@ -663,7 +705,10 @@ class _Sends:
         key: bytes | None,
         fallback: str | None,
     ) -> None:
-        if getattr(exc, "retriable", False):
+        permanent = isinstance(exc, _REFUSED_FOR_GOOD)
+        if not permanent and fallback is None:
+            # Timeouts, a fenced or closed producer, a missing ACL...: the
+            # broker may take the record later, so the batch is served again.
             self._retry = exc
             return
         self._metrics.produce_failures.labels(type(exc).__name__).inc()
