@@ -37,12 +37,12 @@ from gateway.protocol import (
 
 logger = logging.getLogger(__name__)
 
-# Codes a caller may retry with the same request id after waiting. The worker
-# also sets ``retriable`` per response; this is the fallback when it does not.
 # How long an unauthenticated error answer waits for an authenticated answer
 # to the same request id to overtake it; the worker answers a batch in far less.
 _UNAUTHENTICATED_GRACE_S = 1.0
 
+# Codes a caller may retry with the same request id after waiting. The worker
+# also sets ``retriable`` per response; this is the fallback when it does not.
 _RETRIABLE_CODES = frozenset(
     {"RATE_LIMITED", "BACKEND_ERROR", "STORE_UNAVAILABLE", "TIMEOUT"}
 )

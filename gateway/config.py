@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -122,7 +122,7 @@ class PolicyConfig(_Frozen):
 
 class ModelsConfig(_Frozen):
     directory: Path = Path("var/models")
-    serve: list[str] = ["digits"]
+    serve: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]] = ["digits"]
 
 
 class WorkerConfig(_Frozen):

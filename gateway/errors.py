@@ -34,9 +34,6 @@ class ModelgateError(Exception):
         self.code = code or self.default_code
         self.retriable = self.default_retriable if retriable is None else retriable
 
-    def to_dict(self) -> dict[str, object]:
-        return {"code": self.code, "message": self.message, "retriable": self.retriable}
-
 
 class ValidationError(ModelgateError):
     """The request does not match the schema or the model's signature."""

@@ -72,8 +72,8 @@ class ModelSignature:
 
     @classmethod
     def from_json(cls, text: str) -> ModelSignature:
-        raw = json.loads(text)
         try:
+            raw = json.loads(text)
             return cls(
                 name=str(raw["name"]),
                 version=str(raw["version"]),
@@ -143,10 +143,6 @@ class ServedModel:
     def name(self) -> str:
         return self.signature.name
 
-    @property
-    def input(self) -> TensorSpec:
-        return self.signature.inputs[0]
-
     def predict_proba(self, rows: np.ndarray) -> np.ndarray:
         """Class probabilities, float32 of shape (n, n_classes)."""
         try:
@@ -171,6 +167,10 @@ def load_model(directory: Path, name: str) -> ServedModel:
         signature = ModelSignature.from_json(
             base.with_suffix(".signature.json").read_text()
         )
+        if signature.name != name:
+            raise ConfigError(
+                f"model {name}: its signature names it {signature.name!r}"
+            )
         untrusted = [
             t
             for t in sio.get_untrusted_types(file=base.with_suffix(".skops"))

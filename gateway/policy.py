@@ -58,9 +58,6 @@ class Policy:
         self.config = config
         self._clients: dict[str, _ClientPolicyState] = {}
 
-    def reconfigure(self, config: PolicyConfig) -> None:
-        self.config = config
-
     def good_standing(self, client_id: str) -> bool:
         """True while a client has never been flagged: only such clients may
         teach the detectors what normal traffic looks like."""

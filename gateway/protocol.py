@@ -46,7 +46,6 @@ TopicName = Annotated[str, msgspec.Meta(min_length=1, max_length=249)]
 # UnicodeDecodeError for invalid UTF-8 inside a string and RecursionError for
 # very deep nesting.
 DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError)
-Action = Literal["allow", "flag", "throttle", "degrade", "block"]
 
 
 class Tensor(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -43,7 +43,7 @@ from gateway.errors import (
     StoreError,
     ValidationError,
 )
-from gateway.keys import KeyStore, authenticate
+from gateway.keys import KeyStore, authenticate, load_server_key
 from gateway.metrics import WorkerMetrics
 from gateway.models import ServedModel, ensure_digits_model, load_model
 from gateway.scoring import Scorer
@@ -136,9 +136,11 @@ class Worker:
 
         # Models and detectors first: a bad model file should fail before we
         # join the group and take partitions we cannot serve.
+        loop = asyncio.get_running_loop()
         if self._models is None:
-            loop = asyncio.get_running_loop()
             self._models = await loop.run_in_executor(None, self._load_models)
+        # File I/O (and an fsync when the key is new): off the event loop.
+        server_key = await loop.run_in_executor(None, load_server_key, s)
         self._scorer = Scorer(s, self._models, self.metrics)
         # Before joining the group: a port clash (ConfigError) should stop the
         # worker before it takes partitions it could not report on.
@@ -147,7 +149,7 @@ class Worker:
         )
 
         self._redis = redis_from_settings(s)
-        self._keys = KeyStore(self._redis, s)
+        self._keys = KeyStore(self._redis, s, server_key=server_key)
         self._store = CounterStore(self._redis, s)
 
         try:
@@ -506,62 +508,79 @@ class Worker:
         shared responses topic instead, anything else is logged as lost.
         """
         assert self._producer is not None
-        topics = self.settings.kafka.topics
-        worker_id = self.settings.worker.worker_id
-        block_cooldown_ms = int(self.settings.policy.block_cooldown_s * 1000)
         now_ms = protocol.now_ms()
         reply_topics = await self._known_reply_topics(items)
         sends = _Sends(self._producer, self.metrics)
 
         for item in items:
-            # Only an authenticated client's id keys its answers: a record's
-            # own key is the sender's claim and must not let it pose as a
-            # client (a reader matching answers by record key would be fooled).
-            key = item.client_id
-            code = item.error.code if item.error else ""
-            model = item.model.name if item.model is not None else "-"
-            self.metrics.requests.labels(model, item.action, code).inc()
-
-            # The answer, wherever a request id tells us who is waiting.
-            if item.request_id is not None:
-                response = response_for(item, now_ms, block_cooldown_ms)
-                reply_to = self._reply_topic(item, reply_topics)
-                fallback = topics.responses if reply_to != topics.responses else None
-                await sends.send(reply_to, response, key, fallback=fallback)
-
-            # Audit: one decision per record, answered or not.
-            await sends.send(
-                topics.decisions, decision_for(item, now_ms, worker_id), key
-            )
-
-            for event in alerts_for(item, worker_id):
-                self.metrics.alerts.labels(event["data"]["detector"]).inc()
-                logger.info(
-                    "alert",
-                    extra={
-                        "client": item.client_id,
-                        "detector": event["data"]["detector"],
-                        "request": item.request_id,
-                    },
+            try:
+                await self._produce_item(item, sends, reply_topics, now_ms)
+            except Exception:
+                # A fault building one record's messages costs that record's
+                # answer (INTERNAL), not the batch and not the worker.
+                logger.exception(
+                    "could not build the answers of a record",
+                    extra={"partition": item.partition, "offset": item.offset},
                 )
-                await sends.send(topics.alerts, event, key)
-
-            # Bad messages keep (the head of) their bytes on the dead-letter topic.
-            dead = deadletter_for(item, now_ms, worker_id)
-            if dead is not None:
-                self.metrics.deadletters.labels(dead.code).inc()
-                logger.info(
-                    "dead-lettered %s",
-                    dead.code,
-                    extra={
-                        "partition": item.partition,
-                        "offset": item.offset,
-                        "request": item.request_id,
-                    },
-                )
-                await sends.send(topics.deadletter, dead, key)
+                if item.request_id is not None:
+                    await sends.send(
+                        self.settings.kafka.topics.responses,
+                        _internal_answer(item, now_ms),
+                        item.client_id,
+                    )
 
         await sends.wait(self.settings.kafka.request_timeout_s)
+
+    async def _produce_item(
+        self, item: BatchItem, sends: _Sends, reply_topics: set[str], now_ms: int
+    ) -> None:
+        topics = self.settings.kafka.topics
+        worker_id = self.settings.worker.worker_id
+        block_cooldown_ms = int(self.settings.policy.block_cooldown_s * 1000)
+        # Only an authenticated client's id keys its answers: a record's
+        # own key is the sender's claim and must not let it pose as a
+        # client (a reader matching answers by record key would be fooled).
+        key = item.client_id
+        code = item.error.code if item.error else ""
+        model = item.model.name if item.model is not None else "-"
+        self.metrics.requests.labels(model, item.action, code).inc()
+
+        # The answer, wherever a request id tells us who is waiting.
+        if item.request_id is not None:
+            response = response_for(item, now_ms, block_cooldown_ms)
+            reply_to = self._reply_topic(item, reply_topics)
+            fallback = topics.responses if reply_to != topics.responses else None
+            await sends.send(reply_to, response, key, fallback=fallback)
+
+        # Audit: one decision per record, answered or not.
+        await sends.send(topics.decisions, decision_for(item, now_ms, worker_id), key)
+
+        for event in alerts_for(item, worker_id):
+            self.metrics.alerts.labels(event["data"]["detector"]).inc()
+            logger.info(
+                "alert",
+                extra={
+                    "client": item.client_id,
+                    "detector": event["data"]["detector"],
+                    "request": item.request_id,
+                },
+            )
+            await sends.send(topics.alerts, event, key)
+
+        # Bad messages keep (the head of) their bytes on the dead-letter topic.
+        dead = deadletter_for(item, now_ms, worker_id)
+        if dead is not None:
+            self.metrics.deadletters.labels(dead.code).inc()
+            logger.info(
+                "dead-lettered %s",
+                dead.code,
+                extra={
+                    "partition": item.partition,
+                    "offset": item.offset,
+                    "request": item.request_id,
+                },
+            )
+            await sends.send(topics.deadletter, dead, key)
 
     def _reply_topic(self, item: BatchItem, known: set[str]) -> str:
         """Where the answer goes. A client may name its own reply topic under the
@@ -652,6 +671,17 @@ class Worker:
         self.metrics.clients.set(len(self._client_tp))
 
 
+def _internal_answer(item: BatchItem, now_ms: int) -> protocol.InferResponse:
+    return protocol.InferResponse(
+        v=protocol.SCHEMA_VERSION,
+        request_id=item.request_id or "",
+        status="error",
+        ts_ms=now_ms,
+        action="reject",
+        error=protocol.ErrorBody("INTERNAL", "internal error", False),
+    )
+
+
 class _Sends:
     """The produces of one batch: started without waiting, awaited together,
     and sorted into retry-the-batch failures and failures for good."""
@@ -690,8 +720,10 @@ class _Sends:
         ):
             if isinstance(result, KafkaError):
                 await self._failed(result, topic, value, key, fallback)
-            elif isinstance(result, BaseException):
-                raise result
+            elif isinstance(result, Exception):
+                # Not the broker's word on the record: assume the worst and
+                # serve the batch again.
+                self._retry = result
         if self._pending:  # fallbacks started by _failed
             await self.wait(timeout_s)
         if self._retry is not None:
