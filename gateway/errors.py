@@ -100,6 +100,8 @@ ERROR_CODES: dict[str, str] = {
     "AUTH_BAD_SIGNATURE": "the signature does not match the message and key",
     "AUTH_STALE": "the client timestamp is outside the accepted clock skew",
     "AUTH_MODEL_FORBIDDEN": "the API key is not scoped to this model",
+    "AUTH_WRONG_PARTITION": "the record is not keyed (or partitioned) by the key's "
+    "client id",
     "DUPLICATE_REQUEST": "a request with this id from this client was already seen",
     "RATE_LIMITED": "the client exceeded its rate limit; retry after retry_after_ms",
     "BLOCKED": "the client is blocked for a cool-down period",

@@ -14,8 +14,9 @@ Request (value, JSON, schema version 1)::
      "reply_to": "modelgate.responses", "correlation_id": "c-9"}
 
 Headers: ``mg-sig`` = lowercase hex of HMAC-SHA256(secret, b"mg1\\n" + value).
-The record key should be the client id so that one client's stream stays on one
-partition; the worker never trusts it for identity.
+The record key must be the client id the API key belongs to (the worker refuses
+other records with AUTH_WRONG_PARTITION), so that one client's stream stays on
+one partition; identity itself always comes from the key, never from the record.
 """
 
 from __future__ import annotations

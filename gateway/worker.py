@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka import errors as aiokafka_errors
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
 
 from gateway import protocol
 from gateway.batch import (
@@ -37,6 +38,7 @@ from gateway.batch import (
 )
 from gateway.config import Settings
 from gateway.errors import (
+    AuthError,
     BrokerError,
     ModelgateError,
     PolicyError,
@@ -55,6 +57,9 @@ logger = logging.getLogger(__name__)
 
 _STATE_TTL_S = 7 * 86_400
 _TOPIC_REFRESH_S = 30.0
+# The producer's default partitioner (murmur2, as Kafka's Java client), so
+# that the partition a client's records must be on is the one they land on.
+_PARTITIONER = DefaultPartitioner()
 _MIN_BACKOFF_S = 0.5
 # Errors about one record that no retry will cure; any other produce error
 # retries the whole batch (aiokafka marks timeouts as not retriable, too).
@@ -172,10 +177,19 @@ class Worker:
             session_timeout_ms=s.kafka.session_timeout_ms,
             heartbeat_interval_ms=s.kafka.heartbeat_interval_ms,
             max_partition_fetch_bytes=max(s.kafka.max_message_bytes * 4, 1_048_576),
+            # Backstop for the same race: a topic (re)created later is seen
+            # within 10 s rather than the default 5 minutes.
+            metadata_max_age_ms=10_000,
             request_timeout_ms=int(timeout_s * 1000) + 10_000,
         )
         try:
             await asyncio.wait_for(self._producer.start(), timeout_s)
+            # Wait until the broker's metadata lists the requests topic. A
+            # consumer that joins the group before then is assigned nothing
+            # and would only notice the topic at its next metadata refresh.
+            await asyncio.wait_for(
+                self._producer.partitions_for(s.kafka.topics.requests), timeout_s
+            )
             await asyncio.wait_for(self._consumer.start(), timeout_s)
         except (KafkaError, TimeoutError, OSError) as exc:
             await self.stop()
@@ -361,7 +375,7 @@ class Worker:
             request = item.request
             assert request is not None
             try:
-                item.key = authenticate(
+                key = authenticate(
                     keys.get(request.key_id),
                     item.value,
                     item.signature,
@@ -370,8 +384,35 @@ class Worker:
                     now_ms,
                     max_skew_ms,
                 )
+                self._check_placement(item, key.client_id)
             except ModelgateError as exc:
                 item.fail(exc)
+            else:
+                item.key = key
+
+    def _check_placement(self, item: BatchItem, client_id: str) -> None:
+        """Refuse a record not keyed, or not partitioned, by its client's id.
+
+        Each worker must see the whole stream of the clients it owns (the
+        detectors judge a stream, not a query), so a client may not spread its
+        queries over partitions by varying the record key or by choosing a
+        partition itself.
+        """
+        if item.record_key != client_id:
+            raise AuthError(
+                "the record key must be the API key's client id",
+                code="AUTH_WRONG_PARTITION",
+            )
+        assert self._consumer is not None
+        partitions = self._consumer.partitions_for_topic(item.topic)
+        if partitions:
+            ids = sorted(partitions)
+            expected = _PARTITIONER(client_id.encode("utf-8"), ids, ids)
+            if expected != item.partition:
+                raise AuthError(
+                    f"a record of this client belongs on partition {expected}",
+                    code="AUTH_WRONG_PARTITION",
+                )
 
     def _validate(self, items: list[BatchItem]) -> None:
         assert self._models is not None

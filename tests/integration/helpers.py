@@ -33,7 +33,7 @@ def isolated_settings(
 ) -> Settings:
     """Settings whose topics, group and Redis keys no other test or run shares."""
     tag = uuid.uuid4().hex[:10]
-    kafka = {
+    kafka: dict[str, Any] = {
         "bootstrap": kafka_bootstrap,
         "group_id": f"test-{tag}",
         "poll_timeout_ms": 100,
@@ -43,7 +43,7 @@ def isolated_settings(
             "alerts": f"test-{tag}.alerts",
             "decisions": f"test-{tag}.decisions",
             "deadletter": f"test-{tag}.deadletter",
-            "requests_partitions": 2,
+            "requests_partitions": overrides.pop("requests_partitions", 2),
             "other_partitions": 1,
         },
     }

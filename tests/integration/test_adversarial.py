@@ -48,6 +48,20 @@ X_TEST = digits_split()[1]
 ANSWER_S = 25.0
 
 
+@pytest.fixture
+def settings(stack: StackInfo, models_dir: Path) -> Settings:
+    """One requests partition: these tests put several clients' records in
+    one batch of one partition on purpose, to show a bad one stalls no other."""
+    return isolated_settings(
+        stack.kafka_bootstrap,
+        stack.redis_url,
+        models_dir,
+        policy={"shadow": True},
+        limits={"rate_per_s": 10_000, "burst": 10_000},
+        requests_partitions=1,
+    )
+
+
 def _body(
     key_id: str,
     *,
@@ -232,7 +246,7 @@ async def test_reply_topic_that_refuses_records_does_not_stall_the_partition(
             reply_to=tiny,
         )
         async with running_worker(settings) as worker:
-            await kafka.send_raw(value, key="shared-key", headers=headers)
+            await kafka.send_raw(value, key="tiny-sender", headers=headers)
             _, value2, headers2 = protocol.build_request(
                 key_id=other_id,
                 secret=other_secret,
@@ -240,7 +254,7 @@ async def test_reply_topic_that_refuses_records_does_not_stall_the_partition(
                 inputs={"pixels": X_TEST[1:2]},
             )
             bystander = json.loads(value2)["request_id"]
-            await kafka.send_raw(value2, key="shared-key", headers=headers2)
+            await kafka.send_raw(value2, key="tiny-bystander", headers=headers2)
             # The bystander must be answered; the sender's answer falls back to
             # the shared responses topic rather than being lost.
             answers = await responses_for(
@@ -277,10 +291,10 @@ async def test_integer_too_big_for_a_double_is_non_finite_for_that_request_only(
     raw = raw.replace(b'"HUGE"', b"9" * digits)
     huge_rid = json.loads(raw.replace(b"9" * digits, b"0"))["request_id"]
     # Both in the log before the worker starts: one batch, one partition.
-    await kafka.send_raw(raw, key="same", headers=_signed(m_secret, raw))
+    await kafka.send_raw(raw, key="mallory", headers=_signed(m_secret, raw))
     good_raw = json.dumps(_body(v_id)).encode()
     good = json.loads(good_raw)["request_id"]
-    await kafka.send_raw(good_raw, key="same", headers=_signed(v_secret, good_raw))
+    await kafka.send_raw(good_raw, key="victor", headers=_signed(v_secret, good_raw))
     async with running_worker(settings):
         answers = await responses_for(settings, [huge_rid, good], timeout_s=ANSWER_S)
     assert answers[good]["status"] == "ok", answers[good]
@@ -433,7 +447,7 @@ async def test_hostile_envelopes_get_stable_codes_and_the_partition_moves_on(
     ) -> None:
         raw = json.dumps(body).encode()
         headers = kw.get("headers", _signed(secret, raw) if secret else [])
-        await kafka.send_raw(raw, key="hostile", headers=headers)
+        await kafka.send_raw(raw, key=kw.get("key", "hostile"), headers=headers)
         expected[body["request_id"]] = code
 
     # No value at all, and an empty one: dead letters only (nobody to answer).
@@ -451,17 +465,19 @@ async def test_hostile_envelopes_get_stable_codes_and_the_partition_moves_on(
     # id to answer to: a dead letter only (checked by the count below).
     await send(_body(a_id, request_id="r" * 129), a_secret, "SCHEMA_INVALID")
     expected.pop("r" * 129)
-    await send(_body(a_id, request_id="{c:beta}" + "r" * 120), a_secret, "")
+    await send(
+        _body(a_id, request_id="{c:beta}" + "r" * 120), a_secret, "", key="alpha"
+    )
     await send(
         _body(a_id, request_id="future", ts_ms=protocol.now_ms() + 3_600_000),
         a_secret,
         "AUTH_STALE",
     )
     for target in (topics.requests, topics.alerts, topics.deadletter, "x" * 200):
-        await send(_body(a_id, reply_to=target), a_secret, "")
+        await send(_body(a_id, reply_to=target), a_secret, "", key="alpha")
     # One request id, two clients: each is its own client's first use.
-    await send(_body(a_id, request_id="shared-id"), a_secret, "")
-    await send(_body(b_id, request_id="shared-id"), b_secret, "")
+    await send(_body(a_id, request_id="shared-id"), a_secret, "", key="alpha")
+    await send(_body(b_id, request_id="shared-id"), b_secret, "", key="beta")
     expected.pop("shared-id")
     last = await _valid(kafka, b_id, b_secret, "beta")
 

@@ -355,3 +355,41 @@ async def test_second_worker_on_a_taken_metrics_port_fails_clearly(
             await second.start()
         await second.stop()
     assert "worker.metrics_port" in info.value.message
+
+
+async def test_records_must_be_keyed_and_partitioned_by_their_client(
+    settings: Settings, kafka: RawKafka
+) -> None:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    key_id, secret = await create_key(settings, "ivy")
+    topic = settings.kafka.topics.requests
+    partitions = sorted(await kafka.producer.partitions_for(topic))
+    home = DefaultPartitioner()(b"ivy", partitions, partitions)
+    elsewhere = next(p for p in partitions if p != home)
+
+    def signed(request_id: str) -> tuple[bytes, list[tuple[str, bytes]]]:
+        _, value, headers = protocol.build_request(
+            key_id=key_id,
+            secret=secret,
+            model="digits",
+            inputs={"pixels": X_TEST[:1]},
+            request_id=request_id,
+        )
+        return value, headers
+
+    async with running_worker(settings):
+        value, headers = signed("wrong-key")
+        await kafka.send_raw(value, key="someone-else", headers=headers)
+        value, headers = signed("wrong-partition")
+        await kafka.producer.send_and_wait(
+            topic, value, key=b"ivy", partition=elsewhere, headers=headers
+        )
+        value, headers = signed("right")
+        await kafka.send_raw(value, key="ivy", headers=headers)
+        answers = await responses_for(
+            settings, ["wrong-key", "wrong-partition", "right"]
+        )
+    assert answers["right"]["status"] == "ok", answers["right"]
+    for rid in ("wrong-key", "wrong-partition"):
+        assert answers[rid]["error"]["code"] == "AUTH_WRONG_PARTITION", answers[rid]
