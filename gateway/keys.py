@@ -471,9 +471,14 @@ class KeyStore:
             return None
         status = row.get(b"status", b"").decode()
         expires = row.get(b"expires_ms", b"")
+        client_id = row[b"client_id"].decode()
+        if not CLIENT_ID_PATTERN.fullmatch(client_id):
+            # Redis keys and record keys are built from it; a damaged one
+            # refuses this key rather than failing a whole batch later.
+            raise ValueError("client id of the key record is malformed")
         return ApiKey(
             key_id=key_id,
-            client_id=row[b"client_id"].decode(),
+            client_id=client_id,
             secret=secret,
             models=tuple(json.loads(row.get(b"models", b"[]"))),
             # Anything but an explicit "active" is treated as revoked.

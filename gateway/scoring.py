@@ -174,7 +174,9 @@ class Scorer:
                         detectors[name].load_state(client_id, detector_blob)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError, KeyError):
             # A snapshot from an incompatible version: start the client afresh.
-            logger.warning("unreadable client snapshot", extra={"client": client_id})
+            logger.warning(
+                "unreadable client snapshot", extra={"client": client_id}, exc_info=True
+            )
             self.forget(client_id)
 
     def forget(self, client_id: str) -> None:

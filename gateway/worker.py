@@ -291,7 +291,10 @@ class Worker:
             # answer (admission recognises the same record as a redelivery),
             # never a missing one.
             logger.warning(
-                "batch not committed, retrying in %.1f s: %r", self._backoff_s, exc
+                "batch not committed, retrying in %.1f s: %r",
+                self._backoff_s,
+                exc,
+                extra={"offsets": {tp.partition: o for tp, o in first_offsets.items()}},
             )
             for tp, offset in first_offsets.items():
                 if tp in self._consumer.assignment():
@@ -332,7 +335,10 @@ class Worker:
         except Exception:
             # A bug must cost this batch's answers, not the worker: every request
             # not yet refused gets INTERNAL and the partition moves on.
-            logger.exception("batch failed before produce; answering INTERNAL")
+            logger.exception(
+                "batch failed before produce; answering INTERNAL",
+                extra={"records": len(items)},
+            )
             for item in items:
                 if item.error is None:
                     item.fail(ModelgateError("internal error", code="INTERNAL"))
@@ -703,7 +709,11 @@ class Worker:
         try:
             await self._store.save_states(blobs, _STATE_TTL_S)
         except StoreError:
-            logger.warning("detector state of %d clients not saved", len(blobs))
+            logger.warning(
+                "detector state of %d clients not saved",
+                len(blobs),
+                extra={"clients": len(blobs)},
+            )
 
     def _forget(self, client_id: str) -> None:
         self._client_tp.pop(client_id, None)
