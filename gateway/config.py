@@ -71,6 +71,10 @@ class KafkaConfig(_Frozen):
 
 
 class RedisConfig(_Frozen):
+    # TODO: a password inside this URL would show in a repr of the settings;
+    # a separate SecretStr password field (issue 4's production hardening)
+    # would let Redis with AUTH be configured safely. Until then use a
+    # loopback Redis without a password, as the local stack does.
     url: str = "redis://127.0.0.1:16379/0"
     key_prefix: str = Field("mg", pattern=r"^[A-Za-z0-9_-]{1,32}$")
     socket_timeout_s: float = Field(2.0, gt=0, le=60)
