@@ -16,13 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import msgspec
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka import errors as aiokafka_errors
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
@@ -48,6 +46,7 @@ from gateway.errors import (
 from gateway.keys import KeyStore, authenticate, load_server_key
 from gateway.metrics import WorkerMetrics
 from gateway.models import ServedModel, ensure_digits_model, load_model
+from gateway.produce import Sends, internal_answer
 from gateway.scoring import Scorer
 from gateway.store import AdmitItem, CounterStore, redis_from_settings
 from gateway.topics import ensure_topics
@@ -61,13 +60,6 @@ _TOPIC_REFRESH_S = 30.0
 # that the partition a client's records must be on is the one they land on.
 _PARTITIONER = DefaultPartitioner()
 _MIN_BACKOFF_S = 0.5
-# Errors about one record that no retry will cure; any other produce error
-# retries the whole batch (aiokafka marks timeouts as not retriable, too).
-_REFUSED_FOR_GOOD = (
-    aiokafka_errors.MessageSizeTooLargeError,
-    aiokafka_errors.RecordTooLargeError,
-    aiokafka_errors.InvalidTopicError,
-)
 _MAX_BACKOFF_S = 5.0
 _UNKNOWN_REFRESH_S = 2.0
 
@@ -557,7 +549,7 @@ class Worker:
         assert self._producer is not None
         now_ms = protocol.now_ms()
         reply_topics = await self._known_reply_topics(items)
-        sends = _Sends(self._producer, self.metrics)
+        sends = Sends(self._producer, self.metrics)
 
         for item in items:
             try:
@@ -572,14 +564,14 @@ class Worker:
                 if item.request_id is not None:
                     await sends.send(
                         self.settings.kafka.topics.responses,
-                        _internal_answer(item, now_ms),
+                        internal_answer(item, now_ms),
                         item.client_id,
                     )
 
         await sends.wait(self.settings.kafka.request_timeout_s)
 
     async def _produce_item(
-        self, item: BatchItem, sends: _Sends, reply_topics: set[str], now_ms: int
+        self, item: BatchItem, sends: Sends, reply_topics: set[str], now_ms: int
     ) -> None:
         topics = self.settings.kafka.topics
         worker_id = self.settings.worker.worker_id
@@ -720,95 +712,6 @@ class Worker:
         if self._scorer is not None:
             self._scorer.forget(client_id)
         self.metrics.clients.set(len(self._client_tp))
-
-
-def _internal_answer(item: BatchItem, now_ms: int) -> protocol.InferResponse:
-    return protocol.InferResponse(
-        v=protocol.SCHEMA_VERSION,
-        request_id=item.request_id or "",
-        status="error",
-        ts_ms=now_ms,
-        action="reject",
-        error=protocol.ErrorBody("INTERNAL", "internal error", False),
-    )
-
-
-class _Sends:
-    """The produces of one batch: started without waiting, awaited together,
-    and sorted into retry-the-batch failures and failures for good."""
-
-    def __init__(self, producer: AIOKafkaProducer, metrics: WorkerMetrics) -> None:
-        self._producer = producer
-        self._metrics = metrics
-        self._pending: list[
-            tuple[Awaitable[Any], str, bytes, bytes | None, str | None]
-        ] = []
-        self._retry: BaseException | None = None
-
-    async def send(
-        self, topic: str, message: Any, key: str | None, *, fallback: str | None = None
-    ) -> None:
-        value = protocol.encode(message)
-        encoded_key = key.encode("utf-8") if key else None
-        try:
-            future = await self._producer.send(topic, value, key=encoded_key)
-        except KafkaError as exc:
-            await self._failed(exc, topic, value, encoded_key, fallback)
-            return
-        self._pending.append((future, topic, value, encoded_key, fallback))
-
-    async def wait(self, timeout_s: float) -> None:
-        pending, self._pending = self._pending, []
-        try:
-            results = await asyncio.wait_for(
-                asyncio.gather(*(p[0] for p in pending), return_exceptions=True),
-                timeout_s,
-            )
-        except TimeoutError as exc:
-            raise BrokerError("produce timed out") from exc
-        for result, (_, topic, value, key, fallback) in zip(
-            results, pending, strict=True
-        ):
-            if isinstance(result, KafkaError):
-                await self._failed(result, topic, value, key, fallback)
-            elif isinstance(result, Exception):
-                # Not the broker's word on the record: assume the worst and
-                # serve the batch again.
-                self._retry = result
-        if self._pending:  # fallbacks started by _failed
-            await self.wait(timeout_s)
-        if self._retry is not None:
-            raise BrokerError(f"produce failed: {self._retry!r}") from self._retry
-
-    async def _failed(
-        self,
-        exc: KafkaError,
-        topic: str,
-        value: bytes,
-        key: bytes | None,
-        fallback: str | None,
-    ) -> None:
-        permanent = isinstance(exc, _REFUSED_FOR_GOOD)
-        if not permanent and fallback is None:
-            # Timeouts, a fenced or closed producer, a missing ACL...: the
-            # broker may take the record later, so the batch is served again.
-            self._retry = exc
-            return
-        self._metrics.produce_failures.labels(type(exc).__name__).inc()
-        if fallback is not None:
-            logger.warning(
-                "reply topic %s refused an answer (%r); using %s", topic, exc, fallback
-            )
-            await self.send(
-                fallback, msgspec.Raw(value), None if key is None else key.decode()
-            )
-            return
-        logger.error(
-            "record for %s refused by the broker and lost: %r",
-            topic,
-            exc,
-            extra={"bytes": len(value)},
-        )
 
 
 class _StageTimer:
