@@ -36,7 +36,7 @@ from redis.typing import EncodableT
 from gateway import protocol
 from gateway.config import Settings
 from gateway.errors import AuthError, ConfigError, StoreError
-from gateway.store import CLIENT_ID_PATTERN, redis_guard
+from gateway.store import check_client_id, redis_guard
 
 logger = logging.getLogger(__name__)
 
@@ -313,8 +313,7 @@ class KeyStore:
         StoreError
             Redis could not be reached.
         """
-        if not CLIENT_ID_PATTERN.fullmatch(client_id):
-            raise ValueError(f"client_id must match {CLIENT_ID_PATTERN.pattern}")
+        check_client_id(client_id)
         scope = tuple(dict.fromkeys(models))
         if any(not m for m in scope):
             raise ValueError("model names must be non-empty")
@@ -472,10 +471,9 @@ class KeyStore:
         status = row.get(b"status", b"").decode()
         expires = row.get(b"expires_ms", b"")
         client_id = row[b"client_id"].decode()
-        if not CLIENT_ID_PATTERN.fullmatch(client_id):
-            # Redis keys and record keys are built from it; a damaged one
-            # refuses this key rather than failing a whole batch later.
-            raise ValueError("client id of the key record is malformed")
+        # Redis keys and record keys are built from it; a damaged one
+        # refuses this key (ValueError) rather than failing a batch later.
+        check_client_id(client_id)
         return ApiKey(
             key_id=key_id,
             client_id=client_id,

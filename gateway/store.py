@@ -149,8 +149,7 @@ class AdmitItem:
     cost: int = 1
 
     def __post_init__(self) -> None:
-        if not CLIENT_ID_PATTERN.fullmatch(self.client_id):
-            raise ValueError(f"client_id must match {CLIENT_ID_PATTERN.pattern}")
+        check_client_id(self.client_id)
         if not (self.rate_per_s > 0 and math.isfinite(self.rate_per_s)):
             raise ValueError("rate_per_s must be positive and finite")
         if self.burst < 1:
@@ -370,7 +369,7 @@ class CounterStore:
         Admission then answers ``blocked`` with the remaining time; the block
         lifts by itself. Blocking again replaces the cool-down.
         """
-        _check_client(client_id)
+        check_client_id(client_id)
         if cooldown_s is None:
             cooldown_s = self._default_cooldown_s
         if not (cooldown_s > 0 and math.isfinite(cooldown_s)):
@@ -388,7 +387,7 @@ class CounterStore:
 
     async def unblock(self, client_id: str) -> bool:
         """Lift a block early. Returns whether the client was blocked."""
-        _check_client(client_id)
+        check_client_id(client_id)
         async with redis_guard("unblock", self._timeout_s):
             removed = await self._redis.delete(self.client_key(client_id, "block"))
         if removed:
@@ -416,7 +415,7 @@ class CounterStore:
             await pipe.execute()
 
     async def is_blocked(self, client_id: str) -> bool:
-        _check_client(client_id)
+        check_client_id(client_id)
         async with redis_guard("is_blocked", self._timeout_s):
             return bool(await self._redis.exists(self.client_key(client_id, "block")))
 
@@ -430,7 +429,7 @@ class CounterStore:
             ``day_refused`` (current UTC day, server clock) and ``blocked_ms``
             (remaining block, 0 if none).
         """
-        _check_client(client_id)
+        check_client_id(client_id)
         async with redis_guard("client_counters", self._timeout_s):
             pipe = self._redis.pipeline(transaction=False)
             pipe.time()
@@ -460,7 +459,7 @@ class CounterStore:
         async with redis_guard("save_states", self._timeout_s):
             pipe = self._redis.pipeline(transaction=False)
             for client_id, blob in states.items():
-                _check_client(client_id)
+                check_client_id(client_id)
                 pipe.set(self.client_key(client_id, "state"), blob, px=ttl_ms)
             await pipe.execute()
         logger.debug("saved detector states", extra={"clients": len(states)})
@@ -470,7 +469,7 @@ class CounterStore:
         left out."""
         ids = list(dict.fromkeys(client_ids))
         for client_id in ids:
-            _check_client(client_id)
+            check_client_id(client_id)
         if not ids:
             return {}
         async with redis_guard("load_states", self._timeout_s):
@@ -483,7 +482,8 @@ class CounterStore:
         }
 
 
-def _check_client(client_id: str) -> None:
+def check_client_id(client_id: str) -> None:
+    """Raise ``ValueError`` unless ``client_id`` may appear in Redis keys."""
     if not CLIENT_ID_PATTERN.fullmatch(client_id):
         raise ValueError(f"client_id must match {CLIENT_ID_PATTERN.pattern}")
 

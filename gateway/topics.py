@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
@@ -36,12 +37,7 @@ async def ensure_topics(
         wanted[name] = topics.other_partitions
     wanted.update(extra or {})
 
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka.bootstrap,
-        request_timeout_ms=int(settings.kafka.request_timeout_s * 1000),
-    )
-    try:
-        await asyncio.wait_for(admin.start(), settings.kafka.request_timeout_s)
+    async with _admin(settings, "create topics") as admin:
         existing = set(await admin.list_topics())
         missing = [
             NewTopic(name, n, topics.replication_factor)
@@ -53,12 +49,6 @@ async def ensure_topics(
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(missing)
             logger.info("created topics", extra={"topics": [t.name for t in missing]})
-    except (KafkaError, TimeoutError, OSError) as exc:
-        raise BrokerError(
-            f"cannot create topics on {settings.kafka.bootstrap}: {exc!r}"
-        ) from exc
-    finally:
-        await admin.close()
 
 
 async def partitions_of(settings: Settings, topic: str) -> list[int]:
@@ -67,17 +57,8 @@ async def partitions_of(settings: Settings, topic: str) -> list[int]:
     A plain consumer only knows partitions of topics it already has metadata
     for, and has no public call that waits for it; the admin client asks.
     """
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka.bootstrap,
-        request_timeout_ms=int(settings.kafka.request_timeout_s * 1000),
-    )
-    try:
-        await asyncio.wait_for(admin.start(), settings.kafka.request_timeout_s)
+    async with _admin(settings, f"describe {topic}") as admin:
         described = await admin.describe_topics([topic])
-    except (KafkaError, TimeoutError, OSError) as exc:
-        raise BrokerError(f"cannot describe {topic}: {exc!r}") from exc
-    finally:
-        await admin.close()
     for entry in described:
         if entry.get("topic") == topic and not entry.get("error_code"):
             return sorted(p["partition"] for p in entry.get("partitions", []))
@@ -87,17 +68,27 @@ async def partitions_of(settings: Settings, topic: str) -> list[int]:
 async def delete_topics(settings: Settings, names: list[str]) -> None:
     """Delete ``names`` (missing ones are ignored); for runs that made topics
     of their own and should not leave them behind."""
+    async with _admin(settings, "delete topics") as admin:
+        existing = set(await admin.list_topics())
+        doomed = [n for n in names if n in existing]
+        if doomed:
+            await admin.delete_topics(doomed)
+
+
+@contextlib.asynccontextmanager
+async def _admin(settings: Settings, doing: str) -> AsyncIterator[AIOKafkaAdminClient]:
+    """A started admin client, closed on exit; broker failures inside the block
+    become ``BrokerError`` naming what was being done."""
     admin = AIOKafkaAdminClient(
         bootstrap_servers=settings.kafka.bootstrap,
         request_timeout_ms=int(settings.kafka.request_timeout_s * 1000),
     )
     try:
         await asyncio.wait_for(admin.start(), settings.kafka.request_timeout_s)
-        existing = set(await admin.list_topics())
-        doomed = [n for n in names if n in existing]
-        if doomed:
-            await admin.delete_topics(doomed)
+        yield admin
     except (KafkaError, TimeoutError, OSError) as exc:
-        raise BrokerError(f"cannot delete topics: {exc!r}") from exc
+        raise BrokerError(
+            f"cannot {doing} on {settings.kafka.bootstrap}: {exc!r}"
+        ) from exc
     finally:
         await admin.close()
