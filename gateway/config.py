@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -124,9 +124,51 @@ class PolicyConfig(_Frozen):
         return value
 
 
+class BackendConfig(_Frozen):
+    """Where one served model runs (see docs/backends.md).
+
+    ``skops`` and ``onnx`` run in the worker from ``models.directory``;
+    ``oip`` calls an Open Inference Protocol v2 server over HTTP at ``url``.
+    The timeouts, retries and breaker settings apply to ``oip`` only.
+    """
+
+    kind: Literal["skops", "onnx", "oip"] = "skops"
+    # No default on purpose: a remote backend is always named explicitly.
+    url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
+    # The model's name (and version) on the remote server; default: ours.
+    remote_name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,200}$")
+    remote_version: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,200}$")
+    # The output tensor holding class probabilities; default "probabilities"
+    # for onnx (skl2onnx's name) and "predict_proba" for oip (MLServer's).
+    output: str | None = Field(None, min_length=1, max_length=200)
+    connect_timeout_s: float = Field(1.0, gt=0, le=60)
+    read_timeout_s: float = Field(5.0, gt=0, le=600)
+    retries: int = Field(2, ge=0, le=10)
+    retry_backoff_s: float = Field(0.05, ge=0, le=10)
+    max_connections: int = Field(8, ge=1, le=1024)
+    breaker_failures: int = Field(5, ge=1, le=10_000)
+    breaker_cooldown_s: float = Field(10.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _oip_has_url(self) -> BackendConfig:
+        if self.kind == "oip" and self.url is None:
+            raise ValueError("an oip backend needs a url")
+        return self
+
+
 class ModelsConfig(_Frozen):
     directory: Path = Path("var/models")
     serve: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]] = ["digits"]
+    # Per-model backend; a served model not named here runs in-process (skops).
+    backends: dict[str, BackendConfig] = {}
+
+    @model_validator(mode="after")
+    def _backends_are_served(self) -> ModelsConfig:
+        # A backend for a model not served is almost surely a typo in a name.
+        unknown = sorted(set(self.backends) - set(self.serve))
+        if unknown:
+            raise ValueError(f"backends configured for models not served: {unknown}")
+        return self
 
 
 class WorkerConfig(_Frozen):

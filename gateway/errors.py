@@ -80,6 +80,18 @@ class BrokerError(ModelgateError):
     default_retriable = True
 
 
+class BackendTimeoutError(BackendError):
+    """The model backend did not answer within its timeout."""
+
+    default_code = "BACKEND_TIMEOUT"
+
+
+class BackendUnavailableError(BackendError):
+    """The model backend is down or its circuit breaker is open."""
+
+    default_code = "BACKEND_UNAVAILABLE"
+
+
 # Every code a client can see in an error response, with its meaning. The README
 # table is generated from this mapping, and tests assert each code is reachable.
 ERROR_CODES: dict[str, str] = {
@@ -109,4 +121,6 @@ ERROR_CODES: dict[str, str] = {
     "STORE_UNAVAILABLE": "the counter store could not be reached (internal: "
     "the worker retries the batch instead of answering with it)",
     "INTERNAL": "an unexpected fault in the gateway; the request was not served",
+    "BACKEND_TIMEOUT": "the model backend did not answer within its timeout",
+    "BACKEND_UNAVAILABLE": "the model backend is down or its circuit breaker is open",
 }

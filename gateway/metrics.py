@@ -84,6 +84,25 @@ class WorkerMetrics:
             "Clients whose detector state this worker holds.",
             registry=self.registry,
         )
+        self.backend_seconds = Histogram(
+            "modelgate_backend_seconds",
+            "Wall time of one model backend call (all retries included).",
+            ["model", "kind"],
+            buckets=_STAGE_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.backend_errors = Counter(
+            "modelgate_backend_errors",
+            "Model backend calls that failed, by error code.",
+            ["model", "kind", "code"],
+            registry=self.registry,
+        )
+        self.backend_breaker_state = Gauge(
+            "modelgate_backend_breaker_state",
+            "Circuit breaker of a remote backend: 0 closed, 1 half-open, 2 open.",
+            ["model"],
+            registry=self.registry,
+        )
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics on ``host:port`` in a daemon thread and return the

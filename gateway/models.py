@@ -151,6 +151,17 @@ class ServedModel:
             raise BackendError(f"model {self.name} failed: {exc!r}") from exc
         return np.asarray(proba, dtype=np.float32)
 
+    # The in-process backend of gateway.backends.ModelBackend.
+    kind = "skops"
+
+    @property
+    def estimator(self) -> Any:
+        """The loaded estimator, for exporting it to other formats."""
+        return self._estimator
+
+    def close(self) -> None:
+        """Nothing to release: the estimator is plain memory."""
+
 
 def load_model(directory: Path, name: str) -> ServedModel:
     """Load ``name`` from ``directory`` with skops' trusted-type check.
