@@ -52,7 +52,14 @@ def _leaf_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list | tuple | dict):
-        return json.dumps(value, default=str)
+        return json.dumps(value, default=_json_default)
+    return str(value)
+
+
+def _json_default(value: Any) -> Any:
+    # A dict of sections (e.g. models.backends) holds pydantic models.
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_none=True)
     return str(value)
 
 

@@ -17,9 +17,9 @@ import numpy as np
 
 from gateway import protocol
 from gateway.alerts import build_alert
+from gateway.backends import ModelBackend
 from gateway.errors import ModelgateError, ValidationError
 from gateway.keys import ApiKey
-from gateway.models import ServedModel
 from gateway.policy import Verdict
 from gateway.store import Admission
 
@@ -67,7 +67,7 @@ class BatchItem:
     envelope: protocol.RequestEnvelope | None = None
     request: protocol.InferRequest | None = None
     key: ApiKey | None = None
-    model: ServedModel | None = None
+    model: ModelBackend | None = None
     rows: np.ndarray | None = None
     admission: Admission | None = None
     verdict: Verdict | None = None

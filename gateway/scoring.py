@@ -9,6 +9,7 @@ executor thread and the event loop stays free for Kafka heartbeats.
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -17,11 +18,11 @@ import msgspec
 import numpy as np
 
 from detectors import Detector, DetectorScore, build_detectors
+from gateway.backends import ModelBackend
 from gateway.batch import BatchItem
 from gateway.config import Settings
 from gateway.errors import BackendError, PolicyError
 from gateway.metrics import WorkerMetrics
-from gateway.models import ServedModel
 from gateway.policy import Policy
 from gateway.validation import scale_to_unit
 
@@ -49,7 +50,7 @@ class Scorer:
     def __init__(
         self,
         settings: Settings,
-        models: dict[str, ServedModel],
+        models: dict[str, ModelBackend],
         metrics: WorkerMetrics,
     ) -> None:
         self.models = models
@@ -91,19 +92,27 @@ class Scorer:
             if not served:
                 continue
             rows = np.concatenate([i.rows for i in served if i.rows is not None])
+            started = time.perf_counter()
             try:
                 proba = model.predict_proba(rows)
             except BackendError as exc:
+                self._metrics.backend_errors.labels(
+                    model_name, model.kind, exc.code
+                ).inc()
                 for item in served:
                     item.fail(exc)
                 continue
+            finally:
+                self._metrics.backend_seconds.labels(model_name, model.kind).observe(
+                    time.perf_counter() - started
+                )
             start = 0
             for item in served:
                 n = len(item.rows) if item.rows is not None else 0
                 item.probabilities = proba[start : start + n]
                 start += n
 
-    def _score(self, model: ServedModel, items: list[BatchItem]) -> None:
+    def _score(self, model: ModelBackend, items: list[BatchItem]) -> None:
         # One matrix of every row of the batch, in arrival order, so that each
         # detector updates each client's state in the order the queries came.
         row_items = [i for i in items if i.rows is not None for _ in range(len(i.rows))]

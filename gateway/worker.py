@@ -26,6 +26,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
 from gateway import protocol
+from gateway.backends import ModelBackend, close_backends, load_backends
 from gateway.batch import (
     BatchItem,
     alerts_for,
@@ -45,7 +46,6 @@ from gateway.errors import (
 )
 from gateway.keys import KeyStore, authenticate, load_server_key
 from gateway.metrics import WorkerMetrics
-from gateway.models import ServedModel, ensure_digits_model, load_model
 from gateway.produce import Sends, internal_answer
 from gateway.scoring import Scorer
 from gateway.store import AdmitItem, CounterStore, redis_from_settings
@@ -92,11 +92,13 @@ class Worker:
     """
 
     def __init__(
-        self, settings: Settings, *, models: dict[str, ServedModel] | None = None
+        self, settings: Settings, *, models: dict[str, ModelBackend] | None = None
     ) -> None:
         self.settings = settings
         self.metrics = WorkerMetrics()
         self._models = models
+        # Backends this worker opened (not ones passed in) are closed by stop().
+        self._owns_models = models is None
         self._scorer: Scorer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -193,14 +195,8 @@ class Worker:
             extra={"worker": s.worker.worker_id, "group": s.kafka.group_id},
         )
 
-    def _load_models(self) -> dict[str, ServedModel]:
-        directory = self.settings.models.directory
-        models = {}
-        for name in self.settings.models.serve:
-            if name == "digits":
-                ensure_digits_model(directory)
-            models[name] = load_model(directory, name)
-        return models
+    def _load_models(self) -> dict[str, ModelBackend]:
+        return load_backends(self.settings, self.metrics)
 
     async def stop(self) -> None:
         """Leave the group, flush produces and close connections. Idempotent."""
@@ -221,6 +217,9 @@ class Worker:
                 self.metrics.close()
                 if redis_client is not None:
                     await redis_client.aclose()
+                if self._owns_models and self._models is not None:
+                    models, self._models = self._models, None
+                    close_backends(models)
         if self._started:
             logger.info(
                 "worker stopped", extra={"worker": self.settings.worker.worker_id}

@@ -90,9 +90,10 @@ def read_reference(directory: Path, name: str) -> np.ndarray:
     """``<name>.reference.npy``, loaded without pickle."""
     path = directory / f"{name}.reference.npy"
     try:
-        return np.load(path, allow_pickle=False)
+        reference: np.ndarray = np.load(path, allow_pickle=False)
     except FileNotFoundError as exc:
         raise ConfigError(f"model {name}: missing file {path}") from exc
+    return reference
 
 
 def load_backend(

@@ -41,7 +41,7 @@ def export_digits_repository(repo: Path, models_dir: Path) -> Path:
     """Write ``repo/settings.json`` and ``repo/digits/`` (the joblib model and
     its ``model-settings.json``, which declares the input as in our signature).
     Returns ``repo``."""
-    import joblib
+    import joblib  # type: ignore[import-untyped]
 
     ensure_digits_model(models_dir)
     served = load_model(models_dir, DIGITS)

@@ -1,0 +1,258 @@
+"""Pure logic of the model backends: the circuit breaker, the signature merge,
+the OIP client's retry rules (over httpx's in-memory transport) and the
+backend settings. The same paths against real servers are in
+tests/integration/test_backends.py."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from gateway.backends.breaker import CircuitBreaker
+from gateway.backends.oip import OipBackend, merge_signature
+from gateway.config import BackendConfig, load_settings
+from gateway.errors import (
+    ERROR_CODES,
+    BackendError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+    ConfigError,
+)
+from gateway.models import ModelSignature, TensorSpec
+
+SIGNATURE = ModelSignature(
+    name="m",
+    version="1",
+    inputs=(TensorSpec("x", "FP32", (-1, 3), 0.0, 1.0),),
+    outputs=(TensorSpec("probabilities", "FP32", (-1, 2)),),
+    classes=(0, 1),
+)
+METADATA: dict[str, Any] = {
+    "name": "m",
+    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}],
+    "outputs": [{"name": "predict_proba", "datatype": "FP64", "shape": [-1, 2]}],
+}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# -- circuit breaker -------------------------------------------------------------
+
+
+def test_breaker_opens_after_consecutive_failures_only() -> None:
+    seen: list[str] = []
+    breaker = CircuitBreaker("m", 3, 5.0, clock=Clock(), on_change=seen.append)
+    for _ in range(2):
+        breaker.acquire()
+        breaker.record_failure()
+    breaker.acquire()
+    breaker.record_success()  # resets the run of failures
+    for _ in range(2):
+        breaker.acquire()
+        breaker.record_failure()
+    assert breaker.state == "closed"
+    breaker.acquire()
+    breaker.record_failure()
+    assert breaker.state == "open"
+    assert seen == ["open"]
+    with pytest.raises(BackendUnavailableError) as info:
+        breaker.acquire()
+    assert info.value.code == "BACKEND_UNAVAILABLE"
+    assert info.value.retriable
+
+
+def test_breaker_half_open_lets_one_probe_through() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("m", 1, 5.0, clock=clock)
+    breaker.acquire()
+    breaker.record_failure()
+    clock.now += 4.9
+    with pytest.raises(BackendUnavailableError):
+        breaker.acquire()
+    clock.now += 0.2
+    breaker.acquire()  # the probe
+    assert breaker.state == "half_open"
+    with pytest.raises(BackendUnavailableError, match="probe is in flight"):
+        breaker.acquire()
+    breaker.record_failure()  # probe failed: open for another cool-down
+    assert breaker.state == "open"
+    with pytest.raises(BackendUnavailableError):
+        breaker.acquire()
+    clock.now += 5.1
+    breaker.acquire()
+    breaker.record_success()
+    assert breaker.state == "closed"
+    breaker.acquire()  # closed again: no refusal
+
+
+# -- signature merge ---------------------------------------------------------------
+
+
+def test_merge_takes_remote_declaration_and_local_ranges() -> None:
+    merged = merge_signature(SIGNATURE, METADATA, output="predict_proba")
+    assert merged.inputs == (TensorSpec("x", "FP32", (-1, 3), 0.0, 1.0),)
+    assert merged.classes == SIGNATURE.classes
+
+
+def test_metadata_without_inputs_keeps_the_local_signature() -> None:
+    assert merge_signature(SIGNATURE, {"name": "m"}, output="p") == SIGNATURE
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"inputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}]}, "inputs"),
+        ({"inputs": [{"name": "x", "datatype": "FP64", "shape": [-1, 3]}]}, "FP64"),
+        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]}, "shape"),
+        ({"inputs": [{"name": "x"}]}, "unreadable"),
+        ({"outputs": [{"name": "predict", "shape": [-1]}]}, "no output"),
+        ({"outputs": [{"name": "predict_proba", "shape": [-1, 3]}]}, "3 classes"),
+    ],
+)
+def test_merge_mismatch_is_a_config_error(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        merge_signature(SIGNATURE, {**METADATA, **change}, output="predict_proba")
+
+
+# -- OIP client: retries, timeouts, breaker ------------------------------------------
+
+
+class Script:
+    """An httpx transport answering inference calls from a list of outcomes:
+    an int status, an exception to raise, or "ok"."""
+
+    def __init__(self, outcomes: list[Any]) -> None:
+        self.outcomes = outcomes
+        self.calls = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        outcome = self.outcomes.pop(0) if self.outcomes else "ok"
+        if isinstance(outcome, Exception):
+            raise outcome
+        if outcome != "ok":
+            return httpx.Response(outcome, text="nope")
+        body = json.loads(request.content)
+        n = body["inputs"][0]["shape"][0]
+        data = [0.25, 0.75] * n
+        return httpx.Response(
+            200,
+            json={
+                "outputs": [{"name": "predict_proba", "shape": [n, 2], "data": data}]
+            },
+        )
+
+
+def backend(script: Script, **config: Any) -> OipBackend:
+    settings = BackendConfig(
+        kind="oip",
+        url="http://127.0.0.1:9",
+        retry_backoff_s=0.0,
+        **config,
+    )
+    return OipBackend(
+        "m",
+        settings,
+        SIGNATURE,
+        np.zeros((1, 3), np.float32),
+        transport=httpx.MockTransport(script),
+    )
+
+
+ROWS = np.zeros((2, 3), np.float32)
+
+
+def test_connect_errors_are_retried_then_unavailable() -> None:
+    refused = httpx.ConnectError("refused")
+    script = Script([refused, refused, "ok"])
+    proba = backend(script, retries=2).predict_proba(ROWS)
+    assert proba.dtype == np.float32 and proba.shape == (2, 2)
+    assert script.calls == 3
+
+    script = Script([refused] * 5)
+    with pytest.raises(BackendUnavailableError):
+        backend(script, retries=2).predict_proba(ROWS)
+    assert script.calls == 3
+
+
+def test_503_is_retried_but_500_is_not() -> None:
+    script = Script([503, "ok"])
+    backend(script, retries=1).predict_proba(ROWS)
+    assert script.calls == 2
+
+    script = Script([500, "ok"])
+    with pytest.raises(BackendError) as info:
+        backend(script, retries=3).predict_proba(ROWS)
+    assert info.value.code == "BACKEND_ERROR"
+    assert script.calls == 1
+
+
+def test_read_timeout_is_not_retried() -> None:
+    script = Script([httpx.ReadTimeout("slow"), "ok"])
+    with pytest.raises(BackendTimeoutError) as info:
+        backend(script, retries=3).predict_proba(ROWS)
+    assert info.value.code == "BACKEND_TIMEOUT"
+    assert script.calls == 1
+
+
+def test_breaker_counts_server_failures_not_client_errors() -> None:
+    script = Script([400, 400, 400, 500, 500])
+    model = backend(script, retries=0, breaker_failures=2)
+    for _ in range(3):
+        with pytest.raises(BackendError):
+            model.predict_proba(ROWS)
+    assert model.breaker.state == "closed"  # 400: the server is alive
+    for _ in range(2):
+        with pytest.raises(BackendError):
+            model.predict_proba(ROWS)
+    assert model.breaker.state == "open"
+    with pytest.raises(BackendUnavailableError):
+        model.predict_proba(ROWS)
+    assert script.calls == 5  # the open breaker did not call the server
+
+
+def test_malformed_answer_is_a_backend_error() -> None:
+    def wrong_rows(request: httpx.Request) -> httpx.Response:
+        out = {"name": "predict_proba", "shape": [1, 2], "data": [0.5, 0.5]}
+        return httpx.Response(200, json={"outputs": [out]})
+
+    model = OipBackend(
+        "m",
+        BackendConfig(kind="oip", url="http://127.0.0.1:9"),
+        SIGNATURE,
+        np.zeros((1, 3), np.float32),
+        transport=httpx.MockTransport(wrong_rows),
+    )
+    with pytest.raises(BackendError, match="2 rows of 2"):
+        model.predict_proba(ROWS)
+
+
+# -- settings and codes ----------------------------------------------------------------
+
+
+def test_backend_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="needs a url"):
+        load_settings(models={"backends": {"digits": {"kind": "oip"}}})
+    with pytest.raises(ConfigError, match="not served"):
+        load_settings(models={"backends": {"other": {"kind": "onnx"}}})
+    with pytest.raises(ConfigError, match="url"):
+        load_settings(
+            models={"backends": {"digits": {"kind": "oip", "url": "file:///etc"}}}
+        )
+    assert load_settings().models.backends == {}
+
+
+def test_backend_codes_are_listed() -> None:
+    assert BackendTimeoutError("x").code in ERROR_CODES
+    assert BackendUnavailableError("x").code in ERROR_CODES
+    assert isinstance(BackendTimeoutError("x"), BackendError)
