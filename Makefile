@@ -34,10 +34,12 @@ bootstrap:
 	@infra/bootstrap.sh
 
 # Fetch the Kafka jars and install redis-server ahead of time, so the first test run
-# does not spend its per-test timeout on downloads inside the pytest fixture.
+# does not spend its per-test timeout on downloads inside the pytest fixture. The
+# MLServer venv (remote-backend tests) likewise; it needs uv from bootstrap.
 services:
 	@infra/kafka/kafka.sh install
 	@infra/redis.sh install
+	@infra/mlserver/mlserver.sh install
 
 demo: bootstrap services
 	$(BIN)/modelgate demo
