@@ -7,7 +7,8 @@
 #                                             infra/mlserver/requirements.lock
 #   infra/mlserver/mlserver.sh start [REPO]   serve the model repository REPO
 #                                             (default var/mlserver/repo; the digits
-#                                             model is exported into it on first use)
+#                                             model is exported into it on first use;
+#                                             delete the directory to export again)
 #   infra/mlserver/mlserver.sh stop [REPO]    stop the server started on REPO
 #   infra/mlserver/mlserver.sh status [REPO]  exit 0 running, 3 stopped
 #
@@ -91,8 +92,10 @@ running_pid() {
 ready() {
     "$VENV/bin/python" - "$1" <<'PY'
 import sys, urllib.request
+# No proxy from the environment: the server is on loopback.
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 try:
-    with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/v2/health/ready", timeout=2) as r:
+    with opener.open(f"http://127.0.0.1:{sys.argv[1]}/v2/health/ready", timeout=2) as r:
         sys.exit(0 if r.status == 200 else 1)
 except OSError:
     sys.exit(1)
