@@ -92,7 +92,9 @@ class LiveConfig(_Frozen):
 
     limits: LimitsConfig = LimitsConfig()
     policy: PolicyConfig = PolicyConfig()
-    detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    detectors: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, validate_default=True
+    )
     detector_shadow: dict[str, bool] = Field(default_factory=dict)
 
     @field_validator("detectors")
@@ -168,7 +170,9 @@ class ConfigRecord(_Frozen):
         try:
             return cls.model_validate_json(blob)
         except pydantic.ValidationError as exc:
-            raise ConfigError(f"invalid configuration record: {_describe(exc)}") from exc
+            raise ConfigError(
+                f"invalid configuration record: {_describe(exc)}"
+            ) from exc
 
 
 def record_key(version: int) -> bytes:
@@ -213,7 +217,7 @@ def get_path(document: LiveConfig, key: str) -> Any:
     node: Any = document.as_dict()
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"{key}: no such field")
+            raise ConfigError(f"{key}: no such field", code="CONFIG_NO_FIELD")
         node = node[part]
     return node
 
@@ -230,14 +234,17 @@ def with_changes(document: LiveConfig, changes: Mapping[str, Any]) -> LiveConfig
         if not key or any(not p for p in parts):
             raise ConfigError(f"{key!r}: not a dotted field name")
         node = data
+        open_section = parts[0] in ("detectors", "detector_shadow")
         for depth, part in enumerate(parts[:-1]):
+            if open_section and depth > 0:
+                # A detector not yet named: the validator judges the name.
+                node.setdefault(part, {})
             child = node.get(part)
             if not isinstance(child, dict):
                 where = ".".join(parts[: depth + 1])
                 raise ConfigError(f"{where}: no such section")
             node = child
         leaf = parts[-1]
-        open_section = parts[0] in ("detectors", "detector_shadow")
         if leaf not in node and not open_section:
             raise ConfigError(f"{key}: no such field")
         node[leaf] = value
@@ -245,7 +252,8 @@ def with_changes(document: LiveConfig, changes: Mapping[str, Any]) -> LiveConfig
 
 
 def _leaves(data: Any, prefix: str, out: dict[str, Any]) -> None:
-    if isinstance(data, dict) and data:
+    if isinstance(data, dict):
+        # An empty table has no leaves: it differs from a full one key by key.
         for key, value in data.items():
             _leaves(value, f"{prefix}.{key}" if prefix else str(key), out)
     else:

@@ -121,7 +121,9 @@ class ConfigFollower:
                 await task
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
-            await asyncio.wait_for(consumer.stop(), self.settings.kafka.request_timeout_s)
+            await asyncio.wait_for(
+                consumer.stop(), self.settings.kafka.request_timeout_s
+            )
 
     async def apply_pending(self) -> bool:
         """Apply the newest version seen, if newer than the one running.

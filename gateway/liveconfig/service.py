@@ -87,7 +87,7 @@ class WorkerAck(BaseModel):
     refused_version: int | None = None
     refused_reason: str | None = None
 
-    def stale(self, ttl_s: float, now_ms: int | None = None) -> bool:
+    def is_stale(self, ttl_s: float, now_ms: int | None = None) -> bool:
         now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
         return now_ms - self.seen_at_ms > ttl_s * 1000
 
