@@ -133,12 +133,16 @@ def make_config_router(
         (for example the logged-in operator); it should refuse the request
         itself when the caller may not change configuration.
     """
-    Service = Annotated[ConfigService, Depends(service_dependency)]
-    Actor = Annotated[str, Depends(actor_dependency)]
+    # Defaults rather than Annotated aliases: with postponed annotations,
+    # FastAPI resolves names in the module, where a local alias is unknown.
+    service_dep: Any = Depends(service_dependency)
+    actor_dep: Any = Depends(actor_dependency)
     router = APIRouter(prefix="/config", tags=["config"], responses=_ERRORS)
 
     @router.get("", response_model=CurrentConfig, summary="Current document")
-    async def get_config(service: Service, _actor: Actor) -> Any:
+    async def get_config(
+        service: ConfigService = service_dep, _actor: str = actor_dep
+    ) -> Any:
         try:
             version, document = await service.current()
         except ModelgateError as exc:
@@ -146,7 +150,9 @@ def make_config_router(
         return CurrentConfig(version=version, document=document.as_dict())
 
     @router.get("/fields/{key}", response_model=FieldValue, summary="One field")
-    async def get_field(key: str, service: Service, _actor: Actor) -> Any:
+    async def get_field(
+        key: str, service: ConfigService = service_dep, _actor: str = actor_dep
+    ) -> Any:
         try:
             version, _ = await service.current()
             value = await service.get(key)
@@ -155,7 +161,9 @@ def make_config_router(
         return FieldValue(version=version, key=key, value=value)
 
     @router.patch("", response_model=PublishResult, summary="Set fields")
-    async def set_fields(body: SetRequest, service: Service, actor: Actor) -> Any:
+    async def set_fields(
+        body: SetRequest, service: ConfigService = service_dep, actor: str = actor_dep
+    ) -> Any:
         try:
             record = await service.set(body.changes, actor, parent=body.parent_version)
         except ModelgateError as exc:
@@ -163,7 +171,9 @@ def make_config_router(
         return PublishResult(published=record is not None, record=record)
 
     @router.put("", response_model=PublishResult, summary="Replace the document")
-    async def apply_document(body: ApplyRequest, service: Service, actor: Actor) -> Any:
+    async def apply_document(
+        body: ApplyRequest, service: ConfigService = service_dep, actor: str = actor_dep
+    ) -> Any:
         try:
             record = await service.apply(
                 body.document, actor, parent=body.parent_version, source="api"
@@ -173,7 +183,9 @@ def make_config_router(
         return PublishResult(published=record is not None, record=record)
 
     @router.post("/diff", response_model=list[FieldChange], summary="Preview")
-    async def diff_config(body: DiffRequest, service: Service, _actor: Actor) -> Any:
+    async def diff_config(
+        body: DiffRequest, service: ConfigService = service_dep, _actor: str = actor_dep
+    ) -> Any:
         try:
             return list(await service.diff(body.document or body.version))
         except ModelgateError as exc:
@@ -181,8 +193,8 @@ def make_config_router(
 
     @router.get("/history", response_model=list[ConfigRecord], summary="History")
     async def history(
-        service: Service,
-        _actor: Actor,
+        service: ConfigService = service_dep,
+        _actor: str = actor_dep,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 50,
     ) -> Any:
         try:
@@ -193,14 +205,20 @@ def make_config_router(
     @router.get(
         "/versions/{version}", response_model=ConfigRecord, summary="One version"
     )
-    async def get_version(version: int, service: Service, _actor: Actor) -> Any:
+    async def get_version(
+        version: int, service: ConfigService = service_dep, _actor: str = actor_dep
+    ) -> Any:
         try:
             return await service.record(version)
         except ModelgateError as exc:
             return _error(exc)
 
     @router.post("/rollback", response_model=PublishResult, summary="Roll back")
-    async def rollback(body: RollbackRequest, service: Service, actor: Actor) -> Any:
+    async def rollback(
+        body: RollbackRequest,
+        service: ConfigService = service_dep,
+        actor: str = actor_dep,
+    ) -> Any:
         try:
             record = await service.rollback(
                 body.version, actor, parent=body.parent_version
@@ -210,7 +228,9 @@ def make_config_router(
         return PublishResult(published=record is not None, record=record)
 
     @router.get("/status", response_model=ConfigStatus, summary="Worker versions")
-    async def status(service: Service, _actor: Actor) -> Any:
+    async def status(
+        service: ConfigService = service_dep, _actor: str = actor_dep
+    ) -> Any:
         try:
             version, _ = await service.current()
             acks = await service.status()
