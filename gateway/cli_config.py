@@ -14,18 +14,18 @@ import json
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from gateway.config import Settings, load_settings
 from gateway.errors import ModelgateError
-from gateway.liveconfig.document import ConfigRecord, FieldChange
-from gateway.liveconfig.service import (
-    ConfigService,
-    load_document_file,
-    parse_assignments,
-)
+
+if TYPE_CHECKING:
+    # Imported where used: the detectors they pull in cost seconds at start,
+    # which every other modelgate command would pay.
+    from gateway.liveconfig.document import ConfigRecord, FieldChange
+    from gateway.liveconfig.service import ConfigService
 
 config_app = typer.Typer(
     help="Read and change the live configuration (limits, policy, detectors).",
@@ -73,6 +73,8 @@ def _settings(config: Path | None) -> Settings:
 def _with_service(
     config: Path | None, action: Callable[[ConfigService], Awaitable[T]]
 ) -> T:
+    from gateway.liveconfig.service import ConfigService
+
     settings = _settings(config)
 
     async def main() -> T:
@@ -137,6 +139,8 @@ def set_(
     config: ConfigOption = None,
 ) -> None:
     """Change fields, e.g. ``policy.flag_at=1.2 limits.burst=50``."""
+    from gateway.liveconfig.service import parse_assignments
+
     try:
         changes = parse_assignments(assignments)
     except ModelgateError as exc:
@@ -155,6 +159,7 @@ def apply(
     config: ConfigOption = None,
 ) -> None:
     """Replace the whole document with FILE (omitted fields take defaults)."""
+    from gateway.liveconfig.service import load_document_file
 
     async def run(service: ConfigService) -> ConfigRecord | None:
         document = load_document_file(file)
@@ -172,6 +177,7 @@ def diff(
 ) -> None:
     """Differences from the current version to FILE or VERSION; with neither,
     what the current version changed."""
+    from gateway.liveconfig.service import load_document_file
 
     async def run(service: ConfigService) -> tuple[FieldChange, ...]:
         if against is None:

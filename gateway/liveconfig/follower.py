@@ -178,11 +178,18 @@ class ConfigFollower:
                 # The consumer reconnects by itself; keep following.
                 logger.warning("configuration fetch failed, retrying: %r", exc)
                 await asyncio.sleep(_RETRY_S)
+            except Exception:
+                # A bug here must not silently end live updates for good.
+                logger.exception("configuration follower failed; retrying")
+                await asyncio.sleep(_RETRY_S)
 
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.settings.live.heartbeat_s)
-            await self.acknowledge(prune=True)
+            try:
+                await self.acknowledge(prune=True)
+            except Exception:
+                logger.exception("configuration heartbeat failed; retrying")
 
     def _refuse(self, version: int, reason: str) -> None:
         self._refused = (version, reason[:1000])

@@ -16,8 +16,10 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI
+from typer.testing import CliRunner
 
 from gateway.admin_config import make_config_router
+from gateway.cli import app
 from gateway.config import Settings
 from gateway.liveconfig.document import ConfigRecord, record_key
 from gateway.liveconfig.service import ConfigService, WorkerAck
@@ -38,7 +40,29 @@ X_TEST = digits_split()[1]
 APPLY_BUDGET_MS = 1000
 
 
+class _Done:
+    """What a CLI run left: exit code and both streams."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+    def __repr__(self) -> str:
+        return f"exit {self.returncode}\n{self.stdout}\n{self.stderr}"
+
+
+async def _cli_here(settings: Settings, *args: str) -> _Done:
+    """``modelgate config ARGS`` through typer's runner, in a thread of this
+    process (a subprocess per call would cost seconds of imports each)."""
+
+    def run() -> _Done:
+        result = CliRunner().invoke(app, ["config", *args], env=settings_env(settings))
+        return _Done(result.exit_code, result.stdout, result.stderr)
+
+    return await asyncio.to_thread(run)
+
+
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """``modelgate config ARGS`` as an operator runs it: its own process."""
     return subprocess.run(
         [sys.executable, "-m", "gateway", "config", *args],
         env=settings_env(settings),
@@ -119,7 +143,7 @@ async def test_cli_change_reaches_two_workers_within_a_second(
 
             # A refused value names the field; nothing is published and the
             # workers stay on version 2.
-            refused = await asyncio.to_thread(_cli, settings, "set", "limits.burst=0")
+            refused = await _cli_here(settings, "set", "limits.burst=0")
             assert refused.returncode == 2, refused
             assert "limits.burst" in refused.stderr, refused.stderr
             assert "CONFIG_INVALID" in refused.stderr, refused.stderr
@@ -128,28 +152,24 @@ async def test_cli_change_reaches_two_workers_within_a_second(
             assert all(acks[w].version == 2 for w in workers), acks
 
             # A change based on a stale version is refused, not lost.
-            stale = await asyncio.to_thread(
-                _cli, settings, "set", "--parent", "1", "limits.burst=7"
-            )
+            stale = await _cli_here(settings, "set", "--parent", "1", "limits.burst=7")
             assert stale.returncode == 2 and "CONFIG_CONFLICT" in stale.stderr, stale
             assert (await service.get("limits.burst")) == 1
 
             # Rollback publishes version 1's document as version 3.
-            back = await asyncio.to_thread(_cli, settings, "rollback", "1")
+            back = await _cli_here(settings, "rollback", "1")
             assert back.returncode == 0, back.stderr
             v1, v3 = await service.record(1), await service.record(3)
             assert v3.document == v1.document and v3.kind == "rollback"
-            await _acks(
-                service, lambda a: all(a[w].version == 3 for w in workers), 5
-            )
+            await _acks(service, lambda a: all(a[w].version == 3 for w in workers), 5)
             assert await _rate_limited(kafka, settings, "rolled-back") == ["ok"] * 4
 
-            status = await asyncio.to_thread(_cli, settings, "status")
+            status = await _cli_here(settings, "status")
             assert status.returncode == 0, status.stderr
             assert "current version 3" in status.stdout, status.stdout
             for worker_id in workers:
                 assert f"{worker_id}  v3" in status.stdout, status.stdout
-            history = await asyncio.to_thread(_cli, settings, "history")
+            history = await _cli_here(settings, "history")
             assert [
                 line.split()[0]
                 for line in history.stdout.splitlines()
