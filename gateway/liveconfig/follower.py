@@ -14,7 +14,6 @@ Imports Kafka, Redis and the gateway's config; never the worker itself.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -116,9 +115,9 @@ class ConfigFollower:
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # gather, not a suppress around each await: a cancellation of stop()
+        # itself must still propagate.
+        await asyncio.gather(*tasks, return_exceptions=True)
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await asyncio.wait_for(

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from gateway.admin_config import make_config_router
 from gateway.cli import app
 from gateway.config import Settings
-from gateway.liveconfig.document import ConfigRecord, record_key
+from gateway.liveconfig.document import ConfigConflict, ConfigRecord, record_key
 from gateway.liveconfig.service import ConfigService, WorkerAck
 from gateway.models import digits_split
 from tests.integration.helpers import (
@@ -243,6 +243,21 @@ async def test_late_worker_starts_on_latest_and_refuses_a_bad_record(
             assert record is not None and record.version == latest + 1
             await _acks(service, lambda a: a[worker_id].version == latest + 1, 5)
             assert worker.settings.limits.burst == 43
+
+
+async def test_concurrent_changes_on_one_parent_one_wins(settings: Settings) -> None:
+    async with ConfigService(settings) as a, ConfigService(settings) as b:
+        await a.set({"limits.burst": 10}, "test:a")
+        results = await asyncio.gather(
+            a.set({"limits.burst": 11}, "test:a", parent=2),
+            b.set({"policy.flag_at": 1.3}, "test:b", parent=2),
+            return_exceptions=True,
+        )
+        published = [r for r in results if isinstance(r, ConfigRecord)]
+        refused = [r for r in results if isinstance(r, ConfigConflict)]
+        assert len(published) == 1 and len(refused) == 1, results
+        assert published[0].version == 3 and published[0].parent == 2
+        assert [r.version for r in await b.history()] == [1, 2, 3]
 
 
 @pytest.fixture
