@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import typer
 
 from gateway import logs
+from gateway.cli_config import config_app
 from gateway.config import Settings, load_settings
 from gateway.errors import ModelgateError
 
@@ -30,6 +31,7 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(help="Create, list and revoke client API keys.")
 app.add_typer(keys_app, name="keys")
+app.add_typer(config_app, name="config")
 
 ConfigOption = Annotated[
     Path | None,

@@ -181,6 +181,18 @@ class WorkerConfig(_Frozen):
     reply_topic_prefix: str = Field("modelgate.responses", pattern=_TOPIC_PATTERN)
 
 
+class LiveSettings(_Frozen):
+    """Where the live configuration document travels (see gateway.liveconfig)."""
+
+    topic: str = Field("modelgate.config", pattern=_TOPIC_PATTERN)
+    # A worker whose acknowledgement is older than this is shown as stale.
+    ack_ttl_s: float = Field(30.0, gt=0, le=86_400)
+    # How often a worker re-states the version it runs.
+    heartbeat_s: float = Field(5.0, gt=0, le=3_600)
+    # Longest a publisher may hold the change lock (a crashed one frees it then).
+    lock_ttl_s: float = Field(30.0, gt=0, le=600)
+
+
 class Settings(BaseSettings):
     """All configuration of one process. Frozen; build a new one to change it."""
 
@@ -200,6 +212,7 @@ class Settings(BaseSettings):
     worker: WorkerConfig = WorkerConfig()
     # Per-detector parameter overrides, validated by each detector's Params model.
     detectors: dict[str, dict[str, Any]] = {}
+    live: LiveSettings = LiveSettings()
 
     @classmethod
     def settings_customise_sources(

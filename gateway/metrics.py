@@ -103,6 +103,16 @@ class WorkerMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.config_version = Gauge(
+            "modelgate_config_version",
+            "Live configuration version this worker runs (0: its settings file).",
+            registry=self.registry,
+        )
+        self.config_refused = Counter(
+            "modelgate_config_refused",
+            "Live configuration versions this worker refused to apply.",
+            registry=self.registry,
+        )
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics on ``host:port`` in a daemon thread and return the

@@ -58,6 +58,11 @@ class Policy:
         self.config = config
         self._clients: dict[str, _ClientPolicyState] = {}
 
+    def set_config(self, config: PolicyConfig) -> None:
+        """Take a new ladder while running (live configuration); the memory of
+        each client's past flags is kept."""
+        self.config = config
+
     def good_standing(self, client_id: str) -> bool:
         """True while a client has never been flagged: only such clients may
         teach the detectors what normal traffic looks like."""

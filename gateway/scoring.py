@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -20,7 +20,7 @@ import numpy as np
 from detectors import Detector, DetectorScore, build_detectors
 from gateway.backends import ModelBackend
 from gateway.batch import BatchItem
-from gateway.config import Settings
+from gateway.config import PolicyConfig, Settings
 from gateway.errors import BackendError, PolicyError
 from gateway.metrics import WorkerMetrics
 from gateway.policy import Policy
@@ -57,6 +57,8 @@ class Scorer:
         self.policy = Policy(settings.policy)
         self._metrics = metrics
         self._detectors: dict[str, dict[str, Detector[Any]]] = {}
+        # Detectors in shadow: scored and recorded, but kept out of policy.
+        self.shadow_detectors: frozenset[str] = frozenset()
         for name, model in models.items():
             detectors = build_detectors(settings.detectors, seed=0)
             reference = scale_to_unit(model.reference, model.signature)
@@ -130,7 +132,10 @@ class Scorer:
         # Policy per row; a request takes the most severe verdict of its rows.
         for row, item in enumerate(row_items):
             scores = [found[row] for found in per_detector.values()]
-            verdict = self.policy.decide(client_ids[row], scores)
+            verdict = self.policy.decide(
+                client_ids[row],
+                [s for s in scores if s.detector not in self.shadow_detectors],
+            )
             for s in scores:
                 item.scores[s.detector] = max(item.scores.get(s.detector, 0.0), s.score)
                 if s.threshold > 0:
@@ -153,6 +158,39 @@ class Scorer:
                     PolicyError("client is blocked", code="BLOCKED", retriable=True),
                     action="block",
                 )
+
+    def apply_live(
+        self,
+        policy: PolicyConfig,
+        detector_params: Mapping[str, Mapping[str, Any]],
+        shadow: Mapping[str, bool],
+    ) -> None:
+        """Take a new live configuration between batches.
+
+        Every detector of every model is checked before any changes, so a
+        refused configuration (``ValueError`` naming the detector and field)
+        leaves all of them as they were.
+        """
+        for detectors in self._detectors.values():
+            for name, changes in detector_params.items():
+                detector = detectors.get(name)
+                if detector is None:
+                    raise ValueError(f"detectors.{name}: not run by this worker")
+                merged = {**detector.params.model_dump(), **changes}
+                detector.Params.model_validate(merged)
+                for key, value in changes.items():
+                    if (
+                        key not in detector._mutable_params
+                        and getattr(detector.params, key) != value
+                    ):
+                        raise ValueError(
+                            f"detectors.{name}.{key}: cannot change while running"
+                        )
+        for detectors in self._detectors.values():
+            for name, changes in detector_params.items():
+                detectors[name].set_params(**changes)
+        self.policy.set_config(policy)
+        self.shadow_detectors = frozenset(n for n, on in shadow.items() if on)
 
     # -- per-client state ---------------------------------------------------------
 

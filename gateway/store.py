@@ -33,7 +33,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from gateway.config import Settings
+from gateway.config import LimitsConfig, Settings
 from gateway.errors import StoreError
 
 logger = logging.getLogger(__name__)
@@ -242,6 +242,10 @@ class CounterStore:
         self._replay_ms = max(1, round(settings.auth.replay_window_s * 1000))
         self._count_refused = settings.limits.count_refused
         self._default_cooldown_s = settings.policy.block_cooldown_s
+
+    def set_limits(self, limits: LimitsConfig) -> None:
+        """Take new limits between batches (live configuration)."""
+        self._count_refused = limits.count_refused
 
     def client_key(self, client_id: str, suffix: str) -> str:
         """``{prefix}:{c:<client_id>}:<suffix>``."""

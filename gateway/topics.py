@@ -75,6 +75,23 @@ async def delete_topics(settings: Settings, names: list[str]) -> None:
             await admin.delete_topics(doomed)
 
 
+async def ensure_compacted_topic(settings: Settings, name: str) -> None:
+    """Create ``name`` with one partition and ``cleanup.policy=compact`` when
+    missing: records are then kept by key, never expired by age."""
+    async with _admin(settings, f"create {name}") as admin:
+        if name in set(await admin.list_topics()):
+            return
+        topic = NewTopic(
+            name,
+            1,
+            settings.kafka.topics.replication_factor,
+            topic_configs={"cleanup.policy": "compact"},
+        )
+        with contextlib.suppress(TopicAlreadyExistsError):
+            await admin.create_topics([topic])
+        logger.info("created compacted topic", extra={"topics": [name]})
+
+
 @contextlib.asynccontextmanager
 async def _admin(settings: Settings, doing: str) -> AsyncIterator[AIOKafkaAdminClient]:
     """A started admin client, closed on exit; broker failures inside the block

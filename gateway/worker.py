@@ -45,6 +45,8 @@ from gateway.errors import (
     ValidationError,
 )
 from gateway.keys import KeyStore, authenticate, load_server_key
+from gateway.liveconfig.document import LiveConfig
+from gateway.liveconfig.follower import ConfigFollower
 from gateway.metrics import WorkerMetrics
 from gateway.produce import Sends, internal_answer
 from gateway.scoring import Scorer
@@ -105,6 +107,7 @@ class Worker:
         self._redis: aioredis.Redis | None = None
         self._keys: KeyStore | None = None
         self._store: CounterStore | None = None
+        self._live: ConfigFollower | None = None
         # Held while a batch is in flight, so a revoke waits for it to commit.
         self._batch_lock = asyncio.Lock()
         self._client_tp: dict[str, TopicPartition] = {}
@@ -153,6 +156,14 @@ class Worker:
 
         try:
             await ensure_topics(s)
+            # The newest live configuration before serving anything, so a
+            # worker started late runs the same version as the others.
+            self._live = ConfigFollower(
+                s, self._redis, s.worker.worker_id, self._apply_live, self.metrics
+            )
+            await self._live.start()
+            await self._live.apply_pending()
+            await self._live.acknowledge()
         except BaseException:
             await self.stop()  # the metrics port and Redis pool are open
             raise
@@ -195,6 +206,24 @@ class Worker:
             extra={"worker": s.worker.worker_id, "group": s.kafka.group_id},
         )
 
+    @property
+    def config_version(self) -> int:
+        """Live configuration version in force (0: the settings file's)."""
+        return self._live.version if self._live is not None else 0
+
+    def _apply_live(self, document: LiveConfig) -> None:
+        """Swap in a live configuration; raises ``ValueError`` (changing
+        nothing) when this worker cannot run it."""
+        assert self._scorer is not None and self._store is not None
+        self._scorer.apply_live(
+            document.policy, document.detectors, document.detector_shadow
+        )
+        self._store.set_limits(document.limits)
+        # Everything reading limits or policy from the settings sees the change.
+        self.settings = self.settings.model_copy(
+            update={"limits": document.limits, "policy": document.policy}
+        )
+
     def _load_models(self) -> dict[str, ModelBackend]:
         return load_backends(self.settings, self.metrics)
 
@@ -202,8 +231,11 @@ class Worker:
         """Leave the group, flush produces and close connections. Idempotent."""
         consumer, producer, redis_client = self._consumer, self._producer, self._redis
         self._consumer = self._producer = self._redis = None
+        live, self._live = self._live, None
         timeout_s = self.settings.kafka.request_timeout_s
         try:
+            if live is not None:
+                await live.stop()
             if consumer is not None:
                 # Snapshot before leaving, so the next owner of these clients
                 # starts from their history instead of from nothing.
@@ -232,6 +264,9 @@ class Worker:
         assert self._consumer is not None, "start() first"
         kafka = self.settings.kafka
         while not stop_event.is_set():
+            if self._live is not None:
+                # Between batches: no batch runs on two configuration versions.
+                await self._live.apply_pending()
             try:
                 batch = await self._consumer.getmany(
                     timeout_ms=kafka.poll_timeout_ms,

@@ -49,6 +49,7 @@ def isolated_settings(
     }
     kafka.update(overrides.pop("kafka", {}))
     worker = {"metrics_port": 0, **overrides.pop("worker", {})}
+    overrides.setdefault("live", {"topic": f"test-{tag}.config"})
     return load_settings(
         kafka=kafka,
         redis={"url": redis_url, "key_prefix": f"t{tag}"},

@@ -1,0 +1,285 @@
+"""The live configuration document, its versioned records, and edits to it.
+
+Pure logic: pydantic models, dotted-path edits and field-level diffs. No Kafka,
+Redis or FastAPI import, so the worker, the CLI and the admin API validate a
+document the same way.
+
+The document holds the existing settings models by reference
+(:class:`~gateway.config.LimitsConfig`, :class:`~gateway.config.PolicyConfig`),
+so a field added there is live-tunable at once. Detector parameters are limited
+to each detector's ``_mutable_params``: the others shape per-client state and
+need a restart with a new settings file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from detectors.registry import DETECTORS
+from gateway.config import LimitsConfig, PolicyConfig, Settings
+from gateway.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+ChangeKind = Literal["initial", "set", "apply", "rollback"]
+
+
+class ConfigConflict(ConfigError):
+    """A change was based on a version that is no longer the current one."""
+
+    default_code = "CONFIG_CONFLICT"
+
+
+class UnknownVersion(ConfigError):
+    """A version that was never published (or a malformed version number)."""
+
+    default_code = "CONFIG_UNKNOWN_VERSION"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _check_detectors(value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every registered detector with all its live parameters, validated
+    through the detector's own ``Params`` model on top of its defaults."""
+    unknown = sorted(set(value) - set(DETECTORS))
+    if unknown:
+        raise ValueError(
+            f"detectors.{unknown[0]}: unknown detector "
+            f"(rule: one of {', '.join(sorted(DETECTORS))})"
+        )
+    full: dict[str, dict[str, Any]] = {}
+    for name, cls in DETECTORS.items():
+        given = dict(value.get(name, {}))
+        for key in given:
+            if key not in cls.Params.model_fields:
+                raise ValueError(f"detectors.{name}.{key}: unknown parameter")
+            if key not in cls._mutable_params:
+                raise ValueError(
+                    f"detectors.{name}.{key}: cannot change while running "
+                    "(rule: it shapes stored per-client state; set it in the "
+                    "settings file and restart the workers)"
+                )
+        try:
+            params = cls.Params.model_validate({**cls.Params().model_dump(), **given})
+        except pydantic.ValidationError as exc:
+            raise ValueError(
+                "; ".join(
+                    f"detectors.{name}.{'.'.join(str(p) for p in err['loc'])}: "
+                    f"{err['msg']} (rule: {err['type']})"
+                    for err in exc.errors()
+                )
+            ) from exc
+        dumped = params.model_dump(mode="json")
+        full[name] = {k: dumped[k] for k in sorted(cls._mutable_params)}
+    return full
+
+
+class LiveConfig(_Frozen):
+    """Everything an operator may change while the workers run.
+
+    ``policy.shadow`` is the global shadow flag (rules recorded, nothing
+    enforced); ``detector_shadow`` puts single detectors in shadow: they are
+    still scored and recorded but their flags do not drive policy.
+    """
+
+    limits: LimitsConfig = LimitsConfig()
+    policy: PolicyConfig = PolicyConfig()
+    detectors: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, validate_default=True
+    )
+    detector_shadow: dict[str, bool] = Field(default_factory=dict)
+
+    @field_validator("detectors")
+    @classmethod
+    def _detectors_valid(
+        cls, value: dict[str, dict[str, Any]]
+    ) -> dict[str, dict[str, Any]]:
+        return _check_detectors(value)
+
+    @field_validator("detector_shadow")
+    @classmethod
+    def _shadow_names_known(cls, value: dict[str, bool]) -> dict[str, bool]:
+        unknown = sorted(set(value) - set(DETECTORS))
+        if unknown:
+            raise ValueError(
+                f"detector_shadow.{unknown[0]}: unknown detector "
+                f"(rule: one of {', '.join(sorted(DETECTORS))})"
+            )
+        return dict(sorted(value.items()))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LiveConfig:
+        """Version 1's document: this process's settings, keeping only the
+        detector parameters that may change while running."""
+        detectors = {
+            name: {
+                k: v
+                for k, v in settings.detectors.get(name, {}).items()
+                if k in DETECTORS[name]._mutable_params
+            }
+            for name in settings.detectors
+            if name in DETECTORS
+        }
+        return validate_document(
+            {
+                "limits": settings.limits.model_dump(mode="json"),
+                "policy": settings.policy.model_dump(mode="json"),
+                "detectors": detectors,
+            }
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class FieldChange(_Frozen):
+    """One leaf of the document that changed; ``None`` for absent."""
+
+    field: str
+    old: Any = None
+    new: Any = None
+
+
+class ConfigRecord(_Frozen):
+    """One published version: the full document and its audit trail."""
+
+    version: int = Field(ge=1)
+    parent: int = Field(ge=0)
+    author: str = Field(min_length=1, max_length=200)
+    at_ms: int = Field(ge=0)
+    kind: ChangeKind
+    document: LiveConfig
+    changes: tuple[FieldChange, ...] = ()
+    summary: str = Field("", max_length=4000)
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def decode(cls, blob: bytes) -> ConfigRecord:
+        """Raises ``ConfigError`` naming the field when ``blob`` is not a valid
+        record (a worker then keeps its running version)."""
+        try:
+            return cls.model_validate_json(blob)
+        except pydantic.ValidationError as exc:
+            raise ConfigError(
+                f"invalid configuration record: {_describe(exc)}"
+            ) from exc
+
+
+def record_key(version: int) -> bytes:
+    """Kafka key of a version: one key per version, so compaction keeps every
+    version (and collapses only a retried publish of the same one)."""
+    return f"v{version:012d}".encode()
+
+
+def _describe(exc: pydantic.ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if loc and msg.startswith(loc.split(".")[0] + "."):
+            # Our own validators already name the full path and the rule.
+            parts.append(msg)
+        else:
+            parts.append(f"{loc or '(document)'}: {msg} (rule: {err['type']})")
+    return "; ".join(parts)
+
+
+def validate_document(data: Mapping[str, Any]) -> LiveConfig:
+    """A ``LiveConfig`` from plain data, or a ``ConfigError`` naming each bad
+    field and the rule it breaks."""
+    try:
+        return LiveConfig.model_validate(dict(data))
+    except pydantic.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {_describe(exc)}") from exc
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: JSON when it parses (numbers, booleans, lists),
+    else the text itself. Pydantic then checks it against the field's type."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def get_path(document: LiveConfig, key: str) -> Any:
+    """The value at dotted ``key`` (``policy.flag_at``), or ``ConfigError``."""
+    node: Any = document.as_dict()
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"{key}: no such field", code="CONFIG_NO_FIELD")
+        node = node[part]
+    return node
+
+
+def with_changes(document: LiveConfig, changes: Mapping[str, Any]) -> LiveConfig:
+    """``document`` with each dotted key set to its value, validated as a whole.
+
+    Only the dict-valued sections (``detectors.<name>``, ``detector_shadow``)
+    accept new keys; anywhere else an unknown key is refused by name.
+    """
+    data = document.as_dict()
+    for key, value in changes.items():
+        parts = key.split(".")
+        if not key or any(not p for p in parts):
+            raise ConfigError(f"{key!r}: not a dotted field name")
+        node = data
+        open_section = parts[0] in ("detectors", "detector_shadow")
+        for depth, part in enumerate(parts[:-1]):
+            if open_section and depth > 0:
+                # A detector not yet named: the validator judges the name.
+                node.setdefault(part, {})
+            child = node.get(part)
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(f"{where}: no such section")
+            node = child
+        leaf = parts[-1]
+        if leaf not in node and not open_section:
+            raise ConfigError(f"{key}: no such field")
+        node[leaf] = value
+    return validate_document(data)
+
+
+def _leaves(data: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(data, dict):
+        # An empty table has no leaves: it differs from a full one key by key.
+        for key, value in data.items():
+            _leaves(value, f"{prefix}.{key}" if prefix else str(key), out)
+    else:
+        out[prefix] = data
+
+
+def diff(old: LiveConfig | None, new: LiveConfig) -> tuple[FieldChange, ...]:
+    """Leaf-level differences from ``old`` to ``new``, sorted by field."""
+    before: dict[str, Any] = {}
+    after: dict[str, Any] = {}
+    if old is not None:
+        _leaves(old.as_dict(), "", before)
+    _leaves(new.as_dict(), "", after)
+    return tuple(
+        FieldChange(field=k, old=before.get(k), new=after.get(k))
+        for k in sorted(set(before) | set(after))
+        if before.get(k) != after.get(k)
+    )
+
+
+def summarize(changes: tuple[FieldChange, ...], limit: int = 20) -> str:
+    """``policy.flag_at: 1.0 -> 1.2; ...`` for logs and history listings."""
+    parts = [
+        f"{c.field}: {json.dumps(c.old)} -> {json.dumps(c.new)}"
+        for c in changes[:limit]
+    ]
+    if len(changes) > limit:
+        parts.append(f"... {len(changes) - limit} more")
+    return "; ".join(parts) or "no change"
