@@ -23,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import logging
 import json
+import logging
 import math
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -299,6 +299,9 @@ def compile_plan(limits: LimitsConfig, plan: PlanConfig) -> CompiledPlan:
         modes.append(plan.quota.fail_mode or default_mode)
     if plan.in_flight is not None:
         modes.append(plan.in_flight.fail_mode or default_mode)
+    if not modes:
+        # A plan without limits still needs an answer to "and without Redis?"
+        modes.append(default_mode)
     return CompiledPlan(
         plan=plan,
         count_refused=count_refused,

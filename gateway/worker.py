@@ -34,7 +34,7 @@ from gateway.batch import (
     decode_record,
     response_for,
 )
-from gateway.config import Settings
+from gateway.config import LimitsConfig, Settings
 from gateway.errors import (
     AuthError,
     BrokerError,
@@ -44,6 +44,7 @@ from gateway.errors import (
     ValidationError,
 )
 from gateway.keys import KeyStore, authenticate, load_server_key
+from gateway.limits import Admitter
 from gateway.metrics import WorkerMetrics
 from gateway.models import ServedModel, ensure_digits_model, load_model
 from gateway.produce import Sends, internal_answer
@@ -103,6 +104,7 @@ class Worker:
         self._redis: aioredis.Redis | None = None
         self._keys: KeyStore | None = None
         self._store: CounterStore | None = None
+        self._admitter: Admitter | None = None
         # Held while a batch is in flight, so a revoke waits for it to commit.
         self._batch_lock = asyncio.Lock()
         self._client_tp: dict[str, TopicPartition] = {}
@@ -148,6 +150,7 @@ class Worker:
         self._redis = redis_from_settings(s)
         self._keys = KeyStore(self._redis, s, server_key=server_key)
         self._store = CounterStore(self._redis, s)
+        self._admitter = Admitter(self._store, self.metrics.decisions_without_store)
 
         try:
             await ensure_topics(s)
@@ -337,6 +340,7 @@ class Worker:
 
         await self._produce(items)
         timer.lap("produce")
+        await self._release_in_flight(items)
 
     def _decode(self, tp: TopicPartition, record: Any) -> BatchItem:
         max_bytes = self.settings.kafka.max_message_bytes
@@ -432,30 +436,37 @@ class Worker:
             except ValidationError as exc:
                 item.fail(exc)
 
+    def set_limits(self, limits: LimitsConfig) -> None:
+        """Put new plans and limits in force from the next batch on, without a
+        restart (for the live configuration)."""
+        self.settings = self.settings.model_copy(update={"limits": limits})
+        if self._store is not None:
+            self._store.set_limits(limits)
+
     async def _admit(self, items: list[BatchItem]) -> None:
-        assert self._store is not None
+        assert self._admitter is not None
         live = [i for i in items if i.error is None and i.key is not None]
         if not live:
             return
-        limits = self.settings.limits
         admit_items = [
             AdmitItem(
                 client_id=i.key.client_id,
                 request_id=i.request.request_id,
                 delivery=f"{i.partition}:{i.offset}",
-                rate_per_s=limits.rate_per_s,
-                burst=limits.burst,
                 cost=1,
+                plan=i.key.plan,
+                overrides=i.key.limit_overrides,
             )
             for i in live
             if i.key is not None and i.request is not None
         ]
-        # Redis unreachable: StoreError propagates and the batch is retried.
-        # Answering it as refused would be worse: if the script did run before
-        # the connection failed, the client's retry under the same request id
-        # would then be refused as a duplicate.
-        # TODO: issue 4's fail-open mode (a local per-worker cap) belongs here.
-        admissions = await self._store.admit_batch(admit_items)
+        # Redis unreachable: each rule's fail mode decides (gateway.limits).
+        # In the default mode, "retry", StoreError propagates and the batch is
+        # retried. Answering it as refused would be worse: if the script did
+        # run before the connection failed, the client's retry under the same
+        # request id would then be refused as a duplicate; "closed" accepts
+        # that risk for an answer now.
+        admissions = await self._admitter.admit(admit_items)
         for item, admission in zip(live, admissions, strict=True):
             item.admission = admission
             item.query_index = admission.client_requests
@@ -479,6 +490,29 @@ class Worker:
                     PolicyError("client is blocked", code="BLOCKED", retriable=True),
                     action="block",
                 )
+            elif admission.outcome == "quota_exceeded":
+                item.fail(
+                    PolicyError(
+                        "daily quota used up; it resets at midnight UTC",
+                        code="QUOTA_EXCEEDED",
+                        retriable=True,
+                    ),
+                    action="throttle",
+                )
+            elif admission.outcome == "too_many_in_flight":
+                item.fail(
+                    PolicyError(
+                        "too many requests in flight",
+                        code="TOO_MANY_IN_FLIGHT",
+                        retriable=True,
+                    ),
+                    action="throttle",
+                )
+            elif admission.outcome == "store_unavailable":
+                item.fail(
+                    StoreError("the counter store is unreachable; retry later"),
+                    action="reject",
+                )
 
     async def _load_new_clients(self, items: list[BatchItem]) -> None:
         """Bring in the snapshot of clients this worker sees for the first time
@@ -493,7 +527,18 @@ class Worker:
             return
         # A StoreError propagates (the batch is retried): marking the clients
         # known with empty state would let the next revoke erase their history.
-        blobs = await self._store.load_states(list(new))
+        # Except when this batch was admitted without Redis (fail modes open
+        # or closed): then the clients are served with fresh detector state
+        # and stay unknown, so a later batch loads their snapshot.
+        try:
+            blobs = await self._store.load_states(list(new))
+        except StoreError:
+            if not _decided_without_store(items):
+                raise
+            logger.warning(
+                "detector state of new clients not loaded", extra={"clients": len(new)}
+            )
+            return
         self._client_tp.update(new)
         self.metrics.clients.set(len(self._client_tp))
         for client_id, blob in blobs.items():
@@ -534,7 +579,39 @@ class Worker:
             and i.key is not None
             and i.request is not None
         ]
-        await self._store.release_requests(unserved)
+        try:
+            await self._store.release_requests(unserved)
+        except StoreError:
+            # Without Redis (fail modes open/closed) the batch is answered
+            # anyway; the cost is that a retry of these ids within the replay
+            # window may be refused as a duplicate.
+            if not _decided_without_store(items):
+                raise
+            logger.warning("unserved request ids not released")
+
+    async def _release_in_flight(self, items: list[BatchItem]) -> None:
+        """Answered requests give back their in-flight slot. A failure only
+        delays that until the slot's safety expiry (the in-flight rule's
+        ``ttl_s``): the answers are out, so the batch must not be retried."""
+        assert self._admitter is not None
+        held = [
+            (i.key.client_id, i.request.request_id, i.admission)
+            for i in items
+            if i.admission is not None
+            and i.admission.in_flight
+            and i.key is not None
+            and i.request is not None
+        ]
+        if not held:
+            return
+        try:
+            await self._admitter.release(held)
+        except StoreError as exc:
+            logger.warning(
+                "in-flight slots not released; they expire by themselves: %s",
+                exc,
+                extra={"requests": len(held)},
+            )
 
     async def _produce(self, items: list[BatchItem]) -> None:
         """Produce every answer, decision, alert and dead-letter record of the
@@ -712,6 +789,10 @@ class Worker:
         if self._scorer is not None:
             self._scorer.forget(client_id)
         self.metrics.clients.set(len(self._client_tp))
+
+
+def _decided_without_store(items: list[BatchItem]) -> bool:
+    return any(i.admission is not None and i.admission.without_store for i in items)
 
 
 class _StageTimer:
