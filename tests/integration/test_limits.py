@@ -10,6 +10,7 @@ end; the shared Redis is never stopped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
+from redis import exceptions as redis_exc
 from redis.asyncio import Redis
 
 from gateway.config import LimitsConfig, Settings, load_settings
@@ -451,35 +453,25 @@ class PrivateRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    async def start(self) -> None:
+    def spawn(self) -> None:
+        listen = ["--port", str(self.port), "--bind", "127.0.0.1"]
+        no_disk = ["--save", "", "--appendonly", "no", "--dir", str(self.directory)]
         self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.directory),
-            ],  # fmt: skip
+            ["redis-server", *listen, *no_disk],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+
+    async def start(self) -> None:
+        """Start it and wait until it answers PING."""
+        self.spawn()
         client = Redis.from_url(self.url)
         try:
             deadline = asyncio.get_running_loop().time() + 10
             while True:
-                try:
+                with contextlib.suppress(redis_exc.ConnectionError):
                     if await client.ping():
                         return
-                except OSError:
-                    pass
-                except Exception:  # redis ConnectionError while it starts
-                    pass
                 if asyncio.get_running_loop().time() > deadline:
                     raise RuntimeError("private redis-server did not start")
                 await asyncio.sleep(0.05)
