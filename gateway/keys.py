@@ -51,6 +51,11 @@ KeyStatus = Literal["active", "revoked"]
 # Bounds the local cache so a flood of made-up key ids (each cached negatively)
 # cannot grow a worker's memory without limit.
 _CACHE_MAX_ENTRIES = 100_000
+# While Redis is unreachable, a cached key may be used this long after it was
+# last read (see KeyStore.get_many_or_stale): long enough to ride out a Redis
+# restart or failover, short enough that an old revocation cannot be missed
+# for longer than that.
+STALE_IF_ERROR_S = 3_600.0
 # Used for unknown keys so that refusing one costs about as much as checking a
 # real signature; the value is irrelevant.
 _DUMMY_SECRET = b"\x00" * SECRET_BYTES
@@ -538,6 +543,48 @@ class KeyStore:
                 found[key_id] = key
             self._remember(key_id, expires_at, key)
         return found
+
+    async def get_many_or_stale(
+        self, key_ids: Iterable[str]
+    ) -> tuple[dict[str, ApiKey], set[str]]:
+        """Like :meth:`get_many`, but when Redis is unreachable answer from the
+        cache, expired entries included if read within ``STALE_IF_ERROR_S``.
+
+        For the fail modes ``open`` and ``closed`` of the limits, which keep
+        answering during an outage. The cost: a key revoked after this worker
+        last read it stays usable here until Redis answers again (at most
+        ``STALE_IF_ERROR_S``).
+
+        Returns
+        -------
+        tuple[dict[str, ApiKey], set[str]]
+            Known keys by id, and the ids that could not be looked up (not
+            cached, or cached too long ago); the set is empty when Redis
+            answered.
+        """
+        ids = list(dict.fromkeys(key_ids))
+        try:
+            return await self.get_many(ids), set()
+        except StoreError as exc:
+            if not exc.retriable:
+                raise
+        now = time.monotonic()
+        found: dict[str, ApiKey] = {}
+        unavailable: set[str] = set()
+        for key_id in ids:
+            if not KEY_ID_PATTERN.fullmatch(key_id):
+                continue  # never a key, with or without Redis
+            cached = self._cache.get(key_id)
+            fresh_until = now - STALE_IF_ERROR_S + self._cache_ttl_s
+            if cached is None or cached[0] < fresh_until:
+                unavailable.add(key_id)
+            elif cached[1] is not None:
+                found[key_id] = cached[1]
+        logger.warning(
+            "redis unreachable; api keys served from the cache",
+            extra={"keys": len(found), "unavailable": len(unavailable)},
+        )
+        return found, unavailable
 
     def _decode(self, key_id: str, row: dict[bytes, bytes]) -> ApiKey | None:
         try:

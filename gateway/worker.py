@@ -369,13 +369,25 @@ class Worker:
         live = [i for i in items if i.error is None and i.request is not None]
         if not live:
             return
-        # A StoreError here propagates: the batch is retried, not refused.
-        keys = await self._keys.get_many({i.request.key_id for i in live if i.request})
+        # Redis unreachable: keys this worker read recently come from its
+        # cache, and admission applies each plan's fail mode. A key not in the
+        # cache has no plan to ask, so the limits' default fail mode decides:
+        # "retry" retries the batch (StoreError), otherwise its requests are
+        # refused STORE_UNAVAILABLE.
+        keys, unavailable = await self._keys.get_many_or_stale(
+            {i.request.key_id for i in live if i.request}
+        )
+        if unavailable and self.settings.limits.fail_mode == "retry":
+            raise StoreError("redis unreachable and api keys not cached")
         now_ms = protocol.now_ms()
         max_skew_ms = int(self.settings.auth.max_clock_skew_s * 1000)
         for item in live:
             request = item.request
             assert request is not None
+            if request.key_id in unavailable:
+                self.metrics.decisions_without_store.labels("closed").inc()
+                item.fail(StoreError("the key store is unreachable; retry later"))
+                continue
             try:
                 key = authenticate(
                     keys.get(request.key_id),
