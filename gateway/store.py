@@ -266,7 +266,9 @@ def gcra(
     return GcraDecision(True, new_tat, 0.0)
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: compared and hashed by identity, which is what grouping a batch by
+# plan needs, and cheap (hashing the nested PlanConfig per item is not).
+@dataclass(frozen=True, slots=True, eq=False)
 class CompiledPlan:
     """A plan with a key's overrides applied, ready to be script arguments.
 
@@ -365,8 +367,11 @@ class CounterStore:
         self._default_cooldown_s = settings.policy.block_cooldown_s
         self._clock_us = clock_us
         self._limits = settings.limits
-        # (plan name, overrides JSON) -> compiled plan under the current limits.
-        self._compiled: dict[tuple[str, str], CompiledPlan] = {}
+        # (plan, overrides, rate_per_s, burst) of an item -> its compiled plan
+        # under the current limits.
+        self._compiled: dict[
+            tuple[str, str, float | None, int | None], CompiledPlan
+        ] = {}
 
     @property
     def limits(self) -> LimitsConfig:
@@ -393,11 +398,7 @@ class CounterStore:
         ignored, both with a warning: a config change must never lock clients
         out.
         """
-        cache_key = (
-            (item.plan, item.overrides)
-            if item.rate_per_s is None
-            else ("", f"{item.rate_per_s!r}/{item.burst}")
-        )
+        cache_key = (item.plan, item.overrides, item.rate_per_s, item.burst)
         found = self._compiled.get(cache_key)
         if found is not None:
             return found
@@ -481,16 +482,18 @@ class CounterStore:
         # Group by client (and plan: a client's keys may have different
         # plans), keeping each client's items in batch order. One reading of
         # the test clock for the whole batch, as the server's is per call.
-        groups: dict[tuple[str, int], list[int]] = {}
-        plans: dict[int, CompiledPlan] = {}
+        groups: dict[tuple[str, CompiledPlan], list[int]] = {}
         for index, item in enumerate(items):
-            plan = self.compiled(item)
-            plans[id(plan)] = plan
-            groups.setdefault((item.client_id, id(plan)), []).append(index)
+            key = (item.client_id, self.compiled(item))
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [index]
+            else:
+                group.append(index)
         now_us = "" if self._clock_us is None else str(int(self._clock_us()))
         calls = [
-            (indices, self._admit_call(items, indices, plans[plan_id], now_us))
-            for (_, plan_id), indices in groups.items()
+            (indices, self._admit_call(items, indices, plan, now_us))
+            for (_, plan), indices in groups.items()
         ]
 
         async with redis_guard("admit", self._timeout_s):
@@ -514,8 +517,9 @@ class CounterStore:
                     f"redis admit: {type(reply).__name__}: {reply}",
                     retriable=isinstance(reply, _RETRIABLE_REPLIES),
                 ) from reply
-            for index, row in zip(indices, reply, strict=True):
-                results[index] = _admission(row)
+            lines = reply.decode().split("\n")
+            for index, line in zip(indices, lines, strict=True):
+                results[index] = _admission(line)
 
         admissions = [a for a in results if a is not None]
         if logger.isEnabledFor(logging.DEBUG):
@@ -555,12 +559,12 @@ class CounterStore:
             round(in_flight.ttl_s * 1000) if in_flight is not None else 0,
             *plan.rule_args,
         ]
+        req_prefix = self.client_key(client_id, "req:")
         for index in indices:
             item = items[index]
-            keys.append(self.request_key(client_id, item.request_id))
-            args.extend(
-                (item.delivery, self.request_member(item.request_id), item.cost)
-            )
+            member = self.request_member(item.request_id)
+            keys.append(req_prefix + member)
+            args.extend((item.delivery, member, item.cost))
         return [len(keys), *keys, *args]
 
     async def _run_admit(self, calls: list[list[Any]]) -> list[Any]:
@@ -717,18 +721,20 @@ def check_client_id(client_id: str) -> None:
         raise ValueError(f"client_id must match {CLIENT_ID_PATTERN.pattern}")
 
 
-def _admission(row: list[Any]) -> Admission:
-    name = row[0].decode() if isinstance(row[0], bytes) else str(row[0])
+def _admission(line: str) -> Admission:
+    name, retry_ms, requests, limit, remaining, reset_ms, window_ms, held = line.split(
+        " "
+    )
     outcome = _OUTCOMES.get(name)
     if outcome is None:
         raise StoreError(f"redis admit: unexpected outcome {name!r}", retriable=False)
     return Admission(
         outcome=outcome,
-        retry_after_ms=int(row[1]),
-        client_requests=int(row[2]),
-        limit=int(row[3]),
-        remaining=int(row[4]),
-        reset_ms=int(row[5]),
-        window_s=int(row[6]) / 1000,
-        in_flight=bool(int(row[7])),
+        retry_after_ms=int(retry_ms),
+        client_requests=int(requests),
+        limit=int(limit),
+        remaining=int(remaining),
+        reset_ms=int(reset_ms),
+        window_s=int(window_ms) / 1000,
+        in_flight=held == "1",
     )

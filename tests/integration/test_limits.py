@@ -408,7 +408,7 @@ async def test_every_counter_key_expires(redis: Redis, stack: StackInfo) -> None
         "plans": {
             "default": {
                 "rules": [
-                    {"limit": 1, "window_s": 1},
+                    {"limit": 1, "window_s": 60},
                     {"limit": 100, "window_s": 86_400},
                 ],
                 "quota": {"daily": 100},
