@@ -4,11 +4,13 @@ while the worker's (private) Redis is down and after it is back."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from gateway.models import digits_split
+from gateway.store import redis_from_settings
 from tests.conftest import StackInfo
 from tests.integration.helpers import (
     RawKafka,
@@ -38,6 +40,7 @@ async def test_plans_answer_rate_limited_and_quota_exceeded(
                 "metered": {
                     "rules": [{"limit": 1000, "window_s": 1}],
                     "quota": {"daily": 2},
+                    "in_flight": {"limit": 10},
                 },
             }
         },
@@ -61,6 +64,17 @@ async def test_plans_answer_rate_limited_and_quota_exceeded(
         ]
         await kafka.flush()
         answers = await responses_for(settings, [*tight, *metered])
+        # Answered requests give their in-flight slots back (just after the
+        # answers are produced, hence the poll).
+        redis = redis_from_settings(settings)
+        try:
+            inflight = f"{settings.redis.key_prefix}:{{c:lim-metered}}:inflight"
+            deadline = asyncio.get_running_loop().time() + 10
+            while await redis.zcard(inflight):
+                assert asyncio.get_running_loop().time() < deadline, "slots held"
+                await asyncio.sleep(0.05)
+        finally:
+            await redis.aclose()
 
     def codes(ids: list[str]) -> list[str]:
         return [
