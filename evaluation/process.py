@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pydantic import BaseModel, SecretStr
+from pydantic_core import to_jsonable_python
 
 import gateway
 from gateway.config import Settings
@@ -52,7 +53,9 @@ def _leaf_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list | tuple | dict):
-        return json.dumps(value, default=str)
+        # Models inside (limits.plans) become their JSON form, as pydantic
+        # reads them back.
+        return json.dumps(value, default=to_jsonable_python)
     return str(value)
 
 
