@@ -463,7 +463,9 @@ class CounterStore:
         execute, a second round trip per batch.
 
         A client's items are decided in order against one server-clock reading;
-        different clients are independent. Retrying a batch after an error is
+        different clients are independent. Items of one client whose keys have
+        different plans go in one call per plan, one after the other (each
+        plan's items in order). Retrying a batch after an error is
         safe: admitted items come back as ``redelivery``.
 
         Returns
