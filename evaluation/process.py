@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pydantic import BaseModel, SecretStr
+from pydantic_core import to_jsonable_python
 
 import gateway
 from gateway.config import Settings
@@ -52,14 +53,9 @@ def _leaf_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list | tuple | dict):
-        return json.dumps(value, default=_json_default)
-    return str(value)
-
-
-def _json_default(value: Any) -> Any:
-    # A dict of sections (e.g. models.backends) holds pydantic models.
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json", exclude_none=True)
+        # Models inside (limits.plans) become their JSON form, as pydantic
+        # reads them back.
+        return json.dumps(value, default=to_jsonable_python)
     return str(value)
 
 

@@ -177,6 +177,8 @@ def response_for(
         if item.admission is not None and item.error.code in (
             "RATE_LIMITED",
             "BLOCKED",
+            "QUOTA_EXCEEDED",
+            "TOO_MANY_IN_FLIGHT",
         ):
             retry_after = item.admission.retry_after_ms or None
         if item.error.code == "BLOCKED" and retry_after is None:

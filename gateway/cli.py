@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from gateway import logs
+from gateway import limits_cli, logs
 from gateway.cli_config import config_app
 from gateway.config import Settings, load_settings
 from gateway.errors import ModelgateError
@@ -32,6 +32,7 @@ app = typer.Typer(
 keys_app = typer.Typer(help="Create, list and revoke client API keys.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
+limits_cli.register(keys_app)
 
 ConfigOption = Annotated[
     Path | None,
@@ -400,6 +401,8 @@ def keys_create(
         float | None, typer.Option(help="Expire after this many days.")
     ] = None,
     config: ConfigOption = None,
+    plan: Annotated[str, typer.Option(help="Limits plan (limits.plans).")] = "default",
+    overrides: limits_cli.OverridesOption = None,
 ) -> None:
     """Create an API key and print its token once; it is not stored in clear."""
     settings = _settings(config)
@@ -410,6 +413,8 @@ def keys_create(
                 client_id,
                 models=tuple(model or ()),
                 ttl_s=None if ttl_days is None else ttl_days * 86_400,
+                plan=plan,
+                limit_overrides=limits_cli.parse_overrides(overrides),
             )
             return f"key_id={key.key_id} client={key.client_id}\ntoken={token}"
 

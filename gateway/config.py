@@ -8,6 +8,7 @@ keys are rejected so a typo fails at start instead of silently doing nothing.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -99,10 +100,110 @@ class AuthConfig(_Frozen):
         return self
 
 
+FailMode = Literal["retry", "open", "closed"]
+_PLAN_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+# Longest GCRA window: a TAT key lives at most about one window (times
+# burst / limit), so this also bounds how long a TAT key can live.
+_MAX_WINDOW_S = 31 * 86_400
+
+
+class RateRule(_Frozen):
+    """One GCRA window: ``limit`` requests per ``window_s`` seconds, at most
+    ``burst`` at once (default: ``limit``, rounded up).
+
+    The emission interval is ``window_s / limit``; the burst tolerance is
+    ``interval * (burst - 1)``. Unlike a fixed window, the allowance refills
+    continuously, so no window edge lets twice the limit through.
+    ``fail_mode`` (``None``: the plan's) says what happens to a request this
+    rule judges while Redis cannot be reached; ``local_fraction`` scales the
+    rule for the per-worker bucket used in ``open`` mode.
+    """
+
+    limit: float = Field(gt=0, le=1_000_000_000)
+    window_s: float = Field(gt=0, le=_MAX_WINDOW_S)
+    burst: int | None = Field(None, ge=1, le=1_000_000_000)
+    fail_mode: FailMode | None = None
+    local_fraction: float = Field(1.0, gt=0, le=1)
+
+    @property
+    def window_ms(self) -> int:
+        return max(1, round(self.window_s * 1000))
+
+    @property
+    def effective_burst(self) -> int:
+        return self.burst if self.burst is not None else max(1, math.ceil(self.limit))
+
+
+class QuotaRule(_Frozen):
+    """At most ``daily`` admitted requests per calendar day (UTC); the count
+    resets at midnight UTC."""
+
+    daily: int = Field(ge=1, le=1_000_000_000)
+    fail_mode: FailMode | None = None
+    local_fraction: float = Field(1.0, gt=0, le=1)
+
+
+class InFlightRule(_Frozen):
+    """At most ``limit`` requests admitted but not yet answered. A slot left
+    by a worker that died before answering frees itself after
+    ``ttl_s`` seconds."""
+
+    limit: int = Field(ge=1, le=1_000_000)
+    ttl_s: float = Field(300.0, ge=1, le=86_400)
+    fail_mode: FailMode | None = None
+
+
+class PlanConfig(_Frozen):
+    """A named tier: GCRA windows, a daily quota and an in-flight cap, each
+    optional. ``count_refused`` and ``fail_mode`` of ``None`` take the
+    ``limits`` section's values."""
+
+    rules: tuple[RateRule, ...] = ()
+    quota: QuotaRule | None = None
+    in_flight: InFlightRule | None = None
+    count_refused: bool | None = None
+    fail_mode: FailMode | None = None
+
+    @field_validator("rules")
+    @classmethod
+    def _distinct_windows(cls, rules: tuple[RateRule, ...]) -> tuple[RateRule, ...]:
+        # A rule's TAT key is named after its window, so two rules with one
+        # window would share (and corrupt) one TAT.
+        windows = [rule.window_ms for rule in rules]
+        if len(set(windows)) != len(windows):
+            raise ValueError("two rules of a plan have the same window_s")
+        if len(rules) > 16:
+            raise ValueError("at most 16 rules per plan")
+        return rules
+
+
 class LimitsConfig(_Frozen):
     rate_per_s: float = Field(50.0, gt=0, le=1_000_000)
     burst: int = Field(100, ge=1, le=1_000_000)
     count_refused: bool = False
+    # What a rule without its own fail_mode does while Redis is unreachable:
+    # "retry" rewinds the batch and serves it when Redis is back (no answer
+    # until then), "open" admits up to a per-worker local cap, "closed"
+    # answers STORE_UNAVAILABLE.
+    fail_mode: FailMode = "retry"
+    # Named tiers. "default" (used by keys without a plan, or naming a plan
+    # that does not exist) is one 1 s rule of rate_per_s, burst, unless
+    # defined here.
+    plans: dict[Annotated[str, Field(pattern=_PLAN_NAME_PATTERN)], PlanConfig] = {}
+
+    def plan(self, name: str) -> PlanConfig:
+        """The plan called ``name``, or the default plan if there is none."""
+        found = self.plans.get(name)
+        if found is not None:
+            return found
+        return self.plans.get("default") or self.legacy_plan()
+
+    def legacy_plan(self) -> PlanConfig:
+        """The default plan when none is configured: ``rate_per_s`` per
+        second, ``burst`` at once (the gateway's limit before plans)."""
+        return PlanConfig(
+            rules=(RateRule(limit=self.rate_per_s, window_s=1.0, burst=self.burst),)
+        )
 
 
 class PolicyConfig(_Frozen):

@@ -118,8 +118,13 @@ ERROR_CODES: dict[str, str] = {
     "RATE_LIMITED": "the client exceeded its rate limit; retry after retry_after_ms",
     "BLOCKED": "the client is blocked for a cool-down period",
     "BACKEND_ERROR": "the model failed to produce a prediction",
-    "STORE_UNAVAILABLE": "the counter store could not be reached (internal: "
-    "the worker retries the batch instead of answering with it)",
+    "STORE_UNAVAILABLE": "the counter store could not be reached and a limit "
+    "of the client's plan is in fail mode 'closed'; retry later (in the default "
+    "mode 'retry' the worker retries the batch instead of answering)",
+    "QUOTA_EXCEEDED": "the client's daily quota is used up; it resets at midnight "
+    "UTC (retry_after_ms)",
+    "TOO_MANY_IN_FLIGHT": "the client has as many requests in flight as its plan "
+    "allows; retry once one is answered",
     "INTERNAL": "an unexpected fault in the gateway; the request was not served",
     "BACKEND_TIMEOUT": "the model backend did not answer within its timeout",
     "BACKEND_UNAVAILABLE": "the model backend is down or its circuit breaker is open",

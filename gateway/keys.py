@@ -24,17 +24,17 @@ import re
 import secrets
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cryptography.fernet import Fernet, InvalidToken
 from redis.asyncio import Redis
 from redis.typing import EncodableT
 
 from gateway import protocol
-from gateway.config import Settings
+from gateway.config import PlanConfig, Settings
 from gateway.errors import AuthError, ConfigError, StoreError
 from gateway.store import check_client_id, redis_guard
 
@@ -51,6 +51,11 @@ KeyStatus = Literal["active", "revoked"]
 # Bounds the local cache so a flood of made-up key ids (each cached negatively)
 # cannot grow a worker's memory without limit.
 _CACHE_MAX_ENTRIES = 100_000
+# While Redis is unreachable, a cached key may be used this long after it was
+# last read (see KeyStore.get_many_or_stale): long enough to ride out a Redis
+# restart or failover, short enough that an old revocation cannot be missed
+# for longer than that.
+STALE_IF_ERROR_S = 3_600.0
 # Used for unknown keys so that refusing one costs about as much as checking a
 # real signature; the value is irrelevant.
 _DUMMY_SECRET = b"\x00" * SECRET_BYTES
@@ -72,7 +77,35 @@ if redis.call("EXISTS", KEYS[1]) == 0 then return 0 end
 redis.call("HSET", KEYS[1], "status", "revoked")
 return 1
 """
+# Sets a key's plan and overrides only if the record exists.
+_SET_PLAN_LUA = """
+if redis.call("EXISTS", KEYS[1]) == 0 then return 0 end
+redis.call("HSET", KEYS[1], "plan", ARGV[1], "limit_overrides", ARGV[2])
+return 1
+"""
 _CREATE_ATTEMPTS = 3
+PLAN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def canonical_overrides(overrides: Mapping[str, Any] | None) -> str:
+    """Per-key plan overrides as stored: canonical JSON, ``""`` for none.
+
+    Raises
+    ------
+    ValueError
+        Not a mapping of valid :class:`~gateway.config.PlanConfig` fields
+        (checked on their own; the plan they will apply to may change live).
+    """
+    if not overrides:
+        return ""
+    PlanConfig.model_validate(dict(overrides))
+    return json.dumps(dict(overrides), sort_keys=True, separators=(",", ":"))
+
+
+def check_plan_name(plan: str) -> None:
+    """Raise ``ValueError`` unless ``plan`` is a well-formed plan name."""
+    if not PLAN_NAME_PATTERN.fullmatch(plan):
+        raise ValueError(f"plan must match {PLAN_NAME_PATTERN.pattern}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +113,10 @@ class ApiKey:
     """One API key with its decrypted secret.
 
     ``models`` empty means every served model. ``repr`` never shows the secret,
-    so logging a key or an exception holding one cannot leak it.
+    so logging a key or an exception holding one cannot leak it. ``plan``
+    names the limits plan (``limits.plans``; an unknown name gets the default
+    plan) and ``limit_overrides`` is canonical JSON of PlanConfig fields that
+    replace the plan's for this key (``""``: none).
     """
 
     key_id: str
@@ -90,6 +126,8 @@ class ApiKey:
     status: KeyStatus
     created_ms: int
     expires_ms: int | None = None
+    plan: str = "default"
+    limit_overrides: str = ""
 
     def allows_model(self, model: str) -> bool:
         """Whether this key is scoped to ``model`` (an empty scope allows all)."""
@@ -216,9 +254,11 @@ class KeyStore:
 
     Layout: ``{prefix}:key:{<key_id>}`` is a hash (``client_id``,
     ``secret_enc``, ``models`` as JSON, ``status``, ``created_ms``,
-    ``expires_ms``, empty when none); ``{prefix}:keys`` is the set of ids, for
+    ``expires_ms``, empty when none; ``plan`` and ``limit_overrides``, absent
+    in records older than plans); ``{prefix}:keys`` is the set of ids, for
     listing. The key id is the hash tag so a lookup touches one slot on Redis
-    Cluster. Records never expire: revoked and expired keys stay for audit.
+    Cluster. Records and the id set never expire (unlike every per-client
+    counter): revoked and expired keys stay for audit.
 
     Parameters
     ----------
@@ -290,6 +330,8 @@ class KeyStore:
         client_id: str,
         models: Iterable[str] = (),
         ttl_s: float | None = None,
+        plan: str = "default",
+        limit_overrides: Mapping[str, Any] | None = None,
     ) -> tuple[ApiKey, str]:
         """Create a key for ``client_id`` and return it with its one-time token.
 
@@ -305,11 +347,15 @@ class KeyStore:
             Models the key may call; empty means all.
         ttl_s
             Lifetime in seconds; ``None`` for a key that does not expire.
+        plan
+            The limits plan (see :class:`ApiKey`).
+        limit_overrides
+            PlanConfig fields replacing the plan's for this key.
 
         Raises
         ------
         ValueError
-            Bad ``client_id``, model name or ``ttl_s``.
+            Bad ``client_id``, model name, ``ttl_s``, plan name or overrides.
         StoreError
             Redis could not be reached.
         """
@@ -319,9 +365,13 @@ class KeyStore:
             raise ValueError("model names must be non-empty")
         if ttl_s is not None and not (ttl_s > 0 and math.isfinite(ttl_s)):
             raise ValueError("ttl_s must be positive and finite")
+        check_plan_name(plan)
+        overrides = canonical_overrides(limit_overrides)
 
         for _ in range(_CREATE_ATTEMPTS):
-            key, token = await self._create_once(client_id, scope, ttl_s)
+            key, token = await self._create_once(
+                client_id, scope, ttl_s, plan, overrides
+            )
             if key is not None:
                 logger.info(
                     "api key created",
@@ -333,7 +383,12 @@ class KeyStore:
         )
 
     async def _create_once(
-        self, client_id: str, scope: tuple[str, ...], ttl_s: float | None
+        self,
+        client_id: str,
+        scope: tuple[str, ...],
+        ttl_s: float | None,
+        plan: str,
+        overrides: str,
     ) -> tuple[ApiKey | None, str]:
         key_id = KEY_ID_PREFIX + secrets.token_hex(6)
         secret = secrets.token_bytes(SECRET_BYTES)
@@ -347,6 +402,8 @@ class KeyStore:
             status="active",
             created_ms=created_ms,
             expires_ms=expires_ms,
+            plan=plan,
+            limit_overrides=overrides,
         )
         fields: list[EncodableT] = [
             "client_id",
@@ -361,6 +418,10 @@ class KeyStore:
             created_ms,
             "expires_ms",
             "" if expires_ms is None else expires_ms,
+            "plan",
+            plan,
+            "limit_overrides",
+            overrides,
         ]
 
         # The record and the id set live in different slots, so no MULTI. The
@@ -394,6 +455,41 @@ class KeyStore:
             return False
         self._cache.pop(key_id, None)
         logger.info("api key revoked", extra={"key_id": key_id})
+        return True
+
+    async def set_plan(
+        self,
+        key_id: str,
+        plan: str,
+        limit_overrides: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Give a key a plan and per-key overrides (replacing any it had).
+
+        Workers apply it within ``auth.key_cache_ttl_s``, without a restart.
+        Returns whether the key exists.
+
+        Raises
+        ------
+        ValueError
+            Bad plan name or overrides.
+        StoreError
+            Redis could not be reached.
+        """
+        check_plan_name(plan)
+        overrides = canonical_overrides(limit_overrides)
+        if not KEY_ID_PATTERN.fullmatch(key_id):
+            return False
+        async with redis_guard("keys.set_plan", self._timeout_s):
+            done = await self._redis.eval(
+                _SET_PLAN_LUA, 1, self.record_key(key_id), plan, overrides
+            )
+        if not done:
+            return False
+        self._cache.pop(key_id, None)
+        logger.info(
+            "api key plan set",
+            extra={"key_id": key_id, "plan": plan, "overrides": overrides},
+        )
         return True
 
     async def get(self, key_id: str) -> ApiKey | None:
@@ -448,6 +544,48 @@ class KeyStore:
             self._remember(key_id, expires_at, key)
         return found
 
+    async def get_many_or_stale(
+        self, key_ids: Iterable[str]
+    ) -> tuple[dict[str, ApiKey], set[str]]:
+        """Like :meth:`get_many`, but when Redis is unreachable answer from the
+        cache, expired entries included if read within ``STALE_IF_ERROR_S``.
+
+        For the fail modes ``open`` and ``closed`` of the limits, which keep
+        answering during an outage. The cost: a key revoked after this worker
+        last read it stays usable here until Redis answers again (at most
+        ``STALE_IF_ERROR_S``).
+
+        Returns
+        -------
+        tuple[dict[str, ApiKey], set[str]]
+            Known keys by id, and the ids that could not be looked up (not
+            cached, or cached too long ago); the set is empty when Redis
+            answered.
+        """
+        ids = list(dict.fromkeys(key_ids))
+        try:
+            return await self.get_many(ids), set()
+        except StoreError as exc:
+            if not exc.retriable:
+                raise
+        now = time.monotonic()
+        found: dict[str, ApiKey] = {}
+        unavailable: set[str] = set()
+        for key_id in ids:
+            if not KEY_ID_PATTERN.fullmatch(key_id):
+                continue  # never a key, with or without Redis
+            cached = self._cache.get(key_id)
+            fresh_until = now - STALE_IF_ERROR_S + self._cache_ttl_s
+            if cached is None or cached[0] < fresh_until:
+                unavailable.add(key_id)
+            elif cached[1] is not None:
+                found[key_id] = cached[1]
+        logger.warning(
+            "redis unreachable; api keys served from the cache",
+            extra={"keys": len(found), "unavailable": len(unavailable)},
+        )
+        return found, unavailable
+
     def _decode(self, key_id: str, row: dict[bytes, bytes]) -> ApiKey | None:
         try:
             return self._decode_fields(key_id, row)
@@ -474,6 +612,8 @@ class KeyStore:
         # Redis keys and record keys are built from it; a damaged one
         # refuses this key (ValueError) rather than failing a batch later.
         check_client_id(client_id)
+        plan = row.get(b"plan", b"").decode() or "default"
+        check_plan_name(plan)
         return ApiKey(
             key_id=key_id,
             client_id=client_id,
@@ -483,6 +623,8 @@ class KeyStore:
             status="active" if status == "active" else "revoked",
             created_ms=int(row.get(b"created_ms", b"0")),
             expires_ms=int(expires) if expires else None,
+            plan=plan,
+            limit_overrides=row.get(b"limit_overrides", b"").decode(),
         )
 
     def _remember(self, key_id: str, expires_at: float, key: ApiKey | None) -> None:
@@ -539,6 +681,8 @@ class KeyStore:
                 "status": row.get(b"status", b"").decode(),
                 "created_ms": created_ms,
                 "expires_ms": int(expires) if expires else None,
+                "plan": row.get(b"plan", b"").decode() or "default",
+                "limit_overrides": json.loads(row.get(b"limit_overrides") or b"{}"),
             }
             listing.append((created_ms, key_id, entry))
         listing.sort(key=lambda item: (item[0], item[1]))

@@ -113,6 +113,13 @@ class WorkerMetrics:
             "Live configuration versions this worker refused to apply.",
             registry=self.registry,
         )
+        self.decisions_without_store = Counter(
+            "modelgate_decisions_without_store",
+            "Admission decisions made while Redis was unreachable, by fail mode "
+            "(open: local per-worker cap; closed: refused STORE_UNAVAILABLE).",
+            ["mode"],
+            registry=self.registry,
+        )
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics on ``host:port`` in a daemon thread and return the

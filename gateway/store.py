@@ -1,17 +1,20 @@
-"""Redis-backed per-client counters: admission (dedupe, block, GCRA rate limit),
-blocks, totals and detector-state snapshots.
+"""Redis-backed per-client counters: admission (dedupe, block, the plan's GCRA
+windows, daily quota and in-flight cap), blocks, totals and detector-state
+snapshots.
 
 Every key of one client shares the hash tag ``{c:<client_id>}``, so the Lua
 admission script touches one slot and the layout works on Redis Cluster::
 
-    {prefix}:{c:<client_id>}:tat             GCRA theoretical arrival time (us)
+    {prefix}:{c:<client_id>}:tat:<window_ms> GCRA theoretical arrival time (us)
+    {prefix}:{c:<client_id>}:inflight        sorted set: admitted, unanswered
     {prefix}:{c:<client_id>}:block           present while blocked (value: reason)
     {prefix}:{c:<client_id>}:totals          hash: requests, refused
     {prefix}:{c:<client_id>}:day             hash: d (UTC day), requests, refused
     {prefix}:{c:<client_id>}:req:<request>   dedupe: delivery of the admitted copy
     {prefix}:{c:<client_id>}:state           detector snapshot (bytes)
 
-Every key has an expiry. This module imports Redis and the gateway's config and
+Every key has an expiry (API-key records, in ``gateway.keys``, are the one
+exception, kept for audit). This module imports Redis and the gateway's config and
 errors; nothing from Kafka, FastAPI or the detectors.
 """
 
@@ -20,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import re
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal
@@ -33,7 +37,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from gateway.config import LimitsConfig, Settings
+from gateway.config import FailMode, LimitsConfig, PlanConfig, RateRule, Settings
 from gateway.errors import StoreError
 
 logger = logging.getLogger(__name__)
@@ -42,13 +46,24 @@ logger = logging.getLogger(__name__)
 # forge another client's hash tag or key path.
 CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9._@-]{1,128}$")
 
-Outcome = Literal["ok", "redelivery", "duplicate", "rate_limited", "blocked"]
+Outcome = Literal[
+    "ok",
+    "redelivery",
+    "duplicate",
+    "rate_limited",
+    "blocked",
+    "quota_exceeded",
+    "too_many_in_flight",
+    "store_unavailable",
+]
 _OUTCOMES: dict[str, Outcome] = {
     "ok": "ok",
     "redelivery": "redelivery",
     "duplicate": "duplicate",
     "rate_limited": "rate_limited",
     "blocked": "blocked",
+    "quota_exceeded": "quota_exceeded",
+    "too_many_in_flight": "too_many_in_flight",
 }
 
 # Totals outlive any billing or investigation window we have been asked for;
@@ -56,6 +71,7 @@ _OUTCOMES: dict[str, Outcome] = {
 TOTALS_TTL_S = 30 * 86_400
 # The day hash must survive its whole UTC day plus a margin for late readers.
 DAY_TTL_S = 2 * 86_400
+_MAX_COMPILED_PLANS = 10_000
 # Request ids come from clients; longer ones are hashed so a key name stays
 # small whatever the client sends.
 _MAX_REQUEST_ID_IN_KEY = 128
@@ -135,26 +151,41 @@ class AdmitItem:
         Identifies the Kafka record (``"partition:offset"``), to tell a
         redelivery of the same record from a client resending the same id.
     rate_per_s, burst
-        GCRA limits: ``burst`` requests at once, then ``rate_per_s``.
+        A single 1 s GCRA rule (``burst`` requests at once, then
+        ``rate_per_s``) that replaces the plan, for callers that set the
+        limit themselves (the benchmark); both or neither.
     cost
-        Cells this request uses, ``1 <= cost <= burst`` (a larger cost could
-        never be admitted).
+        Cells this request uses in each GCRA window, ``1 <= cost <= burst``
+        of every rule (a larger cost could never be admitted).
+    plan
+        The key's plan (``ApiKey.plan``), looked up in the store's current
+        :class:`~gateway.config.LimitsConfig`.
+    overrides
+        The key's own overrides of that plan (``ApiKey.limit_overrides``):
+        canonical JSON of some :class:`~gateway.config.PlanConfig` fields,
+        or ``""`` for none.
     """
 
     client_id: str
     request_id: str
     delivery: str
-    rate_per_s: float
-    burst: int
+    rate_per_s: float | None = None
+    burst: int | None = None
     cost: int = 1
+    plan: str = "default"
+    overrides: str = ""
 
     def __post_init__(self) -> None:
         check_client_id(self.client_id)
-        if not (self.rate_per_s > 0 and math.isfinite(self.rate_per_s)):
+        if (self.rate_per_s is None) != (self.burst is None):
+            raise ValueError("give both rate_per_s and burst, or neither")
+        if self.rate_per_s is not None and not (
+            self.rate_per_s > 0 and math.isfinite(self.rate_per_s)
+        ):
             raise ValueError("rate_per_s must be positive and finite")
-        if self.burst < 1:
+        if self.burst is not None and self.burst < 1:
             raise ValueError("burst must be at least 1")
-        if not 1 <= self.cost <= self.burst:
+        if self.cost < 1 or (self.burst is not None and self.cost > self.burst):
             raise ValueError("cost must be between 1 and burst")
 
 
@@ -165,14 +196,33 @@ class Admission:
     ``outcome`` is ``ok`` (admitted and counted), ``redelivery`` (this Kafka
     record was admitted before, e.g. before a crash: answer it again, it is
     not counted again), ``duplicate`` (another record with this request id was
-    admitted), ``rate_limited`` or ``blocked``. ``retry_after_ms`` is set for
-    the last two (0 otherwise). ``client_requests`` is the client's total of
-    admitted requests after this item.
+    admitted), ``rate_limited``, ``blocked``, ``quota_exceeded`` (the UTC
+    day's quota is used up), ``too_many_in_flight`` or ``store_unavailable``
+    (Redis unreachable and a rule in ``closed`` fail mode).
+    ``retry_after_ms`` is the wait the refusal implies (0 when unknown or
+    not refused). ``client_requests`` is the client's total of admitted
+    requests after this item.
+
+    ``limit``, ``remaining``, ``reset_ms`` and ``window_s`` describe the
+    binding window after this decision: the GCRA rule (or daily quota) with
+    the fewest requests left. ``limit`` is what that window lets through at
+    once (a rule's burst, the quota), ``remaining`` how many more would pass
+    now, ``reset_ms`` when it is full again, ``window_s`` its length. All 0
+    when the plan has neither rules nor quota, or Redis was not consulted.
+    ``in_flight`` says the item holds an in-flight slot (release it with
+    :meth:`CounterStore.release_in_flight` once answered); ``without_store``
+    that the decision was made without Redis (fail mode ``open``/``closed``).
     """
 
     outcome: Outcome
     retry_after_ms: int
     client_requests: int
+    limit: int = 0
+    remaining: int = 0
+    reset_ms: int = 0
+    window_s: float = 0.0
+    in_flight: bool = False
+    without_store: bool = False
 
     @property
     def serve(self) -> bool:
@@ -216,6 +266,71 @@ def gcra(
     return GcraDecision(True, new_tat, 0.0)
 
 
+# eq=False: compared and hashed by identity, which is what grouping a batch by
+# plan needs, and cheap (hashing the nested PlanConfig per item is not).
+@dataclass(frozen=True, slots=True, eq=False)
+class CompiledPlan:
+    """A plan with a key's overrides applied, ready to be script arguments.
+
+    ``tat_suffixes`` name the rules' TAT keys (one per window, so a rule keeps
+    its state when its limit changes); ``rule_args`` are the script's
+    per-rule arguments; ``fail_modes`` the effective fail mode of each rule,
+    then the quota's and the in-flight cap's (when the plan has them).
+    """
+
+    plan: PlanConfig
+    count_refused: bool
+    tat_suffixes: tuple[str, ...]
+    rule_args: tuple[Any, ...]
+    fail_modes: tuple[FailMode, ...]
+
+
+def compile_plan(limits: LimitsConfig, plan: PlanConfig) -> CompiledPlan:
+    """Resolve ``plan``'s defaults against ``limits`` into script arguments."""
+    default_mode = plan.fail_mode or limits.fail_mode
+    count_refused = (
+        limits.count_refused if plan.count_refused is None else plan.count_refused
+    )
+    rule_args: list[Any] = []
+    for rule in plan.rules:
+        rule_args.extend(
+            (repr(float(rule.limit)), rule.effective_burst, rule.window_ms)
+        )
+    modes: list[FailMode] = [rule.fail_mode or default_mode for rule in plan.rules]
+    if plan.quota is not None:
+        modes.append(plan.quota.fail_mode or default_mode)
+    if plan.in_flight is not None:
+        modes.append(plan.in_flight.fail_mode or default_mode)
+    if not modes:
+        # A plan without limits still needs an answer to "and without Redis?"
+        modes.append(default_mode)
+    return CompiledPlan(
+        plan=plan,
+        count_refused=count_refused,
+        tat_suffixes=tuple(f"tat:{rule.window_ms}" for rule in plan.rules),
+        rule_args=tuple(rule_args),
+        fail_modes=tuple(modes),
+    )
+
+
+def apply_overrides(plan: PlanConfig, overrides: str) -> PlanConfig:
+    """``plan`` with the fields in ``overrides`` (a JSON object of
+    :class:`~gateway.config.PlanConfig` fields) replacing its own.
+
+    Raises
+    ------
+    ValueError
+        ``overrides`` is not a JSON object of valid PlanConfig fields
+        (pydantic's ValidationError is a ValueError).
+    """
+    if not overrides:
+        return plan
+    changes = json.loads(overrides)
+    if not isinstance(changes, dict):
+        raise ValueError("limit overrides must be a JSON object")
+    return PlanConfig.model_validate(plan.model_dump(exclude_unset=True) | changes)
+
+
 class CounterStore:
     """Per-client admission counters, blocks and detector snapshots in Redis.
 
@@ -229,23 +344,89 @@ class CounterStore:
         ``_run_admit`` and ``load_scripts`` would change.
     settings
         ``redis.key_prefix``, ``redis.socket_timeout_s`` (bounds every
-        operation), ``auth.replay_window_s`` (dedupe lifetime) and
-        ``limits.count_refused`` (whether refused requests still use up rate)
-        and ``policy.block_cooldown_s`` (default block length).
+        operation), ``auth.replay_window_s`` (dedupe lifetime), ``limits``
+        (plans; replace them live with :meth:`set_limits`) and
+        ``policy.block_cooldown_s`` (default block length).
+    clock_us
+        For tests: "now" in microseconds since the epoch, passed to the
+        script instead of reading the Redis server's clock.
     """
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        *,
+        clock_us: Callable[[], int] | None = None,
+    ) -> None:
         _check_decoding(redis)
         self._redis = redis
         self._prefix = settings.redis.key_prefix
         self._timeout_s = settings.redis.socket_timeout_s
         self._replay_ms = max(1, round(settings.auth.replay_window_s * 1000))
-        self._count_refused = settings.limits.count_refused
         self._default_cooldown_s = settings.policy.block_cooldown_s
+        self._clock_us = clock_us
+        self._limits = settings.limits
+        # (plan, overrides, rate_per_s, burst) of an item -> its compiled plan
+        # under the current limits.
+        self._compiled: dict[
+            tuple[str, str, float | None, int | None], CompiledPlan
+        ] = {}
+
+    @property
+    def limits(self) -> LimitsConfig:
+        """The limits in force."""
+        return self._limits
 
     def set_limits(self, limits: LimitsConfig) -> None:
-        """Take new limits between batches (live configuration)."""
-        self._count_refused = limits.count_refused
+        """Put new plans and limits in force from the next batch on.
+
+        No restart and no script reload: the script takes each call's rules
+        as arguments. Counters carry over: a rule whose window is unchanged
+        keeps its TAT (changing 50/s to 20/s does not forgive a client's
+        debt); the day's count and in-flight slots stay.
+        """
+        self._limits = limits
+        self._compiled = {}
+        logger.info("limits replaced", extra={"plans": sorted(limits.plans)})
+
+    def compiled(self, item: AdmitItem) -> CompiledPlan:
+        """The plan that judges ``item``, with its key's overrides applied.
+
+        A plan name the limits do not define falls back to the default plan,
+        and overrides that do not validate against the current plan are
+        ignored, both with a warning: a config change must never lock clients
+        out.
+        """
+        cache_key = (item.plan, item.overrides, item.rate_per_s, item.burst)
+        found = self._compiled.get(cache_key)
+        if found is not None:
+            return found
+
+        if item.rate_per_s is not None and item.burst is not None:
+            plan = PlanConfig(
+                rules=(RateRule(limit=item.rate_per_s, window_s=1.0, burst=item.burst),)
+            )
+        else:
+            if item.plan not in self._limits.plans and item.plan != "default":
+                logger.warning(
+                    "unknown plan; using the default plan", extra={"plan": item.plan}
+                )
+            plan = self._limits.plan(item.plan)
+            try:
+                plan = apply_overrides(plan, item.overrides)
+            except ValueError as exc:
+                logger.warning(
+                    "limit overrides ignored: %s",
+                    exc,
+                    extra={"plan": item.plan, "client": item.client_id},
+                )
+        found = compile_plan(self._limits, plan)
+        # Bounded by the distinct (plan, overrides) pairs of keys in use, and
+        # emptied by every set_limits; the cap guards against a flood anyway.
+        if len(self._compiled) < _MAX_COMPILED_PLANS:
+            self._compiled[cache_key] = found
+        return found
 
     def client_key(self, client_id: str, suffix: str) -> str:
         """``{prefix}:{c:<client_id>}:<suffix>``."""
@@ -253,9 +434,14 @@ class CounterStore:
 
     def request_key(self, client_id: str, request_id: str) -> str:
         """The dedupe key of one request id."""
+        return self.client_key(client_id, "req:" + self.request_member(request_id))
+
+    @staticmethod
+    def request_member(request_id: str) -> str:
+        """A request id as it appears in key names and the in-flight set."""
         if len(request_id) > _MAX_REQUEST_ID_IN_KEY:
-            request_id = "sha256:" + hashlib.sha256(request_id.encode()).hexdigest()
-        return self.client_key(client_id, "req:" + request_id)
+            return "sha256:" + hashlib.sha256(request_id.encode()).hexdigest()
+        return request_id
 
     async def load_scripts(self) -> None:
         """Load the admission script now rather than on the first batch (which
@@ -266,7 +452,8 @@ class CounterStore:
     # Step: admission ------------------------------------------------------------
 
     async def admit_batch(self, items: Sequence[AdmitItem]) -> list[Admission]:
-        """Admit a batch: dedupe, block check, GCRA and counting, per item.
+        """Admit a batch: dedupe, block check, the plan's limits (daily quota,
+        GCRA windows, in-flight cap) and counting, per item.
 
         One network round trip: one ``EVALSHA`` per client, in item order within
         the client, all in a single non-transactional pipeline. Only if the
@@ -276,7 +463,9 @@ class CounterStore:
         execute, a second round trip per batch.
 
         A client's items are decided in order against one server-clock reading;
-        different clients are independent. Retrying a batch after an error is
+        different clients are independent. Items of one client whose keys have
+        different plans go in one call per plan, one after the other (each
+        plan's items in order). Retrying a batch after an error is
         safe: admitted items come back as ``redelivery``.
 
         Returns
@@ -292,12 +481,21 @@ class CounterStore:
         if not items:
             return []
 
-        # Group by client, keeping each client's items in batch order.
-        groups: dict[str, list[int]] = {}
+        # Group by client (and plan: a client's keys may have different
+        # plans), keeping each client's items in batch order. One reading of
+        # the test clock for the whole batch, as the server's is per call.
+        groups: dict[tuple[str, CompiledPlan], list[int]] = {}
         for index, item in enumerate(items):
-            groups.setdefault(item.client_id, []).append(index)
+            key = (item.client_id, self.compiled(item))
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [index]
+            else:
+                group.append(index)
+        now_us = "" if self._clock_us is None else str(int(self._clock_us()))
         calls = [
-            (indices, self._admit_call(items, indices)) for indices in groups.values()
+            (indices, self._admit_call(items, indices, plan, now_us))
+            for (_, plan), indices in groups.items()
         ]
 
         async with redis_guard("admit", self._timeout_s):
@@ -321,38 +519,54 @@ class CounterStore:
                     f"redis admit: {type(reply).__name__}: {reply}",
                     retriable=isinstance(reply, _RETRIABLE_REPLIES),
                 ) from reply
-            for index, row in zip(indices, reply, strict=True):
-                results[index] = _admission(row)
+            lines = reply.decode().split("\n")
+            for index, line in zip(indices, lines, strict=True):
+                results[index] = _admission(line)
 
         admissions = [a for a in results if a is not None]
         if logger.isEnabledFor(logging.DEBUG):
             refused = sum(1 for a in admissions if not a.serve)
             logger.debug(
                 "admitted batch",
-                extra={"items": len(items), "clients": len(groups), "refused": refused},
+                extra={"items": len(items), "calls": len(groups), "refused": refused},
             )
         return admissions
 
-    def _admit_call(self, items: Sequence[AdmitItem], indices: list[int]) -> list[Any]:
+    def _admit_call(
+        self,
+        items: Sequence[AdmitItem],
+        indices: list[int],
+        plan: CompiledPlan,
+        now_us: str,
+    ) -> list[Any]:
         client_id = items[indices[0]].client_id
+        quota = plan.plan.quota.daily if plan.plan.quota is not None else 0
+        in_flight = plan.plan.in_flight
         keys: list[Any] = [
-            self.client_key(client_id, "tat"),
             self.client_key(client_id, "block"),
             self.client_key(client_id, "totals"),
             self.client_key(client_id, "day"),
+            self.client_key(client_id, "inflight"),
+            *(self.client_key(client_id, suffix) for suffix in plan.tat_suffixes),
         ]
         args: list[Any] = [
             self._replay_ms,
-            "1" if self._count_refused else "0",
+            "1" if plan.count_refused else "0",
             TOTALS_TTL_S * 1000,
             DAY_TTL_S * 1000,
+            now_us,
+            len(plan.tat_suffixes),
+            quota,
+            in_flight.limit if in_flight is not None else 0,
+            round(in_flight.ttl_s * 1000) if in_flight is not None else 0,
+            *plan.rule_args,
         ]
+        req_prefix = self.client_key(client_id, "req:")
         for index in indices:
             item = items[index]
-            keys.append(self.request_key(client_id, item.request_id))
-            args.extend(
-                (item.delivery, repr(float(item.rate_per_s)), item.burst, item.cost)
-            )
+            member = self.request_member(item.request_id)
+            keys.append(req_prefix + member)
+            args.extend((item.delivery, member, item.cost))
         return [len(keys), *keys, *args]
 
     async def _run_admit(self, calls: list[list[Any]]) -> list[Any]:
@@ -416,6 +630,23 @@ class CounterStore:
         ):
             for key in keys:
                 pipe.delete(key)
+            await pipe.execute()
+
+    async def release_in_flight(self, requests: Sequence[tuple[str, str]]) -> None:
+        """Free the in-flight slots of these answered (client id, request id)
+        pairs, in one round trip. Releasing a slot twice, or one that expired,
+        does nothing."""
+        if not requests:
+            return
+        async with (
+            redis_guard("release_in_flight", self._timeout_s),
+            self._redis.pipeline(transaction=False) as pipe,
+        ):
+            for client_id, request_id in requests:
+                pipe.zrem(
+                    self.client_key(client_id, "inflight"),
+                    self.request_member(request_id),
+                )
             await pipe.execute()
 
     async def is_blocked(self, client_id: str) -> bool:
@@ -492,13 +723,20 @@ def check_client_id(client_id: str) -> None:
         raise ValueError(f"client_id must match {CLIENT_ID_PATTERN.pattern}")
 
 
-def _admission(row: list[Any]) -> Admission:
-    name = row[0].decode() if isinstance(row[0], bytes) else str(row[0])
+def _admission(line: str) -> Admission:
+    name, retry_ms, requests, limit, remaining, reset_ms, window_ms, held = line.split(
+        " "
+    )
     outcome = _OUTCOMES.get(name)
     if outcome is None:
         raise StoreError(f"redis admit: unexpected outcome {name!r}", retriable=False)
     return Admission(
         outcome=outcome,
-        retry_after_ms=int(row[1]),
-        client_requests=int(row[2]),
+        retry_after_ms=int(retry_ms),
+        client_requests=int(requests),
+        limit=int(limit),
+        remaining=int(remaining),
+        reset_ms=int(reset_ms),
+        window_s=int(window_ms) / 1000,
+        in_flight=held == "1",
     )

@@ -35,7 +35,7 @@ from gateway.batch import (
     decode_record,
     response_for,
 )
-from gateway.config import Settings
+from gateway.config import LimitsConfig, Settings
 from gateway.errors import (
     AuthError,
     BrokerError,
@@ -45,6 +45,7 @@ from gateway.errors import (
     ValidationError,
 )
 from gateway.keys import KeyStore, authenticate, load_server_key
+from gateway.limits import Admitter
 from gateway.liveconfig.document import LiveConfig
 from gateway.liveconfig.follower import ConfigFollower
 from gateway.metrics import WorkerMetrics
@@ -108,6 +109,7 @@ class Worker:
         self._keys: KeyStore | None = None
         self._store: CounterStore | None = None
         self._live: ConfigFollower | None = None
+        self._admitter: Admitter | None = None
         # Held while a batch is in flight, so a revoke waits for it to commit.
         self._batch_lock = asyncio.Lock()
         self._client_tp: dict[str, TopicPartition] = {}
@@ -153,6 +155,7 @@ class Worker:
         self._redis = redis_from_settings(s)
         self._keys = KeyStore(self._redis, s, server_key=server_key)
         self._store = CounterStore(self._redis, s)
+        self._admitter = Admitter(self._store, self.metrics.decisions_without_store)
 
         try:
             await ensure_topics(s)
@@ -218,11 +221,9 @@ class Worker:
         self._scorer.apply_live(
             document.policy, document.detectors, document.detector_shadow
         )
-        self._store.set_limits(document.limits)
-        # Everything reading limits or policy from the settings sees the change.
-        self.settings = self.settings.model_copy(
-            update={"limits": document.limits, "policy": document.policy}
-        )
+        self.set_limits(document.limits)
+        # Everything reading policy from the settings sees the change.
+        self.settings = self.settings.model_copy(update={"policy": document.policy})
 
     def _load_models(self) -> dict[str, ModelBackend]:
         return load_backends(self.settings, self.metrics)
@@ -371,6 +372,7 @@ class Worker:
 
         await self._produce(items)
         timer.lap("produce")
+        await self._release_in_flight(items)
 
     def _decode(self, tp: TopicPartition, record: Any) -> BatchItem:
         max_bytes = self.settings.kafka.max_message_bytes
@@ -399,13 +401,25 @@ class Worker:
         live = [i for i in items if i.error is None and i.request is not None]
         if not live:
             return
-        # A StoreError here propagates: the batch is retried, not refused.
-        keys = await self._keys.get_many({i.request.key_id for i in live if i.request})
+        # Redis unreachable: keys this worker read recently come from its
+        # cache, and admission applies each plan's fail mode. A key not in the
+        # cache has no plan to ask, so the limits' default fail mode decides:
+        # "retry" retries the batch (StoreError), otherwise its requests are
+        # refused STORE_UNAVAILABLE.
+        keys, unavailable = await self._keys.get_many_or_stale(
+            {i.request.key_id for i in live if i.request}
+        )
+        if unavailable and self.settings.limits.fail_mode == "retry":
+            raise StoreError("redis unreachable and api keys not cached")
         now_ms = protocol.now_ms()
         max_skew_ms = int(self.settings.auth.max_clock_skew_s * 1000)
         for item in live:
             request = item.request
             assert request is not None
+            if request.key_id in unavailable:
+                self.metrics.decisions_without_store.labels("closed").inc()
+                item.fail(StoreError("the key store is unreachable; retry later"))
+                continue
             try:
                 key = authenticate(
                     keys.get(request.key_id),
@@ -466,30 +480,37 @@ class Worker:
             except ValidationError as exc:
                 item.fail(exc)
 
+    def set_limits(self, limits: LimitsConfig) -> None:
+        """Put new plans and limits in force from the next batch on, without a
+        restart (for the live configuration)."""
+        self.settings = self.settings.model_copy(update={"limits": limits})
+        if self._store is not None:
+            self._store.set_limits(limits)
+
     async def _admit(self, items: list[BatchItem]) -> None:
-        assert self._store is not None
+        assert self._admitter is not None
         live = [i for i in items if i.error is None and i.key is not None]
         if not live:
             return
-        limits = self.settings.limits
         admit_items = [
             AdmitItem(
                 client_id=i.key.client_id,
                 request_id=i.request.request_id,
                 delivery=f"{i.partition}:{i.offset}",
-                rate_per_s=limits.rate_per_s,
-                burst=limits.burst,
                 cost=1,
+                plan=i.key.plan,
+                overrides=i.key.limit_overrides,
             )
             for i in live
             if i.key is not None and i.request is not None
         ]
-        # Redis unreachable: StoreError propagates and the batch is retried.
-        # Answering it as refused would be worse: if the script did run before
-        # the connection failed, the client's retry under the same request id
-        # would then be refused as a duplicate.
-        # TODO: issue 4's fail-open mode (a local per-worker cap) belongs here.
-        admissions = await self._store.admit_batch(admit_items)
+        # Redis unreachable: each rule's fail mode decides (gateway.limits).
+        # In the default mode, "retry", StoreError propagates and the batch is
+        # retried. Answering it as refused would be worse: if the script did
+        # run before the connection failed, the client's retry under the same
+        # request id would then be refused as a duplicate; "closed" accepts
+        # that risk for an answer now.
+        admissions = await self._admitter.admit(admit_items)
         for item, admission in zip(live, admissions, strict=True):
             item.admission = admission
             item.query_index = admission.client_requests
@@ -513,6 +534,29 @@ class Worker:
                     PolicyError("client is blocked", code="BLOCKED", retriable=True),
                     action="block",
                 )
+            elif admission.outcome == "quota_exceeded":
+                item.fail(
+                    PolicyError(
+                        "daily quota used up; it resets at midnight UTC",
+                        code="QUOTA_EXCEEDED",
+                        retriable=True,
+                    ),
+                    action="throttle",
+                )
+            elif admission.outcome == "too_many_in_flight":
+                item.fail(
+                    PolicyError(
+                        "too many requests in flight",
+                        code="TOO_MANY_IN_FLIGHT",
+                        retriable=True,
+                    ),
+                    action="throttle",
+                )
+            elif admission.outcome == "store_unavailable":
+                item.fail(
+                    StoreError("the counter store is unreachable; retry later"),
+                    action="reject",
+                )
 
     async def _load_new_clients(self, items: list[BatchItem]) -> None:
         """Bring in the snapshot of clients this worker sees for the first time
@@ -527,7 +571,18 @@ class Worker:
             return
         # A StoreError propagates (the batch is retried): marking the clients
         # known with empty state would let the next revoke erase their history.
-        blobs = await self._store.load_states(list(new))
+        # Except when this batch was admitted without Redis (fail modes open
+        # or closed): then the clients are served with fresh detector state
+        # and stay unknown, so a later batch loads their snapshot.
+        try:
+            blobs = await self._store.load_states(list(new))
+        except StoreError:
+            if not _decided_without_store(items):
+                raise
+            logger.warning(
+                "detector state of new clients not loaded", extra={"clients": len(new)}
+            )
+            return
         self._client_tp.update(new)
         self.metrics.clients.set(len(self._client_tp))
         for client_id, blob in blobs.items():
@@ -568,7 +623,39 @@ class Worker:
             and i.key is not None
             and i.request is not None
         ]
-        await self._store.release_requests(unserved)
+        try:
+            await self._store.release_requests(unserved)
+        except StoreError:
+            # Without Redis (fail modes open/closed) the batch is answered
+            # anyway; the cost is that a retry of these ids within the replay
+            # window may be refused as a duplicate.
+            if not _decided_without_store(items):
+                raise
+            logger.warning("unserved request ids not released")
+
+    async def _release_in_flight(self, items: list[BatchItem]) -> None:
+        """Answered requests give back their in-flight slot. A failure only
+        delays that until the slot's safety expiry (the in-flight rule's
+        ``ttl_s``): the answers are out, so the batch must not be retried."""
+        assert self._admitter is not None
+        held = [
+            (i.key.client_id, i.request.request_id, i.admission)
+            for i in items
+            if i.admission is not None
+            and i.admission.in_flight
+            and i.key is not None
+            and i.request is not None
+        ]
+        if not held:
+            return
+        try:
+            await self._admitter.release(held)
+        except StoreError as exc:
+            logger.warning(
+                "in-flight slots not released; they expire by themselves: %s",
+                exc,
+                extra={"requests": len(held)},
+            )
 
     async def _produce(self, items: list[BatchItem]) -> None:
         """Produce every answer, decision, alert and dead-letter record of the
@@ -746,6 +833,10 @@ class Worker:
         if self._scorer is not None:
             self._scorer.forget(client_id)
         self.metrics.clients.set(len(self._client_tp))
+
+
+def _decided_without_store(items: list[BatchItem]) -> bool:
+    return any(i.admission is not None and i.admission.without_store for i in items)
 
 
 class _StageTimer:

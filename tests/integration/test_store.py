@@ -124,6 +124,8 @@ async def test_create_get_authenticate(redis: Redis, settings: Settings) -> None
             "status": "active",
             "created_ms": key.created_ms,
             "expires_ms": key.expires_ms,
+            "plan": "default",
+            "limit_overrides": {},
         }
     ]
     assert all("secret" not in str(row) for row in listing)
@@ -156,6 +158,8 @@ async def test_secret_is_not_stored_in_plaintext(
         b"status",
         b"created_ms",
         b"expires_ms",
+        b"plan",
+        b"limit_overrides",
     }
 
 
@@ -454,13 +458,14 @@ async def test_block_expires_by_itself(redis: Redis, settings: Settings) -> None
 async def test_every_key_expires(redis: Redis, settings: Settings) -> None:
     counters = CounterStore(redis, settings)
     client = unique("ttl")
+    # 0.1/s: the TAT lives 10 s, not 100 ms, so a slow machine still finds it.
     await counters.admit_batch(
-        [item(client, f"r{i}", f"0:{i}", burst=1) for i in range(2)]
+        [item(client, f"r{i}", f"0:{i}", rate=0.1, burst=1) for i in range(2)]
     )
     await counters.block(client, 5, "test")
     await counters.save_states({client: b"x"}, ttl_s=60)
     names = [name async for name in redis.scan_iter(match=f"{PREFIX}:{{c:{client}}}:*")]
-    assert len(names) == 6  # tat, block, totals, day, req:r0, state
+    assert len(names) == 6  # tat:1000, block, totals, day, req:r0, state
     for name in names:
         assert await redis.pttl(name) > 0, name
 

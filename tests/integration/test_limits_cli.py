@@ -1,0 +1,70 @@
+"""``modelgate keys create --plan/--overrides`` and ``keys set-plan`` as a
+user runs them, against the shared Redis under an isolated key prefix."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evaluation.process import settings_env
+from gateway.config import Settings
+from tests.conftest import StackInfo
+from tests.integration.helpers import REPO, isolated_settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        env=settings_env(settings),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_keys_plan_commands(stack: StackInfo, models_dir: Path) -> None:
+    settings = isolated_settings(
+        stack.kafka_bootstrap,
+        stack.redis_url,
+        models_dir,
+        limits={"plans": {"pro": {"quota": {"daily": 100}}}},
+    )
+    created = _cli(
+        settings,
+        "keys", "create", "plan-client", "--plan", "pro",
+        "--overrides", '{"quota": {"daily": 500}}',
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    key_id = created.stdout.split("key_id=")[1].split()[0]
+
+    def row() -> dict[str, object]:
+        listed = _cli(settings, "keys", "list")
+        (found,) = [json.loads(line) for line in listed.stdout.splitlines()]
+        return dict(found)
+
+    first = row()
+    assert (first["plan"], first["limit_overrides"]) == (
+        "pro",
+        {"quota": {"daily": 500}},
+    )
+
+    changed = _cli(settings, "keys", "set-plan", key_id, "default")
+    assert changed.returncode == 0, changed.stderr
+    assert (row()["plan"], row()["limit_overrides"]) == ("default", {})
+
+    # A plan this configuration does not define is stored, with a warning.
+    ghost = _cli(settings, "keys", "set-plan", key_id, "ghost")
+    assert ghost.returncode == 0 and "not in this configuration" in ghost.stderr
+
+    bad = _cli(settings, "keys", "set-plan", key_id, "pro", "--overrides", "[1]")
+    assert bad.returncode == 2 and "BAD_ARGUMENT" in bad.stderr, bad.stderr
+    missing = _cli(settings, "keys", "set-plan", "mgk_000000000000", "pro")
+    assert missing.returncode == 1 and "no key" in missing.stderr
+    assert row()["plan"] == "ghost"
