@@ -76,6 +76,9 @@ class BatchItem:
     error: ModelgateError | None = None
     action: str = "allow"
     query_index: int = 0
+    # The kept answer when this request is a retry of one already served
+    # (gateway/replay.py); such an item skips admission, scoring and the model.
+    replay: protocol.InferResponse | None = None
 
     @property
     def client_id(self) -> str | None:
@@ -172,6 +175,8 @@ def response_for(
     item: BatchItem, now_ms: int, block_cooldown_ms: int
 ) -> protocol.InferResponse:
     """The answer the client sees: outputs, or the error with its code."""
+    if item.replay is not None:
+        return item.replay
     if item.error is not None:
         retry_after = None
         if item.admission is not None and item.error.code in (

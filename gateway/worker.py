@@ -47,6 +47,7 @@ from gateway.keys import KeyStore, authenticate, load_server_key
 from gateway.metrics import WorkerMetrics
 from gateway.models import ServedModel, ensure_digits_model, load_model
 from gateway.produce import Sends, internal_answer
+from gateway.replay import ReplayCache
 from gateway.scoring import Scorer
 from gateway.store import AdmitItem, CounterStore, redis_from_settings
 from gateway.topics import ensure_topics
@@ -103,6 +104,7 @@ class Worker:
         self._redis: aioredis.Redis | None = None
         self._keys: KeyStore | None = None
         self._store: CounterStore | None = None
+        self._replays: ReplayCache | None = None
         # Held while a batch is in flight, so a revoke waits for it to commit.
         self._batch_lock = asyncio.Lock()
         self._client_tp: dict[str, TopicPartition] = {}
@@ -148,6 +150,7 @@ class Worker:
         self._redis = redis_from_settings(s)
         self._keys = KeyStore(self._redis, s, server_key=server_key)
         self._store = CounterStore(self._redis, s)
+        self._replays = ReplayCache(self._redis, self._store, s)
 
         try:
             await ensure_topics(s)
@@ -307,11 +310,19 @@ class Worker:
         items = [self._decode(tp, record) for tp, record in records]
         timer.lap("decode")
 
+        replays: list[BatchItem] = []
         try:
             await self._authenticate(items)
             timer.lap("auth")
             self._validate(items)
             timer.lap("validate")
+            # Retries of served requests take their kept answer and leave the
+            # batch here: not admitted (so not counted), scored or predicted.
+            assert self._replays is not None
+            replays = await self._replays.take_replays(items)
+            if replays:
+                self.metrics.replays.inc(len(replays))
+                items = [i for i in items if i.replay is None]
             await self._admit(items)
             timer.lap("admit")
             await self._load_new_clients(items)
@@ -335,7 +346,7 @@ class Worker:
                 if item.error is None:
                     item.fail(ModelgateError("internal error", code="INTERNAL"))
 
-        await self._produce(items)
+        await self._produce([*items, *replays])
         timer.lap("produce")
 
     def _decode(self, tp: TopicPartition, record: Any) -> BatchItem:
@@ -551,9 +562,10 @@ class Worker:
         reply_topics = await self._known_reply_topics(items)
         sends = Sends(self._producer, self.metrics)
 
+        kept: list[tuple[BatchItem, bytes]] = []
         for item in items:
             try:
-                await self._produce_item(item, sends, reply_topics, now_ms)
+                await self._produce_item(item, sends, reply_topics, now_ms, kept)
             except Exception:
                 # A fault building one record's messages costs that record's
                 # answer (INTERNAL), not the batch and not the worker.
@@ -569,9 +581,18 @@ class Worker:
                     )
 
         await sends.wait(self.settings.kafka.request_timeout_s)
+        # Only once every answer is out, before the commit: a batch served
+        # again after a failure finds its own answers kept and repeats them.
+        assert self._replays is not None
+        await self._replays.keep(kept)
 
     async def _produce_item(
-        self, item: BatchItem, sends: Sends, reply_topics: set[str], now_ms: int
+        self,
+        item: BatchItem,
+        sends: Sends,
+        reply_topics: set[str],
+        now_ms: int,
+        kept: list[tuple[BatchItem, bytes]],
     ) -> None:
         topics = self.settings.kafka.topics
         worker_id = self.settings.worker.worker_id
@@ -587,6 +608,8 @@ class Worker:
         # The answer, wherever a request id tells us who is waiting.
         if item.request_id is not None:
             response = response_for(item, now_ms, block_cooldown_ms)
+            if response.status == "ok" and item.replay is None:
+                kept.append((item, protocol.encode(response)))
             reply_to = self._reply_topic(item, reply_topics)
             fallback = topics.responses if reply_to != topics.responses else None
             await sends.send(reply_to, response, key, fallback=fallback)
