@@ -62,9 +62,7 @@ async def test_a_retry_of_a_served_request_gets_the_kept_answer(
     rows = X_TEST[:2]
     async with running_worker(settings) as worker:
         # First attempt, served and counted.
-        request_id = await kafka.send_request(
-            key_id, secret, rows, client_id="retrier"
-        )
+        request_id = await kafka.send_request(key_id, secret, rows, client_id="retrier")
         await kafka.flush()
         first = (await responses_for(settings, [request_id]))[request_id]
         assert first["status"] == "ok", first
