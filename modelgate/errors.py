@@ -206,10 +206,12 @@ class RateLimitedError(RefusedError):
 
 
 class QuotaExceededError(RateLimitedError):
-    """The key's daily quota is used up; waiting for it rarely fits a
-    request's deadline, so the retry loop gives up unless it does."""
+    """The key's daily quota is used up. Not retriable unless the gateway says
+    so; even then the retry loop waits only if ``retry_after_s`` fits the
+    request's deadline."""
 
     default_code = "QUOTA_EXCEEDED"
+    default_retriable = False
 
 
 class TooManyInFlightError(RateLimitedError):
