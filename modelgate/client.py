@@ -28,7 +28,7 @@ import threading
 from collections.abc import Coroutine, Mapping
 from concurrent.futures import Future
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import httpx
 import numpy as np
@@ -48,6 +48,10 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 Inputs = np.ndarray[Any, Any] | Mapping[str, np.ndarray[Any, Any]]
+TransportName = Literal["http", "kafka"]
+# Longer than the front door's default reply timeout (10 s), so that its
+# GATEWAY_TIMEOUT answer arrives before the client gives up on the attempt.
+DEFAULT_TIMEOUT_S = 15.0
 
 
 class Transport(Protocol):
@@ -89,7 +93,7 @@ class AsyncClient:
         self,
         transport: Transport,
         *,
-        timeout_s: float = 10.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         retry: RetryPolicy | None = None,
         input_name: str = "pixels",
     ) -> None:
@@ -104,12 +108,22 @@ class AsyncClient:
         self._lock = asyncio.Lock()
 
     @classmethod
+    def connect(cls, transport: TransportName, **options: Any) -> AsyncClient:
+        """``AsyncClient.http(**options)`` or ``AsyncClient.kafka(**options)``
+        by name, for code that reads the transport from configuration."""
+        if transport == "http":
+            return cls.http(**options)
+        if transport == "kafka":
+            return cls.kafka(**options)
+        raise ValueError(f"transport must be 'http' or 'kafka', not {transport!r}")
+
+    @classmethod
     def http(
         cls,
         url: str,
         token: str,
         *,
-        timeout_s: float = 10.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         connect_timeout_s: float = 5.0,
         max_connections: int = 16,
         retry: RetryPolicy | None = None,
@@ -139,7 +153,7 @@ class AsyncClient:
         settings: Settings | None = None,
         transport: KafkaTransport | None = None,
         reply_topic: str | None = None,
-        timeout_s: float = 10.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         retry: RetryPolicy | None = None,
         input_name: str = "pixels",
     ) -> AsyncClient:
@@ -374,12 +388,25 @@ class Client:
 
     @classmethod
     def kafka(cls, token: str, client_id: str, **options: Any) -> Client:
-        """A blocking client over Kafka; ``options`` as :meth:`AsyncClient.kafka`."""
+        """A blocking client over Kafka; ``options`` as :meth:`AsyncClient.kafka`
+        except ``transport``: a shared ``KafkaTransport`` belongs to its own
+        event loop, and this client runs on another."""
+        if "transport" in options:
+            raise ValueError("a blocking client cannot share a KafkaTransport")
 
         async def make() -> AsyncClient:
             return AsyncClient.kafka(token, client_id, **options)
 
         return cls(make())
+
+    @classmethod
+    def connect(cls, transport: TransportName, **options: Any) -> Client:
+        """``Client.http(**options)`` or ``Client.kafka(**options)`` by name."""
+        if transport == "http":
+            return cls.http(**options)
+        if transport == "kafka":
+            return cls.kafka(**options)
+        raise ValueError(f"transport must be 'http' or 'kafka', not {transport!r}")
 
     def __repr__(self) -> str:
         return f"Client({self._async.transport!r})"

@@ -174,6 +174,7 @@ def parse_response(
         action=str(parameters.get("action") or "allow"),
         rate=rate_from_headers(response.headers),
         model_version=None if version is None else str(version),
+        replayed=parameters.get("replayed") is True,
     )
 
 

@@ -286,3 +286,20 @@ def test_retry_after_and_rate_header_parsing() -> None:
     rate = rate_from_headers(old_style)
     assert rate is not None and (rate.limit, rate.remaining, rate.reset_s) == (10, 0, 2)
     assert rate.window_s is None
+
+
+async def test_connect_picks_the_transport_by_name() -> None:
+    door = FrontDoor(ok())
+    client = AsyncClient.connect(
+        "http",
+        url="http://frontdoor.test",
+        token=TOKEN,
+        http_transport=httpx.MockTransport(door),
+    )
+    async with client:
+        await client.infer("digits", np.zeros((1, 64)))
+    assert len(door.requests) == 1
+    with pytest.raises(ValueError):
+        AsyncClient.connect("grpc")  # type: ignore[arg-type]  # the point
+    with pytest.raises(ValueError):
+        Client.kafka(TOKEN, "c", transport=object())
