@@ -93,6 +93,11 @@ class KafkaClientTransport:
             f"key_id={self._key_id!r})"
         )
 
+    @property
+    def pending_count(self) -> int:
+        """Requests of the underlying transport still waiting for a reply."""
+        return self._transport.pending_count
+
     async def start(self) -> None:
         """Start an owned transport (positions the reply consumer before any
         request can be sent).

@@ -16,6 +16,7 @@ from gateway.config import Settings
 from gateway.keys import KeyStore, format_token
 from gateway.models import digits_split, load_model
 from gateway.store import CounterStore, redis_from_settings
+from gateway.topics import ensure_topics
 from modelgate import errors
 from modelgate.client import AsyncClient, Client
 from modelgate.kafka import KafkaClientTransport
@@ -173,3 +174,25 @@ async def test_an_unreachable_broker_is_a_connection_error(
     with pytest.raises(errors.ConnectionFailedError):
         await client.start()
     await client.close()
+
+
+async def test_no_reply_times_out_each_attempt_and_cancelling_forgets_the_request(
+    settings: Settings,
+) -> None:
+    # No worker consumes the requests topic: nothing ever answers.
+    await ensure_topics(settings)
+    token = await _token(settings, "unanswered")
+    transport = KafkaClientTransport(settings, token, "unanswered")
+    policy = RetryPolicy(max_attempts=2, base_delay_s=0.01, max_delay_s=0.02)
+    async with AsyncClient(transport, timeout_s=0.5, retry=policy) as client:
+        with pytest.raises(errors.RequestTimeoutError) as caught:
+            await client.infer("digits", X_TEST[:1], request_id="never-answered")
+        assert caught.value.attempts == 2 and caught.value.retriable
+        assert caught.value.request_id == "never-answered"
+
+        call = asyncio.create_task(client.infer("digits", X_TEST[:1]))
+        await asyncio.sleep(0.2)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert transport.pending_count == 0

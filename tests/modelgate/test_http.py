@@ -7,7 +7,10 @@ client sends and how it reads each kind of answer.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -303,3 +306,60 @@ async def test_connect_picks_the_transport_by_name() -> None:
         AsyncClient.connect("grpc")  # type: ignore[arg-type]  # the point
     with pytest.raises(ValueError):
         Client.kafka(TOKEN, "c", transport=object())
+
+
+async def test_cancelling_a_call_cancels_it_without_retrying() -> None:
+    started = asyncio.Event()
+    calls = 0
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        started.set()
+        await asyncio.sleep(60)
+        return httpx.Response(200, json=ok_body(request))
+
+    client = AsyncClient.http(
+        "http://frontdoor.test", TOKEN, http_transport=httpx.MockTransport(hang)
+    )
+    async with client:
+        task = asyncio.create_task(client.infer("digits", np.zeros((1, 64))))
+        await asyncio.wait_for(started.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert calls == 1
+
+
+def test_interrupting_a_blocking_call_cancels_it_on_the_loop() -> None:
+    # A KeyboardInterrupt while the caller waits must not leave the request
+    # running on the background loop.
+    started = threading.Event()
+    cancelled = threading.Event()
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        started.set()
+        try:
+            await asyncio.sleep(20)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return httpx.Response(200, json=ok_body(request))
+
+    client = Client.http(
+        "http://frontdoor.test", TOKEN, http_transport=httpx.MockTransport(hang)
+    )
+    try:
+        timer = threading.Timer(0.0, lambda: started.wait(5) and _interrupt_main())
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            client.predict("digits", np.zeros((1, 64)))
+        assert cancelled.wait(5)
+    finally:
+        client.close()
+
+
+def _interrupt_main() -> None:
+    # A real SIGINT, as Ctrl-C sends: it wakes the main thread's blocked wait
+    # (``_thread.interrupt_main`` alone would not).
+    os.kill(os.getpid(), signal.SIGINT)
