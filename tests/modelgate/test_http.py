@@ -349,6 +349,9 @@ def test_interrupting_a_blocking_call_cancels_it_on_the_loop() -> None:
     client = Client.http(
         "http://frontdoor.test", TOKEN, http_transport=httpx.MockTransport(hang)
     )
+    # Python's own Ctrl-C handler; an asyncio runner left by an earlier test
+    # may have installed one that cancels its task instead.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         timer = threading.Timer(0.0, lambda: started.wait(5) and _interrupt_main())
         timer.start()
@@ -356,6 +359,7 @@ def test_interrupting_a_blocking_call_cancels_it_on_the_loop() -> None:
             client.predict("digits", np.zeros((1, 64)))
         assert cancelled.wait(5)
     finally:
+        signal.signal(signal.SIGINT, previous)
         client.close()
 
 
