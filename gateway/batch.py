@@ -222,6 +222,10 @@ def decision_for(
 ) -> protocol.DecisionRecord:
     """The audit record: what the rules said (even in shadow mode) and why."""
     verdict = item.verdict
+    reasons = list(verdict.reasons) if verdict else []
+    if item.replay is not None:
+        # A retry answered from the replay cache was not scored again.
+        reasons = ["replayed"]
     return protocol.DecisionRecord(
         v=protocol.SCHEMA_VERSION,
         request_id=item.request_id or "",
@@ -233,7 +237,7 @@ def decision_for(
         error_code=item.error.code if item.error else None,
         risk=verdict.risk if verdict else 0.0,
         scores=item.scores,
-        reasons=list(verdict.reasons) if verdict else [],
+        reasons=reasons,
         shadow=verdict.shadow if verdict else False,
         partition=item.partition,
         offset=item.offset,

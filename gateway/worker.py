@@ -1,7 +1,8 @@
 """The gateway worker: consume requests in batches, decide, answer, commit.
 
-One batch flows through fixed steps: decode, authenticate, validate, admit
-(one Redis round trip), score with the detectors, apply policy, run the model
+One batch flows through fixed steps: decode, authenticate, validate, answer
+retries of already served requests from the replay cache (gateway/replay.py),
+admit (one Redis round trip), score with the detectors, apply policy, run the model
 once per model, produce every response, alert, decision and dead-letter record,
 and only then commit the batch's offsets. A crash anywhere before the commit
 means the batch is delivered again (at-least-once); the admission script tells

@@ -23,6 +23,7 @@ This module imports the transports (httpx; aiokafka through
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from collections.abc import Coroutine, Mapping
@@ -283,9 +284,9 @@ class AsyncClient:
             return await self.transport.infer(model, named, rid, wait_s)
 
         result = await call_with_retries(once, retry or self.retry)
-        if attempts == 1:
-            return result
-        return _with_attempts(result, attempts)
+        return (
+            result if attempts == 1 else dataclasses.replace(result, attempts=attempts)
+        )
 
     async def predict(
         self,
@@ -307,19 +308,6 @@ class AsyncClient:
         result = await self.infer(model, x, request_id=request_id, timeout_s=timeout_s)
         array = result.output(output)
         return array[0] if single_row and array.ndim >= 1 else array
-
-
-def _with_attempts(result: InferResult, attempts: int) -> InferResult:
-    return InferResult(
-        request_id=result.request_id,
-        model=result.model,
-        outputs=result.outputs,
-        action=result.action,
-        rate=result.rate,
-        model_version=result.model_version,
-        replayed=result.replayed,
-        attempts=attempts,
-    )
 
 
 class _LoopThread:

@@ -104,6 +104,7 @@ async def test_a_retry_of_a_served_request_gets_the_kept_answer(
     # The first answer was scored by the detectors; the replay was not.
     assert decisions[0]["scores"], decisions[0]
     assert not decisions[1].get("scores"), decisions[1]
+    assert decisions[1]["reasons"] == ["replayed"], decisions[1]
 
 
 async def test_a_retry_of_a_refused_request_is_served_afresh(
