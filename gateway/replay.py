@@ -160,7 +160,7 @@ class ReplayCache:
             if blob[:_DIGEST_BYTES] != body_digest(item.request.model, item.rows):
                 # Same id, other body: not a retry. Admission refuses it as a
                 # duplicate, exactly as without the cache.
-                logger.info(
+                logger.debug(
                     "request id reused with another body",
                     extra={"client": item.client_id, "request": item.request_id},
                 )
@@ -169,7 +169,7 @@ class ReplayCache:
                 answer = protocol.decode_response(blob[_DIGEST_BYTES:])
             except protocol.DECODE_ERRORS:
                 logger.warning(
-                    "kept answer unreadable; serving the request afresh",
+                    "kept answer unreadable; admission decides as without it",
                     extra={"client": item.client_id, "request": item.request_id},
                 )
                 continue
