@@ -76,6 +76,9 @@ class BatchItem:
     error: ModelgateError | None = None
     action: str = "allow"
     query_index: int = 0
+    # The kept answer when this request is a retry of one already served
+    # (gateway/replay.py); such an item skips admission, scoring and the model.
+    replay: protocol.InferResponse | None = None
 
     @property
     def client_id(self) -> str | None:
@@ -172,6 +175,8 @@ def response_for(
     item: BatchItem, now_ms: int, block_cooldown_ms: int
 ) -> protocol.InferResponse:
     """The answer the client sees: outputs, or the error with its code."""
+    if item.replay is not None:
+        return item.replay
     if item.error is not None:
         retry_after = None
         if item.admission is not None and item.error.code in (
@@ -219,6 +224,10 @@ def decision_for(
 ) -> protocol.DecisionRecord:
     """The audit record: what the rules said (even in shadow mode) and why."""
     verdict = item.verdict
+    reasons = list(verdict.reasons) if verdict else []
+    if item.replay is not None:
+        # A retry answered from the replay cache was not scored again.
+        reasons = ["replayed"]
     return protocol.DecisionRecord(
         v=protocol.SCHEMA_VERSION,
         request_id=item.request_id or "",
@@ -230,7 +239,7 @@ def decision_for(
         error_code=item.error.code if item.error else None,
         risk=verdict.risk if verdict else 0.0,
         scores=item.scores,
-        reasons=list(verdict.reasons) if verdict else [],
+        reasons=reasons,
         shadow=verdict.shadow if verdict else False,
         partition=item.partition,
         offset=item.offset,

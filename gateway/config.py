@@ -280,6 +280,9 @@ class WorkerConfig(_Frozen):
     metrics_port: int = Field(9464, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
     reply_topic_prefix: str = Field("modelgate.responses", pattern=_TOPIC_PATTERN)
+    # Largest answer kept for client retries (gateway/replay.py), in bytes;
+    # 0 keeps none. The digits model's answers are about 400 bytes.
+    replay_max_bytes: int = Field(65_536, ge=0, le=1_048_576)
 
 
 class LiveSettings(_Frozen):

@@ -120,6 +120,11 @@ class WorkerMetrics:
             ["mode"],
             registry=self.registry,
         )
+        self.replays = Counter(
+            "modelgate_replayed_answers",
+            "Retries of served request ids answered from the replay cache.",
+            registry=self.registry,
+        )
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics on ``host:port`` in a daemon thread and return the

@@ -107,6 +107,9 @@ class InferResponse(msgspec.Struct, frozen=True, omit_defaults=True):
     outputs: list[Tensor] | None = None
     error: ErrorBody | None = None
     retry_after_ms: int | None = None
+    # True when this is a kept answer sent again for a retry of a request id
+    # already served (gateway/replay.py); the outputs are the first answer's.
+    replayed: bool = False
 
 
 class DecisionRecord(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -1,7 +1,8 @@
 """The gateway worker: consume requests in batches, decide, answer, commit.
 
-One batch flows through fixed steps: decode, authenticate, validate, admit
-(one Redis round trip), score with the detectors, apply policy, run the model
+One batch flows through fixed steps: decode, authenticate, validate, answer
+retries of already served requests from the replay cache (gateway/replay.py),
+admit (one Redis round trip), score with the detectors, apply policy, run the model
 once per model, produce every response, alert, decision and dead-letter record,
 and only then commit the batch's offsets. A crash anywhere before the commit
 means the batch is delivered again (at-least-once); the admission script tells
@@ -50,6 +51,7 @@ from gateway.liveconfig.document import LiveConfig
 from gateway.liveconfig.follower import ConfigFollower
 from gateway.metrics import WorkerMetrics
 from gateway.produce import Sends, internal_answer
+from gateway.replay import ReplayCache
 from gateway.scoring import Scorer
 from gateway.store import AdmitItem, CounterStore, redis_from_settings
 from gateway.topics import ensure_topics
@@ -110,6 +112,7 @@ class Worker:
         self._store: CounterStore | None = None
         self._live: ConfigFollower | None = None
         self._admitter: Admitter | None = None
+        self._replays: ReplayCache | None = None
         # Held while a batch is in flight, so a revoke waits for it to commit.
         self._batch_lock = asyncio.Lock()
         self._client_tp: dict[str, TopicPartition] = {}
@@ -156,6 +159,7 @@ class Worker:
         self._keys = KeyStore(self._redis, s, server_key=server_key)
         self._store = CounterStore(self._redis, s)
         self._admitter = Admitter(self._store, self.metrics.decisions_without_store)
+        self._replays = ReplayCache(self._redis, self._store, s)
 
         try:
             await ensure_topics(s)
@@ -342,11 +346,25 @@ class Worker:
         items = [self._decode(tp, record) for tp, record in records]
         timer.lap("decode")
 
+        replays: list[BatchItem] = []
         try:
             await self._authenticate(items)
             timer.lap("auth")
             self._validate(items)
             timer.lap("validate")
+            # Retries of served requests take their kept answer and leave the
+            # batch here: not admitted (so not counted), scored or predicted.
+            assert self._replays is not None
+            try:
+                replays = await self._replays.take_replays(items)
+            except StoreError:
+                # Redis is down: admission's fail mode decides next (retry
+                # rewinds the batch; open and closed answer now, and then a
+                # retry of a served id is not recognised, as dedupe is not).
+                logger.warning("replay lookup skipped: Redis unreachable")
+            if replays:
+                self.metrics.replays.inc(len(replays))
+                items = [i for i in items if i.replay is None]
             await self._admit(items)
             timer.lap("admit")
             await self._load_new_clients(items)
@@ -370,7 +388,7 @@ class Worker:
                 if item.error is None:
                     item.fail(ModelgateError("internal error", code="INTERNAL"))
 
-        await self._produce(items)
+        await self._produce([*items, *replays])
         timer.lap("produce")
         await self._release_in_flight(items)
 
@@ -672,9 +690,10 @@ class Worker:
         reply_topics = await self._known_reply_topics(items)
         sends = Sends(self._producer, self.metrics)
 
+        kept: list[tuple[BatchItem, bytes]] = []
         for item in items:
             try:
-                await self._produce_item(item, sends, reply_topics, now_ms)
+                await self._produce_item(item, sends, reply_topics, now_ms, kept)
             except Exception:
                 # A fault building one record's messages costs that record's
                 # answer (INTERNAL), not the batch and not the worker.
@@ -690,9 +709,18 @@ class Worker:
                     )
 
         await sends.wait(self.settings.kafka.request_timeout_s)
+        # Only once every answer is out, before the commit: a batch served
+        # again after a failure finds its own answers kept and repeats them.
+        assert self._replays is not None
+        await self._replays.keep(kept)
 
     async def _produce_item(
-        self, item: BatchItem, sends: Sends, reply_topics: set[str], now_ms: int
+        self,
+        item: BatchItem,
+        sends: Sends,
+        reply_topics: set[str],
+        now_ms: int,
+        kept: list[tuple[BatchItem, bytes]],
     ) -> None:
         topics = self.settings.kafka.topics
         worker_id = self.settings.worker.worker_id
@@ -708,6 +736,8 @@ class Worker:
         # The answer, wherever a request id tells us who is waiting.
         if item.request_id is not None:
             response = response_for(item, now_ms, block_cooldown_ms)
+            if response.status == "ok" and item.replay is None:
+                kept.append((item, protocol.encode(response)))
             reply_to = self._reply_topic(item, reply_topics)
             fallback = topics.responses if reply_to != topics.responses else None
             await sends.send(reply_to, response, key, fallback=fallback)

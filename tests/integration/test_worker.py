@@ -197,13 +197,23 @@ async def test_per_client_limit_throttles_at_the_configured_rate(
 async def test_duplicate_request_id_is_recognised(
     settings: Settings, kafka: RawKafka
 ) -> None:
+    # A resend of the same body is a retry, answered again from the replay
+    # cache (tests/integration/test_replay.py); another body under a used
+    # id is the duplicate.
     key_id, secret = await create_key(settings, "frank")
     request, value, headers = protocol.build_request(
         key_id=key_id, secret=secret, model="digits", inputs={"pixels": X_TEST[:1]}
     )
+    _, other_value, other_headers = protocol.build_request(
+        key_id=key_id,
+        secret=secret,
+        model="digits",
+        inputs={"pixels": X_TEST[2:3]},
+        request_id=request.request_id,
+    )
     async with running_worker(settings):
         await kafka.send_raw(value, key="frank", headers=headers)
-        await kafka.send_raw(value, key="frank", headers=headers)
+        await kafka.send_raw(other_value, key="frank", headers=other_headers)
         follow = await kafka.send_request(
             key_id, secret, X_TEST[1:2], client_id="frank"
         )

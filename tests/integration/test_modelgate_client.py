@@ -1,0 +1,198 @@
+"""The modelgate client over Kafka on the real broker and Redis, against an
+in-process worker: numpy in and out (async and blocking), typed errors, and a
+lost answer retried under the same request id getting the kept answer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gateway.config import Settings
+from gateway.keys import KeyStore, format_token
+from gateway.models import digits_split, load_model
+from gateway.store import CounterStore, redis_from_settings
+from gateway.topics import ensure_topics
+from modelgate import errors
+from modelgate.client import AsyncClient, Client
+from modelgate.kafka import KafkaClientTransport
+from modelgate.results import InferResult
+from modelgate.retry import RetryPolicy
+from tests.integration.helpers import create_key, running_worker
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+X_TEST = digits_split()[1].astype(np.float64)  # numpy's default dtype on purpose
+
+
+async def _token(settings: Settings, client_id: str) -> str:
+    return format_token(*await create_key(settings, client_id))
+
+
+async def test_async_client_round_trip_with_numpy(
+    settings: Settings, models_dir: Path
+) -> None:
+    token = await _token(settings, "async-user")
+    expected = load_model(models_dir, "digits").predict_proba(
+        X_TEST[:4].astype(np.float32)
+    )
+    async with (
+        running_worker(settings),
+        AsyncClient.kafka(token, "async-user", settings=settings) as client,
+    ):
+        batch = await client.predict("digits", X_TEST[:4])
+        one = await client.predict("digits", X_TEST[0])
+        result = await client.infer("digits", X_TEST[:2])
+    assert batch.dtype == np.float32 and batch.shape == (4, 10)
+    np.testing.assert_allclose(batch, expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(one, expected[0], rtol=1e-5, atol=1e-7)
+    assert result.action == "allow" and result.attempts == 1 and not result.replayed
+    np.testing.assert_array_equal(result["label"], expected[:2].argmax(axis=1))
+
+
+async def test_blocking_client_round_trip_and_typed_errors(
+    settings: Settings, models_dir: Path
+) -> None:
+    token = await _token(settings, "sync-user")
+    key_id, secret = await create_key(settings, "revoked-user")
+    redis = redis_from_settings(settings)
+    try:
+        assert await KeyStore(redis, settings).revoke(key_id)
+    finally:
+        await redis.aclose()
+    expected = load_model(models_dir, "digits").predict_proba(
+        X_TEST[:3].astype(np.float32)
+    )
+
+    def use_blocking_clients() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        with Client.kafka(token, "sync-user", settings=settings) as client:
+            seen["proba"] = client.predict("digits", X_TEST[:3])
+            try:
+                client.predict("digits-v9", X_TEST[:1])
+            except errors.GatewayError as exc:
+                seen["unknown"] = exc
+        revoked = format_token(key_id, secret)
+        with Client.kafka(revoked, "revoked-user", settings=settings) as client:
+            try:
+                client.predict("digits", X_TEST[:1])
+            except errors.GatewayError as exc:
+                seen["revoked"] = exc
+        return seen
+
+    async with running_worker(settings):
+        # The blocking client runs its own loop in a thread; this loop keeps
+        # running the worker meanwhile.
+        seen = await asyncio.to_thread(use_blocking_clients)
+
+    np.testing.assert_allclose(seen["proba"], expected, rtol=1e-5, atol=1e-7)
+    unknown, revoked = seen["unknown"], seen["revoked"]
+    assert isinstance(unknown, errors.UnknownModelError), unknown
+    assert isinstance(unknown, errors.ValidationError)
+    assert not unknown.retriable and unknown.attempts == 1
+    assert isinstance(revoked, errors.RevokedKeyError), revoked
+    assert isinstance(revoked, errors.AuthError) and revoked.attempts == 1
+
+
+class LosesFirstAnswer:
+    """A real Kafka transport whose first answer is lost on the way back, as
+    when a client times out just before the reply arrives."""
+
+    def __init__(self, inner: KafkaClientTransport) -> None:
+        self.inner = inner
+        self.ids: list[str] = []
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        request_id: str,
+        timeout_s: float,
+    ) -> InferResult:
+        self.ids.append(request_id)
+        result = await self.inner.infer(model, inputs, request_id, timeout_s)
+        if len(self.ids) == 1:
+            self.first = result
+            raise errors.RequestTimeoutError("answer lost", request_id=request_id)
+        return result
+
+
+async def test_a_lost_answer_is_retried_and_answered_from_the_kept_copy(
+    settings: Settings,
+) -> None:
+    token = await _token(settings, "unlucky")
+    transport = LosesFirstAnswer(KafkaClientTransport(settings, token, "unlucky"))
+    policy = RetryPolicy(base_delay_s=0.01, max_delay_s=0.05)
+    async with running_worker(settings), AsyncClient(transport, retry=policy) as client:
+        result = await client.infer("digits", X_TEST[:2])
+
+    assert transport.ids == [result.request_id] * 2
+    assert result.attempts == 2 and result.replayed
+    assert not transport.first.replayed
+    for name in ("probabilities", "label"):
+        np.testing.assert_array_equal(result[name], transport.first[name])
+
+    # Counted once: the retry did not use up rate or show as a refusal.
+    redis = redis_from_settings(settings)
+    try:
+        counters = await CounterStore(redis, settings).client_counters("unlucky")
+    finally:
+        await redis.aclose()
+    assert (counters["requests"], counters["refused"]) == (1, 0), counters
+
+
+async def test_a_malformed_token_is_a_typed_error(settings: Settings) -> None:
+    with pytest.raises(errors.UnknownKeyError):
+        AsyncClient.kafka("not-a-token", "someone", settings=settings)
+
+
+async def test_an_unreachable_broker_is_a_connection_error(
+    settings: Settings, unused_tcp_port: int
+) -> None:
+    token = await _token(settings, "nobroker")
+    dead = settings.model_copy(
+        update={
+            "kafka": settings.kafka.model_copy(
+                update={
+                    "bootstrap": f"127.0.0.1:{unused_tcp_port}",
+                    "request_timeout_s": 2.0,
+                }
+            )
+        }
+    )
+    client = AsyncClient.kafka(token, "nobroker", settings=dead)
+    with pytest.raises(errors.ConnectionFailedError):
+        await client.start()
+    await client.close()
+
+
+async def test_no_reply_times_out_each_attempt_and_cancelling_forgets_the_request(
+    settings: Settings,
+) -> None:
+    # No worker consumes the requests topic: nothing ever answers.
+    await ensure_topics(settings)
+    token = await _token(settings, "unanswered")
+    transport = KafkaClientTransport(settings, token, "unanswered")
+    policy = RetryPolicy(max_attempts=2, base_delay_s=0.01, max_delay_s=0.02)
+    async with AsyncClient(transport, timeout_s=0.5, retry=policy) as client:
+        with pytest.raises(errors.RequestTimeoutError) as caught:
+            await client.infer("digits", X_TEST[:1], request_id="never-answered")
+        assert caught.value.attempts == 2 and caught.value.retriable
+        assert caught.value.request_id == "never-answered"
+
+        call = asyncio.create_task(client.infer("digits", X_TEST[:1]))
+        await asyncio.sleep(0.2)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert transport.pending_count == 0
