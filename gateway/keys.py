@@ -90,6 +90,9 @@ class ApiKey:
     status: KeyStatus
     created_ms: int
     expires_ms: int | None = None
+    # Contract 4 (owned by the limits branch): the key's plan, which selects
+    # ``policy.plans[plan]``. Added here minimally so the ladder can read it.
+    plan: str = "default"
 
     def allows_model(self, model: str) -> bool:
         """Whether this key is scoped to ``model`` (an empty scope allows all)."""

@@ -107,6 +107,9 @@ class InferResponse(msgspec.Struct, frozen=True, omit_defaults=True):
     outputs: list[Tensor] | None = None
     error: ErrorBody | None = None
     retry_after_ms: int | None = None
+    # The degrade level of ``outputs`` (gateway/shaping.py) when ``action`` is
+    # ``degrade``; absent for a full answer.
+    degrade: str | None = None
 
 
 class DecisionRecord(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -127,6 +130,14 @@ class DecisionRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     partition: int = -1
     offset: int = -1
     worker: str = ""
+    # The policy ladder (docs/policy.md): what every rule and detector, shadow
+    # included, would do; what the client experienced; the shaping and delay
+    # of its answer; and whether the response concealed the action.
+    would_be_action: str | None = None
+    enforced_action: str | None = None
+    degrade: str | None = None
+    delay_ms: int = 0
+    hidden: bool = False
 
 
 class DeadLetter(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -22,12 +22,12 @@ from gateway.config import Settings
 from gateway.errors import BackendError, PolicyError
 from gateway.metrics import WorkerMetrics
 from gateway.models import ServedModel
-from gateway.policy import Policy
+from gateway.policy import SEVERITY, Policy
+from gateway.shaping import seed_for, shape
 from gateway.validation import scale_to_unit
 
 logger = logging.getLogger(__name__)
 
-_SEVERITY = {"allow": 0, "flag": 1, "block": 2}
 _POLICY_KEY = "_policy"
 
 
@@ -100,7 +100,7 @@ class Scorer:
             start = 0
             for item in served:
                 n = len(item.rows) if item.rows is not None else 0
-                item.probabilities = proba[start : start + n]
+                item.probabilities = self._shaped(item, proba[start : start + n])
                 start += n
 
     def _score(self, model: ServedModel, items: list[BatchItem]) -> None:
@@ -121,7 +121,12 @@ class Scorer:
         # Policy per row; a request takes the most severe verdict of its rows.
         for row, item in enumerate(row_items):
             scores = [found[row] for found in per_detector.values()]
-            verdict = self.policy.decide(client_ids[row], scores)
+            verdict = self.policy.decide(
+                client_ids[row],
+                scores,
+                model=model.name,
+                plan=item.key.plan if item.key is not None else None,
+            )
             for s in scores:
                 item.scores[s.detector] = max(item.scores.get(s.detector, 0.0), s.score)
                 if s.threshold > 0:
@@ -131,19 +136,48 @@ class Scorer:
             current = item.verdict
             if (
                 current is None
-                or _SEVERITY[verdict.enforced] > _SEVERITY[current.enforced]
+                or SEVERITY[verdict.enforced] > SEVERITY[current.enforced]
+                or (
+                    SEVERITY[verdict.enforced] == SEVERITY[current.enforced]
+                    and SEVERITY[verdict.action] > SEVERITY[current.action]
+                )
             ):
                 item.verdict = verdict
+            self._metrics.policy_actions.labels(
+                verdict.action, "true" if verdict.shadow else "false"
+            ).inc()
 
         for item in items:
             if item.verdict is None:
                 continue
             item.action = item.verdict.enforced
+            item.degrade = item.verdict.degrade
+            item.delay_s = item.verdict.delay_s
+            item.hidden = item.verdict.hidden
             if item.verdict.enforced == "block":
                 item.fail(
                     PolicyError("client is blocked", code="BLOCKED", retriable=True),
                     action="block",
                 )
+
+    def _shaped(self, item: BatchItem, proba: np.ndarray) -> np.ndarray:
+        """Degrade shapes the answer, not the status: a degraded client still
+        gets a valid probability tensor (gateway/shaping.py)."""
+        if item.degrade is None or item.degrade == "full":
+            return proba
+        cfg = self.policy.resolve(
+            item.model_name, item.key.plan if item.key is not None else None
+        ).degrade
+        shaped = shape(
+            proba,
+            item.degrade,  # type: ignore[arg-type]  # a DegradeLevel by config
+            top_k=cfg.top_k,
+            decimals=cfg.decimals,
+            noise=cfg.noise,
+            noise_scale=cfg.noise_scale,
+            seed=seed_for(item.request_id or ""),
+        )
+        return shaped.astype(proba.dtype, copy=False)
 
     # -- per-client state ---------------------------------------------------------
 

@@ -116,7 +116,8 @@ def shape(
         np.put_along_axis(keep, order[:, :k], True, axis=1)
         keep[rows, labels] = True
         shaped = np.where(keep, p, 0.0)
-        return shaped / shaped.sum(axis=1, keepdims=True)
+        out: np.ndarray[Any, Any] = shaped / shaped.sum(axis=1, keepdims=True)
+        return out
 
     # rounded: in integer units of 10**-decimals, so that the sum is exact.
     # Every other class is truncated and the label takes the rest, which is
@@ -125,7 +126,8 @@ def shape(
     counts = np.floor(p * unit).astype(np.int64)
     counts[rows, labels] = 0
     counts[rows, labels] = unit - counts.sum(axis=1)
-    return counts.astype(np.float64) / unit
+    rounded: np.ndarray[Any, Any] = counts.astype(np.float64) / unit
+    return rounded
 
 
 def _one_hot(labels: np.ndarray[Any, Any], classes: int) -> np.ndarray[Any, Any]:
