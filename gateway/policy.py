@@ -163,11 +163,15 @@ class Policy:
         if flagged and SEVERITY[would.action] >= SEVERITY["flag"]:
             state.lifetime_flags += 1
 
-        # What shadow changes: the client is at most flagged (the alert, marked
-        # shadow, is an observation, not an enforcement).
+        # What shadow changes: a query some detector flagged is at most flagged
+        # (the alert, marked shadow, is an observation, not an enforcement).
         enforced, degrade = live.action, live.degrade
         shadow = (would.action, would.degrade) != (live.action, live.degrade)
-        if shadow and SEVERITY[enforced] < SEVERITY["flag"] <= SEVERITY[would.action]:
+        if (
+            shadow
+            and flagged
+            and SEVERITY[enforced] < SEVERITY["flag"] <= SEVERITY[would.action]
+        ):
             enforced = "flag"
 
         # Hidden suspicion: a refusal (block, throttle) would tell an adaptive
