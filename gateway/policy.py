@@ -70,8 +70,9 @@ class Verdict:
     ``action`` is the would-be action (every rule and detector, shadow
     included): the truth recorded on the decisions topic. ``enforced`` is what
     the client experiences. ``shadow`` says the two differ because something
-    is in shadow; ``hidden`` that a refusal was turned into a slowed, degraded
-    answer (``delay_s``, ``degrade``) so that it cannot serve as an oracle.
+    is in shadow. Under hidden suspicion a refusal becomes a slowed, degraded
+    answer (``delay_s``, ``degrade``) and ``hidden`` says the response must
+    not name the action, so that it cannot serve as an oracle.
     """
 
     action: str
@@ -176,12 +177,14 @@ class Policy:
 
         # Hidden suspicion: a refusal (block, throttle) would tell an adaptive
         # attacker which queries gave it away. Serve it late and coarse.
-        hidden = cfg.hide_suspicion and enforced in ("block", "throttle")
         delay_s = 0.0
-        if hidden:
+        if cfg.hide_suspicion and enforced in ("block", "throttle"):
             enforced = "degrade"
             degrade = _stronger(degrade, cfg.hide_degrade)
             delay_s = cfg.hide_delay_s
+        # Under hide_suspicion no answer names its action (a visible "flag"
+        # or "degrade" would be the oracle too); the decision record does.
+        hidden = cfg.hide_suspicion and enforced != "allow"
 
         reasons = tuple(f"{s.detector}: {s.evidence}" for s in flagged) + would.reasons
         verdict = Verdict(

@@ -585,6 +585,9 @@ class Worker:
         topics = self.settings.kafka.topics
         worker_id = self.settings.worker.worker_id
         block_cooldown_ms = int(self.settings.policy.block_cooldown_s * 1000)
+        if item.verdict is not None and item.verdict.cooldown_s > 0:
+            # The cool-down of the rule that blocked (per model or plan).
+            block_cooldown_ms = int(item.verdict.cooldown_s * 1000)
         # Only an authenticated client's id keys its answers: a record's
         # own key is the sender's claim and must not let it pose as a
         # client (a reader matching answers by record key would be fooled).

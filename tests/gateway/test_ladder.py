@@ -174,6 +174,11 @@ def test_hidden_suspicion_turns_refusals_into_slow_degraded_answers() -> None:
     )
     assert throttled.decide("c", HOT).enforced == "degrade"
     assert throttled.rate_factor("c") == 1.0
+    # Nor does a mere flag show in the answer when suspicion is hidden.
+    flagged = _policy(rules=[{"action": "flag", "risk_at": 1.0}], hide_suspicion=True)
+    verdict = flagged.decide("c", HOT)
+    assert verdict.enforced == "flag" and verdict.hidden and verdict.delay_s == 0
+    assert not flagged.decide("d", COLD).hidden
 
 
 def test_reconfigure_keeps_client_memory() -> None:

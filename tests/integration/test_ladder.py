@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from gateway.config import Settings
 from gateway.models import digits_split
@@ -142,6 +143,18 @@ async def _decisions(settings: Settings, count: int) -> list[dict[str, Any]]:
     return records
 
 
+async def _committed(settings: Settings) -> int:
+    """The group's committed offset on the one requests partition (-1: none)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap)
+    await asyncio.wait_for(admin.start(), 30)
+    try:
+        offsets = await admin.list_consumer_group_offsets(settings.kafka.group_id)
+    finally:
+        await admin.close()
+    found = offsets.get(TopicPartition(settings.kafka.topics.requests, 0))
+    return -1 if found is None else int(found.offset)
+
+
 def _probabilities(answer: dict[str, Any]) -> np.ndarray:
     (tensor,) = [t for t in answer["outputs"] if t["name"] == "probabilities"]
     return np.asarray(tensor["data"], dtype=np.float64).reshape(tensor["shape"])
@@ -252,7 +265,16 @@ async def test_hidden_suspicion_answers_late_and_coarse_but_records_the_truth(
         honest = await henry.send(X_TEST[:1])
         await eve.kafka.flush()
         honest_at, honest_answer = await eve.answers.get(honest)
+        # While eve's answer is held back, the group must not commit past her
+        # record (offset 0): a crash now would redeliver it, not lose it.
+        held_commit = await _committed(settings)
         hidden_at, hidden = await eve.answers.get(rid)
+        # Once it is sent, the next batch commits everything.
+        await henry.ask(X_TEST[1:2])
+        deadline = time.monotonic() + ANSWER_S
+        while (final_commit := await _committed(settings)) < 3:
+            assert time.monotonic() < deadline, final_commit
+            await asyncio.sleep(0.1)
 
     # Ordinary-looking: ok, action allow, no degrade marker; but label only.
     assert hidden["status"] == "ok" and hidden["action"] == "allow", hidden
@@ -262,6 +284,7 @@ async def test_hidden_suspicion_answers_late_and_coarse_but_records_the_truth(
     # The held-back answer did not hold the worker: the next client was served.
     assert honest_answer["status"] == "ok"
     assert honest_at < hidden_at
+    assert held_commit <= 0, held_commit
 
     decisions = {d["request_id"]: d for d in await _decisions(settings, 2)}
     truth = decisions[rid]
