@@ -199,6 +199,15 @@ class PolicyConfig(_Frozen):
             raise ValueError("block_at must be >= flag_at")
         return value
 
+    @model_validator(mode="after")
+    def _overrides_resolve(self) -> PolicyConfig:
+        # Check every model-and-plan combination now, so that a bad override
+        # fails at start rather than on the first query that needs it.
+        for model in [None, *self.models]:
+            for plan in [None, *self.plans]:
+                self.resolve(model, plan)
+        return self
+
     def ladder(self) -> list[LadderRule]:
         """The rules in force: ``rules``, or the three the scalar fields
         describe (flag at ``flag_at``, block at ``block_at`` or after

@@ -209,3 +209,11 @@ def test_a_rule_needs_a_trigger() -> None:
 
     with pytest.raises(ConfigError, match="risk_at or after_flags"):
         load_settings(policy={"rules": [{"action": "flag"}]})
+
+
+def test_a_bad_override_fails_at_load() -> None:
+    from gateway.config import load_settings
+    from gateway.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="block_at must be >= flag_at"):
+        load_settings(policy={"flag_at": 1.0, "models": {"m": {"block_at": 0.5}}})
