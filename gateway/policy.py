@@ -54,6 +54,8 @@ class _ClientPolicyState(msgspec.Struct):
     lifetime_flags: int = 0
     live: _Track = msgspec.field(default_factory=_Track)
     would: _Track = msgspec.field(default_factory=_Track)
+    # The flag count of a snapshot from before the ladder (its field "flags").
+    legacy_flags: int = msgspec.field(default=0, name="flags")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +113,10 @@ class Policy:
 
     def reconfigure(self, config: PolicyConfig) -> None:
         """Swap the rules at run time; every client's memory (flags, blocks,
-        throttles) is kept and judged by the new rules from the next query."""
+        throttles) is kept and judged by the new rules from the next query.
+
+        Call it between batches (the worker scores in an executor thread): a
+        batch being scored may otherwise mix the old and the new rules."""
         self.config = config
         self._resolved = {}
         logger.info("policy reconfigured")
@@ -217,9 +222,13 @@ class Policy:
         return None if state is None else msgspec.msgpack.encode(state)
 
     def load_state(self, client_id: str, blob: bytes) -> None:
-        # A snapshot from before the ladder decodes too (unknown fields are
-        # ignored), but its flag count is lost: the client starts afresh.
-        self._clients[client_id] = msgspec.msgpack.decode(blob, type=_ClientPolicyState)
+        state = msgspec.msgpack.decode(blob, type=_ClientPolicyState)
+        if state.legacy_flags:
+            # A snapshot from before the ladder: its flags count on both tracks.
+            state.lifetime_flags = max(state.lifetime_flags, state.legacy_flags)
+            state.live.flags = state.would.flags = float(state.legacy_flags)
+            state.legacy_flags = 0
+        self._clients[client_id] = state
 
 
 def _risk(

@@ -217,3 +217,13 @@ def test_a_bad_override_fails_at_load() -> None:
 
     with pytest.raises(ConfigError, match="block_at must be >= flag_at"):
         load_settings(policy={"flag_at": 1.0, "models": {"m": {"block_at": 0.5}}})
+
+
+def test_snapshot_from_before_the_ladder_keeps_its_flags() -> None:
+    import msgspec
+
+    old = msgspec.msgpack.encode({"flags": 2, "queries": 9, "first_flag_query": 3})
+    policy = _policy()  # default ladder: block after 3 flags
+    policy.load_state("c", old)
+    assert not policy.good_standing("c")
+    assert policy.decide("c", HOT).enforced == "block"

@@ -163,7 +163,7 @@ def _probabilities(answer: dict[str, Any]) -> np.ndarray:
 async def test_client_climbs_flag_degrade_block_and_is_released(
     stack: StackInfo, models_dir: Path
 ) -> None:
-    settings = _settings(stack, models_dir, rules=LADDER, block_cooldown_s=1.0)
+    settings = _settings(stack, models_dir, rules=LADDER, block_cooldown_s=3.0)
     async with running_worker(settings) as worker, clients(settings, "mallory") as [c]:
         seen = [await c.ask(NOISE[i : i + 1]) for i in range(5)]
         # Released by the cool-down alone: poll, do not sleep a guess.
@@ -190,7 +190,7 @@ async def test_client_climbs_flag_degrade_block_and_is_released(
         np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-6)
         np.testing.assert_allclose(p * 10, np.round(p * 10), atol=1e-5)
     assert [a["error"]["code"] for a in seen[3:]] == ["BLOCKED", "BLOCKED"]
-    assert 0 < seen[4]["retry_after_ms"] <= 1000, seen[4]
+    assert 0 < seen[4]["retry_after_ms"] <= 3000, seen[4]
     assert again["status"] == "ok", again
     assert blocks == 1.0
 
@@ -307,7 +307,7 @@ async def test_throttled_client_gets_a_reduced_rate(
         requests_partitions=1,
         policy={
             "rules": [{"action": "throttle", "risk_at": 1.0}],
-            "throttle_factor": 100,
+            "throttle_factor": 1000,
             "throttle_s": 60,
         },
         detectors=DETECTORS,
@@ -320,11 +320,12 @@ async def test_throttled_client_gets_a_reduced_rate(
         later = [(await tom.answers.get(r))[1] for r in rids]
 
     assert first["status"] == "ok" and first["action"] == "throttle", first
-    # Penalised: rate 100/100 = 1 per s, burst 50/100 -> 1. Five at once: the
-    # first passes, the rest are refused with a retry-after near 1 s.
+    # Penalised: rate 100/1000 = one per 10 s, burst 50/1000 -> 1. Five at
+    # once: the first passes, the rest are refused with a retry-after of
+    # up to 10 s.
     statuses = [a["status"] for a in later]
-    assert statuses[0] == "ok" and statuses.count("ok") <= 2, later
+    assert statuses[0] == "ok" and statuses.count("ok") == 1, later
     refused = [a for a in later if a["status"] == "error"]
     assert all(a["error"]["code"] == "RATE_LIMITED" for a in refused), refused
     assert all(a["action"] == "throttle" for a in refused), refused
-    assert all(0 < a["retry_after_ms"] <= 1000 for a in refused), refused
+    assert all(0 < a["retry_after_ms"] <= 10_000 for a in refused), refused
