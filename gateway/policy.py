@@ -19,6 +19,7 @@ nothing beyond an alert is enforced.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -168,51 +169,46 @@ class Policy:
         live = _step(state.live, live_risk, bool(live_flagged), live_rules, cfg, now_s)
         if flagged and SEVERITY[would.action] >= SEVERITY["flag"]:
             state.lifetime_flags += 1
-
-        # What shadow changes: a query some detector flagged is at most flagged
-        # (the alert, marked shadow, is an observation, not an enforcement).
-        enforced, degrade = live.action, live.degrade
-        shadow = (would.action, would.degrade) != (live.action, live.degrade)
-        if (
-            shadow
-            and flagged
-            and SEVERITY[enforced] < SEVERITY["flag"] <= SEVERITY[would.action]
-        ):
-            enforced = "flag"
-
-        # Hidden suspicion: a refusal (block, throttle) would tell an adaptive
-        # attacker which queries gave it away. Serve it late and coarse.
-        delay_s = 0.0
-        if cfg.hide_suspicion and enforced in ("block", "throttle"):
-            enforced = "degrade"
-            degrade = _stronger(degrade, cfg.hide_degrade)
-            delay_s = cfg.hide_delay_s
-        # Under hide_suspicion no answer names its action (a visible "flag"
-        # or "degrade" would be the oracle too); the decision record does.
-        hidden = cfg.hide_suspicion and enforced != "allow"
-
-        reasons = tuple(f"{s.detector}: {s.evidence}" for s in flagged) + would.reasons
-        verdict = Verdict(
-            action=would.action,
-            enforced=enforced,
-            risk=risk,
-            flagged=flagged,
-            reasons=reasons,
-            shadow=shadow,
-            enforced_risk=live_risk,
-            degrade=degrade if enforced == "degrade" else None,
-            delay_s=delay_s,
-            hidden=hidden,
-            cooldown_s=cfg.block_cooldown_s if enforced == "block" else 0.0,
-        )
+        verdict = _verdict(cfg, would, live, risk, live_risk, flagged)
         if verdict.action != "allow":
             logger.debug(
                 "policy verdict %s (enforced %s)",
                 verdict.action,
                 verdict.enforced,
-                extra={"client": client_id, "risk": risk, "shadow": shadow},
+                extra={"client": client_id, "risk": risk, "shadow": verdict.shadow},
             )
         return verdict
+
+    def standing(
+        self, client_id: str, *, model: str | None = None, plan: str | None = None
+    ) -> Verdict | None:
+        """What the client's memory alone (a cool-down, a throttle, flags past
+        an ``after_flags`` rule) says about a query, without counting one.
+
+        For a redelivered record: it was scored the first time and must not be
+        scored again, but its answer must not escape a degrade, a block or a
+        hidden delay the client earned. None when the memory says allow.
+        """
+        state = self._clients.get(client_id)
+        if state is None:
+            return None
+        cfg = self.resolve(model, plan)
+        now_s = self._clock()
+        rules = cfg.ladder()
+        live_rules = [] if cfg.shadow else [r for r in rules if not r.shadow]
+        # On copies: looking must change nothing.
+        would = _step(
+            msgspec.structs.replace(state.would), 0.0, False, rules, cfg, now_s
+        )
+        live = _step(
+            msgspec.structs.replace(state.live), 0.0, False, live_rules, cfg, now_s
+        )
+        if would.action == live.action == "allow":
+            return None
+        # cooldown_s 0: a block seen again is not a new block to store.
+        return dataclasses.replace(
+            _verdict(cfg, would, live, 0.0, 0.0, ()), cooldown_s=0.0
+        )
 
     def forget(self, client_id: str) -> None:
         self._clients.pop(client_id, None)
@@ -229,6 +225,54 @@ class Policy:
             state.live.flags = state.would.flags = float(state.legacy_flags)
             state.legacy_flags = 0
         self._clients[client_id] = state
+
+
+def _verdict(
+    cfg: PolicyConfig,
+    would: _Step,
+    live: _Step,
+    risk: float,
+    live_risk: float,
+    flagged: tuple[DetectorScore, ...],
+) -> Verdict:
+    """Join the two tracks' steps into what is recorded and what is enforced."""
+    # What shadow changes: a query some detector flagged is at most flagged
+    # (the alert, marked shadow, is an observation, not an enforcement).
+    enforced, degrade = live.action, live.degrade
+    shadow = (would.action, would.degrade) != (live.action, live.degrade)
+    if (
+        shadow
+        and flagged
+        and SEVERITY[enforced] < SEVERITY["flag"] <= SEVERITY[would.action]
+    ):
+        enforced = "flag"
+
+    # Hidden suspicion: a refusal (block, throttle) would tell an adaptive
+    # attacker which queries gave it away. Serve it late and coarse.
+    delay_s = 0.0
+    if cfg.hide_suspicion and enforced in ("block", "throttle"):
+        enforced = "degrade"
+        degrade = _stronger(degrade, cfg.hide_degrade)
+        delay_s = cfg.hide_delay_s
+    # Under hide_suspicion no answer names its action (a visible "flag"
+    # or "degrade" would be the oracle too); the decision record does.
+    hidden = cfg.hide_suspicion and enforced != "allow"
+
+    reasons = tuple(f"{s.detector}: {s.evidence}" for s in flagged) + would.reasons
+    verdict = Verdict(
+        action=would.action,
+        enforced=enforced,
+        risk=risk,
+        flagged=flagged,
+        reasons=reasons,
+        shadow=shadow,
+        enforced_risk=live_risk,
+        degrade=degrade if enforced == "degrade" else None,
+        delay_s=delay_s,
+        hidden=hidden,
+        cooldown_s=cfg.block_cooldown_s if enforced == "block" else 0.0,
+    )
+    return verdict
 
 
 def _risk(

@@ -85,6 +85,18 @@ class Scorer:
             ]
             if fresh:
                 self._score(model, fresh)
+            for item in model_items:
+                if (
+                    item.admission is not None
+                    and item.admission.outcome == "redelivery"
+                ):
+                    # Not scored again, but held to what the client has earned.
+                    item.verdict = self.policy.standing(
+                        item.client_id or "",
+                        model=model.name,
+                        plan=item.key.plan if item.key is not None else None,
+                    )
+                    _apply_verdict(item)
 
             # One model call for every row policy lets through.
             served = [i for i in model_items if i.error is None and i.rows is not None]
@@ -148,17 +160,7 @@ class Scorer:
             ).inc()
 
         for item in items:
-            if item.verdict is None:
-                continue
-            item.action = item.verdict.enforced
-            item.degrade = item.verdict.degrade
-            item.delay_s = item.verdict.delay_s
-            item.hidden = item.verdict.hidden
-            if item.verdict.enforced == "block":
-                item.fail(
-                    PolicyError("client is blocked", code="BLOCKED", retriable=True),
-                    action="block",
-                )
+            _apply_verdict(item)
 
     def _shaped(self, item: BatchItem, proba: np.ndarray) -> np.ndarray:
         """Degrade shapes the answer, not the status: a degraded client still
@@ -218,3 +220,20 @@ class Scorer:
             for detector in detectors.values():
                 detector.forget(client_id)
         self.policy.forget(client_id)
+
+
+def _apply_verdict(item: BatchItem) -> None:
+    """What the client gets from the item's verdict: its action, the shaping
+    and delay of its answer, or the refusal of a block."""
+    verdict = item.verdict
+    if verdict is None:
+        return
+    item.action = verdict.enforced
+    item.degrade = verdict.degrade
+    item.delay_s = verdict.delay_s
+    item.hidden = verdict.hidden
+    if verdict.enforced == "block":
+        item.fail(
+            PolicyError("client is blocked", code="BLOCKED", retriable=True),
+            action="block",
+        )

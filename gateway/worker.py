@@ -516,6 +516,8 @@ class Worker:
             if i.key is not None
             and i.verdict is not None
             and i.verdict.enforced == "block"
+            # 0: a redelivered record's standing, not a new block.
+            and i.verdict.cooldown_s > 0
         }
         for client_id, verdict in to_block.items():
             try:

@@ -227,3 +227,39 @@ def test_snapshot_from_before_the_ladder_keeps_its_flags() -> None:
     policy.load_state("c", old)
     assert not policy.good_standing("c")
     assert policy.decide("c", HOT).enforced == "block"
+
+
+def test_standing_judges_memory_alone_and_changes_nothing() -> None:
+    clock = Clock()
+    policy = _policy(clock, rules=LADDER, block_cooldown_s=5)
+    assert policy.standing("c") is None
+    policy.decide("c", HOT)
+    assert policy.standing("c") is None  # one flag: memory says allow
+    policy.decide("c", HOT)
+    degraded = policy.standing("c")
+    assert degraded is not None and degraded.enforced == "degrade"
+    assert degraded.degrade == "rounded"
+    blob = policy.dump_state("c")
+    policy.standing("c")
+    assert policy.dump_state("c") == blob  # looking counted nothing
+    policy.decide("c", HOT)
+    policy.decide("c", HOT)  # fourth flag: block
+    blocked = policy.standing("c")
+    assert blocked is not None and blocked.enforced == "block"
+    assert blocked.cooldown_s == 0  # not a new block to store
+    clock.now_s += 6
+    assert policy.standing("c") is None
+
+
+def test_standing_of_a_hidden_block_is_a_slow_degraded_answer() -> None:
+    policy = _policy(
+        rules=[{"action": "block", "risk_at": 1.0}], hide_suspicion=True, hide_delay_s=2
+    )
+    policy.decide("c", HOT)
+    standing = policy.standing("c")
+    assert standing is not None
+    assert (standing.action, standing.enforced, standing.delay_s) == (
+        "block",
+        "degrade",
+        2,
+    )
