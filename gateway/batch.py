@@ -79,6 +79,13 @@ class BatchItem:
     # The kept answer when this request is a retry of one already served
     # (gateway/replay.py); such an item skips admission, scoring and the model.
     replay: protocol.InferResponse | None = None
+    # Policy's shaping of the answer (None: full), the delay before it is
+    # sent, and whether the response conceals the action (hidden suspicion).
+    degrade: str | None = None
+    delay_s: float = 0.0
+    hidden: bool = False
+    # Retry-after of a refusal decided outside admission (the throttle bucket).
+    throttle_retry_ms: int = 0
 
     @property
     def client_id(self) -> str | None:
@@ -185,7 +192,9 @@ def response_for(
             "QUOTA_EXCEEDED",
             "TOO_MANY_IN_FLIGHT",
         ):
-            retry_after = item.admission.retry_after_ms or None
+            retry_after = (
+                item.throttle_retry_ms or item.admission.retry_after_ms or None
+            )
         if item.error.code == "BLOCKED" and retry_after is None:
             retry_after = block_cooldown_ms
         return protocol.InferResponse(
@@ -204,6 +213,8 @@ def response_for(
     if item.probabilities is None:
         raise ValueError("an item without error must have probabilities")
     labels = item.probabilities.argmax(axis=1).astype(np.int64)
+    # Hidden suspicion: an answer looks like any other (action allow, no
+    # degrade level); the decision record keeps the truth.
     return protocol.InferResponse(
         v=protocol.SCHEMA_VERSION,
         request_id=item.request_id or "",
@@ -211,7 +222,8 @@ def response_for(
         ts_ms=now_ms,
         model=item.model_name,
         correlation_id=item.correlation_id,
-        action=item.action,
+        action="allow" if item.hidden else item.action,
+        degrade=None if item.hidden else item.degrade,
         outputs=[
             protocol.tensor_from_array("probabilities", item.probabilities),
             protocol.tensor_from_array("label", labels),
@@ -244,6 +256,11 @@ def decision_for(
         partition=item.partition,
         offset=item.offset,
         worker=worker_id,
+        would_be_action=verdict.action if verdict else None,
+        enforced_action=item.action,
+        degrade=item.degrade,
+        delay_ms=round(item.delay_s * 1000),
+        hidden=item.hidden,
     )
 
 

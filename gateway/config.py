@@ -206,6 +206,64 @@ class LimitsConfig(_Frozen):
         )
 
 
+ActionName = Literal["allow", "flag", "throttle", "degrade", "block"]
+# Output shaping, mildest first; see gateway/shaping.py.
+DegradeLevel = Literal["full", "top_k", "rounded", "label"]
+
+
+class LadderRule(_Frozen):
+    """One rung of the policy ladder: when it fires and what it does.
+
+    A rule fires when the query's risk reaches ``risk_at`` (and some detector
+    flagged the query), or when the client's remembered flag count reaches
+    ``after_flags``; set one or both. A ``shadow`` rule is evaluated and
+    recorded as the would-be action but never enforced beyond an alert.
+    """
+
+    action: ActionName
+    risk_at: float | None = Field(None, gt=0, le=100)
+    after_flags: float | None = Field(None, gt=0, le=10_000)
+    degrade: DegradeLevel = "top_k"
+    shadow: bool = False
+
+    @model_validator(mode="after")
+    def _has_trigger(self) -> LadderRule:
+        if self.risk_at is None and self.after_flags is None:
+            raise ValueError("a ladder rule needs risk_at or after_flags")
+        return self
+
+
+class DegradeConfig(_Frozen):
+    """How each degrade level shapes probabilities (gateway/shaping.py)."""
+
+    top_k: int = Field(3, ge=1, le=1000)
+    decimals: int = Field(1, ge=0, le=6)
+    noise: Literal["none", "laplace", "gaussian"] = "none"
+    # Scale of the noise added to each probability before renormalising
+    # (Laplace b, or Gaussian sigma), in probability units.
+    noise_scale: float = Field(0.0, ge=0, le=1)
+
+
+class PolicyOverride(_Frozen):
+    """Fields of :class:`PolicyConfig` a model or a plan may override; None
+    (absent) keeps the less specific value."""
+
+    rules: list[LadderRule] | None = None
+    flag_at: float | None = Field(None, gt=0, le=100)
+    block_at: float | None = Field(None, gt=0, le=100)
+    block_after_flags: int | None = Field(None, ge=1, le=10_000)
+    block_cooldown_s: float | None = Field(None, gt=0, le=30 * 86_400)
+    flag_half_life_s: float | None = Field(None, ge=0, le=30 * 86_400)
+    throttle_factor: float | None = Field(None, ge=1, le=1_000_000)
+    throttle_s: float | None = Field(None, gt=0, le=30 * 86_400)
+    hide_suspicion: bool | None = None
+    hide_delay_s: float | None = Field(None, ge=0, le=30)
+    hide_degrade: DegradeLevel | None = None
+    degrade: DegradeConfig | None = None
+    shadow: bool | None = None
+    shadow_detectors: list[str] | None = None
+
+
 class PolicyConfig(_Frozen):
     """Risk is the largest detector score divided by its threshold (1.0 = at
     threshold). ``flag_at`` and ``block_at`` are levels of that ratio."""
@@ -215,6 +273,24 @@ class PolicyConfig(_Frozen):
     block_after_flags: int = Field(3, ge=1, le=10_000)
     block_cooldown_s: float = Field(600.0, ge=1, le=30 * 86_400)
     shadow: bool = False
+    # The ladder (gateway/policy.py, docs/policy.md). ``rules`` None means the
+    # three rules flag_at / block_at / block_after_flags spell out.
+    rules: list[LadderRule] | None = None
+    # Remembered flags halve every this many seconds; 0 = never forgotten.
+    flag_half_life_s: float = Field(0.0, ge=0, le=30 * 86_400)
+    # Throttle: the client's rate is divided by this factor for throttle_s.
+    throttle_factor: float = Field(4.0, ge=1, le=1_000_000)
+    throttle_s: float = Field(60.0, gt=0, le=30 * 86_400)
+    # Hidden suspicion: a would-be block or throttle is served late (by
+    # hide_delay_s) and shaped at hide_degrade instead of refused.
+    hide_suspicion: bool = False
+    hide_delay_s: float = Field(0.0, ge=0, le=30)
+    hide_degrade: DegradeLevel = "rounded"
+    degrade: DegradeConfig = DegradeConfig()
+    # Detectors whose scores count toward the recorded would-be risk only.
+    shadow_detectors: list[str] = []
+    models: dict[str, PolicyOverride] = {}
+    plans: dict[str, PolicyOverride] = {}
 
     @field_validator("block_at")
     @classmethod
@@ -223,6 +299,45 @@ class PolicyConfig(_Frozen):
         if flag_at is not None and value < flag_at:
             raise ValueError("block_at must be >= flag_at")
         return value
+
+    @model_validator(mode="after")
+    def _overrides_resolve(self) -> PolicyConfig:
+        # Check every model-and-plan combination now, so that a bad override
+        # fails at start rather than on the first query that needs it.
+        for model in [None, *self.models]:
+            for plan in [None, *self.plans]:
+                self.resolve(model, plan)
+        return self
+
+    def ladder(self) -> list[LadderRule]:
+        """The rules in force: ``rules``, or the three the scalar fields
+        describe (flag at ``flag_at``, block at ``block_at`` or after
+        ``block_after_flags`` flags), which is the behaviour before the
+        ladder existed."""
+        if self.rules is not None:
+            return list(self.rules)
+        return [
+            LadderRule(action="flag", risk_at=self.flag_at),
+            LadderRule(action="block", risk_at=self.block_at),
+            LadderRule(action="block", after_flags=self.block_after_flags),
+        ]
+
+    def resolve(self, model: str | None, plan: str | None) -> PolicyConfig:
+        """The policy for one model and plan: these defaults, overridden by
+        ``plans[plan]``, then by ``models[model]`` (the most specific: a
+        model's sensitivity is a property of the asset being protected)."""
+        update: dict[str, Any] = {}
+        for override in (self.plans.get(plan or ""), self.models.get(model or "")):
+            if override is not None:
+                update.update(override.model_dump(exclude_none=True))
+        if "degrade" in update:
+            update["degrade"] = DegradeConfig(**update["degrade"])
+        if "rules" in update:
+            update["rules"] = [LadderRule(**r) for r in update["rules"]]
+        resolved = self.model_copy(update={**update, "models": {}, "plans": {}})
+        if resolved.block_at < resolved.flag_at:
+            raise ValueError("block_at must be >= flag_at")
+        return resolved
 
 
 class BackendConfig(_Frozen):

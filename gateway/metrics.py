@@ -125,6 +125,13 @@ class WorkerMetrics:
             "Retries of served request ids answered from the replay cache.",
             registry=self.registry,
         )
+        self.policy_actions = Counter(
+            "modelgate_policy_actions",
+            "Policy verdicts per scored row, by would-be action and whether it "
+            "was in shadow (differs from what was enforced).",
+            ["action", "shadow"],
+            registry=self.registry,
+        )
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics on ``host:port`` in a daemon thread and return the

@@ -1,37 +1,81 @@
 """The policy ladder: from detector scores to an action per request.
 
-Pure logic with per-client memory of past flags; no I/O. The worker applies the
-verdict (alerts, Redis block with cool-down) and the policy never sees Kafka or
-Redis. Risk here is the largest warm detector's score divided by its threshold,
-so 1.0 means "at threshold" whatever the detector's own scale.
+Pure logic with per-client memory; no I/O. The worker applies the verdict
+(alerts, a Redis block with its cool-down, the throttle bucket, shaping and the
+hidden-suspicion delay); the policy never sees Kafka or Redis.
+
+Risk is the largest warm detector's score divided by its threshold, so 1.0
+means "at threshold" whatever the detector's own scale. The ladder is ordered
+``allow < flag < throttle < degrade < block``; each rule fires on the query's
+risk (``risk_at``) or on the client's remembered flags (``after_flags``) and the
+most severe fired rule wins. See docs/policy.md.
+
+Each client is followed on two tracks with the same rules: the *would-be*
+track sees every detector and every rule, shadowed or not, and is what the
+decisions topic records as the truth; the *live* track sees only the detectors
+and rules not in shadow, and is what is enforced. In shadow the two differ and
+nothing beyond an alert is enforced.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
 
 from detectors import DetectorScore
-from gateway.config import PolicyConfig
+from gateway.config import LadderRule, PolicyConfig
 
 logger = logging.getLogger(__name__)
 
+ACTIONS = ("allow", "flag", "throttle", "degrade", "block")
+SEVERITY = {name: rank for rank, name in enumerate(ACTIONS)}
+_DEGRADE_RANK = {"full": 0, "top_k": 1, "rounded": 2, "label": 3}
+
+
+class _Track(msgspec.Struct):
+    # Remembered flags, decayed to ``flags_at_s`` (wall clock, seconds).
+    flags: float = 0.0
+    flags_at_s: float = 0.0
+    blocked_until_s: float = 0.0
+    throttled_until_s: float = 0.0
+    # Rate divisor while throttled; 0 when the throttle is hidden (the client
+    # is slowed by a delay instead of refused by a bucket).
+    throttle_factor: float = 0.0
+
 
 class _ClientPolicyState(msgspec.Struct):
-    flags: int = 0
     queries: int = 0
-    first_flag_query: int = -1
+    # Flagged queries ever (would-be track, never decayed): a client with any
+    # may no longer teach the detectors what normal traffic looks like.
+    lifetime_flags: int = 0
+    live: _Track = msgspec.field(default_factory=_Track)
+    would: _Track = msgspec.field(default_factory=_Track)
+    # The flag count of a snapshot from before the ladder (its field "flags").
+    legacy_flags: int = msgspec.field(default=0, name="flags")
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    action: str
+    degrade: str | None
+    reasons: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """What policy decided for one query.
 
-    ``action`` is what the rules say (recorded on the decisions topic even in
-    shadow mode); ``enforced`` is what the client experiences.
+    ``action`` is the would-be action (every rule and detector, shadow
+    included): the truth recorded on the decisions topic. ``enforced`` is what
+    the client experiences. ``shadow`` says the two differ because something
+    is in shadow. Under hidden suspicion a refusal becomes a slowed, degraded
+    answer (``delay_s``, ``degrade``) and ``hidden`` says the response must
+    not name the action, so that it cannot serve as an oracle.
     """
 
     action: str
@@ -39,61 +83,132 @@ class Verdict:
     risk: float
     flagged: tuple[DetectorScore, ...] = ()
     reasons: tuple[str, ...] = field(default=())
-
-    @property
-    def shadow(self) -> bool:
-        return self.action != self.enforced
+    shadow: bool = False
+    enforced_risk: float = 0.0
+    degrade: str | None = None
+    delay_s: float = 0.0
+    hidden: bool = False
+    cooldown_s: float = 0.0
 
 
 class Policy:
-    """Maps each query's detector scores to allow, flag or block.
+    """Maps each query's detector scores to a rung of the ladder.
 
-    A query whose risk reaches ``flag_at`` is flagged (alert, still answered).
-    A client is blocked when one query's risk reaches ``block_at`` or after
-    ``block_after_flags`` flagged queries; the cool-down itself lives in Redis
-    so every worker honours it.
+    Parameters
+    ----------
+    config
+        The ladder, with per-model and per-plan overrides.
+    clock
+        Wall-clock seconds; injectable so tests control decay and cool-downs.
+        Wall clock rather than monotonic because the state moves between
+        workers in snapshots.
     """
 
-    def __init__(self, config: PolicyConfig) -> None:
+    def __init__(
+        self, config: PolicyConfig, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self.config = config
+        self._clock = clock
         self._clients: dict[str, _ClientPolicyState] = {}
+        self._resolved: dict[tuple[str | None, str | None], PolicyConfig] = {}
 
-    def set_config(self, config: PolicyConfig) -> None:
-        """Take a new ladder while running (live configuration); the memory of
-        each client's past flags is kept."""
+    def reconfigure(self, config: PolicyConfig) -> None:
+        """Swap the rules at run time; every client's memory (flags, blocks,
+        throttles) is kept and judged by the new rules from the next query.
+
+        Call it between batches (the worker scores in an executor thread): a
+        batch being scored may otherwise mix the old and the new rules."""
         self.config = config
+        self._resolved = {}
+        logger.info("policy reconfigured")
+
+    def resolve(self, model: str | None, plan: str | None) -> PolicyConfig:
+        """The effective policy of a model and plan, cached."""
+        key = (model, plan)
+        found = self._resolved.get(key)
+        if found is None:
+            found = self._resolved[key] = self.config.resolve(model, plan)
+        return found
 
     def good_standing(self, client_id: str) -> bool:
-        """True while a client has never been flagged: only such clients may
-        teach the detectors what normal traffic looks like."""
+        """True while a client has never been flagged (shadow included): only
+        such clients may teach the detectors what normal traffic looks like."""
         state = self._clients.get(client_id)
-        return state is None or state.flags == 0
+        return state is None or state.lifetime_flags == 0
 
-    def decide(self, client_id: str, scores: Sequence[DetectorScore]) -> Verdict:
+    def rate_factor(self, client_id: str) -> float:
+        """The divisor of this client's rate while it is throttled (not
+        hidden), else 1.0. The worker checks a throttled client's requests
+        against a bucket at ``rate / factor`` before scoring them."""
+        state = self._clients.get(client_id)
+        if state is None or state.live.throttled_until_s <= self._clock():
+            return 1.0
+        return max(state.live.throttle_factor, 1.0)
+
+    def decide(
+        self,
+        client_id: str,
+        scores: Sequence[DetectorScore],
+        *,
+        model: str | None = None,
+        plan: str | None = None,
+    ) -> Verdict:
+        cfg = self.resolve(model, plan)
+        now_s = self._clock()
         state = self._clients.setdefault(client_id, _ClientPolicyState())
         state.queries += 1
 
-        # Risk: the strongest warm detector, relative to its own threshold.
-        risk = 0.0
-        for s in scores:
-            if s.warm and s.threshold > 0:
-                risk = max(risk, s.score / s.threshold)
-        flagged = tuple(s for s in scores if s.flagged)
-        if risk < self.config.flag_at or not flagged:
-            return Verdict("allow", "allow", risk)
+        # Risk twice: every detector (would-be), and those not in shadow (live).
+        shadowed = set(cfg.shadow_detectors)
+        risk, flagged = _risk(scores, shadowed=frozenset())
+        live_risk, live_flagged = _risk(scores, shadowed=frozenset(shadowed))
+        rules = cfg.ladder()
+        live_rules = [] if cfg.shadow else [r for r in rules if not r.shadow]
 
-        # Flagged: count it, then see whether this tips the client into a block.
-        state.flags += 1
-        if state.first_flag_query < 0:
-            state.first_flag_query = state.queries
-        reasons = tuple(f"{s.detector}: {s.evidence}" for s in flagged)
-        action = "flag"
-        if risk >= self.config.block_at or state.flags >= self.config.block_after_flags:
-            action = "block"
-        # Shadow mode enforces nothing: the client is answered as if merely
-        # flagged (the alert still goes out) while ``action`` keeps the rule's.
-        enforced = "flag" if self.config.shadow else action
-        return Verdict(action, enforced, risk, flagged, reasons)
+        would = _step(state.would, risk, bool(flagged), rules, cfg, now_s)
+        live = _step(state.live, live_risk, bool(live_flagged), live_rules, cfg, now_s)
+        if flagged and SEVERITY[would.action] >= SEVERITY["flag"]:
+            state.lifetime_flags += 1
+        verdict = _verdict(cfg, would, live, risk, live_risk, flagged)
+        if verdict.action != "allow":
+            logger.debug(
+                "policy verdict %s (enforced %s)",
+                verdict.action,
+                verdict.enforced,
+                extra={"client": client_id, "risk": risk, "shadow": verdict.shadow},
+            )
+        return verdict
+
+    def standing(
+        self, client_id: str, *, model: str | None = None, plan: str | None = None
+    ) -> Verdict | None:
+        """What the client's memory alone (a cool-down, a throttle, flags past
+        an ``after_flags`` rule) says about a query, without counting one.
+
+        For a redelivered record: it was scored the first time and must not be
+        scored again, but its answer must not escape a degrade, a block or a
+        hidden delay the client earned. None when the memory says allow.
+        """
+        state = self._clients.get(client_id)
+        if state is None:
+            return None
+        cfg = self.resolve(model, plan)
+        now_s = self._clock()
+        rules = cfg.ladder()
+        live_rules = [] if cfg.shadow else [r for r in rules if not r.shadow]
+        # On copies: looking must change nothing.
+        would = _step(
+            msgspec.structs.replace(state.would), 0.0, False, rules, cfg, now_s
+        )
+        live = _step(
+            msgspec.structs.replace(state.live), 0.0, False, live_rules, cfg, now_s
+        )
+        if would.action == live.action == "allow":
+            return None
+        # cooldown_s 0: a block seen again is not a new block to store.
+        return dataclasses.replace(
+            _verdict(cfg, would, live, 0.0, 0.0, ()), cooldown_s=0.0
+        )
 
     def forget(self, client_id: str) -> None:
         self._clients.pop(client_id, None)
@@ -103,4 +218,132 @@ class Policy:
         return None if state is None else msgspec.msgpack.encode(state)
 
     def load_state(self, client_id: str, blob: bytes) -> None:
-        self._clients[client_id] = msgspec.msgpack.decode(blob, type=_ClientPolicyState)
+        state = msgspec.msgpack.decode(blob, type=_ClientPolicyState)
+        if state.legacy_flags:
+            # A snapshot from before the ladder: its flags count on both tracks.
+            state.lifetime_flags = max(state.lifetime_flags, state.legacy_flags)
+            state.live.flags = state.would.flags = float(state.legacy_flags)
+            state.legacy_flags = 0
+        self._clients[client_id] = state
+
+
+def _verdict(
+    cfg: PolicyConfig,
+    would: _Step,
+    live: _Step,
+    risk: float,
+    live_risk: float,
+    flagged: tuple[DetectorScore, ...],
+) -> Verdict:
+    """Join the two tracks' steps into what is recorded and what is enforced."""
+    # What shadow changes: a query some detector flagged is at most flagged
+    # (the alert, marked shadow, is an observation, not an enforcement).
+    enforced, degrade = live.action, live.degrade
+    shadow = (would.action, would.degrade) != (live.action, live.degrade)
+    if (
+        shadow
+        and flagged
+        and SEVERITY[enforced] < SEVERITY["flag"] <= SEVERITY[would.action]
+    ):
+        enforced = "flag"
+
+    # Hidden suspicion: a refusal (block, throttle) would tell an adaptive
+    # attacker which queries gave it away. Serve it late and coarse.
+    delay_s = 0.0
+    if cfg.hide_suspicion and enforced in ("block", "throttle"):
+        enforced = "degrade"
+        degrade = _stronger(degrade, cfg.hide_degrade)
+        delay_s = cfg.hide_delay_s
+    # Under hide_suspicion no answer names its action (a visible "flag"
+    # or "degrade" would be the oracle too); the decision record does.
+    hidden = cfg.hide_suspicion and enforced != "allow"
+
+    reasons = tuple(f"{s.detector}: {s.evidence}" for s in flagged) + would.reasons
+    verdict = Verdict(
+        action=would.action,
+        enforced=enforced,
+        risk=risk,
+        flagged=flagged,
+        reasons=reasons,
+        shadow=shadow,
+        enforced_risk=live_risk,
+        degrade=degrade if enforced == "degrade" else None,
+        delay_s=delay_s,
+        hidden=hidden,
+        cooldown_s=cfg.block_cooldown_s if enforced == "block" else 0.0,
+    )
+    return verdict
+
+
+def _risk(
+    scores: Sequence[DetectorScore], *, shadowed: frozenset[str]
+) -> tuple[float, tuple[DetectorScore, ...]]:
+    """The strongest warm detector relative to its own threshold, and the
+    detectors that flagged, leaving out those in ``shadowed``."""
+    risk = 0.0
+    for s in scores:
+        if s.warm and s.threshold > 0 and s.detector not in shadowed:
+            risk = max(risk, s.score / s.threshold)
+    flagged = tuple(s for s in scores if s.flagged and s.detector not in shadowed)
+    return risk, flagged
+
+
+def _step(
+    track: _Track,
+    risk: float,
+    flagged: bool,
+    rules: list[LadderRule],
+    cfg: PolicyConfig,
+    now_s: float,
+) -> _Step:
+    """Advance one track by one query and return its action."""
+    # 1. A block in its cool-down stays a block; it lifts by itself.
+    if track.blocked_until_s > now_s:
+        left_s = track.blocked_until_s - now_s
+        return _Step("block", None, (f"cool-down: {left_s:.1f} s left",))
+
+    # 2. Forget flags with the configured half-life.
+    if cfg.flag_half_life_s > 0 and track.flags > 0:
+        elapsed_s = max(now_s - track.flags_at_s, 0.0)
+        track.flags *= 0.5 ** (elapsed_s / cfg.flag_half_life_s)
+    track.flags_at_s = now_s
+
+    # 3. Rules on this query's risk; a flagged query is remembered.
+    fired = [
+        r for r in rules if r.risk_at is not None and flagged and risk >= r.risk_at
+    ]
+    if any(SEVERITY[r.action] >= SEVERITY["flag"] for r in fired):
+        track.flags += 1.0
+
+    # 4. Rules on the client's memory, with this query counted.
+    fired += [
+        r
+        for r in rules
+        if r.after_flags is not None and track.flags >= r.after_flags - 1e-9
+    ]
+    action, degrade = "allow", None
+    for rule in fired:
+        if SEVERITY[rule.action] > SEVERITY[action]:
+            action = rule.action
+        if rule.action == "degrade":
+            degrade = _stronger(degrade, rule.degrade)
+    reasons: tuple[str, ...] = ()
+    if track.throttled_until_s > now_s and SEVERITY[action] < SEVERITY["throttle"]:
+        action = "throttle"
+        reasons = (f"throttled: {track.throttled_until_s - now_s:.1f} s left",)
+
+    # 5. Effects that outlive the query.
+    if action == "block":
+        # The cool-down pays for the flags: after it, escalation starts over.
+        track.blocked_until_s = now_s + cfg.block_cooldown_s
+        track.flags = 0.0
+    elif action == "throttle" and track.throttled_until_s <= now_s:
+        track.throttled_until_s = now_s + cfg.throttle_s
+        track.throttle_factor = 0.0 if cfg.hide_suspicion else cfg.throttle_factor
+    return _Step(action, degrade if action == "degrade" else None, reasons)
+
+
+def _stronger(a: str | None, b: str) -> str:
+    if a is None or _DEGRADE_RANK[b] > _DEGRADE_RANK[a]:
+        return b
+    return a

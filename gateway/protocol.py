@@ -110,6 +110,9 @@ class InferResponse(msgspec.Struct, frozen=True, omit_defaults=True):
     # True when this is a kept answer sent again for a retry of a request id
     # already served (gateway/replay.py); the outputs are the first answer's.
     replayed: bool = False
+    # The degrade level of ``outputs`` (gateway/shaping.py) when ``action`` is
+    # ``degrade``; absent for a full answer.
+    degrade: str | None = None
 
 
 class DecisionRecord(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -130,6 +133,14 @@ class DecisionRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     partition: int = -1
     offset: int = -1
     worker: str = ""
+    # The policy ladder (docs/policy.md): what every rule and detector, shadow
+    # included, would do; what the client experienced; the shaping and delay
+    # of its answer; and whether the response concealed the action.
+    would_be_action: str | None = None
+    enforced_action: str | None = None
+    degrade: str | None = None
+    delay_ms: int = 0
+    hidden: bool = False
 
 
 class DeadLetter(msgspec.Struct, frozen=True, omit_defaults=True):

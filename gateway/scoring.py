@@ -23,12 +23,12 @@ from gateway.batch import BatchItem
 from gateway.config import PolicyConfig, Settings
 from gateway.errors import BackendError, PolicyError
 from gateway.metrics import WorkerMetrics
-from gateway.policy import Policy
+from gateway.policy import SEVERITY, Policy
+from gateway.shaping import seed_for, shape
 from gateway.validation import scale_to_unit
 
 logger = logging.getLogger(__name__)
 
-_SEVERITY = {"allow": 0, "flag": 1, "block": 2}
 _POLICY_KEY = "_policy"
 
 
@@ -58,7 +58,6 @@ class Scorer:
         self._metrics = metrics
         self._detectors: dict[str, dict[str, Detector[Any]]] = {}
         # Detectors in shadow: scored and recorded, but kept out of policy.
-        self.shadow_detectors: frozenset[str] = frozenset()
         for name, model in models.items():
             detectors = build_detectors(settings.detectors, seed=0)
             reference = scale_to_unit(model.reference, model.signature)
@@ -88,6 +87,18 @@ class Scorer:
             ]
             if fresh:
                 self._score(model, fresh)
+            for item in model_items:
+                if (
+                    item.admission is not None
+                    and item.admission.outcome == "redelivery"
+                ):
+                    # Not scored again, but held to what the client has earned.
+                    item.verdict = self.policy.standing(
+                        item.client_id or "",
+                        model=model.name,
+                        plan=item.key.plan if item.key is not None else None,
+                    )
+                    _apply_verdict(item)
 
             # One model call for every row policy lets through.
             served = [i for i in model_items if i.error is None and i.rows is not None]
@@ -111,7 +122,7 @@ class Scorer:
             start = 0
             for item in served:
                 n = len(item.rows) if item.rows is not None else 0
-                item.probabilities = proba[start : start + n]
+                item.probabilities = self._shaped(item, proba[start : start + n])
                 start += n
 
     def _score(self, model: ModelBackend, items: list[BatchItem]) -> None:
@@ -134,7 +145,9 @@ class Scorer:
             scores = [found[row] for found in per_detector.values()]
             verdict = self.policy.decide(
                 client_ids[row],
-                [s for s in scores if s.detector not in self.shadow_detectors],
+                scores,
+                model=model.name,
+                plan=item.key.plan if item.key is not None else None,
             )
             for s in scores:
                 item.scores[s.detector] = max(item.scores.get(s.detector, 0.0), s.score)
@@ -145,19 +158,38 @@ class Scorer:
             current = item.verdict
             if (
                 current is None
-                or _SEVERITY[verdict.enforced] > _SEVERITY[current.enforced]
+                or SEVERITY[verdict.enforced] > SEVERITY[current.enforced]
+                or (
+                    SEVERITY[verdict.enforced] == SEVERITY[current.enforced]
+                    and SEVERITY[verdict.action] > SEVERITY[current.action]
+                )
             ):
                 item.verdict = verdict
+            self._metrics.policy_actions.labels(
+                verdict.action, "true" if verdict.shadow else "false"
+            ).inc()
 
         for item in items:
-            if item.verdict is None:
-                continue
-            item.action = item.verdict.enforced
-            if item.verdict.enforced == "block":
-                item.fail(
-                    PolicyError("client is blocked", code="BLOCKED", retriable=True),
-                    action="block",
-                )
+            _apply_verdict(item)
+
+    def _shaped(self, item: BatchItem, proba: np.ndarray) -> np.ndarray:
+        """Degrade shapes the answer, not the status: a degraded client still
+        gets a valid probability tensor (gateway/shaping.py)."""
+        if item.degrade is None or item.degrade == "full":
+            return proba
+        cfg = self.policy.resolve(
+            item.model_name, item.key.plan if item.key is not None else None
+        ).degrade
+        shaped = shape(
+            proba,
+            item.degrade,  # type: ignore[arg-type]  # a DegradeLevel by config
+            top_k=cfg.top_k,
+            decimals=cfg.decimals,
+            noise=cfg.noise,
+            noise_scale=cfg.noise_scale,
+            seed=seed_for(item.request_id or ""),
+        )
+        return shaped.astype(proba.dtype, copy=False)
 
     def apply_live(
         self,
@@ -189,8 +221,12 @@ class Scorer:
         for detectors in self._detectors.values():
             for name, changes in detector_params.items():
                 detectors[name].set_params(**changes)
-        self.policy.set_config(policy)
-        self.shadow_detectors = frozenset(n for n, on in shadow.items() if on)
+        # Live per-detector shadow flags join the policy's own list, so one
+        # mechanism (Policy's enforced vs would-be view) handles both.
+        shadowed = set(policy.shadow_detectors) | {n for n, on in shadow.items() if on}
+        self.policy.reconfigure(
+            policy.model_copy(update={"shadow_detectors": sorted(shadowed)})
+        )
 
     # -- per-client state ---------------------------------------------------------
 
@@ -231,3 +267,20 @@ class Scorer:
             for detector in detectors.values():
                 detector.forget(client_id)
         self.policy.forget(client_id)
+
+
+def _apply_verdict(item: BatchItem) -> None:
+    """What the client gets from the item's verdict: its action, the shaping
+    and delay of its answer, or the refusal of a block."""
+    verdict = item.verdict
+    if verdict is None:
+        return
+    item.action = verdict.enforced
+    item.degrade = verdict.degrade
+    item.delay_s = verdict.delay_s
+    item.hidden = verdict.hidden
+    if verdict.enforced == "block":
+        item.fail(
+            PolicyError("client is blocked", code="BLOCKED", retriable=True),
+            action="block",
+        )

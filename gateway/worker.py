@@ -54,6 +54,7 @@ from gateway.produce import Sends, internal_answer
 from gateway.replay import ReplayCache
 from gateway.scoring import Scorer
 from gateway.store import AdmitItem, CounterStore, redis_from_settings
+from gateway.throttle import ThrottleCheck, ThrottleStore
 from gateway.topics import ensure_topics
 from gateway.validation import validate_request
 
@@ -113,6 +114,11 @@ class Worker:
         self._live: ConfigFollower | None = None
         self._admitter: Admitter | None = None
         self._replays: ReplayCache | None = None
+        self._throttle: ThrottleStore | None = None
+        # Answers held back by hidden suspicion, per partition and offset; a
+        # partition's commit stops below the first of them until it is sent.
+        self._delayed: dict[TopicPartition, dict[int, asyncio.Task[None]]] = {}
+        self._next_offsets: dict[TopicPartition, int] = {}
         # Held while a batch is in flight, so a revoke waits for it to commit.
         self._batch_lock = asyncio.Lock()
         self._client_tp: dict[str, TopicPartition] = {}
@@ -160,6 +166,7 @@ class Worker:
         self._store = CounterStore(self._redis, s)
         self._admitter = Admitter(self._store, self.metrics.decisions_without_store)
         self._replays = ReplayCache(self._redis, self._store, s)
+        self._throttle = ThrottleStore(self._redis, s)
 
         try:
             await ensure_topics(s)
@@ -242,6 +249,7 @@ class Worker:
             if live is not None:
                 await live.stop()
             if consumer is not None:
+                await self._drain_delayed(consumer, set(self._delayed))
                 # Snapshot before leaving, so the next owner of these clients
                 # starts from their history instead of from nothing.
                 await self._snapshot(list(self._client_tp))
@@ -310,12 +318,12 @@ class Worker:
             await self.process_records(
                 [(tp, r) for tp, records in batch.items() for r in records]
             )
+            next_offsets = {tp: off + 1 for tp, off in last_offsets.items()}
             await asyncio.wait_for(
-                self._consumer.commit(
-                    {tp: off + 1 for tp, off in last_offsets.items()}
-                ),
+                self._consumer.commit(self._committable(next_offsets)),
                 self.settings.kafka.request_timeout_s,
             )
+            self._next_offsets.update(next_offsets)
         except (BrokerError, StoreError, KafkaError, TimeoutError) as exc:
             # Kafka or Redis is in trouble. Answers may be half produced; rewind
             # so the whole batch comes again: clients tolerate a duplicate
@@ -368,6 +376,7 @@ class Worker:
             await self._admit(items)
             timer.lap("admit")
             await self._load_new_clients(items)
+            await self._apply_throttle(items)
 
             assert self._scorer is not None
             loop = asyncio.get_running_loop()
@@ -614,12 +623,14 @@ class Worker:
             if i.key is not None
             and i.verdict is not None
             and i.verdict.enforced == "block"
+            # 0: a redelivered record's standing, not a new block.
+            and i.verdict.cooldown_s > 0
         }
         for client_id, verdict in to_block.items():
             try:
                 await self._store.block(
                     client_id,
-                    self.settings.policy.block_cooldown_s,
+                    verdict.cooldown_s or self.settings.policy.block_cooldown_s,
                     "; ".join(verdict.reasons) if verdict else "",
                 )
             except StoreError:
@@ -725,6 +736,9 @@ class Worker:
         topics = self.settings.kafka.topics
         worker_id = self.settings.worker.worker_id
         block_cooldown_ms = int(self.settings.policy.block_cooldown_s * 1000)
+        if item.verdict is not None and item.verdict.cooldown_s > 0:
+            # The cool-down of the rule that blocked (per model or plan).
+            block_cooldown_ms = int(item.verdict.cooldown_s * 1000)
         # Only an authenticated client's id keys its answers: a record's
         # own key is the sender's claim and must not let it pose as a
         # client (a reader matching answers by record key would be fooled).
@@ -735,12 +749,15 @@ class Worker:
 
         # The answer, wherever a request id tells us who is waiting.
         if item.request_id is not None:
-            response = response_for(item, now_ms, block_cooldown_ms)
-            if response.status == "ok" and item.replay is None:
-                kept.append((item, protocol.encode(response)))
             reply_to = self._reply_topic(item, reply_topics)
             fallback = topics.responses if reply_to != topics.responses else None
-            await sends.send(reply_to, response, key, fallback=fallback)
+            if item.delay_s > 0 and item.error is None:
+                self._send_later(item, reply_to, fallback, block_cooldown_ms)
+            else:
+                response = response_for(item, now_ms, block_cooldown_ms)
+                if response.status == "ok" and item.replay is None:
+                    kept.append((item, protocol.encode(response)))
+                await sends.send(reply_to, response, key, fallback=fallback)
 
         # Audit: one decision per record, answered or not.
         await sends.send(topics.decisions, decision_for(item, now_ms, worker_id), key)
@@ -807,6 +824,118 @@ class Worker:
             self._reply_topics_at = time.monotonic()
         return self._reply_topics
 
+    # -- policy: throttle and delayed answers -------------------------------------
+
+    async def _apply_throttle(self, items: list[BatchItem]) -> None:
+        """Refuse the requests of throttled clients beyond their penalised rate
+        (gateway/throttle.py); one round trip, and none when no client of the
+        batch is throttled."""
+        assert self._scorer is not None and self._throttle is not None
+        live: dict[str, list[BatchItem]] = {}
+        for item in items:
+            if (
+                item.error is None
+                and item.key is not None
+                and item.admission is not None
+                and item.admission.outcome == "ok"
+            ):
+                live.setdefault(item.key.client_id, []).append(item)
+        checks = [
+            ThrottleCheck(client_id, factor, len(client_items))
+            for client_id, client_items in live.items()
+            if (factor := self._scorer.policy.rate_factor(client_id)) > 1.0
+        ]
+        if not checks:
+            return
+        # A StoreError propagates: the batch is retried, as for admission.
+        results = await self._throttle.check(checks)
+        for check, waits in zip(checks, results, strict=True):
+            for item, wait_ms in zip(live[check.client_id], waits, strict=True):
+                if wait_ms > 0:
+                    item.fail(
+                        PolicyError(
+                            "rate limit exceeded", code="RATE_LIMITED", retriable=True
+                        ),
+                        action="throttle",
+                    )
+                    item.throttle_retry_ms = wait_ms
+
+    def _send_later(
+        self,
+        item: BatchItem,
+        reply_to: str,
+        fallback: str | None,
+        block_cooldown_ms: int,
+    ) -> None:
+        """Send this answer after ``item.delay_s`` without holding the batch.
+
+        The partition's committed offset stays below the record until the
+        answer is sent (``_committable``), so a crash in between redelivers it
+        and the client is answered then: at least once, as every answer.
+        """
+        tp = TopicPartition(item.topic, item.partition)
+        pending = self._delayed.setdefault(tp, {})
+        if item.offset in pending:
+            return  # a retried batch: the first copy is still on its way
+
+        async def send() -> None:
+            try:
+                await asyncio.sleep(item.delay_s)
+                assert self._producer is not None
+                sends = Sends(self._producer, self.metrics)
+                response = response_for(item, protocol.now_ms(), block_cooldown_ms)
+                await sends.send(reply_to, response, item.client_id, fallback=fallback)
+                await sends.wait(self.settings.kafka.request_timeout_s)
+            except Exception:
+                # Known gap: the decision record already went out; this answer
+                # is lost and the client's own timeout must cover it.
+                logger.warning(
+                    "delayed answer not sent",
+                    extra={"client": item.client_id, "request": item.request_id},
+                    exc_info=True,
+                )
+            finally:
+                pending.pop(item.offset, None)
+
+        pending[item.offset] = asyncio.create_task(send())
+
+    def _committable(
+        self, next_offsets: dict[TopicPartition, int]
+    ) -> dict[TopicPartition, int]:
+        """Offsets to commit: no further than the first answer still held back."""
+        out = {}
+        for tp, offset in next_offsets.items():
+            held = self._delayed.get(tp)
+            out[tp] = min(offset, min(held)) if held else offset
+        return out
+
+    async def _drain_delayed(
+        self, consumer: AIOKafkaConsumer, tps: set[TopicPartition]
+    ) -> None:
+        """Send the held-back answers of these partitions (at most the delay),
+        then commit what the batches already answered."""
+        tasks = [t for tp in tps for t in self._delayed.get(tp, {}).values()]
+        if tasks:
+            await asyncio.wait(
+                tasks,
+                # hide_delay_s is at most 30 s in every override.
+                timeout=30.0 + self.settings.kafka.request_timeout_s,
+            )
+        done = {
+            tp: off
+            for tp, off in self._next_offsets.items()
+            if tp in tps and not self._delayed.get(tp)
+        }
+        for tp in tps:
+            self._delayed.pop(tp, None)
+        if done:
+            try:
+                await asyncio.wait_for(
+                    consumer.commit(done), self.settings.kafka.request_timeout_s
+                )
+            except (KafkaError, TimeoutError):
+                logger.warning("commit after delayed answers failed; redelivery")
+
     # -- client state across rebalances -----------------------------------------
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
@@ -828,6 +957,8 @@ class Worker:
             )
             return
         try:
+            if self._consumer is not None:
+                await self._drain_delayed(self._consumer, revoked)
             leaving = [c for c, tp in self._client_tp.items() if tp in revoked]
             try:
                 await self._snapshot(leaving)

@@ -1,0 +1,104 @@
+"""The throttle action: a penalty bucket in Redis for clients policy throttles.
+
+Policy (``gateway.policy``) decides that a client is throttled and for how
+long; this module enforces the reduced rate. It runs ``lua/throttle.lua``, a
+GCRA at ``rate_per_s / factor`` (burst ``burst / factor``, at least 1) on one
+key per client, ``{prefix}:{c:<client_id>}:throttle``, after the ordinary
+admission has let the request through. It is kept apart from ``store.py`` and
+``admit.lua`` so that plan limits and policy penalties can change independently.
+
+Imports Redis and the gateway's config and store helpers; nothing from Kafka.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+
+from gateway.config import Settings
+from gateway.store import check_client_id, redis_guard
+
+logger = logging.getLogger(__name__)
+
+THROTTLE_LUA: str = resources.files("gateway").joinpath("lua/throttle.lua").read_text()
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleCheck:
+    """Requests of one throttled client in this batch.
+
+    Parameters
+    ----------
+    client_id
+        The client.
+    factor
+        Rate divisor (>= 1) policy set.
+    count
+        How many of its requests to decide, in batch order.
+    """
+
+    client_id: str
+    factor: float
+    count: int
+
+
+class ThrottleStore:
+    """Penalty buckets of throttled clients.
+
+    Parameters
+    ----------
+    redis
+        An asyncio client with ``decode_responses=False``.
+    settings
+        ``redis.key_prefix``, ``redis.socket_timeout_s`` and ``limits``
+        (``rate_per_s`` and ``burst``, which the factor divides).
+    """
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self._redis = redis
+        self._prefix = settings.redis.key_prefix
+        self._timeout_s = settings.redis.socket_timeout_s
+        self._rate_per_s = settings.limits.rate_per_s
+        self._burst = settings.limits.burst
+
+    def key(self, client_id: str) -> str:
+        return f"{self._prefix}:{{c:{client_id}}}:throttle"
+
+    async def check(self, checks: Sequence[ThrottleCheck]) -> list[list[int]]:
+        """Decide every check's requests in one round trip.
+
+        Returns
+        -------
+        list[list[int]]
+            Per check, per request: 0 if it passes, else the retry-after in
+            milliseconds.
+
+        Raises
+        ------
+        StoreError
+            Redis could not be reached or failed.
+        """
+        if not checks:
+            return []
+        # EVAL, not EVALSHA: only throttled clients pay for this round trip,
+        # and the script is a few hundred bytes.
+        pipe = self._redis.pipeline(transaction=False)
+        for check in checks:
+            check_client_id(check.client_id)
+            if not (check.factor >= 1 and math.isfinite(check.factor)):
+                raise ValueError("factor must be finite and at least 1")
+            args: list[Any] = [
+                repr(self._rate_per_s / check.factor),
+                max(1, math.floor(self._burst / check.factor)),
+                check.count,
+            ]
+            pipe.eval(THROTTLE_LUA, 1, self.key(check.client_id), *args)
+        async with redis_guard("throttle", self._timeout_s):
+            replies = await pipe.execute()
+        return [[int(v) for v in reply] for reply in replies]
