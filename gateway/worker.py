@@ -34,6 +34,7 @@ from gateway.batch import (
     decode_record,
     response_for,
 )
+from gateway.clientview import ClientView
 from gateway.config import Settings
 from gateway.errors import (
     AuthError,
@@ -103,6 +104,7 @@ class Worker:
         self._redis: aioredis.Redis | None = None
         self._keys: KeyStore | None = None
         self._store: CounterStore | None = None
+        self._clientview: ClientView | None = None
         # Held while a batch is in flight, so a revoke waits for it to commit.
         self._batch_lock = asyncio.Lock()
         self._client_tp: dict[str, TopicPartition] = {}
@@ -148,6 +150,7 @@ class Worker:
         self._redis = redis_from_settings(s)
         self._keys = KeyStore(self._redis, s, server_key=server_key)
         self._store = CounterStore(self._redis, s)
+        self._clientview = ClientView(self._redis, s)
 
         try:
             await ensure_topics(s)
@@ -322,6 +325,8 @@ class Worker:
             timer.lap("detect_predict")
             await self._enforce_blocks(items)
             await self._release_unserved(items)
+            assert self._clientview is not None
+            await self._clientview.observe(items, self._scorer.policy)
         except (asyncio.CancelledError, StoreError, BrokerError):
             raise
         except Exception:
