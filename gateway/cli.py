@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import typer
 
 from gateway import logs
+from gateway.admin import cli as admin_cli
 from gateway.config import Settings, load_settings
 from gateway.errors import ModelgateError
 
@@ -456,6 +457,11 @@ async def _key_store(settings: Settings) -> AsyncIterator[Any]:
         yield KeyStore(client, settings)
     finally:
         await client.aclose()
+
+
+app.add_typer(admin_cli.admin_app, name="admin")
+app.add_typer(admin_cli.clients_app, name="clients")
+app.command("login")(admin_cli.login)
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
@@ -152,7 +152,7 @@ class ClientView:
             pipe.getdel(self.key(client_id, "released"))
         for client_id in clients:
             batch = batches[client_id]
-            view: dict[str, Any] = {
+            view: dict[Any, Any] = {
                 "action": batch.action,
                 "ts_ms": now_ms,
                 "worker": self._worker_id,
@@ -233,8 +233,11 @@ class ClientView:
         Clients whose view expired are left out (and dropped from the index).
         """
         async with redis_guard("clientview.top", self._timeout_s):
-            ranked = await self._redis.zrevrange(
-                self.risk_key, 0, limit - 1, withscores=True
+            ranked = cast(
+                list[tuple[bytes, float]],
+                await self._redis.zrevrange(
+                    self.risk_key, 0, limit - 1, withscores=True
+                ),
             )
             ids = [member.decode() for member, _ in ranked]
             pipe = self._redis.pipeline(transaction=False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
@@ -88,7 +89,7 @@ class AuditLog:
             Redis could not be reached: the caller's action must then fail too,
             since it could not be audited.
         """
-        fields: dict[str | bytes, str | bytes | int] = {
+        fields: dict[Any, Any] = {
             "ts_ms": protocol.now_ms(),
             "actor": actor,
             "action": action,
@@ -116,7 +117,10 @@ class AuditLog:
         given), newest first."""
         upper = f"({before}" if before else "+"
         async with redis_guard("admin.audit.read", self._timeout_s):
-            rows = await self._redis.xrevrange(self._key, upper, "-", count=limit)
+            rows = cast(
+                list[tuple[bytes, dict[bytes, bytes]]],
+                await self._redis.xrevrange(self._key, upper, "-", count=limit),
+            )
         return [_entry(entry_id, row) for entry_id, row in rows]
 
 

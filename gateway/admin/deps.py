@@ -129,9 +129,16 @@ def require_role(role: Role) -> Callable[..., Awaitable[Principal]]:
         user = await context.users.get(session.user) if session is not None else None
         if session is None or user is None:
             if changes_state:
-                await audit(context, request, actor="-", outcome="denied",
-                            detail={"reason": "no valid session"})
-            raise AdminError("a valid session is required", code="ADMIN_UNAUTHENTICATED")
+                await audit(
+                    context,
+                    request,
+                    actor="-",
+                    outcome="denied",
+                    detail={"reason": "no valid session"},
+                )
+            raise AdminError(
+                "a valid session is required", code="ADMIN_UNAUTHENTICATED"
+            )
 
         principal = Principal(
             user=user.name,

@@ -26,6 +26,7 @@ import logging
 import re
 import secrets
 from dataclasses import dataclass
+from typing import cast
 
 from redis.asyncio import Redis
 
@@ -151,7 +152,10 @@ class SessionStore:
         if not _TOKEN_PATTERN.fullmatch(token):
             return None
         async with redis_guard("admin.session.resolve", self._timeout_s):
-            row = await self._redis.hgetall(self.session_key(token_digest(token)))
+            row = cast(
+                dict[bytes, bytes],
+                await self._redis.hgetall(self.session_key(token_digest(token))),
+            )
         if not row:
             return None
         session = _session(row)
@@ -164,7 +168,10 @@ class SessionStore:
         if not USERNAME_PATTERN.fullmatch(user):
             return []
         async with redis_guard("admin.session.list", self._timeout_s):
-            index = await self._redis.hgetall(self.user_index_key(user))
+            index = cast(
+                dict[bytes, bytes],
+                await self._redis.hgetall(self.user_index_key(user)),
+            )
             sids = [(sid.decode(), digest.decode()) for sid, digest in index.items()]
             pipe = self._redis.pipeline(transaction=False)
             for _, digest in sids:
@@ -183,7 +190,10 @@ class SessionStore:
         ):
             return False
         async with redis_guard("admin.session.revoke", self._timeout_s):
-            digest = await self._redis.hget(self.user_index_key(user), session_id)
+            digest = cast(
+                bytes | None,
+                await self._redis.hget(self.user_index_key(user), session_id),
+            )
             if digest is None:
                 return False
             removed = await self._redis.delete(self.session_key(digest.decode()))

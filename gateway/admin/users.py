@@ -26,7 +26,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import pyotp
 import segno
@@ -221,14 +221,14 @@ class UserStore:
         if not USERNAME_PATTERN.fullmatch(name):
             return None
         async with redis_guard("admin.user.get", self._timeout_s):
-            row = await self._redis.hgetall(self.user_key(name))
+            row = await self._hgetall(self.user_key(name))
         return _user(name, row) if row else None
 
     async def list(self) -> builtins.list[User]:
         """Every user, by name."""
         async with redis_guard("admin.user.list", self._timeout_s):
             members = await self._redis.smembers(self.index_key)
-            names = sorted(m.decode() for m in members)
+            names = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
             pipe = self._redis.pipeline(transaction=False)
             for name in names:
                 pipe.hgetall(self.user_key(name))
@@ -289,10 +289,10 @@ class UserStore:
         failure the same way, so a stolen password is not even confirmed
         without the second factor.
         """
-        row = None
+        row: dict[bytes, bytes] = {}
         if USERNAME_PATTERN.fullmatch(name):
             async with redis_guard("admin.user.get", self._timeout_s):
-                row = await self._redis.hgetall(self.user_key(name))
+                row = await self._hgetall(self.user_key(name))
         if not row:
             await asyncio.to_thread(self._verify_dummy, password)
             return None, "unknown_user"
@@ -323,7 +323,11 @@ class UserStore:
         """The code an authenticator holding ``uri`` shows now (for tests and
         the bootstrap CLI's self-check)."""
         totp = pyotp.parse_uri(uri)
+        assert isinstance(totp, pyotp.TOTP)
         return str(totp.at(self._clock()))
+
+    async def _hgetall(self, key: str) -> dict[bytes, bytes]:
+        return cast(dict[bytes, bytes], await self._redis.hgetall(key))
 
     def _matching_step(self, secret: str, code: str) -> int | None:
         if not _CODE_PATTERN.fullmatch(code):
@@ -368,8 +372,7 @@ class UserStore:
         plain = decrypt_secret(self._fernet, f"admin:{name}", token)
         if plain is None:
             logger.error(
-                "cannot decrypt a TOTP secret; is this the server key that "
-                "created it?",
+                "cannot decrypt a TOTP secret; is this the server key that created it?",
                 extra={"user": name},
             )
             return None

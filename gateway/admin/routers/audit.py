@@ -25,8 +25,14 @@ async def read_audit(
     entries = await context.audit.read(limit, before)
     return [
         AuditEntryOut(
-            entry_id=e.entry_id, ts_ms=e.ts_ms, actor=e.actor, action=e.action,
-            target=e.target, source=e.source, outcome=e.outcome, detail=e.detail,
+            entry_id=e.entry_id,
+            ts_ms=e.ts_ms,
+            actor=e.actor,
+            action=e.action,
+            target=e.target,
+            source=e.source,
+            outcome=e.outcome,
+            detail=e.detail,
         )
         for e in entries
     ]

@@ -36,7 +36,10 @@ class ReleaseOut(Body):
 
 def _summary(s: ClientSummary) -> ClientSummaryOut:
     return ClientSummaryOut(
-        client_id=s.client_id, risk=s.risk, action=s.action, ts_ms=s.ts_ms,
+        client_id=s.client_id,
+        risk=s.risk,
+        action=s.action,
+        ts_ms=s.ts_ms,
         scores=s.scores,
     )
 
@@ -88,6 +91,12 @@ async def release(
     context: Context,
 ) -> ReleaseOut:
     was_blocked = await context.clients.release(client_id, principal.user)
-    await audit(context, request, actor=principal.user, outcome="ok",
-                target=client_id, detail={"was_blocked": str(was_blocked).lower()})
+    await audit(
+        context,
+        request,
+        actor=principal.user,
+        outcome="ok",
+        target=client_id,
+        detail={"was_blocked": str(was_blocked).lower()},
+    )
     return ReleaseOut(client_id=client_id, was_blocked=was_blocked)

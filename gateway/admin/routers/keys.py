@@ -37,7 +37,10 @@ class KeyIn(Body):
         default=[], max_length=64, description="Models the key may call; empty: all."
     )
     ttl_s: float | None = Field(
-        default=None, gt=0, le=10 * 365 * 86_400, description="Lifetime; none: no expiry."
+        default=None,
+        gt=0,
+        le=10 * 365 * 86_400,
+        description="Lifetime; none: no expiry.",
     )
 
 
@@ -103,7 +106,12 @@ async def revoke_key(
     context: Context,
 ) -> None:
     revoked = await context.keys.revoke(key_id)
-    await audit(context, request, actor=principal.user,
-                outcome="ok" if revoked else "failed", target=key_id)
+    await audit(
+        context,
+        request,
+        actor=principal.user,
+        outcome="ok" if revoked else "failed",
+        target=key_id,
+    )
     if not revoked:
         raise AdminError("no such key", code="NOT_FOUND")

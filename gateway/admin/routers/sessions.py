@@ -27,9 +27,9 @@ from gateway.admin.schemas import (
     ERROR_RESPONSES,
     SESSION_ID_REGEX,
     USERNAME_REGEX,
+    Body,
     ErrorBody,
     SessionOut,
-    Body,
 )
 from gateway.admin.sessions import Session
 from gateway.admin.users import ROLE_RANK, Role
@@ -90,8 +90,14 @@ async def login(
         await context.guard.check_source(source)
         await context.guard.check_locked(body.user)
     except AdminError as exc:
-        await audit(context, request, actor=body.user[:64], outcome="denied",
-                    action="login", detail={"reason": exc.code})
+        await audit(
+            context,
+            request,
+            actor=body.user[:64],
+            outcome="denied",
+            action="login",
+            detail={"reason": exc.code},
+        )
         raise
 
     # Step: both factors.
@@ -113,8 +119,14 @@ async def login(
     # Step: the session.
     await context.guard.record_success(user.name)
     token, session = await context.sessions.create(user.name, source)
-    await audit(context, request, actor=user.name, outcome="ok", action="login",
-                detail={"session": session.session_id})
+    await audit(
+        context,
+        request,
+        actor=user.name,
+        outcome="ok",
+        action="login",
+        detail={"session": session.session_id},
+    )
     response.headers["Cache-Control"] = "no-store"
     return LoginOut(
         token=token,
@@ -148,8 +160,9 @@ async def list_sessions(
 ) -> list[SessionOut]:
     target = user or principal.user
     if target != principal.user and ROLE_RANK[principal.role] < ROLE_RANK["admin"]:
-        raise AdminError("only an admin may list others' sessions",
-                         code="ADMIN_FORBIDDEN")
+        raise AdminError(
+            "only an admin may list others' sessions", code="ADMIN_FORBIDDEN"
+        )
     return [_out(s) for s in await context.sessions.list(target)]
 
 
@@ -162,8 +175,14 @@ async def logout(
     context: Annotated[AdminContext, Depends(get_context)],
 ) -> None:
     await context.sessions.revoke(principal.user, principal.session_id)
-    await audit(context, request, actor=principal.user, outcome="ok",
-                action="logout", target=principal.session_id)
+    await audit(
+        context,
+        request,
+        actor=principal.user,
+        outcome="ok",
+        action="logout",
+        target=principal.session_id,
+    )
 
 
 @router.delete(
@@ -181,14 +200,24 @@ async def revoke_session(
 ) -> None:
     target = user or principal.user
     if target != principal.user and ROLE_RANK[principal.role] < ROLE_RANK["admin"]:
-        await audit(context, request, actor=principal.user, outcome="denied",
-                    target=f"{target}/{session_id}",
-                    detail={"reason": "not admin"})
-        raise AdminError("only an admin may revoke others' sessions",
-                         code="ADMIN_FORBIDDEN")
+        await audit(
+            context,
+            request,
+            actor=principal.user,
+            outcome="denied",
+            target=f"{target}/{session_id}",
+            detail={"reason": "not admin"},
+        )
+        raise AdminError(
+            "only an admin may revoke others' sessions", code="ADMIN_FORBIDDEN"
+        )
     revoked = await context.sessions.revoke(target, session_id)
-    await audit(context, request, actor=principal.user,
-                outcome="ok" if revoked else "failed",
-                target=f"{target}/{session_id}")
+    await audit(
+        context,
+        request,
+        actor=principal.user,
+        outcome="ok" if revoked else "failed",
+        target=f"{target}/{session_id}",
+    )
     if not revoked:
         raise AdminError("no such live session", code="NOT_FOUND")

@@ -34,7 +34,10 @@ from gateway.admin.users import (
 router = APIRouter(
     prefix="/v1/users",
     tags=["users"],
-    responses={**ERROR_RESPONSES, 404: {"model": ErrorBody, "description": "NOT_FOUND"}},
+    responses={
+        **ERROR_RESPONSES,
+        404: {"model": ErrorBody, "description": "NOT_FOUND"},
+    },
 )
 Admin = Annotated[Principal, Depends(require_role("admin"))]
 Context = Annotated[AdminContext, Depends(get_context)]
@@ -53,7 +56,10 @@ class RoleIn(Body):
 
 def user_out(user: User) -> UserOut:
     return UserOut(
-        name=user.name, role=user.role, enrolled=user.enrolled, created_ms=user.created_ms
+        name=user.name,
+        role=user.role,
+        enrolled=user.enrolled,
+        created_ms=user.created_ms,
     )
 
 
@@ -82,17 +88,32 @@ async def list_users(_: Admin, context: Context) -> list[UserOut]:
     summary="Create a user; returns its TOTP enrollment once",
 )
 async def create_user(
-    body: UserIn, request: Request, response: Response, principal: Admin,
+    body: UserIn,
+    request: Request,
+    response: Response,
+    principal: Admin,
     context: Context,
 ) -> EnrollmentOut:
     try:
         enrollment = await context.users.create(body.name, body.role, body.password)
     except FileExistsError:
-        await audit(context, request, actor=principal.user, outcome="failed",
-                    target=body.name, detail={"reason": "exists"})
+        await audit(
+            context,
+            request,
+            actor=principal.user,
+            outcome="failed",
+            target=body.name,
+            detail={"reason": "exists"},
+        )
         raise AdminError("a user of that name exists", code="CONFLICT") from None
-    await audit(context, request, actor=principal.user, outcome="ok",
-                target=body.name, detail={"role": body.role})
+    await audit(
+        context,
+        request,
+        actor=principal.user,
+        outcome="ok",
+        target=body.name,
+        detail={"role": body.role},
+    )
     response.headers["Cache-Control"] = "no-store"
     return enrollment_out(enrollment)
 
@@ -108,15 +129,33 @@ async def set_role(
 ) -> UserOut:
     admins = await _admins(context)
     if body.role != "admin" and admins == [name]:
-        await audit(context, request, actor=principal.user, outcome="failed",
-                    target=name, detail={"reason": "last admin"})
+        await audit(
+            context,
+            request,
+            actor=principal.user,
+            outcome="failed",
+            target=name,
+            detail={"reason": "last admin"},
+        )
         raise AdminError("the last admin cannot be demoted", code="CONFLICT")
     if not await context.users.set_role(name, body.role):
-        await audit(context, request, actor=principal.user, outcome="failed",
-                    target=name, detail={"reason": "not found"})
+        await audit(
+            context,
+            request,
+            actor=principal.user,
+            outcome="failed",
+            target=name,
+            detail={"reason": "not found"},
+        )
         raise AdminError("no such user", code="NOT_FOUND")
-    await audit(context, request, actor=principal.user, outcome="ok", target=name,
-                detail={"role": body.role})
+    await audit(
+        context,
+        request,
+        actor=principal.user,
+        outcome="ok",
+        target=name,
+        detail={"role": body.role},
+    )
     user = await context.users.get(name)
     if user is None:
         raise AdminError("no such user", code="NOT_FOUND")
@@ -133,14 +172,25 @@ async def delete_user(
     name: UserName, request: Request, principal: Admin, context: Context
 ) -> None:
     if await _admins(context) == [name]:
-        await audit(context, request, actor=principal.user, outcome="failed",
-                    target=name, detail={"reason": "last admin"})
+        await audit(
+            context,
+            request,
+            actor=principal.user,
+            outcome="failed",
+            target=name,
+            detail={"reason": "last admin"},
+        )
         raise AdminError("the last admin cannot be deleted", code="CONFLICT")
     deleted = await context.users.delete(name)
     ended = await context.sessions.revoke_all(name)
-    await audit(context, request, actor=principal.user,
-                outcome="ok" if deleted else "failed", target=name,
-                detail={"sessions_ended": str(ended)})
+    await audit(
+        context,
+        request,
+        actor=principal.user,
+        outcome="ok" if deleted else "failed",
+        target=name,
+        detail={"sessions_ended": str(ended)},
+    )
     if not deleted:
         raise AdminError("no such user", code="NOT_FOUND")
 
@@ -151,16 +201,31 @@ async def delete_user(
     summary="Reset a user's second factor; returns the new enrollment once",
 )
 async def reset_totp(
-    name: UserName, request: Request, response: Response, principal: Admin,
+    name: UserName,
+    request: Request,
+    response: Response,
+    principal: Admin,
     context: Context,
 ) -> EnrollmentOut:
     enrollment = await context.users.reset_totp(name)
     if enrollment is None:
-        await audit(context, request, actor=principal.user, outcome="failed",
-                    target=name, detail={"reason": "not found"})
+        await audit(
+            context,
+            request,
+            actor=principal.user,
+            outcome="failed",
+            target=name,
+            detail={"reason": "not found"},
+        )
         raise AdminError("no such user", code="NOT_FOUND")
     ended = await context.sessions.revoke_all(name)
-    await audit(context, request, actor=principal.user, outcome="ok", target=name,
-                detail={"sessions_ended": str(ended)})
+    await audit(
+        context,
+        request,
+        actor=principal.user,
+        outcome="ok",
+        target=name,
+        detail={"sessions_ended": str(ended)},
+    )
     response.headers["Cache-Control"] = "no-store"
     return enrollment_out(enrollment)
