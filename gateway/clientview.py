@@ -15,16 +15,19 @@ under the client's hash tag as in ``gateway.store``::
 
 Every key expires after ``admin.client_view_ttl_s`` without writes.
 
-Release lifts the Redis block and leaves a marker; the worker that owns the
-client consumes it in its next batch with that client and resets the client's
-policy memory (flag count, query count). That batch was already judged with
-the old flag count, so a flagged query in it can block the client again; the
-detectors' own state (recent queries, distance history) is kept, because
-wiping it would hand an attacker a clean slate. TODO: applying the marker
-before policy would close that one-batch gap, at the cost of a second Redis
-call in the worker's batch path.
+Release means an operator vouches for the client: it starts again from a
+clean slate. The admin side leaves a marker, deletes the client's detector
+snapshot (so a worker that takes the client over later does not reload the
+old state) and lifts the Redis block. The worker that owns the client
+consumes the marker in its next batch with that client and forgets all its
+in-memory state for it: the policy's flag and query counts and every
+detector's history. That batch was already judged with the old state, so it
+may have blocked the client again; the worker therefore lifts the block once
+more after applying the marker. At most the first batch after a release is
+refused. TODO: applying the marker before scoring would close that gap, at
+the cost of a second Redis call in the worker's batch path.
 
-Imports Redis and the gateway's batch, config, policy and store modules;
+Imports Redis and the gateway's batch, config, scoring and store modules;
 nothing from Kafka or FastAPI.
 """
 
@@ -43,7 +46,7 @@ from gateway import protocol
 from gateway.batch import BatchItem
 from gateway.config import Settings
 from gateway.errors import StoreError
-from gateway.policy import Policy
+from gateway.scoring import Scorer
 from gateway.store import CounterStore, check_client_id, redis_guard
 
 logger = logging.getLogger(__name__)
@@ -131,7 +134,7 @@ class ClientView:
 
     # Step: the worker's per-batch write ------------------------------------------
 
-    async def observe(self, items: Sequence[BatchItem], policy: Policy) -> None:
+    async def observe(self, items: Sequence[BatchItem], scorer: Scorer) -> None:
         """Record this batch's outcome per client and apply pending releases.
 
         One pipelined round trip. A Redis failure is logged and swallowed: the
@@ -190,15 +193,21 @@ class ClientView:
             return
         self._remember(pushed)
 
-        # Reset policy memory of released clients; safe here because the
-        # scorer (run in an executor thread) is done with this batch.
-        for client_id, marker in zip(clients, replies, strict=False):
-            if marker is not None:
-                policy.forget(client_id)
-                logger.info(
-                    "client release applied: policy memory reset",
-                    extra={"client": client_id},
-                )
+        # Apply releases: safe here because the scorer (run in an executor
+        # thread) is done with this batch.
+        released = [c for c, m in zip(clients, replies, strict=False) if m is not None]
+        for client_id in released:
+            scorer.forget(client_id)
+            logger.info(
+                "client release applied: detector and policy state reset",
+                extra={"client": client_id},
+            )
+            try:
+                # This batch was judged with the old state and may have blocked
+                # the client again.
+                await self._store.unblock(client_id)
+            except StoreError:
+                logger.warning("block not lifted", extra={"client": client_id})
 
     def _push_history(self, pipe: Any, client_id: str, entry: dict[str, Any]) -> None:
         history = self.key(client_id, "history")
@@ -285,17 +294,18 @@ class ClientView:
         )
 
     async def release(self, client_id: str, actor: str) -> bool:
-        """Release a client: leave the marker for its worker, then lift the
-        block. Returns whether the client was blocked.
+        """Release a client: leave the marker for its worker, drop its detector
+        snapshot, then lift the block. Returns whether the client was blocked.
 
-        The marker goes first so that a batch landing between the two steps
-        (still refused as blocked) already resets the policy memory.
+        The marker goes first so that a batch landing between the steps (still
+        refused as blocked) already resets the worker's state.
         """
         check_client_id(client_id)
         now_ms = protocol.now_ms()
         async with redis_guard("clientview.release", self._timeout_s):
             pipe = self._redis.pipeline(transaction=False)
             pipe.set(self.key(client_id, "released"), str(now_ms), px=self._ttl_ms)
+            pipe.delete(self.key(client_id, "state"))
             self._push_history(
                 pipe,
                 client_id,

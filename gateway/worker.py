@@ -326,7 +326,7 @@ class Worker:
             await self._enforce_blocks(items)
             await self._release_unserved(items)
             assert self._clientview is not None
-            await self._clientview.observe(items, self._scorer.policy)
+            await self._clientview.observe(items, self._scorer)
         except (asyncio.CancelledError, StoreError, BrokerError):
             raise
         except Exception:

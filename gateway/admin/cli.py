@@ -319,7 +319,7 @@ def clients_release(
     client_id: Annotated[str, typer.Argument(help="The client id.")],
     session_file: SessionFile = DEFAULT_SESSION_FILE,
 ) -> None:
-    """Unblock a client now and reset its policy flags (operator role)."""
+    """Unblock a client now and reset its detector and policy state (operator)."""
     body = _session_call(session_file, "POST", f"/v1/clients/{client_id}/release")
     state = "was blocked, now released" if body["was_blocked"] else "was not blocked"
-    typer.echo(f"{body['client_id']}: {state}; policy flags reset at its next batch")
+    typer.echo(f"{body['client_id']}: {state}; its state resets at its next batch")

@@ -82,7 +82,7 @@ async def show(
 @router.post(
     "/{client_id}/release",
     response_model=ReleaseOut,
-    summary="Unblock a client and reset its policy flags",
+    summary="Unblock a client and reset its detector and policy state",
 )
 async def release(
     client_id: ClientId,
