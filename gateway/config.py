@@ -157,6 +157,11 @@ class AdminConfig(_Frozen):
     login_attempts_per_window: int = Field(20, ge=1, le=100_000)
     login_window_s: float = Field(60.0, ge=0.05, le=86_400)
     totp_issuer: str = Field("modelgate", min_length=1, max_length=64)
+    # Argon2id cost: argon2-cffi's defaults (RFC 9106's second recommended
+    # option: 3 passes over 64 MiB). Lower only where speed matters more than
+    # resistance to offline guessing (tests).
+    argon2_time_cost: int = Field(3, ge=1, le=20)
+    argon2_memory_kib: int = Field(65_536, ge=8_192, le=4_194_304)
     audit_max_entries: int = Field(100_000, ge=100, le=10_000_000)
     # Client view written by the workers.
     clients_top_max: int = Field(10_000, ge=10, le=1_000_000)

@@ -23,6 +23,7 @@ from gateway.config import Settings
 from gateway.keys import KeyStore
 from tests.conftest import StackInfo
 from tests.integration.adminkit import (
+    FAST_HASH,
     PASSWORD,
     AdminHarness,
     admin_app,
@@ -45,7 +46,7 @@ def make_admin(stack: StackInfo, models_dir: Path) -> Factory:
             stack.redis_url,
             models_dir,
             auth={"server_key": Fernet.generate_key().decode()},
-            admin=admin,
+            admin={**FAST_HASH, **admin},
         )
         return admin_app(settings)
 
@@ -135,7 +136,9 @@ async def test_totp_replay_and_old_codes_are_refused(admin: AdminHarness) -> Non
 
 
 async def test_lockout_after_failures_then_expiry(make_admin: Factory) -> None:
-    async with make_admin(max_failures=3, lockout_s=2.0) as admin:
+    async with make_admin(
+        max_failures=3, lockout_s=2.0, login_attempts_per_window=1000
+    ) as admin:
         await admin.add_user("carol", "operator")
         async with admin.client() as http:
             for _ in range(3):
