@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from gateway.admin.audit import AuditLog
 from gateway.admin.deps import AdminContext, require_role
@@ -46,6 +47,9 @@ Error codes: """ + "; ".join(
     f"`{code}` ({status}): {meaning}"
     for code, (status, meaning) in ADMIN_ERROR_CODES.items()
 )
+
+
+_HTTP_CODES = {400: "MALFORMED_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
 
 
 def _error(status: int, code: str, message: str, retriable: bool) -> JSONResponse:
@@ -120,6 +124,13 @@ def create_app(
         if exc.status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
         return response
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        # Starlette's own refusals (unparsable body, unknown path or method)
+        # get the same body shape as ours.
+        code = _HTTP_CODES.get(exc.status_code, "INTERNAL")
+        return _error(exc.status_code, code, str(exc.detail)[:500], False)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

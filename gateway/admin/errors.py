@@ -17,6 +17,8 @@ ADMIN_ERROR_CODES: dict[str, tuple[int, str]] = {
     "LOGIN_RATE_LIMITED": (429, "too many login attempts from this source; wait"),
     "NOT_FOUND": (404, "no such user, key, client or session"),
     "CONFLICT": (409, "the change contradicts the current state"),
+    "MALFORMED_REQUEST": (400, "the request body could not be parsed"),
+    "METHOD_NOT_ALLOWED": (405, "the path does not take this method"),
     "SCHEMA_INVALID": (422, "the request body or parameters are invalid"),
     "STORE_UNAVAILABLE": (503, "Redis could not be reached; retry"),
     "INTERNAL": (500, "an unexpected fault in the admin API"),

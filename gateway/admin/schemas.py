@@ -95,6 +95,7 @@ class AuditEntryOut(Body):
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "MALFORMED_REQUEST"},
     401: {"model": ErrorBody, "description": "ADMIN_UNAUTHENTICATED"},
     403: {"model": ErrorBody, "description": "ADMIN_FORBIDDEN"},
     422: {"model": ErrorBody, "description": "SCHEMA_INVALID"},
