@@ -18,7 +18,9 @@ from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
+from fastapi import APIRouter
 
+from gateway.admin.app import create_app
 from gateway.config import Settings
 from gateway.keys import KeyStore
 from tests.conftest import StackInfo
@@ -26,7 +28,9 @@ from tests.integration.adminkit import (
     FAST_HASH,
     PASSWORD,
     AdminHarness,
+    StepClock,
     admin_app,
+    delete_prefix,
     dump_prefix,
 )
 from tests.integration.helpers import isolated_settings
@@ -375,3 +379,36 @@ async def test_user_management(admin: AdminHarness) -> None:
     assert ("PATCH /v1/users/{name}", "fay", "ok") in actions
     assert ("DELETE /v1/users/{name}", "fay", "ok") in actions
     assert ("PATCH /v1/users/{name}", "root", "failed") in actions
+
+
+async def test_extra_routers_need_an_operator(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    """The mount point left for other features' routers (live config)."""
+    router = APIRouter(prefix="/v1/config")
+
+    @router.put("")
+    async def put_config() -> dict[str, str]:
+        return {"status": "applied"}
+
+    settings = isolated_settings(
+        stack.kafka_bootstrap, stack.redis_url, models_dir, admin=FAST_HASH
+    )
+    clock = StepClock()
+    app = create_app(settings, extra_routers=[router], clock=clock)
+    try:
+        async with app.router.lifespan_context(app):
+            admin = AdminHarness(settings, app, clock)
+            await admin.add_user("vic", "viewer")
+            await admin.add_user("otto", "operator")
+            async with admin.client() as http:
+                viewer = await admin.session(http, "vic")
+                operator = await admin.session(http, "otto")
+                anonymous = await http.put("/v1/config")
+                refused = await http.put("/v1/config", headers=viewer)
+                applied = await http.put("/v1/config", headers=operator)
+    finally:
+        await delete_prefix(settings)
+    assert anonymous.status_code == 401 and refused.status_code == 403
+    assert applied.json() == {"status": "applied"}
+    assert "/v1/config" in app.openapi()["paths"]
