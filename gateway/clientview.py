@@ -14,10 +14,9 @@ under the client's hash tag as in ``gateway.store``::
     {prefix}:clients:released           hash: client -> release time (ms),
                                         pending releases, consumed by owners
 
-Every key expires after ``admin.client_view_ttl_s`` without writes. The view
-of a client whose action stays ``allow`` is rewritten at most once a second,
-so its risk in the ranking may be that stale; anything else is written at
-the batch that saw it.
+Every key expires after ``admin.client_view_ttl_s`` without writes. A
+client's view is rewritten when its action changes and otherwise at most
+once a second, so its risk in the ranking may be that stale.
 
 Release means an operator vouches for the client: it starts again from a
 clean slate. The admin side leaves a marker, deletes the client's detector
@@ -61,10 +60,10 @@ _BLOCK_SEVERITY = 4
 # A worker remembers when it last wrote each client's view and history; past
 # this many clients it forgets the oldest (it then writes them once more).
 _LAST_WRITE_MAX = 100_000
-# An unchanged "allow" view is rewritten at most this often: the ranking of a
-# benign client may be this stale, and a busy one costs a few commands a
-# second instead of a few per batch (measured: 200 clients in a batch took
-# 69 ms to write every batch).
+# A view whose action has not changed is rewritten at most this often: the
+# ranking may be this stale, and a busy client costs a few commands a second
+# instead of a few per batch (measured: 200 clients in a batch took 69 ms to
+# write every batch).
 _VIEW_INTERVAL_S = 1.0
 _MAX_EVIDENCE = 10
 
@@ -156,12 +155,13 @@ class ClientView:
 
         One pipelined round trip: one ``HMGET`` for release markers, then,
         for each client whose view is due, its view, ranking and (when due)
-        history. A client's view is due when its action is not ``allow``,
-        its action changed, or ``_VIEW_INTERVAL_S`` passed since this worker
-        last wrote it; so a busy benign client costs four commands a second,
-        not four a batch. A Redis failure is logged and swallowed: the view
-        is for people, and retrying the whole batch for it would re-send
-        every answer.
+        history. A client's view is due when its action changed or
+        ``_VIEW_INTERVAL_S`` passed since this worker last wrote it, its
+        history on a change of action or every
+        ``admin.client_history_interval_s``; so a busy client costs a few
+        commands a second, not a few per batch. A Redis failure is logged
+        and swallowed: the view is for people, and retrying the whole batch
+        for it would re-send every answer.
         """
         batches = _aggregate(items)
         if not batches:
@@ -348,14 +348,10 @@ class ClientView:
 def _due(
     last: tuple[float, str] | None, action: str, now: float, interval_s: float
 ) -> bool:
-    # Always for anything but a plain "allow" and for a change of action, else
-    # once per interval.
-    return (
-        last is None
-        or action != "allow"
-        or action != last[1]
-        or now - last[0] >= interval_s
-    )
+    # On a change of action, else once per interval: a client flooding the
+    # gateway while throttled or blocked must not push its earlier incidents
+    # out of the capped history, nor cost writes per batch.
+    return last is None or action != last[1] or now - last[0] >= interval_s
 
 
 def _remember(

@@ -104,3 +104,14 @@ def test_enrollment_repr_hides_the_secret() -> None:
 def test_unknown_role_is_a_programming_error() -> None:
     with pytest.raises(ValueError):
         require_role("root")  # type: ignore[arg-type]
+
+
+def test_view_and_history_writes_follow_changes_or_the_interval() -> None:
+    from gateway.clientview import _due
+
+    assert _due(None, "allow", 0.0, 10.0)
+    assert not _due((0.0, "allow"), "allow", 5.0, 10.0)
+    assert _due((0.0, "allow"), "allow", 10.0, 10.0)
+    # A change of action is written at once; a repeated one waits.
+    assert _due((0.0, "allow"), "block", 1.0, 10.0)
+    assert not _due((0.0, "block"), "block", 1.0, 10.0)
