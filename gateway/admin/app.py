@@ -145,10 +145,9 @@ def create_app(
         logger.warning("admin call failed on Redis: %s", exc.message)
         return _error(503, "STORE_UNAVAILABLE", "the store is unavailable", True)
 
-    @app.exception_handler(ValueError)
-    async def _value(request: Request, exc: ValueError) -> JSONResponse:
-        # The stores' own argument checks (client id, TTL) that the schema
-        # did not already catch.
-        return _error(422, "SCHEMA_INVALID", str(exc)[:500], False)
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("admin call failed", extra={"path": request.url.path})
+        return _error(500, "INTERNAL", "internal error", False)
 
     return app

@@ -72,9 +72,13 @@ async def create_key(
     principal: Annotated[Principal, Depends(require_role("admin"))],
     context: Context,
 ) -> KeyCreated:
-    key, token = await context.keys.create(
-        body.client_id, models=body.models, ttl_s=body.ttl_s
-    )
+    try:
+        key, token = await context.keys.create(
+            body.client_id, models=body.models, ttl_s=body.ttl_s
+        )
+    except ValueError as exc:
+        # The store's own checks, should they ever be stricter than the schema.
+        raise AdminError(str(exc), code="SCHEMA_INVALID") from exc
     await audit(
         context,
         request,
