@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import typer
 
 from gateway import limits_cli, logs
+from gateway.admin import cli as admin_cli
 from gateway.cli_config import config_app
 from gateway.config import Settings, load_settings
 from gateway.errors import ModelgateError
@@ -463,6 +464,11 @@ async def _key_store(settings: Settings) -> AsyncIterator[Any]:
         yield KeyStore(client, settings)
     finally:
         await client.aclose()
+
+
+app.add_typer(admin_cli.admin_app, name="admin")
+app.add_typer(admin_cli.clients_app, name="clients")
+app.command("login")(admin_cli.login)
 
 
 def main() -> None:

@@ -412,6 +412,37 @@ class LiveSettings(_Frozen):
     lock_ttl_s: float = Field(30.0, gt=0, le=600)
 
 
+class AdminConfig(_Frozen):
+    """The admin plane: API address, sessions, login protection, audit and the
+    per-client view the workers keep for ``modelgate clients``."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8780, ge=0, le=65535)
+    # Sessions are absolute, not sliding: a stolen token is useful for this
+    # long at most.
+    session_ttl_s: float = Field(900.0, ge=0.05, le=86_400)
+    max_sessions_per_user: int = Field(20, ge=1, le=1000)
+    # N failed logins (wrong password or code) within lockout_s lock the
+    # account name for lockout_s.
+    max_failures: int = Field(5, ge=1, le=1000)
+    lockout_s: float = Field(900.0, ge=0.05, le=86_400)
+    # Login attempts per source address per window, counted before any check.
+    login_attempts_per_window: int = Field(20, ge=1, le=100_000)
+    login_window_s: float = Field(60.0, ge=0.05, le=86_400)
+    totp_issuer: str = Field("modelgate", min_length=1, max_length=64)
+    # Argon2id cost: argon2-cffi's defaults (RFC 9106's second recommended
+    # option: 3 passes over 64 MiB). Lower only where speed matters more than
+    # resistance to offline guessing (tests).
+    argon2_time_cost: int = Field(3, ge=1, le=20)
+    argon2_memory_kib: int = Field(65_536, ge=8_192, le=4_194_304)
+    audit_max_entries: int = Field(100_000, ge=100, le=10_000_000)
+    # Client view written by the workers.
+    clients_top_max: int = Field(10_000, ge=10, le=1_000_000)
+    client_history_max: int = Field(200, ge=1, le=100_000)
+    client_history_interval_s: float = Field(10.0, ge=0, le=3600)
+    client_view_ttl_s: float = Field(7 * 86_400.0, ge=1, le=90 * 86_400)
+
+
 class Settings(BaseSettings):
     """All configuration of one process. Frozen; build a new one to change it."""
 
@@ -432,6 +463,7 @@ class Settings(BaseSettings):
     # Per-detector parameter overrides, validated by each detector's Params model.
     detectors: dict[str, dict[str, Any]] = {}
     live: LiveSettings = LiveSettings()
+    admin: AdminConfig = AdminConfig()
 
     @classmethod
     def settings_customise_sources(

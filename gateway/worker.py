@@ -36,6 +36,7 @@ from gateway.batch import (
     decode_record,
     response_for,
 )
+from gateway.clientview import ClientView
 from gateway.config import LimitsConfig, Settings
 from gateway.errors import (
     AuthError,
@@ -119,6 +120,7 @@ class Worker:
         # partition's commit stops below the first of them until it is sent.
         self._delayed: dict[TopicPartition, dict[int, asyncio.Task[None]]] = {}
         self._next_offsets: dict[TopicPartition, int] = {}
+        self._clientview: ClientView | None = None
         # Held while a batch is in flight, so a revoke waits for it to commit.
         self._batch_lock = asyncio.Lock()
         self._client_tp: dict[str, TopicPartition] = {}
@@ -167,6 +169,7 @@ class Worker:
         self._admitter = Admitter(self._store, self.metrics.decisions_without_store)
         self._replays = ReplayCache(self._redis, self._store, s)
         self._throttle = ThrottleStore(self._redis, s)
+        self._clientview = ClientView(self._redis, s)
 
         try:
             await ensure_topics(s)
@@ -384,6 +387,8 @@ class Worker:
             timer.lap("detect_predict")
             await self._enforce_blocks(items)
             await self._release_unserved(items)
+            assert self._clientview is not None
+            await self._clientview.observe(items, self._scorer)
         except (asyncio.CancelledError, StoreError, BrokerError):
             raise
         except Exception:

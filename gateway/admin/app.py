@@ -1,0 +1,153 @@
+"""The admin API application: ``create_app(settings)``.
+
+Routers per resource live in ``gateway.admin.routers``; other features mount
+their own routers through ``extra_routers`` behind the operator role. Every
+refusal has the body ``{"error", "code", "retriable"}`` with a code from
+``gateway.admin.errors.ADMIN_ERROR_CODES``.
+
+Imports FastAPI, Redis and the admin package; nothing from Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from gateway.admin.audit import AuditLog
+from gateway.admin.deps import AdminContext, require_role
+from gateway.admin.errors import ADMIN_ERROR_CODES, AdminError
+from gateway.admin.routers import audit, clients, keys, sessions, users
+from gateway.admin.sessions import LoginGuard, SessionStore
+from gateway.admin.users import UserStore
+from gateway.clientview import ClientView
+from gateway.config import Settings
+from gateway.errors import StoreError
+from gateway.keys import KeyStore, load_server_key
+from gateway.store import redis_from_settings
+
+logger = logging.getLogger(__name__)
+
+_DESCRIPTION = """The modelgate admin plane.
+
+Log in with `POST /v1/sessions` (user, password and TOTP code in one step) and
+send the returned token as `Authorization: Bearer <token>`. Sessions last
+`admin.session_ttl_s` (15 min by default) and can be revoked. Roles: viewer <
+operator < admin; every call that changes state needs a session with the
+right role and is audited.
+
+Error codes: """ + "; ".join(
+    f"`{code}` ({status}): {meaning}"
+    for code, (status, meaning) in ADMIN_ERROR_CODES.items()
+)
+
+
+_HTTP_CODES = {400: "MALFORMED_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
+
+
+def _error(status: int, code: str, message: str, retriable: bool) -> JSONResponse:
+    return JSONResponse(
+        status_code=status,
+        content={"error": message, "code": code, "retriable": retriable},
+    )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    extra_routers: Sequence[APIRouter] = (),
+    clock: Callable[[], float] = time.time,
+) -> FastAPI:
+    """Build the admin API.
+
+    Parameters
+    ----------
+    settings
+        Redis, server key, ``auth`` and ``admin`` sections.
+    extra_routers
+        Routers of other features (e.g. live configuration), mounted as they
+        are behind ``require_role("operator")``; give them their own
+        ``prefix`` and audit their changes with ``gateway.admin.deps.audit``.
+    clock
+        Seconds since the epoch for TOTP checks; tests pass a stepping one.
+
+    Returns
+    -------
+    FastAPI
+        Its lifespan opens the Redis client and loads the server key; the
+        stores live on ``app.state.admin`` while it runs.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        server_key = await asyncio.to_thread(load_server_key, settings)
+        redis = redis_from_settings(settings)
+        app.state.admin = AdminContext(
+            settings=settings,
+            redis=redis,
+            users=UserStore(redis, settings, server_key, clock=clock),
+            sessions=SessionStore(redis, settings),
+            guard=LoginGuard(redis, settings),
+            audit=AuditLog(redis, settings),
+            keys=KeyStore(redis, settings, server_key=server_key),
+            clients=ClientView(redis, settings),
+        )
+        logger.info("admin api started")
+        try:
+            yield
+        finally:
+            await redis.aclose()
+
+    app = FastAPI(
+        title="modelgate admin",
+        version="1",
+        description=_DESCRIPTION,
+        lifespan=lifespan,
+    )
+    for module in (sessions, users, keys, clients, audit):
+        app.include_router(module.router)
+    for router in extra_routers:
+        app.include_router(router, dependencies=[Depends(require_role("operator"))])
+
+    @app.exception_handler(AdminError)
+    async def _admin_error(request: Request, exc: AdminError) -> JSONResponse:
+        response = _error(exc.status, exc.code, exc.message, exc.retriable)
+        if exc.retry_after_s is not None:
+            response.headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        # Starlette's own refusals (unparsable body, unknown path or method)
+        # get the same body shape as ours.
+        code = _HTTP_CODES.get(exc.status_code, "INTERNAL")
+        return _error(exc.status_code, code, str(exc.detail)[:500], False)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+            for err in exc.errors()[:10]
+        )
+        return _error(422, "SCHEMA_INVALID", problems[:1000], False)
+
+    @app.exception_handler(StoreError)
+    async def _store(request: Request, exc: StoreError) -> JSONResponse:
+        logger.warning("admin call failed on Redis: %s", exc.message)
+        return _error(503, "STORE_UNAVAILABLE", "the store is unavailable", True)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("admin call failed", extra={"path": request.url.path})
+        return _error(500, "INTERNAL", "internal error", False)
+
+    return app

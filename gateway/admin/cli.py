@@ -1,0 +1,325 @@
+"""Admin commands: ``modelgate admin user add|serve``, ``modelgate login`` and
+``modelgate clients top|show|release``.
+
+``admin user add`` is the host-level bootstrap: it writes to Redis directly
+with the server key, so it works before any admin exists and only where the
+server key is readable. Everything else goes through the admin API with the
+session ``modelgate login`` saved (mode 0600). Heavy imports (FastAPI,
+argon2, httpx) happen inside the commands so ``modelgate --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+admin_app = typer.Typer(help="The admin plane: admin users and the admin API.")
+user_app = typer.Typer(help="Admin users (host-level: needs Redis and the server key).")
+admin_app.add_typer(user_app, name="user")
+clients_app = typer.Typer(
+    help="Riskiest clients now, one client's record, and release (via the admin API)."
+)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML settings file (else MODELGATE_CONFIG)."),
+]
+DEFAULT_SESSION_FILE = Path.home() / ".config" / "modelgate" / "session.json"
+SessionFile = Annotated[
+    Path,
+    typer.Option(
+        "--session-file",
+        envvar="MODELGATE_SESSION_FILE",
+        help="Where modelgate login keeps the session (mode 0600).",
+    ),
+]
+_HTTP_TIMEOUT_S = 10.0
+
+
+def _settings(config: Path | None) -> Any:
+    from gateway.cli import _settings as load
+
+    return load(config)
+
+
+def _fail(code: str, message: str, exit_code: int = 1) -> typer.Exit:
+    typer.echo(f"error [{code}]: {message}", err=True)
+    return typer.Exit(exit_code)
+
+
+def _read_secret(prompt: str, from_stdin: bool, confirm: bool = False) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    value: str = typer.prompt(prompt, hide_input=True, confirmation_prompt=confirm)
+    return value
+
+
+# -- admin user add / admin serve -----------------------------------------------
+
+
+@user_app.command("add")
+def user_add(
+    name: Annotated[str, typer.Argument(help="User name ([a-z][a-z0-9._-]*).")],
+    role: Annotated[str, typer.Option(help="viewer, operator or admin.")] = "viewer",
+    password_stdin: Annotated[
+        bool, typer.Option(help="Read the password from stdin instead of a prompt.")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Create an admin user; prints its TOTP provisioning URI and QR code once.
+
+    The password is read from a prompt (or stdin), never from an argument, so
+    it stays out of shell history and the process list.
+    """
+    import asyncio
+
+    from gateway.admin.users import UserStore, check_password
+    from gateway.errors import ModelgateError
+    from gateway.keys import load_server_key
+    from gateway.store import redis_from_settings
+
+    settings = _settings(config)
+    password = _read_secret("Password", password_stdin, confirm=True)
+    try:
+        check_password(password)
+    except ValueError as exc:
+        raise _fail("BAD_ARGUMENT", str(exc), 2) from None
+
+    async def create() -> Any:
+        server_key = await asyncio.to_thread(load_server_key, settings)
+        redis = redis_from_settings(settings)
+        try:
+            store = UserStore(redis, settings, server_key)
+            return await store.create(name, role, password)  # type: ignore[arg-type]  # checked by create
+        finally:
+            await redis.aclose()
+
+    try:
+        enrollment = asyncio.run(create())
+    except FileExistsError:
+        raise _fail("CONFLICT", f"user {name} exists") from None
+    except ValueError as exc:
+        raise _fail("BAD_ARGUMENT", str(exc), 2) from None
+    except ModelgateError as exc:
+        raise _fail(exc.code, exc.message) from None
+
+    typer.echo(f"created {enrollment.user.name} ({enrollment.user.role})")
+    typer.echo("Scan this with an authenticator app (shown once):")
+    typer.echo(enrollment.qr_terminal())
+    typer.echo(f"or enter this URI: {enrollment.uri}")
+    typer.echo("The first login with a valid code confirms the enrollment.")
+
+
+@admin_app.command("serve")
+def serve(
+    host: Annotated[str | None, typer.Option(help="Else admin.host.")] = None,
+    port: Annotated[int | None, typer.Option(help="Else admin.port.")] = None,
+    config: ConfigOption = None,
+    log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
+) -> None:
+    """Run the admin API (loopback by default) until Ctrl-C."""
+    import uvicorn
+
+    from gateway import logs
+    from gateway.admin.app import create_app
+
+    logs.configure(log_level)
+    settings = _settings(config)
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=host or settings.admin.host,
+        port=settings.admin.port if port is None else port,
+        log_config=None,
+        access_log=False,
+    )
+
+
+# -- login -------------------------------------------------------------------------
+
+
+def _default_url(settings: Any) -> str:
+    host = settings.admin.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.admin.port}"
+
+
+def login(
+    user: Annotated[str, typer.Option("--user", "-u", help="Admin user name.")],
+    url: Annotated[
+        str | None, typer.Option(help="Admin API URL (else admin.host/port).")
+    ] = None,
+    password_stdin: Annotated[
+        bool, typer.Option(help="Read the password from stdin instead of a prompt.")
+    ] = False,
+    code: Annotated[str | None, typer.Option(help="TOTP code (else prompted).")] = None,
+    session_file: SessionFile = DEFAULT_SESSION_FILE,
+    config: ConfigOption = None,
+) -> None:
+    """Log in to the admin API with password and TOTP code; saves the session."""
+    base = url or _default_url(_settings(config))
+    password = _read_secret("Password", password_stdin)
+    if code is None:
+        code = str(typer.prompt("TOTP code")).strip()
+    body = _call(
+        "POST",
+        base,
+        "/v1/sessions",
+        None,
+        json_body={"user": user, "password": password, "code": code},
+    )
+    _save_session(session_file, {"url": base, **body})
+    expires = time.strftime("%H:%M:%S", time.localtime(body["expires_ms"] / 1000))
+    typer.echo(f"logged in as {body['user']} ({body['role']}) until {expires}")
+
+
+def _save_session(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # An existing file keeps its old mode through O_CREAT; force 0600.
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle)
+
+
+def _load_session(path: Path) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise _fail(
+            "ADMIN_UNAUTHENTICATED", "no saved session; run modelgate login"
+        ) from None
+    return data
+
+
+def _call(
+    method: str,
+    base: str,
+    path: str,
+    token: str | None,
+    *,
+    json_body: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+) -> Any:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.request(
+            method,
+            base.rstrip("/") + path,
+            json=json_body,
+            params=params,
+            headers=headers,
+            timeout=_HTTP_TIMEOUT_S,
+        )
+    except httpx.HTTPError as exc:
+        raise _fail("ADMIN_UNREACHABLE", f"{base}: {exc}") from None
+    if response.status_code >= 400:
+        try:
+            error = response.json()
+            code, message = error["code"], error["error"]
+        except (ValueError, KeyError, TypeError):
+            code, message = "HTTP_ERROR", f"HTTP {response.status_code}"
+        if code == "ADMIN_UNAUTHENTICATED" and token:
+            message += " (run modelgate login)"
+        raise _fail(code, message)
+    return response.json() if response.content else None
+
+
+def _session_call(session_file: Path, method: str, path: str, **kwargs: Any) -> Any:
+    session = _load_session(session_file)
+    return _call(method, session["url"], path, session.get("token"), **kwargs)
+
+
+# -- clients -----------------------------------------------------------------------
+
+
+def _ago(ts_ms: int) -> str:
+    seconds = max(0.0, time.time() - ts_ms / 1000)
+    return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
+
+
+@clients_app.command("top")
+def clients_top(
+    limit: Annotated[int, typer.Option(help="How many clients.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    session_file: SessionFile = DEFAULT_SESSION_FILE,
+) -> None:
+    """The riskiest clients now (latest risk, highest first)."""
+    rows = _session_call(
+        session_file, "GET", "/v1/clients/top", params={"limit": limit}
+    )
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    typer.echo(f"{'client':<32} {'risk':>6}  {'action':<9} {'seen':<9} scores")
+    for row in rows:
+        scores = " ".join(f"{k}={v:.3g}" for k, v in sorted(row["scores"].items()))
+        typer.echo(
+            f"{row['client_id']:<32} {row['risk']:>6.2f}  {row['action']:<9} "
+            f"{_ago(row['ts_ms']):<9} {scores}"
+        )
+
+
+@clients_app.command("show")
+def clients_show(
+    client_id: Annotated[str, typer.Argument(help="The client id.")],
+    history: Annotated[int, typer.Option(help="History entries to show.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    session_file: SessionFile = DEFAULT_SESSION_FILE,
+) -> None:
+    """Counters, detector scores, evidence and actions over time of one client."""
+    detail = _session_call(
+        session_file, "GET", f"/v1/clients/{client_id}", params={"history": history}
+    )
+    if as_json:
+        typer.echo(json.dumps(detail))
+        return
+    typer.echo(f"client {detail['client_id']}")
+    counters = detail["counters"]
+    typer.echo("  counters: " + ", ".join(f"{k}={v}" for k, v in counters.items()))
+    if detail["block_reason"] is not None:
+        typer.echo(
+            f"  BLOCKED ({counters['blocked_ms'] / 1000:.0f}s left): "
+            f"{detail['block_reason']}"
+        )
+    summary = detail["summary"]
+    if summary:
+        typer.echo(
+            f"  latest: risk {summary['risk']:.2f}, action {summary['action']}, "
+            f"{_ago(summary['ts_ms'])}"
+        )
+        for name, score in sorted(summary["scores"].items()):
+            typer.echo(f"    {name}: {score:.4g}")
+    for line in detail["evidence"]:
+        typer.echo(f"  evidence: {line}")
+    typer.echo("  history (newest first):")
+    for entry in detail["history"]:
+        risk = entry.get("risk")
+        risk_text = "-" if risk is None else f"{risk:.2f}"
+        extra = f" by {entry['by']}" if "by" in entry else ""
+        typer.echo(
+            f"    {_ago(entry['ts_ms']):<9} {entry['action']:<9} "
+            f"risk {risk_text}{extra}"
+        )
+
+
+@clients_app.command("release")
+def clients_release(
+    client_id: Annotated[str, typer.Argument(help="The client id.")],
+    session_file: SessionFile = DEFAULT_SESSION_FILE,
+) -> None:
+    """Unblock a client now and reset its detector and policy state (operator)."""
+    body = _session_call(session_file, "POST", f"/v1/clients/{client_id}/release")
+    state = "was blocked, now released" if body["was_blocked"] else "was not blocked"
+    typer.echo(f"{body['client_id']}: {state}; its state resets at its next batch")

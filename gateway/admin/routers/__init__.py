@@ -1,0 +1,1 @@
+"""One admin router per resource: sessions, users, keys, clients, audit."""

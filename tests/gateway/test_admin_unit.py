@@ -1,0 +1,117 @@
+"""Pure logic of the admin plane: the per-batch client summary, name and
+address checks, and secrets kept out of reprs."""
+
+from __future__ import annotations
+
+import pytest
+
+from detectors import DetectorScore
+from gateway.admin.deps import require_role
+from gateway.admin.sessions import source_label
+from gateway.admin.users import Enrollment, User, check_password, check_username
+from gateway.batch import BatchItem
+from gateway.clientview import _aggregate
+from gateway.errors import PolicyError
+from gateway.keys import ApiKey
+from gateway.policy import Verdict
+
+
+def _item(
+    client: str | None,
+    action: str = "allow",
+    risk: float | None = None,
+    reasons: tuple[str, ...] = (),
+    scores: dict[str, float] | None = None,
+) -> BatchItem:
+    key = None
+    if client is not None:
+        key = ApiKey("mgk_000000000001", client, b"s" * 32, (), "active", 0)
+    item = BatchItem("t", 0, 0, b"", client or "", None, key=key, action=action)
+    if risk is not None:
+        flagged = (DetectorScore("similarity", 0.9, 0.5, True, "near", True),)
+        item.verdict = Verdict(action, action, risk, flagged, reasons)
+    item.scores = scores or {}
+    return item
+
+
+def test_batch_summary_takes_the_worst_of_each_client() -> None:
+    refused = _item("a", action="block")
+    refused.error = PolicyError("blocked", code="BLOCKED")
+    items = [
+        _item("a", risk=0.2, scores={"ood": 0.1, "similarity": 0.2}),
+        _item(
+            "a",
+            action="flag",
+            risk=1.2,
+            reasons=("similarity: 9/10 near",),
+            scores={"similarity": 0.6},
+        ),
+        refused,
+        _item("b", risk=0.1, scores={"ood": 0.3}),
+        _item(None),  # unauthenticated: nobody to attribute it to
+    ]
+    summary = _aggregate(items)
+
+    assert set(summary) == {"a", "b"}
+    a = summary["a"]
+    assert (a.requests, a.action, a.risk) == (3, "block", 1.2)
+    assert a.scores == {"ood": 0.1, "similarity": 0.6}
+    assert a.evidence == ["similarity: 9/10 near"]
+    assert a.codes == {"BLOCKED": 1}
+    assert summary["b"].action == "allow" and summary["b"].risk == 0.1
+
+
+def test_refused_before_scoring_has_no_risk() -> None:
+    item = _item("c", action="throttle")
+    assert _aggregate([item])["c"].risk is None
+
+
+@pytest.mark.parametrize(
+    ("address", "label"),
+    [
+        ("10.0.0.1", "10.0.0.1"),
+        ("::1", "::1"),
+        (None, "unknown"),
+        ("}evil{", "unknown"),
+        ("a" * 100, "unknown"),
+    ],
+)
+def test_source_label_is_safe_in_key_names(address: str | None, label: str) -> None:
+    assert source_label(address) == label
+
+
+@pytest.mark.parametrize("name", ["", "Root", "a:b", "{x}", "a" * 65, "1abc"])
+def test_bad_user_names_are_refused(name: str) -> None:
+    with pytest.raises(ValueError):
+        check_username(name)
+
+
+def test_short_password_is_refused() -> None:
+    with pytest.raises(ValueError):
+        check_password("short")
+
+
+def test_enrollment_repr_hides_the_secret() -> None:
+    enrollment = Enrollment(
+        User("a", "viewer", False, 0), "otpauth://totp/x?secret=SECRETSECRET"
+    )
+    assert "SECRETSECRET" not in repr(enrollment)
+    assert "SECRETSECRET" not in repr(
+        ApiKey("k", "c", b"SECRETSECRET", (), "active", 0)
+    )
+
+
+def test_unknown_role_is_a_programming_error() -> None:
+    with pytest.raises(ValueError):
+        require_role("root")  # type: ignore[arg-type]
+
+
+def test_view_and_history_writes_follow_changes_or_the_interval() -> None:
+    from gateway.clientview import _due
+
+    assert _due(None, "allow", 0.0, 10.0)
+    assert not _due((0.0, "allow"), "allow", 5.0, 10.0)
+    assert _due((0.0, "allow"), "allow", 10.0, 10.0)
+    # A change of action is written at once; a repeated one waits.
+    assert _due((0.0, "allow"), "block", 1.0, 10.0)
+    assert not _due((0.0, "block"), "block", 1.0, 10.0)
