@@ -26,9 +26,7 @@ LEVELS = 255
 
 def quantise(X: npt.NDArray[np.float64]) -> npt.NDArray[np.uint8]:
     """Rows scaled to [0, 1] as stored: clipped, times 255, rounded."""
-    out: npt.NDArray[np.uint8] = np.rint(np.clip(X, 0.0, 1.0) * LEVELS).astype(
-        np.uint8
-    )
+    out: npt.NDArray[np.uint8] = np.rint(np.clip(X, 0.0, 1.0) * LEVELS).astype(np.uint8)
     return out
 
 
@@ -134,10 +132,7 @@ def neighbours_and_push(
         visible = (j < old_len + t) & (j >= old_len + t - capacity)
         d_sq = np.where(visible, np.maximum(d_sq, 0.0), np.inf)
         width = d_sq.shape[1]
-        if width > k:
-            part = np.partition(d_sq, k - 1, axis=1)[:, :k]
-        else:
-            part = d_sq
+        part = np.partition(d_sq, k - 1, axis=1)[:, :k] if width > k else d_sq
         part = np.sort(part, axis=1)
         k_dist[rows, : part.shape[1]] = np.sqrt(part / scale)
         nearest[rows] = cand[np.argmin(d_sq, axis=1)]

@@ -399,7 +399,7 @@ class FingerprintDetector(Detector[FingerprintParams]):
             raise ValueError(
                 f"{self.name}: match_threshold ({p.match_threshold}) exceeds k ({p.k})"
             )
-        if p.levels ** p.width >= 1 << 48:
+        if p.levels**p.width >= 1 << 48:
             raise ValueError(f"{self.name}: levels ** width must be below 2**48")
         self.store: FingerprintStore = store or InMemoryFingerprintStore(
             match_threshold=p.match_threshold,
@@ -491,14 +491,15 @@ class FingerprintDetector(Detector[FingerprintParams]):
         self.last_hashes = hashes
         self.last_matches = matches
         threshold = p.match_threshold
-        near = np.fromiter(
-            (m.own > 0 or bool(m.others) for m in matches), bool, n
-        )
+        near = np.fromiter((m.own > 0 or bool(m.others) for m in matches), bool, n)
         cross = np.fromiter((bool(m.others) for m in matches), bool, n)
 
         groups = group_rows(slots)
         counts, lengths = push_window(
-            arrays["near"], arrays["near_pos"], arrays["near_len"], groups,
+            arrays["near"],
+            arrays["near_pos"],
+            arrays["near_len"],
+            groups,
             near[groups.order],
         )
         n_seen = arrays["n_seen"]
@@ -508,9 +509,9 @@ class FingerprintDetector(Detector[FingerprintParams]):
         running = np.cumsum(crossed)
         before = running[groups.start] - crossed[groups.start]
         n_cross_col = arrays["n_cross"]
-        cross_total = n_cross_col[groups.unique][groups.group] + running - before[
-            groups.group
-        ]
+        cross_total = (
+            n_cross_col[groups.unique][groups.group] + running - before[groups.group]
+        )
         n_cross_col[groups.unique] += np.add.reduceat(crossed, groups.start)
 
         inverse = np.empty(n, dtype=np.int64)
@@ -524,10 +525,11 @@ class FingerprintDetector(Detector[FingerprintParams]):
             "matched another client's"
             + (f" (this one: {', '.join(sorted(m.others)[:3])})" if m.others else "")
             for count, length, total, m in zip(
-                counts.tolist(), lengths.tolist(), cross_total.tolist(), matches,
+                counts.tolist(),
+                lengths.tolist(),
+                cross_total.tolist(),
+                matches,
                 strict=True,
             )
         ]
-        return self._scores(
-            counts / lengths, seen[inverse] >= p.min_queries, evidence
-        )
+        return self._scores(counts / lengths, seen[inverse] >= p.min_queries, evidence)

@@ -167,8 +167,9 @@ class ChangeStructureDetector(Detector[StructureParams]):
         step = (q - found.previous).astype(np.float64)
         step[~found.has_previous] = 0.0
         norm = np.linalg.norm(step, axis=1)
-        unit = np.divide(step, norm[:, None], out=np.zeros_like(step),
-                         where=norm[:, None] > 0)
+        unit = np.divide(
+            step, norm[:, None], out=np.zeros_like(step), where=norm[:, None] > 0
+        )
         unit = unit.astype(np.float16).astype(np.float64)
         best_cos = self._repeat_cosines(groups, unit)
         repeat = best_cos >= p.cos_threshold
@@ -197,8 +198,12 @@ class ChangeStructureDetector(Detector[StructureParams]):
             + (f"{c} features" if c >= 0 else "nothing before it")
             + f", step |cos| {cos:.2f}"
             for s, r, length, c, cos in zip(
-                sparse_counts.tolist(), repeat_counts.tolist(), lengths.tolist(),
-                changed_row.tolist(), cos_row.tolist(), strict=True,
+                sparse_counts.tolist(),
+                repeat_counts.tolist(),
+                lengths.tolist(),
+                changed_row.tolist(),
+                cos_row.tolist(),
+                strict=True,
             )
         ]
         score = np.maximum(sparse_counts, repeat_counts) / lengths
@@ -217,14 +222,17 @@ class ChangeStructureDetector(Detector[StructureParams]):
         n_seen = arrays["n_seen"]
         best = np.zeros(len(unit), dtype=np.float64)
         for start, size, slot in zip(
-            groups.start.tolist(), groups.size.tolist(), groups.unique.tolist(),
+            groups.start.tolist(),
+            groups.size.tolist(),
+            groups.unique.tolist(),
             strict=True,
         ):
             old = int(n_seen[slot])
             old_len = min(old, m)
             order = (old - old_len + np.arange(old_len)) % m
-            cand = np.concatenate([dirs[slot, order].astype(np.float64),
-                                   unit[start : start + size]])
+            cand = np.concatenate(
+                [dirs[slot, order].astype(np.float64), unit[start : start + size]]
+            )
             cos = np.abs(unit[start : start + size] @ cand.T)
             t = np.arange(size)[:, None]
             j = np.arange(old_len + size)[None, :]

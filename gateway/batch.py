@@ -76,6 +76,10 @@ class BatchItem:
     error: ModelgateError | None = None
     action: str = "allow"
     query_index: int = 0
+    # Set by gateway.groups: the client's group of linked keys and the largest
+    # risk of any member (the client's own when it is alone).
+    group_id: str | None = None
+    group_risk: float = 0.0
 
     @property
     def client_id(self) -> str | None:
@@ -233,6 +237,8 @@ def decision_for(
         partition=item.partition,
         offset=item.offset,
         worker=worker_id,
+        group_id=item.group_id,
+        group_risk=item.group_risk,
     )
 
 

@@ -127,6 +127,9 @@ class DecisionRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     partition: int = -1
     offset: int = -1
     worker: str = ""
+    # Linked API keys (gateway.groups): the group's id and its largest risk.
+    group_id: str | None = None
+    group_risk: float = 0.0
 
 
 class DeadLetter(msgspec.Struct, frozen=True, omit_defaults=True):

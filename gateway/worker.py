@@ -43,6 +43,7 @@ from gateway.errors import (
     StoreError,
     ValidationError,
 )
+from gateway.groups import CrossClient
 from gateway.keys import KeyStore, authenticate, load_server_key
 from gateway.metrics import WorkerMetrics
 from gateway.models import ServedModel, ensure_digits_model, load_model
@@ -103,6 +104,7 @@ class Worker:
         self._redis: aioredis.Redis | None = None
         self._keys: KeyStore | None = None
         self._store: CounterStore | None = None
+        self._cross: CrossClient | None = None
         # Held while a batch is in flight, so a revoke waits for it to commit.
         self._batch_lock = asyncio.Lock()
         self._client_tp: dict[str, TopicPartition] = {}
@@ -148,6 +150,7 @@ class Worker:
         self._redis = redis_from_settings(s)
         self._keys = KeyStore(self._redis, s, server_key=server_key)
         self._store = CounterStore(self._redis, s)
+        self._cross = CrossClient(self._redis, s)
 
         try:
             await ensure_topics(s)
@@ -320,6 +323,8 @@ class Worker:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, self._scorer.score_and_predict, items)
             timer.lap("detect_predict")
+            if self._cross is not None:
+                await self._cross.after_scoring(items, self._scorer.take_fingerprints())
             await self._enforce_blocks(items)
             await self._release_unserved(items)
         except (asyncio.CancelledError, StoreError, BrokerError):

@@ -1,0 +1,94 @@
+-- fingerprints.lua: compare a batch of query fingerprints with every client's
+-- recent ones, then store them; the cross-client store of issue 3.
+--
+-- Called by gateway/fingerprints.py (RedisFingerprintStore.observe), one
+-- EVALSHA per batch. Every key carries the hash tag {<prefix>:fp}, so the call
+-- touches one Redis Cluster slot (see the module for what that costs).
+--
+-- KEYS[1]          sequence counter of stored entries
+-- KEYS[2..]        one sorted set per distinct hash value of the batch:
+--                  members "<entry>|<client>", scores the ms they were stored
+--
+-- ARGV[1] ttl ms   ARGV[2] entries kept per hash   ARGV[3] match threshold
+-- ARGV[4] rows     then per row: client, remember ("1"/"0"), hash count m,
+--                  and m indexes into KEYS (2-based)
+--
+-- Returns per row {own, identical, client1, n1, client2, n2, ...}: near
+-- duplicates among the client's own entries, identical fingerprints from
+-- other clients, and per other client its near-duplicate entries.
+
+if redis.replicate_commands then
+  redis.replicate_commands()
+end
+
+local time = redis.call("TIME")
+local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local ttl_ms = tonumber(ARGV[1])
+local cap = tonumber(ARGV[2])
+local threshold = tonumber(ARGV[3])
+local n_rows = tonumber(ARGV[4])
+local oldest = now_ms - ttl_ms
+
+local out = {}
+local at = 5
+for row = 1, n_rows do
+  local client = ARGV[at]
+  local remember = ARGV[at + 1] == "1"
+  local m = tonumber(ARGV[at + 2])
+  at = at + 3
+  local keys = {}
+  for i = 1, m do
+    keys[i] = KEYS[tonumber(ARGV[at + i - 1])]
+  end
+  at = at + m
+
+  local counts = {}
+  for i = 1, m do
+    local entries = redis.call("ZRANGEBYSCORE", keys[i], oldest, "+inf")
+    for _, entry in ipairs(entries) do
+      counts[entry] = (counts[entry] or 0) + 1
+    end
+  end
+
+  local own, identical = 0, 0
+  local others = {}
+  local order = {}
+  for entry, shared in pairs(counts) do
+    if shared >= threshold then
+      local sender = string.sub(entry, string.find(entry, "|", 1, true) + 1)
+      if sender == client then
+        own = own + 1
+      elseif shared == m then
+        identical = identical + 1
+      else
+        if others[sender] == nil then
+          others[sender] = 0
+          order[#order + 1] = sender
+        end
+        others[sender] = others[sender] + 1
+      end
+    end
+  end
+  table.sort(order)
+  local reply = {own, identical}
+  for _, sender in ipairs(order) do
+    reply[#reply + 1] = sender
+    reply[#reply + 1] = others[sender]
+  end
+  out[row] = reply
+
+  if remember and m > 0 then
+    local member = redis.call("INCR", KEYS[1]) .. "|" .. client
+    for i = 1, m do
+      local key = keys[i]
+      redis.call("ZADD", key, now_ms, member)
+      redis.call("ZREMRANGEBYSCORE", key, "-inf", "(" .. oldest)
+      local size = redis.call("ZCARD", key)
+      if size > cap then
+        redis.call("ZREMRANGEBYRANK", key, 0, size - cap - 1)
+      end
+      redis.call("PEXPIRE", key, ttl_ms)
+    end
+  end
+end
+return out
