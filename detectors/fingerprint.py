@@ -90,10 +90,9 @@ class FingerprintStore(Protocol):
         hash_sets
             Array (n, k) of uint64 hash values; 0 marks an empty slot.
         remember
-            Per row, whether to add it after comparing (default: all). Rows of
-            clients not in good standing are compared but not added, so a
-            flagged client cannot plant fingerprints that make others look
-            like probers.
+            Per row, whether to add it after comparing (default: all); a row
+            not remembered is compared only (for example a replay of traffic
+            already stored).
 
         Returns
         -------
@@ -366,8 +365,13 @@ class FingerprintDetector(Detector[FingerprintParams]):
       small and one changed feature touches ``width`` of them;
     - the store is only as shared as it is deployed: the in-memory store sees
       one worker's clients; the gateway adds a Redis store across workers;
-    - legitimate clients sending the same input (a popular image) match each
-      other and become linked.
+    - legitimate clients sending the same input (a popular image) are not
+      counted as near-duplicates of each other (identical fingerprints are
+      reported apart), but near copies of a popular input are;
+    - every client's queries are stored, flagged ones included, so a known
+      attacker can send near copies of a victim's typical inputs to make the
+      victim's queries match and link it to the attacker's group (framing);
+      group risk then needs a person's review before a block.
 
     Per-client state: two rings of ``window`` bits and three counters (about
     130 bytes). The shared store holds at most ``max_hashes`` hash values.
@@ -487,7 +491,11 @@ class FingerprintDetector(Detector[FingerprintParams]):
         client_ids = self._batch_clients
 
         hashes = self.fingerprints(X)
-        matches = self.store.observe(client_ids, hashes, learn.tolist())
+        # Every row is stored, good standing or not: the store is evidence, not a
+        # model of normal traffic, and an attack spread over keys would hide as
+        # soon as its first keys were flagged if their queries were left out.
+        del learn
+        matches = self.store.observe(client_ids, hashes)
         self.last_hashes = hashes
         self.last_matches = matches
         threshold = p.match_threshold

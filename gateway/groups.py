@@ -44,8 +44,8 @@ logger = logging.getLogger(__name__)
 class FingerprintBatch:
     """The fingerprints one model's detectors computed for a batch.
 
-    ``remember`` is the per-row good standing the detectors used: rows of
-    clients in bad standing are compared with the store but not added.
+    ``remember`` says per row whether the shared store should keep it (the
+    scorer keeps every row, as the per-worker store does).
     """
 
     model: str

@@ -129,7 +129,7 @@ class Scorer:
                         model=model.name,
                         client_ids=client_ids,
                         hashes=detector.last_hashes,
-                        remember=learn,
+                        remember=[True] * len(client_ids),
                         match_threshold=detector.params.match_threshold,
                     )
                 )

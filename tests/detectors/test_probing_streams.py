@@ -43,7 +43,9 @@ def benign(
     return [ids[i] for i in order], X[order]
 
 
-def walk(digits: Digits, n: int, seed: int, step: float = 0.01) -> npt.NDArray[np.float64]:
+def walk(
+    digits: Digits, n: int, seed: int, step: float = 0.01
+) -> npt.NDArray[np.float64]:
     """A random walk of small dense steps around one digit."""
     rng = np.random.default_rng(seed)
     x = digits.test[seed % len(digits.test)].copy()
