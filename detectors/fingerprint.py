@@ -21,8 +21,10 @@ Imports numpy and pydantic only; nothing from Kafka, Redis, FastAPI or
 from __future__ import annotations
 
 import logging
+from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -201,7 +203,7 @@ class InMemoryFingerprintStore:
     horizon
         Entries (queries of all clients) kept; older ones stop counting.
     max_hashes
-        Hash values kept; the least recently touched go first.
+        Hash values kept; the first seen go first.
     entries_per_hash
         Entries kept per hash value; the oldest go first. Bounds the work per
         query at ``k * entries_per_hash`` look-ups.
@@ -213,7 +215,7 @@ class InMemoryFingerprintStore:
         match_threshold: int,
         horizon: int = 100_000,
         max_hashes: int = 200_000,
-        entries_per_hash: int = 32,
+        entries_per_hash: int = 8,
     ) -> None:
         if match_threshold < 1 or horizon < 1 or max_hashes < 1:
             raise ValueError("match_threshold, horizon and max_hashes must be >= 1")
@@ -223,7 +225,7 @@ class InMemoryFingerprintStore:
         self.horizon = horizon
         self.max_hashes = max_hashes
         self.entries_per_hash = entries_per_hash
-        self._postings: dict[int, list[int]] = {}
+        self._postings: dict[int, deque[int]] = {}
         self._entry_client: dict[int, str] = {}
         self._clock = 0
 
@@ -249,36 +251,20 @@ class InMemoryFingerprintStore:
         threshold = self.match_threshold
         cap = self.entries_per_hash
         out: list[FingerprintMatch] = []
-        # A plain loop over Python ints: per row k dictionary look-ups and at
-        # most k * entries_per_hash counts, cheaper than numpy at these sizes.
+        # A loop over rows of Python ints: per row k dictionary look-ups and
+        # one Counter over at most k * entries_per_hash entries.
         for client, row, add in zip(client_ids, hash_sets.tolist(), keep, strict=True):
             entry = self._clock + 1
-            counts: dict[int, int] = {}
-            size = 0
-            for h in row:
-                if h == 0:
-                    continue
-                size += 1
-                earlier = postings.get(h)
-                if earlier is not None:
-                    for e in earlier:
-                        counts[e] = counts.get(e, 0) + 1
-                if not add:
-                    continue
-                if earlier is None:
-                    earlier = [entry]
-                else:
-                    del postings[h]
-                    earlier.append(entry)
-                    if len(earlier) > cap:
-                        del earlier[0]
-                # Re-inserted, so the dict's order is least recently touched first.
-                postings[h] = earlier
+            hashes = [h for h in row if h]
+            size = len(hashes)
+            lists = [postings[h] for h in hashes if h in postings]
+            # Counter counts in C: the shared-hash count of every earlier entry
+            # that holds one of this row's hashes.
+            counts = Counter(chain.from_iterable(lists)) if lists else {}
+            near = [(e, c) for e, c in counts.items() if c >= threshold]
             own = identical = 0
             others: dict[str, int] = {}
-            for e, shared in counts.items():
-                if shared < threshold:
-                    continue
+            for e, shared in near:
                 sender = entry_client.get(e)
                 if sender is None:
                     continue  # older than the horizon
@@ -290,9 +276,15 @@ class InMemoryFingerprintStore:
                     others[sender] = others.get(sender, 0) + 1
             if add:
                 self._clock = entry
+                for h in hashes:
+                    earlier = postings.get(h)
+                    if earlier is None:
+                        postings[h] = earlier = deque(maxlen=cap)
+                    earlier.append(entry)
                 entry_client[entry] = client
                 if len(entry_client) > self.horizon:
                     del entry_client[next(iter(entry_client))]
+                # Oldest first-seen hash values go first (insertion order).
                 while len(postings) > self.max_hashes:
                     del postings[next(iter(postings))]
             out.append(FingerprintMatch(own, others, identical))

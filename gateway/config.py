@@ -146,7 +146,7 @@ class CrossClientConfig(_Frozen):
     enabled: bool = True
     # How long a stored fingerprint counts; also the expiry of its Redis keys.
     fingerprint_ttl_s: float = Field(600.0, gt=0, le=7 * 86_400)
-    entries_per_hash: int = Field(32, ge=1, le=1024)
+    entries_per_hash: int = Field(8, ge=1, le=1024)
     # Near-duplicate reports between two keys within link_window_s that link
     # them. Honest digit replays share a handful at most (docs/detectors.md).
     link_min_shared: int = Field(10, ge=1, le=1_000_000)

@@ -74,7 +74,7 @@ class RedisFingerprintStore:
         *,
         match_threshold: int,
         ttl_s: float = 600.0,
-        entries_per_hash: int = 32,
+        entries_per_hash: int = 8,
         timeout_s: float = 2.0,
     ) -> None:
         if match_threshold < 1 or ttl_s <= 0 or entries_per_hash < 1:
