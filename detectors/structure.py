@@ -32,7 +32,13 @@ from detectors._history import (
     quantise,
     ring_fields,
 )
-from detectors._state import FieldSpec, check_window, group_rows, push_window
+from detectors._state import (
+    FieldSpec,
+    Groups,
+    check_window,
+    group_rows,
+    push_window,
+)
 from detectors.base import MAX_STATE_BYTES, Detector, DetectorParams, DetectorScore
 
 
@@ -210,37 +216,35 @@ class ChangeStructureDetector(Detector[StructureParams]):
         return self._scores(score, seen[inverse] >= p.min_queries, evidence)
 
     def _repeat_cosines(
-        self, groups: Any, unit: npt.NDArray[np.float64]
+        self, groups: Groups, unit: npt.NDArray[np.float64]
     ) -> npt.NDArray[np.float64]:
         """Largest absolute cosine of each row's step with the client's last
-        ``directions`` steps, then push the steps (sorted order)."""
+        ``directions`` steps, then push the steps (sorted order).
+
+        The step ring advances with ``n_seen``: one step per query (zero for a
+        first query), so its position needs no counter of its own.
+        """
         assert self._arena is not None
         arrays = self._arena.arrays
         dirs = arrays["dirs"]
         m = dirs.shape[1]
-        # The step ring advances with the history ring: one step per query.
-        n_seen = arrays["n_seen"]
-        best = np.zeros(len(unit), dtype=np.float64)
-        for start, size, slot in zip(
-            groups.start.tolist(),
-            groups.size.tolist(),
-            groups.unique.tolist(),
-            strict=True,
-        ):
-            old = int(n_seen[slot])
-            old_len = min(old, m)
-            order = (old - old_len + np.arange(old_len)) % m
-            cand = np.concatenate(
-                [dirs[slot, order].astype(np.float64), unit[start : start + size]]
-            )
-            cos = np.abs(unit[start : start + size] @ cand.T)
-            t = np.arange(size)[:, None]
-            j = np.arange(old_len + size)[None, :]
-            visible = (j < old_len + t) & (j >= old_len + t - m)
-            cos = np.where(visible, cos, 0.0)
-            if cos.shape[1]:
-                best[start : start + size] = cos.max(axis=1)
-            keep = min(size, m)
-            index = (old + np.arange(size - keep, size)) % m
-            dirs[slot, index] = unit[start + size - keep : start + size]
+        g, t, slot = groups.group, groups.position, groups.slot
+        seen_before = np.maximum(arrays["n_seen"][groups.unique][g], 0)
+        old_len = np.minimum(seen_before, m)
+
+        # Against the stored steps still among the last m when the row comes.
+        ring = dirs[slot].astype(np.float64)  # (n, m, d)
+        cos = np.abs(np.matmul(ring, unit[:, :, None])[:, :, 0])
+        age = (np.arange(m)[None, :] - (seen_before - old_len)[:, None]) % m
+        visible = (age < old_len[:, None]) & (age >= (old_len + t - m)[:, None])
+        best: npt.NDArray[np.float64] = np.where(visible, cos, 0.0).max(axis=1)
+
+        # Against the same client's earlier steps of this batch, lag by lag.
+        for back in range(1, int(min(groups.size.max(), m + 1))):
+            has = np.flatnonzero(t >= back)
+            lagged = np.abs(np.einsum("ij,ij->i", unit[has], unit[has - back]))
+            best[has] = np.maximum(best[has], lagged)
+
+        keep = t >= groups.size[g] - m
+        dirs[slot[keep], (seen_before[keep] + t[keep]) % m] = unit[keep]
         return best
