@@ -21,10 +21,8 @@ Imports numpy and pydantic only; nothing from Kafka, Redis, FastAPI or
 from __future__ import annotations
 
 import logging
-from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -44,6 +42,7 @@ HashArray = npt.NDArray[np.uint64]
 _MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX_2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN_INT = 0x9E3779B97F4A7C15
+_GOLDEN_KEY = np.uint64(_GOLDEN_INT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,11 +56,15 @@ class FingerprintMatch:
         (share at least the store's match threshold of hashes).
     others
         Other clients with near-duplicates of this query among their recent
-        queries, and how many each sent; identical fingerprints are left out.
+        queries, and how many each sent; empty when the query is an exact
+        repeat (see ``identical``).
     identical
-        Recent queries of other clients with exactly this fingerprint. They are
-        kept apart because many honest users sending one popular input is not
-        probing, while an attack varies its input on every query.
+        When this exact input was stored before (by anyone, within the
+        horizon; known only if the caller passes input keys): the other
+        clients' near-duplicate entries, counted here instead of in
+        ``others``. Many honest users sending one popular input is not
+        probing, while an attack changes its input on every query (even
+        below the quantisation step, where its fingerprint does not change).
     """
 
     own: int = 0
@@ -82,6 +85,7 @@ class FingerprintStore(Protocol):
         client_ids: Sequence[str],
         hash_sets: HashArray,
         remember: Sequence[bool] | None = None,
+        input_keys: npt.NDArray[np.uint64] | None = None,
     ) -> list[FingerprintMatch]:
         """Compare each row's hashes with the store, then add them.
 
@@ -95,6 +99,10 @@ class FingerprintStore(Protocol):
             Per row, whether to add it after comparing (default: all); a row
             not remembered is compared only (for example a replay of traffic
             already stored).
+        input_keys
+            Per row, :func:`input_keys` of the query, so exact copies of an
+            earlier input are told apart (``FingerprintMatch.identical``);
+            without them every match counts as a near-duplicate.
 
         Returns
         -------
@@ -111,6 +119,18 @@ def _mix(values: HashArray) -> HashArray:
     z = (z ^ (z >> np.uint64(27))) * _MIX_2
     out: HashArray = z ^ (z >> np.uint64(31))
     return out
+
+
+def input_keys(X: npt.NDArray[np.float64]) -> npt.NDArray[np.uint64]:
+    """One 64-bit key per input, equal for inputs equal at 8 bits per feature
+    (an exact copy), different otherwise but for hash collisions. Never 0."""
+    q = np.rint(np.clip(X, 0.0, 1.0) * 255.0).astype(np.uint64)
+    position = np.arange(X.shape[1], dtype=np.uint64) << np.uint64(8)
+    keys: npt.NDArray[np.uint64] = np.bitwise_xor.reduce(
+        _mix((q | position[None, :]) + _GOLDEN_KEY), axis=1
+    )
+    keys[keys == 0] = 1
+    return keys
 
 
 def window_hashes(
@@ -186,27 +206,42 @@ def top_hashes(hashes: HashArray, k: int, common: HashArray | None = None) -> Ha
     return np.ascontiguousarray(out)
 
 
-class InMemoryFingerprintStore:
-    """A bounded :class:`FingerprintStore` in one process.
+# Rows compared per step, so that a chunk's new hash values never need more
+# than half the table.
+_STORE_CHUNK_ROWS = 256
 
-    Every observed query becomes an entry (a sequence number and its client).
-    For each hash value the store keeps the last ``entries_per_hash`` entries
-    that contained it. A new query is a near-duplicate of an earlier entry when
-    they share at least ``match_threshold`` hashes, as in Blacklight; the
-    result names the clients of those entries and how many near-duplicates
-    each sent.
+
+class InMemoryFingerprintStore:
+    """A bounded :class:`FingerprintStore` in one process, vectorised.
+
+    Every remembered query becomes an entry (a sequence number and its
+    client). For each hash value the store keeps the last ``entries_per_hash``
+    entries that contained it. A new query is a near-duplicate of an earlier
+    entry when they share at least ``match_threshold`` hashes, as in
+    Blacklight; the result names the clients of those entries and how many
+    near-duplicates each sent.
+
+    The hash values of one row must be distinct (fingerprints are: a window's
+    position is part of its hash).
+
+    Layout: a dict from hash value to a row of a table of entry rings (the
+    only per-hash Python work is that look-up); the counting of shared hashes
+    per earlier entry is a sort per batch. Hash values are evicted oldest
+    first-seen first; client names are kept in an index that only grows
+    (about 100 bytes per client ever seen).
 
     Parameters
     ----------
     match_threshold
         Shared hashes that make a near-duplicate.
     horizon
-        Entries (queries of all clients) kept; older ones stop counting.
+        Entries (remembered queries of all clients) that count; older ones
+        stop counting.
     max_hashes
-        Hash values kept; the first seen go first.
+        Hash values kept.
     entries_per_hash
         Entries kept per hash value; the oldest go first. Bounds the work per
-        query at ``k * entries_per_hash`` look-ups.
+        query at ``k * entries_per_hash`` candidates.
     """
 
     def __init__(
@@ -225,70 +260,300 @@ class InMemoryFingerprintStore:
         self.horizon = horizon
         self.max_hashes = max_hashes
         self.entries_per_hash = entries_per_hash
-        self._postings: dict[int, deque[int]] = {}
-        self._entry_client: dict[int, str] = {}
+        self._slot_of: dict[int, int] = {}
+        capacity = min(max_hashes, 4096)
+        self._slot_hash = np.zeros(capacity, dtype=np.uint64)
+        self._table = np.full((capacity, entries_per_hash), -1, dtype=np.int64)
+        self._table_pos = np.zeros(capacity, dtype=np.int64)
+        self._table_len = np.zeros(capacity, dtype=np.int64)
+        self._allocated = 0  # slots handed out so far (reused modulo max_hashes)
+        self._entry_client = np.full(horizon, -1, dtype=np.int64)
         self._clock = 0
+        self._client_index: dict[str, int] = {}
+        self._client_names: list[str] = []
+        # Input key -> last entry that had it (at most `horizon` keys).
+        self._seen_key: dict[int, int] = {}
 
     def __len__(self) -> int:
         """Hash values held."""
-        return len(self._postings)
+        return len(self._slot_of)
+
+    def _exact_repeats(
+        self,
+        keys: npt.NDArray[np.uint64],
+        rem: npt.NDArray[np.bool_],
+        entry_of_row: npt.NDArray[np.int64],
+        clock_at_row: npt.NDArray[np.int64],
+    ) -> npt.NDArray[np.bool_]:
+        """Whether each row's input was stored before it (within the horizon),
+        then remember the keys of remembered rows; key 0 means unknown."""
+        seen = self._seen_key
+        horizon = self.horizon
+        exact = np.zeros(len(keys), dtype=bool)
+        rows = zip(
+            keys.tolist(),
+            rem.tolist(),
+            entry_of_row.tolist(),
+            clock_at_row.tolist(),
+            strict=True,
+        )
+        for r, (key, add, entry, clock) in enumerate(rows):
+            if key == 0:
+                continue
+            earlier = seen.get(key)
+            if earlier is not None and earlier > clock - horizon:
+                exact[r] = True
+            if add:
+                seen.pop(key, None)
+                seen[key] = entry
+                if len(seen) > horizon:
+                    del seen[next(iter(seen))]
+        return exact
 
     def observe(
         self,
         client_ids: Sequence[str],
         hash_sets: HashArray,
         remember: Sequence[bool] | None = None,
+        input_keys: npt.NDArray[np.uint64] | None = None,
     ) -> list[FingerprintMatch]:
-        if len(client_ids) != len(hash_sets):
-            raise ValueError(
-                f"{len(client_ids)} client ids for {len(hash_sets)} hash sets"
-            )
-        keep = [True] * len(client_ids) if remember is None else list(remember)
-        if len(keep) != len(client_ids):
-            raise ValueError(f"{len(keep)} remember flags for {len(client_ids)} rows")
-        postings = self._postings
-        entry_client = self._entry_client
-        threshold = self.match_threshold
-        cap = self.entries_per_hash
+        n = len(client_ids)
+        if n != len(hash_sets):
+            raise ValueError(f"{n} client ids for {len(hash_sets)} hash sets")
+        keep = (
+            np.ones(n, dtype=bool)
+            if remember is None
+            else np.asarray(remember, dtype=bool)
+        )
+        if keep.shape != (n,):
+            raise ValueError(f"{keep.size} remember flags for {n} rows")
+        hashes = np.asarray(hash_sets, dtype=np.uint64).reshape(n, -1)
+        keys = (
+            np.zeros(n, dtype=np.uint64)
+            if input_keys is None
+            else np.asarray(input_keys, dtype=np.uint64)
+        )
+        if keys.shape != (n,):
+            raise ValueError(f"{keys.size} input keys for {n} rows")
+        index = self._client_index
+        names = self._client_names
+        clients = np.empty(n, dtype=np.int64)
+        for i, client in enumerate(client_ids):
+            c = index.get(client)
+            if c is None:
+                c = index[client] = len(names)
+                names.append(client)
+            clients[i] = c
+        width = max(hashes.shape[1], 1)
+        step = max(1, min(_STORE_CHUNK_ROWS, self.max_hashes // (2 * width)))
         out: list[FingerprintMatch] = []
-        # A loop over rows of Python ints: per row k dictionary look-ups and
-        # one Counter over at most k * entries_per_hash entries.
-        for client, row, add in zip(client_ids, hash_sets.tolist(), keep, strict=True):
-            entry = self._clock + 1
-            hashes = [h for h in row if h]
-            size = len(hashes)
-            lists = [postings[h] for h in hashes if h in postings]
-            # Counter counts in C: the shared-hash count of every earlier entry
-            # that holds one of this row's hashes.
-            counts = Counter(chain.from_iterable(lists)) if lists else {}
-            near = [(e, c) for e, c in counts.items() if c >= threshold]
-            own = identical = 0
-            others: dict[str, int] = {}
-            for e, shared in near:
-                sender = entry_client.get(e)
-                if sender is None:
-                    continue  # older than the horizon
-                if sender == client:
-                    own += 1
-                elif shared == size:
-                    identical += 1
-                else:
-                    others[sender] = others.get(sender, 0) + 1
-            if add:
-                self._clock = entry
-                for h in hashes:
-                    earlier = postings.get(h)
-                    if earlier is None:
-                        postings[h] = earlier = deque(maxlen=cap)
-                    earlier.append(entry)
-                entry_client[entry] = client
-                if len(entry_client) > self.horizon:
-                    del entry_client[next(iter(entry_client))]
-                # Oldest first-seen hash values go first (insertion order).
-                while len(postings) > self.max_hashes:
-                    del postings[next(iter(postings))]
-            out.append(FingerprintMatch(own, others, identical))
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            out += self._chunk(
+                hashes[start:stop],
+                keep[start:stop],
+                clients[start:stop],
+                keys[start:stop],
+            )
         return out
+
+    def _chunk(
+        self,
+        H: HashArray,
+        rem: npt.NDArray[np.bool_],
+        clients: npt.NDArray[np.int64],
+        keys: npt.NDArray[np.uint64],
+    ) -> list[FingerprintMatch]:
+        n, k = H.shape
+        E = self.entries_per_hash
+        clock0 = self._clock
+        rem_int = rem.astype(np.int64)
+        rem_cum = np.cumsum(rem_int)
+        entry_of_row = clock0 + rem_cum  # meaningful where rem
+        clock_at_row = clock0 + rem_cum - rem_int  # entries stored before the row
+        remembered_rows = np.flatnonzero(rem)
+
+        # Occurrences (row, hash) of non-empty slots, row-major.
+        exact = self._exact_repeats(keys, rem, entry_of_row, clock_at_row)
+        occ_row, occ_col = np.nonzero(H)
+        occ_hash = H[occ_row, occ_col]
+        m = len(occ_hash)
+        get = self._slot_of.get
+        occ_slot = np.fromiter((get(h, -1) for h in occ_hash.tolist()), np.int64, m)
+
+        # Sorted by (hash, row): each hash's occurrences in arrival order, and
+        # b = remembered occurrences of the same hash earlier in the chunk.
+        order = np.lexsort((occ_row, occ_hash))
+        sh, srow, sslot = occ_hash[order], occ_row[order], occ_slot[order]
+        srem = rem_int[srow]
+        first = np.ones(m, dtype=bool)
+        first[1:] = sh[1:] != sh[:-1]
+        gstart = np.flatnonzero(first)
+        gid = np.cumsum(first) - 1
+        rem_cum_s = np.cumsum(srem)
+        rem_before = rem_cum_s - srem
+        group_rem_before = rem_before[gstart]
+        b = rem_before - group_rem_before[gid]
+
+        # Candidates from the table: the ring's entries not yet pushed out by
+        # the b earlier remembered occurrences of the chunk.
+        cands = np.full((m, 2 * E), -1, dtype=np.int64)
+        has = np.flatnonzero(sslot >= 0)
+        if has.size:
+            s = sslot[has]
+            length = self._table_len[s]
+            pos = self._table_pos[s]
+            age = np.arange(E)
+            ring = (pos[:, None] - length[:, None] + age[None, :]) % E
+            ok = (age[None, :] < length[:, None]) & (
+                age[None, :] >= (length + b[has] - E)[:, None]
+            )
+            cands[has, :E] = np.where(ok, self._table[s[:, None], ring], -1)
+        # Candidates from the chunk: the last E remembered occurrences before.
+        remembered_occ = np.flatnonzero(srem)
+        if remembered_occ.size:
+            rank = b[:, None] - np.arange(1, E + 1)[None, :]
+            valid = rank >= 0
+            at = remembered_occ[
+                np.where(valid, group_rem_before[gid][:, None] + rank, 0)
+            ]
+            cands[:, E:] = np.where(valid, entry_of_row[srow[at]], -1)
+
+        # Per row, the candidate entries of all its hashes; an entry met in
+        # at least match_threshold of them is a near-duplicate.
+        per_row = np.full((n, k, 2 * E), -1, dtype=np.int64)
+        per_row[occ_row[order], occ_col[order]] = cands
+        flat = np.sort(per_row.reshape(n, -1), axis=1)
+        rows = np.repeat(np.arange(n), flat.shape[1])
+        values = flat.ravel()
+        valid = values >= 0
+        rows, values = rows[valid], values[valid]
+        own = np.zeros(n, dtype=np.int64)
+        identical = np.zeros(n, dtype=np.int64)
+        others: list[dict[str, int]] = [{} for _ in range(n)]
+        if values.size:
+            run = np.ones(values.size, dtype=bool)
+            run[1:] = (rows[1:] != rows[:-1]) | (values[1:] != values[:-1])
+            starts = np.flatnonzero(run)
+            counts = np.diff(np.append(starts, values.size))
+            near_row = rows[starts]
+            near_entry = values[starts]
+            keep_near = (counts >= self.match_threshold) & (
+                near_entry > clock_at_row[near_row] - self.horizon
+            )
+            near_row, near_entry = near_row[keep_near], near_entry[keep_near]
+            counts = counts[keep_near]
+            sender = np.empty(near_entry.size, dtype=np.int64)
+            stored_before = near_entry <= clock0
+            sender[stored_before] = self._entry_client[
+                near_entry[stored_before] % self.horizon
+            ]
+            in_chunk = ~stored_before
+            sender[in_chunk] = clients[
+                remembered_rows[near_entry[in_chunk] - clock0 - 1]
+            ]
+            is_own = sender == clients[near_row]
+            is_identical = ~is_own & exact[near_row]
+            own = np.bincount(near_row[is_own], minlength=n)
+            identical = np.bincount(near_row[is_identical], minlength=n)
+            other = ~is_own & ~is_identical
+            if other.any():
+                n_clients = len(self._client_names)
+                pairs, found = np.unique(
+                    near_row[other] * n_clients + sender[other], return_counts=True
+                )
+                names = self._client_names
+                for pair, count in zip(pairs.tolist(), found.tolist(), strict=True):
+                    row, who = divmod(pair, n_clients)
+                    others[row][names[who]] = count
+
+        self._store(sh, gstart, gid, sslot, srem, b, srow, entry_of_row)
+        if remembered_rows.size:
+            last = remembered_rows[-self.horizon :]
+            self._entry_client[entry_of_row[last] % self.horizon] = clients[last]
+            self._clock = int(clock0 + remembered_rows.size)
+        return [
+            FingerprintMatch(int(o), d, int(i))
+            for o, d, i in zip(own.tolist(), others, identical.tolist(), strict=True)
+        ]
+
+    def _store(
+        self,
+        sh: HashArray,
+        gstart: npt.NDArray[np.int64],
+        gid: npt.NDArray[np.int64],
+        sslot: npt.NDArray[np.int64],
+        srem: npt.NDArray[np.int64],
+        b: npt.NDArray[np.int64],
+        srow: npt.NDArray[np.int64],
+        entry_of_row: npt.NDArray[np.int64],
+    ) -> None:
+        """Push the chunk's remembered occurrences into the hash rings."""
+        E = self.entries_per_hash
+        if not srem.any():
+            return
+        total = np.add.reduceat(srem, gstart)
+        group_slot = sslot[gstart].copy()
+        need = (total > 0) & (group_slot < 0)
+        if need.any():
+            group_slot[need] = self._allocate(sh[gstart][need], group_slot)
+        slot = group_slot[gid]
+        write = (srem > 0) & (b >= total[gid] - E)
+        ws = slot[write]
+        self._table[ws, (self._table_pos[ws] + b[write]) % E] = entry_of_row[
+            srow[write]
+        ]
+        touched = total > 0
+        gs = group_slot[touched]
+        self._table_pos[gs] = (self._table_pos[gs] + total[touched]) % E
+        self._table_len[gs] = np.minimum(self._table_len[gs] + total[touched], E)
+
+    def _allocate(
+        self, new_hashes: HashArray, in_use: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.int64]:
+        """Slots for hash values not yet held: the next positions of a ring
+        over ``max_hashes`` slots (so the oldest first-seen value goes first),
+        skipping slots this chunk uses."""
+        u = len(new_hashes)
+        touched = in_use[in_use >= 0]
+        positions = (self._allocated + np.arange(u + touched.size)) % self.max_hashes
+        usable = np.flatnonzero(~np.isin(positions, touched))[:u]
+        slots = positions[usable]
+        self._allocated += int(usable[-1]) + 1
+        needed = int(slots.max()) + 1
+        if needed > len(self._slot_hash):
+            self._grow(min(self.max_hashes, max(needed, 2 * len(self._slot_hash))))
+        slot_of = self._slot_of
+        for slot, old in zip(
+            slots.tolist(), self._slot_hash[slots].tolist(), strict=True
+        ):
+            if slot_of.get(old) == slot:
+                del slot_of[old]
+        slot_of.update(zip(new_hashes.tolist(), slots.tolist(), strict=True))
+        self._slot_hash[slots] = new_hashes
+        self._table[slots] = -1
+        self._table_pos[slots] = 0
+        self._table_len[slots] = 0
+        return slots
+
+    def _grow(self, capacity: int) -> None:
+        old = len(self._slot_hash)
+        extra = capacity - old
+        self._slot_hash = np.concatenate(
+            [self._slot_hash, np.zeros(extra, dtype=np.uint64)]
+        )
+        self._table = np.concatenate(
+            [
+                self._table,
+                np.full((extra, self.entries_per_hash), -1, dtype=np.int64),
+            ]
+        )
+        self._table_pos = np.concatenate(
+            [self._table_pos, np.zeros(extra, dtype=np.int64)]
+        )
+        self._table_len = np.concatenate(
+            [self._table_len, np.zeros(extra, dtype=np.int64)]
+        )
 
 
 class FingerprintParams(DetectorParams):
@@ -406,6 +671,7 @@ class FingerprintDetector(Detector[FingerprintParams]):
         self.last_matches: list[FingerprintMatch] = []
         self.last_hashes: HashArray = np.zeros((0, p.k), dtype=np.uint64)
         self._batch_clients: list[str] = []
+        self.last_input_keys: npt.NDArray[np.uint64] = np.zeros(0, dtype=np.uint64)
 
     def score_batch(
         self,
@@ -487,7 +753,9 @@ class FingerprintDetector(Detector[FingerprintParams]):
         # model of normal traffic, and an attack spread over keys would hide as
         # soon as its first keys were flagged if their queries were left out.
         del learn
-        matches = self.store.observe(client_ids, hashes)
+        keys = input_keys(X)
+        matches = self.store.observe(client_ids, hashes, None, keys)
+        self.last_input_keys = keys
         self.last_hashes = hashes
         self.last_matches = matches
         threshold = p.match_threshold

@@ -97,8 +97,12 @@ class RedisFingerprintStore:
         client_ids: Sequence[str],
         hash_sets: npt.NDArray[np.uint64],
         remember: Sequence[bool] | None = None,
+        input_keys: npt.NDArray[np.uint64] | None = None,
     ) -> list[FingerprintMatch]:
         """Compare each row with the store, then add it (if ``remember``).
+
+        ``input_keys`` (``detectors.fingerprint.input_keys``) tell exact copies
+        of an earlier input apart, as in the in-memory store.
 
         Raises
         ------
@@ -113,6 +117,9 @@ class RedisFingerprintStore:
         keep = [True] * n if remember is None else list(remember)
         if len(keep) != n:
             raise ValueError(f"{len(keep)} remember flags for {n} rows")
+        inputs = [0] * n if input_keys is None else [int(v) for v in input_keys]
+        if len(inputs) != n:
+            raise ValueError(f"{len(inputs)} input keys for {n} rows")
         if n == 0:
             return []
 
@@ -121,9 +128,17 @@ class RedisFingerprintStore:
         key_index: dict[int, int] = {}
         keys: list[str] = [f"{self._tag}:seq"]
         args: list[Any] = [self.ttl_ms, self.entries_per_hash, self.match_threshold, n]
-        for client, row, add in zip(client_ids, hash_sets.tolist(), keep, strict=True):
+        input_index: dict[int, int] = {}
+        rows = zip(client_ids, hash_sets.tolist(), keep, inputs, strict=True)
+        for client, row, add, input_key in rows:
             values = [h for h in row if h != 0]
-            args.extend((client, "1" if add else "0", len(values)))
+            at = 0
+            if input_key:
+                at = input_index.get(input_key, 0)
+                if not at:
+                    keys.append(f"{self._tag}:in:{input_key:016x}")
+                    at = input_index[input_key] = len(keys)
+            args.extend((client, "1" if add else "0", at, len(values)))
             for h in values:
                 index = key_index.get(h)
                 if index is None:

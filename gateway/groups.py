@@ -53,6 +53,7 @@ class FingerprintBatch:
     hashes: npt.NDArray[np.uint64]
     remember: list[bool]
     match_threshold: int
+    input_keys: npt.NDArray[np.uint64] | None = None
 
 
 class CrossClient:
@@ -116,7 +117,7 @@ class CrossClient:
         reports: dict[tuple[str, str], int] = defaultdict(int)
         for batch in batches:
             matches = await self._store(batch.match_threshold).observe(
-                batch.client_ids, batch.hashes, batch.remember
+                batch.client_ids, batch.hashes, batch.remember, batch.input_keys
             )
             for client, match in zip(batch.client_ids, matches, strict=True):
                 for other in match.others:

@@ -131,6 +131,7 @@ class Scorer:
                         hashes=detector.last_hashes,
                         remember=[True] * len(client_ids),
                         match_threshold=detector.params.match_threshold,
+                        input_keys=detector.last_input_keys,
                     )
                 )
 

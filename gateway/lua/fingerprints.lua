@@ -7,15 +7,19 @@
 --
 -- KEYS[1]          sequence counter of stored entries
 -- KEYS[2..]        one sorted set per distinct hash value of the batch:
---                  members "<entry>|<client>", scores the ms they were stored
+--                  members "<entry>|<client>", scores the ms they were stored;
+--                  then one string key per distinct input key of the batch,
+--                  present while that exact input was stored recently
 --
 -- ARGV[1] ttl ms   ARGV[2] entries kept per hash   ARGV[3] match threshold
--- ARGV[4] rows     then per row: client, remember ("1"/"0"), hash count m,
---                  and m indexes into KEYS (2-based)
+-- ARGV[4] rows     then per row: client, remember ("1"/"0"), index into
+--                  KEYS of its input key (0: none), hash count m, and m
+--                  indexes into KEYS
 --
 -- Returns per row {own, identical, client1, n1, client2, n2, ...}: near
--- duplicates among the client's own entries, identical fingerprints from
--- other clients, and per other client its near-duplicate entries.
+-- duplicates among the client's own entries, other clients' near duplicates
+-- of an input stored before (an exact copy), and per other client its
+-- near-duplicate entries.
 
 if redis.replicate_commands then
   redis.replicate_commands()
@@ -34,8 +38,13 @@ local at = 5
 for row = 1, n_rows do
   local client = ARGV[at]
   local remember = ARGV[at + 1] == "1"
-  local m = tonumber(ARGV[at + 2])
-  at = at + 3
+  local input_index = tonumber(ARGV[at + 2])
+  local m = tonumber(ARGV[at + 3])
+  at = at + 4
+  local exact = false
+  if input_index > 0 then
+    exact = redis.call("EXISTS", KEYS[input_index]) == 1
+  end
   local keys = {}
   for i = 1, m do
     keys[i] = KEYS[tonumber(ARGV[at + i - 1])]
@@ -58,7 +67,7 @@ for row = 1, n_rows do
       local sender = string.sub(entry, string.find(entry, "|", 1, true) + 1)
       if sender == client then
         own = own + 1
-      elseif shared == m then
+      elseif exact then
         identical = identical + 1
       else
         if others[sender] == nil then
@@ -77,6 +86,9 @@ for row = 1, n_rows do
   end
   out[row] = reply
 
+  if remember and input_index > 0 then
+    redis.call("SET", KEYS[input_index], "1", "PX", ttl_ms)
+  end
   if remember and m > 0 then
     local member = redis.call("INCR", KEYS[1]) .. "|" .. client
     for i = 1, m do

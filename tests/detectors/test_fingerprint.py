@@ -9,6 +9,7 @@ from detectors.fingerprint import (
     FingerprintDetector,
     FingerprintParams,
     InMemoryFingerprintStore,
+    input_keys,
     top_hashes,
     window_hashes,
 )
@@ -30,6 +31,16 @@ def test_hashes_are_deterministic_positional_and_never_zero() -> None:
     assert np.array_equal(window_hashes(y, levels=4, width=3), first)
     # Another seed, other values.
     assert not np.array_equal(window_hashes(x, levels=4, width=3, seed=1), first)
+
+
+def test_input_keys_tell_exact_copies_apart() -> None:
+    x = np.random.default_rng(0).random((3, 64))
+    x[1] = x[0]
+    x[2] = x[0]
+    x[2, 10] += 0.01  # a change far below a fingerprint's quantisation step
+    keys = input_keys(x)
+    assert keys[0] == keys[1] != keys[2]
+    assert (keys != 0).all()
 
 
 def test_top_hashes_keeps_the_largest_and_drops_common_ones() -> None:
@@ -54,13 +65,14 @@ def test_store_reports_near_duplicates_by_client() -> None:
             [1, 2, 3, 4],
             [1, 2, 3, 9],  # shares 3 with a's: near
             [1, 2, 7, 8],  # shares 2 with each: not near
-            [1, 2, 3, 4],  # own repeat, and near b's
-            [1, 2, 3, 4],  # identical to a's two queries; near b's
-        ),
+            [1, 2, 3, 4],  # own repeat (another input), and near b's
+            [1, 2, 3, 4],  # a copy of a's first input: its matches are
+        ),  # counted as identical, not as evidence against d
+        input_keys=np.array([10, 11, 12, 13, 10], dtype=np.uint64),
     )
     assert [m.own for m in found] == [0, 0, 0, 1, 0]
-    assert [dict(m.others) for m in found] == [{}, {"a": 1}, {}, {"b": 1}, {"b": 1}]
-    assert [m.identical for m in found] == [0, 0, 0, 0, 2]
+    assert [dict(m.others) for m in found] == [{}, {"a": 1}, {}, {"b": 1}, {}]
+    assert [m.identical for m in found] == [0, 0, 0, 0, 3]
 
 
 def test_rows_not_remembered_are_compared_but_not_stored() -> None:
@@ -82,10 +94,11 @@ def test_store_stays_bounded() -> None:
             rng.integers(1, 2**40, (200, 8)).astype(np.uint64),
         )
     assert len(store) <= 1000
-    assert len(store._entry_client) <= 100
-    # A hash sent by everyone keeps only the last entries_per_hash entries.
-    store.observe([f"x{i}" for i in range(10)], _sets(*[[7, 8]] * 10))
-    assert len(store._postings[7]) == 4
+    assert len(store._slot_hash) <= 1000 and len(store._entry_client) == 100
+    # A hash sent by everyone keeps only the last entries_per_hash entries:
+    # the eleventh query is near only the last four.
+    found = store.observe([f"x{i}" for i in range(11)], _sets(*[[7, 8]] * 11))
+    assert [sum(m.others.values()) for m in found] == [0, 1, 2, 3, 4, 4, 4, 4, 4, 4, 4]
     # An entry beyond the horizon no longer counts.
     old = InMemoryFingerprintStore(match_threshold=2, horizon=2)
     old.observe(["a", "b", "c"], _sets([1, 2], [5, 6], [7, 8]))

@@ -63,15 +63,19 @@ async def test_redis_store_agrees_with_the_in_memory_store(
     # Clients sending random fingerprints, some of them near copies (3 of 4
     # hashes kept) or exact copies of an earlier row of another client.
     rows = rng.integers(1, 2**63, (120, 4), dtype=np.uint64)
+    keys = rng.integers(1, 2**63, 120, dtype=np.uint64)
     for i in range(20, 120, 3):
-        rows[i] = rows[i - int(rng.integers(1, 20))]
+        source = i - int(rng.integers(1, 20))
+        rows[i] = rows[source]
         if i % 2:
             rows[i, 0] = rng.integers(1, 2**63, dtype=np.uint64)
+        elif i % 4 == 0:
+            keys[i] = keys[source]  # an exact copy of an input
     clients = [f"c{int(c)}" for c in rng.integers(0, 6, len(rows))]
     remember = (rng.random(len(rows)) < 0.9).tolist()
 
     memory = InMemoryFingerprintStore(match_threshold=3)
-    expected = memory.observe(clients, rows, remember)
+    expected = memory.observe(clients, rows, remember, keys)
     redis = redis_from_settings(settings)
     try:
         store = RedisFingerprintStore(
@@ -83,6 +87,7 @@ async def test_redis_store_agrees_with_the_in_memory_store(
                 clients[start : start + 50],
                 rows[start : start + 50],
                 remember[start : start + 50],
+                keys[start : start + 50],
             )
         key = store.hash_key(int(rows[0, 0]))
         ttl_ms = await redis.pttl(key)
