@@ -7,12 +7,18 @@ that land on different workers is still seen. One ``EVALSHA`` of
 ``lua/fingerprints.lua`` per batch: one network round trip, and the rows are
 applied in order, atomically.
 
-Data: one sorted set per hash value, ``{prefix:fp}:h:<hex>``, whose members
-are ``<entry>|<client>`` scored by the time they were stored. Each set keeps
-at most ``entries_per_hash`` members younger than ``ttl_s`` and expires
-``ttl_s`` after its last write, so the store is bounded by the query rate
-times ``ttl_s`` times ``k`` sets, each of at most ``entries_per_hash``
-members.
+Data: one list per hash value, ``{prefix:fp}:h:<hex>``, newest first, of at
+most ``entries_per_hash`` items ``<ms>|<entry>|<client>`` (items older than
+``ttl_s`` are ignored when read); one key per recently stored input,
+``{prefix:fp}:in:<hex>``, to tell exact copies apart; and the entry counter
+``{prefix:fp}:seq``. Every key expires ``ttl_s`` after its last write, so the
+store is bounded by the query rate times ``ttl_s`` times ``k + 1`` keys.
+
+Cost: the script makes about four Redis calls per hash value of each row
+(``LRANGE``, ``LPUSH``, ``LTRIM``, ``PEXPIRE``), all inside one ``EVALSHA``
+that blocks the Redis server while it runs: measured about 0.1-0.3 ms per
+query of 16 hashes on a loaded machine, so 50-150 ms per batch of 500 during
+which other workers' admission waits.
 
 Redis Cluster: a query must be compared with every client's fingerprints, so
 the key space cannot be split by client. Every key carries the one hash tag
@@ -89,7 +95,7 @@ class RedisFingerprintStore:
         self._timeout_s = timeout_s
 
     def hash_key(self, value: int) -> str:
-        """The sorted set of one hash value."""
+        """The list of one hash value."""
         return f"{self._tag}:h:{value:016x}"
 
     async def observe(
