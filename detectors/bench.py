@@ -69,7 +69,7 @@ def measure(
     --------
     >>> result = measure(n_clients=2, n_queries=5)
     >>> sorted(result["detectors"])
-    ['ood', 'similarity']
+    ['fingerprint', 'knn', 'ood', 'prada', 'similarity', 'structure']
     """
     if n_clients < 1 or n_queries < 1 or batch_size < 1:
         raise ValueError("n_clients, n_queries and batch_size must be positive")

@@ -12,14 +12,20 @@ from typing import Any
 import pydantic
 
 from detectors.base import Detector, describe_validation_error
+from detectors.fingerprint import FingerprintDetector
+from detectors.knn import KnnDistanceDetector
 from detectors.ood import OutOfDistributionDetector
 from detectors.prada import DistanceDistributionDetector
 from detectors.similarity import QuerySimilarityDetector
+from detectors.structure import ChangeStructureDetector
 
 DETECTORS: dict[str, type[Detector[Any]]] = {
     QuerySimilarityDetector.name: QuerySimilarityDetector,
     OutOfDistributionDetector.name: OutOfDistributionDetector,
     DistanceDistributionDetector.name: DistanceDistributionDetector,
+    KnnDistanceDetector.name: KnnDistanceDetector,
+    ChangeStructureDetector.name: ChangeStructureDetector,
+    FingerprintDetector.name: FingerprintDetector,
 }
 """Every registered detector class by its ``name``."""
 
@@ -52,7 +58,7 @@ def build_detectors(
     --------
     >>> detectors = build_detectors({"similarity": {"eps": 0.04}}, seed=0)
     >>> sorted(detectors), detectors["similarity"].params.eps
-    (['ood', 'prada', 'similarity'], 0.04)
+    (['fingerprint', 'knn', 'ood', 'prada', 'similarity', 'structure'], 0.04)
     """
     unknown = sorted(set(overrides) - set(DETECTORS))
     if unknown:

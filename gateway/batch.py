@@ -86,6 +86,10 @@ class BatchItem:
     hidden: bool = False
     # Retry-after of a refusal decided outside admission (the throttle bucket).
     throttle_retry_ms: int = 0
+    # Set by gateway.groups: the client's group of linked keys and the largest
+    # risk of any member (the client's own when it is alone).
+    group_id: str | None = None
+    group_risk: float = 0.0
 
     @property
     def client_id(self) -> str | None:
@@ -261,6 +265,8 @@ def decision_for(
         degrade=item.degrade,
         delay_ms=round(item.delay_s * 1000),
         hidden=item.hidden,
+        group_id=item.group_id,
+        group_risk=item.group_risk,
     )
 
 

@@ -443,6 +443,23 @@ class AdminConfig(_Frozen):
     client_view_ttl_s: float = Field(7 * 86_400.0, ge=1, le=90 * 86_400)
 
 
+class CrossClientConfig(_Frozen):
+    """The fingerprint store shared by all workers and the links between keys
+    (``gateway.groups``)."""
+
+    enabled: bool = True
+    # How long a stored fingerprint counts; also the expiry of its Redis keys.
+    fingerprint_ttl_s: float = Field(600.0, gt=0, le=7 * 86_400)
+    entries_per_hash: int = Field(8, ge=1, le=1024)
+    # Near-duplicate reports between two keys within link_window_s that link
+    # them. Honest digit replays share a handful at most (docs/detectors.md).
+    link_min_shared: int = Field(10, ge=1, le=1_000_000)
+    link_window_s: float = Field(600.0, gt=0, le=7 * 86_400)
+    link_ttl_s: float = Field(3600.0, gt=0, le=30 * 86_400)
+    # How long a client's latest risk is kept for its group's risk.
+    risk_ttl_s: float = Field(600.0, gt=0, le=7 * 86_400)
+
+
 class Settings(BaseSettings):
     """All configuration of one process. Frozen; build a new one to change it."""
 
@@ -464,6 +481,7 @@ class Settings(BaseSettings):
     detectors: dict[str, dict[str, Any]] = {}
     live: LiveSettings = LiveSettings()
     admin: AdminConfig = AdminConfig()
+    cross_client: CrossClientConfig = CrossClientConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -141,6 +141,9 @@ class DecisionRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     degrade: str | None = None
     delay_ms: int = 0
     hidden: bool = False
+    # Linked API keys (gateway.groups): the group's id and its largest risk.
+    group_id: str | None = None
+    group_risk: float = 0.0
 
 
 class DeadLetter(msgspec.Struct, frozen=True, omit_defaults=True):

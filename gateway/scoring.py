@@ -18,10 +18,12 @@ import msgspec
 import numpy as np
 
 from detectors import Detector, DetectorScore, build_detectors
+from detectors.fingerprint import FingerprintDetector
 from gateway.backends import ModelBackend
 from gateway.batch import BatchItem
 from gateway.config import PolicyConfig, Settings
 from gateway.errors import BackendError, PolicyError
+from gateway.groups import FingerprintBatch
 from gateway.metrics import WorkerMetrics
 from gateway.policy import SEVERITY, Policy
 from gateway.shaping import seed_for, shape
@@ -58,6 +60,8 @@ class Scorer:
         self._metrics = metrics
         self._detectors: dict[str, dict[str, Detector[Any]]] = {}
         # Detectors in shadow: scored and recorded, but kept out of policy.
+        # Fingerprints of the last scoring call, for the cross-worker store.
+        self._fingerprints: list[FingerprintBatch] = []
         for name, model in models.items():
             detectors = build_detectors(settings.detectors, seed=0)
             reference = scale_to_unit(model.reference, model.signature)
@@ -69,6 +73,7 @@ class Scorer:
         """Score every admitted item, apply policy, and run each model once on
         the rows policy lets through. Fills ``verdict``, ``scores``, ``action``
         and ``probabilities`` (or ``error``) in place."""
+        self._fingerprints = []
         by_model: dict[str, list[BatchItem]] = defaultdict(list)
         for item in items:
             if item.error is None and item.model is not None and item.rows is not None:
@@ -139,6 +144,18 @@ class Scorer:
             name: detector.score_batch(client_ids, x, learn=learn)
             for name, detector in self._detectors[model.name].items()
         }
+        for detector in self._detectors[model.name].values():
+            if isinstance(detector, FingerprintDetector):
+                self._fingerprints.append(
+                    FingerprintBatch(
+                        model=model.name,
+                        client_ids=client_ids,
+                        hashes=detector.last_hashes,
+                        remember=[True] * len(client_ids),
+                        match_threshold=detector.params.match_threshold,
+                        input_keys=detector.last_input_keys,
+                    )
+                )
 
         # Policy per row; a request takes the most severe verdict of its rows.
         for row, item in enumerate(row_items):
@@ -227,6 +244,12 @@ class Scorer:
         self.policy.reconfigure(
             policy.model_copy(update={"shadow_detectors": sorted(shadowed)})
         )
+
+    def take_fingerprints(self) -> list[FingerprintBatch]:
+        """Fingerprints computed since the last call (one per model scored),
+        for ``gateway.groups.CrossClient``; the list is emptied."""
+        taken, self._fingerprints = self._fingerprints, []
+        return taken
 
     # -- per-client state ---------------------------------------------------------
 

@@ -46,6 +46,7 @@ from gateway.errors import (
     StoreError,
     ValidationError,
 )
+from gateway.groups import CrossClient
 from gateway.keys import KeyStore, authenticate, load_server_key
 from gateway.limits import Admitter
 from gateway.liveconfig.document import LiveConfig
@@ -121,6 +122,7 @@ class Worker:
         self._delayed: dict[TopicPartition, dict[int, asyncio.Task[None]]] = {}
         self._next_offsets: dict[TopicPartition, int] = {}
         self._clientview: ClientView | None = None
+        self._cross: CrossClient | None = None
         # Held while a batch is in flight, so a revoke waits for it to commit.
         self._batch_lock = asyncio.Lock()
         self._client_tp: dict[str, TopicPartition] = {}
@@ -170,6 +172,7 @@ class Worker:
         self._replays = ReplayCache(self._redis, self._store, s)
         self._throttle = ThrottleStore(self._redis, s)
         self._clientview = ClientView(self._redis, s)
+        self._cross = CrossClient(self._redis, s)
 
         try:
             await ensure_topics(s)
@@ -385,6 +388,8 @@ class Worker:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, self._scorer.score_and_predict, items)
             timer.lap("detect_predict")
+            if self._cross is not None:
+                await self._cross.after_scoring(items, self._scorer.take_fingerprints())
             await self._enforce_blocks(items)
             await self._release_unserved(items)
             assert self._clientview is not None

@@ -11,6 +11,9 @@ from detectors import (
     QuerySimilarityDetector,
     build_detectors,
 )
+from detectors.fingerprint import FingerprintDetector
+from detectors.knn import KnnDistanceDetector
+from detectors.structure import ChangeStructureDetector
 
 
 def test_registry_names_match_classes() -> None:
@@ -18,6 +21,9 @@ def test_registry_names_match_classes() -> None:
         "similarity": QuerySimilarityDetector,
         "ood": OutOfDistributionDetector,
         "prada": DistanceDistributionDetector,
+        "knn": KnnDistanceDetector,
+        "structure": ChangeStructureDetector,
+        "fingerprint": FingerprintDetector,
     }
     assert expected == DETECTORS
     for name, cls in DETECTORS.items():

@@ -1,0 +1,803 @@
+"""Near-duplicate fingerprints shared by all clients, in the spirit of Blacklight.
+
+Blacklight (Li et al., "Blacklight: Scalable Defense for Neural Networks
+against Query-Based Black-Box Attacks", USENIX Security 2022) notices that a
+query-based attack sends many inputs that are nearly the same, whoever sends
+them. It quantises each input, slides a window over the flattened pixels,
+hashes every window and keeps a few of the hash values as the query's
+fingerprint; two queries are near-duplicates when their fingerprints share
+enough hashes. Because a fingerprint does not depend on the sender, one store
+of recent fingerprints, shared by every API key, sees an attack spread over
+many keys.
+
+This module holds the hashing, the :class:`FingerprintStore` protocol with a
+bounded in-memory implementation, and the per-client detector. A Redis
+implementation of the store lives in ``gateway.fingerprints``.
+
+Imports numpy and pydantic only; nothing from Kafka, Redis, FastAPI or
+``gateway``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import Field
+
+from detectors._state import FieldSpec, check_window, group_rows, push_window
+from detectors.base import Detector, DetectorParams, DetectorScore
+
+logger = logging.getLogger(__name__)
+
+HashArray = npt.NDArray[np.uint64]
+
+# Odd 64-bit constants of the splitmix64 finaliser (Steele, Lea and Flood,
+# 2014): they spread the few bits of a window's code over all 64 bits, so the
+# largest hash values are a random-looking choice of windows.
+_MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX_2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN_INT = 0x9E3779B97F4A7C15
+_GOLDEN_KEY = np.uint64(_GOLDEN_INT)
+
+
+@dataclass(frozen=True, slots=True)
+class FingerprintMatch:
+    """What a store knew about one query when it arrived.
+
+    Attributes
+    ----------
+    own
+        Recent queries of the same client that are near-duplicates of this one
+        (share at least the store's match threshold of hashes).
+    others
+        Other clients with near-duplicates of this query among their recent
+        queries, and how many each sent; empty when the query is an exact
+        repeat (see ``identical``).
+    identical
+        When this exact input was stored before (by anyone, within the
+        horizon; known only if the caller passes input keys): the other
+        clients' near-duplicate entries, counted here instead of in
+        ``others``. Many honest users sending one popular input is not
+        probing, while an attack changes its input on every query (even
+        below the quantisation step, where its fingerprint does not change).
+    """
+
+    own: int = 0
+    others: Mapping[str, int] = field(default_factory=dict)
+    identical: int = 0
+
+
+class FingerprintStore(Protocol):
+    """Recent fingerprints of every client, shared across API keys.
+
+    One call per batch. Rows are applied in order: a row is compared with
+    everything stored before it, including earlier rows of the same call, and
+    is stored afterwards.
+    """
+
+    def observe(
+        self,
+        client_ids: Sequence[str],
+        hash_sets: HashArray,
+        remember: Sequence[bool] | None = None,
+        input_keys: npt.NDArray[np.uint64] | None = None,
+    ) -> list[FingerprintMatch]:
+        """Compare each row's hashes with the store, then add them.
+
+        Parameters
+        ----------
+        client_ids
+            Sender of each row.
+        hash_sets
+            Array (n, k) of uint64 hash values; 0 marks an empty slot.
+        remember
+            Per row, whether to add it after comparing (default: all); a row
+            not remembered is compared only (for example a replay of traffic
+            already stored).
+        input_keys
+            Per row, :func:`input_keys` of the query, so exact copies of an
+            earlier input are told apart (``FingerprintMatch.identical``);
+            without them every match counts as a near-duplicate.
+
+        Returns
+        -------
+        list of FingerprintMatch
+            One per row.
+        """
+        ...
+
+
+def _mix(values: HashArray) -> HashArray:
+    """splitmix64's finaliser, element-wise (uint64 arithmetic wraps)."""
+    z = values
+    z = (z ^ (z >> np.uint64(30))) * _MIX_1
+    z = (z ^ (z >> np.uint64(27))) * _MIX_2
+    out: HashArray = z ^ (z >> np.uint64(31))
+    return out
+
+
+def input_keys(X: npt.NDArray[np.float64]) -> npt.NDArray[np.uint64]:
+    """One 64-bit key per input, equal for inputs equal at 8 bits per feature
+    (an exact copy), different otherwise but for hash collisions. Never 0."""
+    q = np.rint(np.clip(X, 0.0, 1.0) * 255.0).astype(np.uint64)
+    position = np.arange(X.shape[1], dtype=np.uint64) << np.uint64(8)
+    keys: npt.NDArray[np.uint64] = np.bitwise_xor.reduce(
+        _mix((q | position[None, :]) + _GOLDEN_KEY), axis=1
+    )
+    keys[keys == 0] = 1
+    return keys
+
+
+def window_hashes(
+    X: npt.NDArray[np.float64], *, levels: int, width: int, seed: int = 0
+) -> HashArray:
+    """Hash of every window of ``width`` consecutive quantised features.
+
+    Parameters
+    ----------
+    X
+        Rows (n, d) scaled to [0, 1]; values outside are clipped.
+    levels
+        Quantisation levels per feature (Blacklight's step of 50 on 0-255 is
+        about 5).
+    width
+        Features per window; ``levels ** width`` must fit in 48 bits.
+    seed
+        Mixed into every hash, so two deployments do not share hash values.
+
+    Returns
+    -------
+    ndarray
+        Shape (n, d - width + 1), uint64, never 0. The window's position is
+        part of its hash: the same strokes at another place are another window.
+    """
+    n, d = X.shape
+    q = np.minimum((np.clip(X, 0.0, 1.0) * levels).astype(np.uint64), levels - 1)
+    n_windows = d - width + 1
+    code = np.zeros((n, n_windows), dtype=np.uint64)
+    base = np.uint64(levels)
+    for offset in range(width):
+        code = code * base + q[:, offset : offset + n_windows]
+    position = np.arange(n_windows, dtype=np.uint64) << np.uint64(48)
+    salt = np.uint64((seed * _GOLDEN_INT) & 0xFFFF_FFFF_FFFF_FFFF)
+    mixed = _mix((code | position[None, :]) ^ salt)
+    # 0 marks an empty slot in a fingerprint; a real hash of 0 becomes 1.
+    mixed[mixed == 0] = 1
+    return mixed
+
+
+def top_hashes(hashes: HashArray, k: int, common: HashArray | None = None) -> HashArray:
+    """The ``k`` largest hash values of each row, leaving out ``common`` ones.
+
+    Parameters
+    ----------
+    hashes
+        Window hashes (n, w), as :func:`window_hashes` returns.
+    k
+        Fingerprint size.
+    common
+        Sorted hash values seen in too many reference rows to tell queries
+        apart (blank corners of a digit); never part of a fingerprint.
+
+    Returns
+    -------
+    ndarray
+        Shape (n, k), each row sorted descending; 0 fills rows with fewer than
+        ``k`` usable windows.
+    """
+    values = hashes
+    if common is not None and len(common):
+        index = np.minimum(np.searchsorted(common, values), len(common) - 1)
+        values = np.where(common[index] == values, np.uint64(0), values)
+    width = values.shape[1]
+    if k >= width:
+        chosen = values
+    else:
+        chosen = np.partition(values, width - k, axis=1)[:, width - k :]
+    out: HashArray = np.sort(chosen, axis=1)[:, ::-1]
+    if k > width:
+        pad = np.zeros((len(out), k - width), dtype=np.uint64)
+        out = np.concatenate([out, pad], axis=1)
+    return np.ascontiguousarray(out)
+
+
+# Rows compared per step, so that a chunk's new hash values never need more
+# than half the table.
+_STORE_CHUNK_ROWS = 256
+
+
+class InMemoryFingerprintStore:
+    """A bounded :class:`FingerprintStore` in one process, vectorised.
+
+    Every remembered query becomes an entry (a sequence number and its
+    client). For each hash value the store keeps the last ``entries_per_hash``
+    entries that contained it. A new query is a near-duplicate of an earlier
+    entry when they share at least ``match_threshold`` hashes, as in
+    Blacklight; the result names the clients of those entries and how many
+    near-duplicates each sent.
+
+    The hash values of one row must be distinct (fingerprints are: a window's
+    position is part of its hash).
+
+    Layout: a dict from hash value to a row of a table of entry rings (the
+    only per-hash Python work is that look-up); the counting of shared hashes
+    per earlier entry is a sort per batch. Hash values are evicted oldest
+    first-seen first; client names are kept in an index that only grows
+    (about 100 bytes per client ever seen).
+
+    Parameters
+    ----------
+    match_threshold
+        Shared hashes that make a near-duplicate.
+    horizon
+        Entries (remembered queries of all clients) that count; older ones
+        stop counting.
+    max_hashes
+        Hash values kept.
+    entries_per_hash
+        Entries kept per hash value; the oldest go first. Bounds the work per
+        query at ``k * entries_per_hash`` candidates.
+    """
+
+    def __init__(
+        self,
+        *,
+        match_threshold: int,
+        horizon: int = 100_000,
+        max_hashes: int = 200_000,
+        entries_per_hash: int = 8,
+    ) -> None:
+        if match_threshold < 1 or horizon < 1 or max_hashes < 1:
+            raise ValueError("match_threshold, horizon and max_hashes must be >= 1")
+        if entries_per_hash < 1:
+            raise ValueError("entries_per_hash must be >= 1")
+        self.match_threshold = match_threshold
+        self.horizon = horizon
+        self.max_hashes = max_hashes
+        self.entries_per_hash = entries_per_hash
+        self._slot_of: dict[int, int] = {}
+        capacity = min(max_hashes, 4096)
+        self._slot_hash = np.zeros(capacity, dtype=np.uint64)
+        self._table = np.full((capacity, entries_per_hash), -1, dtype=np.int64)
+        self._table_pos = np.zeros(capacity, dtype=np.int64)
+        self._table_len = np.zeros(capacity, dtype=np.int64)
+        self._allocated = 0  # slots handed out so far (reused modulo max_hashes)
+        self._entry_client = np.full(horizon, -1, dtype=np.int64)
+        self._clock = 0
+        self._client_index: dict[str, int] = {}
+        self._client_names: list[str] = []
+        # Input key -> last entry that had it (at most `horizon` keys).
+        self._seen_key: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        """Hash values held."""
+        return len(self._slot_of)
+
+    def _exact_repeats(
+        self,
+        keys: npt.NDArray[np.uint64],
+        rem: npt.NDArray[np.bool_],
+        entry_of_row: npt.NDArray[np.int64],
+        clock_at_row: npt.NDArray[np.int64],
+    ) -> npt.NDArray[np.bool_]:
+        """Whether each row's input was stored before it (within the horizon),
+        then remember the keys of remembered rows; key 0 means unknown."""
+        seen = self._seen_key
+        horizon = self.horizon
+        exact = np.zeros(len(keys), dtype=bool)
+        rows = zip(
+            keys.tolist(),
+            rem.tolist(),
+            entry_of_row.tolist(),
+            clock_at_row.tolist(),
+            strict=True,
+        )
+        for r, (key, add, entry, clock) in enumerate(rows):
+            if key == 0:
+                continue
+            earlier = seen.get(key)
+            if earlier is not None and earlier > clock - horizon:
+                exact[r] = True
+            if add:
+                seen.pop(key, None)
+                seen[key] = entry
+                if len(seen) > horizon:
+                    del seen[next(iter(seen))]
+        return exact
+
+    def observe(
+        self,
+        client_ids: Sequence[str],
+        hash_sets: HashArray,
+        remember: Sequence[bool] | None = None,
+        input_keys: npt.NDArray[np.uint64] | None = None,
+    ) -> list[FingerprintMatch]:
+        n = len(client_ids)
+        if n != len(hash_sets):
+            raise ValueError(f"{n} client ids for {len(hash_sets)} hash sets")
+        keep = (
+            np.ones(n, dtype=bool)
+            if remember is None
+            else np.asarray(remember, dtype=bool)
+        )
+        if keep.shape != (n,):
+            raise ValueError(f"{keep.size} remember flags for {n} rows")
+        hashes = np.asarray(hash_sets, dtype=np.uint64).reshape(n, -1)
+        keys = (
+            np.zeros(n, dtype=np.uint64)
+            if input_keys is None
+            else np.asarray(input_keys, dtype=np.uint64)
+        )
+        if keys.shape != (n,):
+            raise ValueError(f"{keys.size} input keys for {n} rows")
+        index = self._client_index
+        names = self._client_names
+        clients = np.empty(n, dtype=np.int64)
+        for i, client in enumerate(client_ids):
+            c = index.get(client)
+            if c is None:
+                c = index[client] = len(names)
+                names.append(client)
+            clients[i] = c
+        width = max(hashes.shape[1], 1)
+        step = max(1, min(_STORE_CHUNK_ROWS, self.max_hashes // (2 * width)))
+        out: list[FingerprintMatch] = []
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            out += self._chunk(
+                hashes[start:stop],
+                keep[start:stop],
+                clients[start:stop],
+                keys[start:stop],
+            )
+        return out
+
+    def _chunk(
+        self,
+        H: HashArray,
+        rem: npt.NDArray[np.bool_],
+        clients: npt.NDArray[np.int64],
+        keys: npt.NDArray[np.uint64],
+    ) -> list[FingerprintMatch]:
+        n, k = H.shape
+        E = self.entries_per_hash
+        clock0 = self._clock
+        rem_int = rem.astype(np.int64)
+        rem_cum = np.cumsum(rem_int)
+        entry_of_row = clock0 + rem_cum  # meaningful where rem
+        clock_at_row = clock0 + rem_cum - rem_int  # entries stored before the row
+        remembered_rows = np.flatnonzero(rem)
+
+        # Occurrences (row, hash) of non-empty slots, row-major.
+        exact = self._exact_repeats(keys, rem, entry_of_row, clock_at_row)
+        occ_row, occ_col = np.nonzero(H)
+        occ_hash = H[occ_row, occ_col]
+        m = len(occ_hash)
+        get = self._slot_of.get
+        occ_slot = np.fromiter((get(h, -1) for h in occ_hash.tolist()), np.int64, m)
+
+        # Sorted by (hash, row): each hash's occurrences in arrival order, and
+        # b = remembered occurrences of the same hash earlier in the chunk.
+        order = np.lexsort((occ_row, occ_hash))
+        sh, srow, sslot = occ_hash[order], occ_row[order], occ_slot[order]
+        srem = rem_int[srow]
+        first = np.ones(m, dtype=bool)
+        first[1:] = sh[1:] != sh[:-1]
+        gstart = np.flatnonzero(first)
+        gid = np.cumsum(first) - 1
+        rem_cum_s = np.cumsum(srem)
+        rem_before = rem_cum_s - srem
+        group_rem_before = rem_before[gstart]
+        b = rem_before - group_rem_before[gid]
+
+        # Candidates from the table: the ring's entries not yet pushed out by
+        # the b earlier remembered occurrences of the chunk.
+        cands = np.full((m, 2 * E), -1, dtype=np.int64)
+        has = np.flatnonzero(sslot >= 0)
+        if has.size:
+            s = sslot[has]
+            length = self._table_len[s]
+            pos = self._table_pos[s]
+            age = np.arange(E)
+            ring = (pos[:, None] - length[:, None] + age[None, :]) % E
+            ok = (age[None, :] < length[:, None]) & (
+                age[None, :] >= (length + b[has] - E)[:, None]
+            )
+            cands[has, :E] = np.where(ok, self._table[s[:, None], ring], -1)
+        # Candidates from the chunk: the last E remembered occurrences before.
+        remembered_occ = np.flatnonzero(srem)
+        if remembered_occ.size:
+            rank = b[:, None] - np.arange(1, E + 1)[None, :]
+            valid = rank >= 0
+            at = remembered_occ[
+                np.where(valid, group_rem_before[gid][:, None] + rank, 0)
+            ]
+            cands[:, E:] = np.where(valid, entry_of_row[srow[at]], -1)
+
+        # Per row, the candidate entries of all its hashes; an entry met in
+        # at least match_threshold of them is a near-duplicate.
+        per_row = np.full((n, k, 2 * E), -1, dtype=np.int64)
+        per_row[occ_row[order], occ_col[order]] = cands
+        flat = np.sort(per_row.reshape(n, -1), axis=1)
+        rows = np.repeat(np.arange(n), flat.shape[1])
+        values = flat.ravel()
+        valid = values >= 0
+        rows, values = rows[valid], values[valid]
+        own = np.zeros(n, dtype=np.int64)
+        identical = np.zeros(n, dtype=np.int64)
+        others: list[dict[str, int]] = [{} for _ in range(n)]
+        if values.size:
+            run = np.ones(values.size, dtype=bool)
+            run[1:] = (rows[1:] != rows[:-1]) | (values[1:] != values[:-1])
+            starts = np.flatnonzero(run)
+            counts = np.diff(np.append(starts, values.size))
+            near_row = rows[starts]
+            near_entry = values[starts]
+            keep_near = (counts >= self.match_threshold) & (
+                near_entry > clock_at_row[near_row] - self.horizon
+            )
+            near_row, near_entry = near_row[keep_near], near_entry[keep_near]
+            counts = counts[keep_near]
+            sender = np.empty(near_entry.size, dtype=np.int64)
+            stored_before = near_entry <= clock0
+            sender[stored_before] = self._entry_client[
+                near_entry[stored_before] % self.horizon
+            ]
+            in_chunk = ~stored_before
+            sender[in_chunk] = clients[
+                remembered_rows[near_entry[in_chunk] - clock0 - 1]
+            ]
+            is_own = sender == clients[near_row]
+            is_identical = ~is_own & exact[near_row]
+            own = np.bincount(near_row[is_own], minlength=n)
+            identical = np.bincount(near_row[is_identical], minlength=n)
+            other = ~is_own & ~is_identical
+            if other.any():
+                n_clients = len(self._client_names)
+                pairs, found = np.unique(
+                    near_row[other] * n_clients + sender[other], return_counts=True
+                )
+                names = self._client_names
+                for pair, count in zip(pairs.tolist(), found.tolist(), strict=True):
+                    row, who = divmod(pair, n_clients)
+                    others[row][names[who]] = count
+
+        self._store(sh, gstart, gid, sslot, srem, b, srow, entry_of_row)
+        if remembered_rows.size:
+            last = remembered_rows[-self.horizon :]
+            self._entry_client[entry_of_row[last] % self.horizon] = clients[last]
+            self._clock = int(clock0 + remembered_rows.size)
+        return [
+            FingerprintMatch(int(o), d, int(i))
+            for o, d, i in zip(own.tolist(), others, identical.tolist(), strict=True)
+        ]
+
+    def _store(
+        self,
+        sh: HashArray,
+        gstart: npt.NDArray[np.int64],
+        gid: npt.NDArray[np.int64],
+        sslot: npt.NDArray[np.int64],
+        srem: npt.NDArray[np.int64],
+        b: npt.NDArray[np.int64],
+        srow: npt.NDArray[np.int64],
+        entry_of_row: npt.NDArray[np.int64],
+    ) -> None:
+        """Push the chunk's remembered occurrences into the hash rings."""
+        E = self.entries_per_hash
+        if not srem.any():
+            return
+        total = np.add.reduceat(srem, gstart)
+        group_slot = sslot[gstart].copy()
+        need = (total > 0) & (group_slot < 0)
+        if need.any():
+            group_slot[need] = self._allocate(sh[gstart][need], group_slot)
+        slot = group_slot[gid]
+        write = (srem > 0) & (b >= total[gid] - E)
+        ws = slot[write]
+        self._table[ws, (self._table_pos[ws] + b[write]) % E] = entry_of_row[
+            srow[write]
+        ]
+        touched = total > 0
+        gs = group_slot[touched]
+        self._table_pos[gs] = (self._table_pos[gs] + total[touched]) % E
+        self._table_len[gs] = np.minimum(self._table_len[gs] + total[touched], E)
+
+    def _allocate(
+        self, new_hashes: HashArray, in_use: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.int64]:
+        """Slots for hash values not yet held: the next positions of a ring
+        over ``max_hashes`` slots (so the oldest first-seen value goes first),
+        skipping slots this chunk uses."""
+        u = len(new_hashes)
+        touched = in_use[in_use >= 0]
+        positions = (self._allocated + np.arange(u + touched.size)) % self.max_hashes
+        usable = np.flatnonzero(~np.isin(positions, touched))[:u]
+        slots = positions[usable]
+        self._allocated += int(usable[-1]) + 1
+        needed = int(slots.max()) + 1
+        if needed > len(self._slot_hash):
+            self._grow(min(self.max_hashes, max(needed, 2 * len(self._slot_hash))))
+        slot_of = self._slot_of
+        for slot, old in zip(
+            slots.tolist(), self._slot_hash[slots].tolist(), strict=True
+        ):
+            if slot_of.get(old) == slot:
+                del slot_of[old]
+        slot_of.update(zip(new_hashes.tolist(), slots.tolist(), strict=True))
+        self._slot_hash[slots] = new_hashes
+        self._table[slots] = -1
+        self._table_pos[slots] = 0
+        self._table_len[slots] = 0
+        return slots
+
+    def _grow(self, capacity: int) -> None:
+        old = len(self._slot_hash)
+        extra = capacity - old
+        self._slot_hash = np.concatenate(
+            [self._slot_hash, np.zeros(extra, dtype=np.uint64)]
+        )
+        self._table = np.concatenate(
+            [
+                self._table,
+                np.full((extra, self.entries_per_hash), -1, dtype=np.int64),
+            ]
+        )
+        self._table_pos = np.concatenate(
+            [self._table_pos, np.zeros(extra, dtype=np.int64)]
+        )
+        self._table_len = np.concatenate(
+            [self._table_len, np.zeros(extra, dtype=np.int64)]
+        )
+
+
+class FingerprintParams(DetectorParams):
+    """Parameters of :class:`FingerprintDetector`."""
+
+    # Source of the defaults: on digits (X / 16) with these values, ART
+    # HopSkipJump queries share >= 8 of 16 hashes with an earlier query of the
+    # attack for most of the stream, held-out digits with another held-out
+    # digit for well under 1% (tests/detectors/test_fingerprint.py measures
+    # both).
+    levels: int = Field(4, ge=2, le=256)
+    """Quantisation levels per feature."""
+
+    width: int = Field(6, ge=1, le=64)
+    """Features per hashed window."""
+
+    k: int = Field(16, ge=1, le=256)
+    """Hash values kept per query (Blacklight's top-k)."""
+
+    match_threshold: int = Field(8, ge=1, le=256)
+    """Hashes two queries must share to count as near-duplicates."""
+
+    common_share: float = Field(0.02, gt=0.0, le=1.0)
+    """A window hash found in more than this share of reference rows is common
+    and never used (blank borders of digits match everything)."""
+
+    window: int = Field(50, ge=5, le=4096)
+    """Recent queries of a client over which the near-duplicate share is taken."""
+
+    threshold: float = Field(0.5, gt=0.0, le=1.0)
+    """Share of near-duplicate queries in the window at which a client is flagged."""
+
+    min_queries: int = Field(10, ge=1, le=100_000)
+    """Queries a client must have sent before it can be flagged."""
+
+    horizon: int = Field(100_000, ge=100, le=100_000_000)
+    """Queries (all clients) after which a stored fingerprint stops counting."""
+
+    max_hashes: int = Field(200_000, ge=1000, le=100_000_000)
+    """Hash values the in-memory store keeps (about 200 bytes each)."""
+
+
+class FingerprintDetector(Detector[FingerprintParams]):
+    """Share of a client's recent queries that nearly repeat an earlier query
+    of any client, by Blacklight-style fingerprints in a shared store.
+
+    Each query is quantised to ``levels`` levels; every window of ``width``
+    consecutive features is hashed with its position, hashes common in the
+    reference data are dropped, and the ``k`` largest remaining values are the
+    fingerprint. The store says, per query, how many hashes its own client had
+    sent recently and which other clients share at least ``match_threshold``.
+    A query is a *near-duplicate* when either count reaches the threshold.
+
+    Score: in [0, 1], higher is more suspicious: the share of near-duplicates
+    among the client's last ``window`` queries. Flagged at ``threshold`` once
+    ``min_queries`` queries have been seen. :attr:`last_matches` holds the
+    other clients each row of the last batch matched, which the gateway turns
+    into links between keys (``detectors.linking``).
+
+    When it is weak:
+
+    - quantisation cuts: a tiny change that crosses a level boundary in every
+      window breaks all hashes (Blacklight's own limit); adaptive attackers
+      adding noise of one level defeat it, at the price of larger queries;
+    - inputs with few features (8x8 digits) give few windows, so ``k`` is
+      small and one changed feature touches ``width`` of them;
+    - the store is only as shared as it is deployed: the in-memory store sees
+      one worker's clients; the gateway adds a Redis store across workers;
+    - legitimate clients sending the same input (a popular image) are not
+      counted as near-duplicates of each other (identical fingerprints are
+      reported apart), but near copies of a popular input are;
+    - every client's queries are stored, flagged ones included, so a known
+      attacker can send near copies of a victim's typical inputs to make the
+      victim's queries match and link it to the attacker's group (framing);
+      group risk then needs a person's review before a block.
+
+    Per-client state: two rings of ``window`` bits and three counters (about
+    130 bytes). The shared store holds at most ``max_hashes`` hash values.
+
+    Parameters
+    ----------
+    params
+        Validated parameters; defaults when omitted.
+    seed
+        Mixed into every hash value.
+    store
+        The shared store; by default a bounded in-memory one.
+    """
+
+    name: ClassVar[str] = "fingerprint"
+    Params: ClassVar[type[FingerprintParams]] = FingerprintParams
+    _mutable_params: ClassVar[frozenset[str]] = frozenset({"threshold", "min_queries"})
+
+    def __init__(
+        self,
+        params: FingerprintParams | None = None,
+        *,
+        seed: int = 0,
+        store: FingerprintStore | None = None,
+    ) -> None:
+        super().__init__(params, seed=seed)
+        p = self._params
+        if p.match_threshold > p.k:
+            raise ValueError(
+                f"{self.name}: match_threshold ({p.match_threshold}) exceeds k ({p.k})"
+            )
+        if p.levels**p.width >= 1 << 48:
+            raise ValueError(f"{self.name}: levels ** width must be below 2**48")
+        self.store: FingerprintStore = store or InMemoryFingerprintStore(
+            match_threshold=p.match_threshold,
+            horizon=p.horizon,
+            max_hashes=p.max_hashes,
+        )
+        self._common: HashArray = np.zeros(0, dtype=np.uint64)
+        self.last_matches: list[FingerprintMatch] = []
+        self.last_hashes: HashArray = np.zeros((0, p.k), dtype=np.uint64)
+        self._batch_clients: list[str] = []
+        self.last_input_keys: npt.NDArray[np.uint64] = np.zeros(0, dtype=np.uint64)
+
+    def score_batch(
+        self,
+        client_ids: Sequence[str],
+        X: npt.NDArray[np.float64],
+        *,
+        learn: Sequence[bool] | npt.NDArray[np.bool_] | None = None,
+    ) -> list[DetectorScore]:
+        # The store is keyed by client id, which _score_rows (given slots)
+        # would otherwise have to recover from the arena.
+        self._batch_clients = list(client_ids)
+        try:
+            return super().score_batch(client_ids, X, learn=learn)
+        finally:
+            self._batch_clients = []
+
+    def fingerprints(self, X: npt.NDArray[np.float64]) -> HashArray:
+        """The fingerprint (k hash values, 0 for none) of each row of ``X``."""
+        rows = self._check_rows(X)
+        p = self._params
+        if rows.shape[1] < p.width:
+            raise ValueError(
+                f"{self.name}: {rows.shape[1]} features are fewer than width={p.width}"
+            )
+        hashes = window_hashes(rows, levels=p.levels, width=p.width, seed=self._seed)
+        return top_hashes(hashes, p.k, self._common)
+
+    def _layout(self, n_features: int) -> dict[str, FieldSpec]:
+        window = self._params.window
+        return {
+            "near": FieldSpec((window,), "u1"),
+            "near_pos": FieldSpec((), "<i8"),
+            "near_len": FieldSpec((), "<i8"),
+            "n_seen": FieldSpec((), "<i8"),
+            "n_cross": FieldSpec((), "<i8"),
+        }
+
+    def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
+        check_window(values, "near", "near_pos", "near_len")
+        if int(values["n_seen"]) < 0 or not 0 <= int(values["n_cross"]) <= int(
+            values["n_seen"]
+        ):
+            raise ValueError("state field 'n_seen' or 'n_cross' is out of range")
+
+    def _on_n_features(self, n_features: int) -> None:
+        if n_features < self._params.width:
+            raise ValueError(
+                f"{self.name}: {n_features} features are fewer than "
+                f"width={self._params.width}"
+            )
+
+    def _learn_baseline(self, X: npt.NDArray[np.float64]) -> None:
+        """Mark window hashes found in more than ``common_share`` of ``X``."""
+        p = self._params
+        hashes = window_hashes(X, levels=p.levels, width=p.width, seed=self._seed)
+        values, counts = np.unique(hashes, return_counts=True)
+        self._common = np.sort(values[counts > p.common_share * len(X)])
+        logger.debug(
+            "fingerprint baseline: %d of %d window hashes are common",
+            len(self._common),
+            len(values),
+            extra={"detector": self.name},
+        )
+
+    def _score_rows(
+        self,
+        slots: npt.NDArray[np.int64],
+        X: npt.NDArray[np.float64],
+        learn: npt.NDArray[np.bool_],
+    ) -> list[DetectorScore]:
+        assert self._arena is not None
+        arrays = self._arena.arrays
+        p = self._params
+        n = len(slots)
+        client_ids = self._batch_clients
+
+        hashes = self.fingerprints(X)
+        # Every row is stored, good standing or not: the store is evidence, not a
+        # model of normal traffic, and an attack spread over keys would hide as
+        # soon as its first keys were flagged if their queries were left out.
+        del learn
+        keys = input_keys(X)
+        matches = self.store.observe(client_ids, hashes, None, keys)
+        self.last_input_keys = keys
+        self.last_hashes = hashes
+        self.last_matches = matches
+        threshold = p.match_threshold
+        near = np.fromiter((m.own > 0 or bool(m.others) for m in matches), bool, n)
+        cross = np.fromiter((bool(m.others) for m in matches), bool, n)
+
+        groups = group_rows(slots)
+        counts, lengths = push_window(
+            arrays["near"],
+            arrays["near_pos"],
+            arrays["near_len"],
+            groups,
+            near[groups.order],
+        )
+        n_seen = arrays["n_seen"]
+        seen = n_seen[groups.unique][groups.group] + groups.position + 1
+        n_seen[groups.unique] += groups.size
+        crossed = cross[groups.order].astype(np.int64)
+        running = np.cumsum(crossed)
+        before = running[groups.start] - crossed[groups.start]
+        n_cross_col = arrays["n_cross"]
+        cross_total = (
+            n_cross_col[groups.unique][groups.group] + running - before[groups.group]
+        )
+        n_cross_col[groups.unique] += np.add.reduceat(crossed, groups.start)
+
+        inverse = np.empty(n, dtype=np.int64)
+        inverse[groups.order] = np.arange(n)
+        counts = counts[inverse]
+        lengths = lengths[inverse]
+        cross_total = cross_total[inverse]
+        evidence = [
+            f"{count} of the last {length} queries share at least {threshold} of "
+            f"{p.k} fingerprint hashes with an earlier query; {total} so far "
+            "matched another client's"
+            + (f" (this one: {', '.join(sorted(m.others)[:3])})" if m.others else "")
+            for count, length, total, m in zip(
+                counts.tolist(),
+                lengths.tolist(),
+                cross_total.tolist(),
+                matches,
+                strict=True,
+            )
+        ]
+        return self._scores(counts / lengths, seen[inverse] >= p.min_queries, evidence)

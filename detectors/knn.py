@@ -1,0 +1,280 @@
+"""k-nearest-neighbour detector: stateful detection of query-based attacks.
+
+Chen, Carlini and Wagner ("Stateful Detection of Black-Box Adversarial
+Attacks", 2019) keep each client's recent queries and flag a query whose mean
+distance to its k nearest earlier queries is unusually small; the threshold is
+set from benign traffic for a chosen false-positive rate. Iterative attacks
+(HopSkipJump, Boundary, NES) query many points around one input, so their
+k-nearest distances collapse, while honest clients' stay at the distance
+between unrelated inputs.
+
+Imports numpy and pydantic only; nothing from Kafka, Redis, FastAPI or
+``gateway``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import Field
+
+from detectors._history import (
+    check_ring,
+    neighbours_and_push,
+    quantise,
+    ring_fields,
+)
+from detectors._state import FieldSpec, SlotArena, check_window, group_rows, push_window
+from detectors.base import MAX_STATE_BYTES, Detector, DetectorParams, DetectorScore
+
+logger = logging.getLogger(__name__)
+
+# Length of the simulated benign streams learn_baseline cuts reference data
+# into; long enough that most queries have k earlier ones.
+_CALIBRATION_STREAM = 50
+
+
+class KnnParams(DetectorParams):
+    """Parameters of :class:`KnnDistanceDetector`."""
+
+    k: int = Field(5, ge=1, le=64)
+    """Nearest earlier queries averaged (Chen et al. use 50 on CIFAR with a
+    history of thousands; a client here keeps ``history``)."""
+
+    history: int = Field(64, ge=8, le=4096)
+    """Earlier queries kept per client (fewer if the state budget needs)."""
+
+    knn_threshold: float | None = Field(None, gt=0.0, le=1.0)
+    """Mean k-nearest RMS distance under which one query counts as close.
+    ``None``: set by :meth:`KnnDistanceDetector.learn_baseline` from the
+    reference data replayed as benign clients, at ``target_fpr``."""
+
+    target_fpr: float = Field(0.01, gt=0.0, lt=0.5)
+    """Share of benign queries allowed below the calibrated ``knn_threshold``."""
+
+    window: int = Field(50, ge=5, le=4096)
+    """Recent queries of a client over which the share of close ones is taken."""
+
+    threshold: float = Field(0.5, gt=0.0, le=1.0)
+    """Share of close queries in the window at which the client is flagged."""
+
+    min_queries: int = Field(10, ge=1, le=100_000)
+    """Queries a client must have sent before it can be flagged."""
+
+
+def calibrate(
+    benign_streams: Sequence[npt.NDArray[np.float64]],
+    target_fpr: float,
+    *,
+    k: int = 5,
+    history: int = 64,
+) -> float:
+    """The distance threshold that leaves ``target_fpr`` of benign queries
+    below it.
+
+    Parameters
+    ----------
+    benign_streams
+        Each an array (m, d) of one honest client's queries in order, scaled
+        to [0, 1] (for example held-out data replayed by simulated clients).
+    target_fpr
+        Wanted share of benign queries counted as close (0 < fpr < 1).
+    k, history
+        As the detector will use them.
+
+    Returns
+    -------
+    float
+        The ``target_fpr`` quantile of the mean k-nearest distances of every
+        query that had ``k`` earlier ones.
+
+    Raises
+    ------
+    ValueError
+        No stream is long enough to have a query with ``k`` earlier ones.
+    """
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
+    distances = [
+        d
+        for stream in benign_streams
+        for d in _stream_distances(np.asarray(stream, dtype=np.float64), k, history)
+    ]
+    if not distances:
+        raise ValueError(f"no benign query had {k} earlier ones to compare with")
+    return float(np.quantile(np.asarray(distances), target_fpr))
+
+
+def _stream_distances(
+    stream: npt.NDArray[np.float64], k: int, history: int
+) -> list[float]:
+    """Mean k-nearest distances of one client's queries (those with k before)."""
+    if stream.ndim != 2 or len(stream) <= k:
+        return []
+    capacity = min(history, len(stream))
+    arena = SlotArena(ring_fields(capacity, stream.shape[1]), initial_slots=1)
+    slots = arena.slots(["c"] * len(stream))
+    groups = group_rows(slots)
+    found = neighbours_and_push(arena.arrays, groups, quantise(stream), k)
+    mean = found.k_dist.mean(axis=1)
+    return [float(v) for v in mean[np.isfinite(mean)]]
+
+
+class KnnDistanceDetector(Detector[KnnParams]):
+    """Share of a client's recent queries whose k nearest earlier queries of
+    the same client are unusually close.
+
+    For each query, the mean per-feature RMS distance to its ``k`` nearest
+    among the client's last ``history`` queries (``||x - y||_2 / sqrt(d)``, in
+    [0, 1]). The query is *close* when that mean is below ``knn_threshold``,
+    which :meth:`learn_baseline` calibrates (:func:`calibrate`) so that
+    ``target_fpr`` of benign queries are close. The score is the share of
+    close queries among the client's last ``window``.
+
+    Score: in [0, 1], higher is more suspicious; an honest client's expected
+    score is about ``target_fpr``. Flagged at ``threshold`` once
+    ``min_queries`` queries have been seen and a threshold exists.
+
+    When it is weak:
+
+    - an attacker who interleaves unrelated queries, or spreads one search over
+      many keys, keeps each key's history far apart (the fingerprint store and
+      key linking look across keys);
+    - the history is short (``history`` queries): a slow attack spacing its
+      probes further apart is not seen;
+    - the calibration is only as good as its benign sample: honest clients
+      that resend similar inputs (frames of a video) need their own;
+    - it overlaps the similarity detector (k = 1 with a fixed eps); the two
+      are kept apart because the calibrated threshold adapts to the data.
+
+    Per-client state: the history as uint8 (64 x 64 features = 4 KB), a ring
+    of ``window`` bits and counters, about 4.2 KB.
+
+    Parameters
+    ----------
+    params
+        Validated parameters; defaults when omitted.
+    seed
+        Shuffles the reference data before it is cut into benign streams.
+    """
+
+    name: ClassVar[str] = "knn"
+    Params: ClassVar[type[KnnParams]] = KnnParams
+    _mutable_params: ClassVar[frozenset[str]] = frozenset(
+        {"knn_threshold", "target_fpr", "threshold", "min_queries"}
+    )
+
+    def __init__(self, params: KnnParams | None = None, *, seed: int = 0) -> None:
+        super().__init__(params, seed=seed)
+        self._calibrated: float | None = None
+
+    @property
+    def knn_threshold(self) -> float | None:
+        """The close-query threshold in force: set, calibrated, or none yet."""
+        if self._params.knn_threshold is not None:
+            return self._params.knn_threshold
+        return self._calibrated
+
+    def calibrate(
+        self, benign_streams: Sequence[npt.NDArray[np.float64]], target_fpr: float
+    ) -> float:
+        """Set the close-query threshold from benign streams; returns it."""
+        p = self._params
+        self._calibrated = calibrate(
+            benign_streams, target_fpr, k=p.k, history=p.history
+        )
+        return self._calibrated
+
+    def capacity(self, n_features: int) -> int:
+        """Queries kept per client for inputs of ``n_features`` features."""
+        p = self._params
+        capacity = min(p.history, (MAX_STATE_BYTES - p.window - 64) // n_features)
+        if capacity < p.k + 1:
+            raise ValueError(
+                f"{self.name}: {n_features} features leave room for {capacity} "
+                f"queries; k={p.k} needs at least {p.k + 1}"
+            )
+        return capacity
+
+    def _layout(self, n_features: int) -> dict[str, FieldSpec]:
+        window = self._params.window
+        return {
+            **ring_fields(self.capacity(n_features), n_features),
+            "close": FieldSpec((window,), "u1"),
+            "close_pos": FieldSpec((), "<i8"),
+            "close_len": FieldSpec((), "<i8"),
+            "n_seen": FieldSpec((), "<i8"),
+        }
+
+    def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
+        check_ring(values)
+        check_window(values, "close", "close_pos", "close_len")
+        if int(values["n_seen"]) < int(values["hist_len"]):
+            raise ValueError("state field 'n_seen' is below 'hist_len'")
+
+    def _learn_baseline(self, X: npt.NDArray[np.float64]) -> None:
+        """Replay the reference rows as benign clients and calibrate."""
+        rows = X[np.random.default_rng(self._seed).permutation(len(X))]
+        streams = [
+            rows[i : i + _CALIBRATION_STREAM]
+            for i in range(0, len(rows), _CALIBRATION_STREAM)
+        ]
+        try:
+            threshold = self.calibrate(streams, self._params.target_fpr)
+        except ValueError:
+            logger.warning(
+                "knn: reference data too small to calibrate",
+                extra={"detector": self.name},
+            )
+            return
+        logger.debug(
+            "knn threshold %.4f from %d reference rows",
+            threshold,
+            len(X),
+            extra={"detector": self.name},
+        )
+
+    def _score_rows(
+        self,
+        slots: npt.NDArray[np.int64],
+        X: npt.NDArray[np.float64],
+        learn: npt.NDArray[np.bool_],
+    ) -> list[DetectorScore]:
+        del learn  # the calibration is fixed; nothing shared is learned online
+        assert self._arena is not None
+        arrays = self._arena.arrays
+        p = self._params
+        n = len(slots)
+        groups = group_rows(slots)
+        found = neighbours_and_push(arrays, groups, quantise(X), p.k)
+        mean = found.k_dist.mean(axis=1)  # inf until k earlier queries exist
+        limit = self.knn_threshold
+        close = mean < limit if limit is not None else np.zeros(n, dtype=bool)
+        counts, lengths = push_window(
+            arrays["close"], arrays["close_pos"], arrays["close_len"], groups, close
+        )
+        n_seen = arrays["n_seen"]
+        seen = n_seen[groups.unique][groups.group] + groups.position + 1
+        n_seen[groups.unique] += groups.size
+
+        inverse = np.empty(n, dtype=np.int64)
+        inverse[groups.order] = np.arange(n)
+        counts, lengths, mean = counts[inverse], lengths[inverse], mean[inverse]
+        if limit is None:
+            evidence = ["no benign calibration yet, so no query is judged"] * n
+            warm = np.zeros(n, dtype=bool)
+        else:
+            evidence = [
+                f"{count} of the last {length} queries have their {p.k} nearest "
+                f"earlier queries within {limit:.3f} on average; this one "
+                + (f"{value:.3f}" if np.isfinite(value) else "has too few before it")
+                for count, length, value in zip(
+                    counts.tolist(), lengths.tolist(), mean.tolist(), strict=True
+                )
+            ]
+            warm = seen[inverse] >= p.min_queries
+        return self._scores(counts / lengths, warm, evidence)

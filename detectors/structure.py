@@ -1,0 +1,250 @@
+"""Structure of successive changes: sparse edits and repeated directions.
+
+Two shapes of probing that distance alone describes poorly:
+
+- sparse attacks (one-pixel, JSMA-like, Su et al. 2019) send an input that
+  differs from an earlier one in very few features, often by a lot;
+- decision-based attacks walking a boundary (HopSkipJump's binary searches
+  and geometric steps, the Boundary attack's steps toward the original) move
+  along the same direction again and again.
+
+For each query this detector counts the features that differ from the
+client's nearest earlier query (L0), and compares the step from the client's
+previous query with its last few steps (absolute cosine).
+
+Imports numpy and pydantic only; nothing from Kafka, Redis, FastAPI or
+``gateway``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import Field
+
+from detectors._history import (
+    LEVELS,
+    check_ring,
+    neighbours_and_push,
+    quantise,
+    ring_fields,
+)
+from detectors._state import (
+    FieldSpec,
+    Groups,
+    check_window,
+    group_rows,
+    push_window,
+)
+from detectors.base import MAX_STATE_BYTES, Detector, DetectorParams, DetectorScore
+
+
+class StructureParams(DetectorParams):
+    """Parameters of :class:`ChangeStructureDetector`."""
+
+    history: int = Field(32, ge=4, le=4096)
+    """Earlier queries searched for the nearest one (fewer if the budget needs)."""
+
+    max_changed: int = Field(3, ge=1, le=4096)
+    """At most this many changed features (and at least one) make a sparse edit."""
+
+    change_tol: float = Field(0.02, ge=0.0, lt=1.0)
+    """A feature counts as changed when it moved by more than this (in [0, 1])."""
+
+    directions: int = Field(8, ge=1, le=256)
+    """Recent steps a new step is compared with."""
+
+    cos_threshold: float = Field(0.95, gt=0.0, le=1.0)
+    """Absolute cosine with a recent step at which a step counts as repeated."""
+
+    window: int = Field(50, ge=5, le=4096)
+    """Recent queries over which the shares of sparse edits and repeats are taken."""
+
+    threshold: float = Field(0.3, gt=0.0, le=1.0)
+    """Share (the larger of the two) at which the client is flagged."""
+
+    min_queries: int = Field(10, ge=1, le=100_000)
+    """Queries a client must have sent before it can be flagged."""
+
+
+class ChangeStructureDetector(Detector[StructureParams]):
+    """The larger of two shares over the client's last ``window`` queries:
+    sparse edits of an earlier query, and steps repeating a recent step.
+
+    A query is a *sparse edit* when, against its nearest earlier query (L2,
+    among the last ``history``), between 1 and ``max_changed`` features moved
+    by more than ``change_tol``. Its *step* is the difference from the client's
+    previous query; the step is *repeated* when its absolute cosine with one of
+    the client's last ``directions`` steps reaches ``cos_threshold``.
+
+    Score: in [0, 1], higher is more suspicious. Flagged at ``threshold`` once
+    ``min_queries`` queries have been seen.
+
+    When it is weak:
+
+    - a sparse attacker that interleaves unrelated queries, or edits a query
+      older than ``history``, has no near predecessor to compare with;
+    - attacks that change many features a little (HopSkipJump's gradient
+      estimation, NES, Square) are not sparse; only their line searches repeat
+      a direction, which the repeat share catches while they last;
+    - honest streams of slowly varying inputs (a sensor, a video) repeat
+      directions naturally;
+    - ``max_changed`` is in features, not a share: wide inputs need it raised.
+
+    Per-client state: the history as uint8 (32 x 64 features = 2 KB), the
+    last ``directions`` unit steps as float16 (1 KB), two rings of ``window``
+    bits and counters, about 3.2 KB.
+
+    Parameters
+    ----------
+    params
+        Validated parameters; defaults when omitted.
+    seed
+        Unused (deterministic); accepted for a uniform API.
+    """
+
+    name: ClassVar[str] = "structure"
+    Params: ClassVar[type[StructureParams]] = StructureParams
+    _mutable_params: ClassVar[frozenset[str]] = frozenset(
+        {"max_changed", "change_tol", "cos_threshold", "threshold", "min_queries"}
+    )
+
+    def capacity(self, n_features: int) -> int:
+        """Queries kept per client for inputs of ``n_features`` features."""
+        p = self._params
+        spare = MAX_STATE_BYTES - 2 * p.window - 64 - 2 * p.directions * n_features
+        capacity = min(p.history, spare // n_features)
+        if capacity < 2:
+            raise ValueError(
+                f"{self.name}: {n_features} features leave no room for a history"
+            )
+        return capacity
+
+    def _layout(self, n_features: int) -> dict[str, FieldSpec]:
+        p = self._params
+        return {
+            **ring_fields(self.capacity(n_features), n_features),
+            "dirs": FieldSpec((p.directions, n_features), "<f2"),
+            "sparse": FieldSpec((p.window,), "u1"),
+            "sparse_pos": FieldSpec((), "<i8"),
+            "sparse_len": FieldSpec((), "<i8"),
+            "repeat": FieldSpec((p.window,), "u1"),
+            "repeat_pos": FieldSpec((), "<i8"),
+            "repeat_len": FieldSpec((), "<i8"),
+            "n_seen": FieldSpec((), "<i8"),
+        }
+
+    def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
+        check_ring(values)
+        check_window(values, "sparse", "sparse_pos", "sparse_len")
+        check_window(values, "repeat", "repeat_pos", "repeat_len")
+        dirs = values["dirs"].astype(np.float64)
+        if not np.isfinite(dirs).all() or (np.linalg.norm(dirs, axis=1) > 1.01).any():
+            raise ValueError("state field 'dirs' holds non-unit steps")
+        if int(values["n_seen"]) < int(values["hist_len"]):
+            raise ValueError("state field 'n_seen' is below 'hist_len'")
+
+    def _score_rows(
+        self,
+        slots: npt.NDArray[np.int64],
+        X: npt.NDArray[np.float64],
+        learn: npt.NDArray[np.bool_],
+    ) -> list[DetectorScore]:
+        del learn  # nothing shared is learned
+        assert self._arena is not None
+        arrays = self._arena.arrays
+        p = self._params
+        n = len(slots)
+        groups = group_rows(slots)
+        q = quantise(X)[groups.order].astype(np.float32)
+        found = neighbours_and_push(arrays, groups, quantise(X), 1)
+
+        # Sparse edits against the nearest earlier query.
+        has_nearest = np.isfinite(found.k_dist[:, 0])
+        moved = np.abs(q - found.nearest) > p.change_tol * LEVELS
+        changed = moved.sum(axis=1)
+        sparse = has_nearest & (changed >= 1) & (changed <= p.max_changed)
+
+        # Unit steps from the previous query, rounded to the float16 they are
+        # stored as, so rows of one batch compare exactly as rows one by one.
+        step = (q - found.previous).astype(np.float64)
+        step[~found.has_previous] = 0.0
+        norm = np.linalg.norm(step, axis=1)
+        unit = np.divide(
+            step, norm[:, None], out=np.zeros_like(step), where=norm[:, None] > 0
+        )
+        unit = unit.astype(np.float16).astype(np.float64)
+        best_cos = self._repeat_cosines(groups, unit)
+        repeat = best_cos >= p.cos_threshold
+
+        sparse_counts, lengths = push_window(
+            arrays["sparse"], arrays["sparse_pos"], arrays["sparse_len"], groups, sparse
+        )
+        repeat_counts, _ = push_window(
+            arrays["repeat"], arrays["repeat_pos"], arrays["repeat_len"], groups, repeat
+        )
+        n_seen = arrays["n_seen"]
+        seen = n_seen[groups.unique][groups.group] + groups.position + 1
+        n_seen[groups.unique] += groups.size
+
+        inverse = np.empty(n, dtype=np.int64)
+        inverse[groups.order] = np.arange(n)
+        sparse_counts = sparse_counts[inverse]
+        repeat_counts = repeat_counts[inverse]
+        lengths = lengths[inverse]
+        changed_row = np.where(has_nearest, changed, -1)[inverse]
+        cos_row = best_cos[inverse]
+        evidence = [
+            f"of the last {length} queries {s} changed 1-{p.max_changed} features "
+            f"of an earlier one and {r} repeated a recent step "
+            f"(|cos| >= {p.cos_threshold:g}); this one changed "
+            + (f"{c} features" if c >= 0 else "nothing before it")
+            + f", step |cos| {cos:.2f}"
+            for s, r, length, c, cos in zip(
+                sparse_counts.tolist(),
+                repeat_counts.tolist(),
+                lengths.tolist(),
+                changed_row.tolist(),
+                cos_row.tolist(),
+                strict=True,
+            )
+        ]
+        score = np.maximum(sparse_counts, repeat_counts) / lengths
+        return self._scores(score, seen[inverse] >= p.min_queries, evidence)
+
+    def _repeat_cosines(
+        self, groups: Groups, unit: npt.NDArray[np.float64]
+    ) -> npt.NDArray[np.float64]:
+        """Largest absolute cosine of each row's step with the client's last
+        ``directions`` steps, then push the steps (sorted order).
+
+        The step ring advances with ``n_seen``: one step per query (zero for a
+        first query), so its position needs no counter of its own.
+        """
+        assert self._arena is not None
+        arrays = self._arena.arrays
+        dirs = arrays["dirs"]
+        m = dirs.shape[1]
+        g, t, slot = groups.group, groups.position, groups.slot
+        seen_before = np.maximum(arrays["n_seen"][groups.unique][g], 0)
+        old_len = np.minimum(seen_before, m)
+
+        # Against the stored steps still among the last m when the row comes.
+        ring = dirs[slot].astype(np.float64)  # (n, m, d)
+        cos = np.abs(np.matmul(ring, unit[:, :, None])[:, :, 0])
+        age = (np.arange(m)[None, :] - (seen_before - old_len)[:, None]) % m
+        visible = (age < old_len[:, None]) & (age >= (old_len + t - m)[:, None])
+        best: npt.NDArray[np.float64] = np.where(visible, cos, 0.0).max(axis=1)
+
+        # Against the same client's earlier steps of this batch, lag by lag.
+        for back in range(1, int(min(groups.size.max(), m + 1))):
+            has = np.flatnonzero(t >= back)
+            lagged = np.abs(np.einsum("ij,ij->i", unit[has], unit[has - back]))
+            best[has] = np.maximum(best[has], lagged)
+
+        keep = t >= groups.size[g] - m
+        dirs[slot[keep], (seen_before[keep] + t[keep]) % m] = unit[keep]
+        return best

@@ -1,0 +1,184 @@
+"""Groups of API keys acting as one attacker, across workers.
+
+After a batch is scored, :class:`CrossClient` sends its fingerprints to the
+Redis store shared by all workers (:mod:`gateway.fingerprints`), counts the
+near-duplicates each client shares with every other in a
+:class:`detectors.linking.KeyLinks`, and writes each client's group and the
+group's risk (the largest risk of any member) on its items, so that the
+decision record carries ``group_id`` and ``group_risk`` for policy to act on.
+
+Round trips per batch: one ``EVALSHA`` for the fingerprints, one pipeline for
+links and risks. Fail-open: if Redis fails here the batch is still answered
+with the per-worker detectors' judgement, and a warning is logged; the
+admission step already fails the batch when Redis is down for good.
+
+Known shortcoming: each worker keeps its own union-find. It learns links made
+elsewhere one hop at a time (the neighbours of its own batch's clients, read
+from Redis), so two workers can briefly disagree about a group's membership
+and id until their clients' next batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from redis.asyncio import Redis
+
+from detectors.linking import KeyLinks, group_risk
+from gateway.batch import BatchItem
+from gateway.config import Settings
+from gateway.errors import StoreError
+from gateway.fingerprints import RedisFingerprintStore
+from gateway.store import redis_guard
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class FingerprintBatch:
+    """The fingerprints one model's detectors computed for a batch.
+
+    ``remember`` says per row whether the shared store should keep it (the
+    scorer keeps every row, as the per-worker store does).
+    """
+
+    model: str
+    client_ids: list[str]
+    hashes: npt.NDArray[np.uint64]
+    remember: list[bool]
+    match_threshold: int
+    input_keys: npt.NDArray[np.uint64] | None = None
+
+
+class CrossClient:
+    """Cross-worker fingerprint store, key links and group risk.
+
+    Parameters
+    ----------
+    redis
+        The worker's Redis client.
+    settings
+        ``cross_client`` and ``redis`` sections.
+    """
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self._redis = redis
+        self._config = settings.cross_client
+        self._prefix = settings.redis.key_prefix
+        self._timeout_s = settings.redis.socket_timeout_s
+        self._stores: dict[int, RedisFingerprintStore] = {}
+        self.links = KeyLinks(
+            min_shared=self._config.link_min_shared,
+            window_s=self._config.link_window_s,
+            link_ttl_s=self._config.link_ttl_s,
+        )
+
+    def _store(self, match_threshold: int) -> RedisFingerprintStore:
+        store = self._stores.get(match_threshold)
+        if store is None:
+            store = RedisFingerprintStore(
+                self._redis,
+                self._prefix,
+                match_threshold=match_threshold,
+                ttl_s=self._config.fingerprint_ttl_s,
+                entries_per_hash=self._config.entries_per_hash,
+                timeout_s=self._timeout_s,
+            )
+            self._stores[match_threshold] = store
+        return store
+
+    def _client_key(self, client_id: str, suffix: str) -> str:
+        return f"{self._prefix}:{{c:{client_id}}}:{suffix}"
+
+    async def after_scoring(
+        self, items: Sequence[BatchItem], batches: Sequence[FingerprintBatch]
+    ) -> None:
+        """Update the shared store and links; set ``group_id``/``group_risk``
+        on every scored item. Never raises for a Redis failure."""
+        if not self._config.enabled:
+            return
+        try:
+            await self._after_scoring(items, batches)
+        except StoreError as exc:
+            logger.warning(
+                "cross-client step skipped: %s", exc, extra={"items": len(items)}
+            )
+
+    async def _after_scoring(
+        self, items: Sequence[BatchItem], batches: Sequence[FingerprintBatch]
+    ) -> None:
+        now_s = time.time()
+        reports: dict[tuple[str, str], int] = defaultdict(int)
+        for batch in batches:
+            matches = await self._store(batch.match_threshold).observe(
+                batch.client_ids, batch.hashes, batch.remember, batch.input_keys
+            )
+            for client, match in zip(batch.client_ids, matches, strict=True):
+                for other in match.others:
+                    # One report per query: how many of the other's entries
+                    # matched says more about the attack's density than about
+                    # the link.
+                    reports[(client, other)] += 1
+        new_links = self.links.observe(
+            ((a, b, n) for (a, b), n in reports.items()), now_s
+        )
+        for a, b in new_links:
+            logger.info("linked keys %s and %s", a, b, extra={"client": a, "linked": b})
+
+        # Latest risk of each client of this batch (its worst query).
+        risks: dict[str, float] = {}
+        for item in items:
+            owner = item.client_id
+            if owner is None or item.verdict is None:
+                continue
+            risks[owner] = max(risks.get(owner, 0.0), item.verdict.risk)
+        if not risks:
+            return
+        clients = sorted(risks)
+        members = {c: self.links.members(c) for c in clients}
+        others = sorted({m for group in members.values() for m in group} - set(risks))
+
+        ttl_ms = max(1, round(self._config.risk_ttl_s * 1000))
+        link_ttl_ms = max(1, round(self._config.link_ttl_s * 1000))
+        async with redis_guard("groups", self._timeout_s):
+            pipe = self._redis.pipeline(transaction=False)
+            for a, b in new_links:
+                for x, y in ((a, b), (b, a)):
+                    key = self._client_key(x, "links")
+                    pipe.sadd(key, y)
+                    pipe.pexpire(key, link_ttl_ms)
+            for client in clients:
+                pipe.set(
+                    self._client_key(client, "risk"), repr(risks[client]), px=ttl_ms
+                )
+            for client in clients:
+                pipe.smembers(self._client_key(client, "links"))
+            for other in others:
+                pipe.get(self._client_key(other, "risk"))
+            replies = await pipe.execute()
+        tail = replies[len(replies) - len(clients) - len(others) :]
+        neighbours, stored = tail[: len(clients)], tail[len(clients) :]
+        known = dict(risks)
+        for other, raw in zip(others, stored, strict=True):
+            if raw is not None:
+                known[other] = float(raw)
+
+        # Links other workers made: adopted now, counted in the next batch's
+        # group (one hop per batch; see the module docstring).
+        for client, found in zip(clients, neighbours, strict=True):
+            for raw in found or ():
+                other = raw.decode() if isinstance(raw, bytes) else str(raw)
+                self.links.link(client, other, now_s=now_s)
+
+        for item in items:
+            owner = item.client_id
+            if owner is None or owner not in risks:
+                continue
+            item.group_id = self.links.group_of(owner)
+            item.group_risk = group_risk(self.links.members(owner), known)
