@@ -109,4 +109,6 @@ ERROR_CODES: dict[str, str] = {
     "STORE_UNAVAILABLE": "the counter store could not be reached (internal: "
     "the worker retries the batch instead of answering with it)",
     "INTERNAL": "an unexpected fault in the gateway; the request was not served",
+    "GATEWAY_TIMEOUT": "no reply from the workers in time (HTTP front door only); "
+    "retry with the same request id",
 }

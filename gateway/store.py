@@ -173,6 +173,15 @@ class Admission:
     outcome: Outcome
     retry_after_ms: int
     client_requests: int
+    # The binding rate window after this item (see ``protocol.RateInfo``):
+    # ``limit`` = burst, ``remaining`` = whole cells the GCRA would still
+    # admit at once, ``reset_ms`` = time until the TAT falls back to now (the
+    # bucket is full again), ``window_s`` = burst / rate, the time one full
+    # burst takes to drain back. 0 everywhere when unknown.
+    limit: int = 0
+    remaining: int = 0
+    reset_ms: int = 0
+    window_s: float = 0.0
 
     @property
     def serve(self) -> bool:
@@ -318,7 +327,7 @@ class CounterStore:
                     retriable=isinstance(reply, _RETRIABLE_REPLIES),
                 ) from reply
             for index, row in zip(indices, reply, strict=True):
-                results[index] = _admission(row)
+                results[index] = _admission(row, items[index])
 
         admissions = [a for a in results if a is not None]
         if logger.isEnabledFor(logging.DEBUG):
@@ -488,13 +497,46 @@ def check_client_id(client_id: str) -> None:
         raise ValueError(f"client_id must match {CLIENT_ID_PATTERN.pattern}")
 
 
-def _admission(row: list[Any]) -> Admission:
+def _admission(row: list[Any], item: AdmitItem) -> Admission:
     name = row[0].decode() if isinstance(row[0], bytes) else str(row[0])
     outcome = _OUTCOMES.get(name)
     if outcome is None:
         raise StoreError(f"redis admit: unexpected outcome {name!r}", retriable=False)
+    limit, remaining, reset_ms, window_s = rate_window(
+        int(row[3]) if len(row) > 3 else 0, item.rate_per_s, item.burst
+    )
     return Admission(
         outcome=outcome,
         retry_after_ms=int(row[1]),
         client_requests=int(row[2]),
+        limit=limit,
+        remaining=remaining,
+        reset_ms=reset_ms,
+        window_s=window_s,
     )
+
+
+def rate_window(
+    tat_ahead_us: float, rate_per_s: float, burst: int
+) -> tuple[int, int, int, float]:
+    """The single GCRA window as (limit, remaining, reset_ms, window_s).
+
+    A GCRA with emission interval ``T`` and ``burst`` cells is a token bucket
+    of ``burst`` tokens refilled one per ``T``; the TAT running ``ahead`` of
+    now means ``ceil(ahead / T)`` tokens are spent. So ``remaining`` is
+    ``burst - ceil(ahead / T)``, ``reset_ms`` is ``ahead`` (the bucket is full
+    once the TAT is reached) and ``window_s`` is ``burst * T``: a client that
+    spends a full burst waits that long to have it all back.
+
+    Examples
+    --------
+    >>> rate_window(0, rate_per_s=10, burst=5)
+    (5, 5, 0, 0.5)
+    >>> rate_window(100_000, rate_per_s=10, burst=5)
+    (5, 4, 100, 0.5)
+    """
+    interval_us = 1e6 / rate_per_s
+    ahead_us = max(float(tat_ahead_us), 0.0)
+    spent = math.ceil(ahead_us / interval_us - 1e-9)
+    remaining = min(max(burst - spent, 0), burst)
+    return burst, remaining, math.ceil(ahead_us / 1000), burst / rate_per_s

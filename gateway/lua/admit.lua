@@ -14,7 +14,7 @@
 -- ARGV[3] totals ttl ms      ARGV[4] day ttl ms
 -- then per item i, from ARGV[5 + 4*(i-1)]: delivery, rate_per_s, burst, cost
 --
--- Returns per item {outcome, retry_after_ms, client_requests}.
+-- Returns per item {outcome, retry_after_ms, client_requests, tat_ahead_us}.
 
 -- Effects replication is the default since Redis 5 (needed for TIME below);
 -- the call keeps 3.2 and 4.x correct and is a no-op later.
@@ -98,7 +98,9 @@ for i = 1, #KEYS - 4 do
   elseif outcome ~= "redelivery" then
     refused = refused + 1
   end
-  results[i] = {outcome, retry_ms, requests}
+  -- The fourth number is how far the TAT runs ahead of now (us, >= 0): the
+  -- store turns it into the remaining allowance and time until full.
+  results[i] = {outcome, retry_ms, requests, math.floor(math.max(tat - now_us, 0))}
 end
 
 -- The TAT only matters until it passes; after that a missing key means the same.
