@@ -22,6 +22,7 @@ import typer
 from gateway import logs
 from gateway.config import Settings, load_settings
 from gateway.errors import ModelgateError
+from gateway.frontdoor.cli import frontdoor_app
 
 app = typer.Typer(
     help="modelgate: a streaming inference gateway that catches model theft.",
@@ -30,6 +31,7 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(help="Create, list and revoke client API keys.")
 app.add_typer(keys_app, name="keys")
+app.add_typer(frontdoor_app, name="frontdoor")
 
 ConfigOption = Annotated[
     Path | None,

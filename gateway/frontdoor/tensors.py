@@ -97,9 +97,7 @@ def to_array(
     if tensor.datatype in _FLOAT_DTYPES:
         array = np.asarray(flat, dtype=np.float64)
         if not np.isfinite(array).all():
-            raise ValidationError(
-                f"input {name!r}: NaN or infinity", code="NON_FINITE"
-            )
+            raise ValidationError(f"input {name!r}: NaN or infinity", code="NON_FINITE")
         return array.astype(_FLOAT_DTYPES[tensor.datatype]).reshape(tensor.shape)
 
     low, high = _INT_BOUNDS[tensor.datatype]

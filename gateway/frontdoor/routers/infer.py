@@ -128,9 +128,7 @@ async def _infer(
             rate=answer.rate,
         )
     outputs = [
-        to_output(t)
-        for t in answer.outputs or ()
-        if wanted is None or t.name in wanted
+        to_output(t) for t in answer.outputs or () if wanted is None or t.name in wanted
     ]
     response = InferResponseBody(
         id=answer.request_id,

@@ -16,7 +16,9 @@ PLATFORM = "sklearn_skops"
 
 
 def _tensor(spec: TensorSpec) -> MetadataTensor:
-    return MetadataTensor(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+    return MetadataTensor(
+        name=spec.name, datatype=spec.datatype, shape=list(spec.shape)
+    )
 
 
 def _metadata(signature: ModelSignature) -> ModelMetadata:
