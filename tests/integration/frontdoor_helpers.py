@@ -68,9 +68,10 @@ async def serving(settings: Settings, *, ready: bool = True) -> AsyncIterator[st
             url = _url(server)
             if ready:
                 async with httpx.AsyncClient() as client:
-                    while (
-                        await client.get(url + "/v2/health/ready")
-                    ).status_code != 200:
+                    while True:
+                        probe = await client.get(url + "/v2/health/ready")
+                        if probe.status_code == 200:
+                            break
                         await asyncio.sleep(0.1)
         yield url
     finally:

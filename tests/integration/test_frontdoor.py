@@ -110,21 +110,24 @@ async def test_infer_returns_exactly_the_models_probabilities(
     token = await _token(settings)
     rows = _rows(5)
     expected = load_model(models_dir, "digits").predict_proba(rows)
-    async with running_worker(settings), serving(settings) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-            flat = await http.post(
-                INFER, json=_body(rows, rid="r-flat"), headers=bearer(token)
-            )
-            nested = await http.post(
-                INFER,
-                json=_body(rows, nested=True),
-                headers={"X-API-Key": token},
-            )
-            only_label = await http.post(
-                INFER,
-                json={**_body(rows[:1]), "outputs": [{"name": "label"}]},
-                headers=bearer(token),
-            )
+    async with (
+        running_worker(settings),
+        serving(settings) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+    ):
+        flat = await http.post(
+            INFER, json=_body(rows, rid="r-flat"), headers=bearer(token)
+        )
+        nested = await http.post(
+            INFER,
+            json=_body(rows, nested=True),
+            headers={"X-API-Key": token},
+        )
+        only_label = await http.post(
+            INFER,
+            json={**_body(rows[:1]), "outputs": [{"name": "label"}]},
+            headers=bearer(token),
+        )
 
     assert flat.status_code == 200, flat.text
     body = flat.json()
@@ -252,7 +255,10 @@ async def test_malformed_and_oversize_are_refused_before_kafka(
         _assert_error(
             await http.post(INFER, json=not_int, headers=headers), 400, "DTYPE_MISMATCH"
         )
-        nan = b'{"inputs": [{"name": "pixels", "shape": [1, 1], "datatype": "FP32", "data": [NaN]}]}'
+        nan = (
+            b'{"inputs": [{"name": "pixels", "shape": [1, 1], "datatype": "FP32",'
+            b' "data": [NaN]}]}'
+        )
         _assert_error(
             await http.post(INFER, content=nan, headers=headers), 400, "NON_FINITE"
         )
@@ -294,41 +300,44 @@ async def test_throttled_client_gets_429_with_retry_after_and_ratelimit(
     )
     token = await _token(settings)
     rows = _rows(1)
-    async with running_worker(settings), serving(settings) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-            first = await http.post(INFER, json=_body(rows), headers=bearer(token))
-            second = await http.post(INFER, json=_body(rows), headers=bearer(token))
-            third = await http.post(
-                INFER, json=_body(rows, rid="r-throttled"), headers=bearer(token)
-            )
+    async with (
+        running_worker(settings),
+        serving(settings) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+    ):
+        first = await http.post(INFER, json=_body(rows), headers=bearer(token))
+        second = await http.post(INFER, json=_body(rows), headers=bearer(token))
+        third = await http.post(
+            INFER, json=_body(rows, rid="r-throttled"), headers=bearer(token)
+        )
 
-            assert first.status_code == 200, first.text
-            assert first.headers["RateLimit-Policy"] == '"burst";q=2;w=2'
-            assert first.headers["RateLimit"] in ('"burst";r=1;t=1', '"burst";r=1;t=2')
-            assert second.status_code == 200, second.text
-            body = _assert_error(third, 429, "RATE_LIMITED")
-            assert body["retriable"] is True
-            # GCRA at 1/s with a burst of 2: the third request may go one
-            # emission interval (1 s) after the first, less the time spent.
-            assert third.headers["Retry-After"] == "1"
-            assert third.headers["RateLimit-Policy"] == '"burst";q=2;w=2'
-            # Full again 2 s after the first (burst x interval), less time spent.
-            assert third.headers["RateLimit"] in ('"burst";r=0;t=2', '"burst";r=0;t=1')
+        assert first.status_code == 200, first.text
+        assert first.headers["RateLimit-Policy"] == '"burst";q=2;w=2'
+        assert first.headers["RateLimit"] in ('"burst";r=1;t=1', '"burst";r=1;t=2')
+        assert second.status_code == 200, second.text
+        body = _assert_error(third, 429, "RATE_LIMITED")
+        assert body["retriable"] is True
+        # GCRA at 1/s with a burst of 2: the third request may go one
+        # emission interval (1 s) after the first, less the time spent.
+        assert third.headers["Retry-After"] == "1"
+        assert third.headers["RateLimit-Policy"] == '"burst";q=2;w=2'
+        # Full again 2 s after the first (burst x interval), less time spent.
+        assert third.headers["RateLimit"] in ('"burst";r=0;t=2', '"burst";r=0;t=1')
 
-            # Honouring Retry-After, the same request id is then served.
-            await asyncio.sleep(int(third.headers["Retry-After"]))
-            async with asyncio.timeout(10):
-                while True:
-                    retry = await http.post(
-                        INFER,
-                        json=_body(rows, rid="r-throttled"),
-                        headers=bearer(token),
-                    )
-                    if retry.status_code != 429:
-                        break
-                    await asyncio.sleep(0.1)
-            assert retry.status_code == 200, retry.text
-            assert retry.json()["id"] == "r-throttled"
+        # Honouring Retry-After, the same request id is then served.
+        await asyncio.sleep(int(third.headers["Retry-After"]))
+        async with asyncio.timeout(10):
+            while True:
+                retry = await http.post(
+                    INFER,
+                    json=_body(rows, rid="r-throttled"),
+                    headers=bearer(token),
+                )
+                if retry.status_code != 429:
+                    break
+                await asyncio.sleep(0.1)
+        assert retry.status_code == 200, retry.text
+        assert retry.json()["id"] == "r-throttled"
 
 
 async def test_no_worker_means_504(stack: StackInfo, models_dir: Path) -> None:

@@ -67,7 +67,7 @@ async def model_version_metadata(
 @router.get(
     "/{model_name}/ready",
     response_model=ReadyStatus,
-    responses=_READY_RESPONSES,  # type: ignore[arg-type]  # status keys are ints
+    responses=_READY_RESPONSES,
     summary="Model readiness",
 )
 async def model_ready(model_name: str, door: Door) -> JSONResponse:
@@ -80,7 +80,7 @@ async def model_ready(model_name: str, door: Door) -> JSONResponse:
 @router.get(
     "/{model_name}/versions/{model_version}/ready",
     response_model=ReadyStatus,
-    responses=_READY_RESPONSES,  # type: ignore[arg-type]  # status keys are ints
+    responses=_READY_RESPONSES,
     summary="Model readiness (one version)",
 )
 async def model_version_ready(
