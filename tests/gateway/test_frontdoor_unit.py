@@ -3,6 +3,8 @@ window numbers, and tensor conversion. No Kafka, Redis or sockets."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -147,3 +149,13 @@ def test_inconsistent_tensors_are_refused(
     with pytest.raises(ValidationError) as caught:
         to_array(tensor, PIXELS)
     assert caught.value.code == code
+
+
+def test_the_documented_error_table_lists_every_code() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "frontdoor.md").read_text()
+    for code, status in HTTP_STATUS.items():
+        row = next(
+            (line for line in text.splitlines() if line.startswith(f"| {status} |")),
+            "",
+        )
+        assert f"`{code}`" in row, f"{code} missing from the {status} row of the docs"
