@@ -73,8 +73,7 @@ def _add_handlers(app: FastAPI) -> None:
     @app.exception_handler(ModelgateError)
     async def modelgate_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ModelgateError)
-        if exc.code not in ("GATEWAY_TIMEOUT",) and not exc.code.startswith("AUTH"):
-            logger.debug("refused: %s", exc.code)
+        logger.debug("refused %s", exc.code, extra={"path": request.url.path})
         return response_for_error(exc)
 
     @app.exception_handler(RequestValidationError)

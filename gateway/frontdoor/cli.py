@@ -91,7 +91,7 @@ def serve(
 
 @frontdoor_app.command("bench")
 def bench(
-    requests: Annotated[int, typer.Option(help="Requests per target.")] = 2000,
+    requests: Annotated[int, typer.Option(help="Requests per target.")] = 1000,
     concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 32,
     out: Annotated[
         Path | None, typer.Option(help="Also write the results as JSON to FILE.")

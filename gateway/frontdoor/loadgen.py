@@ -37,7 +37,8 @@ async def drive(
     Returns
     -------
     dict
-        ``requests``, ``ok``, ``statuses`` (status -> count), ``seconds``,
+        ``requests``, ``ok``, ``statuses`` (status -> count; 0 for no HTTP
+        answer), ``failures`` (exception type -> count), ``seconds``,
         ``throughput_rps`` (measured requests / wall seconds) and ``p50_ms``,
         ``p99_ms``, ``mean_ms`` over every measured request, failed ones too.
     """
@@ -46,6 +47,7 @@ async def drive(
     )
     all_headers = {"Content-Type": "application/json", **headers}
     async with httpx.AsyncClient(limits=limits, timeout=timeout_s) as client:
+        failures: dict[str, int] = {}
 
         async def run(count: int, offset: int) -> tuple[list[float], dict[int, int]]:
             latencies: list[float] = []
@@ -64,8 +66,11 @@ async def drive(
                             url, content=body, headers=all_headers
                         )
                         status = response.status_code
-                    except httpx.HTTPError:
+                    except httpx.HTTPError as exc:
+                        # Status 0: no HTTP answer; the exception type says why.
                         status = 0
+                        kind = type(exc).__name__
+                        failures[kind] = failures.get(kind, 0) + 1
                     latencies.append(time.perf_counter() - started)
                     statuses[status] = statuses.get(status, 0) + 1
 
@@ -74,6 +79,7 @@ async def drive(
 
         if warmup:
             await run(warmup, 0)
+            failures.clear()
         started = time.perf_counter()
         latencies, statuses = await run(requests, warmup)
         seconds = time.perf_counter() - started
@@ -84,6 +90,7 @@ async def drive(
         "concurrency": concurrency,
         "ok": statuses.get(200, 0),
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "failures": failures,
         "seconds": round(seconds, 3),
         "throughput_rps": round(requests / seconds, 1),
         "p50_ms": round(float(np.percentile(lat_ms, 50)), 2),

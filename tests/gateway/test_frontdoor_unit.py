@@ -159,3 +159,22 @@ def test_the_documented_error_table_lists_every_code() -> None:
             "",
         )
         assert f"`{code}`" in row, f"{code} missing from the {status} row of the docs"
+
+
+async def test_not_ready_before_kafka_is_up() -> None:
+    import httpx
+
+    from gateway.config import load_settings
+    from gateway.frontdoor.app import create_app
+
+    # No lifespan runs under ASGITransport, so the front door never starts:
+    # it is alive and says it is not ready, and inference is refused 503.
+    app = create_app(load_settings())
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        assert (await http.get("/v2/health/live")).json() == {"live": True}
+        ready = await http.get("/v2/health/ready")
+        assert ready.status_code == 503 and ready.json() == {"ready": False}
+        wrong_method = await http.delete("/v2/health/live")
+        assert wrong_method.status_code == 405
+        assert wrong_method.json()["code"] == "METHOD_NOT_ALLOWED"

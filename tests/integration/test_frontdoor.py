@@ -123,6 +123,9 @@ async def test_infer_returns_exactly_the_models_probabilities(
             json=_body(rows, nested=True),
             headers={"X-API-Key": token},
         )
+        again = await http.post(
+            INFER, json=_body(rows, rid="r-flat"), headers=bearer(token)
+        )
         only_label = await http.post(
             INFER,
             json={**_body(rows[:1]), "outputs": [{"name": "label"}]},
@@ -151,6 +154,8 @@ async def test_infer_returns_exactly_the_models_probabilities(
         expected,
     )
     assert [o["name"] for o in only_label.json()["outputs"]] == ["label"]
+    # The same id again, after it was served, is a duplicate.
+    _assert_error(again, 409, "DUPLICATE_REQUEST")
 
 
 async def test_bad_keys_are_refused_before_kafka(settings: Settings) -> None:
