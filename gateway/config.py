@@ -139,6 +139,16 @@ class WorkerConfig(_Frozen):
     reply_topic_prefix: str = Field("modelgate.responses", pattern=_TOPIC_PATTERN)
 
 
+def _default_instance_id() -> str:
+    """Host name and pid, reduced to what a topic name allows: every process
+    loads this section, so the default must validate on any host."""
+    host = "".join(
+        c if c.isascii() and (c.isalnum() or c in "._-") else "-"
+        for c in os.uname().nodename
+    )
+    return f"{host[:28] or 'host'}-{os.getpid()}"
+
+
 class FrontDoorConfig(_Frozen):
     """The HTTP front door (``modelgate frontdoor serve``).
 
@@ -153,7 +163,7 @@ class FrontDoorConfig(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     instance_id: str = Field(
-        default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}",
+        default_factory=_default_instance_id,
         pattern=r"^[A-Za-z0-9._-]{1,40}$",
     )
     # Request bodies above this are refused with 413 before being read whole;

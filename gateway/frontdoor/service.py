@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 from aiokafka.errors import KafkaError
+from redis.asyncio import Redis
 
 from gateway import protocol
 from gateway.client import KafkaTransport, cancel_and_wait
@@ -106,7 +107,7 @@ class FrontDoor:
         self.signatures: dict[str, ModelSignature] = {}
         self._server_key = server_key
         self._transport = KafkaTransport(settings, reply_topic=self.reply_topic)
-        self._redis: Any = None
+        self._redis: Redis | None = None
         self._keys: KeyStore | None = None
         self._starter: asyncio.Task[None] | None = None
 

@@ -178,3 +178,17 @@ async def test_not_ready_before_kafka_is_up() -> None:
         wrong_method = await http.delete("/v2/health/live")
         assert wrong_method.status_code == 405
         assert wrong_method.json()["code"] == "METHOD_NOT_ALLOWED"
+
+
+def test_default_instance_id_validates_on_any_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+    from types import SimpleNamespace
+
+    from gateway.config import FrontDoorConfig
+
+    long_name = "pod-" + "x" * 80 + ".ünïcode host"
+    monkeypatch.setattr(os, "uname", lambda: SimpleNamespace(nodename=long_name))
+    instance = FrontDoorConfig().instance_id
+    assert instance.endswith(f"-{os.getpid()}") and len(instance) <= 40
