@@ -398,7 +398,6 @@ def bench_http_command(requests: int, concurrency: int, out: Path | None) -> int
     Returns 0 if every measured request was answered 200 by both, else 1.
     """
     from gateway import stack
-    from gateway.bench import _patched
 
     base = load_settings()
     with (
@@ -407,8 +406,10 @@ def bench_http_command(requests: int, concurrency: int, out: Path | None) -> int
     ):
         settings = base.model_copy(
             update={
-                "kafka": _patched(base.kafka, bootstrap=info.kafka_bootstrap),
-                "redis": _patched(base.redis, url=info.redis_url),
+                "kafka": base.kafka.model_copy(
+                    update={"bootstrap": info.kafka_bootstrap}
+                ),
+                "redis": base.redis.model_copy(update={"url": info.redis_url}),
             }
         )
         try:
