@@ -300,7 +300,9 @@ async def test_throttled_client_gets_429_with_retry_after_and_ratelimit(
             stack.redis_url,
             models_dir,
             policy={"shadow": True},
-            limits={"rate_per_s": 1.0, "burst": 2},
+            # One cell per 3 s, so that a loaded machine's round trips
+            # (well under 3 s) cannot let the bucket refill mid-test.
+            limits={"rate_per_s": 1 / 3, "burst": 2},
         )
     )
     token = await _token(settings)
@@ -317,17 +319,18 @@ async def test_throttled_client_gets_429_with_retry_after_and_ratelimit(
         )
 
         assert first.status_code == 200, first.text
-        assert first.headers["RateLimit-Policy"] == '"burst";q=2;w=2'
-        assert first.headers["RateLimit"] in ('"burst";r=1;t=1', '"burst";r=1;t=2')
+        assert first.headers["RateLimit-Policy"] == '"burst";q=2;w=6'
+        # One cell spent: full again one interval (3 s) after it was spent.
+        assert first.headers["RateLimit"] in {f'"burst";r=1;t={t}' for t in (2, 3)}
         assert second.status_code == 200, second.text
         body = _assert_error(third, 429, "RATE_LIMITED")
         assert body["retriable"] is True
-        # GCRA at 1/s with a burst of 2: the third request may go one
-        # emission interval (1 s) after the first, less the time spent.
-        assert third.headers["Retry-After"] == "1"
-        assert third.headers["RateLimit-Policy"] == '"burst";q=2;w=2'
-        # Full again 2 s after the first (burst x interval), less time spent.
-        assert third.headers["RateLimit"] in ('"burst";r=0;t=2', '"burst";r=0;t=1')
+        # GCRA with a burst of 2: the third request may go one interval (3 s)
+        # after the first, less the time the first two took.
+        assert third.headers["Retry-After"] in {"2", "3"}
+        assert third.headers["RateLimit-Policy"] == '"burst";q=2;w=6'
+        # Full again 6 s (burst x interval) after the first, less time spent.
+        assert third.headers["RateLimit"] in {f'"burst";r=0;t={t}' for t in (5, 6)}
 
         # Honouring Retry-After, the same request id is then served.
         await asyncio.sleep(int(third.headers["Retry-After"]))
