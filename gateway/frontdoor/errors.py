@@ -105,7 +105,8 @@ def rate_headers(rate: RateInfo) -> dict[str, str]:
     >>> rate_headers(RateInfo(limit=5, remaining=4, reset_ms=100, window_s=0.5))
     {'RateLimit-Policy': '"burst";q=5;w=1', 'RateLimit': '"burst";r=4;t=1'}
     """
-    window_s = max(1, math.ceil(rate.window_s))
+    # Rounded first so that float noise (2 / (1/3) = 6.000...01) adds no second.
+    window_s = max(1, math.ceil(round(rate.window_s, 6)))
     reset_s = max(0, math.ceil(rate.reset_ms / 1000))
     return {
         "RateLimit-Policy": f'"{RATE_POLICY}";q={rate.limit};w={window_s}',
