@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +112,19 @@ class FrontDoor:
         self._redis: Redis | None = None
         self._keys: KeyStore | None = None
         self._starter: asyncio.Task[None] | None = None
+        # Monotonic time from which workers know the reply topic; see
+        # ``frontdoor.reply_topic_settle_s``.
+        self._settled_at = math.inf
 
     @property
     def ready(self) -> bool:
-        """True once the producer and this process's reply consumer are up."""
-        return self._keys is not None and self._transport.started
+        """True once the producer and this process's reply consumer are up and
+        the workers are sure to answer on this process's reply topic."""
+        return (
+            self._keys is not None
+            and self._transport.started
+            and time.monotonic() >= self._settled_at
+        )
 
     async def start(self) -> None:
         """Load signatures, create the reply topic, connect Redis and Kafka.
@@ -134,6 +144,9 @@ class FrontDoor:
             None, load_server_key, self.settings
         )
         await ensure_topics(self.settings, extra={self.reply_topic: 1})
+        self._settled_at = (
+            time.monotonic() + self.settings.frontdoor.reply_topic_settle_s
+        )
         await self._transport.start()
         if self._redis is None:
             self._redis = redis_from_settings(self.settings)
@@ -226,7 +239,7 @@ class FrontDoor:
             Kafka or Redis could not be reached.
         """
         keys = self._keys
-        if keys is None or not self._transport.started:
+        if keys is None or not self.ready:
             raise BrokerError("front door is not ready", code="NOT_READY")
         if not token:
             raise AuthError("no API key presented", code="AUTH_MISSING")

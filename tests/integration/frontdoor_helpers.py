@@ -29,10 +29,20 @@ class _Server(uvicorn.Server):
         yield
 
 
-def with_instance(settings: Settings, instance_id: str | None = None) -> Settings:
-    """``settings`` with a front-door instance id (so a reply topic) of its own."""
+def with_instance(
+    settings: Settings, instance_id: str | None = None, *, settle_s: float = 0.0
+) -> Settings:
+    """``settings`` with a front-door instance id (so a reply topic) of its own.
+
+    ``settle_s`` (``frontdoor.reply_topic_settle_s``) is 0 by default: every
+    test but the one about it starts its front doors before the worker's
+    first batch, whose topic listing then includes their reply topics.
+    """
     section = settings.frontdoor.model_copy(
-        update={"instance_id": instance_id or f"t-{uuid.uuid4().hex[:10]}"}
+        update={
+            "instance_id": instance_id or f"t-{uuid.uuid4().hex[:10]}",
+            "reply_topic_settle_s": settle_s,
+        }
     )
     return settings.model_copy(update={"frontdoor": section})
 

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from gateway.config import Settings
+from gateway.config import FrontDoorConfig, Settings
 from gateway.frontdoor.service import reply_topic_for
 from gateway.keys import KeyStore, format_token
 from gateway.models import digits_split, load_model
@@ -410,3 +410,31 @@ def test_reply_topics_are_per_instance(settings: Settings) -> None:
     b = reply_topic_for(with_instance(settings, "two"))
     assert a != b
     assert a.startswith(settings.worker.reply_topic_prefix + ".")
+
+
+async def test_a_front_door_started_beside_a_busy_worker_gets_its_replies(
+    settings: Settings,
+) -> None:
+    """The worker lists topics again at most every 2 s; a front door that
+    started right after a listing still gets its first answers, because it
+    is not ready until its reply topic is sure to be known."""
+    first_door = with_instance(settings)
+    # The configured default settle time: the point of this test.
+    late = with_instance(settings, settle_s=FrontDoorConfig().reply_topic_settle_s)
+    late = late.model_copy(
+        update={"frontdoor": late.frontdoor.model_copy(update={"reply_timeout_s": 4.0})}
+    )
+    token = await _token(settings)
+    body = _body(_rows(1))
+    async with (
+        running_worker(settings),
+        serving(first_door) as url_a,
+        httpx.AsyncClient(timeout=30) as http,
+    ):
+        # This request names a reply topic the worker does not know yet, so
+        # the worker lists topics now, just before the late door starts.
+        first = await http.post(url_a + INFER, json=body, headers=bearer(token))
+        assert first.status_code == 200, first.text
+        async with serving(late) as url_b:
+            response = await http.post(url_b + INFER, json=body, headers=bearer(token))
+    assert response.status_code == 200, response.text
