@@ -213,6 +213,7 @@ def response_for(
                 item.error.code, _clip(item.error.message), item.error.retriable
             ),
             retry_after_ms=retry_after,
+            rate=rate_info(item),
         )
     if item.probabilities is None:
         raise ValueError("an item without error must have probabilities")
@@ -232,6 +233,20 @@ def response_for(
             protocol.tensor_from_array("probabilities", item.probabilities),
             protocol.tensor_from_array("label", labels),
         ],
+        rate=rate_info(item),
+    )
+
+
+def rate_info(item: BatchItem) -> protocol.RateInfo | None:
+    """The client's rate window from its admission, if it got that far."""
+    admission = item.admission
+    if admission is None or admission.limit <= 0:
+        return None
+    return protocol.RateInfo(
+        limit=admission.limit,
+        remaining=admission.remaining,
+        reset_ms=admission.reset_ms,
+        window_s=admission.window_s,
     )
 
 

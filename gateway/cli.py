@@ -24,6 +24,7 @@ from gateway.admin import cli as admin_cli
 from gateway.cli_config import config_app
 from gateway.config import Settings, load_settings
 from gateway.errors import ModelgateError
+from gateway.frontdoor.cli import frontdoor_app
 
 app = typer.Typer(
     help="modelgate: a streaming inference gateway that catches model theft.",
@@ -34,6 +35,7 @@ keys_app = typer.Typer(help="Create, list and revoke client API keys.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
 limits_cli.register(keys_app)
+app.add_typer(frontdoor_app, name="frontdoor")
 
 ConfigOption = Annotated[
     Path | None,

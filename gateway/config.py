@@ -460,6 +460,48 @@ class CrossClientConfig(_Frozen):
     risk_ttl_s: float = Field(600.0, gt=0, le=7 * 86_400)
 
 
+def _default_instance_id() -> str:
+    """Host name and pid, reduced to what a topic name allows: every process
+    loads this section, so the default must validate on any host."""
+    host = "".join(
+        c if c.isascii() and (c.isalnum() or c in "._-") else "-"
+        for c in os.uname().nodename
+    )
+    return f"{host[:28] or 'host'}-{os.getpid()}"
+
+
+class FrontDoorConfig(_Frozen):
+    """The HTTP front door (``modelgate frontdoor serve``).
+
+    Each process reads replies on its own topic,
+    ``<worker.reply_topic_prefix>.fd-<instance_id>``, created at start and
+    kept at stop (a worker may still be answering into it). A stable
+    ``instance_id`` per process slot reuses one topic across restarts; the
+    default (host and pid) makes a new one per process.
+    """
+
+    # Loopback by default: exposing the front door is a deliberate choice.
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    instance_id: str = Field(
+        default_factory=_default_instance_id,
+        pattern=r"^[A-Za-z0-9._-]{1,40}$",
+    )
+    # Request bodies above this are refused with 413 before being read whole;
+    # JSON numbers take ~10 bytes each, so 1 MiB holds about 100k values.
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
+    # How long an inference waits for the workers' reply before a 504.
+    reply_timeout_s: float = Field(10.0, gt=0, le=600)
+    # Longest ``parameters`` object passed through, as encoded JSON bytes.
+    max_parameters_bytes: int = Field(4096, ge=0, le=65_536)
+    # Not ready until this long after the reply topic exists. A worker lists
+    # topics again at most every 2 s when a request names a reply topic it
+    # does not know (``_UNKNOWN_REFRESH_S`` in gateway/worker.py) and answers
+    # on the shared topic meanwhile; past that delay, the first request's
+    # listing is sure to include this topic.
+    reply_topic_settle_s: float = Field(2.5, ge=0, le=60)
+
+
 class Settings(BaseSettings):
     """All configuration of one process. Frozen; build a new one to change it."""
 
@@ -477,6 +519,7 @@ class Settings(BaseSettings):
     policy: PolicyConfig = PolicyConfig()
     models: ModelsConfig = ModelsConfig()
     worker: WorkerConfig = WorkerConfig()
+    frontdoor: FrontDoorConfig = FrontDoorConfig()
     # Per-detector parameter overrides, validated by each detector's Params model.
     detectors: dict[str, dict[str, Any]] = {}
     live: LiveSettings = LiveSettings()

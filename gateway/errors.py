@@ -128,4 +128,6 @@ ERROR_CODES: dict[str, str] = {
     "INTERNAL": "an unexpected fault in the gateway; the request was not served",
     "BACKEND_TIMEOUT": "the model backend did not answer within its timeout",
     "BACKEND_UNAVAILABLE": "the model backend is down or its circuit breaker is open",
+    "GATEWAY_TIMEOUT": "no reply from the workers in time (HTTP front door only); "
+    "retry with the same request id",
 }

@@ -90,6 +90,21 @@ class ErrorBody(msgspec.Struct, frozen=True):
     retriable: bool = False
 
 
+class RateInfo(msgspec.Struct, frozen=True):
+    """The client's binding rate-limit window after this request.
+
+    ``limit`` requests fit in a window of ``window_s`` seconds; ``remaining``
+    of them are left now; ``reset_ms`` is how long until the window is full
+    again (all ``limit`` available). The HTTP front door turns these into
+    ``RateLimit``/``RateLimit-Policy`` headers.
+    """
+
+    limit: int
+    remaining: int
+    reset_ms: int
+    window_s: float
+
+
 class InferResponse(msgspec.Struct, frozen=True, omit_defaults=True):
     """The answer to one request, on ``reply_to`` or the responses topic.
 
@@ -113,6 +128,7 @@ class InferResponse(msgspec.Struct, frozen=True, omit_defaults=True):
     # The degrade level of ``outputs`` (gateway/shaping.py) when ``action`` is
     # ``degrade``; absent for a full answer.
     degrade: str | None = None
+    rate: RateInfo | None = None
 
 
 class DecisionRecord(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -1,0 +1,185 @@
+"""The FastAPI application of the HTTP front door: ``create_app(settings)``.
+
+Wires the routers, the body-size guard, and the exception handlers that turn
+every failure into the contract's error body with its HTTP status. Imports
+FastAPI, starlette and the front door's modules.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.config import Settings
+from gateway.errors import ModelgateError
+from gateway.frontdoor.errors import error_response, response_for_error
+from gateway.frontdoor.routers import health, infer, models
+from gateway.frontdoor.service import FrontDoor
+
+logger = logging.getLogger(__name__)
+
+_MAX_DETAIL_CHARS = 300
+
+
+def create_app(settings: Settings, *, server_key: bytes | None = None) -> FastAPI:
+    """The front door as an ASGI app; Kafka and Redis connect on startup.
+
+    Startup does not wait for Kafka: the app serves ``/v2/health/live`` at
+    once and ``/v2/health/ready`` answers 503 until the producer and reply
+    consumer are up.
+
+    Parameters
+    ----------
+    settings
+        All settings; ``frontdoor`` holds the HTTP ones.
+    server_key
+        The Fernet server key; read from settings when omitted.
+    """
+    door = FrontDoor(settings, server_key=server_key)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        door.start_in_background()
+        try:
+            yield
+        finally:
+            await door.stop()
+
+    app = FastAPI(
+        title="modelgate front door",
+        summary="Open Inference Protocol v2 over HTTP, guarded by modelgate.",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.frontdoor = door
+    app.include_router(health.router)
+    app.include_router(models.router)
+    app.include_router(infer.router)
+    _add_handlers(app)
+    # Outermost, so that an oversize body is refused before anything reads it.
+    app.add_middleware(BodyLimit, max_body_bytes=settings.frontdoor.max_body_bytes)
+    return app
+
+
+def _add_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ModelgateError)
+    async def modelgate_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ModelgateError)
+        logger.debug("refused %s", exc.code, extra={"path": request.url.path})
+        return response_for_error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errors = exc.errors()
+        code = (
+            "MALFORMED_JSON"
+            if any(e.get("type") == "json_invalid" for e in errors)
+            else "SCHEMA_INVALID"
+        )
+        # Where and what, never the offending input itself.
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
+            for e in errors[:3]
+        )
+        return error_response(code, detail[:_MAX_DETAIL_CHARS], False)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {
+            400: "MALFORMED_JSON",
+            404: "NOT_FOUND",
+            405: "METHOD_NOT_ALLOWED",
+            413: "PAYLOAD_TOO_LARGE",
+        }.get(exc.status_code, "INTERNAL")
+        response = error_response(code, str(exc.detail)[:_MAX_DETAIL_CHARS], False)
+        response.status_code = exc.status_code
+        return response
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected fault answering %s", request.url.path)
+        return error_response("INTERNAL", "internal error", False)
+
+
+class BodyLimit:
+    """Refuse request bodies over ``max_body_bytes`` with 413, judged on
+    ``Content-Length`` when sent and on the bytes actually read otherwise.
+
+    The body is read here, up to the limit, and replayed to the app, so that
+    a chunked body without a length can never be read whole past the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+
+        # Step: the declared length, when there is one.
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await self._refuse(send, "MALFORMED_JSON", "bad Content-Length")
+                    return
+                if declared > self.max_body_bytes:
+                    await self._too_large(send)
+                    return
+
+        # Step: the bytes themselves.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await self._too_large(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Send) -> None:
+        await self._refuse(
+            send,
+            "PAYLOAD_TOO_LARGE",
+            f"request body exceeds {self.max_body_bytes} bytes",
+        )
+
+    @staticmethod
+    async def _refuse(send: Send, code: str, message: str) -> None:
+        response = error_response(code, message, False)
+        scope: Any = {"type": "http"}
+
+        async def no_body() -> Message:
+            return {"type": "http.disconnect"}
+
+        await response(scope, no_body, send)

@@ -1,0 +1,121 @@
+"""``modelgate frontdoor``: run the HTTP front door, or benchmark it.
+
+Registered in ``gateway/cli.py`` with one line. Imports Typer only at module
+level; uvicorn, FastAPI and the benchmark load inside the commands.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from gateway import logs
+from gateway.config import Settings, load_settings
+from gateway.errors import ModelgateError
+
+frontdoor_app = typer.Typer(
+    help="The HTTP front door (Open Inference Protocol v2).", no_args_is_help=True
+)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML settings file (else MODELGATE_CONFIG)."),
+]
+LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING.")]
+
+
+def _load(config: Path | None, **overrides: Any) -> Settings:
+    if config is not None:
+        if not config.is_file():
+            typer.echo(f"error: config file {config} not found", err=True)
+            raise typer.Exit(2)
+        os.environ["MODELGATE_CONFIG"] = str(config)
+    try:
+        return load_settings(**overrides)
+    except ModelgateError as exc:
+        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@frontdoor_app.command("serve")
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Address to bind (else frontdoor.host).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port to bind (else frontdoor.port).")
+    ] = None,
+    config: ConfigOption = None,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Serve the OIP v2 REST API under uvicorn until SIGTERM or Ctrl-C.
+
+    Inference requests go through Kafka to the workers; run at least one
+    ``modelgate worker`` on the same settings.
+    """
+    import uvicorn
+
+    from gateway.frontdoor.app import create_app
+
+    logs.configure(log_level)
+    settings = _load(config)
+    overrides: dict[str, Any] = {}
+    if host is not None:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    if overrides:
+        try:
+            section = settings.frontdoor.model_validate(
+                {**settings.frontdoor.model_dump(), **overrides}
+            )
+        except ValueError as exc:
+            typer.echo(f"error [CONFIG_INVALID]: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        settings = settings.model_copy(update={"frontdoor": section})
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.frontdoor.host,
+        port=settings.frontdoor.port,
+        log_level=log_level.lower(),
+        # Our own logging setup stays in force; uvicorn's access log would
+        # add one line per request at INFO.
+        log_config=None,
+        access_log=False,
+    )
+
+
+@frontdoor_app.command("bench")
+def bench(
+    requests: Annotated[int, typer.Option(help="Requests per target.")] = 1000,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 32,
+    out: Annotated[
+        Path | None, typer.Option(help="Also write the results as JSON to FILE.")
+    ] = None,
+    config: ConfigOption = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Front door against the same model served straight over HTTP.
+
+    Starts a worker, the front door and a plain OIP v2 server of the same
+    skops model, drives each from a separate load-generator process, and
+    prints throughput and p50/p99 latency side by side with their ratios.
+    Exits 1 if any request failed (the figures would measure something else).
+    """
+    from gateway.frontdoor.bench import bench_http_command
+
+    logs.configure(log_level)
+    if requests < 1 or concurrency < 1:
+        typer.echo("error [BAD_ARGUMENT]: requests and concurrency must be >= 1")
+        raise typer.Exit(2)
+    _load(config)  # a bad setting is reported by field name, exit 2
+    try:
+        code = bench_http_command(requests, concurrency, out)
+    except ModelgateError as exc:
+        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+        raise typer.Exit(1) from exc
+    raise typer.Exit(code)

@@ -1,0 +1,59 @@
+"""Dependencies shared by the routers: the ``FrontDoor`` and the API key.
+
+Imports FastAPI and the front door's service; the routers import this.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from gateway.frontdoor.errors import HTTP_STATUS
+from gateway.frontdoor.schemas import ErrorResponse
+from gateway.frontdoor.service import FrontDoor
+
+# auto_error=False: a missing key is answered by the front door with its own
+# code (AUTH_MISSING), not by FastAPI's default 403.
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="The token `modelgate keys create` printed: `<key_id>.<secret>`.",
+)
+_api_key = APIKeyHeader(
+    name="X-API-Key",
+    auto_error=False,
+    description="The same token, for clients that cannot set Authorization.",
+)
+
+
+def get_frontdoor(request: Request) -> FrontDoor:
+    door: FrontDoor = request.app.state.frontdoor
+    return door
+
+
+def api_token(
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    header: Annotated[str | None, Depends(_api_key)],
+) -> str | None:
+    """The presented token: ``Authorization: Bearer`` first, else ``X-API-Key``."""
+    if bearer is not None and bearer.credentials:
+        return bearer.credentials
+    return header or None
+
+
+Door = Annotated[FrontDoor, Depends(get_frontdoor)]
+Token = Annotated[str | None, Depends(api_token)]
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, object]]:
+    """OpenAPI ``responses`` entries for these error statuses, each listing the
+    codes that produce it."""
+    out: dict[int | str, dict[str, object]] = {}
+    for status in statuses:
+        codes = sorted(c for c, s in HTTP_STATUS.items() if s == status)
+        out[status] = {
+            "model": ErrorResponse,
+            "description": "Error; `code` is one of " + ", ".join(codes),
+        }
+    return out

@@ -1,0 +1,304 @@
+"""The front door's one long-lived object: key checks, signing, Kafka round trip.
+
+``FrontDoor`` loads the served models' signatures, checks each caller's API
+key against the key store in Redis, signs the request with the caller's own
+secret (taken from the token it presented) and sends it through Kafka like
+any other client, reading the answer on a reply topic that belongs to this
+process alone. It holds no detection or policy logic: the workers decide.
+
+Imports the gateway's client, keys, models, protocol and topics modules and
+redis; nothing from FastAPI, so it can be driven without HTTP.
+
+Known shortcoming: checking a key means decrypting its secret, so the front
+door needs the server key (``auth.server_key``), like a worker. It signs only
+with the secret the caller presented, so a front door never acts for a
+client who did not show their own token; but a compromised front door host
+exposes every key's secret, as a compromised worker host does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from aiokafka.errors import KafkaError
+from redis.asyncio import Redis
+
+from gateway import protocol
+from gateway.client import KafkaTransport, cancel_and_wait
+from gateway.config import Settings
+from gateway.errors import (
+    AuthError,
+    BrokerError,
+    ConfigError,
+    ModelgateError,
+    ValidationError,
+)
+from gateway.keys import KeyStore, authenticate, load_server_key
+from gateway.models import ModelSignature
+from gateway.store import redis_from_settings
+from gateway.topics import ensure_topics
+
+logger = logging.getLogger(__name__)
+
+# How long to wait between attempts to reach Kafka while starting.
+_START_RETRY_S = 2.0
+_TOPIC_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class GatewayTimeout(ModelgateError):
+    """No reply from the workers within ``frontdoor.reply_timeout_s``."""
+
+    default_code = "GATEWAY_TIMEOUT"
+    default_retriable = True
+
+
+def reply_topic_for(settings: Settings) -> str:
+    """This process's reply topic, under the prefix the workers answer to."""
+    instance = _TOPIC_UNSAFE.sub("-", settings.frontdoor.instance_id)
+    return f"{settings.worker.reply_topic_prefix}.fd-{instance}"
+
+
+def load_signatures(directory: Path, names: list[str]) -> dict[str, ModelSignature]:
+    """The signature of every served model, read from ``directory``.
+
+    Raises
+    ------
+    ConfigError
+        A signature file is missing or does not parse.
+    """
+    found: dict[str, ModelSignature] = {}
+    for name in names:
+        path = directory / f"{name}.signature.json"
+        try:
+            signature = ModelSignature.from_json(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"model {name}: cannot read {path}: {exc}") from exc
+        if signature.name != name:
+            raise ConfigError(f"model {name}: its signature names {signature.name!r}")
+        found[name] = signature
+    return found
+
+
+class FrontDoor:
+    """Key checks and the Kafka round trip for HTTP requests.
+
+    Parameters
+    ----------
+    settings
+        Kafka, Redis, auth, models and ``frontdoor`` sections.
+    server_key
+        The Fernet key that decrypts key secrets; loaded from settings if
+        omitted.
+
+    Examples
+    --------
+    >>> async with FrontDoor(settings) as door:  # doctest: +SKIP
+    ...     response = await door.infer(token, "digits", {"pixels": rows}, None)
+    """
+
+    def __init__(self, settings: Settings, *, server_key: bytes | None = None) -> None:
+        self.settings = settings
+        self.reply_topic = reply_topic_for(settings)
+        self.signatures: dict[str, ModelSignature] = {}
+        self._server_key = server_key
+        self._transport = KafkaTransport(settings, reply_topic=self.reply_topic)
+        self._redis: Redis | None = None
+        self._keys: KeyStore | None = None
+        self._starter: asyncio.Task[None] | None = None
+        # Monotonic time from which workers know the reply topic; see
+        # ``frontdoor.reply_topic_settle_s``.
+        self._settled_at = math.inf
+
+    @property
+    def ready(self) -> bool:
+        """True once the producer and this process's reply consumer are up and
+        the workers are sure to answer on this process's reply topic."""
+        return (
+            self._keys is not None
+            and self._transport.started
+            and time.monotonic() >= self._settled_at
+        )
+
+    async def start(self) -> None:
+        """Load signatures, create the reply topic, connect Redis and Kafka.
+
+        Idempotent. Raises ``ConfigError`` for a bad model directory or server
+        key, ``BrokerError`` if Kafka cannot be reached in time.
+        """
+        if self.ready:
+            return
+        loop = asyncio.get_running_loop()
+        models = self.settings.models
+        # File reads off the loop.
+        self.signatures = await loop.run_in_executor(
+            None, load_signatures, models.directory, list(models.serve)
+        )
+        server_key = self._server_key or await loop.run_in_executor(
+            None, load_server_key, self.settings
+        )
+        await ensure_topics(self.settings, extra={self.reply_topic: 1})
+        self._settled_at = (
+            time.monotonic() + self.settings.frontdoor.reply_topic_settle_s
+        )
+        await self._transport.start()
+        if self._redis is None:
+            self._redis = redis_from_settings(self.settings)
+        self._keys = KeyStore(self._redis, self.settings, server_key=server_key)
+        logger.info("front door started", extra={"topic": self.reply_topic})
+
+    def start_in_background(self) -> None:
+        """Keep trying ``start`` until it succeeds, so that the process serves
+        liveness (and a not-ready readiness) while Kafka is still coming up.
+        A configuration error ends the attempts and is logged."""
+        if self._starter is None or self._starter.done():
+            self._starter = asyncio.create_task(self._start_until_up())
+
+    async def _start_until_up(self) -> None:
+        while True:
+            try:
+                await self.start()
+                return
+            except BrokerError as exc:
+                logger.warning("front door not ready yet: %s", exc.message)
+                await asyncio.sleep(_START_RETRY_S)
+            except ModelgateError as exc:
+                logger.error("front door cannot start: %s", exc.message)
+                return
+
+    async def stop(self) -> None:
+        """Stop the start attempts, the transport and Redis. Idempotent.
+
+        The reply topic is kept: a worker may still be answering into it, and
+        producing to a topic that vanished would stall that worker's batch.
+        """
+        starter, self._starter = self._starter, None
+        if starter is not None:
+            await cancel_and_wait(starter)
+        self._keys = None
+        await self._transport.stop()
+        redis, self._redis = self._redis, None
+        if redis is not None:
+            await redis.aclose()
+        logger.info("front door stopped", extra={"topic": self.reply_topic})
+
+    async def __aenter__(self) -> FrontDoor:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def signature(self, model: str, version: str | None = None) -> ModelSignature:
+        """The served model's signature.
+
+        Raises
+        ------
+        ValidationError
+            ``UNKNOWN_MODEL`` when the model (or that version) is not served.
+        """
+        signature = self.signatures.get(model)
+        if signature is None or (version is not None and version != signature.version):
+            shown = model if version is None else f"{model} version {version}"
+            raise ValidationError(
+                f"model {shown[:140]!r} is not served", code="UNKNOWN_MODEL"
+            )
+        return signature
+
+    async def infer(
+        self,
+        token: str | None,
+        model: str,
+        inputs: dict[str, np.ndarray[Any, Any]],
+        request_id: str | None,
+    ) -> protocol.InferResponse:
+        """Check the key, send the request through Kafka, wait for the answer.
+
+        Returns
+        -------
+        protocol.InferResponse
+            The workers' answer, errors included.
+
+        Raises
+        ------
+        AuthError
+            The key is missing, malformed, unknown, revoked, expired or not
+            scoped to ``model`` (nothing was sent).
+        ValidationError
+            ``PAYLOAD_TOO_LARGE``: the request would exceed the workers'
+            message limit (nothing was sent).
+        GatewayTimeout
+            No reply within ``frontdoor.reply_timeout_s``.
+        BrokerError, StoreError
+            Kafka or Redis could not be reached.
+        """
+        keys = self._keys
+        if keys is None or not self.ready:
+            raise BrokerError("front door is not ready", code="NOT_READY")
+        if not token:
+            raise AuthError("no API key presented", code="AUTH_MISSING")
+        key_id, secret = KeyStore.parse_token(token)
+
+        # Step: build and sign exactly what the workers will check.
+        request, value, headers = protocol.build_request(
+            key_id=key_id,
+            secret=secret,
+            model=model,
+            inputs=inputs,
+            request_id=request_id,
+            reply_to=self.reply_topic,
+        )
+        if len(value) > self.settings.kafka.max_message_bytes:
+            raise ValidationError(
+                f"request is {len(value)} bytes once encoded; the limit is "
+                f"{self.settings.kafka.max_message_bytes}",
+                code="PAYLOAD_TOO_LARGE",
+            )
+
+        # Step: the key check the worker makes, here, so that a bad key never
+        # reaches Kafka. The signature was made with the presented secret, so a
+        # wrong secret fails as AUTH_BAD_SIGNATURE, as it would in the worker.
+        key = (await keys.get_many([key_id])).get(key_id)
+        signature = headers[0][1].decode("ascii")
+        auth = self.settings.auth
+        key = authenticate(
+            key,
+            value,
+            signature,
+            request.ts_ms,
+            model,
+            protocol.now_ms(),
+            int(auth.max_clock_skew_s * 1000),
+        )
+
+        # Step: the round trip; the record is keyed by the key's client.
+        delivery, reply = await self._transport.send(
+            key=key.client_id.encode("utf-8"),
+            value=value,
+            headers=headers,
+            request_id=request.request_id,
+        )
+        timeout_s = self.settings.frontdoor.reply_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await delivery
+                return await reply
+        except KafkaError as exc:
+            raise BrokerError(f"request not delivered: {exc!r}") from exc
+        except TimeoutError as exc:
+            logger.info(
+                "no reply in time",
+                extra={"client": key.client_id, "request": request.request_id},
+            )
+            raise GatewayTimeout(
+                f"no reply from the workers within {timeout_s:g} s; retry with "
+                "the same request id"
+            ) from exc
+        finally:
+            self._transport.forget(request.request_id)

@@ -1,0 +1,124 @@
+"""OIP tensors to numpy arrays and back, with shape and datatype checks.
+
+Only the request's own consistency is checked here (data matches shape, values
+match datatype); whether the tensors suit the model is the workers' call, so
+the front door holds no validation or detection logic of its own. Imports
+numpy and the gateway's protocol and errors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from gateway.errors import ValidationError
+from gateway.frontdoor.schemas import InferInputTensor, InferOutputTensor
+from gateway.models import TensorSpec
+from gateway.protocol import Tensor
+
+_FLOAT_DTYPES: dict[str, type[np.floating[Any]]] = {
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
+_INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "INT8": (-(2**7), 2**7 - 1),
+    "INT16": (-(2**15), 2**15 - 1),
+    "INT32": (-(2**31), 2**31 - 1),
+    "INT64": (-(2**63), 2**63 - 1),
+    "UINT8": (0, 2**8 - 1),
+    "UINT16": (0, 2**16 - 1),
+    "UINT32": (0, 2**32 - 1),
+    # The wire format carries integers as INT64.
+    "UINT64": (0, 2**63 - 1),
+}
+# Deeper nesting than any OIP shape we accept (schema: at most 8 dimensions).
+_MAX_DEPTH = 8
+
+
+def _flatten(data: list[Any], shape: list[int], name: str) -> list[Any]:
+    """Row-major leaves of ``data``, flat or nested to match ``shape``."""
+    if not any(isinstance(v, list) for v in data):
+        return data
+    out: list[Any] = []
+
+    def walk(node: Any, depth: int) -> None:
+        if depth == len(shape) or depth > _MAX_DEPTH:
+            if isinstance(node, list):
+                raise ValidationError(
+                    f"input {name!r}: data nests deeper than its shape",
+                    code="SHAPE_MISMATCH",
+                )
+            out.append(node)
+            return
+        if not isinstance(node, list) or len(node) != shape[depth]:
+            raise ValidationError(
+                f"input {name!r}: nested data does not match shape {shape}",
+                code="SHAPE_MISMATCH",
+            )
+        for child in node:
+            walk(child, depth + 1)
+
+    walk(data, 0)
+    return out
+
+
+def to_array(
+    tensor: InferInputTensor, declared: TensorSpec | None
+) -> np.ndarray[Any, Any]:
+    """The tensor's values as an array of its shape.
+
+    Integer data for a model input declared as floating point is converted
+    when every value is exact in that type (a digit image sent as INT32, say);
+    otherwise the client's datatype is kept and the worker judges it.
+
+    Raises
+    ------
+    ValidationError
+        ``SHAPE_MISMATCH`` (element count or nesting disagrees with shape),
+        ``DTYPE_MISMATCH`` (a value that is not of the datatype),
+        ``NON_FINITE`` (NaN or infinity).
+    """
+    name = tensor.name
+    flat = _flatten(tensor.data, tensor.shape, name)
+    count = math.prod(tensor.shape)
+    if len(flat) != count:
+        raise ValidationError(
+            f"input {name!r}: {len(flat)} values for shape {tensor.shape}",
+            code="SHAPE_MISMATCH",
+        )
+    # bool is an int subclass; JSON true/false are not numbers here.
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in flat):
+        raise ValidationError(
+            f"input {name!r}: values must be numbers", code="DTYPE_MISMATCH"
+        )
+
+    if tensor.datatype in _FLOAT_DTYPES:
+        array = np.asarray(flat, dtype=np.float64)
+        if not np.isfinite(array).all():
+            raise ValidationError(f"input {name!r}: NaN or infinity", code="NON_FINITE")
+        return array.astype(_FLOAT_DTYPES[tensor.datatype]).reshape(tensor.shape)
+
+    low, high = _INT_BOUNDS[tensor.datatype]
+    if any(not isinstance(v, int) or not low <= v <= high for v in flat):
+        raise ValidationError(
+            f"input {name!r}: values are not {tensor.datatype}",
+            code="DTYPE_MISMATCH",
+        )
+    ints = np.asarray(flat, dtype=np.int64).reshape(tensor.shape)
+    if declared is not None and declared.datatype in _FLOAT_DTYPES:
+        as_float = ints.astype(_FLOAT_DTYPES[declared.datatype])
+        if np.array_equal(as_float.astype(np.int64), ints):
+            return as_float
+    return ints
+
+
+def to_output(tensor: Tensor) -> InferOutputTensor:
+    """A worker's output tensor as an OIP output, unchanged."""
+    return InferOutputTensor(
+        name=tensor.name,
+        shape=list(tensor.shape),
+        datatype=tensor.datatype,
+        data=list(tensor.data),
+    )

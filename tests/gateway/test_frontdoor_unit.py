@@ -1,0 +1,176 @@
+"""Pure logic of the front door: the status table, rate headers, the GCRA
+window numbers, and tensor conversion. No Kafka, Redis or sockets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.errors import ERROR_CODES, ValidationError
+from gateway.frontdoor.errors import (
+    FRONTDOOR_CODES,
+    HTTP_STATUS,
+    error_response,
+    rate_headers,
+    retry_after_s,
+    status_of,
+)
+from gateway.frontdoor.schemas import InferInputTensor
+from gateway.frontdoor.tensors import to_array
+from gateway.models import TensorSpec
+from gateway.protocol import RateInfo
+
+PIXELS = TensorSpec("pixels", "FP32", (-1, 64), 0.0, 16.0)
+
+
+@pytest.mark.parametrize("code", sorted({*ERROR_CODES, *FRONTDOOR_CODES}))
+def test_every_error_code_has_an_http_status(code: str) -> None:
+    assert code in HTTP_STATUS, f"{code} has no HTTP status"
+    assert 400 <= HTTP_STATUS[code] <= 599
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        ("SCHEMA_INVALID", 400),
+        ("MALFORMED_JSON", 400),
+        ("PAYLOAD_TOO_LARGE", 413),
+        ("UNKNOWN_MODEL", 404),
+        ("AUTH_MISSING", 401),
+        ("AUTH_BAD_SIGNATURE", 401),
+        ("AUTH_MODEL_FORBIDDEN", 403),
+        ("DUPLICATE_REQUEST", 409),
+        ("RATE_LIMITED", 429),
+        ("QUOTA_EXCEEDED", 429),
+        ("TOO_MANY_IN_FLIGHT", 429),
+        ("BLOCKED", 403),
+        ("BACKEND_ERROR", 502),
+        ("BACKEND_UNAVAILABLE", 503),
+        ("STORE_UNAVAILABLE", 503),
+        ("BACKEND_TIMEOUT", 504),
+        ("GATEWAY_TIMEOUT", 504),
+        ("INTERNAL", 500),
+    ],
+)
+def test_contract_statuses(code: str, status: int) -> None:
+    assert status_of(code) == status
+
+
+def test_unmapped_code_is_500() -> None:
+    assert status_of("SOMETHING_NEW") == 500
+
+
+def test_blocked_carries_retry_after_and_429_carries_rate_headers() -> None:
+    blocked = error_response("BLOCKED", "blocked", True, retry_after_ms=600_000)
+    assert blocked.status_code == 403 and blocked.headers["Retry-After"] == "600"
+    rate = RateInfo(limit=2, remaining=0, reset_ms=1500, window_s=2.0)
+    limited = error_response("RATE_LIMITED", "slow", True, retry_after_ms=1, rate=rate)
+    assert limited.headers["Retry-After"] == "1"
+    assert limited.headers["RateLimit"] == '"burst";r=0;t=2'
+    assert limited.headers["RateLimit-Policy"] == '"burst";q=2;w=2'
+    # A 400 says nothing about when to retry.
+    bad = error_response("SCHEMA_INVALID", "bad", False, retry_after_ms=5)
+    assert "Retry-After" not in bad.headers
+
+
+def test_rate_headers_round_up() -> None:
+    headers = rate_headers(RateInfo(limit=100, remaining=7, reset_ms=1, window_s=2.5))
+    assert headers == {
+        "RateLimit-Policy": '"burst";q=100;w=3',
+        "RateLimit": '"burst";r=7;t=1',
+    }
+    assert retry_after_s(0) == 1 and retry_after_s(1001) == 2
+
+
+def _tensor(data: list, shape: list[int], datatype: str = "FP32") -> InferInputTensor:
+    return InferInputTensor(name="pixels", shape=shape, datatype=datatype, data=data)
+
+
+def test_flat_and_nested_data_give_the_same_array() -> None:
+    rows = np.arange(128, dtype=np.float32).reshape(2, 64) / 8
+    flat = to_array(_tensor(rows.ravel().tolist(), [2, 64]), PIXELS)
+    nested = to_array(_tensor(rows.tolist(), [2, 64]), PIXELS)
+    assert flat.dtype == np.float32 and flat.shape == (2, 64)
+    np.testing.assert_array_equal(flat, rows)
+    np.testing.assert_array_equal(nested, rows)
+
+
+def test_integer_data_for_a_float_input_is_converted_exactly() -> None:
+    array = to_array(_tensor(list(range(64)), [1, 64], "INT32"), PIXELS)
+    assert array.dtype == np.float32
+    fp64 = to_array(_tensor([0.5] * 64, [1, 64], "FP64"), PIXELS)
+    assert fp64.dtype == np.float64  # kept; the worker judges the datatype
+    too_big = to_array(_tensor([2**40 + 1] * 2, [1, 2], "INT64"), PIXELS)
+    assert too_big.dtype == np.int64  # not exact in float32
+
+
+@pytest.mark.parametrize(
+    ("data", "shape", "datatype", "code"),
+    [
+        ([1.0] * 63, [1, 64], "FP32", "SHAPE_MISMATCH"),
+        ([[1.0] * 64, [1.0] * 63], [2, 64], "FP32", "SHAPE_MISMATCH"),
+        ([[[1.0]]], [1, 1], "FP32", "SHAPE_MISMATCH"),
+        ([1, 2.5], [1, 2], "INT32", "DTYPE_MISMATCH"),
+        ([300], [1, 1], "INT8", "DTYPE_MISMATCH"),
+        ([-1], [1, 1], "UINT8", "DTYPE_MISMATCH"),
+        ([True], [1, 1], "FP32", "DTYPE_MISMATCH"),
+        ([[True]], [1, 1], "FP32", "DTYPE_MISMATCH"),
+        (["1"], [1, 1], "FP32", "DTYPE_MISMATCH"),
+        ([float("nan")], [1, 1], "FP32", "NON_FINITE"),
+        ([float("inf")], [1, 1], "FP64", "NON_FINITE"),
+    ],
+)
+def test_inconsistent_tensors_are_refused(
+    data: list, shape: list[int], datatype: str, code: str
+) -> None:
+    tensor = InferInputTensor.model_construct(
+        name="pixels", shape=shape, datatype=datatype, data=data, parameters=None
+    )
+    with pytest.raises(ValidationError) as caught:
+        to_array(tensor, PIXELS)
+    assert caught.value.code == code
+
+
+def test_the_documented_error_table_lists_every_code() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "frontdoor.md").read_text()
+    for code, status in HTTP_STATUS.items():
+        row = next(
+            (line for line in text.splitlines() if line.startswith(f"| {status} |")),
+            "",
+        )
+        assert f"`{code}`" in row, f"{code} missing from the {status} row of the docs"
+
+
+async def test_not_ready_before_kafka_is_up() -> None:
+    import httpx
+
+    from gateway.config import load_settings
+    from gateway.frontdoor.app import create_app
+
+    # No lifespan runs under ASGITransport, so the front door never starts:
+    # it is alive and says it is not ready, and inference is refused 503.
+    app = create_app(load_settings())
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        assert (await http.get("/v2/health/live")).json() == {"live": True}
+        ready = await http.get("/v2/health/ready")
+        assert ready.status_code == 503 and ready.json() == {"ready": False}
+        wrong_method = await http.delete("/v2/health/live")
+        assert wrong_method.status_code == 405
+        assert wrong_method.json()["code"] == "METHOD_NOT_ALLOWED"
+
+
+def test_default_instance_id_validates_on_any_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+    from types import SimpleNamespace
+
+    from gateway.config import FrontDoorConfig
+
+    long_name = "pod-" + "x" * 80 + ".ünïcode host"
+    monkeypatch.setattr(os, "uname", lambda: SimpleNamespace(nodename=long_name))
+    instance = FrontDoorConfig().instance_id
+    assert instance.endswith(f"-{os.getpid()}") and len(instance) <= 40
