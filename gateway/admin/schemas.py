@@ -60,6 +60,10 @@ class KeyOut(Body):
     status: str
     created_ms: int
     expires_ms: int | None
+    plan: str = Field("default", description="Limits plan (gateway/limits.py).")
+    limit_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Per-key overrides of the plan's limits."
+    )
 
 
 class ClientSummaryOut(Body):

@@ -97,7 +97,11 @@ local function binding()
     local reset_ms = math.ceil(ahead / 1000)
     if b_remaining < 0 or remaining < b_remaining
         or (remaining == b_remaining and reset_ms > b_reset) then
-      b_limit, b_remaining, b_reset, b_window = burst[r], remaining, reset_ms, window_ms[r]
+      -- The window a client sees is the time one full burst takes to refill
+      -- (burst x T): "q=burst;w=that" describes the GCRA honestly, also for a
+      -- rule whose burst differs from its limit.
+      b_limit, b_remaining, b_reset = burst[r], remaining, reset_ms
+      b_window = math.ceil(burst[r] * interval[r] / 1000)
     end
   end
   if quota > 0 then

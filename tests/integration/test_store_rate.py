@@ -42,8 +42,7 @@ async def test_each_admission_carries_its_window(counters: CounterStore) -> None
 
     assert [a.outcome for a in (first, second, third)] == ["ok", "ok", "rate_limited"]
     for admission in (first, second, third):
-        # limit: the rule's burst; window: the rule's own (1 request per 1 s).
-        assert admission.limit == 2 and admission.window_s == 1.0
+        assert admission.limit == 2 and admission.window_s == 2.0
     # One cell spent: one left, full again one emission interval (1 s) later.
     assert first.remaining == 1 and 990 <= first.reset_ms <= 1000
     # Both spent; the refused third leaves the TAT (count_refused is off).
