@@ -141,7 +141,7 @@ class DirectOracle:
         )
         if granted == len(rows):
             return proba
-        full = np.zeros((len(rows), self._n_classes))
+        full = np.zeros((len(rows), proba.shape[1] if granted else self._n_classes))
         full[:granted] = proba
         answered = np.arange(len(rows)) < granted
         raise BudgetExhausted("BUDGET", answered, full.astype(np.float32))

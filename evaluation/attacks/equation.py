@@ -174,10 +174,8 @@ def true_affine_parameters(decision_function: Any, n_features: int) -> Array:
     """
     basis = np.vstack([np.zeros(n_features), np.eye(n_features)])
     logits = np.asarray(decision_function(basis), dtype=np.float64)
-    if logits.ndim == 1:
-        ratios = logits[:, None]
-    else:
-        ratios = logits[:, 1:] - logits[:, :1]
+    # A binary model's decision function is already the log-ratio to class 0.
+    ratios = logits[:, None] if logits.ndim == 1 else logits[:, 1:] - logits[:, :1]
     intercept = ratios[0]
     weights = ratios[1:] - intercept
     return np.asarray(np.vstack([weights, intercept]))
