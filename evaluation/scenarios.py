@@ -38,6 +38,7 @@ from evaluation.attacks.probing import (
 )
 from evaluation.attacks.sampling import (
     SamplingParams,
+    Strategy,
     natural_patches,
     run_sampling_extraction,
 )
@@ -118,7 +119,9 @@ def select_pairs(
     wanted = set(attacks or ATTACKS)
     if models is None:
         return [(a, m) for a, m in DEFAULT_PAIRS if a in wanted]
-    return [(a, m) for a in ATTACKS for m in APPLICABLE[a] if m in models and a in wanted]
+    return [
+        (a, m) for a in ATTACKS for m in APPLICABLE[a] if m in models and a in wanted
+    ]
 
 
 @dataclass(frozen=True)
@@ -253,8 +256,15 @@ def run_attack(
         pool: Array | None = task.pool
         if attack == KNOCKOFF:
             pool = natural_patches(4 * budget, np.random.default_rng(seed))
+        strategy: Strategy = (
+            "random"
+            if attack == RANDOM
+            else "knockoff"
+            if attack == KNOCKOFF
+            else "active"
+        )
         return run_sampling_extraction(
-            query, attack, task.eval_x, task.eval_labels, params, pool=pool
+            query, strategy, task.eval_x, task.eval_labels, params, pool=pool
         ).to_dict()
     if attack == PAPERNOT:
         rng = np.random.default_rng(seed)

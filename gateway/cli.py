@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import typer
 
 from gateway import logs
+from gateway.cli_eval import evaluate
 from gateway.config import Settings, load_settings
 from gateway.errors import ModelgateError
 
@@ -456,6 +457,9 @@ async def _key_store(settings: Settings) -> AsyncIterator[Any]:
         yield KeyStore(client, settings)
     finally:
         await client.aclose()
+
+
+app.command("eval")(evaluate)
 
 
 def main() -> None:

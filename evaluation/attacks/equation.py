@@ -157,7 +157,7 @@ def run_equation_solving(
         result.curve.append((result.queries, result.agreement))
     result.stopped_by = result.stopped_by or "BUDGET"
     result.seconds = time.monotonic() - started
-    logger.info(
+    logger.debug(
         "equation solving done",
         extra={"queries": result.queries, "agree": result.agreement},
     )

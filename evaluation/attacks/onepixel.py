@@ -188,7 +188,7 @@ def run_one_pixel(
             image, new_label = adversarial
             outcome.best_l2 = float(np.linalg.norm(image - x[index]))
             outcome.best_label = new_label
-        logger.info(
+        logger.debug(
             "one-pixel target done",
             extra={"index": int(index), "queries": outcome.queries},
         )

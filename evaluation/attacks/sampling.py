@@ -258,7 +258,7 @@ def run_sampling_extraction(
             result.curve.append((result.queries, result.agreement))
             if on_round is not None:
                 on_round(rho, result.queries, result.agreement)
-        logger.info(
+        logger.debug(
             "sampling extraction round",
             extra={
                 "strategy": strategy,
