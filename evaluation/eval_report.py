@@ -172,6 +172,13 @@ def attack_targets(entry: dict[str, Any]) -> list[dict[str, Any]]:
         )
         return rows
     ratio = at_stop / float(unhindered)
+    majority = entry.get("majority_rate")
+    caveat = (
+        f"; unhindered, the attack is no better than answering the majority "
+        f"class ({majority:.3f})"
+        if majority is not None and float(unhindered) <= majority
+        else ""
+    )
     rows.append(
         _target(
             f"{label}: agreement when stopped < 90% of unhindered",
@@ -179,7 +186,7 @@ def attack_targets(entry: dict[str, Any]) -> list[dict[str, Any]]:
             f"< {EXTRACTION_AGREEMENT_RATIO}",
             ratio < EXTRACTION_AGREEMENT_RATIO,
             f"ratio {ratio - EXTRACTION_AGREEMENT_RATIO:+.3f} over the bound "
-            f"({at_stop:.3f} vs {float(unhindered):.3f})",
+            f"({at_stop:.3f} vs {float(unhindered):.3f}){caveat}",
         )
     )
     return rows

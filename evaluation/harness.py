@@ -386,7 +386,10 @@ async def _evaluate(
         plan=_plan_dict(plan, run),
         policy=settings.policy.model_dump(mode="json"),
         detectors=dict(settings.detectors),
-        attacks=[_attack_dict(a, direct[(a.attack, a.model)]) for a in run.attacks],
+        attacks=[
+            _attack_dict(a, direct[(a.attack, a.model)], run.tasks[a.model])
+            for a in run.attacks
+        ],
         clients=[
             {
                 **ledger.summary(),
@@ -635,9 +638,14 @@ def _baselines(
     return out
 
 
-def _attack_dict(attack: AttackRun, direct: dict[str, Any]) -> dict[str, Any]:
+def _attack_dict(
+    attack: AttackRun, direct: dict[str, Any], task: ModelTask
+) -> dict[str, Any]:
     summary = attack.ledger.summary()
+    counts = np.bincount(task.eval_labels)
     return {
+        # Agreement of a copy that always answers the most common class.
+        "majority_rate": round(float(counts.max() / counts.sum()), 4),
         "attack": attack.attack,
         "model": attack.model,
         "variant": attack.variant,
