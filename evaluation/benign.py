@@ -201,17 +201,24 @@ class BenignHabits:
 
 
 def draw_habits(
-    n_clients: int, rng: np.random.Generator, clip: tuple[float, float]
+    n_clients: int,
+    rng: np.random.Generator,
+    clip: tuple[float, float],
+    *,
+    near_duplicates: bool = True,
 ) -> list[BenignHabits]:
     """Habits for ``n_clients``: about a third retry now and then (3% of their
     queries), about a third send runs of near-identical inputs (5% of their
-    arrivals start a run), the rest do neither; the two habits mix freely."""
+    arrivals start a run; none when ``near_duplicates`` is False), the rest do
+    neither; the two habits mix freely."""
     habits = []
     for _ in range(n_clients):
+        retries = rng.random() < 1 / 3
+        duplicates = rng.random() < 1 / 3 and near_duplicates
         habits.append(
             BenignHabits(
-                retry_prob=0.03 if rng.random() < 1 / 3 else 0.0,
-                near_duplicate_prob=0.05 if rng.random() < 1 / 3 else 0.0,
+                retry_prob=0.03 if retries else 0.0,
+                near_duplicate_prob=0.05 if duplicates else 0.0,
                 clip=clip,
             )
         )

@@ -78,8 +78,31 @@ def benign_summary(result: EvalResult) -> dict[str, Any]:
     flagged = [
         c["client"] for c in clients if c["first_flag_query"] is not None or c["alerts"]
     ]
+    by_model: dict[str, dict[str, int]] = {}
+    by_habit: dict[str, dict[str, int]] = {}
+    by_detector: dict[str, int] = {}
+    for c in clients:
+        is_flagged = c["client"] in flagged
+        habits = c.get("habits") or {}
+        groups = [k for k, on in habits.items() if on] or ["plain"]
+        for table, key in [(by_model, str(c.get("model")))] + [
+            (by_habit, g) for g in groups
+        ]:
+            row = table.setdefault(
+                key, {"clients": 0, "flagged": 0, "throttled": 0, "blocked": 0}
+            )
+            row["clients"] += 1
+            row["flagged"] += int(is_flagged)
+            row["throttled"] += int(c["throttled"] > 0)
+            row["blocked"] += int(c["blocked"] > 0)
+        if is_flagged:
+            detector = str(c.get("first_alert_detector") or "(no alert)")
+            by_detector[detector] = by_detector.get(detector, 0) + 1
     return {
         "clients": len(clients),
+        "by_model": by_model,
+        "by_habit": by_habit,
+        "flagged_by_first_detector": by_detector,
         "queries": sum(c["requests"] for c in clients),
         "retries": sum(c.get("retries", 0) for c in clients),
         "flagged_share": len(flagged) / n,
@@ -340,6 +363,23 @@ def render_markdown(result: EvalResult) -> str:
         f"({summary['retries']} retries of an already answered request id); "
         f"flagged {summary['flagged_share']:.1%}, throttled "
         f"{summary['throttled_share']:.1%}, blocked {summary['blocked_share']:.1%}.",
+        "",
+    ]
+    lines += _table(
+        ["honest clients of", "clients", "flagged", "throttled", "blocked"],
+        [
+            [f"model {name}", *row.values()]
+            for name, row in sorted(summary["by_model"].items())
+        ]
+        + [
+            [f"habit: {name}", *row.values()]
+            for name, row in sorted(summary["by_habit"].items())
+        ],
+    )
+    lines += [
+        "",
+        "Detector of the first alert of each flagged honest client: "
+        f"{json.dumps(summary['flagged_by_first_detector'])}.",
         "",
     ]
     if summary["flagged_clients"]:

@@ -94,6 +94,7 @@ class EvalPlan:
     warmup_timeout_s: float
     grace_s: float
     progress_every_s: float
+    near_duplicates: bool = True
 
     @classmethod
     def build(
@@ -103,6 +104,7 @@ class EvalPlan:
         n_benign: int,
         budget_scale: float,
         rate_limit_per_s: float,
+        near_duplicates: bool = True,
     ) -> EvalPlan:
         """Attackers pace themselves at 80% of the per-key rate limit (at most
         40 per second), so that a plain rate limit is not what stops them; a
@@ -120,6 +122,7 @@ class EvalPlan:
                 warmup_timeout_s=60.0,
                 grace_s=2.0,
                 progress_every_s=3.0,
+                near_duplicates=near_duplicates,
             )
         return cls(
             n_benign=n_benign,
@@ -132,6 +135,7 @@ class EvalPlan:
             warmup_timeout_s=120.0,
             grace_s=3.0,
             progress_every_s=10.0,
+            near_duplicates=near_duplicates,
         )
 
 
@@ -169,6 +173,7 @@ class _Run:
     by_client: dict[str, ClientLedger] = field(default_factory=dict)
     clients: dict[str, GatewayClient] = field(default_factory=dict)
     benign_models: dict[str, str] = field(default_factory=dict)
+    benign_habits: dict[str, dict[str, bool]] = field(default_factory=dict)
     attacks: list[AttackRun] = field(default_factory=list)
 
 
@@ -188,6 +193,7 @@ async def run_eval(
     seed: int = 0,
     use_stack: bool = True,
     progress: Progress | None = None,
+    near_duplicates: bool = True,
 ) -> int:
     """Run the evaluation and write its report; return the exit code.
 
@@ -212,6 +218,10 @@ async def run_eval(
         Start (or join) the local stack; False uses ``settings`` as given.
     progress
         Receives progress lines (logged at INFO by default).
+    near_duplicates
+        Whether some honest clients send runs of near-identical inputs (the
+        habit today's similarity detector mistakes for probing; see
+        docs/evaluation.md). On for the real measurement.
 
     Returns
     -------
@@ -229,12 +239,17 @@ async def run_eval(
     pairs = select_pairs(models, attacks)
     if not pairs:
         raise ValueError("no (attack, model) pair matches the selection")
+    plan = EvalPlan.build(
+        quick=quick,
+        n_benign=n_benign,
+        budget_scale=budget_scale,
+        rate_limit_per_s=settings.limits.rate_per_s,
+        near_duplicates=near_duplicates,
+    )
     loop = asyncio.get_running_loop()
     say = progress or _say
     if not use_stack:
-        return await _with_topics(
-            settings, out_dir, pairs, n_benign, budget_scale, quick, seed, say
-        )
+        return await _with_topics(settings, out_dir, pairs, plan, quick, seed, say)
 
     from gateway import stack
 
@@ -250,9 +265,7 @@ async def run_eval(
                 "redis": settings.redis.model_copy(update={"url": info.redis_url}),
             }
         )
-        return await _with_topics(
-            on_stack, out_dir, pairs, n_benign, budget_scale, quick, seed, say
-        )
+        return await _with_topics(on_stack, out_dir, pairs, plan, quick, seed, say)
     finally:
         await loop.run_in_executor(None, holder.__exit__, None, None, None)
 
@@ -261,8 +274,7 @@ async def _with_topics(
     settings: Settings,
     out_dir: Path,
     pairs: list[tuple[str, str]],
-    n_benign: int,
-    budget_scale: float,
+    plan: EvalPlan,
     quick: bool,
     seed: int,
     say: Progress,
@@ -275,9 +287,7 @@ async def _with_topics(
         update={"models": own.models.model_copy(update={"serve": served})}
     )
     try:
-        return await _evaluate(
-            own, out_dir, pairs, n_benign, budget_scale, quick, seed, say
-        )
+        return await _evaluate(own, out_dir, pairs, plan, quick, seed, say)
     finally:
         with contextlib.suppress(BrokerError):
             await delete_topics(own, own.kafka.topics.all_names())
@@ -287,8 +297,7 @@ async def _evaluate(
     settings: Settings,
     out_dir: Path,
     pairs: list[tuple[str, str]],
-    n_benign: int,
-    budget_scale: float,
+    plan: EvalPlan,
     quick: bool,
     seed: int,
     say: Progress,
@@ -296,12 +305,6 @@ async def _evaluate(
     started = time.monotonic()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     loop = asyncio.get_running_loop()
-    plan = EvalPlan.build(
-        quick=quick,
-        n_benign=n_benign,
-        budget_scale=budget_scale,
-        rate_limit_per_s=settings.limits.rate_per_s,
-    )
     await loop.run_in_executor(None, lambda: out_dir.mkdir(parents=True, exist_ok=True))
 
     # Step: the models, on disk for the worker and in memory for ground truth.
@@ -394,6 +397,7 @@ async def _evaluate(
             {
                 **ledger.summary(),
                 "model": run.benign_models.get(ledger.client_id),
+                "habits": run.benign_habits.get(ledger.client_id),
                 "risk_series": list(ledger.risk_series),
             }
             for ledger in run.ledgers.values()
@@ -558,7 +562,13 @@ async def _drive(run: _Run, worker: WorkerProcess, alerts: AlertCollector) -> No
         model = run.benign_models[client_id]
         task = run.tasks[model]
         crng = child_rngs[index]
-        habits = draw_habits(1, crng, task.clip)[0]
+        habits = draw_habits(1, crng, task.clip, near_duplicates=plan.near_duplicates)[
+            0
+        ]
+        run.benign_habits[client_id] = {
+            "retries": habits.retry_prob > 0,
+            "near_duplicates": habits.near_duplicate_prob > 0,
+        }
         rows = task.replay[crng.permutation(len(task.replay))]
         await run_benign_stream(
             run.clients[client_id],
@@ -668,6 +678,7 @@ def _plan_dict(plan: EvalPlan, run: _Run) -> dict[str, Any]:
         "n_benign": plan.n_benign,
         "benign_queries": list(plan.benign_queries),
         "benign_median_rate_per_s": plan.benign_median_rate_per_s,
+        "benign_near_duplicates": plan.near_duplicates,
         "budgets": {
             "extraction_images": plan.budgets.extraction,
             "extraction_tabular": plan.budgets.tabular_extraction,

@@ -56,6 +56,12 @@ def evaluate(
         "report/eval"
     ),
     seed: Annotated[int, typer.Option(help="Seeds traffic and attacks.")] = 0,
+    near_duplicates: Annotated[
+        bool,
+        typer.Option(
+            help="Let some honest clients send runs of near-identical inputs."
+        ),
+    ] = True,
     log_level: Annotated[
         str, typer.Option("--log-level", help="DEBUG, INFO, WARNING.")
     ] = "INFO",
@@ -91,6 +97,7 @@ def evaluate(
             budget_scale=budget,
             quick=quick,
             seed=seed,
+            near_duplicates=near_duplicates,
         )
     )
     raise typer.Exit(int(code))

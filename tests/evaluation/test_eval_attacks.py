@@ -63,7 +63,10 @@ def test_equation_solving_recovers_a_softmax_model_from_log_ratios() -> None:
 
     assert result.queries == 65
     assert solved is not None
-    assert recovery_error(solved, true_affine_parameters(model.decision_function, 64)) < 0.01
+    assert (
+        recovery_error(solved, true_affine_parameters(model.decision_function, 64))
+        < 0.01
+    )
     assert result.agreement == 1.0
 
 
@@ -82,7 +85,10 @@ def test_equation_solving_with_fewer_answers_is_a_worse_copy() -> None:
     assert result.queries == 4
     assert result.stopped_by == "BUDGET"
     assert solved is not None
-    assert recovery_error(solved, true_affine_parameters(model.decision_function, 12)) > 0.1
+    assert (
+        recovery_error(solved, true_affine_parameters(model.decision_function, 12))
+        > 0.1
+    )
 
 
 def _one_hot_spot_model(spot: int) -> Any:

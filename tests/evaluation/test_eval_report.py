@@ -34,7 +34,9 @@ def _client(name: str, role: str, **counts: Any) -> dict[str, Any]:
     return base
 
 
-def _attack(attack: str, kind: str, first_flag: int | None, **extra: Any) -> dict[str, Any]:
+def _attack(
+    attack: str, kind: str, first_flag: int | None, **extra: Any
+) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "attack": attack,
         "model": "digits",
@@ -98,7 +100,9 @@ def test_targets_measure_each_goal_and_say_by_how_much_it_was_missed() -> None:
     assert not late["met"] and late["missed_by"] == "30 queries late"
     assert rows["boundary on digits (single): flagged within 50 queries"]["met"]
     # Enforced at query 150: the surrogate then agreed 0.3, half of 0.6.
-    ratio = rows["random on digits (single): agreement when stopped < 90% of unhindered"]
+    ratio = rows[
+        "random on digits (single): agreement when stopped < 90% of unhindered"
+    ]
     assert ratio["met"] and ratio["measured"] == 0.5
     never = rows["equation on digits (single): flagged within 2(d+1) = 130 queries"]
     assert not never["met"] and "not flagged" in never["missed_by"]
