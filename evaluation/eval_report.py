@@ -456,7 +456,9 @@ def _plot_risk(result: EvalResult, path: Path) -> None:
         series = client.get("risk_series") or []
         if not series:
             continue
-        t, risk = zip(*sorted(series), strict=True)
+        points = sorted(series)
+        t = [point[0] for point in points]
+        risk = [point[1] for point in points]
         if client["role"] == BENIGN:
             ax.plot(t, risk, color="grey", alpha=0.3, linewidth=0.6)
         else:

@@ -102,7 +102,7 @@ class EvalPlan:
         *,
         quick: bool,
         n_benign: int,
-        budget_scale: float,
+        budget: int | None,
         rate_limit_per_s: float,
         near_duplicates: bool = True,
     ) -> EvalPlan:
@@ -116,7 +116,9 @@ class EvalPlan:
                 benign_queries=(30, 60),
                 benign_median_rate_per_s=4.0,
                 benign_spread_s=3.0,
-                budgets=Budgets().scaled(0.2 * budget_scale),
+                budgets=Budgets().scaled(0.2)
+                if budget is None
+                else Budgets.flat(budget),
                 attacker_rate_per_s=rate,
                 parallel_attacks=4,
                 warmup_timeout_s=60.0,
@@ -129,7 +131,7 @@ class EvalPlan:
             benign_queries=(300, 600),
             benign_median_rate_per_s=1.5,
             benign_spread_s=10.0,
-            budgets=Budgets().scaled(budget_scale),
+            budgets=Budgets() if budget is None else Budgets.flat(budget),
             attacker_rate_per_s=rate,
             parallel_attacks=4,
             warmup_timeout_s=120.0,
@@ -177,6 +179,26 @@ class _Run:
     attacks: list[AttackRun] = field(default_factory=list)
 
 
+class _RunningWorker:
+    """Stands in for ``WorkerProcess`` when the worker was started elsewhere:
+    nothing to start, stop or watch (its log is wherever it was sent)."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+
+    async def start(self) -> None:
+        """Nothing to start."""
+
+    def check_alive(self) -> None:
+        """A worker elsewhere cannot be watched; a dead one shows as timeouts."""
+
+    def log_tail(self) -> str:
+        return "(the worker runs elsewhere; see its own log)"
+
+    async def stop(self) -> int | None:
+        return None
+
+
 def _say(line: str) -> None:
     logger.info("%s", line)
 
@@ -188,12 +210,13 @@ async def run_eval(
     models: tuple[str, ...] | None = None,
     attacks: tuple[str, ...] | None = None,
     n_benign: int = 60,
-    budget_scale: float = 1.0,
+    budget: int | None = None,
     quick: bool = False,
     seed: int = 0,
     use_stack: bool = True,
     progress: Progress | None = None,
     near_duplicates: bool = True,
+    external_worker: bool = False,
 ) -> int:
     """Run the evaluation and write its report; return the exit code.
 
@@ -208,8 +231,14 @@ async def run_eval(
         Restrict the run (see ``scenarios.select_pairs``); None means default.
     n_benign
         Honest clients (quick runs use at most 8).
-    budget_scale
-        Multiplies every attack budget except equation solving's d + 1.
+    budget
+        Queries per attack run, for every attack but equation solving (always
+        d + 1); None keeps the plan's budgets (600 image extraction, 300
+        tabular extraction, 500 probing; a fifth of that when quick).
+    external_worker
+        Use a worker that is already running on ``settings``' topics (it must
+        serve the chosen models and share the server key) instead of starting
+        one on topics of this run's own.
     quick
         The small version for the integration test.
     seed
@@ -242,12 +271,20 @@ async def run_eval(
     plan = EvalPlan.build(
         quick=quick,
         n_benign=n_benign,
-        budget_scale=budget_scale,
+        budget=budget,
         rate_limit_per_s=settings.limits.rate_per_s,
         near_duplicates=near_duplicates,
     )
     loop = asyncio.get_running_loop()
     say = progress or _say
+    if external_worker:
+        missing = sorted({m for _, m in pairs} - set(settings.models.serve))
+        if missing:
+            raise ValueError(f"the running worker does not serve {missing}")
+        say(f"using the running worker on {settings.kafka.topics.requests}")
+        return await _evaluate(
+            settings, out_dir, pairs, plan, quick, seed, say, external=True
+        )
     if not use_stack:
         return await _with_topics(settings, out_dir, pairs, plan, quick, seed, say)
 
@@ -301,6 +338,8 @@ async def _evaluate(
     quick: bool,
     seed: int,
     say: Progress,
+    *,
+    external: bool = False,
 ) -> int:
     started = time.monotonic()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
@@ -337,7 +376,11 @@ async def _evaluate(
         socket_connect_timeout=settings.redis.socket_timeout_s,
     )
     transport = KafkaTransport(settings)
-    worker = WorkerProcess(settings, out_dir / "worker.log")
+    worker: WorkerProcess | _RunningWorker = (
+        _RunningWorker(out_dir / "worker.log")
+        if external
+        else WorkerProcess(settings, out_dir / "worker.log")
+    )
     alerts: AlertCollector | None = None
     decisions: DecisionCollector | None = None
     traffic_s = 0.0
@@ -348,7 +391,8 @@ async def _evaluate(
             f"eval {run.run_id}: {plan.n_benign} honest clients, {len(run.attacks)}"
             f" attack runs ({len(pairs)} pairs x single/10 keys){' (quick)' * quick}"
         )
-        say(f"starting a worker process (log: {worker.log_path})")
+        if not external:
+            say(f"starting a worker process (log: {worker.log_path})")
         await worker.start()
         await transport.start()
         t0_ms = int(time.time() * 1000)
@@ -462,7 +506,9 @@ async def _provision(
     run.say(f"provisioned {len(run.clients)} API keys")
 
 
-async def _wait_until_serving(run: _Run, worker: WorkerProcess) -> None:
+async def _wait_until_serving(
+    run: _Run, worker: WorkerProcess | _RunningWorker
+) -> None:
     """Send a probe per model until the worker answers each one."""
     deadline = time.monotonic() + run.plan.warmup_timeout_s
     for name, task in run.tasks.items():
@@ -541,7 +587,9 @@ def _attack_job(run: _Run, attack: AttackRun) -> None:
     )
 
 
-async def _drive(run: _Run, worker: WorkerProcess, alerts: AlertCollector) -> None:
+async def _drive(
+    run: _Run, worker: WorkerProcess | _RunningWorker, alerts: AlertCollector
+) -> None:
     """Honest clients for as long as the attacks last; the attacks a few at a
     time; a progress line every few seconds."""
     plan, rng = run.plan, np.random.default_rng(run.seed)
@@ -604,7 +652,7 @@ async def _drive(run: _Run, worker: WorkerProcess, alerts: AlertCollector) -> No
 
 async def _monitor(
     run: _Run,
-    worker: WorkerProcess,
+    worker: WorkerProcess | _RunningWorker,
     alerts: AlertCollector,
     attack_tasks: list[asyncio.Task[None]],
 ) -> None:

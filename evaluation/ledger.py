@@ -60,7 +60,8 @@ class ClientLedger:
     first_flag_query: int | None = None
     first_enforced_query: int | None = None
     decisions: Counter[str] = field(default_factory=Counter)
-    risk_series: list[tuple[float, float]] = field(default_factory=list)
+    # One (seconds since traffic began, risk, action) per decision record.
+    risk_series: list[tuple[float, float, str]] = field(default_factory=list)
     _ordinals: dict[str, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -141,7 +142,7 @@ class ClientLedger:
         with self._lock:
             self.decisions[action] += 1
             if len(self.risk_series) < _MAX_RISK_SAMPLES:
-                self.risk_series.append((round(at_s, 3), round(risk, 4)))
+                self.risk_series.append((round(at_s, 3), round(risk, 4), action))
             request_id = record.get("request_id")
             position = (
                 self._ordinals.get(request_id) if request_id else None

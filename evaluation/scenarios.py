@@ -137,6 +137,13 @@ class Budgets:
     probing: int = 500
     probing_targets: int = 3
 
+    @classmethod
+    def flat(cls, queries: int) -> Budgets:
+        """The same budget for every attack (equation solving keeps d + 1)."""
+        if queries < 1:
+            raise ValueError("a budget must be at least 1 query")
+        return cls(extraction=queries, tabular_extraction=queries, probing=queries)
+
     def scaled(self, factor: float) -> Budgets:
         return Budgets(
             extraction=max(50, int(self.extraction * factor)),

@@ -47,9 +47,19 @@ def evaluate(
         ),
     ] = None,
     budget: Annotated[
-        float,
-        typer.Option(help="Multiplies every attack's query budget (not d + 1)."),
-    ] = 1.0,
+        int | None,
+        typer.Option(
+            help="Queries per attack run (equation solving always uses d + 1); "
+            "default 600 image extraction, 300 tabular, 500 probing."
+        ),
+    ] = None,
+    external_worker: Annotated[
+        bool,
+        typer.Option(
+            help="Use a worker already running on the configured topics "
+            "instead of starting one."
+        ),
+    ] = False,
     benign: Annotated[int, typer.Option(help="Honest clients (at least 50).")] = 60,
     quick: Annotated[bool, typer.Option(help="A small, fast run.")] = False,
     out: Annotated[Path, typer.Option("--out", help="Report folder.")] = Path(
@@ -80,7 +90,7 @@ def evaluate(
             err=True,
         )
         raise typer.Exit(2)
-    if budget <= 0:
+    if budget is not None and budget <= 0:
         typer.echo("error [BAD_ARGUMENT]: --budget must be positive", err=True)
         raise typer.Exit(2)
     from evaluation.harness import run_eval
@@ -94,7 +104,8 @@ def evaluate(
             models=_names(models),
             attacks=_names(attacks),
             n_benign=benign,
-            budget_scale=budget,
+            budget=budget,
+            external_worker=external_worker,
             quick=quick,
             seed=seed,
             near_duplicates=near_duplicates,
