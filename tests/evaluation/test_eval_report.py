@@ -145,3 +145,64 @@ def test_near_duplicate_runs_repeat_one_row_with_tiny_noise() -> None:
     assert not np.array_equal(stream[1], stream[0])
     plain = query_stream(rows, BenignHabits(), 12, np.random.default_rng(0))
     assert np.array_equal(plain[:10], rows) and np.array_equal(plain[10:], rows[:2])
+
+
+def test_decisions_place_flags_and_enforcement_on_the_clients_own_stream() -> None:
+    from evaluation.ledger import ClientLedger
+    from evaluation.observe import DecisionCollector
+
+    shared = ClientLedger("attacker", "random/distributed")
+    ledgers = {"attacker-k0": shared, "attacker-k1": shared}
+    for i in range(6):
+        shared.sent(f"r{i}")
+    collector = DecisionCollector(None, "t", ledgers, t0_ms=1000)  # type: ignore[arg-type]
+    records = [
+        {
+            "client_id": "attacker-k1",
+            "request_id": "r1",
+            "action": "allow",
+            "ts_ms": 1500,
+        },
+        {
+            "client_id": "attacker-k0",
+            "request_id": "r3",
+            "action": "flag",
+            "risk": 1.2,
+            "ts_ms": 2000,
+        },
+        {
+            "client_id": "attacker-k1",
+            "request_id": "r5",
+            "action": "block",
+            "risk": 2.0,
+            "ts_ms": 2500,
+        },
+        {
+            "client_id": "someone-else",
+            "request_id": "x",
+            "action": "allow",
+            "ts_ms": 2600,
+        },
+    ]
+    for record in records:
+        collector.handle(json.dumps(record).encode())
+    collector.handle(b"not json")
+
+    assert shared.first_flag_query == 4
+    assert shared.first_enforced_query == 6
+    assert shared.risk_series[1] == (1.0, 1.2, "flag")
+    assert (collector.total, collector.foreign, collector.undecodable) == (4, 1, 1)
+
+
+def test_pair_selection_defaults_and_filters() -> None:
+    import pytest
+
+    from evaluation.scenarios import DEFAULT_PAIRS, select_pairs
+
+    assert select_pairs(None, None) == list(DEFAULT_PAIRS)
+    assert select_pairs(("phishing",), ("equation", "onepixel")) == [
+        ("equation", "phishing")
+    ]
+    assert ("onepixel", "digits_lr") in select_pairs(("digits_lr",), None)
+    with pytest.raises(ValueError, match="nope"):
+        select_pairs(("nope",), None)
