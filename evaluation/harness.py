@@ -577,6 +577,10 @@ def _attack_job(run: _Run, attack: AttackRun) -> None:
         attack.error = f"{exc.code}: {exc}"
         attack.status = f"failed ({exc.code})"
         logger.warning("attack failed", extra={"attack": attack.name, "code": exc.code})
+    except Exception as exc:  # a bug in one attack must not lose the other runs
+        attack.error = f"{type(exc).__name__}: {exc}"
+        attack.status = "failed"
+        logger.exception("attack crashed", extra={"attack": attack.name})
     finally:
         if spread is not None:
             spread.close()
