@@ -359,7 +359,11 @@ def render_markdown(result: EvalResult) -> str:
         "",
         "## Honest population",
         "",
-        f"{summary['clients']} clients sent {summary['queries']} queries "
+        f"{summary['clients']} clients "
+        f"(median rate {result.plan.get('benign_median_rate_per_s')}/s, traffic for "
+        f"at least {result.plan.get('benign_min_s', 0):.0f} s, near-duplicate runs "
+        f"{'on' if result.plan.get('benign_near_duplicates', True) else 'off'}) "
+        f"sent {summary['queries']} queries "
         f"({summary['retries']} retries of an already answered request id); "
         f"flagged {summary['flagged_share']:.1%}, throttled "
         f"{summary['throttled_share']:.1%}, blocked {summary['blocked_share']:.1%}.",
@@ -494,3 +498,10 @@ def write_eval_report(result: EvalResult, out_dir: Path) -> dict[str, Path]:
     _plot_risk(result, paths["risk"])
     logger.info("wrote evaluation report", extra={"dir": str(out_dir)})
     return paths
+
+
+def result_from_json(data: dict[str, Any]) -> EvalResult:
+    """Rebuild a result from its ``report.json`` (derived keys dropped), to
+    render the report again."""
+    fields = set(EvalResult.__dataclass_fields__)
+    return EvalResult(**{k: v for k, v in data.items() if k in fields})

@@ -206,3 +206,11 @@ def test_pair_selection_defaults_and_filters() -> None:
     assert ("onepixel", "digits_lr") in select_pairs(("digits_lr",), None)
     with pytest.raises(ValueError, match="nope"):
         select_pairs(("nope",), None)
+
+
+def test_a_report_renders_again_from_its_json(tmp_path: Path) -> None:
+    from evaluation.eval_report import render_markdown, result_from_json
+
+    paths = write_eval_report(_result(), tmp_path)
+    again = result_from_json(json.loads(paths["json"].read_text()))
+    assert render_markdown(again) == paths["markdown"].read_text()
