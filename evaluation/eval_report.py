@@ -454,7 +454,13 @@ def _plot_risk(result: EvalResult, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(11, 5))
-    cmap = plt.get_cmap("tab20")
+    # tab20 without its two greys, which are the honest clients' colour.
+    tab20 = plt.get_cmap("tab20")
+    palette = [tab20(i) for i in range(20) if i not in (14, 15)]
+
+    def cmap(index: int) -> Any:
+        return palette[index % len(palette)]
+
     roles = sorted({c["role"] for c in result.clients if c["role"] != BENIGN})
     for client in result.clients:
         series = client.get("risk_series") or []
@@ -466,10 +472,10 @@ def _plot_risk(result: EvalResult, path: Path) -> None:
         if client["role"] == BENIGN:
             ax.plot(t, risk, color="grey", alpha=0.3, linewidth=0.6)
         else:
-            colour = cmap(roles.index(client["role"]) % 20)
+            colour = cmap(roles.index(client["role"]))
             ax.plot(t, risk, color=colour, linewidth=0.9, alpha=0.8)
     for role in roles:
-        ax.plot([], [], color=cmap(roles.index(role) % 20), label=role)
+        ax.plot([], [], color=cmap(roles.index(role)), label=role)
     ax.plot([], [], color="grey", label="honest clients")
     flag_at = result.policy.get("flag_at")
     if flag_at is not None:
