@@ -71,3 +71,15 @@ def test_phishing_vectors_follow_the_fixed_feature_order() -> None:
 def test_declared_range_adds_a_margin_and_keeps_a_non_negative_floor() -> None:
     assert declared_range(np.array([[0.0, 10.0], [2.0, 4.0]])) == (0.0, 10.5)
     assert declared_range(np.array([[-1.0, 1.0]])) == (-1.1, 1.1)
+
+
+def test_a_worker_backend_builds_a_zoo_model_on_first_use(tmp_path: Path) -> None:
+    from gateway.backends import load_backend
+    from gateway.config import BackendConfig
+
+    backend = load_backend(tmp_path, PHISHING, BackendConfig())
+    try:
+        assert backend.signature.name == PHISHING
+        assert (tmp_path / f"{PHISHING}.skops").exists()
+    finally:
+        backend.close()
