@@ -14,6 +14,7 @@ Imports the gateway's client library and numpy; nothing from the worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -156,6 +157,149 @@ async def run_benign_client(
                 row = rows[position % len(rows)]
                 position += 1
                 task = asyncio.create_task(one(row))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+        if in_flight:
+            await asyncio.gather(*in_flight)
+    finally:
+        for task in in_flight:
+            task.cancel()
+
+
+@dataclass(frozen=True)
+class BenignHabits:
+    """The evaluation's extra habits of an honest client, on top of its
+    ``BenignProfile`` (rate, bursts, pauses).
+
+    Attributes
+    ----------
+    retry_prob
+        Chance that a query is sent again under the same request id once its
+        reply came back (a client that lost the reply, or retried on a slow
+        network); the gateway answers the copy ``DUPLICATE_REQUEST``.
+    retry_delay_s
+        Shortest and longest wait before such a retry.
+    near_duplicate_prob
+        Chance that an arrival starts a run of near-identical inputs: the same
+        held-out row again and again with tiny noise (a user re-submitting the
+        same digit, or a sensor re-reading the same object).
+    near_duplicate_run
+        Shortest and longest such run, in queries.
+    noise_share
+        Noise of a near-duplicate, as a share of the declared value range
+        (standard deviation), clipped back into the range.
+    clip
+        The model's declared value range.
+    """
+
+    retry_prob: float = 0.0
+    retry_delay_s: tuple[float, float] = (0.05, 0.5)
+    near_duplicate_prob: float = 0.0
+    near_duplicate_run: tuple[int, int] = (3, 8)
+    noise_share: float = 0.005
+    clip: tuple[float, float] = (0.0, 16.0)
+
+
+def draw_habits(
+    n_clients: int,
+    rng: np.random.Generator,
+    clip: tuple[float, float],
+    *,
+    near_duplicates: bool = True,
+) -> list[BenignHabits]:
+    """Habits for ``n_clients``: about a third retry now and then (3% of their
+    queries), about a third send runs of near-identical inputs (5% of their
+    arrivals start a run; none when ``near_duplicates`` is False), the rest do
+    neither; the two habits mix freely."""
+    habits = []
+    for _ in range(n_clients):
+        retries = rng.random() < 1 / 3
+        duplicates = rng.random() < 1 / 3 and near_duplicates
+        habits.append(
+            BenignHabits(
+                retry_prob=0.03 if retries else 0.0,
+                near_duplicate_prob=0.05 if duplicates else 0.0,
+                clip=clip,
+            )
+        )
+    return habits
+
+
+def query_stream(
+    rows: Array, habits: BenignHabits, n_queries: int, rng: np.random.Generator
+) -> Array:
+    """The rows a client sends, in order: ``rows`` cycled, with runs of
+    near-identical copies spliced in per ``habits``. Pure, for tests."""
+    span = habits.clip[1] - habits.clip[0]
+    out: list[Array] = []
+    position = 0
+    while len(out) < n_queries:
+        row = rows[position % len(rows)]
+        position += 1
+        out.append(row)
+        if rng.random() < habits.near_duplicate_prob:
+            low, high = habits.near_duplicate_run
+            for _ in range(int(rng.integers(low, high + 1)) - 1):
+                noisy = row + rng.normal(0.0, habits.noise_share * span, row.shape)
+                out.append(np.clip(noisy, *habits.clip).astype(np.float32))
+    return np.asarray(out[:n_queries], dtype=np.float32)
+
+
+async def run_benign_stream(
+    client: GatewayClient,
+    profile: BenignProfile,
+    habits: BenignHabits,
+    rows: Array,
+    ledger: ClientLedger,
+    rng: np.random.Generator,
+    *,
+    timeout_s: float,
+    stop: asyncio.Event,
+) -> None:
+    """Replay ``rows`` (already shuffled) with the profile's timing and the
+    habits' retries and near-duplicate runs, until the profile's query count
+    is reached or ``stop`` is set. Errors are counted, never raised.
+    """
+    loop = asyncio.get_running_loop()
+    plan = arrival_plan(profile, rng)
+    stream = query_stream(rows, habits, profile.n_queries, rng)
+    retry_rng = np.random.default_rng(rng.integers(2**32))
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), profile.start_delay_s)
+    started = loop.time()
+    in_flight: set[asyncio.Task[None]] = set()
+    position = 0
+
+    async def send(row: Array, request_id: str) -> None:
+        try:
+            response = await client.infer(
+                row[None, :], request_id=request_id, timeout_s=timeout_s
+            )
+        except GatewayRequestError as exc:
+            ledger.failed(exc.code, request_id)
+            return
+        ledger.answered(response)
+
+    async def one(row: Array) -> None:
+        request_id = new_request_id()
+        ledger.sent(request_id)
+        await send(row, request_id)
+        if retry_rng.random() < habits.retry_prob and not stop.is_set():
+            await asyncio.sleep(float(retry_rng.uniform(*habits.retry_delay_s)))
+            ledger.retried()
+            await send(row, request_id)
+
+    try:
+        for at_s, size in plan:
+            delay_s = started + at_s - loop.time()
+            if delay_s > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay_s)
+            if stop.is_set():
+                break
+            for _ in range(size):
+                task = asyncio.create_task(one(stream[position]))
+                position += 1
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
         if in_flight:

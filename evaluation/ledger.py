@@ -17,6 +17,12 @@ from gateway.protocol import InferResponse
 # Error codes that mean policy refused the request, as opposed to a fault.
 THROTTLE_CODES = frozenset({"RATE_LIMITED"})
 BLOCK_CODES = frozenset({"BLOCKED"})
+# Decision actions (modelgate.decisions) that mean a detector fired on the
+# query, and those that change what the client gets (enforcement).
+FLAG_ACTIONS = frozenset({"flag", "degrade", "block"})
+ENFORCE_ACTIONS = frozenset({"degrade", "block", "throttle"})
+# Risk samples kept per client for the report's plot; counts go on past this.
+_MAX_RISK_SAMPLES = 5000
 
 
 @dataclass
@@ -50,6 +56,12 @@ class ClientLedger:
     first_refusal_query: int | None = None
     error_codes: Counter[str] = field(default_factory=Counter)
     alert_detectors: Counter[str] = field(default_factory=Counter)
+    retries: int = 0
+    first_flag_query: int | None = None
+    first_enforced_query: int | None = None
+    decisions: Counter[str] = field(default_factory=Counter)
+    # One (seconds since traffic began, risk, action) per decision record.
+    risk_series: list[tuple[float, float, str]] = field(default_factory=list)
     _ordinals: dict[str, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -73,6 +85,18 @@ class ClientLedger:
                     self.flagged += 1
                 elif response.action == "degrade":
                     self.degraded += 1
+                if response.action in FLAG_ACTIONS or response.action in (
+                    ENFORCE_ACTIONS
+                ):
+                    position = self._ordinals.get(response.request_id) or self.requests
+                    if response.action in FLAG_ACTIONS:
+                        self.first_flag_query = _earliest(
+                            self.first_flag_query, position
+                        )
+                    if response.action in ENFORCE_ACTIONS:
+                        self.first_enforced_query = _earliest(
+                            self.first_enforced_query, position
+                        )
             return
         code = response.error.code if response.error is not None else "UNKNOWN"
         self.failed(code, response.request_id)
@@ -93,6 +117,42 @@ class ClientLedger:
                 self.first_refusal_query = (
                     self._ordinals.get(request_id) if request_id else None
                 ) or self.requests
+            if code in THROTTLE_CODES or code in BLOCK_CODES:
+                position = (
+                    self._ordinals.get(request_id) if request_id else None
+                ) or self.requests
+                self.first_enforced_query = _earliest(
+                    self.first_enforced_query, position
+                )
+
+    def retried(self) -> None:
+        """Count one retry (a request sent again under its own id)."""
+        with self._lock:
+            self.retries += 1
+
+    def decided(self, record: dict[str, Any], at_s: float) -> None:
+        """Count one decision record (``modelgate.decisions``) about this client.
+
+        ``at_s`` is when it was made, in seconds since the run's traffic began.
+        The query's position comes from its request id; a decision about a
+        request of ours that is not known (yet) falls back to the count sent.
+        """
+        action = str(record.get("action", "?"))
+        risk = float(record.get("risk") or 0.0)
+        with self._lock:
+            self.decisions[action] += 1
+            if len(self.risk_series) < _MAX_RISK_SAMPLES:
+                self.risk_series.append((round(at_s, 3), round(risk, 4), action))
+            request_id = record.get("request_id")
+            position = (
+                self._ordinals.get(request_id) if request_id else None
+            ) or self.requests
+            if action in FLAG_ACTIONS:
+                self.first_flag_query = _earliest(self.first_flag_query, position)
+            if action in ENFORCE_ACTIONS:
+                self.first_enforced_query = _earliest(
+                    self.first_enforced_query, position
+                )
 
     def alerted(self, data: dict[str, Any]) -> None:
         """Count one alert event's ``data`` for this client."""
@@ -104,6 +164,8 @@ class ClientLedger:
             position = self._ordinals.get(request_id) if request_id else None
             if position is None and isinstance(data.get("query_index"), int):
                 position = int(data["query_index"])
+            if position is not None:
+                self.first_flag_query = _earliest(self.first_flag_query, position)
             if position is not None and (
                 self.first_alert_query is None or position < self.first_alert_query
             ):
@@ -131,4 +193,12 @@ class ClientLedger:
                 "first_alert_detector": self.first_alert_detector,
                 "first_alert_evidence": self.first_alert_evidence,
                 "first_refusal_query": self.first_refusal_query,
+                "retries": self.retries,
+                "first_flag_query": self.first_flag_query,
+                "first_enforced_query": self.first_enforced_query,
+                "decisions": dict(self.decisions),
             }
+
+
+def _earliest(current: int | None, position: int) -> int:
+    return position if current is None else min(current, position)

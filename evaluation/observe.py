@@ -129,3 +129,94 @@ class AlertCollector:
         ledger.alerted(data)
         if ledger.alerts == 1 and self._on_first_alert is not None:
             self._on_first_alert(ledger, data)
+
+
+class DecisionCollector:
+    """Credit decision records (``modelgate.decisions``, one per request) to the
+    ledgers of the clients they name: the action taken on every query and the
+    risk policy saw, which the evaluation plots over time.
+
+    Parameters
+    ----------
+    transport
+        A started transport.
+    topic
+        The decisions topic.
+    ledgers
+        Client id to ledger; several ids may share one ledger (a distributed
+        attacker's keys). Records about other clients are only counted.
+    t0_ms
+        Wall-clock origin (ms since the epoch) of the risk series' time axis.
+    """
+
+    def __init__(
+        self,
+        transport: KafkaTransport,
+        topic: str,
+        ledgers: dict[str, ClientLedger],
+        *,
+        t0_ms: int,
+    ) -> None:
+        self._transport = transport
+        self.topic = topic
+        self._ledgers = ledgers
+        self.t0_ms = t0_ms
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.total = 0
+        self.foreign = 0
+        self.undecodable = 0
+        self.by_action: Counter[str] = Counter()
+
+    async def start(self) -> None:
+        """Position at the end of the topic and start reading. Idempotent."""
+        if self._task is not None:
+            return
+        self._consumer = await self._transport.tail(self.topic)
+        self._task = asyncio.create_task(self._read(), name=f"decisions:{self.topic}")
+
+    async def stop(self) -> None:
+        """Stop reading; counts stay readable. Idempotent."""
+        task, self._task = self._task, None
+        if task is not None:
+            await cancel_and_wait(task)
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            try:
+                await asyncio.wait_for(
+                    consumer.stop(), self._transport.settings.kafka.request_timeout_s
+                )
+            except (KafkaError, TimeoutError) as exc:
+                logger.warning("decision consumer did not close cleanly: %r", exc)
+
+    async def _read(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None  # set before the task starts
+        poll_timeout_ms = self._transport.settings.kafka.poll_timeout_ms
+        while True:
+            try:
+                batches = await consumer.getmany(timeout_ms=poll_timeout_ms)
+            except KafkaError as exc:
+                logger.warning("decision poll failed: %r", exc)
+                await asyncio.sleep(poll_timeout_ms / 1000)
+                continue
+            for records in batches.values():
+                for record in records:
+                    self.handle(record.value)
+
+    def handle(self, value: bytes | None) -> None:
+        """Credit one decision record (public so it can be fed without Kafka)."""
+        try:
+            record = json.loads(value or b"")
+            client_id = record.get("client_id")
+            at_s = (int(record["ts_ms"]) - self.t0_ms) / 1000.0
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self.undecodable += 1
+            return
+        self.total += 1
+        self.by_action[str(record.get("action", "?"))] += 1
+        ledger = self._ledgers.get(str(client_id))
+        if ledger is None:
+            self.foreign += 1
+            return
+        ledger.decided(record, at_s)

@@ -110,11 +110,20 @@ class DirectOracle:
         The model's probability function (``ServedModel.predict_proba``).
     budget
         Queries (rows) allowed in total.
+    n_classes
+        Width of the answers, for the zero rows of a call the budget cut short.
     """
 
-    def __init__(self, predict_proba: Callable[[Array], Array], budget: int) -> None:
+    def __init__(
+        self,
+        predict_proba: Callable[[Array], Array],
+        budget: int,
+        *,
+        n_classes: int = 10,
+    ) -> None:
         self._predict = predict_proba
         self._budget = _Budget(budget)
+        self._n_classes = n_classes
 
     @property
     def used(self) -> int:
@@ -124,10 +133,15 @@ class DirectOracle:
     def __call__(self, rows: Array) -> Array:
         rows = np.atleast_2d(np.asarray(rows, dtype=np.float32))
         granted = self._budget.take(len(rows))
-        proba = np.asarray(self._predict(rows[:granted]), dtype=np.float32)
+        # A model refuses an empty batch, so a spent budget asks it nothing.
+        proba = (
+            np.asarray(self._predict(rows[:granted]), dtype=np.float32)
+            if granted
+            else np.zeros((0, self._n_classes), dtype=np.float32)
+        )
         if granted == len(rows):
             return proba
-        full = np.zeros((len(rows), proba.shape[1] if proba.ndim == 2 else 10))
+        full = np.zeros((len(rows), proba.shape[1] if granted else self._n_classes))
         full[:granted] = proba
         answered = np.arange(len(rows)) < granted
         raise BudgetExhausted("BUDGET", answered, full.astype(np.float32))
@@ -180,6 +194,8 @@ class GatewayOracle:
         Reply deadline per request.
     cancel
         Set it to make every later call raise ``QueryStopped("CANCELLED")``.
+    n_classes
+        Width of the answers, for rows left unanswered when none was answered.
     """
 
     def __init__(
@@ -193,8 +209,10 @@ class GatewayOracle:
         concurrency: int = 16,
         timeout_s: float = 30.0,
         cancel: threading.Event | None = None,
+        n_classes: int = 10,
     ) -> None:
         self.client = client
+        self._n_classes = n_classes
         self.ledger = ledger
         self._loop = loop
         self._budget = _Budget(budget)
@@ -214,7 +232,9 @@ class GatewayOracle:
         rows = np.atleast_2d(np.asarray(rows, dtype=np.float32))
         if self._cancel.is_set():
             raise QueryStopped(
-                "CANCELLED", np.zeros(len(rows), dtype=bool), np.zeros((len(rows), 10))
+                "CANCELLED",
+                np.zeros(len(rows), dtype=bool),
+                np.zeros((len(rows), self._n_classes)),
             )
         future = asyncio.run_coroutine_threadsafe(self.query(rows), self._loop)
         # Pacing alone takes len/rate seconds; the reply deadline comes on top.
@@ -287,7 +307,7 @@ class GatewayOracle:
         self._budget.give_back(not_sent)
 
         answered = np.array([a is not None for a in answers], dtype=bool)
-        n_classes = next((len(a) for a in answers if a is not None), 10)
+        n_classes = next((len(a) for a in answers if a is not None), self._n_classes)
         proba = np.zeros((n_rows, n_classes), dtype=np.float32)
         for index, answer in enumerate(answers):
             if answer is not None:

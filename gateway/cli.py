@@ -22,6 +22,7 @@ import typer
 from gateway import limits_cli, logs
 from gateway.admin import cli as admin_cli
 from gateway.cli_config import config_app
+from gateway.cli_eval import evaluate
 from gateway.config import Settings, load_settings
 from gateway.errors import ModelgateError
 from gateway.frontdoor.cli import frontdoor_app
@@ -471,6 +472,7 @@ async def _key_store(settings: Settings) -> AsyncIterator[Any]:
 app.add_typer(admin_cli.admin_app, name="admin")
 app.add_typer(admin_cli.clients_app, name="clients")
 app.command("login")(admin_cli.login)
+app.command("eval")(evaluate)
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ from gateway.models import (
     ensure_digits_model,
     load_model,
 )
+from gateway.zoo import BUILDERS as ZOO_BUILDERS
 
 if TYPE_CHECKING:
     from gateway.metrics import WorkerMetrics
@@ -115,6 +116,9 @@ def load_backend(
     if config.kind == "skops":
         if name == DIGITS:
             ensure_digits_model(directory)
+        elif name in ZOO_BUILDERS:
+            # The evaluation's models (gateway.zoo) are built on first use too.
+            ZOO_BUILDERS[name](directory)
         return load_model(directory, name)
     if config.kind == "onnx":
         from gateway.backends.onnx import OnnxBackend, ensure_digits_onnx

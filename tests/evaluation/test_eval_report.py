@@ -1,0 +1,216 @@
+"""The evaluation report's targets and files, from a fixed result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evaluation.benign import BenignHabits, query_stream
+from evaluation.eval_report import (
+    EvalResult,
+    agreement_at,
+    benign_summary,
+    targets,
+    write_eval_report,
+)
+
+
+def _client(name: str, role: str, **counts: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "client": name,
+        "role": role,
+        "requests": 100,
+        "throttled": 0,
+        "blocked": 0,
+        "alerts": 0,
+        "retries": 1,
+        "first_flag_query": None,
+        "risk_series": [[0.5, 0.1], [1.0, 0.2]],
+    }
+    base.update(counts)
+    return base
+
+
+def _attack(
+    attack: str, kind: str, first_flag: int | None, **extra: Any
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "attack": attack,
+        "model": "digits",
+        "variant": "single",
+        "kind": kind,
+        "keys": 1,
+        "budget": 65 if attack == "equation" else 500,
+        "flagged": first_flag is not None,
+        "first_flag_query": first_flag,
+        "first_enforced_query": extra.pop("enforced", None),
+        "ledger": {"requests": 300},
+        "majority_rate": 0.11,
+    }
+    entry.update(extra)
+    return entry
+
+
+def _result() -> EvalResult:
+    return EvalResult(
+        run_id="r",
+        quick=True,
+        seed=0,
+        started_at="now",
+        duration_s=1.0,
+        traffic_s=1.0,
+        plan={"budgets": {}},
+        policy={"flag_at": 1.0},
+        detectors={},
+        attacks=[
+            _attack("hopskipjump", "probing", 80, gateway={"found": 1}, direct={}),
+            _attack("boundary", "probing", 12, gateway={}, direct={}),
+            _attack(
+                "random",
+                "extraction",
+                40,
+                enforced=150,
+                gateway={"curve": [[100, 0.3], [200, 0.5], [300, 0.6]]},
+                direct={"agreement": 0.6, "curve": [[300, 0.6]]},
+            ),
+            _attack(
+                "equation",
+                "extraction",
+                None,
+                gateway={"curve": [[65, 1.0]], "agreement": 1.0},
+                direct={"agreement": 1.0, "curve": [[65, 1.0]]},
+            ),
+        ],
+        clients=[_client(f"b{i}", "benign") for i in range(99)]
+        + [_client("b99", "benign", first_flag_query=7, blocked=2)]
+        + [_client("attacker", "random/single", risk_series=[[0.2, 3.0]])],
+    )
+
+
+def test_targets_measure_each_goal_and_say_by_how_much_it_was_missed() -> None:
+    rows = {row["target"]: row for row in targets(_result())}
+
+    assert rows["honest clients flagged"]["met"]  # 1 of 100 is exactly 1%
+    blocked = rows["honest clients blocked"]
+    assert not blocked["met"] and blocked["missed_by"].startswith("+1.0%")
+    late = rows["hopskipjump on digits (single): flagged within 50 queries"]
+    assert not late["met"] and late["missed_by"] == "30 queries late"
+    assert rows["boundary on digits (single): flagged within 50 queries"]["met"]
+    # Enforced at query 150: the surrogate then agreed 0.3, half of 0.6.
+    ratio = rows[
+        "random on digits (single): agreement when stopped < 90% of unhindered"
+    ]
+    assert ratio["met"] and ratio["measured"] == 0.5
+    never = rows["equation on digits (single): flagged within 2(d+1) = 130 queries"]
+    assert not never["met"] and "not flagged" in never["missed_by"]
+    runs = rows["attack runs flagged (all, single-key and distributed)"]
+    assert runs["measured"] == "3/4" and not runs["met"]
+
+
+def test_agreement_at_takes_the_last_measurement_before_the_moment() -> None:
+    curve = [[10, 0.2], [20, 0.4]]
+    assert agreement_at(curve, 15) == 0.2
+    assert agreement_at(curve, 5) == 0.0
+    assert agreement_at(curve, None) == 0.4
+    assert agreement_at([], None) is None
+
+
+def test_report_files_hold_the_targets_and_plots(tmp_path: Path) -> None:
+    result = _result()
+    paths = write_eval_report(result, tmp_path)
+
+    report = json.loads(paths["json"].read_text())
+    assert {"targets", "attacks", "benign_summary", "clients", "plan"} <= set(report)
+    assert report["benign_summary"]["blocked_share"] == 0.01
+    assert report["exit_code"] == 1  # an honest client was blocked
+    text = paths["markdown"].read_text()
+    assert "## Targets" in text and "30 queries late" in text
+    for kind in ("agreement", "risk"):
+        assert paths[kind].read_bytes()[:4] == b"\x89PNG"
+    assert benign_summary(result)["flagged_clients"] == ["b99"]
+
+
+def test_near_duplicate_runs_repeat_one_row_with_tiny_noise() -> None:
+    rows = np.arange(40, dtype=np.float32).reshape(10, 4)
+    habits = BenignHabits(near_duplicate_prob=1.0, near_duplicate_run=(3, 3))
+    stream = query_stream(rows, habits, 9, np.random.default_rng(0))
+
+    assert stream.shape == (9, 4)
+    for start in (0, 3, 6):
+        run = stream[start : start + 3]
+        assert np.allclose(run, rows[start // 3], atol=0.5)
+    assert not np.array_equal(stream[1], stream[0])
+    plain = query_stream(rows, BenignHabits(), 12, np.random.default_rng(0))
+    assert np.array_equal(plain[:10], rows) and np.array_equal(plain[10:], rows[:2])
+
+
+def test_decisions_place_flags_and_enforcement_on_the_clients_own_stream() -> None:
+    from evaluation.ledger import ClientLedger
+    from evaluation.observe import DecisionCollector
+
+    shared = ClientLedger("attacker", "random/distributed")
+    ledgers = {"attacker-k0": shared, "attacker-k1": shared}
+    for i in range(6):
+        shared.sent(f"r{i}")
+    collector = DecisionCollector(None, "t", ledgers, t0_ms=1000)  # type: ignore[arg-type]
+    records = [
+        {
+            "client_id": "attacker-k1",
+            "request_id": "r1",
+            "action": "allow",
+            "ts_ms": 1500,
+        },
+        {
+            "client_id": "attacker-k0",
+            "request_id": "r3",
+            "action": "flag",
+            "risk": 1.2,
+            "ts_ms": 2000,
+        },
+        {
+            "client_id": "attacker-k1",
+            "request_id": "r5",
+            "action": "block",
+            "risk": 2.0,
+            "ts_ms": 2500,
+        },
+        {
+            "client_id": "someone-else",
+            "request_id": "x",
+            "action": "allow",
+            "ts_ms": 2600,
+        },
+    ]
+    for record in records:
+        collector.handle(json.dumps(record).encode())
+    collector.handle(b"not json")
+
+    assert shared.first_flag_query == 4
+    assert shared.first_enforced_query == 6
+    assert shared.risk_series[1] == (1.0, 1.2, "flag")
+    assert (collector.total, collector.foreign, collector.undecodable) == (4, 1, 1)
+
+
+def test_pair_selection_defaults_and_filters() -> None:
+    import pytest
+
+    from evaluation.scenarios import DEFAULT_PAIRS, select_pairs
+
+    assert select_pairs(None, None) == list(DEFAULT_PAIRS)
+    assert select_pairs(("phishing",), ("equation", "onepixel")) == [
+        ("equation", "phishing")
+    ]
+    assert ("onepixel", "digits_lr") in select_pairs(("digits_lr",), None)
+    with pytest.raises(ValueError, match="nope"):
+        select_pairs(("nope",), None)
+
+
+def test_a_report_renders_again_from_its_json(tmp_path: Path) -> None:
+    from evaluation.eval_report import render_markdown, result_from_json
+
+    paths = write_eval_report(_result(), tmp_path)
+    again = result_from_json(json.loads(paths["json"].read_text()))
+    assert render_markdown(again) == paths["markdown"].read_text()
