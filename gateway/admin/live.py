@@ -114,15 +114,34 @@ class LiveConfigHandle:
 
 
 async def config_service(request: Request) -> ConfigService:
-    """Dependency: the app's started ConfigService (or 503)."""
+    """Dependency: the app's started ConfigService (or 503).
+
+    Runs after the caller's role check, so a change refused here for want
+    of Kafka is audited under the operator's name.
+    """
     handle: LiveConfigHandle = request.app.state.live_config
-    return await handle.get()
+    try:
+        return await handle.get()
+    except AdminError as exc:
+        user = getattr(request.state, "config_user", None)
+        if user is not None:
+            await audit(
+                get_context(request),
+                request,
+                actor=user,
+                outcome="failed",
+                target="config",
+                detail={"code": exc.code, "error": exc.message},
+            )
+        raise
 
 
 async def config_actor(
+    request: Request,
     principal: Annotated[Principal, Depends(require_role("operator"))],
 ) -> str:
     """Dependency: an operator's session, named as author of a change."""
+    request.state.config_user = principal.user
     return f"{ACTOR_PREFIX}{principal.user}"
 
 
