@@ -70,10 +70,12 @@ async def _status(
 
 
 async def _codes(
-    kafka: RawKafka, settings: Settings, token: str, client_id: str, n: int = 4
+    kafka: RawKafka, settings: Settings, key: dict[str, Any], n: int = 4
 ) -> list[str]:
-    """Answer codes of ``n`` requests sent at once with the key ``token``."""
-    key_id, secret = KeyStore.parse_token(token)
+    """Answer codes of ``n`` requests sent at once with a key from
+    ``POST /v1/keys``, on its client's partition."""
+    key_id, secret = KeyStore.parse_token(key["token"])
+    client_id = key["client_id"]
     ids = [
         await kafka.send_request(key_id, secret, X_TEST[i : i + 1], client_id=client_id)
         for i in range(n)
@@ -126,8 +128,8 @@ async def test_operator_changes_config_through_the_api(
             status = await _status(client, vic, lambda s: len(s["workers"]) == 1, 120)
             worker_id = status["workers"][0]["worker_id"]
             assert status["version"] == 0 and status["workers"][0]["version"] == 0
-            token = (await _new_key(admin, client, root, "steady"))["token"]
-            assert await _codes(kafka, settings, token, "steady") == ["ok"] * 4
+            steady = await _new_key(admin, client, root, "steady")
+            assert await _codes(kafka, settings, steady) == ["ok"] * 4
 
             # A two-factor operator session publishes; the worker runs it
             # within a second and enforces it on the next requests.
@@ -146,7 +148,8 @@ async def test_operator_changes_config_through_the_api(
             latency_ms = applied_ms - record["at_ms"]
             print(f"publish through the admin API to the worker's ack: {latency_ms} ms")
             assert latency_ms <= APPLY_BUDGET_MS, status
-            codes = await _codes(kafka, settings, token, "limited")
+            limited = await _new_key(admin, client, root, "limited")
+            codes = await _codes(kafka, settings, limited)
             assert codes[0] == "ok" and "RATE_LIMITED" in codes[1:], codes
 
             # A viewer reads but cannot change: 403, audited.
@@ -201,7 +204,8 @@ async def test_operator_changes_config_through_the_api(
             assert back.status_code == 200, back.text
             assert back.json()["record"]["version"] == 3
             await _status(client, vic, lambda s: s["workers"][0]["version"] == 3, 5)
-            assert await _codes(kafka, settings, token, "released") == ["ok"] * 4
+            released = await _new_key(admin, client, root, "released")
+            assert await _codes(kafka, settings, released) == ["ok"] * 4
 
             history = (await client.get("/config/history", headers=vic)).json()
             assert [(r["version"], r["kind"], r["author"]) for r in history] == [
