@@ -88,6 +88,16 @@ async def _codes(
     ]
 
 
+async def _until_admitted(
+    kafka: RawKafka, settings: Settings, key: dict[str, Any], timeout_s: float
+) -> None:
+    """Send one request at a time until one is admitted or the deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while (codes := await _codes(kafka, settings, key, 1)) != ["ok"]:
+        assert loop.time() < deadline, f"still refused after {timeout_s} s: {codes}"
+
+
 async def _new_key(
     admin: AdminHarness,
     client: httpx.AsyncClient,
@@ -130,6 +140,21 @@ async def test_operator_changes_config_through_the_api(
             assert status["version"] == 0 and status["workers"][0]["version"] == 0
             steady = await _new_key(admin, client, root, "steady")
             assert await _codes(kafka, settings, steady) == ["ok"] * 4
+
+            # A key's own limit override through the API binds on the worker;
+            # changing its plan back frees it within the key cache's life.
+            one_per_hour = {"rules": [{"limit": 1, "window_s": 3600, "burst": 1}]}
+            capped = await _new_key(
+                admin, client, root, "capped", limit_overrides=one_per_hour
+            )
+            assert await _codes(kafka, settings, capped, 2) == ["ok", "RATE_LIMITED"]
+            plan = await client.put(
+                f"/v1/keys/{capped['key_id']}/plan",
+                json={"plan": "default"},
+                headers=root,
+            )
+            assert plan.status_code == 200, plan.text
+            await _until_admitted(kafka, settings, capped, timeout_s=10)
 
             # A two-factor operator session publishes; the worker runs it
             # within a second and enforces it on the next requests.
