@@ -3,8 +3,11 @@
 The router does not authenticate: whoever mounts it passes the dependency
 that names the actor (and refuses the request when nobody is logged in or the
 role is wrong), so the audit trail records the same name the admin session
-has. The ConfigService comes from a second dependency, usually one
-long-lived instance started with the admin app.
+has; reads may take a second, laxer dependency. The ConfigService comes from
+another dependency, usually one long-lived instance started with the admin
+app (``gateway.admin.app`` mounts it that way). An optional hook hears about
+every change attempt that reached the service, published or refused, so the
+mounting app can audit it.
 
 Errors use the project's body ``{"error", "code", "retriable"}``: invalid
 values 422 (the message names the field and rule), a stale parent version
@@ -13,11 +16,13 @@ values 422 (the message names the field and rule), a stale parent version
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -104,6 +109,33 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class ChangeAttempt:
+    """One change request that reached the service, for the mounting app's
+    audit log.
+
+    ``version_before`` is the version the change was computed from (the
+    published record's parent; for the very first change that is the
+    baseline version 1 published with it), or for a refusal the version
+    current afterwards (``None`` when even that could not be read).
+    ``version_after`` is the new version, or ``version_before`` when nothing
+    was published. ``summary`` is the published record's summary, else what
+    was asked (``set limits.burst=0``, ``rollback to 99``).
+    """
+
+    operation: str
+    actor: str
+    accepted: bool
+    version_before: int | None
+    version_after: int | None
+    summary: str
+    code: str = ""
+    error: str = ""
+
+
+ChangeHook = Callable[[Request, ChangeAttempt], Awaitable[None]]
+
+
 def _error(exc: ModelgateError) -> JSONResponse:
     if isinstance(exc, ConfigConflict):
         status = 409
@@ -121,6 +153,9 @@ def _error(exc: ModelgateError) -> JSONResponse:
 def make_config_router(
     service_dependency: Callable[..., Any],
     actor_dependency: Callable[..., Any],
+    *,
+    reader_dependency: Callable[..., Any] | None = None,
+    on_change: ChangeHook | None = None,
 ) -> APIRouter:
     """The ``/config`` routes.
 
@@ -132,16 +167,62 @@ def make_config_router(
         FastAPI dependency giving the name recorded as author of a change
         (for example the logged-in operator); it should refuse the request
         itself when the caller may not change configuration.
+    reader_dependency
+        FastAPI dependency guarding the reads (get, diff, history, versions,
+        status), e.g. a lower role; ``None``: ``actor_dependency`` guards
+        them too. Its value is ignored.
+    on_change
+        Awaited after every set, apply or rollback that passed the
+        dependencies, published or refused by the service.
     """
     # Defaults rather than Annotated aliases: with postponed annotations,
     # FastAPI resolves names in the module, where a local alias is unknown.
+    # The caller's dependency comes before the service's in every route, so
+    # an anonymous call is refused before it can make the service connect.
     service_dep: Any = Depends(service_dependency)
     actor_dep: Any = Depends(actor_dependency)
+    reader_dep: Any = Depends(reader_dependency or actor_dependency)
     router = APIRouter(prefix="/config", tags=["config"], responses=_ERRORS)
+
+    async def report(
+        request: Request,
+        service: ConfigService,
+        operation: str,
+        actor: str,
+        outcome: ConfigRecord | ModelgateError | None,
+        asked: str,
+    ) -> None:
+        if on_change is None:
+            return
+        if isinstance(outcome, ConfigRecord):
+            attempt = ChangeAttempt(
+                operation,
+                actor,
+                True,
+                outcome.parent,
+                outcome.version,
+                outcome.summary,
+            )
+        else:
+            try:
+                version: int | None = (await service.current())[0]
+            except ModelgateError:
+                version = None
+            attempt = ChangeAttempt(
+                operation,
+                actor,
+                outcome is None,
+                version,
+                version,
+                f"{asked} (nothing changed)" if outcome is None else asked,
+                code="" if outcome is None else outcome.code,
+                error="" if outcome is None else outcome.message,
+            )
+        await on_change(request, attempt)
 
     @router.get("", response_model=CurrentConfig, summary="Current document")
     async def get_config(
-        service: ConfigService = service_dep, _actor: str = actor_dep
+        _reader: Any = reader_dep, service: ConfigService = service_dep
     ) -> Any:
         try:
             version, document = await service.current()
@@ -151,7 +232,7 @@ def make_config_router(
 
     @router.get("/fields/{key}", response_model=FieldValue, summary="One field")
     async def get_field(
-        key: str, service: ConfigService = service_dep, _actor: str = actor_dep
+        key: str, _reader: Any = reader_dep, service: ConfigService = service_dep
     ) -> Any:
         try:
             version, _ = await service.current()
@@ -162,29 +243,44 @@ def make_config_router(
 
     @router.patch("", response_model=PublishResult, summary="Set fields")
     async def set_fields(
-        body: SetRequest, service: ConfigService = service_dep, actor: str = actor_dep
+        body: SetRequest,
+        request: Request,
+        actor: str = actor_dep,
+        service: ConfigService = service_dep,
     ) -> Any:
+        asked = "set " + ", ".join(
+            f"{k}={json.dumps(v)}" for k, v in body.changes.items()
+        )
         try:
             record = await service.set(body.changes, actor, parent=body.parent_version)
         except ModelgateError as exc:
+            await report(request, service, "set", actor, exc, asked)
             return _error(exc)
+        await report(request, service, "set", actor, record, asked)
         return PublishResult(published=record is not None, record=record)
 
     @router.put("", response_model=PublishResult, summary="Replace the document")
     async def apply_document(
-        body: ApplyRequest, service: ConfigService = service_dep, actor: str = actor_dep
+        body: ApplyRequest,
+        request: Request,
+        actor: str = actor_dep,
+        service: ConfigService = service_dep,
     ) -> Any:
         try:
             record = await service.apply(
                 body.document, actor, parent=body.parent_version, source="api"
             )
         except ModelgateError as exc:
+            await report(request, service, "apply", actor, exc, "apply a document")
             return _error(exc)
+        await report(request, service, "apply", actor, record, "apply a document")
         return PublishResult(published=record is not None, record=record)
 
     @router.post("/diff", response_model=list[FieldChange], summary="Preview")
     async def diff_config(
-        body: DiffRequest, service: ConfigService = service_dep, _actor: str = actor_dep
+        body: DiffRequest,
+        _reader: Any = reader_dep,
+        service: ConfigService = service_dep,
     ) -> Any:
         try:
             return list(await service.diff(body.document or body.version))
@@ -193,8 +289,8 @@ def make_config_router(
 
     @router.get("/history", response_model=list[ConfigRecord], summary="History")
     async def history(
+        _reader: Any = reader_dep,
         service: ConfigService = service_dep,
-        _actor: str = actor_dep,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 50,
     ) -> Any:
         try:
@@ -206,7 +302,7 @@ def make_config_router(
         "/versions/{version}", response_model=ConfigRecord, summary="One version"
     )
     async def get_version(
-        version: int, service: ConfigService = service_dep, _actor: str = actor_dep
+        version: int, _reader: Any = reader_dep, service: ConfigService = service_dep
     ) -> Any:
         try:
             return await service.record(version)
@@ -216,20 +312,24 @@ def make_config_router(
     @router.post("/rollback", response_model=PublishResult, summary="Roll back")
     async def rollback(
         body: RollbackRequest,
-        service: ConfigService = service_dep,
+        request: Request,
         actor: str = actor_dep,
+        service: ConfigService = service_dep,
     ) -> Any:
+        asked = f"rollback to {body.version}"
         try:
             record = await service.rollback(
                 body.version, actor, parent=body.parent_version
             )
         except ModelgateError as exc:
+            await report(request, service, "rollback", actor, exc, asked)
             return _error(exc)
+        await report(request, service, "rollback", actor, record, asked)
         return PublishResult(published=record is not None, record=record)
 
     @router.get("/status", response_model=ConfigStatus, summary="Worker versions")
     async def status(
-        service: ConfigService = service_dep, _actor: str = actor_dep
+        _reader: Any = reader_dep, service: ConfigService = service_dep
     ) -> Any:
         try:
             version, _ = await service.current()

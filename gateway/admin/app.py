@@ -1,11 +1,13 @@
 """The admin API application: ``create_app(settings)``.
 
-Routers per resource live in ``gateway.admin.routers``; other features mount
-their own routers through ``extra_routers`` behind the operator role. Every
-refusal has the body ``{"error", "code", "retriable"}`` with a code from
-``gateway.admin.errors.ADMIN_ERROR_CODES``.
+Routers per resource live in ``gateway.admin.routers``; the live
+configuration's ``/config`` routes come from ``gateway.admin.live``; other
+features mount their own routers through ``extra_routers`` behind the
+operator role. Every refusal has the body ``{"error", "code", "retriable"}``
+with a code from ``gateway.admin.errors.ADMIN_ERROR_CODES``.
 
-Imports FastAPI, Redis and the admin package; nothing from Kafka.
+Imports FastAPI, Redis and the admin package; Kafka only through the live
+configuration's service, which the lifespan starts in the background.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from starlette.exceptions import HTTPException
 from gateway.admin.audit import AuditLog
 from gateway.admin.deps import AdminContext, require_role
 from gateway.admin.errors import ADMIN_ERROR_CODES, AdminError
+from gateway.admin.live import LiveConfigHandle, config_router
 from gateway.admin.routers import audit, clients, keys, sessions, users
+from gateway.admin.schemas import ERROR_RESPONSES
 from gateway.admin.sessions import LoginGuard, SessionStore
 from gateway.admin.users import UserStore
 from gateway.clientview import ClientView
@@ -81,8 +85,10 @@ def create_app(
     Returns
     -------
     FastAPI
-        Its lifespan opens the Redis client and loads the server key; the
-        stores live on ``app.state.admin`` while it runs.
+        Its lifespan opens the Redis client, loads the server key and starts
+        connecting the live configuration service in the background; the
+        stores live on ``app.state.admin`` and the service on
+        ``app.state.live_config`` while it runs.
     """
 
     @asynccontextmanager
@@ -99,11 +105,17 @@ def create_app(
             keys=KeyStore(redis, settings, server_key=server_key),
             clients=ClientView(redis, settings),
         )
+        live_config = LiveConfigHandle(settings)
+        app.state.live_config = live_config
+        live_config.start_soon()
         logger.info("admin api started")
         try:
             yield
         finally:
-            await redis.aclose()
+            try:
+                await live_config.close()
+            finally:
+                await redis.aclose()
 
     app = FastAPI(
         title="modelgate admin",
@@ -113,6 +125,8 @@ def create_app(
     )
     for module in (sessions, users, keys, clients, audit):
         app.include_router(module.router)
+    # 401/403 of the role checks and 400 join the router's own error entries.
+    app.include_router(config_router(), responses=ERROR_RESPONSES)
     for router in extra_routers:
         app.include_router(router, dependencies=[Depends(require_role("operator"))])
 

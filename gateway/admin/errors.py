@@ -21,6 +21,7 @@ ADMIN_ERROR_CODES: dict[str, tuple[int, str]] = {
     "METHOD_NOT_ALLOWED": (405, "the path does not take this method"),
     "SCHEMA_INVALID": (422, "the request body or parameters are invalid"),
     "STORE_UNAVAILABLE": (503, "Redis could not be reached; retry"),
+    "BROKER_UNAVAILABLE": (503, "Kafka could not be reached (config routes); retry"),
     "INTERNAL": (500, "an unexpected fault in the admin API"),
 }
 

@@ -16,6 +16,7 @@ CLIENT_ID_REGEX = r"^[A-Za-z0-9._@-]{1,128}$"
 KEY_ID_REGEX = r"^mgk_[0-9a-f]{12}$"
 MODEL_REGEX = r"^[A-Za-z0-9_-]{1,64}$"
 SESSION_ID_REGEX = r"^[0-9a-f]{16}$"
+PLAN_REGEX = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 class Body(BaseModel):
@@ -60,9 +61,9 @@ class KeyOut(Body):
     status: str
     created_ms: int
     expires_ms: int | None
-    plan: str = Field("default", description="Limits plan (gateway/limits.py).")
+    plan: str = Field("default", description="The limits plan (limits.plans).")
     limit_overrides: dict[str, Any] = Field(
-        default_factory=dict, description="Per-key overrides of the plan's limits."
+        default={}, description="PlanConfig fields replacing the plan's for this key."
     )
 
 

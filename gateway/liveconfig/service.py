@@ -65,6 +65,7 @@ end
 return 0
 """
 _LOCK_POLL_S = 0.05
+_FETCH_MAX_WAIT_MS = 50
 
 
 def acks_key(settings: Settings) -> str:
@@ -162,6 +163,11 @@ class ConfigService:
             bootstrap_servers=s.kafka.bootstrap,
             enable_auto_commit=False,
             request_timeout_ms=int(timeout_s * 1000) + 10_000,
+            # The broker answers a connection's requests in order, so a
+            # refresh's ListOffsets waits behind a fetch's long poll (500 ms
+            # at the default); the partition is paused between refreshes, and
+            # this bounds the wait for a fetch still in flight after one.
+            fetch_max_wait_ms=_FETCH_MAX_WAIT_MS,
         )
         self._producer = AIOKafkaProducer(
             bootstrap_servers=s.kafka.bootstrap,
@@ -177,6 +183,9 @@ class ConfigService:
             raise BrokerError(f"cannot reach Kafka at {s.kafka.bootstrap}") from exc
         self._consumer.assign([self._tp])
         await self._consumer.seek_to_beginning(self._tp)
+        # Fetch only inside refresh(): no background long poll is then in
+        # flight when a refresh asks for the end offset.
+        self._consumer.pause(self._tp)
 
     async def stop(self) -> None:
         consumer, producer, client = self._consumer, self._producer, self._redis
@@ -205,10 +214,15 @@ class ConfigService:
             try:
                 async with asyncio.timeout(timeout_s):
                     end = (await consumer.end_offsets([self._tp]))[self._tp]
-                    while await consumer.position(self._tp) < end:
-                        batch = await consumer.getmany(self._tp, timeout_ms=200)
-                        for message in batch.get(self._tp, []):
-                            self._take(message.value, message.offset)
+                    if await consumer.position(self._tp) < end:
+                        consumer.resume(self._tp)
+                        try:
+                            while await consumer.position(self._tp) < end:
+                                batch = await consumer.getmany(self._tp, timeout_ms=200)
+                                for message in batch.get(self._tp, []):
+                                    self._take(message.value, message.offset)
+                        finally:
+                            consumer.pause(self._tp)
             except (KafkaError, TimeoutError) as exc:
                 raise BrokerError(
                     f"cannot read {self._tp.topic} within {timeout_s} s: {exc!r}"

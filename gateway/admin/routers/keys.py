@@ -1,5 +1,5 @@
-"""``/v1/keys``: client API keys. Listing needs viewer; creating and revoking
-need admin.
+"""``/v1/keys``: client API keys. Listing needs viewer; creating, revoking
+and changing a key's limits plan need admin.
 
 The token is in the creation response only (``Cache-Control: no-store``);
 Redis holds the secret Fernet-encrypted (``gateway.keys``), and neither the
@@ -9,7 +9,8 @@ audit log nor the logs ever see it. A revocation reaches every worker within
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import Field
@@ -21,10 +22,12 @@ from gateway.admin.schemas import (
     ERROR_RESPONSES,
     KEY_ID_REGEX,
     MODEL_REGEX,
+    PLAN_REGEX,
     Body,
     ErrorBody,
     KeyOut,
 )
+from gateway.config import PlanConfig
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"], responses=ERROR_RESPONSES)
 Context = Annotated[AdminContext, Depends(get_context)]
@@ -42,6 +45,24 @@ class KeyIn(Body):
         le=10 * 365 * 86_400,
         description="Lifetime; none: no expiry.",
     )
+    plan: str = Field(
+        default="default",
+        pattern=PLAN_REGEX,
+        description="Limits plan (limits.plans); an unknown name gets the default.",
+    )
+    limit_overrides: PlanConfig | None = Field(
+        default=None,
+        description="Plan fields replacing the plan's for this key; only the "
+        "fields given are stored.",
+    )
+
+
+class PlanIn(Body):
+    plan: str = Field(pattern=PLAN_REGEX, description="Limits plan (limits.plans).")
+    limit_overrides: PlanConfig | None = Field(
+        default=None,
+        description="Replaces the key's overrides; none: the plan as it is.",
+    )
 
 
 class KeyCreated(Body):
@@ -49,7 +70,18 @@ class KeyCreated(Body):
     client_id: str
     models: list[str]
     expires_ms: int | None
+    plan: str
+    limit_overrides: dict[str, Any]
     token: str = Field(description="Shown once: '<key_id>.<secret>'.")
+
+
+def _given(overrides: PlanConfig | None) -> dict[str, Any]:
+    """The override fields the caller wrote, not the model's defaults (an
+    unwritten ``rules=()`` must not wipe the plan's rules)."""
+    if overrides is None:
+        return {}
+    given: dict[str, Any] = overrides.model_dump(mode="json", exclude_unset=True)
+    return given
 
 
 @router.get("", response_model=list[KeyOut], summary="List keys (never secrets)")
@@ -72,9 +104,14 @@ async def create_key(
     principal: Annotated[Principal, Depends(require_role("admin"))],
     context: Context,
 ) -> KeyCreated:
+    overrides = _given(body.limit_overrides)
     try:
         key, token = await context.keys.create(
-            body.client_id, models=body.models, ttl_s=body.ttl_s
+            body.client_id,
+            models=body.models,
+            ttl_s=body.ttl_s,
+            plan=body.plan,
+            limit_overrides=overrides,
         )
     except ValueError as exc:
         # The store's own checks, should they ever be stricter than the schema.
@@ -85,7 +122,12 @@ async def create_key(
         actor=principal.user,
         outcome="ok",
         target=key.key_id,
-        detail={"client": key.client_id, "models": ",".join(key.models) or "*"},
+        detail={
+            "client": key.client_id,
+            "models": ",".join(key.models) or "*",
+            "plan": key.plan,
+            "limit_overrides": key.limit_overrides,
+        },
     )
     response.headers["Cache-Control"] = "no-store"
     return KeyCreated(
@@ -93,8 +135,51 @@ async def create_key(
         client_id=key.client_id,
         models=list(key.models),
         expires_ms=key.expires_ms,
+        plan=key.plan,
+        limit_overrides=overrides,
         token=token,
     )
+
+
+@router.put(
+    "/{key_id}/plan",
+    response_model=KeyOut,
+    responses={404: {"model": ErrorBody, "description": "NOT_FOUND"}},
+    summary="Change a key's limits plan and overrides (workers apply it within "
+    "auth.key_cache_ttl_s)",
+)
+async def set_key_plan(
+    key_id: Annotated[str, Path(pattern=KEY_ID_REGEX)],
+    body: PlanIn,
+    request: Request,
+    principal: Annotated[Principal, Depends(require_role("admin"))],
+    context: Context,
+) -> KeyOut:
+    before = await context.keys.get(key_id)
+    overrides = _given(body.limit_overrides)
+    try:
+        found = await context.keys.set_plan(key_id, body.plan, overrides)
+    except ValueError as exc:
+        raise AdminError(str(exc), code="SCHEMA_INVALID") from exc
+    detail = {"plan": body.plan, "limit_overrides": json.dumps(overrides)}
+    if before is not None:
+        detail["plan_before"] = before.plan
+        detail["limit_overrides_before"] = before.limit_overrides or "{}"
+    await audit(
+        context,
+        request,
+        actor=principal.user,
+        outcome="ok" if found else "failed",
+        target=key_id,
+        detail=detail,
+    )
+    if not found:
+        raise AdminError("no such key", code="NOT_FOUND")
+    for row in await context.keys.list():
+        if row["key_id"] == key_id:
+            return KeyOut.model_validate(row)
+    # Revoked keys stay listed, so only a deletion racing this call lands here.
+    raise AdminError("no such key", code="NOT_FOUND")
 
 
 @router.delete(
