@@ -204,6 +204,7 @@ def result_of(response: protocol.InferResponse, model: str) -> InferResult:
         action=response.action or "allow",
         rate=_rate(response),
         replayed=bool(getattr(response, "replayed", False)),
+        degrade=getattr(response, "degrade", None),
     )
 
 

@@ -70,7 +70,9 @@ def serve(
     if overrides:
         try:
             section = settings.frontdoor.model_validate(
-                {**settings.frontdoor.model_dump(), **overrides}
+                # Unset fields stay unset, so that a default instance id is
+                # still known as generated (its reply topic is removed at stop).
+                {**settings.frontdoor.model_dump(exclude_unset=True), **overrides}
             )
         except ValueError as exc:
             typer.echo(f"error [CONFIG_INVALID]: {exc}", err=True)

@@ -126,6 +126,9 @@ async def test_infer_returns_exactly_the_models_probabilities(
         again = await http.post(
             INFER, json=_body(rows, rid="r-flat"), headers=bearer(token)
         )
+        reused = await http.post(
+            INFER, json=_body(rows[:2], rid="r-flat"), headers=bearer(token)
+        )
         only_label = await http.post(
             INFER,
             json={**_body(rows[:1]), "outputs": [{"name": "label"}]},
@@ -154,8 +157,12 @@ async def test_infer_returns_exactly_the_models_probabilities(
         expected,
     )
     assert [o["name"] for o in only_label.json()["outputs"]] == ["label"]
-    # The same id again, after it was served, is a duplicate.
-    _assert_error(again, 409, "DUPLICATE_REQUEST")
+    # The same id and body again, after it was served, is a retry: the kept
+    # answer, marked as such; the same id for other rows is a duplicate.
+    assert again.status_code == 200, again.text
+    assert again.json()["parameters"] == {"action": "allow", "replayed": True}
+    assert again.json()["outputs"] == body["outputs"]
+    _assert_error(reused, 409, "DUPLICATE_REQUEST")
 
 
 async def test_bad_keys_are_refused_before_kafka(settings: Settings) -> None:
