@@ -202,6 +202,7 @@ def error_from_response(response: httpx.Response, request_id: str) -> GatewayErr
             request_id=request_id,
             retry_after_s=retry_after_s,
             http_status=status,
+            rate=rate_from_headers(response.headers),
         )
     # Not the front door's error shape: a proxy or load balancer answered.
     code = "RATE_LIMITED" if status == 429 else f"HTTP_{status}"
