@@ -200,7 +200,7 @@ class FrontDoor:
         if starter is not None:
             await cancel_and_wait(starter)
         self._keys = None
-        waiting = self._transport.pending_count()
+        waiting = self._transport.pending_count
         await self._transport.stop()
         if self.owns_reply_topic and self._created_topic:
             if waiting:

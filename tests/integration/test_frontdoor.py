@@ -307,9 +307,12 @@ async def test_throttled_client_gets_429_with_retry_after_and_ratelimit(
             stack.redis_url,
             models_dir,
             policy={"shadow": True},
-            # One cell per 3 s, so that a loaded machine's round trips
-            # (well under 3 s) cannot let the bucket refill mid-test.
-            limits={"rate_per_s": 1 / 3, "burst": 2},
+            # Two requests per 6 s, burst 2: one cell per 3 s, so that a loaded
+            # machine's round trips (well under 3 s) cannot let the bucket
+            # refill mid-test. A rule of its own window, since the headers
+            # state the rule's window (a 1 s legacy rule with a burst other
+            # than its limit would state q and w of different windows).
+            limits={"plans": {"default": {"rules": [{"limit": 2, "window_s": 6}]}}},
         )
     )
     token = await _token(settings)
