@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from gateway.config import FrontDoorConfig, Settings
-from gateway.frontdoor.service import reply_topic_for
+from gateway.frontdoor.service import FrontDoor, reply_topic_for
 from gateway.keys import KeyStore, format_token
 from gateway.models import digits_split, load_model
 from gateway.store import redis_from_settings
+from gateway.topics import delete_topics, partitions_of
 from tests.conftest import StackInfo
 from tests.integration.frontdoor_helpers import bearer, serving, with_instance
 from tests.integration.helpers import (
@@ -448,3 +449,33 @@ async def test_a_front_door_started_beside_a_busy_worker_gets_its_replies(
         async with serving(late) as url_b:
             response = await http.post(url_b + INFER, json=body, headers=bearer(token))
     assert response.status_code == 200, response.text
+
+
+async def _topic_exists(settings: Settings, topic: str) -> bool:
+    return bool(await partitions_of(settings, topic))
+
+
+async def test_a_generated_instance_removes_its_reply_topic_at_stop(
+    settings: Settings,
+) -> None:
+    # No instance id configured: the default (host and pid) is generated.
+    assert "instance_id" not in settings.frontdoor.model_fields_set
+    door = FrontDoor(settings)
+    assert door.owns_reply_topic
+    async with door:
+        assert await _topic_exists(settings, door.reply_topic)
+    deadline = asyncio.get_running_loop().time() + 15
+    while await _topic_exists(settings, door.reply_topic):
+        assert asyncio.get_running_loop().time() < deadline, "reply topic left"
+        await asyncio.sleep(0.2)
+
+    # A configured instance id keeps its topic for the next process.
+    named = with_instance(settings)
+    kept = FrontDoor(named)
+    assert not kept.owns_reply_topic
+    try:
+        async with kept:
+            pass
+        assert await _topic_exists(named, kept.reply_topic)
+    finally:
+        await delete_topics(named, [kept.reply_topic])
