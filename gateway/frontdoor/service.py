@@ -222,7 +222,9 @@ class FrontDoor:
         except (ModelgateError, KafkaError, OSError, TimeoutError) as exc:
             # Left behind, as before this existed; nothing else depends on it.
             logger.warning(
-                "could not delete reply topic: %r", exc, extra={"topic": self.reply_topic}
+                "could not delete reply topic: %r",
+                exc,
+                extra={"topic": self.reply_topic},
             )
             return
         self._created_topic = False
