@@ -177,7 +177,8 @@ def test_default_instance_id_validates_on_any_host(
 
 
 @pytest.mark.parametrize(
-    ("env", "owns"), [({}, True), ({"MODELGATE_FRONTDOOR__INSTANCE_ID": "slot-1"}, False)]
+    ("env", "owns"),
+    [({}, True), ({"MODELGATE_FRONTDOOR__INSTANCE_ID": "slot-1"}, False)],
 )
 def test_serve_with_a_port_keeps_a_generated_instance_id_generated(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str], owns: bool
