@@ -30,7 +30,8 @@ Hierarchy::
 ``retriable`` says whether the same request (same request id) may succeed
 later; the server's word wins over the class default when it gives one.
 
-This module imports only the standard library and ``gateway.errors``.
+This module imports only the standard library, ``gateway.errors`` and
+``modelgate.results`` (for ``RateInfo``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from gateway.errors import ModelgateError
+from modelgate.results import RateInfo
 
 
 class GatewayError(ModelgateError):
@@ -58,6 +60,10 @@ class GatewayError(ModelgateError):
         How long the gateway asked us to wait before retrying, in seconds.
     http_status
         The HTTP status of the answer (HTTP transport only).
+    rate
+        The binding rate-limit window when the refusal reported it (a
+        throttled request: the ``RateLimit`` headers over HTTP, ``rate`` over
+        Kafka).
 
     Attributes
     ----------
@@ -77,11 +83,13 @@ class GatewayError(ModelgateError):
         request_id: str | None = None,
         retry_after_s: float | None = None,
         http_status: int | None = None,
+        rate: RateInfo | None = None,
     ) -> None:
         super().__init__(message, code=code, retriable=retriable)
         self.request_id = request_id
         self.retry_after_s = retry_after_s
         self.http_status = http_status
+        self.rate = rate
         self.attempts = 1
 
     def __str__(self) -> str:
@@ -265,6 +273,39 @@ class InternalError(ServerError):
     default_code = "INTERNAL"
 
 
+class BrokerUnavailableError(ServerError):
+    """The front door cannot reach Kafka (HTTP 503)."""
+
+    default_code = "BROKER_UNAVAILABLE"
+    default_retriable = True
+
+
+class NotReadyError(ServerError):
+    """The front door is starting or stopping (HTTP 503)."""
+
+    default_code = "NOT_READY"
+    default_retriable = True
+
+
+class GatewayClosedError(ServerError):
+    """The front door stopped while the request waited (HTTP 503)."""
+
+    default_code = "TRANSPORT_CLOSED"
+    default_retriable = True
+
+
+class NotFoundError(GatewayError):
+    """No such path on the front door (HTTP 404): a wrong base URL."""
+
+    default_code = "NOT_FOUND"
+
+
+class MethodNotAllowedError(GatewayError):
+    """The front door's path does not take this method (HTTP 405)."""
+
+    default_code = "METHOD_NOT_ALLOWED"
+
+
 # -- no usable answer ----------------------------------------------------------
 
 
@@ -338,6 +379,12 @@ _CLASSES: tuple[type[GatewayError], ...] = (
     StoreUnavailableError,
     GatewayTimeoutError,
     InternalError,
+    BrokerUnavailableError,
+    NotReadyError,
+    GatewayClosedError,
+    NotFoundError,
+    MethodNotAllowedError,
+    AuthError,
     ConnectionFailedError,
     RequestTimeoutError,
     BadResponseError,
@@ -361,6 +408,7 @@ def error_for(
     request_id: str | None = None,
     retry_after_s: float | None = None,
     http_status: int | None = None,
+    rate: RateInfo | None = None,
 ) -> GatewayError:
     """An exception instance for an error answer.
 
@@ -379,4 +427,5 @@ def error_for(
         request_id=request_id,
         retry_after_s=retry_after_s,
         http_status=http_status,
+        rate=rate,
     )

@@ -17,6 +17,8 @@ same):
   headers (``"name";q=<limit>;w=<window s>`` and ``"name";r=<remaining>;
   t=<reset s>``), or the older ``RateLimit-Limit``, ``RateLimit-Remaining``
   and ``RateLimit-Reset`` (also with an ``X-`` prefix).
+* ``parameters.replayed`` (true for a kept answer sent again to a retry) and
+  ``parameters.degrade`` (the degrade level) when the front door sets them.
 
 This module imports httpx, numpy and the client's own modules; no Kafka.
 """
@@ -175,7 +177,12 @@ def parse_response(
         rate=rate_from_headers(response.headers),
         model_version=None if version is None else str(version),
         replayed=parameters.get("replayed") is True,
+        degrade=_optional_str(parameters.get("degrade")),
     )
+
+
+def _optional_str(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def error_from_response(response: httpx.Response, request_id: str) -> GatewayError:
@@ -195,6 +202,7 @@ def error_from_response(response: httpx.Response, request_id: str) -> GatewayErr
             request_id=request_id,
             retry_after_s=retry_after_s,
             http_status=status,
+            rate=rate_from_headers(response.headers),
         )
     # Not the front door's error shape: a proxy or load balancer answered.
     code = "RATE_LIMITED" if status == 429 else f"HTTP_{status}"

@@ -185,6 +185,7 @@ def result_of(response: protocol.InferResponse, model: str) -> InferResult:
             retriable=body.retriable if body is not None else None,
             request_id=response.request_id,
             retry_after_s=retry_after_s,
+            rate=_rate(response),
         )
     outputs: dict[str, np.ndarray[Any, Any]] = {}
     for tensor in response.outputs or ():
@@ -204,6 +205,7 @@ def result_of(response: protocol.InferResponse, model: str) -> InferResult:
         action=response.action or "allow",
         rate=_rate(response),
         replayed=bool(getattr(response, "replayed", False)),
+        degrade=getattr(response, "degrade", None),
     )
 
 

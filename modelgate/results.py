@@ -70,7 +70,11 @@ class InferResult:
         The model version, when the gateway reported it (HTTP).
     replayed
         True when the gateway answered a retry with the answer it had kept
-        from an earlier attempt (Kafka transport only; HTTP does not say).
+        from an earlier attempt (both transports).
+    degrade
+        The degrade level of ``outputs`` (``top_k``, ``rounded``, ``label``)
+        when ``action`` is ``degrade``; ``None`` for a full answer, and
+        always under a policy that hides its suspicion.
     attempts
         How many sends this result took (1 without retries).
     """
@@ -83,6 +87,7 @@ class InferResult:
     model_version: str | None = None
     replayed: bool = False
     attempts: int = field(default=1, compare=False)
+    degrade: str | None = None
 
     def __getitem__(self, name: str) -> np.ndarray[Any, Any]:
         return self.outputs[name]

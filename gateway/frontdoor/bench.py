@@ -1,12 +1,17 @@
 """``modelgate frontdoor bench``: the front door against the model served straight.
 
 One run starts, each as its own process: a gateway worker, the front door, and
-the baseline (``gateway.frontdoor.baseline``: the same skops model behind a
-plain OIP v2 server). A load-generator process (``gateway.frontdoor.loadgen``)
-then drives the front door and the baseline in turn with the same digits
-rows, and the report puts throughput and p50/p99 latency side by side with
-their ratios. The machine is shared, so absolute figures move between runs;
-the ratios, measured minutes apart in the same run, move less.
+the baseline. With ``backend="skops"`` the worker runs the skops model
+in-process and the baseline is ``gateway.frontdoor.baseline`` (the same skops
+model behind a plain OIP v2 server). With ``backend="mlserver"`` a real
+MLServer (``infra/mlserver/mlserver.sh``, its own venv) serves the model, the
+worker's backend is that MLServer over OIP, and the baseline is the same
+MLServer asked straight: the front door against the model server it protects.
+A load-generator process (``gateway.frontdoor.loadgen``) then drives the
+front door and the baseline in turn with the same digits rows, and the report
+puts throughput and p50/p99 latency side by side with their ratios. The
+machine is shared, so absolute figures move between runs; the ratios,
+measured minutes apart in the same run, move less.
 
 A run has its own topics, group, Redis key prefix and in-memory server key
 (``gateway.bench.bench_settings``); its topics (the front door's reply topic
@@ -37,7 +42,7 @@ from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from gateway.bench import bench_settings
-from gateway.config import Settings, load_settings
+from gateway.config import BackendConfig, Settings, load_settings
 from gateway.errors import BrokerError, ModelgateError
 from gateway.frontdoor.service import reply_topic_for
 from gateway.keys import KeyStore
@@ -52,6 +57,11 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _START_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 20.0
 _BENCH_ROWS = 200
+MLSERVER_SH = PROJECT_ROOT / "infra" / "mlserver" / "mlserver.sh"
+MLSERVER_BIN = PROJECT_ROOT / "var" / "mlserver-venv" / "bin" / "mlserver"
+# MLServer's start waits up to 120 s for readiness itself (mlserver.sh).
+_MLSERVER_TIMEOUT_S = 180.0
+BACKENDS = ("auto", "skops", "mlserver")
 
 
 class BenchError(ModelgateError):
@@ -137,6 +147,95 @@ class _Child:
             if self._log is not None:
                 self._log.close()
                 self._log = None
+
+
+def mlserver_installed() -> bool:
+    """True when MLServer's venv exists (``make services`` or
+    ``infra/mlserver/mlserver.sh install`` made it)."""
+    return MLSERVER_BIN.is_file()
+
+
+def resolve_backend(name: str) -> str:
+    """``skops`` or ``mlserver`` for a ``--backend`` value; ``auto`` is
+    ``mlserver`` when it is installed, else ``skops``.
+
+    Raises
+    ------
+    BenchError
+        An unknown name, or ``mlserver`` asked for but not installed.
+    """
+    if name not in BACKENDS:
+        raise BenchError(f"backend must be one of {', '.join(BACKENDS)}, not {name!r}")
+    if name == "auto":
+        return "mlserver" if mlserver_installed() else "skops"
+    if name == "mlserver" and not mlserver_installed():
+        raise BenchError(
+            f"MLServer is not installed ({MLSERVER_BIN} missing); run "
+            "infra/mlserver/mlserver.sh install, or use --backend skops"
+        )
+    return name
+
+
+class _MLServer:
+    """A real MLServer on a free loopback port serving the digits model from
+    a repository exported into the run's directory; started and stopped
+    through ``infra/mlserver/mlserver.sh``."""
+
+    def __init__(self, repo: Path, models_dir: Path) -> None:
+        self.repo = repo
+        self.models_dir = models_dir
+        self.port = _free_port()
+        self._env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("MODELGATE_")},
+            "MODELGATE_MLSERVER_PORT": str(self.port),
+            "MODELGATE_MLSERVER_GRPC_PORT": str(_free_port()),
+        }
+        self._started = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _script(self, action: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            str(MLSERVER_SH),
+            action,
+            str(self.repo),
+            env=self._env,
+            cwd=str(PROJECT_ROOT),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), _MLSERVER_TIMEOUT_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            return -1, f"mlserver.sh {action} timed out"
+        return proc.returncode or 0, out.decode(errors="replace")
+
+    async def start(self) -> None:
+        # Exported by us from the skops file, so the launcher does not export
+        # its default model directory's copy.
+        from gateway.backends.mlserver import export_digits_repository
+
+        await asyncio.get_running_loop().run_in_executor(
+            None, export_digits_repository, self.repo, self.models_dir
+        )
+        self._started = True
+        code, out = await self._script("start")
+        if code != 0:
+            tail = "\n".join(out.splitlines()[-15:])
+            raise BenchError(f"MLServer did not start (exit {code}):\n{tail}")
+
+    async def stop(self) -> None:
+        if self._started:
+            self._started = False
+            code, out = await self._script("stop")
+            if code != 0:
+                logger.warning("MLServer stop failed: %s", out[-500:])
 
 
 async def _wait_ready(child: _Child, url: str) -> None:
@@ -265,9 +364,18 @@ def _bodies(directory: Path) -> tuple[Path, dict[str, Any]]:
 
 
 async def run_http_bench(
-    settings: Settings, *, requests: int, concurrency: int, workdir: Path
+    settings: Settings,
+    *,
+    requests: int,
+    concurrency: int,
+    workdir: Path,
+    backend: str = "skops",
 ) -> dict[str, Any]:
     """One run; returns ``{"meta", "frontdoor", "baseline", "ratios"}``.
+
+    ``backend`` is ``skops`` (worker in-process, baseline the plain OIP
+    server of the same model) or ``mlserver`` (worker and baseline both on
+    one real MLServer); ``auto`` picks as :func:`resolve_backend`.
 
     Raises
     ------
@@ -293,6 +401,24 @@ async def run_http_bench(
     await asyncio.get_running_loop().run_in_executor(
         None, ensure_digits_model, models_dir
     )
+    backend = resolve_backend(backend)
+    mlserver = (
+        _MLServer(workdir / "mlserver", models_dir) if backend == "mlserver" else None
+    )
+    if mlserver is not None:
+        # The worker's model is the MLServer; the straight baseline is the same
+        # server, so the comparison is the front door against what it guards.
+        run = run.model_copy(
+            update={
+                "models": run.models.model_copy(
+                    update={
+                        "backends": {
+                            DIGITS: BackendConfig(kind="oip", url=mlserver.url)
+                        }
+                    }
+                )
+            }
+        )
     bodies_file, first_body = _bodies(workdir)
     env = child_env(run)
     children = [
@@ -308,31 +434,42 @@ async def run_http_bench(
             env,
             workdir / "frontdoor.log",
         ),
-        _Child(
-            "baseline",
-            [
-                "-m",
-                "gateway.frontdoor.baseline",
-                "--models-dir",
-                str(models_dir),
-                "--port",
-                str(base_port),
-            ],
-            env,
-            workdir / "baseline.log",
-        ),
     ]
-    worker, frontdoor, baseline = children
+    if mlserver is None:
+        children.append(
+            _Child(
+                "baseline",
+                [
+                    "-m",
+                    "gateway.frontdoor.baseline",
+                    "--models-dir",
+                    str(models_dir),
+                    "--port",
+                    str(base_port),
+                ],
+                env,
+                workdir / "baseline.log",
+            )
+        )
+    worker, frontdoor = children[0], children[1]
     fd_url = f"http://127.0.0.1:{fd_port}"
-    base_url = f"http://127.0.0.1:{base_port}"
+    base_url = f"http://127.0.0.1:{base_port}" if mlserver is None else mlserver.url
     infer_path = f"/v2/models/{DIGITS}/infer"
     try:
         token = await _create_key(run)
-        _say("starting worker, front door and baseline")
+        if mlserver is not None:
+            # Before the worker, which reads the model's metadata at start.
+            _say(f"starting MLServer on {mlserver.url}")
+            await mlserver.start()
+        _say(
+            "starting worker, front door"
+            + (" and baseline" if mlserver is None else "")
+        )
         for child in children:
             await child.start()
         await _wait_ready(frontdoor, fd_url + "/v2/health/ready")
-        await _wait_ready(baseline, base_url + "/v2/health/ready")
+        if mlserver is None:
+            await _wait_ready(children[2], base_url + "/v2/health/ready")
         await _wait_served(worker, fd_url + infer_path, token, first_body)
 
         _say(f"front door: {requests} requests, {concurrency} in flight")
@@ -346,6 +483,8 @@ async def run_http_bench(
     finally:
         for child in reversed(children):
             await child.stop()
+        if mlserver is not None:
+            await mlserver.stop()
         await _delete_run_data(run)
 
     return {
@@ -354,6 +493,8 @@ async def run_http_bench(
             "concurrency": concurrency,
             "cpus": os.cpu_count(),
             "model": DIGITS,
+            "backend": backend,
+            "baseline": "MLServer" if mlserver is not None else "plain OIP server",
         },
         "frontdoor": fd,
         "baseline": base,
@@ -376,6 +517,8 @@ def format_report(results: dict[str, Any]) -> str:
     lines = [
         f"{meta['requests']} requests, {meta['concurrency']} in flight, "
         f"model {meta['model']}, {meta['cpus']} CPUs (shared)",
+        f"worker backend {meta.get('backend', 'skops')}, model straight: "
+        f"{meta.get('baseline', 'plain OIP server')}",
         f"{'':<22}{'front door':>12}{'model straight':>16}{'ratio':>8}",
     ]
     for label, key, ratio in (
@@ -392,7 +535,9 @@ def format_report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def bench_http_command(requests: int, concurrency: int, out: Path | None) -> int:
+def bench_http_command(
+    requests: int, concurrency: int, out: Path | None, backend: str = "skops"
+) -> int:
     """Hold the local stack, run :func:`run_http_bench`, print the table.
 
     Returns 0 if every measured request was answered 200 by both, else 1.
@@ -419,6 +564,7 @@ def bench_http_command(requests: int, concurrency: int, out: Path | None) -> int
                     requests=requests,
                     concurrency=concurrency,
                     workdir=Path(tmp),
+                    backend=backend,
                 )
             )
         except (KafkaError, OSError) as exc:

@@ -70,7 +70,9 @@ def serve(
     if overrides:
         try:
             section = settings.frontdoor.model_validate(
-                {**settings.frontdoor.model_dump(), **overrides}
+                # Unset fields stay unset, so that a default instance id is
+                # still known as generated (its reply topic is removed at stop).
+                {**settings.frontdoor.model_dump(exclude_unset=True), **overrides}
             )
         except ValueError as exc:
             typer.echo(f"error [CONFIG_INVALID]: {exc}", err=True)
@@ -96,25 +98,38 @@ def bench(
     out: Annotated[
         Path | None, typer.Option(help="Also write the results as JSON to FILE.")
     ] = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="Model behind the worker and the straight baseline: mlserver "
+            "(a real MLServer, both), skops (in-process; baseline a plain OIP "
+            "server of the same model), or auto (mlserver when installed)."
+        ),
+    ] = "auto",
     config: ConfigOption = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
     """Front door against the same model served straight over HTTP.
 
-    Starts a worker, the front door and a plain OIP v2 server of the same
-    skops model, drives each from a separate load-generator process, and
-    prints throughput and p50/p99 latency side by side with their ratios.
-    Exits 1 if any request failed (the figures would measure something else).
+    Starts a worker, the front door and the model server (MLServer when
+    installed, else a plain OIP v2 server of the same skops model), drives
+    the front door and the model server from a separate load-generator
+    process, and prints throughput and p50/p99 latency side by side with
+    their ratios. Exits 1 if any request failed (the figures would measure
+    something else).
     """
-    from gateway.frontdoor.bench import bench_http_command
+    from gateway.frontdoor.bench import BACKENDS, bench_http_command
 
     logs.configure(log_level)
     if requests < 1 or concurrency < 1:
         typer.echo("error [BAD_ARGUMENT]: requests and concurrency must be >= 1")
         raise typer.Exit(2)
+    if backend not in BACKENDS:
+        typer.echo(f"error [BAD_ARGUMENT]: --backend must be one of {BACKENDS}")
+        raise typer.Exit(2)
     _load(config)  # a bad setting is reported by field name, exit 2
     try:
-        code = bench_http_command(requests, concurrency, out)
+        code = bench_http_command(requests, concurrency, out, backend)
     except ModelgateError as exc:
         typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
         raise typer.Exit(1) from exc

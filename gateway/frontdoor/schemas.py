@@ -125,6 +125,17 @@ class ResponseParameters(_Body):
         description="What policy did: allow, flag, degrade, ... A degraded "
         "answer carries rounded or perturbed scores."
     )
+    replayed: bool | None = Field(
+        None,
+        description="True when this answers a retry of a request id already "
+        "served: the answer kept from the first attempt, sent again.",
+    )
+    degrade: str | None = Field(
+        None,
+        description="The degrade level of the outputs (top_k, rounded, label) "
+        "when action is degrade; absent otherwise, and under a policy that "
+        "hides its suspicion.",
+    )
 
 
 class InferResponseBody(_Body):

@@ -43,13 +43,16 @@ from gateway.errors import (
 from gateway.keys import KeyStore, authenticate, load_server_key
 from gateway.models import ModelSignature
 from gateway.store import redis_from_settings
-from gateway.topics import ensure_topics
+from gateway.topics import delete_topics, ensure_topics
 
 logger = logging.getLogger(__name__)
 
 # How long to wait between attempts to reach Kafka while starting.
 _START_RETRY_S = 2.0
 _TOPIC_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+# Bound on deleting the reply topic at stop, so that a broker gone away
+# cannot hold up the process's exit.
+_DELETE_TIMEOUT_S = 10.0
 
 
 class GatewayTimeout(ModelgateError):
@@ -115,6 +118,11 @@ class FrontDoor:
         # Monotonic time from which workers know the reply topic; see
         # ``frontdoor.reply_topic_settle_s``.
         self._settled_at = math.inf
+        # A generated instance id (host and pid) names a topic no later
+        # process will reuse, so this process removes it at a clean stop; a
+        # configured one is kept for the next process in the same slot.
+        self.owns_reply_topic = "instance_id" not in settings.frontdoor.model_fields_set
+        self._created_topic = False
 
     @property
     def ready(self) -> bool:
@@ -144,6 +152,7 @@ class FrontDoor:
             None, load_server_key, self.settings
         )
         await ensure_topics(self.settings, extra={self.reply_topic: 1})
+        self._created_topic = True
         self._settled_at = (
             time.monotonic() + self.settings.frontdoor.reply_topic_settle_s
         )
@@ -175,18 +184,51 @@ class FrontDoor:
     async def stop(self) -> None:
         """Stop the start attempts, the transport and Redis. Idempotent.
 
-        The reply topic is kept: a worker may still be answering into it, and
-        producing to a topic that vanished would stall that worker's batch.
+        The reply topic is deleted when this process's instance id was
+        generated (``owns_reply_topic``) and no request was still waiting
+        for its answer; otherwise it is kept, because a worker may still be
+        answering into it. A configured instance id keeps its topic for the
+        next process in the same slot.
+
+        Known shortcoming: a worker that answers a request which already got
+        504 after the topic is gone waits one producer timeout
+        (``kafka.request_timeout_s``) on that answer before sending it to the
+        shared responses topic instead (``gateway/produce.py``); the answer
+        is not lost, but that worker's batch is slowed once.
         """
         starter, self._starter = self._starter, None
         if starter is not None:
             await cancel_and_wait(starter)
         self._keys = None
+        waiting = self._transport.pending_count
         await self._transport.stop()
+        if self.owns_reply_topic and self._created_topic:
+            if waiting:
+                logger.info(
+                    "reply topic kept: requests still waited for answers",
+                    extra={"topic": self.reply_topic, "waiting": waiting},
+                )
+            else:
+                await self._delete_reply_topic()
         redis, self._redis = self._redis, None
         if redis is not None:
             await redis.aclose()
         logger.info("front door stopped", extra={"topic": self.reply_topic})
+
+    async def _delete_reply_topic(self) -> None:
+        try:
+            async with asyncio.timeout(_DELETE_TIMEOUT_S):
+                await delete_topics(self.settings, [self.reply_topic])
+        except (ModelgateError, KafkaError, OSError, TimeoutError) as exc:
+            # Left behind, as before this existed; nothing else depends on it.
+            logger.warning(
+                "could not delete reply topic: %r",
+                exc,
+                extra={"topic": self.reply_topic},
+            )
+            return
+        self._created_topic = False
+        logger.info("reply topic deleted", extra={"topic": self.reply_topic})
 
     async def __aenter__(self) -> FrontDoor:
         await self.start()

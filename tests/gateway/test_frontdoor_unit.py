@@ -174,3 +174,27 @@ def test_default_instance_id_validates_on_any_host(
     monkeypatch.setattr(os, "uname", lambda: SimpleNamespace(nodename=long_name))
     instance = FrontDoorConfig().instance_id
     assert instance.endswith(f"-{os.getpid()}") and len(instance) <= 40
+
+
+@pytest.mark.parametrize(
+    ("env", "owns"),
+    [({}, True), ({"MODELGATE_FRONTDOOR__INSTANCE_ID": "slot-1"}, False)],
+)
+def test_serve_with_a_port_keeps_a_generated_instance_id_generated(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], owns: bool
+) -> None:
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from gateway.frontdoor.cli import frontdoor_app
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    result = CliRunner().invoke(frontdoor_app, ["serve", "--port", "18999"])
+    assert result.exit_code == 0, result.output
+    door = seen["app"].state.frontdoor  # type: ignore[attr-defined]
+    assert seen["port"] == 18999
+    # Only a generated id's reply topic is removed at stop.
+    assert door.owns_reply_topic is owns

@@ -12,6 +12,10 @@ from gateway.config import Settings
 from gateway.models import ensure_digits_model
 from tests.conftest import StackInfo
 from tests.integration.helpers import RawKafka, isolated_settings
+from tests.integration.oip_servers import mlserver
+
+# The real MLServer, one per session for every module that asks for it.
+__all__ = ["mlserver"]
 
 
 @pytest.fixture(scope="session")

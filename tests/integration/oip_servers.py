@@ -71,12 +71,17 @@ class StubOip:
     probabilities, after ``delay_s``; counts inference calls.
 
     ``stop`` closes the port (so calls get connection refused) and ``start``
-    opens it again on the same port.
+    opens it again on the same port. The first ``unavailable_first``
+    inference calls are answered 503 at once, as a server whose model is
+    still loading would.
     """
 
-    def __init__(self, model: ServedModel, *, delay_s: float = 0.0) -> None:
+    def __init__(
+        self, model: ServedModel, *, delay_s: float = 0.0, unavailable_first: int = 0
+    ) -> None:
         self.model = model
         self.delay_s = delay_s
+        self.unavailable_first = unavailable_first
         self.infer_calls = 0
         self.port = 0
         self._server: ThreadingHTTPServer | None = None
@@ -115,6 +120,10 @@ class StubOip:
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 with stub._lock:
                     stub.infer_calls += 1
+                    refuse = stub.infer_calls <= stub.unavailable_first
+                if refuse:
+                    self._reply(503, {"error": "model loading"})
+                    return
                 # Interruptible, so stop() does not wait out a long delay.
                 stub._stopping.wait(stub.delay_s)
                 tensor = body["inputs"][0]

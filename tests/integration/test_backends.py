@@ -23,14 +23,7 @@ from tests.integration.helpers import (
     responses_for,
     running_worker,
 )
-from tests.integration.oip_servers import (
-    MLServerInfo,
-    StubOip,
-    mlserver,
-    mlserver_proba,
-)
-
-__all__ = ["mlserver"]  # the session fixture, imported to be used here
+from tests.integration.oip_servers import MLServerInfo, StubOip, mlserver_proba
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

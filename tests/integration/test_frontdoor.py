@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from gateway.config import FrontDoorConfig, Settings
-from gateway.frontdoor.service import reply_topic_for
+from gateway.frontdoor.service import FrontDoor, reply_topic_for
 from gateway.keys import KeyStore, format_token
 from gateway.models import digits_split, load_model
 from gateway.store import redis_from_settings
+from gateway.topics import delete_topics, partitions_of
 from tests.conftest import StackInfo
 from tests.integration.frontdoor_helpers import bearer, serving, with_instance
 from tests.integration.helpers import (
@@ -126,6 +127,9 @@ async def test_infer_returns_exactly_the_models_probabilities(
         again = await http.post(
             INFER, json=_body(rows, rid="r-flat"), headers=bearer(token)
         )
+        reused = await http.post(
+            INFER, json=_body(rows[:2], rid="r-flat"), headers=bearer(token)
+        )
         only_label = await http.post(
             INFER,
             json={**_body(rows[:1]), "outputs": [{"name": "label"}]},
@@ -154,10 +158,12 @@ async def test_infer_returns_exactly_the_models_probabilities(
         expected,
     )
     assert [o["name"] for o in only_label.json()["outputs"]] == ["label"]
-    # The same id and body again, after it was served, is a client's retry:
-    # the worker answers it with the answer it kept (gateway/replay.py).
+    # The same id and body again, after it was served, is a retry: the kept
+    # answer, marked as such; the same id for other rows is a duplicate.
     assert again.status_code == 200, again.text
-    assert again.json()["outputs"] == flat.json()["outputs"]
+    assert again.json()["parameters"] == {"action": "allow", "replayed": True}
+    assert again.json()["outputs"] == body["outputs"]
+    _assert_error(reused, 409, "DUPLICATE_REQUEST")
 
 
 async def test_bad_keys_are_refused_before_kafka(settings: Settings) -> None:
@@ -302,9 +308,12 @@ async def test_throttled_client_gets_429_with_retry_after_and_ratelimit(
             stack.redis_url,
             models_dir,
             policy={"shadow": True},
-            # One cell per 3 s, so that a loaded machine's round trips
-            # (well under 3 s) cannot let the bucket refill mid-test.
-            limits={"rate_per_s": 1 / 3, "burst": 2},
+            # Two requests per 6 s, burst 2: one cell per 3 s, so that a loaded
+            # machine's round trips (well under 3 s) cannot let the bucket
+            # refill mid-test. A rule of its own window, since the headers
+            # state the rule's window (a 1 s legacy rule with a burst other
+            # than its limit would state q and w of different windows).
+            limits={"plans": {"default": {"rules": [{"limit": 2, "window_s": 6}]}}},
         )
     )
     token = await _token(settings)
@@ -440,3 +449,33 @@ async def test_a_front_door_started_beside_a_busy_worker_gets_its_replies(
         async with serving(late) as url_b:
             response = await http.post(url_b + INFER, json=body, headers=bearer(token))
     assert response.status_code == 200, response.text
+
+
+async def _topic_exists(settings: Settings, topic: str) -> bool:
+    return bool(await partitions_of(settings, topic))
+
+
+async def test_a_generated_instance_removes_its_reply_topic_at_stop(
+    settings: Settings,
+) -> None:
+    # No instance id configured: the default (host and pid) is generated.
+    assert "instance_id" not in settings.frontdoor.model_fields_set
+    door = FrontDoor(settings)
+    assert door.owns_reply_topic
+    async with door:
+        assert await _topic_exists(settings, door.reply_topic)
+    deadline = asyncio.get_running_loop().time() + 15
+    while await _topic_exists(settings, door.reply_topic):
+        assert asyncio.get_running_loop().time() < deadline, "reply topic left"
+        await asyncio.sleep(0.2)
+
+    # A configured instance id keeps its topic for the next process.
+    named = with_instance(settings)
+    kept = FrontDoor(named)
+    assert not kept.owns_reply_topic
+    try:
+        async with kept:
+            pass
+        assert await _topic_exists(named, kept.reply_topic)
+    finally:
+        await delete_topics(named, [kept.reply_topic])

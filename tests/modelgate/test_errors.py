@@ -107,3 +107,15 @@ def test_rate_limited_carries_retry_after() -> None:
     err = errors.error_for("RATE_LIMITED", "slow down", retry_after_s=1.5)
     assert isinstance(err, errors.RateLimitedError)
     assert err.retry_after_s == 1.5
+
+
+def test_every_code_the_front_door_answers_has_its_class() -> None:
+    # The front door's HTTP table is the list of codes an HTTP client can get.
+    from gateway.frontdoor.errors import HTTP_STATUS
+
+    for code in HTTP_STATUS:
+        cls = errors.error_class(code)
+        assert cls is not errors.UnknownGatewayError, code
+        assert cls.default_code == code
+    for code in ("NOT_READY", "BROKER_UNAVAILABLE", "TRANSPORT_CLOSED"):
+        assert errors.error_for(code, "m").retriable, code

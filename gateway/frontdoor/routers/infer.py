@@ -135,7 +135,13 @@ async def _infer(
         model_name=model,
         model_version=signature.version,
         outputs=outputs,
-        parameters=ResponseParameters(action=answer.action or "allow"),
+        # The worker leaves ``degrade`` out when policy hides its suspicion,
+        # so passing it on reveals nothing the worker would not.
+        parameters=ResponseParameters(
+            action=answer.action or "allow",
+            replayed=True if answer.replayed else None,
+            degrade=answer.degrade,
+        ),
     )
     return JSONResponse(response.model_dump(exclude_none=True), headers=headers)
 
