@@ -13,8 +13,7 @@ Imports numpy, pydantic and msgspec only; nothing from Kafka, Redis, FastAPI or
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import numpy as np
@@ -36,9 +35,17 @@ MAX_STATE_BYTES = 32_768
 """Per-client state budget of every detector (issue 3: at most 32 KB)."""
 
 
-@dataclass(frozen=True, slots=True)
+Evidence = Callable[[int], str]
+"""Formats the evidence sentence of one row of a batch, given its index."""
+
+
 class DetectorScore:
     """One detector's judgement of one client, just after one of its queries.
+
+    Immutable. The evidence sentence may be given as text or as a formatter
+    and a row index; a formatter runs only when :attr:`evidence` is first
+    read, because policy reads it for flagged scores only and formatting a
+    sentence for every row of every detector would cost more than scoring.
 
     Attributes
     ----------
@@ -57,12 +64,68 @@ class DetectorScore:
         one, enough baseline) to judge. A cold score is never flagged.
     """
 
+    __slots__ = ("detector", "score", "threshold", "flagged", "warm", "_text", "_row")
+
     detector: str
     score: float
     threshold: float
     flagged: bool
-    evidence: str
     warm: bool
+
+    def __init__(
+        self,
+        detector: str,
+        score: float,
+        threshold: float,
+        flagged: bool,
+        evidence: str | Evidence,
+        warm: bool,
+        row: int = 0,
+    ) -> None:
+        setter = object.__setattr__
+        setter(self, "detector", detector)
+        setter(self, "score", score)
+        setter(self, "threshold", threshold)
+        setter(self, "flagged", flagged)
+        setter(self, "warm", warm)
+        setter(self, "_text", evidence)
+        setter(self, "_row", row)
+
+    @property
+    def evidence(self) -> str:
+        text = self._text
+        if not isinstance(text, str):
+            text = text(self._row)
+            object.__setattr__(self, "_text", text)
+        return text
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"DetectorScore is immutable (tried to set {name!r})")
+
+    def _key(self) -> tuple[str, float, float, bool, str, bool]:
+        return (
+            self.detector,
+            self.score,
+            self.threshold,
+            self.flagged,
+            self.evidence,
+            self.warm,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DetectorScore):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (
+            f"DetectorScore(detector={self.detector!r}, score={self.score!r}, "
+            f"threshold={self.threshold!r}, flagged={self.flagged!r}, "
+            f"evidence={self.evidence!r}, warm={self.warm!r})"
+        )
 
 
 class DetectorParams(BaseModel):
@@ -375,9 +438,13 @@ class Detector(ABC, Generic[P]):
         self,
         score: npt.NDArray[np.float64],
         warm: npt.NDArray[np.bool_],
-        evidence: list[str],
+        evidence: list[str] | Evidence,
     ) -> list[DetectorScore]:
         """One :class:`DetectorScore` per row from per-row arrays.
+
+        ``evidence`` is either one sentence per row or a formatter called
+        with a row's index when (and only if) its evidence is read; a
+        formatter must capture copies of the per-row arrays it reads.
 
         Raises
         ------
@@ -390,9 +457,21 @@ class Detector(ABC, Generic[P]):
         name = self.name
         threshold = self._params.threshold
         flagged = warm & (score >= threshold)
-        return [
-            DetectorScore(name, value, threshold, flag, text, ready)
-            for value, flag, text, ready in zip(
-                score.tolist(), flagged.tolist(), evidence, warm.tolist(), strict=True
+        n = len(score)
+        texts: list[str] | list[Evidence] = (
+            [evidence] * n if callable(evidence) else evidence
+        )
+        if len(texts) != n:
+            raise ValueError(f"{self.name}: {len(texts)} evidence texts for {n} rows")
+        return list(
+            map(
+                DetectorScore,
+                [name] * n,
+                score.tolist(),
+                [threshold] * n,
+                flagged.tolist(),
+                texts,
+                warm.tolist(),
+                range(n),
             )
-        ]
+        )

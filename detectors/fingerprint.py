@@ -787,17 +787,14 @@ class FingerprintDetector(Detector[FingerprintParams]):
         counts = counts[inverse]
         lengths = lengths[inverse]
         cross_total = cross_total[inverse]
-        evidence = [
-            f"{count} of the last {length} queries share at least {threshold} of "
-            f"{p.k} fingerprint hashes with an earlier query; {total} so far "
-            "matched another client's"
-            + (f" (this one: {', '.join(sorted(m.others)[:3])})" if m.others else "")
-            for count, length, total, m in zip(
-                counts.tolist(),
-                lengths.tolist(),
-                cross_total.tolist(),
-                matches,
-                strict=True,
+
+        def evidence(row: int) -> str:
+            others = matches[row].others
+            return (
+                f"{counts[row]} of the last {lengths[row]} queries share at least "
+                f"{threshold} of {p.k} fingerprint hashes with an earlier query; "
+                f"{cross_total[row]} so far matched another client's"
+                + (f" (this one: {', '.join(sorted(others)[:3])})" if others else "")
             )
-        ]
+
         return self._scores(counts / lengths, seen[inverse] >= p.min_queries, evidence)

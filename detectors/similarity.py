@@ -260,17 +260,19 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
         counts = counts[inverse]
         lengths = lengths[inverse]
         eps = params.eps
-        evidence = [
-            f"{count} of the last {length} queries lie within {eps:g} of an "
-            + (
-                f"earlier one; this one is {distance:.3f} from its nearest"
-                if distance != _INF
-                else "earlier one; this is the first query"
+
+        def evidence(row: int) -> str:
+            distance = float(nearest[row])
+            return (
+                f"{counts[row]} of the last {lengths[row]} queries lie within "
+                f"{eps:g} of an "
+                + (
+                    f"earlier one; this one is {distance:.3f} from its nearest"
+                    if distance != _INF
+                    else "earlier one; this is the first query"
+                )
             )
-            for count, length, distance in zip(
-                counts.tolist(), lengths.tolist(), nearest.tolist(), strict=True
-            )
-        ]
+
         return self._scores(
             counts / lengths, seen[inverse] >= params.min_queries, evidence
         )

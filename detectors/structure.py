@@ -197,21 +197,18 @@ class ChangeStructureDetector(Detector[StructureParams]):
         lengths = lengths[inverse]
         changed_row = np.where(has_nearest, changed, -1)[inverse]
         cos_row = best_cos[inverse]
-        evidence = [
-            f"of the last {length} queries {s} changed 1-{p.max_changed} features "
-            f"of an earlier one and {r} repeated a recent step "
-            f"(|cos| >= {p.cos_threshold:g}); this one changed "
-            + (f"{c} features" if c >= 0 else "nothing before it")
-            + f", step |cos| {cos:.2f}"
-            for s, r, length, c, cos in zip(
-                sparse_counts.tolist(),
-                repeat_counts.tolist(),
-                lengths.tolist(),
-                changed_row.tolist(),
-                cos_row.tolist(),
-                strict=True,
+
+        def evidence(row: int) -> str:
+            c = int(changed_row[row])
+            return (
+                f"of the last {lengths[row]} queries {sparse_counts[row]} changed "
+                f"1-{p.max_changed} features of an earlier one and "
+                f"{repeat_counts[row]} repeated a recent step "
+                f"(|cos| >= {p.cos_threshold:g}); this one changed "
+                + (f"{c} features" if c >= 0 else "nothing before it")
+                + f", step |cos| {cos_row[row]:.2f}"
             )
-        ]
+
         score = np.maximum(sparse_counts, repeat_counts) / lengths
         return self._scores(score, seen[inverse] >= p.min_queries, evidence)
 
