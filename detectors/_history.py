@@ -165,9 +165,14 @@ def _chunk(
     # Against the ring: physical index j holds the entry of age
     # (j - oldest) % capacity; it is visible while not evicted by the row's
     # t earlier rows of this chunk.
-    ring = hist[slot].astype(np.float32)  # (n, capacity, d)
-    r_sq = np.einsum("ncd,ncd->nc", ring, ring)
-    d_ring = q_sq[:, None] + r_sq - 2.0 * np.matmul(ring, q[:, :, None])[:, :, 0]
+    # Each client's ring is gathered and widened once, and all of its rows
+    # meet it in one product (a client sends several rows per batch).
+    ring = hist[groups.unique].astype(np.float32)  # (clients, capacity, d)
+    r_sq = np.einsum("gcd,gcd->gc", ring, ring)
+    padded = np.zeros((len(groups.unique), int(groups.size.max()), n_features), np.float32)
+    padded[g, t] = q
+    dots = np.matmul(ring, padded.transpose(0, 2, 1))  # (clients, capacity, rows)
+    d_ring = q_sq[:, None] + r_sq[g] - 2.0 * dots[g, :, t]
     oldest = old_pos - old_len
     age = (np.arange(capacity)[None, :] - oldest[:, None]) % capacity
     visible = (age < old_len[:, None]) & (age >= (old_len + t - capacity)[:, None])
@@ -189,7 +194,7 @@ def _chunk(
     best = np.argmin(d_all, axis=1)
     rows_index = np.arange(n)
     from_ring = best < capacity
-    nearest[from_ring] = ring[rows_index[from_ring], best[from_ring]]
+    nearest[from_ring] = ring[g[from_ring], best[from_ring]]
     lag_rows = np.flatnonzero(~from_ring)
     nearest[lag_rows] = q[lag_rows - (best[lag_rows] - capacity + 1)]
 
@@ -197,9 +202,7 @@ def _chunk(
     in_chunk = t >= 1
     previous[in_chunk] = q[np.flatnonzero(in_chunk) - 1]
     from_hist = ~in_chunk & (old_len >= 1)
-    previous[from_hist] = ring[
-        rows_index[from_hist], (old_pos[from_hist] - 1) % capacity
-    ]
+    previous[from_hist] = ring[g[from_hist], (old_pos[from_hist] - 1) % capacity]
     has_previous[:] = in_chunk | from_hist
 
     # Append: only each client's last `capacity` rows of the chunk survive,

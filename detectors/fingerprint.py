@@ -156,6 +156,15 @@ def window_hashes(
         Shape (n, d - width + 1), uint64, never 0. The window's position is
         part of its hash: the same strokes at another place are another window.
     """
+    code = window_codes(X, levels=levels, width=width)
+    return _hash_codes(code, seed)
+
+
+def window_codes(
+    X: npt.NDArray[np.float64], *, levels: int, width: int
+) -> npt.NDArray[np.uint64]:
+    """Code (base ``levels`` digits) of every window of ``width`` quantised
+    features; shape (n, d - width + 1), each below ``levels ** width``."""
     n, d = X.shape
     q = np.minimum((np.clip(X, 0.0, 1.0) * levels).astype(np.uint64), levels - 1)
     n_windows = d - width + 1
@@ -163,6 +172,12 @@ def window_hashes(
     base = np.uint64(levels)
     for offset in range(width):
         code = code * base + q[:, offset : offset + n_windows]
+    return code
+
+
+def _hash_codes(code: npt.NDArray[np.uint64], seed: int) -> HashArray:
+    """Window codes (n, w) to hash values, each mixed with its position."""
+    n_windows = code.shape[1]
     position = np.arange(n_windows, dtype=np.uint64) << np.uint64(48)
     salt = np.uint64((seed * _GOLDEN_INT) & 0xFFFF_FFFF_FFFF_FFFF)
     mixed = _mix((code | position[None, :]) ^ salt)
@@ -205,6 +220,10 @@ def top_hashes(hashes: HashArray, k: int, common: HashArray | None = None) -> Ha
         out = np.concatenate([out, pad], axis=1)
     return np.ascontiguousarray(out)
 
+
+# Largest (position, code) hash table a detector precomputes: 8 bytes each,
+# so 8 MB; digits (59 windows of 4**6 codes) need 1.9 MB.
+_MAX_TABLE_ENTRIES = 1 << 20
 
 # Rows compared per step, so that a chunk's new hash values never need more
 # than half the table.
@@ -379,11 +398,14 @@ class InMemoryFingerprintStore:
         occ_hash = H[occ_row, occ_col]
         m = len(occ_hash)
         get = self._slot_of.get
-        occ_slot = np.fromiter((get(h, -1) for h in occ_hash.tolist()), np.int64, m)
+        occ_slot = np.fromiter(
+            map(get, occ_hash.tolist(), [-1] * m), dtype=np.int64, count=m
+        )
 
         # Sorted by (hash, row): each hash's occurrences in arrival order, and
         # b = remembered occurrences of the same hash earlier in the chunk.
-        order = np.lexsort((occ_row, occ_hash))
+        # occ_row is already ascending, so a stable sort by hash suffices.
+        order = np.argsort(occ_hash, kind="stable")
         sh, srow, sslot = occ_hash[order], occ_row[order], occ_slot[order]
         srem = rem_int[srow]
         first = np.ones(m, dtype=bool)
@@ -421,13 +443,13 @@ class InMemoryFingerprintStore:
 
         # Per row, the candidate entries of all its hashes; an entry met in
         # at least match_threshold of them is a near-duplicate.
-        per_row = np.full((n, k, 2 * E), -1, dtype=np.int64)
-        per_row[occ_row[order], occ_col[order]] = cands
-        flat = np.sort(per_row.reshape(n, -1), axis=1)
-        rows = np.repeat(np.arange(n), flat.shape[1])
-        values = flat.ravel()
-        valid = values >= 0
-        rows, values = rows[valid], values[valid]
+        # Most candidate places are empty (a hash seen by few entries), so only
+        # the filled ones are sorted, by (row, entry) packed into one integer.
+        valid = cands >= 0
+        cand_rows = np.broadcast_to(srow[:, None], cands.shape)[valid]
+        span = clock0 + n + 1
+        packed = np.sort(cand_rows * span + cands[valid])
+        rows, values = np.divmod(packed, span)
         own = np.zeros(n, dtype=np.int64)
         identical = np.zeros(n, dtype=np.int64)
         others: list[dict[str, int]] = [{} for _ in range(n)]
@@ -668,6 +690,7 @@ class FingerprintDetector(Detector[FingerprintParams]):
             max_hashes=p.max_hashes,
         )
         self._common: HashArray = np.zeros(0, dtype=np.uint64)
+        self._table: HashArray | None = None
         self.last_matches: list[FingerprintMatch] = []
         self.last_hashes: HashArray = np.zeros((0, p.k), dtype=np.uint64)
         self._batch_clients: list[str] = []
@@ -696,8 +719,39 @@ class FingerprintDetector(Detector[FingerprintParams]):
             raise ValueError(
                 f"{self.name}: {rows.shape[1]} features are fewer than width={p.width}"
             )
-        hashes = window_hashes(rows, levels=p.levels, width=p.width, seed=self._seed)
-        return top_hashes(hashes, p.k, self._common)
+        table = self._hash_table(rows.shape[1])
+        if table is None:
+            hashes = window_hashes(
+                rows, levels=p.levels, width=p.width, seed=self._seed
+            )
+            return top_hashes(hashes, p.k, self._common)
+        code = window_codes(rows, levels=p.levels, width=p.width).astype(np.intp)
+        code += np.arange(code.shape[1], dtype=np.intp) * (p.levels**p.width)
+        return top_hashes(table[code], p.k)
+
+    def _hash_table(self, n_features: int) -> HashArray | None:
+        """Every possible window hash by (position, code), common ones already
+        0, when that table is small; ``None`` otherwise.
+
+        A gather from it replaces mixing and the search among common hashes,
+        which cost more than the rest of the fingerprint together.
+        """
+        p = self._params
+        n_codes = p.levels**p.width
+        n_windows = n_features - p.width + 1
+        if n_codes * n_windows > _MAX_TABLE_ENTRIES:
+            return None
+        if self._table is None:
+            codes = np.broadcast_to(
+                np.arange(n_codes, dtype=np.uint64)[None, :], (n_windows, n_codes)
+            ).T
+            table = np.ascontiguousarray(_hash_codes(codes, self._seed).T).ravel()
+            common = self._common
+            if len(common):
+                index = np.minimum(np.searchsorted(common, table), len(common) - 1)
+                table[common[index] == table] = 0
+            self._table = table
+        return self._table
 
     def _layout(self, n_features: int) -> dict[str, FieldSpec]:
         window = self._params.window
@@ -729,6 +783,7 @@ class FingerprintDetector(Detector[FingerprintParams]):
         hashes = window_hashes(X, levels=p.levels, width=p.width, seed=self._seed)
         values, counts = np.unique(hashes, return_counts=True)
         self._common = np.sort(values[counts > p.common_share * len(X)])
+        self._table = None  # rebuilt without the newly common hashes
         logger.debug(
             "fingerprint baseline: %d of %d window hashes are common",
             len(self._common),
