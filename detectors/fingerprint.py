@@ -397,21 +397,26 @@ class InMemoryFingerprintStore:
         occ_row, occ_col = np.nonzero(H)
         occ_hash = H[occ_row, occ_col]
         m = len(occ_hash)
-        get = self._slot_of.get
-        occ_slot = np.fromiter(
-            map(get, occ_hash.tolist(), [-1] * m), dtype=np.int64, count=m
-        )
 
         # Sorted by (hash, row): each hash's occurrences in arrival order, and
         # b = remembered occurrences of the same hash earlier in the chunk.
         # occ_row is already ascending, so a stable sort by hash suffices.
         order = np.argsort(occ_hash, kind="stable")
-        sh, srow, sslot = occ_hash[order], occ_row[order], occ_slot[order]
+        sh, srow = occ_hash[order], occ_row[order]
         srem = rem_int[srow]
         first = np.ones(m, dtype=bool)
         first[1:] = sh[1:] != sh[:-1]
         gstart = np.flatnonzero(first)
         gid = np.cumsum(first) - 1
+        # One dict look-up per distinct hash value of the chunk (about half
+        # the occurrences on digits), the only per-hash Python work.
+        distinct = sh[gstart]
+        get = self._slot_of.get
+        sslot = np.fromiter(
+            map(get, distinct.tolist(), [-1] * len(distinct)),
+            dtype=np.int64,
+            count=len(distinct),
+        )[gid]
         rem_cum_s = np.cumsum(srem)
         rem_before = rem_cum_s - srem
         group_rem_before = rem_before[gstart]
@@ -617,6 +622,12 @@ class FingerprintParams(DetectorParams):
     max_hashes: int = Field(200_000, ge=1000, le=100_000_000)
     """Hash values the in-memory store keeps (about 200 bytes each)."""
 
+    entries_per_hash: int = Field(4, ge=1, le=1024)
+    """Latest queries the in-memory store keeps per hash value. An attack's
+    newest near-duplicate holds most of a query's hashes, so it is among the
+    last few entries of each; 4 finds it at half the work of 8 (measured by
+    the fingerprint and probing-stream tests)."""
+
 
 class FingerprintDetector(Detector[FingerprintParams]):
     """Share of a client's recent queries that nearly repeat an earlier query
@@ -688,6 +699,7 @@ class FingerprintDetector(Detector[FingerprintParams]):
             match_threshold=p.match_threshold,
             horizon=p.horizon,
             max_hashes=p.max_hashes,
+            entries_per_hash=p.entries_per_hash,
         )
         self._common: HashArray = np.zeros(0, dtype=np.uint64)
         self._table: HashArray | None = None
