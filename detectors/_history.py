@@ -180,13 +180,20 @@ def _chunk(
     visible = (age < old_len[:, None]) & (age >= (old_len + t - capacity)[:, None])
     d_ring = np.where(visible, np.maximum(d_ring, 0.0), np.inf)
 
-    # Against the same client's earlier rows of this chunk, lag by lag.
+    # Against the same client's earlier rows of this chunk: every pair of a
+    # client's rows from one product (exact for the same reason), then each
+    # row's last `lags` predecessors.
     lags = int(min(groups.size.max(), capacity + 1)) - 1
-    d_lag = np.full((n, max(lags, 0)), np.inf, dtype=np.float32)
-    for back in range(1, lags + 1):
-        has = np.flatnonzero(t >= back)
-        diff = q[has] - q[has - back]
-        d_lag[has, back - 1] = np.einsum("ij,ij->i", diff, diff)
+    padded_sq = np.zeros(padded.shape[:2], dtype=np.float32)
+    padded_sq[g, t] = q_sq
+    gram = np.matmul(padded, padded.transpose(0, 2, 1))
+    pair = padded_sq[:, :, None] + padded_sq[:, None, :] - 2.0 * gram
+    earlier = t[:, None] - np.arange(1, lags + 1)[None, :]
+    d_lag = np.where(
+        earlier >= 0,
+        pair[g[:, None], t[:, None], np.maximum(earlier, 0)],
+        np.float32(np.inf),
+    )
 
     d_all = np.concatenate([d_ring, d_lag], axis=1)
     width = d_all.shape[1]

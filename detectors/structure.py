@@ -159,8 +159,9 @@ class ChangeStructureDetector(Detector[StructureParams]):
         p = self._params
         n = len(slots)
         groups = group_rows(slots)
-        q = quantise(X)[groups.order].astype(np.float32)
-        found = neighbours_and_push(arrays, groups, quantise(X), 1)
+        stored = quantise(X)
+        q = stored[groups.order].astype(np.float32)
+        found = neighbours_and_push(arrays, groups, stored, 1)
 
         # Sparse edits against the nearest earlier query.
         has_nearest = np.isfinite(found.k_dist[:, 0])
@@ -229,9 +230,12 @@ class ChangeStructureDetector(Detector[StructureParams]):
         seen_before = np.maximum(arrays["n_seen"][groups.unique][g], 0)
         old_len = np.minimum(seen_before, m)
 
-        # Against the stored steps still among the last m when the row comes.
-        ring = dirs[slot].astype(np.float64)  # (n, m, d)
-        cos = np.abs(np.matmul(ring, unit[:, :, None])[:, :, 0])
+        # Against the stored steps still among the last m when the row comes:
+        # each client's ring gathered once, all its rows in one product.
+        ring = dirs[groups.unique].astype(np.float64)  # (clients, m, d)
+        padded = np.zeros((len(groups.unique), int(groups.size.max()), unit.shape[1]))
+        padded[g, t] = unit
+        cos = np.abs(np.matmul(ring, padded.transpose(0, 2, 1))[g, :, t])
         age = (np.arange(m)[None, :] - (seen_before - old_len)[:, None]) % m
         visible = (age < old_len[:, None]) & (age >= (old_len + t - m)[:, None])
         best: npt.NDArray[np.float64] = np.where(visible, cos, 0.0).max(axis=1)
