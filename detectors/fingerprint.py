@@ -124,10 +124,15 @@ def _mix(values: HashArray) -> HashArray:
 def input_keys(X: npt.NDArray[np.float64]) -> npt.NDArray[np.uint64]:
     """One 64-bit key per input, equal for inputs equal at 8 bits per feature
     (an exact copy), different otherwise but for hash collisions. Never 0."""
-    q = np.rint(np.clip(X, 0.0, 1.0) * 255.0).astype(np.uint64)
-    position = np.arange(X.shape[1], dtype=np.uint64) << np.uint64(8)
+    n, d = X.shape
+    # Eight quantised features per 64-bit word, each word mixed with its
+    # position: an eighth of the mixing of one word per feature.
+    q = np.zeros((n, -(-d // 8) * 8), dtype=np.uint8)
+    q[:, :d] = np.rint(np.clip(X, 0.0, 1.0) * 255.0)
+    words = q.view(np.uint64)
+    position = _mix(np.arange(1, words.shape[1] + 1, dtype=np.uint64) * _GOLDEN_KEY)
     keys: npt.NDArray[np.uint64] = np.bitwise_xor.reduce(
-        _mix((q | position[None, :]) + _GOLDEN_KEY), axis=1
+        _mix(words ^ position[None, :]), axis=1
     )
     keys[keys == 0] = 1
     return keys
