@@ -13,7 +13,8 @@ Imports numpy, pydantic and msgspec only; nothing from Kafka, Redis, FastAPI or
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import repeat
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import numpy as np
@@ -39,13 +40,17 @@ Evidence = Callable[[int], str]
 """Formats the evidence sentence of one row of a batch, given its index."""
 
 
-class DetectorScore:
+class DetectorScore(tuple):  # type: ignore[type-arg]  # fields by property
     """One detector's judgement of one client, just after one of its queries.
 
     Immutable. The evidence sentence may be given as text or as a formatter
-    and a row index; a formatter runs only when :attr:`evidence` is first
-    read, because policy reads it for flagged scores only and formatting a
-    sentence for every row of every detector would cost more than scoring.
+    and a row index; a formatter runs each time :attr:`evidence` is read,
+    because policy reads it for flagged scores only and formatting a sentence
+    for every row of every detector would cost more than scoring.
+
+    A tuple underneath, so a batch's scores are built by the interpreter's C
+    code rather than one Python ``__init__`` per row (measured: 1.25 against
+    0.3 µs per row); compare and read it by its attributes, not as a tuple.
 
     Attributes
     ----------
@@ -64,16 +69,10 @@ class DetectorScore:
         one, enough baseline) to judge. A cold score is never flagged.
     """
 
-    __slots__ = ("detector", "score", "threshold", "flagged", "warm", "_text", "_row")
+    __slots__ = ()
 
-    detector: str
-    score: float
-    threshold: float
-    flagged: bool
-    warm: bool
-
-    def __init__(
-        self,
+    def __new__(
+        cls,
         detector: str,
         score: float,
         threshold: float,
@@ -81,26 +80,35 @@ class DetectorScore:
         evidence: str | Evidence,
         warm: bool,
         row: int = 0,
-    ) -> None:
-        setter = object.__setattr__
-        setter(self, "detector", detector)
-        setter(self, "score", score)
-        setter(self, "threshold", threshold)
-        setter(self, "flagged", flagged)
-        setter(self, "warm", warm)
-        setter(self, "_text", evidence)
-        setter(self, "_row", row)
+    ) -> DetectorScore:
+        return tuple.__new__(cls, (detector, score, threshold, flagged, evidence, warm, row))
+
+    @property
+    def detector(self) -> str:
+        return cast(str, self[0])
+
+    @property
+    def score(self) -> float:
+        return cast(float, self[1])
+
+    @property
+    def threshold(self) -> float:
+        return cast(float, self[2])
+
+    @property
+    def flagged(self) -> bool:
+        return cast(bool, self[3])
+
+    @property
+    def warm(self) -> bool:
+        return cast(bool, self[5])
 
     @property
     def evidence(self) -> str:
-        text = self._text
-        if not isinstance(text, str):
-            text = text(self._row)
-            object.__setattr__(self, "_text", text)
-        return text
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"DetectorScore is immutable (tried to set {name!r})")
+        text = self[4]
+        if isinstance(text, str):
+            return text
+        return cast(str, text(self[6]))
 
     def _key(self) -> tuple[str, float, float, bool, str, bool]:
         return (
@@ -116,6 +124,10 @@ class DetectorScore:
         if not isinstance(other, DetectorScore):
             return NotImplemented
         return self._key() == other._key()
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
 
     def __hash__(self) -> int:
         return hash(self._key())
@@ -458,20 +470,26 @@ class Detector(ABC, Generic[P]):
         threshold = self._params.threshold
         flagged = warm & (score >= threshold)
         n = len(score)
-        texts: list[str] | list[Evidence] = (
-            [evidence] * n if callable(evidence) else evidence
-        )
-        if len(texts) != n:
-            raise ValueError(f"{self.name}: {len(texts)} evidence texts for {n} rows")
+        texts: Iterable[str | Evidence]
+        if callable(evidence):
+            texts = repeat(evidence, n)
+        elif len(evidence) != n:
+            raise ValueError(f"{self.name}: {len(evidence)} evidence texts for {n} rows")
+        else:
+            texts = evidence
+        make = tuple.__new__
         return list(
             map(
-                DetectorScore,
-                [name] * n,
-                score.tolist(),
-                [threshold] * n,
-                flagged.tolist(),
-                texts,
-                warm.tolist(),
-                range(n),
+                make,
+                repeat(DetectorScore, n),
+                zip(
+                    repeat(name, n),
+                    score.tolist(),
+                    repeat(threshold, n),
+                    flagged.tolist(),
+                    texts,
+                    warm.tolist(),
+                    range(n),
+                ),
             )
         )
