@@ -155,7 +155,6 @@ def _chunk(
     hist = arrays["hist"]
     capacity, n_features = hist.shape[1], hist.shape[2]
     scale = float(LEVELS * LEVELS * n_features)
-    n = len(rows)
     g = groups.group
     t = groups.position
     slot = groups.slot
@@ -171,7 +170,9 @@ def _chunk(
     # meet it in one product (a client sends several rows per batch).
     ring = hist[groups.unique].astype(np.float32)  # (clients, capacity, d)
     r_sq = np.einsum("gcd,gcd->gc", ring, ring)
-    padded = np.zeros((len(groups.unique), int(groups.size.max()), n_features), np.float32)
+    padded = np.zeros(
+        (len(groups.unique), int(groups.size.max()), n_features), np.float32
+    )
     padded[g, t] = q
     dots = np.matmul(ring, padded.transpose(0, 2, 1))  # (clients, capacity, rows)
     d_ring = q_sq[:, None] + r_sq[g] - 2.0 * dots[g, :, t]
@@ -201,7 +202,6 @@ def _chunk(
     part = np.sort(part, axis=1)
     k_dist[:, : part.shape[1]] = np.sqrt(part.astype(np.float64) / scale)
     best = np.argmin(d_all, axis=1)
-    rows_index = np.arange(n)
     from_ring = best < capacity
     nearest[from_ring] = ring[g[from_ring], best[from_ring]]
     lag_rows = np.flatnonzero(~from_ring)

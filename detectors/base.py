@@ -81,7 +81,9 @@ class DetectorScore(tuple):  # type: ignore[type-arg]  # fields by property
         warm: bool,
         row: int = 0,
     ) -> DetectorScore:
-        return tuple.__new__(cls, (detector, score, threshold, flagged, evidence, warm, row))
+        return tuple.__new__(
+            cls, (detector, score, threshold, flagged, evidence, warm, row)
+        )
 
     @property
     def detector(self) -> str:
@@ -474,7 +476,9 @@ class Detector(ABC, Generic[P]):
         if callable(evidence):
             texts = repeat(evidence, n)
         elif len(evidence) != n:
-            raise ValueError(f"{self.name}: {len(evidence)} evidence texts for {n} rows")
+            raise ValueError(
+                f"{self.name}: {len(evidence)} evidence texts for {n} rows"
+            )
         else:
             texts = evidence
         make = tuple.__new__
@@ -490,6 +494,7 @@ class Detector(ABC, Generic[P]):
                     texts,
                     warm.tolist(),
                     range(n),
+                    strict=True,
                 ),
             )
         )

@@ -80,9 +80,7 @@ def measure(
     ['fingerprint', 'knn', 'ood', 'prada', 'similarity', 'structure']
     """
     if n_clients < 1 or n_queries < 1 or batch_size < 1 or runs < 1:
-        raise ValueError(
-            "n_clients, n_queries, batch_size and runs must be positive"
-        )
+        raise ValueError("n_clients, n_queries, batch_size and runs must be positive")
     rng = np.random.default_rng(seed)
     reference, traffic = _digits()
 

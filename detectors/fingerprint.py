@@ -388,7 +388,7 @@ class InMemoryFingerprintStore:
         clients: npt.NDArray[np.int64],
         keys: npt.NDArray[np.uint64],
     ) -> list[FingerprintMatch]:
-        n, k = H.shape
+        n = H.shape[0]
         E = self.entries_per_hash
         clock0 = self._clock
         rem_int = rem.astype(np.int64)

@@ -276,7 +276,11 @@ class KnnDistanceDetector(Detector[KnnParams]):
                     f"{counts[row]} of the last {lengths[row]} queries have their "
                     f"{p.k} nearest earlier queries within {bound:.3f} on average; "
                     "this one "
-                    + (f"{value:.3f}" if np.isfinite(value) else "has too few before it")
+                    + (
+                        f"{value:.3f}"
+                        if np.isfinite(value)
+                        else "has too few before it"
+                    )
                 )
 
             warm = seen[inverse] >= p.min_queries

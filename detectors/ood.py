@@ -296,10 +296,8 @@ class OutOfDistributionDetector(Detector[OodParams]):
 
             warm = seen[inverse] >= params.min_queries
             return self._scores(counts / lengths, warm, evidence)
-        else:
-            evidence = [
-                "no baseline of normal traffic yet (learn_baseline has not "
-                "completed a window), so no query is judged"
-            ] * n
-            warm = np.zeros(n, dtype=bool)
-        return self._scores(counts / lengths, warm, evidence)
+        cold = [
+            "no baseline of normal traffic yet (learn_baseline has not "
+            "completed a window), so no query is judged"
+        ] * n
+        return self._scores(counts / lengths, np.zeros(n, dtype=bool), cold)

@@ -122,10 +122,7 @@ async def bench_fingerprint_store(
                     match_threshold=detector.params.match_threshold,
                     input_keys=detector.last_input_keys,
                     local_near=np.array(
-                        [
-                            m.own > 0 or bool(m.others)
-                            for m in detector.last_matches
-                        ],
+                        [m.own > 0 or bool(m.others) for m in detector.last_matches],
                         dtype=bool,
                     ),
                 )

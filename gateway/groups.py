@@ -12,9 +12,10 @@ links and risks. The script blocks the shared Redis while it runs (about
 0.5 ms per row on the loaded development machine), so only rows worth it go
 (:func:`select_rows`): those the worker's own store already found
 near-duplicates of, and a sample of the rest, at most
-``cross_client.store_max_rows`` per batch. Fail-open: if Redis fails here the batch is still answered
-with the per-worker detectors' judgement, and a warning is logged; the
-admission step already fails the batch when Redis is down for good.
+``cross_client.store_max_rows`` per batch. Fail-open: if Redis fails here the
+batch is still answered with the per-worker detectors' judgement, and a
+warning is logged; the admission step already fails the batch when Redis is
+down for good.
 
 Known shortcoming: each worker keeps its own union-find. It learns links made
 elsewhere one hop at a time (the neighbours of its own batch's clients, read

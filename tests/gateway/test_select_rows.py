@@ -7,9 +7,7 @@ import numpy as np
 from gateway.groups import FingerprintBatch, select_rows
 
 
-def _batch(
-    near: list[bool] | None, keys: list[int] | None
-) -> FingerprintBatch:
+def _batch(near: list[bool] | None, keys: list[int] | None) -> FingerprintBatch:
     n = len(near) if near is not None else len(keys or [])
     return FingerprintBatch(
         model="digits",
@@ -35,7 +33,9 @@ def test_the_cap_keeps_near_duplicates_before_the_sample() -> None:
 
 
 def test_unknown_locality_or_keys_send_every_row_up_to_the_cap() -> None:
-    assert select_rows(_batch(None, [1, 2, 3]), sample_every=8, max_rows=9).tolist() == [
+    assert select_rows(
+        _batch(None, [1, 2, 3]), sample_every=8, max_rows=9
+    ).tolist() == [
         0,
         1,
         2,
