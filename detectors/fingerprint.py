@@ -417,11 +417,12 @@ class InMemoryFingerprintStore:
         # the occurrences on digits), the only per-hash Python work.
         distinct = sh[gstart]
         get = self._slot_of.get
-        sslot = np.fromiter(
+        dslot = np.fromiter(
             map(get, distinct.tolist(), [-1] * len(distinct)),
             dtype=np.int64,
             count=len(distinct),
-        )[gid]
+        )
+        sslot = dslot[gid]
         rem_cum_s = np.cumsum(srem)
         rem_before = rem_cum_s - srem
         group_rem_before = rem_before[gstart]
@@ -429,18 +430,20 @@ class InMemoryFingerprintStore:
 
         # Candidates from the table: the ring's entries not yet pushed out by
         # the b earlier remembered occurrences of the chunk.
+        # Each distinct hash's ring is read once, oldest first (-1 where
+        # empty); an occurrence then only masks the entries pushed out.
         cands = np.full((m, 2 * E), -1, dtype=np.int64)
-        has = np.flatnonzero(sslot >= 0)
-        if has.size:
-            s = sslot[has]
-            length = self._table_len[s]
-            pos = self._table_pos[s]
+        held = dslot >= 0
+        if held.any():
             age = np.arange(E)
-            ring = (pos[:, None] - length[:, None] + age[None, :]) % E
-            ok = (age[None, :] < length[:, None]) & (
-                age[None, :] >= (length + b[has] - E)[:, None]
+            s = np.where(held, dslot, 0)
+            length = np.where(held, self._table_len[s], 0)
+            ring = (self._table_pos[s][:, None] - length[:, None] + age[None, :]) % E
+            entries = np.where(
+                age[None, :] < length[:, None], self._table[s[:, None], ring], -1
             )
-            cands[has, :E] = np.where(ok, self._table[s[:, None], ring], -1)
+            ok = age[None, :] >= (length[gid] + b - E)[:, None]
+            cands[:, :E] = np.where(ok, entries[gid], -1)
         # Candidates from the chunk: the last E remembered occurrences before.
         remembered_occ = np.flatnonzero(srem)
         if remembered_occ.size:
