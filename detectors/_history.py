@@ -76,9 +76,11 @@ class Neighbours:
     has_previous: npt.NDArray[np.bool_]
 
 
-# Rows handled per step: bounds the gathered histories (256 rows x 64 stored
-# queries x 64 features of float32 is 4 MB).
-_CHUNK_ROWS = 256
+# Rows handled per step: bounds the gathered histories (at worst 512 clients x
+# 64 stored queries x 64 features of float32, 8 MB). A batch of 500 in one
+# step gathers each client's ring once (kNN measured 6.0 -> 4.7 µs per query
+# against 256).
+_CHUNK_ROWS = 512
 
 
 def neighbours_and_push(
@@ -153,7 +155,6 @@ def _chunk(
     hist = arrays["hist"]
     capacity, n_features = hist.shape[1], hist.shape[2]
     scale = float(LEVELS * LEVELS * n_features)
-    n = len(rows)
     g = groups.group
     t = groups.position
     slot = groups.slot
@@ -165,21 +166,35 @@ def _chunk(
     # Against the ring: physical index j holds the entry of age
     # (j - oldest) % capacity; it is visible while not evicted by the row's
     # t earlier rows of this chunk.
-    ring = hist[slot].astype(np.float32)  # (n, capacity, d)
-    r_sq = np.einsum("ncd,ncd->nc", ring, ring)
-    d_ring = q_sq[:, None] + r_sq - 2.0 * np.matmul(ring, q[:, :, None])[:, :, 0]
+    # Each client's ring is gathered and widened once, and all of its rows
+    # meet it in one product (a client sends several rows per batch).
+    ring = hist[groups.unique].astype(np.float32)  # (clients, capacity, d)
+    r_sq = np.einsum("gcd,gcd->gc", ring, ring)
+    padded = np.zeros(
+        (len(groups.unique), int(groups.size.max()), n_features), np.float32
+    )
+    padded[g, t] = q
+    dots = np.matmul(ring, padded.transpose(0, 2, 1))  # (clients, capacity, rows)
+    d_ring = q_sq[:, None] + r_sq[g] - 2.0 * dots[g, :, t]
     oldest = old_pos - old_len
     age = (np.arange(capacity)[None, :] - oldest[:, None]) % capacity
     visible = (age < old_len[:, None]) & (age >= (old_len + t - capacity)[:, None])
     d_ring = np.where(visible, np.maximum(d_ring, 0.0), np.inf)
 
-    # Against the same client's earlier rows of this chunk, lag by lag.
+    # Against the same client's earlier rows of this chunk: every pair of a
+    # client's rows from one product (exact for the same reason), then each
+    # row's last `lags` predecessors.
     lags = int(min(groups.size.max(), capacity + 1)) - 1
-    d_lag = np.full((n, max(lags, 0)), np.inf, dtype=np.float32)
-    for back in range(1, lags + 1):
-        has = np.flatnonzero(t >= back)
-        diff = q[has] - q[has - back]
-        d_lag[has, back - 1] = np.einsum("ij,ij->i", diff, diff)
+    padded_sq = np.zeros(padded.shape[:2], dtype=np.float32)
+    padded_sq[g, t] = q_sq
+    gram = np.matmul(padded, padded.transpose(0, 2, 1))
+    pair = padded_sq[:, :, None] + padded_sq[:, None, :] - 2.0 * gram
+    earlier = t[:, None] - np.arange(1, lags + 1)[None, :]
+    d_lag = np.where(
+        earlier >= 0,
+        pair[g[:, None], t[:, None], np.maximum(earlier, 0)],
+        np.float32(np.inf),
+    )
 
     d_all = np.concatenate([d_ring, d_lag], axis=1)
     width = d_all.shape[1]
@@ -187,9 +202,8 @@ def _chunk(
     part = np.sort(part, axis=1)
     k_dist[:, : part.shape[1]] = np.sqrt(part.astype(np.float64) / scale)
     best = np.argmin(d_all, axis=1)
-    rows_index = np.arange(n)
     from_ring = best < capacity
-    nearest[from_ring] = ring[rows_index[from_ring], best[from_ring]]
+    nearest[from_ring] = ring[g[from_ring], best[from_ring]]
     lag_rows = np.flatnonzero(~from_ring)
     nearest[lag_rows] = q[lag_rows - (best[lag_rows] - capacity + 1)]
 
@@ -197,9 +211,7 @@ def _chunk(
     in_chunk = t >= 1
     previous[in_chunk] = q[np.flatnonzero(in_chunk) - 1]
     from_hist = ~in_chunk & (old_len >= 1)
-    previous[from_hist] = ring[
-        rows_index[from_hist], (old_pos[from_hist] - 1) % capacity
-    ]
+    previous[from_hist] = ring[g[from_hist], (old_pos[from_hist] - 1) % capacity]
     has_previous[:] = in_chunk | from_hist
 
     # Append: only each client's last `capacity` rows of the chunk survive,

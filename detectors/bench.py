@@ -39,6 +39,7 @@ def measure(
     *,
     batch_size: int = 500,
     seed: int = 0,
+    runs: int = 1,
 ) -> dict[str, Any]:
     """Time every registered detector on the same interleaved traffic.
 
@@ -52,15 +53,22 @@ def measure(
         Rows per ``score_batch`` call, as a worker's poll would gather them.
     seed
         Seed of the traffic and of the detectors.
+    runs
+        Times the whole replay is timed, each with fresh detectors; the
+        figures are medians over runs (the machine is shared and loaded).
 
     Returns
     -------
     dict
-        ``n_clients``, ``n_queries``, ``batch_size``, ``total_us_per_query``
-        (sum over detectors) and per detector: ``us_per_query`` (CPU time of
-        ``score_batch`` over all batches divided by the queries, with one BLAS
-        thread), ``wall_us_per_query`` (the same in wall time, which includes
-        waiting for a busy machine),
+        ``n_clients``, ``n_queries``, ``batch_size``, ``runs``,
+        ``total_us_per_query`` (sum over detectors), ``total_state_bytes``
+        (sum over detectors of their largest per-client state: what one
+        client costs the whole suite at most) and per detector:
+        ``us_per_query`` (median over runs of the CPU time of ``score_batch``
+        over all batches divided by the queries, with one BLAS thread;
+        evidence sentences are formatted only when read, so are not in it),
+        ``runs_us_per_query`` (every run), ``wall_us_per_query`` (the same in
+        wall time, which includes waiting for a busy machine),
         ``state_bytes_per_client`` (largest ``state_nbytes``),
         ``dump_bytes_per_client`` (largest serialised state) and
         ``within_budget`` (both at most 32 KB).
@@ -71,8 +79,8 @@ def measure(
     >>> sorted(result["detectors"])
     ['fingerprint', 'knn', 'ood', 'prada', 'similarity', 'structure']
     """
-    if n_clients < 1 or n_queries < 1 or batch_size < 1:
-        raise ValueError("n_clients, n_queries and batch_size must be positive")
+    if n_clients < 1 or n_queries < 1 or batch_size < 1 or runs < 1:
+        raise ValueError("n_clients, n_queries, batch_size and runs must be positive")
     rng = np.random.default_rng(seed)
     reference, traffic = _digits()
 
@@ -82,24 +90,32 @@ def measure(
     rows = traffic[rng.integers(0, len(traffic), len(client_of_row))]
     ids = [f"client-{c}" for c in client_of_row.tolist()]
 
-    detectors = build_detectors({}, seed=seed)
     report: dict[str, Any] = {
         "n_clients": n_clients,
         "n_queries": n_queries,
         "batch_size": batch_size,
+        "runs": runs,
         "detectors": {},
     }
+    cpu: dict[str, list[float]] = {}
+    wall: dict[str, list[float]] = {}
     # One BLAS thread: the budget is per core, and on a busy machine OpenBLAS
     # threads spinning on small products cost up to 40x (measured: a 256 x 64
     # product took 10 ms threaded under load, 0.23 ms on one thread).
     with threadpool_limits(limits=1):
-        for name, detector in detectors.items():
-            detector.learn_baseline(reference)
-            cpu_s, wall_s = _time_batches(detector, ids, rows, batch_size)
-            report["detectors"][name] = {
-                "us_per_query": cpu_s / len(ids) * 1e6,
-                "wall_us_per_query": wall_s / len(ids) * 1e6,
-            }
+        for _ in range(runs):
+            detectors = build_detectors({}, seed=seed)
+            for name, detector in detectors.items():
+                detector.learn_baseline(reference)
+                cpu_s, wall_s = _time_batches(detector, ids, rows, batch_size)
+                cpu.setdefault(name, []).append(cpu_s / len(ids) * 1e6)
+                wall.setdefault(name, []).append(wall_s / len(ids) * 1e6)
+    for name in detectors:
+        report["detectors"][name] = {
+            "us_per_query": float(np.median(cpu[name])),
+            "runs_us_per_query": cpu[name],
+            "wall_us_per_query": float(np.median(wall[name])),
+        }
     for name, detector in detectors.items():
         clients = detector.clients()
         state = max(detector.state_nbytes(c) for c in clients)
@@ -111,6 +127,9 @@ def measure(
         }
     report["total_us_per_query"] = sum(
         entry["us_per_query"] for entry in report["detectors"].values()
+    )
+    report["total_state_bytes"] = sum(
+        entry["state_bytes_per_client"] for entry in report["detectors"].values()
     )
     return report
 

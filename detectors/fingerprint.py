@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from itertools import repeat
+from types import MappingProxyType
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -45,9 +46,15 @@ _GOLDEN_INT = 0x9E3779B97F4A7C15
 _GOLDEN_KEY = np.uint64(_GOLDEN_INT)
 
 
-@dataclass(frozen=True, slots=True)
-class FingerprintMatch:
+_NO_OTHERS: Mapping[str, int] = MappingProxyType({})
+"""The ``others`` of a row no other client matched, shared and read-only."""
+
+
+class FingerprintMatch(NamedTuple):
     """What a store knew about one query when it arrived.
+
+    A named tuple, so a batch of them is built in C (a frozen dataclass cost
+    about 1 µs per row); compare and read it by its fields.
 
     Attributes
     ----------
@@ -68,7 +75,7 @@ class FingerprintMatch:
     """
 
     own: int = 0
-    others: Mapping[str, int] = field(default_factory=dict)
+    others: Mapping[str, int] = _NO_OTHERS
     identical: int = 0
 
 
@@ -124,10 +131,15 @@ def _mix(values: HashArray) -> HashArray:
 def input_keys(X: npt.NDArray[np.float64]) -> npt.NDArray[np.uint64]:
     """One 64-bit key per input, equal for inputs equal at 8 bits per feature
     (an exact copy), different otherwise but for hash collisions. Never 0."""
-    q = np.rint(np.clip(X, 0.0, 1.0) * 255.0).astype(np.uint64)
-    position = np.arange(X.shape[1], dtype=np.uint64) << np.uint64(8)
+    n, d = X.shape
+    # Eight quantised features per 64-bit word, each word mixed with its
+    # position: an eighth of the mixing of one word per feature.
+    q = np.zeros((n, -(-d // 8) * 8), dtype=np.uint8)
+    q[:, :d] = np.rint(np.clip(X, 0.0, 1.0) * 255.0)
+    words = q.view(np.uint64)
+    position = _mix(np.arange(1, words.shape[1] + 1, dtype=np.uint64) * _GOLDEN_KEY)
     keys: npt.NDArray[np.uint64] = np.bitwise_xor.reduce(
-        _mix((q | position[None, :]) + _GOLDEN_KEY), axis=1
+        _mix(words ^ position[None, :]), axis=1
     )
     keys[keys == 0] = 1
     return keys
@@ -156,6 +168,15 @@ def window_hashes(
         Shape (n, d - width + 1), uint64, never 0. The window's position is
         part of its hash: the same strokes at another place are another window.
     """
+    code = window_codes(X, levels=levels, width=width)
+    return _hash_codes(code, seed)
+
+
+def window_codes(
+    X: npt.NDArray[np.float64], *, levels: int, width: int
+) -> npt.NDArray[np.uint64]:
+    """Code (base ``levels`` digits) of every window of ``width`` quantised
+    features; shape (n, d - width + 1), each below ``levels ** width``."""
     n, d = X.shape
     q = np.minimum((np.clip(X, 0.0, 1.0) * levels).astype(np.uint64), levels - 1)
     n_windows = d - width + 1
@@ -163,6 +184,12 @@ def window_hashes(
     base = np.uint64(levels)
     for offset in range(width):
         code = code * base + q[:, offset : offset + n_windows]
+    return code
+
+
+def _hash_codes(code: npt.NDArray[np.uint64], seed: int) -> HashArray:
+    """Window codes (n, w) to hash values, each mixed with its position."""
+    n_windows = code.shape[1]
     position = np.arange(n_windows, dtype=np.uint64) << np.uint64(48)
     salt = np.uint64((seed * _GOLDEN_INT) & 0xFFFF_FFFF_FFFF_FFFF)
     mixed = _mix((code | position[None, :]) ^ salt)
@@ -205,6 +232,10 @@ def top_hashes(hashes: HashArray, k: int, common: HashArray | None = None) -> Ha
         out = np.concatenate([out, pad], axis=1)
     return np.ascontiguousarray(out)
 
+
+# Largest (position, code) hash table a detector precomputes: 8 bytes each,
+# so 8 MB; digits (59 windows of 4**6 codes) need 1.9 MB.
+_MAX_TABLE_ENTRIES = 1 << 20
 
 # Rows compared per step, so that a chunk's new hash values never need more
 # than half the table.
@@ -364,7 +395,7 @@ class InMemoryFingerprintStore:
         clients: npt.NDArray[np.int64],
         keys: npt.NDArray[np.uint64],
     ) -> list[FingerprintMatch]:
-        n, k = H.shape
+        n = H.shape[0]
         E = self.entries_per_hash
         clock0 = self._clock
         rem_int = rem.astype(np.int64)
@@ -378,18 +409,27 @@ class InMemoryFingerprintStore:
         occ_row, occ_col = np.nonzero(H)
         occ_hash = H[occ_row, occ_col]
         m = len(occ_hash)
-        get = self._slot_of.get
-        occ_slot = np.fromiter((get(h, -1) for h in occ_hash.tolist()), np.int64, m)
 
         # Sorted by (hash, row): each hash's occurrences in arrival order, and
         # b = remembered occurrences of the same hash earlier in the chunk.
-        order = np.lexsort((occ_row, occ_hash))
-        sh, srow, sslot = occ_hash[order], occ_row[order], occ_slot[order]
+        # occ_row is already ascending, so a stable sort by hash suffices.
+        order = np.argsort(occ_hash, kind="stable")
+        sh, srow = occ_hash[order], occ_row[order]
         srem = rem_int[srow]
         first = np.ones(m, dtype=bool)
         first[1:] = sh[1:] != sh[:-1]
         gstart = np.flatnonzero(first)
         gid = np.cumsum(first) - 1
+        # One dict look-up per distinct hash value of the chunk (about half
+        # the occurrences on digits), the only per-hash Python work.
+        distinct = sh[gstart]
+        get = self._slot_of.get
+        dslot = np.fromiter(
+            map(get, distinct.tolist(), [-1] * len(distinct)),
+            dtype=np.int64,
+            count=len(distinct),
+        )
+        sslot = dslot[gid]
         rem_cum_s = np.cumsum(srem)
         rem_before = rem_cum_s - srem
         group_rem_before = rem_before[gstart]
@@ -397,18 +437,20 @@ class InMemoryFingerprintStore:
 
         # Candidates from the table: the ring's entries not yet pushed out by
         # the b earlier remembered occurrences of the chunk.
+        # Each distinct hash's ring is read once, oldest first (-1 where
+        # empty); an occurrence then only masks the entries pushed out.
         cands = np.full((m, 2 * E), -1, dtype=np.int64)
-        has = np.flatnonzero(sslot >= 0)
-        if has.size:
-            s = sslot[has]
-            length = self._table_len[s]
-            pos = self._table_pos[s]
+        held = dslot >= 0
+        if held.any():
             age = np.arange(E)
-            ring = (pos[:, None] - length[:, None] + age[None, :]) % E
-            ok = (age[None, :] < length[:, None]) & (
-                age[None, :] >= (length + b[has] - E)[:, None]
+            s = np.where(held, dslot, 0)
+            length = np.where(held, self._table_len[s], 0)
+            ring = (self._table_pos[s][:, None] - length[:, None] + age[None, :]) % E
+            entries = np.where(
+                age[None, :] < length[:, None], self._table[s[:, None], ring], -1
             )
-            cands[has, :E] = np.where(ok, self._table[s[:, None], ring], -1)
+            ok = age[None, :] >= (length[gid] + b - E)[:, None]
+            cands[:, :E] = np.where(ok, entries[gid], -1)
         # Candidates from the chunk: the last E remembered occurrences before.
         remembered_occ = np.flatnonzero(srem)
         if remembered_occ.size:
@@ -421,16 +463,16 @@ class InMemoryFingerprintStore:
 
         # Per row, the candidate entries of all its hashes; an entry met in
         # at least match_threshold of them is a near-duplicate.
-        per_row = np.full((n, k, 2 * E), -1, dtype=np.int64)
-        per_row[occ_row[order], occ_col[order]] = cands
-        flat = np.sort(per_row.reshape(n, -1), axis=1)
-        rows = np.repeat(np.arange(n), flat.shape[1])
-        values = flat.ravel()
-        valid = values >= 0
-        rows, values = rows[valid], values[valid]
+        # Most candidate places are empty (a hash seen by few entries), so only
+        # the filled ones are sorted, by (row, entry) packed into one integer.
+        valid = cands >= 0
+        cand_rows = np.broadcast_to(srow[:, None], cands.shape)[valid]
+        span = clock0 + n + 1
+        packed = np.sort(cand_rows * span + cands[valid])
+        rows, values = np.divmod(packed, span)
         own = np.zeros(n, dtype=np.int64)
         identical = np.zeros(n, dtype=np.int64)
-        others: list[dict[str, int]] = [{} for _ in range(n)]
+        others: list[Mapping[str, int]] = [_NO_OTHERS] * n
         if values.size:
             run = np.ones(values.size, dtype=bool)
             run[1:] = (rows[1:] != rows[:-1]) | (values[1:] != values[:-1])
@@ -463,19 +505,25 @@ class InMemoryFingerprintStore:
                     near_row[other] * n_clients + sender[other], return_counts=True
                 )
                 names = self._client_names
+                filled: dict[int, dict[str, int]] = {}
                 for pair, count in zip(pairs.tolist(), found.tolist(), strict=True):
                     row, who = divmod(pair, n_clients)
-                    others[row][names[who]] = count
+                    filled.setdefault(row, {})[names[who]] = count
+                for row, senders in filled.items():
+                    others[row] = senders
 
         self._store(sh, gstart, gid, sslot, srem, b, srow, entry_of_row)
         if remembered_rows.size:
             last = remembered_rows[-self.horizon :]
             self._entry_client[entry_of_row[last] % self.horizon] = clients[last]
             self._clock = int(clock0 + remembered_rows.size)
-        return [
-            FingerprintMatch(int(o), d, int(i))
-            for o, d, i in zip(own.tolist(), others, identical.tolist(), strict=True)
-        ]
+        return list(
+            map(
+                tuple.__new__,
+                repeat(FingerprintMatch, n),
+                zip(own.tolist(), others, identical.tolist(), strict=True),
+            )
+        )
 
     def _store(
         self,
@@ -595,6 +643,12 @@ class FingerprintParams(DetectorParams):
     max_hashes: int = Field(200_000, ge=1000, le=100_000_000)
     """Hash values the in-memory store keeps (about 200 bytes each)."""
 
+    entries_per_hash: int = Field(4, ge=1, le=1024)
+    """Latest queries the in-memory store keeps per hash value. An attack's
+    newest near-duplicate holds most of a query's hashes, so it is among the
+    last few entries of each; 4 finds it at half the work of 8 (measured by
+    the fingerprint and probing-stream tests)."""
+
 
 class FingerprintDetector(Detector[FingerprintParams]):
     """Share of a client's recent queries that nearly repeat an earlier query
@@ -666,8 +720,10 @@ class FingerprintDetector(Detector[FingerprintParams]):
             match_threshold=p.match_threshold,
             horizon=p.horizon,
             max_hashes=p.max_hashes,
+            entries_per_hash=p.entries_per_hash,
         )
         self._common: HashArray = np.zeros(0, dtype=np.uint64)
+        self._table: HashArray | None = None
         self.last_matches: list[FingerprintMatch] = []
         self.last_hashes: HashArray = np.zeros((0, p.k), dtype=np.uint64)
         self._batch_clients: list[str] = []
@@ -696,8 +752,39 @@ class FingerprintDetector(Detector[FingerprintParams]):
             raise ValueError(
                 f"{self.name}: {rows.shape[1]} features are fewer than width={p.width}"
             )
-        hashes = window_hashes(rows, levels=p.levels, width=p.width, seed=self._seed)
-        return top_hashes(hashes, p.k, self._common)
+        table = self._hash_table(rows.shape[1])
+        if table is None:
+            hashes = window_hashes(
+                rows, levels=p.levels, width=p.width, seed=self._seed
+            )
+            return top_hashes(hashes, p.k, self._common)
+        code = window_codes(rows, levels=p.levels, width=p.width).astype(np.intp)
+        code += np.arange(code.shape[1], dtype=np.intp) * (p.levels**p.width)
+        return top_hashes(table[code], p.k)
+
+    def _hash_table(self, n_features: int) -> HashArray | None:
+        """Every possible window hash by (position, code), common ones already
+        0, when that table is small; ``None`` otherwise.
+
+        A gather from it replaces mixing and the search among common hashes,
+        which cost more than the rest of the fingerprint together.
+        """
+        p = self._params
+        n_codes = p.levels**p.width
+        n_windows = n_features - p.width + 1
+        if n_codes * n_windows > _MAX_TABLE_ENTRIES:
+            return None
+        if self._table is None:
+            codes = np.broadcast_to(
+                np.arange(n_codes, dtype=np.uint64)[None, :], (n_windows, n_codes)
+            ).T
+            table = np.ascontiguousarray(_hash_codes(codes, self._seed).T).ravel()
+            common = self._common
+            if len(common):
+                index = np.minimum(np.searchsorted(common, table), len(common) - 1)
+                table[common[index] == table] = 0
+            self._table = table
+        return self._table
 
     def _layout(self, n_features: int) -> dict[str, FieldSpec]:
         window = self._params.window
@@ -729,6 +816,7 @@ class FingerprintDetector(Detector[FingerprintParams]):
         hashes = window_hashes(X, levels=p.levels, width=p.width, seed=self._seed)
         values, counts = np.unique(hashes, return_counts=True)
         self._common = np.sort(values[counts > p.common_share * len(X)])
+        self._table = None  # rebuilt without the newly common hashes
         logger.debug(
             "fingerprint baseline: %d of %d window hashes are common",
             len(self._common),
@@ -787,17 +875,14 @@ class FingerprintDetector(Detector[FingerprintParams]):
         counts = counts[inverse]
         lengths = lengths[inverse]
         cross_total = cross_total[inverse]
-        evidence = [
-            f"{count} of the last {length} queries share at least {threshold} of "
-            f"{p.k} fingerprint hashes with an earlier query; {total} so far "
-            "matched another client's"
-            + (f" (this one: {', '.join(sorted(m.others)[:3])})" if m.others else "")
-            for count, length, total, m in zip(
-                counts.tolist(),
-                lengths.tolist(),
-                cross_total.tolist(),
-                matches,
-                strict=True,
+
+        def evidence(row: int) -> str:
+            others = matches[row].others
+            return (
+                f"{counts[row]} of the last {lengths[row]} queries share at least "
+                f"{threshold} of {p.k} fingerprint hashes with an earlier query; "
+                f"{cross_total[row]} so far matched another client's"
+                + (f" (this one: {', '.join(sorted(others)[:3])})" if others else "")
             )
-        ]
+
         return self._scores(counts / lengths, seen[inverse] >= p.min_queries, evidence)

@@ -265,16 +265,24 @@ class KnnDistanceDetector(Detector[KnnParams]):
         inverse[groups.order] = np.arange(n)
         counts, lengths, mean = counts[inverse], lengths[inverse], mean[inverse]
         if limit is None:
-            evidence = ["no benign calibration yet, so no query is judged"] * n
+            evidence_cold = ["no benign calibration yet, so no query is judged"] * n
             warm = np.zeros(n, dtype=bool)
         else:
-            evidence = [
-                f"{count} of the last {length} queries have their {p.k} nearest "
-                f"earlier queries within {limit:.3f} on average; this one "
-                + (f"{value:.3f}" if np.isfinite(value) else "has too few before it")
-                for count, length, value in zip(
-                    counts.tolist(), lengths.tolist(), mean.tolist(), strict=True
+            bound = limit
+
+            def evidence(row: int) -> str:
+                value = float(mean[row])
+                return (
+                    f"{counts[row]} of the last {lengths[row]} queries have their "
+                    f"{p.k} nearest earlier queries within {bound:.3f} on average; "
+                    "this one "
+                    + (
+                        f"{value:.3f}"
+                        if np.isfinite(value)
+                        else "has too few before it"
+                    )
                 )
-            ]
+
             warm = seen[inverse] >= p.min_queries
-        return self._scores(counts / lengths, warm, evidence)
+            return self._scores(counts / lengths, warm, evidence)
+        return self._scores(counts / lengths, warm, evidence_cold)

@@ -286,19 +286,18 @@ class OutOfDistributionDetector(Detector[OodParams]):
         counts = counts[inverse]
         lengths = lengths[inverse]
         if judged:
-            evidence = [
-                f"{count} of the last {length} queries look unlike normal traffic "
-                f"(anomaly score above {query_threshold:.3f}); this one "
-                f"{value:.3f}, running mean {mean:.3f}"
-                for count, length, value, mean in zip(
-                    counts.tolist(), lengths.tolist(), raw.tolist(), ewma, strict=True
+
+            def evidence(row: int) -> str:
+                return (
+                    f"{counts[row]} of the last {lengths[row]} queries look unlike "
+                    f"normal traffic (anomaly score above {query_threshold:.3f}); "
+                    f"this one {raw[row]:.3f}, running mean {ewma[row]:.3f}"
                 )
-            ]
+
             warm = seen[inverse] >= params.min_queries
-        else:
-            evidence = [
-                "no baseline of normal traffic yet (learn_baseline has not "
-                "completed a window), so no query is judged"
-            ] * n
-            warm = np.zeros(n, dtype=bool)
-        return self._scores(counts / lengths, warm, evidence)
+            return self._scores(counts / lengths, warm, evidence)
+        cold = [
+            "no baseline of normal traffic yet (learn_baseline has not "
+            "completed a window), so no query is judged"
+        ] * n
+        return self._scores(counts / lengths, np.zeros(n, dtype=bool), cold)

@@ -479,7 +479,10 @@ class DistanceDistributionDetector(Detector[PradaParams]):
         queries = np.rint(np.clip(X, 0.0, 1.0) * _LEVELS).astype(np.uint8)
         score = np.empty(n, dtype=np.float64)
         warm = np.empty(n, dtype=bool)
-        evidence: list[str] = [""] * n
+        # Per row what its evidence needs: the last test (W as scored, its
+        # size and query) or, before any, the distances held; formatted only
+        # if read.
+        evidence: list[Any] = [None] * n
 
         # Pieces in which no client has more than `capacity` rows, so a row
         # admitted to the growing set within a chunk is never evicted by later
@@ -497,7 +500,20 @@ class DistanceDistributionDetector(Detector[PradaParams]):
                 self._score_chunk(
                     slots[chunk], queries[chunk], chunk, score, warm, evidence
                 )
-        return self._scores(score, warm, evidence)
+        min_queries = self._params.min_queries
+        delta = 1.0 - self._params.threshold
+
+        def explain(row: int) -> str:
+            info = evidence[row]
+            if isinstance(info, tuple):
+                current, tested_n, tested_at = info
+                return _tested(1.0 - current, tested_n, tested_at, delta)
+            return (
+                f"{info} of the {min_queries} nearest-query distances "
+                "needed for a normality test so far"
+            )
+
+        return self._scores(score, warm, explain)
 
     def _score_chunk(
         self,
@@ -506,7 +522,7 @@ class DistanceDistributionDetector(Detector[PradaParams]):
         row_index: npt.NDArray[np.int64],
         score: npt.NDArray[np.float64],
         warm: npt.NDArray[np.bool_],
-        evidence: list[str],
+        evidence: list[Any],
     ) -> None:
         """Score one chunk of rows (no client with more rows than the growing
         set holds), writing results at ``row_index``."""
@@ -519,7 +535,6 @@ class DistanceDistributionDetector(Detector[PradaParams]):
         window = params.window
         every = params.test_every
         min_queries = params.min_queries
-        delta = 1.0 - params.threshold
 
         # Step: the chunk grouped by client, rows widened once.
         groups = group_rows(slots)
@@ -545,7 +560,7 @@ class DistanceDistributionDetector(Detector[PradaParams]):
         n = len(q)
         row_score = [0.0] * n
         row_warm = [False] * n
-        row_text = [""] * n
+        row_text: list[Any] = [None] * n
         admitted: list[int] = []
         unique = groups.unique
         nearest_any = suffix_min[:, 0].tolist()
@@ -568,7 +583,7 @@ class DistanceDistributionDetector(Detector[PradaParams]):
             pair: Any = pairwise[g].tolist() if small and size > 1 else pairwise[g]
             best: Any = [_INF] * size if small else np.full(size, np.inf, np.float32)
             joined = 0
-            text = ""
+            text: Any = None
             for t in range(size):
                 r = start + t
                 seen += 1
@@ -616,15 +631,12 @@ class DistanceDistributionDetector(Detector[PradaParams]):
                     chronological = history + new
                     sample = np.array(chronological[-held:], dtype=np.float32)
                     current = 1.0 - shapiro_w(sample)
-                    n_tests, tested_at, tested_n, text = n_tests + 1, seen, held, ""
+                    n_tests, tested_at, tested_n, text = n_tests + 1, seen, held, None
                 if n_tests:
-                    text = text or _tested(1.0 - current, tested_n, tested_at, delta)
+                    text = text or (current, tested_n, tested_at)
                     row_text[r] = text
                 else:
-                    row_text[r] = (
-                        f"{held} of the {min_queries} nearest-query distances "
-                        "needed for a normality test so far"
-                    )
+                    row_text[r] = held
                 row_score[r] = current
                 row_warm[r] = n_tests > 0
 

@@ -33,9 +33,11 @@ from detectors.base import MAX_STATE_BYTES, Detector, DetectorParams, DetectorSc
 
 logger = logging.getLogger(__name__)
 
-# Rows handled per step: bounds the temporary distance matrices (a chunk of
-# 256 rows against 128 stored queries of 64 features is 8 MB of float32).
-_CHUNK_ROWS = 256
+# Rows handled per step: bounds the temporary matrices (at worst 512 clients'
+# histories of 128 queries of 64 features, 16 MB of float32). A whole batch of
+# 500 in one step gathers each client's history once instead of once per
+# chunk: measured 7.2 -> 5.5 µs per query against 256.
+_CHUNK_ROWS = 512
 
 # A client with at least this many rows in a chunk is scored on its own, with
 # one matrix product of its rows against its history; clients with fewer are
@@ -260,17 +262,19 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
         counts = counts[inverse]
         lengths = lengths[inverse]
         eps = params.eps
-        evidence = [
-            f"{count} of the last {length} queries lie within {eps:g} of an "
-            + (
-                f"earlier one; this one is {distance:.3f} from its nearest"
-                if distance != _INF
-                else "earlier one; this is the first query"
+
+        def evidence(row: int) -> str:
+            distance = float(nearest[row])
+            return (
+                f"{counts[row]} of the last {lengths[row]} queries lie within "
+                f"{eps:g} of an "
+                + (
+                    f"earlier one; this one is {distance:.3f} from its nearest"
+                    if distance != _INF
+                    else "earlier one; this is the first query"
+                )
             )
-            for count, length, distance in zip(
-                counts.tolist(), lengths.tolist(), nearest.tolist(), strict=True
-            )
-        ]
+
         return self._scores(
             counts / lengths, seen[inverse] >= params.min_queries, evidence
         )

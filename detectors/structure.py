@@ -159,8 +159,9 @@ class ChangeStructureDetector(Detector[StructureParams]):
         p = self._params
         n = len(slots)
         groups = group_rows(slots)
-        q = quantise(X)[groups.order].astype(np.float32)
-        found = neighbours_and_push(arrays, groups, quantise(X), 1)
+        stored = quantise(X)
+        q = stored[groups.order].astype(np.float32)
+        found = neighbours_and_push(arrays, groups, stored, 1)
 
         # Sparse edits against the nearest earlier query.
         has_nearest = np.isfinite(found.k_dist[:, 0])
@@ -197,21 +198,18 @@ class ChangeStructureDetector(Detector[StructureParams]):
         lengths = lengths[inverse]
         changed_row = np.where(has_nearest, changed, -1)[inverse]
         cos_row = best_cos[inverse]
-        evidence = [
-            f"of the last {length} queries {s} changed 1-{p.max_changed} features "
-            f"of an earlier one and {r} repeated a recent step "
-            f"(|cos| >= {p.cos_threshold:g}); this one changed "
-            + (f"{c} features" if c >= 0 else "nothing before it")
-            + f", step |cos| {cos:.2f}"
-            for s, r, length, c, cos in zip(
-                sparse_counts.tolist(),
-                repeat_counts.tolist(),
-                lengths.tolist(),
-                changed_row.tolist(),
-                cos_row.tolist(),
-                strict=True,
+
+        def evidence(row: int) -> str:
+            c = int(changed_row[row])
+            return (
+                f"of the last {lengths[row]} queries {sparse_counts[row]} changed "
+                f"1-{p.max_changed} features of an earlier one and "
+                f"{repeat_counts[row]} repeated a recent step "
+                f"(|cos| >= {p.cos_threshold:g}); this one changed "
+                + (f"{c} features" if c >= 0 else "nothing before it")
+                + f", step |cos| {cos_row[row]:.2f}"
             )
-        ]
+
         score = np.maximum(sparse_counts, repeat_counts) / lengths
         return self._scores(score, seen[inverse] >= p.min_queries, evidence)
 
@@ -232,9 +230,12 @@ class ChangeStructureDetector(Detector[StructureParams]):
         seen_before = np.maximum(arrays["n_seen"][groups.unique][g], 0)
         old_len = np.minimum(seen_before, m)
 
-        # Against the stored steps still among the last m when the row comes.
-        ring = dirs[slot].astype(np.float64)  # (n, m, d)
-        cos = np.abs(np.matmul(ring, unit[:, :, None])[:, :, 0])
+        # Against the stored steps still among the last m when the row comes:
+        # each client's ring gathered once, all its rows in one product.
+        ring = dirs[groups.unique].astype(np.float64)  # (clients, m, d)
+        padded = np.zeros((len(groups.unique), int(groups.size.max()), unit.shape[1]))
+        padded[g, t] = unit
+        cos = np.abs(np.matmul(ring, padded.transpose(0, 2, 1))[g, :, t])
         age = (np.arange(m)[None, :] - (seen_before - old_len)[:, None]) % m
         visible = (age < old_len[:, None]) & (age >= (old_len + t - m)[:, None])
         best: npt.NDArray[np.float64] = np.where(visible, cos, 0.0).max(axis=1)

@@ -450,7 +450,7 @@ class CrossClientConfig(_Frozen):
     enabled: bool = True
     # How long a stored fingerprint counts; also the expiry of its Redis keys.
     fingerprint_ttl_s: float = Field(600.0, gt=0, le=7 * 86_400)
-    entries_per_hash: int = Field(8, ge=1, le=1024)
+    entries_per_hash: int = Field(4, ge=1, le=1024)
     # Near-duplicate reports between two keys within link_window_s that link
     # them. Honest digit replays share a handful at most (docs/detectors.md).
     link_min_shared: int = Field(10, ge=1, le=1_000_000)
@@ -458,6 +458,12 @@ class CrossClientConfig(_Frozen):
     link_ttl_s: float = Field(3600.0, gt=0, le=30 * 86_400)
     # How long a client's latest risk is kept for its group's risk.
     risk_ttl_s: float = Field(600.0, gt=0, le=7 * 86_400)
+    # Rows of a batch sent to the shared store: those whose worker-local
+    # fingerprint found a near-duplicate, plus one in store_sample_every of
+    # the others (by input key, so every worker samples the same inputs), at
+    # most store_max_rows; 1 and a large cap send every row.
+    store_sample_every: int = Field(8, ge=1, le=1_000_000)
+    store_max_rows: int = Field(128, ge=1, le=100_000)
 
 
 def _default_instance_id() -> str:

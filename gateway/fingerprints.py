@@ -18,7 +18,10 @@ Cost: the script makes about four Redis calls per hash value of each row
 (``LRANGE``, ``LPUSH``, ``LTRIM``, ``PEXPIRE``), all inside one ``EVALSHA``
 that blocks the Redis server while it runs: measured about 0.1-0.3 ms per
 query of 16 hashes on a loaded machine, so 50-150 ms per batch of 500 during
-which other workers' admission waits.
+which other workers' admission waits. ``gateway.groups.select_rows`` therefore
+sends only rows with a worker-local near-duplicate plus a sample, at most
+``cross_client.store_max_rows`` (128) per batch, which bounds a batch's call
+(``modelgate bench detectors --redis`` measures both).
 
 Redis Cluster: a query must be compared with every client's fingerprints, so
 the key space cannot be split by client. Every key carries the one hash tag

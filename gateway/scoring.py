@@ -154,6 +154,14 @@ class Scorer:
                         remember=[True] * len(client_ids),
                         match_threshold=detector.params.match_threshold,
                         input_keys=detector.last_input_keys,
+                        local_near=np.fromiter(
+                            (
+                                m.own > 0 or bool(m.others)
+                                for m in detector.last_matches
+                            ),
+                            dtype=bool,
+                            count=len(client_ids),
+                        ),
                     )
                 )
 

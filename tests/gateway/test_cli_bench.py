@@ -19,12 +19,19 @@ def test_bench_detectors_reports_every_detector() -> None:
             "40",
             "--budget-us",
             "1e9",
+            "--runs",
+            "1",
         ],
     )
     assert result.exit_code == 0, result.output
     for name in DETECTORS:
         assert name in result.output, result.output
     assert "total" in result.output
+    assert "time:" in result.output and "µs/query" in result.output
+    assert "against 1e+09 µs: met" in result.output
+    assert "state:" in result.output and "B/client against 32,768 B: met" in (
+        result.output
+    )
 
 
 def test_bench_detectors_fails_over_budget() -> None:
@@ -42,3 +49,4 @@ def test_bench_detectors_fails_over_budget() -> None:
         ],
     )
     assert result.exit_code == 1, result.output
+    assert "against 0.001 µs: NOT met" in result.output
