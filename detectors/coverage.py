@@ -71,7 +71,11 @@ def kmeans(
     nearest = ((X - centres[0]) ** 2).sum(axis=1)
     for i in range(1, k):
         total = nearest.sum()
-        pick = rng.integers(len(X)) if total <= 0 else rng.choice(len(X), p=nearest / total)
+        pick = (
+            rng.integers(len(X))
+            if total <= 0
+            else rng.choice(len(X), p=nearest / total)
+        )
         centres[i] = X[pick]
         nearest = np.minimum(nearest, ((X - centres[i]) ** 2).sum(axis=1))
     for _ in range(iterations):
@@ -213,7 +217,8 @@ class CoverageDetector(Detector[CoverageParams]):
     ) -> npt.NDArray[np.int64]:
         assert self._centres is not None
         label = np.minimum(np.argmax(proba, axis=1), _CLASS_SLOTS - 1)
-        return assign(X, self._centres) * _CLASS_SLOTS + label
+        keys = assign(X, self._centres) * _CLASS_SLOTS + label
+        return np.asarray(keys, dtype=np.int64)
 
     def _observe_rows(
         self,
@@ -230,8 +235,12 @@ class CoverageDetector(Detector[CoverageParams]):
         groups = group_rows(slots)
         keys = self._region_keys(X, proba)[groups.order]
         windows, lengths = push_ring(
-            arrays["regions"], arrays["regions_pos"], arrays["regions_len"],
-            groups, keys.astype(np.int32), _FILL,
+            arrays["regions"],
+            arrays["regions_pos"],
+            arrays["regions_len"],
+            groups,
+            keys.astype(np.int32),
+            _FILL,
         )
         arrays["n_answers"][groups.unique] += groups.size
         if self._expected_dec is None:
@@ -259,8 +268,12 @@ class CoverageDetector(Detector[CoverageParams]):
         groups = group_rows(slots)
         cells = assign(X, self._centres)[groups.order]
         windows, lengths = push_ring(
-            arrays["cells"], arrays["cells_pos"], arrays["cells_len"],
-            groups, cells.astype(np.int16), _FILL,
+            arrays["cells"],
+            arrays["cells_pos"],
+            arrays["cells_len"],
+            groups,
+            cells.astype(np.int16),
+            _FILL,
         )
         seen = arrays["n_seen"][groups.unique][groups.group] + groups.position + 1
         arrays["n_seen"][groups.unique] += groups.size
@@ -270,7 +283,9 @@ class CoverageDetector(Detector[CoverageParams]):
         expected = self._expected_in[lengths]
         input_part = np.where(seen >= p.min_queries, _excess(covered, expected), 0.0)
         region_part = np.where(
-            arrays["n_answers"][slots] >= p.min_queries, arrays["region_score"][slots], 0.0
+            arrays["n_answers"][slots] >= p.min_queries,
+            arrays["region_score"][slots],
+            0.0,
         )
         score = np.maximum(input_part, region_part)
         warm = (seen >= p.min_queries) | (arrays["n_answers"][slots] >= p.min_queries)
@@ -278,8 +293,11 @@ class CoverageDetector(Detector[CoverageParams]):
             f"last {m} queries cover {c} of {p.cells} input cells (honest about "
             f"{e:.0f}); decision-region part {r:.2f}"
             for m, c, e, r in zip(
-                lengths.tolist(), covered.tolist(), expected.tolist(),
-                region_part.tolist(), strict=True,
+                lengths.tolist(),
+                covered.tolist(),
+                expected.tolist(),
+                region_part.tolist(),
+                strict=True,
             )
         ]
         return self._scores(score, warm, evidence)

@@ -191,12 +191,20 @@ class MarginDetector(Detector[MarginParams]):
         pos = arrays["pos"].copy()
         length = arrays["len"].copy()
         push_ring(
-            arrays["margin"], pos, length, groups,
-            np.rint(margin[order] * _LEVELS).astype(np.uint8), 0,
+            arrays["margin"],
+            pos,
+            length,
+            groups,
+            np.rint(margin[order] * _LEVELS).astype(np.uint8),
+            0,
         )
         push_ring(
-            arrays["entropy"], arrays["pos"], arrays["len"], groups,
-            np.rint(entropy[order] * _LEVELS).astype(np.uint8), 0,
+            arrays["entropy"],
+            arrays["pos"],
+            arrays["len"],
+            groups,
+            np.rint(entropy[order] * _LEVELS).astype(np.uint8),
+            0,
         )
         arrays["n_answers"][groups.unique] += groups.size
 
@@ -228,4 +236,3 @@ class MarginDetector(Detector[MarginParams]):
             for c, m in zip(count.tolist(), length.tolist(), strict=True)
         ]
         return self._scores(score, warm, evidence)
-

@@ -63,8 +63,8 @@ def build_detectors(
     Examples
     --------
     >>> detectors = build_detectors({"similarity": {"eps": 0.04}}, seed=0)
-    >>> sorted(detectors), detectors["similarity"].params.eps
-    (['coverage', 'fingerprint', 'knn', 'margin', 'ood', 'prada', 'similarity', 'structure', 'traffic'], 0.04)
+    >>> len(detectors), detectors["similarity"].params.eps
+    (9, 0.04)
     """
     unknown = sorted(set(overrides) - set(DETECTORS))
     if unknown:

@@ -90,7 +90,9 @@ def _features(
         cv = np.where(mean > 0, std / np.where(mean > 0, mean, 1.0), 0.0)
         median = np.nanmedian(np.where(count[:, None] > 0, safe, 0.0), axis=1)
         near = np.abs(safe - median[:, None]) <= tolerance * median[:, None]
-    regular = np.where(count > 0, (near & valid).sum(axis=1) / np.maximum(count, 1), 0.0)
+    regular = np.where(
+        count > 0, (near & valid).sum(axis=1) / np.maximum(count, 1), 0.0
+    )
     return np.stack([rate, np.nan_to_num(cv), regular], axis=1)
 
 
@@ -126,7 +128,14 @@ class TrafficDetector(Detector[TrafficParams]):
     name: ClassVar[str] = "traffic"
     Params: ClassVar[type[TrafficParams]] = TrafficParams
     _mutable_params: ClassVar[frozenset[str]] = frozenset(
-        {"stride", "regular_tolerance", "z_half", "threshold", "min_queries", "min_baseline"}
+        {
+            "stride",
+            "regular_tolerance",
+            "z_half",
+            "threshold",
+            "min_queries",
+            "min_baseline",
+        }
     )
     observes_outcomes: ClassVar[bool] = True
 
@@ -185,8 +194,11 @@ class TrafficDetector(Detector[TrafficParams]):
         groups = group_rows(slots)
         for name, bits in (("errored", errored), ("rejected", rejected)):
             push_window(
-                arrays[name], arrays[f"{name}_pos"], arrays[f"{name}_len"],
-                groups, bits[groups.order],
+                arrays[name],
+                arrays[f"{name}_pos"],
+                arrays[f"{name}_len"],
+                groups,
+                bits[groups.order],
             )
 
     def _z(self, features: npt.NDArray[np.float64]) -> tuple[float, int]:
@@ -208,14 +220,16 @@ class TrafficDetector(Detector[TrafficParams]):
         arrays = self._arena.arrays
         p = self._params
         n = len(slots)
-        times = (
-            np.full(n, time.time()) if self._arrival_s is None else self._arrival_s
-        )
+        times = np.full(n, time.time()) if self._arrival_s is None else self._arrival_s
         groups = group_rows(slots)
         order = groups.order
         windows, lengths = push_ring(
-            arrays["times"], arrays["times_pos"], arrays["times_len"],
-            groups, times[order], np.nan,
+            arrays["times"],
+            arrays["times_pos"],
+            arrays["times_len"],
+            groups,
+            times[order],
+            np.nan,
         )
         seen = arrays["n_seen"][groups.unique][groups.group] + groups.position + 1
         arrays["n_seen"][groups.unique] += groups.size
@@ -246,7 +260,9 @@ class TrafficDetector(Detector[TrafficParams]):
                 new_feats[row] = feats[k]
                 if learn[order[row]]:
                     # Only clients in good standing teach what honest is.
-                    for var, value in zip(self._baseline, feats[k].tolist(), strict=True):
+                    for var, value in zip(
+                        self._baseline, feats[k].tolist(), strict=True
+                    ):
                         var.update(value)
                     self._learned += 1
 

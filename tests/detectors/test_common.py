@@ -173,7 +173,9 @@ def test_batch_scores_equal_row_by_row(name: str, digits: Digits) -> None:
         observe(one_by_one, ids[i : i + 1], X[i : i + 1], learn[i : i + 1])
     single = [
         one_by_one.score_batch(
-            ids[i : i + 1], X[i : i + 1], learn=learn[i : i + 1],
+            ids[i : i + 1],
+            X[i : i + 1],
+            learn=learn[i : i + 1],
             arrival_s=times[i : i + 1],
         )[0]
         for i in range(len(ids))

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from detectors import DETECTORS
 from gateway.batch import BatchItem
 from gateway.config import load_settings
 from gateway.errors import ConfigError
@@ -85,7 +86,7 @@ def test_set_types_values_by_the_model() -> None:
 
 def test_detectors_hold_every_live_parameter_and_only_those() -> None:
     doc = LiveConfig()
-    assert set(doc.detectors) == {"similarity", "ood", "prada"}
+    assert set(doc.detectors) == set(DETECTORS)
     assert set(doc.detectors["similarity"]) == {"eps", "threshold", "min_queries"}
 
 
