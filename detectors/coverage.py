@@ -43,7 +43,7 @@ _CLASS_SLOTS = 256
 class CoverageParams(DetectorParams):
     """Parameters of :class:`CoverageDetector`."""
 
-    cells: int = Field(64, ge=4, le=255)
+    cells: int = Field(32, ge=4, le=255)
     """Cells of the input partition (k-means centroids on the reference)."""
 
     window: int = Field(128, ge=8, le=4096)
@@ -52,8 +52,9 @@ class CoverageParams(DetectorParams):
     kmeans_iterations: int = Field(15, ge=1, le=200)
     """Lloyd iterations when fitting the partition."""
 
-    threshold: float = Field(0.4, gt=0.0, le=1.0)
-    """Score at which a client is flagged; 0.4 is 1.67 times honest coverage."""
+    threshold: float = Field(0.25, gt=0.0, le=1.0)
+    """Score at which a client is flagged; 0.25 is 1.33 times honest
+    coverage (on digits, 20 honest held-out clients reach at most 0.15)."""
 
     min_queries: int = Field(30, ge=1, le=100_000)
     """Queries (for the input part) or answers (for the decision part) a
@@ -110,6 +111,28 @@ def _distinct(windows: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     ordered = np.sort(windows, axis=1)
     changes = (ordered[:, 1:] != ordered[:, :-1]).sum(axis=1) + 1
     return np.asarray(changes - (ordered[:, 0] == _FILL), dtype=np.int64)
+
+
+def _growth(
+    windows: npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.int64],
+    expected: npt.NDArray[np.float64],
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """Largest excess coverage over the last 32, 64, ... queries of each row's
+    window (the whole window last), and the distinct cells of the whole.
+
+    Several horizons because coverage saturates: a sweep covers every cell
+    in its first few dozen queries, and over a long window honest clients get
+    there too; the short horizons see how fast it happened."""
+    width = windows.shape[1]
+    horizons = sorted({min(h, width) for h in (32, 64, 128, 256)} | {width})
+    best = np.zeros(len(windows))
+    covered = np.zeros(len(windows), dtype=np.int64)
+    for h in horizons:
+        covered = _distinct(windows[:, width - h :])
+        used = np.minimum(lengths, h)
+        best = np.maximum(best, _excess(covered, expected[used]))
+    return best, covered
 
 
 def _excess(
@@ -248,7 +271,7 @@ class CoverageDetector(Detector[CoverageParams]):
         # The client's state after its last answer of the batch is what its
         # next queries are judged by.
         last = groups.start + groups.size - 1
-        excess = _excess(_distinct(windows[last]), self._expected_dec[lengths[last]])
+        excess, _ = _growth(windows[last], lengths[last], self._expected_dec)
         arrays["region_score"][groups.unique] = excess
 
     def _score_rows(
@@ -278,10 +301,11 @@ class CoverageDetector(Detector[CoverageParams]):
         seen = arrays["n_seen"][groups.unique][groups.group] + groups.position + 1
         arrays["n_seen"][groups.unique] += groups.size
         inverse = unsort(groups)
-        covered = _distinct(windows.astype(np.int64))[inverse]
+        growth, covered = _growth(windows.astype(np.int64), lengths, self._expected_in)
+        growth, covered = growth[inverse], covered[inverse]
         lengths, seen = lengths[inverse], seen[inverse]
         expected = self._expected_in[lengths]
-        input_part = np.where(seen >= p.min_queries, _excess(covered, expected), 0.0)
+        input_part = np.where(seen >= p.min_queries, growth, 0.0)
         region_part = np.where(
             arrays["n_answers"][slots] >= p.min_queries,
             arrays["region_score"][slots],

@@ -685,9 +685,7 @@ class FingerprintDetector(Detector[FingerprintParams]):
         # would otherwise have to recover from the arena.
         self._batch_clients = list(client_ids)
         try:
-            return super().score_batch(
-                client_ids, X, learn=learn, arrival_s=arrival_s
-            )
+            return super().score_batch(client_ids, X, learn=learn, arrival_s=arrival_s)
         finally:
             self._batch_clients = []
 

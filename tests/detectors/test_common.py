@@ -82,7 +82,7 @@ def run(
     ids: list[str],
     X: npt.NDArray[np.float64],
     learn: Any = None,
-    times: npt.NDArray[np.float64] | None = None,
+    times: npt.NDArray[Any] | None = None,
 ) -> list[DetectorScore]:
     """Score rows the way the gateway does for one batch: with arrival
     times, then the model's answers shown afterwards."""
