@@ -29,6 +29,7 @@ def push_ring(
     groups: Groups,
     sorted_values: npt.NDArray[Any],
     fill: float,
+    rows: IntArray | None = None,
 ) -> tuple[npt.NDArray[Any], IntArray]:
     """Append one value per row to each client's ring and return its windows.
 
@@ -43,12 +44,16 @@ def push_ring(
         The value of each row, in ``groups`` (sorted) order.
     fill
         Written in window cells before the client's first value.
+    rows
+        Sorted-order indices of the rows whose windows are wanted (all when
+        None); building windows is most of the cost, so a caller that needs
+        only each client's last one says so.
 
     Returns
     -------
     tuple of arrays
-        For each sorted row: its client's window just after the row, shape
-        (n, W), oldest first and the row's own value last (``fill`` on the
+        For each wanted row: its client's window just after the row, shape
+        (m, W), oldest first and the row's own value last (``fill`` on the
         left while the client has fewer than ``W`` values), and how many cells
         are filled.
     """
@@ -62,12 +67,14 @@ def push_ring(
     ring_index = (old_pos[:, None] - old_len[:, None] + columns[None, :]) % width
     old = ring[groups.unique[:, None], ring_index]  # oldest first
 
-    row_old_len = old_len[g]
-    total = row_old_len + t + 1
+    wanted = np.arange(n) if rows is None else rows
+    g_w = g[wanted]
+    row_old_len = old_len[g_w]
+    total = row_old_len + t[wanted] + 1
     k = total[:, None] - width + columns[None, :]  # index into old ++ new
     from_old = k < row_old_len[:, None]
-    old_vals = old[g[:, None], np.clip(k, 0, width - 1)]
-    new_index = groups.start[g][:, None] + (k - row_old_len[:, None])
+    old_vals = old[g_w[:, None], np.clip(k, 0, width - 1)]
+    new_index = groups.start[g_w][:, None] + (k - row_old_len[:, None])
     new_vals = sorted_values[np.clip(new_index, 0, max(n - 1, 0))]
     windows = np.where(from_old, old_vals, new_vals)
     windows[k < 0] = fill

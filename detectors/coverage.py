@@ -43,10 +43,10 @@ _CLASS_SLOTS = 256
 class CoverageParams(DetectorParams):
     """Parameters of :class:`CoverageDetector`."""
 
-    cells: int = Field(32, ge=4, le=255)
+    cells: int = Field(16, ge=4, le=255)
     """Cells of the input partition (k-means centroids on the reference)."""
 
-    window: int = Field(128, ge=8, le=4096)
+    window: int = Field(64, ge=8, le=4096)
     """Recent queries (and answers) per client whose coverage is counted."""
 
     kmeans_iterations: int = Field(15, ge=1, le=200)
@@ -54,7 +54,8 @@ class CoverageParams(DetectorParams):
 
     threshold: float = Field(0.25, gt=0.0, le=1.0)
     """Score at which a client is flagged; 0.25 is 1.33 times honest
-    coverage (on digits, 20 honest held-out clients reach at most 0.15)."""
+    coverage (on digits, 20 honest held-out clients reach at most 0.17, five
+    random-query thieves at least 0.32)."""
 
     min_queries: int = Field(30, ge=1, le=100_000)
     """Queries (for the input part) or answers (for the decision part) a
@@ -125,7 +126,7 @@ def _growth(
     in its first few dozen queries, and over a long window honest clients get
     there too; the short horizons see how fast it happened."""
     width = windows.shape[1]
-    horizons = sorted({min(h, width) for h in (32, 64, 128, 256)} | {width})
+    horizons = sorted({min(h, width) for h in (16, 32, 64, 128, 256)} | {width})
     best = np.zeros(len(windows))
     covered = np.zeros(len(windows), dtype=np.int64)
     for h in horizons:
@@ -172,8 +173,8 @@ class CoverageDetector(Detector[CoverageParams]):
     - the partition is fixed at start; a model whose inputs drift needs a
       restart to refit it.
 
-    Per-client state: two rings of ``window`` int16 keys and five counters,
-    about 550 bytes at the default window.
+    Per-client state: a ring of ``window`` int16 cells, one of ``window``
+    int32 regions and seven counters, 440 bytes at the default window.
     """
 
     name: ClassVar[str] = "coverage"
@@ -257,6 +258,9 @@ class CoverageDetector(Detector[CoverageParams]):
         arrays = self._arena.arrays
         groups = group_rows(slots)
         keys = self._region_keys(X, proba)[groups.order]
+        # The client's state after its last answer of the batch is what its
+        # next queries are judged by; only those windows are built.
+        last = groups.start + groups.size - 1
         windows, lengths = push_ring(
             arrays["regions"],
             arrays["regions_pos"],
@@ -264,14 +268,12 @@ class CoverageDetector(Detector[CoverageParams]):
             groups,
             keys.astype(np.int32),
             _FILL,
+            last,
         )
         arrays["n_answers"][groups.unique] += groups.size
         if self._expected_dec is None:
             return
-        # The client's state after its last answer of the batch is what its
-        # next queries are judged by.
-        last = groups.start + groups.size - 1
-        excess, _ = _growth(windows[last], lengths[last], self._expected_dec)
+        excess, _ = _growth(windows, lengths, self._expected_dec)
         arrays["region_score"][groups.unique] = excess
 
     def _score_rows(

@@ -187,16 +187,17 @@ class MarginDetector(Detector[MarginParams]):
             self._learn_baseline_rows(margin[learn], entropy[learn])
         groups = group_rows(slots)
         order = groups.order
-        # Two rings share pos/len: push the second on copies of the counters.
-        pos = arrays["pos"].copy()
-        length = arrays["len"].copy()
+        # Two rings share pos/len: push the first on copies of the counters.
+        # No windows are wanted here (rows=[]): scoring reads the rings.
+        none = np.zeros(0, dtype=np.int64)
         push_ring(
             arrays["margin"],
-            pos,
-            length,
+            arrays["pos"].copy(),
+            arrays["len"].copy(),
             groups,
             np.rint(margin[order] * _LEVELS).astype(np.uint8),
             0,
+            none,
         )
         push_ring(
             arrays["entropy"],
@@ -205,6 +206,7 @@ class MarginDetector(Detector[MarginParams]):
             groups,
             np.rint(entropy[order] * _LEVELS).astype(np.uint8),
             0,
+            none,
         )
         arrays["n_answers"][groups.unique] += groups.size
 

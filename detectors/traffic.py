@@ -201,14 +201,23 @@ class TrafficDetector(Detector[TrafficParams]):
                 bits[groups.order],
             )
 
-    def _z(self, features: npt.NDArray[np.float64]) -> tuple[float, int]:
-        """Largest suspicious-direction z-score and the feature giving it."""
+    def _spread(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """Honest mean per feature, and standard deviation with its floor."""
         means = np.array([v.mean.get() for v in self._baseline])
         stds = np.sqrt(np.maximum([v.get() for v in self._baseline], 0.0))
-        z = (features - means) / np.maximum(stds, _FLOORS)
-        z[1] = abs(z[1])  # burstiness: bursts and metronomes both stand out
-        best = int(np.argmax(z))
-        return max(float(z[best]), 0.0), best
+        return means, np.maximum(stds, _FLOORS)
+
+    @staticmethod
+    def _z(
+        features: npt.NDArray[np.float64],
+        spread: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]],
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+        """Per row of ``features`` (n, 5): the largest suspicious-direction
+        z-score (at least 0) and the feature giving it."""
+        z = (features - spread[0]) / spread[1]
+        z[:, 1] = np.abs(z[:, 1])  # burstiness: bursts and metronomes both stand out
+        best = np.argmax(z, axis=1)
+        return np.maximum(z[np.arange(len(z)), best], 0.0), best
 
     def _score_rows(
         self,
@@ -252,8 +261,9 @@ class TrafficDetector(Detector[TrafficParams]):
             for column, name in ((3, "errored"), (4, "rejected")):
                 filled = np.maximum(arrays[f"{name}_len"][judged_slots], 1)
                 feats[:, column] = arrays[name][judged_slots].sum(axis=1) / filled
+            spread = self._spread()
             for k in np.argsort(order[judged], kind="stable").tolist():
-                z, _ = self._z(feats[k])
+                z = float(self._z(feats[k : k + 1], spread)[0][0])
                 row = int(judged[k])
                 new_score[row] = z / (z + p.z_half)
                 new_warm[row] = self._learned >= p.min_baseline
@@ -265,6 +275,7 @@ class TrafficDetector(Detector[TrafficParams]):
                     ):
                         var.update(value)
                     self._learned += 1
+                    spread = self._spread()
 
         marker = np.full(n, -1, dtype=np.int64)
         marker[judged] = judged
@@ -282,17 +293,16 @@ class TrafficDetector(Detector[TrafficParams]):
         inverse = np.empty(n, dtype=np.int64)
         inverse[order] = np.arange(n)
         score, warm, held = score[inverse], warm[inverse], held[inverse]
-        stats_now = self.baseline()
-        evidence = []
-        for value, feats_row in zip(score.tolist(), held.tolist(), strict=True):
-            if value <= 0.0:
-                evidence.append("sending pattern like honest clients'")
-                continue
-            z, best = self._z(np.asarray(feats_row))
-            name = FEATURES[best]
-            evidence.append(
-                f"{name} {feats_row[best]:.3g} against honest "
-                f"{stats_now[name][0]:.3g} (z {z:.1f}) over the last "
-                f"{p.window} requests"
+        # Evidence against the baseline as it stands after the batch.
+        means = self._spread()[0]
+        zs, best = self._z(held, self._spread())
+        evidence = [
+            f"{FEATURES[b]} {f[b]:.3g} against honest {means[b]:.3g} (z {z:.1f}) "
+            f"over the last {p.window} requests"
+            if value > 0.0
+            else "sending pattern like honest clients'"
+            for value, f, b, z in zip(
+                score.tolist(), held.tolist(), best.tolist(), zs.tolist(), strict=True
             )
+        ]
         return self._scores(score, warm, evidence)
