@@ -187,7 +187,7 @@ def test_coverage_flags_random_and_boundary_queries_not_honest(
         random_thief,
         boundary_thief,
     )
-    assert min(random_thief.score, boundary_thief.score) > 2 * max(
+    assert min(random_thief.score, boundary_thief.score) > 1.5 * max(
         s.score for s in honest
     )
 
