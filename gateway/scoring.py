@@ -211,16 +211,26 @@ class Scorer:
         ]
         if not detectors:
             return
+        # A redelivered record's answer was observed the first time.
+        fresh = np.concatenate(
+            [
+                np.full(len(i.rows), not _redelivered(i))
+                for i in served
+                if i.rows is not None
+            ]
+        )
+        if not fresh.any():
+            return
         client_ids = [
             i.client_id or ""
             for i in served
-            if i.rows is not None
+            if i.rows is not None and not _redelivered(i)
             for _ in range(len(i.rows))
         ]
         # Standing now: a client flagged by this very batch no longer teaches.
         learn = [self.policy.good_standing(c) for c in client_ids]
-        x = scale_to_unit(rows, model.signature)
-        answers = np.asarray(proba, dtype=np.float64)
+        x = scale_to_unit(rows[fresh], model.signature)
+        answers = np.asarray(proba[fresh], dtype=np.float64)
         for detector in detectors:
             detector.observe_outputs(client_ids, x, answers, learn=learn)
 
@@ -230,7 +240,11 @@ class Scorer:
         per_model: dict[str, tuple[list[str], list[bool], list[bool]]] = {}
         for item in items:
             name = item.model_name
-            if item.client_id is None or name not in self._detectors:
+            if (
+                item.client_id is None
+                or name not in self._detectors
+                or _redelivered(item)
+            ):
                 continue
             error = item.error
             errored = isinstance(error, (ValidationError, BackendError))
@@ -379,6 +393,10 @@ def _apply_verdict(item: BatchItem) -> None:
             PolicyError("client is blocked", code="BLOCKED", retriable=True),
             action="block",
         )
+
+
+def _redelivered(item: BatchItem) -> bool:
+    return item.admission is not None and item.admission.outcome == "redelivery"
 
 
 def _learn_outputs(
