@@ -107,19 +107,36 @@ def fuse(
     >>> f.risk, f.top
     (1.0, (('ood', 1.0), ('margin', 0.5)))
     """
-    merged = {
-        name: decay(value, elapsed_s, half_life_s) for name, value in memory.items()
-    }
+    factor = decay(1.0, elapsed_s, half_life_s)
+    merged = (
+        {name: value * factor for name, value in memory.items()}
+        if factor != 1.0
+        else dict(memory)
+    )
     for name, value in current.items():
-        merged[name] = max(merged.get(name, 0.0), value)
+        if value > merged.get(name, 0.0):
+            merged[name] = value
     # Forget what has decayed to nothing, so the memory stays small.
     kept = {name: value for name, value in merged.items() if value >= 1e-3}
     ranked = sorted(
-        ((n, v) for n, v in kept.items() if n not in exclude and v > 0),
-        key=lambda pair: (-pair[1], pair[0]),
+        (
+            (value, name)
+            for name, value in kept.items()
+            if value > 0 and name not in exclude
+        ),
+        reverse=True,
+    )[:TOP_N]
+    top = tuple((name, value) for value, name in ranked)
+    return Fused(risk=ranked[0][0] if ranked else 0.0, top=top, memory=kept)
+
+
+def risk_without(memory: Mapping[str, float], exclude: Collection[str]) -> float:
+    """The largest remembered contribution leaving out ``exclude`` (the
+    enforced risk when some detectors are in shadow)."""
+    return max(
+        (value for name, value in memory.items() if name not in exclude),
+        default=0.0,
     )
-    risk = ranked[0][1] if ranked else 0.0
-    return Fused(risk=risk, top=tuple(ranked[:TOP_N]), memory=kept)
 
 
 def with_group(risk: float, group_risk: float) -> float:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from detectors import DetectorScore
-from detectors.fusion import contributions, decay, fuse
+from detectors.fusion import contributions, decay, fuse, risk_without
 from gateway.config import LadderRule, PolicyConfig
 
 logger = logging.getLogger(__name__)
@@ -181,21 +181,16 @@ class Policy:
         shadowed = frozenset(cfg.shadow_detectors)
         current = contributions(scores, cfg.detector_weights)
         elapsed_s = now_s - state.fused_at_s if state.fused_at_s else 0.0
-        would_fused = fuse(
-            state.fused, elapsed_s, current, half_life_s=cfg.risk_half_life_s
-        )
-        live_fused = fuse(
-            state.fused,
-            elapsed_s,
-            current,
-            half_life_s=cfg.risk_half_life_s,
-            exclude=shadowed,
-        )
-        state.fused, state.fused_at_s = would_fused.memory, now_s
-        risk, top = would_fused.risk, would_fused.top
-        live_risk = live_fused.risk
+        fused = fuse(state.fused, elapsed_s, current, half_life_s=cfg.risk_half_life_s)
+        state.fused, state.fused_at_s = fused.memory, now_s
+        risk, top = fused.risk, fused.top
+        live_risk = risk_without(fused.memory, shadowed) if shadowed else risk
         flagged = tuple(s for s in scores if s.flagged)
-        live_flagged = tuple(s for s in flagged if s.detector not in shadowed)
+        live_flagged = (
+            tuple(s for s in flagged if s.detector not in shadowed)
+            if shadowed
+            else flagged
+        )
 
         # A linked group is judged as one attacker: its risk is the client's
         # when larger, and counts as a flag when at flag_at.
@@ -216,8 +211,7 @@ class Policy:
         live = _step(state.live, live_risk, bool(live_flagged), live_rules, cfg, now_s)
         if flagged and SEVERITY[would.action] >= SEVERITY["flag"]:
             state.lifetime_flags += 1
-        verdict = _verdict(cfg, would, live, risk, live_risk, flagged)
-        verdict = dataclasses.replace(verdict, top=top)
+        verdict = _verdict(cfg, would, live, risk, live_risk, flagged, top)
         if verdict.action != "allow":
             logger.debug(
                 "policy verdict %s (enforced %s)",
@@ -326,6 +320,7 @@ def _verdict(
     risk: float,
     live_risk: float,
     flagged: tuple[DetectorScore, ...],
+    top: tuple[tuple[str, float], ...] = (),
 ) -> Verdict:
     """Join the two tracks' steps into what is recorded and what is enforced."""
     # What shadow changes: a query some detector flagged is at most flagged
@@ -363,6 +358,7 @@ def _verdict(
         delay_s=delay_s,
         hidden=hidden,
         cooldown_s=cfg.block_cooldown_s if enforced == "block" else 0.0,
+        top=top,
     )
     return verdict
 
