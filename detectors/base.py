@@ -201,6 +201,11 @@ class Detector(ABC, Generic[P]):
     name: ClassVar[str]
     Params: ClassVar[type[DetectorParams]]
     _mutable_params: ClassVar[frozenset[str]] = frozenset()
+    observes_outputs: ClassVar[bool] = False
+    """Whether :meth:`observe_outputs` does anything (else the gateway may skip
+    the call)."""
+    observes_outcomes: ClassVar[bool] = False
+    """Whether :meth:`observe_outcomes` does anything."""
 
     def __init__(self, params: P | None = None, *, seed: int = 0) -> None:
         if params is None:
@@ -214,6 +219,11 @@ class Detector(ABC, Generic[P]):
         self._seed = seed
         self._n_features: int | None = None
         self._arena: SlotArena | None = None
+        # Arrival times (wall clock, seconds) of the rows being scored, set by
+        # score_batch for the duration of _score_rows; None when not given.
+        # An attribute rather than an argument of _score_rows so that the
+        # detectors that ignore time keep their signature.
+        self._arrival_s: npt.NDArray[np.float64] | None = None
 
     # -- parameters ---------------------------------------------------------
 
@@ -273,6 +283,7 @@ class Detector(ABC, Generic[P]):
         X: npt.NDArray[np.float64],
         *,
         learn: Sequence[bool] | npt.NDArray[np.bool_] | None = None,
+        arrival_s: Sequence[float] | npt.NDArray[np.float64] | None = None,
     ) -> list[DetectorScore]:
         """Score a batch of queries, updating each client's state row by row.
 
@@ -288,6 +299,10 @@ class Detector(ABC, Generic[P]):
             Per row, whether the client is in good standing so the row may
             update a shared baseline (a flagged client never shapes what normal
             means). Per-client state always updates. Default: every row.
+        arrival_s
+            Per row, when the query arrived (wall clock, seconds), not
+            decreasing within a client. Only timing detectors (``traffic``)
+            read it; without it they take the time of the call for every row.
 
         Returns
         -------
@@ -314,11 +329,113 @@ class Detector(ABC, Generic[P]):
                     f"{self.name}: learn has shape {learn_mask.shape}, "
                     f"expected ({rows.shape[0]},)"
                 )
+        times = None
+        if arrival_s is not None:
+            times = np.asarray(arrival_s, dtype=np.float64)
+            if times.shape != (rows.shape[0],) or not np.isfinite(times).all():
+                raise ValueError(
+                    f"{self.name}: arrival_s must be {rows.shape[0]} finite times"
+                )
         if rows.shape[0] == 0:
             return []
         arena = self._ensure_arena(rows.shape[1])
         slots = arena.slots(client_ids)
-        return self._score_rows(slots, rows, learn_mask)
+        self._arrival_s = times
+        try:
+            return self._score_rows(slots, rows, learn_mask)
+        finally:
+            self._arrival_s = None
+
+    def observe_outputs(
+        self,
+        client_ids: Sequence[str],
+        X: npt.NDArray[np.float64],
+        proba: npt.NDArray[np.float64],
+        *,
+        learn: Sequence[bool] | npt.NDArray[np.bool_] | None = None,
+    ) -> None:
+        """Show the detector the model's answers to queries already scored.
+
+        Called after the model, on the rows it answered (a refused query
+        reveals nothing, so it is not shown). What a detector learns here can
+        only change the scores of the client's *next* queries: policy decides
+        before the model runs, because a query it refuses must never reach the
+        model. No-op unless ``observes_outputs``.
+
+        Parameters
+        ----------
+        client_ids, X, learn
+            As in :meth:`score_batch` (``X`` scaled to [0, 1]).
+        proba
+            Float array (n, k) of the model's class probabilities per row,
+            before any degrading of the answer.
+
+        Raises
+        ------
+        ValueError
+            Shapes that do not match, or a non-finite value.
+        """
+        if not self.observes_outputs:
+            return
+        rows = self._check_rows(X)
+        answers = np.asarray(proba, dtype=np.float64)
+        n = rows.shape[0]
+        if len(client_ids) != n or answers.ndim != 2 or answers.shape[0] != n:
+            raise ValueError(
+                f"{self.name}: {len(client_ids)} client ids, {n} rows and "
+                f"probabilities of shape {answers.shape} do not match"
+            )
+        if not np.isfinite(answers).all():
+            raise ValueError(f"{self.name}: probabilities hold NaN or infinity")
+        learn_mask = (
+            np.ones(n, dtype=bool) if learn is None else np.asarray(learn, dtype=bool)
+        )
+        if learn_mask.shape != (n,):
+            raise ValueError(f"{self.name}: learn has shape {learn_mask.shape}")
+        if n == 0:
+            return
+        arena = self._ensure_arena(rows.shape[1])
+        self._observe_rows(arena.slots(client_ids), rows, answers, learn_mask)
+
+    def observe_outcomes(
+        self,
+        client_ids: Sequence[str],
+        errored: Sequence[bool] | npt.NDArray[np.bool_],
+        rejected: Sequence[bool] | npt.NDArray[np.bool_],
+    ) -> None:
+        """Show the detector how each request of a batch ended.
+
+        One entry per request (not per row), in arrival order: ``errored``
+        when it failed (invalid input, a model error), ``rejected`` when the
+        gateway refused it (rate limit, throttle, block). Seen by the next
+        batch's scores. No-op unless ``observes_outcomes``.
+        """
+        if not self.observes_outcomes or self._arena is None:
+            return
+        err = np.asarray(errored, dtype=bool)
+        rej = np.asarray(rejected, dtype=bool)
+        if err.shape != (len(client_ids),) or rej.shape != err.shape:
+            raise ValueError(f"{self.name}: outcomes do not match the client ids")
+        if len(client_ids):
+            self._observe_outcome_rows(self._arena.slots(client_ids), err, rej)
+
+    def learn_output_baseline(
+        self, X: npt.NDArray[np.float64], proba: npt.NDArray[np.float64]
+    ) -> None:
+        """Learn what the model's answers to normal queries look like.
+
+        The gateway calls it at start with the reference sample and the
+        model's probabilities for it. No-op unless ``observes_outputs``.
+        """
+        if not self.observes_outputs:
+            return
+        rows = self._check_rows(X)
+        answers = np.asarray(proba, dtype=np.float64)
+        if answers.ndim != 2 or answers.shape[0] != rows.shape[0]:
+            raise ValueError(f"{self.name}: probabilities do not match the rows")
+        if rows.shape[0]:
+            self._ensure_arena(rows.shape[1])
+            self._learn_output_baseline(rows, answers)
 
     def learn_baseline(self, X: npt.NDArray[np.float64]) -> None:
         """Learn the shared baseline of normal queries from reference data.
@@ -424,6 +541,31 @@ class Detector(ABC, Generic[P]):
 
     def _learn_baseline(self, X: npt.NDArray[np.float64]) -> None:
         """Learn from validated reference rows; no-op without a baseline."""
+        return None
+
+    def _observe_rows(
+        self,
+        slots: npt.NDArray[np.int64],
+        X: npt.NDArray[np.float64],
+        proba: npt.NDArray[np.float64],
+        learn: npt.NDArray[np.bool_],
+    ) -> None:
+        """Take the model's answers to validated rows (``observes_outputs``)."""
+        return None
+
+    def _observe_outcome_rows(
+        self,
+        slots: npt.NDArray[np.int64],
+        errored: npt.NDArray[np.bool_],
+        rejected: npt.NDArray[np.bool_],
+    ) -> None:
+        """Take how each request ended (``observes_outcomes``)."""
+        return None
+
+    def _learn_output_baseline(
+        self, X: npt.NDArray[np.float64], proba: npt.NDArray[np.float64]
+    ) -> None:
+        """Learn from reference rows and the model's answers to them."""
         return None
 
     def _on_n_features(self, n_features: int) -> None:

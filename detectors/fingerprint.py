@@ -735,12 +735,13 @@ class FingerprintDetector(Detector[FingerprintParams]):
         X: npt.NDArray[np.float64],
         *,
         learn: Sequence[bool] | npt.NDArray[np.bool_] | None = None,
+        arrival_s: Sequence[float] | npt.NDArray[np.float64] | None = None,
     ) -> list[DetectorScore]:
         # The store is keyed by client id, which _score_rows (given slots)
         # would otherwise have to recover from the arena.
         self._batch_clients = list(client_ids)
         try:
-            return super().score_batch(client_ids, X, learn=learn)
+            return super().score_batch(client_ids, X, learn=learn, arrival_s=arrival_s)
         finally:
             self._batch_clients = []
 

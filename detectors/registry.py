@@ -12,12 +12,15 @@ from typing import Any
 import pydantic
 
 from detectors.base import Detector, describe_validation_error
+from detectors.coverage import CoverageDetector
 from detectors.fingerprint import FingerprintDetector
 from detectors.knn import KnnDistanceDetector
+from detectors.margin import MarginDetector
 from detectors.ood import OutOfDistributionDetector
 from detectors.prada import DistanceDistributionDetector
 from detectors.similarity import QuerySimilarityDetector
 from detectors.structure import ChangeStructureDetector
+from detectors.traffic import TrafficDetector
 
 DETECTORS: dict[str, type[Detector[Any]]] = {
     QuerySimilarityDetector.name: QuerySimilarityDetector,
@@ -26,6 +29,9 @@ DETECTORS: dict[str, type[Detector[Any]]] = {
     KnnDistanceDetector.name: KnnDistanceDetector,
     ChangeStructureDetector.name: ChangeStructureDetector,
     FingerprintDetector.name: FingerprintDetector,
+    CoverageDetector.name: CoverageDetector,
+    MarginDetector.name: MarginDetector,
+    TrafficDetector.name: TrafficDetector,
 }
 """Every registered detector class by its ``name``."""
 
@@ -57,8 +63,8 @@ def build_detectors(
     Examples
     --------
     >>> detectors = build_detectors({"similarity": {"eps": 0.04}}, seed=0)
-    >>> sorted(detectors), detectors["similarity"].params.eps
-    (['fingerprint', 'knn', 'ood', 'prada', 'similarity', 'structure'], 0.04)
+    >>> len(detectors), detectors["similarity"].params.eps
+    (9, 0.04)
     """
     unknown = sorted(set(overrides) - set(DETECTORS))
     if unknown:

@@ -90,6 +90,9 @@ class BatchItem:
     # risk of any member (the client's own when it is alone).
     group_id: str | None = None
     group_risk: float = 0.0
+    # When the request reached Kafka (the record's timestamp, wall clock,
+    # seconds); 0.0 when unknown. The traffic detector reads it.
+    arrived_s: float = 0.0
 
     @property
     def client_id(self) -> str | None:
@@ -147,6 +150,9 @@ def decode_record(topic: str, partition: int, record: Any, max_bytes: int) -> Ba
         record_key=(record.key or b"").decode("utf-8", "replace"),
         signature=signature,
     )
+    timestamp_ms = getattr(record, "timestamp", None)
+    if isinstance(timestamp_ms, int) and timestamp_ms > 0:
+        item.arrived_s = timestamp_ms / 1000.0
     if len(value) > max_bytes:
         item.fail(
             ValidationError(
@@ -282,6 +288,7 @@ def decision_for(
         hidden=item.hidden,
         group_id=item.group_id,
         group_risk=item.group_risk,
+        top_detectors=[f"{n}:{v:.3f}" for n, v in verdict.top] if verdict else [],
     )
 
 
@@ -308,6 +315,13 @@ def deadletter_for(
     )
 
 
+def _top_text(top: tuple[tuple[str, float], ...]) -> str:
+    """The fused risk's top contributors, as a clause for alert evidence."""
+    if not top:
+        return ""
+    return "; top contributors: " + ", ".join(f"{n} {v:.2f}" for n, v in top)
+
+
 def alerts_for(item: BatchItem, worker_id: str) -> list[dict[str, Any]]:
     """One CloudEvent per detector that flagged this item's query."""
     verdict = item.verdict
@@ -323,7 +337,7 @@ def alerts_for(item: BatchItem, worker_id: str) -> list[dict[str, Any]]:
             score=s.score,
             threshold=s.threshold,
             action=verdict.action,
-            evidence=s.evidence,
+            evidence=s.evidence + _top_text(verdict.top),
             request_id=item.request_id or "",
             query_index=item.query_index,
             shadow=verdict.shadow,

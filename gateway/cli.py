@@ -21,6 +21,7 @@ import typer
 
 from gateway import limits_cli, logs
 from gateway.admin import cli as admin_cli
+from gateway.calibrate_cli import calibrate as calibrate_command
 from gateway.cli_config import config_app
 from gateway.cli_eval import evaluate
 from gateway.config import Settings, load_settings
@@ -510,6 +511,7 @@ app.add_typer(admin_cli.admin_app, name="admin")
 app.add_typer(admin_cli.clients_app, name="clients")
 app.command("login")(admin_cli.login)
 app.command("eval")(evaluate)
+app.command("calibrate")(calibrate_command)
 
 
 def main() -> None:

@@ -291,6 +291,15 @@ class PolicyConfig(_Frozen):
     shadow_detectors: list[str] = []
     models: dict[str, PolicyOverride] = {}
     plans: dict[str, PolicyOverride] = {}
+    # Fusion (detectors/fusion.py): each detector's contribution to a client's
+    # risk halves every risk_half_life_s seconds unless renewed; 0 = the
+    # query's own scores alone (no memory).
+    risk_half_life_s: float = Field(120.0, ge=0, le=30 * 86_400)
+    # Per-detector weight on its score/threshold (default 1.0 each).
+    detector_weights: dict[str, Annotated[float, Field(ge=0, le=100)]] = {}
+    # A client in a linked group (gateway/groups.py) is judged on the larger
+    # of its risk and its group's; "group" in shadow_detectors shadows this.
+    group_risk: bool = True
 
     @field_validator("block_at")
     @classmethod

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from detectors import DetectorScore
+from detectors.fusion import contributions, decay, fuse, risk_without
 from gateway.config import LadderRule, PolicyConfig
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,14 @@ class _ClientPolicyState(msgspec.Struct):
     would: _Track = msgspec.field(default_factory=_Track)
     # The flag count of a snapshot from before the ladder (its field "flags").
     legacy_flags: int = msgspec.field(default=0, name="flags")
+    # Fusion memory: each detector's decayed contribution, as of fused_at_s.
+    fused: dict[str, float] = msgspec.field(default_factory=dict)
+    fused_at_s: float = 0.0
+    # The client's linked group (another key is linked to it) and the group's
+    # risk when last seen, as of group_at_s.
+    group_id: str | None = None
+    group_risk: float = 0.0
+    group_at_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +98,15 @@ class Verdict:
     delay_s: float = 0.0
     hidden: bool = False
     cooldown_s: float = 0.0
+    top: tuple[tuple[str, float], ...] = ()
+    """Up to three detectors contributing most to ``risk`` (fused, decayed),
+    with their contributions in threshold units; ``group`` when the linked
+    group's risk is what drives it."""
+
+
+GROUP = "group"
+"""Name under which a linked group's risk enters a verdict (and can be put
+in ``shadow_detectors``)."""
 
 
 class Policy:
@@ -158,10 +176,34 @@ class Policy:
         state = self._clients.setdefault(client_id, _ClientPolicyState())
         state.queries += 1
 
-        # Risk twice: every detector (would-be), and those not in shadow (live).
-        shadowed = set(cfg.shadow_detectors)
-        risk, flagged = _risk(scores, shadowed=frozenset())
-        live_risk, live_flagged = _risk(scores, shadowed=frozenset(shadowed))
+        # Risk twice: every detector (would-be), and those not in shadow
+        # (live); each the fused, decaying risk of detectors/fusion.py.
+        shadowed = frozenset(cfg.shadow_detectors)
+        current = contributions(scores, cfg.detector_weights)
+        elapsed_s = now_s - state.fused_at_s if state.fused_at_s else 0.0
+        fused = fuse(state.fused, elapsed_s, current, half_life_s=cfg.risk_half_life_s)
+        state.fused, state.fused_at_s = fused.memory, now_s
+        risk, top = fused.risk, fused.top
+        live_risk = risk_without(fused.memory, shadowed) if shadowed else risk
+        flagged = tuple(s for s in scores if s.flagged)
+        live_flagged = (
+            tuple(s for s in flagged if s.detector not in shadowed)
+            if shadowed
+            else flagged
+        )
+
+        # A linked group is judged as one attacker: its risk is the client's
+        # when larger, and counts as a flag when at flag_at.
+        group = self._group_score(state, cfg, now_s)
+        if group is not None and group.score > risk:
+            risk, top = group.score, ((GROUP, group.score), *top[:2])
+            if group.flagged and not flagged:
+                flagged = (group,)
+        if group is not None and GROUP not in shadowed and group.score > live_risk:
+            live_risk = group.score
+            if group.flagged and not live_flagged:
+                live_flagged = (group,)
+
         rules = cfg.ladder()
         live_rules = [] if cfg.shadow else [r for r in rules if not r.shadow]
 
@@ -169,7 +211,7 @@ class Policy:
         live = _step(state.live, live_risk, bool(live_flagged), live_rules, cfg, now_s)
         if flagged and SEVERITY[would.action] >= SEVERITY["flag"]:
             state.lifetime_flags += 1
-        verdict = _verdict(cfg, would, live, risk, live_risk, flagged)
+        verdict = _verdict(cfg, would, live, risk, live_risk, flagged, top)
         if verdict.action != "allow":
             logger.debug(
                 "policy verdict %s (enforced %s)",
@@ -178,6 +220,50 @@ class Policy:
                 extra={"client": client_id, "risk": risk, "shadow": verdict.shadow},
             )
         return verdict
+
+    def note_group(
+        self, client_id: str, group_id: str | None, group_risk: float
+    ) -> None:
+        """Remember the client's linked group and its risk (gateway/groups.py
+        computes both after a batch), for the client's next queries. ``None``
+        when the client is alone."""
+        state = self._clients.setdefault(client_id, _ClientPolicyState())
+        now_s = self._clock()
+        half_life_s = self.config.risk_half_life_s
+        own = max(
+            (
+                decay(v, now_s - state.fused_at_s, half_life_s) if half_life_s else v
+                for v in state.fused.values()
+            ),
+            default=0.0,
+        )
+        # The group's risk is its largest member's; when that is the client
+        # itself, the group adds nothing and must not count its flag twice.
+        if group_id is None or group_risk <= own + 1e-9:
+            group_id, group_risk = None, 0.0
+        state.group_id = group_id
+        state.group_risk = group_risk
+        state.group_at_s = now_s
+
+    def _group_score(
+        self, state: _ClientPolicyState, cfg: PolicyConfig, now_s: float
+    ) -> DetectorScore | None:
+        """The group's remembered risk as a score (threshold ``flag_at``), or
+        None when the client is alone or group risk is off."""
+        if not cfg.group_risk or state.group_id is None or state.group_risk <= 0:
+            return None
+        value = state.group_risk
+        if cfg.risk_half_life_s > 0:
+            value = decay(value, now_s - state.group_at_s, cfg.risk_half_life_s)
+        # In threshold units already; flagged like a detector at flag_at.
+        return DetectorScore(
+            detector=GROUP,
+            score=value,
+            threshold=cfg.flag_at,
+            flagged=value >= cfg.flag_at,
+            evidence=f"linked group {state.group_id} has risk {value:.2f}",
+            warm=True,
+        )
 
     def standing(
         self, client_id: str, *, model: str | None = None, plan: str | None = None
@@ -234,6 +320,7 @@ def _verdict(
     risk: float,
     live_risk: float,
     flagged: tuple[DetectorScore, ...],
+    top: tuple[tuple[str, float], ...] = (),
 ) -> Verdict:
     """Join the two tracks' steps into what is recorded and what is enforced."""
     # What shadow changes: a query some detector flagged is at most flagged
@@ -271,21 +358,9 @@ def _verdict(
         delay_s=delay_s,
         hidden=hidden,
         cooldown_s=cfg.block_cooldown_s if enforced == "block" else 0.0,
+        top=top,
     )
     return verdict
-
-
-def _risk(
-    scores: Sequence[DetectorScore], *, shadowed: frozenset[str]
-) -> tuple[float, tuple[DetectorScore, ...]]:
-    """The strongest warm detector relative to its own threshold, and the
-    detectors that flagged, leaving out those in ``shadowed``."""
-    risk = 0.0
-    for s in scores:
-        if s.warm and s.threshold > 0 and s.detector not in shadowed:
-            risk = max(risk, s.score / s.threshold)
-    flagged = tuple(s for s in scores if s.flagged and s.detector not in shadowed)
-    return risk, flagged
 
 
 def _step(

@@ -160,6 +160,9 @@ class DecisionRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     # Linked API keys (gateway.groups): the group's id and its largest risk.
     group_id: str | None = None
     group_risk: float = 0.0
+    # Fusion (detectors/fusion.py): the detectors contributing most to the
+    # client's decayed risk, each "name:contribution" (threshold units).
+    top_detectors: list[str] = []
 
 
 class DeadLetter(msgspec.Struct, frozen=True, omit_defaults=True):

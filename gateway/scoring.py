@@ -22,7 +22,7 @@ from detectors.fingerprint import FingerprintDetector
 from gateway.backends import ModelBackend
 from gateway.batch import BatchItem
 from gateway.config import PolicyConfig, Settings
-from gateway.errors import BackendError, PolicyError
+from gateway.errors import BackendError, PolicyError, ValidationError
 from gateway.groups import FingerprintBatch
 from gateway.metrics import WorkerMetrics
 from gateway.policy import SEVERITY, Policy
@@ -67,6 +67,8 @@ class Scorer:
             reference = scale_to_unit(model.reference, model.signature)
             for detector in detectors.values():
                 detector.learn_baseline(reference)
+            if any(d.observes_outputs for d in detectors.values()):
+                _learn_outputs(detectors, model, reference)
             self._detectors[name] = detectors
 
     def score_and_predict(self, items: Sequence[BatchItem]) -> None:
@@ -129,6 +131,8 @@ class Scorer:
                 n = len(item.rows) if item.rows is not None else 0
                 item.probabilities = self._shaped(item, proba[start : start + n])
                 start += n
+            self._observe_outputs(model, served, rows, proba)
+        self._observe_outcomes(items)
 
     def _score(self, model: ModelBackend, items: list[BatchItem]) -> None:
         # One matrix of every row of the batch, in arrival order, so that each
@@ -140,8 +144,10 @@ class Scorer:
         )
         client_ids = [i.client_id or "" for i in row_items]
         learn = [self.policy.good_standing(c) for c in client_ids]
+        now_s = time.time()
+        arrival_s = np.array([i.arrived_s or now_s for i in row_items])
         per_detector: dict[str, list[DetectorScore]] = {
-            name: detector.score_batch(client_ids, x, learn=learn)
+            name: detector.score_batch(client_ids, x, learn=learn, arrival_s=arrival_s)
             for name, detector in self._detectors[model.name].items()
         }
         for detector in self._detectors[model.name].values():
@@ -196,6 +202,86 @@ class Scorer:
 
         for item in items:
             _apply_verdict(item)
+
+    def _observe_outputs(
+        self,
+        model: ModelBackend,
+        served: list[BatchItem],
+        rows: np.ndarray,
+        proba: np.ndarray,
+    ) -> None:
+        """Show the detectors that read answers (coverage, margin) the raw
+        probabilities of the rows just served. They can only change the
+        client's NEXT queries' scores: policy decided these rows before the
+        model ran, because a refused query must never reach the model."""
+        detectors = [
+            d for d in self._detectors[model.name].values() if d.observes_outputs
+        ]
+        if not detectors:
+            return
+        # A redelivered record's answer was observed the first time.
+        fresh = np.concatenate(
+            [
+                np.full(len(i.rows), not _redelivered(i))
+                for i in served
+                if i.rows is not None
+            ]
+        )
+        if not fresh.any():
+            return
+        client_ids = [
+            i.client_id or ""
+            for i in served
+            if i.rows is not None and not _redelivered(i)
+            for _ in range(len(i.rows))
+        ]
+        # Standing now: a client flagged by this very batch no longer teaches.
+        learn = [self.policy.good_standing(c) for c in client_ids]
+        x = scale_to_unit(rows[fresh], model.signature)
+        answers = np.asarray(proba[fresh], dtype=np.float64)
+        for detector in detectors:
+            detector.observe_outputs(client_ids, x, answers, learn=learn)
+
+    def _observe_outcomes(self, items: Sequence[BatchItem]) -> None:
+        """Tell the detectors that count outcomes (traffic) how each request
+        of the batch ended; its next batch's scores see it."""
+        per_model: dict[str, tuple[list[str], list[bool], list[bool]]] = {}
+        for item in items:
+            name = item.model_name
+            if (
+                item.client_id is None
+                or name not in self._detectors
+                or _redelivered(item)
+            ):
+                continue
+            error = item.error
+            errored = isinstance(error, (ValidationError, BackendError))
+            rejected = (error is not None and not errored) or item.action in (
+                "block",
+                "throttle",
+            )
+            ids, errs, rejs = per_model.setdefault(name, ([], [], []))
+            ids.append(item.client_id)
+            errs.append(errored)
+            rejs.append(rejected)
+        for name, (ids, errs, rejs) in per_model.items():
+            for detector in self._detectors[name].values():
+                if detector.observes_outcomes:
+                    detector.observe_outcomes(ids, errs, rejs)
+
+    def note_groups(self, items: Sequence[BatchItem]) -> None:
+        """After gateway.groups has put ``group_id``/``group_risk`` on the
+        batch's items, remember them in the policy, so each client's next
+        queries are judged on the larger of its and its group's risk."""
+        seen: dict[str, tuple[str | None, float]] = {}
+        for item in items:
+            if item.client_id is None or item.verdict is None:
+                continue
+            before = seen.get(item.client_id, (None, 0.0))
+            if item.group_risk >= before[1]:
+                seen[item.client_id] = (item.group_id, item.group_risk)
+        for client_id, (group_id, risk) in seen.items():
+            self.policy.note_group(client_id, group_id, risk)
 
     def _shaped(self, item: BatchItem, proba: np.ndarray) -> np.ndarray:
         """Degrade shapes the answer, not the status: a degraded client still
@@ -315,3 +401,28 @@ def _apply_verdict(item: BatchItem) -> None:
             PolicyError("client is blocked", code="BLOCKED", retriable=True),
             action="block",
         )
+
+
+def _redelivered(item: BatchItem) -> bool:
+    return item.admission is not None and item.admission.outcome == "redelivery"
+
+
+def _learn_outputs(
+    detectors: Mapping[str, Detector[Any]],
+    model: ModelBackend,
+    reference: np.ndarray,
+) -> None:
+    """Seed the answer-reading detectors with the model's answers to its own
+    reference sample (what honest answers look like until honest traffic
+    teaches them). A model that cannot answer now only leaves them cold."""
+    try:
+        proba = np.asarray(model.predict_proba(model.reference), dtype=np.float64)
+    except BackendError:
+        logger.warning(
+            "no reference answers for the answer-reading detectors",
+            extra={"model": model.name},
+            exc_info=True,
+        )
+        return
+    for detector in detectors.values():
+        detector.learn_output_baseline(reference, proba)

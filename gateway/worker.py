@@ -390,6 +390,7 @@ class Worker:
             timer.lap("detect_predict")
             if self._cross is not None:
                 await self._cross.after_scoring(items, self._scorer.take_fingerprints())
+                self._scorer.note_groups(items)
             await self._enforce_blocks(items)
             await self._release_unserved(items)
             assert self._clientview is not None

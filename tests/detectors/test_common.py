@@ -51,6 +51,48 @@ def mixed_stream(
     return ids, rows
 
 
+_ANSWERS = np.random.default_rng(11).normal(0.0, 1.0, (64, 10))
+
+
+def answers(X: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """A fixed stand-in model's probabilities (softmax of a random linear map),
+    for the detectors that read the model's answers."""
+    logits = (X - 0.3) @ _ANSWERS
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return np.asarray(e / e.sum(axis=1, keepdims=True))
+
+
+def arrivals(n: int, seed: int = 0) -> npt.NDArray[np.float64]:
+    """Arrival times (seconds) of a stream's rows: increasing, Poisson-like."""
+    return 1.7e9 + np.cumsum(np.random.default_rng(seed).exponential(0.2, n))
+
+
+def observe(
+    detector: Detector[Any],
+    ids: list[str],
+    X: npt.NDArray[np.float64],
+    learn: Any = None,
+) -> None:
+    """Show the detector the stand-in model's answers to these rows."""
+    detector.observe_outputs(ids, X, answers(X), learn=learn)
+
+
+def run(
+    detector: Detector[Any],
+    ids: list[str],
+    X: npt.NDArray[np.float64],
+    learn: Any = None,
+    times: npt.NDArray[Any] | None = None,
+) -> list[DetectorScore]:
+    """Score rows the way the gateway does for one batch: with arrival
+    times, then the model's answers shown afterwards."""
+    if times is None:
+        times = arrivals(len(ids))
+    scores = detector.score_batch(ids, X, learn=learn, arrival_s=times)
+    observe(detector, ids, X, learn)
+    return scores
+
+
 def key(scores: list[DetectorScore]) -> list[tuple[float, bool, bool]]:
     return [(s.score, s.flagged, s.warm) for s in scores]
 
@@ -61,7 +103,7 @@ def test_state_round_trip_gives_identical_scores(name: str, digits: Digits) -> N
     ids, X = mixed_stream(digits, 400, 5, seed=1)
     # learn=False keeps the shared baseline equal to a fresh detector's, so only
     # per-client state can explain a difference.
-    original.score_batch(ids, X, learn=[False] * len(ids))
+    run(original, ids, X, learn=[False] * len(ids))
 
     restored = build(name, digits)
     if isinstance(original, FingerprintDetector) and isinstance(
@@ -80,8 +122,9 @@ def test_state_round_trip_gives_identical_scores(name: str, digits: Digits) -> N
 
     ids, X = mixed_stream(digits, 300, 5, seed=2)
     no_learning = [False] * len(ids)
-    assert original.score_batch(ids, X, learn=no_learning) == restored.score_batch(
-        ids, X, learn=no_learning
+    times = arrivals(len(ids), seed=2) + 1000.0
+    assert run(original, ids, X, no_learning, times) == run(
+        restored, ids, X, no_learning, times
     )
 
 
@@ -89,8 +132,9 @@ def test_state_round_trip_gives_identical_scores(name: str, digits: Digits) -> N
 def test_scores_are_finite_and_consistent(name: str, digits: Digits) -> None:
     detector = build(name, digits)
     ids, X = mixed_stream(digits, 500, 4, seed=3)
-    scores = detector.score_batch(ids, X)
-    assert len(scores) == len(ids)
+    run(detector, ids[:250], X[:250], times=arrivals(500)[:250])
+    scores = run(detector, ids[250:], X[250:], times=arrivals(500)[250:])
+    assert len(scores) == len(ids) - 250
     for s in scores:
         assert s.detector == name
         assert np.isfinite(s.score) and 0.0 <= s.score <= 1.0
@@ -103,8 +147,8 @@ def test_scores_are_finite_and_consistent(name: str, digits: Digits) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_same_seed_same_scores(name: str, digits: Digits) -> None:
     ids, X = mixed_stream(digits, 400, 6, seed=4)
-    first = build(name, digits, seed=7).score_batch(ids, X)
-    second = build(name, digits, seed=7).score_batch(ids, X)
+    first = run(build(name, digits, seed=7), ids, X)
+    second = run(build(name, digits, seed=7), ids, X)
     assert first == second
 
 
@@ -114,22 +158,40 @@ def test_batch_scores_equal_row_by_row(name: str, digits: Digits) -> None:
     # the vectorised-small and the per-client-big kind.
     ids, X = mixed_stream(digits, 700, 3, seed=5)
     learn = np.random.default_rng(5).random(len(ids)) < 0.7
+    times = arrivals(len(ids), seed=5)
 
-    whole = build(name, digits).score_batch(ids, X, learn=learn)
+    # The model's answers are shown first, for the whole stream, in the same
+    # cuts as the scoring: interleaving them with scoring would make the
+    # answers a score sees depend on the cuts, by design (they arrive after
+    # the model call, one batch later).
+    whole = build(name, digits)
+    observe(whole, ids, X, learn)
+    whole_scores = whole.score_batch(ids, X, learn=learn, arrival_s=times)
 
     one_by_one = build(name, digits)
+    for i in range(len(ids)):
+        observe(one_by_one, ids[i : i + 1], X[i : i + 1], learn[i : i + 1])
     single = [
-        one_by_one.score_batch(ids[i : i + 1], X[i : i + 1], learn=learn[i : i + 1])[0]
+        one_by_one.score_batch(
+            ids[i : i + 1],
+            X[i : i + 1],
+            learn=learn[i : i + 1],
+            arrival_s=times[i : i + 1],
+        )[0]
         for i in range(len(ids))
     ]
 
     uneven = build(name, digits)
     cuts = [0, 1, 9, 10, 150, 151, 420, 700]
+    for a, b in itertools.pairwise(cuts):
+        observe(uneven, ids[a:b], X[a:b], learn[a:b])
     pieces: list[DetectorScore] = []
     for a, b in itertools.pairwise(cuts):
-        pieces += uneven.score_batch(ids[a:b], X[a:b], learn=learn[a:b])
+        pieces += uneven.score_batch(
+            ids[a:b], X[a:b], learn=learn[a:b], arrival_s=times[a:b]
+        )
 
-    assert key(whole) == key(single) == key(pieces)
+    assert key(whole_scores) == key(single) == key(pieces)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -137,10 +199,10 @@ def test_state_stays_bounded(name: str, digits: Digits) -> None:
     detector = build(name, digits)
     rng = np.random.default_rng(6)
     d = digits.train.shape[1]
-    detector.score_batch(["long"] * 20, rng.random((20, d)))
+    run(detector, ["long"] * 20, rng.random((20, d)))
     early = detector.state_nbytes("long")
-    for _ in range(10):
-        detector.score_batch(["long"] * 500, rng.random((500, d)))
+    for i in range(10):
+        run(detector, ["long"] * 500, rng.random((500, d)), times=arrivals(500, i) + i)
     blob = detector.dump_state("long")
     assert blob is not None
     assert detector.state_nbytes("long") == early
@@ -257,7 +319,7 @@ def test_detectors_import_no_service_code() -> None:
 def test_corrupt_state_is_refused_or_harmless(name: str, digits: Digits) -> None:
     detector = build(name, digits)
     ids, X = mixed_stream(digits, 60, 1, seed=8)
-    detector.score_batch(ids, X)
+    run(detector, ids, X)
     blob = detector.dump_state(ids[0])
     assert blob is not None
     state = decode_blob(blob)
@@ -271,6 +333,36 @@ def test_corrupt_state_is_refused_or_harmless(name: str, digits: Digits) -> None
             except ValueError:
                 assert fresh.clients() == []
                 continue
-            # Accepted: it must still score without error.
-            scores = fresh.score_batch(["x"] * 5, X[:5])
+            # Accepted: it must still score and observe without error.
+            scores = run(fresh, ["x"] * 5, X[:5], times=arrivals(5) + 99.0)
             assert all(np.isfinite(s.score) for s in scores), field
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_flagged_clients_do_not_shape_the_baseline(name: str, digits: Digits) -> None:
+    """Issue 3: baselines learn only from clients in good standing. A client
+    whose rows come with learn=False (the gateway's flagged clients) must
+    leave every other client's scores exactly as if it had never sent."""
+    rng = np.random.default_rng(12)
+    d = digits.train.shape[1]
+    honest_ids, honest_X = mixed_stream(digits, 300, 4, seed=13)
+    probe_ids, probe_X = mixed_stream(digits, 200, 3, seed=14)
+    probe_ids = [f"probe-{c}" for c in probe_ids]
+    flagged_X = rng.random((400, d))
+    flagged_times = 1.7e9 + np.arange(400) * 0.01  # a fast metronome
+
+    with_flagged = build(name, digits)
+    without = build(name, digits)
+    for detector in (with_flagged, without):
+        run(detector, honest_ids, honest_X, times=arrivals(300, 13))
+    run(with_flagged, ["flagged"] * 400, flagged_X, [False] * 400, flagged_times)
+    if isinstance(with_flagged, FingerprintDetector) and isinstance(
+        without, FingerprintDetector
+    ):
+        # Its shared store is cross-client evidence, not a baseline of
+        # normal: it keeps a flagged client's rows on purpose.
+        without.store = copy.deepcopy(with_flagged.store)
+    times = arrivals(200, 14) + 500.0
+    assert key(run(with_flagged, probe_ids, probe_X, None, times)) == key(
+        run(without, probe_ids, probe_X, None, times)
+    )

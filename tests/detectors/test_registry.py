@@ -11,9 +11,12 @@ from detectors import (
     QuerySimilarityDetector,
     build_detectors,
 )
+from detectors.coverage import CoverageDetector
 from detectors.fingerprint import FingerprintDetector
 from detectors.knn import KnnDistanceDetector
+from detectors.margin import MarginDetector
 from detectors.structure import ChangeStructureDetector
+from detectors.traffic import TrafficDetector
 
 
 def test_registry_names_match_classes() -> None:
@@ -24,6 +27,9 @@ def test_registry_names_match_classes() -> None:
         "knn": KnnDistanceDetector,
         "structure": ChangeStructureDetector,
         "fingerprint": FingerprintDetector,
+        "coverage": CoverageDetector,
+        "margin": MarginDetector,
+        "traffic": TrafficDetector,
     }
     assert expected == DETECTORS
     for name, cls in DETECTORS.items():

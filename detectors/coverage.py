@@ -1,0 +1,329 @@
+"""Coverage detector: a client exploring the input space and the decision
+regions faster than honest use does.
+
+After Kesarwani et al. ("Model Extraction Warning in MLaaS Paradigm", 2018),
+who watch how much of a partition of the input space each user's queries
+cover. Here the partition is a small k-means quantiser (``cells`` centroids)
+fitted on the model's reference data; a query falls in its nearest cell, and
+an answered query in the *decision region* (cell, predicted class). Honest
+clients draw inputs like the reference data, so after ``n`` queries they cover
+about ``E(n) = sum_c 1 - (1 - p_c)^n`` cells, with ``p_c`` the reference share
+of cell ``c``; an extractor sweeping the space, or walking along class
+boundaries, covers more cells, or more (cell, class) pairs, than that.
+
+The decision-region part needs the model's answers, so it is counted in
+:meth:`~detectors.base.Detector.observe_outputs` and judges the client's next
+queries.
+
+Imports numpy and pydantic only; nothing from Kafka, Redis, FastAPI or
+``gateway``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import Field
+
+from detectors._ring import check_ring_counters, push_ring, unsort
+from detectors._state import FieldSpec, group_rows
+from detectors.base import Detector, DetectorParams, DetectorScore
+
+logger = logging.getLogger(__name__)
+
+_FILL = -1
+_CLASS_SLOTS = 256
+"""Decision-region keys are ``cell * 256 + class`` (classes above 255 share)."""
+
+
+class CoverageParams(DetectorParams):
+    """Parameters of :class:`CoverageDetector`."""
+
+    cells: int = Field(16, ge=4, le=255)
+    """Cells of the input partition (k-means centroids on the reference)."""
+
+    window: int = Field(64, ge=8, le=4096)
+    """Recent queries (and answers) per client whose coverage is counted."""
+
+    kmeans_iterations: int = Field(15, ge=1, le=200)
+    """Lloyd iterations when fitting the partition."""
+
+    threshold: float = Field(0.25, gt=0.0, le=1.0)
+    """Score at which a client is flagged; 0.25 is 1.33 times honest
+    coverage (on digits, 20 honest held-out clients reach at most 0.17, five
+    random-query thieves at least 0.32)."""
+
+    min_queries: int = Field(30, ge=1, le=100_000)
+    """Queries (for the input part) or answers (for the decision part) a
+    client must have had before that part can flag it."""
+
+
+def kmeans(
+    X: npt.NDArray[np.float64], k: int, iterations: int, seed: int
+) -> npt.NDArray[np.float64]:
+    """Centroids of a plain Lloyd k-means with k-means++ seeding."""
+    rng = np.random.default_rng(seed)
+    k = min(k, len(X))
+    centres = np.empty((k, X.shape[1]))
+    centres[0] = X[rng.integers(len(X))]
+    nearest = ((X - centres[0]) ** 2).sum(axis=1)
+    for i in range(1, k):
+        total = nearest.sum()
+        pick = (
+            rng.integers(len(X))
+            if total <= 0
+            else rng.choice(len(X), p=nearest / total)
+        )
+        centres[i] = X[pick]
+        nearest = np.minimum(nearest, ((X - centres[i]) ** 2).sum(axis=1))
+    for _ in range(iterations):
+        labels = assign(X, centres)
+        for c in range(k):
+            members = X[labels == c]
+            if len(members):
+                centres[c] = members.mean(axis=0)
+    return centres
+
+
+def assign(
+    X: npt.NDArray[np.float64], centres: npt.NDArray[np.float64]
+) -> npt.NDArray[np.int64]:
+    """Index of each row's nearest centre (one matrix product)."""
+    d2 = (centres**2).sum(axis=1)[None, :] - 2.0 * (X @ centres.T)
+    return np.asarray(np.argmin(d2, axis=1), dtype=np.int64)
+
+
+def expected_coverage(
+    counts: npt.NDArray[np.float64], horizon: int
+) -> npt.NDArray[np.float64]:
+    """Expected distinct cells after ``n`` i.i.d. draws, for n = 0..horizon,
+    with cell probabilities proportional to ``counts``."""
+    p = counts[counts > 0] / counts.sum()
+    n = np.arange(horizon + 1, dtype=np.float64)
+    return np.asarray((1.0 - (1.0 - p[None, :]) ** n[:, None]).sum(axis=1))
+
+
+def _distinct(windows: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Distinct values per row, not counting ``_FILL``."""
+    ordered = np.sort(windows, axis=1)
+    changes = (ordered[:, 1:] != ordered[:, :-1]).sum(axis=1) + 1
+    return np.asarray(changes - (ordered[:, 0] == _FILL), dtype=np.int64)
+
+
+def _growth(
+    windows: npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.int64],
+    expected: npt.NDArray[np.float64],
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """Largest excess coverage over the last 32, 64, ... queries of each row's
+    window (the whole window last), and the distinct cells of the whole.
+
+    Several horizons because coverage saturates: a sweep covers every cell
+    in its first few dozen queries, and over a long window honest clients get
+    there too; the short horizons see how fast it happened."""
+    width = windows.shape[1]
+    horizons = sorted({min(h, width) for h in (16, 32, 64, 128, 256)} | {width})
+    best = np.zeros(len(windows))
+    covered = np.zeros(len(windows), dtype=np.int64)
+    for h in horizons:
+        covered = _distinct(windows[:, width - h :])
+        used = np.minimum(lengths, h)
+        best = np.maximum(best, _excess(covered, expected[used]))
+    return best, covered
+
+
+def _excess(
+    covered: npt.NDArray[np.int64], expected: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """``1 - E / covered`` where the client covers more than ``E``, else 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(covered > 0, expected / np.maximum(covered, 1), 1.0)
+    return np.clip(1.0 - ratio, 0.0, 1.0)
+
+
+class CoverageDetector(Detector[CoverageParams]):
+    """How much more of the input partition, and of its decision regions, a
+    client's last ``window`` queries cover than honest clients' would.
+
+    With ``c`` the distinct cells among the client's last ``m`` queries and
+    ``E(m)`` the honest expectation, the input part is ``1 - E(m) / c`` when
+    ``c > E(m)``, else 0; the decision part is the same over (cell, predicted
+    class) pairs among the last ``m`` answers, with ``E`` from the model's
+    answers to the reference data. The score is the larger part.
+
+    Score: in [0, 1], higher is more suspicious (0.5: twice the honest
+    coverage). Cold until a partition exists and ``min_queries`` are seen.
+
+    When it is weak:
+
+    - ``E(m)`` assumes honest queries are independent draws from the
+      reference distribution; a real client sends a narrower mix, so it
+      scores low, and so does a thief that stays within the reference data's
+      populated cells (a knockoff thief with natural data; ``prada`` and
+      ``ood`` look at other things);
+    - uniform random queries in a high-dimensional space fall in the few
+      cells nearest the middle of the data, so the input part barely moves
+      for them; their *decision* part moves, and ``ood`` flags them;
+    - a thief spreading queries over many keys covers little per key (key
+      linking fuses the group's risk);
+    - the partition is fixed at start; a model whose inputs drift needs a
+      restart to refit it.
+
+    Per-client state: a ring of ``window`` int16 cells, one of ``window``
+    int32 regions and seven counters, 440 bytes at the default window.
+    """
+
+    name: ClassVar[str] = "coverage"
+    Params: ClassVar[type[CoverageParams]] = CoverageParams
+    _mutable_params: ClassVar[frozenset[str]] = frozenset({"threshold", "min_queries"})
+    observes_outputs: ClassVar[bool] = True
+
+    def __init__(self, params: CoverageParams | None = None, *, seed: int = 0) -> None:
+        super().__init__(params, seed=seed)
+        self._centres: npt.NDArray[np.float64] | None = None
+        self._expected_in: npt.NDArray[np.float64] | None = None
+        self._expected_dec: npt.NDArray[np.float64] | None = None
+
+    @property
+    def centres(self) -> npt.NDArray[np.float64] | None:
+        """The partition's centroids, once fitted."""
+        return self._centres
+
+    def _layout(self, n_features: int) -> dict[str, FieldSpec]:
+        window = self._params.window
+        return {
+            "cells": FieldSpec((window,), "<i2"),
+            "cells_pos": FieldSpec((), "<i8"),
+            "cells_len": FieldSpec((), "<i8"),
+            "n_seen": FieldSpec((), "<i8"),
+            "regions": FieldSpec((window,), "<i4"),
+            "regions_pos": FieldSpec((), "<i8"),
+            "regions_len": FieldSpec((), "<i8"),
+            "n_answers": FieldSpec((), "<i8"),
+            "region_score": FieldSpec((), "<f8"),
+        }
+
+    def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
+        check_ring_counters(values, "cells", "cells_pos", "cells_len")
+        check_ring_counters(values, "regions", "regions_pos", "regions_len")
+        score = float(values["region_score"])
+        if not 0.0 <= score <= 1.0:
+            raise ValueError("state field 'region_score' is outside [0, 1]")
+
+    def _learn_baseline(self, X: npt.NDArray[np.float64]) -> None:
+        p = self._params
+        self._centres = kmeans(X, p.cells, p.kmeans_iterations, self._seed)
+        counts = np.bincount(assign(X, self._centres), minlength=len(self._centres))
+        self._expected_in = expected_coverage(counts.astype(np.float64), p.window)
+        logger.debug(
+            "coverage partition of %d cells from %d rows",
+            len(self._centres),
+            len(X),
+            extra={"detector": self.name},
+        )
+
+    def _learn_output_baseline(
+        self, X: npt.NDArray[np.float64], proba: npt.NDArray[np.float64]
+    ) -> None:
+        if self._centres is None:
+            self._learn_baseline(X)
+        assert self._centres is not None
+        keys = self._region_keys(X, proba)
+        counts = np.bincount(keys).astype(np.float64)
+        self._expected_dec = expected_coverage(counts, self._params.window)
+
+    def _region_keys(
+        self, X: npt.NDArray[np.float64], proba: npt.NDArray[np.float64]
+    ) -> npt.NDArray[np.int64]:
+        assert self._centres is not None
+        label = np.minimum(np.argmax(proba, axis=1), _CLASS_SLOTS - 1)
+        keys = assign(X, self._centres) * _CLASS_SLOTS + label
+        return np.asarray(keys, dtype=np.int64)
+
+    def _observe_rows(
+        self,
+        slots: npt.NDArray[np.int64],
+        X: npt.NDArray[np.float64],
+        proba: npt.NDArray[np.float64],
+        learn: npt.NDArray[np.bool_],
+    ) -> None:
+        del learn  # the expectation comes from the reference data only
+        if self._centres is None:
+            return
+        assert self._arena is not None
+        arrays = self._arena.arrays
+        groups = group_rows(slots)
+        keys = self._region_keys(X, proba)[groups.order]
+        # The client's state after its last answer of the batch is what its
+        # next queries are judged by; only those windows are built.
+        last = groups.start + groups.size - 1
+        windows, lengths = push_ring(
+            arrays["regions"],
+            arrays["regions_pos"],
+            arrays["regions_len"],
+            groups,
+            keys.astype(np.int32),
+            _FILL,
+            last,
+        )
+        arrays["n_answers"][groups.unique] += groups.size
+        if self._expected_dec is None:
+            return
+        excess, _ = _growth(windows, lengths, self._expected_dec)
+        arrays["region_score"][groups.unique] = excess
+
+    def _score_rows(
+        self,
+        slots: npt.NDArray[np.int64],
+        X: npt.NDArray[np.float64],
+        learn: npt.NDArray[np.bool_],
+    ) -> list[DetectorScore]:
+        del learn  # the expectation comes from the reference data only
+        assert self._arena is not None
+        n = len(slots)
+        if self._centres is None or self._expected_in is None:
+            evidence = ["no input partition yet, so no query is judged"] * n
+            return self._scores(np.zeros(n), np.zeros(n, dtype=bool), evidence)
+        arrays = self._arena.arrays
+        p = self._params
+        groups = group_rows(slots)
+        cells = assign(X, self._centres)[groups.order]
+        windows, lengths = push_ring(
+            arrays["cells"],
+            arrays["cells_pos"],
+            arrays["cells_len"],
+            groups,
+            cells.astype(np.int16),
+            _FILL,
+        )
+        seen = arrays["n_seen"][groups.unique][groups.group] + groups.position + 1
+        arrays["n_seen"][groups.unique] += groups.size
+        inverse = unsort(groups)
+        growth, covered = _growth(windows.astype(np.int64), lengths, self._expected_in)
+        growth, covered = growth[inverse], covered[inverse]
+        lengths, seen = lengths[inverse], seen[inverse]
+        expected = self._expected_in[lengths]
+        input_part = np.where(seen >= p.min_queries, growth, 0.0)
+        region_part = np.where(
+            arrays["n_answers"][slots] >= p.min_queries,
+            arrays["region_score"][slots],
+            0.0,
+        )
+        score = np.maximum(input_part, region_part)
+        warm = (seen >= p.min_queries) | (arrays["n_answers"][slots] >= p.min_queries)
+        evidence = [
+            f"last {m} queries cover {c} of {p.cells} input cells (honest about "
+            f"{e:.0f}); decision-region part {r:.2f}"
+            for m, c, e, r in zip(
+                lengths.tolist(),
+                covered.tolist(),
+                expected.tolist(),
+                region_part.tolist(),
+                strict=True,
+            )
+        ]
+        return self._scores(score, warm, evidence)
