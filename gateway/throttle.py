@@ -21,7 +21,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from gateway.config import Settings
+from gateway.config import LimitsConfig, Settings
 from gateway.store import check_client_id, redis_guard
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,12 @@ class ThrottleStore:
         self._timeout_s = settings.redis.socket_timeout_s
         self._rate_per_s = settings.limits.rate_per_s
         self._burst = settings.limits.burst
+
+    def set_limits(self, limits: LimitsConfig) -> None:
+        """Follow a live change of ``limits.rate_per_s`` and ``limits.burst``
+        from the next batch on."""
+        self._rate_per_s = limits.rate_per_s
+        self._burst = limits.burst
 
     def key(self, client_id: str) -> str:
         return f"{self._prefix}:{{c:{client_id}}}:throttle"

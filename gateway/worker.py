@@ -524,6 +524,8 @@ class Worker:
         self.settings = self.settings.model_copy(update={"limits": limits})
         if self._store is not None:
             self._store.set_limits(limits)
+        if self._throttle is not None:
+            self._throttle.set_limits(limits)
 
     async def _admit(self, items: list[BatchItem]) -> None:
         assert self._admitter is not None
