@@ -64,7 +64,16 @@ logger = logging.getLogger(__name__)
 CLIENT_IDS = tuple(f"bench-{i:02d}" for i in range(50))
 BATCH_ITEMS = 500
 # The worker's stages, in the order ``Worker.process_records`` times them.
-STAGES = ("decode", "auth", "validate", "admit", "detect_predict", "produce")
+STAGES = (
+    "decode",
+    "auth",
+    "validate",
+    "admit",
+    "detect_predict",
+    "cross_client",
+    "record",
+    "produce",
+)
 # Limits no bench client reaches: a refusal would be timed instead of the work.
 _NO_LIMIT_RATE_PER_S = 1_000_000.0
 _NO_LIMIT_BURST = 1_000_000

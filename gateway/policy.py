@@ -129,6 +129,9 @@ class Policy:
         self._clock = clock
         self._clients: dict[str, _ClientPolicyState] = {}
         self._resolved: dict[tuple[str | None, str | None], PolicyConfig] = {}
+        # Every rule list and its live part, per resolved config (by identity:
+        # resolve() caches them), so that a query does not rebuild the ladder.
+        self._ladders: dict[int, tuple[list[LadderRule], list[LadderRule]]] = {}
 
     def reconfigure(self, config: PolicyConfig) -> None:
         """Swap the rules at run time; every client's memory (flags, blocks,
@@ -138,7 +141,16 @@ class Policy:
         batch being scored may otherwise mix the old and the new rules."""
         self.config = config
         self._resolved = {}
+        self._ladders = {}
         logger.info("policy reconfigured")
+
+    def _rules(self, cfg: PolicyConfig) -> tuple[list[LadderRule], list[LadderRule]]:
+        found = self._ladders.get(id(cfg))
+        if found is None:
+            rules = cfg.ladder()
+            live = [] if cfg.shadow else [r for r in rules if not r.shadow]
+            found = self._ladders[id(cfg)] = (rules, live)
+        return found
 
     def resolve(self, model: str | None, plan: str | None) -> PolicyConfig:
         """The effective policy of a model and plan, cached."""
@@ -204,8 +216,7 @@ class Policy:
             if group.flagged and not live_flagged:
                 live_flagged = (group,)
 
-        rules = cfg.ladder()
-        live_rules = [] if cfg.shadow else [r for r in rules if not r.shadow]
+        rules, live_rules = self._rules(cfg)
 
         would = _step(state.would, risk, bool(flagged), rules, cfg, now_s)
         live = _step(state.live, live_risk, bool(live_flagged), live_rules, cfg, now_s)
@@ -280,8 +291,7 @@ class Policy:
             return None
         cfg = self.resolve(model, plan)
         now_s = self._clock()
-        rules = cfg.ladder()
-        live_rules = [] if cfg.shadow else [r for r in rules if not r.shadow]
+        rules, live_rules = self._rules(cfg)
         # On copies: looking must change nothing.
         would = _step(
             msgspec.structs.replace(state.would), 0.0, False, rules, cfg, now_s

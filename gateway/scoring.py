@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -171,6 +171,18 @@ class Scorer:
                     )
                 )
 
+        # Metric children looked up once per batch, not once per row and
+        # detector: the label lookup costs more than the observation.
+        children: dict[str, Any] = {}
+
+        def score_hist(name: str) -> Any:
+            child = children.get(name)
+            if child is None:
+                child = children[name] = self._metrics.detector_score.labels(name)
+            return child
+
+        actions: Counter[tuple[str, str]] = Counter()
+
         # Policy per row; a request takes the most severe verdict of its rows.
         for row, item in enumerate(row_items):
             scores = [found[row] for found in per_detector.values()]
@@ -183,9 +195,7 @@ class Scorer:
             for s in scores:
                 item.scores[s.detector] = max(item.scores.get(s.detector, 0.0), s.score)
                 if s.threshold > 0:
-                    self._metrics.detector_score.labels(s.detector).observe(
-                        min(s.score / s.threshold, 1.0)
-                    )
+                    score_hist(s.detector).observe(min(s.score / s.threshold, 1.0))
             current = item.verdict
             if (
                 current is None
@@ -196,10 +206,10 @@ class Scorer:
                 )
             ):
                 item.verdict = verdict
-            self._metrics.policy_actions.labels(
-                verdict.action, "true" if verdict.shadow else "false"
-            ).inc()
+            actions[(verdict.action, "true" if verdict.shadow else "false")] += 1
 
+        for (action, shadow), count in actions.items():
+            self._metrics.policy_actions.labels(action, shadow).inc(count)
         for item in items:
             _apply_verdict(item)
 

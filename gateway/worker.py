@@ -391,10 +391,12 @@ class Worker:
             if self._cross is not None:
                 await self._cross.after_scoring(items, self._scorer.take_fingerprints())
                 self._scorer.note_groups(items)
+            timer.lap("cross_client")
             await self._enforce_blocks(items)
             await self._release_unserved(items)
             assert self._clientview is not None
             await self._clientview.observe(items, self._scorer)
+            timer.lap("record")
         except (asyncio.CancelledError, StoreError, BrokerError):
             raise
         except Exception:
