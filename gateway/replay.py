@@ -36,13 +36,12 @@ from typing import Any
 
 import msgspec
 import numpy as np
-from redis.asyncio import Redis
 
 from gateway import protocol
 from gateway.batch import BatchItem
 from gateway.config import Settings
 from gateway.errors import StoreError
-from gateway.store import CounterStore, redis_guard
+from gateway.store import CounterStore, RedisClient, redis_guard
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +91,9 @@ class ReplayCache:
         ``redis.socket_timeout_s`` (bounds each round trip).
     """
 
-    def __init__(self, redis: Redis, store: CounterStore, settings: Settings) -> None:
+    def __init__(
+        self, redis: RedisClient, store: CounterStore, settings: Settings
+    ) -> None:
         self._redis = redis
         self._store = store
         self._ttl_ms = max(1, round(settings.auth.replay_window_s * 1000))
