@@ -142,11 +142,14 @@ class ReplayCache:
         async with redis_guard("replay lookup", self._timeout_s):
             pipe = self._redis.pipeline(transaction=False)
             for client_id, indices in by_client.items():
-                pipe.mget(
-                    [
+                # Raw MGET: the cluster pipeline refuses its mget() method,
+                # yet routes the command by its keys (one client, one slot).
+                pipe.execute_command(
+                    "MGET",
+                    *(
                         self.answer_key(client_id, live[i].request_id or "")
                         for i in indices
-                    ]
+                    ),
                 )
             replies: list[list[bytes | None]] = await pipe.execute()
         kept: list[bytes | None] = [None] * len(live)

@@ -589,7 +589,10 @@ class CounterStore:
     async def _run_admit(self, calls: list[list[Any]]) -> list[Any]:
         pipe = self._redis.pipeline(transaction=False)
         for call in calls:
-            pipe.evalsha(ADMIT_SHA, *call)
+            # execute_command, not pipe.evalsha: redis-py's cluster pipeline
+            # refuses its EVALSHA method, yet routes the raw command by its
+            # keys, which share one client's slot.
+            pipe.execute_command("EVALSHA", ADMIT_SHA, *call)
         # Errors come back in place so one client's failure (e.g. NOSCRIPT) does
         # not hide the others' results, which have already been applied.
         return await pipe.execute(raise_on_error=False)
@@ -684,7 +687,10 @@ class CounterStore:
         check_client_id(client_id)
         async with redis_guard("client_counters", self._timeout_s):
             pipe = self._redis.pipeline(transaction=False)
-            pipe.time()
+            # Raw TIME: the cluster pipeline refuses its time() method (a
+            # keyless command goes to any node; all share one clock source
+            # closely enough for the UTC day).
+            pipe.execute_command("TIME")
             pipe.hgetall(self.client_key(client_id, "totals"))
             pipe.hgetall(self.client_key(client_id, "day"))
             pipe.pttl(self.client_key(client_id, "block"))
