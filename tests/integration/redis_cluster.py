@@ -91,7 +91,9 @@ def _cluster_ok(ports: list[int]) -> bool:
 
 
 @pytest.fixture(scope="session")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterInfo]:
+def redis_cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RedisClusterInfo]:
     """A running three-primary Redis Cluster, private to this test session."""
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
         pytest.fail("redis-server and redis-cli are needed (make services)")
@@ -107,14 +109,22 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
                 subprocess.Popen(
                     [
                         "redis-server",
-                        "--port", str(port),
-                        "--bind", "127.0.0.1",
-                        "--cluster-enabled", "yes",
-                        "--cluster-config-file", str(node_dir / "nodes.conf"),
-                        "--cluster-node-timeout", "5000",
-                        "--dir", str(node_dir),
-                        "--save", "",
-                        "--appendonly", "no",
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        str(node_dir / "nodes.conf"),
+                        "--cluster-node-timeout",
+                        "5000",
+                        "--dir",
+                        str(node_dir),
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
                     ],  # fmt: skip
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -129,9 +139,11 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
         created = subprocess.run(
             [
                 "redis-cli",
-                "--cluster", "create",
+                "--cluster",
+                "create",
                 *(f"127.0.0.1:{port}" for port in ports),
-                "--cluster-replicas", "0",
+                "--cluster-replicas",
+                "0",
                 "--cluster-yes",
             ],  # fmt: skip
             capture_output=True,

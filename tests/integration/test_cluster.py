@@ -71,6 +71,7 @@ async def cluster_redis(
 async def _primaries_holding(client: RedisCluster, prefix: str) -> Counter[str]:
     """How many keys under ``prefix`` each primary holds (SCAN on each node)."""
     held: Counter[str] = Counter()
+    await client.initialize()  # the node list is empty until the first command
     for node in client.get_primaries():
         async for _ in client.scan_iter(match=f"{prefix}:*", target_nodes=node):
             held[node.name] += 1
@@ -98,9 +99,7 @@ async def test_store_works_on_every_primary(
     # Every primary lost its scripts (a restart, SCRIPT FLUSH): the batch
     # reloads on all of them and comes back as redeliveries, counted once.
     await client.script_flush()
-    assert not any(
-        (await client.script_exists(ADMIT_SHA))
-    ), "scripts still loaded"
+    assert not any(await client.script_exists(ADMIT_SHA)), "scripts still loaded"
     again = await store.admit_batch(items)
     assert [a.outcome for a in again] == ["redelivery"] * len(clients), again
 
@@ -151,9 +150,7 @@ async def test_worker_serves_many_clients_on_a_cluster(
 
             # Distinct digits per client: all served.
             ids = {
-                await kafka.send_request(
-                    *keys[c], X_TEST[i : i + 1], client_id=c
-                ): c
+                await kafka.send_request(*keys[c], X_TEST[i : i + 1], client_id=c): c
                 for i, c in enumerate(clients)
             }
             await kafka.flush()
@@ -175,8 +172,9 @@ async def test_worker_serves_many_clients_on_a_cluster(
             )  # fmt: skip
             await kafka.flush()
             again = await _all_answers(settings, first_id, 3)
-            assert again[1]["status"] == "ok" and again[1]["replayed"] is True
-            assert again[2]["error"]["code"] == "DUPLICATE_REQUEST", again[2]
+            # One batch may answer the two in either order.
+            later = sorted((_code(a), bool(a.get("replayed"))) for a in again[1:])
+            assert later == [("DUPLICATE_REQUEST", False), ("ok", True)], again
 
             # A prober repeating one input is blocked by policy; the client
             # view shows it and releasing it lets it through again.
@@ -218,7 +216,7 @@ async def test_worker_serves_many_clients_on_a_cluster(
             async with ConfigService(settings) as service:
                 worker_id = settings.worker.worker_id
                 await _ack(service, lambda a: worker_id in a)
-                record = await service.set({"policy.flag_at": 1.7}, "tester")
+                record = await service.set({"policy.flag_at": 1.1}, "tester")
                 assert record is not None
                 acks = await _ack(
                     service, lambda a: a[worker_id].version == record.version
