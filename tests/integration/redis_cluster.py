@@ -125,7 +125,7 @@ def redis_cluster(
                         "",
                         "--appendonly",
                         "no",
-                    ],  # fmt: skip
+                    ],
                     stdout=log,
                     stderr=subprocess.STDOUT,
                 )
@@ -145,7 +145,7 @@ def redis_cluster(
                 "--cluster-replicas",
                 "0",
                 "--cluster-yes",
-            ],  # fmt: skip
+            ],
             capture_output=True,
             text=True,
             timeout=_START_TIMEOUT_S,
