@@ -104,32 +104,32 @@ def redis_cluster(
         for port in ports:
             node_dir = root / str(port)
             node_dir.mkdir()
-            log = (node_dir / "redis.log").open("ab")
-            procs.append(
-                subprocess.Popen(
-                    [
-                        "redis-server",
-                        "--port",
-                        str(port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        str(node_dir / "nodes.conf"),
-                        "--cluster-node-timeout",
-                        "5000",
-                        "--dir",
-                        str(node_dir),
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
+            with (node_dir / "redis.log").open("ab") as log:
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            "redis-server",
+                            "--port",
+                            str(port),
+                            "--bind",
+                            "127.0.0.1",
+                            "--cluster-enabled",
+                            "yes",
+                            "--cluster-config-file",
+                            str(node_dir / "nodes.conf"),
+                            "--cluster-node-timeout",
+                            "5000",
+                            "--dir",
+                            str(node_dir),
+                            "--save",
+                            "",
+                            "--appendonly",
+                            "no",
+                        ],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
                 )
-            )
         for port in ports:
             _wait(
                 f"node {port} answering",

@@ -17,8 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.fernet import Fernet
 from redis.asyncio.cluster import RedisCluster
 
+from gateway.admin.audit import AuditLog
+from gateway.admin.errors import AdminError
+from gateway.admin.sessions import LoginGuard, SessionStore
+from gateway.admin.users import UserStore
 from gateway.clientview import ClientView
 from gateway.config import Settings
 from gateway.keys import KeyStore
@@ -27,6 +32,7 @@ from gateway.models import digits_split
 from gateway.store import ADMIT_SHA, AdmitItem, CounterStore, redis_from_settings
 from gateway.throttle import ThrottleCheck, ThrottleStore
 from tests.conftest import StackInfo
+from tests.integration.adminkit import FAST_HASH
 from tests.integration.helpers import (
     RawKafka,
     create_key,
@@ -128,6 +134,51 @@ async def test_store_works_on_every_primary(
     keys = [k async for k in client.scan_iter(match=f"{settings.redis.key_prefix}:*")]
     assert sum(held.values()) <= len(keys)
     assert await client.unlink(*keys) == len(keys)
+
+
+async def test_admin_stores_on_a_cluster(
+    stack: StackInfo, redis_cluster: RedisClusterInfo, models_dir: Path
+) -> None:
+    settings = _cluster_settings(
+        stack,
+        redis_cluster,
+        models_dir,
+        admin={**FAST_HASH, "max_failures": 2},
+    )
+    redis = redis_from_settings(settings)
+    try:
+        users = UserStore(redis, settings, Fernet.generate_key())
+        for i in range(6):
+            await users.create(f"user{i}", "viewer", "a long enough password")
+        assert len(await users.list()) == 6
+        assert await users.set_role("user1", "operator")
+
+        sessions = SessionStore(redis, settings)
+        token, session = await sessions.create("user2", "127.0.0.1")
+        assert (await sessions.resolve(token)) == session
+        assert [s.session_id for s in await sessions.list("user2")] == [
+            session.session_id
+        ]
+        assert await sessions.revoke("user2", session.session_id)
+        assert await sessions.resolve(token) is None
+
+        # The failure counter and the lock share a hash tag: one slot, one
+        # script.
+        guard = LoginGuard(redis, settings)
+        await guard.check_source("127.0.0.1")
+        assert not await guard.record_failure("user3")
+        assert await guard.record_failure("user3")
+        with pytest.raises(AdminError):
+            await guard.check_locked("user3")
+
+        audit = AuditLog(redis, settings)
+        await audit.record(
+            actor="user1", action="test", target="x", source="127.0.0.1", outcome="ok"
+        )
+        assert [e.actor for e in await audit.read(10)] == ["user1"]
+        assert await users.delete("user0")
+    finally:
+        await redis.aclose()
 
 
 async def test_worker_serves_many_clients_on_a_cluster(
