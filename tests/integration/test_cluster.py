@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ from gateway.models import digits_split
 from gateway.store import ADMIT_SHA, AdmitItem, CounterStore, redis_from_settings
 from gateway.throttle import ThrottleCheck, ThrottleStore
 from tests.conftest import StackInfo
+from tests.integration import test_limits as limits_tests
+from tests.integration import test_store as store_tests
 from tests.integration.adminkit import FAST_HASH
 from tests.integration.helpers import (
     RawKafka,
@@ -134,6 +136,55 @@ async def test_store_works_on_every_primary(
     keys = [k async for k in client.scan_iter(match=f"{settings.redis.key_prefix}:*")]
     assert sum(held.values()) <= len(keys)
     assert await client.unlink(*keys) == len(keys)
+
+
+# Single-node store tests that take any client: run again against the cluster.
+_LIMITS_CASES: list[Callable[[Any, StackInfo], Awaitable[None]]] = [
+    limits_tests.test_no_double_burst_at_a_minute_edge,
+    limits_tests.test_the_tightest_window_binds,
+    limits_tests.test_daily_quota_resets_at_midnight_utc,
+    limits_tests.test_in_flight_cap_release_and_safety_expiry,
+    limits_tests.test_per_key_overrides,
+    limits_tests.test_every_counter_key_expires,
+]
+_STORE_CASES: list[Callable[[Any, Settings], Awaitable[None]]] = [
+    store_tests.test_create_get_authenticate,
+    store_tests.test_gcra_burst_then_rate,
+    store_tests.test_redelivery_and_duplicate,
+    store_tests.test_block_and_unblock,
+    store_tests.test_every_key_expires,
+    store_tests.test_states_round_trip,
+]
+
+
+@pytest.mark.parametrize("case", _LIMITS_CASES, ids=lambda c: c.__name__)
+async def test_limits_cases_on_a_cluster(
+    case: Callable[[Any, StackInfo], Awaitable[None]],
+    stack: StackInfo,
+    redis_cluster: RedisClusterInfo,
+) -> None:
+    client = RedisCluster.from_url(redis_cluster.url)
+    try:
+        await case(client, stack)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("case", _STORE_CASES, ids=lambda c: c.__name__)
+async def test_store_cases_on_a_cluster(
+    case: Callable[[Any, Settings], Awaitable[None]],
+    stack: StackInfo,
+    redis_cluster: RedisClusterInfo,
+) -> None:
+    settings = store_tests.make_settings(redis_cluster.url)
+    settings = settings.model_copy(
+        update={"redis": settings.redis.model_copy(update={"cluster": True})}
+    )
+    client = redis_from_settings(settings)
+    try:
+        await case(client, settings)
+    finally:
+        await client.aclose()
 
 
 async def test_admin_stores_on_a_cluster(
