@@ -133,9 +133,12 @@ async def test_store_works_on_every_primary(
 
     # A SCAN over the prefix visits every primary (what the benchmark's
     # cleanup relies on), and a multi-key UNLINK is split per slot.
-    keys = [k async for k in client.scan_iter(match=f"{settings.redis.key_prefix}:*")]
-    assert sum(held.values()) <= len(keys)
-    assert await client.unlink(*keys) == len(keys)
+    prefix = settings.redis.key_prefix
+    keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+    per_node = await _primaries_holding(client, prefix)
+    assert len(per_node) == 3 and sum(per_node.values()) == len(set(keys)), per_node
+    assert await client.unlink(*keys) == len(set(keys))
+    assert await _primaries_holding(client, prefix) == Counter()
 
 
 # Single-node store tests that take any client: run again against the cluster.
