@@ -143,6 +143,11 @@ async def redis_guard(operation: str, timeout_s: float) -> AsyncIterator[None]:
         raise StoreError(f"redis {operation}: no answer within {timeout_s} s") from exc
     except (redis_exc.ConnectionError, redis_exc.TimeoutError) as exc:
         raise StoreError(f"redis {operation}: {type(exc).__name__}: {exc}") from exc
+    except redis_exc.RedisClusterException as exc:
+        # Not a RedisError: a cluster client raises it when no startup node
+        # answers or slots are uncovered. Retriable: the gateway's own calls
+        # are single-slot by construction, so what is left is the topology.
+        raise StoreError(f"redis {operation}: {type(exc).__name__}: {exc}") from exc
     except redis_exc.RedisError as exc:
         raise StoreError(
             f"redis {operation}: {type(exc).__name__}: {exc}",

@@ -11,6 +11,7 @@ key revocation, a live config acknowledgement and the state handover.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from gateway.admin.sessions import LoginGuard, SessionStore
 from gateway.admin.users import UserStore
 from gateway.clientview import ClientView
 from gateway.config import Settings
+from gateway.errors import StoreError
 from gateway.keys import KeyStore
 from gateway.liveconfig.service import ConfigService, WorkerAck
 from gateway.models import digits_split
@@ -186,6 +188,25 @@ async def test_store_cases_on_a_cluster(
     client = redis_from_settings(settings)
     try:
         await case(client, settings)
+    finally:
+        await client.aclose()
+
+
+async def test_unreachable_cluster_is_a_retriable_store_error(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # Nothing listens there any more: the cluster cannot be discovered.
+    settings = _cluster_settings(stack, RedisClusterInfo((port,)), models_dir)
+    client = redis_from_settings(settings)
+    try:
+        with pytest.raises(StoreError) as raised:
+            await CounterStore(client, settings).admit_batch(
+                [AdmitItem("c", "r", "0:0")]
+            )
+        assert raised.value.retriable
     finally:
         await client.aclose()
 
