@@ -302,6 +302,24 @@ async def test_worker_serves_many_clients_on_a_cluster(
             later = sorted((_code(a), bool(a.get("replayed"))) for a in again[1:])
             assert later == [("DUPLICATE_REQUEST", False), ("ok", True)], again
 
+            # A key's own GCRA override: a burst of two, then refusals.
+            slow = await create_key(
+                settings,
+                "slow-1",
+                limit_overrides={"rules": [{"limit": 1, "window_s": 60, "burst": 2}]},
+            )
+            slow_ids = [
+                await kafka.send_request(
+                    *slow, X_TEST[40 + i : 41 + i], client_id="slow-1"
+                )
+                for i in range(4)
+            ]
+            await kafka.flush()
+            slowed = await responses_for(settings, slow_ids, timeout_s=60)
+            assert [_code(slowed[r]) for r in slow_ids] == [
+                "ok", "ok", "RATE_LIMITED", "RATE_LIMITED"
+            ], slowed  # fmt: skip
+
             # A prober repeating one input is blocked by policy; the client
             # view shows it and releasing it lets it through again.
             probe_ids = [
