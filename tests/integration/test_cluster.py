@@ -372,6 +372,24 @@ async def test_worker_serves_many_clients_on_a_cluster(
         store = CounterStore(redis, settings)
         saved = await store.load_states([*clients, "probe-1"])
         assert set(saved) >= set(clients[2:]), sorted(saved)
+
+        # The next owner restores a known client's snapshot on first sight.
+        async with running_worker(settings) as second, RawKafka(settings) as kafka:
+            assert second._scorer is not None
+            restored: dict[str, bytes] = {}
+            restore = second._scorer.restore
+
+            def spy(client_id: str, blob: bytes) -> None:
+                restored[client_id] = blob
+                restore(client_id, blob)
+
+            second._scorer.restore = spy  # type: ignore[method-assign]
+            rid = await kafka.send_request(
+                *keys[clients[5]], X_TEST[50:51], client_id=clients[5]
+            )
+            await kafka.flush()
+            assert _code((await responses_for(settings, [rid]))[rid]) == "ok"
+        assert restored == {clients[5]: saved[clients[5]]}, sorted(restored)
     finally:
         await redis.aclose()
 
