@@ -43,14 +43,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from redis.asyncio import Redis
-
 from gateway import protocol
 from gateway.batch import BatchItem
 from gateway.config import Settings
 from gateway.errors import StoreError
 from gateway.scoring import Scorer
-from gateway.store import CounterStore, check_client_id, redis_guard
+from gateway.store import CounterStore, RedisClient, check_client_id, redis_guard
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +117,7 @@ class ClientView:
         ``client_history_interval_s`` and ``client_view_ttl_s``.
     """
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: RedisClient, settings: Settings) -> None:
         self._redis = redis
         self._store = CounterStore(redis, settings)
         self._prefix = settings.redis.key_prefix

@@ -79,6 +79,9 @@ class RedisConfig(_Frozen):
     url: str = "redis://127.0.0.1:16379/0"
     key_prefix: str = Field("mg", pattern=r"^[A-Za-z0-9_-]{1,32}$")
     socket_timeout_s: float = Field(2.0, gt=0, le=60)
+    # True: ``url`` names one node of a Redis Cluster and the gateway finds
+    # the others from it (docs/limits.md, "Redis Cluster").
+    cluster: bool = False
 
 
 class AuthConfig(_Frozen):

@@ -43,11 +43,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from redis import exceptions as redis_exc
-from redis.asyncio import Redis
 
 from detectors.fingerprint import FingerprintMatch
 from gateway.errors import StoreError
-from gateway.store import redis_guard
+from gateway.store import RedisClient, redis_guard
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +77,7 @@ class RedisFingerprintStore:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         prefix: str,
         *,
         match_threshold: int,

@@ -33,14 +33,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from redis.asyncio import Redis
 
 from detectors.linking import KeyLinks, group_risk
 from gateway.batch import BatchItem
 from gateway.config import Settings
 from gateway.errors import StoreError
 from gateway.fingerprints import RedisFingerprintStore
-from gateway.store import redis_guard
+from gateway.store import RedisClient, redis_guard
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +107,7 @@ class CrossClient:
         ``cross_client`` and ``redis`` sections.
     """
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: RedisClient, settings: Settings) -> None:
         self._redis = redis
         self._config = settings.cross_client
         self._prefix = settings.redis.key_prefix

@@ -30,13 +30,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cryptography.fernet import Fernet, InvalidToken
-from redis.asyncio import Redis
 from redis.typing import EncodableT
 
 from gateway import protocol
 from gateway.config import PlanConfig, Settings
 from gateway.errors import AuthError, ConfigError, StoreError
-from gateway.store import check_client_id, redis_guard
+from gateway.store import RedisClient, check_client_id, redis_guard
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +271,7 @@ class KeyStore:
     """
 
     def __init__(
-        self, redis: Redis, settings: Settings, *, server_key: bytes | None = None
+        self, redis: RedisClient, settings: Settings, *, server_key: bytes | None = None
     ) -> None:
         self._redis = redis
         self._prefix = settings.redis.key_prefix

@@ -36,13 +36,12 @@ from typing import Any
 
 import msgspec
 import numpy as np
-from redis.asyncio import Redis
 
 from gateway import protocol
 from gateway.batch import BatchItem
 from gateway.config import Settings
 from gateway.errors import StoreError
-from gateway.store import CounterStore, redis_guard
+from gateway.store import CounterStore, RedisClient, redis_guard
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +91,9 @@ class ReplayCache:
         ``redis.socket_timeout_s`` (bounds each round trip).
     """
 
-    def __init__(self, redis: Redis, store: CounterStore, settings: Settings) -> None:
+    def __init__(
+        self, redis: RedisClient, store: CounterStore, settings: Settings
+    ) -> None:
         self._redis = redis
         self._store = store
         self._ttl_ms = max(1, round(settings.auth.replay_window_s * 1000))
@@ -141,11 +142,14 @@ class ReplayCache:
         async with redis_guard("replay lookup", self._timeout_s):
             pipe = self._redis.pipeline(transaction=False)
             for client_id, indices in by_client.items():
-                pipe.mget(
-                    [
+                # Raw MGET: the cluster pipeline refuses its mget() method,
+                # yet routes the command by its keys (one client, one slot).
+                pipe.execute_command(
+                    "MGET",
+                    *(
                         self.answer_key(client_id, live[i].request_id or "")
                         for i in indices
-                    ]
+                    ),
                 )
             replies: list[list[bytes | None]] = await pipe.execute()
         kept: list[bytes | None] = [None] * len(live)

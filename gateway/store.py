@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 from redis import exceptions as redis_exc
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
@@ -79,21 +80,39 @@ _MAX_REQUEST_ID_IN_KEY = 128
 ADMIT_LUA: bytes = resources.files("gateway").joinpath("lua/admit.lua").read_bytes()
 ADMIT_SHA: str = hashlib.sha1(ADMIT_LUA).hexdigest()
 
+# What every Redis user in the gateway accepts: one node or a Redis Cluster.
+# Both speak the same commands for what the gateway does (single-slot Lua
+# scripts, non-transactional pipelines of single-key commands).
+RedisClient = Redis | RedisCluster
 
-def redis_from_settings(settings: Settings) -> Redis:
+
+def redis_from_settings(settings: Settings) -> RedisClient:
     """An asyncio Redis client for ``redis.url`` with the timeouts from config.
 
+    With ``redis.cluster`` on, a :class:`~redis.asyncio.cluster.RedisCluster`
+    that discovers the other nodes from the one ``redis.url`` names; same
+    timeouts and retries either way.
     ``decode_responses`` stays off: snapshots and ciphertexts are bytes.
     Retries are few and short because callers also bound each operation by
     ``redis.socket_timeout_s`` (see :func:`redis_guard`).
     """
     timeout_s = settings.redis.socket_timeout_s
+    retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), retries=2)
+    if settings.redis.cluster:
+        cluster: RedisCluster = RedisCluster.from_url(
+            settings.redis.url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            decode_responses=False,
+            retry=retry,
+        )
+        return cluster
     client: Redis = Redis.from_url(
         settings.redis.url,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         decode_responses=False,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), retries=2),
+        retry=retry,
     )
     return client
 
@@ -124,6 +143,11 @@ async def redis_guard(operation: str, timeout_s: float) -> AsyncIterator[None]:
         raise StoreError(f"redis {operation}: no answer within {timeout_s} s") from exc
     except (redis_exc.ConnectionError, redis_exc.TimeoutError) as exc:
         raise StoreError(f"redis {operation}: {type(exc).__name__}: {exc}") from exc
+    except redis_exc.RedisClusterException as exc:
+        # Not a RedisError: a cluster client raises it when no startup node
+        # answers or slots are uncovered. Retriable: the gateway's own calls
+        # are single-slot by construction, so what is left is the topology.
+        raise StoreError(f"redis {operation}: {type(exc).__name__}: {exc}") from exc
     except redis_exc.RedisError as exc:
         raise StoreError(
             f"redis {operation}: {type(exc).__name__}: {exc}",
@@ -131,9 +155,8 @@ async def redis_guard(operation: str, timeout_s: float) -> AsyncIterator[None]:
         ) from exc
 
 
-def _check_decoding(redis: Redis) -> None:
-    kwargs: dict[str, Any] = redis.connection_pool.connection_kwargs
-    if kwargs.get("decode_responses"):
+def _check_decoding(redis: RedisClient) -> None:
+    if redis.get_encoder().decode_responses:
         raise ValueError("the Redis client must have decode_responses=False")
 
 
@@ -337,11 +360,10 @@ class CounterStore:
     Parameters
     ----------
     redis
-        An asyncio client with ``decode_responses=False``.
-        TODO: only a single Redis node is supported: a ``RedisCluster`` client
-        would need its own pipeline (one per node) and ``SCRIPT LOAD`` on
-        every primary; the key layout is already cluster-safe, so only
-        ``_run_admit`` and ``load_scripts`` would change.
+        An asyncio client with ``decode_responses=False``, one node or a
+        cluster: every call touches one client's keys (one hash slot), the
+        cluster pipeline sends each node its share, and ``SCRIPT LOAD`` goes
+        to every primary.
     settings
         ``redis.key_prefix``, ``redis.socket_timeout_s`` (bounds every
         operation), ``auth.replay_window_s`` (dedupe lifetime), ``limits``
@@ -354,7 +376,7 @@ class CounterStore:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         settings: Settings,
         *,
         clock_us: Callable[[], int] | None = None,
@@ -572,7 +594,10 @@ class CounterStore:
     async def _run_admit(self, calls: list[list[Any]]) -> list[Any]:
         pipe = self._redis.pipeline(transaction=False)
         for call in calls:
-            pipe.evalsha(ADMIT_SHA, *call)
+            # execute_command, not pipe.evalsha: redis-py's cluster pipeline
+            # refuses its EVALSHA method, yet routes the raw command by its
+            # keys, which share one client's slot.
+            pipe.execute_command("EVALSHA", ADMIT_SHA, *call)
         # Errors come back in place so one client's failure (e.g. NOSCRIPT) does
         # not hide the others' results, which have already been applied.
         return await pipe.execute(raise_on_error=False)
@@ -667,7 +692,10 @@ class CounterStore:
         check_client_id(client_id)
         async with redis_guard("client_counters", self._timeout_s):
             pipe = self._redis.pipeline(transaction=False)
-            pipe.time()
+            # Raw TIME: the cluster pipeline refuses its time() method (a
+            # keyless command goes to any node; all share one clock source
+            # closely enough for the UTC day).
+            pipe.execute_command("TIME")
             pipe.hgetall(self.client_key(client_id, "totals"))
             pipe.hgetall(self.client_key(client_id, "day"))
             pipe.pttl(self.client_key(client_id, "block"))

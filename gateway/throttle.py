@@ -19,10 +19,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import Redis
-
 from gateway.config import LimitsConfig, Settings
-from gateway.store import check_client_id, redis_guard
+from gateway.store import RedisClient, check_client_id, redis_guard
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +58,7 @@ class ThrottleStore:
         (``rate_per_s`` and ``burst``, which the factor divides).
     """
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: RedisClient, settings: Settings) -> None:
         self._redis = redis
         self._prefix = settings.redis.key_prefix
         self._timeout_s = settings.redis.socket_timeout_s

@@ -20,7 +20,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
@@ -55,7 +54,7 @@ from gateway.metrics import WorkerMetrics
 from gateway.produce import Sends, internal_answer
 from gateway.replay import ReplayCache
 from gateway.scoring import Scorer
-from gateway.store import AdmitItem, CounterStore, redis_from_settings
+from gateway.store import AdmitItem, CounterStore, RedisClient, redis_from_settings
 from gateway.throttle import ThrottleCheck, ThrottleStore
 from gateway.topics import ensure_topics
 from gateway.validation import validate_request
@@ -110,7 +109,7 @@ class Worker:
         self._scorer: Scorer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
-        self._redis: aioredis.Redis | None = None
+        self._redis: RedisClient | None = None
         self._keys: KeyStore | None = None
         self._store: CounterStore | None = None
         self._live: ConfigFollower | None = None

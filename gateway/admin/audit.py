@@ -19,11 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from redis.asyncio import Redis
-
 from gateway import protocol
 from gateway.config import Settings
-from gateway.store import redis_guard
+from gateway.store import RedisClient, redis_guard
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +59,7 @@ class AuditLog:
         ``admin.audit_max_entries``.
     """
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: RedisClient, settings: Settings) -> None:
         self._redis = redis
         self._key = f"{settings.redis.key_prefix}:admin:audit"
         self._timeout_s = settings.redis.socket_timeout_s

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from redis.asyncio import Redis
 
 from gateway.admin.audit import AuditLog
 from gateway.admin.errors import AdminError
@@ -21,6 +20,7 @@ from gateway.admin.users import ROLE_RANK, Role, UserStore
 from gateway.clientview import ClientView
 from gateway.config import Settings
 from gateway.keys import KeyStore
+from gateway.store import RedisClient
 
 bearer = HTTPBearer(
     auto_error=False,
@@ -34,7 +34,7 @@ class AdminContext:
     """Everything a request handler needs, built once per app start."""
 
     settings: Settings
-    redis: Redis
+    redis: RedisClient
     users: UserStore
     sessions: SessionStore
     guard: LoginGuard

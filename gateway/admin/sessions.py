@@ -28,13 +28,11 @@ import secrets
 from dataclasses import dataclass
 from typing import cast
 
-from redis.asyncio import Redis
-
 from gateway import protocol
 from gateway.admin.errors import AdminError
 from gateway.admin.users import USERNAME_PATTERN
 from gateway.config import Settings
-from gateway.store import redis_guard
+from gateway.store import RedisClient, redis_guard
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +95,7 @@ class SessionStore:
         ``redis.key_prefix`` and ``redis.socket_timeout_s``.
     """
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: RedisClient, settings: Settings) -> None:
         self._redis = redis
         self._prefix = settings.redis.key_prefix
         self._timeout_s = settings.redis.socket_timeout_s
@@ -222,7 +220,7 @@ class LoginGuard:
     after ``admin.lockout_s``.
     """
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: RedisClient, settings: Settings) -> None:
         self._redis = redis
         self._prefix = settings.redis.key_prefix
         self._timeout_s = settings.redis.socket_timeout_s

@@ -33,12 +33,11 @@ import segno
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from cryptography.fernet import Fernet
-from redis.asyncio import Redis
 
 from gateway import protocol
 from gateway.config import Settings
 from gateway.keys import decrypt_secret, encrypt_secret
-from gateway.store import redis_guard
+from gateway.store import RedisClient, redis_guard
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +145,7 @@ class UserStore:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         settings: Settings,
         server_key: bytes,
         *,

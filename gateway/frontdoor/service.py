@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 from aiokafka.errors import KafkaError
-from redis.asyncio import Redis
 
 from gateway import protocol
 from gateway.client import KafkaTransport, cancel_and_wait
@@ -42,7 +41,7 @@ from gateway.errors import (
 )
 from gateway.keys import KeyStore, authenticate, load_server_key
 from gateway.models import ModelSignature
-from gateway.store import redis_from_settings
+from gateway.store import RedisClient, redis_from_settings
 from gateway.topics import delete_topics, ensure_topics
 
 logger = logging.getLogger(__name__)
@@ -112,7 +111,7 @@ class FrontDoor:
         self.signatures: dict[str, ModelSignature] = {}
         self._server_key = server_key
         self._transport = KafkaTransport(settings, reply_topic=self.reply_topic)
-        self._redis: Redis | None = None
+        self._redis: RedisClient | None = None
         self._keys: KeyStore | None = None
         self._starter: asyncio.Task[None] | None = None
         # Monotonic time from which workers know the reply topic; see

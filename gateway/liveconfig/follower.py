@@ -18,7 +18,6 @@ import logging
 import time
 from collections.abc import Callable
 
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
@@ -27,7 +26,7 @@ from gateway.errors import BrokerError, ConfigError, StoreError
 from gateway.liveconfig.document import ConfigRecord, LiveConfig
 from gateway.liveconfig.service import WorkerAck, acks_key
 from gateway.metrics import WorkerMetrics
-from gateway.store import redis_guard
+from gateway.store import RedisClient, redis_guard
 from gateway.topics import ensure_compacted_topic
 
 logger = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ class ConfigFollower:
     def __init__(
         self,
         settings: Settings,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         worker_id: str,
         apply: Callable[[LiveConfig], None],
         metrics: WorkerMetrics,

@@ -29,7 +29,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import BaseModel, ConfigDict
@@ -51,7 +50,7 @@ from gateway.liveconfig.document import (
     validate_document,
     with_changes,
 )
-from gateway.store import redis_from_settings, redis_guard
+from gateway.store import RedisClient, redis_from_settings, redis_guard
 from gateway.topics import ensure_compacted_topic
 
 logger = logging.getLogger(__name__)
@@ -142,7 +141,7 @@ class ConfigService:
         self._records: dict[int, ConfigRecord] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
-        self._redis: aioredis.Redis | None = None
+        self._redis: RedisClient | None = None
         self._refresh_lock = asyncio.Lock()
 
     async def __aenter__(self) -> ConfigService:
