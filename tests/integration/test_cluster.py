@@ -138,8 +138,10 @@ async def test_store_works_on_every_primary(
     prefix = settings.redis.key_prefix
     keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
     per_node = await _primaries_holding(client, prefix)
-    assert len(per_node) == 3 and sum(per_node.values()) == len(set(keys)), per_node
-    assert await client.unlink(*keys) == len(set(keys))
+    # Keys with a short expiry (rate cells, throttle) may lapse between the
+    # scans and the unlink on a loaded machine, hence the inequalities.
+    assert len(per_node) == 3 and sum(per_node.values()) <= len(set(keys)), per_node
+    assert 0 < await client.unlink(*keys) <= len(set(keys))
     assert await _primaries_holding(client, prefix) == Counter()
 
 
