@@ -139,8 +139,8 @@ def stream_maxima(
             warm_scores = np.array([s.score if s.warm else 0.0 for s in found])
             np.maximum.at(maxima[name], owner, warm_scores)
     for detector in detectors.values():
-        for client in ids:
-            detector.forget(client)
+        for client_id in ids:
+            detector.forget(client_id)
     return maxima
 
 
