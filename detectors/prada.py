@@ -156,6 +156,13 @@ def shapiro_w(sample: npt.NDArray[np.floating[Any]]) -> float:
     return min(1.0, max(0.0, numerator / denominator))
 
 
+def distinct_levels(sample: npt.NDArray[np.floating[Any]]) -> int:
+    """Distinct values of ``sample`` on a grid of 1/255, the resolution of the
+    stored (8-bit) queries: distances differing by less are the same lattice
+    distance seen through quantisation."""
+    return len(np.unique(np.rint(np.asarray(sample, dtype=np.float64) * _LEVELS)))
+
+
 def _read(
     arrays: Mapping[str, npt.NDArray[Any]],
     fields: tuple[str, ...],
@@ -251,6 +258,15 @@ class PradaParams(DetectorParams):
     threshold: float = Field(0.10, gt=0.0, le=1.0)
     """Score ``1 - W`` at which a warm client is flagged (W below 0.90)."""
 
+    # Source of the default: honest phishing clients (9 features in {0, 0.5,
+    # 1}) put their 128 windowed distances on 8-13 values of the 1/255 grid
+    # and reach W 0.80-0.87; honest digit and breast cancer windows hold more
+    # than 40 values; the Jacobian digit streams of the threshold's
+    # measurement hold 30 or more at their first test.
+    min_distinct: int = Field(16, ge=1, le=4096)
+    """Distinct distances (on a 1/255 grid, the stored queries' resolution)
+    the window must hold for a test to run; see the class docstring."""
+
     max_state_bytes: int = Field(MAX_STATE_BYTES, ge=4096, le=1 << 20)
     """Per-client state budget; wide inputs keep fewer than ``growing_set``."""
 
@@ -298,7 +314,17 @@ class DistanceDistributionDetector(Detector[PradaParams]):
       at 0 into the sample and fail the test; near-duplicates are the
       similarity detector's evidence;
     - W is computed in numpy with scipy's coefficients, not by calling
-      ``scipy.stats.shapiro`` (same value to 1e-9, a tenth of the cost).
+      ``scipy.stats.shapiro`` (same value to 1e-9, a tenth of the cost);
+    - discrete input spaces are not tested: when the window's distances take
+      fewer than ``min_distinct`` values (on the 1/255 grid of the stored
+      queries), no test runs. PRADA's premise is that natural inputs give a
+      continuous, roughly normal spread of nearest distances and that the
+      spikes come from synthetic steps; when the features themselves take a
+      few values (River Phishing: 0, 0.5 and 1), distances between distinct
+      honest inputs fall on a handful of lattice values, the spikes are the
+      domain's, and W measures the lattice rather than the client (honest
+      phishing clients had W 0.80-0.87). Exact and near repeats never enter
+      the window (``eps`` above), so replaying one's data adds no evidence.
 
     When it is weak:
 
@@ -360,7 +386,7 @@ class DistanceDistributionDetector(Detector[PradaParams]):
     name: ClassVar[str] = "prada"
     Params: ClassVar[type[PradaParams]] = PradaParams
     _mutable_params: ClassVar[frozenset[str]] = frozenset(
-        {"threshold", "test_every", "min_queries", "eps"}
+        {"threshold", "test_every", "min_queries", "eps", "min_distinct"}
     )
 
     def capacity(self, n_features: int) -> int:
@@ -519,6 +545,7 @@ class DistanceDistributionDetector(Detector[PradaParams]):
         window = params.window
         every = params.test_every
         min_queries = params.min_queries
+        min_distinct = params.min_distinct
         delta = 1.0 - params.threshold
 
         # Step: the chunk grouped by client, rows widened once.
@@ -615,13 +642,21 @@ class DistanceDistributionDetector(Detector[PradaParams]):
                     # whether its rows came in one batch or one at a time.
                     chronological = history + new
                     sample = np.array(chronological[-held:], dtype=np.float32)
-                    current = 1.0 - shapiro_w(sample)
-                    n_tests, tested_at, tested_n, text = n_tests + 1, seen, held, ""
+                    if distinct_levels(sample) >= min_distinct:
+                        current = 1.0 - shapiro_w(sample)
+                        n_tests, tested_at, tested_n = n_tests + 1, seen, held
+                        text = ""
+                    elif not n_tests:
+                        text = (
+                            f"the last {held} nearest-query distances take fewer "
+                            f"than {min_distinct} values (a discrete input "
+                            "space); not tested"
+                        )
                 if n_tests:
                     text = text or _tested(1.0 - current, tested_n, tested_at, delta)
                     row_text[r] = text
                 else:
-                    row_text[r] = (
+                    row_text[r] = text or (
                         f"{held} of the {min_queries} nearest-query distances "
                         "needed for a normality test so far"
                     )

@@ -254,7 +254,11 @@ def reference_scores(
                     s["mean"] += step / s["count"]
                     s["m2"] += step * (dist - s["mean"])
                     s["gs"].append(q)
-        if s["seen"] % params.test_every == 0 and len(s["dist"]) >= params.min_queries:
+        if (
+            s["seen"] % params.test_every == 0
+            and len(s["dist"]) >= params.min_queries
+            and len({round(v * 255) for v in s["dist"]}) >= params.min_distinct
+        ):
             s["score"] = 1.0 - shapiro_w(np.array(s["dist"]))
             s["tests"] += 1
         out.append((s["score"], s["tests"] > 0))
