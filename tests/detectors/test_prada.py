@@ -393,3 +393,40 @@ def test_wide_inputs_keep_fewer_members_within_budget() -> None:
     assert blob is not None and len(blob) <= MAX_STATE_BYTES
     with pytest.raises(ValueError, match="max_state_bytes"):
         DistanceDistributionDetector().score_batch(["w"], rng.random((1, 5000)))
+
+
+def _phishing_stream(seed: int, n: int) -> Array:
+    """An honest River Phishing client: held-out rows (features in {0, 0.5, 1},
+    with duplicate rows in the data) in random order, cycled, so exact
+    repeats of earlier queries occur; scaled by the declared range 0..1.05."""
+    from gateway.zoo import phishing_split
+
+    rows = phishing_split().x_test / 1.05
+    rng = np.random.default_rng(seed)
+    return np.asarray(rows[np.resize(rng.permutation(len(rows)), n)], np.float64)
+
+
+def test_honest_stream_over_a_discrete_space_with_repeats_is_not_flagged() -> None:
+    worst_untested = 0.0
+    for seed in range(4):
+        X = _phishing_stream(seed, 900)
+        scores = DistanceDistributionDetector().score_batch(["c"] * len(X), X)
+        assert not any(s.flagged for s in scores)
+        # Without the distinct-values guard the lattice alone fails the test.
+        loose = DistanceDistributionDetector(PradaParams(min_distinct=1))
+        scores = loose.score_batch(["c"] * len(X), X)
+        worst_untested = max(worst_untested, max(s.score for s in scores))
+    assert worst_untested >= PradaParams().threshold
+
+
+def test_synthetic_steps_from_discrete_seeds_are_still_tested_and_flagged() -> None:
+    # Jacobian-style augmentation seeded with phishing rows: steps of 0.1 leave
+    # the lattice, so the distances take many values and the test runs.
+    seeds = _phishing_stream(0, 10)
+    rng = np.random.default_rng(0)
+    X = seeds
+    while len(X) < 200:
+        steps = 0.1 * np.sign(rng.normal(size=X.shape))
+        X = np.vstack([X, np.clip(X + steps, 0.0, 1.0)])
+    scores = DistanceDistributionDetector().score_batch(["c"] * 200, X[:200])
+    assert any(s.flagged for s in scores)
