@@ -95,8 +95,13 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
     For each query, the distance to the nearest of the client's last
     ``history`` queries is computed as a per-feature RMS distance,
     ``||x - y||_2 / sqrt(d)``, which lies in [0, 1] for inputs scaled to
-    [0, 1]. The query is *near* when that distance is below ``eps``. The score
-    is the share of near queries among the client's last ``window`` queries.
+    [0, 1]. The query is *near* when that distance is below ``eps`` but above
+    0: an exact copy of an earlier query (distance 0 once quantised) is no
+    probe, since a search must change its input to learn anything, while
+    honest clients replay identical rows (tabular data holds duplicate rows:
+    River Phishing has 417 distinct rows among 625). Copies are the
+    fingerprint detector's ``identical`` count. The score is the share of near
+    queries among the client's last ``window`` queries.
 
     Score: in [0, 1], higher is more suspicious; 0 means no recent query
     repeated an earlier one, 1 means every one did. Flagged at ``threshold``
@@ -246,7 +251,10 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
 
         # Near bits into each client's window, in arrival order.
         groups = group_rows(slots)
-        near = nearest[groups.order] < params.eps
+        # Exact copies (distance 0, exact in the quantised arithmetic) are not
+        # near-duplicates; see the class docstring.
+        ordered = nearest[groups.order]
+        near = (ordered > 0.0) & (ordered < params.eps)
         counts, lengths = push_window(
             arrays["near"], arrays["near_pos"], arrays["near_len"], groups, near
         )
