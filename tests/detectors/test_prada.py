@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,6 +208,15 @@ def test_w_matches_scipy_shapiro() -> None:
     assert shapiro_w(np.array([0.1, 0.2])) == 0.0
 
 
+def _lattice(values: list[float], params: PradaParams) -> bool:
+    """Plain-Python reference of the detector's lattice guard."""
+    counts = Counter(round(v * 255) for v in values)
+    top = sum(sorted(counts.values(), reverse=True)[:8])
+    return len(counts) < params.min_distinct or top >= params.lattice_share * len(
+        values
+    )
+
+
 def reference_scores(
     params: PradaParams, ids: list[str], X: Array
 ) -> list[tuple[float, bool]]:
@@ -257,7 +266,7 @@ def reference_scores(
         if (
             s["seen"] % params.test_every == 0
             and len(s["dist"]) >= params.min_queries
-            and len({round(v * 255) for v in s["dist"]}) >= params.min_distinct
+            and not _lattice(list(s["dist"]), params)
         ):
             s["score"] = 1.0 - shapiro_w(np.array(s["dist"]))
             s["tests"] += 1
@@ -413,7 +422,9 @@ def test_honest_stream_over_a_discrete_space_with_repeats_is_not_flagged() -> No
         scores = DistanceDistributionDetector().score_batch(["c"] * len(X), X)
         assert not any(s.flagged for s in scores)
         # Without the distinct-values guard the lattice alone fails the test.
-        loose = DistanceDistributionDetector(PradaParams(min_distinct=1))
+        loose = DistanceDistributionDetector(
+            PradaParams(min_distinct=1, lattice_share=1.0)
+        )
         scores = loose.score_batch(["c"] * len(X), X)
         worst_untested = max(worst_untested, max(s.score for s in scores))
     assert worst_untested >= PradaParams().threshold
