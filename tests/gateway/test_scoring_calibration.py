@@ -6,16 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gateway.backends import ModelBackend
 from gateway.config import load_settings
 from gateway.metrics import WorkerMetrics
-from gateway.models import ServedModel, load_model
+from gateway.models import load_model
 from gateway.scoring import Scorer
 from gateway.validation import scale_to_unit
 from gateway.zoo import BREAST_CANCER, PHISHING, ensure_model
 
 
 @pytest.fixture(scope="module")
-def tabular(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ServedModel]:
+def tabular(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelBackend]:
     directory = tmp_path_factory.mktemp("zoo")
     for name in (BREAST_CANCER, PHISHING):
         ensure_model(directory, name)
@@ -23,7 +24,7 @@ def tabular(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ServedModel]:
 
 
 def test_each_model_gets_its_scale_and_calibration(
-    tabular: dict[str, ServedModel],
+    tabular: dict[str, ModelBackend],
 ) -> None:
     scorer = Scorer(load_settings(), tabular, WorkerMetrics())
     cancer = tabular[BREAST_CANCER]
@@ -47,7 +48,7 @@ def test_each_model_gets_its_scale_and_calibration(
 
 
 def test_operator_overrides_win_over_calibration(
-    tabular: dict[str, ServedModel],
+    tabular: dict[str, ModelBackend],
 ) -> None:
     settings = load_settings().model_copy(
         update={"detectors": {"similarity": {"eps": 0.04}}}
