@@ -113,11 +113,11 @@ def validate_request(request: InferRequest, signature: ModelSignature) -> np.nda
 
 
 def scale_to_unit(rows: np.ndarray, signature: ModelSignature) -> np.ndarray:
-    """Map rows onto [0, 1] per feature using the declared range, as float64.
+    """Map rows onto [0, 1] using the declared range, as float64.
 
-    Detectors see every model's inputs on the same scale, so their distance
-    thresholds carry over between models. Inputs without a declared range are
-    passed through unchanged.
+    The detectors' scale when the declared range describes the features; the
+    worker decides per model with :func:`feature_scale`. Inputs without a
+    declared range are passed through unchanged.
     """
     spec = signature.inputs[0]
     x = rows.astype(np.float64)
