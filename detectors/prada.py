@@ -376,8 +376,9 @@ class DistanceDistributionDetector(Detector[PradaParams]):
     - decision-based probing (HopSkipJump) is mostly near-duplicates, skipped
       here; ART's runs were flagged only after 470-710 queries. The
       similarity detector catches such probing within 30;
-    - the calibration (threshold, eps) is for 8x8 digits scaled to [0, 1];
-      other inputs need their own benign measurement;
+    - the defaults (threshold, eps) are for 8x8 digits scaled to [0, 1];
+      the worker adapts them per model from its reference sample
+      (``detectors.calibration``), which sees honest traffic only;
     - a client shorter than ``min_queries`` distinct queries is never tested.
 
     Per-client state: the growing set (64 x 64 features = 4 KB) and squared

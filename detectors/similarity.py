@@ -115,8 +115,8 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
     - honest clients that legitimately resend near-identical inputs (retries
       under a new request id, video frames, sensors) look like probing; fusion
       with other detectors has to decide;
-    - ``eps`` is calibrated on 8x8 digits; other inputs need their own
-      measurement of benign nearest-neighbour distances;
+    - ``eps`` is calibrated on 8x8 digits; the worker lowers it per model
+      from the reference sample's nearest distances (``detectors.calibration``);
     - only the L2 geometry is checked: a sparse attack (one-pixel) changing a
       single feature by 1.0 moves the RMS distance by 1/sqrt(d), near for large
       ``d`` but not for small.
