@@ -294,7 +294,8 @@ class Detector(ABC, Generic[P]):
             applied in order, so the result equals scoring them one at a time.
         X
             Float64 array of shape (n, d), each feature already scaled to [0, 1]
-            by the caller (the gateway scales by the model's declared range).
+            by the caller (the gateway scales per model:
+            ``gateway.validation.feature_scale``).
         learn
             Per row, whether the client is in good standing so the row may
             update a shared baseline (a flagged client never shapes what normal

@@ -132,8 +132,9 @@ class KnnDistanceDetector(Detector[KnnParams]):
     among the client's last ``history`` queries (``||x - y||_2 / sqrt(d)``, in
     [0, 1]). The query is *close* when that mean is below ``knn_threshold``,
     which :meth:`learn_baseline` calibrates (:func:`calibrate`) so that
-    ``target_fpr`` of benign queries are close. The score is the share of
-    close queries among the client's last ``window``.
+    ``target_fpr`` of benign queries are close, unless it is an exact copy of
+    an earlier query (no probe; the fingerprint detector counts copies). The
+    score is the share of close queries among the client's last ``window``.
 
     Score: in [0, 1], higher is more suspicious; an honest client's expected
     score is about ``target_fpr``. Flagged at ``threshold`` once
@@ -254,6 +255,10 @@ class KnnDistanceDetector(Detector[KnnParams]):
         mean = found.k_dist.mean(axis=1)  # inf until k earlier queries exist
         limit = self.knn_threshold
         close = mean < limit if limit is not None else np.zeros(n, dtype=bool)
+        # An exact copy of an earlier query (nearest at distance 0, exact in
+        # the quantised arithmetic) is not close: no search resends its input
+        # unchanged, while honest clients replay identical rows.
+        close &= found.k_dist[:, 0] > 0.0
         counts, lengths = push_window(
             arrays["close"], arrays["close_pos"], arrays["close_len"], groups, close
         )

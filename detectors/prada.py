@@ -156,6 +156,32 @@ def shapiro_w(sample: npt.NDArray[np.floating[Any]]) -> float:
     return min(1.0, max(0.0, numerator / denominator))
 
 
+# A window whose 8 most common distances (on the 1/255 grid) hold at least
+# ``PradaParams.lattice_share`` of it counts as lattice-valued too.
+_LATTICE_VALUES = 8
+
+
+def distinct_levels(sample: npt.NDArray[np.floating[Any]]) -> int:
+    """Distinct values of ``sample`` on a grid of 1/255, the resolution of the
+    stored (8-bit) queries: distances differing by less are the same lattice
+    distance seen through quantisation."""
+    return len(np.unique(np.rint(np.asarray(sample, dtype=np.float64) * _LEVELS)))
+
+
+def on_lattice(
+    sample: npt.NDArray[np.floating[Any]], min_distinct: int, share: float
+) -> bool:
+    """Whether the distances of ``sample`` sit on a few values: fewer than
+    ``min_distinct`` distinct ones on the 1/255 grid, or ``share`` of them on
+    its 8 most common ones."""
+    grid = np.rint(np.asarray(sample, dtype=np.float64) * _LEVELS)
+    _, counts = np.unique(grid, return_counts=True)
+    if len(counts) < min_distinct:
+        return True
+    top = np.sort(counts)[::-1][:_LATTICE_VALUES]
+    return bool(int(top.sum()) >= share * len(grid))
+
+
 def _read(
     arrays: Mapping[str, npt.NDArray[Any]],
     fields: tuple[str, ...],
@@ -251,6 +277,27 @@ class PradaParams(DetectorParams):
     threshold: float = Field(0.10, gt=0.0, le=1.0)
     """Score ``1 - W`` at which a warm client is flagged (W below 0.90)."""
 
+    # Source of the default: honest phishing clients (9 features in {0, 0.5,
+    # 1}, near-duplicate runs or not) put their windowed distances on 10-14
+    # values of the 1/255 grid and reach W 0.80-0.87; honest digit clients
+    # hold 36 or more; five Jacobian digit streams (demo attacker, seeds 0-4)
+    # held 18-22 at their first test and 30-40 later, and all were flagged.
+    # The margin on the attack side is small: 16 is a lattice guard, not a
+    # general-purpose knob.
+    min_distinct: int = Field(16, ge=1, le=4096)
+    """Distinct distances (on a 1/255 grid, the stored queries' resolution)
+    the window must hold for a test to run; see the class docstring."""
+
+    # Source of the default: the share of the window on its 8 most common
+    # grid values was 0.86-0.93 for honest phishing clients with near-duplicate
+    # runs and retries, at most 0.78 for the five Jacobian digit streams (0.72-
+    # 0.78 at their first test) and at most 0.43 for honest digit clients.
+    # Some honest phishing windows hold 16 or more values (an evaluation
+    # client was tested and flagged at W 0.89), so the share backs the count.
+    lattice_share: float = Field(0.85, gt=0.0, le=1.0)
+    """Share of the window on its 8 most common distances at which it counts
+    as lattice-valued and is not tested; 1.0 turns this part off."""
+
     max_state_bytes: int = Field(MAX_STATE_BYTES, ge=4096, le=1 << 20)
     """Per-client state budget; wide inputs keep fewer than ``growing_set``."""
 
@@ -298,7 +345,18 @@ class DistanceDistributionDetector(Detector[PradaParams]):
       at 0 into the sample and fail the test; near-duplicates are the
       similarity detector's evidence;
     - W is computed in numpy with scipy's coefficients, not by calling
-      ``scipy.stats.shapiro`` (same value to 1e-9, a tenth of the cost).
+      ``scipy.stats.shapiro`` (same value to 1e-9, a tenth of the cost);
+    - discrete input spaces are not tested: when the window's distances take
+      fewer than ``min_distinct`` values (on the 1/255 grid of the stored
+      queries), or its 8 most common values hold ``lattice_share`` of it, no
+      test runs. PRADA's premise is that natural inputs give a
+      continuous, roughly normal spread of nearest distances and that the
+      spikes come from synthetic steps; when the features themselves take a
+      few values (River Phishing: 0, 0.5 and 1), distances between distinct
+      honest inputs fall on a handful of lattice values, the spikes are the
+      domain's, and W measures the lattice rather than the client (honest
+      phishing clients had W 0.80-0.87). Exact and near repeats never enter
+      the window (``eps`` above), so replaying one's data adds no evidence.
 
     When it is weak:
 
@@ -318,8 +376,9 @@ class DistanceDistributionDetector(Detector[PradaParams]):
     - decision-based probing (HopSkipJump) is mostly near-duplicates, skipped
       here; ART's runs were flagged only after 470-710 queries. The
       similarity detector catches such probing within 30;
-    - the calibration (threshold, eps) is for 8x8 digits scaled to [0, 1];
-      other inputs need their own benign measurement;
+    - the defaults (threshold, eps) are for 8x8 digits scaled to [0, 1];
+      the worker adapts them per model from its reference sample
+      (``detectors.calibration``), which sees honest traffic only;
     - a client shorter than ``min_queries`` distinct queries is never tested.
 
     Per-client state: the growing set (64 x 64 features = 4 KB) and squared
@@ -360,7 +419,14 @@ class DistanceDistributionDetector(Detector[PradaParams]):
     name: ClassVar[str] = "prada"
     Params: ClassVar[type[PradaParams]] = PradaParams
     _mutable_params: ClassVar[frozenset[str]] = frozenset(
-        {"threshold", "test_every", "min_queries", "eps"}
+        {
+            "threshold",
+            "test_every",
+            "min_queries",
+            "eps",
+            "min_distinct",
+            "lattice_share",
+        }
     )
 
     def capacity(self, n_features: int) -> int:
@@ -508,6 +574,8 @@ class DistanceDistributionDetector(Detector[PradaParams]):
             if isinstance(info, tuple):
                 current, tested_n, tested_at = info
                 return _tested(1.0 - current, tested_n, tested_at, delta)
+            if isinstance(info, str):
+                return info
             return (
                 f"{info} of the {min_queries} nearest-query distances "
                 "needed for a normality test so far"
@@ -535,6 +603,8 @@ class DistanceDistributionDetector(Detector[PradaParams]):
         window = params.window
         every = params.test_every
         min_queries = params.min_queries
+        min_distinct = params.min_distinct
+        lattice_share = params.lattice_share
 
         # Step: the chunk grouped by client, rows widened once.
         groups = group_rows(slots)
@@ -630,13 +700,20 @@ class DistanceDistributionDetector(Detector[PradaParams]):
                     # whether its rows came in one batch or one at a time.
                     chronological = history + new
                     sample = np.array(chronological[-held:], dtype=np.float32)
-                    current = 1.0 - shapiro_w(sample)
-                    n_tests, tested_at, tested_n, text = n_tests + 1, seen, held, None
+                    if not on_lattice(sample, min_distinct, lattice_share):
+                        current = 1.0 - shapiro_w(sample)
+                        n_tests, tested_at, tested_n = n_tests + 1, seen, held
+                        text = None
+                    elif not n_tests:
+                        text = (
+                            f"the last {held} nearest-query distances sit on a "
+                            "few values (a discrete input space); not tested"
+                        )
                 if n_tests:
                     text = text or (current, tested_n, tested_at)
                     row_text[r] = text
                 else:
-                    row_text[r] = held
+                    row_text[r] = text or held
                 row_score[r] = current
                 row_warm[r] = n_tests > 0
 

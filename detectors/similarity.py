@@ -97,8 +97,13 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
     For each query, the distance to the nearest of the client's last
     ``history`` queries is computed as a per-feature RMS distance,
     ``||x - y||_2 / sqrt(d)``, which lies in [0, 1] for inputs scaled to
-    [0, 1]. The query is *near* when that distance is below ``eps``. The score
-    is the share of near queries among the client's last ``window`` queries.
+    [0, 1]. The query is *near* when that distance is below ``eps`` but above
+    0: an exact copy of an earlier query (distance 0 once quantised) is no
+    probe, since a search must change its input to learn anything, while
+    honest clients replay identical rows (tabular data holds duplicate rows:
+    River Phishing has 417 distinct rows among 625). Copies are the
+    fingerprint detector's ``identical`` count. The score is the share of near
+    queries among the client's last ``window`` queries.
 
     Score: in [0, 1], higher is more suspicious; 0 means no recent query
     repeated an earlier one, 1 means every one did. Flagged at ``threshold``
@@ -112,8 +117,8 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
     - honest clients that legitimately resend near-identical inputs (retries
       under a new request id, video frames, sensors) look like probing; fusion
       with other detectors has to decide;
-    - ``eps`` is calibrated on 8x8 digits; other inputs need their own
-      measurement of benign nearest-neighbour distances;
+    - ``eps`` is calibrated on 8x8 digits; the worker lowers it per model
+      from the reference sample's nearest distances (``detectors.calibration``);
     - only the L2 geometry is checked: a sparse attack (one-pixel) changing a
       single feature by 1.0 moves the RMS distance by 1/sqrt(d), near for large
       ``d`` but not for small.
@@ -248,7 +253,10 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
 
         # Near bits into each client's window, in arrival order.
         groups = group_rows(slots)
-        near = nearest[groups.order] < params.eps
+        # Exact copies (distance 0, exact in the quantised arithmetic) are not
+        # near-duplicates; see the class docstring.
+        ordered = nearest[groups.order]
+        near = (ordered > 0.0) & (ordered < params.eps)
         counts, lengths = push_window(
             arrays["near"], arrays["near_pos"], arrays["near_len"], groups, near
         )

@@ -186,10 +186,17 @@ class BenignHabits:
     near_duplicate_run
         Shortest and longest such run, in queries.
     noise_share
-        Noise of a near-duplicate, as a share of the declared value range
-        (standard deviation), clipped back into the range.
+        Noise of a near-duplicate (standard deviation), as a share of each
+        feature's span in ``feature_spans`` (of the declared value range when
+        not given), clipped back into the range.
     clip
         The model's declared value range.
+    feature_spans
+        Each feature's span (max - min) in the data the client replays. One
+        declared range can cover features 0.02 and 4000 wide (breast cancer);
+        0.5% of the whole range would move a narrow feature far outside its
+        data, which is no near-duplicate but a different, out-of-distribution
+        input.
     """
 
     retry_prob: float = 0.0
@@ -198,6 +205,7 @@ class BenignHabits:
     near_duplicate_run: tuple[int, int] = (3, 8)
     noise_share: float = 0.005
     clip: tuple[float, float] = (0.0, 16.0)
+    feature_spans: tuple[float, ...] | None = None
 
 
 def draw_habits(
@@ -206,6 +214,7 @@ def draw_habits(
     clip: tuple[float, float],
     *,
     near_duplicates: bool = True,
+    feature_spans: tuple[float, ...] | None = None,
 ) -> list[BenignHabits]:
     """Habits for ``n_clients``: about a third retry now and then (3% of their
     queries), about a third send runs of near-identical inputs (5% of their
@@ -220,6 +229,7 @@ def draw_habits(
                 retry_prob=0.03 if retries else 0.0,
                 near_duplicate_prob=0.05 if duplicates else 0.0,
                 clip=clip,
+                feature_spans=feature_spans,
             )
         )
     return habits
@@ -230,7 +240,9 @@ def query_stream(
 ) -> Array:
     """The rows a client sends, in order: ``rows`` cycled, with runs of
     near-identical copies spliced in per ``habits``. Pure, for tests."""
-    span = habits.clip[1] - habits.clip[0]
+    span: float | Array = habits.clip[1] - habits.clip[0]
+    if habits.feature_spans is not None:
+        span = np.asarray(habits.feature_spans, dtype=np.float64)
     out: list[Array] = []
     position = 0
     while len(out) < n_queries:

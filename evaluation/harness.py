@@ -620,9 +620,14 @@ async def _drive(
         model = run.benign_models[client_id]
         task = run.tasks[model]
         crng = child_rngs[index]
-        habits = draw_habits(1, crng, task.clip, near_duplicates=plan.near_duplicates)[
-            0
-        ]
+        spans = tuple(float(v) for v in np.ptp(task.replay, axis=0))
+        habits = draw_habits(
+            1,
+            crng,
+            task.clip,
+            near_duplicates=plan.near_duplicates,
+            feature_spans=spans,
+        )[0]
         run.benign_habits[client_id] = {
             "retries": habits.retry_prob > 0,
             "near_duplicates": habits.near_duplicate_prob > 0,

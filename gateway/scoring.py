@@ -8,6 +8,8 @@ executor thread and the event loop stays free for Kafka heartbeats.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections import Counter, defaultdict
@@ -18,6 +20,7 @@ import msgspec
 import numpy as np
 
 from detectors import Detector, DetectorScore, build_detectors
+from detectors.calibration import Calibration, calibrate
 from detectors.fingerprint import FingerprintDetector
 from gateway.backends import ModelBackend
 from gateway.batch import BatchItem
@@ -27,7 +30,7 @@ from gateway.groups import FingerprintBatch
 from gateway.metrics import WorkerMetrics
 from gateway.policy import SEVERITY, Policy
 from gateway.shaping import seed_for, shape
-from gateway.validation import scale_to_unit
+from gateway.validation import FeatureScale, feature_scale
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +65,38 @@ class Scorer:
         # Detectors in shadow: scored and recorded, but kept out of policy.
         # Fingerprints of the last scoring call, for the cross-worker store.
         self._fingerprints: list[FingerprintBatch] = []
+        # Per model: where the detectors put each feature (per-feature scales
+        # from the reference when the declared range does not describe the
+        # features, gateway.validation.feature_scale) and the detector
+        # parameters calibrated on that model's reference sample
+        # (detectors.calibration), merged over the operator's overrides.
+        self._scales: dict[str, FeatureScale] = {}
+        self.calibrations: dict[str, Calibration] = {}
         for name, model in models.items():
-            detectors = build_detectors(settings.detectors, seed=0)
-            reference = scale_to_unit(model.reference, model.signature)
+            scale = feature_scale(model.signature, model.reference)
+            reference = scale.apply(model.reference)
+            calibration = _calibrated(settings.detectors, reference)
+            params = {
+                d: {**settings.detectors.get(d, {}), **calibration.params.get(d, {})}
+                for d in set(settings.detectors) | set(calibration.params)
+            }
+            detectors = build_detectors(params, seed=0)
             for detector in detectors.values():
                 detector.learn_baseline(reference)
+            self._scales[name] = scale
+            self.calibrations[name] = calibration
             if any(d.observes_outputs for d in detectors.values()):
                 _learn_outputs(detectors, model, reference)
             self._detectors[name] = detectors
+            logger.info(
+                "detectors calibrated",
+                extra={
+                    "model": name,
+                    "scale": scale.source,
+                    "params": calibration.params,
+                    "seconds": round(calibration.seconds, 3),
+                },
+            )
 
     def score_and_predict(self, items: Sequence[BatchItem]) -> None:
         """Score every admitted item, apply policy, and run each model once on
@@ -138,9 +165,8 @@ class Scorer:
         # One matrix of every row of the batch, in arrival order, so that each
         # detector updates each client's state in the order the queries came.
         row_items = [i for i in items if i.rows is not None for _ in range(len(i.rows))]
-        x = scale_to_unit(
-            np.concatenate([i.rows for i in items if i.rows is not None]),
-            model.signature,
+        x = self._scales[model.name].apply(
+            np.concatenate([i.rows for i in items if i.rows is not None])
         )
         client_ids = [i.client_id or "" for i in row_items]
         learn = [self.policy.good_standing(c) for c in client_ids]
@@ -247,7 +273,7 @@ class Scorer:
         ]
         # Standing now: a client flagged by this very batch no longer teaches.
         learn = [self.policy.good_standing(c) for c in client_ids]
-        x = scale_to_unit(rows[fresh], model.signature)
+        x = self._scales[model.name].apply(rows[fresh])
         answers = np.asarray(proba[fresh], dtype=np.float64)
         for detector in detectors:
             detector.observe_outputs(client_ids, x, answers, learn=learn)
@@ -394,6 +420,30 @@ class Scorer:
             for detector in detectors.values():
                 detector.forget(client_id)
         self.policy.forget(client_id)
+
+
+# Calibrations already computed in this process, by (overrides, reference
+# bytes): every worker of a test run, and a worker restarting its scorer,
+# would otherwise redo the same second of simulation per model.
+_CALIBRATIONS: dict[tuple[str, bytes], Calibration] = {}
+_MAX_CACHED = 32
+
+
+def _calibrated(
+    overrides: Mapping[str, Mapping[str, Any]], reference: np.ndarray
+) -> Calibration:
+    key = (
+        json.dumps(overrides, sort_keys=True, default=str),
+        hashlib.sha256(np.ascontiguousarray(reference).tobytes()).digest()
+        + str(reference.shape).encode(),
+    )
+    found = _CALIBRATIONS.get(key)
+    if found is None:
+        found = calibrate(lambda o: build_detectors(o, seed=0), overrides, reference)
+        if len(_CALIBRATIONS) >= _MAX_CACHED:
+            _CALIBRATIONS.pop(next(iter(_CALIBRATIONS)))
+        _CALIBRATIONS[key] = found
+    return found
 
 
 def _apply_verdict(item: BatchItem) -> None:

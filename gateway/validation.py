@@ -6,7 +6,10 @@ one of the stable codes listed in ``gateway.errors.ERROR_CODES``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import numpy.typing as npt
 
 from gateway.errors import ValidationError
 from gateway.models import ModelSignature
@@ -110,14 +113,106 @@ def validate_request(request: InferRequest, signature: ModelSignature) -> np.nda
 
 
 def scale_to_unit(rows: np.ndarray, signature: ModelSignature) -> np.ndarray:
-    """Map rows onto [0, 1] per feature using the declared range, as float64.
+    """Map rows onto [0, 1] using the declared range, as float64.
 
-    Detectors see every model's inputs on the same scale, so their distance
-    thresholds carry over between models. Inputs without a declared range are
-    passed through unchanged.
+    The detectors' scale when the declared range describes the features; the
+    worker decides per model with :func:`feature_scale`. Inputs without a
+    declared range are passed through unchanged.
     """
     spec = signature.inputs[0]
     x = rows.astype(np.float64)
     if spec.min is None or spec.max is None or spec.max <= spec.min:
         return x
     return np.clip((x - spec.min) / (spec.max - spec.min), 0.0, 1.0)
+
+
+# When the reference sample's typical feature spans at least this share of the
+# declared range, the declared range describes the features and is kept as the
+# detectors' scale. Digits fill 0..16 (median span 16 of 16), phishing 0..1 of
+# 1.05: both keep the declared scale, so their calibrated detectors see exactly
+# what they saw before. Breast cancer's median span is 0.3 of 4466.7: one range
+# covers features 0.02 and 4000 wide, and per-feature scales are needed.
+DECLARED_RANGE_SHARE = 0.5
+
+# Margin added on each side of a feature's reference span, as a share of the
+# span (the zoo declares its ranges with the same 5%), so held-out honest
+# values rarely clip to 0 or 1.
+FEATURE_MARGIN = 0.05
+
+
+@dataclass(frozen=True)
+class FeatureScale:
+    """Where the detectors put each feature on [0, 1]: ``(x - low) / span``,
+    clipped.
+
+    Attributes
+    ----------
+    low, span
+        Per-feature location and scale (float64, length = row size); every
+        span is positive. Empty for inputs passed through unchanged.
+    source
+        ``"declared"`` (the signature's single range), ``"reference"``
+        (per-feature from the reference sample) or ``"none"`` (no range
+        declared: rows passed through).
+    """
+
+    low: npt.NDArray[np.float64]
+    span: npt.NDArray[np.float64]
+    source: str
+
+    def apply(self, rows: np.ndarray) -> npt.NDArray[np.float64]:
+        """``rows`` on the detectors' [0, 1] scale, as float64."""
+        x = rows.astype(np.float64)
+        if self.source == "none":
+            return x
+        out: npt.NDArray[np.float64] = np.clip((x - self.low) / self.span, 0.0, 1.0)
+        return out
+
+
+def feature_scale(
+    signature: ModelSignature, reference: np.ndarray | None
+) -> FeatureScale:
+    """The detectors' per-feature scale for one model.
+
+    Why from the reference sample and not per-feature ranges in the signature:
+    the signature's range is a contract for validation (what a client may
+    send), while the detectors need where honest data lies; the reference
+    sample is already shipped with every model, so no signature format
+    changes and every existing model file keeps working. Validation still
+    uses only the declared range (``validate_request``).
+
+    Rule: when the median feature's reference span (min to max) covers at
+    least ``DECLARED_RANGE_SHARE`` of the declared range, the declared range
+    is used for every feature (it describes them). Otherwise each feature
+    gets its reference min to max widened by ``FEATURE_MARGIN`` of its span
+    each side; a feature constant in the reference (span 0) falls back to the
+    declared span, since the sample says nothing about its spread and a tiny
+    scale would turn any change of it into a full-range jump. Min and max
+    rather than quantiles: quantiles would clip held-out honest values to the
+    ends, where clipped rows look alike, which is what similarity counts.
+    """
+    spec = signature.inputs[0]
+    empty = np.zeros(0, dtype=np.float64)
+    if spec.min is None or spec.max is None or spec.max <= spec.min:
+        return FeatureScale(empty, empty, "none")
+    declared = float(spec.max - spec.min)
+    width = spec.row_size
+    declared_scale = FeatureScale(
+        np.full(width, float(spec.min)), np.full(width, declared), "declared"
+    )
+    if reference is None or reference.ndim != 2 or reference.shape[0] < 2:
+        return declared_scale
+    ref = reference.astype(np.float64).reshape(len(reference), -1)
+    if ref.shape[1] != width or not np.isfinite(ref).all():
+        return declared_scale
+    low, high = ref.min(axis=0), ref.max(axis=0)
+    spans = high - low
+    if float(np.median(spans)) >= DECLARED_RANGE_SHARE * declared:
+        return declared_scale
+    constant = spans <= 0.0
+    margin = FEATURE_MARGIN * spans
+    return FeatureScale(
+        np.where(constant, low, low - margin),
+        np.where(constant, declared, spans + 2.0 * margin),
+        "reference",
+    )

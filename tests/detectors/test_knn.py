@@ -54,3 +54,17 @@ def test_calibrate_refuses_what_it_cannot_use(digits: Digits) -> None:
         calibrate([digits.test[:50]], 1.5)
     with pytest.raises(ValueError, match="earlier"):
         calibrate([digits.test[:3]], 0.05, k=5)
+
+
+def test_replaying_identical_rows_is_not_close(digits: Digits) -> None:
+    # An honest client cycling through 20 inputs resends exact copies; small
+    # changes of them (a search) are still close.
+    detector = KnnDistanceDetector()
+    detector.learn_baseline(digits.train)
+    replay = np.vstack([digits.test[:20]] * 5)
+    scores = detector.score_batch(["a"] * len(replay), replay)
+    assert max(s.score for s in scores) == 0.0
+    rng = np.random.default_rng(0)
+    nudged = np.clip(replay + rng.normal(0.0, 0.01, replay.shape), 0.0, 1.0)
+    scores = detector.score_batch(["b"] * len(nudged), nudged)
+    assert scores[-1].flagged

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,6 +208,15 @@ def test_w_matches_scipy_shapiro() -> None:
     assert shapiro_w(np.array([0.1, 0.2])) == 0.0
 
 
+def _lattice(values: list[float], params: PradaParams) -> bool:
+    """Plain-Python reference of the detector's lattice guard."""
+    counts = Counter(round(v * 255) for v in values)
+    top = sum(sorted(counts.values(), reverse=True)[:8])
+    return len(counts) < params.min_distinct or top >= params.lattice_share * len(
+        values
+    )
+
+
 def reference_scores(
     params: PradaParams, ids: list[str], X: Array
 ) -> list[tuple[float, bool]]:
@@ -254,7 +263,11 @@ def reference_scores(
                     s["mean"] += step / s["count"]
                     s["m2"] += step * (dist - s["mean"])
                     s["gs"].append(q)
-        if s["seen"] % params.test_every == 0 and len(s["dist"]) >= params.min_queries:
+        if (
+            s["seen"] % params.test_every == 0
+            and len(s["dist"]) >= params.min_queries
+            and not _lattice(list(s["dist"]), params)
+        ):
             s["score"] = 1.0 - shapiro_w(np.array(s["dist"]))
             s["tests"] += 1
         out.append((s["score"], s["tests"] > 0))
@@ -389,3 +402,42 @@ def test_wide_inputs_keep_fewer_members_within_budget() -> None:
     assert blob is not None and len(blob) <= MAX_STATE_BYTES
     with pytest.raises(ValueError, match="max_state_bytes"):
         DistanceDistributionDetector().score_batch(["w"], rng.random((1, 5000)))
+
+
+def _phishing_stream(seed: int, n: int) -> Array:
+    """An honest River Phishing client: held-out rows (features in {0, 0.5, 1},
+    with duplicate rows in the data) in random order, cycled, so exact
+    repeats of earlier queries occur; scaled by the declared range 0..1.05."""
+    from gateway.zoo import phishing_split
+
+    rows = phishing_split().x_test / 1.05
+    rng = np.random.default_rng(seed)
+    return np.asarray(rows[np.resize(rng.permutation(len(rows)), n)], np.float64)
+
+
+def test_honest_stream_over_a_discrete_space_with_repeats_is_not_flagged() -> None:
+    worst_untested = 0.0
+    for seed in range(4):
+        X = _phishing_stream(seed, 900)
+        scores = DistanceDistributionDetector().score_batch(["c"] * len(X), X)
+        assert not any(s.flagged for s in scores)
+        # Without the distinct-values guard the lattice alone fails the test.
+        loose = DistanceDistributionDetector(
+            PradaParams(min_distinct=1, lattice_share=1.0)
+        )
+        scores = loose.score_batch(["c"] * len(X), X)
+        worst_untested = max(worst_untested, max(s.score for s in scores))
+    assert worst_untested >= PradaParams().threshold
+
+
+def test_synthetic_steps_from_discrete_seeds_are_still_tested_and_flagged() -> None:
+    # Jacobian-style augmentation seeded with phishing rows: steps of 0.1 leave
+    # the lattice, so the distances take many values and the test runs.
+    seeds = _phishing_stream(0, 10)
+    rng = np.random.default_rng(0)
+    X = seeds
+    while len(X) < 200:
+        steps = 0.1 * np.sign(rng.normal(size=X.shape))
+        X = np.vstack([X, np.clip(X + steps, 0.0, 1.0)])
+    scores = DistanceDistributionDetector().score_batch(["c"] * 200, X[:200])
+    assert any(s.flagged for s in scores)

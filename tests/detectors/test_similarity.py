@@ -113,11 +113,18 @@ def test_probing_hidden_among_benign_clients_is_still_flagged(digits: Digits) ->
 
 def test_evidence_names_the_count_and_distance(digits: Digits) -> None:
     detector = QuerySimilarityDetector()
-    first, second = detector.score_batch(["a", "a"], digits.test[[0, 0]])
+    nudged = np.clip(digits.test[:1] + 0.01, 0, 1)
+    first, copy, near = detector.score_batch(
+        ["a", "a", "a"], np.vstack([digits.test[[0, 0]], nudged])
+    )
     assert first.evidence.endswith("this is the first query")
-    assert second.evidence == (
-        "1 of the last 2 queries lie within 0.05 of an earlier one; "
+    # An exact copy is not a near-duplicate (no probe resends its input as is).
+    assert copy.evidence == (
+        "0 of the last 2 queries lie within 0.05 of an earlier one; "
         "this one is 0.000 from its nearest"
+    )
+    assert near.evidence.startswith(
+        "1 of the last 3 queries lie within 0.05 of an earlier one; this one is 0.0"
     )
 
 
@@ -133,7 +140,7 @@ def reference_scores(
         past = history.setdefault(client, deque(maxlen=params.history))
         window = bits.setdefault(client, deque(maxlen=params.window))
         distances = [np.sqrt(((stored - h) ** 2).mean()) for h in past]
-        window.append(bool(distances) and min(distances) < params.eps)
+        window.append(bool(distances) and 0 < min(distances) < params.eps)
         past.append(stored)
         out.append(sum(window) / len(window))
     return out
@@ -179,4 +186,22 @@ def test_mutable_eps_applies_to_the_next_query(digits: Digits) -> None:
     nudged = np.clip(digits.test[:1] + 0.07, 0, 1)
     assert detector.score_batch(["a"], nudged)[0].score == 0.0
     detector.set_params(eps=0.2)
-    assert detector.score_batch(["a"], nudged)[0].score == pytest.approx(1 / 3)
+    further = np.clip(digits.test[:1] + 0.09, 0, 1)
+    assert detector.score_batch(["a"], further)[0].score == pytest.approx(1 / 3)
+
+
+def test_replaying_identical_rows_is_not_probing(digits: Digits) -> None:
+    # An honest client cycling through its data resends exact copies; a probe
+    # that changes its input a little is still counted.
+    rows = digits.test[:20]
+    replay = np.vstack([rows] * 5)
+    scores = QuerySimilarityDetector().score_batch(["a"] * len(replay), replay)
+    assert max(s.score for s in scores) == 0.0
+    rng = np.random.default_rng(0)
+    probe = np.clip(replay + rng.normal(0.0, 0.01, replay.shape), 0, 1)
+    interleaved = np.empty((2 * len(replay), replay.shape[1]))
+    interleaved[0::2], interleaved[1::2] = replay, probe
+    scores = QuerySimilarityDetector().score_batch(
+        ["b"] * len(interleaved), interleaved
+    )
+    assert scores[-1].flagged

@@ -214,3 +214,20 @@ def test_a_report_renders_again_from_its_json(tmp_path: Path) -> None:
     paths = write_eval_report(_result(), tmp_path)
     again = result_from_json(json.loads(paths["json"].read_text()))
     assert render_markdown(again) == paths["markdown"].read_text()
+
+
+def test_near_duplicate_noise_follows_each_features_span() -> None:
+    # One declared range 0..4000 over a wide and a narrow feature (breast
+    # cancer's shape): a near-duplicate moves each by a share of its own span.
+    rows = np.array([[2000.0, 0.05], [1000.0, 0.08]], dtype=np.float32)
+    habits = BenignHabits(
+        near_duplicate_prob=1.0,
+        near_duplicate_run=(50, 50),
+        clip=(0.0, 4000.0),
+        feature_spans=(1000.0, 0.03),
+    )
+    stream = query_stream(rows, habits, 50, np.random.default_rng(0))
+    moved = np.abs(stream[1:] - rows[0])
+    assert moved[:, 1].max() < 0.03 * 0.005 * 5
+    assert moved[:, 0].max() < 1000.0 * 0.005 * 5
+    assert moved[:, 0].max() > 0.0

@@ -11,6 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from gateway.config import Settings
@@ -156,15 +157,18 @@ async def test_clients_top_show_and_release_follow_a_real_client(
         benign = await _api_key(admin, root, "benign-1")
         probe = await _api_key(admin, root, "probe-1")
 
-        # A benign client sends distinct digits; a prober repeats one input,
-        # which the near-duplicate detector flags and policy blocks.
+        # A benign client sends distinct digits; a prober sends one input with
+        # tiny changes (an exact copy is no probe), which the near-duplicate
+        # detector flags and policy blocks.
+        nudges = np.random.default_rng(0).normal(0.0, 0.2, (16, X_TEST.shape[1]))
+        probes = np.clip(X_TEST[:1] + nudges, 0.0, 16.0).astype(np.float32)
         ids = [
             await kafka.send_request(*benign, X_TEST[i : i + 1], client_id="benign-1")
             for i in range(5)
         ]
         ids += [
-            await kafka.send_request(*probe, X_TEST[:1], client_id="probe-1")
-            for _ in range(16)
+            await kafka.send_request(*probe, probes[j : j + 1], client_id="probe-1")
+            for j in range(16)
         ]
         await kafka.flush()
         answers = await responses_for(settings, ids, timeout_s=60)
