@@ -209,6 +209,11 @@ def calibrate(
         threshold = getattr(detector.params, "threshold", None)
         if not isinstance(threshold, float) or explicit(name, "threshold"):
             continue
+        # The simulated streams carry neither the model's answers nor real
+        # arrival times, so detectors that score those would be calibrated on
+        # a stream they never see in service; they keep their own thresholds.
+        if detector.observes_outputs or detector.observes_outcomes:
+            continue
         honest = float(np.quantile(maxima[name], 1.0 - target_fpr))
         result.honest_max[name] = honest
         needed = honest * HEADROOM
