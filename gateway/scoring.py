@@ -12,6 +12,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 import msgspec
@@ -171,31 +172,23 @@ class Scorer:
                     )
                 )
 
-        # Metric children looked up once per batch, not once per row and
-        # detector: the label lookup costs more than the observation.
-        children: dict[str, Any] = {}
+        # Policy per row, in arrival order, with each detector's contributions
+        # computed for the whole batch at once (Policy.decide_batch).
+        columns = list(per_detector.values())
+        verdicts = self.policy.decide_batch(
+            client_ids,
+            columns,
+            model=model.name,
+            plans=[i.key.plan if i.key is not None else None for i in row_items],
+        )
 
-        def score_hist(name: str) -> Any:
-            child = children.get(name)
-            if child is None:
-                child = children[name] = self._metrics.detector_score.labels(name)
-            return child
+        # Per detector, not per row and detector: the largest score of each
+        # request's rows, and the score histogram, from one array each.
+        self._record_scores(items, columns, len(row_items))
 
+        # A request takes the most severe verdict of its rows.
         actions: Counter[tuple[str, str]] = Counter()
-
-        # Policy per row; a request takes the most severe verdict of its rows.
-        for row, item in enumerate(row_items):
-            scores = [found[row] for found in per_detector.values()]
-            verdict = self.policy.decide(
-                client_ids[row],
-                scores,
-                model=model.name,
-                plan=item.key.plan if item.key is not None else None,
-            )
-            for s in scores:
-                item.scores[s.detector] = max(item.scores.get(s.detector, 0.0), s.score)
-                if s.threshold > 0:
-                    score_hist(s.detector).observe(min(s.score / s.threshold, 1.0))
+        for item, verdict in zip(row_items, verdicts, strict=True):
             current = item.verdict
             if (
                 current is None
@@ -212,6 +205,47 @@ class Scorer:
             self._metrics.policy_actions.labels(action, shadow).inc(count)
         for item in items:
             _apply_verdict(item)
+
+    def _record_scores(
+        self,
+        items: list[BatchItem],
+        columns: list[list[DetectorScore]],
+        n_rows: int,
+    ) -> None:
+        """Each item's largest score per detector (at least 0) into
+        ``item.scores``, and every score over its threshold (capped at 1)
+        into the detector's histogram."""
+        counts = [len(i.rows) if i.rows is not None else 0 for i in items]
+        for column in columns:
+            if len(column) != n_rows:
+                raise ValueError(f"{len(column)} scores for {n_rows} rows")
+            if not column:
+                continue
+            name = column[0].detector
+            score = np.fromiter(map(itemgetter(1), column), np.float64, n_rows)
+            threshold = np.fromiter(map(itemgetter(2), column), np.float64, n_rows)
+            judged = threshold > 0
+            _observe_many(
+                self._metrics.detector_score.labels(name),
+                np.minimum(score[judged] / threshold[judged], 1.0),
+            )
+            if len(set(map(itemgetter(0), column))) > 1:
+                # A detector reporting under several names: row by row.
+                start = 0
+                for item, n in zip(items, counts, strict=True):
+                    for s in column[start : start + n]:
+                        item.scores[s.detector] = max(
+                            item.scores.get(s.detector, 0.0), s.score
+                        )
+                    start += n
+                continue
+            start = 0
+            for item, n in zip(items, counts, strict=True):
+                if n:
+                    top = float(score[start : start + n].max()) if n > 1 else None
+                    value = top if top is not None else column[start].score
+                    item.scores[name] = max(item.scores.get(name, 0.0), value)
+                start += n
 
     def _observe_outputs(
         self,
@@ -411,6 +445,39 @@ def _apply_verdict(item: BatchItem) -> None:
             PolicyError("client is blocked", code="BLOCKED", retriable=True),
             action="block",
         )
+
+
+def _observe_many(histogram: Any, values: np.ndarray) -> None:
+    """``histogram.observe`` of every value, with one bucket count per batch.
+
+    prometheus_client offers no bulk observe, and one call per row and
+    detector cost more than the scoring it measures; this adds the same sum
+    and bucket counts through the histogram's own value objects. A client
+    library whose histogram lacks them gets one ``observe`` per value.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    is_parent = getattr(histogram, "_is_parent", None)
+    if (
+        bounds is None
+        or buckets is None
+        or total is None
+        or is_parent is None
+        or is_parent()
+        or len(bounds) != len(buckets)
+    ):
+        for value in values.tolist():
+            histogram.observe(value)
+        return
+    if not len(values):
+        return
+    # observe() counts a value in the first bucket whose bound is >= it.
+    index = np.searchsorted(np.asarray(bounds, dtype=np.float64), values, "left")
+    total.inc(float(values.sum()))
+    for bucket, count in zip(*np.unique(index, return_counts=True), strict=True):
+        if bucket < len(buckets):
+            buckets[int(bucket)].inc(int(count))
 
 
 def _redelivered(item: BatchItem) -> bool:
