@@ -215,37 +215,45 @@ class Scorer:
         """Each item's largest score per detector (at least 0) into
         ``item.scores``, and every score over its threshold (capped at 1)
         into the detector's histogram."""
-        counts = [len(i.rows) if i.rows is not None else 0 for i in items]
-        for column in columns:
-            if len(column) != n_rows:
-                raise ValueError(f"{len(column)} scores for {n_rows} rows")
-            if not column:
-                continue
-            name = column[0].detector
-            score = np.fromiter(map(itemgetter(1), column), np.float64, n_rows)
+        if any(len(column) != n_rows for column in columns):
+            raise ValueError(f"a detector did not score each of {n_rows} rows")
+        if not columns or not n_rows:
+            return
+        names = [column[0].detector for column in columns]
+        score = np.empty((len(columns), n_rows), dtype=np.float64)
+        for j, column in enumerate(columns):
+            score[j] = np.fromiter(map(itemgetter(1), column), np.float64, n_rows)
             threshold = np.fromiter(map(itemgetter(2), column), np.float64, n_rows)
             judged = threshold > 0
             _observe_many(
-                self._metrics.detector_score.labels(name),
-                np.minimum(score[judged] / threshold[judged], 1.0),
+                self._metrics.detector_score.labels(names[j]),
+                np.minimum(score[j][judged] / threshold[judged], 1.0),
             )
-            if len(set(map(itemgetter(0), column))) > 1:
-                # A detector reporting under several names: row by row.
-                start = 0
-                for item, n in zip(items, counts, strict=True):
+
+        counts = [len(i.rows) if i.rows is not None else 0 for i in items]
+        uniform = len(set(names)) == len(names) and all(
+            len(set(map(itemgetter(0), column))) == 1 for column in columns
+        )
+        if not uniform or 0 in counts or any(i.scores for i in items):
+            # Rare (a detector reporting under several names, an empty request,
+            # scores already there): row by row, as the max of everything.
+            start = 0
+            for item, n in zip(items, counts, strict=True):
+                for column in columns:
                     for s in column[start : start + n]:
                         item.scores[s.detector] = max(
                             item.scores.get(s.detector, 0.0), s.score
                         )
-                    start += n
-                continue
-            start = 0
-            for item, n in zip(items, counts, strict=True):
-                if n:
-                    top = float(score[start : start + n].max()) if n > 1 else None
-                    value = top if top is not None else column[start].score
-                    item.scores[name] = max(item.scores.get(name, 0.0), value)
                 start += n
+            return
+        # The max over each request's rows, then at least 0 (what starts
+        # item.scores); -0.0 becomes 0.0 as max(0.0, -0.0) does.
+        if n_rows != len(items):
+            starts = np.cumsum([0, *counts[:-1]])
+            score = np.maximum.reduceat(score, starts, axis=1)
+        score = np.where(score > 0, score, 0.0)
+        for item, values in zip(items, score.T.tolist(), strict=True):
+            item.scores.update(zip(names, values, strict=True))
 
     def _observe_outputs(
         self,
