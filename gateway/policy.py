@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import numpy as np
@@ -253,7 +253,9 @@ class Policy:
         flagged = _column_matrix(columns, 3, np.bool_, n)
         counted = warm & (threshold > 0)
         safe_threshold = np.where(threshold > 0, threshold, 1.0)
-        any_flagged = flagged.any(axis=0).tolist() if columns else [False] * n
+        any_flagged: list[bool] = (
+            cast(list[bool], flagged.any(axis=0).tolist()) if columns else [False] * n
+        )
 
         # Contributions per resolved config (weights differ by plan), as the
         # per-row dicts fuse() takes. A contribution of 0 or less can never
