@@ -113,21 +113,22 @@ def fuse(
         if factor != 1.0
         else dict(memory)
     )
+    get = merged.get
     for name, value in current.items():
-        if value > merged.get(name, 0.0):
+        if value > get(name, 0.0):
             merged[name] = value
-    # Forget what has decayed to nothing, so the memory stays small.
+    # Forget what has decayed to nothing, so the memory stays small; what is
+    # kept is positive, so every kept detector not excluded is ranked.
     kept = {name: value for name, value in merged.items() if value >= 1e-3}
-    ranked = sorted(
-        (
-            (value, name)
-            for name, value in kept.items()
-            if value > 0 and name not in exclude
-        ),
-        reverse=True,
-    )[:TOP_N]
+    if exclude:
+        pairs = [(value, name) for name, value in kept.items() if name not in exclude]
+    else:
+        pairs = list(zip(kept.values(), kept.keys(), strict=True))
+    if not pairs:
+        return Fused(risk=0.0, top=(), memory=kept)
+    ranked = sorted(pairs, reverse=True)[:TOP_N]
     top = tuple((name, value) for value, name in ranked)
-    return Fused(risk=ranked[0][0] if ranked else 0.0, top=top, memory=kept)
+    return Fused(risk=ranked[0][0], top=top, memory=kept)
 
 
 def risk_without(memory: Mapping[str, float], exclude: Collection[str]) -> float:

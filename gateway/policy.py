@@ -22,10 +22,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import Any, cast
 
 import msgspec
+import numpy as np
+import numpy.typing as npt
 
 from detectors import DetectorScore
 from detectors.fusion import contributions, decay, fuse, risk_without
@@ -131,7 +135,9 @@ class Policy:
         self._resolved: dict[tuple[str | None, str | None], PolicyConfig] = {}
         # Every rule list and its live part, per resolved config (by identity:
         # resolve() caches them), so that a query does not rebuild the ladder.
-        self._ladders: dict[int, tuple[list[LadderRule], list[LadderRule]]] = {}
+        self._ladders: dict[
+            int, tuple[list[LadderRule], list[LadderRule], frozenset[str]]
+        ] = {}
 
     def reconfigure(self, config: PolicyConfig) -> None:
         """Swap the rules at run time; every client's memory (flags, blocks,
@@ -144,12 +150,16 @@ class Policy:
         self._ladders = {}
         logger.info("policy reconfigured")
 
-    def _rules(self, cfg: PolicyConfig) -> tuple[list[LadderRule], list[LadderRule]]:
+    def _rules(
+        self, cfg: PolicyConfig
+    ) -> tuple[list[LadderRule], list[LadderRule], frozenset[str]]:
+        """Every rule, the live ones, and the shadowed detectors of ``cfg``."""
         found = self._ladders.get(id(cfg))
         if found is None:
             rules = cfg.ladder()
             live = [] if cfg.shadow else [r for r in rules if not r.shadow]
-            found = self._ladders[id(cfg)] = (rules, live)
+            shadowed = frozenset(cfg.shadow_detectors)
+            found = self._ladders[id(cfg)] = (rules, live, shadowed)
         return found
 
     def resolve(self, model: str | None, plan: str | None) -> PolicyConfig:
@@ -184,23 +194,129 @@ class Policy:
         plan: str | None = None,
     ) -> Verdict:
         cfg = self.resolve(model, plan)
+        current = contributions(scores, cfg.detector_weights)
+        flagged = tuple(s for s in scores if s.flagged)
+        return self._judge(client_id, cfg, current, flagged)
+
+    def decide_batch(
+        self,
+        client_ids: Sequence[str],
+        per_detector: Sequence[Sequence[DetectorScore]],
+        *,
+        model: str | None = None,
+        plans: Sequence[str | None],
+    ) -> list[Verdict]:
+        """:meth:`decide` for every row of a batch, in row order, each row
+        seeing the memory the rows before it left (the ladder counts flags
+        query by query).
+
+        The same verdicts as calling :meth:`decide` per row with
+        ``[column[row] for column in per_detector]``, but each detector's
+        contributions are computed for all rows at once with numpy and no
+        per-row list of scores is built unless a row is flagged.
+
+        Parameters
+        ----------
+        client_ids
+            One client per row.
+        per_detector
+            One column of scores per detector, each with one score per row.
+        model
+            The model every row is for.
+        plans
+            One plan per row (``None``: the default plan).
+        """
+        n = len(client_ids)
+        columns = [list(column) for column in per_detector]
+        names = [column[0].detector for column in columns if column]
+        if (
+            any(len(column) != n for column in columns)
+            or len(set(names)) != len(columns)
+            or any(len(set(map(itemgetter(0), column))) > 1 for column in columns)
+        ):
+            # A detector named twice or a ragged column: the per-row path
+            # merges and checks them as it always did.
+            return [
+                self.decide(
+                    client_ids[row],
+                    [column[row] for column in columns],
+                    model=model,
+                    plan=plans[row],
+                )
+                for row in range(n)
+            ]
+
+        # Every detector's scores, thresholds, warmth and flags as (d, n).
+        score = _column_matrix(columns, 1, np.float64, n)
+        threshold = _column_matrix(columns, 2, np.float64, n)
+        warm = _column_matrix(columns, 5, np.bool_, n)
+        flagged = _column_matrix(columns, 3, np.bool_, n)
+        counted = warm & (threshold > 0)
+        safe_threshold = np.where(threshold > 0, threshold, 1.0)
+        any_flagged: list[bool] = (
+            cast(list[bool], flagged.any(axis=0).tolist()) if columns else [False] * n
+        )
+
+        # Contributions per resolved config (weights differ by plan), as the
+        # per-row dicts fuse() takes. A contribution of 0 or less can never
+        # enter the memory (fuse keeps the larger of memory and current, and
+        # memory is positive), so it is left out of the dict.
+        current_by_cfg: dict[int, list[dict[str, float]]] = {}
+        cfgs = [self.resolve(model, plan) for plan in plans]
+        for cfg in cfgs:
+            if id(cfg) in current_by_cfg:
+                continue
+            weights = np.array(
+                [cfg.detector_weights.get(name, 1.0) for name in names],
+                dtype=np.float64,
+            ).reshape(-1, 1)
+            values = np.where(counted, weights * score / safe_threshold, 0.0)
+            rows: list[dict[str, float]] = [
+                {names[j]: v for j, v in enumerate(row) if v > 0}
+                for row in values.T.tolist()
+            ]
+            current_by_cfg[id(cfg)] = rows
+
+        verdicts: list[Verdict] = []
+        for row in range(n):
+            cfg = cfgs[row]
+            flagged_row = (
+                tuple(column[row] for column in columns if column[row].flagged)
+                if any_flagged[row]
+                else ()
+            )
+            verdicts.append(
+                self._judge(
+                    client_ids[row], cfg, current_by_cfg[id(cfg)][row], flagged_row
+                )
+            )
+        return verdicts
+
+    def _judge(
+        self,
+        client_id: str,
+        cfg: PolicyConfig,
+        current: Mapping[str, float],
+        flagged: tuple[DetectorScore, ...],
+    ) -> Verdict:
+        """One query's verdict from its contributions and flagged scores."""
         now_s = self._clock()
-        state = self._clients.setdefault(client_id, _ClientPolicyState())
+        state = self._clients.get(client_id)
+        if state is None:
+            state = self._clients[client_id] = _ClientPolicyState()
         state.queries += 1
 
         # Risk twice: every detector (would-be), and those not in shadow
         # (live); each the fused, decaying risk of detectors/fusion.py.
-        shadowed = frozenset(cfg.shadow_detectors)
-        current = contributions(scores, cfg.detector_weights)
+        rules, live_rules, shadowed = self._rules(cfg)
         elapsed_s = now_s - state.fused_at_s if state.fused_at_s else 0.0
         fused = fuse(state.fused, elapsed_s, current, half_life_s=cfg.risk_half_life_s)
         state.fused, state.fused_at_s = fused.memory, now_s
         risk, top = fused.risk, fused.top
         live_risk = risk_without(fused.memory, shadowed) if shadowed else risk
-        flagged = tuple(s for s in scores if s.flagged)
         live_flagged = (
             tuple(s for s in flagged if s.detector not in shadowed)
-            if shadowed
+            if shadowed and flagged
             else flagged
         )
 
@@ -215,8 +331,6 @@ class Policy:
             live_risk = group.score
             if group.flagged and not live_flagged:
                 live_flagged = (group,)
-
-        rules, live_rules = self._rules(cfg)
 
         would = _step(state.would, risk, bool(flagged), rules, cfg, now_s)
         live = _step(state.live, live_risk, bool(live_flagged), live_rules, cfg, now_s)
@@ -291,7 +405,7 @@ class Policy:
             return None
         cfg = self.resolve(model, plan)
         now_s = self._clock()
-        rules, live_rules = self._rules(cfg)
+        rules, live_rules, _ = self._rules(cfg)
         # On copies: looking must change nothing.
         would = _step(
             msgspec.structs.replace(state.would), 0.0, False, rules, cfg, now_s
@@ -432,3 +546,14 @@ def _stronger(a: str | None, b: str) -> str:
     if a is None or _DEGRADE_RANK[b] > _DEGRADE_RANK[a]:
         return b
     return a
+
+
+def _column_matrix(
+    columns: list[list[DetectorScore]], field_index: int, dtype: Any, n: int
+) -> npt.NDArray[Any]:
+    """One field of every score as a (detectors, rows) array, read by tuple
+    index (a DetectorScore is a tuple; its properties cost a call each)."""
+    out = np.empty((len(columns), n), dtype=dtype)
+    for j, column in enumerate(columns):
+        out[j] = np.fromiter(map(itemgetter(field_index), column), dtype, n)
+    return out

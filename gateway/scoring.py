@@ -14,6 +14,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 import msgspec
@@ -197,31 +198,23 @@ class Scorer:
                     )
                 )
 
-        # Metric children looked up once per batch, not once per row and
-        # detector: the label lookup costs more than the observation.
-        children: dict[str, Any] = {}
+        # Policy per row, in arrival order, with each detector's contributions
+        # computed for the whole batch at once (Policy.decide_batch).
+        columns = list(per_detector.values())
+        verdicts = self.policy.decide_batch(
+            client_ids,
+            columns,
+            model=model.name,
+            plans=[i.key.plan if i.key is not None else None for i in row_items],
+        )
 
-        def score_hist(name: str) -> Any:
-            child = children.get(name)
-            if child is None:
-                child = children[name] = self._metrics.detector_score.labels(name)
-            return child
+        # Per detector, not per row and detector: the largest score of each
+        # request's rows, and the score histogram, from one array each.
+        self._record_scores(items, columns, len(row_items))
 
+        # A request takes the most severe verdict of its rows.
         actions: Counter[tuple[str, str]] = Counter()
-
-        # Policy per row; a request takes the most severe verdict of its rows.
-        for row, item in enumerate(row_items):
-            scores = [found[row] for found in per_detector.values()]
-            verdict = self.policy.decide(
-                client_ids[row],
-                scores,
-                model=model.name,
-                plan=item.key.plan if item.key is not None else None,
-            )
-            for s in scores:
-                item.scores[s.detector] = max(item.scores.get(s.detector, 0.0), s.score)
-                if s.threshold > 0:
-                    score_hist(s.detector).observe(min(s.score / s.threshold, 1.0))
+        for item, verdict in zip(row_items, verdicts, strict=True):
             current = item.verdict
             if (
                 current is None
@@ -238,6 +231,55 @@ class Scorer:
             self._metrics.policy_actions.labels(action, shadow).inc(count)
         for item in items:
             _apply_verdict(item)
+
+    def _record_scores(
+        self,
+        items: list[BatchItem],
+        columns: list[list[DetectorScore]],
+        n_rows: int,
+    ) -> None:
+        """Each item's largest score per detector (at least 0) into
+        ``item.scores``, and every score over its threshold (capped at 1)
+        into the detector's histogram."""
+        if any(len(column) != n_rows for column in columns):
+            raise ValueError(f"a detector did not score each of {n_rows} rows")
+        if not columns or not n_rows:
+            return
+        names = [column[0].detector for column in columns]
+        score = np.empty((len(columns), n_rows), dtype=np.float64)
+        for j, column in enumerate(columns):
+            score[j] = np.fromiter(map(itemgetter(1), column), np.float64, n_rows)
+            threshold = np.fromiter(map(itemgetter(2), column), np.float64, n_rows)
+            judged = threshold > 0
+            _observe_many(
+                self._metrics.detector_score.labels(names[j]),
+                np.minimum(score[j][judged] / threshold[judged], 1.0),
+            )
+
+        counts = [len(i.rows) if i.rows is not None else 0 for i in items]
+        uniform = len(set(names)) == len(names) and all(
+            len(set(map(itemgetter(0), column))) == 1 for column in columns
+        )
+        if not uniform or 0 in counts or any(i.scores for i in items):
+            # Rare (a detector reporting under several names, an empty request,
+            # scores already there): row by row, as the max of everything.
+            start = 0
+            for item, n in zip(items, counts, strict=True):
+                for column in columns:
+                    for s in column[start : start + n]:
+                        item.scores[s.detector] = max(
+                            item.scores.get(s.detector, 0.0), s.score
+                        )
+                start += n
+            return
+        # The max over each request's rows, then at least 0 (what starts
+        # item.scores); -0.0 becomes 0.0 as max(0.0, -0.0) does.
+        if n_rows != len(items):
+            starts = np.cumsum([0, *counts[:-1]])
+            score = np.maximum.reduceat(score, starts, axis=1)
+        score = np.where(score > 0, score, 0.0)
+        for item, values in zip(items, score.T.tolist(), strict=True):
+            item.scores.update(zip(names, values, strict=True))
 
     def _observe_outputs(
         self,
@@ -461,6 +503,39 @@ def _apply_verdict(item: BatchItem) -> None:
             PolicyError("client is blocked", code="BLOCKED", retriable=True),
             action="block",
         )
+
+
+def _observe_many(histogram: Any, values: np.ndarray) -> None:
+    """``histogram.observe`` of every value, with one bucket count per batch.
+
+    prometheus_client offers no bulk observe, and one call per row and
+    detector cost more than the scoring it measures; this adds the same sum
+    and bucket counts through the histogram's own value objects. A client
+    library whose histogram lacks them gets one ``observe`` per value.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    is_parent = getattr(histogram, "_is_parent", None)
+    if (
+        bounds is None
+        or buckets is None
+        or total is None
+        or is_parent is None
+        or is_parent()
+        or len(bounds) != len(buckets)
+    ):
+        for value in values.tolist():
+            histogram.observe(value)
+        return
+    if not len(values):
+        return
+    # observe() counts a value in the first bucket whose bound is >= it.
+    index = np.searchsorted(np.asarray(bounds, dtype=np.float64), values, "left")
+    total.inc(float(values.sum()))
+    for bucket, count in zip(*np.unique(index, return_counts=True), strict=True):
+        if bucket < len(buckets):
+            buckets[int(bucket)].inc(int(count))
 
 
 def _redelivered(item: BatchItem) -> bool:

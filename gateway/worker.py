@@ -15,11 +15,13 @@ action ladder in ``gateway.policy``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
@@ -716,6 +718,19 @@ class Worker:
         sends = Sends(self._producer, self.metrics)
 
         kept: list[tuple[BatchItem, bytes]] = []
+        # Request counts per label set, added once per batch: a label lookup
+        # per record cost more than the count.
+        counted: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        for item in items:
+            counted[
+                (
+                    item.model.name if item.model is not None else "-",
+                    item.action,
+                    item.error.code if item.error else "",
+                )
+            ] += 1
+        for labels, count in counted.items():
+            self.metrics.requests.labels(*labels).inc(count)
         for item in items:
             try:
                 await self._produce_item(item, sends, reply_topics, now_ms, kept)
@@ -757,9 +772,6 @@ class Worker:
         # own key is the sender's claim and must not let it pose as a
         # client (a reader matching answers by record key would be fooled).
         key = item.client_id
-        code = item.error.code if item.error else ""
-        model = item.model.name if item.model is not None else "-"
-        self.metrics.requests.labels(model, item.action, code).inc()
 
         # The answer, wherever a request id tells us who is waiting.
         if item.request_id is not None:
@@ -769,9 +781,11 @@ class Worker:
                 self._send_later(item, reply_to, fallback, block_cooldown_ms)
             else:
                 response = response_for(item, now_ms, block_cooldown_ms)
+                # Encoded once, for the replay cache and the send alike.
+                value = protocol.encode(response)
                 if response.status == "ok" and item.replay is None:
-                    kept.append((item, protocol.encode(response)))
-                await sends.send(reply_to, response, key, fallback=fallback)
+                    kept.append((item, value))
+                await sends.send(reply_to, msgspec.Raw(value), key, fallback=fallback)
 
         # Audit: one decision per record, answered or not.
         await sends.send(topics.decisions, decision_for(item, now_ms, worker_id), key)
