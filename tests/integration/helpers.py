@@ -218,3 +218,18 @@ async def responses_for(
         f"{len(missing)} requests unanswered, e.g. {sorted(missing)[:3]}"
     )
     return {rid: found[rid] for rid in wanted}
+
+
+async def delete_prefix(settings: Settings) -> None:
+    """Delete every Redis key under the settings' isolated prefix, the
+    fingerprint store's hash-tagged ``{prefix:fp}`` keys included."""
+    redis = redis_from_settings(settings)
+    try:
+        prefix = settings.redis.key_prefix
+        for pattern in (f"{{{prefix}:fp}}*", f"{prefix}:*"):
+            keys = [k async for k in redis.scan_iter(match=pattern, count=1000)]
+            # Several DELs of at most 500 keys each keep every call short.
+            for start in range(0, len(keys), 500):
+                await redis.delete(*keys[start : start + 500])
+    finally:
+        await redis.aclose()
