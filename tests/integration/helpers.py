@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from evaluation.process import settings_env
 from gateway import protocol
 from gateway.config import Settings, load_settings
-from gateway.keys import KeyStore
+from gateway.keys import KeyStore, format_token
 from gateway.store import redis_from_settings
 from gateway.topics import ensure_topics, partitions_of
 from gateway.worker import Worker
+from modelgate import errors
+from modelgate.client import Transport
+from modelgate.results import InferResult
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -233,3 +236,41 @@ async def delete_prefix(settings: Settings) -> None:
                 await redis.delete(*keys[start : start + 500])
     finally:
         await redis.aclose()
+
+
+async def create_token(settings: Settings, client_id: str, **kwargs: Any) -> str:
+    """A new API key for ``client_id``, as the token a client presents."""
+    return format_token(*await create_key(settings, client_id, **kwargs))
+
+
+class LosesFirstAnswer:
+    """A real client transport whose first answer is lost on the way back, as
+    when a client times out just before the answer arrives.
+
+    ``ids`` holds the request id of every attempt; ``first`` the lost answer.
+    """
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+        self.ids: list[str] = []
+        self.first: InferResult | None = None
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        request_id: str,
+        timeout_s: float,
+    ) -> InferResult:
+        self.ids.append(request_id)
+        result = await self.inner.infer(model, inputs, request_id, timeout_s)
+        if len(self.ids) == 1:
+            self.first = result
+            raise errors.RequestTimeoutError("answer lost", request_id=request_id)
+        return result
