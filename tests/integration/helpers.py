@@ -9,10 +9,10 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -27,6 +27,10 @@ from gateway.worker import Worker
 from modelgate import errors
 from modelgate.client import Transport
 from modelgate.results import InferResult
+
+if TYPE_CHECKING:
+    # Only for annotations: the live-config service imports every detector.
+    from gateway.liveconfig.service import ConfigService, WorkerAck
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -274,3 +278,45 @@ class LosesFirstAnswer:
             self.first = result
             raise errors.RequestTimeoutError("answer lost", request_id=request_id)
         return result
+
+
+async def answer_codes(
+    kafka: RawKafka,
+    settings: Settings,
+    key: tuple[str, bytes],
+    client_id: str,
+    rows: np.ndarray[Any, Any],
+) -> list[str]:
+    """Send one request per row of ``rows`` at once, signed with ``key`` (id,
+    secret) on ``client_id``'s partition; the code of each answer, in order
+    (``ok`` for a prediction). Waits at most 60 s for the answers."""
+    key_id, secret = key
+    ids = [
+        await kafka.send_request(key_id, secret, rows[i : i + 1], client_id=client_id)
+        for i in range(len(rows))
+    ]
+    await kafka.flush()
+    answers = await responses_for(settings, ids, timeout_s=60)
+    return [
+        answers[i]["error"]["code"] if answers[i]["status"] == "error" else "ok"
+        for i in ids
+    ]
+
+
+async def wait_for_acks(
+    service: ConfigService,
+    done: Callable[[dict[str, WorkerAck]], bool],
+    timeout_s: float,
+    interval_s: float,
+) -> dict[str, WorkerAck]:
+    """Poll the workers' configuration acknowledgements every ``interval_s``
+    until ``done`` holds; fail after ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        acks = {a.worker_id: a for a in await service.status()}
+        if done(acks):
+            return acks
+        if loop.time() > deadline:
+            raise AssertionError(f"acknowledgements after {timeout_s} s: {acks}")
+        await asyncio.sleep(interval_s)
