@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from redis.asyncio import Redis
 
 from evaluation.process import settings_env
 from gateway import protocol
@@ -320,3 +321,14 @@ async def wait_for_acks(
         if loop.time() > deadline:
             raise AssertionError(f"acknowledgements after {timeout_s} s: {acks}")
         await asyncio.sleep(interval_s)
+
+
+async def delete_matching(redis_url: str, pattern: str) -> None:
+    """Delete the keys matching ``pattern`` (a test module's own prefix) on the
+    Redis at ``redis_url``."""
+    client = Redis.from_url(redis_url)
+    try:
+        async for name in client.scan_iter(match=pattern, count=1000):
+            await client.delete(name)
+    finally:
+        await client.aclose()
