@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from detectors._state import FieldSpec, Groups, group_rows
+from detectors._state import FieldSpec, Groups, group_rows, window_fields
 
 LEVELS = 255
 """Quantisation of stored features: ``round(x * 255)`` as uint8."""
@@ -32,11 +32,7 @@ def quantise(X: npt.NDArray[np.float64]) -> npt.NDArray[np.uint8]:
 
 def ring_fields(capacity: int, n_features: int) -> dict[str, FieldSpec]:
     """The arena fields of a ring of ``capacity`` queries."""
-    return {
-        "hist": FieldSpec((capacity, n_features), "u1"),
-        "hist_pos": FieldSpec((), "<i8"),
-        "hist_len": FieldSpec((), "<i8"),
-    }
+    return window_fields("hist", capacity, "u1", (n_features,))
 
 
 def check_ring(values: Mapping[str, npt.NDArray[Any]]) -> None:

@@ -11,12 +11,12 @@ Imports numpy only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+# check_ring_counters lives with the other state checks; importable here too.
 from detectors._state import Groups
 
 IntArray = npt.NDArray[np.int64]
@@ -84,15 +84,6 @@ def push_ring(
     pos[groups.unique] = (old_pos + groups.size) % width
     length[groups.unique] = np.minimum(old_len + groups.size, width)
     return windows, np.minimum(total, width)
-
-
-def check_ring_counters(
-    values: Mapping[str, npt.NDArray[Any]], ring: str, pos: str, length: str
-) -> None:
-    """Raise ``ValueError`` unless a loaded ring's counters are in range."""
-    size = values[ring].shape[0]
-    if not 0 <= int(values[pos]) < size or not 0 <= int(values[length]) <= size:
-        raise ValueError(f"state field {pos!r} or {length!r} is out of range")
 
 
 def unsort(groups: Groups) -> IntArray:

@@ -330,12 +330,35 @@ def push_window(
     return counts, lengths
 
 
+def window_fields(
+    name: str, length: int, dtype: str, row_shape: tuple[int, ...] = ()
+) -> dict[str, FieldSpec]:
+    """Arena fields of a per-client ring ``name`` of ``length`` entries.
+
+    The ring itself, then ``{name}_pos`` (next index to write) and
+    ``{name}_len`` (entries filled), the layout :func:`push_window` and
+    :func:`check_ring_counters` expect. ``row_shape`` is the shape of one entry.
+    """
+    return {
+        name: FieldSpec((length, *row_shape), dtype),
+        f"{name}_pos": FieldSpec((), "<i8"),
+        f"{name}_len": FieldSpec((), "<i8"),
+    }
+
+
+def check_ring_counters(
+    values: Mapping[str, npt.NDArray[Any]], ring: str, pos: str, length: str
+) -> None:
+    """Raise ``ValueError`` unless a loaded ring's counters are in range."""
+    size = values[ring].shape[0]
+    if not 0 <= int(values[pos]) < size or not 0 <= int(values[length]) <= size:
+        raise ValueError(f"state field {pos!r} or {length!r} is out of range")
+
+
 def check_window(
     values: Mapping[str, npt.NDArray[Any]], ring: str, pos: str, length: str
 ) -> None:
     """Raise ``ValueError`` unless a loaded window of bits is self-consistent."""
-    size = values[ring].shape[0]
-    if not 0 <= int(values[pos]) < size or not 0 <= int(values[length]) <= size:
-        raise ValueError(f"state field {pos!r} or {length!r} is out of range")
+    check_ring_counters(values, ring, pos, length)
     if int(values[ring].max(initial=0)) > 1:
         raise ValueError(f"state field {ring!r} holds values other than 0 and 1")

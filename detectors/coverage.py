@@ -29,8 +29,8 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
-from detectors._ring import check_ring_counters, push_ring, unsort
-from detectors._state import FieldSpec, group_rows
+from detectors._ring import push_ring, unsort
+from detectors._state import FieldSpec, check_ring_counters, group_rows, window_fields
 from detectors.base import Detector, DetectorParams, DetectorScore
 
 logger = logging.getLogger(__name__)
@@ -196,13 +196,9 @@ class CoverageDetector(Detector[CoverageParams]):
     def _layout(self, n_features: int) -> dict[str, FieldSpec]:
         window = self._params.window
         return {
-            "cells": FieldSpec((window,), "<i2"),
-            "cells_pos": FieldSpec((), "<i8"),
-            "cells_len": FieldSpec((), "<i8"),
+            **window_fields("cells", window, "<i2"),
             "n_seen": FieldSpec((), "<i8"),
-            "regions": FieldSpec((window,), "<i4"),
-            "regions_pos": FieldSpec((), "<i8"),
-            "regions_len": FieldSpec((), "<i8"),
+            **window_fields("regions", window, "<i4"),
             "n_answers": FieldSpec((), "<i8"),
             "region_score": FieldSpec((), "<f8"),
         }

@@ -30,7 +30,13 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
-from detectors._state import FieldSpec, check_window, group_rows, push_window
+from detectors._state import (
+    FieldSpec,
+    check_window,
+    group_rows,
+    push_window,
+    window_fields,
+)
 from detectors.base import Detector, DetectorParams, DetectorScore
 
 logger = logging.getLogger(__name__)
@@ -790,9 +796,7 @@ class FingerprintDetector(Detector[FingerprintParams]):
     def _layout(self, n_features: int) -> dict[str, FieldSpec]:
         window = self._params.window
         return {
-            "near": FieldSpec((window,), "u1"),
-            "near_pos": FieldSpec((), "<i8"),
-            "near_len": FieldSpec((), "<i8"),
+            **window_fields("near", window, "u1"),
             "n_seen": FieldSpec((), "<i8"),
             "n_cross": FieldSpec((), "<i8"),
         }

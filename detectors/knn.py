@@ -28,7 +28,14 @@ from detectors._history import (
     quantise,
     ring_fields,
 )
-from detectors._state import FieldSpec, SlotArena, check_window, group_rows, push_window
+from detectors._state import (
+    FieldSpec,
+    SlotArena,
+    check_window,
+    group_rows,
+    push_window,
+    window_fields,
+)
 from detectors.base import MAX_STATE_BYTES, Detector, DetectorParams, DetectorScore
 
 logger = logging.getLogger(__name__)
@@ -205,9 +212,7 @@ class KnnDistanceDetector(Detector[KnnParams]):
         window = self._params.window
         return {
             **ring_fields(self.capacity(n_features), n_features),
-            "close": FieldSpec((window,), "u1"),
-            "close_pos": FieldSpec((), "<i8"),
-            "close_len": FieldSpec((), "<i8"),
+            **window_fields("close", window, "u1"),
             "n_seen": FieldSpec((), "<i8"),
         }
 

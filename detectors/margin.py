@@ -27,8 +27,8 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
-from detectors._ring import check_ring_counters, push_ring
-from detectors._state import FieldSpec, group_rows
+from detectors._ring import push_ring
+from detectors._state import FieldSpec, check_ring_counters, group_rows
 from detectors.base import Detector, DetectorParams, DetectorScore
 
 logger = logging.getLogger(__name__)

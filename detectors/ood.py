@@ -22,7 +22,13 @@ import numpy.typing as npt
 from pydantic import Field
 
 from detectors._hst import HalfSpaceForest
-from detectors._state import FieldSpec, check_window, group_rows, push_window
+from detectors._state import (
+    FieldSpec,
+    check_window,
+    group_rows,
+    push_window,
+    window_fields,
+)
 from detectors.base import Detector, DetectorParams, DetectorScore
 
 logger = logging.getLogger(__name__)
@@ -153,9 +159,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
 
     def _layout(self, n_features: int) -> dict[str, FieldSpec]:
         return {
-            "outlier": FieldSpec((self._params.window,), "u1"),
-            "outlier_pos": FieldSpec((), "<i8"),
-            "outlier_len": FieldSpec((), "<i8"),
+            **window_fields("outlier", self._params.window, "u1"),
             "n_seen": FieldSpec((), "<i8"),
             "ewma": FieldSpec((), "<f8"),
         }

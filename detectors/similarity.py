@@ -28,6 +28,7 @@ from detectors._state import (
     check_window,
     group_rows,
     push_window,
+    window_fields,
 )
 from detectors.base import MAX_STATE_BYTES, Detector, DetectorParams, DetectorScore
 
@@ -195,9 +196,7 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
             "hist_sq": FieldSpec((capacity,), "<f4"),
             "hist_pos": FieldSpec((), "<i8"),
             "hist_len": FieldSpec((), "<i8"),
-            "near": FieldSpec((self._params.window,), "u1"),
-            "near_pos": FieldSpec((), "<i8"),
-            "near_len": FieldSpec((), "<i8"),
+            **window_fields("near", self._params.window, "u1"),
             "n_seen": FieldSpec((), "<i8"),
         }
 

@@ -38,6 +38,7 @@ from detectors._state import (
     check_window,
     group_rows,
     push_window,
+    window_fields,
 )
 from detectors.base import MAX_STATE_BYTES, Detector, DetectorParams, DetectorScore
 
@@ -128,12 +129,8 @@ class ChangeStructureDetector(Detector[StructureParams]):
         return {
             **ring_fields(self.capacity(n_features), n_features),
             "dirs": FieldSpec((p.directions, n_features), "<f2"),
-            "sparse": FieldSpec((p.window,), "u1"),
-            "sparse_pos": FieldSpec((), "<i8"),
-            "sparse_len": FieldSpec((), "<i8"),
-            "repeat": FieldSpec((p.window,), "u1"),
-            "repeat_pos": FieldSpec((), "<i8"),
-            "repeat_len": FieldSpec((), "<i8"),
+            **window_fields("sparse", p.window, "u1"),
+            **window_fields("repeat", p.window, "u1"),
             "n_seen": FieldSpec((), "<i8"),
         }
 

@@ -31,8 +31,15 @@ import numpy.typing as npt
 from pydantic import Field
 from river import stats
 
-from detectors._ring import check_ring_counters, push_ring
-from detectors._state import FieldSpec, check_window, group_rows, push_window
+from detectors._ring import push_ring
+from detectors._state import (
+    FieldSpec,
+    check_ring_counters,
+    check_window,
+    group_rows,
+    push_window,
+    window_fields,
+)
 from detectors.base import Detector, DetectorParams, DetectorScore
 
 logger = logging.getLogger(__name__)
@@ -159,16 +166,10 @@ class TrafficDetector(Detector[TrafficParams]):
     def _layout(self, n_features: int) -> dict[str, FieldSpec]:
         window = self._params.window
         return {
-            "times": FieldSpec((window,), "<f8"),
-            "times_pos": FieldSpec((), "<i8"),
-            "times_len": FieldSpec((), "<i8"),
+            **window_fields("times", window, "<f8"),
             "n_seen": FieldSpec((), "<i8"),
-            "errored": FieldSpec((window,), "u1"),
-            "errored_pos": FieldSpec((), "<i8"),
-            "errored_len": FieldSpec((), "<i8"),
-            "rejected": FieldSpec((window,), "u1"),
-            "rejected_pos": FieldSpec((), "<i8"),
-            "rejected_len": FieldSpec((), "<i8"),
+            **window_fields("errored", window, "u1"),
+            **window_fields("rejected", window, "u1"),
             "score": FieldSpec((), "<f8"),
             "warm": FieldSpec((), "u1"),
             "features": FieldSpec((len(FEATURES),), "<f8"),

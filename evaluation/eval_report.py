@@ -10,7 +10,8 @@ client's risk over time); it does blocking file I/O.
 The targets are the issue's, measured as they are, never adjusted: a missed
 target shows how far off it was.
 
-Imports matplotlib (Agg backend) and the standard library.
+Imports matplotlib (Agg backend), the standard library and the demo report's
+Markdown table helper.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from evaluation.report import markdown_table
 
 logger = logging.getLogger(__name__)
 
@@ -261,12 +264,7 @@ def _cell(value: Any) -> str:
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-    ]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-    return lines
+    return markdown_table(header, rows, _cell)
 
 
 def _success(entry: dict[str, Any], side: str) -> str:

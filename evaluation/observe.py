@@ -30,7 +30,75 @@ logger = logging.getLogger(__name__)
 _MAX_KEPT_EVENTS = 2000
 
 
-class AlertCollector:
+class _TopicReader:
+    """Read one topic from its end in a background task, feeding ``handle``.
+
+    The collectors below differ only in what one record means; this holds the
+    consumer, the task and the counts they share.
+    """
+
+    #: Names the records in logs ("alert") and the task ("alerts:<topic>").
+    _kind = "record"
+
+    def __init__(
+        self,
+        transport: KafkaTransport,
+        topic: str,
+        ledgers: dict[str, ClientLedger],
+    ) -> None:
+        self._transport = transport
+        self.topic = topic
+        self._ledgers = ledgers
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.total = 0
+        self.foreign = 0
+        self.undecodable = 0
+
+    async def start(self) -> None:
+        """Position at the end of the topic and start reading. Idempotent."""
+        if self._task is not None:
+            return
+        self._consumer = await self._transport.tail(self.topic)
+        self._task = asyncio.create_task(
+            self._read(), name=f"{self._kind}s:{self.topic}"
+        )
+
+    async def stop(self) -> None:
+        """Stop reading; counts stay readable. Idempotent."""
+        task, self._task = self._task, None
+        if task is not None:
+            await cancel_and_wait(task)
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            try:
+                await asyncio.wait_for(
+                    consumer.stop(), self._transport.settings.kafka.request_timeout_s
+                )
+            except (KafkaError, TimeoutError) as exc:
+                logger.warning("%s consumer did not close cleanly: %r", self._kind, exc)
+
+    async def _read(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None  # set before the task starts
+        poll_timeout_ms = self._transport.settings.kafka.poll_timeout_ms
+        while True:
+            try:
+                batches = await consumer.getmany(timeout_ms=poll_timeout_ms)
+            except KafkaError as exc:
+                logger.warning("%s poll failed: %r", self._kind, exc)
+                await asyncio.sleep(poll_timeout_ms / 1000)
+                continue
+            for records in batches.values():
+                for record in records:
+                    self.handle(record.value)
+
+    def handle(self, value: bytes | None) -> None:
+        """Credit one record (public so it can be fed without Kafka)."""
+        raise NotImplementedError
+
+
+class AlertCollector(_TopicReader):
     """Credit alerts on ``topic`` to the ledgers of the clients they name.
 
     Parameters
@@ -46,6 +114,8 @@ class AlertCollector:
         in ``ledgers`` is alerted, so a watcher can say so at once.
     """
 
+    _kind = "alert"
+
     def __init__(
         self,
         transport: KafkaTransport,
@@ -54,38 +124,10 @@ class AlertCollector:
         *,
         on_first_alert: Callable[[ClientLedger, dict[str, Any]], None] | None = None,
     ) -> None:
-        self._transport = transport
+        super().__init__(transport, topic, ledgers)
         self._on_first_alert = on_first_alert
-        self.topic = topic
-        self._ledgers = ledgers
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.total = 0
-        self.foreign = 0
-        self.undecodable = 0
         self.by_detector: Counter[str] = Counter()
         self.events: list[dict[str, Any]] = []
-
-    async def start(self) -> None:
-        """Position at the end of the topic and start reading. Idempotent."""
-        if self._task is not None:
-            return
-        self._consumer = await self._transport.tail(self.topic)
-        self._task = asyncio.create_task(self._read(), name=f"alerts:{self.topic}")
-
-    async def stop(self) -> None:
-        """Stop reading; counts stay readable. Idempotent."""
-        task, self._task = self._task, None
-        if task is not None:
-            await cancel_and_wait(task)
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            try:
-                await asyncio.wait_for(
-                    consumer.stop(), self._transport.settings.kafka.request_timeout_s
-                )
-            except (KafkaError, TimeoutError) as exc:
-                logger.warning("alert consumer did not close cleanly: %r", exc)
 
     async def __aenter__(self) -> AlertCollector:
         await self.start()
@@ -93,21 +135,6 @@ class AlertCollector:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-    async def _read(self) -> None:
-        consumer = self._consumer
-        assert consumer is not None  # set before the task starts
-        poll_timeout_ms = self._transport.settings.kafka.poll_timeout_ms
-        while True:
-            try:
-                batches = await consumer.getmany(timeout_ms=poll_timeout_ms)
-            except KafkaError as exc:
-                logger.warning("alert poll failed: %r", exc)
-                await asyncio.sleep(poll_timeout_ms / 1000)
-                continue
-            for records in batches.values():
-                for record in records:
-                    self.handle(record.value)
 
     def handle(self, value: bytes | None) -> None:
         """Credit one alert record (public so it can be fed without Kafka)."""
@@ -131,7 +158,7 @@ class AlertCollector:
             self._on_first_alert(ledger, data)
 
 
-class DecisionCollector:
+class DecisionCollector(_TopicReader):
     """Credit decision records (``modelgate.decisions``, one per request) to the
     ledgers of the clients they name: the action taken on every query and the
     risk policy saw, which the evaluation plots over time.
@@ -149,6 +176,8 @@ class DecisionCollector:
         Wall-clock origin (ms since the epoch) of the risk series' time axis.
     """
 
+    _kind = "decision"
+
     def __init__(
         self,
         transport: KafkaTransport,
@@ -157,52 +186,9 @@ class DecisionCollector:
         *,
         t0_ms: int,
     ) -> None:
-        self._transport = transport
-        self.topic = topic
-        self._ledgers = ledgers
+        super().__init__(transport, topic, ledgers)
         self.t0_ms = t0_ms
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.total = 0
-        self.foreign = 0
-        self.undecodable = 0
         self.by_action: Counter[str] = Counter()
-
-    async def start(self) -> None:
-        """Position at the end of the topic and start reading. Idempotent."""
-        if self._task is not None:
-            return
-        self._consumer = await self._transport.tail(self.topic)
-        self._task = asyncio.create_task(self._read(), name=f"decisions:{self.topic}")
-
-    async def stop(self) -> None:
-        """Stop reading; counts stay readable. Idempotent."""
-        task, self._task = self._task, None
-        if task is not None:
-            await cancel_and_wait(task)
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            try:
-                await asyncio.wait_for(
-                    consumer.stop(), self._transport.settings.kafka.request_timeout_s
-                )
-            except (KafkaError, TimeoutError) as exc:
-                logger.warning("decision consumer did not close cleanly: %r", exc)
-
-    async def _read(self) -> None:
-        consumer = self._consumer
-        assert consumer is not None  # set before the task starts
-        poll_timeout_ms = self._transport.settings.kafka.poll_timeout_ms
-        while True:
-            try:
-                batches = await consumer.getmany(timeout_ms=poll_timeout_ms)
-            except KafkaError as exc:
-                logger.warning("decision poll failed: %r", exc)
-                await asyncio.sleep(poll_timeout_ms / 1000)
-                continue
-            for records in batches.values():
-                for record in records:
-                    self.handle(record.value)
 
     def handle(self, value: bytes | None) -> None:
         """Credit one decision record (public so it can be fed without Kafka)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,13 +93,21 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+def markdown_table(
+    header: list[str],
+    rows: list[list[Any]],
+    cell: Callable[[Any], str] = _cell,
+) -> list[str]:
+    """Lines of a Markdown table; ``cell`` renders each value."""
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
     ]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return lines
+
+
+_table = markdown_table
 
 
 def _agreement_ratio(extraction: dict[str, Any]) -> float | None:

@@ -220,6 +220,24 @@ def make_config_router(
             )
         await on_change(request, attempt)
 
+    async def publish(
+        request: Request,
+        service: ConfigService,
+        operation: str,
+        actor: str,
+        change: Awaitable[ConfigRecord | None],
+        asked: str,
+    ) -> Any:
+        # Every change handler reports its outcome, success or refusal, the
+        # same way; ``change`` is the service call, not yet awaited.
+        try:
+            record = await change
+        except ModelgateError as exc:
+            await report(request, service, operation, actor, exc, asked)
+            return _error(exc)
+        await report(request, service, operation, actor, record, asked)
+        return PublishResult(published=record is not None, record=record)
+
     @router.get("", response_model=CurrentConfig, summary="Current document")
     async def get_config(
         _reader: Any = reader_dep, service: ConfigService = service_dep
@@ -251,13 +269,8 @@ def make_config_router(
         asked = "set " + ", ".join(
             f"{k}={json.dumps(v)}" for k, v in body.changes.items()
         )
-        try:
-            record = await service.set(body.changes, actor, parent=body.parent_version)
-        except ModelgateError as exc:
-            await report(request, service, "set", actor, exc, asked)
-            return _error(exc)
-        await report(request, service, "set", actor, record, asked)
-        return PublishResult(published=record is not None, record=record)
+        change = service.set(body.changes, actor, parent=body.parent_version)
+        return await publish(request, service, "set", actor, change, asked)
 
     @router.put("", response_model=PublishResult, summary="Replace the document")
     async def apply_document(
@@ -266,15 +279,12 @@ def make_config_router(
         actor: str = actor_dep,
         service: ConfigService = service_dep,
     ) -> Any:
-        try:
-            record = await service.apply(
-                body.document, actor, parent=body.parent_version, source="api"
-            )
-        except ModelgateError as exc:
-            await report(request, service, "apply", actor, exc, "apply a document")
-            return _error(exc)
-        await report(request, service, "apply", actor, record, "apply a document")
-        return PublishResult(published=record is not None, record=record)
+        change = service.apply(
+            body.document, actor, parent=body.parent_version, source="api"
+        )
+        return await publish(
+            request, service, "apply", actor, change, "apply a document"
+        )
 
     @router.post("/diff", response_model=list[FieldChange], summary="Preview")
     async def diff_config(
@@ -317,15 +327,8 @@ def make_config_router(
         service: ConfigService = service_dep,
     ) -> Any:
         asked = f"rollback to {body.version}"
-        try:
-            record = await service.rollback(
-                body.version, actor, parent=body.parent_version
-            )
-        except ModelgateError as exc:
-            await report(request, service, "rollback", actor, exc, asked)
-            return _error(exc)
-        await report(request, service, "rollback", actor, record, asked)
-        return PublishResult(published=record is not None, record=record)
+        change = service.rollback(body.version, actor, parent=body.parent_version)
+        return await publish(request, service, "rollback", actor, change, asked)
 
     @router.get("/status", response_model=ConfigStatus, summary="Worker versions")
     async def status(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -22,9 +21,10 @@ import typer
 from gateway import limits_cli, logs
 from gateway.admin import cli as admin_cli
 from gateway.calibrate_cli import calibrate as calibrate_command
+from gateway.cli_common import ConfigOption, LogLevel, load_cli_settings
 from gateway.cli_config import config_app
 from gateway.cli_eval import evaluate
-from gateway.config import Settings, load_settings
+from gateway.config import Settings
 from gateway.errors import ModelgateError
 from gateway.frontdoor.cli import frontdoor_app
 
@@ -39,24 +39,8 @@ app.add_typer(config_app, name="config")
 limits_cli.register(keys_app)
 app.add_typer(frontdoor_app, name="frontdoor")
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="TOML settings file (else MODELGATE_CONFIG)."),
-]
-LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING.")]
-
-
-def _settings(config: Path | None, **overrides: Any) -> Settings:
-    if config is not None:
-        if not config.is_file():
-            typer.echo(f"error: config file {config} not found", err=True)
-            raise typer.Exit(2)
-        os.environ["MODELGATE_CONFIG"] = str(config)
-    try:
-        return load_settings(**overrides)
-    except ModelgateError as exc:
-        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
-        raise typer.Exit(2) from exc
+# Command groups import these too; ``_settings`` keeps its old name for them.
+_settings = load_cli_settings
 
 
 def _run(coro: Any) -> Any:

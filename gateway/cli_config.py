@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from gateway.config import Settings, load_settings
+from gateway.cli_common import ConfigOption, load_cli_settings
+from gateway.config import Settings
 from gateway.errors import ModelgateError
 
 if TYPE_CHECKING:
@@ -34,10 +35,6 @@ config_app = typer.Typer(
 
 T = TypeVar("T")
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="TOML settings file (else MODELGATE_CONFIG)."),
-]
 ParentOption = Annotated[
     int | None,
     typer.Option(
@@ -58,16 +55,7 @@ def actor() -> str:
 
 
 def _settings(config: Path | None) -> Settings:
-    if config is not None:
-        if not config.is_file():
-            typer.echo(f"error: config file {config} not found", err=True)
-            raise typer.Exit(2)
-        os.environ["MODELGATE_CONFIG"] = str(config)
-    try:
-        return load_settings()
-    except ModelgateError as exc:
-        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
-        raise typer.Exit(2) from exc
+    return load_cli_settings(config)
 
 
 def _with_service(

@@ -8,15 +8,12 @@ lazily (``gateway.cli`` imports this module).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="TOML settings file (else MODELGATE_CONFIG)."),
-]
+from gateway.cli_common import ConfigOption
+
 OverridesOption = Annotated[
     str | None,
     typer.Option(

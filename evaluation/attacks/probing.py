@@ -157,6 +157,39 @@ class _Tracker:
             outcome.best_label = int(labels[other][best])
 
 
+def _attack_each(
+    attack: Any,
+    tracker: _Tracker,
+    x: Array,
+    indices: Array,
+    labels: Array,
+    started: float,
+    *,
+    log_each: bool = False,
+) -> ProbingResult:
+    """Run a seeded ART evasion ``attack`` on each target in turn until the
+    oracle stops it; ``started`` is the run's ``time.monotonic()`` start (s)."""
+    result = ProbingResult()
+    for index in indices:
+        outcome = TargetOutcome(index=int(index), label=int(labels[index]))
+        result.targets.append(outcome)
+        tracker.outcome = outcome
+        tracker.original = x[index].astype(np.float32)
+        try:
+            attack.generate(x[index : index + 1].astype(np.float32))
+        except QueryStopped as stop:
+            result.stopped_by = stop.reason
+            break
+        if log_each:
+            logger.info(
+                "probing target done",
+                extra={"index": int(index), "queries": outcome.queries},
+            )
+    result.queries = tracker.queries
+    result.seconds = time.monotonic() - started
+    return result
+
+
 def run_hopskipjump(
     query: QueryFn, x: Array, indices: Array, labels: Array, params: HopSkipJumpParams
 ) -> ProbingResult:
@@ -211,24 +244,7 @@ def run_hopskipjump(
     # HopSkipJump draws its noise from numpy's global generator; seeding it
     # makes the direct and the gateway runs ask comparable questions.
     np.random.seed(params.seed)
-    result = ProbingResult()
-    for index in indices:
-        outcome = TargetOutcome(index=int(index), label=int(labels[index]))
-        result.targets.append(outcome)
-        tracker.outcome = outcome
-        tracker.original = x[index].astype(np.float32)
-        try:
-            attack.generate(x[index : index + 1].astype(np.float32))
-        except QueryStopped as stop:
-            result.stopped_by = stop.reason
-            break
-        logger.info(
-            "probing target done",
-            extra={"index": int(index), "queries": outcome.queries},
-        )
-    result.queries = tracker.queries
-    result.seconds = time.monotonic() - started
-    return result
+    return _attack_each(attack, tracker, x, indices, labels, started, log_each=True)
 
 
 @dataclass(frozen=True)
@@ -286,17 +302,4 @@ def run_boundary(
     )
     # The Boundary attack also draws from numpy's global generator.
     np.random.seed(params.seed)
-    result = ProbingResult()
-    for index in indices:
-        outcome = TargetOutcome(index=int(index), label=int(labels[index]))
-        result.targets.append(outcome)
-        tracker.outcome = outcome
-        tracker.original = x[index].astype(np.float32)
-        try:
-            attack.generate(x[index : index + 1].astype(np.float32))
-        except QueryStopped as stop:
-            result.stopped_by = stop.reason
-            break
-    result.queries = tracker.queries
-    result.seconds = time.monotonic() - started
-    return result
+    return _attack_each(attack, tracker, x, indices, labels, started)

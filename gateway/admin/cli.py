@@ -19,6 +19,8 @@ from typing import Annotated, Any
 
 import typer
 
+from gateway.cli_common import ConfigOption, load_cli_settings
+
 admin_app = typer.Typer(help="The admin plane: admin users and the admin API.")
 user_app = typer.Typer(help="Admin users (host-level: needs Redis and the server key).")
 admin_app.add_typer(user_app, name="user")
@@ -26,10 +28,6 @@ clients_app = typer.Typer(
     help="Riskiest clients now, one client's record, and release (via the admin API)."
 )
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="TOML settings file (else MODELGATE_CONFIG)."),
-]
 DEFAULT_SESSION_FILE = Path.home() / ".config" / "modelgate" / "session.json"
 SessionFile = Annotated[
     Path,
@@ -43,9 +41,7 @@ _HTTP_TIMEOUT_S = 10.0
 
 
 def _settings(config: Path | None) -> Any:
-    from gateway.cli import _settings as load
-
-    return load(config)
+    return load_cli_settings(config)
 
 
 def _fail(code: str, message: str, exit_code: int = 1) -> typer.Exit:

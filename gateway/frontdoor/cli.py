@@ -6,38 +6,18 @@ level; uvicorn, FastAPI and the benchmark load inside the commands.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from gateway import logs
-from gateway.config import Settings, load_settings
+from gateway.cli_common import ConfigOption, LogLevel, load_cli_settings
 from gateway.errors import ModelgateError
 
 frontdoor_app = typer.Typer(
     help="The HTTP front door (Open Inference Protocol v2).", no_args_is_help=True
 )
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="TOML settings file (else MODELGATE_CONFIG)."),
-]
-LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING.")]
-
-
-def _load(config: Path | None, **overrides: Any) -> Settings:
-    if config is not None:
-        if not config.is_file():
-            typer.echo(f"error: config file {config} not found", err=True)
-            raise typer.Exit(2)
-        os.environ["MODELGATE_CONFIG"] = str(config)
-    try:
-        return load_settings(**overrides)
-    except ModelgateError as exc:
-        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
-        raise typer.Exit(2) from exc
 
 
 @frontdoor_app.command("serve")
@@ -61,7 +41,7 @@ def serve(
     from gateway.frontdoor.app import create_app
 
     logs.configure(log_level)
-    settings = _load(config)
+    settings = load_cli_settings(config)
     overrides: dict[str, Any] = {}
     if host is not None:
         overrides["host"] = host
@@ -127,7 +107,7 @@ def bench(
     if backend not in BACKENDS:
         typer.echo(f"error [BAD_ARGUMENT]: --backend must be one of {BACKENDS}")
         raise typer.Exit(2)
-    _load(config)  # a bad setting is reported by field name, exit 2
+    load_cli_settings(config)  # a bad setting is reported by field name, exit 2
     try:
         code = bench_http_command(requests, concurrency, out, backend)
     except ModelgateError as exc:

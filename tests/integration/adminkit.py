@@ -18,6 +18,7 @@ from gateway.admin.app import create_app
 from gateway.admin.deps import AdminContext
 from gateway.config import Settings
 from gateway.store import redis_from_settings
+from tests.integration.helpers import delete_prefix
 
 PASSWORD = "correct horse battery staple"
 # The cheapest Argon2 cost the settings allow: these tests hash a lot, and the
@@ -95,15 +96,6 @@ async def admin_app(settings: Settings) -> AsyncIterator[AdminHarness]:
             yield AdminHarness(settings, app, clock)
     finally:
         await delete_prefix(settings)
-
-
-async def delete_prefix(settings: Settings) -> None:
-    redis = redis_from_settings(settings)
-    try:
-        async for key in redis.scan_iter(match=f"{settings.redis.key_prefix}:*"):
-            await redis.delete(key)
-    finally:
-        await redis.aclose()
 
 
 async def dump_prefix(settings: Settings) -> bytes:

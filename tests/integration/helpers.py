@@ -9,21 +9,29 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from redis.asyncio import Redis
 
 from evaluation.process import settings_env
 from gateway import protocol
 from gateway.config import Settings, load_settings
-from gateway.keys import KeyStore
+from gateway.keys import KeyStore, format_token
 from gateway.store import redis_from_settings
 from gateway.topics import ensure_topics, partitions_of
 from gateway.worker import Worker
+from modelgate import errors
+from modelgate.client import Transport
+from modelgate.results import InferResult
+
+if TYPE_CHECKING:
+    # Only for annotations: the live-config service imports every detector.
+    from gateway.liveconfig.service import ConfigService, WorkerAck
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -218,3 +226,109 @@ async def responses_for(
         f"{len(missing)} requests unanswered, e.g. {sorted(missing)[:3]}"
     )
     return {rid: found[rid] for rid in wanted}
+
+
+async def delete_prefix(settings: Settings) -> None:
+    """Delete every Redis key under the settings' isolated prefix, the
+    fingerprint store's hash-tagged ``{prefix:fp}`` keys included."""
+    redis = redis_from_settings(settings)
+    try:
+        prefix = settings.redis.key_prefix
+        for pattern in (f"{{{prefix}:fp}}*", f"{prefix}:*"):
+            keys = [k async for k in redis.scan_iter(match=pattern, count=1000)]
+            # Several DELs of at most 500 keys each keep every call short.
+            for start in range(0, len(keys), 500):
+                await redis.delete(*keys[start : start + 500])
+    finally:
+        await redis.aclose()
+
+
+async def create_token(settings: Settings, client_id: str, **kwargs: Any) -> str:
+    """A new API key for ``client_id``, as the token a client presents."""
+    return format_token(*await create_key(settings, client_id, **kwargs))
+
+
+class LosesFirstAnswer:
+    """A real client transport whose first answer is lost on the way back, as
+    when a client times out just before the answer arrives.
+
+    ``ids`` holds the request id of every attempt; ``first`` the lost answer.
+    """
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+        self.ids: list[str] = []
+        self.first: InferResult | None = None
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        request_id: str,
+        timeout_s: float,
+    ) -> InferResult:
+        self.ids.append(request_id)
+        result = await self.inner.infer(model, inputs, request_id, timeout_s)
+        if len(self.ids) == 1:
+            self.first = result
+            raise errors.RequestTimeoutError("answer lost", request_id=request_id)
+        return result
+
+
+async def answer_codes(
+    kafka: RawKafka,
+    settings: Settings,
+    key: tuple[str, bytes],
+    client_id: str,
+    rows: np.ndarray[Any, Any],
+) -> list[str]:
+    """Send one request per row of ``rows`` at once, signed with ``key`` (id,
+    secret) on ``client_id``'s partition; the code of each answer, in order
+    (``ok`` for a prediction). Waits at most 60 s for the answers."""
+    key_id, secret = key
+    ids = [
+        await kafka.send_request(key_id, secret, rows[i : i + 1], client_id=client_id)
+        for i in range(len(rows))
+    ]
+    await kafka.flush()
+    answers = await responses_for(settings, ids, timeout_s=60)
+    return [
+        answers[i]["error"]["code"] if answers[i]["status"] == "error" else "ok"
+        for i in ids
+    ]
+
+
+async def wait_for_acks(
+    service: ConfigService,
+    done: Callable[[dict[str, WorkerAck]], bool],
+    timeout_s: float,
+    interval_s: float,
+) -> dict[str, WorkerAck]:
+    """Poll the workers' configuration acknowledgements every ``interval_s``
+    until ``done`` holds; fail after ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        acks = {a.worker_id: a for a in await service.status()}
+        if done(acks):
+            return acks
+        if loop.time() > deadline:
+            raise AssertionError(f"acknowledgements after {timeout_s} s: {acks}")
+        await asyncio.sleep(interval_s)
+
+
+async def delete_matching(redis_url: str, pattern: str) -> None:
+    """Delete the keys matching ``pattern`` (a test module's own prefix) on the
+    Redis at ``redis_url``."""
+    client = Redis.from_url(redis_url)
+    try:
+        async for name in client.scan_iter(match=pattern, count=1000):
+            await client.delete(name)
+    finally:
+        await client.aclose()

@@ -30,10 +30,9 @@ from tests.integration.adminkit import (
     AdminHarness,
     StepClock,
     admin_app,
-    delete_prefix,
     dump_prefix,
 )
-from tests.integration.helpers import isolated_settings
+from tests.integration.helpers import delete_prefix, isolated_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

@@ -30,8 +30,8 @@ from gateway.keys import ApiKey
 from gateway.policy import Verdict
 from gateway.store import CounterStore, redis_from_settings
 from tests.conftest import StackInfo
-from tests.integration.adminkit import FAST_HASH, PASSWORD, delete_prefix
-from tests.integration.helpers import REPO, isolated_settings
+from tests.integration.adminkit import FAST_HASH, PASSWORD
+from tests.integration.helpers import REPO, delete_prefix, isolated_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

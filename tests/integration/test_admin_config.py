@@ -23,8 +23,8 @@ from tests.conftest import StackInfo
 from tests.integration.adminkit import FAST_HASH, AdminHarness, admin_app
 from tests.integration.helpers import (
     RawKafka,
+    answer_codes,
     isolated_settings,
-    responses_for,
     start_worker_process,
 )
 
@@ -74,18 +74,8 @@ async def _codes(
 ) -> list[str]:
     """Answer codes of ``n`` requests sent at once with a key from
     ``POST /v1/keys``, on its client's partition."""
-    key_id, secret = KeyStore.parse_token(key["token"])
-    client_id = key["client_id"]
-    ids = [
-        await kafka.send_request(key_id, secret, X_TEST[i : i + 1], client_id=client_id)
-        for i in range(n)
-    ]
-    await kafka.flush()
-    answers = await responses_for(settings, ids, timeout_s=60)
-    return [
-        answers[i]["error"]["code"] if answers[i]["status"] == "error" else "ok"
-        for i in ids
-    ]
+    key_pair = KeyStore.parse_token(key["token"])
+    return await answer_codes(kafka, settings, key_pair, key["client_id"], X_TEST[:n])
 
 
 async def _until_admitted(

@@ -32,8 +32,8 @@ from gateway.config import Settings
 from gateway.keys import load_server_key
 from gateway.store import redis_from_settings
 from tests.conftest import StackInfo
-from tests.integration.adminkit import FAST_HASH, PASSWORD, delete_prefix
-from tests.integration.helpers import isolated_settings
+from tests.integration.adminkit import FAST_HASH, PASSWORD
+from tests.integration.helpers import delete_prefix, isolated_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -7,7 +7,6 @@ getting the kept answer, marked ``replayed``."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +20,16 @@ from gateway.store import CounterStore, redis_from_settings
 from modelgate import errors
 from modelgate.client import AsyncClient, Client
 from modelgate.http import HttpTransport
-from modelgate.results import InferResult
 from modelgate.retry import RetryPolicy
 from tests.conftest import StackInfo
 from tests.integration.frontdoor_helpers import serving, with_instance
-from tests.integration.helpers import create_key, isolated_settings, running_worker
+from tests.integration.helpers import (
+    LosesFirstAnswer,
+    create_key,
+    create_token,
+    isolated_settings,
+    running_worker,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -34,15 +38,11 @@ NOISE = np.random.default_rng(3).uniform(0, 16, size=(4, 64))
 NO_RETRY = RetryPolicy(max_attempts=1)
 
 
-async def _token(settings: Settings, client_id: str) -> str:
-    return format_token(*await create_key(settings, client_id))
-
-
 async def test_sync_and_async_http_clients_round_trip_numpy(
     settings: Settings, models_dir: Path
 ) -> None:
     settings = with_instance(settings)
-    token = await _token(settings, "http-user")
+    token = await create_token(settings, "http-user")
     key_id, secret = await create_key(settings, "revoked-user")
     redis = redis_from_settings(settings)
     try:
@@ -120,7 +120,7 @@ async def test_throttled_http_client_reads_retry_after_and_rate(
             limits={"plans": {"default": {"rules": [{"limit": 2, "window_s": 6}]}}},
         )
     )
-    token = await _token(settings, "busy")
+    token = await create_token(settings, "busy")
     async with (
         serving(settings) as url,
         running_worker(settings),
@@ -147,41 +147,11 @@ async def test_throttled_http_client_reads_retry_after_and_rate(
     assert later.attempts >= 2 and later.action == "allow"
 
 
-class LosesFirstAnswer:
-    """The real HTTP transport whose first answer is lost on the way back,
-    as when a client times out just before the front door answers."""
-
-    def __init__(self, inner: HttpTransport) -> None:
-        self.inner = inner
-        self.ids: list[str] = []
-        self.first: InferResult | None = None
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    async def infer(
-        self,
-        model: str,
-        inputs: Mapping[str, np.ndarray[Any, Any]],
-        request_id: str,
-        timeout_s: float,
-    ) -> InferResult:
-        self.ids.append(request_id)
-        result = await self.inner.infer(model, inputs, request_id, timeout_s)
-        if len(self.ids) == 1:
-            self.first = result
-            raise errors.RequestTimeoutError("answer lost", request_id=request_id)
-        return result
-
-
 async def test_a_lost_http_answer_is_retried_and_answered_from_the_kept_copy(
     settings: Settings,
 ) -> None:
     settings = with_instance(settings)
-    token = await _token(settings, "unlucky")
+    token = await create_token(settings, "unlucky")
     policy = RetryPolicy(base_delay_s=0.01, max_delay_s=0.05)
     async with serving(settings) as url, running_worker(settings):
         transport = LosesFirstAnswer(HttpTransport(url, token))
@@ -220,7 +190,7 @@ async def test_a_degraded_http_answer_says_its_level(
             limits={"rate_per_s": 10_000, "burst": 10_000},
         )
     )
-    token = await _token(settings, "noisy")
+    token = await create_token(settings, "noisy")
     async with (
         serving(settings) as url,
         running_worker(settings),

@@ -44,6 +44,7 @@ from tests.integration.helpers import (
     read_topic,
     responses_for,
     running_worker,
+    wait_for_acks,
 )
 from tests.integration.redis_cluster import RedisClusterInfo, redis_cluster
 
@@ -441,12 +442,4 @@ async def _ack(
     done: Callable[[dict[str, WorkerAck]], bool],
     timeout_s: float = 30.0,
 ) -> dict[str, WorkerAck]:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        acks = {a.worker_id: a for a in await service.status()}
-        if done(acks):
-            return acks
-        if loop.time() > deadline:
-            raise AssertionError(f"acknowledgements after {timeout_s} s: {acks}")
-        await asyncio.sleep(0.05)  # polling interval of the condition
+    return await wait_for_acks(service, done, timeout_s, interval_s=0.05)

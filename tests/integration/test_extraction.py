@@ -21,13 +21,12 @@ import pytest
 from evaluation.benign import BenignProfile, run_benign_client
 from evaluation.ledger import ClientLedger
 from gateway.client import GatewayClient, KafkaTransport
-from gateway.config import Settings
 from gateway.models import digits_split
 from gateway.protocol import new_request_id
-from gateway.store import redis_from_settings
 from tests.conftest import StackInfo
 from tests.integration.helpers import (
     create_key,
+    delete_prefix,
     isolated_settings,
     read_topic,
     running_worker,
@@ -40,19 +39,6 @@ N_THIEF = 120
 N_HONEST = 60
 HONEST = [f"honest-{i}" for i in range(4)]
 NEW = ("coverage", "margin")
-
-
-async def _delete_prefix(settings: Settings) -> None:
-    """Remove the keys this test created (its own isolated prefix only)."""
-    redis = redis_from_settings(settings)
-    try:
-        prefix = settings.redis.key_prefix
-        for pattern in (f"{{{prefix}:fp}}*", f"{prefix}:*"):
-            keys = [k async for k in redis.scan_iter(match=pattern, count=1000)]
-            for start in range(0, len(keys), 500):
-                await redis.delete(*keys[start : start + 500])
-    finally:
-        await redis.aclose()
 
 
 async def test_random_query_extractor_is_flagged_by_the_answer_detectors(
@@ -108,7 +94,7 @@ async def test_random_query_extractor_is_flagged_by_the_answer_detectors(
                 timeout_s=45,
             )
     finally:
-        await _delete_prefix(settings)
+        await delete_prefix(settings)
 
     by_client: dict[str, list[dict[str, Any]]] = {}
     for record in decisions:

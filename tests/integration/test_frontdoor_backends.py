@@ -20,12 +20,11 @@ import numpy as np
 import pytest
 
 from gateway.config import Settings, load_settings
-from gateway.keys import format_token
 from gateway.models import digits_split, load_model
 from tests.conftest import StackInfo
 from tests.integration.frontdoor_helpers import bearer, serving, with_instance
 from tests.integration.helpers import (
-    create_key,
+    create_token,
     isolated_settings,
     read_topic,
     running_worker,
@@ -62,7 +61,7 @@ def output(response: httpx.Response, name: str = "probabilities") -> np.ndarray:
 
 
 async def _token(settings: Settings, client_id: str = "alice") -> str:
-    return format_token(*await create_key(settings, client_id))
+    return await create_token(settings, client_id)
 
 
 async def test_http_inference_returns_what_mlserver_returns(

@@ -16,7 +16,7 @@ from gateway.keys import ApiKey
 from gateway.policy import Verdict
 from gateway.store import redis_from_settings
 from tests.conftest import StackInfo
-from tests.integration.helpers import isolated_settings
+from tests.integration.helpers import delete_prefix, isolated_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -86,13 +86,7 @@ async def test_two_workers_share_fingerprints_links_and_risk(
         assert more[0].group_id == "a"
     finally:
         await redis.aclose()
-        cleanup = redis_from_settings(settings)
-        prefix = settings.redis.key_prefix
-        for pattern in (f"{{{prefix}:fp}}*", f"{prefix}:*"):
-            keys = [k async for k in cleanup.scan_iter(match=pattern, count=1000)]
-            if keys:
-                await cleanup.delete(*keys)
-        await cleanup.aclose()
+        await delete_prefix(settings)
 
 
 async def test_an_unreachable_redis_leaves_the_batch_alone(

@@ -33,6 +33,7 @@ from gateway.limits import Admitter, LocalLimiter
 from gateway.metrics import WorkerMetrics
 from gateway.store import AdmitItem, CounterStore, gcra, redis_from_settings
 from tests.conftest import StackInfo
+from tests.integration.helpers import delete_matching
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -87,12 +88,7 @@ async def redis(stack: StackInfo) -> AsyncIterator[Redis]:
 @pytest.fixture(scope="module", autouse=True)
 async def _cleanup(stack: StackInfo) -> AsyncIterator[None]:
     yield
-    client = Redis.from_url(stack.redis_url)
-    try:
-        async for name in client.scan_iter(match=f"{PREFIX}:*", count=1000):
-            await client.delete(name)
-    finally:
-        await client.aclose()
+    await delete_matching(stack.redis_url, f"{PREFIX}:*")
 
 
 def store_for(

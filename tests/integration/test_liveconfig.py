@@ -27,11 +27,12 @@ from gateway.models import digits_split
 from tests.integration.helpers import (
     REPO,
     RawKafka,
+    answer_codes,
     create_key,
-    responses_for,
     running_worker,
     settings_env,
     start_worker_process,
+    wait_for_acks,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -79,31 +80,14 @@ async def _acks(
     timeout_s: float,
 ) -> dict[str, WorkerAck]:
     """Poll the acknowledgements until ``done`` or the deadline."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        acks = {a.worker_id: a for a in await service.status()}
-        if done(acks):
-            return acks
-        if loop.time() > deadline:
-            raise AssertionError(f"acknowledgements after {timeout_s} s: {acks}")
-        await asyncio.sleep(0.02)  # polling interval of the condition
+    return await wait_for_acks(service, done, timeout_s, interval_s=0.02)
 
 
 async def _rate_limited(
     kafka: RawKafka, settings: Settings, client_id: str, n: int = 4
 ) -> list[str]:
-    key_id, secret = await create_key(settings, client_id)
-    ids = [
-        await kafka.send_request(key_id, secret, X_TEST[i : i + 1], client_id=client_id)
-        for i in range(n)
-    ]
-    await kafka.flush()
-    answers = await responses_for(settings, ids, timeout_s=60)
-    return [
-        answers[i]["error"]["code"] if answers[i]["status"] == "error" else "ok"
-        for i in ids
-    ]
+    key = await create_key(settings, client_id)
+    return await answer_codes(kafka, settings, key, client_id, X_TEST[:n])
 
 
 async def test_cli_change_reaches_two_workers_within_a_second(

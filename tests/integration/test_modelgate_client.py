@@ -5,7 +5,6 @@ lost answer retried under the same request id getting the kept answer."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,23 +19,23 @@ from gateway.topics import ensure_topics
 from modelgate import errors
 from modelgate.client import AsyncClient, Client
 from modelgate.kafka import KafkaClientTransport
-from modelgate.results import InferResult
 from modelgate.retry import RetryPolicy
-from tests.integration.helpers import create_key, running_worker
+from tests.integration.helpers import (
+    LosesFirstAnswer,
+    create_key,
+    create_token,
+    running_worker,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 X_TEST = digits_split()[1].astype(np.float64)  # numpy's default dtype on purpose
 
 
-async def _token(settings: Settings, client_id: str) -> str:
-    return format_token(*await create_key(settings, client_id))
-
-
 async def test_async_client_round_trip_with_numpy(
     settings: Settings, models_dir: Path
 ) -> None:
-    token = await _token(settings, "async-user")
+    token = await create_token(settings, "async-user")
     expected = load_model(models_dir, "digits").predict_proba(
         X_TEST[:4].astype(np.float32)
     )
@@ -57,7 +56,7 @@ async def test_async_client_round_trip_with_numpy(
 async def test_blocking_client_round_trip_and_typed_errors(
     settings: Settings, models_dir: Path
 ) -> None:
-    token = await _token(settings, "sync-user")
+    token = await create_token(settings, "sync-user")
     key_id, secret = await create_key(settings, "revoked-user")
     redis = redis_from_settings(settings)
     try:
@@ -98,39 +97,10 @@ async def test_blocking_client_round_trip_and_typed_errors(
     assert isinstance(revoked, errors.AuthError) and revoked.attempts == 1
 
 
-class LosesFirstAnswer:
-    """A real Kafka transport whose first answer is lost on the way back, as
-    when a client times out just before the reply arrives."""
-
-    def __init__(self, inner: KafkaClientTransport) -> None:
-        self.inner = inner
-        self.ids: list[str] = []
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    async def infer(
-        self,
-        model: str,
-        inputs: Mapping[str, np.ndarray[Any, Any]],
-        request_id: str,
-        timeout_s: float,
-    ) -> InferResult:
-        self.ids.append(request_id)
-        result = await self.inner.infer(model, inputs, request_id, timeout_s)
-        if len(self.ids) == 1:
-            self.first = result
-            raise errors.RequestTimeoutError("answer lost", request_id=request_id)
-        return result
-
-
 async def test_a_lost_answer_is_retried_and_answered_from_the_kept_copy(
     settings: Settings,
 ) -> None:
-    token = await _token(settings, "unlucky")
+    token = await create_token(settings, "unlucky")
     transport = LosesFirstAnswer(KafkaClientTransport(settings, token, "unlucky"))
     policy = RetryPolicy(base_delay_s=0.01, max_delay_s=0.05)
     async with running_worker(settings), AsyncClient(transport, retry=policy) as client:
@@ -138,7 +108,7 @@ async def test_a_lost_answer_is_retried_and_answered_from_the_kept_copy(
 
     assert transport.ids == [result.request_id] * 2
     assert result.attempts == 2 and result.replayed
-    assert not transport.first.replayed
+    assert transport.first is not None and not transport.first.replayed
     for name in ("probabilities", "label"):
         np.testing.assert_array_equal(result[name], transport.first[name])
 
@@ -159,7 +129,7 @@ async def test_a_malformed_token_is_a_typed_error(settings: Settings) -> None:
 async def test_an_unreachable_broker_is_a_connection_error(
     settings: Settings, unused_tcp_port: int
 ) -> None:
-    token = await _token(settings, "nobroker")
+    token = await create_token(settings, "nobroker")
     dead = settings.model_copy(
         update={
             "kafka": settings.kafka.model_copy(
@@ -181,7 +151,7 @@ async def test_no_reply_times_out_each_attempt_and_cancelling_forgets_the_reques
 ) -> None:
     # No worker consumes the requests topic: nothing ever answers.
     await ensure_topics(settings)
-    token = await _token(settings, "unanswered")
+    token = await create_token(settings, "unanswered")
     transport = KafkaClientTransport(settings, token, "unanswered")
     policy = RetryPolicy(max_attempts=2, base_delay_s=0.01, max_delay_s=0.02)
     async with AsyncClient(transport, timeout_s=0.5, retry=policy) as client:

@@ -23,7 +23,6 @@ from evaluation.attacks.probing import HopSkipJumpParams, run_hopskipjump
 from evaluation.benign import BenignProfile, run_benign_client
 from evaluation.ledger import ClientLedger
 from gateway.client import GatewayClient, KafkaTransport, probabilities
-from gateway.config import Settings
 from gateway.fingerprints import RedisFingerprintStore
 from gateway.models import digits_split, load_model
 from gateway.protocol import new_request_id
@@ -31,6 +30,7 @@ from gateway.store import redis_from_settings
 from tests.conftest import StackInfo
 from tests.integration.helpers import (
     create_key,
+    delete_prefix,
     isolated_settings,
     read_topic,
     running_worker,
@@ -40,19 +40,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 X_TEST = digits_split()[1]
 N_ATTACK_KEYS = 10
-
-
-async def _delete_prefix(settings: Settings) -> None:
-    """Remove the keys this test created (its own isolated prefix only)."""
-    redis = redis_from_settings(settings)
-    try:
-        prefix = settings.redis.key_prefix
-        for pattern in (f"{{{prefix}:fp}}*", f"{prefix}:*"):
-            keys = [k async for k in redis.scan_iter(match=pattern, count=1000)]
-            for start in range(0, len(keys), 500):
-                await redis.delete(*keys[start : start + 500])
-    finally:
-        await redis.aclose()
 
 
 async def test_redis_store_agrees_with_the_in_memory_store(
@@ -93,7 +80,7 @@ async def test_redis_store_agrees_with_the_in_memory_store(
         ttl_ms = await redis.pttl(key)
     finally:
         await redis.aclose()
-        await _delete_prefix(settings)
+        await delete_prefix(settings)
     assert got == expected
     assert any(m.others for m in got) and any(m.identical for m in got)
     assert 0 < ttl_ms <= 60_000
@@ -190,7 +177,7 @@ async def test_spread_attack_is_grouped_sparse_probe_flagged_benign_left_alone(
                 timeout_s=60,
             )
     finally:
-        await _delete_prefix(settings)
+        await delete_prefix(settings)
 
     assert result.queries >= 200, result.to_dict()
     by_client: dict[str, list[dict[str, Any]]] = {}

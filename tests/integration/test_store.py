@@ -25,6 +25,7 @@ from gateway.keys import KeyStore, authenticate
 from gateway.protocol import sign
 from gateway.store import AdmitItem, CounterStore, redis_from_settings
 from tests.conftest import StackInfo
+from tests.integration.helpers import delete_matching
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -70,12 +71,7 @@ async def redis(settings: Settings) -> AsyncIterator[Redis]:
 @pytest.fixture(scope="session", autouse=True)
 async def _cleanup(stack: StackInfo) -> AsyncIterator[None]:
     yield
-    client = Redis.from_url(stack.redis_url)
-    try:
-        async for name in client.scan_iter(match=f"{PREFIX}:*", count=1000):
-            await client.delete(name)
-    finally:
-        await client.aclose()
+    await delete_matching(stack.redis_url, f"{PREFIX}:*")
 
 
 def unique(name: str) -> str:

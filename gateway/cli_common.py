@@ -1,0 +1,52 @@
+"""Options and settings loading shared by every ``modelgate`` command group.
+
+Kept apart from ``gateway/cli.py`` so that command groups registered there
+(front door, config, admin, limits) can use them without importing the
+top-level app, which imports them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from gateway.config import Settings, load_settings
+from gateway.errors import ModelgateError
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML settings file (else MODELGATE_CONFIG)."),
+]
+LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING.")]
+
+
+def load_cli_settings(config: Path | None, **overrides: Any) -> Settings:
+    """Settings for a command, or exit 2 with the reason on stderr.
+
+    Parameters
+    ----------
+    config
+        The ``--config`` file; when given it must exist and is exported as
+        ``MODELGATE_CONFIG`` so that anything the command starts reads it too.
+    **overrides
+        Fields that win over the file and the environment.
+
+    Raises
+    ------
+    typer.Exit
+        Code 2 for a missing file or a setting that fails validation (named by
+        field in the message).
+    """
+    if config is not None:
+        if not config.is_file():
+            typer.echo(f"error: config file {config} not found", err=True)
+            raise typer.Exit(2)
+        os.environ["MODELGATE_CONFIG"] = str(config)
+    try:
+        return load_settings(**overrides)
+    except ModelgateError as exc:
+        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
