@@ -188,7 +188,9 @@ class CrossClient:
             owner = item.client_id
             if owner is None or item.verdict is None:
                 continue
-            risks[owner] = max(risks.get(owner, 0.0), item.verdict.risk)
+            # The enforced risk, without detectors in shadow: a shadowed
+            # detector must not block a client through its group.
+            risks[owner] = max(risks.get(owner, 0.0), item.verdict.enforced_risk)
         if not risks:
             return
         clients = sorted(risks)
