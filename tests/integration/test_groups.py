@@ -33,7 +33,7 @@ def _item(client: str, risk: float) -> BatchItem:
         status="active",
         created_ms=0,
     )
-    item.verdict = Verdict("allow", "allow", risk)
+    item.verdict = Verdict("allow", "allow", risk, enforced_risk=risk)
     return item
 
 
