@@ -21,7 +21,7 @@ from tests.integration.helpers import delete_prefix, isolated_settings
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 
-def _item(client: str, risk: float) -> BatchItem:
+def _item(client: str, risk: float, enforced: float | None = None) -> BatchItem:
     item = BatchItem(
         topic="t", partition=0, offset=0, value=b"", record_key=client, signature=None
     )
@@ -33,7 +33,9 @@ def _item(client: str, risk: float) -> BatchItem:
         status="active",
         created_ms=0,
     )
-    item.verdict = Verdict("allow", "allow", risk, enforced_risk=risk)
+    item.verdict = Verdict(
+        "allow", "allow", risk, enforced_risk=risk if enforced is None else enforced
+    )
     return item
 
 
@@ -84,6 +86,36 @@ async def test_two_workers_share_fingerprints_links_and_risk(
         await first.after_scoring(more, [_batch(["a"], rows_a[:1] + 1000)])
         assert first.links.members("a") == ["a", "b"]
         assert more[0].group_id == "a"
+    finally:
+        await redis.aclose()
+        await delete_prefix(settings)
+
+
+async def test_group_risk_leaves_out_detectors_in_shadow(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    # Key a's would-be risk is 2.0, all of it from a detector in shadow (its
+    # enforced risk is 0.1): linked key b must not inherit the 2.0.
+    settings = isolated_settings(
+        stack.kafka_bootstrap,
+        stack.redis_url,
+        models_dir,
+        cross_client={"link_min_shared": 3},
+    )
+    redis = redis_from_settings(settings)
+    try:
+        cross = CrossClient(redis, settings)
+        fingerprint = np.array([[21, 22, 23, 24]], dtype=np.uint64)
+        rows_a = np.repeat(fingerprint, 4, axis=0)
+        rows_a[:, 3] = np.arange(300, 304, dtype=np.uint64)
+        items_a = [_item("a", 2.0, enforced=0.1) for _ in range(4)]
+        await cross.after_scoring(items_a, [_batch(["a"] * 4, rows_a)])
+        rows_b = np.repeat(fingerprint, 3, axis=0)
+        rows_b[:, 3] = np.arange(400, 403, dtype=np.uint64)
+        items_b = [_item("b", 0.05) for _ in range(3)]
+        await cross.after_scoring(items_b, [_batch(["b"] * 3, rows_b)])
+        assert items_b[-1].group_id == "a"
+        assert items_b[-1].group_risk == pytest.approx(0.1)
     finally:
         await redis.aclose()
         await delete_prefix(settings)
