@@ -16,6 +16,12 @@ from typing import Any
 
 import pytest
 import schemathesis
+
+# Loaded now, at collection, in the main thread. schemathesis imports it
+# lazily, and pytest then rewrites it with ast.parse. CPython 3.11's AST
+# conversion is not thread-safe ("AST constructor recursion depth mismatch"),
+# and mid-run other threads (workers' executors, servers) are alive.
+import schemathesis.specs.openapi.schemas
 from cryptography.fernet import Fernet
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error

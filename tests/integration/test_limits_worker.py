@@ -137,6 +137,10 @@ async def test_fail_modes_through_the_worker(
             assert counted == 1
 
             await redis.start()
+            # This private Redis keeps nothing on disk, so it comes back empty:
+            # the key must exist again, or a key-cache miss (after its 1 s TTL
+            # on a loaded machine) would answer AUTH_UNKNOWN_KEY.
+            key_id, secret = await create_key(settings, "lim-fail")
             after = await ask(2)
             assert after["status"] == "ok", after
     finally:
