@@ -12,6 +12,7 @@ Imports numpy, pydantic and msgspec only; nothing from Kafka, Redis, FastAPI or
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import repeat
@@ -572,6 +573,22 @@ class Detector(ABC, Generic[P]):
     def _on_n_features(self, n_features: int) -> None:
         """Called once when the feature count becomes known."""
         return None
+
+    def _warn_if_capped(
+        self, n_features: int, capacity: int, wanted: int, what: str
+    ) -> None:
+        """Log, once per detector, that ``max_state_bytes`` keeps fewer than
+        ``wanted`` of ``what`` per client at this feature count."""
+        if capacity < wanted:
+            logging.getLogger(type(self).__module__).warning(
+                "%s keeps %d %s per client, not %d: %d features exceed max_state_bytes",
+                self.name,
+                capacity,
+                what,
+                wanted,
+                n_features,
+                extra={"detector": self.name},
+            )
 
     def _ensure_arena(self, n_features: int) -> SlotArena:
         if self._n_features is None:

@@ -518,16 +518,12 @@ class DistanceDistributionDetector(Detector[PradaParams]):
             raise ValueError("a counter of the state is negative")
 
     def _on_n_features(self, n_features: int) -> None:
-        capacity = self.capacity(n_features)
-        if capacity < self._params.growing_set:
-            logger.warning(
-                "prada keeps %d growing-set queries per client, not %d: %d "
-                "features exceed max_state_bytes",
-                capacity,
-                self._params.growing_set,
-                n_features,
-                extra={"detector": self.name},
-            )
+        self._warn_if_capped(
+            n_features,
+            self.capacity(n_features),
+            self._params.growing_set,
+            "growing-set queries",
+        )
 
     # -- scoring ------------------------------------------------------------
 

@@ -218,16 +218,9 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
             raise ValueError("state field 'n_seen' is below 'hist_len'")
 
     def _on_n_features(self, n_features: int) -> None:
-        capacity = self.capacity(n_features)
-        if capacity < self._params.history:
-            logger.warning(
-                "similarity keeps %d queries per client, not %d: %d features "
-                "exceed max_state_bytes",
-                capacity,
-                self._params.history,
-                n_features,
-                extra={"detector": self.name},
-            )
+        self._warn_if_capped(
+            n_features, self.capacity(n_features), self._params.history, "queries"
+        )
 
     def _score_rows(
         self,
