@@ -38,6 +38,14 @@ NOISE = np.random.default_rng(3).uniform(0, 16, size=(4, 64))
 NO_RETRY = RetryPolicy(max_attempts=1)
 
 
+def _other_key_id(key_id: str) -> str:
+    """A well-formed key id that differs from ``key_id`` in its last hex
+    digit, so it is never the revoked key itself (whose last digit may be
+    anything, ``0`` included)."""
+    last = "1" if key_id[-1] == "0" else "0"
+    return key_id[:-1] + last
+
+
 async def test_sync_and_async_http_clients_round_trip_numpy(
     settings: Settings, models_dir: Path
 ) -> None:
@@ -66,7 +74,7 @@ async def test_sync_and_async_http_clients_round_trip_numpy(
                 client.predict("digits", X_TEST[:1])
             except errors.GatewayError as exc:
                 seen["revoked"] = exc
-        with Client.http(url, format_token(key_id[:-1] + "0", b"x" * 32)) as client:
+        with Client.http(url, format_token(_other_key_id(key_id), b"x" * 32)) as client:
             try:
                 client.predict("digits", X_TEST[:1])
             except errors.GatewayError as exc:
