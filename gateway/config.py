@@ -518,7 +518,7 @@ class FrontDoorConfig(_Frozen):
     max_parameters_bytes: int = Field(4096, ge=0, le=65_536)
     # Not ready until this long after the reply topic exists. A worker lists
     # topics again at most every 2 s when a request names a reply topic it
-    # does not know (``_UNKNOWN_REFRESH_S`` in gateway/worker.py) and answers
+    # does not know (``_UNKNOWN_REFRESH_S`` in gateway/answers.py) and answers
     # on the shared topic meanwhile; past that delay, the first request's
     # listing is sure to include this topic.
     reply_topic_settle_s: float = Field(2.5, ge=0, le=60)

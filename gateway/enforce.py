@@ -1,0 +1,162 @@
+"""What a batch's verdicts change in Redis: throttles, blocks, released slots.
+
+The policy ladder (gateway/policy.py) decides per request; the steps here carry
+those decisions into the shared counters, one round trip each and none when
+there is nothing to do:
+
+- ``apply_throttle`` refuses throttled clients' requests beyond their
+  penalised rate (gateway/throttle.py);
+- ``enforce_blocks`` stores the blocks the batch decided;
+- ``release_unserved`` gives back the request ids of admitted requests that
+  were refused after all, so that their retry is not a duplicate;
+- ``release_in_flight`` gives back the in-flight slots of answered requests.
+
+No Kafka I/O happens here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from gateway.batch import BatchItem
+from gateway.errors import PolicyError, StoreError
+from gateway.limits import Admitter
+from gateway.policy import Policy
+from gateway.store import CounterStore
+from gateway.throttle import ThrottleCheck, ThrottleStore
+
+logger = logging.getLogger(__name__)
+
+
+def decided_without_store(items: list[BatchItem]) -> bool:
+    """Whether admission answered part of this batch without Redis (fail mode
+    ``open`` or ``closed``), so that a later Redis failure must not retry it."""
+    return any(i.admission is not None and i.admission.without_store for i in items)
+
+
+async def apply_throttle(
+    items: list[BatchItem], policy: Policy, throttle: ThrottleStore
+) -> None:
+    """Refuse the requests of throttled clients beyond their penalised rate
+    (gateway/throttle.py); one round trip, and none when no client of the
+    batch is throttled.
+
+    Raises
+    ------
+    StoreError
+        Redis is unreachable: the batch is retried, as for admission.
+    """
+    live: dict[str, list[BatchItem]] = {}
+    for item in items:
+        if (
+            item.error is None
+            and item.key is not None
+            and item.admission is not None
+            and item.admission.outcome == "ok"
+        ):
+            live.setdefault(item.key.client_id, []).append(item)
+    checks = [
+        ThrottleCheck(client_id, factor, len(client_items))
+        for client_id, client_items in live.items()
+        if (factor := policy.rate_factor(client_id)) > 1.0
+    ]
+    if not checks:
+        return
+    results = await throttle.check(checks)
+    for check, waits in zip(checks, results, strict=True):
+        for item, wait_ms in zip(live[check.client_id], waits, strict=True):
+            if wait_ms > 0:
+                item.fail(
+                    PolicyError(
+                        "rate limit exceeded", code="RATE_LIMITED", retriable=True
+                    ),
+                    action="throttle",
+                )
+                item.throttle_retry_ms = wait_ms
+
+
+async def enforce_blocks(
+    items: list[BatchItem], store: CounterStore, default_cooldown_s: float
+) -> None:
+    """Store the blocks this batch decided, one per client.
+
+    Parameters
+    ----------
+    default_cooldown_s
+        Block length, in seconds, for a verdict that names none
+        (``policy.block_cooldown_s``).
+    """
+    to_block = {
+        i.key.client_id: i.verdict
+        for i in items
+        if i.key is not None
+        and i.verdict is not None
+        and i.verdict.enforced == "block"
+        # 0: a redelivered record's standing, not a new block.
+        and i.verdict.cooldown_s > 0
+    }
+    for client_id, verdict in to_block.items():
+        try:
+            await store.block(
+                client_id,
+                verdict.cooldown_s or default_cooldown_s,
+                "; ".join(verdict.reasons) if verdict else "",
+            )
+        except StoreError:
+            # The answers still say BLOCKED; the next batch re-derives the
+            # block from the same detector state.
+            logger.warning("block not stored", extra={"client": client_id})
+
+
+async def release_unserved(items: list[BatchItem], store: CounterStore) -> None:
+    """Requests admitted but then refused (model failure, a block decided
+    on this very query) give their request id back, so that the retry
+    their answer invites is not refused as a duplicate.
+
+    Raises
+    ------
+    StoreError
+        Redis is unreachable and the batch was admitted with it.
+    """
+    unserved = [
+        (i.key.client_id, i.request.request_id)
+        for i in items
+        if i.error is not None
+        and i.admission is not None
+        and i.admission.outcome == "ok"
+        and i.key is not None
+        and i.request is not None
+    ]
+    try:
+        await store.release_requests(unserved)
+    except StoreError:
+        # Without Redis (fail modes open/closed) the batch is answered
+        # anyway; the cost is that a retry of these ids within the replay
+        # window may be refused as a duplicate.
+        if not decided_without_store(items):
+            raise
+        logger.warning("unserved request ids not released")
+
+
+async def release_in_flight(items: list[BatchItem], admitter: Admitter) -> None:
+    """Answered requests give back their in-flight slot. A failure only
+    delays that until the slot's safety expiry (the in-flight rule's
+    ``ttl_s``): the answers are out, so the batch must not be retried."""
+    held = [
+        (i.key.client_id, i.request.request_id, i.admission)
+        for i in items
+        if i.admission is not None
+        and i.admission.in_flight
+        and i.key is not None
+        and i.request is not None
+    ]
+    if not held:
+        return
+    try:
+        await admitter.release(held)
+    except StoreError as exc:
+        logger.warning(
+            "in-flight slots not released; they expire by themselves: %s",
+            exc,
+            extra={"requests": len(held)},
+        )
