@@ -52,7 +52,7 @@ from evaluation.benign import draw_profiles, run_benign_client
 from evaluation.ledger import ClientLedger
 from evaluation.observe import AlertCollector
 from evaluation.oracle import DirectOracle, GatewayOracle
-from evaluation.process import WorkerProcess, WorkerProcessError
+from evaluation.process import WorkerProcess
 from evaluation.report import (
     BENIGN,
     EXTRACTION,
@@ -62,7 +62,8 @@ from evaluation.report import (
     render_markdown,
     write_report,
 )
-from gateway.client import GatewayClient, GatewayRequestError, KafkaTransport, error_of
+from evaluation.runkit import first_cause, own_topics, wait_for_answer
+from gateway.client import GatewayClient, KafkaTransport
 from gateway.config import Settings
 from gateway.errors import BrokerError
 from gateway.keys import KeyStore
@@ -229,7 +230,7 @@ async def run_demo(
     say("starting the local Kafka and Redis (first run fetches the Kafka jars)")
     info = await loop.run_in_executor(None, holder.__enter__)
     try:
-        on_stack = _own_topics(
+        on_stack = own_topics(
             settings.model_copy(
                 update={
                     "kafka": settings.kafka.model_copy(
@@ -248,32 +249,6 @@ async def run_demo(
                 await delete_topics(on_stack, topics.all_names())
     finally:
         await loop.run_in_executor(None, holder.__exit__, None, None, None)
-
-
-def _own_topics(settings: Settings) -> Settings:
-    """The same settings with topics, consumer group and metrics port of this
-    run alone. Any ``modelgate worker`` already running on the default topics
-    (or another demo) would otherwise take this run's requests, and answer
-    them under a different server key."""
-    tag = "demo-" + datetime.now(UTC).strftime("%H%M%S") + "-" + secrets.token_hex(2)
-    kafka = settings.kafka
-    topics = kafka.topics.model_copy(
-        update={
-            "requests": f"modelgate.{tag}.requests",
-            "responses": f"{settings.worker.reply_topic_prefix}.{tag}",
-            "alerts": f"modelgate.{tag}.alerts",
-            "decisions": f"modelgate.{tag}.decisions",
-            "deadletter": f"modelgate.{tag}.deadletter",
-        }
-    )
-    return settings.model_copy(
-        update={
-            "kafka": kafka.model_copy(
-                update={"topics": topics, "group_id": f"modelgate-{tag}"}
-            ),
-            "worker": settings.worker.model_copy(update={"metrics_port": 0}),
-        }
-    )
 
 
 async def _run_demo(
@@ -442,27 +417,11 @@ async def _wait_until_serving(run: _Run, worker: WorkerProcess, row: Array) -> N
     that waiting will not fix, or stays silent past the plan's warm-up timeout.
     """
     client = run.clients[f"demo-{run.run_id}-warmup"]
-    deadline = time.monotonic() + run.plan.warmup_timeout_s
-    while True:
-        worker.check_alive()
-        try:
-            response = await client.infer(row[None, :], timeout_s=3.0)
-        except GatewayRequestError as exc:
-            if exc.code != "TIMEOUT":
-                raise
-            if time.monotonic() > deadline:
-                raise WorkerProcessError(
-                    f"worker did not answer within {run.plan.warmup_timeout_s:.0f} s;"
-                    f" last lines of {worker.log_path}:\n{worker.log_tail()}"
-                ) from exc
-            continue
-        error = error_of(response)
-        if error is not None and not error.retriable:
-            raise WorkerProcessError(
-                f"worker refused the warm-up request: {error.code}: {error.message}"
-            )
-        run.say("worker is serving")
-        return
+    timeout_s = run.plan.warmup_timeout_s
+    await wait_for_answer(
+        client, row[None, :], worker, time.monotonic() + timeout_s, timeout_s
+    )
+    run.say("worker is serving")
 
 
 async def _drive(
@@ -490,20 +449,23 @@ async def _drive(
     extractor_id = f"demo-{run.run_id}-extractor"
     prober_id = f"demo-{run.run_id}-prober"
 
-    def on_round(rho: int, queries: int, agreement: float) -> None:
-        run.extraction_status = f"round {rho + 1}, agreement {agreement:.2f}"
-
-    def extraction_job() -> ExtractionResult:
-        oracle = GatewayOracle(
-            run.clients[extractor_id],
-            run.ledgers[extractor_id],
+    def attacker_oracle(client_id: str, budget: int) -> GatewayOracle:
+        return GatewayOracle(
+            run.clients[client_id],
+            run.ledgers[client_id],
             run.loop,
-            budget=plan.extraction.budget,
+            budget=budget,
             rate_per_s=plan.attacker_rate_per_s,
             concurrency=plan.attacker_concurrency,
             timeout_s=timeout_s,
             cancel=run.cancel,
         )
+
+    def on_round(rho: int, queries: int, agreement: float) -> None:
+        run.extraction_status = f"round {rho + 1}, agreement {agreement:.2f}"
+
+    def extraction_job() -> ExtractionResult:
+        oracle = attacker_oracle(extractor_id, plan.extraction.budget)
         result = run_jacobian_extraction(
             oracle,
             x_test[seeds],
@@ -516,16 +478,7 @@ async def _drive(
         return result
 
     def probing_job() -> ProbingResult:
-        oracle = GatewayOracle(
-            run.clients[prober_id],
-            run.ledgers[prober_id],
-            run.loop,
-            budget=plan.probing.budget,
-            rate_per_s=plan.attacker_rate_per_s,
-            concurrency=plan.attacker_concurrency,
-            timeout_s=timeout_s,
-            cancel=run.cancel,
-        )
+        oracle = attacker_oracle(prober_id, plan.probing.budget)
         result = run_hopskipjump(oracle, x_test, targets, true_labels, plan.probing)
         run.probing_status = f"done ({result.stopped_by or 'all inputs'})"
         return result
@@ -576,17 +529,8 @@ async def _drive(
     except BaseExceptionGroup as group_error:
         # Attack threads cannot be cancelled; this makes their next query stop.
         run.cancel.set()
-        raise _first_cause(group_error) from group_error
+        raise first_cause(group_error) from group_error
     return extraction_task.result(), probing_task.result(), seeds, targets
-
-
-def _first_cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    for error in group.exceptions:
-        if isinstance(error, BaseExceptionGroup):
-            return _first_cause(error)
-        if not isinstance(error, asyncio.CancelledError):
-            return error
-    return group.exceptions[0]
 
 
 async def _monitor(

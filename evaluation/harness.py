@@ -41,12 +41,12 @@ from redis.asyncio import Redis
 
 from evaluation.attacks.distributed import SpreadOracle
 from evaluation.benign import draw_habits, draw_profiles, run_benign_stream
-from evaluation.demo import _first_cause, _own_topics
 from evaluation.eval_report import EvalResult, write_eval_report
 from evaluation.ledger import ClientLedger
 from evaluation.observe import AlertCollector, DecisionCollector
 from evaluation.oracle import DirectOracle, GatewayOracle, QueryFn
-from evaluation.process import WorkerProcess, WorkerProcessError
+from evaluation.process import WorkerProcess
+from evaluation.runkit import first_cause, own_topics, wait_for_answer
 from evaluation.scenarios import (
     PROBING_ATTACKS,
     Budgets,
@@ -56,7 +56,7 @@ from evaluation.scenarios import (
     run_attack,
     select_pairs,
 )
-from gateway.client import GatewayClient, GatewayRequestError, KafkaTransport, error_of
+from gateway.client import GatewayClient, GatewayRequestError, KafkaTransport
 from gateway.config import Settings
 from gateway.errors import BrokerError
 from gateway.keys import KeyStore
@@ -324,7 +324,7 @@ async def _with_topics(
 ) -> int:
     # Own topics and group: a worker already running on the default topics
     # must not take this run's requests.
-    own = _own_topics(settings)
+    own = own_topics(settings)
     served = sorted({model for _, model in pairs})
     own = own.model_copy(
         update={"models": own.models.model_copy(update={"serve": served})}
@@ -519,26 +519,14 @@ async def _wait_until_serving(
     deadline = time.monotonic() + run.plan.warmup_timeout_s
     for name, task in run.tasks.items():
         client = run.clients[f"eval-{run.run_id}-warmup-{name}"]
-        while True:
-            worker.check_alive()
-            try:
-                response = await client.infer(task.eval_x[:1], timeout_s=3.0)
-            except GatewayRequestError as exc:
-                if exc.code != "TIMEOUT":
-                    raise
-                if time.monotonic() > deadline:
-                    raise WorkerProcessError(
-                        f"worker did not answer within {run.plan.warmup_timeout_s:.0f}"
-                        f" s; last lines of {worker.log_path}:\n{worker.log_tail()}"
-                    ) from exc
-                continue
-            error = error_of(response)
-            if error is not None and not error.retriable:
-                raise WorkerProcessError(
-                    f"worker refused the warm-up request for {name}: "
-                    f"{error.code}: {error.message}"
-                )
-            break
+        await wait_for_answer(
+            client,
+            task.eval_x[:1],
+            worker,
+            deadline,
+            run.plan.warmup_timeout_s,
+            what=f" for {name}",
+        )
     run.say("worker is serving every model")
 
 
@@ -662,7 +650,7 @@ async def _drive(
             group.create_task(_monitor(run, worker, alerts, attack_tasks))
     except BaseExceptionGroup as group_error:
         run.cancel.set()
-        raise _first_cause(group_error) from group_error
+        raise first_cause(group_error) from group_error
 
 
 async def _monitor(
