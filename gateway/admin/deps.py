@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import NoReturn
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -100,6 +101,40 @@ async def audit(
     )
 
 
+async def refuse(
+    context: AdminContext,
+    request: Request,
+    error: AdminError,
+    *,
+    actor: str,
+    reason: str,
+    target: str = "",
+    outcome: str = "failed",
+) -> NoReturn:
+    """Record a refused admin action (``detail.reason``), then raise ``error``.
+
+    Parameters
+    ----------
+    outcome
+        ``"failed"`` when the action itself could not be done (no such user,
+        the last admin), ``"denied"`` when the caller may not do it.
+
+    Raises
+    ------
+    AdminError
+        Always ``error``, once the audit record is written.
+    """
+    await audit(
+        context,
+        request,
+        actor=actor,
+        outcome=outcome,
+        target=target,
+        detail={"reason": reason},
+    )
+    raise error
+
+
 def require_role(role: Role) -> Callable[..., Awaitable[Principal]]:
     """A dependency admitting callers whose role is at least ``role``.
 
@@ -128,17 +163,19 @@ def require_role(role: Role) -> Callable[..., Awaitable[Principal]]:
             session = await context.sessions.resolve(credentials.credentials)
         user = await context.users.get(session.user) if session is not None else None
         if session is None or user is None:
-            if changes_state:
-                await audit(
-                    context,
-                    request,
-                    actor="-",
-                    outcome="denied",
-                    detail={"reason": "no valid session"},
-                )
-            raise AdminError(
+            error = AdminError(
                 "a valid session is required", code="ADMIN_UNAUTHENTICATED"
             )
+            if changes_state:
+                await refuse(
+                    context,
+                    request,
+                    error,
+                    actor="-",
+                    outcome="denied",
+                    reason="no valid session",
+                )
+            raise error
 
         principal = Principal(
             user=user.name,
@@ -147,16 +184,20 @@ def require_role(role: Role) -> Callable[..., Awaitable[Principal]]:
             source=client_source(request),
         )
         if ROLE_RANK[user.role] < ROLE_RANK[role]:
+            error = AdminError(
+                f"this call needs the {role} role", code="ADMIN_FORBIDDEN"
+            )
             if changes_state:
-                await audit(
+                await refuse(
                     context,
                     request,
+                    error,
                     actor=user.name,
                     outcome="denied",
                     target=request.url.path,
-                    detail={"reason": f"role {user.role} below {role}"},
+                    reason=f"role {user.role} below {role}",
                 )
-            raise AdminError(f"this call needs the {role} role", code="ADMIN_FORBIDDEN")
+            raise error
         return principal
 
     return dependency

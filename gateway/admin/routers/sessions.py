@@ -20,6 +20,7 @@ from gateway.admin.deps import (
     audit,
     client_source,
     get_context,
+    refuse,
     require_role,
 )
 from gateway.admin.errors import AdminError
@@ -200,16 +201,16 @@ async def revoke_session(
 ) -> None:
     target = user or principal.user
     if target != principal.user and ROLE_RANK[principal.role] < ROLE_RANK["admin"]:
-        await audit(
+        await refuse(
             context,
             request,
+            AdminError(
+                "only an admin may revoke others' sessions", code="ADMIN_FORBIDDEN"
+            ),
             actor=principal.user,
             outcome="denied",
             target=f"{target}/{session_id}",
-            detail={"reason": "not admin"},
-        )
-        raise AdminError(
-            "only an admin may revoke others' sessions", code="ADMIN_FORBIDDEN"
+            reason="not admin",
         )
     revoked = await context.sessions.revoke(target, session_id)
     await audit(

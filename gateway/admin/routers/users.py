@@ -13,7 +13,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import Field
 
-from gateway.admin.deps import AdminContext, Principal, audit, get_context, require_role
+from gateway.admin.deps import (
+    AdminContext,
+    Principal,
+    audit,
+    get_context,
+    refuse,
+    require_role,
+)
 from gateway.admin.errors import AdminError
 from gateway.admin.schemas import (
     ERROR_RESPONSES,
@@ -95,17 +102,20 @@ async def create_user(
     context: Context,
 ) -> EnrollmentOut:
     try:
-        enrollment = await context.users.create(body.name, body.role, body.password)
+        enrollment: Enrollment | None = await context.users.create(
+            body.name, body.role, body.password
+        )
     except FileExistsError:
-        await audit(
+        enrollment = None
+    if enrollment is None:
+        await refuse(
             context,
             request,
+            AdminError("a user of that name exists", code="CONFLICT"),
             actor=principal.user,
-            outcome="failed",
             target=body.name,
-            detail={"reason": "exists"},
+            reason="exists",
         )
-        raise AdminError("a user of that name exists", code="CONFLICT") from None
     await audit(
         context,
         request,
@@ -129,25 +139,23 @@ async def set_role(
 ) -> UserOut:
     admins = await _admins(context)
     if body.role != "admin" and admins == [name]:
-        await audit(
+        await refuse(
             context,
             request,
+            AdminError("the last admin cannot be demoted", code="CONFLICT"),
             actor=principal.user,
-            outcome="failed",
             target=name,
-            detail={"reason": "last admin"},
+            reason="last admin",
         )
-        raise AdminError("the last admin cannot be demoted", code="CONFLICT")
     if not await context.users.set_role(name, body.role):
-        await audit(
+        await refuse(
             context,
             request,
+            AdminError("no such user", code="NOT_FOUND"),
             actor=principal.user,
-            outcome="failed",
             target=name,
-            detail={"reason": "not found"},
+            reason="not found",
         )
-        raise AdminError("no such user", code="NOT_FOUND")
     await audit(
         context,
         request,
@@ -172,15 +180,14 @@ async def delete_user(
     name: UserName, request: Request, principal: Admin, context: Context
 ) -> None:
     if await _admins(context) == [name]:
-        await audit(
+        await refuse(
             context,
             request,
+            AdminError("the last admin cannot be deleted", code="CONFLICT"),
             actor=principal.user,
-            outcome="failed",
             target=name,
-            detail={"reason": "last admin"},
+            reason="last admin",
         )
-        raise AdminError("the last admin cannot be deleted", code="CONFLICT")
     deleted = await context.users.delete(name)
     ended = await context.sessions.revoke_all(name)
     await audit(
@@ -209,15 +216,14 @@ async def reset_totp(
 ) -> EnrollmentOut:
     enrollment = await context.users.reset_totp(name)
     if enrollment is None:
-        await audit(
+        await refuse(
             context,
             request,
+            AdminError("no such user", code="NOT_FOUND"),
             actor=principal.user,
-            outcome="failed",
             target=name,
-            detail={"reason": "not found"},
+            reason="not found",
         )
-        raise AdminError("no such user", code="NOT_FOUND")
     ended = await context.sessions.revoke_all(name)
     await audit(
         context,
