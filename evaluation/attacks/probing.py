@@ -20,9 +20,11 @@ this in a thread when the oracle needs the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,6 +159,35 @@ class _Tracker:
             outcome.best_label = int(labels[other][best])
 
 
+@contextlib.contextmanager
+def _quiet_art_import() -> Iterator[None]:
+    """Import ART inside this block. ART is imported only where an attack runs:
+    it is slow to import and only these attacks need it. It warns at import
+    that PyTorch is missing, which only matters for certification code these
+    attacks do not use."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="PyTorch not found")
+        yield
+
+
+def _black_box(
+    query: QueryFn, n_features: int, params: HopSkipJumpParams | BoundaryParams
+) -> tuple[_Tracker, Any]:
+    """A ``_Tracker`` around the oracle, and ART's ``BlackBoxClassifier`` whose
+    every prediction goes through it."""
+    with _quiet_art_import():
+        from art.estimators.classification import BlackBoxClassifier
+
+    tracker = _Tracker(query)
+    classifier = BlackBoxClassifier(
+        predict_fn=tracker,
+        input_shape=(n_features,),
+        nb_classes=params.n_classes,
+        clip_values=params.clip,
+    )
+    return tracker, classifier
+
+
 def _attack_each(
     attack: Any,
     tracker: _Tracker,
@@ -214,22 +245,11 @@ def run_hopskipjump(
     ProbingResult
         Per-input outcomes and why the run ended.
     """
-    # ART is imported here: it is slow to import and only this attack needs it.
-    # It warns at import that PyTorch is missing, which only matters for
-    # certification code this attack does not use.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="PyTorch not found")
+    with _quiet_art_import():
         from art.attacks.evasion import HopSkipJump
-        from art.estimators.classification import BlackBoxClassifier
 
     started = time.monotonic()
-    tracker = _Tracker(query)
-    classifier = BlackBoxClassifier(
-        predict_fn=tracker,
-        input_shape=(x.shape[1],),
-        nb_classes=params.n_classes,
-        clip_values=params.clip,
-    )
+    tracker, classifier = _black_box(query, x.shape[1], params)
     attack = HopSkipJump(
         classifier=classifier,
         batch_size=params.batch_size,
@@ -275,19 +295,11 @@ def run_boundary(
 ) -> ProbingResult:
     """The Boundary attack on ``x[i]`` for each ``i`` in ``indices``; the same
     contract as ``run_hopskipjump``."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="PyTorch not found")
+    with _quiet_art_import():
         from art.attacks.evasion import BoundaryAttack
-        from art.estimators.classification import BlackBoxClassifier
 
     started = time.monotonic()
-    tracker = _Tracker(query)
-    classifier = BlackBoxClassifier(
-        predict_fn=tracker,
-        input_shape=(x.shape[1],),
-        nb_classes=params.n_classes,
-        clip_values=params.clip,
-    )
+    tracker, classifier = _black_box(query, x.shape[1], params)
     attack = BoundaryAttack(
         estimator=classifier,
         batch_size=params.batch_size,

@@ -1,6 +1,7 @@
 """Shared pieces of the integration tests: isolated settings per test, a worker
-running in-process or as a subprocess, and raw Kafka access for sending
-arbitrary bytes and reading every topic the worker writes."""
+running in-process or as a subprocess, raw Kafka access for sending
+arbitrary bytes and reading every topic the worker writes, and the honest
+clients the detection tests run beside an attacker."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,8 +19,11 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from redis.asyncio import Redis
 
+from evaluation.benign import BenignProfile, run_benign_client
+from evaluation.ledger import ClientLedger
 from evaluation.process import settings_env
 from gateway import protocol
+from gateway.client import GatewayClient, KafkaTransport
 from gateway.config import Settings, load_settings
 from gateway.keys import KeyStore, format_token
 from gateway.store import redis_from_settings
@@ -332,3 +336,41 @@ async def delete_matching(redis_url: str, pattern: str) -> None:
             await client.delete(name)
     finally:
         await client.aclose()
+
+
+def clients_of(
+    transport: KafkaTransport,
+    keys: Mapping[str, tuple[str, str]],
+    model: str = "digits",
+) -> Callable[[str], GatewayClient]:
+    """A factory of gateway clients by client id, over ``keys`` (client id to
+    ``(key_id, secret)``, as ``create_key`` returns them)."""
+
+    def client(name: str) -> GatewayClient:
+        key_id, secret = keys[name]
+        return GatewayClient(transport, key_id, secret, name, model)
+
+    return client
+
+
+def honest_clients(
+    client: Callable[[str], GatewayClient],
+    names: Iterable[str],
+    x: np.ndarray,
+    n_queries: int,
+) -> list[Coroutine[Any, Any, None]]:
+    """One honest client per name (``evaluation.benign``), each replaying its
+    own ``n_queries`` rows of ``x`` at 20 queries/s; seeded, so every run
+    sends the same rows in the same order."""
+    order = np.random.default_rng(1).permutation(len(x))
+    return [
+        run_benign_client(
+            client(name),
+            BenignProfile(rate_per_s=20.0, n_queries=n_queries, start_delay_s=0.0),
+            x[order[i * n_queries : (i + 1) * n_queries]],
+            ClientLedger(name, "benign"),
+            np.random.default_rng(i),
+            timeout_s=30,
+        )
+        for i, name in enumerate(names)
+    ]

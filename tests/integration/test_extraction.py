@@ -12,22 +12,20 @@ contributors of its decision records; the honest clients must not be flagged.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from evaluation.benign import BenignProfile, run_benign_client
-from evaluation.ledger import ClientLedger
-from gateway.client import GatewayClient, KafkaTransport
+from gateway.client import KafkaTransport
+from gateway.config import Settings
 from gateway.models import digits_split
 from gateway.protocol import new_request_id
-from tests.conftest import StackInfo
 from tests.integration.helpers import (
+    clients_of,
     create_key,
     delete_prefix,
-    isolated_settings,
+    honest_clients,
     read_topic,
     running_worker,
 )
@@ -42,23 +40,15 @@ NEW = ("coverage", "margin")
 
 
 async def test_random_query_extractor_is_flagged_by_the_answer_detectors(
-    stack: StackInfo, models_dir: Path
+    settings: Settings,
 ) -> None:
-    settings = isolated_settings(
-        stack.kafka_bootstrap,
-        stack.redis_url,
-        models_dir,
-        policy={"shadow": True},
-        limits={"rate_per_s": 10_000, "burst": 10_000},
-    )
+    """``settings``: shadow mode (everything answered, every verdict recorded)
+    and limits that never throttle (tests/integration/conftest.py)."""
     keys = {c: await create_key(settings, c) for c in ["thief", *HONEST]}
     rng = np.random.default_rng(0)
     try:
         async with running_worker(settings), KafkaTransport(settings) as transport:
-
-            def client(name: str) -> GatewayClient:
-                key_id, secret = keys[name]
-                return GatewayClient(transport, key_id, secret, name, "digits")
+            client = clients_of(transport, keys)
 
             async def thief() -> None:
                 solver = client("thief")
@@ -71,20 +61,7 @@ async def test_random_query_extractor_is_flagged_by_the_answer_detectors(
                         )
                     )
 
-            order = np.random.default_rng(1).permutation(len(X_TEST))
-            honest = [
-                run_benign_client(
-                    client(name),
-                    BenignProfile(
-                        rate_per_s=20.0, n_queries=N_HONEST, start_delay_s=0.0
-                    ),
-                    X_TEST[order[i * N_HONEST : (i + 1) * N_HONEST]],
-                    ClientLedger(name, "benign"),
-                    np.random.default_rng(i),
-                    timeout_s=30,
-                )
-                for i, name in enumerate(HONEST)
-            ]
+            honest = honest_clients(client, HONEST, X_TEST, N_HONEST)
             await asyncio.gather(thief(), *honest)
             total = N_THIEF + N_HONEST * len(HONEST)
             decisions = await read_topic(

@@ -20,17 +20,18 @@ import pytest
 
 from detectors.fingerprint import InMemoryFingerprintStore
 from evaluation.attacks.probing import HopSkipJumpParams, run_hopskipjump
-from evaluation.benign import BenignProfile, run_benign_client
-from evaluation.ledger import ClientLedger
 from gateway.client import GatewayClient, KafkaTransport, probabilities
+from gateway.config import Settings
 from gateway.fingerprints import RedisFingerprintStore
 from gateway.models import digits_split, load_model
 from gateway.protocol import new_request_id
 from gateway.store import redis_from_settings
 from tests.conftest import StackInfo
 from tests.integration.helpers import (
+    clients_of,
     create_key,
     delete_prefix,
+    honest_clients,
     isolated_settings,
     read_topic,
     running_worker,
@@ -112,17 +113,11 @@ class _SpreadOracle:
 
 @pytest.mark.timeout(150)
 async def test_spread_attack_is_grouped_sparse_probe_flagged_benign_left_alone(
-    stack: StackInfo, models_dir: Path
+    settings: Settings, models_dir: Path
 ) -> None:
-    settings = isolated_settings(
-        stack.kafka_bootstrap,
-        stack.redis_url,
-        models_dir,
-        # Shadow mode: the rules' action is recorded but nobody is refused, so
-        # the attack runs to its end and every key is seen.
-        policy={"shadow": True},
-        limits={"rate_per_s": 10_000, "burst": 10_000},
-    )
+    """``settings`` are in shadow mode (tests/integration/conftest.py): the
+    rules' action is recorded but nobody is refused, so the attack runs to its
+    end and every key is seen."""
     attackers = [f"hsj-{i}" for i in range(N_ATTACK_KEYS)]
     honest = [f"honest-{i}" for i in range(4)]
     keys = {c: await create_key(settings, c) for c in [*attackers, "pixel", *honest]}
@@ -130,10 +125,7 @@ async def test_spread_attack_is_grouped_sparse_probe_flagged_benign_left_alone(
     rng = np.random.default_rng(0)
     try:
         async with running_worker(settings), KafkaTransport(settings) as transport:
-
-            def client(name: str) -> GatewayClient:
-                key_id, secret = keys[name]
-                return GatewayClient(transport, key_id, secret, name, "digits")
+            client = clients_of(transport, keys)
 
             oracle = _SpreadOracle([client(c) for c in attackers], loop)
             labels = load_model(models_dir, "digits").predict_proba(X_TEST).argmax(1)
@@ -156,18 +148,7 @@ async def test_spread_attack_is_grouped_sparse_probe_flagged_benign_left_alone(
                     row[rng.integers(0, 64)] = float(rng.uniform(0, 16))
                     await probe.infer(row[None, :], request_id=new_request_id())
 
-            order = np.random.default_rng(1).permutation(len(X_TEST))
-            benign = [
-                run_benign_client(
-                    client(name),
-                    BenignProfile(rate_per_s=20.0, n_queries=40, start_delay_s=0.0),
-                    X_TEST[order[i * 40 : (i + 1) * 40]],
-                    ClientLedger(name, "benign"),
-                    np.random.default_rng(i),
-                    timeout_s=30,
-                )
-                for i, name in enumerate(honest)
-            ]
+            benign = honest_clients(client, honest, X_TEST, 40)
             result, *_ = await asyncio.gather(attack, pixel_probe(), *benign)
             total = result.queries + 40 + 40 * len(honest)
             decisions = await read_topic(
