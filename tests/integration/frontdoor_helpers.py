@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Generator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +20,8 @@ from gateway.config import Settings
 from gateway.frontdoor.app import create_app
 from gateway.frontdoor.service import reply_topic_for
 from gateway.topics import delete_topics
+from tests.conftest import StackInfo
+from tests.integration.helpers import isolated_settings
 
 
 class _Server(uvicorn.Server):
@@ -45,6 +48,26 @@ def with_instance(
         }
     )
     return settings.model_copy(update={"frontdoor": section})
+
+
+def throttled_settings(stack: StackInfo, models_dir: Path) -> Settings:
+    """Isolated front-door settings (shadow mode) whose one plan allows two
+    requests per 6 s, burst 2.
+
+    One cell per 3 s, so that a loaded machine's round trips (well under 3 s)
+    cannot let the bucket refill mid-test. A rule of its own window, since the
+    RateLimit headers state the rule's window (a 1 s legacy rule with a burst
+    other than its limit would state q and w of different windows).
+    """
+    return with_instance(
+        isolated_settings(
+            stack.kafka_bootstrap,
+            stack.redis_url,
+            models_dir,
+            policy={"shadow": True},
+            limits={"plans": {"default": {"rules": [{"limit": 2, "window_s": 6}]}}},
+        )
+    )
 
 
 def _config(settings: Settings) -> uvicorn.Config:

@@ -26,7 +26,7 @@ from gateway import protocol
 from gateway.client import GatewayClient, KafkaTransport
 from gateway.config import Settings, load_settings
 from gateway.keys import KeyStore, format_token
-from gateway.store import redis_from_settings
+from gateway.store import CounterStore, redis_from_settings
 from gateway.topics import ensure_topics, partitions_of
 from gateway.worker import Worker
 from modelgate import errors
@@ -283,6 +283,28 @@ class LosesFirstAnswer:
             self.first = result
             raise errors.RequestTimeoutError("answer lost", request_id=request_id)
         return result
+
+
+async def assert_answered_from_kept_copy(
+    settings: Settings,
+    transport: LosesFirstAnswer,
+    result: InferResult,
+    client_id: str,
+) -> None:
+    """Check that the retry after a lost answer took the first, kept answer
+    (same request id, ``replayed``, the same outputs) and was counted once:
+    it used up no rate and did not show as a refusal."""
+    assert transport.ids == [result.request_id] * 2
+    assert result.attempts == 2 and result.replayed
+    assert transport.first is not None and not transport.first.replayed
+    for name in ("probabilities", "label"):
+        np.testing.assert_array_equal(result[name], transport.first[name])
+    redis = redis_from_settings(settings)
+    try:
+        counters = await CounterStore(redis, settings).client_counters(client_id)
+    finally:
+        await redis.aclose()
+    assert (counters["requests"], counters["refused"]) == (1, 0), counters
 
 
 async def answer_codes(

@@ -16,15 +16,20 @@ import pytest
 from gateway.config import Settings
 from gateway.keys import KeyStore, format_token
 from gateway.models import digits_split, load_model
-from gateway.store import CounterStore, redis_from_settings
+from gateway.store import redis_from_settings
 from modelgate import errors
 from modelgate.client import AsyncClient, Client
 from modelgate.http import HttpTransport
 from modelgate.retry import RetryPolicy
 from tests.conftest import StackInfo
-from tests.integration.frontdoor_helpers import serving, with_instance
+from tests.integration.frontdoor_helpers import (
+    serving,
+    throttled_settings,
+    with_instance,
+)
 from tests.integration.helpers import (
     LosesFirstAnswer,
+    assert_answered_from_kept_copy,
     create_key,
     create_token,
     isolated_settings,
@@ -114,20 +119,7 @@ async def test_sync_and_async_http_clients_round_trip_numpy(
 async def test_throttled_http_client_reads_retry_after_and_rate(
     stack: StackInfo, models_dir: Path
 ) -> None:
-    settings = with_instance(
-        isolated_settings(
-            stack.kafka_bootstrap,
-            stack.redis_url,
-            models_dir,
-            policy={"shadow": True},
-            # Two requests per 6 s, burst 2: one cell per 3 s, so that a loaded
-            # machine's round trips (well under 3 s) cannot let the bucket
-            # refill mid-test. A rule of its own window, since the headers
-            # state the rule's window (a 1 s legacy rule with a burst other
-            # than its limit would state q and w of different windows).
-            limits={"plans": {"default": {"rules": [{"limit": 2, "window_s": 6}]}}},
-        )
-    )
+    settings = throttled_settings(stack, models_dir)
     token = await create_token(settings, "busy")
     async with (
         serving(settings) as url,
@@ -166,18 +158,7 @@ async def test_a_lost_http_answer_is_retried_and_answered_from_the_kept_copy(
         async with AsyncClient(transport, retry=policy) as client:
             result = await client.infer("digits", X_TEST[:2])
 
-    assert transport.ids == [result.request_id] * 2
-    assert result.attempts == 2 and result.replayed
-    assert transport.first is not None and not transport.first.replayed
-    for name in ("probabilities", "label"):
-        np.testing.assert_array_equal(result[name], transport.first[name])
-    # Counted once: the retry used no rate and was not a refusal.
-    redis = redis_from_settings(settings)
-    try:
-        counters = await CounterStore(redis, settings).client_counters("unlucky")
-    finally:
-        await redis.aclose()
-    assert (counters["requests"], counters["refused"]) == (1, 0), counters
+    await assert_answered_from_kept_copy(settings, transport, result, "unlucky")
 
 
 async def test_a_degraded_http_answer_says_its_level(

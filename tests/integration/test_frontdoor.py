@@ -21,7 +21,12 @@ from gateway.models import digits_split, load_model
 from gateway.store import redis_from_settings
 from gateway.topics import delete_topics, partitions_of
 from tests.conftest import StackInfo
-from tests.integration.frontdoor_helpers import bearer, serving, with_instance
+from tests.integration.frontdoor_helpers import (
+    bearer,
+    serving,
+    throttled_settings,
+    with_instance,
+)
 from tests.integration.helpers import (
     create_key,
     isolated_settings,
@@ -302,20 +307,7 @@ async def test_malformed_and_oversize_are_refused_before_kafka(
 async def test_throttled_client_gets_429_with_retry_after_and_ratelimit(
     stack: StackInfo, models_dir: Path
 ) -> None:
-    settings = with_instance(
-        isolated_settings(
-            stack.kafka_bootstrap,
-            stack.redis_url,
-            models_dir,
-            policy={"shadow": True},
-            # Two requests per 6 s, burst 2: one cell per 3 s, so that a loaded
-            # machine's round trips (well under 3 s) cannot let the bucket
-            # refill mid-test. A rule of its own window, since the headers
-            # state the rule's window (a 1 s legacy rule with a burst other
-            # than its limit would state q and w of different windows).
-            limits={"plans": {"default": {"rules": [{"limit": 2, "window_s": 6}]}}},
-        )
-    )
+    settings = throttled_settings(stack, models_dir)
     token = await _token(settings)
     rows = _rows(1)
     async with (

@@ -14,7 +14,7 @@ import pytest
 from gateway.config import Settings
 from gateway.keys import KeyStore, format_token
 from gateway.models import digits_split, load_model
-from gateway.store import CounterStore, redis_from_settings
+from gateway.store import redis_from_settings
 from gateway.topics import ensure_topics
 from modelgate import errors
 from modelgate.client import AsyncClient, Client
@@ -22,6 +22,7 @@ from modelgate.kafka import KafkaClientTransport
 from modelgate.retry import RetryPolicy
 from tests.integration.helpers import (
     LosesFirstAnswer,
+    assert_answered_from_kept_copy,
     create_key,
     create_token,
     running_worker,
@@ -106,19 +107,7 @@ async def test_a_lost_answer_is_retried_and_answered_from_the_kept_copy(
     async with running_worker(settings), AsyncClient(transport, retry=policy) as client:
         result = await client.infer("digits", X_TEST[:2])
 
-    assert transport.ids == [result.request_id] * 2
-    assert result.attempts == 2 and result.replayed
-    assert transport.first is not None and not transport.first.replayed
-    for name in ("probabilities", "label"):
-        np.testing.assert_array_equal(result[name], transport.first[name])
-
-    # Counted once: the retry did not use up rate or show as a refusal.
-    redis = redis_from_settings(settings)
-    try:
-        counters = await CounterStore(redis, settings).client_counters("unlucky")
-    finally:
-        await redis.aclose()
-    assert (counters["requests"], counters["refused"]) == (1, 0), counters
+    await assert_answered_from_kept_copy(settings, transport, result, "unlucky")
 
 
 async def test_a_malformed_token_is_a_typed_error(settings: Settings) -> None:
