@@ -38,16 +38,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
 from cryptography.fernet import Fernet
 from pydantic import BaseModel, SecretStr
-from redis.exceptions import RedisError
 from threadpoolctl import threadpool_limits
 
 from detectors.bench import measure as measure_detectors
 from gateway import protocol
 from gateway.bench_baseline import stdlib_decode_request
+from gateway.cleanup import delete_run_data
 from gateway.config import Settings, load_settings
 from gateway.errors import BrokerError
 from gateway.keys import KeyStore
@@ -539,38 +537,6 @@ async def bench_end_to_end(settings: Settings, plan: _Plan = FULL) -> dict[str, 
 # Step: clean-up --------------------------------------------------------------------
 
 
-async def _delete_run_data(settings: Settings) -> None:
-    """Delete this run's topics and Redis keys. Best effort: a failure is
-    logged and the results stand; the dedupe and counter keys expire anyway."""
-    timeout_s = settings.kafka.request_timeout_s
-    topics = settings.kafka.topics.all_names()
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka.bootstrap,
-        request_timeout_ms=int(timeout_s * 1000),
-    )
-    try:
-        await asyncio.wait_for(admin.start(), timeout_s)
-        existing = set(await admin.list_topics())
-        if mine := [t for t in topics if t in existing]:
-            await admin.delete_topics(mine)
-    except (KafkaError, TimeoutError, OSError) as exc:
-        logger.warning("bench topics not deleted: %r", exc, extra={"topics": topics})
-    finally:
-        await admin.close()
-
-    redis = redis_from_settings(settings)
-    try:
-        async with asyncio.timeout(timeout_s):
-            match = f"{settings.redis.key_prefix}:*"
-            keys = [key async for key in redis.scan_iter(match=match, count=1000)]
-            for start in range(0, len(keys), 1000):
-                await redis.unlink(*keys[start : start + 1000])
-    except (RedisError, OSError, TimeoutError) as exc:
-        logger.warning("bench redis keys not all deleted: %r", exc)
-    finally:
-        await redis.aclose()
-
-
 # The whole run ----------------------------------------------------------------------
 
 
@@ -639,7 +605,7 @@ async def run_bench(
                 results[name] = await step()
                 section_s[name] = time.perf_counter() - began
     finally:
-        await _delete_run_data(run_settings)
+        await delete_run_data(run_settings, run_settings.kafka.topics.all_names())
 
     results["budget"] = _budget(results)
     meta["seconds"] = time.perf_counter() - started

@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 
 from detectors.bench import _digits
 from detectors.fingerprint import FingerprintDetector
+from gateway.cleanup import unlink_matching
 from gateway.config import Settings
 from gateway.fingerprints import RedisFingerprintStore
 from gateway.groups import FingerprintBatch, select_rows
@@ -166,10 +167,7 @@ async def _delete(redis: Any, prefixes: list[str]) -> None:
     try:
         async with asyncio.timeout(30.0):
             for prefix in prefixes:
-                match = f"{{{prefix}:fp}}*"
-                keys = [k async for k in redis.scan_iter(match=match, count=1000)]
-                for start in range(0, len(keys), 1000):
-                    await redis.unlink(*keys[start : start + 1000])
+                await unlink_matching(redis, f"{{{prefix}:fp}}*")
     except (RedisError, OSError, TimeoutError) as exc:
         logger.warning("fingerprint bench keys not all deleted: %r", exc)
 

@@ -37,11 +37,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
-from redis.exceptions import RedisError
 
 from gateway.bench import bench_settings
+from gateway.cleanup import delete_run_data
 from gateway.config import BackendConfig, Settings, load_settings
 from gateway.errors import BrokerError, ModelgateError
 from gateway.frontdoor.service import reply_topic_for
@@ -307,40 +306,6 @@ async def _create_key(settings: Settings) -> str:
     return token
 
 
-async def _delete_run_data(settings: Settings) -> None:
-    """Delete this run's topics and Redis keys; best effort."""
-    timeout_s = settings.kafka.request_timeout_s
-    topics = [*settings.kafka.topics.all_names(), reply_topic_for(settings)]
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka.bootstrap,
-        request_timeout_ms=int(timeout_s * 1000),
-    )
-    try:
-        await asyncio.wait_for(admin.start(), timeout_s)
-        existing = set(await admin.list_topics())
-        if mine := [t for t in topics if t in existing]:
-            await admin.delete_topics(mine)
-    except (KafkaError, TimeoutError, OSError) as exc:
-        logger.warning("bench topics not deleted: %r", exc)
-    finally:
-        await admin.close()
-    redis = redis_from_settings(settings)
-    try:
-        async with asyncio.timeout(timeout_s):
-            keys = [
-                k
-                async for k in redis.scan_iter(
-                    match=f"{settings.redis.key_prefix}:*", count=1000
-                )
-            ]
-            for start in range(0, len(keys), 1000):
-                await redis.unlink(*keys[start : start + 1000])
-    except (RedisError, OSError, TimeoutError) as exc:
-        logger.warning("bench redis keys not all deleted: %r", exc)
-    finally:
-        await redis.aclose()
-
-
 def _bodies(directory: Path) -> tuple[Path, dict[str, Any]]:
     """Held-out digits rows as OIP bodies (one row each, no id, so that every
     request gets a fresh one), written to a file for the load generator."""
@@ -485,7 +450,9 @@ async def run_http_bench(
             await child.stop()
         if mlserver is not None:
             await mlserver.stop()
-        await _delete_run_data(run)
+        await delete_run_data(
+            run, [*run.kafka.topics.all_names(), reply_topic_for(run)]
+        )
 
     return {
         "meta": {
