@@ -115,6 +115,24 @@ def arrival_plan(
     return plan
 
 
+async def _send(
+    client: GatewayClient,
+    ledger: ClientLedger,
+    row: Array,
+    request_id: str,
+    timeout_s: float,
+) -> None:
+    """One query of one row; its answer or error code goes into ``ledger``."""
+    try:
+        response = await client.infer(
+            row[None, :], request_id=request_id, timeout_s=timeout_s
+        )
+    except GatewayRequestError as exc:
+        ledger.failed(exc.code, request_id)
+        return
+    ledger.answered(response)
+
+
 async def run_benign_client(
     client: GatewayClient,
     profile: BenignProfile,
@@ -139,14 +157,7 @@ async def run_benign_client(
     async def one(row: Array) -> None:
         request_id = new_request_id()
         ledger.sent(request_id)
-        try:
-            response = await client.infer(
-                row[None, :], request_id=request_id, timeout_s=timeout_s
-            )
-        except GatewayRequestError as exc:
-            ledger.failed(exc.code, request_id)
-            return
-        ledger.answered(response)
+        await _send(client, ledger, row, request_id, timeout_s)
 
     try:
         for at_s, size in plan:
@@ -282,24 +293,14 @@ async def run_benign_stream(
     in_flight: set[asyncio.Task[None]] = set()
     position = 0
 
-    async def send(row: Array, request_id: str) -> None:
-        try:
-            response = await client.infer(
-                row[None, :], request_id=request_id, timeout_s=timeout_s
-            )
-        except GatewayRequestError as exc:
-            ledger.failed(exc.code, request_id)
-            return
-        ledger.answered(response)
-
     async def one(row: Array) -> None:
         request_id = new_request_id()
         ledger.sent(request_id)
-        await send(row, request_id)
+        await _send(client, ledger, row, request_id, timeout_s)
         if retry_rng.random() < habits.retry_prob and not stop.is_set():
             await asyncio.sleep(float(retry_rng.uniform(*habits.retry_delay_s)))
             ledger.retried()
-            await send(row, request_id)
+            await _send(client, ledger, row, request_id, timeout_s)
 
     try:
         for at_s, size in plan:
