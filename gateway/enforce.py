@@ -20,10 +20,11 @@ import logging
 
 from gateway.batch import BatchItem
 from gateway.errors import PolicyError, StoreError
+from gateway.intake import admit_item
 from gateway.limits import Admitter
 from gateway.policy import Policy
 from gateway.store import CounterStore
-from gateway.throttle import ThrottleCheck, ThrottleStore
+from gateway.throttle import ThrottleCheck, ThrottleStore, plan_rate
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +36,20 @@ def decided_without_store(items: list[BatchItem]) -> bool:
 
 
 async def apply_throttle(
-    items: list[BatchItem], policy: Policy, throttle: ThrottleStore
+    items: list[BatchItem],
+    policy: Policy,
+    throttle: ThrottleStore,
+    store: CounterStore | None = None,
 ) -> None:
     """Refuse the requests of throttled clients beyond their penalised rate
     (gateway/throttle.py); one round trip, and none when no client of the
     batch is throttled.
+
+    Parameters
+    ----------
+    store
+        Resolves each client's plan (with its key's overrides), whose slowest
+        rule the penalty divides; without it, the ``limits`` section's rate.
 
     Raises
     ------
@@ -55,11 +65,23 @@ async def apply_throttle(
             and item.admission.outcome == "ok"
         ):
             live.setdefault(item.key.client_id, []).append(item)
-    checks = [
-        ThrottleCheck(client_id, factor, len(client_items))
-        for client_id, client_items in live.items()
-        if (factor := policy.rate_factor(client_id)) > 1.0
-    ]
+    checks: list[ThrottleCheck] = []
+    for client_id, client_items in live.items():
+        factor = policy.rate_factor(client_id)
+        if factor <= 1.0:
+            continue
+        rate = None
+        if store is not None:
+            rate = plan_rate(store.compiled(admit_item(client_items[0])).plan)
+        checks.append(
+            ThrottleCheck(
+                client_id,
+                factor,
+                len(client_items),
+                rate_per_s=None if rate is None else rate[0],
+                burst=None if rate is None else rate[1],
+            )
+        )
     if not checks:
         return
     results = await throttle.check(checks)

@@ -235,6 +235,21 @@ _REFUSALS: dict[str, tuple[Callable[[BatchItem], ModelgateError], str]] = {
 }
 
 
+def admit_item(item: BatchItem) -> AdmitItem:
+    """What admission (and the throttle, for the plan) sees of an
+    authenticated item."""
+    if item.key is None or item.request is None:
+        raise ValueError("only an authenticated, decoded item can be admitted")
+    return AdmitItem(
+        client_id=item.key.client_id,
+        request_id=item.request.request_id,
+        delivery=f"{item.partition}:{item.offset}",
+        cost=1,
+        plan=item.key.plan,
+        overrides=item.key.limit_overrides,
+    )
+
+
 async def admit_items(items: list[BatchItem], admitter: Admitter) -> None:
     """Count the live items against their plans in one Redis round trip.
 
@@ -246,21 +261,14 @@ async def admit_items(items: list[BatchItem], admitter: Admitter) -> None:
     StoreError
         Redis is unreachable and the fail mode is ``"retry"``.
     """
-    live = [i for i in items if i.error is None and i.key is not None]
+    live = [
+        i
+        for i in items
+        if i.error is None and i.key is not None and i.request is not None
+    ]
     if not live:
         return
-    admit = [
-        AdmitItem(
-            client_id=i.key.client_id,
-            request_id=i.request.request_id,
-            delivery=f"{i.partition}:{i.offset}",
-            cost=1,
-            plan=i.key.plan,
-            overrides=i.key.limit_overrides,
-        )
-        for i in live
-        if i.key is not None and i.request is not None
-    ]
+    admit = [admit_item(i) for i in live]
     # Redis unreachable: each rule's fail mode decides (gateway.limits).
     # In the default mode, "retry", StoreError propagates and the batch is
     # retried. Answering it as refused would be worse: if the script did

@@ -2,8 +2,10 @@
 
 Policy (``gateway.policy``) decides that a client is throttled and for how
 long; this module enforces the reduced rate. It runs ``lua/throttle.lua``, a
-GCRA at ``rate_per_s / factor`` (burst ``burst / factor``, at least 1) on one
-key per client, ``{prefix}:{c:<client_id>}:throttle``, after the ordinary
+GCRA at ``rate / factor`` (burst ``burst / factor``, at least 1), where rate
+and burst are those of the slowest rule of the client's plan (the ``limits``
+section's ``rate_per_s`` and ``burst`` when the plan has no rules), on one key
+per client, ``{prefix}:{c:<client_id>}:throttle``, after the ordinary
 admission has let the request through. It is kept apart from ``store.py`` and
 ``admit.lua`` so that plan limits and policy penalties can change independently.
 
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from gateway.config import LimitsConfig, Settings
+from gateway.config import LimitsConfig, PlanConfig, Settings
 from gateway.store import RedisClient, check_client_id, redis_guard
 
 logger = logging.getLogger(__name__)
@@ -39,11 +41,27 @@ class ThrottleCheck:
         Rate divisor (>= 1) policy set.
     count
         How many of its requests to decide, in batch order.
+    rate_per_s, burst
+        The client's own long-run rate and burst (its plan's slowest rule,
+        see :func:`plan_rate`) that ``factor`` divides; ``None`` for the
+        ``limits`` section's ``rate_per_s`` and ``burst``.
     """
 
     client_id: str
     factor: float
     count: int
+    rate_per_s: float | None = None
+    burst: int | None = None
+
+
+def plan_rate(plan: PlanConfig) -> tuple[float, int] | None:
+    """The long-run rate (requests per second) and burst of ``plan``'s
+    slowest GCRA rule, which is what bounds a client over time and so what a
+    penalty must divide; ``None`` for a plan without rules."""
+    if not plan.rules:
+        return None
+    slowest = min(plan.rules, key=lambda rule: rule.limit / rule.window_s)
+    return slowest.limit / slowest.window_s, slowest.effective_burst
 
 
 class ThrottleStore:
@@ -97,9 +115,13 @@ class ThrottleStore:
             check_client_id(check.client_id)
             if not (check.factor >= 1 and math.isfinite(check.factor)):
                 raise ValueError("factor must be finite and at least 1")
+            rate_per_s = (
+                self._rate_per_s if check.rate_per_s is None else check.rate_per_s
+            )
+            burst = self._burst if check.burst is None else check.burst
             args: list[Any] = [
-                repr(self._rate_per_s / check.factor),
-                max(1, math.floor(self._burst / check.factor)),
+                repr(rate_per_s / check.factor),
+                max(1, math.floor(burst / check.factor)),
                 check.count,
             ]
             pipe.eval(THROTTLE_LUA, 1, self.key(check.client_id), *args)

@@ -375,7 +375,9 @@ class Worker:
             await intake.admit_items(items, self._admitter)
             timer.lap("admit")
             await self._clients.load_new(items)
-            await enforce.apply_throttle(items, self._scorer.policy, self._throttle)
+            await enforce.apply_throttle(
+                items, self._scorer.policy, self._throttle, self._store
+            )
 
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, self._scorer.score_and_predict, items)

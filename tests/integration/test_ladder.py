@@ -329,3 +329,48 @@ async def test_throttled_client_gets_a_reduced_rate(
     assert all(a["error"]["code"] == "RATE_LIMITED" for a in refused), refused
     assert all(a["action"] == "throttle" for a in refused), refused
     assert all(0 < a["retry_after_ms"] <= 10_000 for a in refused), refused
+
+
+async def test_throttle_divides_the_plans_slowest_rule(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    # The plan allows 100 a second but only 600 a minute (10 a second in the
+    # long run), and the limits section's legacy rate (1,000/s) is not in
+    # force. A factor of 100 must give one request per 10 s, not per 0.1 s.
+    settings = isolated_settings(
+        stack.kafka_bootstrap,
+        stack.redis_url,
+        models_dir,
+        requests_partitions=1,
+        policy={
+            "rules": [{"action": "throttle", "risk_at": 1.0}],
+            "throttle_factor": 100,
+            "throttle_s": 60,
+        },
+        detectors=DETECTORS,
+        limits={
+            "rate_per_s": 1000,
+            "burst": 1000,
+            "plans": {
+                "default": {
+                    "rules": [
+                        {"limit": 100, "window_s": 1, "burst": 50},
+                        {"limit": 600, "window_s": 60, "burst": 60},
+                    ]
+                }
+            },
+        },
+    )
+    async with running_worker(settings), clients(settings, "una") as [una]:
+        first = await una.ask(NOISE[:1])
+        rids = [await una.send(X_TEST[i : i + 1]) for i in range(3)]
+        await una.kafka.flush()
+        later = [(await una.answers.get(r))[1] for r in rids]
+
+    assert first["status"] == "ok" and first["action"] == "throttle", first
+    refused = [a for a in later if a["status"] == "error"]
+    assert len(refused) >= 2, later
+    assert all(a["error"]["code"] == "RATE_LIMITED" for a in refused), refused
+    # 10/s divided by 100: the next cell is about 10 s away; the legacy
+    # rate would have said at most 1 ms.
+    assert all(5_000 < a["retry_after_ms"] <= 10_000 for a in refused), refused
