@@ -67,7 +67,7 @@ _COUNTER_BYTES = 5 * 8
 class SimilarityParams(DetectorParams):
     """Parameters of :class:`QuerySimilarityDetector`."""
 
-    history: int = Field(128, ge=_MIN_HISTORY, le=4096)
+    history: int = Field(64, ge=_MIN_HISTORY, le=4096)
     """Earlier queries kept per client (fewer if ``max_state_bytes`` needs)."""
 
     window: int = Field(50, ge=5, le=4096)
@@ -82,8 +82,12 @@ class SimilarityParams(DetectorParams):
     eps: float = Field(0.05, gt=0.0, le=1.0)
     """Per-feature RMS distance under which a query counts as a near-duplicate."""
 
-    threshold: float = Field(0.5, gt=0.0, le=1.0)
-    """Share of near-duplicates in the window at which the client is flagged."""
+    min_neighbours: int = Field(8, ge=1, le=4096)
+    """Earlier queries within ``eps`` that make a query *concentrated*."""
+
+    threshold: float = Field(0.2, gt=0.0, le=1.0)
+    """Share of concentrated queries in the window at which the client is
+    flagged."""
 
     min_queries: int = Field(10, ge=1, le=100_000)
     """Queries a client must have sent before it can be flagged."""
@@ -166,7 +170,7 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
     name: ClassVar[str] = "similarity"
     Params: ClassVar[type[SimilarityParams]] = SimilarityParams
     _mutable_params: ClassVar[frozenset[str]] = frozenset(
-        {"eps", "threshold", "min_queries"}
+        {"eps", "min_neighbours", "threshold", "min_queries"}
     )
 
     def capacity(self, n_features: int) -> int:
@@ -239,16 +243,19 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
         # the history the previous one left.
         queries = np.rint(np.clip(X, 0.0, 1.0) * _LEVELS).astype(np.uint8)
         nearest = np.empty(n, dtype=np.float64)
+        neighbours = np.empty(n, dtype=np.int64)
         for start in range(0, n, _CHUNK_ROWS):
             stop = min(start + _CHUNK_ROWS, n)
-            nearest[start:stop] = self._nearest(slots[start:stop], queries[start:stop])
+            nearest[start:stop], neighbours[start:stop] = self._nearest(
+                slots[start:stop], queries[start:stop]
+            )
 
         # Near bits into each client's window, in arrival order.
         groups = group_rows(slots)
-        # Exact copies (distance 0, exact in the quantised arithmetic) are not
-        # near-duplicates; see the class docstring.
-        ordered = nearest[groups.order]
-        near = (ordered > 0.0) & (ordered < params.eps)
+        # A query is concentrated when at least min_neighbours earlier ones
+        # lie within eps of it (exact copies, at distance 0 in the quantised
+        # arithmetic, never count); see the class docstring.
+        near = neighbours[groups.order] >= params.min_neighbours
         counts, lengths = push_window(
             arrays["near"], arrays["near_pos"], arrays["near_len"], groups, near
         )
@@ -263,15 +270,18 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
         lengths = lengths[inverse]
         eps = params.eps
 
+        least = params.min_neighbours
+
         def evidence(row: int) -> str:
             distance = float(nearest[row])
             return (
-                f"{counts[row]} of the last {lengths[row]} queries lie within "
-                f"{eps:g} of an "
+                f"{counts[row]} of the last {lengths[row]} queries have at least "
+                f"{least} earlier queries within {eps:g}; this one has "
+                f"{neighbours[row]}"
                 + (
-                    f"earlier one; this one is {distance:.3f} from its nearest"
+                    f", the nearest {distance:.3f} away"
                     if distance != _INF
-                    else "earlier one; this is the first query"
+                    else " (the first query)"
                 )
             )
 
@@ -281,9 +291,10 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
 
     def _nearest(
         self, slots: npt.NDArray[np.int64], stored: npt.NDArray[np.uint8]
-    ) -> npt.NDArray[np.float64]:
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
         """Per-feature RMS distance of each row to its client's nearest earlier
-        query (``inf`` for a first query), then store the rows as history.
+        query (``inf`` for a first query) and the number of earlier queries
+        within ``eps`` but not identical, then store the rows as history.
 
         ``stored`` holds the rows quantised as they will be stored, so a row is
         compared with earlier rows of its batch exactly as with history.
@@ -299,16 +310,28 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
         old_len = arrays["hist_len"][groups.unique]
         old_pos = arrays["hist_pos"][groups.unique]
 
+        # eps in the quantised units of squared distances; float32 like them.
+        scale = float(_LEVELS * _LEVELS * n_features)
+        eps_sq = np.float32(self._params.eps**2 * scale)
         best_sq = np.full(len(q), np.inf, dtype=np.float32)
+        within = np.zeros(len(q), dtype=np.int64)
         small_groups = np.flatnonzero(groups.size < _BIG_GROUP)
         if small_groups.size:
             self._nearest_small(
-                groups, small_groups, q, q_sq, old_len, old_pos, best_sq
+                groups,
+                small_groups,
+                (q, q_sq, old_len, old_pos),
+                eps_sq,
+                (best_sq, within),
             )
         for g in np.flatnonzero(groups.size >= _BIG_GROUP).tolist():
             rows = slice(groups.start[g], groups.start[g] + groups.size[g])
-            best_sq[rows] = self._nearest_big(
-                int(groups.unique[g]), q[rows], q_sq[rows], old_len[g], old_pos[g]
+            best_sq[rows], within[rows] = self._nearest_big(
+                int(groups.unique[g]),
+                q[rows],
+                q_sq[rows],
+                (old_len[g], old_pos[g]),
+                eps_sq,
             )
 
         # Append the rows to each client's ring; only a group's last `capacity`
@@ -321,24 +344,32 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
         arrays["hist_pos"][groups.unique] = (old_pos + groups.size) % capacity
         arrays["hist_len"][groups.unique] = np.minimum(old_len + groups.size, capacity)
 
-        scale = float(_LEVELS * _LEVELS * n_features)
         distance = np.sqrt(np.maximum(best_sq.astype(np.float64), 0.0) / scale)
         out = np.empty(len(q), dtype=np.float64)
         out[groups.order] = distance
-        return out
+        count = np.empty(len(q), dtype=np.int64)
+        count[groups.order] = within
+        return out, count
 
     def _nearest_small(
         self,
         groups: Groups,
         small_groups: npt.NDArray[np.int64],
-        q: npt.NDArray[np.float32],
-        q_sq: npt.NDArray[np.float32],
-        old_len: npt.NDArray[np.int64],
-        old_pos: npt.NDArray[np.int64],
-        best_sq: npt.NDArray[np.float32],
+        rows_in: tuple[
+            npt.NDArray[np.float32],
+            npt.NDArray[np.float32],
+            npt.NDArray[np.int64],
+            npt.NDArray[np.int64],
+        ],
+        eps_sq: np.float32,
+        out: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
     ) -> None:
         """Squared distances for clients with few rows in the chunk, vectorised
-        across clients; writes into ``best_sq`` (sorted order)."""
+        across clients; writes the nearest into ``out[0]`` and the count
+        within ``eps_sq`` into ``out[1]`` (sorted order). ``rows_in`` holds the
+        rows, their squared norms and each group's ring length and position."""
+        q, q_sq, old_len, old_pos = rows_in
+        best_sq, within = out
         assert self._arena is not None
         arrays = self._arena.arrays
         capacity = arrays["hist"].shape[1]
@@ -377,6 +408,7 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
             gone[age < evicted[late, None]] = np.inf
             d_sq[late] = gone
         best: npt.NDArray[np.float32] = d_sq.min(axis=1)
+        count = ((d_sq > 0.0) & (d_sq < eps_sq)).sum(axis=1)
 
         # Against the client's earlier rows in this chunk, which sit just
         # before each row in sorted order, while still among the last
@@ -385,19 +417,25 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
             has = np.flatnonzero(t >= back)
             here = rows[has]
             diff = q[here] - q[here - back]
-            best[has] = np.minimum(best[has], np.einsum("ij,ij->i", diff, diff))
+            lagged = np.einsum("ij,ij->i", diff, diff)
+            best[has] = np.minimum(best[has], lagged)
+            count[has] += (lagged > 0.0) & (lagged < eps_sq)
         best_sq[rows] = best
+        within[rows] = count
 
     def _nearest_big(
         self,
         slot: int,
         q: npt.NDArray[np.float32],
         q_sq: npt.NDArray[np.float32],
-        old_len: np.int64,
-        old_pos: np.int64,
-    ) -> npt.NDArray[np.float32]:
-        """Squared distances for one client's many rows: one matrix product
-        against its history and one among the rows themselves."""
+        ring: tuple[np.int64, np.int64],
+        eps_sq: np.float32,
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """Nearest squared distance and count within ``eps_sq`` for one
+        client's many rows: one matrix product against its history and one
+        among the rows themselves. ``ring`` is the history's length and
+        position."""
+        old_len, old_pos = ring
         assert self._arena is not None
         arrays = self._arena.arrays
         capacity = arrays["hist"].shape[1]
@@ -409,12 +447,16 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
         age = (np.arange(capacity) - (old_pos - old_len)) % capacity
         evicted = np.maximum(old_len + t - capacity, 0)
         present = (age[None, :] < old_len) & (age[None, :] >= evicted[:, None])
-        best_hist = np.where(present, d_hist, np.inf).min(axis=1)
+        d_hist = np.where(present, d_hist, np.inf)
+        best_hist = d_hist.min(axis=1)
+        count = ((d_hist > 0.0) & (d_hist < eps_sq)).sum(axis=1)
 
         # Row i sees earlier row j while it is among the last `capacity` stored.
         d_rows = q_sq[:, None] + q_sq[None, :] - 2.0 * (q @ q.T)
         lag = t[:, None] - t[None, :]
         seen = (lag >= 1) & (lag <= capacity)
-        best_rows = np.where(seen, d_rows, np.inf).min(axis=1)
+        d_rows = np.where(seen, d_rows, np.inf)
+        best_rows = d_rows.min(axis=1)
+        count += ((d_rows > 0.0) & (d_rows < eps_sq)).sum(axis=1)
         best: npt.NDArray[np.float32] = np.minimum(best_hist, best_rows)
-        return best.astype(np.float32)
+        return best.astype(np.float32), count
