@@ -731,13 +731,29 @@ class FingerprintDetector(Detector[FingerprintParams]):
     Each query is quantised to ``levels`` levels; every window of ``width``
     consecutive features is hashed with its position, hashes common in the
     reference data are dropped, and the ``k`` largest remaining values are the
-    fingerprint. The store says, per query, how many hashes its own client had
-    sent recently and which other clients share at least ``match_threshold``.
-    A query is a *near-duplicate* when either count reaches the threshold.
+    fingerprint. The store says, per query, how many of its own client's
+    recent queries and which other clients' share at least
+    ``match_threshold`` hashes with it. A query *counts* when it matches
+    another client's query and none of its own client's, or when it extends a
+    run of at least ``min_run`` near-duplicates of the client's own queries in
+    a row.
 
-    Score: in [0, 1], higher is more suspicious: the share of near-duplicates
+    Why not every near-duplicate: honest clients re-submit an input a few
+    times with tiny changes. Each copy matches the client's previous copy
+    (its own) and, for a popular input, the other clients that sent the same
+    input before (others). Counting either flagged honest re-submitters; a
+    short run of own near-duplicates, and a copy of the client's own query
+    that other clients happened to send too, now do not count. A search
+    matches itself for far longer than a re-submission run, and a search
+    spread over many keys matches the other keys' queries without the key
+    having sent a near-duplicate itself.
+
+    Score: in [0, 1], higher is more suspicious: the share of counted queries
     among the client's last ``window`` queries. Flagged at ``threshold`` once
-    ``min_queries`` queries have been seen. :attr:`last_matches` holds the
+    ``min_queries`` queries have been seen, or earlier once ``min_cross`` of
+    them matched another client's: a key of an attacker spread over ten keys
+    sends a tenth of the search, and would otherwise be judged only after
+    ``10 * min_queries`` queries of the attack. :attr:`last_matches` holds the
     other clients each row of the last batch matched, which the gateway turns
     into links between keys (``detectors.linking``).
 
@@ -756,10 +772,15 @@ class FingerprintDetector(Detector[FingerprintParams]):
     - every client's queries are stored, flagged ones included, so a known
       attacker can send near copies of a victim's typical inputs to make the
       victim's queries match and link it to the attacker's group (framing);
-      group risk then needs a person's review before a block.
+      group risk then needs a person's review before a block;
+    - an attacker who re-sends near-duplicates of its own queries in runs
+      shorter than ``min_run``, separated by other queries, is not counted;
+    - honest clients that send near copies of inputs other clients sent,
+      without re-sending them themselves (different users' photos of one
+      object), count as matching others.
 
-    Per-client state: two rings of ``window`` bits and three counters (about
-    130 bytes). The shared store holds at most ``max_hashes`` hash values.
+    Per-client state: a ring of ``window`` bits and four counters (about 100
+    bytes). The shared store holds at most ``max_hashes`` hash values.
 
     Parameters
     ----------

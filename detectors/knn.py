@@ -6,7 +6,10 @@ distance to its k nearest earlier queries is unusually small; the threshold is
 set from benign traffic for a chosen false-positive rate. Iterative attacks
 (HopSkipJump, Boundary, NES) query many points around one input, so their
 k-nearest distances collapse, while honest clients' stay at the distance
-between unrelated inputs.
+between unrelated inputs. Here the statistic is the distance to the k-th
+nearest distinct earlier query rather than the mean over the k nearest, so
+that an honest client re-submitting one input a few times is not close (see
+:class:`KnnDistanceDetector`).
 
 Imports numpy and pydantic only; nothing from Kafka, Redis, FastAPI or
 ``gateway``.
@@ -174,9 +177,7 @@ def with_resubmissions(
     return np.concatenate(out)
 
 
-def _kth_distinct(
-    k_dist: npt.NDArray[np.float64], k: int
-) -> npt.NDArray[np.float64]:
+def _kth_distinct(k_dist: npt.NDArray[np.float64], k: int) -> npt.NDArray[np.float64]:
     """The ``k``-th smallest positive distance of each row of ascending
     distances (``inf`` where there are fewer than ``k``).
 
@@ -193,16 +194,25 @@ def _kth_distinct(
 
 
 class KnnDistanceDetector(Detector[KnnParams]):
-    """Share of a client's recent queries whose k nearest earlier queries of
-    the same client are unusually close.
+    """Share of a client's recent queries that have ``k`` distinct earlier
+    queries of the same client unusually close.
 
-    For each query, the mean per-feature RMS distance to its ``k`` nearest
-    among the client's last ``history`` queries (``||x - y||_2 / sqrt(d)``, in
-    [0, 1]). The query is *close* when that mean is below ``knn_threshold``,
-    which :meth:`learn_baseline` calibrates (:func:`calibrate`) so that
-    ``target_fpr`` of benign queries are close, unless it is an exact copy of
-    an earlier query (no probe; the fingerprint detector counts copies). The
-    score is the share of close queries among the client's last ``window``.
+    For each query, the per-feature RMS distance (``||x - y||_2 / sqrt(d)``,
+    in [0, 1]) to its ``k``-th nearest among the client's last ``history``
+    queries, leaving out exact copies (no probe; the fingerprint detector
+    counts copies). The query is *close* when that distance is below
+    ``knn_threshold``, which :meth:`learn_baseline` calibrates
+    (:func:`calibrate`) so that ``target_fpr`` of benign queries are close.
+    The score is the share of close queries among the client's last
+    ``window``.
+
+    Why the ``k``-th distance and not the mean of the ``k`` nearest (Chen et
+    al.'s statistic): honest clients re-submit an input a few times with tiny
+    changes, and a run of such copies pulls the mean of the nearest to almost
+    0, so every copy looked close and honest re-submitters were flagged. The
+    ``k``-th nearest distinct query is close only when ``k`` earlier queries
+    crowd around this one, more than a re-submission run holds. The benign
+    streams it is calibrated on include such runs.
 
     Score: in [0, 1], higher is more suspicious; an honest client's expected
     score is about ``target_fpr``. Flagged at ``threshold`` once
@@ -212,13 +222,15 @@ class KnnDistanceDetector(Detector[KnnParams]):
 
     - an attacker who interleaves unrelated queries, or spreads one search over
       many keys, keeps each key's history far apart (the fingerprint store and
-      key linking look across keys);
+      key links look across keys);
     - the history is short (``history`` queries): a slow attack spacing its
-      probes further apart is not seen;
+      probes further apart is not seen, and a search needs ``k`` queries
+      around a point before any counts;
     - the calibration is only as good as its benign sample: honest clients
       that resend similar inputs (frames of a video) need their own;
-    - it overlaps the similarity detector (k = 1 with a fixed eps); the two
-      are kept apart because the calibrated threshold adapts to the data.
+    - it overlaps the similarity detector (a count within a fixed ``eps``);
+      the two are kept apart because the calibrated threshold adapts to the
+      data.
 
     Per-client state: the history as uint8 (64 x 64 features = 4 KB), a ring
     of ``window`` bits and counters, about 4.2 KB.
