@@ -25,11 +25,13 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
-from detectors._history import (
-    check_ring,
-    neighbours_and_push,
+from detectors._history import neighbours_and_push, ring_fields
+from detectors._history import quantise as quantise_ring
+from detectors._radius import (
+    check_history,
+    history_fields,
+    nearest_and_count,
     quantise,
-    ring_fields,
 )
 from detectors._state import (
     FieldSpec,
@@ -154,7 +156,7 @@ def _stream_distances(
     arena = SlotArena(ring_fields(capacity, stream.shape[1]), initial_slots=1)
     slots = arena.slots(["c"] * len(stream))
     groups = group_rows(slots)
-    found = neighbours_and_push(arena.arrays, groups, quantise(stream), 2 * k)
+    found = neighbours_and_push(arena.arrays, groups, quantise_ring(stream), 2 * k)
     kth = _kth_distinct(found.k_dist, k)[warmup:]
     return [float(v) for v in kth[np.isfinite(kth)]]
 
@@ -232,8 +234,9 @@ class KnnDistanceDetector(Detector[KnnParams]):
       the two are kept apart because the calibrated threshold adapts to the
       data.
 
-    Per-client state: the history as uint8 (64 x 64 features = 4 KB), a ring
-    of ``window`` bits and counters, about 4.2 KB.
+    Per-client state: the history as uint8 (64 x 64 features = 4 KB) with
+    each stored query's squared norm, a ring of ``window`` bits and counters,
+    about 4.4 KB.
 
     Parameters
     ----------
@@ -277,7 +280,9 @@ class KnnDistanceDetector(Detector[KnnParams]):
     def capacity(self, n_features: int) -> int:
         """Queries kept per client for inputs of ``n_features`` features."""
         p = self._params
-        capacity = min(p.history, (MAX_STATE_BYTES - p.window - 64) // n_features)
+        # Each stored query: its features (uint8) and squared norm (float32).
+        row_bytes = n_features + 4
+        capacity = min(p.history, (MAX_STATE_BYTES - p.window - 64) // row_bytes)
         if capacity < 2 * p.k:
             raise ValueError(
                 f"{self.name}: {n_features} features leave room for {capacity} "
@@ -288,13 +293,13 @@ class KnnDistanceDetector(Detector[KnnParams]):
     def _layout(self, n_features: int) -> dict[str, FieldSpec]:
         window = self._params.window
         return {
-            **ring_fields(self.capacity(n_features), n_features),
+            **history_fields(self.capacity(n_features), n_features),
             **window_fields("close", window, "u1"),
             "n_seen": FieldSpec((), "<i8"),
         }
 
     def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
-        check_ring(values)
+        check_history(values)
         check_window(values, "close", "close_pos", "close_len")
         if int(values["n_seen"]) < int(values["hist_len"]):
             raise ValueError("state field 'n_seen' is below 'hist_len'")
@@ -339,15 +344,19 @@ class KnnDistanceDetector(Detector[KnnParams]):
         arrays = self._arena.arrays
         p = self._params
         n = len(slots)
-        groups = group_rows(slots)
-        found = neighbours_and_push(arrays, groups, quantise(X), 2 * p.k)
-        # inf until k distinct earlier queries exist.
-        mean = _kth_distinct(found.k_dist, p.k)
         limit = self.knn_threshold
-        close = mean < limit if limit is not None else np.zeros(n, dtype=bool)
+        # The k-th nearest distinct earlier query is within the threshold
+        # exactly when k distinct earlier queries are: counted in one pass
+        # over the history, without sorting distances.
+        nearest, within = nearest_and_count(
+            arrays, slots, quantise(X), limit if limit is not None else 0.0
+        )
+        close = within >= p.k
         # An exact copy of an earlier query is not close either: no search
         # resends its input unchanged, while honest clients replay rows.
-        close &= found.k_dist[:, 0] > 0.0
+        close &= nearest > 0.0
+        groups = group_rows(slots)
+        close = close[groups.order]
         counts, lengths = push_window(
             arrays["close"], arrays["close_pos"], arrays["close_len"], groups, close
         )
@@ -357,7 +366,7 @@ class KnnDistanceDetector(Detector[KnnParams]):
 
         inverse = np.empty(n, dtype=np.int64)
         inverse[groups.order] = np.arange(n)
-        counts, lengths, mean = counts[inverse], lengths[inverse], mean[inverse]
+        counts, lengths = counts[inverse], lengths[inverse]
         if limit is None:
             evidence_cold = ["no benign calibration yet, so no query is judged"] * n
             warm = np.zeros(n, dtype=bool)
@@ -365,16 +374,10 @@ class KnnDistanceDetector(Detector[KnnParams]):
             bound = limit
 
             def evidence(row: int) -> str:
-                value = float(mean[row])
                 return (
                     f"{counts[row]} of the last {lengths[row]} queries have "
                     f"{p.k} distinct earlier queries within {bound:.3f}; "
-                    f"this one's {p.k}th nearest is at "
-                    + (
-                        f"{value:.3f}"
-                        if np.isfinite(value)
-                        else "has too few before it"
-                    )
+                    f"this one has {within[row]}"
                 )
 
             warm = seen[inverse] >= p.min_queries

@@ -24,9 +24,14 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
+from detectors._radius import (
+    check_history,
+    history_fields,
+    nearest_and_count,
+    quantise,
+)
 from detectors._state import (
     FieldSpec,
-    Groups,
     check_window,
     group_rows,
     push_window,
@@ -36,29 +41,8 @@ from detectors.base import MAX_STATE_BYTES, Detector, DetectorParams, DetectorSc
 
 logger = logging.getLogger(__name__)
 
-# Rows handled per step: bounds the temporary matrices (at worst 512 clients'
-# histories of 128 queries of 64 features, 16 MB of float32). A whole batch of
-# 500 in one step gathers each client's history once instead of once per
-# chunk: measured 7.2 -> 5.5 µs per query against 256.
-_CHUNK_ROWS = 512
-
-# A client with at least this many rows in a chunk is scored on its own, with
-# one matrix product of its rows against its history; clients with fewer are
-# scored together in one stacked product, which avoids ~15 numpy calls per
-# client. Measured on digits with batches of 500 (CPU µs per query, one BLAS
-# thread): 13 rows per client per chunk cost 5.7 together vs 6.0 alone; 51
-# rows cost 8.2 together vs 4.3 alone.
-_BIG_GROUP = 32
-
 # Smallest history worth keeping; below it the detector is refused.
 _MIN_HISTORY = 8
-
-# Stored queries are quantised to 8 bits per feature, as Blacklight quantises
-# inputs before comparing them, rather than kept as float16: half the memory,
-# and numpy 2.4 here widens 128 x 64 uint8 to float32 in 1.1 µs against 8.4 µs
-# for float16, which had dominated the cost per query. The rounding (at most
-# 1/510 per feature) is two orders of magnitude below eps.
-_LEVELS = 255
 
 _INF = float("inf")
 
@@ -211,29 +195,15 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
     def _layout(self, n_features: int) -> dict[str, FieldSpec]:
         capacity = self.capacity(n_features)
         return {
-            "hist": FieldSpec((capacity, n_features), "u1"),
-            "hist_sq": FieldSpec((capacity,), "<f4"),
-            "hist_pos": FieldSpec((), "<i8"),
-            "hist_len": FieldSpec((), "<i8"),
+            **history_fields(capacity, n_features),
             **window_fields("near", self._params.window, "u1"),
             "n_seen": FieldSpec((), "<i8"),
         }
 
     def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
         check_window(values, "near", "near_pos", "near_len")
-        capacity = values["hist"].shape[0]
-        length = int(values["hist_len"])
-        position = int(values["hist_pos"])
-        if not 0 <= position < capacity or not 0 <= length <= capacity:
-            raise ValueError("state field 'hist_pos' or 'hist_len' is out of range")
-        if length < capacity and position != length:
-            raise ValueError("state field 'hist_pos' disagrees with 'hist_len'")
-        history = values["hist"].astype(np.float32)
-        if not np.array_equal(
-            values["hist_sq"], np.einsum("ij,ij->i", history, history)
-        ):
-            raise ValueError("state field 'hist_sq' disagrees with 'hist'")
-        if int(values["n_seen"]) < length:
+        check_history(values)
+        if int(values["n_seen"]) < int(values["hist_len"]):
             raise ValueError("state field 'n_seen' is below 'hist_len'")
 
     def _on_n_features(self, n_features: int) -> None:
@@ -256,14 +226,7 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
 
         # Nearest earlier query of each row, chunk by chunk so each chunk sees
         # the history the previous one left.
-        queries = np.rint(np.clip(X, 0.0, 1.0) * _LEVELS).astype(np.uint8)
-        nearest = np.empty(n, dtype=np.float64)
-        neighbours = np.empty(n, dtype=np.int64)
-        for start in range(0, n, _CHUNK_ROWS):
-            stop = min(start + _CHUNK_ROWS, n)
-            nearest[start:stop], neighbours[start:stop] = self._nearest(
-                slots[start:stop], queries[start:stop]
-            )
+        nearest, neighbours = nearest_and_count(arrays, slots, quantise(X), params.eps)
 
         # Near bits into each client's window, in arrival order.
         groups = group_rows(slots)
@@ -303,175 +266,3 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
         return self._scores(
             counts / lengths, seen[inverse] >= params.min_queries, evidence
         )
-
-    def _nearest(
-        self, slots: npt.NDArray[np.int64], stored: npt.NDArray[np.uint8]
-    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
-        """Per-feature RMS distance of each row to its client's nearest earlier
-        query (``inf`` for a first query) and the number of earlier queries
-        within ``eps`` but not identical, then store the rows as history.
-
-        ``stored`` holds the rows quantised as they will be stored, so a row is
-        compared with earlier rows of its batch exactly as with history.
-        """
-        assert self._arena is not None
-        arrays = self._arena.arrays
-        hist = arrays["hist"]
-        capacity, n_features = hist.shape[1], hist.shape[2]
-
-        groups = group_rows(slots)
-        q = stored[groups.order].astype(np.float32)
-        q_sq = np.einsum("ij,ij->i", q, q)
-        old_len = arrays["hist_len"][groups.unique]
-        old_pos = arrays["hist_pos"][groups.unique]
-
-        # eps in the quantised units of squared distances; float32 like them.
-        scale = float(_LEVELS * _LEVELS * n_features)
-        eps_sq = np.float32(self._params.eps**2 * scale)
-        best_sq = np.full(len(q), np.inf, dtype=np.float32)
-        within = np.zeros(len(q), dtype=np.int64)
-        small_groups = np.flatnonzero(groups.size < _BIG_GROUP)
-        if small_groups.size:
-            self._nearest_small(
-                groups,
-                small_groups,
-                (q, q_sq, old_len, old_pos),
-                eps_sq,
-                (best_sq, within),
-            )
-        for g in np.flatnonzero(groups.size >= _BIG_GROUP).tolist():
-            rows = slice(groups.start[g], groups.start[g] + groups.size[g])
-            best_sq[rows], within[rows] = self._nearest_big(
-                int(groups.unique[g]),
-                q[rows],
-                q_sq[rows],
-                (old_len[g], old_pos[g]),
-                eps_sq,
-            )
-
-        # Append the rows to each client's ring; only a group's last `capacity`
-        # rows survive, and writing just those keeps ring indices distinct.
-        row_size = groups.size[groups.group]
-        keep = groups.position >= row_size - capacity
-        ring_index = (old_pos[groups.group[keep]] + groups.position[keep]) % capacity
-        hist[groups.slot[keep], ring_index] = stored[groups.order[keep]]
-        arrays["hist_sq"][groups.slot[keep], ring_index] = q_sq[keep]
-        arrays["hist_pos"][groups.unique] = (old_pos + groups.size) % capacity
-        arrays["hist_len"][groups.unique] = np.minimum(old_len + groups.size, capacity)
-
-        distance = np.sqrt(np.maximum(best_sq.astype(np.float64), 0.0) / scale)
-        out = np.empty(len(q), dtype=np.float64)
-        out[groups.order] = distance
-        count = np.empty(len(q), dtype=np.int64)
-        count[groups.order] = within
-        return out, count
-
-    def _nearest_small(
-        self,
-        groups: Groups,
-        small_groups: npt.NDArray[np.int64],
-        rows_in: tuple[
-            npt.NDArray[np.float32],
-            npt.NDArray[np.float32],
-            npt.NDArray[np.int64],
-            npt.NDArray[np.int64],
-        ],
-        eps_sq: np.float32,
-        out: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
-    ) -> None:
-        """Squared distances for clients with few rows in the chunk, vectorised
-        across clients; writes the nearest into ``out[0]`` and the count
-        within ``eps_sq`` into ``out[1]`` (sorted order). ``rows_in`` holds the
-        rows, their squared norms and each group's ring length and position."""
-        q, q_sq, old_len, old_pos = rows_in
-        best_sq, within = out
-        assert self._arena is not None
-        arrays = self._arena.arrays
-        capacity = arrays["hist"].shape[1]
-        slot = groups.unique[small_groups]
-        size = groups.size[small_groups]
-        start = groups.start[small_groups]
-
-        # Each client's rows padded to the largest small group, then one
-        # stacked product against each client's history, widened once.
-        k = len(small_groups)
-        width = int(size.max())
-        member = np.arange(width)[None, :] < size[:, None]
-        which, t = np.nonzero(member)
-        rows = start[which] + t
-        padded = np.zeros((k, width, q.shape[1]), dtype=np.float32)
-        padded[which, t] = q[rows]
-        history = arrays["hist"][slot].astype(np.float32)
-        dots = np.matmul(history, padded.transpose(0, 2, 1))
-        dots_per_row = dots.transpose(0, 2, 1)[which, t]
-
-        # ||q - h||^2 = ||q||^2 + ||h||^2 - 2 q.h, over filled entries: a ring
-        # not yet full fills indices 0..length-1.
-        d_sq = q_sq[rows, None] + arrays["hist_sq"][slot[which]] - 2.0 * dots_per_row
-        length = old_len[small_groups][which]
-        d_sq[np.arange(capacity)[None, :] >= length[:, None]] = np.inf
-
-        # A full ring has lost its t oldest entries to the client's t earlier
-        # rows in this chunk (ring age 0 is the oldest). Rare, so fixed up
-        # only where it happens.
-        evicted = np.maximum(length + t - capacity, 0)
-        late = np.flatnonzero(evicted)
-        if late.size:
-            oldest = (old_pos[small_groups] - old_len[small_groups])[which[late]]
-            age = (np.arange(capacity)[None, :] - oldest[:, None]) % capacity
-            gone = d_sq[late]
-            gone[age < evicted[late, None]] = np.inf
-            d_sq[late] = gone
-        best: npt.NDArray[np.float32] = d_sq.min(axis=1)
-        count = ((d_sq > 0.0) & (d_sq < eps_sq)).sum(axis=1)
-
-        # Against the client's earlier rows in this chunk, which sit just
-        # before each row in sorted order, while still among the last
-        # `capacity` stored.
-        for back in range(1, min(width, capacity + 1)):
-            has = np.flatnonzero(t >= back)
-            here = rows[has]
-            diff = q[here] - q[here - back]
-            lagged = np.einsum("ij,ij->i", diff, diff)
-            best[has] = np.minimum(best[has], lagged)
-            count[has] += (lagged > 0.0) & (lagged < eps_sq)
-        best_sq[rows] = best
-        within[rows] = count
-
-    def _nearest_big(
-        self,
-        slot: int,
-        q: npt.NDArray[np.float32],
-        q_sq: npt.NDArray[np.float32],
-        ring: tuple[np.int64, np.int64],
-        eps_sq: np.float32,
-    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        """Nearest squared distance and count within ``eps_sq`` for one
-        client's many rows: one matrix product against its history and one
-        among the rows themselves. ``ring`` is the history's length and
-        position."""
-        old_len, old_pos = ring
-        assert self._arena is not None
-        arrays = self._arena.arrays
-        capacity = arrays["hist"].shape[1]
-        t = np.arange(len(q))
-
-        history = arrays["hist"][slot].astype(np.float32)
-        h_sq = arrays["hist_sq"][slot]
-        d_hist = q_sq[:, None] + h_sq[None, :] - 2.0 * (q @ history.T)
-        age = (np.arange(capacity) - (old_pos - old_len)) % capacity
-        evicted = np.maximum(old_len + t - capacity, 0)
-        present = (age[None, :] < old_len) & (age[None, :] >= evicted[:, None])
-        d_hist = np.where(present, d_hist, np.inf)
-        best_hist = d_hist.min(axis=1)
-        count = ((d_hist > 0.0) & (d_hist < eps_sq)).sum(axis=1)
-
-        # Row i sees earlier row j while it is among the last `capacity` stored.
-        d_rows = q_sq[:, None] + q_sq[None, :] - 2.0 * (q @ q.T)
-        lag = t[:, None] - t[None, :]
-        seen = (lag >= 1) & (lag <= capacity)
-        d_rows = np.where(seen, d_rows, np.inf)
-        best_rows = d_rows.min(axis=1)
-        count += ((d_rows > 0.0) & (d_rows < eps_sq)).sum(axis=1)
-        best: npt.NDArray[np.float32] = np.minimum(best_hist, best_rows)
-        return best.astype(np.float32), count
