@@ -245,6 +245,11 @@ def top_hashes(hashes: HashArray, k: int, common: HashArray | None = None) -> Ha
 # so 8 MB; digits (59 windows of 4**6 codes) need 1.9 MB.
 _MAX_TABLE_ENTRIES = 1 << 20
 
+# Candidate places per row (hashes x candidates per hash) up to which the
+# near-duplicate count sorts one matrix row per query; beyond, only the filled
+# places are sorted (the matrix would be mostly empty).
+_ROW_SORT_PLACES = 512
+
 # Rows compared per step, so that a chunk's new hash values never need more
 # than half the table.
 _STORE_CHUNK_ROWS = 512
@@ -496,28 +501,15 @@ class InMemoryFingerprintStore:
 
         # Per row, the candidate entries of all its hashes; an entry met in
         # at least match_threshold of them is a near-duplicate.
-        # Most candidate places are empty (a hash seen by few entries), so only
-        # the filled ones are sorted, by (row, entry) packed into one integer.
-        valid = cands >= 0
-        cand_rows = np.broadcast_to(srow[:, None], cands.shape)[valid]
-        span = clock0 + n + 1
-        packed = np.sort(cand_rows * span + cands[valid])
-        rows, values = np.divmod(packed, span)
+        near_row, near_entry = self._near_pairs(
+            cands, srow, occ_col[order], (n, H.shape[1]), clock0
+        )
+        keep_near = near_entry > clock_at_row[near_row] - self.horizon
+        near_row, near_entry = near_row[keep_near], near_entry[keep_near]
         own = np.zeros(n, dtype=np.int64)
         identical = np.zeros(n, dtype=np.int64)
         others: list[Mapping[str, int]] = [_NO_OTHERS] * n
-        if values.size:
-            run = np.ones(values.size, dtype=bool)
-            run[1:] = (rows[1:] != rows[:-1]) | (values[1:] != values[:-1])
-            starts = np.flatnonzero(run)
-            counts = np.diff(np.append(starts, values.size))
-            near_row = rows[starts]
-            near_entry = values[starts]
-            keep_near = (counts >= self.match_threshold) & (
-                near_entry > clock_at_row[near_row] - self.horizon
-            )
-            near_row, near_entry = near_row[keep_near], near_entry[keep_near]
-            counts = counts[keep_near]
+        if near_row.size:
             sender = np.empty(near_entry.size, dtype=np.int64)
             stored_before = near_entry <= clock0
             sender[stored_before] = self._entry_client[
@@ -561,6 +553,57 @@ class InMemoryFingerprintStore:
                 zip(own.tolist(), others, identical.tolist(), strict=True),
             )
         )
+
+    def _near_pairs(
+        self,
+        cands: npt.NDArray[np.int64],
+        srow: npt.NDArray[np.int64],
+        scol: npt.NDArray[np.int64],
+        shape: tuple[int, int],
+        clock0: int,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """The (row, entry) pairs, sorted, where the entry is a candidate of
+        at least ``match_threshold`` of the row's hashes.
+
+        ``cands`` holds each occurrence's candidate entries (-1 for none),
+        occurrence ``i`` being hash column ``scol[i]`` of row ``srow[i]``.
+        """
+        n, width = shape
+        places = cands.shape[1]
+        t = self.match_threshold
+        if width * places <= _ROW_SORT_PLACES:
+            # Every candidate place of a row in one row of a matrix, sorted
+            # row by row: an entry held by t places spans columns c..c+t-1.
+            # Measured 0.4 ms per 512 rows against 1.1 ms for the packed sort
+            # below (16 hashes x 8 candidates).
+            table = np.full((n, width, places), -1, dtype=np.int64)
+            table[srow, scol] = cands
+            ranked = np.sort(table.reshape(n, width * places), axis=1)
+            span = width * places - t + 1
+            if span <= 0:
+                empty = np.zeros(0, dtype=np.int64)
+                return empty, empty
+            head = ranked[:, :span]
+            hit = (head == ranked[:, t - 1 :]) & (head >= 0)
+            hit[:, 1:] &= ranked[:, 1:span] != ranked[:, : span - 1]
+            rows, columns = np.nonzero(hit)
+            entries: npt.NDArray[np.int64] = ranked[rows, columns]
+            return rows, entries
+        # Wide fingerprints: only the filled places are sorted, by (row,
+        # entry) packed into one integer.
+        valid = cands >= 0
+        cand_rows = np.broadcast_to(srow[:, None], cands.shape)[valid]
+        base = clock0 + n + 1
+        packed = np.sort(cand_rows * base + cands[valid])
+        rows, values = np.divmod(packed, base)
+        if not values.size:
+            return rows, values
+        run = np.ones(values.size, dtype=bool)
+        run[1:] = (rows[1:] != rows[:-1]) | (values[1:] != values[:-1])
+        starts = np.flatnonzero(run)
+        counts = np.diff(np.append(starts, values.size))
+        kept = starts[counts >= t]
+        return rows[kept], values[kept]
 
     def _store(
         self,
@@ -952,8 +995,10 @@ class FingerprintDetector(Detector[FingerprintParams]):
         own = np.fromiter((m.own > 0 for m in matches), bool, n)
         cross = np.fromiter((bool(m.others) for m in matches), bool, n) & ~own
 
-        # A near-duplicate of another client's query always counts; one of the
-        # client's own only within a run of at least min_run (see min_run).
+        # A near-duplicate of another client's query counts unless the query
+        # also matches one of the client's own (a re-submitted popular input
+        # matches everyone who sent it); one of the client's own counts only
+        # within a run of at least min_run (see the class docstring).
         groups = group_rows(slots)
         run = _own_runs(arrays["own_run"], groups, own[groups.order])
         near = cross[groups.order] | (run >= p.min_run)
