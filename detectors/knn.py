@@ -68,7 +68,9 @@ class KnnParams(DetectorParams):
 
     # Source of the default: an honest client that re-submits one input sends
     # a short run of near copies (the evaluation's habit: runs of 3 to 8, so
-    # at most 7 earlier copies); 8 is the first k such a run cannot fill.
+    # at most 7 earlier copies). A run shifts a copy's rank by up to 7, so k
+    # must be well above 7: with k = 8 honest breast-cancer re-submitters
+    # still crossed the threshold in an offline replay; with 16 none did.
     k: int = Field(16, ge=1, le=64)
     """Rank of the earlier query whose distance is measured: a query is
     close when its ``k``-th nearest distinct earlier query is (Chen et al.
