@@ -9,6 +9,7 @@ from itertools import chain
 import numpy as np
 import pytest
 
+from detectors import fingerprint
 from detectors.fingerprint import (
     FingerprintMatch,
     HashArray,
@@ -163,13 +164,22 @@ def _stream(
     return clients, rows, remember, keys
 
 
+@pytest.mark.parametrize("row_sort_places", [512, 0])
 @pytest.mark.parametrize(
     ("seed", "horizon", "entries", "threshold"),
     [(0, 100_000, 8, 4), (1, 50, 8, 4), (2, 1000, 2, 3), (3, 200, 4, 6)],
 )
 def test_vectorised_store_matches_the_reference(
-    seed: int, horizon: int, entries: int, threshold: int
+    seed: int,
+    horizon: int,
+    entries: int,
+    threshold: int,
+    row_sort_places: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Both ways of counting shared hashes: one sorted matrix row per query
+    # (narrow fingerprints, the default) and the packed sort of filled places.
+    monkeypatch.setattr(fingerprint, "_ROW_SORT_PLACES", row_sort_places)
     clients, rows, remember, keys = _stream(seed, 1500, 8, 7)
     reference = ReferenceStore(
         match_threshold=threshold, horizon=horizon, entries_per_hash=entries

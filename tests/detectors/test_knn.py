@@ -20,9 +20,9 @@ def test_realised_false_positive_rate_is_near_the_target(
 ) -> None:
     # Calibrate on the training half replayed as clients, then measure on
     # fresh held-out clients the detector never saw.
-    threshold = calibrate(_streams(digits.train, 50, seed=0), target)
-    detector = KnnDistanceDetector(KnnParams(knn_threshold=threshold))
-    streams = _streams(digits.test, 50, seed=1)
+    threshold = calibrate(_streams(digits.train, 100, seed=0), target)
+    detector = KnnDistanceDetector(KnnParams(knn_threshold=threshold, window=100))
+    streams = _streams(digits.test, 100, seed=1)
     close = 0
     judged = 0
     for i, stream in enumerate(streams):
@@ -54,17 +54,21 @@ def test_calibrate_refuses_what_it_cannot_use(digits: Digits) -> None:
         calibrate([digits.test[:50]], 1.5)
     with pytest.raises(ValueError, match="earlier"):
         calibrate([digits.test[:3]], 0.05, k=5)
+    with pytest.raises(ValueError, match="k=40 needs"):
+        KnnDistanceDetector(KnnParams(k=40)).score_batch(["a"], digits.test[:1])
 
 
 def test_replaying_identical_rows_is_not_close(digits: Digits) -> None:
-    # An honest client cycling through 20 inputs resends exact copies; small
-    # changes of them (a search) are still close.
+    # An honest client cycling through 20 inputs resends exact copies; many
+    # small changes of one of them (a search) are still close.
     detector = KnnDistanceDetector()
     detector.learn_baseline(digits.train)
     replay = np.vstack([digits.test[:20]] * 5)
     scores = detector.score_batch(["a"] * len(replay), replay)
     assert max(s.score for s in scores) == 0.0
     rng = np.random.default_rng(0)
-    nudged = np.clip(replay + rng.normal(0.0, 0.01, replay.shape), 0.0, 1.0)
-    scores = detector.score_batch(["b"] * len(nudged), nudged)
+    nudged = np.clip(replay[0] + rng.normal(0.0, 0.01, replay.shape), 0.0, 1.0)
+    mixed = np.empty((2 * len(replay), replay.shape[1]))
+    mixed[0::2], mixed[1::2] = replay, nudged
+    scores = detector.score_batch(["b"] * len(mixed), mixed)
     assert scores[-1].flagged

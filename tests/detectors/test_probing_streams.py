@@ -119,3 +119,99 @@ def test_structure_sees_a_repeated_direction(digits: Digits) -> None:
     scores = detector.score_batch(["line"] * 60, line_search(digits, 60, seed=6))
     assert scores[-1].flagged, scores[-1].evidence
     assert "repeated a recent step" in scores[-1].evidence
+
+
+def resubmitting(
+    digits: Digits, n_clients: int, per_client: int, seed: int
+) -> tuple[list[str], npt.NDArray[np.float64]]:
+    """Honest clients that re-submit: each replays distinct held-out digits,
+    and after a quarter of them sends a run of 2 to 7 more noisy copies of the
+    same digit (runs of 3 to 8 near-identical queries, five times as often as
+    the evaluation's honest habit), each run around a different digit. The
+    model would answer every copy of a run alike. Clients interleave."""
+    rng = np.random.default_rng(seed)
+    ids: list[str] = []
+    rows: list[npt.NDArray[np.float64]] = []
+    for c in range(n_clients):
+        picks = rng.permutation(len(digits.test))
+        stream: list[npt.NDArray[np.float64]] = []
+        for index in picks:
+            if len(stream) >= per_client:
+                break
+            row = digits.test[index]
+            stream.append(row)
+            if rng.random() < 0.25:
+                copies = int(rng.integers(2, 8))
+                noise = rng.normal(0.0, 0.005, (copies, row.size))
+                stream.extend(np.clip(row + noise, 0.0, 1.0))
+        rows.extend(stream[:per_client])
+        ids += [f"honest-{c}"] * per_client
+    X = np.asarray(rows)
+    order = rng.permutation(len(ids))
+    return [ids[i] for i in order], X[order]
+
+
+@pytest.mark.parametrize("name", ["similarity", "knn", "fingerprint"])
+def test_honest_resubmission_runs_stay_below_threshold(
+    name: str, digits: Digits
+) -> None:
+    # Before the detectors scored sustained concentration, any near-duplicate
+    # counted and these clients crossed the threshold (issue 3's blocked
+    # honest clients).
+    detector = build(name, digits)
+    ids, X = resubmitting(digits, 12, 150, seed=0)
+    scores = detector.score_batch(ids, X)
+    worst = max(s.score for s in scores)
+    assert not any(s.flagged for s in scores), worst
+    assert worst < detector.params.threshold * 0.75, worst
+
+
+@pytest.mark.parametrize("name", ["similarity", "knn", "fingerprint"])
+def test_a_sustained_search_among_resubmitting_clients_is_flagged(
+    name: str, digits: Digits
+) -> None:
+    detector = build(name, digits)
+    ids, X = resubmitting(digits, 12, 80, seed=1)
+    probe = walk(digits, 60, seed=7)
+    all_ids = ids + ["walker"] * len(probe)
+    rows = np.vstack([X, probe])
+    # The walker's queries spread through the honest traffic, in order.
+    order = np.argsort(
+        np.concatenate([np.arange(len(ids)), np.linspace(0, len(ids), len(probe))]),
+        kind="stable",
+    )
+    scores = detector.score_batch([all_ids[i] for i in order], rows[order])
+    flagged = {all_ids[i] for i, s in zip(order, scores, strict=True) if s.flagged}
+    assert flagged == {"walker"}
+
+
+def test_fingerprint_judges_a_key_of_a_spread_search_early(digits: Digits) -> None:
+    # A walk spread round-robin over 10 keys: each key sends 6 queries, fewer
+    # than min_queries, yet matching the other keys' queries is evidence.
+    detector = build("fingerprint", digits)
+    probe = walk(digits, 60, seed=8)
+    keys = [f"key-{i % 10}" for i in range(len(probe))]
+    scores = detector.score_batch(keys, probe)
+    assert len(probe) // 10 < detector.params.min_queries
+    first = next(i for i, s in enumerate(scores) if s.flagged)
+    assert first < 50, first
+
+
+def test_fingerprint_own_run_survives_a_state_round_trip(digits: Digits) -> None:
+    # A run of own near-duplicates split across a hand-over between workers
+    # scores as if it had not been.
+    probe = walk(digits, 30, seed=7)
+    whole = build("fingerprint", digits)
+    expected = [s.score for s in whole.score_batch(["w"] * 30, probe)]
+    first = build("fingerprint", digits)
+    got = [s.score for s in first.score_batch(["w"] * 6, probe[:6])]
+    blob = first.dump_state("w")
+    assert blob is not None
+    second = build("fingerprint", digits)
+    # The shared store is not per-client state: the second worker's store
+    # holds the first part too (as the cross-worker store would).
+    second.store = first.store
+    second.load_state("w", blob)
+    got += [s.score for s in second.score_batch(["w"] * 24, probe[6:])]
+    assert got == expected
+    assert max(expected) >= whole.params.threshold

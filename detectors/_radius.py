@@ -1,0 +1,281 @@
+"""Each query's nearest earlier query of its client and how many earlier
+queries lie within a radius, for detectors that count concentration
+(``similarity``, ``knn``).
+
+Queries are stored quantised to 8 bits per feature (``round(x * 255)``), as
+Blacklight quantises inputs before comparing them: in those units every
+product and sum is an integer below 2**24 for up to 258 features, so float32
+arithmetic is exact and a batch scores exactly as its rows one at a time.
+Rows of a batch are compared with the stored history and with the client's
+earlier rows of the same batch, then appended.
+
+The history's arena fields are :func:`history_fields`; unlike
+``detectors._history`` it keeps each stored query's squared norm, which
+saves recomputing it per batch.
+
+Imports numpy only; nothing from Kafka, Redis, FastAPI or ``gateway``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from detectors._state import FieldSpec, Groups, group_rows
+
+LEVELS = 255
+"""Quantisation of stored features: ``round(x * 255)`` as uint8."""
+
+# Rows handled per step: bounds the temporary matrices (at worst 512 clients'
+# histories of 128 queries of 64 features, 16 MB of float32). A whole batch of
+# 500 in one step gathers each client's history once instead of once per
+# chunk: measured 7.2 -> 5.5 µs per query against 256 (similarity).
+_CHUNK_ROWS = 512
+
+# A client with at least this many rows in a chunk is scored on its own, with
+# one matrix product of its rows against its history; clients with fewer are
+# scored together in one stacked product, which avoids ~15 numpy calls per
+# client. Measured on digits with batches of 500 (CPU µs per query, one BLAS
+# thread): 13 rows per client per chunk cost 5.7 together vs 6.0 alone; 51
+# rows cost 8.2 together vs 4.3 alone.
+_BIG_GROUP = 32
+
+
+def quantise(X: npt.NDArray[np.float64]) -> npt.NDArray[np.uint8]:
+    """Rows scaled to [0, 1] as stored: clipped, times 255, rounded."""
+    out: npt.NDArray[np.uint8] = np.rint(np.clip(X, 0.0, 1.0) * LEVELS).astype(np.uint8)
+    return out
+
+
+def history_fields(capacity: int, n_features: int) -> dict[str, FieldSpec]:
+    """The arena fields of a history of ``capacity`` queries."""
+    return {
+        "hist": FieldSpec((capacity, n_features), "u1"),
+        "hist_sq": FieldSpec((capacity,), "<f4"),
+        "hist_pos": FieldSpec((), "<i8"),
+        "hist_len": FieldSpec((), "<i8"),
+    }
+
+
+def check_history(values: Mapping[str, npt.NDArray[Any]]) -> None:
+    """Raise ``ValueError`` unless a loaded history is consistent."""
+    capacity = values["hist"].shape[0]
+    length = int(values["hist_len"])
+    position = int(values["hist_pos"])
+    if not 0 <= position < capacity or not 0 <= length <= capacity:
+        raise ValueError("state field 'hist_pos' or 'hist_len' is out of range")
+    if length < capacity and position != length:
+        raise ValueError("state field 'hist_pos' disagrees with 'hist_len'")
+    history = values["hist"].astype(np.float32)
+    if not np.array_equal(values["hist_sq"], np.einsum("ij,ij->i", history, history)):
+        raise ValueError("state field 'hist_sq' disagrees with 'hist'")
+
+
+def nearest_and_count(
+    arrays: Mapping[str, npt.NDArray[Any]],
+    slots: npt.NDArray[np.int64],
+    stored: npt.NDArray[np.uint8],
+    radius: float,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """Per row (batch order): the per-feature RMS distance to the client's
+    nearest earlier query (``inf`` for a first query) and the number of
+    earlier queries closer than ``radius`` but not identical; then store the
+    rows in the history.
+
+    Parameters
+    ----------
+    arrays
+        Arena arrays holding :func:`history_fields`; updated in place.
+    slots
+        Each row's client slot.
+    stored
+        Rows quantised (:func:`quantise`), in batch order.
+    radius
+        Per-feature RMS distance (in [0, 1]).
+    """
+    n = len(slots)
+    nearest = np.empty(n, dtype=np.float64)
+    count = np.empty(n, dtype=np.int64)
+    for start in range(0, n, _CHUNK_ROWS):
+        stop = min(start + _CHUNK_ROWS, n)
+        nearest[start:stop], count[start:stop] = _chunk(
+            arrays, slots[start:stop], stored[start:stop], radius
+        )
+    return nearest, count
+
+
+def _chunk(
+    arrays: Mapping[str, npt.NDArray[Any]],
+    slots: npt.NDArray[np.int64],
+    stored: npt.NDArray[np.uint8],
+    radius: float,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """Per-feature RMS distance of each row to its client's nearest earlier
+    query (``inf`` for a first query) and the number of earlier queries
+    within ``radius`` but not identical, then store the rows as history.
+
+    ``stored`` holds the rows quantised as they will be stored, so a row is
+    compared with earlier rows of its batch exactly as with history.
+    """
+    hist = arrays["hist"]
+    capacity, n_features = hist.shape[1], hist.shape[2]
+
+    groups = group_rows(slots)
+    q = stored[groups.order].astype(np.float32)
+    q_sq = np.einsum("ij,ij->i", q, q)
+    old_len = arrays["hist_len"][groups.unique]
+    old_pos = arrays["hist_pos"][groups.unique]
+
+    # The radius in the quantised units of squared distances, float32 like them.
+    scale = float(LEVELS * LEVELS * n_features)
+    radius_sq = np.float32(radius**2 * scale)
+    best_sq = np.full(len(q), np.inf, dtype=np.float32)
+    within = np.zeros(len(q), dtype=np.int64)
+    small_groups = np.flatnonzero(groups.size < _BIG_GROUP)
+    if small_groups.size:
+        _small(
+            arrays,
+            groups,
+            small_groups,
+            (q, q_sq, old_len, old_pos),
+            radius_sq,
+            (best_sq, within),
+        )
+    for g in np.flatnonzero(groups.size >= _BIG_GROUP).tolist():
+        rows = slice(groups.start[g], groups.start[g] + groups.size[g])
+        best_sq[rows], within[rows] = _big(
+            arrays,
+            int(groups.unique[g]),
+            q[rows],
+            q_sq[rows],
+            (old_len[g], old_pos[g]),
+            radius_sq,
+        )
+
+    # Append the rows to each client's ring; only a group's last `capacity`
+    # rows survive, and writing just those keeps ring indices distinct.
+    row_size = groups.size[groups.group]
+    keep = groups.position >= row_size - capacity
+    ring_index = (old_pos[groups.group[keep]] + groups.position[keep]) % capacity
+    hist[groups.slot[keep], ring_index] = stored[groups.order[keep]]
+    arrays["hist_sq"][groups.slot[keep], ring_index] = q_sq[keep]
+    arrays["hist_pos"][groups.unique] = (old_pos + groups.size) % capacity
+    arrays["hist_len"][groups.unique] = np.minimum(old_len + groups.size, capacity)
+
+    distance = np.sqrt(np.maximum(best_sq.astype(np.float64), 0.0) / scale)
+    out = np.empty(len(q), dtype=np.float64)
+    out[groups.order] = distance
+    count = np.empty(len(q), dtype=np.int64)
+    count[groups.order] = within
+    return out, count
+
+
+def _small(
+    arrays: Mapping[str, npt.NDArray[Any]],
+    groups: Groups,
+    small_groups: npt.NDArray[np.int64],
+    rows_in: tuple[
+        npt.NDArray[np.float32],
+        npt.NDArray[np.float32],
+        npt.NDArray[np.int64],
+        npt.NDArray[np.int64],
+    ],
+    radius_sq: np.float32,
+    out: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
+) -> None:
+    """Squared distances for clients with few rows in the chunk, vectorised
+    across clients; writes the nearest into ``out[0]`` and the count
+    within ``radius_sq`` into ``out[1]`` (sorted order). ``rows_in`` holds the
+    rows, their squared norms and each group's ring length and position."""
+    q, q_sq, old_len, old_pos = rows_in
+    best_sq, within = out
+    capacity = arrays["hist"].shape[1]
+    slot = groups.unique[small_groups]
+    size = groups.size[small_groups]
+    start = groups.start[small_groups]
+
+    # Each client's rows padded to the largest small group, then one
+    # stacked product against each client's history, widened once.
+    k = len(small_groups)
+    width = int(size.max())
+    member = np.arange(width)[None, :] < size[:, None]
+    which, t = np.nonzero(member)
+    rows = start[which] + t
+    padded = np.zeros((k, width, q.shape[1]), dtype=np.float32)
+    padded[which, t] = q[rows]
+    history = arrays["hist"][slot].astype(np.float32)
+    dots = np.matmul(history, padded.transpose(0, 2, 1))
+    dots_per_row = dots.transpose(0, 2, 1)[which, t]
+
+    # ||q - h||^2 = ||q||^2 + ||h||^2 - 2 q.h, over filled entries: a ring
+    # not yet full fills indices 0..length-1.
+    d_sq = q_sq[rows, None] + arrays["hist_sq"][slot[which]] - 2.0 * dots_per_row
+    length = old_len[small_groups][which]
+    d_sq[np.arange(capacity)[None, :] >= length[:, None]] = np.inf
+
+    # A full ring has lost its t oldest entries to the client's t earlier
+    # rows in this chunk (ring age 0 is the oldest). Rare, so fixed up
+    # only where it happens.
+    evicted = np.maximum(length + t - capacity, 0)
+    late = np.flatnonzero(evicted)
+    if late.size:
+        oldest = (old_pos[small_groups] - old_len[small_groups])[which[late]]
+        age = (np.arange(capacity)[None, :] - oldest[:, None]) % capacity
+        gone = d_sq[late]
+        gone[age < evicted[late, None]] = np.inf
+        d_sq[late] = gone
+    best: npt.NDArray[np.float32] = d_sq.min(axis=1)
+    count = ((d_sq > 0.0) & (d_sq < radius_sq)).sum(axis=1)
+
+    # Against the client's earlier rows in this chunk, which sit just
+    # before each row in sorted order, while still among the last
+    # `capacity` stored.
+    for back in range(1, min(width, capacity + 1)):
+        has = np.flatnonzero(t >= back)
+        here = rows[has]
+        diff = q[here] - q[here - back]
+        lagged = np.einsum("ij,ij->i", diff, diff)
+        best[has] = np.minimum(best[has], lagged)
+        count[has] += (lagged > 0.0) & (lagged < radius_sq)
+    best_sq[rows] = best
+    within[rows] = count
+
+
+def _big(
+    arrays: Mapping[str, npt.NDArray[Any]],
+    slot: int,
+    q: npt.NDArray[np.float32],
+    q_sq: npt.NDArray[np.float32],
+    ring: tuple[np.int64, np.int64],
+    radius_sq: np.float32,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Nearest squared distance and count within ``radius_sq`` for one
+    client's many rows: one matrix product against its history and one
+    among the rows themselves. ``ring`` is the history's length and
+    position."""
+    old_len, old_pos = ring
+    capacity = arrays["hist"].shape[1]
+    t = np.arange(len(q))
+
+    history = arrays["hist"][slot].astype(np.float32)
+    h_sq = arrays["hist_sq"][slot]
+    d_hist = q_sq[:, None] + h_sq[None, :] - 2.0 * (q @ history.T)
+    age = (np.arange(capacity) - (old_pos - old_len)) % capacity
+    evicted = np.maximum(old_len + t - capacity, 0)
+    present = (age[None, :] < old_len) & (age[None, :] >= evicted[:, None])
+    d_hist = np.where(present, d_hist, np.inf)
+    best_hist = d_hist.min(axis=1)
+    count = ((d_hist > 0.0) & (d_hist < radius_sq)).sum(axis=1)
+
+    # Row i sees earlier row j while it is among the last `capacity` stored.
+    d_rows = q_sq[:, None] + q_sq[None, :] - 2.0 * (q @ q.T)
+    lag = t[:, None] - t[None, :]
+    seen = (lag >= 1) & (lag <= capacity)
+    d_rows = np.where(seen, d_rows, np.inf)
+    best_rows = d_rows.min(axis=1)
+    count += ((d_rows > 0.0) & (d_rows < radius_sq)).sum(axis=1)
+    best: npt.NDArray[np.float32] = np.minimum(best_hist, best_rows)
+    return best.astype(np.float32), count
