@@ -38,7 +38,8 @@ async def unlink_matching(redis: RedisClient, match: str) -> int:
 
 
 async def delete_run_data(settings: Settings, topics: Sequence[str]) -> None:
-    """Delete ``topics`` and every Redis key under ``redis.key_prefix``.
+    """Delete ``topics`` and every Redis key under ``redis.key_prefix``,
+    the fingerprint store's included.
 
     Connecting to Kafka, and the whole key deletion, each take at most
     ``kafka.request_timeout_s``; a failure of either is logged at WARNING, not
@@ -54,7 +55,11 @@ async def delete_run_data(settings: Settings, topics: Sequence[str]) -> None:
     redis = redis_from_settings(settings)
     try:
         async with asyncio.timeout(settings.kafka.request_timeout_s):
-            await unlink_matching(redis, f"{settings.redis.key_prefix}:*")
+            prefix = settings.redis.key_prefix
+            await unlink_matching(redis, f"{prefix}:*")
+            # The fingerprint store's keys share one hash tag, so they start
+            # with "{" (gateway/fingerprints.py).
+            await unlink_matching(redis, f"{{{prefix}:fp}}:*")
     except (RedisError, OSError, TimeoutError) as exc:
         logger.warning("bench redis keys not all deleted: %r", exc)
     finally:
