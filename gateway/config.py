@@ -414,6 +414,17 @@ class WorkerConfig(_Frozen):
     # Largest answer kept for client retries (gateway/replay.py), in bytes;
     # 0 keeps none. The digits model's answers are about 400 bytes.
     replay_max_bytes: int = Field(65_536, ge=0, le=1_048_576)
+    # How often, in seconds, the detector state of clients seen since the
+    # last save goes to Redis, so a crashed worker's successor loses at most
+    # this much history; 0 saves at hand-over and stop only.
+    checkpoint_interval_s: float = Field(30.0, ge=0, le=86_400)
+    # A client silent this long, in seconds, is saved and dropped from
+    # memory (it is loaded again when it returns), so a worker's memory
+    # follows its active clients rather than every client it has ever seen.
+    client_idle_s: float = Field(900.0, gt=0, le=7 * 86_400)
+    # At most this many clients are saved per batch, so a checkpoint of many
+    # clients is spread over batches instead of stalling one.
+    checkpoint_max_clients: int = Field(2_000, ge=1, le=1_000_000)
 
 
 class LiveSettings(_Frozen):

@@ -7,16 +7,25 @@ partition is revoked its state is saved and dropped (``hand_over``); when the
 worker stops it is saved (``snapshot``). Either way the next owner starts
 from the client's history instead of from nothing.
 
+Between those moments ``maintain`` runs after every batch: every
+``worker.checkpoint_interval_s`` it saves the clients seen since the last
+save (so a worker that dies without a hand-over costs at most that much
+history), and it saves and drops clients silent for ``worker.client_idle_s``
+(so memory follows the active clients, not every client ever seen; a
+returning client is loaded again like a new one).
+
 No Kafka I/O happens here; the worker decides when to call each step.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 from aiokafka import TopicPartition
 
 from gateway.batch import BatchItem
+from gateway.config import WorkerConfig
 from gateway.enforce import decided_without_store
 from gateway.errors import StoreError
 from gateway.metrics import WorkerMetrics
@@ -43,12 +52,23 @@ class ClientStates:
     """
 
     def __init__(
-        self, store: CounterStore, scorer: Scorer, metrics: WorkerMetrics
+        self,
+        store: CounterStore,
+        scorer: Scorer,
+        metrics: WorkerMetrics,
+        config: WorkerConfig | None = None,
     ) -> None:
         self._store = store
         self._scorer = scorer
         self._metrics = metrics
+        self._config = config or WorkerConfig()
         self._client_tp: dict[str, TopicPartition] = {}
+        # Monotonic time each client was last in a batch; oldest first,
+        # because a client seen again is moved to the end.
+        self._last_seen: dict[str, float] = {}
+        # Clients scored since their last save, in the order first seen.
+        self._dirty: dict[str, None] = {}
+        self._last_checkpoint = time.monotonic()
 
     def held(self) -> list[str]:
         """Every client this worker holds state for."""
@@ -86,6 +106,7 @@ class ClientStates:
             for i in items
             if i.key is not None and i.key.client_id not in self._client_tp
         }
+        self._note_seen(items)
         if not new:
             return
         # Admitted without Redis (fail modes open or closed): the clients are
@@ -105,6 +126,52 @@ class ClientStates:
         for client_id, blob in blobs.items():
             self._scorer.restore(client_id, blob)
 
+    def _note_seen(self, items: list[BatchItem]) -> None:
+        # A client whose snapshot did not load is marked too, but only held
+        # clients are ever saved, so its empty state never overwrites it.
+        now = time.monotonic()
+        for item in items:
+            if item.key is None:
+                continue
+            client_id = item.key.client_id
+            self._last_seen.pop(client_id, None)
+            self._last_seen[client_id] = now
+            self._dirty[client_id] = None
+
+    async def maintain(self, now: float | None = None) -> None:
+        """Save the clients seen since the last checkpoint when one is due,
+        and save then drop clients idle for ``client_idle_s``; at most
+        ``checkpoint_max_clients`` saves per call. Redis failures are logged
+        (see :meth:`snapshot`), never raised."""
+        now = time.monotonic() if now is None else now
+        budget = self._config.checkpoint_max_clients
+        idle_before = now - self._config.client_idle_s
+        idle: list[str] = []
+        for client_id, seen in self._last_seen.items():
+            if seen > idle_before or len(idle) >= budget:
+                break
+            idle.append(client_id)
+        if idle:
+            await self.snapshot([c for c in idle if c in self._client_tp])
+            for client_id in idle:
+                self.forget(client_id)
+            logger.info("idle clients saved and dropped", extra={"clients": len(idle)})
+            budget -= len(idle)
+        interval_s = self._config.checkpoint_interval_s
+        due = interval_s > 0 and now - self._last_checkpoint >= interval_s
+        if not due or budget <= 0:
+            return
+        chunk = [c for c in list(self._dirty)[:budget] if c in self._client_tp]
+        for client_id in list(self._dirty)[:budget]:
+            del self._dirty[client_id]
+        await self.snapshot(chunk)
+        if not self._dirty:
+            # The whole backlog is saved: the next checkpoint is a full
+            # interval away; until then each batch saves another chunk.
+            self._last_checkpoint = now
+        if chunk:
+            logger.debug("clients checkpointed", extra={"clients": len(chunk)})
+
     async def snapshot(self, client_ids: list[str]) -> None:
         """Save these clients' state for their next owner; a Redis failure is
         logged and costs only their history."""
@@ -123,5 +190,7 @@ class ClientStates:
     def forget(self, client_id: str) -> None:
         """Drop a client's state from memory (after its snapshot)."""
         self._client_tp.pop(client_id, None)
+        self._last_seen.pop(client_id, None)
+        self._dirty.pop(client_id, None)
         self._scorer.forget(client_id)
         self._metrics.clients.set(len(self._client_tp))

@@ -156,7 +156,7 @@ class Worker:
         self._throttle = ThrottleStore(self._redis, s)
         self._clientview = ClientView(self._redis, s)
         self._cross = CrossClient(self._redis, s)
-        self._clients = ClientStates(self._store, self._scorer, self.metrics)
+        self._clients = ClientStates(self._store, self._scorer, self.metrics, s.worker)
 
         try:
             await ensure_topics(s)
@@ -414,6 +414,7 @@ class Worker:
         )
         timer.lap("produce")
         await enforce.release_in_flight(items, self._admitter)
+        await self._clients.maintain()
 
     def set_limits(self, limits: LimitsConfig) -> None:
         """Put new plans and limits in force from the next batch on, without a
