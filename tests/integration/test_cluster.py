@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from cryptography.fernet import Fernet
 from redis.asyncio.cluster import RedisCluster
@@ -53,6 +54,15 @@ __all__ = ["redis_cluster"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 X_TEST = digits_split()[1]
+
+
+def _one_pixel_probes(source: np.ndarray, n: int) -> np.ndarray:
+    """``n`` copies of ``source``, each with one random pixel set to a random
+    level: the queries of a one-pixel attack."""
+    rng = np.random.default_rng(11)
+    rows = np.repeat(source[None, :], n, axis=0).astype(np.float32)
+    rows[np.arange(n), rng.integers(0, source.size, n)] = rng.integers(0, 17, n)
+    return rows
 
 
 def _cluster_settings(
@@ -323,11 +333,12 @@ async def test_worker_serves_many_clients_on_a_cluster(
                 "ok", "ok", "RATE_LIMITED", "RATE_LIMITED"
             ], slowed  # fmt: skip
 
-            # A prober repeating one input is blocked by policy; the client
-            # view shows it and releasing it lets it through again.
+            # A one-pixel prober (one input, one pixel changed per query) is
+            # blocked by policy; the client view shows it and releasing it
+            # lets it through again.
             probe_ids = [
-                await kafka.send_request(*probe, X_TEST[:1], client_id="probe-1")
-                for _ in range(16)
+                await kafka.send_request(*probe, row[None, :], client_id="probe-1")
+                for row in _one_pixel_probes(X_TEST[0], 24)
             ]
             await kafka.flush()
             probed = await responses_for(settings, probe_ids, timeout_s=60)
