@@ -44,9 +44,9 @@ MIN_SD = 1.0
 once coverage saturates its spread tends to 0, and one extra cell must not
 then count as many deviations."""
 
-MAX_SCORE = 20.0
-"""Cap of a score, in honest standard deviations (keeps it finite and
-readable)."""
+MAX_SCORE = 10.0
+"""Honest standard deviations that map to a score of 1 (the cap): scores
+stay in [0, 1] like every detector's, and 0.45 reads as 4.5 deviations."""
 
 
 class CoverageParams(DetectorParams):
@@ -61,9 +61,9 @@ class CoverageParams(DetectorParams):
     kmeans_iterations: int = Field(15, ge=1, le=200)
     """Lloyd iterations when fitting the partition."""
 
-    threshold: float = Field(4.5, gt=0.0, le=MAX_SCORE)
-    """Score (honest standard deviations above the expected coverage) at
-    which a client is flagged."""
+    threshold: float = Field(0.45, gt=0.0, le=1.0)
+    """Score at which a client is flagged: 0.45 is 4.5 honest standard
+    deviations above the expected coverage."""
 
     min_queries: int = Field(30, ge=1, le=100_000)
     """Queries (for the input part) or answers (for the decision part) a
@@ -115,7 +115,9 @@ def expected_coverage(
     return np.asarray((1.0 - (1.0 - p[None, :]) ** n[:, None]).sum(axis=1))
 
 
-def coverage_sd(counts: npt.NDArray[np.float64], horizon: int) -> npt.NDArray[np.float64]:
+def coverage_sd(
+    counts: npt.NDArray[np.float64], horizon: int
+) -> npt.NDArray[np.float64]:
     """Standard deviation of the distinct cells after ``n`` i.i.d. draws, for
     n = 0..horizon (exact, from the pairwise chance that two cells are both
     still empty: ``Var = sum_ij (1 - p_i - p_j)^n - (sum_i (1 - p_i)^n)^2``
@@ -170,10 +172,10 @@ def _excess(
     expected: npt.NDArray[np.float64],
     spread: npt.NDArray[np.float64],
 ) -> npt.NDArray[np.float64]:
-    """``(covered - E) / max(sd, MIN_SD)`` where the client covers more than
-    ``E``, else 0, capped at ``MAX_SCORE``."""
+    """``(covered - E) / max(sd, MIN_SD) / MAX_SCORE`` where the client covers
+    more than ``E``, else 0, capped at 1."""
     z = (covered - expected) / np.maximum(spread, MIN_SD)
-    return np.clip(z, 0.0, MAX_SCORE)
+    return np.clip(z / MAX_SCORE, 0.0, 1.0)
 
 
 class CoverageDetector(Detector[CoverageParams]):
@@ -195,10 +197,10 @@ class CoverageDetector(Detector[CoverageParams]):
     ratio threshold of 0.25 in a `modelgate eval` run (2026-12-04). Measured
     since (offline replay, 40 held-out clients per model of the evaluation's
     zoo, 250 queries each with the evaluation's near-duplicate habit): the
-    largest honest score was 4.0; the threshold is 4.5.
+    largest honest excess was 4.0 deviations; the threshold is 4.5.
 
-    Score: in [0, ``MAX_SCORE``], higher is more suspicious. Cold until a
-    partition exists and ``min_queries`` are seen.
+    Score: deviations over ``MAX_SCORE``, capped, in [0, 1]; higher is more
+    suspicious. Cold until a partition exists and ``min_queries`` are seen.
 
     When it is weak:
 
@@ -258,10 +260,8 @@ class CoverageDetector(Detector[CoverageParams]):
         check_ring_counters(values, "cells", "cells_pos", "cells_len")
         check_ring_counters(values, "regions", "regions_pos", "regions_len")
         score = float(values["region_score"])
-        if not 0.0 <= score <= MAX_SCORE:
-            raise ValueError(
-                f"state field 'region_score' is outside [0, {MAX_SCORE:g}]"
-            )
+        if not 0.0 <= score <= 1.0:
+            raise ValueError("state field 'region_score' is outside [0, 1]")
 
     def _learn_baseline(self, X: npt.NDArray[np.float64]) -> None:
         p = self._params

@@ -213,9 +213,7 @@ def test_coverage_scores_in_honest_deviations_and_survives_serialisation(
         serve(detector, model, f"h{i}", s, batch=1)
         for i, s in enumerate(benign_clients(digits, 20, 200))
     ]
-    assert all(s.warm and not s.flagged for s in honest), max(
-        s.score for s in honest
-    )
+    assert all(s.warm and not s.flagged for s in honest), max(s.score for s in honest)
     rng = np.random.default_rng(3)
     serve(detector, model, "thief", rng.random((120, 64)), learn=False)
     before = detector.score_batch(["thief"], digits.test[:1], learn=[False])[0]
