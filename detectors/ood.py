@@ -47,6 +47,24 @@ feature: a continuous feature sampled by a small reference has few distinct
 values by chance, and must not be mistaken for a quantised one."""
 
 
+def _complete_grid(
+    values: npt.NDArray[np.float64], limit: int
+) -> npt.NDArray[np.float64]:
+    """A feature's levels, completed to its regular grid over [0, 1] when the
+    reference levels are multiples of one step (pixel intensities k/16), so a
+    level the reference happened not to show (a sparse edge pixel) is not
+    taken for an off-lattice value; the observed levels otherwise."""
+    step = float(np.diff(values).min())
+    offsets = (values - values[0]) / step
+    if step <= 0 or not np.allclose(offsets, np.rint(offsets), atol=1e-6):
+        return values
+    first = -np.floor(values[0] / step + 1e-9)
+    last = np.floor((1.0 - values[0]) / step + 1e-9)
+    if last - first + 1 > limit:
+        return values
+    return np.asarray(values[0] + step * np.arange(first, last + 1))
+
+
 class OodParams(DetectorParams):
     """Parameters of :class:`OutOfDistributionDetector`."""
 
@@ -298,7 +316,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
                     len(X) >= LATTICE_ROWS_PER_LEVEL * len(values)
                 ):
                     features.append(j)
-                    levels.append(values)
+                    levels.append(_complete_grid(values, limit))
         width = max((len(v) for v in levels), default=0)
         padded = np.full((len(levels), width), np.inf)
         for i, values in enumerate(levels):

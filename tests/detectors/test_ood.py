@@ -159,3 +159,83 @@ def test_evidence_reads_as_a_sentence(digits: Digits) -> None:
         "0 of the last 1 queries look unlike normal traffic"
     )
     assert "running mean" in score.evidence
+
+
+# -- lattice: quantised features off their reference levels -------------------
+
+
+def equation_like(
+    base: npt.NDArray[np.float64], n: int, seed: int
+) -> npt.NDArray[np.float64]:
+    """Tramèr-style equation-solving queries in scaled units: ``base`` plus
+    uniform perturbations of 5% of each value plus 0.05 raw (of 16)."""
+    rng = np.random.default_rng(seed)
+    step = 0.05 * base + 0.05 / 16.0
+    return np.clip(base + rng.uniform(-1.0, 1.0, (n, base.size)) * step, 0.0, 1.0)
+
+
+def test_lattice_features_are_the_quantised_ones(digits: Digits) -> None:
+    detector = ready_detector(digits)
+    # Digits pixels take the 17 levels k/16; constant pixels have one level
+    # and say nothing, so they are left out.
+    assert len(detector.lattice_features) > 50
+    # A sparse edge pixel may meet a level the training half never showed,
+    # so a held-out digit can be off in one feature; never in two.
+    off = detector.off_lattice(digits.test)
+    assert off.max() < 2 and (off == 0).mean() > 0.95
+    continuous = OutOfDistributionDetector()
+    continuous.learn_baseline(np.random.default_rng(0).random((400, 8)))
+    assert len(continuous.lattice_features) == 0
+
+
+def test_honest_noisy_replay_stays_below_threshold(digits: Digits) -> None:
+    # The evaluation's honest habit: held-out rows, some re-sent with noise of
+    # 0.5% of the span (sensor noise), never count as synthetic.
+    detector = ready_detector(digits)
+    rng = np.random.default_rng(4)
+    for client in range(8):
+        rows = digits.test[rng.choice(len(digits.test), 120, replace=False)]
+        noisy = np.clip(rows + rng.normal(0.0, 0.005, rows.shape), 0.0, 1.0)
+        stream = np.where((np.arange(120) % 3 == 0)[:, None], noisy, rows)
+        scores = detector.score_batch([f"h{client}"] * len(stream), stream)
+        assert not any(s.flagged for s in scores), max(s.score for s in scores)
+    assert (detector.off_lattice(noisy) < 2).all()
+
+
+def test_one_off_lattice_query_per_key_is_judged(digits: Digits) -> None:
+    # A distributed equation-solving thief: one or two queries per key. The
+    # first off-lattice query warms the key, so each key is flagged on it.
+    detector = ready_detector(digits)
+    queries = equation_like(digits.test[0], 20, seed=1)
+    synthetic = detector.off_lattice(queries) >= 4
+    assert synthetic.mean() > 0.8
+    flagged = [
+        detector.score_batch([f"key{k}"], queries[k : k + 1])[0].flagged
+        for k in range(len(queries))
+    ]
+    assert flagged == synthetic.tolist()
+    single = ready_detector(digits)
+    assert 0 < first_flag(single, queries) <= 3
+
+
+def test_lattice_state_survives_serialisation_and_can_be_off(digits: Digits) -> None:
+    detector = ready_detector(digits)
+    queries = equation_like(digits.test[5], 3, seed=2)
+    detector.score_batch(["t"] * 3, queries)
+    blob = detector.dump_state("t")
+    assert blob is not None
+    restored = ready_detector(digits)
+    restored.load_state("t", blob)
+    honest = digits.test[:1]
+    assert (
+        restored.score_batch(["t"], honest)[0] == detector.score_batch(["t"], honest)[0]
+    )
+    assert restored.score_batch(["t"], honest)[0].warm
+
+    off = ready_detector(digits, lattice_levels=0)
+    assert len(off.lattice_features) == 0
+    assert first_flag(off, queries) == 0
+    with pytest.raises(ValueError):
+        OodParams(lattice_tolerance=0.0)
+    with pytest.raises(ValueError):
+        OodParams(lattice_levels=-1)
