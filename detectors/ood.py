@@ -208,9 +208,15 @@ class OutOfDistributionDetector(Detector[OodParams]):
         super().__init__(params, seed=seed)
         self._forest: HalfSpaceForest | None = None
         self._calibrated_threshold: float | None = None
-        # Lattice features: their indices and their reference levels, padded
-        # with +inf to one width so a batch is checked in one broadcast.
+        # Lattice features (see _learn_lattice): regular grids by origin,
+        # step and last level; the others by their padded levels.
+        empty = np.zeros(0)
         self._lattice_features: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
+        self._grid_features: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
+        self._grid_origin: npt.NDArray[np.float64] = empty
+        self._grid_last: npt.NDArray[np.float64] = empty
+        self._grid_step: npt.NDArray[np.float64] = empty
+        self._other_features: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
         self._lattice_levels: npt.NDArray[np.float64] = np.zeros((0, 0))
 
     @property
@@ -317,22 +323,53 @@ class OutOfDistributionDetector(Detector[OodParams]):
                 ):
                     features.append(j)
                     levels.append(_complete_grid(values, limit))
-        width = max((len(v) for v in levels), default=0)
-        padded = np.full((len(levels), width), np.inf)
-        for i, values in enumerate(levels):
-            padded[i, : len(values)] = values
+        # Regular grids (equal steps) are checked by rounding, O(1) per value;
+        # the others against every level, padded with +inf to one width so a
+        # batch is checked in one broadcast.
+        steps = np.array([float(np.diff(v).min()) for v in levels])
+        regular = np.array(
+            [
+                bool(np.allclose(np.diff(v), s))
+                for v, s in zip(levels, steps, strict=True)
+            ],
+            dtype=bool,
+        )
         self._lattice_features = np.asarray(features, dtype=np.int64)
+        self._grid_features = self._lattice_features[regular]
+        self._grid_origin = np.array(
+            [v[0] for v, r in zip(levels, regular, strict=True) if r]
+        )
+        self._grid_last = np.array(
+            [v[-1] for v, r in zip(levels, regular, strict=True) if r]
+        )
+        self._grid_step = steps[regular] if len(steps) else np.zeros(0)
+        others = [v for v, r in zip(levels, regular, strict=True) if not r]
+        width = max((len(v) for v in others), default=0)
+        padded = np.full((len(others), width), np.inf)
+        for i, values in enumerate(others):
+            padded[i, : len(values)] = values
+        self._other_features = self._lattice_features[~regular]
         self._lattice_levels = padded
 
     def off_lattice(self, X: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
         """Per row, how many lattice features lie off their reference levels."""
-        if len(self._lattice_features) == 0:
-            return np.zeros(len(X), dtype=np.int64)
-        values = X[:, self._lattice_features]
-        gap = np.abs(values[:, :, None] - self._lattice_levels[None, :, :]).min(axis=2)
-        return np.asarray(
-            (gap > self._params.lattice_tolerance).sum(axis=1), dtype=np.int64
-        )
+        off = np.zeros(len(X), dtype=np.int64)
+        tolerance = self._params.lattice_tolerance
+        if len(self._grid_features):
+            values = X[:, self._grid_features]
+            nearest = np.clip(
+                np.rint((values - self._grid_origin) / self._grid_step)
+                * self._grid_step
+                + self._grid_origin,
+                self._grid_origin,
+                self._grid_last,
+            )
+            off += (np.abs(values - nearest) > tolerance).sum(axis=1)
+        if len(self._other_features):
+            values = X[:, self._other_features]
+            gap = np.abs(values[:, :, None] - self._lattice_levels[None, :, :])
+            off += (gap.min(axis=2) > tolerance).sum(axis=1)
+        return off
 
     def _synthetic(self, X: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
         """Rows off the lattice in enough features to be synthesized."""

@@ -318,3 +318,29 @@ def test_traffic_judges_once_per_stride_and_holds_between() -> None:
     # Judged at requests 16, 24, 32, 40 (stride 8, min_queries 16).
     assert values[:15] == [0.0] * 15
     assert len(set(values[15:23])) == 1 and len(set(values[23:31])) == 1
+
+
+def test_traffic_features_equal_the_nan_aware_reference() -> None:
+    # _features computes moments and the median from sums and one sort; it
+    # must equal numpy's NaN-aware functions on windows with unfilled slots,
+    # repeated times (rows of one request) and a single arrival.
+    from detectors.traffic import _features
+
+    rng = np.random.default_rng(5)
+    times = np.cumsum(rng.exponential(0.5, (40, 16)), axis=1)
+    times[:, 5] = times[:, 4]
+    times[:10, :9] = np.nan
+    times[10, :-1] = np.nan
+    out = _features(times, 0.1)
+    gaps = np.diff(times, axis=1)
+    valid = np.isfinite(gaps) & (gaps > 0)
+    safe = np.where(valid, gaps, np.nan)
+    for i in range(len(times)):
+        g = safe[i][valid[i]]
+        if len(g) == 0:
+            assert out[i].tolist() == pytest.approx([out[i][0], 0.0, 0.0])
+            continue
+        cv = np.std(g) / np.mean(g)
+        regular = np.mean(np.abs(g - np.median(g)) <= 0.1 * np.median(g))
+        assert out[i, 1] == pytest.approx(cv)
+        assert out[i, 2] == pytest.approx(regular)
