@@ -368,15 +368,13 @@ class CoverageDetector(Detector[CoverageParams]):
         )
         score = np.maximum(input_part, region_part)
         warm = (seen >= p.min_queries) | (arrays["n_answers"][slots] >= p.min_queries)
-        evidence = [
-            f"last {m} queries cover {c} of {p.cells} input cells (honest about "
-            f"{e:.0f}); decision-region part {r:.2f}"
-            for m, c, e, r in zip(
-                lengths.tolist(),
-                covered.tolist(),
-                expected.tolist(),
-                region_part.tolist(),
-                strict=True,
+        cells = p.cells
+
+        def evidence(row: int) -> str:
+            return (
+                f"last {lengths[row]} queries cover {covered[row]} of {cells} input "
+                f"cells (honest about {expected[row]:.0f}); decision-region part "
+                f"{region_part[row]:.2f}"
             )
-        ]
+
         return self._scores(score, warm, evidence)
