@@ -24,6 +24,7 @@ from pydantic import Field
 from detectors._hst import HalfSpaceForest
 from detectors._state import (
     FieldSpec,
+    Groups,
     check_window,
     group_rows,
     push_window,
@@ -63,6 +64,20 @@ def _complete_grid(
     if last - first + 1 > limit:
         return values
     return np.asarray(values[0] + step * np.arange(first, last + 1))
+
+
+def _running_count(
+    total: npt.NDArray[np.int64], groups: Groups, bits: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.int64]:
+    """Per sorted row, its client's count of ``bits`` up to and including it
+    (``total`` holds the counts before the batch and is advanced)."""
+    ordered = bits[groups.order].astype(np.int64)
+    running = np.cumsum(ordered)
+    before_group = np.repeat(running[groups.start] - ordered[groups.start], groups.size)
+    so_far = total[groups.unique][groups.group] + running - before_group
+    if len(ordered):
+        total[groups.unique] += np.add.reduceat(ordered, groups.start)
+    return np.asarray(so_far, dtype=np.int64)
 
 
 class OodParams(DetectorParams):
@@ -121,6 +136,23 @@ class OodParams(DetectorParams):
     """Fewest lattice features off the lattice for a query to count as
     synthetic."""
 
+    range_min_features: int = Field(3, ge=0, le=100_000)
+    """Features outside the reference's range (by more than
+    ``range_tolerance``) that make a query *wide*; 0 turns the check off."""
+
+    range_tolerance: float = Field(0.03, ge=0.0, le=0.5)
+    """How far (scaled units) beyond the reference's min or max a feature must
+    lie to count as outside the range."""
+
+    range_early: int = Field(3, ge=1, le=100_000)
+    """Counted wide queries after which a client is warm before
+    ``min_queries``."""
+
+    range_repeat_eps: float = Field(0.05, ge=0.0, le=1.0)
+    """A wide query within this per-feature RMS distance of the client's
+    previous wide query is a repeat (an honest re-send of one unusual input)
+    and is not counted."""
+
 
 class OutOfDistributionDetector(Detector[OodParams]):
     """Share of a client's recent queries that fall outside normal traffic.
@@ -146,6 +178,18 @@ class OutOfDistributionDetector(Detector[OodParams]):
     0.5% noise): no honest query had more than 2 of 64 digits pixels or 1 of
     9 phishing features off; equation-solving queries had a median of 8-9
     (digits) and 3-6 (phishing).
+
+    A query is also an outlier when it is *wide*: at least
+    ``range_min_features`` features lie outside the reference's range (by
+    more than ``range_tolerance``), unless it repeats the client's previous
+    wide query (within ``range_repeat_eps``). Weaker evidence than the
+    lattice: on the evaluation's breast-cancer model 1.2% of honest held-out
+    queries are wide (new patients beyond the training range), against 70%
+    of equation-solving queries (perturbations of 0.05 raw push the
+    narrowest features, 0.002 to 0.05 wide, far past their range). So a
+    client is warm early only after ``range_early`` (3) counted wide queries,
+    which an honest client meets with a chance of about 1e-4 among its first
+    ten; a thief's key with three or four queries is then judged.
 
     Score: in [0, 1], higher is more suspicious; at the default calibration an
     honest client's expected score is about 0.005. Flagged at ``threshold``
@@ -178,11 +222,12 @@ class OutOfDistributionDetector(Detector[OodParams]):
       themselves, give or take small noise: a deployment whose clients send
       rescaled or noisier versions of quantised data must widen
       ``lattice_tolerance`` or set ``lattice_levels=0``; and it sees nothing
-      on continuous features (breast cancer), where equation-solving queries
-      stay inside the data's range and are not flagged by this detector.
+      on continuous features (breast cancer); there only the range check
+      applies, which misses perturbations that stay inside the data's range.
 
-    Per-client state: a ring of ``window`` outlier bits, counters and the EWMA
-    (about 100 bytes). The shared model holds about 200 KB with the defaults.
+    Per-client state: a ring of ``window`` outlier bits, counters, the EWMA
+    and the last wide query at 8 bits per feature (about 100 bytes plus one
+    per feature). The shared model holds about 200 KB with the defaults.
 
     Parameters
     ----------
@@ -218,6 +263,9 @@ class OutOfDistributionDetector(Detector[OodParams]):
         self._grid_step: npt.NDArray[np.float64] = empty
         self._other_features: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
         self._lattice_levels: npt.NDArray[np.float64] = np.zeros((0, 0))
+        # The reference's range per feature (None before a baseline).
+        self._range_low: npt.NDArray[np.float64] | None = None
+        self._range_high: npt.NDArray[np.float64] | None = None
 
     @property
     def lattice_features(self) -> npt.NDArray[np.int64]:
@@ -242,14 +290,17 @@ class OutOfDistributionDetector(Detector[OodParams]):
             "n_seen": FieldSpec((), "<i8"),
             "ewma": FieldSpec((), "<f8"),
             "n_off_lattice": FieldSpec((), "<i8"),
+            "n_wide": FieldSpec((), "<i8"),
+            "last_wide": FieldSpec((n_features,), "u1"),
         }
 
     def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
         check_window(values, "outlier", "outlier_pos", "outlier_len")
         if not np.isfinite(values["ewma"]) or int(values["n_seen"]) < 0:
             raise ValueError("state field 'ewma' or 'n_seen' is invalid")
-        if not 0 <= int(values["n_off_lattice"]) <= int(values["n_seen"]):
-            raise ValueError("state field 'n_off_lattice' is invalid")
+        for field in ("n_off_lattice", "n_wide"):
+            if not 0 <= int(values[field]) <= int(values["n_seen"]):
+                raise ValueError(f"state field {field!r} is invalid")
 
     def _on_n_features(self, n_features: int) -> None:
         params = self._params
@@ -334,6 +385,8 @@ class OutOfDistributionDetector(Detector[OodParams]):
             ],
             dtype=bool,
         )
+        self._range_low = X.min(axis=0)
+        self._range_high = X.max(axis=0)
         self._lattice_features = np.asarray(features, dtype=np.int64)
         self._grid_features = self._lattice_features[regular]
         self._grid_origin = np.array(
@@ -371,6 +424,51 @@ class OutOfDistributionDetector(Detector[OodParams]):
             off += (gap.min(axis=2) > tolerance).sum(axis=1)
         return off
 
+    def outside_range(self, X: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+        """Per row, how many features lie outside the reference's range."""
+        if self._range_low is None or self._range_high is None:
+            return np.zeros(len(X), dtype=np.int64)
+        t = self._params.range_tolerance
+        out = (self._range_low - t > X) | (self._range_high + t < X)
+        return np.asarray(out.sum(axis=1), dtype=np.int64)
+
+    def _counted_wide(
+        self, slots: npt.NDArray[np.int64], X: npt.NDArray[np.float64]
+    ) -> npt.NDArray[np.bool_]:
+        """Wide queries that are not repeats of their client's previous wide
+        one, in arrival order (updates ``last_wide``)."""
+        counted = np.zeros(len(X), dtype=bool)
+        p = self._params
+        if p.range_min_features == 0 or self._arena is None:
+            return counted
+        wide = np.flatnonzero(self.outside_range(X) >= p.range_min_features)
+        if len(wide) == 0:
+            return counted
+        arrays = self._arena.arrays
+        last, n_wide = arrays["last_wide"], arrays["n_wide"]
+        # Compared on the stored 8-bit grid, so a batch counts exactly as
+        # its rows sent one at a time.
+        codes = np.rint(np.clip(X[wide], 0.0, 1.0) * 255.0).astype(np.uint8)
+        limit = (p.range_repeat_eps * 255.0) ** 2 * X.shape[1]
+        previous: dict[int, npt.NDArray[np.uint8] | None] = {}
+        for i, (row, slot) in enumerate(
+            zip(wide.tolist(), slots[wide].tolist(), strict=True)
+        ):
+            if slot not in previous:
+                previous[slot] = last[slot] if n_wide[slot] > 0 else None
+            before = previous[slot]
+            code = codes[i]
+            if before is not None:
+                step = code.astype(np.float64) - before
+                if float(step @ step) <= limit:
+                    continue
+            counted[row] = True
+            previous[slot] = code
+        for slot, code in previous.items():
+            if code is not None:
+                last[slot] = code
+        return counted
+
     def _synthetic(self, X: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
         """Rows off the lattice in enough features to be synthesized."""
         n_lattice = len(self._lattice_features)
@@ -403,7 +501,8 @@ class OutOfDistributionDetector(Detector[OodParams]):
         else:
             outlier = np.zeros(n, dtype=bool)
         synthetic = self._synthetic(X)
-        outlier |= synthetic
+        wide = self._counted_wide(slots, X)
+        outlier |= synthetic | wide
 
         # Outlier bits into each client's window, in arrival order.
         groups = group_rows(slots)
@@ -419,15 +518,10 @@ class OutOfDistributionDetector(Detector[OodParams]):
         n_seen[groups.unique] += groups.size
         inverse = np.empty(n, dtype=np.int64)
         inverse[groups.order] = np.arange(n)
-        # Off-lattice queries so far, per row (its client's count after it).
-        n_off = arrays["n_off_lattice"]
-        ordered_off = synthetic[groups.order].astype(np.int64)
-        running_off = np.cumsum(ordered_off)
-        group_start = np.repeat(
-            running_off[groups.start] - ordered_off[groups.start], groups.size
-        )
-        off_so_far = n_off[groups.unique][groups.group] + running_off - group_start
-        n_off[groups.unique] += np.add.reduceat(ordered_off, groups.start) if n else 0
+        # Off-lattice and counted wide queries so far, per row (its client's
+        # count after it).
+        off_so_far = _running_count(arrays["n_off_lattice"], groups, synthetic)
+        wide_so_far = _running_count(arrays["n_wide"], groups, wide)
 
         # The EWMA is a recurrence along each client's rows; a plain loop over
         # Python floats costs well under 1 µs a row.
@@ -462,12 +556,17 @@ class OutOfDistributionDetector(Detector[OodParams]):
                 return (
                     f"{counts[row]} of the last {lengths[row]} queries look unlike "
                     f"normal traffic (anomaly score above {query_threshold:.3f}, "
-                    f"or off the values real inputs take; {off_rows[row]} so far "
-                    f"off them); this one {raw[row]:.3f}, running mean "
-                    f"{ewma[row]:.3f}"
+                    f"or off the values real inputs take, or outside their range; "
+                    f"{off_rows[row]} so far off them, {wide_rows[row]} outside); "
+                    f"this one {raw[row]:.3f}, running mean {ewma[row]:.3f}"
                 )
 
-            warm = (seen[inverse] >= params.min_queries) | (off_rows > 0)
+            wide_rows = wide_so_far[inverse]
+            warm = (
+                (seen[inverse] >= params.min_queries)
+                | (off_rows > 0)
+                | (wide_rows >= params.range_early)
+            )
             return self._scores(counts / lengths, warm, evidence)
         cold = [
             "no baseline of normal traffic yet (learn_baseline has not "

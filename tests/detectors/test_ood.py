@@ -239,3 +239,78 @@ def test_lattice_state_survives_serialisation_and_can_be_off(digits: Digits) -> 
         OodParams(lattice_tolerance=0.0)
     with pytest.raises(ValueError):
         OodParams(lattice_levels=-1)
+
+
+# -- wide queries: several features outside the reference's range -------------
+
+
+def continuous_reference(seed: int = 0) -> npt.NDArray[np.float64]:
+    # Continuous features (no lattice) inside [0.05, 0.95], like the
+    # evaluation's breast-cancer features scaled by their reference range.
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.normal(0.5, 0.12, (600, 12)), 0.05, 0.95)
+
+
+def wide_queries(n: int, seed: int) -> npt.NDArray[np.float64]:
+    # Equation-solving style: a public row with a few small features pushed
+    # far past their range (and clipped at the edge of the scale).
+    rng = np.random.default_rng(seed)
+    rows = np.clip(rng.normal(0.5, 0.1, (n, 12)), 0.1, 0.9)
+    rows[:, rng.choice(12, 4, replace=False)] = 1.0
+    return rows
+
+
+def test_honest_continuous_stream_is_not_wide() -> None:
+    ref = continuous_reference()
+    detector = OutOfDistributionDetector()
+    detector.learn_baseline(ref)
+    assert len(detector.lattice_features) == 0
+    honest = continuous_reference(seed=1)[:300]
+    assert (detector.outside_range(honest) < 3).all()
+    scores = detector.score_batch(["h"] * len(honest), honest)
+    assert not any(s.flagged for s in scores)
+
+
+def test_three_wide_queries_warm_and_flag_a_fresh_key() -> None:
+    detector = OutOfDistributionDetector()
+    detector.learn_baseline(continuous_reference())
+    thief = wide_queries(3, seed=2)
+    scores = detector.score_batch(["t"] * 3, thief)
+    assert [s.warm for s in scores] == [False, False, True]
+    assert scores[-1].flagged and "3 outside" in scores[-1].evidence
+
+
+def test_repeats_of_one_wide_query_count_once() -> None:
+    # An honest client re-sending one unusual input with tiny noise.
+    detector = OutOfDistributionDetector()
+    detector.learn_baseline(continuous_reference())
+    row = wide_queries(1, seed=3)
+    rng = np.random.default_rng(4)
+    repeats = np.clip(row + rng.normal(0.0, 0.005, (6, 12)), 0.0, 1.0)
+    scores = detector.score_batch(["r"] * 6, repeats)
+    # Warm only by min_queries (5), never early by wide queries.
+    assert [s.warm for s in scores] == [False] * 4 + [True] * 2
+    assert "1 outside" in scores[-1].evidence
+
+
+def test_wide_state_round_trips_and_params_validate() -> None:
+    ref = continuous_reference()
+    detector = OutOfDistributionDetector()
+    detector.learn_baseline(ref)
+    detector.score_batch(["t"] * 2, wide_queries(2, seed=5))
+    blob = detector.dump_state("t")
+    assert blob is not None
+    restored = OutOfDistributionDetector()
+    restored.learn_baseline(ref)
+    restored.load_state("t", blob)
+    third = wide_queries(1, seed=6)
+    assert (
+        restored.score_batch(["t"], third)[0] == detector.score_batch(["t"], third)[0]
+    )
+    off = OutOfDistributionDetector(OodParams(range_min_features=0))
+    off.learn_baseline(ref)
+    assert not any(s.warm for s in off.score_batch(["t"] * 3, wide_queries(3, 2)))
+    with pytest.raises(ValueError):
+        OodParams(range_tolerance=-0.1)
+    with pytest.raises(ValueError):
+        OodParams(range_early=0)
