@@ -80,6 +80,57 @@ def _running_count(
     return np.asarray(so_far, dtype=np.int64)
 
 
+# Largest rows of one client in a batch for which the EWMA steps through
+# columns in numpy; beyond it a loop over Python floats is cheaper.
+_EWMA_COLUMNS = 48
+
+
+def _ewma(
+    column: npt.NDArray[np.float64],
+    groups: Groups,
+    values: npt.NDArray[np.float64],
+    seen_before: npt.NDArray[np.int64],
+    alpha: float,
+) -> npt.NDArray[np.float64]:
+    """Each client's running mean after each of its rows (sorted order),
+    ``e <- e + alpha * (x - e)`` from the stored value, or ``x`` for a client's
+    first row ever; ``column`` is advanced. The same arithmetic in either
+    path, so batches equal rows sent one at a time bit for bit."""
+    n = len(values)
+    out = np.empty(n)
+    if n == 0:
+        return out
+    if int(groups.size.max()) <= _EWMA_COLUMNS:
+        # One numpy step per position within a client, across all clients.
+        current = column[groups.unique].copy()
+        for t in range(int(groups.size.max())):
+            live = np.flatnonzero(groups.size > t)
+            rows = groups.start[live] + t
+            x = values[rows]
+            step = current[live] + alpha * (x - current[live])
+            step = np.where(seen_before[rows] == 0, x, step)
+            current[live] = step
+            out[rows] = step
+        column[groups.unique] = current
+        return out
+    previous_all = column[groups.unique].tolist()
+    sizes = groups.size.tolist()
+    firsts = (seen_before == 0).tolist()
+    flat = values.tolist()
+    i = 0
+    for g, size in enumerate(sizes):
+        current_value = previous_all[g]
+        for _ in range(size):
+            x = flat[i]
+            current_value = (
+                x if firsts[i] else current_value + alpha * (x - current_value)
+            )
+            out[i] = current_value
+            i += 1
+        column[groups.unique[g]] = current_value
+    return out
+
+
 class OodParams(DetectorParams):
     """Parameters of :class:`OutOfDistributionDetector`."""
 
@@ -523,28 +574,9 @@ class OutOfDistributionDetector(Detector[OodParams]):
         off_so_far = _running_count(arrays["n_off_lattice"], groups, synthetic)
         wide_so_far = _running_count(arrays["n_wide"], groups, wide)
 
-        # The EWMA is a recurrence along each client's rows; a plain loop over
-        # Python floats costs well under 1 µs a row.
-        ewma_column = arrays["ewma"]
-        alpha = params.ewma_alpha
-        running: dict[int, float] = {}
-        ewma = []
-        for slot, seen_before, value in zip(
-            slots.tolist(),
-            (seen[inverse] - 1).tolist(),
-            raw.tolist(),
-            strict=True,
-        ):
-            previous = running.get(slot)
-            if previous is None:
-                previous = float(ewma_column[slot])
-            current = (
-                value if seen_before == 0 else previous + alpha * (value - previous)
-            )
-            running[slot] = current
-            ewma.append(current)
-        for slot, current in running.items():
-            ewma_column[slot] = current
+        ewma = _ewma(
+            arrays["ewma"], groups, raw[groups.order], seen - 1, params.ewma_alpha
+        )[inverse]
 
         # One score per row.
         counts = counts[inverse]
