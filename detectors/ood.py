@@ -297,6 +297,15 @@ class OutOfDistributionDetector(Detector[OodParams]):
             "threshold",
             "min_queries",
             "ewma_alpha",
+            # Read at scoring only; lattice_levels is not here because the
+            # lattice is found from the reference at start.
+            "lattice_tolerance",
+            "lattice_share",
+            "lattice_min_features",
+            "range_min_features",
+            "range_tolerance",
+            "range_early",
+            "range_repeat_eps",
         }
     )
 

@@ -314,3 +314,13 @@ def test_wide_state_round_trips_and_params_validate() -> None:
         OodParams(range_tolerance=-0.1)
     with pytest.raises(ValueError):
         OodParams(range_early=0)
+
+
+def test_lattice_and_range_settings_change_while_running(digits: Digits) -> None:
+    detector = ready_detector(digits)
+    detector.set_params(lattice_tolerance=0.3, range_min_features=0)
+    queries = equation_like(digits.test[0], 5, seed=1)
+    assert (detector.off_lattice(queries) == 0).all()
+    assert first_flag(detector, queries) == 0
+    with pytest.raises(ValueError, match="lattice_levels"):
+        detector.set_params(lattice_levels=8)
