@@ -337,8 +337,8 @@ class CoverageDetector(Detector[CoverageParams]):
         assert self._arena is not None
         n = len(slots)
         if self._centres is None or self._expected_in is None or self._sd_in is None:
-            evidence = ["no input partition yet, so no query is judged"] * n
-            return self._scores(np.zeros(n), np.zeros(n, dtype=bool), evidence)
+            cold = ["no input partition yet, so no query is judged"] * n
+            return self._scores(np.zeros(n), np.zeros(n, dtype=bool), cold)
         arrays = self._arena.arrays
         p = self._params
         groups = group_rows(slots)
@@ -368,11 +368,11 @@ class CoverageDetector(Detector[CoverageParams]):
         )
         score = np.maximum(input_part, region_part)
         warm = (seen >= p.min_queries) | (arrays["n_answers"][slots] >= p.min_queries)
-        cells = p.cells
+        n_cells = p.cells
 
         def evidence(row: int) -> str:
             return (
-                f"last {lengths[row]} queries cover {covered[row]} of {cells} input "
+                f"last {lengths[row]} queries cover {covered[row]} of {n_cells} input "
                 f"cells (honest about {expected[row]:.0f}); decision-region part "
                 f"{region_part[row]:.2f}"
             )

@@ -331,7 +331,7 @@ class TrafficDetector(Detector[TrafficParams]):
         score, warm, held = score[inverse], warm[inverse], held[inverse]
         # Evidence against the baseline as it stands after the batch.
         spread = self._spread()
-        means = spread[0]
+        honest_means = spread[0]
         zs, best = self._z(held, spread)
         window = p.window
 
@@ -340,8 +340,9 @@ class TrafficDetector(Detector[TrafficParams]):
                 return "sending pattern like honest clients'"
             b = int(best[row])
             return (
-                f"{FEATURES[b]} {held[row, b]:.3g} against honest {means[b]:.3g} "
-                f"(z {zs[row]:.1f}) over the last {window} requests"
+                f"{FEATURES[b]} {held[row, b]:.3g} against honest "
+                f"{honest_means[b]:.3g} (z {zs[row]:.1f}) over the last {window} "
+                "requests"
             )
 
         return self._scores(score, warm, evidence)
