@@ -40,6 +40,7 @@ import numpy as np
 from redis.asyncio import Redis
 
 from evaluation.attacks.distributed import SpreadOracle
+from evaluation.attacks.probing import preload_art
 from evaluation.benign import draw_habits, draw_profiles, run_benign_stream
 from evaluation.demo import _first_cause, _own_topics
 from evaluation.eval_report import EvalResult, write_eval_report
@@ -648,6 +649,8 @@ async def _drive(
         async with gate:
             await asyncio.to_thread(_attack_job, run, attack)
 
+    if any(a.attack in PROBING_ATTACKS for a in run.attacks):
+        await asyncio.to_thread(preload_art)
     # Probing and equation solving first: short runs, and their flags are the
     # ones with tight targets.
     order = sorted(
