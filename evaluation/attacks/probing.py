@@ -319,4 +319,3 @@ def preload_art() -> None:
         warnings.filterwarnings("ignore", message="PyTorch not found")
         import art.attacks.evasion
         import art.estimators.classification  # noqa: F401
-
