@@ -160,11 +160,29 @@ def _growth(
     horizons = sorted({min(h, width) for h in (16, 32, 64, 128, 256)} | {width})
     best = np.zeros(len(windows))
     covered = np.zeros(len(windows), dtype=np.int64)
+    seen_from_end = _seen_sets(windows)
     for h in horizons:
-        covered = _distinct(windows[:, width - h :])
+        if seen_from_end is None:
+            covered = _distinct(windows[:, width - h :])
+        else:
+            covered = np.bitwise_count(seen_from_end[:, h - 1]).astype(np.int64)
         used = np.minimum(lengths, h)
         best = np.maximum(best, _excess(covered, expected[used], spread[used]))
     return best, covered
+
+
+def _seen_sets(windows: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64] | None:
+    """Per row and ``k``, the set of values among the last ``k + 1`` of the
+    window as a 64-bit mask (``_FILL`` not counted), or None when a value
+    does not fit in 64 bits; one pass instead of a sort per horizon."""
+    if windows.size == 0 or int(windows.max()) >= 64:
+        return None
+    bits = np.where(
+        windows >= 0,
+        np.left_shift(np.uint64(1), np.maximum(windows, 0).astype(np.uint64)),
+        np.uint64(0),
+    )
+    return np.asarray(np.bitwise_or.accumulate(bits[:, ::-1], axis=1))
 
 
 def _excess(

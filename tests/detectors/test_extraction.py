@@ -344,3 +344,23 @@ def test_traffic_features_equal_the_nan_aware_reference() -> None:
         regular = np.mean(np.abs(g - np.median(g)) <= 0.1 * np.median(g))
         assert out[i, 1] == pytest.approx(cv)
         assert out[i, 2] == pytest.approx(regular)
+
+
+def test_coverage_bitmask_counts_equal_sorted_counts() -> None:
+    # _growth counts distinct cells with 64-bit masks when cells fit, else by
+    # sorting; both must give the same scores and counts.
+    from detectors import coverage
+
+    rng = np.random.default_rng(2)
+    windows = rng.integers(-1, 16, (300, 64))
+    windows[:40, :30] = -1
+    lengths = (windows >= 0).sum(axis=1)
+    counts = rng.integers(1, 50, 16).astype(np.float64)
+    expected = coverage.expected_coverage(counts, 64)
+    spread = coverage.coverage_sd(counts, 64)
+    assert coverage._seen_sets(windows) is not None
+    fast = coverage._growth(windows, lengths, expected, spread)
+    slow_windows = windows + 1000 * (windows >= 0)  # too wide for a mask
+    assert coverage._seen_sets(slow_windows) is None
+    slow = coverage._growth(slow_windows, lengths, expected, spread)
+    assert np.array_equal(fast[0], slow[0]) and np.array_equal(fast[1], slow[1])
