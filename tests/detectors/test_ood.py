@@ -324,3 +324,15 @@ def test_lattice_and_range_settings_change_while_running(digits: Digits) -> None
     assert first_flag(detector, queries) == 0
     with pytest.raises(ValueError, match="lattice_levels"):
         detector.set_params(lattice_levels=8)
+
+
+def test_range_check_is_off_for_a_reference_too_small_to_say_where_data_lies() -> None:
+    # 30 rows of 12 features: half of them often fall outside the other
+    # half's range, so honest queries would be wide; the check turns off.
+    tiny = continuous_reference()[:30]
+    detector = OutOfDistributionDetector(OodParams(window_size=10))
+    detector.learn_baseline(tiny)
+    assert (detector.outside_range(wide_queries(3, seed=2)) == 0).all()
+    full = OutOfDistributionDetector()
+    full.learn_baseline(continuous_reference())
+    assert (full.outside_range(wide_queries(3, seed=2)) >= 3).all()
