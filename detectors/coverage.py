@@ -39,6 +39,15 @@ _FILL = -1
 _CLASS_SLOTS = 256
 """Decision-region keys are ``cell * 256 + class`` (classes above 255 share)."""
 
+MIN_SD = 1.0
+"""Floor of the honest standard deviation in a score's denominator, in cells:
+once coverage saturates its spread tends to 0, and one extra cell must not
+then count as many deviations."""
+
+MAX_SCORE = 10.0
+"""Honest standard deviations that map to a score of 1 (the cap): scores
+stay in [0, 1] like every detector's, and 0.45 reads as 4.5 deviations."""
+
 
 class CoverageParams(DetectorParams):
     """Parameters of :class:`CoverageDetector`."""
@@ -52,10 +61,9 @@ class CoverageParams(DetectorParams):
     kmeans_iterations: int = Field(15, ge=1, le=200)
     """Lloyd iterations when fitting the partition."""
 
-    threshold: float = Field(0.25, gt=0.0, le=1.0)
-    """Score at which a client is flagged; 0.25 is 1.33 times honest
-    coverage (on digits, 20 honest held-out clients reach at most 0.17, five
-    random-query thieves at least 0.32)."""
+    threshold: float = Field(0.45, gt=0.0, le=1.0)
+    """Score at which a client is flagged: 0.45 is 4.5 honest standard
+    deviations above the expected coverage."""
 
     min_queries: int = Field(30, ge=1, le=100_000)
     """Queries (for the input part) or answers (for the decision part) a
@@ -107,6 +115,27 @@ def expected_coverage(
     return np.asarray((1.0 - (1.0 - p[None, :]) ** n[:, None]).sum(axis=1))
 
 
+def coverage_sd(
+    counts: npt.NDArray[np.float64], horizon: int
+) -> npt.NDArray[np.float64]:
+    """Standard deviation of the distinct cells after ``n`` i.i.d. draws, for
+    n = 0..horizon (exact, from the pairwise chance that two cells are both
+    still empty: ``Var = sum_ij (1 - p_i - p_j)^n - (sum_i (1 - p_i)^n)^2``
+    with the diagonal term ``(1 - p_i)^n``)."""
+    p = counts[counts > 0] / counts.sum()
+    both_empty = np.clip(1.0 - p[:, None] - p[None, :], 0.0, 1.0)
+    np.fill_diagonal(both_empty, 1.0 - p)
+    one_empty = 1.0 - p
+    out = np.zeros(horizon + 1)
+    pair_power = np.ones_like(both_empty)
+    single_power = np.ones_like(one_empty)
+    for n in range(1, horizon + 1):
+        pair_power *= both_empty
+        single_power *= one_empty
+        out[n] = pair_power.sum() - single_power.sum() ** 2
+    return np.sqrt(np.clip(out, 0.0, None))
+
+
 def _distinct(windows: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     """Distinct values per row, not counting ``_FILL``."""
     ordered = np.sort(windows, axis=1)
@@ -118,9 +147,11 @@ def _growth(
     windows: npt.NDArray[np.int64],
     lengths: npt.NDArray[np.int64],
     expected: npt.NDArray[np.float64],
+    spread: npt.NDArray[np.float64],
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
-    """Largest excess coverage over the last 32, 64, ... queries of each row's
-    window (the whole window last), and the distinct cells of the whole.
+    """Largest excess coverage, in honest standard deviations, over the last
+    16, 32, 64, ... queries of each row's window (the whole window last), and
+    the distinct cells of the whole.
 
     Several horizons because coverage saturates: a sweep covers every cell
     in its first few dozen queries, and over a long window honest clients get
@@ -129,20 +160,40 @@ def _growth(
     horizons = sorted({min(h, width) for h in (16, 32, 64, 128, 256)} | {width})
     best = np.zeros(len(windows))
     covered = np.zeros(len(windows), dtype=np.int64)
+    seen_from_end = _seen_sets(windows)
     for h in horizons:
-        covered = _distinct(windows[:, width - h :])
+        if seen_from_end is None:
+            covered = _distinct(windows[:, width - h :])
+        else:
+            covered = np.bitwise_count(seen_from_end[:, h - 1]).astype(np.int64)
         used = np.minimum(lengths, h)
-        best = np.maximum(best, _excess(covered, expected[used]))
+        best = np.maximum(best, _excess(covered, expected[used], spread[used]))
     return best, covered
 
 
+def _seen_sets(windows: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64] | None:
+    """Per row and ``k``, the set of values among the last ``k + 1`` of the
+    window as a 64-bit mask (``_FILL`` not counted), or None when a value
+    does not fit in 64 bits; one pass instead of a sort per horizon."""
+    if windows.size == 0 or int(windows.max()) >= 64:
+        return None
+    bits = np.where(
+        windows >= 0,
+        np.left_shift(np.uint64(1), np.maximum(windows, 0).astype(np.uint64)),
+        np.uint64(0),
+    )
+    return np.asarray(np.bitwise_or.accumulate(bits[:, ::-1], axis=1))
+
+
 def _excess(
-    covered: npt.NDArray[np.int64], expected: npt.NDArray[np.float64]
+    covered: npt.NDArray[np.int64],
+    expected: npt.NDArray[np.float64],
+    spread: npt.NDArray[np.float64],
 ) -> npt.NDArray[np.float64]:
-    """``1 - E / covered`` where the client covers more than ``E``, else 0."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(covered > 0, expected / np.maximum(covered, 1), 1.0)
-    return np.clip(1.0 - ratio, 0.0, 1.0)
+    """``(covered - E) / max(sd, MIN_SD) / MAX_SCORE`` where the client covers
+    more than ``E``, else 0, capped at 1."""
+    z = (covered - expected) / np.maximum(spread, MIN_SD)
+    return np.clip(z / MAX_SCORE, 0.0, 1.0)
 
 
 class CoverageDetector(Detector[CoverageParams]):
@@ -150,13 +201,24 @@ class CoverageDetector(Detector[CoverageParams]):
     client's last ``window`` queries cover than honest clients' would.
 
     With ``c`` the distinct cells among the client's last ``m`` queries and
-    ``E(m)`` the honest expectation, the input part is ``1 - E(m) / c`` when
-    ``c > E(m)``, else 0; the decision part is the same over (cell, predicted
-    class) pairs among the last ``m`` answers, with ``E`` from the model's
-    answers to the reference data. The score is the larger part.
+    ``E(m)``, ``sd(m)`` the honest expectation and its standard deviation
+    (exact for i.i.d. draws, :func:`coverage_sd`), the input part is
+    ``(c - E(m)) / max(sd(m), MIN_SD)`` when ``c > E(m)``, else 0; the
+    decision part is the same over (cell, predicted class) pairs among the
+    last ``m`` answers, with ``E`` and ``sd`` from the model's answers to the
+    reference data. The score is the larger part over the horizons of
+    :func:`_growth`.
 
-    Score: in [0, 1], higher is more suspicious (0.5: twice the honest
-    coverage). Cold until a partition exists and ``min_queries`` are seen.
+    Why deviations and not the earlier ratio ``1 - E/c``: the ratio ignored
+    how much honest coverage varies, and a 16-cell partition's honest spread
+    is wide, so 22 of 60 honest clients replaying held-out data crossed a
+    ratio threshold of 0.25 in a `modelgate eval` run (2026-12-04). Measured
+    since (offline replay, 40 held-out clients per model of the evaluation's
+    zoo, 250 queries each with the evaluation's near-duplicate habit): the
+    largest honest excess was 4.0 deviations; the threshold is 4.5.
+
+    Score: deviations over ``MAX_SCORE``, capped, in [0, 1]; higher is more
+    suspicious. Cold until a partition exists and ``min_queries`` are seen.
 
     When it is weak:
 
@@ -171,7 +233,14 @@ class CoverageDetector(Detector[CoverageParams]):
     - a thief spreading queries over many keys covers little per key (key
       linking fuses the group's risk);
     - the partition is fixed at start; a model whose inputs drift needs a
-      restart to refit it.
+      restart to refit it;
+    - at 16 cells honest replay reaches 15 cells in 16 queries, so a thief
+      sweeping the cells one query each (about 3.9 deviations on digits) is
+      not told apart from honest use; learning-based thieves on the
+      evaluation's tabular models (random, active) reach at most about 4.2,
+      so in practice this detector flags little beyond random queries on
+      image models. More cells do not help: at 64 cells random queries fall
+      into the central cells and score lower still.
 
     Per-client state: a ring of ``window`` int16 cells, one of ``window``
     int32 regions and seven counters, 440 bytes at the default window.
@@ -187,6 +256,8 @@ class CoverageDetector(Detector[CoverageParams]):
         self._centres: npt.NDArray[np.float64] | None = None
         self._expected_in: npt.NDArray[np.float64] | None = None
         self._expected_dec: npt.NDArray[np.float64] | None = None
+        self._sd_in: npt.NDArray[np.float64] | None = None
+        self._sd_dec: npt.NDArray[np.float64] | None = None
 
     @property
     def centres(self) -> npt.NDArray[np.float64] | None:
@@ -215,6 +286,7 @@ class CoverageDetector(Detector[CoverageParams]):
         self._centres = kmeans(X, p.cells, p.kmeans_iterations, self._seed)
         counts = np.bincount(assign(X, self._centres), minlength=len(self._centres))
         self._expected_in = expected_coverage(counts.astype(np.float64), p.window)
+        self._sd_in = coverage_sd(counts.astype(np.float64), p.window)
         logger.debug(
             "coverage partition of %d cells from %d rows",
             len(self._centres),
@@ -231,6 +303,7 @@ class CoverageDetector(Detector[CoverageParams]):
         keys = self._region_keys(X, proba)
         counts = np.bincount(keys).astype(np.float64)
         self._expected_dec = expected_coverage(counts, self._params.window)
+        self._sd_dec = coverage_sd(counts, self._params.window)
 
     def _region_keys(
         self, X: npt.NDArray[np.float64], proba: npt.NDArray[np.float64]
@@ -267,9 +340,9 @@ class CoverageDetector(Detector[CoverageParams]):
             last,
         )
         arrays["n_answers"][groups.unique] += groups.size
-        if self._expected_dec is None:
+        if self._expected_dec is None or self._sd_dec is None:
             return
-        excess, _ = _growth(windows, lengths, self._expected_dec)
+        excess, _ = _growth(windows, lengths, self._expected_dec, self._sd_dec)
         arrays["region_score"][groups.unique] = excess
 
     def _score_rows(
@@ -281,9 +354,9 @@ class CoverageDetector(Detector[CoverageParams]):
         del learn  # the expectation comes from the reference data only
         assert self._arena is not None
         n = len(slots)
-        if self._centres is None or self._expected_in is None:
-            evidence = ["no input partition yet, so no query is judged"] * n
-            return self._scores(np.zeros(n), np.zeros(n, dtype=bool), evidence)
+        if self._centres is None or self._expected_in is None or self._sd_in is None:
+            cold = ["no input partition yet, so no query is judged"] * n
+            return self._scores(np.zeros(n), np.zeros(n, dtype=bool), cold)
         arrays = self._arena.arrays
         p = self._params
         groups = group_rows(slots)
@@ -299,7 +372,9 @@ class CoverageDetector(Detector[CoverageParams]):
         seen = arrays["n_seen"][groups.unique][groups.group] + groups.position + 1
         arrays["n_seen"][groups.unique] += groups.size
         inverse = unsort(groups)
-        growth, covered = _growth(windows.astype(np.int64), lengths, self._expected_in)
+        growth, covered = _growth(
+            windows.astype(np.int64), lengths, self._expected_in, self._sd_in
+        )
         growth, covered = growth[inverse], covered[inverse]
         lengths, seen = lengths[inverse], seen[inverse]
         expected = self._expected_in[lengths]
@@ -311,15 +386,13 @@ class CoverageDetector(Detector[CoverageParams]):
         )
         score = np.maximum(input_part, region_part)
         warm = (seen >= p.min_queries) | (arrays["n_answers"][slots] >= p.min_queries)
-        evidence = [
-            f"last {m} queries cover {c} of {p.cells} input cells (honest about "
-            f"{e:.0f}); decision-region part {r:.2f}"
-            for m, c, e, r in zip(
-                lengths.tolist(),
-                covered.tolist(),
-                expected.tolist(),
-                region_part.tolist(),
-                strict=True,
+        n_cells = p.cells
+
+        def evidence(row: int) -> str:
+            return (
+                f"last {lengths[row]} queries cover {covered[row]} of {n_cells} input "
+                f"cells (honest about {expected[row]:.0f}); decision-region part "
+                f"{region_part[row]:.2f}"
             )
-        ]
+
         return self._scores(score, warm, evidence)

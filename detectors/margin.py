@@ -231,10 +231,13 @@ class MarginDetector(Detector[MarginParams]):
         honest = 0.0 if base is None else base
         score = np.clip((share - honest) / max(1.0 - honest, 1e-9), 0.0, 1.0)
         warm = arrays["n_answers"][slots] >= p.min_answers
-        evidence = [
-            f"{c} of the last {m} answers were uncertain (margin under "
-            f"{p.margin_at:g} or entropy over {p.entropy_at:g}); honest share "
-            f"{honest:.1%}"
-            for c, m in zip(count.tolist(), length.tolist(), strict=True)
-        ]
+        margin_at, entropy_at = p.margin_at, p.entropy_at
+
+        def evidence(row: int) -> str:
+            return (
+                f"{count[row]} of the last {length[row]} answers were uncertain "
+                f"(margin under {margin_at:g} or entropy over {entropy_at:g}); "
+                f"honest share {honest:.1%}"
+            )
+
         return self._scores(score, warm, evidence)

@@ -174,11 +174,16 @@ def on_lattice(
     """Whether the distances of ``sample`` sit on a few values: fewer than
     ``min_distinct`` distinct ones on the 1/255 grid, or ``share`` of them on
     its 8 most common ones."""
-    grid = np.rint(np.asarray(sample, dtype=np.float64) * _LEVELS)
-    _, counts = np.unique(grid, return_counts=True)
-    if len(counts) < min_distinct:
+    # Distances are non-negative RMS values of [0, 1] features, so the grid
+    # holds small non-negative integers: bincount, not np.unique (which sorts
+    # and cost a quarter of this detector's time).
+    grid = np.rint(np.asarray(sample, dtype=np.float64) * _LEVELS).astype(np.int64)
+    counts = np.bincount(grid)
+    if np.count_nonzero(counts) < min_distinct:
         return True
-    top = np.sort(counts)[::-1][:_LATTICE_VALUES]
+    if len(counts) > _LATTICE_VALUES:
+        counts = np.partition(counts, len(counts) - _LATTICE_VALUES)
+    top = counts[-_LATTICE_VALUES:]
     return bool(int(top.sum()) >= share * len(grid))
 
 

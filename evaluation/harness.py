@@ -40,6 +40,7 @@ import numpy as np
 from redis.asyncio import Redis
 
 from evaluation.attacks.distributed import SpreadOracle
+from evaluation.attacks.probing import preload_art
 from evaluation.benign import draw_habits, draw_profiles, run_benign_stream
 from evaluation.eval_report import EvalResult, write_eval_report
 from evaluation.ledger import ClientLedger
@@ -636,6 +637,8 @@ async def _drive(
         async with gate:
             await asyncio.to_thread(_attack_job, run, attack)
 
+    if any(a.attack in PROBING_ATTACKS for a in run.attacks):
+        await asyncio.to_thread(preload_art)
     # Probing and equation solving first: short runs, and their flags are the
     # ones with tight targets.
     order = sorted(
@@ -664,14 +667,23 @@ async def _monitor(
     once if the worker dies."""
     started = time.monotonic()
     last = started
-    while not all(task.done() for task in attack_tasks) or (
-        time.monotonic() - started < run.plan.min_benign_s
+    shown = False
+    while (
+        not shown
+        or not all(task.done() for task in attack_tasks)
+        or (time.monotonic() - started < run.plan.min_benign_s)
     ):
         await asyncio.sleep(0.5)
         worker.check_alive()
-        if time.monotonic() - last < run.plan.progress_every_s:
+        # At least one line even when every attack is refused at once and
+        # the run is over before the first interval.
+        finished = all(task.done() for task in attack_tasks) and (
+            time.monotonic() - started >= run.plan.min_benign_s
+        )
+        if time.monotonic() - last < run.plan.progress_every_s and not finished:
             continue
         last = time.monotonic()
+        shown = True
         benign = [ledger for ledger in run.ledgers.values() if ledger.role == BENIGN]
         done = sum(task.done() for task in attack_tasks)
         running = [a.name for a in run.attacks if a.status == "running"]

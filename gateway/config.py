@@ -291,11 +291,10 @@ class PolicyConfig(_Frozen):
     hide_degrade: DegradeLevel = "rounded"
     degrade: DegradeConfig = DegradeConfig()
     # Detectors whose scores count toward the recorded would-be risk only.
-    # ``coverage`` starts in shadow: its 16-cell partition saturates for
-    # honest clients replaying natural data (it was the first alert of 21 of
-    # 28 honest clients blocked in a `modelgate eval` run on 2026-12-04); take
-    # it out of shadow once calibrated on your own traffic.
-    shadow_detectors: list[str] = ["coverage"]
+    # ``coverage`` was in shadow until it scored in honest standard
+    # deviations (its ratio score flagged 22 of 60 honest clients in a
+    # `modelgate eval` run on 2026-12-04); see docs/extraction-detectors.md.
+    shadow_detectors: list[str] = []
     models: dict[str, PolicyOverride] = {}
     plans: dict[str, PolicyOverride] = {}
     # Fusion (detectors/fusion.py): each detector's contribution to a client's

@@ -315,3 +315,19 @@ def run_boundary(
     # The Boundary attack also draws from numpy's global generator.
     np.random.seed(params.seed)
     return _attack_each(attack, tracker, x, indices, labels, started)
+
+
+def preload_art() -> None:
+    """Import the ART modules the probing attacks use, in the calling thread.
+
+    The attacks import ART lazily (it is slow to import and only probing
+    needs it); two attacks starting at once in worker threads then import it
+    concurrently, and CPython's per-module import locks can report a
+    ``_DeadlockError`` for one of them (seen for HopSkipJump in every full
+    evaluation run once the other attacks ended sooner). Importing once
+    first makes the later imports plain lookups.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="PyTorch not found")
+        import art.attacks.evasion
+        import art.estimators.classification  # noqa: F401

@@ -16,7 +16,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from detectors.base import Detector, DetectorScore
-from detectors.coverage import CoverageDetector, expected_coverage
+from detectors.coverage import CoverageDetector, coverage_sd, expected_coverage
 from detectors.margin import MarginDetector, margins_and_entropy
 from detectors.traffic import TrafficDetector
 from tests.detectors.conftest import Digits
@@ -192,17 +192,39 @@ def test_coverage_flags_random_and_boundary_queries_not_honest(
     )
 
 
-def test_coverage_counts_a_sweep_of_the_input_space(
+def test_coverage_sd_matches_simulation() -> None:
+    counts = np.array([50.0, 30.0, 15.0, 5.0, 1.0])
+    sd = coverage_sd(counts, 12)
+    rng = np.random.default_rng(1)
+    draws = rng.choice(5, size=(20_000, 12), p=counts / counts.sum())
+    distinct = np.array([len(set(row)) for row in draws.tolist()])
+    assert sd[0] == 0.0 and sd[1] == pytest.approx(0.0, abs=1e-9)
+    assert sd[12] == pytest.approx(distinct.std(), rel=0.05)
+
+
+def test_coverage_scores_in_honest_deviations_and_survives_serialisation(
     digits: Digits, model: LogisticRegression
 ) -> None:
-    # A thief walking the reference data cell by cell (one query per cell,
-    # over and over) covers every cell at once; honest draws need many more.
+    # Many honest held-out clients stay below the threshold (the eval's
+    # honest population replays held-out data exactly like this); the score
+    # is in honest standard deviations, so it is comparable across models.
     detector = prepared(CoverageDetector, digits, model)
-    assert isinstance(detector, CoverageDetector) and detector.centres is not None
-    sweep = np.tile(detector.centres, (3, 1))[:128]
-    score = serve(detector, model, "sweep", sweep, learn=False)
-    assert score.flagged, score
-    assert "input cells" in score.evidence
+    honest = [
+        serve(detector, model, f"h{i}", s, batch=1)
+        for i, s in enumerate(benign_clients(digits, 20, 200))
+    ]
+    assert all(s.warm and not s.flagged for s in honest), max(s.score for s in honest)
+    rng = np.random.default_rng(3)
+    serve(detector, model, "thief", rng.random((120, 64)), learn=False)
+    before = detector.score_batch(["thief"], digits.test[:1], learn=[False])[0]
+    blob = detector.dump_state("thief")
+    assert blob is not None
+    other = prepared(CoverageDetector, digits, model)
+    other.load_state("thief", blob)
+    after = other.score_batch(["thief"], digits.test[:1], learn=[False])[0]
+    assert after.score == pytest.approx(before.score)
+    with pytest.raises(ValueError, match="threshold"):
+        CoverageDetector().set_params(threshold=0.0)
 
 
 def test_coverage_is_cold_without_a_partition() -> None:
@@ -296,3 +318,49 @@ def test_traffic_judges_once_per_stride_and_holds_between() -> None:
     # Judged at requests 16, 24, 32, 40 (stride 8, min_queries 16).
     assert values[:15] == [0.0] * 15
     assert len(set(values[15:23])) == 1 and len(set(values[23:31])) == 1
+
+
+def test_traffic_features_equal_the_nan_aware_reference() -> None:
+    # _features computes moments and the median from sums and one sort; it
+    # must equal numpy's NaN-aware functions on windows with unfilled slots,
+    # repeated times (rows of one request) and a single arrival.
+    from detectors.traffic import _features
+
+    rng = np.random.default_rng(5)
+    times = np.cumsum(rng.exponential(0.5, (40, 16)), axis=1)
+    times[:, 5] = times[:, 4]
+    times[:10, :9] = np.nan
+    times[10, :-1] = np.nan
+    out = _features(times, 0.1)
+    gaps = np.diff(times, axis=1)
+    valid = np.isfinite(gaps) & (gaps > 0)
+    safe = np.where(valid, gaps, np.nan)
+    for i in range(len(times)):
+        g = safe[i][valid[i]]
+        if len(g) == 0:
+            assert out[i].tolist() == pytest.approx([out[i][0], 0.0, 0.0])
+            continue
+        cv = np.std(g) / np.mean(g)
+        regular = np.mean(np.abs(g - np.median(g)) <= 0.1 * np.median(g))
+        assert out[i, 1] == pytest.approx(cv)
+        assert out[i, 2] == pytest.approx(regular)
+
+
+def test_coverage_bitmask_counts_equal_sorted_counts() -> None:
+    # _growth counts distinct cells with 64-bit masks when cells fit, else by
+    # sorting; both must give the same scores and counts.
+    from detectors import coverage
+
+    rng = np.random.default_rng(2)
+    windows = rng.integers(-1, 16, (300, 64))
+    windows[:40, :30] = -1
+    lengths = (windows >= 0).sum(axis=1)
+    counts = rng.integers(1, 50, 16).astype(np.float64)
+    expected = coverage.expected_coverage(counts, 64)
+    spread = coverage.coverage_sd(counts, 64)
+    assert coverage._seen_sets(windows) is not None
+    fast = coverage._growth(windows, lengths, expected, spread)
+    slow_windows = windows + 1000 * (windows >= 0)  # too wide for a mask
+    assert coverage._seen_sets(slow_windows) is None
+    slow = coverage._growth(slow_windows, lengths, expected, spread)
+    assert np.array_equal(fast[0], slow[0]) and np.array_equal(fast[1], slow[1])

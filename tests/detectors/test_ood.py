@@ -159,3 +159,180 @@ def test_evidence_reads_as_a_sentence(digits: Digits) -> None:
         "0 of the last 1 queries look unlike normal traffic"
     )
     assert "running mean" in score.evidence
+
+
+# -- lattice: quantised features off their reference levels -------------------
+
+
+def equation_like(
+    base: npt.NDArray[np.float64], n: int, seed: int
+) -> npt.NDArray[np.float64]:
+    """Tramèr-style equation-solving queries in scaled units: ``base`` plus
+    uniform perturbations of 5% of each value plus 0.05 raw (of 16)."""
+    rng = np.random.default_rng(seed)
+    step = 0.05 * base + 0.05 / 16.0
+    return np.clip(base + rng.uniform(-1.0, 1.0, (n, base.size)) * step, 0.0, 1.0)
+
+
+def test_lattice_features_are_the_quantised_ones(digits: Digits) -> None:
+    detector = ready_detector(digits)
+    # Digits pixels take the 17 levels k/16; constant pixels have one level
+    # and say nothing, so they are left out.
+    assert len(detector.lattice_features) > 50
+    # A sparse edge pixel may meet a level the training half never showed,
+    # so a held-out digit can be off in one feature; never in two.
+    off = detector.off_lattice(digits.test)
+    assert off.max() < 2 and (off == 0).mean() > 0.95
+    continuous = OutOfDistributionDetector()
+    continuous.learn_baseline(np.random.default_rng(0).random((400, 8)))
+    assert len(continuous.lattice_features) == 0
+
+
+def test_honest_noisy_replay_stays_below_threshold(digits: Digits) -> None:
+    # The evaluation's honest habit: held-out rows, some re-sent with noise of
+    # 0.5% of the span (sensor noise), never count as synthetic.
+    detector = ready_detector(digits)
+    rng = np.random.default_rng(4)
+    for client in range(8):
+        rows = digits.test[rng.choice(len(digits.test), 120, replace=False)]
+        noisy = np.clip(rows + rng.normal(0.0, 0.005, rows.shape), 0.0, 1.0)
+        stream = np.where((np.arange(120) % 3 == 0)[:, None], noisy, rows)
+        scores = detector.score_batch([f"h{client}"] * len(stream), stream)
+        assert not any(s.flagged for s in scores), max(s.score for s in scores)
+    assert (detector.off_lattice(noisy) < 2).all()
+
+
+def test_one_off_lattice_query_per_key_is_judged(digits: Digits) -> None:
+    # A distributed equation-solving thief: one or two queries per key. The
+    # first off-lattice query warms the key, so each key is flagged on it.
+    detector = ready_detector(digits)
+    queries = equation_like(digits.test[0], 20, seed=1)
+    synthetic = detector.off_lattice(queries) >= 4
+    assert synthetic.mean() > 0.8
+    flagged = [
+        detector.score_batch([f"key{k}"], queries[k : k + 1])[0].flagged
+        for k in range(len(queries))
+    ]
+    assert flagged == synthetic.tolist()
+    single = ready_detector(digits)
+    assert 0 < first_flag(single, queries) <= 3
+
+
+def test_lattice_state_survives_serialisation_and_can_be_off(digits: Digits) -> None:
+    detector = ready_detector(digits)
+    queries = equation_like(digits.test[5], 3, seed=2)
+    detector.score_batch(["t"] * 3, queries)
+    blob = detector.dump_state("t")
+    assert blob is not None
+    restored = ready_detector(digits)
+    restored.load_state("t", blob)
+    honest = digits.test[:1]
+    assert (
+        restored.score_batch(["t"], honest)[0] == detector.score_batch(["t"], honest)[0]
+    )
+    assert restored.score_batch(["t"], honest)[0].warm
+
+    off = ready_detector(digits, lattice_levels=0)
+    assert len(off.lattice_features) == 0
+    assert first_flag(off, queries) == 0
+    with pytest.raises(ValueError):
+        OodParams(lattice_tolerance=0.0)
+    with pytest.raises(ValueError):
+        OodParams(lattice_levels=-1)
+
+
+# -- wide queries: several features outside the reference's range -------------
+
+
+def continuous_reference(seed: int = 0) -> npt.NDArray[np.float64]:
+    # Continuous features (no lattice) inside [0.05, 0.95], like the
+    # evaluation's breast-cancer features scaled by their reference range.
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.normal(0.5, 0.12, (600, 12)), 0.05, 0.95)
+
+
+def wide_queries(n: int, seed: int) -> npt.NDArray[np.float64]:
+    # Equation-solving style: a public row with a few small features pushed
+    # far past their range (and clipped at the edge of the scale).
+    rng = np.random.default_rng(seed)
+    rows = np.clip(rng.normal(0.5, 0.1, (n, 12)), 0.1, 0.9)
+    rows[:, rng.choice(12, 4, replace=False)] = 1.0
+    return rows
+
+
+def test_honest_continuous_stream_is_not_wide() -> None:
+    ref = continuous_reference()
+    detector = OutOfDistributionDetector()
+    detector.learn_baseline(ref)
+    assert len(detector.lattice_features) == 0
+    honest = continuous_reference(seed=1)[:300]
+    assert (detector.outside_range(honest) < 3).all()
+    scores = detector.score_batch(["h"] * len(honest), honest)
+    assert not any(s.flagged for s in scores)
+
+
+def test_three_wide_queries_warm_and_flag_a_fresh_key() -> None:
+    detector = OutOfDistributionDetector()
+    detector.learn_baseline(continuous_reference())
+    thief = wide_queries(3, seed=2)
+    scores = detector.score_batch(["t"] * 3, thief)
+    assert [s.warm for s in scores] == [False, False, True]
+    assert scores[-1].flagged and "3 outside" in scores[-1].evidence
+
+
+def test_repeats_of_one_wide_query_count_once() -> None:
+    # An honest client re-sending one unusual input with tiny noise.
+    detector = OutOfDistributionDetector()
+    detector.learn_baseline(continuous_reference())
+    row = wide_queries(1, seed=3)
+    rng = np.random.default_rng(4)
+    repeats = np.clip(row + rng.normal(0.0, 0.005, (6, 12)), 0.0, 1.0)
+    scores = detector.score_batch(["r"] * 6, repeats)
+    # Warm only by min_queries (5), never early by wide queries.
+    assert [s.warm for s in scores] == [False] * 4 + [True] * 2
+    assert "1 outside" in scores[-1].evidence
+
+
+def test_wide_state_round_trips_and_params_validate() -> None:
+    ref = continuous_reference()
+    detector = OutOfDistributionDetector()
+    detector.learn_baseline(ref)
+    detector.score_batch(["t"] * 2, wide_queries(2, seed=5))
+    blob = detector.dump_state("t")
+    assert blob is not None
+    restored = OutOfDistributionDetector()
+    restored.learn_baseline(ref)
+    restored.load_state("t", blob)
+    third = wide_queries(1, seed=6)
+    assert (
+        restored.score_batch(["t"], third)[0] == detector.score_batch(["t"], third)[0]
+    )
+    off = OutOfDistributionDetector(OodParams(range_min_features=0))
+    off.learn_baseline(ref)
+    assert not any(s.warm for s in off.score_batch(["t"] * 3, wide_queries(3, 2)))
+    with pytest.raises(ValueError):
+        OodParams(range_tolerance=-0.1)
+    with pytest.raises(ValueError):
+        OodParams(range_early=0)
+
+
+def test_lattice_and_range_settings_change_while_running(digits: Digits) -> None:
+    detector = ready_detector(digits)
+    detector.set_params(lattice_tolerance=0.3, range_min_features=0)
+    queries = equation_like(digits.test[0], 5, seed=1)
+    assert (detector.off_lattice(queries) == 0).all()
+    assert first_flag(detector, queries) == 0
+    with pytest.raises(ValueError, match="lattice_levels"):
+        detector.set_params(lattice_levels=8)
+
+
+def test_range_check_is_off_for_a_reference_too_small_to_say_where_data_lies() -> None:
+    # 30 rows of 12 features: half of them often fall outside the other
+    # half's range, so honest queries would be wide; the check turns off.
+    tiny = continuous_reference()[:30]
+    detector = OutOfDistributionDetector(OodParams(window_size=10))
+    detector.learn_baseline(tiny)
+    assert (detector.outside_range(wide_queries(3, seed=2)) == 0).all()
+    full = OutOfDistributionDetector()
+    full.learn_baseline(continuous_reference())
+    assert (full.outside_range(wide_queries(3, seed=2)) >= 3).all()

@@ -441,3 +441,23 @@ def test_synthetic_steps_from_discrete_seeds_are_still_tested_and_flagged() -> N
         X = np.vstack([X, np.clip(X + steps, 0.0, 1.0)])
     scores = DistanceDistributionDetector().score_batch(["c"] * 200, X[:200])
     assert any(s.flagged for s in scores)
+
+
+def test_on_lattice_equals_the_unique_count_rule() -> None:
+    # on_lattice counts the 1/255 grid with bincount; it must decide as the
+    # plain rule (distinct values via np.unique, top 8 counts) does.
+    from detectors.prada import on_lattice
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        levels = rng.integers(1, 40)
+        base = rng.random(levels)
+        sample = base[rng.integers(0, levels, rng.integers(20, 130))]
+        if trial % 3 == 0:
+            sample = rng.random(len(sample))
+        grid = np.rint(sample * 255.0)
+        _, counts = np.unique(grid, return_counts=True)
+        expected = len(counts) < 12 or np.sort(counts)[::-1][:8].sum() >= 0.5 * len(
+            grid
+        )
+        assert on_lattice(sample.astype(np.float32), 12, 0.5) == expected

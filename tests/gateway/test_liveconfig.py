@@ -170,7 +170,7 @@ def test_scorer_applies_all_or_nothing(served_models: dict[str, ServedModel]) ->
     detectors = scorer._detectors["digits"]
     assert detectors["similarity"].params.eps == 0.09
     assert scorer.policy.config.flag_at == 1.2
-    assert scorer.policy.config.shadow_detectors == ["coverage", "ood"]
+    assert scorer.policy.config.shadow_detectors == ["ood"]
 
     # A structural parameter anywhere refuses the whole version: the prada
     # change named before it is not applied either.
@@ -184,7 +184,7 @@ def test_scorer_applies_all_or_nothing(served_models: dict[str, ServedModel]) ->
     assert detectors["prada"].params.eps == prada_eps
     assert detectors["similarity"].params.eps == 0.09
     assert scorer.policy.config.flag_at == 1.2
-    assert scorer.policy.config.shadow_detectors == ["coverage", "ood"]
+    assert scorer.policy.config.shadow_detectors == ["ood"]
 
 
 def _probe_stream(scorer: Scorer, model: ServedModel) -> list[str]:

@@ -186,7 +186,12 @@ async def test_clients_top_show_and_release_follow_a_real_client(
         detail = shown.json()
         assert detail["counters"]["requests"] >= 10, detail
         assert detail["counters"]["blocked_ms"] > 0 and detail["block_reason"], detail
-        assert any("similarity" in line for line in detail["evidence"]), detail
+        # The nudges (0.2 of 16) also move pixels off their integer levels,
+        # so ood's lattice check may name the prober before similarity does.
+        assert any(
+            "similarity" in line or "off the values real inputs take" in line
+            for line in detail["evidence"]
+        ), detail
         assert "block" in [entry["action"] for entry in detail["history"]], detail
         assert detail["summary"]["scores"], detail
 

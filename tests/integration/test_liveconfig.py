@@ -182,7 +182,7 @@ async def test_late_worker_starts_on_latest_and_refuses_a_bad_record(
             assert worker.settings.limits.burst == 42
             assert worker._scorer is not None
             assert worker._scorer.policy.config.flag_at == 1.2
-            assert worker._scorer.policy.config.shadow_detectors == ["coverage", "ood"]
+            assert worker._scorer.policy.config.shadow_detectors == ["ood"]
             similarity = worker._scorer._detectors["digits"]["similarity"]
             assert similarity.params.eps == 0.04
             worker_id = settings.worker.worker_id
