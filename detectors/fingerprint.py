@@ -473,31 +473,39 @@ class InMemoryFingerprintStore:
         group_rem_before = rem_before[gstart]
         b = rem_before - group_rem_before[gid]
 
-        # Candidates from the table: the ring's entries not yet pushed out by
-        # the b earlier remembered occurrences of the chunk.
-        # Each distinct hash's ring is read once, oldest first (-1 where
-        # empty); an occurrence then only masks the entries pushed out.
-        cands = np.full((m, 2 * E), -1, dtype=np.int64)
+        # Candidates of an occurrence: the last E entries of its hash's ring
+        # (oldest first) followed by the b earlier remembered occurrences of
+        # the chunk, which is what the ring will hold when the occurrence
+        # comes; so at most E, not E from each.
+        # Each distinct hash's ring is read once (-1 where empty). Most
+        # occurrences have b = 0 and take their ring whole; only the others
+        # (a hash repeated within the chunk) mix in chunk entries.
+        age = np.arange(E)
         held = dslot >= 0
-        if held.any():
-            age = np.arange(E)
-            s = np.where(held, dslot, 0)
-            length = np.where(held, self._table_len[s], 0)
-            ring = (self._table_pos[s][:, None] - length[:, None] + age[None, :]) % E
-            entries = np.where(
-                age[None, :] < length[:, None], self._table[s[:, None], ring], -1
-            )
-            ok = age[None, :] >= (length[gid] + b - E)[:, None]
-            cands[:, :E] = np.where(ok, entries[gid], -1)
-        # Candidates from the chunk: the last E remembered occurrences before.
-        remembered_occ = np.flatnonzero(srem)
-        if remembered_occ.size:
-            rank = b[:, None] - np.arange(1, E + 1)[None, :]
-            valid = rank >= 0
+        s = np.where(held, dslot, 0)
+        length = np.where(held, self._table_len[s], 0)
+        ring = (self._table_pos[s][:, None] - length[:, None] + age[None, :]) % E
+        entries = np.where(
+            age[None, :] < length[:, None], self._table[s[:, None], ring], -1
+        )
+        cands = entries[gid]
+        pushed = np.flatnonzero(b)
+        if pushed.size:
+            remembered_occ = np.flatnonzero(srem)
+            pg = gid[pushed]
+            lp = length[pg][:, None]
+            k = (lp + b[pushed][:, None] - E) + age[None, :]
+            from_ring = (k >= 0) & (k < lp)
+            rank = k - lp
+            from_chunk = rank >= 0
             at = remembered_occ[
-                np.where(valid, group_rem_before[gid][:, None] + rank, 0)
+                np.where(from_chunk, group_rem_before[pg][:, None] + rank, 0)
             ]
-            cands[:, E:] = np.where(valid, entry_of_row[srow[at]], -1)
+            cands[pushed] = np.where(
+                from_ring,
+                entries[pg[:, None], np.clip(k, 0, E - 1)],
+                np.where(from_chunk, entry_of_row[srow[at]], -1),
+            )
 
         # Per row, the candidate entries of all its hashes; an entry met in
         # at least match_threshold of them is a near-duplicate.
