@@ -898,6 +898,9 @@ class FingerprintDetector(Detector[FingerprintParams]):
         )
         self._common: HashArray = np.zeros(0, dtype=np.uint64)
         self._table: HashArray | None = None
+        self._weights: (
+            tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None
+        ) = None
         self.last_matches: list[FingerprintMatch] = []
         self.last_hashes: HashArray = np.zeros((0, p.k), dtype=np.uint64)
         self._batch_clients: list[str] = []
@@ -927,15 +930,44 @@ class FingerprintDetector(Detector[FingerprintParams]):
             raise ValueError(
                 f"{self.name}: {rows.shape[1]} features are fewer than width={p.width}"
             )
+        return self._fingerprint_rows(rows)
+
+    def _fingerprint_rows(self, rows: npt.NDArray[np.float64]) -> HashArray:
+        """:meth:`fingerprints` of rows already checked."""
+        p = self._params
         table = self._hash_table(rows.shape[1])
         if table is None:
             hashes = window_hashes(
                 rows, levels=p.levels, width=p.width, seed=self._seed
             )
             return top_hashes(hashes, p.k, self._common)
-        code = window_codes(rows, levels=p.levels, width=p.width).astype(np.intp)
-        code += np.arange(code.shape[1], dtype=np.intp) * (p.levels**p.width)
+        # Every window's (position, code) index into the table in one matrix
+        # product of the quantised rows: the codes are integers far below
+        # 2**53, so float64 sums them exactly (one BLAS call against six
+        # passes of uint64 arithmetic).
+        weights, offsets = self._code_weights(rows.shape[1])
+        levels = np.floor(np.clip(rows * p.levels, 0.0, p.levels - 1))
+        code = (levels @ weights + offsets).astype(np.intp)
         return top_hashes(table[code], p.k)
+
+    def _code_weights(
+        self, n_features: int
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """The matrix taking quantised features to window codes (base
+        ``levels`` digits, first feature most significant) and each window's
+        offset in the hash table."""
+        if self._weights is None or self._weights[0].shape[0] != n_features:
+            p = self._params
+            n_windows = n_features - p.width + 1
+            weights = np.zeros((n_features, n_windows))
+            columns = np.arange(n_windows)
+            for offset in range(p.width):
+                weights[columns + offset, columns] = float(
+                    p.levels ** (p.width - 1 - offset)
+                )
+            offsets = columns.astype(np.float64) * float(p.levels**p.width)
+            self._weights = (weights, offsets)
+        return self._weights
 
     def _hash_table(self, n_features: int) -> HashArray | None:
         """Every possible window hash by (position, code), common ones already
@@ -1015,7 +1047,7 @@ class FingerprintDetector(Detector[FingerprintParams]):
         n = len(slots)
         client_ids = self._batch_clients
 
-        hashes = self.fingerprints(X)
+        hashes = self._fingerprint_rows(X)  # checked by score_batch
         # Every row is stored, good standing or not: the store is evidence, not a
         # model of normal traffic, and an attack spread over keys would hide as
         # soon as its first keys were flagged if their queries were left out.
