@@ -25,13 +25,8 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
-from detectors._history import (
-    LEVELS,
-    check_ring,
-    neighbours_and_push,
-    quantise,
-    ring_fields,
-)
+from detectors._history import LEVELS, check_ring, quantise, ring_fields
+from detectors._probehist import nearest_and_push
 from detectors._state import (
     FieldSpec,
     Groups,
@@ -158,18 +153,19 @@ class ChangeStructureDetector(Detector[StructureParams]):
         groups = group_rows(slots)
         stored = quantise(X)
         q = stored[groups.order].astype(np.float32)
-        found = neighbours_and_push(arrays, groups, stored, 1)
+        has_nearest, nearest, previous, has_previous = nearest_and_push(
+            arrays, groups, stored
+        )
 
         # Sparse edits against the nearest earlier query.
-        has_nearest = np.isfinite(found.k_dist[:, 0])
-        moved = np.abs(q - found.nearest) > p.change_tol * LEVELS
+        moved = np.abs(q - nearest) > p.change_tol * LEVELS
         changed = moved.sum(axis=1)
         sparse = has_nearest & (changed >= 1) & (changed <= p.max_changed)
 
         # Unit steps from the previous query, rounded to the float16 they are
         # stored as, so rows of one batch compare exactly as rows one by one.
-        step = (q - found.previous).astype(np.float64)
-        step[~found.has_previous] = 0.0
+        step = (q - previous).astype(np.float64)
+        step[~has_previous] = 0.0
         norm = np.linalg.norm(step, axis=1)
         unit = np.divide(
             step, norm[:, None], out=np.zeros_like(step), where=norm[:, None] > 0
