@@ -166,7 +166,7 @@ class _Distances:
     per block, ``inf`` where an earlier query is not visible to the row.
     Independent of any radius, so one result serves every radius."""
 
-    __slots__ = ("_blocks", "_best_sq")
+    __slots__ = ("_best_sq", "_blocks")
 
     def __init__(
         self,

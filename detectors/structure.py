@@ -236,9 +236,7 @@ class ChangeStructureDetector(Detector[StructureParams]):
         cos = np.abs(np.matmul(stacked, stacked[:, m:].transpose(0, 2, 1))[g, :, t])
         age = (np.arange(m)[None, :] - (seen_before - old_len)[:, None]) % m
         visible = np.empty(cos.shape, dtype=bool)
-        visible[:, :m] = (age < old_len[:, None]) & (
-            age >= (old_len + t - m)[:, None]
-        )
+        visible[:, :m] = (age < old_len[:, None]) & (age >= (old_len + t - m)[:, None])
         back = t[:, None] - np.arange(width)[None, :]
         visible[:, m:] = (back >= 1) & (back <= m)
         best: npt.NDArray[np.float64] = np.where(visible, cos, 0.0).max(axis=1)

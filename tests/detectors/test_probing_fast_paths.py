@@ -74,7 +74,10 @@ def test_push_windows_matches_push_window_also_when_counters_differ() -> None:
         slots = rng.integers(0, slots_n, 40)
         groups = group_rows(slots)
         bits = [rng.random(40) < 0.5 for _ in "ab"]
-        ref = [(r.copy(), p.copy(), n.copy()) for r, p, n in zip(rings, pos, length)]
+        ref = [
+            (r.copy(), p.copy(), n.copy())
+            for r, p, n in zip(rings, pos, length, strict=True)
+        ]
         want = [push_window(*ref[i], groups, bits[i]) for i in range(2)]
         counts, lengths = push_windows(
             list(zip(rings, pos, length, strict=True)), groups, bits
