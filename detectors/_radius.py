@@ -313,18 +313,20 @@ def _small(
     size = groups.size[small_groups]
     start = groups.start[small_groups]
 
-    # Each client's rows padded to the largest small group, then one
-    # stacked product against each client's history, widened once.
+    # Each client's history and rows stacked (rows padded to the largest
+    # small group), then one product of every row with its client's history
+    # and rows, widened once.
     k = len(small_groups)
     width = int(size.max())
     member = np.arange(width)[None, :] < size[:, None]
     which, t = np.nonzero(member)
     rows = start[which] + t
-    padded = np.zeros((k, width, q.shape[1]), dtype=np.float32)
-    padded[which, t] = q[rows]
-    history = snapshot[small_groups].astype(np.float32)
-    dots = np.matmul(history, padded.transpose(0, 2, 1))
-    dots_per_row = dots.transpose(0, 2, 1)[which, t]
+    stacked = np.zeros((k, capacity + width, q.shape[1]), dtype=np.float32)
+    stacked[:, :capacity] = snapshot[small_groups]
+    stacked[which, capacity + t] = q[rows]
+    products = np.matmul(stacked, stacked[:, capacity:].transpose(0, 2, 1))
+    per_row = products.transpose(0, 2, 1)[which, t]  # (rows, capacity + width)
+    dots_per_row = per_row[:, :capacity]
 
     # ||q - h||^2 = ||q||^2 + ||h||^2 - 2 q.h, over filled entries: a ring
     # not yet full fills indices 0..length-1.
@@ -344,16 +346,14 @@ def _small(
         gone[age < evicted[late, None]] = np.inf
         d_sq[late] = gone
 
-    # Against the client's earlier rows in this chunk, which sit just
-    # before each row in sorted order, while still among the last
-    # `capacity` stored: column back - 1 holds the row `back` before.
-    lags = min(width, capacity + 1) - 1
-    d_lag = np.full((len(rows), lags), np.inf, dtype=np.float32)
-    for back in range(1, lags + 1):
-        has = np.flatnonzero(t >= back)
-        here = rows[has]
-        diff = q[here] - q[here - back]
-        d_lag[has, back - 1] = np.einsum("ij,ij->i", diff, diff)
+    # Against the client's earlier rows in this chunk (column j: the
+    # client's row j of the chunk), while still among the last `capacity`
+    # stored.
+    padded_sq = np.zeros((k, width), dtype=np.float32)
+    padded_sq[which, t] = q_sq[rows]
+    d_lag = q_sq[rows, None] + padded_sq[which] - 2.0 * per_row[:, capacity:]
+    back = t[:, None] - np.arange(width)[None, :]
+    d_lag[(back < 1) | (back > capacity)] = np.inf
     return [(rows, d_sq.astype(np.float32, copy=False)), (rows, d_lag)]
 
 
