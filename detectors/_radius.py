@@ -166,28 +166,44 @@ class _Distances:
     per block, ``inf`` where an earlier query is not visible to the row.
     Independent of any radius, so one result serves every radius."""
 
-    __slots__ = ("_best_sq", "_blocks")
+    __slots__ = ("_best_sq", "_blocks", "_copies")
 
     def __init__(
         self,
         n: int,
         blocks: list[tuple[npt.NDArray[np.int64] | slice, npt.NDArray[np.float32]]],
     ) -> None:
+        # When every row is in the two blocks of _small, in order, they are
+        # joined once so each radius costs one comparison and one count.
+        if (
+            len(blocks) == 2
+            and isinstance(blocks[0][0], np.ndarray)
+            and len(blocks[0][0]) == n
+        ):
+            joined = np.concatenate([blocks[0][1], blocks[1][1]], axis=1)
+            blocks = [(slice(0, n), joined)]
         self._blocks = blocks
         best = np.full(n, np.inf, dtype=np.float32)
+        # Exact copies (distance 0; never negative, the arithmetic is exact)
+        # are counted once here and taken off every radius's count.
+        copies = np.zeros(n, dtype=np.int64)
         for rows, d_sq in blocks:
             if d_sq.shape[1]:
                 best[rows] = np.minimum(best[rows], d_sq.min(axis=1))
+                copies[rows] += np.count_nonzero(d_sq == 0.0, axis=1)
         self._best_sq = best
+        self._copies = copies
 
     def reduce(
         self, radius_sq: np.float32
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """Each row's nearest squared distance and its count of earlier
         queries closer than ``radius_sq`` but not identical."""
-        within = np.zeros(len(self._best_sq), dtype=np.int64)
+        if not radius_sq > 0.0:
+            return self._best_sq, np.zeros(len(self._best_sq), dtype=np.int64)
+        within = -self._copies
         for rows, d_sq in self._blocks:
-            within[rows] += ((d_sq > 0.0) & (d_sq < radius_sq)).sum(axis=1)
+            within[rows] += np.count_nonzero(d_sq < radius_sq, axis=1)
         return self._best_sq, within
 
 
