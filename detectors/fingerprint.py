@@ -24,6 +24,7 @@ import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from itertools import repeat
+from operator import itemgetter
 from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple, Protocol
 
@@ -56,6 +57,10 @@ _GOLDEN_KEY = np.uint64(_GOLDEN_INT)
 
 _NO_OTHERS: Mapping[str, int] = MappingProxyType({})
 """The ``others`` of a row no other client matched, shared and read-only."""
+
+# FingerprintMatch fields by position (own, others).
+_OWN = itemgetter(0)
+_OTHERS = itemgetter(1)
 
 
 class FingerprintMatch(NamedTuple):
@@ -1058,8 +1063,10 @@ class FingerprintDetector(Detector[FingerprintParams]):
         self.last_hashes = hashes
         self.last_matches = matches
         threshold = p.match_threshold
-        own = np.fromiter((m.own > 0 for m in matches), bool, n)
-        cross = np.fromiter((bool(m.others) for m in matches), bool, n) & ~own
+        # Fields by position through C-level map: a generator over the
+        # matches cost a Python frame step per row.
+        own = np.fromiter(map(_OWN, matches), np.int64, n) > 0
+        cross = np.fromiter(map(bool, map(_OTHERS, matches)), bool, n) & ~own
 
         # A near-duplicate of another client's query counts unless the query
         # also matches one of the client's own (a re-submitted popular input
