@@ -80,6 +80,7 @@ def nearest_and_count(
     slots: npt.NDArray[np.int64],
     stored: npt.NDArray[np.uint8],
     radius: float,
+    groups: Groups | None = None,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
     """Per row (batch order): the per-feature RMS distance to the client's
     nearest earlier query (``inf`` for a first query) and the number of
@@ -96,8 +97,13 @@ def nearest_and_count(
         Rows quantised (:func:`quantise`), in batch order.
     radius
         Per-feature RMS distance (in [0, 1]).
+    groups
+        ``group_rows(slots)`` when the caller has it (saves grouping again
+        when the batch is one chunk).
     """
     n = len(slots)
+    if n <= _CHUNK_ROWS:
+        return _chunk(arrays, slots, stored, radius, groups)
     nearest = np.empty(n, dtype=np.float64)
     count = np.empty(n, dtype=np.int64)
     for start in range(0, n, _CHUNK_ROWS):
@@ -113,6 +119,7 @@ def _chunk(
     slots: npt.NDArray[np.int64],
     stored: npt.NDArray[np.uint8],
     radius: float,
+    groups: Groups | None = None,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
     """Per-feature RMS distance of each row to its client's nearest earlier
     query (``inf`` for a first query) and the number of earlier queries
@@ -124,7 +131,8 @@ def _chunk(
     hist = arrays["hist"]
     capacity, n_features = hist.shape[1], hist.shape[2]
 
-    groups = group_rows(slots)
+    if groups is None:
+        groups = group_rows(slots)
     q = stored[groups.order].astype(np.float32)
     q_sq = np.einsum("ij,ij->i", q, q)
     old_len = arrays["hist_len"][groups.unique]
