@@ -227,7 +227,7 @@ class ChangeStructureDetector(Detector[StructureParams]):
         # Against the stored steps still among the last m when the row comes,
         # and the client's earlier steps of this batch up to m back: each
         # client's ring and rows stacked, all its rows in one product. The
-        # steps are float16 (products exact in float64, sums of at most 49
+        # steps are float16 (products exact in float64, sums of at most 50
         # significant bits), so any order of summation gives the same cosine.
         n_clients, width = len(groups.unique), int(groups.size.max())
         stacked = np.zeros((n_clients, m + width, unit.shape[1]))
