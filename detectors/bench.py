@@ -113,14 +113,13 @@ def measure(
     with threadpool_limits(limits=1):
         for _ in range(runs):
             detectors = build_detectors({}, seed=seed)
-            for name, detector in detectors.items():
+            for detector in detectors.values():
                 detector.learn_baseline(reference)
                 if detector.observes_outputs:
                     ref_logits = (reference - 0.3) @ np.ones((reference.shape[1], 10))
                     detector.learn_output_baseline(reference, _softmax(ref_logits))
-                cpu_s, wall_s = _time_batches(
-                    detector, ids, rows, batch_size, arrival_s, proba
-                )
+            timed = _time_batches(detectors, ids, rows, batch_size, arrival_s, proba)
+            for name, (cpu_s, wall_s) in timed.items():
                 cpu.setdefault(name, []).append(cpu_s / len(ids) * 1e6)
                 wall.setdefault(name, []).append(wall_s / len(ids) * 1e6)
     for name in detectors:
@@ -153,36 +152,45 @@ def _softmax(logits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
 
 
 def _time_batches(
-    detector: Detector[Any],
+    detectors: dict[str, Detector[Any]],
     ids: list[str],
     rows: npt.NDArray[np.float64],
     batch_size: int,
     arrival_s: npt.NDArray[np.float64],
     proba: npt.NDArray[np.float64],
-) -> tuple[float, float]:
-    """CPU seconds and wall seconds spent in ``score_batch`` and, for the
-    detectors that use them, in ``observe_outputs`` and ``observe_outcomes``
-    (the worker calls all three per batch)."""
-    cpu_s = 0.0
-    wall_s = 0.0
+) -> dict[str, tuple[float, float]]:
+    """Per detector, CPU seconds and wall seconds spent in ``score_batch``
+    and, for the detectors that use them, in ``observe_outputs`` and
+    ``observe_outcomes``.
+
+    Batch by batch, every detector in registry order, as the worker calls
+    them (``gateway.scoring``): detectors that reuse what another computed
+    on the same batch (``knn`` the distances of ``similarity``) are timed
+    as they run in service.
+    """
+    spent = dict.fromkeys(detectors, (0.0, 0.0))
     for start in range(0, len(ids), batch_size):
         batch_ids = ids[start : start + batch_size]
         batch = rows[start : start + batch_size]
-        cpu_began = time.process_time()
-        wall_began = time.perf_counter()
-        detector.score_batch(
-            batch_ids, batch, arrival_s=arrival_s[start : start + batch_size]
-        )
-        if detector.observes_outputs:
-            detector.observe_outputs(
-                batch_ids, batch, proba[start : start + batch_size]
+        for name, detector in detectors.items():
+            cpu_began = time.process_time()
+            wall_began = time.perf_counter()
+            detector.score_batch(
+                batch_ids, batch, arrival_s=arrival_s[start : start + batch_size]
             )
-        if detector.observes_outcomes:
-            ok = np.zeros(len(batch_ids), dtype=bool)
-            detector.observe_outcomes(batch_ids, ok, ok)
-        wall_s += time.perf_counter() - wall_began
-        cpu_s += time.process_time() - cpu_began
-    return cpu_s, wall_s
+            if detector.observes_outputs:
+                detector.observe_outputs(
+                    batch_ids, batch, proba[start : start + batch_size]
+                )
+            if detector.observes_outcomes:
+                ok = np.zeros(len(batch_ids), dtype=bool)
+                detector.observe_outcomes(batch_ids, ok, ok)
+            cpu_s, wall_s = spent[name]
+            spent[name] = (
+                cpu_s + time.process_time() - cpu_began,
+                wall_s + time.perf_counter() - wall_began,
+            )
+    return spent
 
 
 if __name__ == "__main__":

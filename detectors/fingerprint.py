@@ -24,6 +24,7 @@ import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from itertools import repeat
+from operator import itemgetter
 from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple, Protocol
 
@@ -56,6 +57,10 @@ _GOLDEN_KEY = np.uint64(_GOLDEN_INT)
 
 _NO_OTHERS: Mapping[str, int] = MappingProxyType({})
 """The ``others`` of a row no other client matched, shared and read-only."""
+
+# FingerprintMatch fields by position (own, others).
+_OWN = itemgetter(0)
+_OTHERS = itemgetter(1)
 
 
 class FingerprintMatch(NamedTuple):
@@ -450,8 +455,7 @@ class InMemoryFingerprintStore:
 
         # Sorted by (hash, row): each hash's occurrences in arrival order, and
         # b = remembered occurrences of the same hash earlier in the chunk.
-        # occ_row is already ascending, so a stable sort by hash suffices.
-        order = np.argsort(occ_hash, kind="stable")
+        order = _order_by_hash_then_row(occ_hash, occ_row, n)
         sh, srow = occ_hash[order], occ_row[order]
         srem = rem_int[srow]
         first = np.ones(m, dtype=bool)
@@ -473,31 +477,39 @@ class InMemoryFingerprintStore:
         group_rem_before = rem_before[gstart]
         b = rem_before - group_rem_before[gid]
 
-        # Candidates from the table: the ring's entries not yet pushed out by
-        # the b earlier remembered occurrences of the chunk.
-        # Each distinct hash's ring is read once, oldest first (-1 where
-        # empty); an occurrence then only masks the entries pushed out.
-        cands = np.full((m, 2 * E), -1, dtype=np.int64)
+        # Candidates of an occurrence: the last E entries of its hash's ring
+        # (oldest first) followed by the b earlier remembered occurrences of
+        # the chunk, which is what the ring will hold when the occurrence
+        # comes; so at most E, not E from each.
+        # Each distinct hash's ring is read once (-1 where empty). Most
+        # occurrences have b = 0 and take their ring whole; only the others
+        # (a hash repeated within the chunk) mix in chunk entries.
+        age = np.arange(E)
         held = dslot >= 0
-        if held.any():
-            age = np.arange(E)
-            s = np.where(held, dslot, 0)
-            length = np.where(held, self._table_len[s], 0)
-            ring = (self._table_pos[s][:, None] - length[:, None] + age[None, :]) % E
-            entries = np.where(
-                age[None, :] < length[:, None], self._table[s[:, None], ring], -1
-            )
-            ok = age[None, :] >= (length[gid] + b - E)[:, None]
-            cands[:, :E] = np.where(ok, entries[gid], -1)
-        # Candidates from the chunk: the last E remembered occurrences before.
-        remembered_occ = np.flatnonzero(srem)
-        if remembered_occ.size:
-            rank = b[:, None] - np.arange(1, E + 1)[None, :]
-            valid = rank >= 0
+        s = np.where(held, dslot, 0)
+        length = np.where(held, self._table_len[s], 0)
+        ring = (self._table_pos[s][:, None] - length[:, None] + age[None, :]) % E
+        entries = np.where(
+            age[None, :] < length[:, None], self._table[s[:, None], ring], -1
+        )
+        cands = entries[gid]
+        pushed = np.flatnonzero(b)
+        if pushed.size:
+            remembered_occ = np.flatnonzero(srem)
+            pg = gid[pushed]
+            lp = length[pg][:, None]
+            k = (lp + b[pushed][:, None] - E) + age[None, :]
+            from_ring = (k >= 0) & (k < lp)
+            rank = k - lp
+            from_chunk = rank >= 0
             at = remembered_occ[
-                np.where(valid, group_rem_before[gid][:, None] + rank, 0)
+                np.where(from_chunk, group_rem_before[pg][:, None] + rank, 0)
             ]
-            cands[:, E:] = np.where(valid, entry_of_row[srow[at]], -1)
+            cands[pushed] = np.where(
+                from_ring,
+                entries[pg[:, None], np.clip(k, 0, E - 1)],
+                np.where(from_chunk, entry_of_row[srow[at]], -1),
+            )
 
         # Per row, the candidate entries of all its hashes; an entry met in
         # at least match_threshold of them is a near-duplicate.
@@ -684,6 +696,33 @@ class InMemoryFingerprintStore:
         )
 
 
+def _order_by_hash_then_row(
+    occ_hash: HashArray, occ_row: npt.NDArray[np.int64], n_rows: int
+) -> npt.NDArray[np.int64]:
+    """The permutation sorting occurrences by (hash, row); ``occ_row`` is
+    ascending.
+
+    A stable sort by hash gives it, but numpy's stable sort of 64-bit keys
+    is a merge sort, measured 5 times slower than its quicksort on a chunk's
+    8,000 occurrences. So the row replaces the hash's low bits and the
+    unique keys are quicksorted; that order is right unless two different
+    hashes of the chunk agree on all other bits (about one chunk in 2**40),
+    which shows as neighbours that agree there and differ in full, and then
+    the stable sort is used.
+    """
+    bits = np.uint64(max(1, (n_rows - 1).bit_length()))
+    high = (occ_hash >> bits) << bits
+    order = np.argsort(high | occ_row.astype(np.uint64))
+    high_sorted = high[order]
+    hash_sorted = occ_hash[order]
+    if np.any(
+        (high_sorted[1:] == high_sorted[:-1]) & (hash_sorted[1:] != hash_sorted[:-1])
+    ):
+        order = np.argsort(occ_hash, kind="stable")
+    out: npt.NDArray[np.int64] = order
+    return out
+
+
 def _own_runs(
     state: npt.NDArray[np.int64], groups: Groups, own: npt.NDArray[np.bool_]
 ) -> npt.NDArray[np.int64]:
@@ -864,6 +903,9 @@ class FingerprintDetector(Detector[FingerprintParams]):
         )
         self._common: HashArray = np.zeros(0, dtype=np.uint64)
         self._table: HashArray | None = None
+        self._weights: (
+            tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None
+        ) = None
         self.last_matches: list[FingerprintMatch] = []
         self.last_hashes: HashArray = np.zeros((0, p.k), dtype=np.uint64)
         self._batch_clients: list[str] = []
@@ -893,15 +935,44 @@ class FingerprintDetector(Detector[FingerprintParams]):
             raise ValueError(
                 f"{self.name}: {rows.shape[1]} features are fewer than width={p.width}"
             )
+        return self._fingerprint_rows(rows)
+
+    def _fingerprint_rows(self, rows: npt.NDArray[np.float64]) -> HashArray:
+        """:meth:`fingerprints` of rows already checked."""
+        p = self._params
         table = self._hash_table(rows.shape[1])
         if table is None:
             hashes = window_hashes(
                 rows, levels=p.levels, width=p.width, seed=self._seed
             )
             return top_hashes(hashes, p.k, self._common)
-        code = window_codes(rows, levels=p.levels, width=p.width).astype(np.intp)
-        code += np.arange(code.shape[1], dtype=np.intp) * (p.levels**p.width)
+        # Every window's (position, code) index into the table in one matrix
+        # product of the quantised rows: the codes are integers far below
+        # 2**53, so float64 sums them exactly (one BLAS call against six
+        # passes of uint64 arithmetic).
+        weights, offsets = self._code_weights(rows.shape[1])
+        levels = np.floor(np.clip(rows * p.levels, 0.0, p.levels - 1))
+        code = (levels @ weights + offsets).astype(np.intp)
         return top_hashes(table[code], p.k)
+
+    def _code_weights(
+        self, n_features: int
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """The matrix taking quantised features to window codes (base
+        ``levels`` digits, first feature most significant) and each window's
+        offset in the hash table."""
+        if self._weights is None or self._weights[0].shape[0] != n_features:
+            p = self._params
+            n_windows = n_features - p.width + 1
+            weights = np.zeros((n_features, n_windows))
+            columns = np.arange(n_windows)
+            for offset in range(p.width):
+                weights[columns + offset, columns] = float(
+                    p.levels ** (p.width - 1 - offset)
+                )
+            offsets = columns.astype(np.float64) * float(p.levels**p.width)
+            self._weights = (weights, offsets)
+        return self._weights
 
     def _hash_table(self, n_features: int) -> HashArray | None:
         """Every possible window hash by (position, code), common ones already
@@ -981,7 +1052,7 @@ class FingerprintDetector(Detector[FingerprintParams]):
         n = len(slots)
         client_ids = self._batch_clients
 
-        hashes = self.fingerprints(X)
+        hashes = self._fingerprint_rows(X)  # checked by score_batch
         # Every row is stored, good standing or not: the store is evidence, not a
         # model of normal traffic, and an attack spread over keys would hide as
         # soon as its first keys were flagged if their queries were left out.
@@ -992,8 +1063,10 @@ class FingerprintDetector(Detector[FingerprintParams]):
         self.last_hashes = hashes
         self.last_matches = matches
         threshold = p.match_threshold
-        own = np.fromiter((m.own > 0 for m in matches), bool, n)
-        cross = np.fromiter((bool(m.others) for m in matches), bool, n) & ~own
+        # Fields by position through C-level map: a generator over the
+        # matches cost a Python frame step per row.
+        own = np.fromiter(map(_OWN, matches), np.int64, n) > 0
+        cross = np.fromiter(map(bool, map(_OTHERS, matches)), bool, n) & ~own
 
         # A near-duplicate of another client's query counts unless the query
         # also matches one of the client's own (a re-submitted popular input

@@ -350,14 +350,14 @@ class KnnDistanceDetector(Detector[KnnParams]):
         # The k-th nearest distinct earlier query is within the threshold
         # exactly when k distinct earlier queries are: counted in one pass
         # over the history, without sorting distances.
+        groups = group_rows(slots)
         nearest, within = nearest_and_count(
-            arrays, slots, quantise(X), limit if limit is not None else 0.0
+            arrays, slots, quantise(X), limit if limit is not None else 0.0, groups
         )
         close = within >= p.k
         # An exact copy of an earlier query is not close either: no search
         # resends its input unchanged, while honest clients replay rows.
         close &= nearest > 0.0
-        groups = group_rows(slots)
         close = close[groups.order]
         counts, lengths = push_window(
             arrays["close"], arrays["close_pos"], arrays["close_len"], groups, close

@@ -230,10 +230,12 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
 
         # Nearest earlier query of each row, chunk by chunk so each chunk sees
         # the history the previous one left.
-        nearest, neighbours = nearest_and_count(arrays, slots, quantise(X), params.eps)
+        groups = group_rows(slots)
+        nearest, neighbours = nearest_and_count(
+            arrays, slots, quantise(X), params.eps, groups
+        )
 
         # Near bits into each client's window, in arrival order.
-        groups = group_rows(slots)
         # A query is concentrated when at least min_neighbours earlier ones
         # lie within eps of it (exact copies, at distance 0 in the quantised
         # arithmetic, never count); see the class docstring.

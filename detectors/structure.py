@@ -25,19 +25,13 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
-from detectors._history import (
-    LEVELS,
-    check_ring,
-    neighbours_and_push,
-    quantise,
-    ring_fields,
-)
+from detectors._history import LEVELS, check_ring, quantise, ring_fields
+from detectors._probehist import nearest_and_push, push_windows
 from detectors._state import (
     FieldSpec,
     Groups,
     check_window,
     group_rows,
-    push_window,
     window_fields,
 )
 from detectors.base import MAX_STATE_BYTES, Detector, DetectorParams, DetectorScore
@@ -158,18 +152,19 @@ class ChangeStructureDetector(Detector[StructureParams]):
         groups = group_rows(slots)
         stored = quantise(X)
         q = stored[groups.order].astype(np.float32)
-        found = neighbours_and_push(arrays, groups, stored, 1)
+        has_nearest, nearest, previous, has_previous = nearest_and_push(
+            arrays, groups, stored
+        )
 
         # Sparse edits against the nearest earlier query.
-        has_nearest = np.isfinite(found.k_dist[:, 0])
-        moved = np.abs(q - found.nearest) > p.change_tol * LEVELS
+        moved = np.abs(q - nearest) > p.change_tol * LEVELS
         changed = moved.sum(axis=1)
         sparse = has_nearest & (changed >= 1) & (changed <= p.max_changed)
 
         # Unit steps from the previous query, rounded to the float16 they are
         # stored as, so rows of one batch compare exactly as rows one by one.
-        step = (q - found.previous).astype(np.float64)
-        step[~found.has_previous] = 0.0
+        step = (q - previous).astype(np.float64)
+        step[~has_previous] = 0.0
         norm = np.linalg.norm(step, axis=1)
         unit = np.divide(
             step, norm[:, None], out=np.zeros_like(step), where=norm[:, None] > 0
@@ -178,11 +173,13 @@ class ChangeStructureDetector(Detector[StructureParams]):
         best_cos = self._repeat_cosines(groups, unit)
         repeat = best_cos >= p.cos_threshold
 
-        sparse_counts, lengths = push_window(
-            arrays["sparse"], arrays["sparse_pos"], arrays["sparse_len"], groups, sparse
-        )
-        repeat_counts, _ = push_window(
-            arrays["repeat"], arrays["repeat_pos"], arrays["repeat_len"], groups, repeat
+        (sparse_counts, repeat_counts), lengths = push_windows(
+            [
+                (arrays["sparse"], arrays["sparse_pos"], arrays["sparse_len"]),
+                (arrays["repeat"], arrays["repeat_pos"], arrays["repeat_len"]),
+            ],
+            groups,
+            [sparse, repeat],
         )
         n_seen = arrays["n_seen"]
         seen = n_seen[groups.unique][groups.group] + groups.position + 1
@@ -227,21 +224,22 @@ class ChangeStructureDetector(Detector[StructureParams]):
         seen_before = np.maximum(arrays["n_seen"][groups.unique][g], 0)
         old_len = np.minimum(seen_before, m)
 
-        # Against the stored steps still among the last m when the row comes:
-        # each client's ring gathered once, all its rows in one product.
-        ring = dirs[groups.unique].astype(np.float64)  # (clients, m, d)
-        padded = np.zeros((len(groups.unique), int(groups.size.max()), unit.shape[1]))
-        padded[g, t] = unit
-        cos = np.abs(np.matmul(ring, padded.transpose(0, 2, 1))[g, :, t])
+        # Against the stored steps still among the last m when the row comes,
+        # and the client's earlier steps of this batch up to m back: each
+        # client's ring and rows stacked, all its rows in one product. The
+        # steps are float16 (products exact in float64, sums of at most 50
+        # significant bits), so any order of summation gives the same cosine.
+        n_clients, width = len(groups.unique), int(groups.size.max())
+        stacked = np.zeros((n_clients, m + width, unit.shape[1]))
+        stacked[:, :m] = dirs[groups.unique]
+        stacked[g, m + t] = unit
+        cos = np.abs(np.matmul(stacked, stacked[:, m:].transpose(0, 2, 1))[g, :, t])
         age = (np.arange(m)[None, :] - (seen_before - old_len)[:, None]) % m
-        visible = (age < old_len[:, None]) & (age >= (old_len + t - m)[:, None])
+        visible = np.empty(cos.shape, dtype=bool)
+        visible[:, :m] = (age < old_len[:, None]) & (age >= (old_len + t - m)[:, None])
+        back = t[:, None] - np.arange(width)[None, :]
+        visible[:, m:] = (back >= 1) & (back <= m)
         best: npt.NDArray[np.float64] = np.where(visible, cos, 0.0).max(axis=1)
-
-        # Against the same client's earlier steps of this batch, lag by lag.
-        for back in range(1, int(min(groups.size.max(), m + 1))):
-            has = np.flatnonzero(t >= back)
-            lagged = np.abs(np.einsum("ij,ij->i", unit[has], unit[has - back]))
-            best[has] = np.maximum(best[has], lagged)
 
         keep = t >= groups.size[g] - m
         dirs[slot[keep], (seen_before[keep] + t[keep]) % m] = unit[keep]
