@@ -49,6 +49,44 @@ async def ensure_topics(
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(missing)
             logger.info("created topics", extra={"topics": [t.name for t in missing]})
+            await _await_leaders(admin, [t.name for t in missing], settings)
+
+
+# Pause between two looks at a new topic's metadata, in seconds.
+_LEADER_POLL_S = 0.05
+
+
+async def _await_leaders(
+    admin: AIOKafkaAdminClient, names: list[str], settings: Settings
+) -> None:
+    """Return once every partition of ``names`` has a leader, or after
+    ``kafka.request_timeout_s`` (then with a warning; producers wait on).
+
+    The broker acknowledges a creation before every partition has a leader;
+    a client that asks for the topic's partitions in between is told it does
+    not exist, and aiokafka logs an ERROR for every retry. Waiting here keeps
+    a fresh stack's first run free of those.
+    """
+    deadline = asyncio.get_running_loop().time() + settings.kafka.request_timeout_s
+    pending = set(names)
+    while pending:
+        described = await admin.describe_topics(sorted(pending))
+        for entry in described:
+            partitions = entry.get("partitions") or []
+            if (
+                not entry.get("error_code")
+                and partitions
+                and all(p.get("leader", -1) >= 0 for p in partitions)
+            ):
+                pending.discard(entry.get("topic"))
+        if not pending:
+            return
+        if asyncio.get_running_loop().time() >= deadline:
+            logger.warning(
+                "new topics have no leader yet", extra={"topics": sorted(pending)}
+            )
+            return
+        await asyncio.sleep(_LEADER_POLL_S)
 
 
 async def partitions_of(settings: Settings, topic: str) -> list[int]:

@@ -7,10 +7,12 @@ through ``gateway.stack`` for the whole session.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -19,7 +21,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from gateway import stack as stack_mod
+from gateway.topics import delete_topics, ensure_topics, partitions_of
 from tests.conftest import StackInfo
+from tests.integration.helpers import isolated_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -163,3 +167,34 @@ def test_holder_of_a_dead_process_is_pruned(stack: StackInfo) -> None:
     status = stack_mod.status()
     assert holder not in status.holders
     assert status.running, status
+
+
+async def test_created_topics_are_ready_when_ensure_topics_returns(
+    stack: StackInfo, models_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A client that looks a topic up right after it is created must find it
+    # at once, without aiokafka's "not found in cluster metadata" errors.
+    settings = isolated_settings(
+        stack.kafka_bootstrap, stack.redis_url, models_dir, requests_partitions=4
+    )
+    await ensure_topics(settings)
+    producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap)
+    await producer.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="aiokafka"):
+            async with asyncio.timeout(30):
+                for topic in (
+                    settings.kafka.topics.requests,
+                    settings.kafka.topics.responses,
+                ):
+                    assert await producer.partitions_for(topic)
+        assert await partitions_of(settings, settings.kafka.topics.requests) == [
+            0, 1, 2, 3
+        ]  # fmt: skip
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        await producer.stop()
+        await delete_topics(
+            settings,
+            [settings.kafka.topics.requests, settings.kafka.topics.responses],
+        )
