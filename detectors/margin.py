@@ -9,6 +9,14 @@ counts, over each client's last ``window`` answers, the share that are
 entropy above ``entropy_at``) and compares it with the share among honest
 clients' answers.
 
+A second statistic reads the order of the same answers. A pool-based
+uncertainty sampler sends each round most-uncertain first, so the model's
+confidence climbs along the round even when, as on natural data, the answers
+are no more uncertain in total than an honest client's. Kendall's tau between
+arrival order and margin over the window measures that climb; honest clients
+send their data in an order unrelated to the model's confidence, so theirs
+stays near 0 whatever the model.
+
 It needs the model's answers, so it learns in
 :meth:`~detectors.base.Detector.observe_outputs` (after the model call) and
 its score judges the client's next queries.
@@ -19,13 +27,14 @@ Imports numpy and pydantic only; nothing from Kafka, Redis, FastAPI or
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from detectors._ring import push_ring
 from detectors._state import FieldSpec, check_ring_counters, group_rows
@@ -59,6 +68,25 @@ class MarginParams(DetectorParams):
     min_answers: int = Field(20, ge=1, le=100_000)
     """Answers a client must have had before it can be flagged."""
 
+    trend_weight: float = Field(0.55, ge=0.0, le=1.0)
+    """Factor putting the confidence trend (Kendall's tau, see the class) on
+    the share score's scale: the trend flags at tau >= threshold /
+    trend_weight (0.545 with the defaults); 0 turns the trend off."""
+
+    trend_min_answers: int = Field(48, ge=8, le=4096)
+    """Answers in the window before the trend counts: tau over fewer pairs
+    is too noisy for an honest client's random order (its spread under random
+    order is about 0.1 at 48 answers, 0.086 at 64)."""
+
+    @model_validator(mode="after")
+    def _trend_fits_window(self) -> Self:
+        if self.trend_min_answers > self.window:
+            raise ValueError(
+                f"trend_min_answers ({self.trend_min_answers}) exceeds window "
+                f"({self.window}), so the trend would never count"
+            )
+        return self
+
 
 def margins_and_entropy(
     proba: npt.NDArray[np.float64],
@@ -79,13 +107,75 @@ def margins_and_entropy(
     return np.clip(margin, 0.0, 1.0), np.clip(entropy, 0.0, 1.0)
 
 
+def confidence_trend(
+    ring: npt.NDArray[np.uint8],
+    pos: npt.NDArray[np.int64],
+    length: npt.NDArray[np.int64],
+) -> npt.NDArray[np.float64]:
+    """Kendall's tau between arrival order and the ring's values, per ring.
+
+    Parameters
+    ----------
+    ring
+        Shape (n, W): each row a ring of quantised margins.
+    pos, length
+        Per ring, the next index to write and how many cells are filled.
+
+    Returns
+    -------
+    array
+        In [-1, 1]: +1 when every later answer is more confident than every
+        earlier one, 0 for fewer than two answers. Ties count for neither
+        side (tau-a), so the many equal margins of confident answers pull it
+        towards 0, never away.
+
+    Examples
+    --------
+    >>> ring = np.array([[40, 30, 10, 20]], dtype=np.uint8)  # oldest at 2
+    >>> confidence_trend(ring, np.array([2]), np.array([4])).round(3).tolist()
+    [0.667]
+    """
+    width = ring.shape[1]
+    columns = np.arange(width)
+    index = (pos[:, None] - length[:, None] + columns[None, :]) % width
+    values = np.take_along_axis(ring, index, axis=1)  # oldest first
+    filled = columns[None, :] < length[:, None]
+    counted = _later_pairs(width)[None] & filled[:, :, None] & filled[:, None, :]
+    # Boolean pair tables counted with count_nonzero: measured about 6 us per
+    # client at W = 64, half of summing signed differences.
+    later, earlier = values[:, None, :], values[:, :, None]
+    up = np.count_nonzero((later > earlier) & counted, axis=(1, 2))
+    down = np.count_nonzero((later < earlier) & counted, axis=(1, 2))
+    pairs = length * (length - 1) // 2
+    return np.asarray((up - down) / np.maximum(pairs, 1), dtype=np.float64)
+
+
+@functools.lru_cache(maxsize=8)
+def _later_pairs(width: int) -> npt.NDArray[np.bool_]:
+    """``[i, j]`` is True for i < j: each pair of ring cells once."""
+    pairs = np.triu(np.ones((width, width), dtype=bool), k=1)
+    pairs.flags.writeable = False
+    return pairs
+
+
 class MarginDetector(Detector[MarginParams]):
     """Excess share of uncertain answers among a client's last ``window``.
 
     With ``s`` the client's uncertain share and ``b`` the honest share (from
     the baseline of answers to the reference data and to clients in good
-    standing), the score is ``max(0, s - b) / (1 - b)``: 0 at or below honest
-    behaviour, 1 when every answer is uncertain.
+    standing), the share score is ``max(0, s - b) / (1 - b)``: 0 at or below
+    honest behaviour, 1 when every answer is uncertain.
+
+    The trend score is ``trend_weight * max(0, tau)``, with tau Kendall's
+    rank correlation between arrival order and margin over the window once it
+    holds ``trend_min_answers`` answers; the score is the larger of the two.
+    Replaying the evaluation's active-learning attack and 60 honest streams
+    per model (300 to 600 held-out rows each, with retries and near-duplicate
+    runs) offline, the highest tau of any honest window was 0.42 (digits),
+    0.39 (breast_cancer) and 0.49 (phishing); the attack reached 0.70 on
+    breast_cancer (by its 80th query) and 0.78 on phishing, but only 0.27 on
+    digits, whose MLP answers the surrogate's doubtful picks as confidently
+    as any.
 
     Score: in [0, 1], higher is more suspicious. Warm once the client has had
     ``min_answers`` answers.
@@ -102,7 +192,12 @@ class MarginDetector(Detector[MarginParams]):
       traffic replaces it; training data sits further from the boundary than
       new data, so set ``threshold`` with ``modelgate calibrate``;
     - answers degraded by policy are still judged on the model's raw output,
-      which is what the query's position tells.
+      which is what the query's position tells;
+    - the trend sees only an attacker that sends each round in its ranked
+      order: one that shuffles its rounds, or spreads them over many keys
+      (each key then has too few answers), leaves tau near 0. An honest
+      client whose data arrive sorted by something the model's confidence
+      follows (hardest cases first, say) would climb too.
 
     Per-client state: two rings of ``window`` uint8 (margin and entropy) and
     three counters, 152 bytes at the default window.
@@ -111,7 +206,7 @@ class MarginDetector(Detector[MarginParams]):
     name: ClassVar[str] = "margin"
     Params: ClassVar[type[MarginParams]] = MarginParams
     _mutable_params: ClassVar[frozenset[str]] = frozenset(
-        {"margin_at", "entropy_at", "threshold", "min_answers"}
+        {"margin_at", "entropy_at", "threshold", "min_answers", "trend_weight"}
     )
     observes_outputs: ClassVar[bool] = True
 
@@ -229,15 +324,37 @@ class MarginDetector(Detector[MarginParams]):
         share = count / np.maximum(length, 1)
         base = self.baseline_share
         honest = 0.0 if base is None else base
-        score = np.clip((share - honest) / max(1.0 - honest, 1e-9), 0.0, 1.0)
+        share_score = np.clip((share - honest) / max(1.0 - honest, 1e-9), 0.0, 1.0)
+        tau = np.zeros(len(slots))
+        if p.trend_weight > 0 and len(slots):
+            # Once per client: the rings do not change while scoring.
+            unique, inverse = np.unique(slots, return_inverse=True)
+            enough = arrays["len"][unique] >= p.trend_min_answers
+            per_client = np.zeros(len(unique))
+            if enough.any():
+                ready = unique[enough]
+                per_client[enough] = confidence_trend(
+                    arrays["margin"][ready], arrays["pos"][ready], arrays["len"][ready]
+                )
+            tau = per_client[inverse]
+        trend_score = p.trend_weight * np.clip(tau, 0.0, 1.0)
+        score = np.maximum(share_score, trend_score)
         warm = arrays["n_answers"][slots] >= p.min_answers
         margin_at, entropy_at = p.margin_at, p.entropy_at
+        trend_at = p.threshold / p.trend_weight if p.trend_weight > 0 else None
 
         def evidence(row: int) -> str:
-            return (
+            text = (
                 f"{count[row]} of the last {length[row]} answers were uncertain "
                 f"(margin under {margin_at:g} or entropy over {entropy_at:g}); "
                 f"honest share {honest:.1%}"
             )
+            if trend_at is not None and trend_score[row] > share_score[row]:
+                text += (
+                    f"; confidence climbed along the window, Kendall tau "
+                    f"{tau[row]:.2f} between arrival order and margin "
+                    f"(flagged from {trend_at:.2f}; honest order gives about 0)"
+                )
+            return text
 
         return self._scores(score, warm, evidence)
