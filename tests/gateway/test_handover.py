@@ -175,3 +175,18 @@ async def test_an_idle_client_whose_save_failed_is_kept_not_dropped() -> None:
     await states.maintain(seen + 71)
     assert store.saved == [["quiet"]] and scorer.forgotten == ["quiet"]
     assert states.held() == []
+
+
+async def test_many_idle_clients_are_dropped_a_bounded_chunk_per_batch() -> None:
+    """Thousands of clients falling silent together must not make one batch
+    save them all: each call saves and drops at most
+    ``checkpoint_max_clients``, oldest first."""
+    states, store, scorer = _states(
+        checkpoint_interval_s=0, client_idle_s=60, checkpoint_max_clients=2
+    )
+    await states.load_new(_items("a", "b", "c", "d", "e"))
+    later = states._last_seen["e"] + 61
+    for _ in range(3):
+        await states.maintain(later)
+    assert store.saved == [["a", "b"], ["c", "d"], ["e"]]
+    assert scorer.forgotten == ["a", "b", "c", "d", "e"] and states.held() == []
