@@ -4,7 +4,6 @@ checkpoints are due (a private redis-server this test stops and starts)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import signal
 import time
