@@ -173,8 +173,10 @@ class KafkaTransport:
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._dispatcher: asyncio.Task[None] | None = None
-        # request id -> (reply future, the record key its answer must carry)
-        self._pending: dict[str, tuple[asyncio.Future[InferResponse], bytes]] = {}
+        # (the record key its answer must carry, request id) -> reply future.
+        # Request ids are per client (the workers dedupe per client), so two
+        # clients sharing this transport may wait on the same id at once.
+        self._pending: dict[tuple[bytes, str], asyncio.Future[InferResponse]] = {}
         self._lock = asyncio.Lock()
         self._started = False
 
@@ -238,7 +240,7 @@ class KafkaTransport:
             dispatcher, self._dispatcher = self._dispatcher, None
             if dispatcher is not None:
                 await cancel_and_wait(dispatcher)
-            for request_id, (future, _) in self._pending.items():
+            for (_, request_id), future in self._pending.items():
                 if not future.done():
                     future.set_exception(
                         GatewayRequestError(
@@ -302,13 +304,15 @@ class KafkaTransport:
         The reply future is registered before the record is enqueued, because a
         fast worker may answer before ``send`` returns. Neither future is awaited
         here, so a caller can enqueue many requests and gather them. A caller that
-        gives up on the reply must call ``forget(request_id)``.
+        gives up on the reply must call ``forget(request_id, key)``.
 
         Raises
         ------
         GatewayRequestError
             ``TRANSPORT_CLOSED`` if the transport is not started,
-            ``DUPLICATE_REQUEST`` if ``request_id`` is already pending.
+            ``DUPLICATE_REQUEST`` if ``request_id`` is already pending under
+            this ``key`` (another key's request with the same id is no
+            conflict).
         BrokerError
             The producer refused the record (buffer full past the timeout).
         """
@@ -317,7 +321,7 @@ class KafkaTransport:
             raise GatewayRequestError(
                 "transport is not started", code="TRANSPORT_CLOSED"
             )
-        if request_id in self._pending:
+        if (key, request_id) in self._pending:
             raise GatewayRequestError(
                 f"request {request_id} is already pending",
                 code="DUPLICATE_REQUEST",
@@ -326,7 +330,7 @@ class KafkaTransport:
         reply: asyncio.Future[InferResponse] = (
             asyncio.get_running_loop().create_future()
         )
-        self._pending[request_id] = (reply, key)
+        self._pending[key, request_id] = reply
         try:
             delivery = await asyncio.wait_for(
                 producer.send(
@@ -338,18 +342,28 @@ class KafkaTransport:
                 self._settings.kafka.request_timeout_s,
             )
         except (KafkaError, TimeoutError) as exc:
-            self.forget(request_id)
+            self.forget(request_id, key)
             raise BrokerError(f"cannot enqueue request: {exc!r}") from exc
         except BaseException:
-            self.forget(request_id)
+            self.forget(request_id, key)
             raise
         return delivery, reply
 
-    def forget(self, request_id: str) -> None:
-        """Stop waiting for a reply; a late reply is then ignored."""
-        entry = self._pending.pop(request_id, None)
-        if entry is not None and not entry[0].done():
-            entry[0].cancel()
+    def forget(self, request_id: str, key: bytes | None = None) -> None:
+        """Stop waiting for a reply; a late reply is then ignored.
+
+        Parameters
+        ----------
+        key
+            The record key the request was sent with; ``None`` forgets the
+            request id under every key (for callers that send for one client
+            only).
+        """
+        for entry in [e for e in self._pending if e[1] == request_id]:
+            if key is None or entry[0] == key:
+                future = self._pending.pop(entry)
+                if not future.done():
+                    future.cancel()
 
     @property
     def pending_count(self) -> int:
@@ -383,15 +397,9 @@ class KafkaTransport:
             # not end the task that delivers everyone's replies.
             logger.warning("undecodable reply skipped: %s", exc)
             return
-        entry = self._pending.get(response.request_id)
-        if entry is None:
-            # Someone else's reply on a shared topic, or one we gave up on.
-            logger.debug("reply for unknown request %s", response.request_id)
-            return
-        future, expected_key = entry
-        if key == expected_key:
+        if key is not None and (key, response.request_id) in self._pending:
             # The worker keys an answer with the client id it authenticated.
-            del self._pending[response.request_id]
+            future = self._pending.pop((key, response.request_id))
             if not future.done():
                 future.set_result(response)
         elif key is None and response.status == "error":
@@ -406,10 +414,12 @@ class KafkaTransport:
             logger.debug("reply for %s under another key ignored", response.request_id)
 
     def _settle(self, response: InferResponse) -> None:
-        entry = self._pending.get(response.request_id)
-        if entry is not None and not entry[0].done():
-            del self._pending[response.request_id]
-            entry[0].set_result(response)
+        # Every client still waiting on this id: the unauthenticated answer
+        # does not say whose request it refuses.
+        for entry in [e for e in self._pending if e[1] == response.request_id]:
+            future = self._pending.pop(entry)
+            if not future.done():
+                future.set_result(response)
 
 
 async def _open_tail(
@@ -626,4 +636,4 @@ class GatewayClient:
                 request_id=request_id,
             ) from exc
         finally:
-            self.transport.forget(request_id)
+            self.transport.forget(request_id, self._key)

@@ -49,7 +49,9 @@ async def apply_throttle(
     ----------
     store
         Resolves each client's plan (with its key's overrides), whose slowest
-        rule the penalty divides; without it, the ``limits`` section's rate.
+        rate and tightest burst the penalty divides
+        (:func:`gateway.throttle.plan_rate`); without it, the ``limits``
+        section's rate.
 
     Raises
     ------

@@ -12,7 +12,10 @@ Between those moments ``maintain`` runs after every batch: every
 save (so a worker that dies without a hand-over costs at most that much
 history), and it saves and drops clients silent for ``worker.client_idle_s``
 (so memory follows the active clients, not every client ever seen; a
-returning client is loaded again like a new one).
+returning client is loaded again like a new one). A save Redis refuses
+keeps its clients (in memory, still to be saved) and pauses every save until
+the next interval, so an outage neither erases history nor makes each batch
+wait out a Redis timeout.
 
 No Kafka I/O happens here; the worker decides when to call each step.
 """
@@ -36,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 # How long a saved snapshot waits for the next owner, in seconds (7 days).
 _STATE_TTL_S = 7 * 86_400
+# After a failed save, how long, in seconds, saves pause when checkpoints are
+# off (``checkpoint_interval_s`` 0); otherwise they pause for one interval.
+_SAVE_RETRY_S = 30.0
 
 
 class ClientStates:
@@ -69,6 +75,8 @@ class ClientStates:
         # Clients scored since their last save, in the order first seen.
         self._dirty: dict[str, None] = {}
         self._last_checkpoint = time.monotonic()
+        # Monotonic time before which no save is tried, after one failed.
+        self._saves_paused_until = 0.0
 
     def held(self) -> list[str]:
         """Every client this worker holds state for."""
@@ -142,8 +150,12 @@ class ClientStates:
         """Save the clients seen since the last checkpoint when one is due,
         and save then drop clients idle for ``client_idle_s``; at most
         ``checkpoint_max_clients`` saves per call. Redis failures are logged
-        (see :meth:`snapshot`), never raised."""
+        (see :meth:`snapshot`), never raised; the clients of a failed save
+        stay in memory and are saved again once the pause it starts is over
+        (one ``checkpoint_interval_s``)."""
         now = time.monotonic() if now is None else now
+        if now < self._saves_paused_until:
+            return
         budget = self._config.checkpoint_max_clients
         idle_before = now - self._config.client_idle_s
         idle: list[str] = []
@@ -152,9 +164,15 @@ class ClientStates:
                 break
             idle.append(client_id)
         if idle:
-            await self.snapshot([c for c in idle if c in self._client_tp])
+            saved = await self.snapshot([c for c in idle if c in self._client_tp])
+            # Clients never held (their snapshot did not load) have nothing
+            # worth keeping; held ones stay until their history is in Redis.
             for client_id in idle:
-                self.forget(client_id)
+                if saved or client_id not in self._client_tp:
+                    self.forget(client_id)
+            if not saved:
+                self._pause_saves(now)
+                return
             logger.info("idle clients saved and dropped", extra={"clients": len(idle)})
             budget -= len(idle)
         interval_s = self._config.checkpoint_interval_s
@@ -164,7 +182,12 @@ class ClientStates:
         chunk = [c for c in list(self._dirty)[:budget] if c in self._client_tp]
         for client_id in list(self._dirty)[:budget]:
             del self._dirty[client_id]
-        await self.snapshot(chunk)
+        if not await self.snapshot(chunk):
+            # Still unsaved: first in line at the next attempt.
+            self._dirty = dict.fromkeys([*chunk, *self._dirty])
+            self._last_checkpoint = now
+            self._pause_saves(now)
+            return
         if not self._dirty:
             # The whole backlog is saved: the next checkpoint is a full
             # interval away; until then each batch saves another chunk.
@@ -172,11 +195,24 @@ class ClientStates:
         if chunk:
             logger.debug("clients checkpointed", extra={"clients": len(chunk)})
 
-    async def snapshot(self, client_ids: list[str]) -> None:
+    def _pause_saves(self, now: float) -> None:
+        interval_s = self._config.checkpoint_interval_s
+        self._saves_paused_until = now + (
+            interval_s if interval_s > 0 else _SAVE_RETRY_S
+        )
+
+    async def snapshot(self, client_ids: list[str]) -> bool:
         """Save these clients' state for their next owner; a Redis failure is
-        logged and costs only their history."""
+        logged and costs only their history.
+
+        Returns
+        -------
+        bool
+            False when Redis refused the save, True otherwise (nothing to
+            save included).
+        """
         if not client_ids:
-            return
+            return True
         blobs = {c: self._scorer.dump(c) for c in client_ids}
         try:
             await self._store.save_states(blobs, _STATE_TTL_S)
@@ -186,6 +222,8 @@ class ClientStates:
                 len(blobs),
                 extra={"clients": len(blobs)},
             )
+            return False
+        return True
 
     def forget(self, client_id: str) -> None:
         """Drop a client's state from memory (after its snapshot)."""

@@ -3,8 +3,9 @@
 Policy (``gateway.policy``) decides that a client is throttled and for how
 long; this module enforces the reduced rate. It runs ``lua/throttle.lua``, a
 GCRA at ``rate / factor`` (burst ``burst / factor``, at least 1), where rate
-and burst are those of the slowest rule of the client's plan (the ``limits``
-section's ``rate_per_s`` and ``burst`` when the plan has no rules), on one key
+is that of the slowest rule of the client's plan and burst the smallest of
+its rules' (the ``limits`` section's ``rate_per_s`` and ``burst`` when the
+plan has no rules), on one key
 per client, ``{prefix}:{c:<client_id>}:throttle``, after the ordinary
 admission has let the request through. It is kept apart from ``store.py`` and
 ``admit.lua`` so that plan limits and policy penalties can change independently.
@@ -42,8 +43,9 @@ class ThrottleCheck:
     count
         How many of its requests to decide, in batch order.
     rate_per_s, burst
-        The client's own long-run rate and burst (its plan's slowest rule,
-        see :func:`plan_rate`) that ``factor`` divides; ``None`` for the
+        The client's own long-run rate and burst (its plan's slowest rate
+        and tightest burst, see :func:`plan_rate`) that ``factor`` divides;
+        ``None`` for the
         ``limits`` section's ``rate_per_s`` and ``burst``.
     """
 
@@ -55,13 +57,22 @@ class ThrottleCheck:
 
 
 def plan_rate(plan: PlanConfig) -> tuple[float, int] | None:
-    """The long-run rate (requests per second) and burst of ``plan``'s
-    slowest GCRA rule, which is what bounds a client over time and so what a
-    penalty must divide; ``None`` for a plan without rules."""
+    """The long-run rate (requests per second) of ``plan``'s slowest GCRA
+    rule, which is what bounds a client over time, and the smallest burst of
+    any of its rules, which is what bounds it at once: the pair a penalty
+    must divide to be tighter than every rule. ``None`` for a plan without
+    rules.
+
+    The slowest rule's own burst would not do: a long window's burst is
+    large (a day rule of 100,000 allows 100,000 at once by default), so a
+    client throttled by 4 could still send 25,000 requests at the fastest
+    rule's full speed, outlasting the throttle itself.
+    """
     if not plan.rules:
         return None
     slowest = min(plan.rules, key=lambda rule: rule.limit / rule.window_s)
-    return slowest.limit / slowest.window_s, slowest.effective_burst
+    tightest = min(rule.effective_burst for rule in plan.rules)
+    return slowest.limit / slowest.window_s, tightest
 
 
 class ThrottleStore:

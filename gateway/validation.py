@@ -102,6 +102,14 @@ def validate_request(request: InferRequest, signature: ModelSignature) -> np.nda
         raise ValidationError(
             f"input {spec.name!r} holds NaN or Infinity", code="NON_FINITE"
         )
+    # The rows are float32: a value finite as a double but over about 3.4e38
+    # would become infinite there (only a model declaring no range lets one
+    # through the range check below).
+    if np.abs(values).max() > np.finfo(np.float32).max:
+        raise ValidationError(
+            f"input {spec.name!r} holds a value too large for FP32",
+            code="NON_FINITE",
+        )
     low = spec.min if spec.min is not None else -np.inf
     high = spec.max if spec.max is not None else np.inf
     if values.min() < low or values.max() > high:

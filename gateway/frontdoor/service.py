@@ -342,4 +342,4 @@ class FrontDoor:
                 "the same request id"
             ) from exc
         finally:
-            self._transport.forget(request.request_id)
+            self._transport.forget(request.request_id, key.client_id.encode("utf-8"))

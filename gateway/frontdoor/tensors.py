@@ -78,7 +78,7 @@ def to_array(
     ValidationError
         ``SHAPE_MISMATCH`` (element count or nesting disagrees with shape),
         ``DTYPE_MISMATCH`` (a value that is not of the datatype),
-        ``NON_FINITE`` (NaN or infinity).
+        ``NON_FINITE`` (NaN, infinity, or a value the datatype cannot hold).
     """
     name = tensor.name
     flat = _flatten(tensor.data, tensor.shape, name)
@@ -95,10 +95,25 @@ def to_array(
         )
 
     if tensor.datatype in _FLOAT_DTYPES:
-        array = np.asarray(flat, dtype=np.float64)
+        try:
+            array = np.asarray(flat, dtype=np.float64)
+        except OverflowError as exc:
+            # A JSON integer beyond any double (the parser keeps it exact):
+            # an infinity in all but name, as the workers judge it.
+            raise ValidationError(
+                f"input {name!r}: a number too large to represent", code="NON_FINITE"
+            ) from exc
         if not np.isfinite(array).all():
             raise ValidationError(f"input {name!r}: NaN or infinity", code="NON_FINITE")
-        return array.astype(_FLOAT_DTYPES[tensor.datatype]).reshape(tensor.shape)
+        target = _FLOAT_DTYPES[tensor.datatype]
+        # Finite as a double but not in FP32 (over about 3.4e38): the cast
+        # would make it infinite, which JSON encodes as null.
+        if np.abs(array).max() > np.finfo(target).max:
+            raise ValidationError(
+                f"input {name!r}: a value too large for {tensor.datatype}",
+                code="NON_FINITE",
+            )
+        return array.astype(target).reshape(tensor.shape)
 
     low, high = _INT_BOUNDS[tensor.datatype]
     if any(not isinstance(v, int) or not low <= v <= high for v in flat):
