@@ -168,16 +168,18 @@ def distinct_levels(sample: npt.NDArray[np.floating[Any]]) -> int:
     return len(np.unique(np.rint(np.asarray(sample, dtype=np.float64) * _LEVELS)))
 
 
-def on_lattice(
-    sample: npt.NDArray[np.floating[Any]], min_distinct: int, share: float
+def _grid(sample: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.int64]:
+    """``sample`` on the 1/255 grid, as small non-negative integers."""
+    return np.rint(np.asarray(sample, dtype=np.float64) * _LEVELS).astype(np.int64)
+
+
+def _grid_on_lattice(
+    grid: npt.NDArray[np.int64], min_distinct: int, share: float
 ) -> bool:
-    """Whether the distances of ``sample`` sit on a few values: fewer than
-    ``min_distinct`` distinct ones on the 1/255 grid, or ``share`` of them on
-    its 8 most common ones."""
+    """:func:`on_lattice` of a sample already on the grid (:func:`_grid`)."""
     # Distances are non-negative RMS values of [0, 1] features, so the grid
     # holds small non-negative integers: bincount, not np.unique (which sorts
     # and cost a quarter of this detector's time).
-    grid = np.rint(np.asarray(sample, dtype=np.float64) * _LEVELS).astype(np.int64)
     counts = np.bincount(grid)
     if np.count_nonzero(counts) < min_distinct:
         return True
@@ -185,6 +187,15 @@ def on_lattice(
         counts = np.partition(counts, len(counts) - _LATTICE_VALUES)
     top = counts[-_LATTICE_VALUES:]
     return bool(int(top.sum()) >= share * len(grid))
+
+
+def on_lattice(
+    sample: npt.NDArray[np.floating[Any]], min_distinct: int, share: float
+) -> bool:
+    """Whether the distances of ``sample`` sit on a few values: fewer than
+    ``min_distinct`` distinct ones on the 1/255 grid, or ``share`` of them on
+    its 8 most common ones."""
+    return _grid_on_lattice(_grid(sample), min_distinct, share)
 
 
 def _read(
@@ -615,120 +626,176 @@ class DistanceDistributionDetector(Detector[PradaParams]):
 
         # Step: near-duplicates of the last `recent` queries; every row then
         # joins the recent ring.
-        duplicate = (self._recent_nearest(groups, q, q_sq) < eps * eps * scale).tolist()
+        duplicate = self._recent_nearest(groups, q, q_sq) < eps * eps * scale
         self._append("recent", groups, np.arange(len(q)), stored, q_sq)
 
         # Step: squared distances to the growing set as it was before the
         # chunk, as suffix minima over age (a row that comes after e evictions
         # sees members e.. only), and among each client's rows of the chunk.
-        suffix_min, pairwise = self._growing_set_distances(groups, q, q_sq)
+        suffix_min, among = self._growing_set_distances(groups, q, q_sq)
 
-        # Step: per client, in arrival order, the growing-set rule of PRADA's
-        # Algorithm 1, the window of distances and the tests that fall due.
-        # Sequential by nature (whether a row joins decides what later rows
-        # see), so a Python loop over plain floats; per-client scalars are
-        # read and written once per chunk, vectorised.
+        # Step: the growing-set rule of PRADA's Algorithm 1, in arrival order.
+        # Sequential within a client (whether a row joins decides what its
+        # later rows see) but independent across clients, so one numpy step
+        # per position in the chunk handles every client's row at that
+        # position. Float64 elementwise arithmetic rounds exactly as Python
+        # floats do, and the comparisons mirror Python's max/min, so the
+        # results are those of the row-by-row rule.
         n = len(q)
-        row_score = [0.0] * n
-        row_warm = [False] * n
-        row_text: list[Any] = [None] * n
-        admitted: list[int] = []
         unique = groups.unique
-        nearest_any = suffix_min[:, 0].tolist()
-        growing = _read(arrays, _GROWING, unique)
-        tests = _read(arrays, _TESTS, unique)
-        windows = _read(arrays, _WINDOW, unique)
-        written: list[tuple[int, int, list[float]]] = []
-        for g, slot in enumerate(unique.tolist()):
-            filled, count, mean, m2, admit = growing[g]
-            seen, n_tests, tested_at, tested_n, current = tests[g]
-            dist_pos, dist_len = windows[g]
-            start, size = int(groups.start[g]), int(groups.size[g])
-            # This chunk's distances; the stored window is read only if a test
-            # falls due (W does not depend on the order of the sample).
-            new: list[float] = []
-            history: list[float] | None = None
-            # Nearest admitted earlier row of the chunk, per row: Python floats
-            # for a few rows, numpy for many (each admission updates the rest).
-            small = size < _BIG_GROUP
-            pair: Any = pairwise[g].tolist() if small and size > 1 else pairwise[g]
-            best: Any = [_INF] * size if small else np.full(size, np.inf, np.float32)
-            joined = 0
-            text: Any = None
-            for t in range(size):
-                r = start + t
-                seen += 1
-                if not duplicate[r]:
-                    if filled + joined == 0:
-                        # The first query seeds the growing set (distance 0).
-                        count, mean, m2 = 1, 0.0, 0.0
-                        join = True
-                    else:
-                        e = max(0, filled + joined - capacity)  # evicted so far
-                        nearest = float(suffix_min[r, e]) if e else nearest_any[r]
-                        nearest = min(nearest, float(best[t]))
-                        d = math.sqrt(max(nearest, 0.0) / scale)
-                        if d >= eps:
-                            new.append(d)
-                        join = d > admit
-                        if join:
-                            # PRADA: T <- max(T, mean - std of DG before d).
-                            admit = max(admit, mean - math.sqrt(max(m2, 0.0) / count))
-                            count += 1
-                            step = d - mean
-                            mean += step / count
-                            m2 += step * (d - mean)
-                    if join:
-                        admitted.append(r)
-                        joined += 1
-                        # Later rows of this client now see this one too.
-                        if small:
-                            row = pair[t] if t + 1 < size else ()
-                            for u in range(t + 1, size):
-                                if row[u] < best[u]:
-                                    best[u] = row[u]
-                        elif t + 1 < size:
-                            np.minimum(
-                                best[t + 1 :], pair[t, t + 1 :], out=best[t + 1 :]
-                            )
+        start, size = groups.start, groups.size
+        n_groups = len(unique)
+        filled = arrays["gs_len"][unique]
+        count = arrays["gs_count"][unique].copy()
+        mean = arrays["gs_mean"][unique].copy()
+        m2 = arrays["gs_m2"][unique].copy()
+        admit = arrays["admit"][unique].copy()
+        joined = np.zeros(n_groups, dtype=np.int64)
+        dist = np.zeros(n, dtype=np.float64)
+        has_dist = np.zeros(n, dtype=bool)
+        join_row = np.zeros(n, dtype=bool)
+        # Nearest admitted earlier row of the chunk, per group and position.
+        best = np.full(among.shape[:2], np.inf, dtype=np.float32)
+        for t in range(int(size.max())):
+            g = np.flatnonzero(size > t)
+            r = start[g] + t
+            live = ~duplicate[r]
+            g, r = g[live], r[live]
+            if not len(g):
+                continue
+            total = filled[g] + joined[g]
+            first = total == 0
+            if first.all():
+                rest = g[:0]
+            else:
+                rest, rr, total = g[~first], r[~first], total[~first]
+                evicted = np.maximum(total - capacity, 0)
+                nearest = suffix_min[rr, evicted]
+                chunk_best = best[rest, t]
+                nearest = np.where(chunk_best < nearest, chunk_best, nearest)
+                d = np.sqrt(np.maximum(nearest.astype(np.float64), 0.0) / scale)
+                dist[rr] = d
+                has_dist[rr] = d >= eps
+                joins = d > admit[rest]
+                rest, d = rest[joins], d[joins]
+                join_row[rr[joins]] = True
+                # PRADA: T <- max(T, mean - std of DG before d).
+                floor = mean[rest] - np.sqrt(
+                    np.maximum(m2[rest], 0.0) / count[rest].astype(np.float64)
+                )
+                old = admit[rest]
+                admit[rest] = np.where(floor > old, floor, old)
+                count[rest] += 1
+                step = d - mean[rest]
+                mean[rest] += step / count[rest].astype(np.float64)
+                m2[rest] += step * (d - mean[rest])
+            if first.any():
+                # The first query seeds the growing set (distance 0).
+                seed = g[first]
+                count[seed], mean[seed], m2[seed] = 1, 0.0, 0.0
+                join_row[r[first]] = True
+                rest = np.concatenate([rest, seed])
+            if len(rest):
+                joined[rest] += 1
+                # Later rows of these clients now see this one too.
+                best[rest] = np.minimum(best[rest], among[rest, t])
+        arrays["gs_count"][unique] = count
+        arrays["gs_mean"][unique] = mean
+        arrays["gs_m2"][unique] = m2
+        arrays["admit"][unique] = admit
 
-                held = min(dist_len + len(new), window)
-                if seen % every == 0 and held >= min_queries:
-                    if history is None:
-                        oldest = dist_pos - dist_len + np.arange(dist_len)
-                        history = arrays["dist"][slot, oldest % window].tolist()
-                    # Rounded to float32 as stored, so a test sees equal values
-                    # whether its rows came in one batch or one at a time.
-                    chronological = history + new
-                    sample = np.array(chronological[-held:], dtype=np.float32)
-                    if not on_lattice(sample, min_distinct, lattice_share):
-                        current = 1.0 - shapiro_w(sample)
-                        n_tests, tested_at, tested_n = n_tests + 1, seen, held
-                        text = None
-                    elif not n_tests:
-                        text = (
-                            f"the last {held} nearest-query distances sit on a "
-                            "few values (a discrete input space); not tested"
+        # Step: the window of distances and the tests that fall due. A test
+        # reads only distances, so it runs after the rule, on the rows where
+        # one falls due.
+        group = groups.group
+        seen0 = arrays["n_seen"][unique]
+        dist_pos0 = arrays["dist_pos"][unique]
+        dist_len0 = arrays["dist_len"][unique]
+        seen_row = seen0[group] + groups.position + 1
+        running = np.cumsum(has_dist)
+        before = running[start] - has_dist[start]
+        taken = running - before[group]  # distances of the client so far
+        held_row = np.minimum(dist_len0[group] + taken, window)
+        due = (seen_row % every == 0) & (held_row >= min_queries)
+        n_tests0 = arrays["n_tests"][unique]
+        current0 = arrays["score"][unique]
+        tested_at0 = arrays["tested_at"][unique]
+        tested_n0 = arrays["tested_n"][unique]
+        row_score = current0[group]
+        row_warm = n_tests0[group] > 0
+        held_list = held_row.tolist()
+        row_text: list[Any] = [
+            (c, tn, ta) if k else h
+            for c, tn, ta, k, h in zip(
+                row_score.tolist(),
+                tested_n0[group].tolist(),
+                tested_at0[group].tolist(),
+                row_warm.tolist(),
+                held_list,
+                strict=True,
+            )
+        ]
+        n_new = np.bincount(group, weights=has_dist, minlength=n_groups).astype(
+            np.int64
+        )
+        due_groups = np.unique(group[due])
+        if len(due_groups):
+            due_list = due.tolist()
+            taken_list = taken.tolist()
+            seen_list = seen_row.tolist()
+            for member in due_groups.tolist():
+                slot = int(unique[member])
+                current = float(current0[member])
+                n_tests = int(n_tests0[member])
+                tested_at, tested_n = int(tested_at0[member]), int(tested_n0[member])
+                length, position = int(dist_len0[member]), int(dist_pos0[member])
+                g_start, g_end = int(start[member]), int(start[member] + size[member])
+                # The stored window oldest first, then this chunk's distances,
+                # rounded to float32 as stored, so a test sees equal values
+                # whether its rows came in one batch or one at a time.
+                oldest = position - length + np.arange(length)
+                chronological = np.concatenate(
+                    [
+                        arrays["dist"][slot, oldest % window],
+                        dist[g_start:g_end][has_dist[g_start:g_end]].astype(np.float32),
+                    ]
+                )
+                grid = _grid(chronological)
+                first_due = g_start + due_list[g_start:g_end].index(True)
+                text: Any = None
+                for row in range(first_due, g_end):
+                    held = held_list[row]
+                    if due_list[row]:
+                        end = length + taken_list[row]
+                        lattice = _grid_on_lattice(
+                            grid[end - held : end], min_distinct, lattice_share
                         )
-                if n_tests:
-                    text = text or (current, tested_n, tested_at)
-                    row_text[r] = text
-                else:
-                    row_text[r] = text or held
-                row_score[r] = current
-                row_warm[r] = n_tests > 0
-
-            if new:
-                written.append((slot, dist_pos, new))
-            growing[g] = (filled, count, mean, m2, admit)
-            tests[g] = (seen, n_tests, tested_at, tested_n, current)
-            dist_pos, dist_len = dist_pos + len(new), dist_len + len(new)
-            windows[g] = (dist_pos % window, min(dist_len, window))
-        _write(arrays, _GROWING, unique, growing)
-        _write(arrays, _TESTS, unique, tests)
-        _write(arrays, _WINDOW, unique, windows)
-        self._push_distances(written)
-        self._append("gs", groups, np.array(admitted, dtype=np.int64), stored, q_sq)
+                        if not lattice:
+                            current = 1.0 - shapiro_w(chronological[end - held : end])
+                            n_tests += 1
+                            tested_at, tested_n = seen_list[row], held
+                            text = None
+                        elif not n_tests:
+                            text = (
+                                f"the last {held} nearest-query distances sit on "
+                                "a few values (a discrete input space); not tested"
+                            )
+                    if n_tests:
+                        text = text or (current, tested_n, tested_at)
+                        row_text[row] = text
+                    else:
+                        row_text[row] = text or held
+                    row_score[row] = current
+                    row_warm[row] = n_tests > 0
+                arrays["n_tests"][slot] = n_tests
+                arrays["tested_at"][slot] = tested_at
+                arrays["tested_n"][slot] = tested_n
+                arrays["score"][slot] = current
+        arrays["n_seen"][unique] = seen0 + size
+        self._push_distances(groups, dist, has_dist, n_new, dist_pos0)
+        arrays["dist_pos"][unique] = (dist_pos0 + n_new) % window
+        arrays["dist_len"][unique] = np.minimum(dist_len0 + n_new, window)
+        self._append("gs", groups, np.flatnonzero(join_row), stored, q_sq)
 
         # Step: back to row order.
         out = row_index[groups.order]
@@ -737,23 +804,28 @@ class DistanceDistributionDetector(Detector[PradaParams]):
         for i, text in zip(out.tolist(), row_text, strict=True):
             evidence[i] = text
 
-    def _push_distances(self, written: list[tuple[int, int, list[float]]]) -> None:
-        """Append each client's new distances to its window (a ring), in one
-        assignment; only the last ``window`` of them can survive."""
-        if not written:
+    def _push_distances(
+        self,
+        groups: Groups,
+        dist: npt.NDArray[np.float64],
+        has_dist: npt.NDArray[np.bool_],
+        n_new: npt.NDArray[np.int64],
+        dist_pos: npt.NDArray[np.int64],
+    ) -> None:
+        """Append each client's new distances (the sorted rows where
+        ``has_dist``) to its window (a ring), in one assignment; only the last
+        ``window`` of them can survive."""
+        rows = np.flatnonzero(has_dist)
+        if not len(rows):
             return
         assert self._arena is not None
         window = self._params.window
-        slots: list[int] = []
-        index: list[int] = []
-        values: list[float] = []
-        for slot, position, new in written:
-            keep = min(len(new), window)
-            first = position + len(new) - keep
-            slots += [slot] * keep
-            index += [(first + i) % window for i in range(keep)]
-            values += new[len(new) - keep :]
-        self._arena.arrays["dist"][slots, index] = values
+        group = groups.group[rows]
+        rank = np.arange(len(rows)) - np.searchsorted(group, group)
+        keep = rank >= n_new[group] - window
+        rows, group, rank = rows[keep], group[keep], rank[keep]
+        index = (dist_pos[group] + rank) % window
+        self._arena.arrays["dist"][groups.unique[group], index] = dist[rows]
 
     def _recent_nearest(
         self,
@@ -797,17 +869,20 @@ class DistanceDistributionDetector(Detector[PradaParams]):
         groups: Groups,
         q: npt.NDArray[np.float32],
         q_sq: npt.NDArray[np.float32],
-    ) -> tuple[npt.NDArray[np.float32], list[npt.NDArray[np.float32]]]:
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
         """Suffix minima over age of each sorted row's squared distances to its
         client's growing set, and each client's pairwise squared distances
-        among its rows of the chunk."""
+        among its rows of the chunk, padded to (clients, width, width) where
+        width is the most rows a client has in the chunk (at most the growing
+        set's capacity, so at most 512 x 64 x 64 float32 in theory and far
+        less in practice: the chunk holds 512 rows)."""
         assert self._arena is not None
         arrays = self._arena.arrays
         capacity = arrays["gs"].shape[1]
         n_groups = len(groups.unique)
         by_age = np.empty((len(q), capacity), dtype=np.float32)
-        none = np.empty((0, 0), np.float32)
-        pairwise: list[npt.NDArray[np.float32]] = [none] * n_groups
+        widest = int(groups.size.max())
+        pairwise = np.full((n_groups, widest, widest), np.inf, dtype=np.float32)
 
         # Small groups share stacked products; big ones get their own.
         small = np.flatnonzero(groups.size < _BIG_GROUP)
@@ -846,9 +921,7 @@ class DistanceDistributionDetector(Detector[PradaParams]):
             if width > 1:
                 dots = np.matmul(padded, padded.transpose(0, 2, 1))
                 among = (padded_sq[:, :, None] - 2.0 * dots) + padded_sq[:, None, :]
-                for i, g in enumerate(members.tolist()):
-                    if size[i] > 1:
-                        pairwise[g] = among[i, : size[i], : size[i]]
+                pairwise[members, :width, :width] = among
 
         # Suffix minimum along age: entry e is the nearest of members e.. .
         suffix_min = np.minimum.accumulate(by_age[:, ::-1], axis=1)[:, ::-1]
