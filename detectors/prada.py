@@ -743,35 +743,41 @@ class DistanceDistributionDetector(Detector[PradaParams]):
             due_list = due.tolist()
             taken_list = taken.tolist()
             seen_list = seen_row.tolist()
-            for member in due_groups.tolist():
+            # Per client due a test, its stored window (oldest first, right-
+            # aligned to column `window`) then this chunk's distances, rounded
+            # to float32 as stored, so a test sees equal values whether its
+            # rows came in one batch or one at a time; on the grid too.
+            due_slots = unique[due_groups]
+            ages = np.arange(window) - window
+            chronological = np.zeros(
+                (len(due_groups), window + among.shape[1]), dtype=np.float32
+            )
+            chronological[:, :window] = arrays["dist"][
+                due_slots[:, None], (dist_pos0[due_groups, None] + ages) % window
+            ]
+            rank = np.full(n_groups, -1, dtype=np.int64)
+            rank[due_groups] = np.arange(len(due_groups))
+            has = np.flatnonzero(has_dist & (rank[group] >= 0))
+            chronological[rank[group[has]], window - 1 + taken[has]] = dist[has]
+            grids = _grid(chronological)
+            for k, member in enumerate(due_groups.tolist()):
                 slot = int(unique[member])
                 current = float(current0[member])
                 n_tests = int(n_tests0[member])
                 tested_at, tested_n = int(tested_at0[member]), int(tested_n0[member])
-                length, position = int(dist_len0[member]), int(dist_pos0[member])
                 g_start, g_end = int(start[member]), int(start[member] + size[member])
-                # The stored window oldest first, then this chunk's distances,
-                # rounded to float32 as stored, so a test sees equal values
-                # whether its rows came in one batch or one at a time.
-                oldest = position - length + np.arange(length)
-                chronological = np.concatenate(
-                    [
-                        arrays["dist"][slot, oldest % window],
-                        dist[g_start:g_end][has_dist[g_start:g_end]].astype(np.float32),
-                    ]
-                )
-                grid = _grid(chronological)
+                values, grid = chronological[k], grids[k]
                 first_due = g_start + due_list[g_start:g_end].index(True)
                 text: Any = None
                 for row in range(first_due, g_end):
                     held = held_list[row]
                     if due_list[row]:
-                        end = length + taken_list[row]
+                        end = window + taken_list[row]
                         lattice = _grid_on_lattice(
                             grid[end - held : end], min_distinct, lattice_share
                         )
                         if not lattice:
-                            current = 1.0 - shapiro_w(chronological[end - held : end])
+                            current = 1.0 - shapiro_w(values[end - held : end])
                             n_tests += 1
                             tested_at, tested_n = seen_list[row], held
                             text = None
