@@ -134,12 +134,14 @@ def shapiro_w(sample: npt.NDArray[np.floating[Any]]) -> float:
     # takes 6, and equal inputs give equal bits whatever their alignment,
     # which BLAS dot does not promise.
     add = np.add.reduce
-    x = np.sort(np.asarray(sample, dtype=np.float64))
+    x = np.array(sample, dtype=np.float64)
+    x.sort()
     n = len(x)
     if n < 3:
         return 0.0
     centred = x - float(add(x)) / n
-    spread = math.sqrt(float(add(centred * centred)) / n)
+    squares = float(add(centred * centred))
+    spread = math.sqrt(squares / n)
     # Sorted, so only the two ends can lie beyond the cut.
     cut = _REJECT_SIGMA * spread
     if -float(centred[0]) > cut or float(centred[-1]) > cut:
@@ -148,11 +150,12 @@ def shapiro_w(sample: npt.NDArray[np.floating[Any]]) -> float:
         if n < 3:
             return 0.0
         centred = x - float(add(x)) / n
+        squares = float(add(centred * centred))
     if x[-1] - x[0] <= 0.0:
         return 0.0
     coefficients, norm_sq = _swilk_coefficients(n)
     numerator = float(add(coefficients * centred)) ** 2
-    denominator = norm_sq * float(add(centred * centred))
+    denominator = norm_sq * squares
     return min(1.0, max(0.0, numerator / denominator))
 
 
