@@ -879,12 +879,15 @@ class DistanceDistributionDetector(Detector[PradaParams]):
         q: npt.NDArray[np.float32],
         q_sq: npt.NDArray[np.float32],
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-        """Suffix minima over age of each sorted row's squared distances to its
-        client's growing set, and each client's pairwise squared distances
-        among its rows of the chunk, padded to (clients, width, width) where
-        width is the most rows a client has in the chunk (at most the growing
-        set's capacity, so at most 512 x 64 x 64 float32 in theory and far
-        less in practice: the chunk holds 512 rows)."""
+        """Squared distances of each sorted row to its client's growing set,
+        as suffix minima over age, and among the client's rows of the chunk.
+
+        With ``widest`` the most rows a client has in the chunk (at most the
+        growing set's capacity), the suffix minima are (rows, widest): a row
+        follows at most ``widest - 1`` admissions of its client, so it never
+        needs a later entry. The pairwise distances are padded to (clients,
+        widest, widest): in theory up to 512 x 64 x 64 float32, in practice
+        far less, as the chunk holds 512 rows."""
         assert self._arena is not None
         arrays = self._arena.arrays
         capacity = arrays["gs"].shape[1]
@@ -933,7 +936,14 @@ class DistanceDistributionDetector(Detector[PradaParams]):
                 pairwise[members, :width, :width] = among
 
         # Suffix minimum along age: entry e is the nearest of members e.. .
-        suffix_min = np.minimum.accumulate(by_age[:, ::-1], axis=1)[:, ::-1]
+        # A row follows at most widest - 1 admissions of its client in the
+        # chunk, so only entries e < widest are read: the members from there
+        # on are folded into one column by a plain minimum, and the
+        # accumulation runs over the few columns before it.
+        reach = min(capacity, widest)
+        head = by_age[:, :reach].copy()
+        head[:, reach - 1] = by_age[:, reach - 1 :].min(axis=1)
+        suffix_min = np.minimum.accumulate(head[:, ::-1], axis=1)[:, ::-1]
         return suffix_min, pairwise
 
     def _append(
