@@ -659,19 +659,26 @@ class DistanceDistributionDetector(Detector[PradaParams]):
         join_row = np.zeros(n, dtype=bool)
         # Nearest admitted earlier row of the chunk, per group and position.
         best = np.full(among.shape[:2], np.inf, dtype=np.float32)
+        # Rows that are not near-duplicates, by position then client.
+        live = np.flatnonzero(~duplicate)
+        by_position = live[np.argsort(groups.position[live], kind="stable")]
+        bounds = np.searchsorted(
+            groups.position[by_position], np.arange(int(size.max()) + 1)
+        ).tolist()
         for t in range(int(size.max())):
-            g = np.flatnonzero(size > t)
-            r = start[g] + t
-            live = ~duplicate[r]
-            g, r = g[live], r[live]
-            if not len(g):
+            r = by_position[bounds[t] : bounds[t + 1]]
+            if not len(r):
                 continue
+            g = groups.group[r]
             total = filled[g] + joined[g]
             first = total == 0
-            if first.all():
+            seeding = bool(first.any())
+            if seeding and first.all():
                 rest = g[:0]
             else:
-                rest, rr, total = g[~first], r[~first], total[~first]
+                rest, rr = g, r
+                if seeding:
+                    rest, rr, total = g[~first], r[~first], total[~first]
                 evicted = np.maximum(total - capacity, 0)
                 nearest = suffix_min[rr, evicted]
                 chunk_best = best[rest, t]
@@ -692,7 +699,7 @@ class DistanceDistributionDetector(Detector[PradaParams]):
                 step = d - mean[rest]
                 mean[rest] += step / count[rest].astype(np.float64)
                 m2[rest] += step * (d - mean[rest])
-            if first.any():
+            if seeding:
                 # The first query seeds the growing set (distance 0).
                 seed = g[first]
                 count[seed], mean[seed], m2[seed] = 1, 0.0, 0.0
