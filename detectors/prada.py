@@ -627,15 +627,16 @@ class DistanceDistributionDetector(Detector[PradaParams]):
         q = stored.astype(np.float32)
         q_sq = np.einsum("ij,ij->i", q, q)
 
-        # Step: near-duplicates of the last `recent` queries; every row then
-        # joins the recent ring.
-        duplicate = self._recent_nearest(groups, q, q_sq) < eps * eps * scale
-        self._append("recent", groups, np.arange(len(q)), stored, q_sq)
-
         # Step: squared distances to the growing set as it was before the
         # chunk, as suffix minima over age (a row that comes after e evictions
         # sees members e.. only), and among each client's rows of the chunk.
         suffix_min, among = self._growing_set_distances(groups, q, q_sq)
+
+        # Step: near-duplicates of the last `recent` queries; every row then
+        # joins the recent ring.
+        nearest_recent = self._recent_nearest(groups, q, q_sq, among)
+        duplicate = nearest_recent < eps * eps * scale
+        self._append("recent", groups, np.arange(len(q)), stored, q_sq)
 
         # Step: the growing-set rule of PRADA's Algorithm 1, in arrival order.
         # Sequential within a client (whether a row joins decides what its
@@ -848,36 +849,40 @@ class DistanceDistributionDetector(Detector[PradaParams]):
         groups: Groups,
         q: npt.NDArray[np.float32],
         q_sq: npt.NDArray[np.float32],
+        among: npt.NDArray[np.float32],
     ) -> npt.NDArray[np.float32]:
         """Squared distance (quantised units) of each sorted row to the nearest
-        of its client's last ``recent`` queries, those of the batch included."""
+        of its client's last ``recent`` queries, those of the batch included
+        (``among``: the chunk's pairwise distances per client, as
+        :meth:`_growing_set_distances` gives them)."""
         assert self._arena is not None
         arrays = self._arena.arrays
         size = arrays["recent"].shape[1]
         slot = groups.slot
-        t = groups.position
+        g, t = groups.group, groups.position
         old_len = arrays["recent_len"][slot]
         oldest = arrays["recent_pos"][slot] - old_len
 
         # Against the stored ring: entry of age a (0 = oldest) is still there
         # after the client's t earlier rows of this chunk if a >= len + t - size.
-        ring = arrays["recent"][slot].astype(np.float32)
-        d_sq = (q_sq[:, None] - 2.0 * np.einsum("rkd,rd->rk", ring, q)) + arrays[
-            "recent_sq"
-        ][slot]
+        # One product per client (its rows padded), not per row; the values
+        # are integers below 2**24, so any order of summation is exact.
+        ring = arrays["recent"][groups.unique].astype(np.float32)
+        padded = np.zeros((len(groups.unique), among.shape[1], q.shape[1]), np.float32)
+        padded[g, t] = q
+        dots = np.matmul(padded, ring.transpose(0, 2, 1))[g, t]
+        d_sq = (q_sq[:, None] - 2.0 * dots) + arrays["recent_sq"][slot]
         age = (np.arange(size)[None, :] - oldest[:, None]) % size
         gone = np.maximum(old_len + t - size, 0)
         present = (age < old_len[:, None]) & (age >= gone[:, None])
         best: npt.NDArray[np.float32] = np.where(present, d_sq, np.inf).min(axis=1)
 
-        # Against the client's earlier rows in this chunk, which sit just
-        # before each row in sorted order.
-        for back in range(1, min(int(groups.size.max()), size + 1)):
-            has = np.flatnonzero(t >= back)
-            if not has.size:
-                break
-            diff = q[has] - q[has - back]
-            best[has] = np.minimum(best[has], np.einsum("ij,ij->i", diff, diff))
+        # Against the client's rows 1..size before it in this chunk.
+        if among.shape[1] > 1:
+            back = t[:, None] - np.arange(among.shape[1])[None, :]
+            near = (back >= 1) & (back <= size)
+            chunk = np.where(near, among[g, t], np.inf).min(axis=1)
+            best = np.minimum(best, chunk)
         return best
 
     def _growing_set_distances(
