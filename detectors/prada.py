@@ -908,9 +908,17 @@ class DistanceDistributionDetector(Detector[PradaParams]):
         widest = int(groups.size.max())
         pairwise = np.full((n_groups, widest, widest), np.inf, dtype=np.float32)
 
-        # Small groups share stacked products; big ones get their own.
+        # Small groups share stacked products; big ones get their own. The
+        # small ones are stacked in two sizes, so that the many clients with a
+        # few rows are not padded to the widest one (with 100 clients sending
+        # 5 rows each on average, about 6 against 13). The products are exact
+        # integers, so how rows are stacked does not change a bit.
         small = np.flatnonzero(groups.size < _BIG_GROUP)
-        batches = [small] if small.size else []
+        batches = []
+        if small.size:
+            cut = (int(groups.size[small].max()) + 1) // 2
+            narrow = groups.size[small] <= cut
+            batches += [part for part in (small[narrow], small[~narrow]) if part.size]
         batches += [np.array([g]) for g in np.flatnonzero(groups.size >= _BIG_GROUP)]
         for members in batches:
             slot = groups.unique[members]
