@@ -618,8 +618,6 @@ class DistanceDistributionDetector(Detector[PradaParams]):
         window = params.window
         every = params.test_every
         min_queries = params.min_queries
-        min_distinct = params.min_distinct
-        lattice_share = params.lattice_share
 
         # Step: the chunk grouped by client, rows widened once.
         groups = group_rows(slots)
@@ -770,24 +768,29 @@ class DistanceDistributionDetector(Detector[PradaParams]):
             rank[due_groups] = np.arange(len(due_groups))
             has = np.flatnonzero(has_dist & (rank[group] >= 0))
             chronological[rank[group[has]], window - 1 + taken[has]] = dist[has]
-            grids = _grid(chronological)
+            # Whether each due test's sample is lattice-valued, all at once.
+            due_rows = np.flatnonzero(due)
+            lattice_list = self._lattice(
+                _grid(chronological),
+                rank[group[due_rows]],
+                window + taken[due_rows],
+                held_row[due_rows],
+            ).tolist()
+            lattice_of = dict(zip(due_rows.tolist(), lattice_list, strict=True))
             for k, member in enumerate(due_groups.tolist()):
                 slot = int(unique[member])
                 current = float(current0[member])
                 n_tests = int(n_tests0[member])
                 tested_at, tested_n = int(tested_at0[member]), int(tested_n0[member])
                 g_start, g_end = int(start[member]), int(start[member] + size[member])
-                values, grid = chronological[k], grids[k]
+                values = chronological[k]
                 first_due = g_start + due_list[g_start:g_end].index(True)
                 text: Any = None
                 for row in range(first_due, g_end):
                     held = held_list[row]
                     if due_list[row]:
                         end = window + taken_list[row]
-                        lattice = _grid_on_lattice(
-                            grid[end - held : end], min_distinct, lattice_share
-                        )
-                        if not lattice:
+                        if not lattice_of[row]:
                             current = 1.0 - shapiro_w(values[end - held : end])
                             n_tests += 1
                             tested_at, tested_n = seen_list[row], held
@@ -820,6 +823,34 @@ class DistanceDistributionDetector(Detector[PradaParams]):
         warm[out] = row_warm
         for i, text in zip(out.tolist(), row_text, strict=True):
             evidence[i] = text
+
+    def _lattice(
+        self,
+        grids: npt.NDArray[np.int64],
+        sample: npt.NDArray[np.int64],
+        end: npt.NDArray[np.int64],
+        held: npt.NDArray[np.int64],
+    ) -> npt.NDArray[np.bool_]:
+        """:func:`on_lattice` of several samples at once: sample ``i`` is
+        ``grids[sample[i], end[i] - held[i] : end[i]]`` (values on the grid,
+        0 to 255 as distances lie in [0, 1]). Counts are integers, so this
+        is exactly the one-sample function."""
+        n_tests = len(sample)
+        offsets = np.cumsum(held) - held
+        test = np.repeat(np.arange(n_tests), held)
+        column = (end - held)[test] + np.arange(len(test)) - offsets[test]
+        values = grids[sample[test], column]
+        counts = np.bincount(
+            test * (_LEVELS + 1) + values, minlength=n_tests * (_LEVELS + 1)
+        ).reshape(n_tests, _LEVELS + 1)
+        distinct = np.count_nonzero(counts, axis=1)
+        ranked = np.partition(counts, _LEVELS + 1 - _LATTICE_VALUES, axis=1)
+        top = ranked[:, -_LATTICE_VALUES:].sum(axis=1)
+        params = self._params
+        lattice: npt.NDArray[np.bool_] = (distinct < params.min_distinct) | (
+            top >= params.lattice_share * held
+        )
+        return lattice
 
     def _push_distances(
         self,
