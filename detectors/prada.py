@@ -42,6 +42,14 @@ _CHUNK_ROWS = 512
 # detector measured: stacking pays for a few rows per client, not for many).
 _BIG_GROUP = 32
 
+# The growing-set rule runs one numpy step per position in the chunk (all
+# clients' rows at that position) when the chunk holds at least this many rows
+# per position, else a Python loop per row. A step costs about 30 numpy calls
+# (some 40 µs), a row in Python about 2 µs; measured 500-row batches: one
+# client (64 positions) 30 µs per query by positions against 10.6 by rows,
+# 1000 clients of 20 queries 6.9 against 11.9.
+_ROWS_PER_POSITION = 20
+
 # Smallest growing set worth keeping; below it the detector is refused.
 _MIN_GROWING = 8
 
@@ -74,14 +82,6 @@ _C2 = np.array([0.0, 0.042981, -0.293762, -1.752461, 5.682633, -3.582633])
 # Lowest W measured on benign clients (see PradaParams.threshold), quoted in
 # the evidence so a reader can judge a W without the docs.
 _BENIGN_W_FLOOR = 0.91
-
-_INF = float("inf")
-
-# Per-client scalars the sequential step reads and writes, in its order: the
-# growing set's statistics, the tests', and the window's ring.
-_GROWING = ("gs_len", "gs_count", "gs_mean", "gs_m2", "admit")
-_TESTS = ("n_seen", "n_tests", "tested_at", "tested_n", "score")
-_WINDOW = ("dist_pos", "dist_len")
 
 
 @lru_cache(maxsize=512)
@@ -201,24 +201,76 @@ def on_lattice(
     return _grid_on_lattice(_grid(sample), min_distinct, share)
 
 
-def _read(
-    arrays: Mapping[str, npt.NDArray[Any]],
-    fields: tuple[str, ...],
-    slots: npt.NDArray[np.int64],
-) -> list[tuple[Any, ...]]:
-    """Per slot, the tuple of its values of ``fields``, as Python numbers."""
-    return list(zip(*(arrays[field][slots].tolist() for field in fields), strict=True))
-
-
-def _write(
-    arrays: Mapping[str, npt.NDArray[Any]],
-    fields: tuple[str, ...],
-    slots: npt.NDArray[np.int64],
-    rows: list[tuple[Any, ...]],
+def _rule_by_row(
+    groups: Groups,
+    duplicate: npt.NDArray[np.bool_],
+    suffix_min: npt.NDArray[np.float32],
+    among: npt.NDArray[np.float32],
+    constants: tuple[int, float, float],
+    state: tuple[npt.NDArray[Any], ...],
+    out: tuple[npt.NDArray[Any], ...],
 ) -> None:
-    """Store what :func:`_read` read, once changed."""
-    for field, column in zip(fields, zip(*rows, strict=True), strict=True):
-        arrays[field][slots] = column
+    """PRADA's growing-set rule row by row in Python floats, for chunks with
+    few rows per position; the same results as the per-position steps.
+
+    ``state`` (per client: growing-set size before the chunk, count, mean,
+    M2, admission threshold) is updated in place but for the size, and
+    ``out`` (per sorted row: distance, whether it is kept, whether it joins)
+    is filled.
+    """
+    capacity, scale, eps = constants
+    filled_all, count_all, mean_all, m2_all, admit_all = state
+    dist, has_dist, join_row = out
+    dup = duplicate.tolist()
+    for g, (begin, size) in enumerate(
+        zip(groups.start.tolist(), groups.size.tolist(), strict=True)
+    ):
+        filled = int(filled_all[g])
+        count, mean = int(count_all[g]), float(mean_all[g])
+        m2, admit = float(m2_all[g]), float(admit_all[g])
+        nearest_by_age = suffix_min[begin : begin + size].tolist()
+        # Nearest admitted earlier row of the chunk, per row: Python floats
+        # for a few rows, numpy for many (each admission updates the rest).
+        small = size < _BIG_GROUP
+        pair: Any = among[g, :size, :size]
+        best: Any = np.full(size, np.inf, np.float32)
+        if small:
+            pair, best = pair.tolist(), best.tolist()
+        joined = 0
+        for t in range(size):
+            r = begin + t
+            if dup[r]:
+                continue
+            if filled + joined == 0:
+                # The first query seeds the growing set (distance 0).
+                count, mean, m2 = 1, 0.0, 0.0
+                join = True
+            else:
+                e = max(0, filled + joined - capacity)  # evicted so far
+                nearest = min(nearest_by_age[t][e], float(best[t]))
+                d = math.sqrt(max(nearest, 0.0) / scale)
+                dist[r] = d
+                has_dist[r] = d >= eps
+                join = d > admit
+                if join:
+                    # PRADA: T <- max(T, mean - std of DG before d).
+                    admit = max(admit, mean - math.sqrt(max(m2, 0.0) / count))
+                    count += 1
+                    step = d - mean
+                    mean += step / count
+                    m2 += step * (d - mean)
+            if join:
+                join_row[r] = True
+                joined += 1
+                # Later rows of this client now see this one too.
+                if small:
+                    row = pair[t]
+                    for u in range(t + 1, size):
+                        if row[u] < best[u]:
+                            best[u] = row[u]
+                elif t + 1 < size:
+                    np.minimum(best[t + 1 :], pair[t, t + 1 :], out=best[t + 1 :])
+        count_all[g], mean_all[g], m2_all[g], admit_all[g] = count, mean, m2, admit
 
 
 def _tested(w: float, n: int, at: int, delta: float) -> str:
@@ -656,58 +708,70 @@ class DistanceDistributionDetector(Detector[PradaParams]):
         dist = np.zeros(n, dtype=np.float64)
         has_dist = np.zeros(n, dtype=bool)
         join_row = np.zeros(n, dtype=bool)
-        # Nearest admitted earlier row of the chunk, per group and position.
-        best = np.full(among.shape[:2], np.inf, dtype=np.float32)
-        # Rows that are not near-duplicates, by position then client.
-        live = np.flatnonzero(~duplicate)
-        by_position = live[np.argsort(groups.position[live], kind="stable")]
-        bounds = np.searchsorted(
-            groups.position[by_position], np.arange(int(size.max()) + 1)
-        ).tolist()
-        for t in range(int(size.max())):
-            r = by_position[bounds[t] : bounds[t + 1]]
-            if not len(r):
-                continue
-            g = groups.group[r]
-            total = filled[g] + joined[g]
-            first = total == 0
-            seeding = bool(first.any())
-            if seeding and first.all():
-                rest = g[:0]
-            else:
-                rest, rr = g, r
+        widest = int(size.max())
+        if n >= _ROWS_PER_POSITION * widest:
+            # Nearest admitted earlier row of the chunk, per group and position.
+            best = np.full(among.shape[:2], np.inf, dtype=np.float32)
+            # Rows that are not near-duplicates, by position then client.
+            live = np.flatnonzero(~duplicate)
+            by_position = live[np.argsort(groups.position[live], kind="stable")]
+            bounds = np.searchsorted(
+                groups.position[by_position], np.arange(int(size.max()) + 1)
+            ).tolist()
+            for t in range(int(size.max())):
+                r = by_position[bounds[t] : bounds[t + 1]]
+                if not len(r):
+                    continue
+                g = groups.group[r]
+                total = filled[g] + joined[g]
+                first = total == 0
+                seeding = bool(first.any())
+                if seeding and first.all():
+                    rest = g[:0]
+                else:
+                    rest, rr = g, r
+                    if seeding:
+                        rest, rr, total = g[~first], r[~first], total[~first]
+                    evicted = np.maximum(total - capacity, 0)
+                    nearest = suffix_min[rr, evicted]
+                    chunk_best = best[rest, t]
+                    nearest = np.where(chunk_best < nearest, chunk_best, nearest)
+                    d = np.sqrt(np.maximum(nearest.astype(np.float64), 0.0) / scale)
+                    dist[rr] = d
+                    has_dist[rr] = d >= eps
+                    joins = d > admit[rest]
+                    rest, d = rest[joins], d[joins]
+                    join_row[rr[joins]] = True
+                    # PRADA: T <- max(T, mean - std of DG before d).
+                    floor = mean[rest] - np.sqrt(
+                        np.maximum(m2[rest], 0.0) / count[rest].astype(np.float64)
+                    )
+                    old = admit[rest]
+                    admit[rest] = np.where(floor > old, floor, old)
+                    count[rest] += 1
+                    step = d - mean[rest]
+                    mean[rest] += step / count[rest].astype(np.float64)
+                    m2[rest] += step * (d - mean[rest])
                 if seeding:
-                    rest, rr, total = g[~first], r[~first], total[~first]
-                evicted = np.maximum(total - capacity, 0)
-                nearest = suffix_min[rr, evicted]
-                chunk_best = best[rest, t]
-                nearest = np.where(chunk_best < nearest, chunk_best, nearest)
-                d = np.sqrt(np.maximum(nearest.astype(np.float64), 0.0) / scale)
-                dist[rr] = d
-                has_dist[rr] = d >= eps
-                joins = d > admit[rest]
-                rest, d = rest[joins], d[joins]
-                join_row[rr[joins]] = True
-                # PRADA: T <- max(T, mean - std of DG before d).
-                floor = mean[rest] - np.sqrt(
-                    np.maximum(m2[rest], 0.0) / count[rest].astype(np.float64)
-                )
-                old = admit[rest]
-                admit[rest] = np.where(floor > old, floor, old)
-                count[rest] += 1
-                step = d - mean[rest]
-                mean[rest] += step / count[rest].astype(np.float64)
-                m2[rest] += step * (d - mean[rest])
-            if seeding:
-                # The first query seeds the growing set (distance 0).
-                seed = g[first]
-                count[seed], mean[seed], m2[seed] = 1, 0.0, 0.0
-                join_row[r[first]] = True
-                rest = np.concatenate([rest, seed])
-            if len(rest):
-                joined[rest] += 1
-                # Later rows of these clients now see this one too.
-                best[rest] = np.minimum(best[rest], among[rest, t])
+                    # The first query seeds the growing set (distance 0).
+                    seed = g[first]
+                    count[seed], mean[seed], m2[seed] = 1, 0.0, 0.0
+                    join_row[r[first]] = True
+                    rest = np.concatenate([rest, seed])
+                if len(rest):
+                    joined[rest] += 1
+                    # Later rows of these clients now see this one too.
+                    best[rest] = np.minimum(best[rest], among[rest, t])
+        else:
+            _rule_by_row(
+                groups,
+                duplicate,
+                suffix_min,
+                among,
+                (capacity, scale, eps),
+                (filled, count, mean, m2, admit),
+                (dist, has_dist, join_row),
+            )
         arrays["gs_count"][unique] = count
         arrays["gs_mean"][unique] = mean
         arrays["gs_m2"][unique] = m2

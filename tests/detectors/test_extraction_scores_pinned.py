@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from detectors import prada
 from detectors.registry import build_detectors
 
 FIXTURE = Path(__file__).parent / "data" / "extraction_scores.npz"
@@ -102,7 +103,16 @@ def _scores(together: bool) -> dict[str, npt.NDArray[np.float64]]:
 
 
 @pytest.mark.parametrize("together", [False, True], ids=["alone", "together"])
-def test_scores_match_recording(together: bool) -> None:
+@pytest.mark.parametrize(
+    "rows_per_position", [None, 0, 10**9], ids=["chosen", "by-position", "by-row"]
+)
+def test_scores_match_recording(
+    together: bool, rows_per_position: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whichever way prada runs its growing-set rule (numpy steps per
+    position, or a Python loop per row), the recording is matched."""
+    if rows_per_position is not None:
+        monkeypatch.setattr(prada, "_ROWS_PER_POSITION", rows_per_position)
     recorded = np.load(FIXTURE)
     got = _scores(together)
     for name in PINNED:
