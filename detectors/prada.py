@@ -466,8 +466,8 @@ class DistanceDistributionDetector(Detector[PradaParams]):
     loop per row; a W every ``test_every`` queries, the lattice checks of a
     chunk in one count. On 64 features, CPU per query in batches of 500 with
     one BLAS thread (``detectors.bench``, best of two runs): 6.4-6.5 µs for
-    100 clients, 6.9 for 10, 11.4 for one, 6.7 for 1000 clients of 20
-    queries; about 0.23 ms for a batch of one row.
+    100 clients, 6.9 for 10, 10.5 for one, 6.6 for 1000 clients of 20
+    queries; about 0.21 ms for a batch of one row.
 
     Parameters
     ----------
@@ -701,11 +701,12 @@ class DistanceDistributionDetector(Detector[PradaParams]):
         unique = groups.unique
         start, size = groups.start, groups.size
         n_groups = len(unique)
+        # Copies (fancy indexing), written back once the rule has run.
         filled = arrays["gs_len"][unique]
-        count = arrays["gs_count"][unique].copy()
-        mean = arrays["gs_mean"][unique].copy()
-        m2 = arrays["gs_m2"][unique].copy()
-        admit = arrays["admit"][unique].copy()
+        count = arrays["gs_count"][unique]
+        mean = arrays["gs_mean"][unique]
+        m2 = arrays["gs_m2"][unique]
+        admit = arrays["admit"][unique]
         joined = np.zeros(n_groups, dtype=np.int64)
         dist = np.zeros(n, dtype=np.float64)
         has_dist = np.zeros(n, dtype=bool)
@@ -936,8 +937,9 @@ class DistanceDistributionDetector(Detector[PradaParams]):
         window = self._params.window
         group = groups.group[rows]
         rank = np.arange(len(rows)) - np.searchsorted(group, group)
-        keep = rank >= n_new[group] - window
-        rows, group, rank = rows[keep], group[keep], rank[keep]
+        if len(rows) > window:  # else no client has more than the ring holds
+            keep = rank >= n_new[group] - window
+            rows, group, rank = rows[keep], group[keep], rank[keep]
         index = (dist_pos[group] + rank) % window
         self._arena.arrays["dist"][groups.unique[group], index] = dist[rows]
 
@@ -1012,7 +1014,9 @@ class DistanceDistributionDetector(Detector[PradaParams]):
         # integers, so how rows are stacked does not change a bit.
         small = np.flatnonzero(groups.size < _BIG_GROUP)
         batches = []
-        if small.size:
+        if small.size == 1:
+            batches.append(small)
+        elif small.size:
             cut = (int(groups.size[small].max()) + 1) // 2
             narrow = groups.size[small] <= cut
             batches += [part for part in (small[narrow], small[~narrow]) if part.size]
@@ -1058,6 +1062,8 @@ class DistanceDistributionDetector(Detector[PradaParams]):
         # on are folded into one column by a plain minimum, and the
         # accumulation runs over the few columns before it.
         reach = min(capacity, widest)
+        if reach == 1:
+            return by_age.min(axis=1, keepdims=True), pairwise
         head = by_age[:, :reach].copy()
         head[:, reach - 1] = by_age[:, reach - 1 :].min(axis=1)
         suffix_min = np.minimum.accumulate(head[:, ::-1], axis=1)[:, ::-1]
