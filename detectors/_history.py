@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from detectors._state import FieldSpec, Groups, group_rows, window_fields
+from detectors._state import FieldSpec, Groups, IntArray, group_rows, window_fields
 
 LEVELS = 255
 """Quantisation of stored features: ``round(x * 255)`` as uint8."""
@@ -148,12 +148,53 @@ def _chunk(
     """One chunk of rows already sorted by slot (so ``groups.order`` is the
     identity); fills ``out`` in place and pushes the rows."""
     k_dist, nearest, previous, has_previous = out
+    scale = float(LEVELS * LEVELS * arrays["hist"].shape[2])
+    view = chunk_distances(arrays, groups, rows)
+    d_all = view.distances
+    width = d_all.shape[1]
+    part = np.partition(d_all, k - 1, axis=1)[:, :k] if width > k else d_all
+    part = np.sort(part, axis=1)
+    k_dist[:, : part.shape[1]] = np.sqrt(part.astype(np.float64) / scale)
+    fill_nearest(view, nearest)
+    previous_and_push(arrays, groups, rows, view, (previous, has_previous))
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkView:
+    """What one chunk's rows see of their clients' histories.
+
+    ``ring`` is each client's ring widened to float32 (clients, capacity,
+    features); ``q`` the chunk's rows as float32; ``distances`` each row's
+    squared distance (8-bit units) to every ring entry, then to its
+    client's earlier rows of the chunk, nearest first, ``inf`` where there
+    is none; ``old_len`` and ``old_pos`` each row's client's ring length and
+    next position before the chunk.
+    """
+
+    ring: npt.NDArray[np.float32]
+    q: npt.NDArray[np.float32]
+    distances: npt.NDArray[np.float32]
+    old_len: IntArray
+    old_pos: IntArray
+    group: IntArray
+    position: IntArray
+
+
+def chunk_distances(
+    arrays: dict[str, npt.NDArray[Any]],
+    groups: Groups,
+    rows: npt.NDArray[np.uint8],
+) -> ChunkView:
+    """Distances of a chunk's rows (sorted by slot) to their clients'
+    histories and earlier rows, without changing the history.
+
+    In 8-bit units every product and sum is an integer below 2**24 for up to
+    258 features, so float32 distances are exact and ties are real ties.
+    """
     hist = arrays["hist"]
     capacity, n_features = hist.shape[1], hist.shape[2]
-    scale = float(LEVELS * LEVELS * n_features)
     g = groups.group
     t = groups.position
-    slot = groups.slot
     old_len = arrays["hist_len"][groups.unique][g]
     old_pos = arrays["hist_pos"][groups.unique][g]
     q = rows.astype(np.float32)
@@ -175,45 +216,67 @@ def _chunk(
     oldest = old_pos - old_len
     age = (np.arange(capacity)[None, :] - oldest[:, None]) % capacity
     visible = (age < old_len[:, None]) & (age >= (old_len + t - capacity)[:, None])
-    d_ring = np.where(visible, np.maximum(d_ring, 0.0), np.inf)
+    d_ring = np.where(visible, np.maximum(d_ring, 0.0), np.float32(np.inf))
 
     # Against the same client's earlier rows of this chunk: every pair of a
     # client's rows from one product (exact for the same reason), then each
     # row's last `lags` predecessors.
     lags = int(min(groups.size.max(), capacity + 1)) - 1
-    padded_sq = np.zeros(padded.shape[:2], dtype=np.float32)
-    padded_sq[g, t] = q_sq
-    gram = np.matmul(padded, padded.transpose(0, 2, 1))
-    pair = padded_sq[:, :, None] + padded_sq[:, None, :] - 2.0 * gram
-    earlier = t[:, None] - np.arange(1, lags + 1)[None, :]
-    d_lag = np.where(
-        earlier >= 0,
-        pair[g[:, None], t[:, None], np.maximum(earlier, 0)],
-        np.float32(np.inf),
-    )
+    if lags:
+        padded_sq = np.zeros(padded.shape[:2], dtype=np.float32)
+        padded_sq[g, t] = q_sq
+        gram = np.matmul(padded, padded.transpose(0, 2, 1))
+        pair = padded_sq[:, :, None] + padded_sq[:, None, :] - 2.0 * gram
+        earlier = t[:, None] - np.arange(1, lags + 1)[None, :]
+        d_lag = np.where(
+            earlier >= 0,
+            pair[g[:, None], t[:, None], np.maximum(earlier, 0)],
+            np.float32(np.inf),
+        )
+        d_all = np.concatenate([d_ring, d_lag], axis=1)
+    else:
+        d_all = d_ring
+    return ChunkView(ring, q, d_all, old_len, old_pos, g, t)
 
-    d_all = np.concatenate([d_ring, d_lag], axis=1)
-    width = d_all.shape[1]
-    part = np.partition(d_all, k - 1, axis=1)[:, :k] if width > k else d_all
-    part = np.sort(part, axis=1)
-    k_dist[:, : part.shape[1]] = np.sqrt(part.astype(np.float64) / scale)
-    best = np.argmin(d_all, axis=1)
+
+def fill_nearest(view: ChunkView, nearest: npt.NDArray[np.float32]) -> IntArray:
+    """Write each row's nearest earlier query into ``nearest`` (the first
+    minimum over the ring by physical index, then the chunk's earlier rows,
+    nearest first); returns the column of each minimum in
+    ``view.distances``."""
+    capacity = view.ring.shape[1]
+    best: IntArray = np.argmin(view.distances, axis=1)
     from_ring = best < capacity
-    nearest[from_ring] = ring[g[from_ring], best[from_ring]]
+    nearest[from_ring] = view.ring[view.group[from_ring], best[from_ring]]
     lag_rows = np.flatnonzero(~from_ring)
-    nearest[lag_rows] = q[lag_rows - (best[lag_rows] - capacity + 1)]
+    nearest[lag_rows] = view.q[lag_rows - (best[lag_rows] - capacity + 1)]
+    return best
 
-    # The previous query: the row before in the chunk, or the ring's newest.
+
+def previous_and_push(
+    arrays: dict[str, npt.NDArray[Any]],
+    groups: Groups,
+    rows: npt.NDArray[np.uint8],
+    view: ChunkView,
+    out: tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]],
+) -> None:
+    """Write each row's previous query (the row before it in the chunk, or
+    its ring's newest) into ``out``, then append the chunk to the rings."""
+    previous, has_previous = out
+    hist = arrays["hist"]
+    capacity = hist.shape[1]
+    g, t = view.group, view.position
+    old_len, old_pos = view.old_len, view.old_pos
     in_chunk = t >= 1
-    previous[in_chunk] = q[np.flatnonzero(in_chunk) - 1]
+    previous[in_chunk] = view.q[np.flatnonzero(in_chunk) - 1]
     from_hist = ~in_chunk & (old_len >= 1)
-    previous[from_hist] = ring[g[from_hist], (old_pos[from_hist] - 1) % capacity]
+    previous[from_hist] = view.ring[g[from_hist], (old_pos[from_hist] - 1) % capacity]
     has_previous[:] = in_chunk | from_hist
 
     # Append: only each client's last `capacity` rows of the chunk survive,
     # which keeps the ring indices written distinct.
     keep = t >= groups.size[g] - capacity
-    hist[slot[keep], (old_pos[keep] + t[keep]) % capacity] = rows[keep]
+    hist[groups.slot[keep], (old_pos[keep] + t[keep]) % capacity] = rows[keep]
     unique = groups.unique
     arrays["hist_pos"][unique] = (arrays["hist_pos"][unique] + groups.size) % capacity
     arrays["hist_len"][unique] = np.minimum(

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from detectors._history import chunk_distances, fill_nearest, previous_and_push
 from detectors._state import Groups, group_rows, push_window
 
 IntArray = npt.NDArray[np.int64]
@@ -93,66 +94,10 @@ def _chunk(
     ``detectors._history``.
     """
     has_nearest, nearest, previous, has_previous = out
-    hist = arrays["hist"]
-    capacity, n_features = hist.shape[1], hist.shape[2]
-    g = groups.group
-    t = groups.position
-    slot = groups.slot
-    old_len = arrays["hist_len"][groups.unique][g]
-    old_pos = arrays["hist_pos"][groups.unique][g]
-    q = rows.astype(np.float32)
-    q_sq = np.einsum("ij,ij->i", q, q)
-
-    ring = hist[groups.unique].astype(np.float32)  # (clients, capacity, d)
-    r_sq = np.einsum("gcd,gcd->gc", ring, ring)
-    padded = np.zeros(
-        (len(groups.unique), int(groups.size.max()), n_features), np.float32
-    )
-    padded[g, t] = q
-    dots = np.matmul(ring, padded.transpose(0, 2, 1))  # (clients, capacity, rows)
-    d_ring = q_sq[:, None] + r_sq[g] - 2.0 * dots[g, :, t]
-    oldest = old_pos - old_len
-    age = (np.arange(capacity)[None, :] - oldest[:, None]) % capacity
-    visible = (age < old_len[:, None]) & (age >= (old_len + t - capacity)[:, None])
-    d_ring = np.where(visible, np.maximum(d_ring, 0.0), np.float32(np.inf))
-
-    lags = int(min(groups.size.max(), capacity + 1)) - 1
-    if lags:
-        padded_sq = np.zeros(padded.shape[:2], dtype=np.float32)
-        padded_sq[g, t] = q_sq
-        gram = np.matmul(padded, padded.transpose(0, 2, 1))
-        pair = padded_sq[:, :, None] + padded_sq[:, None, :] - 2.0 * gram
-        earlier = t[:, None] - np.arange(1, lags + 1)[None, :]
-        d_lag = np.where(
-            earlier >= 0,
-            pair[g[:, None], t[:, None], np.maximum(earlier, 0)],
-            np.float32(np.inf),
-        )
-        d_all = np.concatenate([d_ring, d_lag], axis=1)
-    else:
-        d_all = d_ring
-    best = np.argmin(d_all, axis=1)
-    has_nearest[:] = np.isfinite(d_all[np.arange(len(best)), best])
-    from_ring = best < capacity
-    nearest[from_ring] = ring[g[from_ring], best[from_ring]]
-    lag_rows = np.flatnonzero(~from_ring)
-    nearest[lag_rows] = q[lag_rows - (best[lag_rows] - capacity + 1)]
-
-    # The previous query: the row before in the chunk, or the ring's newest.
-    in_chunk = t >= 1
-    previous[in_chunk] = q[np.flatnonzero(in_chunk) - 1]
-    from_hist = ~in_chunk & (old_len >= 1)
-    previous[from_hist] = ring[g[from_hist], (old_pos[from_hist] - 1) % capacity]
-    has_previous[:] = in_chunk | from_hist
-
-    # Append: only each client's last `capacity` rows of the chunk survive.
-    keep = t >= groups.size[g] - capacity
-    hist[slot[keep], (old_pos[keep] + t[keep]) % capacity] = rows[keep]
-    unique = groups.unique
-    arrays["hist_pos"][unique] = (arrays["hist_pos"][unique] + groups.size) % capacity
-    arrays["hist_len"][unique] = np.minimum(
-        arrays["hist_len"][unique] + groups.size, capacity
-    )
+    view = chunk_distances(arrays, groups, rows)
+    best = fill_nearest(view, nearest)
+    has_nearest[:] = np.isfinite(view.distances[np.arange(len(best)), best])
+    previous_and_push(arrays, groups, rows, view, (previous, has_previous))
 
 
 def push_windows(
