@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from detectors.registry import build_detectors
+from tests.detectors.pinning import assert_matches, interleave, replay
 
 FIXTURE = Path(__file__).parent / "data" / "probing_scores.npz"
 PROBING = ("similarity", "knn", "structure", "fingerprint")
@@ -72,57 +72,19 @@ def _stream() -> tuple[list[str], npt.NDArray[np.float64], npt.NDArray[np.float6
             np.clip(centre + rng.normal(0.0, 0.01, centre.shape), 0.0, 1.0)
             for _ in range(60)
         ]
-    # Interleave at random, keeping each client's order.
-    names = [name for name, rs in streams.items() for _ in rs]
-    names = [names[i] for i in rng.permutation(len(names))]
-    cursor = dict.fromkeys(streams, 0)
-    ordered = []
-    for name in names:
-        ordered.append(streams[name][cursor[name]])
-        cursor[name] += 1
-    return names, np.asarray(ordered), reference
-
-
-def _batches(n: int) -> list[slice]:
-    out, start, i = [], 0, 0
-    while start < n:
-        size = BATCH_SIZES[i % len(BATCH_SIZES)]
-        out.append(slice(start, min(start + size, n)))
-        start += size
-        i += 1
-    return out
+    names, ordered = interleave(streams, rng)
+    return names, ordered, reference
 
 
 def _scores(together: bool) -> dict[str, npt.NDArray[np.float64]]:
     """Per detector, (n, 3) of score, flagged, warm for every row."""
     ids, X, reference = _stream()
-    detectors = build_detectors({}, seed=0)
-    chosen = {name: detectors[name] for name in PROBING}
-    for detector in chosen.values():
-        detector.learn_baseline(reference)
-    out: dict[str, list[tuple[float, bool, bool]]] = {name: [] for name in chosen}
-    if together:
-        for part in _batches(len(ids)):
-            for name, detector in chosen.items():
-                scores = detector.score_batch(ids[part], X[part])
-                out[name] += [(s.score, s.flagged, s.warm) for s in scores]
-    else:
-        for name, detector in chosen.items():
-            for part in _batches(len(ids)):
-                scores = detector.score_batch(ids[part], X[part])
-                out[name] += [(s.score, s.flagged, s.warm) for s in scores]
-    return {name: np.asarray(rows, dtype=np.float64) for name, rows in out.items()}
+    return replay(ids, X, reference, PROBING, BATCH_SIZES, together)
 
 
 @pytest.mark.parametrize("together", [False, True], ids=["alone", "together"])
 def test_scores_match_recording(together: bool) -> None:
-    recorded = np.load(FIXTURE)
-    got = _scores(together)
-    for name in PROBING:
-        want = recorded[name]
-        assert got[name].shape == want.shape, name
-        np.testing.assert_allclose(got[name][:, 0], want[:, 0], rtol=0, atol=1e-12)
-        assert np.array_equal(got[name][:, 1:], want[:, 1:]), name
+    assert_matches(_scores(together), dict(np.load(FIXTURE)), PROBING)
 
 
 def test_stream_exercises_every_detector() -> None:
