@@ -18,7 +18,11 @@ COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY detectors ./detectors
 COPY evaluation ./evaluation
+COPY modelgate ./modelgate
+# The warm step compiles the detectors' numba kernels into the image, so no
+# worker compiles them in its first batches.
 RUN pip install --no-deps . \
+    && cd / && python -m detectors.warm \
     && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin modelgate \
     && mkdir -p /app/var \
     && chown modelgate /app/var

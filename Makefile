@@ -17,7 +17,7 @@ BIN := $(VENV)/bin
 # Extra arguments for pytest, e.g. make test PYTEST_ARGS="-k stack -x".
 PYTEST_ARGS ?=
 
-.PHONY: help demo test lint fmt up down status bootstrap services lock clean
+.PHONY: help demo test lint fmt up down status bootstrap services kernels lock clean
 
 help:
 	@echo "make demo     run the demo (installs and starts what it needs)"
@@ -41,13 +41,18 @@ services:
 	@infra/redis.sh install
 	@infra/mlserver/mlserver.sh install
 
-demo: bootstrap services
+demo: bootstrap services kernels
 	$(BIN)/modelgate demo
 
 # The recipe's exit status is pytest's, so `make test` fails exactly when pytest
 # does (including exit 5, no tests collected).
-test: bootstrap services
+test: bootstrap services kernels
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Compile the detectors' numba kernels once, before workers start (each would
+# otherwise compile them in its first batches); seconds when already cached.
+kernels: bootstrap
+	@$(BIN)/python -m detectors.warm
 
 # All three run even if one fails, so one CI pass shows every problem.
 lint: bootstrap
