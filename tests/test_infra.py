@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -197,3 +198,15 @@ def test_shell_scripts_parse_and_are_executable(script: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert os.access(script, os.X_OK), f"{script} is not executable"
+
+
+def test_image_copies_every_package_the_project_installs() -> None:
+    # `pip install .` in the image installs only what was copied: a package
+    # left out installs silently as nothing, and fails at import in the image.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.rstrip("*") for p in patterns}
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", dockerfile, flags=re.MULTILINE))
+    assert packages <= copied, sorted(packages - copied)
+    assert "python -m detectors.warm" in dockerfile
