@@ -273,9 +273,16 @@ _BREAKERS: weakref.WeakKeyDictionary[Redis | RedisCluster, RedisBreaker] = (
 )
 
 
-def register_breaker(redis: Redis | RedisCluster, cooldown_s: float) -> RedisBreaker:
-    """Give ``redis`` a fresh breaker with ``cooldown_s`` and return it."""
-    breaker = _BREAKERS[redis] = RedisBreaker(_target(redis), cooldown_s)
+def register_breaker(
+    redis: Redis | RedisCluster,
+    cooldown_s: float,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> RedisBreaker:
+    """Give ``redis`` a fresh breaker with ``cooldown_s`` and return it
+    (``clock``: monotonic seconds, for tests)."""
+    breaker = RedisBreaker(_target(redis), cooldown_s, clock=clock)
+    _BREAKERS[redis] = breaker
     return breaker
 
 
