@@ -165,6 +165,14 @@ class RedisBreaker:
     def state(self) -> BreakerState:
         return self._state
 
+    @property
+    def probe_in_s(self) -> float:
+        """Seconds until the next call may probe: 0 unless open and cooling
+        down."""
+        if self._state != "open":
+            return 0.0
+        return max(0.0, self._opened_at + self.cooldown_s - self._clock())
+
     def acquire(self) -> Permit:
         """Ask to make one call.
 
@@ -183,7 +191,7 @@ class RedisBreaker:
         if self._state == "closed":
             return Permit(probe=False, generation=self._generation)
         if self._state == "open":
-            wait_s = self._opened_at + self.cooldown_s - self._clock()
+            wait_s = self.probe_in_s
             if wait_s > 0:
                 self.stats.rejected += 1
                 raise CircuitOpen(self.target, "open", wait_s)
