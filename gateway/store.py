@@ -95,8 +95,7 @@ def redis_from_settings(settings: Settings) -> RedisClient:
     timeouts and retries either way.
     ``decode_responses`` stays off: snapshots and ciphertexts are bytes.
     Retries are few and short because callers also bound each operation by
-    ``redis.socket_timeout_s`` (see :func:`redis_guard`). The client gets a
-    circuit breaker with ``redis.breaker_cooldown_s``.
+    ``redis.socket_timeout_s`` (:func:`redis_guard`; breaker: ``redis.breaker_*``).
     """
     timeout_s = settings.redis.socket_timeout_s
     retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), retries=2)
@@ -142,11 +141,9 @@ async def redis_guard(
     or read-only is retriable, a script bug is not) also become ``StoreError``,
     chained.
 
-    Every exchange goes through the circuit breaker of ``redis``, the client
-    the block uses (``gateway.redis_breaker``): a timeout or connection failure
-    opens it, and while open the guard raises that same ``STORE_UNAVAILABLE``
-    at once without running the block, so callers' fail modes apply unchanged,
-    minus the wait.
+    Each exchange passes the breaker of ``redis``, the client the block uses
+    (``gateway.redis_breaker``): while it is open the guard raises the same
+    ``STORE_UNAVAILABLE`` at once, without running the block.
     """
     breaker = breaker_for(redis)
     try:
