@@ -217,7 +217,7 @@ class ClientView:
             pipe.pexpire(self.risk_key, self._ttl_ms)
 
         try:
-            async with redis_guard("clientview.observe", self._timeout_s):
+            async with redis_guard("clientview.observe", self._timeout_s, self._redis):
                 replies = await pipe.execute()
         except StoreError as exc:
             logger.warning("client view not written: %s", exc.message)
@@ -241,7 +241,7 @@ class ClientView:
                 extra={"client": client_id},
             )
         try:
-            async with redis_guard("clientview.release", self._timeout_s):
+            async with redis_guard("clientview.release", self._timeout_s, self._redis):
                 await self._redis.hdel(self.released_key, *released)
             # This batch was judged with the old state and may have blocked
             # the clients again.
@@ -264,7 +264,7 @@ class ClientView:
 
         Clients whose view expired are left out (and dropped from the index).
         """
-        async with redis_guard("clientview.top", self._timeout_s):
+        async with redis_guard("clientview.top", self._timeout_s, self._redis):
             ranked = cast(
                 list[tuple[bytes, float]],
                 await self._redis.zrevrange(
@@ -296,7 +296,7 @@ class ClientView:
         """
         check_client_id(client_id)
         counters = await self._store.client_counters(client_id)
-        async with redis_guard("clientview.show", self._timeout_s):
+        async with redis_guard("clientview.show", self._timeout_s, self._redis):
             pipe = self._redis.pipeline(transaction=False)
             pipe.hgetall(self.key(client_id, "view"))
             pipe.lrange(self.key(client_id, "history"), 0, history_limit - 1)
@@ -325,7 +325,7 @@ class ClientView:
         """
         check_client_id(client_id)
         now_ms = protocol.now_ms()
-        async with redis_guard("clientview.release", self._timeout_s):
+        async with redis_guard("clientview.release", self._timeout_s, self._redis):
             pipe = self._redis.pipeline(transaction=False)
             pipe.hset(self.released_key, client_id, str(now_ms))
             pipe.pexpire(self.released_key, self._ttl_ms)

@@ -82,6 +82,9 @@ class RedisConfig(_Frozen):
     # True: ``url`` names one node of a Redis Cluster and the gateway finds
     # the others from it (docs/limits.md, "Redis Cluster").
     cluster: bool = False
+    # After a Redis call times out or cannot connect, every Redis call of this
+    # client fails at once for this long, then one call probes (docs/redis.md).
+    breaker_cooldown_s: float = Field(5.0, gt=0, le=300)
 
 
 class AuthConfig(_Frozen):

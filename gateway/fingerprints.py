@@ -154,7 +154,7 @@ class RedisFingerprintStore:
                     index = key_index[h] = len(keys)  # Lua indexes from 1
                 args.append(index)
 
-        async with redis_guard("fingerprints", self._timeout_s):
+        async with redis_guard("fingerprints", self._timeout_s, self._redis):
             try:
                 reply = await self._redis.evalsha(
                     FINGERPRINTS_SHA, len(keys), *keys, *args

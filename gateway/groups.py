@@ -199,7 +199,7 @@ class CrossClient:
 
         ttl_ms = max(1, round(self._config.risk_ttl_s * 1000))
         link_ttl_ms = max(1, round(self._config.link_ttl_s * 1000))
-        async with redis_guard("groups", self._timeout_s):
+        async with redis_guard("groups", self._timeout_s, self._redis):
             pipe = self._redis.pipeline(transaction=False)
             for a, b in new_links:
                 for x, y in ((a, b), (b, a)):

@@ -426,7 +426,7 @@ class KeyStore:
         # The record and the id set live in different slots, so no MULTI. The
         # set entry goes first and list() skips ids without a record, so a
         # failure in between leaves nothing usable behind.
-        async with redis_guard("keys.create", self._timeout_s):
+        async with redis_guard("keys.create", self._timeout_s, self._redis):
             pipe = self._redis.pipeline(transaction=False)
             pipe.sadd(self.index_key, key_id)
             pipe.eval(_CREATE_IF_ABSENT_LUA, 1, self.record_key(key_id), *fields)
@@ -448,7 +448,7 @@ class KeyStore:
         """
         if not KEY_ID_PATTERN.fullmatch(key_id):
             return False
-        async with redis_guard("keys.revoke", self._timeout_s):
+        async with redis_guard("keys.revoke", self._timeout_s, self._redis):
             revoked = await self._redis.eval(_REVOKE_LUA, 1, self.record_key(key_id))
         if not revoked:
             return False
@@ -478,7 +478,7 @@ class KeyStore:
         overrides = canonical_overrides(limit_overrides)
         if not KEY_ID_PATTERN.fullmatch(key_id):
             return False
-        async with redis_guard("keys.set_plan", self._timeout_s):
+        async with redis_guard("keys.set_plan", self._timeout_s, self._redis):
             done = await self._redis.eval(
                 _SET_PLAN_LUA, 1, self.record_key(key_id), plan, overrides
             )
@@ -529,7 +529,7 @@ class KeyStore:
         if not misses:
             return found
 
-        async with redis_guard("keys.get_many", self._timeout_s):
+        async with redis_guard("keys.get_many", self._timeout_s, self._redis):
             pipe = self._redis.pipeline(transaction=False)
             for key_id in misses:
                 pipe.hgetall(self.record_key(key_id))
@@ -659,7 +659,7 @@ class KeyStore:
         StoreError
             Redis could not be reached.
         """
-        async with redis_guard("keys.list", self._timeout_s):
+        async with redis_guard("keys.list", self._timeout_s, self._redis):
             members = await self._redis.smembers(self.index_key)
             ids = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
             pipe = self._redis.pipeline(transaction=False)

@@ -7,12 +7,17 @@ workers in one process without metric name clashes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import start_http_server as _start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from gateway.errors import ConfigError
+from gateway.redis_breaker import STATE_LEVEL, RedisBreaker
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +137,7 @@ class WorkerMetrics:
             ["action", "shadow"],
             registry=self.registry,
         )
+        self._redis_breaker: RedisBreakerCollector | None = None
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics on ``host:port`` in a daemon thread and return the
@@ -157,3 +163,49 @@ class WorkerMetrics:
         if server is not None:
             server.shutdown()
             server.server_close()
+
+    def watch_redis_breaker(self, breaker: RedisBreaker) -> None:
+        """Export the state and counters of the worker's Redis circuit breaker
+        (``modelgate_redis_*``, read at each scrape). A later call replaces
+        the breaker watched (a restarted worker has a new client)."""
+        if self._redis_breaker is not None:
+            self.registry.unregister(self._redis_breaker)
+        self._redis_breaker = RedisBreakerCollector(breaker)
+        self.registry.register(self._redis_breaker)
+
+
+class RedisBreakerCollector(Collector):
+    """The Redis circuit breaker's gauge and counters, read from the breaker at
+    each scrape (it keeps its own counts, so the guard needs no metrics)."""
+
+    def __init__(self, breaker: RedisBreaker) -> None:
+        self._breaker = breaker
+
+    def collect(self) -> Iterator[Metric]:
+        breaker = self._breaker
+        stats = breaker.stats
+        yield GaugeMetricFamily(
+            "modelgate_redis_breaker_state",
+            "Circuit breaker of the worker's Redis client: 0 closed, 1 half-open, "
+            "2 open.",
+            value=STATE_LEVEL[breaker.state],
+        )
+        yield CounterMetricFamily(
+            "modelgate_redis_breaker_opens",
+            "Times the Redis breaker opened (first failure or failed probe).",
+            value=stats.opens,
+        )
+        yield CounterMetricFamily(
+            "modelgate_redis_breaker_rejected",
+            "Redis calls failed at once (STORE_UNAVAILABLE) by the open breaker.",
+            value=stats.rejected,
+        )
+        yield CounterMetricFamily(
+            "modelgate_redis_waited_out",
+            "Redis calls that failed only after waiting out their timeout.",
+            value=stats.waited,
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        # Names for the registry's clash check; values are not read.
+        return self.collect()

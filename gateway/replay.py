@@ -139,7 +139,7 @@ class ReplayCache:
         for index, item in enumerate(live):
             if item.key is not None:
                 by_client.setdefault(item.key.client_id, []).append(index)
-        async with redis_guard("replay lookup", self._timeout_s):
+        async with redis_guard("replay lookup", self._timeout_s, self._redis):
             pipe = self._redis.pipeline(transaction=False)
             for client_id, indices in by_client.items():
                 # Raw MGET: the cluster pipeline refuses its mget() method,
@@ -215,7 +215,7 @@ class ReplayCache:
         if not by_client:
             return
         try:
-            async with redis_guard("replay keep", self._timeout_s):
+            async with redis_guard("replay keep", self._timeout_s, self._redis):
                 pipe = self._redis.pipeline(transaction=False)
                 for keys, values in by_client.values():
                     pipe.eval(_KEEP_LUA, len(keys), *keys, self._ttl_ms, *values)

@@ -40,6 +40,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 from gateway.config import FailMode, LimitsConfig, PlanConfig, RateRule, Settings
 from gateway.errors import StoreError
+from gateway.redis_breaker import CircuitOpen, breaker_for, register_breaker
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def redis_from_settings(settings: Settings) -> RedisClient:
     timeouts and retries either way.
     ``decode_responses`` stays off: snapshots and ciphertexts are bytes.
     Retries are few and short because callers also bound each operation by
-    ``redis.socket_timeout_s`` (see :func:`redis_guard`).
+    ``redis.socket_timeout_s`` (:func:`redis_guard`; breaker: ``redis.breaker_*``).
     """
     timeout_s = settings.redis.socket_timeout_s
     retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), retries=2)
@@ -106,6 +107,7 @@ def redis_from_settings(settings: Settings) -> RedisClient:
             decode_responses=False,
             retry=retry,
         )
+        register_breaker(cluster, settings.redis.breaker_cooldown_s)
         return cluster
     client: Redis = Redis.from_url(
         settings.redis.url,
@@ -114,6 +116,7 @@ def redis_from_settings(settings: Settings) -> RedisClient:
         decode_responses=False,
         retry=retry,
     )
+    register_breaker(client, settings.redis.breaker_cooldown_s)
     return client
 
 
@@ -128,31 +131,57 @@ _RETRIABLE_REPLIES = (
 
 
 @contextlib.asynccontextmanager
-async def redis_guard(operation: str, timeout_s: float) -> AsyncIterator[None]:
+async def redis_guard(
+    operation: str, timeout_s: float, redis: RedisClient
+) -> AsyncIterator[None]:
     """Bound a Redis exchange by ``timeout_s`` and turn failures into StoreError.
 
     Unreachable, timed out and busy-loading servers give a retriable
     ``STORE_UNAVAILABLE``; other errors the server answers with (out of memory
     or read-only is retriable, a script bug is not) also become ``StoreError``,
     chained.
+
+    Each exchange passes the breaker of ``redis``, the client the block uses
+    (``gateway.redis_breaker``): while it is open the guard raises the same
+    ``STORE_UNAVAILABLE`` at once, without running the block.
     """
+    breaker = breaker_for(redis)
+    try:
+        permit = breaker.acquire()
+    except CircuitOpen as exc:
+        raise StoreError(f"redis {operation}: {exc}") from exc
     try:
         async with asyncio.timeout(timeout_s):
             yield
     except TimeoutError as exc:
-        raise StoreError(f"redis {operation}: no answer within {timeout_s} s") from exc
-    except (redis_exc.ConnectionError, redis_exc.TimeoutError) as exc:
-        raise StoreError(f"redis {operation}: {type(exc).__name__}: {exc}") from exc
-    except redis_exc.RedisClusterException as exc:
+        message = f"no answer within {timeout_s} s"
+        breaker.failed(permit, waited=True, operation=operation, reason=message)
+        raise StoreError(f"redis {operation}: {message}") from exc
+    except (
+        redis_exc.ConnectionError,
+        redis_exc.TimeoutError,
         # Not a RedisError: a cluster client raises it when no startup node
         # answers or slots are uncovered. Retriable: the gateway's own calls
         # are single-slot by construction, so what is left is the topology.
-        raise StoreError(f"redis {operation}: {type(exc).__name__}: {exc}") from exc
+        redis_exc.RedisClusterException,
+    ) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        waited = isinstance(exc, redis_exc.TimeoutError)
+        breaker.failed(permit, waited=waited, operation=operation, reason=reason)
+        raise StoreError(f"redis {operation}: {reason}") from exc
     except redis_exc.RedisError as exc:
+        # An error reply: the server is up and answering.
+        breaker.succeeded(permit)
         raise StoreError(
             f"redis {operation}: {type(exc).__name__}: {exc}",
             retriable=isinstance(exc, _RETRIABLE_REPLIES),
         ) from exc
+    except BaseException:
+        # Cancelled, or the caller's own error: no verdict on the server.
+        breaker.abandoned(permit)
+        raise
+    else:
+        breaker.succeeded(permit)
 
 
 def _check_decoding(redis: RedisClient) -> None:
@@ -468,7 +497,7 @@ class CounterStore:
     async def load_scripts(self) -> None:
         """Load the admission script now rather than on the first batch (which
         would otherwise pay two extra round trips for ``NOSCRIPT``)."""
-        async with redis_guard("script load", self._timeout_s):
+        async with redis_guard("script load", self._timeout_s, self._redis):
             await self._redis.script_load(ADMIT_LUA)
 
     # Step: admission ------------------------------------------------------------
@@ -520,7 +549,7 @@ class CounterStore:
             for (_, plan), indices in groups.items()
         ]
 
-        async with redis_guard("admit", self._timeout_s):
+        async with redis_guard("admit", self._timeout_s, self._redis):
             replies = await self._run_admit([call for _, call in calls])
             missing = [
                 i
@@ -617,7 +646,7 @@ class CounterStore:
             cooldown_s = self._default_cooldown_s
         if not (cooldown_s > 0 and math.isfinite(cooldown_s)):
             raise ValueError("cooldown_s must be positive and finite")
-        async with redis_guard("block", self._timeout_s):
+        async with redis_guard("block", self._timeout_s, self._redis):
             await self._redis.set(
                 self.client_key(client_id, "block"),
                 reason.encode(),
@@ -631,7 +660,7 @@ class CounterStore:
     async def unblock(self, client_id: str) -> bool:
         """Lift a block early. Returns whether the client was blocked."""
         check_client_id(client_id)
-        async with redis_guard("unblock", self._timeout_s):
+        async with redis_guard("unblock", self._timeout_s, self._redis):
             removed = await self._redis.delete(self.client_key(client_id, "block"))
         if removed:
             logger.info("client unblocked", extra={"client": client_id})
@@ -650,7 +679,7 @@ class CounterStore:
         # One DEL per key, pipelined: keys of different clients live in
         # different hash slots, which a multi-key DEL would refuse on a cluster.
         async with (
-            redis_guard("release", self._timeout_s),
+            redis_guard("release", self._timeout_s, self._redis),
             self._redis.pipeline(transaction=False) as pipe,
         ):
             for key in keys:
@@ -664,7 +693,7 @@ class CounterStore:
         if not requests:
             return
         async with (
-            redis_guard("release_in_flight", self._timeout_s),
+            redis_guard("release_in_flight", self._timeout_s, self._redis),
             self._redis.pipeline(transaction=False) as pipe,
         ):
             for client_id, request_id in requests:
@@ -676,7 +705,7 @@ class CounterStore:
 
     async def is_blocked(self, client_id: str) -> bool:
         check_client_id(client_id)
-        async with redis_guard("is_blocked", self._timeout_s):
+        async with redis_guard("is_blocked", self._timeout_s, self._redis):
             return bool(await self._redis.exists(self.client_key(client_id, "block")))
 
     async def client_counters(self, client_id: str) -> dict[str, int]:
@@ -690,7 +719,7 @@ class CounterStore:
             (remaining block, 0 if none).
         """
         check_client_id(client_id)
-        async with redis_guard("client_counters", self._timeout_s):
+        async with redis_guard("client_counters", self._timeout_s, self._redis):
             pipe = self._redis.pipeline(transaction=False)
             # Raw TIME: the cluster pipeline refuses its time() method (a
             # keyless command goes to any node; all share one clock source
@@ -719,7 +748,7 @@ class CounterStore:
         if not states:
             return
         ttl_ms = max(1, round(ttl_s * 1000))
-        async with redis_guard("save_states", self._timeout_s):
+        async with redis_guard("save_states", self._timeout_s, self._redis):
             pipe = self._redis.pipeline(transaction=False)
             for client_id, blob in states.items():
                 check_client_id(client_id)
@@ -735,7 +764,7 @@ class CounterStore:
             check_client_id(client_id)
         if not ids:
             return {}
-        async with redis_guard("load_states", self._timeout_s):
+        async with redis_guard("load_states", self._timeout_s, self._redis):
             pipe = self._redis.pipeline(transaction=False)
             for client_id in ids:
                 pipe.get(self.client_key(client_id, "state"))

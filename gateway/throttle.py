@@ -136,6 +136,6 @@ class ThrottleStore:
                 check.count,
             ]
             pipe.eval(THROTTLE_LUA, 1, self.key(check.client_id), *args)
-        async with redis_guard("throttle", self._timeout_s):
+        async with redis_guard("throttle", self._timeout_s, self._redis):
             replies = await pipe.execute()
         return [[int(v) for v in reply] for reply in replies]

@@ -48,6 +48,7 @@ from gateway.limits import Admitter
 from gateway.liveconfig.document import LiveConfig
 from gateway.liveconfig.follower import ConfigFollower
 from gateway.metrics import WorkerMetrics
+from gateway.redis_breaker import breaker_for
 from gateway.replay import ReplayCache
 from gateway.scoring import Scorer
 from gateway.store import CounterStore, RedisClient, redis_from_settings
@@ -149,6 +150,7 @@ class Worker:
         )
 
         self._redis = redis_from_settings(s)
+        self.metrics.watch_redis_breaker(breaker_for(self._redis))
         self._keys = KeyStore(self._redis, s, server_key=server_key)
         self._store = CounterStore(self._redis, s)
         self._admitter = Admitter(self._store, self.metrics.decisions_without_store)

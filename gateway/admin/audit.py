@@ -103,7 +103,7 @@ class AuditLog:
             outcome,
             extra={"actor": actor, "target": target, "source": source},
         )
-        async with redis_guard("admin.audit.record", self._timeout_s):
+        async with redis_guard("admin.audit.record", self._timeout_s, self._redis):
             await self._redis.xadd(
                 self._key, fields, maxlen=self._max_entries, approximate=True
             )
@@ -114,7 +114,7 @@ class AuditLog:
         """The newest ``limit`` entries (older than entry id ``before`` if
         given), newest first."""
         upper = f"({before}" if before else "+"
-        async with redis_guard("admin.audit.read", self._timeout_s):
+        async with redis_guard("admin.audit.read", self._timeout_s, self._redis):
             rows = cast(
                 list[tuple[bytes, dict[bytes, bytes]]],
                 await self._redis.xrevrange(self._key, upper, "-", count=limit),

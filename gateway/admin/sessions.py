@@ -122,7 +122,7 @@ class SessionStore:
             expires_ms=now + self._ttl_ms,
             source=source,
         )
-        async with redis_guard("admin.session.create", self._timeout_s):
+        async with redis_guard("admin.session.create", self._timeout_s, self._redis):
             pipe = self._redis.pipeline(transaction=False)
             pipe.hset(
                 self.session_key(digest),
@@ -149,7 +149,7 @@ class SessionStore:
         reach Redis."""
         if not _TOKEN_PATTERN.fullmatch(token):
             return None
-        async with redis_guard("admin.session.resolve", self._timeout_s):
+        async with redis_guard("admin.session.resolve", self._timeout_s, self._redis):
             row = cast(
                 dict[bytes, bytes],
                 await self._redis.hgetall(self.session_key(token_digest(token))),
@@ -165,7 +165,7 @@ class SessionStore:
         """The user's live sessions, oldest first; forgets expired ones."""
         if not USERNAME_PATTERN.fullmatch(user):
             return []
-        async with redis_guard("admin.session.list", self._timeout_s):
+        async with redis_guard("admin.session.list", self._timeout_s, self._redis):
             index = cast(
                 dict[bytes, bytes],
                 await self._redis.hgetall(self.user_index_key(user)),
@@ -187,7 +187,7 @@ class SessionStore:
             user
         ):
             return False
-        async with redis_guard("admin.session.revoke", self._timeout_s):
+        async with redis_guard("admin.session.revoke", self._timeout_s, self._redis):
             digest = cast(
                 bytes | None,
                 await self._redis.hget(self.user_index_key(user), session_id),
@@ -242,7 +242,7 @@ class LoginGuard:
             ``LOGIN_RATE_LIMITED`` past ``admin.login_attempts_per_window``.
         """
         key = f"{self._prefix}:admin:{{src:{source}}}:logins"
-        async with redis_guard("admin.login.source", self._timeout_s):
+        async with redis_guard("admin.login.source", self._timeout_s, self._redis):
             count, pttl = await self._redis.eval(_ATTEMPT_LUA, 1, key, self._window_ms)
         if int(count) > self._attempts:
             raise AdminError(
@@ -255,7 +255,7 @@ class LoginGuard:
         """Raises ``ACCOUNT_LOCKED`` while ``user`` is locked."""
         if not USERNAME_PATTERN.fullmatch(user):
             return
-        async with redis_guard("admin.login.locked", self._timeout_s):
+        async with redis_guard("admin.login.locked", self._timeout_s, self._redis):
             pttl = await self._redis.pttl(self._login_key(user, "lock"))
         if int(pttl) > 0:
             raise AdminError(
@@ -268,7 +268,7 @@ class LoginGuard:
         """Count a failed login; returns whether it locked the account."""
         if not USERNAME_PATTERN.fullmatch(user):
             return False
-        async with redis_guard("admin.login.fail", self._timeout_s):
+        async with redis_guard("admin.login.fail", self._timeout_s, self._redis):
             locked = await self._redis.eval(
                 _FAIL_LUA,
                 2,
@@ -283,7 +283,7 @@ class LoginGuard:
 
     async def record_success(self, user: str) -> None:
         """A good login clears the account's failure count."""
-        async with redis_guard("admin.login.ok", self._timeout_s):
+        async with redis_guard("admin.login.ok", self._timeout_s, self._redis):
             await self._redis.delete(self._login_key(user, "fail"))
 
 

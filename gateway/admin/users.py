@@ -206,7 +206,7 @@ class UserStore:
             "created_ms",
             created_ms,
         ]
-        async with redis_guard("admin.user.create", self._timeout_s):
+        async with redis_guard("admin.user.create", self._timeout_s, self._redis):
             written = await self._redis.eval(
                 _CREATE_IF_ABSENT_LUA, 1, self.user_key(name), *fields
             )
@@ -221,13 +221,13 @@ class UserStore:
     async def get(self, name: str) -> User | None:
         if not USERNAME_PATTERN.fullmatch(name):
             return None
-        async with redis_guard("admin.user.get", self._timeout_s):
+        async with redis_guard("admin.user.get", self._timeout_s, self._redis):
             row = await self._hgetall(self.user_key(name))
         return _user(name, row) if row else None
 
     async def list(self) -> builtins.list[User]:
         """Every user, by name."""
-        async with redis_guard("admin.user.list", self._timeout_s):
+        async with redis_guard("admin.user.list", self._timeout_s, self._redis):
             members = await self._redis.smembers(self.index_key)
             names = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
             pipe = self._redis.pipeline(transaction=False)
@@ -241,7 +241,7 @@ class UserStore:
         up the new role at their next call (the role is read per call)."""
         if role not in ROLE_RANK or not USERNAME_PATTERN.fullmatch(name):
             return False
-        async with redis_guard("admin.user.set_role", self._timeout_s):
+        async with redis_guard("admin.user.set_role", self._timeout_s, self._redis):
             done = await self._redis.eval(
                 _SET_IF_PRESENT_LUA, 1, self.user_key(name), "role", role
             )
@@ -253,7 +253,7 @@ class UserStore:
         if not USERNAME_PATTERN.fullmatch(name):
             return None
         secret = pyotp.random_base32()
-        async with redis_guard("admin.user.reset_totp", self._timeout_s):
+        async with redis_guard("admin.user.reset_totp", self._timeout_s, self._redis):
             done = await self._redis.eval(
                 _SET_IF_PRESENT_LUA,
                 1,
@@ -271,7 +271,7 @@ class UserStore:
     async def delete(self, name: str) -> bool:
         if not USERNAME_PATTERN.fullmatch(name):
             return False
-        async with redis_guard("admin.user.delete", self._timeout_s):
+        async with redis_guard("admin.user.delete", self._timeout_s, self._redis):
             removed = await self._redis.delete(self.user_key(name))
             await self._redis.srem(self.index_key, name)
         return bool(removed)
@@ -292,7 +292,7 @@ class UserStore:
         """
         row: dict[bytes, bytes] = {}
         if USERNAME_PATTERN.fullmatch(name):
-            async with redis_guard("admin.user.get", self._timeout_s):
+            async with redis_guard("admin.user.get", self._timeout_s, self._redis):
                 row = await self._hgetall(self.user_key(name))
         if not row:
             await asyncio.to_thread(self._verify_dummy, password)
@@ -306,7 +306,7 @@ class UserStore:
         step = self._matching_step(secret, code) if secret else None
         if step is None:
             return None, "bad_code"
-        async with redis_guard("admin.user.totp", self._timeout_s):
+        async with redis_guard("admin.user.totp", self._timeout_s, self._redis):
             accepted = await self._redis.eval(
                 _ACCEPT_STEP_LUA, 1, self.user_key(name), step
             )
@@ -357,7 +357,7 @@ class UserStore:
 
     async def _rehash(self, name: str, password: str) -> None:
         new_hash = await asyncio.to_thread(self._hasher.hash, password)
-        async with redis_guard("admin.user.rehash", self._timeout_s):
+        async with redis_guard("admin.user.rehash", self._timeout_s, self._redis):
             await self._redis.eval(
                 _SET_IF_PRESENT_LUA, 1, self.user_key(name), "pw_hash", new_hash
             )

@@ -214,7 +214,9 @@ class ConfigFollower:
         )
         key = acks_key(self.settings)
         try:
-            async with redis_guard("config ack", self.settings.redis.socket_timeout_s):
+            async with redis_guard(
+                "config ack", self.settings.redis.socket_timeout_s, self._redis
+            ):
                 await self._redis.hset(key, self._worker_id, ack.model_dump_json())
                 if prune:
                     await self._prune(key, now_ms)

@@ -288,7 +288,9 @@ class ConfigService:
     async def status(self) -> list[WorkerAck]:
         """Every worker's last acknowledgement, by worker id."""
         assert self._redis is not None, "start() first"
-        async with redis_guard("config acks", self.settings.redis.socket_timeout_s):
+        async with redis_guard(
+            "config acks", self.settings.redis.socket_timeout_s, self._redis
+        ):
             raw = await self._redis.hgetall(acks_key(self.settings))
         acks = []
         for worker_id, blob in raw.items():
@@ -433,7 +435,7 @@ class ConfigService:
         deadline = loop.time() + self.settings.live.lock_ttl_s
         timeout_s = self.settings.redis.socket_timeout_s
         while True:
-            async with redis_guard("config lock", timeout_s):
+            async with redis_guard("config lock", timeout_s, self._redis):
                 taken = await self._redis.set(
                     lock_key(self.settings), token, nx=True, px=ttl_ms
                 )
@@ -447,7 +449,9 @@ class ConfigService:
 
     async def _unlock(self, token: str) -> None:
         assert self._redis is not None
-        async with redis_guard("config unlock", self.settings.redis.socket_timeout_s):
+        async with redis_guard(
+            "config unlock", self.settings.redis.socket_timeout_s, self._redis
+        ):
             await self._redis.eval(_RELEASE_LUA, 1, lock_key(self.settings), token)
 
 

@@ -31,6 +31,7 @@ from gateway.errors import StoreError
 from gateway.keys import KeyStore
 from gateway.limits import Admitter, LocalLimiter
 from gateway.metrics import WorkerMetrics
+from gateway.redis_breaker import breaker_for
 from gateway.store import AdmitItem, CounterStore, gcra, redis_from_settings
 from tests.conftest import StackInfo
 from tests.integration.helpers import delete_matching
@@ -57,8 +58,11 @@ class Clock:
 
 
 def make_settings(redis_url: str, limits: dict[str, Any] | None = None) -> Settings:
+    # A short breaker cool-down: the fail-mode tests wait it out (see
+    # breaker_cooled) after restarting their private Redis.
+    redis = {"socket_timeout_s": 1.0, "breaker_cooldown_s": 0.2}
     return load_settings(
-        redis={"url": redis_url, "key_prefix": PREFIX, "socket_timeout_s": 1.0},
+        redis={"url": redis_url, "key_prefix": PREFIX, **redis},
         auth={"server_key": Fernet.generate_key().decode()},
         limits=limits or {},
     )
@@ -515,6 +519,16 @@ async def admitter_for(
     )
 
 
+async def breaker_cooled(client: Redis) -> None:
+    """Wait until the client's Redis breaker, opened by the outage, lets the
+    next call probe (its cool-down is over)."""
+    breaker = breaker_for(client)
+    deadline = asyncio.get_running_loop().time() + 10
+    while breaker.probe_in_s > 0:
+        assert asyncio.get_running_loop().time() < deadline, breaker.probe_in_s
+        await asyncio.sleep(0.02)
+
+
 def without_store(metrics: WorkerMetrics, mode: str) -> float:
     value = metrics.registry.get_sample_value(
         "modelgate_decisions_without_store_total", {"mode": mode}
@@ -540,6 +554,7 @@ async def test_fail_open_admits_up_to_the_local_cap_and_recovers(
         assert without_store(metrics, "closed") == 0
 
         await private_redis.start()
+        await breaker_cooled(client)
         (back,) = await admitter.admit([item("fo2")])
         assert back.outcome == "ok" and not back.without_store
         assert without_store(metrics, "open") == 5
@@ -556,6 +571,7 @@ async def test_fail_closed_refuses_and_recovers(private_redis: PrivateRedis) -> 
         assert without_store(metrics, "closed") == 2
 
         await private_redis.start()
+        await breaker_cooled(client)
         (back,) = await admitter.admit([item("fc")])
         assert back.outcome == "ok" and not back.without_store
     finally:
