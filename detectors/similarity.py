@@ -24,19 +24,14 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
+from detectors._probehist import push_bits
 from detectors._radius import (
     check_history,
     history_fields,
     nearest_and_count,
     quantise,
 )
-from detectors._state import (
-    FieldSpec,
-    check_window,
-    group_rows,
-    push_window,
-    window_fields,
-)
+from detectors._state import FieldSpec, check_window, window_fields
 from detectors.base import MAX_STATE_BYTES, Detector, DetectorParams, DetectorScore
 
 logger = logging.getLogger(__name__)
@@ -226,34 +221,17 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
         assert self._arena is not None
         arrays = self._arena.arrays
         params = self._params
-        n = len(slots)
 
-        # Nearest earlier query of each row, chunk by chunk so each chunk sees
-        # the history the previous one left.
-        groups = group_rows(slots)
-        nearest, neighbours = nearest_and_count(
-            arrays, slots, quantise(X), params.eps, groups
-        )
+        # Nearest earlier query of each row and its near count, row by row.
+        nearest, neighbours = nearest_and_count(arrays, slots, quantise(X), params.eps)
 
-        # Near bits into each client's window, in arrival order.
         # A query is concentrated when at least min_neighbours earlier ones
         # lie within eps of it (exact copies, at distance 0 in the quantised
         # arithmetic, never count); see the class docstring.
-        near = neighbours[groups.order] >= params.min_neighbours
-        counts, lengths = push_window(
-            arrays["near"], arrays["near_pos"], arrays["near_len"], groups, near
+        counts, lengths, seen = push_bits(
+            arrays, "near", slots, neighbours >= params.min_neighbours
         )
-        n_seen = arrays["n_seen"]
-        seen = n_seen[groups.unique][groups.group] + groups.position + 1
-        n_seen[groups.unique] += groups.size
-
-        # Back to row order, then one score per row.
-        inverse = np.empty(n, dtype=np.int64)
-        inverse[groups.order] = np.arange(n)
-        counts = counts[inverse]
-        lengths = lengths[inverse]
         eps = params.eps
-
         least = params.min_neighbours
 
         def evidence(row: int) -> str:
@@ -269,6 +247,4 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
                 )
             )
 
-        return self._scores(
-            counts / lengths, seen[inverse] >= params.min_queries, evidence
-        )
+        return self._scores(counts / lengths, seen >= params.min_queries, evidence)
