@@ -70,6 +70,27 @@ def squared_distance(a: npt.NDArray[np.uint8], b: npt.NDArray[np.uint8]) -> int:
     return int(total)
 
 
+LEVELS = 255
+"""Quantisation of stored features: ``round(x * 255)`` as uint8."""
+
+
+def quantise(X: FloatArray) -> npt.NDArray[np.uint8]:
+    """Rows scaled to [0, 1] as stored: clipped, times 255, rounded (ties to
+    even), as uint8."""
+    rows = np.ascontiguousarray(X, dtype=np.float64)
+    out = np.empty(rows.shape, dtype=np.uint8)
+    _quantise(rows, out)
+    return out
+
+
+@jit
+def _quantise(X: FloatArray, out: npt.NDArray[np.uint8]) -> None:
+    """:func:`quantise` element by element."""
+    for i in range(X.shape[0]):
+        for f in range(X.shape[1]):
+            out[i, f] = np.uint8(np.rint(min(max(X[i, f], 0.0), 1.0) * LEVELS))
+
+
 # -- similarity and knn -------------------------------------------------------
 
 
@@ -447,7 +468,6 @@ def step_changes(
         for f in range(n_features):
             step[f] = difference[f] / norm if norm_sq > 0 else 0.0
         _to_half(step, step_bits)
-        _from_half(step_bits, step)
 
         # Largest |cos| with the last min(seen, directions) steps.
         seen = n_seen[slot]
@@ -480,56 +500,53 @@ def step_changes(
 
 @jit
 def _to_half(values: FloatArray, bits: npt.NDArray[np.uint16]) -> None:
-    """float16 bit patterns of ``values``, rounded to nearest, ties to even
-    (what ``astype(np.float16)`` gives; NaN is not expected).
+    """Round ``values`` in place to float16 (nearest, ties to even: what
+    ``astype(np.float16)`` gives; NaN is not expected) and write their bit
+    patterns into ``bits``.
 
-    Worked on the float64 bit patterns: the sign moves over, a normal result
-    keeps the top 10 of the 52 fraction bits, a subnormal one counts units
-    of 2**-24; the dropped bits round, and a carry into the exponent is the
-    right next value.
+    A magnitude whose float16 spacing is ``2**e`` (``e`` from its exponent,
+    at least -24 where float16 is subnormal) is rounded by adding and taking
+    away ``1.5 * 2**(52 + e)``: the sum's float64 spacing is ``2**e``, so the
+    addition itself rounds, to nearest and ties to even. The bit pattern is
+    then read off the rounded value's float64 pattern.
     """
     raw = values.view(np.int64)
     for f in range(values.shape[0]):
+        negative = raw[f] < 0  # the sign bit, also of -0.0
+        exponent = (raw[f] >> 52) & 0x7FF  # biased by 1023
+        spacing = min(max(exponent - 1033, -24), _MAX_SPACING)  # e above
+        shifter = _SHIFTERS[spacing + 24]
+        rounded = (abs(values[f]) + shifter) - shifter
+        values[f] = -rounded if negative else rounded
+    for f in range(values.shape[0]):
         b = raw[f]
         sign = (b >> 48) & 0x8000
-        exponent = (b >> 52) & 0x7FF
-        fraction = b & 0xFFFFFFFFFFFFF
-        half_exponent = exponent - 1008  # exponent - 1023 + 15
-        if half_exponent >= 31:
+        exponent = ((b >> 52) & 0x7FF) - 1008  # rebiased for float16 (15)
+        if exponent >= 31:
             h = 0x7C00  # beyond float16: infinity
-        elif half_exponent >= 1:
-            h = (half_exponent << 10) + _round_shift(fraction, 42)
-        elif exponent == 0:
-            h = 0  # zero, or a float64 subnormal far below float16's
+        elif exponent >= 1:
+            h = (exponent << 10) | ((b >> 42) & 0x3FF)
         else:
-            shift = 1051 - exponent  # value / 2**-24 = significand >> shift
-            significand = fraction | (1 << 52)
-            h = _round_shift(significand, shift) if shift <= 53 else 0
+            h = int(abs(values[f]) * 2.0**24)  # subnormal: units of 2**-24
         bits[f] = sign | h
-
-
-@jit
-def _round_shift(value: int, shift: int) -> int:
-    """``value / 2**shift`` rounded to the nearest integer, ties to even."""
-    kept = value >> shift
-    dropped = value & ((1 << shift) - 1)
-    halfway = 1 << (shift - 1)
-    if dropped > halfway or (dropped == halfway and kept & 1):
-        kept += 1
-    return kept
 
 
 @jit
 def _from_half(bits: npt.NDArray[np.uint16], values: FloatArray) -> None:
     """Values of float16 bit patterns (finite: the state check refuses
-    others), written into ``values``."""
-    raw = values.view(np.int64)
+    others), written into ``values``: the 10 fraction bits, with the
+    implicit leading bit where the exponent is not 0, times a power of 2."""
     for f in range(bits.shape[0]):
         h = np.int64(bits[f])
         exponent = (h >> 10) & 0x1F
-        fraction = h & 0x3FF
-        if exponent == 0:
-            value = fraction * 2.0**-24
-            values[f] = -value if h & 0x8000 else value
-        else:
-            raw[f] = ((h >> 15) << 63) | ((exponent + 1008) << 52) | (fraction << 42)
+        significand = (h & 0x3FF) | (0x400 if exponent else 0)
+        value = significand * _POWERS[exponent if exponent > 0 else 1]
+        values[f] = -value if h & 0x8000 else value
+
+
+# 2**(exponent - 25) for each float16 exponent field (a significand of 11
+# bits times it is the value), and the shifters of _to_half for spacings
+# 2**-24 .. 2**_MAX_SPACING (65504, float16's largest, has spacing 2**5).
+_POWERS = np.ldexp(1.0, np.arange(32) - 25)
+_MAX_SPACING = 5
+_SHIFTERS = 1.5 * np.ldexp(1.0, 52 + np.arange(-24, _MAX_SPACING + 1))

@@ -25,17 +25,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from detectors._probehist import scan_history
+# LEVELS and quantise are re-exported: the detectors import them from here.
+from detectors._probehist import LEVELS, quantise, scan_history
 from detectors._state import FieldSpec, Groups
 
-LEVELS = 255
-"""Quantisation of stored features: ``round(x * 255)`` as uint8."""
-
-
-def quantise(X: npt.NDArray[np.float64]) -> npt.NDArray[np.uint8]:
-    """Rows scaled to [0, 1] as stored: clipped, times 255, rounded."""
-    out: npt.NDArray[np.uint8] = np.rint(np.clip(X, 0.0, 1.0) * LEVELS).astype(np.uint8)
-    return out
+__all__ = [
+    "LEVELS",
+    "check_history",
+    "history_fields",
+    "nearest_and_count",
+    "quantise",
+]
 
 
 def history_fields(capacity: int, n_features: int) -> dict[str, FieldSpec]:

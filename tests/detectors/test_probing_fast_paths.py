@@ -2,18 +2,19 @@
 computation gives: ``knn`` scores the same whatever ``similarity`` saw
 before it (each computes its own distances), windows pushed row by row
 count as ``push_window`` does, also with counters a loaded state may hold,
-steps round to float16 as numpy does, and the fingerprint store's packed
-sort holds only without a collision of high hash bits."""
+rows quantise and steps round to float16 as numpy does, and the fingerprint
+store's packed sort holds only without a collision of high hash bits."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from detectors._probehist import _from_half, _to_half, push_bits
+from detectors._probehist import _from_half, _to_half, push_bits, quantise
 from detectors._state import group_rows, push_window
 from detectors.fingerprint import _order_by_hash_then_row
 from detectors.knn import KnnDistanceDetector, KnnParams
-from detectors.similarity import QuerySimilarityDetector
+from detectors.similarity import QuerySimilarityDetector, SimilarityParams
 
 
 def _probe_stream(seed: int, n: int) -> tuple[list[str], np.ndarray]:
@@ -125,6 +126,25 @@ def test_steps_round_to_float16_as_numpy_does() -> None:
     with np.errstate(over="ignore"):  # 65520 rounds to infinity, as meant
         want_bits = x.astype(np.float16).view(np.uint16)
     assert np.array_equal(bits, want_bits)
+
+
+def test_quantise_matches_the_numpy_formula() -> None:
+    """Clipped, times 255, rounded half to even: also exactly halfway
+    between two levels and outside [0, 1]."""
+    rng = np.random.default_rng(6)
+    halfway = (np.arange(255) + 0.5) / 255.0
+    X = np.concatenate(
+        [rng.uniform(-0.5, 1.5, 4096), halfway, np.nextafter(halfway, 2.0)]
+    ).reshape(-1, 2)
+    want = np.rint(np.clip(X, 0.0, 1.0) * 255).astype(np.uint8)
+    assert np.array_equal(quantise(X), want)
+
+
+def test_similarity_refuses_rows_too_wide_to_sum_exactly() -> None:
+    detector = QuerySimilarityDetector(SimilarityParams(max_state_bytes=1 << 20))
+    assert detector.capacity(33_025) >= 8
+    with pytest.raises(ValueError, match="33025 whose distances"):
+        detector.capacity(33_026)
 
 
 def test_hash_order_falls_back_on_a_high_bit_collision() -> None:
