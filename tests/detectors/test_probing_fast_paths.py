@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from detectors._history import neighbours_and_push, ring_fields
 from detectors._probehist import _from_half, _to_half, push_bits, quantise
-from detectors._state import group_rows, push_window
+from detectors._state import SlotArena, group_rows, push_window
 from detectors.fingerprint import _order_by_hash_then_row
 from detectors.knn import KnnDistanceDetector, KnnParams
 from detectors.similarity import QuerySimilarityDetector, SimilarityParams
@@ -145,6 +146,31 @@ def test_similarity_refuses_rows_too_wide_to_sum_exactly() -> None:
     assert detector.capacity(33_025) >= 8
     with pytest.raises(ValueError, match="33025 whose distances"):
         detector.capacity(33_026)
+
+
+def _nearest_after(ring: list[list[int]], batch: list[list[int]]) -> np.ndarray:
+    """The nearest earlier query ``neighbours_and_push`` gives the last row
+    of ``batch`` (one client) after ``ring`` was pushed as its own batches."""
+    arena = SlotArena(ring_fields(4, 4), initial_slots=1)
+    for row in ring:
+        stored = np.asarray([row], dtype=np.uint8)
+        neighbours_and_push(arena.arrays, group_rows(np.zeros(1, np.int64)), stored, 1)
+    slots = np.zeros(len(batch), dtype=np.int64)
+    stored = np.asarray(batch, dtype=np.uint8)
+    found = neighbours_and_push(arena.arrays, group_rows(slots), stored, 3)
+    assert found.k_dist[-1, 0] == np.sqrt(4 / (255 * 255 * 4))  # every tie: 2**2
+    return found.nearest[-1]
+
+
+def test_equally_near_queries_resolve_in_the_documented_order() -> None:
+    """Ties go to the ring as the chunk found it, by physical index, before
+    the client's earlier rows of the chunk, latest first (what structure's
+    pinned scores were recorded with)."""
+    q, a, b = [10, 10, 10, 10], [12, 10, 10, 10], [10, 12, 10, 10]
+    c, d = [10, 10, 8, 10], [10, 10, 10, 8]
+    assert list(_nearest_after([a, b], [q])) == a
+    assert list(_nearest_after([b], [c, q])) == b
+    assert list(_nearest_after([], [c, d, q])) == d
 
 
 def test_hash_order_falls_back_on_a_high_bit_collision() -> None:
