@@ -27,6 +27,7 @@ from pydantic import Field
 
 from detectors._history import neighbours_and_push, ring_fields
 from detectors._history import quantise as quantise_ring
+from detectors._probehist import push_bits
 from detectors._radius import (
     check_history,
     history_fields,
@@ -38,7 +39,6 @@ from detectors._state import (
     SlotArena,
     check_window,
     group_rows,
-    push_window,
     window_fields,
 )
 from detectors.base import MAX_STATE_BYTES, Detector, DetectorParams, DetectorScore
@@ -349,26 +349,17 @@ class KnnDistanceDetector(Detector[KnnParams]):
         limit = self.knn_threshold
         # The k-th nearest distinct earlier query is within the threshold
         # exactly when k distinct earlier queries are: counted in one pass
-        # over the history, without sorting distances.
-        groups = group_rows(slots)
+        # over the history, without sorting distances. The distances are
+        # computed here, not shared with similarity (which computes the same
+        # on an equal history): the kernel makes them cheap, and sharing tied
+        # knn to the order and thread the worker calls detectors in.
         nearest, within = nearest_and_count(
-            arrays, slots, quantise(X), limit if limit is not None else 0.0, groups
+            arrays, slots, quantise(X), limit if limit is not None else 0.0
         )
-        close = within >= p.k
         # An exact copy of an earlier query is not close either: no search
         # resends its input unchanged, while honest clients replay rows.
-        close &= nearest > 0.0
-        close = close[groups.order]
-        counts, lengths = push_window(
-            arrays["close"], arrays["close_pos"], arrays["close_len"], groups, close
-        )
-        n_seen = arrays["n_seen"]
-        seen = n_seen[groups.unique][groups.group] + groups.position + 1
-        n_seen[groups.unique] += groups.size
-
-        inverse = np.empty(n, dtype=np.int64)
-        inverse[groups.order] = np.arange(n)
-        counts, lengths = counts[inverse], lengths[inverse]
+        close = (within >= p.k) & (nearest > 0.0)
+        counts, lengths, seen = push_bits(arrays, "close", slots, close)
         if limit is None:
             evidence_cold = ["no benign calibration yet, so no query is judged"] * n
             warm = np.zeros(n, dtype=bool)
@@ -382,6 +373,6 @@ class KnnDistanceDetector(Detector[KnnParams]):
                     f"this one has {within[row]}"
                 )
 
-            warm = seen[inverse] >= p.min_queries
+            warm = seen >= p.min_queries
             return self._scores(counts / lengths, warm, evidence)
         return self._scores(counts / lengths, warm, evidence_cold)

@@ -26,14 +26,8 @@ import numpy.typing as npt
 from pydantic import Field
 
 from detectors._history import LEVELS, check_ring, quantise, ring_fields
-from detectors._probehist import nearest_and_push, push_windows
-from detectors._state import (
-    FieldSpec,
-    Groups,
-    check_window,
-    group_rows,
-    window_fields,
-)
+from detectors._probehist import nearest_and_push, step_changes
+from detectors._state import FieldSpec, check_window, window_fields
 from detectors.base import MAX_STATE_BYTES, Detector, DetectorParams, DetectorScore
 
 
@@ -149,49 +143,34 @@ class ChangeStructureDetector(Detector[StructureParams]):
         arrays = self._arena.arrays
         p = self._params
         n = len(slots)
-        groups = group_rows(slots)
+        # Rows sorted by client, each client's in arrival order.
+        order = np.argsort(slots, kind="stable")
+        sorted_slots = slots[order]
         stored = quantise(X)
-        q = stored[groups.order].astype(np.float32)
-        has_nearest, nearest, previous, has_previous = nearest_and_push(
-            arrays, groups, stored
-        )
+        found = nearest_and_push(arrays, order, sorted_slots, stored)
 
-        # Sparse edits against the nearest earlier query.
-        moved = np.abs(q - nearest) > p.change_tol * LEVELS
-        changed = moved.sum(axis=1)
-        sparse = has_nearest & (changed >= 1) & (changed <= p.max_changed)
-
-        # Unit steps from the previous query, rounded to the float16 they are
-        # stored as, so rows of one batch compare exactly as rows one by one.
-        step = (q - previous).astype(np.float64)
-        step[~has_previous] = 0.0
-        norm = np.linalg.norm(step, axis=1)
-        unit = np.divide(
-            step, norm[:, None], out=np.zeros_like(step), where=norm[:, None] > 0
-        )
-        unit = unit.astype(np.float16).astype(np.float64)
-        best_cos = self._repeat_cosines(groups, unit)
-        repeat = best_cos >= p.cos_threshold
-
-        (sparse_counts, repeat_counts), lengths = push_windows(
-            [
+        # Sparse edits, steps and their cosines, and the windows, row by row
+        # (sorted order, results in row order).
+        changed_row = np.empty(n, dtype=np.int64)
+        cos_row = np.empty(n, dtype=np.float64)
+        sparse_counts = np.empty(n, dtype=np.int64)
+        repeat_counts = np.empty(n, dtype=np.int64)
+        lengths = np.empty(n, dtype=np.int64)
+        seen = np.empty(n, dtype=np.int64)
+        step_changes(
+            (order, sorted_slots, stored),
+            found,
+            (arrays["dirs"].view(np.uint16), arrays["n_seen"]),
+            (
                 (arrays["sparse"], arrays["sparse_pos"], arrays["sparse_len"]),
                 (arrays["repeat"], arrays["repeat_pos"], arrays["repeat_len"]),
-            ],
-            groups,
-            [sparse, repeat],
+            ),
+            # The tolerance as float32: the distances it was compared with
+            # were float32 arrays, and numpy compares them with a Python
+            # float in float32.
+            (np.float32(p.change_tol * LEVELS), p.max_changed, p.cos_threshold),
+            (changed_row, cos_row, sparse_counts, repeat_counts, lengths, seen),
         )
-        n_seen = arrays["n_seen"]
-        seen = n_seen[groups.unique][groups.group] + groups.position + 1
-        n_seen[groups.unique] += groups.size
-
-        inverse = np.empty(n, dtype=np.int64)
-        inverse[groups.order] = np.arange(n)
-        sparse_counts = sparse_counts[inverse]
-        repeat_counts = repeat_counts[inverse]
-        lengths = lengths[inverse]
-        changed_row = np.where(has_nearest, changed, -1)[inverse]
-        cos_row = best_cos[inverse]
 
         def evidence(row: int) -> str:
             c = int(changed_row[row])
@@ -205,42 +184,4 @@ class ChangeStructureDetector(Detector[StructureParams]):
             )
 
         score = np.maximum(sparse_counts, repeat_counts) / lengths
-        return self._scores(score, seen[inverse] >= p.min_queries, evidence)
-
-    def _repeat_cosines(
-        self, groups: Groups, unit: npt.NDArray[np.float64]
-    ) -> npt.NDArray[np.float64]:
-        """Largest absolute cosine of each row's step with the client's last
-        ``directions`` steps, then push the steps (sorted order).
-
-        The step ring advances with ``n_seen``: one step per query (zero for a
-        first query), so its position needs no counter of its own.
-        """
-        assert self._arena is not None
-        arrays = self._arena.arrays
-        dirs = arrays["dirs"]
-        m = dirs.shape[1]
-        g, t, slot = groups.group, groups.position, groups.slot
-        seen_before = np.maximum(arrays["n_seen"][groups.unique][g], 0)
-        old_len = np.minimum(seen_before, m)
-
-        # Against the stored steps still among the last m when the row comes,
-        # and the client's earlier steps of this batch up to m back: each
-        # client's ring and rows stacked, all its rows in one product. The
-        # steps are float16 (products exact in float64, sums of at most 50
-        # significant bits), so any order of summation gives the same cosine.
-        n_clients, width = len(groups.unique), int(groups.size.max())
-        stacked = np.zeros((n_clients, m + width, unit.shape[1]))
-        stacked[:, :m] = dirs[groups.unique]
-        stacked[g, m + t] = unit
-        cos = np.abs(np.matmul(stacked, stacked[:, m:].transpose(0, 2, 1))[g, :, t])
-        age = (np.arange(m)[None, :] - (seen_before - old_len)[:, None]) % m
-        visible = np.empty(cos.shape, dtype=bool)
-        visible[:, :m] = (age < old_len[:, None]) & (age >= (old_len + t - m)[:, None])
-        back = t[:, None] - np.arange(width)[None, :]
-        visible[:, m:] = (back >= 1) & (back <= m)
-        best: npt.NDArray[np.float64] = np.where(visible, cos, 0.0).max(axis=1)
-
-        keep = t >= groups.size[g] - m
-        dirs[slot[keep], (seen_before[keep] + t[keep]) % m] = unit[keep]
-        return best
+        return self._scores(score, seen >= p.min_queries, evidence)
