@@ -182,9 +182,8 @@ def _time_batches(
     ``observe_outcomes``.
 
     Batch by batch, every detector in registry order, as the worker calls
-    them (``gateway.scoring``): detectors that reuse what another computed
-    on the same batch (``knn`` the distances of ``similarity``) are timed
-    as they run in service.
+    them (``gateway.scoring``), so caches and memory are as warm or cold as
+    in service.
     """
     spent = dict.fromkeys(detectors, (0.0, 0.0))
     for start in range(0, len(ids), batch_size):
