@@ -8,9 +8,9 @@ shows the detector a stand-in model's answers after each batch, as the worker
 does, and compares every score, flag and warm bit with
 ``data/coverage_scores.npz``, recorded with the code before the change
 (commit 6334500). Two configurations: the defaults (16 cells, so cell sets
-fit a 64-bit mask) and 80 cells with a 100-query window (sets that do not
-fit, and a horizon that is not a power of two) and a lower threshold. Regenerate the recording
-only for a change meant to alter scores:
+fit a 64-bit mask), and 80 cells with a 100-query window (sets that do not
+fit, a horizon that is not a power of two) and a lower threshold.
+Regenerate the recording only for a change meant to alter scores:
 ``python -m tests.detectors.test_coverage_scores_pinned``.
 """
 
