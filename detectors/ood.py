@@ -34,10 +34,6 @@ from detectors.base import Detector, DetectorParams, DetectorScore
 
 logger = logging.getLogger(__name__)
 
-# Reference rows scored per step in learn_baseline; bounds the path array
-# (height + 1) x rows x trees of int64 to about 7 MB with the defaults.
-_BASELINE_CHUNK_ROWS = 4096
-
 # Calibrate on rows outside the current reference window when at least this
 # many exist; rows inside it score lower because they built the masses.
 _MIN_CALIBRATION_ROWS = 100
@@ -399,11 +395,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
         window_of_row = forest.n_pivots + (forest.counter + np.arange(len(rows))) // (
             forest.window_size
         )
-        learn_all = np.ones(min(len(rows), _BASELINE_CHUNK_ROWS), dtype=bool)
-        for start in range(0, len(rows), _BASELINE_CHUNK_ROWS):
-            chunk = rows[start : start + _BASELINE_CHUNK_ROWS]
-            paths = forest.paths(chunk)
-            forest.process(paths, learn_all[: len(chunk)], want_scores=False)
+        forest.process(rows, np.ones(len(rows), dtype=bool))
         if not forest.ready:
             raise ValueError(
                 f"{self.name}: the baseline needs at least window_size="
@@ -414,12 +406,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
         # reference window itself are held out of the quantile when possible.
         outside = window_of_row != forest.n_pivots - 1
         sample = rows[outside] if outside.sum() >= _MIN_CALIBRATION_ROWS else rows
-        scores = np.concatenate(
-            [
-                forest.score(forest.paths(sample[i : i + _BASELINE_CHUNK_ROWS]))
-                for i in range(0, len(sample), _BASELINE_CHUNK_ROWS)
-            ]
-        )
+        scores = forest.score(sample)
         self._calibrated_threshold = float(
             np.quantile(scores, self._params.calibration_quantile)
         )
@@ -590,7 +577,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
         n = len(slots)
 
         # Shared baseline: score every row, learn the good-standing ones.
-        raw = forest.process(forest.paths(X), learn)
+        raw = forest.process(X, learn)
         query_threshold = self.query_threshold
         judged = forest.ready and query_threshold is not None
         if judged and query_threshold is not None:
