@@ -24,9 +24,64 @@ from river.tree.padded import PaddedBranch
 
 from detectors._jit import jit
 
-# Indices into HalfSpaceForest._counts, the learning state the kernel advances.
+# Indices into HalfSpaceForest._counts, the learning state the kernels advance.
 _COUNTER = 0
 _PIVOTS = 1
+
+
+@jit
+def _pivot(
+    leaf_hits: npt.NDArray[np.int64],
+    r_mass: npt.NDArray[np.int64],
+    leaf_score: npt.NDArray[np.int64],
+    size_limit: float,
+) -> None:
+    """River's pivot: the window just learned becomes the reference.
+
+    A learned row passes through every node on its path, so a node's mass
+    (River's ``l_mass`` at the pivot) is the number of learned rows that
+    reached a leaf below it: ``r_mass`` is filled bottom-up from
+    ``leaf_hits``, which then restarts at zero. Then each leaf's walk score
+    is worked out once, top-down, so scoring a row needs only its leaves:
+    River's ``_walk_score`` on the path to a leaf adds the root's mass, then
+    ``mass << depth`` of each deeper node while every node above it held at
+    least ``size_limit``.
+
+    Parameters
+    ----------
+    leaf_hits
+        Learned rows per leaf, (trees, 2**height); zeroed.
+    r_mass
+        Reference masses, (trees, 2**(height + 1) - 1) in heap order; filled.
+    leaf_score
+        Walk score of each leaf's path, like ``leaf_hits``; filled.
+    size_limit
+        Mass below which a walk stops descending.
+    """
+    n_trees, n_leaves = leaf_hits.shape
+    n_inner = n_leaves - 1
+    walk = np.empty(n_inner + n_leaves, dtype=np.int64)
+    alive = np.empty(n_inner + n_leaves, dtype=np.bool_)
+    for t in range(n_trees):
+        for leaf in range(n_leaves):
+            r_mass[t, n_inner + leaf] = leaf_hits[t, leaf]
+            leaf_hits[t, leaf] = 0
+        for node in range(n_inner - 1, -1, -1):
+            r_mass[t, node] = r_mass[t, 2 * node + 1] + r_mass[t, 2 * node + 2]
+        walk[0] = r_mass[t, 0]
+        alive[0] = r_mass[t, 0] >= size_limit
+        depth = 1
+        for node in range(1, n_inner + n_leaves):
+            if node == (1 << (depth + 1)) - 1:
+                depth += 1
+            parent = (node - 1) // 2
+            mass = r_mass[t, node]
+            walk[node] = walk[parent]
+            if alive[parent]:
+                walk[node] += mass << depth
+            alive[node] = alive[parent] and mass >= size_limit
+        for leaf in range(n_leaves):
+            leaf_score[t, leaf] = walk[n_inner + leaf]
 
 
 @jit
@@ -35,8 +90,9 @@ def _walk_forest(
     learn: npt.NDArray[np.bool_],
     feature: npt.NDArray[np.int64],
     threshold: npt.NDArray[np.float64],
-    l_mass: npt.NDArray[np.int64],
+    leaf_hits: npt.NDArray[np.int64],
     r_mass: npt.NDArray[np.int64],
+    leaf_score: npt.NDArray[np.int64],
     counts: npt.NDArray[np.int64],
     window_size: int,
     size_limit: float,
@@ -44,31 +100,29 @@ def _walk_forest(
 ) -> npt.NDArray[np.float64]:
     """Score each row of ``X``, then learn it if ``learn`` says so, in row order.
 
-    Per row, for each tree: descend from the root (heap layout: node ``i`` of
-    a tree has children ``2i + 1``, value below the threshold, and ``2i + 2``)
-    to a leaf. The tree's score is River's ``_walk_score``: the root's
-    reference mass plus ``r_mass << depth`` of each deeper node, stopping
-    after the first node whose reference mass is below ``size_limit``. A row
-    learned adds 1 to ``l_mass`` at every node of its path (River's
-    ``_walk_learn``) and advances ``counts[_COUNTER]``; when that reaches
-    ``window_size`` the masses pivot before the next row (``r_mass`` takes
-    ``l_mass``, which restarts at zero) and ``counts[_PIVOTS]`` advances.
-
-    The row's score is ``1 - total / max_score`` with ``total`` the integer sum
-    of the trees' scores: integers add exactly in any order, so the float is
-    River's to the bit. Rows scored before the first pivot score 0.
+    Per row, every tree is descended from the root to a leaf (heap layout:
+    node ``i`` has children ``2i + 1``, value below the threshold, and
+    ``2i + 2``), all trees one depth at a time so the CPU overlaps their
+    independent lookups. The row's score is ``1 - total / max_score`` with
+    ``total`` the sum of its leaves' walk scores (River's ``_walk_score``,
+    worked out per leaf by :func:`_pivot`); they are integers, so the sum is
+    exact in any order and the float is River's to the bit. Rows scored
+    before the first pivot score 0. A learned row adds 1 to each of its
+    leaves (River adds 1 to every node of the path; :func:`_pivot` sums the
+    leaves up) and advances ``counts[_COUNTER]``; when that reaches
+    ``window_size`` the masses pivot before the next row and
+    ``counts[_PIVOTS]`` advances.
 
     Parameters
     ----------
     X
-        Rows (n, d), C-contiguous.
+        Rows (n, d).
     learn
         Per row, whether it is learned.
     feature, threshold
         Split feature and threshold of each inner node, (trees, 2**height - 1).
-    l_mass, r_mass
-        Latest and reference masses, flat over (tree, node) with
-        ``2**(height + 1) - 1`` nodes per tree; updated in place.
+    leaf_hits, r_mass, leaf_score
+        As in :func:`_pivot`; updated in place.
     counts
         ``[rows learned in the current window, pivots so far]``; updated.
     window_size, size_limit, max_score
@@ -82,42 +136,28 @@ def _walk_forest(
     """
     n = X.shape[0]
     n_trees, n_inner = feature.shape
-    n_nodes = 2 * n_inner + 1
     height = 0
     while (1 << height) - 1 < n_inner:
         height += 1
     scores = np.zeros(n)
+    node = np.empty(n_trees, dtype=np.int64)
     for i in range(n):
-        learn_row = learn[i]
-        scoring = counts[_PIVOTS] > 0
-        total = 0
-        for t in range(n_trees):
-            base = t * n_nodes
-            node = 0
-            mass = r_mass[base]
-            tree_total = mass
-            alive = mass >= size_limit
-            if learn_row:
-                l_mass[base] += 1
-            for depth in range(1, height + 1):
-                if X[i, feature[t, node]] >= threshold[t, node]:
-                    node = 2 * node + 2
-                else:
-                    node = 2 * node + 1
-                if learn_row:
-                    l_mass[base + node] += 1
-                if alive:
-                    mass = r_mass[base + node]
-                    tree_total += mass << depth
-                    alive = mass >= size_limit
-            total += tree_total
-        if scoring:
+        node[:] = 0
+        for _ in range(height):
+            for t in range(n_trees):
+                at = node[t]
+                node[t] = 2 * at + 1 + (X[i, feature[t, at]] >= threshold[t, at])
+        if counts[_PIVOTS] > 0:
+            total = 0
+            for t in range(n_trees):
+                total += leaf_score[t, node[t] - n_inner]
             scores[i] = 1.0 - total / max_score
-        if learn_row:
+        if learn[i]:
+            for t in range(n_trees):
+                leaf_hits[t, node[t] - n_inner] += 1
             counts[_COUNTER] += 1
             if counts[_COUNTER] == window_size:
-                r_mass[:] = l_mass
-                l_mass[:] = 0
+                _pivot(leaf_hits, r_mass, leaf_score, size_limit)
                 counts[_COUNTER] = 0
                 counts[_PIVOTS] += 1
     return scores
@@ -166,9 +206,11 @@ class HalfSpaceForest:
                 self.feature[t, i] = node.feature
                 self.threshold[t, i] = node.threshold
                 nodes.extend(node.children)
-        # Masses are flat over (tree, node).
-        self.l_mass = np.zeros(n_trees * self.n_nodes, dtype=np.int64)
-        self.r_mass = np.zeros(n_trees * self.n_nodes, dtype=np.int64)
+        # Learned rows per leaf in the current window, the reference masses
+        # of every node, and each leaf's walk score against them.
+        self.leaf_hits = np.zeros((n_trees, n_inner + 1), dtype=np.int64)
+        self.r_mass = np.zeros((n_trees, self.n_nodes), dtype=np.int64)
+        self._leaf_score = np.zeros((n_trees, n_inner + 1), dtype=np.int64)
         self._counts = np.zeros(2, dtype=np.int64)
         # River's normaliser: the largest possible score.
         self._max_score = float(n_trees * window_size * (2 ** (height + 1) - 1))
@@ -186,6 +228,17 @@ class HalfSpaceForest:
         return int(self._counts[_PIVOTS])
 
     @property
+    def l_mass(self) -> npt.NDArray[np.int64]:
+        """River's ``l_mass``: rows of the current window through each node,
+        (trees, 2**(height + 1) - 1) in heap order, summed from the leaves."""
+        mass = np.zeros_like(self.r_mass)
+        n_inner = self.feature.shape[1]
+        mass[:, n_inner:] = self.leaf_hits
+        for node in range(n_inner - 1, -1, -1):
+            mass[:, node] = mass[:, 2 * node + 1] + mass[:, 2 * node + 2]
+        return mass
+
+    @property
     def ready(self) -> bool:
         """Whether a full window has been learned (River scores 0 before)."""
         return self.n_pivots > 0
@@ -195,8 +248,9 @@ class HalfSpaceForest:
         return int(
             self.feature.nbytes
             + self.threshold.nbytes
-            + self.l_mass.nbytes
+            + self.leaf_hits.nbytes
             + self.r_mass.nbytes
+            + self._leaf_score.nbytes
         )
 
     def process(
@@ -213,8 +267,9 @@ class HalfSpaceForest:
             np.ascontiguousarray(learn, dtype=np.bool_),
             self.feature,
             self.threshold,
-            self.l_mass,
+            self.leaf_hits,
             self.r_mass,
+            self._leaf_score,
             self._counts,
             self.window_size,
             self._size_limit,
