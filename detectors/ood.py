@@ -22,9 +22,9 @@ import numpy.typing as npt
 from pydantic import Field
 
 from detectors._hst import HalfSpaceForest
+from detectors._jit import jit
 from detectors._state import (
     FieldSpec,
-    Groups,
     check_window,
     group_rows,
     push_window,
@@ -71,69 +71,116 @@ def _complete_grid(
     return np.asarray(values[0] + step * np.arange(first, last + 1))
 
 
-def _running_count(
-    total: npt.NDArray[np.int64], groups: Groups, bits: npt.NDArray[np.bool_]
+@jit
+def _off_lattice_counts(
+    X: npt.NDArray[np.float64],
+    grid_features: npt.NDArray[np.int64],
+    grid_origin: npt.NDArray[np.float64],
+    grid_step: npt.NDArray[np.float64],
+    grid_last: npt.NDArray[np.float64],
+    other_features: npt.NDArray[np.int64],
+    levels: npt.NDArray[np.float64],
+    tolerance: float,
 ) -> npt.NDArray[np.int64]:
-    """Per sorted row, its client's count of ``bits`` up to and including it
-    (``total`` holds the counts before the batch and is advanced)."""
-    ordered = bits[groups.order].astype(np.int64)
-    running = np.cumsum(ordered)
-    before_group = np.repeat(running[groups.start] - ordered[groups.start], groups.size)
-    so_far = total[groups.unique][groups.group] + running - before_group
-    if len(ordered):
-        total[groups.unique] += np.add.reduceat(ordered, groups.start)
-    return np.asarray(so_far, dtype=np.int64)
+    """Per row, how many lattice features lie farther than ``tolerance`` from
+    every level of their reference.
+
+    A regular grid's nearest level is
+    ``clip(rint((x - origin) / step) * step + origin, origin, last)``, rounded
+    half to even, in that order of operations (the grid level a value is
+    checked against must not move by a rounding); the other features are
+    checked against each of their levels (``levels``, padded with +inf).
+    """
+    n = X.shape[0]
+    off = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        count = 0
+        for k in range(grid_features.shape[0]):
+            value = X[i, grid_features[k]]
+            origin = grid_origin[k]
+            nearest = np.rint((value - origin) / grid_step[k]) * grid_step[k] + origin
+            nearest = min(max(nearest, origin), grid_last[k])
+            if abs(value - nearest) > tolerance:
+                count += 1
+        for k in range(other_features.shape[0]):
+            value = X[i, other_features[k]]
+            far = True
+            for level in levels[k]:
+                if abs(value - level) <= tolerance:
+                    far = False
+                    break
+            if far:
+                count += 1
+        off[i] = count
+    return off
 
 
-# Largest rows of one client in a batch for which the EWMA steps through
-# columns in numpy; beyond it a loop over Python floats is cheaper.
-_EWMA_COLUMNS = 48
-
-
-def _ewma(
-    column: npt.NDArray[np.float64],
-    groups: Groups,
-    values: npt.NDArray[np.float64],
-    seen_before: npt.NDArray[np.int64],
-    alpha: float,
-) -> npt.NDArray[np.float64]:
-    """Each client's running mean after each of its rows (sorted order),
-    ``e <- e + alpha * (x - e)`` from the stored value, or ``x`` for a client's
-    first row ever; ``column`` is advanced. The same arithmetic in either
-    path, so batches equal rows sent one at a time bit for bit."""
-    n = len(values)
-    out = np.empty(n)
-    if n == 0:
-        return out
-    if int(groups.size.max()) <= _EWMA_COLUMNS:
-        # One numpy step per position within a client, across all clients.
-        current = column[groups.unique].copy()
-        for t in range(int(groups.size.max())):
-            live = np.flatnonzero(groups.size > t)
-            rows = groups.start[live] + t
-            x = values[rows]
-            step = current[live] + alpha * (x - current[live])
-            step = np.where(seen_before[rows] == 0, x, step)
-            current[live] = step
-            out[rows] = step
-        column[groups.unique] = current
-        return out
-    previous_all = column[groups.unique].tolist()
-    sizes = groups.size.tolist()
-    firsts = (seen_before == 0).tolist()
-    flat = values.tolist()
-    i = 0
-    for g, size in enumerate(sizes):
-        current_value = previous_all[g]
-        for _ in range(size):
-            x = flat[i]
-            current_value = (
-                x if firsts[i] else current_value + alpha * (x - current_value)
-            )
-            out[i] = current_value
-            i += 1
-        column[groups.unique[g]] = current_value
+@jit
+def _outside_counts(
+    X: npt.NDArray[np.float64],
+    low: npt.NDArray[np.float64],
+    high: npt.NDArray[np.float64],
+    tolerance: float,
+) -> npt.NDArray[np.int64]:
+    """Per row, how many features lie below ``low - tolerance`` or above
+    ``high + tolerance``."""
+    n, d = X.shape
+    out = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        count = 0
+        for j in range(d):
+            value = X[i, j]
+            if low[j] - tolerance > value or high[j] + tolerance < value:
+                count += 1
+        out[i] = count
     return out
+
+
+@jit
+def _client_counts(
+    slots: npt.NDArray[np.int64],
+    raw: npt.NDArray[np.float64],
+    synthetic: npt.NDArray[np.bool_],
+    wide: npt.NDArray[np.bool_],
+    n_seen: npt.NDArray[np.int64],
+    n_off_lattice: npt.NDArray[np.int64],
+    n_wide: npt.NDArray[np.int64],
+    ewma: npt.NDArray[np.float64],
+    alpha: float,
+) -> tuple[
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float64],
+]:
+    """Advance each client's counters row by row, in arrival order.
+
+    Per row, after it: its client's queries seen, off-lattice queries and
+    counted wide queries so far, and the running mean anomaly score,
+    ``e <- e + alpha * (x - e)`` from the stored mean, or ``x`` for the
+    client's first query ever. The arena arrays (indexed by slot) are
+    updated in place, so a batch ends where its rows sent one at a time would.
+    """
+    n = slots.shape[0]
+    seen = np.empty(n, dtype=np.int64)
+    off_so_far = np.empty(n, dtype=np.int64)
+    wide_so_far = np.empty(n, dtype=np.int64)
+    mean = np.empty(n)
+    for i in range(n):
+        slot = slots[i]
+        x = raw[i]
+        if n_seen[slot] == 0:
+            ewma[slot] = x
+        else:
+            ewma[slot] = ewma[slot] + alpha * (x - ewma[slot])
+        n_seen[slot] += 1
+        n_off_lattice[slot] += synthetic[i]
+        n_wide[slot] += wide[i]
+        seen[i] = n_seen[slot]
+        off_so_far[i] = n_off_lattice[slot]
+        wide_so_far[i] = n_wide[slot]
+        mean[i] = ewma[slot]
+    return seen, off_so_far, wide_so_far, mean
 
 
 class OodParams(DetectorParams):
@@ -464,23 +511,16 @@ class OutOfDistributionDetector(Detector[OodParams]):
 
     def off_lattice(self, X: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
         """Per row, how many lattice features lie off their reference levels."""
-        off = np.zeros(len(X), dtype=np.int64)
-        tolerance = self._params.lattice_tolerance
-        if len(self._grid_features):
-            values = X[:, self._grid_features]
-            nearest = np.clip(
-                np.rint((values - self._grid_origin) / self._grid_step)
-                * self._grid_step
-                + self._grid_origin,
-                self._grid_origin,
-                self._grid_last,
-            )
-            off += (np.abs(values - nearest) > tolerance).sum(axis=1)
-        if len(self._other_features):
-            values = X[:, self._other_features]
-            gap = np.abs(values[:, :, None] - self._lattice_levels[None, :, :])
-            off += (gap.min(axis=2) > tolerance).sum(axis=1)
-        return off
+        return _off_lattice_counts(
+            np.ascontiguousarray(X, dtype=np.float64),
+            self._grid_features,
+            self._grid_origin,
+            self._grid_step,
+            self._grid_last,
+            self._other_features,
+            self._lattice_levels,
+            self._params.lattice_tolerance,
+        )
 
     def _range_is_informative(self, X: npt.NDArray[np.float64]) -> bool:
         """Whether the reference's range says where honest queries lie: the
@@ -512,9 +552,12 @@ class OutOfDistributionDetector(Detector[OodParams]):
         """Per row, how many features lie outside the reference's range."""
         if self._range_low is None or self._range_high is None:
             return np.zeros(len(X), dtype=np.int64)
-        t = self._params.range_tolerance
-        out = (self._range_low - t > X) | (self._range_high + t < X)
-        return np.asarray(out.sum(axis=1), dtype=np.int64)
+        return _outside_counts(
+            np.ascontiguousarray(X, dtype=np.float64),
+            self._range_low,
+            self._range_high,
+            self._params.range_tolerance,
+        )
 
     def _counted_wide(
         self, slots: npt.NDArray[np.int64], X: npt.NDArray[np.float64]
@@ -597,25 +640,26 @@ class OutOfDistributionDetector(Detector[OodParams]):
             groups,
             outlier[groups.order],
         )
-        n_seen = arrays["n_seen"]
-        seen = n_seen[groups.unique][groups.group] + groups.position + 1
-        n_seen[groups.unique] += groups.size
         inverse = np.empty(n, dtype=np.int64)
         inverse[groups.order] = np.arange(n)
-        # Off-lattice and counted wide queries so far, per row (its client's
-        # count after it).
-        off_so_far = _running_count(arrays["n_off_lattice"], groups, synthetic)
-        wide_so_far = _running_count(arrays["n_wide"], groups, wide)
-
-        ewma = _ewma(
-            arrays["ewma"], groups, raw[groups.order], seen - 1, params.ewma_alpha
-        )[inverse]
+        # Queries, off-lattice and counted wide queries so far per row (its
+        # client's counts after it), and the running mean anomaly score.
+        seen, off_rows, wide_rows, ewma = _client_counts(
+            slots,
+            raw,
+            synthetic,
+            wide,
+            arrays["n_seen"],
+            arrays["n_off_lattice"],
+            arrays["n_wide"],
+            arrays["ewma"],
+            params.ewma_alpha,
+        )
 
         # One score per row.
         counts = counts[inverse]
         lengths = lengths[inverse]
         if judged:
-            off_rows = off_so_far[inverse]
 
             def evidence(row: int) -> str:
                 return (
@@ -626,9 +670,8 @@ class OutOfDistributionDetector(Detector[OodParams]):
                     f"this one {raw[row]:.3f}, running mean {ewma[row]:.3f}"
                 )
 
-            wide_rows = wide_so_far[inverse]
             warm = (
-                (seen[inverse] >= params.min_queries)
+                (seen >= params.min_queries)
                 | (off_rows > 0)
                 | (wide_rows >= params.range_early)
             )
