@@ -60,35 +60,41 @@ def _pivot(
     """
     n_trees, n_leaves = leaf_hits.shape
     n_inner = n_leaves - 1
+    # Per node: the walk score down to it, or -1 once the walk has stopped
+    # above it (scores are never negative).
     walk = np.empty(n_inner + n_leaves, dtype=np.int64)
-    alive = np.empty(n_inner + n_leaves, dtype=np.bool_)
     for t in range(n_trees):
+        masses = r_mass[t]
         for leaf in range(n_leaves):
-            r_mass[t, n_inner + leaf] = leaf_hits[t, leaf]
+            masses[n_inner + leaf] = leaf_hits[t, leaf]
             leaf_hits[t, leaf] = 0
         for node in range(n_inner - 1, -1, -1):
-            r_mass[t, node] = r_mass[t, 2 * node + 1] + r_mass[t, 2 * node + 2]
-        walk[0] = r_mass[t, 0]
-        alive[0] = r_mass[t, 0] >= size_limit
+            masses[node] = masses[2 * node + 1] + masses[2 * node + 2]
+        walk[0] = masses[0] if masses[0] >= size_limit else -1 - masses[0]
+        first = 1
         depth = 1
-        for node in range(1, n_inner + n_leaves):
-            if node == (1 << (depth + 1)) - 1:
-                depth += 1
-            parent = (node - 1) // 2
-            mass = r_mass[t, node]
-            walk[node] = walk[parent]
-            if alive[parent]:
-                walk[node] += mass << depth
-            alive[node] = alive[parent] and mass >= size_limit
+        while first < n_inner + n_leaves:
+            for node in range(first, 2 * first + 1):
+                above = walk[(node - 1) >> 1]
+                mass = masses[node]
+                if above < 0:
+                    walk[node] = above
+                elif mass >= size_limit:
+                    walk[node] = above + (mass << depth)
+                else:
+                    walk[node] = -1 - (above + (mass << depth))
+            first = 2 * first + 1
+            depth += 1
         for leaf in range(n_leaves):
-            leaf_score[t, leaf] = walk[n_inner + leaf]
+            score = walk[n_inner + leaf]
+            leaf_score[t, leaf] = score if score >= 0 else -1 - score
 
 
 @jit
 def _walk_forest(
     X: npt.NDArray[np.float64],
     learn: npt.NDArray[np.bool_],
-    feature: npt.NDArray[np.int64],
+    feature: npt.NDArray[np.uint32],
     threshold: npt.NDArray[np.float64],
     leaf_hits: npt.NDArray[np.int64],
     r_mass: npt.NDArray[np.int64],
@@ -140,21 +146,27 @@ def _walk_forest(
     while (1 << height) - 1 < n_inner:
         height += 1
     scores = np.zeros(n)
-    node = np.empty(n_trees, dtype=np.int64)
+    # Node indices are unsigned: numba wraps a negative signed index, a test
+    # on every lookup of the descent that cost half its time.
+    node = np.empty(n_trees, dtype=np.uint64)
+    one = np.uint64(1)
+    first_leaf = np.uint64(n_inner)
     for i in range(n):
+        row = X[i]
         node[:] = 0
         for _ in range(height):
             for t in range(n_trees):
                 at = node[t]
-                node[t] = 2 * at + 1 + (X[i, feature[t, at]] >= threshold[t, at])
+                right = np.uint64(row[feature[t, at]] >= threshold[t, at])
+                node[t] = at + at + one + right
         if counts[_PIVOTS] > 0:
             total = 0
             for t in range(n_trees):
-                total += leaf_score[t, node[t] - n_inner]
+                total += leaf_score[t, node[t] - first_leaf]
             scores[i] = 1.0 - total / max_score
         if learn[i]:
             for t in range(n_trees):
-                leaf_hits[t, node[t] - n_inner] += 1
+                leaf_hits[t, node[t] - first_leaf] += 1
             counts[_COUNTER] += 1
             if counts[_COUNTER] == window_size:
                 _pivot(leaf_hits, r_mass, leaf_score, size_limit)
@@ -196,7 +208,7 @@ class HalfSpaceForest:
         # 2i + 2; the trees are complete, so breadth-first order is heap order.
         n_inner = 2**height - 1
         self.n_nodes = 2 ** (height + 1) - 1
-        self.feature = np.zeros((n_trees, n_inner), dtype=np.int64)
+        self.feature = np.zeros((n_trees, n_inner), dtype=np.uint32)
         self.threshold = np.zeros((n_trees, n_inner), dtype=np.float64)
         for t, root in enumerate(river_model.trees):
             nodes = [root]

@@ -196,8 +196,12 @@ def _window_growth(
     best = 0.0
     covered = 0
     h = 0
+    # Newest first; the index wraps by a test, as a modulo per value cost
+    # more than the rest of the loop.
+    at = pos
     for k in range(length):
-        value = np.int64(ring[slot, (pos - 1 - k) % width])
+        at = at - 1 if at > 0 else width - 1
+        value = np.int64(ring[slot, at])
         if value < 0 or value >= n_keys:
             covered += 1
         elif stamp[value] != mark:
@@ -257,7 +261,7 @@ def _score_windows(
     for i in range(n):
         slot = slots[i]
         ring[slot, pos[slot]] = cells[i]
-        pos[slot] = (pos[slot] + 1) % width
+        pos[slot] = pos[slot] + 1 if pos[slot] + 1 < width else 0
         length[slot] = min(length[slot] + 1, width)
         n_seen[slot] += 1
         growth[i], covered[i] = _window_growth(
@@ -302,7 +306,7 @@ def _observe_windows(
     for i in range(n):
         slot = slots[i]
         ring[slot, pos[slot]] = keys[i]
-        pos[slot] = (pos[slot] + 1) % width
+        pos[slot] = pos[slot] + 1 if pos[slot] + 1 < width else 0
         length[slot] = min(length[slot] + 1, width)
         n_answers[slot] += 1
     if expected.shape[0] == 0 or n == 0:
