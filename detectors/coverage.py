@@ -191,30 +191,30 @@ def _window_growth(
     the arithmetic of the score's definition in that order; the result is
     the largest, from 0.
     """
-    width = ring.shape[1]
     n_keys = stamp.shape[0]
+    cells = ring[slot]
+    # Newest first. The index is unsigned (numba tests every signed index for
+    # wrap-around) and wraps by a test, as a modulo per value cost more than
+    # the rest of the loop.
+    one = np.uint64(1)
+    last = np.uint64(ring.shape[1] - 1)
+    at = np.uint64(pos)
     best = 0.0
     covered = 0
-    h = 0
-    # Newest first; the index wraps by a test, as a modulo per value cost
-    # more than the rest of the loop.
-    at = pos
-    for k in range(length):
-        at = at - 1 if at > 0 else width - 1
-        value = np.int64(ring[slot, at])
-        if value < 0 or value >= n_keys:
-            covered += 1
-        elif stamp[value] != mark:
-            stamp[value] = mark
-            covered += 1
-        while h < horizons.shape[0] and horizons[h] == k + 1:
-            z = (covered - expected[k + 1]) / max(spread[k + 1], MIN_SD)
-            best = max(best, min(max(z / MAX_SCORE, 0.0), 1.0))
-            h += 1
-    while h < horizons.shape[0]:
-        z = (covered - expected[length]) / max(spread[length], MIN_SD)
+    k = 0
+    for h in horizons:
+        stop = min(h, length)
+        while k < stop:
+            at = at - one if at > 0 else last
+            value = np.int64(cells[at])
+            if value < 0 or value >= n_keys:
+                covered += 1
+            elif stamp[value] != mark:
+                stamp[value] = mark
+                covered += 1
+            k += 1
+        z = (covered - expected[stop]) / max(spread[stop], MIN_SD)
         best = max(best, min(max(z / MAX_SCORE, 0.0), 1.0))
-        h += 1
     return best, covered
 
 
