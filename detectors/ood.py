@@ -74,11 +74,11 @@ def _complete_grid(
 @jit
 def _off_lattice_counts(
     X: npt.NDArray[np.float64],
-    grid_features: npt.NDArray[np.int64],
+    grid_features: npt.NDArray[np.uint32],
     grid_origin: npt.NDArray[np.float64],
     grid_step: npt.NDArray[np.float64],
     grid_last: npt.NDArray[np.float64],
-    other_features: npt.NDArray[np.int64],
+    other_features: npt.NDArray[np.uint32],
     levels: npt.NDArray[np.float64],
     tolerance: float,
 ) -> npt.NDArray[np.int64]:
@@ -90,20 +90,22 @@ def _off_lattice_counts(
     half to even, in that order of operations (the grid level a value is
     checked against must not move by a rounding); the other features are
     checked against each of their levels (``levels``, padded with +inf).
+    Feature indices are unsigned: numba tests a signed index for wrap-around
+    on every lookup.
     """
     n = X.shape[0]
     off = np.zeros(n, dtype=np.int64)
     for i in range(n):
+        row = X[i]
         count = 0
         for k in range(grid_features.shape[0]):
-            value = X[i, grid_features[k]]
+            value = row[grid_features[k]]
             origin = grid_origin[k]
             nearest = np.rint((value - origin) / grid_step[k]) * grid_step[k] + origin
             nearest = min(max(nearest, origin), grid_last[k])
-            if abs(value - nearest) > tolerance:
-                count += 1
+            count += abs(value - nearest) > tolerance
         for k in range(other_features.shape[0]):
-            value = X[i, other_features[k]]
+            value = row[other_features[k]]
             far = True
             for level in levels[k]:
                 if abs(value - level) <= tolerance:
@@ -369,11 +371,11 @@ class OutOfDistributionDetector(Detector[OodParams]):
         # step and last level; the others by their padded levels.
         empty = np.zeros(0)
         self._lattice_features: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
-        self._grid_features: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
+        self._grid_features: npt.NDArray[np.uint32] = np.zeros(0, dtype=np.uint32)
         self._grid_origin: npt.NDArray[np.float64] = empty
         self._grid_last: npt.NDArray[np.float64] = empty
         self._grid_step: npt.NDArray[np.float64] = empty
-        self._other_features: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
+        self._other_features: npt.NDArray[np.uint32] = np.zeros(0, dtype=np.uint32)
         self._lattice_levels: npt.NDArray[np.float64] = np.zeros((0, 0))
         # The reference's range per feature (None before a baseline).
         self._range_low: npt.NDArray[np.float64] | None = None
@@ -493,7 +495,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
             self._range_low = X.min(axis=0)
             self._range_high = X.max(axis=0)
         self._lattice_features = np.asarray(features, dtype=np.int64)
-        self._grid_features = self._lattice_features[regular]
+        self._grid_features = self._lattice_features[regular].astype(np.uint32)
         self._grid_origin = np.array(
             [v[0] for v, r in zip(levels, regular, strict=True) if r]
         )
@@ -506,7 +508,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
         padded = np.full((len(others), width), np.inf)
         for i, values in enumerate(others):
             padded[i, : len(values)] = values
-        self._other_features = self._lattice_features[~regular]
+        self._other_features = self._lattice_features[~regular].astype(np.uint32)
         self._lattice_levels = padded
 
     def off_lattice(self, X: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
