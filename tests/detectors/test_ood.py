@@ -49,6 +49,14 @@ def test_forest_scores_equal_river(digits: Digits, seed: int) -> None:
         got += forest.process(X[a:b], learn[a:b]).tolist()
     assert got == expected
     assert forest.n_pivots == int(learn.sum()) // 40
+    # Masses node by node: the forest counts learned rows per leaf only and
+    # sums them up; River counts every node of every path.
+    for t, root in enumerate(river.trees):
+        nodes = [root]
+        for node in nodes:  # breadth first, which is heap order
+            nodes.extend(getattr(node, "children", ()))
+        assert forest.l_mass[t].tolist() == [node.l_mass for node in nodes]
+        assert forest.r_mass[t].tolist() == [node.r_mass for node in nodes]
 
 
 def test_benign_clients_stay_below_threshold(digits: Digits) -> None:
