@@ -189,6 +189,7 @@ class HalfSpaceForest:
     def __init__(
         self, n_features: int, *, n_trees: int, height: int, window_size: int, seed: int
     ) -> None:
+        self.n_features = n_features
         self.n_trees = n_trees
         self.height = height
         self.window_size = window_size
@@ -273,10 +274,22 @@ class HalfSpaceForest:
         Equal to River's ``score_one`` followed by ``learn_one`` row by row:
         in [0, 1], higher is more anomalous, 0 before a window has been
         learned.
+
+        Raises
+        ------
+        ValueError
+            If ``X`` is not (n, n_features) or ``learn`` not (n,): the
+            compiled walk reads features by index, unchecked.
         """
+        rows = np.ascontiguousarray(X, dtype=np.float64)
+        learn_rows = np.ascontiguousarray(learn, dtype=np.bool_)
+        if rows.ndim != 2 or rows.shape[1] != self.n_features:
+            raise ValueError(f"rows of shape {rows.shape}, not (n, {self.n_features})")
+        if learn_rows.shape != (rows.shape[0],):
+            raise ValueError(f"learn of shape {learn_rows.shape} for {len(rows)} rows")
         return _walk_forest(
-            np.ascontiguousarray(X, dtype=np.float64),
-            np.ascontiguousarray(learn, dtype=np.bool_),
+            rows,
+            learn_rows,
             self.feature,
             self.threshold,
             self.leaf_hits,

@@ -15,8 +15,13 @@ The decision-region part needs the model's answers, so it is counted in
 :meth:`~detectors.base.Detector.observe_outputs` and judges the client's next
 queries.
 
-Imports numpy and pydantic only; nothing from Kafka, Redis, FastAPI or
-``gateway``.
+Each client's windows are rings in its state; compiled loops push each row's
+cell (or region) and walk back over the window counting distinct values per
+horizon, row by row in arrival order, instead of copying every row's window
+out (:func:`detectors._ring.push_ring`'s layout, without the copies).
+
+Imports numpy, pydantic and :mod:`detectors._jit` (numba) only; nothing from
+Kafka, Redis, FastAPI or ``gateway``.
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ from detectors.base import Detector, DetectorParams, DetectorScore
 
 logger = logging.getLogger(__name__)
 
-_FILL = -1
 _CLASS_SLOTS = 256
 """Decision-region keys are ``cell * 256 + class`` (classes above 255 share)."""
 

@@ -7,8 +7,12 @@ what normal queries look like from reference data and from clients in good
 standing; each client is scored by the share of its recent queries the model
 finds anomalous, so random or synthetic queries stand out from the first few.
 
-Imports numpy, pydantic and River only; nothing from Kafka, Redis, FastAPI or
-``gateway``.
+The per-row work (the trees in :mod:`detectors._hst`, the lattice and range
+checks, the per-client counters) runs in compiled loops, row by row in
+arrival order, so a batch ends exactly where its rows sent one at a time would.
+
+Imports numpy, pydantic, River and :mod:`detectors._jit` (numba) only; nothing
+from Kafka, Redis, FastAPI or ``gateway``.
 """
 
 from __future__ import annotations
@@ -514,7 +518,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
     def off_lattice(self, X: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
         """Per row, how many lattice features lie off their reference levels."""
         return _off_lattice_counts(
-            np.ascontiguousarray(X, dtype=np.float64),
+            self._feature_rows(X),
             self._grid_features,
             self._grid_origin,
             self._grid_step,
@@ -523,6 +527,24 @@ class OutOfDistributionDetector(Detector[OodParams]):
             self._lattice_levels,
             self._params.lattice_tolerance,
         )
+
+    def _feature_rows(self, X: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """``X`` as C-ordered float64 rows for the compiled checks.
+
+        Raises
+        ------
+        ValueError
+            If ``X`` is not (n, d) with this detector's ``d`` once it has one:
+            the compiled loops read features by index, unchecked (before a
+            baseline there is nothing to read).
+        """
+        rows = np.ascontiguousarray(X, dtype=np.float64)
+        d = self._n_features
+        if rows.ndim != 2 or (d is not None and rows.shape[1] != d):
+            raise ValueError(
+                f"{self.name}: rows of shape {rows.shape}, not (n, {self._n_features})"
+            )
+        return rows
 
     def _range_is_informative(self, X: npt.NDArray[np.float64]) -> bool:
         """Whether the reference's range says where honest queries lie: the
@@ -555,7 +577,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
         if self._range_low is None or self._range_high is None:
             return np.zeros(len(X), dtype=np.int64)
         return _outside_counts(
-            np.ascontiguousarray(X, dtype=np.float64),
+            self._feature_rows(X),
             self._range_low,
             self._range_high,
             self._params.range_tolerance,

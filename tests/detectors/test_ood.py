@@ -344,3 +344,19 @@ def test_range_check_is_off_for_a_reference_too_small_to_say_where_data_lies() -
     full = OutOfDistributionDetector()
     full.learn_baseline(continuous_reference())
     assert (full.outside_range(wide_queries(3, seed=2)) >= 3).all()
+
+
+def test_compiled_checks_refuse_rows_of_another_width(digits: Digits) -> None:
+    # The compiled loops read features by index without bounds checks, so a
+    # row of the wrong width is refused before it reaches them.
+    detector = ready_detector(digits)
+    narrow = digits.test[:3, :10]
+    for check in (detector.off_lattice, detector.outside_range):
+        with pytest.raises(ValueError, match="not \\(n, 64\\)"):
+            check(narrow)
+    forest = detector._forest
+    assert forest is not None
+    with pytest.raises(ValueError, match="not \\(n, 64\\)"):
+        forest.process(narrow, np.ones(3, dtype=bool))
+    with pytest.raises(ValueError, match="learn of shape"):
+        forest.process(digits.test[:3], np.ones(2, dtype=bool))
