@@ -345,7 +345,7 @@ class CoverageDetector(Detector[CoverageParams]):
     decision part is the same over (cell, predicted class) pairs among the
     last ``m`` answers, with ``E`` and ``sd`` from the model's answers to the
     reference data. The score is the larger part over the horizons of
-    :func:`_growth`.
+    :func:`_horizons`.
 
     Why deviations and not the earlier ratio ``1 - E/c``: the ratio ignored
     how much honest coverage varies, and a 16-cell partition's honest spread
