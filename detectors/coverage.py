@@ -15,8 +15,13 @@ The decision-region part needs the model's answers, so it is counted in
 :meth:`~detectors.base.Detector.observe_outputs` and judges the client's next
 queries.
 
-Imports numpy and pydantic only; nothing from Kafka, Redis, FastAPI or
-``gateway``.
+Each client's windows are rings in its state; compiled loops push each row's
+cell (or region) and walk back over the window counting distinct values per
+horizon, row by row in arrival order, instead of copying every row's window
+out (:func:`detectors._ring.push_ring`'s layout, without the copies).
+
+Imports numpy, pydantic and :mod:`detectors._jit` (numba) only; nothing from
+Kafka, Redis, FastAPI or ``gateway``.
 """
 
 from __future__ import annotations
@@ -29,13 +34,12 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
-from detectors._ring import push_ring, unsort
-from detectors._state import FieldSpec, check_ring_counters, group_rows, window_fields
+from detectors._jit import jit
+from detectors._state import FieldSpec, check_ring_counters, window_fields
 from detectors.base import Detector, DetectorParams, DetectorScore
 
 logger = logging.getLogger(__name__)
 
-_FILL = -1
 _CLASS_SLOTS = 256
 """Decision-region keys are ``cell * 256 + class`` (classes above 255 share)."""
 
@@ -101,8 +105,26 @@ def assign(
     X: npt.NDArray[np.float64], centres: npt.NDArray[np.float64]
 ) -> npt.NDArray[np.int64]:
     """Index of each row's nearest centre (one matrix product)."""
-    d2 = (centres**2).sum(axis=1)[None, :] - 2.0 * (X @ centres.T)
-    return np.asarray(np.argmin(d2, axis=1), dtype=np.int64)
+    return _nearest(np.ascontiguousarray(X @ centres.T), (centres**2).sum(axis=1))
+
+
+@jit
+def _nearest(
+    products: npt.NDArray[np.float64], centre_sq: npt.NDArray[np.float64]
+) -> npt.NDArray[np.int64]:
+    """Per row, the first ``j`` with the least ``centre_sq[j] - 2.0 *
+    products[i, j]`` (the squared distance to centre ``j`` less the row's own
+    squared norm, computed in that order)."""
+    n, k = products.shape
+    out = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        best = centre_sq[0] - 2.0 * products[i, 0]
+        for j in range(1, k):
+            value = centre_sq[j] - 2.0 * products[i, j]
+            if value < best:
+                best = value
+                out[i] = j
+    return out
 
 
 def expected_coverage(
@@ -136,64 +158,180 @@ def coverage_sd(
     return np.sqrt(np.clip(out, 0.0, None))
 
 
-def _distinct(windows: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    """Distinct values per row, not counting ``_FILL``."""
-    ordered = np.sort(windows, axis=1)
-    changes = (ordered[:, 1:] != ordered[:, :-1]).sum(axis=1) + 1
-    return np.asarray(changes - (ordered[:, 0] == _FILL), dtype=np.int64)
-
-
-def _growth(
-    windows: npt.NDArray[np.int64],
-    lengths: npt.NDArray[np.int64],
-    expected: npt.NDArray[np.float64],
-    spread: npt.NDArray[np.float64],
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
-    """Largest excess coverage, in honest standard deviations, over the last
-    16, 32, 64, ... queries of each row's window (the whole window last), and
-    the distinct cells of the whole.
+def _horizons(width: int) -> npt.NDArray[np.int64]:
+    """The last 16, 32, 64, ... queries of a window of ``width``, and the
+    whole window, ascending.
 
     Several horizons because coverage saturates: a sweep covers every cell
     in its first few dozen queries, and over a long window honest clients get
     there too; the short horizons see how fast it happened."""
-    width = windows.shape[1]
-    horizons = sorted({min(h, width) for h in (16, 32, 64, 128, 256)} | {width})
-    best = np.zeros(len(windows))
-    covered = np.zeros(len(windows), dtype=np.int64)
-    seen_from_end = _seen_sets(windows)
+    horizons = {min(h, width) for h in (16, 32, 64, 128, 256)} | {width}
+    return np.array(sorted(horizons), dtype=np.int64)
+
+
+@jit
+def _window_growth(
+    ring: npt.NDArray[np.integer[Any]],
+    slot: int,
+    pos: int,
+    length: int,
+    expected: npt.NDArray[np.float64],
+    spread: npt.NDArray[np.float64],
+    horizons: npt.NDArray[np.int64],
+    stamp: npt.NDArray[np.int64],
+    mark: int,
+) -> tuple[float, int]:
+    """Largest excess coverage of one client's window over its horizons, and
+    the distinct values of the whole window.
+
+    Walks the ring ``ring[slot]`` from the newest value (just before ``pos``)
+    back over its ``length`` filled cells, counting distinct values: a value
+    ``v`` is new unless ``stamp[v] == mark`` (``mark`` must differ from every
+    earlier call's on the same ``stamp``); a value outside ``stamp`` counts
+    each time it occurs (only a corrupted state holds one, and
+    ``_check_state`` refuses those). At each horizon ``h``, with ``c`` the
+    distinct values among the newest ``m = min(h, length)``, the excess is
+    ``clip((c - expected[m]) / max(spread[m], MIN_SD) / MAX_SCORE, 0, 1)``,
+    the arithmetic of the score's definition in that order; the result is
+    the largest, from 0.
+    """
+    n_keys = stamp.shape[0]
+    cells = ring[slot]
+    # Newest first. The index is unsigned (numba tests every signed index for
+    # wrap-around) and wraps by a test, as a modulo per value cost more than
+    # the rest of the loop.
+    one = np.uint64(1)
+    last = np.uint64(ring.shape[1] - 1)
+    at = np.uint64(pos)
+    best = 0.0
+    covered = 0
+    k = 0
     for h in horizons:
-        if seen_from_end is None:
-            covered = _distinct(windows[:, width - h :])
-        else:
-            covered = np.bitwise_count(seen_from_end[:, h - 1]).astype(np.int64)
-        used = np.minimum(lengths, h)
-        best = np.maximum(best, _excess(covered, expected[used], spread[used]))
+        stop = min(h, length)
+        while k < stop:
+            at = at - one if at > 0 else last
+            value = np.int64(cells[at])
+            if value < 0 or value >= n_keys:
+                covered += 1
+            elif stamp[value] != mark:
+                stamp[value] = mark
+                covered += 1
+            k += 1
+        z = (covered - expected[stop]) / max(spread[stop], MIN_SD)
+        best = max(best, min(max(z / MAX_SCORE, 0.0), 1.0))
     return best, covered
 
 
-def _seen_sets(windows: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64] | None:
-    """Per row and ``k``, the set of values among the last ``k + 1`` of the
-    window as a 64-bit mask (``_FILL`` not counted), or None when a value
-    does not fit in 64 bits; one pass instead of a sort per horizon."""
-    if windows.size == 0 or int(windows.max()) >= 64:
-        return None
-    bits = np.where(
-        windows >= 0,
-        np.left_shift(np.uint64(1), np.maximum(windows, 0).astype(np.uint64)),
-        np.uint64(0),
-    )
-    return np.asarray(np.bitwise_or.accumulate(bits[:, ::-1], axis=1))
-
-
-def _excess(
-    covered: npt.NDArray[np.int64],
+@jit
+def _score_windows(
+    slots: npt.NDArray[np.int64],
+    cells: npt.NDArray[np.int64],
+    ring: npt.NDArray[np.int16],
+    pos: npt.NDArray[np.int64],
+    length: npt.NDArray[np.int64],
+    n_seen: npt.NDArray[np.int64],
     expected: npt.NDArray[np.float64],
     spread: npt.NDArray[np.float64],
-) -> npt.NDArray[np.float64]:
-    """``(covered - E) / max(sd, MIN_SD) / MAX_SCORE`` where the client covers
-    more than ``E``, else 0, capped at 1."""
-    z = (covered - expected) / np.maximum(spread, MIN_SD)
-    return np.clip(z / MAX_SCORE, 0.0, 1.0)
+    horizons: npt.NDArray[np.int64],
+    n_keys: int,
+) -> tuple[
+    npt.NDArray[np.float64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+]:
+    """Append each row's cell to its client's ring, in arrival order, and
+    measure the window just after it.
+
+    ``ring[slot]`` holds the client's last ``width`` cells, ``pos[slot]`` the
+    next index to write and ``length[slot]`` how many are filled (the layout
+    of :func:`detectors._ring.push_ring`, which this does row by row so that
+    no window is copied out); ``n_seen`` counts the client's queries. All are
+    updated in place.
+
+    Returns
+    -------
+    tuple of arrays
+        Per row: the growth score of its window (:func:`_window_growth`),
+        the distinct cells in it, its length and the client's queries so far.
+    """
+    n = slots.shape[0]
+    width = ring.shape[1]
+    growth = np.empty(n)
+    covered = np.empty(n, dtype=np.int64)
+    lengths = np.empty(n, dtype=np.int64)
+    seen = np.empty(n, dtype=np.int64)
+    stamp = np.zeros(n_keys, dtype=np.int64)
+    for i in range(n):
+        slot = slots[i]
+        ring[slot, pos[slot]] = cells[i]
+        pos[slot] = pos[slot] + 1 if pos[slot] + 1 < width else 0
+        length[slot] = min(length[slot] + 1, width)
+        n_seen[slot] += 1
+        growth[i], covered[i] = _window_growth(
+            ring,
+            slot,
+            pos[slot],
+            length[slot],
+            expected,
+            spread,
+            horizons,
+            stamp,
+            i + 1,
+        )
+        lengths[i] = length[slot]
+        seen[i] = n_seen[slot]
+    return growth, covered, lengths, seen
+
+
+@jit
+def _observe_windows(
+    slots: npt.NDArray[np.int64],
+    keys: npt.NDArray[np.int64],
+    ring: npt.NDArray[np.int32],
+    pos: npt.NDArray[np.int64],
+    length: npt.NDArray[np.int64],
+    n_answers: npt.NDArray[np.int64],
+    region_score: npt.NDArray[np.float64],
+    expected: npt.NDArray[np.float64],
+    spread: npt.NDArray[np.float64],
+    horizons: npt.NDArray[np.int64],
+    n_keys: int,
+) -> None:
+    """Append each answer's decision-region key to its client's ring, in
+    arrival order, then set each client's ``region_score`` to the growth
+    score of its window after its last answer (the state its next queries
+    are judged by). Rings as in :func:`_score_windows`; ``n_answers`` counts
+    answers. With an empty ``expected`` (no output baseline yet) the rings
+    and counts advance and no score is set.
+    """
+    n = slots.shape[0]
+    width = ring.shape[1]
+    for i in range(n):
+        slot = slots[i]
+        ring[slot, pos[slot]] = keys[i]
+        pos[slot] = pos[slot] + 1 if pos[slot] + 1 < width else 0
+        length[slot] = min(length[slot] + 1, width)
+        n_answers[slot] += 1
+    if expected.shape[0] == 0 or n == 0:
+        return
+    stamp = np.zeros(n_keys, dtype=np.int64)
+    done = np.zeros(slots.max() + 1, dtype=np.bool_)
+    for i in range(n):
+        slot = slots[i]
+        if not done[slot]:
+            done[slot] = True
+            region_score[slot] = _window_growth(
+                ring,
+                slot,
+                pos[slot],
+                length[slot],
+                expected,
+                spread,
+                horizons,
+                stamp,
+                i + 1,
+            )[0]
 
 
 class CoverageDetector(Detector[CoverageParams]):
@@ -207,7 +345,7 @@ class CoverageDetector(Detector[CoverageParams]):
     decision part is the same over (cell, predicted class) pairs among the
     last ``m`` answers, with ``E`` and ``sd`` from the model's answers to the
     reference data. The score is the larger part over the horizons of
-    :func:`_growth`.
+    :func:`_horizons`.
 
     Why deviations and not the earlier ratio ``1 - E/c``: the ratio ignored
     how much honest coverage varies, and a 16-cell partition's honest spread
@@ -277,6 +415,14 @@ class CoverageDetector(Detector[CoverageParams]):
     def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
         check_ring_counters(values, "cells", "cells_pos", "cells_len")
         check_ring_counters(values, "regions", "regions_pos", "regions_len")
+        # The compiled window walk indexes a table by these values.
+        cells = self._params.cells
+        for ring, limit in (("cells", cells), ("regions", cells * _CLASS_SLOTS)):
+            if not np.all((values[ring] >= 0) & (values[ring] < limit)):
+                raise ValueError(
+                    f"state field {ring!r} holds values outside the partition's "
+                    f"[0, {limit})"
+                )
         score = float(values["region_score"])
         if not 0.0 <= score <= 1.0:
             raise ValueError("state field 'region_score' is outside [0, 1]")
@@ -325,25 +471,22 @@ class CoverageDetector(Detector[CoverageParams]):
             return
         assert self._arena is not None
         arrays = self._arena.arrays
-        groups = group_rows(slots)
-        keys = self._region_keys(X, proba)[groups.order]
-        # The client's state after its last answer of the batch is what its
-        # next queries are judged by; only those windows are built.
-        last = groups.start + groups.size - 1
-        windows, lengths = push_ring(
+        expected, spread = self._expected_dec, self._sd_dec
+        if expected is None or spread is None:
+            expected = spread = np.zeros(0)
+        _observe_windows(
+            slots,
+            self._region_keys(X, proba),
             arrays["regions"],
             arrays["regions_pos"],
             arrays["regions_len"],
-            groups,
-            keys.astype(np.int32),
-            _FILL,
-            last,
+            arrays["n_answers"],
+            arrays["region_score"],
+            expected,
+            spread,
+            _horizons(self._params.window),
+            self._params.cells * _CLASS_SLOTS,
         )
-        arrays["n_answers"][groups.unique] += groups.size
-        if self._expected_dec is None or self._sd_dec is None:
-            return
-        excess, _ = _growth(windows, lengths, self._expected_dec, self._sd_dec)
-        arrays["region_score"][groups.unique] = excess
 
     def _score_rows(
         self,
@@ -359,33 +502,26 @@ class CoverageDetector(Detector[CoverageParams]):
             return self._scores(np.zeros(n), np.zeros(n, dtype=bool), cold)
         arrays = self._arena.arrays
         p = self._params
-        groups = group_rows(slots)
-        cells = assign(X, self._centres)[groups.order]
-        windows, lengths = push_ring(
+        growth, covered, lengths, seen = _score_windows(
+            slots,
+            assign(X, self._centres),
             arrays["cells"],
             arrays["cells_pos"],
             arrays["cells_len"],
-            groups,
-            cells.astype(np.int16),
-            _FILL,
+            arrays["n_seen"],
+            self._expected_in,
+            self._sd_in,
+            _horizons(p.window),
+            p.cells,
         )
-        seen = arrays["n_seen"][groups.unique][groups.group] + groups.position + 1
-        arrays["n_seen"][groups.unique] += groups.size
-        inverse = unsort(groups)
-        growth, covered = _growth(
-            windows.astype(np.int64), lengths, self._expected_in, self._sd_in
-        )
-        growth, covered = growth[inverse], covered[inverse]
-        lengths, seen = lengths[inverse], seen[inverse]
         expected = self._expected_in[lengths]
         input_part = np.where(seen >= p.min_queries, growth, 0.0)
+        answers = arrays["n_answers"][slots]
         region_part = np.where(
-            arrays["n_answers"][slots] >= p.min_queries,
-            arrays["region_score"][slots],
-            0.0,
+            answers >= p.min_queries, arrays["region_score"][slots], 0.0
         )
         score = np.maximum(input_part, region_part)
-        warm = (seen >= p.min_queries) | (arrays["n_answers"][slots] >= p.min_queries)
+        warm = (seen >= p.min_queries) | (answers >= p.min_queries)
         n_cells = p.cells
 
         def evidence(row: int) -> str:

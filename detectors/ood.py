@@ -7,8 +7,12 @@ what normal queries look like from reference data and from clients in good
 standing; each client is scored by the share of its recent queries the model
 finds anomalous, so random or synthetic queries stand out from the first few.
 
-Imports numpy, pydantic and River only; nothing from Kafka, Redis, FastAPI or
-``gateway``.
+The per-row work (the trees in :mod:`detectors._hst`, the lattice and range
+checks, the per-client counters) runs in compiled loops, row by row in
+arrival order, so a batch ends exactly where its rows sent one at a time would.
+
+Imports numpy, pydantic, River and :mod:`detectors._jit` (numba) only; nothing
+from Kafka, Redis, FastAPI or ``gateway``.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ import numpy.typing as npt
 from pydantic import Field
 
 from detectors._hst import HalfSpaceForest
+from detectors._jit import jit
 from detectors._state import (
     FieldSpec,
-    Groups,
     check_window,
     group_rows,
     push_window,
@@ -33,10 +37,6 @@ from detectors._state import (
 from detectors.base import Detector, DetectorParams, DetectorScore
 
 logger = logging.getLogger(__name__)
-
-# Reference rows scored per step in learn_baseline; bounds the path array
-# (height + 1) x rows x trees of int64 to about 7 MB with the defaults.
-_BASELINE_CHUNK_ROWS = 4096
 
 # Calibrate on rows outside the current reference window when at least this
 # many exist; rows inside it score lower because they built the masses.
@@ -75,69 +75,118 @@ def _complete_grid(
     return np.asarray(values[0] + step * np.arange(first, last + 1))
 
 
-def _running_count(
-    total: npt.NDArray[np.int64], groups: Groups, bits: npt.NDArray[np.bool_]
+@jit
+def _off_lattice_counts(
+    X: npt.NDArray[np.float64],
+    grid_features: npt.NDArray[np.uint32],
+    grid_origin: npt.NDArray[np.float64],
+    grid_step: npt.NDArray[np.float64],
+    grid_last: npt.NDArray[np.float64],
+    other_features: npt.NDArray[np.uint32],
+    levels: npt.NDArray[np.float64],
+    tolerance: float,
 ) -> npt.NDArray[np.int64]:
-    """Per sorted row, its client's count of ``bits`` up to and including it
-    (``total`` holds the counts before the batch and is advanced)."""
-    ordered = bits[groups.order].astype(np.int64)
-    running = np.cumsum(ordered)
-    before_group = np.repeat(running[groups.start] - ordered[groups.start], groups.size)
-    so_far = total[groups.unique][groups.group] + running - before_group
-    if len(ordered):
-        total[groups.unique] += np.add.reduceat(ordered, groups.start)
-    return np.asarray(so_far, dtype=np.int64)
+    """Per row, how many lattice features lie farther than ``tolerance`` from
+    every level of their reference.
+
+    A regular grid's nearest level is
+    ``clip(rint((x - origin) / step) * step + origin, origin, last)``, rounded
+    half to even, in that order of operations (the grid level a value is
+    checked against must not move by a rounding); the other features are
+    checked against each of their levels (``levels``, padded with +inf).
+    Feature indices are unsigned: numba tests a signed index for wrap-around
+    on every lookup.
+    """
+    n = X.shape[0]
+    off = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        row = X[i]
+        count = 0
+        for k in range(grid_features.shape[0]):
+            value = row[grid_features[k]]
+            origin = grid_origin[k]
+            nearest = np.rint((value - origin) / grid_step[k]) * grid_step[k] + origin
+            nearest = min(max(nearest, origin), grid_last[k])
+            count += abs(value - nearest) > tolerance
+        for k in range(other_features.shape[0]):
+            value = row[other_features[k]]
+            far = True
+            for level in levels[k]:
+                if abs(value - level) <= tolerance:
+                    far = False
+                    break
+            if far:
+                count += 1
+        off[i] = count
+    return off
 
 
-# Largest rows of one client in a batch for which the EWMA steps through
-# columns in numpy; beyond it a loop over Python floats is cheaper.
-_EWMA_COLUMNS = 48
-
-
-def _ewma(
-    column: npt.NDArray[np.float64],
-    groups: Groups,
-    values: npt.NDArray[np.float64],
-    seen_before: npt.NDArray[np.int64],
-    alpha: float,
-) -> npt.NDArray[np.float64]:
-    """Each client's running mean after each of its rows (sorted order),
-    ``e <- e + alpha * (x - e)`` from the stored value, or ``x`` for a client's
-    first row ever; ``column`` is advanced. The same arithmetic in either
-    path, so batches equal rows sent one at a time bit for bit."""
-    n = len(values)
-    out = np.empty(n)
-    if n == 0:
-        return out
-    if int(groups.size.max()) <= _EWMA_COLUMNS:
-        # One numpy step per position within a client, across all clients.
-        current = column[groups.unique].copy()
-        for t in range(int(groups.size.max())):
-            live = np.flatnonzero(groups.size > t)
-            rows = groups.start[live] + t
-            x = values[rows]
-            step = current[live] + alpha * (x - current[live])
-            step = np.where(seen_before[rows] == 0, x, step)
-            current[live] = step
-            out[rows] = step
-        column[groups.unique] = current
-        return out
-    previous_all = column[groups.unique].tolist()
-    sizes = groups.size.tolist()
-    firsts = (seen_before == 0).tolist()
-    flat = values.tolist()
-    i = 0
-    for g, size in enumerate(sizes):
-        current_value = previous_all[g]
-        for _ in range(size):
-            x = flat[i]
-            current_value = (
-                x if firsts[i] else current_value + alpha * (x - current_value)
-            )
-            out[i] = current_value
-            i += 1
-        column[groups.unique[g]] = current_value
+@jit
+def _outside_counts(
+    X: npt.NDArray[np.float64],
+    low: npt.NDArray[np.float64],
+    high: npt.NDArray[np.float64],
+    tolerance: float,
+) -> npt.NDArray[np.int64]:
+    """Per row, how many features lie below ``low - tolerance`` or above
+    ``high + tolerance``."""
+    n, d = X.shape
+    out = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        count = 0
+        for j in range(d):
+            value = X[i, j]
+            if low[j] - tolerance > value or high[j] + tolerance < value:
+                count += 1
+        out[i] = count
     return out
+
+
+@jit
+def _client_counts(
+    slots: npt.NDArray[np.int64],
+    raw: npt.NDArray[np.float64],
+    synthetic: npt.NDArray[np.bool_],
+    wide: npt.NDArray[np.bool_],
+    n_seen: npt.NDArray[np.int64],
+    n_off_lattice: npt.NDArray[np.int64],
+    n_wide: npt.NDArray[np.int64],
+    ewma: npt.NDArray[np.float64],
+    alpha: float,
+) -> tuple[
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float64],
+]:
+    """Advance each client's counters row by row, in arrival order.
+
+    Per row, after it: its client's queries seen, off-lattice queries and
+    counted wide queries so far, and the running mean anomaly score,
+    ``e <- e + alpha * (x - e)`` from the stored mean, or ``x`` for the
+    client's first query ever. The arena arrays (indexed by slot) are
+    updated in place, so a batch ends where its rows sent one at a time would.
+    """
+    n = slots.shape[0]
+    seen = np.empty(n, dtype=np.int64)
+    off_so_far = np.empty(n, dtype=np.int64)
+    wide_so_far = np.empty(n, dtype=np.int64)
+    mean = np.empty(n)
+    for i in range(n):
+        slot = slots[i]
+        x = raw[i]
+        if n_seen[slot] == 0:
+            ewma[slot] = x
+        else:
+            ewma[slot] = ewma[slot] + alpha * (x - ewma[slot])
+        n_seen[slot] += 1
+        n_off_lattice[slot] += synthetic[i]
+        n_wide[slot] += wide[i]
+        seen[i] = n_seen[slot]
+        off_so_far[i] = n_off_lattice[slot]
+        wide_so_far[i] = n_wide[slot]
+        mean[i] = ewma[slot]
+    return seen, off_so_far, wide_so_far, mean
 
 
 class OodParams(DetectorParams):
@@ -326,11 +375,11 @@ class OutOfDistributionDetector(Detector[OodParams]):
         # step and last level; the others by their padded levels.
         empty = np.zeros(0)
         self._lattice_features: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
-        self._grid_features: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
+        self._grid_features: npt.NDArray[np.uint32] = np.zeros(0, dtype=np.uint32)
         self._grid_origin: npt.NDArray[np.float64] = empty
         self._grid_last: npt.NDArray[np.float64] = empty
         self._grid_step: npt.NDArray[np.float64] = empty
-        self._other_features: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
+        self._other_features: npt.NDArray[np.uint32] = np.zeros(0, dtype=np.uint32)
         self._lattice_levels: npt.NDArray[np.float64] = np.zeros((0, 0))
         # The reference's range per feature (None before a baseline).
         self._range_low: npt.NDArray[np.float64] | None = None
@@ -399,11 +448,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
         window_of_row = forest.n_pivots + (forest.counter + np.arange(len(rows))) // (
             forest.window_size
         )
-        learn_all = np.ones(min(len(rows), _BASELINE_CHUNK_ROWS), dtype=bool)
-        for start in range(0, len(rows), _BASELINE_CHUNK_ROWS):
-            chunk = rows[start : start + _BASELINE_CHUNK_ROWS]
-            paths = forest.paths(chunk)
-            forest.process(paths, learn_all[: len(chunk)], want_scores=False)
+        forest.process(rows, np.ones(len(rows), dtype=bool))
         if not forest.ready:
             raise ValueError(
                 f"{self.name}: the baseline needs at least window_size="
@@ -414,12 +459,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
         # reference window itself are held out of the quantile when possible.
         outside = window_of_row != forest.n_pivots - 1
         sample = rows[outside] if outside.sum() >= _MIN_CALIBRATION_ROWS else rows
-        scores = np.concatenate(
-            [
-                forest.score(forest.paths(sample[i : i + _BASELINE_CHUNK_ROWS]))
-                for i in range(0, len(sample), _BASELINE_CHUNK_ROWS)
-            ]
-        )
+        scores = forest.score(sample)
         self._calibrated_threshold = float(
             np.quantile(scores, self._params.calibration_quantile)
         )
@@ -459,7 +499,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
             self._range_low = X.min(axis=0)
             self._range_high = X.max(axis=0)
         self._lattice_features = np.asarray(features, dtype=np.int64)
-        self._grid_features = self._lattice_features[regular]
+        self._grid_features = self._lattice_features[regular].astype(np.uint32)
         self._grid_origin = np.array(
             [v[0] for v, r in zip(levels, regular, strict=True) if r]
         )
@@ -472,28 +512,39 @@ class OutOfDistributionDetector(Detector[OodParams]):
         padded = np.full((len(others), width), np.inf)
         for i, values in enumerate(others):
             padded[i, : len(values)] = values
-        self._other_features = self._lattice_features[~regular]
+        self._other_features = self._lattice_features[~regular].astype(np.uint32)
         self._lattice_levels = padded
 
     def off_lattice(self, X: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
         """Per row, how many lattice features lie off their reference levels."""
-        off = np.zeros(len(X), dtype=np.int64)
-        tolerance = self._params.lattice_tolerance
-        if len(self._grid_features):
-            values = X[:, self._grid_features]
-            nearest = np.clip(
-                np.rint((values - self._grid_origin) / self._grid_step)
-                * self._grid_step
-                + self._grid_origin,
-                self._grid_origin,
-                self._grid_last,
+        return _off_lattice_counts(
+            self._feature_rows(X),
+            self._grid_features,
+            self._grid_origin,
+            self._grid_step,
+            self._grid_last,
+            self._other_features,
+            self._lattice_levels,
+            self._params.lattice_tolerance,
+        )
+
+    def _feature_rows(self, X: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """``X`` as C-ordered float64 rows for the compiled checks.
+
+        Raises
+        ------
+        ValueError
+            If ``X`` is not (n, d) with this detector's ``d`` once it has one:
+            the compiled loops read features by index, unchecked (before a
+            baseline there is nothing to read).
+        """
+        rows = np.ascontiguousarray(X, dtype=np.float64)
+        d = self._n_features
+        if rows.ndim != 2 or (d is not None and rows.shape[1] != d):
+            raise ValueError(
+                f"{self.name}: rows of shape {rows.shape}, not (n, {self._n_features})"
             )
-            off += (np.abs(values - nearest) > tolerance).sum(axis=1)
-        if len(self._other_features):
-            values = X[:, self._other_features]
-            gap = np.abs(values[:, :, None] - self._lattice_levels[None, :, :])
-            off += (gap.min(axis=2) > tolerance).sum(axis=1)
-        return off
+        return rows
 
     def _range_is_informative(self, X: npt.NDArray[np.float64]) -> bool:
         """Whether the reference's range says where honest queries lie: the
@@ -525,9 +576,12 @@ class OutOfDistributionDetector(Detector[OodParams]):
         """Per row, how many features lie outside the reference's range."""
         if self._range_low is None or self._range_high is None:
             return np.zeros(len(X), dtype=np.int64)
-        t = self._params.range_tolerance
-        out = (self._range_low - t > X) | (self._range_high + t < X)
-        return np.asarray(out.sum(axis=1), dtype=np.int64)
+        return _outside_counts(
+            self._feature_rows(X),
+            self._range_low,
+            self._range_high,
+            self._params.range_tolerance,
+        )
 
     def _counted_wide(
         self, slots: npt.NDArray[np.int64], X: npt.NDArray[np.float64]
@@ -590,7 +644,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
         n = len(slots)
 
         # Shared baseline: score every row, learn the good-standing ones.
-        raw = forest.process(forest.paths(X), learn)
+        raw = forest.process(X, learn)
         query_threshold = self.query_threshold
         judged = forest.ready and query_threshold is not None
         if judged and query_threshold is not None:
@@ -610,25 +664,26 @@ class OutOfDistributionDetector(Detector[OodParams]):
             groups,
             outlier[groups.order],
         )
-        n_seen = arrays["n_seen"]
-        seen = n_seen[groups.unique][groups.group] + groups.position + 1
-        n_seen[groups.unique] += groups.size
         inverse = np.empty(n, dtype=np.int64)
         inverse[groups.order] = np.arange(n)
-        # Off-lattice and counted wide queries so far, per row (its client's
-        # count after it).
-        off_so_far = _running_count(arrays["n_off_lattice"], groups, synthetic)
-        wide_so_far = _running_count(arrays["n_wide"], groups, wide)
-
-        ewma = _ewma(
-            arrays["ewma"], groups, raw[groups.order], seen - 1, params.ewma_alpha
-        )[inverse]
+        # Queries, off-lattice and counted wide queries so far per row (its
+        # client's counts after it), and the running mean anomaly score.
+        seen, off_rows, wide_rows, ewma = _client_counts(
+            slots,
+            raw,
+            synthetic,
+            wide,
+            arrays["n_seen"],
+            arrays["n_off_lattice"],
+            arrays["n_wide"],
+            arrays["ewma"],
+            params.ewma_alpha,
+        )
 
         # One score per row.
         counts = counts[inverse]
         lengths = lengths[inverse]
         if judged:
-            off_rows = off_so_far[inverse]
 
             def evidence(row: int) -> str:
                 return (
@@ -639,9 +694,8 @@ class OutOfDistributionDetector(Detector[OodParams]):
                     f"this one {raw[row]:.3f}, running mean {ewma[row]:.3f}"
                 )
 
-            wide_rows = wide_so_far[inverse]
             warm = (
-                (seen[inverse] >= params.min_queries)
+                (seen >= params.min_queries)
                 | (off_rows > 0)
                 | (wide_rows >= params.range_early)
             )

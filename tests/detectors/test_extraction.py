@@ -16,7 +16,12 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from detectors.base import Detector, DetectorScore
-from detectors.coverage import CoverageDetector, coverage_sd, expected_coverage
+from detectors.coverage import (
+    CoverageDetector,
+    CoverageParams,
+    coverage_sd,
+    expected_coverage,
+)
 from detectors.margin import MarginDetector, margins_and_entropy
 from detectors.traffic import TrafficDetector
 from tests.detectors.conftest import Digits
@@ -346,21 +351,65 @@ def test_traffic_features_equal_the_nan_aware_reference() -> None:
         assert out[i, 2] == pytest.approx(regular)
 
 
-def test_coverage_bitmask_counts_equal_sorted_counts() -> None:
-    # _growth counts distinct cells with 64-bit masks when cells fit, else by
-    # sorting; both must give the same scores and counts.
+def test_coverage_window_counts_equal_a_plain_count() -> None:
+    # The compiled ring walk against the score's definition, counted with
+    # Python sets: several clients interleaved, more rows than the window,
+    # values past 64 (no bit mask) and horizons 16, 32, 64 and 100.
     from detectors import coverage
 
     rng = np.random.default_rng(2)
-    windows = rng.integers(-1, 16, (300, 64))
-    windows[:40, :30] = -1
-    lengths = (windows >= 0).sum(axis=1)
-    counts = rng.integers(1, 50, 16).astype(np.float64)
-    expected = coverage.expected_coverage(counts, 64)
-    spread = coverage.coverage_sd(counts, 64)
-    assert coverage._seen_sets(windows) is not None
-    fast = coverage._growth(windows, lengths, expected, spread)
-    slow_windows = windows + 1000 * (windows >= 0)  # too wide for a mask
-    assert coverage._seen_sets(slow_windows) is None
-    slow = coverage._growth(slow_windows, lengths, expected, spread)
-    assert np.array_equal(fast[0], slow[0]) and np.array_equal(fast[1], slow[1])
+    width, n_keys, n = 100, 200, 900
+    counts = rng.integers(1, 50, n_keys).astype(np.float64)
+    expected = coverage.expected_coverage(counts, width)
+    spread = coverage.coverage_sd(counts, width)
+    slots = rng.integers(0, 5, n)
+    values = np.where(
+        rng.random(n) < 0.5, rng.integers(0, 8, n), rng.integers(0, n_keys, n)
+    )
+    ring = np.zeros((5, width), dtype=np.int16)
+    pos, length, seen = (np.zeros(5, dtype=np.int64) for _ in range(3))
+    growth, covered, lengths, n_seen = coverage._score_windows(
+        slots,
+        values,
+        ring,
+        pos,
+        length,
+        seen,
+        expected,
+        spread,
+        coverage._horizons(width),
+        n_keys,
+    )
+    history: dict[int, list[int]] = {}
+    for i, (slot, value) in enumerate(
+        zip(slots.tolist(), values.tolist(), strict=True)
+    ):
+        history.setdefault(slot, []).append(value)
+        window = history[slot][-width:]
+        best = 0.0
+        for h in (16, 32, 64, 100):
+            m = min(h, len(window))
+            z = (len(set(window[-m:])) - expected[m]) / max(spread[m], 1.0)
+            best = max(best, min(max(z / 10.0, 0.0), 1.0))
+        assert growth[i] == best
+        assert covered[i] == len(set(window))
+        assert lengths[i] == len(window) and n_seen[i] == len(history[slot])
+    assert lengths.max() == width and 0.0 < growth.max() < 1.0
+    # The ring ends holding each client's last values, oldest first from pos.
+    for slot, values_sent in history.items():
+        kept = np.roll(ring[slot], -int(pos[slot]))[width - int(length[slot]) :]
+        assert kept.tolist() == values_sent[-width:]
+
+
+def test_coverage_refuses_state_outside_its_partition(digits: Digits) -> None:
+    # A blob whose cells do not exist in this partition (from a detector with
+    # more cells) is refused instead of being counted.
+    wide = CoverageDetector(CoverageParams(cells=40))
+    wide.learn_baseline(digits.train)
+    wide.score_batch(["a"] * 200, digits.test[:200])
+    blob = wide.dump_state("a")
+    assert blob is not None
+    narrow = CoverageDetector()
+    narrow.learn_baseline(digits.train)
+    with pytest.raises(ValueError, match="outside the partition"):
+        narrow.load_state("a", blob)

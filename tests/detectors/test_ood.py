@@ -46,9 +46,17 @@ def test_forest_scores_equal_river(digits: Digits, seed: int) -> None:
     forest = HalfSpaceForest(X.shape[1], n_trees=6, height=5, window_size=40, seed=seed)
     got: list[float] = []
     for a, b in [(0, 1), (1, 55), (55, 300), (300, 700)]:
-        got += forest.process(forest.paths(X[a:b]), learn[a:b]).tolist()
+        got += forest.process(X[a:b], learn[a:b]).tolist()
     assert got == expected
     assert forest.n_pivots == int(learn.sum()) // 40
+    # Masses node by node: the forest counts learned rows per leaf only and
+    # sums them up; River counts every node of every path.
+    for t, root in enumerate(river.trees):
+        nodes = [root]
+        for node in nodes:  # breadth first, which is heap order
+            nodes.extend(getattr(node, "children", ()))
+        assert forest.l_mass[t].tolist() == [node.l_mass for node in nodes]
+        assert forest.r_mass[t].tolist() == [node.r_mass for node in nodes]
 
 
 def test_benign_clients_stay_below_threshold(digits: Digits) -> None:
@@ -133,7 +141,7 @@ def test_calibration_and_explicit_threshold(digits: Digits) -> None:
     assert calibrated is not None and 0.5 < calibrated < 1.0
     held_out = detector._forest
     assert held_out is not None
-    scores = held_out.score(held_out.paths(digits.test))
+    scores = held_out.score(digits.test)
     # Calibrated on training rows at the 0.995 quantile: held-out digits above
     # it stay near 1% (measured 0-0.9% over seeds 0-5).
     assert np.mean(scores > calibrated) <= 0.02
@@ -149,7 +157,7 @@ def test_class_sorted_reference_is_shuffled(digits: Digits) -> None:
     detector.learn_baseline(digits.train[order])
     forest = detector._forest
     assert forest is not None and detector.query_threshold is not None
-    scores = forest.score(forest.paths(digits.test))
+    scores = forest.score(digits.test)
     assert np.mean(scores > detector.query_threshold) <= 0.02
 
 
@@ -336,3 +344,19 @@ def test_range_check_is_off_for_a_reference_too_small_to_say_where_data_lies() -
     full = OutOfDistributionDetector()
     full.learn_baseline(continuous_reference())
     assert (full.outside_range(wide_queries(3, seed=2)) >= 3).all()
+
+
+def test_compiled_checks_refuse_rows_of_another_width(digits: Digits) -> None:
+    # The compiled loops read features by index without bounds checks, so a
+    # row of the wrong width is refused before it reaches them.
+    detector = ready_detector(digits)
+    narrow = digits.test[:3, :10]
+    for check in (detector.off_lattice, detector.outside_range):
+        with pytest.raises(ValueError, match="not \\(n, 64\\)"):
+            check(narrow)
+    forest = detector._forest
+    assert forest is not None
+    with pytest.raises(ValueError, match="not \\(n, 64\\)"):
+        forest.process(narrow, np.ones(3, dtype=bool))
+    with pytest.raises(ValueError, match="learn of shape"):
+        forest.process(digits.test[:3], np.ones(2, dtype=bool))
