@@ -280,7 +280,7 @@ def _push_and_measure(
         slot = slots[i]
         p = pos[slot] % width
         ring[slot, p] = arrival_s[i]
-        pos[slot] = (p + 1) % width
+        pos[slot] = p + 1 if p + 1 < width else 0
         filled = min(length[slot] + 1, width)
         length[slot] = filled
         n_seen[slot] += 1
@@ -288,10 +288,14 @@ def _push_and_measure(
             continue
 
         # The window oldest first, NaN on the left while not full.
-        first = pos[slot] - filled
-        for j in range(width):
-            k = j - (width - filled)
-            window[j] = np.nan if k < 0 else ring[slot, (first + k) % width]
+        empty = width - filled
+        window[:empty] = np.nan
+        cell = (pos[slot] - filled) % width
+        for j in range(empty, width):
+            window[j] = ring[slot, cell]
+            cell += 1
+            if cell == width:
+                cell = 0
         row = stats[m]
         _gap_stats(window, tolerance, scratch, row)
         errors = 0
