@@ -85,7 +85,11 @@ def _features(
 ) -> npt.NDArray[np.float64]:
     """Log rate, burstiness and regularity per row of a window of times (NaN
     where unfilled). Rows of one request share a time; zero gaps are not
-    counted, so a request's rows are one arrival."""
+    counted, so a request's rows are one arrival.
+
+    The measures of :func:`_push_and_measure` for given windows, one compiled
+    call per row: for tests and tools, not the scoring path.
+    """
     stats = np.zeros((len(times), _N_STATS))
     scratch = np.empty((2, times.shape[1]))
     for i in range(len(times)):
@@ -145,7 +149,9 @@ def _pairwise_sum(values: npt.NDArray[np.float64], lo: int, n: int) -> float:
     """Sum of ``values[lo:lo + n]`` added in the order numpy's ``add.reduce``
     adds a contiguous row, so sums equal numpy's to the bit: blocks of at most
     128 (:func:`_block_sum`); a longer run is halved (the first half a
-    multiple of 8) and the halves' sums added, recursively.
+    multiple of 8) and the halves' sums added, recursively. That order is
+    numpy's (2.x) internal choice; ``tests/detectors/test_traffic_kernels.py``
+    fails if an upgrade changes it.
 
     The recursion runs on an explicit stack: numba cannot cache a recursive
     function (numba issue 6061: the cached copy crashes the process).
