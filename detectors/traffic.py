@@ -543,7 +543,7 @@ class TrafficDetector(Detector[TrafficParams]):
         out = np.empty((n, 2 + len(FEATURES)))
         self._learned = _judge(
             slots,
-            learn,
+            np.ascontiguousarray(learn),
             judged[:m],
             features,
             self._mean,
