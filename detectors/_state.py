@@ -283,7 +283,8 @@ def _group_kernel(slots: IntArray, out: IntArray) -> int:
     First the stable order by slot: a counting sort when the batch's slots
     span a range not much wider than the batch (the usual case, and ten
     times faster than a comparison sort), else a sort of the keys
-    ``slot * n + row``, which are distinct, so any sort is stable. Then one
+    ``slot * n + row``, which are distinct, so any sort is stable (a merge
+    sort if those would overflow). Then one
     pass over the sorted rows numbering groups and positions. Integers only,
     so the result is exact whatever the order of the arithmetic.
     """
@@ -292,7 +293,7 @@ def _group_kernel(slots: IntArray, out: IntArray) -> int:
     if n:
         low = slots.min()
         span = slots.max() - low + 1
-        if span <= 4 * n + 256:
+        if 0 < span <= 4 * n + 256:
             # Counting sort: bucket starts by prefix sums, rows in row order.
             next_row = np.zeros(span + 1, dtype=np.int64)
             for i in range(n):
@@ -303,11 +304,15 @@ def _group_kernel(slots: IntArray, out: IntArray) -> int:
                 bucket = slots[i] - low
                 order[next_row[bucket]] = i
                 next_row[bucket] += 1
-        else:
+        elif 0 < span <= 2**62 // n:
             keys = (slots - low) * n + np.arange(n)
             keys.sort()
             for i in range(n):
                 order[i] = keys[i] % n
+        else:
+            # Keys would overflow (slots no arena hands out): merge sort,
+            # stable but four times slower.
+            order[:] = np.argsort(slots, kind="mergesort")
 
     n_groups = 0
     for i in range(n):

@@ -12,10 +12,11 @@ import pytest
 from detectors._state import FieldSpec, SlotArena, group_rows, push_window
 
 
-@pytest.mark.parametrize("span", [1, 7, 300, 10**9], ids=lambda s: f"span{s}")
+@pytest.mark.parametrize("span", [1, 7, 300, 10**9, 2**61], ids=lambda s: f"span{s}")
 def test_group_rows_is_a_stable_sort_by_slot(span: int) -> None:
     # A span wider than the batch takes the comparison sort, a narrow one
-    # the counting sort; negative slots are grouped like any others.
+    # the counting sort, one whose keys would overflow int64 the merge sort;
+    # negative slots are grouped like any others.
     rng = np.random.default_rng(span)
     for n in (0, 1, 2, 57, 500):
         slots = rng.integers(-span // 3, span, n)
