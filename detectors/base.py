@@ -40,6 +40,9 @@ MAX_STATE_BYTES = 32_768
 Evidence = Callable[[int], str]
 """Formats the evidence sentence of one row of a batch, given its index."""
 
+_ROW_INDICES = tuple(range(4096))
+"""Row indices of a batch, built once (see :meth:`Detector._scores`)."""
+
 
 class DetectorScore(tuple):  # type: ignore[type-arg]  # fields by property
     """One detector's judgement of one client, just after one of its queries.
@@ -644,6 +647,9 @@ class Detector(ABC, Generic[P]):
             )
         else:
             texts = evidence
+        # Row indices above 256 are not cached by the interpreter; a shared
+        # tuple of them saves allocating one int per row.
+        rows = _ROW_INDICES[:n] if n <= len(_ROW_INDICES) else range(n)
         make = tuple.__new__
         return list(
             map(
@@ -656,7 +662,7 @@ class Detector(ABC, Generic[P]):
                     flagged.tolist(),
                     texts,
                     warm.tolist(),
-                    range(n),
+                    rows,
                     strict=True,
                 ),
             )

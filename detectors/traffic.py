@@ -10,13 +10,14 @@ are compared, feature by feature, with the running mean and variance
 (Welford's recurrence, as ``river.stats.Var`` with ``ddof=1`` computes it)
 of the same vectors from clients in good standing.
 
-Cost: the vectors are built vectorised for the whole batch, but a client is
-judged, and the baseline learns from it, only every ``stride`` requests, so
-River runs on about one row in ``stride``; between judgements a client keeps
-its last score.
+Cost: a client is judged, and the baseline learns from it, only every
+``stride`` requests; between judgements it keeps its last score. Pushing the
+times, measuring the judged windows and judging run as two compiled loops
+over the batch in row order (:func:`_push_and_measure`, :func:`_judge`),
+with numpy's ``log10`` between them.
 
-Imports numpy and pydantic only; nothing from Kafka, Redis, FastAPI or
-``gateway``.
+Imports numpy, pydantic and :mod:`detectors._jit` (numba) only; nothing from
+Kafka, Redis, FastAPI or ``gateway``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
-from detectors._ring import push_ring
+from detectors._jit import jit
 from detectors._state import (
     FieldSpec,
     check_ring_counters,
@@ -84,32 +85,304 @@ def _features(
 ) -> npt.NDArray[np.float64]:
     """Log rate, burstiness and regularity per row of a window of times (NaN
     where unfilled). Rows of one request share a time; zero gaps are not
-    counted, so a request's rows are one arrival."""
-    gaps = np.diff(times, axis=1)
-    valid = np.isfinite(gaps) & (gaps > 0)
-    count = valid.sum(axis=1)
-    safe = np.where(valid, gaps, np.nan)
-    span = np.nansum(safe, axis=1)
-    rate = np.log10(np.maximum(count, 1) / np.maximum(span, 1e-3))
-    # Moments and median from sums and one sort (NaN sorts last), not
-    # nanmean/nanstd/nanmedian: nanmedian along an axis goes through masked
-    # arrays and cost more than the rest of the detector.
-    filled = np.maximum(count, 1)
-    mean = np.where(count > 0, span / filled, 0.0)
-    deviation = np.where(valid, gaps - mean[:, None], 0.0)
-    std = np.sqrt((deviation * deviation).sum(axis=1) / filled)
-    cv = np.where(mean > 0, std / np.where(mean > 0, mean, 1.0), 0.0)
-    ordered = np.sort(safe, axis=1)
-    rows = np.arange(len(gaps))
-    low = ordered[rows, (filled - 1) // 2] if gaps.shape[1] else np.zeros(0)
-    high = ordered[rows, filled // 2] if gaps.shape[1] else np.zeros(0)
-    median = np.where(count > 0, (low + high) / 2.0, 0.0)
-    with np.errstate(invalid="ignore"):
-        near = np.abs(safe - median[:, None]) <= tolerance * median[:, None]
-    regular = np.where(
-        count > 0, (near & valid).sum(axis=1) / np.maximum(count, 1), 0.0
+    counted, so a request's rows are one arrival.
+
+    The measures of :func:`_push_and_measure` for given windows, one compiled
+    call per row: for tests and tools, not the scoring path.
+    """
+    stats = np.zeros((len(times), _N_STATS))
+    scratch = np.empty((2, times.shape[1]))
+    for i in range(len(times)):
+        _gap_stats(np.ascontiguousarray(times[i]), tolerance, scratch, stats[i])
+    return np.stack([_log_rate(stats), stats[:, 2], stats[:, 3]], axis=1)
+
+
+_N_STATS = 6
+"""Columns measured per judged row: gap count, span, burstiness,
+regularity, error share, rejection share."""
+
+
+def _log_rate(stats: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """log10 of arrivals per second from the gap count and span columns.
+
+    numpy's ``log10``, not the compiled one: numpy picks a SIMD version by
+    CPU, and the two may differ in the last bit.
+    """
+    return np.asarray(
+        np.log10(np.maximum(stats[:, 0], 1) / np.maximum(stats[:, 1], 1e-3))
     )
-    return np.stack([rate, np.nan_to_num(cv), regular], axis=1)
+
+
+@jit
+def _block_sum(values: npt.NDArray[np.float64], lo: int, n: int) -> float:
+    """numpy's sum of a contiguous block of at most 128 values: in order under
+    8, else eight running sums over the whole eights, combined as a tree, and
+    the rest added in order."""
+    if n < 8:
+        total = 0.0
+        for i in range(lo, lo + n):
+            total += values[i]
+        return total
+    r0, r1, r2, r3 = values[lo], values[lo + 1], values[lo + 2], values[lo + 3]
+    r4, r5, r6, r7 = values[lo + 4], values[lo + 5], values[lo + 6], values[lo + 7]
+    i = lo + 8
+    stop = lo + n - n % 8
+    while i < stop:
+        r0 += values[i]
+        r1 += values[i + 1]
+        r2 += values[i + 2]
+        r3 += values[i + 3]
+        r4 += values[i + 4]
+        r5 += values[i + 5]
+        r6 += values[i + 6]
+        r7 += values[i + 7]
+        i += 8
+    total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < lo + n:
+        total += values[i]
+        i += 1
+    return float(total)
+
+
+@jit
+def _pairwise_sum(values: npt.NDArray[np.float64], lo: int, n: int) -> float:
+    """Sum of ``values[lo:lo + n]`` added in the order numpy's ``add.reduce``
+    adds a contiguous row, so sums equal numpy's to the bit: blocks of at most
+    128 (:func:`_block_sum`); a longer run is halved (the first half a
+    multiple of 8) and the halves' sums added, recursively. That order is
+    numpy's (2.x) internal choice; ``tests/detectors/test_traffic_kernels.py``
+    fails if an upgrade changes it.
+
+    The recursion runs on an explicit stack: numba cannot cache a recursive
+    function (numba issue 6061: the cached copy crashes the process).
+    """
+    if n <= 128:
+        return _block_sum(values, lo, n)
+    depth = 64  # halving from n < 2**63 reaches 128 long before
+    frame_lo = np.empty(depth, dtype=np.int64)
+    frame_n = np.empty(depth, dtype=np.int64)
+    left = np.empty(depth)
+    has_left = np.zeros(depth, dtype=np.bool_)
+    top = 0
+    frame_lo[0] = lo
+    frame_n[0] = n
+    while True:
+        # Down the left halves to a block.
+        while frame_n[top] > 128:
+            half = frame_n[top] // 2
+            half -= half % 8
+            has_left[top] = False
+            top += 1
+            frame_lo[top] = frame_lo[top - 1]
+            frame_n[top] = half
+        total = _block_sum(values, frame_lo[top], frame_n[top])
+        top -= 1
+        # Up through the runs whose left half is summed: this is their right.
+        while top >= 0 and has_left[top]:
+            total = left[top] + total
+            top -= 1
+        if top < 0:
+            return total
+        # This was a left half: keep it and go down the right one.
+        left[top] = total
+        has_left[top] = True
+        half = frame_n[top] // 2
+        half -= half % 8
+        top += 1
+        frame_lo[top] = frame_lo[top - 1] + half
+        frame_n[top] = frame_n[top - 1] - half
+
+
+@jit
+def _gap_stats(
+    window: npt.NDArray[np.float64],
+    tolerance: float,
+    scratch: npt.NDArray[np.float64],
+    out: npt.NDArray[np.float64],
+) -> None:
+    """Gap count, span, burstiness and regularity of one window of times
+    (oldest first, NaN where unfilled) into ``out[:4]``.
+
+    Gaps that are not positive (rows of one request) or touch an unfilled
+    cell are left out. The arithmetic is numpy's over the row of ``W - 1``
+    gaps with left-out gaps as 0 (sums pairwise at their positions, see
+    :func:`_pairwise_sum`): mean, then the root mean square deviation, their
+    ratio, and the share of gaps within ``tolerance`` of the median (the mean
+    of the two middle gaps when their count is even).
+    """
+    width = len(window) - 1
+    gaps = scratch[0]
+    ordered = scratch[1]
+    count = 0
+    for j in range(width):
+        gap = window[j + 1] - window[j]
+        if np.isfinite(gap) and gap > 0:
+            gaps[j] = gap
+            ordered[count] = gap
+            count += 1
+        else:
+            gaps[j] = 0.0
+    span = 0.0 + _pairwise_sum(gaps, 0, width)
+    filled = max(count, 1)
+    mean = span / filled if count > 0 else 0.0
+    for j in range(width):
+        if gaps[j] != 0.0:
+            deviation = gaps[j] - mean
+            gaps[j] = deviation * deviation
+    std = np.sqrt((0.0 + _pairwise_sum(gaps, 0, width)) / filled)
+    cv = std / mean if mean > 0 else 0.0
+    if np.isnan(cv):
+        cv = 0.0
+    elif np.isinf(cv):
+        cv = np.finfo(np.float64).max if cv > 0 else -np.finfo(np.float64).max
+    regular = 0.0
+    if count > 0:
+        valid = ordered[:count]
+        valid.sort()
+        median = (valid[(filled - 1) // 2] + valid[filled // 2]) / 2.0
+        near = 0
+        for j in range(count):
+            if np.abs(valid[j] - median) <= tolerance * median:
+                near += 1
+        regular = near / count
+    out[0] = count
+    out[1] = span
+    out[2] = cv
+    out[3] = regular
+
+
+@jit
+def _push_and_measure(
+    slots: npt.NDArray[np.int64],
+    arrival_s: npt.NDArray[np.float64],
+    ring: npt.NDArray[np.float64],
+    pos: npt.NDArray[np.int64],
+    length: npt.NDArray[np.int64],
+    n_seen: npt.NDArray[np.int64],
+    errored: npt.NDArray[np.uint8],
+    errored_len: npt.NDArray[np.int64],
+    rejected: npt.NDArray[np.uint8],
+    rejected_len: npt.NDArray[np.int64],
+    stride: int,
+    min_queries: int,
+    tolerance: float,
+    judged: npt.NDArray[np.int64],
+    stats: npt.NDArray[np.float64],
+) -> int:
+    """Push each row's arrival time into its client's ring, in row order;
+    for each row that is judged (its client's request count a multiple of
+    ``stride``, at least ``min_queries`` times in the window) put its index
+    in ``judged`` and its window's measures in the row of ``stats`` (see
+    :data:`_N_STATS`). Returns the number of judged rows.
+
+    The error and rejection shares are the set bits of the whole ring over
+    its filled length, as of before the batch (outcomes arrive after it).
+    """
+    width = ring.shape[1]
+    window = np.empty(width)
+    scratch = np.empty((2, width))
+    m = 0
+    for i in range(len(slots)):
+        slot = slots[i]
+        p = pos[slot] % width
+        ring[slot, p] = arrival_s[i]
+        pos[slot] = p + 1 if p + 1 < width else 0
+        filled = min(length[slot] + 1, width)
+        length[slot] = filled
+        n_seen[slot] += 1
+        if n_seen[slot] % stride != 0 or filled < min_queries:
+            continue
+
+        # The window oldest first, NaN on the left while not full.
+        empty = width - filled
+        window[:empty] = np.nan
+        cell = (pos[slot] - filled) % width
+        for j in range(empty, width):
+            window[j] = ring[slot, cell]
+            cell += 1
+            if cell == width:
+                cell = 0
+        row = stats[m]
+        _gap_stats(window, tolerance, scratch, row)
+        errors = 0
+        refusals = 0
+        for j in range(errored.shape[1]):
+            errors += int(errored[slot, j])
+        for j in range(rejected.shape[1]):
+            refusals += int(rejected[slot, j])
+        row[4] = errors / max(errored_len[slot], 1)
+        row[5] = refusals / max(rejected_len[slot], 1)
+        judged[m] = i
+        m += 1
+    return m
+
+
+@jit
+def _judge(
+    slots: npt.NDArray[np.int64],
+    learn: npt.NDArray[np.bool_],
+    judged: npt.NDArray[np.int64],
+    features: npt.NDArray[np.float64],
+    mean: npt.NDArray[np.float64],
+    m2: npt.NDArray[np.float64],
+    learned: int,
+    floors: npt.NDArray[np.float64],
+    z_half: float,
+    min_baseline: int,
+    score: npt.NDArray[np.float64],
+    warm: npt.NDArray[np.uint8],
+    held: npt.NDArray[np.float64],
+    out: npt.NDArray[np.float64],
+) -> int:
+    """Judge the judged rows and hand every row its client's judgement, in
+    row order, since each judgement may teach the baseline the next is
+    judged by. Returns the new count of learned judgements.
+
+    A judgement: per feature ``z = (value - mean) / max(std, floor)`` with
+    the sample standard deviation (0 under two learned), burstiness taken
+    both ways; the largest, at least 0, gives ``z / (z + z_half)``; warm
+    when ``min_baseline`` are learned. It replaces the client's ``score``,
+    ``warm`` and ``held`` features; if the row may ``learn``, Welford's
+    recurrence adds its features to ``mean`` and ``m2``. ``out`` (n, 7)
+    gets each row's score, warm and held features just after the row.
+    Python float arithmetic in the same order as before compilation.
+    """
+    n_features = len(mean)
+    std = np.zeros(n_features)
+    next_judged = 0
+    for i in range(len(slots)):
+        slot = slots[i]
+        if next_judged < len(judged) and judged[next_judged] == i:
+            values = features[next_judged]
+            next_judged += 1
+            for f in range(n_features):
+                std[f] = 0.0
+                if learned >= 2:
+                    variance = m2[f] / (learned - 1)
+                    std[f] = np.sqrt(0.0 if variance < 0.0 else variance)
+            z = 0.0
+            for f in range(n_features):
+                scale = std[f] if not floors[f] > std[f] else floors[f]
+                zf = (values[f] - mean[f]) / scale
+                if f == 1:
+                    zf = abs(zf)
+                if zf > z:
+                    z = zf
+            score[slot] = z / (z + z_half)
+            warm[slot] = 1 if learned >= min_baseline else 0
+            held[slot] = values
+            if learn[i]:
+                # Only clients in good standing teach what honest is.
+                learned += 1
+                for f in range(n_features):
+                    old = mean[f]
+                    new = old + (values[f] - old) / learned
+                    mean[f] = new
+                    m2[f] += (values[f] - old) * (values[f] - new)
+        out[i, 0] = score[slot]
+        out[i, 1] = warm[slot]
+        out[i, 2:] = held[slot]
+    return learned
 
 
 class TrafficDetector(Detector[TrafficParams]):
@@ -157,12 +430,12 @@ class TrafficDetector(Detector[TrafficParams]):
 
     def __init__(self, params: TrafficParams | None = None, *, seed: int = 0) -> None:
         super().__init__(params, seed=seed)
-        # Honest running mean and sum of squared deviations per feature, as
-        # Python floats: the judgement loop below is sequential (each one may
-        # teach the baseline the next one is judged by), and River's Var
-        # objects and 1 x 5 numpy calls cost more than the arithmetic.
-        self._mean = [0.0] * len(FEATURES)
-        self._m2 = [0.0] * len(FEATURES)
+        # Honest running mean and sum of squared deviations per feature
+        # (Welford), updated in place by the compiled judgement loop: it is
+        # sequential, since each judgement may teach the baseline the next
+        # one is judged by.
+        self._mean = np.zeros(len(FEATURES))
+        self._m2 = np.zeros(len(FEATURES))
         self._learned = 0
 
     @property
@@ -181,18 +454,10 @@ class TrafficDetector(Detector[TrafficParams]):
     def _moments(self) -> tuple[list[float], list[float]]:
         """Honest mean and sample standard deviation (0 under two) per feature."""
         n = self._learned
+        means: list[float] = self._mean.tolist()
         if n < 2:
-            return list(self._mean), [0.0] * len(FEATURES)
-        return list(self._mean), [math.sqrt(max(m2 / (n - 1), 0.0)) for m2 in self._m2]
-
-    def _learn_one(self, values: list[float]) -> None:
-        self._learned += 1
-        n = self._learned
-        for i, value in enumerate(values):
-            old = self._mean[i]
-            new = old + (value - old) / n
-            self._mean[i] = new
-            self._m2[i] += (value - old) * (value - new)
+            return means, [0.0] * len(FEATURES)
+        return means, [math.sqrt(max(m2 / (n - 1), 0.0)) for m2 in self._m2.tolist()]
 
     def _layout(self, n_features: int) -> dict[str, FieldSpec]:
         window = self._params.window
@@ -238,18 +503,6 @@ class TrafficDetector(Detector[TrafficParams]):
         means, stds = self._moments()
         return np.array(means), np.maximum(np.array(stds), _FLOORS)
 
-    @staticmethod
-    def _z(
-        features: npt.NDArray[np.float64],
-        spread: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]],
-    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
-        """Per row of ``features`` (n, 5): the largest suspicious-direction
-        z-score (at least 0) and the feature giving it."""
-        z = (features - spread[0]) / spread[1]
-        z[:, 1] = np.abs(z[:, 1])  # burstiness: bursts and metronomes both stand out
-        best = np.argmax(z, axis=1)
-        return np.maximum(z[np.arange(len(z)), best], 0.0), best
-
     def _score_rows(
         self,
         slots: npt.NDArray[np.int64],
@@ -261,88 +514,67 @@ class TrafficDetector(Detector[TrafficParams]):
         p = self._params
         n = len(slots)
         times = np.full(n, time.time()) if self._arrival_s is None else self._arrival_s
-        groups = group_rows(slots)
-        order = groups.order
-        windows, lengths = push_ring(
+
+        # Times into the rings, and the measures of each judged row's window.
+        judged = np.empty(n, dtype=np.int64)
+        stats = np.empty((n, _N_STATS))
+        m = _push_and_measure(
+            slots,
+            np.ascontiguousarray(times),
             arrays["times"],
             arrays["times_pos"],
             arrays["times_len"],
-            groups,
-            times[order],
-            np.nan,
+            arrays["n_seen"],
+            arrays["errored"],
+            arrays["errored_len"],
+            arrays["rejected"],
+            arrays["rejected_len"],
+            p.stride,
+            p.min_queries,
+            p.regular_tolerance,
+            judged,
+            stats,
         )
-        seen = arrays["n_seen"][groups.unique][groups.group] + groups.position + 1
-        arrays["n_seen"][groups.unique] += groups.size
+        features = np.empty((m, len(FEATURES)))
+        features[:, 0] = _log_rate(stats[:m])
+        features[:, 1:] = stats[:m, 2:]
 
-        # The client's last judgement before this batch, held by its rows
-        # until a judgement in the batch replaces it.
-        old_score = arrays["score"][groups.unique][groups.group]
-        old_warm = arrays["warm"][groups.unique][groups.group].astype(bool)
-        old_feats = arrays["features"][groups.unique][groups.group]
-        new_score = np.zeros(n)
-        new_warm = np.zeros(n, dtype=bool)
-        new_feats = np.zeros((n, len(FEATURES)))
+        # Judgements, and every row's judgement held since its client's last.
+        out = np.empty((n, 2 + len(FEATURES)))
+        self._learned = _judge(
+            slots,
+            np.ascontiguousarray(learn),
+            judged[:m],
+            features,
+            self._mean,
+            self._m2,
+            self._learned,
+            _FLOORS,
+            p.z_half,
+            p.min_baseline,
+            arrays["score"],
+            arrays["warm"],
+            arrays["features"],
+            out,
+        )
+        score = out[:, 0]
+        warm = out[:, 1] > 0
+        held = out[:, 2:]
 
-        # Judgements, in row order because each may teach the baseline.
-        judged = np.flatnonzero((seen % p.stride == 0) & (lengths >= p.min_queries))
-        if len(judged):
-            feats = np.zeros((len(judged), len(FEATURES)))
-            feats[:, :3] = _features(windows[judged], p.regular_tolerance)
-            judged_slots = groups.slot[judged]
-            for column, name in ((3, "errored"), (4, "rejected")):
-                filled = np.maximum(arrays[f"{name}_len"][judged_slots], 1)
-                feats[:, column] = arrays[name][judged_slots].sum(axis=1) / filled
-            floors = _FLOORS.tolist()
-            rows_of = judged.tolist()
-            learn_of = learn[order[judged]].tolist()
-            values_of = feats.tolist()
-            means, stds = self._moments()
-            for k in np.argsort(order[judged], kind="stable").tolist():
-                values = values_of[k]
-                z = 0.0
-                for i, value in enumerate(values):
-                    zi = (value - means[i]) / max(stds[i], floors[i])
-                    # burstiness: bursts and metronomes both stand out
-                    z = max(z, abs(zi) if i == 1 else zi)
-                row = rows_of[k]
-                new_score[row] = z / (z + p.z_half)
-                new_warm[row] = self._learned >= p.min_baseline
-                new_feats[row] = feats[k]
-                if learn_of[k]:
-                    # Only clients in good standing teach what honest is.
-                    self._learn_one(values)
-                    means, stds = self._moments()
-
-        marker = np.full(n, -1, dtype=np.int64)
-        marker[judged] = judged
-        latest = np.maximum.accumulate(marker) if n else marker
-        fresh = latest >= groups.start[groups.group]
-        pick = np.where(fresh, latest, 0)
-        score = np.where(fresh, new_score[pick], old_score)
-        warm = np.where(fresh, new_warm[pick], old_warm)
-        held = np.where(fresh[:, None], new_feats[pick], old_feats)
-        last = groups.start + groups.size - 1
-        arrays["score"][groups.unique] = score[last]
-        arrays["warm"][groups.unique] = warm[last]
-        arrays["features"][groups.unique] = held[last]
-
-        inverse = np.empty(n, dtype=np.int64)
-        inverse[order] = np.arange(n)
-        score, warm, held = score[inverse], warm[inverse], held[inverse]
         # Evidence against the baseline as it stands after the batch.
-        spread = self._spread()
-        honest_means = spread[0]
-        zs, best = self._z(held, spread)
+        honest_means, honest_stds = self._spread()
         window = p.window
 
         def evidence(row: int) -> str:
             if score[row] <= 0.0:
                 return "sending pattern like honest clients'"
-            b = int(best[row])
+            z = (held[row] - honest_means) / honest_stds
+            z[1] = abs(z[1])  # burstiness: bursts and metronomes both stand out
+            b = int(np.argmax(z))
             return (
                 f"{FEATURES[b]} {held[row, b]:.3g} against honest "
-                f"{honest_means[b]:.3g} (z {zs[row]:.1f}) over the last {window} "
-                "requests"
+                f"{honest_means[b]:.3g} (z {float(np.maximum(z[b], 0.0)):.1f}) over "
+                f"the last {window} requests"
             )
 
         return self._scores(score, warm, evidence)
