@@ -207,8 +207,8 @@ class PradaParams(DetectorParams):
 
     # Source of the default: 64, 128 and 256 gave the same benign W quantiles
     # to 0.001 and the same Jacobian detection; 64 cost 3.0 µs per query in
-    # the numpy code's distance products against 4.8 for 128 (compiled: 1.5
-    # against 1.6 µs per query in all, detectors.bench traffic).
+    # the numpy code's distance products against 4.8 for 128 (compiled: 1.2
+    # against 1.3 µs per query in all, detectors.bench traffic).
     growing_set: int = Field(64, ge=_MIN_GROWING, le=4096)
     """Distinct earlier queries kept per client (fewer if the state budget
     needs); the oldest is evicted when full."""
@@ -246,7 +246,7 @@ class PradaParams(DetectorParams):
     """Distances needed in the window before the first test."""
 
     # Source of the default: the authors' code tests every 10 queries; a test
-    # (lattice check, sorted sample and W) costs about 5 µs compiled, so 0.5
+    # (lattice check, sorted sample and W) costs about 3 µs compiled, so 0.3
     # µs per query amortised.
     test_every: int = Field(10, ge=1, le=100_000)
     """Queries of a client between two tests (counting every query)."""
@@ -374,12 +374,14 @@ class DistanceDistributionDetector(Detector[PradaParams]):
     Cost: one compiled pass over the batch's rows (``_pradakernels``): per
     row, integer distances to the client's last ``recent`` queries and its
     growing set (64 x 64 features: about 0.35 µs), the growing-set rule, and
-    every ``test_every`` queries a lattice count, a sort and W (about 5 µs).
+    every ``test_every`` queries a lattice count, a sort and W (about 3 µs).
     On 64 features, CPU per query in batches of 500 (``detectors.bench``
-    traffic, best of two runs, the numpy code before it in the same session
-    in brackets): 1.5 µs for 100 clients (6.2), 1.8 for 10 (7.4), 1.8 for one
-    (11.5), 1.2 for 1000 clients of 20 queries (7.6); about 30 µs for a batch
-    of one row (220), mostly the per-call work in Python.
+    traffic, this detector alone, best of two runs, the numpy code before it
+    in the same session in brackets): 1.2 µs for 100 clients (6.5), 1.25 for
+    10 (7.1), 1.2 for one (10.0), 1.1 for 1000 clients of 20 queries (6.4);
+    about 27 µs for a batch of one row (207), mostly the per-call work in
+    Python. Among the other detectors (``modelgate bench detectors``) its
+    rows meet colder caches: about 1.8 µs per query.
 
     Parameters
     ----------

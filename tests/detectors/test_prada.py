@@ -499,3 +499,21 @@ def test_kernel_distances_are_exact_at_any_width(n_features: int) -> None:
     # The farthest pair at the int32 limit is 255**2 per feature.
     farthest = np.ascontiguousarray(ring[1:, 2:])
     assert _pk._nearest(farthest, 0, 1, queries, 1) == 255**2 * n_features
+
+
+def test_kernel_sort_on_the_grid_equals_a_sort() -> None:
+    # The test's sample is sorted by grid cell, then within cells; values on
+    # the half-way points of the grid (rounded to even) and repeats included.
+    rng = np.random.default_rng(11)
+    counts = np.empty(256, dtype=np.int64)
+    for trial in range(300):
+        n = int(rng.integers(3, 400))
+        x = rng.random(n).astype(np.float32).astype(np.float64)
+        if trial % 3 == 0:
+            x = (rng.integers(0, 255, n) + 0.5) / 255.0
+        if trial % 3 == 1:
+            x = x[rng.integers(0, max(n // 8, 1), n)]
+        out = np.empty(n)
+        _pk.sample_on_lattice(x, n, counts, 16, 0.85)
+        _pk._sort_on_grid(x, n, counts, out)
+        assert np.array_equal(out, np.sort(x))
