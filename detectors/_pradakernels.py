@@ -297,35 +297,56 @@ def _nearest(
 
 @jit
 def _row_order(
-    slots: npt.NDArray[np.int64], capacity: int, scratch: npt.NDArray[np.int64]
+    slots: npt.NDArray[np.int64],
+    capacity: int,
+    chunk_rows: int,
+    scratch: npt.NDArray[np.int64],
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Rows in the order they are scored, and the start of each piece in it.
+    """Rows in the order they are scored, and the chunk of each row.
 
-    Piece p holds every client's rows p * capacity .. (p + 1) * capacity - 1
-    in arrival order; pieces follow one another. ``scratch`` (one entry per
-    slot) is overwritten.
+    Rows are grouped by client (clients in order of first appearance, each
+    client's rows in arrival order), so a client's rings stay in cache
+    across its rows; clients are independent, so the order across them
+    changes nothing. Chunks are those of the numpy code before the kernel,
+    which the evidence still follows: piece p holds every client's rows
+    p * capacity .. (p + 1) * capacity - 1 in arrival order, cut into
+    ``chunk_rows`` rows; a row's chunk is ``p * n + rank // chunk_rows``
+    (increasing along each client's rows). ``scratch`` (one entry per slot)
+    is overwritten.
     """
     n = slots.shape[0]
     for i in range(n):
         scratch[slots[i]] = 0
     piece = np.empty(n, dtype=np.int64)
-    n_pieces = 1
     for i in range(n):
-        p = scratch[slots[i]] // capacity
+        piece[i] = scratch[slots[i]] // capacity
         scratch[slots[i]] += 1
-        piece[i] = p
-        n_pieces = max(n_pieces, p + 1)
-    starts = np.zeros(n_pieces + 1, dtype=np.int64)
+    rank_in_piece = np.zeros(n + 1, dtype=np.int64)
+    chunk = np.empty(n, dtype=np.int64)
     for i in range(n):
-        starts[piece[i] + 1] += 1
-    for p in range(n_pieces):
-        starts[p + 1] += starts[p]
+        chunk[i] = piece[i] * n + rank_in_piece[piece[i]] // chunk_rows
+        rank_in_piece[piece[i]] += 1
+
+    # Group numbers by first appearance (reusing `piece` for them), then a
+    # counting sort by group, stable.
+    for i in range(n):
+        scratch[slots[i]] = -1
+    n_groups = 0
+    for i in range(n):
+        if scratch[slots[i]] < 0:
+            scratch[slots[i]] = n_groups
+            n_groups += 1
+        piece[i] = scratch[slots[i]]
+    start = np.zeros(n_groups + 1, dtype=np.int64)
+    for i in range(n):
+        start[piece[i] + 1] += 1
+    for g in range(n_groups):
+        start[g + 1] += start[g]
     order = np.empty(n, dtype=np.int64)
-    filled = starts[:-1].copy()
     for i in range(n):
-        order[filled[piece[i]]] = i
-        filled[piece[i]] += 1
-    return order, starts
+        order[start[piece[i]]] = i
+        start[piece[i]] += 1
+    return order, chunk
 
 
 @jit
@@ -358,7 +379,7 @@ def score_rows(
     is ``scale, duplicate_below, eps, test_every, min_queries,
     min_distinct, lattice_share, chunk_rows, reject_sigma``.
 
-    Rows are taken piece by piece (:func:`_row_order`), each client's in
+    Rows are taken client by client (:func:`_row_order`), each client's in
     arrival order; per row:
 
     1. its nearest of the client's last ``recent`` queries; a near-duplicate
@@ -417,7 +438,7 @@ def score_rows(
     # verdict still quoted as evidence (-1: none).
     last_test = np.empty(n_slots, dtype=np.int64)
     lattice_held = np.empty(n_slots, dtype=np.int64)
-    order, piece_start = _row_order(slots, capacity, last_test)
+    order, chunk = _row_order(slots, capacity, chunk_rows, last_test)
     # Room for every test that can fall due: rows whose query count is a
     # multiple of `every` (counted per slot in `last_test` first).
     for i in range(n):
@@ -439,17 +460,13 @@ def score_rows(
     scratch = np.empty(window, dtype=np.float64)
     counts = np.empty(_LEVELS + 1, dtype=np.int64)
 
-    piece = 0
     for k in range(n):
-        # A new chunk: lattice verdicts are quoted within a chunk only.
-        while k >= piece_start[piece + 1]:
-            piece += 1
-        if (k - piece_start[piece]) % chunk_rows == 0:
-            stop = min(k + chunk_rows, piece_start[piece + 1])
-            for j in range(k, stop):
-                lattice_held[slots[order[j]]] = -1
         i = order[k]
         s = slots[i]
+        # The client's first row of a chunk: lattice verdicts are quoted
+        # within a chunk only.
+        if k == 0 or slots[order[k - 1]] != s or chunk[order[k - 1]] != chunk[i]:
+            lattice_held[s] = -1
 
         # Step 1: near-duplicate of a recent query; the row joins the ring.
         nearest = _nearest(recent, s, recent_len[s], queries, i)
