@@ -408,22 +408,9 @@ def score_rows(
         Tests recorded, and per test its slot, centred sample (row-padded),
         values kept (0: W is 0) and sum of squared deviations.
     """
-    (gs_pos, gs_len, gs_count, recent_pos, recent_len, dist_pos, dist_len) = (
-        state_i8[0],
-        state_i8[1],
-        state_i8[2],
-        state_i8[3],
-        state_i8[4],
-        state_i8[5],
-        state_i8[6],
-    )
-    n_seen, n_tests, tested_at, tested_n = (
-        state_i8[7],
-        state_i8[8],
-        state_i8[9],
-        state_i8[10],
-    )
-    gs_mean, gs_m2, admit, score = state_f8[0], state_f8[1], state_f8[2], state_f8[3]
+    gs_pos, gs_len, gs_count, recent_pos, recent_len = state_i8[:5]
+    dist_pos, dist_len, n_seen, n_tests, tested_at, tested_n = state_i8[5:]
+    gs_mean, gs_m2, admit, score = state_f8
     gs, recent = rings
     gs_sq, recent_sq = ring_sq
     scale, duplicate_below, eps = settings[0], settings[1], settings[2]
