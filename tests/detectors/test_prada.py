@@ -25,6 +25,7 @@ from detectors import (
     OutOfDistributionDetector,
     PradaParams,
 )
+from detectors import _pradakernels as _pk
 from detectors.prada import shapiro_w
 from evaluation.attacks.extraction import (
     JacobianParams,
@@ -276,13 +277,16 @@ def reference_scores(
 
 @pytest.mark.parametrize("growing_set", [8, 40])
 @pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("window", [30, 300])
 def test_matches_row_by_row_reference_including_eviction(
-    growing_set: int, seed: int
+    growing_set: int, seed: int, window: int
 ) -> None:
     # Random walks with occasional jumps and resends, on 16 features, for a
-    # skewed mix of clients; random batch cuts give groups of every size, on
-    # both the stacked and the per-client path, with and without eviction of
-    # growing-set members inside a batch.
+    # skewed mix of clients; random batch cuts give groups of every size,
+    # with and without eviction of growing-set members inside a batch, and
+    # batches cut into pieces (a client with more rows than the growing
+    # set). A window of 300 gives samples above 128 values, where numpy's
+    # pairwise sum, which the kernel copies, splits in halves.
     rng = np.random.default_rng(seed)
     n = 1500
     ids = [f"c{c}" for c in rng.choice(4, n, p=[0.7, 0.1, 0.1, 0.1]).tolist()]
@@ -299,7 +303,11 @@ def test_matches_row_by_row_reference_including_eviction(
             row = previous + rng.normal(0, rng.choice([0.05, 0.2]), 16)
         X[i] = last[client] = np.clip(row, 0, 1)
     params = PradaParams(
-        growing_set=growing_set, window=30, recent=3, min_queries=12, test_every=4
+        growing_set=growing_set,
+        window=window,
+        recent=3,
+        min_queries=12,
+        test_every=4,
     )
     detector = DistanceDistributionDetector(params)
     cuts = sorted({0, n, *rng.integers(1, n, 12).tolist()})
@@ -461,3 +469,51 @@ def test_on_lattice_equals_the_unique_count_rule() -> None:
             grid
         )
         assert on_lattice(sample.astype(np.float32), 12, 0.5) == expected
+
+
+def test_kernel_sums_equal_numpy_pairwise_sums() -> None:
+    # W must have the bits numpy gave it: the kernel copies numpy's order of
+    # additions, including the halving above 128 values.
+    rng = np.random.default_rng(5)
+    for n in [*range(0, 300), 1000, 4096]:
+        x = rng.normal(size=n) * 10.0 ** rng.integers(-6, 6, size=n)
+        assert _pk.pairwise_sum(x, 0, n) == np.add.reduce(x), n
+        if n > 10:
+            assert _pk.pairwise_sum(x, 3, n - 7) == np.add.reduce(x[3 : n - 4]), n
+
+
+@pytest.mark.parametrize("n_features", [64, 33025, 33026, 40000])
+def test_kernel_distances_are_exact_at_any_width(n_features: int) -> None:
+    # Up to 33025 features the squared distance is summed in int32
+    # (vectorised); above, in int64. Both must equal the exact sum.
+    rng = np.random.default_rng(n_features)
+    ring = rng.integers(0, 256, (2, 3, n_features)).astype(np.uint8)
+    ring[1, 2] = 255
+    queries = rng.integers(0, 256, (2, n_features)).astype(np.uint8)
+    queries[1] = 0
+    for slot, row in [(0, 0), (1, 1)]:
+        gaps = ring[slot].astype(np.int64) - queries[row].astype(np.int64)
+        exact = int((gaps * gaps).sum(axis=1).min())
+        assert _pk._nearest(ring, slot, 3, queries, row) == exact
+    assert _pk._nearest(ring, 0, 0, queries, 0) == -1
+    # The farthest pair at the int32 limit is 255**2 per feature.
+    farthest = np.ascontiguousarray(ring[1:, 2:])
+    assert _pk._nearest(farthest, 0, 1, queries, 1) == 255**2 * n_features
+
+
+def test_kernel_sort_on_the_grid_equals_a_sort() -> None:
+    # The test's sample is sorted by grid cell, then within cells; values on
+    # the half-way points of the grid (rounded to even) and repeats included.
+    rng = np.random.default_rng(11)
+    counts = np.empty(256, dtype=np.int64)
+    for trial in range(300):
+        n = int(rng.integers(3, 400))
+        x = rng.random(n).astype(np.float32).astype(np.float64)
+        if trial % 3 == 0:
+            x = (rng.integers(0, 255, n) + 0.5) / 255.0
+        if trial % 3 == 1:
+            x = x[rng.integers(0, max(n // 8, 1), n)]
+        out = np.empty(n)
+        _pk.sample_on_lattice(x, n, counts, 16, 0.85)
+        _pk._sort_on_grid(x, n, counts, out)
+        assert np.array_equal(out, np.sort(x))
