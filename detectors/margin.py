@@ -72,8 +72,13 @@ class MarginParams(DetectorParams):
     threshold: float = Field(0.3, gt=0.0, le=1.0)
     """Excess uncertain share (see the class) at which a client is flagged."""
 
-    min_answers: int = Field(20, ge=1, le=100_000)
-    """Answers a client must have had before it can be flagged."""
+    min_answers: int = Field(32, ge=1, le=100_000)
+    """Answers a client must have had before the share and the window trend
+    can flag it. Over 20 answers one honest run of near-identical inputs
+    near the boundary (3 to 8 copies) moves the share by up to 0.4, as much
+    as the threshold allows on a model whose honest share is 14% (phishing):
+    it blocked an honest client in an evaluation run (seed 1); over 32 it
+    moves it by 0.25."""
 
     trend_weight: float = Field(0.55, ge=0.0, le=1.0)
     """Factor putting the confidence trend (Kendall's tau, see the class) on

@@ -229,3 +229,16 @@ def test_the_evaluation_attack_over_ten_keys_is_flagged(
 def test_opening_params_are_validated(overrides: dict[str, Any], field: str) -> None:
     with pytest.raises(pydantic.ValidationError, match=field):
         MarginParams.model_validate(overrides)
+
+
+def test_an_early_near_duplicate_run_near_the_boundary_is_not_flagged() -> None:
+    # An honest client re-sends one boundary input 8 times among its first
+    # 20 answers (the evaluation's near-duplicate habit); the rest are
+    # confident and in random order.
+    rng = np.random.default_rng(4)
+    margins = np.concatenate([0.95 + rng.random(12) / 20, 0.1 + rng.random(8) / 100])
+    stream = {"honest": np.concatenate([margins, 0.95 + rng.random(30) / 20])}
+    start = {"honest": START_S}
+    assert run(fresh(), stream, start) == {}
+    # Judged from 20 answers, as before, the run alone reaches the threshold.
+    assert run(fresh(min_answers=20), stream, start) == {"honest": 21}
