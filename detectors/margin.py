@@ -17,6 +17,12 @@ arrival order and margin over the window measures that climb; honest clients
 send their data in an order unrelated to the model's confidence, so theirs
 stays near 0 whatever the model.
 
+A third reads the same order over each key's *first* answers only, once per
+key, where a distributed attacker's keys spend their whole short life: the
+Mann-Kendall trend test of the opening, alone at a strict level, or pooled
+(Stouffer) over the keys that started in the same moment at the same pace,
+the cohort one attacker spreading a stream over many keys forms.
+
 It needs the model's answers, so it learns in
 :meth:`~detectors.base.Detector.observe_outputs` (after the model call) and
 its score judges the client's next queries.
@@ -27,8 +33,8 @@ Imports numpy and pydantic only; nothing from Kafka, Redis, FastAPI or
 
 from __future__ import annotations
 
-import functools
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any, ClassVar, Self
 
@@ -36,6 +42,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field, model_validator
 
+from detectors._jit import jit
 from detectors._ring import push_ring
 from detectors._state import FieldSpec, check_ring_counters, group_rows
 from detectors.base import Detector, DetectorParams, DetectorScore
@@ -65,8 +72,13 @@ class MarginParams(DetectorParams):
     threshold: float = Field(0.3, gt=0.0, le=1.0)
     """Excess uncertain share (see the class) at which a client is flagged."""
 
-    min_answers: int = Field(20, ge=1, le=100_000)
-    """Answers a client must have had before it can be flagged."""
+    min_answers: int = Field(32, ge=1, le=100_000)
+    """Answers a client must have had before the share and the window trend
+    can flag it. Over 20 answers one honest run of near-identical inputs
+    near the boundary (3 to 8 copies) moves the share by up to 0.4, as much
+    as the threshold allows on a model whose honest share is 14% (phishing):
+    it blocked an honest client in an evaluation run (seed 1); over 32 it
+    moves it by 0.25."""
 
     trend_weight: float = Field(0.55, ge=0.0, le=1.0)
     """Factor putting the confidence trend (Kendall's tau, see the class) on
@@ -78,12 +90,56 @@ class MarginParams(DetectorParams):
     is too noisy for an honest client's random order (its spread under random
     order is about 0.1 at 48 answers, 0.086 at 64)."""
 
+    opening_answers: int = Field(32, ge=8, le=4096)
+    """A key's first answers over which its opening trend is tested once
+    (see the class); must fit in ``window``."""
+
+    opening_min: int = Field(10, ge=3, le=4096)
+    """Answers of the opening before its trend counts."""
+
+    opening_z: float = Field(4.5, gt=0.0)
+    """Mann-Kendall z of a key's own opening at which it is flagged alone."""
+
+    cohort_window_s: float = Field(0.25, ge=0.0, le=3600.0)
+    """Keys whose first query came within this many seconds of each other
+    form a cohort whose openings are pooled (see the class); 0 turns pooling
+    off. The assumption it encodes: keys one attacker drives start together,
+    honest keys start independently of each other."""
+
+    cohort_pace_share: float = Field(0.2, ge=0.0, le=10.0)
+    """Cohort members must also have had as many answers as the key, within
+    this share of its count (at least 2 either way): keys one attacker spreads
+    its stream over keep the same pace, honest keys that merely started in the
+    same moment do not."""
+
+    cohort_min_keys: int = Field(3, ge=2, le=10_000)
+    """Keys (this one included) a cohort needs before its pooled z counts."""
+
+    cohort_z: float = Field(6.0, gt=0.0)
+    """Pooled (Stouffer) z of a cohort's openings at which its members that
+    contribute (``member_z``) are flagged."""
+
+    member_z: float = Field(3.0, ge=0.0)
+    """A key's own opening z needed to be flagged through its cohort: an
+    honest key that happened to start with an attacker's keys must still
+    show the climb itself."""
+
     @model_validator(mode="after")
     def _trend_fits_window(self) -> Self:
         if self.trend_min_answers > self.window:
             raise ValueError(
                 f"trend_min_answers ({self.trend_min_answers}) exceeds window "
                 f"({self.window}), so the trend would never count"
+            )
+        if self.opening_answers > self.window:
+            raise ValueError(
+                f"opening_answers ({self.opening_answers}) exceeds window "
+                f"({self.window}): the ring must hold the whole opening"
+            )
+        if self.opening_min > self.opening_answers:
+            raise ValueError(
+                f"opening_min ({self.opening_min}) exceeds opening_answers "
+                f"({self.opening_answers}), so the opening would never count"
             )
         return self
 
@@ -135,27 +191,120 @@ def confidence_trend(
     >>> confidence_trend(ring, np.array([2]), np.array([4])).round(3).tolist()
     [0.667]
     """
+    out = np.zeros(len(ring))
+    if len(ring):
+        _trend_kernel(
+            np.ascontiguousarray(ring, dtype=np.uint8),
+            np.asarray(pos, dtype=np.int64) - np.asarray(length, dtype=np.int64),
+            np.asarray(length, dtype=np.int64),
+            out,
+        )
+    return out
+
+
+@jit
+def _trend_kernel(
+    ring: npt.NDArray[np.uint8],
+    oldest: npt.NDArray[np.int64],
+    length: npt.NDArray[np.int64],
+    out: npt.NDArray[np.float64],
+) -> None:
+    """Kendall's tau-a per ring into ``out``; one pass over each ring's pairs
+    (measured about 4 times cheaper than numpy's boolean pair tables)."""
     width = ring.shape[1]
-    columns = np.arange(width)
-    index = (pos[:, None] - length[:, None] + columns[None, :]) % width
-    values = np.take_along_axis(ring, index, axis=1)  # oldest first
-    filled = columns[None, :] < length[:, None]
-    counted = _later_pairs(width)[None] & filled[:, :, None] & filled[:, None, :]
-    # Boolean pair tables counted with count_nonzero: measured about 6 us per
-    # client at W = 64, half of summing signed differences.
-    later, earlier = values[:, None, :], values[:, :, None]
-    up = np.count_nonzero((later > earlier) & counted, axis=(1, 2))
-    down = np.count_nonzero((later < earlier) & counted, axis=(1, 2))
-    pairs = length * (length - 1) // 2
-    return np.asarray((up - down) / np.maximum(pairs, 1), dtype=np.float64)
+    for r in range(ring.shape[0]):
+        n = length[r]
+        first = oldest[r] + width
+        up = 0
+        down = 0
+        for i in range(n):
+            a = ring[r, (first + i) % width]
+            for j in range(i + 1, n):
+                b = ring[r, (first + j) % width]
+                if b > a:
+                    up += 1
+                elif b < a:
+                    down += 1
+        pairs = n * (n - 1) // 2
+        out[r] = (up - down) / max(pairs, 1)
 
 
-@functools.lru_cache(maxsize=8)
-def _later_pairs(width: int) -> npt.NDArray[np.bool_]:
-    """``[i, j]`` is True for i < j: each pair of ring cells once."""
-    pairs = np.triu(np.ones((width, width), dtype=bool), k=1)
-    pairs.flags.writeable = False
-    return pairs
+def mann_kendall(
+    values: npt.NDArray[np.uint8], length: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Mann-Kendall S and its variance under random order, per row.
+
+    Parameters
+    ----------
+    values
+        Shape (n, L), oldest first; only the first ``length[i]`` cells of row
+        ``i`` count.
+    length
+        Filled cells per row.
+
+    Returns
+    -------
+    tuple of arrays
+        ``S`` (later-greater pairs minus later-smaller pairs) and its variance
+        when every order of the values is equally likely, corrected for ties
+        (Kendall 1975): ``(n(n-1)(2n+5) - sum t(t-1)(2t+5)) / 18`` over the
+        groups of ``t`` equal values. ``S / sqrt(var)`` is close to standard
+        normal from about 10 values on; the variances of independent rows add,
+        which is what pooling a cohort relies on.
+
+    Examples
+    --------
+    >>> s, v = mann_kendall(np.array([[1, 2, 3, 0]], dtype=np.uint8), np.array([3]))
+    >>> s.tolist(), v.round(3).tolist()
+    ([3.0], [3.667])
+    """
+    stat = np.zeros(len(values))
+    var = np.zeros(len(values))
+    if len(values):
+        values = np.ascontiguousarray(values, dtype=np.uint8)
+        _mann_kendall_kernel(
+            values,
+            np.zeros(len(values), dtype=np.int64),
+            np.asarray(length, dtype=np.int64),
+            stat,
+            var,
+        )
+    return stat, var
+
+
+@jit
+def _mann_kendall_kernel(
+    values: npt.NDArray[np.uint8],
+    oldest: npt.NDArray[np.int64],
+    length: npt.NDArray[np.int64],
+    stat: npt.NDArray[np.float64],
+    var: npt.NDArray[np.float64],
+) -> None:
+    """S and its tie-corrected variance per row of a ring read from
+    ``oldest`` (cells wrap), into ``stat`` and ``var``."""
+    width = values.shape[1]
+    for r in range(values.shape[0]):
+        n = length[r]
+        first = oldest[r] + width
+        s = 0
+        ties = 0.0
+        for i in range(n):
+            a = values[r, (first + i) % width]
+            equal = 1
+            for j in range(n):
+                if j == i:
+                    continue
+                b = values[r, (first + j) % width]
+                if b == a:
+                    equal += 1
+                elif j > i:
+                    s += 1 if b > a else -1
+            # Each of a group of t equal values adds (t - 1)(2t + 5): the
+            # group's t(t - 1)(2t + 5) of Kendall's correction.
+            ties += (equal - 1.0) * (2.0 * equal + 5.0)
+        size = float(n)
+        var[r] = max((size * (size - 1.0) * (2.0 * size + 5.0) - ties) / 18.0, 0.0)
+        stat[r] = float(s)
 
 
 class MarginDetector(Detector[MarginParams]):
@@ -193,20 +342,56 @@ class MarginDetector(Detector[MarginParams]):
       new data, so set ``threshold`` with ``modelgate calibrate``;
     - answers degraded by policy are still judged on the model's raw output,
       which is what the query's position tells;
-    - the trend sees only an attacker that sends each round in its ranked
-      order: one that shuffles its rounds, or spreads them over many keys
-      (each key then has too few answers), leaves tau near 0. An honest
-      client whose data arrive sorted by something the model's confidence
-      follows (hardest cases first, say) would climb too.
+    - the trend and the opening see only an attacker that sends each round
+      in its ranked order: one that shuffles its rounds leaves them near 0,
+      and one that spreads them over many keys is seen through its cohort
+      only when the keys start together at one pace (each key alone has too
+      few answers). An honest client whose data arrive sorted by something
+      the model's confidence follows (hardest cases first, say) would climb
+      too: raise ``opening_z`` and ``member_z``, or set ``cohort_window_s``
+      to 0 where honest keys start in lockstep;
+    - single-key active learning is seen no earlier than the window trend
+      allows (query 84 in the evaluation): its opening is random pool rows.
 
-    Per-client state: two rings of ``window`` uint8 (margin and entropy) and
-    three counters, 152 bytes at the default window.
+    Opening score: with ``z`` the Mann-Kendall z of the key's first
+    ``opening_answers`` answers (see :func:`mann_kendall`), counted from
+    ``opening_min`` answers on and while the key has had at most ``window``,
+    the score is ``threshold * z / opening_z`` (flagged at ``opening_z``).
+    Cohort score: a key whose own ``z`` reaches ``member_z`` pools its
+    opening with every key of this detector whose first scored query came
+    within ``cohort_window_s`` of its own and whose answer count is within
+    ``cohort_pace_share`` of its own; with at least ``cohort_min_keys`` keys,
+    the score is ``threshold * z_pooled / cohort_z``. Membership depends on
+    time and pace only, never on margins, so an honest cohort's pooled z is
+    as standard normal as one key's. The assumption is that one attacker's
+    keys start together and keep one pace and honest keys do not; a key
+    that is staggered or paced apart is judged alone, and keys served by
+    other workers are never pooled. Replayed offline, the evaluation's
+    learner over 10 keys gives per-key opening z of 1.4 to 4.0 on
+    breast_cancer (pooled about 9) and 4.2 to 5.7 on phishing; 0.3-0.4% of
+    honest openings reach 4.
+
+    Per-client state: two rings of ``window`` uint8 (margin and entropy),
+    three counters, the opening's S and variance and the first query's time,
+    176 bytes at the default window.
     """
 
     name: ClassVar[str] = "margin"
     Params: ClassVar[type[MarginParams]] = MarginParams
     _mutable_params: ClassVar[frozenset[str]] = frozenset(
-        {"margin_at", "entropy_at", "threshold", "min_answers", "trend_weight"}
+        {
+            "margin_at",
+            "entropy_at",
+            "threshold",
+            "min_answers",
+            "trend_weight",
+            "opening_z",
+            "cohort_window_s",
+            "cohort_pace_share",
+            "cohort_min_keys",
+            "cohort_z",
+            "member_z",
+        }
     )
     observes_outputs: ClassVar[bool] = True
 
@@ -243,12 +428,25 @@ class MarginDetector(Detector[MarginParams]):
             "pos": FieldSpec((), "<i8"),
             "len": FieldSpec((), "<i8"),
             "n_answers": FieldSpec((), "<i8"),
+            # The opening's Mann-Kendall S and variance (frozen once the key
+            # has had opening_answers answers) and the wall-clock second of
+            # its first scored query (0: none yet), for cohorts.
+            "open_s": FieldSpec((), "<f8"),
+            "open_v": FieldSpec((), "<f8"),
+            "first_s": FieldSpec((), "<f8"),
         }
 
     def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
         check_ring_counters(values, "margin", "pos", "len")
         if int(values["n_answers"]) < int(values["len"]):
             raise ValueError("state field 'n_answers' is below 'len'")
+        for name in ("open_s", "open_v", "first_s"):
+            if not np.isfinite(values[name]).all():
+                raise ValueError(f"state field {name!r} is not finite")
+        if float(values["open_v"]) < 0 or float(values["first_s"]) < 0:
+            raise ValueError("state fields 'open_v' and 'first_s' must be >= 0")
+        if abs(float(values["open_s"])) > 0 and float(values["open_v"]) == 0:
+            raise ValueError("state field 'open_s' is set without 'open_v'")
 
     def _learn_baseline_rows(
         self, margin: npt.NDArray[np.float64], entropy: npt.NDArray[np.float64]
@@ -303,7 +501,36 @@ class MarginDetector(Detector[MarginParams]):
             0,
             none,
         )
+        before = arrays["n_answers"][groups.unique].copy()
         arrays["n_answers"][groups.unique] += groups.size
+        self._update_openings(groups.unique, before)
+
+    def _update_openings(
+        self, unique: npt.NDArray[np.int64], before: npt.NDArray[np.int64]
+    ) -> None:
+        """Recompute S and its variance over the opening of the clients that
+        were still in it before these answers, from the ring (which holds the
+        whole opening while a client has had at most ``window`` answers; a
+        client pushed past that by one huge batch keeps its last values)."""
+        assert self._arena is not None
+        arrays = self._arena.arrays
+        p = self._params
+        after = arrays["n_answers"][unique]
+        todo = (before < p.opening_answers) & (after <= p.window)
+        if not todo.any():
+            return
+        slots = unique[todo]
+        stat = np.zeros(len(slots))
+        var = np.zeros(len(slots))
+        _mann_kendall_kernel(
+            arrays["margin"][slots],
+            arrays["pos"][slots] - arrays["len"][slots],
+            np.minimum(arrays["len"][slots], p.opening_answers),
+            stat,
+            var,
+        )
+        arrays["open_s"][slots] = stat
+        arrays["open_v"][slots] = var
 
     def _score_rows(
         self,
@@ -315,6 +542,16 @@ class MarginDetector(Detector[MarginParams]):
         assert self._arena is not None
         arrays = self._arena.arrays
         p = self._params
+        first = arrays["first_s"]
+        fresh = first[slots] == 0.0
+        if fresh.any():
+            # A key's first scored query dates it; a later row of the same
+            # batch does not move it (np.minimum.at keeps the earliest).
+            at = self._arrival_s
+            times = np.full(len(slots), time.time()) if at is None else at
+            new = slots[fresh]
+            first[new] = np.inf
+            np.minimum.at(first, new, times[fresh])
         length = arrays["len"][slots]
         filled = np.arange(p.window)[None, :] < length[:, None]
         uncertain = (arrays["margin"][slots] < p.margin_at * _LEVELS) | (
@@ -338,9 +575,28 @@ class MarginDetector(Detector[MarginParams]):
                 )
             tau = per_client[inverse]
         trend_score = p.trend_weight * np.clip(tau, 0.0, 1.0)
-        score = np.maximum(share_score, trend_score)
+        own_z, pooled_z, cohort_keys = self._opening_evidence(slots)
+        # Both on the flag scale: the threshold at opening_z alone, or at
+        # cohort_z pooled for a key that contributes member_z itself.
+        opening_score = np.clip(p.threshold * own_z / p.opening_z, 0.0, 1.0)
+        cohort_score = np.where(
+            own_z >= p.member_z,
+            np.clip(p.threshold * pooled_z / p.cohort_z, 0.0, 1.0),
+            0.0,
+        )
+        # The share and trend need min_answers; the opening and cohort tests
+        # are warm from opening_min on (own_z is 0 before).
         warm = arrays["n_answers"][slots] >= p.min_answers
+        score = np.maximum.reduce(
+            [
+                np.where(warm, np.maximum(share_score, trend_score), 0.0),
+                opening_score,
+                cohort_score,
+            ]
+        )
+        warm |= own_z != 0.0
         margin_at, entropy_at = p.margin_at, p.entropy_at
+        opening_z, cohort_z, cohort_s = p.opening_z, p.cohort_z, p.cohort_window_s
         trend_at = p.threshold / p.trend_weight if p.trend_weight > 0 else None
 
         def evidence(row: int) -> str:
@@ -355,6 +611,73 @@ class MarginDetector(Detector[MarginParams]):
                     f"{tau[row]:.2f} between arrival order and margin "
                     f"(flagged from {trend_at:.2f}; honest order gives about 0)"
                 )
+            best = max(share_score[row], trend_score[row])
+            if opening_score[row] > best or cohort_score[row] > best:
+                text += (
+                    f"; confidence climbed over the key's first answers, "
+                    f"Mann-Kendall z {own_z[row]:.1f} (flagged alone from "
+                    f"{opening_z:g})"
+                )
+            if cohort_score[row] > max(best, opening_score[row]):
+                text += (
+                    f"; pooled with {cohort_keys[row] - 1} other keys whose "
+                    f"first query came within {cohort_s:g} s of its own, z "
+                    f"{pooled_z[row]:.1f} (flagged from {cohort_z:g})"
+                )
             return text
 
         return self._scores(score, warm, evidence)
+
+    def _opening_evidence(
+        self, slots: npt.NDArray[np.int64]
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+        """Per row: the key's own opening z, its cohort's pooled z (0 when
+        the key is not a contributing member of a large enough cohort) and
+        the cohort's size.
+
+        A key's opening counts once it has had ``opening_min`` answers and
+        while it has had at most ``window``: young keys, which is what a
+        distributed attacker's keys stay. The cohort is every key of this
+        detector whose first query came within ``cohort_window_s`` of this
+        key's, itself included, each contributing its opening's S and
+        variance (Stouffer's pooling of independent rank statistics).
+        """
+        assert self._arena is not None
+        arrays = self._arena.arrays
+        p = self._params
+        n = len(slots)
+        own = np.zeros(n)
+        pooled = np.zeros(n)
+        size = np.ones(n, dtype=np.int64)
+        answers = arrays["n_answers"][slots]
+        var = arrays["open_v"][slots]
+        young = (answers >= p.opening_min) & (answers <= p.window) & (var > 0)
+        if not young.any():
+            return own, pooled, size
+        own[young] = arrays["open_s"][slots[young]] / np.sqrt(var[young])
+        if p.cohort_window_s <= 0:
+            return own, pooled, size
+        # Only keys that could be flagged through a cohort look for one, once
+        # per key: a scan of every key's first second, so rare by design.
+        ask = np.flatnonzero(young & (own >= p.member_z))
+        if not len(ask):
+            return own, pooled, size
+        first = arrays["first_s"]
+        counted = (arrays["open_v"] > 0) & (first > 0)
+        done = arrays["n_answers"]
+        for slot in np.unique(slots[ask]).tolist():
+            pace = max(2.0, p.cohort_pace_share * float(done[slot]))
+            members = (
+                counted
+                & (np.abs(first - first[slot]) <= p.cohort_window_s)
+                & (np.abs(done - done[slot]) <= pace)
+            )
+            count = int(np.count_nonzero(members))
+            if count < p.cohort_min_keys:
+                continue
+            total_v = float(arrays["open_v"][members].sum())
+            z = float(arrays["open_s"][members].sum()) / np.sqrt(total_v)
+            rows = slots == slot
+            pooled[rows] = z
+            size[rows] = count
+        return own, pooled, size
