@@ -9,7 +9,6 @@ from itertools import chain
 import numpy as np
 import pytest
 
-from detectors import fingerprint
 from detectors.fingerprint import (
     FingerprintMatch,
     HashArray,
@@ -164,7 +163,6 @@ def _stream(
     return clients, rows, remember, keys
 
 
-@pytest.mark.parametrize("row_sort_places", [512, 0])
 @pytest.mark.parametrize(
     ("seed", "horizon", "entries", "threshold"),
     [(0, 100_000, 8, 4), (1, 50, 8, 4), (2, 1000, 2, 3), (3, 200, 4, 6)],
@@ -174,12 +172,7 @@ def test_vectorised_store_matches_the_reference(
     horizon: int,
     entries: int,
     threshold: int,
-    row_sort_places: int,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Both ways of counting shared hashes: one sorted matrix row per query
-    # (narrow fingerprints, the default) and the packed sort of filled places.
-    monkeypatch.setattr(fingerprint, "_ROW_SORT_PLACES", row_sort_places)
     clients, rows, remember, keys = _stream(seed, 1500, 8, 7)
     reference = ReferenceStore(
         match_threshold=threshold, horizon=horizon, entries_per_hash=entries

@@ -1,0 +1,562 @@
+"""Compiled kernels of the fingerprint detector and its in-memory store.
+
+:mod:`detectors.fingerprint` keeps the logic's description, the parameters and
+the Python-facing API; this module holds the loops it runs per row: mixing
+hash values, choosing a fingerprint's top ``k`` values, the store's per-chunk
+comparison and update, and the per-client window of counted queries. Each
+kernel says in what order it works, since the order fixes the results.
+
+Hash tables here are open addressing with linear probing in two numpy arrays
+(``keys`` uint64 with 0 for an empty cell, ``values`` int64), never more than
+half full (the caller grows them first), so a probe always ends.
+
+Imports numpy and ``detectors._jit`` only; nothing from Kafka, Redis, FastAPI
+or ``gateway``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from detectors._jit import jit
+
+U64 = npt.NDArray[np.uint64]
+I64 = npt.NDArray[np.int64]
+
+# Odd 64-bit constants of the splitmix64 finaliser (Steele, Lea and Flood,
+# 2014): they spread the few bits of a window's code over all 64 bits, so the
+# largest hash values are a random-looking choice of windows.
+_MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX_2 = np.uint64(0x94D049BB133111EB)
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+"""2**64 / golden ratio, odd: spreads consecutive integers over 64 bits."""
+
+
+@jit
+def mix64(z: np.uint64) -> np.uint64:
+    """splitmix64's finaliser of one value (uint64 arithmetic wraps)."""
+    z = (z ^ (z >> np.uint64(30))) * _MIX_1
+    z = (z ^ (z >> np.uint64(27))) * _MIX_2
+    return z ^ (z >> np.uint64(31))
+
+
+@jit
+def mix_array(values: U64) -> U64:
+    """:func:`mix64` of every element of a 1-D array, as a new array."""
+    out = np.empty_like(values)
+    for i in range(values.size):
+        out[i] = mix64(values[i])
+    return out
+
+
+@jit
+def input_keys_rows(X: npt.NDArray[np.float64]) -> U64:
+    """One 64-bit key per row of features in [0, 1] (clipped), never 0.
+
+    Each feature is quantised to ``rint(x * 255)`` (8 bits); eight of them,
+    first feature in the lowest byte, make a 64-bit word (zero-padded at the
+    end of the row); word ``j`` is XORed with ``mix64((j + 1) * GOLDEN)``,
+    mixed, and the row's key is the XOR of its mixed words (0 becomes 1).
+    """
+    n, d = X.shape
+    n_words = (d + 7) // 8
+    position = np.empty(n_words, dtype=np.uint64)
+    for j in range(n_words):
+        position[j] = mix64(np.uint64(j + 1) * GOLDEN)
+    keys = np.empty(n, dtype=np.uint64)
+    for r in range(n):
+        key = np.uint64(0)
+        for j in range(n_words):
+            word = np.uint64(0)
+            for b in range(min(8, d - 8 * j)):
+                x = min(max(X[r, 8 * j + b], 0.0), 1.0)
+                word |= np.uint64(np.rint(x * 255.0)) << np.uint64(8 * b)
+            key ^= mix64(word ^ position[j])
+        keys[r] = key if key != np.uint64(0) else np.uint64(1)
+    return keys
+
+
+@jit
+def _offer(top: U64, value: np.uint64) -> None:
+    """Insert ``value`` into ``top`` (sorted descending, fixed length) if it
+    is larger than the smallest held; the smallest drops out. Starting from
+    zeros, this keeps the largest values offered, padded with zeros."""
+    k = top.size
+    if value <= top[k - 1]:
+        return
+    i = k - 1
+    while i > 0 and top[i - 1] < value:
+        top[i] = top[i - 1]
+        i -= 1
+    top[i] = value
+
+
+@jit
+def top_k_rows(values: U64, k: int) -> U64:
+    """The ``k`` largest values of each row of a 2-D uint64 array, sorted
+    descending, 0 filling rows with fewer than ``k`` values."""
+    n, w = values.shape
+    out = np.zeros((n, k), dtype=np.uint64)
+    for r in range(n):
+        top = out[r]
+        for i in range(w):
+            _offer(top, values[r, i])
+    return out
+
+
+@jit
+def table_fingerprints(
+    X: npt.NDArray[np.float64], levels: int, width: int, table: U64, k: int
+) -> U64:
+    """Fingerprints (the ``k`` largest window hashes, descending, 0-padded)
+    of rows of features in [0, 1], from a precomputed hash table.
+
+    Feature ``x`` quantises to ``floor(clip(x * levels, 0, levels - 1))``;
+    window ``i`` (features ``i .. i + width - 1``, first most significant)
+    has code ``sum q * levels ** place`` and hash ``table[i * levels ** width
+    + code]`` (0 for a common hash, which is then never chosen over a real
+    one). Integer arithmetic throughout, so the codes are exact.
+    """
+    n, d = X.shape
+    n_windows = d - width + 1
+    n_codes = levels**width
+    q = np.empty(d, dtype=np.int64)
+    out = np.zeros((n, k), dtype=np.uint64)
+    top_level = float(levels - 1)
+    for r in range(n):
+        for j in range(d):
+            q[j] = np.int64(np.floor(min(max(X[r, j] * levels, 0.0), top_level)))
+        top = out[r]
+        for i in range(n_windows):
+            code = 0
+            for o in range(width):
+                code = code * levels + q[i + o]
+            _offer(top, table[i * n_codes + code])
+    return out
+
+
+@jit
+def _home(key: np.uint64, mask: int) -> int:
+    """First cell probed for ``key`` in a table of ``mask + 1`` cells."""
+    h = key * GOLDEN
+    # Signed: unsigned cell numbers would turn ``i + 1`` into a float.
+    return int(np.int64((h ^ (h >> np.uint64(29))) & np.uint64(mask)))
+
+
+@jit
+def _find(keys: U64, key: np.uint64) -> int:
+    """Cell of ``key`` (nonzero) in ``keys``, or -1 when absent."""
+    mask = keys.size - 1
+    i = _home(key, mask)
+    while True:
+        held = keys[i]
+        if held == key:
+            return i
+        if held == np.uint64(0):
+            return -1
+        i = (i + 1) & mask
+
+
+@jit
+def _put(keys: U64, values: I64, key: np.uint64, value: int) -> bool:
+    """Set ``key`` (nonzero) to ``value``; True when the key is new."""
+    mask = keys.size - 1
+    i = _home(key, mask)
+    while True:
+        held = keys[i]
+        if held == key:
+            values[i] = value
+            return False
+        if held == np.uint64(0):
+            keys[i] = key
+            values[i] = value
+            return True
+        i = (i + 1) & mask
+
+
+@jit
+def _remove(keys: U64, values: I64, key: np.uint64) -> None:
+    """Delete ``key`` if present, shifting later cells of its probe run back
+    (no tombstones, so look-ups stay short however many keys come and go)."""
+    mask = keys.size - 1
+    i = _find(keys, key)
+    if i < 0:
+        return
+    keys[i] = 0
+    j = i
+    while True:
+        j = (j + 1) & mask
+        held = keys[j]
+        if held == np.uint64(0):
+            return
+        home = _home(held, mask)
+        # The key at j may fill the hole at i unless its home lies
+        # cyclically in (i, j], where a look-up would stop before i.
+        stays = (i < home <= j) if i <= j else (home > i or home <= j)
+        if not stays:
+            keys[i] = held
+            values[i] = values[j]
+            keys[j] = 0
+            i = j
+
+
+@jit
+def rehash(keys: U64, values: I64, min_value: int, capacity: int) -> tuple[U64, I64]:
+    """A new table of ``capacity`` cells (a power of two) holding the keys of
+    ``keys``/``values`` whose value exceeds ``min_value``."""
+    new_keys = np.zeros(capacity, dtype=np.uint64)
+    new_values = np.zeros(capacity, dtype=np.int64)
+    for i in range(keys.size):
+        if keys[i] != np.uint64(0) and values[i] > min_value:
+            _put(new_keys, new_values, keys[i], values[i])
+    return new_keys, new_values
+
+
+@jit
+def power_of_two(n: int) -> int:
+    """The smallest power of two at least ``n`` and at least 16."""
+    cells = 16
+    while cells < n:
+        cells *= 2
+    return cells
+
+
+@jit
+def observe_chunk(
+    H: U64,
+    rem: npt.NDArray[np.bool_],
+    clients: I64,
+    keys: U64,
+    slot_hash: U64,
+    rings: I64,
+    ring_pos: I64,
+    ring_len: I64,
+    index_keys: U64,
+    index_slots: I64,
+    entry_client: I64,
+    seen_keys: U64,
+    seen_entries: I64,
+    counters: I64,
+    match_threshold: int,
+    max_hashes: int,
+) -> tuple[I64, I64, I64]:
+    """Compare a chunk's rows with the store in order, then store the chunk.
+
+    Rows are taken in order. Row ``r`` is compared with the entries stored
+    before it: ``c`` (``counters[0]`` plus the remembered rows before ``r``)
+    entries, numbered 1..c; a remembered row becomes entry ``c + 1``. For
+    each nonzero hash of the row, left to right, the candidates are the last
+    ``E`` entries holding that hash (the store's ring as the chunk began,
+    followed by the chunk's own remembered occurrences of it), and then, if
+    the row is remembered, the row joins them. An entry newer than
+    ``c - horizon`` that is a candidate of at least ``match_threshold`` of
+    the row's hashes is a near-duplicate; its sender (``entry_client``, or
+    the chunk's client for an entry of this chunk) is the row's own client
+    (``own``), or else, when the row's input key (nonzero) was remembered by
+    an earlier row of this chunk or by an entry newer than ``c - horizon``,
+    it counts as ``identical``, and otherwise towards the row's ``others``.
+
+    After the rows, the chunk's new hash values that some remembered row
+    holds get slots, in ascending hash order, at the next positions
+    (``counters[1]`` onwards, modulo ``max_hashes``) not used by a hash of
+    this chunk, evicting the value held there (the oldest first-seen); the
+    touched rings are written back; the remembered rows' input keys map to
+    their entry (the last one when a key repeats).
+
+    Parameters
+    ----------
+    H
+        (n, w) hash values of the chunk's rows; 0 is an empty place.
+    rem
+        Whether each row is stored after it is compared.
+    clients, keys
+        Each row's client number and input key (0: unknown).
+    slot_hash, rings, ring_pos, ring_len
+        The store's slots: hash held (0: none), ring of the last ``E``
+        entries, next ring position, entries held. Updated in place; at
+        least ``min(max_hashes, counters[1] + n * w)`` slots.
+    index_keys, index_slots
+        Hash value -> slot table, at least twice as many cells as slots.
+    entry_client
+        Client of entry ``e`` at ``e % horizon`` (its length is the
+        horizon).
+    seen_keys, seen_entries
+        Input key -> last entry table, with room for ``n`` more keys at half
+        load.
+    counters
+        Entries stored so far, slot positions handed out so far, keys in
+        the seen table; updated.
+    match_threshold
+        Shared hashes that make a near-duplicate.
+    max_hashes
+        Slots in all.
+
+    Returns
+    -------
+    tuple of arrays
+        ``own`` and ``identical`` (n,) counts, and ``others`` (m, 3): rows
+        of (row, client, near-duplicates), by row then client.
+    """
+    n, w = H.shape
+    E = rings.shape[1]
+    horizon = entry_client.size
+    clock0 = counters[0]
+
+    # The chunk's distinct hash values, numbered in order of first sight,
+    # each with a private copy of its ring that the chunk's rows update.
+    local_cells = power_of_two(2 * max(n * w, 1))
+    local_keys = np.zeros(local_cells, dtype=np.uint64)
+    local_ids = np.zeros(local_cells, dtype=np.int64)
+    cap = max(n * w, 1)
+    g_hash = np.empty(cap, dtype=np.uint64)
+    g_slot = np.empty(cap, dtype=np.int64)
+    g_ring = np.empty((cap, E), dtype=np.int64)
+    g_pos = np.empty(cap, dtype=np.int64)
+    g_len = np.empty(cap, dtype=np.int64)
+    g_pushed = np.empty(cap, dtype=np.int64)
+    n_groups = 0
+    # Input keys remembered by earlier rows of the chunk.
+    chunk_keys = np.zeros(power_of_two(2 * max(n, 1)), dtype=np.uint64)
+    chunk_dummy = np.zeros(chunk_keys.size, dtype=np.int64)
+    remembered = np.empty(n, dtype=np.int64)
+    n_rem = 0
+
+    # Per row: candidates counted in a small table of entries, cleared
+    # after the row through the list of cells it used.
+    count_cells = power_of_two(2 * max(w * E, 1))
+    count_keys = np.zeros(count_cells, dtype=np.uint64)
+    count_values = np.zeros(count_cells, dtype=np.int64)
+    used = np.empty(max(w * E, 1), dtype=np.int64)
+    senders = np.empty(max(w * E, 1), dtype=np.int64)
+
+    own = np.zeros(n, dtype=np.int64)
+    identical = np.zeros(n, dtype=np.int64)
+    others = np.empty((n * max(1, (w * E) // match_threshold), 3), dtype=np.int64)
+    n_others = 0
+
+    for r in range(n):
+        clock = clock0 + n_rem
+        entry = clock + 1
+        keep = rem[r]
+        if keep:
+            remembered[n_rem] = r
+        oldest = clock - horizon  # entries up to it no longer count
+
+        # Candidates, hash by hash (a repeated hash sees the row itself).
+        n_used = 0
+        for j in range(w):
+            h = H[r, j]
+            if h == np.uint64(0):
+                continue
+            cell = _find(local_keys, h)
+            if cell >= 0:
+                g = local_ids[cell]
+            else:
+                g = n_groups
+                n_groups += 1
+                _put(local_keys, local_ids, h, g)
+                g_hash[g] = h
+                at = _find(index_keys, h)
+                slot = index_slots[at] if at >= 0 else -1
+                g_slot[g] = slot
+                g_pushed[g] = 0
+                if slot >= 0:
+                    g_ring[g] = rings[slot]
+                    g_pos[g] = ring_pos[slot]
+                    g_len[g] = ring_len[slot]
+                else:
+                    g_ring[g] = -1
+                    g_pos[g] = 0
+                    g_len[g] = 0
+            pos = g_pos[g]
+            length = g_len[g]
+            for a in range(length):
+                e = g_ring[g, (pos - length + a + E) % E]
+                if e <= oldest:
+                    continue
+                key = np.uint64(e)
+                mask = count_cells - 1
+                i = _home(key, mask)
+                while count_keys[i] != key and count_keys[i] != np.uint64(0):
+                    i = (i + 1) & mask
+                if count_keys[i] == np.uint64(0):
+                    count_keys[i] = key
+                    count_values[i] = 0
+                    used[n_used] = i
+                    n_used += 1
+                count_values[i] += 1
+            if keep:
+                g_ring[g, pos] = entry
+                g_pos[g] = (pos + 1) % E
+                g_len[g] = min(length + 1, E)
+                g_pushed[g] += 1
+
+        # Near-duplicates, by sender; the input key is looked up only for a
+        # row that another client matched.
+        exact = -1
+        n_senders = 0
+        for u in range(n_used):
+            i = used[u]
+            if count_values[i] >= match_threshold:
+                e = np.int64(count_keys[i])
+                if e <= clock0:
+                    sender = entry_client[e % horizon]
+                else:
+                    sender = clients[remembered[e - clock0 - 1]]
+                if sender == clients[r]:
+                    own[r] += 1
+                    continue
+                if exact < 0:
+                    key = keys[r]
+                    exact = 0
+                    if key != np.uint64(0):
+                        if _find(chunk_keys, key) >= 0:
+                            exact = 1
+                        else:
+                            at = _find(seen_keys, key)
+                            if at >= 0 and seen_entries[at] > oldest:
+                                exact = 1
+                if exact == 1:
+                    identical[r] += 1
+                else:
+                    senders[n_senders] = sender
+                    n_senders += 1
+        for u in range(n_used):
+            count_keys[used[u]] = 0
+        if n_senders:
+            ranked = np.sort(senders[:n_senders])
+            start = 0
+            for u in range(1, n_senders + 1):
+                if u == n_senders or ranked[u] != ranked[start]:
+                    others[n_others, 0] = r
+                    others[n_others, 1] = ranked[start]
+                    others[n_others, 2] = u - start
+                    n_others += 1
+                    start = u
+
+        if keep:
+            n_rem += 1
+            # Safe before the chunk ends: the entry it overwrites is older
+            # than the horizon for every later row.
+            entry_client[entry % horizon] = clients[r]
+            if keys[r] != np.uint64(0):
+                _put(chunk_keys, chunk_dummy, keys[r], r)
+
+    # New hash values get slots in ascending hash order, skipping the slots
+    # of every held hash of the chunk (their rings were read as of the chunk's
+    # start and are written back below).
+    n_new = 0
+    fresh = np.empty(n_groups, dtype=np.int64)
+    for g in range(n_groups):
+        if g_slot[g] < 0 and g_pushed[g] > 0:
+            fresh[n_new] = g
+            n_new += 1
+    if n_new:
+        busy = np.zeros(slot_hash.size, dtype=np.bool_)
+        for g in range(n_groups):
+            if g_slot[g] >= 0:
+                busy[g_slot[g]] = True
+        fresh = fresh[:n_new][np.argsort(g_hash[fresh[:n_new]])]
+        position = counters[1]
+        tried = 0
+        for g in fresh:
+            slot = -1
+            while tried < max_hashes:
+                candidate = position % max_hashes
+                position += 1
+                tried += 1
+                if not busy[candidate]:
+                    slot = candidate
+                    break
+            if slot < 0:
+                break  # more new values than max_hashes leaves free
+            counters[1] = position
+            busy[slot] = True
+            old = slot_hash[slot]
+            if old != np.uint64(0):
+                _remove(index_keys, index_slots, old)
+            _put(index_keys, index_slots, g_hash[g], slot)
+            slot_hash[slot] = g_hash[g]
+            g_slot[g] = slot
+
+    # Rings back, then the chunk's input keys.
+    for g in range(n_groups):
+        slot = g_slot[g]
+        if slot >= 0 and g_pushed[g] > 0:
+            rings[slot] = g_ring[g]
+            ring_pos[slot] = g_pos[g]
+            ring_len[slot] = g_len[g]
+    for t in range(n_rem):
+        r = remembered[t]
+        if keys[r] != np.uint64(0) and _put(
+            seen_keys, seen_entries, keys[r], clock0 + t + 1
+        ):
+            counters[2] += 1
+    counters[0] = clock0 + n_rem
+    return own, identical, others[:n_others]
+
+
+@jit
+def score_windows(
+    slots: I64,
+    own: I64,
+    matched_others: npt.NDArray[np.bool_],
+    near: npt.NDArray[np.uint8],
+    near_pos: I64,
+    near_len: I64,
+    n_seen: I64,
+    n_cross: I64,
+    own_run: I64,
+    min_run: int,
+    min_queries: int,
+    min_cross: int,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_], I64, I64, I64]:
+    """Update each row's client (arena ``slots``) in row order and score it.
+
+    A row is *own* when ``own > 0`` and *cross* when it matched another
+    client and is not own. The client's run of own rows (``own_run``) grows
+    by one on an own row and resets to 0 on any other; the bit pushed into
+    the client's ring of the last ``window`` bits (``near``) is ``cross or
+    run >= min_run``. Then ``n_seen`` grows by one and ``n_cross`` by the
+    cross bit.
+
+    Returns
+    -------
+    tuple of arrays
+        Per row: score (set bits in the ring over its length, after the
+        push), warm (``n_seen >= min_queries`` or ``n_cross >= min_cross``
+        after the row), set bits, ring length and ``n_cross``.
+    """
+    n = slots.size
+    window = near.shape[1]
+    score = np.empty(n, dtype=np.float64)
+    warm = np.empty(n, dtype=np.bool_)
+    counts = np.empty(n, dtype=np.int64)
+    lengths = np.empty(n, dtype=np.int64)
+    crossed = np.empty(n, dtype=np.int64)
+    for r in range(n):
+        s = slots[r]
+        is_own = own[r] > 0
+        cross = matched_others[r] and not is_own
+        run = own_run[s] + 1 if is_own else 0
+        own_run[s] = run
+
+        pos = near_pos[s]
+        near[s, pos] = 1 if (cross or run >= min_run) else 0
+        length = min(near_len[s] + 1, window)
+        pos = (pos + 1) % window
+        near_pos[s] = pos
+        near_len[s] = length
+        count = 0
+        for a in range(length):
+            count += near[s, (pos - length + a + window) % window]
+
+        n_seen[s] += 1
+        n_cross[s] += 1 if cross else 0
+        counts[r] = count
+        lengths[r] = length
+        crossed[r] = n_cross[s]
+        score[r] = count / length
+        warm[r] = n_seen[s] >= min_queries or n_cross[s] >= min_cross
+    return score, warm, counts, lengths, crossed
