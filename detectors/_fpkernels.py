@@ -2,7 +2,7 @@
 
 :mod:`detectors.fingerprint` keeps the logic's description, the parameters and
 the Python-facing API; this module holds the loops it runs per row: mixing
-hash values, choosing a fingerprint's top ``k`` values, the store's per-chunk
+hash values, looking window hashes up, the store's per-chunk
 comparison and update, and the per-client window of counted queries. Each
 kernel says in what order it works, since the order fixes the results.
 
@@ -78,61 +78,31 @@ def input_keys_rows(X: npt.NDArray[np.float64]) -> U64:
 
 
 @jit
-def _offer(top: U64, value: np.uint64) -> None:
-    """Insert ``value`` into ``top`` (sorted descending, fixed length) if it
-    is larger than the smallest held; the smallest drops out. Starting from
-    zeros, this keeps the largest values offered, padded with zeros."""
-    k = top.size
-    if value <= top[k - 1]:
-        return
-    i = k - 1
-    while i > 0 and top[i - 1] < value:
-        top[i] = top[i - 1]
-        i -= 1
-    top[i] = value
-
-
-@jit
-def top_k_rows(values: U64, k: int) -> U64:
-    """The ``k`` largest values of each row of a 2-D uint64 array, sorted
-    descending, 0 filling rows with fewer than ``k`` values."""
-    n, w = values.shape
-    out = np.zeros((n, k), dtype=np.uint64)
-    for r in range(n):
-        top = out[r]
-        for i in range(w):
-            _offer(top, values[r, i])
-    return out
-
-
-@jit
-def table_fingerprints(
-    X: npt.NDArray[np.float64], levels: int, width: int, table: U64, k: int
+def table_window_hashes(
+    X: npt.NDArray[np.float64], levels: int, width: int, table: U64
 ) -> U64:
-    """Fingerprints (the ``k`` largest window hashes, descending, 0-padded)
-    of rows of features in [0, 1], from a precomputed hash table.
+    """Hash of every window of quantised features of rows in [0, 1], from a
+    precomputed table; shape (n, d - width + 1).
 
     Feature ``x`` quantises to ``floor(clip(x * levels, 0, levels - 1))``;
     window ``i`` (features ``i .. i + width - 1``, first most significant)
     has code ``sum q * levels ** place`` and hash ``table[i * levels ** width
-    + code]`` (0 for a common hash, which is then never chosen over a real
-    one). Integer arithmetic throughout, so the codes are exact.
+    + code]``. Integer arithmetic throughout, so the codes are exact.
     """
     n, d = X.shape
     n_windows = d - width + 1
     n_codes = levels**width
-    q = np.empty(d, dtype=np.int64)
-    out = np.zeros((n, k), dtype=np.uint64)
     top_level = float(levels - 1)
+    q = np.empty(d, dtype=np.int64)
+    out = np.empty((n, n_windows), dtype=np.uint64)
     for r in range(n):
         for j in range(d):
             q[j] = np.int64(np.floor(min(max(X[r, j] * levels, 0.0), top_level)))
-        top = out[r]
         for i in range(n_windows):
             code = 0
             for o in range(width):
                 code = code * levels + q[i + o]
-            _offer(top, table[i * n_codes + code])
+            out[r, i] = table[i * n_codes + code]
     return out
 
 
@@ -324,7 +294,8 @@ def observe_chunk(
 
     # Per row: candidates counted in a small table of entries, cleared
     # after the row through the list of cells it used.
-    count_cells = power_of_two(2 * max(w * E, 1))
+    count_cells = power_of_two(4 * max(w * E, 1))
+    count_mask = count_cells - 1
     count_keys = np.zeros(count_cells, dtype=np.uint64)
     count_values = np.zeros(count_cells, dtype=np.int64)
     used = np.empty(max(w * E, 1), dtype=np.int64)
@@ -369,26 +340,36 @@ def observe_chunk(
                     g_ring[g] = -1
                     g_pos[g] = 0
                     g_len[g] = 0
+            # The ring's filled cells are the `length` before `pos`,
+            # cyclically; the order of candidates does not matter.
             pos = g_pos[g]
             length = g_len[g]
-            for a in range(length):
-                e = g_ring[g, (pos - length + a + E) % E]
-                if e <= oldest:
+            start = pos - length
+            if start < 0:
+                start += E
+            for a in range(E):
+                after_start = a - start
+                if after_start < 0:
+                    after_start += E
+                e = g_ring[g, a]
+                if after_start >= length or e <= oldest:
                     continue
+                # Counted without a branch on whether the entry is new: the
+                # CPU cannot predict it, and a miss costs more than the work.
                 key = np.uint64(e)
-                mask = count_cells - 1
-                i = _home(key, mask)
-                while count_keys[i] != key and count_keys[i] != np.uint64(0):
-                    i = (i + 1) & mask
-                if count_keys[i] == np.uint64(0):
-                    count_keys[i] = key
-                    count_values[i] = 0
-                    used[n_used] = i
-                    n_used += 1
+                i = _home(key, count_mask)
+                while True:
+                    held = count_keys[i]
+                    if held == key or held == np.uint64(0):
+                        break
+                    i = (i + 1) & count_mask
+                count_keys[i] = key
                 count_values[i] += 1
+                used[n_used] = i
+                n_used += held == np.uint64(0)
             if keep:
                 g_ring[g, pos] = entry
-                g_pos[g] = (pos + 1) % E
+                g_pos[g] = pos + 1 if pos + 1 < E else 0
                 g_len[g] = min(length + 1, E)
                 g_pushed[g] += 1
 
@@ -424,6 +405,7 @@ def observe_chunk(
                     n_senders += 1
         for u in range(n_used):
             count_keys[used[u]] = 0
+            count_values[used[u]] = 0
         if n_senders:
             ranked = np.sort(senders[:n_senders])
             start = 0
@@ -545,12 +527,19 @@ def score_windows(
         pos = near_pos[s]
         near[s, pos] = 1 if (cross or run >= min_run) else 0
         length = min(near_len[s] + 1, window)
-        pos = (pos + 1) % window
+        pos = pos + 1 if pos + 1 < window else 0
         near_pos[s] = pos
         near_len[s] = length
+        # The window is the `length` bits before `pos`, cyclically: at most
+        # two runs of cells, summed without a division per cell.
+        start = pos - length
         count = 0
-        for a in range(length):
-            count += near[s, (pos - length + a + window) % window]
+        if start < 0:
+            for a in range(start + window, window):
+                count += near[s, a]
+            start = 0
+        for a in range(start, pos):
+            count += near[s, a]
 
         n_seen[s] += 1
         n_cross[s] += 1 if cross else 0
