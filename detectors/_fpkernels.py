@@ -193,6 +193,62 @@ def power_of_two(n: int) -> int:
 
 
 @jit
+def _count_ring(
+    rings: I64,
+    row: int,
+    pos: int,
+    length: int,
+    oldest: int,
+    count_keys: U64,
+    count_values: I64,
+    used: I64,
+    n_used: int,
+) -> int:
+    """Count once each entry newer than ``oldest`` among the filled cells of
+    ring ``rings[row]`` (the ``length`` before ``pos``, cyclically; their
+    order does not matter) in a per-row table of entries whose used cells
+    are listed in ``used``; returns the new number of used cells."""
+    E = rings.shape[1]
+    mask = count_keys.size - 1
+    start = pos - length
+    if start < 0:
+        start += E
+    for a in range(E):
+        after_start = a - start
+        if after_start < 0:
+            after_start += E
+        e = rings[row, a]
+        if after_start >= length or e <= oldest:
+            continue
+        # Entries are consecutive integers: their low bits spread them over
+        # the table. No branch on whether the entry is new: the CPU cannot
+        # predict it, and a mispredicted branch costs more than the work.
+        key = np.uint64(e)
+        i = e & mask
+        while True:
+            held = count_keys[i]
+            if held == key or held == np.uint64(0):
+                break
+            i = (i + 1) & mask
+        count_keys[i] = key
+        count_values[i] += 1
+        used[n_used] = i
+        n_used += held == np.uint64(0)
+    return n_used
+
+
+@jit
+def _push(rings: I64, row: int, pos: I64, length: I64, at: int, entry: int) -> None:
+    """Append ``entry`` to ring ``rings[row]``, whose next position and
+    length are ``pos[at]`` and ``length[at]``."""
+    E = rings.shape[1]
+    p = pos[at]
+    rings[row, p] = entry
+    pos[at] = p + 1 if p + 1 < E else 0
+    length[at] = min(length[at] + 1, E)
+
+
+@jit
 def observe_chunk(
     H: U64,
     rem: npt.NDArray[np.bool_],
@@ -202,6 +258,7 @@ def observe_chunk(
     rings: I64,
     ring_pos: I64,
     ring_len: I64,
+    slot_chunk: I64,
     index_keys: U64,
     index_slots: I64,
     entry_client: I64,
@@ -227,12 +284,13 @@ def observe_chunk(
     an earlier row of this chunk or by an entry newer than ``c - horizon``,
     it counts as ``identical``, and otherwise towards the row's ``others``.
 
-    After the rows, the chunk's new hash values that some remembered row
-    holds get slots, in ascending hash order, at the next positions
-    (``counters[1]`` onwards, modulo ``max_hashes``) not used by a hash of
-    this chunk, evicting the value held there (the oldest first-seen); the
-    touched rings are written back; the remembered rows' input keys map to
-    their entry (the last one when a key repeats).
+    Held hash values' rings are updated in place; a value not held gets a
+    ring of the chunk's own. After the rows, those of them that some
+    remembered row holds get slots, in ascending hash order, at the next
+    positions (``counters[1]`` onwards, modulo ``max_hashes``) not used by a
+    hash of this chunk, evicting the value held there (the oldest
+    first-seen); then the remembered rows' input keys map to their entry
+    (the last one when a key repeats).
 
     Parameters
     ----------
@@ -246,6 +304,8 @@ def observe_chunk(
         The store's slots: hash held (0: none), ring of the last ``E``
         entries, next ring position, entries held. Updated in place; at
         least ``min(max_hashes, counters[1] + n * w)`` slots.
+    slot_chunk
+        Per slot, the last chunk (``counters[3]``) that used it; updated.
     index_keys, index_slots
         Hash value -> slot table, at least twice as many cells as slots.
     entry_client
@@ -256,7 +316,7 @@ def observe_chunk(
         load.
     counters
         Entries stored so far, slot positions handed out so far, keys in
-        the seen table; updated.
+        the seen table, chunks seen; updated.
     match_threshold
         Shared hashes that make a near-duplicate.
     max_hashes
@@ -272,32 +332,30 @@ def observe_chunk(
     E = rings.shape[1]
     horizon = entry_client.size
     clock0 = counters[0]
+    counters[3] += 1
+    chunk = counters[3]
 
-    # The chunk's distinct hash values, numbered in order of first sight,
-    # each with a private copy of its ring that the chunk's rows update.
-    local_cells = power_of_two(2 * max(n * w, 1))
-    local_keys = np.zeros(local_cells, dtype=np.uint64)
-    local_ids = np.zeros(local_cells, dtype=np.int64)
+    # Hash values not held, numbered in order of first sight, each with a
+    # ring of its own until it gets a slot.
     cap = max(n * w, 1)
-    g_hash = np.empty(cap, dtype=np.uint64)
-    g_slot = np.empty(cap, dtype=np.int64)
-    g_ring = np.empty((cap, E), dtype=np.int64)
-    g_pos = np.empty(cap, dtype=np.int64)
-    g_len = np.empty(cap, dtype=np.int64)
-    g_pushed = np.empty(cap, dtype=np.int64)
-    n_groups = 0
+    new_keys = np.zeros(power_of_two(2 * cap), dtype=np.uint64)
+    new_ids = np.zeros(new_keys.size, dtype=np.int64)
+    new_hash = np.empty(cap, dtype=np.uint64)
+    new_ring = np.empty((cap, E), dtype=np.int64)
+    new_pos = np.empty(cap, dtype=np.int64)
+    new_len = np.empty(cap, dtype=np.int64)
+    new_pushed = np.empty(cap, dtype=np.int64)
+    n_new = 0
     # Input keys remembered by earlier rows of the chunk.
     chunk_keys = np.zeros(power_of_two(2 * max(n, 1)), dtype=np.uint64)
-    chunk_dummy = np.zeros(chunk_keys.size, dtype=np.int64)
+    chunk_rows = np.zeros(chunk_keys.size, dtype=np.int64)
     remembered = np.empty(n, dtype=np.int64)
     n_rem = 0
 
-    # Per row: candidates counted in a small table of entries, cleared
+    # Per row: candidates counted in a small table of entries, emptied
     # after the row through the list of cells it used.
-    count_cells = power_of_two(4 * max(w * E, 1))
-    count_mask = count_cells - 1
-    count_keys = np.zeros(count_cells, dtype=np.uint64)
-    count_values = np.zeros(count_cells, dtype=np.int64)
+    count_keys = np.zeros(power_of_two(4 * max(w * E, 1)), dtype=np.uint64)
+    count_values = np.zeros(count_keys.size, dtype=np.int64)
     used = np.empty(max(w * E, 1), dtype=np.int64)
     senders = np.empty(max(w * E, 1), dtype=np.int64)
 
@@ -320,58 +378,49 @@ def observe_chunk(
             h = H[r, j]
             if h == np.uint64(0):
                 continue
-            cell = _find(local_keys, h)
+            at = _find(index_keys, h)
+            if at >= 0:
+                slot = index_slots[at]
+                slot_chunk[slot] = chunk
+                n_used = _count_ring(
+                    rings,
+                    slot,
+                    ring_pos[slot],
+                    ring_len[slot],
+                    oldest,
+                    count_keys,
+                    count_values,
+                    used,
+                    n_used,
+                )
+                if keep:
+                    _push(rings, slot, ring_pos, ring_len, slot, entry)
+                continue
+            cell = _find(new_keys, h)
             if cell >= 0:
-                g = local_ids[cell]
+                g = new_ids[cell]
             else:
-                g = n_groups
-                n_groups += 1
-                _put(local_keys, local_ids, h, g)
-                g_hash[g] = h
-                at = _find(index_keys, h)
-                slot = index_slots[at] if at >= 0 else -1
-                g_slot[g] = slot
-                g_pushed[g] = 0
-                if slot >= 0:
-                    g_ring[g] = rings[slot]
-                    g_pos[g] = ring_pos[slot]
-                    g_len[g] = ring_len[slot]
-                else:
-                    g_ring[g] = -1
-                    g_pos[g] = 0
-                    g_len[g] = 0
-            # The ring's filled cells are the `length` before `pos`,
-            # cyclically; the order of candidates does not matter.
-            pos = g_pos[g]
-            length = g_len[g]
-            start = pos - length
-            if start < 0:
-                start += E
-            for a in range(E):
-                after_start = a - start
-                if after_start < 0:
-                    after_start += E
-                e = g_ring[g, a]
-                if after_start >= length or e <= oldest:
-                    continue
-                # Counted without a branch on whether the entry is new: the
-                # CPU cannot predict it, and a miss costs more than the work.
-                key = np.uint64(e)
-                i = _home(key, count_mask)
-                while True:
-                    held = count_keys[i]
-                    if held == key or held == np.uint64(0):
-                        break
-                    i = (i + 1) & count_mask
-                count_keys[i] = key
-                count_values[i] += 1
-                used[n_used] = i
-                n_used += held == np.uint64(0)
+                g = n_new
+                n_new += 1
+                _put(new_keys, new_ids, h, g)
+                new_hash[g] = h
+                new_pos[g] = 0
+                new_len[g] = 0
+                new_pushed[g] = 0
+            n_used = _count_ring(
+                new_ring,
+                g,
+                new_pos[g],
+                new_len[g],
+                oldest,
+                count_keys,
+                count_values,
+                used,
+                n_used,
+            )
             if keep:
-                g_ring[g, pos] = entry
-                g_pos[g] = pos + 1 if pos + 1 < E else 0
-                g_len[g] = min(length + 1, E)
-                g_pushed[g] += 1
+                _push(new_ring, g, new_pos, new_len, g, entry)
+                new_pushed[g] += 1
 
         # Near-duplicates, by sender; the input key is looked up only for a
         # row that another client matched.
@@ -395,8 +444,8 @@ def observe_chunk(
                         if _find(chunk_keys, key) >= 0:
                             exact = 1
                         else:
-                            at = _find(seen_keys, key)
-                            if at >= 0 and seen_entries[at] > oldest:
+                            found = _find(seen_keys, key)
+                            if found >= 0 and seen_entries[found] > oldest:
                                 exact = 1
                 if exact == 1:
                     identical[r] += 1
@@ -423,52 +472,43 @@ def observe_chunk(
             # than the horizon for every later row.
             entry_client[entry % horizon] = clients[r]
             if keys[r] != np.uint64(0):
-                _put(chunk_keys, chunk_dummy, keys[r], r)
+                _put(chunk_keys, chunk_rows, keys[r], r)
 
-    # New hash values get slots in ascending hash order, skipping the slots
-    # of every held hash of the chunk (their rings were read as of the chunk's
-    # start and are written back below).
-    n_new = 0
-    fresh = np.empty(n_groups, dtype=np.int64)
-    for g in range(n_groups):
-        if g_slot[g] < 0 and g_pushed[g] > 0:
-            fresh[n_new] = g
-            n_new += 1
-    if n_new:
-        busy = np.zeros(slot_hash.size, dtype=np.bool_)
-        for g in range(n_groups):
-            if g_slot[g] >= 0:
-                busy[g_slot[g]] = True
-        fresh = fresh[:n_new][np.argsort(g_hash[fresh[:n_new]])]
-        position = counters[1]
-        tried = 0
-        for g in fresh:
-            slot = -1
-            while tried < max_hashes:
-                candidate = position % max_hashes
-                position += 1
-                tried += 1
-                if not busy[candidate]:
-                    slot = candidate
-                    break
-            if slot < 0:
-                break  # more new values than max_hashes leaves free
-            counters[1] = position
-            busy[slot] = True
-            old = slot_hash[slot]
-            if old != np.uint64(0):
-                _remove(index_keys, index_slots, old)
-            _put(index_keys, index_slots, g_hash[g], slot)
-            slot_hash[slot] = g_hash[g]
-            g_slot[g] = slot
+    # New hash values some remembered row holds get slots, in ascending
+    # hash order, skipping the slots of this chunk's held values (stamped
+    # with the chunk) and those just given.
+    stored = np.empty(n_new, dtype=np.int64)
+    n_stored = 0
+    for g in range(n_new):
+        if new_pushed[g] > 0:
+            stored[n_stored] = g
+            n_stored += 1
+    stored = stored[:n_stored]
+    position = counters[1]
+    tried = 0
+    for g in stored[np.argsort(new_hash[stored])]:
+        slot = -1
+        while tried < max_hashes:
+            candidate = position % max_hashes
+            position += 1
+            tried += 1
+            if slot_chunk[candidate] != chunk:
+                slot = candidate
+                break
+        if slot < 0:
+            break  # more new values than max_hashes leaves free
+        counters[1] = position
+        slot_chunk[slot] = chunk
+        old = slot_hash[slot]
+        if old != np.uint64(0):
+            _remove(index_keys, index_slots, old)
+        _put(index_keys, index_slots, new_hash[g], slot)
+        slot_hash[slot] = new_hash[g]
+        rings[slot] = new_ring[g]
+        ring_pos[slot] = new_pos[g]
+        ring_len[slot] = new_len[g]
 
-    # Rings back, then the chunk's input keys.
-    for g in range(n_groups):
-        slot = g_slot[g]
-        if slot >= 0 and g_pushed[g] > 0:
-            rings[slot] = g_ring[g]
-            ring_pos[slot] = g_pos[g]
-            ring_len[slot] = g_len[g]
+    # The chunk's input keys.
     for t in range(n_rem):
         r = remembered[t]
         if keys[r] != np.uint64(0) and _put(

@@ -310,6 +310,9 @@ class InMemoryFingerprintStore:
         self._table = np.full((capacity, entries_per_hash), -1, dtype=np.int64)
         self._table_pos = np.zeros(capacity, dtype=np.int64)
         self._table_len = np.zeros(capacity, dtype=np.int64)
+        # Last chunk of rows that used each slot (such slots are not reused
+        # by that chunk's new values).
+        self._slot_chunk = np.zeros(capacity, dtype=np.int64)
         # Hash value -> slot, at most half full.
         self._index_keys = np.zeros(2 * power_of_two(capacity), dtype=np.uint64)
         self._index_slots = np.zeros(len(self._index_keys), dtype=np.int64)
@@ -319,8 +322,8 @@ class InMemoryFingerprintStore:
         self._seen_keys = np.zeros(power_of_two(_INITIAL_SLOTS), dtype=np.uint64)
         self._seen_entries = np.zeros(len(self._seen_keys), dtype=np.int64)
         # Entries stored, slot positions handed out (modulo max_hashes), keys
-        # in the seen table (those beyond the horizon included).
-        self._counters = np.zeros(3, dtype=np.int64)
+        # in the seen table (those beyond the horizon included), chunks seen.
+        self._counters = np.zeros(4, dtype=np.int64)
         self._client_index: dict[str, int] = {}
         self._client_names: list[str] = []
 
@@ -399,6 +402,7 @@ class InMemoryFingerprintStore:
             self._table,
             self._table_pos,
             self._table_len,
+            self._slot_chunk,
             self._index_keys,
             self._index_slots,
             self._entry_client,
@@ -447,6 +451,9 @@ class InMemoryFingerprintStore:
             )
             self._table_len = np.concatenate(
                 [self._table_len, np.zeros(extra, dtype=np.int64)]
+            )
+            self._slot_chunk = np.concatenate(
+                [self._slot_chunk, np.zeros(extra, dtype=np.int64)]
             )
             self._index_keys, self._index_slots = rehash(
                 self._slot_hash,
