@@ -249,6 +249,41 @@ _STORE_CHUNK_ROWS = 512
 _INITIAL_SLOTS = 4096
 
 
+# Shared matches of rows that matched no other client, by own * 16 +
+# identical (both below 16): a named tuple is immutable, so rows may share
+# one, and a look-up is ten times cheaper than building one per row.
+_MATCH_SIDE = 16
+
+
+def _plain_matches() -> npt.NDArray[np.object_]:
+    table = np.empty(_MATCH_SIDE * _MATCH_SIDE, dtype=object)
+    for own in range(_MATCH_SIDE):
+        for identical in range(_MATCH_SIDE):
+            table[own * _MATCH_SIDE + identical] = FingerprintMatch(
+                own, _NO_OTHERS, identical
+            )
+    return table
+
+
+_PLAIN_MATCHES = _plain_matches()
+
+
+def _matches(
+    own: npt.NDArray[np.int64],
+    others: list[Mapping[str, int]],
+    identical: npt.NDArray[np.int64],
+    matched: npt.NDArray[np.bool_],
+) -> list[FingerprintMatch]:
+    """One :class:`FingerprintMatch` per row; ``matched`` marks the rows
+    whose ``others`` is not empty."""
+    plain = ~matched & (own < _MATCH_SIDE) & (identical < _MATCH_SIDE)
+    code = np.where(plain, own * _MATCH_SIDE + identical, 0)
+    out: list[FingerprintMatch] = _PLAIN_MATCHES[code].tolist()
+    for row in np.flatnonzero(~plain).tolist():
+        out[row] = FingerprintMatch(int(own[row]), others[row], int(identical[row]))
+    return out
+
+
 class InMemoryFingerprintStore:
     """A bounded :class:`FingerprintStore` in one process, compiled.
 
@@ -338,6 +373,18 @@ class InMemoryFingerprintStore:
         remember: Sequence[bool] | None = None,
         input_keys: npt.NDArray[np.uint64] | None = None,
     ) -> list[FingerprintMatch]:
+        return self.observe_arrays(client_ids, hash_sets, remember, input_keys)[0]
+
+    def observe_arrays(
+        self,
+        client_ids: Sequence[str],
+        hash_sets: HashArray,
+        remember: Sequence[bool] | None = None,
+        input_keys: npt.NDArray[np.uint64] | None = None,
+    ) -> tuple[list[FingerprintMatch], npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+        """:meth:`observe`, also returning per row ``own`` and whether
+        ``others`` is not empty as arrays (which the detector would
+        otherwise rebuild from the matches, row by row)."""
         n = len(client_ids)
         if n != len(hash_sets):
             raise ValueError(f"{n} client ids for {len(hash_sets)} hash sets")
@@ -359,16 +406,41 @@ class InMemoryFingerprintStore:
         clients = self._client_numbers(client_ids)
         width = max(hashes.shape[1], 1)
         step = max(1, min(_STORE_CHUNK_ROWS, self.max_hashes // (2 * width)))
-        out: list[FingerprintMatch] = []
+        own = np.zeros(n, dtype=np.int64)
+        identical = np.zeros(n, dtype=np.int64)
+        others: list[Mapping[str, int]] = [_NO_OTHERS] * n
+        matched = np.zeros(n, dtype=bool)
+        names = self._client_names
+        filled: dict[int, dict[str, int]] = {}
         for start in range(0, n, step):
             stop = min(start + step, n)
-            out += self._chunk(
-                hashes[start:stop],
+            H = hashes[start:stop]
+            self._make_room(stop - start, H.shape[1])
+            own[start:stop], identical[start:stop], pairs = observe_chunk(
+                H,
                 keep[start:stop],
                 clients[start:stop],
                 keys[start:stop],
+                self._slot_hash,
+                self._table,
+                self._table_pos,
+                self._table_len,
+                self._slot_chunk,
+                self._index_keys,
+                self._index_slots,
+                self._entry_client,
+                self._seen_keys,
+                self._seen_entries,
+                self._counters,
+                self.match_threshold,
+                self.max_hashes,
             )
-        return out
+            for row, who, count in pairs.tolist():
+                filled.setdefault(start + row, {})[names[who]] = count
+        for row, senders in filled.items():
+            others[row] = senders
+            matched[row] = True
+        return _matches(own, others, identical, matched), own, matched
 
     def _client_numbers(self, client_ids: Sequence[str]) -> npt.NDArray[np.int64]:
         """Each client's number in the name index, new clients added."""
@@ -383,50 +455,6 @@ class InMemoryFingerprintStore:
                 self._client_names.append(client)
             clients[i] = c
         return clients
-
-    def _chunk(
-        self,
-        H: HashArray,
-        rem: npt.NDArray[np.bool_],
-        clients: npt.NDArray[np.int64],
-        keys: npt.NDArray[np.uint64],
-    ) -> list[FingerprintMatch]:
-        n = H.shape[0]
-        self._make_room(n, H.shape[1])
-        own, identical, pairs = observe_chunk(
-            H,
-            rem,
-            clients,
-            keys,
-            self._slot_hash,
-            self._table,
-            self._table_pos,
-            self._table_len,
-            self._slot_chunk,
-            self._index_keys,
-            self._index_slots,
-            self._entry_client,
-            self._seen_keys,
-            self._seen_entries,
-            self._counters,
-            self.match_threshold,
-            self.max_hashes,
-        )
-        others: list[Mapping[str, int]] = [_NO_OTHERS] * n
-        if len(pairs):
-            names = self._client_names
-            filled: dict[int, dict[str, int]] = {}
-            for row, who, count in pairs.tolist():
-                filled.setdefault(row, {})[names[who]] = count
-            for row, senders in filled.items():
-                others[row] = senders
-        return list(
-            map(
-                tuple.__new__,
-                repeat(FingerprintMatch, n),
-                zip(own.tolist(), others, identical.tolist(), strict=True),
-            )
-        )
 
     def _make_room(self, n_rows: int, width: int) -> None:
         """Grow the slots and the tables so a chunk of ``n_rows`` rows of
@@ -764,15 +792,20 @@ class FingerprintDetector(Detector[FingerprintParams]):
         # soon as its first keys were flagged if their queries were left out.
         del learn
         keys = input_keys(X)
-        matches = self.store.observe(client_ids, hashes, None, keys)
+        if isinstance(self.store, InMemoryFingerprintStore):
+            matches, own, matched_others = self.store.observe_arrays(
+                client_ids, hashes, None, keys
+            )
+        else:
+            matches = self.store.observe(client_ids, hashes, None, keys)
+            # Fields by position through C-level map: a generator over the
+            # matches cost a Python frame step per row.
+            own = np.fromiter(map(_OWN, matches), np.int64, n)
+            matched_others = np.fromiter(map(bool, map(_OTHERS, matches)), bool, n)
         self.last_input_keys = keys
         self.last_hashes = hashes
         self.last_matches = matches
         threshold = p.match_threshold
-        # Fields by position through C-level map: a generator over the
-        # matches cost a Python frame step per row.
-        own = np.fromiter(map(_OWN, matches), np.int64, n)
-        matched_others = np.fromiter(map(bool, map(_OTHERS, matches)), bool, n)
 
         # A near-duplicate of another client's query counts unless the query
         # also matches one of the client's own (a re-submitted popular input
