@@ -6,9 +6,10 @@ hash values, looking window hashes up, the store's per-chunk
 comparison and update, and the per-client window of counted queries. Each
 kernel says in what order it works, since the order fixes the results.
 
-Hash tables here are open addressing with linear probing in two numpy arrays
-(``keys`` uint64 with 0 for an empty cell, ``values`` int64), never more than
-half full (the caller grows them first), so a probe always ends.
+Hash tables here are open addressing with linear probing in one uint64 array
+of (key, value) cells, key 0 for an empty cell (key and value share a cache
+line), never more than half full (the caller grows them first), so a probe
+always ends.
 
 Imports numpy and ``detectors._jit`` only; nothing from Kafka, Redis, FastAPI
 or ``gateway``.
@@ -115,12 +116,12 @@ def _home(key: np.uint64, mask: int) -> int:
 
 
 @jit
-def _find(keys: U64, key: np.uint64) -> int:
-    """Cell of ``key`` (nonzero) in ``keys``, or -1 when absent."""
-    mask = keys.size - 1
+def _find(table: U64, key: np.uint64) -> int:
+    """Cell of ``key`` (nonzero) in ``table``, or -1 when absent."""
+    mask = table.shape[0] - 1
     i = _home(key, mask)
     while True:
-        held = keys[i]
+        held = table[i, 0]
         if held == key:
             return i
         if held == np.uint64(0):
@@ -129,35 +130,32 @@ def _find(keys: U64, key: np.uint64) -> int:
 
 
 @jit
-def _put(keys: U64, values: I64, key: np.uint64, value: int) -> bool:
-    """Set ``key`` (nonzero) to ``value``; True when the key is new."""
-    mask = keys.size - 1
+def _put(table: U64, key: np.uint64, value: int) -> bool:
+    """Set ``key`` (nonzero) to ``value`` (>= 0); True when the key is new."""
+    mask = table.shape[0] - 1
     i = _home(key, mask)
     while True:
-        held = keys[i]
-        if held == key:
-            values[i] = value
-            return False
-        if held == np.uint64(0):
-            keys[i] = key
-            values[i] = value
-            return True
+        held = table[i, 0]
+        if held == key or held == np.uint64(0):
+            table[i, 0] = key
+            table[i, 1] = np.uint64(value)
+            return bool(held == np.uint64(0))
         i = (i + 1) & mask
 
 
 @jit
-def _remove(keys: U64, values: I64, key: np.uint64) -> None:
+def _remove(table: U64, key: np.uint64) -> None:
     """Delete ``key`` if present, shifting later cells of its probe run back
     (no tombstones, so look-ups stay short however many keys come and go)."""
-    mask = keys.size - 1
-    i = _find(keys, key)
+    mask = table.shape[0] - 1
+    i = _find(table, key)
     if i < 0:
         return
-    keys[i] = 0
+    table[i, 0] = 0
     j = i
     while True:
         j = (j + 1) & mask
-        held = keys[j]
+        held = table[j, 0]
         if held == np.uint64(0):
             return
         home = _home(held, mask)
@@ -165,22 +163,21 @@ def _remove(keys: U64, values: I64, key: np.uint64) -> None:
         # cyclically in (i, j], where a look-up would stop before i.
         stays = (i < home <= j) if i <= j else (home > i or home <= j)
         if not stays:
-            keys[i] = held
-            values[i] = values[j]
-            keys[j] = 0
+            table[i, 0] = held
+            table[i, 1] = table[j, 1]
+            table[j, 0] = 0
             i = j
 
 
 @jit
-def rehash(keys: U64, values: I64, min_value: int, capacity: int) -> tuple[U64, I64]:
-    """A new table of ``capacity`` cells (a power of two) holding the keys of
-    ``keys``/``values`` whose value exceeds ``min_value``."""
-    new_keys = np.zeros(capacity, dtype=np.uint64)
-    new_values = np.zeros(capacity, dtype=np.int64)
+def rehash(keys: U64, values: I64, min_value: int, capacity: int) -> U64:
+    """A new table of ``capacity`` cells (a power of two) holding the
+    nonzero ``keys`` whose value exceeds ``min_value``."""
+    table = np.zeros((capacity, 2), dtype=np.uint64)
     for i in range(keys.size):
         if keys[i] != np.uint64(0) and values[i] > min_value:
-            _put(new_keys, new_values, keys[i], values[i])
-    return new_keys, new_values
+            _put(table, keys[i], values[i])
+    return table
 
 
 @jit
@@ -196,8 +193,7 @@ def power_of_two(n: int) -> int:
 def _count_ring(
     rings: I64,
     row: int,
-    pos: int,
-    length: int,
+    E: int,
     oldest: int,
     count_keys: U64,
     count_values: I64,
@@ -205,11 +201,12 @@ def _count_ring(
     n_used: int,
 ) -> int:
     """Count once each entry newer than ``oldest`` among the filled cells of
-    ring ``rings[row]`` (the ``length`` before ``pos``, cyclically; their
-    order does not matter) in a per-row table of entries whose used cells
-    are listed in ``used``; returns the new number of used cells."""
-    E = rings.shape[1]
+    the ring in ``rings[row]`` (see :func:`observe_chunk`; their order does
+    not matter) in a per-row table of entries whose used cells are listed in
+    ``used``; returns the new number of used cells."""
     mask = count_keys.size - 1
+    pos = rings[row, E]
+    length = rings[row, E + 1]
     start = pos - length
     if start < 0:
         start += E
@@ -238,14 +235,12 @@ def _count_ring(
 
 
 @jit
-def _push(rings: I64, row: int, pos: I64, length: I64, at: int, entry: int) -> None:
-    """Append ``entry`` to ring ``rings[row]``, whose next position and
-    length are ``pos[at]`` and ``length[at]``."""
-    E = rings.shape[1]
-    p = pos[at]
-    rings[row, p] = entry
-    pos[at] = p + 1 if p + 1 < E else 0
-    length[at] = min(length[at] + 1, E)
+def _push(rings: I64, row: int, E: int, entry: int) -> None:
+    """Append ``entry`` to the ring in ``rings[row]``."""
+    pos = rings[row, E]
+    rings[row, pos] = entry
+    rings[row, E] = pos + 1 if pos + 1 < E else 0
+    rings[row, E + 1] = min(rings[row, E + 1] + 1, E)
 
 
 @jit
@@ -255,16 +250,12 @@ def observe_chunk(
     clients: I64,
     keys: U64,
     slot_hash: U64,
-    rings: I64,
-    ring_pos: I64,
-    ring_len: I64,
-    slot_chunk: I64,
-    index_keys: U64,
-    index_slots: I64,
+    slots: I64,
+    index: U64,
     entry_client: I64,
-    seen_keys: U64,
-    seen_entries: I64,
+    seen: U64,
     counters: I64,
+    entries_per_hash: int,
     match_threshold: int,
     max_hashes: int,
 ) -> tuple[I64, I64, I64]:
@@ -274,15 +265,16 @@ def observe_chunk(
     before it: ``c`` (``counters[0]`` plus the remembered rows before ``r``)
     entries, numbered 1..c; a remembered row becomes entry ``c + 1``. For
     each nonzero hash of the row, left to right, the candidates are the last
-    ``E`` entries holding that hash (the store's ring as the chunk began,
-    followed by the chunk's own remembered occurrences of it), and then, if
-    the row is remembered, the row joins them. An entry newer than
-    ``c - horizon`` that is a candidate of at least ``match_threshold`` of
-    the row's hashes is a near-duplicate; its sender (``entry_client``, or
-    the chunk's client for an entry of this chunk) is the row's own client
-    (``own``), or else, when the row's input key (nonzero) was remembered by
-    an earlier row of this chunk or by an entry newer than ``c - horizon``,
-    it counts as ``identical``, and otherwise towards the row's ``others``.
+    ``E`` (``entries_per_hash``) entries holding that hash (the store's ring
+    as the chunk began, followed by the chunk's own remembered occurrences
+    of it), and then, if the row is remembered, the row joins them. An entry
+    newer than ``c - horizon`` that is a candidate of at least
+    ``match_threshold`` of the row's hashes is a near-duplicate; its sender
+    (``entry_client``, or the chunk's client for an entry of this chunk) is
+    the row's own client (``own``), or else, when the row's input key
+    (nonzero) was remembered by an earlier row of this chunk or by an entry
+    newer than ``c - horizon``, it counts as ``identical``, and otherwise
+    towards the row's ``others``.
 
     Held hash values' rings are updated in place; a value not held gets a
     ring of the chunk's own. After the rows, those of them that some
@@ -300,23 +292,27 @@ def observe_chunk(
         Whether each row is stored after it is compared.
     clients, keys
         Each row's client number and input key (0: unknown).
-    slot_hash, rings, ring_pos, ring_len
-        The store's slots: hash held (0: none), ring of the last ``E``
-        entries, next ring position, entries held. Updated in place; at
-        least ``min(max_hashes, counters[1] + n * w)`` slots.
-    slot_chunk
-        Per slot, the last chunk (``counters[3]``) that used it; updated.
-    index_keys, index_slots
+    slot_hash
+        Per slot, the hash value held (0: none); updated.
+    slots
+        Per slot, one row (one cache line for ``E = 4``): the ring of the
+        last ``E`` entries (its filled cells are the ``length`` before
+        ``pos``, cyclically), then ``pos``, ``length`` and the last chunk
+        (``counters[3]``) that used the slot; updated. At least
+        ``min(max_hashes, counters[1] + n * w)`` slots.
+    index
         Hash value -> slot table, at least twice as many cells as slots.
     entry_client
         Client of entry ``e`` at ``e % horizon`` (its length is the
         horizon).
-    seen_keys, seen_entries
+    seen
         Input key -> last entry table, with room for ``n`` more keys at half
         load.
     counters
         Entries stored so far, slot positions handed out so far, keys in
         the seen table, chunks seen; updated.
+    entries_per_hash
+        ``E``.
     match_threshold
         Shared hashes that make a near-duplicate.
     max_hashes
@@ -329,26 +325,23 @@ def observe_chunk(
         of (row, client, near-duplicates), by row then client.
     """
     n, w = H.shape
-    E = rings.shape[1]
+    E = entries_per_hash
+    POS, LEN, CHUNK = E, E + 1, E + 2
     horizon = entry_client.size
     clock0 = counters[0]
     counters[3] += 1
     chunk = counters[3]
 
     # Hash values not held, numbered in order of first sight, each with a
-    # ring of its own until it gets a slot.
+    # ring of its own (laid out as a slot) until it gets a slot.
     cap = max(n * w, 1)
-    new_keys = np.zeros(power_of_two(2 * cap), dtype=np.uint64)
-    new_ids = np.zeros(new_keys.size, dtype=np.int64)
-    new_hash = np.empty(cap, dtype=np.uint64)
-    new_ring = np.empty((cap, E), dtype=np.int64)
-    new_pos = np.empty(cap, dtype=np.int64)
-    new_len = np.empty(cap, dtype=np.int64)
-    new_pushed = np.empty(cap, dtype=np.int64)
-    n_new = 0
+    fresh = np.zeros((power_of_two(2 * cap), 2), dtype=np.uint64)
+    fresh_hash = np.empty(cap, dtype=np.uint64)
+    fresh_rings = np.empty((cap, slots.shape[1]), dtype=np.int64)
+    fresh_pushed = np.empty(cap, dtype=np.int64)
+    n_fresh = 0
     # Input keys remembered by earlier rows of the chunk.
-    chunk_keys = np.zeros(power_of_two(2 * max(n, 1)), dtype=np.uint64)
-    chunk_rows = np.zeros(chunk_keys.size, dtype=np.int64)
+    chunk_keys = np.zeros((power_of_two(2 * max(n, 1)), 2), dtype=np.uint64)
     remembered = np.empty(n, dtype=np.int64)
     n_rem = 0
 
@@ -378,49 +371,34 @@ def observe_chunk(
             h = H[r, j]
             if h == np.uint64(0):
                 continue
-            at = _find(index_keys, h)
+            at = _find(index, h)
             if at >= 0:
-                slot = index_slots[at]
-                slot_chunk[slot] = chunk
+                slot = int(np.int64(index[at, 1]))
+                slots[slot, CHUNK] = chunk
                 n_used = _count_ring(
-                    rings,
-                    slot,
-                    ring_pos[slot],
-                    ring_len[slot],
-                    oldest,
-                    count_keys,
-                    count_values,
-                    used,
-                    n_used,
+                    slots, slot, E, oldest, count_keys, count_values, used, n_used
                 )
                 if keep:
-                    _push(rings, slot, ring_pos, ring_len, slot, entry)
+                    _push(slots, slot, E, entry)
                 continue
-            cell = _find(new_keys, h)
+            cell = _find(fresh, h)
             if cell >= 0:
-                g = new_ids[cell]
+                g = int(np.int64(fresh[cell, 1]))
             else:
-                g = n_new
-                n_new += 1
-                _put(new_keys, new_ids, h, g)
-                new_hash[g] = h
-                new_pos[g] = 0
-                new_len[g] = 0
-                new_pushed[g] = 0
+                g = n_fresh
+                n_fresh += 1
+                _put(fresh, h, g)
+                fresh_hash[g] = h
+                fresh_rings[g] = -1
+                fresh_rings[g, POS] = 0
+                fresh_rings[g, LEN] = 0
+                fresh_pushed[g] = 0
             n_used = _count_ring(
-                new_ring,
-                g,
-                new_pos[g],
-                new_len[g],
-                oldest,
-                count_keys,
-                count_values,
-                used,
-                n_used,
+                fresh_rings, g, E, oldest, count_keys, count_values, used, n_used
             )
             if keep:
-                _push(new_ring, g, new_pos, new_len, g, entry)
-                new_pushed[g] += 1
+                _push(fresh_rings, g, E, entry)
+                fresh_pushed[g] += 1
 
         # Near-duplicates, by sender; the input key is looked up only for a
         # row that another client matched.
@@ -429,7 +407,7 @@ def observe_chunk(
         for u in range(n_used):
             i = used[u]
             if count_values[i] >= match_threshold:
-                e = np.int64(count_keys[i])
+                e = int(np.int64(count_keys[i]))
                 if e <= clock0:
                     sender = entry_client[e % horizon]
                 else:
@@ -444,8 +422,8 @@ def observe_chunk(
                         if _find(chunk_keys, key) >= 0:
                             exact = 1
                         else:
-                            found = _find(seen_keys, key)
-                            if found >= 0 and seen_entries[found] > oldest:
+                            found = _find(seen, key)
+                            if found >= 0 and np.int64(seen[found, 1]) > oldest:
                                 exact = 1
                 if exact == 1:
                     identical[r] += 1
@@ -472,48 +450,44 @@ def observe_chunk(
             # than the horizon for every later row.
             entry_client[entry % horizon] = clients[r]
             if keys[r] != np.uint64(0):
-                _put(chunk_keys, chunk_rows, keys[r], r)
+                _put(chunk_keys, keys[r], r)
 
     # New hash values some remembered row holds get slots, in ascending
     # hash order, skipping the slots of this chunk's held values (stamped
     # with the chunk) and those just given.
-    stored = np.empty(n_new, dtype=np.int64)
+    stored = np.empty(n_fresh, dtype=np.int64)
     n_stored = 0
-    for g in range(n_new):
-        if new_pushed[g] > 0:
+    for g in range(n_fresh):
+        if fresh_pushed[g] > 0:
             stored[n_stored] = g
             n_stored += 1
     stored = stored[:n_stored]
     position = counters[1]
     tried = 0
-    for g in stored[np.argsort(new_hash[stored])]:
+    for g in stored[np.argsort(fresh_hash[stored])]:
         slot = -1
         while tried < max_hashes:
             candidate = position % max_hashes
             position += 1
             tried += 1
-            if slot_chunk[candidate] != chunk:
+            if slots[candidate, CHUNK] != chunk:
                 slot = candidate
                 break
         if slot < 0:
             break  # more new values than max_hashes leaves free
         counters[1] = position
-        slot_chunk[slot] = chunk
         old = slot_hash[slot]
         if old != np.uint64(0):
-            _remove(index_keys, index_slots, old)
-        _put(index_keys, index_slots, new_hash[g], slot)
-        slot_hash[slot] = new_hash[g]
-        rings[slot] = new_ring[g]
-        ring_pos[slot] = new_pos[g]
-        ring_len[slot] = new_len[g]
+            _remove(index, old)
+        _put(index, fresh_hash[g], slot)
+        slot_hash[slot] = fresh_hash[g]
+        slots[slot] = fresh_rings[g]
+        slots[slot, CHUNK] = chunk
 
     # The chunk's input keys.
     for t in range(n_rem):
         r = remembered[t]
-        if keys[r] != np.uint64(0) and _put(
-            seen_keys, seen_entries, keys[r], clock0 + t + 1
-        ):
+        if keys[r] != np.uint64(0) and _put(seen, keys[r], clock0 + t + 1):
             counters[2] += 1
     counters[0] = clock0 + n_rem
     return own, identical, others[:n_others]

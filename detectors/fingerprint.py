@@ -342,20 +342,17 @@ class InMemoryFingerprintStore:
         self.entries_per_hash = entries_per_hash
         capacity = min(max_hashes, _INITIAL_SLOTS)
         self._slot_hash = np.zeros(capacity, dtype=np.uint64)  # 0: slot free
-        self._table = np.full((capacity, entries_per_hash), -1, dtype=np.int64)
-        self._table_pos = np.zeros(capacity, dtype=np.int64)
-        self._table_len = np.zeros(capacity, dtype=np.int64)
-        # Last chunk of rows that used each slot (such slots are not reused
-        # by that chunk's new values).
-        self._slot_chunk = np.zeros(capacity, dtype=np.int64)
+        # Per slot one row: the ring of entries, its next position, its
+        # length, the last chunk of rows that used the slot (not reused by
+        # that chunk's new values); padded to whole 64-byte cache lines.
+        self._slot_width = -(-(entries_per_hash + 3) // 8) * 8
+        self._slots = self._empty_slots(capacity)
         # Hash value -> slot, at most half full.
-        self._index_keys = np.zeros(2 * power_of_two(capacity), dtype=np.uint64)
-        self._index_slots = np.zeros(len(self._index_keys), dtype=np.int64)
+        self._index = np.zeros((2 * power_of_two(capacity), 2), dtype=np.uint64)
         self._entry_client = np.full(horizon, -1, dtype=np.int64)
         # Input key -> last entry that had it; keys beyond the horizon are
         # dropped when the table would pass half full.
-        self._seen_keys = np.zeros(power_of_two(_INITIAL_SLOTS), dtype=np.uint64)
-        self._seen_entries = np.zeros(len(self._seen_keys), dtype=np.int64)
+        self._seen = np.zeros((power_of_two(_INITIAL_SLOTS), 2), dtype=np.uint64)
         # Entries stored, slot positions handed out (modulo max_hashes), keys
         # in the seen table (those beyond the horizon included), chunks seen.
         self._counters = np.zeros(4, dtype=np.int64)
@@ -422,16 +419,12 @@ class InMemoryFingerprintStore:
                 clients[start:stop],
                 keys[start:stop],
                 self._slot_hash,
-                self._table,
-                self._table_pos,
-                self._table_len,
-                self._slot_chunk,
-                self._index_keys,
-                self._index_slots,
+                self._slots,
+                self._index,
                 self._entry_client,
-                self._seen_keys,
-                self._seen_entries,
+                self._seen,
                 self._counters,
+                self.entries_per_hash,
                 self.match_threshold,
                 self.max_hashes,
             )
@@ -468,22 +461,8 @@ class InMemoryFingerprintStore:
             self._slot_hash = np.concatenate(
                 [self._slot_hash, np.zeros(extra, dtype=np.uint64)]
             )
-            self._table = np.concatenate(
-                [
-                    self._table,
-                    np.full((extra, self.entries_per_hash), -1, dtype=np.int64),
-                ]
-            )
-            self._table_pos = np.concatenate(
-                [self._table_pos, np.zeros(extra, dtype=np.int64)]
-            )
-            self._table_len = np.concatenate(
-                [self._table_len, np.zeros(extra, dtype=np.int64)]
-            )
-            self._slot_chunk = np.concatenate(
-                [self._slot_chunk, np.zeros(extra, dtype=np.int64)]
-            )
-            self._index_keys, self._index_slots = rehash(
+            self._slots = np.concatenate([self._slots, self._empty_slots(extra)])
+            self._index = rehash(
                 self._slot_hash,
                 np.arange(capacity, dtype=np.int64),
                 -1,
@@ -492,18 +471,24 @@ class InMemoryFingerprintStore:
         # Keys beyond the horizon never count again; they go when the table
         # would pass half full, and it grows only if it is still too full.
         held = int(self._counters[2])
-        if 2 * (held + n_rows) > len(self._seen_keys):
+        if 2 * (held + n_rows) > len(self._seen):
             oldest = int(self._counters[0]) - self.horizon
-            live = int(
-                np.count_nonzero((self._seen_keys != 0) & (self._seen_entries > oldest))
-            )
-            self._seen_keys, self._seen_entries = rehash(
-                self._seen_keys,
-                self._seen_entries,
+            keys = np.ascontiguousarray(self._seen[:, 0])
+            entries = self._seen[:, 1].astype(np.int64)
+            live = int(np.count_nonzero((keys != 0) & (entries > oldest)))
+            self._seen = rehash(
+                keys,
+                entries,
                 oldest,
-                max(len(self._seen_keys), power_of_two(4 * (live + n_rows))),
+                max(len(self._seen), power_of_two(4 * (live + n_rows))),
             )
             self._counters[2] = live
+
+    def _empty_slots(self, n: int) -> npt.NDArray[np.int64]:
+        """``n`` slot rows with empty rings."""
+        slots = np.zeros((n, self._slot_width), dtype=np.int64)
+        slots[:, : self.entries_per_hash] = -1
+        return slots
 
 
 class FingerprintParams(DetectorParams):
