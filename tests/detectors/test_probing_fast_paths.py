@@ -1,8 +1,7 @@
 """The shortcuts behind the cheaper probing detectors give what the plain
 computation gives, including where they must fall back to it: distances
 shared between ``similarity`` and ``knn`` only when their histories agree,
-windows pushed together only when their counters agree, and the fingerprint
-store's packed sort only without a collision of high hash bits."""
+and windows pushed together only when their counters agree."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ import numpy as np
 
 from detectors._probehist import push_windows
 from detectors._state import group_rows, push_window
-from detectors.fingerprint import _order_by_hash_then_row
 from detectors.knn import KnnDistanceDetector, KnnParams
 from detectors.similarity import QuerySimilarityDetector
 
@@ -87,21 +85,3 @@ def test_push_windows_matches_push_window_also_when_counters_differ() -> None:
             assert np.array_equal(lengths, want[i][1])
             assert np.array_equal(rings[i], ref[i][0])
             assert np.array_equal(pos[i], ref[i][1])
-
-
-def test_hash_order_falls_back_on_a_high_bit_collision() -> None:
-    rng = np.random.default_rng(4)
-    hashes = rng.integers(1, 2**63, (6, 4), dtype=np.uint64)
-    # Two different hashes equal but for the lowest bits, in rows 0, 1 and 3.
-    hashes[1, 2] = hashes[0, 1] ^ np.uint64(1)
-    hashes[3, 0] = hashes[0, 1]
-    occ_row, occ_col = np.nonzero(hashes)
-    occ_hash = hashes[occ_row, occ_col]
-    want = np.argsort(occ_hash, kind="stable")
-    got = _order_by_hash_then_row(occ_hash, occ_row, 6)
-    assert np.array_equal(got, want)
-    plain = rng.integers(1, 2**63, 500, dtype=np.uint64)
-    rows = np.sort(rng.integers(0, 512, 500))
-    assert np.array_equal(
-        _order_by_hash_then_row(plain, rows, 512), np.argsort(plain, kind="stable")
-    )
