@@ -79,16 +79,21 @@ def input_keys_rows(X: npt.NDArray[np.float64]) -> U64:
 
 
 @jit
-def table_window_hashes(
-    X: npt.NDArray[np.float64], levels: int, width: int, table: U64
+def common_free_window_hashes(
+    X: npt.NDArray[np.float64],
+    levels: int,
+    width: int,
+    salt: np.uint64,
+    common: U64,
 ) -> U64:
-    """Hash of every window of quantised features of rows in [0, 1], from a
-    precomputed table; shape (n, d - width + 1).
+    """Hash of every window of quantised features of rows in [0, 1], 0 for
+    a common one; shape (n, d - width + 1).
 
     Feature ``x`` quantises to ``floor(clip(x * levels, 0, levels - 1))``;
     window ``i`` (features ``i .. i + width - 1``, first most significant)
-    has code ``sum q * levels ** place`` and hash ``table[i * levels ** width
-    + code]``. Integer arithmetic throughout, so the codes are exact.
+    has code ``sum q * levels ** place`` (integer arithmetic, exact) and hash
+    ``mix64((code | i << 48) ^ salt)``, 1 where that is 0, and 0 where bit
+    ``i * levels ** width + code`` of ``common`` (little-endian words) is set.
     """
     n, d = X.shape
     n_windows = d - width + 1
@@ -103,7 +108,14 @@ def table_window_hashes(
             code = 0
             for o in range(width):
                 code = code * levels + q[i + o]
-            out[r, i] = table[i * n_codes + code]
+            h = mix64((np.uint64(code) | (np.uint64(i) << np.uint64(48))) ^ salt)
+            if h == np.uint64(0):
+                h = np.uint64(1)
+            at = i * n_codes + code
+            bit = (common[at >> 6] >> np.uint64(at & 63)) & np.uint64(1)
+            # Multiplied rather than branched on: common windows come and
+            # go unpredictably.
+            out[r, i] = h * (np.uint64(1) - bit)
     return out
 
 

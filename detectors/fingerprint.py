@@ -33,13 +33,13 @@ import numpy.typing as npt
 from pydantic import Field
 
 from detectors._fpkernels import (
+    common_free_window_hashes,
     input_keys_rows,
     mix_array,
     observe_chunk,
     power_of_two,
     rehash,
     score_windows,
-    table_window_hashes,
 )
 from detectors._state import FieldSpec, check_window, window_fields
 from detectors.base import Detector, DetectorParams, DetectorScore
@@ -188,11 +188,16 @@ def window_codes(
     return code
 
 
+def _salt(seed: int) -> int:
+    """What a seed XORs into every window before mixing."""
+    return (seed * _GOLDEN_INT) & 0xFFFF_FFFF_FFFF_FFFF
+
+
 def _hash_codes(code: npt.NDArray[np.uint64], seed: int) -> HashArray:
     """Window codes (n, w) to hash values, each mixed with its position."""
     n_windows = code.shape[1]
     position = np.arange(n_windows, dtype=np.uint64) << np.uint64(48)
-    salt = np.uint64((seed * _GOLDEN_INT) & 0xFFFF_FFFF_FFFF_FFFF)
+    salt = np.uint64(_salt(seed))
     mixed = _mix((code | position[None, :]) ^ salt)
     # 0 marks an empty slot in a fingerprint; a real hash of 0 becomes 1.
     mixed[mixed == 0] = 1
@@ -237,8 +242,9 @@ def top_hashes(hashes: HashArray, k: int, common: HashArray | None = None) -> Ha
     return np.ascontiguousarray(out)
 
 
-# Largest (position, code) hash table a detector precomputes: 8 bytes each,
-# so 8 MB; digits (59 windows of 4**6 codes) need 1.9 MB.
+# Most (position, code) windows a detector keeps a common bit for (128 KB);
+# digits (59 windows of 4**6 codes) need 30 KB. Beyond, numpy hashes the
+# windows and searches the common ones.
 _MAX_TABLE_ENTRIES = 1 << 20
 
 # Rows compared per step, so that a chunk's new hash values never need more
@@ -645,7 +651,7 @@ class FingerprintDetector(Detector[FingerprintParams]):
             entries_per_hash=p.entries_per_hash,
         )
         self._common: HashArray = np.zeros(0, dtype=np.uint64)
-        self._table: HashArray | None = None
+        self._common_table: HashArray | None = None
         self.last_matches: list[FingerprintMatch] = []
         self.last_hashes: HashArray = np.zeros((0, p.k), dtype=np.uint64)
         self._batch_clients: list[str] = []
@@ -680,42 +686,50 @@ class FingerprintDetector(Detector[FingerprintParams]):
     def _fingerprint_rows(self, rows: npt.NDArray[np.float64]) -> HashArray:
         """:meth:`fingerprints` of rows already checked."""
         p = self._params
-        table = self._hash_table(rows.shape[1])
-        if table is None:
+        common = self._common_bits(rows.shape[1])
+        if common is None:
             hashes = window_hashes(
                 rows, levels=p.levels, width=p.width, seed=self._seed
             )
             return top_hashes(hashes, p.k, self._common)
-        # Compiled: quantising, coding and the look-up of every window in one
-        # pass (the numpy way was a matrix product and a gather).
-        hashes = table_window_hashes(
-            np.ascontiguousarray(rows, dtype=np.float64), p.levels, p.width, table
+        hashes = common_free_window_hashes(
+            np.ascontiguousarray(rows, dtype=np.float64),
+            p.levels,
+            p.width,
+            np.uint64(_salt(self._seed)),
+            common,
         )
         return top_hashes(hashes, p.k)
 
-    def _hash_table(self, n_features: int) -> HashArray | None:
-        """Every possible window hash by (position, code), common ones already
-        0, when that table is small; ``None`` otherwise.
+    def _common_bits(self, n_features: int) -> HashArray | None:
+        """One bit per (position, code) window, set where its hash is common,
+        when that is small; ``None`` otherwise.
 
-        A gather from it replaces mixing and the search among common hashes,
-        which cost more than the rest of the fingerprint together.
+        With it the compiled loop hashes each window and drops common ones
+        by one bit test: cheaper than a search among common hashes, and than
+        a table of every window's hash (1.9 MB on digits, which other
+        detectors' work pushes out of the cache between batches).
         """
         p = self._params
         n_codes = p.levels**p.width
         n_windows = n_features - p.width + 1
         if n_codes * n_windows > _MAX_TABLE_ENTRIES:
             return None
-        if self._table is None:
+        if self._common_table is None:
             codes = np.broadcast_to(
                 np.arange(n_codes, dtype=np.uint64)[None, :], (n_windows, n_codes)
             ).T
-            table = np.ascontiguousarray(_hash_codes(codes, self._seed).T).ravel()
-            common = self._common
-            if len(common):
-                index = np.minimum(np.searchsorted(common, table), len(common) - 1)
-                table[common[index] == table] = 0
-            self._table = table
-        return self._table
+            every = np.ascontiguousarray(_hash_codes(codes, self._seed).T).ravel()
+            common = np.zeros(-(-every.size // 64) * 64, dtype=bool)
+            if len(self._common):
+                index = np.minimum(
+                    np.searchsorted(self._common, every), len(self._common) - 1
+                )
+                common[: every.size] = self._common[index] == every
+            # Bit (i % 64) of word i // 64 is window i (little-endian words).
+            packed = np.packbits(common, bitorder="little")
+            self._common_table = packed.view("<u8").astype(np.uint64)
+        return self._common_table
 
     def _layout(self, n_features: int) -> dict[str, FieldSpec]:
         window = self._params.window
@@ -750,8 +764,8 @@ class FingerprintDetector(Detector[FingerprintParams]):
         self._common = np.sort(values[counts > p.common_share * len(X)])
         # Rebuilt without the newly common hashes, now rather than in the
         # first batch, whose latency it would add to.
-        self._table = None
-        self._hash_table(X.shape[1])
+        self._common_table = None
+        self._common_bits(X.shape[1])
         logger.debug(
             "fingerprint baseline: %d of %d window hashes are common",
             len(self._common),
