@@ -24,6 +24,7 @@ from detectors._jit import jit
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
+I32 = npt.NDArray[np.int32]
 
 # Odd 64-bit constants of the splitmix64 finaliser (Steele, Lea and Flood,
 # 2014): they spread the few bits of a window's code over all 64 bits, so the
@@ -156,29 +157,68 @@ def _put(table: U64, key: np.uint64, value: int) -> bool:
 
 
 @jit
-def _remove(table: U64, key: np.uint64) -> None:
-    """Delete ``key`` if present, shifting later cells of its probe run back
-    (no tombstones, so look-ups stay short however many keys come and go)."""
-    mask = table.shape[0] - 1
-    i = _find(table, key)
-    if i < 0:
-        return
-    table[i, 0] = 0
+def _slot_of(index: I32, slots: I64, column: int, key: np.uint64) -> int:
+    """Slot holding hash ``key`` (its bits in ``slots[slot, column]``), or
+    -1; ``index`` holds slot numbers, -1 for an empty cell."""
+    mask = index.size - 1
+    i = _home(key, mask)
+    while True:
+        slot = index[i]
+        if slot < 0:
+            return -1
+        if np.uint64(slots[slot, column]) == key:
+            return int(slot)
+        i = (i + 1) & mask
+
+
+@jit
+def _index_add(index: I32, key: np.uint64, slot: int) -> None:
+    """Enter ``slot`` for hash ``key``, which is not in ``index``."""
+    mask = index.size - 1
+    i = _home(key, mask)
+    while index[i] >= 0:
+        i = (i + 1) & mask
+    index[i] = slot
+
+
+@jit
+def _index_remove(index: I32, slots: I64, column: int, key: np.uint64) -> None:
+    """Delete hash ``key`` from ``index``, shifting later cells of its probe
+    run back (no tombstones, so look-ups stay short as values come and go)."""
+    mask = index.size - 1
+    i = _home(key, mask)
+    while True:
+        if index[i] < 0:
+            return
+        if np.uint64(slots[index[i], column]) == key:
+            break
+        i = (i + 1) & mask
+    index[i] = -1
     j = i
     while True:
         j = (j + 1) & mask
-        held = table[j, 0]
-        if held == np.uint64(0):
+        slot = index[j]
+        if slot < 0:
             return
-        home = _home(held, mask)
-        # The key at j may fill the hole at i unless its home lies
+        home = _home(np.uint64(slots[slot, column]), mask)
+        # The value at j may fill the hole at i unless its home lies
         # cyclically in (i, j], where a look-up would stop before i.
         stays = (i < home <= j) if i <= j else (home > i or home <= j)
         if not stays:
-            table[i, 0] = held
-            table[i, 1] = table[j, 1]
-            table[j, 0] = 0
+            index[i] = slot
+            index[j] = -1
             i = j
+
+
+@jit
+def reindex(slots: I64, column: int, cells: int) -> I32:
+    """A hash value -> slot table of ``cells`` cells (a power of two) for
+    the slots whose hash bits (``slots[:, column]``) are not 0."""
+    index = np.full(cells, -1, dtype=np.int32)
+    for slot in range(slots.shape[0]):
+        if slots[slot, column] != 0:
+            _index_add(index, np.uint64(slots[slot, column]), slot)
+    return index
 
 
 @jit
@@ -261,9 +301,8 @@ def observe_chunk(
     rem: npt.NDArray[np.bool_],
     clients: I64,
     keys: U64,
-    slot_hash: U64,
     slots: I64,
-    index: U64,
+    index: I32,
     entry_client: I64,
     seen: U64,
     counters: I64,
@@ -304,16 +343,16 @@ def observe_chunk(
         Whether each row is stored after it is compared.
     clients, keys
         Each row's client number and input key (0: unknown).
-    slot_hash
-        Per slot, the hash value held (0: none); updated.
     slots
         Per slot, one row (one cache line for ``E = 4``): the ring of the
         last ``E`` entries (its filled cells are the ``length`` before
-        ``pos``, cyclically), then ``pos``, ``length`` and the last chunk
-        (``counters[3]``) that used the slot; updated. At least
-        ``min(max_hashes, counters[1] + n * w)`` slots.
+        ``pos``, cyclically), then ``pos``, ``length``, the last chunk
+        (``counters[3]``) that used the slot and the bits of the hash value
+        held (0: none); updated. At least ``min(max_hashes, counters[1] +
+        n * w)`` slots.
     index
-        Hash value -> slot table, at least twice as many cells as slots.
+        Hash value -> slot table (slot numbers, -1 empty; the value is in
+        the slot's row), at least twice as many cells as slots.
     entry_client
         Client of entry ``e`` at ``e % horizon`` (its length is the
         horizon).
@@ -338,7 +377,7 @@ def observe_chunk(
     """
     n, w = H.shape
     E = entries_per_hash
-    POS, LEN, CHUNK = E, E + 1, E + 2
+    POS, LEN, CHUNK, HASH = E, E + 1, E + 2, E + 3
     horizon = entry_client.size
     clock0 = counters[0]
     counters[3] += 1
@@ -383,9 +422,8 @@ def observe_chunk(
             h = H[r, j]
             if h == np.uint64(0):
                 continue
-            at = _find(index, h)
-            if at >= 0:
-                slot = int(np.int64(index[at, 1]))
+            slot = _slot_of(index, slots, HASH, h)
+            if slot >= 0:
                 slots[slot, CHUNK] = chunk
                 n_used = _count_ring(
                     slots, slot, E, oldest, count_keys, count_values, used, n_used
@@ -488,13 +526,13 @@ def observe_chunk(
         if slot < 0:
             break  # more new values than max_hashes leaves free
         counters[1] = position
-        old = slot_hash[slot]
-        if old != np.uint64(0):
-            _remove(index, old)
-        _put(index, fresh_hash[g], slot)
-        slot_hash[slot] = fresh_hash[g]
+        old = slots[slot, HASH]
+        if old != 0:
+            _index_remove(index, slots, HASH, np.uint64(old))
         slots[slot] = fresh_rings[g]
         slots[slot, CHUNK] = chunk
+        slots[slot, HASH] = np.int64(fresh_hash[g])
+        _index_add(index, fresh_hash[g], slot)
 
     # The chunk's input keys.
     for t in range(n_rem):

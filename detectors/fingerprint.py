@@ -39,6 +39,7 @@ from detectors._fpkernels import (
     observe_chunk,
     power_of_two,
     rehash,
+    reindex,
     score_windows,
 )
 from detectors._state import FieldSpec, check_window, window_fields
@@ -347,14 +348,16 @@ class InMemoryFingerprintStore:
         self.max_hashes = max_hashes
         self.entries_per_hash = entries_per_hash
         capacity = min(max_hashes, _INITIAL_SLOTS)
-        self._slot_hash = np.zeros(capacity, dtype=np.uint64)  # 0: slot free
         # Per slot one row: the ring of entries, its next position, its
         # length, the last chunk of rows that used the slot (not reused by
-        # that chunk's new values); padded to whole 64-byte cache lines.
-        self._slot_width = -(-(entries_per_hash + 3) // 8) * 8
+        # that chunk's new values) and the bits of the hash value held (0:
+        # slot free); padded to whole 64-byte cache lines.
+        self._hash_column = entries_per_hash + 3
+        self._slot_width = -(-(entries_per_hash + 4) // 8) * 8
         self._slots = self._empty_slots(capacity)
-        # Hash value -> slot, at most half full.
-        self._index = np.zeros((2 * power_of_two(capacity), 2), dtype=np.uint64)
+        # Hash value -> slot number (-1: empty cell), at most half full; 4
+        # bytes a cell, as the value itself is in the slot's row.
+        self._index = np.full(2 * power_of_two(capacity), -1, dtype=np.int32)
         self._entry_client = np.full(horizon, -1, dtype=np.int64)
         # Input key -> last entry that had it; keys beyond the horizon are
         # dropped when the table would pass half full.
@@ -367,7 +370,7 @@ class InMemoryFingerprintStore:
 
     def __len__(self) -> int:
         """Hash values held."""
-        return int(np.count_nonzero(self._slot_hash))
+        return int(np.count_nonzero(self._slots[:, self._hash_column]))
 
     def observe(
         self,
@@ -424,7 +427,6 @@ class InMemoryFingerprintStore:
                 keep[start:stop],
                 clients[start:stop],
                 keys[start:stop],
-                self._slot_hash,
                 self._slots,
                 self._index,
                 self._entry_client,
@@ -460,19 +462,13 @@ class InMemoryFingerprintStore:
         ``width`` hashes fits (the kernel cannot reallocate)."""
         handed_out = int(self._counters[1])
         needed = min(self.max_hashes, handed_out + n_rows * max(width, 1))
-        old = len(self._slot_hash)
+        old = len(self._slots)
         if needed > old:
             capacity = min(self.max_hashes, max(needed, 2 * old))
             extra = capacity - old
-            self._slot_hash = np.concatenate(
-                [self._slot_hash, np.zeros(extra, dtype=np.uint64)]
-            )
             self._slots = np.concatenate([self._slots, self._empty_slots(extra)])
-            self._index = rehash(
-                self._slot_hash,
-                np.arange(capacity, dtype=np.int64),
-                -1,
-                2 * power_of_two(capacity),
+            self._index = reindex(
+                self._slots, self._hash_column, 2 * power_of_two(capacity)
             )
         # Keys beyond the horizon never count again; they go when the table
         # would pass half full, and it grows only if it is still too full.

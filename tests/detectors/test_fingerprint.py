@@ -94,7 +94,7 @@ def test_store_stays_bounded() -> None:
             rng.integers(1, 2**40, (200, 8)).astype(np.uint64),
         )
     assert len(store) <= 1000
-    assert len(store._slot_hash) <= 1000 and len(store._entry_client) == 100
+    assert len(store._slots) <= 1000 and len(store._entry_client) == 100
     # A hash sent by everyone keeps only the last entries_per_hash entries:
     # the eleventh query is near only the last four.
     found = store.observe([f"x{i}" for i in range(11)], _sets(*[[7, 8]] * 11))
