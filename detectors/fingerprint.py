@@ -306,13 +306,16 @@ class InMemoryFingerprintStore:
 
     Layout: numpy arrays only, worked on by one compiled kernel per chunk of
     rows (:func:`detectors._fpkernels.observe_chunk`): a slot per hash value
-    held, each with a ring of its last entries; an open-addressing table from
-    hash value to slot; the client of each of the last ``horizon`` entries;
-    and a table from input key to the last entry that had it. Hash values
-    are evicted oldest first-seen first (within a chunk, the chunk's new
-    values take slots in ascending value order); an input key stops counting
-    once its last entry is beyond the horizon. Client names are kept in an
-    index that only grows (about 100 bytes per client ever seen).
+    held (a 64-byte row: the value, a ring of its last entries and their
+    counters), an open-addressing table from hash value to slot (4 bytes a
+    cell), the client of each of the last ``horizon`` entries, and a table
+    from input key to the last entry that had it. Hash values are evicted
+    oldest first-seen first (within a chunk, the chunk's new values take
+    slots in ascending value order, never a slot the chunk itself uses); an
+    input key stops counting once its last entry is beyond the horizon.
+    Client names are kept in an index that only grows (about 100 bytes per
+    client ever seen). One thread at a time: the kernels release the GIL,
+    and two calls at once would interleave their updates.
 
     Parameters
     ----------
@@ -542,7 +545,7 @@ class FingerprintParams(DetectorParams):
     """Queries (all clients) after which a stored fingerprint stops counting."""
 
     max_hashes: int = Field(200_000, ge=1000, le=100_000_000)
-    """Hash values the in-memory store keeps (about 200 bytes each)."""
+    """Hash values the in-memory store keeps (about 80 bytes each)."""
 
     entries_per_hash: int = Field(4, ge=1, le=1024)
     """Latest queries the in-memory store keeps per hash value. An attack's

@@ -19,7 +19,7 @@ from detectors.fingerprint import (
 
 class ReferenceStore:
     """The store as a plain loop, row by row: the specification the
-    vectorised store must match (it was the first implementation).
+    compiled store must match (it was the first implementation).
 
     Every observed query becomes an entry (a sequence number and its client).
     For each hash value the store keeps the last ``entries_per_hash`` entries
