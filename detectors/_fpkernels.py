@@ -385,7 +385,10 @@ def observe_chunk(
 
     # Hash values not held, numbered in order of first sight, each with a
     # ring of its own (laid out as a slot) until it gets a slot.
-    cap = max(n * w, 1)
+    # Room for few at first, doubled when needed: most chunks of a warm
+    # store bring few new values, and room for every place of the chunk
+    # (megabytes) costs fresh pages on every call.
+    cap = min(max(n * w, 1), 256)
     fresh = np.zeros((power_of_two(2 * cap), 2), dtype=np.uint64)
     fresh_hash = np.empty(cap, dtype=np.uint64)
     fresh_rings = np.empty((cap, slots.shape[1]), dtype=np.int64)
@@ -435,6 +438,19 @@ def observe_chunk(
             if cell >= 0:
                 g = int(np.int64(fresh[cell, 1]))
             else:
+                if n_fresh == fresh_hash.size:
+                    grown = np.zeros((2 * fresh.shape[0], 2), dtype=np.uint64)
+                    for c in range(fresh.shape[0]):
+                        if fresh[c, 0] != np.uint64(0):
+                            _put(grown, fresh[c, 0], int(np.int64(fresh[c, 1])))
+                    fresh = grown
+                    fresh_hash = np.concatenate((fresh_hash, np.empty_like(fresh_hash)))
+                    fresh_rings = np.concatenate(
+                        (fresh_rings, np.empty_like(fresh_rings))
+                    )
+                    fresh_pushed = np.concatenate(
+                        (fresh_pushed, np.empty_like(fresh_pushed))
+                    )
                 g = n_fresh
                 n_fresh += 1
                 _put(fresh, h, g)
