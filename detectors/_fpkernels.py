@@ -1,15 +1,16 @@
 """Compiled kernels of the fingerprint detector and its in-memory store.
 
 :mod:`detectors.fingerprint` keeps the logic's description, the parameters and
-the Python-facing API; this module holds the loops it runs per row: mixing
-hash values, looking window hashes up, the store's per-chunk
-comparison and update, and the per-client window of counted queries. Each
-kernel says in what order it works, since the order fixes the results.
+the Python-facing API; this module holds the loops it runs per row: input
+keys, window hashes, the store's per-chunk comparison and update, and the
+per-client window of counted queries. Each kernel says in what order it
+works, since the order fixes the results.
 
-Hash tables here are open addressing with linear probing in one uint64 array
-of (key, value) cells, key 0 for an empty cell (key and value share a cache
-line), never more than half full (the caller grows them first), so a probe
-always ends.
+Hash tables here are open addressing with linear probing, never more than
+half full (the caller grows them first), so a probe always ends: either one
+uint64 array of (key, value) cells, key 0 for an empty cell (key and value
+share a cache line), or, for the store's hash value -> slot index, int32
+slot numbers (-1 empty) whose key is read from the slot's row.
 
 Imports numpy and ``detectors._jit`` only; nothing from Kafka, Redis, FastAPI
 or ``gateway``.
