@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from detectors.fingerprint import (
     FingerprintDetector,
+    FingerprintMatch,
     FingerprintParams,
+    HashArray,
     InMemoryFingerprintStore,
     input_keys,
     top_hashes,
@@ -127,3 +132,37 @@ def test_parameters_that_cannot_work_are_refused() -> None:
     detector = FingerprintDetector(FingerprintParams(width=8))
     with pytest.raises(ValueError, match="width"):
         detector.score_batch(["a"], np.zeros((1, 4)))
+
+
+class _DelegatingStore:
+    """A store that is not an InMemoryFingerprintStore (as a shared store
+    elsewhere would be), answering through one."""
+
+    def __init__(self) -> None:
+        self.inner = InMemoryFingerprintStore(match_threshold=8, entries_per_hash=4)
+
+    def observe(
+        self,
+        client_ids: Sequence[str],
+        hash_sets: HashArray,
+        remember: Sequence[bool] | None = None,
+        input_keys: npt.NDArray[np.uint64] | None = None,
+    ) -> list[FingerprintMatch]:
+        return self.inner.observe(client_ids, hash_sets, remember, input_keys)
+
+
+def test_detector_scores_the_same_through_any_store(digits: Digits) -> None:
+    rng = np.random.default_rng(5)
+    base = digits.test[rng.integers(0, len(digits.test), 40)]
+    X = np.clip(np.repeat(base, 5, axis=0) + rng.normal(0, 0.01, (200, 64)), 0, 1)
+    ids = [f"key-{i}" for i in rng.integers(0, 6, 200)]
+    default = FingerprintDetector()
+    other = FingerprintDetector(store=_DelegatingStore())
+    for detector in (default, other):
+        detector.learn_baseline(digits.train)
+    for start in range(0, 200, 64):
+        a = default.score_batch(ids[start : start + 64], X[start : start + 64])
+        b = other.score_batch(ids[start : start + 64], X[start : start + 64])
+        assert a == b
+        assert default.last_matches == other.last_matches
+    assert any(s.score > 0 for s in a)
