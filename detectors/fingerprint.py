@@ -246,7 +246,7 @@ def top_hashes(hashes: HashArray, k: int, common: HashArray | None = None) -> Ha
 # Most (position, code) windows a detector keeps a common bit for (128 KB);
 # digits (59 windows of 4**6 codes) need 30 KB. Beyond, numpy hashes the
 # windows and searches the common ones.
-_MAX_TABLE_ENTRIES = 1 << 20
+_MAX_COMMON_BITS = 1 << 20
 
 # Rows compared per step, so that a chunk's new hash values never need more
 # than half the slots.
@@ -712,7 +712,7 @@ class FingerprintDetector(Detector[FingerprintParams]):
         p = self._params
         n_codes = p.levels**p.width
         n_windows = n_features - p.width + 1
-        if n_codes * n_windows > _MAX_TABLE_ENTRIES:
+        if n_codes * n_windows > _MAX_COMMON_BITS:
             return None
         if self._common_table is None:
             codes = np.broadcast_to(
