@@ -8,6 +8,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from detectors import fingerprint
 from detectors.fingerprint import (
     FingerprintDetector,
     FingerprintMatch,
@@ -166,3 +167,19 @@ def test_detector_scores_the_same_through_any_store(digits: Digits) -> None:
         assert a == b
         assert default.last_matches == other.last_matches
     assert any(s.score > 0 for s in a)
+
+
+def test_compiled_window_hashes_equal_the_numpy_ones(
+    digits: Digits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The compiled loop (bitmap of common windows) and numpy's hashing with
+    # a search among common hashes, used beyond the bitmap's size, agree.
+    X = np.vstack([digits.test[:50], np.clip(digits.test[:50] * 1.7 - 0.2, 0, 1)])
+    compiled = FingerprintDetector(seed=3)
+    compiled.learn_baseline(digits.train)
+    monkeypatch.setattr(fingerprint, "_MAX_COMMON_BITS", 0)
+    plain = FingerprintDetector(seed=3)
+    plain.learn_baseline(digits.train)
+    assert plain._common_table is None and compiled._common_table is not None
+    assert np.array_equal(compiled.fingerprints(X), plain.fingerprints(X))
+    assert len(compiled._common) and (compiled.fingerprints(X) == 0).any()
