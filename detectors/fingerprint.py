@@ -12,15 +12,15 @@ many keys.
 
 This module holds the hashing, the :class:`FingerprintStore` protocol with a
 bounded in-memory implementation, and the per-client detector. A Redis
-implementation of the store lives in ``gateway.fingerprints``.
+implementation of the store lives in ``gateway.fingerprints``; the compiled
+loops live in ``detectors._fpkernels``.
 
-Imports numpy and pydantic only; nothing from Kafka, Redis, FastAPI or
-``gateway``.
+Imports numpy, pydantic and numba (through ``detectors._fpkernels``) only;
+nothing from Kafka, Redis, FastAPI or ``gateway``.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from itertools import repeat
@@ -32,27 +32,25 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
-from detectors._state import (
-    FieldSpec,
-    Groups,
-    check_window,
-    group_rows,
-    push_window,
-    window_fields,
+from detectors._fpkernels import (
+    common_free_window_hashes,
+    input_keys_rows,
+    mix_array,
+    observe_chunk,
+    power_of_two,
+    rehash,
+    reindex,
+    score_windows,
 )
+from detectors._state import FieldSpec, check_window, window_fields
 from detectors.base import Detector, DetectorParams, DetectorScore
 
 logger = logging.getLogger(__name__)
 
 HashArray = npt.NDArray[np.uint64]
 
-# Odd 64-bit constants of the splitmix64 finaliser (Steele, Lea and Flood,
-# 2014): they spread the few bits of a window's code over all 64 bits, so the
-# largest hash values are a random-looking choice of windows.
-_MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX_2 = np.uint64(0x94D049BB133111EB)
+# 2**64 / golden ratio, odd: spreads a seed over 64 bits.
 _GOLDEN_INT = 0x9E3779B97F4A7C15
-_GOLDEN_KEY = np.uint64(_GOLDEN_INT)
 
 
 _NO_OTHERS: Mapping[str, int] = MappingProxyType({})
@@ -134,28 +132,19 @@ class FingerprintStore(Protocol):
 
 def _mix(values: HashArray) -> HashArray:
     """splitmix64's finaliser, element-wise (uint64 arithmetic wraps)."""
-    z = values
-    z = (z ^ (z >> np.uint64(30))) * _MIX_1
-    z = (z ^ (z >> np.uint64(27))) * _MIX_2
-    out: HashArray = z ^ (z >> np.uint64(31))
-    return out
+    flat = mix_array(np.ascontiguousarray(values).ravel())
+    return flat.reshape(values.shape)
 
 
 def input_keys(X: npt.NDArray[np.float64]) -> npt.NDArray[np.uint64]:
     """One 64-bit key per input, equal for inputs equal at 8 bits per feature
-    (an exact copy), different otherwise but for hash collisions. Never 0."""
-    n, d = X.shape
-    # Eight quantised features per 64-bit word, each word mixed with its
-    # position: an eighth of the mixing of one word per feature.
-    q = np.zeros((n, -(-d // 8) * 8), dtype=np.uint8)
-    q[:, :d] = np.rint(np.clip(X, 0.0, 1.0) * 255.0)
-    words = q.view(np.uint64)
-    position = _mix(np.arange(1, words.shape[1] + 1, dtype=np.uint64) * _GOLDEN_KEY)
-    keys: npt.NDArray[np.uint64] = np.bitwise_xor.reduce(
-        _mix(words ^ position[None, :]), axis=1
-    )
-    keys[keys == 0] = 1
-    return keys
+    (an exact copy), different otherwise but for hash collisions. Never 0.
+
+    Eight quantised features per 64-bit word, each word mixed with its
+    position: an eighth of the mixing of one word per feature (the order is
+    in :func:`detectors._fpkernels.input_keys_rows`).
+    """
+    return input_keys_rows(np.ascontiguousarray(X, dtype=np.float64))
 
 
 def window_hashes(
@@ -200,11 +189,16 @@ def window_codes(
     return code
 
 
+def _salt(seed: int) -> int:
+    """What a seed XORs into every window before mixing."""
+    return (seed * _GOLDEN_INT) & 0xFFFF_FFFF_FFFF_FFFF
+
+
 def _hash_codes(code: npt.NDArray[np.uint64], seed: int) -> HashArray:
     """Window codes (n, w) to hash values, each mixed with its position."""
     n_windows = code.shape[1]
     position = np.arange(n_windows, dtype=np.uint64) << np.uint64(48)
-    salt = np.uint64((seed * _GOLDEN_INT) & 0xFFFF_FFFF_FFFF_FFFF)
+    salt = np.uint64(_salt(seed))
     mixed = _mix((code | position[None, :]) ^ salt)
     # 0 marks an empty slot in a fingerprint; a real hash of 0 becomes 1.
     mixed[mixed == 0] = 1
@@ -235,6 +229,9 @@ def top_hashes(hashes: HashArray, k: int, common: HashArray | None = None) -> Ha
         index = np.minimum(np.searchsorted(common, values), len(common) - 1)
         values = np.where(common[index] == values, np.uint64(0), values)
     width = values.shape[1]
+    # numpy's partition and sort of uint64 rows, not a compiled loop: they
+    # are vectorised (measured 0.13 µs per row of 59 against 0.9 µs for an
+    # insertion into a sorted top k, whose branches the CPU cannot predict).
     if k >= width:
         chosen = values
     else:
@@ -246,22 +243,56 @@ def top_hashes(hashes: HashArray, k: int, common: HashArray | None = None) -> Ha
     return np.ascontiguousarray(out)
 
 
-# Largest (position, code) hash table a detector precomputes: 8 bytes each,
-# so 8 MB; digits (59 windows of 4**6 codes) need 1.9 MB.
-_MAX_TABLE_ENTRIES = 1 << 20
-
-# Candidate places per row (hashes x candidates per hash) up to which the
-# near-duplicate count sorts one matrix row per query; beyond, only the filled
-# places are sorted (the matrix would be mostly empty).
-_ROW_SORT_PLACES = 512
+# Most (position, code) windows a detector keeps a common bit for (128 KB);
+# digits (59 windows of 4**6 codes) need 30 KB. Beyond, numpy hashes the
+# windows and searches the common ones.
+_MAX_COMMON_BITS = 1 << 20
 
 # Rows compared per step, so that a chunk's new hash values never need more
-# than half the table.
+# than half the slots.
 _STORE_CHUNK_ROWS = 512
+
+# Slots (and input keys) the store starts with; it grows by doubling.
+_INITIAL_SLOTS = 4096
+
+
+# Shared matches of rows that matched no other client, by own * 16 +
+# identical (both below 16): a named tuple is immutable, so rows may share
+# one, and a look-up is ten times cheaper than building one per row.
+_MATCH_SIDE = 16
+
+
+def _plain_matches() -> npt.NDArray[np.object_]:
+    table = np.empty(_MATCH_SIDE * _MATCH_SIDE, dtype=object)
+    for own in range(_MATCH_SIDE):
+        for identical in range(_MATCH_SIDE):
+            table[own * _MATCH_SIDE + identical] = FingerprintMatch(
+                own, _NO_OTHERS, identical
+            )
+    return table
+
+
+_PLAIN_MATCHES = _plain_matches()
+
+
+def _matches(
+    own: npt.NDArray[np.int64],
+    others: list[Mapping[str, int]],
+    identical: npt.NDArray[np.int64],
+    matched: npt.NDArray[np.bool_],
+) -> list[FingerprintMatch]:
+    """One :class:`FingerprintMatch` per row; ``matched`` marks the rows
+    whose ``others`` is not empty."""
+    plain = ~matched & (own < _MATCH_SIDE) & (identical < _MATCH_SIDE)
+    code = np.where(plain, own * _MATCH_SIDE + identical, 0)
+    out: list[FingerprintMatch] = _PLAIN_MATCHES[code].tolist()
+    for row in np.flatnonzero(~plain).tolist():
+        out[row] = FingerprintMatch(int(own[row]), others[row], int(identical[row]))
+    return out
 
 
 class InMemoryFingerprintStore:
-    """A bounded :class:`FingerprintStore` in one process, vectorised.
+    """A bounded :class:`FingerprintStore` in one process, compiled.
 
     Every remembered query becomes an entry (a sequence number and its
     client). For each hash value the store keeps the last ``entries_per_hash``
@@ -273,11 +304,18 @@ class InMemoryFingerprintStore:
     The hash values of one row must be distinct (fingerprints are: a window's
     position is part of its hash).
 
-    Layout: a dict from hash value to a row of a table of entry rings (the
-    only per-hash Python work is that look-up); the counting of shared hashes
-    per earlier entry is a sort per batch. Hash values are evicted oldest
-    first-seen first; client names are kept in an index that only grows
-    (about 100 bytes per client ever seen).
+    Layout: numpy arrays only, worked on by one compiled kernel per chunk of
+    rows (:func:`detectors._fpkernels.observe_chunk`): a slot per hash value
+    held (a 64-byte row: the value, a ring of its last entries and their
+    counters), an open-addressing table from hash value to slot (4 bytes a
+    cell), the client of each of the last ``horizon`` entries, and a table
+    from input key to the last entry that had it. Hash values are evicted
+    oldest first-seen first (within a chunk, the chunk's new values take
+    slots in ascending value order, never a slot the chunk itself uses); an
+    input key stops counting once its last entry is beyond the horizon.
+    Client names are kept in an index that only grows (about 100 bytes per
+    client ever seen). One thread at a time: the kernels release the GIL,
+    and two calls at once would interleave their updates.
 
     Parameters
     ----------
@@ -287,7 +325,10 @@ class InMemoryFingerprintStore:
         Entries (remembered queries of all clients) that count; older ones
         stop counting.
     max_hashes
-        Hash values kept.
+        Hash values kept. A chunk holds at most ``max_hashes / 2`` new values
+        unless one row has more hashes than that; then (``max_hashes`` below
+        twice the fingerprint size) the new values that find no free slot are
+        not stored.
     entries_per_hash
         Entries kept per hash value; the oldest go first. Bounds the work per
         query at ``k * entries_per_hash`` candidates.
@@ -309,81 +350,30 @@ class InMemoryFingerprintStore:
         self.horizon = horizon
         self.max_hashes = max_hashes
         self.entries_per_hash = entries_per_hash
-        self._slot_of: dict[int, int] = {}
-        capacity = min(max_hashes, 4096)
-        self._slot_hash = np.zeros(capacity, dtype=np.uint64)
-        self._table = np.full((capacity, entries_per_hash), -1, dtype=np.int64)
-        self._table_pos = np.zeros(capacity, dtype=np.int64)
-        self._table_len = np.zeros(capacity, dtype=np.int64)
-        self._allocated = 0  # slots handed out so far (reused modulo max_hashes)
+        capacity = min(max_hashes, _INITIAL_SLOTS)
+        # Per slot one row: the ring of entries, its next position, its
+        # length, the last chunk of rows that used the slot (not reused by
+        # that chunk's new values) and the bits of the hash value held (0:
+        # slot free); padded to whole 64-byte cache lines.
+        self._hash_column = entries_per_hash + 3
+        self._slot_width = -(-(entries_per_hash + 4) // 8) * 8
+        self._slots = self._empty_slots(capacity)
+        # Hash value -> slot number (-1: empty cell), at most half full; 4
+        # bytes a cell, as the value itself is in the slot's row.
+        self._index = np.full(2 * power_of_two(capacity), -1, dtype=np.int32)
         self._entry_client = np.full(horizon, -1, dtype=np.int64)
-        self._clock = 0
+        # Input key -> last entry that had it; keys beyond the horizon are
+        # dropped when the table would pass half full.
+        self._seen = np.zeros((power_of_two(_INITIAL_SLOTS), 2), dtype=np.uint64)
+        # Entries stored, slot positions handed out (modulo max_hashes), keys
+        # in the seen table (those beyond the horizon included), chunks seen.
+        self._counters = np.zeros(4, dtype=np.int64)
         self._client_index: dict[str, int] = {}
         self._client_names: list[str] = []
-        # Input key -> last entry that had it (at most `horizon` keys).
-        self._seen_key: dict[int, int] = {}
 
     def __len__(self) -> int:
         """Hash values held."""
-        return len(self._slot_of)
-
-    def _exact_repeats(
-        self,
-        keys: npt.NDArray[np.uint64],
-        rem: npt.NDArray[np.bool_],
-        clock_at_row: npt.NDArray[np.int64],
-        wanted: npt.NDArray[np.int64],
-    ) -> npt.NDArray[np.bool_]:
-        """Whether each of the ``wanted`` rows' input was stored before it
-        (within the horizon, or by an earlier remembered row of the chunk);
-        key 0 means unknown. Only rows another client matched need the
-        answer, so only they are looked up, one by one."""
-        exact = np.zeros(len(keys), dtype=bool)
-        if not wanted.size:
-            return exact
-        seen = self._seen_key
-        horizon = self.horizon
-        rows_rem = np.flatnonzero(rem)
-        # First remembered row of the chunk holding each key.
-        first_in_chunk = dict(
-            zip(keys[rows_rem[::-1]].tolist(), rows_rem[::-1].tolist(), strict=True)
-        )
-        for r, key, clock in zip(
-            wanted.tolist(),
-            keys[wanted].tolist(),
-            clock_at_row[wanted].tolist(),
-            strict=True,
-        ):
-            if key == 0:
-                continue
-            if first_in_chunk.get(key, r) < r:
-                exact[r] = True
-                continue
-            earlier = seen.get(key)
-            exact[r] = earlier is not None and earlier > clock - horizon
-        return exact
-
-    def _remember_keys(
-        self,
-        keys: npt.NDArray[np.uint64],
-        rem: npt.NDArray[np.bool_],
-        entry_of_row: npt.NDArray[np.int64],
-    ) -> None:
-        """Remember the input keys of the chunk's remembered rows (the latest
-        entry per key), dropping the oldest keys beyond ``horizon``."""
-        rows_rem = np.flatnonzero(rem & (keys != 0))
-        if not rows_rem.size:
-            return
-        seen = self._seen_key
-        new_keys = keys[rows_rem].tolist()
-        # A key seen again moves to the end, so the oldest go first.
-        for key in seen.keys() & set(new_keys):
-            del seen[key]
-        seen.update(zip(new_keys, entry_of_row[rows_rem].tolist(), strict=True))
-        excess = len(seen) - self.horizon
-        if excess > 0:
-            for key in list(itertools.islice(seen, excess)):
-                del seen[key]
+        return int(np.count_nonzero(self._slots[:, self._hash_column]))
 
     def observe(
         self,
@@ -392,6 +382,18 @@ class InMemoryFingerprintStore:
         remember: Sequence[bool] | None = None,
         input_keys: npt.NDArray[np.uint64] | None = None,
     ) -> list[FingerprintMatch]:
+        return self.observe_arrays(client_ids, hash_sets, remember, input_keys)[0]
+
+    def observe_arrays(
+        self,
+        client_ids: Sequence[str],
+        hash_sets: HashArray,
+        remember: Sequence[bool] | None = None,
+        input_keys: npt.NDArray[np.uint64] | None = None,
+    ) -> tuple[list[FingerprintMatch], npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+        """:meth:`observe`, also returning per row ``own`` and whether
+        ``others`` is not empty as arrays (which the detector would
+        otherwise rebuild from the matches, row by row)."""
         n = len(client_ids)
         if n != len(hash_sets):
             raise ValueError(f"{n} client ids for {len(hash_sets)} hash sets")
@@ -402,350 +404,96 @@ class InMemoryFingerprintStore:
         )
         if keep.shape != (n,):
             raise ValueError(f"{keep.size} remember flags for {n} rows")
-        hashes = np.asarray(hash_sets, dtype=np.uint64).reshape(n, -1)
+        hashes = np.ascontiguousarray(hash_sets, dtype=np.uint64).reshape(n, -1)
         keys = (
             np.zeros(n, dtype=np.uint64)
             if input_keys is None
-            else np.asarray(input_keys, dtype=np.uint64)
+            else np.ascontiguousarray(input_keys, dtype=np.uint64)
         )
         if keys.shape != (n,):
             raise ValueError(f"{keys.size} input keys for {n} rows")
-        index = self._client_index
-        names = self._client_names
-        clients = np.empty(n, dtype=np.int64)
-        for i, client in enumerate(client_ids):
-            c = index.get(client)
-            if c is None:
-                c = index[client] = len(names)
-                names.append(client)
-            clients[i] = c
+        clients = self._client_numbers(client_ids)
         width = max(hashes.shape[1], 1)
         step = max(1, min(_STORE_CHUNK_ROWS, self.max_hashes // (2 * width)))
-        out: list[FingerprintMatch] = []
-        for start in range(0, n, step):
-            stop = min(start + step, n)
-            out += self._chunk(
-                hashes[start:stop],
-                keep[start:stop],
-                clients[start:stop],
-                keys[start:stop],
-            )
-        return out
-
-    def _chunk(
-        self,
-        H: HashArray,
-        rem: npt.NDArray[np.bool_],
-        clients: npt.NDArray[np.int64],
-        keys: npt.NDArray[np.uint64],
-    ) -> list[FingerprintMatch]:
-        n = H.shape[0]
-        E = self.entries_per_hash
-        clock0 = self._clock
-        rem_int = rem.astype(np.int64)
-        rem_cum = np.cumsum(rem_int)
-        entry_of_row = clock0 + rem_cum  # meaningful where rem
-        clock_at_row = clock0 + rem_cum - rem_int  # entries stored before the row
-        remembered_rows = np.flatnonzero(rem)
-
-        # Occurrences (row, hash) of non-empty slots, row-major.
-        occ_row, occ_col = np.nonzero(H)
-        occ_hash = H[occ_row, occ_col]
-        m = len(occ_hash)
-
-        # Sorted by (hash, row): each hash's occurrences in arrival order, and
-        # b = remembered occurrences of the same hash earlier in the chunk.
-        order = _order_by_hash_then_row(occ_hash, occ_row, n)
-        sh, srow = occ_hash[order], occ_row[order]
-        srem = rem_int[srow]
-        first = np.ones(m, dtype=bool)
-        first[1:] = sh[1:] != sh[:-1]
-        gstart = np.flatnonzero(first)
-        gid = np.cumsum(first) - 1
-        # One dict look-up per distinct hash value of the chunk (about half
-        # the occurrences on digits), the only per-hash Python work.
-        distinct = sh[gstart]
-        get = self._slot_of.get
-        dslot = np.fromiter(
-            map(get, distinct.tolist(), [-1] * len(distinct)),
-            dtype=np.int64,
-            count=len(distinct),
-        )
-        sslot = dslot[gid]
-        rem_cum_s = np.cumsum(srem)
-        rem_before = rem_cum_s - srem
-        group_rem_before = rem_before[gstart]
-        b = rem_before - group_rem_before[gid]
-
-        # Candidates of an occurrence: the last E entries of its hash's ring
-        # (oldest first) followed by the b earlier remembered occurrences of
-        # the chunk, which is what the ring will hold when the occurrence
-        # comes; so at most E, not E from each.
-        # Each distinct hash's ring is read once (-1 where empty). Most
-        # occurrences have b = 0 and take their ring whole; only the others
-        # (a hash repeated within the chunk) mix in chunk entries.
-        age = np.arange(E)
-        held = dslot >= 0
-        s = np.where(held, dslot, 0)
-        length = np.where(held, self._table_len[s], 0)
-        ring = (self._table_pos[s][:, None] - length[:, None] + age[None, :]) % E
-        entries = np.where(
-            age[None, :] < length[:, None], self._table[s[:, None], ring], -1
-        )
-        cands = entries[gid]
-        pushed = np.flatnonzero(b)
-        if pushed.size:
-            remembered_occ = np.flatnonzero(srem)
-            pg = gid[pushed]
-            lp = length[pg][:, None]
-            k = (lp + b[pushed][:, None] - E) + age[None, :]
-            from_ring = (k >= 0) & (k < lp)
-            rank = k - lp
-            from_chunk = rank >= 0
-            at = remembered_occ[
-                np.where(from_chunk, group_rem_before[pg][:, None] + rank, 0)
-            ]
-            cands[pushed] = np.where(
-                from_ring,
-                entries[pg[:, None], np.clip(k, 0, E - 1)],
-                np.where(from_chunk, entry_of_row[srow[at]], -1),
-            )
-
-        # Per row, the candidate entries of all its hashes; an entry met in
-        # at least match_threshold of them is a near-duplicate.
-        near_row, near_entry = self._near_pairs(
-            cands, srow, occ_col[order], (n, H.shape[1]), clock0
-        )
-        keep_near = near_entry > clock_at_row[near_row] - self.horizon
-        near_row, near_entry = near_row[keep_near], near_entry[keep_near]
         own = np.zeros(n, dtype=np.int64)
         identical = np.zeros(n, dtype=np.int64)
         others: list[Mapping[str, int]] = [_NO_OTHERS] * n
-        if near_row.size:
-            sender = np.empty(near_entry.size, dtype=np.int64)
-            stored_before = near_entry <= clock0
-            sender[stored_before] = self._entry_client[
-                near_entry[stored_before] % self.horizon
-            ]
-            in_chunk = ~stored_before
-            sender[in_chunk] = clients[
-                remembered_rows[near_entry[in_chunk] - clock0 - 1]
-            ]
-            is_own = sender == clients[near_row]
-            exact = self._exact_repeats(
-                keys, rem, clock_at_row, np.unique(near_row[~is_own])
+        matched = np.zeros(n, dtype=bool)
+        names = self._client_names
+        filled: dict[int, dict[str, int]] = {}
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            H = hashes[start:stop]
+            self._make_room(stop - start, H.shape[1])
+            own[start:stop], identical[start:stop], pairs = observe_chunk(
+                H,
+                keep[start:stop],
+                clients[start:stop],
+                keys[start:stop],
+                self._slots,
+                self._index,
+                self._entry_client,
+                self._seen,
+                self._counters,
+                self.entries_per_hash,
+                self.match_threshold,
+                self.max_hashes,
             )
-            is_identical = ~is_own & exact[near_row]
-            own = np.bincount(near_row[is_own], minlength=n)
-            identical = np.bincount(near_row[is_identical], minlength=n)
-            other = ~is_own & ~is_identical
-            if other.any():
-                n_clients = len(self._client_names)
-                pairs, found = np.unique(
-                    near_row[other] * n_clients + sender[other], return_counts=True
-                )
-                names = self._client_names
-                filled: dict[int, dict[str, int]] = {}
-                for pair, count in zip(pairs.tolist(), found.tolist(), strict=True):
-                    row, who = divmod(pair, n_clients)
-                    filled.setdefault(row, {})[names[who]] = count
-                for row, senders in filled.items():
-                    others[row] = senders
+            for row, who, count in pairs.tolist():
+                filled.setdefault(start + row, {})[names[who]] = count
+        for row, senders in filled.items():
+            others[row] = senders
+            matched[row] = True
+        return _matches(own, others, identical, matched), own, matched
 
-        self._remember_keys(keys, rem, entry_of_row)
-        self._store(sh, gstart, gid, sslot, srem, b, srow, entry_of_row)
-        if remembered_rows.size:
-            last = remembered_rows[-self.horizon :]
-            self._entry_client[entry_of_row[last] % self.horizon] = clients[last]
-            self._clock = int(clock0 + remembered_rows.size)
-        return list(
-            map(
-                tuple.__new__,
-                repeat(FingerprintMatch, n),
-                zip(own.tolist(), others, identical.tolist(), strict=True),
+    def _client_numbers(self, client_ids: Sequence[str]) -> npt.NDArray[np.int64]:
+        """Each client's number in the name index, new clients added."""
+        index = self._client_index
+        n = len(client_ids)
+        clients = np.fromiter(map(index.get, client_ids, repeat(-1, n)), np.int64, n)
+        for i in np.flatnonzero(clients < 0).tolist():
+            client = client_ids[i]
+            c = index.get(client)
+            if c is None:
+                c = index[client] = len(self._client_names)
+                self._client_names.append(client)
+            clients[i] = c
+        return clients
+
+    def _make_room(self, n_rows: int, width: int) -> None:
+        """Grow the slots and the tables so a chunk of ``n_rows`` rows of
+        ``width`` hashes fits (the kernel cannot reallocate)."""
+        handed_out = int(self._counters[1])
+        needed = min(self.max_hashes, handed_out + n_rows * max(width, 1))
+        old = len(self._slots)
+        if needed > old:
+            capacity = min(self.max_hashes, max(needed, 2 * old))
+            extra = capacity - old
+            self._slots = np.concatenate([self._slots, self._empty_slots(extra)])
+            self._index = reindex(
+                self._slots, self._hash_column, 2 * power_of_two(capacity)
             )
-        )
+        # Keys beyond the horizon never count again; they go when the table
+        # would pass half full, and it grows only if it is still too full.
+        held = int(self._counters[2])
+        if 2 * (held + n_rows) > len(self._seen):
+            oldest = int(self._counters[0]) - self.horizon
+            keys = np.ascontiguousarray(self._seen[:, 0])
+            entries = self._seen[:, 1].astype(np.int64)
+            live = int(np.count_nonzero((keys != 0) & (entries > oldest)))
+            self._seen = rehash(
+                keys,
+                entries,
+                oldest,
+                max(len(self._seen), power_of_two(4 * (live + n_rows))),
+            )
+            self._counters[2] = live
 
-    def _near_pairs(
-        self,
-        cands: npt.NDArray[np.int64],
-        srow: npt.NDArray[np.int64],
-        scol: npt.NDArray[np.int64],
-        shape: tuple[int, int],
-        clock0: int,
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """The (row, entry) pairs, sorted, where the entry is a candidate of
-        at least ``match_threshold`` of the row's hashes.
-
-        ``cands`` holds each occurrence's candidate entries (-1 for none),
-        occurrence ``i`` being hash column ``scol[i]`` of row ``srow[i]``.
-        """
-        n, width = shape
-        places = cands.shape[1]
-        t = self.match_threshold
-        if width * places <= _ROW_SORT_PLACES:
-            # Every candidate place of a row in one row of a matrix, sorted
-            # row by row: an entry held by t places spans columns c..c+t-1.
-            # Measured 0.4 ms per 512 rows against 1.1 ms for the packed sort
-            # below (16 hashes x 8 candidates).
-            table = np.full((n, width, places), -1, dtype=np.int64)
-            table[srow, scol] = cands
-            ranked = np.sort(table.reshape(n, width * places), axis=1)
-            span = width * places - t + 1
-            if span <= 0:
-                empty = np.zeros(0, dtype=np.int64)
-                return empty, empty
-            head = ranked[:, :span]
-            hit = (head == ranked[:, t - 1 :]) & (head >= 0)
-            hit[:, 1:] &= ranked[:, 1:span] != ranked[:, : span - 1]
-            rows, columns = np.nonzero(hit)
-            entries: npt.NDArray[np.int64] = ranked[rows, columns]
-            return rows, entries
-        # Wide fingerprints: only the filled places are sorted, by (row,
-        # entry) packed into one integer.
-        valid = cands >= 0
-        cand_rows = np.broadcast_to(srow[:, None], cands.shape)[valid]
-        base = clock0 + n + 1
-        packed = np.sort(cand_rows * base + cands[valid])
-        rows, values = np.divmod(packed, base)
-        if not values.size:
-            return rows, values
-        run = np.ones(values.size, dtype=bool)
-        run[1:] = (rows[1:] != rows[:-1]) | (values[1:] != values[:-1])
-        starts = np.flatnonzero(run)
-        counts = np.diff(np.append(starts, values.size))
-        kept = starts[counts >= t]
-        return rows[kept], values[kept]
-
-    def _store(
-        self,
-        sh: HashArray,
-        gstart: npt.NDArray[np.int64],
-        gid: npt.NDArray[np.int64],
-        sslot: npt.NDArray[np.int64],
-        srem: npt.NDArray[np.int64],
-        b: npt.NDArray[np.int64],
-        srow: npt.NDArray[np.int64],
-        entry_of_row: npt.NDArray[np.int64],
-    ) -> None:
-        """Push the chunk's remembered occurrences into the hash rings."""
-        E = self.entries_per_hash
-        if not srem.any():
-            return
-        total = np.add.reduceat(srem, gstart)
-        group_slot = sslot[gstart].copy()
-        need = (total > 0) & (group_slot < 0)
-        if need.any():
-            group_slot[need] = self._allocate(sh[gstart][need], group_slot)
-        slot = group_slot[gid]
-        write = (srem > 0) & (b >= total[gid] - E)
-        ws = slot[write]
-        self._table[ws, (self._table_pos[ws] + b[write]) % E] = entry_of_row[
-            srow[write]
-        ]
-        touched = total > 0
-        gs = group_slot[touched]
-        self._table_pos[gs] = (self._table_pos[gs] + total[touched]) % E
-        self._table_len[gs] = np.minimum(self._table_len[gs] + total[touched], E)
-
-    def _allocate(
-        self, new_hashes: HashArray, in_use: npt.NDArray[np.int64]
-    ) -> npt.NDArray[np.int64]:
-        """Slots for hash values not yet held: the next positions of a ring
-        over ``max_hashes`` slots (so the oldest first-seen value goes first),
-        skipping slots this chunk uses."""
-        u = len(new_hashes)
-        touched = in_use[in_use >= 0]
-        positions = (self._allocated + np.arange(u + touched.size)) % self.max_hashes
-        usable = np.flatnonzero(~np.isin(positions, touched))[:u]
-        slots = positions[usable]
-        self._allocated += int(usable[-1]) + 1
-        needed = int(slots.max()) + 1
-        if needed > len(self._slot_hash):
-            self._grow(min(self.max_hashes, max(needed, 2 * len(self._slot_hash))))
-        slot_of = self._slot_of
-        for slot, old in zip(
-            slots.tolist(), self._slot_hash[slots].tolist(), strict=True
-        ):
-            if slot_of.get(old) == slot:
-                del slot_of[old]
-        slot_of.update(zip(new_hashes.tolist(), slots.tolist(), strict=True))
-        self._slot_hash[slots] = new_hashes
-        self._table[slots] = -1
-        self._table_pos[slots] = 0
-        self._table_len[slots] = 0
+    def _empty_slots(self, n: int) -> npt.NDArray[np.int64]:
+        """``n`` slot rows with empty rings."""
+        slots = np.zeros((n, self._slot_width), dtype=np.int64)
+        slots[:, : self.entries_per_hash] = -1
         return slots
-
-    def _grow(self, capacity: int) -> None:
-        old = len(self._slot_hash)
-        extra = capacity - old
-        self._slot_hash = np.concatenate(
-            [self._slot_hash, np.zeros(extra, dtype=np.uint64)]
-        )
-        self._table = np.concatenate(
-            [
-                self._table,
-                np.full((extra, self.entries_per_hash), -1, dtype=np.int64),
-            ]
-        )
-        self._table_pos = np.concatenate(
-            [self._table_pos, np.zeros(extra, dtype=np.int64)]
-        )
-        self._table_len = np.concatenate(
-            [self._table_len, np.zeros(extra, dtype=np.int64)]
-        )
-
-
-def _order_by_hash_then_row(
-    occ_hash: HashArray, occ_row: npt.NDArray[np.int64], n_rows: int
-) -> npt.NDArray[np.int64]:
-    """The permutation sorting occurrences by (hash, row); ``occ_row`` is
-    ascending.
-
-    A stable sort by hash gives it, but numpy's stable sort of 64-bit keys
-    is a merge sort, measured 5 times slower than its quicksort on a chunk's
-    8,000 occurrences. So the row replaces the hash's low bits and the
-    unique keys are quicksorted; that order is right unless two different
-    hashes of the chunk agree on all other bits (about one chunk in 2**40),
-    which shows as neighbours that agree there and differ in full, and then
-    the stable sort is used.
-    """
-    bits = np.uint64(max(1, (n_rows - 1).bit_length()))
-    high = (occ_hash >> bits) << bits
-    order = np.argsort(high | occ_row.astype(np.uint64))
-    high_sorted = high[order]
-    hash_sorted = occ_hash[order]
-    if np.any(
-        (high_sorted[1:] == high_sorted[:-1]) & (hash_sorted[1:] != hash_sorted[:-1])
-    ):
-        order = np.argsort(occ_hash, kind="stable")
-    out: npt.NDArray[np.int64] = order
-    return out
-
-
-def _own_runs(
-    state: npt.NDArray[np.int64], groups: Groups, own: npt.NDArray[np.bool_]
-) -> npt.NDArray[np.int64]:
-    """Length of the client's run of own near-duplicates ending at each row
-    (0 where the row is none), carrying ``state`` (each client's run so far)
-    into the batch and leaving there the run at its last row.
-
-    ``own`` is in the batch's sorted order (``groups``).
-    """
-    n = len(own)
-    index = np.arange(n)
-    start = groups.start[groups.group]
-    # Last row at or before each row that broke the run, never before the
-    # group's own start minus one.
-    broke = np.where(own, -1, index)
-    broke[groups.start] = np.maximum(broke[groups.start], groups.start - 1)
-    last = np.maximum.accumulate(broke)
-    run = index - last
-    unbroken = last == start - 1
-    run[unbroken] += state[groups.unique][groups.group[unbroken]]
-    state[groups.unique] = run[groups.start + groups.size - 1]
-    out: npt.NDArray[np.int64] = run
-    return out
 
 
 class FingerprintParams(DetectorParams):
@@ -797,7 +545,7 @@ class FingerprintParams(DetectorParams):
     """Queries (all clients) after which a stored fingerprint stops counting."""
 
     max_hashes: int = Field(200_000, ge=1000, le=100_000_000)
-    """Hash values the in-memory store keeps (about 200 bytes each)."""
+    """Hash values the in-memory store keeps (about 80 bytes each)."""
 
     entries_per_hash: int = Field(4, ge=1, le=1024)
     """Latest queries the in-memory store keeps per hash value. An attack's
@@ -902,10 +650,7 @@ class FingerprintDetector(Detector[FingerprintParams]):
             entries_per_hash=p.entries_per_hash,
         )
         self._common: HashArray = np.zeros(0, dtype=np.uint64)
-        self._table: HashArray | None = None
-        self._weights: (
-            tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None
-        ) = None
+        self._common_table: HashArray | None = None
         self.last_matches: list[FingerprintMatch] = []
         self.last_hashes: HashArray = np.zeros((0, p.k), dtype=np.uint64)
         self._batch_clients: list[str] = []
@@ -940,63 +685,50 @@ class FingerprintDetector(Detector[FingerprintParams]):
     def _fingerprint_rows(self, rows: npt.NDArray[np.float64]) -> HashArray:
         """:meth:`fingerprints` of rows already checked."""
         p = self._params
-        table = self._hash_table(rows.shape[1])
-        if table is None:
+        common = self._common_bits(rows.shape[1])
+        if common is None:
             hashes = window_hashes(
                 rows, levels=p.levels, width=p.width, seed=self._seed
             )
             return top_hashes(hashes, p.k, self._common)
-        # Every window's (position, code) index into the table in one matrix
-        # product of the quantised rows: the codes are integers far below
-        # 2**53, so float64 sums them exactly (one BLAS call against six
-        # passes of uint64 arithmetic).
-        weights, offsets = self._code_weights(rows.shape[1])
-        levels = np.floor(np.clip(rows * p.levels, 0.0, p.levels - 1))
-        code = (levels @ weights + offsets).astype(np.intp)
-        return top_hashes(table[code], p.k)
+        hashes = common_free_window_hashes(
+            np.ascontiguousarray(rows, dtype=np.float64),
+            p.levels,
+            p.width,
+            np.uint64(_salt(self._seed)),
+            common,
+        )
+        return top_hashes(hashes, p.k)
 
-    def _code_weights(
-        self, n_features: int
-    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-        """The matrix taking quantised features to window codes (base
-        ``levels`` digits, first feature most significant) and each window's
-        offset in the hash table."""
-        if self._weights is None or self._weights[0].shape[0] != n_features:
-            p = self._params
-            n_windows = n_features - p.width + 1
-            weights = np.zeros((n_features, n_windows))
-            columns = np.arange(n_windows)
-            for offset in range(p.width):
-                weights[columns + offset, columns] = float(
-                    p.levels ** (p.width - 1 - offset)
-                )
-            offsets = columns.astype(np.float64) * float(p.levels**p.width)
-            self._weights = (weights, offsets)
-        return self._weights
+    def _common_bits(self, n_features: int) -> HashArray | None:
+        """One bit per (position, code) window, set where its hash is common,
+        when that is small; ``None`` otherwise.
 
-    def _hash_table(self, n_features: int) -> HashArray | None:
-        """Every possible window hash by (position, code), common ones already
-        0, when that table is small; ``None`` otherwise.
-
-        A gather from it replaces mixing and the search among common hashes,
-        which cost more than the rest of the fingerprint together.
+        With it the compiled loop hashes each window and drops common ones
+        by one bit test: cheaper than a search among common hashes, and than
+        a table of every window's hash (1.9 MB on digits, which other
+        detectors' work pushes out of the cache between batches).
         """
         p = self._params
         n_codes = p.levels**p.width
         n_windows = n_features - p.width + 1
-        if n_codes * n_windows > _MAX_TABLE_ENTRIES:
+        if n_codes * n_windows > _MAX_COMMON_BITS:
             return None
-        if self._table is None:
+        if self._common_table is None:
             codes = np.broadcast_to(
                 np.arange(n_codes, dtype=np.uint64)[None, :], (n_windows, n_codes)
             ).T
-            table = np.ascontiguousarray(_hash_codes(codes, self._seed).T).ravel()
-            common = self._common
-            if len(common):
-                index = np.minimum(np.searchsorted(common, table), len(common) - 1)
-                table[common[index] == table] = 0
-            self._table = table
-        return self._table
+            every = np.ascontiguousarray(_hash_codes(codes, self._seed).T).ravel()
+            common = np.zeros(-(-every.size // 64) * 64, dtype=bool)
+            if len(self._common):
+                index = np.minimum(
+                    np.searchsorted(self._common, every), len(self._common) - 1
+                )
+                common[: every.size] = self._common[index] == every
+            # Bit (i % 64) of word i // 64 is window i (little-endian words).
+            packed = np.packbits(common, bitorder="little")
+            self._common_table = packed.view("<u8").astype(np.uint64)
+        return self._common_table
 
     def _layout(self, n_features: int) -> dict[str, FieldSpec]:
         window = self._params.window
@@ -1031,8 +763,8 @@ class FingerprintDetector(Detector[FingerprintParams]):
         self._common = np.sort(values[counts > p.common_share * len(X)])
         # Rebuilt without the newly common hashes, now rather than in the
         # first batch, whose latency it would add to.
-        self._table = None
-        self._hash_table(X.shape[1])
+        self._common_table = None
+        self._common_bits(X.shape[1])
         logger.debug(
             "fingerprint baseline: %d of %d window hashes are common",
             len(self._common),
@@ -1058,47 +790,39 @@ class FingerprintDetector(Detector[FingerprintParams]):
         # soon as its first keys were flagged if their queries were left out.
         del learn
         keys = input_keys(X)
-        matches = self.store.observe(client_ids, hashes, None, keys)
+        if isinstance(self.store, InMemoryFingerprintStore):
+            matches, own, matched_others = self.store.observe_arrays(
+                client_ids, hashes, None, keys
+            )
+        else:
+            matches = self.store.observe(client_ids, hashes, None, keys)
+            # Fields by position through C-level map: a generator over the
+            # matches cost a Python frame step per row.
+            own = np.fromiter(map(_OWN, matches), np.int64, n)
+            matched_others = np.fromiter(map(bool, map(_OTHERS, matches)), bool, n)
         self.last_input_keys = keys
         self.last_hashes = hashes
         self.last_matches = matches
         threshold = p.match_threshold
-        # Fields by position through C-level map: a generator over the
-        # matches cost a Python frame step per row.
-        own = np.fromiter(map(_OWN, matches), np.int64, n) > 0
-        cross = np.fromiter(map(bool, map(_OTHERS, matches)), bool, n) & ~own
 
         # A near-duplicate of another client's query counts unless the query
         # also matches one of the client's own (a re-submitted popular input
         # matches everyone who sent it); one of the client's own counts only
         # within a run of at least min_run (see the class docstring).
-        groups = group_rows(slots)
-        run = _own_runs(arrays["own_run"], groups, own[groups.order])
-        near = cross[groups.order] | (run >= p.min_run)
-        counts, lengths = push_window(
+        score, warm, counts, lengths, cross_row = score_windows(
+            slots,
+            own,
+            matched_others,
             arrays["near"],
             arrays["near_pos"],
             arrays["near_len"],
-            groups,
-            near,
+            arrays["n_seen"],
+            arrays["n_cross"],
+            arrays["own_run"],
+            p.min_run,
+            p.min_queries,
+            p.min_cross,
         )
-        n_seen = arrays["n_seen"]
-        seen = n_seen[groups.unique][groups.group] + groups.position + 1
-        n_seen[groups.unique] += groups.size
-        crossed = cross[groups.order].astype(np.int64)
-        running = np.cumsum(crossed)
-        before = running[groups.start] - crossed[groups.start]
-        n_cross_col = arrays["n_cross"]
-        cross_total = (
-            n_cross_col[groups.unique][groups.group] + running - before[groups.group]
-        )
-        n_cross_col[groups.unique] += np.add.reduceat(crossed, groups.start)
-
-        inverse = np.empty(n, dtype=np.int64)
-        inverse[groups.order] = np.arange(n)
-        counts = counts[inverse]
-        lengths = lengths[inverse]
-        cross_row = cross_total[inverse]
 
         def evidence(row: int) -> str:
             others = matches[row].others
@@ -1110,5 +834,4 @@ class FingerprintDetector(Detector[FingerprintParams]):
                 + (f" (this one: {', '.join(sorted(others)[:3])})" if others else "")
             )
 
-        warm = (seen >= p.min_queries) | (cross_total >= p.min_cross)
-        return self._scores(counts / lengths, warm[inverse], evidence)
+        return self._scores(score, warm, evidence)

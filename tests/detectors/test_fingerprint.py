@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+import numpy.typing as npt
 import pytest
 
+from detectors import fingerprint
 from detectors.fingerprint import (
     FingerprintDetector,
+    FingerprintMatch,
     FingerprintParams,
+    HashArray,
     InMemoryFingerprintStore,
     input_keys,
     top_hashes,
@@ -94,7 +100,7 @@ def test_store_stays_bounded() -> None:
             rng.integers(1, 2**40, (200, 8)).astype(np.uint64),
         )
     assert len(store) <= 1000
-    assert len(store._slot_hash) <= 1000 and len(store._entry_client) == 100
+    assert len(store._slots) <= 1000 and len(store._entry_client) == 100
     # A hash sent by everyone keeps only the last entries_per_hash entries:
     # the eleventh query is near only the last four.
     found = store.observe([f"x{i}" for i in range(11)], _sets(*[[7, 8]] * 11))
@@ -127,3 +133,53 @@ def test_parameters_that_cannot_work_are_refused() -> None:
     detector = FingerprintDetector(FingerprintParams(width=8))
     with pytest.raises(ValueError, match="width"):
         detector.score_batch(["a"], np.zeros((1, 4)))
+
+
+class _DelegatingStore:
+    """A store that is not an InMemoryFingerprintStore (as a shared store
+    elsewhere would be), answering through one."""
+
+    def __init__(self) -> None:
+        self.inner = InMemoryFingerprintStore(match_threshold=8, entries_per_hash=4)
+
+    def observe(
+        self,
+        client_ids: Sequence[str],
+        hash_sets: HashArray,
+        remember: Sequence[bool] | None = None,
+        input_keys: npt.NDArray[np.uint64] | None = None,
+    ) -> list[FingerprintMatch]:
+        return self.inner.observe(client_ids, hash_sets, remember, input_keys)
+
+
+def test_detector_scores_the_same_through_any_store(digits: Digits) -> None:
+    rng = np.random.default_rng(5)
+    base = digits.test[rng.integers(0, len(digits.test), 40)]
+    X = np.clip(np.repeat(base, 5, axis=0) + rng.normal(0, 0.01, (200, 64)), 0, 1)
+    ids = [f"key-{i}" for i in rng.integers(0, 6, 200)]
+    default = FingerprintDetector()
+    other = FingerprintDetector(store=_DelegatingStore())
+    for detector in (default, other):
+        detector.learn_baseline(digits.train)
+    for start in range(0, 200, 64):
+        a = default.score_batch(ids[start : start + 64], X[start : start + 64])
+        b = other.score_batch(ids[start : start + 64], X[start : start + 64])
+        assert a == b
+        assert default.last_matches == other.last_matches
+    assert any(s.score > 0 for s in a)
+
+
+def test_compiled_window_hashes_equal_the_numpy_ones(
+    digits: Digits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The compiled loop (bitmap of common windows) and numpy's hashing with
+    # a search among common hashes, used beyond the bitmap's size, agree.
+    X = np.vstack([digits.test[:50], np.clip(digits.test[:50] * 1.7 - 0.2, 0, 1)])
+    compiled = FingerprintDetector(seed=3)
+    compiled.learn_baseline(digits.train)
+    monkeypatch.setattr(fingerprint, "_MAX_COMMON_BITS", 0)
+    plain = FingerprintDetector(seed=3)
+    plain.learn_baseline(digits.train)
+    assert plain._common_table is None and compiled._common_table is not None
+    assert np.array_equal(compiled.fingerprints(X), plain.fingerprints(X))
+    assert len(compiled._common) and (compiled.fingerprints(X) == 0).any()

@@ -1,4 +1,5 @@
-"""The vectorised in-memory fingerprint store against a plain reference."""
+"""The compiled in-memory fingerprint store against a plain reference, and
+what only the compiled store decides (eviction order, bounds)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from itertools import chain
 import numpy as np
 import pytest
 
-from detectors import fingerprint
 from detectors.fingerprint import (
     FingerprintMatch,
     HashArray,
@@ -19,7 +19,7 @@ from detectors.fingerprint import (
 
 class ReferenceStore:
     """The store as a plain loop, row by row: the specification the
-    vectorised store must match (it was the first implementation).
+    compiled store must match (it was the first implementation).
 
     Every observed query becomes an entry (a sequence number and its client).
     For each hash value the store keeps the last ``entries_per_hash`` entries
@@ -164,22 +164,16 @@ def _stream(
     return clients, rows, remember, keys
 
 
-@pytest.mark.parametrize("row_sort_places", [512, 0])
 @pytest.mark.parametrize(
     ("seed", "horizon", "entries", "threshold"),
     [(0, 100_000, 8, 4), (1, 50, 8, 4), (2, 1000, 2, 3), (3, 200, 4, 6)],
 )
-def test_vectorised_store_matches_the_reference(
+def test_compiled_store_matches_the_reference(
     seed: int,
     horizon: int,
     entries: int,
     threshold: int,
-    row_sort_places: int,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Both ways of counting shared hashes: one sorted matrix row per query
-    # (narrow fingerprints, the default) and the packed sort of filled places.
-    monkeypatch.setattr(fingerprint, "_ROW_SORT_PLACES", row_sort_places)
     clients, rows, remember, keys = _stream(seed, 1500, 8, 7)
     reference = ReferenceStore(
         match_threshold=threshold, horizon=horizon, entries_per_hash=entries
@@ -195,3 +189,81 @@ def test_vectorised_store_matches_the_reference(
     assert sum(bool(m.others) for m in got) > 20
     assert sum(m.own > 0 for m in got) > 20
     assert sum(m.identical > 0 for m in got) > 5
+
+
+def test_observe_arrays_agree_with_the_matches() -> None:
+    clients, rows, remember, keys = _stream(4, 600, 8, 5)
+    store = InMemoryFingerprintStore(match_threshold=4)
+    matches, own, matched = store.observe_arrays(clients, rows, remember, keys)
+    assert own.tolist() == [m.own for m in matches]
+    assert matched.tolist() == [bool(m.others) for m in matches]
+    assert any(matched) and any(own)
+
+
+def _sets(*rows: list[int]) -> HashArray:
+    return np.array(rows, dtype=np.uint64)
+
+
+def test_full_store_evicts_the_oldest_values_a_chunk_at_a_time() -> None:
+    # 4 slots and rows of 2 hashes: one row per chunk. A chunk's new values
+    # take the next slots in ascending value order, so row 3's two new
+    # values take the slots of 3 and then 5, the first seen.
+    store = InMemoryFingerprintStore(match_threshold=2, max_hashes=4)
+    store.observe(["a", "b", "c"], _sets([5, 3], [9, 7], [11, 1]))
+    assert len(store) == 4
+    gone, kept = store.observe(["x", "y"], _sets([5, 3], [9, 7]), [False, False])
+    assert gone.others == {} and dict(kept.others) == {"b": 1}
+    # A chunk's own held values are never evicted by its new ones: the next
+    # slot holds 7, which the chunk uses, so 2 takes 9's slot instead.
+    store.observe(["d"], _sets([7, 2]))
+    gone, kept = store.observe(["x", "y"], _sets([9, 7], [7, 2]), [False, False])
+    assert gone.others == {} and dict(kept.others) == {"d": 1}
+
+
+def test_more_new_values_than_slots_keeps_the_store_bounded() -> None:
+    # max_hashes below one row's hashes: the values that find no free slot
+    # are not stored, and the store never holds more than max_hashes.
+    store = InMemoryFingerprintStore(match_threshold=1, max_hashes=3)
+    for start in range(0, 40, 4):
+        store.observe(["a"], _sets(list(range(start + 1, start + 5))))
+        assert len(store) <= 3
+    # The three largest of the last row's values are held.
+    found = store.observe(["b"], _sets([38, 39, 40]), [False])[0]
+    assert dict(found.others) == {"a": 1}
+
+
+def test_an_input_repeated_within_a_chunk_stays_known_for_the_horizon() -> None:
+    # Key 7 comes first and fourth in one chunk; its last entry (4) is
+    # within the horizon of 3 when the next call sends it again, so the
+    # near-duplicate of x's row is an exact copy (identical), as in the
+    # row-by-row reference, however many other keys the chunk held.
+    store = InMemoryFingerprintStore(match_threshold=1, horizon=3)
+    keys = np.array([7, 1, 2, 7, 3, 4], dtype=np.uint64)
+    store.observe(
+        ["w", "a", "b", "x", "c", "d"],
+        _sets([1], [2], [3], [10], [4], [5]),
+        input_keys=keys,
+    )
+    again = store.observe(["y"], _sets([10]), input_keys=np.array([7], np.uint64))
+    assert again[0] == FingerprintMatch(own=0, identical=1)
+    reference = ReferenceStore(match_threshold=1, horizon=3)
+    expected = reference.observe(
+        ["w", "a", "b", "x", "c", "d", "y"],
+        _sets([1], [2], [3], [10], [4], [5], [10]),
+        input_keys=np.array([7, 1, 2, 7, 3, 4, 7], dtype=np.uint64),
+    )
+    assert expected[-1] == again[0]
+
+
+def test_input_keys_beyond_the_horizon_are_dropped() -> None:
+    store = InMemoryFingerprintStore(match_threshold=1, horizon=100)
+    rng = np.random.default_rng(2)
+    for _ in range(30):
+        store.observe(
+            [f"c{i}" for i in range(500)],
+            rng.integers(1, 2**60, (500, 4)).astype(np.uint64),
+            input_keys=rng.integers(1, 2**60, 500).astype(np.uint64),
+        )
+    # Live keys are at most the horizon; the table is rebuilt without the
+    # others once half full, so it stays near 4 * (horizon + one chunk).
+    assert len(store._seen) <= 4096

@@ -13,7 +13,6 @@ import pytest
 from detectors._history import neighbours_and_push, ring_fields
 from detectors._probehist import _from_half, _to_half, push_bits, quantise
 from detectors._state import SlotArena, group_rows, push_window
-from detectors.fingerprint import _order_by_hash_then_row
 from detectors.knn import KnnDistanceDetector, KnnParams
 from detectors.similarity import QuerySimilarityDetector, SimilarityParams
 
@@ -171,21 +170,3 @@ def test_equally_near_queries_resolve_in_the_documented_order() -> None:
     assert list(_nearest_after([a, b], [q])) == a
     assert list(_nearest_after([b], [c, q])) == b
     assert list(_nearest_after([], [c, d, q])) == d
-
-
-def test_hash_order_falls_back_on_a_high_bit_collision() -> None:
-    rng = np.random.default_rng(4)
-    hashes = rng.integers(1, 2**63, (6, 4), dtype=np.uint64)
-    # Two different hashes equal but for the lowest bits, in rows 0, 1 and 3.
-    hashes[1, 2] = hashes[0, 1] ^ np.uint64(1)
-    hashes[3, 0] = hashes[0, 1]
-    occ_row, occ_col = np.nonzero(hashes)
-    occ_hash = hashes[occ_row, occ_col]
-    want = np.argsort(occ_hash, kind="stable")
-    got = _order_by_hash_then_row(occ_hash, occ_row, 6)
-    assert np.array_equal(got, want)
-    plain = rng.integers(1, 2**63, 500, dtype=np.uint64)
-    rows = np.sort(rng.integers(0, 512, 500))
-    assert np.array_equal(
-        _order_by_hash_then_row(plain, rows, 512), np.argsort(plain, kind="stable")
-    )
