@@ -2,8 +2,7 @@
 computation gives: ``knn`` scores the same whatever ``similarity`` saw
 before it (each computes its own distances), windows pushed row by row
 count as ``push_window`` does, also with counters a loaded state may hold,
-rows quantise and steps round to float16 as numpy does, and the fingerprint
-store's packed sort holds only without a collision of high hash bits."""
+and rows quantise and steps round to float16 as numpy does."""
 
 from __future__ import annotations
 
