@@ -9,7 +9,11 @@ this module only fixes how they are compiled.
 
 Kernels are compiled on their first call and cached on disk beside the module
 (``__pycache__``, or numba's user cache where that is read-only), so only the
-first process after an install or an edit pays the compile. ``NUMBA_DISABLE_JIT=1``
+first process after an install or an edit pays the compile. numba keys that
+cache on the kernel's own source file only, so a kernel calls kernels of its
+own module and no other: one calling into another file would keep running a
+stale compiled copy after that file changed
+(``tests/detectors/test_jit.py`` checks this). ``NUMBA_DISABLE_JIT=1``
 runs them as plain Python, for a debugger; that is far slower, never for service.
 
 Imports numba and typing only.
