@@ -5,28 +5,82 @@ is below what chains of numpy calls reach on gateway-sized batches: each call
 walks every row and allocates a temporary, and a detector needs dozens. A loop
 compiled with numba does the same arithmetic in one pass without them.
 Kernels live beside the detector that uses them, decorated with :func:`jit`;
-this module only fixes how they are compiled.
+this module only fixes how they are compiled and when their cache is stale.
 
 Kernels are compiled on their first call and cached on disk beside the module
-(``__pycache__``, or numba's user cache where that is read-only), so only the
-first process after an install or an edit pays the compile. numba keys that
-cache on the kernel's own source file only, so a kernel calls kernels of its
-own module and no other: one calling into another file would keep running a
-stale compiled copy after that file changed
-(``tests/detectors/test_jit.py`` checks this). ``NUMBA_DISABLE_JIT=1``
-runs them as plain Python, for a debugger; that is far slower, never for service.
+(``__pycache__``), so only the first process after an install or an edit pays
+the compile. numba keys each cached kernel on its own source file only: a
+kernel that calls a kernel of another module (``detectors._numpysum``) would
+keep running a stale compiled copy of it after that module changed. So on
+import this module compares a digest of every kernel module's source with the
+one the cache was built from and, when they differ, drops the package's
+cached kernels (:func:`drop_stale_kernels`). An edit of any kernel module thus
+recompiles them all, once.
 
-Imports numba and typing only.
+Where ``__pycache__`` is read-only (an installed image), nothing is dropped:
+its files do not change after the build that compiled them. With
+``NUMBA_CACHE_DIR`` set, numba caches elsewhere and this check does not reach
+that cache. ``NUMBA_DISABLE_JIT=1`` runs kernels as plain Python, for a
+debugger; that is far slower, never for service.
+
+Imports numba and the standard library only.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import numba
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+_STAMP = "modelgate-kernels.digest"
+"""File in ``__pycache__`` naming the sources the cached kernels came from."""
+
+_MARK = b"@jit\n"
+"""How a kernel module is recognised: it decorates a function with ``jit``."""
+
+
+def kernel_digest(package: Path) -> str:
+    """SHA-256 over the name and source of every kernel module in ``package``."""
+    digest = hashlib.sha256()
+    for path in sorted(package.glob("*.py")):
+        source = path.read_bytes()
+        if _MARK in source:
+            digest.update(path.name.encode() + b"\0" + source + b"\0")
+    return digest.hexdigest()
+
+
+def drop_stale_kernels(package: Path) -> bool:
+    """Delete numba's cached kernels in ``package/__pycache__`` unless they
+    were built from the kernel sources there now; True when it deleted.
+
+    Two processes starting together may both delete and both recompile;
+    that costs time, never a stale kernel, since numba recompiles whatever
+    it finds missing.
+    """
+    cache = package / "__pycache__"
+    stamp = cache / _STAMP
+    wanted = kernel_digest(package)
+    try:
+        if stamp.read_text() == wanted:
+            return False
+    except OSError:
+        pass  # no stamp yet: whatever is cached may predate it
+    try:
+        cache.mkdir(exist_ok=True)
+        for cached in [*cache.glob("*.nbi"), *cache.glob("*.nbc")]:
+            cached.unlink(missing_ok=True)
+        partial = cache / f"{_STAMP}.{os.getpid()}"
+        partial.write_text(wanted)
+        partial.replace(stamp)
+    except OSError:
+        return False  # read-only: see the module docstring
+    return True
 
 
 def jit(function: F) -> F:
@@ -40,3 +94,6 @@ def jit(function: F) -> F:
     ``parallel``: the budget is per core, and workers scale by process.
     """
     return cast(F, numba.njit(cache=True, nogil=True)(function))
+
+
+drop_stale_kernels(Path(__file__).resolve().parent)

@@ -9,8 +9,8 @@ reproduces, bit for bit, the numpy code these kernels replaced: sums in
 numpy's pairwise order, float32 where numpy compared in float32, and
 Python's ``pow`` for a square.
 
-Imports numpy and ``detectors._jit`` only; nothing from Kafka, Redis,
-FastAPI or ``gateway``.
+Imports numpy, ``detectors._jit`` and ``detectors._numpysum`` only; nothing
+from Kafka, Redis, FastAPI or ``gateway``.
 """
 
 from __future__ import annotations
@@ -21,12 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from detectors._jit import jit
-
-# numpy's pairwise summation (``pairwise_sum`` in its ``loops_utils``):
-# below 8 values a plain loop; up to this many, 8 interleaved accumulators;
-# above, halves cut at a multiple of 8. Copied in the order of its
-# additions, so a sum here has the bits of ``np.add.reduce``.
-_PAIRWISE_BLOCK = 128
+from detectors._numpysum import pairwise_sum
 
 # Most features whose squared distance fits int32: 33025 * 255**2 < 2**31.
 _INT32_FEATURES = 33025
@@ -37,82 +32,6 @@ _LEVELS = 255
 # Most common grid values whose share of a window makes it lattice-valued
 # (``detectors.prada`` explains the rule).
 _LATTICE_VALUES = 8
-
-
-@jit
-def _block_sum(values: npt.NDArray[np.float64], start: int, n: int) -> float:
-    """numpy's pairwise sum of at most ``_PAIRWISE_BLOCK`` values."""
-    if n < 8:
-        total = 0.0
-        for i in range(start, start + n):
-            total += values[i]
-        return float(total)
-    r0, r1 = values[start], values[start + 1]
-    r2, r3 = values[start + 2], values[start + 3]
-    r4, r5 = values[start + 4], values[start + 5]
-    r6, r7 = values[start + 6], values[start + 7]
-    i = start + 8
-    stop = start + n - n % 8
-    while i < stop:
-        r0 += values[i]
-        r1 += values[i + 1]
-        r2 += values[i + 2]
-        r3 += values[i + 3]
-        r4 += values[i + 4]
-        r5 += values[i + 5]
-        r6 += values[i + 6]
-        r7 += values[i + 7]
-        i += 8
-    total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-    while i < start + n:
-        total += values[i]
-        i += 1
-    return float(total)
-
-
-@jit
-def pairwise_sum(values: npt.NDArray[np.float64], start: int, n: int) -> float:
-    """Sum of ``values[start : start + n]`` added in the order of numpy's
-    pairwise summation, so equal to ``np.add.reduce`` of that slice.
-
-    Above a block, numpy recurses on two halves cut at a multiple of 8; the
-    same tree is walked here with an explicit stack, because numba's cache
-    cannot reload a self-recursive function (the process crashes).
-    """
-    if n <= _PAIRWISE_BLOCK:
-        return _block_sum(values, start, n)
-    # Frames (first value, count, next step: 0 left half, 1 right, 2 add);
-    # each level halves the count, so 64 frames hold any int64 count.
-    frame_start = np.empty(64, dtype=np.int64)
-    frame_n = np.empty(64, dtype=np.int64)
-    frame_step = np.empty(64, dtype=np.int64)
-    partial = np.empty(64, dtype=np.float64)
-    frame_start[0], frame_n[0], frame_step[0] = start, n, 0
-    depth, held = 1, 0
-    while depth:
-        top = depth - 1
-        first, count = frame_start[top], frame_n[top]
-        if count <= _PAIRWISE_BLOCK:
-            partial[held] = _block_sum(values, first, count)
-            held += 1
-            depth -= 1
-            continue
-        half = count // 2
-        half -= half % 8
-        step = frame_step[top]
-        frame_step[top] = step + 1
-        if step == 0:
-            frame_start[depth], frame_n[depth], frame_step[depth] = first, half, 0
-            depth += 1
-        elif step == 1:
-            frame_start[depth], frame_n[depth] = first + half, count - half
-            frame_step[depth] = 0
-            depth += 1
-        else:
-            held -= 1
-            partial[held - 1] = partial[held - 1] + partial[held]
-            depth -= 1
-    return float(partial[0])
 
 
 @jit

@@ -16,7 +16,8 @@ times, measuring the judged windows and judging run as two compiled loops
 over the batch in row order (:func:`_push_and_measure`, :func:`_judge`),
 with numpy's ``log10`` between them.
 
-Imports numpy, pydantic and :mod:`detectors._jit` (numba) only; nothing from
+Imports numpy, pydantic, :mod:`detectors._jit` (numba) and
+:mod:`detectors._numpysum` only; nothing from
 Kafka, Redis, FastAPI or ``gateway``.
 """
 
@@ -33,6 +34,7 @@ import numpy.typing as npt
 from pydantic import Field
 
 from detectors._jit import jit
+from detectors._numpysum import pairwise_sum
 from detectors._state import (
     FieldSpec,
     check_ring_counters,
@@ -114,86 +116,6 @@ def _log_rate(stats: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
 
 
 @jit
-def _block_sum(values: npt.NDArray[np.float64], lo: int, n: int) -> float:
-    """numpy's sum of a contiguous block of at most 128 values: in order under
-    8, else eight running sums over the whole eights, combined as a tree, and
-    the rest added in order."""
-    if n < 8:
-        total = 0.0
-        for i in range(lo, lo + n):
-            total += values[i]
-        return total
-    r0, r1, r2, r3 = values[lo], values[lo + 1], values[lo + 2], values[lo + 3]
-    r4, r5, r6, r7 = values[lo + 4], values[lo + 5], values[lo + 6], values[lo + 7]
-    i = lo + 8
-    stop = lo + n - n % 8
-    while i < stop:
-        r0 += values[i]
-        r1 += values[i + 1]
-        r2 += values[i + 2]
-        r3 += values[i + 3]
-        r4 += values[i + 4]
-        r5 += values[i + 5]
-        r6 += values[i + 6]
-        r7 += values[i + 7]
-        i += 8
-    total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-    while i < lo + n:
-        total += values[i]
-        i += 1
-    return float(total)
-
-
-@jit
-def _pairwise_sum(values: npt.NDArray[np.float64], lo: int, n: int) -> float:
-    """Sum of ``values[lo:lo + n]`` added in the order numpy's ``add.reduce``
-    adds a contiguous row, so sums equal numpy's to the bit: blocks of at most
-    128 (:func:`_block_sum`); a longer run is halved (the first half a
-    multiple of 8) and the halves' sums added, recursively. That order is
-    numpy's (2.x) internal choice; ``tests/detectors/test_traffic_kernels.py``
-    fails if an upgrade changes it.
-
-    The recursion runs on an explicit stack: numba cannot cache a recursive
-    function (numba issue 6061: the cached copy crashes the process).
-    """
-    if n <= 128:
-        return _block_sum(values, lo, n)
-    depth = 64  # halving from n < 2**63 reaches 128 long before
-    frame_lo = np.empty(depth, dtype=np.int64)
-    frame_n = np.empty(depth, dtype=np.int64)
-    left = np.empty(depth)
-    has_left = np.zeros(depth, dtype=np.bool_)
-    top = 0
-    frame_lo[0] = lo
-    frame_n[0] = n
-    while True:
-        # Down the left halves to a block.
-        while frame_n[top] > 128:
-            half = frame_n[top] // 2
-            half -= half % 8
-            has_left[top] = False
-            top += 1
-            frame_lo[top] = frame_lo[top - 1]
-            frame_n[top] = half
-        total = _block_sum(values, frame_lo[top], frame_n[top])
-        top -= 1
-        # Up through the runs whose left half is summed: this is their right.
-        while top >= 0 and has_left[top]:
-            total = left[top] + total
-            top -= 1
-        if top < 0:
-            return total
-        # This was a left half: keep it and go down the right one.
-        left[top] = total
-        has_left[top] = True
-        half = frame_n[top] // 2
-        half -= half % 8
-        top += 1
-        frame_lo[top] = frame_lo[top - 1] + half
-        frame_n[top] = frame_n[top - 1] - half
-
-
-@jit
 def _gap_stats(
     window: npt.NDArray[np.float64],
     tolerance: float,
@@ -206,9 +128,10 @@ def _gap_stats(
     Gaps that are not positive (rows of one request) or touch an unfilled
     cell are left out. The arithmetic is numpy's over the row of ``W - 1``
     gaps with left-out gaps as 0 (sums pairwise at their positions, see
-    :func:`_pairwise_sum`): mean, then the root mean square deviation, their
-    ratio, and the share of gaps within ``tolerance`` of the median (the mean
-    of the two middle gaps when their count is even).
+    :func:`~detectors._numpysum.pairwise_sum`): mean, then the root mean
+    square deviation, their ratio, and the share of gaps within
+    ``tolerance`` of the median (the mean of the two middle gaps when their
+    count is even).
     """
     width = len(window) - 1
     gaps = scratch[0]
@@ -222,14 +145,14 @@ def _gap_stats(
             count += 1
         else:
             gaps[j] = 0.0
-    span = 0.0 + _pairwise_sum(gaps, 0, width)
+    span = 0.0 + pairwise_sum(gaps, 0, width)
     filled = max(count, 1)
     mean = span / filled if count > 0 else 0.0
     for j in range(width):
         if gaps[j] != 0.0:
             deviation = gaps[j] - mean
             gaps[j] = deviation * deviation
-    std = np.sqrt((0.0 + _pairwise_sum(gaps, 0, width)) / filled)
+    std = np.sqrt((0.0 + pairwise_sum(gaps, 0, width)) / filled)
     cv = std / mean if mean > 0 else 0.0
     if np.isnan(cv):
         cv = 0.0

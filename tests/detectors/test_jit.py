@@ -1,53 +1,87 @@
-"""Kernels call kernels of their own module only.
+"""Cached kernels are dropped when any kernel module's source changes.
 
-numba's on-disk cache of a kernel is keyed on its own source file, so a kernel
-that called a kernel imported from another module would keep running a stale
-compiled copy of it after that module was edited (seen once while building
-the probing kernels: a ten times slower copy ran on)."""
+numba keys a cached kernel on its own source file only, so a kernel calling
+a kernel of another module (``prada``'s and ``traffic``'s call
+``detectors._numpysum``) would otherwise keep a stale copy of the callee
+after an edit to it."""
 
 from __future__ import annotations
 
-import ast
-import importlib
-import pkgutil
+import shutil
 from pathlib import Path
 
-import numba
+import pytest
 
 import detectors
+from detectors._jit import drop_stale_kernels, kernel_digest
+
+PACKAGE = Path(detectors.__file__).resolve().parent
 
 
-def _kernel_modules() -> list[str]:
-    names = []
-    for info in pkgutil.iter_modules(detectors.__path__, "detectors."):
-        module = importlib.import_module(info.name)
-        if any(
-            isinstance(v, numba.core.registry.CPUDispatcher)
-            for v in vars(module).values()
-        ):
-            names.append(info.name)
-    return names
+def _package_copy(tmp_path: Path) -> Path:
+    copy = tmp_path / "pkg"
+    copy.mkdir()
+    for name in ("_numpysum.py", "traffic.py", "bench.py"):
+        shutil.copy(PACKAGE / name, copy / name)
+    return copy
 
 
-def test_some_modules_hold_kernels() -> None:
-    assert len(_kernel_modules()) >= 5
+def _fake_cache(package: Path) -> list[Path]:
+    cache = package / "__pycache__"
+    cache.mkdir(exist_ok=True)
+    files = [cache / "traffic._gap_stats-1.py311.nbi", cache / "x.py311.1.nbc"]
+    for path in files:
+        path.write_bytes(b"compiled")
+    return files
 
 
-def test_no_kernel_calls_a_kernel_of_another_module() -> None:
-    for name in _kernel_modules():
-        module = importlib.import_module(name)
-        foreign = {
-            attr
-            for attr, value in vars(module).items()
-            if isinstance(value, numba.core.registry.CPUDispatcher)
-            and value.py_func.__module__ != name
-        }
-        tree = ast.parse(Path(module.__file__ or "").read_text())
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.FunctionDef):
-                continue
-            decorators = {ast.unparse(d) for d in node.decorator_list}
-            if "jit" not in decorators:
-                continue
-            called = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
-            assert not called & foreign, (name, node.name, called & foreign)
+def test_cached_kernels_stay_while_the_sources_are_unchanged(tmp_path: Path) -> None:
+    package = _package_copy(tmp_path)
+    assert drop_stale_kernels(package)  # no digest yet: nothing is trusted
+    files = _fake_cache(package)
+    assert not drop_stale_kernels(package)
+    assert all(path.exists() for path in files)
+
+
+def test_an_edited_callee_module_drops_every_cached_kernel(tmp_path: Path) -> None:
+    package = _package_copy(tmp_path)
+    drop_stale_kernels(package)
+    files = _fake_cache(package)
+    callee = package / "_numpysum.py"
+    callee.write_text(callee.read_text() + "\n# edited\n")
+    assert drop_stale_kernels(package)
+    assert not any(path.exists() for path in files)
+    assert not drop_stale_kernels(package)
+
+
+def test_only_kernel_modules_count(tmp_path: Path) -> None:
+    package = _package_copy(tmp_path)
+    before = kernel_digest(package)
+    bench = package / "bench.py"  # no kernel in it
+    bench.write_text(bench.read_text() + "\n# edited\n")
+    assert kernel_digest(package) == before
+
+
+def test_a_read_only_cache_is_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = _package_copy(tmp_path)
+    drop_stale_kernels(package)
+    files = _fake_cache(package)
+    (package / "traffic.py").write_text("@jit\n")
+
+    # As an installed image's site-packages is to its unprivileged user (the
+    # tests may run as root, for whom a chmod would not bite).
+    def refuse(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    assert not drop_stale_kernels(package)
+    assert all(path.exists() for path in files)
+
+
+def test_the_installed_package_cache_matches_its_sources() -> None:
+    # Importing detectors ran the check; the kernels in use were built (or
+    # will be) from the sources as they are now.
+    stamp = PACKAGE / "__pycache__" / "modelgate-kernels.digest"
+    assert stamp.read_text() == kernel_digest(PACKAGE)

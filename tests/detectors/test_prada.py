@@ -471,17 +471,6 @@ def test_on_lattice_equals_the_unique_count_rule() -> None:
         assert on_lattice(sample.astype(np.float32), 12, 0.5) == expected
 
 
-def test_kernel_sums_equal_numpy_pairwise_sums() -> None:
-    # W must have the bits numpy gave it: the kernel copies numpy's order of
-    # additions, including the halving above 128 values.
-    rng = np.random.default_rng(5)
-    for n in [*range(0, 300), 1000, 4096]:
-        x = rng.normal(size=n) * 10.0 ** rng.integers(-6, 6, size=n)
-        assert _pk.pairwise_sum(x, 0, n) == np.add.reduce(x), n
-        if n > 10:
-            assert _pk.pairwise_sum(x, 3, n - 7) == np.add.reduce(x[3 : n - 4]), n
-
-
 @pytest.mark.parametrize("n_features", [64, 33025, 33026, 40000])
 def test_kernel_distances_are_exact_at_any_width(n_features: int) -> None:
     # Up to 33025 features the squared distance is summed in int32
