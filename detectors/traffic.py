@@ -53,6 +53,12 @@ _FLOORS = np.array([0.5, 0.3, 0.1, 0.05, 0.05])
 honest client sent without errors (variance 0) does not turn one error into
 an infinite z-score. In the features' own units."""
 
+MAX_TIME_S = 1e16
+"""Largest arrival time magnitude taken, in seconds: above Kafka's largest
+record time (2**63 - 1 ms, about 9.2e15 s), and small enough that a window's
+gaps, their squares and sums stay finite, so every feature does. Times
+beyond it are clipped to it; a stored ring holding one is refused."""
+
 
 class TrafficParams(DetectorParams):
     """Parameters of :class:`TrafficDetector`."""
@@ -396,6 +402,12 @@ class TrafficDetector(Detector[TrafficParams]):
 
     def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
         check_ring_counters(values, "times", "times_pos", "times_len")
+        # Not only the counters: a time no clock gives makes the next judged
+        # window's features infinite (see MAX_TIME_S).
+        if not (np.abs(values["times"]) <= MAX_TIME_S).all():
+            raise ValueError(
+                f"state field 'times' holds a time beyond {MAX_TIME_S:g} s"
+            )
         check_window(values, "errored", "errored_pos", "errored_len")
         check_window(values, "rejected", "rejected_pos", "rejected_len")
         if not 0.0 <= float(values["score"]) < 1.0 or int(values["warm"]) > 1:
@@ -437,6 +449,10 @@ class TrafficDetector(Detector[TrafficParams]):
         p = self._params
         n = len(slots)
         times = np.full(n, time.time()) if self._arrival_s is None else self._arrival_s
+        # Finite times far apart (1e300) overflowed a window's sums into an
+        # infinite or largest-float feature, which, learned, turned the shared
+        # baseline and so every later score into NaN.
+        times = np.clip(times, -MAX_TIME_S, MAX_TIME_S)
 
         # Times into the rings, and the measures of each judged row's window.
         judged = np.empty(n, dtype=np.int64)
