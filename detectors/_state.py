@@ -454,6 +454,23 @@ def check_ring_counters(
         raise ValueError(f"state field {pos!r} or {length!r} is out of range")
 
 
+MAX_COUNT = 2**62
+"""Largest per-client counter a loaded state may hold: far beyond any
+client's queries (a million a second for 146,000 years), and far enough
+below int64's top that the kernels' ``+= 1`` cannot wrap it to negative."""
+
+
+def check_counters(values: Mapping[str, npt.NDArray[Any]], *names: str) -> None:
+    """Raise ``ValueError`` unless each named counter is in [0, MAX_COUNT].
+
+    A counter at int64's top wraps negative on the next query: the client
+    turns cold for good and its next dump is refused on hand-over.
+    """
+    for name in names:
+        if not 0 <= int(values[name]) <= MAX_COUNT:
+            raise ValueError(f"state counter {name!r} is out of range")
+
+
 def check_window(
     values: Mapping[str, npt.NDArray[Any]], ring: str, pos: str, length: str
 ) -> None:

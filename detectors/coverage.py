@@ -35,7 +35,12 @@ import numpy.typing as npt
 from pydantic import Field
 
 from detectors._jit import jit
-from detectors._state import FieldSpec, check_ring_counters, window_fields
+from detectors._state import (
+    FieldSpec,
+    check_counters,
+    check_ring_counters,
+    window_fields,
+)
 from detectors.base import Detector, DetectorParams, DetectorScore
 
 logger = logging.getLogger(__name__)
@@ -415,6 +420,7 @@ class CoverageDetector(Detector[CoverageParams]):
     def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
         check_ring_counters(values, "cells", "cells_pos", "cells_len")
         check_ring_counters(values, "regions", "regions_pos", "regions_len")
+        check_counters(values, "n_seen", "n_answers")
         # The compiled window walk indexes a table by these values.
         cells = self._params.cells
         for ring, limit in (("cells", cells), ("regions", cells * _CLASS_SLOTS)):

@@ -42,7 +42,7 @@ from detectors._fpkernels import (
     reindex,
     score_windows,
 )
-from detectors._state import FieldSpec, check_window, window_fields
+from detectors._state import FieldSpec, check_counters, check_window, window_fields
 from detectors.base import Detector, DetectorParams, DetectorScore
 
 logger = logging.getLogger(__name__)
@@ -741,6 +741,7 @@ class FingerprintDetector(Detector[FingerprintParams]):
 
     def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
         check_window(values, "near", "near_pos", "near_len")
+        check_counters(values, "n_seen")
         if int(values["n_seen"]) < 0 or not 0 <= int(values["n_cross"]) <= int(
             values["n_seen"]
         ):

@@ -37,6 +37,7 @@ from detectors._radius import (
 from detectors._state import (
     FieldSpec,
     SlotArena,
+    check_counters,
     check_window,
     group_rows,
     window_fields,
@@ -303,6 +304,7 @@ class KnnDistanceDetector(Detector[KnnParams]):
     def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
         check_history(values)
         check_window(values, "close", "close_pos", "close_len")
+        check_counters(values, "n_seen")
         if int(values["n_seen"]) < int(values["hist_len"]):
             raise ValueError("state field 'n_seen' is below 'hist_len'")
 

@@ -44,7 +44,7 @@ from pydantic import Field, model_validator
 
 from detectors._jit import jit
 from detectors._ring import push_ring
-from detectors._state import FieldSpec, check_ring_counters, group_rows
+from detectors._state import FieldSpec, check_counters, check_ring_counters, group_rows
 from detectors.base import Detector, DetectorParams, DetectorScore
 
 logger = logging.getLogger(__name__)
@@ -438,6 +438,7 @@ class MarginDetector(Detector[MarginParams]):
 
     def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
         check_ring_counters(values, "margin", "pos", "len")
+        check_counters(values, "n_answers")
         if int(values["n_answers"]) < int(values["len"]):
             raise ValueError("state field 'n_answers' is below 'len'")
         for name in ("open_s", "open_v", "first_s"):

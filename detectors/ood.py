@@ -29,6 +29,7 @@ from detectors._hst import HalfSpaceForest
 from detectors._jit import jit
 from detectors._state import (
     FieldSpec,
+    check_counters,
     check_window,
     group_rows,
     push_window,
@@ -414,6 +415,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
 
     def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
         check_window(values, "outlier", "outlier_pos", "outlier_len")
+        check_counters(values, "n_seen")
         if not np.isfinite(values["ewma"]) or int(values["n_seen"]) < 0:
             raise ValueError("state field 'ewma' or 'n_seen' is invalid")
         for field in ("n_off_lattice", "n_wide"):

@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 from scipy.special import ndtri
 
 from detectors import _pradakernels as _pk
-from detectors._state import FieldSpec
+from detectors._state import FieldSpec, check_counters
 from detectors.base import MAX_STATE_BYTES, Detector, DetectorParams, DetectorScore
 
 logger = logging.getLogger(__name__)
@@ -502,9 +502,8 @@ class DistanceDistributionDetector(Detector[PradaParams]):
                 raise ValueError(f"state field {field!r} is outside [0, 1]")
         if not 0.0 <= float(values["gs_m2"]) <= max(count, 1):
             raise ValueError("state field 'gs_m2' is out of range")
-        counters = ("n_seen", "n_tests", "tested_at", "tested_n")
-        if any(int(values[field]) < 0 for field in counters):
-            raise ValueError("a counter of the state is negative")
+        counters = ("n_seen", "n_tests", "tested_at", "tested_n", "gs_count")
+        check_counters(values, *counters)
 
     def _on_n_features(self, n_features: int) -> None:
         self._warn_if_capped(

@@ -31,7 +31,7 @@ from detectors._radius import (
     nearest_and_count,
     quantise,
 )
-from detectors._state import FieldSpec, check_window, window_fields
+from detectors._state import FieldSpec, check_counters, check_window, window_fields
 from detectors.base import MAX_STATE_BYTES, Detector, DetectorParams, DetectorScore
 
 logger = logging.getLogger(__name__)
@@ -208,6 +208,7 @@ class QuerySimilarityDetector(Detector[SimilarityParams]):
     def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
         check_window(values, "near", "near_pos", "near_len")
         check_history(values)
+        check_counters(values, "n_seen")
         if int(values["n_seen"]) < int(values["hist_len"]):
             raise ValueError("state field 'n_seen' is below 'hist_len'")
 

@@ -27,7 +27,7 @@ from pydantic import Field
 
 from detectors._history import LEVELS, check_ring, quantise, ring_fields
 from detectors._probehist import nearest_and_push, step_changes
-from detectors._state import FieldSpec, check_window, window_fields
+from detectors._state import FieldSpec, check_counters, check_window, window_fields
 from detectors.base import MAX_STATE_BYTES, Detector, DetectorParams, DetectorScore
 
 
@@ -126,6 +126,7 @@ class ChangeStructureDetector(Detector[StructureParams]):
         check_ring(values)
         check_window(values, "sparse", "sparse_pos", "sparse_len")
         check_window(values, "repeat", "repeat_pos", "repeat_len")
+        check_counters(values, "n_seen")
         dirs = values["dirs"].astype(np.float64)
         if not np.isfinite(dirs).all() or (np.linalg.norm(dirs, axis=1) > 1.01).any():
             raise ValueError("state field 'dirs' holds non-unit steps")

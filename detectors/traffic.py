@@ -37,6 +37,7 @@ from detectors._jit import jit
 from detectors._numpysum import pairwise_sum
 from detectors._state import (
     FieldSpec,
+    check_counters,
     check_ring_counters,
     check_window,
     group_rows,
@@ -402,6 +403,7 @@ class TrafficDetector(Detector[TrafficParams]):
 
     def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
         check_ring_counters(values, "times", "times_pos", "times_len")
+        check_counters(values, "n_seen")
         # Not only the counters: a time no clock gives makes the next judged
         # window's features infinite (see MAX_TIME_S).
         if not (np.abs(values["times"]) <= MAX_TIME_S).all():

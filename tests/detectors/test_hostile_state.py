@@ -9,9 +9,12 @@ leave a shared baseline that makes every later batch raise.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
+from detectors import Detector, build_detectors
 from detectors._state import StateBlob, decode_blob, encode_blob
 from detectors.traffic import TrafficDetector
 
@@ -63,3 +66,57 @@ def test_traffic_state_with_kafka_extreme_times_still_loads() -> None:
     times = top_s - np.arange(n)[::-1] * 0.001
     detector.score_batch(["c"] * n, np.zeros((n, 2)), arrival_s=times)
     detector.load_state("c", detector.dump_state("c") or b"")
+
+
+# Per detector, the per-client counters a stored state holds.
+_COUNTERS = {
+    "similarity": ("n_seen",),
+    "knn": ("n_seen",),
+    "structure": ("n_seen",),
+    "prada": ("n_seen", "n_tests", "tested_at", "tested_n", "gs_count"),
+    "fingerprint": ("n_seen",),
+    "ood": ("n_seen",),
+    "coverage": ("n_seen", "n_answers"),
+    "margin": ("n_answers",),
+    "traffic": ("n_seen",),
+}
+
+
+@pytest.fixture(scope="module")
+def warm_states() -> dict[str, tuple[Detector[Any], StateBlob]]:
+    """Each detector with a baseline, and the state of a client that sent
+    sixty queries and had them answered."""
+    rng = np.random.default_rng(0)
+    reference = np.rint(rng.random((300, 8)) * 16) / 16
+    proba = rng.dirichlet(np.ones(4), 300)
+    out: dict[str, tuple[Detector[Any], StateBlob]] = {}
+    for name, detector in build_detectors({}, seed=0).items():
+        detector.learn_baseline(reference)
+        detector.learn_output_baseline(reference, proba)
+        ids = ["c"] * 60
+        detector.score_batch(ids, reference[:60], arrival_s=_steady_times(60))
+        detector.observe_outputs(ids, reference[:60], proba[:60])
+        out[name] = (detector, decode_blob(detector.dump_state("c") or b""))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "field"),
+    [(name, field) for name, fields in _COUNTERS.items() for field in fields],
+)
+def test_a_counter_that_would_wrap_is_refused(
+    warm_states: dict[str, tuple[Detector[Any], StateBlob]], name: str, field: str
+) -> None:
+    """A counter at int64's largest value passed every check, then wrapped to
+    negative on the next query: the client turned cold for good and its next
+    dump was refused on hand-over."""
+    detector, blob = warm_states[name]
+    top = np.array(np.iinfo(np.int64).max, dtype="<i8").tobytes()
+    fields = {**blob.fields, field: top}
+    hostile = encode_blob(
+        StateBlob(blob.format, blob.detector, blob.n_features, blob.layout, fields)
+    )
+    with pytest.raises(ValueError, match=r"state counter '\w+' is out of range"):
+        detector.load_state("other", hostile)
+    # The unmodified state still loads.
+    detector.load_state("other", encode_blob(blob))
