@@ -448,6 +448,14 @@ class MarginDetector(Detector[MarginParams]):
             raise ValueError("state fields 'open_v' and 'first_s' must be >= 0")
         if abs(float(values["open_s"])) > 0 and float(values["open_v"]) == 0:
             raise ValueError("state field 'open_s' is set without 'open_v'")
+        # S and its variance over at most `window` answers (the ring's width)
+        # are bounded; a finite S beyond that (1.7e308) made a cohort's
+        # pooled S overflow to NaN, and every batch with a member raise.
+        n = float(values["margin"].shape[0])
+        if abs(float(values["open_s"])) > n * (n - 1.0) / 2.0:
+            raise ValueError("state field 'open_s' is beyond any opening's")
+        if float(values["open_v"]) > n * (n - 1.0) * (2.0 * n + 5.0) / 18.0:
+            raise ValueError("state field 'open_v' is beyond any opening's")
 
     def _learn_baseline_rows(
         self, margin: npt.NDArray[np.float64], entropy: npt.NDArray[np.float64]

@@ -16,6 +16,7 @@ import pytest
 
 from detectors import Detector, build_detectors
 from detectors._state import StateBlob, decode_blob, encode_blob
+from detectors.margin import MarginDetector
 from detectors.traffic import TrafficDetector
 
 
@@ -120,3 +121,33 @@ def test_a_counter_that_would_wrap_is_refused(
         detector.load_state("other", hostile)
     # The unmodified state still loads.
     detector.load_state("other", encode_blob(blob))
+
+
+def test_margin_refuses_an_opening_statistic_no_window_gives() -> None:
+    """Mann-Kendall S of at most ``window`` answers is at most
+    ``window * (window - 1) / 2``; larger ones passed the check (only
+    finiteness was), and the pooled S of a cohort holding +1.7e308 and
+    -1.7e308 summed to NaN: every batch with a member raised."""
+    detector = MarginDetector()
+    rng = np.random.default_rng(0)
+    X = rng.random((20, 4))
+    ids = ["young"] * 20
+    detector.score_batch(ids, X, arrival_s=np.full(20, 1000.0))
+    detector.observe_outputs(ids, X, rng.dirichlet(np.ones(3), 20))
+    blob = decode_blob(detector.dump_state("young") or b"")
+    loaded = 0
+    for i, s in enumerate([1.7e308, -1.7e308] * 8):
+        fields = {**blob.fields, "open_s": np.array(s).tobytes()}
+        hostile = encode_blob(
+            StateBlob(blob.format, blob.detector, blob.n_features, blob.layout, fields)
+        )
+        try:
+            detector.load_state(f"k{i}", hostile)
+            loaded += 1
+        except ValueError as exc:
+            assert "open_s" in str(exc)
+    scores = detector.score_batch(
+        ["young", "k0", "k1"], X[:3], arrival_s=np.full(3, 1000.0)
+    )
+    assert all(np.isfinite(s.score) for s in scores)
+    assert loaded == 0
