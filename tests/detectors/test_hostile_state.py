@@ -151,3 +151,40 @@ def test_margin_refuses_an_opening_statistic_no_window_gives() -> None:
     )
     assert all(np.isfinite(s.score) for s in scores)
     assert loaded == 0
+
+
+_EDGE_ROWS = {
+    "zeros": np.zeros((40, 8)),
+    "ones": np.ones((40, 8)),
+    "negative zero": np.full((40, 8), -0.0),
+    "subnormal": np.full((40, 8), 5e-324),
+    "just outside": np.resize([-1e-12, 1.0 + 1e-12], (40, 8)),
+    # A model declaring no range gets its rows unscaled, up to float32's top.
+    "float32 top": np.resize([3.4e38, -3.4e38, 0.5], (40, 8)),
+    "1e300": np.resize([1e300, -1e300], (40, 8)),
+}
+
+
+@pytest.mark.parametrize("rows", list(_EDGE_ROWS), ids=list(_EDGE_ROWS))
+def test_every_detector_scores_edge_values(rows: str) -> None:
+    """Values at and beyond the edges of [0, 1], from one client and from
+    one client per row, with arrival times equal or going back: every
+    detector gives finite scores and a state it loads again. Under
+    ``NUMBA_BOUNDSCHECK=1`` this also checks every index the kernels use."""
+    rng = np.random.default_rng(1)
+    reference = np.rint(rng.random((300, 8)) * 16) / 16
+    X = _EDGE_ROWS[rows]
+    proba = np.resize([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], (len(X), 3))
+    for detector in build_detectors({}, seed=0).values():
+        detector.learn_baseline(reference)
+        detector.learn_output_baseline(reference, rng.dirichlet(np.ones(3), 300))
+        for ids, times in [
+            (["one"] * len(X), np.full(len(X), 1.7e9)),
+            ([f"c{i}" for i in range(len(X))], 1.7e9 - np.arange(len(X))),
+        ]:
+            scores = detector.score_batch(ids, X, arrival_s=times)
+            assert all(np.isfinite(s.score) for s in scores), detector.name
+            detector.observe_outputs(ids, X, proba)
+            detector.observe_outcomes(ids, [True] * len(X), [False] * len(X))
+        for client in ("one", "c0"):
+            detector.load_state(client, detector.dump_state(client) or b"")
