@@ -154,12 +154,14 @@ class Scorer:
                 self._metrics.backend_seconds.labels(model_name, model.kind).observe(
                     time.perf_counter() - started
                 )
+            served, rows, proba = self._drop_non_finite(model, served, rows, proba)
             start = 0
             for item in served:
                 n = len(item.rows) if item.rows is not None else 0
                 item.probabilities = self._shaped(item, proba[start : start + n])
                 start += n
-            self._observe_outputs(model, served, rows, proba)
+            if served:
+                self._observe_outputs(model, served, rows, proba)
         self._observe_outcomes(items)
 
     def _score(self, model: ModelBackend, items: list[BatchItem]) -> None:
@@ -280,6 +282,50 @@ class Scorer:
         score = np.where(score > 0, score, 0.0)
         for item, values in zip(items, score.T.tolist(), strict=True):
             item.scores.update(zip(names, values, strict=True))
+
+    def _drop_non_finite(
+        self,
+        model: ModelBackend,
+        served: list[BatchItem],
+        rows: np.ndarray,
+        proba: np.ndarray,
+    ) -> tuple[list[BatchItem], np.ndarray, np.ndarray]:
+        """Fail the requests whose answer holds NaN or infinity; the rest,
+        their rows and answers. A model can overflow on inputs its declared
+        range lets through; such an answer must not reach the client, nor the
+        detectors, which refuse it, and it must not fail the other requests
+        of the batch."""
+        finite = np.isfinite(proba).all(axis=1)
+        if finite.all():
+            return served, rows, proba
+        kept: list[BatchItem] = []
+        # A request is answered whole or not at all, so a request with one
+        # bad row drops its good rows too.
+        keep_rows = np.zeros(len(finite), dtype=bool)
+        start = 0
+        for item in served:
+            n = len(item.rows) if item.rows is not None else 0
+            if finite[start : start + n].all():
+                kept.append(item)
+                keep_rows[start : start + n] = True
+            else:
+                error = BackendError(
+                    f"model {model.name} answered NaN or infinity for this input"
+                )
+                self._metrics.backend_errors.labels(
+                    model.name, model.kind, error.code
+                ).inc()
+                logger.warning(
+                    "model answered non-finite probabilities",
+                    extra={
+                        "model": model.name,
+                        "client": item.client_id,
+                        "request": item.request_id,
+                    },
+                )
+                item.fail(error)
+            start += n
+        return kept, rows[keep_rows], proba[keep_rows]
 
     def _observe_outputs(
         self,

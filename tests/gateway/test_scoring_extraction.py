@@ -73,3 +73,49 @@ def test_scorer_shows_answers_times_and_outcomes(
     slot = traffic._arena.get("c")  # type: ignore[union-attr]
     errored = traffic._arena.arrays["errored"][slot]  # type: ignore[union-attr]
     assert int(errored.sum()) == 1
+
+
+class _NonFiniteModel:
+    """The served digits model, except that it answers NaN for rows whose
+    first pixel is 16 (as a broken or overflowing model might)."""
+
+    def __init__(self, model: ServedModel) -> None:
+        self._model = model
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._model, name)
+
+    def predict_proba(self, rows: np.ndarray) -> np.ndarray:
+        proba = np.array(self._model.predict_proba(rows), dtype=np.float32)
+        proba[rows[:, 0] == 16] = np.nan
+        return proba
+
+
+def test_non_finite_answers_fail_their_request_only(
+    served: dict[str, ServedModel],
+) -> None:
+    model = _NonFiniteModel(served["digits"])
+    scorer = Scorer(load_settings(), {"digits": model}, WorkerMetrics())  # type: ignore[dict-item]
+    rows = digits_split()[1][:5].copy()
+    rows[:, 0] = 0
+    rows[2, 0] = 16
+    rows[4, 0] = 16
+    batch = [item(model, f"c{i}", rows[i], 1.7e9 + i) for i in range(4)]  # type: ignore[arg-type]
+    # c3 sends two rows in one request, the second answered NaN: the
+    # request fails whole, and its good first row is not observed either.
+    batch[3].rows = rows[3:5].astype(np.float32)
+    scorer.score_and_predict(batch)
+    broken = batch[2]
+    assert broken.probabilities is None and broken.error is not None
+    assert broken.error.code == "BACKEND_ERROR"
+    assert batch[3].probabilities is None and batch[3].error is not None
+    for good in (batch[0], batch[1]):
+        assert good.error is None and good.probabilities is not None
+        assert np.isfinite(good.probabilities).all()
+    # The detectors saw the good answers and not the broken one.
+    margin = scorer._detectors["digits"]["margin"]
+    assert margin._arena is not None
+    for client, want in (("c0", 1), ("c1", 1), ("c2", 0), ("c3", 0)):
+        slot = margin._arena.get(client)
+        got = 0 if slot is None else int(margin._arena.arrays["n_answers"][slot])
+        assert got == want, client
