@@ -22,7 +22,7 @@ import numpy as np
 
 from detectors import Detector, DetectorScore, build_detectors
 from detectors.calibration import Calibration, calibrate
-from detectors.fingerprint import FingerprintDetector
+from detectors.fingerprint import FingerprintDetector, FingerprintParams
 from gateway.backends import ModelBackend
 from gateway.batch import BatchItem
 from gateway.config import PolicyConfig, Settings
@@ -76,10 +76,11 @@ class Scorer:
         for name, model in models.items():
             scale = feature_scale(model.signature, model.reference)
             reference = scale.apply(model.reference)
-            calibration = _calibrated(settings.detectors, reference)
+            overrides = fit_to_features(settings.detectors, reference.shape[1], name)
+            calibration = _calibrated(overrides, reference)
             params = {
-                d: {**settings.detectors.get(d, {}), **calibration.params.get(d, {})}
-                for d in set(settings.detectors) | set(calibration.params)
+                d: {**overrides.get(d, {}), **calibration.params.get(d, {})}
+                for d in set(overrides) | set(calibration.params)
             }
             detectors = build_detectors(params, seed=0)
             for detector in detectors.values():
@@ -515,6 +516,35 @@ class Scorer:
 # would otherwise redo the same second of simulation per model.
 _CALIBRATIONS: dict[tuple[str, bytes], Calibration] = {}
 _MAX_CACHED = 32
+
+
+def fit_to_features(
+    overrides: Mapping[str, Mapping[str, Any]], n_features: int, model: str
+) -> dict[str, dict[str, Any]]:
+    """Detector overrides for a model of ``n_features`` features.
+
+    ``fingerprint`` hashes windows of ``width`` consecutive features (6 by
+    default) and refuses rows with fewer; a model with fewer features (a
+    small tabular one) gets windows as wide as its rows instead of a worker
+    that fails at start. Logged once per model when it applies.
+    """
+    fitted = {name: dict(values) for name, values in overrides.items()}
+    fingerprint = fitted.setdefault("fingerprint", {})
+    width = int(fingerprint.get("width", FingerprintParams().width))
+    if width > n_features:
+        logger.warning(
+            "fingerprint windows narrowed to the model's features",
+            extra={
+                "model": model,
+                "detector": "fingerprint",
+                "width": width,
+                "n_features": n_features,
+            },
+        )
+        fingerprint["width"] = n_features
+    elif not fingerprint:
+        del fitted["fingerprint"]
+    return fitted
 
 
 def _calibrated(
