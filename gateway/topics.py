@@ -20,6 +20,14 @@ from gateway.errors import BrokerError
 logger = logging.getLogger(__name__)
 
 
+# The broker stamps each request with the time it appended it. A producer
+# sets its own record times otherwise (CreateTime), and the detectors read
+# these times as arrivals: a client producing straight to Kafka could pace
+# its requests on paper (``traffic``) or stagger the starts of its keys
+# (``margin``'s cohorts) without waiting.
+REQUEST_TOPIC_CONFIGS = {"message.timestamp.type": "LogAppendTime"}
+
+
 async def ensure_topics(
     settings: Settings, extra: dict[str, int] | None = None
 ) -> None:
@@ -40,7 +48,12 @@ async def ensure_topics(
     async with _admin(settings, "create topics") as admin:
         existing = set(await admin.list_topics())
         missing = [
-            NewTopic(name, n, topics.replication_factor)
+            NewTopic(
+                name,
+                n,
+                topics.replication_factor,
+                topic_configs=REQUEST_TOPIC_CONFIGS if name == topics.requests else {},
+            )
             for name, n in wanted.items()
             if name not in existing
         ]

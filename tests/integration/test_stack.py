@@ -198,3 +198,41 @@ async def test_created_topics_are_ready_when_ensure_topics_returns(
             settings,
             [settings.kafka.topics.requests, settings.kafka.topics.responses],
         )
+
+
+async def test_request_times_are_the_brokers_not_the_producers(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    # Detectors read a request's record time as its arrival; a producer that
+    # back-dates its records must not choose it (the broker stamps them).
+    settings = isolated_settings(stack.kafka_bootstrap, stack.redis_url, models_dir)
+    await ensure_topics(settings)
+    topic = settings.kafka.topics.requests
+    forged_ms = 1_000_000_000_000  # 2001
+    producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap)
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=stack.kafka_bootstrap, auto_offset_reset="earliest"
+    )
+    await producer.start()
+    await consumer.start()
+    try:
+        sent = await producer.send_and_wait(topic, b"{}", timestamp_ms=forged_ms)
+        async with asyncio.timeout(30):
+            record = await consumer.getone()
+        assert record.offset == sent.offset
+        assert record.timestamp_type == 1  # LogAppendTime
+        assert record.timestamp > forged_ms
+    finally:
+        await consumer.stop()
+        await producer.stop()
+        topics = settings.kafka.topics
+        await delete_topics(
+            settings,
+            [
+                topics.requests,
+                topics.responses,
+                topics.alerts,
+                topics.decisions,
+                topics.deadletter,
+            ],
+        )
