@@ -1,6 +1,12 @@
 """Values at the edges of what validation lets through, and hostile Kafka
 record times, through a real worker to the compiled detector kernels.
 
+The request topic stamps records with the broker's time (LogAppendTime,
+``gateway.topics``), so the forged record times below no longer reach the
+detectors; they stay to show a producer that sends them is served as any
+other. Hostile times at the kernels themselves are covered by
+``tests/detectors/test_hostile_state.py``.
+
 numba checks no index: a kernel reading out of bounds would corrupt state or
 kill the worker (here, the test process, since the worker runs in it). Every
 record must get a score and an answer or a stable error code, and the worker
