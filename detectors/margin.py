@@ -150,7 +150,7 @@ class MarginParams(DetectorParams):
     """Effective answers (``(sum w)^2 / sum w^2``) before the rank test
     counts."""
 
-    rank_min_baseline: int = Field(1024, ge=64, le=1_000_000)
+    rank_min_baseline: int = Field(512, ge=64, le=1_000_000)
     """Honest answers from live traffic the baseline must hold before the
     rank test runs. Answers to the reference (training) data are more
     confident than answers to new data, so ranks against them would make
@@ -465,8 +465,9 @@ class MarginDetector(Detector[MarginParams]):
     Rank score: with ``u`` each answer's mid-rank among the live honest
     answers' margins in the baseline (see :func:`rank_table`) and ``m`` the
     client's mean of ``u`` with weights decaying by ``1 - 1 / rank_horizon``
-    per answer, ``z = (0.5 - m) / sqrt(var / n_eff)`` with ``var`` the
-    honest mid-rank variance and ``n_eff`` the effective number of answers;
+    per answer, ``z = (0.5 - m) / sqrt(var (1 / n_eff + 1 / n_base))`` with
+    ``var`` the honest mid-rank variance, ``n_eff`` the effective number of
+    answers and ``n_base`` the live honest answers ranked against;
     the score is ``threshold * z / rank_z``, counted once ``n_eff`` reaches
     ``rank_min_answers`` and only while the baseline holds at least
     ``rank_min_baseline`` answers from clients in good standing (answers to
@@ -853,8 +854,11 @@ class MarginDetector(Detector[MarginParams]):
         ready = effective >= self._params.rank_min_answers
         mean = np.divide(arrays["rank_wu"][slots], w, out=mean, where=ready)
         # The weighted mean of independent ranks has variance var * sum w^2
-        # / (sum w)^2, i.e. var over the effective count.
-        z = np.divide(0.5 - mean, np.sqrt(ranks[1] / np.maximum(effective, 1.0)))
+        # / (sum w)^2, i.e. var over the effective count; the baseline is a
+        # sample too, whose own spread adds var over its size (as in the
+        # two-sample rank-sum test), which matters while it is young.
+        spread = ranks[1] * (1.0 / np.maximum(effective, 1.0) + 1.0 / self._base_live)
+        z = np.divide(0.5 - mean, np.sqrt(spread))
         return mean, np.where(ready, z, 0.0), ready
 
     def _opening_evidence(

@@ -302,7 +302,13 @@ def render_markdown(result: EvalResult) -> str:
         f"{budgets.get('probing_targets')} inputs. Attackers pace at "
         f"{result.plan.get('attacker_rate_per_s')} requests/s in total; a "
         f"distributed attacker spreads them round-robin over "
-        f"{result.plan.get('distributed_keys')} API keys.",
+        f"{result.plan.get('distributed_keys')} API keys."
+        + (
+            f" The attacks began once honest clients of every model had been "
+            f"answered {result.plan['attack_lead_answers']} times."
+            if result.plan.get("attack_lead_answers")
+            else " The attacks began with the honest clients."
+        ),
         "",
         f"Policy: {json.dumps(result.policy)}. Detector overrides: "
         f"{json.dumps(result.detectors) if result.detectors else 'none (defaults)'}."

@@ -101,6 +101,12 @@ class EvalPlan:
     # sooner (most are blocked within seconds), so that the false-positive
     # rates rest on a few hundred queries per client rather than a few dozen.
     min_benign_s: float = 0.0
+    # The attacks begin once honest clients of every model have been answered
+    # this many times, as they would strike a gateway in service: detectors
+    # whose baselines learn from live honest traffic (margin's rank test
+    # needs 512 answers) are blind on a worker that has served none.
+    attack_lead_answers: int = 0
+    attack_lead_timeout_s: float = 120.0
 
     @classmethod
     def build(
@@ -145,6 +151,7 @@ class EvalPlan:
             progress_every_s=10.0,
             near_duplicates=near_duplicates,
             min_benign_s=150.0,
+            attack_lead_answers=600,
         )
 
 
@@ -633,7 +640,10 @@ async def _drive(
             stop=run.benign_stop,
         )
 
+    lead = asyncio.Event()
+
     async def attack_task(attack: AttackRun) -> None:
+        await lead.wait()
         async with gate:
             await asyncio.to_thread(_attack_job, run, attack)
 
@@ -650,10 +660,38 @@ async def _drive(
             for i, client_id in enumerate(benign_ids):
                 group.create_task(benign(i, client_id))
             attack_tasks = [group.create_task(attack_task(a)) for a in order]
+            group.create_task(_honest_lead(run, benign_ids, lead))
             group.create_task(_monitor(run, worker, alerts, attack_tasks))
     except BaseExceptionGroup as group_error:
         run.cancel.set()
         raise first_cause(group_error) from group_error
+
+
+async def _honest_lead(run: _Run, benign_ids: list[str], lead: asyncio.Event) -> None:
+    """Set ``lead`` once honest clients of every model have been answered
+    ``attack_lead_answers`` times, or after ``attack_lead_timeout_s`` (with a
+    warning: the run then measures a colder gateway than planned)."""
+    plan = run.plan
+    wanted = set(run.benign_models[c] for c in benign_ids)
+    deadline = time.monotonic() + plan.attack_lead_timeout_s
+    while plan.attack_lead_answers > 0 and wanted:
+        served = dict.fromkeys(wanted, 0)
+        for client_id in benign_ids:
+            served[run.benign_models[client_id]] += run.ledgers[client_id].allowed
+        if min(served.values()) >= plan.attack_lead_answers:
+            run.say(
+                f"honest clients answered {min(served.values())}+ times per "
+                f"model; the attacks begin"
+            )
+            break
+        if time.monotonic() > deadline:
+            logger.warning(
+                "honest lead not reached; the attacks begin anyway",
+                extra={"served": served, "wanted": plan.attack_lead_answers},
+            )
+            break
+        await asyncio.sleep(0.2)
+    lead.set()
 
 
 async def _monitor(
@@ -746,6 +784,7 @@ def _plan_dict(plan: EvalPlan, run: _Run) -> dict[str, Any]:
         "benign_median_rate_per_s": plan.benign_median_rate_per_s,
         "benign_near_duplicates": plan.near_duplicates,
         "benign_min_s": plan.min_benign_s,
+        "attack_lead_answers": plan.attack_lead_answers,
         "budgets": {
             "extraction_images": plan.budgets.extraction,
             "extraction_tabular": plan.budgets.tabular_extraction,

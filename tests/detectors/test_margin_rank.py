@@ -110,11 +110,11 @@ def test_doubtful_client_is_flagged_by_rank_alone_honest_ones_are_not() -> None:
 
 
 def test_rank_test_waits_for_a_live_baseline() -> None:
-    # 8 honest clients of 120 answers teach 960 live answers, under the 1024
+    # 4 honest clients of 120 answers teach 480 live answers, under the 512
     # needed; later clients (not learnt from) are never ranked, although the
     # reference and live answers together would be enough, because ranks
     # against the over-confident reference make honest clients look doubtful.
-    warmers = population(3, 8, 120)
+    warmers = population(3, 4, 120)
     later = population(4, 6, 200)
     later["thief"] = doubtful_margins(np.random.default_rng(4), 200)
 
@@ -126,7 +126,7 @@ def test_rank_test_waits_for_a_live_baseline() -> None:
     assert not any(s.flagged for k, v in scores.items() if k != "thief" for s in v)
 
     # The same live traffic with a smaller requirement does rank.
-    detector = prepared(rank_min_baseline=512)
+    detector = prepared(rank_min_baseline=256)
     serve(detector, warmers, {k: True for k in warmers})
     assert detector._rank_baseline() is not None
     scores = serve(detector, later, {k: False for k in later})
@@ -169,7 +169,7 @@ def test_rank_sums_survive_serialisation() -> None:
 
 def test_rank_parameters_are_validated() -> None:
     with pytest.raises(pydantic.ValidationError, match="rank_min_baseline"):
-        MarginParams(baseline_size=512, rank_min_baseline=1024)
+        MarginParams(baseline_size=256, rank_min_baseline=512)
     with pytest.raises(pydantic.ValidationError):
         MarginParams(rank_horizon=4)
 
