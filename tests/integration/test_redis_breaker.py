@@ -19,7 +19,7 @@ from tests.conftest import StackInfo
 from tests.integration.helpers import (
     RawKafka,
     create_key,
-    isolated_settings,
+    fail_open_settings,
     responses_for,
     running_worker,
 )
@@ -73,24 +73,11 @@ async def test_hung_redis_costs_a_timeout_per_cooldown_not_per_call(
     requests are counted in Redis again."""
     own = OwnRedis(tmp_path, _free_port(16497))
     own.start()
-    settings = isolated_settings(
-        stack.kafka_bootstrap,
+    settings = fail_open_settings(
+        stack,
         own.url,
         models_dir,
-        policy={"shadow": True},
-        limits={
-            "rate_per_s": 10_000,
-            "burst": 10_000,
-            "fail_mode": "open",
-            "plans": {"default": {"fail_mode": "open"}},
-        },
-    )
-    settings = settings.model_copy(
-        update={
-            "redis": settings.redis.model_copy(
-                update={"socket_timeout_s": TIMEOUT_S, "breaker_cooldown_s": COOLDOWN_S}
-            )
-        }
+        redis={"socket_timeout_s": TIMEOUT_S, "breaker_cooldown_s": COOLDOWN_S},
     )
     key = await create_key(settings, "hang")
     row = 0
