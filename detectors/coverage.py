@@ -177,9 +177,9 @@ def _horizons(width: int) -> npt.NDArray[np.int64]:
 @jit
 def _window_growth(
     ring: npt.NDArray[np.integer[Any]],
+    pos: npt.NDArray[np.int64],
+    length: npt.NDArray[np.int64],
     slot: int,
-    pos: int,
-    length: int,
     expected: npt.NDArray[np.float64],
     spread: npt.NDArray[np.float64],
     horizons: npt.NDArray[np.int64],
@@ -189,30 +189,32 @@ def _window_growth(
     """Largest excess coverage of one client's window over its horizons, and
     the distinct values of the whole window.
 
-    Walks the ring ``ring[slot]`` from the newest value (just before ``pos``)
-    back over its ``length`` filled cells, counting distinct values: a value
-    ``v`` is new unless ``stamp[v] == mark`` (``mark`` must differ from every
-    earlier call's on the same ``stamp``); a value outside ``stamp`` counts
-    each time it occurs (only a corrupted state holds one, and
-    ``_check_state`` refuses those). At each horizon ``h``, with ``c`` the
-    distinct values among the newest ``m = min(h, length)``, the excess is
+    Walks the ring ``ring[slot]`` (the layout of :func:`_push_cell`) from the
+    newest value (just before ``pos[slot]``) back over its ``length[slot]``
+    filled cells, counting distinct values: a value ``v`` is new unless
+    ``stamp[v] == mark`` (``mark`` must differ from every earlier call's on
+    the same ``stamp``); a value outside ``stamp`` counts each time it occurs
+    (only a corrupted state holds one, and ``_check_state`` refuses those).
+    At each horizon ``h``, with ``c`` the distinct values among the newest
+    ``m = min(h, length[slot])``, the excess is
     ``clip((c - expected[m]) / max(spread[m], MIN_SD) / MAX_SCORE, 0, 1)``,
     the arithmetic of the score's definition in that order; the result is
     the largest, from 0.
     """
     n_keys = stamp.shape[0]
     cells = ring[slot]
+    filled = length[slot]
     # Newest first. The index is unsigned (numba tests every signed index for
     # wrap-around) and wraps by a test, as a modulo per value cost more than
     # the rest of the loop.
     one = np.uint64(1)
     last = np.uint64(ring.shape[1] - 1)
-    at = np.uint64(pos)
+    at = np.uint64(pos[slot])
     best = 0.0
     covered = 0
     k = 0
     for h in horizons:
-        stop = min(h, length)
+        stop = min(h, filled)
         while k < stop:
             at = at - one if at > 0 else last
             value = np.int64(cells[at])
@@ -225,6 +227,23 @@ def _window_growth(
         z = (covered - expected[stop]) / max(spread[stop], MIN_SD)
         best = max(best, min(max(z / MAX_SCORE, 0.0), 1.0))
     return best, covered
+
+
+@jit
+def _push_cell(
+    ring: npt.NDArray[np.integer[Any]],
+    pos: npt.NDArray[np.int64],
+    length: npt.NDArray[np.int64],
+    slot: int,
+    value: int,
+) -> None:
+    """Append ``value`` to the ring ``ring[slot]``, in place: the layout of
+    :func:`detectors._ring.push_ring`, one row at a time, so that no window
+    is copied out."""
+    width = ring.shape[1]
+    ring[slot, pos[slot]] = value
+    pos[slot] = pos[slot] + 1 if pos[slot] + 1 < width else 0
+    length[slot] = min(length[slot] + 1, width)
 
 
 @jit
@@ -249,9 +268,8 @@ def _score_windows(
     measure the window just after it.
 
     ``ring[slot]`` holds the client's last ``width`` cells, ``pos[slot]`` the
-    next index to write and ``length[slot]`` how many are filled (the layout
-    of :func:`detectors._ring.push_ring`, which this does row by row so that
-    no window is copied out); ``n_seen`` counts the client's queries. All are
+    next index to write and ``length[slot]`` how many are filled
+    (:func:`_push_cell`); ``n_seen`` counts the client's queries. All are
     updated in place.
 
     Returns
@@ -261,7 +279,6 @@ def _score_windows(
         the distinct cells in it, its length and the client's queries so far.
     """
     n = slots.shape[0]
-    width = ring.shape[1]
     growth = np.empty(n)
     covered = np.empty(n, dtype=np.int64)
     lengths = np.empty(n, dtype=np.int64)
@@ -269,20 +286,10 @@ def _score_windows(
     stamp = np.zeros(n_keys, dtype=np.int64)
     for i in range(n):
         slot = slots[i]
-        ring[slot, pos[slot]] = cells[i]
-        pos[slot] = pos[slot] + 1 if pos[slot] + 1 < width else 0
-        length[slot] = min(length[slot] + 1, width)
+        _push_cell(ring, pos, length, slot, cells[i])
         n_seen[slot] += 1
         growth[i], covered[i] = _window_growth(
-            ring,
-            slot,
-            pos[slot],
-            length[slot],
-            expected,
-            spread,
-            horizons,
-            stamp,
-            i + 1,
+            ring, pos, length, slot, expected, spread, horizons, stamp, i + 1
         )
         lengths[i] = length[slot]
         seen[i] = n_seen[slot]
@@ -311,12 +318,9 @@ def _observe_windows(
     and counts advance and no score is set.
     """
     n = slots.shape[0]
-    width = ring.shape[1]
     for i in range(n):
         slot = slots[i]
-        ring[slot, pos[slot]] = keys[i]
-        pos[slot] = pos[slot] + 1 if pos[slot] + 1 < width else 0
-        length[slot] = min(length[slot] + 1, width)
+        _push_cell(ring, pos, length, slot, keys[i])
         n_answers[slot] += 1
     if expected.shape[0] == 0 or n == 0:
         return
@@ -327,15 +331,7 @@ def _observe_windows(
         if not done[slot]:
             done[slot] = True
             region_score[slot] = _window_growth(
-                ring,
-                slot,
-                pos[slot],
-                length[slot],
-                expected,
-                spread,
-                horizons,
-                stamp,
-                i + 1,
+                ring, pos, length, slot, expected, spread, horizons, stamp, i + 1
             )[0]
 
 

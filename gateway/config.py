@@ -85,6 +85,10 @@ class RedisConfig(_Frozen):
     # After a Redis call times out or cannot connect, every Redis call of this
     # client fails at once for this long, then one call probes (docs/redis.md).
     breaker_cooldown_s: float = Field(5.0, gt=0, le=300)
+    # Failed Redis calls in a row that open that breaker: a one-off blip then
+    # costs no cool-down, a hung Redis at most this many timeouts per outage
+    # (docs/redis.md; the trade-off in gateway/redis_breaker.py).
+    breaker_failures: int = Field(3, ge=1, le=100)
 
 
 class AuthConfig(_Frozen):

@@ -192,7 +192,7 @@ class RedisBreakerCollector(Collector):
         )
         yield CounterMetricFamily(
             "modelgate_redis_breaker_opens",
-            "Times the Redis breaker opened (first failure or failed probe).",
+            "Times the Redis breaker opened (failure threshold or failed probe).",
             value=stats.opens,
         )
         yield CounterMetricFamily(

@@ -2,17 +2,28 @@
 
 A hung Redis (a stopped process, a network black hole) answers nothing, so
 each call waits out its whole timeout; a batch makes several calls, and
-without a breaker every batch paid all of them. With it, the first failed
-call opens the breaker, and for ``cooldown_s`` every call is refused at once
-(the caller raises the same retriable error the timeout would have, without
-the wait). Then the breaker is half-open: exactly one call goes through as a
+without a breaker every batch paid all of them. With it, ``failures``
+consecutive failed calls open the breaker (a success in between starts the
+count again), and for ``cooldown_s`` every call is refused at once (the
+caller raises the same retriable error the timeout would have, without the
+wait). Then the breaker is half-open: exactly one call goes through as a
 probe while the others are still refused; the probe's success closes the
-breaker, its failure opens it for another cool-down.
+breaker, its failure opens it again at once for another cool-down.
+
+The threshold trades two costs. Opening on one failure spends a whole
+cool-down of fail-mode answers on a one-off blip (one timeout, one
+connection that failed after redis-py's retries). A threshold of ``n``
+lets a hung Redis cost at most ``n`` timeouts in a row before the breaker
+opens, once per outage: after that, failed probes reopen it at once. The
+configured default, 3 (``redis.breaker_failures``), rides out an isolated
+failure and a second one close behind it, for at most two extra timeouts
+(4 s at the default 2 s ``redis.socket_timeout_s``) when Redis really hangs.
 
 Calls that were already under way when the breaker opened (and the stale
-verdicts they bring back later) do not move it: only a call admitted while
-closed can open it, and only the probe can close it. That is what keeps the
-state right when many coroutines share one breaker.
+verdicts they bring back later) do not move it: only calls admitted since
+the breaker last closed (or was made) count towards opening it or reset
+that count, and only the probe can close it. That is what keeps the state
+right when many coroutines share one breaker.
 
 The breaker is driven by :func:`gateway.store.redis_guard`, which finds a
 client's breaker here (:func:`breaker_for`). The state machine talks to no
@@ -26,10 +37,10 @@ One breaker guards one client: a Redis Cluster client has one for all its
 nodes, so one hung node makes every call fail fast for a cool-down, even
 those for healthy nodes.
 
-The backends' breaker (``gateway.backends.breaker``) counts consecutive
-failures and lets any late success close it; Redis needs neither (one
-timeout is already seconds of evidence) and cannot afford the second (a
-straggler's success while Redis is still hung would close it again).
+The backends' breaker (``gateway.backends.breaker``) also counts
+consecutive failures, but lets any late success close it; Redis cannot
+afford that (a straggler's success while Redis is still hung would close it
+again).
 """
 
 from __future__ import annotations
@@ -90,11 +101,11 @@ class Permit:
 class BreakerStats:
     """Counters since the breaker was made (monotonic, for metrics).
 
-    ``opens`` counts every entry into ``open`` (the first failure and each
-    failed probe), ``closes`` every return to ``closed``, ``rejected`` the
-    calls refused at once, ``waited`` the calls that failed only after
-    waiting out their timeout (whether or not they moved the breaker),
-    ``probes`` the calls let through while half-open.
+    ``opens`` counts every entry into ``open`` (the failure that reached the
+    threshold and each failed probe), ``closes`` every return to ``closed``,
+    ``rejected`` the calls refused at once, ``waited`` the calls that failed
+    only after waiting out their timeout (whether or not they moved the
+    breaker), ``probes`` the calls let through while half-open.
     """
 
     opens: int = 0
@@ -111,7 +122,8 @@ class _Outage:
 
 
 class RedisBreaker:
-    """Open after one failure, refuse for ``cooldown_s``, then probe once.
+    """Open after ``failures`` failures in a row, refuse for ``cooldown_s``,
+    then probe once.
 
     Parameters
     ----------
@@ -120,17 +132,31 @@ class RedisBreaker:
         messages and logs.
     cooldown_s
         Seconds the breaker stays open before one call may probe.
+    failures
+        Consecutive failed calls, admitted while closed, that open the
+        breaker (>= 1; 1 opens on the first failure). A successful call, an
+        error reply included, starts the count again. The gateway passes
+        ``redis.breaker_failures`` (3 unless configured).
     clock
         Monotonic seconds; injectable so tests need not sleep.
+
+    Raises
+    ------
+    ValueError
+        ``cooldown_s`` is not positive or ``failures`` is below 1.
 
     Examples
     --------
     >>> now = [0.0]
-    >>> breaker = RedisBreaker("127.0.0.1:6379/0", 5.0, clock=lambda: now[0])
-    >>> permit = breaker.acquire()
-    >>> breaker.failed(permit, waited=True, operation="admit", reason="timeout")
-    >>> breaker.state
-    'open'
+    >>> breaker = RedisBreaker(
+    ...     "127.0.0.1:6379/0", 5.0, failures=2, clock=lambda: now[0]
+    ... )
+    >>> for _ in range(2):
+    ...     permit = breaker.acquire()
+    ...     breaker.failed(permit, waited=True, operation="admit", reason="timeout")
+    ...     print(breaker.state)
+    closed
+    open
     >>> now[0] = 5.0
     >>> probe = breaker.acquire()
     >>> probe.probe, breaker.state
@@ -145,15 +171,21 @@ class RedisBreaker:
         target: str,
         cooldown_s: float,
         *,
+        failures: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not cooldown_s > 0:
             raise ValueError("cooldown_s must be positive")
+        if failures < 1:
+            raise ValueError(f"failures must be at least 1, got {failures}")
         self.target = target
         self.cooldown_s = cooldown_s
+        self.failures = failures
         self.stats = BreakerStats()
         self._clock = clock
         self._state: BreakerState = "closed"
+        # Failed calls in a row since the last success, opening or close.
+        self._consecutive = 0
         self._generation = 0
         self._opened_at = 0.0
         self._probe: Permit | None = None
@@ -207,9 +239,11 @@ class RedisBreaker:
     def succeeded(self, permit: Permit) -> None:
         """The call got an answer (an error reply counts: the server is up)."""
         if permit is not self._probe:
-            # Closed: nothing to do. Otherwise a straggler from before the
-            # opening: Redis answering it says little about Redis now, and
-            # only the probe may close the breaker.
+            if self._state == "closed" and permit.generation == self._generation:
+                self._consecutive = 0
+            # Otherwise a straggler from before an opening: Redis answering
+            # it says little about Redis now, and only the probe may close
+            # the breaker.
             return
         self._probe = None
         self._state = "closed"
@@ -248,6 +282,18 @@ class RedisBreaker:
             # Already open (another call saw the failure first), or a
             # straggler from before an earlier opening: nothing new.
             return
+        self._consecutive += 1
+        if self._consecutive < self.failures:
+            logger.debug(
+                "redis call failed; breaker stays closed",
+                extra={
+                    "redis": self.target,
+                    "operation": operation,
+                    "reason": reason,
+                    "failures": self._consecutive,
+                },
+            )
+            return
         self._open()
         self._outage = _Outage(self._opened_at, self.stats.rejected)
         logger.warning(
@@ -257,6 +303,7 @@ class RedisBreaker:
                 "redis": self.target,
                 "operation": operation,
                 "reason": reason,
+                "failures": self.failures,
                 "cooldown_s": self.cooldown_s,
             },
         )
@@ -271,6 +318,7 @@ class RedisBreaker:
         self._state = "open"
         self._opened_at = self._clock()
         self._generation += 1
+        self._consecutive = 0
         self.stats.opens += 1
 
 
@@ -285,11 +333,13 @@ def register_breaker(
     redis: Redis | RedisCluster,
     cooldown_s: float,
     *,
+    failures: int = 1,
     clock: Callable[[], float] = time.monotonic,
 ) -> RedisBreaker:
-    """Give ``redis`` a fresh breaker with ``cooldown_s`` and return it
-    (``clock``: monotonic seconds, for tests)."""
-    breaker = RedisBreaker(_target(redis), cooldown_s, clock=clock)
+    """Give ``redis`` a fresh breaker with ``cooldown_s`` and ``failures`` (see
+    :class:`RedisBreaker`) and return it (``clock``: monotonic seconds, for
+    tests)."""
+    breaker = RedisBreaker(_target(redis), cooldown_s, failures=failures, clock=clock)
     _BREAKERS[redis] = breaker
     return breaker
 
@@ -297,11 +347,16 @@ def register_breaker(
 def breaker_for(redis: Redis | RedisCluster) -> RedisBreaker:
     """The breaker of ``redis``: the registered one, or (for a client not made
     by :func:`gateway.store.redis_from_settings`) one with the default
-    ``redis.breaker_cooldown_s``, made on first use."""
+    ``redis.breaker_cooldown_s`` and ``redis.breaker_failures``, made on first
+    use."""
     breaker = _BREAKERS.get(redis)
     if breaker is None:
-        cooldown_s = RedisConfig.model_fields["breaker_cooldown_s"].default
-        breaker = register_breaker(redis, cooldown_s)
+        fields = RedisConfig.model_fields
+        breaker = register_breaker(
+            redis,
+            fields["breaker_cooldown_s"].default,
+            failures=fields["breaker_failures"].default,
+        )
     return breaker
 
 

@@ -107,7 +107,11 @@ def redis_from_settings(settings: Settings) -> RedisClient:
             decode_responses=False,
             retry=retry,
         )
-        register_breaker(cluster, settings.redis.breaker_cooldown_s)
+        register_breaker(
+            cluster,
+            settings.redis.breaker_cooldown_s,
+            failures=settings.redis.breaker_failures,
+        )
         return cluster
     client: Redis = Redis.from_url(
         settings.redis.url,
@@ -116,7 +120,11 @@ def redis_from_settings(settings: Settings) -> RedisClient:
         decode_responses=False,
         retry=retry,
     )
-    register_breaker(client, settings.redis.breaker_cooldown_s)
+    register_breaker(
+        client,
+        settings.redis.breaker_cooldown_s,
+        failures=settings.redis.breaker_failures,
+    )
     return client
 
 

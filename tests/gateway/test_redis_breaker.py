@@ -217,6 +217,100 @@ def test_logs_once_per_state_change(
     assert infos[0].__dict__["open_s"] == pytest.approx(4 * COOLDOWN_S)
 
 
+# -- failure threshold (redis.breaker_failures) -------------------------------------
+
+
+@pytest.fixture
+def breaker3(clock: Clock) -> RedisBreaker:
+    return RedisBreaker("127.0.0.1:1/0", COOLDOWN_S, failures=3, clock=clock)
+
+
+def test_failures_must_be_at_least_one() -> None:
+    with pytest.raises(ValueError, match="failures must be at least 1, got 0"):
+        RedisBreaker("x", 1.0, failures=0)
+
+
+def test_opens_on_the_threshold_th_failure_in_a_row(breaker3: RedisBreaker) -> None:
+    for _ in range(2):
+        fail(breaker3, breaker3.acquire())
+        assert breaker3.state == "closed"
+    assert breaker3.stats.opens == breaker3.stats.rejected == 0
+    fail(breaker3, breaker3.acquire())
+    assert breaker3.state == "open"
+    assert breaker3.stats.opens == 1
+    assert breaker3.stats.waited == 3
+    with pytest.raises(CircuitOpen):
+        breaker3.acquire()
+
+
+def test_a_success_starts_the_count_again(breaker3: RedisBreaker) -> None:
+    """A one-off blip, or two, between answers never opens it."""
+    for _ in range(3):
+        fail(breaker3, breaker3.acquire())
+        fail(breaker3, breaker3.acquire(), waited=False)
+        breaker3.succeeded(breaker3.acquire())
+    assert breaker3.state == "closed"
+    assert breaker3.stats.opens == 0
+    for _ in range(3):
+        fail(breaker3, breaker3.acquire())
+    assert breaker3.state == "open"
+
+
+def test_a_failed_probe_reopens_at_once_whatever_the_threshold(
+    breaker3: RedisBreaker, clock: Clock
+) -> None:
+    for _ in range(3):
+        fail(breaker3, breaker3.acquire())
+    clock.now += COOLDOWN_S
+    fail(breaker3, breaker3.acquire())
+    assert breaker3.state == "open"
+    assert breaker3.stats.opens == 2
+    with pytest.raises(CircuitOpen) as refused:
+        breaker3.acquire()
+    assert refused.value.retry_in_s == pytest.approx(COOLDOWN_S)
+
+
+def test_after_a_close_the_count_starts_from_zero(
+    breaker3: RedisBreaker, clock: Clock
+) -> None:
+    """Failures before the opening, and stragglers' verdicts that arrive after
+    the close, neither count towards the next opening nor reset the count."""
+    old_fail, old_ok = breaker3.acquire(), breaker3.acquire()
+    for _ in range(3):
+        fail(breaker3, breaker3.acquire())
+    clock.now += COOLDOWN_S
+    breaker3.succeeded(breaker3.acquire())
+    assert breaker3.state == "closed"
+
+    fail(breaker3, old_fail)  # stale: does not count
+    fail(breaker3, breaker3.acquire())
+    fail(breaker3, breaker3.acquire())
+    assert breaker3.state == "closed"
+    breaker3.succeeded(old_ok)  # stale: does not reset the count either
+    fail(breaker3, breaker3.acquire())
+    assert breaker3.state == "open"
+    assert breaker3.stats.opens == 2
+
+
+def test_calls_failing_together_open_it_once(breaker3: RedisBreaker) -> None:
+    permits = [breaker3.acquire() for _ in range(8)]
+    for permit in permits:
+        fail(breaker3, permit)
+    assert breaker3.state == "open"
+    assert (breaker3.stats.opens, breaker3.stats.waited) == (1, 8)
+
+
+def test_failures_below_the_threshold_log_debug_only(
+    breaker3: RedisBreaker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="gateway.redis_breaker")
+    for _ in range(3):
+        fail(breaker3, breaker3.acquire())
+    ours = [r for r in caplog.records if r.name == "gateway.redis_breaker"]
+    assert [r.levelno for r in ours] == [logging.DEBUG] * 2 + [logging.WARNING]
+    assert [r.__dict__["failures"] for r in ours] == [1, 2, 3]
+
+
 # -- redis_guard driving it (no server: the bodies raise) -----------------------
 
 
@@ -369,6 +463,24 @@ async def test_guard_shared_by_many_coroutines(client: Redis, clock: Clock) -> N
     assert breaker.stats.probes == 1
 
 
+async def test_guard_error_replies_reset_the_failure_count(clock: Clock) -> None:
+    redis = Redis(host="127.0.0.1", port=1)
+    breaker = register_breaker(redis, COOLDOWN_S, failures=2, clock=clock)
+    for error in (
+        redis_exc.ConnectionError("Connection refused"),
+        redis_exc.ResponseError("ERR bad script"),  # the server answered
+        redis_exc.ConnectionError("Connection refused"),
+    ):
+        with pytest.raises(StoreError):
+            async with redis_guard("admit", 1.0, redis):
+                raise error
+    assert breaker.state == "closed"
+    with pytest.raises(StoreError):
+        async with redis_guard("admit", 1.0, redis):
+            raise redis_exc.TimeoutError("Timeout reading from socket")
+    assert breaker.state == "open"
+
+
 async def test_each_client_has_its_own_breaker(client: Redis) -> None:
     other = Redis(host="127.0.0.1", port=2)
     with pytest.raises(StoreError):
@@ -388,6 +500,21 @@ def test_settings_set_the_cooldown_and_the_target_hides_the_password() -> None:
     breaker = breaker_for(redis_from_settings(settings))
     assert breaker.cooldown_s == 0.5
     assert breaker.target == "127.0.0.1:1/3"
+
+
+def test_settings_set_the_failure_threshold_default_three() -> None:
+    assert breaker_for(redis_from_settings(load_settings())).failures == 3
+    assert breaker_for(Redis(host="127.0.0.1", port=1)).failures == 3
+    settings = load_settings(redis={"breaker_failures": 7})
+    assert breaker_for(redis_from_settings(settings)).failures == 7
+
+
+@pytest.mark.parametrize("failures", [0, -1, 101, 2.5, "few"])
+def test_failure_threshold_out_of_bounds_is_refused(failures: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(redis={"breaker_failures": failures})
+    assert info.value.code == "CONFIG_INVALID"
+    assert "redis.breaker_failures" in info.value.message, info.value.message
 
 
 @pytest.mark.parametrize("cooldown_s", [0, -1, 301, "soon"])

@@ -11,7 +11,7 @@ import pytest
 from gateway.config import Settings
 from gateway.models import ensure_digits_model
 from tests.conftest import StackInfo
-from tests.integration.helpers import RawKafka, isolated_settings
+from tests.integration.helpers import RawKafka, request_path_settings
 from tests.integration.oip_servers import mlserver
 
 # The real MLServer, one per session for every module that asks for it.
@@ -28,18 +28,9 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def settings(stack: StackInfo, models_dir: Path) -> Settings:
-    """Isolated settings for tests of the request path, not of detection.
-
-    Shadow mode, so that a detector flagging a test stream cannot turn answers
-    into refusals; limits high enough never to throttle.
-    """
-    return isolated_settings(
-        stack.kafka_bootstrap,
-        stack.redis_url,
-        models_dir,
-        policy={"shadow": True},
-        limits={"rate_per_s": 10_000, "burst": 10_000},
-    )
+    """Isolated settings for tests of the request path, not of detection
+    (:func:`~tests.integration.helpers.request_path_settings`)."""
+    return request_path_settings(stack, models_dir)
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ from modelgate.results import InferResult
 if TYPE_CHECKING:
     # Only for annotations: the live-config service imports every detector.
     from gateway.liveconfig.service import ConfigService, WorkerAck
+    from tests.conftest import StackInfo
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,7 +44,12 @@ REPO = Path(__file__).resolve().parents[2]
 def isolated_settings(
     kafka_bootstrap: str, redis_url: str, models_dir: Path, **overrides: Any
 ) -> Settings:
-    """Settings whose topics, group and Redis keys no other test or run shares."""
+    """Settings whose topics, group and Redis keys no other test or run shares.
+
+    ``kafka``, ``worker`` and ``redis`` overrides are merged into the isolated
+    values (``redis`` may set timeouts and the breaker, not the key prefix);
+    other overrides go to :func:`~gateway.config.load_settings` as they are.
+    """
     tag = uuid.uuid4().hex[:10]
     kafka: dict[str, Any] = {
         "bootstrap": kafka_bootstrap,
@@ -61,12 +67,53 @@ def isolated_settings(
     }
     kafka.update(overrides.pop("kafka", {}))
     worker = {"metrics_port": 0, **overrides.pop("worker", {})}
+    redis = {**overrides.pop("redis", {}), "url": redis_url, "key_prefix": f"t{tag}"}
     overrides.setdefault("live", {"topic": f"test-{tag}.config"})
     return load_settings(
         kafka=kafka,
-        redis={"url": redis_url, "key_prefix": f"t{tag}"},
+        redis=redis,
         models={"directory": str(models_dir)},
         worker=worker,
+        **overrides,
+    )
+
+
+def request_path_settings(
+    stack: StackInfo, models_dir: Path, **overrides: Any
+) -> Settings:
+    """Isolated settings on the shared stack for tests of the request path, not
+    of detection: shadow policy, so that a detector flagging a test stream
+    cannot turn answers into refusals, and limits high enough never to
+    throttle. ``overrides`` as for :func:`isolated_settings`."""
+    return isolated_settings(
+        stack.kafka_bootstrap,
+        stack.redis_url,
+        models_dir,
+        policy={"shadow": True},
+        limits={"rate_per_s": 10_000, "burst": 10_000},
+        **overrides,
+    )
+
+
+def fail_open_settings(
+    stack: StackInfo, redis_url: str, models_dir: Path, **overrides: Any
+) -> Settings:
+    """Isolated settings for a test that takes its own Redis (``redis_url``, a
+    private redis-server, never the shared one) away: fail mode ``open`` for
+    every plan, so the worker keeps answering without Redis, shadow policy
+    and limits that never throttle. ``overrides`` as for
+    :func:`isolated_settings` (``redis`` for timeouts and the breaker)."""
+    return isolated_settings(
+        stack.kafka_bootstrap,
+        redis_url,
+        models_dir,
+        policy={"shadow": True},
+        limits={
+            "rate_per_s": 10_000,
+            "burst": 10_000,
+            "fail_mode": "open",
+            "plans": {"default": {"fail_mode": "open"}},
+        },
         **overrides,
     )
 

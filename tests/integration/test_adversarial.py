@@ -36,6 +36,7 @@ from tests.integration.helpers import (
     create_key,
     isolated_settings,
     read_topic,
+    request_path_settings,
     responses_for,
     running_worker,
 )
@@ -52,14 +53,7 @@ ANSWER_S = 25.0
 def settings(stack: StackInfo, models_dir: Path) -> Settings:
     """One requests partition: these tests put several clients' records in
     one batch of one partition on purpose, to show a bad one stalls no other."""
-    return isolated_settings(
-        stack.kafka_bootstrap,
-        stack.redis_url,
-        models_dir,
-        policy={"shadow": True},
-        limits={"rate_per_s": 10_000, "burst": 10_000},
-        requests_partitions=1,
-    )
+    return request_path_settings(stack, models_dir, requests_partitions=1)
 
 
 def _body(

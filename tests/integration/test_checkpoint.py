@@ -17,7 +17,7 @@ from tests.conftest import StackInfo
 from tests.integration.helpers import (
     RawKafka,
     create_key,
-    isolated_settings,
+    request_path_settings,
     responses_for,
     running_worker,
 )
@@ -29,12 +29,9 @@ DEADLINE_S = 20.0
 
 
 def _settings(stack: StackInfo, models_dir: Path) -> Settings:
-    return isolated_settings(
-        stack.kafka_bootstrap,
-        stack.redis_url,
+    return request_path_settings(
+        stack,
         models_dir,
-        policy={"shadow": True},
-        limits={"rate_per_s": 10_000, "burst": 10_000},
         worker={"checkpoint_interval_s": 0.2, "client_idle_s": 1.5},
     )
 

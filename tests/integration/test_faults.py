@@ -19,6 +19,7 @@ from tests.conftest import StackInfo
 from tests.integration.helpers import (
     RawKafka,
     create_key,
+    fail_open_settings,
     isolated_settings,
     read_topic,
     responses_for,
@@ -115,21 +116,12 @@ async def test_redis_outage_while_checkpoints_are_due(
     leaving only their pre-outage state for a successor)."""
     own = OwnRedis(tmp_path, _free_port(16498))
     own.start()
-    settings = isolated_settings(
-        stack.kafka_bootstrap,
+    settings = fail_open_settings(
+        stack,
         own.url,
         models_dir,
-        policy={"shadow": True},
-        limits={
-            "rate_per_s": 10_000,
-            "burst": 10_000,
-            "fail_mode": "open",
-            "plans": {"default": {"fail_mode": "open"}},
-        },
         worker={"checkpoint_interval_s": 0.5, "client_idle_s": 600},
-    )
-    settings = settings.model_copy(
-        update={"redis": settings.redis.model_copy(update={"socket_timeout_s": 0.5})}
+        redis={"socket_timeout_s": 0.5},
     )
     interval_s = settings.worker.checkpoint_interval_s
     ann = await create_key(settings, "ann")

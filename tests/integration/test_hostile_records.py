@@ -17,8 +17,8 @@ from tests.conftest import StackInfo
 from tests.integration.helpers import (
     RawKafka,
     create_key,
-    isolated_settings,
     read_topic,
+    request_path_settings,
     running_worker,
 )
 from tests.integration.test_adversarial import _body, _signed, _valid
@@ -28,15 +28,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 @pytest.fixture
 def settings(stack: StackInfo, models_dir: Path) -> Settings:
-    """One partition, so every record below shares one batch stream."""
-    return isolated_settings(
-        stack.kafka_bootstrap,
-        stack.redis_url,
-        models_dir,
-        policy={"shadow": True},
-        limits={"rate_per_s": 10_000, "burst": 10_000},
-        requests_partitions=1,
-    )
+    """The request-path settings (shadow policy, limits that never throttle)
+    with one partition, so every record below shares one batch stream."""
+    return request_path_settings(stack, models_dir, requests_partitions=1)
 
 
 async def test_more_hostile_records_get_stable_codes(
