@@ -199,3 +199,39 @@ def test_rank_sums_no_stream_gives_are_refused(field: str, value: float) -> None
     with pytest.raises(ValueError, match="rank"):
         detector.load_state("other", hostile)
     detector.load_state("other", encode_blob(blob))
+
+
+def test_keys_that_start_together_are_ranked_as_one_cohort() -> None:
+    """A learner spread over 10 keys: each key has too few answers (30) for
+    its own rank to count, but the keys start in the same moment at one pace,
+    so their sums pool; 10 honest keys doing the same are not flagged."""
+    warmers = population(10, 6, 120)
+    rng = np.random.default_rng(11)
+    thief = {f"thief-{i}": doubtful_margins(rng, 30) for i in range(10)}
+    honest = {f"late-honest-{i}": honest_margins(rng, 30) for i in range(10)}
+
+    detector = prepared()
+    serve(detector, warmers, {k: True for k in warmers})
+    scores = serve(detector, thief, {k: False for k in thief})
+    flagged = [k for k, v in scores.items() if any(s.flagged for s in v)]
+    assert len(flagged) >= 8, flagged
+    first = next(s for s in scores["thief-0"] if s.flagged)
+    assert "pooled with 9 other keys" in first.evidence
+    assert "mean rank among honest answers' was" in first.evidence
+    # Alone, none of them is ranked: 30 answers are under rank_min_answers.
+    assert not any(
+        "z" in s.evidence and "recent answers" in s.evidence
+        for v in scores.values()
+        for s in v
+    )
+
+    detector = prepared()
+    serve(detector, warmers, {k: True for k in warmers})
+    scores = serve(detector, honest, {k: False for k in honest})
+    assert not any(s.flagged for v in scores.values() for s in v)
+
+    # Pooling off: the same thieves go unseen by the rank test.
+    detector = prepared(cohort_window_s=0.0)
+    serve(detector, warmers, {k: True for k in warmers})
+    scores = serve(detector, thief, {k: False for k in thief})
+    assert not any(s.flagged for v in scores.values() for s in v)
