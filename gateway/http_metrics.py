@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -27,7 +28,7 @@ from prometheus_client import start_http_server as _start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
-from starlette.routing import BaseRoute, Match
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import ConfigError
@@ -151,11 +152,13 @@ class HttpMetrics:
 class HttpMetricsMiddleware:
     """Count, time and track every HTTP request of ``app`` (pure ASGI).
 
-    The route label is the template of the route that matches (``/v2/models/
-    {model_name}/infer``), looked up again when the request never reached the
-    router (refused by an outer guard); ``unmatched`` when none does. The code
-    label is the ``code`` of an error body (status 400 and up), kept only if
-    it is one of ``codes`` so that the label set stays the app's own table.
+    The route label is the template of the route that matched (``/v2/models/
+    {model_name}/infer``), as the router left it in the scope; for a request
+    refused before routing (the front door's body-size guard) the first of
+    ``templates`` whose pattern fits the path; ``unmatched`` when none does.
+    The code label is the ``code`` of an error body (status 400 and up), kept
+    only if it is one of ``codes`` so that the label set stays the app's own
+    table.
 
     Parameters
     ----------
@@ -163,9 +166,9 @@ class HttpMetricsMiddleware:
         The ASGI app inside this middleware.
     metrics
         Where the counts go.
-    routes
-        The app's routes (``FastAPI.routes``, the live list, so that routes
-        added after the middleware are matched too).
+    templates
+        The app's path templates, read once, when first needed (for FastAPI,
+        the paths of its OpenAPI document, by then complete).
     codes
         The error codes the app answers with.
     """
@@ -174,12 +177,13 @@ class HttpMetricsMiddleware:
         self,
         app: ASGIApp,
         metrics: HttpMetrics,
-        routes: list[BaseRoute],
+        templates: Callable[[], Iterable[str]],
         codes: Collection[str],
     ) -> None:
         self.app = app
         self.metrics = metrics
-        self.routes = routes
+        self._templates = templates
+        self._patterns: list[tuple[re.Pattern[str], str]] | None = None
         self.codes = frozenset(codes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -227,16 +231,18 @@ class HttpMetricsMiddleware:
             )
 
     def _route(self, scope: Scope) -> str:
-        # FastAPI puts the matched route in the scope; a request refused before
-        # routing (the front door's body-size guard) has none, so match here.
+        # FastAPI leaves the matched route (also on a wrong method) in the
+        # scope; after the router has run, no route there means no match.
         path = getattr(scope.get("route"), "path", None)
         if isinstance(path, str):
             return path
-        for route in self.routes:
-            match, _ = route.matches(scope)
-            if match is not Match.NONE:
-                found = getattr(route, "path", None)
-                return found if isinstance(found, str) else UNMATCHED_ROUTE
+        if "router" in scope:
+            return UNMATCHED_ROUTE
+        if self._patterns is None:
+            self._patterns = [(compile_path(t)[0], t) for t in self._templates()]
+        for pattern, template in self._patterns:
+            if pattern.match(scope["path"]):
+                return template
         return UNMATCHED_ROUTE
 
     def _code(self, body: bytes, size: int) -> str:

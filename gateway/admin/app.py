@@ -184,7 +184,7 @@ def create_app(
     app.add_middleware(
         HttpMetricsMiddleware,
         metrics=metrics,
-        routes=app.routes,
+        templates=lambda: app.openapi()["paths"],
         codes=ADMIN_ERROR_CODES,
     )
     return app

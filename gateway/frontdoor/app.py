@@ -78,7 +78,10 @@ def create_app(settings: Settings, *, server_key: bytes | None = None) -> FastAP
     app.add_middleware(BodyLimit, max_body_bytes=settings.frontdoor.max_body_bytes)
     # Outermost, so that the guard's refusals are counted too; it reads no body.
     app.add_middleware(
-        HttpMetricsMiddleware, metrics=metrics, routes=app.routes, codes=HTTP_STATUS
+        HttpMetricsMiddleware,
+        metrics=metrics,
+        templates=lambda: app.openapi()["paths"],
+        codes=HTTP_STATUS,
     )
     return app
 
