@@ -1,8 +1,8 @@
 """Prometheus metrics of the front door and the admin API on the real stack,
 scraped over loopback from their own listeners: the front door as
 ``modelgate frontdoor serve`` runs it (a child process beside an in-process
-worker), its Redis breaker against a private redis-server that this test
-stops and starts again, and the admin API's login refusals."""
+worker), a reply timeout, its Redis breaker against a private redis-server
+that this test stops and starts again, and the admin API's login refusals."""
 
 from __future__ import annotations
 
@@ -300,3 +300,43 @@ async def test_admin_metrics_count_refused_logins(
     assert _sample(samples, login, action="login", outcome="denied") == 1
     assert _sample(samples, login, action="login", outcome="ok") == 1
     assert _sample(samples, "modelgate_redis_breaker_state", client="admin") == 0
+
+
+async def test_frontdoor_counts_a_reply_timeout(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    """No worker: the request goes to Kafka, no answer comes, the client gets
+    504 and the round trip is observed as a timeout."""
+    settings = with_instance(
+        isolated_settings(
+            stack.kafka_bootstrap,
+            stack.redis_url,
+            models_dir,
+            frontdoor={"reply_timeout_s": 1.0},
+        )
+    )
+    token = format_token(*await create_key(settings, "unanswered"))
+    app = create_app(settings)
+    registry = app.state.metrics.registry
+    async with (
+        serving(settings, app=app) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+    ):
+        response = await http.post(
+            "/v2/models/digits/infer", json=_body(), headers=bearer(token)
+        )
+    assert response.status_code == 504, response.text
+    timed_out = registry.get_sample_value(
+        "modelgate_frontdoor_round_trip_seconds_count", {"outcome": "timeout"}
+    )
+    assert timed_out == 1
+    answered = registry.get_sample_value(
+        "modelgate_frontdoor_round_trip_seconds_count", {"outcome": "answered"}
+    )
+    assert answered is None
+    counted = registry.get_sample_value(
+        "modelgate_http_requests_total",
+        {"route": INFER, "method": "POST", "status": "504", "code": "GATEWAY_TIMEOUT"},
+    )
+    assert counted == 1
+    assert registry.get_sample_value("modelgate_frontdoor_replies_pending") == 0
