@@ -474,6 +474,10 @@ class AdminConfig(_Frozen):
     client_history_max: int = Field(200, ge=1, le=100_000)
     client_history_interval_s: float = Field(10.0, ge=0, le=3600)
     client_view_ttl_s: float = Field(7 * 86_400.0, ge=1, le=90 * 86_400)
+    # Prometheus /metrics on a listener of its own, never on ``port``
+    # (docs/metrics.md); 0 turns it off, as ``worker.metrics_port``.
+    metrics_port: int = Field(9466, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
 
 
 class CrossClientConfig(_Frozen):
@@ -539,6 +543,10 @@ class FrontDoorConfig(_Frozen):
     # on the shared topic meanwhile; past that delay, the first request's
     # listing is sure to include this topic.
     reply_topic_settle_s: float = Field(2.5, ge=0, le=60)
+    # Prometheus /metrics on a listener of its own, never on the client-facing
+    # ``port`` (docs/metrics.md); 0 turns it off, as ``worker.metrics_port``.
+    metrics_port: int = Field(9465, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
 
 
 class Settings(BaseSettings):

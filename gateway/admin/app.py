@@ -27,6 +27,7 @@ from gateway.admin.audit import AuditLog
 from gateway.admin.deps import AdminContext, require_role
 from gateway.admin.errors import ADMIN_ERROR_CODES, AdminError
 from gateway.admin.live import LiveConfigHandle, config_router
+from gateway.admin.metrics import AdminMetrics
 from gateway.admin.routers import audit, clients, keys, sessions, users
 from gateway.admin.schemas import ERROR_RESPONSES
 from gateway.admin.sessions import LoginGuard, SessionStore
@@ -34,8 +35,9 @@ from gateway.admin.users import UserStore
 from gateway.clientview import ClientView
 from gateway.config import Settings
 from gateway.errors import StoreError
+from gateway.http_metrics import HttpMetricsMiddleware
 from gateway.keys import KeyStore, load_server_key
-from gateway.store import redis_from_settings
+from gateway.store import RedisClient, redis_from_settings
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +90,9 @@ def create_app(
         Its lifespan opens the Redis client, loads the server key and starts
         connecting the live configuration service in the background; the
         stores live on ``app.state.admin`` and the service on
-        ``app.state.live_config`` while it runs.
+        ``app.state.live_config`` while it runs. Its metrics are on
+        ``app.state.metrics`` (an ``AdminMetrics``); ``modelgate admin serve``
+        serves them on ``admin.metrics_port``, never on the API's port.
     """
 
     @asynccontextmanager
@@ -123,6 +127,19 @@ def create_app(
         description=_DESCRIPTION,
         lifespan=lifespan,
     )
+    metrics = AdminMetrics()
+    app.state.metrics = metrics
+    state = app.state
+
+    def admin_redis() -> RedisClient | None:
+        context: AdminContext | None = getattr(state, "admin", None)
+        return context.redis if context is not None else None
+
+    def live_config_redis() -> RedisClient | None:
+        handle: LiveConfigHandle | None = getattr(state, "live_config", None)
+        return handle.service.redis if handle is not None else None
+
+    metrics.watch_redis({"admin": admin_redis, "live_config": live_config_redis})
     for module in (sessions, users, keys, clients, audit):
         app.include_router(module.router)
     # 401/403 of the role checks and 400 join the router's own error entries.
@@ -164,4 +181,10 @@ def create_app(
         logger.exception("admin call failed", extra={"path": request.url.path})
         return _error(500, "INTERNAL", "internal error", False)
 
+    app.add_middleware(
+        HttpMetricsMiddleware,
+        metrics=metrics,
+        templates=lambda: app.openapi()["paths"],
+        codes=ADMIN_ERROR_CODES,
+    )
     return app

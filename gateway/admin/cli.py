@@ -119,22 +119,38 @@ def serve(
     config: ConfigOption = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
-    """Run the admin API (loopback by default) until Ctrl-C."""
+    """Run the admin API (loopback by default) until Ctrl-C. Prometheus
+    metrics are on ``admin.metrics_host:metrics_port`` (0: none), never on
+    the API's port."""
     import uvicorn
 
     from gateway import logs
     from gateway.admin.app import create_app
+    from gateway.errors import ModelgateError
 
     logs.configure(log_level)
     settings = _settings(config)
     app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=host or settings.admin.host,
-        port=settings.admin.port if port is None else port,
-        log_config=None,
-        access_log=False,
-    )
+    api_port = settings.admin.port if port is None else port
+    metrics = app.state.metrics
+    try:
+        # Before the API takes its port, so that a taken metrics port fails
+        # the command at once rather than after the API is up.
+        metrics.serve(
+            settings.admin.metrics_host, settings.admin.metrics_port, beside=api_port
+        )
+    except ModelgateError as exc:
+        raise _fail(exc.code, exc.message, 2) from None
+    try:
+        uvicorn.run(
+            app,
+            host=host or settings.admin.host,
+            port=api_port,
+            log_config=None,
+            access_log=False,
+        )
+    finally:
+        metrics.close()
 
 
 # -- login -------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway.admin.audit import AuditLog
 from gateway.admin.errors import AdminError
+from gateway.admin.metrics import AdminMetrics
 from gateway.admin.sessions import LoginGuard, SessionStore, source_label
 from gateway.admin.users import ROLE_RANK, Role, UserStore
 from gateway.clientview import ClientView
@@ -90,15 +91,20 @@ async def audit(
     detail: Mapping[str, str] | None = None,
     action: str | None = None,
 ) -> None:
-    """Record one admin action for ``request``."""
+    """Record one admin action for ``request`` (and count it in the app's
+    ``modelgate_admin_actions``, when the app has metrics)."""
+    name = action or action_name(request)
     await context.audit.record(
         actor=actor,
-        action=action or action_name(request),
+        action=name,
         target=target,
         source=client_source(request),
         outcome=outcome,
         detail=detail,
     )
+    metrics = getattr(request.app.state, "metrics", None)
+    if isinstance(metrics, AdminMetrics):
+        metrics.actions.labels(name, outcome).inc()
 
 
 async def refuse(

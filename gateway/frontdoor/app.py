@@ -20,9 +20,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.config import Settings
 from gateway.errors import ModelgateError
-from gateway.frontdoor.errors import error_response, response_for_error
+from gateway.frontdoor.errors import HTTP_STATUS, error_response, response_for_error
+from gateway.frontdoor.metrics import FrontDoorMetrics
 from gateway.frontdoor.routers import health, infer, models
 from gateway.frontdoor.service import FrontDoor
+from gateway.http_metrics import HttpMetricsMiddleware
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +44,14 @@ def create_app(settings: Settings, *, server_key: bytes | None = None) -> FastAP
         All settings; ``frontdoor`` holds the HTTP ones.
     server_key
         The Fernet server key; read from settings when omitted.
+
+    Its metrics are on ``app.state.metrics`` (a ``FrontDoorMetrics``); the
+    app never serves them itself: ``modelgate frontdoor serve`` starts their
+    own listener on ``frontdoor.metrics_port``.
     """
-    door = FrontDoor(settings, server_key=server_key)
+    metrics = FrontDoorMetrics()
+    door = FrontDoor(settings, server_key=server_key, metrics=metrics)
+    metrics.watch_door(door)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -60,12 +68,21 @@ def create_app(settings: Settings, *, server_key: bytes | None = None) -> FastAP
         lifespan=lifespan,
     )
     app.state.frontdoor = door
+    app.state.metrics = metrics
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(infer.router)
     _add_handlers(app)
-    # Outermost, so that an oversize body is refused before anything reads it.
+    # Outside the routes, so that an oversize body is refused before anything
+    # reads it.
     app.add_middleware(BodyLimit, max_body_bytes=settings.frontdoor.max_body_bytes)
+    # Outermost, so that the guard's refusals are counted too; it reads no body.
+    app.add_middleware(
+        HttpMetricsMiddleware,
+        metrics=metrics,
+        templates=lambda: app.openapi()["paths"],
+        codes=HTTP_STATUS,
+    )
     return app
 
 

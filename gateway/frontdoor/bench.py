@@ -354,7 +354,13 @@ async def run_http_bench(
     run = run.model_copy(
         update={
             "frontdoor": run.frontdoor.model_copy(
-                update={"port": fd_port, "instance_id": f"bench-{fd_port}"}
+                # No metrics listener: its default port may be a real front
+                # door's on this host.
+                update={
+                    "port": fd_port,
+                    "instance_id": f"bench-{fd_port}",
+                    "metrics_port": 0,
+                }
             ),
             # Children run in the project root; a relative path would move.
             "models": run.models.model_copy(

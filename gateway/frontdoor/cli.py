@@ -34,7 +34,8 @@ def serve(
     """Serve the OIP v2 REST API under uvicorn until SIGTERM or Ctrl-C.
 
     Inference requests go through Kafka to the workers; run at least one
-    ``modelgate worker`` on the same settings.
+    ``modelgate worker`` on the same settings. Prometheus metrics are on
+    ``frontdoor.metrics_host:metrics_port`` (0: none), never on this port.
     """
     import uvicorn
 
@@ -59,16 +60,28 @@ def serve(
             raise typer.Exit(2) from exc
         settings = settings.model_copy(update={"frontdoor": section})
     app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.frontdoor.host,
-        port=settings.frontdoor.port,
-        log_level=log_level.lower(),
-        # Our own logging setup stays in force; uvicorn's access log would
-        # add one line per request at INFO.
-        log_config=None,
-        access_log=False,
-    )
+    section = settings.frontdoor
+    metrics = app.state.metrics
+    try:
+        # Before the app takes its public port, so that a taken metrics port
+        # fails the command at once rather than after the app is up.
+        metrics.serve(section.metrics_host, section.metrics_port, beside=section.port)
+    except ModelgateError as exc:
+        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+    try:
+        uvicorn.run(
+            app,
+            host=section.host,
+            port=section.port,
+            log_level=log_level.lower(),
+            # Our own logging setup stays in force; uvicorn's access log would
+            # add one line per request at INFO.
+            log_config=None,
+            access_log=False,
+        )
+    finally:
+        metrics.close()
 
 
 @frontdoor_app.command("bench")

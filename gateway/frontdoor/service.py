@@ -39,6 +39,7 @@ from gateway.errors import (
     ModelgateError,
     ValidationError,
 )
+from gateway.frontdoor import metrics as fd_metrics
 from gateway.keys import KeyStore, authenticate, load_server_key
 from gateway.models import ModelSignature
 from gateway.store import RedisClient, redis_from_settings
@@ -98,6 +99,8 @@ class FrontDoor:
     server_key
         The Fernet key that decrypts key secrets; loaded from settings if
         omitted.
+    metrics
+        Where the Kafka round trips are timed; ``None`` keeps none.
 
     Examples
     --------
@@ -105,8 +108,15 @@ class FrontDoor:
     ...     response = await door.infer(token, "digits", {"pixels": rows}, None)
     """
 
-    def __init__(self, settings: Settings, *, server_key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        server_key: bytes | None = None,
+        metrics: fd_metrics.FrontDoorMetrics | None = None,
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.reply_topic = reply_topic_for(settings)
         self.signatures: dict[str, ModelSignature] = {}
         self._server_key = server_key
@@ -132,6 +142,16 @@ class FrontDoor:
             and self._transport.started
             and time.monotonic() >= self._settled_at
         )
+
+    @property
+    def redis(self) -> RedisClient | None:
+        """The Redis client, once started (for its breaker's metrics)."""
+        return self._redis
+
+    @property
+    def pending_count(self) -> int:
+        """Requests sent through Kafka whose answer is still awaited."""
+        return self._transport.pending_count
 
     async def start(self) -> None:
         """Load signatures, create the reply topic, connect Redis and Kafka.
@@ -326,13 +346,18 @@ class FrontDoor:
             request_id=request.request_id,
         )
         timeout_s = self.settings.frontdoor.reply_timeout_s
+        sent = time.perf_counter()
         try:
             async with asyncio.timeout(timeout_s):
                 await delivery
-                return await reply
+                answer = await reply
+            self._observe_round_trip(fd_metrics.ANSWERED, sent)
+            return answer
         except KafkaError as exc:
+            self._observe_round_trip(fd_metrics.BROKER_ERROR, sent)
             raise BrokerError(f"request not delivered: {exc!r}") from exc
         except TimeoutError as exc:
+            self._observe_round_trip(fd_metrics.TIMEOUT, sent)
             logger.info(
                 "no reply in time",
                 extra={"client": key.client_id, "request": request.request_id},
@@ -343,3 +368,7 @@ class FrontDoor:
             ) from exc
         finally:
             self._transport.forget(request.request_id, key.client_id.encode("utf-8"))
+
+    def _observe_round_trip(self, outcome: str, sent: float) -> None:
+        if self.metrics is not None:
+            self.metrics.round_trip.labels(outcome).observe(time.perf_counter() - sent)

@@ -144,6 +144,11 @@ class ConfigService:
         self._redis: RedisClient | None = None
         self._refresh_lock = asyncio.Lock()
 
+    @property
+    def redis(self) -> RedisClient | None:
+        """The Redis client while started (for its breaker's metrics)."""
+        return self._redis
+
     async def __aenter__(self) -> ConfigService:
         await self.start()
         return self

@@ -190,6 +190,8 @@ def test_serve_with_a_port_keeps_a_generated_instance_id_generated(
 
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    # No metrics listener: the default port may be another process's.
+    monkeypatch.setenv("MODELGATE_FRONTDOOR__METRICS_PORT", "0")
     seen: dict[str, object] = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
     result = CliRunner().invoke(frontdoor_app, ["serve", "--port", "18999"])

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
 
 from gateway.config import Settings
 from gateway.frontdoor.app import create_app
@@ -70,9 +71,9 @@ def throttled_settings(stack: StackInfo, models_dir: Path) -> Settings:
     )
 
 
-def _config(settings: Settings) -> uvicorn.Config:
+def _config(settings: Settings, app: FastAPI | None = None) -> uvicorn.Config:
     return uvicorn.Config(
-        create_app(settings),
+        app or create_app(settings),
         host="127.0.0.1",
         port=0,
         log_level="warning",
@@ -87,10 +88,13 @@ def _url(server: uvicorn.Server) -> str:
 
 
 @contextlib.asynccontextmanager
-async def serving(settings: Settings, *, ready: bool = True) -> AsyncIterator[str]:
+async def serving(
+    settings: Settings, *, ready: bool = True, app: FastAPI | None = None
+) -> AsyncIterator[str]:
     """A front door on a free port; yields its base URL once it is ready
-    (unless ``ready`` is False). Its reply topic is deleted afterwards."""
-    server = _Server(_config(settings))
+    (unless ``ready`` is False). Its reply topic is deleted afterwards.
+    ``app``: one the test built from ``settings`` (to reach its state)."""
+    server = _Server(_config(settings, app))
     task = asyncio.create_task(server.serve())
     try:
         async with asyncio.timeout(60):

@@ -48,6 +48,7 @@ def isolated_settings(
 
     ``kafka``, ``worker`` and ``redis`` overrides are merged into the isolated
     values (``redis`` may set timeouts and the breaker, not the key prefix);
+    ``frontdoor`` and ``admin`` get ``metrics_port`` 0 unless they set it;
     other overrides go to :func:`~gateway.config.load_settings` as they are.
     """
     tag = uuid.uuid4().hex[:10]
@@ -67,6 +68,9 @@ def isolated_settings(
     }
     kafka.update(overrides.pop("kafka", {}))
     worker = {"metrics_port": 0, **overrides.pop("worker", {})}
+    # No metrics listeners either: a fixed port is shared by every test run.
+    for app in ("frontdoor", "admin"):
+        overrides[app] = {"metrics_port": 0, **overrides.get(app, {})}
     redis = {**overrides.pop("redis", {}), "url": redis_url, "key_prefix": f"t{tag}"}
     overrides.setdefault("live", {"topic": f"test-{tag}.config"})
     return load_settings(
