@@ -144,12 +144,17 @@ class MarginParams(DetectorParams):
     """Answers over which a client's mean rank is taken: each answer's
     weight decays by ``1 - 1 / rank_horizon`` per later answer."""
 
-    rank_z: float = Field(7.0, gt=0.0)
+    rank_z: float = Field(5.0, gt=0.0)
     """z of a client's mean rank at which it is flagged."""
 
     rank_min_answers: int = Field(48, ge=8, le=100_000)
     """Effective answers (``(sum w)^2 / sum w^2``) before the rank test
     counts."""
+
+    rank_repeat_eps: float = Field(0.02, ge=0.0, le=1.0)
+    """A row within this per-feature RMS distance (inputs scaled to [0, 1])
+    of the client's previous row is a re-send and is not ranked again; 0
+    ranks every row."""
 
     rank_member_z: float = Field(2.0, ge=0.0)
     """A young key's own rank z needed to pool its ranks with its cohort's
@@ -387,15 +392,37 @@ def rank_table(
 def _rank_kernel(
     slots: npt.NDArray[np.int64],
     rank: npt.NDArray[np.float64],
+    rows: npt.NDArray[np.uint8],
     decay: float,
+    repeat_sq: float,
     weight: npt.NDArray[np.float64],
     weight_sq: npt.NDArray[np.float64],
     weighted: npt.NDArray[np.float64],
+    last: npt.NDArray[np.uint8],
+    has_last: npt.NDArray[np.uint8],
 ) -> None:
     """Fold each row's rank into its client's decaying sums, in arrival
-    order (a client's rows of one batch decay each other in turn)."""
+    order (a client's rows of one batch decay each other in turn), except a
+    row within ``repeat_sq`` (summed squared difference, in quantised levels)
+    of the client's previous row: a retry or near-identical re-send repeats
+    its predecessor's answer, and counting it again would make a run of
+    copies weigh as independent evidence. Each row becomes its client's
+    previous row."""
+    width = rows.shape[1]
     for i in range(len(slots)):
         s = slots[i]
+        repeat = False
+        if has_last[s]:
+            total = 0.0
+            for j in range(width):
+                diff = float(rows[i, j]) - float(last[s, j])
+                total += diff * diff
+            repeat = total <= repeat_sq
+        for j in range(width):
+            last[s, j] = rows[i, j]
+        has_last[s] = 1
+        if repeat:
+            continue
         weight[s] = decay * weight[s] + 1.0
         weight_sq[s] = decay * decay * weight_sq[s] + 1.0
         weighted[s] = decay * weighted[s] + rank[i]
@@ -556,6 +583,7 @@ class MarginDetector(Detector[MarginParams]):
             "rank_z",
             "rank_min_answers",
             "rank_member_z",
+            "rank_repeat_eps",
             "rank_min_baseline",
         }
     )
@@ -609,6 +637,10 @@ class MarginDetector(Detector[MarginParams]):
             "rank_w": FieldSpec((), "<f8"),
             "rank_w2": FieldSpec((), "<f8"),
             "rank_wu": FieldSpec((), "<f8"),
+            # The client's previous row quantised to 1/255 per feature, so a
+            # near-identical re-send is not ranked twice.
+            "last_row": FieldSpec((n_features,), "u1"),
+            "has_last": FieldSpec((), "u1"),
         }
 
     def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
@@ -623,6 +655,8 @@ class MarginDetector(Detector[MarginParams]):
             raise ValueError("state fields 'open_v' and 'first_s' must be >= 0")
         if abs(float(values["open_s"])) > 0 and float(values["open_v"]) == 0:
             raise ValueError("state field 'open_s' is set without 'open_v'")
+        if int(values["has_last"]) > 1:
+            raise ValueError("state field 'has_last' must be 0 or 1")
         # Each weight is at most 1 and their sum at most the longest
         # horizon's 1 / (1 - decay); ranks lie in [0, 1].
         w = float(values["rank_w"])
@@ -692,13 +726,18 @@ class MarginDetector(Detector[MarginParams]):
         # in good standing is never compared with its own answers.
         ranks = self._rank_baseline()
         if ranks is not None:
+            p = self._params
             _rank_kernel(
                 np.ascontiguousarray(slots, dtype=np.int64),
                 ranks[0][quantised],
-                1.0 - 1.0 / self._params.rank_horizon,
+                np.rint(np.clip(X, 0.0, 1.0) * _LEVELS).astype(np.uint8),
+                1.0 - 1.0 / p.rank_horizon,
+                (p.rank_repeat_eps * _LEVELS) ** 2 * X.shape[1],
                 arrays["rank_w"],
                 arrays["rank_w2"],
                 arrays["rank_wu"],
+                arrays["last_row"],
+                arrays["has_last"],
             )
         if learn.any():
             # Only clients in good standing teach what honest answers are.
@@ -813,10 +852,9 @@ class MarginDetector(Detector[MarginParams]):
         rank_score = np.where(
             ranks.ready, np.clip(p.threshold * ranks.z / p.rank_z, 0.0, 1.0), 0.0
         )
-        # A cohort's pooled ranks are judged at cohort_z, like its openings:
-        # honest keys rarely start together at one pace, so the pooled
-        # statistic needs less headroom than one key's.
-        rank_cohort_score = np.clip(p.threshold * ranks.pooled_z / p.cohort_z, 0.0, 1.0)
+        # A cohort's pooled ranks are one stream's, judged at the same rank_z:
+        # membership never looks at the answers.
+        rank_cohort_score = np.clip(p.threshold * ranks.pooled_z / p.rank_z, 0.0, 1.0)
         # The share and trend need min_answers; the opening and cohort tests
         # are warm from opening_min on (own_z is 0 before).
         warm = arrays["n_answers"][slots] >= p.min_answers
@@ -874,7 +912,7 @@ class MarginDetector(Detector[MarginParams]):
                     f"query came within {cohort_s:g} s of its own, their "
                     f"answers' margins' mean rank among honest answers' was "
                     f"{ranks.pooled_mean[row]:.3f} (honest 0.5), z "
-                    f"{ranks.pooled_z[row]:.1f} (flagged from {cohort_z:g})"
+                    f"{ranks.pooled_z[row]:.1f} (flagged from {rank_at:g})"
                 )
             return text
 

@@ -26,6 +26,9 @@ from tests.detectors.test_margin_cohort import answers
 
 Array = npt.NDArray[Any]
 X = np.zeros((1, 4))
+# Distinct inputs per answer: a row within rank_repeat_eps of the client's
+# previous one is a re-send and is not ranked.
+ROWS = np.random.default_rng(99)
 
 
 def honest_margins(rng: np.random.Generator, n: int) -> Array:
@@ -57,7 +60,7 @@ def serve(
             margins += part
         if not ids:
             continue
-        rows = np.repeat(X, len(ids), axis=0)
+        rows = ROWS.random((len(ids), 4))
         flags = [learn[k] for k in ids]
         judged = detector.score_batch(ids, rows, learn=flags)
         for key, score in zip(ids, judged, strict=True):
@@ -235,3 +238,56 @@ def test_keys_that_start_together_are_ranked_as_one_cohort() -> None:
     serve(detector, warmers, {k: True for k in warmers})
     scores = serve(detector, thief, {k: False for k in thief})
     assert not any(s.flagged for v in scores.values() for s in v)
+
+
+def copy_runs(rng: np.random.Generator, events: int) -> tuple[Array, Array]:
+    """An honest client that re-sends: every tenth input comes 8 times with
+    tiny noise, and those happen to be its doubtful cases. Returns the rows
+    and their answers' margins."""
+    rows: list[Array] = []
+    margins: list[float] = []
+    for event in range(events):
+        row = rng.random(4)
+        if event % 10 == 9:
+            margin = float(rng.uniform(0.45, 0.55))
+            for _ in range(8):
+                rows.append(np.clip(row + rng.normal(0.0, 0.002, 4), 0.0, 1.0))
+                margins.append(margin)
+        else:
+            rows.append(row)
+            margins.append(float(honest_margins(rng, 1)[0]))
+    return np.array(rows), np.array(margins)
+
+
+@pytest.mark.parametrize(("repeat_eps", "flagged"), [(0.02, False), (0.0, True)])
+def test_re_sends_are_ranked_once(repeat_eps: float, flagged: bool) -> None:
+    """Copies repeat their first answer: ranked each time, a client that
+    re-sends its doubtful inputs looks like a learner (z well over 5); ranked
+    once per run it is an honest client."""
+    detector = prepared(rank_repeat_eps=repeat_eps)
+    warmers = population(12, 8, 120)
+    serve(detector, warmers, {k: True for k in warmers})
+    rows, margins = copy_runs(np.random.default_rng(13), 120)
+    seen = []
+    for start in range(0, len(rows), 4):
+        part = slice(start, start + 4)
+        ids = ["resender"] * len(rows[part])
+        seen += detector.score_batch(ids, rows[part], learn=[True] * len(ids))
+        detector.observe_outputs(
+            ids, rows[part], answers(margins[part]), learn=[True] * len(ids)
+        )
+    assert any(s.flagged for s in seen) is flagged
+
+
+def test_a_previous_row_flag_other_than_0_or_1_is_refused() -> None:
+    detector = prepared(rank_min_baseline=512)
+    streams = population(14, 8, 100)
+    serve(detector, streams, {k: True for k in streams})
+    blob = decode_blob(detector.dump_state("honest-0") or b"")
+    assert blob.fields["has_last"] == b"\x01"
+    fields = {**blob.fields, "has_last": b"\x02"}
+    hostile = encode_blob(
+        StateBlob(blob.format, blob.detector, blob.n_features, blob.layout, fields)
+    )
+    with pytest.raises(ValueError, match="has_last"):
+        detector.load_state("other", hostile)
