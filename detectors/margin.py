@@ -486,7 +486,7 @@ class MarginDetector(Detector[MarginParams]):
     - single-key active learning is seen no earlier than the window trend
       allows (query 84 in the evaluation): its opening is random pool rows;
       on digits, whose models answer its picks almost as clearly as any,
-      only the rank test sees it, from about its 145th query.
+      only the rank test sees it, from about its 160th query.
 
     Opening score: with ``z`` the Mann-Kendall z of the key's first
     ``opening_answers`` answers (see :func:`mann_kendall`), counted from
@@ -516,25 +516,29 @@ class MarginDetector(Detector[MarginParams]):
     ``rank_min_answers`` and only while the baseline holds at least
     ``rank_min_baseline`` answers from clients in good standing (answers to
     the reference sample are not used: training data is answered more
-    confidently than new data). Replaying the evaluation's active learner on
-    the digits MLP and logistic regression offline among 60 honest replays of
-    held-out digits (3 to 8 copy runs in 5% of arrivals), the learner's z
-    crossed 7 at its 149th to 159th query (its rounds 2 and 3) in three
-    replays and no honest client was flagged (highest score 0.26); honest
-    streams ranked against each other (300 per model, ranks without the
-    baseline's spread) reached at most 5.6 on digits, 5.8 on digits_lr and
-    5.6 on phishing, against 8.1 to 10.3 for the learner.
+    confidently than new data). A row within ``rank_repeat_eps`` of the
+    client's previous row is a re-send and is not ranked again: copies repeat
+    their first answer, and counted as independent they spread honest z
+    wide (the highest of 150 honest digits streams with 3 to 8 copy runs in
+    5% of arrivals was 7.0 counted, about 3.5 without the copies).
+
+    Measured offline, the evaluation's learner on its pool against honest
+    replays of held-out digits: its highest z is 8.1 (seed 0) and 6.4 (seed
+    2) on the digits MLP, 9.1 on the logistic regression; ranked with the
+    worker's own calibrated detectors among 60 honest clients it crosses 5
+    at about its 160th (seed 0) and 200th (seed 2) query. Over 300 honest
+    replays (4 models, several seeds) the rank test flagged no one.
 
     Rank cohort: a young key (at most ``window`` answers) whose own rank z
     reaches ``rank_member_z`` sums its three rank sums with its cohort's
     (the same members as the openings' cohort: first query within
     ``cohort_window_s``, answer count within ``cohort_pace_share``); with at
     least ``cohort_min_keys`` keys and ``rank_min_answers`` effective
-    answers pooled, the score is ``threshold * z_pooled / cohort_z``. The
-    evaluation's learner over 10 keys on digits, replayed offline, reaches a
-    pooled z of 6.9 (digits) and 7.6 (digits_lr) around its 200th query with
-    each key's own z 0.5 to 2.7; in a replay among 40 honest digits clients
-    it flagged 7 of the 10 keys at their 16th answer and no honest client.
+    answers pooled, the score is ``threshold * z_pooled / rank_z``: the
+    pooled sums are one stream's, and membership never looks at the answers.
+    The evaluation's learner over 10 keys on digits, replayed offline among
+    40 honest clients, had 7 (seed 0) and 4 (seed 2) of its 10 keys flagged
+    at their 16th to 23rd answer, and no honest client.
 
     When the rank test is weak or wrong:
 
@@ -544,23 +548,26 @@ class MarginDetector(Detector[MarginParams]):
       cases are distinguishable from a thief's only by who it is: raise
       ``rank_z`` or turn ``rank_test`` off for such a population, or exempt
       the key;
-    - consecutive copies (retries, near-duplicate runs) count as independent
-      answers, which makes honest z spread wider than the normal's (5.6
-      rather than about 3.5 over 300 clients);
+    - only a re-send of the *previous* row is skipped: an honest client that
+      interleaves re-sends of its doubtful inputs with other queries has
+      them ranked again;
     - it is blind until ``rank_min_baseline`` answers of clients in good
       standing have been learnt since the worker started (the baseline is
       per worker and not persisted), and a client's answers before that are
       not ranked;
     - a thief that mixes honest-looking queries in dilutes the mean rank by
-      the mixing ratio;
+      the mixing ratio, and one that re-ranks its pool so that each round is
+      as confident as honest traffic (giving up most of what uncertainty
+      sampling buys) is not seen;
     - a learner's keys pool only when they start together at one pace and
       are served by one worker, as for the openings; each young key whose
       own z reaches ``rank_member_z`` scans every key's start once per batch
       (a numpy pass over the arena).
 
     Per-client state: two rings of ``window`` uint8 (margin and entropy),
-    three counters, the opening's S and variance, the first query's time and
-    the rank test's three sums, 200 bytes at the default window.
+    three counters, the opening's S and variance, the first query's time,
+    the rank test's three sums and the previous row at one byte per feature,
+    201 bytes plus one per feature at the default window (265 for digits).
     """
 
     name: ClassVar[str] = "margin"
