@@ -308,6 +308,11 @@ def render_markdown(result: EvalResult) -> str:
             f"answered {result.plan['attack_lead_answers']} times."
             if result.plan.get("attack_lead_answers")
             else " The attacks began with the honest clients."
+        )
+        + (
+            " Attackers' queries arrive as a Poisson process (exponential gaps)."
+            if result.plan.get("attacker_arrivals") == "poisson"
+            else " Attackers space their queries exactly."
         ),
         "",
         f"Policy: {json.dumps(result.policy)}. Detector overrides: "

@@ -30,6 +30,7 @@ import os
 import secrets
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -66,6 +67,9 @@ from gateway.topics import delete_topics, ensure_topics
 from gateway.zoo import ensure_model
 
 logger = logging.getLogger(__name__)
+
+ARRIVALS = ("paced", "poisson")
+"""How attackers may space their queries (``EvalPlan.attacker_arrivals``)."""
 
 Array = np.ndarray[Any, Any]
 Progress = Callable[[str], None]
@@ -107,6 +111,10 @@ class EvalPlan:
     # needs 512 answers) are blind on a worker that has served none.
     attack_lead_answers: int = 0
     attack_lead_timeout_s: float = 120.0
+    # How attackers space their queries: "paced" exactly (a plain script) or
+    # "poisson" (exponential gaps of the same mean, the honest clients' kind
+    # of timing, so that timing alone does not give them away).
+    attacker_arrivals: str = "paced"
 
     @classmethod
     def build(
@@ -117,10 +125,22 @@ class EvalPlan:
         budget: int | None,
         rate_limit_per_s: float,
         near_duplicates: bool = True,
+        attacker_arrivals: str = "paced",
     ) -> EvalPlan:
         """Attackers pace themselves at 80% of the per-key rate limit (at most
         40 per second), so that a plain rate limit is not what stops them; a
-        distributed attacker keeps the same total pace over its 10 keys."""
+        distributed attacker keeps the same total pace over its 10 keys.
+
+        Raises
+        ------
+        ValueError
+            ``attacker_arrivals`` other than ``paced`` or ``poisson``.
+        """
+        if attacker_arrivals not in ARRIVALS:
+            raise ValueError(
+                f"attacker arrivals must be one of {', '.join(ARRIVALS)}, "
+                f"not {attacker_arrivals!r}"
+            )
         rate = min(40.0, 0.8 * rate_limit_per_s)
         if quick:
             return cls(
@@ -137,6 +157,7 @@ class EvalPlan:
                 grace_s=2.0,
                 progress_every_s=3.0,
                 near_duplicates=near_duplicates,
+                attacker_arrivals=attacker_arrivals,
             )
         return cls(
             n_benign=n_benign,
@@ -152,6 +173,7 @@ class EvalPlan:
             near_duplicates=near_duplicates,
             min_benign_s=150.0,
             attack_lead_answers=600,
+            attacker_arrivals=attacker_arrivals,
         )
 
 
@@ -231,6 +253,7 @@ async def run_eval(
     progress: Progress | None = None,
     near_duplicates: bool = True,
     external_worker: bool = False,
+    attacker_arrivals: str = "paced",
 ) -> int:
     """Run the evaluation and write its report; return the exit code.
 
@@ -265,6 +288,8 @@ async def run_eval(
         Whether some honest clients send runs of near-identical inputs (the
         habit today's similarity detector mistakes for probing; see
         docs/evaluation.md). On for the real measurement.
+    attacker_arrivals
+        ``paced`` (exact spacing) or ``poisson`` (see :class:`EvalPlan`).
 
     Returns
     -------
@@ -288,6 +313,7 @@ async def run_eval(
         budget=budget,
         rate_limit_per_s=settings.limits.rate_per_s,
         near_duplicates=near_duplicates,
+        attacker_arrivals=attacker_arrivals,
     )
     loop = asyncio.get_running_loop()
     say = progress or _say
@@ -542,6 +568,8 @@ def _oracle_for(run: _Run, attack: AttackRun) -> tuple[QueryFn, SpreadOracle | N
     task = run.tasks[attack.model]
     timeout_s = run.settings.kafka.request_timeout_s
     rate = run.plan.attacker_rate_per_s / len(attack.client_ids)
+    poisson = run.plan.attacker_arrivals == "poisson"
+    # One generator per key, seeded by the run and the key's name.
     oracles = [
         GatewayOracle(
             run.clients[client_id],
@@ -553,6 +581,11 @@ def _oracle_for(run: _Run, attack: AttackRun) -> tuple[QueryFn, SpreadOracle | N
             timeout_s=timeout_s,
             cancel=run.cancel,
             n_classes=task.n_classes,
+            arrival_rng=np.random.default_rng(
+                [run.seed, zlib.crc32(client_id.encode())]
+            )
+            if poisson
+            else None,
         )
         for client_id in attack.client_ids
     ]
@@ -785,6 +818,7 @@ def _plan_dict(plan: EvalPlan, run: _Run) -> dict[str, Any]:
         "benign_near_duplicates": plan.near_duplicates,
         "benign_min_s": plan.min_benign_s,
         "attack_lead_answers": plan.attack_lead_answers,
+        "attacker_arrivals": plan.attacker_arrivals,
         "budgets": {
             "extraction_images": plan.budgets.extraction,
             "extraction_tabular": plan.budgets.tabular_extraction,

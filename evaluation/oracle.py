@@ -148,23 +148,37 @@ class DirectOracle:
 
 
 class Pacer:
-    """Spaces calls at least ``1 / rate_per_s`` apart (no bursts).
+    """Spaces calls ``1 / rate_per_s`` apart on average.
 
     Attackers in the demo pace themselves under the gateway's published rate
     limit, as a careful thief would, so that what stops them is detection and
     not a plain rate limit.
+
+    ``rng`` None spaces calls exactly (a metronome: what a simple script
+    does, and what the ``traffic`` detector's regularity picks out); with a
+    generator the gaps are exponential with the same mean (Poisson arrivals,
+    as honest clients' are), which a thief hiding its timing would use.
     """
 
-    def __init__(self, rate_per_s: float) -> None:
+    def __init__(
+        self, rate_per_s: float, rng: np.random.Generator | None = None
+    ) -> None:
         if rate_per_s <= 0:
             raise ValueError("rate_per_s must be positive")
         self.interval_s = 1.0 / rate_per_s
+        self._rng = rng
         self._next = 0.0
+
+    def next_gap(self) -> float:
+        """Seconds from this call's slot to the next one's."""
+        if self._rng is None:
+            return self.interval_s
+        return float(self._rng.exponential(self.interval_s))
 
     async def wait(self) -> None:
         now = time.monotonic()
         slot = max(now, self._next)
-        self._next = slot + self.interval_s
+        self._next = slot + self.next_gap()
         if slot > now:
             await asyncio.sleep(slot - now)
 
@@ -196,6 +210,9 @@ class GatewayOracle:
         Set it to make every later call raise ``QueryStopped("CANCELLED")``.
     n_classes
         Width of the answers, for rows left unanswered when none was answered.
+    arrival_rng
+        Poisson arrivals drawn from it instead of exact spacing (see
+        :class:`Pacer`).
     """
 
     def __init__(
@@ -210,13 +227,14 @@ class GatewayOracle:
         timeout_s: float = 30.0,
         cancel: threading.Event | None = None,
         n_classes: int = 10,
+        arrival_rng: np.random.Generator | None = None,
     ) -> None:
         self.client = client
         self._n_classes = n_classes
         self.ledger = ledger
         self._loop = loop
         self._budget = _Budget(budget)
-        self._pacer = Pacer(rate_per_s)
+        self._pacer = Pacer(rate_per_s, arrival_rng)
         self._rate_per_s = rate_per_s
         self._concurrency = concurrency
         self._timeout_s = timeout_s

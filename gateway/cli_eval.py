@@ -72,6 +72,16 @@ def evaluate(
             help="Let some honest clients send runs of near-identical inputs."
         ),
     ] = True,
+    attacker_arrivals: Annotated[
+        str,
+        typer.Option(
+            "--attacker-arrivals",
+            help=(
+                "paced: attackers space queries exactly; poisson: exponential "
+                "gaps of the same mean, timed like honest clients."
+            ),
+        ),
+    ] = "paced",
     log_level: Annotated[
         str, typer.Option("--log-level", help="DEBUG, INFO, WARNING.")
     ] = "INFO",
@@ -87,6 +97,12 @@ def evaluate(
     if not quick and benign < 50:
         typer.echo(
             "error [BAD_ARGUMENT]: the full run needs at least 50 honest clients",
+            err=True,
+        )
+        raise typer.Exit(2)
+    if attacker_arrivals not in ("paced", "poisson"):
+        typer.echo(
+            "error [BAD_ARGUMENT]: --attacker-arrivals must be paced or poisson",
             err=True,
         )
         raise typer.Exit(2)
@@ -109,6 +125,7 @@ def evaluate(
             quick=quick,
             seed=seed,
             near_duplicates=near_duplicates,
+            attacker_arrivals=attacker_arrivals,
         )
     )
     raise typer.Exit(int(code))

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from evaluation.benign import BenignHabits, query_stream
 from evaluation.eval_report import (
@@ -16,6 +17,7 @@ from evaluation.eval_report import (
     targets,
     write_eval_report,
 )
+from evaluation.harness import EvalPlan
 
 
 def _client(name: str, role: str, **counts: Any) -> dict[str, Any]:
@@ -231,3 +233,29 @@ def test_near_duplicate_noise_follows_each_features_span() -> None:
     assert moved[:, 1].max() < 0.03 * 0.005 * 5
     assert moved[:, 0].max() < 1000.0 * 0.005 * 5
     assert moved[:, 0].max() > 0.0
+
+
+def test_plan_takes_attacker_arrivals_and_refuses_others() -> None:
+    plan = EvalPlan.build(
+        quick=False,
+        n_benign=60,
+        budget=None,
+        rate_limit_per_s=50.0,
+        attacker_arrivals="poisson",
+    )
+    assert plan.attacker_arrivals == "poisson"
+    assert plan.attack_lead_answers > 0
+    assert (
+        EvalPlan.build(
+            quick=True, n_benign=8, budget=None, rate_limit_per_s=50.0
+        ).attacker_arrivals
+        == "paced"
+    )
+    with pytest.raises(ValueError, match="paced, poisson"):
+        EvalPlan.build(
+            quick=True,
+            n_benign=8,
+            budget=None,
+            rate_limit_per_s=50.0,
+            attacker_arrivals="bursty",
+        )

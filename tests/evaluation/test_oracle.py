@@ -131,6 +131,18 @@ async def test_gateway_oracle_honours_cancel() -> None:
         await asyncio.to_thread(oracle, np.zeros((2, 1)))
 
 
+def test_pacer_gaps_are_exact_or_exponential_with_the_same_mean() -> None:
+    """Paced gaps are the interval itself (what `traffic`'s regularity picks
+    out); Poisson gaps keep the mean but spread like an honest client's
+    (coefficient of variation 1)."""
+    paced = Pacer(rate_per_s=40.0)
+    assert {paced.next_gap() for _ in range(100)} == {0.025}
+    poisson = Pacer(rate_per_s=40.0, rng=np.random.default_rng(0))
+    gaps = np.array([poisson.next_gap() for _ in range(20_000)])
+    assert gaps.mean() == pytest.approx(0.025, rel=0.03)
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, abs=0.05)
+
+
 async def test_pacer_spaces_calls() -> None:
     pacer = Pacer(rate_per_s=100.0)
     loop = asyncio.get_running_loop()
