@@ -16,8 +16,8 @@ features make steps between unrelated honest rows point the same way), so
 the rates are measured on the reference sample and a share is judged only
 when its count is unlikely at them.
 
-Imports numpy, scipy (the binomial tail) and pydantic only; nothing from Kafka, Redis, FastAPI or
-``gateway``.
+Imports numpy, scipy (the binomial tail) and pydantic only; nothing from
+Kafka, Redis, FastAPI or ``gateway``.
 """
 
 from __future__ import annotations
@@ -189,9 +189,7 @@ class ChangeStructureDetector(Detector[StructureParams]):
         }
     )
 
-    def __init__(
-        self, params: StructureParams | None = None, *, seed: int = 0
-    ) -> None:
+    def __init__(self, params: StructureParams | None = None, *, seed: int = 0) -> None:
         super().__init__(params, seed=seed)
         # Sparse-edit and repeated-step rates of the reference (none before
         # a baseline).

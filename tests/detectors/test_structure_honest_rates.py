@@ -102,7 +102,7 @@ def test_a_line_search_on_correlated_data_is_still_flagged_two_queries_later() -
     assert "chance 1.5e-05" in scores[11].evidence
 
 
-def test_rates_without_a_reference_are_the_floor_and_are_counted_as_the_kernel() -> None:
+def test_rates_default_to_the_floor_and_count_as_the_kernel() -> None:
     detector = ChangeStructureDetector(StructureParams(honest_rate=0.02))
     assert detector.honest_rates == (0.02, 0.02)
     # Three rows on one line, each changing all 5 features (not sparse): the
