@@ -306,8 +306,8 @@ class PradaParams(DetectorParams):
     """Test the logarithms of the distances (True) or the distances (False);
     ``None``: decided by :meth:`DistanceDistributionDetector.learn_baseline`
     from the reference (logarithms when its nearest-distinct distances are
-    not normal, W below ``NORMAL_REFERENCE_W``, and their logarithms are
-    closer to it). Without a baseline, the distances."""
+    not normal, W below ``NORMAL_REFERENCE_W``: PRADA's premise does not
+    hold on their own scale). Without a baseline, the distances."""
 
     max_state_bytes: int = Field(MAX_STATE_BYTES, ge=4096, le=1 << 20)
     """Per-client state budget; wide inputs keep fewer than ``growing_set``."""
@@ -552,7 +552,7 @@ class DistanceDistributionDetector(Detector[PradaParams]):
         if len(nearest) >= 3:
             w_raw = shapiro_w(nearest)
             w_log = shapiro_w(np.log(nearest))
-            self._reference_log = w_raw < NORMAL_REFERENCE_W and w_log > w_raw
+            self._reference_log = w_raw < NORMAL_REFERENCE_W
             logger.debug(
                 "prada reference nearest distances W %.3f, of their logs %.3f",
                 w_raw,

@@ -564,7 +564,13 @@ def test_synthetic_steps_on_skewed_data_are_still_flagged_on_the_log_scale() -> 
 
 
 def test_digits_keep_the_papers_scale(demo: Demo) -> None:
+    from gateway.zoo import phishing_split
+
     detector = DistanceDistributionDetector()
     detector.learn_baseline(demo.train)
     assert not detector.log_scale
+    # Phishing's lattice-valued distances are far from normal (W 0.28).
+    lattice = DistanceDistributionDetector()
+    lattice.learn_baseline(np.asarray(phishing_split().x_train / 1.05, np.float64))
+    assert lattice.log_scale
     assert DistanceDistributionDetector(PradaParams(log_scale=True)).log_scale
