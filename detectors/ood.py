@@ -305,8 +305,12 @@ class OutOfDistributionDetector(Detector[OodParams]):
     each query an anomaly score in [0, 1]. A query is an *outlier* when its
     score exceeds ``query_threshold``, calibrated by :meth:`learn_baseline` so
     that about ``1 - calibration_quantile`` of normal queries are. The client
-    score is the share of outliers among its last ``window`` queries; a running
-    mean (EWMA) of the raw scores is reported in the evidence.
+    score is the share of outliers among its last ``window`` queries, counted
+    only when so many outliers are unlikely for an honest client (binomial
+    upper tail at most ``significance`` at the honest outlier rate, tracked
+    from clients in good standing; else the score is 0) or the client sent
+    an off-lattice query; a running mean (EWMA) of the raw scores is
+    reported in the evidence.
 
     A query is also an outlier when it is *off the lattice*: many features
     whose reference values are quantised (pixel intensities 0..16,
@@ -781,13 +785,16 @@ class OutOfDistributionDetector(Detector[OodParams]):
                     f"this one {raw[row]:.3f}, running mean {ewma[row]:.3f}"
                 )
 
-            # Off-lattice queries are strong evidence, judged from the first;
-            # otherwise the count behind the share must be unlikely by chance.
-            warm = (off_rows > 0) | (
-                unlikely
-                & ((seen >= params.min_queries) | (wide_rows >= params.range_early))
+            warm = (
+                (seen >= params.min_queries)
+                | (off_rows > 0)
+                | (wide_rows >= params.range_early)
             )
-            return self._scores(counts / lengths, warm, evidence)
+            # Off-lattice queries are strong evidence, judged from the first;
+            # otherwise the share counts only when the count behind it is
+            # unlikely by chance (an honest client's score stays 0).
+            counted = (off_rows > 0) | unlikely
+            return self._scores(np.where(counted, counts / lengths, 0.0), warm, evidence)
         cold = [
             "no baseline of normal traffic yet (learn_baseline has not "
             "completed a window), so no query is judged"

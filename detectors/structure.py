@@ -131,13 +131,13 @@ class ChangeStructureDetector(Detector[StructureParams]):
     previous query; the step is *repeated* when its absolute cosine with one of
     the client's last ``directions`` steps reaches ``cos_threshold``.
 
-    Score: in [0, 1], higher is more suspicious. Warm once ``min_queries``
-    queries have been seen and the count behind the larger share is unlikely
-    for an honest client: its binomial upper tail, over the window's length
-    at the honest rate of that kind, is at most ``significance``. The honest
-    rates are measured by :meth:`learn_baseline` on the reference sample
-    replayed in a random order (at least ``honest_rate``). Flagged at
-    ``threshold`` when warm.
+    Score: in [0, 1], higher is more suspicious: the larger share when the
+    count behind it is unlikely for an honest client (its binomial upper
+    tail, over the window's length at the honest rate of that kind, is at
+    most ``significance``), else 0. The honest rates are measured by
+    :meth:`learn_baseline` on the reference sample replayed in a random
+    order (at least ``honest_rate``). Flagged at ``threshold`` once
+    ``min_queries`` queries have been seen.
 
     Why: features of real tabular data are correlated (the size features of
     breast cancer), so the step between two unrelated honest rows mostly
@@ -313,5 +313,5 @@ class ChangeStructureDetector(Detector[StructureParams]):
             betainc(np.maximum(larger, 1), lengths - larger + 1, rate),
             1.0,
         )
-        warm = (seen >= p.min_queries) & (tail <= p.significance)
-        return self._scores(larger / lengths, warm, evidence)
+        score = np.where(tail <= p.significance, larger / lengths, 0.0)
+        return self._scores(score, seen >= p.min_queries, evidence)
