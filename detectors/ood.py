@@ -793,8 +793,8 @@ class OutOfDistributionDetector(Detector[OodParams]):
             # Off-lattice queries are strong evidence, judged from the first;
             # otherwise the share counts only when the count behind it is
             # unlikely by chance (an honest client's score stays 0).
-            counted = (off_rows > 0) | unlikely
-            return self._scores(np.where(counted, counts / lengths, 0.0), warm, evidence)
+            share = np.where((off_rows > 0) | unlikely, counts / lengths, 0.0)
+            return self._scores(share, warm, evidence)
         cold = [
             "no baseline of normal traffic yet (learn_baseline has not "
             "completed a window), so no query is judged"
