@@ -242,8 +242,9 @@ class OodParams(DetectorParams):
     # through (tail 1.05e-4), so 0.02.
     honest_rate: float = Field(0.02, gt=0.0, lt=1.0)
     """Prior per-query outlier rate of an honest client; the detector tracks
-    the rate among the rows of clients in good standing and uses the larger
-    of the two (at most ``HONEST_RATE_CAP``)."""
+    the rate among the rows of established clients in good standing (past
+    their first ``window`` queries) and uses the larger of the two (at most
+    ``HONEST_RATE_CAP``)."""
 
     # Source of the default: one honest client in 10,000 per window position
     # (60 clients of 600 queries judge 36,000 windows, so about 4 chance
@@ -756,11 +757,16 @@ class OutOfDistributionDetector(Detector[OodParams]):
             # (binomial upper tail at the honest rate, as it stood before this
             # batch): a share from a few queries is noise, 2 chance outliers
             # of 5 are a share of 0.4.
+            # The rate is learned from established clients in good standing
+            # only: past their first `window` queries. In the evaluation the
+            # keys of distributed attacks, each in good standing for its
+            # first few queries, had pushed breast cancer's rate from 0.03 to
+            # 0.08 (each key's first wide queries counted as honest).
             # Off-lattice rows are judged at once, not by count, and their
             # clients are about to be flagged: they tell nothing of the
             # honest rate. Each row is judged at the rate as it stood just
             # before it, so a batch scores as its rows sent one at a time.
-            counted = (learn & ~synthetic).astype(np.int64)
+            counted = (learn & ~synthetic & (seen > params.window)).astype(np.int64)
             rows_before = self._learned_rows + np.cumsum(counted) - counted
             hits = counted * outlier
             outliers_before = self._learned_outliers + np.cumsum(hits) - hits

@@ -407,16 +407,20 @@ def test_three_wide_of_four_still_flag_and_the_evidence_gives_the_chance() -> No
     )
 
 
-def test_honest_rate_is_tracked_from_clients_in_good_standing() -> None:
+def test_honest_rate_is_tracked_from_established_clients_in_good_standing() -> None:
     detector = OutOfDistributionDetector(OodParams(honest_rate=0.01))
     detector.learn_baseline(continuous_reference())
     assert detector.honest_rate == pytest.approx(0.01)
-    # 1000 learned rows, 100 of them wide: (100 + 10) / 2000.
+    # Short-lived keys in good standing (a distributed attack's, one wide
+    # query each) do not move it.
     rows = _honest_with_wide(list(range(1, 101)), 100)
-    many = np.vstack([continuous_reference(seed=9)[:450]] * 2 + [rows])
-    wide_ids = [f"w{i}" for i in range(100)]  # one wide query per client
-    ids = ["h"] * 900 + wide_ids
-    detector.score_batch(ids, many)
+    detector.score_batch([f"w{i}" for i in range(100)], rows)
+    assert detector.honest_rate == pytest.approx(0.01)
+    # An established client's rows past its first 50 do: 1000 learned rows,
+    # 100 of them wide, give (100 + 10) / 2000.
+    honest = continuous_reference(seed=9)[:450]
+    many = np.vstack([honest[:50], honest, honest[:400], rows, honest[:50]])
+    detector.score_batch(["h"] * len(many), many)
     assert detector.honest_rate == pytest.approx(0.055, abs=0.01)
     # Rows of flagged clients (learn false) do not move it; it is capped.
     before = detector.honest_rate
