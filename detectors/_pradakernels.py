@@ -33,6 +33,11 @@ _LEVELS = 255
 # (``detectors.prada`` explains the rule).
 _LATTICE_VALUES = 8
 
+# Least distance whose logarithm is taken on the log scale: half a grid step
+# of one feature in 64 (a window holds distances of at least eps, so only
+# eps 0 reaches it; log 0 would be -inf).
+_LOG_FLOOR = 0.5 / _LEVELS / 8.0
+
 
 @jit
 def centre_sample(
@@ -296,7 +301,8 @@ def score_rows(
     ``gs`` and ``recent``, ``ring_sq`` their squared norms (kept for the
     state check; distances here are exact integer sums instead); ``settings``
     is ``scale, duplicate_below, eps, test_every, min_queries,
-    min_distinct, lattice_share, chunk_rows, reject_sigma``.
+    min_distinct, lattice_share, chunk_rows, reject_sigma`` and, optionally,
+    ``log_scale`` (non-zero: W is taken of the distances' logarithms).
 
     Rows are taken client by client (:func:`_row_order`), each client's in
     arrival order; per row:
@@ -336,6 +342,7 @@ def score_rows(
     every, min_queries = int(settings[3]), int(settings[4])
     min_distinct, share = int(settings[5]), settings[6]
     chunk_rows, reject_sigma = int(settings[7]), settings[8]
+    log_scale = settings.shape[0] > 9 and settings[9] != 0.0
     n = slots.shape[0]
     n_slots, capacity = gs.shape[0], gs.shape[1]
     recent_size, window = recent.shape[1], dist.shape[1]
@@ -426,6 +433,11 @@ def score_rows(
                 sample[j] = np.float64(dist[s, (oldest + j) % window])
             if not sample_on_lattice(sample, held, counts, min_distinct, share):
                 _sort_on_grid(sample, held, counts, ordered)
+                if log_scale:
+                    # Monotone, so the order holds; distances in the window
+                    # are at least eps, floored at one grid step for eps 0.
+                    for j in range(held):
+                        ordered[j] = math.log(max(ordered[j], _LOG_FLOOR))
                 kept, squares = centre_sample(
                     ordered, held, test_centred[n_recorded], scratch, reject_sigma
                 )

@@ -11,7 +11,8 @@ The per-row work (the trees in :mod:`detectors._hst`, the lattice and range
 checks, the per-client counters) runs in compiled loops, row by row in
 arrival order, so a batch ends exactly where its rows sent one at a time would.
 
-Imports numpy, pydantic, River and :mod:`detectors._jit` (numba) only; nothing
+Imports numpy, scipy (the binomial tail), pydantic, River and
+:mod:`detectors._jit` (numba) only; nothing
 from Kafka, Redis, FastAPI or ``gateway``.
 """
 
@@ -24,6 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 from pydantic import Field
+from scipy.special import betainc
 
 from detectors._hst import HalfSpaceForest
 from detectors._jit import jit
@@ -51,6 +53,16 @@ MAX_HALF_WIDE_RATE = 0.10
 against the other half's range for the range check to run; measured 2.7%
 (at most 4.9% over ten splits) on the evaluation's breast-cancer sample of
 284 rows, 0% on phishing, 0.2% on digits."""
+
+HONEST_RATE_PRIOR_ROWS = 1000
+"""Weight, in learned rows, of ``honest_rate`` in the tracked honest outlier
+rate: the first thousand rows of clients in good standing move it little, so
+an early burst of odd traffic cannot lower or raise it much."""
+
+HONEST_RATE_CAP = 0.1
+"""Highest honest outlier rate the tracked estimate may reach: clients in
+good standing include attackers not yet flagged, and an estimate they pushed
+up would make every count look ordinary."""
 
 LATTICE_ROWS_PER_LEVEL = 10
 """Reference rows per distinct value a feature needs to count as a lattice
@@ -223,6 +235,28 @@ class OodParams(DetectorParams):
     min_queries: int = Field(5, ge=1, le=100_000)
     """Queries a client must have sent before it can be flagged."""
 
+    # Source of the default: per-query outlier rates of honest held-out
+    # replays measured 0.5-3% (HST at the 0.995 quantile, plus the wide
+    # queries of breast cancer, 1.2%), and the tracked rate takes over from
+    # it; 0.03 would let an equation-solving key with 3 wide queries of 4
+    # through (tail 1.05e-4), so 0.02.
+    honest_rate: float = Field(0.02, gt=0.0, lt=1.0)
+    """Prior per-query outlier rate of an honest client; the detector tracks
+    the rate among the rows of established clients in good standing (past
+    their first ``window`` queries) and uses the larger of the two (at most
+    ``HONEST_RATE_CAP``)."""
+
+    # Source of the default: one honest client in 10,000 per window position
+    # (60 clients of 600 queries judge 36,000 windows, so about 4 chance
+    # flags at 1e-4 if windows were independent; they overlap, and the share
+    # must also reach `threshold`, so far fewer). It costs an attacker at
+    # most one or two queries: 3 outliers of 4, 4 of 10, 5 of 16 pass.
+    significance: float = Field(1e-4, gt=0.0, le=1.0)
+    """A client's share is judged only when so many outliers in its window
+    are unlikely for an honest client: the binomial tail ``P(X >= count)``
+    of the window's length at the honest rate must be at most this. 1.0
+    turns the check off. Off-lattice clients are judged without it."""
+
     ewma_alpha: float = Field(0.1, gt=0.0, le=1.0)
     """Weight of the newest query in the client's running mean anomaly score."""
 
@@ -272,8 +306,12 @@ class OutOfDistributionDetector(Detector[OodParams]):
     each query an anomaly score in [0, 1]. A query is an *outlier* when its
     score exceeds ``query_threshold``, calibrated by :meth:`learn_baseline` so
     that about ``1 - calibration_quantile`` of normal queries are. The client
-    score is the share of outliers among its last ``window`` queries; a running
-    mean (EWMA) of the raw scores is reported in the evidence.
+    score is the share of outliers among its last ``window`` queries, counted
+    only when so many outliers are unlikely for an honest client (binomial
+    upper tail at most ``significance`` at the honest outlier rate, tracked
+    from clients in good standing; else the score is 0) or the client sent
+    an off-lattice query; a running mean (EWMA) of the raw scores is
+    reported in the evidence.
 
     A query is also an outlier when it is *off the lattice*: many features
     whose reference values are quantised (pixel intensities 0..16,
@@ -356,6 +394,8 @@ class OutOfDistributionDetector(Detector[OodParams]):
             "threshold",
             "min_queries",
             "ewma_alpha",
+            "honest_rate",
+            "significance",
             # Read at scoring only; lattice_levels is not here because the
             # lattice is found from the reference at start.
             "lattice_tolerance",
@@ -385,6 +425,33 @@ class OutOfDistributionDetector(Detector[OodParams]):
         # The reference's range per feature (None before a baseline).
         self._range_low: npt.NDArray[np.float64] | None = None
         self._range_high: npt.NDArray[np.float64] | None = None
+        # Rows of clients in good standing judged since the baseline, and how
+        # many of them were outliers: the tracked honest outlier rate.
+        self._learned_rows = 0
+        self._learned_outliers = 0
+
+    @property
+    def honest_rate(self) -> float:
+        """The per-query outlier rate counts are judged against: the tracked
+        rate of clients in good standing (with ``honest_rate`` as a prior of
+        ``HONEST_RATE_PRIOR_ROWS`` rows), at least ``honest_rate`` and at most
+        ``HONEST_RATE_CAP``."""
+        return float(
+            self._rate(
+                np.array([self._learned_rows]), np.array([self._learned_outliers])
+            )[0]
+        )
+
+    def _rate(
+        self, rows: npt.NDArray[np.int64], outliers: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.float64]:
+        """The honest outlier rate after ``rows`` learned rows holding
+        ``outliers`` outliers (see :attr:`honest_rate`)."""
+        prior = self._params.honest_rate
+        tracked = (outliers + HONEST_RATE_PRIOR_ROWS * prior) / (
+            rows + HONEST_RATE_PRIOR_ROWS
+        )
+        return np.clip(tracked, prior, max(prior, HONEST_RATE_CAP))
 
     @property
     def lattice_features(self) -> npt.NDArray[np.int64]:
@@ -686,13 +753,41 @@ class OutOfDistributionDetector(Detector[OodParams]):
         counts = counts[inverse]
         lengths = lengths[inverse]
         if judged:
+            # How unlikely each window's count is for an honest client
+            # (binomial upper tail at the honest rate, as it stood before this
+            # batch): a share from a few queries is noise, 2 chance outliers
+            # of 5 are a share of 0.4.
+            # The rate is learned from established clients in good standing
+            # only: past their first `window` queries. In the evaluation the
+            # keys of distributed attacks, each in good standing for its
+            # first few queries, had pushed breast cancer's rate from 0.03 to
+            # 0.08 (each key's first wide queries counted as honest).
+            # Off-lattice rows are judged at once, not by count, and their
+            # clients are about to be flagged: they tell nothing of the
+            # honest rate. Each row is judged at the rate as it stood just
+            # before it, so a batch scores as its rows sent one at a time.
+            counted = (learn & ~synthetic & (seen > params.window)).astype(np.int64)
+            rows_before = self._learned_rows + np.cumsum(counted) - counted
+            hits = counted * outlier
+            outliers_before = self._learned_outliers + np.cumsum(hits) - hits
+            rate = self._rate(rows_before, outliers_before)
+            self._learned_rows += int(counted.sum())
+            self._learned_outliers += int(hits.sum())
+            tail = np.where(
+                counts > 0,
+                betainc(np.maximum(counts, 1), lengths - counts + 1, rate),
+                1.0,
+            )
+            unlikely = tail <= params.significance
 
             def evidence(row: int) -> str:
                 return (
                     f"{counts[row]} of the last {lengths[row]} queries look unlike "
                     f"normal traffic (anomaly score above {query_threshold:.3f}, "
                     f"or off the values real inputs take, or outside their range; "
-                    f"{off_rows[row]} so far off them, {wide_rows[row]} outside); "
+                    f"{off_rows[row]} so far off them, {wide_rows[row]} outside; "
+                    f"chance {tail[row]:.1e} for an honest client at an outlier "
+                    f"rate of {rate[row]:.3f}); "
                     f"this one {raw[row]:.3f}, running mean {ewma[row]:.3f}"
                 )
 
@@ -701,7 +796,11 @@ class OutOfDistributionDetector(Detector[OodParams]):
                 | (off_rows > 0)
                 | (wide_rows >= params.range_early)
             )
-            return self._scores(counts / lengths, warm, evidence)
+            # Off-lattice queries are strong evidence, judged from the first;
+            # otherwise the share counts only when the count behind it is
+            # unlikely by chance (an honest client's score stays 0).
+            share = np.where((off_rows > 0) | unlikely, counts / lengths, 0.0)
+            return self._scores(share, warm, evidence)
         cold = [
             "no baseline of normal traffic yet (learn_baseline has not "
             "completed a window), so no query is judged"

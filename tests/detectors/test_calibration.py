@@ -70,10 +70,12 @@ def test_calibrated_detectors_meet_the_target_on_fresh_honest_streams(
 ) -> None:
     reference, held_out = scaled(name)
     result = calibrate(build, {}, reference, target_fpr=0.01)
-    # Defaults flag many honest streams of these models (the issue) ...
-    assert flagged_share({}, reference, held_out) >= 0.2
-    # ... calibrated, the held-out streams stay within the 1% target plus a
-    # tolerance of one stream in 40 (six detectors, each calibrated at 1%).
+    # Defaults flagged 20% or more of these streams when calibration was
+    # written; since ood and structure judge counts against honest rates and
+    # prada chooses its scale from the reference, 12.5% (breast cancer) and
+    # 0% (phishing). Calibrated, the held-out streams stay within the 1%
+    # target plus a tolerance of one stream in 40 (six detectors, each
+    # calibrated at 1%).
     assert flagged_share(result.params, reference, held_out) <= 0.01 + 1 / 40
 
 

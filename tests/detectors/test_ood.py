@@ -148,7 +148,9 @@ def test_calibration_and_explicit_threshold(digits: Digits) -> None:
 
     detector.set_params(query_threshold=0.0)
     assert detector.query_threshold == 0.0
-    assert detector.score_batch(["x"], digits.test[:1])[0].score == 1.0
+    # Every query is an outlier; three in three are unlikely for an honest
+    # client (one could be chance), so the share counts in full.
+    assert detector.score_batch(["x"] * 3, digits.test[:3])[-1].score == 1.0
 
 
 def test_class_sorted_reference_is_shuffled(digits: Digits) -> None:
@@ -305,7 +307,10 @@ def test_wide_state_round_trips_and_params_validate() -> None:
     ref = continuous_reference()
     detector = OutOfDistributionDetector()
     detector.learn_baseline(ref)
-    detector.score_batch(["t"] * 2, wide_queries(2, seed=5))
+    # Not learned, so both detectors keep the same shared honest outlier
+    # rate (quoted in the evidence compared below); only the client's state
+    # is handed over.
+    detector.score_batch(["t"] * 2, wide_queries(2, seed=5), learn=[False, False])
     blob = detector.dump_state("t")
     assert blob is not None
     restored = OutOfDistributionDetector()
@@ -360,3 +365,66 @@ def test_compiled_checks_refuse_rows_of_another_width(digits: Digits) -> None:
         forest.process(narrow, np.ones(3, dtype=bool))
     with pytest.raises(ValueError, match="learn of shape"):
         forest.process(digits.test[:3], np.ones(2, dtype=bool))
+
+
+def _honest_with_wide(positions: list[int], n: int) -> npt.NDArray[np.float64]:
+    """An honest continuous stream of ``n`` rows whose rows at ``positions``
+    (1-based) are distinct wide queries: new patients beyond the reference's
+    range, as 1.2% of honest breast-cancer queries are."""
+    rows = continuous_reference(seed=7)[:n].copy()
+    wide = wide_queries(len(positions), seed=8)
+    for k, at in enumerate(positions):
+        rows[at - 1] = wide[k]
+    return rows
+
+
+def test_a_few_chance_outliers_early_do_not_flag_an_honest_client() -> None:
+    # Before the count had to be unlikely, 2 outliers of 5 (a share of 0.4)
+    # flagged at query 5 and 3 of 9 at query 9, as honest evaluation clients
+    # were; at the honest rate (2%) they have a chance of 4e-3 and 6e-4.
+    detector = OutOfDistributionDetector()
+    detector.learn_baseline(continuous_reference())
+    for client, positions in (("two-of-five", [2, 5]), ("three-of-nine", [2, 5, 9])):
+        scores = detector.score_batch(
+            [client] * 12, _honest_with_wide(positions, 12), learn=[False] * 12
+        )
+        assert not any(s.flagged for s in scores), client
+        counted = f"{len(positions)} of the last {positions[-1]}"
+        assert counted in scores[positions[-1] - 1].evidence
+
+
+def test_three_wide_of_four_still_flag_and_the_evidence_gives_the_chance() -> None:
+    # Equation solving on a continuous model: one public row, then
+    # perturbations pushed past the range; caught at its fourth query.
+    detector = OutOfDistributionDetector()
+    detector.learn_baseline(continuous_reference())
+    thief = _honest_with_wide([2, 3, 4], 4)
+    # Not learned, so the honest rate is the prior's in the evidence.
+    scores = detector.score_batch(["t"] * 4, thief, learn=[False] * 4)
+    assert [s.flagged for s in scores] == [False, False, False, True]
+    assert "chance 3.2e-05 for an honest client at an outlier rate of 0.020" in (
+        scores[-1].evidence
+    )
+
+
+def test_honest_rate_is_tracked_from_established_clients_in_good_standing() -> None:
+    detector = OutOfDistributionDetector(OodParams(honest_rate=0.01))
+    detector.learn_baseline(continuous_reference())
+    assert detector.honest_rate == pytest.approx(0.01)
+    # Short-lived keys in good standing (a distributed attack's, one wide
+    # query each) do not move it.
+    rows = _honest_with_wide(list(range(1, 101)), 100)
+    detector.score_batch([f"w{i}" for i in range(100)], rows)
+    assert detector.honest_rate == pytest.approx(0.01)
+    # An established client's rows past its first 50 do: 1000 learned rows,
+    # 100 of them wide, give (100 + 10) / 2000.
+    honest = continuous_reference(seed=9)[:450]
+    many = np.vstack([honest[:50], honest, honest[:400], rows, honest[:50]])
+    detector.score_batch(["h"] * len(many), many)
+    assert detector.honest_rate == pytest.approx(0.055, abs=0.01)
+    # Rows of flagged clients (learn false) do not move it; it is capped.
+    before = detector.honest_rate
+    detector.score_batch(["x"] * 100, rows, learn=[False] * 100)
+    assert detector.honest_rate == before
+    with pytest.raises(ValueError):
+        OodParams(honest_rate=0.0)

@@ -380,7 +380,8 @@ def test_evidence_names_w_and_the_distances(demo: Demo) -> None:
     w = 1.0 - last.score
     assert last.evidence == (
         f"Shapiro-Wilk W={w:.2f} over the last 59 nearest-query distances at "
-        "query 60 (flagged below 0.90; benign digit clients stayed above 0.91)"
+        "query 60 (flagged below 0.90, the bound set for this model's honest "
+        "traffic)"
     )
 
 
@@ -506,3 +507,70 @@ def test_kernel_sort_on_the_grid_equals_a_sort() -> None:
         _pk.sample_on_lattice(x, n, counts, 16, 0.85)
         _pk._sort_on_grid(x, n, counts, out)
         assert np.array_equal(out, np.sort(x))
+
+
+def _breast_cancer() -> tuple[Array, Array]:
+    """Reference and held-out breast-cancer rows scaled to [0, 1] by the
+    reference's range, as the worker scales a tabular model's inputs."""
+    from sklearn.datasets import load_breast_cancer
+
+    X = np.asarray(load_breast_cancer().data, dtype=np.float64)
+    reference, pool = X[::2], X[1::2]
+    low, high = reference.min(axis=0), reference.max(axis=0)
+    return (reference - low) / (high - low), np.clip((pool - low) / (high - low), 0, 1)
+
+
+def test_skewed_honest_distances_are_tested_on_the_log_scale() -> None:
+    # Nearest distances between breast-cancer patients are right-skewed
+    # (reference W 0.91), so on their own scale honest clients fail the
+    # normality test that digits pass (W 0.98): at the default threshold
+    # every one of these honest replays was flagged.
+    reference, pool = _breast_cancer()
+    raw = DistanceDistributionDetector(PradaParams(log_scale=False))
+    auto = DistanceDistributionDetector()
+    for detector in (raw, auto):
+        detector.learn_baseline(reference)
+    assert auto.log_scale and not raw.log_scale
+    flagged_raw = flagged_auto = 0
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        X = pool[np.resize(rng.permutation(len(pool)), 280)]
+        flagged_raw += any(s.flagged for s in raw.score_batch([f"r{seed}"] * 280, X))
+        scores = auto.score_batch([f"a{seed}"] * 280, X)
+        flagged_auto += any(s.flagged for s in scores)
+        assert "log nearest-query distances" in scores[-1].evidence
+    assert (flagged_raw, flagged_auto) == (4, 0)
+
+
+def test_synthetic_steps_on_skewed_data_are_still_flagged_on_the_log_scale() -> None:
+    # Jacobian-style augmentation from ten breast-cancer seeds: steps of 0.1
+    # put many distances on a few values, which no monotone scale spreads.
+    # The lattice guard holds both scales' first test back to query 120.
+    reference, pool = _breast_cancer()
+    rng = np.random.default_rng(0)
+    X = pool[:10]
+    while len(X) < 200:
+        steps = 0.1 * np.sign(rng.normal(size=X.shape))
+        X = np.vstack([X, np.clip(X + steps, 0.0, 1.0)])
+    firsts = []
+    for log_scale in (False, None):
+        detector = DistanceDistributionDetector(PradaParams(log_scale=log_scale))
+        detector.learn_baseline(reference)
+        scores = detector.score_batch(["j"] * 200, X[:200])
+        firsts.append(first_flag(scores))
+    assert detector.log_scale
+    assert firsts == [120, 120]
+    assert 1.0 - scores[119].score < 0.85
+
+
+def test_digits_keep_the_papers_scale(demo: Demo) -> None:
+    from gateway.zoo import phishing_split
+
+    detector = DistanceDistributionDetector()
+    detector.learn_baseline(demo.train)
+    assert not detector.log_scale
+    # Phishing's lattice-valued distances are far from normal (W 0.28).
+    lattice = DistanceDistributionDetector()
+    lattice.learn_baseline(np.asarray(phishing_split().x_train / 1.05, np.float64))
+    assert lattice.log_scale
+    assert DistanceDistributionDetector(PradaParams(log_scale=True)).log_scale
