@@ -25,14 +25,14 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import start_http_server as _start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import ConfigError
-from gateway.redis_breaker import STATE_LEVEL, breaker_for
+from gateway.metrics import breaker_families
+from gateway.redis_breaker import breaker_for
 from gateway.store import RedisClient
 
 logger = logging.getLogger(__name__)
@@ -258,8 +258,9 @@ class HttpMetricsMiddleware:
 class RedisBreakersCollector(Collector):
     """The circuit breakers of several Redis clients, labelled ``client``.
 
-    The same metric names as a worker's (``gateway.metrics.
-    RedisBreakerCollector``), with the label added because an app may hold
+    The same metrics as a worker's (both built by
+    :func:`gateway.metrics.breaker_families`), with the label added because
+    an app may hold
     more than one client (the admin API has its own and the live
     configuration's). A source that has no client yet adds no sample.
     """
@@ -268,38 +269,12 @@ class RedisBreakersCollector(Collector):
         self._sources = dict(sources)
 
     def collect(self) -> Iterator[Metric]:
-        state = GaugeMetricFamily(
-            "modelgate_redis_breaker_state",
-            "Circuit breaker of this process's Redis client: 0 closed, "
-            "1 half-open, 2 open.",
-            labels=["client"],
-        )
-        opens = CounterMetricFamily(
-            "modelgate_redis_breaker_opens",
-            "Times the Redis breaker opened (failure threshold or failed probe).",
-            labels=["client"],
-        )
-        rejected = CounterMetricFamily(
-            "modelgate_redis_breaker_rejected",
-            "Redis calls failed at once (STORE_UNAVAILABLE) by the open breaker.",
-            labels=["client"],
-        )
-        waited = CounterMetricFamily(
-            "modelgate_redis_waited_out",
-            "Redis calls that failed only after waiting out their timeout.",
-            labels=["client"],
-        )
+        breakers = []
         for name, source in self._sources.items():
             client = source()
-            if client is None:
-                continue
-            breaker = breaker_for(client)
-            stats = breaker.stats
-            state.add_metric([name], STATE_LEVEL[breaker.state])
-            opens.add_metric([name], stats.opens)
-            rejected.add_metric([name], stats.rejected)
-            waited.add_metric([name], stats.waited)
-        yield from (state, opens, rejected, waited)
+            if client is not None:
+                breakers.append(([name], breaker_for(client)))
+        return breaker_families(breakers, ["client"], "this process's")
 
     def describe(self) -> Iterator[Metric]:
         # Names for the registry's clash check; values are not read.

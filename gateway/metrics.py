@@ -7,7 +7,7 @@ workers in one process without metric name clashes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -174,6 +174,44 @@ class WorkerMetrics:
         self.registry.register(self._redis_breaker)
 
 
+def breaker_families(
+    breakers: Iterable[tuple[list[str], RedisBreaker]],
+    labels: list[str],
+    whose: str,
+) -> Iterator[Metric]:
+    """The Redis circuit breakers' gauge and counters, one sample per breaker
+    with its label values; ``whose`` names the client in the state's help
+    ("the worker's"). The one place these names and help texts live, for the
+    worker's collector and the HTTP apps' labelled one."""
+    state = GaugeMetricFamily(
+        "modelgate_redis_breaker_state",
+        f"Circuit breaker of {whose} Redis client: 0 closed, 1 half-open, 2 open.",
+        labels=labels,
+    )
+    opens = CounterMetricFamily(
+        "modelgate_redis_breaker_opens",
+        "Times the Redis breaker opened (failure threshold or failed probe).",
+        labels=labels,
+    )
+    rejected = CounterMetricFamily(
+        "modelgate_redis_breaker_rejected",
+        "Redis calls failed at once (STORE_UNAVAILABLE) by the open breaker.",
+        labels=labels,
+    )
+    waited = CounterMetricFamily(
+        "modelgate_redis_waited_out",
+        "Redis calls that failed only after waiting out their timeout.",
+        labels=labels,
+    )
+    for values, breaker in breakers:
+        stats = breaker.stats
+        state.add_metric(values, STATE_LEVEL[breaker.state])
+        opens.add_metric(values, stats.opens)
+        rejected.add_metric(values, stats.rejected)
+        waited.add_metric(values, stats.waited)
+    yield from (state, opens, rejected, waited)
+
+
 class RedisBreakerCollector(Collector):
     """The Redis circuit breaker's gauge and counters, read from the breaker at
     each scrape (it keeps its own counts, so the guard needs no metrics)."""
@@ -182,29 +220,7 @@ class RedisBreakerCollector(Collector):
         self._breaker = breaker
 
     def collect(self) -> Iterator[Metric]:
-        breaker = self._breaker
-        stats = breaker.stats
-        yield GaugeMetricFamily(
-            "modelgate_redis_breaker_state",
-            "Circuit breaker of the worker's Redis client: 0 closed, 1 half-open, "
-            "2 open.",
-            value=STATE_LEVEL[breaker.state],
-        )
-        yield CounterMetricFamily(
-            "modelgate_redis_breaker_opens",
-            "Times the Redis breaker opened (failure threshold or failed probe).",
-            value=stats.opens,
-        )
-        yield CounterMetricFamily(
-            "modelgate_redis_breaker_rejected",
-            "Redis calls failed at once (STORE_UNAVAILABLE) by the open breaker.",
-            value=stats.rejected,
-        )
-        yield CounterMetricFamily(
-            "modelgate_redis_waited_out",
-            "Redis calls that failed only after waiting out their timeout.",
-            value=stats.waited,
-        )
+        return breaker_families([([], self._breaker)], [], "the worker's")
 
     def describe(self) -> Iterator[Metric]:
         # Names for the registry's clash check; values are not read.
