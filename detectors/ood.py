@@ -11,9 +11,9 @@ The per-row work (the trees in :mod:`detectors._hst`, the lattice and range
 checks, the per-client counters) runs in compiled loops, row by row in
 arrival order, so a batch ends exactly where its rows sent one at a time would.
 
-Imports numpy, scipy (the binomial tail), pydantic, River and
-:mod:`detectors._jit` (numba) only; nothing
-from Kafka, Redis, FastAPI or ``gateway``.
+Imports numpy, scipy (the binomial tail, :mod:`detectors._binomial`),
+pydantic, River and :mod:`detectors._jit` (numba) only; nothing from Kafka,
+Redis, FastAPI or ``gateway``.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 from pydantic import Field
-from scipy.special import betainc
 
+from detectors._binomial import upper_tail
 from detectors._hst import HalfSpaceForest
 from detectors._jit import jit
 from detectors._state import (
@@ -773,11 +773,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
             rate = self._rate(rows_before, outliers_before)
             self._learned_rows += int(counted.sum())
             self._learned_outliers += int(hits.sum())
-            tail = np.where(
-                counts > 0,
-                betainc(np.maximum(counts, 1), lengths - counts + 1, rate),
-                1.0,
-            )
+            tail = upper_tail(counts, lengths, rate)
             unlikely = tail <= params.significance
 
             def evidence(row: int) -> str:

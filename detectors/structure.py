@@ -16,8 +16,8 @@ features make steps between unrelated honest rows point the same way), so
 the rates are measured on the reference sample and a share is judged only
 when its count is unlikely at them.
 
-Imports numpy, scipy (the binomial tail) and pydantic only; nothing from
-Kafka, Redis, FastAPI or ``gateway``.
+Imports numpy, scipy (the binomial tail, :mod:`detectors._binomial`) and
+pydantic only; nothing from Kafka, Redis, FastAPI or ``gateway``.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 from pydantic import Field
-from scipy.special import betainc
 
+from detectors._binomial import upper_tail
 from detectors._history import LEVELS, check_ring, quantise, ring_fields
 from detectors._probehist import nearest_and_push, step_changes
 from detectors._state import FieldSpec, check_counters, check_window, window_fields
@@ -308,10 +308,6 @@ class ChangeStructureDetector(Detector[StructureParams]):
         sparse_rate, repeat_rate = self.honest_rates
         larger = np.maximum(sparse_counts, repeat_counts)
         rate = np.where(repeat_counts >= sparse_counts, repeat_rate, sparse_rate)
-        tail = np.where(
-            larger > 0,
-            betainc(np.maximum(larger, 1), lengths - larger + 1, rate),
-            1.0,
-        )
+        tail = upper_tail(larger, lengths, rate)
         score = np.where(tail <= p.significance, larger / lengths, 0.0)
         return self._scores(score, seen >= p.min_queries, evidence)
