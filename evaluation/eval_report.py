@@ -198,13 +198,7 @@ def attack_targets(entry: dict[str, Any]) -> list[dict[str, Any]]:
         )
         return rows
     ratio = at_stop / float(unhindered)
-    majority = entry.get("majority_rate")
-    caveat = (
-        f"; unhindered, the attack is no better than answering the majority "
-        f"class ({majority:.3f})"
-        if majority is not None and float(unhindered) <= majority
-        else ""
-    )
+    caveat = _agreement_caveat(entry, float(unhindered))
     rows.append(
         _target(
             f"{label}: agreement when stopped < 90% of unhindered",
@@ -216,6 +210,32 @@ def attack_targets(entry: dict[str, Any]) -> list[dict[str, Any]]:
         )
     )
     return rows
+
+
+def _agreement_caveat(entry: dict[str, Any], unhindered: float) -> str:
+    """Why the agreement bound may be out of any detector's reach for this
+    attack, when it is: the unhindered attack learns nothing beyond the
+    majority class, or its opening queries are rows honest clients send too
+    and already teach a copy that reaches the bound (see
+    ``scenarios.honest_opening``)."""
+    majority = entry.get("majority_rate")
+    if majority is not None and unhindered <= majority:
+        return (
+            f"; unhindered, the attack is no better than answering the majority "
+            f"class ({majority:.3f})"
+        )
+    opening = int(entry.get("honest_opening") or 0)
+    curve = (entry.get("direct") or {}).get("curve") or []
+    reached = agreement_at(curve, opening) if opening else None
+    if reached and reached / unhindered >= EXTRACTION_AGREEMENT_RATIO:
+        return (
+            f"; its first {opening} queries are rows the honest clients send "
+            f"too, and a copy trained on them alone reaches {reached:.3f} "
+            f"({reached / unhindered:.3f} of unhindered): meeting the bound "
+            "means stopping it before it sends anything an honest client "
+            "does not"
+        )
+    return ""
 
 
 def targets(result: EvalResult) -> list[dict[str, Any]]:

@@ -55,6 +55,7 @@ from evaluation.scenarios import (
     ModelTask,
     budget_of,
     build_task,
+    honest_opening,
     run_attack,
     select_pairs,
 )
@@ -474,7 +475,14 @@ async def _evaluate(
         policy=settings.policy.model_dump(mode="json"),
         detectors=dict(settings.detectors),
         attacks=[
-            _attack_dict(a, direct[(a.attack, a.model)], run.tasks[a.model])
+            _attack_dict(
+                a,
+                direct[(a.attack, a.model)],
+                run.tasks[a.model],
+                honest_opening(
+                    a.attack, run.tasks[a.model], run.plan.budgets, run.seed
+                ),
+            )
             for a in run.attacks
         ],
         clients=[
@@ -786,13 +794,15 @@ def _baselines(
 
 
 def _attack_dict(
-    attack: AttackRun, direct: dict[str, Any], task: ModelTask
+    attack: AttackRun, direct: dict[str, Any], task: ModelTask, opening: int
 ) -> dict[str, Any]:
     summary = attack.ledger.summary()
     counts = np.bincount(task.eval_labels)
     return {
         # Agreement of a copy that always answers the most common class.
         "majority_rate": round(float(counts.max() / counts.sum()), 4),
+        # Opening queries that are rows of the honest population's data.
+        "honest_opening": opening,
         "attack": attack.attack,
         "model": attack.model,
         "variant": attack.variant,

@@ -222,6 +222,52 @@ def budget_of(attack: str, task: ModelTask, budgets: Budgets) -> int:
     return budgets.extraction
 
 
+def _sampling_params(
+    attack: str, task: ModelTask, budget: int, seed: int
+) -> SamplingParams:
+    rounds = 8 if not task.is_tabular else 6
+    return SamplingParams(
+        budget=budget,
+        round_size=max(10, budget // rounds),
+        initial=max(10, budget // (2 * rounds)),
+        surrogate="logreg" if task.surrogate == "logreg" else "mlp",
+        soft_labels=attack == KNOCKOFF,
+        clip=task.clip,
+        seed=seed,
+    )
+
+
+def _papernot_seeds(task: ModelTask, seed: int) -> list[int]:
+    """Papernot et al.'s small public seed set: one pool row per class the
+    model predicts, as indices into the pool."""
+    rng = np.random.default_rng(seed)
+    pool_labels = task.model.predict_proba(task.pool).argmax(axis=1)
+    return [
+        int(rng.choice(np.flatnonzero(pool_labels == c)))
+        for c in np.unique(pool_labels)
+    ]
+
+
+def honest_opening(attack: str, task: ModelTask, budgets: Budgets, seed: int) -> int:
+    """How many of ``attack``'s first queries are rows honest clients send too.
+
+    The attacker's pool is half of the held-out data that the honest
+    population replays. Active learning opens with a round of rows drawn from
+    it at random, and Papernot et al.'s attack with one row per class. Until
+    those are answered, nothing in the stream tells the attacker from an
+    honest client, so no detector can stop it sooner without stopping honest
+    clients at the same rate. The report uses this to show what the
+    agreement bound asks of such an attack. 0 for attacks whose first query
+    is unlike honest traffic.
+    """
+    budget = budget_of(attack, task, budgets)
+    if attack == ACTIVE:
+        return min(_sampling_params(attack, task, budget, seed).initial, budget)
+    if attack == PAPERNOT:
+        return min(len(_papernot_seeds(task, seed)), budget)
+    return 0
+
+
 def run_attack(
     attack: str, query: QueryFn, task: ModelTask, budgets: Budgets, seed: int
 ) -> dict[str, Any]:
@@ -250,16 +296,7 @@ def run_attack(
         )
         return out
     if attack in (RANDOM, KNOCKOFF, ACTIVE):
-        rounds = 8 if not task.is_tabular else 6
-        params = SamplingParams(
-            budget=budget,
-            round_size=max(10, budget // rounds),
-            initial=max(10, budget // (2 * rounds)),
-            surrogate="logreg" if task.surrogate == "logreg" else "mlp",
-            soft_labels=attack == KNOCKOFF,
-            clip=task.clip,
-            seed=seed,
-        )
+        params = _sampling_params(attack, task, budget, seed)
         pool: Array | None = task.pool
         if attack == KNOCKOFF:
             pool = natural_patches(4 * budget, np.random.default_rng(seed))
@@ -274,15 +311,9 @@ def run_attack(
             query, strategy, task.eval_x, task.eval_labels, params, pool=pool
         ).to_dict()
     if attack == PAPERNOT:
-        rng = np.random.default_rng(seed)
-        pool_labels = task.model.predict_proba(task.pool).argmax(axis=1)
-        seeds = [
-            int(rng.choice(np.flatnonzero(pool_labels == c)))
-            for c in np.unique(pool_labels)
-        ]
         return run_jacobian_extraction(
             query,
-            task.pool[seeds],
+            task.pool[_papernot_seeds(task, seed)],
             task.eval_x,
             task.eval_labels,
             JacobianParams(

@@ -148,8 +148,8 @@ def class_gradient(model: Substitute, x: Array, classes: Array) -> Array:
     Parameters
     ----------
     model
-        A fitted multi-class ``MLPClassifier`` (softmax output) or multinomial
-        ``LogisticRegression``.
+        A fitted multi-class ``MLPClassifier`` (softmax output) or a
+        ``LogisticRegression`` (multinomial, or binary).
     x
         Inputs, shape (n, features), in the scale the model was fitted on.
     classes
@@ -171,6 +171,11 @@ def class_gradient(model: Substitute, x: Array, classes: Array) -> Array:
     if isinstance(model, LogisticRegression):
         weights = [model.coef_.T]
         biases = [model.intercept_]
+        if len(model.classes_) == 2:
+            # A binary fit keeps one logit z for the second class; the
+            # sigmoid of z is the softmax of (0, z).
+            weights = [np.hstack([np.zeros_like(model.coef_.T), model.coef_.T])]
+            biases = [np.concatenate([[0.0], model.intercept_])]
         hidden_act = "identity"
     else:
         if model.out_activation_ != "softmax":

@@ -3,6 +3,7 @@ solving, one-pixel, active learning's choice, the 10-key spread."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,9 @@ from evaluation.attacks.sampling import (
     uniform_queries,
 )
 from evaluation.oracle import DirectOracle, QueryRefused
+from evaluation.scenarios import Budgets, build_task, honest_opening, run_attack
+from gateway.models import DIGITS, load_model
+from gateway.zoo import BREAST_CANCER, ensure_model
 
 Array = np.ndarray[Any, Any]
 
@@ -244,3 +248,33 @@ def test_spread_oracle_enforces_the_shared_budget() -> None:
         spread.close()
     assert getattr(stopped.value, "reason", None) == "BUDGET"
     assert sum(k.rows for k in keys) == 25
+
+
+@pytest.mark.parametrize(
+    ("attack", "model"), [("active", BREAST_CANCER), ("papernot", DIGITS)]
+)
+def test_the_honest_opening_is_what_the_attack_sends_first(
+    tmp_path: Path, attack: str, model: str
+) -> None:
+    # The report's caveat on a missed agreement bound rests on this: the
+    # opening queries counted by honest_opening are rows the honest
+    # population replays, and they are the attack's first round.
+    ensure_model(tmp_path, model)
+    task = build_task(model, load_model(tmp_path, model), 0, 3)
+    budgets = Budgets.flat(120)
+    opening = honest_opening(attack, task, budgets, seed=0)
+    oracle = DirectOracle(task.model.predict_proba, 120, n_classes=task.n_classes)
+    sent: list[Array] = []
+
+    def recording(rows: Array) -> Array:
+        sent.append(np.asarray(rows))
+        return oracle(rows)
+
+    outcome = run_attack(attack, recording, task, budgets, seed=0)
+
+    first = np.concatenate(sent)[:opening].astype(np.float32)
+    replay = task.replay.astype(np.float32)
+    assert opening >= 2
+    assert all((replay == row).all(axis=1).any() for row in first)
+    assert outcome["curve"][0][0] == opening
+    assert honest_opening("random", task, budgets, seed=0) == 0

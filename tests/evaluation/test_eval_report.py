@@ -112,6 +112,45 @@ def test_targets_measure_each_goal_and_say_by_how_much_it_was_missed() -> None:
     assert runs["measured"] == "3/4" and not runs["met"]
 
 
+def _agreement_row(entry: dict[str, Any]) -> dict[str, Any]:
+    result = _result()
+    result.attacks = [entry]
+    name = f"{entry['attack']} on digits (single): agreement when stopped"
+    return next(r for r in targets(result) if r["target"].startswith(name))
+
+
+@pytest.mark.parametrize(
+    ("opening", "first_round", "said"),
+    [
+        # Its 25 honest-looking rows already give 0.95 of the unhindered 0.97.
+        (25, 0.95, True),
+        # They give 0.7 of it: stopping it after them could meet the bound.
+        (25, 0.70, False),
+        # An attack whose first query is unlike honest traffic.
+        (0, 0.95, False),
+    ],
+)
+def test_a_missed_agreement_bound_says_when_the_honest_opening_reached_it(
+    opening: int, first_round: float, said: bool
+) -> None:
+    row = _agreement_row(
+        _attack(
+            "active",
+            "extraction",
+            30,
+            enforced=40,
+            honest_opening=opening,
+            gateway={"curve": [[25, first_round], [40, 0.96]]},
+            direct={"agreement": 0.97, "curve": [[25, first_round], [300, 0.97]]},
+        )
+    )
+    assert not row["met"]
+    assert ("rows the honest clients send too" in row["missed_by"]) is said
+    if said:
+        assert f"first {opening} queries" in row["missed_by"]
+        assert "0.950 (0.979 of unhindered)" in row["missed_by"]
+
+
 def test_agreement_at_takes_the_last_measurement_before_the_moment() -> None:
     curve = [[10, 0.2], [20, 0.4]]
     assert agreement_at(curve, 15) == 0.2

@@ -39,18 +39,28 @@ def _fit(model: Any, x: Array, y: Array) -> Any:
 
 
 @pytest.mark.parametrize(
-    "model",
+    ("model", "binary"),
     [
-        MLPClassifier(hidden_layer_sizes=(7,), max_iter=500, random_state=0),
-        MLPClassifier(
-            hidden_layer_sizes=(4, 3), activation="tanh", max_iter=500, random_state=0
+        (MLPClassifier(hidden_layer_sizes=(7,), max_iter=500, random_state=0), False),
+        (
+            MLPClassifier(
+                hidden_layer_sizes=(4, 3),
+                activation="tanh",
+                max_iter=500,
+                random_state=0,
+            ),
+            False,
         ),
-        LogisticRegression(max_iter=500),
+        (LogisticRegression(max_iter=500), False),
+        # One logit for two classes (breast_cancer's substitute).
+        (LogisticRegression(max_iter=500), True),
     ],
-    ids=["mlp-relu", "mlp-tanh-2layers", "logreg"],
+    ids=["mlp-relu", "mlp-tanh-2layers", "logreg", "logreg-binary"],
 )
-def test_class_gradient_matches_finite_differences(model: Any) -> None:
+def test_class_gradient_matches_finite_differences(model: Any, binary: bool) -> None:
     x, y = _toy_data()
+    if binary:
+        y = (y == 0).astype(int)
     model = _fit(model, x, y)
     rows, classes = x[:6], y[:6]
 
