@@ -1,0 +1,175 @@
+"""Detectors' live baselines across worker restarts, on the real broker and
+Redis (gateway/baselines.py): a worker that stops saves what it learnt from
+honest traffic, and a fresh worker on the same prefix starts with it; a
+Redis that is down at start costs the load, never the start."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from redis.asyncio import Redis
+
+from detectors._state import decode_blob
+from detectors.baselines import decode_baseline
+from gateway.config import Settings
+from gateway.models import digits_split
+from gateway.worker import Worker
+from tests.conftest import StackInfo
+from tests.integration.helpers import (
+    RawKafka,
+    create_key,
+    delete_prefix,
+    fail_open_settings,
+    request_path_settings,
+    responses_for,
+    running_worker,
+)
+from tests.integration.test_adversarial import OwnRedis, _free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
+
+X_TRAIN = digits_split()[0]
+ROWS_PER_REQUEST = 16
+DEADLINE_S = 60.0
+
+
+def margin_live(worker: Worker) -> tuple[int, bool]:
+    """Live honest answers in the worker's margin baseline for digits, and
+    whether its rank test may run on them. Read between batches only."""
+    assert worker._scorer is not None
+    blob = worker._scorer.detectors_of("digits")["margin"].export_baseline()
+    assert blob is not None
+    header = decode_baseline(blob)
+    return header.samples, header.ready
+
+
+def with_worker_id(settings: Settings, worker_id: str) -> Settings:
+    return settings.model_copy(
+        update={"worker": settings.worker.model_copy(update={"worker_id": worker_id})}
+    )
+
+
+def loads(worker: Worker, detector: str, outcome: str) -> float:
+    value = worker.metrics.registry.get_sample_value(
+        "modelgate_baseline_loads_total",
+        {"model": "digits", "detector": detector, "outcome": outcome},
+    )
+    return value or 0.0
+
+
+async def test_a_fresh_worker_starts_with_the_live_baseline_a_stopped_one_saved(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    settings = request_path_settings(
+        stack, models_dir, worker={"baseline_save_interval_s": 0}
+    )
+    names = [f"honest-{i}" for i in range(8)]
+    keys = {name: await create_key(settings, name) for name in names}
+    newcomer = await create_key(settings, "newcomer")
+    order = np.random.default_rng(0).permutation(len(X_TRAIN))
+    try:
+        # Worker A serves honest traffic until margin's live baseline is ready.
+        async with running_worker(with_worker_id(settings, "worker-a")) as a:
+            assert margin_live(a) == (0, False)
+            assert loads(a, "margin", "none") == 1
+            async with RawKafka(settings) as kafka:
+                deadline = time.monotonic() + DEADLINE_S
+                start = 0
+                while not margin_live(a)[1]:
+                    assert time.monotonic() < deadline, margin_live(a)
+                    ids = []
+                    for name in names:
+                        rows = X_TRAIN[order[start : start + ROWS_PER_REQUEST]]
+                        start = (start + ROWS_PER_REQUEST) % (len(order) - 16)
+                        ids.append(
+                            await kafka.send_request(*keys[name], rows, client_id=name)
+                        )
+                    await kafka.flush()
+                    answers = await responses_for(settings, ids, timeout_s=DEADLINE_S)
+                    assert all(r["status"] == "ok" for r in answers.values())
+            learnt, _ = margin_live(a)
+            assert learnt >= 512
+        # Leaving the block stopped A, which saved its baselines.
+
+        # Worker B starts fresh on the same prefix: ready before any batch.
+        started = time.perf_counter()
+        async with running_worker(with_worker_id(settings, "worker-b")) as b:
+            start_s = time.perf_counter() - started
+            assert b._baselines is not None
+            load_s = b._baselines.load_seconds
+            assert margin_live(b) == (learnt, True)
+            assert loads(b, "margin", "loaded") == 1
+            assert loads(b, "traffic", "loaded") == 1
+            assert load_s < 2.0
+            # B's first batch, from a client A never saw, is ranked against it.
+            async with RawKafka(settings) as kafka:
+                rid = await kafka.send_request(
+                    *newcomer, X_TRAIN[order[:ROWS_PER_REQUEST]], client_id="newcomer"
+                )
+                await kafka.flush()
+                answers = await responses_for(settings, [rid], timeout_s=DEADLINE_S)
+            assert answers[rid]["status"] == "ok", answers[rid]
+            assert b._scorer is not None
+            margin = b._scorer.detectors_of("digits")["margin"]
+            state = margin.dump_state("newcomer")
+            assert state is not None
+            rank_w = np.frombuffer(decode_blob(state).fields["rank_w"], "<f8")
+            assert rank_w[0] > 0, "the first batch was not ranked"
+            assert margin_live(b)[0] == min(learnt + ROWS_PER_REQUEST, 4096)
+        print(
+            f"\nbaseline: {learnt} live answers; B's load took {load_s * 1000:.1f} ms "
+            f"of a {start_s:.2f} s start"
+        )
+    finally:
+        await delete_prefix(settings)
+
+
+async def test_a_worker_starts_and_serves_while_redis_is_down_at_load(
+    stack: StackInfo, models_dir: Path, tmp_path: Path
+) -> None:
+    own = OwnRedis(tmp_path, _free_port(16497))
+    own.start()
+    try:
+        settings = fail_open_settings(
+            stack,
+            own.url,
+            models_dir,
+            redis={"socket_timeout_s": 0.5, "breaker_cooldown_s": 0.5},
+            worker={"baseline_save_interval_s": 0.2},
+        )
+        key = await create_key(settings, "ann")
+        # Keep the key on disk, so the restarted server has it.
+        client = Redis.from_url(own.url)
+        try:
+            await client.save()
+        finally:
+            await client.aclose()
+        own.kill()
+
+        async with running_worker(settings) as worker:
+            assert loads(worker, "margin", "unavailable") == 1
+            assert margin_live(worker) == (0, False)
+            own.start()
+            async with RawKafka(settings) as kafka:
+                rid = await kafka.send_request(
+                    *key, X_TRAIN[:ROWS_PER_REQUEST], client_id="ann"
+                )
+                await kafka.flush()
+                answer = (await responses_for(settings, [rid], timeout_s=DEADLINE_S))[
+                    rid
+                ]
+            assert answer["status"] == "ok", answer
+            # Redis is back: the periodic save stores what ann taught.
+            deadline = time.monotonic() + DEADLINE_S
+            saved = "modelgate_baseline_saves_total"
+            labels = {"model": "digits", "detector": "margin", "outcome": "ok"}
+            while not worker.metrics.registry.get_sample_value(saved, labels):
+                assert time.monotonic() < deadline, "no baseline saved after recovery"
+                # Polling a counter the worker's own task moves, with a deadline.
+                await asyncio.sleep(0.05)
+    finally:
+        own.kill()
