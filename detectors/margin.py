@@ -552,10 +552,10 @@ class MarginDetector(Detector[MarginParams]):
     - only a re-send of the *previous* row is skipped: an honest client that
       interleaves re-sends of its doubtful inputs with other queries has
       them ranked again;
-    - it is blind until ``rank_min_baseline`` answers of clients in good
-      standing have been learnt since the worker started (the baseline is
-      per worker and not persisted), and a client's answers before that are
-      not ranked;
+    - it is blind until the baseline holds ``rank_min_baseline`` answers of
+      clients in good standing, learnt since the detector was made or
+      imported (:meth:`import_baseline`; the gateway saves and loads it
+      through Redis), and a client's answers before that are not ranked;
     - a thief that mixes honest-looking queries in dilutes the mean rank by
       the mixing ratio, and one that re-ranks its pool so that each round is
       as confident as honest traffic (giving up most of what uncertainty
