@@ -117,6 +117,7 @@ class RedisBaselineStore:
         if not entries:
             return
         ttl_ms = max(1, round(ttl_s * 1000))
+        oldest_ms = round(time.time() * 1000) - ttl_ms
         async with redis_guard("save_baselines", self._timeout_s, self._redis):
             pipe = self._redis.pipeline(transaction=False)
             for saved in entries:
@@ -128,7 +129,7 @@ class RedisBaselineStore:
                     px=ttl_ms,
                 )
                 pipe.zadd(index, {saved.worker: at_ms})
-                pipe.zremrangebyscore(index, "-inf", f"({at_ms - ttl_ms}")
+                pipe.zremrangebyscore(index, "-inf", f"({oldest_ms}")
                 pipe.pexpire(index, ttl_ms)
             await pipe.execute()
 

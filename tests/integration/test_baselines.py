@@ -8,15 +8,23 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from redis.asyncio import Redis
 
 from detectors._state import decode_blob
-from detectors.baselines import decode_baseline
+from detectors.baselines import (
+    BASELINE_FORMAT,
+    SavedBaseline,
+    choose_baseline,
+    decode_baseline,
+)
+from gateway.baselines import RedisBaselineStore
 from gateway.config import Settings
 from gateway.models import digits_split
+from gateway.store import redis_from_settings
 from gateway.worker import Worker
 from tests.conftest import StackInfo
 from tests.integration.helpers import (
@@ -173,3 +181,68 @@ async def test_a_worker_starts_and_serves_while_redis_is_down_at_load(
                 await asyncio.sleep(0.05)
     finally:
         own.kill()
+
+
+async def test_the_redis_store_keeps_one_entry_per_worker_and_the_loader_picks(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    """Several workers' entries side by side on the real Redis: none
+    overwrites another, the choice skips another model identity and stale
+    entries, and every key expires."""
+    settings = request_path_settings(stack, models_dir)
+    redis = redis_from_settings(settings)
+    store = RedisBaselineStore(redis, settings.redis.key_prefix, timeout_s=2.0)
+    now_s = time.time()
+
+    def entry(worker: str, age_s: float, samples: int, ready: bool, **kw: Any) -> Any:
+        fields: dict[str, Any] = {
+            "format": BASELINE_FORMAT,
+            "model": "digits",
+            "model_id": "id-1",
+            "detector": "margin",
+            "worker": worker,
+            "saved_at_s": now_s - age_s,
+            "samples": samples,
+            "ready": ready,
+            "baseline": worker.encode(),
+            **kw,
+        }
+        return SavedBaseline(**fields)
+
+    try:
+        await store.save_many(
+            [
+                entry("a{x}:1", 300.0, 4096, True),
+                entry("b", 10.0, 30, False),
+                entry("c", 5.0, 4096, True, model_id="id-2"),
+            ],
+            ttl_s=3600.0,
+        )
+        await store.save_many([entry("d", 7200.0, 4096, True)], ttl_s=3600.0)
+        await store.save_many([entry("stale", 1000.0, 4096, True)], ttl_s=3600.0)
+        found = await store.load_many(
+            [("digits", "margin"), ("digits", "traffic")], not_before_s=now_s - 3600.0
+        )
+        assert found[("digits", "traffic")] == []
+        # "d" was older than the ttl when saved: pruned from the index.
+        assert len(found[("digits", "margin")]) == 4
+        choice = choose_baseline(
+            found[("digits", "margin")],
+            model="digits",
+            model_id="id-1",
+            detector="margin",
+            now_s=now_s,
+            max_age_s=600.0,
+        )
+        assert [s.worker for s in choice.chosen] == ["a{x}:1", "b"]
+        assert choice.skipped == {"other_model": 1, "stale": 1}
+        index = store.index_key("digits", "margin")
+        assert index.startswith(f"{settings.redis.key_prefix}:{{bl:digits}}:")
+        assert await redis.zcard(index) == 4
+        assert 0 < await redis.pttl(index) <= 3_600_000
+        assert (
+            0 < await redis.pttl(store.entry_key("digits", "margin", "b")) <= 3_600_000
+        )
+    finally:
+        await redis.aclose()
+        await delete_prefix(settings)
