@@ -301,6 +301,13 @@ class BaselineKeeper:
                     "saved baseline refused: %s", exc, extra={**about, "code": exc.code}
                 )
                 continue
+            except Exception:
+                # Bytes from Redis must never stop a worker from starting: a
+                # failure the checks did not foresee is a bug, logged loudly,
+                # and the import changed nothing (it checks before it applies).
+                self._metrics.baseline_loads.labels(model, name, "refused").inc()
+                logger.exception("saved baseline could not be imported", extra=about)
+                continue
             self._metrics.baseline_loads.labels(model, name, "loaded").inc()
             self._last[(model, name)] = detector.export_baseline() or b""
             logger.info("live baseline loaded", extra={**about, "samples": samples})
