@@ -17,13 +17,15 @@ from redis.asyncio import Redis
 from detectors._state import decode_blob
 from detectors.baselines import (
     BASELINE_FORMAT,
+    BaselineBlob,
     SavedBaseline,
     choose_baseline,
     decode_baseline,
+    encode_baseline,
 )
-from gateway.baselines import RedisBaselineStore
+from gateway.baselines import RedisBaselineStore, model_identity
 from gateway.config import Settings
-from gateway.models import digits_split
+from gateway.models import digits_split, load_model
 from gateway.store import redis_from_settings
 from gateway.worker import Worker
 from tests.conftest import StackInfo
@@ -243,6 +245,64 @@ async def test_the_redis_store_keeps_one_entry_per_worker_and_the_loader_picks(
         assert (
             0 < await redis.pttl(store.entry_key("digits", "margin", "b")) <= 3_600_000
         )
+    finally:
+        await redis.aclose()
+        await delete_prefix(settings)
+
+
+async def test_hostile_saved_baselines_are_refused_and_the_worker_starts_blind(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    """Bytes in Redis under this prefix that are not a usable baseline (not
+    msgpack; a well-formed entry whose margins are NaN) are refused at load,
+    counted, and leave the worker blind but serving."""
+    settings = request_path_settings(
+        stack, models_dir, worker={"baseline_save_interval_s": 0}
+    )
+    redis = redis_from_settings(settings)
+    store = RedisBaselineStore(redis, settings.redis.key_prefix, timeout_s=2.0)
+    identity = model_identity(load_model(models_dir, "digits"))
+    nan = encode_baseline(
+        BaselineBlob(
+            format=BASELINE_FORMAT,
+            detector="margin",
+            n_features=64,
+            samples=600,
+            ready=True,
+            fields={
+                "margin": np.full(600, np.nan).tobytes(),
+                "entropy": np.zeros(600).tobytes(),
+            },
+        )
+    )
+    hostile = SavedBaseline(
+        format=BASELINE_FORMAT,
+        model="digits",
+        model_id=identity,
+        detector="margin",
+        worker="mallory",
+        saved_at_s=time.time(),
+        samples=600,
+        ready=True,
+        baseline=nan,
+    )
+    key = await create_key(settings, "ann")
+    try:
+        await store.save_many([hostile], ttl_s=600.0)
+        index = store.index_key("digits", "margin")
+        await redis.zadd(index, {"garbage": int(time.time() * 1000)})
+        await redis.set(store.entry_key("digits", "margin", "garbage"), b"\xc1junk")
+        async with running_worker(settings) as worker:
+            assert loads(worker, "margin", "refused") == 1
+            assert loads(worker, "margin", "loaded") == 0
+            assert margin_live(worker) == (0, False)
+            async with RawKafka(settings) as kafka:
+                rid = await kafka.send_request(
+                    *key, X_TRAIN[:ROWS_PER_REQUEST], client_id="ann"
+                )
+                await kafka.flush()
+                answers = await responses_for(settings, [rid], timeout_s=DEADLINE_S)
+            assert answers[rid]["status"] == "ok", answers[rid]
     finally:
         await redis.aclose()
         await delete_prefix(settings)
