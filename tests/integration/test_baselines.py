@@ -163,6 +163,12 @@ async def test_a_worker_starts_and_serves_while_redis_is_down_at_load(
         async with running_worker(settings) as worker:
             assert loads(worker, "margin", "unavailable") == 1
             assert margin_live(worker) == (0, False)
+            assert worker._baselines is not None
+            # A refused connection fails at once; a hung Redis would cost one
+            # socket_timeout_s (0.5 s here), never more.
+            down_load_s = worker._baselines.load_seconds
+            assert down_load_s < 1.0
+            print(f"\nbaseline load with Redis down: {down_load_s * 1000:.1f} ms")
             own.start()
             async with RawKafka(settings) as kafka:
                 rid = await kafka.send_request(
