@@ -34,11 +34,16 @@ from tests.integration.helpers import (
     create_key,
     delete_prefix,
     fail_open_settings,
+    isolated_settings,
     request_path_settings,
     responses_for,
     running_worker,
 )
+from tests.integration.redis_cluster import RedisClusterInfo, redis_cluster
 from tests.integration.test_adversarial import OwnRedis, _free_port
+
+# The session's private Redis Cluster, started only if a test asks for it.
+__all__ = ["redis_cluster"]
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
@@ -312,3 +317,34 @@ async def test_hostile_saved_baselines_are_refused_and_the_worker_starts_blind(
     finally:
         await redis.aclose()
         await delete_prefix(settings)
+
+
+async def test_the_redis_store_works_on_a_cluster(
+    stack: StackInfo, redis_cluster: RedisClusterInfo, models_dir: Path
+) -> None:
+    """Two models' keys sit in two hash slots; one pipeline saves both and
+    two load them, on a private three-primary Redis Cluster."""
+    settings = isolated_settings(stack.kafka_bootstrap, redis_cluster.url, models_dir)
+    settings = settings.model_copy(
+        update={"redis": settings.redis.model_copy(update={"cluster": True})}
+    )
+    redis = redis_from_settings(settings)
+    store = RedisBaselineStore(redis, settings.redis.key_prefix, timeout_s=5.0)
+    now_s = time.time()
+    entries = [
+        SavedBaseline(BASELINE_FORMAT, m, "id", d, "w", now_s, 1, False, m.encode())
+        for m in ("digits", "phishing")
+        for d in ("margin", "traffic")
+    ]
+    pairs = [(e.model, e.detector) for e in entries]
+    try:
+        await store.save_many(entries, ttl_s=60.0)
+        found = await store.load_many(pairs, not_before_s=now_s - 60.0)
+        assert {pair: len(blobs) for pair, blobs in found.items()} == dict.fromkeys(
+            pairs, 1
+        )
+    finally:
+        for model, detector in pairs:
+            await redis.delete(store.index_key(model, detector))
+            await redis.delete(store.entry_key(model, detector, "w"))
+        await redis.aclose()
