@@ -29,6 +29,12 @@ a failed load or save is logged and counted, and the worker carries on with
 the baseline it has in memory; it never holds up consuming beyond one bounded
 call.
 
+Limits: a worker loads only at start, so one already running that takes
+partitions over on a rebalance keeps its own baseline (blind for a model it
+has not served); a crash loses what was learnt since the last save; ages are
+taken from the saving worker's wall clock, so clock skew between hosts moves
+the staleness bound by as much.
+
 This module imports Redis, the gateway's config, errors, metrics and scorer,
 and ``detectors.baselines``; nothing from Kafka or FastAPI.
 """
