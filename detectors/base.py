@@ -32,10 +32,21 @@ from detectors._state import (
     describe_layout,
     encode_blob,
 )
+from detectors.baselines import (
+    BASELINE_FORMAT,
+    BaselineBlob,
+    BaselineRefused,
+    decode_baseline,
+    encode_baseline,
+)
 
 MAX_STATE_BYTES = 32_768
 """Per-client state budget of every detector (issue 3: at most 32 KB)."""
 
+
+LiveBaseline = tuple[dict[str, bytes], int, bool]
+"""A detector's live baseline: its fields as bytes, the honest samples it
+holds, and whether that is enough for the detector to use it."""
 
 Evidence = Callable[[int], str]
 """Formats the evidence sentence of one row of a batch, given its index."""
@@ -519,6 +530,89 @@ class Detector(ABC, Generic[P]):
             )
         self._ensure_arena(state.n_features).load(
             client_id, state.fields, self._check_state
+        )
+
+    # -- live baseline --------------------------------------------------------
+
+    def export_baseline(self) -> bytes | None:
+        """What this detector learnt from honest live traffic, as bytes
+        (:mod:`detectors.baselines`), or ``None`` when it learns nothing live
+        (a reference-only detector) or has not seen a feature count yet.
+
+        Never includes per-client state or what the reference sample taught.
+        """
+        live = self._export_live()
+        if live is None or self._n_features is None:
+            return None
+        fields, samples, ready = live
+        return encode_baseline(
+            BaselineBlob(
+                format=BASELINE_FORMAT,
+                detector=self.name,
+                n_features=self._n_features,
+                samples=samples,
+                ready=ready,
+                fields=fields,
+            )
+        )
+
+    def import_baseline(self, blob: bytes) -> int:
+        """Merge a live baseline :meth:`export_baseline` produced (possibly
+        on another worker) into this detector's live one.
+
+        The imported samples count as older than this detector's own live
+        ones; per-client state and the reference sample's part are left
+        alone. Everything is checked before anything changes.
+
+        Returns
+        -------
+        int
+            Honest samples imported.
+
+        Raises
+        ------
+        BaselineRefused
+            With a stable ``code``: malformed, another format, detector or
+            feature count, a field out of range, or a detector that keeps no
+            live baseline. Nothing was changed.
+        """
+        state = decode_baseline(blob)
+        if state.detector != self.name:
+            raise BaselineRefused(
+                "detector", f"{self.name}: baseline belongs to {state.detector!r}"
+            )
+        if not 1 <= state.n_features <= 1_000_000:
+            raise BaselineRefused(
+                "features", f"{self.name}: baseline has {state.n_features} features"
+            )
+        if self._n_features is not None and state.n_features != self._n_features:
+            raise BaselineRefused(
+                "features",
+                f"{self.name}: baseline has {state.n_features} features, "
+                f"this detector uses {self._n_features}",
+            )
+        try:
+            apply = self._import_live(state.fields, state.samples)
+        except BaselineRefused:
+            raise
+        except ValueError as exc:
+            raise BaselineRefused("invalid", f"{self.name}: {exc}") from exc
+        self._ensure_arena(state.n_features)
+        apply()
+        return state.samples
+
+    def _export_live(self) -> LiveBaseline | None:
+        """This detector's live baseline, or ``None`` if it keeps none."""
+        return None
+
+    def _import_live(
+        self, fields: Mapping[str, bytes], samples: int
+    ) -> Callable[[], None]:
+        """Check a live baseline fully and return what merges it in; raise
+        :class:`~detectors.baselines.BaselineRefused` (or ``ValueError``)
+        without changing anything."""
+        raise BaselineRefused(
+            "unsupported", f"{self.name}: this detector keeps no live baseline"
         )
 
     # -- for subclasses -----------------------------------------------------

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
@@ -54,7 +54,8 @@ from pydantic import Field, model_validator
 from detectors._jit import jit
 from detectors._ring import push_ring
 from detectors._state import FieldSpec, check_counters, check_ring_counters, group_rows
-from detectors.base import Detector, DetectorParams, DetectorScore
+from detectors.base import Detector, DetectorParams, DetectorScore, LiveBaseline
+from detectors.baselines import BaselineRefused, check_fields, read_field
 
 logger = logging.getLogger(__name__)
 
@@ -551,10 +552,10 @@ class MarginDetector(Detector[MarginParams]):
     - only a re-send of the *previous* row is skipped: an honest client that
       interleaves re-sends of its doubtful inputs with other queries has
       them ranked again;
-    - it is blind until ``rank_min_baseline`` answers of clients in good
-      standing have been learnt since the worker started (the baseline is
-      per worker and not persisted), and a client's answers before that are
-      not ranked;
+    - it is blind until the baseline holds ``rank_min_baseline`` answers of
+      clients in good standing, learnt since the detector was made or
+      imported (:meth:`import_baseline`; the gateway saves and loads it
+      through Redis), and a client's answers before that are not ranked;
     - a thief that mixes honest-looking queries in dilutes the mean rank by
       the mixing ratio, and one that re-ranks its pool so that each round is
       as confident as honest traffic (giving up most of what uncertainty
@@ -704,6 +705,59 @@ class MarginDetector(Detector[MarginParams]):
         self, X: npt.NDArray[np.float64], proba: npt.NDArray[np.float64]
     ) -> None:
         self._learn_baseline_rows(*margins_and_entropy(proba), live=False)
+
+    def _export_live(self) -> LiveBaseline:
+        """The live honest answers' margins and entropies, oldest first."""
+        size = self._params.baseline_size
+        live = self._base_live
+        newest_last = (self._base_pos - live + np.arange(live)) % size
+        fields = {
+            "margin": self._base_margin[newest_last].astype("<f8").tobytes(),
+            "entropy": self._base_entropy[newest_last].astype("<f8").tobytes(),
+        }
+        return fields, live, live >= self._params.rank_min_baseline
+
+    def _import_live(
+        self, fields: Mapping[str, bytes], samples: int
+    ) -> Callable[[], None]:
+        size = self._params.baseline_size
+        check_fields(fields, ("margin", "entropy"))
+        if samples > size:
+            raise BaselineRefused(
+                "invalid",
+                f"{self.name}: baseline of {samples} answers exceeds baseline_size "
+                f"({size}); a structural parameter changed",
+            )
+        margin = read_field(fields, "margin", "<f8", length=samples)
+        entropy = read_field(fields, "entropy", "<f8", length=samples)
+        for name, values in (("margin", margin), ("entropy", entropy)):
+            if len(values) and not (values.min() >= 0.0 and values.max() <= 1.0):
+                raise BaselineRefused(
+                    "invalid", f"{self.name}: baseline {name}s outside [0, 1]"
+                )
+
+        def apply() -> None:
+            # Rebuild the ring oldest first: the reference sample's answers
+            # still in it, then the imported live ones, then this detector's
+            # own live ones (the newest); the newest baseline_size stay.
+            n = self._base_len
+            order = (self._base_pos - n + np.arange(n)) % size
+            ref = n - self._base_live
+            parts_m = (self._base_margin[order[:ref]], margin)
+            parts_e = (self._base_entropy[order[:ref]], entropy)
+            own_m = self._base_margin[order[ref:]]
+            own_e = self._base_entropy[order[ref:]]
+            all_m = np.concatenate([*parts_m, own_m])[-size:]
+            all_e = np.concatenate([*parts_e, own_e])[-size:]
+            self._base_margin[: len(all_m)] = all_m
+            self._base_entropy[: len(all_e)] = all_e
+            self._base_len = len(all_m)
+            self._base_pos = len(all_m) % size
+            self._base_live = min(self._base_live + samples, len(all_m))
+            self._base_share = None
+            self._rank = None
+
+        return apply
 
     def _rank_baseline(self) -> tuple[npt.NDArray[np.float64], float] | None:
         """The rank table of the live honest answers in the baseline, or None

@@ -19,7 +19,7 @@ Redis, FastAPI or ``gateway``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -37,7 +37,13 @@ from detectors._state import (
     push_window,
     window_fields,
 )
-from detectors.base import Detector, DetectorParams, DetectorScore
+from detectors.base import Detector, DetectorParams, DetectorScore, LiveBaseline
+from detectors.baselines import (
+    MAX_SAMPLES,
+    BaselineRefused,
+    check_fields,
+    read_field,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -364,8 +370,11 @@ class OutOfDistributionDetector(Detector[OodParams]):
       21 µs to learn and 5 µs to build the dict here); the numpy mirror brings
       it to about 5 µs per query in batches of 500, but a batch of one row
       still pays about 0.2 ms of numpy call overhead;
-    - each worker learns its own baseline; it is not part of the per-client
-      state handed over on rebalance;
+    - each worker learns its own trees' masses; they are neither part of
+      the per-client state handed over on rebalance nor of the live
+      baseline a worker saves (only the tracked honest rate's counts are:
+      :meth:`export_baseline`), so a restarted worker's masses start again
+      from the reference sample;
     - the lattice check assumes honest inputs are the quantised values
       themselves, give or take small noise: a deployment whose clients send
       rescaled or noisier versions of quantised data must widen
@@ -441,6 +450,34 @@ class OutOfDistributionDetector(Detector[OodParams]):
                 np.array([self._learned_rows]), np.array([self._learned_outliers])
             )[0]
         )
+
+    def _export_live(self) -> LiveBaseline:
+        """The tracked honest outlier rate's counts (rows, outliers). The
+        trees' masses are not part of it (see the class)."""
+        counts = np.array([self._learned_rows, self._learned_outliers], dtype="<i8")
+        rows = self._learned_rows
+        return {"counts": counts.tobytes()}, rows, rows >= HONEST_RATE_PRIOR_ROWS
+
+    def _import_live(
+        self, fields: Mapping[str, bytes], samples: int
+    ) -> Callable[[], None]:
+        check_fields(fields, ("counts",))
+        rows, outliers = read_field(fields, "counts", "<i8", length=2).tolist()
+        if rows != samples or not 0 <= outliers <= rows:
+            raise BaselineRefused(
+                "invalid",
+                f"{self.name}: {outliers} outliers of {rows} rows "
+                f"({samples} samples) is not a count",
+            )
+
+        def apply() -> None:
+            # Disjoint rows of other clients: the counts add.
+            self._learned_rows = min(self._learned_rows + rows, MAX_SAMPLES)
+            self._learned_outliers = min(
+                self._learned_outliers + outliers, self._learned_rows
+            )
+
+        return apply
 
     def _rate(
         self, rows: npt.NDArray[np.int64], outliers: npt.NDArray[np.int64]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -44,7 +44,8 @@ from detectors._state import (
     push_window,
     window_fields,
 )
-from detectors.base import Detector, DetectorParams, DetectorScore
+from detectors.base import Detector, DetectorParams, DetectorScore, LiveBaseline
+from detectors.baselines import BaselineRefused, check_fields, read_field
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,16 @@ MAX_TIME_S = 1e16
 record time (2**63 - 1 ms, about 9.2e15 s), and small enough that a window's
 gaps, their squares and sums stay finite, so every feature does. Times
 beyond it are clipped to it; a stored ring holding one is refused."""
+
+_LOG_RATE_SPAN = 20.0
+"""Bound on a window's log10 rate either way, for checking an imported
+baseline: at most 1023 gaps over at least 1 ms (about 6), at least one gap
+over twice MAX_TIME_S (about -16.3)."""
+
+_MAX_BURSTINESS = 64.0
+"""Bound on a window's burstiness, for checking an imported baseline: the
+coefficient of variation of ``W - 1`` gaps is at most ``sqrt(W - 2)``, 32 at
+the largest window."""
 
 
 class TrafficParams(DetectorParams):
@@ -388,6 +399,51 @@ class TrafficDetector(Detector[TrafficParams]):
         if n < 2:
             return means, [0.0] * len(FEATURES)
         return means, [math.sqrt(max(m2 / (n - 1), 0.0)) for m2 in self._m2.tolist()]
+
+    def _export_live(self) -> LiveBaseline:
+        """The honest judgements' count, mean and sum of squared deviations."""
+        fields = {
+            "mean": self._mean.astype("<f8").tobytes(),
+            "m2": self._m2.astype("<f8").tobytes(),
+        }
+        return fields, self._learned, self._learned >= self._params.min_baseline
+
+    def _import_live(
+        self, fields: Mapping[str, bytes], samples: int
+    ) -> Callable[[], None]:
+        check_fields(fields, ("mean", "m2"))
+        n_features = len(FEATURES)
+        mean = read_field(fields, "mean", "<f8", length=n_features)
+        m2 = read_field(fields, "m2", "<f8", length=n_features)
+        # Each feature's honest mean lies in its range (log10 rate within
+        # MAX_TIME_S's 16 decades either way, burstiness >= 0, the rest
+        # shares), and a sample of n values in a range of span w has a sum
+        # of squared deviations of at most n w^2 / 4.
+        low = np.array([-_LOG_RATE_SPAN, 0.0, 0.0, 0.0, 0.0])
+        high = np.array([_LOG_RATE_SPAN, _MAX_BURSTINESS, 1.0, 1.0, 1.0])
+        if samples == 0 and (mean.any() or m2.any()):
+            raise BaselineRefused("invalid", "traffic: moments without samples")
+        if samples < 2 and m2.any():
+            raise BaselineRefused("invalid", "traffic: spread from under 2 samples")
+        if not ((mean >= low) & (mean <= high)).all():
+            raise BaselineRefused("invalid", "traffic: a mean is out of its range")
+        if not ((m2 >= 0.0) & (m2 <= samples * (high - low) ** 2 / 4.0)).all():
+            raise BaselineRefused("invalid", "traffic: a spread is out of range")
+
+        def apply() -> None:
+            # Chan et al.'s pairwise update: the imported judgements and this
+            # detector's own are disjoint samples, so their moments combine
+            # exactly (at start, when it has none, this is a copy).
+            own = self._learned
+            total = own + samples
+            if total == 0:
+                return
+            delta = mean - self._mean
+            self._m2 += m2 + delta * delta * own * samples / total
+            self._mean += delta * samples / total
+            self._learned = total
+
+        return apply
 
     def _layout(self, n_features: int) -> dict[str, FieldSpec]:
         window = self._params.window

@@ -431,6 +431,14 @@ class WorkerConfig(_Frozen):
     # At most this many clients are saved per batch, so a checkpoint of many
     # clients is spread over batches instead of stalling one.
     checkpoint_max_clients: int = Field(2_000, ge=1, le=1_000_000)
+    # How often, in seconds, the detectors' live baselines (what they learnt
+    # from honest traffic, gateway/baselines.py) go to Redis; they are also
+    # saved at a clean stop. 0 saves at stop only.
+    baseline_save_interval_s: float = Field(30.0, ge=0, le=86_400)
+    # A saved live baseline older than this, in seconds, is ignored at start
+    # (and expires from Redis): honest traffic of a day ago may no longer be
+    # what honest looks like.
+    baseline_max_age_s: float = Field(86_400.0, gt=0, le=30 * 86_400)
 
 
 class LiveSettings(_Frozen):

@@ -137,6 +137,20 @@ class WorkerMetrics:
             ["action", "shadow"],
             registry=self.registry,
         )
+        self.baseline_saves = Counter(
+            "modelgate_baseline_saves",
+            "Live detector baselines saved to Redis, by model, detector and "
+            "outcome (ok, unavailable).",
+            ["model", "detector", "outcome"],
+            registry=self.registry,
+        )
+        self.baseline_loads = Counter(
+            "modelgate_baseline_loads",
+            "Live detector baselines sought at start, by model, detector and "
+            "outcome (loaded, none, refused, unavailable).",
+            ["model", "detector", "outcome"],
+            registry=self.registry,
+        )
         self._redis_breaker: RedisBreakerCollector | None = None
 
     def serve(self, host: str, port: int) -> int:

@@ -510,6 +510,12 @@ class Scorer:
                 detector.forget(client_id)
         self.policy.forget(client_id)
 
+    def detectors_of(self, model_name: str) -> Mapping[str, Detector[Any]]:
+        """The detectors of one served model, by name (for saving and loading
+        their live baselines, gateway/baselines.py). Not thread-safe: call it
+        and the detectors' methods only while no batch is being scored."""
+        return self._detectors[model_name]
+
 
 # Calibrations already computed in this process, by (overrides, reference
 # bytes): every worker of a test run, and a worker restarting its scorer,

@@ -36,6 +36,7 @@ from aiokafka.errors import KafkaError
 from gateway import enforce, intake
 from gateway.answers import Answers
 from gateway.backends import ModelBackend, close_backends, load_backends
+from gateway.baselines import BaselineKeeper
 from gateway.batch import BatchItem
 from gateway.clientview import ClientView
 from gateway.config import LimitsConfig, Settings
@@ -110,6 +111,8 @@ class Worker:
         self._clients: ClientStates | None = None
         self._clientview: ClientView | None = None
         self._cross: CrossClient | None = None
+        # Detectors' live baselines in Redis (gateway/baselines.py).
+        self._baselines: BaselineKeeper | None = None
         # Held while a batch is in flight, so a revoke waits for it to commit.
         self._batch_lock = asyncio.Lock()
         self._started = False
@@ -173,6 +176,13 @@ class Worker:
         except BaseException:
             await self.stop()  # the metrics port and Redis pool are open
             raise
+        # Live detector baselines saved by any worker, before consuming; a
+        # Redis outage only leaves the detectors with the reference sample.
+        self._baselines = BaselineKeeper(
+            self._scorer, self._redis, s, self.metrics, self._batch_lock
+        )
+        await self._baselines.load()
+
         self._producer = AIOKafkaProducer(
             bootstrap_servers=s.kafka.bootstrap,
             acks="all",
@@ -206,6 +216,7 @@ class Worker:
             await self.stop()
             raise BrokerError(f"cannot reach Kafka at {s.kafka.bootstrap}") from exc
         self._consumer.subscribe([s.kafka.topics.requests], listener=_Rebalance(self))
+        self._baselines.start()
         self._started = True
         logger.info(
             "worker started",
@@ -240,6 +251,9 @@ class Worker:
         try:
             if live is not None:
                 await live.stop()
+            baselines, self._baselines = self._baselines, None
+            if baselines is not None:
+                await baselines.stop()
             if consumer is not None:
                 await self._held.drain(consumer, self._held.partitions())
                 # Snapshot before leaving, so the next owner of these clients
