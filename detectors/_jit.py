@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import numba
-from llvmlite import binding as llvm
+from llvmlite import binding as llvm  # type: ignore[import-untyped]  # no stubs
 
 F = TypeVar("F", bound=Callable[..., Any])
 
