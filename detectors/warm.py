@@ -72,11 +72,11 @@ def ensure_warm(package: Path = PACKAGE) -> float:
                 extra={"check_s": round(time.perf_counter() - began, 4)},
             )
             return 0.0
-        logger.info("detector kernel cache stale or missing: compiling")
+        logger.info("detector kernel cache stale or missing: warming up")
         seconds = warm(package)
         _ready = True
         logger.info(
-            "detector kernels compiled in %.1f s",
+            "detector kernels warmed up in %.1f s",
             seconds,
             extra={"seconds": round(seconds, 3)},
         )

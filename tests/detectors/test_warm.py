@@ -138,7 +138,7 @@ def test_a_stale_cache_is_warmed_once_and_logged(
     assert replay.calls == 1
     assert seconds > 0
     assert not warm_needed(package)
-    done = [r for r in caplog.records if "compiled in" in r.getMessage()]
+    done = [r for r in caplog.records if "warmed up in" in r.getMessage()]
     assert len(done) == 1, [r.getMessage() for r in caplog.records]
     assert done[0].__dict__["seconds"] == pytest.approx(seconds, abs=1e-3)
 
