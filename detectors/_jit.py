@@ -17,24 +17,35 @@ one the cache was built from and, when they differ, drops the package's
 cached kernels (:func:`drop_stale_kernels`). An edit of any kernel module thus
 recompiles them all, once.
 
+Whether a process would compile anything is decided here too, cheaply
+(:func:`warm_needed`): :mod:`detectors.warm` leaves a second stamp once it
+has run every kernel, naming everything numba keys a cached kernel on (the
+kernel sources' digest, size and modification time, numba's and Python's
+versions, the CPU). While that stamp matches, the cache holds the kernels
+and a worker skips the warm-up; otherwise it warms up before it consumes.
+
 Where ``__pycache__`` is read-only (an installed image), nothing is dropped:
 its files do not change after the build that compiled them. With
 ``NUMBA_CACHE_DIR`` set, numba caches elsewhere and this check does not reach
 that cache. ``NUMBA_DISABLE_JIT=1`` runs kernels as plain Python, for a
 debugger; that is far slower, never for service.
 
-Imports numba and the standard library only.
+Imports numba (and its llvmlite, for the CPU name) and the standard library
+only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import platform
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import numba
+from llvmlite import binding as llvm  # type: ignore[import-untyped]  # no stubs
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -43,6 +54,12 @@ _STAMP = "modelgate-kernels.digest"
 
 _MARK = b"@jit\n"
 """How a kernel module is recognised: it decorates a function with ``jit``."""
+
+_WARM_STAMP = "modelgate-kernels.warm"
+"""File in ``__pycache__`` naming what the last complete warm-up compiled for."""
+
+PACKAGE = Path(__file__).resolve().parent
+"""The ``detectors`` package directory, whose ``__pycache__`` holds the kernels."""
 
 
 def kernel_digest(package: Path) -> str:
@@ -53,6 +70,62 @@ def kernel_digest(package: Path) -> str:
         if _MARK in source:
             digest.update(path.name.encode() + b"\0" + source + b"\0")
     return digest.hexdigest()
+
+
+def warm_key(package: Path) -> str:
+    """What numba's cached kernels in ``package`` are valid for, as one line
+    per fact.
+
+    numba recompiles a cached kernel when its module's size or modification
+    time differs from the cache index's, when its own version differs, and
+    for another CPU; the digest covers the calls between kernel modules
+    (see the module docstring). Reading it costs one ``stat`` and one read
+    per module of ``package`` (about a millisecond for ``detectors``).
+    """
+    lines = [
+        f"digest {kernel_digest(package)}",
+        f"numba {numba.__version__}",
+        f"python {sys.version.split()[0]} {sys.implementation.cache_tag}",
+        f"cpu {platform.machine()} {llvm.get_host_cpu_name()}",
+    ]
+    for path in sorted(package.glob("*.py")):
+        if _MARK in path.read_bytes():
+            st = path.stat()
+            lines.append(f"{path.name} {st.st_size} {st.st_mtime_ns}")
+    return "\n".join(lines) + "\n"
+
+
+def warm_needed(package: Path = PACKAGE) -> bool:
+    """True unless a complete warm-up already compiled ``package``'s kernels
+    for exactly these sources, numba, Python and CPU (:func:`mark_warm`).
+
+    False means a process finds every kernel the warm-up ran in numba's cache
+    and only loads it on first call; a kernel path the warm-up never takes
+    still compiles on first use.
+    """
+    try:
+        return (package / "__pycache__" / _WARM_STAMP).read_text() != warm_key(package)
+    except OSError:
+        return True  # never warmed, or the stamp is unreadable
+
+
+def mark_warm(package: Path = PACKAGE, key: str | None = None) -> bool:
+    """Record that every kernel of ``package`` has just run (so is cached);
+    False when ``__pycache__`` is read-only and nothing was recorded.
+
+    ``key`` is :func:`warm_key` as read before the kernels ran (default: now),
+    so a source edited during the warm-up leaves a stamp that no longer
+    matches it.
+    """
+    cache = package / "__pycache__"
+    try:
+        cache.mkdir(exist_ok=True)
+        partial = cache / f"{_WARM_STAMP}.{os.getpid()}"
+        partial.write_text(warm_key(package) if key is None else key)
+        partial.replace(cache / _WARM_STAMP)
+    except OSError:
+        return False
+    return True
 
 
 def drop_stale_kernels(package: Path) -> bool:
@@ -73,6 +146,9 @@ def drop_stale_kernels(package: Path) -> bool:
         pass  # no stamp yet: whatever is cached may predate it
     try:
         cache.mkdir(exist_ok=True)
+        # The warm stamp first: a crash part way leaves a cache that a
+        # worker warms up again rather than trusts.
+        (cache / _WARM_STAMP).unlink(missing_ok=True)
         for cached in [*cache.glob("*.nbi"), *cache.glob("*.nbc")]:
             cached.unlink(missing_ok=True)
         partial = cache / f"{_STAMP}.{os.getpid()}"
@@ -96,4 +172,4 @@ def jit(function: F) -> F:
     return cast(F, numba.njit(cache=True, nogil=True)(function))
 
 
-drop_stale_kernels(Path(__file__).resolve().parent)
+drop_stale_kernels(PACKAGE)

@@ -89,6 +89,10 @@ class RedisConfig(_Frozen):
     # costs no cool-down, a hung Redis at most this many timeouts per outage
     # (docs/redis.md; the trade-off in gateway/redis_breaker.py).
     breaker_failures: int = Field(3, ge=1, le=100)
+    # Those failures count only while each call began within this many
+    # seconds of the failure before it; 0 counts them however far apart
+    # (docs/redis.md; the semantics in gateway/redis_breaker.py).
+    breaker_window_s: float = Field(10.0, ge=0, le=3600)
 
 
 class AuthConfig(_Frozen):

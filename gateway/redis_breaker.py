@@ -19,6 +19,18 @@ configured default, 3 (``redis.breaker_failures``), rides out an isolated
 failure and a second one close behind it, for at most two extra timeouts
 (4 s at the default 2 s ``redis.socket_timeout_s``) when Redis really hangs.
 
+Failures in a row are counted only while they come close together: a
+failure counts towards the threshold only if its call began within
+``window_s`` (``redis.breaker_window_s``, 10 s by default) of the previous
+failure of the run; otherwise it starts a new run, of one. So three blips
+minutes apart, with no call in between, do not open the breaker. The gap is
+measured to the start of the failing call, not to its end, because a hung
+Redis makes each call wait its whole timeout first: calls that fail back to
+back against it are 0 s apart whatever ``redis.socket_timeout_s`` is, so the
+window never keeps a hung Redis from opening the breaker. ``window_s`` 0
+counts every failure in a row however far apart (the behaviour before the
+window existed).
+
 Calls that were already under way when the breaker opened (and the stale
 verdicts they bring back later) do not move it: only calls admitted since
 the breaker last closed (or was made) count towards opening it or reset
@@ -95,6 +107,8 @@ class Permit:
 
     probe: bool
     generation: int
+    # Clock reading when the call was allowed, for the failure window.
+    started_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -122,8 +136,9 @@ class _Outage:
 
 
 class RedisBreaker:
-    """Open after ``failures`` failures in a row, refuse for ``cooldown_s``,
-    then probe once.
+    """Open after ``failures`` failures in a row (each call begun within
+    ``window_s`` of the failure before it), refuse for ``cooldown_s``, then
+    probe once.
 
     Parameters
     ----------
@@ -137,13 +152,18 @@ class RedisBreaker:
         breaker (>= 1; 1 opens on the first failure). A successful call, an
         error reply included, starts the count again. The gateway passes
         ``redis.breaker_failures`` (3 unless configured).
+    window_s
+        Seconds: a failure whose call began more than this after the previous
+        counted failure starts the count again, at 1 (>= 0; 0 never does).
+        The gateway passes ``redis.breaker_window_s`` (10 unless configured).
     clock
         Monotonic seconds; injectable so tests need not sleep.
 
     Raises
     ------
     ValueError
-        ``cooldown_s`` is not positive or ``failures`` is below 1.
+        ``cooldown_s`` is not positive, ``failures`` is below 1 or
+        ``window_s`` is negative.
 
     Examples
     --------
@@ -172,20 +192,26 @@ class RedisBreaker:
         cooldown_s: float,
         *,
         failures: int = 1,
+        window_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not cooldown_s > 0:
             raise ValueError("cooldown_s must be positive")
         if failures < 1:
             raise ValueError(f"failures must be at least 1, got {failures}")
+        if not window_s >= 0:
+            raise ValueError(f"window_s must not be negative, got {window_s}")
         self.target = target
         self.cooldown_s = cooldown_s
         self.failures = failures
+        self.window_s = window_s
         self.stats = BreakerStats()
         self._clock = clock
         self._state: BreakerState = "closed"
         # Failed calls in a row since the last success, opening or close.
         self._consecutive = 0
+        # Clock reading of the last failure counted in ``_consecutive``.
+        self._last_failure_at = 0.0
         self._generation = 0
         self._opened_at = 0.0
         self._probe: Permit | None = None
@@ -221,7 +247,9 @@ class RedisBreaker:
             in flight.
         """
         if self._state == "closed":
-            return Permit(probe=False, generation=self._generation)
+            return Permit(
+                probe=False, generation=self._generation, started_at=self._clock()
+            )
         if self._state == "open":
             wait_s = self.probe_in_s
             if wait_s > 0:
@@ -232,7 +260,9 @@ class RedisBreaker:
         if self._probe is not None:
             self.stats.rejected += 1
             raise CircuitOpen(self.target, "half_open", 0.0)
-        self._probe = Permit(probe=True, generation=self._generation)
+        self._probe = Permit(
+            probe=True, generation=self._generation, started_at=self._clock()
+        )
         self.stats.probes += 1
         return self._probe
 
@@ -282,7 +312,17 @@ class RedisBreaker:
             # Already open (another call saw the failure first), or a
             # straggler from before an earlier opening: nothing new.
             return
+        now = self._clock()
+        if (
+            self.window_s > 0
+            and self._consecutive > 0
+            and permit.started_at - self._last_failure_at > self.window_s
+        ):
+            # Begun long after the run's last failure, with nothing heard in
+            # between: an unrelated blip, not the same outage.
+            self._consecutive = 0
         self._consecutive += 1
+        self._last_failure_at = now
         if self._consecutive < self.failures:
             logger.debug(
                 "redis call failed; breaker stays closed",
@@ -304,6 +344,7 @@ class RedisBreaker:
                 "operation": operation,
                 "reason": reason,
                 "failures": self.failures,
+                "window_s": self.window_s,
                 "cooldown_s": self.cooldown_s,
             },
         )
@@ -334,12 +375,19 @@ def register_breaker(
     cooldown_s: float,
     *,
     failures: int = 1,
+    window_s: float = 0.0,
     clock: Callable[[], float] = time.monotonic,
 ) -> RedisBreaker:
-    """Give ``redis`` a fresh breaker with ``cooldown_s`` and ``failures`` (see
-    :class:`RedisBreaker`) and return it (``clock``: monotonic seconds, for
-    tests)."""
-    breaker = RedisBreaker(_target(redis), cooldown_s, failures=failures, clock=clock)
+    """Give ``redis`` a fresh breaker with ``cooldown_s``, ``failures`` and
+    ``window_s`` (see :class:`RedisBreaker`) and return it (``clock``:
+    monotonic seconds, for tests)."""
+    breaker = RedisBreaker(
+        _target(redis),
+        cooldown_s,
+        failures=failures,
+        window_s=window_s,
+        clock=clock,
+    )
     _BREAKERS[redis] = breaker
     return breaker
 
@@ -347,8 +395,8 @@ def register_breaker(
 def breaker_for(redis: Redis | RedisCluster) -> RedisBreaker:
     """The breaker of ``redis``: the registered one, or (for a client not made
     by :func:`gateway.store.redis_from_settings`) one with the default
-    ``redis.breaker_cooldown_s`` and ``redis.breaker_failures``, made on first
-    use."""
+    ``redis.breaker_cooldown_s``, ``redis.breaker_failures`` and
+    ``redis.breaker_window_s``, made on first use."""
     breaker = _BREAKERS.get(redis)
     if breaker is None:
         fields = RedisConfig.model_fields
@@ -356,6 +404,7 @@ def breaker_for(redis: Redis | RedisCluster) -> RedisBreaker:
             redis,
             fields["breaker_cooldown_s"].default,
             failures=fields["breaker_failures"].default,
+            window_s=fields["breaker_window_s"].default,
         )
     return breaker
 

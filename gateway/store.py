@@ -111,6 +111,7 @@ def redis_from_settings(settings: Settings) -> RedisClient:
             cluster,
             settings.redis.breaker_cooldown_s,
             failures=settings.redis.breaker_failures,
+            window_s=settings.redis.breaker_window_s,
         )
         return cluster
     client: Redis = Redis.from_url(
@@ -124,6 +125,7 @@ def redis_from_settings(settings: Settings) -> RedisClient:
         client,
         settings.redis.breaker_cooldown_s,
         failures=settings.redis.breaker_failures,
+        window_s=settings.redis.breaker_window_s,
     )
     return client
 

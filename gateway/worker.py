@@ -33,6 +33,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
+from detectors.warm import ensure_warm
 from gateway import enforce, intake
 from gateway.answers import Answers
 from gateway.backends import ModelBackend, close_backends, load_backends
@@ -145,6 +146,9 @@ class Worker:
             self._models = await loop.run_in_executor(None, self._load_models)
         # File I/O (and an fsync when the key is new): off the event loop.
         server_key = await loop.run_in_executor(None, load_server_key, s)
+        # Compile the detectors' kernels now if their cache is stale (seconds),
+        # off the loop, so no batch pays for it; a warm cache costs ~1 ms.
+        await loop.run_in_executor(None, ensure_warm)
         self._scorer = Scorer(s, self._models, self.metrics)
         # Before joining the group: a port clash (ConfigError) should stop the
         # worker before it takes partitions it could not report on.

@@ -4,9 +4,14 @@ dropped. The real Redis path is tests/integration/test_checkpoint.py."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Iterable, Mapping
 from types import SimpleNamespace
 from typing import Any, cast
+
+import pytest
+from aiokafka import TopicPartition
 
 from gateway.batch import BatchItem
 from gateway.config import WorkerConfig
@@ -190,3 +195,109 @@ async def test_many_idle_clients_are_dropped_a_bounded_chunk_per_batch() -> None
         await states.maintain(later)
     assert store.saved == [["a", "b"], ["c", "d"], ["e"]]
     assert scorer.forgotten == ["a", "b", "c", "d", "e"] and states.held() == []
+
+
+# -- restores and dumps run off the event loop, in order ---------------------------
+
+
+class _LoopCheckingScorer(_Scorer):
+    """Each restore or dump waits until the event loop runs a callback: it
+    returns only if the loop is free while the call runs (on the loop, the
+    callback could not run and the wait would time out). Records overlaps."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._loop = loop
+        self._inside = 0
+        self.overlapped = False
+        self.loop_free: list[bool] = []
+
+    def _off_loop_call(self) -> None:
+        self._inside += 1
+        self.overlapped |= self._inside > 1
+        ran = threading.Event()
+        self._loop.call_soon_threadsafe(ran.set)
+        self.loop_free.append(ran.wait(5))
+        self._inside -= 1
+
+    def restore(self, client_id: str, blob: bytes) -> None:
+        self._off_loop_call()
+        super().restore(client_id, blob)
+
+    def dump(self, client_id: str) -> bytes:
+        self._off_loop_call()
+        return super().dump(client_id)
+
+
+def _checking_states() -> tuple[ClientStates, _Store, _LoopCheckingScorer]:
+    store, scorer = _Store(), _LoopCheckingScorer(asyncio.get_running_loop())
+    metrics = cast(
+        WorkerMetrics, SimpleNamespace(clients=SimpleNamespace(set=lambda n: None))
+    )
+    states = ClientStates(cast(CounterStore, store), cast(Scorer, scorer), metrics)
+    return states, store, scorer
+
+
+async def test_restores_run_off_the_loop_and_end_before_load_new_returns() -> None:
+    """The worker scores a batch right after ``load_new``: every snapshot of
+    the batch's new clients must be in place by then."""
+    states, store, scorer = _checking_states()
+    store.blobs = {c: c.encode() for c in ("a", "b", "c")}
+    await states.load_new(_items("a", "b", "c", "never-saved"))
+    assert scorer.restored == ["a", "b", "c"]
+    assert scorer.loop_free == [True] * 3
+    assert not scorer.overlapped
+
+
+async def test_snapshots_dump_off_the_loop_before_the_save() -> None:
+    states, store, scorer = _checking_states()
+    await states.load_new(_items("a", "b"))
+    assert await states.snapshot(["a", "b"])
+    assert store.blobs == {"a": b"a", "b": b"b"}
+    assert scorer.loop_free == [True] * 2
+    leaving = await states.hand_over({TopicPartition("t", 0)})
+    assert leaving == ["a", "b"] and scorer.forgotten == ["a", "b"]
+    assert scorer.loop_free == [True] * 4 and not scorer.overlapped
+
+
+class _HeldScorer(_Scorer):
+    """A restore that holds the scorer until the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.finished = False
+
+    def restore(self, client_id: str, blob: bytes) -> None:
+        self.entered.set()
+        assert self.release.wait(10)
+        super().restore(client_id, blob)
+        self.finished = True
+
+
+async def test_a_cancelled_load_ends_only_after_its_restores() -> None:
+    """A cancelled batch (the worker stopping) must not let the stop's
+    snapshot dump the scorer while a thread still restores into it."""
+    store, scorer = _Store(), _HeldScorer()
+    store.blobs = {"a": b"a"}
+    metrics = cast(
+        WorkerMetrics, SimpleNamespace(clients=SimpleNamespace(set=lambda n: None))
+    )
+    states = ClientStates(cast(CounterStore, store), cast(Scorer, scorer), metrics)
+    task = asyncio.create_task(states.load_new(_items("a")))
+    assert await asyncio.to_thread(scorer.entered.wait, 10)
+    task.cancel()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    # However long the loop runs, the task cannot end while the thread holds
+    # the scorer.
+    assert not task.done()
+    task.cancel()  # asked twice: still waits
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not task.done()
+    scorer.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert scorer.finished and scorer.restored == ["a"]

@@ -311,6 +311,154 @@ def test_failures_below_the_threshold_log_debug_only(
     assert [r.__dict__["failures"] for r in ours] == [1, 2, 3]
 
 
+# -- failure window (redis.breaker_window_s) ---------------------------------------
+
+WINDOW_S = 10.0
+
+
+@pytest.fixture
+def windowed(clock: Clock) -> RedisBreaker:
+    return RedisBreaker(
+        "127.0.0.1:1/0", COOLDOWN_S, failures=3, window_s=WINDOW_S, clock=clock
+    )
+
+
+def fail_after(
+    breaker: RedisBreaker, clock: Clock, idle_s: float, call_s: float = 0.0
+) -> None:
+    """Nothing for ``idle_s``, then a call that fails after ``call_s``."""
+    clock.now += idle_s
+    permit = breaker.acquire()
+    clock.now += call_s
+    fail(breaker, permit)
+
+
+def test_window_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="window_s must not be negative, got -1"):
+        RedisBreaker("x", 1.0, failures=3, window_s=-1.0)
+
+
+def test_blips_minutes_apart_never_open_it(
+    windowed: RedisBreaker, clock: Clock
+) -> None:
+    for _ in range(10):
+        fail_after(windowed, clock, 120.0)
+        assert windowed.state == "closed"
+    assert windowed.stats.opens == 0
+
+
+def test_without_a_window_blips_minutes_apart_open_it(clock: Clock) -> None:
+    """``window_s`` 0: the count of failures in a row, as before the window."""
+    breaker = RedisBreaker("x", COOLDOWN_S, failures=3, window_s=0.0, clock=clock)
+    for _ in range(2):
+        fail_after(breaker, clock, 120.0)
+    assert breaker.state == "closed"
+    fail_after(breaker, clock, 120.0)
+    assert breaker.state == "open"
+
+
+def test_each_failure_is_measured_from_the_one_before_not_the_first(
+    windowed: RedisBreaker, clock: Clock
+) -> None:
+    """Three failures 8 s apart open it, though they span 16 s."""
+    fail_after(windowed, clock, 0.0)
+    fail_after(windowed, clock, 8.0)
+    assert windowed.state == "closed"
+    fail_after(windowed, clock, 8.0)
+    assert windowed.state == "open"
+
+
+def test_a_gap_of_exactly_the_window_still_counts(
+    windowed: RedisBreaker, clock: Clock
+) -> None:
+    for _ in range(3):
+        fail_after(windowed, clock, WINDOW_S)
+    assert windowed.state == "open"
+
+
+def test_a_late_failure_starts_a_new_run_of_one(
+    windowed: RedisBreaker, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="gateway.redis_breaker")
+    fail_after(windowed, clock, 0.0)
+    fail_after(windowed, clock, 1.0)
+    fail_after(windowed, clock, WINDOW_S + 0.001)  # the run of two lapses
+    fail_after(windowed, clock, 1.0)
+    assert windowed.state == "closed"
+    fail_after(windowed, clock, 1.0)
+    assert windowed.state == "open"
+    ours = [r for r in caplog.records if r.name == "gateway.redis_breaker"]
+    assert [r.__dict__["failures"] for r in ours[:4]] == [1, 2, 1, 2]
+    assert ours[4].levelno == logging.WARNING
+    assert ours[4].__dict__["window_s"] == WINDOW_S
+
+
+def test_a_hung_redis_opens_it_whatever_the_timeout(
+    windowed: RedisBreaker, clock: Clock
+) -> None:
+    """Calls that each wait out a 30 s timeout fail 30 s apart, but each began
+    as the one before failed: the window is measured to a call's start."""
+    for _ in range(2):
+        fail_after(windowed, clock, 0.0, call_s=30.0)
+        assert windowed.state == "closed"
+    fail_after(windowed, clock, 0.0, call_s=30.0)
+    assert windowed.state == "open"
+
+
+def test_calls_begun_together_count_however_late_they_fail(
+    windowed: RedisBreaker, clock: Clock
+) -> None:
+    permits = [windowed.acquire() for _ in range(3)]
+    for permit in permits:
+        clock.now += 2 * WINDOW_S
+        fail(windowed, permit)
+    assert windowed.state == "open"
+
+
+def test_a_success_still_resets_within_the_window(
+    windowed: RedisBreaker, clock: Clock
+) -> None:
+    fail_after(windowed, clock, 0.0)
+    fail_after(windowed, clock, 1.0)
+    windowed.succeeded(windowed.acquire())
+    fail_after(windowed, clock, 1.0)
+    fail_after(windowed, clock, 1.0)
+    assert windowed.state == "closed"
+
+
+def test_after_an_outage_the_window_starts_afresh(
+    windowed: RedisBreaker, clock: Clock
+) -> None:
+    """The failures that opened it, and the failed probe, are not the run the
+    next opening counts."""
+    for _ in range(3):
+        fail_after(windowed, clock, 0.0)
+    fail_after(windowed, clock, COOLDOWN_S)  # the probe fails: open again
+    clock.now += COOLDOWN_S
+    windowed.succeeded(windowed.acquire())
+    assert windowed.state == "closed"
+    fail_after(windowed, clock, 0.0)
+    fail_after(windowed, clock, 0.0)
+    assert windowed.state == "closed"
+
+
+def test_settings_set_the_window_default_ten_seconds() -> None:
+    assert breaker_for(redis_from_settings(load_settings())).window_s == 10.0
+    assert breaker_for(Redis(host="127.0.0.1", port=1)).window_s == 10.0
+    settings = load_settings(redis={"breaker_window_s": 0})
+    assert breaker_for(redis_from_settings(settings)).window_s == 0.0
+    settings = load_settings(redis={"breaker_window_s": 2.5})
+    assert breaker_for(redis_from_settings(settings)).window_s == 2.5
+
+
+@pytest.mark.parametrize("window_s", [-1, -0.001, 3601, "a while"])
+def test_window_out_of_bounds_is_refused(window_s: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(redis={"breaker_window_s": window_s})
+    assert info.value.code == "CONFIG_INVALID"
+    assert "redis.breaker_window_s" in info.value.message, info.value.message
+
+
 # -- redis_guard driving it (no server: the bodies raise) -----------------------
 
 
