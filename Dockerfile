@@ -6,7 +6,8 @@ FROM python:3.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    NUMBA_CACHE_DIR=/app/numba-cache
 
 WORKDIR /app
 
@@ -20,12 +21,15 @@ COPY detectors ./detectors
 COPY evaluation ./evaluation
 COPY modelgate ./modelgate
 # The warm step compiles the detectors' numba kernels into the image, so no
-# worker compiles them in its first batches.
+# worker compiles them in its first batches. They go to NUMBA_CACHE_DIR, which
+# the service user owns: numba uses no cache it cannot write, and neither
+# site-packages nor /app is writable by that user.
 RUN pip install --no-deps . \
     && cd / && python -m detectors.warm \
     && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin modelgate \
     && mkdir -p /app/var \
-    && chown modelgate /app/var
+    && chown modelgate /app/var \
+    && chown -R modelgate /app/numba-cache
 
 # Relative paths in gateway.config (var/server.key, var/models) resolve under /app,
 # and /app/var is the volume docker-compose.yml mounts.

@@ -25,7 +25,12 @@ versions, the CPU). While that stamp matches, the cache holds the kernels
 and a worker skips the warm-up; otherwise it warms up before it consumes.
 
 Where ``__pycache__`` is read-only (an installed image), nothing is dropped:
-its files do not change after the build that compiled them. With
+its files do not change after the build that compiled them. numba will not
+use a cache it cannot write, though, and with no writable place at all (a
+package and home directory the process may not write, as in the container
+image, which therefore sets ``NUMBA_CACHE_DIR``) :func:`jit` compiles without
+a cache rather than let numba fail the import: every process then compiles
+its kernels on first use. With
 ``NUMBA_CACHE_DIR`` set, numba caches elsewhere and this check does not reach
 that cache. ``NUMBA_DISABLE_JIT=1`` runs kernels as plain Python, for a
 debugger; that is far slower, never for service.
@@ -37,6 +42,7 @@ only.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import sys
@@ -48,6 +54,11 @@ import numba
 from llvmlite import binding as llvm  # type: ignore[import-untyped]  # no stubs
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+logger = logging.getLogger(__name__)
+
+_uncached: set[str] = set()
+"""Source files whose kernels found no writable cache (warned once each)."""
 
 _STAMP = "modelgate-kernels.digest"
 """File in ``__pycache__`` naming the sources the cached kernels came from."""
@@ -169,7 +180,23 @@ def jit(function: F) -> F:
     replace, so pinned scores and thresholds keep their meaning; and no
     ``parallel``: the budget is per core, and workers scale by process.
     """
-    return cast(F, numba.njit(cache=True, nogil=True)(function))
+    try:
+        return cast(F, numba.njit(cache=True, nogil=True)(function))
+    except RuntimeError as exc:
+        # numba looks for a cache directory it can write when the kernel is
+        # decorated, and without one refuses the import outright.
+        if "no locator available" not in str(exc):
+            raise
+    source = function.__code__.co_filename
+    if source not in _uncached:
+        _uncached.add(source)
+        logger.warning(
+            "no writable numba cache for %s: its kernels compile in every "
+            "process (set NUMBA_CACHE_DIR to a directory this user may write)",
+            source,
+            extra={"source": source},
+        )
+    return cast(F, numba.njit(nogil=True)(function))
 
 
 drop_stale_kernels(PACKAGE)

@@ -210,3 +210,16 @@ def test_image_copies_every_package_the_project_installs() -> None:
     copied = set(re.findall(r"^COPY (\w+) \./\1$", dockerfile, flags=re.MULTILINE))
     assert packages <= copied, sorted(packages - copied)
     assert "python -m detectors.warm" in dockerfile
+
+
+def test_image_keeps_its_kernels_where_the_service_user_may_write() -> None:
+    # numba uses no cache directory it cannot write (see detectors._jit): the
+    # kernels compiled at build must land in one the runtime user owns.
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    cache = re.search(r"NUMBA_CACHE_DIR=(\S+)", dockerfile)
+    user = re.search(r"^USER (\S+)$", dockerfile, flags=re.MULTILINE)
+    assert cache is not None and user is not None
+    assert f"chown -R {user.group(1)} {cache.group(1)}" in dockerfile
+    assert dockerfile.index("python -m detectors.warm") < dockerfile.index(
+        f"chown -R {user.group(1)} {cache.group(1)}"
+    )

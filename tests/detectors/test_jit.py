@@ -7,7 +7,10 @@ after an edit to it."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,3 +88,44 @@ def test_the_installed_package_cache_matches_its_sources() -> None:
     # will be) from the sources as they are now.
     stamp = PACKAGE / "__pycache__" / "modelgate-kernels.digest"
     assert stamp.read_text() == kernel_digest(PACKAGE)
+
+
+def test_kernels_import_and_run_where_no_cache_can_be_written(tmp_path: Path) -> None:
+    # The container image's service user may write neither site-packages
+    # nor its home; numba then refused the import of every kernel module.
+    # A regular file where a directory should be blocks each place numba
+    # tries, whoever runs the test: the package's __pycache__, the user-wide
+    # cache under XDG_CACHE_HOME (and HOME), and NUMBA_CACHE_DIR is unset.
+    site = tmp_path / "site"
+    shutil.copytree(
+        PACKAGE, site / "detectors", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    (site / "detectors" / "__pycache__").write_text("not a directory")
+    blocked = tmp_path / "blocked"
+    blocked.write_text("not a directory")
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith("NUMBA_")
+    }
+    env.update(
+        PYTHONPATH=str(site),
+        HOME=str(blocked),
+        XDG_CACHE_HOME=str(blocked / "cache"),
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    script = (
+        "import numpy as np\n"
+        "from detectors._numpysum import block_sum\n"
+        "import detectors.margin, detectors.registry\n"
+        "print(block_sum(np.ones(6), 0, 6))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "6.0"
+    assert "no writable numba cache" in result.stderr
