@@ -136,12 +136,19 @@ class MarginParams(DetectorParams):
     flagged through its cohort: an honest key that happened to start with an
     attacker's keys must still show the climb itself."""
 
-    cohort_answers: int = Field(64, ge=8, le=4096)
+    cohort_answers: int | None = Field(None, ge=8, le=4096)
     """A key's first answers whose confidence trend (Mann-Kendall S and
-    variance) it pools with its cohort's; must fit in ``window``. Longer
-    than ``opening_answers`` because a learner that works through its whole
-    pool climbs most late: on ``digits`` its keys' answers are no more
-    confident at their 32nd answer than at their first, then climb."""
+    variance) it pools with its cohort's; must fit in ``window``; None:
+    ``window``, the key's whole young life. Longer than ``opening_answers``
+    because a pool-based learner that works through its whole pool climbs
+    late: the evaluation's learner on ``digits`` over 10 keys sends each key
+    about 45 rows, no more confident at their 32nd than at their first,
+    then climbing (see the class)."""
+
+    @property
+    def young_answers(self) -> int:
+        """``cohort_answers``, or ``window`` when that is None."""
+        return self.window if self.cohort_answers is None else self.cohort_answers
 
     rank_test: bool = True
     """Run the rank test (see the class): the client's answers' margins,
@@ -192,7 +199,7 @@ class MarginParams(DetectorParams):
                 f"baseline_size ({self.baseline_size}), so the rank test "
                 f"would never run"
             )
-        if self.cohort_answers > self.window:
+        if self.cohort_answers is not None and self.cohort_answers > self.window:
             raise ValueError(
                 f"cohort_answers ({self.cohort_answers}) exceeds window "
                 f"({self.window}): the ring must hold the whole stretch"
@@ -819,7 +826,7 @@ class MarginDetector(Detector[MarginParams]):
         after = arrays["n_answers"][unique]
         for count, stat_name, var_name in (
             (p.opening_answers, "open_s", "open_v"),
-            (p.cohort_answers, "young_s", "young_v"),
+            (p.young_answers, "young_s", "young_v"),
         ):
             todo = (before < count) & (after <= p.window)
             if not todo.any():
@@ -912,7 +919,7 @@ class MarginDetector(Detector[MarginParams]):
         warm |= ranks.pooled_z != 0.0
         margin_at, entropy_at = p.margin_at, p.entropy_at
         opening_z, cohort_z, cohort_s = p.opening_z, p.cohort_z, p.cohort_window_s
-        young_answers = p.cohort_answers
+        young_answers = p.young_answers
         rank_at = p.rank_z
         trend_at = p.threshold / p.trend_weight if p.trend_weight > 0 else None
 
@@ -1067,9 +1074,9 @@ class MarginDetector(Detector[MarginParams]):
         npt.NDArray[np.int64],
     ]:
         """Per row: the key's own opening z, its own z over its first
-        ``cohort_answers``, its cohort's pooled z over theirs (0 when the key
-        is not a contributing member of a large enough cohort) and the
-        cohort's size.
+        ``cohort_answers`` (``window`` by default), its cohort's pooled z
+        over theirs (0 when the key is not a contributing member of a large
+        enough cohort) and the cohort's size.
 
         Both count once the key has had ``opening_min`` answers and while it
         has had at most ``window``: young keys, which is what a distributed
