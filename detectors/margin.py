@@ -511,19 +511,29 @@ class MarginDetector(Detector[MarginParams]):
     ``opening_answers`` answers (see :func:`mann_kendall`), counted from
     ``opening_min`` answers on and while the key has had at most ``window``,
     the score is ``threshold * z / opening_z`` (flagged at ``opening_z``).
-    Cohort score: a key whose own ``z`` reaches ``member_z`` pools its
-    opening with every key of this detector whose first scored query came
-    within ``cohort_window_s`` of its own and whose answer count is within
+    Cohort score: the same test over a key's first ``cohort_answers``
+    (by default ``window``: its whole young life); a key whose own ``z``
+    over them reaches ``member_z`` pools its S and variance with every key
+    of this detector whose first scored query came within
+    ``cohort_window_s`` of its own and whose answer count is within
     ``cohort_pace_share`` of its own; with at least ``cohort_min_keys`` keys,
     the score is ``threshold * z_pooled / cohort_z``. Membership depends on
     time and pace only, never on margins, so an honest cohort's pooled z is
-    as standard normal as one key's. The assumption is that one attacker's
+    as honest as one key's. The assumption is that one attacker's
     keys start together and keep one pace and honest keys do not; a key
     that is staggered or paced apart is judged alone, and keys served by
     other workers are never pooled. Replayed offline, the evaluation's
     learner over 10 keys gives per-key opening z of 1.4 to 4.0 on
     breast_cancer (pooled about 9) and 4.2 to 5.7 on phishing; 0.3-0.4% of
-    honest openings reach 4.
+    honest openings reach 4. On digits the learner spends its whole pool
+    (449 rows, about 45 per key): each key's first 32 answers hardly climb
+    (pooled z 1.3 to 4.2 over seeds 0-4, its second and third rounds being
+    its least confident) but its first 40 do (pooled 6.4 to 8.4; all 45:
+    9.3 to 10.9), hence the longer stretch for cohorts. Honest keys' trend
+    z over 64 answers has a spread of 1.1 to 1.2 (near-duplicate runs
+    correlate neighbours), and over 160,000 random groups of 3 to 10 honest
+    keys pooled at every length from 10 to 64 answers none reached
+    ``cohort_z`` with a member at ``member_z`` (highest pooled z 6.0).
 
     Rank score: with ``u`` each answer's mid-rank among the live honest
     answers' margins in the baseline (see :func:`rank_table`) and ``m`` the
@@ -584,9 +594,10 @@ class MarginDetector(Detector[MarginParams]):
       (a numpy pass over the arena).
 
     Per-client state: two rings of ``window`` uint8 (margin and entropy),
-    three counters, the opening's S and variance, the first query's time,
-    the rank test's three sums and the previous row at one byte per feature,
-    201 bytes plus one per feature at the default window (265 for digits).
+    three counters, the opening's and the young stretch's S and variance,
+    the first query's time, the rank test's three sums and the previous row
+    at one byte per feature, 217 bytes plus one per feature at the default
+    window (281 for digits).
     """
 
     name: ClassVar[str] = "margin"

@@ -249,7 +249,9 @@ def late_climb(rng: np.random.Generator, n: int = 45, flat: int = 30) -> Array:
     """One key's share of a learner that works through its whole pool: the
     first ``flat`` answers in random order with a fifth near the boundary,
     then only confident ones (the pool's doubtful rows are used up)."""
-    early = np.where(rng.random(flat) < 0.2, rng.random(flat) * 0.4, 0.6 + rng.random(flat) * 0.4)
+    early = np.where(
+        rng.random(flat) < 0.2, rng.random(flat) * 0.4, 0.6 + rng.random(flat) * 0.4
+    )
     return np.concatenate([early, 0.9 + rng.random(n - flat) / 10])
 
 
