@@ -375,6 +375,46 @@ def _mann_kendall_kernel(
         stat[r] = float(s)
 
 
+@jit
+def _mann_kendall_extend(
+    values: npt.NDArray[np.uint8],
+    oldest: npt.NDArray[np.int64],
+    before: npt.NDArray[np.int64],
+    stop: npt.NDArray[np.int64],
+    stat: npt.NDArray[np.float64],
+    var: npt.NDArray[np.float64],
+) -> None:
+    """Extend S and its tie-corrected variance per row of a ring read from
+    ``oldest`` (cells wrap) from its first ``before`` values, whose results
+    ``stat`` and ``var`` hold, to its first ``stop``: each new value is
+    compared with the earlier ones once, so a key's whole stretch costs
+    O(n^2) over its life rather than per batch. The ties' sum is recovered
+    from the stored variance (an integer, rounded) and a value joining a
+    group of ``c`` equal ones adds ``6 c (c + 2)`` to it, which is what
+    :func:`_mann_kendall_kernel` computes over the whole stretch."""
+    width = values.shape[1]
+    for r in range(values.shape[0]):
+        first = oldest[r] + width
+        size = float(before[r])
+        ties = np.rint(size * (size - 1.0) * (2.0 * size + 5.0) - 18.0 * var[r])
+        s = stat[r]
+        for j in range(before[r], stop[r]):
+            a = values[r, (first + j) % width]
+            equal = 0
+            for i in range(j):
+                b = values[r, (first + i) % width]
+                if a > b:
+                    s += 1.0
+                elif a < b:
+                    s -= 1.0
+                else:
+                    equal += 1
+            ties += 6.0 * equal * (equal + 2.0)
+        size = float(max(stop[r], before[r]))
+        var[r] = max((size * (size - 1.0) * (2.0 * size + 5.0) - ties) / 18.0, 0.0)
+        stat[r] = s
+
+
 def rank_table(
     margins: npt.NDArray[np.uint8],
 ) -> tuple[npt.NDArray[np.float64], float]:
@@ -826,11 +866,11 @@ class MarginDetector(Detector[MarginParams]):
     def _update_openings(
         self, unique: npt.NDArray[np.int64], before: npt.NDArray[np.int64]
     ) -> None:
-        """Recompute S and its variance over the opening (``opening_answers``)
+        """Extend S and its variance over the opening (``opening_answers``)
         and over the first ``cohort_answers`` of the clients that were still
-        in them before these answers, from the ring (which holds both while a
-        client has had at most ``window`` answers; a client pushed past that
-        by one huge batch keeps its last values)."""
+        in them before these answers by the new answers, from the ring (which
+        holds both while a client has had at most ``window`` answers; a
+        client pushed past that by one huge batch keeps its last values)."""
         assert self._arena is not None
         arrays = self._arena.arrays
         p = self._params
@@ -843,11 +883,12 @@ class MarginDetector(Detector[MarginParams]):
             if not todo.any():
                 continue
             slots = unique[todo]
-            stat = np.zeros(len(slots))
-            var = np.zeros(len(slots))
-            _mann_kendall_kernel(
+            stat = arrays[stat_name][slots]
+            var = arrays[var_name][slots]
+            _mann_kendall_extend(
                 arrays["margin"][slots],
                 arrays["pos"][slots] - arrays["len"][slots],
+                before[todo],
                 np.minimum(arrays["len"][slots], count),
                 stat,
                 var,

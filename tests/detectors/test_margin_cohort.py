@@ -110,6 +110,39 @@ def test_mann_kendall_matches_counting_pairs_with_ties() -> None:
         assert var[row] == pytest.approx(expected)
 
 
+def test_opening_and_young_trend_kept_per_batch_match_the_whole_stretch() -> None:
+    # S and its variance are extended batch by batch (each new answer
+    # compared once with the earlier ones); they must equal the statistic of
+    # the whole stretch, ties included, whatever the batch sizes.
+    rng = np.random.default_rng(12)
+    detector = fresh(cohort_answers=48)
+    keys = [f"k{i}" for i in range(6)]
+    sent: dict[str, list[float]] = {k: [] for k in keys}
+    x = np.zeros((1, 4))
+    while min(len(v) for v in sent.values()) < 70:
+        ids = [k for k in keys for _ in range(int(rng.integers(0, 4)))]
+        if not ids:
+            continue
+        # Few distinct margins, so that ties are common.
+        margins = rng.integers(0, 6, len(ids)) / 5.0
+        rows = np.repeat(x, len(ids), axis=0)
+        detector.score_batch(ids, rows, learn=[False] * len(ids))
+        detector.observe_outputs(ids, rows, answers(margins), learn=[False] * len(ids))
+        for key, m in zip(ids, margins, strict=True):
+            sent[key].append(float(m))
+    assert detector._arena is not None
+    arrays = detector._arena.arrays
+    for key in keys:
+        slot = int(detector._arena.slots([key])[0])
+        values = np.rint(np.array(sent[key]) * 255).astype(np.uint8)
+        for count, stat, var in ((32, "open_s", "open_v"), (48, "young_s", "young_v")):
+            # A key that went past the window inside one batch keeps the
+            # values it had before that batch; none does here (batches <= 3).
+            s, v = mann_kendall(values[None, :count], np.array([count]))
+            assert arrays[stat][slot] == s[0], (key, stat)
+            assert arrays[var][slot] == pytest.approx(v[0], rel=1e-12), (key, var)
+
+
 def test_climbing_keys_that_start_together_are_flagged_only_pooled() -> None:
     rng = np.random.default_rng(1)
     streams = {f"k{i}": climbing(rng, 14) for i in range(10)}
