@@ -129,13 +129,27 @@ class MarginParams(DetectorParams):
     """Keys (this one included) a cohort needs before its pooled z counts."""
 
     cohort_z: float = Field(6.0, gt=0.0)
-    """Pooled (Stouffer) z of a cohort's openings at which its members that
+    """Pooled (Stouffer) z of a cohort's trends at which its members that
     contribute (``member_z``) are flagged."""
 
     member_z: float = Field(3.0, ge=0.0)
-    """A key's own opening z needed to be flagged through its cohort: an
-    honest key that happened to start with an attacker's keys must still
-    show the climb itself."""
+    """A key's own trend z (over its first ``cohort_answers``) needed to be
+    flagged through its cohort: an honest key that happened to start with an
+    attacker's keys must still show the climb itself."""
+
+    cohort_answers: int | None = Field(None, ge=8, le=4096)
+    """A key's first answers whose confidence trend (Mann-Kendall S and
+    variance) it pools with its cohort's; must fit in ``window``; None:
+    ``window``, the key's whole young life. Longer than ``opening_answers``
+    because a pool-based learner that works through its whole pool climbs
+    late: the evaluation's learner on ``digits`` over 10 keys sends each key
+    about 45 rows, no more confident at their 32nd than at their first,
+    then climbing (see the class)."""
+
+    @property
+    def young_answers(self) -> int:
+        """``cohort_answers``, or ``window`` when that is None."""
+        return self.window if self.cohort_answers is None else self.cohort_answers
 
     rank_test: bool = True
     """Run the rank test (see the class): the client's answers' margins,
@@ -185,6 +199,11 @@ class MarginParams(DetectorParams):
                 f"rank_min_baseline ({self.rank_min_baseline}) exceeds "
                 f"baseline_size ({self.baseline_size}), so the rank test "
                 f"would never run"
+            )
+        if self.cohort_answers is not None and self.cohort_answers > self.window:
+            raise ValueError(
+                f"cohort_answers ({self.cohort_answers}) exceeds window "
+                f"({self.window}): the ring must hold the whole stretch"
             )
         if self.opening_min > self.opening_answers:
             raise ValueError(
@@ -357,6 +376,46 @@ def _mann_kendall_kernel(
         stat[r] = float(s)
 
 
+@jit
+def _mann_kendall_extend(
+    values: npt.NDArray[np.uint8],
+    oldest: npt.NDArray[np.int64],
+    before: npt.NDArray[np.int64],
+    stop: npt.NDArray[np.int64],
+    stat: npt.NDArray[np.float64],
+    var: npt.NDArray[np.float64],
+) -> None:
+    """Extend S and its tie-corrected variance per row of a ring read from
+    ``oldest`` (cells wrap) from its first ``before`` values, whose results
+    ``stat`` and ``var`` hold, to its first ``stop``: each new value is
+    compared with the earlier ones once, so a key's whole stretch costs
+    O(n^2) over its life rather than per batch. The ties' sum is recovered
+    from the stored variance (an integer, rounded) and a value joining a
+    group of ``c`` equal ones adds ``6 c (c + 2)`` to it, which is what
+    :func:`_mann_kendall_kernel` computes over the whole stretch."""
+    width = values.shape[1]
+    for r in range(values.shape[0]):
+        first = oldest[r] + width
+        size = float(before[r])
+        ties = np.rint(size * (size - 1.0) * (2.0 * size + 5.0) - 18.0 * var[r])
+        s = stat[r]
+        for j in range(before[r], stop[r]):
+            a = values[r, (first + j) % width]
+            equal = 0
+            for i in range(j):
+                b = values[r, (first + i) % width]
+                if a > b:
+                    s += 1.0
+                elif a < b:
+                    s -= 1.0
+                else:
+                    equal += 1
+            ties += 6.0 * equal * (equal + 2.0)
+        size = float(max(stop[r], before[r]))
+        var[r] = max((size * (size - 1.0) * (2.0 * size + 5.0) - ties) / 18.0, 0.0)
+        stat[r] = s
+
+
 def rank_table(
     margins: npt.NDArray[np.uint8],
 ) -> tuple[npt.NDArray[np.float64], float]:
@@ -493,19 +552,29 @@ class MarginDetector(Detector[MarginParams]):
     ``opening_answers`` answers (see :func:`mann_kendall`), counted from
     ``opening_min`` answers on and while the key has had at most ``window``,
     the score is ``threshold * z / opening_z`` (flagged at ``opening_z``).
-    Cohort score: a key whose own ``z`` reaches ``member_z`` pools its
-    opening with every key of this detector whose first scored query came
-    within ``cohort_window_s`` of its own and whose answer count is within
+    Cohort score: the same test over a key's first ``cohort_answers``
+    (by default ``window``: its whole young life); a key whose own ``z``
+    over them reaches ``member_z`` pools its S and variance with every key
+    of this detector whose first scored query came within
+    ``cohort_window_s`` of its own and whose answer count is within
     ``cohort_pace_share`` of its own; with at least ``cohort_min_keys`` keys,
     the score is ``threshold * z_pooled / cohort_z``. Membership depends on
     time and pace only, never on margins, so an honest cohort's pooled z is
-    as standard normal as one key's. The assumption is that one attacker's
+    as honest as one key's. The assumption is that one attacker's
     keys start together and keep one pace and honest keys do not; a key
     that is staggered or paced apart is judged alone, and keys served by
     other workers are never pooled. Replayed offline, the evaluation's
     learner over 10 keys gives per-key opening z of 1.4 to 4.0 on
     breast_cancer (pooled about 9) and 4.2 to 5.7 on phishing; 0.3-0.4% of
-    honest openings reach 4.
+    honest openings reach 4. On digits the learner spends its whole pool
+    (449 rows, about 45 per key): each key's first 32 answers hardly climb
+    (pooled z 1.3 to 4.2 over seeds 0-4, its second and third rounds being
+    its least confident) but its first 40 do (pooled 6.4 to 8.4; all 45:
+    9.3 to 10.9), hence the longer stretch for cohorts. Honest keys' trend
+    z over 64 answers has a spread of 1.1 to 1.2 (near-duplicate runs
+    correlate neighbours), and over 160,000 random groups of 3 to 10 honest
+    keys pooled at every length from 10 to 64 answers none reached
+    ``cohort_z`` with a member at ``member_z`` (highest pooled z 6.0).
 
     Rank score: with ``u`` each answer's mid-rank among the live honest
     answers' margins in the baseline (see :func:`rank_table`) and ``m`` the
@@ -566,9 +635,10 @@ class MarginDetector(Detector[MarginParams]):
       (a numpy pass over the arena).
 
     Per-client state: two rings of ``window`` uint8 (margin and entropy),
-    three counters, the opening's S and variance, the first query's time,
-    the rank test's three sums and the previous row at one byte per feature,
-    201 bytes plus one per feature at the default window (265 for digits).
+    three counters, the opening's and the young stretch's S and variance,
+    the first query's time, the rank test's three sums and the previous row
+    at one byte per feature, 217 bytes plus one per feature at the default
+    window (281 for digits).
     """
 
     name: ClassVar[str] = "margin"
@@ -639,6 +709,10 @@ class MarginDetector(Detector[MarginParams]):
             # its first scored query (0: none yet), for cohorts.
             "open_s": FieldSpec((), "<f8"),
             "open_v": FieldSpec((), "<f8"),
+            # The same over the first cohort_answers answers, which a cohort
+            # pools.
+            "young_s": FieldSpec((), "<f8"),
+            "young_v": FieldSpec((), "<f8"),
             "first_s": FieldSpec((), "<f8"),
             # The rank test's decaying sums: weights, squared weights, and
             # weighted ranks of the client's answers.
@@ -656,13 +730,25 @@ class MarginDetector(Detector[MarginParams]):
         check_counters(values, "n_answers")
         if int(values["n_answers"]) < int(values["len"]):
             raise ValueError("state field 'n_answers' is below 'len'")
-        for name in ("open_s", "open_v", "first_s", "rank_w", "rank_w2", "rank_wu"):
+        for name in (
+            "open_s",
+            "open_v",
+            "young_s",
+            "young_v",
+            "first_s",
+            "rank_w",
+            "rank_w2",
+            "rank_wu",
+        ):
             if not np.isfinite(values[name]).all():
                 raise ValueError(f"state field {name!r} is not finite")
         if float(values["open_v"]) < 0 or float(values["first_s"]) < 0:
             raise ValueError("state fields 'open_v' and 'first_s' must be >= 0")
-        if abs(float(values["open_s"])) > 0 and float(values["open_v"]) == 0:
-            raise ValueError("state field 'open_s' is set without 'open_v'")
+        for stat, var in (("open_s", "open_v"), ("young_s", "young_v")):
+            if float(values[var]) < 0:
+                raise ValueError(f"state field {var!r} must be >= 0")
+            if abs(float(values[stat])) > 0 and float(values[var]) == 0:
+                raise ValueError(f"state field {stat!r} is set without {var!r}")
         if int(values["has_last"]) > 1:
             raise ValueError("state field 'has_last' must be 0 or 1")
         # Each weight is at most 1 and their sum at most the longest
@@ -678,10 +764,11 @@ class MarginDetector(Detector[MarginParams]):
         # are bounded; a finite S beyond that (1.7e308) made a cohort's
         # pooled S overflow to NaN, and every batch with a member raise.
         n = float(values["margin"].shape[0])
-        if abs(float(values["open_s"])) > n * (n - 1.0) / 2.0:
-            raise ValueError("state field 'open_s' is beyond any opening's")
-        if float(values["open_v"]) > n * (n - 1.0) * (2.0 * n + 5.0) / 18.0:
-            raise ValueError("state field 'open_v' is beyond any opening's")
+        for stat, var in (("open_s", "open_v"), ("young_s", "young_v")):
+            if abs(float(values[stat])) > n * (n - 1.0) / 2.0:
+                raise ValueError(f"state field {stat!r} is beyond any opening's")
+            if float(values[var]) > n * (n - 1.0) * (2.0 * n + 5.0) / 18.0:
+                raise ValueError(f"state field {var!r} is beyond any opening's")
 
     def _learn_baseline_rows(
         self,
@@ -833,29 +920,35 @@ class MarginDetector(Detector[MarginParams]):
     def _update_openings(
         self, unique: npt.NDArray[np.int64], before: npt.NDArray[np.int64]
     ) -> None:
-        """Recompute S and its variance over the opening of the clients that
-        were still in it before these answers, from the ring (which holds the
-        whole opening while a client has had at most ``window`` answers; a
+        """Extend S and its variance over the opening (``opening_answers``)
+        and over the first ``cohort_answers`` of the clients that were still
+        in them before these answers by the new answers, from the ring (which
+        holds both while a client has had at most ``window`` answers; a
         client pushed past that by one huge batch keeps its last values)."""
         assert self._arena is not None
         arrays = self._arena.arrays
         p = self._params
         after = arrays["n_answers"][unique]
-        todo = (before < p.opening_answers) & (after <= p.window)
-        if not todo.any():
-            return
-        slots = unique[todo]
-        stat = np.zeros(len(slots))
-        var = np.zeros(len(slots))
-        _mann_kendall_kernel(
-            arrays["margin"][slots],
-            arrays["pos"][slots] - arrays["len"][slots],
-            np.minimum(arrays["len"][slots], p.opening_answers),
-            stat,
-            var,
-        )
-        arrays["open_s"][slots] = stat
-        arrays["open_v"][slots] = var
+        for count, stat_name, var_name in (
+            (p.opening_answers, "open_s", "open_v"),
+            (p.young_answers, "young_s", "young_v"),
+        ):
+            todo = (before < count) & (after <= p.window)
+            if not todo.any():
+                continue
+            slots = unique[todo]
+            stat = arrays[stat_name][slots]
+            var = arrays[var_name][slots]
+            _mann_kendall_extend(
+                arrays["margin"][slots],
+                arrays["pos"][slots] - arrays["len"][slots],
+                before[todo],
+                np.minimum(arrays["len"][slots], count),
+                stat,
+                var,
+            )
+            arrays[stat_name][slots] = stat
+            arrays[var_name][slots] = var
 
     def _score_rows(
         self,
@@ -900,12 +993,12 @@ class MarginDetector(Detector[MarginParams]):
                 )
             tau = per_client[inverse]
         trend_score = p.trend_weight * np.clip(tau, 0.0, 1.0)
-        own_z, pooled_z, cohort_keys = self._opening_evidence(slots)
+        own_z, young_z, pooled_z, cohort_keys = self._opening_evidence(slots)
         # Both on the flag scale: the threshold at opening_z alone, or at
         # cohort_z pooled for a key that contributes member_z itself.
         opening_score = np.clip(p.threshold * own_z / p.opening_z, 0.0, 1.0)
         cohort_score = np.where(
-            own_z >= p.member_z,
+            young_z >= p.member_z,
             np.clip(p.threshold * pooled_z / p.cohort_z, 0.0, 1.0),
             0.0,
         )
@@ -928,9 +1021,11 @@ class MarginDetector(Detector[MarginParams]):
                 rank_cohort_score,
             ]
         )
-        warm |= (own_z != 0.0) | ranks.ready | (ranks.pooled_z != 0.0)
+        warm |= (own_z != 0.0) | (young_z != 0.0) | ranks.ready
+        warm |= ranks.pooled_z != 0.0
         margin_at, entropy_at = p.margin_at, p.entropy_at
         opening_z, cohort_z, cohort_s = p.opening_z, p.cohort_z, p.cohort_window_s
+        young_answers = p.young_answers
         rank_at = p.rank_z
         trend_at = p.threshold / p.trend_weight if p.trend_weight > 0 else None
 
@@ -947,7 +1042,7 @@ class MarginDetector(Detector[MarginParams]):
                     f"(flagged from {trend_at:.2f}; honest order gives about 0)"
                 )
             best = max(share_score[row], trend_score[row])
-            if opening_score[row] > best or cohort_score[row] > best:
+            if opening_score[row] > best:
                 text += (
                     f"; confidence climbed over the key's first answers, "
                     f"Mann-Kendall z {own_z[row]:.1f} (flagged alone from "
@@ -955,6 +1050,9 @@ class MarginDetector(Detector[MarginParams]):
                 )
             if cohort_score[row] > max(best, opening_score[row]):
                 text += (
+                    f"; confidence climbed over the key's first "
+                    f"{min(int(length[row]), young_answers)} answers, "
+                    f"Mann-Kendall z {young_z[row]:.1f}"
                     f"; pooled with {cohort_keys[row] - 1} other keys whose "
                     f"first query came within {cohort_s:g} s of its own, z "
                     f"{pooled_z[row]:.1f} (flagged from {cohort_z:g})"
@@ -1075,47 +1173,59 @@ class MarginDetector(Detector[MarginParams]):
 
     def _opening_evidence(
         self, slots: npt.NDArray[np.int64]
-    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.int64]]:
-        """Per row: the key's own opening z, its cohort's pooled z (0 when
-        the key is not a contributing member of a large enough cohort) and
-        the cohort's size.
+    ) -> tuple[
+        npt.NDArray[np.float64],
+        npt.NDArray[np.float64],
+        npt.NDArray[np.float64],
+        npt.NDArray[np.int64],
+    ]:
+        """Per row: the key's own opening z, its own z over its first
+        ``cohort_answers`` (``window`` by default), its cohort's pooled z
+        over theirs (0 when the key is not a contributing member of a large
+        enough cohort) and the cohort's size.
 
-        A key's opening counts once it has had ``opening_min`` answers and
-        while it has had at most ``window``: young keys, which is what a
-        distributed attacker's keys stay. The cohort is every key of this
-        detector whose first query came within ``cohort_window_s`` of this
-        key's, itself included, each contributing its opening's S and
-        variance (Stouffer's pooling of independent rank statistics).
+        Both count once the key has had ``opening_min`` answers and while it
+        has had at most ``window``: young keys, which is what a distributed
+        attacker's keys stay. The cohort is every key of this detector whose
+        first query came within ``cohort_window_s`` of this key's, itself
+        included, each contributing the S and variance of its first
+        ``cohort_answers`` answers (Stouffer's pooling of independent rank
+        statistics).
         """
         assert self._arena is not None
         arrays = self._arena.arrays
         p = self._params
         n = len(slots)
         own = np.zeros(n)
+        young_z = np.zeros(n)
         pooled = np.zeros(n)
         size = np.ones(n, dtype=np.int64)
         answers = arrays["n_answers"][slots]
+        young = (answers >= p.opening_min) & (answers <= p.window)
         var = arrays["open_v"][slots]
-        young = (answers >= p.opening_min) & (answers <= p.window) & (var > 0)
+        opened = young & (var > 0)
+        own[opened] = arrays["open_s"][slots[opened]] / np.sqrt(var[opened])
+        var = arrays["young_v"][slots]
+        young &= var > 0
         if not young.any():
-            return own, pooled, size
-        own[young] = arrays["open_s"][slots[young]] / np.sqrt(var[young])
+            return own, young_z, pooled, size
+        young_z[young] = arrays["young_s"][slots[young]] / np.sqrt(var[young])
         if p.cohort_window_s <= 0:
-            return own, pooled, size
+            return own, young_z, pooled, size
         # Only keys that could be flagged through a cohort look for one, once
         # per key: a scan of every key's first second, so rare by design.
-        ask = np.flatnonzero(young & (own >= p.member_z))
+        ask = np.flatnonzero(young & (young_z >= p.member_z))
         if not len(ask):
-            return own, pooled, size
-        counted = arrays["open_v"] > 0
+            return own, young_z, pooled, size
+        counted = arrays["young_v"] > 0
         for slot in np.unique(slots[ask]).tolist():
             members = counted & self._cohort_members(slot)
             count = int(np.count_nonzero(members))
             if count < p.cohort_min_keys:
                 continue
-            total_v = float(arrays["open_v"][members].sum())
-            z = float(arrays["open_s"][members].sum()) / np.sqrt(total_v)
+            total_v = float(arrays["young_v"][members].sum())
+            z = float(arrays["young_s"][members].sum()) / np.sqrt(total_v)
             rows = slots == slot
             pooled[rows] = z
             size[rows] = count
-        return own, pooled, size
+        return own, young_z, pooled, size
