@@ -39,12 +39,16 @@ class WatchedWorker(Protocol):
 
 
 def own_topics(settings: Settings) -> Settings:
-    """The same settings with topics, consumer group and metrics port of this
-    run alone.
+    """The same settings with topics, consumer group, Redis key prefix and
+    metrics port of this run alone.
 
     Any ``modelgate worker`` already running on the default topics (or another
     run) would otherwise take this run's requests, and answer them under a
-    different server key. The metrics port becomes 0 (any free port).
+    different server key. The key prefix keeps what an earlier run left in
+    Redis out of this one: the detectors' saved live baselines above all
+    (``gateway.baselines``), which a worker loads at start, so that each run
+    measures its detectors from the same start. The metrics port becomes 0
+    (any free port).
     """
     tag = "demo-" + datetime.now(UTC).strftime("%H%M%S") + "-" + secrets.token_hex(2)
     kafka = settings.kafka
@@ -63,6 +67,9 @@ def own_topics(settings: Settings) -> Settings:
                 update={"topics": topics, "group_id": f"modelgate-{tag}"}
             ),
             "worker": settings.worker.model_copy(update={"metrics_port": 0}),
+            "redis": settings.redis.model_copy(
+                update={"key_prefix": f"{settings.redis.key_prefix[:15]}-{tag}"}
+            ),
         }
     )
 

@@ -1,0 +1,25 @@
+"""Each demo or evaluation run gets topics, a group and a Redis key prefix of
+its own, so nothing an earlier run left behind reaches it."""
+
+from __future__ import annotations
+
+from evaluation.runkit import own_topics
+from gateway.config import Settings
+
+
+def test_each_run_has_its_own_topics_group_and_redis_prefix() -> None:
+    base = Settings()
+    first, second = own_topics(base), own_topics(base)
+
+    assert first.redis.key_prefix != second.redis.key_prefix
+    assert first.redis.key_prefix.startswith(base.redis.key_prefix + "-")
+    assert first.kafka.group_id != second.kafka.group_id
+    assert first.kafka.topics.requests != base.kafka.topics.requests
+    assert first.worker.metrics_port == 0
+    # Still valid settings: the prefix fits its pattern and length, even
+    # from the longest prefix an operator may configure.
+    Settings.model_validate(first.model_dump())
+    longest = base.model_copy(
+        update={"redis": base.redis.model_copy(update={"key_prefix": "p" * 32})}
+    )
+    Settings.model_validate(own_topics(longest).model_dump())
