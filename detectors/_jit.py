@@ -115,9 +115,12 @@ def warm_needed(package: Path = PACKAGE) -> bool:
     still compiles on first use.
     """
     try:
-        return (package / "__pycache__" / _WARM_STAMP).read_text() != warm_key(package)
+        # Bytes, not text: a stamp that does not decode (a torn write, junk)
+        # is only stale, never an error that fails a worker's start.
+        stamp = (package / "__pycache__" / _WARM_STAMP).read_bytes()
     except OSError:
         return True  # never warmed, or the stamp is unreadable
+    return stamp != warm_key(package).encode()
 
 
 def mark_warm(package: Path = PACKAGE, key: str | None = None) -> bool:
@@ -129,12 +132,18 @@ def mark_warm(package: Path = PACKAGE, key: str | None = None) -> bool:
     matches it.
     """
     cache = package / "__pycache__"
+    partial = cache / f"{_WARM_STAMP}.{os.getpid()}"
     try:
         cache.mkdir(exist_ok=True)
-        partial = cache / f"{_WARM_STAMP}.{os.getpid()}"
         partial.write_text(warm_key(package) if key is None else key)
         partial.replace(cache / _WARM_STAMP)
     except OSError:
+        # E.g. the stamp's name taken by a directory: no file left behind
+        # per process that tried.
+        try:
+            partial.unlink(missing_ok=True)
+        except OSError:
+            pass  # read-only: nothing was written either
         return False
     return True
 
@@ -151,7 +160,8 @@ def drop_stale_kernels(package: Path) -> bool:
     stamp = cache / _STAMP
     wanted = kernel_digest(package)
     try:
-        if stamp.read_text() == wanted:
+        # Bytes: a stamp that is not text must not fail the package import.
+        if stamp.read_bytes() == wanted.encode():
             return False
     except OSError:
         pass  # no stamp yet: whatever is cached may predate it
