@@ -11,6 +11,7 @@ import pytest
 
 from detectors import build_detectors
 from detectors.baselines import (
+    MAX_CLOCK_SKEW_S,
     BASELINE_FORMAT,
     BaselineBlob,
     BaselineRefused,
@@ -336,3 +337,24 @@ def test_in_memory_store_keeps_one_entry_per_worker_until_it_expires() -> None:
     now[0] = 106.0
     (only,) = store.load("m", "margin")
     assert msgspec.msgpack.decode(only, type=SavedBaseline).baseline == b"y"
+
+
+def test_an_entry_from_the_future_does_not_win_forever() -> None:
+    """An entry dated ahead of the loader's clock (a hostile write, or a
+    writer whose clock is far ahead) would rank first among the ready ones
+    and never turn stale; beyond the tolerated skew it is passed over."""
+    candidates = [
+        saved("honest", 2900.0, 4096, True),
+        saved("future", 3000.0 + 10 * 86_400, 512, True),
+        saved("slightly-ahead", 3000.0 + MAX_CLOCK_SKEW_S / 2, 600, True),
+    ]
+    choice = choose_baseline(
+        candidates,
+        model="digits",
+        model_id="id-1",
+        detector="margin",
+        now_s=3000.0,
+        max_age_s=2500.0,
+    )
+    assert [s.worker for s in choice.chosen] == ["slightly-ahead", "honest"]
+    assert choice.skipped == {"future": 1}
