@@ -52,6 +52,7 @@ import numpy as np
 
 from detectors.baselines import (
     BASELINE_FORMAT,
+    MAX_CLOCK_SKEW_S,
     BaselineRefused,
     SavedBaseline,
     choose_baseline,
@@ -66,6 +67,15 @@ from gateway.scoring import Scorer
 from gateway.store import RedisClient, redis_guard
 
 logger = logging.getLogger(__name__)
+
+MAX_LOAD_CANDIDATES = 16
+"""Most saved entries read per model and detector at load: the newest by
+their index score. Worker ids name a host and pid, so every restart within
+``baseline_max_age_s`` leaves one more entry (each up to
+:data:`detectors.baselines.MAX_BASELINE_BYTES`); reading them all made a
+start's memory and time grow with the group's restart history, or with
+whatever someone wrote into the index. An older rich entry behind 16 newer
+ones is passed over."""
 
 
 def model_identity(model: ModelBackend) -> str:
@@ -103,10 +113,12 @@ class RedisBaselineStore:
     def index_key(self, model: str, detector: str) -> str:
         return f"{self._prefix}:{{bl:{model}}}:{detector}:index"
 
-    def entry_key(self, model: str, detector: str, worker: str) -> str:
+    def entry_key(self, model: str, detector: str, worker: str | bytes) -> str:
         # Worker ids are free text (host and pid by default): hashed, so no
-        # id can add a brace or colon to a key name.
-        tag = hashlib.sha256(worker.encode()).hexdigest()[:16]
+        # id can add a brace or colon to a key name. Bytes are an index
+        # member as read, which need not be UTF-8 if someone else wrote it.
+        raw = worker if isinstance(worker, bytes) else worker.encode()
+        tag = hashlib.sha256(raw).hexdigest()[:16]
         return f"{self._prefix}:{{bl:{model}}}:{detector}:w:{tag}"
 
     async def save_many(
@@ -142,8 +154,10 @@ class RedisBaselineStore:
     async def load_many(
         self, pairs: Sequence[tuple[str, str]], *, not_before_s: float
     ) -> dict[tuple[str, str], list[bytes]]:
-        """Every entry of each (model, detector) saved since ``not_before_s``
-        (wall clock, seconds), in two round trips.
+        """The newest entries (at most :data:`MAX_LOAD_CANDIDATES`) of each
+        (model, detector) saved since ``not_before_s`` (wall clock, seconds)
+        and dated no more than ``MAX_CLOCK_SKEW_S`` ahead of now, in two
+        round trips.
 
         Raises
         ------
@@ -154,16 +168,24 @@ class RedisBaselineStore:
         if not pairs:
             return found
         since_ms = round(not_before_s * 1000)
+        # Members dated further ahead would be refused by the choice anyway;
+        # left in the range they would crowd the honest ones out of the cap.
+        until_ms = round((time.time() + MAX_CLOCK_SKEW_S) * 1000)
         async with redis_guard("load_baselines", self._timeout_s, self._redis):
             pipe = self._redis.pipeline(transaction=False)
             for model, detector in pairs:
-                pipe.zrangebyscore(self.index_key(model, detector), since_ms, "+inf")
+                pipe.zrevrangebyscore(
+                    self.index_key(model, detector),
+                    until_ms,
+                    since_ms,
+                    start=0,
+                    num=MAX_LOAD_CANDIDATES,
+                )
             workers = await pipe.execute()
             wanted: list[tuple[tuple[str, str], str]] = []
             for pair, members in zip(pairs, workers, strict=True):
                 for member in members:
-                    name = member.decode() if isinstance(member, bytes) else member
-                    wanted.append((pair, self.entry_key(*pair, name)))
+                    wanted.append((pair, self.entry_key(*pair, member)))
             if not wanted:
                 return found
             pipe = self._redis.pipeline(transaction=False)

@@ -214,7 +214,9 @@ def test_a_garbage_warm_stamp_means_warm_up_again(
     in the warm stamp: the cache is treated as stale, never as an error that
     fails the worker's start."""
     mark_warm(package)
-    (package / "__pycache__" / "modelgate-kernels.warm").write_bytes(b"\xff\xfe\x00\x9c")
+    (package / "__pycache__" / "modelgate-kernels.warm").write_bytes(
+        b"\xff\xfe\x00\x9c"
+    )
     assert warm_needed(package)
     assert warm.ensure_warm(package) > 0
     assert replay.calls == 1

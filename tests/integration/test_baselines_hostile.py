@@ -1,0 +1,96 @@
+"""Hostile and crowded live-baseline indexes on the real Redis
+(gateway/baselines.py): whatever the index holds, a load never raises
+anything but ``StoreError``, reads a bounded number of entries, and is not
+steered by members dated in the future."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from detectors.baselines import BASELINE_FORMAT, SavedBaseline, decode_saved
+from gateway.baselines import MAX_LOAD_CANDIDATES, RedisBaselineStore
+from gateway.store import redis_from_settings
+from tests.conftest import StackInfo
+from tests.integration.helpers import delete_prefix, request_path_settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+PAIR = ("digits", "margin")
+
+
+def entry(worker: str, at_s: float, **kw: Any) -> SavedBaseline:
+    fields: dict[str, Any] = {
+        "format": BASELINE_FORMAT,
+        "model": "digits",
+        "model_id": "id-1",
+        "detector": "margin",
+        "worker": worker,
+        "saved_at_s": at_s,
+        "samples": 600,
+        "ready": True,
+        "baseline": worker.encode(),
+        **kw,
+    }
+    return SavedBaseline(**fields)
+
+
+async def test_an_index_member_that_is_not_utf8_does_not_break_the_load(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    """Index members are written by workers as UTF-8, but anyone with write
+    access to the prefix may add raw bytes: the load used to decode them and
+    raise ``UnicodeDecodeError``, which ``BaselineKeeper.load`` does not
+    catch, so the worker failed to start."""
+    settings = request_path_settings(stack, models_dir)
+    redis = redis_from_settings(settings)
+    store = RedisBaselineStore(redis, settings.redis.key_prefix, timeout_s=2.0)
+    now_s = time.time()
+    try:
+        await store.save_many([entry("honest", now_s - 5)], ttl_s=600.0)
+        index = store.index_key(*PAIR)
+        await redis.zadd(index, {b"\xff\xfe mallory": int(now_s * 1000)})
+        await redis.set(store.entry_key(*PAIR, b"\xff\xfe mallory"), b"junk")
+        found = await store.load_many([PAIR], not_before_s=now_s - 600.0)
+        assert sorted(found[PAIR]) == sorted(
+            [b"junk", (await redis.get(store.entry_key(*PAIR, "honest"))) or b""]
+        )
+    finally:
+        await redis.aclose()
+        await delete_prefix(settings)
+
+
+async def test_the_load_reads_a_bounded_number_of_the_newest_entries(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    """Every restart leaves an entry (worker ids name the pid), and a writer
+    may add members dated years ahead: the load reads the newest
+    ``MAX_LOAD_CANDIDATES`` dated up to the tolerated skew, not all of them,
+    and future members do not crowd the honest ones out."""
+    settings = request_path_settings(stack, models_dir)
+    redis = redis_from_settings(settings)
+    store = RedisBaselineStore(redis, settings.redis.key_prefix, timeout_s=5.0)
+    now_s = time.time()
+    try:
+        await store.save_many(
+            [entry(f"w{i}", now_s - 200 + i) for i in range(100)], ttl_s=600.0
+        )
+        await store.save_many(
+            [entry(f"future{i}", now_s + 86_400 * (i + 1)) for i in range(40)],
+            ttl_s=600.0,
+        )
+        started = time.perf_counter()
+        found = await store.load_many([PAIR], not_before_s=now_s - 600.0)
+        seconds = time.perf_counter() - started
+        workers = sorted(decode_saved(blob).worker for blob in found[PAIR])
+        assert workers == sorted(f"w{i}" for i in range(100 - MAX_LOAD_CANDIDATES, 100))
+        assert await redis.zcard(store.index_key(*PAIR)) == 140
+        print(
+            f"\nload of {MAX_LOAD_CANDIDATES} of 140 indexed: {seconds * 1000:.1f} ms"
+        )
+    finally:
+        await redis.aclose()
+        await delete_prefix(settings)
