@@ -49,6 +49,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from redis import exceptions as redis_exc
 
 from detectors.baselines import (
     BASELINE_FORMAT,
@@ -88,6 +89,24 @@ def model_identity(model: ModelBackend) -> str:
     digest.update(f"|{reference.dtype.str}|{reference.shape}|".encode())
     digest.update(reference.tobytes())
     return digest.hexdigest()[:32]
+
+
+def _replies(replies: list[Any], instead: Any) -> list[Any]:
+    """A pipeline's replies, an error reply replaced by ``instead``.
+
+    An error reply names one key of the wrong type (WRONGTYPE: overwritten
+    by hand or by a bug); raised, it failed the whole load, every model's and
+    detector's. Anything else (the connection) is raised, for the guard.
+    """
+    kept = []
+    for reply in replies:
+        if isinstance(reply, redis_exc.ResponseError):
+            logger.warning("a saved baseline key is unreadable: %s", reply)
+            reply = instead
+        elif isinstance(reply, BaseException):
+            raise reply
+        kept.append(reply)
+    return kept
 
 
 class RedisBaselineStore:
@@ -181,7 +200,7 @@ class RedisBaselineStore:
                     start=0,
                     num=MAX_LOAD_CANDIDATES,
                 )
-            workers = await pipe.execute()
+            workers = _replies(await pipe.execute(raise_on_error=False), [])
             wanted: list[tuple[tuple[str, str], str]] = []
             for pair, members in zip(pairs, workers, strict=True):
                 for member in members:
@@ -191,7 +210,7 @@ class RedisBaselineStore:
             pipe = self._redis.pipeline(transaction=False)
             for _, key in wanted:
                 pipe.get(key)
-            blobs = await pipe.execute()
+            blobs = _replies(await pipe.execute(raise_on_error=False), None)
         for (pair, _), blob in zip(wanted, blobs, strict=True):
             if blob is not None:
                 found[pair].append(bytes(blob))

@@ -94,3 +94,30 @@ async def test_the_load_reads_a_bounded_number_of_the_newest_entries(
     finally:
         await redis.aclose()
         await delete_prefix(settings)
+
+
+async def test_a_key_of_another_type_costs_only_itself(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    """One index or entry key overwritten with another Redis type used to
+    fail the whole pipeline (WRONGTYPE), so every model's and detector's
+    load came back ``unavailable``; now only that key is left out."""
+    settings = request_path_settings(stack, models_dir)
+    redis = redis_from_settings(settings)
+    store = RedisBaselineStore(redis, settings.redis.key_prefix, timeout_s=2.0)
+    now_s = time.time()
+    other = ("digits", "traffic")
+    try:
+        await store.save_many(
+            [entry("honest", now_s - 5), entry("hijacked", now_s - 1)], ttl_s=600.0
+        )
+        hijacked = store.entry_key(*PAIR, "hijacked")
+        await redis.delete(hijacked)
+        await redis.hset(hijacked, "field", "value")
+        await redis.set(store.index_key(*other), b"not a sorted set")
+        found = await store.load_many([PAIR, other], not_before_s=now_s - 600.0)
+        assert [decode_saved(b).worker for b in found[PAIR]] == ["honest"]
+        assert found[other] == []
+    finally:
+        await redis.aclose()
+        await delete_prefix(settings)
