@@ -5,6 +5,7 @@ steered by members dated in the future."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,9 @@ from typing import Any
 import pytest
 
 from detectors.baselines import BASELINE_FORMAT, SavedBaseline, decode_saved
-from gateway.baselines import MAX_LOAD_CANDIDATES, RedisBaselineStore
+from gateway.baselines import MAX_LOAD_CANDIDATES, BaselineKeeper, RedisBaselineStore
 from gateway.store import redis_from_settings
+from gateway.worker import Worker
 from tests.conftest import StackInfo
 from tests.integration.helpers import delete_prefix, request_path_settings
 
@@ -120,4 +122,40 @@ async def test_a_key_of_another_type_costs_only_itself(
         assert found[other] == []
     finally:
         await redis.aclose()
+        await delete_prefix(settings)
+
+
+async def test_a_start_cancelled_during_the_baseline_load_cleans_up(
+    stack: StackInfo, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while it loads the baselines (a supervisor's timeout, a
+    test's ``wait_for``), ``start`` raised before ``async with`` could call
+    ``stop``: the live-configuration tasks kept running and the Redis pool
+    and /metrics port stayed open. The load is made to block (the one
+    stand-in here) so the cancel lands inside it every time."""
+    settings = request_path_settings(stack, models_dir)
+    entered = asyncio.Event()
+
+    async def blocked_load(self: BaselineKeeper) -> int:
+        entered.set()
+        await asyncio.Event().wait()
+        return 0
+
+    monkeypatch.setattr(BaselineKeeper, "load", blocked_load)
+    worker = Worker(settings)
+    starting = asyncio.create_task(worker.start())
+    try:
+        await asyncio.wait_for(entered.wait(), 60)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        left = [
+            t.get_name()
+            for t in asyncio.all_tasks()
+            if t.get_name() in {"config-follow", "config-heartbeat"} and not t.done()
+        ]
+        assert left == []
+        assert worker._redis is None and worker._live is None
+    finally:
+        await worker.stop()
         await delete_prefix(settings)
