@@ -41,6 +41,7 @@ only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -140,10 +141,8 @@ def mark_warm(package: Path = PACKAGE, key: str | None = None) -> bool:
     except OSError:
         # E.g. the stamp's name taken by a directory: no file left behind
         # per process that tried.
-        try:
+        with contextlib.suppress(OSError):  # read-only: nothing was written
             partial.unlink(missing_ok=True)
-        except OSError:
-            pass  # read-only: nothing was written either
         return False
     return True
 
