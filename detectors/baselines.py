@@ -260,13 +260,14 @@ def choose_baseline(
     The rule (one key per worker; the loader picks): candidates saved for
     another model identity or detector, older than ``max_age_s``, dated more
     than :data:`MAX_CLOCK_SKEW_S` ahead of ``now_s``, or unreadable are
-    dropped. The rest are ranked: those that are ``ready``
-    (hold enough honest samples for the detector to use them), newest first;
-    then the others, most samples first (newest on a tie). So a new worker
-    starts from the freshest usable baseline whenever any worker saved one,
-    and a worker that just started blind and saved its few answers never
-    hides a richer one. The caller imports the first that its detector
-    accepts.
+    dropped. The rest are ranked: those that are ``ready`` (hold enough
+    honest samples for the detector to use them) first, then the others;
+    within each, most samples first, newest on a tie (margin's samples stop
+    at its ring size, so among full baselines the newest wins). So a new
+    worker starts from a usable baseline whenever any worker saved one, and
+    a worker that just started blind and saved its few answers, ready or
+    not, never hides a richer one. The caller imports the first that its
+    detector accepts.
 
     Examples
     --------
@@ -298,11 +299,14 @@ def choose_baseline(
             skipped["future"] = skipped.get("future", 0) + 1
         else:
             kept.append(saved)
-    ready = sorted((s for s in kept if s.ready), key=lambda s: -s.saved_at_s)
-    others = sorted(
-        (s for s in kept if not s.ready), key=lambda s: (-s.samples, -s.saved_at_s)
-    )
-    return Choice(chosen=ready + others, skipped=skipped)
+    # Ready ones by samples too, not newest first: a worker that started
+    # blind (Redis down at its load) and heard mostly one group of keys in
+    # good standing reaches ready after a few hundred answers, and as the
+    # newest save it displaced every richer baseline at every later start
+    # (520 staggered low-margin answers hid an active learner on margin,
+    # where about 2,600 are needed against a full live baseline).
+    chosen = sorted(kept, key=lambda s: (not s.ready, -s.samples, -s.saved_at_s))
+    return Choice(chosen=chosen, skipped=skipped)
 
 
 class BaselineStore(Protocol):

@@ -19,8 +19,9 @@ Merge rule: one key per worker, never overwritten by another, and the
 loader picks (:func:`detectors.baselines.choose_baseline`): among the
 entries saved for this model identity (:func:`model_identity`: signature,
 version included, and reference sample) within ``worker.baseline_max_age_s``,
-the newest that is ready (holds enough honest samples for its detector),
-else the one with the most samples. Every key expires after
+the ready one (holds enough honest samples for its detector) with the most
+samples, newest on a tie, else the one with the most samples. Every key
+expires after
 ``baseline_max_age_s`` without a save, so workers that are gone leave nothing
 behind for long.
 

@@ -11,8 +11,8 @@ import pytest
 
 from detectors import build_detectors
 from detectors.baselines import (
-    MAX_CLOCK_SKEW_S,
     BASELINE_FORMAT,
+    MAX_CLOCK_SKEW_S,
     BaselineBlob,
     BaselineRefused,
     InMemoryBaselineStore,
@@ -299,7 +299,7 @@ def saved(worker: str, at_s: float, samples: int, ready: bool, **kw: Any) -> byt
     return encode_saved(SavedBaseline(**fields))
 
 
-def test_choice_prefers_the_newest_ready_baseline_and_skips_the_unusable() -> None:
+def test_choice_prefers_the_richest_ready_baseline_and_skips_the_unusable() -> None:
     candidates = [
         saved("old-ready", 1000.0, 4096, True),
         saved("new-ready", 2000.0, 600, True),
@@ -318,8 +318,8 @@ def test_choice_prefers_the_newest_ready_baseline_and_skips_the_unusable() -> No
         max_age_s=2500.0,
     )
     assert [s.worker for s in choice.chosen] == [
-        "new-ready",
         "old-ready",
+        "new-ready",
         "rich-blind",
         "newest-blind",
     ]
@@ -356,5 +356,32 @@ def test_an_entry_from_the_future_does_not_win_forever() -> None:
         now_s=3000.0,
         max_age_s=2500.0,
     )
-    assert [s.worker for s in choice.chosen] == ["slightly-ahead", "honest"]
+    assert [s.worker for s in choice.chosen] == ["honest", "slightly-ahead"]
     assert choice.skipped == {"future": 1}
+
+
+def test_a_newer_barely_ready_baseline_does_not_displace_a_full_one() -> None:
+    """A worker that started blind (Redis down at its load) and learnt from
+    a few sybil keys in good standing reaches ready at 512 answers; ranked
+    newest-first it won every later load over full baselines (offline, 520
+    staggered low-margin answers saved that way hid an active learner that
+    the full honest baseline catches). Among full baselines (margin stops at
+    its ring size) the newest still wins."""
+    candidates = [
+        saved("rich-older", 2000.0, 4096, True),
+        saved("blind-newer", 2900.0, 520, True),
+        saved("rich-newest", 2950.0, 4096, True),
+    ]
+    choice = choose_baseline(
+        candidates,
+        model="digits",
+        model_id="id-1",
+        detector="margin",
+        now_s=3000.0,
+        max_age_s=2500.0,
+    )
+    assert [s.worker for s in choice.chosen] == [
+        "rich-newest",
+        "rich-older",
+        "blind-newer",
+    ]
