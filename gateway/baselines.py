@@ -110,6 +110,19 @@ def _replies(replies: list[Any], instead: Any) -> list[Any]:
     return kept
 
 
+def _check_envelope(saved: SavedBaseline) -> None:
+    """Refuse (``invalid``) an entry whose envelope's ``samples`` or
+    ``ready``, which the choice ranks by, are not its blob's: one claiming
+    more than it carries would win over richer honest entries."""
+    header = decode_baseline(saved.baseline)
+    if (header.samples, header.ready) != (saved.samples, saved.ready):
+        raise BaselineRefused(
+            "invalid",
+            f"envelope says {saved.samples} samples (ready {saved.ready}), "
+            f"the baseline holds {header.samples} (ready {header.ready})",
+        )
+
+
 class RedisBaselineStore:
     """The live baselines of every worker, in Redis (see the module docstring).
 
@@ -342,6 +355,7 @@ class BaselineKeeper:
                 "from_worker": saved.worker,
             }
             try:
+                _check_envelope(saved)
                 samples = detector.import_baseline(saved.baseline)
             except BaselineRefused as exc:
                 self._metrics.baseline_loads.labels(model, name, "refused").inc()

@@ -10,14 +10,32 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from detectors.baselines import BASELINE_FORMAT, SavedBaseline, decode_saved
-from gateway.baselines import MAX_LOAD_CANDIDATES, BaselineKeeper, RedisBaselineStore
+from detectors.baselines import (
+    BASELINE_FORMAT,
+    BaselineBlob,
+    SavedBaseline,
+    decode_baseline,
+    decode_saved,
+    encode_baseline,
+)
+from gateway.baselines import (
+    MAX_LOAD_CANDIDATES,
+    BaselineKeeper,
+    RedisBaselineStore,
+    model_identity,
+)
+from gateway.models import load_model
 from gateway.store import redis_from_settings
 from gateway.worker import Worker
 from tests.conftest import StackInfo
-from tests.integration.helpers import delete_prefix, request_path_settings
+from tests.integration.helpers import (
+    delete_prefix,
+    request_path_settings,
+    running_worker,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -158,4 +176,61 @@ async def test_a_start_cancelled_during_the_baseline_load_cleans_up(
         assert worker._redis is None and worker._live is None
     finally:
         await worker.stop()
+        await delete_prefix(settings)
+
+
+def margin_blob(samples: int, ready: bool) -> bytes:
+    rng = np.random.default_rng(samples)
+    return encode_baseline(
+        BaselineBlob(
+            format=BASELINE_FORMAT,
+            detector="margin",
+            n_features=64,
+            samples=samples,
+            ready=ready,
+            fields={
+                "margin": rng.uniform(0.5, 1.0, samples).tobytes(),
+                "entropy": rng.uniform(0.0, 0.5, samples).tobytes(),
+            },
+        )
+    )
+
+
+async def test_an_envelope_that_overstates_its_baseline_is_refused(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    """The loader ranks entries by the envelope's ``samples`` and ``ready``
+    without decoding the blob; an envelope claiming 4000 ready answers
+    around a 5-answer blob won the choice and left the worker blind while a
+    real 600-answer baseline was there. The envelope must agree with the
+    blob it carries."""
+    settings = request_path_settings(
+        stack, models_dir, worker={"baseline_save_interval_s": 0}
+    )
+    redis = redis_from_settings(settings)
+    store = RedisBaselineStore(redis, settings.redis.key_prefix, timeout_s=2.0)
+    identity = model_identity(load_model(models_dir, "digits"))
+    now_s = time.time()
+    honest = entry(
+        "honest", now_s - 60, model_id=identity, samples=600, ready=True,
+        baseline=margin_blob(600, True),
+    )  # fmt: skip
+    liar = entry(
+        "liar", now_s - 30, model_id=identity, samples=4000, ready=True,
+        baseline=margin_blob(5, False),
+    )  # fmt: skip
+    try:
+        await store.save_many([honest, liar], ttl_s=600.0)
+        async with running_worker(settings) as worker:
+            assert worker._scorer is not None
+            blob = worker._scorer.detectors_of("digits")["margin"].export_baseline()
+            header = decode_baseline(blob or b"")
+            assert (header.samples, header.ready) == (600, True)
+            refused = worker.metrics.registry.get_sample_value(
+                "modelgate_baseline_loads_total",
+                {"model": "digits", "detector": "margin", "outcome": "refused"},
+            )
+            assert refused == 1
+    finally:
+        await redis.aclose()
         await delete_prefix(settings)
