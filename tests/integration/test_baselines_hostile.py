@@ -6,6 +6,7 @@ steered by members dated in the future."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -27,19 +28,25 @@ from gateway.baselines import (
     RedisBaselineStore,
     model_identity,
 )
-from gateway.models import load_model
+from gateway.models import digits_split, load_model
 from gateway.store import redis_from_settings
 from gateway.worker import Worker
 from tests.conftest import StackInfo
 from tests.integration.helpers import (
+    RawKafka,
+    create_key,
     delete_prefix,
+    fail_open_settings,
     request_path_settings,
+    responses_for,
     running_worker,
 )
+from tests.integration.test_adversarial import OwnRedis, _free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 PAIR = ("digits", "margin")
+X_ROWS = digits_split()[0][:16]
 
 
 def entry(worker: str, at_s: float, **kw: Any) -> SavedBaseline:
@@ -234,3 +241,51 @@ async def test_an_envelope_that_overstates_its_baseline_is_refused(
     finally:
         await redis.aclose()
         await delete_prefix(settings)
+
+
+async def test_a_save_against_a_hung_redis_is_bounded_and_never_holds_the_lock(
+    stack: StackInfo, models_dir: Path, tmp_path: Path
+) -> None:
+    """Redis stops answering (SIGSTOP: connections accepted, no replies)
+    just before the stop-time save: the save gives up after one
+    ``socket_timeout_s``, counts ``unavailable``, and the batch lock is free
+    all the while (the export runs under it, the Redis call does not)."""
+    own = OwnRedis(tmp_path, _free_port(16493))
+    own.start()
+    try:
+        settings = fail_open_settings(
+            stack,
+            own.url,
+            models_dir,
+            redis={"socket_timeout_s": 0.5},
+            worker={"baseline_save_interval_s": 0},
+        )
+        key = await create_key(settings, "ann")
+        async with running_worker(settings) as worker:
+            async with RawKafka(settings) as kafka:
+                rid = await kafka.send_request(*key, X_ROWS, client_id="ann")
+                await kafka.flush()
+                answers = await responses_for(settings, [rid], timeout_s=60.0)
+            assert answers[rid]["status"] == "ok", answers[rid]
+            keeper = worker._baselines
+            assert keeper is not None
+            own.signal(signal.SIGSTOP)
+            started = time.perf_counter()
+            save = asyncio.create_task(keeper.save())
+            lock_seen = False
+            while not save.done():
+                lock_seen = lock_seen or worker._batch_lock.locked()
+                await asyncio.sleep(0.01)  # sampling the lock while the save runs
+            seconds = time.perf_counter() - started
+            assert await save == 0
+            assert not lock_seen
+            assert seconds < 1.5, seconds
+            unavailable = worker.metrics.registry.get_sample_value(
+                "modelgate_baseline_saves_total",
+                {"model": "digits", "detector": "margin", "outcome": "unavailable"},
+            )
+            assert unavailable == 1
+            print(f"\nbaseline save against a hung Redis: {seconds * 1000:.0f} ms")
+            own.signal(signal.SIGCONT)
+    finally:
+        own.kill()
