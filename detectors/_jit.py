@@ -90,15 +90,21 @@ def warm_key(package: Path) -> str:
 
     numba recompiles a cached kernel when its module's size or modification
     time differs from the cache index's, when its own version differs, and
-    for another CPU; the digest covers the calls between kernel modules
-    (see the module docstring). Reading it costs one ``stat`` and one read
-    per module of ``package`` (about a millisecond for ``detectors``).
+    for another CPU, and finds nothing in another cache directory; the
+    digest covers the calls between kernel modules (see the module
+    docstring). A cache directory emptied under the same name (a tmpfs) is
+    not noticed: its first process compiles on first use. Reading it costs
+    one ``stat`` and one read per module of ``package`` (about a millisecond
+    for ``detectors``).
     """
     lines = [
         f"digest {kernel_digest(package)}",
         f"numba {numba.__version__}",
         f"python {sys.version.split()[0]} {sys.implementation.cache_tag}",
         f"cpu {platform.machine()} {llvm.get_host_cpu_name()}",
+        # Where numba keeps them (NUMBA_CACHE_DIR, empty for beside the
+        # sources): a stamp written for one cache says nothing of another.
+        f"cache {getattr(numba.config, 'CACHE_DIR', '')}",
     ]
     for path in sorted(package.glob("*.py")):
         if _MARK in path.read_bytes():

@@ -245,3 +245,18 @@ def test_a_warm_stamp_that_is_a_directory_is_survived_and_leaves_no_litter(
     assert sorted(p.name for p in cache.glob("modelgate-kernels.warm*")) == [
         "modelgate-kernels.warm"
     ]
+
+
+def test_another_numba_cache_dir_needs_it_again(
+    package: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image warms its kernels into ``NUMBA_CACHE_DIR`` at build and
+    leaves the stamp in the package. Run with another cache directory (a
+    tmpfs for a read-only root, say), the stamp still said warm, so every
+    worker compiled its kernels inside its first batches instead of before
+    consuming."""
+    mark_warm(package)
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "/elsewhere/numba-cache")
+    assert warm_needed(package)
+    mark_warm(package)
+    assert not warm_needed(package)
