@@ -44,9 +44,10 @@ BASELINE_FORMAT = 1
 """Version of :class:`BaselineBlob` and :class:`SavedBaseline`; bump when
 their meaning changes (a reader refuses any other)."""
 
-MAX_BASELINE_BYTES = 4 * 1_048_576
+MAX_BASELINE_BYTES = 16 * 1_048_576
 """Largest encoded baseline read, in bytes: margin's largest ring (1,000,000
-answers at 16 bytes) fits, anything bigger is refused before decoding."""
+answers at 16 bytes, 16,000,000 bytes and a little framing) fits, anything
+bigger is refused before decoding."""
 
 MAX_CLOCK_SKEW_S = 300.0
 """How far ahead of the loader's clock, in seconds, a saved baseline may be

@@ -12,6 +12,7 @@ import pytest
 from detectors import build_detectors
 from detectors.baselines import (
     BASELINE_FORMAT,
+    MAX_BASELINE_BYTES,
     MAX_CLOCK_SKEW_S,
     BaselineBlob,
     BaselineRefused,
@@ -22,7 +23,7 @@ from detectors.baselines import (
     encode_baseline,
     encode_saved,
 )
-from detectors.margin import MarginDetector
+from detectors.margin import MarginDetector, MarginParams
 from detectors.ood import HONEST_RATE_PRIOR_ROWS, OutOfDistributionDetector
 from detectors.traffic import TrafficDetector
 from tests.detectors.test_margin_rank import (
@@ -385,3 +386,36 @@ def test_a_newer_barely_ready_baseline_does_not_displace_a_full_one() -> None:
         "rich-older",
         "blind-newer",
     ]
+
+
+def test_the_largest_margin_ring_round_trips() -> None:
+    """``MarginParams`` allows a ring of 1,000,000 answers (16 bytes each,
+    two float64s) and the size bound says that ring fits; it was 4 MiB, so
+    a ring over about 262,000 answers could be neither imported nor saved
+    (the keeper decodes its own export to read the count, and the refusal
+    escaped the stop-time save)."""
+    size = 1_000_000
+    rng = np.random.default_rng(0)
+    blob = blob_with(
+        n_features=4,
+        samples=size,
+        ready=True,
+        fields={
+            "margin": rng.random(size).tobytes(),
+            "entropy": rng.random(size).tobytes(),
+        },
+    )
+    assert len(blob) > 16_000_000
+    detector = MarginDetector(MarginParams(baseline_size=size))
+    detector.learn_baseline(rng.random((256, 4)))
+    assert detector.import_baseline(blob) == size
+    exported = detector.export_baseline() or b""
+    assert decode_baseline(exported).samples == size
+    assert (
+        len(
+            encode_saved(
+                SavedBaseline(1, "m", "i", "margin", "w", 1.0, size, True, exported)
+            )
+        )
+        <= MAX_BASELINE_BYTES + 4096
+    )
