@@ -473,4 +473,9 @@ class BaselineKeeper:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        await self.save()
+        try:
+            await self.save()
+        except Exception:
+            # Raised, a bug here skipped the rest of the worker's stop: its
+            # clients' hand-over and leaving the group.
+            logger.exception("saving live baselines at stop failed")

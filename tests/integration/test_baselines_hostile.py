@@ -14,9 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+import gateway.baselines
 from detectors.baselines import (
     BASELINE_FORMAT,
     BaselineBlob,
+    BaselineRefused,
     SavedBaseline,
     decode_baseline,
     decode_saved,
@@ -269,6 +271,12 @@ async def test_a_save_against_a_hung_redis_is_bounded_and_never_holds_the_lock(
             assert answers[rid]["status"] == "ok", answers[rid]
             keeper = worker._baselines
             assert keeper is not None
+            # The batch that answered ann may still be committing under the
+            # lock: wait it out, so the only candidate holder is the save.
+            deadline = time.monotonic() + 30.0
+            while worker._batch_lock.locked():
+                assert time.monotonic() < deadline, "the batch never finished"
+                await asyncio.sleep(0.01)  # polling with a deadline
             own.signal(signal.SIGSTOP)
             started = time.perf_counter()
             save = asyncio.create_task(keeper.save())
@@ -289,3 +297,39 @@ async def test_a_save_against_a_hung_redis_is_bounded_and_never_holds_the_lock(
             own.signal(signal.SIGCONT)
     finally:
         own.kill()
+
+
+async def test_a_failing_stop_time_save_does_not_cut_the_worker_stop_short(
+    stack: StackInfo, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save that raises (here a stand-in: decoding its own export fails,
+    as a 300,000-answer margin ring did under the old size bound) must not
+    escape ``Worker.stop``, which then skipped the clients' hand-over and
+    leaving the group."""
+    settings = request_path_settings(
+        stack, models_dir, worker={"baseline_save_interval_s": 0}
+    )
+    key = await create_key(settings, "ann")
+
+    def refuse(data: bytes) -> Any:
+        raise BaselineRefused("malformed", "stand-in for an export bug")
+
+    try:
+        async with running_worker(settings) as worker:
+            async with RawKafka(settings) as kafka:
+                rid = await kafka.send_request(*key, X_ROWS, client_id="ann")
+                await kafka.flush()
+                answers = await responses_for(settings, [rid], timeout_s=60.0)
+            assert answers[rid]["status"] == "ok", answers[rid]
+            assert worker._clients is not None
+            assert worker._clients.held() == ["ann"]
+            monkeypatch.setattr(gateway.baselines, "decode_baseline", refuse)
+        # The stop ran to the end: ann's state was handed over to Redis.
+        redis = redis_from_settings(settings)
+        try:
+            state = await redis.get(f"{settings.redis.key_prefix}:{{c:ann}}:state")
+        finally:
+            await redis.aclose()
+        assert state is not None
+    finally:
+        await delete_prefix(settings)
