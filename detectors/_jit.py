@@ -41,6 +41,7 @@ only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -89,15 +90,21 @@ def warm_key(package: Path) -> str:
 
     numba recompiles a cached kernel when its module's size or modification
     time differs from the cache index's, when its own version differs, and
-    for another CPU; the digest covers the calls between kernel modules
-    (see the module docstring). Reading it costs one ``stat`` and one read
-    per module of ``package`` (about a millisecond for ``detectors``).
+    for another CPU, and finds nothing in another cache directory; the
+    digest covers the calls between kernel modules (see the module
+    docstring). A cache directory emptied under the same name (a tmpfs) is
+    not noticed: its first process compiles on first use. Reading it costs
+    one ``stat`` and one read per module of ``package`` (about a millisecond
+    for ``detectors``).
     """
     lines = [
         f"digest {kernel_digest(package)}",
         f"numba {numba.__version__}",
         f"python {sys.version.split()[0]} {sys.implementation.cache_tag}",
         f"cpu {platform.machine()} {llvm.get_host_cpu_name()}",
+        # Where numba keeps them (NUMBA_CACHE_DIR, empty for beside the
+        # sources): a stamp written for one cache says nothing of another.
+        f"cache {getattr(numba.config, 'CACHE_DIR', '')}",
     ]
     for path in sorted(package.glob("*.py")):
         if _MARK in path.read_bytes():
@@ -115,9 +122,12 @@ def warm_needed(package: Path = PACKAGE) -> bool:
     still compiles on first use.
     """
     try:
-        return (package / "__pycache__" / _WARM_STAMP).read_text() != warm_key(package)
+        # Bytes, not text: a stamp that does not decode (a torn write, junk)
+        # is only stale, never an error that fails a worker's start.
+        stamp = (package / "__pycache__" / _WARM_STAMP).read_bytes()
     except OSError:
         return True  # never warmed, or the stamp is unreadable
+    return stamp != warm_key(package).encode()
 
 
 def mark_warm(package: Path = PACKAGE, key: str | None = None) -> bool:
@@ -129,12 +139,16 @@ def mark_warm(package: Path = PACKAGE, key: str | None = None) -> bool:
     matches it.
     """
     cache = package / "__pycache__"
+    partial = cache / f"{_WARM_STAMP}.{os.getpid()}"
     try:
         cache.mkdir(exist_ok=True)
-        partial = cache / f"{_WARM_STAMP}.{os.getpid()}"
         partial.write_text(warm_key(package) if key is None else key)
         partial.replace(cache / _WARM_STAMP)
     except OSError:
+        # E.g. the stamp's name taken by a directory: no file left behind
+        # per process that tried.
+        with contextlib.suppress(OSError):  # read-only: nothing was written
+            partial.unlink(missing_ok=True)
         return False
     return True
 
@@ -151,7 +165,8 @@ def drop_stale_kernels(package: Path) -> bool:
     stamp = cache / _STAMP
     wanted = kernel_digest(package)
     try:
-        if stamp.read_text() == wanted:
+        # Bytes: a stamp that is not text must not fail the package import.
+        if stamp.read_bytes() == wanted.encode():
             return False
     except OSError:
         pass  # no stamp yet: whatever is cached may predate it

@@ -44,9 +44,16 @@ BASELINE_FORMAT = 1
 """Version of :class:`BaselineBlob` and :class:`SavedBaseline`; bump when
 their meaning changes (a reader refuses any other)."""
 
-MAX_BASELINE_BYTES = 4 * 1_048_576
+MAX_BASELINE_BYTES = 16 * 1_048_576
 """Largest encoded baseline read, in bytes: margin's largest ring (1,000,000
-answers at 16 bytes) fits, anything bigger is refused before decoding."""
+answers at 16 bytes, 16,000,000 bytes and a little framing) fits, anything
+bigger is refused before decoding."""
+
+MAX_CLOCK_SKEW_S = 300.0
+"""How far ahead of the loader's clock, in seconds, a saved baseline may be
+dated and still be chosen: hosts' clocks differ by a little, but an entry
+dated further ahead (a hostile write, a badly set clock) would otherwise rank
+as the newest and never turn stale."""
 
 MAX_SAMPLES = 2**53
 """Largest sample count accepted: counts above it are no longer exact in the
@@ -231,6 +238,7 @@ class Choice:
     """What :func:`choose_baseline` picked and why it passed over the rest.
 
     ``skipped`` counts candidates by reason: ``stale`` (older than the bound),
+    ``future`` (dated more than :data:`MAX_CLOCK_SKEW_S` ahead),
     ``other_model`` (another identity of the model, or another detector),
     ``unreadable`` (not a saved baseline of this version).
     """
@@ -251,14 +259,16 @@ def choose_baseline(
     """Order the saved baselines of one model and detector, best first.
 
     The rule (one key per worker; the loader picks): candidates saved for
-    another model identity or detector, older than ``max_age_s``, or
-    unreadable are dropped. The rest are ranked: those that are ``ready``
-    (hold enough honest samples for the detector to use them), newest first;
-    then the others, most samples first (newest on a tie). So a new worker
-    starts from the freshest usable baseline whenever any worker saved one,
-    and a worker that just started blind and saved its few answers never
-    hides a richer one. The caller imports the first that its detector
-    accepts.
+    another model identity or detector, older than ``max_age_s``, dated more
+    than :data:`MAX_CLOCK_SKEW_S` ahead of ``now_s``, or unreadable are
+    dropped. The rest are ranked: those that are ``ready`` (hold enough
+    honest samples for the detector to use them) first, then the others;
+    within each, most samples first, newest on a tie (margin's samples stop
+    at its ring size, so among full baselines the newest wins). So a new
+    worker starts from a usable baseline whenever any worker saved one, and
+    a worker that just started blind and saved its few answers, ready or
+    not, never hides a richer one. The caller imports the first that its
+    detector accepts.
 
     Examples
     --------
@@ -286,13 +296,18 @@ def choose_baseline(
             skipped["other_model"] = skipped.get("other_model", 0) + 1
         elif now_s - saved.saved_at_s > max_age_s:
             skipped["stale"] = skipped.get("stale", 0) + 1
+        elif saved.saved_at_s - now_s > MAX_CLOCK_SKEW_S:
+            skipped["future"] = skipped.get("future", 0) + 1
         else:
             kept.append(saved)
-    ready = sorted((s for s in kept if s.ready), key=lambda s: -s.saved_at_s)
-    others = sorted(
-        (s for s in kept if not s.ready), key=lambda s: (-s.samples, -s.saved_at_s)
-    )
-    return Choice(chosen=ready + others, skipped=skipped)
+    # Ready ones by samples too, not newest first: a worker that started
+    # blind (Redis down at its load) and heard mostly one group of keys in
+    # good standing reaches ready after a few hundred answers, and as the
+    # newest save it displaced every richer baseline at every later start
+    # (520 staggered low-margin answers hid an active learner on margin,
+    # where about 2,600 are needed against a full live baseline).
+    chosen = sorted(kept, key=lambda s: (not s.ready, -s.samples, -s.saved_at_s))
+    return Choice(chosen=chosen, skipped=skipped)
 
 
 class BaselineStore(Protocol):

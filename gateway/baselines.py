@@ -19,8 +19,9 @@ Merge rule: one key per worker, never overwritten by another, and the
 loader picks (:func:`detectors.baselines.choose_baseline`): among the
 entries saved for this model identity (:func:`model_identity`: signature,
 version included, and reference sample) within ``worker.baseline_max_age_s``,
-the newest that is ready (holds enough honest samples for its detector),
-else the one with the most samples. Every key expires after
+the ready one (holds enough honest samples for its detector) with the most
+samples, newest on a tie, else the one with the most samples. Every key
+expires after
 ``baseline_max_age_s`` without a save, so workers that are gone leave nothing
 behind for long.
 
@@ -49,9 +50,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from redis import exceptions as redis_exc
 
 from detectors.baselines import (
     BASELINE_FORMAT,
+    MAX_CLOCK_SKEW_S,
     BaselineRefused,
     SavedBaseline,
     choose_baseline,
@@ -67,6 +70,15 @@ from gateway.store import RedisClient, redis_guard
 
 logger = logging.getLogger(__name__)
 
+MAX_LOAD_CANDIDATES = 16
+"""Most saved entries read per model and detector at load: the newest by
+their index score. Worker ids name a host and pid, so every restart within
+``baseline_max_age_s`` leaves one more entry (each up to
+:data:`detectors.baselines.MAX_BASELINE_BYTES`); reading them all made a
+start's memory and time grow with the group's restart history, or with
+whatever someone wrote into the index. An older rich entry behind 16 newer
+ones is passed over."""
+
 
 def model_identity(model: ModelBackend) -> str:
     """A digest naming one version of a model: its signature (name, version,
@@ -78,6 +90,37 @@ def model_identity(model: ModelBackend) -> str:
     digest.update(f"|{reference.dtype.str}|{reference.shape}|".encode())
     digest.update(reference.tobytes())
     return digest.hexdigest()[:32]
+
+
+def _replies(replies: list[Any], instead: Any) -> list[Any]:
+    """A pipeline's replies, an error reply replaced by ``instead``.
+
+    An error reply names one key of the wrong type (WRONGTYPE: overwritten
+    by hand or by a bug); raised, it failed the whole load, every model's and
+    detector's. Anything else (the connection) is raised, for the guard.
+    """
+    kept = []
+    for reply in replies:
+        if isinstance(reply, redis_exc.ResponseError):
+            logger.warning("a saved baseline key is unreadable: %s", reply)
+            reply = instead
+        elif isinstance(reply, BaseException):
+            raise reply
+        kept.append(reply)
+    return kept
+
+
+def _check_envelope(saved: SavedBaseline) -> None:
+    """Refuse (``invalid``) an entry whose envelope's ``samples`` or
+    ``ready``, which the choice ranks by, are not its blob's: one claiming
+    more than it carries would win over richer honest entries."""
+    header = decode_baseline(saved.baseline)
+    if (header.samples, header.ready) != (saved.samples, saved.ready):
+        raise BaselineRefused(
+            "invalid",
+            f"envelope says {saved.samples} samples (ready {saved.ready}), "
+            f"the baseline holds {header.samples} (ready {header.ready})",
+        )
 
 
 class RedisBaselineStore:
@@ -103,10 +146,12 @@ class RedisBaselineStore:
     def index_key(self, model: str, detector: str) -> str:
         return f"{self._prefix}:{{bl:{model}}}:{detector}:index"
 
-    def entry_key(self, model: str, detector: str, worker: str) -> str:
+    def entry_key(self, model: str, detector: str, worker: str | bytes) -> str:
         # Worker ids are free text (host and pid by default): hashed, so no
-        # id can add a brace or colon to a key name.
-        tag = hashlib.sha256(worker.encode()).hexdigest()[:16]
+        # id can add a brace or colon to a key name. Bytes are an index
+        # member as read, which need not be UTF-8 if someone else wrote it.
+        raw = worker if isinstance(worker, bytes) else worker.encode()
+        tag = hashlib.sha256(raw).hexdigest()[:16]
         return f"{self._prefix}:{{bl:{model}}}:{detector}:w:{tag}"
 
     async def save_many(
@@ -142,8 +187,10 @@ class RedisBaselineStore:
     async def load_many(
         self, pairs: Sequence[tuple[str, str]], *, not_before_s: float
     ) -> dict[tuple[str, str], list[bytes]]:
-        """Every entry of each (model, detector) saved since ``not_before_s``
-        (wall clock, seconds), in two round trips.
+        """The newest entries (at most :data:`MAX_LOAD_CANDIDATES`) of each
+        (model, detector) saved since ``not_before_s`` (wall clock, seconds)
+        and dated no more than ``MAX_CLOCK_SKEW_S`` ahead of now, in two
+        round trips.
 
         Raises
         ------
@@ -154,22 +201,30 @@ class RedisBaselineStore:
         if not pairs:
             return found
         since_ms = round(not_before_s * 1000)
+        # Members dated further ahead would be refused by the choice anyway;
+        # left in the range they would crowd the honest ones out of the cap.
+        until_ms = round((time.time() + MAX_CLOCK_SKEW_S) * 1000)
         async with redis_guard("load_baselines", self._timeout_s, self._redis):
             pipe = self._redis.pipeline(transaction=False)
             for model, detector in pairs:
-                pipe.zrangebyscore(self.index_key(model, detector), since_ms, "+inf")
-            workers = await pipe.execute()
+                pipe.zrevrangebyscore(
+                    self.index_key(model, detector),
+                    until_ms,
+                    since_ms,
+                    start=0,
+                    num=MAX_LOAD_CANDIDATES,
+                )
+            workers = _replies(await pipe.execute(raise_on_error=False), [])
             wanted: list[tuple[tuple[str, str], str]] = []
             for pair, members in zip(pairs, workers, strict=True):
                 for member in members:
-                    name = member.decode() if isinstance(member, bytes) else member
-                    wanted.append((pair, self.entry_key(*pair, name)))
+                    wanted.append((pair, self.entry_key(*pair, member)))
             if not wanted:
                 return found
             pipe = self._redis.pipeline(transaction=False)
             for _, key in wanted:
                 pipe.get(key)
-            blobs = await pipe.execute()
+            blobs = _replies(await pipe.execute(raise_on_error=False), None)
         for (pair, _), blob in zip(wanted, blobs, strict=True):
             if blob is not None:
                 found[pair].append(bytes(blob))
@@ -300,6 +355,7 @@ class BaselineKeeper:
                 "from_worker": saved.worker,
             }
             try:
+                _check_envelope(saved)
                 samples = detector.import_baseline(saved.baseline)
             except BaselineRefused as exc:
                 self._metrics.baseline_loads.labels(model, name, "refused").inc()
@@ -417,4 +473,9 @@ class BaselineKeeper:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        await self.save()
+        try:
+            await self.save()
+        except Exception:
+            # Raised, a bug here skipped the rest of the worker's stop: its
+            # clients' hand-over and leaving the group.
+            logger.exception("saving live baselines at stop failed")

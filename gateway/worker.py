@@ -185,7 +185,11 @@ class Worker:
         self._baselines = BaselineKeeper(
             self._scorer, self._redis, s, self.metrics, self._batch_lock
         )
-        await self._baselines.load()
+        try:
+            await self._baselines.load()
+        except BaseException:
+            await self.stop()  # cancelled mid-load: the live tasks are running
+            raise
 
         self._producer = AIOKafkaProducer(
             bootstrap_servers=s.kafka.bootstrap,

@@ -12,6 +12,8 @@ import pytest
 from detectors import build_detectors
 from detectors.baselines import (
     BASELINE_FORMAT,
+    MAX_BASELINE_BYTES,
+    MAX_CLOCK_SKEW_S,
     BaselineBlob,
     BaselineRefused,
     InMemoryBaselineStore,
@@ -21,7 +23,7 @@ from detectors.baselines import (
     encode_baseline,
     encode_saved,
 )
-from detectors.margin import MarginDetector
+from detectors.margin import MarginDetector, MarginParams
 from detectors.ood import HONEST_RATE_PRIOR_ROWS, OutOfDistributionDetector
 from detectors.traffic import TrafficDetector
 from tests.detectors.test_margin_rank import (
@@ -298,7 +300,7 @@ def saved(worker: str, at_s: float, samples: int, ready: bool, **kw: Any) -> byt
     return encode_saved(SavedBaseline(**fields))
 
 
-def test_choice_prefers_the_newest_ready_baseline_and_skips_the_unusable() -> None:
+def test_choice_prefers_the_richest_ready_baseline_and_skips_the_unusable() -> None:
     candidates = [
         saved("old-ready", 1000.0, 4096, True),
         saved("new-ready", 2000.0, 600, True),
@@ -317,8 +319,8 @@ def test_choice_prefers_the_newest_ready_baseline_and_skips_the_unusable() -> No
         max_age_s=2500.0,
     )
     assert [s.worker for s in choice.chosen] == [
-        "new-ready",
         "old-ready",
+        "new-ready",
         "rich-blind",
         "newest-blind",
     ]
@@ -336,3 +338,84 @@ def test_in_memory_store_keeps_one_entry_per_worker_until_it_expires() -> None:
     now[0] = 106.0
     (only,) = store.load("m", "margin")
     assert msgspec.msgpack.decode(only, type=SavedBaseline).baseline == b"y"
+
+
+def test_an_entry_from_the_future_does_not_win_forever() -> None:
+    """An entry dated ahead of the loader's clock (a hostile write, or a
+    writer whose clock is far ahead) would rank first among the ready ones
+    and never turn stale; beyond the tolerated skew it is passed over."""
+    candidates = [
+        saved("honest", 2900.0, 4096, True),
+        saved("future", 3000.0 + 10 * 86_400, 512, True),
+        saved("slightly-ahead", 3000.0 + MAX_CLOCK_SKEW_S / 2, 600, True),
+    ]
+    choice = choose_baseline(
+        candidates,
+        model="digits",
+        model_id="id-1",
+        detector="margin",
+        now_s=3000.0,
+        max_age_s=2500.0,
+    )
+    assert [s.worker for s in choice.chosen] == ["honest", "slightly-ahead"]
+    assert choice.skipped == {"future": 1}
+
+
+def test_a_newer_barely_ready_baseline_does_not_displace_a_full_one() -> None:
+    """A worker that started blind (Redis down at its load) and learnt from
+    a few sybil keys in good standing reaches ready at 512 answers; ranked
+    newest-first it won every later load over full baselines (offline, 520
+    staggered low-margin answers saved that way hid an active learner that
+    the full honest baseline catches). Among full baselines (margin stops at
+    its ring size) the newest still wins."""
+    candidates = [
+        saved("rich-older", 2000.0, 4096, True),
+        saved("blind-newer", 2900.0, 520, True),
+        saved("rich-newest", 2950.0, 4096, True),
+    ]
+    choice = choose_baseline(
+        candidates,
+        model="digits",
+        model_id="id-1",
+        detector="margin",
+        now_s=3000.0,
+        max_age_s=2500.0,
+    )
+    assert [s.worker for s in choice.chosen] == [
+        "rich-newest",
+        "rich-older",
+        "blind-newer",
+    ]
+
+
+def test_the_largest_margin_ring_round_trips() -> None:
+    """``MarginParams`` allows a ring of 1,000,000 answers (16 bytes each,
+    two float64s) and the size bound says that ring fits; it was 4 MiB, so
+    a ring over about 262,000 answers could be neither imported nor saved
+    (the keeper decodes its own export to read the count, and the refusal
+    escaped the stop-time save)."""
+    size = 1_000_000
+    rng = np.random.default_rng(0)
+    blob = blob_with(
+        n_features=4,
+        samples=size,
+        ready=True,
+        fields={
+            "margin": rng.random(size).tobytes(),
+            "entropy": rng.random(size).tobytes(),
+        },
+    )
+    assert len(blob) > 16_000_000
+    detector = MarginDetector(MarginParams(baseline_size=size))
+    detector.learn_baseline(rng.random((256, 4)))
+    assert detector.import_baseline(blob) == size
+    exported = detector.export_baseline() or b""
+    assert decode_baseline(exported).samples == size
+    assert (
+        len(
+            encode_saved(
+                SavedBaseline(1, "m", "i", "margin", "w", 1.0, size, True, exported)
+            )
+        )
+        <= MAX_BASELINE_BYTES + 4096
+    )

@@ -202,3 +202,61 @@ def test_the_worker_start_check_is_cheap_on_a_warm_cache() -> None:
     began = time.perf_counter()
     assert not warm_needed(PACKAGE)
     assert time.perf_counter() - began < 0.1
+
+
+# -- hostile or broken stamps: a worker start never raises because of them -------
+
+
+def test_a_garbage_warm_stamp_means_warm_up_again(
+    package: Path, replay: Replay
+) -> None:
+    """Bytes that are not text (a torn write, a disk error, someone's junk)
+    in the warm stamp: the cache is treated as stale, never as an error that
+    fails the worker's start."""
+    mark_warm(package)
+    (package / "__pycache__" / "modelgate-kernels.warm").write_bytes(
+        b"\xff\xfe\x00\x9c"
+    )
+    assert warm_needed(package)
+    assert warm.ensure_warm(package) > 0
+    assert replay.calls == 1
+    assert not warm_needed(package)
+
+
+def test_a_garbage_source_stamp_drops_the_cache_instead_of_failing_import(
+    package: Path,
+) -> None:
+    """``drop_stale_kernels`` runs when ``detectors`` is imported: a stamp
+    that is not text must not make every detector import raise."""
+    stamp = package / "__pycache__" / "modelgate-kernels.digest"
+    stamp.write_bytes(b"\xff\xfe\x00\x9c")
+    assert drop_stale_kernels(package)
+    assert not drop_stale_kernels(package)
+
+
+def test_a_warm_stamp_that_is_a_directory_is_survived_and_leaves_no_litter(
+    package: Path, replay: Replay
+) -> None:
+    cache = package / "__pycache__"
+    (cache / "modelgate-kernels.warm").mkdir()
+    assert warm_needed(package)
+    assert not mark_warm(package)
+    assert warm.ensure_warm(package) > 0  # warmed, could not record it
+    assert sorted(p.name for p in cache.glob("modelgate-kernels.warm*")) == [
+        "modelgate-kernels.warm"
+    ]
+
+
+def test_another_numba_cache_dir_needs_it_again(
+    package: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image warms its kernels into ``NUMBA_CACHE_DIR`` at build and
+    leaves the stamp in the package. Run with another cache directory (a
+    tmpfs for a read-only root, say), the stamp still said warm, so every
+    worker compiled its kernels inside its first batches instead of before
+    consuming."""
+    mark_warm(package)
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "/elsewhere/numba-cache")
+    assert warm_needed(package)
+    mark_warm(package)
+    assert not warm_needed(package)
