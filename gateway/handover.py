@@ -32,11 +32,8 @@ No Kafka I/O happens here; the worker decides when to call each step.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import TypeVar
 
 from aiokafka import TopicPartition
 
@@ -45,6 +42,7 @@ from gateway.config import WorkerConfig
 from gateway.enforce import decided_without_store
 from gateway.errors import StoreError
 from gateway.metrics import WorkerMetrics
+from gateway.offloop import in_thread
 from gateway.scoring import Scorer
 from gateway.store import CounterStore
 
@@ -55,28 +53,6 @@ _STATE_TTL_S = 7 * 86_400
 # After a failed save, how long, in seconds, saves pause when checkpoints are
 # off (``checkpoint_interval_s`` 0); otherwise they pause for one interval.
 _SAVE_RETRY_S = 30.0
-
-T = TypeVar("T")
-
-
-async def _in_thread(function: Callable[[], T]) -> T:
-    """Run ``function`` in the default executor and return its result.
-
-    Cancelled, it still waits for the thread before raising: a thread cannot
-    be stopped, and until it returns it holds the scorer, which the caller's
-    cleanup (a hand-over, the stop's snapshot) would otherwise touch from
-    the loop at the same time.
-    """
-    future = asyncio.get_running_loop().run_in_executor(None, function)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        while not future.done():
-            try:
-                await asyncio.wait([future])
-            except asyncio.CancelledError:
-                continue  # asked again: still not before the thread is done
-        raise
 
 
 class ClientStates:
@@ -169,7 +145,7 @@ class ClientStates:
         if blobs:
             # Off the loop (see the module docstring), and awaited: the batch
             # that brought these clients is scored only after it returns.
-            await _in_thread(lambda: self._restore_all(blobs))
+            await in_thread(lambda: self._restore_all(blobs))
 
     def _restore_all(self, blobs: dict[str, bytes]) -> None:
         for client_id, blob in blobs.items():
@@ -254,7 +230,7 @@ class ClientStates:
         """
         if not client_ids:
             return True
-        blobs = await _in_thread(lambda: {c: self._scorer.dump(c) for c in client_ids})
+        blobs = await in_thread(lambda: {c: self._scorer.dump(c) for c in client_ids})
         try:
             await self._store.save_states(blobs, _STATE_TTL_S)
         except StoreError:

@@ -50,6 +50,7 @@ from gateway.limits import Admitter
 from gateway.liveconfig.document import LiveConfig
 from gateway.liveconfig.follower import ConfigFollower
 from gateway.metrics import WorkerMetrics
+from gateway.offloop import in_thread
 from gateway.redis_breaker import breaker_for
 from gateway.replay import ReplayCache
 from gateway.scoring import Scorer
@@ -149,7 +150,12 @@ class Worker:
         # Compile the detectors' kernels now if their cache is stale (seconds),
         # off the loop, so no batch pays for it; a warm cache costs ~1 ms.
         await loop.run_in_executor(None, ensure_warm)
-        self._scorer = Scorer(s, self._models, self.metrics)
+        # Building the detectors calibrates them on each model's reference
+        # sample: 0.3-0.9 s of CPU, off the loop.
+        models = self._models
+        self._scorer = await loop.run_in_executor(
+            None, lambda: Scorer(s, models, self.metrics)
+        )
         # Before joining the group: a port clash (ConfigError) should stop the
         # worker before it takes partitions it could not report on.
         self.metrics_port = self.metrics.serve(
@@ -403,8 +409,10 @@ class Worker:
                 items, self._scorer.policy, self._throttle, self._store
             )
 
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, self._scorer.score_and_predict, items)
+            scorer = self._scorer
+            # Off the loop; a stop that cancels this batch still waits for the
+            # thread before it snapshots the scorer's clients.
+            await in_thread(lambda: scorer.score_and_predict(items))
             timer.lap("detect_predict")
             if self._cross is not None:
                 await self._cross.after_scoring(items, self._scorer.take_fingerprints())
