@@ -300,6 +300,19 @@ def saved(worker: str, at_s: float, samples: int, ready: bool, **kw: Any) -> byt
     return encode_saved(SavedBaseline(**fields))
 
 
+def _choose(candidates: list[Any]) -> Any:
+    """The choice for margin on digits (identity id-1) at t = 3000 s, with
+    entries older than 2500 s stale."""
+    return choose_baseline(
+        candidates,
+        model="digits",
+        model_id="id-1",
+        detector="margin",
+        now_s=3000.0,
+        max_age_s=2500.0,
+    )
+
+
 def test_choice_prefers_the_richest_ready_baseline_and_skips_the_unusable() -> None:
     candidates = [
         saved("old-ready", 1000.0, 4096, True),
@@ -310,14 +323,7 @@ def test_choice_prefers_the_richest_ready_baseline_and_skips_the_unusable() -> N
         saved("other-version", 2600.0, 4096, True, model_id="id-2"),
         b"not a saved baseline",
     ]
-    choice = choose_baseline(
-        candidates,
-        model="digits",
-        model_id="id-1",
-        detector="margin",
-        now_s=3000.0,
-        max_age_s=2500.0,
-    )
+    choice = _choose(candidates)
     assert [s.worker for s in choice.chosen] == [
         "old-ready",
         "new-ready",
@@ -349,14 +355,7 @@ def test_an_entry_from_the_future_does_not_win_forever() -> None:
         saved("future", 3000.0 + 10 * 86_400, 512, True),
         saved("slightly-ahead", 3000.0 + MAX_CLOCK_SKEW_S / 2, 600, True),
     ]
-    choice = choose_baseline(
-        candidates,
-        model="digits",
-        model_id="id-1",
-        detector="margin",
-        now_s=3000.0,
-        max_age_s=2500.0,
-    )
+    choice = _choose(candidates)
     assert [s.worker for s in choice.chosen] == ["honest", "slightly-ahead"]
     assert choice.skipped == {"future": 1}
 
@@ -373,14 +372,7 @@ def test_a_newer_barely_ready_baseline_does_not_displace_a_full_one() -> None:
         saved("blind-newer", 2900.0, 520, True),
         saved("rich-newest", 2950.0, 4096, True),
     ]
-    choice = choose_baseline(
-        candidates,
-        model="digits",
-        model_id="id-1",
-        detector="margin",
-        now_s=3000.0,
-        max_age_s=2500.0,
-    )
+    choice = _choose(candidates)
     assert [s.worker for s in choice.chosen] == [
         "rich-newest",
         "rich-older",
