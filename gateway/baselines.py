@@ -8,6 +8,9 @@ restart and missing on every worker added to the group. Here each worker
 saves its detectors' live baselines to Redis periodically
 (``worker.baseline_save_interval_s``) and at a clean stop, and a starting
 worker loads the best one for each model and detector before it consumes.
+At each save interval, a detector whose own baseline is still not ready
+(nothing was there to load at start, or Redis was down) imports the best
+ready one another worker has saved since (:meth:`BaselineKeeper.catch_up`).
 
 Keys, under ``redis.key_prefix`` with one hash tag per model (so a model's
 keys share a slot on Redis Cluster, like a client's ``{c:<id>}``)::
@@ -30,9 +33,9 @@ a failed load or save is logged and counted, and the worker carries on with
 the baseline it has in memory; it never holds up consuming beyond one bounded
 call.
 
-Limits: a worker loads only at start, so one already running that takes
-partitions over on a rebalance keeps its own baseline (blind for a model it
-has not served); a crash loses what was learnt since the last save; ages are
+Limits: a worker that is ready keeps its own baseline and never takes in
+what others learnt later; a crash loses what was learnt since the last save;
+with ``baseline_save_interval_s`` 0 there is no catch-up either; ages are
 taken from the saving worker's wall clock, so clock skew between hosts moves
 the staleness bound by as much.
 
@@ -46,8 +49,8 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 from redis import exceptions as redis_exc
@@ -69,6 +72,8 @@ from gateway.scoring import Scorer
 from gateway.store import RedisClient, redis_guard
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MAX_LOAD_CANDIDATES = 16
 """Most saved entries read per model and detector at load: the newest by
@@ -278,6 +283,8 @@ class BaselineKeeper:
         # since does not make another worker's baseline look fresh.
         self._last: dict[tuple[str, str], bytes] = {}
         self.load_seconds = 0.0
+        self.catch_ups = 0
+        """Rounds of :meth:`catch_up` begun (for tests and debugging)."""
 
     def _pairs(self) -> list[tuple[str, str]]:
         """(model, detector) of every detector that keeps a live baseline."""
@@ -330,9 +337,18 @@ class BaselineKeeper:
         return loaded
 
     def _import_best(
-        self, model: str, name: str, candidates: list[bytes], now_s: float
+        self,
+        model: str,
+        name: str,
+        candidates: list[bytes],
+        now_s: float,
+        *,
+        catching_up: bool = False,
     ) -> int:
-        """Import the first acceptable candidate; 1 if one was imported."""
+        """Import the first acceptable candidate; 1 if one was imported.
+
+        ``catching_up`` (see :meth:`catch_up`) passes over this worker's own
+        entries and those not ready, and does not count finding none."""
         choice = choose_baseline(
             candidates,
             model=model,
@@ -348,6 +364,8 @@ class BaselineKeeper:
             )
         detector = self._scorer.detectors_of(model)[name]
         for saved in choice.chosen:
+            if catching_up and (saved.worker == self._worker_id or not saved.ready):
+                continue
             about = {
                 **fields,
                 "bytes": len(saved.baseline),
@@ -374,25 +392,81 @@ class BaselineKeeper:
             self._last[(model, name)] = detector.export_baseline() or b""
             logger.info("live baseline loaded", extra={**about, "samples": samples})
             return 1
-        self._metrics.baseline_loads.labels(model, name, "none").inc()
+        if not catching_up:
+            self._metrics.baseline_loads.labels(model, name, "none").inc()
         return 0
 
-    async def save(self) -> int:
-        """Save every live baseline that holds samples; returns how many were
-        saved. Never raises for Redis trouble (logged, counted)."""
+    async def catch_up(self) -> int:
+        """Import, for each detector whose own live baseline is not ready, the
+        best ready one another worker has saved since; returns how many were
+        imported. Never raises for Redis trouble.
+
+        A worker that found nothing at start (Redis was down, or no worker had
+        saved yet) would otherwise stay blind until it had learnt enough
+        alone. A ready detector imports nothing more, and this worker's own
+        entries and others' unready ones are passed over: two workers trading
+        baselines back and forth would count the same honest answers twice.
+        """
+        self.catch_ups += 1
+        unready = await self._locked(
+            lambda: [
+                (model, name)
+                for model, name in self._pairs()
+                if not self._ready(model, name)
+            ]
+        )
+        if not unready:
+            return 0
+        now_s = time.time()
+        try:
+            found = await self._store.load_many(
+                unready, not_before_s=now_s - self._max_age_s
+            )
+        except StoreError as exc:
+            logger.debug(
+                "no catch-up of unready baselines: %s",
+                exc.message,
+                extra={"worker": self._worker_id},
+            )
+            return 0
+        imported = await self._locked(
+            lambda: sum(
+                self._import_best(
+                    model, name, found[(model, name)], now_s, catching_up=True
+                )
+                for model, name in unready
+                if not self._ready(model, name)
+            )
+        )
+        return imported or 0
+
+    def _ready(self, model: str, name: str) -> bool:
+        blob = self._scorer.detectors_of(model)[name].export_baseline()
+        return blob is not None and decode_baseline(blob).ready
+
+    async def _locked(self, read: Callable[[], T]) -> T | None:
+        """``read`` with the batch lock held (the detectors are not
+        thread-safe); None when the batch in flight did not finish in time."""
         try:
             async with asyncio.timeout(self._lock_timeout_s):
                 await self._lock.acquire()
         except TimeoutError:
             logger.warning(
-                "live baselines not saved: the batch in flight did not finish",
+                "live baselines skipped: the batch in flight did not finish",
                 extra={"worker": self._worker_id},
             )
-            return 0
+            return None
         try:
-            entries = self._export()
+            return read()
         finally:
             self._lock.release()
+
+    async def save(self) -> int:
+        """Save every live baseline that holds samples; returns how many were
+        saved. Never raises for Redis trouble (logged, counted)."""
+        entries = await self._locked(self._export)
+        if entries is None:
+            return 0
         try:
             await self._store.save_many(entries, ttl_s=self._max_age_s)
         except StoreError as exc:
@@ -450,21 +524,23 @@ class BaselineKeeper:
         return entries
 
     def start(self) -> None:
-        """Save every ``baseline_save_interval_s`` in the background (not at
-        all when it is 0). Idempotent."""
+        """Catch up unready baselines, then save, every
+        ``baseline_save_interval_s`` in the background (not at all when it is
+        0). Idempotent."""
         if self._interval_s > 0 and self._task is None:
             self._task = asyncio.create_task(self._every(), name="baseline-save")
 
     async def _every(self) -> None:
         while True:
             await asyncio.sleep(self._interval_s)
-            try:
-                await self.save()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # A bug here must cost this save, not the worker's next ones.
-                logger.exception("saving live baselines failed")
+            for step in (self.catch_up, self.save):
+                try:
+                    await step()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # A bug here must cost this round, not the worker's next.
+                    logger.exception("live baselines: %s failed", step.__name__)
 
     async def stop(self) -> None:
         """Stop the periodic saves, then save once more. Idempotent: a second

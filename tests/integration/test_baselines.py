@@ -348,3 +348,83 @@ async def test_the_redis_store_works_on_a_cluster(
             await redis.delete(store.index_key(model, detector))
             await redis.delete(store.entry_key(model, detector, "w"))
         await redis.aclose()
+
+
+async def test_a_worker_that_started_blind_catches_up_with_a_later_save(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    """A worker that found no baseline at start imports a ready one another
+    worker saves later, at its next interval; an entry under its own worker
+    id, or one not ready, is passed over."""
+    settings = request_path_settings(
+        stack, models_dir, worker={"baseline_save_interval_s": 0.2}
+    )
+    redis = redis_from_settings(settings)
+    store = RedisBaselineStore(redis, settings.redis.key_prefix, timeout_s=2.0)
+    identity = model_identity(load_model(models_dir, "digits"))
+    rng = np.random.default_rng(3)
+
+    def saved(worker: str, samples: int, ready: bool) -> SavedBaseline:
+        margins = rng.uniform(0.0, 1.0, samples)
+        blob = encode_baseline(
+            BaselineBlob(
+                format=BASELINE_FORMAT,
+                detector="margin",
+                n_features=64,
+                samples=samples,
+                ready=ready,
+                fields={
+                    "margin": margins.tobytes(),
+                    "entropy": rng.uniform(0.0, 1.0, samples).tobytes(),
+                },
+            )
+        )
+        return SavedBaseline(
+            format=BASELINE_FORMAT,
+            model="digits",
+            model_id=identity,
+            detector="margin",
+            worker=worker,
+            saved_at_s=time.time(),
+            samples=samples,
+            ready=ready,
+            baseline=blob,
+        )
+
+    async def rounds_pass(worker: Worker, n: int) -> None:
+        assert worker._baselines is not None
+        target = worker._baselines.catch_ups + n
+        deadline = time.monotonic() + DEADLINE_S
+        while worker._baselines.catch_ups < target:
+            assert time.monotonic() < deadline, "no catch-up round ran"
+            # Polling a counter the worker's own task moves, with a deadline.
+            await asyncio.sleep(0.05)
+
+    own_id = "worker-blind"
+    try:
+        async with running_worker(with_worker_id(settings, own_id)) as worker:
+            assert margin_live(worker) == (0, False)
+            await store.save_many(
+                [saved(own_id, 700, True), saved("worker-small", 100, False)],
+                ttl_s=600.0,
+            )
+            # Two full rounds after both were saved: neither was taken.
+            await rounds_pass(worker, 2)
+            assert margin_live(worker) == (0, False)
+            assert loads(worker, "margin", "loaded") == 0
+
+            await store.save_many([saved("worker-a", 600, True)], ttl_s=600.0)
+            deadline = time.monotonic() + DEADLINE_S
+            while not margin_live(worker)[1]:
+                assert time.monotonic() < deadline, margin_live(worker)
+                await asyncio.sleep(0.05)
+            assert margin_live(worker) == (600, True)
+            assert loads(worker, "margin", "loaded") == 1
+            # Ready now: later rounds take in nothing more.
+            await store.save_many([saved("worker-c", 900, True)], ttl_s=600.0)
+            await rounds_pass(worker, 2)
+            assert margin_live(worker) == (600, True)
+            assert loads(worker, "margin", "loaded") == 1
+    finally:
+        await redis.aclose()
+        await delete_prefix(settings)
