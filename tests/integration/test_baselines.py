@@ -41,6 +41,7 @@ from tests.integration.helpers import (
 )
 from tests.integration.redis_cluster import RedisClusterInfo, redis_cluster
 from tests.integration.test_adversarial import OwnRedis, _free_port
+from tests.integration.test_baselines_hostile import margin_blob
 
 # The session's private Redis Cluster, started only if a test asks for it.
 __all__ = ["redis_cluster"]
@@ -362,23 +363,9 @@ async def test_a_worker_that_started_blind_catches_up_with_a_later_save(
     redis = redis_from_settings(settings)
     store = RedisBaselineStore(redis, settings.redis.key_prefix, timeout_s=2.0)
     identity = model_identity(load_model(models_dir, "digits"))
-    rng = np.random.default_rng(3)
 
     def saved(worker: str, samples: int, ready: bool) -> SavedBaseline:
-        margins = rng.uniform(0.0, 1.0, samples)
-        blob = encode_baseline(
-            BaselineBlob(
-                format=BASELINE_FORMAT,
-                detector="margin",
-                n_features=64,
-                samples=samples,
-                ready=ready,
-                fields={
-                    "margin": margins.tobytes(),
-                    "entropy": rng.uniform(0.0, 1.0, samples).tobytes(),
-                },
-            )
-        )
+        blob = margin_blob(samples, ready)
         return SavedBaseline(
             format=BASELINE_FORMAT,
             model="digits",
