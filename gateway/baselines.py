@@ -286,14 +286,17 @@ class BaselineKeeper:
         self.catch_ups = 0
         """Rounds of :meth:`catch_up` begun (for tests and debugging)."""
 
-    def _pairs(self) -> list[tuple[str, str]]:
-        """(model, detector) of every detector that keeps a live baseline."""
-        return [
-            (model, name)
-            for model in self._ids
-            for name, detector in self._scorer.detectors_of(model).items()
-            if detector.export_baseline() is not None
-        ]
+    def _pairs(self, *, unready_only: bool = False) -> list[tuple[str, str]]:
+        """(model, detector) of every detector that keeps a live baseline;
+        with ``unready_only``, of those whose baseline is not ready yet."""
+        pairs = []
+        for model in self._ids:
+            for name, detector in self._scorer.detectors_of(model).items():
+                blob = detector.export_baseline()
+                if blob is None or (unready_only and decode_baseline(blob).ready):
+                    continue
+                pairs.append((model, name))
+        return pairs
 
     async def load(self) -> int:
         """Import the best saved baseline of each model and detector; returns
@@ -408,13 +411,7 @@ class BaselineKeeper:
         baselines back and forth would count the same honest answers twice.
         """
         self.catch_ups += 1
-        unready = await self._locked(
-            lambda: [
-                (model, name)
-                for model, name in self._pairs()
-                if not self._ready(model, name)
-            ]
-        )
+        unready = await self._locked(lambda: self._pairs(unready_only=True))
         if not unready:
             return 0
         now_s = time.time()
@@ -429,20 +426,21 @@ class BaselineKeeper:
                 extra={"worker": self._worker_id},
             )
             return 0
-        imported = await self._locked(
-            lambda: sum(
-                self._import_best(
-                    model, name, found[(model, name)], now_s, catching_up=True
-                )
-                for model, name in unready
-                if not self._ready(model, name)
-            )
-        )
+        imported = await self._locked(lambda: self._import_unready(found, now_s))
         return imported or 0
 
-    def _ready(self, model: str, name: str) -> bool:
-        blob = self._scorer.detectors_of(model)[name].export_baseline()
-        return blob is not None and decode_baseline(blob).ready
+    def _import_unready(
+        self, found: dict[tuple[str, str], list[bytes]], now_s: float
+    ) -> int:
+        # Batches ran during the fetch: one may have made a baseline ready.
+        imported = 0
+        for model, name in self._pairs(unready_only=True):
+            candidates = found.get((model, name))
+            if candidates is not None:
+                imported += self._import_best(
+                    model, name, candidates, now_s, catching_up=True
+                )
+        return imported
 
     async def _locked(self, read: Callable[[], T]) -> T | None:
         """``read`` with the batch lock held (the detectors are not

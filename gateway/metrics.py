@@ -146,8 +146,9 @@ class WorkerMetrics:
         )
         self.baseline_loads = Counter(
             "modelgate_baseline_loads",
-            "Live detector baselines sought at start, by model, detector and "
-            "outcome (loaded, none, refused, unavailable).",
+            "Live detector baselines sought at start and by the catch-up of "
+            "unready ones, by model, detector and outcome (loaded, none, "
+            "refused, unavailable; the catch-up counts loaded and refused).",
             ["model", "detector", "outcome"],
             registry=self.registry,
         )
