@@ -62,7 +62,7 @@ from evaluation.report import (
     render_markdown,
     write_report,
 )
-from evaluation.runkit import first_cause, own_topics, wait_for_answer
+from evaluation.runkit import first_cause, own_run_settings, wait_for_answer
 from gateway.client import GatewayClient, KafkaTransport
 from gateway.config import Settings
 from gateway.errors import BrokerError
@@ -230,7 +230,7 @@ async def run_demo(
     say("starting the local Kafka and Redis (first run fetches the Kafka jars)")
     info = await loop.run_in_executor(None, holder.__enter__)
     try:
-        on_stack = own_topics(
+        on_stack = own_run_settings(
             settings.model_copy(
                 update={
                     "kafka": settings.kafka.model_copy(

@@ -48,7 +48,7 @@ from evaluation.ledger import ClientLedger
 from evaluation.observe import AlertCollector, DecisionCollector
 from evaluation.oracle import DirectOracle, GatewayOracle, QueryFn
 from evaluation.process import WorkerProcess
-from evaluation.runkit import first_cause, own_topics, wait_for_answer
+from evaluation.runkit import first_cause, own_run_settings, wait_for_answer
 from evaluation.scenarios import (
     PROBING_ATTACKS,
     Budgets,
@@ -359,7 +359,7 @@ async def _with_topics(
 ) -> int:
     # Own topics and group: a worker already running on the default topics
     # must not take this run's requests.
-    own = own_topics(settings)
+    own = own_run_settings(settings)
     served = sorted({model for _, model in pairs})
     own = own.model_copy(
         update={"models": own.models.model_copy(update={"serve": served})}

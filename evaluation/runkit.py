@@ -38,7 +38,7 @@ class WatchedWorker(Protocol):
     def log_tail(self) -> str: ...
 
 
-def own_topics(settings: Settings) -> Settings:
+def own_run_settings(settings: Settings) -> Settings:
     """The same settings with topics, consumer group, Redis key prefix and
     metrics port of this run alone.
 

@@ -3,13 +3,13 @@ its own, so nothing an earlier run left behind reaches it."""
 
 from __future__ import annotations
 
-from evaluation.runkit import own_topics
+from evaluation.runkit import own_run_settings
 from gateway.config import Settings
 
 
 def test_each_run_has_its_own_topics_group_and_redis_prefix() -> None:
     base = Settings()
-    first, second = own_topics(base), own_topics(base)
+    first, second = own_run_settings(base), own_run_settings(base)
 
     assert first.redis.key_prefix != second.redis.key_prefix
     assert first.redis.key_prefix.startswith(base.redis.key_prefix + "-")
@@ -22,4 +22,4 @@ def test_each_run_has_its_own_topics_group_and_redis_prefix() -> None:
     longest = base.model_copy(
         update={"redis": base.redis.model_copy(update={"key_prefix": "p" * 32})}
     )
-    Settings.model_validate(own_topics(longest).model_dump())
+    Settings.model_validate(own_run_settings(longest).model_dump())
