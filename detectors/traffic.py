@@ -10,6 +10,16 @@ are compared, feature by feature, with the running mean and variance
 (Welford's recurrence, as ``river.stats.Var`` with ``ddof=1`` computes it)
 of the same vectors from clients in good standing.
 
+A second test pools keys. An attacker who spreads a metronome's stream over
+many keys gives each key too few requests for its own regularity to count
+before it has taken what it came for. Over each key's first ``window``
+requests the detector counts successive gap pairs and those whose two gaps
+are within ``regular_tolerance`` of each other; keys whose first request
+came within ``cohort_window_s`` of each other and that keep the same pace
+(the cohort, as in :mod:`detectors.margin`) pool those counts, and a pooled
+share of matching pairs far above what honest arrivals give (a binomial z
+against ``cohort_match_rate``) flags the members that match too.
+
 Cost: a client is judged, and the baseline learns from it, only every
 ``stride`` requests; between judgements it keeps its last score. Pushing the
 times, measuring the judged windows and judging run as two compiled loops
@@ -27,6 +37,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -99,6 +110,40 @@ class TrafficParams(DetectorParams):
     """Honest judgements the baseline must have learned before any score is
     warm."""
 
+    cohort_window_s: float = Field(0.25, ge=0.0, le=3600.0)
+    """Keys whose first request came within this many seconds of each other
+    form a cohort whose gap pairs are pooled (see the class); 0 turns the
+    cohort test off."""
+
+    cohort_pace_share: float = Field(0.2, ge=0.0, le=10.0)
+    """Cohort members must also have sent as many requests as the key, within
+    this share of its count (at least 2 either way)."""
+
+    cohort_min_keys: int = Field(3, ge=2, le=10_000)
+    """Keys (this one included) a cohort needs before its pooled z counts."""
+
+    cohort_min_pairs: int = Field(12, ge=1, le=100_000)
+    """Gap pairs the cohort must have pooled before its z counts."""
+
+    cohort_match_rate: float = Field(0.1, gt=0.0, lt=1.0)
+    """Share of an honest key's gap pairs taken to match by chance. Poisson
+    arrivals match at about 0.025 with the default tolerance (two
+    exponential gaps within 5% of each other); the evaluation's honest
+    population, bursts and pauses included, at 0.033. The default is three
+    times that, so honest keys that happen to start together stay far
+    below ``cohort_z``."""
+
+    cohort_z: float = Field(6.0, gt=0.0)
+    """Pooled binomial z of a cohort's matching pairs at which its members
+    that match too (``member_z``) are flagged."""
+
+    member_z: float = Field(3.5, ge=0.0)
+    """A key's own binomial z of matching pairs needed to be flagged through
+    its cohort: an honest key that started in the same moment as an
+    attacker's keys must show the metronome itself. 3.5 takes two matching
+    pairs of two (z 4.2), three of four, not one of one (z 3.0): one pair
+    an honest key matches by chance one time in thirty."""
+
 
 def _features(
     times: npt.NDArray[np.float64], tolerance: float
@@ -116,6 +161,12 @@ def _features(
         _gap_stats(np.ascontiguousarray(times[i]), tolerance, scratch, stats[i])
     return np.stack([_log_rate(stats), stats[:, 2], stats[:, 3]], axis=1)
 
+
+_TIME_RESOLUTION_S = 0.001
+"""Arrival times are Kafka record times, whole milliseconds. Gap pairs are
+compared only when both gaps are at least this over ``regular_tolerance``
+(20 ms at 5%): shorter gaps (rows of one burst) cannot be told within the
+tolerance of each other at that resolution, and would all match."""
 
 _N_STATS = 6
 """Columns measured per judged row: gap count, span, burstiness,
@@ -207,6 +258,11 @@ def _push_and_measure(
     stride: int,
     min_queries: int,
     tolerance: float,
+    first_s: npt.NDArray[np.float64],
+    last_gap: npt.NDArray[np.float64],
+    pairs: npt.NDArray[np.int64],
+    matches: npt.NDArray[np.int64],
+    min_gap: float,
     judged: npt.NDArray[np.int64],
     stats: npt.NDArray[np.float64],
 ) -> int:
@@ -218,6 +274,11 @@ def _push_and_measure(
 
     The error and rejection shares are the set bits of the whole ring over
     its filled length, as of before the batch (outcomes arrive after it).
+
+    Also, over each client's first ``width`` rows, the cohort test's counts:
+    the time of its first row, its last positive gap, the successive pairs
+    of positive gaps both at least ``min_gap``, and those whose two gaps are
+    within ``tolerance`` of the larger.
     """
     width = ring.shape[1]
     window = np.empty(width)
@@ -226,7 +287,19 @@ def _push_and_measure(
     for i in range(len(slots)):
         slot = slots[i]
         p = pos[slot] % width
-        ring[slot, p] = arrival_s[i]
+        now = arrival_s[i]
+        if n_seen[slot] == 0:
+            first_s[slot] = now
+        elif length[slot] > 0:
+            gap = now - ring[slot, p - 1 if p > 0 else width - 1]
+            if gap > 0.0:
+                last = last_gap[slot]
+                if n_seen[slot] < width and last >= min_gap and gap >= min_gap:
+                    pairs[slot] += 1
+                    if abs(gap - last) <= tolerance * max(gap, last):
+                        matches[slot] += 1
+                last_gap[slot] = gap
+        ring[slot, p] = now
         pos[slot] = p + 1 if p + 1 < width else 0
         filled = min(length[slot] + 1, width)
         length[slot] = filled
@@ -338,6 +411,22 @@ class TrafficDetector(Detector[TrafficParams]):
     ``min_queries`` requests and the baseline has learned ``min_baseline``
     honest judgements.
 
+    Cohort score: over a key's first ``window`` requests, ``pairs`` counts
+    successive pairs of gaps both at least ``0.001 / regular_tolerance``
+    seconds long (20 ms at 5%: times are whole milliseconds) and
+    ``matches`` those whose gaps are within the tolerance of the larger. A
+    young key whose own binomial z of matches against
+    ``cohort_match_rate`` reaches ``member_z`` pools the counts of every
+    young key whose first request came within ``cohort_window_s`` of its
+    own and whose request count is within ``cohort_pace_share`` of its own;
+    with ``cohort_min_keys`` keys and ``cohort_min_pairs`` pairs, the pooled
+    z is mapped so that ``cohort_z`` lands on the flag threshold, and the
+    key's score is the larger of that and its own (warm or not: the test
+    needs no learned baseline). A paced thief spread over ten keys at four
+    requests per second each is flagged after about three requests per key
+    instead of sixteen. Membership depends on time and pace only, so an
+    honest cohort's pooled share is as honest as one key's.
+
     When it is weak:
 
     - a thief pacing itself like a person (random gaps, a modest rate) looks
@@ -349,10 +438,13 @@ class TrafficDetector(Detector[TrafficParams]):
       millisecond: rows of one request are one arrival, and requests in the
       same millisecond look like one;
     - error and rejection shares of a batch reach the score of the next.
+    - the cohort test sees only keys that start together; an attacker who
+      staggers its keys' starts by more than ``cohort_window_s``, or gives
+      them different paces, or random gaps, leaves each key to its own test.
 
     Per-client state: a ring of ``window`` float64 times, two rings of
-    ``window`` outcome bits, the last judgement (score, features), about 0.4
-    KB at the default window.
+    ``window`` outcome bits, the last judgement (score, features) and the
+    cohort counts, about 0.4 KB at the default window.
     """
 
     name: ClassVar[str] = "traffic"
@@ -365,6 +457,13 @@ class TrafficDetector(Detector[TrafficParams]):
             "threshold",
             "min_queries",
             "min_baseline",
+            "cohort_window_s",
+            "cohort_pace_share",
+            "cohort_min_keys",
+            "cohort_min_pairs",
+            "cohort_match_rate",
+            "cohort_z",
+            "member_z",
         }
     )
     observes_outcomes: ClassVar[bool] = True
@@ -455,6 +554,12 @@ class TrafficDetector(Detector[TrafficParams]):
             "score": FieldSpec((), "<f8"),
             "warm": FieldSpec((), "u1"),
             "features": FieldSpec((len(FEATURES),), "<f8"),
+            # The cohort test's counts over the client's first window
+            # requests (see _push_and_measure).
+            "first_s": FieldSpec((), "<f8"),
+            "last_gap": FieldSpec((), "<f8"),
+            "pairs": FieldSpec((), "<i8"),
+            "matches": FieldSpec((), "<i8"),
         }
 
     def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
@@ -472,6 +577,15 @@ class TrafficDetector(Detector[TrafficParams]):
             raise ValueError("state field 'score' or 'warm' is out of range")
         if not np.isfinite(values["features"]).all():
             raise ValueError("state field 'features' is not finite")
+        if not abs(float(values["first_s"])) <= MAX_TIME_S:
+            raise ValueError(f"state field 'first_s' is beyond {MAX_TIME_S:g} s")
+        if not 0.0 <= float(values["last_gap"]) <= 2.0 * MAX_TIME_S:
+            raise ValueError("state field 'last_gap' is out of range")
+        # Pairs come from the first window requests only: at most one per
+        # request after the first two.
+        pairs, matches = int(values["pairs"]), int(values["matches"])
+        if not 0 <= matches <= pairs <= max(0, values["times"].shape[-1] - 2):
+            raise ValueError("state counters 'pairs' and 'matches' are out of range")
 
     def _observe_outcome_rows(
         self,
@@ -529,6 +643,11 @@ class TrafficDetector(Detector[TrafficParams]):
             p.stride,
             p.min_queries,
             p.regular_tolerance,
+            arrays["first_s"],
+            arrays["last_gap"],
+            arrays["pairs"],
+            arrays["matches"],
+            _TIME_RESOLUTION_S / p.regular_tolerance,
             judged,
             stats,
         )
@@ -558,11 +677,34 @@ class TrafficDetector(Detector[TrafficParams]):
         warm = out[:, 1] > 0
         held = out[:, 2:]
 
+        # The cohort test, on the score's scale: its z reaches the flag
+        # threshold where the pooled z reaches cohort_z.
+        cohort = self._cohort_evidence(slots)
+        at_flag = p.z_half * p.threshold / (1.0 - p.threshold)
+        pooled_as = cohort.pooled_z * at_flag / p.cohort_z
+        cohort_score = np.where(
+            cohort.pooled_z > 0.0, pooled_as / (pooled_as + p.z_half), 0.0
+        )
+        from_cohort = cohort_score > np.where(warm, score, 0.0)
+        score = np.where(from_cohort, cohort_score, score)
+        warm = warm | from_cohort
+
         # Evidence against the baseline as it stands after the batch.
         honest_means, honest_stds = self._spread()
         window = p.window
+        cohort_s, rate, cohort_z = p.cohort_window_s, p.cohort_match_rate, p.cohort_z
 
         def evidence(row: int) -> str:
+            if from_cohort[row]:
+                return (
+                    f"{cohort.matches[row]} of {cohort.pairs[row]} successive "
+                    f"gap pairs within {p.regular_tolerance:.0%} of each other "
+                    f"over the first requests of {cohort.keys[row]} keys whose "
+                    f"first request came within {cohort_s:g} s of its own "
+                    f"(honest about {rate:g}), z {cohort.pooled_z[row]:.1f} "
+                    f"(flagged from {cohort_z:g}); its own {cohort.own_matches[row]} "
+                    f"of {cohort.own_pairs[row]}"
+                )
             if score[row] <= 0.0:
                 return "sending pattern like honest clients'"
             z = (held[row] - honest_means) / honest_stds
@@ -575,3 +717,82 @@ class TrafficDetector(Detector[TrafficParams]):
             )
 
         return self._scores(score, warm, evidence)
+
+    def _cohort_evidence(self, slots: npt.NDArray[np.int64]) -> _CohortEvidence:
+        """Per row: the pooled z of the key's cohort (0 when the key is not a
+        young member at ``member_z`` of a cohort of ``cohort_min_keys`` with
+        ``cohort_min_pairs``), with the counts behind it.
+
+        A key is young while it has sent at most ``window`` requests. Only
+        young keys whose own z reaches ``member_z`` look for a cohort, once
+        per key and batch: a scan of every key's first request time, so rare
+        for honest keys by design.
+        """
+        assert self._arena is not None
+        arrays = self._arena.arrays
+        p = self._params
+        n = len(slots)
+        found = _CohortEvidence.empty(n)
+        if p.cohort_window_s <= 0.0:
+            return found
+        seen = arrays["n_seen"]
+        pairs, matches = arrays["pairs"], arrays["matches"]
+        rate = p.cohort_match_rate
+        own_z = _binomial_z(matches[slots], pairs[slots], rate)
+        ask = (seen[slots] <= p.window) & (pairs[slots] > 0) & (own_z >= p.member_z)
+        if not ask.any():
+            return found
+        first = arrays["first_s"]
+        young = (seen > 0) & (seen <= p.window)
+        for slot in np.unique(slots[ask]).tolist():
+            pace = max(2.0, p.cohort_pace_share * float(seen[slot]))
+            members = (
+                young
+                & (np.abs(first - first[slot]) <= p.cohort_window_s)
+                & (np.abs(seen - seen[slot]) <= pace)
+            )
+            keys = int(np.count_nonzero(members))
+            total = int(pairs[members].sum())
+            if keys < p.cohort_min_keys or total < p.cohort_min_pairs:
+                continue
+            hits = int(matches[members].sum())
+            rows = slots == slot
+            found.pooled_z[rows] = max(
+                float(_binomial_z(np.array([hits]), np.array([total]), rate)[0]), 0.0
+            )
+            found.keys[rows] = keys
+            found.pairs[rows] = total
+            found.matches[rows] = hits
+            found.own_pairs[rows] = int(pairs[slot])
+            found.own_matches[rows] = int(matches[slot])
+        return found
+
+
+def _binomial_z(
+    hits: npt.NDArray[np.int64], trials: npt.NDArray[np.int64], rate: float
+) -> npt.NDArray[np.float64]:
+    """``(hits - trials * rate) / sqrt(trials * rate * (1 - rate))``, 0 where
+    there are no trials."""
+    trials_f = trials.astype(np.float64)
+    spread = np.sqrt(np.maximum(trials_f, 1.0) * rate * (1.0 - rate))
+    return np.where(trials > 0, (hits - trials_f * rate) / spread, 0.0)
+
+
+@dataclass(slots=True)
+class _CohortEvidence:
+    """The cohort test's result per row of a batch (see
+    :meth:`TrafficDetector._cohort_evidence`)."""
+
+    pooled_z: npt.NDArray[np.float64]
+    keys: npt.NDArray[np.int64]
+    pairs: npt.NDArray[np.int64]
+    matches: npt.NDArray[np.int64]
+    own_pairs: npt.NDArray[np.int64]
+    own_matches: npt.NDArray[np.int64]
+
+    @classmethod
+    def empty(cls, n: int) -> _CohortEvidence:
+        return cls(
+            np.zeros(n),
+            *(np.zeros(n, dtype=np.int64) for _ in range(5)),
+        )

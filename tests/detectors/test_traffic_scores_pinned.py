@@ -9,7 +9,9 @@ with outcomes shown after every batch (some clients often fail or are
 refused) and some rows not allowed to teach the baseline, in batches of 1 to
 600 rows, and compares every score, flag, warm bit and evidence sentence with
 ``data/traffic_scores.npz``, recorded with the code before the change
-(commit 6334500).
+(commit 6334500) and recorded again when the cohort test came in: it flags
+the metronomes ``bot-0`` and ``bot-1``, which start in the same instant,
+earlier, and changed no other client's row.
 
 It lives apart from ``test_extraction_scores_pinned.py`` because traffic
 reads arrival times and outcomes, which the shared replay
