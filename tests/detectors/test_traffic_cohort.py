@@ -79,9 +79,7 @@ def _poisson_keys(
     return streams
 
 
-def test_a_metronome_spread_over_ten_keys_is_flagged_within_a_few_requests_per_key() -> (
-    None
-):
+def test_a_metronome_over_ten_keys_is_flagged_within_a_few_requests_per_key() -> None:
     rng = np.random.default_rng(1)
     detector = TrafficDetector(seed=0)
     thieves = _paced_keys(10, 4.0, 15, rng, stagger_s=0.005)
@@ -106,9 +104,9 @@ def test_honest_keys_that_start_with_the_thieves_are_not_flagged_through_them() 
         streams[f"honest-{k}"] = T0 + np.cumsum(rng.exponential(0.25, 15))
     scores = _play(detector, streams)
     assert all(_first_flag(scores[f"thief-{k}"]) for k in range(10))
-    assert not any(
-        s.flagged for k in range(6) for s in scores[f"honest-{k}"]
-    ), "an honest key was flagged through the thieves' cohort"
+    assert not any(s.flagged for k in range(6) for s in scores[f"honest-{k}"]), (
+        "an honest key was flagged through the thieves' cohort"
+    )
 
 
 @pytest.mark.parametrize("seed", range(5))
