@@ -53,13 +53,14 @@ def _first_flag(scores: list[DetectorScore]) -> int | None:
 def _paced_keys(
     n_keys: int, rate: float, n: int, rng: np.random.Generator, *, stagger_s: float
 ) -> dict[str, npt.NDArray[np.float64]]:
-    """``n_keys`` metronomes at ``rate`` each with 2 ms of scheduling jitter,
-    the k-th starting ``k * stagger_s`` after the first."""
+    """``n_keys`` metronomes at ``rate`` each, the k-th starting ``k *
+    stagger_s`` after the first; each arrival is up to 30 ms late, as when
+    one process wakes every key's pacer at once and sends one at a time."""
     return {
         f"thief-{k}": T0
         + k * stagger_s
         + np.arange(n) / rate
-        + rng.normal(0.0, 0.002, n)
+        + rng.uniform(0.0, 0.03, n)
         for k in range(n_keys)
     }
 
@@ -86,9 +87,10 @@ def test_a_metronome_over_ten_keys_is_flagged_within_a_few_requests_per_key() ->
     scores = _play(detector, thieves)
     firsts = [_first_flag(s) for s in scores.values()]
     # Alone, a key is first judged at min_queries (16) requests: never here.
-    assert all(f is not None and f <= 6 for f in firsts), firsts
+    assert all(f is not None and f <= 10 for f in firsts), firsts
+    assert min(f for f in firsts if f is not None) <= 5, firsts
     flagged = next(s for s in scores["thief-0"] if s.flagged)
-    assert "gap pairs within 5% of each other" in flagged.evidence
+    assert "gap pairs within 10% of each other" in flagged.evidence
     assert "10 keys" in flagged.evidence
 
 
@@ -137,7 +139,7 @@ def test_a_window_of_zero_turns_the_cohort_test_off() -> None:
 
 def test_bursts_of_millisecond_gaps_are_not_compared() -> None:
     """Rows a client sends back to back arrive 0 to 2 ms apart: at Kafka's
-    millisecond resolution they would all match, so gaps under 20 ms never
+    millisecond resolution they would all match, so gaps under 10 ms never
     form a pair."""
     detector = TrafficDetector(seed=0)
     bursts = {f"batch-{k}": T0 + k * 0.001 + np.arange(15) * 0.001 for k in range(10)}
