@@ -594,10 +594,17 @@ class TrafficDetector(Detector[TrafficParams]):
         if not 0.0 <= float(values["last_gap"]) <= 2.0 * MAX_TIME_S:
             raise ValueError("state field 'last_gap' is out of range")
         # Pairs come from the first window requests only: at most one per
-        # request after the first two.
+        # request after the first two. Bounded by the key's own count too, or
+        # a forged young key claims a metronome it never sent (30 of 30 pairs
+        # after 3 requests) and carries it into its cohort's pooled z.
         pairs, matches = int(values["pairs"]), int(values["matches"])
-        if not 0 <= matches <= pairs <= max(0, values["times"].shape[-1] - 2):
+        seen = int(values["n_seen"])
+        if not 0 <= matches <= pairs <= max(0, min(seen, self._params.window) - 2):
             raise ValueError("state counters 'pairs' and 'matches' are out of range")
+        # A key's first gap comes with its second request; one before it
+        # would pair with that gap.
+        if seen < 2 and float(values["last_gap"]) != 0.0:
+            raise ValueError("state field 'last_gap' is set before a second request")
 
     def _observe_outcome_rows(
         self,
