@@ -129,10 +129,16 @@ def test_times_that_go_back_or_repeat_never_break_the_counts() -> None:
         shuffled[i], shuffled[i + 1] = shuffled[i + 1], shuffled[i]
     repeated = np.repeat(steady[:20], 2)
     jumbled = 1.7e9 + rng.permutation(40) * 0.25
-    for key, times in (("swapped", shuffled), ("repeated", repeated), ("jumbled", jumbled)):
+    for key, times in (
+        ("swapped", shuffled),
+        ("repeated", repeated),
+        ("jumbled", jumbled),
+    ):
         for start in range(0, 40, 7):
             part = times[start : start + 7]
-            detector.score_batch([key] * len(part), np.zeros((len(part), 3)), arrival_s=part)
+            detector.score_batch(
+                [key] * len(part), np.zeros((len(part), 3)), arrival_s=part
+            )
         seen, pairs, matches = _counts(detector, key)
         assert 0 <= matches <= pairs <= max(0, min(seen, 32) - 2), (key, pairs)
         TrafficDetector(seed=0).load_state(key, detector.dump_state(key) or b"")

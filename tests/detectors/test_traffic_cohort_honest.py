@@ -138,8 +138,8 @@ def _dashboard(
 def test_a_polling_dashboard_is_flagged_sooner_not_newly() -> None:
     """Three keys polling in step are a metronome: the single-key test flags
     each at its 16th request (75 s in), from its regularity; the cohort
-    test at its 6th or 7th (25 to 30 s in). It changes when, not whether; no honest key around
-    them is flagged through a cohort."""
+    test at its 6th or 7th (25 to 30 s in). It changes when, not whether;
+    no honest key around them is flagged through a cohort."""
     alone = _dashboard(np.random.default_rng(7), 0.0)
     pooled = _dashboard(np.random.default_rng(7), 0.25)
     for k in range(3):
