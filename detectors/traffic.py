@@ -465,10 +465,10 @@ class TrafficDetector(Detector[TrafficParams]):
     - it counts only a key's first ``window`` rows: a key that first sends
       that many rows any other way never pools afterwards;
     - pace is the count of rows, so keys whose counts drift apart by more
-      than ``cohort_pace_share`` (at least 2) part: ten thieves each 1.5
-      times the last one's rate had 3 or 4 of 10 flagged within 15
-      requests, where one rate had 9 or 10; 1 to 3 rows a request by key,
-      4 to 7 of 10;
+      than ``cohort_pace_share`` (at least 2) stop pooling: ten thieves
+      each 1.5 times the last one's rate had 3 or 4 of 10 flagged within
+      15 requests, where one rate had 9 or 10; 1 to 3 rows a request by
+      key, 4 to 7 of 10;
     - it sees only successive gaps within ``cohort_tolerance`` of each
       other: Poisson gaps, gaps drawn uniformly from 0.2 to 0.3 s (0 to 4
       of 10 flagged) or 0.1 to 0.4 s (none), or two alternating periods
