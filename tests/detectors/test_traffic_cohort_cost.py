@@ -6,12 +6,11 @@ batch. An attacker makes every key of every batch look; the look-up scanned
 every slot, 20 ms for a 256-row batch over 20,000 keys against 0.1 to 0.5 ms
 for the rest of the detector's batch. It now binary-searches the young keys
 sorted once per batch (0.4 ms there; 1.7 ms over 100,000 young keys, the
-sort most of it). These tests pin that it finds exactly what the scan found,
-boundaries and ties included, and that it stays cheap."""
+sort most of it, measured once by hand: speed is not asserted in unit
+tests on this shared machine). These tests pin that it finds exactly what
+the scan found, boundaries and ties included."""
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import numpy.typing as npt
@@ -148,18 +147,12 @@ def _attacked(n_young: int, n_thieves: int) -> tuple[TrafficDetector, list[str]]
     return detector, thieves
 
 
-def test_many_asking_keys_over_many_young_keys_stay_cheap() -> None:
-    """256 asking keys in one batch over 20,000 young keys: the scan took
-    about 20 ms (80 µs a key); the look-up about 0.4 ms. The bound is
-    loose for a shared machine; the best of several runs is taken."""
+def test_many_asking_keys_among_many_young_keys_find_their_cohort() -> None:
+    """256 metronome keys asking in one batch among 20,000 young honest keys
+    that started earlier: each finds exactly the 256."""
     detector, thieves = _attacked(20_000, 256)
     assert detector._arena is not None
     slots = detector._arena.slots(thieves)
     found = detector._cohort_evidence(slots)
-    assert (found.keys == 256).all()  # every thief asks and is counted
-    best_s = float("inf")
-    for _ in range(7):
-        began = time.perf_counter()
-        detector._cohort_evidence(slots)
-        best_s = min(best_s, time.perf_counter() - began)
-    assert best_s < 0.005, f"{best_s * 1e3:.1f} ms for 256 look-ups"
+    assert (found.keys == 256).all()
+    assert (found.pooled_z >= detector.params.cohort_z).all()
