@@ -96,9 +96,7 @@ async def test_ten_paced_keys_are_flagged_through_their_cohort(
     # below member_z is left to its own test, which 12 requests never reach.
     assert len(flagged) >= N_KEYS // 2, {c: cohort_flags(c)[:1] for c in thieves}
     # Every request answered once at least (a rebalance may redeliver one).
-    assert all(
-        len({r["request_id"] for r in by_client[c]}) == PER_KEY for c in thieves
-    )
+    assert all(len({r["request_id"] for r in by_client[c]}) == PER_KEY for c in thieves)
     for c in honest:
         assert all(r["action"] == "allow" for r in by_client[c]), by_client[c]
         assert not cohort_flags(c)
