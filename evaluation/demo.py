@@ -62,7 +62,12 @@ from evaluation.report import (
     render_markdown,
     write_report,
 )
-from evaluation.runkit import first_cause, own_run_settings, wait_for_answer
+from evaluation.runkit import (
+    first_cause,
+    own_run_settings,
+    run_topics,
+    wait_for_answer,
+)
 from gateway.client import GatewayClient, KafkaTransport
 from gateway.config import Settings
 from gateway.errors import BrokerError
@@ -246,7 +251,7 @@ async def run_demo(
             return await _run_demo(on_stack, report_dir, n_benign, quick, seed, say)
         finally:
             with contextlib.suppress(BrokerError):
-                await delete_topics(on_stack, topics.all_names())
+                await delete_topics(on_stack, run_topics(on_stack))
     finally:
         await loop.run_in_executor(None, holder.__exit__, None, None, None)
 

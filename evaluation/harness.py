@@ -48,7 +48,12 @@ from evaluation.ledger import ClientLedger
 from evaluation.observe import AlertCollector, DecisionCollector
 from evaluation.oracle import DirectOracle, GatewayOracle, QueryFn
 from evaluation.process import WorkerProcess
-from evaluation.runkit import first_cause, own_run_settings, wait_for_answer
+from evaluation.runkit import (
+    first_cause,
+    own_run_settings,
+    run_topics,
+    wait_for_answer,
+)
 from evaluation.scenarios import (
     PROBING_ATTACKS,
     Budgets,
@@ -368,7 +373,7 @@ async def _with_topics(
         return await _evaluate(own, out_dir, pairs, plan, quick, seed, say)
     finally:
         with contextlib.suppress(BrokerError):
-            await delete_topics(own, own.kafka.topics.all_names())
+            await delete_topics(own, run_topics(own))
 
 
 async def _evaluate(

@@ -38,17 +38,25 @@ class WatchedWorker(Protocol):
     def log_tail(self) -> str: ...
 
 
+def run_topics(settings: Settings) -> list[str]:
+    """Every topic a run made with :func:`own_run_settings` creates, to delete
+    at its end."""
+    return [*settings.kafka.topics.all_names(), settings.live.topic]
+
+
 def own_run_settings(settings: Settings) -> Settings:
-    """The same settings with topics, consumer group, Redis key prefix and
-    metrics port of this run alone.
+    """The same settings with topics, consumer group, Redis key prefix, live
+    configuration topic and metrics port of this run alone.
 
     Any ``modelgate worker`` already running on the default topics (or another
     run) would otherwise take this run's requests, and answer them under a
     different server key. The key prefix keeps what an earlier run left in
     Redis out of this one: the detectors' saved live baselines above all
     (``gateway.baselines``), which a worker loads at start, so that each run
-    measures its detectors from the same start. The metrics port becomes 0
-    (any free port).
+    measures its detectors from the same start. The live topic keeps a
+    deployment's live changes (``modelgate config set``) out of the run's
+    worker, which would otherwise apply them over the settings the report
+    prints. The metrics port becomes 0 (any free port).
     """
     tag = "demo-" + datetime.now(UTC).strftime("%H%M%S") + "-" + secrets.token_hex(2)
     kafka = settings.kafka
@@ -67,6 +75,9 @@ def own_run_settings(settings: Settings) -> Settings:
                 update={"topics": topics, "group_id": f"modelgate-{tag}"}
             ),
             "worker": settings.worker.model_copy(update={"metrics_port": 0}),
+            "live": settings.live.model_copy(
+                update={"topic": f"modelgate.{tag}.config"}
+            ),
             "redis": settings.redis.model_copy(
                 update={"key_prefix": f"{settings.redis.key_prefix[:15]}-{tag}"}
             ),

@@ -110,8 +110,9 @@ def _say(message: str) -> None:
 
 
 def bench_settings(settings: Settings, tag: str | None = None) -> Settings:
-    """Settings for one run: the same broker, Redis and models; topics, group
-    and key prefix named after ``tag`` (random if omitted); an in-memory server
+    """Settings for one run: the same broker, Redis and models; topics, group,
+    key prefix and live configuration topic named after ``tag`` (random if
+    omitted); an in-memory server
     key (``var/server.key`` untouched); limits no client reaches; shadow policy
     (a detector flagging the replayed digits must not refuse answers); no
     metrics endpoint (the histograms are read in-process)."""
@@ -131,6 +132,8 @@ def bench_settings(settings: Settings, tag: str | None = None) -> Settings:
             ),
             "policy": _patched(settings.policy, shadow=True),
             "worker": _patched(settings.worker, metrics_port=0),
+            # A deployment's live changes must not reach the run's worker.
+            "live": _patched(settings.live, topic=f"bench-{tag}.config"),
         }
     )
 
@@ -605,7 +608,10 @@ async def run_bench(
                 results[name] = await step()
                 section_s[name] = time.perf_counter() - began
     finally:
-        await delete_run_data(run_settings, run_settings.kafka.topics.all_names())
+        await delete_run_data(
+            run_settings,
+            [*run_settings.kafka.topics.all_names(), run_settings.live.topic],
+        )
 
     results["budget"] = _budget(results)
     meta["seconds"] = time.perf_counter() - started

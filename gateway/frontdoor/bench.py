@@ -457,7 +457,8 @@ async def run_http_bench(
         if mlserver is not None:
             await mlserver.stop()
         await delete_run_data(
-            run, [*run.kafka.topics.all_names(), reply_topic_for(run)]
+            run,
+            [*run.kafka.topics.all_names(), reply_topic_for(run), run.live.topic],
         )
 
     return {
