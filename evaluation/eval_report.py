@@ -184,7 +184,13 @@ def attack_targets(entry: dict[str, Any]) -> list[dict[str, Any]]:
         )
     gateway = entry.get("gateway") or {}
     direct = entry.get("direct") or {}
-    at_stop = agreement_at(gateway.get("curve", []), entry["first_enforced_query"])
+    curve = gateway.get("curve", [])
+    first_key = agreement_at(curve, entry["first_enforced_query"])
+    # One refused key does not stop an attacker that owns ten: a distributed
+    # attack is read when it ended (its last key refused, or its pool or
+    # budget spent), a single key when it was first enforced.
+    spread = int(entry.get("keys") or 1) > 1
+    at_stop = agreement_at(curve, None) if spread and curve else first_key
     unhindered = direct.get("agreement")
     if at_stop is None or not unhindered:
         rows.append(
@@ -199,6 +205,11 @@ def attack_targets(entry: dict[str, Any]) -> list[dict[str, Any]]:
         return rows
     ratio = at_stop / float(unhindered)
     caveat = _agreement_caveat(entry, float(unhindered))
+    if spread and first_key is not None and entry["first_enforced_query"]:
+        caveat += (
+            f"; when its first key was enforced (query "
+            f"{entry['first_enforced_query']}) its copy agreed {first_key:.3f}"
+        )
     rows.append(
         _target(
             f"{label}: agreement when stopped < 90% of unhindered",

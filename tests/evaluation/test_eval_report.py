@@ -298,3 +298,38 @@ def test_plan_takes_attacker_arrivals_and_refuses_others() -> None:
             rate_limit_per_s=50.0,
             attacker_arrivals="bursty",
         )
+
+
+def test_a_distributed_attack_is_read_when_its_last_key_stopped() -> None:
+    """One refused key does not stop an attacker that owns ten: the copy it
+    trains with the other keys counts, not the one it had when the first key
+    was enforced. A single key is read when it was first enforced."""
+    curve = {"curve": [[40, 0.70], [80, 0.80], [112, 0.90]], "agreement": 0.90}
+    direct = {"agreement": 0.95, "curve": [[112, 0.95]]}
+    spread = _attack(
+        "active",
+        "extraction",
+        30,
+        enforced=50,
+        variant="distributed",
+        keys=10,
+        gateway=curve,
+        direct=direct,
+    )
+    result = _result()
+    result.attacks = [spread]
+    row = next(
+        r
+        for r in targets(result)
+        if r["target"].startswith("active on digits (distributed): agreement")
+    )
+    assert not row["met"] and row["measured"] == round(0.90 / 0.95, 3)
+    assert (
+        "when its first key was enforced (query 50) its copy agreed 0.700"
+        in (row["missed_by"])
+    )
+
+    single = _agreement_row(
+        _attack("active", "extraction", 30, enforced=50, gateway=curve, direct=direct)
+    )
+    assert single["met"] and single["measured"] == round(0.70 / 0.95, 3)
