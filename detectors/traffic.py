@@ -177,6 +177,9 @@ compared only when both gaps are at least this over ``cohort_tolerance``
 (10 ms at 10%): shorter gaps (rows of one burst) cannot be told within the
 tolerance of each other at that resolution, and would all match."""
 
+_MAX_COHORT_SCORE = 0.999
+"""Scores stay below 1, as ``z / (z + z_half)`` does."""
+
 _N_STATS = 6
 """Columns measured per judged row: gap count, span, burstiness,
 regularity, error share, rejection share."""
@@ -430,8 +433,8 @@ class TrafficDetector(Detector[TrafficParams]):
     ``cohort_match_rate`` reaches ``member_z`` pools the counts of every
     young key whose first request came within ``cohort_window_s`` of its
     own and whose request count is within ``cohort_pace_share`` of its own;
-    with ``cohort_min_keys`` keys and ``cohort_min_pairs`` pairs, the pooled
-    z is mapped so that ``cohort_z`` lands on the flag threshold, and the
+    with ``cohort_min_keys`` keys and ``cohort_min_pairs`` pairs, the
+    score is ``threshold * pooled z / cohort_z`` (below 1), and the
     key's score is the larger of that and its own (warm or not: the test
     needs no learned baseline). A paced thief spread over ten keys at four
     requests per second each is flagged after 5 requests per key at the
@@ -731,13 +734,14 @@ class TrafficDetector(Detector[TrafficParams]):
         warm = out[:, 1] > 0
         held = out[:, 2:]
 
-        # The cohort test, on the score's scale: its z reaches the flag
-        # threshold where the pooled z reaches cohort_z.
+        # The cohort test, in proportion, as margin's cohorts are: the flag
+        # threshold at cohort_z, and the policy's block level (1.5 times the
+        # threshold by default) at 1.5 times cohort_z, so a cohort whose
+        # pooled z is far past any honest one (honest cohorts stay under 2)
+        # is refused on its next request instead of after three flags per key.
         cohort = self._cohort_evidence(slots)
-        at_flag = p.z_half * p.threshold / (1.0 - p.threshold)
-        pooled_as = cohort.pooled_z * at_flag / p.cohort_z
-        cohort_score = np.where(
-            cohort.pooled_z > 0.0, pooled_as / (pooled_as + p.z_half), 0.0
+        cohort_score = np.clip(
+            p.threshold * cohort.pooled_z / p.cohort_z, 0.0, _MAX_COHORT_SCORE
         )
         from_cohort = cohort_score > np.where(warm, score, 0.0)
         score = np.where(from_cohort, cohort_score, score)
