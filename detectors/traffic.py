@@ -13,7 +13,8 @@ of the same vectors from clients in good standing.
 A second test pools keys. An attacker who spreads a metronome's stream over
 many keys gives each key too few requests for its own regularity to count
 before it has taken what it came for. Over each key's first ``window``
-requests the detector counts successive gap pairs and those whose two gaps
+rows (each row of a request counts; rows of one request share a time) the
+detector counts successive gap pairs and those whose two gaps
 are within ``cohort_tolerance`` of each other; keys whose first request
 came within ``cohort_window_s`` of each other and that keep the same pace
 (the cohort, as in :mod:`detectors.margin`) pool those counts, and a pooled
@@ -116,7 +117,7 @@ class TrafficParams(DetectorParams):
     cohort test off."""
 
     cohort_pace_share: float = Field(0.2, ge=0.0, le=10.0)
-    """Cohort members must also have sent as many requests as the key, within
+    """Cohort members must also have sent as many rows as the key, within
     this share of its count (at least 2 either way)."""
 
     cohort_min_keys: int = Field(3, ge=2, le=10_000)
@@ -424,7 +425,7 @@ class TrafficDetector(Detector[TrafficParams]):
     ``min_queries`` requests and the baseline has learned ``min_baseline``
     honest judgements.
 
-    Cohort score: over a key's first ``window`` requests, ``pairs`` counts
+    Cohort score: over a key's first ``window`` rows, ``pairs`` counts
     successive pairs of gaps both at least ``0.001 / cohort_tolerance``
     seconds long (10 ms at 10%: times are whole milliseconds) and
     ``matches`` those whose gaps are within ``cohort_tolerance`` of the
@@ -630,8 +631,8 @@ class TrafficDetector(Detector[TrafficParams]):
             raise ValueError(f"state field 'first_s' is beyond {MAX_TIME_S:g} s")
         if not 0.0 <= float(values["last_gap"]) <= 2.0 * MAX_TIME_S:
             raise ValueError("state field 'last_gap' is out of range")
-        # Pairs come from the first window requests only: at most one per
-        # request after the first two. Bounded by the key's own count too, or
+        # Pairs come from the first window rows only: at most one per row
+        # after the first two. Bounded by the key's own count too, or
         # a forged young key claims a metronome it never sent (30 of 30 pairs
         # after 3 requests) and carries it into its cohort's pooled z.
         pairs, matches = int(values["pairs"]), int(values["matches"])
@@ -781,7 +782,7 @@ class TrafficDetector(Detector[TrafficParams]):
         young member at ``member_z`` of a cohort of ``cohort_min_keys`` with
         ``cohort_min_pairs``), with the counts behind it.
 
-        A key is young while it has sent at most ``window`` requests. Only
+        A key is young while it has sent at most ``window`` rows. Only
         young keys whose own z reaches ``member_z`` look for a cohort, once
         per key and batch, so rarely for honest keys by design; an attacker
         makes every key of every batch look. Each look therefore costs a
