@@ -135,15 +135,33 @@ def threshold_for(scores: npt.NDArray[np.float64], target_fpr: float) -> float |
     return float(max(keep * (1.0 + 1e-6) + 1e-7, 1e-3))
 
 
+def silent(replay: Replay, target_fpr: float) -> list[str]:
+    """Detectors whose honest scores that must not flag are all 0: the replay
+    shows where honest traffic is not, never where the threshold should be,
+    and the floor :func:`threshold_for` would give (0.001) flags any score at
+    all. :func:`thresholds` leaves them at their current value."""
+    names = []
+    for name, scores in replay.scores.items():
+        if len(scores) == 0:
+            continue
+        ordered = np.sort(scores)
+        allowed = int(np.floor(target_fpr * len(ordered)))
+        if ordered[len(ordered) - allowed - 1] <= 0.0:
+            names.append(name)
+    return names
+
+
 def thresholds(
     detectors: Mapping[str, Detector[Any]], replay: Replay, target_fpr: float
 ) -> dict[str, float]:
     """Per detector, the calibrated threshold clamped into what its
-    parameters accept; detectors that never got warm are left out."""
+    parameters accept; detectors that never got warm, and :func:`silent`
+    ones, are left out."""
     found: dict[str, float] = {}
+    quiet = set(silent(replay, target_fpr))
     for name, detector in detectors.items():
         value = threshold_for(replay.scores[name], target_fpr)
-        if value is None:
+        if value is None or name in quiet:
             continue
         field = detector.Params.model_fields["threshold"]
         upper = 1.0

@@ -40,7 +40,7 @@ def calibrate(
 ) -> None:
     """Set every detector's threshold from benign traffic for a target
     false-positive rate (per query), and print them as live configuration."""
-    from detectors.calibrate import benign_replay, thresholds
+    from detectors.calibrate import benign_replay, silent, thresholds
     from detectors.registry import build_detectors
     from gateway.backends import close_backends, load_backends
     from gateway.cli import _settings
@@ -97,6 +97,7 @@ def calibrate(
             seed=seed,
         )
         found = thresholds(detectors, replay, target_fpr)
+        kept = silent(replay, target_fpr)
     finally:
         close_backends(backends)
 
@@ -109,6 +110,11 @@ def calibrate(
         current = detectors[det].params.threshold
         typer.echo(
             f"{det:<12}{value:>11.4f}{current:>9.3f}{len(replay.scores[det]):>13}"
+        )
+    if kept:
+        typer.echo(
+            "kept as they are (every honest score that must not flag was 0, "
+            f"so the replay cannot place a threshold): {', '.join(kept)}"
         )
     assignments = " ".join(f"detectors.{d}.threshold={v}" for d, v in found.items())
     typer.echo(f"\napply live:  modelgate config set {assignments}")

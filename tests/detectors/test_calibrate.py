@@ -62,3 +62,18 @@ def test_calibrated_thresholds_hold_on_fresh_honest_clients(digits: Digits) -> N
         # Per-client scores are correlated over time, so a fresh sample of 12
         # clients varies; within four times the target is what it guarantees.
         assert rate <= 4 * target, (name, rate, found[name])
+
+
+def test_a_detector_silent_on_honest_traffic_keeps_its_threshold() -> None:
+    """All honest scores 0: the floor threshold would flag any score, so no
+    threshold is suggested for it."""
+    from detectors.calibrate import Replay, silent
+    from detectors.registry import build_detectors
+
+    detectors = build_detectors({}, seed=0)
+    scores = {name: np.zeros(200) for name in detectors}
+    scores["traffic"] = np.linspace(0.0, 0.5, 200)
+    replay = Replay(scores=scores, n_clients=2, n_queries=100)
+    assert "traffic" not in silent(replay, 0.01)
+    assert set(silent(replay, 0.01)) == set(detectors) - {"traffic"}
+    assert set(thresholds(detectors, replay, 0.01)) == {"traffic"}
