@@ -391,14 +391,29 @@ async def _alerts(settings: Settings, follow: bool, as_json: bool) -> None:
         else:
             await consumer.seek_to_beginning(*tps)
         end = await consumer.end_offsets(tps)
+        # Stored alerts come partition by partition; printed in time order
+        # (record time, then partition and offset) once all are read.
+        stored: list[tuple[int, int, int, bytes | None]] = []
         while True:
             batch = await consumer.getmany(timeout_ms=500)
             for records in batch.values():
                 for record in records:
-                    _print_alert(record.value, as_json, format_alert)
+                    if follow:
+                        _print_alert(record.value, as_json, format_alert)
+                    else:
+                        stored.append(
+                            (
+                                record.timestamp,
+                                record.partition,
+                                record.offset,
+                                record.value,
+                            )
+                        )
             if not follow:
                 positions = {tp: await consumer.position(tp) for tp in tps}
                 if all(positions[tp] >= end[tp] for tp in tps):
+                    for *_, value in sorted(stored, key=lambda r: r[:3]):
+                        _print_alert(value, as_json, format_alert)
                     return
     finally:
         await consumer.stop()

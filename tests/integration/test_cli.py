@@ -176,3 +176,40 @@ def test_every_command_has_help() -> None:
         )
         assert result.returncode == 0, (command, result.stderr)
         assert "Usage" in result.stdout
+
+
+async def test_stored_alerts_print_in_time_order_across_partitions(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    """Alerts of clients on different partitions are read partition by
+    partition; the command prints them by record time."""
+    from aiokafka import AIOKafkaProducer
+
+    settings = isolated_settings(
+        stack.kafka_bootstrap,
+        stack.redis_url,
+        models_dir,
+        kafka={"topics": {"other_partitions": 2}},
+    )
+    await ensure_topics(settings)
+    base_ms = int(time.time() * 1000) - 60_000
+    # Partition 0 holds the 1st and 3rd alert, partition 1 the 2nd and 4th.
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap)
+    await producer.start()
+    try:
+        for i in range(4):
+            event = {"time": f"t{i}", "data": {"client_id": f"c{i}", "score": 1.0}}
+            await producer.send_and_wait(
+                settings.kafka.topics.alerts,
+                json.dumps(event).encode(),
+                partition=i % 2,
+                timestamp_ms=base_ms + i * 1000,
+            )
+    finally:
+        await producer.stop()
+    printed = _cli(settings, "alerts")
+    assert printed.returncode == 0, printed.stderr
+    clients = [
+        line.split("client=")[1].split()[0] for line in printed.stdout.splitlines()
+    ]
+    assert clients == ["c0", "c1", "c2", "c3"], printed.stdout
