@@ -65,7 +65,6 @@ from evaluation.report import (
 from evaluation.runkit import (
     first_cause,
     own_run_settings,
-    run_topics,
     wait_for_answer,
 )
 from gateway.client import GatewayClient, KafkaTransport
@@ -79,7 +78,7 @@ from gateway.models import (
     ensure_digits_model,
     load_model,
 )
-from gateway.topics import delete_topics, ensure_topics
+from gateway.topics import delete_topics, ensure_topics, run_topics
 
 logger = logging.getLogger(__name__)
 

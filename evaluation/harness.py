@@ -51,7 +51,6 @@ from evaluation.process import WorkerProcess
 from evaluation.runkit import (
     first_cause,
     own_run_settings,
-    run_topics,
     wait_for_answer,
 )
 from evaluation.scenarios import (
@@ -69,7 +68,7 @@ from gateway.config import Settings
 from gateway.errors import BrokerError
 from gateway.keys import KeyStore
 from gateway.models import load_model
-from gateway.topics import delete_topics, ensure_topics
+from gateway.topics import delete_topics, ensure_topics, run_topics
 from gateway.zoo import ensure_model
 
 logger = logging.getLogger(__name__)

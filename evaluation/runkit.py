@@ -38,12 +38,6 @@ class WatchedWorker(Protocol):
     def log_tail(self) -> str: ...
 
 
-def run_topics(settings: Settings) -> list[str]:
-    """Every topic a run made with :func:`own_run_settings` creates, to delete
-    at its end."""
-    return [*settings.kafka.topics.all_names(), settings.live.topic]
-
-
 def own_run_settings(settings: Settings) -> Settings:
     """The same settings with topics, consumer group, Redis key prefix, live
     configuration topic and metrics port of this run alone.

@@ -51,7 +51,7 @@ from gateway.errors import BrokerError
 from gateway.keys import KeyStore
 from gateway.models import DIGITS, ModelSignature, digits_split, ensure_digits_model
 from gateway.store import AdmitItem, CounterStore, redis_from_settings
-from gateway.topics import ensure_topics, partitions_of
+from gateway.topics import ensure_topics, partitions_of, run_topics
 from gateway.validation import validate_request
 from gateway.worker import Worker
 
@@ -608,10 +608,7 @@ async def run_bench(
                 results[name] = await step()
                 section_s[name] = time.perf_counter() - began
     finally:
-        await delete_run_data(
-            run_settings,
-            [*run_settings.kafka.topics.all_names(), run_settings.live.topic],
-        )
+        await delete_run_data(run_settings, run_topics(run_settings))
 
     results["budget"] = _budget(results)
     meta["seconds"] = time.perf_counter() - started

@@ -116,6 +116,12 @@ async def partitions_of(settings: Settings, topic: str) -> list[int]:
     return []
 
 
+def run_topics(settings: Settings) -> list[str]:
+    """Every topic a run with topics of its own creates (the request path's
+    and its live configuration topic), to delete at its end."""
+    return [*settings.kafka.topics.all_names(), settings.live.topic]
+
+
 async def delete_topics(settings: Settings, names: list[str]) -> None:
     """Delete ``names`` (missing ones are ignored); for runs that made topics
     of their own and should not leave them behind."""

@@ -47,6 +47,7 @@ from gateway.frontdoor.service import reply_topic_for
 from gateway.keys import KeyStore
 from gateway.models import DIGITS, digits_split, ensure_digits_model
 from gateway.store import redis_from_settings
+from gateway.topics import run_topics
 
 logger = logging.getLogger(__name__)
 
@@ -458,7 +459,7 @@ async def run_http_bench(
             await mlserver.stop()
         await delete_run_data(
             run,
-            [*run.kafka.topics.all_names(), reply_topic_for(run), run.live.topic],
+            [*run_topics(run), reply_topic_for(run)],
         )
 
     return {

@@ -4,9 +4,10 @@ left behind, and no live change made to a deployment, reaches it."""
 
 from __future__ import annotations
 
-from evaluation.runkit import own_run_settings, run_topics
+from evaluation.runkit import own_run_settings
 from gateway.bench import bench_settings
 from gateway.config import Settings
+from gateway.topics import run_topics
 
 
 def test_each_run_has_its_own_topics_group_and_redis_prefix() -> None:
