@@ -123,16 +123,24 @@ def threshold_for(scores: npt.NDArray[np.float64], target_fpr: float) -> float |
     >>> round(threshold_for(np.array([0.0] * 98 + [0.5, 0.9]), 0.01), 4)
     0.5
     """
+    keep = _highest_kept(scores, target_fpr)
+    if keep is None:
+        return None
+    # The threshold sits just above the highest score that must not flag.
+    return float(max(keep * (1.0 + 1e-6) + 1e-7, 1e-3))
+
+
+def _highest_kept(scores: npt.NDArray[np.float64], target_fpr: float) -> float | None:
+    """The highest score that must stay below the threshold so that at most
+    ``target_fpr`` of ``scores`` flag (everything above index ``n - allowed
+    - 1`` of the sorted scores may); None without scores."""
     if not 0.0 < target_fpr < 1.0:
         raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
     if len(scores) == 0:
         return None
     ordered = np.sort(scores)
     allowed = int(np.floor(target_fpr * len(ordered)))
-    # Everything above index n - allowed - 1 may flag; the threshold sits just
-    # above the highest score that must not.
-    keep = ordered[len(ordered) - allowed - 1]
-    return float(max(keep * (1.0 + 1e-6) + 1e-7, 1e-3))
+    return float(ordered[len(ordered) - allowed - 1])
 
 
 def silent(replay: Replay, target_fpr: float) -> list[str]:
@@ -140,15 +148,11 @@ def silent(replay: Replay, target_fpr: float) -> list[str]:
     shows where honest traffic is not, never where the threshold should be,
     and the floor :func:`threshold_for` would give (0.001) flags any score at
     all. :func:`thresholds` leaves them at their current value."""
-    names = []
-    for name, scores in replay.scores.items():
-        if len(scores) == 0:
-            continue
-        ordered = np.sort(scores)
-        allowed = int(np.floor(target_fpr * len(ordered)))
-        if ordered[len(ordered) - allowed - 1] <= 0.0:
-            names.append(name)
-    return names
+    return [
+        name
+        for name, scores in replay.scores.items()
+        if (keep := _highest_kept(scores, target_fpr)) is not None and keep <= 0.0
+    ]
 
 
 def thresholds(
