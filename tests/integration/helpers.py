@@ -7,10 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from evaluation.benign import BenignProfile, run_benign_client
 from evaluation.ledger import ClientLedger
@@ -25,9 +34,10 @@ from evaluation.process import settings_env
 from gateway import protocol
 from gateway.client import GatewayClient, KafkaTransport
 from gateway.config import Settings, load_settings
+from gateway.errors import BrokerError
 from gateway.keys import KeyStore, format_token
 from gateway.store import CounterStore, redis_from_settings
-from gateway.topics import ensure_topics, partitions_of
+from gateway.topics import delete_topics, ensure_topics, partitions_of, run_topics
 from gateway.worker import Worker
 from modelgate import errors
 from modelgate.client import Transport
@@ -38,7 +48,15 @@ if TYPE_CHECKING:
     from gateway.liveconfig.service import ConfigService, WorkerAck
     from tests.conftest import StackInfo
 
+logger = logging.getLogger(__name__)
+
 REPO = Path(__file__).resolve().parents[2]
+
+# The settings of every isolated run of this session, so that the session can
+# delete their topics and keys when it ends (``drop_isolated_runs``): on a
+# developer's long-lived broker each ``make test`` would otherwise leave about
+# a hundred sets of topics behind.
+_ISOLATED: list[Settings] = []
 
 
 def isolated_settings(
@@ -73,13 +91,63 @@ def isolated_settings(
         overrides[app] = {"metrics_port": 0, **overrides.get(app, {})}
     redis = {**overrides.pop("redis", {}), "url": redis_url, "key_prefix": f"t{tag}"}
     overrides.setdefault("live", {"topic": f"test-{tag}.config"})
-    return load_settings(
+    settings = load_settings(
         kafka=kafka,
         redis=redis,
         models={"directory": str(models_dir)},
         worker=worker,
         **overrides,
     )
+    _ISOLATED.append(settings)
+    return settings
+
+
+async def drop_isolated_runs() -> tuple[int, int]:
+    """Delete the topics and Redis keys of every isolated run made so far this
+    session (:func:`drop_runs`), and forget them."""
+    runs = list(_ISOLATED)
+    _ISOLATED.clear()
+    return await drop_runs(runs)
+
+
+async def drop_runs(runs: Sequence[Settings]) -> tuple[int, int]:
+    """Delete the topics and Redis keys of ``runs`` (isolated settings);
+    returns (topics asked to go, keys unlinked).
+
+    Best effort, as :mod:`gateway.cleanup` is for the benchmarks: a broker or
+    Redis failure is logged and the session's result stands.
+    """
+    if not runs:
+        return 0, 0
+    first = runs[0]
+    topics = sorted({name for run in runs for name in run_topics(run)})
+    try:
+        async with asyncio.timeout(first.kafka.request_timeout_s * 2):
+            await delete_topics(first, topics)
+    except (BrokerError, TimeoutError) as exc:
+        logger.warning(
+            "test topics not deleted: %r", exc, extra={"topics": len(topics)}
+        )
+        topics = []
+    prefixes = {run.redis.key_prefix for run in runs}
+    unlinked = 0
+    redis = redis_from_settings(first)
+    try:
+        async with asyncio.timeout(first.kafka.request_timeout_s * 2):
+            doomed: list[bytes] = []
+            # One pass over the keyspace for all runs: the fingerprint store's
+            # keys start with "{prefix:fp}" (gateway/fingerprints.py).
+            async for key in redis.scan_iter(count=1000):
+                name = key.decode(errors="replace").lstrip("{")
+                if name.split(":", 1)[0] in prefixes:
+                    doomed.append(key)
+            for start in range(0, len(doomed), 1000):
+                unlinked += await redis.unlink(*doomed[start : start + 1000])
+    except (RedisError, OSError, TimeoutError) as exc:
+        logger.warning("test keys not all deleted: %r", exc)
+    finally:
+        await redis.aclose()
+    return len(topics), unlinked
 
 
 def request_path_settings(
