@@ -19,7 +19,9 @@ Redis, FastAPI or ``gateway``.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -27,6 +29,7 @@ import numpy.typing as npt
 from pydantic import Field
 
 from detectors._binomial import upper_tail
+from detectors._cohort import pool
 from detectors._hst import HalfSpaceForest
 from detectors._jit import jit
 from detectors._state import (
@@ -44,6 +47,7 @@ from detectors.baselines import (
     check_fields,
     read_field,
 )
+from detectors.traffic import MAX_TIME_S
 
 logger = logging.getLogger(__name__)
 
@@ -167,10 +171,12 @@ def _client_counts(
     raw: npt.NDArray[np.float64],
     synthetic: npt.NDArray[np.bool_],
     wide: npt.NDArray[np.bool_],
+    arrival_s: npt.NDArray[np.float64],
     n_seen: npt.NDArray[np.int64],
     n_off_lattice: npt.NDArray[np.int64],
     n_wide: npt.NDArray[np.int64],
     ewma: npt.NDArray[np.float64],
+    first_s: npt.NDArray[np.float64],
     alpha: float,
 ) -> tuple[
     npt.NDArray[np.int64],
@@ -183,8 +189,9 @@ def _client_counts(
     Per row, after it: its client's queries seen, off-lattice queries and
     counted wide queries so far, and the running mean anomaly score,
     ``e <- e + alpha * (x - e)`` from the stored mean, or ``x`` for the
-    client's first query ever. The arena arrays (indexed by slot) are
-    updated in place, so a batch ends where its rows sent one at a time would.
+    client's first query ever, whose arrival time goes to ``first_s``. The
+    arena arrays (indexed by slot) are updated in place, so a batch ends
+    where its rows sent one at a time would.
     """
     n = slots.shape[0]
     seen = np.empty(n, dtype=np.int64)
@@ -196,6 +203,7 @@ def _client_counts(
         x = raw[i]
         if n_seen[slot] == 0:
             ewma[slot] = x
+            first_s[slot] = arrival_s[i]
         else:
             ewma[slot] = ewma[slot] + alpha * (x - ewma[slot])
         n_seen[slot] += 1
@@ -302,6 +310,34 @@ class OodParams(DetectorParams):
     """A wide query within this per-feature RMS distance of the client's
     previous wide query is a repeat (an honest re-send of one unusual input)
     and is not counted."""
+
+    cohort_window_s: float = Field(0.25, ge=0.0, le=3600.0)
+    """Young keys (at most ``window`` queries) whose first queries came
+    within this many seconds of each other, at one pace, form a cohort whose
+    outlier counts are pooled (see the class); 0 turns the cohort test off."""
+
+    cohort_pace_share: float = Field(0.2, ge=0.0, le=10.0)
+    """Query counts within this share of a key's own (at least 2 either
+    way) count as its pace."""
+
+    cohort_min_keys: int = Field(3, ge=2, le=10_000)
+    """Keys (this one included) a cohort needs before its pooled share
+    counts."""
+
+    # Source of the default: one counted wide (or off-lattice) query is what
+    # an equation-solving key on breast cancer shows at its first or second
+    # query (74% of its queries are wide), while an honest key does so on
+    # 1.4% of its queries; two would leave 17% of three-query thief keys
+    # unjudged (measured in docs/detectors.md).
+    cohort_min_own: int = Field(1, ge=1, le=4096)
+    """Counted wide or off-lattice queries of its own a young key needs
+    before its cohort's pooled share can score it: a key is never flagged
+    for the company it keeps alone."""
+
+    cohort_significance: float = Field(1e-4, gt=0.0, le=1.0)
+    """A cohort's pooled share counts only when its pooled outlier count is
+    this unlikely for honest keys (binomial upper tail of the pooled queries
+    at the honest rate), as ``significance`` for one key."""
 
 
 class OutOfDistributionDetector(Detector[OodParams]):
@@ -414,6 +450,11 @@ class OutOfDistributionDetector(Detector[OodParams]):
             "range_tolerance",
             "range_early",
             "range_repeat_eps",
+            "cohort_window_s",
+            "cohort_pace_share",
+            "cohort_min_keys",
+            "cohort_min_own",
+            "cohort_significance",
         }
     )
 
@@ -515,6 +556,9 @@ class OutOfDistributionDetector(Detector[OodParams]):
             "n_off_lattice": FieldSpec((), "<i8"),
             "n_wide": FieldSpec((), "<i8"),
             "last_wide": FieldSpec((n_features,), "u1"),
+            # Arrival time of the client's first query (seconds; 0 before
+            # it), which dates it for the cohort test.
+            "first_s": FieldSpec((), "<f8"),
         }
 
     def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
@@ -525,6 +569,30 @@ class OutOfDistributionDetector(Detector[OodParams]):
         for field in ("n_off_lattice", "n_wide"):
             if not 0 <= int(values[field]) <= int(values["n_seen"]):
                 raise ValueError(f"state field {field!r} is invalid")
+        seen = int(values["n_seen"])
+        first = float(values["first_s"])
+        if not abs(first) <= MAX_TIME_S or (seen == 0 and first != 0.0):
+            raise ValueError("state field 'first_s' is invalid")
+        # A young key's window holds every query it sent, and the cohort
+        # test sums its bits as its outlier count: a forged young key whose
+        # window claims more than it sent (or other than its counts imply)
+        # would carry invented outliers into an honest cohort's pool.
+        window = self._params.window
+        if seen <= window:
+            ring = values["outlier"]
+            length = int(values["outlier_len"])
+            count = int(ring.sum())
+            if (
+                length != seen
+                or int(values["outlier_pos"]) != seen % window
+                or int(ring[length:].sum()) != 0
+                or count < int(values["n_off_lattice"])
+                or count < int(values["n_wide"])
+            ):
+                raise ValueError(
+                    "state fields 'outlier', 'outlier_pos' and 'outlier_len' "
+                    "do not match a young key's counts"
+                )
 
     def _on_n_features(self, n_features: int) -> None:
         params = self._params
@@ -774,15 +842,20 @@ class OutOfDistributionDetector(Detector[OodParams]):
         inverse[groups.order] = np.arange(n)
         # Queries, off-lattice and counted wide queries so far per row (its
         # client's counts after it), and the running mean anomaly score.
+        arrival_s = (
+            np.full(n, time.time()) if self._arrival_s is None else self._arrival_s
+        )
         seen, off_rows, wide_rows, ewma = _client_counts(
             slots,
             raw,
             synthetic,
             wide,
+            np.clip(arrival_s, -MAX_TIME_S, MAX_TIME_S),
             arrays["n_seen"],
             arrays["n_off_lattice"],
             arrays["n_wide"],
             arrays["ewma"],
+            arrays["first_s"],
             params.ewma_alpha,
         )
 
@@ -808,12 +881,26 @@ class OutOfDistributionDetector(Detector[OodParams]):
             hits = counted * outlier
             outliers_before = self._learned_outliers + np.cumsum(hits) - hits
             rate = self._rate(rows_before, outliers_before)
+            cohort = self._cohort_evidence(
+                slots, seen, off_rows + wide_rows, float(rate[0])
+            )
             self._learned_rows += int(counted.sum())
             self._learned_outliers += int(hits.sum())
             tail = upper_tail(counts, lengths, rate)
             unlikely = tail <= params.significance
 
             def evidence(row: int) -> str:
+                if from_cohort[row]:
+                    return (
+                        f"{cohort.outliers[row]} of the {cohort.rows[row]} queries "
+                        f"of {cohort.keys[row]} keys whose first query came within "
+                        f"{params.cohort_window_s:g} s of its own, at its pace, look "
+                        f"unlike normal traffic (chance {cohort.tail[row]:.1e} for "
+                        f"honest keys at an outlier rate of {rate[0]:.3f}); its "
+                        f"own {counts[row]} of {lengths[row]}, {off_rows[row]} off "
+                        f"the values real inputs take, {wide_rows[row]} outside "
+                        f"their range"
+                    )
                 return (
                     f"{counts[row]} of the last {lengths[row]} queries look unlike "
                     f"normal traffic (anomaly score above {query_threshold:.3f}, "
@@ -833,9 +920,107 @@ class OutOfDistributionDetector(Detector[OodParams]):
             # otherwise the share counts only when the count behind it is
             # unlikely by chance (an honest client's score stays 0).
             share = np.where((off_rows > 0) | unlikely, counts / lengths, 0.0)
+            # A young key with evidence of its own whose cohort's pooled
+            # count is unlikely by chance is scored by the cohort's share: on
+            # the scale of its own, so a cohort of equation-solving keys
+            # (about 70% wide) reaches the block level (1.5 times the
+            # threshold) and an honest cohort's share (about 2%) stays far
+            # below the flag.
+            from_cohort = cohort.share > np.where(warm, share, 0.0)
+            share = np.where(from_cohort, cohort.share, share)
+            warm = warm | from_cohort
             return self._scores(share, warm, evidence)
         cold = [
             "no baseline of normal traffic yet (learn_baseline has not "
             "completed a window), so no query is judged"
         ] * n
         return self._scores(counts / lengths, np.zeros(n, dtype=bool), cold)
+
+    def _cohort_evidence(
+        self,
+        slots: npt.NDArray[np.int64],
+        seen: npt.NDArray[np.int64],
+        own: npt.NDArray[np.int64],
+        rate: float,
+    ) -> _CohortEvidence:
+        """Per row: the pooled outlier share of its key's cohort (0 when the
+        row's key is not a young key with ``cohort_min_own`` counted wide or
+        off-lattice queries of its own in a cohort of ``cohort_min_keys``
+        whose pooled count has a binomial tail at ``rate`` of at most
+        ``cohort_significance``), with the counts behind it.
+
+        ``seen`` and ``own`` are per row, as of the row: its key's queries
+        and its counted wide plus off-lattice queries so far. The cohort is
+        every young key (at most ``window`` queries, the window then holding
+        all of them) whose first query came within ``cohort_window_s`` of
+        this key's and whose query count is within ``cohort_pace_share`` (at
+        least 2) of its own; membership depends on time and pace only, never
+        on outliers, so an honest cohort's pooled share is as honest as one
+        key's. The counts are read after the whole batch, so every row of a
+        key in one batch gets one cohort verdict. The young keys are sorted
+        once per batch and each asking key's cohort found by binary
+        searches (:func:`detectors._cohort.pool`).
+        """
+        assert self._arena is not None
+        arrays = self._arena.arrays
+        p = self._params
+        n = len(slots)
+        found = _CohortEvidence.empty(n)
+        if p.cohort_window_s <= 0.0:
+            return found
+        n_seen = arrays["n_seen"]
+        ask = (seen <= p.window) & (own >= p.cohort_min_own)
+        asking = np.unique(slots[ask])
+        young = (n_seen > 0) & (n_seen <= p.window)
+        # Only young keys' outlier counts are read (their window holds
+        # every query they sent); the others are never members.
+        outliers = np.zeros(len(n_seen), dtype=np.int64)
+        if len(asking):
+            outliers[young] = arrays["outlier"][young].sum(axis=1)
+        pooled = pool(
+            asking,
+            n_seen,
+            arrays["first_s"],
+            n_seen,
+            outliers,
+            p.window,
+            p.cohort_pace_share,
+            p.cohort_window_s,
+        )
+        tail = upper_tail(pooled.total_b, pooled.total_a, rate)
+        counted = (pooled.keys >= p.cohort_min_keys) & (
+            tail <= p.cohort_significance
+        )
+        if not counted.any():
+            return found
+        # Each asking row of a counted key, and which of them it is (asking
+        # is sorted).
+        at = np.minimum(np.searchsorted(asking, slots), len(asking) - 1)
+        rows = ask & (asking[at] == slots) & counted[at]
+        at = at[rows]
+        found.share[rows] = pooled.total_b[at] / pooled.total_a[at]
+        found.tail[rows] = tail[at]
+        found.keys[rows] = pooled.keys[at]
+        found.rows[rows] = pooled.total_a[at]
+        found.outliers[rows] = pooled.total_b[at]
+        return found
+
+
+@dataclass(slots=True)
+class _CohortEvidence:
+    """The cohort test's result per row of a batch (see
+    :meth:`OutOfDistributionDetector._cohort_evidence`)."""
+
+    share: npt.NDArray[np.float64]
+    tail: npt.NDArray[np.float64]
+    keys: npt.NDArray[np.int64]
+    rows: npt.NDArray[np.int64]
+    outliers: npt.NDArray[np.int64]
+
+    @classmethod
+    def empty(cls, n: int) -> _CohortEvidence:
+        return cls(
+            np.zeros(n),
+            np.ones(n),
+            *(np.zeros(n, dtype=np.int64) for _ in range(3)),
+        )
