@@ -334,6 +334,16 @@ class OodParams(DetectorParams):
     before its cohort's pooled share can score it: a key is never flagged
     for the company it keeps alone."""
 
+    # Source of the default: one outlier in a key's first one or two
+    # queries (tail 0.02 and 0.04 at the honest rate 0.02), two in its first
+    # eight; an honest key whose one wide query sits among ordinary ones
+    # (1 of 3, tail 0.06) no longer counts, while a thief's keys stay at 70%
+    # wide. 1.0: any key with evidence of its own.
+    cohort_member_tail: float = Field(0.05, gt=0.0, le=1.0)
+    """A young key is scored through its cohort only while its own outlier
+    count is at most this likely for an honest key (binomial upper tail of
+    its window at the honest rate)."""
+
     cohort_significance: float = Field(1e-4, gt=0.0, le=1.0)
     """A cohort's pooled share counts only when its pooled outlier count is
     this unlikely for honest keys (binomial upper tail of the pooled queries
@@ -454,6 +464,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
             "cohort_pace_share",
             "cohort_min_keys",
             "cohort_min_own",
+            "cohort_member_tail",
             "cohort_significance",
         }
     )
@@ -881,13 +892,16 @@ class OutOfDistributionDetector(Detector[OodParams]):
             hits = counted * outlier
             outliers_before = self._learned_outliers + np.cumsum(hits) - hits
             rate = self._rate(rows_before, outliers_before)
-            cohort = self._cohort_evidence(
-                slots, seen, off_rows + wide_rows, float(rate[0])
-            )
             self._learned_rows += int(counted.sum())
             self._learned_outliers += int(hits.sum())
             tail = upper_tail(counts, lengths, rate)
             unlikely = tail <= params.significance
+            member = (
+                (seen <= params.window)
+                & (off_rows + wide_rows >= params.cohort_min_own)
+                & (tail <= params.cohort_member_tail)
+            )
+            cohort = self._cohort_evidence(slots, member, float(rate[0]))
 
             def evidence(row: int) -> str:
                 if from_cohort[row]:
@@ -939,18 +953,16 @@ class OutOfDistributionDetector(Detector[OodParams]):
     def _cohort_evidence(
         self,
         slots: npt.NDArray[np.int64],
-        seen: npt.NDArray[np.int64],
-        own: npt.NDArray[np.int64],
+        ask: npt.NDArray[np.bool_],
         rate: float,
     ) -> _CohortEvidence:
-        """Per row: the pooled outlier share of its key's cohort (0 when the
-        row's key is not a young key with ``cohort_min_own`` counted wide or
-        off-lattice queries of its own in a cohort of ``cohort_min_keys``
-        whose pooled count has a binomial tail at ``rate`` of at most
+        """Per row: the pooled outlier share of its key's cohort (0 unless
+        ``ask``, and the key's cohort has ``cohort_min_keys`` keys and a
+        pooled count whose binomial tail at ``rate`` is at most
         ``cohort_significance``), with the counts behind it.
 
-        ``seen`` and ``own`` are per row, as of the row: its key's queries
-        and its counted wide plus off-lattice queries so far. The cohort is
+        ``ask`` is per row, as of the row: its key is young and has evidence
+        of its own (``cohort_min_own``, ``cohort_member_tail``). The cohort is
         every young key (at most ``window`` queries, the window then holding
         all of them) whose first query came within ``cohort_window_s`` of
         this key's and whose query count is within ``cohort_pace_share`` (at
@@ -969,7 +981,6 @@ class OutOfDistributionDetector(Detector[OodParams]):
         if p.cohort_window_s <= 0.0:
             return found
         n_seen = arrays["n_seen"]
-        ask = (seen <= p.window) & (own >= p.cohort_min_own)
         asking = np.unique(slots[ask])
         young = (n_seen > 0) & (n_seen <= p.window)
         # Only young keys' outlier counts are read (their window holds

@@ -176,7 +176,9 @@ class SpreadAttack:
             k = live[(self._next_key + i) % len(live)]
             slot = max(now_s, self._slot[k])
             self._slot[k] = slot + 1.0 / KEY_RATE_PER_S
-            out.append((slot + float(self.rng.uniform(0.0, JITTER_S)), self.key(k), row))
+            out.append(
+                (slot + float(self.rng.uniform(0.0, JITTER_S)), self.key(k), row)
+            )
         self._next_key = (self._next_key + len(self.pending)) % len(live)
         self.pending = []
         self.in_flight = len(out)
@@ -227,9 +229,7 @@ def replay(
             ids = [item[2] for item in sent]
             X = s.scale.apply(np.vstack([item[3] for item in sent]))
             times = np.floor(np.array([item[0] for item in sent]) * 1e3) / 1e3
-            learn = [
-                not (verdicts.get(k, _KeyVerdicts()).flags > 0) for k in ids
-            ]
+            learn = [not (verdicts.get(k, _KeyVerdicts()).flags > 0) for k in ids]
             scores = ood.score_batch(ids, X, learn=learn, arrival_s=times)
             for item, score in zip(sent, scores, strict=True):
                 _, _, key, _, attack, index = item
@@ -270,9 +270,7 @@ class AttackOutcome:
 
 def run_attack(seed: int, **params: Any) -> AttackOutcome:
     ood = detector(**params)
-    attack = SpreadAttack(
-        attack_points(seed), 10, T0, np.random.default_rng([seed, 1])
-    )
+    attack = SpreadAttack(attack_points(seed), 10, T0, np.random.default_rng([seed, 1]))
     verdicts = replay(ood, {}, [attack])
     return _outcome(seed, attack, verdicts)
 
@@ -393,12 +391,15 @@ def _main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cohort-window-s", type=float, default=None)
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--set", nargs=2, action="append", metavar=("PARAM", "VALUE"))
     parser.add_argument("--restart-keys", type=int, nargs="*", default=[500, 2000])
     parser.add_argument("--alongside-runs", type=int, default=20)
     args = parser.parse_args()
     params: dict[str, Any] = {}
     if args.cohort_window_s is not None:
         params["cohort_window_s"] = args.cohort_window_s
+    for key, value in args.set or []:
+        params[key] = float(value)
     print("calibrated ood params:", setup().params)
     for seed in range(args.seeds):
         print(run_attack(seed, **params))
@@ -409,21 +410,25 @@ def _main() -> None:
             flagged = _flagged(verdicts)
             print(
                 f"restart {n} keys seed {seed}: {len(flagged)} flagged, "
+                f"{sum(v.blocked for v in verdicts.values())} blocked, "
                 f"highest ratio {worst:.2f}",
                 [verdicts[k].evidence for k in flagged[:3]],
             )
-    n_flagged = n_total = 0
+    n_flagged = n_blocked = n_total = 0
     for seed in range(args.alongside_runs):
         outcome, honest = alongside(seed, **params)
         flagged = _flagged(honest)
         n_flagged += len(flagged)
+        n_blocked += sum(v.blocked for v in honest.values())
         n_total += len(honest)
         print(
             f"alongside seed {seed}: attack answered {outcome.answered}, "
             f"{outcome.refused_keys} keys refused; honest flagged {len(flagged)}",
             [honest[k].evidence for k in flagged[:2]],
         )
-    print(f"alongside: {n_flagged} of {n_total} honest keys flagged")
+    print(
+        f"alongside: {n_flagged} of {n_total} honest keys flagged, {n_blocked} blocked"
+    )
 
 
 if __name__ == "__main__":
