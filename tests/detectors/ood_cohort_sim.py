@@ -41,6 +41,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from detectors import ood as ood_module
+from detectors._binomial import upper_tail
+from detectors._cohort import Pooled
 from detectors.calibration import calibrate
 from detectors.ood import OodParams, OutOfDistributionDetector
 from detectors.registry import build_detectors
@@ -354,7 +357,20 @@ def honest_key(
     return start_s + np.asarray(times)[order], np.asarray(rows)[order]
 
 
-def restart(n_keys: int, seed: int, **params: Any) -> dict[str, _KeyVerdicts]:
+@dataclass
+class Looks:
+    """What the honest keys' looks for a cohort found: how many looks, and
+    the most unlikely pooled count among cohorts of ``cohort_min_keys``."""
+
+    looks: int = 0
+    counted_cohorts: int = 0
+    lowest_tail: float = 1.0
+    share_at_lowest: float = 0.0
+
+
+def restart(
+    n_keys: int, seed: int, **params: Any
+) -> tuple[dict[str, _KeyVerdicts], Looks]:
     """A worker restarted without state: ``n_keys`` honest keys' first
     requests within one second."""
     rng = np.random.default_rng([seed, n_keys])
@@ -362,7 +378,30 @@ def restart(n_keys: int, seed: int, **params: Any) -> dict[str, _KeyVerdicts]:
         f"honest-{k}": honest_key(rng, T0 + rng.uniform(0.0, 1.0))
         for k in range(n_keys)
     }
-    return replay(detector(**params), streams, [], batch_s=0.05)
+    ood = detector(**params)
+    looks = Looks()
+    real_pool = ood_module.pool
+
+    def recording(*args: Any) -> Pooled:
+        found = real_pool(*args)
+        looks.looks += len(found.keys)
+        big = found.keys >= ood.params.cohort_min_keys
+        if big.any():
+            looks.counted_cohorts += int(big.sum())
+            tail = upper_tail(found.total_b[big], found.total_a[big], ood.honest_rate)
+            at = int(np.argmin(tail))
+            if tail[at] < looks.lowest_tail:
+                looks.lowest_tail = float(tail[at])
+                looks.share_at_lowest = float(
+                    found.total_b[big][at] / found.total_a[big][at]
+                )
+        return found
+
+    ood_module.pool = recording  # type: ignore[assignment]
+    try:
+        return replay(ood, streams, [], batch_s=0.05), looks
+    finally:
+        ood_module.pool = real_pool  # type: ignore[assignment]
 
 
 def alongside(
@@ -405,13 +444,13 @@ def _main() -> None:
         print(run_attack(seed, **params))
     for n in args.restart_keys:
         for seed in range(2):
-            verdicts = restart(n, seed, **params)
+            verdicts, looks = restart(n, seed, **params)
             worst = max(v.max_ratio for v in verdicts.values())
             flagged = _flagged(verdicts)
             print(
                 f"restart {n} keys seed {seed}: {len(flagged)} flagged, "
                 f"{sum(v.blocked for v in verdicts.values())} blocked, "
-                f"highest ratio {worst:.2f}",
+                f"highest ratio {worst:.2f}; {looks}",
                 [verdicts[k].evidence for k in flagged[:3]],
             )
     n_flagged = n_blocked = n_total = 0
