@@ -31,6 +31,29 @@ class Pooled:
     total_b: npt.NDArray[np.int64]
 
 
+def candidates(
+    asking: npt.NDArray[np.int64],
+    seen: npt.NDArray[np.int64],
+    first: npt.NDArray[np.float64],
+    window: int,
+    window_s: float,
+) -> npt.NDArray[np.int64]:
+    """The young slots (seen 1 to ``window`` rows) that can be in an asking
+    slot's cohort: first time within ``window_s`` of the asking slots' span,
+    widened by a second and four float spacings so that no member the
+    kernel's rounded test takes is left out. Sorting and summing these
+    instead of every young slot makes an attacker's batch, whose keys all
+    started in one moment, cost little however many honest keys are
+    young."""
+    young = (seen > 0) & (seen <= window)
+    if len(asking) == 0:
+        return np.flatnonzero(young)
+    own = first[asking]
+    low, high = float(own.min()), float(own.max())
+    margin = window_s + 1.0 + 4.0 * float(np.spacing(max(abs(low), abs(high))))
+    return np.flatnonzero(young & (first >= low - margin) & (first <= high + margin))
+
+
 def pool(
     asking: npt.NDArray[np.int64],
     seen: npt.NDArray[np.int64],
@@ -40,6 +63,7 @@ def pool(
     window: int,
     pace_share: float,
     window_s: float,
+    young: npt.NDArray[np.int64] | None = None,
 ) -> Pooled:
     """The cohort sums of each asking slot.
 
@@ -56,6 +80,9 @@ def pool(
     pace_share, window_s
         Row counts within ``max(2, pace_share * own)`` of the asking slot's,
         and first times within ``window_s`` of its own, make a member.
+    young
+        The slots that may be members (:func:`candidates`, which it is when
+        None); any other young slot is taken as too far in time.
 
     Returns
     -------
@@ -69,8 +96,12 @@ def pool(
         np.empty(n, dtype=np.int64),
     )
     if n:
-        young = np.flatnonzero((seen > 0) & (seen <= window))
-        young = young[np.lexsort((first[young], seen[young]))]
+        if young is None:
+            young = candidates(asking, seen, first, window, window_s)
+        # By count, then time: a sort by time, then a stable one by count
+        # (a radix sort on 16 bits), five times faster than np.lexsort.
+        young = young[np.argsort(first[young])]
+        young = young[np.argsort(seen[young].astype(np.uint16), kind="stable")]
         young_first = first[young]
         # Where each row count's run of young keys starts (count 0 has
         # none), and running sums of their counts, 0 first.

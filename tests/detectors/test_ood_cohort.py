@@ -262,3 +262,30 @@ def test_pool_finds_what_a_scan_finds(seed: int) -> None:
     )
     empty = pool(np.zeros(0, dtype=np.int64), seen, first, a, b, window, 0.2, 0.25)
     assert len(empty.keys) == 0
+
+
+@pytest.mark.parametrize("origin", [0.0, -5e15, 9.9e15])
+def test_the_time_filter_keeps_every_member_at_any_clock(origin: float) -> None:
+    # candidates() narrows the young keys to the asking keys' span before
+    # sorting; near 1e16 s a float's spacing is 2 s, and the kernel's
+    # rounded test must still find exactly the scan's members.
+    rng = np.random.default_rng(7)
+    n, window = 2000, 50
+    seen = rng.integers(1, 8, n)
+    first = origin + np.round(rng.uniform(0.0, 40.0, n), 1)
+    a, b = seen.copy(), rng.integers(0, 3, n)
+    asking = np.unique(rng.choice(n, 50))
+    for window_s in (0.25, 2.0, 3.0):
+        got = pool(asking, seen, first, a, b, window, 0.2, window_s)
+        expected = _scan(asking, seen, first, a, b, window, 0.2, window_s)
+        assert (
+            list(
+                zip(
+                    got.keys.tolist(),
+                    got.total_a.tolist(),
+                    got.total_b.tolist(),
+                    strict=True,
+                )
+            )
+            == expected
+        )
