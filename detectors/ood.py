@@ -1053,9 +1053,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
             young,
         )
         tail = upper_tail(pooled.total_b, pooled.total_a, rate)
-        counted = (pooled.keys >= p.cohort_min_keys) & (
-            tail <= p.cohort_significance
-        )
+        counted = (pooled.keys >= p.cohort_min_keys) & (tail <= p.cohort_significance)
         if not counted.any():
             return found
         # Each asking row of a counted key, and which of them it is (asking
