@@ -327,9 +327,9 @@ class OodParams(DetectorParams):
 
     # Source of the default: one counted wide (or off-lattice) query is what
     # an equation-solving key on breast cancer shows at its first or second
-    # query (74% of its queries are wide), while an honest key does so on
-    # 1.4% of its queries; two would leave 17% of three-query thief keys
-    # unjudged (measured in docs/detectors.md).
+    # query (61% to 87% of its queries are wide, seeds 0-4), while an honest
+    # key does so on 1.4% of its queries; two would leave a three-query
+    # thief key at 74% wide without them one time in six (binomial).
     cohort_min_own: int = Field(1, ge=1, le=4096)
     """Counted wide or off-lattice queries of its own a young key needs
     before its cohort's pooled share can score it: a key is never flagged

@@ -9,6 +9,7 @@ the cohort test (no key is warm)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -153,7 +154,12 @@ def test_cohort_parameters_change_live_and_counting_goes_on_while_off() -> None:
         "keys whose first" in s.evidence
         for s in send(detector, keys, honest_rows(5), times + 1.0)
     )
-    detector.set_params(cohort_significance=1e-4, cohort_pace_share=0.5)
+    detector.set_params(cohort_significance=1e-4, cohort_member_tail=1e-6)
+    assert not any(
+        "keys whose first" in s.evidence
+        for s in send(detector, keys, honest_rows(5), times + 1.1)
+    )
+    detector.set_params(cohort_member_tail=0.05, cohort_pace_share=0.5)
     assert all(
         "keys whose first" in s.evidence
         for s in send(detector, keys, honest_rows(5), times + 1.25)
@@ -164,6 +170,7 @@ def test_cohort_parameters_change_live_and_counting_goes_on_while_off() -> None:
         {"cohort_pace_share": -0.1},
         {"cohort_min_keys": 1},
         {"cohort_min_own": 0},
+        {"cohort_member_tail": 0.0},
         {"cohort_significance": 0.0},
         {"cohort_significance": 1.5},
     ):
@@ -202,7 +209,7 @@ def test_without_arrival_times_the_call_dates_a_key() -> None:
     # Rows scored without times (a caller that has none) take the time of
     # the call, as traffic does: ten keys in one call started together.
     detector = ready()
-    before = __import__("time").time()
+    before = time.time()
     scores = detector.score_batch(
         [f"k{k}" for k in range(10)], wide_queries(10, seed=2), learn=[False] * 10
     )
