@@ -45,9 +45,9 @@ def candidates(
     instead of every young slot makes an attacker's batch, whose keys all
     started in one moment, cost little however many honest keys are
     young."""
-    young = (seen > 0) & (seen <= window)
     if len(asking) == 0:
-        return np.flatnonzero(young)
+        return np.zeros(0, dtype=np.int64)
+    young = (seen > 0) & (seen <= window)
     own = first[asking]
     low, high = float(own.min()), float(own.max())
     margin = window_s + 1.0 + 4.0 * float(np.spacing(max(abs(low), abs(high))))

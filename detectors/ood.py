@@ -472,7 +472,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
     - the counts are read after the whole batch, so every row of a key in
       one batch gets one cohort verdict; a worker restarted without state
       makes every live key young at once (keys are then pooled by the
-      restart, not by when they started);
+      restart, not by when they started).
 
     Per-client state: a ring of ``window`` outlier bits, counters, the EWMA,
     the first query's time and the last wide query at 8 bits per feature
@@ -1066,6 +1066,12 @@ class OutOfDistributionDetector(Detector[OodParams]):
         found.keys[rows] = pooled.keys[at]
         found.rows[rows] = pooled.total_a[at]
         found.outliers[rows] = pooled.total_b[at]
+        logger.debug(
+            "ood cohort test: %d of %d asking keys in a counted cohort",
+            int(counted.sum()),
+            len(asking),
+            extra={"detector": self.name},
+        )
         return found
 
 
