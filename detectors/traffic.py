@@ -27,8 +27,8 @@ times, measuring the judged windows and judging run as two compiled loops
 over the batch in row order (:func:`_push_and_measure`, :func:`_judge`),
 with numpy's ``log10`` between them.
 
-Imports numpy, pydantic, :mod:`detectors._jit` (numba) and
-:mod:`detectors._numpysum` only; nothing from
+Imports numpy, pydantic, :mod:`detectors._jit` (numba),
+:mod:`detectors._cohort` and :mod:`detectors._numpysum` only; nothing from
 Kafka, Redis, FastAPI or ``gateway``.
 """
 
@@ -45,6 +45,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
+from detectors._cohort import cohort_sums
 from detectors._jit import jit
 from detectors._numpysum import pairwise_sum
 from detectors._state import (
@@ -788,11 +789,11 @@ class TrafficDetector(Detector[TrafficParams]):
         makes every key of every batch look. Each look therefore costs a
         few binary searches, not a scan of every key: the young keys are
         sorted once per batch by request count, then first request time,
-        with running sums of their counts (:func:`_cohort_sums`). With
-        20,000 young keys and 256 looking keys in a batch this takes about
-        0.4 ms (sorting the young keys most of it) where a scan per look
-        took 20 ms, against 0.1 to 0.5 ms for the rest of the detector's
-        batch.
+        with running sums of their counts
+        (:func:`detectors._cohort.cohort_sums`). With 20,000 young keys
+        and 256 looking keys in a batch this takes about 0.4 ms (sorting
+        the young keys most of it) where a scan per look took 20 ms,
+        against 0.1 to 0.5 ms for the rest of the detector's batch.
         """
         assert self._arena is not None
         arrays = self._arena.arrays
@@ -827,7 +828,7 @@ class TrafficDetector(Detector[TrafficParams]):
         keys = np.empty(len(asking), dtype=np.int64)
         total = np.empty(len(asking), dtype=np.int64)
         hits = np.empty(len(asking), dtype=np.int64)
-        _cohort_sums(
+        cohort_sums(
             asking,
             seen,
             first,
@@ -861,73 +862,6 @@ class TrafficDetector(Detector[TrafficParams]):
         found.own_pairs[rows] = pairs[slots[rows]]
         found.own_matches[rows] = matches[slots[rows]]
         return found
-
-
-@jit
-def _cohort_sums(
-    asking: npt.NDArray[np.int64],
-    seen: npt.NDArray[np.int64],
-    first: npt.NDArray[np.float64],
-    young_first: npt.NDArray[np.float64],
-    bounds: npt.NDArray[np.int64],
-    sum_pairs: npt.NDArray[np.int64],
-    sum_matches: npt.NDArray[np.int64],
-    pace_share: float,
-    window_s: float,
-    keys: npt.NDArray[np.int64],
-    total: npt.NDArray[np.int64],
-    hits: npt.NDArray[np.int64],
-) -> None:
-    """For each asking slot, the young keys whose first request time is
-    within ``window_s`` of its own and whose request count is within
-    ``max(2, pace_share * count)`` of its own: their number, pairs and
-    matches into ``keys``, ``total`` and ``hits``.
-
-    The young keys are sorted by count, then first time; ``bounds[v]`` is
-    where those with count ``v`` start, ``sum_pairs`` and ``sum_matches``
-    running sums in that order (0 first). Within one count, the keys whose
-    ``abs(t - own) <= window_s`` (as computed, rounding included) form one
-    run of the sorted times, since a rounded difference never decreases as
-    ``t`` moves away from ``own``: two binary searches find its ends with
-    that same test, so the members are exactly those a scan would take.
-    """
-    for k in range(len(asking)):
-        slot = asking[k]
-        own_seen = seen[slot]
-        own = first[slot]
-        pace = max(2.0, pace_share * own_seen)
-        n_keys = 0
-        n_pairs = 0
-        n_hits = 0
-        for count in range(1, len(bounds) - 1):
-            if not abs(count - own_seen) <= pace:
-                continue
-            # First index whose time is at or after own, or close enough.
-            lo = bounds[count]
-            hi = bounds[count + 1]
-            while lo < hi:
-                mid = (lo + hi) // 2
-                t = young_first[mid]
-                if t >= own or abs(t - own) <= window_s:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            start = lo
-            # First index past own and too far.
-            hi = bounds[count + 1]
-            while lo < hi:
-                mid = (lo + hi) // 2
-                t = young_first[mid]
-                if t > own and not abs(t - own) <= window_s:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            n_keys += lo - start
-            n_pairs += sum_pairs[lo] - sum_pairs[start]
-            n_hits += sum_matches[lo] - sum_matches[start]
-        keys[k] = n_keys
-        total[k] = n_pairs
-        hits[k] = n_hits
 
 
 def _binomial_z(
