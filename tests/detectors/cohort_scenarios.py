@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from detectors import traffic
 from detectors.traffic import TrafficDetector, TrafficParams
 from tests.detectors.test_traffic_cohort import _play
 from tests.detectors.test_traffic_cohort_honest import _honest_key, _replay
@@ -97,21 +99,52 @@ def beside_the_thieves(
 
 def restart(
     params: TrafficParams, seed: int, n_keys: int, *, multirow: bool
-) -> tuple[int, float]:
+) -> tuple[int, float, float, float]:
     """A worker restarted without state: ``n_keys`` honest keys shaped like
     the evaluation's, all first seen within 1 s. Returns the keys flagged
-    through a cohort and the highest pooled z any key found."""
+    through a cohort, the highest pooled z any key found (its cohort
+    counted), and over every cohort any key looked up (keys under
+    ``member_z`` included) with ``cohort_min_keys`` and ``cohort_min_pairs``,
+    the highest pooled z, whole and over its members at ``member_z`` alone
+    (-inf when none had enough of them): the lower bar needs both at
+    ``strong_cohort_z``."""
     rng = np.random.default_rng(seed)
     streams = {
         f"honest-{k}": _honest_key(rng, T0 + rng.uniform(0.0, 1.0), multirow=multirow)
         for k in range(n_keys)
     }
-    scores, highest = _replay(TrafficDetector(params, seed=0), streams)
+    looked: list[npt.NDArray[np.int64]] = []
+    sums = traffic._cohort_sums
+
+    def recording(*args: Any) -> None:
+        sums(*args)
+        looked.append(args[-1].copy())
+
+    traffic._cohort_sums = recording
+    try:
+        scores, highest = _replay(TrafficDetector(params, seed=0), streams)
+    finally:
+        traffic._cohort_sums = sums
     through = sum(
         any(s.flagged and "successive gap pairs" in s.evidence for s in rows)
         for rows in scores.values()
     )
-    return through, max(highest.values(), default=float("-inf"))
+    cohorts = np.concatenate(looked, axis=1)
+    rate = params.cohort_match_rate
+    whole = (cohorts[0] >= params.cohort_min_keys) & (
+        cohorts[1] >= params.cohort_min_pairs
+    )
+    whole_z = traffic._binomial_z(cohorts[2][whole], cohorts[1][whole], rate)
+    enough = (cohorts[3] >= params.cohort_min_keys) & (
+        cohorts[4] >= params.cohort_min_pairs
+    )
+    member_z = traffic._binomial_z(cohorts[5][enough], cohorts[4][enough], rate)
+    return (
+        through,
+        max(highest.values(), default=-np.inf),
+        float(whole_z.max(initial=-np.inf)),
+        float(member_z.max(initial=-np.inf)),
+    )
 
 
 def _summary(rows: list[int | None]) -> str:
@@ -126,20 +159,31 @@ def _summary(rows: list[int | None]) -> str:
 
 
 def main(runs: int) -> None:
+    """Print before (lower bar off) and after (defaults), ``runs`` attack
+    runs and three times as many beside the thieves."""
     for label, params in (
-        ("before (strong bar off)", TrafficParams(strong_member_z=3.0)),
-        ("after (defaults)", TrafficParams()),
+        ("before", TrafficParams(strong_member_z=3.0)),
+        ("after", TrafficParams()),
     ):
         per_key, per_run = block_rows(params, range(runs))
         print(f"{label}: rows to block level per key: {_summary(per_key)}")
         print(f"{label}: rows until all ten: {_summary(per_run)}")
         flagged, total, evidence = beside_the_thieves(params, range(3 * runs))
-        print(f"{label}: honest beside thieves flagged {flagged} of {total}")
+        print(f"{label}: honest beside the thieves flagged: {flagged} of {total}")
         for line in evidence:
             print("   ", line)
-        for seed in range(3):
-            print(f"{label}: restart 2000 seed {seed}:", restart(params, seed, 2000, multirow=False))
-        print(f"{label}: restart 1000 multirow:", restart(params, 1000, 1000, multirow=True))
+        for n_keys, multirow in ((2000, False), (1000, True)):
+            for seed in range(3):
+                through, pooled, looked, members = restart(
+                    params, n_keys + seed, n_keys, multirow=multirow
+                )
+                print(
+                    f"{label}: restart of {n_keys} keys, multirow {multirow}, "
+                    f"seed {seed}: {through} flagged, highest pooled z "
+                    f"{pooled:.2f}; of any cohort looked up {looked:.2f}, "
+                    f"over its members at member_z {members:.2f}"
+                )
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
