@@ -1040,10 +1040,17 @@ class _CohortEvidence:
 
     @classmethod
     def empty(cls, n: int) -> _CohortEvidence:
+        def counts() -> npt.NDArray[np.int64]:
+            return np.zeros(n, dtype=np.int64)
+
         return cls(
-            np.zeros(n),
-            *(np.zeros(n, dtype=np.int64) for _ in range(5)),
-            np.zeros(n, dtype=np.bool_),
-            np.zeros(n, dtype=np.int64),
-            np.zeros(n),
+            pooled_z=np.zeros(n),
+            keys=counts(),
+            pairs=counts(),
+            matches=counts(),
+            own_pairs=counts(),
+            own_matches=counts(),
+            below=np.zeros(n, dtype=np.bool_),
+            member_keys=counts(),
+            member_z=np.zeros(n),
         )
