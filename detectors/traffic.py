@@ -818,6 +818,24 @@ class TrafficDetector(Detector[TrafficParams]):
 
         return self._scores(score, warm, evidence)
 
+    def _member_bar(self) -> npt.NDArray[np.int64]:
+        """Per count of pairs (0 to ``window``), the fewest matches whose
+        binomial z reaches ``member_z`` (``count + 1`` when none does, and
+        for no pairs): the same test as :func:`_binomial_z` per key, as one
+        look-up in the compiled running sums."""
+        p = self._params
+        counts = np.arange(p.window + 1)
+        trials = np.broadcast_to(counts[:, None], (len(counts), len(counts)))
+        hits = np.broadcast_to(counts[None, :], trials.shape)
+        reach = (
+            (hits <= trials)
+            & (trials > 0)
+            & (_binomial_z(hits, trials, p.cohort_match_rate) >= p.member_z)
+        )
+        # z grows with matches at a fixed count, so the first reaching one is
+        # the bar; a row with none reaches past every count.
+        return np.where(reach.any(axis=1), reach.argmax(axis=1), counts + 1)
+
     def _cohort_evidence(self, slots: npt.NDArray[np.int64]) -> _CohortEvidence:
         """Per row: the pooled z of the key's cohort (0 when the key is not a
         young member of a cohort of ``cohort_min_keys`` with
@@ -864,37 +882,19 @@ class TrafficDetector(Detector[TrafficParams]):
         )
         asking = np.unique(slots[ask])
         first = arrays["first_s"]
+        # The kernels run on every batch, with nothing to look up when no key
+        # asks, so the warm-up (whose traffic never pools) compiles them
+        # before an attacker's first batch would.
+        young = np.empty(0, dtype=np.int64)
         if len(asking):
             young = np.flatnonzero((seen > 0) & (seen <= p.window))
             young = young[np.lexsort((first[young], seen[young]))]
-            young_seen, young_first = seen[young], first[young]
-            # Where each request count's run of young keys starts (count 0
-            # has none), and running sums, 0 first, of their pairs and
-            # matches, then of the keys at member_z and their pairs and
-            # matches.
-            bounds = np.searchsorted(young_seen, np.arange(p.window + 2))
-            young_pairs, young_matches = pairs[young], matches[young]
-            member = (young_pairs > 0) & (
-                _binomial_z(young_matches, young_pairs, rate) >= p.member_z
-            )
-            counts = np.stack(
-                (
-                    young_pairs,
-                    young_matches,
-                    member,
-                    young_pairs * member,
-                    young_matches * member,
-                )
-            )
-            sums = np.zeros((5, len(young) + 1), dtype=np.int64)
-            np.cumsum(counts, axis=1, out=sums[:, 1:])
-        else:
-            # The kernel runs on every batch, with nothing to look up when no
-            # key asks, so the warm-up (whose traffic never pools) compiles
-            # it before an attacker's first batch would.
-            young_first = np.empty(0)
-            bounds = np.zeros(p.window + 2, dtype=np.int64)
-            sums = np.zeros((5, 1), dtype=np.int64)
+        young_first = first[young]
+        # Where each request count's run of young keys starts (count 0 has
+        # none), and running sums over them (see _running_sums).
+        bounds = np.searchsorted(seen[young], np.arange(p.window + 2))
+        sums = np.empty((5, len(young) + 1), dtype=np.int64)
+        _running_sums(young, pairs, matches, self._member_bar(), sums)
         cohort = np.empty((6, len(asking)), dtype=np.int64)
         _cohort_sums(
             asking,
@@ -1008,6 +1008,39 @@ def _cohort_sums(
             out[0, k] += lo - start
             for r in range(n_sums):
                 out[r + 1, k] += sums[r, lo] - sums[r, start]
+
+
+@jit
+def _running_sums(
+    young: npt.NDArray[np.int64],
+    pairs: npt.NDArray[np.int64],
+    matches: npt.NDArray[np.int64],
+    bar: npt.NDArray[np.int64],
+    sums: npt.NDArray[np.int64],
+) -> None:
+    """Running sums over the slots ``young`` in their order, 0 first, into
+    the five rows of ``sums``: pairs, matches, keys at ``member_z`` (matches
+    at least ``bar[pairs]``, see :meth:`TrafficDetector._member_bar`), and
+    those keys' pairs and matches.
+
+    One pass, where five numpy cumulative sums over gathered copies doubled
+    the look-up's cost. Pairs never exceed ``window - 2`` (counted over the
+    first ``window`` rows, and a loaded state is checked for it), so
+    ``bar`` covers them; a count past it would be no member.
+    """
+    totals = np.zeros(5, dtype=np.int64)
+    sums[:, 0] = 0
+    for j in range(len(young)):
+        slot = young[j]
+        n_pairs = pairs[slot]
+        n_hits = matches[slot]
+        totals[0] += n_pairs
+        totals[1] += n_hits
+        if 0 < n_pairs < len(bar) and n_hits >= bar[n_pairs]:
+            totals[2] += 1
+            totals[3] += n_pairs
+            totals[4] += n_hits
+        sums[:, j + 1] = totals
 
 
 def _binomial_z(
