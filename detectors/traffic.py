@@ -476,6 +476,17 @@ class TrafficDetector(Detector[TrafficParams]):
     restart that makes 2,000 honest keys young within one second gave
     pooled z of at most -0.8 in three seeded runs, 0.5 with requests of up
     to 8 rows (``tests/detectors/test_traffic_cohort_honest.py``).
+
+    An overwhelming cohort also scores its young keys whose own z reaches
+    only ``strong_member_z`` (2, with at least :data:`STRONG_MIN_MATCHES`
+    matching pairs: 2 of 3, 3 of 5): its pooled z must reach
+    ``strong_cohort_z`` (9, the block level's) both as a whole and over
+    its keys at ``member_z`` alone (at least ``cohort_min_keys`` of them),
+    so keys under ``member_z`` never count towards admitting each other.
+    Ten paced keys stamped in a shared producer's batches are then all at
+    the block level by row 8 at the median (13 at the 90th percentile; 12
+    and 18 without the lower bar; 100 seeded runs,
+    ``tests/detectors/cohort_scenarios.py``).
     The counts are read after the whole batch, so every row of a key in
     one batch gets one cohort verdict; a batch that spans a long time (a
     worker catching up) flags a key's earlier rows from its later ones.
@@ -518,7 +529,15 @@ class TrafficDetector(Detector[TrafficParams]):
     - an honest key that starts within ``cohort_window_s`` of a paced
       cohort at its pace and whose own first two pairs match (about one
       Poisson key in 300) is flagged with it: 1 of 1,200 such keys
-      measured;
+      measured; once that cohort is overwhelming, 2 of 3 or 3 of 6 of its
+      own pairs are enough, and refuse it: 3 of 6,000 honest Poisson keys
+      started with ten broker-stamped paced keys were flagged, two of them
+      at the block level through the lower bar, where 1 of 6,000 was
+      without it;
+    - the lower bar needs the whole cohort at ``strong_cohort_z``, so keys
+      of the thief left out of the pooled z's reach wait for it: ten paced
+      keys still take 5 to 9 rows each (median 6) before their cohort's
+      pooled z reaches 9;
     - a live change of ``cohort_tolerance`` applies to pairs counted from
       then on; pairs already counted keep their verdict.
 
