@@ -534,10 +534,12 @@ class TrafficDetector(Detector[TrafficParams]):
       started with ten broker-stamped paced keys were flagged, two of them
       at the block level through the lower bar, where 1 of 6,000 was
       without it;
-    - the lower bar needs the whole cohort at ``strong_cohort_z``, so keys
-      of the thief left out of the pooled z's reach wait for it: ten paced
-      keys still take 5 to 9 rows each (median 6) before their cohort's
-      pooled z reaches 9;
+    - the lower bar waits for the whole cohort's pooled z to reach
+      ``strong_cohort_z``, and a thief's key whose own pairs stay under
+      ``strong_member_z`` (2 of 4, 3 of 7) waits for its own bar: the last
+      of ten broker-stamped keys is at the block level by row 8 at the
+      median and 13 at the 90th percentile, where scoring every key of the
+      cohort would give 6 and 8;
     - a live change of ``cohort_tolerance`` applies to pairs counted from
       then on; pairs already counted keep their verdict.
 
