@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from detectors import traffic
 from detectors.traffic import TrafficDetector, TrafficParams, _binomial_z
 from tests.detectors.cohort_scenarios import beside_the_thieves, block_rows
 
@@ -71,6 +72,31 @@ def test_a_weak_member_of_an_overwhelming_cohort_is_scored_through_it() -> None:
     # At its 4th row the weak key has 1 of 2 pairs (z 1.18): not scored.
     assert scores["weak0"][3][0] == 0.0
     assert scores["m0"][3][0] > 0.0
+
+
+def test_one_matching_pair_is_not_enough(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key 200 ms behind nine metronomes, with 3 rows (1 of 1 pairs, z
+    2.13, past ``strong_member_z``) to their 5 (28 of 28 pooled, z 11.3):
+    one matching pair is no metronome, so it is not scored; counted as
+    enough, it would be."""
+    assert _z(1, 1) >= 2.0 and _z(28, 28) >= 9.0
+
+    def weak_score() -> float:
+        streams = {f"m{k}": T0 + k * 0.001 + METRONOME[:5] for k in range(9)}
+        streams["late"] = T0 + 0.2 + METRONOME[:3]
+        keys = [key for key, times in streams.items() for _ in times]
+        times = np.concatenate(list(streams.values()))
+        order = np.argsort(times, kind="stable")
+        scores = TrafficDetector(seed=0).score_batch(
+            [keys[i] for i in order], np.zeros((len(keys), 3)), arrival_s=times[order]
+        )
+        return max(
+            s.score for i, s in zip(order, scores, strict=True) if keys[i] == "late"
+        )
+
+    assert weak_score() == 0.0
+    monkeypatch.setattr(traffic, "STRONG_MIN_MATCHES", 1)
+    assert weak_score() >= 0.9
 
 
 def test_the_same_weak_key_in_an_ordinary_cohort_is_not_scored() -> None:
