@@ -27,8 +27,8 @@ times, measuring the judged windows and judging run as two compiled loops
 over the batch in row order (:func:`_push_and_measure`, :func:`_judge`),
 with numpy's ``log10`` between them.
 
-Imports numpy, pydantic, :mod:`detectors._jit` (numba),
-:mod:`detectors._cohort` and :mod:`detectors._numpysum` only; nothing from
+Imports numpy, pydantic, :mod:`detectors._jit` (numba) and
+:mod:`detectors._numpysum` only; nothing from
 Kafka, Redis, FastAPI or ``gateway``.
 """
 
@@ -39,13 +39,12 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from detectors._cohort import cohort_sums
 from detectors._jit import jit
 from detectors._numpysum import pairwise_sum
 from detectors._state import (
@@ -155,6 +154,31 @@ class TrafficParams(DetectorParams):
     (z 2.1): one pair an honest key matches by chance one time in sixteen,
     two in a row one in 270."""
 
+    strong_cohort_z: float = Field(9.0, gt=0.0)
+    """Pooled z from which a cohort is overwhelming: its young keys whose own
+    z reaches only ``strong_member_z`` are scored through it too. 9 is the
+    pooled z whose score reaches the default block level (1.5 times the
+    threshold at ``cohort_z`` 6). The cohort must reach it twice: as a
+    whole, and pooled over its members at ``member_z`` alone, so keys below
+    that bar never count towards admitting each other."""
+
+    strong_member_z: float = Field(2.0, ge=0.0)
+    """A key's own binomial z of matching pairs, with at least
+    :data:`STRONG_MIN_MATCHES` matching pairs, needed to be scored through an
+    overwhelming cohort (``strong_cohort_z``): 2 of 3 pairs (z 2.19), 3 of
+    5 or 6, 4 of 9, not 1 of 1 (z 2.13, one pair). At or above
+    ``member_z`` it adds no member: the lower bar is off."""
+
+    @model_validator(mode="after")
+    def _strong_cohort_is_stronger(self) -> Self:
+        if self.strong_cohort_z < self.cohort_z:
+            raise ValueError(
+                f"strong_cohort_z ({self.strong_cohort_z:g}) is below cohort_z "
+                f"({self.cohort_z:g}): a cohort that does not flag would admit "
+                "keys below member_z"
+            )
+        return self
+
 
 def _features(
     times: npt.NDArray[np.float64], tolerance: float
@@ -181,6 +205,12 @@ tolerance of each other at that resolution, and would all match."""
 
 _MAX_COHORT_SCORE = 0.999
 """Scores stay below 1, as ``z / (z + z_half)`` does."""
+
+STRONG_MIN_MATCHES = 2
+"""Matching pairs a key below ``member_z`` needs of its own to be scored
+through an overwhelming cohort (``strong_member_z``): one matching pair,
+which an honest Poisson key shows about one time in sixteen, is no
+evidence of a metronome."""
 
 _N_STATS = 6
 """Columns measured per judged row: gap count, span, burstiness,
@@ -446,6 +476,17 @@ class TrafficDetector(Detector[TrafficParams]):
     restart that makes 2,000 honest keys young within one second gave
     pooled z of at most -0.8 in three seeded runs, 0.5 with requests of up
     to 8 rows (``tests/detectors/test_traffic_cohort_honest.py``).
+
+    An overwhelming cohort also scores its young keys whose own z reaches
+    only ``strong_member_z`` (2, with at least :data:`STRONG_MIN_MATCHES`
+    matching pairs: 2 of 3, 3 of 5): its pooled z must reach
+    ``strong_cohort_z`` (9, the block level's) both as a whole and over
+    its keys at ``member_z`` alone (at least ``cohort_min_keys`` of them),
+    so keys under ``member_z`` never count towards admitting each other.
+    Ten paced keys stamped in a shared producer's batches are then all at
+    the block level by row 8 at the median (13 at the 90th percentile; 12
+    and 18 without the lower bar; 100 seeded runs,
+    ``tests/detectors/cohort_scenarios.py``).
     The counts are read after the whole batch, so every row of a key in
     one batch gets one cohort verdict; a batch that spans a long time (a
     worker catching up) flags a key's earlier rows from its later ones.
@@ -488,7 +529,21 @@ class TrafficDetector(Detector[TrafficParams]):
     - an honest key that starts within ``cohort_window_s`` of a paced
       cohort at its pace and whose own first two pairs match (about one
       Poisson key in 300) is flagged with it: 1 of 1,200 such keys
-      measured;
+      measured; once that cohort is overwhelming, 2 of 3 or 3 of 6 of its
+      own pairs are enough, and refuse it: 3 of 6,000 honest Poisson keys
+      started with ten broker-stamped paced keys were flagged, two of them
+      at the block level through the lower bar, where 1 of 6,000 was
+      without it;
+    - the lower bar waits for the whole cohort's pooled z to reach
+      ``strong_cohort_z``, and a thief's key whose own pairs stay under
+      ``strong_member_z`` (2 of 4, 3 of 7) waits for its own bar: the last
+      of ten broker-stamped keys is at the block level by row 8 at the
+      median and 13 at the 90th percentile, where scoring every key of the
+      cohort would give 6 and 8; the evaluation's 10-key active learner
+      pauses between rounds, its cohort stayed under z 9 for most of its
+      run, and the lower bar made no difference there measurable in three
+      seeds (``strong_cohort_z`` 6 met its target on all three, at a
+      higher honest cost: docs/traffic-cohort.md);
     - a live change of ``cohort_tolerance`` applies to pairs counted from
       then on; pairs already counted keep their verdict.
 
@@ -515,6 +570,8 @@ class TrafficDetector(Detector[TrafficParams]):
             "cohort_match_rate",
             "cohort_z",
             "member_z",
+            "strong_cohort_z",
+            "strong_member_z",
         }
     )
     observes_outcomes: ClassVar[bool] = True
@@ -756,15 +813,23 @@ class TrafficDetector(Detector[TrafficParams]):
 
         def evidence(row: int) -> str:
             if from_cohort[row]:
-                return (
+                text = (
                     f"{cohort.matches[row]} of {cohort.pairs[row]} successive "
                     f"gap pairs within {p.cohort_tolerance:.0%} of each other "
-                    f"over the first requests of {cohort.keys[row]} keys whose "
+                    f"over the first rows of {cohort.keys[row]} keys whose "
                     f"first request came within {cohort_s:g} s of its own "
                     f"(honest about {rate:g}), z {cohort.pooled_z[row]:.1f} "
                     f"(flagged from {cohort_z:g}); its own {cohort.own_matches[row]} "
                     f"of {cohort.own_pairs[row]}"
                 )
+                if cohort.below[row]:
+                    text += (
+                        f", under member_z {p.member_z:g}, scored as its "
+                        f"cohort's {cohort.member_keys[row]} keys at member_z "
+                        f"alone give z {cohort.member_z[row]:.1f} (overwhelming "
+                        f"from {p.strong_cohort_z:g})"
+                    )
+                return text
             if score[row] <= 0.0:
                 return "sending pattern like honest clients'"
             z = (held[row] - honest_means) / honest_stds
@@ -778,22 +843,50 @@ class TrafficDetector(Detector[TrafficParams]):
 
         return self._scores(score, warm, evidence)
 
+    def _member_bar(self) -> npt.NDArray[np.int64]:
+        """Per count of pairs (0 to ``window``), the fewest matches whose
+        binomial z reaches ``member_z`` (``count + 1`` when none does, and
+        for no pairs): the same test as :func:`_binomial_z` per key, as one
+        look-up in the compiled running sums."""
+        p = self._params
+        counts = np.arange(p.window + 1)
+        trials = np.broadcast_to(counts[:, None], (len(counts), len(counts)))
+        hits = np.broadcast_to(counts[None, :], trials.shape)
+        reach = (
+            (hits <= trials)
+            & (trials > 0)
+            & (_binomial_z(hits, trials, p.cohort_match_rate) >= p.member_z)
+        )
+        # z grows with matches at a fixed count, so the first reaching one is
+        # the bar; a row with none reaches past every count.
+        return np.where(reach.any(axis=1), reach.argmax(axis=1), counts + 1)
+
     def _cohort_evidence(self, slots: npt.NDArray[np.int64]) -> _CohortEvidence:
         """Per row: the pooled z of the key's cohort (0 when the key is not a
-        young member at ``member_z`` of a cohort of ``cohort_min_keys`` with
+        young member of a cohort of ``cohort_min_keys`` with
         ``cohort_min_pairs``), with the counts behind it.
 
-        A key is young while it has sent at most ``window`` rows. Only
-        young keys whose own z reaches ``member_z`` look for a cohort, once
-        per key and batch, so rarely for honest keys by design; an attacker
-        makes every key of every batch look. Each look therefore costs a
-        few binary searches, not a scan of every key: the young keys are
-        sorted once per batch by request count, then first request time,
-        with running sums of their counts
-        (:func:`detectors._cohort.cohort_sums`). With 20,000 young keys
-        and 256 looking keys in a batch this takes about 0.4 ms (sorting
-        the young keys most of it) where a scan per look took 20 ms,
-        against 0.1 to 0.5 ms for the rest of the detector's batch.
+        A key is young while it has sent at most ``window`` rows. A young
+        key is a member at ``member_z`` of any cohort; at ``strong_member_z``
+        (with :data:`STRONG_MIN_MATCHES` matching pairs) only of an
+        overwhelming one: pooled z at least ``strong_cohort_z`` both over
+        the whole cohort and over its members at ``member_z`` alone (at
+        least ``cohort_min_keys`` of them with ``cohort_min_pairs``). The
+        second sum leaves out every key below ``member_z``, the asking one
+        included, so however many such keys share a cohort they cannot
+        admit each other.
+
+        Only young keys whose own z reaches one of the two bars look for a
+        cohort, once per key and batch, so rarely for honest keys by design;
+        an attacker makes every key of every batch look. Each look therefore
+        costs a few binary searches, not a scan of every key: the young keys
+        are sorted once per batch by request count, then first request
+        time, with running sums of their counts and of their keys' at
+        ``member_z`` (:func:`_running_sums`, :func:`_cohort_sums`). With
+        20,000 young keys and 256 looking keys in a batch this takes about
+        0.4 to 0.6 ms (sorting the young keys most of it; 1.9 ms over
+        100,000) where a scan per look took 20 ms, against 0.1 to 0.5 ms
+        for the rest of the detector's batch.
         """
         assert self._arena is not None
         arrays = self._arena.arrays
@@ -806,43 +899,55 @@ class TrafficDetector(Detector[TrafficParams]):
         pairs, matches = arrays["pairs"], arrays["matches"]
         rate = p.cohort_match_rate
         own_z = _binomial_z(matches[slots], pairs[slots], rate)
-        ask = (seen[slots] <= p.window) & (pairs[slots] > 0) & (own_z >= p.member_z)
+        # Below member_z only for the lower bar: off at or above member_z.
+        weak = (own_z >= p.strong_member_z) & (matches[slots] >= STRONG_MIN_MATCHES)
+        ask = (
+            (seen[slots] <= p.window)
+            & (pairs[slots] > 0)
+            & ((own_z >= p.member_z) | weak)
+        )
         asking = np.unique(slots[ask])
         first = arrays["first_s"]
+        # The kernels run on every batch, with nothing to look up when no key
+        # asks, so the warm-up (whose traffic never pools) compiles them
+        # before an attacker's first batch would.
+        young = np.empty(0, dtype=np.int64)
         if len(asking):
             young = np.flatnonzero((seen > 0) & (seen <= p.window))
             young = young[np.lexsort((first[young], seen[young]))]
-            young_seen, young_first = seen[young], first[young]
-            # Where each request count's run of young keys starts (count 0
-            # has none), and running sums of their counts, 0 first.
-            bounds = np.searchsorted(young_seen, np.arange(p.window + 2))
-            sum_pairs = np.concatenate(([0], np.cumsum(pairs[young])))
-            sum_matches = np.concatenate(([0], np.cumsum(matches[young])))
-        else:
-            # The kernel runs on every batch, with nothing to look up when no
-            # key asks, so the warm-up (whose traffic never pools) compiles
-            # it before an attacker's first batch would.
-            young_first = np.empty(0)
-            bounds = np.zeros(p.window + 2, dtype=np.int64)
-            sum_pairs = sum_matches = np.zeros(1, dtype=np.int64)
-        keys = np.empty(len(asking), dtype=np.int64)
-        total = np.empty(len(asking), dtype=np.int64)
-        hits = np.empty(len(asking), dtype=np.int64)
-        cohort_sums(
+        young_first = first[young]
+        # Where each request count's run of young keys starts (count 0 has
+        # none), and running sums over them (see _running_sums).
+        bounds = np.searchsorted(seen[young], np.arange(p.window + 2))
+        sums = np.empty((5, len(young) + 1), dtype=np.int64)
+        _running_sums(young, pairs, matches, self._member_bar(), sums)
+        cohort = np.empty((6, len(asking)), dtype=np.int64)
+        _cohort_sums(
             asking,
             seen,
             first,
             young_first,
             bounds,
-            sum_pairs,
-            sum_matches,
+            sums,
             p.cohort_pace_share,
             p.cohort_window_s,
-            keys,
-            total,
-            hits,
+            cohort,
         )
-        counted = (keys >= p.cohort_min_keys) & (total >= p.cohort_min_pairs)
+        keys, total, hits, member_keys, member_total, member_hits = cohort
+        pooled_z = np.maximum(_binomial_z(hits, total, rate), 0.0)
+        member_z = _binomial_z(member_hits, member_total, rate)
+        below = _binomial_z(matches[asking], pairs[asking], rate) < p.member_z
+        overwhelming = (
+            (pooled_z >= p.strong_cohort_z)
+            & (member_z >= p.strong_cohort_z)
+            & (member_keys >= p.cohort_min_keys)
+            & (member_total >= p.cohort_min_pairs)
+        )
+        counted = (
+            (keys >= p.cohort_min_keys)
+            & (total >= p.cohort_min_pairs)
+            & (~below | overwhelming)
+        )
         if not counted.any():
             return found
         asking, keys, total, hits = (
@@ -851,17 +956,117 @@ class TrafficDetector(Detector[TrafficParams]):
             total[counted],
             hits[counted],
         )
+        pooled_z, below = pooled_z[counted], below[counted]
+        member_keys, member_z = member_keys[counted], member_z[counted]
         # Each row of a counted key, and which of them it is (asking is sorted).
         at = np.minimum(np.searchsorted(asking, slots), len(asking) - 1)
         rows = asking[at] == slots
         at = at[rows]
-        found.pooled_z[rows] = np.maximum(_binomial_z(hits, total, rate), 0.0)[at]
+        found.pooled_z[rows] = pooled_z[at]
         found.keys[rows] = keys[at]
         found.pairs[rows] = total[at]
         found.matches[rows] = hits[at]
         found.own_pairs[rows] = pairs[slots[rows]]
         found.own_matches[rows] = matches[slots[rows]]
+        found.below[rows] = below[at]
+        found.member_keys[rows] = member_keys[at]
+        found.member_z[rows] = member_z[at]
         return found
+
+
+@jit
+def _cohort_sums(
+    asking: npt.NDArray[np.int64],
+    seen: npt.NDArray[np.int64],
+    first: npt.NDArray[np.float64],
+    young_first: npt.NDArray[np.float64],
+    bounds: npt.NDArray[np.int64],
+    sums: npt.NDArray[np.int64],
+    pace_share: float,
+    window_s: float,
+    out: npt.NDArray[np.int64],
+) -> None:
+    """For each asking slot ``k``, the young keys whose first request time is
+    within ``window_s`` of its own and whose request count is within
+    ``max(2, pace_share * count)`` of its own: their number into ``out[0,
+    k]``, and the sums of each row of ``sums`` over them into ``out[1:,
+    k]``.
+
+    The young keys are sorted by count, then first time; ``bounds[v]`` is
+    where those with count ``v`` start, each row of ``sums`` a running sum
+    in that order (0 first). Within one count, the keys whose ``abs(t -
+    own) <= window_s`` (as computed, rounding included) form one run of the
+    sorted times, since a rounded difference never decreases as ``t``
+    moves away from ``own``: two binary searches find its ends with that
+    same test, so the members are exactly those a scan would take.
+    """
+    n_sums = sums.shape[0]
+    for k in range(len(asking)):
+        slot = asking[k]
+        own_seen = seen[slot]
+        own = first[slot]
+        pace = max(2.0, pace_share * own_seen)
+        for r in range(n_sums + 1):
+            out[r, k] = 0
+        for count in range(1, len(bounds) - 1):
+            if not abs(count - own_seen) <= pace:
+                continue
+            # First index whose time is at or after own, or close enough.
+            lo = bounds[count]
+            hi = bounds[count + 1]
+            while lo < hi:
+                mid = (lo + hi) // 2
+                t = young_first[mid]
+                if t >= own or abs(t - own) <= window_s:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            start = lo
+            # First index past own and too far.
+            hi = bounds[count + 1]
+            while lo < hi:
+                mid = (lo + hi) // 2
+                t = young_first[mid]
+                if t > own and not abs(t - own) <= window_s:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            out[0, k] += lo - start
+            for r in range(n_sums):
+                out[r + 1, k] += sums[r, lo] - sums[r, start]
+
+
+@jit
+def _running_sums(
+    young: npt.NDArray[np.int64],
+    pairs: npt.NDArray[np.int64],
+    matches: npt.NDArray[np.int64],
+    bar: npt.NDArray[np.int64],
+    sums: npt.NDArray[np.int64],
+) -> None:
+    """Running sums over the slots ``young`` in their order, 0 first, into
+    the five rows of ``sums``: pairs, matches, keys at ``member_z`` (matches
+    at least ``bar[pairs]``, see :meth:`TrafficDetector._member_bar`), and
+    those keys' pairs and matches.
+
+    One pass, where five numpy cumulative sums over gathered copies doubled
+    the look-up's cost. Pairs never exceed ``window - 2`` (counted over the
+    first ``window`` rows, and a loaded state is checked for it), so
+    ``bar`` covers them; a count past it would be no member.
+    """
+    totals = np.zeros(5, dtype=np.int64)
+    sums[:, 0] = 0
+    for j in range(len(young)):
+        slot = young[j]
+        n_pairs = pairs[slot]
+        n_hits = matches[slot]
+        totals[0] += n_pairs
+        totals[1] += n_hits
+        if 0 < n_pairs < len(bar) and n_hits >= bar[n_pairs]:
+            totals[2] += 1
+            totals[3] += n_pairs
+            totals[4] += n_hits
+        sums[:, j + 1] = totals
 
 
 def _binomial_z(
@@ -877,7 +1082,10 @@ def _binomial_z(
 @dataclass(slots=True)
 class _CohortEvidence:
     """The cohort test's result per row of a batch (see
-    :meth:`TrafficDetector._cohort_evidence`)."""
+    :meth:`TrafficDetector._cohort_evidence`): the cohort's pooled z and
+    counts, the key's own counts, whether the key is below ``member_z``
+    (admitted by an overwhelming cohort), and the cohort's keys at
+    ``member_z`` with their pooled z."""
 
     pooled_z: npt.NDArray[np.float64]
     keys: npt.NDArray[np.int64]
@@ -885,10 +1093,23 @@ class _CohortEvidence:
     matches: npt.NDArray[np.int64]
     own_pairs: npt.NDArray[np.int64]
     own_matches: npt.NDArray[np.int64]
+    below: npt.NDArray[np.bool_]
+    member_keys: npt.NDArray[np.int64]
+    member_z: npt.NDArray[np.float64]
 
     @classmethod
     def empty(cls, n: int) -> _CohortEvidence:
+        def counts() -> npt.NDArray[np.int64]:
+            return np.zeros(n, dtype=np.int64)
+
         return cls(
-            np.zeros(n),
-            *(np.zeros(n, dtype=np.int64) for _ in range(5)),
+            pooled_z=np.zeros(n),
+            keys=counts(),
+            pairs=counts(),
+            matches=counts(),
+            own_pairs=counts(),
+            own_matches=counts(),
+            below=np.zeros(n, dtype=np.bool_),
+            member_keys=counts(),
+            member_z=np.zeros(n),
         )

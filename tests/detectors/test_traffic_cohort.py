@@ -152,7 +152,7 @@ def test_bursts_of_millisecond_gaps_are_not_compared() -> None:
 def test_cohort_parameters_change_live() -> None:
     rng = np.random.default_rng(5)
     detector = TrafficDetector(seed=0)
-    detector.set_params(cohort_z=1000.0)
+    detector.set_params(cohort_z=1000.0, strong_cohort_z=1000.0)
     scores = _play(detector, _paced_keys(10, 4.0, 15, rng, stagger_s=0.005))
     assert not any(s.flagged for key in scores.values() for s in key)
 

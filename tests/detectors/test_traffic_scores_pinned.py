@@ -11,7 +11,12 @@ refused) and some rows not allowed to teach the baseline, in batches of 1 to
 ``data/traffic_scores.npz``, recorded with the code before the change
 (commit 6334500) and recorded again when the cohort test came in: it flags
 the metronomes ``bot-0`` and ``bot-1``, which start in the same instant,
-earlier, and changed no other client's row.
+earlier, and changed no other client's row. Recorded a third time when the
+cohort evidence said "first rows" instead of "first requests": the
+evidence of 37 rows of ``bot-0`` (22) and ``bot-1`` (15) changed in that
+word only; every score, flag and warm bit stayed as recorded. The lower
+member bar in an overwhelming cohort (``strong_member_z``) changed no row
+(the highest pooled z here is 5.9, under ``strong_cohort_z`` 9).
 
 It lives apart from ``test_extraction_scores_pinned.py`` because traffic
 reads arrival times and outcomes, which the shared replay
