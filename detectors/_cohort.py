@@ -2,11 +2,14 @@
 
 A thief spreading one stream over many API keys gives each key too few rows
 to be judged alone, but its keys start within a moment of each other and send
-at one pace. ``traffic`` (gap pairs) and ``ood`` (outliers) pool the counts
-of such keys. This module finds each asking key's cohort without a scan of
-every key: the young keys are sorted once per batch by row count, then by
-first request time, with running sums of the two counts pooled, and each
-asking key's cohort is a few binary searches (:func:`cohort_sums`).
+at one pace. ``ood`` pools its outlier counts over such keys, and this module
+finds each asking key's cohort without a scan of every key: the young keys
+are sorted once per batch by row count, then by first request time, with
+running sums of the two counts pooled, and each asking key's cohort is a few
+binary searches (:func:`cohort_sums`). ``traffic`` pools its gap pairs the
+same way with a look-up of its own (``detectors.traffic._cohort_sums``),
+which also keeps the sums over the keys at its ordinary member bar that its
+second, lower bar needs.
 
 Imports numpy and :mod:`detectors._jit` (numba) only.
 """
@@ -150,8 +153,8 @@ def cohort_sums(
     """For each asking slot, the young keys whose first request time is
     within ``window_s`` of its own and whose request count is within
     ``max(2, pace_share * count)`` of its own: their number and the sums of
-    their two counts (``traffic``: gap pairs and matches; ``ood``: rows and
-    outliers) into ``keys``, ``total_a`` and ``total_b``.
+    their two counts (``ood``: rows and outliers) into ``keys``,
+    ``total_a`` and ``total_b``.
 
     The young keys are sorted by count, then first time; ``bounds[v]`` is
     where those with count ``v`` start, ``sum_a`` and ``sum_b``

@@ -159,11 +159,12 @@ def _summary(rows: list[int | None]) -> str:
 
 
 def main(runs: int) -> None:
-    """Print before (lower bar off) and after (defaults), ``runs`` attack
-    runs and three times as many beside the thieves."""
+    """Print the lower bar off, at ``strong_cohort_z`` 9 and at the defaults
+    (6): ``runs`` attack runs and three times as many beside the thieves."""
     for label, params in (
-        ("before", TrafficParams(strong_member_z=3.0)),
-        ("after", TrafficParams()),
+        ("off", TrafficParams(strong_member_z=3.0)),
+        ("at 9", TrafficParams(strong_cohort_z=9.0)),
+        ("default", TrafficParams()),
     ):
         per_key, per_run = block_rows(params, range(runs))
         print(f"{label}: rows to block level per key: {_summary(per_key)}")

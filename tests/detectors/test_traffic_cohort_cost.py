@@ -121,6 +121,7 @@ PARAMS = [
     # Overwhelming cohorts are common here, so the lower bar admits keys.
     TrafficParams(strong_cohort_z=6.0, strong_member_z=1.0),
     TrafficParams(strong_member_z=3.0),
+    TrafficParams(strong_cohort_z=9.0),
 ]
 
 
@@ -153,7 +154,7 @@ def test_the_look_up_finds_what_a_scan_of_every_key_found(
     assert (found.own_pairs[rows] == arrays["pairs"][batch[rows]]).all()
     assert (found.own_matches[rows] == arrays["matches"][batch[rows]]).all()
     assert not found.pooled_z[~rows].any()
-    if params.strong_cohort_z == 6.0:
+    if params.strong_member_z == 1.0:
         assert found.below[rows].any(), "keys under member_z must be admitted"
 
 

@@ -2,9 +2,12 @@
 
 A key whose own gap pairs reach only ``strong_member_z`` (2, with two
 matching pairs) is scored through its cohort when the cohort's pooled z
-reaches ``strong_cohort_z`` (9) both as a whole and over its members at
-``member_z`` (3) alone; in an ordinary cohort it is not, and keys below
-``member_z`` never count towards admitting each other.
+reaches ``strong_cohort_z`` both as a whole and over its members at
+``member_z`` (3) alone; in a weaker cohort it is not, and keys below
+``member_z`` never count towards admitting each other. The default
+``strong_cohort_z`` is ``cohort_z`` (6): any flagged cohort admits them.
+Most known answers here set it to 9, where a flagged cohort and an
+overwhelming one differ.
 
 The known answers use keys that each send one row per batch, so after
 ``n`` batches every key has sent ``n`` rows and ``n - 2`` gap pairs: a
@@ -24,6 +27,7 @@ from detectors.traffic import TrafficDetector, TrafficParams, _binomial_z
 from tests.detectors.cohort_scenarios import beside_the_thieves, block_rows
 
 T0 = 1.7e9
+AT_9 = TrafficParams(strong_cohort_z=9.0)
 METRONOME = np.arange(6) * 0.25
 WEAK = np.cumsum([0.0, 0.25, 0.25, 0.4, 0.4, 0.4])
 
@@ -101,8 +105,9 @@ def test_one_matching_pair_is_not_enough(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_the_same_weak_key_in_an_ordinary_cohort_is_not_scored() -> None:
     """Three metronomes and the weak key: 11 of 12 pairs (z 6.6) flags the
-    metronomes, but under 9 it admits no key below member_z."""
-    scores = _ticks(TrafficDetector(seed=0), _cohort(3))
+    metronomes, but with ``strong_cohort_z`` 9 it admits no key below
+    member_z."""
+    scores = _ticks(TrafficDetector(AT_9, seed=0), _cohort(3))
     assert 6.0 <= _z(11, 12) < 9.0
     assert scores["m0"][4][0] == pytest.approx(0.6 * _z(11, 12) / 6.0)
     assert "its own 3 of 3" in scores["m0"][4][1]
@@ -115,9 +120,9 @@ def test_a_crowd_of_weak_keys_cannot_admit_each_other() -> None:
     Two metronomes beside them are under ``cohort_min_keys`` at member_z:
     they are flagged through the whole cohort, the weak keys still not."""
     assert _z(60, 90) >= 9.0
-    alone = _ticks(TrafficDetector(seed=0), _cohort(0, n_weak=30))
+    alone = _ticks(TrafficDetector(AT_9, seed=0), _cohort(0, n_weak=30))
     assert all(score == 0.0 for rows in alone.values() for score, _ in rows)
-    beside = _ticks(TrafficDetector(seed=0), _cohort(2, n_weak=30))
+    beside = _ticks(TrafficDetector(AT_9, seed=0), _cohort(2, n_weak=30))
     assert beside["m0"][4][0] >= 0.9
     assert all(
         score == 0.0
@@ -133,7 +138,7 @@ def test_members_at_member_z_must_reach_the_strong_z_by_themselves() -> None:
     member_z are not, so the weak keys stay unscored; at the 6th row the
     three give 12 of 12, z 7.4, still under 9."""
     assert _z(12, 12) < 9.0 <= _z(69, 99)
-    scores = _ticks(TrafficDetector(seed=0), _cohort(3, n_weak=30))
+    scores = _ticks(TrafficDetector(AT_9, seed=0), _cohort(3, n_weak=30))
     assert scores["m0"][4][0] == 0.999
     assert all(
         score == 0.0
@@ -220,3 +225,17 @@ def test_honest_keys_beside_the_thieves_are_still_not_flagged() -> None:
     flagged, total, evidence = beside_the_thieves(TrafficParams(), range(10))
     assert total == 200
     assert flagged == 0, evidence
+
+
+def test_at_the_default_any_flagged_cohort_admits_the_weak_key() -> None:
+    """The cohort of three metronomes above (z 6.6 as a whole; the three at
+    member_z give 12 of 12 at the 6th row, z 7.4): at the default
+    ``strong_cohort_z`` (``cohort_z``, 6) the weak key's 2 of 3 pairs are
+    enough, scored as the cohort."""
+    assert TrafficParams().strong_cohort_z == TrafficParams().cohort_z
+    scores = _ticks(TrafficDetector(seed=0), _cohort(3))
+    weak = [score for score, _ in scores["weak0"]]
+    assert weak[:4] == [0.0] * 4  # 1 of 2 pairs at its 4th row: z 1.18
+    assert weak[4] > 0.0 or weak[5] > 0.0
+    admitted = next(e for score, e in scores["weak0"] if score > 0.0)
+    assert "under member_z 3" in admitted
