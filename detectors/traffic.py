@@ -146,6 +146,18 @@ class TrafficParams(DetectorParams):
     """Pooled binomial z of a cohort's matching pairs at which its members
     that match too (``member_z``) are flagged."""
 
+    cohort_step_z: float = Field(3.0, gt=0.0)
+    """Pooled z beyond ``cohort_z`` that adds one ``threshold`` to a
+    member's score: at the default 3, a cohort at z 7.5 scores 1.5 times
+    the threshold (the policy's default block level) and its members are
+    refused on their next request rather than after three flags each. Why
+    not later: honest cohorts stayed under z 2 (a restart making 5,000
+    honest keys young at once: -2.2), so past ``cohort_z`` more z says
+    nothing more about the cohort; what an honest key risks is membership,
+    which ``member_z`` and ``strong_member_z`` guard. Set it to
+    ``cohort_z`` for the plain proportion ``threshold * z / cohort_z``
+    (block level at z 9), as ``margin``'s cohorts score."""
+
     member_z: float = Field(3.0, ge=0.0)
     """A key's own binomial z of matching pairs needed to be flagged through
     its cohort: an honest key that started in the same moment as an
@@ -570,6 +582,7 @@ class TrafficDetector(Detector[TrafficParams]):
             "cohort_min_pairs",
             "cohort_match_rate",
             "cohort_z",
+            "cohort_step_z",
             "member_z",
             "strong_cohort_z",
             "strong_member_z",
@@ -794,14 +807,22 @@ class TrafficDetector(Detector[TrafficParams]):
         warm = out[:, 1] > 0
         held = out[:, 2:]
 
-        # The cohort test, in proportion, as margin's cohorts are: the flag
-        # threshold at cohort_z, and the policy's block level (1.5 times the
-        # threshold by default) at 1.5 times cohort_z, so a cohort whose
-        # pooled z is far past any honest one (honest cohorts stay under 2)
-        # is refused on its next request instead of after three flags per key.
+        # The cohort test: in proportion up to the flag threshold at
+        # cohort_z, then one more threshold per cohort_step_z, so a cohort
+        # whose pooled z is far past any honest one (honest cohorts stay
+        # under 2) is refused on its next request instead of after three
+        # flags per key.
         cohort = self._cohort_evidence(slots)
+        pooled = cohort.pooled_z
         cohort_score = np.clip(
-            p.threshold * cohort.pooled_z / p.cohort_z, 0.0, _MAX_COHORT_SCORE
+            p.threshold
+            * np.where(
+                pooled < p.cohort_z,
+                pooled / p.cohort_z,
+                1.0 + (pooled - p.cohort_z) / p.cohort_step_z,
+            ),
+            0.0,
+            _MAX_COHORT_SCORE,
         )
         from_cohort = cohort_score > np.where(warm, score, 0.0)
         score = np.where(from_cohort, cohort_score, score)

@@ -181,3 +181,32 @@ def test_counts_survive_a_hand_over_and_bad_counts_are_refused() -> None:
     )
     with pytest.raises(ValueError, match="pairs"):
         other.load_state("forged", encode_blob(forged))
+
+
+def test_past_cohort_z_each_cohort_step_z_adds_a_threshold() -> None:
+    """A cohort's score is the threshold at ``cohort_z`` and 1.5 times it
+    (the policy's default block level) ``cohort_step_z / 2`` later; with
+    ``cohort_step_z`` equal to ``cohort_z`` it is the plain proportion
+    ``threshold * z / cohort_z``, as before the step existed."""
+    from detectors.traffic import _binomial_z
+
+    streams = {f"m{k}": 1.7e9 + k * 0.001 + np.arange(6) * 0.25 for k in range(4)}
+    z = float(_binomial_z(np.array([16]), np.array([16]), 0.18)[0])
+    assert 7.5 < z < 9.0  # past the block level at the step, not in proportion
+
+    def last_score(params: TrafficParams) -> float:
+        detector = TrafficDetector(params, seed=0)
+        keys = list(streams)
+        score = 0.0
+        for k in range(6):
+            times = np.array([streams[key][k] for key in keys])
+            out = detector.score_batch(keys, np.zeros((4, 3)), arrival_s=times)
+            score = out[0].score
+        return score
+
+    stepped = last_score(TrafficParams())
+    assert stepped == pytest.approx(min(0.6 * (1.0 + (z - 6.0) / 3.0), 0.999))
+    assert stepped >= 1.5 * 0.6
+    plain = last_score(TrafficParams(cohort_step_z=6.0))
+    assert plain == pytest.approx(0.6 * z / 6.0)
+    assert plain < 1.5 * 0.6

@@ -36,6 +36,14 @@ def _z(hits: int, trials: int) -> float:
     return float(_binomial_z(np.array([hits]), np.array([trials]), 0.18)[0])
 
 
+def _cohort_score(z: float, params: TrafficParams = TrafficParams()) -> float:
+    """The cohort's score at pooled ``z`` past ``cohort_z``: one threshold
+    more per ``cohort_step_z``, capped below 1."""
+    assert z >= params.cohort_z
+    step = 1.0 + (z - params.cohort_z) / params.cohort_step_z
+    return min(params.threshold * step, 0.999)
+
+
 def _ticks(
     detector: TrafficDetector, streams: dict[str, npt.NDArray[np.float64]]
 ) -> dict[str, list[tuple[float, str]]]:
@@ -67,7 +75,7 @@ def test_a_weak_member_of_an_overwhelming_cohort_is_scored_through_it() -> None:
     whole, members = _z(29, 30), _z(27, 27)
     assert whole >= 9.0 and members >= 9.0 and _z(2, 3) >= 2.0
     weak_score, evidence = scores["weak0"][4]
-    assert weak_score == pytest.approx(min(0.6 * whole / 6.0, 0.999))
+    assert weak_score == pytest.approx(_cohort_score(whole))
     assert weak_score >= 0.9
     assert "29 of 30 successive gap pairs" in evidence
     assert "over the first rows of 10 keys" in evidence
@@ -109,7 +117,7 @@ def test_the_same_weak_key_in_an_ordinary_cohort_is_not_scored() -> None:
     member_z."""
     scores = _ticks(TrafficDetector(AT_9, seed=0), _cohort(3))
     assert 6.0 <= _z(11, 12) < 9.0
-    assert scores["m0"][4][0] == pytest.approx(0.6 * _z(11, 12) / 6.0)
+    assert scores["m0"][4][0] == pytest.approx(_cohort_score(_z(11, 12)))
     assert "its own 3 of 3" in scores["m0"][4][1]
     assert [score for score, _ in scores["weak0"]] == [0.0] * 6
 
