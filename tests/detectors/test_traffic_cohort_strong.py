@@ -36,9 +36,10 @@ def _z(hits: int, trials: int) -> float:
     return float(_binomial_z(np.array([hits]), np.array([trials]), 0.18)[0])
 
 
-def _cohort_score(z: float, params: TrafficParams = TrafficParams()) -> float:
+def _cohort_score(z: float) -> float:
     """The cohort's score at pooled ``z`` past ``cohort_z``: one threshold
-    more per ``cohort_step_z``, capped below 1."""
+    more per ``cohort_step_z``, capped below 1 (the default parameters)."""
+    params = TrafficParams()
     assert z >= params.cohort_z
     step = 1.0 + (z - params.cohort_z) / params.cohort_step_z
     return min(params.threshold * step, 0.999)
