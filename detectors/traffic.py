@@ -482,7 +482,8 @@ class TrafficDetector(Detector[TrafficParams]):
     young key whose first request came within ``cohort_window_s`` of its
     own and whose request count is within ``cohort_pace_share`` of its own;
     with ``cohort_min_keys`` keys and ``cohort_min_pairs`` pairs, the
-    score is ``threshold * pooled z / cohort_z`` (below 1), and the
+    score is ``threshold * pooled z / cohort_z`` up to ``cohort_z`` and one
+    more ``threshold`` per ``cohort_step_z`` past it (below 1), and the
     key's score is the larger of that and its own (warm or not: the test
     needs no learned baseline). A paced thief spread over ten keys at four
     requests per second each is flagged after 5 requests per key at the
