@@ -217,6 +217,37 @@ def _client_counts(
     return seen, off_so_far, wide_so_far, mean
 
 
+@jit
+def _count_non_repeats(
+    slots: npt.NDArray[np.int64],
+    codes: npt.NDArray[np.uint8],
+    last: npt.NDArray[np.uint8],
+    has_last: npt.NDArray[np.uint8],
+    limit: float,
+) -> npt.NDArray[np.bool_]:
+    """Per outlier row (in arrival order), whether it counts: it does unless
+    its client has a previous counted outlier (``has_last``) whose 8-bit
+    codes (``last``) lie within squared distance ``limit`` of its own. A
+    counted row becomes its client's previous one; the arena arrays (indexed
+    by slot) are updated in place."""
+    n, d = codes.shape
+    counted = np.zeros(n, dtype=np.bool_)
+    for i in range(n):
+        slot = slots[i]
+        if has_last[slot]:
+            distance = 0.0
+            for j in range(d):
+                step = float(codes[i, j]) - float(last[slot, j])
+                distance += step * step
+            if distance <= limit:
+                continue
+        counted[i] = True
+        has_last[slot] = 1
+        for j in range(d):
+            last[slot, j] = codes[i, j]
+    return counted
+
+
 class OodParams(DetectorParams):
     """Parameters of :class:`OutOfDistributionDetector`."""
 
@@ -613,7 +644,11 @@ class OutOfDistributionDetector(Detector[OodParams]):
             "ewma": FieldSpec((), "<f8"),
             "n_off_lattice": FieldSpec((), "<i8"),
             "n_wide": FieldSpec((), "<i8"),
-            "last_wide": FieldSpec((n_features,), "u1"),
+            # The client's previous counted on-lattice outlier (HST or wide)
+            # at 8 bits per feature, and whether it has one: repeats of it
+            # do not count (see _counted_outliers).
+            "last_outlier": FieldSpec((n_features,), "u1"),
+            "has_outlier": FieldSpec((), "u1"),
             # Arrival time of the client's first query (seconds; 0 before
             # it), which dates it for the cohort test.
             "first_s": FieldSpec((), "<f8"),
@@ -628,6 +663,16 @@ class OutOfDistributionDetector(Detector[OodParams]):
             if not 0 <= int(values[field]) <= int(values["n_seen"]):
                 raise ValueError(f"state field {field!r} is invalid")
         seen = int(values["n_seen"])
+        has_outlier = int(values["has_outlier"])
+        # No previous outlier means nothing to be a repeat of: a stored row
+        # there would be a forged one (the arena starts zeroed).
+        stored = int(values["last_outlier"].astype(np.int64).sum())
+        if (
+            has_outlier not in (0, 1)
+            or (has_outlier == 0 and stored != 0)
+            or (seen == 0 and has_outlier != 0)
+        ):
+            raise ValueError("state field 'has_outlier' or 'last_outlier' is invalid")
         first = float(values["first_s"])
         if not abs(first) <= MAX_TIME_S or (seen == 0 and first != 0.0):
             raise ValueError("state field 'first_s' is invalid")
@@ -646,6 +691,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
                 or int(ring[length:].sum()) != 0
                 or count < int(values["n_off_lattice"])
                 or count < int(values["n_wide"])
+                or count < has_outlier
             ):
                 raise ValueError(
                     "state fields 'outlier', 'outlier_pos' and 'outlier_len' "
@@ -815,42 +861,44 @@ class OutOfDistributionDetector(Detector[OodParams]):
             self._params.range_tolerance,
         )
 
-    def _counted_wide(
-        self, slots: npt.NDArray[np.int64], X: npt.NDArray[np.float64]
-    ) -> npt.NDArray[np.bool_]:
-        """Wide queries that are not repeats of their client's previous wide
-        one, in arrival order (updates ``last_wide``)."""
-        counted = np.zeros(len(X), dtype=bool)
+    def _counted_outliers(
+        self,
+        slots: npt.NDArray[np.int64],
+        X: npt.NDArray[np.float64],
+        hst: npt.NDArray[np.bool_],
+        synthetic: npt.NDArray[np.bool_],
+    ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+        """HST-outlier and wide queries that count, and the wide ones among
+        them, in arrival order (updates ``last_outlier`` and ``has_outlier``).
+
+        An on-lattice outlier (HST or wide) within ``range_repeat_eps`` of
+        its client's previous counted one is a repeat and does not count;
+        off-lattice rows always count, and a wide one counts as wide, but
+        they neither are judged as repeats nor become the row repeats are
+        measured from.
+        """
+        wide = np.zeros(len(X), dtype=bool)
         p = self._params
-        if p.range_min_features == 0 or self._arena is None:
-            return counted
-        wide = np.flatnonzero(self.outside_range(X) >= p.range_min_features)
-        if len(wide) == 0:
-            return counted
-        arrays = self._arena.arrays
-        last, n_wide = arrays["last_wide"], arrays["n_wide"]
-        # Compared on the stored 8-bit grid, so a batch counts exactly as
-        # its rows sent one at a time.
-        codes = np.rint(np.clip(X[wide], 0.0, 1.0) * 255.0).astype(np.uint8)
-        limit = (p.range_repeat_eps * 255.0) ** 2 * X.shape[1]
-        previous: dict[int, npt.NDArray[np.uint8] | None] = {}
-        for i, (row, slot) in enumerate(
-            zip(wide.tolist(), slots[wide].tolist(), strict=True)
-        ):
-            if slot not in previous:
-                previous[slot] = last[slot] if n_wide[slot] > 0 else None
-            before = previous[slot]
-            code = codes[i]
-            if before is not None:
-                step = code.astype(np.float64) - before
-                if float(step @ step) <= limit:
-                    continue
-            counted[row] = True
-            previous[slot] = code
-        for slot, code in previous.items():
-            if code is not None:
-                last[slot] = code
-        return counted
+        if p.range_min_features > 0:
+            wide = self.outside_range(X) >= p.range_min_features
+        counted = np.zeros(len(X), dtype=bool)
+        if self._arena is None:
+            return counted, counted.copy()
+        rows = np.flatnonzero((hst | wide) & ~synthetic)
+        if len(rows):
+            arrays = self._arena.arrays
+            # Compared on the stored 8-bit grid, so a batch counts exactly
+            # as its rows sent one at a time.
+            codes = np.rint(np.clip(X[rows], 0.0, 1.0) * 255.0).astype(np.uint8)
+            limit = (p.range_repeat_eps * 255.0) ** 2 * X.shape[1]
+            counted[rows] = _count_non_repeats(
+                slots[rows],
+                codes,
+                arrays["last_outlier"],
+                arrays["has_outlier"],
+                limit,
+            )
+        return counted, wide & (counted | synthetic)
 
     def _synthetic(self, X: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
         """Rows off the lattice in enough features to be synthesized."""
@@ -884,8 +932,8 @@ class OutOfDistributionDetector(Detector[OodParams]):
         else:
             outlier = np.zeros(n, dtype=bool)
         synthetic = self._synthetic(X)
-        wide = self._counted_wide(slots, X)
-        outlier |= synthetic | wide
+        counted, wide = self._counted_outliers(slots, X, outlier, synthetic)
+        outlier = counted | synthetic
 
         # Outlier bits into each client's window, in arrival order.
         groups = group_rows(slots)
