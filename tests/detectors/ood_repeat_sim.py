@@ -76,9 +76,7 @@ def calibrated_params() -> dict[str, Any]:
     """``ood``'s parameters as a worker calibrates them on digits."""
     if not CALIBRATE:
         return {}
-    calibration = calibrate(
-        lambda o: build_detectors(o, seed=0), {}, reference()[0]
-    )
+    calibration = calibrate(lambda o: build_detectors(o, seed=0), {}, reference()[0])
     return dict(calibration.params.get("ood", {}))
 
 
@@ -98,9 +96,9 @@ def honest_arrivals(seed: int) -> list[tuple[float, int, Array]]:
     spans = tuple(float(v) for v in np.ptp(replay, axis=0))
     out: list[tuple[float, int, Array]] = []
     for index, crng in enumerate(rng.spawn(N_BENIGN)):
-        habits = draw_habits(
-            1, crng, CLIP, near_duplicates=True, feature_spans=spans
-        )[0]
+        habits = draw_habits(1, crng, CLIP, near_duplicates=True, feature_spans=spans)[
+            0
+        ]
         rows = replay[crng.permutation(len(replay))]
         profile = profiles[index]
         plan = arrival_plan(profile, crng)
