@@ -43,7 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 from detectors.calibration import calibrate
-from detectors.ood import OodParams, OutOfDistributionDetector
+from detectors.ood import OutOfDistributionDetector
 from detectors.registry import build_detectors
 from evaluation.benign import arrival_plan, draw_habits, draw_profiles, query_stream
 from gateway.models import digits_split
@@ -203,6 +203,3 @@ def _main() -> None:
 
 if __name__ == "__main__":
     _main()
-
-
-__all__ = ["OodParams", "replay", "honest_arrivals", "calibrated_params"]
