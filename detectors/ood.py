@@ -420,8 +420,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
     A query is also an outlier when it is *wide*: at least
     ``range_min_features`` features lie outside the reference's range (by
     more than ``range_tolerance``), unless it is a repeat (below). Weaker
-    evidence than the
-    lattice: on the evaluation's breast-cancer model 1.2% of honest held-out
+    evidence than the lattice: on the evaluation's breast-cancer model 1.2% of honest held-out
     queries are wide (new patients beyond the training range), against 70%
     of equation-solving queries (perturbations of 0.05 raw push the
     narrowest features, 0.002 to 0.05 wide, far past their range). So a
@@ -533,8 +532,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
     Per-client state: a ring of ``window`` outlier bits, counters, the EWMA,
     the first query's time and the last counted outlier at 8 bits per
     feature with a flag saying whether there is one (about 111 bytes plus
-    one per feature). The shared model holds about
-    200 KB with the defaults.
+    one per feature). The shared model holds about 200 KB with the defaults.
 
     Parameters
     ----------
