@@ -420,10 +420,11 @@ class OutOfDistributionDetector(Detector[OodParams]):
     A query is also an outlier when it is *wide*: at least
     ``range_min_features`` features lie outside the reference's range (by
     more than ``range_tolerance``), unless it is a repeat (below). Weaker
-    evidence than the lattice: on the evaluation's breast-cancer model 1.2% of honest held-out
-    queries are wide (new patients beyond the training range), against 70%
-    of equation-solving queries (perturbations of 0.05 raw push the
-    narrowest features, 0.002 to 0.05 wide, far past their range). So a
+    evidence than the lattice: on the evaluation's breast-cancer model 1.2%
+    of honest held-out queries are wide (new patients beyond the training
+    range), against 70% of equation-solving queries (perturbations of 0.05
+    raw push the narrowest features, 0.002 to 0.05 wide, far past their
+    range). So a
     client is warm early only after ``range_early`` (3) counted wide queries,
     which an honest client meets with a chance of about 1e-4 among its first
     ten; a thief's key with three or four queries is then judged.
@@ -510,6 +511,12 @@ class OutOfDistributionDetector(Detector[OodParams]):
       ``lattice_tolerance`` or set ``lattice_levels=0``; and it sees nothing
       on continuous features (breast cancer); there only the range check
       applies, which misses perturbations that stay inside the data's range.
+    - the repeat rule forgets nothing but the previous counted outlier's
+      place: a thief whose unusual queries each move under
+      ``range_repeat_eps`` (0.05 RMS) from its last counted one (on digits,
+      one pixel changed by under 0.4 of its range) has those steps
+      uncounted; one-pixel queries were no ``ood`` outliers in the
+      evaluation either way, and off-lattice steps always count;
     - the cohort test flags honest keys that start with a thief's: an
       honest key whose first query came within ``cohort_window_s`` of an
       equation-solving cohort's, at its pace, and that sent a wide query
