@@ -44,7 +44,7 @@ def _detector_with(n_queries: int) -> OutOfDistributionDetector:
 def _forge(blob: bytes, **values: Any) -> bytes:
     decoded = decode_blob(blob)
     fields = dict(decoded.fields)
-    dtypes = {"first_s": "<f8", "outlier": "u1"}
+    dtypes = {"first_s": "<f8", "outlier": "u1", "has_outlier": "u1"}
     for name, value in values.items():
         fields[name] = np.array(value, dtype=dtypes.get(name, "<i8")).tobytes()
     return encode_blob(
@@ -84,6 +84,11 @@ FORGED = {
     "window shorter than its queries": {"outlier_len": 2, "outlier_pos": 2},
     "window written elsewhere": {"outlier_pos": 5},
     "fewer outliers than wide queries": {"outlier": _bits(0)},
+    # The repeat rule's base (the previous counted outlier): a flag that is
+    # not one, a stored row without its flag, a flag with no outlier sent.
+    "repeat flag not a flag": {"has_outlier": 2},
+    "repeat row without its flag": {"has_outlier": 0},
+    "repeat flag without an outlier": {"outlier": _bits(), "n_wide": 0},
 }
 
 
