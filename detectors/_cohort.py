@@ -2,14 +2,13 @@
 
 A thief spreading one stream over many API keys gives each key too few rows
 to be judged alone, but its keys start within a moment of each other and send
-at one pace. ``ood`` pools its outlier counts over such keys, and this module
-finds each asking key's cohort without a scan of every key: the young keys
-are sorted once per batch by row count, then by first request time, with
-running sums of the two counts pooled, and each asking key's cohort is a few
-binary searches (:func:`cohort_sums`). ``traffic`` pools its gap pairs the
-same way with a look-up of its own (``detectors.traffic._cohort_sums``),
-which also keeps the sums over the keys at its ordinary member bar that its
-second, lower bar needs.
+at one pace. ``ood`` and ``traffic`` pool their counts over such keys, and
+this module finds each asking key's cohort without a scan of every key: the
+young keys are sorted once per batch by row count, then by first request
+time, with running sums of the counts pooled, and each asking key's cohort
+is a few binary searches (:func:`cohort_sums`). ``ood`` pools two counts
+(:func:`pool`); ``traffic`` five, those of every key and those of its keys
+at the ordinary member bar, which its second, lower bar needs.
 
 Imports numpy and :mod:`detectors._jit` (numba) only.
 """
@@ -93,11 +92,6 @@ def pool(
         One entry per asking slot, in ``asking`` order.
     """
     n = len(asking)
-    out = Pooled(
-        np.empty(n, dtype=np.int64),
-        np.empty(n, dtype=np.int64),
-        np.empty(n, dtype=np.int64),
-    )
     if n:
         if young is None:
             young = candidates(asking, seen, first, window, window_s)
@@ -109,30 +103,29 @@ def pool(
         # Where each row count's run of young keys starts (count 0 has
         # none), and running sums of their counts, 0 first.
         bounds = np.searchsorted(seen[young], np.arange(window + 2))
-        sum_a = np.concatenate(([0], np.cumsum(count_a[young], dtype=np.int64)))
-        sum_b = np.concatenate(([0], np.cumsum(count_b[young], dtype=np.int64)))
+        sums = np.zeros((2, len(young) + 1), dtype=np.int64)
+        np.cumsum(count_a[young], out=sums[0, 1:])
+        np.cumsum(count_b[young], out=sums[1, 1:])
     else:
         # The kernel runs on every batch, with nothing to look up when no
         # key asks, so a warm-up whose traffic never pools still compiles
         # it before an attacker's first batch would.
         young_first = np.empty(0)
         bounds = np.zeros(window + 2, dtype=np.int64)
-        sum_a = sum_b = np.zeros(1, dtype=np.int64)
+        sums = np.zeros((2, 1), dtype=np.int64)
+    found = np.empty((3, n), dtype=np.int64)
     cohort_sums(
         np.ascontiguousarray(asking, dtype=np.int64),
         seen,
         first,
         young_first,
         bounds,
-        sum_a,
-        sum_b,
+        sums,
         pace_share,
         window_s,
-        out.keys,
-        out.total_a,
-        out.total_b,
+        found,
     )
-    return out
+    return Pooled(found[0], found[1], found[2])
 
 
 @jit
@@ -142,36 +135,33 @@ def cohort_sums(
     first: npt.NDArray[np.float64],
     young_first: npt.NDArray[np.float64],
     bounds: npt.NDArray[np.int64],
-    sum_a: npt.NDArray[np.int64],
-    sum_b: npt.NDArray[np.int64],
+    sums: npt.NDArray[np.int64],
     pace_share: float,
     window_s: float,
-    keys: npt.NDArray[np.int64],
-    total_a: npt.NDArray[np.int64],
-    total_b: npt.NDArray[np.int64],
+    out: npt.NDArray[np.int64],
 ) -> None:
-    """For each asking slot, the young keys whose first request time is
+    """For each asking slot ``k``, the young keys whose first request time is
     within ``window_s`` of its own and whose request count is within
-    ``max(2, pace_share * count)`` of its own: their number and the sums of
-    their two counts (``ood``: rows and outliers) into ``keys``,
-    ``total_a`` and ``total_b``.
+    ``max(2, pace_share * count)`` of its own: their number into ``out[0,
+    k]``, and the sums of each row of ``sums`` over them into ``out[1:,
+    k]``.
 
     The young keys are sorted by count, then first time; ``bounds[v]`` is
-    where those with count ``v`` start, ``sum_a`` and ``sum_b``
-    running sums in that order (0 first). Within one count, the keys whose
-    ``abs(t - own) <= window_s`` (as computed, rounding included) form one
-    run of the sorted times, since a rounded difference never decreases as
-    ``t`` moves away from ``own``: two binary searches find its ends with
-    that same test, so the members are exactly those a scan would take.
+    where those with count ``v`` start, each row of ``sums`` a running sum
+    in that order (0 first). Within one count, the keys whose ``abs(t -
+    own) <= window_s`` (as computed, rounding included) form one run of the
+    sorted times, since a rounded difference never decreases as ``t``
+    moves away from ``own``: two binary searches find its ends with that
+    same test, so the members are exactly those a scan would take.
     """
+    n_sums = sums.shape[0]
     for k in range(len(asking)):
         slot = asking[k]
         own_seen = seen[slot]
         own = first[slot]
         pace = max(2.0, pace_share * own_seen)
-        n_keys = 0
-        n_a = 0
-        n_b = 0
+        for r in range(n_sums + 1):
+            out[r, k] = 0
         for count in range(1, len(bounds) - 1):
             if not abs(count - own_seen) <= pace:
                 continue
@@ -195,9 +185,6 @@ def cohort_sums(
                     hi = mid
                 else:
                     lo = mid + 1
-            n_keys += lo - start
-            n_a += sum_a[lo] - sum_a[start]
-            n_b += sum_b[lo] - sum_b[start]
-        keys[k] = n_keys
-        total_a[k] = n_a
-        total_b[k] = n_b
+            out[0, k] += lo - start
+            for r in range(n_sums):
+                out[r + 1, k] += sums[r, lo] - sums[r, start]

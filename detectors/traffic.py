@@ -27,8 +27,8 @@ times, measuring the judged windows and judging run as two compiled loops
 over the batch in row order (:func:`_push_and_measure`, :func:`_judge`),
 with numpy's ``log10`` between them.
 
-Imports numpy, pydantic, :mod:`detectors._jit` (numba) and
-:mod:`detectors._numpysum` only; nothing from
+Imports numpy, pydantic, :mod:`detectors._jit` (numba),
+:mod:`detectors._cohort` and :mod:`detectors._numpysum` only; nothing from
 Kafka, Redis, FastAPI or ``gateway``.
 """
 
@@ -45,6 +45,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field, model_validator
 
+from detectors._cohort import cohort_sums
 from detectors._jit import jit
 from detectors._numpysum import pairwise_sum
 from detectors._state import (
@@ -905,7 +906,8 @@ class TrafficDetector(Detector[TrafficParams]):
         costs a few binary searches, not a scan of every key: the young keys
         are sorted once per batch by request count, then first request
         time, with running sums of their counts and of their keys' at
-        ``member_z`` (:func:`_running_sums`, :func:`_cohort_sums`). With
+        ``member_z`` (:func:`_running_sums`,
+        :func:`detectors._cohort.cohort_sums`). With
         20,000 young keys and 256 looking keys in a batch this takes about
         0.4 to 0.6 ms (sorting the young keys most of it; 1.9 ms over
         100,000) where a scan per look took 20 ms, against 0.1 to 0.5 ms
@@ -945,7 +947,7 @@ class TrafficDetector(Detector[TrafficParams]):
         sums = np.empty((5, len(young) + 1), dtype=np.int64)
         _running_sums(young, pairs, matches, self._member_bar(), sums)
         cohort = np.empty((6, len(asking)), dtype=np.int64)
-        _cohort_sums(
+        cohort_sums(
             asking,
             seen,
             first,
@@ -995,68 +997,6 @@ class TrafficDetector(Detector[TrafficParams]):
         found.member_keys[rows] = member_keys[at]
         found.member_z[rows] = member_z[at]
         return found
-
-
-@jit
-def _cohort_sums(
-    asking: npt.NDArray[np.int64],
-    seen: npt.NDArray[np.int64],
-    first: npt.NDArray[np.float64],
-    young_first: npt.NDArray[np.float64],
-    bounds: npt.NDArray[np.int64],
-    sums: npt.NDArray[np.int64],
-    pace_share: float,
-    window_s: float,
-    out: npt.NDArray[np.int64],
-) -> None:
-    """For each asking slot ``k``, the young keys whose first request time is
-    within ``window_s`` of its own and whose request count is within
-    ``max(2, pace_share * count)`` of its own: their number into ``out[0,
-    k]``, and the sums of each row of ``sums`` over them into ``out[1:,
-    k]``.
-
-    The young keys are sorted by count, then first time; ``bounds[v]`` is
-    where those with count ``v`` start, each row of ``sums`` a running sum
-    in that order (0 first). Within one count, the keys whose ``abs(t -
-    own) <= window_s`` (as computed, rounding included) form one run of the
-    sorted times, since a rounded difference never decreases as ``t``
-    moves away from ``own``: two binary searches find its ends with that
-    same test, so the members are exactly those a scan would take.
-    """
-    n_sums = sums.shape[0]
-    for k in range(len(asking)):
-        slot = asking[k]
-        own_seen = seen[slot]
-        own = first[slot]
-        pace = max(2.0, pace_share * own_seen)
-        for r in range(n_sums + 1):
-            out[r, k] = 0
-        for count in range(1, len(bounds) - 1):
-            if not abs(count - own_seen) <= pace:
-                continue
-            # First index whose time is at or after own, or close enough.
-            lo = bounds[count]
-            hi = bounds[count + 1]
-            while lo < hi:
-                mid = (lo + hi) // 2
-                t = young_first[mid]
-                if t >= own or abs(t - own) <= window_s:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            start = lo
-            # First index past own and too far.
-            hi = bounds[count + 1]
-            while lo < hi:
-                mid = (lo + hi) // 2
-                t = young_first[mid]
-                if t > own and not abs(t - own) <= window_s:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            out[0, k] += lo - start
-            for r in range(n_sums):
-                out[r + 1, k] += sums[r, lo] - sums[r, start]
 
 
 @jit

@@ -114,17 +114,17 @@ def restart(
         for k in range(n_keys)
     }
     looked: list[npt.NDArray[np.int64]] = []
-    sums = traffic._cohort_sums
+    sums = traffic.cohort_sums
 
     def recording(*args: Any) -> None:
         sums(*args)
         looked.append(args[-1].copy())
 
-    traffic._cohort_sums = recording
+    traffic.cohort_sums = recording
     try:
         scores, highest = _replay(TrafficDetector(params, seed=0), streams)
     finally:
-        traffic._cohort_sums = sums
+        traffic.cohort_sums = sums
     through = sum(
         any(s.flagged and "successive gap pairs" in s.evidence for s in rows)
         for rows in scores.values()
