@@ -15,8 +15,9 @@ earlier, and changed no other client's row. Recorded a third time when the
 cohort evidence said "first rows" instead of "first requests": the
 evidence of 37 rows of ``bot-0`` (22) and ``bot-1`` (15) changed in that
 word only; every score, flag and warm bit stayed as recorded. The lower
-member bar in an overwhelming cohort (``strong_member_z``) changed no row
-(the highest pooled z here is 5.9, under ``strong_cohort_z`` 9).
+member bar (``strong_member_z``) and the score's step past ``cohort_z``
+(``cohort_step_z``) changed no row: the highest pooled z here is 5.9, under
+``cohort_z`` 6, where both begin.
 
 It lives apart from ``test_extraction_scores_pinned.py`` because traffic
 reads arrival times and outcomes, which the shared replay

@@ -42,4 +42,5 @@ def test_both_parameters_are_live_and_the_lower_bar_turns_off() -> None:
     traffic = doc.detectors["traffic"]
     assert traffic["strong_cohort_z"] == 12.5
     assert traffic["strong_member_z"] == traffic["member_z"] == 3.0
-    assert LiveConfig().detectors["traffic"]["strong_cohort_z"] == 9.0
+    defaults = LiveConfig().detectors["traffic"]
+    assert defaults["strong_cohort_z"] == defaults["cohort_z"] == 6.0
