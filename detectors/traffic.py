@@ -172,17 +172,17 @@ class TrafficParams(DetectorParams):
     reaches only ``strong_member_z``. The cohort must reach it twice: as a
     whole, and pooled over its members at ``member_z`` alone, so keys below
     that bar never count towards admitting each other. The default is
-    ``cohort_z`` (6): any flagged cohort. At 9 (the pooled z whose score
-    reaches the default block level) the lower bar made no measurable
-    difference in the evaluation, whose 10-key learner pauses between
-    rounds and whose cohort seldom reached 9; at 6 its copy ended under
-    90% of unhindered in all three seeds, at the honest cost stated in
-    docs/traffic-cohort.md."""
+    ``cohort_z`` (6): any flagged cohort. At 9 (where the score reached the
+    default block level before ``cohort_step_z``) the lower bar made no
+    measurable difference in the evaluation, whose 10-key learner pauses
+    between rounds and whose cohort seldom reached 9; at 6 its copy ended
+    under 90% of unhindered in all three seeds, at the honest cost stated
+    in docs/traffic-cohort.md."""
 
     strong_member_z: float = Field(2.0, ge=0.0)
     """A key's own binomial z of matching pairs, with at least
-    :data:`STRONG_MIN_MATCHES` matching pairs, needed to be scored through an
-    overwhelming cohort (``strong_cohort_z``): 2 of 3 pairs (z 2.19), 3 of
+    :data:`STRONG_MIN_MATCHES` matching pairs, needed to be scored through a
+    cohort at ``strong_cohort_z`` (by default any flagged one): 2 of 3 pairs (z 2.19), 3 of
     5 or 6, 4 of 9, not 1 of 1 (z 2.13, one pair). At or above
     ``member_z`` it adds no member: the lower bar is off."""
 
