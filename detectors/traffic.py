@@ -182,8 +182,8 @@ class TrafficParams(DetectorParams):
     strong_member_z: float = Field(2.0, ge=0.0)
     """A key's own binomial z of matching pairs, with at least
     :data:`STRONG_MIN_MATCHES` matching pairs, needed to be scored through a
-    cohort at ``strong_cohort_z`` (by default any flagged one): 2 of 3 pairs (z 2.19), 3 of
-    5 or 6, 4 of 9, not 1 of 1 (z 2.13, one pair). At or above
+    cohort at ``strong_cohort_z`` (by default any flagged one): 2 of 3 pairs
+    (z 2.19), 3 of 5 or 6, 4 of 9, not 1 of 1 (z 2.13, one pair). At or above
     ``member_z`` it adds no member: the lower bar is off."""
 
     @model_validator(mode="after")
