@@ -374,7 +374,7 @@ class OodParams(DetectorParams):
 
     # Source of the default: one outlier in a key's first one or two
     # queries (tail 0.02 and 0.04 at the honest rate 0.02), two in its first
-    # eight; an honest key whose one wide query sits among ordinary ones
+    # 18 or so; an honest key whose one wide query sits among ordinary ones
     # (1 of 3, tail 0.06) no longer counts, while a thief's keys stay at 70%
     # wide. 1.0: any key with evidence of its own.
     cohort_member_tail: float = Field(0.05, gt=0.0, le=1.0)
@@ -460,7 +460,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
     key with evidence of its own (``cohort_min_own``: one counted wide or
     off-lattice query, and an outlier count whose tail at the honest rate is
     at most ``cohort_member_tail``, 0.05: one of its first one or two
-    queries, two of its first eight) whose cohort has ``cohort_min_keys``
+    queries, two of its first 18 or so) whose cohort has ``cohort_min_keys``
     (3) keys and a pooled count with a tail of at most
     ``cohort_significance`` (1e-4) is scored by the cohort's pooled share.
     That share is on the scale of the key's own: a cohort of thief keys
