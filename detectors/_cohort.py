@@ -56,6 +56,37 @@ def candidates(
     return np.flatnonzero(young & (first >= low - margin) & (first <= high + margin))
 
 
+def sorted_young(
+    asking: npt.NDArray[np.int64],
+    seen: npt.NDArray[np.int64],
+    first: npt.NDArray[np.float64],
+    window: int,
+    window_s: float,
+    young: npt.NDArray[np.int64] | None = None,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """The young slots that may be in an asking slot's cohort (``young``, or
+    :func:`candidates` when None), sorted by row count, then first time; their
+    first times; and ``bounds``, where each row count's run starts (count 0
+    has none): what :func:`cohort_sums` searches, with running sums of the
+    counts pooled taken in the same order.
+
+    No slot asking gives empty arrays: the kernel still runs on every batch,
+    so a warm-up whose traffic never pools compiles it before an attacker's
+    first batch would.
+    """
+    if not len(asking):
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, np.empty(0), np.zeros(window + 2, dtype=np.int64)
+    if young is None:
+        young = candidates(asking, seen, first, window, window_s)
+    # By count, then time: a sort by time, then a stable one by count (a
+    # radix sort on 16 bits), five times faster than np.lexsort.
+    young = young[np.argsort(first[young])]
+    young = young[np.argsort(seen[young].astype(np.uint16), kind="stable")]
+    bounds = np.searchsorted(seen[young], np.arange(window + 2))
+    return young, first[young], bounds
+
+
 def pool(
     asking: npt.NDArray[np.int64],
     seen: npt.NDArray[np.int64],
@@ -92,27 +123,13 @@ def pool(
         One entry per asking slot, in ``asking`` order.
     """
     n = len(asking)
-    if n:
-        if young is None:
-            young = candidates(asking, seen, first, window, window_s)
-        # By count, then time: a sort by time, then a stable one by count
-        # (a radix sort on 16 bits), five times faster than np.lexsort.
-        young = young[np.argsort(first[young])]
-        young = young[np.argsort(seen[young].astype(np.uint16), kind="stable")]
-        young_first = first[young]
-        # Where each row count's run of young keys starts (count 0 has
-        # none), and running sums of their counts, 0 first.
-        bounds = np.searchsorted(seen[young], np.arange(window + 2))
-        sums = np.zeros((2, len(young) + 1), dtype=np.int64)
-        np.cumsum(count_a[young], out=sums[0, 1:])
-        np.cumsum(count_b[young], out=sums[1, 1:])
-    else:
-        # The kernel runs on every batch, with nothing to look up when no
-        # key asks, so a warm-up whose traffic never pools still compiles
-        # it before an attacker's first batch would.
-        young_first = np.empty(0)
-        bounds = np.zeros(window + 2, dtype=np.int64)
-        sums = np.zeros((2, 1), dtype=np.int64)
+    young, young_first, bounds = sorted_young(
+        asking, seen, first, window, window_s, young
+    )
+    # Running sums of the two counts in that order, 0 first.
+    sums = np.zeros((2, len(young) + 1), dtype=np.int64)
+    np.cumsum(count_a[young], out=sums[0, 1:])
+    np.cumsum(count_b[young], out=sums[1, 1:])
     found = np.empty((3, n), dtype=np.int64)
     cohort_sums(
         np.ascontiguousarray(asking, dtype=np.int64),

@@ -45,7 +45,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field, model_validator
 
-from detectors._cohort import cohort_sums
+from detectors._cohort import cohort_sums, sorted_young
 from detectors._jit import jit
 from detectors._numpysum import pairwise_sum
 from detectors._state import (
@@ -933,17 +933,10 @@ class TrafficDetector(Detector[TrafficParams]):
         )
         asking = np.unique(slots[ask])
         first = arrays["first_s"]
-        # The kernels run on every batch, with nothing to look up when no key
-        # asks, so the warm-up (whose traffic never pools) compiles them
-        # before an attacker's first batch would.
-        young = np.empty(0, dtype=np.int64)
-        if len(asking):
-            young = np.flatnonzero((seen > 0) & (seen <= p.window))
-            young = young[np.lexsort((first[young], seen[young]))]
-        young_first = first[young]
-        # Where each request count's run of young keys starts (count 0 has
-        # none), and running sums over them (see _running_sums).
-        bounds = np.searchsorted(seen[young], np.arange(p.window + 2))
+        young, young_first, bounds = sorted_young(
+            asking, seen, first, p.window, p.cohort_window_s
+        )
+        # Running sums over them in that order (see _running_sums).
         sums = np.empty((5, len(young) + 1), dtype=np.int64)
         _running_sums(young, pairs, matches, self._member_bar(), sums)
         cohort = np.empty((6, len(asking)), dtype=np.int64)
