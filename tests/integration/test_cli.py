@@ -183,6 +183,26 @@ async def test_stored_alerts_print_in_time_order_across_partitions(
 ) -> None:
     """Alerts of clients on different partitions are read partition by
     partition; the command prints them by record time."""
+    printed = await _store_and_print_alerts(stack, models_dir)
+    assert _clients(printed) == ["c0", "c1", "c2", "c3"], printed
+
+
+async def test_two_runs_on_one_broker_print_only_their_own_stored_alerts(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    """Two test sessions sharing a broker, one after the other: the second
+    prints its own 4 alerts, not the first one's too. Its topic override once
+    put both on the shared default alert topic (each alert printed twice)."""
+    first = await _store_and_print_alerts(stack, models_dir)
+    second = await _store_and_print_alerts(stack, models_dir)
+    assert _clients(first) == _clients(second) == ["c0", "c1", "c2", "c3"], (
+        first + "\n---\n" + second
+    )
+
+
+async def _store_and_print_alerts(stack: StackInfo, models_dir: Path) -> str:
+    """Store 4 alerts alternating over 2 partitions of a run's own alert
+    topic, 1 s of record time apart; return what ``modelgate alerts`` prints."""
     from aiokafka import AIOKafkaProducer
 
     settings = isolated_settings(
@@ -209,7 +229,8 @@ async def test_stored_alerts_print_in_time_order_across_partitions(
         await producer.stop()
     printed = _cli(settings, "alerts")
     assert printed.returncode == 0, printed.stderr
-    clients = [
-        line.split("client=")[1].split()[0] for line in printed.stdout.splitlines()
-    ]
-    assert clients == ["c0", "c1", "c2", "c3"], printed.stdout
+    return printed.stdout
+
+
+def _clients(printed: str) -> list[str]:
+    return [line.split("client=")[1].split()[0] for line in printed.splitlines()]
