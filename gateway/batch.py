@@ -16,7 +16,7 @@ import msgspec
 import numpy as np
 
 from gateway import protocol
-from gateway.alerts import build_alert
+from gateway.alerts import alert_id, build_alert
 from gateway.backends import ModelBackend
 from gateway.errors import ModelgateError, ValidationError
 from gateway.keys import ApiKey
@@ -341,6 +341,13 @@ def alerts_for(item: BatchItem, worker_id: str) -> list[dict[str, Any]]:
             request_id=item.request_id or "",
             query_index=item.query_index,
             shadow=verdict.shadow,
+            event_id=alert_id(
+                topic=item.topic,
+                partition=item.partition,
+                offset=item.offset,
+                arrived_ms=round(item.arrived_s * 1000),
+                detector=s.detector,
+            ),
         )
         for s in verdict.flagged
     ]

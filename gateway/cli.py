@@ -20,6 +20,7 @@ import typer
 
 from gateway import limits_cli, logs
 from gateway.admin import cli as admin_cli
+from gateway.alerts import SeenAlerts
 from gateway.calibrate_cli import calibrate as calibrate_command
 from gateway.cli_common import ConfigOption, LogLevel, load_cli_settings
 from gateway.cli_config import config_app
@@ -357,7 +358,11 @@ def alerts(
     as_json: Annotated[bool, typer.Option("--json", help="Raw CloudEvents.")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Print alerts: without --follow, all stored ones; with it, new ones live."""
+    """Print alerts: without --follow, all stored ones; with it, new ones live.
+
+    A copy of an alert already printed (same CloudEvents id: a worker
+    produced it again after a retried batch) is not printed again.
+    """
     settings = _settings(config)
     with contextlib.suppress(KeyboardInterrupt):
         _run(_alerts(settings, follow, as_json))
@@ -394,12 +399,13 @@ async def _alerts(settings: Settings, follow: bool, as_json: bool) -> None:
         # Stored alerts come partition by partition; printed in time order
         # (record time, then partition and offset) once all are read.
         stored: list[tuple[int, int, int, bytes | None]] = []
+        seen = SeenAlerts()
         while True:
             batch = await consumer.getmany(timeout_ms=500)
             for records in batch.values():
                 for record in records:
                     if follow:
-                        _print_alert(record.value, as_json, format_alert)
+                        _print_alert(record.value, as_json, format_alert, seen)
                     else:
                         stored.append(
                             (
@@ -412,18 +418,29 @@ async def _alerts(settings: Settings, follow: bool, as_json: bool) -> None:
             if not follow:
                 positions = {tp: await consumer.position(tp) for tp in tps}
                 if all(positions[tp] >= end[tp] for tp in tps):
+                    # The earliest copy of an alert is the one printed.
                     for *_, value in sorted(stored, key=lambda r: r[:3]):
-                        _print_alert(value, as_json, format_alert)
+                        _print_alert(value, as_json, format_alert, seen)
+                    if seen.dropped:
+                        typer.echo(
+                            f"({seen.dropped} duplicate alert(s) not shown: "
+                            "same id as one printed)",
+                            err=True,
+                        )
                     return
     finally:
         await consumer.stop()
 
 
-def _print_alert(value: bytes | None, as_json: bool, fmt: Any) -> None:
+def _print_alert(
+    value: bytes | None, as_json: bool, fmt: Any, seen: SeenAlerts | None = None
+) -> None:
     try:
         event = json.loads(value or b"")
     except ValueError:
         typer.echo("(unreadable alert record)", err=True)
+        return
+    if seen is not None and isinstance(event, dict) and not seen.first(event):
         return
     typer.echo(json.dumps(event) if as_json else fmt(event))
     sys.stdout.flush()

@@ -68,6 +68,14 @@ def isolated_settings(
     values (``redis`` may set timeouts and the breaker, not the key prefix);
     ``frontdoor`` and ``admin`` get ``metrics_port`` 0 unless they set it;
     other overrides go to :func:`~gateway.config.load_settings` as they are.
+    ``kafka.topics`` and ``live`` overrides are merged into the isolated
+    topics too.
+
+    Raises
+    ------
+    ValueError
+        An override names a topic (request path or live configuration) that
+        is not this run's own.
     """
     tag = uuid.uuid4().hex[:10]
     kafka: dict[str, Any] = {
@@ -84,13 +92,19 @@ def isolated_settings(
             "other_partitions": 1,
         },
     }
-    kafka.update(overrides.pop("kafka", {}))
+    kafka_overrides = dict(overrides.pop("kafka", {}))
+    # ``topics`` is merged, not replaced: a test that only sets a partition
+    # count must keep the isolated names. Replacing it once sent one test to
+    # the default ``modelgate.*`` topics, where a second suite on the same
+    # broker read the first one's records (and each session deleted them).
+    kafka["topics"].update(kafka_overrides.pop("topics", {}))
+    kafka.update(kafka_overrides)
     worker = {"metrics_port": 0, **overrides.pop("worker", {})}
     # No metrics listeners either: a fixed port is shared by every test run.
     for app in ("frontdoor", "admin"):
         overrides[app] = {"metrics_port": 0, **overrides.get(app, {})}
     redis = {**overrides.pop("redis", {}), "url": redis_url, "key_prefix": f"t{tag}"}
-    overrides.setdefault("live", {"topic": f"test-{tag}.config"})
+    overrides["live"] = {"topic": f"test-{tag}.config", **overrides.get("live", {})}
     settings = load_settings(
         kafka=kafka,
         redis=redis,
@@ -98,6 +112,13 @@ def isolated_settings(
         worker=worker,
         **overrides,
     )
+    # Checked before the run is registered: the session's end deletes every
+    # registered run's topics, and must never delete shared ones.
+    shared = [name for name in run_topics(settings) if tag not in name]
+    if shared:
+        raise ValueError(
+            f"isolated settings would use topics other runs share: {shared}"
+        )
     _ISOLATED.append(settings)
     return settings
 

@@ -183,6 +183,26 @@ async def test_stored_alerts_print_in_time_order_across_partitions(
 ) -> None:
     """Alerts of clients on different partitions are read partition by
     partition; the command prints them by record time."""
+    printed = await _store_and_print_alerts(stack, models_dir)
+    assert _clients(printed) == ["c0", "c1", "c2", "c3"], printed
+
+
+async def test_two_runs_on_one_broker_print_only_their_own_stored_alerts(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    """Two test sessions sharing a broker, one after the other: the second
+    prints its own 4 alerts, not the first one's too. Its topic override once
+    put both on the shared default alert topic (each alert printed twice)."""
+    first = await _store_and_print_alerts(stack, models_dir)
+    second = await _store_and_print_alerts(stack, models_dir)
+    assert _clients(first) == _clients(second) == ["c0", "c1", "c2", "c3"], (
+        first + "\n---\n" + second
+    )
+
+
+async def _store_and_print_alerts(stack: StackInfo, models_dir: Path) -> str:
+    """Store 4 alerts alternating over 2 partitions of a run's own alert
+    topic, 1 s of record time apart; return what ``modelgate alerts`` prints."""
     from aiokafka import AIOKafkaProducer
 
     settings = isolated_settings(
@@ -209,7 +229,82 @@ async def test_stored_alerts_print_in_time_order_across_partitions(
         await producer.stop()
     printed = _cli(settings, "alerts")
     assert printed.returncode == 0, printed.stderr
-    clients = [
-        line.split("client=")[1].split()[0] for line in printed.stdout.splitlines()
-    ]
-    assert clients == ["c0", "c1", "c2", "c3"], printed.stdout
+    return printed.stdout
+
+
+def _clients(printed: str) -> list[str]:
+    return [line.split("client=")[1].split()[0] for line in printed.splitlines()]
+
+
+async def test_a_copy_of_a_stored_alert_is_printed_once(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    """A worker produces at least once: a copy of an alert (same id, later
+    record time, maybe another partition) is not printed again; another
+    alert with the same text but its own id is."""
+    settings = isolated_settings(
+        stack.kafka_bootstrap,
+        stack.redis_url,
+        models_dir,
+        kafka={"topics": {"other_partitions": 2}},
+    )
+    await ensure_topics(settings)
+    base_ms = int(time.time() * 1000) - 60_000
+    # (id, client, partition): the copy of "a1" lands after "b1", elsewhere.
+    stored = [("a1", "c0", 0), ("b1", "c1", 1), ("a1", "c0", 1), ("a2", "c0", 0)]
+    await _produce_alerts(settings, stored, base_ms)
+
+    printed = _cli(settings, "alerts")
+    assert printed.returncode == 0, printed.stderr
+    assert _clients(printed.stdout) == ["c0", "c1", "c0"], printed.stdout
+    assert "1 duplicate alert(s) not shown" in printed.stderr, printed.stderr
+
+    raw = _cli(settings, "alerts", "--json")
+    ids = [json.loads(line)["id"] for line in raw.stdout.splitlines()]
+    assert ids == ["a1", "b1", "a2"], raw.stdout
+
+
+async def test_a_copy_of_a_followed_alert_is_printed_once(settings: Settings) -> None:
+    await ensure_topics(settings)
+    follower = _spawn(settings, "alerts", "--follow")
+    try:
+        assert follower.stdout is not None and follower.stderr is not None
+        loop = asyncio.get_running_loop()
+        ready = await loop.run_in_executor(None, follower.stderr.readline)
+        assert ready.startswith("following"), ready
+        # One partition: the follower reads them in this order.
+        stored = [("a1", "c0", 0), ("a1", "c0", 0), ("b1", "c1", 0)]
+        await _produce_alerts(settings, stored, int(time.time() * 1000))
+        first = await loop.run_in_executor(None, follower.stdout.readline)
+        second = await loop.run_in_executor(None, follower.stdout.readline)
+    finally:
+        follower.terminate()
+        follower.communicate(timeout=30)
+    assert "client=c0" in first, first
+    assert "client=c1" in second, second
+
+
+async def _produce_alerts(
+    settings: Settings, alerts: list[tuple[str, str, int]], base_ms: int
+) -> None:
+    """Produce minimal alert events ``(id, client, partition)`` in this order,
+    1 s of record time apart from ``base_ms`` on."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap)
+    await producer.start()
+    try:
+        for i, (event_id, client, partition) in enumerate(alerts):
+            event = {
+                "id": event_id,
+                "time": f"t{i}",
+                "data": {"client_id": client, "score": 1.0},
+            }
+            await producer.send_and_wait(
+                settings.kafka.topics.alerts,
+                json.dumps(event).encode(),
+                partition=partition,
+                timestamp_ms=base_ms + i * 1000,
+            )
+    finally:
+        await producer.stop()
