@@ -242,9 +242,8 @@ def _features(
     stats = np.zeros((len(times), _N_STATS))
     scratch = np.empty((2, times.shape[1]))
     for i in range(len(times)):
-        _gap_stats(
-            np.ascontiguousarray(times[i]), tolerance, 0.25, scratch, stats[i]
-        )
+        # The solo count (its band 0.25 here) is not among these measures.
+        _gap_stats(np.ascontiguousarray(times[i]), tolerance, 0.25, scratch, stats[i])
     return np.stack([_log_rate(stats), stats[:, 2], stats[:, 3]], axis=1)
 
 
