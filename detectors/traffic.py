@@ -809,8 +809,8 @@ class TrafficDetector(Detector[TrafficParams]):
             raise ValueError("state field 'score' or 'warm' is out of range")
         if not np.isfinite(values["features"]).all():
             raise ValueError("state field 'features' is not finite")
-        # A NaN would compare false against every bar and hide a key that
-        # is a metronome, past any later judgement's reach of the score.
+        # No count gives a NaN or an infinity: held until the key's next
+        # judgement, one would hide a metronome, the other block the key.
         if not np.isfinite(values["solo_z"]):
             raise ValueError("state field 'solo_z' is not finite")
         if not abs(float(values["first_s"])) <= MAX_TIME_S:
