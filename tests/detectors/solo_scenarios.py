@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -180,7 +181,7 @@ def main(runs: int) -> None:
         blocks: list[int | None] = []
         for seed in range(runs):
             rng = np.random.default_rng(seed)
-            for flag, block in phases(params, lambda at, r=rng, m=make: m(r, at)):
+            for flag, block in phases(params, partial(make, rng)):
                 flags.append(flag)
                 blocks.append(block)
         print(f"{label}: first flag {_summary(flags)}; block {_summary(blocks)}")

@@ -10,6 +10,8 @@ docs/traffic-solo.md.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -31,7 +33,7 @@ from tests.detectors.solo_scenarios import (
 )
 from tests.detectors.test_extraction import one_client
 
-STAMPS = {
+STAMPS: dict[str, dict[str, Any]] = {
     "exact": {},
     "late up to 2 ms": {"late_s": 0.002},
     "late up to 10 ms": {"late_s": 0.01},
