@@ -10,7 +10,15 @@ are compared, feature by feature, with the running mean and variance
 (Welford's recurrence, as ``river.stats.Var`` with ``ddof=1`` computes it)
 of the same vectors from clients in good standing.
 
-A second test pools keys. An attacker who spreads a metronome's stream over
+A solo test needs no baseline: at each judgement, the share of the
+window's gaps within ``solo_tolerance`` (25%) of their median, as a
+binomial z against ``solo_match_rate``, flags a key from ``solo_z``.
+Paced sends are stamped late by varying amounts and split over producer
+batches, so whether their gaps fall within the regularity feature's 5%
+depends on their phase against the millisecond clock; a 25% band holds
+most of them at any phase (docs/traffic-solo.md, with what it misses).
+
+A third test pools keys. An attacker who spreads a metronome's stream over
 many keys gives each key too few requests for its own regularity to count
 before it has taken what it came for. Over each key's first ``window``
 rows (each row of a request counts; rows of one request share a time) the
@@ -186,6 +194,38 @@ class TrafficParams(DetectorParams):
     (z 2.19), 3 of 5 or 6, 4 of 9, not 1 of 1 (z 2.13, one pair). At or above
     ``member_z`` it adds no member: the lower bar is off."""
 
+    solo_tolerance: float = Field(0.25, gt=0.0, lt=1.0)
+    """The solo test (see the class) counts the gaps of a key's window within
+    this fraction of their median. Wide, because the evaluation's paced key
+    (one request every 25 ms) reached the gateway with gaps of 11 to 45 ms
+    around a median of 26 ms (a shared producer's send delays), of which
+    a 5% band (``regular_tolerance``) held one in seven."""
+
+    solo_match_rate: float = Field(0.2, gt=0.0, lt=1.0)
+    """Share of a Poisson key's gaps within ``solo_tolerance`` of its
+    window's median, against which the solo z is taken: 0.20 at 25%,
+    measured over 32-arrival windows at millisecond times (the sample
+    median sits where gaps are densest, so more than the 0.17 of the
+    exponential's true median). The evaluation's honest habits (bursts,
+    pauses, retries) give less."""
+
+    solo_z: float = Field(5.0, ge=0.0)
+    """Binomial z of a key's gaps within ``solo_tolerance`` of its median,
+    against ``solo_match_rate``, at which the key is flagged by the solo
+    test: its score is then ``threshold`` and one more ``threshold`` per
+    ``solo_step_z`` past it (nothing below). 0 turns the solo test off.
+    The highest of 5,000 honest keys (docs/traffic-solo.md) was 4.85."""
+
+    solo_step_z: float = Field(3.0, gt=0.0)
+    """Solo z past ``solo_z`` that adds one ``threshold`` to the score: a
+    key at z 6.5 is at 1.5 times the threshold, the policy's default block
+    level. A window of 31 gaps all within the band is z 13."""
+
+    solo_min_gaps: int = Field(15, ge=2, le=1024)
+    """Gaps (positive, so a request's rows are one) a window needs before
+    the solo test scores it: 15 is a key's 16th request, when it is first
+    judged."""
+
     @model_validator(mode="after")
     def _strong_cohort_is_stronger(self) -> Self:
         if self.strong_cohort_z < self.cohort_z:
@@ -210,8 +250,25 @@ def _features(
     stats = np.zeros((len(times), _N_STATS))
     scratch = np.empty((2, times.shape[1]))
     for i in range(len(times)):
-        _gap_stats(np.ascontiguousarray(times[i]), tolerance, scratch, stats[i])
+        # The solo count (its band 0.25 here) is not among these measures.
+        _gap_stats(np.ascontiguousarray(times[i]), tolerance, 0.25, scratch, stats[i])
     return np.stack([_log_rate(stats), stats[:, 2], stats[:, 3]], axis=1)
+
+
+def _solo_counts(
+    times: npt.NDArray[np.float64], solo_tolerance: float
+) -> npt.NDArray[np.float64]:
+    """Positive gaps and, of them, those within ``solo_tolerance`` of their
+    median (-1 when the median is too short to tell, see
+    :data:`_TIME_RESOLUTION_S`), per row of a window of times: the solo
+    test's counts, for tests and tools."""
+    stats = np.zeros((len(times), _N_STATS))
+    scratch = np.empty((2, times.shape[1]))
+    for i in range(len(times)):
+        _gap_stats(
+            np.ascontiguousarray(times[i]), 0.05, solo_tolerance, scratch, stats[i]
+        )
+    return np.stack([stats[:, 0], stats[:, _SOLO_NEAR]], axis=1)
 
 
 _TIME_RESOLUTION_S = 0.001
@@ -229,9 +286,13 @@ through an overwhelming cohort (``strong_member_z``): one matching pair,
 which an honest Poisson key shows about one time in sixteen, is no
 evidence of a metronome."""
 
-_N_STATS = 6
+_N_STATS = 7
 """Columns measured per judged row: gap count, span, burstiness,
-regularity, error share, rejection share."""
+regularity, error share, rejection share, and the solo test's count of
+gaps within ``solo_tolerance`` of the median (:data:`_SOLO_NEAR`)."""
+
+_SOLO_NEAR = 6
+"""Column of the solo count in the measures (-1: median too short)."""
 
 
 def _log_rate(stats: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -249,11 +310,16 @@ def _log_rate(stats: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
 def _gap_stats(
     window: npt.NDArray[np.float64],
     tolerance: float,
+    solo_tolerance: float,
     scratch: npt.NDArray[np.float64],
     out: npt.NDArray[np.float64],
 ) -> None:
     """Gap count, span, burstiness and regularity of one window of times
-    (oldest first, NaN where unfilled) into ``out[:4]``.
+    (oldest first, NaN where unfilled) into ``out[:4]``, and the count of
+    gaps within ``solo_tolerance`` of the median into ``out[_SOLO_NEAR]``
+    (-1 when the median is under ``_TIME_RESOLUTION_S / solo_tolerance``:
+    at millisecond times such a band holds one or two values, which
+    would flag any burst).
 
     Gaps that are not positive (rows of one request) or touch an unfilled
     cell are left out. The arithmetic is numpy's over the row of ``W - 1``
@@ -289,15 +355,22 @@ def _gap_stats(
     elif np.isinf(cv):
         cv = np.finfo(np.float64).max if cv > 0 else -np.finfo(np.float64).max
     regular = 0.0
+    solo = 0.0
     if count > 0:
         valid = ordered[:count]
         valid.sort()
         median = (valid[(filled - 1) // 2] + valid[filled // 2]) / 2.0
         near = 0
+        wide = 0
         for j in range(count):
-            if np.abs(valid[j] - median) <= tolerance * median:
+            off = np.abs(valid[j] - median)
+            if off <= tolerance * median:
                 near += 1
+            if off <= solo_tolerance * median:
+                wide += 1
         regular = near / count
+        solo = float(wide) if median * solo_tolerance >= _TIME_RESOLUTION_S else -1.0
+    out[_SOLO_NEAR] = solo
     out[0] = count
     out[1] = span
     out[2] = cv
@@ -319,6 +392,7 @@ def _push_and_measure(
     stride: int,
     min_queries: int,
     tolerance: float,
+    solo_tolerance: float,
     cohort_tolerance: float,
     first_s: npt.NDArray[np.float64],
     last_gap: npt.NDArray[np.float64],
@@ -379,7 +453,7 @@ def _push_and_measure(
             if cell == width:
                 cell = 0
         row = stats[m]
-        _gap_stats(window, tolerance, scratch, row)
+        _gap_stats(window, tolerance, solo_tolerance, scratch, row)
         errors = 0
         refusals = 0
         for j in range(errored.shape[1]):
@@ -408,6 +482,8 @@ def _judge(
     score: npt.NDArray[np.float64],
     warm: npt.NDArray[np.uint8],
     held: npt.NDArray[np.float64],
+    solo_judged: npt.NDArray[np.float64],
+    solo: npt.NDArray[np.float64],
     out: npt.NDArray[np.float64],
 ) -> int:
     """Judge the judged rows and hand every row its client's judgement, in
@@ -419,8 +495,10 @@ def _judge(
     both ways; the largest, at least 0, gives ``z / (z + z_half)``; warm
     when ``min_baseline`` are learned. It replaces the client's ``score``,
     ``warm`` and ``held`` features; if the row may ``learn``, Welford's
-    recurrence adds its features to ``mean`` and ``m2``. ``out`` (n, 7)
-    gets each row's score, warm and held features just after the row.
+    recurrence adds its features to ``mean`` and ``m2``. A judgement also
+    replaces the client's ``solo`` z with the row's of ``solo_judged``.
+    ``out`` (n, 8) gets each row's score, warm, held features and solo z
+    just after the row.
     Python float arithmetic in the same order as before compilation.
     """
     n_features = len(mean)
@@ -447,6 +525,7 @@ def _judge(
             score[slot] = z / (z + z_half)
             warm[slot] = 1 if learned >= min_baseline else 0
             held[slot] = values
+            solo[slot] = solo_judged[next_judged - 1]
             if learn[i]:
                 # Only clients in good standing teach what honest is.
                 learned += 1
@@ -457,7 +536,8 @@ def _judge(
                     m2[f] += (values[f] - old) * (values[f] - new)
         out[i, 0] = score[slot]
         out[i, 1] = warm[slot]
-        out[i, 2:] = held[slot]
+        out[i, 2 : 2 + n_features] = held[slot]
+        out[i, 2 + n_features] = solo[slot]
     return learned
 
 
@@ -472,6 +552,19 @@ class TrafficDetector(Detector[TrafficParams]):
     Score: in [0, 1), higher is more suspicious. Warm once the client has sent
     ``min_queries`` requests and the baseline has learned ``min_baseline``
     honest judgements.
+
+    Solo score: at each judgement, the window's positive gaps within
+    ``solo_tolerance`` of their median, as a binomial z against
+    ``solo_match_rate``; from ``solo_z`` the score is ``threshold`` plus
+    one ``threshold`` per ``solo_step_z`` past it (below 1), held between
+    judgements, warm or not. A key sending every 25 ms is flagged by its
+    16th to 32nd row at every phase of its stamps against the millisecond
+    clock, with sends up to 10 ms late, in 5 ms producer batches, or with
+    10% of them split 0/50 ms (100 runs each); the evaluation's paced
+    learner, whose gaps ran 11 to 45 ms around 26, at its 24th at z 6.7.
+    No honest key of 2,000 with the evaluation's habits, 1,000 of several
+    rows a request or 2,000 Poisson keys was flagged (highest z 4.85;
+    ``tests/detectors/solo_scenarios.py``).
 
     Cohort score: over a key's first ``window`` rows, ``pairs`` counts
     successive pairs of gaps both at least ``0.001 / cohort_tolerance``
@@ -560,11 +653,19 @@ class TrafficDetector(Detector[TrafficParams]):
       reached z 9 and a ``strong_cohort_z`` of 9 made no measurable
       difference there (docs/traffic-cohort.md);
     - a live change of ``cohort_tolerance`` applies to pairs counted from
-      then on; pairs already counted keep their verdict.
+      then on; pairs already counted keep their verdict;
+    - the solo test: a Poisson key's z wanders up to about 5 over many
+      judgements (1 of 20,000 keys of 200 requests reached 5.16, one flag);
+      sends jittered by up to 20 ms at a 25 ms pace (26 of 100 unflagged
+      within 64 rows) or often split into gaps of two periods (25%: block
+      level by row 64 for 94 of 100) escape it or slow it; a median gap
+      under 4 ms is not scored; a live ``solo_z`` or ``solo_step_z`` applies
+      to the held z from the next row, a band, rate or ``solo_min_gaps``
+      at each key's next judgement.
 
     Per-client state: a ring of ``window`` float64 times, two rings of
-    ``window`` outcome bits, the last judgement (score, features) and the
-    cohort counts, about 0.4 KB at the default window.
+    ``window`` outcome bits, the last judgement (score, features, solo z)
+    and the cohort counts, about 0.46 KB at the default window.
     """
 
     name: ClassVar[str] = "traffic"
@@ -588,6 +689,11 @@ class TrafficDetector(Detector[TrafficParams]):
             "member_z",
             "strong_cohort_z",
             "strong_member_z",
+            "solo_tolerance",
+            "solo_match_rate",
+            "solo_z",
+            "solo_step_z",
+            "solo_min_gaps",
         }
     )
     observes_outcomes: ClassVar[bool] = True
@@ -684,6 +790,8 @@ class TrafficDetector(Detector[TrafficParams]):
             "last_gap": FieldSpec((), "<f8"),
             "pairs": FieldSpec((), "<i8"),
             "matches": FieldSpec((), "<i8"),
+            # The solo test's binomial z at the client's last judgement.
+            "solo_z": FieldSpec((), "<f8"),
         }
 
     def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
@@ -701,6 +809,10 @@ class TrafficDetector(Detector[TrafficParams]):
             raise ValueError("state field 'score' or 'warm' is out of range")
         if not np.isfinite(values["features"]).all():
             raise ValueError("state field 'features' is not finite")
+        # No count gives a NaN or an infinity: held until the key's next
+        # judgement, one would hide a metronome, the other block the key.
+        if not np.isfinite(values["solo_z"]):
+            raise ValueError("state field 'solo_z' is not finite")
         if not abs(float(values["first_s"])) <= MAX_TIME_S:
             raise ValueError(f"state field 'first_s' is beyond {MAX_TIME_S:g} s")
         if not 0.0 <= float(values["last_gap"]) <= 2.0 * MAX_TIME_S:
@@ -774,6 +886,7 @@ class TrafficDetector(Detector[TrafficParams]):
             p.stride,
             p.min_queries,
             p.regular_tolerance,
+            p.solo_tolerance,
             p.cohort_tolerance,
             arrays["first_s"],
             arrays["last_gap"],
@@ -785,10 +898,11 @@ class TrafficDetector(Detector[TrafficParams]):
         )
         features = np.empty((m, len(FEATURES)))
         features[:, 0] = _log_rate(stats[:m])
-        features[:, 1:] = stats[:m, 2:]
+        features[:, 1:] = stats[:m, 2 : 1 + len(FEATURES)]
+        solo_judged = self._solo_z(stats[:m, 0], stats[:m, _SOLO_NEAR])
 
         # Judgements, and every row's judgement held since its client's last.
-        out = np.empty((n, 2 + len(FEATURES)))
+        out = np.empty((n, 3 + len(FEATURES)))
         self._learned = _judge(
             slots,
             np.ascontiguousarray(learn),
@@ -803,11 +917,33 @@ class TrafficDetector(Detector[TrafficParams]):
             arrays["score"],
             arrays["warm"],
             arrays["features"],
+            solo_judged,
+            arrays["solo_z"],
             out,
         )
         score = out[:, 0]
         warm = out[:, 1] > 0
-        held = out[:, 2:]
+        held = out[:, 2 : 2 + len(FEATURES)]
+        solo_z = out[:, 2 + len(FEATURES)]
+
+        # The solo test: the threshold at solo_z and one more per
+        # solo_step_z past it; it needs no learned baseline. Nothing under
+        # solo_z, unlike the cohort's proportion: honest keys' solo z
+        # wanders up to 4 or 5, and any score would stand in for every
+        # judgement the baseline is not yet warm for.
+        solo_score = np.zeros(n)
+        if p.solo_z > 0.0:
+            solo_score = np.where(
+                solo_z >= p.solo_z,
+                np.minimum(
+                    p.threshold * (1.0 + (solo_z - p.solo_z) / p.solo_step_z),
+                    _MAX_COHORT_SCORE,
+                ),
+                0.0,
+            )
+        from_solo = solo_score > np.where(warm, score, 0.0)
+        score = np.where(from_solo, solo_score, score)
+        warm = warm | from_solo
 
         # The cohort test: in proportion up to the flag threshold at
         # cohort_z, then one more threshold per cohort_step_z, so a cohort
@@ -854,6 +990,14 @@ class TrafficDetector(Detector[TrafficParams]):
                         f"{p.strong_cohort_z:g})"
                     )
                 return text
+            if from_solo[row]:
+                return (
+                    f"regularity beyond chance: gaps within "
+                    f"{p.solo_tolerance:.0%} of their median over "
+                    f"the last {window} requests far more often than honest "
+                    f"(about {p.solo_match_rate:.0%}): binomial z {solo_z[row]:.1f} "
+                    f"(flagged from {p.solo_z:g})"
+                )
             if score[row] <= 0.0:
                 return "sending pattern like honest clients'"
             z = (held[row] - honest_means) / honest_stds
@@ -866,6 +1010,22 @@ class TrafficDetector(Detector[TrafficParams]):
             )
 
         return self._scores(score, warm, evidence)
+
+    def _solo_z(
+        self, gaps: npt.NDArray[np.float64], near: npt.NDArray[np.float64]
+    ) -> npt.NDArray[np.float64]:
+        """The solo test's binomial z per judged window: its ``near`` gaps
+        within ``solo_tolerance`` of the median of its ``gaps`` positive
+        gaps, against ``solo_match_rate``; 0 under ``solo_min_gaps`` gaps or
+        when the median was too short to tell (``near`` -1)."""
+        p = self._params
+        counted = (gaps >= p.solo_min_gaps) & (near >= 0)
+        z = _binomial_z(
+            np.where(counted, near, 0).astype(np.int64),
+            np.where(counted, gaps, 0).astype(np.int64),
+            p.solo_match_rate,
+        )
+        return np.ascontiguousarray(z, dtype=np.float64)
 
     def _member_bar(self) -> npt.NDArray[np.int64]:
         """Per count of pairs (0 to ``window``), the fewest matches whose

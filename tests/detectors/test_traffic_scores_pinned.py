@@ -17,7 +17,12 @@ evidence of 37 rows of ``bot-0`` (22) and ``bot-1`` (15) changed in that
 word only; every score, flag and warm bit stayed as recorded. The lower
 member bar (``strong_member_z``) and the score's step past ``cohort_z``
 (``cohort_step_z``) changed no row: the highest pooled z here is 5.9, under
-``cohort_z`` 6, where both begin.
+``cohort_z`` 6, where both begin. Recorded a fourth time when the solo
+test came in (``solo_z``): 297 rows changed, all of the three metronomes
+``bot-0`` (110), ``bot-1`` (103) and ``bot-2`` (84), each now with the solo
+test's evidence and score; ``bot-0`` is flagged from its 32nd row and
+``bot-2`` from its 16th (neither was before), ``bot-1`` from its 16th as
+before. No other client's row changed.
 
 It lives apart from ``test_extraction_scores_pinned.py`` because traffic
 reads arrival times and outcomes, which the shared replay
