@@ -10,7 +10,7 @@ steps. Those keys still crowd into the same unusual part of the input space.
 coordinates on the reference's top principal components, in units of each
 component's reference standard deviation, quantised to a grid of
 ``cell_sd``-wide cells (clipped at ``max_cell``), plus a bin of how far the
-query lies off that subspace (its residual, in octaves of the reference's
+query lies off that subspace (its residual, in half octaves of the reference's
 median residual), hashed to a uint64.
 
 Why this shape:
@@ -79,9 +79,9 @@ class RegionMap:
         Cells beyond this many from the centre, on either side, are merged
         into the edge cell, so a component has ``2 * max_cell + 1`` cells.
     max_residual_bin
-        Residual bins: bin 0 is up to twice the reference's median residual,
-        bin ``b`` up to ``2**(b + 1)`` times it, the last one everything
-        beyond.
+        Residual bins: bin 0 is up to ``sqrt(2)`` times the reference's median
+        residual, bin ``b`` up to ``2**((b + 1) / 2)`` times it, the last one
+        everything beyond.
     rare_share
         A region is rare when at most this share of the reference falls in
         it (:meth:`rare`).
@@ -99,11 +99,11 @@ class RegionMap:
     def __init__(
         self,
         *,
-        n_components: int = 3,
+        n_components: int = 4,
         cell_sd: float = 1.0,
         max_cell: int = 3,
-        max_residual_bin: int = 4,
-        rare_share: float = 0.01,
+        max_residual_bin: int = 6,
+        rare_share: float = 0.05,
     ) -> None:
         if n_components < 1 or cell_sd <= 0 or max_cell < 0 or max_residual_bin < 0:
             raise ValueError(
@@ -181,9 +181,10 @@ class RegionMap:
         z = (X - self._mean) @ self._axes.T / self._sd
         grid = np.clip(np.floor(z / self.cell_sd), -self.max_cell, self.max_cell)
         ratio = self._residual(X) / self._residual_unit
-        # Bin 0 up to twice the median residual, then one bin per doubling.
-        octave = np.floor(np.log2(np.maximum(ratio, 1e-300)))
-        residual_bin = np.clip(octave, 0, self.max_residual_bin)
+        # Bin 0 up to sqrt(2) times the median residual (98% of the digits
+        # reference), then one bin per half octave.
+        half_octave = np.floor(2 * np.log2(np.maximum(ratio, 1e-300)))
+        residual_bin = np.clip(half_octave, 0, self.max_residual_bin)
         return np.column_stack([grid, residual_bin]).astype(np.int64)
 
     def region_ids(self, X: npt.NDArray[np.float64]) -> npt.NDArray[np.uint64]:

@@ -522,9 +522,9 @@ class CrossClientConfig(_Frozen):
     # reports in link_window_s link them (measured honest pairs: see the doc).
     region_enabled: bool = True
     region_min_shared: int = Field(20, ge=1, le=1_000_000)
-    region_components: int = Field(3, ge=1, le=16)
+    region_components: int = Field(4, ge=1, le=16)
     region_cell_sd: float = Field(1.0, gt=0, le=100)
-    region_rare_share: float = Field(0.01, ge=0, le=1)
+    region_rare_share: float = Field(0.05, ge=0, le=1)
     # Newest rows kept per region, and rows of a batch sent to Redis at most.
     region_entries: int = Field(32, ge=1, le=1024)
     region_max_rows: int = Field(128, ge=1, le=100_000)

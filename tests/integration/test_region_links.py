@@ -1,0 +1,170 @@
+"""Region links through the real broker, Redis and a worker.
+
+Four keys each send honest-looking held-out digits with three unusual rows
+(inverted digits, on the pixel lattice, each a different input) that fall in
+one rare region: none of them is flagged for its own few outliers, but the
+worker links them into one group through the Redis region store. When one of
+them is then blocked for its own queries, the others are refused through the
+group. Honest keys replaying held-out digits at the same time stay unlinked.
+Fingerprint links are turned off (``link_min_shared`` out of reach), so every
+link here is a region link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from detectors.region import RegionMap
+from gateway.client import GatewayClient, KafkaTransport, error_of
+from gateway.config import CrossClientConfig, Settings
+from gateway.models import digits_split, load_model
+from gateway.protocol import new_request_id
+from gateway.validation import feature_scale
+from tests.conftest import StackInfo
+from tests.integration.helpers import (
+    clients_of,
+    create_key,
+    delete_prefix,
+    honest_clients,
+    isolated_settings,
+    read_topic,
+    running_worker,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
+
+X_TEST = digits_split()[1]
+THIEVES = [f"thief-{i}" for i in range(4)]
+HONEST = [f"honest-{i}" for i in range(4)]
+ODD_AT, ODD_EVERY = 6, 7  # unusual rows at 6, 13 and 20 of 23 per key
+STREAM = 23
+
+
+def _odd_rows(models_dir: Path, n: int) -> np.ndarray:
+    """``n`` different inverted digits in one region the reference never
+    visits, found with the region map the worker fits."""
+    model = load_model(models_dir, "digits")
+    scale = feature_scale(model.signature, model.reference)
+    defaults = CrossClientConfig()
+    regions = RegionMap(
+        n_components=defaults.region_components,
+        cell_sd=defaults.region_cell_sd,
+        rare_share=defaults.region_rare_share,
+    ).fit(scale.apply(model.reference))
+    rng = np.random.default_rng(3)
+    base = 16.0 - X_TEST[0]
+    candidates = np.repeat(base[None, :], 400, axis=0)
+    for row in candidates:
+        pixels = rng.choice(64, 3, replace=False)
+        row[pixels] = 16.0 - row[pixels]  # three pixels flipped: a new input
+    ids = regions.region_ids(scale.apply(candidates))
+    values, counts = np.unique(ids, return_counts=True)
+    region = values[np.argmax(counts)]
+    chosen = np.unique(candidates[ids == region], axis=0)
+    assert len(chosen) >= n and regions.reference_share(region[None])[0] == 0.0
+    return np.asarray(chosen[:n], dtype=np.float32)
+
+
+async def _send(client: GatewayClient, row: np.ndarray) -> str | None:
+    """One query; the error code of its answer, ``None`` when served."""
+    response = await client.infer(
+        row[None, :], request_id=new_request_id(), timeout_s=30
+    )
+    error = error_of(response)
+    return None if error is None else error.code
+
+
+async def test_keys_in_one_rare_region_are_one_group_and_share_a_block(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    settings: Settings = isolated_settings(
+        stack.kafka_bootstrap,
+        stack.redis_url,
+        models_dir,
+        cross_client={"link_min_shared": 1_000_000, "region_min_shared": 3},
+        limits={"rate_per_s": 10_000, "burst": 10_000},
+    )
+    odd = _odd_rows(models_dir, 3 * len(THIEVES))
+    # Thieves replay rows the honest keys do not (honest_clients takes the
+    # first 4 x 40 of its permutation).
+    plain = X_TEST[np.random.default_rng(1).permutation(len(X_TEST))[200:]]
+    keys = {c: await create_key(settings, c) for c in [*THIEVES, *HONEST]}
+    sent = 0
+    try:
+        async with running_worker(settings), KafkaTransport(settings) as transport:
+            client = clients_of(transport, keys)
+
+            async def thieves() -> list[str | None]:
+                codes: list[str | None] = []
+                # One after another, so ood's cohort of young keys (first
+                # queries within 0.25 s of each other) cannot judge them.
+                for k, name in enumerate(THIEVES):
+                    stream = list(plain[20 * k : 20 * k + 20])
+                    for j, row in enumerate(odd[3 * k : 3 * k + 3]):
+                        stream.insert(ODD_AT + ODD_EVERY * j, row)
+                    for row in stream:
+                        codes.append(await _send(client(name), row))
+                # One more plain query each, once every link is made: its
+                # decision record carries the group.
+                for k, name in enumerate(THIEVES):
+                    codes.append(await _send(client(name), plain[100 + k]))
+                return codes
+
+            benign = honest_clients(client, HONEST, X_TEST, 40)
+            codes, *_ = await asyncio.gather(thieves(), *benign)
+            sent += len(codes) + 40 * len(HONEST)
+            assert codes == [None] * len(codes), codes
+
+            # Thief 0 turns to random, off-lattice queries: blocked by its own
+            # detectors. Thief 1, still sending plain digits, is then refused
+            # through the group.
+            rng = np.random.default_rng(5)
+            blocked_at = None
+            for i in range(40):
+                row = rng.uniform(0.0, 16.0, 64).astype(np.float32)
+                sent += 1
+                if await _send(client(THIEVES[0]), row) == "BLOCKED":
+                    blocked_at = i
+                    break
+            assert blocked_at is not None, "thief-0 was never blocked"
+            refused_at = None
+            for i in range(8):
+                sent += 1
+                if await _send(client(THIEVES[1]), plain[110 + i]) == "BLOCKED":
+                    refused_at = i
+                    break
+            assert refused_at is not None, "thief-1 was not refused through its group"
+
+            decisions = await read_topic(
+                settings,
+                settings.kafka.topics.decisions,
+                until=lambda records: len(records) >= sent,
+                timeout_s=60,
+            )
+    finally:
+        await delete_prefix(settings)
+
+    by_client: dict[str, list[dict[str, Any]]] = {}
+    for record in decisions:
+        by_client.setdefault(record["client_id"], []).append(record)
+
+    # Before thief 0's random queries: every thief served and unflagged, and
+    # each one's extra plain query (its 24th) carries the one group.
+    for c in THIEVES:
+        records = by_client[c][: STREAM + 1]
+        assert all(r["action"] == "allow" for r in records), (c, records)
+        assert records[-1].get("group_id") == "thief-0", (c, records[-1])
+
+    # Thief 1's refusal comes from the group, not from its own queries.
+    refusal = next(r for r in by_client[THIEVES[1]] if r["action"] == "block")
+    assert any(reason.startswith("group") for reason in refusal["reasons"]), refusal
+
+    # Honest keys: never flagged, never linked.
+    for c in HONEST:
+        assert all(r["action"] == "allow" for r in by_client[c]), by_client[c]
+        assert {r.get("group_id") for r in by_client[c]} == {c}
