@@ -603,6 +603,8 @@ class OutOfDistributionDetector(Detector[OodParams]):
         # outlier (HST, off-lattice or wide, after the repeat rule): the
         # gateway's region links (detectors.region) store only those rows.
         self.last_outliers: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)
+        # And the share of outliers in its client's window after it.
+        self.last_window_share: npt.NDArray[np.float64] = np.zeros(0)
 
     @property
     def honest_rate(self) -> float:
@@ -1004,6 +1006,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
         # One score per row.
         counts = counts[inverse]
         lengths = lengths[inverse]
+        self.last_window_share = counts / np.maximum(lengths, 1)
         if judged:
             # How unlikely each window's count is for an honest client
             # (binomial upper tail at the honest rate, as it stood before this

@@ -73,6 +73,7 @@ class Scorer:
         self._region_maps: dict[str, RegionMap] = {}
         self._regions: list[RegionBatch] = []
         cross = settings.cross_client
+        self._region_min_share = cross.region_min_client_share
         # Per model: where the detectors put each feature (per-feature scales
         # from the reference when the declared range does not describe the
         # features, gateway.validation.feature_scale) and the detector
@@ -481,8 +482,10 @@ class Scorer:
         )
 
     def _note_regions(self, model: str, client_ids: list[str], x: np.ndarray) -> None:
-        """Keep the batch's counted rows (``ood`` outliers in a rare region)
-        for the region store. Without an ``ood`` detector no row counts."""
+        """Keep the batch's counted rows for the region store: ``ood``
+        outliers in a rare region, sent while at least
+        ``region_min_client_share`` of their client's window are outliers.
+        Without an ``ood`` detector no row counts."""
         regions = self._region_maps.get(model)
         if regions is None:
             return
@@ -495,7 +498,9 @@ class Scorer:
             if not outliers.size:
                 return
             ids = regions.region_ids(x[outliers])
-            rare = regions.rare(ids)
+            rare = regions.rare(ids) & (
+                detector.last_window_share[outliers] >= self._region_min_share
+            )
             if rare.any():
                 self._regions.append(
                     RegionBatch(

@@ -62,6 +62,7 @@ BATCH_ROWS = 64
 N_KEYS = 10
 MODEL_DIR = Path("/tmp/modelgate-region-sim-models")
 _DEFAULTS = CrossClientConfig()
+MIN_CLIENT_SHARE = [_DEFAULTS.region_min_client_share]
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,9 @@ def replay(
         rows = np.flatnonzero(ood.last_outliers)
         if rows.size:
             ids_out = regions.region_ids(X[rows])
-            rare = regions.rare(ids_out)
+            rare = regions.rare(ids_out) & (
+                ood.last_window_share[rows] >= MIN_CLIENT_SHARE[0]
+            )
             counted = rows[rare]
             clients = [ids[r] for r in counted.tolist()]
             for c in clients:
@@ -270,6 +273,7 @@ def _main() -> None:
     parser.add_argument("--cell-sd", type=float)
     parser.add_argument("--rare-share", type=float)
     parser.add_argument("--attacks", nargs="*")
+    parser.add_argument("--min-client-share", type=float)
     args = parser.parse_args()
     for arg, key in (
         ("components", "n_components"),
@@ -278,7 +282,12 @@ def _main() -> None:
     ):
         if getattr(args, arg) is not None:
             REGION_PARAMS[key] = getattr(args, arg)
-    print(f"region map {REGION_PARAMS}, min_shared {args.min_shared}")
+    if args.min_client_share is not None:
+        MIN_CLIENT_SHARE[0] = args.min_client_share
+    print(
+        f"region map {REGION_PARAMS}, min_shared {args.min_shared}, "
+        f"min client share {MIN_CLIENT_SHARE[0]}"
+    )
     for name in args.models:
         started = time.perf_counter()
         s = setup(name, not args.no_calibrate)
