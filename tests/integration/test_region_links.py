@@ -19,11 +19,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from detectors.region import RegionMap
+from detectors.region import InMemoryRegionStore, RegionMap
 from gateway.client import GatewayClient, KafkaTransport, error_of
 from gateway.config import CrossClientConfig, Settings
 from gateway.models import digits_split, load_model
 from gateway.protocol import new_request_id
+from gateway.regions import RedisRegionStore
+from gateway.store import redis_from_settings
 from gateway.validation import feature_scale
 from tests.conftest import StackInfo
 from tests.integration.helpers import (
@@ -77,6 +79,35 @@ async def _send(client: GatewayClient, row: np.ndarray) -> str | None:
     )
     error = error_of(response)
     return None if error is None else error.code
+
+
+async def test_redis_region_store_agrees_with_the_in_memory_store(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    settings = isolated_settings(stack.kafka_bootstrap, stack.redis_url, models_dir)
+    rng = np.random.default_rng(0)
+    regions = rng.integers(0, 12, 300).astype(np.uint64)
+    clients = [f"c{int(c)}" for c in rng.integers(0, 8, 300)]
+    memory = InMemoryRegionStore(ttl_s=60.0, entries_per_region=5)
+    expected = memory.observe(clients, regions, now_s=0.0)
+    redis = redis_from_settings(settings)
+    try:
+        store = RedisRegionStore(
+            redis, settings.redis.key_prefix, ttl_s=60.0, entries_per_region=5
+        )
+        got: list[list[str]] = []
+        for start in range(0, len(clients), 64):  # batches see earlier ones
+            got += await store.observe(
+                "digits", clients[start : start + 64], regions[start : start + 64]
+            )
+        key = store.region_key("digits", int(regions[0]))
+        ttl_ms = await redis.pttl(key)
+        length = await redis.llen(key)
+    finally:
+        await redis.aclose()
+        await delete_prefix(settings)
+    assert [sorted(g) for g in got] == [sorted(e) for e in expected]
+    assert any(got) and 0 < ttl_ms <= 60_000 and length == 5
 
 
 async def test_keys_in_one_rare_region_are_one_group_and_share_a_block(
