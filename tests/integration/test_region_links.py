@@ -20,9 +20,13 @@ import numpy as np
 import pytest
 
 from detectors.region import InMemoryRegionStore, RegionMap
+from gateway.batch import BatchItem
 from gateway.client import GatewayClient, KafkaTransport, error_of
 from gateway.config import CrossClientConfig, Settings
+from gateway.groups import CrossClient
+from gateway.keys import ApiKey
 from gateway.models import digits_split, load_model
+from gateway.policy import Verdict
 from gateway.protocol import new_request_id
 from gateway.regions import RedisRegionStore
 from gateway.store import redis_from_settings
@@ -108,6 +112,33 @@ async def test_redis_region_store_agrees_with_the_in_memory_store(
         await delete_prefix(settings)
     assert [sorted(g) for g in got] == [sorted(e) for e in expected]
     assert any(got) and 0 < ttl_ms <= 60_000 and length == 5
+
+
+async def test_a_client_alone_has_no_group_risk(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    # A flagged key with no link: its own risk must not come back to it as a
+    # group score (that would count its flags twice).
+    settings = isolated_settings(stack.kafka_bootstrap, stack.redis_url, models_dir)
+    item = BatchItem(
+        topic="t", partition=0, offset=0, value=b"", record_key="a", signature=None
+    )
+    item.key = ApiKey(
+        key_id="k-a",
+        client_id="a",
+        secret=b"s",
+        models=(),
+        status="active",
+        created_ms=0,
+    )
+    item.verdict = Verdict("flag", "flag", 1.2, enforced_risk=1.2)
+    redis = redis_from_settings(settings)
+    try:
+        await CrossClient(redis, settings).after_scoring([item], [])
+    finally:
+        await redis.aclose()
+        await delete_prefix(settings)
+    assert item.group_id == "a" and item.group_risk == 0.0
 
 
 async def test_keys_in_one_rare_region_are_one_group_and_share_a_block(
