@@ -7,7 +7,8 @@ worker links them into one group through the Redis region store. When one of
 them is then blocked for its own queries, the others are refused through the
 group. Honest keys replaying held-out digits at the same time stay unlinked.
 Fingerprint links are turned off (``link_min_shared`` out of reach), so every
-link here is a region link.
+link here is a region link. Also: the Redis region store answers as the
+in-memory one, and a key alone gets no group risk.
 """
 
 from __future__ import annotations
