@@ -150,8 +150,14 @@ class RegionMap:
         # Directions the reference does not vary along would make every
         # query an edge cell: keep only those with some spread.
         keep = min(self.n_components, int((sd > 1e-9 * max(sd[0], 1e-300)).sum()))
+        # An SVD's signs are arbitrary and differ between LAPACK builds, and
+        # the workers must agree on every id: each axis is turned so that its
+        # largest loading is positive (the convention of sklearn's svd_flip).
+        axes = vt[:keep]
+        biggest = axes[np.arange(keep), np.abs(axes).argmax(axis=1)]
+        axes = axes * np.where(biggest < 0, -1.0, 1.0)[:, None]
         self._mean = mean
-        self._axes = vt[:keep]
+        self._axes = axes
         self._sd = sd[:keep]
         residual = self._residual(X)
         median = float(np.median(residual))
