@@ -319,9 +319,9 @@ class CrossClient:
             if owner is None or owner not in risks:
                 continue
             item.group_id = self.links.group_of(owner)
-            members = self.links.members(owner)
+            group = self.links.members(owner)
             # A client alone has no group risk: its own risk coming back as a
             # group score would count its flags twice (policy.note_group's
             # guard misses it once the client's fused risk has decayed a
             # little; the evaluation blocked an honest key that way).
-            item.group_risk = group_risk(members, known) if len(members) > 1 else 0.0
+            item.group_risk = group_risk(group, known) if len(group) > 1 else 0.0
