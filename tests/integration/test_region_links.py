@@ -8,7 +8,8 @@ them is then blocked for its own queries, the others are refused through the
 group. Honest keys replaying held-out digits at the same time stay unlinked.
 Fingerprint links are turned off (``link_min_shared`` out of reach), so every
 link here is a region link. Also: the Redis region store answers as the
-in-memory one, and a key alone gets no group risk.
+in-memory one, two workers sharing Redis link keys each serves, and a key
+alone gets no group risk.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from detectors.region import InMemoryRegionStore, RegionMap
 from gateway.batch import BatchItem
 from gateway.client import GatewayClient, KafkaTransport, error_of
 from gateway.config import CrossClientConfig, Settings
-from gateway.groups import CrossClient
+from gateway.groups import CrossClient, RegionBatch
 from gateway.keys import ApiKey
 from gateway.models import digits_split, load_model
 from gateway.policy import Verdict
@@ -140,6 +141,68 @@ async def test_a_client_alone_has_no_group_risk(
         await redis.aclose()
         await delete_prefix(settings)
     assert item.group_id == "a" and item.group_risk == 0.0
+
+
+def _flagged(client: str, risk: float) -> BatchItem:
+    item = BatchItem(
+        topic="t", partition=0, offset=0, value=b"", record_key=client, signature=None
+    )
+    item.key = ApiKey(
+        key_id=f"k-{client}",
+        client_id=client,
+        secret=b"s",
+        models=(),
+        status="active",
+        created_ms=0,
+    )
+    item.verdict = Verdict("allow", "allow", risk, enforced_risk=risk)
+    return item
+
+
+async def test_two_workers_link_keys_through_the_region_store(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    # Key a on worker 1 and key b on worker 2 send counted rows into region
+    # 7: worker 2 sees a's rows in Redis, links the pair at 3 reports and
+    # gives b the group's risk (a's); worker 1 adopts the link from Redis with
+    # a's next batch.
+    settings = isolated_settings(
+        stack.kafka_bootstrap,
+        stack.redis_url,
+        models_dir,
+        cross_client={"link_min_shared": 1_000_000, "region_min_shared": 3},
+    )
+    region = np.array([7], dtype=np.uint64)
+    redis = redis_from_settings(settings)
+    try:
+        first, second = CrossClient(redis, settings), CrossClient(redis, settings)
+        for _ in range(3):
+            await first.after_scoring(
+                [_flagged("a", 2.0)], [], [RegionBatch("digits", ["a"], region)]
+            )
+        items_b = []
+        for _ in range(3):
+            items_b = [_flagged("b", 0.1)]
+            await second.after_scoring(
+                items_b, [], [RegionBatch("digits", ["b"], region)]
+            )
+        assert second.links.members("b") == ["a", "b"]
+        assert items_b[0].group_id == "a" and items_b[0].group_risk == 2.0
+        # Another model's region 7 is another region: c's rows there would
+        # otherwise report a and b three times each, enough to link.
+        await second.after_scoring(
+            [_flagged("c", 0.0)],
+            [],
+            [RegionBatch("other", ["c"] * 3, np.repeat(region, 3))],
+        )
+        assert second.links.members("c") == ["c"]
+
+        more = [_flagged("a", 0.5)]
+        await first.after_scoring(more, [], [])
+        assert first.links.members("a") == ["a", "b"]
+    finally:
+        await redis.aclose()
+        await delete_prefix(settings)
 
 
 async def test_keys_in_one_rare_region_are_one_group_and_share_a_block(
