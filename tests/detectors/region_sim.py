@@ -12,9 +12,11 @@ What is replayed, and how it follows the gateway:
   it (:func:`detectors.calibration.calibrate`, unless ``--no-calibrate``),
   then ``learn_baseline``; the :class:`detectors.region.RegionMap` is fitted
   on the same scaled reference with the gateway's defaults;
-- a row counts when ``ood`` judged it an outlier (``last_outliers``) and its
-  region is rare for the reference, as ``gateway.scoring`` decides; counted
-  rows go through :class:`detectors.region.InMemoryRegionStore` and
+- a row counts when ``ood`` judged it an outlier (``last_outliers``), its
+  region is rare for the reference, and at least ``region_min_client_share``
+  of its client's window are outliers (``last_window_share``), as
+  ``gateway.scoring`` decides; counted rows go through
+  :class:`detectors.region.InMemoryRegionStore` and
   :func:`detectors.region.region_reports` into a
   :class:`detectors.linking.KeyLinks` with ``region_min_shared``;
 - honest keys replay the whole held-out split in their own random order with
