@@ -599,6 +599,12 @@ class OutOfDistributionDetector(Detector[OodParams]):
         # many of them were outliers: the tracked honest outlier rate.
         self._learned_rows = 0
         self._learned_outliers = 0
+        # Per row of the last score_batch call, whether it counted as an
+        # outlier (HST, off-lattice or wide, after the repeat rule): the
+        # gateway's region links (detectors.region) store only those rows.
+        self.last_outliers: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)
+        # And the share of outliers in its client's window after it.
+        self.last_window_share: npt.NDArray[np.float64] = np.zeros(0)
 
     @property
     def honest_rate(self) -> float:
@@ -965,6 +971,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
         synthetic = self._synthetic(X)
         counted, wide = self._counted_outliers(slots, X, outlier, synthetic)
         outlier = counted | synthetic
+        self.last_outliers = outlier
 
         # Outlier bits into each client's window, in arrival order.
         groups = group_rows(slots)
@@ -999,6 +1006,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
         # One score per row.
         counts = counts[inverse]
         lengths = lengths[inverse]
+        self.last_window_share = counts / np.maximum(lengths, 1)
         if judged:
             # How unlikely each window's count is for an honest client
             # (binomial upper tail at the honest rate, as it stood before this

@@ -60,6 +60,8 @@ async def delete_run_data(settings: Settings, topics: Sequence[str]) -> None:
             # The fingerprint store's keys share one hash tag, so they start
             # with "{" (gateway/fingerprints.py).
             await unlink_matching(redis, f"{{{prefix}:fp}}:*")
+            # And the region store's (gateway/regions.py).
+            await unlink_matching(redis, f"{{{prefix}:rg}}:*")
     except (RedisError, OSError, TimeoutError) as exc:
         logger.warning("bench redis keys not all deleted: %r", exc)
     finally:

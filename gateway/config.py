@@ -513,6 +513,24 @@ class CrossClientConfig(_Frozen):
     # most store_max_rows; 1 and a large cap send every row.
     store_sample_every: int = Field(8, ge=1, le=1_000_000)
     store_max_rows: int = Field(128, ge=1, le=100_000)
+    # Region links (docs/region-links.md): keys whose unusual queries land in
+    # the same rare coarse region of the input space (detectors.region).
+    # Read at start, not live. A row is stored only when ood judged it an
+    # outlier and at most region_rare_share of the reference falls in its
+    # region; two keys get a report per such row of one in a region the
+    # other stored a row in within link_window_s, and region_min_shared
+    # reports in link_window_s link them (measured honest pairs: see the doc).
+    region_enabled: bool = True
+    region_min_shared: int = Field(10, ge=1, le=1_000_000)
+    region_components: int = Field(4, ge=1, le=16)
+    region_cell_sd: float = Field(1.0, gt=0, le=100)
+    region_rare_share: float = Field(0.05, ge=0, le=1)
+    # ... and only while at least this share of its client's recent queries
+    # (ood's window) are outliers: honest keys sit near 2%.
+    region_min_client_share: float = Field(0.1, ge=0, le=1)
+    # Newest rows kept per region, and rows of a batch sent to Redis at most.
+    region_entries: int = Field(32, ge=1, le=1024)
+    region_max_rows: int = Field(128, ge=1, le=100_000)
 
 
 def _default_instance_id() -> str:

@@ -17,6 +17,16 @@ batch is still answered with the per-worker detectors' judgement, and a
 warning is logged; the admission step already fails the batch when Redis is
 down for good.
 
+Region links (:mod:`detectors.region`, ``docs/region-links.md``): the rows
+the scorer counted (``ood`` outliers in a region the reference rarely
+visits) go to the Redis region store (:mod:`gateway.regions`, one more
+``EVALSHA`` per batch, only when the batch has such rows); a pair of clients
+gets a report per counted row of one in a region where the other stored one
+within ``link_window_s``. Those reports are counted in a :class:`KeyLinks` of
+their own (threshold ``region_min_shared``), whose links join the
+fingerprint links in one union-find, so a group is one group whatever linked
+it.
+
 Known shortcoming: each worker keeps its own union-find. It learns links made
 elsewhere one hop at a time (the neighbours of its own batch's clients, read
 from Redis), so two workers can briefly disagree about a group's membership
@@ -35,10 +45,12 @@ import numpy as np
 import numpy.typing as npt
 
 from detectors.linking import KeyLinks, group_risk
+from detectors.region import region_reports
 from gateway.batch import BatchItem
 from gateway.config import Settings
 from gateway.errors import StoreError
 from gateway.fingerprints import RedisFingerprintStore
+from gateway.regions import RedisRegionStore
 from gateway.store import RedisClient, redis_guard
 
 logger = logging.getLogger(__name__)
@@ -63,6 +75,16 @@ class FingerprintBatch:
     (the client's own or another client's; an exact copy of a popular input
     does not count); ``None``: unknown, every row is a candidate for the
     shared store."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegionBatch:
+    """The counted rows of one model's batch (``gateway.scoring``): per row,
+    its client and coarse region id (:class:`detectors.region.RegionMap`)."""
+
+    model: str
+    client_ids: list[str]
+    regions: npt.NDArray[np.uint64]
 
 
 def select_rows(
@@ -118,6 +140,20 @@ class CrossClient:
             window_s=self._config.link_window_s,
             link_ttl_s=self._config.link_ttl_s,
         )
+        # Region reports have their own threshold, so they are counted apart;
+        # a pair they link is linked in ``links`` too (one union-find).
+        self.region_links = KeyLinks(
+            min_shared=self._config.region_min_shared,
+            window_s=self._config.link_window_s,
+            link_ttl_s=self._config.link_ttl_s,
+        )
+        self._regions = RedisRegionStore(
+            redis,
+            self._prefix,
+            ttl_s=self._config.link_window_s,
+            entries_per_region=self._config.region_entries,
+            timeout_s=self._timeout_s,
+        )
 
     def _store(self, match_threshold: int) -> RedisFingerprintStore:
         store = self._stores.get(match_threshold)
@@ -137,21 +173,65 @@ class CrossClient:
         return f"{self._prefix}:{{c:{client_id}}}:{suffix}"
 
     async def after_scoring(
-        self, items: Sequence[BatchItem], batches: Sequence[FingerprintBatch]
+        self,
+        items: Sequence[BatchItem],
+        batches: Sequence[FingerprintBatch],
+        regions: Sequence[RegionBatch] = (),
     ) -> None:
-        """Update the shared store and links; set ``group_id``/``group_risk``
+        """Update the shared stores and links; set ``group_id``/``group_risk``
         on every scored item. Never raises for a Redis failure."""
         if not self._config.enabled:
             return
         try:
-            await self._after_scoring(items, batches)
+            await self._after_scoring(items, batches, regions)
         except StoreError as exc:
             logger.warning(
                 "cross-client step skipped: %s", exc, extra={"items": len(items)}
             )
 
+    async def _region_links(
+        self, regions: Sequence[RegionBatch], now_s: float
+    ) -> list[tuple[str, str]]:
+        """Send the counted rows to the region store; return the pairs they
+        linked, after linking them in ``links``."""
+        if not self._config.region_enabled:
+            return []
+        reports: dict[tuple[str, str], int] = defaultdict(int)
+        for batch in regions:
+            n = min(len(batch.client_ids), self._config.region_max_rows)
+            if not n:
+                continue
+            clients = batch.client_ids[:n]
+            others = await self._regions.observe(
+                batch.model, clients, batch.regions[:n]
+            )
+            for pair, count in region_reports(clients, others).items():
+                reports[pair] += count
+        if not reports:
+            return []
+        new_links = self.region_links.observe(
+            ((a, b, n) for (a, b), n in reports.items()), now_s
+        )
+        for a, b in new_links:
+            logger.info(
+                "linked keys %s and %s",
+                a,
+                b,
+                extra={"client": a, "linked": b, "via": "region", "detector": "region"},
+            )
+        # A pair still reported keeps its link alive in the shared union-find.
+        live = set(self.region_links.links())
+        for a, b in reports:
+            pair = (a, b) if a < b else (b, a)
+            if pair in live:
+                self.links.link(*pair, now_s=now_s)
+        return new_links
+
     async def _after_scoring(
-        self, items: Sequence[BatchItem], batches: Sequence[FingerprintBatch]
+        self,
+        items: Sequence[BatchItem],
+        batches: Sequence[FingerprintBatch],
+        regions: Sequence[RegionBatch] = (),
     ) -> None:
         now_s = time.time()
         reports: dict[tuple[str, str], int] = defaultdict(int)
@@ -181,6 +261,11 @@ class CrossClient:
         )
         for a, b in new_links:
             logger.info("linked keys %s and %s", a, b, extra={"client": a, "linked": b})
+        new_links += [
+            pair
+            for pair in await self._region_links(regions, now_s)
+            if pair not in new_links
+        ]
 
         # Latest risk of each client of this batch (its worst query).
         risks: dict[str, float] = {}
@@ -234,4 +319,9 @@ class CrossClient:
             if owner is None or owner not in risks:
                 continue
             item.group_id = self.links.group_of(owner)
-            item.group_risk = group_risk(self.links.members(owner), known)
+            group = self.links.members(owner)
+            # A client alone has no group risk: its own risk coming back as a
+            # group score would count its flags twice (policy.note_group's
+            # guard misses it once the client's fused risk has decayed a
+            # little; the evaluation blocked an honest key that way).
+            item.group_risk = group_risk(group, known) if len(group) > 1 else 0.0

@@ -23,11 +23,13 @@ import numpy as np
 from detectors import Detector, DetectorScore, build_detectors
 from detectors.calibration import Calibration, calibrate
 from detectors.fingerprint import FingerprintDetector, FingerprintParams
+from detectors.ood import OutOfDistributionDetector
+from detectors.region import RegionMap
 from gateway.backends import ModelBackend
 from gateway.batch import BatchItem
 from gateway.config import PolicyConfig, Settings
 from gateway.errors import BackendError, PolicyError, ValidationError
-from gateway.groups import FingerprintBatch
+from gateway.groups import FingerprintBatch, RegionBatch
 from gateway.metrics import WorkerMetrics
 from gateway.policy import SEVERITY, Policy
 from gateway.shaping import seed_for, shape
@@ -66,6 +68,12 @@ class Scorer:
         # Detectors in shadow: scored and recorded, but kept out of policy.
         # Fingerprints of the last scoring call, for the cross-worker store.
         self._fingerprints: list[FingerprintBatch] = []
+        # Region maps per model (detectors.region) and the counted rows of the
+        # last scoring call, for the cross-worker region store.
+        self._region_maps: dict[str, RegionMap] = {}
+        self._regions: list[RegionBatch] = []
+        cross = settings.cross_client
+        self._region_min_share = cross.region_min_client_share
         # Per model: where the detectors put each feature (per-feature scales
         # from the reference when the declared range does not describe the
         # features, gateway.validation.feature_scale) and the detector
@@ -90,6 +98,12 @@ class Scorer:
             if any(d.observes_outputs for d in detectors.values()):
                 _learn_outputs(detectors, model, reference)
             self._detectors[name] = detectors
+            if cross.enabled and cross.region_enabled:
+                self._region_maps[name] = RegionMap(
+                    n_components=cross.region_components,
+                    cell_sd=cross.region_cell_sd,
+                    rare_share=cross.region_rare_share,
+                ).fit(reference)
             logger.info(
                 "detectors calibrated",
                 extra={
@@ -105,6 +119,7 @@ class Scorer:
         the rows policy lets through. Fills ``verdict``, ``scores``, ``action``
         and ``probabilities`` (or ``error``) in place."""
         self._fingerprints = []
+        self._regions = []
         by_model: dict[str, list[BatchItem]] = defaultdict(list)
         for item in items:
             if item.error is None and item.model is not None and item.rows is not None:
@@ -200,6 +215,8 @@ class Scorer:
                         ),
                     )
                 )
+
+        self._note_regions(model.name, client_ids, x)
 
         # Policy per row, in arrival order, with each detector's contributions
         # computed for the whole batch at once (Policy.decide_batch).
@@ -463,6 +480,42 @@ class Scorer:
         self.policy.reconfigure(
             policy.model_copy(update={"shadow_detectors": sorted(shadowed)})
         )
+
+    def _note_regions(self, model: str, client_ids: list[str], x: np.ndarray) -> None:
+        """Keep the batch's counted rows for the region store: ``ood``
+        outliers in a rare region, sent while at least
+        ``region_min_client_share`` of their client's window are outliers.
+        Without an ``ood`` detector no row counts."""
+        regions = self._region_maps.get(model)
+        if regions is None:
+            return
+        for detector in self._detectors[model].values():
+            if not isinstance(detector, OutOfDistributionDetector):
+                continue
+            if len(detector.last_outliers) != len(x):
+                return  # not this batch's bits (the detector was not called)
+            outliers = np.flatnonzero(detector.last_outliers)
+            if not outliers.size:
+                return
+            ids = regions.region_ids(x[outliers])
+            rare = regions.rare(ids) & (
+                detector.last_window_share[outliers] >= self._region_min_share
+            )
+            if rare.any():
+                self._regions.append(
+                    RegionBatch(
+                        model=model,
+                        client_ids=[client_ids[r] for r in outliers[rare].tolist()],
+                        regions=ids[rare],
+                    )
+                )
+            return
+
+    def take_regions(self) -> list[RegionBatch]:
+        """Counted rows since the last call (at most one batch per model),
+        for ``gateway.groups.CrossClient``; the list is emptied."""
+        taken, self._regions = self._regions, []
+        return taken
 
     def take_fingerprints(self) -> list[FingerprintBatch]:
         """Fingerprints computed since the last call (one per model scored),

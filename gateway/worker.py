@@ -415,7 +415,11 @@ class Worker:
             await in_thread(lambda: scorer.score_and_predict(items))
             timer.lap("detect_predict")
             if self._cross is not None:
-                await self._cross.after_scoring(items, self._scorer.take_fingerprints())
+                await self._cross.after_scoring(
+                    items,
+                    self._scorer.take_fingerprints(),
+                    self._scorer.take_regions(),
+                )
                 self._scorer.note_groups(items)
             timer.lap("cross_client")
             await enforce.enforce_blocks(

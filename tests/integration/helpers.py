@@ -374,11 +374,12 @@ async def responses_for(
 
 async def delete_prefix(settings: Settings) -> None:
     """Delete every Redis key under the settings' isolated prefix, the
-    fingerprint store's hash-tagged ``{prefix:fp}`` keys included."""
+    fingerprint and region stores' hash-tagged ``{prefix:fp}`` and
+    ``{prefix:rg}`` keys included."""
     redis = redis_from_settings(settings)
     try:
         prefix = settings.redis.key_prefix
-        for pattern in (f"{{{prefix}:fp}}*", f"{prefix}:*"):
+        for pattern in (f"{{{prefix}:fp}}*", f"{prefix}:*", f"{{{prefix}:rg}}*"):
             keys = [k async for k in redis.scan_iter(match=pattern, count=1000)]
             # Several DELs of at most 500 keys each keep every call short.
             for start in range(0, len(keys), 500):
