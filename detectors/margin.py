@@ -172,9 +172,15 @@ class MarginParams(DetectorParams):
     of the client's previous row is a re-send and is not ranked again; 0
     ranks every row."""
 
-    rank_member_z: float = Field(2.0, ge=0.0)
+    rank_member_z: float = Field(3.0, ge=0.0)
     """A young key's own rank z needed to pool its ranks with its cohort's
-    (see the class) and be flagged through it."""
+    (see the class) and be flagged through it. 3, as ``member_z``: at 2, a
+    sybil attacker's keys started in the same quarter second as honest ones
+    at their pace, with doubtful answers, had 11 of 200 honest keys flagged
+    (their own first few answers reach z 2 often enough); at 3 none, while
+    a learner's ten keys were still flagged, 98 of 100, at their 13th answer
+    at the median instead of their 9th
+    (``tests/detectors/test_margin_cohort_framing.py``)."""
 
     rank_min_baseline: int = Field(512, ge=64, le=1_000_000)
     """Honest answers from live traffic the baseline must hold before the
@@ -609,7 +615,9 @@ class MarginDetector(Detector[MarginParams]):
     pooled sums are one stream's, and membership never looks at the answers.
     The evaluation's learner over 10 keys on digits, replayed offline among
     40 honest clients, had 7 (seed 0) and 4 (seed 2) of its 10 keys flagged
-    at their 16th to 23rd answer, and no honest client.
+    at their 16th to 23rd answer, and no honest client, measured with
+    ``rank_member_z`` 2 (not yet measured at 3, where fewer of its keys may
+    look).
 
     When the rank test is weak or wrong:
 
