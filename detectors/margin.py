@@ -1019,9 +1019,10 @@ class MarginDetector(Detector[MarginParams]):
         # The share and trend need min_answers; the opening and cohort tests
         # are warm from opening_min on (own_z is 0 before).
         warm = arrays["n_answers"][slots] >= p.min_answers
+        judged = np.where(warm, np.maximum(share_score, trend_score), 0.0)
         score = np.maximum.reduce(
             [
-                np.where(warm, np.maximum(share_score, trend_score), 0.0),
+                judged,
                 opening_score,
                 cohort_score,
                 rank_score,
@@ -1048,7 +1049,10 @@ class MarginDetector(Detector[MarginParams]):
                     f"{tau[row]:.2f} between arrival order and margin "
                     f"(flagged from {trend_at:.2f}; honest order gives about 0)"
                 )
-            best = max(share_score[row], trend_score[row])
+            # What the share and trend gave the score: nothing before
+            # min_answers, however high they stand, or a key flagged through
+            # its rank cohort on its first answers got no word of why.
+            best = judged[row]
             if opening_score[row] > best:
                 text += (
                     f"; confidence climbed over the key's first answers, "
