@@ -767,10 +767,19 @@ class MarginDetector(Detector[MarginParams]):
             and 0.0 <= float(values["rank_wu"]) <= w
         ):
             raise ValueError("state fields 'rank_*' are beyond any stream's")
-        # S and its variance over at most `window` answers (the ring's width)
-        # are bounded; a finite S beyond that (1.7e308) made a cohort's
-        # pooled S overflow to NaN, and every batch with a member raise.
-        n = float(values["margin"].shape[0])
+        # A key's sums are pooled with its cohort's, so they are bounded by
+        # what its own answers give, not the longest stream's: one forged
+        # key of 10 answers carried the ranks of 100,000 doubtful ones, or
+        # the trend of 64 climbing ones, into an honest cohort. Each ranked
+        # answer weighs at most 1, the newest exactly 1.
+        answered = float(values["n_answers"])
+        if w > answered or (w > 0.0 and min(w, float(values["rank_w2"])) < 1.0):
+            raise ValueError("state fields 'rank_*' are beyond the key's answers")
+        # S and its variance over at most `window` answers (the ring's width),
+        # and at most the key's own, are bounded; a finite S beyond that
+        # (1.7e308) made a cohort's pooled S overflow to NaN, and every batch
+        # with a member raise.
+        n = min(float(values["margin"].shape[0]), answered)
         for stat, var in (("open_s", "open_v"), ("young_s", "young_v")):
             if abs(float(values[stat])) > n * (n - 1.0) / 2.0:
                 raise ValueError(f"state field {stat!r} is beyond any opening's")
