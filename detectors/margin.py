@@ -35,8 +35,8 @@ It needs the model's answers, so it learns in
 :meth:`~detectors.base.Detector.observe_outputs` (after the model call) and
 its score judges the client's next queries.
 
-Imports numpy, pydantic, :mod:`detectors._jit` (numba) and
-:mod:`detectors._cohort`; nothing from Kafka, Redis, FastAPI or ``gateway``.
+Imports numpy, pydantic, :mod:`detectors._jit` (numba), :mod:`detectors._cohort`
+and ``traffic``'s time bound; nothing from Kafka, Redis, FastAPI or ``gateway``.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from detectors._ring import push_ring
 from detectors._state import FieldSpec, check_counters, check_ring_counters, group_rows
 from detectors.base import Detector, DetectorParams, DetectorScore, LiveBaseline
 from detectors.baselines import BaselineRefused, check_fields, read_field
+from detectors.traffic import MAX_TIME_S
 
 logger = logging.getLogger(__name__)
 
@@ -751,6 +752,11 @@ class MarginDetector(Detector[MarginParams]):
                 raise ValueError(f"state field {name!r} is not finite")
         if float(values["open_v"]) < 0 or float(values["first_s"]) < 0:
             raise ValueError("state fields 'open_v' and 'first_s' must be >= 0")
+        # As traffic and ood bound theirs: no record time is later, and one
+        # asking key dated 1e308 made the cohort look-up sort every young
+        # key between now and then.
+        if float(values["first_s"]) > MAX_TIME_S:
+            raise ValueError(f"state field 'first_s' is beyond {MAX_TIME_S:g} s")
         for stat, var in (("open_s", "open_v"), ("young_s", "young_v")):
             if float(values[var]) < 0:
                 raise ValueError(f"state field {var!r} must be >= 0")

@@ -8,7 +8,9 @@ one forged state of a key with 10 answers could carry the trend of 64
 climbing answers, or the ranks of 100,000 doubtful ones, into an honest
 cohort's pool, the weight of a crowd of hostile keys in one state. A key's
 sums are now bounded by its own answer count, as ``traffic`` bounds its
-pairs; every state the detector itself dumps, at any age, still loads.
+pairs; every state the detector itself dumps, at any age, still loads. A
+first query time beyond any record time (1e16 s) is refused too, as
+``traffic`` and ``ood`` refuse theirs.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ def _forge(blob: bytes, **values: Any) -> bytes:
         {"rank_w": 100_000.0, "rank_w2": 1.0, "rank_wu": 0.0},
         {"rank_w2": 5e-324},
         {"rank_w": 0.5, "rank_w2": 0.25, "rank_wu": 0.0},
+        # Later than any record time (traffic's and ood's bound).
+        {"first_s": 1e308},
+        {"first_s": 1.0000001e16},
     ],
 )
 def test_sums_beyond_the_keys_own_answers_are_refused(forged: dict[str, float]) -> None:
