@@ -28,7 +28,9 @@ from tests.detectors.test_margin_cohort import answers
 from tests.detectors.test_ood import continuous_reference, wide_queries
 
 T0 = 1.7e9
-BATCH = 256
+import os
+
+BATCH = int(os.environ.get("COHORT_BATCH", "256"))
 
 
 def _median_ms(step: Callable[[], None], reps: int = 5) -> float:
