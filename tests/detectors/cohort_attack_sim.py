@@ -28,9 +28,8 @@ from tests.detectors.test_margin_cohort import answers
 from tests.detectors.test_ood import continuous_reference, wide_queries
 
 T0 = 1.7e9
-import os
-
-BATCH = int(os.environ.get("COHORT_BATCH", "256"))
+BATCH = 256
+"""Rows per batch timed; ``--batch`` changes it."""
 
 
 def _median_ms(step: Callable[[], None], reps: int = 5) -> float:
@@ -150,7 +149,9 @@ def _main() -> None:
     parser.add_argument("--keys", type=int, nargs="*", default=[1_000, 10_000, 50_000])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--rank-member-z", type=float, default=None)
+    parser.add_argument("--batch", type=int, default=BATCH)
     args = parser.parse_args()
+    globals()["BATCH"] = args.batch
     if args.what == "cost":
         for name, cost in (
             ("traffic", traffic_cost),
