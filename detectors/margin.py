@@ -617,8 +617,10 @@ class MarginDetector(Detector[MarginParams]):
     The evaluation's learner over 10 keys on digits, replayed offline among
     40 honest clients, had 7 (seed 0) and 4 (seed 2) of its 10 keys flagged
     at their 16th to 23rd answer, and no honest client, measured with
-    ``rank_member_z`` 2 (not yet measured at 3, where fewer of its keys may
-    look).
+    ``rank_member_z`` 2. At 3, through a real worker (seed 0, one run), the
+    rank cohort raised no alert on that learner (2 at 2); ``traffic``
+    stopped it at its 31st to 33rd query either way
+    (docs/cohort-attacks.md).
 
     When the rank test is weak or wrong:
 
