@@ -15,6 +15,7 @@ Imports numpy and :mod:`detectors._jit` (numba) only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,6 +80,13 @@ def sorted_young(
         return empty, np.empty(0), np.zeros(window + 2, dtype=np.int64)
     if young is None:
         young = candidates(asking, seen, first, window, window_s)
+    # TODO: this sort runs on every batch with an asking slot, over every
+    # young slot that started near it, however few rows the batch has: one
+    # row over 50,000 keys started in one instant costs 1.7 ms in traffic
+    # and 4.4 ms in ood, so an attacker holding that many young keys and
+    # trickling a row per batch holds a core with about 100 rows per second
+    # (docs/cohort-attacks.md). An index kept sorted across batches, updated
+    # for the slots each batch touches, would make it cost the batch only.
     # By count, then time: a sort by time, then a stable one by count (a
     # radix sort on 16 bits), five times faster than np.lexsort.
     young = young[np.argsort(first[young])]
@@ -205,3 +213,167 @@ def cohort_sums(
             out[0, k] += lo - start
             for r in range(n_sums):
                 out[r + 1, k] += sums[r, lo] - sums[r, start]
+
+
+DIRECT_MAX = 64
+"""Members up to which :func:`cohort_float_sums` adds a cohort's values one
+by one rather than as a difference of running sums: a difference of two
+running float sums over tens of thousands of keys rounds at the scale of
+those sums, which a small cohort's own sum may be far below."""
+
+
+def float_pool(
+    asking: npt.NDArray[np.int64],
+    seen: npt.NDArray[np.int64],
+    first: npt.NDArray[np.float64],
+    values: Sequence[npt.NDArray[np.float64]],
+    members: npt.NDArray[np.bool_],
+    pace_share: float,
+    window_s: float,
+) -> npt.NDArray[np.float64]:
+    """The cohort of each asking slot among the slots of ``members``: slots
+    whose first time is within ``window_s`` of its own and whose count is
+    within ``max(2, pace_share * own)`` of its own; any count, not only
+    young ones (``margin`` takes every key that started with it).
+
+    Parameters
+    ----------
+    asking
+        Slots looking for their cohort (unique).
+    seen, first
+        Per slot: its count, and the time of its first row (seconds).
+    values
+        Per slot, each of the ``r`` float values summed over each cohort.
+    members
+        Per slot, whether it may be a member at all.
+    pace_share, window_s
+        As in :func:`pool`.
+
+    Returns
+    -------
+    array
+        Shape (r + 1, len(asking)): the number of members, then the sum of
+        each row of ``values`` over them. Exact for small cohorts (up to
+        :data:`DIRECT_MAX` members, summed in sorted order); a difference of
+        running sums beyond, so a batch costs a sort of the slots that
+        started near the asking ones and a few binary searches per asking
+        slot, however large the cohorts.
+    """
+    n = len(asking)
+    out = np.zeros((len(values) + 1, n))
+    if not n:
+        # Still run the kernel: a warm-up whose traffic never pools compiles
+        # it before an attacker's first batch would.
+        top = 0
+    else:
+        own = seen[asking]
+        pace = np.maximum(2.0, pace_share * own.astype(np.float64))
+        top = int((own + np.floor(pace)).max())
+    young = np.zeros(0, dtype=np.int64)
+    if n:
+        young = candidates(asking, seen, first, top, window_s)
+        young = young[members[young]]
+    young, young_first, bounds = sorted_young(asking, seen, first, top, window_s, young)
+    gathered = np.zeros((len(values), len(young)))
+    for r, value in enumerate(values):
+        gathered[r] = value[young]
+    sums = np.empty((len(values), len(young) + 1))
+    cohort_float_sums(
+        np.ascontiguousarray(asking, dtype=np.int64),
+        seen,
+        first,
+        young_first,
+        bounds,
+        gathered,
+        sums,
+        pace_share,
+        window_s,
+        DIRECT_MAX,
+        out,
+    )
+    return out
+
+
+@jit
+def cohort_float_sums(
+    asking: npt.NDArray[np.int64],
+    seen: npt.NDArray[np.int64],
+    first: npt.NDArray[np.float64],
+    young_first: npt.NDArray[np.float64],
+    bounds: npt.NDArray[np.int64],
+    values: npt.NDArray[np.float64],
+    sums: npt.NDArray[np.float64],
+    pace_share: float,
+    window_s: float,
+    direct_max: int,
+    out: npt.NDArray[np.float64],
+) -> None:
+    """:func:`cohort_sums` over float values: for each asking slot ``k``, the
+    number of members into ``out[0, k]`` and the sums of each row of
+    ``values`` over them into ``out[1:, k]``; a member's run of one count is
+    found by the same two binary searches. Cohorts of at most
+    ``direct_max`` members are summed value by value, larger ones as
+    differences of running sums, which go into ``sums`` (0 first; one pass,
+    where numpy's cumulative sum over the gathered rows cost a third of the
+    look-up)."""
+    n_sums = values.shape[0]
+    for r in range(n_sums):
+        total = 0.0
+        sums[r, 0] = 0.0
+        for i in range(values.shape[1]):
+            total += values[r, i]
+            sums[r, i + 1] = total
+    n_counts = len(bounds) - 2
+    starts = np.empty(max(n_counts, 1), dtype=np.int64)
+    stops = np.empty(max(n_counts, 1), dtype=np.int64)
+    for k in range(len(asking)):
+        slot = asking[k]
+        own_seen = seen[slot]
+        own = first[slot]
+        pace = max(2.0, pace_share * own_seen)
+        for r in range(n_sums + 1):
+            out[r, k] = 0.0
+        # Counts within pace: own +- floor(pace), both integers, so the test
+        # below takes no count outside them.
+        reach = int(np.floor(pace))
+        low_count = max(1, own_seen - reach)
+        high_count = min(n_counts, own_seen + reach)
+        runs = 0
+        size = 0
+        for count in range(low_count, high_count + 1):
+            if not abs(count - own_seen) <= pace:
+                continue
+            lo = bounds[count]
+            hi = bounds[count + 1]
+            while lo < hi:
+                mid = (lo + hi) // 2
+                t = young_first[mid]
+                if t >= own or abs(t - own) <= window_s:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            start = lo
+            hi = bounds[count + 1]
+            while lo < hi:
+                mid = (lo + hi) // 2
+                t = young_first[mid]
+                if t > own and not abs(t - own) <= window_s:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            if lo > start:
+                starts[runs] = start
+                stops[runs] = lo
+                runs += 1
+                size += lo - start
+        out[0, k] = size
+        for r in range(n_sums):
+            total = 0.0
+            if size <= direct_max:
+                for j in range(runs):
+                    for i in range(starts[j], stops[j]):
+                        total += values[r, i]
+            else:
+                for j in range(runs):
+                    total += sums[r, stops[j]] - sums[r, starts[j]]
+            out[r + 1, k] = total

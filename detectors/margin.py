@@ -35,8 +35,8 @@ It needs the model's answers, so it learns in
 :meth:`~detectors.base.Detector.observe_outputs` (after the model call) and
 its score judges the client's next queries.
 
-Imports numpy and pydantic only; nothing from Kafka, Redis, FastAPI or
-``gateway``.
+Imports numpy, pydantic, :mod:`detectors._jit` (numba), :mod:`detectors._cohort`
+and ``traffic``'s time bound; nothing from Kafka, Redis, FastAPI or ``gateway``.
 """
 
 from __future__ import annotations
@@ -51,11 +51,13 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field, model_validator
 
+from detectors._cohort import float_pool
 from detectors._jit import jit
 from detectors._ring import push_ring
 from detectors._state import FieldSpec, check_counters, check_ring_counters, group_rows
 from detectors.base import Detector, DetectorParams, DetectorScore, LiveBaseline
 from detectors.baselines import BaselineRefused, check_fields, read_field
+from detectors.traffic import MAX_TIME_S
 
 logger = logging.getLogger(__name__)
 
@@ -171,9 +173,15 @@ class MarginParams(DetectorParams):
     of the client's previous row is a re-send and is not ranked again; 0
     ranks every row."""
 
-    rank_member_z: float = Field(2.0, ge=0.0)
+    rank_member_z: float = Field(3.0, ge=0.0)
     """A young key's own rank z needed to pool its ranks with its cohort's
-    (see the class) and be flagged through it."""
+    (see the class) and be flagged through it. 3, as ``member_z``: at 2, a
+    sybil attacker's keys started in the same quarter second as honest ones
+    at their pace, with doubtful answers, had 11 of 200 honest keys flagged
+    (their own first few answers reach z 2 often enough); at 3 none, while
+    a learner's ten keys were still flagged, 98 of 100, at their 13th answer
+    at the median instead of their 9th
+    (``tests/detectors/test_margin_cohort_framing.py``)."""
 
     rank_min_baseline: int = Field(512, ge=64, le=1_000_000)
     """Honest answers from live traffic the baseline must hold before the
@@ -608,7 +616,11 @@ class MarginDetector(Detector[MarginParams]):
     pooled sums are one stream's, and membership never looks at the answers.
     The evaluation's learner over 10 keys on digits, replayed offline among
     40 honest clients, had 7 (seed 0) and 4 (seed 2) of its 10 keys flagged
-    at their 16th to 23rd answer, and no honest client.
+    at their 16th to 23rd answer, and no honest client, measured with
+    ``rank_member_z`` 2. At 3, through a real worker (seed 0, one run), the
+    rank cohort raised no alert on that learner (2 at 2); ``traffic``
+    stopped it at its 31st to 33rd query either way
+    (docs/cohort-attacks.md).
 
     When the rank test is weak or wrong:
 
@@ -630,9 +642,7 @@ class MarginDetector(Detector[MarginParams]):
       as confident as honest traffic (giving up most of what uncertainty
       sampling buys) is not seen;
     - a learner's keys pool only when they start together at one pace and
-      are served by one worker, as for the openings; each young key whose
-      own z reaches ``rank_member_z`` scans every key's start once per batch
-      (a numpy pass over the arena).
+      are served by one worker, as for the openings.
 
     Per-client state: two rings of ``window`` uint8 (margin and entropy),
     three counters, the opening's and the young stretch's S and variance,
@@ -744,6 +754,11 @@ class MarginDetector(Detector[MarginParams]):
                 raise ValueError(f"state field {name!r} is not finite")
         if float(values["open_v"]) < 0 or float(values["first_s"]) < 0:
             raise ValueError("state fields 'open_v' and 'first_s' must be >= 0")
+        # As traffic and ood bound theirs: no record time is later, and one
+        # asking key dated 1e308 made the cohort look-up sort every young
+        # key between now and then.
+        if float(values["first_s"]) > MAX_TIME_S:
+            raise ValueError(f"state field 'first_s' is beyond {MAX_TIME_S:g} s")
         for stat, var in (("open_s", "open_v"), ("young_s", "young_v")):
             if float(values[var]) < 0:
                 raise ValueError(f"state field {var!r} must be >= 0")
@@ -760,10 +775,19 @@ class MarginDetector(Detector[MarginParams]):
             and 0.0 <= float(values["rank_wu"]) <= w
         ):
             raise ValueError("state fields 'rank_*' are beyond any stream's")
-        # S and its variance over at most `window` answers (the ring's width)
-        # are bounded; a finite S beyond that (1.7e308) made a cohort's
-        # pooled S overflow to NaN, and every batch with a member raise.
-        n = float(values["margin"].shape[0])
+        # A key's sums are pooled with its cohort's, so they are bounded by
+        # what its own answers give, not the longest stream's: one forged
+        # key of 10 answers carried the ranks of 100,000 doubtful ones, or
+        # the trend of 64 climbing ones, into an honest cohort. Each ranked
+        # answer weighs at most 1, the newest exactly 1.
+        answered = float(values["n_answers"])
+        if w > answered or (w > 0.0 and min(w, float(values["rank_w2"])) < 1.0):
+            raise ValueError("state fields 'rank_*' are beyond the key's answers")
+        # S and its variance over at most `window` answers (the ring's width),
+        # and at most the key's own, are bounded; a finite S beyond that
+        # (1.7e308) made a cohort's pooled S overflow to NaN, and every batch
+        # with a member raise.
+        n = min(float(values["margin"].shape[0]), answered)
         for stat, var in (("open_s", "open_v"), ("young_s", "young_v")):
             if abs(float(values[stat])) > n * (n - 1.0) / 2.0:
                 raise ValueError(f"state field {stat!r} is beyond any opening's")
@@ -1012,9 +1036,10 @@ class MarginDetector(Detector[MarginParams]):
         # The share and trend need min_answers; the opening and cohort tests
         # are warm from opening_min on (own_z is 0 before).
         warm = arrays["n_answers"][slots] >= p.min_answers
+        judged = np.where(warm, np.maximum(share_score, trend_score), 0.0)
         score = np.maximum.reduce(
             [
-                np.where(warm, np.maximum(share_score, trend_score), 0.0),
+                judged,
                 opening_score,
                 cohort_score,
                 rank_score,
@@ -1041,7 +1066,10 @@ class MarginDetector(Detector[MarginParams]):
                     f"{tau[row]:.2f} between arrival order and margin "
                     f"(flagged from {trend_at:.2f}; honest order gives about 0)"
                 )
-            best = max(share_score[row], trend_score[row])
+            # What the share and trend gave the score: nothing before
+            # min_answers, however high they stand, or a key flagged through
+            # its rank cohort on its first answers got no word of why.
+            best = judged[row]
             if opening_score[row] > best:
                 text += (
                     f"; confidence climbed over the key's first answers, "
@@ -1081,7 +1109,7 @@ class MarginDetector(Detector[MarginParams]):
         """Per row: the client's decaying mean rank and its z (positive when
         the answers are less confident than honest ones), whether that counts
         (live baseline ready, ``rank_min_answers`` effective answers), and the
-        same pooled over the key's cohort (see :meth:`_cohort_members`) for a
+        same pooled over the key's cohort (see :meth:`_cohort_sums`) for a
         young key whose own z reaches ``rank_member_z``."""
         assert self._arena is not None
         arrays = self._arena.arrays
@@ -1115,24 +1143,28 @@ class MarginDetector(Detector[MarginParams]):
         # answers to be judged alone; only those already leaning its way
         # look for a cohort, once per key.
         answers = arrays["n_answers"][slots]
-        ask = np.flatnonzero(some & (answers <= p.window) & (own_z >= p.rank_member_z))
-        for slot in np.unique(slots[ask]).tolist():
-            members = self._cohort_members(slot) & (arrays["rank_w2"] > 0)
-            count = int(np.count_nonzero(members))
-            if count < p.cohort_min_keys:
-                continue
-            total_w = float(arrays["rank_w"][members].sum())
-            total_w2 = float(arrays["rank_w2"][members].sum())
-            pooled_n = total_w * total_w / total_w2
-            if pooled_n < p.rank_min_answers:
-                continue
-            mean = float(arrays["rank_wu"][members].sum()) / total_w
-            rows = slots == slot
-            out.pooled_mean[rows] = mean
-            out.pooled_z[rows] = float(
-                self._rank_z(np.array([mean]), np.array([pooled_n]), var)[0]
-            )
-            out.keys[rows] = count
+        ask = some & (answers <= p.window) & (own_z >= p.rank_member_z)
+        asking = np.unique(slots[ask])
+        found = self._cohort_sums(
+            asking, arrays["rank_w2"] > 0, ("rank_w", "rank_w2", "rank_wu")
+        )
+        count, total_w, total_w2, total_wu = found
+        pooled_n = np.divide(
+            total_w * total_w, total_w2, out=np.zeros(len(asking)), where=count > 0
+        )
+        counted = (count >= p.cohort_min_keys) & (pooled_n >= p.rank_min_answers)
+        if not counted.any():
+            return out
+        asking, count = asking[counted], count[counted]
+        mean = total_wu[counted] / total_w[counted]
+        pooled_z = self._rank_z(mean, pooled_n[counted], var)
+        # Each row of a counted key, and which of them it is (asking is sorted).
+        at = np.minimum(np.searchsorted(asking, slots), len(asking) - 1)
+        rows = asking[at] == slots
+        at = at[rows]
+        out.pooled_mean[rows] = mean[at]
+        out.pooled_z[rows] = pooled_z[at]
+        out.keys[rows] = count[at].astype(np.int64)
         return out
 
     def _rank_z(
@@ -1152,24 +1184,39 @@ class MarginDetector(Detector[MarginParams]):
         z: npt.NDArray[np.float64] = (0.5 - mean) / np.sqrt(spread)
         return z
 
-    def _cohort_members(self, slot: int) -> npt.NDArray[np.bool_]:
-        """Keys of this detector in ``slot``'s cohort, itself included: first
-        scored query within ``cohort_window_s`` of its own and an answer
-        count within ``cohort_pace_share`` of its own (at least 2 either
-        way). Time and pace only, never what the answers were, so an honest
-        cohort's pooled statistic is as honest as one key's."""
+    def _cohort_sums(
+        self,
+        asking: npt.NDArray[np.int64],
+        counted: npt.NDArray[np.bool_],
+        names: tuple[str, ...],
+    ) -> npt.NDArray[np.float64]:
+        """Per asking key (unique, sorted): its cohort's size, then the sum of
+        each state field of ``names`` over it, one row each. The cohort is
+        every key of ``counted`` whose first scored query came within
+        ``cohort_window_s`` of the asking key's own and whose answer count is
+        within ``cohort_pace_share`` of its own (at least 2 either way),
+        itself included. Time and pace only, never what the answers were, so
+        an honest cohort's pooled statistic is as honest as one key's.
+
+        An attacker makes every key of every batch look: each look is a few
+        binary searches over the keys that started near the asking ones,
+        sorted once per batch (:func:`detectors._cohort.float_pool`), where a
+        scan of every key per asking key took 373 ms for a 256-row batch
+        over 50,000 such keys.
+        """
         assert self._arena is not None
         arrays = self._arena.arrays
         p = self._params
         first = arrays["first_s"]
-        done = arrays["n_answers"]
-        pace = max(2.0, p.cohort_pace_share * float(done[slot]))
-        members: npt.NDArray[np.bool_] = (
-            (first > 0)
-            & (np.abs(first - first[slot]) <= p.cohort_window_s)
-            & (np.abs(done - done[slot]) <= pace)
+        return float_pool(
+            asking,
+            arrays["n_answers"],
+            first,
+            [arrays[name] for name in names],
+            counted & (first > 0),
+            p.cohort_pace_share,
+            p.cohort_window_s,
         )
-        return members
 
     def _opening_evidence(
         self, slots: npt.NDArray[np.int64]
@@ -1213,19 +1260,19 @@ class MarginDetector(Detector[MarginParams]):
         if p.cohort_window_s <= 0:
             return own, young_z, pooled, size
         # Only keys that could be flagged through a cohort look for one, once
-        # per key: a scan of every key's first second, so rare by design.
-        ask = np.flatnonzero(young & (young_z >= p.member_z))
-        if not len(ask):
+        # per key and batch.
+        asking = np.unique(slots[young & (young_z >= p.member_z)])
+        count, total_s, total_v = self._cohort_sums(
+            asking, arrays["young_v"] > 0, ("young_s", "young_v")
+        )
+        counted = count >= p.cohort_min_keys
+        if not counted.any():
             return own, young_z, pooled, size
-        counted = arrays["young_v"] > 0
-        for slot in np.unique(slots[ask]).tolist():
-            members = counted & self._cohort_members(slot)
-            count = int(np.count_nonzero(members))
-            if count < p.cohort_min_keys:
-                continue
-            total_v = float(arrays["young_v"][members].sum())
-            z = float(arrays["young_s"][members].sum()) / np.sqrt(total_v)
-            rows = slots == slot
-            pooled[rows] = z
-            size[rows] = count
+        asking = asking[counted]
+        z = total_s[counted] / np.sqrt(total_v[counted])
+        at = np.minimum(np.searchsorted(asking, slots), len(asking) - 1)
+        rows = asking[at] == slots
+        at = at[rows]
+        pooled[rows] = z[at]
+        size[rows] = count[counted][at].astype(np.int64)
         return own, young_z, pooled, size
