@@ -93,6 +93,15 @@ coefficient of variation of ``W - 1`` gaps is at most ``sqrt(W - 2)``, 32 at
 the largest window."""
 
 
+_Z_MAX = 1000.0
+"""Largest z bar or step a parameter takes: beyond it no key could be
+flagged, and an infinite one turned ``(z - bar) / step`` into inf / inf on
+every batch."""
+
+_STEP_MIN = 0.01
+"""Smallest z step: a step near 0 overflowed the step score."""
+
+
 class TrafficParams(DetectorParams):
     """Parameters of :class:`TrafficDetector`."""
 
@@ -143,7 +152,7 @@ class TrafficParams(DetectorParams):
     doubles. With arrivals late by up to 30 ms at four per second, 76% of
     pairs match at 10%, 41% at 5%."""
 
-    cohort_match_rate: float = Field(0.18, gt=0.0, lt=1.0)
+    cohort_match_rate: float = Field(0.18, ge=1e-6, lt=1.0)
     """Share of an honest key's gap pairs taken to match by chance. Poisson
     arrivals match at about 0.053 with the default tolerance (two
     exponential gaps within 10% of the larger); the evaluation's honest
@@ -151,11 +160,11 @@ class TrafficParams(DetectorParams):
     times that, so honest keys that happen to start together stay far
     below ``cohort_z``."""
 
-    cohort_z: float = Field(6.0, gt=0.0)
+    cohort_z: float = Field(6.0, gt=0.0, le=_Z_MAX)
     """Pooled binomial z of a cohort's matching pairs at which its members
     that match too (``member_z``) are flagged."""
 
-    cohort_step_z: float = Field(3.0, gt=0.0)
+    cohort_step_z: float = Field(3.0, ge=_STEP_MIN, le=_Z_MAX)
     """Pooled z beyond ``cohort_z`` that adds one ``threshold`` to a
     member's score: at the default 3, a cohort at z 7.5 scores 1.5 times
     the threshold (the policy's default block level) and its members are
@@ -167,7 +176,7 @@ class TrafficParams(DetectorParams):
     ``cohort_z`` for the plain proportion ``threshold * z / cohort_z``
     (block level at z 9), as ``margin``'s cohorts score."""
 
-    member_z: float = Field(3.0, ge=0.0)
+    member_z: float = Field(3.0, ge=0.0, le=_Z_MAX)
     """A key's own binomial z of matching pairs needed to be flagged through
     its cohort: an honest key that started in the same moment as an
     attacker's keys must show the metronome itself. 3.0 takes two matching
@@ -175,7 +184,7 @@ class TrafficParams(DetectorParams):
     (z 2.1): one pair an honest key matches by chance one time in sixteen,
     two in a row one in 270."""
 
-    strong_cohort_z: float = Field(6.0, gt=0.0)
+    strong_cohort_z: float = Field(6.0, gt=0.0, le=_Z_MAX)
     """Pooled z from which a cohort also scores its young keys whose own z
     reaches only ``strong_member_z``. The cohort must reach it twice: as a
     whole, and pooled over its members at ``member_z`` alone, so keys below
@@ -187,7 +196,7 @@ class TrafficParams(DetectorParams):
     under 90% of unhindered in all three seeds, at the honest cost stated
     in docs/traffic-cohort.md."""
 
-    strong_member_z: float = Field(2.0, ge=0.0)
+    strong_member_z: float = Field(2.0, ge=0.0, le=_Z_MAX)
     """A key's own binomial z of matching pairs, with at least
     :data:`STRONG_MIN_MATCHES` matching pairs, needed to be scored through a
     cohort at ``strong_cohort_z`` (by default any flagged one): 2 of 3 pairs
@@ -201,7 +210,7 @@ class TrafficParams(DetectorParams):
     around a median of 26 ms (a shared producer's send delays), of which
     a 5% band (``regular_tolerance``) held one in seven."""
 
-    solo_match_rate: float = Field(0.2, gt=0.0, lt=1.0)
+    solo_match_rate: float = Field(0.2, ge=1e-6, lt=1.0)
     """Share of a Poisson key's gaps within ``solo_tolerance`` of its
     window's median, against which the solo z is taken: 0.20 at 25%,
     measured over 32-arrival windows at millisecond times (the sample
@@ -209,14 +218,14 @@ class TrafficParams(DetectorParams):
     exponential's true median). The evaluation's honest habits (bursts,
     pauses, retries) give less."""
 
-    solo_z: float = Field(5.0, ge=0.0)
+    solo_z: float = Field(5.0, ge=0.0, le=_Z_MAX)
     """Binomial z of a key's gaps within ``solo_tolerance`` of its median,
     against ``solo_match_rate``, at which the key is flagged by the solo
     test: its score is then ``threshold`` and one more ``threshold`` per
     ``solo_step_z`` past it (nothing below). 0 turns the solo test off.
     The highest of 5,000 honest keys (docs/traffic-solo.md) was 4.85."""
 
-    solo_step_z: float = Field(3.0, gt=0.0)
+    solo_step_z: float = Field(3.0, ge=_STEP_MIN, le=_Z_MAX)
     """Solo z past ``solo_z`` that adds one ``threshold`` to the score: a
     key at z 6.5 is at 1.5 times the threshold, the policy's default block
     level. A window of 31 gaps all within the band is z 13."""
