@@ -26,8 +26,9 @@ Kafka, Redis, FastAPI or ``gateway``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -41,7 +42,8 @@ from detectors._state import (
     check_ring_counters,
     window_fields,
 )
-from detectors.base import Detector, DetectorParams, DetectorScore
+from detectors.base import Detector, DetectorParams, DetectorScore, LiveBaseline
+from detectors.baselines import MAX_SAMPLES, BaselineRefused, check_fields, read_field
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,16 @@ class CoverageParams(DetectorParams):
     min_queries: int = Field(30, ge=1, le=100_000)
     """Queries (for the input part) or answers (for the decision part) a
     client must have had before that part can flag it."""
+
+    live_min_answers: int = Field(512, ge=1, le=MAX_SAMPLES)
+    """Answers to clients in good standing the live (cell, class) table must
+    hold before the decision part's honest expectation comes from it rather
+    than from the model's answers to the reference data."""
+
+    live_refresh_answers: int = Field(1024, ge=1, le=10_000_000)
+    """Answers learnt between two recomputations of the decision part's
+    expectation from the live table (each costs :func:`coverage_sd`'s
+    O(pairs^2 * window))."""
 
 
 def kmeans(
@@ -397,6 +409,16 @@ class CoverageDetector(Detector[CoverageParams]):
         self._expected_dec: npt.NDArray[np.float64] | None = None
         self._sd_in: npt.NDArray[np.float64] | None = None
         self._sd_dec: npt.NDArray[np.float64] | None = None
+        # The decision part's expectation from the reference answers, kept
+        # so that it is what applies while the live table is too small.
+        self._ref_dec: tuple[npt.NDArray[np.float64], ...] | None = None
+        # Live (cell, class) counts of answers to clients in good standing:
+        # rows are cells, columns classes (grown to the widest class seen,
+        # at most _CLASS_SLOTS), so at most cells * classes counters.
+        self._live_pairs = np.zeros((self._params.cells, 0), dtype=np.int64)
+        self._live_total = 0
+        self._live_since_refresh = 0
+        self._live_in_use = False
 
     @property
     def centres(self) -> npt.NDArray[np.float64] | None:
@@ -450,8 +472,135 @@ class CoverageDetector(Detector[CoverageParams]):
         assert self._centres is not None
         keys = self._region_keys(X, proba)
         counts = np.bincount(keys).astype(np.float64)
-        self._expected_dec = expected_coverage(counts, self._params.window)
-        self._sd_dec = coverage_sd(counts, self._params.window)
+        self._ref_dec = (
+            expected_coverage(counts, self._params.window),
+            coverage_sd(counts, self._params.window),
+        )
+        if not self._live_in_use:
+            self._expected_dec, self._sd_dec = self._ref_dec
+
+    @property
+    def live_answers(self) -> int:
+        """Answers to clients in good standing counted in the live table."""
+        return self._live_total
+
+    @property
+    def decision_baseline(self) -> str:
+        """Where the decision part's honest expectation comes from now:
+        ``"live"`` (answers to clients in good standing, once
+        ``live_min_answers`` are counted) or ``"reference"``."""
+        return "live" if self._live_in_use else "reference"
+
+    def _learn_live(self, keys: npt.NDArray[np.int64]) -> None:
+        """Count the (cell, class) keys of answers to clients in good
+        standing, and recompute the decision part's expectation from the
+        table when it is due (see :meth:`_refresh_live`)."""
+        if not len(keys):
+            return
+        cell, label = np.divmod(keys, _CLASS_SLOTS)
+        self._widen_live(int(label.max()) + 1)
+        table = self._live_pairs
+        flat = np.bincount(cell * table.shape[1] + label, minlength=table.size)
+        table += flat.reshape(table.shape)
+        self._live_total = min(self._live_total + len(keys), MAX_SAMPLES)
+        self._live_since_refresh += len(keys)
+        self._refresh_live()
+
+    def _widen_live(self, classes: int) -> None:
+        """Give the live table at least ``classes`` columns."""
+        table = self._live_pairs
+        if classes > table.shape[1]:
+            wider = np.zeros((table.shape[0], classes), dtype=np.int64)
+            wider[:, : table.shape[1]] = table
+            self._live_pairs = wider
+
+    def _refresh_live(self) -> None:
+        """Take the decision part's expectation from the live table once it
+        holds ``live_min_answers``, then again every ``live_refresh_answers``
+        learnt: recomputing per batch would cost O(pairs^2 * window) each
+        time, and a few hundred answers barely move the frequencies."""
+        p = self._params
+        if self._live_total < p.live_min_answers:
+            return
+        if self._live_in_use and self._live_since_refresh < p.live_refresh_answers:
+            return
+        counts = self._live_pairs.ravel().astype(np.float64)
+        self._expected_dec = expected_coverage(counts, p.window)
+        self._sd_dec = coverage_sd(counts, p.window)
+        self._live_in_use = True
+        self._live_since_refresh = 0
+        logger.debug(
+            "coverage decision baseline from %d live answers",
+            self._live_total,
+            extra={"detector": self.name},
+        )
+
+    def _partition_digest(self) -> bytes:
+        """Eight bytes naming the partition (its centroids), so a live table
+        counted over another partition is never merged into this one."""
+        assert self._centres is not None
+        raw = np.ascontiguousarray(self._centres, dtype="<f8").tobytes()
+        return hashlib.blake2b(raw, digest_size=8).digest()
+
+    def _export_live(self) -> LiveBaseline | None:
+        """The live table's non-empty (cell, class) keys (``cell * 256 +
+        class``, ascending) and their counts, with the partition's digest;
+        ``None`` before a partition exists (its keys would mean nothing)."""
+        if self._centres is None:
+            return None
+        cell, label = np.nonzero(self._live_pairs)
+        fields = {
+            "keys": (cell * _CLASS_SLOTS + label).astype("<i4").tobytes(),
+            "counts": self._live_pairs[cell, label].astype("<i8").tobytes(),
+            "partition": self._partition_digest(),
+        }
+        total = self._live_total
+        return fields, total, total >= self._params.live_min_answers
+
+    def _import_live(
+        self, fields: Mapping[str, bytes], samples: int
+    ) -> Callable[[], None]:
+        check_fields(fields, ("keys", "counts", "partition"))
+        if self._centres is None:
+            raise BaselineRefused(
+                "invalid", f"{self.name}: no partition yet to count a live table on"
+            )
+        if fields["partition"] != self._partition_digest():
+            raise BaselineRefused(
+                "invalid",
+                f"{self.name}: live table counted over another partition "
+                "(cells, seed or reference differ)",
+            )
+        limit = self._params.cells * _CLASS_SLOTS
+        keys = read_field(fields, "keys", "<i4", max_length=limit).astype(np.int64)
+        counts = read_field(fields, "counts", "<i8", length=len(keys))
+        if len(keys) and not (keys[0] >= 0 and keys[-1] < limit):
+            raise BaselineRefused(
+                "invalid", f"{self.name}: a key lies outside the partition's pairs"
+            )
+        if not (np.all(np.diff(keys) > 0) and np.all(counts >= 1)):
+            raise BaselineRefused(
+                "invalid", f"{self.name}: keys not ascending or a count under 1"
+            )
+        # Summed as Python ints: int64 counts near MAX_SAMPLES could wrap.
+        if sum(counts.tolist()) != samples:
+            raise BaselineRefused(
+                "invalid", f"{self.name}: counts do not add up to {samples} samples"
+            )
+
+        def apply() -> None:
+            # Disjoint answers of other clients (a catch-up imports only
+            # while this table is not ready, so none is counted twice): the
+            # counts add. Two totals of at most MAX_SAMPLES fit an int64.
+            cell, label = np.divmod(keys, _CLASS_SLOTS)
+            if len(keys):
+                self._widen_live(int(label.max()) + 1)
+            self._live_pairs[cell, label] += counts
+            self._live_total = min(self._live_total + samples, MAX_SAMPLES)
+            self._live_since_refresh += samples
+            self._refresh_live()
+
+        return apply
 
     def _region_keys(
         self, X: npt.NDArray[np.float64], proba: npt.NDArray[np.float64]
@@ -468,17 +617,19 @@ class CoverageDetector(Detector[CoverageParams]):
         proba: npt.NDArray[np.float64],
         learn: npt.NDArray[np.bool_],
     ) -> None:
-        del learn  # the expectation comes from the reference data only
         if self._centres is None:
             return
         assert self._arena is not None
+        keys = self._region_keys(X, proba)
+        # Only answers to clients in good standing shape what honest means.
+        self._learn_live(keys[learn])
         arrays = self._arena.arrays
         expected, spread = self._expected_dec, self._sd_dec
         if expected is None or spread is None:
             expected = spread = np.zeros(0)
         _observe_windows(
             slots,
-            self._region_keys(X, proba),
+            keys,
             arrays["regions"],
             arrays["regions_pos"],
             arrays["regions_len"],
@@ -525,12 +676,13 @@ class CoverageDetector(Detector[CoverageParams]):
         score = np.maximum(input_part, region_part)
         warm = (seen >= p.min_queries) | (answers >= p.min_queries)
         n_cells = p.cells
+        source = self.decision_baseline
 
         def evidence(row: int) -> str:
             return (
                 f"last {lengths[row]} queries cover {covered[row]} of {n_cells} input "
                 f"cells (honest about {expected[row]:.0f}); decision-region part "
-                f"{region_part[row]:.2f}"
+                f"{region_part[row]:.2f} ({source} baseline)"
             )
 
         return self._scores(score, warm, evidence)
