@@ -85,10 +85,24 @@ class CoverageParams(DetectorParams):
     hold before the decision part's honest expectation comes from it rather
     than from the model's answers to the reference data."""
 
+    live_min_clients: int = Field(3, ge=1, le=64)
+    """Distinct clients (told apart by 64 bits of their slots) that must
+    have taught a (cell, class) pair before it counts in the live
+    expectation: a thief not yet flagged teaches pairs no honest client
+    hits, which would raise the expectation and hide it."""
+
+    live_answers_per_client: int = Field(64, ge=1, le=1_000_000)
+    """Answers of each client that may teach the live table (its first):
+    without a cap one unflagged thief sending hundreds of queries into
+    cells honest clients seldom reach raised their share enough to hide
+    itself (measured below); with it, ``live_min_answers`` also needs
+    answers from several clients."""
+
     live_refresh_answers: int = Field(1024, ge=1, le=10_000_000)
     """Answers learnt between two recomputations of the decision part's
-    expectation from the live table (each costs :func:`coverage_sd`'s
-    O(pairs^2 * window))."""
+    expectation from the live table, or an eighth of the table if more
+    (each costs :func:`coverage_sd`'s O(pairs^2 * window): 8.5 ms for 160
+    pairs at the default window)."""
 
 
 def kmeans(
@@ -347,6 +361,17 @@ def _observe_windows(
             )[0]
 
 
+def _rank_within(slots: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Per row, how many earlier rows of the batch have the same slot."""
+    order = np.argsort(slots, kind="stable")
+    ordered = slots[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    sizes = np.diff(np.r_[starts, len(slots)])
+    ranks = np.empty(len(slots), dtype=np.int64)
+    ranks[order] = np.arange(len(slots)) - np.repeat(starts, sizes)
+    return ranks
+
+
 class CoverageDetector(Detector[CoverageParams]):
     """How much more of the input partition, and of its decision regions, a
     client's last ``window`` queries cover than honest clients' would.
@@ -416,6 +441,12 @@ class CoverageDetector(Detector[CoverageParams]):
         # rows are cells, columns classes (grown to the widest class seen,
         # at most _CLASS_SLOTS), so at most cells * classes counters.
         self._live_pairs = np.zeros((self._params.cells, 0), dtype=np.int64)
+        # Per pair, bit ``slot % 64`` set for each client that taught it: a
+        # cheap lower bound on how many distinct clients did.
+        self._live_clients = np.zeros((self._params.cells, 0), dtype=np.uint64)
+        # The reference answers' share of each pair, in the live table's
+        # shape: what a pair too few clients taught counts as.
+        self._ref_share = np.zeros((self._params.cells, 0))
         self._live_total = 0
         self._live_since_refresh = 0
         self._live_in_use = False
@@ -472,6 +503,11 @@ class CoverageDetector(Detector[CoverageParams]):
         assert self._centres is not None
         keys = self._region_keys(X, proba)
         counts = np.bincount(keys).astype(np.float64)
+        self._widen_live(int((keys % _CLASS_SLOTS).max()) + 1)
+        share = np.zeros(self._ref_share.shape)
+        cell, label = np.divmod(np.flatnonzero(counts), _CLASS_SLOTS)
+        share[cell, label] = counts[counts > 0] / counts.sum()
+        self._ref_share = share
         self._ref_dec = (
             expected_coverage(counts, self._params.window),
             coverage_sd(counts, self._params.window),
@@ -491,10 +527,13 @@ class CoverageDetector(Detector[CoverageParams]):
         ``live_min_answers`` are counted) or ``"reference"``."""
         return "live" if self._live_in_use else "reference"
 
-    def _learn_live(self, keys: npt.NDArray[np.int64]) -> None:
+    def _learn_live(
+        self, keys: npt.NDArray[np.int64], slots: npt.NDArray[np.int64]
+    ) -> None:
         """Count the (cell, class) keys of answers to clients in good
-        standing, and recompute the decision part's expectation from the
-        table when it is due (see :meth:`_refresh_live`)."""
+        standing (``slots`` their clients), and recompute the decision
+        part's expectation from the table when it is due (see
+        :meth:`_refresh_live`)."""
         if not len(keys):
             return
         cell, label = np.divmod(keys, _CLASS_SLOTS)
@@ -502,6 +541,8 @@ class CoverageDetector(Detector[CoverageParams]):
         table = self._live_pairs
         flat = np.bincount(cell * table.shape[1] + label, minlength=table.size)
         table += flat.reshape(table.shape)
+        bits = np.left_shift(np.uint64(1), (slots % 64).astype(np.uint64))
+        np.bitwise_or.at(self._live_clients, (cell, label), bits)
         self._live_total = min(self._live_total + len(keys), MAX_SAMPLES)
         self._live_since_refresh += len(keys)
         self._refresh_live()
@@ -513,6 +554,27 @@ class CoverageDetector(Detector[CoverageParams]):
             wider = np.zeros((table.shape[0], classes), dtype=np.int64)
             wider[:, : table.shape[1]] = table
             self._live_pairs = wider
+            masks = np.zeros((table.shape[0], classes), dtype=np.uint64)
+            masks[:, : table.shape[1]] = self._live_clients
+            self._live_clients = masks
+            share = np.zeros((table.shape[0], classes))
+            share[:, : table.shape[1]] = self._ref_share
+            self._ref_share = share
+
+    def _live_counts(self) -> npt.NDArray[np.float64]:
+        """The live table's counts, flat, where at least ``live_min_clients``
+        clients taught the pair; elsewhere the reference answers' share of
+        it times the table's total. So a pair one unflagged thief alone
+        taught counts as much as the reference says (usually nothing), and
+        an honest pair too rare live to have its clients yet is not lost."""
+        masks = self._live_clients.ravel()
+        taught = np.zeros(len(masks), dtype=np.int64)
+        for bit in range(64):
+            taught += ((masks >> np.uint64(bit)) & np.uint64(1)).astype(np.int64)
+        counts = self._live_pairs.ravel().astype(np.float64)
+        vouched = taught >= self._params.live_min_clients
+        fallback = self._ref_share.ravel() * float(counts.sum())
+        return np.where(vouched, counts, fallback)
 
     def _refresh_live(self) -> None:
         """Take the decision part's expectation from the live table once it
@@ -522,9 +584,12 @@ class CoverageDetector(Detector[CoverageParams]):
         p = self._params
         if self._live_total < p.live_min_answers:
             return
-        if self._live_in_use and self._live_since_refresh < p.live_refresh_answers:
+        due = max(p.live_refresh_answers, self._live_total // 8)
+        if self._live_in_use and self._live_since_refresh < due:
             return
-        counts = self._live_pairs.ravel().astype(np.float64)
+        counts = self._live_counts()
+        if not counts.any():
+            return
         self._expected_dec = expected_coverage(counts, p.window)
         self._sd_dec = coverage_sd(counts, p.window)
         self._live_in_use = True
@@ -552,6 +617,7 @@ class CoverageDetector(Detector[CoverageParams]):
         fields = {
             "keys": (cell * _CLASS_SLOTS + label).astype("<i4").tobytes(),
             "counts": self._live_pairs[cell, label].astype("<i8").tobytes(),
+            "clients": self._live_clients[cell, label].astype("<u8").tobytes(),
             "partition": self._partition_digest(),
         }
         total = self._live_total
@@ -560,7 +626,7 @@ class CoverageDetector(Detector[CoverageParams]):
     def _import_live(
         self, fields: Mapping[str, bytes], samples: int
     ) -> Callable[[], None]:
-        check_fields(fields, ("keys", "counts", "partition"))
+        check_fields(fields, ("keys", "counts", "clients", "partition"))
         if self._centres is None:
             raise BaselineRefused(
                 "invalid", f"{self.name}: no partition yet to count a live table on"
@@ -574,6 +640,11 @@ class CoverageDetector(Detector[CoverageParams]):
         limit = self._params.cells * _CLASS_SLOTS
         keys = read_field(fields, "keys", "<i4", max_length=limit).astype(np.int64)
         counts = read_field(fields, "counts", "<i8", length=len(keys))
+        clients = read_field(fields, "clients", "<u8", length=len(keys))
+        if not np.all(clients != 0):
+            raise BaselineRefused(
+                "invalid", f"{self.name}: a pair counted without a client"
+            )
         if len(keys) and not (keys[0] >= 0 and keys[-1] < limit):
             raise BaselineRefused(
                 "invalid", f"{self.name}: a key lies outside the partition's pairs"
@@ -596,6 +667,7 @@ class CoverageDetector(Detector[CoverageParams]):
             if len(keys):
                 self._widen_live(int(label.max()) + 1)
             self._live_pairs[cell, label] += counts
+            self._live_clients[cell, label] |= clients
             self._live_total = min(self._live_total + samples, MAX_SAMPLES)
             self._live_since_refresh += samples
             self._refresh_live()
@@ -621,9 +693,12 @@ class CoverageDetector(Detector[CoverageParams]):
             return
         assert self._arena is not None
         keys = self._region_keys(X, proba)
-        # Only answers to clients in good standing shape what honest means.
-        self._learn_live(keys[learn])
         arrays = self._arena.arrays
+        # Only answers to clients in good standing shape what honest means,
+        # and only each one's first live_answers_per_client.
+        before = arrays["n_answers"][slots] + _rank_within(slots)
+        teach = learn & (before < self._params.live_answers_per_client)
+        self._learn_live(keys[teach], slots[teach])
         expected, spread = self._expected_dec, self._sd_dec
         if expected is None or spread is None:
             expected = spread = np.zeros(0)

@@ -53,6 +53,11 @@ ATTACKER = N_BENIGN
 
 Predict = Callable[[Array], Array]
 
+TEACHES = True
+"""Whether the attacker's answers teach the live table until it is flagged
+(as in the gateway); ``--attacker-silent`` turns it off to separate what its
+own answers do from what the honest table does."""
+
 
 def digits_model(directory: Path) -> tuple[Predict, Array]:
     """The demo MLP's ``predict_proba`` (raw pixels 0..16) and its training
@@ -133,7 +138,9 @@ def replay(seed: int, live: bool, predict: Predict, ref_raw: Array, attack: Arra
         clients = [a[1] for a in batch]
         ids = [f"c{c}" for c in clients]
         raw = np.stack([a[2] for a in batch]).astype(np.float64)
-        learn = np.array([not flagged[c] for c in clients])
+        learn = np.array(
+            [not flagged[c] and (TEACHES or c != ATTACKER) for c in clients]
+        )
         for c, score in zip(clients, detector.score_batch(ids, raw / 16.0, learn=learn), strict=True):
             seen[c] += 1
             if score.flagged:
@@ -159,7 +166,10 @@ def _main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--attack", choices=("none", "random", "active"), default="none")
     parser.add_argument("--models", type=Path, default=Path("/tmp/cov-sim/models"))
+    parser.add_argument("--attacker-silent", action="store_true")
     args = parser.parse_args()
+    global TEACHES
+    TEACHES = not args.attacker_silent
     predict, ref_raw = digits_model(args.models)
     for seed in args.seeds:
         attack = None if args.attack == "none" else attack_rows(args.attack, predict, seed)
