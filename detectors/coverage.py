@@ -382,8 +382,35 @@ class CoverageDetector(Detector[CoverageParams]):
     ``(c - E(m)) / max(sd(m), MIN_SD)`` when ``c > E(m)``, else 0; the
     decision part is the same over (cell, predicted class) pairs among the
     last ``m`` answers, with ``E`` and ``sd`` from the model's answers to the
-    reference data. The score is the larger part over the horizons of
-    :func:`_horizons`.
+    reference data at first, then from live honest answers (below). The
+    score is the larger part over the horizons of :func:`_horizons`.
+
+    Live decision baseline: training data is answered more confidently and
+    more correctly than new data, so honest clients replaying held-out data
+    cover more (cell, class) pairs than the reference answers predict (an
+    honest digits client reached 4.5 deviations, the threshold, in the
+    2026-12-05 evaluations). So the detector counts the pairs of answers to
+    clients in good standing (``learn``; a flagged client never teaches) in
+    a table of at most ``cells`` x classes counters, and once it holds
+    ``live_min_answers`` the decision part's ``E`` and ``sd`` come from it,
+    recomputed every ``live_refresh_answers`` learnt (or an eighth of the
+    table, if more). Two guards against a thief teaching it before it is
+    flagged: each client teaches only its first ``live_answers_per_client``
+    answers, and a pair counts only once ``live_min_clients`` clients taught
+    it (else as the reference's share of it). The table is a live baseline
+    (:meth:`export_baseline`): keys, counts, a 64-bit client mask per pair and
+    the partition's digest, so a table from another partition is refused.
+
+    Measured (``tests/detectors/coverage_live_sim.py``: the 60 honest
+    clients of ``modelgate eval --models digits`` for seeds 0, 1, 2 on the
+    digits MLP, plus one attacker of 400 queries from 30 s in): the largest
+    honest decision-part excess went from 4.52, 4.02, 4.45 deviations to
+    3.77, 3.62, 4.13, and the honest client flagged at seed 0 (index 38, the
+    evaluation's ``benign-38``) no longer is. The price: the expectation is
+    wider, so marginal thieves are caught later or not at all: uniform random
+    queries first flagged at query 172, 212, 51 before and 201, none, 63
+    after; active learning at 91, 166, none before and none, 190, none after
+    (``ood`` and ``margin`` are what catch those in the evaluation).
 
     Why deviations and not the earlier ratio ``1 - E/c``: the ratio ignored
     how much honest coverage varies, and a 16-cell partition's honest spread
@@ -417,6 +444,14 @@ class CoverageDetector(Detector[CoverageParams]):
       so in practice this detector flags little beyond random queries on
       image models. More cells do not help: at 64 cells random queries fall
       into the central cells and score lower still.
+
+    - the live table trusts clients in good standing: many keys of one
+      thief (each teaching its first answers, together vouching for their
+      pairs) can widen it; key linking and group risk are the answer there;
+    - each recomputation costs :func:`coverage_sd`'s O(pairs^2 * window),
+      8.5 ms for digits' 160 pairs but about 0.3 s at 1,000 pairs and 7 s at
+      4,096 (16 cells of a 256-class model), paid in the batch that crosses
+      the refresh point.
 
     Per-client state: a ring of ``window`` int16 cells, one of ``window``
     int32 regions and seven counters, 440 bytes at the default window.

@@ -111,7 +111,9 @@ class Outcome:
     attack_first_flag: int | None
 
 
-def replay(seed: int, live: bool, predict: Predict, ref_raw: Array, attack: Array | None) -> Outcome:
+def replay(
+    seed: int, live: bool, predict: Predict, ref_raw: Array, attack: Array | None
+) -> Outcome:
     """One run's honest clients (and ``attack``'s rows as one more client)
     through a fresh detector."""
     params = CoverageParams() if live else CoverageParams(live_min_answers=2**53)
@@ -121,7 +123,7 @@ def replay(seed: int, live: bool, predict: Predict, ref_raw: Array, attack: Arra
     arrivals = honest_arrivals(seed)
     if attack is not None:
         times = ATTACK_START_S + np.arange(len(attack)) / ATTACK_RATE_PER_S
-        arrivals += [(float(t), ATTACKER, row) for t, row in zip(times, attack)]
+        arrivals += [(float(t), ATTACKER, row) for t, row in zip(times, attack, strict=True)]
         arrivals.sort(key=lambda item: (item[0], item[1]))
     flagged = [False] * (N_BENIGN + 1)
     seen = [0] * (N_BENIGN + 1)
@@ -141,7 +143,9 @@ def replay(seed: int, live: bool, predict: Predict, ref_raw: Array, attack: Arra
         learn = np.array(
             [not flagged[c] and (TEACHES or c != ATTACKER) for c in clients]
         )
-        for c, score in zip(clients, detector.score_batch(ids, raw / 16.0, learn=learn), strict=True):
+        for c, score in zip(
+            clients, detector.score_batch(ids, raw / 16.0, learn=learn), strict=True
+        ):
             seen[c] += 1
             if score.flagged:
                 flagged[c] = True
@@ -164,7 +168,9 @@ def replay(seed: int, live: bool, predict: Predict, ref_raw: Array, attack: Arra
 def _main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--attack", choices=("none", "random", "active"), default="none")
+    parser.add_argument(
+        "--attack", choices=("none", "random", "active"), default="none"
+    )
     parser.add_argument("--models", type=Path, default=Path("/tmp/cov-sim/models"))
     parser.add_argument("--attacker-silent", action="store_true")
     args = parser.parse_args()
@@ -172,7 +178,9 @@ def _main() -> None:
     TEACHES = not args.attacker_silent
     predict, ref_raw = digits_model(args.models)
     for seed in args.seeds:
-        attack = None if args.attack == "none" else attack_rows(args.attack, predict, seed)
+        attack = (
+            None if args.attack == "none" else attack_rows(args.attack, predict, seed)
+        )
         for label, live in (("before", False), ("after", True)):
             got = replay(seed, live, predict, ref_raw, attack)
             print(

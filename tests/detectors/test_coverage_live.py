@@ -92,7 +92,9 @@ def test_held_out_honest_clients_stay_under_threshold_once_the_live_table_is_in(
     hit = False
     for i in range(120):
         hit |= live.score_batch(["thief"], X[i : i + 1], learn=[False])[0].flagged
-        live.observe_outputs(["thief"], X[i : i + 1], random_proba[i : i + 1], learn=[False])
+        live.observe_outputs(
+            ["thief"], X[i : i + 1], random_proba[i : i + 1], learn=[False]
+        )
     assert hit
 
 
@@ -261,7 +263,9 @@ def test_a_well_formed_blob_is_accepted(digits: Any) -> None:
     detector = CoverageDetector(seed=0)
     from sklearn.datasets import load_digits
 
-    detector.learn_baseline(np.asarray(load_digits().data, dtype=np.float64)[:600] / 16.0)
+    detector.learn_baseline(
+        np.asarray(load_digits().data, dtype=np.float64)[:600] / 16.0
+    )
     assert detector.import_baseline(coverage_blob(3)) == 3
     assert detector.live_answers == 3
     assert detector._live_pairs[3, 1] == 2 and detector._live_pairs[5, 9] == 1
@@ -275,7 +279,9 @@ def test_hostile_live_tables_are_refused_and_change_nothing(
     from sklearn.datasets import load_digits
 
     detector = CoverageDetector(seed=0)
-    detector.learn_baseline(np.asarray(load_digits().data, dtype=np.float64)[:600] / 16.0)
+    detector.learn_baseline(
+        np.asarray(load_digits().data, dtype=np.float64)[:600] / 16.0
+    )
     before = detector.export_baseline()
     with pytest.raises(BaselineRefused) as info:
         detector.import_baseline(coverage_blob(samples, **fields))
@@ -350,7 +356,9 @@ def test_pairs_one_unflagged_client_alone_taught_do_not_count(digits: Any) -> No
     assert alone.any()
     counts = detector._live_counts().reshape(detector._live_pairs.shape)
     fallback = detector._ref_share * detector._live_pairs.sum()
-    np.testing.assert_array_equal(counts[cell, label][alone], fallback[cell, label][alone])
+    np.testing.assert_array_equal(
+        counts[cell, label][alone], fallback[cell, label][alone]
+    )
     assert (detector._live_pairs[cell, label][alone] > 0).all()
 
 
