@@ -123,7 +123,9 @@ def replay(
     arrivals = honest_arrivals(seed)
     if attack is not None:
         times = ATTACK_START_S + np.arange(len(attack)) / ATTACK_RATE_PER_S
-        arrivals += [(float(t), ATTACKER, row) for t, row in zip(times, attack, strict=True)]
+        arrivals += [
+            (float(t), ATTACKER, row) for t, row in zip(times, attack, strict=True)
+        ]
         arrivals.sort(key=lambda item: (item[0], item[1]))
     flagged = [False] * (N_BENIGN + 1)
     seen = [0] * (N_BENIGN + 1)
