@@ -361,15 +361,39 @@ def _observe_windows(
             )[0]
 
 
-def _rank_within(slots: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    """Per row, how many earlier rows of the batch have the same slot."""
-    order = np.argsort(slots, kind="stable")
-    ordered = slots[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-    sizes = np.diff(np.r_[starts, len(slots)])
-    ranks = np.empty(len(slots), dtype=np.int64)
-    ranks[order] = np.arange(len(slots)) - np.repeat(starts, sizes)
-    return ranks
+@jit
+def _teach_pairs(
+    slots: npt.NDArray[np.int64],
+    keys: npt.NDArray[np.int64],
+    learn: npt.NDArray[np.bool_],
+    n_answers: npt.NDArray[np.int64],
+    per_client: int,
+    table: npt.NDArray[np.int64],
+    clients: npt.NDArray[np.uint64],
+) -> int:
+    """Count, in arrival order, each answer whose row may ``learn`` and
+    whose client had fewer than ``per_client`` answers before it (its
+    answers before the batch, ``n_answers``, plus its earlier rows in the
+    batch): ``table[cell, class] += 1`` and bit ``slot % 64`` of
+    ``clients[cell, class]`` set, with ``cell, class = divmod(key, 256)``;
+    ``table`` must already be wide enough. Returns the answers counted."""
+    n = slots.shape[0]
+    if n == 0:
+        return 0
+    earlier = np.zeros(slots.max() + 1, dtype=np.int64)
+    taught = 0
+    one = np.uint64(1)
+    for i in range(n):
+        slot = slots[i]
+        before = n_answers[slot] + earlier[slot]
+        earlier[slot] += 1
+        if learn[i] and before < per_client:
+            cell = keys[i] // 256
+            label = keys[i] % 256
+            table[cell, label] += 1
+            clients[cell, label] |= one << np.uint64(slot % 64)
+            taught += 1
+    return taught
 
 
 class CoverageDetector(Detector[CoverageParams]):
@@ -563,23 +587,32 @@ class CoverageDetector(Detector[CoverageParams]):
         return "live" if self._live_in_use else "reference"
 
     def _learn_live(
-        self, keys: npt.NDArray[np.int64], slots: npt.NDArray[np.int64]
+        self,
+        slots: npt.NDArray[np.int64],
+        keys: npt.NDArray[np.int64],
+        learn: npt.NDArray[np.bool_],
+        n_answers: npt.NDArray[np.int64],
     ) -> None:
         """Count the (cell, class) keys of answers to clients in good
-        standing (``slots`` their clients), and recompute the decision
-        part's expectation from the table when it is due (see
-        :meth:`_refresh_live`)."""
-        if not len(keys):
+        standing (``learn``), each client's first ``live_answers_per_client``
+        only (``n_answers``: its answers before this batch), and recompute the
+        decision part's expectation when it is due (:meth:`_refresh_live`)."""
+        if not learn.any():
             return
-        cell, label = np.divmod(keys, _CLASS_SLOTS)
-        self._widen_live(int(label.max()) + 1)
-        table = self._live_pairs
-        flat = np.bincount(cell * table.shape[1] + label, minlength=table.size)
-        table += flat.reshape(table.shape)
-        bits = np.left_shift(np.uint64(1), (slots % 64).astype(np.uint64))
-        np.bitwise_or.at(self._live_clients, (cell, label), bits)
-        self._live_total = min(self._live_total + len(keys), MAX_SAMPLES)
-        self._live_since_refresh += len(keys)
+        self._widen_live(int((keys % _CLASS_SLOTS).max()) + 1)
+        taught = _teach_pairs(
+            slots,
+            keys,
+            learn,
+            n_answers,
+            self._params.live_answers_per_client,
+            self._live_pairs,
+            self._live_clients,
+        )
+        if not taught:
+            return
+        self._live_total = min(self._live_total + taught, MAX_SAMPLES)
+        self._live_since_refresh += taught
         self._refresh_live()
 
     def _widen_live(self, classes: int) -> None:
@@ -731,9 +764,7 @@ class CoverageDetector(Detector[CoverageParams]):
         arrays = self._arena.arrays
         # Only answers to clients in good standing shape what honest means,
         # and only each one's first live_answers_per_client.
-        before = arrays["n_answers"][slots] + _rank_within(slots)
-        teach = learn & (before < self._params.live_answers_per_client)
-        self._learn_live(keys[teach], slots[teach])
+        self._learn_live(slots, keys, learn, arrays["n_answers"])
         expected, spread = self._expected_dec, self._sd_dec
         if expected is None or spread is None:
             expected = spread = np.zeros(0)
