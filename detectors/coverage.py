@@ -26,8 +26,9 @@ Kafka, Redis, FastAPI or ``gateway``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -41,7 +42,8 @@ from detectors._state import (
     check_ring_counters,
     window_fields,
 )
-from detectors.base import Detector, DetectorParams, DetectorScore
+from detectors.base import Detector, DetectorParams, DetectorScore, LiveBaseline
+from detectors.baselines import MAX_SAMPLES, BaselineRefused, check_fields, read_field
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,30 @@ class CoverageParams(DetectorParams):
     min_queries: int = Field(30, ge=1, le=100_000)
     """Queries (for the input part) or answers (for the decision part) a
     client must have had before that part can flag it."""
+
+    live_min_answers: int = Field(512, ge=1, le=MAX_SAMPLES)
+    """Answers to clients in good standing the live (cell, class) table must
+    hold before the decision part's honest expectation comes from it rather
+    than from the model's answers to the reference data."""
+
+    live_min_clients: int = Field(3, ge=1, le=64)
+    """Distinct clients (told apart by 64 bits of their slots) that must
+    have taught a (cell, class) pair before it counts in the live
+    expectation: a thief not yet flagged teaches pairs no honest client
+    hits, which would raise the expectation and hide it."""
+
+    live_answers_per_client: int = Field(64, ge=1, le=1_000_000)
+    """Answers of each client that may teach the live table (its first):
+    without a cap one unflagged thief sending hundreds of queries into
+    cells honest clients seldom reach raised their share enough to hide
+    itself (measured below); with it, ``live_min_answers`` also needs
+    answers from several clients."""
+
+    live_refresh_answers: int = Field(1024, ge=1, le=10_000_000)
+    """Answers learnt between two recomputations of the decision part's
+    expectation from the live table, or an eighth of the table if more
+    (each costs :func:`coverage_sd`'s O(pairs^2 * window): 8.5 ms for 160
+    pairs at the default window)."""
 
 
 def kmeans(
@@ -335,6 +361,41 @@ def _observe_windows(
             )[0]
 
 
+@jit
+def _teach_pairs(
+    slots: npt.NDArray[np.int64],
+    keys: npt.NDArray[np.int64],
+    learn: npt.NDArray[np.bool_],
+    n_answers: npt.NDArray[np.int64],
+    per_client: int,
+    table: npt.NDArray[np.int64],
+    clients: npt.NDArray[np.uint64],
+) -> int:
+    """Count, in arrival order, each answer whose row may ``learn`` and
+    whose client had fewer than ``per_client`` answers before it (its
+    answers before the batch, ``n_answers``, plus its earlier rows in the
+    batch): ``table[cell, class] += 1`` and bit ``slot % 64`` of
+    ``clients[cell, class]`` set, with ``cell, class = divmod(key, 256)``;
+    ``table`` must already be wide enough. Returns the answers counted."""
+    n = slots.shape[0]
+    if n == 0:
+        return 0
+    earlier = np.zeros(slots.max() + 1, dtype=np.int64)
+    taught = 0
+    one = np.uint64(1)
+    for i in range(n):
+        slot = slots[i]
+        before = n_answers[slot] + earlier[slot]
+        earlier[slot] += 1
+        if learn[i] and before < per_client:
+            cell = keys[i] // 256
+            label = keys[i] % 256
+            table[cell, label] += 1
+            clients[cell, label] |= one << np.uint64(slot % 64)
+            taught += 1
+    return taught
+
+
 class CoverageDetector(Detector[CoverageParams]):
     """How much more of the input partition, and of its decision regions, a
     client's last ``window`` queries cover than honest clients' would.
@@ -345,8 +406,35 @@ class CoverageDetector(Detector[CoverageParams]):
     ``(c - E(m)) / max(sd(m), MIN_SD)`` when ``c > E(m)``, else 0; the
     decision part is the same over (cell, predicted class) pairs among the
     last ``m`` answers, with ``E`` and ``sd`` from the model's answers to the
-    reference data. The score is the larger part over the horizons of
-    :func:`_horizons`.
+    reference data at first, then from live honest answers (below). The
+    score is the larger part over the horizons of :func:`_horizons`.
+
+    Live decision baseline: training data is answered more confidently and
+    more correctly than new data, so honest clients replaying held-out data
+    cover more (cell, class) pairs than the reference answers predict (an
+    honest digits client reached 4.5 deviations, the threshold, in the
+    2026-12-05 evaluations). So the detector counts the pairs of answers to
+    clients in good standing (``learn``; a flagged client never teaches) in
+    a table of at most ``cells`` x classes counters, and once it holds
+    ``live_min_answers`` the decision part's ``E`` and ``sd`` come from it,
+    recomputed every ``live_refresh_answers`` learnt (or an eighth of the
+    table, if more). Two guards against a thief teaching it before it is
+    flagged: each client teaches only its first ``live_answers_per_client``
+    answers, and a pair counts only once ``live_min_clients`` clients taught
+    it (else as the reference's share of it). The table is a live baseline
+    (:meth:`export_baseline`): keys, counts, a 64-bit client mask per pair and
+    the partition's digest, so a table from another partition is refused.
+
+    Measured (``tests/detectors/coverage_live_sim.py``: the 60 honest
+    clients of ``modelgate eval --models digits`` for seeds 0, 1, 2 on the
+    digits MLP, plus one attacker of 400 queries from 30 s in): the largest
+    honest decision-part excess went from 4.52, 4.02, 4.45 deviations to
+    3.77, 3.62, 4.13, and the honest client flagged at seed 0 (index 38, the
+    evaluation's ``benign-38``) no longer is. The price: the expectation is
+    wider, so marginal thieves are caught later or not at all: uniform random
+    queries first flagged at query 172, 212, 51 before and 201, none, 63
+    after; active learning at 91, 166, none before and none, 190, none after
+    (``ood`` and ``margin`` are what catch those in the evaluation).
 
     Why deviations and not the earlier ratio ``1 - E/c``: the ratio ignored
     how much honest coverage varies, and a 16-cell partition's honest spread
@@ -381,6 +469,14 @@ class CoverageDetector(Detector[CoverageParams]):
       image models. More cells do not help: at 64 cells random queries fall
       into the central cells and score lower still.
 
+    - the live table trusts clients in good standing: many keys of one
+      thief (each teaching its first answers, together vouching for their
+      pairs) can widen it; key linking and group risk are the answer there;
+    - each recomputation costs :func:`coverage_sd`'s O(pairs^2 * window),
+      8.5 ms for digits' 160 pairs but about 0.3 s at 1,000 pairs and 7 s at
+      4,096 (16 cells of a 256-class model), paid in the batch that crosses
+      the refresh point.
+
     Per-client state: a ring of ``window`` int16 cells, one of ``window``
     int32 regions and seven counters, 440 bytes at the default window.
     """
@@ -397,6 +493,22 @@ class CoverageDetector(Detector[CoverageParams]):
         self._expected_dec: npt.NDArray[np.float64] | None = None
         self._sd_in: npt.NDArray[np.float64] | None = None
         self._sd_dec: npt.NDArray[np.float64] | None = None
+        # The decision part's expectation from the reference answers, kept
+        # so that it is what applies while the live table is too small.
+        self._ref_dec: tuple[npt.NDArray[np.float64], ...] | None = None
+        # Live (cell, class) counts of answers to clients in good standing:
+        # rows are cells, columns classes (grown to the widest class seen,
+        # at most _CLASS_SLOTS), so at most cells * classes counters.
+        self._live_pairs = np.zeros((self._params.cells, 0), dtype=np.int64)
+        # Per pair, bit ``slot % 64`` set for each client that taught it: a
+        # cheap lower bound on how many distinct clients did.
+        self._live_clients = np.zeros((self._params.cells, 0), dtype=np.uint64)
+        # The reference answers' share of each pair, in the live table's
+        # shape: what a pair too few clients taught counts as.
+        self._ref_share = np.zeros((self._params.cells, 0))
+        self._live_total = 0
+        self._live_since_refresh = 0
+        self._live_in_use = False
 
     @property
     def centres(self) -> npt.NDArray[np.float64] | None:
@@ -450,8 +562,185 @@ class CoverageDetector(Detector[CoverageParams]):
         assert self._centres is not None
         keys = self._region_keys(X, proba)
         counts = np.bincount(keys).astype(np.float64)
-        self._expected_dec = expected_coverage(counts, self._params.window)
-        self._sd_dec = coverage_sd(counts, self._params.window)
+        self._widen_live(int((keys % _CLASS_SLOTS).max()) + 1)
+        share = np.zeros(self._ref_share.shape)
+        cell, label = np.divmod(np.flatnonzero(counts), _CLASS_SLOTS)
+        share[cell, label] = counts[counts > 0] / counts.sum()
+        self._ref_share = share
+        self._ref_dec = (
+            expected_coverage(counts, self._params.window),
+            coverage_sd(counts, self._params.window),
+        )
+        if not self._live_in_use:
+            self._expected_dec, self._sd_dec = self._ref_dec
+
+    @property
+    def live_answers(self) -> int:
+        """Answers to clients in good standing counted in the live table."""
+        return self._live_total
+
+    @property
+    def decision_baseline(self) -> str:
+        """Where the decision part's honest expectation comes from now:
+        ``"live"`` (answers to clients in good standing, once
+        ``live_min_answers`` are counted) or ``"reference"``."""
+        return "live" if self._live_in_use else "reference"
+
+    def _learn_live(
+        self,
+        slots: npt.NDArray[np.int64],
+        keys: npt.NDArray[np.int64],
+        learn: npt.NDArray[np.bool_],
+        n_answers: npt.NDArray[np.int64],
+    ) -> None:
+        """Count the (cell, class) keys of answers to clients in good
+        standing (``learn``), each client's first ``live_answers_per_client``
+        only (``n_answers``: its answers before this batch), and recompute the
+        decision part's expectation when it is due (:meth:`_refresh_live`)."""
+        if not learn.any():
+            return
+        self._widen_live(int((keys % _CLASS_SLOTS).max()) + 1)
+        taught = _teach_pairs(
+            slots,
+            keys,
+            learn,
+            n_answers,
+            self._params.live_answers_per_client,
+            self._live_pairs,
+            self._live_clients,
+        )
+        if not taught:
+            return
+        self._live_total = min(self._live_total + taught, MAX_SAMPLES)
+        self._live_since_refresh += taught
+        self._refresh_live()
+
+    def _widen_live(self, classes: int) -> None:
+        """Give the live table at least ``classes`` columns."""
+        table = self._live_pairs
+        if classes > table.shape[1]:
+            wider = np.zeros((table.shape[0], classes), dtype=np.int64)
+            wider[:, : table.shape[1]] = table
+            self._live_pairs = wider
+            masks = np.zeros((table.shape[0], classes), dtype=np.uint64)
+            masks[:, : table.shape[1]] = self._live_clients
+            self._live_clients = masks
+            share = np.zeros((table.shape[0], classes))
+            share[:, : table.shape[1]] = self._ref_share
+            self._ref_share = share
+
+    def _live_counts(self) -> npt.NDArray[np.float64]:
+        """The live table's counts, flat, where at least ``live_min_clients``
+        clients taught the pair; elsewhere the reference answers' share of
+        it times the table's total. So a pair one unflagged thief alone
+        taught counts as much as the reference says (usually nothing), and
+        an honest pair too rare live to have its clients yet is not lost."""
+        masks = self._live_clients.ravel()
+        taught = np.zeros(len(masks), dtype=np.int64)
+        for bit in range(64):
+            taught += ((masks >> np.uint64(bit)) & np.uint64(1)).astype(np.int64)
+        counts = self._live_pairs.ravel().astype(np.float64)
+        vouched = taught >= self._params.live_min_clients
+        fallback = self._ref_share.ravel() * float(counts.sum())
+        return np.where(vouched, counts, fallback)
+
+    def _refresh_live(self) -> None:
+        """Take the decision part's expectation from the live table once it
+        holds ``live_min_answers``, then again every ``live_refresh_answers``
+        learnt: recomputing per batch would cost O(pairs^2 * window) each
+        time, and a few hundred answers barely move the frequencies."""
+        p = self._params
+        if self._live_total < p.live_min_answers:
+            return
+        due = max(p.live_refresh_answers, self._live_total // 8)
+        if self._live_in_use and self._live_since_refresh < due:
+            return
+        counts = self._live_counts()
+        if not counts.any():
+            return
+        self._expected_dec = expected_coverage(counts, p.window)
+        self._sd_dec = coverage_sd(counts, p.window)
+        self._live_in_use = True
+        self._live_since_refresh = 0
+        logger.debug(
+            "coverage decision baseline from %d live answers",
+            self._live_total,
+            extra={"detector": self.name},
+        )
+
+    def _partition_digest(self) -> bytes:
+        """Eight bytes naming the partition (its centroids), so a live table
+        counted over another partition is never merged into this one."""
+        assert self._centres is not None
+        raw = np.ascontiguousarray(self._centres, dtype="<f8").tobytes()
+        return hashlib.blake2b(raw, digest_size=8).digest()
+
+    def _export_live(self) -> LiveBaseline | None:
+        """The live table's non-empty (cell, class) keys (``cell * 256 +
+        class``, ascending) and their counts, with the partition's digest;
+        ``None`` before a partition exists (its keys would mean nothing)."""
+        if self._centres is None:
+            return None
+        cell, label = np.nonzero(self._live_pairs)
+        fields = {
+            "keys": (cell * _CLASS_SLOTS + label).astype("<i4").tobytes(),
+            "counts": self._live_pairs[cell, label].astype("<i8").tobytes(),
+            "clients": self._live_clients[cell, label].astype("<u8").tobytes(),
+            "partition": self._partition_digest(),
+        }
+        total = self._live_total
+        return fields, total, total >= self._params.live_min_answers
+
+    def _import_live(
+        self, fields: Mapping[str, bytes], samples: int
+    ) -> Callable[[], None]:
+        check_fields(fields, ("keys", "counts", "clients", "partition"))
+        if self._centres is None:
+            raise BaselineRefused(
+                "invalid", f"{self.name}: no partition yet to count a live table on"
+            )
+        if fields["partition"] != self._partition_digest():
+            raise BaselineRefused(
+                "invalid",
+                f"{self.name}: live table counted over another partition "
+                "(cells, seed or reference differ)",
+            )
+        limit = self._params.cells * _CLASS_SLOTS
+        keys = read_field(fields, "keys", "<i4", max_length=limit).astype(np.int64)
+        counts = read_field(fields, "counts", "<i8", length=len(keys))
+        clients = read_field(fields, "clients", "<u8", length=len(keys))
+        if not np.all(clients != 0):
+            raise BaselineRefused(
+                "invalid", f"{self.name}: a pair counted without a client"
+            )
+        if len(keys) and not (keys[0] >= 0 and keys[-1] < limit):
+            raise BaselineRefused(
+                "invalid", f"{self.name}: a key lies outside the partition's pairs"
+            )
+        if not (np.all(np.diff(keys) > 0) and np.all(counts >= 1)):
+            raise BaselineRefused(
+                "invalid", f"{self.name}: keys not ascending or a count under 1"
+            )
+        # Summed as Python ints: int64 counts near MAX_SAMPLES could wrap.
+        if sum(counts.tolist()) != samples:
+            raise BaselineRefused(
+                "invalid", f"{self.name}: counts do not add up to {samples} samples"
+            )
+
+        def apply() -> None:
+            # Disjoint answers of other clients (a catch-up imports only
+            # while this table is not ready, so none is counted twice): the
+            # counts add. Two totals of at most MAX_SAMPLES fit an int64.
+            cell, label = np.divmod(keys, _CLASS_SLOTS)
+            if len(keys):
+                self._widen_live(int(label.max()) + 1)
+            self._live_pairs[cell, label] += counts
+            self._live_clients[cell, label] |= clients
+            self._live_total = min(self._live_total + samples, MAX_SAMPLES)
+            self._live_since_refresh += samples
+            self._refresh_live()
+
+        return apply
 
     def _region_keys(
         self, X: npt.NDArray[np.float64], proba: npt.NDArray[np.float64]
@@ -468,17 +757,20 @@ class CoverageDetector(Detector[CoverageParams]):
         proba: npt.NDArray[np.float64],
         learn: npt.NDArray[np.bool_],
     ) -> None:
-        del learn  # the expectation comes from the reference data only
         if self._centres is None:
             return
         assert self._arena is not None
+        keys = self._region_keys(X, proba)
         arrays = self._arena.arrays
+        # Only answers to clients in good standing shape what honest means,
+        # and only each one's first live_answers_per_client.
+        self._learn_live(slots, keys, learn, arrays["n_answers"])
         expected, spread = self._expected_dec, self._sd_dec
         if expected is None or spread is None:
             expected = spread = np.zeros(0)
         _observe_windows(
             slots,
-            self._region_keys(X, proba),
+            keys,
             arrays["regions"],
             arrays["regions_pos"],
             arrays["regions_len"],
@@ -525,12 +817,13 @@ class CoverageDetector(Detector[CoverageParams]):
         score = np.maximum(input_part, region_part)
         warm = (seen >= p.min_queries) | (answers >= p.min_queries)
         n_cells = p.cells
+        source = self.decision_baseline
 
         def evidence(row: int) -> str:
             return (
                 f"last {lengths[row]} queries cover {covered[row]} of {n_cells} input "
                 f"cells (honest about {expected[row]:.0f}); decision-region part "
-                f"{region_part[row]:.2f}"
+                f"{region_part[row]:.2f} ({source} baseline)"
             )
 
         return self._scores(score, warm, evidence)

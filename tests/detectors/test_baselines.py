@@ -33,7 +33,7 @@ from tests.detectors.test_margin_rank import (
     serve,
 )
 
-LIVE_DETECTORS = {"margin", "ood", "traffic"}
+LIVE_DETECTORS = {"coverage", "margin", "ood", "traffic"}
 
 
 def warmed_margin() -> MarginDetector:

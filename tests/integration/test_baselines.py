@@ -109,6 +109,9 @@ async def test_a_fresh_worker_starts_with_the_live_baseline_a_stopped_one_saved(
                     assert all(r["status"] == "ok" for r in answers.values())
             learnt, _ = margin_live(a)
             assert learnt >= 512
+            coverage_a = a._scorer.detectors_of("digits")["coverage"]
+            coverage_blob = coverage_a.export_baseline()
+            assert coverage_a.live_answers > 0  # type: ignore[attr-defined]
         # Leaving the block stopped A, which saved its baselines.
 
         # Worker B starts fresh on the same prefix: ready before any batch.
@@ -120,6 +123,10 @@ async def test_a_fresh_worker_starts_with_the_live_baseline_a_stopped_one_saved(
             assert margin_live(b) == (learnt, True)
             assert loads(b, "margin", "loaded") == 1
             assert loads(b, "traffic", "loaded") == 1
+            # And coverage's live (cell, class) table, as A had it.
+            assert loads(b, "coverage", "loaded") == 1
+            coverage_b = b._scorer.detectors_of("digits")["coverage"]
+            assert coverage_b.export_baseline() == coverage_blob
             assert load_s < 2.0
             # B's first batch, from a client A never saw, is ranked against it.
             async with RawKafka(settings) as kafka:
