@@ -311,7 +311,7 @@ def with_changes(document: LiveConfig, changes: Mapping[str, Any]) -> LiveConfig
         node = data
         open_section = parts[0] in ("detectors", "detector_shadow", "links")
         for depth, part in enumerate(parts[:-1]):
-            if open_section and depth > 0:
+            if open_section and depth > 0 and parts[0] != "links":
                 # A detector not yet named: the validator judges the name.
                 node.setdefault(part, {})
             child = node.get(part)
