@@ -156,6 +156,9 @@ async def test_link_threshold_changes_on_a_running_worker(
             await _ran(service, worker_id, version)
             code, out = await _config_cli(settings, "get", "links.link_min_shared")
             assert code == 0 and "5" in out, out
+            code, out = await _config_cli(settings, "diff")
+            assert code == 0 and "links.link_min_shared" in out, out
+            assert "1000" in out and "5" in out, out
             await _send(client("b"), near[6])
             assert worker._cross.links._counts == {}
             assert worker._cross.links.links() == [("a", "b")]
@@ -179,3 +182,48 @@ async def test_link_threshold_changes_on_a_running_worker(
     assert [r.get("group_id") for r in by_client["b"]] == ["b"] * 6 + ["a"]
     # a's group id is a itself either way (a group's id is its smallest key).
     assert [r.get("group_id") for r in by_client["a"]] == ["a"] * 7
+
+
+async def test_worker_started_without_region_links_refuses_turning_them_on(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    # No region map was fitted, so the version that turns region links on is
+    # refused whole: its policy change is not applied either.
+    settings = isolated_settings(
+        stack.kafka_bootstrap,
+        stack.redis_url,
+        models_dir,
+        cross_client={"region_enabled": False},
+    )
+    worker_id = settings.worker.worker_id
+    try:
+        async with (
+            ConfigService(settings) as service,
+            running_worker(settings) as worker,
+        ):
+            ok = await service.set({"links.link_min_shared": 4}, "test")
+            assert ok is not None
+            await _ran(service, worker_id, ok.version)
+            assert worker._cross is not None
+            assert worker._cross.links.min_shared == 4
+
+            bad = await service.set(
+                {"links.region_enabled": True, "policy.flag_at": 1.4}, "test"
+            )
+            assert bad is not None
+            acks = await wait_for_acks(
+                service,
+                lambda a: worker_id in a and a[worker_id].refused_version is not None,
+                timeout_s=10,
+                interval_s=0.02,
+            )
+            ack = acks[worker_id]
+            assert ack.refused_version == bad.version and ack.version == ok.version
+            assert "region_enabled" in (ack.refused_reason or ""), ack
+            assert worker._scorer is not None
+            assert worker._scorer.policy.config.flag_at != 1.4
+            assert worker.settings.policy.flag_at != 1.4
+            assert worker._cross.config.region_enabled is False
+            assert worker._cross.links.min_shared == 4
+    finally:
+        await delete_prefix(settings)
