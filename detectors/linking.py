@@ -75,6 +75,33 @@ class KeyLinks:
 
     # -- updates ------------------------------------------------------------
 
+    def reconfigure(
+        self,
+        *,
+        min_shared: int | None = None,
+        window_s: float | None = None,
+        link_ttl_s: float | None = None,
+    ) -> None:
+        """Change thresholds and windows in place, keeping counts and links.
+
+        Nothing is re-judged now; each rule takes effect when its pair is next
+        touched. A pair whose count already reaches a lowered ``min_shared``
+        is linked at its next report; a link made under a lower threshold
+        stays until it expires. A count older than a shortened ``window_s``
+        restarts at its pair's next report, and links last confirmed longer
+        than a shortened ``link_ttl_s`` ago expire at the next
+        :meth:`observe` (a lengthened one keeps those not yet expired).
+        Raises ``ValueError`` (changing nothing) for a value out of range.
+        """
+        new_min = self.min_shared if min_shared is None else min_shared
+        new_window = self.window_s if window_s is None else window_s
+        new_ttl = self.link_ttl_s if link_ttl_s is None else link_ttl_s
+        if new_min < 1 or new_window <= 0 or new_ttl <= 0:
+            raise ValueError("min_shared, window_s and link_ttl_s must be positive")
+        self.min_shared = new_min
+        self.window_s = new_window
+        self.link_ttl_s = new_ttl
+
     def observe(
         self, reports: Iterable[tuple[str, str, int]], now_s: float
     ) -> list[tuple[str, str]]:

@@ -515,7 +515,8 @@ class CrossClientConfig(_Frozen):
     store_max_rows: int = Field(128, ge=1, le=100_000)
     # Region links (docs/region-links.md): keys whose unusual queries land in
     # the same rare coarse region of the input space (detectors.region).
-    # Read at start, not live. A row is stored only when ood judged it an
+    # Live but for the map and store sizes (docs/live-config.md).
+    # A row is stored only when ood judged it an
     # outlier and at most region_rare_share of the reference falls in its
     # region; two keys get a report per such row of one in a region the
     # other stored a row in within link_window_s, and region_min_shared

@@ -38,16 +38,18 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pydantic
 
 from detectors.linking import KeyLinks, group_risk
 from detectors.region import region_reports
 from gateway.batch import BatchItem
-from gateway.config import Settings
+from gateway.config import CrossClientConfig, Settings
 from gateway.errors import StoreError
 from gateway.fingerprints import RedisFingerprintStore
 from gateway.regions import RedisRegionStore
@@ -132,6 +134,9 @@ class CrossClient:
     def __init__(self, redis: RedisClient, settings: Settings) -> None:
         self._redis = redis
         self._config = settings.cross_client
+        # The settings file's values: what a live document without a
+        # ``links`` section means.
+        self._file_config = settings.cross_client
         self._prefix = settings.redis.key_prefix
         self._timeout_s = settings.redis.socket_timeout_s
         self._stores: dict[int, RedisFingerprintStore] = {}
@@ -154,6 +159,78 @@ class CrossClient:
             entries_per_region=self._config.region_entries,
             timeout_s=self._timeout_s,
         )
+
+    @property
+    def config(self) -> CrossClientConfig:
+        """The cross-client settings in force (live ones included)."""
+        return self._config
+
+    def merged(self, links: Mapping[str, Any] | None) -> CrossClientConfig:
+        """The settings file's ``[cross_client]`` with a live document's
+        ``links`` section over it (``None``: the file's values); raises
+        ``ValueError`` naming the field when a value breaks its bounds."""
+        try:
+            return CrossClientConfig.model_validate(
+                {**self._file_config.model_dump(), **(links or {})}
+            )
+        except pydantic.ValidationError as exc:
+            raise ValueError(
+                "; ".join(
+                    f"links.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                    for err in exc.errors()
+                )
+            ) from exc
+
+    def reconfigure(self, config: CrossClientConfig) -> None:
+        """Take new live cross-client settings between batches.
+
+        Counts and links are kept (:meth:`KeyLinks.reconfigure` says when each
+        new rule bites). The region store reads rows within the new
+        ``link_window_s`` from the next batch on. Fields that shape the shared
+        stores (``fingerprint_ttl_s``, ``entries_per_hash``,
+        ``region_entries``) and the region map (``region_components``,
+        ``region_cell_sd``) must equal the running ones: ``ValueError``
+        otherwise, changing nothing.
+
+        Known shortcoming: a shortened ``link_ttl_s`` does not shorten the
+        expiry of link sets already in Redis (each expires ``link_ttl_s``
+        after it was last written under the old value), and every batch
+        adopts its clients' links from there, so a link can outlive the new
+        TTL by up to the old one.
+        """
+        fixed = (
+            "fingerprint_ttl_s",
+            "entries_per_hash",
+            "region_entries",
+            "region_components",
+            "region_cell_sd",
+        )
+        for name in fixed:
+            if getattr(config, name) != getattr(self._config, name):
+                raise ValueError(f"cross_client.{name}: cannot change while running")
+        # Checked before either KeyLinks changes (a model_copy skips the
+        # model's own bounds).
+        if (
+            min(config.link_min_shared, config.region_min_shared) < 1
+            or config.link_window_s <= 0
+            or config.link_ttl_s <= 0
+        ):
+            raise ValueError(
+                "link_min_shared, region_min_shared, link_window_s and "
+                "link_ttl_s must be positive"
+            )
+        self.links.reconfigure(
+            min_shared=config.link_min_shared,
+            window_s=config.link_window_s,
+            link_ttl_s=config.link_ttl_s,
+        )
+        self.region_links.reconfigure(
+            min_shared=config.region_min_shared,
+            window_s=config.link_window_s,
+            link_ttl_s=config.link_ttl_s,
+        )
+        self._regions.ttl_ms = max(1, round(config.link_window_s * 1000))
+        self._config = config
 
     def _store(self, match_threshold: int) -> RedisFingerprintStore:
         store = self._stores.get(match_threshold)

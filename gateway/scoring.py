@@ -27,7 +27,7 @@ from detectors.ood import OutOfDistributionDetector
 from detectors.region import RegionMap
 from gateway.backends import ModelBackend
 from gateway.batch import BatchItem
-from gateway.config import PolicyConfig, Settings
+from gateway.config import CrossClientConfig, PolicyConfig, Settings
 from gateway.errors import BackendError, PolicyError, ValidationError
 from gateway.groups import FingerprintBatch, RegionBatch
 from gateway.metrics import WorkerMetrics
@@ -74,6 +74,7 @@ class Scorer:
         self._regions: list[RegionBatch] = []
         cross = settings.cross_client
         self._region_min_share = cross.region_min_client_share
+        self._regions_on = cross.enabled and cross.region_enabled
         # Per model: where the detectors put each feature (per-feature scales
         # from the reference when the declared range does not describe the
         # features, gateway.validation.feature_scale) and the detector
@@ -481,13 +482,34 @@ class Scorer:
             policy.model_copy(update={"shadow_detectors": sorted(shadowed)})
         )
 
+    def check_links(self, cross: CrossClientConfig) -> None:
+        """Raise ``ValueError`` when live cross-client settings ask for region
+        links this scorer cannot count: the region maps are fitted at start
+        only when the settings file enabled them."""
+        wants = cross.enabled and cross.region_enabled
+        if wants and self.models and not self._region_maps:
+            raise ValueError(
+                "links.region_enabled: region links were off when this worker "
+                "started (no region map fitted); enable them in [cross_client] "
+                "and restart it"
+            )
+
+    def apply_links(self, cross: CrossClientConfig) -> None:
+        """Take the live region thresholds (``check_links`` first): both are
+        compared per batch, so nothing fitted changes."""
+        self.check_links(cross)
+        for regions in self._region_maps.values():
+            regions.rare_share = cross.region_rare_share
+        self._region_min_share = cross.region_min_client_share
+        self._regions_on = cross.enabled and cross.region_enabled
+
     def _note_regions(self, model: str, client_ids: list[str], x: np.ndarray) -> None:
         """Keep the batch's counted rows for the region store: ``ood``
         outliers in a rare region, sent while at least
         ``region_min_client_share`` of their client's window are outliers.
         Without an ``ood`` detector no row counts."""
         regions = self._region_maps.get(model)
-        if regions is None:
+        if regions is None or not self._regions_on:
             return
         for detector in self._detectors[model].values():
             if not isinstance(detector, OutOfDistributionDetector):

@@ -246,9 +246,15 @@ class Worker:
         """Swap in a live configuration; raises ``ValueError`` (changing
         nothing) when this worker cannot run it."""
         assert self._scorer is not None and self._store is not None
+        assert self._cross is not None
+        # Checked before anything changes, so a refused version changes nothing.
+        cross = self._cross.merged(document.links)
+        self._scorer.check_links(cross)
         self._scorer.apply_live(
             document.policy, document.detectors, document.detector_shadow
         )
+        self._scorer.apply_links(cross)
+        self._cross.reconfigure(cross)
         self.set_limits(document.limits)
         # Everything reading policy from the settings sees the change.
         self.settings = self.settings.model_copy(update={"policy": document.policy})

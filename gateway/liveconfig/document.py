@@ -8,7 +8,9 @@ The document holds the existing settings models by reference
 (:class:`~gateway.config.LimitsConfig`, :class:`~gateway.config.PolicyConfig`),
 so a field added there is live-tunable at once. Detector parameters are limited
 to each detector's ``_mutable_params``: the others shape per-client state and
-need a restart with a new settings file.
+need a restart with a new settings file. Cross-client link parameters
+(``links``) are limited to :data:`LIVE_LINK_FIELDS` of
+:class:`~gateway.config.CrossClientConfig`, validated by that model.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from detectors.registry import DETECTORS
-from gateway.config import LimitsConfig, PolicyConfig, Settings
+from gateway.config import CrossClientConfig, LimitsConfig, PolicyConfig, Settings
 from gateway.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,61 @@ def _check_detectors(value: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
     return full
 
 
+# Cross-client fields that are thresholds, windows or per-batch budgets read
+# afresh for every batch. The others shape what is stored in Redis or fitted
+# at start (fingerprint_ttl_s and entries_per_hash size the shared fingerprint
+# lists every worker reads, region_components and region_cell_sd define the
+# region map fitted on the reference, region_entries sizes the shared region
+# lists): they stay in the settings file.
+LIVE_LINK_FIELDS: tuple[str, ...] = (
+    "enabled",
+    "link_min_shared",
+    "link_window_s",
+    "link_ttl_s",
+    "risk_ttl_s",
+    "store_sample_every",
+    "store_max_rows",
+    "region_enabled",
+    "region_min_shared",
+    "region_rare_share",
+    "region_min_client_share",
+    "region_max_rows",
+)
+
+
+def live_links(config: CrossClientConfig) -> dict[str, Any]:
+    """The live part of a ``[cross_client]`` table, as plain data."""
+    dumped = config.model_dump(mode="json")
+    return {k: dumped[k] for k in LIVE_LINK_FIELDS}
+
+
+def _check_links(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """All live cross-client fields, validated by ``CrossClientConfig`` on top
+    of its defaults; restart-only and unknown fields refused by name."""
+    if value is None:
+        return None
+    for key in value:
+        if key not in CrossClientConfig.model_fields:
+            raise ValueError(f"links.{key}: unknown field")
+        if key not in LIVE_LINK_FIELDS:
+            raise ValueError(
+                f"links.{key}: cannot change while running (rule: it shapes "
+                "the shared Redis store or the fitted region map; set it in "
+                "[cross_client] of the settings file and restart the workers)"
+            )
+    try:
+        config = CrossClientConfig.model_validate(value)
+    except pydantic.ValidationError as exc:
+        raise ValueError(
+            "; ".join(
+                f"links.{'.'.join(str(p) for p in err['loc'])}: "
+                f"{err['msg']} (rule: {err['type']})"
+                for err in exc.errors()
+            )
+        ) from exc
+    return live_links(config)
+
+
 class LiveConfig(_Frozen):
     """Everything an operator may change while the workers run.
 
@@ -96,6 +153,15 @@ class LiveConfig(_Frozen):
         default_factory=dict, validate_default=True
     )
     detector_shadow: dict[str, bool] = Field(default_factory=dict)
+    # None: the section is absent (a version published before it existed, or
+    # a document applied without it) and every worker runs the live
+    # cross-client fields of its own settings file.
+    links: dict[str, Any] | None = None
+
+    @field_validator("links")
+    @classmethod
+    def _links_valid(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return _check_links(value)
 
     @field_validator("detectors")
     @classmethod
@@ -118,7 +184,8 @@ class LiveConfig(_Frozen):
     @classmethod
     def from_settings(cls, settings: Settings) -> LiveConfig:
         """Version 1's document: this process's settings, keeping only the
-        detector parameters that may change while running."""
+        detector parameters and cross-client fields that may change while
+        running."""
         detectors = {
             name: {
                 k: v
@@ -133,6 +200,7 @@ class LiveConfig(_Frozen):
                 "limits": settings.limits.model_dump(mode="json"),
                 "policy": settings.policy.model_dump(mode="json"),
                 "detectors": detectors,
+                "links": live_links(settings.cross_client),
             }
         )
 
@@ -225,18 +293,25 @@ def get_path(document: LiveConfig, key: str) -> Any:
 def with_changes(document: LiveConfig, changes: Mapping[str, Any]) -> LiveConfig:
     """``document`` with each dotted key set to its value, validated as a whole.
 
-    Only the dict-valued sections (``detectors.<name>``, ``detector_shadow``)
-    accept new keys; anywhere else an unknown key is refused by name.
+    Only the dict-valued sections (``detectors.<name>``, ``detector_shadow``,
+    ``links``) accept new keys, which their validators then judge (so a
+    restart-only ``links`` field is refused with its rule); anywhere else an
+    unknown key is refused by name. An absent ``links`` section starts from
+    ``CrossClientConfig``'s defaults: :meth:`ConfigService.set
+    <gateway.liveconfig.service.ConfigService.set>` fills it from the
+    publisher's settings first.
     """
     data = document.as_dict()
+    if data.get("links") is None and any(k.split(".")[0] == "links" for k in changes):
+        data["links"] = {}
     for key, value in changes.items():
         parts = key.split(".")
         if not key or any(not p for p in parts):
             raise ConfigError(f"{key!r}: not a dotted field name")
         node = data
-        open_section = parts[0] in ("detectors", "detector_shadow")
+        open_section = parts[0] in ("detectors", "detector_shadow", "links")
         for depth, part in enumerate(parts[:-1]):
-            if open_section and depth > 0:
+            if open_section and depth > 0 and parts[0] != "links":
                 # A detector not yet named: the validator judges the name.
                 node.setdefault(part, {})
             child = node.get(part)

@@ -44,6 +44,7 @@ from gateway.liveconfig.document import (
     UnknownVersion,
     diff,
     get_path,
+    live_links,
     parse_value,
     record_key,
     summarize,
@@ -318,11 +319,21 @@ class ConfigService:
             raise ConfigError("no KEY=VALUE given")
         summary = ", ".join(f"{k}={json.dumps(v)}" for k, v in changes.items())
         return await self._publish(
-            lambda current: with_changes(current, changes),
+            lambda current: with_changes(self._with_links(current), changes),
             actor,
             parent,
             "set",
             f"set {summary}",
+        )
+
+    def _with_links(self, document: LiveConfig) -> LiveConfig:
+        """``document`` with an absent ``links`` section filled from this
+        process's settings, so that setting one field keeps the others at the
+        values the workers run rather than at the defaults."""
+        if document.links is not None:
+            return document
+        return document.model_copy(
+            update={"links": live_links(self.settings.cross_client)}
         )
 
     async def apply(
