@@ -156,7 +156,7 @@ def _summary(rows: list[int | None]) -> str:
 
 def main(runs: int) -> None:
     """Print the attack's rows per stamp model and the honest counts."""
-    params = TrafficParams()
+    params = TrafficParams(solo_z=5.0)  # off by default
     print(f"recorded stream: flag, block rows {first_rows(params, recorded_stream())}")
     models: dict[str, Callable[[np.random.Generator, float], Times]] = {
         "exact": lambda rng, at: paced(at, 64, rng),

@@ -22,7 +22,9 @@ test came in (``solo_z``): 297 rows changed, all of the three metronomes
 ``bot-0`` (110), ``bot-1`` (103) and ``bot-2`` (84), each now with the solo
 test's evidence and score; ``bot-0`` is flagged from its 32nd row and
 ``bot-2`` from its 16th (neither was before), ``bot-1`` from its 16th as
-before. No other client's row changed.
+before. No other client's row changed. The solo test then went off by
+default (``solo_z`` 0); the replay turns it on at ``SOLO_Z`` (5), the
+setting it was recorded with, so the recording still covers it.
 
 It lives apart from ``test_extraction_scores_pinned.py`` because traffic
 reads arrival times and outcomes, which the shared replay
@@ -38,7 +40,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from detectors.traffic import TrafficDetector
+from detectors.traffic import TrafficDetector, TrafficParams
+
+SOLO_Z = 5.0
+"""The solo test's bar the recording was made with (off by default)."""
 from tests.detectors.pinning import assert_matches, batches, interleave
 
 FIXTURE = Path(__file__).parent / "data" / "traffic_scores.npz"
@@ -107,7 +112,8 @@ def _stream() -> Stream:
 def _scores() -> tuple[npt.NDArray[np.float64], npt.NDArray[np.str_]]:
     """(n, 3) of score, flagged, warm per row, and each row's evidence."""
     ids, times, learn, errored, rejected = _stream()
-    detector = TrafficDetector(seed=0)
+    # The solo test is off by default; the recording has it on.
+    detector = TrafficDetector(TrafficParams(solo_z=SOLO_Z), seed=0)
     X = np.zeros((len(ids), 3))
     out: list[tuple[float, bool, bool]] = []
     evidence: list[str] = []

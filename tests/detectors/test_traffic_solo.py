@@ -33,6 +33,9 @@ from tests.detectors.solo_scenarios import (
 )
 from tests.detectors.test_extraction import one_client
 
+ON = TrafficParams(solo_z=5.0)
+"""The solo test at its measured bar (it is off by default)."""
+
 STAMPS: dict[str, dict[str, Any]] = {
     "exact": {},
     "late up to 2 ms": {"late_s": 0.002},
@@ -52,7 +55,7 @@ def test_a_paced_key_is_flagged_by_row_32_at_every_phase(stamps: str) -> None:
     flagged by its 32nd row (the 16th or 24th at most phases). The 5%
     regularity band held none of these keys' windows at some phases."""
     rng = np.random.default_rng(3)
-    rows = phases(TrafficParams(), lambda at: paced(at, 40, rng, **STAMPS[stamps]))
+    rows = phases(ON, lambda at: paced(at, 40, rng, **STAMPS[stamps]))
     flags = [flag for flag, _ in rows]
     assert all(flag is not None and flag <= 32 for flag in flags), flags
     if stamps in ("exact", "5 ms producer batches"):
@@ -66,8 +69,9 @@ def test_the_evaluations_missed_key_is_flagged_and_blocked_at_row_24() -> None:
     the pair counts saw too little; the solo test flags it at its 24th row
     at z 6.7, past the block level."""
     stream = recorded_stream()
-    assert first_rows(TrafficParams(), stream) == (24, 24)
-    assert first_rows(TrafficParams(solo_z=0.0), stream) == (None, None)
+    assert first_rows(ON, stream) == (24, 24)
+    # Off by default (see TrafficParams.solo_z).
+    assert first_rows(TrafficParams(), stream) == (None, None)
 
 
 @pytest.mark.parametrize(
@@ -81,9 +85,9 @@ def test_the_evaluations_missed_key_is_flagged_and_blocked_at_row_24() -> None:
 def test_honest_keys_are_not_flagged(label: str, streams: object) -> None:
     """Measured when written: highest solo z 3.95, 3.62 and 4.85."""
     assert callable(streams)
-    flagged, highest = honest_solo_z(TrafficParams(), streams())
+    flagged, highest = honest_solo_z(ON, streams())
     assert flagged == 0, label
-    assert 2.0 < highest < TrafficParams().solo_z, (label, highest)
+    assert 2.0 < highest < ON.solo_z, (label, highest)
 
 
 def test_the_count_is_the_gaps_within_the_band_of_their_median() -> None:
@@ -103,7 +107,7 @@ def test_the_solo_parameters_change_live() -> None:
     """solo_z 0 turns the test off from the next row; back on, the key's
     held z (from its last judgement) flags again; a wider band or a lower
     rate applies at the next judgement."""
-    detector = TrafficDetector(seed=0)
+    detector = TrafficDetector(ON, seed=0)
     stream = paced(0.0003, 40, np.random.default_rng(0), late_s=0.002)
     first = one_client(detector, "key", stream[:16])
     assert first[-1].flagged and "beyond chance" in first[-1].evidence
@@ -117,7 +121,7 @@ def test_the_solo_parameters_change_live() -> None:
     # its windows hold.
     rng = np.random.default_rng(1)
     honest = T0 + np.cumsum(rng.exponential(0.2, 48))
-    detector = TrafficDetector(seed=0)
+    detector = TrafficDetector(ON, seed=0)
     assert not any(s.flagged for s in one_client(detector, "h", honest[:32]))
     detector.set_params(solo_match_rate=0.01, solo_tolerance=0.5)
     assert one_client(detector, "h", honest[32:40])[-1].flagged
@@ -126,11 +130,11 @@ def test_the_solo_parameters_change_live() -> None:
 def test_solo_z_round_trips_and_a_forged_one_is_refused() -> None:
     """The held solo z travels with the key: its next row, not judged, is
     flagged on the other worker. A NaN or infinite one is refused whole."""
-    detector = TrafficDetector(seed=0)
+    detector = TrafficDetector(ON, seed=0)
     one_client(detector, "key", paced(0.0, 24, np.random.default_rng(0)))
     blob = detector.dump_state("key")
     assert blob is not None
-    other = TrafficDetector(seed=0)
+    other = TrafficDetector(ON, seed=0)
     other.load_state("key", blob)
     assert other.dump_state("key") == blob
     assert one_client(other, "key", np.array([T0 + 24 * 0.025]))[0].flagged
@@ -149,7 +153,7 @@ def test_solo_z_round_trips_and_a_forged_one_is_refused() -> None:
                 fields,
             )
         )
-        fresh = TrafficDetector(seed=0)
+        fresh = TrafficDetector(ON, seed=0)
         with pytest.raises(ValueError, match="solo_z"):
             fresh.load_state("key", forged)
         assert fresh.dump_state("key") is None

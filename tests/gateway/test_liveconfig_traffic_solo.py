@@ -16,14 +16,14 @@ def test_the_solo_parameters_are_live_with_their_defaults() -> None:
     defaults = LiveConfig().detectors["traffic"]
     assert defaults["solo_tolerance"] == 0.25
     assert defaults["solo_match_rate"] == 0.2
-    assert defaults["solo_z"] == 5.0
+    assert defaults["solo_z"] == 0.0  # off unless turned on
     assert defaults["solo_step_z"] == 3.0
     assert defaults["solo_min_gaps"] == 15
     doc = with_changes(
         LiveConfig(),
         parse_assignments(
             [
-                "detectors.traffic.solo_z=0",
+                "detectors.traffic.solo_z=5",
                 "detectors.traffic.solo_tolerance=0.3",
                 "detectors.traffic.solo_match_rate=0.24",
                 "detectors.traffic.solo_step_z=2",
@@ -32,7 +32,7 @@ def test_the_solo_parameters_are_live_with_their_defaults() -> None:
         ),
     )
     traffic = doc.detectors["traffic"]
-    assert traffic["solo_z"] == 0.0
+    assert traffic["solo_z"] == 5.0
     assert traffic["solo_tolerance"] == 0.3
     assert traffic["solo_match_rate"] == 0.24
     assert traffic["solo_step_z"] == 2.0
