@@ -41,12 +41,12 @@ import numpy as np
 import numpy.typing as npt
 
 from detectors.traffic import TrafficDetector, TrafficParams
-
-SOLO_Z = 5.0
-"""The solo test's bar the recording was made with (off by default)."""
 from tests.detectors.pinning import assert_matches, batches, interleave
 
 FIXTURE = Path(__file__).parent / "data" / "traffic_scores.npz"
+
+SOLO_Z = 5.0
+"""The solo test's bar the recording was made with (off by default)."""
 # Batch sizes cycled over the stream: single rows, small and worker-sized
 # batches, and one larger than a client's window many times over.
 BATCH_SIZES = (1, 9, 600, 2, 64, 500, 5, 128, 1, 333)
