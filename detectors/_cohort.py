@@ -154,6 +154,39 @@ def pool(
 
 
 @jit
+def _run(
+    young_first: npt.NDArray[np.float64],
+    lo: int,
+    hi: int,
+    own: float,
+    window_s: float,
+) -> tuple[int, int]:
+    """The run ``[start, stop)`` of ``young_first[lo:hi]`` (sorted) whose
+    times pass ``abs(t - own) <= window_s`` as computed, by two binary
+    searches with that same test (see :func:`cohort_sums`)."""
+    end = hi
+    # First index whose time is at or after own, or close enough.
+    while lo < hi:
+        mid = (lo + hi) // 2
+        t = young_first[mid]
+        if t >= own or abs(t - own) <= window_s:
+            hi = mid
+        else:
+            lo = mid + 1
+    start = lo
+    # First index past own and too far.
+    hi = end
+    while lo < hi:
+        mid = (lo + hi) // 2
+        t = young_first[mid]
+        if t > own and not abs(t - own) <= window_s:
+            hi = mid
+        else:
+            lo = mid + 1
+    return start, lo
+
+
+@jit
 def cohort_sums(
     asking: npt.NDArray[np.int64],
     seen: npt.NDArray[np.int64],
@@ -190,29 +223,12 @@ def cohort_sums(
         for count in range(1, len(bounds) - 1):
             if not abs(count - own_seen) <= pace:
                 continue
-            # First index whose time is at or after own, or close enough.
-            lo = bounds[count]
-            hi = bounds[count + 1]
-            while lo < hi:
-                mid = (lo + hi) // 2
-                t = young_first[mid]
-                if t >= own or abs(t - own) <= window_s:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            start = lo
-            # First index past own and too far.
-            hi = bounds[count + 1]
-            while lo < hi:
-                mid = (lo + hi) // 2
-                t = young_first[mid]
-                if t > own and not abs(t - own) <= window_s:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            out[0, k] += lo - start
+            start, stop = _run(
+                young_first, bounds[count], bounds[count + 1], own, window_s
+            )
+            out[0, k] += stop - start
             for r in range(n_sums):
-                out[r + 1, k] += sums[r, lo] - sums[r, start]
+                out[r + 1, k] += sums[r, stop] - sums[r, start]
 
 
 DIRECT_MAX = 64
@@ -343,29 +359,14 @@ def cohort_float_sums(
         for count in range(low_count, high_count + 1):
             if not abs(count - own_seen) <= pace:
                 continue
-            lo = bounds[count]
-            hi = bounds[count + 1]
-            while lo < hi:
-                mid = (lo + hi) // 2
-                t = young_first[mid]
-                if t >= own or abs(t - own) <= window_s:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            start = lo
-            hi = bounds[count + 1]
-            while lo < hi:
-                mid = (lo + hi) // 2
-                t = young_first[mid]
-                if t > own and not abs(t - own) <= window_s:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            if lo > start:
+            start, stop = _run(
+                young_first, bounds[count], bounds[count + 1], own, window_s
+            )
+            if stop > start:
                 starts[runs] = start
-                stops[runs] = lo
+                stops[runs] = stop
                 runs += 1
-                size += lo - start
+                size += stop - start
         out[0, k] = size
         for r in range(n_sums):
             total = 0.0
