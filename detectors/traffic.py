@@ -244,6 +244,15 @@ class TrafficParams(DetectorParams):
     the solo test scores it: 15 is a key's 16th request, when it is first
     judged."""
 
+    solo_min_overlaps: int = Field(2, ge=0, le=1024)
+    """Requests of a key's last ``window`` rows that arrived before its
+    previous request was answered (open-loop evidence, see the class)
+    needed before the solo test scores a key whose answer times the
+    detector has seen. A client that sends each request when the last is
+    answered never has one, however regular its round trips; a key whose
+    answers the detector never saw (an offline replay) is scored as
+    without this gate. 0 turns the gate off."""
+
     @model_validator(mode="after")
     def _strong_cohort_is_stronger(self) -> Self:
         if self.strong_cohort_z < self.cohort_z:
@@ -712,6 +721,7 @@ class TrafficDetector(Detector[TrafficParams]):
             "solo_z",
             "solo_step_z",
             "solo_min_gaps",
+            "solo_min_overlaps",
         }
     )
     observes_outcomes: ClassVar[bool] = True
@@ -810,6 +820,11 @@ class TrafficDetector(Detector[TrafficParams]):
             "matches": FieldSpec((), "<i8"),
             # The solo test's binomial z at the client's last judgement.
             "solo_z": FieldSpec((), "<f8"),
+            # When the client's last answered request was answered (0: none
+            # seen), and per row of the window whether it started a request
+            # that arrived before the previous one was answered.
+            "answered_s": FieldSpec((), "<f8"),
+            **window_fields("overlapped", window, "u1"),
         }
 
     def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
@@ -831,6 +846,10 @@ class TrafficDetector(Detector[TrafficParams]):
         # judgement, one would hide a metronome, the other block the key.
         if not np.isfinite(values["solo_z"]):
             raise ValueError("state field 'solo_z' is not finite")
+        # A NaN answer time would make every arrival look closed-loop.
+        if not abs(float(values["answered_s"])) <= MAX_TIME_S:
+            raise ValueError(f"state field 'answered_s' is beyond {MAX_TIME_S:g} s")
+        check_window(values, "overlapped", "overlapped_pos", "overlapped_len")
         if not abs(float(values["first_s"])) <= MAX_TIME_S:
             raise ValueError(f"state field 'first_s' is beyond {MAX_TIME_S:g} s")
         if not 0.0 <= float(values["last_gap"]) <= 2.0 * MAX_TIME_S:
@@ -866,6 +885,49 @@ class TrafficDetector(Detector[TrafficParams]):
                 bits[groups.order],
             )
 
+    def _observe_answer_times(
+        self, slots: npt.NDArray[np.int64], answered_s: npt.NDArray[np.float64]
+    ) -> None:
+        assert self._arena is not None
+        last = self._arena.arrays["answered_s"]
+        clipped = np.clip(answered_s, -MAX_TIME_S, MAX_TIME_S)
+        # The latest answer per key: a batch may answer a key several times.
+        np.maximum.at(last, slots, clipped)
+
+    def _open_loop_counts(
+        self, slots: npt.NDArray[np.int64], times: npt.NDArray[np.float64]
+    ) -> npt.NDArray[np.int64]:
+        """Push each row's open-loop bit into its key's window and return, per
+        row, the key's overlapping requests in its window just after it.
+
+        A row starts a request when it is a key's first of the batch or its
+        time differs from the key's previous row (rows of one request share a
+        time). The first overlaps when it arrived before the key's last
+        answer; a later request of the key in the same batch always does,
+        as none of the batch is answered before all of it is scored.
+        """
+        assert self._arena is not None
+        arrays = self._arena.arrays
+        groups = group_rows(slots)
+        sorted_times = times[groups.order]
+        previous = np.roll(sorted_times, 1)
+        first = groups.position == 0
+        bits = np.where(
+            first,
+            sorted_times < arrays["answered_s"][groups.slot],
+            sorted_times != previous,
+        )
+        counts_sorted, _ = push_window(
+            arrays["overlapped"],
+            arrays["overlapped_pos"],
+            arrays["overlapped_len"],
+            groups,
+            bits,
+        )
+        counts = np.empty(len(slots), dtype=np.int64)
+        counts[groups.order] = counts_sorted
+        return counts
+
     def _spread(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         """Honest mean per feature, and standard deviation with its floor."""
         means, stds = self._moments()
@@ -886,6 +948,9 @@ class TrafficDetector(Detector[TrafficParams]):
         # infinite or largest-float feature, which, learned, turned the shared
         # baseline and so every later score into NaN.
         times = np.clip(times, -MAX_TIME_S, MAX_TIME_S)
+        # Read before this batch's own answers are taken (observe_outcomes).
+        answers_seen = arrays["answered_s"][slots] != 0.0
+        overlaps = self._open_loop_counts(slots, times)
 
         # Times into the rings, and the measures of each judged row's window.
         judged = np.empty(n, dtype=np.int64)
@@ -949,10 +1014,12 @@ class TrafficDetector(Detector[TrafficParams]):
         # solo_z, unlike the cohort's proportion: honest keys' solo z
         # wanders up to 4 or 5, and any score would stand in for every
         # judgement the baseline is not yet warm for.
+        # Gated on open-loop evidence where the key's answer times are known.
+        open_loop = ~answers_seen | (overlaps >= p.solo_min_overlaps)
         solo_score = np.zeros(n)
         if p.solo_z > 0.0:
             solo_score = np.where(
-                solo_z >= p.solo_z,
+                (solo_z >= p.solo_z) & open_loop,
                 np.minimum(
                     p.threshold * (1.0 + (solo_z - p.solo_z) / p.solo_step_z),
                     _MAX_COHORT_SCORE,
@@ -1009,13 +1076,19 @@ class TrafficDetector(Detector[TrafficParams]):
                     )
                 return text
             if from_solo[row]:
-                return (
+                text = (
                     f"regularity beyond chance: gaps within "
                     f"{p.solo_tolerance:.0%} of their median over "
                     f"the last {window} requests far more often than honest "
                     f"(about {p.solo_match_rate:.0%}): binomial z {solo_z[row]:.1f} "
                     f"(flagged from {p.solo_z:g})"
                 )
+                if answers_seen[row]:
+                    text += (
+                        f"; {overlaps[row]} of them sent before the previous "
+                        "one was answered"
+                    )
+                return text
             if score[row] <= 0.0:
                 return "sending pattern like honest clients'"
             z = (held[row] - honest_means) / honest_stds
