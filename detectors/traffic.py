@@ -17,6 +17,9 @@ Paced sends are stamped late by varying amounts and split over producer
 batches, so whether their gaps fall within the regularity feature's 5%
 depends on their phase against the millisecond clock; a 25% band holds
 most of them at any phase (docs/traffic-solo.md, with what it misses).
+It scores only keys seen sending without waiting for their answers (a
+request that arrived before the key's previous one was answered), since a
+client that loops on its answers is as regular as its round trips.
 
 A third test pools keys. An attacker who spreads a metronome's stream over
 many keys gives each key too few requests for its own regularity to count
@@ -218,21 +221,21 @@ class TrafficParams(DetectorParams):
     exponential's true median). The evaluation's honest habits (bursts,
     pauses, retries) give less."""
 
-    solo_z: float = Field(0.0, ge=0.0, le=_Z_MAX)
+    solo_z: float = Field(5.0, ge=0.0, le=_Z_MAX)
     """Binomial z of a key's gaps within ``solo_tolerance`` of its median,
     against ``solo_match_rate``, at which the key is flagged by the solo
     test: its score is then ``threshold`` and one more ``threshold`` per
-    ``solo_step_z`` past it (nothing below). 0, the default, turns the
-    solo test off; 5 is the measured setting (the highest of 5,000 honest
-    Poisson or bursty keys was 4.85, docs/traffic-solo.md).
+    ``solo_step_z`` past it (nothing below). 5, the default, is the
+    measured setting (the highest of 5,000 honest Poisson or bursty keys
+    was 4.85, docs/traffic-solo.md); 0 turns the solo test off.
 
-    Off by default because an honest client that sends each request when
-    the last is answered (a script looping over its data) is as regular
-    as a metronome: its gaps are the gateway's own round trip. Through a
-    real worker such a client was refused at its 16th request at 5
-    (``tests/integration/test_region_links.py``'s sequential keys, before
-    this default). Turn it on where clients do not loop like that, or send
-    through a front door that adds jitter."""
+    An honest client that sends each request when the last is answered (a
+    script looping over its data) is as regular as a metronome: its gaps
+    are the gateway's own round trip. So a key whose answer times the
+    detector has seen is scored only with ``solo_min_overlaps`` open-loop
+    requests in its window; through a real worker such closed-loop keys
+    (``tests/integration/test_region_links.py``'s sequential keys) were
+    refused at their 16th request without that gate."""
 
     solo_step_z: float = Field(3.0, ge=_STEP_MIN, le=_Z_MAX)
     """Solo z past ``solo_z`` that adds one ``threshold`` to the score: a
@@ -584,7 +587,11 @@ class TrafficDetector(Detector[TrafficParams]):
     ``solo_tolerance`` of their median, as a binomial z against
     ``solo_match_rate``; from ``solo_z`` the score is ``threshold`` plus
     one ``threshold`` per ``solo_step_z`` past it (below 1), held between
-    judgements, warm or not. A key sending every 25 ms is flagged by its
+    judgements, warm or not, once ``solo_min_overlaps`` of the key's last
+    ``window`` requests arrived before its previous request was answered
+    (open loop; a key whose answer times were never given to
+    :meth:`observe_outcomes` is scored without this gate). A key sending
+    every 25 ms is flagged by its
     16th to 32nd row at every phase of its stamps against the millisecond
     clock, with sends up to 10 ms late, in 5 ms producer batches, or with
     10% of them split 0/50 ms (100 runs each); the evaluation's paced
@@ -688,11 +695,24 @@ class TrafficDetector(Detector[TrafficParams]):
       level by row 64 for 94 of 100) escape it or slow it; a median gap
       under 4 ms is not scored; a live ``solo_z`` or ``solo_step_z`` applies
       to the held z from the next row, a band, rate or ``solo_min_gaps``
-      at each key's next judgement.
+      at each key's next judgement;
+    - the solo test's open-loop gate compares a request's record time
+      (the broker's clock) with the worker's clock when it answered the
+      key's previous request: it needs the two clocks synchronised (on one
+      host they are the same). A worker clock behind the broker's by more
+      than a closed-loop client's think time makes its requests look
+      closed; ahead, overlapping. A closed-loop client that gives up
+      waiting and resends, or a paced thief that waits for each answer
+      (one request per round trip), is not gated in or out by anything
+      else: the first is scored, the second is not. A key's rows of one
+      batch are gated by its count after each row, and a key whose answers
+      the detector never saw (its first batch, an offline replay) is
+      scored without the gate.
 
-    Per-client state: a ring of ``window`` float64 times, two rings of
-    ``window`` outcome bits, the last judgement (score, features, solo z)
-    and the cohort counts, about 0.46 KB at the default window.
+    Per-client state: a ring of ``window`` float64 times, three rings of
+    ``window`` bits (outcomes, open-loop arrivals), the last judgement
+    (score, features, solo z), the last answer time and the cohort counts,
+    about 0.51 KB at the default window.
     """
 
     name: ClassVar[str] = "traffic"

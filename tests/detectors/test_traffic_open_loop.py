@@ -126,9 +126,7 @@ def test_answer_times_are_checked() -> None:
         with pytest.raises(ValueError, match="answered_s"):
             detector.observe_outcomes(["key"], [False], [False], answered_s=bad)
     with pytest.raises(ValueError, match="answered_s"):
-        detector.observe_outcomes(
-            ["key"], [False], [False], answered_s=[T0, T0 + 1.0]
-        )
+        detector.observe_outcomes(["key"], [False], [False], answered_s=[T0, T0 + 1.0])
 
 
 def _forged(blob: bytes, name: str, value: npt.NDArray[np.generic]) -> bytes:
