@@ -699,15 +699,16 @@ class TrafficDetector(Detector[TrafficParams]):
     - the solo test's open-loop gate compares a request's record time
       (the broker's clock) with the worker's clock when it answered the
       key's previous request: it needs the two clocks synchronised (on one
-      host they are the same). A worker clock behind the broker's by more
-      than a closed-loop client's think time makes its requests look
-      closed; ahead, overlapping. A closed-loop client that gives up
-      waiting and resends, or a paced thief that waits for each answer
-      (one request per round trip), is not gated in or out by anything
-      else: the first is scored, the second is not. A key's rows of one
-      batch are gated by its count after each row, and a key whose answers
-      the detector never saw (its first batch, an offline replay) is
-      scored without the gate.
+      host they are the same). A worker clock behind the broker's hides
+      overlaps (a paced thief is scored later or never); ahead by more
+      than a closed-loop client's think time, it makes that client look
+      open loop. A closed-loop client that gives up waiting and resends
+      overlaps, and is scored once it has done so ``solo_min_overlaps``
+      times in a window; a paced thief that waits for each answer (one
+      request per round trip) is closed loop and never scored by the solo
+      test. A key's rows of one batch are gated by its count after each
+      row, and a key whose answers the detector never saw (its first
+      batch, an offline replay) is scored without the gate.
 
     Per-client state: a ring of ``window`` float64 times, three rings of
     ``window`` bits (outcomes, open-loop arrivals), the last judgement
