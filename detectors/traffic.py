@@ -713,7 +713,7 @@ class TrafficDetector(Detector[TrafficParams]):
     Per-client state: a ring of ``window`` float64 times, three rings of
     ``window`` bits (outcomes, open-loop arrivals), the last judgement
     (score, features, solo z), the last answer time and the cohort counts,
-    about 0.51 KB at the default window.
+    about 0.52 KB at the default window.
     """
 
     name: ClassVar[str] = "traffic"
