@@ -418,6 +418,8 @@ class Detector(ABC, Generic[P]):
         client_ids: Sequence[str],
         errored: Sequence[bool] | npt.NDArray[np.bool_],
         rejected: Sequence[bool] | npt.NDArray[np.bool_],
+        *,
+        answered_s: float | Sequence[float] | npt.NDArray[np.float64] | None = None,
     ) -> None:
         """Show the detector how each request of a batch ended.
 
@@ -425,6 +427,11 @@ class Detector(ABC, Generic[P]):
         when it failed (invalid input, a model error), ``rejected`` when the
         gateway refused it (rate limit, throttle, block). Seen by the next
         batch's scores. No-op unless ``observes_outcomes``.
+
+        ``answered_s`` (seconds since the epoch, one for the batch or one per
+        request) is when the gateway answered: taken before the answers are
+        produced, so no later than a client could have read them. None (the
+        default) leaves the detector without answer times, as before.
         """
         if not self.observes_outcomes or self._arena is None:
             return
@@ -432,8 +439,19 @@ class Detector(ABC, Generic[P]):
         rej = np.asarray(rejected, dtype=bool)
         if err.shape != (len(client_ids),) or rej.shape != err.shape:
             raise ValueError(f"{self.name}: outcomes do not match the client ids")
+        answered: npt.NDArray[np.float64] | None = None
+        if answered_s is not None:
+            given = np.asarray(answered_s, dtype=np.float64)
+            if given.ndim != 0 and given.shape != err.shape:
+                raise ValueError(f"{self.name}: answered_s does not match the ids")
+            answered = np.broadcast_to(given, err.shape).copy()
+            if not np.isfinite(answered).all():
+                raise ValueError(f"{self.name}: answered_s must be finite times")
         if len(client_ids):
-            self._observe_outcome_rows(self._arena.slots(client_ids), err, rej)
+            slots = self._arena.slots(client_ids)
+            self._observe_outcome_rows(slots, err, rej)
+            if answered is not None:
+                self._observe_answer_times(slots, answered)
 
     def learn_output_baseline(
         self, X: npt.NDArray[np.float64], proba: npt.NDArray[np.float64]
@@ -659,6 +677,12 @@ class Detector(ABC, Generic[P]):
         rejected: npt.NDArray[np.bool_],
     ) -> None:
         """Take how each request ended (``observes_outcomes``)."""
+        return None
+
+    def _observe_answer_times(
+        self, slots: npt.NDArray[np.int64], answered_s: npt.NDArray[np.float64]
+    ) -> None:
+        """Take when each request was answered (``observes_outcomes``)."""
         return None
 
     def _learn_output_baseline(

@@ -17,6 +17,9 @@ Paced sends are stamped late by varying amounts and split over producer
 batches, so whether their gaps fall within the regularity feature's 5%
 depends on their phase against the millisecond clock; a 25% band holds
 most of them at any phase (docs/traffic-solo.md, with what it misses).
+It scores only keys seen sending without waiting for their answers (a
+request that arrived before the key's previous one was answered), since a
+client that loops on its answers is as regular as its round trips.
 
 A third test pools keys. An attacker who spreads a metronome's stream over
 many keys gives each key too few requests for its own regularity to count
@@ -218,21 +221,21 @@ class TrafficParams(DetectorParams):
     exponential's true median). The evaluation's honest habits (bursts,
     pauses, retries) give less."""
 
-    solo_z: float = Field(0.0, ge=0.0, le=_Z_MAX)
+    solo_z: float = Field(5.0, ge=0.0, le=_Z_MAX)
     """Binomial z of a key's gaps within ``solo_tolerance`` of its median,
     against ``solo_match_rate``, at which the key is flagged by the solo
     test: its score is then ``threshold`` and one more ``threshold`` per
-    ``solo_step_z`` past it (nothing below). 0, the default, turns the
-    solo test off; 5 is the measured setting (the highest of 5,000 honest
-    Poisson or bursty keys was 4.85, docs/traffic-solo.md).
+    ``solo_step_z`` past it (nothing below). 5, the default, is the
+    measured setting (the highest of 5,000 honest Poisson or bursty keys
+    was 4.85, docs/traffic-solo.md); 0 turns the solo test off.
 
-    Off by default because an honest client that sends each request when
-    the last is answered (a script looping over its data) is as regular
-    as a metronome: its gaps are the gateway's own round trip. Through a
-    real worker such a client was refused at its 16th request at 5
-    (``tests/integration/test_region_links.py``'s sequential keys, before
-    this default). Turn it on where clients do not loop like that, or send
-    through a front door that adds jitter."""
+    An honest client that sends each request when the last is answered (a
+    script looping over its data) is as regular as a metronome: its gaps
+    are the gateway's own round trip. So a key whose answer times the
+    detector has seen is scored only with ``solo_min_overlaps`` open-loop
+    requests in its window; through a real worker such closed-loop keys
+    (``tests/integration/test_region_links.py``'s sequential keys) were
+    refused at their 16th request without that gate."""
 
     solo_step_z: float = Field(3.0, ge=_STEP_MIN, le=_Z_MAX)
     """Solo z past ``solo_z`` that adds one ``threshold`` to the score: a
@@ -243,6 +246,15 @@ class TrafficParams(DetectorParams):
     """Gaps (positive, so a request's rows are one) a window needs before
     the solo test scores it: 15 is a key's 16th request, when it is first
     judged."""
+
+    solo_min_overlaps: int = Field(2, ge=0, le=1024)
+    """Requests of a key's last ``window`` rows that arrived before its
+    previous request was answered (open-loop evidence, see the class)
+    needed before the solo test scores a key whose answer times the
+    detector has seen. A client that sends each request when the last is
+    answered never has one, however regular its round trips; a key whose
+    answers the detector never saw (an offline replay) is scored as
+    without this gate. 0 turns the gate off."""
 
     @model_validator(mode="after")
     def _strong_cohort_is_stronger(self) -> Self:
@@ -575,7 +587,11 @@ class TrafficDetector(Detector[TrafficParams]):
     ``solo_tolerance`` of their median, as a binomial z against
     ``solo_match_rate``; from ``solo_z`` the score is ``threshold`` plus
     one ``threshold`` per ``solo_step_z`` past it (below 1), held between
-    judgements, warm or not. A key sending every 25 ms is flagged by its
+    judgements, warm or not, once ``solo_min_overlaps`` of the key's last
+    ``window`` requests arrived before its previous request was answered
+    (open loop; a key whose answer times were never given to
+    :meth:`observe_outcomes` is scored without this gate). A key sending
+    every 25 ms is flagged by its
     16th to 32nd row at every phase of its stamps against the millisecond
     clock, with sends up to 10 ms late, in 5 ms producer batches, or with
     10% of them split 0/50 ms (100 runs each); the evaluation's paced
@@ -679,11 +695,25 @@ class TrafficDetector(Detector[TrafficParams]):
       level by row 64 for 94 of 100) escape it or slow it; a median gap
       under 4 ms is not scored; a live ``solo_z`` or ``solo_step_z`` applies
       to the held z from the next row, a band, rate or ``solo_min_gaps``
-      at each key's next judgement.
+      at each key's next judgement;
+    - the solo test's open-loop gate compares a request's record time
+      (the broker's clock) with the worker's clock when it answered the
+      key's previous request: it needs the two clocks synchronised (on one
+      host they are the same). A worker clock behind the broker's hides
+      overlaps (a paced thief is scored later or never); ahead by more
+      than a closed-loop client's think time, it makes that client look
+      open loop. A closed-loop client that gives up waiting and resends
+      overlaps, and is scored once it has done so ``solo_min_overlaps``
+      times in a window; a paced thief that waits for each answer (one
+      request per round trip) is closed loop and never scored by the solo
+      test. A key's rows of one batch are gated by its count after each
+      row, and a key whose answers the detector never saw (its first
+      batch, an offline replay) is scored without the gate.
 
-    Per-client state: a ring of ``window`` float64 times, two rings of
-    ``window`` outcome bits, the last judgement (score, features, solo z)
-    and the cohort counts, about 0.46 KB at the default window.
+    Per-client state: a ring of ``window`` float64 times, three rings of
+    ``window`` bits (outcomes, open-loop arrivals), the last judgement
+    (score, features, solo z), the last answer time and the cohort counts,
+    about 0.52 KB at the default window.
     """
 
     name: ClassVar[str] = "traffic"
@@ -712,6 +742,7 @@ class TrafficDetector(Detector[TrafficParams]):
             "solo_z",
             "solo_step_z",
             "solo_min_gaps",
+            "solo_min_overlaps",
         }
     )
     observes_outcomes: ClassVar[bool] = True
@@ -810,6 +841,11 @@ class TrafficDetector(Detector[TrafficParams]):
             "matches": FieldSpec((), "<i8"),
             # The solo test's binomial z at the client's last judgement.
             "solo_z": FieldSpec((), "<f8"),
+            # When the client's last answered request was answered (0: none
+            # seen), and per row of the window whether it started a request
+            # that arrived before the previous one was answered.
+            "answered_s": FieldSpec((), "<f8"),
+            **window_fields("overlapped", window, "u1"),
         }
 
     def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
@@ -831,6 +867,10 @@ class TrafficDetector(Detector[TrafficParams]):
         # judgement, one would hide a metronome, the other block the key.
         if not np.isfinite(values["solo_z"]):
             raise ValueError("state field 'solo_z' is not finite")
+        # A NaN answer time would make every arrival look closed-loop.
+        if not abs(float(values["answered_s"])) <= MAX_TIME_S:
+            raise ValueError(f"state field 'answered_s' is beyond {MAX_TIME_S:g} s")
+        check_window(values, "overlapped", "overlapped_pos", "overlapped_len")
         if not abs(float(values["first_s"])) <= MAX_TIME_S:
             raise ValueError(f"state field 'first_s' is beyond {MAX_TIME_S:g} s")
         if not 0.0 <= float(values["last_gap"]) <= 2.0 * MAX_TIME_S:
@@ -866,6 +906,49 @@ class TrafficDetector(Detector[TrafficParams]):
                 bits[groups.order],
             )
 
+    def _observe_answer_times(
+        self, slots: npt.NDArray[np.int64], answered_s: npt.NDArray[np.float64]
+    ) -> None:
+        assert self._arena is not None
+        last = self._arena.arrays["answered_s"]
+        clipped = np.clip(answered_s, -MAX_TIME_S, MAX_TIME_S)
+        # The latest answer per key: a batch may answer a key several times.
+        np.maximum.at(last, slots, clipped)
+
+    def _open_loop_counts(
+        self, slots: npt.NDArray[np.int64], times: npt.NDArray[np.float64]
+    ) -> npt.NDArray[np.int64]:
+        """Push each row's open-loop bit into its key's window and return, per
+        row, the key's overlapping requests in its window just after it.
+
+        A row starts a request when it is a key's first of the batch or its
+        time differs from the key's previous row (rows of one request share a
+        time). The first overlaps when it arrived before the key's last
+        answer; a later request of the key in the same batch always does,
+        as none of the batch is answered before all of it is scored.
+        """
+        assert self._arena is not None
+        arrays = self._arena.arrays
+        groups = group_rows(slots)
+        sorted_times = times[groups.order]
+        previous = np.roll(sorted_times, 1)
+        first = groups.position == 0
+        bits = np.where(
+            first,
+            sorted_times < arrays["answered_s"][groups.slot],
+            sorted_times != previous,
+        )
+        counts_sorted, _ = push_window(
+            arrays["overlapped"],
+            arrays["overlapped_pos"],
+            arrays["overlapped_len"],
+            groups,
+            bits,
+        )
+        counts = np.empty(len(slots), dtype=np.int64)
+        counts[groups.order] = counts_sorted
+        return counts
+
     def _spread(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         """Honest mean per feature, and standard deviation with its floor."""
         means, stds = self._moments()
@@ -886,6 +969,9 @@ class TrafficDetector(Detector[TrafficParams]):
         # infinite or largest-float feature, which, learned, turned the shared
         # baseline and so every later score into NaN.
         times = np.clip(times, -MAX_TIME_S, MAX_TIME_S)
+        # Read before this batch's own answers are taken (observe_outcomes).
+        answers_seen = arrays["answered_s"][slots] != 0.0
+        overlaps = self._open_loop_counts(slots, times)
 
         # Times into the rings, and the measures of each judged row's window.
         judged = np.empty(n, dtype=np.int64)
@@ -949,10 +1035,12 @@ class TrafficDetector(Detector[TrafficParams]):
         # solo_z, unlike the cohort's proportion: honest keys' solo z
         # wanders up to 4 or 5, and any score would stand in for every
         # judgement the baseline is not yet warm for.
+        # Gated on open-loop evidence where the key's answer times are known.
+        open_loop = ~answers_seen | (overlaps >= p.solo_min_overlaps)
         solo_score = np.zeros(n)
         if p.solo_z > 0.0:
             solo_score = np.where(
-                solo_z >= p.solo_z,
+                (solo_z >= p.solo_z) & open_loop,
                 np.minimum(
                     p.threshold * (1.0 + (solo_z - p.solo_z) / p.solo_step_z),
                     _MAX_COHORT_SCORE,
@@ -1009,13 +1097,19 @@ class TrafficDetector(Detector[TrafficParams]):
                     )
                 return text
             if from_solo[row]:
-                return (
+                text = (
                     f"regularity beyond chance: gaps within "
                     f"{p.solo_tolerance:.0%} of their median over "
                     f"the last {window} requests far more often than honest "
                     f"(about {p.solo_match_rate:.0%}): binomial z {solo_z[row]:.1f} "
                     f"(flagged from {p.solo_z:g})"
                 )
+                if answers_seen[row]:
+                    text += (
+                        f"; {overlaps[row]} of them sent before the previous "
+                        "one was answered"
+                    )
+                return text
             if score[row] <= 0.0:
                 return "sending pattern like honest clients'"
             z = (held[row] - honest_means) / honest_stds

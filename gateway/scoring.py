@@ -407,10 +407,14 @@ class Scorer:
             ids.append(item.client_id)
             errs.append(errored)
             rejs.append(rejected)
+        # Taken before the worker produces any answer of the batch, so no
+        # later than a client could read one: a closed-loop client's next
+        # request then never looks sent before its last was answered.
+        answered_s = time.time()
         for name, (ids, errs, rejs) in per_model.items():
             for detector in self._detectors[name].values():
                 if detector.observes_outcomes:
-                    detector.observe_outcomes(ids, errs, rejs)
+                    detector.observe_outcomes(ids, errs, rejs, answered_s=answered_s)
 
     def note_groups(self, items: Sequence[BatchItem]) -> None:
         """After gateway.groups has put ``group_id``/``group_risk`` on the

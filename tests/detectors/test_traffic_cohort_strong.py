@@ -192,8 +192,8 @@ def test_both_parameters_change_live_and_are_validated() -> None:
 
 def test_state_and_its_serialisation_are_unchanged() -> None:
     """The lower bar reads the counts every key already keeps: no field of
-    its own (``solo_z`` is the solo test's), and an admitted key's state
-    round-trips."""
+    its own (``solo_z``, ``answered_s`` and the ``overlapped`` window are
+    the solo test's), and an admitted key's state round-trips."""
     detector = TrafficDetector(seed=0)
     scores = _ticks(detector, _cohort(9))
     assert scores["weak0"][4][0] >= 0.9
@@ -201,7 +201,7 @@ def test_state_and_its_serialisation_are_unchanged() -> None:
     assert set(detector._arena.arrays) == {
         *(
             f"{ring}{end}"
-            for ring in ("times", "errored", "rejected")
+            for ring in ("times", "errored", "rejected", "overlapped")
             for end in ("", "_pos", "_len")
         ),
         "n_seen",
@@ -213,6 +213,7 @@ def test_state_and_its_serialisation_are_unchanged() -> None:
         "pairs",
         "matches",
         "solo_z",
+        "answered_s",
     }
     blob = detector.dump_state("weak0")
     assert blob is not None

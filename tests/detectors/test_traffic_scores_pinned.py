@@ -22,9 +22,9 @@ test came in (``solo_z``): 297 rows changed, all of the three metronomes
 ``bot-0`` (110), ``bot-1`` (103) and ``bot-2`` (84), each now with the solo
 test's evidence and score; ``bot-0`` is flagged from its 32nd row and
 ``bot-2`` from its 16th (neither was before), ``bot-1`` from its 16th as
-before. No other client's row changed. The solo test then went off by
-default (``solo_z`` 0); the replay turns it on at ``SOLO_Z`` (5), the
-setting it was recorded with, so the recording still covers it.
+before. No other client's row changed. The replay sets ``SOLO_Z`` (5),
+the setting it was recorded with, whatever the default; it gives no answer
+times, so the open-loop gate (``solo_min_overlaps``) never applies here.
 
 It lives apart from ``test_extraction_scores_pinned.py`` because traffic
 reads arrival times and outcomes, which the shared replay
@@ -46,7 +46,10 @@ from tests.detectors.pinning import assert_matches, batches, interleave
 FIXTURE = Path(__file__).parent / "data" / "traffic_scores.npz"
 
 SOLO_Z = 5.0
-"""The solo test's bar the recording was made with (off by default)."""
+"""The solo test's bar the recording was made with. The replay gives no
+answer times, so its keys are scored without the open-loop gate (unknown
+is not closed loop)."""
+
 # Batch sizes cycled over the stream: single rows, small and worker-sized
 # batches, and one larger than a client's window many times over.
 BATCH_SIZES = (1, 9, 600, 2, 64, 500, 5, 128, 1, 333)
@@ -112,7 +115,7 @@ def _stream() -> Stream:
 def _scores() -> tuple[npt.NDArray[np.float64], npt.NDArray[np.str_]]:
     """(n, 3) of score, flagged, warm per row, and each row's evidence."""
     ids, times, learn, errored, rejected = _stream()
-    # The solo test is off by default; the recording has it on.
+    # The recording has the solo test on, whatever the default.
     detector = TrafficDetector(TrafficParams(solo_z=SOLO_Z), seed=0)
     X = np.zeros((len(ids), 3))
     out: list[tuple[float, bool, bool]] = []

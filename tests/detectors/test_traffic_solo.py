@@ -34,7 +34,7 @@ from tests.detectors.solo_scenarios import (
 from tests.detectors.test_extraction import one_client
 
 ON = TrafficParams(solo_z=5.0)
-"""The solo test at its measured bar (it is off by default)."""
+"""The solo test at its measured bar (also the default)."""
 
 STAMPS: dict[str, dict[str, Any]] = {
     "exact": {},
@@ -70,8 +70,9 @@ def test_the_evaluations_missed_key_is_flagged_and_blocked_at_row_24() -> None:
     at z 6.7, past the block level."""
     stream = recorded_stream()
     assert first_rows(ON, stream) == (24, 24)
-    # Off by default (see TrafficParams.solo_z).
-    assert first_rows(TrafficParams(), stream) == (None, None)
+    # On by default (see TrafficParams.solo_z); 0 turns it off.
+    assert first_rows(TrafficParams(), stream) == (24, 24)
+    assert first_rows(TrafficParams(solo_z=0.0), stream) == (None, None)
 
 
 @pytest.mark.parametrize(

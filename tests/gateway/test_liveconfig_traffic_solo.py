@@ -16,27 +16,30 @@ def test_the_solo_parameters_are_live_with_their_defaults() -> None:
     defaults = LiveConfig().detectors["traffic"]
     assert defaults["solo_tolerance"] == 0.25
     assert defaults["solo_match_rate"] == 0.2
-    assert defaults["solo_z"] == 0.0  # off unless turned on
+    assert defaults["solo_z"] == 5.0  # on, gated on open-loop evidence
     assert defaults["solo_step_z"] == 3.0
     assert defaults["solo_min_gaps"] == 15
+    assert defaults["solo_min_overlaps"] == 2
     doc = with_changes(
         LiveConfig(),
         parse_assignments(
             [
-                "detectors.traffic.solo_z=5",
+                "detectors.traffic.solo_z=6",
                 "detectors.traffic.solo_tolerance=0.3",
                 "detectors.traffic.solo_match_rate=0.24",
                 "detectors.traffic.solo_step_z=2",
                 "detectors.traffic.solo_min_gaps=20",
+                "detectors.traffic.solo_min_overlaps=0",
             ]
         ),
     )
     traffic = doc.detectors["traffic"]
-    assert traffic["solo_z"] == 5.0
+    assert traffic["solo_z"] == 6.0
     assert traffic["solo_tolerance"] == 0.3
     assert traffic["solo_match_rate"] == 0.24
     assert traffic["solo_step_z"] == 2.0
     assert traffic["solo_min_gaps"] == 20
+    assert traffic["solo_min_overlaps"] == 0
 
 
 @pytest.mark.parametrize(
@@ -47,6 +50,7 @@ def test_the_solo_parameters_are_live_with_their_defaults() -> None:
         {"detectors.traffic.solo_match_rate": 0.0},
         {"detectors.traffic.solo_step_z": 0.0},
         {"detectors.traffic.solo_min_gaps": 1},
+        {"detectors.traffic.solo_min_overlaps": -1},
     ],
 )
 def test_an_out_of_range_solo_parameter_is_refused(changes: dict[str, float]) -> None:
