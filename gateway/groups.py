@@ -52,6 +52,7 @@ from gateway.batch import BatchItem
 from gateway.config import CrossClientConfig, Settings
 from gateway.errors import StoreError
 from gateway.fingerprints import RedisFingerprintStore
+from gateway.liveconfig.document import LIVE_LINK_FIELDS
 from gateway.regions import RedisRegionStore
 from gateway.store import RedisClient, redis_guard
 
@@ -198,14 +199,10 @@ class CrossClient:
         adopts its clients' links from there, so a link can outlive the new
         TTL by up to the old one.
         """
-        fixed = (
-            "fingerprint_ttl_s",
-            "entries_per_hash",
-            "region_entries",
-            "region_components",
-            "region_cell_sd",
-        )
-        for name in fixed:
+        # Every field outside the live document's must stay as it runs.
+        for name in CrossClientConfig.model_fields:
+            if name in LIVE_LINK_FIELDS:
+                continue
             if getattr(config, name) != getattr(self._config, name):
                 raise ValueError(f"cross_client.{name}: cannot change while running")
         # Checked before either KeyLinks changes (a model_copy skips the
