@@ -326,6 +326,25 @@ class OodParams(DetectorParams):
     """Fewest lattice features off the lattice for a query to count as
     synthetic."""
 
+    # Source of the default: no honest query of the evaluation's zoo had
+    # more than 2 of 64 digits pixels or 1 of 9 phishing features off the
+    # lattice (see the class), so an honest client sends none; three, not
+    # one, so that a deployment whose clients send the odd rescaled input
+    # is flagged by the share first and refused only on a run of them.
+    # Papernot et al.'s Jacobian augmentation on digits (seed 2) was
+    # flagged at its 2nd off-lattice query and refused by the ladder at its
+    # 4th (flag, flag, block); its copy then passed the extraction bound by
+    # 0.003, and refusing at the 3rd keeps it under.
+    lattice_block: int = Field(3, ge=0, le=4096)
+    """Off-lattice queries among a client's last ``window`` at which it is
+    scored at ``lattice_block_level``, whatever its share; 0 turns this
+    off."""
+
+    lattice_block_level: float = Field(1.5, gt=0.0, le=100.0)
+    """Score, in multiples of ``threshold``, of a client with
+    ``lattice_block`` off-lattice queries in its window (capped at a share
+    of 1). The default is the policy's default block level (``block_at``)."""
+
     range_min_features: int = Field(3, ge=0, le=100_000)
     """Features outside the reference's range (by more than
     ``range_tolerance``) that make a query *wide*; 0 turns the check off."""
@@ -416,6 +435,13 @@ class OutOfDistributionDetector(Detector[OodParams]):
     0.5% noise): no honest query had more than 2 of 64 digits pixels or 1 of
     9 phishing features off; equation-solving queries had a median of 8-9
     (digits) and 3-6 (phishing).
+
+    A run of off-lattice queries is refused on its count: a client with
+    ``lattice_block`` (3) of them among its last ``window`` queries scores
+    ``lattice_block_level`` (the policy's default block level) however many
+    real inputs sit beside them, so a thief that opens with real inputs and
+    then synthesizes (Papernot et al.'s seed set, then augmentation) is
+    refused at its third synthetic query, not when its share catches up.
 
     A query is also an outlier when it is *wide*: at least
     ``range_min_features`` features lie outside the reference's range (by
@@ -536,10 +562,10 @@ class OutOfDistributionDetector(Detector[OodParams]):
       makes every live key young at once (keys are then pooled by the
       restart, not by when they started).
 
-    Per-client state: a ring of ``window`` outlier bits, counters, the EWMA,
-    the first query's time and the last counted outlier at 8 bits per
-    feature with a flag saying whether there is one (about 111 bytes plus
-    one per feature). The shared model holds about 200 KB with the defaults.
+    Per-client state: rings of ``window`` outlier and off-lattice bits,
+    counters, the EWMA, the first query's time and the last counted outlier
+    at 8 bits per feature with a flag saying whether there is one (about 177
+    bytes plus one per feature). The shared model holds about 200 KB with the defaults.
 
     Parameters
     ----------
@@ -565,6 +591,8 @@ class OutOfDistributionDetector(Detector[OodParams]):
             "lattice_tolerance",
             "lattice_share",
             "lattice_min_features",
+            "lattice_block",
+            "lattice_block_level",
             "range_min_features",
             "range_tolerance",
             "range_early",
@@ -677,6 +705,8 @@ class OutOfDistributionDetector(Detector[OodParams]):
     def _layout(self, n_features: int) -> dict[str, FieldSpec]:
         return {
             **window_fields("outlier", self._params.window, "u1"),
+            # Which of those outliers were off the lattice (lattice_block).
+            **window_fields("off_lattice", self._params.window, "u1"),
             "n_seen": FieldSpec((), "<i8"),
             "ewma": FieldSpec((), "<f8"),
             "n_off_lattice": FieldSpec((), "<i8"),
@@ -693,6 +723,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
 
     def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
         check_window(values, "outlier", "outlier_pos", "outlier_len")
+        check_window(values, "off_lattice", "off_lattice_pos", "off_lattice_len")
         check_counters(values, "n_seen")
         if not np.isfinite(values["ewma"]) or int(values["n_seen"]) < 0:
             raise ValueError("state field 'ewma' or 'n_seen' is invalid")
@@ -727,6 +758,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
                 or int(values["outlier_pos"]) != seen % window
                 or int(ring[length:].sum()) != 0
                 or count < int(values["n_off_lattice"])
+                or int(values["off_lattice"].sum()) != int(values["n_off_lattice"])
                 or count < int(values["n_wide"])
                 or count < has_outlier
             ):
@@ -734,6 +766,17 @@ class OutOfDistributionDetector(Detector[OodParams]):
                     "state fields 'outlier', 'outlier_pos' and 'outlier_len' "
                     "do not match a young key's counts"
                 )
+        # The two rings advance together, and an off-lattice query is an
+        # outlier: a forged ring of off-lattice bits alone would refuse (or,
+        # emptied, spare) a key by lattice_block.
+        if (
+            int(values["off_lattice_pos"]) != int(values["outlier_pos"])
+            or int(values["off_lattice_len"]) != int(values["outlier_len"])
+            or bool((values["off_lattice"] > values["outlier"]).any())
+        ):
+            raise ValueError(
+                "state field 'off_lattice' does not match the 'outlier' window"
+            )
 
     def _on_n_features(self, n_features: int) -> None:
         params = self._params
@@ -982,6 +1025,13 @@ class OutOfDistributionDetector(Detector[OodParams]):
             groups,
             outlier[groups.order],
         )
+        off_counts, _ = push_window(
+            arrays["off_lattice"],
+            arrays["off_lattice_pos"],
+            arrays["off_lattice_len"],
+            groups,
+            synthetic[groups.order],
+        )
         inverse = np.empty(n, dtype=np.int64)
         inverse[groups.order] = np.arange(n)
         # Queries, off-lattice and counted wide queries so far per row (its
@@ -1006,6 +1056,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
         # One score per row.
         counts = counts[inverse]
         lengths = lengths[inverse]
+        off_counts = off_counts[inverse]
         self.last_window_share = counts / np.maximum(lengths, 1)
         if judged:
             # How unlikely each window's count is for an honest client
@@ -1038,6 +1089,15 @@ class OutOfDistributionDetector(Detector[OodParams]):
             cohort = self._cohort_evidence(slots, member, float(rate[0]))
 
             def evidence(row: int) -> str:
+                if from_run[row]:
+                    return (
+                        f"{off_counts[row]} of the last {lengths[row]} queries "
+                        f"hold values between the levels real inputs take "
+                        f"(off the lattice of the reference's quantised "
+                        f"features), which honest inputs keep; "
+                        f"{params.lattice_block} or more are refused; "
+                        f"{counts[row]} of the {lengths[row]} are outliers in all"
+                    )
                 if from_cohort[row]:
                     return (
                         f"{cohort.outliers[row]} of the {cohort.rows[row]} queries "
@@ -1077,6 +1137,16 @@ class OutOfDistributionDetector(Detector[OodParams]):
             from_cohort = cohort.share > np.where(warm, share, 0.0)
             share = np.where(from_cohort, cohort.share, share)
             warm = warm | from_cohort
+            # A run of off-lattice queries is refused on its count, not its
+            # share: a thief that opens with real inputs (Papernot et al.'s
+            # seed set) dilutes its share for as long as those stay in the
+            # window. Off-lattice counts are the key's own, so this also
+            # wins over a cohort's share.
+            run = (params.lattice_block > 0) & (off_counts >= params.lattice_block)
+            run_share = min(params.lattice_block_level * params.threshold, 1.0)
+            from_run = run & (run_share > share)
+            from_cohort &= ~from_run
+            share = np.where(from_run, run_share, share)
             return self._scores(share, warm, evidence)
         cold = [
             "no baseline of normal traffic yet (learn_baseline has not "
