@@ -291,9 +291,9 @@ def send(
         typer.echo("error: give exactly one of --data or --sample", err=True)
         raise typer.Exit(2)
     if sample is not None:
-        from gateway.models import digits_split
+        from gateway.models import held_out_digits
 
-        held_out = digits_split()[1]
+        held_out = held_out_digits(settings.models.directory)
         if not 0 <= sample < len(held_out):
             typer.echo(f"error: --sample must be 0..{len(held_out) - 1}", err=True)
             raise typer.Exit(2)
