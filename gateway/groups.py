@@ -160,6 +160,10 @@ class CrossClient:
             entries_per_region=self._config.region_entries,
             timeout_s=self._timeout_s,
         )
+        # Until this time (epoch seconds) a batch caps its clients' link sets
+        # in Redis at the current link_ttl_s: set when a live change shortens
+        # it, for as long as a set written under the old value can live.
+        self._cap_links_until_s = 0.0
 
     @property
     def config(self) -> CrossClientConfig:
@@ -193,11 +197,11 @@ class CrossClient:
         ``region_cell_sd``) must equal the running ones: ``ValueError``
         otherwise, changing nothing.
 
-        Known shortcoming: a shortened ``link_ttl_s`` does not shorten the
-        expiry of link sets already in Redis (each expires ``link_ttl_s``
-        after it was last written under the old value), and every batch
-        adopts its clients' links from there, so a link can outlive the new
-        TTL by up to the old one.
+        A shortened ``link_ttl_s`` also reaches the link sets already in
+        Redis: for as long as a set written under the old value can live,
+        each batch caps its clients' sets at the new TTL (``PEXPIRE ... LT``)
+        before adopting links from them, so a link outlives the new TTL only
+        by the time until its client's next batch on this worker.
         """
         # Every field outside the live document's must stay as it runs.
         for name in CrossClientConfig.model_fields:
@@ -227,6 +231,10 @@ class CrossClient:
             link_ttl_s=config.link_ttl_s,
         )
         self._regions.ttl_ms = max(1, round(config.link_window_s * 1000))
+        if config.link_ttl_s < self._config.link_ttl_s:
+            self._cap_links_until_s = max(
+                self._cap_links_until_s, time.time() + self._config.link_ttl_s
+            )
         self._config = config
 
     def _store(self, match_threshold: int) -> RedisFingerprintStore:
@@ -369,6 +377,10 @@ class CrossClient:
                 pipe.set(
                     self._client_key(client, "risk"), repr(risks[client]), px=ttl_ms
                 )
+            if now_s < self._cap_links_until_s:
+                for client in clients:
+                    key = self._client_key(client, "links")
+                    pipe.pexpire(key, link_ttl_ms, lt=True)
             for client in clients:
                 pipe.smembers(self._client_key(client, "links"))
             for other in others:

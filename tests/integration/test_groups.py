@@ -141,3 +141,45 @@ async def test_an_unreachable_redis_leaves_the_batch_alone(
         assert items[0].group_id is None and items[0].group_risk == 0.0
     finally:
         await redis.aclose()
+
+
+async def test_a_shortened_link_ttl_caps_link_sets_already_in_redis(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    settings = isolated_settings(
+        stack.kafka_bootstrap,
+        stack.redis_url,
+        models_dir,
+        cross_client={"link_min_shared": 3, "link_ttl_s": 3600.0},
+    )
+    redis = redis_from_settings(settings)
+    try:
+        cross = CrossClient(redis, settings)
+        fingerprint = np.array([[31, 32, 33, 34]], dtype=np.uint64)
+        rows_a = np.repeat(fingerprint, 4, axis=0)
+        rows_a[:, 3] = np.arange(500, 504, dtype=np.uint64)
+        await cross.after_scoring(
+            [_item("a", 2.0) for _ in range(4)], [_batch(["a"] * 4, rows_a)]
+        )
+        rows_b = np.repeat(fingerprint, 3, axis=0)
+        rows_b[:, 3] = np.arange(600, 603, dtype=np.uint64)
+        await cross.after_scoring(
+            [_item("b", 0.1) for _ in range(3)], [_batch(["b"] * 3, rows_b)]
+        )
+        key_a = cross._client_key("a", "links")
+        key_b = cross._client_key("b", "links")
+        assert await redis.smembers(key_a) == {b"b"}
+        assert await redis.pttl(key_a) > 3_000_000
+
+        cross.reconfigure(cross.config.model_copy(update={"link_ttl_s": 60.0}))
+        # a's next batch caps its set; b's, not yet served, keeps the old TTL.
+        await cross.after_scoring([_item("a", 0.5)], [_batch(["a"], rows_a[:1] + 9)])
+        assert 0 < await redis.pttl(key_a) <= 60_000
+        assert await redis.pttl(key_b) > 3_000_000
+        # A longer TTL again does not lengthen a capped set (LT).
+        cross.reconfigure(cross.config.model_copy(update={"link_ttl_s": 7200.0}))
+        await cross.after_scoring([_item("a", 0.5)], [_batch(["a"], rows_a[:1] + 7)])
+        assert 0 < await redis.pttl(key_a) <= 60_000
+    finally:
+        await redis.aclose()
+        await delete_prefix(settings)
