@@ -1115,8 +1115,17 @@ class OutOfDistributionDetector(Detector[OodParams]):
                     f"or off the values real inputs take, or outside their range; "
                     f"{off_rows[row]} so far off them, {wide_rows[row]} outside; "
                     f"chance {tail[row]:.1e} for an honest client at an outlier "
-                    f"rate of {rate[row]:.3f}); "
-                    f"this one {raw[row]:.3f}, running mean {ewma[row]:.3f}"
+                    f"rate of {rate[row]:.3f}"
+                    # A fresh user read that chance as the reason for a
+                    # score it played no part in.
+                    + (
+                        "; judged on the share alone, the chance aside: a "
+                        "query off the values real inputs take is no chance "
+                        "event"
+                        if off_rows[row] > 0 and not unlikely[row]
+                        else ""
+                    )
+                    + f"); this one {raw[row]:.3f}, running mean {ewma[row]:.3f}"
                 )
 
             warm = (

@@ -181,3 +181,17 @@ def test_a_forged_off_lattice_ring_is_refused(digits: Digits, case: str) -> None
         forged = _forge(blob, off_lattice=np.zeros_like(ring))
     with pytest.raises(ValueError, match=r"off_lattice|young key"):
         _fresh(digits).load_state("p", forged)
+
+
+def test_evidence_says_when_the_chance_played_no_part(digits: Digits) -> None:
+    detector = _fresh(digits)
+    rows = _papernot_like(detector, digits, 1)
+    scores = detector.score_batch(["p"] * len(rows), rows, learn=[False] * len(rows))
+    # One off-lattice query among ten real ones: judged on its share (1/11)
+    # although one outlier in 11 is an ordinary chance for an honest key.
+    assert scores[-1].score == pytest.approx(1 / 11)
+    assert "judged on the share alone, the chance aside" in scores[-1].evidence
+    # An honest key's window, never off the lattice, keeps the plain wording.
+    honest = _fresh(digits).score_batch(["h"] * 10, rows[:10], learn=[False] * 10)
+    assert "the chance aside" not in honest[-1].evidence
+    assert "chance" in honest[-1].evidence
