@@ -193,6 +193,14 @@ def history(
             f"v{record.version}  {_when(record.at_ms)}  {record.author}  "
             f"{record.kind} from v{record.parent}"
         )
+        if record.kind == "initial":
+            # Its "changes" are every field of the document from nothing
+            # (about 120 "null -> value" lines), which buries the history.
+            typer.echo(
+                f"  the whole document, {len(record.changes)} fields "
+                f"(modelgate config get prints it; --json lists them)"
+            )
+            continue
         _print_changes(record.changes)
 
 

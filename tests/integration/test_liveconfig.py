@@ -159,6 +159,9 @@ async def test_cli_change_reaches_two_workers_within_a_second(
                 for line in history.stdout.splitlines()
                 if line.startswith("v")
             ] == ["v1", "v2", "v3"], history.stdout
+            # Version 1 is summed up, not listed field by field from null.
+            assert "null ->" not in history.stdout, history.stdout
+            assert "  the whole document, " in history.stdout, history.stdout
     finally:
         for proc in procs:
             proc.terminate()
