@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
-from river.anomaly import HalfSpaceTrees
-from river.tree.padded import PaddedBranch
 
 from detectors._jit import jit
 
@@ -198,6 +196,12 @@ class HalfSpaceForest:
         # its RNG alone (split points never depend on the values), so one
         # learn_one on a zero row yields the same trees a fresh River model
         # would grow; its masses are then discarded.
+        # Imported here: River (and the scipy it pulls in) costs about 3 s
+        # of start-up, which commands that only validate detector
+        # parameters (``modelgate config``) should not pay.
+        from river.anomaly import HalfSpaceTrees
+        from river.tree.padded import PaddedBranch
+
         river_model = HalfSpaceTrees(
             n_trees=n_trees, height=height, window_size=window_size, seed=seed
         )
