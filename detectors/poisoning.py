@@ -221,19 +221,16 @@ class _Rarity:
     """Per-feature tails of the reference sample."""
 
     def __init__(self, reference: FloatArray) -> None:
-        self._sorted = np.sort(reference, axis=0)
+        self._reference = reference
         self._n = len(reference)
 
     def rare_features(self, row: FloatArray, share: float) -> npt.NDArray[np.int64]:
         """Indices of the features where at most ``share`` of the reference
         lies at or beyond ``row``'s value, on its side."""
-        cols = self._sorted.T
-        at_or_above = np.array(
-            [self._n - np.searchsorted(c, v, side="left") for c, v in zip(cols, row)]
-        )
-        at_or_below = np.array(
-            [np.searchsorted(c, v, side="right") for c, v in zip(cols, row)]
-        )
+        # One comparison per reference value: O(n d), a few tens of
+        # microseconds for the zoo's references, and no per-feature loop.
+        at_or_above = (self._reference >= row).sum(axis=0)
+        at_or_below = (self._reference <= row).sum(axis=0)
         tail = np.minimum(at_or_above, at_or_below) / self._n
         return np.flatnonzero(tail <= share)
 
