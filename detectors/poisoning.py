@@ -260,7 +260,8 @@ def top_direction(gram: FloatArray, start: FloatArray | None = None) -> FloatArr
         column = gram[:, int(np.argmax(np.diag(gram)))]
         norm = float(np.linalg.norm(column))
         if norm == 0.0:
-            return np.eye(len(gram))[0]
+            unit: FloatArray = np.eye(len(gram))[0]
+            return unit
         v = column / norm
     for _ in range(_POWER_ITERATIONS):
         w = gram @ v
