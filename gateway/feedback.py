@@ -64,11 +64,14 @@ from gateway.feedback_data import calibration_rows
 from gateway.feedback_wire import (
     SCHEMA_VERSION,
     AcceptedFeedback,
+    FeedbackEnvelope,
     FeedbackRecord,
     RejectedFeedback,
+    decode_envelope,
     decode_feedback,
     encode,
     kept_value,
+    schema_code,
 )
 from gateway.keys import KeyStore, authenticate
 from gateway.offloop import in_thread
@@ -144,6 +147,7 @@ class _Item:
     record_key: str
     signature: str | None
     record: FeedbackRecord | None = None
+    envelope: FeedbackEnvelope | None = None
     client_id: str | None = None
     row: np.ndarray[Any, Any] | None = None
     label_index: int = -1
@@ -406,7 +410,8 @@ class FeedbackGuard:
         try:
             item.record = decode_feedback(value)
         except msgspec.ValidationError as exc:
-            item.fail(ValidationError(_clip(f"schema: {exc}"), code="SCHEMA_INVALID"))
+            item.envelope = decode_envelope(value)
+            item.fail(ValidationError(_clip(f"schema: {exc}"), code=schema_code(exc)))
         except protocol.DECODE_ERRORS as exc:
             item.fail(ValidationError(_clip(f"not JSON: {exc}"), code="MALFORMED_JSON"))
         except Exception:
@@ -651,11 +656,15 @@ class FeedbackGuard:
             offset=item.offset,
             ts_ms=now_ms,
             retriable=retriable,
-            feedback_id=record.feedback_id if record else None,
+            feedback_id=record.feedback_id
+            if record
+            else (item.envelope.feedback_id if item.envelope else None),
             # Only a proven identity is named; a record that failed
             # authentication names the key id it claimed, nothing more.
             client_id=item.client_id,
-            key_id=record.key_id if record else None,
+            key_id=record.key_id
+            if record
+            else (item.envelope.key_id if item.envelope else None),
             model=record.model if record and authenticated else None,
             label=record.label if record and authenticated else None,
             detector=detector,

@@ -54,6 +54,14 @@ class FeedbackRecord(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     label: int
 
 
+class FeedbackEnvelope(msgspec.Struct, frozen=True):
+    """The ids read, best effort, from a record that failed its schema, so
+    that its rejection still names it. Unknown fields are ignored."""
+
+    feedback_id: RequestId | None = None
+    key_id: Name | None = None
+
+
 class AcceptedFeedback(msgspec.Struct, frozen=True, omit_defaults=True):
     """A record the guard let through, for whatever learns from feedback.
 
@@ -142,6 +150,7 @@ general ones mean what they mean for a request (``gateway.errors``); a
 feedback record is one row (``SHAPE_MISMATCH`` otherwise)."""
 
 _encoder = msgspec.json.Encoder()
+_envelope_decoder = msgspec.json.Decoder(FeedbackEnvelope)
 _feedback_decoder = msgspec.json.Decoder(FeedbackRecord)
 _rejected_decoder = msgspec.json.Decoder(RejectedFeedback)
 _accepted_decoder = msgspec.json.Decoder(AcceptedFeedback)
@@ -158,6 +167,25 @@ def decode_feedback(value: bytes) -> FeedbackRecord:
         Not JSON (``protocol.DECODE_ERRORS``).
     """
     return _feedback_decoder.decode(value)
+
+
+def decode_envelope(value: bytes) -> FeedbackEnvelope | None:
+    """Best-effort ids of a value that failed decoding; ``None`` if even
+    they cannot be read."""
+    try:
+        return _envelope_decoder.decode(value)
+    except protocol.DECODE_ERRORS:
+        return None
+
+
+def schema_code(exc: msgspec.ValidationError) -> str:
+    """``SCHEMA_INVALID``, except for a tensor value too large for a number
+    (1e999): an infinity in all but name, so ``NON_FINITE`` (as for requests,
+    ``gateway.batch``)."""
+    text = str(exc)
+    if "out of range" in text and "].data[" in text:
+        return "NON_FINITE"
+    return "SCHEMA_INVALID"
 
 
 def decode_rejected(value: bytes) -> RejectedFeedback:
