@@ -150,8 +150,13 @@ async def _send(
 ) -> int:
     from aiokafka import AIOKafkaProducer
 
+    from gateway.feedback import feedback_topics
     from gateway.feedback_wire import build_feedback
+    from gateway.topics import ensure_topics
 
+    # Idempotent; lets a first submission precede the guard's first start
+    # (the broker does not create topics by itself).
+    await ensure_topics(settings, extra=feedback_topics(settings))
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka.bootstrap, acks="all", linger_ms=5
     )

@@ -315,3 +315,42 @@ async def test_a_guard_killed_mid_stream_loses_nothing(
     # The second guard read the first one's history from Redis: it has seen
     # every record (redelivered ones twice), not only its own share.
     assert msgspec.json.decode(state)["seen"] >= n
+
+
+def test_cli_sends_a_file_and_reads_the_rejections(
+    guard_settings: Settings, held: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from evaluation.process import settings_env
+    from gateway.cli import app
+    from gateway.keys import format_token
+
+    x, y = held
+    rows = np.column_stack([x[:3], [int(y[0]), int(y[1]), 11]])
+    path = tmp_path / "feedback.csv"
+    np.savetxt(path, rows, delimiter=",", fmt="%g")
+    key_id, secret = asyncio.run(create_key(guard_settings, CLIENT))
+    env = settings_env(guard_settings)
+    runner = CliRunner()
+
+    sent = runner.invoke(
+        app,
+        ["feedback", "send", str(path), "--client-id", CLIENT, "--model", "digits"],
+        env={**env, "MODELGATE_TOKEN": format_token(key_id, secret)},
+    )
+    assert sent.exit_code == 0, sent.output
+    assert "sent 3 feedback records" in sent.output
+
+    async def judge() -> None:
+        async with running(guard_settings) as guard:
+            deadline = asyncio.get_running_loop().time() + 45
+            while guard.records_done < 3:
+                assert asyncio.get_running_loop().time() < deadline, "no verdicts"
+                await asyncio.sleep(0.05)
+
+    asyncio.run(judge())
+    read = runner.invoke(app, ["feedback", "rejected"], env=env)
+    assert read.exit_code == 0, read.output
+    assert "UNKNOWN_LABEL" in read.output and CLIENT in read.output, read.output
+    assert read.output.count("UNKNOWN_LABEL") == 1, read.output
