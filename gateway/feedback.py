@@ -167,8 +167,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # untyped ba
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         # Submitter state is saved after every batch; dropping what this
         # process holds makes the next owner's (or our later) copy the one
-        # read from Redis, never a stale one in memory.
-        self._service.forget_submitters()
+        # read from Redis, never a stale one in memory. Under the batch lock:
+        # a batch in hand (screening in a thread) finishes first.
+        async with self._service.batch_lock:
+            self._service.forget_submitters()
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._service.assigned.set()
@@ -204,6 +206,8 @@ class FeedbackGuard:
         self._keys: KeyStore | None = None
         self._backoff_s = _MIN_BACKOFF_S
         self.assigned = asyncio.Event()
+        # Held while a batch is processed and while a revoke drops state.
+        self.batch_lock = asyncio.Lock()
         self.batches_done = 0
         self.records_done = 0
 
@@ -331,10 +335,13 @@ class FeedbackGuard:
                 logger.warning("feedback fetch failed, retrying: %r", exc)
                 await asyncio.sleep(self._backoff_s)
                 continue
-            owned = self._consumer.assignment()
-            batch = {tp: rs for tp, rs in batch.items() if tp in owned}
-            if batch:
-                await self._handle_batch(batch)
+            async with self.batch_lock:
+                # A revoke may have run between the fetch and the lock: those
+                # records now belong to another guard, which will judge them.
+                owned = self._consumer.assignment()
+                batch = {tp: rs for tp, rs in batch.items() if tp in owned}
+                if batch:
+                    await self._handle_batch(batch)
 
     async def _handle_batch(self, batch: dict[TopicPartition, list[Any]]) -> None:
         assert self._consumer is not None

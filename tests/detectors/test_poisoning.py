@@ -264,6 +264,7 @@ def _state(**changes: Any) -> bytes:
         (_state(labels=[1, 10]), "unknown class"),
         (_state(predicted=[1, -1]), "unknown class"),
         (_state(seen=1), "seen fewer"),
+        (_state(seen=-1, labels=[], predicted=[], disagree=[]), "seen fewer"),
         (_state(disagree=[True, True]), "its own label"),
         (
             _state(labels=[1] * 201, predicted=[1] * 201, disagree=[False] * 201),

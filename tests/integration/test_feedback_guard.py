@@ -264,6 +264,13 @@ async def test_shadow_mode_accepts_what_it_would_refuse(
         update={"feedback": guard_settings.feedback.model_copy(update={"shadow": True})}
     )
     x, _ = held
+    # A damaged saved state costs the submitter its history, not the batch.
+    redis = redis_from_settings(settings)
+    try:
+        key = f"{settings.redis.key_prefix}:fbguard:digits:{{{CLIENT}}}"
+        await redis.set(key, b'{"format": 1, "window": 200, "seen": -5}')
+    finally:
+        await redis.aclose()
     async with sender(settings) as s:
         trigger = x[0].copy()
         trigger[[0, 7, 56, 63]] = 16.0
