@@ -7,6 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,7 +29,12 @@ from gateway.feedback_wire import FEEDBACK_CODES, build_feedback
 from gateway.store import redis_from_settings
 from gateway.topics import delete_topics
 from tests.conftest import StackInfo
-from tests.integration.helpers import create_key, isolated_settings, read_topic
+from tests.integration.helpers import (
+    REPO,
+    create_key,
+    isolated_settings,
+    read_topic,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -349,14 +358,33 @@ def test_cli_sends_a_file_and_reads_the_rejections(
     assert sent.exit_code == 0, sent.output
     assert "sent 3 feedback records" in sent.output
 
-    async def judge() -> None:
-        async with running(guard_settings) as guard:
-            deadline = asyncio.get_running_loop().time() + 45
-            while guard.records_done < 3:
-                assert asyncio.get_running_loop().time() < deadline, "no verdicts"
-                await asyncio.sleep(0.05)
+    # The guard as an operator runs it: its own process, stopped by SIGTERM.
+    log_path = tmp_path / "guard.log"
+    with log_path.open("ab") as log:
+        guard = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "guard", "run"],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        topics = guard_settings.kafka.topics
 
-    asyncio.run(judge())
+        def judged() -> int:
+            return sum(
+                len(asyncio.run(read_topic(guard_settings, t, timeout_s=0.5)))
+                for t in (topics.feedback_accepted, topics.feedback_rejected)
+            )
+
+        deadline = time.monotonic() + 60
+        while judged() < 3:
+            assert guard.poll() is None, log_path.read_text()[-2000:]
+            assert time.monotonic() < deadline, log_path.read_text()[-2000:]
+    finally:
+        guard.send_signal(signal.SIGTERM)
+        code = guard.wait(timeout=30)
+    assert code == 0, log_path.read_text()[-2000:]
     read = runner.invoke(app, ["feedback", "rejected"], env=env)
     assert read.exit_code == 0, read.output
     assert "UNKNOWN_LABEL" in read.output and CLIENT in read.output, read.output
