@@ -313,6 +313,11 @@ class FeedbackGuard:
                 if self._owns_models and self._models is not None:
                     models, self._models = self._models, None
                     close_backends(models)
+        if consumer is not None:
+            logger.info(
+                "guard stopped",
+                extra={"group": self.settings.feedback.group_id},
+            )
 
     def forget_submitters(self) -> None:
         """Drop every submitter's state held in memory (it is in Redis)."""
