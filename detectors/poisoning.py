@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,6 +223,25 @@ class _ClassWindow:
     submitters: deque[str] = field(default_factory=deque)
     # The last top direction, to warm-start the next record's.
     direction: FloatArray | None = None
+
+
+def _copy_submitter(state: _Submitter) -> _Submitter:
+    w = state.labels.maxlen
+    return _Submitter(
+        deque(state.labels, maxlen=w),
+        deque(state.predicted, maxlen=w),
+        deque(state.disagree, maxlen=w),
+        state.seen,
+    )
+
+
+@dataclass(frozen=True)
+class GuardSnapshot:
+    """Copies of some submitters' state and of the class windows
+    (:meth:`PoisoningGuard.snapshot`); opaque to callers."""
+
+    submitters: dict[str, _Submitter | None]
+    windows: list[_ClassWindow]
 
 
 class _Rarity:
@@ -564,6 +583,46 @@ class PoisoningGuard:
         else:
             self._submitters.move_to_end(submitter)
         return state
+
+    def snapshot(self, submitters: Iterable[str]) -> GuardSnapshot:
+        """What screening records of ``submitters`` may change: their state
+        and every class window, copied, for :meth:`restore`.
+
+        A batch judged, then not committed (the broker or Redis failed), is
+        judged again; restoring first makes the second judgement the only
+        one, instead of counting each record twice.
+        """
+        held: dict[str, _Submitter | None] = {}
+        for name in submitters:
+            state = self._submitters.get(name)
+            held[name] = None if state is None else _copy_submitter(state)
+        windows = [
+            _ClassWindow(
+                deque(w.rows, maxlen=w.rows.maxlen),
+                deque(w.ids, maxlen=w.ids.maxlen),
+                deque(w.submitters, maxlen=w.submitters.maxlen),
+                w.direction,
+            )
+            for w in self._classes
+        ]
+        return GuardSnapshot(held, windows)
+
+    def restore(self, snapshot: GuardSnapshot) -> None:
+        """Put back what :meth:`snapshot` copied."""
+        for name, state in snapshot.submitters.items():
+            if state is None:
+                self._submitters.pop(name, None)
+            else:
+                self._submitters[name] = _copy_submitter(state)
+        self._classes = [
+            _ClassWindow(
+                deque(w.rows, maxlen=w.rows.maxlen),
+                deque(w.ids, maxlen=w.ids.maxlen),
+                deque(w.submitters, maxlen=w.submitters.maxlen),
+                w.direction,
+            )
+            for w in snapshot.windows
+        ]
 
     def submitters(self) -> list[str]:
         """Submitters whose state is held, least recently seen first."""

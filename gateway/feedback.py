@@ -7,11 +7,13 @@
 id), validate the row against the model's signature
 (``gateway.validation.validate_request``: names, shape, datatype, finite,
 range; one row; a known label), predict, screen
-(``detectors.poisoning.PoisoningGuard``), produce every verdict, and only then
-commit the batch's offsets: a crash before the commit means the batch is
-delivered again (at-least-once; a record may then appear twice downstream,
-never not at all). A malformed record becomes a rejected record with its
-code; it never stops the partition.
+(``detectors.poisoning.PoisoningGuard``), save the submitters' state to
+Redis, produce every verdict, and only then commit the batch's offsets: a
+crash before the commit means the batch is delivered again (at-least-once; a
+record may then appear twice downstream, never not at all). A batch that
+fails is judged again from the guard's snapshot of the state it was first
+judged from, so no record counts twice. A malformed record becomes a
+rejected record with its code; it never stops the partition.
 
 Each submitter's recent verdicts are saved to Redis after every batch
 (``{prefix}:fbguard:{model}:{<client>}``) and loaded when a guard first sees
@@ -47,7 +49,12 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
 from detectors.base import describe_validation_error
-from detectors.poisoning import PoisoningGuard, PoisoningParams, Verdict
+from detectors.poisoning import (
+    GuardSnapshot,
+    PoisoningGuard,
+    PoisoningParams,
+    Verdict,
+)
 from gateway import protocol
 from gateway.backends import ModelBackend, close_backends, load_backends
 from gateway.config import Settings
@@ -205,6 +212,7 @@ class FeedbackGuard:
         self._redis: RedisClient | None = None
         self._keys: KeyStore | None = None
         self._backoff_s = _MIN_BACKOFF_S
+        self._uncommitted: dict[str, GuardSnapshot] = {}
         self.assigned = asyncio.Event()
         # Held while a batch is processed and while a revoke drops state.
         self.batch_lock = asyncio.Lock()
@@ -356,10 +364,16 @@ class FeedbackGuard:
             await self.process_records(
                 [(tp, r) for tp, records in batch.items() for r in records]
             )
-            await asyncio.wait_for(
-                self._consumer.commit({tp: o + 1 for tp, o in last.items()}),
-                self.settings.kafka.request_timeout_s,
-            )
+            try:
+                await asyncio.wait_for(
+                    self._consumer.commit({tp: o + 1 for tp, o in last.items()}),
+                    self.settings.kafka.request_timeout_s,
+                )
+            except BaseException:
+                self._restore(self._uncommitted)
+                raise
+            finally:
+                self._uncommitted = {}
         except (BrokerError, StoreError, KafkaError, TimeoutError) as exc:
             # Kafka or Redis is in trouble: verdicts may be half produced.
             # Rewind so the whole batch comes again; downstream tolerates a
@@ -391,10 +405,30 @@ class FeedbackGuard:
         await self._authenticate(items)
         self._validate(items)
         await self._load_states(items)
-        await in_thread(lambda: self._screen(items))
-        await self._produce(items)
-        await self._save_states(items)
+        touched = self._submitters(items)
+        snapshots = {
+            name: guard.snapshot(c for m, c in touched if m == name)
+            for name, guard in self._guards.items()
+        }
+        try:
+            await in_thread(lambda: self._screen(items))
+            # State first: while Redis is down nothing is produced, so a
+            # Redis outage adds no duplicate verdicts downstream.
+            await self._save_states(items)
+            await self._produce(items)
+        except BaseException:
+            # Not committed: the batch will be judged again, from the state
+            # it was first judged from (cancellation included: a restarted
+            # guard reads the saved state, this one may be asked to go on).
+            self._restore(snapshots)
+            raise
+        # Kept until the commit: a failed commit restores them too.
+        self._uncommitted = snapshots
         self.records_done += len(items)
+
+    def _restore(self, snapshots: dict[str, GuardSnapshot]) -> None:
+        for name, snapshot in snapshots.items():
+            self._guards[name].restore(snapshot)
 
     def _decode(self, tp: TopicPartition, record: Any) -> _Item:
         """Size, JSON and schema checks; never raises."""

@@ -325,3 +325,35 @@ def test_bad_records_and_calibration_data_are_refused(digits: Zoo) -> None:
         calibrate(PARAMS, ref, digits.x_cal, digits.y_cal + 10, proba_cal)
     with pytest.raises(ValueError, match="one d"):
         calibrate(PARAMS, ref[:, :10], digits.x_cal, digits.y_cal, proba_cal)
+
+
+def test_a_restored_snapshot_judges_a_batch_again_as_the_first_time(
+    digits: Zoo,
+) -> None:
+    """A batch judged, then not committed, is judged again from the restored
+    state: every verdict as the first time, no record counted twice."""
+    y = digits.y_held.copy()
+    y[::5] = (y[::5] + 1) % 10
+    proba = digits.model.predict_proba(digits.x_held)
+    guard = digits.guard()
+    for i in range(50):
+        guard.screen("s", digits.x_held[i], int(y[i]), proba[i], f"r{i}")
+    snapshot = guard.snapshot(["s", "new"])
+    batch = range(50, 120)
+    first = [
+        guard.screen(
+            "s" if i % 2 else "new", digits.x_held[i], int(y[i]), proba[i], f"r{i}"
+        )
+        for i in batch
+    ]
+    guard.restore(snapshot)
+    assert "new" not in guard.submitters()
+    again = [
+        guard.screen(
+            "s" if i % 2 else "new", digits.x_held[i], int(y[i]), proba[i], f"r{i}"
+        )
+        for i in batch
+    ]
+    assert [(v.code, v.scores) for v in again] == [(v.code, v.scores) for v in first]
+    blob = guard.dump_state("s")
+    assert blob is not None and msgspec.json.decode(blob)["seen"] == 50 + 35

@@ -35,18 +35,23 @@ from tests.integration.helpers import (
     isolated_settings,
     read_topic,
 )
+from tests.integration.test_adversarial import OwnRedis, _free_port
 
 pytestmark = pytest.mark.timeout(90)
 
 CLIENT = "fb-alice"
 
 
-@pytest.fixture
-def guard_settings(stack: StackInfo, models_dir: Path) -> Iterator[Settings]:
+@contextlib.contextmanager
+def _guard_settings(
+    stack: StackInfo, models_dir: Path, redis_url: str, **overrides: Any
+) -> Iterator[Settings]:
+    """Isolated settings with feedback topics and a guard group of their own,
+    deleted at the end (the session's clean-up knows the request path's)."""
     tag = uuid.uuid4().hex[:10]
     settings = isolated_settings(
         stack.kafka_bootstrap,
-        stack.redis_url,
+        redis_url,
         models_dir,
         kafka={
             "topics": {
@@ -56,12 +61,20 @@ def guard_settings(stack: StackInfo, models_dir: Path) -> Iterator[Settings]:
             }
         },
         feedback={"group_id": f"test-{tag}-guard", "max_batch_records": 10},
+        **overrides,
     )
-    yield settings
-    # The session's clean-up deletes the request path's topics only.
-    topics = settings.kafka.topics
-    names = [topics.feedback, topics.feedback_accepted, topics.feedback_rejected]
-    asyncio.run(delete_topics(settings, names))
+    try:
+        yield settings
+    finally:
+        topics = settings.kafka.topics
+        names = [topics.feedback, topics.feedback_accepted, topics.feedback_rejected]
+        asyncio.run(delete_topics(settings, names))
+
+
+@pytest.fixture
+def guard_settings(stack: StackInfo, models_dir: Path) -> Iterator[Settings]:
+    with _guard_settings(stack, models_dir, stack.redis_url) as settings:
+        yield settings
 
 
 @pytest.fixture(scope="module")
@@ -389,3 +402,60 @@ def test_cli_sends_a_file_and_reads_the_rejections(
     assert read.exit_code == 0, read.output
     assert "UNKNOWN_LABEL" in read.output and CLIENT in read.output, read.output
     assert read.output.count("UNKNOWN_LABEL") == 1, read.output
+
+
+@pytest.fixture
+def hung_redis_settings(
+    stack: StackInfo, models_dir: Path, tmp_path: Path
+) -> Iterator[tuple[Settings, OwnRedis]]:
+    """Settings on a redis-server of this test's own (never the shared one)."""
+    server = OwnRedis(tmp_path, _free_port(16599))
+    server.start()
+    try:
+        with _guard_settings(
+            stack, models_dir, server.url, redis={"socket_timeout_s": 1.0}
+        ) as settings:
+            yield settings, server
+    finally:
+        server.kill()
+
+
+async def test_a_redis_outage_holds_the_batch_and_judges_it_once_on_recovery(
+    hung_redis_settings: tuple[Settings, OwnRedis],
+    held: tuple[np.ndarray, np.ndarray],
+) -> None:
+    settings, server = hung_redis_settings
+    x, y = held
+    async with sender(settings) as s, running(settings) as guard:
+        before = {await s.row(x[i], int(y[i])) for i in range(3)}
+        await verdicts(settings, before)
+
+        server.signal(signal.SIGSTOP)  # hung: every call times out
+        try:
+            during = {await s.row(x[i], int(y[i])) for i in range(3, 6)}
+            # While Redis hangs the guard saves no state, so it produces and
+            # commits nothing: sampled for three seconds, no verdict appears.
+            deadline = asyncio.get_running_loop().time() + 3
+            while asyncio.get_running_loop().time() < deadline:
+                seen = await verdicts_now(settings)
+                assert not during & set(seen), seen
+        finally:
+            server.signal(signal.SIGCONT)
+
+        found = await verdicts(settings, during)
+        state = guard._guards["digits"].dump_state(CLIENT)
+    assert all(len(found[i]) == 1 for i in during), found
+    assert {found[i][0]["_topic"] for i in during} == {"accepted"}
+    assert state is not None
+    # Each record counted once, though the batch was judged several times.
+    assert msgspec.json.decode(state)["seen"] == 6
+
+
+async def verdicts_now(settings: Settings) -> set[str]:
+    """Feedback ids with a verdict so far."""
+    topics = settings.kafka.topics
+    ids: set[str] = set()
+    for topic in (topics.feedback_accepted, topics.feedback_rejected):
+        for record in await read_topic(settings, topic, timeout_s=0.3):
+            ids.add(str(record.get("feedback_id")))
+    return ids
