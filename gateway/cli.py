@@ -27,6 +27,7 @@ from gateway.cli_config import config_app
 from gateway.cli_eval import evaluate
 from gateway.config import Settings
 from gateway.errors import ModelgateError
+from gateway.feedback_cli import register as register_feedback
 from gateway.frontdoor.cli import frontdoor_app
 
 app = typer.Typer(
@@ -528,6 +529,7 @@ app.add_typer(admin_cli.clients_app, name="clients")
 app.command("login")(admin_cli.login)
 app.command("eval")(evaluate)
 app.command("calibrate")(calibrate_command)
+register_feedback(app)
 
 
 def main() -> None:

@@ -47,6 +47,16 @@ class TopicsConfig(_Frozen):
     requests_partitions: int = Field(6, ge=1, le=1024)
     other_partitions: int = Field(3, ge=1, le=1024)
     replication_factor: int = Field(1, ge=1, le=16)
+    # Labelled feedback and the poisoning guard's verdicts (gateway/feedback.py,
+    # docs/feedback-guard.md). Not in all_names(): only the guard creates them
+    # (other_partitions each), and a run's clean-up must not delete them.
+    feedback: str = Field("modelgate.feedback", pattern=_TOPIC_PATTERN)
+    feedback_accepted: str = Field(
+        "modelgate.feedback.accepted", pattern=_TOPIC_PATTERN
+    )
+    feedback_rejected: str = Field(
+        "modelgate.feedback.rejected", pattern=_TOPIC_PATTERN
+    )
 
     def all_names(self) -> list[str]:
         return [
@@ -534,6 +544,27 @@ class CrossClientConfig(_Frozen):
     region_max_rows: int = Field(128, ge=1, le=100_000)
 
 
+class FeedbackConfig(_Frozen):
+    """The poisoning guard (``modelgate guard run``, docs/feedback-guard.md).
+
+    ``params`` are :class:`detectors.poisoning.PoisoningParams` fields, checked
+    when the guard starts. ``calibration_files`` names, per model outside the
+    zoo, a ``.npz`` of clean labelled rows (``x``, ``y``) to calibrate on.
+    """
+
+    group_id: str = Field("modelgate-guard", min_length=1, max_length=200)
+    # Score and record every verdict, but accept every valid record.
+    shadow: bool = False
+    # Models whose feedback is screened; empty: models.serve.
+    models: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]] = []
+    params: dict[str, Any] = {}
+    calibration_files: dict[str, Path] = {}
+    max_batch_records: int = Field(200, ge=1, le=10_000)
+    # Per-submitter state is saved to Redis after every batch and expires
+    # after this long without feedback from the submitter.
+    state_ttl_s: float = Field(30 * 86_400.0, ge=60, le=365 * 86_400)
+
+
 def _default_instance_id() -> str:
     """Host name and pid, reduced to what a topic name allows: every process
     loads this section, so the default must validate on any host."""
@@ -603,6 +634,7 @@ class Settings(BaseSettings):
     live: LiveSettings = LiveSettings()
     admin: AdminConfig = AdminConfig()
     cross_client: CrossClientConfig = CrossClientConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
 
     @classmethod
     def settings_customise_sources(

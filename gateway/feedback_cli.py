@@ -1,0 +1,259 @@
+"""``modelgate guard run`` and ``modelgate feedback send|rejected``.
+
+``guard run`` is the poisoning guard service (gateway/feedback.py);
+``feedback send`` signs and produces labelled rows from a file;
+``feedback rejected`` prints the rejected topic. Registered in
+``gateway/cli.py`` by :func:`register`. Imports typer and the gateway; Kafka
+clients only inside the commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import json
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from gateway import logs
+from gateway.cli_common import ConfigOption, LogLevel, load_cli_settings
+from gateway.config import Settings
+from gateway.errors import ModelgateError
+
+guard_app = typer.Typer(help="The poisoning guard that screens labelled feedback.")
+feedback_app = typer.Typer(help="Send labelled feedback; read the guard's verdicts.")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``guard`` and ``feedback`` groups to the ``modelgate`` app."""
+    app.add_typer(guard_app, name="guard")
+    app.add_typer(feedback_app, name="feedback")
+
+
+def _run(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except ModelgateError as exc:
+        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+        raise typer.Exit(1) from exc
+
+
+# -- guard run ---------------------------------------------------------------------
+
+
+@guard_app.command("run")
+def guard_run(
+    config: ConfigOption = None,
+    shadow: Annotated[
+        bool | None,
+        typer.Option("--shadow/--enforce", help="Override feedback.shadow."),
+    ] = None,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run the guard until SIGTERM or Ctrl-C; exits 0 after committing."""
+    from threadpoolctl import threadpool_limits
+
+    logs.configure(log_level)
+    settings = load_cli_settings(config)
+    if shadow is not None:
+        settings = settings.model_copy(
+            update={"feedback": settings.feedback.model_copy(update={"shadow": shadow})}
+        )
+    # Small matrix products per record: a threaded BLAS only adds wake-ups.
+    threadpool_limits(1)
+    _run(_guard_main(settings))
+
+
+async def _guard_main(settings: Settings) -> None:
+    from gateway.feedback import FeedbackGuard
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with FeedbackGuard(settings) as guard:
+        await guard.run(stop)
+
+
+# -- feedback send -----------------------------------------------------------------
+
+
+def read_rows(path: Path) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """Rows and labels from ``.npz`` (arrays ``x`` and ``y``, no pickle) or
+    ``.csv`` (numbers only, the label in the last column, no header).
+
+    Raises
+    ------
+    ValueError
+        The file cannot be read as either.
+    """
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            x, y = np.asarray(data["x"]), np.asarray(data["y"])
+    else:
+        with path.open(newline="") as handle:
+            table = [[float(v) for v in row] for row in csv.reader(handle) if row]
+        if not table or len({len(r) for r in table}) != 1 or len(table[0]) < 2:
+            raise ValueError("a CSV needs rows of equal length: features, then label")
+        array = np.asarray(table)
+        x, y = array[:, :-1], array[:, -1]
+    if x.ndim != 2 or y.shape != (len(x),):
+        raise ValueError("x must be (n, d) and y (n,)")
+    if not np.all(np.equal(np.mod(y, 1), 0)):
+        raise ValueError("labels must be whole numbers")
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+@feedback_app.command("send")
+def feedback_send(
+    path: Annotated[Path, typer.Argument(help=".npz (x, y) or .csv (label last).")],
+    token: Annotated[
+        str,
+        typer.Option(envvar="MODELGATE_TOKEN", help="API key token <key_id>.<secret>."),
+    ],
+    client_id: Annotated[str, typer.Option(help="The key's client id.")],
+    model: Annotated[str, typer.Option(help="Model the labels are for.")] = "digits",
+    input_name: Annotated[str, typer.Option(help="The model's input tensor.")] = (
+        "pixels"
+    ),
+    config: ConfigOption = None,
+) -> None:
+    """Sign every row of PATH with its label and produce it to the feedback
+    topic, keyed by the client id."""
+    from gateway.keys import KeyStore
+
+    settings = load_cli_settings(config)
+    try:
+        x, y = read_rows(path)
+    except (OSError, ValueError, KeyError) as exc:
+        typer.echo(f"error: cannot read {path}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    key_id, secret = KeyStore.parse_token(token)
+    sent = _run(_send(settings, key_id, secret, client_id, model, input_name, x, y))
+    typer.echo(f"sent {sent} feedback records to {settings.kafka.topics.feedback}")
+
+
+async def _send(
+    settings: Settings,
+    key_id: str,
+    secret: bytes,
+    client_id: str,
+    model: str,
+    input_name: str,
+    x: np.ndarray[Any, Any],
+    y: np.ndarray[Any, Any],
+) -> int:
+    from aiokafka import AIOKafkaProducer
+
+    from gateway.feedback import feedback_topics
+    from gateway.feedback_wire import build_feedback
+    from gateway.topics import ensure_topics
+
+    # Idempotent; lets a first submission precede the guard's first start
+    # (the broker does not create topics by itself).
+    await ensure_topics(settings, extra=feedback_topics(settings))
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka.bootstrap, acks="all", linger_ms=5
+    )
+    timeout_s = settings.kafka.request_timeout_s
+    await asyncio.wait_for(producer.start(), timeout_s)
+    try:
+        futures = []
+        for row, label in zip(x, y, strict=True):
+            _, value, headers = build_feedback(
+                key_id=key_id,
+                secret=secret,
+                model=model,
+                input_name=input_name,
+                row=row,
+                label=int(label),
+            )
+            futures.append(
+                await producer.send(
+                    settings.kafka.topics.feedback,
+                    value=value,
+                    key=client_id.encode("utf-8"),
+                    headers=headers,
+                )
+            )
+        await asyncio.wait_for(asyncio.gather(*futures), timeout_s)
+    finally:
+        await producer.stop()
+    return len(futures)
+
+
+# -- feedback rejected -------------------------------------------------------------
+
+
+@feedback_app.command("rejected")
+def feedback_rejected(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON per line.")] = (
+        False
+    ),
+    limit: Annotated[int, typer.Option(help="Print at most this many.")] = 1000,
+) -> None:
+    """Print the stored rejected records, oldest first per partition."""
+    settings = load_cli_settings(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        _run(_rejected(settings, as_json, limit))
+
+
+async def _rejected(settings: Settings, as_json: bool, limit: int) -> None:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from gateway.feedback_wire import decode_rejected
+    from gateway.protocol import DECODE_ERRORS
+    from gateway.topics import partitions_of
+
+    topic = settings.kafka.topics.feedback_rejected
+    partitions = await partitions_of(settings, topic)
+    if not partitions:
+        typer.echo(f"error: no topic {topic} (has the guard run?)", err=True)
+        raise typer.Exit(1)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap, enable_auto_commit=False
+    )
+    await asyncio.wait_for(consumer.start(), settings.kafka.request_timeout_s)
+    printed = 0
+    try:
+        tps = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        while printed < limit:
+            positions = {tp: await consumer.position(tp) for tp in tps}
+            if all(positions[tp] >= end[tp] for tp in tps):
+                break
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                for record in records:
+                    if printed >= limit:
+                        break
+                    try:
+                        rejected = decode_rejected(record.value or b"")
+                    except DECODE_ERRORS:
+                        typer.echo(f"(unreadable record at offset {record.offset})")
+                        continue
+                    printed += 1
+                    if as_json:
+                        fields = {
+                            k: v
+                            for k, v in json.loads(record.value or b"{}").items()
+                            if k != "value_b64"
+                        }
+                        typer.echo(json.dumps(fields, sort_keys=True))
+                    else:
+                        typer.echo(
+                            f"{rejected.code:22s} {rejected.client_id or '-':16s} "
+                            f"{rejected.feedback_id or '-'}  "
+                            f"{rejected.evidence or rejected.message}"
+                        )
+    finally:
+        await consumer.stop()
+    typer.echo(f"{printed} rejected records on {topic}", err=True)

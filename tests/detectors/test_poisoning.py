@@ -1,0 +1,359 @@
+"""The poisoning guard on the zoo's real models and data: clean feedback
+passes at the stated rate, flips, targeted flips and a BadNets trigger are
+caught, state round-trips, hostile parameters and state are refused."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import pydantic
+import pytest
+
+from detectors.poisoning import (
+    MAX_STATE_BYTES,
+    PoisoningGuard,
+    PoisoningParams,
+    calibrate,
+    spectral_scores,
+)
+from gateway.feedback_data import calibration_rows
+from gateway.models import ServedModel, load_model
+from gateway.zoo import ensure_model
+
+Array = np.ndarray[Any, Any]
+PARAMS = PoisoningParams()
+# The stated false-rejection rate is 1%; the held-out half it is measured on
+# is 450 digits, so allow for sampling error (binomial sd about 0.5%).
+CLEAN_LIMIT = 0.025
+
+
+@dataclass(frozen=True)
+class Zoo:
+    model: ServedModel
+    x_cal: Array
+    y_cal: Array
+    x_held: Array
+    y_held: Array
+
+    def guard(self, params: PoisoningParams = PARAMS) -> PoisoningGuard:
+        return PoisoningGuard.fit(
+            params,
+            self.model.reference.astype(np.float64),
+            self.x_cal,
+            self.y_cal,
+            self.model.predict_proba(self.x_cal),
+        )
+
+
+def _zoo(directory: Path, name: str) -> Zoo:
+    ensure_model(directory, name)
+    (x_cal, y_cal), (x_held, y_held) = calibration_rows(name)
+    return Zoo(load_model(directory, name), x_cal, y_cal, x_held, y_held)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
+    return _zoo(tmp_path_factory.mktemp("zoo"), "digits_lr")
+
+
+@pytest.fixture(scope="module")
+def cancer(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
+    return _zoo(tmp_path_factory.mktemp("zoo"), "breast_cancer")
+
+
+def _stream(
+    guard: PoisoningGuard,
+    zoo: Zoo,
+    x: Array,
+    y: Array,
+    who: list[str],
+    order: Array,
+) -> list[Any]:
+    proba = zoo.model.predict_proba(x.astype(np.float32))
+    verdicts: list[Any] = [None] * len(x)
+    for i in order:
+        verdicts[i] = guard.screen(who[i], x[i], int(y[i]), proba[i], f"r{i}")
+    return verdicts
+
+
+def _rejected(verdicts: list[Any], mask: Array) -> float:
+    picked = [v for v, m in zip(verdicts, mask, strict=True) if m]
+    return sum(not v.accepted for v in picked) / max(len(picked), 1)
+
+
+# -- clean feedback ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["digits", "cancer"])
+def test_clean_feedback_is_accepted_at_the_stated_rate(
+    which: str, request: pytest.FixtureRequest
+) -> None:
+    zoo: Zoo = request.getfixturevalue(which)
+    guard = zoo.guard()
+    n = len(zoo.x_held)
+    who = [f"honest-{i % 4}" for i in range(n)]
+    verdicts = _stream(guard, zoo, zoo.x_held, zoo.y_held, who, np.arange(n))
+    rate = _rejected(verdicts, np.ones(n, dtype=bool))
+    assert rate <= CLEAN_LIMIT, [v.evidence for v in verdicts if not v.accepted]
+    assert guard.calibration.clean_rejected <= PARAMS.false_rejection_rate
+
+
+def test_one_honest_correction_passes(digits: Zoo) -> None:
+    guard = digits.guard()
+    proba = digits.model.predict_proba(digits.x_held)
+    confident = np.flatnonzero(proba.max(axis=1) >= 0.99)
+    i = int(confident[0])
+    wrong = (int(proba[i].argmax()) + 1) % 10
+    verdict = guard.screen("honest", digits.x_held[i], wrong, proba[i], "fix-1")
+    assert verdict.disagreement
+    assert verdict.accepted, verdict.evidence
+    assert 0 < verdict.scores["flip_tail"] < 1
+
+
+# -- label flips -------------------------------------------------------------------
+
+
+def _flip_run(zoo: Zoo, share: float, seed: int = 0) -> tuple[list[Any], Array, Array]:
+    """Three honest submitters and one flipping ``share`` of its labels."""
+    rng = np.random.default_rng(seed)
+    n = len(zoo.x_held)
+    who = [f"honest-{i % 3}" if i % 5 else "flipper" for i in range(n)]
+    y = zoo.y_held.copy()
+    attacker = np.array([w == "flipper" for w in who])
+    flipped = attacker & (rng.random(n) < share)
+    y[flipped] = (y[flipped] + rng.integers(1, 10, flipped.sum())) % 10
+    verdicts = _stream(zoo.guard(), zoo, zoo.x_held, y, who, rng.permutation(n))
+    return verdicts, flipped, attacker
+
+
+def test_a_submitter_flipping_a_fifth_of_its_labels_is_caught(digits: Zoo) -> None:
+    verdicts, flipped, attacker = _flip_run(digits, 0.2)
+    # Measured 0.45-0.6 over seeds at this stream length (90 records of the
+    # attacker); the first flips pass until the count is significant.
+    assert _rejected(verdicts, flipped) >= 0.35
+    assert _rejected(verdicts, ~attacker) <= CLEAN_LIMIT
+    codes = {v.code for v, f in zip(verdicts, flipped, strict=True) if f}
+    assert codes & {"POISON_FLIP_RATE", "POISON_TARGETED_FLIP"}
+    caught = next(
+        v for v, f in zip(verdicts, flipped, strict=True) if f and not v.accepted
+    )
+    assert "submitter" in caught.evidence and "tail" in caught.evidence
+
+
+def test_targeted_flips_are_caught_by_their_pair(digits: Zoo) -> None:
+    guard = digits.guard()
+    proba = digits.model.predict_proba(digits.x_held)
+    sevens = np.flatnonzero((digits.y_held == 7) & (proba[:, 7] >= 0.9))[:12]
+    others = np.flatnonzero(digits.y_held != 7)[:60]
+    verdicts = []
+    # Mostly correct labels, every confident 7 labelled 1: 12 flips in 72
+    # records, well under what the total rate test needs.
+    for i in np.concatenate([others[:30], sevens, others[30:]]):
+        label = 1 if digits.y_held[i] == 7 else int(digits.y_held[i])
+        verdicts.append(guard.screen("targeter", digits.x_held[i], label, proba[i]))
+    flips = verdicts[30:42]
+    assert sum(not v.accepted for v in flips) >= 8
+    assert {v.code for v in flips if not v.accepted} == {"POISON_TARGETED_FLIP"}
+    assert "labelled 1 where the model says 7" in next(
+        v.evidence for v in flips if not v.accepted
+    )
+
+
+# -- triggers ----------------------------------------------------------------------
+
+
+def test_a_badnets_corner_trigger_is_caught(digits: Zoo) -> None:
+    rng = np.random.default_rng(3)
+    n = len(digits.x_held)
+    x = digits.x_held.copy()
+    y = digits.y_held.copy()
+    who = [f"honest-{i % 3}" if i % 4 else "badnets" for i in range(n)]
+    attacker = np.array([w == "badnets" for w in who])
+    triggered = attacker & (rng.random(n) < 0.5)
+    # Gu et al.'s BadNets: a small bright patch in a corner, every carrier
+    # labelled the target class.
+    x[np.ix_(triggered, np.array([54, 55, 62, 63]))] = 16.0
+    y[triggered] = 0
+    verdicts = _stream(digits.guard(), digits, x, y, who, rng.permutation(n))
+    assert _rejected(verdicts, triggered) >= 0.8
+    assert _rejected(verdicts, ~triggered) <= CLEAN_LIMIT
+    detectors = {v.detector for v, t in zip(verdicts, triggered, strict=True) if t}
+    assert "spectral" in detectors
+
+
+def test_pixels_no_digit_ever_lights_are_a_trigger_on_their_own(digits: Zoo) -> None:
+    guard = digits.guard()
+    row = digits.x_held[0].copy()
+    row[[0, 7, 56, 63]] = 16.0
+    proba = digits.model.predict_proba(row[None, :])[0]
+    verdict = guard.screen("s", row, int(digits.y_held[0]), proba)
+    assert verdict.code == "POISON_TRIGGER" and verdict.detector == "rarity"
+    assert "index 0, 7, 56, 63" in verdict.evidence
+
+
+def test_spectral_scores_single_out_a_shared_pattern() -> None:
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(200, 20))
+    rows[:12, 3] += 8.0
+    scores, direction = spectral_scores(rows)
+    assert scores[:12].min() > np.sort(scores[12:])[-1]
+    assert abs(direction[3]) > 0.95
+    # Warm-started from an unrelated direction, the same answer.
+    again, _ = spectral_scores(rows, np.eye(20)[0])
+    np.testing.assert_allclose(again, scores, rtol=1e-6)
+    assert spectral_scores(np.ones((10, 4)))[0].tolist() == [0.0] * 10
+
+
+# -- state -------------------------------------------------------------------------
+
+
+def test_state_round_trips_and_continues_identically(digits: Zoo) -> None:
+    y = digits.y_held.copy()
+    y[::7] = (y[::7] + 3) % 10
+    proba = digits.model.predict_proba(digits.x_held)
+    whole, split = digits.guard(), digits.guard()
+    for i in range(100):
+        whole.screen("s", digits.x_held[i], int(y[i]), proba[i])
+        split.screen("s", digits.x_held[i], int(y[i]), proba[i])
+    blob = split.dump_state("s")
+    assert blob is not None and len(blob) <= MAX_STATE_BYTES
+    split.forget("s")
+    assert split.dump_state("s") is None
+    split.load_state("s", blob)
+    assert split.dump_state("s") == blob
+    for i in range(100, 200):
+        a = whole.screen("s", digits.x_held[i], int(y[i]), proba[i])
+        b = split.screen("s", digits.x_held[i], int(y[i]), proba[i])
+        assert (a.accepted, a.code, a.scores) == (b.accepted, b.code, b.scores)
+
+
+def test_submitters_held_are_bounded(digits: Zoo) -> None:
+    guard = digits.guard(PoisoningParams(max_submitters=3))
+    proba = digits.model.predict_proba(digits.x_held[:5])
+    for i in range(5):
+        guard.screen(f"s{i}", digits.x_held[i], int(digits.y_held[i]), proba[i])
+    assert guard.submitters() == ["s2", "s3", "s4"]
+
+
+def _state(**changes: Any) -> bytes:
+    base: dict[str, Any] = {
+        "format": 1,
+        "window": PARAMS.window,
+        "seen": 2,
+        "labels": [1, 2],
+        "predicted": [1, 3],
+        "disagree": [False, True],
+    }
+    base.update(changes)
+    return msgspec.json.encode(base)
+
+
+@pytest.mark.parametrize(
+    ("blob", "match"),
+    [
+        (b"\xff\x00 not json", "malformed"),
+        (b"[" * 100_000, "over"),
+        (_state(extra=1), "malformed"),
+        (_state(format=2), "format"),
+        (_state(window=10), "window"),
+        (_state(labels=[1]), "length"),
+        (_state(labels=[1, 10]), "unknown class"),
+        (_state(predicted=[1, -1]), "unknown class"),
+        (_state(seen=1), "seen fewer"),
+        (_state(seen=-1, labels=[], predicted=[], disagree=[]), "seen fewer"),
+        (_state(disagree=[True, True]), "its own label"),
+        (
+            _state(labels=[1] * 201, predicted=[1] * 201, disagree=[False] * 201),
+            "length",
+        ),
+        (_state(seen="2"), "malformed"),
+    ],
+)
+def test_hostile_state_is_refused(digits: Zoo, blob: bytes, match: str) -> None:
+    guard = digits.guard()
+    with pytest.raises(ValueError, match=match):
+        guard.load_state("s", blob)
+    assert guard.submitters() == []
+    guard.load_state("s", _state())
+    assert guard.submitters() == ["s"]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"confidence": 1.0},
+        {"confidence": 0.2},
+        {"false_rejection_rate": 0},
+        {"significance": 0.5},
+        {"window": 5},
+        {"window": 10**9},
+        {"spectral_window": 10**9},
+        {"max_submitters": 0},
+        {"rare_share": float("nan")},
+        {"no_such_knob": 1},
+    ],
+)
+def test_hostile_params_are_refused(params: dict[str, Any]) -> None:
+    with pytest.raises(pydantic.ValidationError):
+        PoisoningParams.model_validate(params)
+    with pytest.raises(pydantic.ValidationError):
+        PARAMS.confidence = 0.6  # type: ignore[misc]  # frozen on purpose
+
+
+def test_bad_records_and_calibration_data_are_refused(digits: Zoo) -> None:
+    guard = digits.guard()
+    row, proba = digits.x_held[0], digits.model.predict_proba(digits.x_held[:1])[0]
+    for bad_row, label, p in [
+        (row[:10], 1, proba),
+        (np.full(64, np.nan), 1, proba),
+        (row, 10, proba),
+        (row, -1, proba),
+        (row, 1, proba[:5]),
+        (row, 1, np.full(10, np.inf)),
+    ]:
+        with pytest.raises(ValueError):
+            guard.screen("s", bad_row, label, p)
+    ref = digits.model.reference.astype(np.float64)
+    proba_cal = digits.model.predict_proba(digits.x_cal)
+    with pytest.raises(ValueError, match="at least 20"):
+        calibrate(PARAMS, ref, digits.x_cal[:5], digits.y_cal[:5], proba_cal[:5])
+    with pytest.raises(ValueError, match="class indices"):
+        calibrate(PARAMS, ref, digits.x_cal, digits.y_cal + 10, proba_cal)
+    with pytest.raises(ValueError, match="one d"):
+        calibrate(PARAMS, ref[:, :10], digits.x_cal, digits.y_cal, proba_cal)
+
+
+def test_a_restored_snapshot_judges_a_batch_again_as_the_first_time(
+    digits: Zoo,
+) -> None:
+    """A batch judged, then not committed, is judged again from the restored
+    state: every verdict as the first time, no record counted twice."""
+    y = digits.y_held.copy()
+    y[::5] = (y[::5] + 1) % 10
+    proba = digits.model.predict_proba(digits.x_held)
+    guard = digits.guard()
+    for i in range(50):
+        guard.screen("s", digits.x_held[i], int(y[i]), proba[i], f"r{i}")
+    snapshot = guard.snapshot(["s", "new"])
+    batch = range(50, 120)
+    first = [
+        guard.screen(
+            "s" if i % 2 else "new", digits.x_held[i], int(y[i]), proba[i], f"r{i}"
+        )
+        for i in batch
+    ]
+    guard.restore(snapshot)
+    assert "new" not in guard.submitters()
+    again = [
+        guard.screen(
+            "s" if i % 2 else "new", digits.x_held[i], int(y[i]), proba[i], f"r{i}"
+        )
+        for i in batch
+    ]
+    assert [(v.code, v.scores) for v in again] == [(v.code, v.scores) for v in first]
+    blob = guard.dump_state("s")
+    assert blob is not None and msgspec.json.decode(blob)["seen"] == 50 + 35
