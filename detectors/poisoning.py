@@ -324,7 +324,8 @@ class PoisoningGuard:
     Build it with :meth:`fit`. State: per submitter, its last ``window``
     records' label, model class and disagreement flag (bounded; at most
     ``max_submitters`` held); per class, the last ``spectral_window``
-    accepted records (seeded with the clean calibration rows).
+    accepted records, judged together with the class's clean calibration rows
+    (which are never evicted).
 
     Parameters
     ----------
@@ -366,6 +367,11 @@ class PoisoningGuard:
             )
             for _ in range(n_classes)
         ]
+        # Per class, the scaled clean calibration rows (set by fit): always
+        # part of the spectral test's matrix, which no submitter can evict.
+        self._anchors: list[FloatArray] = [
+            np.empty((0, self.n_features)) for _ in range(n_classes)
+        ]
 
     @classmethod
     def fit(
@@ -376,8 +382,8 @@ class PoisoningGuard:
         y_clean: npt.NDArray[np.int64],
         proba_clean: FloatArray,
     ) -> PoisoningGuard:
-        """Calibrate on clean labelled records and seed the class windows
-        with them.
+        """Calibrate on clean labelled records, which then anchor each class's
+        spectral test.
 
         Raises
         ------
@@ -389,11 +395,8 @@ class PoisoningGuard:
         calibration = calibrate(params, reference, x_clean, y_clean, proba_clean)
         guard = cls(params, reference, calibration, n_classes)
         scaled = guard._scale(np.asarray(x_clean, dtype=np.float64))
-        for i, (row, label) in enumerate(zip(scaled, y_clean, strict=True)):
-            window = guard._classes[int(label)]
-            window.rows.append(row)
-            window.ids.append(f"clean-{i}")
-            window.submitters.append("")
+        labels = np.asarray(y_clean, dtype=np.int64)
+        guard._anchors = [scaled[labels == c] for c in range(n_classes)]
         return guard
 
     # -- screening --------------------------------------------------------------
@@ -487,8 +490,9 @@ class PoisoningGuard:
                 "POISON_SPECTRAL",
                 "spectral",
                 f"projection on the top singular direction of class {label}'s "
-                f"{len(window.rows)} accepted records is {spectral:.1f}x their "
-                f"mean (threshold {cal.spectral_threshold:.1f}); {len(beyond)} "
+                f"{len(window.rows)} accepted and {len(self._anchors[label])} "
+                f"clean records is {spectral:.1f}x their mean (threshold "
+                f"{cal.spectral_threshold:.1f}); {len(beyond)} "
                 f"accepted records of the class lie beyond it too (ids "
                 f"{ids}, from {len(others)} submitter(s))",
             )
@@ -527,10 +531,27 @@ class PoisoningGuard:
         """The record's spectral score against its class window, and the
         window positions that score at or above the threshold too."""
         window = self._classes[label]
-        if len(window.rows) < self.params.spectral_min_records:
+        anchor = self._anchors[label]
+        if len(anchor) + len(window.rows) < self.params.spectral_min_records:
             return 0.0, []
-        rows = np.vstack([*window.rows, scaled])
-        scores, window.direction = spectral_scores(rows, window.direction)
+        # The clean calibration rows of the class stay in the matrix however
+        # many records submitters send: a window filled with records at the
+        # class centre (each accepted, they score near 0) would otherwise
+        # shrink the mean projection until every honest record of the class
+        # scored far above it, and one record would set the top direction
+        # alone (framing, docs/feedback-guard.md). The clean rows' mean
+        # projection floors the denominator for the same reason; a patch
+        # cluster, which raises the window's mean, is judged as before.
+        rows = np.vstack([anchor, *window.rows, scaled])
+        centre = rows.mean(axis=0)
+        centred = rows - centre
+        window.direction = top_direction(centred.T @ centred, window.direction)
+        projection = (centred @ window.direction) ** 2
+        floor = float(projection[: len(anchor)].mean()) if len(anchor) else 0.0
+        denominator = max(float(projection.mean()), floor)
+        if denominator <= 0.0:
+            return 0.0, []
+        scores = projection[len(anchor) :] / denominator
         beyond = np.flatnonzero(scores[:-1] >= self.calibration.spectral_threshold)
         return float(scores[-1]), [int(i) for i in beyond]
 

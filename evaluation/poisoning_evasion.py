@@ -101,7 +101,9 @@ def paced(env: Env, params: PoisoningParams, rate: float, seed: int) -> Count:
         i = int(rng.integers(len(env.x)))
         if rng.random() < rate:
             count.poisoned += 1
-            v = guard.screen("attacker", env.x[i], _flip(int(env.y[i]), rng), env.proba[i])
+            v = guard.screen(
+                "attacker", env.x[i], _flip(int(env.y[i]), rng), env.proba[i]
+            )
             count.poisoned_accepted += v.accepted
         else:
             v = guard.screen("attacker", env.x[i], int(env.y[i]), env.proba[i])
@@ -124,10 +126,14 @@ def adaptive(env: Env, params: PoisoningParams, seed: int) -> Count:
         agree = int(np.argmax(env.proba[i])) == int(env.y[i])
         window = recent[-(params.window - 1) :]
         n_dis = sum(window) + 1
-        tail = float(upper_tail(np.array([n_dis]), np.array([len(window) + 1]), rate)[0])
+        tail = float(
+            upper_tail(np.array([n_dis]), np.array([len(window) + 1]), rate)[0]
+        )
         if confident and agree and tail > params.significance * 10:
             count.poisoned += 1
-            v = guard.screen("attacker", env.x[i], _flip(int(env.y[i]), rng), env.proba[i])
+            v = guard.screen(
+                "attacker", env.x[i], _flip(int(env.y[i]), rng), env.proba[i]
+            )
             count.poisoned_accepted += v.accepted
             recent.append(v.disagreement)
         else:
@@ -216,7 +222,10 @@ def main(argv: list[str] | None = None) -> None:
                 for k in (1, 5, 20)
             ],
             *[
-                (f"slow patch {p:.0%} of class 0", lambda s, p=p: slow_patch(env, params, p, s))
+                (
+                    f"slow patch {p:.0%} of class 0",
+                    lambda s, p=p: slow_patch(env, params, p, s),
+                )
                 for p in (0.01, 0.03, 0.1)
             ],
             *[

@@ -19,7 +19,7 @@ Each submitter's recent verdicts are saved to Redis after every batch
 (``{prefix}:fbguard:{model}:{<client>}``) and loaded when a guard first sees
 the submitter, so a restart or a rebalance does not hand a flipper a clean
 slate. The spectral test's class windows live in each guard process only
-(seeded from clean calibration data at start): a restart forgets the
+(judged with the clean calibration rows, which never leave): a restart forgets the
 accepted records they held. TODO: save the class windows with the submitter
 state when several guards must share one cluster view; until then a
 cluster is judged within one process's partitions.

@@ -195,6 +195,37 @@ def test_pixels_no_digit_ever_lights_are_a_trigger_on_their_own(digits: Zoo) -> 
     assert "index 0, 7, 56, 63" in verdict.evidence
 
 
+def test_a_window_flooded_at_the_class_centre_does_not_frame_honest_records(
+    digits: Zoo,
+) -> None:
+    # Framing: one key sends records near the centre of the clean 3s; the
+    # model agrees and each scores near 0, so all are accepted and fill the
+    # class window. Scored against the window's own mean (Tran et al.), that
+    # window then rejected every honest 3 (100% of them, measured in
+    # evaluation.poisoning_evasion).
+    rng = np.random.default_rng(5)
+    guard = digits.guard()
+    clean = digits.x_cal[digits.y_cal == 3]
+    centre, spread = clean.mean(axis=0), clean.std(axis=0)
+    flood = np.clip(
+        centre + rng.normal(size=(300, 64)) * spread * 0.1, 0.0, 16.0
+    ).astype(np.float32)
+    proba = digits.model.predict_proba(flood)
+    accepted = [
+        guard.screen("framer", r, 3, p).accepted
+        for r, p in zip(flood, proba, strict=True)
+    ]
+    assert np.mean(accepted) >= 0.95  # the flood is accepted: it is the attack
+    threes = digits.x_held[digits.y_held == 3]
+    honest = [
+        guard.screen(f"honest-{i % 3}", r, 3, p)
+        for i, (r, p) in enumerate(
+            zip(threes, digits.model.predict_proba(threes), strict=True)
+        )
+    ]
+    assert np.mean([not v.accepted for v in honest]) <= 0.1, [v.code for v in honest]
+
+
 def test_spectral_scores_single_out_a_shared_pattern() -> None:
     rng = np.random.default_rng(0)
     rows = rng.normal(size=(200, 20))
