@@ -50,6 +50,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from detectors.base import describe_validation_error
 from detectors.poisoning import (
+    MAX_STATE_BYTES,
     GuardSnapshot,
     PoisoningGuard,
     PoisoningParams,
@@ -771,12 +772,24 @@ class FeedbackGuard:
             # on Redis Cluster they live in different slots.
             pipe = self._redis.pipeline(transaction=False)
             for model, client in wanted:
-                pipe.get(self._state_key(model, client))
-            blobs = await pipe.execute()
+                # At most one byte over the limit: a huge value at the key
+                # costs the read its limit, and is then refused as too large.
+                pipe.getrange(self._state_key(model, client), 0, MAX_STATE_BYTES)
+            # An error reply for one key (another type stored there: WRONGTYPE)
+            # is that submitter's refused state; raised, it failed the batch,
+            # which was then retried forever and stalled the partition.
+            blobs = await pipe.execute(raise_on_error=False)
         for (model, client), blob in zip(wanted, blobs, strict=True):
-            if blob is None:
+            if isinstance(blob, Exception) and not str(blob).startswith("WRONGTYPE"):
+                # Any other error reply is the server's trouble, not the key's:
+                # retry the batch rather than hand the submitter a clean slate.
+                raise StoreError(f"redis feedback.load_states: {blob!r}")
+            if not blob:
+                # No key (GETRANGE answers b""), or an empty value.
                 continue
             try:
+                if isinstance(blob, Exception):
+                    raise ValueError(f"another type at the key: {blob}")
                 self._guards[model].load_state(client, bytes(blob))
             except ValueError as exc:
                 # A damaged or foreign state costs the submitter its history,

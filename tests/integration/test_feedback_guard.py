@@ -459,3 +459,25 @@ async def verdicts_now(settings: Settings) -> set[str]:
         for record in await read_topic(settings, topic, timeout_s=0.3):
             ids.add(str(record.get("feedback_id")))
     return ids
+
+
+async def test_a_state_key_of_another_type_does_not_stall_the_partition(
+    guard_settings: Settings, held: tuple[np.ndarray, np.ndarray]
+) -> None:
+    # Hostile or stray data under the guard's own prefix: a hash where the
+    # submitter's state belongs. GET answered WRONGTYPE, which failed the
+    # batch; the batch was retried forever and nothing behind it was judged.
+    x, y = held
+    key = f"{guard_settings.redis.key_prefix}:fbguard:digits:{{{CLIENT}}}"
+    redis = redis_from_settings(guard_settings)
+    try:
+        await redis.hset(key, mapping={"format": "1", "seen": "0"})
+        async with sender(guard_settings) as s, running(guard_settings):
+            ids = {await s.row(x[i], int(y[i])) for i in range(2)}
+            found = await verdicts(guard_settings, ids, timeout_s=20.0)
+        raw = await redis.get(key)
+    finally:
+        await redis.aclose()
+    assert {found[i][0]["_topic"] for i in ids} == {"accepted"}, found
+    # The foreign value is replaced by the submitter's fresh state.
+    assert isinstance(raw, bytes) and msgspec.json.decode(raw)["seen"] == 2
