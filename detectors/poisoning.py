@@ -50,6 +50,7 @@ pydantic only; nothing from Kafka, Redis, FastAPI or ``gateway``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
@@ -72,7 +73,17 @@ STATE_FORMAT = 1
 
 MAX_STATE_BYTES = 32_768
 """Largest serialised submitter state accepted by :meth:`PoisoningGuard.load_state`
-(the detectors' per-client budget, ``detectors.base.MAX_STATE_BYTES``)."""
+(the detectors' per-client budget, ``detectors.base.MAX_STATE_BYTES``), plus
+:data:`ID_STATE_BYTES` per record of the window
+(:attr:`PoisoningGuard.state_limit_bytes`)."""
+
+ID_STATE_BYTES = 16
+"""Serialised bytes of one record's id digest in a submitter's state (12
+hex characters, quotes and a comma)."""
+
+# Digest of a record id kept per submitter to recognise a repeat: 48 bits, so
+# that two of a window's ids (2,000 at most) collide with odds below 1e-8.
+_ID_DIGEST_BYTES = 6
 
 CODES: dict[str, str] = {
     "POISON_TRIGGER": "the record's features lie where the reference data "
@@ -156,6 +167,9 @@ class SubmitterState(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     labels: list[int]
     predicted: list[int]
     disagree: list[bool]
+    # Digests of the last ``window`` record ids (empty in states saved before
+    # repeats were recognised: those submitters' repeats count once more).
+    ids: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -214,6 +228,7 @@ class _Submitter:
     predicted: deque[int]
     disagree: deque[bool]
     seen: int = 0
+    ids: deque[str] = field(default_factory=deque)
 
 
 @dataclass
@@ -232,6 +247,7 @@ def _copy_submitter(state: _Submitter) -> _Submitter:
         deque(state.predicted, maxlen=w),
         deque(state.disagree, maxlen=w),
         state.seen,
+        deque(state.ids, maxlen=w),
     )
 
 
@@ -452,12 +468,20 @@ class PoisoningGuard:
         predicted = int(np.argmax(p))
         disagreement = bool(predicted != label and p[predicted] >= prm.confidence)
 
-        # Step: the submitter's recent records, this one included.
+        # Step: the submitter's recent records, this one included once. A
+        # repeat of a record the state already holds (a redelivery after a
+        # crash, or a captured record replayed within the clock skew) is
+        # judged but not counted again: replaying a victim's one honest
+        # correction would otherwise make the victim a flipper.
         state = self._submitter(submitter)
-        state.labels.append(label)
-        state.predicted.append(predicted)
-        state.disagree.append(disagreement)
-        state.seen += 1
+        digest = _digest(record_id) if record_id else ""
+        repeat = bool(digest) and digest in state.ids
+        if not repeat:
+            state.labels.append(label)
+            state.predicted.append(predicted)
+            state.disagree.append(disagreement)
+            state.ids.append(digest)
+            state.seen += 1
         flip_tail, pair_tail, n_dis, n_pair = self._flip_tails(
             state, label, predicted, disagreement
         )
@@ -515,9 +539,10 @@ class PoisoningGuard:
             )
 
         if verdict is None:
-            if learn:
+            if learn and not repeat:
                 self._learn(scaled, label, record_id, submitter)
-            return Verdict(True, None, None, "accepted", scores, disagreement)
+            evidence = "accepted (a repeat, counted once)" if repeat else "accepted"
+            return Verdict(True, None, None, evidence, scores, disagreement)
         code, detector, evidence = verdict
         return Verdict(False, code, detector, evidence, scores, disagreement)
 
@@ -593,7 +618,9 @@ class PoisoningGuard:
         state = self._submitters.get(submitter)
         if state is None:
             w = self.params.window
-            state = _Submitter(deque(maxlen=w), deque(maxlen=w), deque(maxlen=w))
+            state = _Submitter(
+                deque(maxlen=w), deque(maxlen=w), deque(maxlen=w), 0, deque(maxlen=w)
+            )
             self._submitters[submitter] = state
             while len(self._submitters) > self.params.max_submitters:
                 dropped, _ = self._submitters.popitem(last=False)
@@ -645,6 +672,11 @@ class PoisoningGuard:
             for w in snapshot.windows
         ]
 
+    @property
+    def state_limit_bytes(self) -> int:
+        """Largest serialised submitter state :meth:`load_state` accepts."""
+        return MAX_STATE_BYTES + ID_STATE_BYTES * self.params.window
+
     def submitters(self) -> list[str]:
         """Submitters whose state is held, least recently seen first."""
         return list(self._submitters)
@@ -666,6 +698,7 @@ class PoisoningGuard:
                 labels=list(state.labels),
                 predicted=list(state.predicted),
                 disagree=list(state.disagree),
+                ids=list(state.ids),
             )
         )
 
@@ -678,8 +711,8 @@ class PoisoningGuard:
             The blob is too large, malformed, of another format or window, or
             holds labels or classes outside the model's.
         """
-        if len(blob) > MAX_STATE_BYTES:
-            raise ValueError(f"{self.name}: state over {MAX_STATE_BYTES} bytes")
+        if len(blob) > self.state_limit_bytes:
+            raise ValueError(f"{self.name}: state over {self.state_limit_bytes} bytes")
         try:
             state = msgspec.json.decode(blob, type=SubmitterState)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
@@ -694,6 +727,10 @@ class PoisoningGuard:
         n = len(state.labels)
         if not (len(state.predicted) == len(state.disagree) == n <= state.window):
             raise ValueError(f"{self.name}: state arrays disagree in length")
+        if len(state.ids) > state.window or any(
+            len(i) > 2 * _ID_DIGEST_BYTES for i in state.ids
+        ):
+            raise ValueError(f"{self.name}: state holds malformed record ids")
         if state.seen < n:
             raise ValueError(f"{self.name}: state has seen fewer records than held")
         classes = range(self.n_classes)
@@ -712,8 +749,15 @@ class PoisoningGuard:
             deque(state.predicted, maxlen=w),
             deque(state.disagree, maxlen=w),
             state.seen,
+            deque(state.ids, maxlen=w),
         )
         self._submitters.move_to_end(submitter)
+
+
+def _digest(record_id: str) -> str:
+    """A record id's digest as kept in a submitter's state."""
+    raw = record_id.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(raw, digest_size=_ID_DIGEST_BYTES).hexdigest()
 
 
 def _spectral_scale(reference: FloatArray) -> tuple[FloatArray, FloatArray]:

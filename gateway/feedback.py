@@ -50,7 +50,6 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from detectors.base import describe_validation_error
 from detectors.poisoning import (
-    MAX_STATE_BYTES,
     GuardSnapshot,
     PoisoningGuard,
     PoisoningParams,
@@ -774,7 +773,8 @@ class FeedbackGuard:
             for model, client in wanted:
                 # At most one byte over the limit: a huge value at the key
                 # costs the read its limit, and is then refused as too large.
-                pipe.getrange(self._state_key(model, client), 0, MAX_STATE_BYTES)
+                limit = self._guards[model].state_limit_bytes
+                pipe.getrange(self._state_key(model, client), 0, limit)
             # An error reply for one key (another type stored there: WRONGTYPE)
             # is that submitter's refused state; raised, it failed the batch,
             # which was then retried forever and stalled the partition.

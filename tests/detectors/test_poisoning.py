@@ -114,6 +114,38 @@ def test_one_honest_correction_passes(digits: Zoo) -> None:
     assert 0 < verdict.scores["flip_tail"] < 1
 
 
+def test_a_replayed_correction_is_counted_once(digits: Zoo) -> None:
+    # A captured record can be produced again within the clock skew (or is
+    # redelivered after a crash). Counted each time, ten replays of a
+    # victim's one honest correction made the victim a flipper, and its next
+    # honest correction was refused.
+    guard = digits.guard()
+    proba = digits.model.predict_proba(digits.x_held)
+    confident = np.flatnonzero(proba.max(axis=1) >= 0.99)
+    for n, i in enumerate(confident[:30]):
+        guard.screen(
+            "victim", digits.x_held[i], int(proba[i].argmax()), proba[i], f"ok-{n}"
+        )
+    i, j = int(confident[30]), int(confident[31])
+    wrong_i, wrong_j = (
+        (int(proba[i].argmax()) + 1) % 10,
+        (int(proba[j].argmax()) + 1) % 10,
+    )
+    replays = [
+        guard.screen("victim", digits.x_held[i], wrong_i, proba[i], "fix-1")
+        for _ in range(11)
+    ]
+    assert all(v.accepted for v in replays), [v.evidence for v in replays]
+    assert replays[-1].evidence == "accepted (a repeat, counted once)"
+    later = guard.screen("victim", digits.x_held[j], wrong_j, proba[j], "fix-2")
+    assert later.accepted, later.evidence
+    state = msgspec.json.decode(guard.dump_state("victim") or b"")
+    assert state["seen"] == 32 and sum(state["disagree"]) == 2
+    # Nor does a replay enter the class window twice.
+    window = guard._classes[wrong_i]
+    assert list(window.ids).count("fix-1") == 1
+
+
 # -- label flips -------------------------------------------------------------------
 
 
@@ -295,6 +327,8 @@ def _state(**changes: Any) -> bytes:
         (_state(labels=[1, 10]), "unknown class"),
         (_state(predicted=[1, -1]), "unknown class"),
         (_state(seen=1), "seen fewer"),
+        (_state(ids=["x" * 13, "y"]), "record ids"),
+        (_state(ids=["a"] * (PARAMS.window + 1)), "record ids"),
         (_state(seen=-1, labels=[], predicted=[], disagree=[]), "seen fewer"),
         (_state(disagree=[True, True]), "its own label"),
         (
