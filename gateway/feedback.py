@@ -589,13 +589,33 @@ class FeedbackGuard:
             if item.error is None and item.record is not None and item.row is not None:
                 by_model.setdefault(item.record.model, []).append(item)
         for name, group in by_model.items():
+            model = self._models[name]
             try:
-                proba = self._models[name].predict_proba(
-                    np.vstack([i.row for i in group if i.row is not None])
+                proba = np.asarray(
+                    model.predict_proba(
+                        np.vstack([i.row for i in group if i.row is not None])
+                    )
                 )
+                expected = (len(group), len(model.signature.classes))
+                if proba.shape != expected:
+                    raise BackendError(
+                        f"model {name} answered shape {proba.shape}, "
+                        f"expected {expected}"
+                    )
             except BackendError as exc:
                 for item in group:
                     item.fail(exc)
+                continue
+            except Exception as exc:
+                # A backend outside the contract (an estimator raising its own
+                # error): escaping, it killed the run loop, and the restarted
+                # guard met the same batch again.
+                logger.exception(
+                    "model failed outside its contract", extra={"model": name}
+                )
+                error = BackendError(f"model {name} failed: {exc!r}")
+                for item in group:
+                    item.fail(error)
                 continue
             guard = self._guards[name]
             for item, p in zip(group, proba, strict=True):
