@@ -102,6 +102,27 @@ def test_clean_feedback_is_accepted_at_the_stated_rate(
     assert guard.calibration.clean_rejected <= PARAMS.false_rejection_rate
 
 
+@pytest.mark.parametrize("which", ["digits", "cancer"])
+def test_record_checks_meet_their_stated_rate_on_held_out_rows(
+    which: str, request: pytest.FixtureRequest
+) -> None:
+    # The thresholds are split-conformal order statistics of the calibration
+    # half, so the rows kept out of it (same distribution) must see at most
+    # the stated rate. The in-sample quantiles used before measured 1.3% on
+    # digits for the stated 1%.
+    zoo: Zoo = request.getfixturevalue(which)
+    guard = zoo.guard()
+    proba = zoo.model.predict_proba(zoo.x_held)
+    verdicts = [
+        guard.screen(f"honest-{i % 4}", row, int(label), p, learn=False)
+        for i, (row, label, p) in enumerate(
+            zip(zoo.x_held, zoo.y_held, proba, strict=True)
+        )
+    ]
+    rejected = [v.detector for v in verdicts if v.detector in ("rarity", "spectral")]
+    assert len(rejected) / len(verdicts) <= PARAMS.false_rejection_rate, rejected
+
+
 def test_one_honest_correction_passes(digits: Zoo) -> None:
     guard = digits.guard()
     proba = digits.model.predict_proba(digits.x_held)
