@@ -28,14 +28,14 @@ from __future__ import annotations
 import argparse
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from detectors.poisoning import PoisoningGuard, PoisoningParams
+from detectors.poisoning import PoisoningGuard, PoisoningParams, Verdict
 from gateway.feedback_data import calibration_rows
 from gateway.models import ServedModel, load_model
 from gateway.zoo import ensure_model
@@ -80,13 +80,31 @@ class Count:
     poisoned_accepted: int = 0
     honest: int = 0
     honest_rejected: int = 0
+    codes: dict[str, int] = field(default_factory=dict)
+
+    def honest_verdict(self, verdict: Verdict) -> None:
+        self.honest += 1
+        if not verdict.accepted and verdict.code is not None:
+            self.honest_rejected += 1
+            self.codes[verdict.code] = self.codes.get(verdict.code, 0) + 1
+
+    def add(self, other: Count) -> None:
+        self.poisoned += other.poisoned
+        self.poisoned_accepted += other.poisoned_accepted
+        self.honest += other.honest
+        self.honest_rejected += other.honest_rejected
+        for code, n in other.codes.items():
+            self.codes[code] = self.codes.get(code, 0) + n
 
     def line(self, label: str) -> str:
         passed = self.poisoned_accepted / max(self.poisoned, 1)
         false = self.honest_rejected / max(self.honest, 1)
         return (
             f"{label:34s} poisoned {self.poisoned:5d}  passed {passed:6.1%}  "
-            f"honest {self.honest:5d}  rejected {false:6.2%}"
+            f"honest {self.honest:5d}  rejected {false:6.2%}  "
+            + ", ".join(
+                f"{c.removeprefix('POISON_')} {n}" for c, n in self.codes.items()
+            )
         )
 
 
@@ -173,9 +191,8 @@ def slow_patch(env: Env, params: PoisoningParams, share: float, seed: int) -> Co
             v = guard.screen("attacker", row, 0, proba)
             count.poisoned_accepted += v.accepted
         else:
-            count.honest += 1
             v = guard.screen(f"honest-{i % 3}", env.x[i], int(env.y[i]), env.proba[i])
-            count.honest_rejected += not v.accepted
+            count.honest_verdict(v)
     return count
 
 
@@ -197,9 +214,8 @@ def framing(env: Env, params: PoisoningParams, flood: int, seed: int) -> Count:
         v = guard.screen("framer", row, 3, proba)
         count.poisoned_accepted += v.accepted
     for i in threes:
-        count.honest += 1
         v = guard.screen(f"honest-{i % 3}", env.x[i], 3, env.proba[i])
-        count.honest_rejected += not v.accepted
+        count.honest_verdict(v)
     return count
 
 
@@ -237,11 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         for label, run in scenarios:
             total = Count()
             for seed in range(args.seeds):
-                c = run(seed)
-                total.poisoned += c.poisoned
-                total.poisoned_accepted += c.poisoned_accepted
-                total.honest += c.honest
-                total.honest_rejected += c.honest_rejected
+                total.add(run(seed))
             print(total.line(label), flush=True)
 
 
