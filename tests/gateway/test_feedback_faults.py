@@ -1,10 +1,13 @@
-"""The guard's screening step against a model that breaks its contract: the
-batch's records get ``BACKEND_ERROR`` verdicts instead of the exception
-ending the run loop. No broker needed: ``_screen`` is the step under test."""
+"""The guard's decode, validate and screen steps against hostile values and a
+model that breaks its contract: each record gets one coded verdict and the
+exception never ends the run loop. No broker needed: the steps are called
+directly."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -14,7 +17,7 @@ from aiokafka import TopicPartition
 from gateway.config import Settings
 from gateway.feedback import FeedbackGuard, _Item, build_guard, guard_params
 from gateway.feedback_data import calibration_rows
-from gateway.feedback_wire import build_feedback
+from gateway.feedback_wire import FEEDBACK_CODES, build_feedback
 from gateway.models import ServedModel, load_model
 from gateway.zoo import ensure_model
 
@@ -90,3 +93,68 @@ def test_a_model_breaking_its_contract_fails_the_records_not_the_guard(
     items = _items(3)
     guard._screen(items)
     assert all(i.error is None and i.verdict is not None for i in items)
+
+
+def _value(**changes: Any) -> bytes:
+    record: dict[str, Any] = {
+        "v": 1,
+        "feedback_id": "f",
+        "key_id": "k",
+        "ts_ms": 1,
+        "model": "digits",
+        "inputs": [
+            {"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}
+        ],
+        "label": 0,
+    }
+    tensor = changes.pop("tensor", {})
+    record["inputs"][0].update(tensor)
+    record.update(changes)
+    return json.dumps(record).encode()
+
+
+_HOSTILE = [
+    (b"", "MALFORMED_JSON"),
+    (b"null", "SCHEMA_INVALID"),
+    (b"[" * 100_000 + b"]" * 100_000, "SCHEMA_INVALID"),
+    (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "PAYLOAD_TOO_LARGE"),
+    (_value().replace(b"0.0", b"NaN", 1), "MALFORMED_JSON"),
+    (_value().replace(b"0.0", b"Infinity", 1), "MALFORMED_JSON"),
+    (_value().replace(b"0.0", b"1e999", 1), "NON_FINITE"),
+    (_value(label=2**80), "UNKNOWN_LABEL"),
+    (_value(label=True), "SCHEMA_INVALID"),
+    (_value(label="1"), "SCHEMA_INVALID"),
+    (_value(v=2**70), "UNSUPPORTED_VERSION"),
+    (_value(feedback_id="x" * 200), "SCHEMA_INVALID"),
+    (_value().replace(b'"f"', b'"\\ud800"'), "MALFORMED_JSON"),
+    (b"\xef\xbb\xbf" + _value(), "MALFORMED_JSON"),
+    (_value() + _value(), "MALFORMED_JSON"),
+    (_value(inputs=[]), "TENSOR_NAME"),
+    (_value(tensor={"shape": [10**18, 64]}), "SHAPE_MISMATCH"),
+    (_value(tensor={"shape": [1, 8, 8]}), "SHAPE_MISMATCH"),
+    (_value(tensor={"data": [True] * 64}), "SCHEMA_INVALID"),
+    (_value(tensor={"datatype": "INT64"}), "DTYPE_MISMATCH"),
+    (_value(tensor={"data": [-1e30] * 64}), "OUT_OF_RANGE"),
+    (_value(tensor={"data": [0.0] * 10**6}), "PAYLOAD_TOO_LARGE"),
+    (
+        json.dumps(
+            {"v": 1, "request_id": "r", "key_id": "k", "ts_ms": 1, "model": "digits"}
+        ).encode(),
+        "SCHEMA_INVALID",
+    ),
+]
+
+
+@pytest.mark.parametrize(("value", "code"), _HOSTILE)
+def test_hostile_values_become_one_coded_rejection(
+    service: tuple[FeedbackGuard, Any], value: bytes, code: str
+) -> None:
+    guard, _ = service
+
+    record = SimpleNamespace(key=b"c", headers=[], offset=0, value=value)
+    item = guard._decode(TopicPartition("t", 0), record)
+    if item.error is None:
+        item.client_id = "c"
+        guard._validate([item])
+    assert item.error is not None and item.error.code == code, item.error
+    assert code in FEEDBACK_CODES
