@@ -336,6 +336,15 @@ def _state(**changes: Any) -> bytes:
     return msgspec.json.encode(base)
 
 
+def test_a_state_saved_before_record_ids_still_loads(digits: Zoo) -> None:
+    guard = digits.guard()
+    guard.load_state("s", _state())  # no "ids": written by the first release
+    proba = digits.model.predict_proba(digits.x_held[:1])[0]
+    guard.screen("s", digits.x_held[0], int(digits.y_held[0]), proba, "f-1")
+    state = msgspec.json.decode(guard.dump_state("s") or b"")
+    assert state["seen"] == 3 and len(state["ids"]) == 1
+
+
 @pytest.mark.parametrize(
     ("blob", "match"),
     [
