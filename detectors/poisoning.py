@@ -78,7 +78,7 @@ MAX_STATE_BYTES = 32_768
 (:attr:`PoisoningGuard.state_limit_bytes`)."""
 
 ID_STATE_BYTES = 16
-"""Serialised bytes of one record's id digest in a submitter's state (12
+"""Serialised bytes of one record's digest in a submitter's state (12
 hex characters, quotes and a comma)."""
 
 # Digest of a record id kept per submitter to recognise a repeat: 48 bits, so
@@ -167,8 +167,9 @@ class SubmitterState(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     labels: list[int]
     predicted: list[int]
     disagree: list[bool]
-    # Digests of the last ``window`` record ids (empty in states saved before
-    # repeats were recognised: those submitters' repeats count once more).
+    # Digests of the last ``window`` records (id, label and row; empty in
+    # states saved before repeats were recognised: those submitters' repeats
+    # count once more).
     ids: list[str] = []
 
 
@@ -474,7 +475,7 @@ class PoisoningGuard:
         # judged but not counted again: replaying a victim's one honest
         # correction would otherwise make the victim a flipper.
         state = self._submitter(submitter)
-        digest = _digest(record_id) if record_id else ""
+        digest = _digest(record_id, label, x) if record_id else ""
         repeat = bool(digest) and digest in state.ids
         if not repeat:
             state.labels.append(label)
@@ -754,10 +755,16 @@ class PoisoningGuard:
         self._submitters.move_to_end(submitter)
 
 
-def _digest(record_id: str) -> str:
-    """A record id's digest as kept in a submitter's state."""
-    raw = record_id.encode("utf-8", "surrogatepass")
-    return hashlib.blake2b(raw, digest_size=_ID_DIGEST_BYTES).hexdigest()
+def _digest(record_id: str, label: int, row: FloatArray) -> str:
+    """A record's digest as kept in a submitter's state: its id, label and
+    row, so that only a true repeat matches. By id alone, a flipper reusing
+    one id for every record would have had each flip taken for a repeat and
+    never counted."""
+    digest = hashlib.blake2b(digest_size=_ID_DIGEST_BYTES)
+    digest.update(record_id.encode("utf-8", "surrogatepass"))
+    digest.update(label.to_bytes(8, "little", signed=True))
+    digest.update(np.ascontiguousarray(row, dtype=np.float64).tobytes())
+    return digest.hexdigest()
 
 
 def _spectral_scale(reference: FloatArray) -> tuple[FloatArray, FloatArray]:

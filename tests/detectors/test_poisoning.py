@@ -165,6 +165,21 @@ def test_a_replayed_correction_is_counted_once(digits: Zoo) -> None:
     # Nor does a replay enter the class window twice.
     window = guard._classes[wrong_i]
     assert list(window.ids).count("fix-1") == 1
+    # A repeat is the same record, not the same id: a flipper reusing one id
+    # for different records has each of them counted.
+    reused = [
+        guard.screen(
+            "reuser",
+            digits.x_held[k],
+            (int(proba[k].argmax()) + 1) % 10,
+            proba[k],
+            "same-id",
+        )
+        for k in confident[:5]
+    ]
+    assert [v.evidence for v in reused].count("accepted (a repeat, counted once)") == 0
+    reuser = msgspec.json.decode(guard.dump_state("reuser") or b"")
+    assert reuser["seen"] == 5
 
 
 # -- label flips -------------------------------------------------------------------
