@@ -700,7 +700,10 @@ class FeedbackGuard:
     def _rejected(self, item: _Item, now_ms: int) -> tuple[bytes | None, bytes]:
         record, verdict, error = item.record, item.verdict, item.error
         if error is not None:
-            code, message, retriable = error.code, error.message, error.retriable
+            # Clipped: validation messages quote the record (a shape of
+            # 400,000 dimensions fits a 1 MiB message and made a 1.2 MB
+            # rejection, which the producer refused on every retry).
+            code, message, retriable = error.code, _clip(error.message), error.retriable
             detector = evidence = None
             scores: dict[str, float] = {}
         else:

@@ -17,7 +17,7 @@ from aiokafka import TopicPartition
 from gateway.config import Settings
 from gateway.feedback import FeedbackGuard, _Item, build_guard, guard_params
 from gateway.feedback_data import calibration_rows
-from gateway.feedback_wire import FEEDBACK_CODES, build_feedback
+from gateway.feedback_wire import FEEDBACK_CODES, build_feedback, decode_feedback
 from gateway.models import ServedModel, load_model
 from gateway.zoo import ensure_model
 
@@ -110,7 +110,7 @@ def _value(**changes: Any) -> bytes:
     tensor = changes.pop("tensor", {})
     record["inputs"][0].update(tensor)
     record.update(changes)
-    return json.dumps(record).encode()
+    return json.dumps(record, separators=(",", ":")).encode()
 
 
 _HOSTILE = [
@@ -158,3 +158,24 @@ def test_hostile_values_become_one_coded_rejection(
         guard._validate([item])
     assert item.error is not None and item.error.code == code, item.error
     assert code in FEEDBACK_CODES
+
+
+def test_a_rejection_stays_small_whatever_the_record_quotes(
+    service: tuple[FeedbackGuard, Any],
+) -> None:
+    # A shape of 400,000 zeros fits a 1 MiB message limit (800 KB) and was
+    # quoted whole in the SHAPE_MISMATCH message: a rejected record of
+    # 1.2 MB, over the producer's 1 MiB request limit, so the produce failed
+    # and the batch was retried forever.
+    guard, _ = service
+    value = _value(tensor={"shape": [0] * 400_000})
+    assert len(value) < 1_048_576
+    item = _Item(
+        TopicPartition("t", 0), 0, value, "c", None, record=decode_feedback(value)
+    )
+    item.client_id = "c"
+    guard._validate([item])
+    assert item.error is not None and item.error.code == "SHAPE_MISMATCH"
+    _, rejected = guard._rejected(item, 0)
+    # The kept value (its first 64 KiB, base64) and a clipped message.
+    assert len(rejected) < 100_000, len(rejected)
