@@ -50,6 +50,7 @@ pydantic only; nothing from Kafka, Redis, FastAPI or ``gateway``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
@@ -72,7 +73,17 @@ STATE_FORMAT = 1
 
 MAX_STATE_BYTES = 32_768
 """Largest serialised submitter state accepted by :meth:`PoisoningGuard.load_state`
-(the detectors' per-client budget, ``detectors.base.MAX_STATE_BYTES``)."""
+(the detectors' per-client budget, ``detectors.base.MAX_STATE_BYTES``), plus
+:data:`ID_STATE_BYTES` per record of the window
+(:attr:`PoisoningGuard.state_limit_bytes`)."""
+
+ID_STATE_BYTES = 16
+"""Serialised bytes of one record's digest in a submitter's state (12
+hex characters, quotes and a comma)."""
+
+# Digest of a record id kept per submitter to recognise a repeat: 48 bits, so
+# that two of a window's ids (2,000 at most) collide with odds below 1e-8.
+_ID_DIGEST_BYTES = 6
 
 CODES: dict[str, str] = {
     "POISON_TRIGGER": "the record's features lie where the reference data "
@@ -156,6 +167,10 @@ class SubmitterState(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     labels: list[int]
     predicted: list[int]
     disagree: list[bool]
+    # Digests of the last ``window`` records (id, label and row; empty in
+    # states saved before repeats were recognised: those submitters' repeats
+    # count once more).
+    ids: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -214,6 +229,7 @@ class _Submitter:
     predicted: deque[int]
     disagree: deque[bool]
     seen: int = 0
+    ids: deque[str] = field(default_factory=deque)
 
 
 @dataclass
@@ -232,6 +248,7 @@ def _copy_submitter(state: _Submitter) -> _Submitter:
         deque(state.predicted, maxlen=w),
         deque(state.disagree, maxlen=w),
         state.seen,
+        deque(state.ids, maxlen=w),
     )
 
 
@@ -324,7 +341,8 @@ class PoisoningGuard:
     Build it with :meth:`fit`. State: per submitter, its last ``window``
     records' label, model class and disagreement flag (bounded; at most
     ``max_submitters`` held); per class, the last ``spectral_window``
-    accepted records (seeded with the clean calibration rows).
+    accepted records, judged together with the class's clean calibration rows
+    (which are never evicted).
 
     Parameters
     ----------
@@ -366,6 +384,11 @@ class PoisoningGuard:
             )
             for _ in range(n_classes)
         ]
+        # Per class, the scaled clean calibration rows (set by fit): always
+        # part of the spectral test's matrix, which no submitter can evict.
+        self._anchors: list[FloatArray] = [
+            np.empty((0, self.n_features)) for _ in range(n_classes)
+        ]
 
     @classmethod
     def fit(
@@ -376,8 +399,8 @@ class PoisoningGuard:
         y_clean: npt.NDArray[np.int64],
         proba_clean: FloatArray,
     ) -> PoisoningGuard:
-        """Calibrate on clean labelled records and seed the class windows
-        with them.
+        """Calibrate on clean labelled records, which then anchor each class's
+        spectral test.
 
         Raises
         ------
@@ -389,11 +412,8 @@ class PoisoningGuard:
         calibration = calibrate(params, reference, x_clean, y_clean, proba_clean)
         guard = cls(params, reference, calibration, n_classes)
         scaled = guard._scale(np.asarray(x_clean, dtype=np.float64))
-        for i, (row, label) in enumerate(zip(scaled, y_clean, strict=True)):
-            window = guard._classes[int(label)]
-            window.rows.append(row)
-            window.ids.append(f"clean-{i}")
-            window.submitters.append("")
+        labels = np.asarray(y_clean, dtype=np.int64)
+        guard._anchors = [scaled[labels == c] for c in range(n_classes)]
         return guard
 
     # -- screening --------------------------------------------------------------
@@ -449,12 +469,20 @@ class PoisoningGuard:
         predicted = int(np.argmax(p))
         disagreement = bool(predicted != label and p[predicted] >= prm.confidence)
 
-        # Step: the submitter's recent records, this one included.
+        # Step: the submitter's recent records, this one included once. A
+        # repeat of a record the state already holds (a redelivery after a
+        # crash, or a captured record replayed within the clock skew) is
+        # judged but not counted again: replaying a victim's one honest
+        # correction would otherwise make the victim a flipper.
         state = self._submitter(submitter)
-        state.labels.append(label)
-        state.predicted.append(predicted)
-        state.disagree.append(disagreement)
-        state.seen += 1
+        digest = _digest(record_id, label, x) if record_id else ""
+        repeat = bool(digest) and digest in state.ids
+        if not repeat:
+            state.labels.append(label)
+            state.predicted.append(predicted)
+            state.disagree.append(disagreement)
+            state.ids.append(digest)
+            state.seen += 1
         flip_tail, pair_tail, n_dis, n_pair = self._flip_tails(
             state, label, predicted, disagreement
         )
@@ -487,8 +515,9 @@ class PoisoningGuard:
                 "POISON_SPECTRAL",
                 "spectral",
                 f"projection on the top singular direction of class {label}'s "
-                f"{len(window.rows)} accepted records is {spectral:.1f}x their "
-                f"mean (threshold {cal.spectral_threshold:.1f}); {len(beyond)} "
+                f"{len(window.rows)} accepted and {len(self._anchors[label])} "
+                f"clean records is {spectral:.1f}x their mean (threshold "
+                f"{cal.spectral_threshold:.1f}); {len(beyond)} "
                 f"accepted records of the class lie beyond it too (ids "
                 f"{ids}, from {len(others)} submitter(s))",
             )
@@ -511,9 +540,10 @@ class PoisoningGuard:
             )
 
         if verdict is None:
-            if learn:
+            if learn and not repeat:
                 self._learn(scaled, label, record_id, submitter)
-            return Verdict(True, None, None, "accepted", scores, disagreement)
+            evidence = "accepted (a repeat, counted once)" if repeat else "accepted"
+            return Verdict(True, None, None, evidence, scores, disagreement)
         code, detector, evidence = verdict
         return Verdict(False, code, detector, evidence, scores, disagreement)
 
@@ -527,10 +557,27 @@ class PoisoningGuard:
         """The record's spectral score against its class window, and the
         window positions that score at or above the threshold too."""
         window = self._classes[label]
-        if len(window.rows) < self.params.spectral_min_records:
+        anchor = self._anchors[label]
+        if len(anchor) + len(window.rows) < self.params.spectral_min_records:
             return 0.0, []
-        rows = np.vstack([*window.rows, scaled])
-        scores, window.direction = spectral_scores(rows, window.direction)
+        # The clean calibration rows of the class stay in the matrix however
+        # many records submitters send: a window filled with records at the
+        # class centre (each accepted, they score near 0) would otherwise
+        # shrink the mean projection until every honest record of the class
+        # scored far above it, and one record would set the top direction
+        # alone (framing, docs/feedback-guard.md). The clean rows' mean
+        # projection floors the denominator for the same reason; a patch
+        # cluster, which raises the window's mean, is judged as before.
+        rows = np.vstack([anchor, *window.rows, scaled])
+        centre = rows.mean(axis=0)
+        centred = rows - centre
+        window.direction = top_direction(centred.T @ centred, window.direction)
+        projection = (centred @ window.direction) ** 2
+        floor = float(projection[: len(anchor)].mean()) if len(anchor) else 0.0
+        denominator = max(float(projection.mean()), floor)
+        if denominator <= 0.0:
+            return 0.0, []
+        scores = projection[len(anchor) :] / denominator
         beyond = np.flatnonzero(scores[:-1] >= self.calibration.spectral_threshold)
         return float(scores[-1]), [int(i) for i in beyond]
 
@@ -572,7 +619,9 @@ class PoisoningGuard:
         state = self._submitters.get(submitter)
         if state is None:
             w = self.params.window
-            state = _Submitter(deque(maxlen=w), deque(maxlen=w), deque(maxlen=w))
+            state = _Submitter(
+                deque(maxlen=w), deque(maxlen=w), deque(maxlen=w), 0, deque(maxlen=w)
+            )
             self._submitters[submitter] = state
             while len(self._submitters) > self.params.max_submitters:
                 dropped, _ = self._submitters.popitem(last=False)
@@ -624,6 +673,11 @@ class PoisoningGuard:
             for w in snapshot.windows
         ]
 
+    @property
+    def state_limit_bytes(self) -> int:
+        """Largest serialised submitter state :meth:`load_state` accepts."""
+        return MAX_STATE_BYTES + ID_STATE_BYTES * self.params.window
+
     def submitters(self) -> list[str]:
         """Submitters whose state is held, least recently seen first."""
         return list(self._submitters)
@@ -645,6 +699,7 @@ class PoisoningGuard:
                 labels=list(state.labels),
                 predicted=list(state.predicted),
                 disagree=list(state.disagree),
+                ids=list(state.ids),
             )
         )
 
@@ -657,8 +712,8 @@ class PoisoningGuard:
             The blob is too large, malformed, of another format or window, or
             holds labels or classes outside the model's.
         """
-        if len(blob) > MAX_STATE_BYTES:
-            raise ValueError(f"{self.name}: state over {MAX_STATE_BYTES} bytes")
+        if len(blob) > self.state_limit_bytes:
+            raise ValueError(f"{self.name}: state over {self.state_limit_bytes} bytes")
         try:
             state = msgspec.json.decode(blob, type=SubmitterState)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
@@ -673,6 +728,10 @@ class PoisoningGuard:
         n = len(state.labels)
         if not (len(state.predicted) == len(state.disagree) == n <= state.window):
             raise ValueError(f"{self.name}: state arrays disagree in length")
+        if len(state.ids) > state.window or any(
+            len(i) > 2 * _ID_DIGEST_BYTES for i in state.ids
+        ):
+            raise ValueError(f"{self.name}: state holds malformed record ids")
         if state.seen < n:
             raise ValueError(f"{self.name}: state has seen fewer records than held")
         classes = range(self.n_classes)
@@ -691,8 +750,21 @@ class PoisoningGuard:
             deque(state.predicted, maxlen=w),
             deque(state.disagree, maxlen=w),
             state.seen,
+            deque(state.ids, maxlen=w),
         )
         self._submitters.move_to_end(submitter)
+
+
+def _digest(record_id: str, label: int, row: FloatArray) -> str:
+    """A record's digest as kept in a submitter's state: its id, label and
+    row, so that only a true repeat matches. By id alone, a flipper reusing
+    one id for every record would have had each flip taken for a repeat and
+    never counted."""
+    digest = hashlib.blake2b(digest_size=_ID_DIGEST_BYTES)
+    digest.update(record_id.encode("utf-8", "surrogatepass"))
+    digest.update(label.to_bytes(8, "little", signed=True))
+    digest.update(np.ascontiguousarray(row, dtype=np.float64).tobytes())
+    return digest.hexdigest()
 
 
 def _spectral_scale(reference: FloatArray) -> tuple[FloatArray, FloatArray]:
@@ -718,9 +790,13 @@ def calibrate(
     the model did not train on).
 
     ``rarity`` and ``spectral`` each get half of ``false_rejection_rate``:
-    the smallest rare-feature count, and the spectral ratio quantile, that
-    reject at most that share of the clean records. The flip tests take the
-    clean records' confident disagreement rates.
+    each threshold lies just above the split-conformal order statistic of the
+    clean scores (rank ceil((n + 1)(1 - share))), so a new record exchangeable
+    with the clean ones is rejected with probability at most that share.
+    With fewer than ``1 / share - 1`` clean rows (199 at the default) no
+    order statistic gives the bound; the largest clean score is used, and
+    the rate is then only estimated. The flip tests take the clean records'
+    confident disagreement rates.
 
     Raises
     ------
@@ -755,9 +831,14 @@ def calibrate(
     # rejects at most the budget.
     rarity = _Rarity(ref)
     counts = np.array([len(rarity.rare_features(r, params.rare_share)) for r in x])
-    threshold = 1
-    while float(np.mean(counts >= threshold)) > budget:
-        threshold += 1
+    # The split-conformal order statistic, not the in-sample quantile: with
+    # n exchangeable clean counts, a new clean record exceeds the k-th
+    # smallest, k = ceil((n + 1)(1 - budget)), with probability at most the
+    # budget. The in-sample quantile promised the budget on the rows it was
+    # fitted to and measured 0.67% out of sample for 0.5% on digits.
+    order = _conformal_rank(len(counts), budget)
+    ranked = np.sort(counts)
+    threshold = int(ranked[min(order, len(ranked)) - 1]) + 1
 
     # Step: spectral scores of clean records within their class, each class
     # at most one window of records (as the guard will see it).
@@ -769,8 +850,11 @@ def calibrate(
         if len(rows) >= params.spectral_min_records:
             clean_scores.append(spectral_scores(rows)[0])
     all_scores = np.concatenate(clean_scores) if clean_scores else np.zeros(1)
-    # Above the largest clean score when the budget is under one record.
-    spectral = float(np.quantile(all_scores, 1.0 - budget)) * 1.0001
+    # The same order statistic; when the budget asks for more rows than
+    # there are (k > m), the largest clean score is the best bound there is.
+    ranked_scores = np.sort(all_scores)
+    order = _conformal_rank(len(ranked_scores), budget)
+    spectral = float(ranked_scores[min(order, len(ranked_scores)) - 1]) * 1.0001
 
     rejected = (counts >= threshold).copy()
     return Calibration(
@@ -781,6 +865,13 @@ def calibrate(
         clean_rejected=float(rejected.mean()),
         rows=len(x),
     )
+
+
+def _conformal_rank(n: int, share: float) -> int:
+    """1-based rank k of the order statistic that a new exchangeable value
+    exceeds with probability at most ``share``: ceil((n + 1)(1 - share)),
+    which may be n + 1 (no finite bound from n values)."""
+    return int(np.ceil((n + 1) * (1.0 - share) - 1e-9))
 
 
 def labels_to_index(labels: Sequence[Any], classes: Sequence[int]) -> list[int]:

@@ -19,7 +19,7 @@ Each submitter's recent verdicts are saved to Redis after every batch
 (``{prefix}:fbguard:{model}:{<client>}``) and loaded when a guard first sees
 the submitter, so a restart or a rebalance does not hand a flipper a clean
 slate. The spectral test's class windows live in each guard process only
-(seeded from clean calibration data at start): a restart forgets the
+(judged with the clean calibration rows, which never leave): a restart forgets the
 accepted records they held. TODO: save the class windows with the submitter
 state when several guards must share one cluster view; until then a
 cluster is judged within one process's partitions.
@@ -589,13 +589,33 @@ class FeedbackGuard:
             if item.error is None and item.record is not None and item.row is not None:
                 by_model.setdefault(item.record.model, []).append(item)
         for name, group in by_model.items():
+            model = self._models[name]
             try:
-                proba = self._models[name].predict_proba(
-                    np.vstack([i.row for i in group if i.row is not None])
+                proba = np.asarray(
+                    model.predict_proba(
+                        np.vstack([i.row for i in group if i.row is not None])
+                    )
                 )
+                expected = (len(group), len(model.signature.classes))
+                if proba.shape != expected:
+                    raise BackendError(
+                        f"model {name} answered shape {proba.shape}, "
+                        f"expected {expected}"
+                    )
             except BackendError as exc:
                 for item in group:
                     item.fail(exc)
+                continue
+            except Exception as exc:
+                # A backend outside the contract (an estimator raising its own
+                # error): escaping, it killed the run loop, and the restarted
+                # guard met the same batch again.
+                logger.exception(
+                    "model failed outside its contract", extra={"model": name}
+                )
+                error = BackendError(f"model {name} failed: {exc!r}")
+                for item in group:
+                    item.fail(error)
                 continue
             guard = self._guards[name]
             for item, p in zip(group, proba, strict=True):
@@ -680,7 +700,10 @@ class FeedbackGuard:
     def _rejected(self, item: _Item, now_ms: int) -> tuple[bytes | None, bytes]:
         record, verdict, error = item.record, item.verdict, item.error
         if error is not None:
-            code, message, retriable = error.code, error.message, error.retriable
+            # Clipped: validation messages quote the record (a shape of
+            # 400,000 dimensions fits a 1 MiB message and made a 1.2 MB
+            # rejection, which the producer refused on every retry).
+            code, message, retriable = error.code, _clip(error.message), error.retriable
             detector = evidence = None
             scores: dict[str, float] = {}
         else:
@@ -771,12 +794,25 @@ class FeedbackGuard:
             # on Redis Cluster they live in different slots.
             pipe = self._redis.pipeline(transaction=False)
             for model, client in wanted:
-                pipe.get(self._state_key(model, client))
-            blobs = await pipe.execute()
+                # At most one byte over the limit: a huge value at the key
+                # costs the read its limit, and is then refused as too large.
+                limit = self._guards[model].state_limit_bytes
+                pipe.getrange(self._state_key(model, client), 0, limit)
+            # An error reply for one key (another type stored there: WRONGTYPE)
+            # is that submitter's refused state; raised, it failed the batch,
+            # which was then retried forever and stalled the partition.
+            blobs = await pipe.execute(raise_on_error=False)
         for (model, client), blob in zip(wanted, blobs, strict=True):
-            if blob is None:
+            if isinstance(blob, Exception) and not str(blob).startswith("WRONGTYPE"):
+                # Any other error reply is the server's trouble, not the key's:
+                # retry the batch rather than hand the submitter a clean slate.
+                raise StoreError(f"redis feedback.load_states: {blob!r}")
+            if not blob:
+                # No key (GETRANGE answers b""), or an empty value.
                 continue
             try:
+                if isinstance(blob, Exception):
+                    raise ValueError(f"another type at the key: {blob}")
                 self._guards[model].load_state(client, bytes(blob))
             except ValueError as exc:
                 # A damaged or foreign state costs the submitter its history,

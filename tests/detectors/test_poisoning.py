@@ -102,6 +102,27 @@ def test_clean_feedback_is_accepted_at_the_stated_rate(
     assert guard.calibration.clean_rejected <= PARAMS.false_rejection_rate
 
 
+@pytest.mark.parametrize("which", ["digits", "cancer"])
+def test_record_checks_meet_their_stated_rate_on_held_out_rows(
+    which: str, request: pytest.FixtureRequest
+) -> None:
+    # The thresholds are split-conformal order statistics of the calibration
+    # half, so the rows kept out of it (same distribution) must see at most
+    # the stated rate. The in-sample quantiles used before measured 1.3% on
+    # digits for the stated 1%.
+    zoo: Zoo = request.getfixturevalue(which)
+    guard = zoo.guard()
+    proba = zoo.model.predict_proba(zoo.x_held)
+    verdicts = [
+        guard.screen(f"honest-{i % 4}", row, int(label), p, learn=False)
+        for i, (row, label, p) in enumerate(
+            zip(zoo.x_held, zoo.y_held, proba, strict=True)
+        )
+    ]
+    rejected = [v.detector for v in verdicts if v.detector in ("rarity", "spectral")]
+    assert len(rejected) / len(verdicts) <= PARAMS.false_rejection_rate, rejected
+
+
 def test_one_honest_correction_passes(digits: Zoo) -> None:
     guard = digits.guard()
     proba = digits.model.predict_proba(digits.x_held)
@@ -112,6 +133,53 @@ def test_one_honest_correction_passes(digits: Zoo) -> None:
     assert verdict.disagreement
     assert verdict.accepted, verdict.evidence
     assert 0 < verdict.scores["flip_tail"] < 1
+
+
+def test_a_replayed_correction_is_counted_once(digits: Zoo) -> None:
+    # A captured record can be produced again within the clock skew (or is
+    # redelivered after a crash). Counted each time, ten replays of a
+    # victim's one honest correction made the victim a flipper, and its next
+    # honest correction was refused.
+    guard = digits.guard()
+    proba = digits.model.predict_proba(digits.x_held)
+    confident = np.flatnonzero(proba.max(axis=1) >= 0.99)
+    for n, i in enumerate(confident[:30]):
+        guard.screen(
+            "victim", digits.x_held[i], int(proba[i].argmax()), proba[i], f"ok-{n}"
+        )
+    i, j = int(confident[30]), int(confident[31])
+    wrong_i, wrong_j = (
+        (int(proba[i].argmax()) + 1) % 10,
+        (int(proba[j].argmax()) + 1) % 10,
+    )
+    replays = [
+        guard.screen("victim", digits.x_held[i], wrong_i, proba[i], "fix-1")
+        for _ in range(11)
+    ]
+    assert all(v.accepted for v in replays), [v.evidence for v in replays]
+    assert replays[-1].evidence == "accepted (a repeat, counted once)"
+    later = guard.screen("victim", digits.x_held[j], wrong_j, proba[j], "fix-2")
+    assert later.accepted, later.evidence
+    state = msgspec.json.decode(guard.dump_state("victim") or b"")
+    assert state["seen"] == 32 and sum(state["disagree"]) == 2
+    # Nor does a replay enter the class window twice.
+    window = guard._classes[wrong_i]
+    assert list(window.ids).count("fix-1") == 1
+    # A repeat is the same record, not the same id: a flipper reusing one id
+    # for different records has each of them counted.
+    reused = [
+        guard.screen(
+            "reuser",
+            digits.x_held[k],
+            (int(proba[k].argmax()) + 1) % 10,
+            proba[k],
+            "same-id",
+        )
+        for k in confident[:5]
+    ]
+    assert [v.evidence for v in reused].count("accepted (a repeat, counted once)") == 0
+    reuser = msgspec.json.decode(guard.dump_state("reuser") or b"")
+    assert reuser["seen"] == 5
 
 
 # -- label flips -------------------------------------------------------------------
@@ -195,6 +263,37 @@ def test_pixels_no_digit_ever_lights_are_a_trigger_on_their_own(digits: Zoo) -> 
     assert "index 0, 7, 56, 63" in verdict.evidence
 
 
+def test_a_window_flooded_at_the_class_centre_does_not_frame_honest_records(
+    digits: Zoo,
+) -> None:
+    # Framing: one key sends records near the centre of the clean 3s; the
+    # model agrees and each scores near 0, so all are accepted and fill the
+    # class window. Scored against the window's own mean (Tran et al.), that
+    # window then rejected every honest 3 (100% of them, measured in
+    # evaluation.poisoning_evasion).
+    rng = np.random.default_rng(5)
+    guard = digits.guard()
+    clean = digits.x_cal[digits.y_cal == 3]
+    centre, spread = clean.mean(axis=0), clean.std(axis=0)
+    flood = np.clip(
+        centre + rng.normal(size=(300, 64)) * spread * 0.1, 0.0, 16.0
+    ).astype(np.float32)
+    proba = digits.model.predict_proba(flood)
+    accepted = [
+        guard.screen("framer", r, 3, p).accepted
+        for r, p in zip(flood, proba, strict=True)
+    ]
+    assert np.mean(accepted) >= 0.95  # the flood is accepted: it is the attack
+    threes = digits.x_held[digits.y_held == 3]
+    honest = [
+        guard.screen(f"honest-{i % 3}", r, 3, p)
+        for i, (r, p) in enumerate(
+            zip(threes, digits.model.predict_proba(threes), strict=True)
+        )
+    ]
+    assert np.mean([not v.accepted for v in honest]) <= 0.1, [v.code for v in honest]
+
+
 def test_spectral_scores_single_out_a_shared_pattern() -> None:
     rng = np.random.default_rng(0)
     rows = rng.normal(size=(200, 20))
@@ -252,6 +351,15 @@ def _state(**changes: Any) -> bytes:
     return msgspec.json.encode(base)
 
 
+def test_a_state_saved_before_record_ids_still_loads(digits: Zoo) -> None:
+    guard = digits.guard()
+    guard.load_state("s", _state())  # no "ids": written by the first release
+    proba = digits.model.predict_proba(digits.x_held[:1])[0]
+    guard.screen("s", digits.x_held[0], int(digits.y_held[0]), proba, "f-1")
+    state = msgspec.json.decode(guard.dump_state("s") or b"")
+    assert state["seen"] == 3 and len(state["ids"]) == 1
+
+
 @pytest.mark.parametrize(
     ("blob", "match"),
     [
@@ -264,6 +372,8 @@ def _state(**changes: Any) -> bytes:
         (_state(labels=[1, 10]), "unknown class"),
         (_state(predicted=[1, -1]), "unknown class"),
         (_state(seen=1), "seen fewer"),
+        (_state(ids=["x" * 13, "y"]), "record ids"),
+        (_state(ids=["a"] * (PARAMS.window + 1)), "record ids"),
         (_state(seen=-1, labels=[], predicted=[], disagree=[]), "seen fewer"),
         (_state(disagree=[True, True]), "its own label"),
         (
