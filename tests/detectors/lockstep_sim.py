@@ -122,8 +122,9 @@ class ThiefRun:
     curve: list[tuple[int, float]]
 
 
-def record_thief(seed: int) -> ThiefRun:
-    """Run the 10-key active-learning thief on a virtual clock (see module)."""
+def record_thief(seed: int, slowdown: float = 1.0) -> ThiefRun:
+    """Run the 10-key active-learning thief on a virtual clock (see module);
+    ``slowdown`` multiplies the measured retraining times (a loaded machine)."""
     task = setup("digits", calibrated=False).task
     clock = _Clock()
     keys = [_KeyOracle(clock, task.model.predict_proba, seed, k) for k in range(N_KEYS)]
@@ -132,7 +133,7 @@ def record_thief(seed: int) -> ThiefRun:
     mark = [time.monotonic()]
 
     def query(rows: Array) -> Array:
-        spent_s = time.monotonic() - mark[0]
+        spent_s = (time.monotonic() - mark[0]) * slowdown
         compute_s.append(spent_s)
         clock.now_s += spent_s
         clock.finish_s = clock.now_s
@@ -510,9 +511,15 @@ def _show(label: str, found: Outcome) -> None:
 def _main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stress", action="store_true", help="add 5,000 keys")
+    parser.add_argument(
+        "--slowdown",
+        type=float,
+        default=1.0,
+        help="multiply the measured retraining times (a loaded machine)",
+    )
     args = parser.parse_args()
 
-    thieves = [record_thief(seed) for seed in range(3)]
+    thieves = [record_thief(seed, args.slowdown) for seed in range(3)]
     for seed, run in enumerate(thieves):
         print(
             f"thief seed {seed}: retraining s",
