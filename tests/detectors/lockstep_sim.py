@@ -46,6 +46,7 @@ probability at most ``alpha``. A pair of keys is linked once it shared
 from __future__ import annotations
 
 import argparse
+import asyncio
 import bisect
 import math
 import threading
@@ -53,14 +54,18 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from evaluation.attacks.distributed import SpreadOracle
 from evaluation.benign import arrival_plan, draw_profiles
+from evaluation.ledger import ClientLedger
+from evaluation.oracle import GatewayOracle
 from evaluation.scenarios import Budgets, run_attack
+from gateway.client import GatewayClient
+from gateway.protocol import InferResponse, Tensor
 from tests.detectors.region_sim import setup
 
 Array = npt.NDArray[Any]
@@ -149,6 +154,96 @@ def record_thief(seed: int, slowdown: float = 1.0) -> ThiefRun:
         compute_s=compute_s[1:],
         curve=[(int(q), float(a)) for q, a in outcome["curve"]],
     )
+
+
+class _StandInClient:
+    """Notes when each request leaves and answers from the model about 20 ms
+    later: the real oracle's threads and pacing without Kafka."""
+
+    def __init__(self, client_id: str, predict: Any, rng: np.random.Generator):
+        self.client_id = client_id
+        self._predict = predict
+        self._rng = rng
+        self.sends: list[float] = []
+
+    async def infer(
+        self, rows: Array, *, request_id: str, timeout_s: float
+    ) -> InferResponse:
+        self.sends.append(time.time())
+        await asyncio.sleep(_latency_s(self._rng))
+        proba = np.asarray(self._predict(rows), dtype=np.float32)
+        return InferResponse(
+            v=1,
+            request_id=request_id,
+            status="ok",
+            ts_ms=0,
+            outputs=[
+                Tensor(
+                    name="probabilities",
+                    shape=list(proba.shape),
+                    datatype="FP32",
+                    data=proba.ravel().tolist(),
+                )
+            ],
+        )
+
+
+def real_thread_spread(seed: int) -> tuple[float, list[tuple[int, int, float]]]:
+    """The thief through the real ``GatewayOracle``s (Poisson pacing, 8 in
+    flight) under ``SpreadOracle``, each with a :class:`_StandInClient`.
+
+    Returns the spread of the 10 keys' first requests (ms) and, per cluster
+    of at least 5 keys resuming after 0.1 s or more within 10 ms of each
+    other, (total query, keys, spread in ms).
+    """
+    task = setup("digits", calibrated=False).task
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    clients = [
+        _StandInClient(
+            f"{THIEF}{k}", task.model.predict_proba, np.random.default_rng([seed, k])
+        )
+        for k in range(N_KEYS)
+    ]
+    ledger = ClientLedger("lockstep", "active/distributed")
+    oracles = [
+        GatewayOracle(
+            cast(GatewayClient, client),
+            ledger,
+            loop,
+            budget=600,
+            rate_per_s=THIEF_RATE_PER_S / N_KEYS,
+            concurrency=8,
+            n_classes=task.n_classes,
+            arrival_rng=np.random.default_rng([seed, 100 + k]),
+        )
+        for k, client in enumerate(clients)
+    ]
+    spread = SpreadOracle(oracles, budget=600, seed=0, n_classes=task.n_classes)
+    try:
+        run_attack("active", spread, task, Budgets(), seed)
+    finally:
+        spread.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+    firsts = [c.sends[0] for c in clients]
+    events = sorted((t, c.client_id) for c in clients for t in c.sends)
+    last: dict[str, float] = {}
+    clusters: list[list[tuple[float, int]]] = []
+    for query, (at_s, key) in enumerate(events, 1):
+        if key in last and at_s - last[key] > 0.1:
+            if clusters and at_s - clusters[-1][-1][0] <= 0.010:
+                clusters[-1].append((at_s, query))
+            else:
+                clusters.append([(at_s, query)])
+        last[key] = at_s
+    return 1000 * (max(firsts) - min(firsts)), [
+        (c[0][1], len(c), round(1000 * (c[-1][0] - c[0][0]), 1))
+        for c in clusters
+        if len(c) >= 5
+    ]
 
 
 def thief_events(run: ThiefRun, t0_s: float, rng: np.random.Generator) -> list[Event]:
@@ -517,8 +612,22 @@ def _main() -> None:
         default=1.0,
         help="multiply the measured retraining times (a loaded machine)",
     )
+    parser.add_argument(
+        "--threads",
+        action="store_true",
+        help="only time the real oracle threads (stand-in client, 3 seeds)",
+    )
     args = parser.parse_args()
 
+    if args.threads:
+        for seed in range(3):
+            start_ms, clusters = real_thread_spread(seed)
+            print(
+                f"seed {seed}: first requests within {start_ms:.1f} ms; "
+                "resumptions (query, keys, ms):",
+                clusters,
+            )
+        return
     thieves = [record_thief(seed, args.slowdown) for seed in range(3)]
     for seed, run in enumerate(thieves):
         print(
