@@ -80,6 +80,7 @@ from gateway.feedback_wire import (
     kept_value,
     schema_code,
 )
+from gateway.group_clients import group_clients, start_group_clients
 from gateway.keys import KeyStore, authenticate
 from gateway.offloop import in_thread
 from gateway.store import RedisClient, redis_from_settings, redis_guard
@@ -240,7 +241,6 @@ class FeedbackGuard:
         """
         s = self.settings
         params = guard_params(s)
-        timeout_s = s.kafka.request_timeout_s
         await ensure_topics(s, extra=feedback_topics(s))
         if self._models is None:
             self._models = await in_thread(lambda: load_backends(s))
@@ -266,34 +266,18 @@ class FeedbackGuard:
             )
         self._redis = redis_from_settings(s)
         self._keys = KeyStore(self._redis, s)
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=s.kafka.bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=2,
-            request_timeout_ms=int(timeout_s * 1000),
-        )
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka.bootstrap,
-            group_id=s.feedback.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=s.kafka.session_timeout_ms,
-            heartbeat_interval_ms=s.kafka.heartbeat_interval_ms,
-            max_partition_fetch_bytes=max(s.kafka.max_message_bytes * 4, 1_048_576),
-            metadata_max_age_ms=10_000,
-            request_timeout_ms=int(timeout_s * 1000) + 10_000,
-        )
+        self._producer, self._consumer = group_clients(s, s.feedback.group_id)
         try:
-            await asyncio.wait_for(self._producer.start(), timeout_s)
-            await asyncio.wait_for(
-                self._producer.partitions_for(s.kafka.topics.feedback), timeout_s
+            await start_group_clients(
+                s,
+                self._producer,
+                self._consumer,
+                s.kafka.topics.feedback,
+                _Rebalance(self),
             )
-            await asyncio.wait_for(self._consumer.start(), timeout_s)
-        except (KafkaError, TimeoutError, OSError) as exc:
+        except BrokerError:
             await self.stop()
-            raise BrokerError(f"cannot reach Kafka at {s.kafka.bootstrap}") from exc
-        self._consumer.subscribe([s.kafka.topics.feedback], listener=_Rebalance(self))
+            raise
         logger.info(
             "guard started",
             extra={

@@ -42,6 +42,7 @@ from gateway.batch import BatchItem
 from gateway.clientview import ClientView
 from gateway.config import LimitsConfig, Settings
 from gateway.errors import BrokerError, ModelgateError, StoreError
+from gateway.group_clients import group_clients, start_group_clients
 from gateway.groups import CrossClient
 from gateway.handover import ClientStates
 from gateway.held import HeldAnswers
@@ -138,7 +139,6 @@ class Worker:
         if self._started:
             return
         s = self.settings
-        timeout_s = s.kafka.request_timeout_s
 
         # Models and detectors first: a bad model file should fail before we
         # join the group and take partitions we cannot serve.
@@ -197,39 +197,18 @@ class Worker:
             await self.stop()  # cancelled mid-load: the live tasks are running
             raise
 
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=s.kafka.bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=2,
-            request_timeout_ms=int(timeout_s * 1000),
-        )
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka.bootstrap,
-            group_id=s.kafka.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=s.kafka.session_timeout_ms,
-            heartbeat_interval_ms=s.kafka.heartbeat_interval_ms,
-            max_partition_fetch_bytes=max(s.kafka.max_message_bytes * 4, 1_048_576),
-            # Backstop for the same race: a topic (re)created later is seen
-            # within 10 s rather than the default 5 minutes.
-            metadata_max_age_ms=10_000,
-            request_timeout_ms=int(timeout_s * 1000) + 10_000,
-        )
+        self._producer, self._consumer = group_clients(s, s.kafka.group_id)
         try:
-            await asyncio.wait_for(self._producer.start(), timeout_s)
-            # Wait until the broker's metadata lists the requests topic. A
-            # consumer that joins the group before then is assigned nothing
-            # and would only notice the topic at its next metadata refresh.
-            await asyncio.wait_for(
-                self._producer.partitions_for(s.kafka.topics.requests), timeout_s
+            await start_group_clients(
+                s,
+                self._producer,
+                self._consumer,
+                s.kafka.topics.requests,
+                _Rebalance(self),
             )
-            await asyncio.wait_for(self._consumer.start(), timeout_s)
-        except (KafkaError, TimeoutError, OSError) as exc:
+        except BrokerError:
             await self.stop()
-            raise BrokerError(f"cannot reach Kafka at {s.kafka.bootstrap}") from exc
-        self._consumer.subscribe([s.kafka.topics.requests], listener=_Rebalance(self))
+            raise
         self._baselines.start()
         self._started = True
         logger.info(
