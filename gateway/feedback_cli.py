@@ -14,6 +14,7 @@ import contextlib
 import csv
 import json
 import signal
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -121,6 +122,13 @@ def feedback_send(
     input_name: Annotated[str, typer.Option(help="The model's input tensor.")] = (
         "pixels"
     ),
+    id_prefix: Annotated[
+        str | None,
+        typer.Option(
+            help="Row i gets the feedback id PREFIX-i, so a rejection names "
+            "its row; default: the file's name and the time."
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Sign every row of PATH with its label and produce it to the feedback
@@ -133,9 +141,25 @@ def feedback_send(
     except (OSError, ValueError, KeyError) as exc:
         typer.echo(f"error: cannot read {path}: {exc}", err=True)
         raise typer.Exit(2) from exc
-    key_id, secret = KeyStore.parse_token(token)
-    sent = _run(_send(settings, key_id, secret, client_id, model, input_name, x, y))
-    typer.echo(f"sent {sent} feedback records to {settings.kafka.topics.feedback}")
+    try:
+        key_id, secret = KeyStore.parse_token(token)
+    except ModelgateError as exc:
+        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+    # Time-stamped by default: the guard counts a record with an id, label
+    # and row it has seen once, so the same file sent twice must differ.
+    prefix = id_prefix or f"{path.stem}-{time.strftime('%Y%m%dT%H%M%S')}"
+    # Ids are at most 128 characters, the row index included.
+    if not 1 <= len(prefix) <= 100:
+        typer.echo("error: --id-prefix must be 1 to 100 characters", err=True)
+        raise typer.Exit(2)
+    sent = _run(
+        _send(settings, key_id, secret, client_id, model, input_name, x, y, prefix)
+    )
+    typer.echo(
+        f"sent {sent} feedback records to {settings.kafka.topics.feedback} "
+        f"(ids {prefix}-0 to {prefix}-{sent - 1})"
+    )
 
 
 async def _send(
@@ -147,6 +171,7 @@ async def _send(
     input_name: str,
     x: np.ndarray[Any, Any],
     y: np.ndarray[Any, Any],
+    id_prefix: str,
 ) -> int:
     from aiokafka import AIOKafkaProducer
 
@@ -164,7 +189,7 @@ async def _send(
     await asyncio.wait_for(producer.start(), timeout_s)
     try:
         futures = []
-        for row, label in zip(x, y, strict=True):
+        for i, (row, label) in enumerate(zip(x, y, strict=True)):
             _, value, headers = build_feedback(
                 key_id=key_id,
                 secret=secret,
@@ -172,6 +197,7 @@ async def _send(
                 input_name=input_name,
                 row=row,
                 label=int(label),
+                feedback_id=f"{id_prefix}-{i}",
             )
             futures.append(
                 await producer.send(

@@ -364,13 +364,18 @@ def test_cli_sends_a_file_and_reads_the_rejections(
     env = settings_env(guard_settings)
     runner = CliRunner()
 
+    send = ["feedback", "send", str(path), "--client-id", CLIENT, "--model", "digits"]
+    bogus = runner.invoke(app, send, env={**env, "MODELGATE_TOKEN": "bogus"})
+    assert bogus.exit_code == 2, bogus.output
+    assert "error [AUTH_UNKNOWN_KEY]" in bogus.output, bogus.output
     sent = runner.invoke(
         app,
-        ["feedback", "send", str(path), "--client-id", CLIENT, "--model", "digits"],
+        [*send, "--id-prefix", "batch1"],
         env={**env, "MODELGATE_TOKEN": format_token(key_id, secret)},
     )
     assert sent.exit_code == 0, sent.output
     assert "sent 3 feedback records" in sent.output
+    assert "(ids batch1-0 to batch1-2)" in sent.output, sent.output
 
     # The guard as an operator runs it: its own process, stopped by SIGTERM.
     log_path = tmp_path / "guard.log"
@@ -403,6 +408,8 @@ def test_cli_sends_a_file_and_reads_the_rejections(
     assert read.exit_code == 0, read.output
     assert "UNKNOWN_LABEL" in read.output and CLIENT in read.output, read.output
     assert read.output.count("UNKNOWN_LABEL") == 1, read.output
+    # The rejection names the row it came from.
+    assert "batch1-2" in read.output, read.output
 
 
 @pytest.fixture
