@@ -80,7 +80,12 @@ from gateway.feedback_wire import (
     kept_value,
     schema_code,
 )
-from gateway.group_clients import group_clients, start_group_clients
+from gateway.group_clients import (
+    Backoff,
+    group_clients,
+    rewind,
+    start_group_clients,
+)
 from gateway.keys import KeyStore, authenticate
 from gateway.offloop import in_thread
 from gateway.store import RedisClient, redis_from_settings, redis_guard
@@ -90,8 +95,6 @@ from gateway.validation import validate_request
 logger = logging.getLogger(__name__)
 
 _PARTITIONER = DefaultPartitioner()
-_MIN_BACKOFF_S = 0.5
-_MAX_BACKOFF_S = 5.0
 _MAX_MESSAGE_CHARS = 300
 
 
@@ -212,7 +215,7 @@ class FeedbackGuard:
         self._producer: AIOKafkaProducer | None = None
         self._redis: RedisClient | None = None
         self._keys: KeyStore | None = None
-        self._backoff_s = _MIN_BACKOFF_S
+        self._backoff = Backoff()
         self._uncommitted: dict[str, GuardSnapshot] = {}
         self.assigned = asyncio.Event()
         # Held while a batch is processed and while a revoke drops state.
@@ -330,7 +333,7 @@ class FeedbackGuard:
                 )
             except KafkaError as exc:
                 logger.warning("feedback fetch failed, retrying: %r", exc)
-                await asyncio.sleep(self._backoff_s)
+                await self._backoff.wait()
                 continue
             async with self.batch_lock:
                 # A revoke may have run between the fetch and the lock: those
@@ -364,17 +367,13 @@ class FeedbackGuard:
             # duplicate verdict (same feedback id), never a missing one.
             logger.warning(
                 "feedback batch not committed, retrying in %.1f s: %r",
-                self._backoff_s,
+                self._backoff.delay_s,
                 exc,
                 extra={"offsets": {tp.partition: o for tp, o in first.items()}},
             )
-            for tp, offset in first.items():
-                if tp in self._consumer.assignment():
-                    self._consumer.seek(tp, offset)
-            await asyncio.sleep(self._backoff_s)
-            self._backoff_s = min(self._backoff_s * 2, _MAX_BACKOFF_S)
+            await rewind(self._consumer, first, self._backoff)
             return
-        self._backoff_s = _MIN_BACKOFF_S
+        self._backoff.reset()
         self.batches_done += 1
 
     # -- one batch ----------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
@@ -75,3 +75,44 @@ async def start_group_clients(
     except (KafkaError, TimeoutError, OSError) as exc:
         raise BrokerError(f"cannot reach Kafka at {settings.kafka.bootstrap}") from exc
     consumer.subscribe([topic], listener=listener)
+
+
+MIN_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 5.0
+
+
+class Backoff:
+    """The wait between retries while Kafka or Redis is in trouble: doubled
+    by each failed batch up to ``MAX_BACKOFF_S``, reset by one that commits,
+    so a service in trouble is not hammered and a recovered one is not
+    kept waiting."""
+
+    def __init__(self) -> None:
+        self.delay_s = MIN_BACKOFF_S
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self.delay_s)
+
+    async def wait_longer(self) -> None:
+        await self.wait()
+        self.delay_s = min(self.delay_s * 2, MAX_BACKOFF_S)
+
+    def reset(self) -> None:
+        self.delay_s = MIN_BACKOFF_S
+
+
+async def rewind(
+    consumer: AIOKafkaConsumer,
+    first_offsets: dict[TopicPartition, int],
+    backoff: Backoff,
+) -> None:
+    """Seek each partition still owned back to its batch's first offset, so
+    the whole batch comes again, then back off.
+
+    A batch that failed may be half produced; delivering it again costs a
+    duplicate downstream (which readers recognise by id), never a loss.
+    """
+    for tp, offset in first_offsets.items():
+        if tp in consumer.assignment():
+            consumer.seek(tp, offset)
+    await backoff.wait_longer()

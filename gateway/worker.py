@@ -42,7 +42,12 @@ from gateway.batch import BatchItem
 from gateway.clientview import ClientView
 from gateway.config import LimitsConfig, Settings
 from gateway.errors import BrokerError, ModelgateError, StoreError
-from gateway.group_clients import group_clients, start_group_clients
+from gateway.group_clients import (
+    Backoff,
+    group_clients,
+    rewind,
+    start_group_clients,
+)
 from gateway.groups import CrossClient
 from gateway.handover import ClientStates
 from gateway.held import HeldAnswers
@@ -60,9 +65,6 @@ from gateway.throttle import ThrottleStore
 from gateway.topics import ensure_topics
 
 logger = logging.getLogger(__name__)
-
-_MIN_BACKOFF_S = 0.5
-_MAX_BACKOFF_S = 5.0
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # untyped base
@@ -121,7 +123,7 @@ class Worker:
         self._started = False
         self.batches_done = 0
         self.metrics_port = 0
-        self._backoff_s = _MIN_BACKOFF_S
+        self._backoff = Backoff()
         # Set once the group has given this worker its first assignment (which
         # may be empty when there are more workers than partitions).
         self.assigned = asyncio.Event()
@@ -295,7 +297,7 @@ class Worker:
                 # The consumer reconnects by itself; a fetch error must not end
                 # the worker (a restart would only meet it again).
                 logger.warning("fetch failed, retrying: %r", exc)
-                await asyncio.sleep(self._backoff_s)
+                await self._backoff.wait()
                 continue
             if not batch:
                 continue
@@ -337,17 +339,13 @@ class Worker:
             # never a missing one.
             logger.warning(
                 "batch not committed, retrying in %.1f s: %r",
-                self._backoff_s,
+                self._backoff.delay_s,
                 exc,
                 extra={"offsets": {tp.partition: o for tp, o in first_offsets.items()}},
             )
-            for tp, offset in first_offsets.items():
-                if tp in self._consumer.assignment():
-                    self._consumer.seek(tp, offset)
-            await asyncio.sleep(self._backoff_s)  # back off a service in trouble
-            self._backoff_s = min(self._backoff_s * 2, _MAX_BACKOFF_S)
+            await rewind(self._consumer, first_offsets, self._backoff)
             return
-        self._backoff_s = _MIN_BACKOFF_S
+        self._backoff.reset()
         self.batches_done += 1
 
     async def process_records(
