@@ -1,9 +1,10 @@
-"""Faults against client-state checkpoints, on the real broker and Redis: a
-worker killed with SIGKILL after a checkpoint, and a Redis outage while
-checkpoints are due (a private redis-server this test stops and starts)."""
+"""Faults on the real broker and Redis: a worker killed with SIGKILL after a
+checkpoint, a Redis outage while checkpoints are due, and a batch rewound
+while Redis is away (a private redis-server the tests stop and start)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import time
@@ -181,5 +182,61 @@ async def test_redis_outage_while_checkpoints_are_due(
                 assert time.monotonic() < deadline, "ann's checkpoint never retried"
                 await ask(kafka, bob, "bob", row)
                 row += 1
+    finally:
+        own.kill()
+
+
+async def test_a_batch_failed_on_redis_is_rewound_and_answered_once_it_returns(
+    stack: StackInfo,
+    models_dir: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Fail mode ``retry`` (the default): while Redis is down a batch fails
+    before anything is produced, is rewound to its first offset and retried
+    with back-off; once Redis is back its request is answered, once. Without
+    the rewind the consumer has already moved past the record, which is then
+    never answered."""
+    own = OwnRedis(tmp_path, _free_port(16497))
+    own.start()
+    settings = isolated_settings(
+        stack.kafka_bootstrap,
+        own.url,
+        models_dir,
+        policy={"shadow": True},
+        limits={"rate_per_s": 10_000, "burst": 10_000},
+        redis={"socket_timeout_s": 0.5},
+    )
+    ann = await create_key(settings, "ann")
+    caplog.set_level(logging.WARNING, logger="gateway.worker")
+    try:
+        async with RawKafka(settings) as kafka, running_worker(settings):
+            first = await kafka.send_request(*ann, X_TEST[0:1], client_id="ann")
+            await kafka.flush()
+            answers = await responses_for(settings, [first], timeout_s=DEADLINE_S)
+            assert answers[first]["status"] == "ok", answers[first].get("error")
+            redis = redis_from_settings(settings)
+            try:
+                await redis.save()  # the key survives the restart below
+            finally:
+                await redis.aclose()
+            own.kill()
+
+            during = await kafka.send_request(*ann, X_TEST[1:2], client_id="ann")
+            await kafka.flush()
+            deadline = time.monotonic() + DEADLINE_S
+            while not any(
+                "batch not committed" in r.getMessage() for r in caplog.records
+            ):
+                assert time.monotonic() < deadline, "the batch never failed"
+                await asyncio.sleep(0.05)
+
+            own.start()
+            answers = await responses_for(settings, [during], timeout_s=DEADLINE_S)
+            assert answers[during]["status"] == "ok", answers[during].get("error")
+            every = await read_topic(
+                settings, settings.kafka.topics.responses, timeout_s=1.0
+            )
+            assert [r.get("request_id") for r in every].count(during) == 1
     finally:
         own.kill()
