@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +21,12 @@ from gateway import limits_cli, logs
 from gateway.admin import cli as admin_cli
 from gateway.alerts import SeenAlerts
 from gateway.calibrate_cli import calibrate as calibrate_command
-from gateway.cli_common import ConfigOption, LogLevel, load_cli_settings
+from gateway.cli_common import (
+    ConfigOption,
+    LogLevel,
+    load_cli_settings,
+    stop_on_signals,
+)
 from gateway.cli_config import config_app
 from gateway.cli_eval import evaluate
 from gateway.config import Settings
@@ -113,10 +117,7 @@ def worker(config: ConfigOption = None, log_level: LogLevel = "INFO") -> None:
 async def _worker_main(settings: Settings) -> None:
     from gateway.worker import Worker
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()  # before start: a stop during it is kept
     async with Worker(settings) as w:
         await w.run(stop)
 

@@ -7,7 +7,9 @@ top-level app, which imports them.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -50,3 +52,15 @@ def load_cli_settings(config: Path | None, **overrides: Any) -> Settings:
     except ModelgateError as exc:
         typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
         raise typer.Exit(2) from exc
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event that SIGTERM or SIGINT sets: what a long-running command
+    (``worker``, ``guard run``) passes to its service's ``run`` so that a
+    stop finishes the batch in hand and exits 0. Call inside the running
+    loop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

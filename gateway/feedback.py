@@ -82,6 +82,7 @@ from gateway.feedback_wire import (
 )
 from gateway.group_clients import (
     Backoff,
+    close_clients,
     group_clients,
     rewind,
     start_group_clients,
@@ -294,20 +295,14 @@ class FeedbackGuard:
         """Leave the group and close connections. Idempotent."""
         consumer, producer, redis_client = self._consumer, self._producer, self._redis
         self._consumer = self._producer = self._redis = None
-        timeout_s = self.settings.kafka.request_timeout_s
         try:
-            if consumer is not None:
-                await asyncio.wait_for(consumer.stop(), timeout_s)
+            await close_clients(
+                consumer, producer, redis_client, self.settings.kafka.request_timeout_s
+            )
         finally:
-            try:
-                if producer is not None:
-                    await asyncio.wait_for(producer.stop(), timeout_s)
-            finally:
-                if redis_client is not None:
-                    await redis_client.aclose()
-                if self._owns_models and self._models is not None:
-                    models, self._models = self._models, None
-                    close_backends(models)
+            if self._owns_models and self._models is not None:
+                models, self._models = self._models, None
+                close_backends(models)
         if consumer is not None:
             logger.info(
                 "guard stopped",

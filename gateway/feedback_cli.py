@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import csv
 import json
-import signal
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,7 +21,12 @@ import numpy as np
 import typer
 
 from gateway import logs
-from gateway.cli_common import ConfigOption, LogLevel, load_cli_settings
+from gateway.cli_common import (
+    ConfigOption,
+    LogLevel,
+    load_cli_settings,
+    stop_on_signals,
+)
 from gateway.config import Settings
 from gateway.errors import ModelgateError
 
@@ -73,10 +77,7 @@ def guard_run(
 async def _guard_main(settings: Settings) -> None:
     from gateway.feedback import FeedbackGuard
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()  # before start: a stop during it is kept
     async with FeedbackGuard(settings) as guard:
         await guard.run(stop)
 

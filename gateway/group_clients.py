@@ -17,6 +17,7 @@ from aiokafka.errors import KafkaError
 
 from gateway.config import Settings
 from gateway.errors import BrokerError
+from gateway.store import RedisClient
 
 
 def group_clients(
@@ -116,3 +117,23 @@ async def rewind(
         if tp in consumer.assignment():
             consumer.seek(tp, offset)
     await backoff.wait_longer()
+
+
+async def close_clients(
+    consumer: AIOKafkaConsumer | None,
+    producer: AIOKafkaProducer | None,
+    redis: RedisClient | None,
+    timeout_s: float,
+) -> None:
+    """Stop the consumer, then the producer, then close Redis, each even if
+    the one before it failed; a client that is ``None`` was never made."""
+    try:
+        if consumer is not None:
+            await asyncio.wait_for(consumer.stop(), timeout_s)
+    finally:
+        try:
+            if producer is not None:
+                await asyncio.wait_for(producer.stop(), timeout_s)
+        finally:
+            if redis is not None:
+                await redis.aclose()

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict
 
 from gateway.config import Settings
 from gateway.errors import BrokerError, ConfigError
+from gateway.group_clients import close_clients
 from gateway.liveconfig.document import (
     ChangeKind,
     ConfigConflict,
@@ -195,17 +196,9 @@ class ConfigService:
     async def stop(self) -> None:
         consumer, producer, client = self._consumer, self._producer, self._redis
         self._consumer = self._producer = self._redis = None
-        timeout_s = self.settings.kafka.request_timeout_s
-        try:
-            if consumer is not None:
-                await asyncio.wait_for(consumer.stop(), timeout_s)
-        finally:
-            try:
-                if producer is not None:
-                    await asyncio.wait_for(producer.stop(), timeout_s)
-            finally:
-                if client is not None:
-                    await client.aclose()
+        await close_clients(
+            consumer, producer, client, self.settings.kafka.request_timeout_s
+        )
 
     # -- reading -----------------------------------------------------------------
 
