@@ -41,7 +41,7 @@ from gateway.batch import BatchItem
 from gateway.clientview import ClientView
 from gateway.config import LimitsConfig, Settings
 from gateway.errors import BrokerError, ModelgateError, StoreError
-from gateway.group_clients import group_clients, start_group_clients
+from gateway.group_clients import close_clients, group_clients, start_group_clients
 from gateway.group_service import GroupService
 from gateway.groups import CrossClient
 from gateway.handover import ClientStates
@@ -232,15 +232,11 @@ class Worker(GroupService):
                 # starts from their history instead of from nothing.
                 if self._clients is not None:
                     await self._clients.snapshot(self._clients.held())
-                await asyncio.wait_for(consumer.stop(), timeout_s)
         finally:
             try:
-                if producer is not None:
-                    await asyncio.wait_for(producer.stop(), timeout_s)
+                await close_clients(consumer, producer, redis_client, timeout_s)
             finally:
                 self.metrics.close()
-                if redis_client is not None:
-                    await redis_client.aclose()
                 if self._owns_models and self._models is not None:
                     models, self._models = self._models, None
                     close_backends(models)
