@@ -238,8 +238,9 @@ class GuardMetrics(GroupMetrics):
 
     Every label value comes from a bounded set: ``model`` is one of the
     models the guard screens, or ``""`` for a record that named none of
-    them or was not authenticated; ``code`` one of ``gateway.feedback_wire.FEEDBACK_CODES`` or ``""``;
-    ``detector`` one of the guard's four checks or ``""``.
+    them or was not authenticated; ``code`` one of
+    ``gateway.feedback_wire.FEEDBACK_CODES`` or ``""``; ``detector`` one of
+    the guard's four checks or ``""``.
     """
 
     def __init__(self) -> None:
