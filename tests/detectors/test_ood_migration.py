@@ -17,14 +17,7 @@ import numpy.typing as npt
 import pytest
 
 from detectors import OodParams, OutOfDistributionDetector
-from detectors._state import (
-    StateBlob,
-    decode_blob,
-    decode_fields,
-    describe_layout,
-    encode_blob,
-    encode_fields,
-)
+from detectors._state import StateBlob, decode_blob, encode_blob
 from tests.detectors.conftest import Digits
 
 RECORDED = Path(__file__).parent / "data" / "ood_state_before_lattice_block.npz"
@@ -56,8 +49,13 @@ def _values(
     """The client's state as arrays, read back from its blob."""
     blob = detector.dump_state(client)
     assert blob is not None and detector._arena is not None
-    fields = decode_fields(detector._arena.fields, decode_blob(blob).fields)
-    return {name: array.astype(np.float64) for name, array in fields.items()}
+    fields = decode_blob(blob).fields
+    return {
+        name: np.frombuffer(fields[name], dtype=spec.dtype)
+        .reshape(spec.shape)
+        .astype(np.float64)
+        for name, spec in detector._arena.fields.items()
+    }
 
 
 def _as_old(detector: OutOfDistributionDetector, client: str) -> bytes:
@@ -161,34 +159,29 @@ def test_the_derived_ring_never_counts_more_than_the_true_one(digits: Digits) ->
     assert any(m < t for m, t in counts)
 
 
-def test_an_old_state_claiming_more_off_lattice_queries_than_outliers_is_refused(
+def test_states_the_migration_cannot_carry_over_are_refused(
     digits: Digits,
 ) -> None:
     blob, _ = _recorded("old")
     state = decode_blob(blob)
-    detector = _fresh(digits)
-    migration = detector._migrations(64)[0]
-    values = dict(decode_fields(migration.old, state.fields))
     # 45 sent, 24 gone: at least 21 in a window holding 10 outliers.
-    values["n_off_lattice"] = np.array(45, dtype="<i8")
+    fields = {**state.fields, "n_off_lattice": np.array(45, "<i8").tobytes()}
     forged = encode_blob(
         StateBlob(
             format=state.format,
             detector="ood",
             n_features=64,
             layout=state.layout,
-            fields=encode_fields(migration.old, values),
+            fields=fields,
         )
     )
+    detector = _fresh(digits)
     with pytest.raises(ValueError, match="off-lattice queries in the window"):
         detector.load_state("old", forged)
     assert detector.dump_state("old") is None
 
-
-def test_a_layout_with_no_migration_is_refused_as_before(digits: Digits) -> None:
+    # Another window is another structural parameter, not a known change:
+    # refused as before, whichever release wrote it.
     blob, _ = _recorded("young")
-    # Another window is another structural parameter, not a known change.
-    detector = _fresh(digits, window=40)
-    assert describe_layout(detector._migrations(64)[0].old) != OLD_LAYOUT
     with pytest.raises(ValueError, match="a structural parameter changed"):
-        detector.load_state("young", blob)
+        _fresh(digits, window=40).load_state("young", blob)
