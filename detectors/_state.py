@@ -194,9 +194,7 @@ def decode_fields(
                 f"state field {name!r} has {len(fields[name])} bytes, "
                 f"expected {spec.nbytes}"
             )
-        values[name] = np.frombuffer(fields[name], dtype=spec.dtype).reshape(
-            spec.shape
-        )
+        values[name] = np.frombuffer(fields[name], dtype=spec.dtype).reshape(spec.shape)
     return values
 
 

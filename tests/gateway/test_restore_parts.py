@@ -191,4 +191,6 @@ def test_an_unreadable_snapshot_starts_the_client_afresh(
     new.restore("thief", b"\xc1 not msgpack")
     assert _refused(new, "snapshot") == 1.0
     assert new.policy.dump_state("thief") is None
-    assert all(d.dump_state("thief") is None for d in new.detectors_of("digits").values())
+    assert all(
+        d.dump_state("thief") is None for d in new.detectors_of("digits").values()
+    )

@@ -34,7 +34,7 @@ OUT = Path(__file__).with_name("ood_state_before_lattice_block.npz")
 def main() -> None:
     import detectors.ood
 
-    if "window_fields(\"off_lattice\"" in Path(detectors.ood.__file__).read_text():
+    if 'window_fields("off_lattice"' in Path(detectors.ood.__file__).read_text():
         sys.exit("run this from a checkout of 4258bd5 (see the docstring)")
     X, y = load_digits(return_X_y=True)
     train, test, _, _ = train_test_split(
