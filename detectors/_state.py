@@ -150,20 +150,7 @@ class SlotArena:
         they break an invariant; the client's state changes only after it
         passes.
         """
-        if set(fields) != set(self.fields):
-            raise ValueError(
-                f"state holds fields {sorted(fields)}, expected {sorted(self.fields)}"
-            )
-        values: dict[str, npt.NDArray[Any]] = {}
-        for name, spec in self.fields.items():
-            if len(fields[name]) != spec.nbytes:
-                raise ValueError(
-                    f"state field {name!r} has {len(fields[name])} bytes, "
-                    f"expected {spec.nbytes}"
-                )
-            values[name] = np.frombuffer(fields[name], dtype=spec.dtype).reshape(
-                spec.shape
-            )
+        values = decode_fields(self.fields, fields)
         if check is not None:
             check(values)
         (slot,) = self.slots([client_id])
@@ -186,6 +173,72 @@ class SlotArena:
             grown[: self._capacity] = array
             self.arrays[name] = grown
         self._capacity = new_capacity
+
+
+def decode_fields(
+    specs: Mapping[str, FieldSpec], fields: Mapping[str, bytes]
+) -> dict[str, npt.NDArray[Any]]:
+    """One client's state fields as read-only arrays of ``specs``' shapes.
+
+    Raises ``ValueError`` unless ``fields`` names exactly the fields of
+    ``specs``, each with the bytes its shape and dtype take.
+    """
+    if set(fields) != set(specs):
+        raise ValueError(
+            f"state holds fields {sorted(fields)}, expected {sorted(specs)}"
+        )
+    values: dict[str, npt.NDArray[Any]] = {}
+    for name, spec in specs.items():
+        if len(fields[name]) != spec.nbytes:
+            raise ValueError(
+                f"state field {name!r} has {len(fields[name])} bytes, "
+                f"expected {spec.nbytes}"
+            )
+        values[name] = np.frombuffer(fields[name], dtype=spec.dtype).reshape(spec.shape)
+    return values
+
+
+def encode_fields(
+    specs: Mapping[str, FieldSpec], values: Mapping[str, npt.ArrayLike]
+) -> dict[str, bytes]:
+    """The bytes of each field of ``specs`` from ``values`` (the inverse of
+    :func:`decode_fields`); ``ValueError`` when a field is missing, extra or
+    of another shape. Values are cast to the field's dtype."""
+    if set(values) != set(specs):
+        raise ValueError(
+            f"state holds fields {sorted(values)}, expected {sorted(specs)}"
+        )
+    out: dict[str, bytes] = {}
+    for name, spec in specs.items():
+        array = np.asarray(values[name])
+        if array.shape != spec.shape:
+            raise ValueError(
+                f"state field {name!r} has shape {array.shape}, expected {spec.shape}"
+            )
+        out[name] = np.ascontiguousarray(array, dtype=spec.dtype).tobytes()
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class LayoutMigration:
+    """How a detector reads a client's state written under an older layout.
+
+    A detector declares these next to its layout
+    (:meth:`detectors.base.Detector._migrations`): ``old`` is the older
+    layout's fields (at the detector's current structural parameters and the
+    blob's feature count), ``upgrade`` turns that state's arrays (read-only)
+    into every field of the current layout. The result is then checked by the
+    detector's ``_check_state`` like any loaded blob, so a migration cannot
+    smuggle in a state a current blob could not hold; ``upgrade`` raises
+    ``ValueError`` for an old state it cannot carry over.
+    """
+
+    old: Mapping[str, FieldSpec]
+    upgrade: Callable[[Mapping[str, npt.NDArray[Any]]], Mapping[str, npt.ArrayLike]]
+
+    @property
+    def layout(self) -> str:
+        return describe_layout(self.old)
 
 
 class StateBlob(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

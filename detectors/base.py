@@ -26,11 +26,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from detectors._state import (
     STATE_FORMAT,
     FieldSpec,
+    LayoutMigration,
     SlotArena,
     StateBlob,
     decode_blob,
+    decode_fields,
     describe_layout,
     encode_blob,
+    encode_fields,
 )
 from detectors.baselines import (
     BASELINE_FORMAT,
@@ -519,14 +522,24 @@ class Detector(ABC, Generic[P]):
             )
         )
 
-    def load_state(self, client_id: str, blob: bytes) -> None:
+    def load_state(self, client_id: str, blob: bytes) -> bool:
         """Replace the client's state with one :meth:`dump_state` produced.
+
+        A blob written under an older layout this detector declares a
+        migration for (:meth:`_migrations`) is upgraded first; the upgraded
+        state passes the same checks as any other.
+
+        Returns
+        -------
+        bool
+            True when the blob was migrated from an older layout.
 
         Raises
         ------
         ValueError
-            The blob is malformed, from another detector, or from one whose
-            structural parameters or feature count differ.
+            The blob is malformed, from another detector, from one whose
+            feature count differs, or from a layout with no migration (a
+            structural parameter changed); the client's state is unchanged.
         """
         state = decode_blob(blob)
         if state.detector != self.name:
@@ -540,15 +553,22 @@ class Detector(ABC, Generic[P]):
             )
         if state.n_features < 1:
             raise ValueError(f"{self.name}: state has no feature count")
-        expected = describe_layout(self._layout(state.n_features))
-        if state.layout != expected:
-            raise ValueError(
-                f"{self.name}: state layout {state.layout!r} differs from "
-                f"{expected!r}; a structural parameter changed"
-            )
-        self._ensure_arena(state.n_features).load(
-            client_id, state.fields, self._check_state
-        )
+        layout = self._layout(state.n_features)
+        expected = describe_layout(layout)
+        fields: Mapping[str, bytes] = state.fields
+        migrated = state.layout != expected
+        if migrated:
+            known = {m.layout: m for m in self._migrations(state.n_features)}
+            migration = known.get(state.layout)
+            if migration is None:
+                raise ValueError(
+                    f"{self.name}: state layout {state.layout!r} differs from "
+                    f"{expected!r}; a structural parameter changed"
+                )
+            upgraded = migration.upgrade(decode_fields(migration.old, fields))
+            fields = encode_fields(layout, upgraded)
+        self._ensure_arena(state.n_features).load(client_id, fields, self._check_state)
+        return migrated
 
     # -- live baseline --------------------------------------------------------
 
@@ -647,6 +667,13 @@ class Detector(ABC, Generic[P]):
         learn: npt.NDArray[np.bool_],
     ) -> list[DetectorScore]:
         """Score validated rows whose clients already hold slots."""
+
+    def _migrations(self, n_features: int) -> Sequence[LayoutMigration]:
+        """Older layouts of this detector's per-client state that it can still
+        read, each with the function producing the current fields; none by
+        default (such a blob is refused). Declared per detector next to its
+        :meth:`_layout`, for a layout that changed in a known way."""
+        return ()
 
     def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
         """Raise ``ValueError`` if loaded per-client arrays break an invariant.

@@ -35,6 +35,7 @@ from detectors._hst import HalfSpaceForest
 from detectors._jit import jit
 from detectors._state import (
     FieldSpec,
+    LayoutMigration,
     check_counters,
     check_window,
     group_rows,
@@ -566,6 +567,10 @@ class OutOfDistributionDetector(Detector[OodParams]):
     counters, the EWMA, the first query's time and the last counted outlier
     at 8 bits per feature with a flag saying whether there is one (about 177
     bytes plus one per feature). The shared model holds about 200 KB with the defaults.
+    A state saved by the release before ``lattice_block`` (no ring of
+    off-lattice bits) is migrated on load, its ring derived from its counters
+    (see ``_with_off_lattice_ring``; lattice_block may then fire later for up
+    to one window).
 
     Parameters
     ----------
@@ -719,6 +724,59 @@ class OutOfDistributionDetector(Detector[OodParams]):
             # Arrival time of the client's first query (seconds; 0 before
             # it), which dates it for the cohort test.
             "first_s": FieldSpec((), "<f8"),
+        }
+
+    def _migrations(self, n_features: int) -> list[LayoutMigration]:
+        # The release before lattice_block kept no ring of off-lattice bits;
+        # its states are read with one derived from its counters.
+        before = {
+            name: spec
+            for name, spec in self._layout(n_features).items()
+            if not name.startswith("off_lattice")
+        }
+        return [LayoutMigration(before, self._with_off_lattice_ring)]
+
+    def _with_off_lattice_ring(
+        self, old: Mapping[str, npt.NDArray[Any]]
+    ) -> dict[str, npt.NDArray[Any]]:
+        """A state of the release before lattice_block, with the ring of
+        off-lattice bits it did not keep, derived conservatively.
+
+        Which outliers of the window were off the lattice was not stored,
+        only how many off-lattice queries the client ever sent. At least
+        ``n_off_lattice - (n_seen - outlier_len)`` of them are still in the
+        window (the rest of its queries have left it); that many bits are
+        set, on the oldest outliers of the window. As the window slides the
+        derived count is then never above the true one, so the migration
+        never refuses a client the old release's history would not have;
+        for a young key (its whole history in the window) it is exact. The
+        cost: a client past its first window that had off-lattice queries
+        in the window may reach ``lattice_block`` later than it would have,
+        by at most those queries, and only during the ``window`` queries
+        after the upgrade (after them the ring holds only new queries).
+        """
+        check_window(old, "outlier", "outlier_pos", "outlier_len")
+        ring = old["outlier"]
+        window = len(ring)
+        pos, length = int(old["outlier_pos"]), int(old["outlier_len"])
+        left_window = max(int(old["n_seen"]) - length, 0)
+        in_window = max(int(old["n_off_lattice"]) - left_window, 0)
+        off = np.zeros(window, dtype=np.uint8)
+        if in_window:
+            # The window's cells oldest first, and the outliers among them.
+            cells = (pos - length + np.arange(length)) % window
+            outliers = cells[ring[cells] != 0]
+            if len(outliers) < in_window:
+                raise ValueError(
+                    f"state counts {in_window} off-lattice queries in the "
+                    f"window but its window holds {len(outliers)} outliers"
+                )
+            off[outliers[:in_window]] = 1
+        return {
+            **old,
+            "off_lattice": off,
+            "off_lattice_pos": old["outlier_pos"],
+            "off_lattice_len": old["outlier_len"],
         }
 
     def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:

@@ -58,6 +58,9 @@ class EvalResult:
     decisions_by_action: dict[str, int] = field(default_factory=dict)
     worker_exit_code: int | None = None
     notes: list[str] = field(default_factory=list)
+    # Cores and one-minute load averages at the start and at the end of the
+    # live traffic: the timing detectors see less on a loaded machine.
+    machine: dict[str, Any] = field(default_factory=dict)
 
     def benign(self) -> list[dict[str, Any]]:
         return [c for c in self.clients if c["role"] == BENIGN]
@@ -313,6 +316,78 @@ def _success(entry: dict[str, Any], side: str) -> str:
     return text
 
 
+# A run is called loaded when the one-minute load average passes the core count
+# or an attacker's 99th-percentile pacing lag passes this share of its mean gap:
+# a paced key's gaps then scatter by more than the `traffic` detector's default
+# tolerance for "regular" (docs/detectors.md), so timing results are not those
+# of a quiet machine.
+LOADED_LAG_SHARE = 0.25
+
+
+def worst_pacing(result: EvalResult) -> dict[str, Any] | None:
+    """The attack run whose pacing lag was the largest share of its gap."""
+    paced = [a for a in result.attacks if a.get("pacing_lag_ms")]
+    if not paced:
+        return None
+    worst = max(
+        paced,
+        key=lambda a: (
+            a["pacing_lag_ms"]["p99_ms"] / max(a["pacing_lag_ms"]["gap_ms"], 1e-9)
+        ),
+    )
+    lag = worst["pacing_lag_ms"]
+    return {
+        "attack": f"{worst['attack']}@{worst['model']}/{worst['keys']} keys",
+        "p99_ms": lag["p99_ms"],
+        "gap_ms": lag["gap_ms"],
+        "share": lag["p99_ms"] / max(lag["gap_ms"], 1e-9),
+    }
+
+
+def is_loaded(result: EvalResult) -> bool:
+    """Whether the run's machine was loaded (see ``LOADED_LAG_SHARE``)."""
+    cores = result.machine.get("cores") or 0
+    loads = [
+        v
+        for v in (
+            result.machine.get("load_average_start"),
+            result.machine.get("load_average_end"),
+        )
+        if v is not None
+    ]
+    worst = worst_pacing(result)
+    return bool(
+        (cores and any(v > cores for v in loads))
+        or (worst is not None and worst["share"] > LOADED_LAG_SHARE)
+    )
+
+
+def machine_note(result: EvalResult) -> str:
+    """One paragraph on the machine's load and the attackers' pacing lag."""
+    if not result.machine:
+        return "Machine load: not recorded (a report from an older version)."
+    m = result.machine
+    text = (
+        f"Machine: {m.get('cores')} cores, one-minute load average "
+        f"{m.get('load_average_start')} at the start and "
+        f"{m.get('load_average_end')} at the end of the live traffic."
+    )
+    worst = worst_pacing(result)
+    if worst is not None:
+        text += (
+            f" Attackers' pacing lag (how late a paced request left): worst 99th"
+            f" percentile {worst['p99_ms']:.1f} ms against a mean gap of "
+            f"{worst['gap_ms']:.1f} ms ({worst['attack']})."
+        )
+    if is_loaded(result):
+        text += (
+            " **The machine was loaded:** paced attackers' gaps were irregular, so"
+            " the timing detectors saw less than on a quiet machine; compare with a"
+            " quiet run before reading a timing result."
+        )
+    return text
+
+
 def render_markdown(result: EvalResult) -> str:
     """The report: setup, targets table, attacks, honest population."""
     summary = benign_summary(result)
@@ -349,6 +424,8 @@ def render_markdown(result: EvalResult) -> str:
         f"Policy: {json.dumps(result.policy)}. Detector overrides: "
         f"{json.dumps(result.detectors) if result.detectors else 'none (defaults)'}."
         f" Alerts by detector: {json.dumps(result.alerts_by_detector)}.",
+        "",
+        machine_note(result),
         "",
         f"**{len(rows) - len(missed)} of {len(rows)} targets met.** Missed targets"
         " are reported as measured, with the distance to the goal.",

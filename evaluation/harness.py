@@ -46,7 +46,7 @@ from evaluation.benign import draw_habits, draw_profiles, run_benign_stream
 from evaluation.eval_report import EvalResult, write_eval_report
 from evaluation.ledger import ClientLedger
 from evaluation.observe import AlertCollector, DecisionCollector
-from evaluation.oracle import DirectOracle, GatewayOracle, QueryFn
+from evaluation.oracle import DirectOracle, GatewayOracle, QueryFn, pacing_summary
 from evaluation.process import WorkerProcess
 from evaluation.runkit import (
     first_cause,
@@ -195,6 +195,7 @@ class AttackRun:
     status: str = "waiting"
     outcome: dict[str, Any] | None = None
     error: str | None = None
+    pacing: dict[str, float] | None = None
 
     @property
     def name(self) -> str:
@@ -388,6 +389,7 @@ async def _evaluate(
 ) -> int:
     started = time.monotonic()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    load_at_start = _load_average()
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, lambda: out_dir.mkdir(parents=True, exist_ok=True))
 
@@ -429,6 +431,7 @@ async def _evaluate(
     alerts: AlertCollector | None = None
     decisions: DecisionCollector | None = None
     traffic_s = 0.0
+    load_at_end: float | None = None
     try:
         store = await loop.run_in_executor(None, KeyStore, redis, settings)
         await _provision(run, store, transport, pairs)
@@ -454,6 +457,7 @@ async def _evaluate(
         await _drive(run, worker, alerts)
         await asyncio.sleep(plan.grace_s)
         traffic_s = time.monotonic() - traffic_started
+        load_at_end = _load_average()
     finally:
         run.cancel.set()
         run.benign_stop.set()
@@ -474,6 +478,11 @@ async def _evaluate(
         seed=seed,
         started_at=started_at,
         duration_s=time.monotonic() - started,
+        machine={
+            "cores": os.cpu_count(),
+            "load_average_start": load_at_start,
+            "load_average_end": load_at_end,
+        },
         traffic_s=traffic_s,
         plan=_plan_dict(plan, run),
         policy=settings.policy.model_dump(mode="json"),
@@ -576,7 +585,9 @@ async def _wait_until_serving(
     run.say("worker is serving every model")
 
 
-def _oracle_for(run: _Run, attack: AttackRun) -> tuple[QueryFn, SpreadOracle | None]:
+def _oracle_for(
+    run: _Run, attack: AttackRun
+) -> tuple[QueryFn, SpreadOracle | None, list[GatewayOracle]]:
     task = run.tasks[attack.model]
     timeout_s = run.settings.kafka.request_timeout_s
     rate = run.plan.attacker_rate_per_s / len(attack.client_ids)
@@ -602,16 +613,16 @@ def _oracle_for(run: _Run, attack: AttackRun) -> tuple[QueryFn, SpreadOracle | N
         for client_id in attack.client_ids
     ]
     if len(oracles) == 1:
-        return oracles[0], None
+        return oracles[0], None, oracles
     spread = SpreadOracle(
         oracles, budget=attack.budget, seed=run.seed, n_classes=task.n_classes
     )
-    return spread, spread
+    return spread, spread, oracles
 
 
 def _attack_job(run: _Run, attack: AttackRun) -> None:
     """Run one attack through the gateway (in a thread)."""
-    query, spread = _oracle_for(run, attack)
+    query, spread, oracles = _oracle_for(run, attack)
     attack.status = "running"
     try:
         attack.outcome = run_attack(
@@ -631,6 +642,7 @@ def _attack_job(run: _Run, attack: AttackRun) -> None:
     finally:
         if spread is not None:
             spread.close()
+        attack.pacing = pacing_summary([oracle.pacer for oracle in oracles])
     run.say(
         f"{attack.name}: {attack.status}; first flag at query "
         f"{attack.ledger.first_flag_query}, enforcement at "
@@ -821,7 +833,16 @@ def _attack_dict(
         "first_enforced_query": summary["first_enforced_query"],
         "gateway": attack.outcome,
         "direct": direct,
+        "pacing_lag_ms": attack.pacing,
     }
+
+
+def _load_average() -> float | None:
+    """The one-minute load average, or None where the platform has none."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def _plan_dict(plan: EvalPlan, run: _Run) -> dict[str, Any]:

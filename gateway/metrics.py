@@ -231,6 +231,21 @@ class WorkerMetrics(GroupMetrics):
             ["model", "detector", "outcome"],
             registry=self.registry,
         )
+        self.state_parts_refused = Counter(
+            "modelgate_state_parts_refused",
+            "Parts of client snapshots refused on load, by part (a detector's "
+            "name, 'policy', or 'snapshot' for an unreadable whole); that part "
+            "starts afresh for the client, the others load.",
+            ["detector"],
+            registry=self.registry,
+        )
+        self.state_parts_migrated = Counter(
+            "modelgate_state_parts_migrated",
+            "Detector parts of client snapshots written under an older layout "
+            "and migrated on load, by detector.",
+            ["detector"],
+            registry=self.registry,
+        )
 
 
 class GuardMetrics(GroupMetrics):

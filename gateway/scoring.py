@@ -565,23 +565,66 @@ class Scorer:
         return msgspec.msgpack.encode(state)
 
     def restore(self, client_id: str, blob: bytes) -> None:
-        """Load what ``dump`` produced, possibly on another worker."""
+        """Load what ``dump`` produced, possibly on another worker or release.
+
+        Part by part: a detector's state that is refused (corrupt, or from a
+        layout this release neither reads nor migrates) resets that detector
+        for this client only, and a refused policy state resets only the
+        policy; every other part loads. Each refusal is one WARNING naming
+        the client and the part, counted in
+        ``modelgate_state_parts_refused_total{detector}``. The policy's part
+        carries the client's enforcement (a block's cool-down, a throttle,
+        flags, fused risk), so losing a detector's history never unblocks a
+        client or steps it down the ladder; it only makes that detector
+        start warming up again. Parts of a model or detector this worker
+        does not run are ignored. A snapshot whose envelope cannot be read
+        at all (part ``snapshot``) starts the whole client afresh.
+        """
         try:
             state = msgspec.msgpack.decode(blob, type=dict[str, dict[str, bytes]])
-            for model_name, blobs in state.items():
-                if model_name == _POLICY_KEY:
-                    self.policy.load_state(client_id, blobs["state"])
-                    continue
-                detectors = self._detectors.get(model_name, {})
-                for name, detector_blob in blobs.items():
-                    if name in detectors:
-                        detectors[name].load_state(client_id, detector_blob)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, KeyError):
-            # A snapshot from an incompatible version: start the client afresh.
-            logger.warning(
-                "unreadable client snapshot", extra={"client": client_id}, exc_info=True
-            )
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self._part_refused(client_id, "snapshot", None)
             self.forget(client_id)
+            return
+        for model_name, blobs in state.items():
+            if model_name == _POLICY_KEY:
+                self._restore_policy(client_id, blobs)
+                continue
+            detectors = self._detectors.get(model_name, {})
+            for name, detector_blob in blobs.items():
+                detector = detectors.get(name)
+                if detector is None:
+                    continue
+                try:
+                    migrated = detector.load_state(client_id, detector_blob)
+                except ValueError:
+                    detector.forget(client_id)
+                    self._part_refused(client_id, name, model_name)
+                    continue
+                if migrated:
+                    self._metrics.state_parts_migrated.labels(name).inc()
+                    logger.debug(
+                        "client state migrated from an older layout",
+                        extra={"client": client_id, "detector": name},
+                    )
+
+    def _restore_policy(self, client_id: str, blobs: Mapping[str, bytes]) -> None:
+        try:
+            self.policy.load_state(client_id, blobs["state"])
+        except (msgspec.DecodeError, msgspec.ValidationError, KeyError):
+            self.policy.forget(client_id)
+            self._part_refused(client_id, "policy", None)
+
+    def _part_refused(self, client_id: str, part: str, model: str | None) -> None:
+        """Count and log one refused part of a client's snapshot (the
+        exception being handled says why)."""
+        self._metrics.state_parts_refused.labels(part).inc()
+        logger.warning(
+            "client state part refused; %s starts afresh for this client",
+            part,
+            extra={"client": client_id, "detector": part, "model": model},
+            exc_info=True,
+        )
 
     def forget(self, client_id: str) -> None:
         for detectors in self._detectors.values():

@@ -14,6 +14,8 @@ from evaluation.eval_report import (
     EvalResult,
     agreement_at,
     benign_summary,
+    is_loaded,
+    render_markdown,
     targets,
     write_eval_report,
 )
@@ -333,3 +335,39 @@ def test_a_distributed_attack_is_read_when_its_last_key_stopped() -> None:
         _attack("active", "extraction", 30, enforced=50, gateway=curve, direct=direct)
     )
     assert single["met"] and single["measured"] == round(0.70 / 0.95, 3)
+
+
+def test_the_report_states_the_machine_load_and_marks_a_loaded_run() -> None:
+    """A run whose attackers' pacing lagged by more than a quarter of their gap,
+    or whose load average passed the core count, is marked loaded; a quiet run
+    is not; a report from before the field existed says so."""
+    quiet = _result()
+    quiet.machine = {"cores": 2, "load_average_start": 0.4, "load_average_end": 1.1}
+    quiet.attacks[0]["pacing_lag_ms"] = {
+        "waits": 80.0,
+        "gap_ms": 20.0,
+        "p50_ms": 0.3,
+        "p99_ms": 2.0,
+        "max_ms": 4.0,
+    }
+    text = render_markdown(quiet)
+    assert "2 cores" in text and "0.4 at the start" in text
+    assert "2.0 ms against a mean gap of 20.0 ms" in text
+    assert not is_loaded(quiet) and "was loaded" not in text
+
+    lagging = _result()
+    lagging.machine = dict(quiet.machine)
+    lagging.attacks[0]["pacing_lag_ms"] = {
+        "waits": 80.0,
+        "gap_ms": 20.0,
+        "p50_ms": 3.0,
+        "p99_ms": 9.0,
+        "max_ms": 30.0,
+    }
+    assert is_loaded(lagging) and "was loaded" in render_markdown(lagging)
+
+    busy = _result()
+    busy.machine = {"cores": 2, "load_average_start": 0.5, "load_average_end": 3.2}
+    assert is_loaded(busy)
+
+    assert "not recorded" in render_markdown(_result())

@@ -18,6 +18,7 @@ from evaluation.oracle import (
     GatewayOracle,
     Pacer,
     QueryRefused,
+    pacing_summary,
 )
 from gateway.client import GatewayClient, KafkaTransport
 from gateway.protocol import ErrorBody, InferResponse, Tensor
@@ -150,6 +151,37 @@ async def test_pacer_spaces_calls() -> None:
     for _ in range(6):
         await pacer.wait()
     assert loop.time() - started >= 0.045
+
+
+async def test_pacer_records_how_late_each_sleeping_wait_woke() -> None:
+    """A wait that slept records its lag (never negative); a call arriving
+    after its slot, as after an attacker's retraining, records none."""
+    pacer = Pacer(rate_per_s=200.0)
+    for _ in range(5):
+        await pacer.wait()
+    assert len(pacer.lags_s) == 4  # the first call's slot is "now": no sleep
+    assert all(lag >= 0.0 for lag in pacer.lags_s)
+    await asyncio.sleep(0.05)  # idle past the next slot
+    await pacer.wait()
+    assert len(pacer.lags_s) == 4
+
+
+async def test_pacing_lag_shows_a_blocked_event_loop() -> None:
+    """A loop held busy past a paced request's slot shows as lag, the way a
+    loaded machine spreads a metronome's gaps."""
+    pacer = Pacer(rate_per_s=100.0)
+    await pacer.wait()
+
+    async def hog() -> None:
+        await asyncio.sleep(0.001)
+        threading.Event().wait(0.05)  # blocks the loop, as a busy CPU does
+
+    await asyncio.gather(pacer.wait(), hog())
+    summary = pacing_summary([pacer])
+    assert summary is not None
+    assert summary["gap_ms"] == 10.0
+    assert summary["max_ms"] >= 30.0
+    assert pacing_summary([Pacer(rate_per_s=1.0)]) is None
 
 
 def test_ledger_places_alerts_on_the_clients_own_timeline() -> None:

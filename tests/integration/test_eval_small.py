@@ -78,6 +78,11 @@ async def test_quick_eval_flags_the_caught_attacks_and_blocks_no_honest_client(
         assert set(row) == {"target", "measured", "goal", "met", "missed_by"}
     markdown = (out / "report.md").read_text()
     assert "## Targets" in markdown and "## Honest population" in markdown
+    # The machine's load and how late paced requests left are on record, so a
+    # timing result from a loaded machine can be told from a quiet one.
+    assert report["machine"]["cores"] and "Machine:" in markdown
+    paced = [r for r in runs.values() if r["pacing_lag_ms"]]
+    assert paced and all(r["pacing_lag_ms"]["p99_ms"] >= 0 for r in paced)
     for name in ("agreement.png", "risk.png", "worker.log"):
         assert (out / name).stat().st_size > 0
     assert any(line.startswith("[") for line in lines), "no progress was shown"

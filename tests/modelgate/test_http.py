@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -331,39 +332,55 @@ async def test_cancelling_a_call_cancels_it_without_retrying() -> None:
     assert calls == 1
 
 
-def test_interrupting_a_blocking_call_cancels_it_on_the_loop() -> None:
-    # A KeyboardInterrupt while the caller waits must not leave the request
-    # running on the background loop.
-    started = threading.Event()
-    cancelled = threading.Event()
+# Run in a child process: a real SIGINT sent to pytest's own process could land
+# outside the call under test (a loaded machine delays the moment), and a
+# KeyboardInterrupt inside pytest's failure reporting ends the whole test run.
+_INTERRUPTED_CALLER = """
+import asyncio, sys, threading
+import httpx, numpy as np
+from modelgate.client import Client
 
-    async def hang(request: httpx.Request) -> httpx.Response:
-        started.set()
-        try:
-            await asyncio.sleep(20)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        return httpx.Response(200, json=ok_body(request))
+started, cancelled = threading.Event(), threading.Event()
 
-    client = Client.http(
-        "http://frontdoor.test", TOKEN, http_transport=httpx.MockTransport(hang)
-    )
-    # Python's own Ctrl-C handler; an asyncio runner left by an earlier test
-    # may have installed one that cancels its task instead.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+async def hang(request):
+    started.set()
+    print("started", flush=True)
     try:
-        timer = threading.Timer(0.0, lambda: started.wait(5) and _interrupt_main())
-        timer.start()
-        with pytest.raises(KeyboardInterrupt):
-            client.predict("digits", np.zeros((1, 64)))
-        assert cancelled.wait(5)
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        cancelled.set()
+        raise
+    return httpx.Response(500)
+
+client = Client.http(
+    "http://frontdoor.test", sys.argv[1], http_transport=httpx.MockTransport(hang)
+)
+try:
+    client.predict("digits", np.zeros((1, 64)))
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    print("cancelled" if cancelled.wait(10) else "still running", flush=True)
+else:
+    print("returned", flush=True)
+client.close()
+"""
+
+
+def test_interrupting_a_blocking_call_cancels_it_on_the_loop() -> None:
+    # A KeyboardInterrupt (Ctrl-C: a real SIGINT) while the caller waits must
+    # not leave the request running on the background loop.
+    child = subprocess.Popen(
+        [sys.executable, "-c", _INTERRUPTED_CALLER, TOKEN],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "started"
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=60)
     finally:
-        signal.signal(signal.SIGINT, previous)
-        client.close()
-
-
-def _interrupt_main() -> None:
-    # A real SIGINT, as Ctrl-C sends: it wakes the main thread's blocked wait
-    # (``_thread.interrupt_main`` alone would not).
-    os.kill(os.getpid(), signal.SIGINT)
+        child.kill()
+    assert out.split() == ["interrupted", "cancelled"], (out, err)
+    assert child.returncode == 0, err
