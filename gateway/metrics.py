@@ -32,6 +32,44 @@ _STAGE_BUCKETS_S = (
 _SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
+def start_metrics_server(
+    registry: CollectorRegistry, host: str, port: int, setting: str, owner: str
+) -> WSGIServer:
+    """Serve ``registry`` as /metrics on ``host:port`` (not 0) in a daemon
+    thread; the one place every process's listener starts and logs its
+    address. ``setting`` is the settings section of the port, ``owner``
+    what each needs one of ("worker", "frontdoor process").
+
+    Raises
+    ------
+    ConfigError
+        The port is taken (or the host cannot be bound).
+    """
+    try:
+        server, _ = _start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(
+            f"{setting}.metrics_port {port} on {host} is not free "
+            f"({exc.strerror}); give each {owner} on a host its own port, "
+            "or 0 for none"
+        ) from exc
+    bound = int(server.server_port)
+    logger.info(
+        "metrics endpoint up on http://%s:%d/metrics",
+        host,
+        bound,
+        extra={"host": host, "port": bound, "app": setting},
+    )
+    return server
+
+
+def stop_metrics_server(server: WSGIServer | None) -> None:
+    """Stop a listener :func:`start_metrics_server` started (None: none)."""
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+
+
 class GroupMetrics:
     """What every consumer-group service exports: its consume loop's lag,
     batch time and rewinds, and its Redis client's breaker.
@@ -83,26 +121,15 @@ class GroupMetrics:
         """
         if port == 0:
             return 0
-        try:
-            self._server, _ = _start_http_server(
-                port, addr=host, registry=self.registry
-            )
-        except OSError as exc:
-            raise ConfigError(
-                f"{self._setting}.metrics_port {port} on {host} is not free "
-                f"({exc.strerror}); give each {self._whose} on a host its own "
-                "port, or 0 for none"
-            ) from exc
-        bound = int(self._server.server_port)
-        logger.info("metrics endpoint up", extra={"host": host, "port": bound})
-        return bound
+        self._server = start_metrics_server(
+            self.registry, host, port, self._setting, self._whose
+        )
+        return int(self._server.server_port)
 
     def close(self) -> None:
         """Stop serving /metrics. Idempotent."""
         server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+        stop_metrics_server(server)
 
     def watch_redis_breaker(self, breaker: RedisBreaker) -> None:
         """Export the state and counters of the service's Redis circuit
