@@ -563,6 +563,11 @@ class FeedbackConfig(_Frozen):
     # Per-submitter state is saved to Redis after every batch and expires
     # after this long without feedback from the submitter.
     state_ttl_s: float = Field(30 * 86_400.0, ge=60, le=365 * 86_400)
+    # Prometheus /metrics of the guard (docs/metrics.md); the port follows
+    # the worker's, front door's and admin API's (9464-9466) so all four can
+    # run on one host. 0 turns it off, as ``worker.metrics_port``.
+    metrics_port: int = Field(9467, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
 
 
 def _default_instance_id() -> str:

@@ -1,19 +1,18 @@
 """The poisoning guard service: screen labelled feedback, then pass or refuse it.
 
 ``modelgate.feedback`` ──▶ guard ──▶ ``modelgate.feedback.accepted`` or
-``modelgate.feedback.rejected``. One batch flows through fixed steps: decode
-(size, JSON, schema, version), authenticate (the request path's HMAC check,
-``gateway.keys.authenticate``, and the record key must be the key's client
-id), validate the row against the model's signature
-(``gateway.validation.validate_request``: names, shape, datatype, finite,
-range; one row; a known label), predict, screen
+``modelgate.feedback.rejected``. One batch flows through fixed steps: decode,
+authenticate and validate (gateway/feedback_steps.py), predict, screen
 (``detectors.poisoning.PoisoningGuard``), save the submitters' state to
 Redis, produce every verdict, and only then commit the batch's offsets: a
 crash before the commit means the batch is delivered again (at-least-once; a
-record may then appear twice downstream, never not at all). A batch that
-fails is judged again from the guard's snapshot of the state it was first
-judged from, so no record counts twice. A malformed record becomes a
-rejected record with its code; it never stops the partition.
+record may then appear twice downstream, never not at all). The consume
+loop, the rewind of a failed batch and the rebalance listener are the
+worker's too (gateway/group_service.py). A batch that fails is judged again
+from the guard's snapshot of the state it was first judged from, so no
+record counts twice. A malformed record becomes a rejected record with its
+code; it never stops the partition. The guard's Prometheus metrics
+(``gateway.metrics.GuardMetrics``) are served on ``feedback.metrics_port``.
 
 Each submitter's recent verdicts are saved to Redis after every batch
 (``{prefix}:fbguard:{model}:{<client>}``) and loaded when a guard first sees
@@ -28,7 +27,7 @@ Shadow mode (``feedback.shadow``) screens every record but accepts every
 valid one, marking those it would refuse (``would_reject``).
 
 Imports aiokafka, Redis (through ``gateway.store``), the gateway's keys,
-validation and backends, and the detector library.
+backends, metrics and per-record steps, and the detector library.
 """
 
 from __future__ import annotations
@@ -37,66 +36,37 @@ import asyncio
 import functools
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 import numpy as np
 import pydantic
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import DefaultPartitioner
 
 from detectors.base import describe_validation_error
-from detectors.poisoning import (
-    GuardSnapshot,
-    PoisoningGuard,
-    PoisoningParams,
-    Verdict,
-)
-from gateway import protocol
+from detectors.poisoning import GuardSnapshot, PoisoningGuard, PoisoningParams
+from gateway import feedback_steps, protocol
 from gateway.backends import ModelBackend, close_backends, load_backends
 from gateway.config import Settings
 from gateway.errors import (
-    AuthError,
     BackendError,
     BrokerError,
     ConfigError,
     ModelgateError,
     StoreError,
-    ValidationError,
 )
 from gateway.feedback_data import calibration_rows
-from gateway.feedback_wire import (
-    SCHEMA_VERSION,
-    AcceptedFeedback,
-    FeedbackEnvelope,
-    FeedbackRecord,
-    RejectedFeedback,
-    decode_envelope,
-    decode_feedback,
-    encode,
-    kept_value,
-    schema_code,
-)
-from gateway.group_clients import (
-    Backoff,
-    close_clients,
-    group_clients,
-    rewind,
-    start_group_clients,
-)
-from gateway.keys import KeyStore, authenticate
+from gateway.feedback_steps import FeedbackItem
+from gateway.group_clients import close_clients, group_clients, start_group_clients
+from gateway.group_service import GroupService
+from gateway.keys import KeyStore
+from gateway.metrics import GuardMetrics
 from gateway.offloop import in_thread
+from gateway.redis_breaker import breaker_for
 from gateway.store import RedisClient, redis_from_settings, redis_guard
 from gateway.topics import ensure_topics
-from gateway.validation import validate_request
 
 logger = logging.getLogger(__name__)
-
-_PARTITIONER = DefaultPartitioner()
-_MAX_MESSAGE_CHARS = 300
 
 
 def feedback_topics(settings: Settings) -> dict[str, int]:
@@ -149,50 +119,7 @@ def build_guard(
         raise ConfigError(f"feedback calibration of {name}: {exc}") from exc
 
 
-@dataclass
-class _Item:
-    """One consumed record on its way to a verdict."""
-
-    tp: TopicPartition
-    offset: int
-    value: bytes
-    record_key: str
-    signature: str | None
-    record: FeedbackRecord | None = None
-    envelope: FeedbackEnvelope | None = None
-    client_id: str | None = None
-    row: np.ndarray[Any, Any] | None = None
-    label_index: int = -1
-    error: ModelgateError | None = None
-    verdict: Verdict | None = None
-    proba: np.ndarray[Any, Any] | None = field(default=None, repr=False)
-
-    def fail(self, error: ModelgateError) -> None:
-        if self.error is None:
-            self.error = error
-
-
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # untyped base
-    def __init__(self, service: FeedbackGuard) -> None:
-        self._service = service
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        # Submitter state is saved after every batch; dropping what this
-        # process holds makes the next owner's (or our later) copy the one
-        # read from Redis, never a stale one in memory. Under the batch lock:
-        # a batch in hand (screening in a thread) finishes first.
-        async with self._service.batch_lock:
-            self._service.forget_submitters()
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._service.assigned.set()
-        logger.info(
-            "guard partitions assigned",
-            extra={"partitions": sorted(tp.partition for tp in assigned)},
-        )
-
-
-class FeedbackGuard:
+class FeedbackGuard(GroupService):
     """The guard process: start, run until stopped, stop.
 
     Parameters
@@ -208,21 +135,16 @@ class FeedbackGuard:
     def __init__(
         self, settings: Settings, models: dict[str, ModelBackend] | None = None
     ) -> None:
-        self.settings = settings
+        self.metrics = GuardMetrics()
+        super().__init__(settings, self.metrics, "guard")
         self._models = models
         self._owns_models = models is None
         self._guards: dict[str, PoisoningGuard] = {}
-        self._consumer: AIOKafkaConsumer | None = None
-        self._producer: AIOKafkaProducer | None = None
         self._redis: RedisClient | None = None
         self._keys: KeyStore | None = None
-        self._backoff = Backoff()
         self._uncommitted: dict[str, GuardSnapshot] = {}
-        self.assigned = asyncio.Event()
-        # Held while a batch is processed and while a revoke drops state.
-        self.batch_lock = asyncio.Lock()
-        self.batches_done = 0
         self.records_done = 0
+        self.metrics_port = 0
 
     async def __aenter__(self) -> FeedbackGuard:
         await self.start()
@@ -268,7 +190,13 @@ class FeedbackGuard:
                     "spectral_threshold": round(cal.spectral_threshold, 3),
                 },
             )
+        # Before joining the group: a port clash (ConfigError) should stop the
+        # guard before it takes partitions it could not report on.
+        self.metrics_port = self.metrics.serve(
+            s.feedback.metrics_host, s.feedback.metrics_port
+        )
         self._redis = redis_from_settings(s)
+        self.metrics.watch_redis_breaker(breaker_for(self._redis))
         self._keys = KeyStore(self._redis, s)
         self._producer, self._consumer = group_clients(s, s.feedback.group_id)
         try:
@@ -277,7 +205,7 @@ class FeedbackGuard:
                 self._producer,
                 self._consumer,
                 s.kafka.topics.feedback,
-                _Rebalance(self),
+                self.rebalance_listener(),
             )
         except BrokerError:
             await self.stop()
@@ -300,6 +228,7 @@ class FeedbackGuard:
                 consumer, producer, redis_client, self.settings.kafka.request_timeout_s
             )
         finally:
+            self.metrics.close()
             if self._owns_models and self._models is not None:
                 models, self._models = self._models, None
                 close_backends(models)
@@ -315,61 +244,28 @@ class FeedbackGuard:
             for submitter in guard.submitters():
                 guard.forget(submitter)
 
-    async def run(self, stop_event: asyncio.Event) -> None:
-        """Consume until ``stop_event`` is set; each batch is committed before
-        the next is fetched."""
-        assert self._consumer is not None, "start() first"
-        s = self.settings
-        while not stop_event.is_set():
-            try:
-                batch = await self._consumer.getmany(
-                    timeout_ms=s.kafka.poll_timeout_ms,
-                    max_records=s.feedback.max_batch_records,
-                )
-            except KafkaError as exc:
-                logger.warning("feedback fetch failed, retrying: %r", exc)
-                await self._backoff.wait()
-                continue
-            async with self.batch_lock:
-                # A revoke may have run between the fetch and the lock: those
-                # records now belong to another guard, which will judge them.
-                owned = self._consumer.assignment()
-                batch = {tp: rs for tp, rs in batch.items() if tp in owned}
-                if batch:
-                    await self._handle_batch(batch)
+    @property
+    def max_batch_records(self) -> int:
+        return self.settings.feedback.max_batch_records
 
-    async def _handle_batch(self, batch: dict[TopicPartition, list[Any]]) -> None:
-        assert self._consumer is not None
-        first = {tp: records[0].offset for tp, records in batch.items()}
-        last = {tp: records[-1].offset for tp, records in batch.items()}
+    async def _commit(self, next_offsets: dict[TopicPartition, int]) -> None:
         try:
-            await self.process_records(
-                [(tp, r) for tp, records in batch.items() for r in records]
-            )
-            try:
-                await asyncio.wait_for(
-                    self._consumer.commit({tp: o + 1 for tp, o in last.items()}),
-                    self.settings.kafka.request_timeout_s,
-                )
-            except BaseException:
-                self._restore(self._uncommitted)
-                raise
-            finally:
-                self._uncommitted = {}
-        except (BrokerError, StoreError, KafkaError, TimeoutError) as exc:
-            # Kafka or Redis is in trouble: verdicts may be half produced.
-            # Rewind so the whole batch comes again; downstream tolerates a
-            # duplicate verdict (same feedback id), never a missing one.
-            logger.warning(
-                "feedback batch not committed, retrying in %.1f s: %r",
-                self._backoff.delay_s,
-                exc,
-                extra={"offsets": {tp.partition: o for tp, o in first.items()}},
-            )
-            await rewind(self._consumer, first, self._backoff)
-            return
-        self._backoff.reset()
-        self.batches_done += 1
+            await super()._commit(next_offsets)
+        except BaseException:
+            # Not committed: the batch comes again and is judged from the
+            # state it was first judged from.
+            self._restore(self._uncommitted)
+            raise
+        finally:
+            self._uncommitted = {}
+
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        # Submitter state is saved after every batch; dropping what this
+        # process holds makes the next owner's (or our later) copy the one
+        # read from Redis, never a stale one in memory. Under the batch lock
+        # (the revoke waits for it, unbounded: every step of a batch has its
+        # own timeout): a batch in hand (screening in a thread) finishes first.
+        self.forget_submitters()
 
     # -- one batch ----------------------------------------------------------------
 
@@ -379,9 +275,14 @@ class FeedbackGuard:
         """Judge and produce one batch; raises ``BrokerError`` if the produces
         did not all succeed, ``StoreError`` if Redis could not be read for
         keys that are not cached."""
-        items = [self._decode(tp, r) for tp, r in records]
-        await self._authenticate(items)
-        self._validate(items)
+        assert self._keys is not None and self._consumer is not None
+        assert self._models is not None
+        max_bytes = self.settings.kafka.max_message_bytes
+        items = [feedback_steps.decode(tp, r, max_bytes) for tp, r in records]
+        await feedback_steps.authenticate(
+            items, self._keys, self._consumer, self.settings
+        )
+        feedback_steps.validate(items, self._models, self._guards)
         await self._load_states(items)
         touched = self._submitters(items)
         snapshots = {
@@ -408,161 +309,11 @@ class FeedbackGuard:
         for name, snapshot in snapshots.items():
             self._guards[name].restore(snapshot)
 
-    def _decode(self, tp: TopicPartition, record: Any) -> _Item:
-        """Size, JSON and schema checks; never raises."""
-        value: bytes = record.value or b""
-        signature = None
-        for name, raw in record.headers or ():
-            if name == protocol.SIGNATURE_HEADER and raw is not None:
-                signature = raw.decode("ascii", "replace")
-        item = _Item(
-            tp=tp,
-            offset=record.offset,
-            value=value,
-            record_key=(record.key or b"").decode("utf-8", "replace"),
-            signature=signature,
-        )
-        limit = self.settings.kafka.max_message_bytes
-        if len(value) > limit:
-            item.fail(
-                ValidationError(
-                    f"message of {len(value)} bytes exceeds the limit of {limit}",
-                    code="PAYLOAD_TOO_LARGE",
-                )
-            )
-            return item
-        try:
-            item.record = decode_feedback(value)
-        except msgspec.ValidationError as exc:
-            item.envelope = decode_envelope(value)
-            item.fail(ValidationError(_clip(f"schema: {exc}"), code=schema_code(exc)))
-        except protocol.DECODE_ERRORS as exc:
-            item.fail(ValidationError(_clip(f"not JSON: {exc}"), code="MALFORMED_JSON"))
-        except Exception:
-            # Whatever the codec does with hostile bytes costs this record only.
-            logger.exception(
-                "feedback decoder failed",
-                extra={"partition": tp.partition, "offset": record.offset},
-            )
-            item.fail(ModelgateError("could not decode the message", code="INTERNAL"))
-        if item.record is not None and item.record.v != SCHEMA_VERSION:
-            item.fail(
-                ValidationError(
-                    f"schema version {item.record.v} is not supported "
-                    f"(expected {SCHEMA_VERSION})",
-                    code="UNSUPPORTED_VERSION",
-                )
-            )
-        return item
-
-    async def _authenticate(self, items: list[_Item]) -> None:
-        """The request path's signature, clock and scope check, and the record
-        key must be the key's client id (on its partition)."""
-        assert self._keys is not None and self._consumer is not None
-        live = [i for i in items if i.error is None and i.record is not None]
-        if not live:
-            return
-        found, unavailable = await self._keys.get_many_or_stale(
-            {i.record.key_id for i in live if i.record is not None}
-        )
-        if unavailable:
-            # Without the key there is no verdict; retry the batch later.
-            raise StoreError("redis unreachable and api keys not cached")
-        now_ms = protocol.now_ms()
-        skew_ms = int(self.settings.auth.max_clock_skew_s * 1000)
-        for item in live:
-            record = item.record
-            assert record is not None
-            try:
-                key = authenticate(
-                    found.get(record.key_id),
-                    item.value,
-                    item.signature,
-                    record.ts_ms,
-                    record.model,
-                    now_ms,
-                    skew_ms,
-                )
-                self._check_placement(item, key.client_id)
-            except AuthError as exc:
-                item.fail(exc)
-            else:
-                item.client_id = key.client_id
-
-    def _check_placement(self, item: _Item, client_id: str) -> None:
-        """One submitter's records on one partition, keyed by its client id,
-        so that one guard sees its whole stream (as ``intake.check_placement``
-        for requests)."""
-        assert self._consumer is not None
-        if item.record_key != client_id:
-            raise AuthError(
-                "the record key must be the API key's client id",
-                code="AUTH_WRONG_PARTITION",
-            )
-        partitions = self._consumer.partitions_for_topic(item.tp.topic)
-        if partitions:
-            ids = sorted(partitions)
-            expected = _PARTITIONER(client_id.encode("utf-8"), ids, ids)
-            if expected != item.tp.partition:
-                raise AuthError(
-                    f"a record of this client belongs on partition {expected}",
-                    code="AUTH_WRONG_PARTITION",
-                )
-
-    def _validate(self, items: list[_Item]) -> None:
-        """The row against the model's signature, and the label."""
-        assert self._models is not None
-        for item in items:
-            record = item.record
-            if item.error is not None or record is None:
-                continue
-            model = self._models.get(record.model)
-            if model is None or record.model not in self._guards:
-                item.fail(
-                    ValidationError(
-                        f"model {record.model!r} takes no feedback here",
-                        code="UNKNOWN_MODEL",
-                    )
-                )
-                continue
-            request = protocol.InferRequest(
-                v=protocol.SCHEMA_VERSION,
-                request_id=record.feedback_id,
-                key_id=record.key_id,
-                ts_ms=record.ts_ms,
-                model=record.model,
-                inputs=record.inputs,
-            )
-            try:
-                rows = validate_request(request, model.signature)
-            except ValidationError as exc:
-                item.fail(exc)
-                continue
-            if len(rows) != 1:
-                item.fail(
-                    ValidationError(
-                        f"a feedback record holds one row, got {len(rows)}",
-                        code="SHAPE_MISMATCH",
-                    )
-                )
-                continue
-            classes = model.signature.classes
-            if record.label not in classes:
-                item.fail(
-                    ValidationError(
-                        f"label {record.label} is not a class of {record.model}",
-                        code="UNKNOWN_LABEL",
-                    )
-                )
-                continue
-            item.row = rows[0]
-            item.label_index = classes.index(record.label)
-
-    def _screen(self, items: list[_Item]) -> None:
+    def _screen(self, items: list[FeedbackItem]) -> None:
         """Predict each model's rows in one call, then screen in arrival order
         (blocking; runs in a thread)."""
         assert self._models is not None
-        by_model: dict[str, list[_Item]] = {}
+        by_model: dict[str, list[FeedbackItem]] = {}
         for item in items:
             if item.error is None and item.record is not None and item.row is not None:
                 by_model.setdefault(item.record.model, []).append(item)
@@ -616,8 +367,9 @@ class FeedbackGuard:
                     )
                     item.fail(ModelgateError(str(exc), code="INTERNAL"))
 
-    async def _produce(self, items: list[_Item]) -> None:
-        """Every verdict to its topic; waits for the broker's acknowledgement.
+    async def _produce(self, items: list[FeedbackItem]) -> None:
+        """Every verdict to its topic; waits for the broker's acknowledgement,
+        then counts the verdicts.
 
         Raises
         ------
@@ -630,18 +382,13 @@ class FeedbackGuard:
         now_ms = protocol.now_ms()
         sends = []
         for item in items:
-            verdict = item.verdict
-            if (
-                item.error is None
-                and verdict is not None
-                and (verdict.accepted or shadow)
-            ):
+            if item.verdict is not None and feedback_steps.is_accepted(item, shadow):
                 topic = topics.feedback_accepted
-                key, value = self._accepted(item, verdict, shadow)
+                key, value = feedback_steps.accepted_message(item, item.verdict, shadow)
             else:
                 topic = topics.feedback_rejected
-                key, value = self._rejected(item, now_ms)
-                self._log_rejection(item)
+                key, value = feedback_steps.rejected_message(item, now_ms)
+                feedback_steps.log_rejection(item)
             sends.append(self._producer.send(topic, value=value, key=key))
         timeout_s = self.settings.kafka.request_timeout_s
         try:
@@ -649,96 +396,25 @@ class FeedbackGuard:
             await asyncio.wait_for(asyncio.gather(*futures), timeout_s)
         except (KafkaError, TimeoutError) as exc:
             raise BrokerError(f"producing feedback verdicts failed: {exc!r}") from exc
+        self._count(items, shadow)
 
-    def _accepted(
-        self, item: _Item, verdict: Verdict, shadow: bool
-    ) -> tuple[bytes | None, bytes]:
-        record = item.record
-        assert record is not None and item.client_id is not None
-        refused = not verdict.accepted
-        message = AcceptedFeedback(
-            v=SCHEMA_VERSION,
-            feedback_id=record.feedback_id,
-            client_id=item.client_id,
-            key_id=record.key_id,
-            model=record.model,
-            label=record.label,
-            inputs=record.inputs,
-            ts_ms=record.ts_ms,
-            partition=item.tp.partition,
-            offset=item.offset,
-            scores=verdict.scores,
-            shadow=shadow,
-            would_reject=verdict.code if refused else None,
-            detector=verdict.detector if refused else None,
-            evidence=verdict.evidence if refused else None,
-        )
-        return item.client_id.encode("utf-8"), encode(message)
-
-    def _rejected(self, item: _Item, now_ms: int) -> tuple[bytes | None, bytes]:
-        record, verdict, error = item.record, item.verdict, item.error
-        if error is not None:
-            # Clipped: validation messages quote the record (a shape of
-            # 400,000 dimensions fits a 1 MiB message and made a 1.2 MB
-            # rejection, which the producer refused on every retry).
-            code, message, retriable = error.code, _clip(error.message), error.retriable
-            detector = evidence = None
-            scores: dict[str, float] = {}
-        else:
-            assert verdict is not None and verdict.code is not None
-            code, retriable = verdict.code, False
-            message = f"refused by the poisoning guard ({verdict.detector})"
-            detector, evidence, scores = (
-                verdict.detector,
-                verdict.evidence,
-                verdict.scores,
+    def _count(self, items: list[FeedbackItem], shadow: bool) -> None:
+        """Verdicts produced, as the guard's metrics count them: a batch
+        produced again after a failed commit is counted again, as its
+        verdicts appear again downstream."""
+        m = self.metrics
+        for item in items:
+            model, verdict_label, code, detector = feedback_steps.verdict_labels(
+                item, shadow, self._guards
             )
-        authenticated = item.client_id is not None
-        rejected = RejectedFeedback(
-            v=SCHEMA_VERSION,
-            code=code,
-            message=message,
-            topic=item.tp.topic,
-            partition=item.tp.partition,
-            offset=item.offset,
-            ts_ms=now_ms,
-            retriable=retriable,
-            feedback_id=record.feedback_id
-            if record
-            else (item.envelope.feedback_id if item.envelope else None),
-            # Only a proven identity is named; a record that failed
-            # authentication names the key id it claimed, nothing more.
-            client_id=item.client_id,
-            key_id=record.key_id
-            if record
-            else (item.envelope.key_id if item.envelope else None),
-            model=record.model if record and authenticated else None,
-            label=record.label if record and authenticated else None,
-            detector=detector,
-            evidence=evidence,
-            scores=scores,
-            **kept_value(item.value),
-        )
-        key = item.client_id.encode("utf-8") if item.client_id else None
-        return key, encode(rejected)
-
-    def _log_rejection(self, item: _Item) -> None:
-        code = (
-            item.error.code
-            if item.error
-            else (item.verdict.code if item.verdict else None)
-        )
-        logger.info(
-            "feedback rejected",
-            extra={
-                "client": item.client_id,
-                "request": item.record.feedback_id if item.record else None,
-                "code": code,
-                "detector": item.verdict.detector if item.verdict else None,
-                "partition": item.tp.partition,
-                "offset": item.offset,
-            },
-        )
+            m.records.labels(model, verdict_label, code, detector).inc()
+            verdict = item.verdict
+            if item.error is None and verdict is not None:
+                m.screened.labels(model).inc()
+                if shadow and not verdict.accepted:
+                    m.would_reject.labels(
+                        model, verdict.code or "", verdict.detector or ""
+                    ).inc()
 
     # -- submitter state in Redis ----------------------------------------------------
 
@@ -746,7 +422,7 @@ class FeedbackGuard:
         # The client id is the hash tag, as for every per-client key.
         return f"{self.settings.redis.key_prefix}:fbguard:{model}:{{{client_id}}}"
 
-    def _submitters(self, items: list[_Item]) -> set[tuple[str, str]]:
+    def _submitters(self, items: list[FeedbackItem]) -> set[tuple[str, str]]:
         return {
             (i.record.model, i.client_id)
             for i in items
@@ -756,7 +432,7 @@ class FeedbackGuard:
             and i.record.model in self._guards
         }
 
-    async def _load_states(self, items: list[_Item]) -> None:
+    async def _load_states(self, items: list[FeedbackItem]) -> None:
         """Read the state of submitters this process does not hold yet."""
         assert self._redis is not None
         wanted = [
@@ -801,7 +477,7 @@ class FeedbackGuard:
                     extra={"client": client, "detector": "poisoning"},
                 )
 
-    async def _save_states(self, items: list[_Item]) -> None:
+    async def _save_states(self, items: list[FeedbackItem]) -> None:
         """Write the state of every submitter this batch touched."""
         assert self._redis is not None
         touched = sorted(self._submitters(items))
@@ -816,10 +492,3 @@ class FeedbackGuard:
                 if blob is not None:
                     pipe.set(self._state_key(model, client), blob, ex=ttl_s)
             await pipe.execute()
-
-
-def _clip(message: str) -> str:
-    """Codec messages quote the input; keep rejected records small."""
-    if len(message) <= _MAX_MESSAGE_CHARS:
-        return message
-    return message[: _MAX_MESSAGE_CHARS - 1] + "…"

@@ -24,14 +24,13 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client import start_http_server as _start_http_server
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import ConfigError
-from gateway.metrics import breaker_families
+from gateway.metrics import breaker_families, start_metrics_server, stop_metrics_server
 from gateway.redis_breaker import breaker_for
 from gateway.store import RedisClient
 
@@ -122,31 +121,15 @@ class HttpMetrics:
                 f"({self.setting}.port); give the metrics a port of their own, "
                 "or 0 for none"
             )
-        try:
-            self._server, _ = _start_http_server(
-                port, addr=host, registry=self.registry
-            )
-        except OSError as exc:
-            raise ConfigError(
-                f"{self.setting}.metrics_port {port} on {host} is not free "
-                f"({exc.strerror}); give each {self.setting} process on a host its "
-                "own port, or 0 for none"
-            ) from exc
-        bound = int(self._server.server_port)
-        logger.info(
-            "metrics endpoint up on http://%s:%d/metrics",
-            host,
-            bound,
-            extra={"host": host, "port": bound, "app": self.setting},
+        self._server = start_metrics_server(
+            self.registry, host, port, self.setting, f"{self.setting} process"
         )
-        return bound
+        return int(self._server.server_port)
 
     def close(self) -> None:
         """Stop serving /metrics. Idempotent."""
         server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+        stop_metrics_server(server)
 
 
 class HttpMetricsMiddleware:

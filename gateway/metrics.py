@@ -1,7 +1,11 @@
-"""Prometheus metrics of one worker, on a registry of its own.
+"""Prometheus metrics of the consumer-group services, each on a registry of
+its own: :class:`WorkerMetrics` (the worker) and :class:`GuardMetrics` (the
+poisoning guard), both built on :class:`GroupMetrics`, which holds what
+the shared consume loop (gateway/group_service.py) moves, the /metrics
+listener and the Redis breaker's collector.
 
-A registry per worker (not the process-global default) lets tests run several
-workers in one process without metric name clashes.
+A registry per process object (not the process-global default) lets tests
+run several workers and guards in one process without metric name clashes.
 """
 
 from __future__ import annotations
@@ -28,12 +32,120 @@ _STAGE_BUCKETS_S = (
 _SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
-class WorkerMetrics:
+def start_metrics_server(
+    registry: CollectorRegistry, host: str, port: int, setting: str, owner: str
+) -> WSGIServer:
+    """Serve ``registry`` as /metrics on ``host:port`` (not 0) in a daemon
+    thread; the one place every process's listener starts and logs its
+    address. ``setting`` is the settings section of the port, ``owner``
+    what each needs one of ("worker", "frontdoor process").
+
+    Raises
+    ------
+    ConfigError
+        The port is taken (or the host cannot be bound).
+    """
+    try:
+        server, _ = _start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(
+            f"{setting}.metrics_port {port} on {host} is not free "
+            f"({exc.strerror}); give each {owner} on a host its own port, "
+            "or 0 for none"
+        ) from exc
+    bound = int(server.server_port)
+    logger.info(
+        "metrics endpoint up on http://%s:%d/metrics",
+        host,
+        bound,
+        extra={"host": host, "port": bound, "app": setting},
+    )
+    return server
+
+
+def stop_metrics_server(server: WSGIServer | None) -> None:
+    """Stop a listener :func:`start_metrics_server` started (None: none)."""
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+
+
+class GroupMetrics:
+    """What every consumer-group service exports: its consume loop's lag,
+    batch time and rewinds, and its Redis client's breaker.
+
+    Parameters
+    ----------
+    setting
+        The settings section whose ``metrics_port`` is served (``worker``,
+        ``feedback``), named when that port is taken.
+    whose
+        The owner of the Redis client, in the breaker's help text.
+    """
+
+    def __init__(self, setting: str, whose: str) -> None:
+        self._setting = setting
+        self._whose = whose
+        self._server: WSGIServer | None = None
+        self.registry = CollectorRegistry()
+        self.consumer_lag = Gauge(
+            "modelgate_consumer_lag",
+            "Records behind the partition's high watermark after the last batch.",
+            ["topic", "partition"],
+            registry=self.registry,
+        )
+        self.batch_seconds = Histogram(
+            "modelgate_batch_seconds",
+            "Wall time of one consumed batch, from the fetch to the commit "
+            "(or to the failure that rewound it; the back-off excluded).",
+            buckets=_STAGE_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.batch_rewinds = Counter(
+            "modelgate_batch_rewinds",
+            "Batches not committed and rewound for another try, by cause "
+            "(kafka, redis, timeout).",
+            ["cause"],
+            registry=self.registry,
+        )
+        self._redis_breaker: RedisBreakerCollector | None = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Expose /metrics on ``host:port`` in a daemon thread and return the
+        bound port (port 0 means none: metrics stay in-process only).
+
+        Raises
+        ------
+        ConfigError
+            The port is taken (or the host cannot be bound).
+        """
+        if port == 0:
+            return 0
+        self._server = start_metrics_server(
+            self.registry, host, port, self._setting, self._whose
+        )
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        """Stop serving /metrics. Idempotent."""
+        server, self._server = self._server, None
+        stop_metrics_server(server)
+
+    def watch_redis_breaker(self, breaker: RedisBreaker) -> None:
+        """Export the state and counters of the service's Redis circuit
+        breaker (``modelgate_redis_*``, read at each scrape). A later call
+        replaces the breaker watched (a restarted service has a new client)."""
+        if self._redis_breaker is not None:
+            self.registry.unregister(self._redis_breaker)
+        self._redis_breaker = RedisBreakerCollector(breaker, f"the {self._whose}'s")
+        self.registry.register(self._redis_breaker)
+
+
+class WorkerMetrics(GroupMetrics):
     """Counters, histograms and gauges a worker exports."""
 
     def __init__(self) -> None:
-        self._server: WSGIServer | None = None
-        self.registry = CollectorRegistry()
+        super().__init__("worker", "worker")
         self.requests = Counter(
             "modelgate_requests",
             "Requests handled, by model, decision and error code ('' when none).",
@@ -76,12 +188,6 @@ class WorkerMetrics:
             "modelgate_produce_failures",
             "Records the broker refused for good (retriable failures retry the batch).",
             ["error"],
-            registry=self.registry,
-        )
-        self.consumer_lag = Gauge(
-            "modelgate_consumer_lag",
-            "Records behind the partition's high watermark after the last batch.",
-            ["topic", "partition"],
             registry=self.registry,
         )
         self.clients = Gauge(
@@ -167,41 +273,40 @@ class WorkerMetrics:
             ["detector"],
             registry=self.registry,
         )
-        self._redis_breaker: RedisBreakerCollector | None = None
 
-    def serve(self, host: str, port: int) -> int:
-        """Expose /metrics on ``host:port`` in a daemon thread and return the
-        bound port (port 0 means none: metrics stay in-process only)."""
-        if port == 0:
-            return 0
-        try:
-            self._server, _ = _start_http_server(
-                port, addr=host, registry=self.registry
-            )
-        except OSError as exc:
-            raise ConfigError(
-                f"worker.metrics_port {port} on {host} is not free ({exc.strerror});"
-                " give each worker on a host its own port, or 0 for none"
-            ) from exc
-        bound = int(self._server.server_port)
-        logger.info("metrics endpoint up", extra={"host": host, "port": bound})
-        return bound
 
-    def close(self) -> None:
-        """Stop serving /metrics. Idempotent."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+class GuardMetrics(GroupMetrics):
+    """Counters the poisoning guard exports (gateway/feedback.py).
 
-    def watch_redis_breaker(self, breaker: RedisBreaker) -> None:
-        """Export the state and counters of the worker's Redis circuit breaker
-        (``modelgate_redis_*``, read at each scrape). A later call replaces
-        the breaker watched (a restarted worker has a new client)."""
-        if self._redis_breaker is not None:
-            self.registry.unregister(self._redis_breaker)
-        self._redis_breaker = RedisBreakerCollector(breaker)
-        self.registry.register(self._redis_breaker)
+    Every label value comes from a bounded set: ``model`` is one of the
+    models the guard screens, or ``""`` for a record that named none of
+    them or was not authenticated; ``code`` one of
+    ``gateway.feedback_wire.FEEDBACK_CODES`` or ``""``; ``detector`` one of
+    the guard's four checks or ``""``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("feedback", "guard")
+        self.records = Counter(
+            "modelgate_feedback_records",
+            "Verdicts produced, by model, verdict (accepted, rejected), code "
+            "('' when accepted) and the check that refused ('' when none).",
+            ["model", "verdict", "code", "detector"],
+            registry=self.registry,
+        )
+        self.screened = Counter(
+            "modelgate_feedback_screened",
+            "Valid records the poisoning checks judged, by model.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.would_reject = Counter(
+            "modelgate_feedback_would_reject",
+            "Records accepted in shadow mode that the checks would have "
+            "refused, by model, code and check.",
+            ["model", "code", "detector"],
+            registry=self.registry,
+        )
 
 
 def breaker_families(
@@ -244,13 +349,15 @@ def breaker_families(
 
 class RedisBreakerCollector(Collector):
     """The Redis circuit breaker's gauge and counters, read from the breaker at
-    each scrape (it keeps its own counts, so the guard needs no metrics)."""
+    each scrape (it keeps its own counts, so the breaker needs no metrics);
+    ``whose`` names the client in the state's help ("the worker's")."""
 
-    def __init__(self, breaker: RedisBreaker) -> None:
+    def __init__(self, breaker: RedisBreaker, whose: str) -> None:
         self._breaker = breaker
+        self._whose = whose
 
     def collect(self) -> Iterator[Metric]:
-        return breaker_families([([], self._breaker)], [], "the worker's")
+        return breaker_families([([], self._breaker)], [], self._whose)
 
     def describe(self) -> Iterator[Metric]:
         # Names for the registry's clash check; values are not read.

@@ -8,8 +8,9 @@ and only then commit the batch's offsets. A crash anywhere before the commit
 means the batch is delivered again (at-least-once); the admission script tells
 a redelivery from a replay by the record's partition and offset.
 
-This module owns the worker's life (start, the consume loop, the commit,
-rebalances, stop) and the order of a batch's steps; the steps live beside it:
+This module owns the worker's life (start, stop, what a commit and a revoke
+do) and the order of a batch's steps; the consume loop it shares with the
+poisoning guard is gateway/group_service.py, and the steps live beside it:
 
 - gateway/intake.py: decode, authenticate, validate, admit;
 - gateway/scoring.py and gateway/groups.py: detectors, policy, the model;
@@ -29,9 +30,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import KafkaError
+from aiokafka import TopicPartition
 
 from detectors.warm import ensure_warm
 from gateway import enforce, intake
@@ -42,12 +41,8 @@ from gateway.batch import BatchItem
 from gateway.clientview import ClientView
 from gateway.config import LimitsConfig, Settings
 from gateway.errors import BrokerError, ModelgateError, StoreError
-from gateway.group_clients import (
-    Backoff,
-    group_clients,
-    rewind,
-    start_group_clients,
-)
+from gateway.group_clients import close_clients, group_clients, start_group_clients
+from gateway.group_service import GroupService
 from gateway.groups import CrossClient
 from gateway.handover import ClientStates
 from gateway.held import HeldAnswers
@@ -67,22 +62,7 @@ from gateway.topics import ensure_topics
 logger = logging.getLogger(__name__)
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # untyped base
-    def __init__(self, worker: Worker) -> None:
-        self._worker = worker
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._worker._on_revoked(revoked)
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._worker.assigned.set()
-        logger.info(
-            "partitions assigned",
-            extra={"partitions": sorted(tp.partition for tp in assigned)},
-        )
-
-
-class Worker:
+class Worker(GroupService):
     """A gateway worker: one member of the ``kafka.group_id`` consumer group.
 
     Use as ``async with Worker(settings) as w: await w.run(stop_event)``.
@@ -93,14 +73,12 @@ class Worker:
     def __init__(
         self, settings: Settings, *, models: dict[str, ModelBackend] | None = None
     ) -> None:
-        self.settings = settings
         self.metrics = WorkerMetrics()
+        super().__init__(settings, self.metrics, "worker")
         self._models = models
         # Backends this worker opened (not ones passed in) are closed by stop().
         self._owns_models = models is None
         self._scorer: Scorer | None = None
-        self._consumer: AIOKafkaConsumer | None = None
-        self._producer: AIOKafkaProducer | None = None
         self._redis: RedisClient | None = None
         self._keys: KeyStore | None = None
         self._store: CounterStore | None = None
@@ -118,15 +96,8 @@ class Worker:
         self._cross: CrossClient | None = None
         # Detectors' live baselines in Redis (gateway/baselines.py).
         self._baselines: BaselineKeeper | None = None
-        # Held while a batch is in flight, so a revoke waits for it to commit.
-        self._batch_lock = asyncio.Lock()
         self._started = False
-        self.batches_done = 0
         self.metrics_port = 0
-        self._backoff = Backoff()
-        # Set once the group has given this worker its first assignment (which
-        # may be empty when there are more workers than partitions).
-        self.assigned = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -206,7 +177,7 @@ class Worker:
                 self._producer,
                 self._consumer,
                 s.kafka.topics.requests,
-                _Rebalance(self),
+                self.rebalance_listener(),
             )
         except BrokerError:
             await self.stop()
@@ -261,15 +232,11 @@ class Worker:
                 # starts from their history instead of from nothing.
                 if self._clients is not None:
                     await self._clients.snapshot(self._clients.held())
-                await asyncio.wait_for(consumer.stop(), timeout_s)
         finally:
             try:
-                if producer is not None:
-                    await asyncio.wait_for(producer.stop(), timeout_s)
+                await close_clients(consumer, producer, redis_client, timeout_s)
             finally:
                 self.metrics.close()
-                if redis_client is not None:
-                    await redis_client.aclose()
                 if self._owns_models and self._models is not None:
                     models, self._models = self._models, None
                     close_backends(models)
@@ -279,74 +246,21 @@ class Worker:
             )
         self._started = False
 
-    async def run(self, stop_event: asyncio.Event) -> None:
-        """Consume until ``stop_event`` is set; each batch is committed before
-        the next is fetched."""
-        assert self._consumer is not None, "start() first"
-        kafka = self.settings.kafka
-        while not stop_event.is_set():
-            if self._live is not None:
-                # Between batches: no batch runs on two configuration versions.
-                await self._live.apply_pending()
-            try:
-                batch = await self._consumer.getmany(
-                    timeout_ms=kafka.poll_timeout_ms,
-                    max_records=kafka.max_batch_records,
-                )
-            except KafkaError as exc:
-                # The consumer reconnects by itself; a fetch error must not end
-                # the worker (a restart would only meet it again).
-                logger.warning("fetch failed, retrying: %r", exc)
-                await self._backoff.wait()
-                continue
-            if not batch:
-                continue
-            async with self._batch_lock:
-                # A revoke may have run between the fetch and the lock: those
-                # records now belong to another worker, which will serve them.
-                owned = self._consumer.assignment()
-                batch = {tp: rs for tp, rs in batch.items() if tp in owned}
-                if batch:
-                    await self._handle_batch(batch)
-
     # -- one batch ---------------------------------------------------------------
 
-    async def _handle_batch(self, batch: dict[TopicPartition, list[Any]]) -> None:
-        assert self._consumer is not None
-        first_offsets = {tp: records[0].offset for tp, records in batch.items()}
-        last_offsets = {tp: records[-1].offset for tp, records in batch.items()}
-        for tp, offset in last_offsets.items():
-            # Lag as of this fetch: records on the broker behind this batch.
-            highwater = self._consumer.highwater(tp)
-            if highwater is not None:
-                self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
-                    max(highwater - offset - 1, 0)
-                )
-        try:
-            await self.process_records(
-                [(tp, r) for tp, records in batch.items() for r in records]
-            )
-            next_offsets = {tp: off + 1 for tp, off in last_offsets.items()}
-            await asyncio.wait_for(
-                self._consumer.commit(self._held.committable(next_offsets)),
-                self.settings.kafka.request_timeout_s,
-            )
-            self._held.answered(next_offsets)
-        except (BrokerError, StoreError, KafkaError, TimeoutError) as exc:
-            # Kafka or Redis is in trouble. Answers may be half produced; rewind
-            # so the whole batch comes again: clients tolerate a duplicate
-            # answer (admission recognises the same record as a redelivery),
-            # never a missing one.
-            logger.warning(
-                "batch not committed, retrying in %.1f s: %r",
-                self._backoff.delay_s,
-                exc,
-                extra={"offsets": {tp.partition: o for tp, o in first_offsets.items()}},
-            )
-            await rewind(self._consumer, first_offsets, self._backoff)
-            return
-        self._backoff.reset()
-        self.batches_done += 1
+    @property
+    def max_batch_records(self) -> int:
+        return self.settings.kafka.max_batch_records
+
+    async def _before_fetch(self) -> None:
+        if self._live is not None:
+            # Between batches: no batch runs on two configuration versions.
+            await self._live.apply_pending()
+
+    async def _commit(self, next_offsets: dict[TopicPartition, int]) -> None:
+        # A partition whose answers policy holds back commits only up to them.
+        await super()._commit(self._held.committable(next_offsets))
+        self._held.answered(next_offsets)
 
     async def process_records(
         self, records: Sequence[tuple[TopicPartition, Any]]
@@ -446,39 +360,28 @@ class Worker:
 
     # -- client state across rebalances -----------------------------------------
 
+    def _revoke_wait_s(self) -> float:
+        # Bounded: a batch stuck (most likely on a commit that cannot finish
+        # during the rebalance) must not stall the group; its detector state
+        # is in use by the executor, so it is neither snapshotted nor
+        # forgotten (GroupService._on_revoke_timed_out).
+        return self.settings.kafka.request_timeout_s
+
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        # Wait for the batch in flight to commit, then hand the clients of the
-        # revoked partitions over through Redis.
-        try:
-            await asyncio.wait_for(
-                self._batch_lock.acquire(), self.settings.kafka.request_timeout_s
-            )
-        except TimeoutError:
-            # The batch is stuck (most likely on a commit that cannot finish
-            # during the rebalance). Its records go to the new owner again; the
-            # detector state is in use by the executor, so it is neither
-            # snapshotted nor forgotten, and the new owner starts those clients
-            # afresh rather than stall the group.
-            logger.warning(
-                "revoke did not wait for the batch in flight",
-                extra={"partitions": sorted(tp.partition for tp in revoked)},
-            )
-            return
-        try:
-            if self._consumer is not None:
-                await self._held.drain(self._consumer, revoked)
-            leaving: list[str] = []
-            if self._clients is not None:
-                leaving = await self._clients.hand_over(revoked)
-            logger.info(
-                "partitions revoked",
-                extra={
-                    "partitions": sorted(tp.partition for tp in revoked),
-                    "clients": len(leaving),
-                },
-            )
-        finally:
-            self._batch_lock.release()
+        # The batch in flight has committed: hand the clients of the revoked
+        # partitions over through Redis.
+        if self._consumer is not None:
+            await self._held.drain(self._consumer, revoked)
+        leaving: list[str] = []
+        if self._clients is not None:
+            leaving = await self._clients.hand_over(revoked)
+        logger.info(
+            "partitions revoked",
+            extra={
+                "partitions": sorted(tp.partition for tp in revoked),
+                "clients": len(leaving),
+            },
+        )
 
 
 class _StageTimer:

@@ -15,8 +15,9 @@ import pytest
 from aiokafka import TopicPartition
 
 from gateway.config import Settings
-from gateway.feedback import FeedbackGuard, _Item, build_guard, guard_params
+from gateway.feedback import FeedbackGuard, build_guard, guard_params
 from gateway.feedback_data import calibration_rows
+from gateway.feedback_steps import FeedbackItem, decode, rejected_message, validate
 from gateway.feedback_wire import FEEDBACK_CODES, build_feedback, decode_feedback
 from gateway.models import ServedModel, load_model
 from gateway.zoo import ensure_model
@@ -56,7 +57,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> tuple[FeedbackGuard, An
     return guard, model
 
 
-def _items(n: int) -> list[_Item]:
+def _items(n: int) -> list[FeedbackItem]:
     _, (x, y) = calibration_rows("digits")
     items = []
     for i in range(n):
@@ -68,7 +69,7 @@ def _items(n: int) -> list[_Item]:
             row=x[i],
             label=int(y[i]),
         )
-        item = _Item(TopicPartition("t", 0), i, value, "c", None, record=record)
+        item = FeedbackItem(TopicPartition("t", 0), i, value, "c", None, record=record)
         item.client_id = "c"
         item.row = x[i].astype(np.float32)
         item.label_index = int(y[i])
@@ -149,13 +150,15 @@ _HOSTILE = [
 def test_hostile_values_become_one_coded_rejection(
     service: tuple[FeedbackGuard, Any], value: bytes, code: str
 ) -> None:
-    guard, _ = service
+    guard, model = service
 
     record = SimpleNamespace(key=b"c", headers=[], offset=0, value=value)
-    item = guard._decode(TopicPartition("t", 0), record)
+    item = decode(
+        TopicPartition("t", 0), record, guard.settings.kafka.max_message_bytes
+    )
     if item.error is None:
         item.client_id = "c"
-        guard._validate([item])
+        validate([item], {"digits": model}, guard._guards)
     assert item.error is not None and item.error.code == code, item.error
     assert code in FEEDBACK_CODES
 
@@ -167,15 +170,15 @@ def test_a_rejection_stays_small_whatever_the_record_quotes(
     # quoted whole in the SHAPE_MISMATCH message: a rejected record of
     # 1.2 MB, over the producer's 1 MiB request limit, so the produce failed
     # and the batch was retried forever.
-    guard, _ = service
+    guard, model = service
     value = _value(tensor={"shape": [0] * 400_000})
     assert len(value) < 1_048_576
-    item = _Item(
+    item = FeedbackItem(
         TopicPartition("t", 0), 0, value, "c", None, record=decode_feedback(value)
     )
     item.client_id = "c"
-    guard._validate([item])
+    validate([item], {"digits": model}, guard._guards)
     assert item.error is not None and item.error.code == "SHAPE_MISMATCH"
-    _, rejected = guard._rejected(item, 0)
+    _, rejected = rejected_message(item, 0)
     # The kept value (its first 64 KiB, base64) and a clipped message.
     assert len(rejected) < 100_000, len(rejected)

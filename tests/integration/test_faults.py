@@ -208,7 +208,7 @@ async def test_a_batch_failed_on_redis_is_rewound_and_answered_once_it_returns(
         redis={"socket_timeout_s": 0.5},
     )
     ann = await create_key(settings, "ann")
-    caplog.set_level(logging.WARNING, logger="gateway.worker")
+    caplog.set_level(logging.WARNING, logger="gateway.group_service")
     try:
         async with RawKafka(settings) as kafka, running_worker(settings):
             first = await kafka.send_request(*ann, X_TEST[0:1], client_id="ann")
