@@ -59,7 +59,13 @@ async def test_a_sessions_isolated_runs_leave_no_topics_or_keys(
     try:
         for key in [*mine_keys, other_key]:
             await redis.set(key, b"1", ex=300)
-        assert set(run_topics(mine)) <= set(await list_topics(mine))
+        # Created topics reach the broker's metadata cache a moment after the
+        # create call returns (KRaft); wait for them to be listed, as below for
+        # their deletion.
+        deadline = asyncio.get_running_loop().time() + 30.0
+        while not set(run_topics(mine)) <= set(await list_topics(mine)):
+            assert asyncio.get_running_loop().time() < deadline, "topics not listed"
+            await asyncio.sleep(0.2)
 
         asked, unlinked = await helpers.drop_runs([mine])
 
