@@ -85,6 +85,9 @@ hex characters, quotes and a comma)."""
 # that two of a window's ids (2,000 at most) collide with odds below 1e-8.
 _ID_DIGEST_BYTES = 6
 
+DIGEST_CHARS = 2 * _ID_DIGEST_BYTES
+"""Characters of a record's digest (:func:`record_digest`)."""
+
 CODES: dict[str, str] = {
     "POISON_TRIGGER": "the record's features lie where the reference data "
     "almost never does (a trigger pattern)",
@@ -221,6 +224,9 @@ class Verdict:
     evidence: str
     scores: dict[str, float]
     disagreement: bool
+    learned: bool = False
+    """The record entered its class window (accepted, ``learn`` on, and not a
+    repeat): a shared copy of the windows must add it."""
 
 
 @dataclass
@@ -540,10 +546,11 @@ class PoisoningGuard:
             )
 
         if verdict is None:
-            if learn and not repeat:
+            learned = learn and not repeat
+            if learned:
                 self._learn(scaled, label, record_id, submitter)
             evidence = "accepted (a repeat, counted once)" if repeat else "accepted"
-            return Verdict(True, None, None, evidence, scores, disagreement)
+            return Verdict(True, None, None, evidence, scores, disagreement, learned)
         code, detector, evidence = verdict
         return Verdict(False, code, detector, evidence, scores, disagreement)
 
@@ -552,6 +559,53 @@ class PoisoningGuard:
         window.rows.append(scaled)
         window.ids.append(record_id)
         window.submitters.append(who)
+
+    def set_window(
+        self,
+        label: int,
+        rows: FloatArray,
+        ids: Sequence[str],
+        submitters: Sequence[str],
+    ) -> None:
+        """Replace class ``label``'s window of accepted records (the last
+        ``spectral_window`` of ``rows`` are kept; the clean calibration rows
+        stay as they are).
+
+        For a window kept outside the process (``gateway.feedback_windows``):
+        ``rows`` are raw (n, d) features as :meth:`screen` took them, oldest
+        first, with each record's id and submitter.
+
+        Raises
+        ------
+        ValueError
+            ``label`` is not a class, ``rows`` are not (n, d) finite values, or
+            the ids or submitters do not number n.
+        """
+        if not 0 <= label < self.n_classes:
+            raise ValueError(f"label must be a class index below {self.n_classes}")
+        x = np.asarray(rows, dtype=np.float64)
+        if x.size == 0:
+            x = x.reshape(0, self.n_features)
+        if x.ndim != 2 or x.shape[1] != self.n_features or not np.isfinite(x).all():
+            raise ValueError(f"rows must be (n, {self.n_features}) finite features")
+        if len(ids) != len(x) or len(submitters) != len(x):
+            raise ValueError("one id and one submitter per row")
+        keep = self.params.spectral_window
+        scaled = self._scale(x[-keep:]) if len(x) else x
+        old = self._classes[label]
+        self._classes[label] = _ClassWindow(
+            deque(list(scaled), maxlen=keep),
+            deque(list(ids)[-keep:] if len(x) else [], maxlen=keep),
+            deque(list(submitters)[-keep:] if len(x) else [], maxlen=keep),
+            # Still a good start for the power iteration: a window moves
+            # little between two batches.
+            old.direction,
+        )
+
+    def window_size(self, label: int) -> int:
+        """Accepted records in class ``label``'s window (calibration rows not
+        counted)."""
+        return len(self._classes[label].rows)
 
     def _spectral(self, scaled: FloatArray, label: int) -> tuple[float, list[int]]:
         """The record's spectral score against its class window, and the
@@ -753,6 +807,12 @@ class PoisoningGuard:
             deque(state.ids, maxlen=w),
         )
         self._submitters.move_to_end(submitter)
+
+
+def record_digest(record_id: str, label: int, row: FloatArray) -> str:
+    """The 12-hex digest by which a record is recognised as a repeat (its id,
+    label index and raw row); the same for the same record in every process."""
+    return _digest(record_id, label, np.asarray(row, dtype=np.float64).reshape(-1))
 
 
 def _digest(record_id: str, label: int, row: FloatArray) -> str:

@@ -18,11 +18,10 @@ rejected record with its code; it never stops the partition.
 Each submitter's recent verdicts are saved to Redis after every batch
 (``{prefix}:fbguard:{model}:{<client>}``) and loaded when a guard first sees
 the submitter, so a restart or a rebalance does not hand a flipper a clean
-slate. The spectral test's class windows live in each guard process only
-(judged with the clean calibration rows, which never leave): a restart forgets the
-accepted records they held. TODO: save the class windows with the submitter
-state when several guards must share one cluster view; until then a
-cluster is judged within one process's partitions.
+slate. The spectral test's class windows of accepted records are shared in
+Redis by every guard of the deployment (``gateway.feedback_windows``): read
+before each batch is screened, written with the submitters' state; the clean
+calibration rows that anchor them stay in each process.
 
 Shadow mode (``feedback.shadow``) screens every record but accepts every
 valid one, marking those it would refuse (``would_reject``).
@@ -68,6 +67,7 @@ from gateway.errors import (
     ValidationError,
 )
 from gateway.feedback_data import calibration_rows
+from gateway.feedback_windows import SharedWindows, WindowRecord
 from gateway.feedback_wire import (
     SCHEMA_VERSION,
     AcceptedFeedback,
@@ -216,6 +216,7 @@ class FeedbackGuard:
         self._producer: AIOKafkaProducer | None = None
         self._redis: RedisClient | None = None
         self._keys: KeyStore | None = None
+        self._windows: SharedWindows | None = None
         self._backoff = Backoff()
         self._uncommitted: dict[str, GuardSnapshot] = {}
         self.assigned = asyncio.Event()
@@ -270,6 +271,12 @@ class FeedbackGuard:
             )
         self._redis = redis_from_settings(s)
         self._keys = KeyStore(self._redis, s)
+        self._windows = SharedWindows(
+            self._redis,
+            s,
+            self._guards,
+            {name: models[name].signature.classes for name in names},
+        )
         self._producer, self._consumer = group_clients(s, s.feedback.group_id)
         try:
             await start_group_clients(
@@ -383,6 +390,10 @@ class FeedbackGuard:
         await self._authenticate(items)
         self._validate(items)
         await self._load_states(items)
+        # The rows the guard will screen: their class windows come from Redis.
+        screened = self._screened(items)
+        assert self._windows is not None
+        await self._windows.load([record for _, record in screened])
         touched = self._submitters(items)
         snapshots = {
             name: guard.snapshot(c for m, c in touched if m == name)
@@ -393,6 +404,7 @@ class FeedbackGuard:
             # State first: while Redis is down nothing is produced, so a
             # Redis outage adds no duplicate verdicts downstream.
             await self._save_states(items)
+            await self._windows.save([(w, i.verdict) for i, w in screened])
             await self._produce(items)
         except BaseException:
             # Not committed: the batch will be judged again, from the state
@@ -403,6 +415,17 @@ class FeedbackGuard:
         # Kept until the commit: a failed commit restores them too.
         self._uncommitted = snapshots
         self.records_done += len(items)
+
+    def _screened(self, items: list[_Item]) -> list[tuple[_Item, WindowRecord]]:
+        return [
+            (i, WindowRecord(m, i.label_index, i.record.feedback_id, c, i.row))
+            for i in items
+            if i.error is None
+            and i.record is not None
+            and i.row is not None
+            and (c := i.client_id) is not None
+            and (m := i.record.model) in self._guards
+        ]
 
     def _restore(self, snapshots: dict[str, GuardSnapshot]) -> None:
         for name, snapshot in snapshots.items():
