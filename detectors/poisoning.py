@@ -390,6 +390,9 @@ class PoisoningGuard:
             )
             for _ in range(n_classes)
         ]
+        # Rows of records being judged again that a shared window already
+        # holds, by digest (set_held_back): class, scaled row, id, submitter.
+        self._held_back: dict[str, tuple[int, FloatArray, str, str]] = {}
         # Per class, the scaled clean calibration rows (set by fit): always
         # part of the spectral test's matrix, which no submitter can evict.
         self._anchors: list[FloatArray] = [
@@ -547,7 +550,14 @@ class PoisoningGuard:
 
         if verdict is None:
             learned = learn and not repeat
+            held = self._held_back.pop(digest, None) if digest else None
             if learned:
+                self._learn(scaled, label, record_id, submitter)
+            elif learn and held is not None and held[0] == label:
+                # A repeat whose row a shared window holds but left out while
+                # the record is judged again: back in, as on its first
+                # judgement, so the records after it are judged alike. Not
+                # ``learned``: the shared window has it already.
                 self._learn(scaled, label, record_id, submitter)
             evidence = "accepted (a repeat, counted once)" if repeat else "accepted"
             return Verdict(True, None, None, evidence, scores, disagreement, learned)
@@ -601,6 +611,25 @@ class PoisoningGuard:
             # little between two batches.
             old.direction,
         )
+
+    def set_held_back(self, rows: dict[str, tuple[int, FloatArray, str, str]]) -> None:
+        """Rows a shared class window holds for records about to be judged
+        again, left out of :meth:`set_window`: by record digest
+        (:func:`record_digest`), the class index, raw row, id and submitter.
+
+        A record judged again (a batch retried or redelivered) would otherwise
+        be judged with its own earlier copy in the window; left out, and it a
+        repeat (so not learned again), the records after it would be judged
+        without it. Such a repeat, if accepted, enters the local window from
+        here. Replaces what a previous call held back.
+        """
+        held: dict[str, tuple[int, FloatArray, str, str]] = {}
+        for digest, (label, row, record_id, submitter) in rows.items():
+            x = np.asarray(row, dtype=np.float64).reshape(-1)
+            if x.shape[0] != self.n_features or not 0 <= label < self.n_classes:
+                raise ValueError("held-back row does not fit the model")
+            held[digest] = (label, self._scale(x[None, :])[0], record_id, submitter)
+        self._held_back = held
 
     def window_size(self, label: int) -> int:
         """Accepted records in class ``label``'s window (calibration rows not

@@ -26,10 +26,11 @@ verdict is produced:
   would-reject one, never a repeat) are added, each once: an entry whose
   digest the window holds is not added again, so a redelivered or retried
   batch adds nothing twice;
-- the batch's own records are left out of the window it is judged against,
-  and an entry of a record the batch rejects is removed, so a batch judged a
-  second time (after a failure) is judged as the first time was and the
-  window ends holding the latest verdict's rows. A batch that fails after its
+- the batch's own records are left out of the window it is judged against
+  and each goes back in once judged and accepted, and an entry of a record
+  the batch rejects is removed, so a batch judged a second time (after a
+  failure, or redelivered to another guard) is judged as the first time was
+  and the window ends holding the latest verdict's rows. A batch that fails after its
   write therefore leaves rows in the window only until its retry, which must
   come before the commit;
 - one model's write is one script, all or nothing. A batch spanning two
@@ -47,7 +48,10 @@ the other guard's batch in flight are not seen until the next batch (a
 cluster spread over guards gains at most one batch per guard in flight). A
 rebuild rewrites the window from what this guard read, losing entries
 another guard added between that read and the write (only after foreign
-data was found).
+data was found). A row of a batch that is evicted by a full window of other
+guards' rows between the batch's first attempt and its retry in the same
+process is added again by the retry (a later delivery in another process
+finds the record in its submitter's state and adds nothing).
 
 Imports Redis (through ``gateway.store``), msgspec, numpy and the detector
 library; nothing from Kafka.
@@ -233,6 +237,7 @@ class SharedWindows:
         # (model, label) -> the sound entries read, for a window whose key held
         # something refused: the next write rebuilds it from them.
         self._rebuild: dict[tuple[str, int], list[bytes]] = {}
+        self._held_back: dict[str, dict[str, tuple[int, FloatArray, str, str]]] = {}
 
     def key(self, model: str, label: int) -> str:
         """The key of class index ``label``'s window of ``model``."""
@@ -250,6 +255,8 @@ class SharedWindows:
         self._rebuild = {}
         by_model = _labels_by_model(records)
         own = {r.digest for r in records}
+        for model in by_model:
+            self._held_back[model] = {}
         for model, labels in by_model.items():
             guard = self._guards[model]
             keys = [self.key(model, label) for label in labels]
@@ -265,6 +272,7 @@ class SharedWindows:
                 )
             for label, reply in zip(labels, replies, strict=True):
                 self._apply(model, label, reply, own)
+            guard.set_held_back(self._held_back[model])
 
     def _apply(self, model: str, label: int, reply: Any, own: set[str]) -> None:
         guard = self._guards[model]
@@ -285,7 +293,14 @@ class SharedWindows:
             sound.append(bytes(raw))
             if digest in own:
                 # This batch's own record, written by an earlier attempt (or an
-                # earlier delivery): judged again without itself.
+                # earlier delivery): judged again without itself, and back in
+                # the window once judged (PoisoningGuard.set_held_back).
+                self._held_back[model][digest] = (
+                    label,
+                    np.frombuffer(entry.row, dtype="<f8"),
+                    entry.id,
+                    entry.submitter,
+                )
                 continue
             rows.append(np.frombuffer(entry.row, dtype="<f8"))
             ids.append(entry.id)
@@ -342,6 +357,10 @@ class SharedWindows:
                 rebuild = (model, label) in self._rebuild
                 if not (drops or adds or rebuild):
                     continue
+                # Only the last window's worth: earlier ones would be evicted
+                # by the later ones, and a retry of the batch would then find
+                # them absent and add them again.
+                adds = adds[-self._guards[model].params.spectral_window :]
                 keys.append(self.key(model, label))
                 args += ["1" if rebuild else "0", len(drops), *drops, len(adds), *adds]
             if not keys:
