@@ -631,6 +631,16 @@ class PoisoningGuard:
             held[digest] = (label, self._scale(x[None, :])[0], record_id, submitter)
         self._held_back = held
 
+    def window(self, label: int) -> tuple[FloatArray, list[str], list[str]]:
+        """Class ``label``'s window of accepted records, oldest first: raw (n, d)
+        rows (unscaled, so equal to what was screened up to rounding), ids and
+        submitters; what :meth:`set_window` takes."""
+        window = self._classes[label]
+        if not window.rows:
+            return np.empty((0, self.n_features)), [], []
+        raw: FloatArray = np.vstack(list(window.rows)) * self._span + self._low
+        return raw, list(window.ids), list(window.submitters)
+
     def window_size(self, label: int) -> int:
         """Accepted records in class ``label``'s window (calibration rows not
         counted)."""
