@@ -182,7 +182,12 @@ def decode_entry(raw: bytes, label: int, n_features: int) -> tuple[str, WindowEn
         raise ValueError("entry does not start with a digest")
     try:
         entry = msgspec.msgpack.decode(raw[DIGEST_CHARS:], type=WindowEntry)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (
+        msgspec.DecodeError,
+        msgspec.ValidationError,
+        UnicodeDecodeError,
+        RecursionError,
+    ) as exc:
         raise ValueError(f"malformed entry: {exc}") from exc
     if entry.format != ENTRY_FORMAT:
         raise ValueError(f"entry format {entry.format}")
