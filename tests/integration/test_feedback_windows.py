@@ -1,5 +1,6 @@
 """The poisoning guard's spectral class windows shared in Redis
-(``gateway.feedback_windows``): the scripts against the real Redis, then
+(``gateway.feedback_windows``): the scripts against the real Redis (and a
+Redis Cluster), then
 guards through the real Kafka and Redis (a restart, two guards on two
 partitions, foreign data at the keys, a batch that fails after its write).
 
@@ -22,6 +23,7 @@ import msgspec
 import numpy as np
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
+from redis.asyncio.cluster import RedisCluster
 
 from detectors.poisoning import PoisoningGuard, Verdict
 from gateway.config import Settings
@@ -39,6 +41,7 @@ from gateway.models import load_model
 from gateway.store import RedisClient, redis_from_settings
 from tests.conftest import StackInfo
 from tests.integration.helpers import create_key, isolated_settings
+from tests.integration.redis_cluster import RedisClusterInfo, redis_cluster
 from tests.integration.test_feedback_guard import (
     CLIENT,
     Sender,
@@ -51,7 +54,8 @@ from tests.integration.test_feedback_guard import (
 
 pytestmark = pytest.mark.timeout(120)
 
-__all__ = ["held"]  # the module fixture, shared with test_feedback_guard
+# Fixtures of other modules, used here.
+__all__ = ["held", "redis_cluster"]
 
 PATCH = [54, 55, 62, 63]
 
@@ -379,3 +383,39 @@ async def test_a_batch_failing_after_its_window_write_is_judged_as_the_first_tim
         WindowRecord("digits", 0, i, CLIENT, r).digest
         for i, r in zip(ids[:2], rows, strict=False)
     ]
+
+
+async def test_windows_on_a_redis_cluster(
+    stack: StackInfo,
+    redis_cluster: RedisClusterInfo,
+    models_dir: Path,
+    digits_guard: PoisoningGuard,
+    held: tuple[np.ndarray, np.ndarray],
+) -> None:
+    # One model's windows share a hash tag: each read and write is one
+    # single-slot script, which a cluster runs on the primary owning the slot.
+    x, y = held
+    settings = isolated_settings(
+        stack.kafka_bootstrap,
+        redis_cluster.url,
+        models_dir,
+        redis={"cluster": True},
+        feedback={"params": {"spectral_window": 16, "spectral_min_records": 8}},
+    )
+    redis = redis_from_settings(settings)
+    assert isinstance(redis, RedisCluster)
+    try:
+        shared = SharedWindows(
+            redis, settings, {"digits": digits_guard}, {"digits": range(10)}
+        )
+        keys = [shared.key("digits", label) for label in range(10)]
+        assert len({redis.keyslot(k) for k in keys}) == 1
+        batch = [_record(x, i, label=int(y[i])) for i in range(40)]
+        await shared.load(batch)
+        assert await shared.save([(r, _accepted()) for r in batch]) == 40
+        assert await shared.save([(r, _accepted()) for r in batch]) == 0
+        await shared.load([_record(x, 99, label=int(y[0]))])
+        expected = sum(1 for r in batch if r.label == int(y[0]))
+        assert digits_guard.window_size(int(y[0])) == expected
+    finally:
+        await redis.aclose()
