@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,7 +27,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from detectors.poisoning import PoisoningGuard, Verdict
 from gateway.config import Settings
-from gateway.errors import BrokerError
+from gateway.errors import BrokerError, StoreError
 from gateway.feedback import FeedbackGuard, build_guard
 from gateway.feedback_windows import (
     SharedWindows,
@@ -340,27 +340,50 @@ async def test_foreign_data_at_a_window_key_does_not_stall_the_guard(
         await redis.aclose()
 
 
+@pytest.mark.parametrize("where", ["produce", "window reply"])
 async def test_a_batch_failing_after_its_window_write_is_judged_as_the_first_time(
-    guard_settings: Settings, held: tuple[np.ndarray, np.ndarray]
+    guard_settings: Settings, held: tuple[np.ndarray, np.ndarray], where: str
 ) -> None:
+    # The windows are written before verdicts are produced. "produce": the
+    # broker then fails. "window reply": Redis applied the write but its
+    # answer is lost (a timeout), as a StoreError. Either way the batch is
+    # rewound and judged again, with its rows already in the window.
     x, y = held
     rows = carriers(x, y, 4)
     guard = FeedbackGuard(guard_settings)
-    produce = guard._produce
     failures: list[int] = []
 
-    async def fail_once(items: list[Any]) -> None:
-        # The windows are written by now (they are saved before verdicts are
-        # produced): the broker fails, the batch is rewound and judged again.
-        if not failures and any(i.verdict and i.verdict.learned for i in items):
-            failures.append(len(items))
-            raise BrokerError("produce failed (injected)")
-        await produce(items)
+    def learned(judged: Sequence[tuple[WindowRecord, Verdict | None]]) -> bool:
+        return any(v is not None and v.learned for _, v in judged)
 
-    guard._produce = fail_once  # type: ignore[method-assign]
     async with sender(guard_settings) as s:
         ids = [await s.row(r, 0) for r in rows]
         await guard.start()
+        if where == "produce":
+            produce = guard._produce
+
+            async def failing_produce(items: list[Any]) -> None:
+                if not failures and any(i.verdict and i.verdict.learned for i in items):
+                    failures.append(len(items))
+                    raise BrokerError("produce failed (injected)")
+                await produce(items)
+
+            guard._produce = failing_produce  # type: ignore[method-assign]
+        else:
+            windows = guard._windows
+            assert windows is not None
+            save = windows.save
+
+            async def reply_lost(
+                judged: Sequence[tuple[WindowRecord, Verdict | None]],
+            ) -> int:
+                added = await save(judged)
+                if not failures and learned(judged):
+                    failures.append(added)
+                    raise StoreError("redis feedback.save_windows: no answer")
+                return added
+
+            windows.save = reply_lost  # type: ignore[method-assign]
         stop = asyncio.Event()
         task = asyncio.create_task(guard.run(stop))
         try:
