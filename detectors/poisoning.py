@@ -85,6 +85,9 @@ hex characters, quotes and a comma)."""
 # that two of a window's ids (2,000 at most) collide with odds below 1e-8.
 _ID_DIGEST_BYTES = 6
 
+DIGEST_CHARS = 2 * _ID_DIGEST_BYTES
+"""Characters of a record's digest (:func:`record_digest`)."""
+
 CODES: dict[str, str] = {
     "POISON_TRIGGER": "the record's features lie where the reference data "
     "almost never does (a trigger pattern)",
@@ -221,6 +224,9 @@ class Verdict:
     evidence: str
     scores: dict[str, float]
     disagreement: bool
+    learned: bool = False
+    """The record entered its class window (accepted, ``learn`` on, and not a
+    repeat): a shared copy of the windows must add it."""
 
 
 @dataclass
@@ -384,6 +390,9 @@ class PoisoningGuard:
             )
             for _ in range(n_classes)
         ]
+        # Rows of records being judged again that a shared window already
+        # holds, by digest (set_held_back): class, scaled row, id, submitter.
+        self._held_back: dict[str, tuple[int, FloatArray, str, str]] = {}
         # Per class, the scaled clean calibration rows (set by fit): always
         # part of the spectral test's matrix, which no submitter can evict.
         self._anchors: list[FloatArray] = [
@@ -540,10 +549,18 @@ class PoisoningGuard:
             )
 
         if verdict is None:
-            if learn and not repeat:
+            learned = learn and not repeat
+            held = self._held_back.pop(digest, None) if digest else None
+            if learned:
+                self._learn(scaled, label, record_id, submitter)
+            elif learn and held is not None and held[0] == label:
+                # A repeat whose row a shared window holds but left out while
+                # the record is judged again: back in, as on its first
+                # judgement, so the records after it are judged alike. Not
+                # ``learned``: the shared window has it already.
                 self._learn(scaled, label, record_id, submitter)
             evidence = "accepted (a repeat, counted once)" if repeat else "accepted"
-            return Verdict(True, None, None, evidence, scores, disagreement)
+            return Verdict(True, None, None, evidence, scores, disagreement, learned)
         code, detector, evidence = verdict
         return Verdict(False, code, detector, evidence, scores, disagreement)
 
@@ -552,6 +569,82 @@ class PoisoningGuard:
         window.rows.append(scaled)
         window.ids.append(record_id)
         window.submitters.append(who)
+
+    def set_window(
+        self,
+        label: int,
+        rows: FloatArray,
+        ids: Sequence[str],
+        submitters: Sequence[str],
+    ) -> None:
+        """Replace class ``label``'s window of accepted records (the last
+        ``spectral_window`` of ``rows`` are kept; the clean calibration rows
+        stay as they are).
+
+        For a window kept outside the process (``gateway.feedback_windows``):
+        ``rows`` are raw (n, d) features as :meth:`screen` took them, oldest
+        first, with each record's id and submitter.
+
+        Raises
+        ------
+        ValueError
+            ``label`` is not a class, ``rows`` are not (n, d) finite values, or
+            the ids or submitters do not number n.
+        """
+        if not 0 <= label < self.n_classes:
+            raise ValueError(f"label must be a class index below {self.n_classes}")
+        x = np.asarray(rows, dtype=np.float64)
+        if x.size == 0:
+            x = x.reshape(0, self.n_features)
+        if x.ndim != 2 or x.shape[1] != self.n_features or not np.isfinite(x).all():
+            raise ValueError(f"rows must be (n, {self.n_features}) finite features")
+        if len(ids) != len(x) or len(submitters) != len(x):
+            raise ValueError("one id and one submitter per row")
+        keep = self.params.spectral_window
+        scaled = self._scale(x[-keep:]) if len(x) else x
+        old = self._classes[label]
+        self._classes[label] = _ClassWindow(
+            deque(list(scaled), maxlen=keep),
+            deque(list(ids)[-keep:] if len(x) else [], maxlen=keep),
+            deque(list(submitters)[-keep:] if len(x) else [], maxlen=keep),
+            # Still a good start for the power iteration: a window moves
+            # little between two batches.
+            old.direction,
+        )
+
+    def set_held_back(self, rows: dict[str, tuple[int, FloatArray, str, str]]) -> None:
+        """Rows a shared class window holds for records about to be judged
+        again, left out of :meth:`set_window`: by record digest
+        (:func:`record_digest`), the class index, raw row, id and submitter.
+
+        A record judged again (a batch retried or redelivered) would otherwise
+        be judged with its own earlier copy in the window; left out, and it a
+        repeat (so not learned again), the records after it would be judged
+        without it. Such a repeat, if accepted, enters the local window from
+        here. Replaces what a previous call held back.
+        """
+        held: dict[str, tuple[int, FloatArray, str, str]] = {}
+        for digest, (label, row, record_id, submitter) in rows.items():
+            x = np.asarray(row, dtype=np.float64).reshape(-1)
+            if x.shape[0] != self.n_features or not 0 <= label < self.n_classes:
+                raise ValueError("held-back row does not fit the model")
+            held[digest] = (label, self._scale(x[None, :])[0], record_id, submitter)
+        self._held_back = held
+
+    def window(self, label: int) -> tuple[FloatArray, list[str], list[str]]:
+        """Class ``label``'s window of accepted records, oldest first: raw (n, d)
+        rows (unscaled, so equal to what was screened up to rounding), ids and
+        submitters; what :meth:`set_window` takes."""
+        window = self._classes[label]
+        if not window.rows:
+            return np.empty((0, self.n_features)), [], []
+        raw: FloatArray = np.vstack(list(window.rows)) * self._span + self._low
+        return raw, list(window.ids), list(window.submitters)
+
+    def window_size(self, label: int) -> int:
+        """Accepted records in class ``label``'s window (calibration rows not
+        counted)."""
+        return len(self._classes[label].rows)
 
     def _spectral(self, scaled: FloatArray, label: int) -> tuple[float, list[int]]:
         """The record's spectral score against its class window, and the
@@ -753,6 +846,12 @@ class PoisoningGuard:
             deque(state.ids, maxlen=w),
         )
         self._submitters.move_to_end(submitter)
+
+
+def record_digest(record_id: str, label: int, row: FloatArray) -> str:
+    """The 12-hex digest by which a record is recognised as a repeat (its id,
+    label index and raw row); the same for the same record in every process."""
+    return _digest(record_id, label, np.asarray(row, dtype=np.float64).reshape(-1))
 
 
 def _digest(record_id: str, label: int, row: FloatArray) -> str:

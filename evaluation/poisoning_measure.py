@@ -24,7 +24,15 @@ Detection rate: share of poisoned records rejected. False rejection: share of
 the other records (honest submitters' and the attacker's untouched ones)
 rejected.
 
-Run: ``.venv/bin/python -m evaluation.poisoning_measure [--seeds 5]``.
+Restarts: with ``--restart-every N`` the guard is replaced by a freshly
+calibrated one every N records, as a restarted guard process is: the
+submitters' state is carried over (it is in Redis), and so are the class
+windows (shared in Redis, ``gateway.feedback_windows``) unless
+``--forget-windows`` asks for the guard before they were shared, whose new
+process started from the calibration rows alone.
+
+Run: ``.venv/bin/python -m evaluation.poisoning_measure [--seeds 5]
+[--restart-every N [--forget-windows]]``.
 Imports numpy, scikit-learn and the zoo; writes nothing but stdout.
 """
 
@@ -33,6 +41,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,10 +114,35 @@ def _poison(
     return x, y, poisoned
 
 
+def _restarted(
+    guard: PoisoningGuard,
+    fit: Callable[[], PoisoningGuard],
+    keep_windows: bool,
+) -> PoisoningGuard:
+    """A new guard process: calibrated afresh, the submitters' state read back
+    from where the old one saved it, and the class windows too if shared."""
+    new = fit()
+    for submitter in guard.submitters():
+        blob = guard.dump_state(submitter)
+        if blob is not None:
+            new.load_state(submitter, blob)
+    if keep_windows:
+        for label in range(guard.n_classes):
+            new.set_window(label, *guard.window(label))
+    return new
+
+
 def measure(
-    model_name: str, attack: str, seeds: int, directory: Path, params: PoisoningParams
+    model_name: str,
+    attack: str,
+    seeds: int,
+    directory: Path,
+    params: PoisoningParams,
+    restart_every: int = 0,
+    keep_windows: bool = True,
 ) -> Tally:
-    """Run ``attack`` against ``model_name`` over ``seeds`` seeds."""
+    """Run ``attack`` against ``model_name`` over ``seeds`` seeds, restarting
+    the guard every ``restart_every`` records (0: never)."""
     from sklearn.model_selection import train_test_split
 
     ensure_model(directory, model_name)
@@ -122,7 +156,11 @@ def measure(
     tally = Tally()
     for seed in range(seeds):
         rng = np.random.default_rng(seed)
-        guard = PoisoningGuard.fit(params, reference, x_cal, y_cal, proba_cal)
+
+        def fit() -> PoisoningGuard:
+            return PoisoningGuard.fit(params, reference, x_cal, y_cal, proba_cal)
+
+        guard = fit()
         x_h, x_a, y_h, y_a = train_test_split(
             x_all, y_all, train_size=HONEST_SHARE, random_state=seed, stratify=y_all
         )
@@ -145,9 +183,13 @@ def measure(
         poisoned = np.concatenate([np.zeros(len(x_h), dtype=bool), poisoned_a])
         order = rng.permutation(len(x))
         proba = model.predict_proba(x)
-        start = time.perf_counter()
-        for i in order:
+        seconds = 0.0
+        for n, i in enumerate(order):
+            if restart_every and n and n % restart_every == 0:
+                guard = _restarted(guard, fit, keep_windows)
+            start = time.perf_counter()
             verdict = guard.screen(who[i], x[i], int(y[i]), proba[i], f"r{i}")
+            seconds += time.perf_counter() - start
             rejected = not verdict.accepted
             if poisoned[i]:
                 tally.poisoned += 1
@@ -157,7 +199,7 @@ def measure(
                 tally.clean_rejected += rejected
             if rejected and verdict.code is not None:
                 tally.add_code(verdict.code)
-        tally.seconds += time.perf_counter() - start
+        tally.seconds += seconds
         tally.records += len(x)
     return tally
 
@@ -167,6 +209,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--attacks", nargs="*", default=list(ATTACKS))
+    parser.add_argument(
+        "--restart-every",
+        type=int,
+        default=0,
+        help="replace the guard by a new process every N records (0: never)",
+    )
+    parser.add_argument(
+        "--forget-windows",
+        action="store_true",
+        help="a restarted guard starts its class windows empty (as before they "
+        "were shared in Redis)",
+    )
     args = parser.parse_args(argv)
     from threadpoolctl import threadpool_limits
 
@@ -181,7 +235,15 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             for attack in args.attacks:
-                t = measure(name, attack, args.seeds, Path(tmp), params)
+                t = measure(
+                    name,
+                    attack,
+                    args.seeds,
+                    Path(tmp),
+                    params,
+                    args.restart_every,
+                    not args.forget_windows,
+                )
                 detected = f"{t.caught / t.poisoned:.1%}" if t.poisoned else "-"
                 codes = ", ".join(
                     f"{c} {n}" for c, n in sorted((t.by_code or {}).items())

@@ -17,11 +17,10 @@ code; it never stops the partition. The guard's Prometheus metrics
 Each submitter's recent verdicts are saved to Redis after every batch
 (``{prefix}:fbguard:{model}:{<client>}``) and loaded when a guard first sees
 the submitter, so a restart or a rebalance does not hand a flipper a clean
-slate. The spectral test's class windows live in each guard process only
-(judged with the clean calibration rows, which never leave): a restart forgets the
-accepted records they held. TODO: save the class windows with the submitter
-state when several guards must share one cluster view; until then a
-cluster is judged within one process's partitions.
+slate. The spectral test's class windows of accepted records are shared in
+Redis by every guard of the deployment (``gateway.feedback_windows``): read
+before each batch is screened, written with the submitters' state; the clean
+calibration rows that anchor them stay in each process.
 
 Shadow mode (``feedback.shadow``) screens every record but accepts every
 valid one, marking those it would refuse (``would_reject``).
@@ -57,6 +56,7 @@ from gateway.errors import (
 )
 from gateway.feedback_data import calibration_rows
 from gateway.feedback_steps import FeedbackItem
+from gateway.feedback_windows import SharedWindows, WindowRecord
 from gateway.group_clients import close_clients, group_clients, start_group_clients
 from gateway.group_service import GroupService
 from gateway.keys import KeyStore
@@ -142,6 +142,7 @@ class FeedbackGuard(GroupService):
         self._guards: dict[str, PoisoningGuard] = {}
         self._redis: RedisClient | None = None
         self._keys: KeyStore | None = None
+        self._windows: SharedWindows | None = None
         self._uncommitted: dict[str, GuardSnapshot] = {}
         self.records_done = 0
         self.metrics_port = 0
@@ -198,6 +199,12 @@ class FeedbackGuard(GroupService):
         self._redis = redis_from_settings(s)
         self.metrics.watch_redis_breaker(breaker_for(self._redis))
         self._keys = KeyStore(self._redis, s)
+        self._windows = SharedWindows(
+            self._redis,
+            s,
+            self._guards,
+            {name: models[name].signature.classes for name in names},
+        )
         self._producer, self._consumer = group_clients(s, s.feedback.group_id)
         try:
             await start_group_clients(
@@ -284,6 +291,10 @@ class FeedbackGuard(GroupService):
         )
         feedback_steps.validate(items, self._models, self._guards)
         await self._load_states(items)
+        # The rows the guard will screen: their class windows come from Redis.
+        screened = self._screened(items)
+        assert self._windows is not None
+        await self._windows.load([record for _, record in screened])
         touched = self._submitters(items)
         snapshots = {
             name: guard.snapshot(c for m, c in touched if m == name)
@@ -294,6 +305,7 @@ class FeedbackGuard(GroupService):
             # State first: while Redis is down nothing is produced, so a
             # Redis outage adds no duplicate verdicts downstream.
             await self._save_states(items)
+            await self._windows.save([(w, i.verdict) for i, w in screened])
             await self._produce(items)
         except BaseException:
             # Not committed: the batch will be judged again, from the state
@@ -304,6 +316,19 @@ class FeedbackGuard(GroupService):
         # Kept until the commit: a failed commit restores them too.
         self._uncommitted = snapshots
         self.records_done += len(items)
+
+    def _screened(
+        self, items: list[FeedbackItem]
+    ) -> list[tuple[FeedbackItem, WindowRecord]]:
+        return [
+            (i, WindowRecord(m, i.label_index, i.record.feedback_id, c, i.row))
+            for i in items
+            if i.error is None
+            and i.record is not None
+            and i.row is not None
+            and (c := i.client_id) is not None
+            and (m := i.record.model) in self._guards
+        ]
 
     def _restore(self, snapshots: dict[str, GuardSnapshot]) -> None:
         for name, snapshot in snapshots.items():

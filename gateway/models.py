@@ -6,12 +6,27 @@ with an explicit list of trusted types, so a tampered file cannot run code),
 validation enforces) and ``<name>.reference.npy`` (a sample of the training
 inputs, loaded with ``allow_pickle=False``, that seeds the detectors' notion of
 normal traffic). The demo model is trained on scikit-learn's bundled digits.
+
+A model missing from the directory is trained on first use, by whichever
+process needs it first (the worker and the poisoning guard start together in
+docker-compose.yml, on one volume). Building takes an exclusive file lock per
+model (``.<name>.build.lock`` in the directory, ``fcntl.flock``: released by
+the kernel if the process dies), so one process builds and the others wait
+and then load its result; each file is written under a unique temporary name,
+flushed to disk and renamed into place, so no reader ever sees a torn file.
+The lock needs a file system with working ``flock`` (a local disk or Docker
+volume; not every network file system).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,9 +257,7 @@ def held_out_digits(directory: Path) -> np.ndarray:
     held_out = digits_split()[1]
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial.npy")
-        np.save(partial, held_out, allow_pickle=False)
-        partial.replace(path)
+        write_atomically(path, lambda p: _save_npy(p, held_out))
     except OSError as exc:  # a read-only models directory still answers
         logger.warning("held-out digits not cached: %s", exc)
     return held_out
@@ -261,15 +274,21 @@ def ensure_digits_model(directory: Path) -> Path:
     border pixels, so any query that lights one up (a synthetic extraction
     query, say) lands far outside anything the network was trained on.
     """
-    import skops.io as sio
+    base = directory / DIGITS
+    if _has_version(base, DIGITS_MODEL_VERSION):
+        return base
+    with build_lock(directory, DIGITS):
+        # Another process may have built it while this one waited.
+        if not _has_version(base, DIGITS_MODEL_VERSION):
+            _train_digits_model(directory)
+    return base
+
+
+def _train_digits_model(directory: Path) -> None:
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import MinMaxScaler
 
-    base = directory / DIGITS
-    if _has_version(base, DIGITS_MODEL_VERSION):
-        return base
-    directory.mkdir(parents=True, exist_ok=True)
     logger.info("training demo model", extra={"model": DIGITS})
 
     x_train, x_test, y_train, y_test = digits_split()
@@ -290,21 +309,71 @@ def ensure_digits_model(directory: Path) -> Path:
         ),
         classes=tuple(range(10)),
     )
-    # Write to temporary names and rename, so a concurrent reader never sees a
-    # half-written model.
-    for suffix, write in (
-        (".skops", lambda p: sio.dump(estimator, p)),
-        (".reference.npy", lambda p: _save_npy(p, x_train)),
-        (".signature.json", lambda p: p.write_text(signature.to_json())),
-    ):
-        final = base.with_suffix(suffix)
-        tmp = final.with_name(final.name + ".tmp")
-        write(tmp)
-        tmp.replace(final)
+    write_model_files(directory, DIGITS, estimator, x_train, signature)
     logger.info(
         "trained demo model", extra={"model": DIGITS, "accuracy": round(accuracy, 4)}
     )
-    return base
+
+
+@contextlib.contextmanager
+def build_lock(directory: Path, name: str) -> Iterator[None]:
+    """Hold the exclusive lock on building ``name`` in ``directory`` (blocks
+    until no other process holds it).
+
+    Callers check for the model again once they hold it: the process that
+    waited finds what the other one built.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    # Opened for append: never truncated, never removed (removing a lock file
+    # another process has open would let a third lock a new one).
+    with (directory / f".{name}.build.lock").open("ab") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """Have ``write`` write a temporary file next to ``path``, flush it to disk,
+    then rename it over ``path``: a reader sees the old file or the whole new
+    one. The temporary name is unique, so two writers never share one."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        # mkstemp makes it 0600; a model is not a secret, and other users of
+        # the directory (a host account reading a volume) may load it.
+        os.chmod(tmp, 0o644)
+        with tmp.open("rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_model_files(
+    directory: Path,
+    name: str,
+    estimator: Any,
+    reference: np.ndarray,
+    signature: ModelSignature,
+) -> None:
+    """The three files of a model, each written atomically; the signature
+    last, since its version is what :func:`_has_version` trusts."""
+    import skops.io as sio
+
+    directory.mkdir(parents=True, exist_ok=True)
+    base = directory / name
+    write_atomically(base.with_suffix(".skops"), lambda p: sio.dump(estimator, p))
+    write_atomically(
+        base.with_suffix(".reference.npy"), lambda p: _save_npy(p, reference)
+    )
+    write_atomically(
+        base.with_suffix(".signature.json"), lambda p: p.write_text(signature.to_json())
+    )
 
 
 def _has_version(base: Path, version: str) -> bool:

@@ -38,9 +38,10 @@ from gateway.models import (
     ModelSignature,
     TensorSpec,
     _has_version,
-    _save_npy,
+    build_lock,
     digits_split,
     ensure_digits_model,
+    write_model_files,
 )
 
 logger = logging.getLogger(__name__)
@@ -127,26 +128,6 @@ def declared_range(x: Array) -> tuple[float, float]:
     return round(low, 6), round(high + RANGE_MARGIN * span, 6)
 
 
-def _write(
-    directory: Path, name: str, estimator: Any, reference: Array, sig: ModelSignature
-) -> None:
-    import skops.io as sio
-
-    directory.mkdir(parents=True, exist_ok=True)
-    base = directory / name
-    # Temporary names, then rename: a concurrent reader never sees half a model.
-    writers: tuple[tuple[str, Callable[[Path], Any]], ...] = (
-        (".skops", lambda p: sio.dump(estimator, p)),
-        (".reference.npy", lambda p: _save_npy(p, reference)),
-        (".signature.json", lambda p: p.write_text(sig.to_json())),
-    )
-    for suffix, write in writers:
-        final = base.with_suffix(suffix)
-        tmp = final.with_name(final.name + ".tmp")
-        write(tmp)
-        tmp.replace(final)
-
-
 def _signature(
     name: str, input_name: str, n_features: int, value_range: tuple[float, float]
 ) -> ModelSignature:
@@ -170,13 +151,28 @@ def ensure_digits_lr_model(directory: Path) -> Path:
     ``ensure_digits_model``; the logits stay affine in the raw pixels, which is
     what equation solving relies on.
     """
+    return _build_once(directory, DIGITS_LR, _train_digits_lr)
+
+
+def _build_once(directory: Path, name: str, train: Callable[[Path], None]) -> Path:
+    """``train`` writes ``name`` into ``directory`` unless its current version is
+    there; under the model's build lock (``gateway.models.build_lock``), so two
+    processes starting together build it once and neither reads a torn file."""
+    base = directory / name
+    if _has_version(base, ZOO_VERSION):
+        return base
+    with build_lock(directory, name):
+        # Another process may have built it while this one waited.
+        if not _has_version(base, ZOO_VERSION):
+            train(directory)
+    return base
+
+
+def _train_digits_lr(directory: Path) -> None:
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import MinMaxScaler
 
-    base = directory / DIGITS_LR
-    if _has_version(base, ZOO_VERSION):
-        return base
     split = digits_as_split()
     scaler = MinMaxScaler().fit(np.array([[0.0] * 64, [16.0] * 64]))
     model = Pipeline(
@@ -184,44 +180,43 @@ def ensure_digits_lr_model(directory: Path) -> Path:
     )
     model.fit(split.x_train, split.y_train)
     sig = _signature(DIGITS_LR, "pixels", 64, (0.0, 16.0))
-    _write(directory, DIGITS_LR, model, split.x_train, sig)
+    write_model_files(directory, DIGITS_LR, model, split.x_train, sig)
     logger.info(
         "trained model",
         extra={"model": DIGITS_LR, "accuracy": model.score(split.x_test, split.y_test)},
     )
-    return base
 
 
-def _ensure_tabular(directory: Path, name: str, split: Split) -> Path:
+def _ensure_tabular(directory: Path, name: str, split: Callable[[], Split]) -> Path:
+    return _build_once(directory, name, lambda d: _train_tabular(d, name, split()))
+
+
+def _train_tabular(directory: Path, name: str, split: Split) -> None:
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
-    base = directory / name
-    if _has_version(base, ZOO_VERSION):
-        return base
     model = Pipeline(
         [("scale", StandardScaler()), ("lr", LogisticRegression(max_iter=2000))]
     )
     model.fit(split.x_train, split.y_train)
     value_range = declared_range(np.concatenate([split.x_train, split.x_test]))
     sig = _signature(name, "features", split.x_train.shape[1], value_range)
-    _write(directory, name, model, split.x_train, sig)
+    write_model_files(directory, name, model, split.x_train, sig)
     logger.info(
         "trained model",
         extra={"model": name, "accuracy": model.score(split.x_test, split.y_test)},
     )
-    return base
 
 
 def ensure_breast_cancer_model(directory: Path) -> Path:
     """Logistic regression on breast cancer (30 features, about 97% accuracy)."""
-    return _ensure_tabular(directory, BREAST_CANCER, breast_cancer_split())
+    return _ensure_tabular(directory, BREAST_CANCER, breast_cancer_split)
 
 
 def ensure_phishing_model(directory: Path) -> Path:
     """Logistic regression on River's Phishing (9 features, about 89%)."""
-    return _ensure_tabular(directory, PHISHING, phishing_split())
+    return _ensure_tabular(directory, PHISHING, phishing_split)
 
 
 # Builder and split of every model the evaluation knows, by served name.

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.config import KafkaConfig, RedisConfig, TopicsConfig
+from gateway.config import KafkaConfig, ModelsConfig, RedisConfig, TopicsConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = [
@@ -88,13 +88,70 @@ def _stack_env() -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
+# The services built from the Dockerfile, and the CLI command each runs.
+_APP_SERVICES = {
+    "gateway": ["modelgate", "worker"],
+    "guard": ["modelgate", "guard", "run"],
+}
+
+
 def test_compose_parses_and_has_the_services(compose: dict[str, Any]) -> None:
-    assert {"kafka", "redis", "gateway"} <= set(compose["services"])
-    assert _service(compose, "gateway").get("build"), (
-        "gateway must build from Dockerfile"
-    )
+    assert {"kafka", "redis", *_APP_SERVICES} <= set(compose["services"])
     assert (ROOT / "Dockerfile").is_file()
-    assert _service(compose, "gateway")["command"] == ["modelgate", "worker"]
+    for name, command in _APP_SERVICES.items():
+        service = _service(compose, name)
+        assert service.get("build") == ".", f"{name} must build from Dockerfile"
+        assert service["command"] == command, service["command"]
+    # One image: the guard runs the worker's code and settings.
+    assert _service(compose, "guard")["image"] == _service(compose, "gateway")["image"]
+
+
+@pytest.mark.parametrize("name", sorted(_APP_SERVICES))
+def test_app_services_run_a_real_command(name: str) -> None:
+    # The command exists in this code's CLI (a typo would only show in a
+    # container's restart loop).
+    from typer.testing import CliRunner
+
+    from gateway.cli import app
+
+    result = CliRunner().invoke(app, [*_APP_SERVICES[name][1:], "--help"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("name", sorted(_APP_SERVICES))
+def test_app_services_start_after_kafka_and_redis_are_healthy(
+    compose: dict[str, Any], name: str
+) -> None:
+    depends = _service(compose, name)["depends_on"]
+    for dependency in ("kafka", "redis"):
+        assert depends[dependency] == {"condition": "service_healthy"}, depends
+        assert _service(compose, dependency).get("healthcheck"), dependency
+
+
+def test_the_guard_shares_the_workers_settings_and_volume(
+    compose: dict[str, Any],
+) -> None:
+    gateway, guard = _env(compose, "gateway"), _env(compose, "guard")
+    # Same brokers, Redis and topic names: the guard authenticates with the
+    # worker's API keys and creates the same topics.
+    shared = {
+        k: v
+        for k, v in gateway.items()
+        if k.startswith(("MODELGATE_KAFKA__", "MODELGATE_REDIS__"))
+    }
+    assert shared and {k: guard.get(k) for k in shared} == shared
+    # The server key that decrypts API keys' secrets and the models directory
+    # live in the worker's volume, at the path the image's relative paths
+    # resolve to (Dockerfile: WORKDIR /app, var/ under it).
+    volume = next(
+        v for v in _service(compose, "gateway")["volumes"] if v.endswith(":/app/var")
+    )
+    assert volume in _service(compose, "guard")["volumes"]
+    assert volume.split(":")[0] in compose["volumes"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "WORKDIR /app" in dockerfile and 'VOLUME ["/app/var"]' in dockerfile
+    assert str(ModelsConfig().directory).startswith("var/")
+    assert _service(compose, "guard").get("stop_signal") == "SIGTERM"
 
 
 def test_kafka_image_is_the_version_the_pom_resolves(compose: dict[str, Any]) -> None:
@@ -132,13 +189,14 @@ def test_addresses_agree_everywhere(compose: dict[str, Any]) -> None:
     assert command[command.index("--port") + 1] == str(redis_port)
 
 
-def test_gateway_reaches_kafka_through_an_advertised_listener(
-    compose: dict[str, Any],
+@pytest.mark.parametrize("service", sorted(_APP_SERVICES))
+def test_app_services_reach_kafka_through_an_advertised_listener(
+    compose: dict[str, Any], service: str
 ) -> None:
-    gateway = _env(compose, "gateway")
+    env = _env(compose, service)
     advertised = _env(compose, "kafka")["KAFKA_ADVERTISED_LISTENERS"]
-    assert f"//{gateway['MODELGATE_KAFKA__BOOTSTRAP']}" in advertised, advertised
-    assert gateway["MODELGATE_REDIS__URL"].startswith("redis://redis:")
+    assert f"//{env['MODELGATE_KAFKA__BOOTSTRAP']}" in advertised, advertised
+    assert env["MODELGATE_REDIS__URL"].startswith("redis://redis:")
 
 
 def test_redis_settings_match_infra(compose: dict[str, Any]) -> None:
@@ -151,12 +209,15 @@ def test_redis_settings_match_infra(compose: dict[str, Any]) -> None:
     assert '--bind "$HOST"' in script and "HOST=127.0.0.1" in script
 
 
-def test_topics_match_the_config_defaults(compose: dict[str, Any]) -> None:
-    env = _env(compose, "gateway")
+@pytest.mark.parametrize("service", sorted(_APP_SERVICES))
+def test_topics_match_the_config_defaults(
+    compose: dict[str, Any], service: str
+) -> None:
+    env = _env(compose, service)
     topics = TopicsConfig()
     for field, value in topics.model_dump().items():
         key = f"MODELGATE_KAFKA__TOPICS__{field.upper()}"
-        assert key in env, f"gateway env lacks {key}"
+        assert key in env, f"{service} env lacks {key}"
         assert env[key] == str(value), f"{key}={env[key]!r}, config default {value!r}"
     assert set(topics.all_names()) <= set(env.values())
 

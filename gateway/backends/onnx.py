@@ -19,8 +19,10 @@ from gateway.models import (
     DIGITS,
     DIGITS_MODEL_VERSION,
     ModelSignature,
+    build_lock,
     ensure_digits_model,
     load_model,
+    write_atomically,
 )
 
 logger = logging.getLogger(__name__)
@@ -129,7 +131,9 @@ def ensure_digits_onnx(directory: Path) -> Path:
     from sklearn.neural_network import MLPClassifier
 
     path = directory / f"{DIGITS}.onnx"
-    with _EXPORT_LOCK:
+    # The thread lock for threads of this process, the file lock for other
+    # processes on the same directory (a worker and a guard starting together).
+    with _EXPORT_LOCK, build_lock(directory, path.name):
         if path.exists():
             try:
                 meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
@@ -148,8 +152,7 @@ def ensure_digits_onnx(directory: Path) -> Path:
         )
         entry = graph.metadata_props.add()
         entry.key, entry.value = _VERSION_KEY, DIGITS_MODEL_VERSION
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(graph.SerializeToString())
-        tmp.replace(path)
+        payload = graph.SerializeToString()
+        write_atomically(path, lambda p: p.write_bytes(payload))
         logger.info("converted demo model to ONNX", extra={"model": DIGITS})
     return path

@@ -18,6 +18,7 @@ from detectors.poisoning import (
     PoisoningGuard,
     PoisoningParams,
     calibrate,
+    record_digest,
     spectral_scores,
 )
 from gateway.feedback_data import calibration_rows
@@ -467,3 +468,72 @@ def test_a_restored_snapshot_judges_a_batch_again_as_the_first_time(
     assert [(v.code, v.scores) for v in again] == [(v.code, v.scores) for v in first]
     blob = guard.dump_state("s")
     assert blob is not None and msgspec.json.decode(blob)["seen"] == 50 + 35
+
+
+def _patched_zeros(zoo: Zoo, n: int) -> Array:
+    rows = zoo.x_held[zoo.y_held == 0][:n].astype(np.float64)
+    rows[:, [54, 55, 62, 63]] = 16.0
+    return rows
+
+
+def test_a_window_set_from_outside_judges_as_the_one_it_replaces(
+    digits: Zoo,
+) -> None:
+    # A shared window (gateway.feedback_windows) hands a fresh guard the rows
+    # another one accepted: the fresh guard must judge exactly as that one.
+    rows = _patched_zeros(digits, 6)
+    first = digits.guard()
+    accepted = []
+    for i, row in enumerate(rows[:3]):
+        verdict = first.screen(
+            "a", row, 0, digits.model.predict_proba(row[None])[0], f"p{i}"
+        )
+        if verdict.learned:
+            accepted.append(i)
+    assert accepted, "no carrier was accepted"
+    fresh = digits.guard()
+    fresh.set_window(
+        0, rows[accepted], [f"p{i}" for i in accepted], ["a"] * len(accepted)
+    )
+    assert fresh.window_size(0) == first.window_size(0) == len(accepted)
+    for i, row in enumerate(rows[3:], start=3):
+        proba = digits.model.predict_proba(row[None])[0]
+        ours = first.screen("a", row, 0, proba, f"p{i}")
+        theirs = fresh.screen("b", row, 0, proba, f"p{i}")
+        assert ours.scores["spectral"] == pytest.approx(theirs.scores["spectral"])
+        assert ours.code == theirs.code
+
+
+def test_a_window_of_the_wrong_shape_is_refused(digits: Zoo) -> None:
+    guard = digits.guard()
+    with pytest.raises(ValueError, match="finite"):
+        guard.set_window(0, np.zeros((2, 63)), ["a", "b"], ["s", "s"])
+    with pytest.raises(ValueError, match="finite"):
+        guard.set_window(0, np.full((1, 64), np.nan), ["a"], ["s"])
+    with pytest.raises(ValueError, match="one id"):
+        guard.set_window(0, np.zeros((2, 64)), ["a"], ["s", "s"])
+    with pytest.raises(ValueError, match="class index"):
+        guard.set_window(10, np.zeros((0, 64)), [], [])
+    # Bounded like its own window: the last spectral_window rows are kept.
+    guard.set_window(0, np.zeros((300, 64)), ["i"] * 300, ["s"] * 300)
+    assert guard.window_size(0) == PARAMS.spectral_window
+
+
+def test_a_held_back_repeat_goes_back_into_the_window_once(digits: Zoo) -> None:
+    # Judged again, a record whose row the shared window holds is a repeat
+    # (not learned) and was left out of the window: held back, it re-enters
+    # once accepted, so the records after it are judged as the first time.
+    rows = _patched_zeros(digits, 2)
+    guard = digits.guard()
+    proba = digits.model.predict_proba(rows)
+    first = guard.screen("a", rows[0], 0, proba[0], "p0")
+    assert first.learned and guard.window_size(0) == 1
+    digest = record_digest("p0", 0, rows[0])
+    guard.set_window(0, np.empty((0, 64)), [], [])
+    guard.set_held_back({digest: (0, rows[0], "p0", "a")})
+    again = guard.screen("a", rows[0], 0, proba[0], "p0")
+    assert again.accepted and not again.learned  # a repeat, counted once
+    assert guard.window_size(0) == 1
+    # Held back once: the same record a third time stays out.
+    guard.screen("a", rows[0], 0, proba[0], "p0")
+    assert guard.window_size(0) == 1
