@@ -19,7 +19,14 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.config import KafkaConfig, ModelsConfig, RedisConfig, TopicsConfig
+from gateway.config import (
+    FeedbackConfig,
+    KafkaConfig,
+    ModelsConfig,
+    RedisConfig,
+    TopicsConfig,
+    WorkerConfig,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = [
@@ -152,6 +159,25 @@ def test_the_guard_shares_the_workers_settings_and_volume(
     assert "WORKDIR /app" in dockerfile and 'VOLUME ["/app/var"]' in dockerfile
     assert str(ModelsConfig().directory).startswith("var/")
     assert _service(compose, "guard").get("stop_signal") == "SIGTERM"
+
+
+@pytest.mark.parametrize(
+    ("name", "section"), [("gateway", "WORKER"), ("guard", "FEEDBACK")]
+)
+def test_app_services_publish_their_metrics_on_loopback_only(
+    compose: dict[str, Any], name: str, section: str
+) -> None:
+    # The container listens on all its interfaces so the port can be published;
+    # the host side is bound to loopback, at the port the settings default to.
+    env = _env(compose, name)
+    port = env[f"MODELGATE_{section}__METRICS_PORT"]
+    assert env[f"MODELGATE_{section}__METRICS_HOST"] == "0.0.0.0"
+    defaults = {
+        "WORKER": WorkerConfig().metrics_port,
+        "FEEDBACK": FeedbackConfig().metrics_port,
+    }
+    assert int(port) == defaults[section]
+    assert _service(compose, name)["ports"] == [f"127.0.0.1:{port}:{port}"]
 
 
 def test_kafka_image_is_the_version_the_pom_resolves(compose: dict[str, Any]) -> None:
