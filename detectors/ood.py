@@ -520,15 +520,9 @@ class OutOfDistributionDetector(Detector[OodParams]):
         hst: npt.NDArray[np.bool_],
         synthetic: npt.NDArray[np.bool_],
     ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
-        """HST-outlier and wide queries that count, and the wide ones among
-        them, in arrival order (updates ``last_outlier`` and ``has_outlier``).
-
-        An on-lattice outlier (HST or wide) within ``range_repeat_eps`` of
-        its client's previous counted one is a repeat and does not count;
-        off-lattice rows always count, and a wide one counts as wide, but
-        they neither are judged as repeats nor become the row repeats are
-        measured from.
-        """
+        """HST-outlier and wide queries that count after the repeat rule, and
+        the wide ones among them (:func:`detectors._oodrows.counted_outliers`),
+        with wide queries found against the reference's range."""
         wide = np.zeros(len(X), dtype=bool)
         p = self._params
         if p.range_min_features > 0:

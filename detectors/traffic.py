@@ -39,11 +39,13 @@ times, measuring the judged windows and judging run as two compiled loops
 over the batch in row order (:mod:`detectors._traffickernels`), with
 numpy's ``log10`` between them.
 
-This module holds the parameters, the detector and its per-client state;
-the compiled loops and the cohort test live in the two modules named
-above. Imports numpy, pydantic, :mod:`detectors._binomial`, the two
-modules above and :mod:`detectors._state` only; nothing from Kafka,
-Redis, FastAPI or ``gateway``.
+This module holds the detector: its per-client state, the honest
+baseline, the solo test, and how the three tests become one score with
+its evidence. The compiled loops and the cohort test live in the two
+modules named above, the parameters in :mod:`detectors._trafficparams`.
+Imports numpy, :mod:`detectors._binomial`, those three modules and
+:mod:`detectors._state` only; nothing from Kafka, Redis, FastAPI or
+``gateway``.
 """
 
 from __future__ import annotations
