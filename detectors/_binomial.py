@@ -1,6 +1,7 @@
-"""The binomial upper tail, shared by the detectors that judge a share only
-when the count behind it is unlikely for an honest client (``ood``,
-``structure``).
+"""Binomial tests of counts: the upper tail, shared by the detectors that
+judge a share only when the count behind it is unlikely for an honest client
+(``ood``, ``structure``), and the normal approximation's z, which
+``traffic``'s solo and cohort tests take.
 
 Imports numpy and scipy only.
 """
@@ -37,3 +38,13 @@ def upper_tail(
         1.0,
     )
     return tail
+
+
+def binomial_z(
+    hits: npt.NDArray[np.int64], trials: npt.NDArray[np.int64], rate: float
+) -> npt.NDArray[np.float64]:
+    """``(hits - trials * rate) / sqrt(trials * rate * (1 - rate))``, 0 where
+    there are no trials."""
+    trials_f = trials.astype(np.float64)
+    spread = np.sqrt(np.maximum(trials_f, 1.0) * rate * (1.0 - rate))
+    return np.where(trials > 0, (hits - trials_f * rate) / spread, 0.0)

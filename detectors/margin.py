@@ -35,8 +35,14 @@ It needs the model's answers, so it learns in
 :meth:`~detectors.base.Detector.observe_outputs` (after the model call) and
 its score judges the client's next queries.
 
-Imports numpy, pydantic, :mod:`detectors._jit` (numba), :mod:`detectors._cohort`
-and ``traffic``'s time bound; nothing from Kafka, Redis, FastAPI or ``gateway``.
+This module holds the detector: its per-client state, its honest baseline
+and how the four statistics become one score with its evidence. The
+statistics and their compiled loops are in :mod:`detectors._marginstats`
+(the public ones re-exported here), the tests over young keys and their
+cohorts in :mod:`detectors._margincohort`, the parameters in
+:mod:`detectors._marginparams`. Imports numpy, those three modules,
+:mod:`detectors._ring`, :mod:`detectors._state` and ``traffic``'s time
+bound; nothing from Kafka, Redis, FastAPI or ``gateway``.
 """
 
 from __future__ import annotations
@@ -44,18 +50,27 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import Field, model_validator
 
-from detectors._cohort import float_pool
-from detectors._jit import jit
+from detectors._margincohort import (
+    RankEvidence,
+    opening_evidence,
+    rank_evidence,
+    rank_z,
+)
+from detectors._marginparams import RANK_HORIZON_MAX
+from detectors._marginparams import MarginParams as MarginParams
+from detectors._marginstats import confidence_trend as confidence_trend
+from detectors._marginstats import mann_kendall as mann_kendall
+from detectors._marginstats import mann_kendall_extend, rank_kernel
+from detectors._marginstats import margins_and_entropy as margins_and_entropy
+from detectors._marginstats import rank_table as rank_table
 from detectors._ring import push_ring
 from detectors._state import FieldSpec, check_counters, check_ring_counters, group_rows
-from detectors.base import Detector, DetectorParams, DetectorScore, LiveBaseline
+from detectors.base import Detector, DetectorScore, LiveBaseline
 from detectors.baselines import BaselineRefused, check_fields, read_field
 from detectors.traffic import MAX_TIME_S
 
@@ -63,449 +78,6 @@ logger = logging.getLogger(__name__)
 
 _LEVELS = 255.0
 """Margins and entropies are kept per client as uint8 in [0, 255]."""
-
-_RANK_HORIZON_MAX = 100_000
-"""Largest ``rank_horizon``; it bounds a stored client's weight sums."""
-
-
-class MarginParams(DetectorParams):
-    """Parameters of :class:`MarginDetector`."""
-
-    window: int = Field(64, ge=8, le=4096)
-    """Recent answers per client over which the uncertain share is taken."""
-
-    margin_at: float = Field(0.2, gt=0.0, le=1.0)
-    """An answer whose top-1 minus top-2 probability is below this is
-    uncertain."""
-
-    entropy_at: float = Field(0.9, gt=0.0, le=1.0)
-    """An answer whose entropy over ``log(k)`` is above this is uncertain."""
-
-    baseline_size: int = Field(4096, ge=64, le=1_000_000)
-    """Honest answers kept as the baseline (the newest replace the oldest)."""
-
-    threshold: float = Field(0.3, gt=0.0, le=1.0)
-    """Excess uncertain share (see the class) at which a client is flagged."""
-
-    min_answers: int = Field(32, ge=1, le=100_000)
-    """Answers a client must have had before the share and the window trend
-    can flag it. Over 20 answers one honest run of near-identical inputs
-    near the boundary (3 to 8 copies) moves the share by up to 0.4, as much
-    as the threshold allows on a model whose honest share is 14% (phishing):
-    it blocked an honest client in an evaluation run (seed 1); over 32 it
-    moves it by 0.25."""
-
-    trend_weight: float = Field(0.55, ge=0.0, le=1.0)
-    """Factor putting the confidence trend (Kendall's tau, see the class) on
-    the share score's scale: the trend flags at tau >= threshold /
-    trend_weight (0.545 with the defaults); 0 turns the trend off."""
-
-    trend_min_answers: int = Field(48, ge=8, le=4096)
-    """Answers in the window before the trend counts: tau over fewer pairs
-    is too noisy for an honest client's random order (its spread under random
-    order is about 0.1 at 48 answers, 0.086 at 64)."""
-
-    opening_answers: int = Field(32, ge=8, le=4096)
-    """A key's first answers over which its opening trend is tested once
-    (see the class); must fit in ``window``."""
-
-    opening_min: int = Field(10, ge=3, le=4096)
-    """Answers of the opening before its trend counts."""
-
-    opening_z: float = Field(4.5, gt=0.0)
-    """Mann-Kendall z of a key's own opening at which it is flagged alone."""
-
-    cohort_window_s: float = Field(0.25, ge=0.0, le=3600.0)
-    """Keys whose first query came within this many seconds of each other
-    form a cohort whose openings are pooled (see the class); 0 turns pooling
-    off. The assumption it encodes: keys one attacker drives start together,
-    honest keys start independently of each other."""
-
-    cohort_pace_share: float = Field(0.2, ge=0.0, le=10.0)
-    """Cohort members must also have had as many answers as the key, within
-    this share of its count (at least 2 either way): keys one attacker spreads
-    its stream over keep the same pace, honest keys that merely started in the
-    same moment do not."""
-
-    cohort_min_keys: int = Field(3, ge=2, le=10_000)
-    """Keys (this one included) a cohort needs before its pooled z counts."""
-
-    cohort_z: float = Field(6.0, gt=0.0)
-    """Pooled (Stouffer) z of a cohort's trends at which its members that
-    contribute (``member_z``) are flagged."""
-
-    member_z: float = Field(3.0, ge=0.0)
-    """A key's own trend z (over its first ``cohort_answers``) needed to be
-    flagged through its cohort: an honest key that happened to start with an
-    attacker's keys must still show the climb itself."""
-
-    cohort_answers: int | None = Field(None, ge=8, le=4096)
-    """A key's first answers whose confidence trend (Mann-Kendall S and
-    variance) it pools with its cohort's; must fit in ``window``; None:
-    ``window``, the key's whole young life. Longer than ``opening_answers``
-    because a pool-based learner that works through its whole pool climbs
-    late: the evaluation's learner on ``digits`` over 10 keys sends each key
-    about 45 rows, no more confident at their 32nd than at their first,
-    then climbing (see the class)."""
-
-    @property
-    def young_answers(self) -> int:
-        """``cohort_answers``, or ``window`` when that is None."""
-        return self.window if self.cohort_answers is None else self.cohort_answers
-
-    rank_test: bool = True
-    """Run the rank test (see the class): the client's answers' margins,
-    ranked among honest answers' margins, against the middle rank."""
-
-    rank_horizon: int = Field(192, ge=16, le=_RANK_HORIZON_MAX)
-    """Answers over which a client's mean rank is taken: each answer's
-    weight decays by ``1 - 1 / rank_horizon`` per later answer."""
-
-    rank_z: float = Field(5.0, gt=0.0)
-    """z of a client's mean rank at which it is flagged."""
-
-    rank_min_answers: int = Field(48, ge=8, le=100_000)
-    """Effective answers (``(sum w)^2 / sum w^2``) before the rank test
-    counts."""
-
-    rank_repeat_eps: float = Field(0.02, ge=0.0, le=1.0)
-    """A row within this per-feature RMS distance (inputs scaled to [0, 1])
-    of the client's previous row is a re-send and is not ranked again; 0
-    ranks every row."""
-
-    rank_member_z: float = Field(3.0, ge=0.0)
-    """A young key's own rank z needed to pool its ranks with its cohort's
-    (see the class) and be flagged through it. 3, as ``member_z``: at 2, a
-    sybil attacker's keys started in the same quarter second as honest ones
-    at their pace, with doubtful answers, had 11 of 200 honest keys flagged
-    (their own first few answers reach z 2 often enough); at 3 none, while
-    a learner's ten keys were still flagged, 98 of 100, at their 13th answer
-    at the median instead of their 9th
-    (``tests/detectors/test_margin_cohort_framing.py``)."""
-
-    rank_min_baseline: int = Field(512, ge=64, le=1_000_000)
-    """Honest answers from live traffic the baseline must hold before the
-    rank test runs. Answers to the reference (training) data are more
-    confident than answers to new data, so ranks against them would make
-    every honest client look doubtful: the digits MLP's honest clients reach
-    z 8.8 against its training data, 5.6 against each other."""
-
-    @model_validator(mode="after")
-    def _trend_fits_window(self) -> Self:
-        if self.trend_min_answers > self.window:
-            raise ValueError(
-                f"trend_min_answers ({self.trend_min_answers}) exceeds window "
-                f"({self.window}), so the trend would never count"
-            )
-        if self.opening_answers > self.window:
-            raise ValueError(
-                f"opening_answers ({self.opening_answers}) exceeds window "
-                f"({self.window}): the ring must hold the whole opening"
-            )
-        if self.rank_min_baseline > self.baseline_size:
-            raise ValueError(
-                f"rank_min_baseline ({self.rank_min_baseline}) exceeds "
-                f"baseline_size ({self.baseline_size}), so the rank test "
-                f"would never run"
-            )
-        if self.cohort_answers is not None and self.cohort_answers > self.window:
-            raise ValueError(
-                f"cohort_answers ({self.cohort_answers}) exceeds window "
-                f"({self.window}): the ring must hold the whole stretch"
-            )
-        if self.opening_min > self.opening_answers:
-            raise ValueError(
-                f"opening_min ({self.opening_min}) exceeds opening_answers "
-                f"({self.opening_answers}), so the opening would never count"
-            )
-        return self
-
-
-def margins_and_entropy(
-    proba: npt.NDArray[np.float64],
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """Top-1 minus top-2 probability and entropy over ``log(k)``, per row.
-
-    Both in [0, 1]; a one-class answer has margin 1 and entropy 0.
-    """
-    p = np.clip(proba, 0.0, 1.0)
-    k = p.shape[1]
-    if k < 2:
-        return np.ones(len(p)), np.zeros(len(p))
-    top = np.partition(p, k - 2, axis=1)[:, k - 2 :]
-    margin = top[:, 1] - top[:, 0]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(p > 0, p * np.log(p), 0.0)
-    entropy = -terms.sum(axis=1) / np.log(k)
-    return np.clip(margin, 0.0, 1.0), np.clip(entropy, 0.0, 1.0)
-
-
-def confidence_trend(
-    ring: npt.NDArray[np.uint8],
-    pos: npt.NDArray[np.int64],
-    length: npt.NDArray[np.int64],
-) -> npt.NDArray[np.float64]:
-    """Kendall's tau between arrival order and the ring's values, per ring.
-
-    Parameters
-    ----------
-    ring
-        Shape (n, W): each row a ring of quantised margins.
-    pos, length
-        Per ring, the next index to write and how many cells are filled.
-
-    Returns
-    -------
-    array
-        In [-1, 1]: +1 when every later answer is more confident than every
-        earlier one, 0 for fewer than two answers. Ties count for neither
-        side (tau-a), so the many equal margins of confident answers pull it
-        towards 0, never away.
-
-    Examples
-    --------
-    >>> ring = np.array([[40, 30, 10, 20]], dtype=np.uint8)  # oldest at 2
-    >>> confidence_trend(ring, np.array([2]), np.array([4])).round(3).tolist()
-    [0.667]
-    """
-    out = np.zeros(len(ring))
-    if len(ring):
-        _trend_kernel(
-            np.ascontiguousarray(ring, dtype=np.uint8),
-            np.asarray(pos, dtype=np.int64) - np.asarray(length, dtype=np.int64),
-            np.asarray(length, dtype=np.int64),
-            out,
-        )
-    return out
-
-
-@jit
-def _trend_kernel(
-    ring: npt.NDArray[np.uint8],
-    oldest: npt.NDArray[np.int64],
-    length: npt.NDArray[np.int64],
-    out: npt.NDArray[np.float64],
-) -> None:
-    """Kendall's tau-a per ring into ``out``; one pass over each ring's pairs
-    (measured about 4 times cheaper than numpy's boolean pair tables)."""
-    width = ring.shape[1]
-    for r in range(ring.shape[0]):
-        n = length[r]
-        first = oldest[r] + width
-        up = 0
-        down = 0
-        for i in range(n):
-            a = ring[r, (first + i) % width]
-            for j in range(i + 1, n):
-                b = ring[r, (first + j) % width]
-                if b > a:
-                    up += 1
-                elif b < a:
-                    down += 1
-        pairs = n * (n - 1) // 2
-        out[r] = (up - down) / max(pairs, 1)
-
-
-def mann_kendall(
-    values: npt.NDArray[np.uint8], length: npt.NDArray[np.int64]
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """Mann-Kendall S and its variance under random order, per row.
-
-    Parameters
-    ----------
-    values
-        Shape (n, L), oldest first; only the first ``length[i]`` cells of row
-        ``i`` count.
-    length
-        Filled cells per row.
-
-    Returns
-    -------
-    tuple of arrays
-        ``S`` (later-greater pairs minus later-smaller pairs) and its variance
-        when every order of the values is equally likely, corrected for ties
-        (Kendall 1975): ``(n(n-1)(2n+5) - sum t(t-1)(2t+5)) / 18`` over the
-        groups of ``t`` equal values. ``S / sqrt(var)`` is close to standard
-        normal from about 10 values on; the variances of independent rows add,
-        which is what pooling a cohort relies on.
-
-    Examples
-    --------
-    >>> s, v = mann_kendall(np.array([[1, 2, 3, 0]], dtype=np.uint8), np.array([3]))
-    >>> s.tolist(), v.round(3).tolist()
-    ([3.0], [3.667])
-    """
-    stat = np.zeros(len(values))
-    var = np.zeros(len(values))
-    if len(values):
-        values = np.ascontiguousarray(values, dtype=np.uint8)
-        _mann_kendall_kernel(
-            values,
-            np.zeros(len(values), dtype=np.int64),
-            np.asarray(length, dtype=np.int64),
-            stat,
-            var,
-        )
-    return stat, var
-
-
-@jit
-def _mann_kendall_kernel(
-    values: npt.NDArray[np.uint8],
-    oldest: npt.NDArray[np.int64],
-    length: npt.NDArray[np.int64],
-    stat: npt.NDArray[np.float64],
-    var: npt.NDArray[np.float64],
-) -> None:
-    """S and its tie-corrected variance per row of a ring read from
-    ``oldest`` (cells wrap), into ``stat`` and ``var``."""
-    width = values.shape[1]
-    for r in range(values.shape[0]):
-        n = length[r]
-        first = oldest[r] + width
-        s = 0
-        ties = 0.0
-        for i in range(n):
-            a = values[r, (first + i) % width]
-            equal = 1
-            for j in range(n):
-                if j == i:
-                    continue
-                b = values[r, (first + j) % width]
-                if b == a:
-                    equal += 1
-                elif j > i:
-                    s += 1 if b > a else -1
-            # Each of a group of t equal values adds (t - 1)(2t + 5): the
-            # group's t(t - 1)(2t + 5) of Kendall's correction.
-            ties += (equal - 1.0) * (2.0 * equal + 5.0)
-        size = float(n)
-        var[r] = max((size * (size - 1.0) * (2.0 * size + 5.0) - ties) / 18.0, 0.0)
-        stat[r] = float(s)
-
-
-@jit
-def _mann_kendall_extend(
-    values: npt.NDArray[np.uint8],
-    oldest: npt.NDArray[np.int64],
-    before: npt.NDArray[np.int64],
-    stop: npt.NDArray[np.int64],
-    stat: npt.NDArray[np.float64],
-    var: npt.NDArray[np.float64],
-) -> None:
-    """Extend S and its tie-corrected variance per row of a ring read from
-    ``oldest`` (cells wrap) from its first ``before`` values, whose results
-    ``stat`` and ``var`` hold, to its first ``stop``: each new value is
-    compared with the earlier ones once, so a key's whole stretch costs
-    O(n^2) over its life rather than per batch. The ties' sum is recovered
-    from the stored variance (an integer, rounded) and a value joining a
-    group of ``c`` equal ones adds ``6 c (c + 2)`` to it, which is what
-    :func:`_mann_kendall_kernel` computes over the whole stretch."""
-    width = values.shape[1]
-    for r in range(values.shape[0]):
-        first = oldest[r] + width
-        size = float(before[r])
-        ties = np.rint(size * (size - 1.0) * (2.0 * size + 5.0) - 18.0 * var[r])
-        s = stat[r]
-        for j in range(before[r], stop[r]):
-            a = values[r, (first + j) % width]
-            equal = 0
-            for i in range(j):
-                b = values[r, (first + i) % width]
-                if a > b:
-                    s += 1.0
-                elif a < b:
-                    s -= 1.0
-                else:
-                    equal += 1
-            ties += 6.0 * equal * (equal + 2.0)
-        size = float(max(stop[r], before[r]))
-        var[r] = max((size * (size - 1.0) * (2.0 * size + 5.0) - ties) / 18.0, 0.0)
-        stat[r] = s
-
-
-def rank_table(
-    margins: npt.NDArray[np.uint8],
-) -> tuple[npt.NDArray[np.float64], float]:
-    """Mid-rank of every quantised margin among ``margins``, and the variance
-    of one answer's mid-rank when answers are drawn like ``margins``.
-
-    Parameters
-    ----------
-    margins
-        Honest answers' margins, quantised to 0..255.
-
-    Returns
-    -------
-    tuple
-        ``table[v]``: the share of ``margins`` below ``v`` plus half the share
-        equal to it, so a value drawn like ``margins`` has mean rank exactly
-        0.5 however many ties there are; and that rank's variance,
-        ``(1 - sum p_v^3) / 12`` over the shares ``p_v`` of each value (1/12
-        without ties, less with them: most confident answers tie at 255).
-
-    Examples
-    --------
-    >>> table, var = rank_table(np.array([10, 10, 200, 255], dtype=np.uint8))
-    >>> table[[10, 200, 255]].tolist(), round(var, 4)
-    ([0.25, 0.625, 0.875], 0.0703)
-    """
-    counts = np.bincount(margins, minlength=256).astype(np.float64)
-    share = counts / max(float(counts.sum()), 1.0)
-    table = np.cumsum(share) - 0.5 * share
-    return table, float((1.0 - np.sum(share**3)) / 12.0)
-
-
-@jit
-def _rank_kernel(
-    slots: npt.NDArray[np.int64],
-    rank: npt.NDArray[np.float64],
-    rows: npt.NDArray[np.uint8],
-    decay: float,
-    repeat_sq: float,
-    weight: npt.NDArray[np.float64],
-    weight_sq: npt.NDArray[np.float64],
-    weighted: npt.NDArray[np.float64],
-    last: npt.NDArray[np.uint8],
-    has_last: npt.NDArray[np.uint8],
-) -> None:
-    """Fold each row's rank into its client's decaying sums, in arrival
-    order (a client's rows of one batch decay each other in turn), except a
-    row within ``repeat_sq`` (summed squared difference, in quantised levels)
-    of the client's previous row: a retry or near-identical re-send repeats
-    its predecessor's answer, and counting it again would make a run of
-    copies weigh as independent evidence. Each row becomes its client's
-    previous row."""
-    width = rows.shape[1]
-    for i in range(len(slots)):
-        s = slots[i]
-        repeat = False
-        if has_last[s]:
-            total = 0.0
-            for j in range(width):
-                diff = float(rows[i, j]) - float(last[s, j])
-                total += diff * diff
-            repeat = total <= repeat_sq
-        for j in range(width):
-            last[s, j] = rows[i, j]
-        has_last[s] = 1
-        if repeat:
-            continue
-        weight[s] = decay * weight[s] + 1.0
-        weight_sq[s] = decay * decay * weight_sq[s] + 1.0
-        weighted[s] = decay * weighted[s] + rank[i]
-
-
-@dataclass
-class _RankEvidence:
-    """The rank test's per-row results (see ``MarginDetector._rank_evidence``)."""
-
-    mean: npt.NDArray[np.float64]
-    z: npt.NDArray[np.float64]
-    ready: npt.NDArray[np.bool_]
-    pooled_mean: npt.NDArray[np.float64]
-    pooled_z: npt.NDArray[np.float64]
-    keys: npt.NDArray[np.int64]
 
 
 class MarginDetector(Detector[MarginParams]):
@@ -770,7 +342,7 @@ class MarginDetector(Detector[MarginParams]):
         # horizon's 1 / (1 - decay); ranks lie in [0, 1].
         w = float(values["rank_w"])
         if not (
-            0.0 <= w <= _RANK_HORIZON_MAX
+            0.0 <= w <= RANK_HORIZON_MAX
             and 0.0 <= float(values["rank_w2"]) <= w
             and 0.0 <= float(values["rank_wu"]) <= w
         ):
@@ -899,7 +471,7 @@ class MarginDetector(Detector[MarginParams]):
         ranks = self._rank_baseline()
         if ranks is not None:
             p = self._params
-            _rank_kernel(
+            rank_kernel(
                 np.ascontiguousarray(slots, dtype=np.int64),
                 ranks[0][quantised],
                 np.rint(np.clip(X, 0.0, 1.0) * _LEVELS).astype(np.uint8),
@@ -963,7 +535,7 @@ class MarginDetector(Detector[MarginParams]):
             slots = unique[todo]
             stat = arrays[stat_name][slots]
             var = arrays[var_name][slots]
-            _mann_kendall_extend(
+            mann_kendall_extend(
                 arrays["margin"][slots],
                 arrays["pos"][slots] - arrays["len"][slots],
                 before[todo],
@@ -1105,67 +677,17 @@ class MarginDetector(Detector[MarginParams]):
 
         return self._scores(score, warm, evidence)
 
-    def _rank_evidence(self, slots: npt.NDArray[np.int64]) -> _RankEvidence:
-        """Per row: the client's decaying mean rank and its z (positive when
-        the answers are less confident than honest ones), whether that counts
-        (live baseline ready, ``rank_min_answers`` effective answers), and the
-        same pooled over the key's cohort (see :meth:`_cohort_sums`) for a
-        young key whose own z reaches ``rank_member_z``."""
+    def _rank_evidence(self, slots: npt.NDArray[np.int64]) -> RankEvidence:
+        """Per row: the rank test alone and over the key's cohort
+        (:func:`detectors._margincohort.rank_evidence`)."""
         assert self._arena is not None
-        arrays = self._arena.arrays
-        p = self._params
-        n = len(slots)
-        out = _RankEvidence(
-            mean=np.full(n, 0.5),
-            z=np.zeros(n),
-            ready=np.zeros(n, dtype=bool),
-            pooled_mean=np.full(n, 0.5),
-            pooled_z=np.zeros(n),
-            keys=np.ones(n, dtype=np.int64),
+        return rank_evidence(
+            self._arena.arrays,
+            slots,
+            self._params,
+            self._rank_baseline(),
+            self._base_live,
         )
-        ranks = self._rank_baseline()
-        if ranks is None or ranks[1] <= 0.0:
-            # No live baseline yet, or every honest answer had one margin.
-            return out
-        var = ranks[1]
-        w = arrays["rank_w"][slots]
-        w2 = arrays["rank_w2"][slots]
-        wu = arrays["rank_wu"][slots]
-        some = w2 > 0
-        effective = np.divide(w * w, w2, out=np.zeros(n), where=some)
-        out.ready = effective >= p.rank_min_answers
-        np.divide(wu, w, out=out.mean, where=some)
-        own_z = self._rank_z(out.mean, effective, var)
-        out.z = np.where(out.ready, own_z, 0.0)
-        if p.cohort_window_s <= 0:
-            return out
-        # Keys of a distributed learner stay young and each has too few
-        # answers to be judged alone; only those already leaning its way
-        # look for a cohort, once per key.
-        answers = arrays["n_answers"][slots]
-        ask = some & (answers <= p.window) & (own_z >= p.rank_member_z)
-        asking = np.unique(slots[ask])
-        found = self._cohort_sums(
-            asking, arrays["rank_w2"] > 0, ("rank_w", "rank_w2", "rank_wu")
-        )
-        count, total_w, total_w2, total_wu = found
-        pooled_n = np.divide(
-            total_w * total_w, total_w2, out=np.zeros(len(asking)), where=count > 0
-        )
-        counted = (count >= p.cohort_min_keys) & (pooled_n >= p.rank_min_answers)
-        if not counted.any():
-            return out
-        asking, count = asking[counted], count[counted]
-        mean = total_wu[counted] / total_w[counted]
-        pooled_z = self._rank_z(mean, pooled_n[counted], var)
-        # Each row of a counted key, and which of them it is (asking is sorted).
-        at = np.minimum(np.searchsorted(asking, slots), len(asking) - 1)
-        rows = asking[at] == slots
-        at = at[rows]
-        out.pooled_mean[rows] = mean[at]
-        out.pooled_z[rows] = pooled_z[at]
-        out.keys[rows] = count[at].astype(np.int64)
-        return out
 
     def _rank_z(
         self,
@@ -1173,50 +695,9 @@ class MarginDetector(Detector[MarginParams]):
         effective: npt.NDArray[np.float64],
         var: float,
     ) -> npt.NDArray[np.float64]:
-        """z of mean ranks over ``effective`` answers against the honest 0.5.
-
-        The weighted mean of independent ranks has variance var * sum w^2 /
-        (sum w)^2, i.e. var over the effective count; the baseline is a
-        sample too, whose own spread adds var over its size (as in the
-        two-sample rank-sum test), which matters while it is young.
-        """
-        spread = var * (1.0 / np.maximum(effective, 1.0) + 1.0 / self._base_live)
-        z: npt.NDArray[np.float64] = (0.5 - mean) / np.sqrt(spread)
-        return z
-
-    def _cohort_sums(
-        self,
-        asking: npt.NDArray[np.int64],
-        counted: npt.NDArray[np.bool_],
-        names: tuple[str, ...],
-    ) -> npt.NDArray[np.float64]:
-        """Per asking key (unique, sorted): its cohort's size, then the sum of
-        each state field of ``names`` over it, one row each. The cohort is
-        every key of ``counted`` whose first scored query came within
-        ``cohort_window_s`` of the asking key's own and whose answer count is
-        within ``cohort_pace_share`` of its own (at least 2 either way),
-        itself included. Time and pace only, never what the answers were, so
-        an honest cohort's pooled statistic is as honest as one key's.
-
-        An attacker makes every key of every batch look: each look is a few
-        binary searches over the keys that started near the asking ones,
-        sorted once per batch (:func:`detectors._cohort.float_pool`), where a
-        scan of every key per asking key took 373 ms for a 256-row batch
-        over 50,000 such keys.
-        """
-        assert self._arena is not None
-        arrays = self._arena.arrays
-        p = self._params
-        first = arrays["first_s"]
-        return float_pool(
-            asking,
-            arrays["n_answers"],
-            first,
-            [arrays[name] for name in names],
-            counted & (first > 0),
-            p.cohort_pace_share,
-            p.cohort_window_s,
-        )
+        """z of mean ranks against the honest 0.5, with this detector's live
+        baseline (:func:`detectors._margincohort.rank_z`)."""
+        return rank_z(mean, effective, var, self._base_live)
 
     def _opening_evidence(
         self, slots: npt.NDArray[np.int64]
@@ -1226,53 +707,7 @@ class MarginDetector(Detector[MarginParams]):
         npt.NDArray[np.float64],
         npt.NDArray[np.int64],
     ]:
-        """Per row: the key's own opening z, its own z over its first
-        ``cohort_answers`` (``window`` by default), its cohort's pooled z
-        over theirs (0 when the key is not a contributing member of a large
-        enough cohort) and the cohort's size.
-
-        Both count once the key has had ``opening_min`` answers and while it
-        has had at most ``window``: young keys, which is what a distributed
-        attacker's keys stay. The cohort is every key of this detector whose
-        first query came within ``cohort_window_s`` of this key's, itself
-        included, each contributing the S and variance of its first
-        ``cohort_answers`` answers (Stouffer's pooling of independent rank
-        statistics).
-        """
+        """Per row: the key's opening z, its young z, its cohort's pooled z
+        and the cohort's size (:func:`detectors._margincohort.opening_evidence`)."""
         assert self._arena is not None
-        arrays = self._arena.arrays
-        p = self._params
-        n = len(slots)
-        own = np.zeros(n)
-        young_z = np.zeros(n)
-        pooled = np.zeros(n)
-        size = np.ones(n, dtype=np.int64)
-        answers = arrays["n_answers"][slots]
-        young = (answers >= p.opening_min) & (answers <= p.window)
-        var = arrays["open_v"][slots]
-        opened = young & (var > 0)
-        own[opened] = arrays["open_s"][slots[opened]] / np.sqrt(var[opened])
-        var = arrays["young_v"][slots]
-        young &= var > 0
-        if not young.any():
-            return own, young_z, pooled, size
-        young_z[young] = arrays["young_s"][slots[young]] / np.sqrt(var[young])
-        if p.cohort_window_s <= 0:
-            return own, young_z, pooled, size
-        # Only keys that could be flagged through a cohort look for one, once
-        # per key and batch.
-        asking = np.unique(slots[young & (young_z >= p.member_z)])
-        count, total_s, total_v = self._cohort_sums(
-            asking, arrays["young_v"] > 0, ("young_s", "young_v")
-        )
-        counted = count >= p.cohort_min_keys
-        if not counted.any():
-            return own, young_z, pooled, size
-        asking = asking[counted]
-        z = total_s[counted] / np.sqrt(total_v[counted])
-        at = np.minimum(np.searchsorted(asking, slots), len(asking) - 1)
-        rows = asking[at] == slots
-        at = at[rows]
-        pooled[rows] = z[at]
-        size[rows] = count[counted][at].astype(np.int64)
-        return own, young_z, pooled, size
+        return opening_evidence(self._arena.arrays, slots, self._params)

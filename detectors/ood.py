@@ -11,10 +11,17 @@ The per-row work (the trees in :mod:`detectors._hst`, the lattice and range
 checks, the per-client counters) runs in compiled loops, row by row in
 arrival order, so a batch ends exactly where its rows sent one at a time would.
 
+This module holds the detector: the shared trees and the tracked honest
+rate, the per-client windows and counters, and how they become a score
+with its evidence. The lattice, range and repeat checks are in
+:mod:`detectors._oodrows`, the cohort test in :mod:`detectors._oodcohort`,
+the per-client counters' loop and the stored state's checks and migration
+in :mod:`detectors._oodstate`, the parameters in :mod:`detectors._oodparams`.
+
 Imports numpy, scipy (the binomial tail, :mod:`detectors._binomial`),
-pydantic, River, :mod:`detectors._jit` (numba), :mod:`detectors._cohort` and
-``traffic``'s time bound only; nothing from Kafka, Redis, FastAPI or
-``gateway``.
+River (through :mod:`detectors._hst`), the four modules above,
+:mod:`detectors._state` and ``traffic``'s time bound only; nothing from
+Kafka, Redis, FastAPI or ``gateway``.
 """
 
 from __future__ import annotations
@@ -22,27 +29,31 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import Field
 
 from detectors._binomial import upper_tail
-from detectors._cohort import candidates, pool
 from detectors._hst import HalfSpaceForest
-from detectors._jit import jit
+from detectors._oodcohort import cohort_evidence
+from detectors._oodparams import OodParams as OodParams
+from detectors._oodrows import (
+    MAX_HALF_WIDE_RATE,
+    Lattice,
+    counted_outliers,
+    half_wide_rate,
+    outside_counts,
+)
+from detectors._oodstate import check_state, client_counts, with_off_lattice_ring
 from detectors._state import (
     FieldSpec,
     LayoutMigration,
-    check_counters,
-    check_window,
     group_rows,
     push_window,
     window_fields,
 )
-from detectors.base import Detector, DetectorParams, DetectorScore, LiveBaseline
+from detectors.base import Detector, DetectorScore, LiveBaseline
 from detectors.baselines import (
     MAX_SAMPLES,
     BaselineRefused,
@@ -57,15 +68,6 @@ logger = logging.getLogger(__name__)
 # many exist; rows inside it score lower because they built the masses.
 _MIN_CALIBRATION_ROWS = 100
 
-MIN_RANGE_ROWS = 40
-"""Fewest reference rows for the range check (below it the range is noise)."""
-
-MAX_HALF_WIDE_RATE = 0.10
-"""Largest share of one random half of the reference that may be wide
-against the other half's range for the range check to run; measured 2.7%
-(at most 4.9% over ten splits) on the evaluation's breast-cancer sample of
-284 rows, 0% on phishing, 0.2% on digits."""
-
 HONEST_RATE_PRIOR_ROWS = 1000
 """Weight, in learned rows, of ``honest_rate`` in the tracked honest outlier
 rate: the first thousand rows of clients in good standing move it little, so
@@ -75,337 +77,6 @@ HONEST_RATE_CAP = 0.1
 """Highest honest outlier rate the tracked estimate may reach: clients in
 good standing include attackers not yet flagged, and an estimate they pushed
 up would make every count look ordinary."""
-
-LATTICE_ROWS_PER_LEVEL = 10
-"""Reference rows per distinct value a feature needs to count as a lattice
-feature: a continuous feature sampled by a small reference has few distinct
-values by chance, and must not be mistaken for a quantised one."""
-
-
-def _complete_grid(
-    values: npt.NDArray[np.float64], limit: int
-) -> npt.NDArray[np.float64]:
-    """A feature's levels, completed to its regular grid over [0, 1] when the
-    reference levels are multiples of one step (pixel intensities k/16), so a
-    level the reference happened not to show (a sparse edge pixel) is not
-    taken for an off-lattice value; the observed levels otherwise."""
-    step = float(np.diff(values).min())
-    offsets = (values - values[0]) / step
-    if step <= 0 or not np.allclose(offsets, np.rint(offsets), atol=1e-6):
-        return values
-    first = -np.floor(values[0] / step + 1e-9)
-    last = np.floor((1.0 - values[0]) / step + 1e-9)
-    if last - first + 1 > limit:
-        return values
-    return np.asarray(values[0] + step * np.arange(first, last + 1))
-
-
-@jit
-def _off_lattice_counts(
-    X: npt.NDArray[np.float64],
-    grid_features: npt.NDArray[np.uint32],
-    grid_origin: npt.NDArray[np.float64],
-    grid_step: npt.NDArray[np.float64],
-    grid_last: npt.NDArray[np.float64],
-    other_features: npt.NDArray[np.uint32],
-    levels: npt.NDArray[np.float64],
-    tolerance: float,
-) -> npt.NDArray[np.int64]:
-    """Per row, how many lattice features lie farther than ``tolerance`` from
-    every level of their reference.
-
-    A regular grid's nearest level is
-    ``clip(rint((x - origin) / step) * step + origin, origin, last)``, rounded
-    half to even, in that order of operations (the grid level a value is
-    checked against must not move by a rounding); the other features are
-    checked against each of their levels (``levels``, padded with +inf).
-    Feature indices are unsigned: numba tests a signed index for wrap-around
-    on every lookup.
-    """
-    n = X.shape[0]
-    off = np.zeros(n, dtype=np.int64)
-    for i in range(n):
-        row = X[i]
-        count = 0
-        for k in range(grid_features.shape[0]):
-            value = row[grid_features[k]]
-            origin = grid_origin[k]
-            nearest = np.rint((value - origin) / grid_step[k]) * grid_step[k] + origin
-            nearest = min(max(nearest, origin), grid_last[k])
-            count += abs(value - nearest) > tolerance
-        for k in range(other_features.shape[0]):
-            value = row[other_features[k]]
-            far = True
-            for level in levels[k]:
-                if abs(value - level) <= tolerance:
-                    far = False
-                    break
-            if far:
-                count += 1
-        off[i] = count
-    return off
-
-
-@jit
-def _outside_counts(
-    X: npt.NDArray[np.float64],
-    low: npt.NDArray[np.float64],
-    high: npt.NDArray[np.float64],
-    tolerance: float,
-) -> npt.NDArray[np.int64]:
-    """Per row, how many features lie below ``low - tolerance`` or above
-    ``high + tolerance``."""
-    n, d = X.shape
-    out = np.zeros(n, dtype=np.int64)
-    for i in range(n):
-        count = 0
-        for j in range(d):
-            value = X[i, j]
-            if low[j] - tolerance > value or high[j] + tolerance < value:
-                count += 1
-        out[i] = count
-    return out
-
-
-@jit
-def _client_counts(
-    slots: npt.NDArray[np.int64],
-    raw: npt.NDArray[np.float64],
-    synthetic: npt.NDArray[np.bool_],
-    wide: npt.NDArray[np.bool_],
-    arrival_s: npt.NDArray[np.float64],
-    n_seen: npt.NDArray[np.int64],
-    n_off_lattice: npt.NDArray[np.int64],
-    n_wide: npt.NDArray[np.int64],
-    ewma: npt.NDArray[np.float64],
-    first_s: npt.NDArray[np.float64],
-    alpha: float,
-) -> tuple[
-    npt.NDArray[np.int64],
-    npt.NDArray[np.int64],
-    npt.NDArray[np.int64],
-    npt.NDArray[np.float64],
-]:
-    """Advance each client's counters row by row, in arrival order.
-
-    Per row, after it: its client's queries seen, off-lattice queries and
-    counted wide queries so far, and the running mean anomaly score,
-    ``e <- e + alpha * (x - e)`` from the stored mean, or ``x`` for the
-    client's first query ever, whose arrival time goes to ``first_s``. The
-    arena arrays (indexed by slot) are updated in place, so a batch ends
-    where its rows sent one at a time would.
-    """
-    n = slots.shape[0]
-    seen = np.empty(n, dtype=np.int64)
-    off_so_far = np.empty(n, dtype=np.int64)
-    wide_so_far = np.empty(n, dtype=np.int64)
-    mean = np.empty(n)
-    for i in range(n):
-        slot = slots[i]
-        x = raw[i]
-        if n_seen[slot] == 0:
-            ewma[slot] = x
-            first_s[slot] = arrival_s[i]
-        else:
-            ewma[slot] = ewma[slot] + alpha * (x - ewma[slot])
-        n_seen[slot] += 1
-        n_off_lattice[slot] += synthetic[i]
-        n_wide[slot] += wide[i]
-        seen[i] = n_seen[slot]
-        off_so_far[i] = n_off_lattice[slot]
-        wide_so_far[i] = n_wide[slot]
-        mean[i] = ewma[slot]
-    return seen, off_so_far, wide_so_far, mean
-
-
-@jit
-def _count_non_repeats(
-    slots: npt.NDArray[np.int64],
-    codes: npt.NDArray[np.uint8],
-    last: npt.NDArray[np.uint8],
-    has_last: npt.NDArray[np.uint8],
-    limit: float,
-) -> npt.NDArray[np.bool_]:
-    """Per outlier row (in arrival order), whether it counts: it does unless
-    its client has a previous counted outlier (``has_last``) whose 8-bit
-    codes (``last``) lie within squared distance ``limit`` of its own. A
-    counted row becomes its client's previous one; the arena arrays (indexed
-    by slot) are updated in place."""
-    n, d = codes.shape
-    counted = np.zeros(n, dtype=np.bool_)
-    for i in range(n):
-        slot = slots[i]
-        if has_last[slot]:
-            distance = 0.0
-            for j in range(d):
-                step = float(codes[i, j]) - float(last[slot, j])
-                distance += step * step
-            if distance <= limit:
-                continue
-        counted[i] = True
-        has_last[slot] = 1
-        for j in range(d):
-            last[slot, j] = codes[i, j]
-    return counted
-
-
-class OodParams(DetectorParams):
-    """Parameters of :class:`OutOfDistributionDetector`."""
-
-    n_trees: int = Field(25, ge=1, le=200)
-    """Half-space trees in the shared baseline."""
-
-    height: int = Field(8, ge=1, le=12)
-    """Depth of each tree (``2**(height + 1) - 1`` nodes)."""
-
-    window_size: int = Field(250, ge=10, le=1_000_000)
-    """Learned rows per reference window; masses pivot after each window."""
-
-    query_threshold: float | None = Field(None, ge=0.0, le=1.0)
-    """Anomaly score above which one query counts as an outlier. ``None``: set
-    by :meth:`OutOfDistributionDetector.learn_baseline` from the reference data
-    at ``calibration_quantile``."""
-
-    # Source of the default: on scikit-learn digits (X / 16, learned on the
-    # 70% training split) the 0.995 quantile of the training rows' scores left
-    # 0-0.9% of held-out digits above it over seeds 0-5, and 99.7-100% of
-    # uniform and Gaussian-noise images (measurements in the issue note).
-    calibration_quantile: float = Field(0.995, ge=0.5, lt=1.0)
-    """Quantile of reference scores used as ``query_threshold`` when unset."""
-
-    window: int = Field(50, ge=5, le=4096)
-    """Recent queries of a client over which the outlier share is taken."""
-
-    threshold: float = Field(0.3, gt=0.0, le=1.0)
-    """Share of outliers in the window at which the client is flagged."""
-
-    min_queries: int = Field(5, ge=1, le=100_000)
-    """Queries a client must have sent before it can be flagged."""
-
-    # Source of the default: per-query outlier rates of honest held-out
-    # replays measured 0.5-3% (HST at the 0.995 quantile, plus the wide
-    # queries of breast cancer, 1.2%), and the tracked rate takes over from
-    # it; 0.03 would let an equation-solving key with 3 wide queries of 4
-    # through (tail 1.05e-4), so 0.02.
-    honest_rate: float = Field(0.02, gt=0.0, lt=1.0)
-    """Prior per-query outlier rate of an honest client; the detector tracks
-    the rate among the rows of established clients in good standing (past
-    their first ``window`` queries) and uses the larger of the two (at most
-    ``HONEST_RATE_CAP``)."""
-
-    # Source of the default: one honest client in 10,000 per window position
-    # (60 clients of 600 queries judge 36,000 windows, so about 4 chance
-    # flags at 1e-4 if windows were independent; they overlap, and the share
-    # must also reach `threshold`, so far fewer). It costs an attacker at
-    # most one or two queries: 3 outliers of 4, 4 of 10, 5 of 16 pass.
-    significance: float = Field(1e-4, gt=0.0, le=1.0)
-    """A client's share is judged only when so many outliers in its window
-    are unlikely for an honest client: the binomial tail ``P(X >= count)``
-    of the window's length at the honest rate must be at most this. 1.0
-    turns the check off. Off-lattice clients are judged without it."""
-
-    ewma_alpha: float = Field(0.1, gt=0.0, le=1.0)
-    """Weight of the newest query in the client's running mean anomaly score."""
-
-    lattice_levels: int = Field(32, ge=0, le=1024)
-    """A feature whose reference values take at most this many distinct
-    values (each seen ``LATTICE_ROWS_PER_LEVEL`` times on average) is a
-    *lattice* feature (pixel intensities, categories); 0 turns the lattice
-    check off."""
-
-    lattice_tolerance: float = Field(0.02, gt=0.0, le=0.5)
-    """Distance (scaled units, i.e. share of the feature's span) from the
-    nearest reference level beyond which a lattice feature is *off* it. The
-    default is four standard deviations of the evaluation's honest sensor
-    noise (0.5% of the span)."""
-
-    lattice_share: float = Field(0.06, gt=0.0, le=1.0)
-    """Share of the lattice features that must be off the lattice for a query
-    to count as synthetic (at least ``lattice_min_features``)."""
-
-    lattice_min_features: int = Field(2, ge=1, le=100_000)
-    """Fewest lattice features off the lattice for a query to count as
-    synthetic."""
-
-    # Source of the default: no honest query of the evaluation's zoo had
-    # more than 2 of 64 digits pixels or 1 of 9 phishing features off the
-    # lattice (see the class), so an honest client sends none; three, not
-    # one, so that a deployment whose clients send the odd rescaled input
-    # is flagged by the share first and refused only on a run of them.
-    # Papernot et al.'s Jacobian augmentation on digits (seed 2) was
-    # flagged at its 2nd off-lattice query and refused by the ladder at its
-    # 4th (flag, flag, block); its copy then passed the extraction bound by
-    # 0.003, and refusing at the 3rd keeps it under.
-    lattice_block: int = Field(3, ge=0, le=4096)
-    """Off-lattice queries among a client's last ``window`` at which it is
-    scored at ``lattice_block_level``, whatever its share; 0 turns this
-    off."""
-
-    lattice_block_level: float = Field(1.5, gt=0.0, le=100.0)
-    """Score, in multiples of ``threshold``, of a client with
-    ``lattice_block`` off-lattice queries in its window (capped at a share
-    of 1). The default is the policy's default block level (``block_at``)."""
-
-    range_min_features: int = Field(3, ge=0, le=100_000)
-    """Features outside the reference's range (by more than
-    ``range_tolerance``) that make a query *wide*; 0 turns the check off."""
-
-    range_tolerance: float = Field(0.03, ge=0.0, le=0.5)
-    """How far (scaled units) beyond the reference's min or max a feature must
-    lie to count as outside the range."""
-
-    range_early: int = Field(3, ge=1, le=100_000)
-    """Counted wide queries after which a client is warm before
-    ``min_queries``."""
-
-    # One distance for wide and HST repeats, not a second parameter: both
-    # are the same honest act (re-sending one input with the evaluation's
-    # 0.5%-of-span noise, an RMS step of about 0.005), and an operator who
-    # widens one has no case found for keeping the other narrow.
-    range_repeat_eps: float = Field(0.05, ge=0.0, le=1.0)
-    """An on-lattice outlier (HST or wide) within this per-feature RMS
-    distance of the client's previous counted one is a repeat (an honest
-    re-send of one unusual input) and is not counted; 0 counts every copy
-    that differs on the stored 8-bit grid. The name is older than the HST
-    part of the rule."""
-
-    cohort_window_s: float = Field(0.25, ge=0.0, le=3600.0)
-    """Young keys (at most ``window`` queries) whose first queries came
-    within this many seconds of each other, at one pace, form a cohort whose
-    outlier counts are pooled (see the class); 0 turns the cohort test off."""
-
-    cohort_pace_share: float = Field(0.2, ge=0.0, le=10.0)
-    """Query counts within this share of a key's own (at least 2 either
-    way) count as its pace."""
-
-    cohort_min_keys: int = Field(3, ge=2, le=10_000)
-    """Keys (this one included) a cohort needs before its pooled share
-    counts."""
-
-    # Source of the default: one counted wide (or off-lattice) query is what
-    # an equation-solving key on breast cancer shows at its first or second
-    # query (61% to 87% of its queries are wide, seeds 0-4), while an honest
-    # key does so on 1.4% of its queries; two would leave a three-query
-    # thief key at 74% wide without them one time in six (binomial).
-    cohort_min_own: int = Field(1, ge=1, le=4096)
-    """Counted wide or off-lattice queries of its own a young key needs
-    before its cohort's pooled share can score it: a key is never flagged
-    for the company it keeps alone."""
-
-    # Source of the default: one outlier in a key's first one or two
-    # queries (tail 0.02 and 0.04 at the honest rate 0.02), two in its first
-    # 18 or so; an honest key whose one wide query sits among ordinary ones
-    # (1 of 3, tail 0.06) no longer counts, while a thief's keys stay at 70%
-    # wide. 1.0: any key with evidence of its own.
-    cohort_member_tail: float = Field(0.05, gt=0.0, le=1.0)
-    """A young key is scored through its cohort only while its own outlier
-    count is at most this likely for an honest key (binomial upper tail of
-    its window at the honest rate)."""
-
-    cohort_significance: float = Field(1e-4, gt=0.0, le=1.0)
-    """A cohort's pooled share counts only when its pooled outlier count is
-    this unlikely for honest keys (binomial upper tail of the pooled queries
-    at the honest rate), as ``significance`` for one key."""
 
 
 class OutOfDistributionDetector(Detector[OodParams]):
@@ -569,8 +240,8 @@ class OutOfDistributionDetector(Detector[OodParams]):
     bytes plus one per feature). The shared model holds about 200 KB with the defaults.
     A state saved by the release before ``lattice_block`` (no ring of
     off-lattice bits) is migrated on load, its ring derived from its counters
-    (see ``_with_off_lattice_ring``; lattice_block may then fire later for up
-    to one window).
+    (see :func:`detectors._oodstate.with_off_lattice_ring`; lattice_block may
+    then fire later for up to one window).
 
     Parameters
     ----------
@@ -615,16 +286,8 @@ class OutOfDistributionDetector(Detector[OodParams]):
         super().__init__(params, seed=seed)
         self._forest: HalfSpaceForest | None = None
         self._calibrated_threshold: float | None = None
-        # Lattice features (see _learn_lattice): regular grids by origin,
-        # step and last level; the others by their padded levels.
-        empty = np.zeros(0)
-        self._lattice_features: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
-        self._grid_features: npt.NDArray[np.uint32] = np.zeros(0, dtype=np.uint32)
-        self._grid_origin: npt.NDArray[np.float64] = empty
-        self._grid_last: npt.NDArray[np.float64] = empty
-        self._grid_step: npt.NDArray[np.float64] = empty
-        self._other_features: npt.NDArray[np.uint32] = np.zeros(0, dtype=np.uint32)
-        self._lattice_levels: npt.NDArray[np.float64] = np.zeros((0, 0))
+        # Lattice features and their levels (see _learn_lattice).
+        self._lattice = Lattice.empty()
         # The reference's range per feature (None before a baseline).
         self._range_low: npt.NDArray[np.float64] | None = None
         self._range_high: npt.NDArray[np.float64] | None = None
@@ -693,7 +356,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
     @property
     def lattice_features(self) -> npt.NDArray[np.int64]:
         """Indices of the features checked against their reference levels."""
-        return self._lattice_features
+        return self._lattice.features
 
     @property
     def query_threshold(self) -> float | None:
@@ -734,107 +397,10 @@ class OutOfDistributionDetector(Detector[OodParams]):
             for name, spec in self._layout(n_features).items()
             if not name.startswith("off_lattice")
         }
-        return [LayoutMigration(before, self._with_off_lattice_ring)]
-
-    def _with_off_lattice_ring(
-        self, old: Mapping[str, npt.NDArray[Any]]
-    ) -> dict[str, npt.NDArray[Any]]:
-        """A state of the release before lattice_block, with the ring of
-        off-lattice bits it did not keep, derived conservatively.
-
-        Which outliers of the window were off the lattice was not stored,
-        only how many off-lattice queries the client ever sent. At least
-        ``n_off_lattice - (n_seen - outlier_len)`` of them are still in the
-        window (the rest of its queries have left it); that many bits are
-        set, on the oldest outliers of the window. As the window slides the
-        derived count is then never above the true one, so the migration
-        never refuses a client the old release's history would not have;
-        for a young key (its whole history in the window) it is exact. The
-        cost: a client past its first window that had off-lattice queries
-        in the window may reach ``lattice_block`` later than it would have,
-        by at most those queries, and only during the ``window`` queries
-        after the upgrade (after them the ring holds only new queries).
-        """
-        check_window(old, "outlier", "outlier_pos", "outlier_len")
-        ring = old["outlier"]
-        window = len(ring)
-        pos, length = int(old["outlier_pos"]), int(old["outlier_len"])
-        left_window = max(int(old["n_seen"]) - length, 0)
-        in_window = max(int(old["n_off_lattice"]) - left_window, 0)
-        off = np.zeros(window, dtype=np.uint8)
-        if in_window:
-            # The window's cells oldest first, and the outliers among them.
-            cells = (pos - length + np.arange(length)) % window
-            outliers = cells[ring[cells] != 0]
-            if len(outliers) < in_window:
-                raise ValueError(
-                    f"state counts {in_window} off-lattice queries in the "
-                    f"window but its window holds {len(outliers)} outliers"
-                )
-            off[outliers[:in_window]] = 1
-        return {
-            **old,
-            "off_lattice": off,
-            "off_lattice_pos": old["outlier_pos"],
-            "off_lattice_len": old["outlier_len"],
-        }
+        return [LayoutMigration(before, with_off_lattice_ring)]
 
     def _check_state(self, values: Mapping[str, npt.NDArray[Any]]) -> None:
-        check_window(values, "outlier", "outlier_pos", "outlier_len")
-        check_window(values, "off_lattice", "off_lattice_pos", "off_lattice_len")
-        check_counters(values, "n_seen")
-        if not np.isfinite(values["ewma"]) or int(values["n_seen"]) < 0:
-            raise ValueError("state field 'ewma' or 'n_seen' is invalid")
-        for field in ("n_off_lattice", "n_wide"):
-            if not 0 <= int(values[field]) <= int(values["n_seen"]):
-                raise ValueError(f"state field {field!r} is invalid")
-        seen = int(values["n_seen"])
-        has_outlier = int(values["has_outlier"])
-        # No previous outlier means nothing to be a repeat of: a stored row
-        # there would be a forged one (the arena starts zeroed).
-        stored = int(values["last_outlier"].astype(np.int64).sum())
-        if (
-            has_outlier not in (0, 1)
-            or (has_outlier == 0 and stored != 0)
-            or (seen == 0 and has_outlier != 0)
-        ):
-            raise ValueError("state field 'has_outlier' or 'last_outlier' is invalid")
-        first = float(values["first_s"])
-        if not abs(first) <= MAX_TIME_S or (seen == 0 and first != 0.0):
-            raise ValueError("state field 'first_s' is invalid")
-        # A young key's window holds every query it sent, and the cohort
-        # test sums its bits as its outlier count: a forged young key whose
-        # window claims more than it sent (or other than its counts imply)
-        # would carry invented outliers into an honest cohort's pool.
-        window = self._params.window
-        if seen <= window:
-            ring = values["outlier"]
-            length = int(values["outlier_len"])
-            count = int(ring.sum())
-            if (
-                length != seen
-                or int(values["outlier_pos"]) != seen % window
-                or int(ring[length:].sum()) != 0
-                or count < int(values["n_off_lattice"])
-                or int(values["off_lattice"].sum()) != int(values["n_off_lattice"])
-                or count < int(values["n_wide"])
-                or count < has_outlier
-            ):
-                raise ValueError(
-                    "state fields 'outlier', 'outlier_pos' and 'outlier_len' "
-                    "do not match a young key's counts"
-                )
-        # The two rings advance together, and an off-lattice query is an
-        # outlier: a forged ring of off-lattice bits alone would refuse (or,
-        # emptied, spare) a key by lattice_block.
-        if (
-            int(values["off_lattice_pos"]) != int(values["outlier_pos"])
-            or int(values["off_lattice_len"]) != int(values["outlier_len"])
-            or bool((values["off_lattice"] > values["outlier"]).any())
-        ):
-            raise ValueError(
-                "state field 'off_lattice' does not match the 'outlier' window"
-            )
+        check_state(values, self._params.window)
 
     def _on_n_features(self, n_features: int) -> None:
         params = self._params
@@ -887,62 +453,17 @@ class OutOfDistributionDetector(Detector[OodParams]):
         )
 
     def _learn_lattice(self, X: npt.NDArray[np.float64]) -> None:
-        """Find the quantised features of the reference and their levels."""
-        limit = self._params.lattice_levels
-        features: list[int] = []
-        levels: list[npt.NDArray[np.float64]] = []
-        if limit > 0:
-            for j in range(X.shape[1]):
-                values = np.unique(X[:, j])
-                if 2 <= len(values) <= limit and (
-                    len(X) >= LATTICE_ROWS_PER_LEVEL * len(values)
-                ):
-                    features.append(j)
-                    levels.append(_complete_grid(values, limit))
-        # Regular grids (equal steps) are checked by rounding, O(1) per value;
-        # the others against every level, padded with +inf to one width so a
-        # batch is checked in one broadcast.
-        steps = np.array([float(np.diff(v).min()) for v in levels])
-        regular = np.array(
-            [
-                bool(np.allclose(np.diff(v), s))
-                for v, s in zip(levels, steps, strict=True)
-            ],
-            dtype=bool,
-        )
+        """Find the quantised features of the reference and their levels, and
+        whether its range says where honest queries lie."""
         self._range_low, self._range_high = None, None
         if self._range_is_informative(X):
             self._range_low = X.min(axis=0)
             self._range_high = X.max(axis=0)
-        self._lattice_features = np.asarray(features, dtype=np.int64)
-        self._grid_features = self._lattice_features[regular].astype(np.uint32)
-        self._grid_origin = np.array(
-            [v[0] for v, r in zip(levels, regular, strict=True) if r]
-        )
-        self._grid_last = np.array(
-            [v[-1] for v, r in zip(levels, regular, strict=True) if r]
-        )
-        self._grid_step = steps[regular] if len(steps) else np.zeros(0)
-        others = [v for v, r in zip(levels, regular, strict=True) if not r]
-        width = max((len(v) for v in others), default=0)
-        padded = np.full((len(others), width), np.inf)
-        for i, values in enumerate(others):
-            padded[i, : len(values)] = values
-        self._other_features = self._lattice_features[~regular].astype(np.uint32)
-        self._lattice_levels = padded
+        self._lattice = Lattice.learn(X, self._params.lattice_levels)
 
     def off_lattice(self, X: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
         """Per row, how many lattice features lie off their reference levels."""
-        return _off_lattice_counts(
-            self._feature_rows(X),
-            self._grid_features,
-            self._grid_origin,
-            self._grid_step,
-            self._grid_last,
-            self._other_features,
-            self._lattice_levels,
-            self._params.lattice_tolerance,
-        )
+        return self._lattice.off(self._feature_rows(X), self._params.lattice_tolerance)
 
     def _feature_rows(self, X: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """``X`` as C-ordered float64 rows for the compiled checks.
@@ -969,14 +490,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
         p = self._params
         if p.range_min_features == 0:
             return False
-        if len(X) < MIN_RANGE_ROWS:
-            rate = 1.0
-        else:
-            order = np.random.default_rng(self._seed).permutation(len(X))
-            half, other = X[order[: len(X) // 2]], X[order[len(X) // 2 :]]
-            t = p.range_tolerance
-            out = (half.min(axis=0) - t > other) | (half.max(axis=0) + t < other)
-            rate = float(np.mean(out.sum(axis=1) >= p.range_min_features))
+        rate = half_wide_rate(X, p, self._seed)
         if rate > MAX_HALF_WIDE_RATE:
             logger.warning(
                 "ood range check off: %.1f%% of one half of the %d reference rows "
@@ -992,7 +506,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
         """Per row, how many features lie outside the reference's range."""
         if self._range_low is None or self._range_high is None:
             return np.zeros(len(X), dtype=np.int64)
-        return _outside_counts(
+        return outside_counts(
             self._feature_rows(X),
             self._range_low,
             self._range_high,
@@ -1006,41 +520,19 @@ class OutOfDistributionDetector(Detector[OodParams]):
         hst: npt.NDArray[np.bool_],
         synthetic: npt.NDArray[np.bool_],
     ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
-        """HST-outlier and wide queries that count, and the wide ones among
-        them, in arrival order (updates ``last_outlier`` and ``has_outlier``).
-
-        An on-lattice outlier (HST or wide) within ``range_repeat_eps`` of
-        its client's previous counted one is a repeat and does not count;
-        off-lattice rows always count, and a wide one counts as wide, but
-        they neither are judged as repeats nor become the row repeats are
-        measured from.
-        """
+        """HST-outlier and wide queries that count after the repeat rule, and
+        the wide ones among them (:func:`detectors._oodrows.counted_outliers`),
+        with wide queries found against the reference's range."""
         wide = np.zeros(len(X), dtype=bool)
         p = self._params
         if p.range_min_features > 0:
             wide = self.outside_range(X) >= p.range_min_features
-        counted = np.zeros(len(X), dtype=bool)
-        if self._arena is None:
-            return counted, counted.copy()
-        rows = np.flatnonzero((hst | wide) & ~synthetic)
-        if len(rows):
-            arrays = self._arena.arrays
-            # Compared on the stored 8-bit grid, so a batch counts exactly
-            # as its rows sent one at a time.
-            codes = np.rint(np.clip(X[rows], 0.0, 1.0) * 255.0).astype(np.uint8)
-            limit = (p.range_repeat_eps * 255.0) ** 2 * X.shape[1]
-            counted[rows] = _count_non_repeats(
-                slots[rows],
-                codes,
-                arrays["last_outlier"],
-                arrays["has_outlier"],
-                limit,
-            )
-        return counted, wide & (counted | synthetic)
+        arrays = None if self._arena is None else self._arena.arrays
+        return counted_outliers(arrays, slots, X, hst, synthetic, wide, p)
 
     def _synthetic(self, X: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
         """Rows off the lattice in enough features to be synthesized."""
-        n_lattice = len(self._lattice_features)
+        n_lattice = len(self._lattice.features)
         if n_lattice == 0:
             return np.zeros(len(X), dtype=bool)
         p = self._params
@@ -1097,7 +589,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
         arrival_s = (
             np.full(n, time.time()) if self._arrival_s is None else self._arrival_s
         )
-        seen, off_rows, wide_rows, ewma = _client_counts(
+        seen, off_rows, wide_rows, ewma = client_counts(
             slots,
             raw,
             synthetic,
@@ -1144,7 +636,7 @@ class OutOfDistributionDetector(Detector[OodParams]):
                 & (off_rows + wide_rows >= params.cohort_min_own)
                 & (tail <= params.cohort_member_tail)
             )
-            cohort = self._cohort_evidence(slots, member, float(rate[0]))
+            cohort = cohort_evidence(arrays, slots, member, float(rate[0]), params)
 
             def evidence(row: int) -> str:
                 if from_run[row]:
@@ -1220,100 +712,3 @@ class OutOfDistributionDetector(Detector[OodParams]):
             "completed a window), so no query is judged"
         ] * n
         return self._scores(counts / lengths, np.zeros(n, dtype=bool), cold)
-
-    def _cohort_evidence(
-        self,
-        slots: npt.NDArray[np.int64],
-        ask: npt.NDArray[np.bool_],
-        rate: float,
-    ) -> _CohortEvidence:
-        """Per row: the pooled outlier share of its key's cohort (0 unless
-        ``ask``, and the key's cohort has ``cohort_min_keys`` keys and a
-        pooled count whose binomial tail at ``rate`` is at most
-        ``cohort_significance``), with the counts behind it.
-
-        ``ask`` is per row, as of the row: its key is young and has evidence
-        of its own (``cohort_min_own``, ``cohort_member_tail``). The cohort is
-        every young key (at most ``window`` queries, the window then holding
-        all of them) whose first query came within ``cohort_window_s`` of
-        this key's and whose query count is within ``cohort_pace_share`` (at
-        least 2) of its own; membership depends on time and pace only, never
-        on outliers, so an honest cohort's pooled share is as honest as one
-        key's. The counts are read after the whole batch, so every row of a
-        key in one batch gets one cohort verdict. The young keys that
-        started near the asking ones are sorted once per batch and each
-        asking key's cohort found by binary searches
-        (:func:`detectors._cohort.pool`): with 20,000 young honest keys,
-        a batch of 256 new thief keys took the detector 1.2 ms, against
-        0.6 ms with the cohort test off (median of 18 batches, measured
-        once by hand on a shared 2-core machine; the look-up itself about
-        0.5 ms).
-        """
-        assert self._arena is not None
-        arrays = self._arena.arrays
-        p = self._params
-        n = len(slots)
-        found = _CohortEvidence.empty(n)
-        if p.cohort_window_s <= 0.0:
-            return found
-        n_seen = arrays["n_seen"]
-        asking = np.unique(slots[ask])
-        first = arrays["first_s"]
-        # Only the outlier counts of young keys that may be members are
-        # read (a young key's window holds every query it sent).
-        young = candidates(asking, n_seen, first, p.window, p.cohort_window_s)
-        outliers = np.zeros(len(n_seen), dtype=np.int64)
-        if len(asking):
-            outliers[young] = arrays["outlier"][young].sum(axis=1)
-        pooled = pool(
-            asking,
-            n_seen,
-            first,
-            n_seen,
-            outliers,
-            p.window,
-            p.cohort_pace_share,
-            p.cohort_window_s,
-            young,
-        )
-        tail = upper_tail(pooled.total_b, pooled.total_a, rate)
-        counted = (pooled.keys >= p.cohort_min_keys) & (tail <= p.cohort_significance)
-        if not counted.any():
-            return found
-        # Each asking row of a counted key, and which of them it is (asking
-        # is sorted).
-        at = np.minimum(np.searchsorted(asking, slots), len(asking) - 1)
-        rows = ask & (asking[at] == slots) & counted[at]
-        at = at[rows]
-        found.share[rows] = pooled.total_b[at] / pooled.total_a[at]
-        found.tail[rows] = tail[at]
-        found.keys[rows] = pooled.keys[at]
-        found.rows[rows] = pooled.total_a[at]
-        found.outliers[rows] = pooled.total_b[at]
-        logger.debug(
-            "ood cohort test: %d of %d asking keys in a counted cohort",
-            int(counted.sum()),
-            len(asking),
-            extra={"detector": self.name},
-        )
-        return found
-
-
-@dataclass(slots=True)
-class _CohortEvidence:
-    """The cohort test's result per row of a batch (see
-    :meth:`OutOfDistributionDetector._cohort_evidence`)."""
-
-    share: npt.NDArray[np.float64]
-    tail: npt.NDArray[np.float64]
-    keys: npt.NDArray[np.int64]
-    rows: npt.NDArray[np.int64]
-    outliers: npt.NDArray[np.int64]
-
-    @classmethod
-    def empty(cls, n: int) -> _CohortEvidence:
-        return cls(
-            np.zeros(n),
-            np.ones(n),
-            *(np.zeros(n, dtype=np.int64) for _ in range(3)),
-        )

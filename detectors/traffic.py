@@ -30,17 +30,22 @@ are within ``cohort_tolerance`` of each other; keys whose first request
 came within ``cohort_window_s`` of each other and that keep the same pace
 (the cohort, as in :mod:`detectors.margin`) pool those counts, and a pooled
 share of matching pairs far above what honest arrivals give (a binomial z
-against ``cohort_match_rate``) flags the members that match too.
+against ``cohort_match_rate``) flags the members that match too
+(:mod:`detectors._trafficcohort`).
 
 Cost: a client is judged, and the baseline learns from it, only every
 ``stride`` requests; between judgements it keeps its last score. Pushing the
 times, measuring the judged windows and judging run as two compiled loops
-over the batch in row order (:func:`_push_and_measure`, :func:`_judge`),
-with numpy's ``log10`` between them.
+over the batch in row order (:mod:`detectors._traffickernels`), with
+numpy's ``log10`` between them.
 
-Imports numpy, pydantic, :mod:`detectors._jit` (numba),
-:mod:`detectors._cohort` and :mod:`detectors._numpysum` only; nothing from
-Kafka, Redis, FastAPI or ``gateway``.
+This module holds the detector: its per-client state, the honest
+baseline, the solo test, and how the three tests become one score with
+its evidence. The compiled loops and the cohort test live in the two
+modules named above, the parameters in :mod:`detectors._trafficparams`.
+Imports numpy, :mod:`detectors._binomial`, those three modules and
+:mod:`detectors._state` only; nothing from Kafka, Redis, FastAPI or
+``gateway``.
 """
 
 from __future__ import annotations
@@ -49,16 +54,12 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import Field, model_validator
 
-from detectors._cohort import cohort_sums, sorted_young
-from detectors._jit import jit
-from detectors._numpysum import pairwise_sum
+from detectors._binomial import binomial_z
 from detectors._state import (
     FieldSpec,
     check_counters,
@@ -68,7 +69,17 @@ from detectors._state import (
     push_window,
     window_fields,
 )
-from detectors.base import Detector, DetectorParams, DetectorScore, LiveBaseline
+from detectors._trafficcohort import CohortEvidence, cohort_evidence
+from detectors._traffickernels import (
+    N_STATS,
+    SOLO_NEAR,
+    TIME_RESOLUTION_S,
+    judge,
+    log_rate,
+    push_and_measure,
+)
+from detectors._trafficparams import TrafficParams as TrafficParams
+from detectors.base import Detector, DetectorScore, LiveBaseline
 from detectors.baselines import BaselineRefused, check_fields, read_field
 
 logger = logging.getLogger(__name__)
@@ -96,479 +107,8 @@ coefficient of variation of ``W - 1`` gaps is at most ``sqrt(W - 2)``, 32 at
 the largest window."""
 
 
-_Z_MAX = 1000.0
-"""Largest z bar or step a parameter takes: beyond it no key could be
-flagged, and an infinite one turned ``(z - bar) / step`` into inf / inf on
-every batch."""
-
-_STEP_MIN = 0.01
-"""Smallest z step: a step near 0 overflowed the step score."""
-
-
-class TrafficParams(DetectorParams):
-    """Parameters of :class:`TrafficDetector`."""
-
-    window: int = Field(32, ge=8, le=1024)
-    """Requests per client over which rate, burstiness and regularity are
-    taken, and outcomes over which the error and rejection shares are."""
-
-    stride: int = Field(8, ge=1, le=1024)
-    """A client is judged (and may teach the baseline) every ``stride``
-    requests."""
-
-    regular_tolerance: float = Field(0.05, gt=0.0, lt=1.0)
-    """A gap within this fraction of the median gap counts as regular."""
-
-    z_half: float = Field(3.0, gt=0.0, le=100.0)
-    """z-score at which the score is 0.5 (score = z / (z + z_half))."""
-
-    threshold: float = Field(0.6, gt=0.0, lt=1.0)
-    """Score at which a client is flagged (0.6: z = 1.5 ``z_half``)."""
-
-    min_queries: int = Field(16, ge=3, le=100_000)
-    """Requests a client must have sent before it is judged."""
-
-    min_baseline: int = Field(20, ge=2, le=1_000_000)
-    """Honest judgements the baseline must have learned before any score is
-    warm."""
-
-    cohort_window_s: float = Field(0.25, ge=0.0, le=3600.0)
-    """Keys whose first request came within this many seconds of each other
-    form a cohort whose gap pairs are pooled (see the class); 0 turns the
-    cohort test off."""
-
-    cohort_pace_share: float = Field(0.2, ge=0.0, le=10.0)
-    """Cohort members must also have sent as many rows as the key, within
-    this share of its count (at least 2 either way)."""
-
-    cohort_min_keys: int = Field(3, ge=2, le=10_000)
-    """Keys (this one included) a cohort needs before its pooled z counts."""
-
-    cohort_min_pairs: int = Field(12, ge=1, le=100_000)
-    """Gap pairs the cohort must have pooled before its z counts."""
-
-    cohort_tolerance: float = Field(0.1, gt=0.0, lt=1.0)
-    """Two successive gaps match when they are within this fraction of the
-    larger. Wider than ``regular_tolerance``: an attacker's keys paced by
-    one process wake together and leave one at a time, so each arrival is
-    late by up to tens of milliseconds, which the difference of two gaps
-    doubles. With arrivals late by up to 30 ms at four per second, 76% of
-    pairs match at 10%, 41% at 5%."""
-
-    cohort_match_rate: float = Field(0.18, ge=1e-6, lt=1.0)
-    """Share of an honest key's gap pairs taken to match by chance. Poisson
-    arrivals match at about 0.053 with the default tolerance (two
-    exponential gaps within 10% of the larger); the evaluation's honest
-    population, bursts and pauses included, at 0.061. The default is three
-    times that, so honest keys that happen to start together stay far
-    below ``cohort_z``."""
-
-    cohort_z: float = Field(6.0, gt=0.0, le=_Z_MAX)
-    """Pooled binomial z of a cohort's matching pairs at which its members
-    that match too (``member_z``) are flagged."""
-
-    cohort_step_z: float = Field(3.0, ge=_STEP_MIN, le=_Z_MAX)
-    """Pooled z beyond ``cohort_z`` that adds one ``threshold`` to a
-    member's score: at the default 3, a cohort at z 7.5 scores 1.5 times
-    the threshold (the policy's default block level) and its members are
-    refused on their next request rather than after three flags each. Why
-    not later: honest cohorts stayed under z 2 (a restart making 5,000
-    honest keys young at once: -2.2), so past ``cohort_z`` more z says
-    nothing more about the cohort; what an honest key risks is membership,
-    which ``member_z`` and ``strong_member_z`` guard. Set it to
-    ``cohort_z`` for the plain proportion ``threshold * z / cohort_z``
-    (block level at z 9), as ``margin``'s cohorts score."""
-
-    member_z: float = Field(3.0, ge=0.0, le=_Z_MAX)
-    """A key's own binomial z of matching pairs needed to be flagged through
-    its cohort: an honest key that started in the same moment as an
-    attacker's keys must show the metronome itself. 3.0 takes two matching
-    pairs of two (z 3.02), three of three, four of five, not one of one
-    (z 2.1): one pair an honest key matches by chance one time in sixteen,
-    two in a row one in 270."""
-
-    strong_cohort_z: float = Field(6.0, gt=0.0, le=_Z_MAX)
-    """Pooled z from which a cohort also scores its young keys whose own z
-    reaches only ``strong_member_z``. The cohort must reach it twice: as a
-    whole, and pooled over its members at ``member_z`` alone, so keys below
-    that bar never count towards admitting each other. The default is
-    ``cohort_z`` (6): any flagged cohort. At 9 (where the score reached the
-    default block level before ``cohort_step_z``) the lower bar made no
-    measurable difference in the evaluation, whose 10-key learner pauses
-    between rounds and whose cohort seldom reached 9; at 6 its copy ended
-    under 90% of unhindered in all three seeds, at the honest cost stated
-    in docs/traffic-cohort.md."""
-
-    strong_member_z: float = Field(2.0, ge=0.0, le=_Z_MAX)
-    """A key's own binomial z of matching pairs, with at least
-    :data:`STRONG_MIN_MATCHES` matching pairs, needed to be scored through a
-    cohort at ``strong_cohort_z`` (by default any flagged one): 2 of 3 pairs
-    (z 2.19), 3 of 5 or 6, 4 of 9, not 1 of 1 (z 2.13, one pair). At or above
-    ``member_z`` it adds no member: the lower bar is off."""
-
-    solo_tolerance: float = Field(0.25, gt=0.0, lt=1.0)
-    """The solo test (see the class) counts the gaps of a key's window within
-    this fraction of their median. Wide, because the evaluation's paced key
-    (one request every 25 ms) reached the gateway with gaps of 11 to 45 ms
-    around a median of 26 ms (a shared producer's send delays), of which
-    a 5% band (``regular_tolerance``) held one in seven."""
-
-    solo_match_rate: float = Field(0.2, ge=1e-6, lt=1.0)
-    """Share of a Poisson key's gaps within ``solo_tolerance`` of its
-    window's median, against which the solo z is taken: 0.20 at 25%,
-    measured over 32-arrival windows at millisecond times (the sample
-    median sits where gaps are densest, so more than the 0.17 of the
-    exponential's true median). The evaluation's honest habits (bursts,
-    pauses, retries) give less."""
-
-    solo_z: float = Field(5.0, ge=0.0, le=_Z_MAX)
-    """Binomial z of a key's gaps within ``solo_tolerance`` of its median,
-    against ``solo_match_rate``, at which the key is flagged by the solo
-    test: its score is then ``threshold`` and one more ``threshold`` per
-    ``solo_step_z`` past it (nothing below). 5, the default, is the
-    measured setting (the highest of 5,000 honest Poisson or bursty keys
-    was 4.85, docs/traffic-solo.md); 0 turns the solo test off.
-
-    An honest client that sends each request when the last is answered (a
-    script looping over its data) is as regular as a metronome: its gaps
-    are the gateway's own round trip. So a key whose answer times the
-    detector has seen is scored only with ``solo_min_overlaps`` open-loop
-    requests in its window; through a real worker such closed-loop keys
-    (``tests/integration/test_region_links.py``'s sequential keys) were
-    refused at their 16th request without that gate."""
-
-    solo_step_z: float = Field(3.0, ge=_STEP_MIN, le=_Z_MAX)
-    """Solo z past ``solo_z`` that adds one ``threshold`` to the score: a
-    key at z 6.5 is at 1.5 times the threshold, the policy's default block
-    level. A window of 31 gaps all within the band is z 13."""
-
-    solo_min_gaps: int = Field(15, ge=2, le=1024)
-    """Gaps (positive, so a request's rows are one) a window needs before
-    the solo test scores it: 15 is a key's 16th request, when it is first
-    judged."""
-
-    solo_min_overlaps: int = Field(2, ge=0, le=1024)
-    """Requests of a key's last ``window`` rows that arrived before its
-    previous request was answered (open-loop evidence, see the class)
-    needed before the solo test scores a key whose answer times the
-    detector has seen. A client that sends each request when the last is
-    answered never has one, however regular its round trips; a key whose
-    answers the detector never saw (an offline replay) is scored as
-    without this gate. 0 turns the gate off."""
-
-    @model_validator(mode="after")
-    def _strong_cohort_is_stronger(self) -> Self:
-        if self.strong_cohort_z < self.cohort_z:
-            raise ValueError(
-                f"strong_cohort_z ({self.strong_cohort_z:g}) is below cohort_z "
-                f"({self.cohort_z:g}): a cohort that does not flag would admit "
-                "keys below member_z"
-            )
-        return self
-
-
-def _features(
-    times: npt.NDArray[np.float64], tolerance: float
-) -> npt.NDArray[np.float64]:
-    """Log rate, burstiness and regularity per row of a window of times (NaN
-    where unfilled). Rows of one request share a time; zero gaps are not
-    counted, so a request's rows are one arrival.
-
-    The measures of :func:`_push_and_measure` for given windows, one compiled
-    call per row: for tests and tools, not the scoring path.
-    """
-    stats = np.zeros((len(times), _N_STATS))
-    scratch = np.empty((2, times.shape[1]))
-    for i in range(len(times)):
-        # The solo count (its band 0.25 here) is not among these measures.
-        _gap_stats(np.ascontiguousarray(times[i]), tolerance, 0.25, scratch, stats[i])
-    return np.stack([_log_rate(stats), stats[:, 2], stats[:, 3]], axis=1)
-
-
-def _solo_counts(
-    times: npt.NDArray[np.float64], solo_tolerance: float
-) -> npt.NDArray[np.float64]:
-    """Positive gaps and, of them, those within ``solo_tolerance`` of their
-    median (-1 when the median is too short to tell, see
-    :data:`_TIME_RESOLUTION_S`), per row of a window of times: the solo
-    test's counts, for tests and tools."""
-    stats = np.zeros((len(times), _N_STATS))
-    scratch = np.empty((2, times.shape[1]))
-    for i in range(len(times)):
-        _gap_stats(
-            np.ascontiguousarray(times[i]), 0.05, solo_tolerance, scratch, stats[i]
-        )
-    return np.stack([stats[:, 0], stats[:, _SOLO_NEAR]], axis=1)
-
-
-_TIME_RESOLUTION_S = 0.001
-"""Arrival times are Kafka record times, whole milliseconds. Gap pairs are
-compared only when both gaps are at least this over ``cohort_tolerance``
-(10 ms at 10%): shorter gaps (rows of one burst) cannot be told within the
-tolerance of each other at that resolution, and would all match."""
-
 _MAX_COHORT_SCORE = 0.999
 """Scores stay below 1, as ``z / (z + z_half)`` does."""
-
-STRONG_MIN_MATCHES = 2
-"""Matching pairs a key below ``member_z`` needs of its own to be scored
-through an overwhelming cohort (``strong_member_z``): one matching pair,
-which an honest Poisson key shows about one time in sixteen, is no
-evidence of a metronome."""
-
-_N_STATS = 7
-"""Columns measured per judged row: gap count, span, burstiness,
-regularity, error share, rejection share, and the solo test's count of
-gaps within ``solo_tolerance`` of the median (:data:`_SOLO_NEAR`)."""
-
-_SOLO_NEAR = 6
-"""Column of the solo count in the measures (-1: median too short)."""
-
-
-def _log_rate(stats: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """log10 of arrivals per second from the gap count and span columns.
-
-    numpy's ``log10``, not the compiled one: numpy picks a SIMD version by
-    CPU, and the two may differ in the last bit.
-    """
-    return np.asarray(
-        np.log10(np.maximum(stats[:, 0], 1) / np.maximum(stats[:, 1], 1e-3))
-    )
-
-
-@jit
-def _gap_stats(
-    window: npt.NDArray[np.float64],
-    tolerance: float,
-    solo_tolerance: float,
-    scratch: npt.NDArray[np.float64],
-    out: npt.NDArray[np.float64],
-) -> None:
-    """Gap count, span, burstiness and regularity of one window of times
-    (oldest first, NaN where unfilled) into ``out[:4]``, and the count of
-    gaps within ``solo_tolerance`` of the median into ``out[_SOLO_NEAR]``
-    (-1 when the median is under ``_TIME_RESOLUTION_S / solo_tolerance``:
-    at millisecond times such a band holds one or two values, which
-    would flag any burst).
-
-    Gaps that are not positive (rows of one request) or touch an unfilled
-    cell are left out. The arithmetic is numpy's over the row of ``W - 1``
-    gaps with left-out gaps as 0 (sums pairwise at their positions, see
-    :func:`~detectors._numpysum.pairwise_sum`): mean, then the root mean
-    square deviation, their ratio, and the share of gaps within
-    ``tolerance`` of the median (the mean of the two middle gaps when their
-    count is even).
-    """
-    width = len(window) - 1
-    gaps = scratch[0]
-    ordered = scratch[1]
-    count = 0
-    for j in range(width):
-        gap = window[j + 1] - window[j]
-        if np.isfinite(gap) and gap > 0:
-            gaps[j] = gap
-            ordered[count] = gap
-            count += 1
-        else:
-            gaps[j] = 0.0
-    span = 0.0 + pairwise_sum(gaps, 0, width)
-    filled = max(count, 1)
-    mean = span / filled if count > 0 else 0.0
-    for j in range(width):
-        if gaps[j] != 0.0:
-            deviation = gaps[j] - mean
-            gaps[j] = deviation * deviation
-    std = np.sqrt((0.0 + pairwise_sum(gaps, 0, width)) / filled)
-    cv = std / mean if mean > 0 else 0.0
-    if np.isnan(cv):
-        cv = 0.0
-    elif np.isinf(cv):
-        cv = np.finfo(np.float64).max if cv > 0 else -np.finfo(np.float64).max
-    regular = 0.0
-    solo = 0.0
-    if count > 0:
-        valid = ordered[:count]
-        valid.sort()
-        median = (valid[(filled - 1) // 2] + valid[filled // 2]) / 2.0
-        near = 0
-        wide = 0
-        for j in range(count):
-            off = np.abs(valid[j] - median)
-            if off <= tolerance * median:
-                near += 1
-            if off <= solo_tolerance * median:
-                wide += 1
-        regular = near / count
-        solo = float(wide) if median * solo_tolerance >= _TIME_RESOLUTION_S else -1.0
-    out[_SOLO_NEAR] = solo
-    out[0] = count
-    out[1] = span
-    out[2] = cv
-    out[3] = regular
-
-
-@jit
-def _push_and_measure(
-    slots: npt.NDArray[np.int64],
-    arrival_s: npt.NDArray[np.float64],
-    ring: npt.NDArray[np.float64],
-    pos: npt.NDArray[np.int64],
-    length: npt.NDArray[np.int64],
-    n_seen: npt.NDArray[np.int64],
-    errored: npt.NDArray[np.uint8],
-    errored_len: npt.NDArray[np.int64],
-    rejected: npt.NDArray[np.uint8],
-    rejected_len: npt.NDArray[np.int64],
-    stride: int,
-    min_queries: int,
-    tolerance: float,
-    solo_tolerance: float,
-    cohort_tolerance: float,
-    first_s: npt.NDArray[np.float64],
-    last_gap: npt.NDArray[np.float64],
-    pairs: npt.NDArray[np.int64],
-    matches: npt.NDArray[np.int64],
-    min_gap: float,
-    judged: npt.NDArray[np.int64],
-    stats: npt.NDArray[np.float64],
-) -> int:
-    """Push each row's arrival time into its client's ring, in row order;
-    for each row that is judged (its client's request count a multiple of
-    ``stride``, at least ``min_queries`` times in the window) put its index
-    in ``judged`` and its window's measures in the row of ``stats`` (see
-    :data:`_N_STATS`). Returns the number of judged rows.
-
-    The error and rejection shares are the set bits of the whole ring over
-    its filled length, as of before the batch (outcomes arrive after it).
-
-    Also, over each client's first ``width`` rows, the cohort test's counts:
-    the time of its first row, its last positive gap, the successive pairs
-    of positive gaps both at least ``min_gap``, and those whose two gaps are
-    within ``cohort_tolerance`` of the larger.
-    """
-    width = ring.shape[1]
-    window = np.empty(width)
-    scratch = np.empty((2, width))
-    m = 0
-    for i in range(len(slots)):
-        slot = slots[i]
-        p = pos[slot] % width
-        now = arrival_s[i]
-        if n_seen[slot] == 0:
-            first_s[slot] = now
-        elif length[slot] > 0:
-            gap = now - ring[slot, p - 1 if p > 0 else width - 1]
-            if gap > 0.0:
-                last = last_gap[slot]
-                if n_seen[slot] < width and last >= min_gap and gap >= min_gap:
-                    pairs[slot] += 1
-                    if abs(gap - last) <= cohort_tolerance * max(gap, last):
-                        matches[slot] += 1
-                last_gap[slot] = gap
-        ring[slot, p] = now
-        pos[slot] = p + 1 if p + 1 < width else 0
-        filled = min(length[slot] + 1, width)
-        length[slot] = filled
-        n_seen[slot] += 1
-        if n_seen[slot] % stride != 0 or filled < min_queries:
-            continue
-
-        # The window oldest first, NaN on the left while not full.
-        empty = width - filled
-        window[:empty] = np.nan
-        cell = (pos[slot] - filled) % width
-        for j in range(empty, width):
-            window[j] = ring[slot, cell]
-            cell += 1
-            if cell == width:
-                cell = 0
-        row = stats[m]
-        _gap_stats(window, tolerance, solo_tolerance, scratch, row)
-        errors = 0
-        refusals = 0
-        for j in range(errored.shape[1]):
-            errors += int(errored[slot, j])
-        for j in range(rejected.shape[1]):
-            refusals += int(rejected[slot, j])
-        row[4] = errors / max(errored_len[slot], 1)
-        row[5] = refusals / max(rejected_len[slot], 1)
-        judged[m] = i
-        m += 1
-    return m
-
-
-@jit
-def _judge(
-    slots: npt.NDArray[np.int64],
-    learn: npt.NDArray[np.bool_],
-    judged: npt.NDArray[np.int64],
-    features: npt.NDArray[np.float64],
-    mean: npt.NDArray[np.float64],
-    m2: npt.NDArray[np.float64],
-    learned: int,
-    floors: npt.NDArray[np.float64],
-    z_half: float,
-    min_baseline: int,
-    score: npt.NDArray[np.float64],
-    warm: npt.NDArray[np.uint8],
-    held: npt.NDArray[np.float64],
-    solo_judged: npt.NDArray[np.float64],
-    solo: npt.NDArray[np.float64],
-    out: npt.NDArray[np.float64],
-) -> int:
-    """Judge the judged rows and hand every row its client's judgement, in
-    row order, since each judgement may teach the baseline the next is
-    judged by. Returns the new count of learned judgements.
-
-    A judgement: per feature ``z = (value - mean) / max(std, floor)`` with
-    the sample standard deviation (0 under two learned), burstiness taken
-    both ways; the largest, at least 0, gives ``z / (z + z_half)``; warm
-    when ``min_baseline`` are learned. It replaces the client's ``score``,
-    ``warm`` and ``held`` features; if the row may ``learn``, Welford's
-    recurrence adds its features to ``mean`` and ``m2``. A judgement also
-    replaces the client's ``solo`` z with the row's of ``solo_judged``.
-    ``out`` (n, 8) gets each row's score, warm, held features and solo z
-    just after the row.
-    Python float arithmetic in the same order as before compilation.
-    """
-    n_features = len(mean)
-    std = np.zeros(n_features)
-    next_judged = 0
-    for i in range(len(slots)):
-        slot = slots[i]
-        if next_judged < len(judged) and judged[next_judged] == i:
-            values = features[next_judged]
-            next_judged += 1
-            for f in range(n_features):
-                std[f] = 0.0
-                if learned >= 2:
-                    variance = m2[f] / (learned - 1)
-                    std[f] = np.sqrt(0.0 if variance < 0.0 else variance)
-            z = 0.0
-            for f in range(n_features):
-                scale = std[f] if not floors[f] > std[f] else floors[f]
-                zf = (values[f] - mean[f]) / scale
-                if f == 1:
-                    zf = abs(zf)
-                if zf > z:
-                    z = zf
-            score[slot] = z / (z + z_half)
-            warm[slot] = 1 if learned >= min_baseline else 0
-            held[slot] = values
-            solo[slot] = solo_judged[next_judged - 1]
-            if learn[i]:
-                # Only clients in good standing teach what honest is.
-                learned += 1
-                for f in range(n_features):
-                    old = mean[f]
-                    new = old + (values[f] - old) / learned
-                    mean[f] = new
-                    m2[f] += (values[f] - old) * (values[f] - new)
-        out[i, 0] = score[slot]
-        out[i, 1] = warm[slot]
-        out[i, 2 : 2 + n_features] = held[slot]
-        out[i, 2 + n_features] = solo[slot]
-    return learned
 
 
 class TrafficDetector(Detector[TrafficParams]):
@@ -623,8 +163,9 @@ class TrafficDetector(Detector[TrafficParams]):
     to 8 rows (``tests/detectors/test_traffic_cohort_honest.py``).
 
     A flagged cohort also scores its young keys whose own z reaches only
-    ``strong_member_z`` (2, with at least :data:`STRONG_MIN_MATCHES`
-    matching pairs: 2 of 3, 3 of 5): its pooled z must reach
+    ``strong_member_z`` (2, with at least
+    :data:`~detectors._trafficcohort.STRONG_MIN_MATCHES` matching pairs: 2
+    of 3, 3 of 5): its pooled z must reach
     ``strong_cohort_z`` (by default ``cohort_z``, 6) both as a whole and
     over its keys at ``member_z`` alone (at least ``cohort_min_keys`` of
     them), so keys under ``member_z`` never count towards admitting each
@@ -834,7 +375,7 @@ class TrafficDetector(Detector[TrafficParams]):
             "warm": FieldSpec((), "u1"),
             "features": FieldSpec((len(FEATURES),), "<f8"),
             # The cohort test's counts over the client's first window
-            # requests (see _push_and_measure).
+            # requests (see push_and_measure).
             "first_s": FieldSpec((), "<f8"),
             "last_gap": FieldSpec((), "<f8"),
             "pairs": FieldSpec((), "<i8"),
@@ -975,8 +516,8 @@ class TrafficDetector(Detector[TrafficParams]):
 
         # Times into the rings, and the measures of each judged row's window.
         judged = np.empty(n, dtype=np.int64)
-        stats = np.empty((n, _N_STATS))
-        m = _push_and_measure(
+        stats = np.empty((n, N_STATS))
+        m = push_and_measure(
             slots,
             np.ascontiguousarray(times),
             arrays["times"],
@@ -996,18 +537,18 @@ class TrafficDetector(Detector[TrafficParams]):
             arrays["last_gap"],
             arrays["pairs"],
             arrays["matches"],
-            _TIME_RESOLUTION_S / p.cohort_tolerance,
+            TIME_RESOLUTION_S / p.cohort_tolerance,
             judged,
             stats,
         )
         features = np.empty((m, len(FEATURES)))
-        features[:, 0] = _log_rate(stats[:m])
+        features[:, 0] = log_rate(stats[:m])
         features[:, 1:] = stats[:m, 2 : 1 + len(FEATURES)]
-        solo_judged = self._solo_z(stats[:m, 0], stats[:m, _SOLO_NEAR])
+        solo_judged = self._solo_z(stats[:m, 0], stats[:m, SOLO_NEAR])
 
         # Judgements, and every row's judgement held since its client's last.
         out = np.empty((n, 3 + len(FEATURES)))
-        self._learned = _judge(
+        self._learned = judge(
             slots,
             np.ascontiguousarray(learn),
             judged[:m],
@@ -1132,212 +673,15 @@ class TrafficDetector(Detector[TrafficParams]):
         when the median was too short to tell (``near`` -1)."""
         p = self._params
         counted = (gaps >= p.solo_min_gaps) & (near >= 0)
-        z = _binomial_z(
+        z = binomial_z(
             np.where(counted, near, 0).astype(np.int64),
             np.where(counted, gaps, 0).astype(np.int64),
             p.solo_match_rate,
         )
         return np.ascontiguousarray(z, dtype=np.float64)
 
-    def _member_bar(self) -> npt.NDArray[np.int64]:
-        """Per count of pairs (0 to ``window``), the fewest matches whose
-        binomial z reaches ``member_z`` (``count + 1`` when none does, and
-        for no pairs): the same test as :func:`_binomial_z` per key, as one
-        look-up in the compiled running sums."""
-        p = self._params
-        counts = np.arange(p.window + 1)
-        trials = np.broadcast_to(counts[:, None], (len(counts), len(counts)))
-        hits = np.broadcast_to(counts[None, :], trials.shape)
-        reach = (
-            (hits <= trials)
-            & (trials > 0)
-            & (_binomial_z(hits, trials, p.cohort_match_rate) >= p.member_z)
-        )
-        # z grows with matches at a fixed count, so the first reaching one is
-        # the bar; a row with none reaches past every count.
-        return np.where(reach.any(axis=1), reach.argmax(axis=1), counts + 1)
-
-    def _cohort_evidence(self, slots: npt.NDArray[np.int64]) -> _CohortEvidence:
-        """Per row: the pooled z of the key's cohort (0 when the key is not a
-        young member of a cohort of ``cohort_min_keys`` with
-        ``cohort_min_pairs``), with the counts behind it.
-
-        A key is young while it has sent at most ``window`` rows. A young
-        key is a member at ``member_z`` of any cohort; at ``strong_member_z``
-        (with :data:`STRONG_MIN_MATCHES` matching pairs) only of an
-        overwhelming one: pooled z at least ``strong_cohort_z`` both over
-        the whole cohort and over its members at ``member_z`` alone (at
-        least ``cohort_min_keys`` of them with ``cohort_min_pairs``). The
-        second sum leaves out every key below ``member_z``, the asking one
-        included, so however many such keys share a cohort they cannot
-        admit each other.
-
-        Only young keys whose own z reaches one of the two bars look for a
-        cohort, once per key and batch, so rarely for honest keys by design;
-        an attacker makes every key of every batch look. Each look therefore
-        costs a few binary searches, not a scan of every key: the young keys
-        are sorted once per batch by request count, then first request
-        time, with running sums of their counts and of their keys' at
-        ``member_z`` (:func:`_running_sums`,
-        :func:`detectors._cohort.cohort_sums`). With
-        20,000 young keys and 256 looking keys in a batch this takes about
-        0.4 to 0.6 ms (sorting the young keys most of it; 1.9 ms over
-        100,000) where a scan per look took 20 ms, against 0.1 to 0.5 ms
-        for the rest of the detector's batch.
-        """
+    def _cohort_evidence(self, slots: npt.NDArray[np.int64]) -> CohortEvidence:
+        """Per row: the pooled z of the key's cohort and the counts behind it
+        (:func:`detectors._trafficcohort.cohort_evidence`)."""
         assert self._arena is not None
-        arrays = self._arena.arrays
-        p = self._params
-        n = len(slots)
-        found = _CohortEvidence.empty(n)
-        if p.cohort_window_s <= 0.0:
-            return found
-        seen = arrays["n_seen"]
-        pairs, matches = arrays["pairs"], arrays["matches"]
-        rate = p.cohort_match_rate
-        own_z = _binomial_z(matches[slots], pairs[slots], rate)
-        # Below member_z only for the lower bar: off at or above member_z.
-        weak = (own_z >= p.strong_member_z) & (matches[slots] >= STRONG_MIN_MATCHES)
-        ask = (
-            (seen[slots] <= p.window)
-            & (pairs[slots] > 0)
-            & ((own_z >= p.member_z) | weak)
-        )
-        asking = np.unique(slots[ask])
-        first = arrays["first_s"]
-        young, young_first, bounds = sorted_young(
-            asking, seen, first, p.window, p.cohort_window_s
-        )
-        # Running sums over them in that order (see _running_sums).
-        sums = np.empty((5, len(young) + 1), dtype=np.int64)
-        _running_sums(young, pairs, matches, self._member_bar(), sums)
-        cohort = np.empty((6, len(asking)), dtype=np.int64)
-        cohort_sums(
-            asking,
-            seen,
-            first,
-            young_first,
-            bounds,
-            sums,
-            p.cohort_pace_share,
-            p.cohort_window_s,
-            cohort,
-        )
-        keys, total, hits, member_keys, member_total, member_hits = cohort
-        pooled_z = np.maximum(_binomial_z(hits, total, rate), 0.0)
-        member_z = _binomial_z(member_hits, member_total, rate)
-        below = _binomial_z(matches[asking], pairs[asking], rate) < p.member_z
-        overwhelming = (
-            (pooled_z >= p.strong_cohort_z)
-            & (member_z >= p.strong_cohort_z)
-            & (member_keys >= p.cohort_min_keys)
-            & (member_total >= p.cohort_min_pairs)
-        )
-        counted = (
-            (keys >= p.cohort_min_keys)
-            & (total >= p.cohort_min_pairs)
-            & (~below | overwhelming)
-        )
-        if not counted.any():
-            return found
-        asking, keys, total, hits = (
-            asking[counted],
-            keys[counted],
-            total[counted],
-            hits[counted],
-        )
-        pooled_z, below = pooled_z[counted], below[counted]
-        member_keys, member_z = member_keys[counted], member_z[counted]
-        # Each row of a counted key, and which of them it is (asking is sorted).
-        at = np.minimum(np.searchsorted(asking, slots), len(asking) - 1)
-        rows = asking[at] == slots
-        at = at[rows]
-        found.pooled_z[rows] = pooled_z[at]
-        found.keys[rows] = keys[at]
-        found.pairs[rows] = total[at]
-        found.matches[rows] = hits[at]
-        found.own_pairs[rows] = pairs[slots[rows]]
-        found.own_matches[rows] = matches[slots[rows]]
-        found.below[rows] = below[at]
-        found.member_keys[rows] = member_keys[at]
-        found.member_z[rows] = member_z[at]
-        return found
-
-
-@jit
-def _running_sums(
-    young: npt.NDArray[np.int64],
-    pairs: npt.NDArray[np.int64],
-    matches: npt.NDArray[np.int64],
-    bar: npt.NDArray[np.int64],
-    sums: npt.NDArray[np.int64],
-) -> None:
-    """Running sums over the slots ``young`` in their order, 0 first, into
-    the five rows of ``sums``: pairs, matches, keys at ``member_z`` (matches
-    at least ``bar[pairs]``, see :meth:`TrafficDetector._member_bar`), and
-    those keys' pairs and matches.
-
-    One pass, where five numpy cumulative sums over gathered copies doubled
-    the look-up's cost. Pairs never exceed ``window - 2`` (counted over the
-    first ``window`` rows, and a loaded state is checked for it), so
-    ``bar`` covers them; a count past it would be no member.
-    """
-    totals = np.zeros(5, dtype=np.int64)
-    sums[:, 0] = 0
-    for j in range(len(young)):
-        slot = young[j]
-        n_pairs = pairs[slot]
-        n_hits = matches[slot]
-        totals[0] += n_pairs
-        totals[1] += n_hits
-        if 0 < n_pairs < len(bar) and n_hits >= bar[n_pairs]:
-            totals[2] += 1
-            totals[3] += n_pairs
-            totals[4] += n_hits
-        sums[:, j + 1] = totals
-
-
-def _binomial_z(
-    hits: npt.NDArray[np.int64], trials: npt.NDArray[np.int64], rate: float
-) -> npt.NDArray[np.float64]:
-    """``(hits - trials * rate) / sqrt(trials * rate * (1 - rate))``, 0 where
-    there are no trials."""
-    trials_f = trials.astype(np.float64)
-    spread = np.sqrt(np.maximum(trials_f, 1.0) * rate * (1.0 - rate))
-    return np.where(trials > 0, (hits - trials_f * rate) / spread, 0.0)
-
-
-@dataclass(slots=True)
-class _CohortEvidence:
-    """The cohort test's result per row of a batch (see
-    :meth:`TrafficDetector._cohort_evidence`): the cohort's pooled z and
-    counts, the key's own counts, whether the key is below ``member_z``
-    (admitted by an overwhelming cohort), and the cohort's keys at
-    ``member_z`` with their pooled z."""
-
-    pooled_z: npt.NDArray[np.float64]
-    keys: npt.NDArray[np.int64]
-    pairs: npt.NDArray[np.int64]
-    matches: npt.NDArray[np.int64]
-    own_pairs: npt.NDArray[np.int64]
-    own_matches: npt.NDArray[np.int64]
-    below: npt.NDArray[np.bool_]
-    member_keys: npt.NDArray[np.int64]
-    member_z: npt.NDArray[np.float64]
-
-    @classmethod
-    def empty(cls, n: int) -> _CohortEvidence:
-        def counts() -> npt.NDArray[np.int64]:
-            return np.zeros(n, dtype=np.int64)
-
-        return cls(
-            pooled_z=np.zeros(n),
-            keys=counts(),
-            pairs=counts(),
-            matches=counts(),
-            own_pairs=counts(),
-            own_matches=counts(),
-            below=np.zeros(n, dtype=np.bool_),
-            member_keys=counts(),
-            member_z=np.zeros(n),
-        )
+        return cohort_evidence(self._arena.arrays, slots, self._params)

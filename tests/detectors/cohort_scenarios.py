@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from detectors import traffic
+from detectors import _trafficcohort
+from detectors._binomial import binomial_z
 from detectors.traffic import TrafficDetector, TrafficParams
 from tests.detectors.test_traffic_cohort import _play
 from tests.detectors.test_traffic_cohort_honest import _honest_key, _replay
@@ -114,17 +115,17 @@ def restart(
         for k in range(n_keys)
     }
     looked: list[npt.NDArray[np.int64]] = []
-    sums = traffic.cohort_sums
+    sums = _trafficcohort.cohort_sums
 
     def recording(*args: Any) -> None:
         sums(*args)
         looked.append(args[-1].copy())
 
-    traffic.cohort_sums = recording
+    _trafficcohort.cohort_sums = recording
     try:
         scores, highest = _replay(TrafficDetector(params, seed=0), streams)
     finally:
-        traffic.cohort_sums = sums
+        _trafficcohort.cohort_sums = sums
     through = sum(
         any(s.flagged and "successive gap pairs" in s.evidence for s in rows)
         for rows in scores.values()
@@ -134,11 +135,11 @@ def restart(
     whole = (cohorts[0] >= params.cohort_min_keys) & (
         cohorts[1] >= params.cohort_min_pairs
     )
-    whole_z = traffic._binomial_z(cohorts[2][whole], cohorts[1][whole], rate)
+    whole_z = binomial_z(cohorts[2][whole], cohorts[1][whole], rate)
     enough = (cohorts[3] >= params.cohort_min_keys) & (
         cohorts[4] >= params.cohort_min_pairs
     )
-    member_z = traffic._binomial_z(cohorts[5][enough], cohorts[4][enough], rate)
+    member_z = binomial_z(cohorts[5][enough], cohorts[4][enough], rate)
     return (
         through,
         max(highest.values(), default=-np.inf),

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from detectors import ood as ood_module
+from detectors import _oodcohort as ood_cohort_module
 from detectors._binomial import upper_tail
 from detectors._cohort import Pooled
 from detectors.calibration import calibrate
@@ -393,7 +393,7 @@ def restart(
     }
     ood = detector(**params)
     looks = Looks()
-    real_pool = ood_module.pool
+    real_pool = ood_cohort_module.pool
 
     def recording(*args: Any) -> Pooled:
         found = real_pool(*args)
@@ -410,11 +410,11 @@ def restart(
                 )
         return found
 
-    ood_module.pool = recording  # type: ignore[assignment]
+    ood_cohort_module.pool = recording  # type: ignore[assignment]
     try:
         return replay(ood, streams, [], batch_s=0.05), looks
     finally:
-        ood_module.pool = real_pool  # type: ignore[assignment]
+        ood_cohort_module.pool = real_pool  # type: ignore[assignment]
 
 
 def alongside(

@@ -326,17 +326,17 @@ def test_traffic_judges_once_per_stride_and_holds_between() -> None:
 
 
 def test_traffic_features_equal_the_nan_aware_reference() -> None:
-    # _features computes moments and the median from sums and one sort; it
+    # window_features computes moments and the median from sums and one sort; it
     # must equal numpy's NaN-aware functions on windows with unfilled slots,
     # repeated times (rows of one request) and a single arrival.
-    from detectors.traffic import _features
+    from detectors._traffickernels import window_features
 
     rng = np.random.default_rng(5)
     times = np.cumsum(rng.exponential(0.5, (40, 16)), axis=1)
     times[:, 5] = times[:, 4]
     times[:10, :9] = np.nan
     times[10, :-1] = np.nan
-    out = _features(times, 0.1)
+    out = window_features(times, 0.1)
     gaps = np.diff(times, axis=1)
     valid = np.isfinite(gaps) & (gaps > 0)
     safe = np.where(valid, gaps, np.nan)

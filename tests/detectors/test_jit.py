@@ -1,7 +1,7 @@
 """Cached kernels are dropped when any kernel module's source changes.
 
 numba keys a cached kernel on its own source file only, so a kernel calling
-a kernel of another module (``prada``'s and ``traffic``'s call
+a kernel of another module (``prada``'s and ``traffic``'s kernels call
 ``detectors._numpysum``) would otherwise keep a stale copy of the callee
 after an edit to it."""
 
@@ -24,7 +24,7 @@ PACKAGE = Path(detectors.__file__).resolve().parent
 def _package_copy(tmp_path: Path) -> Path:
     copy = tmp_path / "pkg"
     copy.mkdir()
-    for name in ("_numpysum.py", "traffic.py", "bench.py"):
+    for name in ("_numpysum.py", "_traffickernels.py", "bench.py"):
         shutil.copy(PACKAGE / name, copy / name)
     return copy
 
@@ -32,7 +32,7 @@ def _package_copy(tmp_path: Path) -> Path:
 def _fake_cache(package: Path) -> list[Path]:
     cache = package / "__pycache__"
     cache.mkdir(exist_ok=True)
-    files = [cache / "traffic._gap_stats-1.py311.nbi", cache / "x.py311.1.nbc"]
+    files = [cache / "_traffickernels.gap_stats-1.py311.nbi", cache / "x.py311.1.nbc"]
     for path in files:
         path.write_bytes(b"compiled")
     return files
@@ -71,7 +71,7 @@ def test_a_read_only_cache_is_left_alone(
     package = _package_copy(tmp_path)
     drop_stale_kernels(package)
     files = _fake_cache(package)
-    (package / "traffic.py").write_text("@jit\n")
+    (package / "_traffickernels.py").write_text("@jit\n")
 
     # As an installed image's site-packages is to its unprivileged user (the
     # tests may run as root, for whom a chmod would not bite).

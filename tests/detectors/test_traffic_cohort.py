@@ -188,10 +188,10 @@ def test_past_cohort_z_each_cohort_step_z_adds_a_threshold() -> None:
     (the policy's default block level) ``cohort_step_z / 2`` later; with
     ``cohort_step_z`` equal to ``cohort_z`` it is the plain proportion
     ``threshold * z / cohort_z``, as before the step existed."""
-    from detectors.traffic import _binomial_z
+    from detectors._binomial import binomial_z
 
     streams = {f"m{k}": 1.7e9 + k * 0.001 + np.arange(6) * 0.25 for k in range(4)}
-    z = float(_binomial_z(np.array([16]), np.array([16]), 0.18)[0])
+    z = float(binomial_z(np.array([16]), np.array([16]), 0.18)[0])
     assert 7.5 < z < 9.0  # past the block level at the step, not in proportion
 
     def last_score(params: TrafficParams) -> float:

@@ -17,12 +17,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from detectors.traffic import (
-    STRONG_MIN_MATCHES,
-    TrafficDetector,
-    TrafficParams,
-    _binomial_z,
-)
+from detectors._binomial import binomial_z
+from detectors._trafficcohort import STRONG_MIN_MATCHES
+from detectors.traffic import TrafficDetector, TrafficParams
 
 T0 = 1.7e9
 
@@ -39,13 +36,13 @@ def _scan(
     seen, first = arrays["n_seen"], arrays["first_s"]
     pairs, matches = arrays["pairs"], arrays["matches"]
     rate = p.cohort_match_rate
-    own_z = _binomial_z(matches[slots], pairs[slots], rate)
+    own_z = binomial_z(matches[slots], pairs[slots], rate)
     weak = (own_z >= p.strong_member_z) & (matches[slots] >= STRONG_MIN_MATCHES)
     ask = (
         (seen[slots] <= p.window) & (pairs[slots] > 0) & ((own_z >= p.member_z) | weak)
     )
     young = (seen > 0) & (seen <= p.window)
-    at_member_z = (pairs > 0) & (_binomial_z(matches, pairs, rate) >= p.member_z)
+    at_member_z = (pairs > 0) & (binomial_z(matches, pairs, rate) >= p.member_z)
     out = {}
     for slot in np.unique(slots[ask]).tolist():
         pace = max(2.0, p.cohort_pace_share * float(seen[slot]))
@@ -76,7 +73,7 @@ def _scan(
 
 
 def _z(hits: int, trials: int, rate: float) -> float:
-    return float(_binomial_z(np.array([hits]), np.array([trials]), rate)[0])
+    return float(binomial_z(np.array([hits]), np.array([trials]), rate)[0])
 
 
 def _random_state(

@@ -15,8 +15,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from detectors._trafficcohort import CohortEvidence
 from detectors.base import DetectorScore
-from detectors.traffic import TrafficDetector, TrafficParams, _CohortEvidence
+from detectors.traffic import TrafficDetector, TrafficParams
 from evaluation.benign import BenignProfile, arrival_plan
 
 T0 = 1.7e9
@@ -65,9 +66,9 @@ def _replay(
     order = np.argsort(times, kind="stable")
     ids, times = ids[order], times[order]
     look_up = detector._cohort_evidence
-    seen: list[_CohortEvidence] = []
+    seen: list[CohortEvidence] = []
 
-    def recording(slots: npt.NDArray[np.int64]) -> _CohortEvidence:
+    def recording(slots: npt.NDArray[np.int64]) -> CohortEvidence:
         seen.append(look_up(slots))
         return seen[-1]
 

@@ -22,8 +22,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from detectors import traffic
-from detectors.traffic import TrafficDetector, TrafficParams, _binomial_z
+from detectors import _trafficcohort
+from detectors._binomial import binomial_z
+from detectors.traffic import TrafficDetector, TrafficParams
 from tests.detectors.cohort_scenarios import beside_the_thieves, block_rows
 
 T0 = 1.7e9
@@ -33,7 +34,7 @@ WEAK = np.cumsum([0.0, 0.25, 0.25, 0.4, 0.4, 0.4])
 
 
 def _z(hits: int, trials: int) -> float:
-    return float(_binomial_z(np.array([hits]), np.array([trials]), 0.18)[0])
+    return float(binomial_z(np.array([hits]), np.array([trials]), 0.18)[0])
 
 
 def _cohort_score(z: float) -> float:
@@ -108,7 +109,7 @@ def test_one_matching_pair_is_not_enough(monkeypatch: pytest.MonkeyPatch) -> Non
         )
 
     assert weak_score() == 0.0
-    monkeypatch.setattr(traffic, "STRONG_MIN_MATCHES", 1)
+    monkeypatch.setattr(_trafficcohort, "STRONG_MIN_MATCHES", 1)
     assert weak_score() >= 0.9
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from detectors.traffic import _features
+from detectors._traffickernels import window_features
 
 
 def _numpy_features(
@@ -54,6 +54,6 @@ def test_features_equal_numpys_to_the_bit(width: int) -> None:
         times[i, : rng.integers(0, width + 1)] = np.nan
     times[1, 1::2] = times[1, 0:-1:2]  # every other gap zero
     times[2] = 1.7e9 + np.arange(width) * 0.5  # a metronome
-    got = _features(times, 0.05)
+    got = window_features(times, 0.05)
     want = _numpy_features(times, 0.05)
     assert np.array_equal(got, want), np.abs(got - want).max()

@@ -16,11 +16,8 @@ import numpy as np
 import pytest
 
 from detectors._state import StateBlob, decode_blob, encode_blob
-from detectors.traffic import (
-    TrafficDetector,
-    TrafficParams,
-    _solo_counts,
-)
+from detectors._traffickernels import solo_counts
+from detectors.traffic import TrafficDetector, TrafficParams
 from tests.detectors.solo_scenarios import (
     T0,
     first_rows,
@@ -100,7 +97,7 @@ def test_the_count_is_the_gaps_within_the_band_of_their_median() -> None:
     several = np.full(8, np.nan)
     several[1:] = T0 + np.cumsum([0, 20, 0, 25, 25, 30, 40]) / 1000.0
     burst = T0 + np.cumsum(np.full(8, 0.003))
-    counts = _solo_counts(np.stack([window, several, burst]), 0.25)
+    counts = solo_counts(np.stack([window, several, burst]), 0.25)
     assert counts.tolist() == [[5, 4], [5, 4], [7, -1]]
 
 
