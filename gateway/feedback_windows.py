@@ -51,7 +51,11 @@ another guard added between that read and the write (only after foreign
 data was found). A row of a batch that is evicted by a full window of other
 guards' rows between the batch's first attempt and its retry in the same
 process is added again by the retry (a later delivery in another process
-finds the record in its submitter's state and adds nothing).
+finds the record in its submitter's state and adds nothing). Sharing also
+widens the spectral test's drag evasion (docs/feedback-guard.md, "Attacked"):
+accepted records that move a class window towards a trigger step by step
+now reach every guard, through any partition, and outlive restarts until the
+window expires.
 
 Imports Redis (through ``gateway.store``), msgspec, numpy and the detector
 library; nothing from Kafka.
