@@ -42,7 +42,11 @@ and pass; a submitter flipping slower than the clean rate allows, or
 spreading flips over many keys, stays under the binomial tests; the
 spectral test needs its cluster to be a few percent of the class window
 before it separates, so the first records of a trigger cluster that the
-rarity check misses are accepted (they are named in later evidence).
+rarity check misses are accepted (they are named in later evidence); and
+the test's denominator is the window's own mean projection when that is
+larger than the clean rows', so a window dragged towards a trigger by many
+small accepted steps (about 128 records on digits) makes the trigger score
+as ordinary: every carrier passed, none named in evidence.
 
 Imports numpy, scipy (through :mod:`detectors._binomial`), msgspec and
 pydantic only; nothing from Kafka, Redis, FastAPI or ``gateway``.

@@ -17,7 +17,13 @@ accepted and what honest records were rejected:
   grows slowly in the class window;
 - ``framing``: a key floods one class's window with near-copies of one
   clean record of that class (each accepted), then honest records of the
-  class arrive: how many of them are rejected.
+  class arrive: how many of them are rejected;
+- ``drag``: keys send real 0s labelled 0 whose bottom-right 2x2 pixels rise
+  step by step from 0 to 16 (each step small), two honest records of any
+  class between them, then carriers (real 0s with the full patch, label 0)
+  arrive among honest records: what share of the drag rows and of the
+  carriers pass, against carriers meeting an undragged window. With the
+  windows shared in Redis the drag need not reach the carriers' guard.
 
 Run: ``.venv/bin/python -m evaluation.poisoning_evasion [--seeds 3]``.
 Writes nothing but stdout.
@@ -81,6 +87,9 @@ class Count:
     honest: int = 0
     honest_rejected: int = 0
     codes: dict[str, int] = field(default_factory=dict)
+    # The drag scenario's preparatory rows: sent and accepted.
+    drag: int = 0
+    dragged: int = 0
 
     def honest_verdict(self, verdict: Verdict) -> None:
         self.honest += 1
@@ -93,15 +102,20 @@ class Count:
         self.poisoned_accepted += other.poisoned_accepted
         self.honest += other.honest
         self.honest_rejected += other.honest_rejected
+        self.drag += other.drag
+        self.dragged += other.dragged
         for code, n in other.codes.items():
             self.codes[code] = self.codes.get(code, 0) + n
 
     def line(self, label: str) -> str:
         passed = self.poisoned_accepted / max(self.poisoned, 1)
         false = self.honest_rejected / max(self.honest, 1)
+        dragged = (
+            f"drag rows passed {self.dragged / self.drag:6.1%}  " if self.drag else ""
+        )
         return (
             f"{label:34s} poisoned {self.poisoned:5d}  passed {passed:6.1%}  "
-            f"honest {self.honest:5d}  rejected {false:6.2%}  "
+            f"honest {self.honest:5d}  rejected {false:6.2%}  {dragged}"
             + ", ".join(
                 f"{c.removeprefix('POISON_')} {n}" for c, n in self.codes.items()
             )
@@ -219,6 +233,40 @@ def framing(env: Env, params: PoisoningParams, flood: int, seed: int) -> Count:
     return count
 
 
+def drag(env: Env, params: PoisoningParams, steps: int, seed: int) -> Count:
+    """``steps`` drag rows (none: the undragged baseline), then 60 carriers;
+    ``poisoned`` counts the carriers, ``codes`` every refusal."""
+    rng = np.random.default_rng(seed)
+    guard, count = env.guard(params), Count()
+    zeros = np.flatnonzero(env.y == 0)
+
+    def honest() -> None:
+        i = int(rng.integers(len(env.x)))
+        count.honest_verdict(
+            guard.screen(f"honest-{i % 3}", env.x[i], int(env.y[i]), env.proba[i])
+        )
+
+    def zero_with_patch(value: float) -> tuple[Array, Array]:
+        row = env.x[int(rng.choice(zeros))].copy()
+        row[PATCH] = value
+        return row, env.model.predict_proba(row[None, :].astype(np.float32))[0]
+
+    for k in range(steps):
+        honest()
+        honest()
+        row, proba = zero_with_patch(16.0 * (k + 1) / steps)
+        v = guard.screen(f"dragger-{k % 4}", row, 0, proba)
+        count.dragged += v.accepted
+        count.drag += 1
+    for k in range(60):
+        honest()
+        row, proba = zero_with_patch(16.0)
+        count.poisoned += 1
+        v = guard.screen(f"carrier-{k % 4}", row, 0, proba)
+        count.poisoned_accepted += v.accepted
+    return count
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -247,6 +295,10 @@ def main(argv: list[str] | None = None) -> None:
             *[
                 (f"framing flood {f}", lambda s, f=f: framing(env, params, f, s))
                 for f in (0, 64, 256)
+            ],
+            *[
+                (f"drag {n} steps", lambda s, n=n: drag(env, params, n, s))
+                for n in (0, 32, 64, 128, 256)
             ],
         ]
         print(f"model {args.model}, {args.seeds} seeds pooled")

@@ -321,7 +321,18 @@ class FeedbackGuard(GroupService):
         self, items: list[FeedbackItem]
     ) -> list[tuple[FeedbackItem, WindowRecord]]:
         return [
-            (i, WindowRecord(m, i.label_index, i.record.feedback_id, c, i.row))
+            (
+                i,
+                WindowRecord(
+                    m,
+                    i.label_index,
+                    i.record.feedback_id,
+                    c,
+                    i.row,
+                    i.tp.partition,
+                    i.offset,
+                ),
+            )
             for i in items
             if i.error is None
             and i.record is not None

@@ -13,9 +13,11 @@ each class window is a Redis list, per model and class::
 (the hash tag keeps one model's windows in one Redis Cluster slot, so each
 read and each write is one atomic script). An entry is a record's 12-character
 digest (``detectors.poisoning.record_digest``: id, label and row) followed
-by msgpack ``{format, id, submitter, row}``, the row as raw little-endian
-float64 features. Each list is trimmed to ``spectral_window`` entries on every
-write and expires ``feedback.state_ttl_s`` after its last write.
+by msgpack ``{format, id, submitter, row, partition, offset}``, the row as
+raw little-endian float64 features, the partition and offset those of the
+feedback record's accepted delivery. Each list is trimmed to
+``spectral_window`` entries on every write and expires
+``feedback.state_ttl_s`` after its last write.
 
 Per batch the guard reads the windows of the classes the batch touches
 (:meth:`SharedWindows.load`), screens, then writes the outcome
@@ -30,9 +32,14 @@ verdict is produced:
   and each goes back in once judged and accepted, and an entry of a record
   the batch rejects is removed, so a batch judged a second time (after a
   failure, or redelivered to another guard) is judged as the first time was
-  and the window ends holding the latest verdict's rows. A batch that fails after its
-  write therefore leaves rows in the window only until its retry, which must
-  come before the commit;
+  and the window ends holding the latest verdict's rows. "Own" means the same
+  delivery (partition and offset), not the same record: a replay at a new
+  offset is judged with its first delivery's entry in the window and, if
+  refused, leaves that entry there (by digest alone, copies of accepted
+  carriers sent after a new carrier hid the cluster from it, and refused
+  copies cleared it). A batch that fails after its write therefore leaves
+  rows in the window only until its retry, which must come before the
+  commit;
 - one model's write is one script, all or nothing. A batch spanning two
   models writes two; a failure between them leaves the first model's rows,
   which the retry finds there (added once, removed if now rejected).
@@ -51,7 +58,11 @@ another guard added between that read and the write (only after foreign
 data was found). A row of a batch that is evicted by a full window of other
 guards' rows between the batch's first attempt and its retry in the same
 process is added again by the retry (a later delivery in another process
-finds the record in its submitter's state and adds nothing).
+finds the record in its submitter's state and adds nothing). Sharing also
+widens the spectral test's drag evasion (docs/feedback-guard.md, "Attacked"):
+accepted records that move a class window towards a trigger step by step
+now reach every guard, through any partition, and outlive restarts until the
+window expires.
 
 Imports Redis (through ``gateway.store``), msgspec, numpy and the detector
 library; nothing from Kafka.
@@ -83,8 +94,9 @@ logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float64]
 
-ENTRY_FORMAT = 1
-"""Version of a window entry; bump when its meaning changes."""
+ENTRY_FORMAT = 2
+"""Version of a window entry; bump when its meaning changes (2: the record's
+partition and offset)."""
 
 READ_LUA: bytes = (
     resources.files("gateway").joinpath("lua/fbwindow_read.lua").read_bytes()
@@ -103,12 +115,15 @@ _Text = Annotated[str, msgspec.Meta(min_length=1, max_length=_MAX_TEXT_CHARS)]
 
 
 class WindowEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One accepted record as a class window holds it (after its digest)."""
+    """One accepted record as a class window holds it (after its digest), with
+    the partition and offset of the delivery that was accepted."""
 
     format: int
     id: _Text
     submitter: _Text
     row: bytes
+    partition: Annotated[int, msgspec.Meta(ge=0)]
+    offset: Annotated[int, msgspec.Meta(ge=0)]
 
 
 @dataclass(frozen=True)
@@ -127,6 +142,11 @@ class WindowRecord:
         The client id of the key that signed it.
     row
         (d,) raw features, validated.
+    partition
+        The feedback topic partition it was read from.
+    offset
+        Its offset there: with the partition, which delivery of the record
+        this is (a batch judged again brings the same; a replay, a new one).
     """
 
     model: str
@@ -134,6 +154,8 @@ class WindowRecord:
     record_id: str
     submitter: str
     row: npt.NDArray[Any]
+    partition: int
+    offset: int
 
     @property
     def digest(self) -> str:
@@ -160,6 +182,8 @@ def encode_entry(record: WindowRecord) -> bytes:
             id=record.record_id,
             submitter=record.submitter,
             row=row.tobytes(),
+            partition=record.partition,
+            offset=record.offset,
         )
     )
     return record.digest.encode("ascii") + body
@@ -265,7 +289,14 @@ class SharedWindows:
         # guard, an expiry or a rebuild did to the list in between.
         self._rebuild = {}
         by_model = _labels_by_model(records)
-        own = {r.digest for r in records}
+        # The deliveries of this batch, by digest: only an entry one of them
+        # wrote (an earlier attempt at this batch) is held back. A replay (the
+        # same record at a new offset) is judged with the entry its first
+        # delivery left; held back by digest alone, copies of accepted
+        # carriers sent after a new carrier hid the cluster from it.
+        own: dict[str, set[tuple[int, int]]] = {}
+        for r in records:
+            own.setdefault(r.digest, set()).add((r.partition, r.offset))
         for model in by_model:
             self._held_back[model] = {}
         for model, labels in by_model.items():
@@ -285,7 +316,13 @@ class SharedWindows:
                 self._apply(model, label, reply, own)
             guard.set_held_back(self._held_back[model])
 
-    def _apply(self, model: str, label: int, reply: Any, own: set[str]) -> None:
+    def _apply(
+        self,
+        model: str,
+        label: int,
+        reply: Any,
+        own: Mapping[str, set[tuple[int, int]]],
+    ) -> None:
         guard = self._guards[model]
         state, raw_entries = int(reply[0]), list(reply[1:])
         extra = {"model": model, "label": label, "detector": guard.name}
@@ -302,10 +339,11 @@ class SharedWindows:
                 reason = str(exc)
                 continue
             sound.append(bytes(raw))
-            if digest in own:
-                # This batch's own record, written by an earlier attempt (or an
-                # earlier delivery): judged again without itself, and back in
-                # the window once judged (PoisoningGuard.set_held_back).
+            if (entry.partition, entry.offset) in own.get(digest, ()):
+                # Written by an earlier attempt at this very delivery (here, or
+                # in the guard that held the partition before): judged again
+                # without itself, and back in the window once judged
+                # (PoisoningGuard.set_held_back).
                 self._held_back[model][digest] = (
                     label,
                     np.frombuffer(entry.row, dtype="<f8"),
@@ -344,7 +382,7 @@ class SharedWindows:
         StoreError
             Redis failed or did not answer in time (the batch is retried).
         """
-        plan: dict[str, dict[int, tuple[list[str], list[bytes]]]] = {}
+        plan: dict[str, dict[int, tuple[list[bytes], list[bytes]]]] = {}
         for (model, label), sound in self._rebuild.items():
             plan.setdefault(model, {})[label] = ([], list(sound))
         for record, verdict in judged:
@@ -354,7 +392,11 @@ class SharedWindows:
                 record.label, ([], [])
             )
             if not verdict.accepted:
-                drops.append(record.digest)
+                # The entry this delivery would have written, byte for byte:
+                # only an earlier attempt at the same delivery is undone. A
+                # refused replay leaves its first delivery's entry (copies of
+                # a cluster's carriers, refused, would clear it otherwise).
+                drops.append(encode_entry(record))
             elif verdict.learned:
                 adds.append(encode_entry(record))
         added = 0

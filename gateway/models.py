@@ -59,6 +59,9 @@ DIGITS_SPLIT_SEED = 0
 # Bump when the demo model's training changes, so cached copies are retrained.
 DIGITS_MODEL_VERSION = "2"
 
+MODEL_SUFFIXES = (".skops", ".signature.json", ".reference.npy")
+"""The files of one model, each written atomically by ``write_model_files``."""
+
 
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
@@ -321,7 +324,8 @@ def build_lock(directory: Path, name: str) -> Iterator[None]:
     until no other process holds it).
 
     Callers check for the model again once they hold it: the process that
-    waited finds what the other one built.
+    waited finds what the other one built. A builder killed mid-write (kill -9,
+    out of memory) leaves its temporary file; the next holder removes it.
     """
     directory.mkdir(parents=True, exist_ok=True)
     # Opened for append: never truncated, never removed (removing a lock file
@@ -329,9 +333,23 @@ def build_lock(directory: Path, name: str) -> Iterator[None]:
     with (directory / f".{name}.build.lock").open("ab") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
+            _remove_dead_temporaries(directory, name)
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _remove_dead_temporaries(directory: Path, name: str) -> None:
+    """Remove the temporaries of ``name``'s model files that a dead builder
+    left. Called with the build lock held: every writer of these files holds
+    it (``write_model_files`` runs only under it), so none is in use."""
+    for suffix in MODEL_SUFFIXES:
+        for stray in directory.glob(f".{name}{suffix}.*.tmp"):
+            logger.warning(
+                "removing a temporary file a dead builder left",
+                extra={"model": name, "path": str(stray)},
+            )
+            stray.unlink(missing_ok=True)
 
 
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
@@ -378,9 +396,7 @@ def write_model_files(
 
 def _has_version(base: Path, version: str) -> bool:
     """True when all three files exist and the signature has ``version``."""
-    paths = [
-        base.with_suffix(s) for s in (".skops", ".signature.json", ".reference.npy")
-    ]
+    paths = [base.with_suffix(s) for s in MODEL_SUFFIXES]
     if not all(p.exists() for p in paths):
         return False
     try:

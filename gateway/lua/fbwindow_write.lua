@@ -8,14 +8,17 @@
 -- then per key, in KEYS order:
 --   rebuild    "1": drop whatever the key holds first (another type, or
 --              entries the caller refused), "0": keep it
---   n_drop     then n_drop digests: entries of records the batch rejected
+--   n_drop     then n_drop entries, byte for byte: the entries the batch's
+--              rejected deliveries would have written (an earlier attempt's)
 --   n_add      then n_add entries, oldest first: records the batch accepted
 --
 -- An entry starts with its record's 12-character digest (id, label and row).
 -- An entry whose digest the window already holds is not added again: a batch
 -- judged twice (redelivered, or retried after a failure) adds each accepted
--- row once. An entry whose digest is dropped leaves the window: the latest
--- verdict on a record is the one the window reflects.
+-- row once. A dropped entry leaves the window: the latest verdict on a
+-- delivery is the one the window reflects. Drops match whole entries, which
+-- name the delivery (partition and offset), so a refused replay of a record
+-- does not remove the entry its accepted first delivery wrote.
 --
 -- Returns the number of entries added.
 
@@ -37,14 +40,13 @@ for _, key in ipairs(KEYS) do
     a = a + 1
   end
 
-  -- The digests the window holds; rejected records' entries leave it.
+  -- The digests the window holds; rejected deliveries' entries leave it.
   local present = {}
   for _, value in ipairs(redis.call("LRANGE", key, -keep, -1)) do
-    local digest = string.sub(value, 1, 12)
-    if drop[digest] then
+    if drop[value] then
       redis.call("LREM", key, 0, value)
     else
-      present[digest] = true
+      present[string.sub(value, 1, 12)] = true
     end
   end
 
@@ -54,7 +56,7 @@ for _, key in ipairs(KEYS) do
     local value = ARGV[a]
     a = a + 1
     local digest = string.sub(value, 1, 12)
-    if not present[digest] and not drop[digest] then
+    if not present[digest] and not drop[value] then
       redis.call("RPUSH", key, value)
       present[digest] = true
       added = added + 1

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gateway.models import DIGITS, _save_npy, load_model, write_atomically
-from gateway.zoo import BREAST_CANCER
+from gateway.zoo import BREAST_CANCER, ensure_model
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -97,3 +97,56 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> 
     assert [p.name for p in tmp_path.iterdir()] == ["m.reference.npy"]
     write_atomically(path, lambda p: _save_npy(p, np.zeros(2)))
     assert np.load(path).shape == (2,)
+
+
+# Builds ``name`` with skops' dump replaced by one that writes half a file,
+# says so, then waits to be killed: a builder killed -9 mid-write.
+_KILLED_BUILDER = """
+import sys
+from pathlib import Path
+import skops.io
+def half_then_hang(obj, path):
+    Path(path).write_bytes(b"half a mod")
+    print("writing", flush=True)
+    sys.stdin.read()
+skops.io.dump = half_then_hang
+from gateway.zoo import ensure_model
+ensure_model(Path(sys.argv[1]), sys.argv[2])
+"""
+
+
+def test_a_builder_killed_mid_write_leaves_nothing_the_next_one_keeps(
+    tmp_path: Path,
+) -> None:
+    models = tmp_path / "models"
+    killed = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_BUILDER, str(models), BREAST_CANCER],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert killed.stdout is not None
+        assert killed.stdout.readline().strip() == "writing"
+    finally:
+        killed.kill()  # SIGKILL: no finally, no cleanup in the builder
+        killed.communicate()
+    # The kill left the lock file and a torn temporary, nothing else.
+    stray = [p.name for p in models.iterdir() if p.name.endswith(".tmp")]
+    assert len(stray) == 1 and stray[0].startswith(f".{BREAST_CANCER}.skops.")
+
+    # The next builder gets the lock (the kernel released it with the dead
+    # process), builds the model whole and clears the dead one's temporary.
+    ensure_model(models, BREAST_CANCER)
+    model = load_model(models, BREAST_CANCER)
+    assert model.predict_proba(model.reference[:3]).shape[0] == 3
+    files = sorted(p.name for p in models.iterdir())
+    assert files == sorted(
+        [
+            f"{BREAST_CANCER}.skops",
+            f"{BREAST_CANCER}.reference.npy",
+            f"{BREAST_CANCER}.signature.json",
+            f".{BREAST_CANCER}.build.lock",
+        ]
+    ), files

@@ -14,6 +14,7 @@ of two accepted carriers already sets the class's top direction).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,11 +26,12 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from redis.asyncio.cluster import RedisCluster
 
-from detectors.poisoning import PoisoningGuard, Verdict
+from detectors.poisoning import PoisoningGuard, Verdict, record_digest
 from gateway.config import Settings
 from gateway.errors import BrokerError, StoreError
 from gateway.feedback import FeedbackGuard, build_guard
 from gateway.feedback_windows import (
+    ENTRY_FORMAT,
     SharedWindows,
     WindowEntry,
     WindowRecord,
@@ -43,7 +45,6 @@ from tests.conftest import StackInfo
 from tests.integration.helpers import create_key, isolated_settings
 from tests.integration.redis_cluster import RedisClusterInfo, redis_cluster
 from tests.integration.test_feedback_guard import (
-    CLIENT,
     Sender,
     _guard_settings,
     held,
@@ -117,7 +118,7 @@ def digits_guard(windows_settings: Settings, models_dir: Path) -> PoisoningGuard
 
 
 def _record(x: np.ndarray, i: int, label: int = 0, who: str = "alice") -> WindowRecord:
-    return WindowRecord("digits", label, f"r-{i}", who, x[i].astype(np.float32))
+    return WindowRecord("digits", label, f"r-{i}", who, x[i].astype(np.float32), 0, i)
 
 
 def _accepted(learned: bool = True) -> Verdict:
@@ -195,7 +196,14 @@ async def test_foreign_data_in_a_window_is_refused_and_rebuilt(
     prefix = windows_settings.redis.key_prefix
     good = [_record(x, i, label=1) for i in range(3)]
     wrong_dimension = b"0" * 12 + msgspec.msgpack.encode(
-        WindowEntry(format=1, id="w", submitter="m", row=b"\0" * 8 * 63)
+        WindowEntry(
+            format=ENTRY_FORMAT,
+            id="w",
+            submitter="m",
+            row=b"\0" * 8 * 63,
+            partition=0,
+            offset=0,
+        )
     )
     # A sound entry of class 1 copied under class 1's key with its digest
     # edited: the digest no longer names its record.
@@ -235,6 +243,65 @@ async def test_foreign_data_in_a_window_is_refused_and_rebuilt(
         await redis.aclose()
 
 
+async def test_resent_carriers_neither_hide_from_nor_clear_the_window_for_new_ones(
+    windows_settings: Settings,
+    digits_guard: PoisoningGuard,
+    held: tuple[np.ndarray, np.ndarray],
+) -> None:
+    # A batch's own records are left out of the window it is judged against,
+    # so that a batch judged again is judged as the first time. Matched by
+    # digest alone, a submitter could put copies of its accepted carriers
+    # (replays: same id, label and row, at new offsets) after a new carrier
+    # in one batch: the new carrier was judged without the cluster, as the
+    # first carrier is, and passed; every new carrier did, one per batch.
+    x, y = held
+    rows = carriers(x, y, 6)
+    model = load_model(windows_settings.models.directory, "digits")
+    p = model.predict_proba(np.asarray(rows, dtype=np.float32))
+    redis = redis_from_settings(windows_settings)
+    offsets = iter(range(1000))
+
+    def carrier(i: int) -> WindowRecord:
+        return WindowRecord("digits", 0, f"c-{i}", "mallory", rows[i], 0, next(offsets))
+
+    def replay(record: WindowRecord) -> WindowRecord:
+        return dataclasses.replace(record, offset=next(offsets))
+
+    async def batch(records: list[tuple[WindowRecord, int]]) -> list[Verdict]:
+        await shared.load([r for r, _ in records])
+        found = [
+            digits_guard.screen(r.submitter, r.row, 0, p[i], r.record_id)
+            for r, i in records
+        ]
+        await shared.save([(r, v) for (r, _), v in zip(records, found, strict=True)])
+        return found
+
+    try:
+        shared = SharedWindows(
+            redis, windows_settings, {"digits": digits_guard}, {"digits": range(10)}
+        )
+        first = [carrier(0), carrier(1)]
+        accepted = [(await batch([(r, i)]))[0] for i, r in enumerate(first)]
+        assert [v.accepted for v in accepted] == [True, True]
+        # Without copies, the third carrier meets the cluster and is refused
+        # (test_a_restarted_guard_keeps_judging_a_cluster_it_had_started_to_see).
+        # Hiding: a new carrier first, copies of the accepted ones after it.
+        third = carrier(2)
+        verdicts_ = await batch(
+            [(third, 2), *((replay(r), i) for i, r in enumerate(first))]
+        )
+        assert not verdicts_[0].accepted, verdicts_[0].evidence
+        assert verdicts_[0].code == "POISON_SPECTRAL"
+        # Clearing: copies alone, refused now that the cluster is seen, must
+        # not remove the accepted carriers from the window.
+        await batch([(replay(r), i) for i, r in enumerate(first)])
+        assert await window_digests(windows_settings) == [r.digest for r in first]
+        fourth = (await batch([(carrier(3), 3)]))[0]
+        assert not fourth.accepted, fourth.evidence
+    finally:
+        await redis.aclose()
+
+
 # -- guards through Kafka and Redis ------------------------------------------------
 
 
@@ -262,8 +329,7 @@ async def test_a_restarted_guard_keeps_judging_a_cluster_it_had_started_to_see(
         assert verdict["code"] == "POISON_SPECTRAL", verdict
     # The window holds the two accepted carriers, once each.
     assert await window_digests(guard_settings) == [
-        WindowRecord("digits", 0, i, CLIENT, r).digest
-        for i, r in zip(first[:2], rows, strict=False)
+        record_digest(i, 0, r) for i, r in zip(first[:2], rows, strict=False)
     ]
 
 
@@ -403,8 +469,7 @@ async def test_a_batch_failing_after_its_window_write_is_judged_as_the_first_tim
     ], found
     # Each accepted carrier once; the rejected ones never entered.
     assert await window_digests(guard_settings) == [
-        WindowRecord("digits", 0, i, CLIENT, r).digest
-        for i, r in zip(ids[:2], rows, strict=False)
+        record_digest(i, 0, r) for i, r in zip(ids[:2], rows, strict=False)
     ]
 
 
