@@ -24,6 +24,7 @@ from gateway.calibrate_cli import calibrate as calibrate_command
 from gateway.cli_common import (
     ConfigOption,
     LogLevel,
+    exit_for,
     load_cli_settings,
     stop_on_signals,
 )
@@ -55,8 +56,7 @@ def _run(coro: Any) -> Any:
     try:
         return asyncio.run(coro)
     except ModelgateError as exc:
-        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
-        raise typer.Exit(1) from exc
+        raise exit_for(exc) from exc
     except ValueError as exc:
         # Arguments the stores refuse (a bad client id, a negative TTL).
         typer.echo(f"error [BAD_ARGUMENT]: {exc}", err=True)

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from gateway.config import Settings, load_settings
-from gateway.errors import ModelgateError
+from gateway.errors import ConfigError, ModelgateError
 
 ConfigOption = Annotated[
     Path | None,
@@ -52,6 +52,14 @@ def load_cli_settings(config: Path | None, **overrides: Any) -> Settings:
     except ModelgateError as exc:
         typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
         raise typer.Exit(2) from exc
+
+
+def exit_for(exc: ModelgateError) -> typer.Exit:
+    """Report ``exc`` on stderr and give the exit to raise: 2 for a bad
+    configuration, whenever it shows (a setting refused at load, or a
+    metrics port found taken as a service starts), 1 for anything else."""
+    typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+    return typer.Exit(2 if isinstance(exc, ConfigError) else 1)
 
 
 def stop_on_signals() -> asyncio.Event:

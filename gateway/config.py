@@ -584,10 +584,11 @@ class FrontDoorConfig(_Frozen):
     """The HTTP front door (``modelgate frontdoor serve``).
 
     Each process reads replies on its own topic,
-    ``<worker.reply_topic_prefix>.fd-<instance_id>``, created at start and
-    kept at stop (a worker may still be answering into it). A stable
-    ``instance_id`` per process slot reuses one topic across restarts; the
-    default (host and pid) makes a new one per process.
+    ``<worker.reply_topic_prefix>.fd-<instance_id>``, created at start. A
+    stable ``instance_id`` per process slot reuses one topic across restarts
+    and keeps it at stop (a worker may still be answering into it); the
+    default (host and pid) makes a new one per process, deleted at a clean
+    stop since no later process reads it.
     """
 
     # Loopback by default: exposing the front door is a deliberate choice.

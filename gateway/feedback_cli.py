@@ -24,6 +24,7 @@ from gateway import logs
 from gateway.cli_common import (
     ConfigOption,
     LogLevel,
+    exit_for,
     load_cli_settings,
     stop_on_signals,
 )
@@ -44,8 +45,7 @@ def _run(coro: Any) -> Any:
     try:
         return asyncio.run(coro)
     except ModelgateError as exc:
-        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
-        raise typer.Exit(1) from exc
+        raise exit_for(exc) from exc
 
 
 # -- guard run ---------------------------------------------------------------------

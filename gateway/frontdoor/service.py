@@ -68,19 +68,32 @@ def reply_topic_for(settings: Settings) -> str:
     return f"{settings.worker.reply_topic_prefix}.fd-{instance}"
 
 
+class ModelNotBuilt(ConfigError):
+    """A served model's signature file does not exist (yet): a worker builds
+    the demo models at its first start, so a front door started beside it
+    waits for the file instead of failing."""
+
+
 def load_signatures(directory: Path, names: list[str]) -> dict[str, ModelSignature]:
     """The signature of every served model, read from ``directory``.
 
     Raises
     ------
+    ModelNotBuilt
+        A signature file is missing.
     ConfigError
-        A signature file is missing or does not parse.
+        A signature file cannot be read or does not parse.
     """
     found: dict[str, ModelSignature] = {}
     for name in names:
         path = directory / f"{name}.signature.json"
         try:
             signature = ModelSignature.from_json(path.read_text())
+        except FileNotFoundError as exc:
+            raise ModelNotBuilt(
+                f"model {name}: no signature at {path} yet; a worker started "
+                "with the same settings and working directory builds it"
+            ) from exc
         except OSError as exc:
             raise ConfigError(f"model {name}: cannot read {path}: {exc}") from exc
         if signature.name != name:
@@ -118,7 +131,8 @@ class FrontDoor:
         self.settings = settings
         self.metrics = metrics
         self.reply_topic = reply_topic_for(settings)
-        self.signatures: dict[str, ModelSignature] = {}
+        # None until start has read them: no model is known served or not.
+        self.signatures: dict[str, ModelSignature] | None = None
         self._server_key = server_key
         self._transport = KafkaTransport(settings, reply_topic=self.reply_topic)
         self._redis: RedisClient | None = None
@@ -183,8 +197,9 @@ class FrontDoor:
 
     def start_in_background(self) -> None:
         """Keep trying ``start`` until it succeeds, so that the process serves
-        liveness (and a not-ready readiness) while Kafka is still coming up.
-        A configuration error ends the attempts and is logged."""
+        liveness (and a not-ready readiness) while Kafka is still coming up
+        or a worker is still building the models. Any other configuration
+        error ends the attempts and is logged."""
         if self._starter is None or self._starter.done():
             self._starter = asyncio.create_task(self._start_until_up())
 
@@ -193,7 +208,7 @@ class FrontDoor:
             try:
                 await self.start()
                 return
-            except BrokerError as exc:
+            except (BrokerError, ModelNotBuilt) as exc:
                 logger.warning("front door not ready yet: %s", exc.message)
                 await asyncio.sleep(_START_RETRY_S)
             except ModelgateError as exc:
@@ -263,7 +278,12 @@ class FrontDoor:
         ------
         ValidationError
             ``UNKNOWN_MODEL`` when the model (or that version) is not served.
+        BrokerError
+            ``NOT_READY`` before the signatures are read: no model can be
+            told served or not yet.
         """
+        if self.signatures is None:
+            raise BrokerError("front door is not ready", code="NOT_READY")
         signature = self.signatures.get(model)
         if signature is None or (version is not None and version != signature.version):
             shown = model if version is None else f"{model} version {version}"

@@ -200,3 +200,68 @@ def test_serve_with_a_port_keeps_a_generated_instance_id_generated(
     assert seen["port"] == 18999
     # Only a generated id's reply topic is removed at stop.
     assert door.owns_reply_topic is owns
+
+
+async def test_inference_before_the_front_door_starts_is_not_ready_not_unknown() -> (
+    None
+):
+    import httpx
+
+    from gateway.config import load_settings
+    from gateway.frontdoor.app import create_app
+
+    # Before its start has read the models' signatures the front door cannot
+    # tell a served model from another: it must say "not ready" (503, retry)
+    # rather than "no such model" (404, give up).
+    app = create_app(load_settings())
+    transport = httpx.ASGITransport(app=app)
+    body = {"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32",
+                        "data": [0.0] * 64}]}  # fmt: skip
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        for answer in (
+            await http.post("/v2/models/digits/infer", json=body),
+            await http.get("/v2/models/digits"),
+            await http.get("/v2/models/digits/ready"),
+        ):
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["code"] == "NOT_READY", answer.text
+
+
+async def test_a_model_not_built_yet_is_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from cryptography.fernet import Fernet
+
+    from gateway.config import load_settings
+    from gateway.frontdoor import service
+    from gateway.models import ModelSignature
+
+    # A front door started beside a worker's first start, in a fresh
+    # directory, finds no signature until the worker has built the model; it
+    # must go on trying, not give up for the life of the process.
+    monkeypatch.setattr(service, "_START_RETRY_S", 0.01)
+    reached_kafka = asyncio.Event()
+
+    async def hold(*args: object, **kwargs: object) -> None:
+        reached_kafka.set()
+        await asyncio.Event().wait()  # no Kafka here: stop() cancels this
+
+    monkeypatch.setattr(service, "ensure_topics", hold)
+    settings = load_settings(models={"directory": tmp_path, "serve": ["digits"]})
+    door = service.FrontDoor(settings, server_key=Fernet.generate_key())
+    door.start_in_background()
+    try:
+        await asyncio.sleep(0.1)  # several attempts, each finding no file
+        assert not reached_kafka.is_set() and door.signatures is None
+        signature = ModelSignature(
+            name="digits", version="2", inputs=(PIXELS,),
+            outputs=(TensorSpec("label", "INT64", (-1,), None, None),),
+            classes=tuple(range(10)),
+        )  # fmt: skip
+        (tmp_path / "digits.signature.json").write_text(signature.to_json())
+        await asyncio.wait_for(reached_kafka.wait(), timeout=5)
+        assert door.signatures is not None and set(door.signatures) == {"digits"}
+    finally:
+        await door.stop()

@@ -57,8 +57,20 @@ def _client(app: Any) -> httpx.AsyncClient:
 @pytest.fixture
 def frontdoor() -> FastAPI:
     from gateway.frontdoor.app import create_app
+    from gateway.models import ModelSignature, TensorSpec
 
     app = create_app(load_settings())
+    # As a started front door, which has read its models' signatures: a model
+    # it does not serve is then 404 UNKNOWN_MODEL (before, 503 NOT_READY).
+    app.state.frontdoor.signatures = {
+        "digits": ModelSignature(
+            name="digits",
+            version="2",
+            inputs=(TensorSpec("pixels", "FP32", (-1, 64), 0.0, 16.0),),
+            outputs=(TensorSpec("label", "INT64", (-1,)),),
+            classes=tuple(range(10)),
+        )
+    }
 
     async def boom() -> None:
         raise RuntimeError("a fault the handlers do not know")

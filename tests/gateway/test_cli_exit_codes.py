@@ -1,0 +1,78 @@
+"""Exit codes of the long-running commands: a bad configuration is 2 for
+every command (the documented contract of ``CONFIG_INVALID``), including one
+that only shows once the service starts, such as a taken metrics port."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from typer.testing import CliRunner
+
+from gateway.cli import app
+from gateway.metrics import start_metrics_server
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield int(sock.getsockname()[1])
+
+
+class _OpensItsMetricsFirst:
+    """Stands in for the worker or the guard: both open their metrics listener
+    while starting, before they join their consumer group, so the real
+    listener's error on a taken port is what the command meets."""
+
+    setting = "worker"
+    owner = "worker"
+    port = 0
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+
+    async def __aenter__(self) -> _OpensItsMetricsFirst:
+        start_metrics_server(
+            CollectorRegistry(), "127.0.0.1", self.port, self.setting, self.owner
+        )
+        raise AssertionError("the taken port was bound")
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("argv", "module", "name", "setting", "owner"),
+    [
+        (["worker"], "gateway.worker", "Worker", "worker", "worker"),
+        (["guard", "run"], "gateway.feedback", "FeedbackGuard", "feedback", "guard"),
+    ],
+)
+def test_a_taken_metrics_port_exits_2_like_the_serve_commands(
+    monkeypatch: pytest.MonkeyPatch,
+    taken_port: int,
+    argv: list[str],
+    module: str,
+    name: str,
+    setting: str,
+    owner: str,
+) -> None:
+    import importlib
+
+    import threadpoolctl
+
+    # The commands cap BLAS threads for the whole process; not in the test's.
+    monkeypatch.setattr(threadpoolctl, "threadpool_limits", lambda *a, **k: None)
+    attrs = {"setting": setting, "owner": owner, "port": taken_port}
+    fake = type(name, (_OpensItsMetricsFirst,), attrs)
+    monkeypatch.setattr(importlib.import_module(module), name, fake)
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 2, result.output
+    assert f"error [CONFIG_INVALID]: {setting}.metrics_port {taken_port}" in (
+        result.output
+    )
