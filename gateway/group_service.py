@@ -187,9 +187,11 @@ class GroupService(abc.ABC):
     async def _commit(self, next_offsets: dict[TopicPartition, int]) -> None:
         """Commit the batch's offsets, bounded by ``kafka.request_timeout_s``."""
         assert self._consumer is not None
-        await asyncio.wait_for(
-            self._consumer.commit(next_offsets), self.settings.kafka.request_timeout_s
-        )
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a
+        # cancellation that arrives as the commit completes, and the cancelled
+        # task runs on (a killed guard's run loop kept fetching).
+        async with asyncio.timeout(self.settings.kafka.request_timeout_s):
+            await self._consumer.commit(next_offsets)
 
     # -- rebalances ---------------------------------------------------------------
 
