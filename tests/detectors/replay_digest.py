@@ -189,7 +189,9 @@ def digests() -> dict[str, str]:
             )
             if name.startswith("fingerprint"):
                 for m in detector.last_matches:
-                    h.update(f"{m.own}|{sorted(m.others.items())}|{m.identical}\n".encode())
+                    h.update(
+                        f"{m.own}|{sorted(m.others.items())}|{m.identical}\n".encode()
+                    )
                 h.update(detector.last_hashes.tobytes())
                 h.update(detector.last_input_keys.tobytes())
     _snapshot(detectors, parts)
@@ -283,7 +285,10 @@ def _harness_digest() -> str:
                 h.update(repr(plan).encode())
     try:
         EvalPlan.build(
-            quick=True, n_benign=3, budget=None, rate_limit_per_s=1.0,
+            quick=True,
+            n_benign=3,
+            budget=None,
+            rate_limit_per_s=1.0,
             attacker_arrivals="bursty",
         )
     except ValueError as exc:
