@@ -9,6 +9,7 @@ fingerprint; two queries are near-duplicates when their fingerprints share
 enough hashes. Because a fingerprint does not depend on the sender, one store
 of recent fingerprints, shared by every API key, sees an attack spread over
 many keys.
+
 This module holds the per-client detector and its parameters. The hashing
 is in :mod:`detectors._fphash`, the :class:`FingerprintStore` protocol and
 its bounded in-memory implementation in :mod:`detectors._fpstore` (their
