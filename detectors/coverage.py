@@ -15,13 +15,14 @@ The decision-region part needs the model's answers, so it is counted in
 :meth:`~detectors.base.Detector.observe_outputs` and judges the client's next
 queries.
 
-Each client's windows are rings in its state; compiled loops push each row's
-cell (or region) and walk back over the window counting distinct values per
-horizon, row by row in arrival order, instead of copying every row's window
-out (:func:`detectors._ring.push_ring`'s layout, without the copies).
-
-Imports numpy, pydantic and :mod:`detectors._jit` (numba) only; nothing from
-Kafka, Redis, FastAPI or ``gateway``.
+This module holds the detector: its per-client state, its live (cell,
+class) table and how the two parts become one score with its evidence. The
+partition, the honest expectation and the compiled loops over each client's
+windows are in :mod:`detectors._coveragekernels` (the public functions
+re-exported here), the parameters in :mod:`detectors._coverageparams`.
+Imports numpy, those two modules, :mod:`detectors._state` and
+:mod:`detectors.baselines`; nothing from Kafka, Redis, FastAPI or
+``gateway``.
 """
 
 from __future__ import annotations
@@ -33,367 +34,33 @@ from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import Field
 
-from detectors._jit import jit
+from detectors._coveragekernels import MAX_SCORE as MAX_SCORE
+from detectors._coveragekernels import MIN_SD as MIN_SD
+from detectors._coveragekernels import assign as assign
+from detectors._coveragekernels import coverage_sd as coverage_sd
+from detectors._coveragekernels import expected_coverage as expected_coverage
+from detectors._coveragekernels import kmeans as kmeans
+from detectors._coveragekernels import (
+    observe_windows,
+    score_windows,
+    teach_pairs,
+    window_horizons,
+)
+from detectors._coverageparams import CoverageParams as CoverageParams
 from detectors._state import (
     FieldSpec,
     check_counters,
     check_ring_counters,
     window_fields,
 )
-from detectors.base import Detector, DetectorParams, DetectorScore, LiveBaseline
+from detectors.base import Detector, DetectorScore, LiveBaseline
 from detectors.baselines import MAX_SAMPLES, BaselineRefused, check_fields, read_field
 
 logger = logging.getLogger(__name__)
 
 _CLASS_SLOTS = 256
 """Decision-region keys are ``cell * 256 + class`` (classes above 255 share)."""
-
-MIN_SD = 1.0
-"""Floor of the honest standard deviation in a score's denominator, in cells:
-once coverage saturates its spread tends to 0, and one extra cell must not
-then count as many deviations."""
-
-MAX_SCORE = 10.0
-"""Honest standard deviations that map to a score of 1 (the cap): scores
-stay in [0, 1] like every detector's, and 0.45 reads as 4.5 deviations."""
-
-
-class CoverageParams(DetectorParams):
-    """Parameters of :class:`CoverageDetector`."""
-
-    cells: int = Field(16, ge=4, le=255)
-    """Cells of the input partition (k-means centroids on the reference)."""
-
-    window: int = Field(64, ge=8, le=4096)
-    """Recent queries (and answers) per client whose coverage is counted."""
-
-    kmeans_iterations: int = Field(15, ge=1, le=200)
-    """Lloyd iterations when fitting the partition."""
-
-    threshold: float = Field(0.45, gt=0.0, le=1.0)
-    """Score at which a client is flagged: 0.45 is 4.5 honest standard
-    deviations above the expected coverage."""
-
-    min_queries: int = Field(30, ge=1, le=100_000)
-    """Queries (for the input part) or answers (for the decision part) a
-    client must have had before that part can flag it."""
-
-    live_min_answers: int = Field(512, ge=1, le=MAX_SAMPLES)
-    """Answers to clients in good standing the live (cell, class) table must
-    hold before the decision part's honest expectation comes from it rather
-    than from the model's answers to the reference data."""
-
-    live_min_clients: int = Field(3, ge=1, le=64)
-    """Distinct clients (told apart by 64 bits of their slots) that must
-    have taught a (cell, class) pair before it counts in the live
-    expectation: a thief not yet flagged teaches pairs no honest client
-    hits, which would raise the expectation and hide it."""
-
-    live_answers_per_client: int = Field(64, ge=1, le=1_000_000)
-    """Answers of each client that may teach the live table (its first):
-    without a cap one unflagged thief sending hundreds of queries into
-    cells honest clients seldom reach raised their share enough to hide
-    itself (measured below); with it, ``live_min_answers`` also needs
-    answers from several clients."""
-
-    live_refresh_answers: int = Field(1024, ge=1, le=10_000_000)
-    """Answers learnt between two recomputations of the decision part's
-    expectation from the live table, or an eighth of the table if more
-    (each costs :func:`coverage_sd`'s O(pairs^2 * window): 8.5 ms for 160
-    pairs at the default window)."""
-
-
-def kmeans(
-    X: npt.NDArray[np.float64], k: int, iterations: int, seed: int
-) -> npt.NDArray[np.float64]:
-    """Centroids of a plain Lloyd k-means with k-means++ seeding."""
-    rng = np.random.default_rng(seed)
-    k = min(k, len(X))
-    centres = np.empty((k, X.shape[1]))
-    centres[0] = X[rng.integers(len(X))]
-    nearest = ((X - centres[0]) ** 2).sum(axis=1)
-    for i in range(1, k):
-        total = nearest.sum()
-        pick = (
-            rng.integers(len(X))
-            if total <= 0
-            else rng.choice(len(X), p=nearest / total)
-        )
-        centres[i] = X[pick]
-        nearest = np.minimum(nearest, ((X - centres[i]) ** 2).sum(axis=1))
-    for _ in range(iterations):
-        labels = assign(X, centres)
-        for c in range(k):
-            members = X[labels == c]
-            if len(members):
-                centres[c] = members.mean(axis=0)
-    return centres
-
-
-def assign(
-    X: npt.NDArray[np.float64], centres: npt.NDArray[np.float64]
-) -> npt.NDArray[np.int64]:
-    """Index of each row's nearest centre (one matrix product)."""
-    return _nearest(np.ascontiguousarray(X @ centres.T), (centres**2).sum(axis=1))
-
-
-@jit
-def _nearest(
-    products: npt.NDArray[np.float64], centre_sq: npt.NDArray[np.float64]
-) -> npt.NDArray[np.int64]:
-    """Per row, the first ``j`` with the least ``centre_sq[j] - 2.0 *
-    products[i, j]`` (the squared distance to centre ``j`` less the row's own
-    squared norm, computed in that order)."""
-    n, k = products.shape
-    out = np.zeros(n, dtype=np.int64)
-    for i in range(n):
-        best = centre_sq[0] - 2.0 * products[i, 0]
-        for j in range(1, k):
-            value = centre_sq[j] - 2.0 * products[i, j]
-            if value < best:
-                best = value
-                out[i] = j
-    return out
-
-
-def expected_coverage(
-    counts: npt.NDArray[np.float64], horizon: int
-) -> npt.NDArray[np.float64]:
-    """Expected distinct cells after ``n`` i.i.d. draws, for n = 0..horizon,
-    with cell probabilities proportional to ``counts``."""
-    p = counts[counts > 0] / counts.sum()
-    n = np.arange(horizon + 1, dtype=np.float64)
-    return np.asarray((1.0 - (1.0 - p[None, :]) ** n[:, None]).sum(axis=1))
-
-
-def coverage_sd(
-    counts: npt.NDArray[np.float64], horizon: int
-) -> npt.NDArray[np.float64]:
-    """Standard deviation of the distinct cells after ``n`` i.i.d. draws, for
-    n = 0..horizon (exact, from the pairwise chance that two cells are both
-    still empty: ``Var = sum_ij (1 - p_i - p_j)^n - (sum_i (1 - p_i)^n)^2``
-    with the diagonal term ``(1 - p_i)^n``)."""
-    p = counts[counts > 0] / counts.sum()
-    both_empty = np.clip(1.0 - p[:, None] - p[None, :], 0.0, 1.0)
-    np.fill_diagonal(both_empty, 1.0 - p)
-    one_empty = 1.0 - p
-    out = np.zeros(horizon + 1)
-    pair_power = np.ones_like(both_empty)
-    single_power = np.ones_like(one_empty)
-    for n in range(1, horizon + 1):
-        pair_power *= both_empty
-        single_power *= one_empty
-        out[n] = pair_power.sum() - single_power.sum() ** 2
-    return np.sqrt(np.clip(out, 0.0, None))
-
-
-def _horizons(width: int) -> npt.NDArray[np.int64]:
-    """The last 16, 32, 64, ... queries of a window of ``width``, and the
-    whole window, ascending.
-
-    Several horizons because coverage saturates: a sweep covers every cell
-    in its first few dozen queries, and over a long window honest clients get
-    there too; the short horizons see how fast it happened."""
-    horizons = {min(h, width) for h in (16, 32, 64, 128, 256)} | {width}
-    return np.array(sorted(horizons), dtype=np.int64)
-
-
-@jit
-def _window_growth(
-    ring: npt.NDArray[np.integer[Any]],
-    pos: npt.NDArray[np.int64],
-    length: npt.NDArray[np.int64],
-    slot: int,
-    expected: npt.NDArray[np.float64],
-    spread: npt.NDArray[np.float64],
-    horizons: npt.NDArray[np.int64],
-    stamp: npt.NDArray[np.int64],
-    mark: int,
-) -> tuple[float, int]:
-    """Largest excess coverage of one client's window over its horizons, and
-    the distinct values of the whole window.
-
-    Walks the ring ``ring[slot]`` (the layout of :func:`_push_cell`) from the
-    newest value (just before ``pos[slot]``) back over its ``length[slot]``
-    filled cells, counting distinct values: a value ``v`` is new unless
-    ``stamp[v] == mark`` (``mark`` must differ from every earlier call's on
-    the same ``stamp``); a value outside ``stamp`` counts each time it occurs
-    (only a corrupted state holds one, and ``_check_state`` refuses those).
-    At each horizon ``h``, with ``c`` the distinct values among the newest
-    ``m = min(h, length[slot])``, the excess is
-    ``clip((c - expected[m]) / max(spread[m], MIN_SD) / MAX_SCORE, 0, 1)``,
-    the arithmetic of the score's definition in that order; the result is
-    the largest, from 0.
-    """
-    n_keys = stamp.shape[0]
-    cells = ring[slot]
-    filled = length[slot]
-    # Newest first. The index is unsigned (numba tests every signed index for
-    # wrap-around) and wraps by a test, as a modulo per value cost more than
-    # the rest of the loop.
-    one = np.uint64(1)
-    last = np.uint64(ring.shape[1] - 1)
-    at = np.uint64(pos[slot])
-    best = 0.0
-    covered = 0
-    k = 0
-    for h in horizons:
-        stop = min(h, filled)
-        while k < stop:
-            at = at - one if at > 0 else last
-            value = np.int64(cells[at])
-            if value < 0 or value >= n_keys:
-                covered += 1
-            elif stamp[value] != mark:
-                stamp[value] = mark
-                covered += 1
-            k += 1
-        z = (covered - expected[stop]) / max(spread[stop], MIN_SD)
-        best = max(best, min(max(z / MAX_SCORE, 0.0), 1.0))
-    return best, covered
-
-
-@jit
-def _push_cell(
-    ring: npt.NDArray[np.integer[Any]],
-    pos: npt.NDArray[np.int64],
-    length: npt.NDArray[np.int64],
-    slot: int,
-    value: int,
-) -> None:
-    """Append ``value`` to the ring ``ring[slot]``, in place: the layout of
-    :func:`detectors._ring.push_ring`, one row at a time, so that no window
-    is copied out."""
-    width = ring.shape[1]
-    ring[slot, pos[slot]] = value
-    pos[slot] = pos[slot] + 1 if pos[slot] + 1 < width else 0
-    length[slot] = min(length[slot] + 1, width)
-
-
-@jit
-def _score_windows(
-    slots: npt.NDArray[np.int64],
-    cells: npt.NDArray[np.int64],
-    ring: npt.NDArray[np.int16],
-    pos: npt.NDArray[np.int64],
-    length: npt.NDArray[np.int64],
-    n_seen: npt.NDArray[np.int64],
-    expected: npt.NDArray[np.float64],
-    spread: npt.NDArray[np.float64],
-    horizons: npt.NDArray[np.int64],
-    n_keys: int,
-) -> tuple[
-    npt.NDArray[np.float64],
-    npt.NDArray[np.int64],
-    npt.NDArray[np.int64],
-    npt.NDArray[np.int64],
-]:
-    """Append each row's cell to its client's ring, in arrival order, and
-    measure the window just after it.
-
-    ``ring[slot]`` holds the client's last ``width`` cells, ``pos[slot]`` the
-    next index to write and ``length[slot]`` how many are filled
-    (:func:`_push_cell`); ``n_seen`` counts the client's queries. All are
-    updated in place.
-
-    Returns
-    -------
-    tuple of arrays
-        Per row: the growth score of its window (:func:`_window_growth`),
-        the distinct cells in it, its length and the client's queries so far.
-    """
-    n = slots.shape[0]
-    growth = np.empty(n)
-    covered = np.empty(n, dtype=np.int64)
-    lengths = np.empty(n, dtype=np.int64)
-    seen = np.empty(n, dtype=np.int64)
-    stamp = np.zeros(n_keys, dtype=np.int64)
-    for i in range(n):
-        slot = slots[i]
-        _push_cell(ring, pos, length, slot, cells[i])
-        n_seen[slot] += 1
-        growth[i], covered[i] = _window_growth(
-            ring, pos, length, slot, expected, spread, horizons, stamp, i + 1
-        )
-        lengths[i] = length[slot]
-        seen[i] = n_seen[slot]
-    return growth, covered, lengths, seen
-
-
-@jit
-def _observe_windows(
-    slots: npt.NDArray[np.int64],
-    keys: npt.NDArray[np.int64],
-    ring: npt.NDArray[np.int32],
-    pos: npt.NDArray[np.int64],
-    length: npt.NDArray[np.int64],
-    n_answers: npt.NDArray[np.int64],
-    region_score: npt.NDArray[np.float64],
-    expected: npt.NDArray[np.float64],
-    spread: npt.NDArray[np.float64],
-    horizons: npt.NDArray[np.int64],
-    n_keys: int,
-) -> None:
-    """Append each answer's decision-region key to its client's ring, in
-    arrival order, then set each client's ``region_score`` to the growth
-    score of its window after its last answer (the state its next queries
-    are judged by). Rings as in :func:`_score_windows`; ``n_answers`` counts
-    answers. With an empty ``expected`` (no output baseline yet) the rings
-    and counts advance and no score is set.
-    """
-    n = slots.shape[0]
-    for i in range(n):
-        slot = slots[i]
-        _push_cell(ring, pos, length, slot, keys[i])
-        n_answers[slot] += 1
-    if expected.shape[0] == 0 or n == 0:
-        return
-    stamp = np.zeros(n_keys, dtype=np.int64)
-    done = np.zeros(slots.max() + 1, dtype=np.bool_)
-    for i in range(n):
-        slot = slots[i]
-        if not done[slot]:
-            done[slot] = True
-            region_score[slot] = _window_growth(
-                ring, pos, length, slot, expected, spread, horizons, stamp, i + 1
-            )[0]
-
-
-@jit
-def _teach_pairs(
-    slots: npt.NDArray[np.int64],
-    keys: npt.NDArray[np.int64],
-    learn: npt.NDArray[np.bool_],
-    n_answers: npt.NDArray[np.int64],
-    per_client: int,
-    table: npt.NDArray[np.int64],
-    clients: npt.NDArray[np.uint64],
-) -> int:
-    """Count, in arrival order, each answer whose row may ``learn`` and
-    whose client had fewer than ``per_client`` answers before it (its
-    answers before the batch, ``n_answers``, plus its earlier rows in the
-    batch): ``table[cell, class] += 1`` and bit ``slot % 64`` of
-    ``clients[cell, class]`` set, with ``cell, class = divmod(key, 256)``;
-    ``table`` must already be wide enough. Returns the answers counted."""
-    n = slots.shape[0]
-    if n == 0:
-        return 0
-    earlier = np.zeros(slots.max() + 1, dtype=np.int64)
-    taught = 0
-    one = np.uint64(1)
-    for i in range(n):
-        slot = slots[i]
-        before = n_answers[slot] + earlier[slot]
-        earlier[slot] += 1
-        if learn[i] and before < per_client:
-            cell = keys[i] // 256
-            label = keys[i] % 256
-            table[cell, label] += 1
-            clients[cell, label] |= one << np.uint64(slot % 64)
-            taught += 1
-    return taught
 
 
 class CoverageDetector(Detector[CoverageParams]):
@@ -407,7 +74,8 @@ class CoverageDetector(Detector[CoverageParams]):
     decision part is the same over (cell, predicted class) pairs among the
     last ``m`` answers, with ``E`` and ``sd`` from the model's answers to the
     reference data at first, then from live honest answers (below). The
-    score is the larger part over the horizons of :func:`_horizons`.
+    score is the larger part over the horizons of
+    :func:`~detectors._coveragekernels.window_horizons`.
 
     Live decision baseline: training data is answered more confidently and
     more correctly than new data, so honest clients replaying held-out data
@@ -600,7 +268,7 @@ class CoverageDetector(Detector[CoverageParams]):
         if not learn.any():
             return
         self._widen_live(int((keys % _CLASS_SLOTS).max()) + 1)
-        taught = _teach_pairs(
+        taught = teach_pairs(
             slots,
             keys,
             learn,
@@ -768,7 +436,7 @@ class CoverageDetector(Detector[CoverageParams]):
         expected, spread = self._expected_dec, self._sd_dec
         if expected is None or spread is None:
             expected = spread = np.zeros(0)
-        _observe_windows(
+        observe_windows(
             slots,
             keys,
             arrays["regions"],
@@ -778,7 +446,7 @@ class CoverageDetector(Detector[CoverageParams]):
             arrays["region_score"],
             expected,
             spread,
-            _horizons(self._params.window),
+            window_horizons(self._params.window),
             self._params.cells * _CLASS_SLOTS,
         )
 
@@ -796,7 +464,7 @@ class CoverageDetector(Detector[CoverageParams]):
             return self._scores(np.zeros(n), np.zeros(n, dtype=bool), cold)
         arrays = self._arena.arrays
         p = self._params
-        growth, covered, lengths, seen = _score_windows(
+        growth, covered, lengths, seen = score_windows(
             slots,
             assign(X, self._centres),
             arrays["cells"],
@@ -805,7 +473,7 @@ class CoverageDetector(Detector[CoverageParams]):
             arrays["n_seen"],
             self._expected_in,
             self._sd_in,
-            _horizons(p.window),
+            window_horizons(p.window),
             p.cells,
         )
         expected = self._expected_in[lengths]

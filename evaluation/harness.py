@@ -18,7 +18,10 @@ budget (the "without the gateway" baseline), and ``eval_report`` writes the
 report. Everything goes through Kafka and the worker as an ordinary client's
 traffic would; models are loaded here only for ground truth and baselines.
 
-Imports the gateway's client-side modules, never ``gateway.worker``.
+The plan and the run's shared state are in ``evaluation._evalplan``
+(:class:`EvalPlan` re-exported here), the traffic (keys, honest clients,
+attacks, progress) in ``evaluation._evaldrive``. Imports the gateway's
+client-side modules, never ``gateway.worker``.
 """
 
 from __future__ import annotations
@@ -28,11 +31,7 @@ import contextlib
 import logging
 import os
 import secrets
-import threading
 import time
-import zlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,22 +39,16 @@ from typing import Any
 import numpy as np
 from redis.asyncio import Redis
 
-from evaluation.attacks.distributed import SpreadOracle
-from evaluation.attacks.probing import preload_art
-from evaluation.benign import draw_habits, draw_profiles, run_benign_stream
+from evaluation._evaldrive import RunningWorker, drive, provision, wait_until_serving
+from evaluation._evalplan import N_DISTRIBUTED_KEYS, AttackRun, EvalRun, Progress
+from evaluation._evalplan import EvalPlan as EvalPlan
 from evaluation.eval_report import EvalResult, write_eval_report
-from evaluation.ledger import ClientLedger
 from evaluation.observe import AlertCollector, DecisionCollector
-from evaluation.oracle import DirectOracle, GatewayOracle, QueryFn, pacing_summary
+from evaluation.oracle import DirectOracle
 from evaluation.process import WorkerProcess
-from evaluation.runkit import (
-    first_cause,
-    own_run_settings,
-    wait_for_answer,
-)
+from evaluation.runkit import own_run_settings
 from evaluation.scenarios import (
     PROBING_ATTACKS,
-    Budgets,
     ModelTask,
     budget_of,
     build_task,
@@ -63,7 +56,7 @@ from evaluation.scenarios import (
     run_attack,
     select_pairs,
 )
-from gateway.client import GatewayClient, GatewayRequestError, KafkaTransport
+from gateway.client import KafkaTransport
 from gateway.config import Settings
 from gateway.errors import BrokerError
 from gateway.keys import KeyStore
@@ -72,173 +65,7 @@ from gateway.topics import delete_topics, ensure_topics, run_topics
 from gateway.zoo import ensure_model
 
 logger = logging.getLogger(__name__)
-
-ARRIVALS = ("paced", "poisson")
-"""How attackers may space their queries (``EvalPlan.attacker_arrivals``)."""
-
 Array = np.ndarray[Any, Any]
-Progress = Callable[[str], None]
-
-BENIGN = "benign"
-SINGLE = "single"
-DISTRIBUTED = "distributed"
-N_DISTRIBUTED_KEYS = 10
-
-
-@dataclass(frozen=True)
-class EvalPlan:
-    """Sizes and timings of one evaluation run.
-
-    The full run (60 honest clients for at least 150 s, the default pairs,
-    budgets of 600/300/500 queries) takes about 3.5 minutes on 2 shared cores;
-    ``quick`` is the integration test's version (8 clients, a fifth of the
-    budgets, honest traffic only while the attacks last).
-    """
-
-    n_benign: int
-    benign_queries: tuple[int, int]
-    benign_median_rate_per_s: float
-    benign_spread_s: float
-    budgets: Budgets
-    attacker_rate_per_s: float
-    parallel_attacks: int
-    warmup_timeout_s: float
-    grace_s: float
-    progress_every_s: float
-    near_duplicates: bool = True
-    # Honest traffic lasts at least this long even when the attacks end
-    # sooner (most are blocked within seconds), so that the false-positive
-    # rates rest on a few hundred queries per client rather than a few dozen.
-    min_benign_s: float = 0.0
-    # The attacks begin once honest clients of every model have been answered
-    # this many times, as they would strike a gateway in service: detectors
-    # whose baselines learn from live honest traffic (margin's rank test
-    # needs 512 answers) are blind on a worker that has served none.
-    attack_lead_answers: int = 0
-    attack_lead_timeout_s: float = 120.0
-    # How attackers space their queries: "paced" exactly (a plain script) or
-    # "poisson" (exponential gaps of the same mean, the honest clients' kind
-    # of timing, so that timing alone does not give them away).
-    attacker_arrivals: str = "paced"
-
-    @classmethod
-    def build(
-        cls,
-        *,
-        quick: bool,
-        n_benign: int,
-        budget: int | None,
-        rate_limit_per_s: float,
-        near_duplicates: bool = True,
-        attacker_arrivals: str = "paced",
-    ) -> EvalPlan:
-        """Attackers pace themselves at 80% of the per-key rate limit (at most
-        40 per second), so that a plain rate limit is not what stops them; a
-        distributed attacker keeps the same total pace over its 10 keys.
-
-        Raises
-        ------
-        ValueError
-            ``attacker_arrivals`` other than ``paced`` or ``poisson``.
-        """
-        if attacker_arrivals not in ARRIVALS:
-            raise ValueError(
-                f"attacker arrivals must be one of {', '.join(ARRIVALS)}, "
-                f"not {attacker_arrivals!r}"
-            )
-        rate = min(40.0, 0.8 * rate_limit_per_s)
-        if quick:
-            return cls(
-                n_benign=max(2, min(n_benign, 8)),
-                benign_queries=(30, 60),
-                benign_median_rate_per_s=4.0,
-                benign_spread_s=3.0,
-                budgets=Budgets().scaled(0.2)
-                if budget is None
-                else Budgets.flat(budget),
-                attacker_rate_per_s=rate,
-                parallel_attacks=4,
-                warmup_timeout_s=60.0,
-                grace_s=2.0,
-                progress_every_s=3.0,
-                near_duplicates=near_duplicates,
-                attacker_arrivals=attacker_arrivals,
-            )
-        return cls(
-            n_benign=n_benign,
-            benign_queries=(300, 600),
-            benign_median_rate_per_s=1.5,
-            benign_spread_s=10.0,
-            budgets=Budgets() if budget is None else Budgets.flat(budget),
-            attacker_rate_per_s=rate,
-            parallel_attacks=4,
-            warmup_timeout_s=120.0,
-            grace_s=3.0,
-            progress_every_s=10.0,
-            near_duplicates=near_duplicates,
-            min_benign_s=150.0,
-            attack_lead_answers=600,
-            attacker_arrivals=attacker_arrivals,
-        )
-
-
-@dataclass
-class AttackRun:
-    """One attack on one model from one or from 10 keys."""
-
-    attack: str
-    model: str
-    variant: str
-    client_ids: list[str]
-    ledger: ClientLedger
-    budget: int
-    status: str = "waiting"
-    outcome: dict[str, Any] | None = None
-    error: str | None = None
-    pacing: dict[str, float] | None = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.attack}@{self.model}/{self.variant}"
-
-
-@dataclass
-class _Run:
-    settings: Settings
-    plan: EvalPlan
-    run_id: str
-    seed: int
-    say: Progress
-    loop: asyncio.AbstractEventLoop
-    tasks: dict[str, ModelTask]
-    cancel: threading.Event = field(default_factory=threading.Event)
-    benign_stop: asyncio.Event = field(default_factory=asyncio.Event)
-    ledgers: dict[str, ClientLedger] = field(default_factory=dict)
-    by_client: dict[str, ClientLedger] = field(default_factory=dict)
-    clients: dict[str, GatewayClient] = field(default_factory=dict)
-    benign_models: dict[str, str] = field(default_factory=dict)
-    benign_habits: dict[str, dict[str, bool]] = field(default_factory=dict)
-    attacks: list[AttackRun] = field(default_factory=list)
-
-
-class _RunningWorker:
-    """Stands in for ``WorkerProcess`` when the worker was started elsewhere:
-    nothing to start, stop or watch (its log is wherever it was sent)."""
-
-    def __init__(self, log_path: Path) -> None:
-        self.log_path = log_path
-
-    async def start(self) -> None:
-        """Nothing to start."""
-
-    def check_alive(self) -> None:
-        """A worker elsewhere cannot be watched; a dead one shows as timeouts."""
-
-    def log_tail(self) -> str:
-        return "(the worker runs elsewhere; see its own log)"
-
-    async def stop(self) -> int | None:
-        return None
 
 
 def _say(line: str) -> None:
@@ -404,7 +231,7 @@ async def _evaluate(
             tasks[name] = build_task(name, model, seed, plan.budgets.probing_targets)
         return tasks
 
-    run = _Run(
+    run = EvalRun(
         settings=settings,
         plan=plan,
         # Fresh client ids every run: blocks and detector state kept in Redis
@@ -423,8 +250,8 @@ async def _evaluate(
         socket_connect_timeout=settings.redis.socket_timeout_s,
     )
     transport = KafkaTransport(settings)
-    worker: WorkerProcess | _RunningWorker = (
-        _RunningWorker(out_dir / "worker.log")
+    worker: WorkerProcess | RunningWorker = (
+        RunningWorker(out_dir / "worker.log")
         if external
         else WorkerProcess(settings, out_dir / "worker.log")
     )
@@ -434,7 +261,7 @@ async def _evaluate(
     load_at_end: float | None = None
     try:
         store = await loop.run_in_executor(None, KeyStore, redis, settings)
-        await _provision(run, store, transport, pairs)
+        await provision(run, store, transport, pairs)
         say(
             f"eval {run.run_id}: {plan.n_benign} honest clients, {len(run.attacks)}"
             f" attack runs ({len(pairs)} pairs x single/10 keys){' (quick)' * quick}"
@@ -450,11 +277,11 @@ async def _evaluate(
         )
         await alerts.start()
         await decisions.start()
-        await _wait_until_serving(run, worker)
+        await wait_until_serving(run, worker)
         decisions.t0_ms = int(time.time() * 1000)
 
         traffic_started = time.monotonic()
-        await _drive(run, worker, alerts)
+        await drive(run, worker, alerts)
         await asyncio.sleep(plan.grace_s)
         traffic_s = time.monotonic() - traffic_started
         load_at_end = _load_average()
@@ -516,284 +343,8 @@ async def _evaluate(
     return result.exit_code()
 
 
-async def _provision(
-    run: _Run, store: KeyStore, transport: KafkaTransport, pairs: list[tuple[str, str]]
-) -> None:
-    """One API key per honest client, per single-key attacker and per key of a
-    distributed attacker (all 10 keys of one attacker share one ledger, so its
-    query positions count its whole stream)."""
-    models = list(run.tasks)
-
-    async def key(client_id: str, model: str) -> None:
-        _, token = await store.create(client_id, models=(model,))
-        key_id, secret = KeyStore.parse_token(token)
-        run.clients[client_id] = GatewayClient(
-            transport,
-            key_id,
-            secret,
-            client_id,
-            model,
-            input_name=run.tasks[model].input_name,
-        )
-
-    for model in models:
-        await key(f"eval-{run.run_id}-warmup-{model}", model)
-    for i in range(run.plan.n_benign):
-        model = models[i % len(models)]
-        client_id = f"eval-{run.run_id}-benign-{i:02d}"
-        await key(client_id, model)
-        ledger = ClientLedger(client_id, BENIGN)
-        run.ledgers[client_id] = run.by_client[client_id] = ledger
-        run.benign_models[client_id] = model
-    for attack, model in pairs:
-        for variant, n_keys in ((SINGLE, 1), (DISTRIBUTED, N_DISTRIBUTED_KEYS)):
-            base = f"eval-{run.run_id}-{attack}-{model}-{variant}".replace("_", "-")
-            ids = [base] if n_keys == 1 else [f"{base}-k{k}" for k in range(n_keys)]
-            ledger = ClientLedger(base, f"{attack}/{variant}")
-            for client_id in ids:
-                await key(client_id, model)
-                run.by_client[client_id] = ledger
-            run.ledgers[base] = ledger
-            run.attacks.append(
-                AttackRun(
-                    attack=attack,
-                    model=model,
-                    variant=variant,
-                    client_ids=ids,
-                    ledger=ledger,
-                    budget=budget_of(attack, run.tasks[model], run.plan.budgets),
-                )
-            )
-    run.say(f"provisioned {len(run.clients)} API keys")
-
-
-async def _wait_until_serving(
-    run: _Run, worker: WorkerProcess | _RunningWorker
-) -> None:
-    """Send a probe per model until the worker answers each one."""
-    deadline = time.monotonic() + run.plan.warmup_timeout_s
-    for name, task in run.tasks.items():
-        client = run.clients[f"eval-{run.run_id}-warmup-{name}"]
-        await wait_for_answer(
-            client,
-            task.eval_x[:1],
-            worker,
-            deadline,
-            run.plan.warmup_timeout_s,
-            what=f" for {name}",
-        )
-    run.say("worker is serving every model")
-
-
-def _oracle_for(
-    run: _Run, attack: AttackRun
-) -> tuple[QueryFn, SpreadOracle | None, list[GatewayOracle]]:
-    task = run.tasks[attack.model]
-    timeout_s = run.settings.kafka.request_timeout_s
-    rate = run.plan.attacker_rate_per_s / len(attack.client_ids)
-    poisson = run.plan.attacker_arrivals == "poisson"
-    # One generator per key, seeded by the run and the key's name.
-    oracles = [
-        GatewayOracle(
-            run.clients[client_id],
-            attack.ledger,
-            run.loop,
-            budget=attack.budget,
-            rate_per_s=rate,
-            concurrency=8,
-            timeout_s=timeout_s,
-            cancel=run.cancel,
-            n_classes=task.n_classes,
-            arrival_rng=np.random.default_rng(
-                [run.seed, zlib.crc32(client_id.encode())]
-            )
-            if poisson
-            else None,
-        )
-        for client_id in attack.client_ids
-    ]
-    if len(oracles) == 1:
-        return oracles[0], None, oracles
-    spread = SpreadOracle(
-        oracles, budget=attack.budget, seed=run.seed, n_classes=task.n_classes
-    )
-    return spread, spread, oracles
-
-
-def _attack_job(run: _Run, attack: AttackRun) -> None:
-    """Run one attack through the gateway (in a thread)."""
-    query, spread, oracles = _oracle_for(run, attack)
-    attack.status = "running"
-    try:
-        attack.outcome = run_attack(
-            attack.attack, query, run.tasks[attack.model], run.plan.budgets, run.seed
-        )
-        attack.status = f"done ({attack.outcome.get('stopped_by') or 'finished'})"
-    except GatewayRequestError as exc:
-        # A timeout or a validation error is the harness's fault, not the
-        # attacker being stopped: record it and let the others go on.
-        attack.error = f"{exc.code}: {exc}"
-        attack.status = f"failed ({exc.code})"
-        logger.warning("attack failed", extra={"attack": attack.name, "code": exc.code})
-    except Exception as exc:  # a bug in one attack must not lose the other runs
-        attack.error = f"{type(exc).__name__}: {exc}"
-        attack.status = "failed"
-        logger.exception("attack crashed", extra={"attack": attack.name})
-    finally:
-        if spread is not None:
-            spread.close()
-        attack.pacing = pacing_summary([oracle.pacer for oracle in oracles])
-    run.say(
-        f"{attack.name}: {attack.status}; first flag at query "
-        f"{attack.ledger.first_flag_query}, enforcement at "
-        f"{attack.ledger.first_enforced_query}"
-    )
-
-
-async def _drive(
-    run: _Run, worker: WorkerProcess | _RunningWorker, alerts: AlertCollector
-) -> None:
-    """Honest clients for as long as the attacks last; the attacks a few at a
-    time; a progress line every few seconds."""
-    plan, rng = run.plan, np.random.default_rng(run.seed)
-    benign_ids = [c for c, ledger in run.ledgers.items() if ledger.role == BENIGN]
-    profiles = draw_profiles(
-        len(benign_ids),
-        rng,
-        queries=plan.benign_queries,
-        spread_s=plan.benign_spread_s,
-        median_rate_per_s=plan.benign_median_rate_per_s,
-        rate_bounds=(0.3, 10.0),
-    )
-    child_rngs = rng.spawn(len(benign_ids))
-    gate = asyncio.Semaphore(plan.parallel_attacks)
-    timeout_s = run.settings.kafka.request_timeout_s
-
-    async def benign(index: int, client_id: str) -> None:
-        model = run.benign_models[client_id]
-        task = run.tasks[model]
-        crng = child_rngs[index]
-        spans = tuple(float(v) for v in np.ptp(task.replay, axis=0))
-        habits = draw_habits(
-            1,
-            crng,
-            task.clip,
-            near_duplicates=plan.near_duplicates,
-            feature_spans=spans,
-        )[0]
-        run.benign_habits[client_id] = {
-            "retries": habits.retry_prob > 0,
-            "near_duplicates": habits.near_duplicate_prob > 0,
-        }
-        rows = task.replay[crng.permutation(len(task.replay))]
-        await run_benign_stream(
-            run.clients[client_id],
-            profiles[index],
-            habits,
-            rows,
-            run.ledgers[client_id],
-            crng,
-            timeout_s=timeout_s,
-            stop=run.benign_stop,
-        )
-
-    lead = asyncio.Event()
-
-    async def attack_task(attack: AttackRun) -> None:
-        await lead.wait()
-        async with gate:
-            await asyncio.to_thread(_attack_job, run, attack)
-
-    if any(a.attack in PROBING_ATTACKS for a in run.attacks):
-        await asyncio.to_thread(preload_art)
-    # Probing and equation solving first: short runs, and their flags are the
-    # ones with tight targets.
-    order = sorted(
-        run.attacks,
-        key=lambda a: (a.attack not in PROBING_ATTACKS and a.attack != "equation",),
-    )
-    try:
-        async with asyncio.TaskGroup() as group:
-            for i, client_id in enumerate(benign_ids):
-                group.create_task(benign(i, client_id))
-            attack_tasks = [group.create_task(attack_task(a)) for a in order]
-            group.create_task(_honest_lead(run, benign_ids, lead))
-            group.create_task(_monitor(run, worker, alerts, attack_tasks))
-    except BaseExceptionGroup as group_error:
-        run.cancel.set()
-        raise first_cause(group_error) from group_error
-
-
-async def _honest_lead(run: _Run, benign_ids: list[str], lead: asyncio.Event) -> None:
-    """Set ``lead`` once honest clients of every model have been answered
-    ``attack_lead_answers`` times, or after ``attack_lead_timeout_s`` (with a
-    warning: the run then measures a colder gateway than planned)."""
-    plan = run.plan
-    wanted = set(run.benign_models[c] for c in benign_ids)
-    deadline = time.monotonic() + plan.attack_lead_timeout_s
-    while plan.attack_lead_answers > 0 and wanted:
-        served = dict.fromkeys(wanted, 0)
-        for client_id in benign_ids:
-            served[run.benign_models[client_id]] += run.ledgers[client_id].allowed
-        if min(served.values()) >= plan.attack_lead_answers:
-            run.say(
-                f"honest clients answered {min(served.values())}+ times per "
-                f"model; the attacks begin"
-            )
-            break
-        if time.monotonic() > deadline:
-            logger.warning(
-                "honest lead not reached; the attacks begin anyway",
-                extra={"served": served, "wanted": plan.attack_lead_answers},
-            )
-            break
-        await asyncio.sleep(0.2)
-    lead.set()
-
-
-async def _monitor(
-    run: _Run,
-    worker: WorkerProcess | _RunningWorker,
-    alerts: AlertCollector,
-    attack_tasks: list[asyncio.Task[None]],
-) -> None:
-    """Progress lines until every attack is done and the plan's minimum of
-    honest traffic has run; then stop the honest clients. Fails the run at
-    once if the worker dies."""
-    started = time.monotonic()
-    last = started
-    shown = False
-    while (
-        not shown
-        or not all(task.done() for task in attack_tasks)
-        or (time.monotonic() - started < run.plan.min_benign_s)
-    ):
-        await asyncio.sleep(0.5)
-        worker.check_alive()
-        # At least one line even when every attack is refused at once and
-        # the run is over before the first interval.
-        finished = all(task.done() for task in attack_tasks) and (
-            time.monotonic() - started >= run.plan.min_benign_s
-        )
-        if time.monotonic() - last < run.plan.progress_every_s and not finished:
-            continue
-        last = time.monotonic()
-        shown = True
-        benign = [ledger for ledger in run.ledgers.values() if ledger.role == BENIGN]
-        done = sum(task.done() for task in attack_tasks)
-        running = [a.name for a in run.attacks if a.status == "running"]
-        run.say(
-            f"[{time.monotonic() - started:5.0f}s] attacks {done}/{len(attack_tasks)}"
-            f" done, running: {', '.join(running) or '-'} | honest queries "
-            f"{sum(b.requests for b in benign)}, flagged clients "
-            f"{sum(b.first_flag_query is not None for b in benign)} | alerts "
-            f"{alerts.total}"
-        )
-    run.benign_stop.set()
-
-
 def _baselines(
-    run: _Run, pairs: list[tuple[str, str]]
+    run: EvalRun, pairs: list[tuple[str, str]]
 ) -> dict[tuple[str, str], dict[str, Any]]:
     """Each pair straight against its model, same budget (blocking; CPU)."""
     out = {}
@@ -845,7 +396,7 @@ def _load_average() -> float | None:
         return None
 
 
-def _plan_dict(plan: EvalPlan, run: _Run) -> dict[str, Any]:
+def _plan_dict(plan: EvalPlan, run: EvalRun) -> dict[str, Any]:
     return {
         "n_benign": plan.n_benign,
         "benign_queries": list(plan.benign_queries),

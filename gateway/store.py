@@ -14,59 +14,47 @@ admission script touches one slot and the layout works on Redis Cluster::
     {prefix}:{c:<client_id>}:state           detector snapshot (bytes)
 
 Every key has an expiry (API-key records, in ``gateway.keys``, are the one
-exception, kept for audit). This module imports Redis and the gateway's config and
-errors; nothing from Kafka, FastAPI or the detectors.
+exception, kept for audit).
+
+This module holds :class:`CounterStore`, which runs the admission script and
+keeps blocks, totals and snapshots. What admission decides apart from Redis
+(items, decisions, the GCRA reference, compiled plans) is in
+``gateway._admission``, the Redis client and its guard in
+``gateway._redisclient``; their public names are re-exported here, where the
+rest of the gateway imports them from. This module imports Redis and the
+gateway's config and errors; nothing from Kafka, FastAPI or the detectors.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
-import json
 import logging
 import math
-import re
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import resources
-from typing import Any, Literal
+from typing import Any
 
 from redis import exceptions as redis_exc
-from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
 
-from gateway.config import FailMode, LimitsConfig, PlanConfig, RateRule, Settings
+from gateway._admission import CLIENT_ID_PATTERN as CLIENT_ID_PATTERN
+from gateway._admission import Admission as Admission
+from gateway._admission import AdmitItem as AdmitItem
+from gateway._admission import CompiledPlan as CompiledPlan
+from gateway._admission import GcraDecision as GcraDecision
+from gateway._admission import Outcome as Outcome
+from gateway._admission import apply_overrides as apply_overrides
+from gateway._admission import check_client_id as check_client_id
+from gateway._admission import compile_plan as compile_plan
+from gateway._admission import gcra as gcra
+from gateway._admission import parse_admission
+from gateway._redisclient import RETRIABLE_REPLIES, check_decoding
+from gateway._redisclient import RedisClient as RedisClient
+from gateway._redisclient import redis_from_settings as redis_from_settings
+from gateway._redisclient import redis_guard as redis_guard
+from gateway.config import LimitsConfig, PlanConfig, RateRule, Settings
 from gateway.errors import StoreError
-from gateway.redis_breaker import CircuitOpen, breaker_for, register_breaker
 
 logger = logging.getLogger(__name__)
-
-# Client ids become part of key names: no ':' or braces, so a client id cannot
-# forge another client's hash tag or key path.
-CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9._@-]{1,128}$")
-
-Outcome = Literal[
-    "ok",
-    "redelivery",
-    "duplicate",
-    "rate_limited",
-    "blocked",
-    "quota_exceeded",
-    "too_many_in_flight",
-    "store_unavailable",
-]
-_OUTCOMES: dict[str, Outcome] = {
-    "ok": "ok",
-    "redelivery": "redelivery",
-    "duplicate": "duplicate",
-    "rate_limited": "rate_limited",
-    "blocked": "blocked",
-    "quota_exceeded": "quota_exceeded",
-    "too_many_in_flight": "too_many_in_flight",
-}
 
 # Totals outlive any billing or investigation window we have been asked for;
 # an idle client's counters then go, so Redis cannot grow without bound.
@@ -80,317 +68,6 @@ _MAX_REQUEST_ID_IN_KEY = 128
 
 ADMIT_LUA: bytes = resources.files("gateway").joinpath("lua/admit.lua").read_bytes()
 ADMIT_SHA: str = hashlib.sha1(ADMIT_LUA).hexdigest()
-
-# What every Redis user in the gateway accepts: one node or a Redis Cluster.
-# Both speak the same commands for what the gateway does (single-slot Lua
-# scripts, non-transactional pipelines of single-key commands).
-RedisClient = Redis | RedisCluster
-
-
-def redis_from_settings(settings: Settings) -> RedisClient:
-    """An asyncio Redis client for ``redis.url`` with the timeouts from config.
-
-    With ``redis.cluster`` on, a :class:`~redis.asyncio.cluster.RedisCluster`
-    that discovers the other nodes from the one ``redis.url`` names; same
-    timeouts and retries either way.
-    ``decode_responses`` stays off: snapshots and ciphertexts are bytes.
-    Retries are few and short because callers also bound each operation by
-    ``redis.socket_timeout_s`` (:func:`redis_guard`; breaker: ``redis.breaker_*``).
-    """
-    timeout_s = settings.redis.socket_timeout_s
-    retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), retries=2)
-    if settings.redis.cluster:
-        cluster: RedisCluster = RedisCluster.from_url(
-            settings.redis.url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            decode_responses=False,
-            retry=retry,
-        )
-        register_breaker(
-            cluster,
-            settings.redis.breaker_cooldown_s,
-            failures=settings.redis.breaker_failures,
-            window_s=settings.redis.breaker_window_s,
-        )
-        return cluster
-    client: Redis = Redis.from_url(
-        settings.redis.url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        decode_responses=False,
-        retry=retry,
-    )
-    register_breaker(
-        client,
-        settings.redis.breaker_cooldown_s,
-        failures=settings.redis.breaker_failures,
-        window_s=settings.redis.breaker_window_s,
-    )
-    return client
-
-
-# Replies that mean "this server cannot do it right now" rather than "this call
-# is wrong": out of memory, a replica after failover, a script cache emptied
-# again between our load and our retry.
-_RETRIABLE_REPLIES = (
-    redis_exc.OutOfMemoryError,
-    redis_exc.ReadOnlyError,
-    redis_exc.NoScriptError,
-)
-
-
-@contextlib.asynccontextmanager
-async def redis_guard(
-    operation: str, timeout_s: float, redis: RedisClient
-) -> AsyncIterator[None]:
-    """Bound a Redis exchange by ``timeout_s`` and turn failures into StoreError.
-
-    Unreachable, timed out and busy-loading servers give a retriable
-    ``STORE_UNAVAILABLE``; other errors the server answers with (out of memory
-    or read-only is retriable, a script bug is not) also become ``StoreError``,
-    chained.
-
-    Each exchange passes the breaker of ``redis``, the client the block uses
-    (``gateway.redis_breaker``): while it is open the guard raises the same
-    ``STORE_UNAVAILABLE`` at once, without running the block.
-    """
-    breaker = breaker_for(redis)
-    try:
-        permit = breaker.acquire()
-    except CircuitOpen as exc:
-        raise StoreError(f"redis {operation}: {exc}") from exc
-    try:
-        async with asyncio.timeout(timeout_s):
-            yield
-    except TimeoutError as exc:
-        message = f"no answer within {timeout_s} s"
-        breaker.failed(permit, waited=True, operation=operation, reason=message)
-        raise StoreError(f"redis {operation}: {message}") from exc
-    except (
-        redis_exc.ConnectionError,
-        redis_exc.TimeoutError,
-        # Not a RedisError: a cluster client raises it when no startup node
-        # answers or slots are uncovered. Retriable: the gateway's own calls
-        # are single-slot by construction, so what is left is the topology.
-        redis_exc.RedisClusterException,
-    ) as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        waited = isinstance(exc, redis_exc.TimeoutError)
-        breaker.failed(permit, waited=waited, operation=operation, reason=reason)
-        raise StoreError(f"redis {operation}: {reason}") from exc
-    except redis_exc.RedisError as exc:
-        # An error reply: the server is up and answering.
-        breaker.succeeded(permit)
-        raise StoreError(
-            f"redis {operation}: {type(exc).__name__}: {exc}",
-            retriable=isinstance(exc, _RETRIABLE_REPLIES),
-        ) from exc
-    except BaseException:
-        # Cancelled, or the caller's own error: no verdict on the server.
-        breaker.abandoned(permit)
-        raise
-    else:
-        breaker.succeeded(permit)
-
-
-def _check_decoding(redis: RedisClient) -> None:
-    if redis.get_encoder().decode_responses:
-        raise ValueError("the Redis client must have decode_responses=False")
-
-
-@dataclass(frozen=True, slots=True)
-class AdmitItem:
-    """One request to admit.
-
-    Parameters
-    ----------
-    client_id
-        The client, from its API key (never from the payload).
-    request_id
-        The client's request id; repeated ids are duplicates.
-    delivery
-        Identifies the Kafka record (``"partition:offset"``), to tell a
-        redelivery of the same record from a client resending the same id.
-    rate_per_s, burst
-        A single 1 s GCRA rule (``burst`` requests at once, then
-        ``rate_per_s``) that replaces the plan, for callers that set the
-        limit themselves (the benchmark); both or neither.
-    cost
-        Cells this request uses in each GCRA window, ``1 <= cost <= burst``
-        of every rule (a larger cost could never be admitted).
-    plan
-        The key's plan (``ApiKey.plan``), looked up in the store's current
-        :class:`~gateway.config.LimitsConfig`.
-    overrides
-        The key's own overrides of that plan (``ApiKey.limit_overrides``):
-        canonical JSON of some :class:`~gateway.config.PlanConfig` fields,
-        or ``""`` for none.
-    """
-
-    client_id: str
-    request_id: str
-    delivery: str
-    rate_per_s: float | None = None
-    burst: int | None = None
-    cost: int = 1
-    plan: str = "default"
-    overrides: str = ""
-
-    def __post_init__(self) -> None:
-        check_client_id(self.client_id)
-        if (self.rate_per_s is None) != (self.burst is None):
-            raise ValueError("give both rate_per_s and burst, or neither")
-        if self.rate_per_s is not None and not (
-            self.rate_per_s > 0 and math.isfinite(self.rate_per_s)
-        ):
-            raise ValueError("rate_per_s must be positive and finite")
-        if self.burst is not None and self.burst < 1:
-            raise ValueError("burst must be at least 1")
-        if self.cost < 1 or (self.burst is not None and self.cost > self.burst):
-            raise ValueError("cost must be between 1 and burst")
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    """What the store decided for one item.
-
-    ``outcome`` is ``ok`` (admitted and counted), ``redelivery`` (this Kafka
-    record was admitted before, e.g. before a crash: answer it again, it is
-    not counted again), ``duplicate`` (another record with this request id was
-    admitted), ``rate_limited``, ``blocked``, ``quota_exceeded`` (the UTC
-    day's quota is used up), ``too_many_in_flight`` or ``store_unavailable``
-    (Redis unreachable and a rule in ``closed`` fail mode).
-    ``retry_after_ms`` is the wait the refusal implies (0 when unknown or
-    not refused). ``client_requests`` is the client's total of admitted
-    requests after this item.
-
-    ``limit``, ``remaining``, ``reset_ms`` and ``window_s`` describe the
-    binding window after this decision: the GCRA rule (or daily quota) with
-    the fewest requests left. ``limit`` is what that window lets through at
-    once (a rule's burst, the quota), ``remaining`` how many more would pass
-    now, ``reset_ms`` when it is full again, ``window_s`` its length. All 0
-    when the plan has neither rules nor quota, or Redis was not consulted.
-    ``in_flight`` says the item holds an in-flight slot (release it with
-    :meth:`CounterStore.release_in_flight` once answered); ``without_store``
-    that the decision was made without Redis (fail mode ``open``/``closed``).
-    """
-
-    outcome: Outcome
-    retry_after_ms: int
-    client_requests: int
-    limit: int = 0
-    remaining: int = 0
-    reset_ms: int = 0
-    window_s: float = 0.0
-    in_flight: bool = False
-    without_store: bool = False
-
-    @property
-    def serve(self) -> bool:
-        """Whether the request should be answered with a prediction."""
-        return self.outcome in ("ok", "redelivery")
-
-
-@dataclass(frozen=True, slots=True)
-class GcraDecision:
-    allowed: bool
-    tat_us: float
-    retry_after_us: float
-
-
-def gcra(
-    tat_us: float | None, now_us: float, rate_per_s: float, burst: int, cost: int = 1
-) -> GcraDecision:
-    """The GCRA step ``admit.lua`` performs, in Python, as a reference.
-
-    Emission interval ``T = 1e6 / rate_per_s`` us and tolerance
-    ``tau = T * (burst - 1)``. A request is allowed iff
-    ``now >= max(TAT, now) + T * cost - T * burst`` (for ``cost`` 1:
-    ``now >= TAT - tau``); then ``TAT = max(TAT, now) + T * cost``. A refusal
-    leaves the TAT alone and waits ``TAT - tau - now`` (cost 1).
-
-    Examples
-    --------
-    >>> d = gcra(None, 0.0, rate_per_s=10, burst=5)
-    >>> d.allowed, d.tat_us
-    (True, 100000.0)
-    >>> gcra(500_000.0, 0.0, rate_per_s=10, burst=5).retry_after_us
-    100000.0
-    """
-    interval = 1e6 / rate_per_s
-    base = now_us if tat_us is None else max(tat_us, now_us)
-    new_tat = base + interval * cost
-    allow_at = new_tat - interval * burst
-    if now_us < allow_at:
-        unchanged = now_us if tat_us is None else tat_us
-        return GcraDecision(False, unchanged, allow_at - now_us)
-    return GcraDecision(True, new_tat, 0.0)
-
-
-# eq=False: compared and hashed by identity, which is what grouping a batch by
-# plan needs, and cheap (hashing the nested PlanConfig per item is not).
-@dataclass(frozen=True, slots=True, eq=False)
-class CompiledPlan:
-    """A plan with a key's overrides applied, ready to be script arguments.
-
-    ``tat_suffixes`` name the rules' TAT keys (one per window, so a rule keeps
-    its state when its limit changes); ``rule_args`` are the script's
-    per-rule arguments; ``fail_modes`` the effective fail mode of each rule,
-    then the quota's and the in-flight cap's (when the plan has them).
-    """
-
-    plan: PlanConfig
-    count_refused: bool
-    tat_suffixes: tuple[str, ...]
-    rule_args: tuple[Any, ...]
-    fail_modes: tuple[FailMode, ...]
-
-
-def compile_plan(limits: LimitsConfig, plan: PlanConfig) -> CompiledPlan:
-    """Resolve ``plan``'s defaults against ``limits`` into script arguments."""
-    default_mode = plan.fail_mode or limits.fail_mode
-    count_refused = (
-        limits.count_refused if plan.count_refused is None else plan.count_refused
-    )
-    rule_args: list[Any] = []
-    for rule in plan.rules:
-        rule_args.extend(
-            (repr(float(rule.limit)), rule.effective_burst, rule.window_ms)
-        )
-    modes: list[FailMode] = [rule.fail_mode or default_mode for rule in plan.rules]
-    if plan.quota is not None:
-        modes.append(plan.quota.fail_mode or default_mode)
-    if plan.in_flight is not None:
-        modes.append(plan.in_flight.fail_mode or default_mode)
-    if not modes:
-        # A plan without limits still needs an answer to "and without Redis?"
-        modes.append(default_mode)
-    return CompiledPlan(
-        plan=plan,
-        count_refused=count_refused,
-        tat_suffixes=tuple(f"tat:{rule.window_ms}" for rule in plan.rules),
-        rule_args=tuple(rule_args),
-        fail_modes=tuple(modes),
-    )
-
-
-def apply_overrides(plan: PlanConfig, overrides: str) -> PlanConfig:
-    """``plan`` with the fields in ``overrides`` (a JSON object of
-    :class:`~gateway.config.PlanConfig` fields) replacing its own.
-
-    Raises
-    ------
-    ValueError
-        ``overrides`` is not a JSON object of valid PlanConfig fields
-        (pydantic's ValidationError is a ValueError).
-    """
-    if not overrides:
-        return plan
-    changes = json.loads(overrides)
-    if not isinstance(changes, dict):
-        raise ValueError("limit overrides must be a JSON object")
-    return PlanConfig.model_validate(plan.model_dump(exclude_unset=True) | changes)
 
 
 class CounterStore:
@@ -420,7 +97,7 @@ class CounterStore:
         *,
         clock_us: Callable[[], int] | None = None,
     ) -> None:
-        _check_decoding(redis)
+        check_decoding(redis)
         self._redis = redis
         self._prefix = settings.redis.key_prefix
         self._timeout_s = settings.redis.socket_timeout_s
@@ -578,11 +255,11 @@ class CounterStore:
             if isinstance(reply, Exception):
                 raise StoreError(
                     f"redis admit: {type(reply).__name__}: {reply}",
-                    retriable=isinstance(reply, _RETRIABLE_REPLIES),
+                    retriable=isinstance(reply, RETRIABLE_REPLIES),
                 ) from reply
             lines = reply.decode().split("\n")
             for index, line in zip(indices, lines, strict=True):
-                results[index] = _admission(line)
+                results[index] = parse_admission(line)
 
         admissions = [a for a in results if a is not None]
         if logger.isEnabledFor(logging.DEBUG):
@@ -782,28 +459,3 @@ class CounterStore:
         return {
             cid: blob for cid, blob in zip(ids, blobs, strict=True) if blob is not None
         }
-
-
-def check_client_id(client_id: str) -> None:
-    """Raise ``ValueError`` unless ``client_id`` may appear in Redis keys."""
-    if not CLIENT_ID_PATTERN.fullmatch(client_id):
-        raise ValueError(f"client_id must match {CLIENT_ID_PATTERN.pattern}")
-
-
-def _admission(line: str) -> Admission:
-    name, retry_ms, requests, limit, remaining, reset_ms, window_ms, held = line.split(
-        " "
-    )
-    outcome = _OUTCOMES.get(name)
-    if outcome is None:
-        raise StoreError(f"redis admit: unexpected outcome {name!r}", retriable=False)
-    return Admission(
-        outcome=outcome,
-        retry_after_ms=int(retry_ms),
-        client_requests=int(requests),
-        limit=int(limit),
-        remaining=int(remaining),
-        reset_ms=int(reset_ms),
-        window_s=int(window_ms) / 1000,
-        in_flight=held == "1",
-    )

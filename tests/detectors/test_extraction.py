@@ -355,20 +355,20 @@ def test_coverage_window_counts_equal_a_plain_count() -> None:
     # The compiled ring walk against the score's definition, counted with
     # Python sets: several clients interleaved, more rows than the window,
     # values past 64 (no bit mask) and horizons 16, 32, 64 and 100.
-    from detectors import coverage
+    from detectors import _coveragekernels as kernels
 
     rng = np.random.default_rng(2)
     width, n_keys, n = 100, 200, 900
     counts = rng.integers(1, 50, n_keys).astype(np.float64)
-    expected = coverage.expected_coverage(counts, width)
-    spread = coverage.coverage_sd(counts, width)
+    expected = kernels.expected_coverage(counts, width)
+    spread = kernels.coverage_sd(counts, width)
     slots = rng.integers(0, 5, n)
     values = np.where(
         rng.random(n) < 0.5, rng.integers(0, 8, n), rng.integers(0, n_keys, n)
     )
     ring = np.zeros((5, width), dtype=np.int16)
     pos, length, seen = (np.zeros(5, dtype=np.int64) for _ in range(3))
-    growth, covered, lengths, n_seen = coverage._score_windows(
+    growth, covered, lengths, n_seen = kernels.score_windows(
         slots,
         values,
         ring,
@@ -377,7 +377,7 @@ def test_coverage_window_counts_equal_a_plain_count() -> None:
         seen,
         expected,
         spread,
-        coverage._horizons(width),
+        kernels.window_horizons(width),
         n_keys,
     )
     history: dict[int, list[int]] = {}
