@@ -211,7 +211,6 @@ def _policy_with(blob: bytes, **changes: Any) -> bytes:
     return msgspec.msgpack.encode(parts)
 
 
-
 @pytest.mark.parametrize(
     "changes",
     [

@@ -118,7 +118,10 @@ async def test_a_blocked_client_with_a_policy_part_out_of_range_stays_blocked(
         stack.redis_url,
         models_dir,
         requests_partitions=1,
-        policy={"rules": [{"action": "block", "risk_at": 1.0}], "block_cooldown_s": 600},
+        policy={
+            "rules": [{"action": "block", "risk_at": 1.0}],
+            "block_cooldown_s": 600,
+        },
         detectors=DETECTORS,
         limits={"rate_per_s": 10_000, "burst": 10_000},
     )
