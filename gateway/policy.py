@@ -482,9 +482,10 @@ def _check_state(state: _ClientPolicyState, now_s: float) -> None:
     The policy acts on these numbers without further checks: a NaN flag
     count never reaches an ``after_flags`` rule (the client is never blocked
     for its flags), a block end decades away blocks for good, a time in the
-    future stops decay until the clock reaches it, and a NaN or negative
-    throttle factor reaches the throttle's Lua script. A corrupt snapshot
-    must reset the client's policy state instead (``Scorer.restore``).
+    future stops decay until the clock reaches it, and a throttled client's
+    NaN throttle factor is passed on to the throttle's Redis script. A
+    corrupt snapshot must reset the client's policy state instead
+    (``Scorer.restore``).
 
     Raises
     ------
