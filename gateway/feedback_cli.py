@@ -31,10 +31,10 @@ from gateway.cli_common import (
 from gateway.config import Settings
 from gateway.errors import ModelgateError
 
-guard_app = typer.Typer(help="The poisoning guard that screens labelled feedback.")
 if TYPE_CHECKING:
     from aiokafka import ConsumerRecord
 
+guard_app = typer.Typer(help="The poisoning guard that screens labelled feedback.")
 feedback_app = typer.Typer(help="Send labelled feedback; read the guard's verdicts.")
 
 
@@ -259,8 +259,8 @@ async def _rejected(settings: Settings, as_json: bool, limit: int) -> None:
         await consumer.seek_to_beginning(*tps)
         end = await consumer.end_offsets(tps)
         # The oldest `limit` of the topic are among each partition's first
-        # `limit`: the guard stamps a partition's records in the order it
-        # writes them (up to a step of its wall clock).
+        # `limit` while a partition's timestamps rise with its offsets, as the
+        # guards' clocks stamp them (a clock stepped back may misplace some).
         taken = dict.fromkeys(tps, 0)
         while True:
             reading = [
