@@ -231,7 +231,14 @@ async def run_demo(
     # hold() blocks while the services start (seconds, or minutes on a first
     # run that fetches the Kafka jars), so it runs off the event loop.
     holder = stack.hold(holder=f"demo-{os.getpid()}")
-    say("starting the local Kafka and Redis (first run fetches the Kafka jars)")
+    try:
+        fetches = await loop.run_in_executor(None, stack.acquire_fetches_jars)
+    except stack.StackError:
+        fetches = False  # hold() below runs the same scripts and says why
+    say(
+        "starting the local Kafka and Redis"
+        + (" (fetching the Kafka jars first, about 45 MB)" if fetches else "")
+    )
     info = await loop.run_in_executor(None, holder.__enter__)
     try:
         on_stack = own_run_settings(

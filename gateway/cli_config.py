@@ -185,6 +185,16 @@ def history(
 ) -> None:
     """Published versions, oldest first: who, when, from which version, what."""
     records = _with_service(config, lambda service: service.history(limit))
+    if not records:
+        # Not an error: every deployment starts here. On stderr under --json,
+        # so that stdout stays a (empty) stream of records.
+        typer.echo(
+            "no change published yet: the workers run their settings files "
+            "(version 0). The first `modelgate config set` or `apply` publishes "
+            "those settings as version 1 and the change as version 2.",
+            err=as_json,
+        )
+        return
     for record in records:
         if as_json:
             typer.echo(record.model_dump_json(exclude={"document"}))

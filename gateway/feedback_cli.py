@@ -15,7 +15,7 @@ import csv
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
@@ -30,6 +30,9 @@ from gateway.cli_common import (
 )
 from gateway.config import Settings
 from gateway.errors import ModelgateError
+
+if TYPE_CHECKING:
+    from aiokafka import ConsumerRecord
 
 guard_app = typer.Typer(help="The poisoning guard that screens labelled feedback.")
 feedback_app = typer.Typer(help="Send labelled feedback; read the guard's verdicts.")
@@ -225,7 +228,8 @@ def feedback_rejected(
     ),
     limit: Annotated[int, typer.Option(help="Print at most this many.")] = 1000,
 ) -> None:
-    """Print the stored rejected records, oldest first per partition."""
+    """Print the stored rejected records, oldest first (by record timestamp,
+    then partition and offset)."""
     settings = load_cli_settings(config)
     with contextlib.suppress(KeyboardInterrupt):
         _run(_rejected(settings, as_json, limit))
@@ -234,8 +238,6 @@ def feedback_rejected(
 async def _rejected(settings: Settings, as_json: bool, limit: int) -> None:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from gateway.feedback_wire import decode_rejected
-    from gateway.protocol import DECODE_ERRORS
     from gateway.topics import partitions_of
 
     topic = settings.kafka.topics.feedback_rejected
@@ -247,40 +249,68 @@ async def _rejected(settings: Settings, as_json: bool, limit: int) -> None:
         bootstrap_servers=settings.kafka.bootstrap, enable_auto_commit=False
     )
     await asyncio.wait_for(consumer.start(), settings.kafka.request_timeout_s)
-    printed = 0
+    # (timestamp ms, partition, offset, line), gathered from every partition
+    # and sorted, so that the order does not depend on which partition a
+    # fetch happened to return first.
+    found: list[tuple[int, int, int, str]] = []
     try:
         tps = [TopicPartition(topic, p) for p in partitions]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         end = await consumer.end_offsets(tps)
-        while printed < limit:
-            positions = {tp: await consumer.position(tp) for tp in tps}
-            if all(positions[tp] >= end[tp] for tp in tps):
+        # The oldest `limit` of the topic are among each partition's first
+        # `limit` while a partition's timestamps rise with its offsets, as the
+        # guards' clocks stamp them (a clock stepped back may misplace some).
+        taken = dict.fromkeys(tps, 0)
+        while True:
+            reading = [
+                tp
+                for tp in tps
+                if taken[tp] < limit and await consumer.position(tp) < end[tp]
+            ]
+            if not reading:
                 break
-            batch = await consumer.getmany(timeout_ms=500)
-            for records in batch.values():
-                for record in records:
-                    if printed >= limit:
-                        break
-                    try:
-                        rejected = decode_rejected(record.value or b"")
-                    except DECODE_ERRORS:
-                        typer.echo(f"(unreadable record at offset {record.offset})")
-                        continue
-                    printed += 1
-                    if as_json:
-                        fields = {
-                            k: v
-                            for k, v in json.loads(record.value or b"{}").items()
-                            if k != "value_b64"
-                        }
-                        typer.echo(json.dumps(fields, sort_keys=True))
-                    else:
-                        typer.echo(
-                            f"{rejected.code:22s} {rejected.client_id or '-':16s} "
-                            f"{rejected.feedback_id or '-'}  "
-                            f"{rejected.evidence or rejected.message}"
+            batch = await consumer.getmany(*reading, timeout_ms=500)
+            for tp, records in batch.items():
+                for record in records[: max(limit - taken[tp], 0)]:
+                    taken[tp] += 1
+                    found.append(
+                        (
+                            record.timestamp,
+                            record.partition,
+                            record.offset,
+                            _rejected_line(record, as_json),
                         )
+                    )
     finally:
         await consumer.stop()
-    typer.echo(f"{printed} rejected records on {topic}", err=True)
+    found.sort(key=lambda row: row[:3])
+    printed = found[:limit]
+    for *_, line in printed:
+        typer.echo(line)
+    shown = sum(1 for *_, line in printed if not line.startswith(_UNREADABLE))
+    noun = "record" if shown == 1 else "records"
+    typer.echo(f"{shown} rejected {noun} on {topic}", err=True)
+
+
+_UNREADABLE = "(unreadable record"
+
+
+def _rejected_line(record: ConsumerRecord[Any, bytes], as_json: bool) -> str:
+    """One rejected record as printed, or a note that it cannot be read."""
+    from gateway.feedback_wire import decode_rejected
+    from gateway.protocol import DECODE_ERRORS
+
+    value = record.value or b""
+    try:
+        rejected = decode_rejected(value)
+    except DECODE_ERRORS:
+        return f"{_UNREADABLE} at partition {record.partition} offset {record.offset})"
+    if as_json:
+        fields = {k: v for k, v in json.loads(value).items() if k != "value_b64"}
+        return json.dumps(fields, sort_keys=True)
+    return (
+        f"{rejected.code:22s} {rejected.client_id or '-':16s} "
+        f"{rejected.feedback_id or '-'}  "
+        f"{rejected.evidence or rejected.message}"
+    )

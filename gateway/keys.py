@@ -297,7 +297,11 @@ class KeyStore:
         Raises
         ------
         AuthError
-            ``AUTH_UNKNOWN_KEY`` if the token is malformed. The message never
+            ``AUTH_UNKNOWN_KEY`` if the part before the ``.`` is not a key id
+            (no key can have it); ``AUTH_BAD_SIGNATURE`` if it is one but the
+            secret after it is missing or malformed, the code a wrong secret
+            gets (such a secret cannot sign). Which one says nothing about
+            whether a key exists: no store is asked. The message never
             repeats the token.
 
         Examples
@@ -308,20 +312,33 @@ class KeyStore:
         ('mgk_000000000000', 32)
         """
         key_id, sep, encoded = token.strip().partition(".")
-        if (
-            not sep
-            or not KEY_ID_PATTERN.fullmatch(key_id)
-            # b64decode with altchars still accepts "+" and "/"; be strict.
-            or not _URLSAFE_B64.fullmatch(encoded)
-        ):
-            raise AuthError("malformed API key token", code="AUTH_UNKNOWN_KEY")
+        if not KEY_ID_PATTERN.fullmatch(key_id):
+            raise AuthError(
+                "malformed API key token: it must be the whole token "
+                "`modelgate keys create` printed, <key id>.<secret>, the key id "
+                "being mgk_ and 12 lowercase hex digits",
+                code="AUTH_UNKNOWN_KEY",
+            )
+        fault = (
+            "no secret follows it"
+            if not encoded
+            else f"the secret after its '.' is not the {SECRET_BYTES} bytes in "
+            "URL-safe base64 that `modelgate keys create` printed"
+        )
+        bad_secret = AuthError(
+            f"malformed API key token: the key id is well formed, but {fault}",
+            code="AUTH_BAD_SIGNATURE",
+        )
+        # b64decode with altchars still accepts "+" and "/"; be strict.
+        if not sep or not _URLSAFE_B64.fullmatch(encoded):
+            raise bad_secret
         try:
             padded = encoded + "=" * (-len(encoded) % 4)
             secret = base64.b64decode(padded, altchars=b"-_", validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise AuthError("malformed API key token", code="AUTH_UNKNOWN_KEY") from exc
+            raise bad_secret from exc
         if len(secret) != SECRET_BYTES:
-            raise AuthError("malformed API key token", code="AUTH_UNKNOWN_KEY")
+            raise bad_secret
         return key_id, secret
 
     async def create(

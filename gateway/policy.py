@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -428,13 +429,110 @@ class Policy:
         return None if state is None else msgspec.msgpack.encode(state)
 
     def load_state(self, client_id: str, blob: bytes) -> None:
+        """Take a client's state from ``dump_state``, possibly another worker's.
+
+        Raises
+        ------
+        ValueError
+            The blob is not a policy state (``msgspec.DecodeError`` and
+            ``ValidationError`` are ValueErrors), or a value in it is one no
+            release writes: not finite, negative, a time in the future, a
+            cool-down or throttle longer than any configurable one, a throttle
+            factor outside its bounds. Nothing is kept for the client then.
+        """
         state = msgspec.msgpack.decode(blob, type=_ClientPolicyState)
+        _check_state(state, self._clock())
         if state.legacy_flags:
             # A snapshot from before the ladder: its flags count on both tracks.
             state.lifetime_flags = max(state.lifetime_flags, state.legacy_flags)
             state.live.flags = state.would.flags = float(state.legacy_flags)
             state.legacy_flags = 0
         self._clients[client_id] = state
+
+
+def _config_max(name: str) -> float:
+    """The largest value ``PolicyConfig.<name>`` accepts (its ``le`` bound)."""
+    for constraint in PolicyConfig.model_fields[name].metadata:
+        bound = getattr(constraint, "le", None)
+        if bound is not None:
+            return float(bound)
+    raise LookupError(f"PolicyConfig.{name} has no upper bound")
+
+
+# Wall clocks of the workers that write and read a snapshot disagree (NTP keeps
+# them within seconds); an hour of slack is far beyond that and still refuses a
+# time that would freeze decay or hold a block for good.
+_CLOCK_SLACK_S = 3600.0
+_MAX_BLOCK_S = _config_max("block_cooldown_s")
+_MAX_THROTTLE_S = _config_max("throttle_s")
+_MAX_THROTTLE_FACTOR = _config_max("throttle_factor")
+# A group id is its smallest member's client id (detectors/linking.py), and
+# client ids are 1-128 characters (CLIENT_ID_REGEX, gateway/admin/schemas.py).
+_MAX_GROUP_ID_CHARS = 128
+
+
+def _check_range(what: str, value: float, low: float, high: float) -> None:
+    if not math.isfinite(value) or not low <= value <= high:
+        raise ValueError(f"{what} is {value!r}, outside [{low:g}, {high:g}]")
+
+
+def _check_state(state: _ClientPolicyState, now_s: float) -> None:
+    """Refuse a restored state whose values no release writes.
+
+    The policy acts on these numbers without further checks: a NaN flag
+    count never reaches an ``after_flags`` rule (the client is never blocked
+    for its flags), a block end decades away blocks for good, a time in the
+    future stops decay until the clock reaches it, and a throttled client's
+    NaN throttle factor is passed on to the throttle's Redis script. A
+    corrupt snapshot must reset the client's policy state instead
+    (``Scorer.restore``).
+
+    Raises
+    ------
+    ValueError
+        Naming the first field out of range.
+    """
+    latest_s = now_s + _CLOCK_SLACK_S
+    for name, count in (
+        ("queries", state.queries),
+        ("lifetime_flags", state.lifetime_flags),
+        ("flags", state.legacy_flags),
+    ):
+        if count < 0:
+            raise ValueError(f"{name} is {count}, below 0")
+    for track_name, track in (("live", state.live), ("would", state.would)):
+        _check_range(f"{track_name}.flags", track.flags, 0.0, math.inf)
+        _check_range(f"{track_name}.flags_at_s", track.flags_at_s, 0.0, latest_s)
+        _check_range(
+            f"{track_name}.blocked_until_s",
+            track.blocked_until_s,
+            0.0,
+            latest_s + _MAX_BLOCK_S,
+        )
+        _check_range(
+            f"{track_name}.throttled_until_s",
+            track.throttled_until_s,
+            0.0,
+            latest_s + _MAX_THROTTLE_S,
+        )
+        # 0 while no throttle is set or the throttle is hidden (a delay, not a
+        # bucket); else a factor PolicyConfig accepts.
+        if track.throttle_factor != 0.0:
+            _check_range(
+                f"{track_name}.throttle_factor",
+                track.throttle_factor,
+                1.0,
+                _MAX_THROTTLE_FACTOR,
+            )
+    for detector, value in state.fused.items():
+        _check_range(f"fused[{detector[:64]!r}]", value, 0.0, math.inf)
+    _check_range("fused_at_s", state.fused_at_s, 0.0, latest_s)
+    _check_range("group_risk", state.group_risk, 0.0, math.inf)
+    _check_range("group_at_s", state.group_at_s, 0.0, latest_s)
+    if state.group_id is not None and not (
+        0 < len(state.group_id) <= _MAX_GROUP_ID_CHARS
+    ):
+        raise ValueError(f"group_id has {len(state.group_id)} characters")
 
 
 def _verdict(

@@ -611,7 +611,8 @@ class Scorer:
     def _restore_policy(self, client_id: str, blobs: Mapping[str, bytes]) -> None:
         try:
             self.policy.load_state(client_id, blobs["state"])
-        except (msgspec.DecodeError, msgspec.ValidationError, KeyError):
+        # ValueError: unreadable, or values out of range (Policy.load_state).
+        except (ValueError, KeyError):
             self.policy.forget(client_id)
             self._part_refused(client_id, "policy", None)
 

@@ -243,6 +243,45 @@ def info() -> StackInfo:
     return _parse_info(_run(["env"], timeout_s=STATUS_TIMEOUT_S))
 
 
+def kafka_jars_fetched() -> bool:
+    """Whether this checkout holds the Kafka jars its pom names
+    (``infra/kafka/kafka.sh installed``), so that starting Kafka here
+    downloads nothing.
+
+    Raises
+    ------
+    StackError
+        The script could not be run.
+    """
+    script = repo_root() / "infra" / "kafka" / "kafka.sh"
+    try:
+        proc = subprocess.run(
+            ["bash", str(script), "installed"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=STATUS_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise StackError(f"could not run {script} installed: {exc}") from exc
+    return proc.returncode == 0
+
+
+def acquire_fetches_jars() -> bool:
+    """Whether :func:`acquire` would now download the Kafka jars: no broker
+    is running on the stack's port (ours or another's) and this checkout has
+    not fetched them.
+
+    Raises
+    ------
+    StackError
+        A script could not be run.
+    """
+    if kafka_jars_fetched():
+        return False
+    return status().kafka == "stopped"
+
+
 def status() -> StackStatus:
     """Report holders and service states without changing anything."""
     holders: list[str] = []

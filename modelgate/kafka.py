@@ -64,7 +64,9 @@ class KafkaClientTransport:
     Raises
     ------
     modelgate.errors.UnknownKeyError
-        The token is malformed.
+        The token does not start with a key id.
+    modelgate.errors.BadSignatureError
+        The token's key id is followed by a missing or malformed secret.
     """
 
     def __init__(

@@ -310,3 +310,30 @@ def test_image_keeps_its_kernels_where_the_service_user_may_write() -> None:
     assert dockerfile.index("python -m detectors.warm") < dockerfile.index(
         f"chown -R {user.group(1)} {cache.group(1)}"
     )
+
+
+def test_kafka_sh_installed_follows_the_jar_stamp(tmp_path: Path) -> None:
+    """`kafka.sh installed` (what `make demo` asks before saying it will
+    download) is true only for jars fetched for this pom's exact content."""
+    import hashlib
+
+    def installed() -> int:
+        env = {**os.environ, "MODELGATE_VAR": str(tmp_path)}
+        script = ROOT / "infra" / "kafka" / "kafka.sh"
+        return subprocess.run(
+            ["bash", str(script), "installed"], env=env, check=False, timeout=30
+        ).returncode
+
+    assert installed() == 1
+    pom = (ROOT / "infra" / "kafka" / "pom.xml").read_bytes()
+    match = re.search(rb"<kafka.version>(.*)</kafka.version>", pom)
+    assert match is not None
+    libs = tmp_path / "kafka" / "libs"
+    libs.mkdir(parents=True)
+    stamp = libs / ".installed"
+    digest = hashlib.sha256(pom).hexdigest()[:16]
+    stamp.write_text(f"kafka={match[1].decode()} pom={digest}\n")
+    assert installed() == 0
+    # Jars fetched for another pom (another Kafka version) are fetched again.
+    stamp.write_text(f"kafka=0.0.1 pom={digest}\n")
+    assert installed() == 1

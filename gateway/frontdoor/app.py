@@ -102,6 +102,24 @@ def _add_handlers(app: FastAPI) -> None:
             if any(e.get("type") == "json_invalid" for e in errors)
             else "SCHEMA_INVALID"
         )
+        content_type = request.headers.get("content-type")
+        if not _is_json(content_type) and any(
+            tuple(e.get("loc", ()))[:1] == ("body",) for e in errors
+        ):
+            # FastAPI reads a body as JSON only under a JSON content type, so
+            # any other type (curl -d sends a form's) fails as "not a
+            # dictionary", which names the wrong fault.
+            sent = (
+                f"Content-Type {content_type[:64]!r}"
+                if content_type
+                else "no Content-Type"
+            )
+            return error_response(
+                "SCHEMA_INVALID",
+                "the body must be JSON sent with the header "
+                f"'Content-Type: application/json' (the request had {sent})",
+                False,
+            )
         # Where and what, never the offending input itself.
         detail = "; ".join(
             f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
@@ -126,6 +144,17 @@ def _add_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unexpected fault answering %s", request.url.path)
         return error_response("INTERNAL", "internal error", False)
+
+
+def _is_json(content_type: str | None) -> bool:
+    """Whether FastAPI parses a body of ``content_type`` as JSON:
+    ``application/json`` or ``application/<anything>+json``, any parameters."""
+    if not content_type:
+        return False
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (
+        kind.startswith("application/") and kind.endswith("+json")
+    )
 
 
 class BodyLimit:

@@ -3,6 +3,7 @@
 # controller, bound to 127.0.0.1 only, run from the official jars with plain java.
 #
 #   infra/kafka/kafka.sh install   fetch the jars named by infra/kafka/pom.xml
+#   infra/kafka/kafka.sh installed exit 0 if those jars are fetched, 1 if not
 #   infra/kafka/kafka.sh format    format storage (new cluster id, standalone quorum)
 #   infra/kafka/kafka.sh format --force   wipe var/kafka/data and format again
 #   infra/kafka/kafka.sh start     install + format if needed, start, wait until ready
@@ -360,6 +361,7 @@ cmd_stop() {
 
 case ${1:-} in
 install) cmd_install ;;
+installed) libs_current ;;
 format) cmd_format "${2:-}" ;;
 start) cmd_start ;;
 stop) cmd_stop ;;
@@ -367,7 +369,7 @@ status) cmd_status ;;
 probe) probe ;;
 version) echo "$VERSION" ;;
 *)
-    echo "usage: $0 install|format [--force]|start|stop|status|probe|version" >&2
+    echo "usage: $0 install|installed|format [--force]|start|stop|status|probe|version" >&2
     exit 2
     ;;
 esac

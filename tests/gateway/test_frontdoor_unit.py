@@ -162,6 +162,52 @@ async def test_not_ready_before_kafka_is_up() -> None:
         assert wrong_method.json()["code"] == "METHOD_NOT_ALLOWED"
 
 
+@pytest.mark.parametrize(
+    ("content_type", "named"),
+    [
+        (None, "no Content-Type"),
+        ("text/plain", "Content-Type 'text/plain'"),
+        # What curl -d sends unless told otherwise.
+        (
+            "application/x-www-form-urlencoded",
+            "Content-Type 'application/x-www-form-urlencoded'",
+        ),
+    ],
+)
+async def test_a_body_not_sent_as_json_is_told_to_use_the_json_content_type(
+    content_type: str | None, named: str
+) -> None:
+    import json
+
+    import httpx
+
+    from gateway.config import load_settings
+    from gateway.frontdoor.app import create_app
+
+    app = create_app(load_settings())
+    transport = httpx.ASGITransport(app=app)
+    body = {"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32",
+                        "data": [0.0] * 64}]}  # fmt: skip
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        answer = await http.post(
+            "/v2/models/digits/infer", content=json.dumps(body), headers=headers
+        )
+        # The same bytes as JSON pass validation (and meet the unstarted
+        # front door's NOT_READY).
+        as_json = await http.post(
+            "/v2/models/digits/infer",
+            content=json.dumps(body),
+            headers={"Content-Type": "application/json; charset=utf-8"},
+        )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["code"] == "SCHEMA_INVALID", answer.text
+    message = answer.json()["error"]
+    assert "Content-Type: application/json" in message, message
+    assert named in message, message
+    assert as_json.json()["code"] == "NOT_READY", as_json.text
+
+
 def test_default_instance_id_validates_on_any_host(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

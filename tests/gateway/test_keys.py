@@ -191,23 +191,34 @@ def test_token_round_trip() -> None:
 
 
 @pytest.mark.parametrize(
-    "token",
+    ("token", "code"),
     [
-        "",
-        "mgk_0123456789ab",
-        "mgk_0123456789ab.",
-        "mgk_0123456789AB." + format_token("x", SECRET).split(".")[1],
-        "key_0123456789ab." + format_token("x", SECRET).split(".")[1],
-        "mgk_0123456789ab.!!!!",
-        "mgk_0123456789ab.c2hvcnQ",  # decodes to 5 bytes, not 32
-        "mgk_0123456789ab." + "A" * 42 + "+",  # 32 bytes, but not urlsafe
+        # No key id: no key can be meant.
+        ("", "AUTH_UNKNOWN_KEY"),
+        ("mgk_0123456789AB." + format_token("x", SECRET).split(".")[1],
+         "AUTH_UNKNOWN_KEY"),
+        ("key_0123456789ab." + format_token("x", SECRET).split(".")[1],
+         "AUTH_UNKNOWN_KEY"),
+        ("not-a-token", "AUTH_UNKNOWN_KEY"),
+        # A key id with a missing or malformed secret: a secret that cannot
+        # sign, as a wrong one does.
+        ("mgk_0123456789ab", "AUTH_BAD_SIGNATURE"),
+        ("mgk_0123456789ab.", "AUTH_BAD_SIGNATURE"),
+        ("mgk_0123456789ab.!!!!", "AUTH_BAD_SIGNATURE"),
+        ("mgk_0123456789ab.c2hvcnQ", "AUTH_BAD_SIGNATURE"),  # 5 bytes, not 32
+        ("mgk_0123456789ab." + "A" * 42 + "+", "AUTH_BAD_SIGNATURE"),  # not urlsafe
     ],
-)
-def test_malformed_tokens(token: str) -> None:
+)  # fmt: skip
+def test_malformed_tokens(token: str, code: str) -> None:
     with pytest.raises(AuthError) as excinfo:
         KeyStore.parse_token(token)
-    assert excinfo.value.code == "AUTH_UNKNOWN_KEY"
-    assert token.strip() == "" or token not in excinfo.value.message
+    assert excinfo.value.code == code
+    message = excinfo.value.message
+    assert message.startswith("malformed API key token"), message
+    if code == "AUTH_BAD_SIGNATURE":
+        # True of a known key: it does not call the key unknown.
+        assert "key id is well formed" in message and "secret" in message, message
+    assert token.strip() == "" or token not in message
 
 
 # encryption at rest ---------------------------------------------------------------

@@ -194,3 +194,88 @@ def test_an_unreadable_snapshot_starts_the_client_afresh(
     assert all(
         d.dump_state("thief") is None for d in new.detectors_of("digits").values()
     )
+
+
+def _policy_with(blob: bytes, **changes: Any) -> bytes:
+    """``blob`` with fields of its policy part replaced (``track__field`` for
+    a field of the ``live`` or ``would`` track)."""
+    parts = _parts(blob)
+    state = msgspec.msgpack.decode(parts["_policy"]["state"])
+    for name, value in changes.items():
+        track, _, field = name.partition("__")
+        if field:
+            state[track][field] = value
+        else:
+            state[name] = value
+    parts["_policy"]["state"] = msgspec.msgpack.encode(state)
+    return msgspec.msgpack.encode(parts)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"live__flags": float("nan")},
+        {"would__flags": -1.0},
+        {"lifetime_flags": -1},
+        {"queries": -5},
+        {"live__blocked_until_s": 3e9},
+        {"would__blocked_until_s": float("inf")},
+        {"live__throttled_until_s": -1.0},
+        {"live__throttle_factor": float("nan")},
+        {"live__throttle_factor": -4.0},
+        {"live__throttle_factor": 0.5},
+        {"live__flags_at_s": 3.5e9},
+        {"fused": {"ood": float("nan")}},
+        {"fused": {"ood": -2.0}},
+        {"fused_at_s": 4e9},
+        {"group_risk": float("-inf")},
+        {"group_id": "x" * 129},
+    ],
+    ids=lambda c: ",".join(f"{k}={v!r}"[:40] for k, v in c.items()),
+)
+def test_a_policy_part_out_of_range_is_refused_and_reset(
+    served: dict[str, ServedModel],
+    caplog: pytest.LogCaptureFixture,
+    changes: dict[str, Any],
+) -> None:
+    blob, _ = _blocked_thief(served)
+    new = _scorer(served, BLOCK)
+    with caplog.at_level(logging.WARNING, logger="gateway.scoring"):
+        new.restore("thief", _policy_with(blob, **changes))
+
+    assert new.policy.dump_state("thief") is None
+    assert _refused(new, "policy") == 1.0
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert record.__dict__["client"] == "thief", record.__dict__
+    assert record.__dict__["detector"] == "policy", record.__dict__
+    # The detectors' parts loaded; the worker goes on scoring the client.
+    detectors = new.detectors_of("digits")
+    for name, part in _parts(blob)["digits"].items():
+        assert detectors[name].dump_state("thief") == part, name
+    verdict = _send(new, served["digits"], "thief", X_TEST[0])
+    assert verdict.action in ("allow", "flag", "block"), verdict
+
+
+def test_a_policy_part_from_a_worker_whose_clock_runs_ahead_loads(
+    served: dict[str, ServedModel],
+) -> None:
+    """Workers' wall clocks differ: a block ending a little after this
+    worker's now plus the longest cool-down, and times a minute in its
+    future, are a skewed clock, not corruption."""
+    import time
+
+    blob, _ = _blocked_thief(served)
+    ahead_s = time.time() + 60
+    skewed = _policy_with(
+        blob,
+        live__blocked_until_s=ahead_s + 30 * 86_400,
+        would__blocked_until_s=ahead_s + 30 * 86_400,
+        live__flags_at_s=ahead_s,
+        fused_at_s=ahead_s,
+        live__throttle_factor=0.0,
+    )
+    new = _scorer(served, BLOCK)
+    new.restore("thief", skewed)
+    assert _refused(new, "policy") == 0.0
+    standing = new.policy.standing("thief", model="digits")
+    assert standing is not None and standing.enforced == "block", standing

@@ -203,6 +203,20 @@ async def test_bad_keys_are_refused_before_kafka(settings: Settings) -> None:
             401,
             "AUTH_BAD_SIGNATURE",
         )
+        # A malformed secret: a known key id says so, as a wrong secret
+        # does; an unknown one is unknown, as the worker would answer.
+        known_garbled = await http.post(
+            INFER, json=body, headers=bearer(f"{key_id}.c2hvcnQ")
+        )
+        garbled = _assert_error(known_garbled, 401, "AUTH_BAD_SIGNATURE")
+        assert "malformed API key token" in garbled["error"], garbled
+        _assert_error(
+            await http.post(
+                INFER, json=body, headers=bearer("mgk_" + "0" * 12 + ".c2hvcnQ")
+            ),
+            401,
+            "AUTH_UNKNOWN_KEY",
+        )
         _assert_error(
             await http.post(INFER, json=body, headers=bearer(revoked)),
             401,

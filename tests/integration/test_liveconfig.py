@@ -169,6 +169,20 @@ async def test_cli_change_reaches_two_workers_within_a_second(
             proc.wait(timeout=60)
 
 
+async def test_history_before_the_first_change_says_there_is_none(
+    settings: Settings,
+) -> None:
+    history = await _cli_here(settings, "history")
+    assert history.returncode == 0, history
+    assert "no change published yet" in history.stdout, history.stdout
+    assert "version 0" in history.stdout, history.stdout
+    # Under --json, stdout stays a stream of records: none.
+    as_json = await _cli_here(settings, "history", "--json")
+    assert as_json.returncode == 0, as_json
+    assert as_json.stdout == "", as_json.stdout
+    assert "no change published yet" in as_json.stderr, as_json.stderr
+
+
 async def test_late_worker_starts_on_latest_and_refuses_a_bad_record(
     settings: Settings,
 ) -> None:

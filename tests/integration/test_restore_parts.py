@@ -103,3 +103,64 @@ async def test_a_blocked_client_stays_blocked_when_one_detector_part_is_corrupt(
     assert any("cool-down" in r for r in truth["reasons"]), truth
     # ood started afresh (not warm on an honest digit); the block did not.
     assert truth["scores"].get("ood", 0.0) == 0.0, truth
+
+
+async def test_a_blocked_client_with_a_policy_part_out_of_range_stays_blocked(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    """A visible block: the policy part holding its cool-down is corrupted to
+    values no release writes (a NaN flag count, a block ending in 2065).
+    The next worker refuses that part and starts the client's policy afresh,
+    but the client stays blocked: admission refuses it on the Redis block
+    key, which expires with the cool-down whatever the snapshot says."""
+    settings = isolated_settings(
+        stack.kafka_bootstrap,
+        stack.redis_url,
+        models_dir,
+        requests_partitions=1,
+        policy={
+            "rules": [{"action": "block", "risk_at": 1.0}],
+            "block_cooldown_s": 600,
+        },
+        detectors=DETECTORS,
+        limits={"rate_per_s": 10_000, "burst": 10_000},
+    )
+    key = await create_key(settings, "mallory")
+    redis = redis_from_settings(settings)
+    store = CounterStore(redis, settings)
+    answers = Answers(settings)
+    try:
+        async with RawKafka(settings) as kafka:
+            await answers.start()
+            mallory = Client(kafka, answers, "mallory", key)
+
+            async with running_worker(settings):
+                first = await mallory.ask(NOISE[:1])
+            assert first["status"] == "error", first
+            assert first["error"]["code"] == "BLOCKED", first
+            assert await store.is_blocked("mallory")
+
+            (blob,) = (await store.load_states(["mallory"])).values()
+            parts = msgspec.msgpack.decode(blob, type=dict[str, dict[str, bytes]])
+            policy = msgspec.msgpack.decode(parts["_policy"]["state"])
+            assert policy["live"]["blocked_until_s"] > 0, policy
+            policy["live"]["flags"] = float("nan")
+            policy["live"]["blocked_until_s"] = 3e9
+            parts["_policy"]["state"] = msgspec.msgpack.encode(policy)
+            await store.save_states({"mallory": msgspec.msgpack.encode(parts)}, 3600)
+
+            async with running_worker(settings) as second:
+                after = [await mallory.ask(X_TEST[i : i + 1]) for i in range(2)]
+                refused = second.metrics.registry.get_sample_value(
+                    "modelgate_state_parts_refused_total", {"detector": "policy"}
+                )
+            still_blocked = await store.is_blocked("mallory")
+    finally:
+        await answers.stop()
+        await redis.aclose()
+
+    assert refused == 1.0
+    for answer in after:
+        assert answer["status"] == "error", answer
+        assert answer["error"]["code"] == "BLOCKED", answer
+    assert still_blocked
