@@ -189,6 +189,8 @@ class FeedbackGuard(GroupService):
                     "disagree_rate": round(cal.disagree_rate, 5),
                     "rarity_threshold": cal.rarity_threshold,
                     "spectral_threshold": round(cal.spectral_threshold, 3),
+                    "drift_threshold": round(cal.drift_threshold, 3),
+                    "anchored_threshold": round(cal.anchored_threshold, 3),
                 },
             )
         # Before joining the group: a port clash (ConfigError) should stop the
