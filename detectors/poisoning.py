@@ -22,7 +22,10 @@ Four checks, each with a stable code and a sentence of evidence:
     accepted feedback of the record's label, centred, the squared projection
     on the top singular vector, divided by its mean over the window. A
     cluster of records sharing a pattern and a label pulls the top direction
-    onto the pattern, and its members then score far above clean ones.
+    onto the pattern, and its members then score far above clean ones. A
+    window whose accepted records lie far beyond the clean rows along its
+    top direction (a calibrated bound) is judged dragged, and the record is
+    then scored against the clean rows alone.
 ``flip_rate`` (``POISON_FLIP_RATE``)
     A *confident disagreement* is a record whose label the model gives less
     than ``1 - confidence`` while another class gets at least
@@ -42,11 +45,12 @@ and pass; a submitter flipping slower than the clean rate allows, or
 spreading flips over many keys, stays under the binomial tests; the
 spectral test needs its cluster to be a few percent of the class window
 before it separates, so the first records of a trigger cluster that the
-rarity check misses are accepted (they are named in later evidence); and
-the test's denominator is the window's own mean projection when that is
-larger than the clean rows', so a window dragged towards a trigger by many
-small accepted steps (about 128 records on digits) makes the trigger score
-as ordinary: every carrier passed, none named in evidence.
+rarity check misses are accepted (they are named in later evidence). A
+window dragged towards a trigger by small accepted steps is caught only
+once its drift passes the calibrated bound (3.83 times the clean rows'
+spread on digits); a drag kept under it was not measured, and while a
+window is judged dragged its class's honest records are judged against
+the clean rows alone, which refuses a few more of them.
 
 Imports numpy, scipy (through :mod:`detectors._binomial`), msgspec and
 pydantic only; nothing from Kafka, Redis, FastAPI or ``gateway``.
