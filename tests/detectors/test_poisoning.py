@@ -372,6 +372,12 @@ def test_the_drift_check_is_calibrated_on_every_model(digits: Zoo, cancer: Zoo) 
         cal = zoo.guard().calibration
         assert 1.0 < cal.drift_threshold < 20.0
         assert 1.0 <= cal.anchored_threshold < float("inf")
+        # Every guard of a deployment judges the shared windows alike.
+        again = zoo.guard().calibration
+        assert (again.drift_threshold, again.anchored_threshold) == (
+            cal.drift_threshold,
+            cal.anchored_threshold,
+        )
     # Too few clean rows per class for the halvings: the check is off.
     rows = digits.x_cal[:40]
     labels = np.arange(40) % 10
