@@ -22,7 +22,10 @@ Four checks, each with a stable code and a sentence of evidence:
     accepted feedback of the record's label, centred, the squared projection
     on the top singular vector, divided by its mean over the window. A
     cluster of records sharing a pattern and a label pulls the top direction
-    onto the pattern, and its members then score far above clean ones.
+    onto the pattern, and its members then score far above clean ones. A
+    window whose accepted records lie far beyond the clean rows along its
+    top direction (a calibrated bound) is judged dragged, and the record is
+    then scored against the clean rows alone.
 ``flip_rate`` (``POISON_FLIP_RATE``)
     A *confident disagreement* is a record whose label the model gives less
     than ``1 - confidence`` while another class gets at least
@@ -42,11 +45,12 @@ and pass; a submitter flipping slower than the clean rate allows, or
 spreading flips over many keys, stays under the binomial tests; the
 spectral test needs its cluster to be a few percent of the class window
 before it separates, so the first records of a trigger cluster that the
-rarity check misses are accepted (they are named in later evidence); and
-the test's denominator is the window's own mean projection when that is
-larger than the clean rows', so a window dragged towards a trigger by many
-small accepted steps (about 128 records on digits) makes the trigger score
-as ordinary: every carrier passed, none named in evidence.
+rarity check misses are accepted (they are named in later evidence). A
+window dragged towards a trigger by small accepted steps is caught only
+once its drift passes the calibrated bound (3.83 times the clean rows'
+spread on digits); a drag kept under it was not measured, and while a
+window is judged dragged its class's honest records are judged against
+the clean rows alone, which refuses a few more of them.
 
 Imports numpy, scipy (through :mod:`detectors._binomial`), msgspec and
 pydantic only; nothing from Kafka, Redis, FastAPI or ``gateway``.
@@ -114,6 +118,17 @@ _SPAN_FLOOR_SHARE = 0.1
 # top two directions are about equally strong and either serves).
 _POWER_ITERATIONS = 300
 _POWER_TOLERANCE = 1e-9
+
+# The drift check's calibration (_anchored_calibration): random halvings of
+# each class's clean rows, from a fixed seed so that every guard of a
+# deployment computes the same bound; a class needs this many clean rows
+# (a few per half) to take part.
+_DRIFT_SPLITS = 100
+_DRIFT_SEED = 0
+_DRIFT_MIN_ROWS = 8
+# Subsets whose (d, d) matrices are iterated at once: 64 of 64 features is
+# 2 MB.
+_BATCH = 64
 
 
 class PoisoningParams(BaseModel):
@@ -202,6 +217,15 @@ class Calibration:
         thresholds (in-sample, so optimistic for a small set).
     rows
         Clean records calibrated on.
+    anchored_threshold
+        Spectral score against the clean rows alone (squared projection from
+        their centre over their mean) at which a record is rejected while its
+        class window is dragged; ``inf`` when no class has rows enough.
+    drift_threshold
+        Ratio of a class window's mean squared projection (from the clean
+        rows' centre, on the top direction of both) to the clean rows' own at
+        which the window is judged dragged; ``inf`` when no class has rows
+        enough.
     """
 
     disagree_rate: float
@@ -210,6 +234,8 @@ class Calibration:
     spectral_threshold: float
     clean_rejected: float
     rows: int
+    anchored_threshold: float = float("inf")
+    drift_threshold: float = float("inf")
 
 
 @dataclass(frozen=True)
@@ -249,6 +275,21 @@ class _ClassWindow:
     submitters: deque[str] = field(default_factory=deque)
     # The last top direction, to warm-start the next record's.
     direction: FloatArray | None = None
+    # The same for the drift check's direction (from the clean rows' centre).
+    anchored_direction: FloatArray | None = None
+
+
+@dataclass(frozen=True)
+class _SpectralResult:
+    """A record's spectral score, the threshold it is judged against, the
+    window positions at or beyond that threshold, and the window's drift
+    (0.0 when not computed)."""
+
+    score: float
+    threshold: float
+    beyond: list[int]
+    drift: float
+    dragged: bool
 
 
 def _copy_submitter(state: _Submitter) -> _Submitter:
@@ -478,7 +519,8 @@ class PoisoningGuard:
         cal, prm = self.calibration, self.params
         rare = self._rarity.rare_features(x, prm.rare_share)
         scaled = self._scale(x[None, :])[0]
-        spectral, beyond = self._spectral(scaled, label)
+        spec = self._spectral(scaled, label)
+        spectral = spec.score
         predicted = int(np.argmax(p))
         disagreement = bool(predicted != label and p[predicted] >= prm.confidence)
 
@@ -502,6 +544,7 @@ class PoisoningGuard:
         scores = {
             "rarity": float(len(rare)),
             "spectral": spectral,
+            "window_drift": spec.drift,
             "flip_tail": flip_tail,
             "pair_tail": pair_tail,
             "confidence": float(p[predicted]),
@@ -520,17 +563,31 @@ class PoisoningGuard:
                 f"reaches {cal.rarity_threshold} on "
                 f"{prm.false_rejection_rate / 2:.1%} of records or fewer",
             )
-        elif spectral >= cal.spectral_threshold:
+        elif spectral >= spec.threshold:
             window = self._classes[label]
+            beyond = spec.beyond
             others = sorted({window.submitters[i] for i in beyond} - {""})
             ids = [window.ids[i] for i in beyond][:5]
+            n_acc, n_clean = len(window.rows), len(self._anchors[label])
+            if spec.dragged:
+                judged = (
+                    f"class {label}'s {n_acc} accepted records lie "
+                    f"{spec.drift:.1f}x further from its {n_clean} clean "
+                    f"records' centre along their top singular direction than "
+                    f"the clean records do (a dragged window, bound "
+                    f"{cal.drift_threshold:.1f}); judged against the clean "
+                    f"records alone, the projection is {spectral:.1f}x theirs"
+                )
+            else:
+                judged = (
+                    f"projection on the top singular direction of class "
+                    f"{label}'s {n_acc} accepted and {n_clean} clean records "
+                    f"is {spectral:.1f}x their mean"
+                )
             verdict = (
                 "POISON_SPECTRAL",
                 "spectral",
-                f"projection on the top singular direction of class {label}'s "
-                f"{len(window.rows)} accepted and {len(self._anchors[label])} "
-                f"clean records is {spectral:.1f}x their mean (threshold "
-                f"{cal.spectral_threshold:.1f}); {len(beyond)} "
+                f"{judged} (threshold {spec.threshold:.1f}); {len(beyond)} "
                 f"accepted records of the class lie beyond it too (ids "
                 f"{ids}, from {len(others)} submitter(s))",
             )
@@ -650,13 +707,28 @@ class PoisoningGuard:
         counted)."""
         return len(self._classes[label].rows)
 
-    def _spectral(self, scaled: FloatArray, label: int) -> tuple[float, list[int]]:
+    def _spectral(self, scaled: FloatArray, label: int) -> _SpectralResult:
         """The record's spectral score against its class window, and the
-        window positions that score at or above the threshold too."""
+        window positions that score at or above the threshold too.
+
+        A window that its submitters have dragged away from the clean rows
+        (:meth:`_drift`) no longer sets the denominator: the record is then
+        judged against the clean rows alone."""
         window = self._classes[label]
         anchor = self._anchors[label]
         if len(anchor) + len(window.rows) < self.params.spectral_min_records:
-            return 0.0, []
+            return _SpectralResult(
+                0.0, self.calibration.spectral_threshold, [], 0.0, False
+            )
+        drift = self._drift(label)
+        if drift is not None and drift[0] >= self.calibration.drift_threshold:
+            ratio, centre, direction, floor = drift
+            threshold = self.calibration.anchored_threshold
+            accepted = np.vstack(list(window.rows))
+            kept = ((accepted - centre) @ direction) ** 2 / floor
+            score = float(((scaled - centre) @ direction) ** 2 / floor)
+            beyond = [int(i) for i in np.flatnonzero(kept >= threshold)]
+            return _SpectralResult(score, threshold, beyond, ratio, True)
         # The clean calibration rows of the class stay in the matrix however
         # many records submitters send: a window filled with records at the
         # class centre (each accepted, they score near 0) would otherwise
@@ -672,11 +744,49 @@ class PoisoningGuard:
         projection = (centred @ window.direction) ** 2
         floor = float(projection[: len(anchor)].mean()) if len(anchor) else 0.0
         denominator = max(float(projection.mean()), floor)
+        threshold = self.calibration.spectral_threshold
+        ratio = drift[0] if drift is not None else 0.0
         if denominator <= 0.0:
-            return 0.0, []
+            return _SpectralResult(0.0, threshold, [], ratio, False)
         scores = projection[len(anchor) :] / denominator
-        beyond = np.flatnonzero(scores[:-1] >= self.calibration.spectral_threshold)
-        return float(scores[-1]), [int(i) for i in beyond]
+        over = np.flatnonzero(scores[:-1] >= threshold)
+        return _SpectralResult(
+            float(scores[-1]), threshold, [int(i) for i in over], ratio, False
+        )
+
+    def _drift(self, label: int) -> tuple[float, FloatArray, FloatArray, float] | None:
+        """How far class ``label``'s window has moved from its clean rows:
+        the accepted records' mean squared projection from the clean rows'
+        centre, on the top direction of both (second moment about that
+        centre), over the clean rows' own; with that centre, direction and
+        the clean rows' mean. ``None`` below ``spectral_min_records``
+        accepted records or with fewer than two clean rows.
+
+        Why: the spectral score divides by the window's mean projection, so
+        records sent to spread the window along a pattern by small steps
+        (each step ordinary against the window before it) make the full
+        pattern ordinary too (the drag, docs/feedback-guard.md). Honest
+        windows spread about as the clean rows do (calibrated by
+        :func:`calibrate`); a dragged one lies far beyond them along the
+        dragged direction, which the clean rows' centre makes the top one.
+        """
+        window = self._classes[label]
+        anchor = self._anchors[label]
+        if len(window.rows) < self.params.spectral_min_records or len(anchor) < 2:
+            return None
+        centre = anchor.mean(axis=0)
+        clean = anchor - centre
+        accepted = np.vstack(list(window.rows)) - centre
+        gram = clean.T @ clean + accepted.T @ accepted
+        window.anchored_direction = top_direction(gram, window.anchored_direction)
+        direction = window.anchored_direction
+        floor = float(((clean @ direction) ** 2).mean())
+        spread = float(((accepted @ direction) ** 2).mean())
+        if floor <= 0.0:
+            # The clean rows do not vary along the top direction: no ratio,
+            # and no clean spread to judge a record against either.
+            return None
+        return spread / floor, centre, direction, floor
 
     def _flip_tails(
         self, state: _Submitter, label: int, predicted: int, disagreement: bool
@@ -959,6 +1069,10 @@ def calibrate(
     order = _conformal_rank(len(ranked_scores), budget)
     spectral = float(ranked_scores[min(order, len(ranked_scores)) - 1]) * 1.0001
 
+    # Step: the check on a dragged window (PoisoningGuard._drift) and the
+    # score it falls back on, from the clean rows of each class.
+    anchored, drift = _anchored_calibration([scaled[y == c] for c in range(k)], budget)
+
     rejected = (counts >= threshold).copy()
     return Calibration(
         disagree_rate=rate,
@@ -967,7 +1081,91 @@ def calibrate(
         spectral_threshold=max(spectral, 1.0),
         clean_rejected=float(rejected.mean()),
         rows=len(x),
+        anchored_threshold=anchored,
+        drift_threshold=drift,
     )
+
+
+def _anchored_calibration(
+    classes: list[FloatArray], budget: float
+) -> tuple[float, float]:
+    """The clean-rows-only score's threshold and the drift bound, from each
+    class's scaled clean rows.
+
+    Threshold: leave-one-out, each clean row is scored as a record is
+    against a dragged window (squared projection from the other rows'
+    centre, on their top direction, over their mean), and the split-conformal
+    order statistic of these scores at ``budget`` is taken, as for the other
+    checks. Drift bound: each class's rows are halved at random
+    ``_DRIFT_SPLITS`` times; one half plays the clean rows and the other an
+    honest window, and the largest ratio over every split is the bound.
+    A half is the smallest window the check judges with so few rows, and
+    the noisiest: a larger honest window spreads closer to the clean rows.
+    """
+    loo: list[FloatArray] = []
+    ratios: list[FloatArray] = []
+    rng = np.random.default_rng(_DRIFT_SEED)
+    for rows in classes:
+        n = len(rows)
+        if n < _DRIFT_MIN_ROWS:
+            continue
+        mean = rows.mean(axis=0)
+        whole = rows - mean
+        scatter = whole.T @ whole
+        # Every subset's direction is close to the whole class's: a warm
+        # start saves most of each power iteration.
+        start = top_direction(scatter)
+        for chunk in np.array_split(np.arange(n), -(-n // _BATCH)):
+            # Without row i, the scatter about the other rows' centre is a
+            # rank-one downdate of the whole class's.
+            c = whole[chunk]
+            grams = scatter[None] - (n / (n - 1)) * c[:, :, None] * c[:, None, :]
+            v = _top_directions(grams, start)
+            floor = np.einsum("mi,mij,mj->m", v, grams, v) / (n - 1)
+            record = (n / (n - 1) * np.einsum("mi,mi->m", c, v)) ** 2
+            ok = floor > 0.0
+            loo.append(record[ok] / floor[ok])
+        halves = [rng.permutation(n) for _ in range(_DRIFT_SPLITS)]
+        for start_at in range(0, _DRIFT_SPLITS, _BATCH):
+            part = halves[start_at : start_at + _BATCH]
+            clean_idx = np.array([h[: n // 2] for h in part])
+            window_idx = np.array([h[n // 2 :] for h in part])
+            centres = rows[clean_idx].mean(axis=1)
+            # Every row about the clean half's centre: the whole scatter
+            # plus the shift of the centre.
+            shift = mean[None] - centres
+            grams = scatter[None] + n * shift[:, :, None] * shift[:, None, :]
+            v = _top_directions(grams, start)
+            a = np.einsum("mkd,md->mk", rows[clean_idx] - centres[:, None], v)
+            w = np.einsum("mkd,md->mk", rows[window_idx] - centres[:, None], v)
+            floor = (a**2).mean(axis=1)
+            ok = floor > 0.0
+            ratios.append((w**2).mean(axis=1)[ok] / floor[ok])
+    all_loo = np.concatenate(loo) if loo else np.zeros(0)
+    all_ratios = np.concatenate(ratios) if ratios else np.zeros(0)
+    if not len(all_loo) or not len(all_ratios):
+        return float("inf"), float("inf")
+    ranked = np.sort(all_loo)
+    order = _conformal_rank(len(ranked), budget)
+    anchored = float(ranked[min(order, len(ranked)) - 1]) * 1.0001
+    return max(anchored, 1.0), max(float(all_ratios.max()) * 1.0001, 1.0)
+
+
+def _top_directions(grams: FloatArray, start: FloatArray) -> FloatArray:
+    """Top eigenvectors of a stack of (d, d) Gram matrices, (m, d), by power
+    iteration from one start (:func:`top_direction` for many matrices at
+    once: calibration scores hundreds of subsets of one class)."""
+    v = np.repeat((start / np.linalg.norm(start))[None], len(grams), axis=0)
+    for _ in range(_POWER_ITERATIONS):
+        w = (grams @ v[:, :, None])[:, :, 0]
+        norms = np.linalg.norm(w, axis=1, keepdims=True)
+        # A zero product keeps its vector (the matrix is zero along it).
+        w = np.where(norms > 0.0, w / np.where(norms > 0.0, norms, 1.0), v)
+        done = float(np.abs(w - v).max()) < _POWER_TOLERANCE
+        v = w
+        if done:
+            break
+    return v
 
 
 def _conformal_rank(n: int, share: float) -> int:

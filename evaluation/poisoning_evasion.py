@@ -22,7 +22,8 @@ accepted and what honest records were rejected:
   step by step from 0 to 16 (each step small), two honest records of any
   class between them, then carriers (real 0s with the full patch, label 0)
   arrive among honest records: what share of the drag rows and of the
-  carriers pass, against carriers meeting an undragged window. With the
+  carriers pass, against carriers meeting an undragged window; and drags
+  that stop at a quarter to a half of the patch's height. With the
   windows shared in Redis the drag need not reach the carriers' guard.
 
 Run: ``.venv/bin/python -m evaluation.poisoning_evasion [--seeds 3]``.
@@ -233,9 +234,12 @@ def framing(env: Env, params: PoisoningParams, flood: int, seed: int) -> Count:
     return count
 
 
-def drag(env: Env, params: PoisoningParams, steps: int, seed: int) -> Count:
-    """``steps`` drag rows (none: the undragged baseline), then 60 carriers;
-    ``poisoned`` counts the carriers, ``codes`` every refusal."""
+def drag(
+    env: Env, params: PoisoningParams, steps: int, seed: int, top: float = 16.0
+) -> Count:
+    """``steps`` drag rows (none: the undragged baseline) rising to ``top``,
+    then 60 carriers (the patch at 16); ``poisoned`` counts the carriers,
+    ``codes`` every refusal."""
     rng = np.random.default_rng(seed)
     guard, count = env.guard(params), Count()
     zeros = np.flatnonzero(env.y == 0)
@@ -254,7 +258,7 @@ def drag(env: Env, params: PoisoningParams, steps: int, seed: int) -> Count:
     for k in range(steps):
         honest()
         honest()
-        row, proba = zero_with_patch(16.0 * (k + 1) / steps)
+        row, proba = zero_with_patch(top * (k + 1) / steps)
         v = guard.screen(f"dragger-{k % 4}", row, 0, proba)
         count.dragged += v.accepted
         count.drag += 1
@@ -299,6 +303,14 @@ def main(argv: list[str] | None = None) -> None:
             *[
                 (f"drag {n} steps", lambda s, n=n: drag(env, params, n, s))
                 for n in (0, 32, 64, 128, 256)
+            ],
+            # Stopped short of the dragged-window check's bound.
+            *[
+                (
+                    f"drag 256 steps to {t:g} of 16",
+                    lambda s, t=t: drag(env, params, 256, s, t),
+                )
+                for t in (4.0, 6.0, 8.0)
             ],
         ]
         print(f"model {args.model}, {args.seeds} seeds pooled")

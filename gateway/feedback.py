@@ -189,6 +189,9 @@ class FeedbackGuard(GroupService):
                     "disagree_rate": round(cal.disagree_rate, 5),
                     "rarity_threshold": cal.rarity_threshold,
                     "spectral_threshold": round(cal.spectral_threshold, 3),
+                    # None: too few clean rows per class, the check is off.
+                    "drift_threshold": _finite(cal.drift_threshold),
+                    "anchored_threshold": _finite(cal.anchored_threshold),
                 },
             )
         # Before joining the group: a port clash (ConfigError) should stop the
@@ -528,3 +531,9 @@ class FeedbackGuard(GroupService):
                 if blob is not None:
                     pipe.set(self._state_key(model, client), blob, ex=ttl_s)
             await pipe.execute()
+
+
+def _finite(value: float) -> float | None:
+    """``value`` rounded for a log field, or ``None`` when infinite (JSON has
+    no infinity)."""
+    return round(value, 3) if np.isfinite(value) else None

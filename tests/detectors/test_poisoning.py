@@ -295,6 +295,102 @@ def test_a_window_flooded_at_the_class_centre_does_not_frame_honest_records(
     assert np.mean([not v.accepted for v in honest]) <= 0.1, [v.code for v in honest]
 
 
+PATCH = np.array([54, 55, 62, 63])
+
+
+def _drag_stream(
+    zoo: Zoo, guard: PoisoningGuard, steps: int, *, dragged: bool
+) -> tuple[list[Any], list[Any]]:
+    """The drag of evaluation.poisoning_evasion: four keys send real 0s
+    labelled 0 whose bottom-right 2x2 pixels rise from 0 to 16 in ``steps``
+    equal steps, two honest records of any class between them. Undragged,
+    the same stream with the 0s sent as they are. Returns the verdicts of
+    the four keys' records and of the honest records."""
+    rng = np.random.default_rng(7)
+    zeros = np.flatnonzero(zoo.y_held == 0)
+    proba_held = zoo.model.predict_proba(zoo.x_held)
+    own, honest = [], []
+    for k in range(steps):
+        for _ in range(2):
+            i = int(rng.integers(len(zoo.x_held)))
+            honest.append(
+                guard.screen(
+                    f"honest-{i % 3}", zoo.x_held[i], int(zoo.y_held[i]), proba_held[i]
+                )
+            )
+        row = zoo.x_held[int(rng.choice(zeros))].copy()
+        if dragged:
+            row[PATCH] = 16.0 * (k + 1) / steps
+        proba = zoo.model.predict_proba(row[None, :])[0]
+        own.append(guard.screen(f"dragger-{k % 4}", row, 0, proba, f"drag-{k}"))
+    return own, honest
+
+
+def test_a_dragged_window_is_judged_against_the_clean_rows(digits: Zoo) -> None:
+    # Session 11's drag: each step is ordinary against the window before it,
+    # so 96% of 256 steps were accepted, the window's own spread along the
+    # patch set the denominator, and every carrier (a real 0 with the full
+    # patch, label 0) then passed (this stream too). Undragged, 96% of
+    # carriers were refused.
+    guard = digits.guard()
+    drag, _ = _drag_stream(digits, guard, 256, dragged=True)
+    zeros = digits.x_held[digits.y_held == 0][:40].copy()
+    zeros[:, PATCH] = 16.0
+    carriers = [
+        guard.screen(f"carrier-{i % 4}", r, 0, p)
+        for i, (r, p) in enumerate(
+            zip(zeros, digits.model.predict_proba(zeros), strict=True)
+        )
+    ]
+    assert np.mean([v.accepted for v in carriers]) <= 0.1, [v.scores for v in carriers]
+    bound = guard.calibration.drift_threshold
+    crossed = [v.scores["window_drift"] >= bound for v in drag]
+    assert any(crossed)
+    # The drag rows themselves start being refused once the window is
+    # judged dragged, so it stops moving.
+    after = drag[crossed.index(True) :]
+    assert np.mean([not v.accepted for v in after]) >= 0.3
+    refused = next(v for v in carriers if not v.accepted)
+    assert refused.code == "POISON_SPECTRAL"
+    assert "a dragged window" in refused.evidence
+    assert "'drag-" in refused.evidence  # it names drag rows among those beyond
+
+
+def test_a_clean_stream_as_long_as_the_drag_never_crosses(digits: Zoo) -> None:
+    guard = digits.guard()
+    own, honest = _drag_stream(digits, guard, 256, dragged=False)
+    bound = guard.calibration.drift_threshold
+    drifts = [v.scores["window_drift"] for v in own + honest]
+    assert max(drifts) < bound
+    assert max(drifts) > 0.0  # the check ran (the class windows filled)
+    verdicts = own + honest
+    assert np.mean([not v.accepted for v in verdicts]) <= CLEAN_LIMIT
+
+
+def test_the_drift_check_is_calibrated_on_every_model(digits: Zoo, cancer: Zoo) -> None:
+    for zoo in (digits, cancer):
+        cal = zoo.guard().calibration
+        assert 1.0 < cal.drift_threshold < 20.0
+        assert 1.0 <= cal.anchored_threshold < float("inf")
+        # Every guard of a deployment judges the shared windows alike.
+        again = zoo.guard().calibration
+        assert (again.drift_threshold, again.anchored_threshold) == (
+            cal.drift_threshold,
+            cal.anchored_threshold,
+        )
+    # Too few clean rows per class for the halvings: the check is off.
+    rows = digits.x_cal[:40]
+    labels = np.arange(40) % 10
+    tiny = calibrate(
+        PARAMS,
+        digits.model.reference.astype(np.float64),
+        rows,
+        labels,
+        np.eye(10)[labels],
+    )
+    assert tiny.drift_threshold == float("inf")
+
+
 def test_spectral_scores_single_out_a_shared_pattern() -> None:
     rng = np.random.default_rng(0)
     rows = rng.normal(size=(200, 20))
