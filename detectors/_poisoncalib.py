@@ -26,7 +26,6 @@ from detectors._poisonspectral import (
 
 FloatArray = npt.NDArray[np.float64]
 
-
 # The drift check's calibration (_anchored_calibration): random halvings of
 # each class's clean rows, from a fixed seed so that every guard of a
 # deployment computes the same bound; a class needs this many clean rows

@@ -14,7 +14,6 @@ import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float64]
 
-
 # Smallest per-feature spread used to scale features for the spectral test,
 # as a share of the median spread: a feature constant in the reference (a
 # corner pixel) would otherwise divide by zero.

@@ -20,7 +20,6 @@ import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float64]
 
-
 STATE_FORMAT = 1
 """Version of a submitter's serialised state; bump when its meaning changes."""
 
@@ -60,6 +59,10 @@ class SubmitterState(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 @dataclass
 class _Submitter:
+    """One submitter's last ``window`` records as the guard holds them
+    (label, model class, confident disagreement, digest) and how many it
+    has sent."""
+
     labels: deque[int]
     predicted: deque[int]
     disagree: deque[bool]
