@@ -52,13 +52,20 @@ spread on digits); a drag kept under it was not measured, and while a
 window is judged dragged its class's honest records are judged against
 the clean rows alone, which refuses a few more of them.
 
-Imports numpy, scipy (through :mod:`detectors._binomial`), msgspec and
-pydantic only; nothing from Kafka, Redis, FastAPI or ``gateway``.
+This module holds the guard: how a record is judged, the class windows and
+the submitters it keeps. The parameters are in :mod:`detectors._poisonparams`,
+the calibration (:func:`calibrate`, :class:`Calibration`) in
+:mod:`detectors._poisoncalib`, the rarity tails, feature scaling, power
+iteration and spectral scores in :mod:`detectors._poisonspectral`, and a
+submitter's state (its serialised form, the checks on loading it, the
+record digest) in :mod:`detectors._poisonstate`; the public names are
+re-exported here. Imports numpy, msgspec, scipy (through
+:mod:`detectors._binomial`) and those modules (pydantic through the
+parameters) only; nothing from Kafka, Redis, FastAPI or ``gateway``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
@@ -68,33 +75,30 @@ from typing import Any
 import msgspec
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field
 
 from detectors._binomial import upper_tail
+from detectors._poisoncalib import Calibration as Calibration
+from detectors._poisoncalib import calibrate as calibrate
+from detectors._poisonparams import PoisoningParams as PoisoningParams
+from detectors._poisonspectral import _Rarity, _spectral_scale
+from detectors._poisonspectral import spectral_scores as spectral_scores
+from detectors._poisonspectral import top_direction as top_direction
+from detectors._poisonstate import DIGEST_CHARS as DIGEST_CHARS
+from detectors._poisonstate import ID_STATE_BYTES as ID_STATE_BYTES
+from detectors._poisonstate import MAX_STATE_BYTES as MAX_STATE_BYTES
+from detectors._poisonstate import STATE_FORMAT as STATE_FORMAT
+from detectors._poisonstate import SubmitterState as SubmitterState
+from detectors._poisonstate import (
+    _copy_submitter,
+    _digest,
+    _Submitter,
+    decode_state,
+)
+from detectors._poisonstate import record_digest as record_digest
 
 logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float64]
-
-STATE_FORMAT = 1
-"""Version of a submitter's serialised state; bump when its meaning changes."""
-
-MAX_STATE_BYTES = 32_768
-"""Largest serialised submitter state accepted by :meth:`PoisoningGuard.load_state`
-(the detectors' per-client budget, ``detectors.base.MAX_STATE_BYTES``), plus
-:data:`ID_STATE_BYTES` per record of the window
-(:attr:`PoisoningGuard.state_limit_bytes`)."""
-
-ID_STATE_BYTES = 16
-"""Serialised bytes of one record's digest in a submitter's state (12
-hex characters, quotes and a comma)."""
-
-# Digest of a record id kept per submitter to recognise a repeat: 48 bits, so
-# that two of a window's ids (2,000 at most) collide with odds below 1e-8.
-_ID_DIGEST_BYTES = 6
-
-DIGEST_CHARS = 2 * _ID_DIGEST_BYTES
-"""Characters of a record's digest (:func:`record_digest`)."""
 
 CODES: dict[str, str] = {
     "POISON_TRIGGER": "the record's features lie where the reference data "
@@ -107,135 +111,6 @@ CODES: dict[str, str] = {
     "one (label, model class) pair",
 }
 """Every rejection code this module gives, with its meaning."""
-
-# Smallest per-feature spread used to scale features for the spectral test,
-# as a share of the median spread: a feature constant in the reference (a
-# corner pixel) would otherwise divide by zero.
-_SPAN_FLOOR_SHARE = 0.1
-
-# Power iteration for the top direction: stop when no coordinate moves more
-# than the tolerance, or after this many products (a tiny eigengap: then the
-# top two directions are about equally strong and either serves).
-_POWER_ITERATIONS = 300
-_POWER_TOLERANCE = 1e-9
-
-# The drift check's calibration (_anchored_calibration): random halvings of
-# each class's clean rows, from a fixed seed so that every guard of a
-# deployment computes the same bound; a class needs this many clean rows
-# (a few per half) to take part.
-_DRIFT_SPLITS = 100
-_DRIFT_SEED = 0
-_DRIFT_MIN_ROWS = 8
-# Subsets whose (d, d) matrices are iterated at once: 64 of 64 features is
-# 2 MB.
-_BATCH = 64
-
-
-class PoisoningParams(BaseModel):
-    """Parameters of :class:`PoisoningGuard`; frozen, unknown keys refused."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    confidence: float = Field(0.9, ge=0.5, lt=1.0)
-    """Probability the model must give another class than the label for the
-    record to be a confident disagreement."""
-
-    false_rejection_rate: float = Field(0.01, gt=0.0, le=0.2)
-    """Share of clean records the record-level checks may reject; half of it
-    goes to ``rarity`` and half to ``spectral`` when they are calibrated."""
-
-    # Source of the default: 1e-4 per record is a few chance rejections in
-    # 10,000 clean records even if every test were independent; measured
-    # none on the zoo's clean streams (docs/feedback-guard.md).
-    significance: float = Field(1e-4, gt=0.0, le=0.1)
-    """Binomial tail at or below which a submitter's disagreement count (or
-    pair count) is judged not honest."""
-
-    window: int = Field(200, ge=10, le=2000)
-    """Recent records per submitter over which disagreements are counted."""
-
-    pair_min: int = Field(3, ge=2, le=1000)
-    """Fewest confident disagreements on one pair before the pair test runs."""
-
-    rate_prior: float = Field(0.005, gt=0.0, lt=0.5)
-    """Floor of the clean disagreement rate (a small calibration set can
-    measure 0); a pair's floor is this divided by the number of pairs."""
-
-    rate_cap: float = Field(0.2, gt=0.0, lt=1.0)
-    """Ceiling of the clean disagreement rate: above it the model is too
-    often confidently wrong for the flip tests to mean anything."""
-
-    rare_share: float = Field(0.005, gt=0.0, lt=0.5)
-    """A feature value is rare when at most this share of the reference
-    sample lies at or beyond it (on its side of the distribution)."""
-
-    spectral_window: int = Field(256, ge=16, le=4096)
-    """Accepted records kept per class for the spectral test."""
-
-    spectral_min_records: int = Field(32, ge=8, le=4096)
-    """Records a class window needs before the spectral test runs."""
-
-    max_submitters: int = Field(10_000, ge=1, le=1_000_000)
-    """Submitters whose state is held; the least recently seen is dropped
-    (and can be reloaded from its serialised state) beyond it."""
-
-
-class SubmitterState(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One submitter's recent records, as serialised (msgspec, never pickle)."""
-
-    format: int
-    window: int
-    seen: int
-    labels: list[int]
-    predicted: list[int]
-    disagree: list[bool]
-    # Digests of the last ``window`` records (id, label and row; empty in
-    # states saved before repeats were recognised: those submitters' repeats
-    # count once more).
-    ids: list[str] = []
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """What clean feedback taught the guard.
-
-    Attributes
-    ----------
-    disagree_rate
-        Share of clean records that are confident disagreements (floored at
-        ``rate_prior``, capped at ``rate_cap``).
-    pair_rates
-        (k, k) share of clean records per (label, model class) confident
-        disagreement, floored at ``rate_prior / (k * (k - 1))``.
-    rarity_threshold
-        Rare features at which a record is rejected.
-    spectral_threshold
-        Spectral score (ratio to the window's mean) at which a record is
-        rejected.
-    clean_rejected
-        Share of the clean records the record-level checks reject at these
-        thresholds (in-sample, so optimistic for a small set).
-    rows
-        Clean records calibrated on.
-    anchored_threshold
-        Spectral score against the clean rows alone (squared projection from
-        their centre over their mean) at which a record is rejected while its
-        class window is dragged; ``inf`` when no class has rows enough.
-    drift_threshold
-        Ratio of a class window's mean squared projection (from the clean
-        rows' centre, on the top direction of both) to the clean rows' own at
-        which the window is judged dragged; ``inf`` when no class has rows
-        enough.
-    """
-
-    disagree_rate: float
-    pair_rates: FloatArray
-    rarity_threshold: int
-    spectral_threshold: float
-    clean_rejected: float
-    rows: int
-    anchored_threshold: float = float("inf")
-    drift_threshold: float = float("inf")
 
 
 @dataclass(frozen=True)
@@ -257,15 +132,6 @@ class Verdict:
     learned: bool = False
     """The record entered its class window (accepted, ``learn`` on, and not a
     repeat): a shared copy of the windows must add it."""
-
-
-@dataclass
-class _Submitter:
-    labels: deque[int]
-    predicted: deque[int]
-    disagree: deque[bool]
-    seen: int = 0
-    ids: deque[str] = field(default_factory=deque)
 
 
 @dataclass
@@ -292,17 +158,6 @@ class _SpectralResult:
     dragged: bool
 
 
-def _copy_submitter(state: _Submitter) -> _Submitter:
-    w = state.labels.maxlen
-    return _Submitter(
-        deque(state.labels, maxlen=w),
-        deque(state.predicted, maxlen=w),
-        deque(state.disagree, maxlen=w),
-        state.seen,
-        deque(state.ids, maxlen=w),
-    )
-
-
 @dataclass(frozen=True)
 class GuardSnapshot:
     """Copies of some submitters' state and of the class windows
@@ -310,80 +165,6 @@ class GuardSnapshot:
 
     submitters: dict[str, _Submitter | None]
     windows: list[_ClassWindow]
-
-
-class _Rarity:
-    """Per-feature tails of the reference sample."""
-
-    def __init__(self, reference: FloatArray) -> None:
-        self._reference = reference
-        self._n = len(reference)
-
-    def rare_features(self, row: FloatArray, share: float) -> npt.NDArray[np.int64]:
-        """Indices of the features where at most ``share`` of the reference
-        lies at or beyond ``row``'s value, on its side."""
-        # One comparison per reference value: O(n d), a few tens of
-        # microseconds for the zoo's references, and no per-feature loop.
-        at_or_above = (self._reference >= row).sum(axis=0)
-        at_or_below = (self._reference <= row).sum(axis=0)
-        tail = np.minimum(at_or_above, at_or_below) / self._n
-        return np.flatnonzero(tail <= share)
-
-
-def top_direction(gram: FloatArray, start: FloatArray | None = None) -> FloatArray:
-    """The top eigenvector of a (d, d) Gram matrix, by power iteration.
-
-    Warm-started from ``start`` (the previous record's direction for the same
-    class window, which one row barely moves), it converges in a few
-    matrix-vector products; LAPACK's full ``eigh`` costs 0.7 ms on 64
-    features (3 ms with a contended threaded BLAS), the products tens of
-    microseconds. Cold, it starts from the column of the largest diagonal
-    entry, which cannot be orthogonal to the top direction unless the matrix
-    is zero there too.
-    """
-    if start is not None and float(np.linalg.norm(start)) > 0.0:
-        v = start / np.linalg.norm(start)
-    else:
-        column = gram[:, int(np.argmax(np.diag(gram)))]
-        norm = float(np.linalg.norm(column))
-        if norm == 0.0:
-            unit: FloatArray = np.eye(len(gram))[0]
-            return unit
-        v = column / norm
-    for _ in range(_POWER_ITERATIONS):
-        w = gram @ v
-        norm = float(np.linalg.norm(w))
-        if norm == 0.0:
-            return v
-        w /= norm
-        # A Gram matrix is positive semi-definite: no sign flips to allow for.
-        done = float(np.abs(w - v).max()) < _POWER_TOLERANCE
-        v = w
-        if done:
-            break
-    return v
-
-
-def spectral_scores(
-    rows: FloatArray, start: FloatArray | None = None
-) -> tuple[FloatArray, FloatArray]:
-    """Squared projections of the centred ``rows`` on their top right singular
-    vector, divided by their mean (Tran, Li and Madry 2018), and that vector.
-
-    Scores average 1; a cluster's members lie far above once the cluster sets
-    the top direction. Zeros when the rows do not vary. ``start`` warm-starts
-    the direction (:func:`top_direction`).
-    """
-    centred = rows - rows.mean(axis=0)
-    # The top right singular vector of the centred rows is the top
-    # eigenvector of their (d, d) Gram matrix.
-    direction = top_direction(centred.T @ centred, start)
-    projection = (centred @ direction) ** 2
-    mean = float(projection.mean())
-    if mean <= 0.0:
-        return np.zeros(len(rows)), direction
-    scores: FloatArray = projection / mean
-    return scores, direction
 
 
 class PoisoningGuard:
@@ -919,260 +700,14 @@ class PoisoningGuard:
             The blob is too large, malformed, of another format or window, or
             holds labels or classes outside the model's.
         """
-        if len(blob) > self.state_limit_bytes:
-            raise ValueError(f"{self.name}: state over {self.state_limit_bytes} bytes")
-        try:
-            state = msgspec.json.decode(blob, type=SubmitterState)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise ValueError(f"{self.name}: malformed state: {exc}") from exc
-        if state.format != STATE_FORMAT:
-            raise ValueError(f"{self.name}: state format {state.format}")
-        if state.window != self.params.window:
-            raise ValueError(
-                f"{self.name}: state window {state.window}, "
-                f"this guard uses {self.params.window}"
-            )
-        n = len(state.labels)
-        if not (len(state.predicted) == len(state.disagree) == n <= state.window):
-            raise ValueError(f"{self.name}: state arrays disagree in length")
-        if len(state.ids) > state.window or any(
-            len(i) > 2 * _ID_DIGEST_BYTES for i in state.ids
-        ):
-            raise ValueError(f"{self.name}: state holds malformed record ids")
-        if state.seen < n:
-            raise ValueError(f"{self.name}: state has seen fewer records than held")
-        classes = range(self.n_classes)
-        if any(v not in classes for v in (*state.labels, *state.predicted)):
-            raise ValueError(f"{self.name}: state holds an unknown class")
-        if any(
-            d and lab == pred
-            for d, lab, pred in zip(
-                state.disagree, state.labels, state.predicted, strict=True
-            )
-        ):
-            raise ValueError(f"{self.name}: state disagrees with its own label")
-        w = self.params.window
-        self._submitters[submitter] = _Submitter(
-            deque(state.labels, maxlen=w),
-            deque(state.predicted, maxlen=w),
-            deque(state.disagree, maxlen=w),
-            state.seen,
-            deque(state.ids, maxlen=w),
+        self._submitters[submitter] = decode_state(
+            blob,
+            name=self.name,
+            window=self.params.window,
+            n_classes=self.n_classes,
+            limit_bytes=self.state_limit_bytes,
         )
         self._submitters.move_to_end(submitter)
-
-
-def record_digest(record_id: str, label: int, row: FloatArray) -> str:
-    """The 12-hex digest by which a record is recognised as a repeat (its id,
-    label index and raw row); the same for the same record in every process."""
-    return _digest(record_id, label, np.asarray(row, dtype=np.float64).reshape(-1))
-
-
-def _digest(record_id: str, label: int, row: FloatArray) -> str:
-    """A record's digest as kept in a submitter's state: its id, label and
-    row, so that only a true repeat matches. By id alone, a flipper reusing
-    one id for every record would have had each flip taken for a repeat and
-    never counted."""
-    digest = hashlib.blake2b(digest_size=_ID_DIGEST_BYTES)
-    digest.update(record_id.encode("utf-8", "surrogatepass"))
-    digest.update(label.to_bytes(8, "little", signed=True))
-    digest.update(np.ascontiguousarray(row, dtype=np.float64).tobytes())
-    return digest.hexdigest()
-
-
-def _spectral_scale(reference: FloatArray) -> tuple[FloatArray, FloatArray]:
-    """Per-feature location and spread for the spectral test: the reference's
-    minimum and span, each span at least ``_SPAN_FLOOR_SHARE`` of the median
-    span (so a pixel constant in the reference amplifies, not divides by 0)."""
-    ref = np.asarray(reference, dtype=np.float64)
-    low = ref.min(axis=0)
-    span = ref.max(axis=0) - low
-    positive = span[span > 0]
-    floor = _SPAN_FLOOR_SHARE * (float(np.median(positive)) if len(positive) else 1.0)
-    return low, np.maximum(span, floor)
-
-
-def calibrate(
-    params: PoisoningParams,
-    reference: FloatArray,
-    x_clean: FloatArray,
-    y_clean: npt.NDArray[np.int64],
-    proba_clean: FloatArray,
-) -> Calibration:
-    """Thresholds and clean rates from clean labelled records (held-out data
-    the model did not train on).
-
-    ``rarity`` and ``spectral`` each get half of ``false_rejection_rate``:
-    each threshold lies just above the split-conformal order statistic of the
-    clean scores (rank ceil((n + 1)(1 - share))), so a new record exchangeable
-    with the clean ones is rejected with probability at most that share.
-    With fewer than ``1 / share - 1`` clean rows (199 at the default) no
-    order statistic gives the bound; the largest clean score is used, and
-    the rate is then only estimated. The flip tests take the clean records'
-    confident disagreement rates.
-
-    Raises
-    ------
-    ValueError
-        Shapes disagree, labels fall outside the classes, or fewer than 20
-        clean rows are given.
-    """
-    x = np.asarray(x_clean, dtype=np.float64)
-    y = np.asarray(y_clean, dtype=np.int64)
-    proba = np.asarray(proba_clean, dtype=np.float64)
-    ref = np.asarray(reference, dtype=np.float64)
-    if x.ndim != 2 or ref.ndim != 2 or x.shape[1] != ref.shape[1]:
-        raise ValueError("clean rows and reference must be (n, d) with one d")
-    if len(x) < 20 or len(y) != len(x) or len(proba) != len(x) or proba.ndim != 2:
-        raise ValueError("need at least 20 clean rows, one label and proba each")
-    k = proba.shape[1]
-    if k < 2 or y.min() < 0 or y.max() >= k:
-        raise ValueError("clean labels must be class indices of the probabilities")
-    budget = params.false_rejection_rate / 2
-
-    # Step: confident disagreements of clean records, overall and per pair.
-    predicted = proba.argmax(axis=1)
-    confident = proba[np.arange(len(x)), predicted] >= params.confidence
-    disagree = confident & (predicted != y)
-    rate = min(max(float(disagree.mean()), params.rate_prior), params.rate_cap)
-    pairs = np.zeros((k, k))
-    np.add.at(pairs, (y[disagree], predicted[disagree]), 1.0)
-    pair_floor = params.rate_prior / (k * (k - 1))
-    pair_rates = np.maximum(pairs / len(x), pair_floor)
-
-    # Step: rare-feature counts of clean records; the smallest count that
-    # rejects at most the budget.
-    rarity = _Rarity(ref)
-    counts = np.array([len(rarity.rare_features(r, params.rare_share)) for r in x])
-    # The split-conformal order statistic, not the in-sample quantile: with
-    # n exchangeable clean counts, a new clean record exceeds the k-th
-    # smallest, k = ceil((n + 1)(1 - budget)), with probability at most the
-    # budget. The in-sample quantile promised the budget on the rows it was
-    # fitted to and measured 0.67% out of sample for 0.5% on digits.
-    order = _conformal_rank(len(counts), budget)
-    ranked = np.sort(counts)
-    threshold = int(ranked[min(order, len(ranked)) - 1]) + 1
-
-    # Step: spectral scores of clean records within their class, each class
-    # at most one window of records (as the guard will see it).
-    low, span = _spectral_scale(ref)
-    scaled = (x - low) / span
-    clean_scores: list[FloatArray] = []
-    for c in range(k):
-        rows = scaled[y == c][-params.spectral_window :]
-        if len(rows) >= params.spectral_min_records:
-            clean_scores.append(spectral_scores(rows)[0])
-    all_scores = np.concatenate(clean_scores) if clean_scores else np.zeros(1)
-    # The same order statistic; when the budget asks for more rows than
-    # there are (k > m), the largest clean score is the best bound there is.
-    ranked_scores = np.sort(all_scores)
-    order = _conformal_rank(len(ranked_scores), budget)
-    spectral = float(ranked_scores[min(order, len(ranked_scores)) - 1]) * 1.0001
-
-    # Step: the check on a dragged window (PoisoningGuard._drift) and the
-    # score it falls back on, from the clean rows of each class.
-    anchored, drift = _anchored_calibration([scaled[y == c] for c in range(k)], budget)
-
-    rejected = (counts >= threshold).copy()
-    return Calibration(
-        disagree_rate=rate,
-        pair_rates=pair_rates,
-        rarity_threshold=threshold,
-        spectral_threshold=max(spectral, 1.0),
-        clean_rejected=float(rejected.mean()),
-        rows=len(x),
-        anchored_threshold=anchored,
-        drift_threshold=drift,
-    )
-
-
-def _anchored_calibration(
-    classes: list[FloatArray], budget: float
-) -> tuple[float, float]:
-    """The clean-rows-only score's threshold and the drift bound, from each
-    class's scaled clean rows.
-
-    Threshold: leave-one-out, each clean row is scored as a record is
-    against a dragged window (squared projection from the other rows'
-    centre, on their top direction, over their mean), and the split-conformal
-    order statistic of these scores at ``budget`` is taken, as for the other
-    checks. Drift bound: each class's rows are halved at random
-    ``_DRIFT_SPLITS`` times; one half plays the clean rows and the other an
-    honest window, and the largest ratio over every split is the bound.
-    A half is the smallest window the check judges with so few rows, and
-    the noisiest: a larger honest window spreads closer to the clean rows.
-    """
-    loo: list[FloatArray] = []
-    ratios: list[FloatArray] = []
-    rng = np.random.default_rng(_DRIFT_SEED)
-    for rows in classes:
-        n = len(rows)
-        if n < _DRIFT_MIN_ROWS:
-            continue
-        mean = rows.mean(axis=0)
-        whole = rows - mean
-        scatter = whole.T @ whole
-        # Every subset's direction is close to the whole class's: a warm
-        # start saves most of each power iteration.
-        start = top_direction(scatter)
-        for chunk in np.array_split(np.arange(n), -(-n // _BATCH)):
-            # Without row i, the scatter about the other rows' centre is a
-            # rank-one downdate of the whole class's.
-            c = whole[chunk]
-            grams = scatter[None] - (n / (n - 1)) * c[:, :, None] * c[:, None, :]
-            v = _top_directions(grams, start)
-            floor = np.einsum("mi,mij,mj->m", v, grams, v) / (n - 1)
-            record = (n / (n - 1) * np.einsum("mi,mi->m", c, v)) ** 2
-            ok = floor > 0.0
-            loo.append(record[ok] / floor[ok])
-        halves = [rng.permutation(n) for _ in range(_DRIFT_SPLITS)]
-        for start_at in range(0, _DRIFT_SPLITS, _BATCH):
-            part = halves[start_at : start_at + _BATCH]
-            clean_idx = np.array([h[: n // 2] for h in part])
-            window_idx = np.array([h[n // 2 :] for h in part])
-            centres = rows[clean_idx].mean(axis=1)
-            # Every row about the clean half's centre: the whole scatter
-            # plus the shift of the centre.
-            shift = mean[None] - centres
-            grams = scatter[None] + n * shift[:, :, None] * shift[:, None, :]
-            v = _top_directions(grams, start)
-            a = np.einsum("mkd,md->mk", rows[clean_idx] - centres[:, None], v)
-            w = np.einsum("mkd,md->mk", rows[window_idx] - centres[:, None], v)
-            floor = (a**2).mean(axis=1)
-            ok = floor > 0.0
-            ratios.append((w**2).mean(axis=1)[ok] / floor[ok])
-    all_loo = np.concatenate(loo) if loo else np.zeros(0)
-    all_ratios = np.concatenate(ratios) if ratios else np.zeros(0)
-    if not len(all_loo) or not len(all_ratios):
-        return float("inf"), float("inf")
-    ranked = np.sort(all_loo)
-    order = _conformal_rank(len(ranked), budget)
-    anchored = float(ranked[min(order, len(ranked)) - 1]) * 1.0001
-    return max(anchored, 1.0), max(float(all_ratios.max()) * 1.0001, 1.0)
-
-
-def _top_directions(grams: FloatArray, start: FloatArray) -> FloatArray:
-    """Top eigenvectors of a stack of (d, d) Gram matrices, (m, d), by power
-    iteration from one start (:func:`top_direction` for many matrices at
-    once: calibration scores hundreds of subsets of one class)."""
-    v = np.repeat((start / np.linalg.norm(start))[None], len(grams), axis=0)
-    for _ in range(_POWER_ITERATIONS):
-        w = (grams @ v[:, :, None])[:, :, 0]
-        norms = np.linalg.norm(w, axis=1, keepdims=True)
-        # A zero product keeps its vector (the matrix is zero along it).
-        w = np.where(norms > 0.0, w / np.where(norms > 0.0, norms, 1.0), v)
-        done = float(np.abs(w - v).max()) < _POWER_TOLERANCE
-        v = w
-        if done:
-            break
-    return v
-
-
-def _conformal_rank(n: int, share: float) -> int:
-    """1-based rank k of the order statistic that a new exchangeable value
-    exceeds with probability at most ``share``: ceil((n + 1)(1 - share)),
-    which may be n + 1 (no finite bound from n values)."""
-    return int(np.ceil((n + 1) * (1.0 - share) - 1e-9))
 
 
 def labels_to_index(labels: Sequence[Any], classes: Sequence[int]) -> list[int]:

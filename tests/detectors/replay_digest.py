@@ -9,7 +9,10 @@ baseline at the middle and the end; the refusal of a corrupted state blob),
 the fingerprint detector again behind a store that is not the in-memory one
 (the protocol path, and the matches per row), the detectors' public helper
 functions on fixed inputs, and the gateway's admission arithmetic
-(``gateway.store``) and evaluation plans (``evaluation.harness``).
+(``gateway.store``) and evaluation plans (``evaluation.harness``), and the
+poisoning guard on two zoo models (``poisoning.digits_lr``,
+``poisoning.breast_cancer``; see :func:`_poisoning_digests`) with its
+helpers (``poisoning.helpers``).
 
 The stream: digits (scaled to [0, 1]) from honest clients with
 near-duplicate runs, uniform random queries, a probing walk of tiny steps
@@ -26,6 +29,7 @@ and after a change; they are not a recording to pin in a test.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
@@ -212,6 +216,7 @@ def digests() -> dict[str, str]:
     out["helpers"] = _helpers_digest(reference)
     out["gateway.store"] = _store_digest()
     out["evaluation.harness"] = _harness_digest()
+    out.update(_poisoning_digests())
     return out
 
 
@@ -293,6 +298,228 @@ def _harness_digest() -> str:
         )
     except ValueError as exc:
         h.update(str(exc).encode())
+    return h.hexdigest()
+
+
+def _verdict_line(v: Any) -> bytes:
+    return (
+        f"{v.accepted}|{v.code}|{v.detector}|{v.evidence}|"
+        f"{sorted(v.scores.items())!r}|{v.disagreement}|{v.learned}\n"
+    ).encode()
+
+
+def _guard_state(guard: Any, h: Any) -> None:
+    """Every submitter's state bytes (in the guard's order) and every class
+    window (raw rows, ids, submitters)."""
+    for name in guard.submitters():
+        h.update(name.encode() + b"\0" + (guard.dump_state(name) or b"-") + b"\0")
+    for c in range(guard.n_classes):
+        rows, ids, who = guard.window(c)
+        h.update(f"window {c} {guard.window_size(c)} {ids} {who}\n".encode())
+        h.update(np.ascontiguousarray(rows).tobytes())
+
+
+def _poisoning_stream(
+    name: str, model: Any, x_held: Rows, y_held: npt.NDArray[np.int64]
+) -> list[tuple[str, Rows, int, str]]:
+    """A fixed stream of (submitter, raw row, label, record id): honest
+    records, a random flipper, a targeted flipper, a patched cluster at
+    several strengths, repeats, and a drag towards a patch followed by
+    carriers of the full patch."""
+    rng = np.random.default_rng(24680)
+    k = int(y_held.max()) + 1
+    # The patch: digits' bottom-right 2x2 pixels at 16; the tabular model's
+    # four features of least spread at their reference maximum.
+    if name == "digits_lr":
+        patch = np.array([54, 55, 62, 63])
+        full = np.full(4, 16.0)
+    else:
+        patch = np.argsort(np.asarray(model.reference).std(axis=0))[:4]
+        full = np.asarray(model.reference, dtype=np.float64).max(axis=0)[patch]
+    out: list[tuple[str, Rows, int, str]] = []
+    for i in range(len(x_held)):
+        x, y = np.asarray(x_held[i], dtype=np.float64), int(y_held[i])
+        r = rng.random()
+        if r < 0.6:
+            out.append((f"honest-{i % 4}", x, y, f"h{i}"))
+        elif r < 0.7:
+            out.append(("flipper", x, (y + 1 + i % (k - 1)) % k, f"f{i}"))
+        elif r < 0.8:
+            out.append(("targeted", x, (y + 1) % k if y < 2 else y, f"t{i}"))
+        else:
+            row = x.copy()
+            row[patch] = full * (0.25, 0.5, 0.75, 1.0)[i % 4]
+            out.append((f"patcher-{i % 3}", row, 0, f"p{i}"))
+        if r > 0.97:
+            # A repeat of the record just sent (same id, label and row).
+            out.append(out[-1])
+    # The drag: class-0 rows whose patch rises in 128 small steps, two honest
+    # records between steps, then carriers of the full patch.
+    zeros = np.flatnonzero(y_held == 0)
+    steps = 128
+    for s in range(steps):
+        for _ in range(2):
+            i = int(rng.integers(len(x_held)))
+            out.append((f"honest-{i % 3}", x_held[i], int(y_held[i]), f"dh{s}-{i}"))
+        row = np.asarray(x_held[int(rng.choice(zeros))], dtype=np.float64).copy()
+        row[patch] = full * (s + 1) / steps
+        out.append((f"dragger-{s % 4}", row, 0, f"drag-{s}"))
+    for j, i in enumerate(zeros[:30]):
+        row = np.asarray(x_held[i], dtype=np.float64).copy()
+        row[patch] = full
+        out.append((f"carrier-{j % 4}", row, 0, f"c{j}"))
+    return out
+
+
+def _fit(params: Any, *, reference: Rows, x: Rows, y: Rows, proba: Rows) -> Any:
+    from detectors.poisoning import PoisoningGuard
+
+    return PoisoningGuard.fit(params, reference, x, y, proba)
+
+
+def _poisoning_digests() -> dict[str, str]:
+    """The poisoning guard, calibrated on ``digits_lr`` and ``breast_cancer``
+    (the calibration's every field), judging :func:`_poisoning_stream` (every
+    verdict's acceptance, code, check, evidence, scores, disagreement and
+    learned bit), with a snapshot judged then restored, records judged
+    without learning, a hand-over to a freshly fitted guard half-way (state
+    bytes and class windows, a held-back row), a small-capacity guard beside
+    it, the state at the middle and the end, and refused state blobs."""
+    import tempfile
+    from pathlib import Path
+
+    from detectors.poisoning import PoisoningParams, record_digest
+    from gateway.feedback_data import calibration_rows
+    from gateway.models import load_model
+    from gateway.zoo import ensure_model
+
+    out: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("digits_lr", "breast_cancer"):
+            h = hashlib.sha256()
+            ensure_model(Path(tmp), name)
+            model = load_model(Path(tmp), name)
+            (x_cal, y_cal), (x_held, y_held) = calibration_rows(name)
+            reference = np.asarray(model.reference, dtype=np.float64)
+            proba_cal = model.predict_proba(x_cal)
+
+            fit = functools.partial(
+                _fit, reference=reference, x=x_cal, y=y_cal, proba=proba_cal
+            )
+
+            small = PoisoningParams(
+                max_submitters=3, window=20, spectral_window=40, pair_min=2
+            )
+            guards = {"default": fit(PoisoningParams()), "small": fit(small)}
+            for g in guards.values():
+                cal = g.calibration
+                h.update(
+                    f"{cal.disagree_rate!r}|{cal.rarity_threshold}|"
+                    f"{cal.spectral_threshold!r}|{cal.clean_rejected!r}|{cal.rows}|"
+                    f"{cal.anchored_threshold!r}|{cal.drift_threshold!r}\n".encode()
+                )
+                h.update(cal.pair_rates.tobytes())
+            stream = _poisoning_stream(name, model, x_held, y_held)
+            rows = np.array([r for _, r, _, _ in stream])
+            proba = model.predict_proba(rows.astype(np.float32))
+            half = len(stream) // 2
+            for index, (who, row, label, rid) in enumerate(stream):
+                if index == half:
+                    for g in guards.values():
+                        _guard_state(g, h)
+                    # Hand-over: a fresh guard takes every submitter's state
+                    # and class window; one record's row is held back.
+                    fresh = fit(PoisoningParams())
+                    old = guards["default"]
+                    for s in old.submitters():
+                        fresh.load_state(s, old.dump_state(s) or b"")
+                    for c in range(old.n_classes):
+                        w_rows, w_ids, w_who = old.window(c)
+                        fresh.set_window(c, w_rows, w_ids, w_who)
+                    nxt_who, nxt_row, nxt_label, nxt_id = stream[index]
+                    fresh.set_held_back(
+                        {
+                            record_digest(nxt_id, nxt_label, nxt_row): (
+                                nxt_label,
+                                nxt_row,
+                                nxt_id,
+                                nxt_who,
+                            )
+                        }
+                    )
+                    guards["default"] = fresh
+                for gname, g in guards.items():
+                    if index % 97 == 5:
+                        # Judged, then undone, then judged again.
+                        snap = g.snapshot([who, "nobody"])
+                        h.update(
+                            _verdict_line(g.screen(who, row, label, proba[index], rid))
+                        )
+                        g.restore(snap)
+                    learn = index % 11 != 4
+                    v = g.screen(who, row, label, proba[index], rid, learn=learn)
+                    h.update(f"{gname} ".encode() + _verdict_line(v))
+            for g in guards.values():
+                _guard_state(g, h)
+                h.update(f"{g.state_limit_bytes}\n".encode())
+            # Refused blobs: corrupted, another window, an unknown class.
+            g = guards["default"]
+            blob = g.dump_state("flipper") or b""
+            bad = [bytearray(blob) for _ in range(2)]
+            bad[0][len(blob) // 2] ^= 0x5A
+            bad[1][len(blob) - 3] ^= 0x5A
+            other = guards["small"].dump_state(guards["small"].submitters()[0]) or b""
+            for candidate in (*map(bytes, bad), other, b"{}", b"x" * 70_000):
+                try:
+                    g.load_state("corrupt", candidate)
+                    outcome = "accepted"
+                except ValueError as exc:
+                    outcome = f"{type(exc).__name__}: {exc}"
+                h.update(outcome.encode() + b"\n")
+            g.forget("flipper")
+            h.update(repr(g.submitters()).encode())
+            out[f"poisoning.{name}"] = h.hexdigest()
+    out["poisoning.helpers"] = _poisoning_helpers_digest()
+    return out
+
+
+def _poisoning_helpers_digest() -> str:
+    from detectors import poisoning as p
+
+    h = hashlib.sha256()
+    rng = np.random.default_rng(13579)
+    rows = rng.normal(size=(120, 12))
+    rows[:9, 4] += 6.0
+    scores, direction = p.spectral_scores(rows)
+    h.update(scores.tobytes() + direction.tobytes())
+    h.update(p.spectral_scores(rows, np.eye(12)[2])[0].tobytes())
+    h.update(p.spectral_scores(np.ones((10, 4)))[0].tobytes())
+    gram = rows.T @ rows
+    h.update(p.top_direction(gram).tobytes())
+    h.update(p.top_direction(np.zeros((3, 3))).tobytes())
+    for i in range(6):
+        h.update(p.record_digest(f"id-{i}", i, rows[i]).encode())
+    h.update(repr(p.labels_to_index([3, 1, 2], [1, 2, 3])).encode())
+    try:
+        p.labels_to_index([9], [1, 2])
+    except ValueError as exc:
+        h.update(str(exc).encode())
+    # Calibration from few rows (no conformal bound; the drift check off)
+    # and refused shapes.
+    labels = np.arange(60) % 3
+    proba = np.eye(3)[labels] * 0.8 + 0.2 / 3
+    cal = p.calibrate(p.PoisoningParams(), rows[:200], rows[:60], labels, proba)
+    h.update(repr(cal).encode())
+    for bad in ((rows[:10], labels[:10]), (rows[:60, :5], labels)):
+        try:
+            p.calibrate(p.PoisoningParams(), rows, bad[0], bad[1], proba[: len(bad[1])])
+        except ValueError as exc:
+            h.update(str(exc).encode())
+    h.update(repr(sorted(p.CODES.items())).encode())
+    h.update(
+        f"{p.STATE_FORMAT}|{p.MAX_STATE_BYTES}|{p.ID_STATE_BYTES}|"
+        f"{p.DIGEST_CHARS}".encode()
+    )
     return h.hexdigest()
 
 
