@@ -33,6 +33,18 @@ FloatArray = npt.NDArray[np.float64]
 _DRIFT_SPLITS = 100
 _DRIFT_SEED = 0
 _DRIFT_MIN_ROWS = 8
+# The clean spread along a direction that a record is judged by, once its
+# window is judged dragged, is floored by this share of the clean rows' mean
+# spread per feature. A class has fewer clean rows (about 45 for digits) than
+# features (64), so some directions have almost no clean spread however much
+# honest records vary along them: a framer that spreads its accepted rows
+# along such a direction (alternating sides, so nothing moves the centre)
+# set off the check and had 15% to 45% of the class's honest records refused
+# (session 12 attack pass); with the floor at 8 times the mean, 0% to 2.6%
+# (1.5% without a framer), at 4 times 2% to 6%. A trigger patch stands far
+# out even against the floor (its pixels are ones the class never sets):
+# the 128- and 256-step drags are caught as without it (docs/feedback-guard.md).
+FLOOR_SHRINK = 8.0
 # Subsets whose (d, d) matrices are iterated at once: 64 of 64 features is
 # 2 MB.
 _BATCH = 64
@@ -195,7 +207,7 @@ def _anchored_calibration(
     ratios: list[FloatArray] = []
     rng = np.random.default_rng(_DRIFT_SEED)
     for rows in classes:
-        n = len(rows)
+        n, d = rows.shape
         if n < _DRIFT_MIN_ROWS:
             continue
         mean = rows.mean(axis=0)
@@ -211,6 +223,7 @@ def _anchored_calibration(
             grams = scatter[None] - (n / (n - 1)) * c[:, :, None] * c[:, None, :]
             v = _top_directions(grams, start)
             floor = np.einsum("mi,mij,mj->m", v, grams, v) / (n - 1)
+            floor += FLOOR_SHRINK * np.einsum("mii->m", grams) / ((n - 1) * d)
             record = (n / (n - 1) * np.einsum("mi,mi->m", c, v)) ** 2
             ok = floor > 0.0
             loo.append(record[ok] / floor[ok])
@@ -227,7 +240,8 @@ def _anchored_calibration(
             v = _top_directions(grams, start)
             a = np.einsum("mkd,md->mk", rows[clean_idx] - centres[:, None], v)
             w = np.einsum("mkd,md->mk", rows[window_idx] - centres[:, None], v)
-            floor = (a**2).mean(axis=1)
+            clean = rows[clean_idx] - centres[:, None]
+            floor = (a**2).mean(axis=1) + FLOOR_SHRINK * (clean**2).mean(axis=(1, 2))
             ok = floor > 0.0
             ratios.append((w**2).mean(axis=1)[ok] / floor[ok])
     all_loo = np.concatenate(loo) if loo else np.zeros(0)

@@ -47,10 +47,12 @@ spectral test needs its cluster to be a few percent of the class window
 before it separates, so the first records of a trigger cluster that the
 rarity check misses are accepted (they are named in later evidence). A
 window dragged towards a trigger by small accepted steps is caught only
-once its drift passes the calibrated bound (3.83 times the clean rows'
-spread on digits); a drag kept under it was not measured, and while a
-window is judged dragged its class's honest records are judged against
-the clean rows alone, which refuses a few more of them.
+once its drift passes the calibrated bound (2.04 times the clean rows'
+floored spread on digits); a drag kept under it still lets a quarter of
+later carriers through, and while a window is judged dragged its class's
+honest records are judged against the clean rows alone, which refuses a
+few more of them (the floor keeps a framer from choosing a direction where
+that refuses many: docs/feedback-guard.md).
 
 This module holds the guard: how a record is judged, the class windows and
 the submitters it keeps. The parameters are in :mod:`detectors._poisonparams`,
@@ -77,6 +79,7 @@ import numpy as np
 import numpy.typing as npt
 
 from detectors._binomial import upper_tail
+from detectors._poisoncalib import FLOOR_SHRINK
 from detectors._poisoncalib import Calibration as Calibration
 from detectors._poisoncalib import calibrate as calibrate
 from detectors._poisonparams import PoisoningParams as PoisoningParams
@@ -561,7 +564,10 @@ class PoisoningGuard:
         gram = clean.T @ clean + accepted.T @ accepted
         window.anchored_direction = top_direction(gram, window.anchored_direction)
         direction = window.anchored_direction
+        # Floored (FLOOR_SHRINK): the clean rows are fewer than the features,
+        # so along some directions they hardly vary while honest records do.
         floor = float(((clean @ direction) ** 2).mean())
+        floor += FLOOR_SHRINK * float((clean**2).mean())
         spread = float(((accepted @ direction) ** 2).mean())
         if floor <= 0.0:
             # The clean rows do not vary along the top direction: no ratio,

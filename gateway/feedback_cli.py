@@ -226,7 +226,9 @@ def feedback_rejected(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON per line.")] = (
         False
     ),
-    limit: Annotated[int, typer.Option(help="Print at most this many.")] = 1000,
+    limit: Annotated[
+        int, typer.Option(min=1, help="Print at most this many (1 or more).")
+    ] = 1000,
 ) -> None:
     """Print the stored rejected records, oldest first (by record timestamp,
     then partition and offset)."""

@@ -12,7 +12,9 @@ import msgspec
 import numpy as np
 import pydantic
 import pytest
+import scipy.linalg
 
+from detectors._poisoncalib import FLOOR_SHRINK
 from detectors.poisoning import (
     MAX_STATE_BYTES,
     PoisoningGuard,
@@ -365,6 +367,46 @@ def test_a_clean_stream_as_long_as_the_drag_never_crosses(digits: Zoo) -> None:
     assert max(drifts) > 0.0  # the check ran (the class windows filled)
     verdicts = own + honest
     assert np.mean([not v.accepted for v in verdicts]) <= CLEAN_LIMIT
+
+
+@pytest.mark.parametrize("shrink", [1e-3, FLOOR_SHRINK])
+def test_a_framer_spreading_the_window_where_clean_rows_are_thin_frames_no_one(
+    digits: Zoo, shrink: float
+) -> None:
+    # Session 12's attack pass: the clean rows of a class (about 45 for
+    # digits) are fewer than its features, so along some directions they
+    # hardly vary while honest records do (18 to 48 times more). A framer
+    # who knows the calibration split spread accepted rows along such a
+    # direction, alternating sides, set off the dragged-window check, and
+    # 33% to 45% of honest 0s were then refused against the clean rows.
+    # The direction is the framer's best against the clean spread as the
+    # guard floors it (``shrink`` FLOOR_SHRINK) and against the raw one.
+    guard = digits.guard()
+    rng = np.random.default_rng(3)
+    proba_held = digits.model.predict_proba(digits.x_held)
+    for _ in range(600):
+        i = int(rng.integers(len(digits.x_held)))
+        guard.screen(
+            f"honest-{i % 3}", digits.x_held[i], int(digits.y_held[i]), proba_held[i]
+        )
+    clean = guard._anchors[0]
+    zeros = digits.x_held[digits.y_held == 0]
+    centre = clean.mean(axis=0)
+    sc, sh = clean - centre, guard._scale(zeros.astype(np.float64)) - centre
+    thin = sc.T @ sc / len(sc) + shrink * float((sc**2).mean()) * np.eye(64)
+    _, vectors = scipy.linalg.eigh(sh.T @ sh / len(sh), thin)
+    direction = vectors[:, -1] / np.linalg.norm(vectors[:, -1])
+    span, low = guard._span, guard._low
+    for k in range(256):
+        t = 1.0 * (k + 1) / 256 * (1 if k % 2 == 0 else -1)
+        row = np.clip((centre + t * direction) * span + low, 0.0, 16.0)
+        proba = digits.model.predict_proba(row[None, :].astype(np.float32))[0]
+        guard.screen("framer", row, 0, proba)
+    refused = [
+        not guard.screen("victim", r, 0, p).accepted
+        for r, p in zip(zeros, digits.model.predict_proba(zeros), strict=True)
+    ]
+    assert np.mean(refused) <= 0.1, np.mean(refused)
 
 
 def test_the_drift_check_is_calibrated_on_every_model(digits: Zoo, cancer: Zoo) -> None:

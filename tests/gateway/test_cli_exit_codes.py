@@ -76,3 +76,11 @@ def test_a_taken_metrics_port_exits_2_like_the_serve_commands(
     assert f"error [CONFIG_INVALID]: {setting}.metrics_port {taken_port}" in (
         result.output
     )
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_feedback_rejected_refuses_a_limit_under_one(limit: str) -> None:
+    """``--limit 0`` printed "0 rejected records" whatever the topic held."""
+    result = CliRunner().invoke(app, ["feedback", "rejected", "--limit", limit])
+    assert result.exit_code == 2, result.output
+    assert "--limit" in result.output, result.output

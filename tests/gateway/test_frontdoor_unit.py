@@ -208,6 +208,33 @@ async def test_a_body_not_sent_as_json_is_told_to_use_the_json_content_type(
     assert as_json.json()["code"] == "NOT_READY", as_json.text
 
 
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/json", "APPLICATION/JSON", "application/vnd.api+json; charset=utf-8"],
+)
+async def test_every_json_content_type_is_read_as_json(content_type: str) -> None:
+    """``application/<x>+json`` is JSON too (docs/frontdoor.md): such a body
+    passes validation and meets the unstarted front door's NOT_READY."""
+    import json
+
+    import httpx
+
+    from gateway.config import load_settings
+    from gateway.frontdoor.app import create_app
+
+    app = create_app(load_settings())
+    transport = httpx.ASGITransport(app=app)
+    body = {"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32",
+                        "data": [0.0] * 64}]}  # fmt: skip
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        answer = await http.post(
+            "/v2/models/digits/infer",
+            content=json.dumps(body),
+            headers={"Content-Type": content_type},
+        )
+    assert answer.json()["code"] == "NOT_READY", answer.text
+
+
 def test_default_instance_id_validates_on_any_host(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
