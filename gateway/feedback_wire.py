@@ -150,7 +150,6 @@ general ones mean what they mean for a request (``gateway.errors``); a
 feedback record is one row (``SHAPE_MISMATCH`` otherwise)."""
 
 _encoder = msgspec.json.Encoder()
-_envelope_decoder = msgspec.json.Decoder(FeedbackEnvelope)
 _feedback_decoder = msgspec.json.Decoder(FeedbackRecord)
 _rejected_decoder = msgspec.json.Decoder(RejectedFeedback)
 _accepted_decoder = msgspec.json.Decoder(AcceptedFeedback)
@@ -172,10 +171,7 @@ def decode_feedback(value: bytes) -> FeedbackRecord:
 def decode_envelope(value: bytes) -> FeedbackEnvelope | None:
     """Best-effort ids of a value that failed decoding; ``None`` if even
     they cannot be read."""
-    try:
-        return _envelope_decoder.decode(value)
-    except protocol.DECODE_ERRORS:
-        return None
+    return protocol.salvage(value, FeedbackEnvelope)
 
 
 def schema_code(exc: msgspec.ValidationError) -> str:

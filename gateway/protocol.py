@@ -25,7 +25,7 @@ import hashlib
 import hmac
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 import numpy as np
@@ -192,7 +192,6 @@ class DeadLetter(msgspec.Struct, frozen=True, omit_defaults=True):
 
 _encoder = msgspec.json.Encoder()
 _request_decoder = msgspec.json.Decoder(InferRequest)
-_envelope_decoder = msgspec.json.Decoder(RequestEnvelope)
 _response_decoder = msgspec.json.Decoder(InferResponse)
 
 
@@ -216,12 +215,42 @@ def decode_request(value: bytes) -> InferRequest:
 
 def decode_envelope(value: bytes) -> RequestEnvelope | None:
     """Best-effort read of the reply fields from a value that failed decoding."""
+    return salvage(value, RequestEnvelope)
+
+
+_raw_fields_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_E = TypeVar("_E", bound=msgspec.Struct)
+
+
+def salvage(value: bytes, envelope: type[_E]) -> _E | None:
+    """The fields of ``envelope`` (all optional) that ``value`` holds valid,
+    each judged on its own: one invalid field (an empty or over-long key id)
+    must not cost the sender the answer its valid request id would route.
+    ``None`` when ``value`` is not a JSON object."""
     try:
-        return _envelope_decoder.decode(value)
+        return msgspec.json.decode(value, type=envelope)
+    except msgspec.ValidationError:
+        pass
     except DECODE_ERRORS:
         # Whatever a hostile value does to the decoder, we just don't learn
         # where to send the error.
         return None
+    try:
+        raw = _raw_fields_decoder.decode(value)
+    except DECODE_ERRORS:
+        return None
+    kept: dict[str, Any] = {}
+    for name in envelope.__struct_fields__:
+        if name not in raw:
+            continue
+        try:
+            alone = msgspec.json.decode(
+                _encoder.encode({name: raw[name]}), type=envelope
+            )
+        except DECODE_ERRORS:
+            continue
+        kept[name] = getattr(alone, name)
+    return envelope(**kept)
 
 
 def decode_response(value: bytes) -> InferResponse:

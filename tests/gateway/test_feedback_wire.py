@@ -65,7 +65,15 @@ def test_envelope_names_a_record_that_failed_its_schema() -> None:
     envelope = decode_envelope(b'{"feedback_id": "f-1", "label": "seven"}')
     assert envelope is not None and envelope.feedback_id == "f-1"
     assert decode_envelope(b"\xff not json") is None
-    assert decode_envelope(b'{"feedback_id": "' + b"x" * 200 + b'"}') is None
+    too_long = decode_envelope(b'{"feedback_id": "' + b"x" * 200 + b'"}')
+    assert too_long is not None and too_long.feedback_id is None
+    # One bad id does not cost the other: the rejection still names the record.
+    for bad_key in (b'""', b'"' + b"k" * 10_000 + b'"', b"7"):
+        envelope = decode_envelope(
+            b'{"feedback_id": "f-2", "key_id": ' + bad_key + b"}"
+        )
+        assert envelope is not None
+        assert (envelope.feedback_id, envelope.key_id) == ("f-2", None)
 
 
 def test_every_code_has_a_meaning() -> None:

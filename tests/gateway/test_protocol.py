@@ -55,6 +55,32 @@ def test_envelope_reads_reply_fields_from_an_invalid_request() -> None:
     assert protocol.decode_envelope(b"[1,2]") is None
 
 
+@pytest.mark.parametrize(
+    "bad_key_id", [b'""', b'"' + b"k" * 10_000 + b'"', b"42", b"[1]"]
+)
+def test_envelope_keeps_the_request_id_beside_an_invalid_key_id(
+    bad_key_id: bytes,
+) -> None:
+    # A key id that fails its own check (empty, over-long, not a string)
+    # failed the whole envelope, and the request got no answer at all.
+    envelope = protocol.decode_envelope(
+        b'{"request_id":"r7","key_id":'
+        + bad_key_id
+        + b',"reply_to":"modelgate.responses.x"}'
+    )
+    assert envelope is not None
+    assert envelope.request_id == "r7"
+    assert envelope.key_id is None
+    assert envelope.reply_to == "modelgate.responses.x"
+
+
+def test_envelope_of_deeply_nested_json_is_none_or_partial() -> None:
+    depth = 1200
+    value = b'{"request_id":"deep","zz":' + b"[" * depth + b"]" * depth + b"}"
+    envelope = protocol.decode_envelope(value)
+    assert envelope is None or envelope.request_id == "deep"
+
+
 def test_tensor_datatypes_follow_numpy() -> None:
     assert protocol.tensor_from_array("a", np.zeros(2, np.float32)).datatype == "FP32"
     assert protocol.tensor_from_array("a", np.zeros(2, np.float64)).datatype == "FP64"

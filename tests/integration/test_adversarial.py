@@ -141,6 +141,31 @@ async def test_deeply_nested_json_is_refused_and_the_worker_survives(
     assert [d["code"] for d in dead] in (["SCHEMA_INVALID"], ["MALFORMED_JSON"]), dead
 
 
+@pytest.mark.timeout(90)
+async def test_a_request_with_an_invalid_key_id_is_still_answered(
+    settings: Settings, kafka: RawKafka
+) -> None:
+    """Regression test for a fixed bug (session 12's attack pass).
+
+    A record whose key id fails its own check (empty, 10,000 characters, a
+    number) failed the whole best-effort envelope, so its valid request id
+    was lost with it and the sender got no answer at all."""
+    key_id, secret = await create_key(settings, "keyless-victim")
+    bad = {
+        f"badkey-{i}": b'{"v":1,"request_id":"badkey-%d","key_id":%s}' % (i, k)
+        for i, k in enumerate([b'""', b'"' + b"k" * 10_000 + b'"', b"7"])
+    }
+    async with running_worker(settings):
+        for value in bad.values():
+            await kafka.send_raw(value, key="keyless-victim")
+        good = await _valid(kafka, key_id, secret, "keyless-victim")
+        answers = await responses_for(settings, [*bad, good], timeout_s=ANSWER_S)
+    assert answers[good]["status"] == "ok", answers[good]
+    for rid in bad:
+        assert answers[rid]["status"] == "error", answers[rid]
+        assert answers[rid]["error"]["code"] == "SCHEMA_INVALID", answers[rid]
+
+
 @pytest.mark.timeout(120)
 async def test_oversized_record_is_dead_lettered_without_stalling_the_partition(
     settings: Settings, kafka: RawKafka
