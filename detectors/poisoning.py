@@ -570,8 +570,8 @@ class PoisoningGuard:
         floor += FLOOR_SHRINK * float((clean**2).mean())
         spread = float(((accepted @ direction) ** 2).mean())
         if floor <= 0.0:
-            # The clean rows do not vary along the top direction: no ratio,
-            # and no clean spread to judge a record against either.
+            # The clean rows do not vary at all (the floor is 0 only then):
+            # no ratio, and no clean spread to judge a record against either.
             return None
         return spread / floor, centre, direction, floor
 
