@@ -398,6 +398,14 @@ class BackendConfig(_Frozen):
     retries: int = Field(2, ge=0, le=10)
     retry_backoff_s: float = Field(0.05, ge=0, le=10)
     max_connections: int = Field(8, ge=1, le=1024)
+    # A batch is sent in calls of at most this many rows, one after another,
+    # so a server with a request-size limit still serves large batches.
+    max_batch_rows: int = Field(1024, ge=1, le=1_000_000)
+    # The longest one batch waits for the model, every call, retry, back-off
+    # and byte of every answer included: ``read_timeout_s`` bounds each
+    # socket read only, so a server trickling its answer would otherwise hold
+    # the batch for as long as it likes.
+    call_timeout_s: float = Field(30.0, gt=0, le=3600)
     breaker_failures: int = Field(5, ge=1, le=10_000)
     breaker_cooldown_s: float = Field(10.0, gt=0, le=3600)
 
