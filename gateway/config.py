@@ -8,6 +8,7 @@ keys are rejected so a typo fails at start instead of silently doing nothing.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 from pathlib import Path
@@ -508,6 +509,25 @@ class AdminConfig(_Frozen):
     # (docs/metrics.md); 0 turns it off, as ``worker.metrics_port``.
     metrics_port: int = Field(9466, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
+    # Addresses or networks of reverse proxies whose X-Forwarded-For is
+    # believed (docs/admin.md, "Behind a proxy"). Empty: the header is
+    # ignored and the source is the peer's address, whoever sends it.
+    trusted_proxies: list[str] = Field(default_factory=list, max_length=256)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_networks(cls, proxies: list[str]) -> list[str]:
+        # uvicorn takes a name it cannot parse as a literal to compare with
+        # the peer's text and never says so; an address or a network is
+        # checked here so a typo fails at start instead of trusting no one.
+        for proxy in proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"trusted_proxies: {proxy!r} is not an IP address or network"
+                ) from None
+        return proxies
 
 
 class CrossClientConfig(_Frozen):
