@@ -206,9 +206,7 @@ async def test_login_attempts_are_limited_per_source(make_admin: Factory) -> Non
         assert limited_entries and limited_entries[0].source == "10.0.0.1"
 
 
-async def _forwarded_logins(
-    admin: AdminHarness, forwarded: list[str]
-) -> list[int]:
+async def _forwarded_logins(admin: AdminHarness, forwarded: list[str]) -> list[int]:
     """Wrong-password logins for "dave" through real uvicorn, configured as
     ``modelgate admin serve`` configures it, one per X-Forwarded-For value."""
     config = uvicorn.Config(
@@ -221,9 +219,10 @@ async def _forwarded_logins(
         **uvicorn_proxy_options(admin.settings),
     )
     statuses = []
-    async with listening(config) as url, httpx.AsyncClient(
-        base_url=url, trust_env=False
-    ) as http:
+    async with (
+        listening(config) as url,
+        httpx.AsyncClient(base_url=url, trust_env=False) as http,
+    ):
         for value in forwarded:
             body = {"user": "dave", "password": "wrong password!!", "code": "000000"}
             answer = await http.post(
