@@ -34,6 +34,7 @@ from gateway.config import Settings
 from gateway.errors import ModelgateError
 from gateway.feedback_cli import register as register_feedback
 from gateway.frontdoor.cli import frontdoor_app
+from gateway.monitoring import monitoring_app
 
 app = typer.Typer(
     help="modelgate: a streaming inference gateway that catches model theft.",
@@ -45,6 +46,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
 limits_cli.register(keys_app)
 app.add_typer(frontdoor_app, name="frontdoor")
+app.add_typer(monitoring_app, name="monitoring")
 
 # Command groups import these too; ``_settings`` keeps its old name for them.
 _settings = load_cli_settings
