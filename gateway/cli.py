@@ -19,6 +19,7 @@ import typer
 
 from gateway import limits_cli, logs
 from gateway.admin import cli as admin_cli
+from gateway.alert_forward import register as register_alert_forward
 from gateway.alerts import SeenAlerts
 from gateway.calibrate_cli import calibrate as calibrate_command
 from gateway.cli_common import (
@@ -533,6 +534,7 @@ app.command("login")(admin_cli.login)
 app.command("eval")(evaluate)
 app.command("calibrate")(calibrate_command)
 register_feedback(app)
+register_alert_forward(app)
 
 
 def main() -> None:
