@@ -102,6 +102,10 @@ class AdmitItem:
             raise ValueError("cost must be between 1 and burst")
 
 
+HiddenAction = Literal["block", "throttle"]
+_HIDDEN: dict[str, HiddenAction | None] = {"block": "block", "throttle": "throttle"}
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
     """What the store decided for one item.
@@ -125,6 +129,13 @@ class Admission:
     ``in_flight`` says the item holds an in-flight slot (release it with
     :meth:`CounterStore.release_in_flight` once answered); ``without_store``
     that the decision was made without Redis (fail mode ``open``/``closed``).
+
+    ``hidden`` and ``hidden_ms`` are the client's hidden record
+    (:meth:`CounterStore.record_hidden`): ``"block"`` or ``"throttle"`` and
+    the ms left of it, or ``None`` and 0; ``released`` says a release marker
+    waits for the worker (``gateway.clientview``). They describe the client,
+    not the item, and are read in the same script call, so that the worker
+    applies them before scoring without a round trip of its own.
     """
 
     outcome: Outcome
@@ -136,6 +147,9 @@ class Admission:
     window_s: float = 0.0
     in_flight: bool = False
     without_store: bool = False
+    hidden: HiddenAction | None = None
+    hidden_ms: int = 0
+    released: bool = False
 
     @property
     def serve(self) -> bool:
@@ -246,12 +260,23 @@ def apply_overrides(plan: PlanConfig, overrides: str) -> PlanConfig:
 
 def parse_admission(line: str) -> Admission:
     """One line of the admission script's reply as an :class:`Admission`."""
-    name, retry_ms, requests, limit, remaining, reset_ms, window_ms, held = line.split(
-        " "
-    )
+    (
+        name,
+        retry_ms,
+        requests,
+        limit,
+        remaining,
+        reset_ms,
+        window_ms,
+        held,
+        hidden_ms,
+        hidden,
+        released,
+    ) = line.split(" ")
     outcome = _OUTCOMES.get(name)
     if outcome is None:
         raise StoreError(f"redis admit: unexpected outcome {name!r}", retriable=False)
+    hidden_action = _HIDDEN.get(hidden)
     return Admission(
         outcome=outcome,
         retry_after_ms=int(retry_ms),
@@ -261,4 +286,7 @@ def parse_admission(line: str) -> Admission:
         reset_ms=int(reset_ms),
         window_s=int(window_ms) / 1000,
         in_flight=held == "1",
+        hidden=hidden_action,
+        hidden_ms=int(hidden_ms) if hidden_action is not None else 0,
+        released=released == "1",
     )

@@ -8,6 +8,11 @@ admission script touches one slot and the layout works on Redis Cluster::
     {prefix}:{c:<client_id>}:tat:<window_ms> GCRA theoretical arrival time (us)
     {prefix}:{c:<client_id>}:inflight        sorted set: admitted, unanswered
     {prefix}:{c:<client_id>}:block           present while blocked (value: reason)
+    {prefix}:{c:<client_id>}:hidden          present while a block or throttle is
+                                             served hidden (value: "block" or
+                                             "throttle"; expires with it)
+    {prefix}:{c:<client_id>}:released        a release waiting for the owning
+                                             worker (value: release time, ms)
     {prefix}:{c:<client_id>}:totals          hash: requests, refused
     {prefix}:{c:<client_id>}:day             hash: d (UTC day), requests, refused
     {prefix}:{c:<client_id>}:req:<request>   dedupe: delivery of the admitted copy
@@ -38,6 +43,7 @@ from redis import exceptions as redis_exc
 
 from gateway._admission import CLIENT_ID_PATTERN as CLIENT_ID_PATTERN
 from gateway._admission import Admission as Admission
+from gateway._admission import HiddenAction as HiddenAction
 from gateway._admission import AdmitItem as AdmitItem
 from gateway._admission import CompiledPlan as CompiledPlan
 from gateway._admission import GcraDecision as GcraDecision
@@ -285,6 +291,8 @@ class CounterStore:
             self.client_key(client_id, "totals"),
             self.client_key(client_id, "day"),
             self.client_key(client_id, "inflight"),
+            self.client_key(client_id, "hidden"),
+            self.client_key(client_id, "released"),
             *(self.client_key(client_id, suffix) for suffix in plan.tat_suffixes),
         ]
         args: list[Any] = [
@@ -344,11 +352,47 @@ class CounterStore:
             extra={"client": client_id, "cooldown_s": cooldown_s, "reason": reason},
         )
 
+    async def record_hidden(
+        self, records: Mapping[str, tuple[HiddenAction, float]]
+    ) -> None:
+        """Record blocks and throttles served hidden, client -> (action, s
+        left), in one round trip.
+
+        Under ``hide_suspicion`` a block or throttle is served late and
+        coarse, not refused, so the block key above is not set; this record
+        keeps it for the rest of its time whatever happens to the policy's
+        memory (a snapshot refused, deleted or never saved): admission
+        returns it with every decision and the worker puts it back into the
+        policy before scoring. It refuses nothing. Recording again replaces
+        the action and the time left.
+        """
+        if not records:
+            return
+        async with redis_guard("record_hidden", self._timeout_s, self._redis):
+            pipe = self._redis.pipeline(transaction=False)
+            for client_id, (action, left_s) in records.items():
+                check_client_id(client_id)
+                if not (left_s > 0 and math.isfinite(left_s)):
+                    raise ValueError("the time left must be positive and finite")
+                pipe.set(
+                    self.client_key(client_id, "hidden"),
+                    action.encode(),
+                    px=max(1, math.ceil(left_s * 1000)),
+                )
+            await pipe.execute()
+        logger.debug("hidden enforcement recorded", extra={"clients": len(records)})
+
     async def unblock(self, client_id: str) -> bool:
-        """Lift a block early. Returns whether the client was blocked."""
+        """Lift a block early, visible or hidden (the record of
+        :meth:`record_hidden`). Returns whether the client was blocked
+        either way."""
         check_client_id(client_id)
         async with redis_guard("unblock", self._timeout_s, self._redis):
-            removed = await self._redis.delete(self.client_key(client_id, "block"))
+            # One DEL for both: they share the client's hash slot.
+            removed = await self._redis.delete(
+                self.client_key(client_id, "block"),
+                self.client_key(client_id, "hidden"),
+            )
         if removed:
             logger.info("client unblocked", extra={"client": client_id})
         return bool(removed)
