@@ -172,18 +172,19 @@ class ClientView:
             )
         return released
 
-    async def observe(self, items: Sequence[BatchItem], scorer: Scorer) -> None:
+    async def observe(self, items: Sequence[BatchItem]) -> None:
         """Record this batch's outcome per client and delete the release
         markers :meth:`apply_releases` applied.
 
         One pipelined round trip: the markers, then, for each client whose
-        view is due, its view, ranking and (when due) history. A client's view is due when its action changed or
-        ``_VIEW_INTERVAL_S`` passed since this worker last wrote it, its
-        history on a change of action or every
-        ``admin.client_history_interval_s``; so a busy client costs a few
-        commands a second, not a few per batch. A Redis failure is logged
-        and swallowed: the view is for people, and retrying the whole batch
-        for it would re-send every answer.
+        view is due, its view, ranking and (when due) history. A client's
+        view is due when its action changed or ``_VIEW_INTERVAL_S`` passed
+        since this worker last wrote it, its history on a change of action
+        or every ``admin.client_history_interval_s``; so a busy client costs
+        a few commands a second, not a few per batch. A Redis failure is
+        logged and swallowed: the view is for people, and retrying the
+        whole batch for it would re-send every answer (a marker left behind
+        is applied again by the next batch).
         """
         batches = _aggregate(items)
         if not batches:
@@ -243,7 +244,7 @@ class ClientView:
 
         try:
             async with redis_guard("clientview.observe", self._timeout_s, self._redis):
-                replies = await pipe.execute()
+                await pipe.execute()
         except StoreError as exc:
             # Release markers included: the next batch applies them again.
             logger.warning("client view not written: %s", exc.message)

@@ -43,10 +43,10 @@ from redis import exceptions as redis_exc
 
 from gateway._admission import CLIENT_ID_PATTERN as CLIENT_ID_PATTERN
 from gateway._admission import Admission as Admission
-from gateway._admission import HiddenAction as HiddenAction
 from gateway._admission import AdmitItem as AdmitItem
 from gateway._admission import CompiledPlan as CompiledPlan
 from gateway._admission import GcraDecision as GcraDecision
+from gateway._admission import HiddenAction as HiddenAction
 from gateway._admission import Outcome as Outcome
 from gateway._admission import apply_overrides as apply_overrides
 from gateway._admission import check_client_id as check_client_id

@@ -329,7 +329,7 @@ class Worker(GroupService):
             )
             await enforce.record_hidden(items, self._store)
             await enforce.release_unserved(items, self._store)
-            await self._clientview.observe(items, self._scorer)
+            await self._clientview.observe(items)
             timer.lap("record")
         except (asyncio.CancelledError, StoreError, BrokerError):
             raise

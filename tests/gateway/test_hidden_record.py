@@ -198,10 +198,14 @@ async def test_record_hidden_writes_only_what_redis_lacks() -> None:
         # New: nothing recorded yet.
         _item("new", verdict=_hiding("block", 60.0)),
         # Recorded, in its cool-down: no write per batch.
-        _item("steady", hidden="block", hidden_ms=40_300, verdict=_hiding("block", 40.0)),
+        _item(
+            "steady", hidden="block", hidden_ms=40_300, verdict=_hiding("block", 40.0)
+        ),
         # Recorded shorter than the policy's (the record lost, then a new
         # block started): extended.
-        _item("longer", hidden="block", hidden_ms=5_000, verdict=_hiding("block", 60.0)),
+        _item(
+            "longer", hidden="block", hidden_ms=5_000, verdict=_hiding("block", 60.0)
+        ),
         # A block over a recorded throttle.
         _item(
             "worse", hidden="throttle", hidden_ms=50_000, verdict=_hiding("block", 9.0)
