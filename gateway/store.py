@@ -52,7 +52,8 @@ from gateway._admission import apply_overrides as apply_overrides
 from gateway._admission import check_client_id as check_client_id
 from gateway._admission import compile_plan as compile_plan
 from gateway._admission import gcra as gcra
-from gateway._admission import parse_admission
+from gateway._admission import parse_admission as parse_admission
+from gateway._admission import parse_reply
 from gateway._redisclient import RETRIABLE_REPLIES, check_decoding
 from gateway._redisclient import RedisClient as RedisClient
 from gateway._redisclient import redis_from_settings as redis_from_settings
@@ -263,9 +264,10 @@ class CounterStore:
                     f"redis admit: {type(reply).__name__}: {reply}",
                     retriable=isinstance(reply, RETRIABLE_REPLIES),
                 ) from reply
-            lines = reply.decode().split("\n")
-            for index, line in zip(indices, lines, strict=True):
-                results[index] = parse_admission(line)
+            for index, admission in zip(
+                indices, parse_reply(reply.decode()), strict=True
+            ):
+                results[index] = admission
 
         admissions = [a for a in results if a is not None]
         if logger.isEnabledFor(logging.DEBUG):

@@ -24,16 +24,16 @@
 -- then per rule r, from ARGV[10 + 3*(r-1)]: limit, burst, window ms
 -- then per item i, from ARGV[10 + 3*R + 3*(i-1)]: delivery, member, cost
 --
--- Returns one string, a line per item: "outcome retry_after_ms
--- client_requests limit remaining reset_ms window_ms in_flight hidden_ms
--- hidden released". limit to window_ms describe the binding window (the one
--- with the fewest requests left), window_ms 0 if the plan has neither rules
--- nor quota; in_flight is 1 if the item holds a slot. The last three are the
--- client's, the same on every line: the hidden record's remaining ms and
--- action ("-" when none) and 1 if a release marker waits. They ride on this
--- call so that the worker learns them without a round trip of its own. One bulk string, not nested arrays: redis-py's
--- pure-Python parser pays per array element, and eight per item cost more
--- than the script itself.
+-- Returns one string: first a line of the client's "hidden_ms hidden
+-- released" (the hidden record's remaining ms and action, "-" when none; 1 if
+-- a release marker waits), which ride on this call so that the worker learns
+-- them without a round trip of its own; then a line per item: "outcome
+-- retry_after_ms client_requests limit remaining reset_ms window_ms
+-- in_flight". limit to window_ms describe the binding window (the one with
+-- the fewest requests left), window_ms 0 if the plan has neither rules nor
+-- quota; in_flight is 1 if the item holds a slot. One bulk string, not nested
+-- arrays: redis-py's pure-Python parser pays per array element, and eight per
+-- item cost more than the script itself.
 
 -- Effects replication is the default since Redis 5 (needed for TIME below);
 -- the call keeps 3.2 and 4.x correct and is a no-op later.
@@ -218,9 +218,8 @@ for i = 1, #KEYS - N_FIXED - n_rules do
     refused = refused + 1
   end
   local limit, remaining, reset_ms, window = binding()
-  results[i] = string.format("%s %d %d %d %d %d %d %d %d %s %d", outcome, retry_ms,
-    requests, limit, remaining, reset_ms, window, holds_slot, hidden_ms, hidden,
-    released)
+  results[i] = string.format("%s %d %d %d %d %d %d %d", outcome, retry_ms, requests,
+    limit, remaining, reset_ms, window, holds_slot)
 end
 
 -- A TAT only matters until it passes; after that a missing key means the same.
@@ -252,4 +251,5 @@ if admitted + refused > 0 then
   redis.call("PEXPIRE", day_key, day_ttl_ms)
 end
 
-return table.concat(results, "\n")
+return string.format("%d %s %d\n", hidden_ms, hidden, released)
+  .. table.concat(results, "\n")

@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 
 from gateway import enforce
+from gateway._admission import parse_reply
 from gateway.batch import BatchItem
 from gateway.clientview import ClientView
 from gateway.config import PolicyConfig, load_settings
 from gateway.keys import ApiKey
 from gateway.policy import Policy, Verdict
-from gateway.store import Admission, HiddenAction, parse_admission
+from gateway.store import Admission, HiddenAction
 from tests.gateway.test_ladder import COLD, HOT, Clock
 
 HIDE: dict[str, Any] = {
@@ -133,12 +134,34 @@ def test_a_bad_record_is_refused(action: str, left_s: float) -> None:
 # -- admission reports the record and the release marker ---------------------------
 
 
-def test_admission_lines_carry_the_record_and_the_marker() -> None:
-    plain = parse_admission("ok 0 3 10 9 100 1000 0 0 - 0")
+def test_the_reply_carries_the_record_and_the_marker_once_per_client() -> None:
+    (plain,) = parse_reply("0 - 0\nok 0 3 10 9 100 1000 0")
     assert (plain.hidden, plain.hidden_ms, plain.released) == (None, 0, False)
-    marked = parse_admission("ok 0 3 10 9 100 1000 0 41250 block 1")
-    assert (marked.hidden, marked.hidden_ms, marked.released) == ("block", 41250, True)
-    assert parse_admission("blocked 5 3 0 0 0 0 0 900 throttle 0").hidden == "throttle"
+    marked = parse_reply(
+        "41250 block 1\nok 0 3 10 9 100 1000 0\nok 0 4 10 8 200 1000 0"
+    )
+    assert [(a.hidden, a.hidden_ms, a.released) for a in marked] == [
+        ("block", 41250, True)
+    ] * 2
+    assert [a.client_requests for a in marked] == [3, 4]
+    (refused,) = parse_reply("900 throttle 0\nblocked 5 3 0 0 0 0 0")
+    assert (refused.outcome, refused.hidden) == ("blocked", "throttle")
+    # Every field in its place (the parse builds the decision positionally).
+    (held,) = parse_reply("7 block 0\nok 12 3 10 9 100 2500 1")
+    assert held == Admission(
+        outcome="ok",
+        retry_after_ms=12,
+        client_requests=3,
+        limit=10,
+        remaining=9,
+        reset_ms=100,
+        window_s=2.5,
+        in_flight=True,
+        without_store=False,
+        hidden="block",
+        hidden_ms=7,
+        released=False,
+    )
 
 
 # -- the worker's steps ----------------------------------------------------------------
