@@ -448,8 +448,9 @@ class CounterStore:
         -------
         dict[str, int]
             ``requests`` and ``refused`` (totals), ``day_requests`` and
-            ``day_refused`` (current UTC day, server clock) and ``blocked_ms``
-            (remaining block, 0 if none).
+            ``day_refused`` (current UTC day, server clock), ``blocked_ms``
+            (remaining block, 0 if none) and ``hidden_ms`` (remaining block or
+            throttle served hidden, :meth:`record_hidden`; 0 if none).
         """
         check_client_id(client_id)
         async with redis_guard("client_counters", self._timeout_s, self._redis):
@@ -461,7 +462,8 @@ class CounterStore:
             pipe.hgetall(self.client_key(client_id, "totals"))
             pipe.hgetall(self.client_key(client_id, "day"))
             pipe.pttl(self.client_key(client_id, "block"))
-            (seconds, _), totals, day, block_pttl = await pipe.execute()
+            pipe.pttl(self.client_key(client_id, "hidden"))
+            (seconds, _), totals, day, block_pttl, hidden_pttl = await pipe.execute()
 
         today = int(seconds) // 86_400
         current = day if int(day.get(b"d", -1)) == today else {}
@@ -471,6 +473,7 @@ class CounterStore:
             "day_requests": int(current.get(b"requests", 0)),
             "day_refused": int(current.get(b"refused", 0)),
             "blocked_ms": max(int(block_pttl), 0),
+            "hidden_ms": max(int(hidden_pttl), 0),
         }
 
     # Step: detector snapshots --------------------------------------------------

@@ -444,6 +444,8 @@ async def test_hidden_record_and_release_marker_ride_on_admission(
         assert result.hidden == "block" and 29_000 < result.hidden_ms <= 30_000
         assert not result.released
     assert results[2].hidden == "throttle" and 0 < results[2].hidden_ms <= 5_000
+    shown = await counters.client_counters(client)
+    assert shown["blocked_ms"] == 0 and 29_000 < shown["hidden_ms"] <= 30_000
 
     # A release marker under the client's hash tag is reported, not consumed.
     marker = counters.client_key(client, "released")
