@@ -80,7 +80,7 @@ status:
 
 # Scrapes the metrics listeners the settings (MODELGATE_CONFIG) give each process;
 # infra/prometheus.sh stop ends it (docs/monitoring.md).
-monitor: bootstrap services
+monitor: bootstrap
 	@infra/prometheus.sh start
 
 lock:

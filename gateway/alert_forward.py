@@ -39,8 +39,14 @@ from urllib.parse import urlsplit
 import httpx
 import typer
 
+from gateway import logs
 from gateway.alerts import SeenAlerts
-from gateway.cli_common import ConfigOption, load_cli_settings, stop_on_signals
+from gateway.cli_common import (
+    ConfigOption,
+    LogLevel,
+    load_cli_settings,
+    stop_on_signals,
+)
 from gateway.config import Settings
 
 logger = logging.getLogger(__name__)
@@ -50,6 +56,8 @@ CONTENT_TYPE = "application/cloudevents+json"
 REFUSED_STATUSES = frozenset({400, 409, 413, 415, 422})
 # Read from the environment, not the command line, where `ps` would show it.
 AUTHORIZATION_ENV = "MODELGATE_FORWARD_AUTHORIZATION"
+# The policy's actions an alert can name (gateway.policy).
+ACTIONS = frozenset({"allow", "flag", "throttle", "degrade", "block"})
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,9 @@ class ForwardOptions:
 
     ``actions``: forward only alerts whose policy action is one of these
     (``flag``, ``throttle``, ``degrade``, ``block``); empty forwards all.
+    ``timeout_s`` bounds one POST as a whole, from connecting to the
+    receiver's status line: a receiver that answers a byte at a time holds
+    an alert no longer than that.
     """
 
     url: str
@@ -71,8 +82,16 @@ class ForwardOptions:
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
+        try:
+            parts.port  # noqa: B018 - raises on a port out of range
+        except ValueError:
+            raise ValueError(f"--url has an invalid port: {self.url!r}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"--url must be an http or https URL, got {self.url!r}")
+        unknown = sorted(self.actions - ACTIONS)
+        if unknown:
+            known = ", ".join(sorted(ACTIONS))
+            raise ValueError(f"unknown action {', '.join(unknown)}; one of {known}")
         if not 0 < self.first_backoff_s <= self.max_backoff_s:
             raise ValueError("back-off: 0 < first_backoff_s <= max_backoff_s")
 
@@ -91,8 +110,11 @@ def endpoint_label(url: str) -> str:
     """``scheme://host:port`` of ``url``, for logs: webhook URLs often carry
     their secret in the path or the query."""
     parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
     port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname}{port}"
+    return f"{parts.scheme}://{host}{port}"
 
 
 def retry_after_s(value: str | None) -> float | None:
@@ -198,7 +220,9 @@ class AlertForwarder:
         came before it was settled (it is then not committed)."""
         try:
             event = json.loads(value or b"")
-        except ValueError:
+        except (ValueError, RecursionError):
+            # RecursionError: deeply nested arrays exhaust the decoder's stack;
+            # passed over like any record that is not an alert.
             event = None
         if not isinstance(event, dict):
             self.stats.unreadable += 1
@@ -231,25 +255,37 @@ class AlertForwarder:
         backoff = self._options.first_backoff_s
         while True:
             wait: float | None = None
+            post = asyncio.ensure_future(self._post(body, headers))
+            stopping = asyncio.ensure_future(stop.wait())
             try:
-                answer = await self._client.post(
-                    self._options.url, content=body, headers=headers
+                await asyncio.wait(
+                    {post, stopping}, return_when=asyncio.FIRST_COMPLETED
                 )
-            except httpx.HTTPError as exc:
+            finally:
+                stopping.cancel()
+            if not post.done():
+                # Stopped mid-POST: the alert is left uncommitted for the next
+                # forwarder, which may deliver it a second time.
+                post.cancel()
+                await asyncio.gather(post, return_exceptions=True)
+                return False
+            try:
+                status, retry_after = post.result()
+            except (httpx.HTTPError, TimeoutError) as exc:
                 reason = type(exc).__name__
             else:
-                if 200 <= answer.status_code < 300:
+                if 200 <= status < 300:
                     self.stats.delivered += 1
                     return True
-                if answer.status_code in REFUSED_STATUSES:
+                if status in REFUSED_STATUSES:
                     self.stats.refused += 1
                     logger.error(
                         "alert refused by the receiver, passed over",
-                        extra={**fields, "status": answer.status_code},
+                        extra={**fields, "status": status},
                     )
                     return True
-                reason = f"HTTP {answer.status_code}"
-                wait = retry_after_s(answer.headers.get("retry-after"))
+                reason = f"HTTP {status}"
+                wait = retry_after_s(retry_after)
             delay = min(
                 wait if wait is not None else backoff, self._options.max_backoff_s
             )
@@ -261,6 +297,18 @@ class AlertForwarder:
             if await self._wait(delay, stop):
                 return False
             backoff = min(backoff * 2, self._options.max_backoff_s)
+
+    async def _post(
+        self, body: bytes, headers: Mapping[str, str]
+    ) -> tuple[int, str | None]:
+        """One POST within ``timeout_s`` as a whole; the status and any
+        ``Retry-After``. The body of the answer is never read: only its
+        status matters, and a receiver must not fill this process's memory."""
+        async with asyncio.timeout(self._options.timeout_s):
+            async with self._client.stream(
+                "POST", self._options.url, content=body, headers=headers
+            ) as answer:
+                return answer.status_code, answer.headers.get("retry-after")
 
     async def _wait(self, delay_s: float, stop: asyncio.Event) -> bool:
         """Sleep ``delay_s`` or until ``stop``; True when stopped."""
@@ -325,13 +373,16 @@ def register(app: typer.Typer) -> None:
             ),
         ] = False,
         timeout_s: Annotated[
-            float, typer.Option(min=0.1, max=300.0, help="Timeout of one POST.")
+            float,
+            typer.Option(min=0.1, max=300.0, help="Timeout of one POST, as a whole."),
         ] = 10.0,
         config: ConfigOption = None,
+        log_level: LogLevel = "INFO",
     ) -> None:
         """Forward alerts to an HTTP endpoint as CloudEvents until SIGTERM or
         Ctrl-C; every alert arrives at least once (docs/alerts.md)."""
         settings = load_cli_settings(config)
+        logs.configure(log_level)
         try:
             options = ForwardOptions(
                 url=url,

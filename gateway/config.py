@@ -524,9 +524,7 @@ class AdminConfig(_Frozen):
             try:
                 ipaddress.ip_network(proxy, strict=False)
             except ValueError:
-                raise ValueError(
-                    f"trusted_proxies: {proxy!r} is not an IP address or network"
-                ) from None
+                raise ValueError(f"{proxy!r} is not an IP address or network") from None
         return proxies
 
 

@@ -38,13 +38,25 @@ JOBS = (
     ("modelgate-admin", "admin"),
     ("modelgate-guard", "feedback"),
 )
+# What --kind names them, in JOBS's order.
+KINDS = ("worker", "frontdoor", "admin", "guard")
 
 
-def _target(host: str, port: int) -> str:
+class MonitoringError(ValueError):
+    """Settings that give Prometheus nothing sensible to scrape."""
+
+
+def _target(setting: str, host: str, port: int) -> str:
     # A listener on every interface is scraped through loopback, which it
-    # includes; an IPv6 literal needs brackets in host:port.
+    # includes; an IPv6 literal needs brackets in host:port (and may come
+    # with them already).
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     if host in ("", "0.0.0.0", "::"):
         host = "127.0.0.1"
+    if not host or any(c.isspace() or c in "[]/@" for c in host):
+        raise MonitoringError(f"{setting}.metrics_host {host!r} is not a host")
     if ":" in host:
         host = f"[{host}]"
     return f"{host}:{port}"
@@ -55,16 +67,42 @@ def scrape_config(
     *,
     rules: Iterable[Path] = (ALERT_RULES,),
     interval_s: float = 15.0,
+    kinds: Iterable[str] = KINDS,
 ) -> dict[str, Any]:
     """Prometheus's configuration for the processes of ``settings`` on this
-    host; a kind whose metrics port is 0 (off) gets no job."""
+    host, of ``kinds`` only (``worker``, ``frontdoor``, ``admin``,
+    ``guard``); a kind whose metrics port is 0 (off) gets no job.
+
+    Raises
+    ------
+    MonitoringError
+        An unknown kind, a host that is not one, two kinds on one address,
+        or nothing left to scrape.
+    """
+    wanted = set(kinds)
+    unknown = sorted(wanted - set(KINDS))
+    if unknown:
+        raise MonitoringError(
+            f"unknown kind {', '.join(unknown)}; one of {', '.join(KINDS)}"
+        )
     jobs = []
-    for job, section in JOBS:
+    seen: dict[str, str] = {}
+    for (job, section), kind in zip(JOBS, KINDS, strict=True):
         config = getattr(settings, section)
-        if config.metrics_port == 0:
+        if kind not in wanted or config.metrics_port == 0:
             continue
-        target = _target(config.metrics_host, config.metrics_port)
+        target = _target(section, config.metrics_host, config.metrics_port)
+        if target in seen:
+            raise MonitoringError(
+                f"{section}.metrics_port and {seen[target]}.metrics_port are both "
+                f"{target}: give each kind of process its own port"
+            )
+        seen[target] = section
         jobs.append({"job_name": job, "static_configs": [{"targets": [target]}]})
+    if not jobs:
+        raise MonitoringError(
+            "nothing to scrape: every chosen kind's metrics port is 0"
+        )
     interval = f"{interval_s:g}s"
     return {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
@@ -130,6 +168,14 @@ def prometheus_config(
     interval_s: Annotated[
         float, typer.Option(min=1.0, max=3600.0, help="Scrape and rule interval.")
     ] = 15.0,
+    kind: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Scrape only this kind (repeatable): worker, frontdoor, admin, "
+            "guard. Default: all four; a kind you do not run would fire "
+            "ModelgateTargetDown."
+        ),
+    ] = None,
 ) -> None:
     """Print a Prometheus configuration (JSON, which is YAML) scraping the
     metrics listeners these settings give each kind of process."""
@@ -139,5 +185,11 @@ def prometheus_config(
         if not path.is_file():
             typer.echo(f"error [CONFIG_INVALID]: no rule file at {path}", err=True)
             raise typer.Exit(2)
-    document = scrape_config(settings, rules=chosen, interval_s=interval_s)
+    try:
+        document = scrape_config(
+            settings, rules=chosen, interval_s=interval_s, kinds=kind or KINDS
+        )
+    except MonitoringError as exc:
+        typer.echo(f"error [CONFIG_INVALID]: {exc}", err=True)
+        raise typer.Exit(2) from exc
     typer.echo(json.dumps(document, indent=2))

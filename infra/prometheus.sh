@@ -14,6 +14,8 @@
 #   MODELGATE_VAR               state root, default <repo>/var
 #   MODELGATE_PROMETHEUS_PORT   port, default 19090
 #   MODELGATE_PROMETHEUS_INTERVAL_S  scrape and rule interval, default 15
+#   MODELGATE_PROMETHEUS_KINDS  the processes to scrape, comma-separated from
+#                               worker,frontdoor,admin,guard; default all four
 #   MODELGATE_CONFIG            the settings file whose metrics ports are scraped
 #                               (as for every modelgate command)
 #
@@ -29,6 +31,7 @@ VAR=${MODELGATE_VAR:-$ROOT/var}
 HOST=127.0.0.1
 PORT=${MODELGATE_PROMETHEUS_PORT:-19090}
 INTERVAL_S=${MODELGATE_PROMETHEUS_INTERVAL_S:-15}
+KINDS=${MODELGATE_PROMETHEUS_KINDS:-}
 START_TIMEOUT_S=30
 
 PDIR=$VAR/prometheus
@@ -77,8 +80,15 @@ cmd_install() {
 write_config() {
     [[ -x $MODELGATE ]] || die "no $MODELGATE: run make bootstrap first"
     mkdir -p "$PDIR"
-    "$MODELGATE" monitoring prometheus-config --interval-s "$INTERVAL_S" \
-        >"$CONFIG.new" ||
+    local kinds=() kind
+    if [[ -n $KINDS ]]; then
+        IFS=, read -r -a kinds <<<"$KINDS"
+    fi
+    local args=(--interval-s "$INTERVAL_S")
+    for kind in "${kinds[@]}"; do
+        args+=(--kind "$kind")
+    done
+    "$MODELGATE" monitoring prometheus-config "${args[@]}" >"$CONFIG.new" ||
         die "modelgate monitoring prometheus-config failed"
     "$(find_bin promtool)" check config "$CONFIG.new" >&2 ||
         die "promtool refused the configuration (kept in $CONFIG.new)"
@@ -95,10 +105,16 @@ ready() {
     [[ $status == 200 ]]
 }
 
+# Ours: a prometheus reading this state directory's configuration, whatever
+# port it was started on (stop and status need not be given the same port).
 is_ours() {
     local pid=$1
     [[ $pid =~ ^[0-9]+$ ]] && [[ -r /proc/$pid/cmdline ]] || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "--web.listen-address=$HOST:$PORT"
+    tr '\0' '\n' <"/proc/$pid/cmdline" | grep -qxF -- "--config.file=$CONFIG"
+}
+
+listening_on() {
+    tr '\0' '\n' <"/proc/$1/cmdline" | sed -n 's/^--web.listen-address=//p'
 }
 
 our_pid() {
@@ -110,11 +126,7 @@ our_pid() {
 cmd_status() {
     local pid
     if pid=$(our_pid); then
-        if ready; then
-            echo "prometheus running (pid $pid) on http://$HOST:$PORT"
-        else
-            echo "prometheus starting or unhealthy (pid $pid) on $HOST:$PORT"
-        fi
+        echo "prometheus running (pid $pid) on http://$(listening_on "$pid")"
         return 0
     fi
     echo "prometheus stopped"
@@ -124,7 +136,7 @@ cmd_status() {
 cmd_start() {
     local pid
     if pid=$(our_pid); then
-        log "already running (pid $pid) on http://$HOST:$PORT"
+        log "already running (pid $pid) on http://$(listening_on "$pid")"
         return 0
     fi
     rm -f "$PIDFILE"

@@ -23,11 +23,12 @@ This module imports the transports (httpx; aiokafka through
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import threading
 from collections.abc import Coroutine, Iterable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, overload
 
@@ -403,6 +404,14 @@ class AsyncClient:
             raise
 
 
+async def _cancel_other_tasks() -> None:
+    current = asyncio.current_task()
+    tasks = [task for task in asyncio.all_tasks() if task is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class _LoopThread:
     """An event loop running in a daemon thread, for the blocking client."""
 
@@ -412,20 +421,41 @@ class _LoopThread:
             target=self._loop.run_forever, name="modelgate-client", daemon=True
         )
         self._thread.start()
+        self._lock = threading.Lock()
+        self._stopping = False
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the loop and wait for it. An interrupt (Ctrl-C)
-        while waiting cancels it there, then propagates."""
-        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        while waiting cancels it there, then propagates; a ``stop`` from
+        another thread meanwhile raises ``ClientClosedError``."""
+        with self._lock:
+            if self._stopping:
+                coro.close()
+                raise ClientClosedError("the client is closed")
+            future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result()
+        except CancelledError:
+            if self._stopping:
+                raise ClientClosedError(
+                    "the client was closed while this call waited"
+                ) from None
+            raise
         except BaseException:
             future.cancel()
             raise
 
     def stop(self, timeout_s: float) -> None:
+        with self._lock:
+            self._stopping = True
         if not self._loop.is_running():
             return
+        # Calls other threads still wait on are cancelled, and their clean-up
+        # runs, before the loop stops: they would otherwise wait for good on a
+        # loop that no longer runs. Their callers get ClientClosedError.
+        ended = asyncio.run_coroutine_threadsafe(_cancel_other_tasks(), self._loop)
+        with contextlib.suppress(TimeoutError, CancelledError):
+            ended.result(timeout_s)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout_s)
         if not self._thread.is_alive():

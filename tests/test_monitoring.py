@@ -19,7 +19,13 @@ from typer.testing import CliRunner
 
 from gateway.cli import app
 from gateway.config import load_settings
-from gateway.monitoring import ALERT_RULES, JOBS, exported_metric_names, scrape_config
+from gateway.monitoring import (
+    ALERT_RULES,
+    JOBS,
+    MonitoringError,
+    exported_metric_names,
+    scrape_config,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ROOT / "tests" / "monitoring" / "alert_cases.yml"
@@ -119,7 +125,7 @@ def test_the_generated_configuration_follows_the_settings(tmp_path: Path) -> Non
     settings = load_settings(
         worker={"metrics_port": 19564, "metrics_host": "0.0.0.0"},
         frontdoor={"metrics_port": 0},
-        admin={"metrics_port": 19566, "metrics_host": "::1"},
+        admin={"metrics_port": 19566, "metrics_host": "[::1]"},
         feedback={"metrics_port": 19567},
     )
     document = scrape_config(settings, rules=[ALERT_RULES], interval_s=5)
@@ -137,6 +143,28 @@ def test_the_generated_configuration_follows_the_settings(tmp_path: Path) -> Non
     path.write_text(json.dumps(document))
     result = promtool("check", "config", path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kinds_and_settings_that_give_nothing_sensible_are_refused() -> None:
+    settings = load_settings()
+    only = scrape_config(settings, kinds=["worker", "guard"])
+    assert [j["job_name"] for j in only["scrape_configs"]] == [
+        "modelgate-worker",
+        "modelgate-guard",
+    ]
+    with pytest.raises(MonitoringError, match="unknown kind gaurd"):
+        scrape_config(settings, kinds=["gaurd"])
+    with pytest.raises(MonitoringError, match="is not a host"):
+        scrape_config(load_settings(worker={"metrics_host": "1.2.3.4 x"}))
+    with pytest.raises(MonitoringError, match="its own port"):
+        scrape_config(load_settings(admin={"metrics_port": 9464}))
+    off = {"metrics_port": 0}
+    with pytest.raises(MonitoringError, match="nothing to scrape"):
+        scrape_config(
+            load_settings(worker=off, feedback=off), kinds=["worker", "guard"]
+        )
+    result = CliRunner().invoke(app, ["monitoring", "prometheus-config", "--kind", "x"])
+    assert result.exit_code == 2 and "unknown kind x" in result.output
 
 
 def test_the_command_prints_a_configuration_promtool_accepts(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ Redis gives no usable token. Layout::
     {prefix}:admin:{login:<user>}:fail     failed logins in the current window
     {prefix}:admin:{login:<user>}:lock     present while the account is locked
     {prefix}:admin:{src:<address>}:logins  attempts from one source this window
+                                           (an IPv6 source counts its /64)
 
 Sessions are absolute (``admin.session_ttl_s`` from login, never extended).
 Every session is two-factor: the only way to get one is
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import ipaddress
 import logging
 import re
 import secrets
@@ -77,10 +79,32 @@ def token_digest(token: str) -> str:
 
 
 def source_label(address: str | None) -> str:
-    """A client address fit for key names and the audit log."""
-    if address and _SOURCE_PATTERN.fullmatch(address):
-        return address
-    return "unknown"
+    """A client address fit for key names and the audit log, in one spelling
+    per address (``2001:DB8:0::1`` and ``2001:db8::1`` are one source; an
+    IPv4 address mapped into IPv6 is the IPv4 address); ``unknown`` for
+    anything that is not an address."""
+    if not address or not _SOURCE_PATTERN.fullmatch(address):
+        return "unknown"
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return "unknown"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def login_bucket(source: str) -> str:
+    """What the per-source login limit counts: an IPv4 address, or the /64
+    of an IPv6 one (one host is usually given a whole /64, so counting
+    single addresses would give it 2^64 sources)."""
+    try:
+        ip = ipaddress.ip_address(source)
+    except ValueError:
+        return source
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 class SessionStore:
@@ -241,7 +265,7 @@ class LoginGuard:
         AdminError
             ``LOGIN_RATE_LIMITED`` past ``admin.login_attempts_per_window``.
         """
-        key = f"{self._prefix}:admin:{{src:{source}}}:logins"
+        key = f"{self._prefix}:admin:{{src:{login_bucket(source)}}}:logins"
         async with redis_guard("admin.login.source", self._timeout_s, self._redis):
             count, pttl = await self._redis.eval(_ATTEMPT_LUA, 1, key, self._window_ms)
         if int(count) > self._attempts:

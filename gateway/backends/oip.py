@@ -106,24 +106,8 @@ class OipBackend:
             clock=clock,
             on_change=on_change,
         )
-        self._client = httpx.Client(
-            base_url=config.url,
-            timeout=httpx.Timeout(
-                connect=config.connect_timeout_s,
-                read=config.read_timeout_s,
-                write=config.read_timeout_s,
-                pool=config.connect_timeout_s,
-            ),
-            limits=httpx.Limits(
-                max_connections=config.max_connections,
-                max_keepalive_connections=config.max_connections,
-            ),
-            # Never route through a proxy named by the environment: the
-            # configured URL is the only place model inputs may go.
-            trust_env=False,
-            follow_redirects=False,
-            transport=transport,
-        )
+        self._transport = transport
+        self._client = self._new_client()
 
     @classmethod
     def connect(
@@ -170,6 +154,28 @@ class OipBackend:
     @property
     def name(self) -> str:
         return self._name
+
+    def _new_client(self) -> httpx.Client:
+        config = self._config
+        assert config.url is not None  # checked in __init__
+        return httpx.Client(
+            base_url=config.url,
+            timeout=httpx.Timeout(
+                connect=config.connect_timeout_s,
+                read=config.read_timeout_s,
+                write=config.read_timeout_s,
+                pool=config.connect_timeout_s,
+            ),
+            limits=httpx.Limits(
+                max_connections=config.max_connections,
+                max_keepalive_connections=config.max_connections,
+            ),
+            # Never route through a proxy named by the environment: the
+            # configured URL is the only place model inputs may go.
+            trust_env=False,
+            follow_redirects=False,
+            transport=self._transport,
+        )
 
     def metadata(self) -> dict[str, Any]:
         """The server's model metadata (``GET /v2/models/{name}``).
@@ -226,6 +232,16 @@ class OipBackend:
         answer = self._json(
             self._send("POST", f"{self._model_path}/infer", body, deadline)
         )
+        # OIP echoes the request's id. Another id means this connection is
+        # out of step (a server that sent more than its content-length): the
+        # answer is some other call's, and serving it would be wrong.
+        if "id" in answer and answer["id"] != body["id"]:
+            self._client.close()
+            self._client = self._new_client()
+            raise BackendError(
+                f"model backend for {self._name} answered another call's id "
+                f"({str(answer['id'])[:40]!r}); the connections were reset"
+            )
         return self._probabilities(answer, n)
 
     def close(self) -> None:
@@ -270,7 +286,12 @@ class OipBackend:
         self.breaker.acquire()
         config = self._config
         content = None if body is None else json.dumps(body).encode()
-        headers = {"content-type": "application/json"} if content else None
+        # Identity only: a compressed answer could be a bomb, and httpx
+        # decodes a whole network read through every stacked encoding before
+        # a size check could see it.
+        headers = {"accept-encoding": "identity"}
+        if content:
+            headers["content-type"] = "application/json"
         attempt = 0
         try:
             while True:
@@ -337,7 +358,7 @@ class OipBackend:
         method: str,
         path: str,
         content: bytes | None,
-        headers: dict[str, str] | None,
+        headers: dict[str, str],
         deadline: float,
     ) -> _Answer:
         """One HTTP exchange, its answer read as it streams in.
@@ -346,8 +367,10 @@ class OipBackend:
         deadline is checked after every piece of the body (and each read is
         given no more than the time left): a server trickling a byte at a
         time is cut off at most one read after the deadline. The size cap is
-        checked on the decoded bytes as they come, so neither a large
-        ``content-length`` nor a compressed bomb is ever buffered whole.
+        checked on the bytes as they come, so a large ``content-length`` is
+        never buffered whole; an answer compressed despite our
+        ``accept-encoding: identity`` is refused unread (a few kilobytes of
+        gzip applied twice unpack to gigabytes in one read).
         """
         config = self._config
         left = deadline - self._clock()
@@ -362,6 +385,12 @@ class OipBackend:
         with self._client.stream(
             method, path, content=content, headers=headers, timeout=timeout
         ) as response:
+            encoding = response.headers.get("content-encoding", "identity")
+            if encoding.strip().lower() not in ("", "identity"):
+                raise BackendError(
+                    f"model backend for {self._name} answered with content-encoding "
+                    f"{encoding[:50]!r}; only identity is accepted"
+                )
             declared = response.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > _MAX_RESPONSE_BYTES:
                 raise BackendError(

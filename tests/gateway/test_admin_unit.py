@@ -7,7 +7,7 @@ import pytest
 
 from detectors import DetectorScore
 from gateway.admin.deps import require_role
-from gateway.admin.sessions import source_label
+from gateway.admin.sessions import login_bucket, source_label
 from gateway.admin.users import Enrollment, User, check_password, check_username
 from gateway.batch import BatchItem
 from gateway.clientview import _aggregate
@@ -74,10 +74,24 @@ def test_refused_before_scoring_has_no_risk() -> None:
         (None, "unknown"),
         ("}evil{", "unknown"),
         ("a" * 100, "unknown"),
+        # One spelling per address: the per-source limit cannot be dodged by
+        # writing an address another way.
+        ("2001:DB8:0:0::1", "2001:db8::1"),
+        ("2001:0db8:0000:0000:0000:0000:0000:0001", "2001:db8::1"),
+        ("::ffff:10.0.0.1", "10.0.0.1"),
+        ("10.0.0.1.", "unknown"),
+        ("1:2:3", "unknown"),
     ],
 )
 def test_source_label_is_safe_in_key_names(address: str | None, label: str) -> None:
     assert source_label(address) == label
+
+
+def test_an_ipv6_hosts_logins_count_per_64() -> None:
+    assert login_bucket("2001:db8::1") == login_bucket("2001:db8::ffff:1")
+    assert login_bucket("2001:db8::1") == "2001:db8::/64"
+    assert login_bucket("2001:db8:0:1::1") != login_bucket("2001:db8::1")
+    assert login_bucket("10.0.0.1") == "10.0.0.1"
 
 
 @pytest.mark.parametrize("name", ["", "Root", "a:b", "{x}", "a" * 65, "1abc"])

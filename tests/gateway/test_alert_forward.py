@@ -175,3 +175,59 @@ def test_options_and_headers_are_checked(monkeypatch: pytest.MonkeyPatch) -> Non
 
     with pytest.raises(typer.BadParameter):
         _headers(["no colon"])
+
+
+async def test_a_deeply_nested_record_is_passed_over_not_fatal() -> None:
+    receiver = Receiver([])
+    forward = forwarder(receiver, [])
+    assert await forward._settle(b"[" * 200_000, asyncio.Event())
+    assert await forward._settle(alert("after"), asyncio.Event())
+    assert forward.stats.unreadable == 1
+    assert [b["id"] for b in receiver.bodies] == ["after"]
+
+
+async def test_a_post_is_bounded_as_a_whole_and_a_stop_ends_it() -> None:
+    calls = 0
+
+    async def slow_then_fine(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(60)  # a receiver that never finishes answering
+        return httpx.Response(200)
+
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(slow_then_fine))
+    forward = AlertForwarder(
+        load_settings(),
+        ForwardOptions(url=URL, timeout_s=0.2),
+        client=client,
+        sleep=sleep,
+    )
+    async with asyncio.timeout(10):
+        assert await forward._settle(alert("a1"), asyncio.Event())
+    assert calls == 2 and waits == [0.5] and forward.stats.delivered == 1
+
+    calls = 0
+    stop = asyncio.Event()
+    patient = AlertForwarder(
+        load_settings(),
+        ForwardOptions(url=URL, timeout_s=120.0),
+        client=httpx.AsyncClient(transport=httpx.MockTransport(slow_then_fine)),
+    )
+    asyncio.get_running_loop().call_later(0.1, stop.set)
+    async with asyncio.timeout(10):  # not the 120 s of the POST's own bound
+        assert await patient._settle(alert("a2"), stop) is False
+    assert patient.stats.delivered == 0
+
+
+def test_unknown_actions_bad_ports_and_ipv6_endpoints() -> None:
+    with pytest.raises(ValueError, match="unknown action blok"):
+        ForwardOptions(url=URL, actions=frozenset({"blok"}))
+    with pytest.raises(ValueError, match="invalid port"):
+        ForwardOptions(url="http://127.0.0.1:99999/x")
+    assert endpoint_label("http://[::1]:29900/hook") == "http://[::1]:29900"

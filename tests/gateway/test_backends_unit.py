@@ -396,3 +396,37 @@ def test_backend_codes_are_listed() -> None:
     assert BackendTimeoutError("x").code in ERROR_CODES
     assert BackendUnavailableError("x").code in ERROR_CODES
     assert isinstance(BackendTimeoutError("x"), BackendError)
+
+
+def test_a_compressed_answer_is_refused_unread() -> None:
+    import gzip
+
+    sent: list[str] = []
+    body = gzip.compress(gzip.compress(b"{" + b" " * 10_000_000 + b"}"))
+
+    def bomb(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers.get("accept-encoding", ""))
+        return httpx.Response(
+            200, headers={"content-encoding": "gzip, gzip"}, content=body
+        )
+
+    with pytest.raises(BackendError, match="only identity"):
+        clocked(bomb, Clock()).predict_proba(ROWS)
+    assert sent == ["identity"]
+
+
+def test_an_answer_to_another_call_is_refused() -> None:
+    ids: list[str] = []
+
+    def stale(request: httpx.Request) -> httpx.Response:
+        ids.append(json.loads(request.content)["id"])
+        out = {"name": "predict_proba", "shape": [2, 2], "data": [0.5] * 4}
+        # The first call gets its own id back, the second the first's.
+        return httpx.Response(200, json={"id": ids[0], "outputs": [out]})
+
+    model = clocked(stale, Clock())
+    assert model.predict_proba(ROWS).shape == (2, 2)
+    with pytest.raises(BackendError, match="another call's id"):
+        model.predict_proba(ROWS)
+    # An answer without an id (OIP makes it optional) is taken as it is.
+    assert clocked(Script([]), Clock()).predict_proba(ROWS).shape == (2, 2)

@@ -258,6 +258,22 @@ async def test_a_forwarded_for_header_counts_only_from_a_trusted_proxy(
         assert sorted(sources) == ["10.9.0.1", "10.9.0.2", "10.9.0.3", "10.9.0.4"]
 
 
+async def test_spellings_and_addresses_of_one_ipv6_host_share_a_login_limit(
+    make_admin: Factory,
+) -> None:
+    async with make_admin(login_attempts_per_window=3, max_failures=100) as admin:
+        await admin.add_user("dave", "viewer")
+        statuses = []
+        for source in ("2001:db8::1", "2001:DB8:0::1", "2001:db8::2", "2001:db8::3"):
+            async with admin.client(source) as http:
+                answer = await admin.login(http, "dave", password="wrong password!!")
+                statuses.append(answer.status_code)
+        assert statuses == [401, 401, 401, 429]
+        # The audit log keeps each address, in one spelling.
+        sources = [e.source for e in _logins(await admin.audit(), "dave")]
+        assert set(sources) == {"2001:db8::1", "2001:db8::2", "2001:db8::3"}
+
+
 def test_trusted_proxies_must_be_addresses_or_networks() -> None:
     assert load_settings(admin={"trusted_proxies": ["10.0.0.0/8", "::1"]})
     with pytest.raises(ConfigError, match="not an IP address or network"):

@@ -75,10 +75,17 @@ async def test_prometheus_scrapes_a_worker_and_evaluates_every_rule(
         running_worker(with_metrics),
         httpx.AsyncClient(base_url=url, trust_env=False, timeout=10) as http,
     ):
-        targets = (await _query(http, "/api/v1/targets"))["activeTargets"]
-        assert [t["labels"]["job"] for t in targets] == ["modelgate-worker"]
-        assert targets[0]["scrapeUrl"] == f"http://127.0.0.1:{worker_port}/metrics"
         async with asyncio.timeout(60):
+            # Targets appear once service discovery has synced (seconds).
+            while True:
+                targets = (await _query(http, "/api/v1/targets"))["activeTargets"]
+                if targets:
+                    break
+                await asyncio.sleep(0.5)
+            assert [t["labels"]["job"] for t in targets] == ["modelgate-worker"]
+            assert targets[0]["scrapeUrl"] == (
+                f"http://127.0.0.1:{worker_port}/metrics"
+            )
             while True:
                 up = await _query(
                     http, "/api/v1/query", query='up{job="modelgate-worker"}'
@@ -106,3 +113,24 @@ async def test_prometheus_scrapes_a_worker_and_evaluates_every_rule(
     ]
     # A healthy worker sets nothing off.
     assert [r["name"] for r in rules if r["state"] == "firing"] == []
+    # stop finds its Prometheus by state directory, without being told the port.
+    portless = {
+        k: v for k, v in prometheus_env.items() if k != "MODELGATE_PROMETHEUS_PORT"
+    }
+    stopped = await asyncio.to_thread(
+        subprocess.run,
+        [str(SCRIPT), "stop"],
+        env=portless,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "stopped" in stopped.stderr, stopped.stderr
+    status = await asyncio.to_thread(
+        subprocess.run,
+        [str(SCRIPT), "status"],
+        env=portless,
+        capture_output=True,
+        timeout=30,
+    )
+    assert status.returncode == 3

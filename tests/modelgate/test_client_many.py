@@ -134,3 +134,34 @@ def test_the_blocking_client_fans_out_too() -> None:
     assert [int(r["label"][0]) for r in results] == [5, 6]
     assert transport.peak == 1
     assert isinstance(kept[0], errors.UnknownModelError)
+
+
+def test_closing_the_client_ends_calls_other_threads_wait_on() -> None:
+    import threading
+
+    transport = Held()  # never released: every call waits
+
+    async def make() -> AsyncClient:
+        return AsyncClient(transport, retry=NO_RETRY)
+
+    client = Client(make())
+    client.start()
+    outcomes: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            client.infer_many("m", rows(1, 2))
+        except BaseException as exc:  # the outcome is what the test checks
+            outcomes.append(exc)
+
+    waiting = threading.Thread(target=call)
+    waiting.start()
+    while not transport.sent:
+        threading.Event().wait(0.01)
+    client.close()
+    waiting.join(10)
+    assert not waiting.is_alive(), "the call still waits on a stopped loop"
+    (outcome,) = outcomes
+    assert isinstance(outcome, errors.ClientClosedError), outcome
+    with pytest.raises(errors.ClientClosedError):
+        client.infer("m", rows(1)[0])
