@@ -11,6 +11,7 @@ or ``gateway``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +26,7 @@ from detectors._poisonspectral import (
 )
 
 FloatArray = npt.NDArray[np.float64]
+_Spread = TypeVar("_Spread", float, FloatArray)
 
 # The drift check's calibration (_anchored_calibration): random halvings of
 # each class's clean rows, from a fixed seed so that every guard of a
@@ -45,6 +47,18 @@ _DRIFT_MIN_ROWS = 8
 # out even against the floor (its pixels are ones the class never sets):
 # the 128- and 256-step drags are caught as without it (docs/feedback-guard.md).
 FLOOR_SHRINK = 8.0
+
+
+def floored_spread(along: _Spread, per_feature: _Spread) -> _Spread:
+    """The clean rows' spread along a direction (their mean squared
+    projection from their centre) floored by :data:`FLOOR_SHRINK` times their
+    mean spread per feature (mean squared deviation over rows and features):
+    what a record's or a window's squared projection is divided by when
+    judged against the clean rows (the guard's drift check, and its
+    calibration). Element-wise on arrays of subsets."""
+    return along + FLOOR_SHRINK * per_feature
+
+
 # Subsets whose (d, d) matrices are iterated at once: 64 of 64 features is
 # 2 MB.
 _BATCH = 64
@@ -222,8 +236,10 @@ def _anchored_calibration(
             c = whole[chunk]
             grams = scatter[None] - (n / (n - 1)) * c[:, :, None] * c[:, None, :]
             v = _top_directions(grams, start)
-            floor = np.einsum("mi,mij,mj->m", v, grams, v) / (n - 1)
-            floor += FLOOR_SHRINK * np.einsum("mii->m", grams) / ((n - 1) * d)
+            floor = floored_spread(
+                np.einsum("mi,mij,mj->m", v, grams, v) / (n - 1),
+                np.einsum("mii->m", grams) / ((n - 1) * d),
+            )
             record = (n / (n - 1) * np.einsum("mi,mi->m", c, v)) ** 2
             ok = floor > 0.0
             loo.append(record[ok] / floor[ok])
@@ -241,7 +257,7 @@ def _anchored_calibration(
             a = np.einsum("mkd,md->mk", rows[clean_idx] - centres[:, None], v)
             w = np.einsum("mkd,md->mk", rows[window_idx] - centres[:, None], v)
             clean = rows[clean_idx] - centres[:, None]
-            floor = (a**2).mean(axis=1) + FLOOR_SHRINK * (clean**2).mean(axis=(1, 2))
+            floor = floored_spread((a**2).mean(axis=1), (clean**2).mean(axis=(1, 2)))
             ok = floor > 0.0
             ratios.append((w**2).mean(axis=1)[ok] / floor[ok])
     all_loo = np.concatenate(loo) if loo else np.zeros(0)

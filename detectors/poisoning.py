@@ -79,9 +79,9 @@ import numpy as np
 import numpy.typing as npt
 
 from detectors._binomial import upper_tail
-from detectors._poisoncalib import FLOOR_SHRINK
 from detectors._poisoncalib import Calibration as Calibration
 from detectors._poisoncalib import calibrate as calibrate
+from detectors._poisoncalib import floored_spread
 from detectors._poisonparams import PoisoningParams as PoisoningParams
 from detectors._poisonspectral import _Rarity, _spectral_scale
 from detectors._poisonspectral import spectral_scores as spectral_scores
@@ -146,6 +146,27 @@ class _ClassWindow:
     direction: FloatArray | None = None
     # The same for the drift check's direction (from the clean rows' centre).
     anchored_direction: FloatArray | None = None
+
+
+@dataclass(frozen=True)
+class _CleanRows:
+    """One class's scaled clean calibration rows and what the drift check
+    reads of them on every record, computed once (:meth:`PoisoningGuard.fit`):
+    their centre, the rows about it, their Gram matrix about it and their
+    mean squared deviation per feature."""
+
+    rows: FloatArray
+    centre: FloatArray
+    centred: FloatArray
+    gram: FloatArray
+    per_feature: float
+
+    @classmethod
+    def of(cls, rows: FloatArray) -> _CleanRows:
+        centre = rows.mean(axis=0) if len(rows) else np.zeros(rows.shape[1])
+        centred = rows - centre
+        per_feature = float((centred**2).mean()) if len(rows) else 0.0
+        return cls(rows, centre, centred, centred.T @ centred, per_feature)
 
 
 @dataclass(frozen=True)
@@ -227,6 +248,7 @@ class PoisoningGuard:
         self._anchors: list[FloatArray] = [
             np.empty((0, self.n_features)) for _ in range(n_classes)
         ]
+        self._clean = [_CleanRows.of(a) for a in self._anchors]
 
     @classmethod
     def fit(
@@ -252,6 +274,7 @@ class PoisoningGuard:
         scaled = guard._scale(np.asarray(x_clean, dtype=np.float64))
         labels = np.asarray(y_clean, dtype=np.int64)
         guard._anchors = [scaled[labels == c] for c in range(n_classes)]
+        guard._clean = [_CleanRows.of(a) for a in guard._anchors]
         return guard
 
     # -- screening --------------------------------------------------------------
@@ -555,19 +578,19 @@ class PoisoningGuard:
         dragged direction, which the clean rows' centre makes the top one.
         """
         window = self._classes[label]
-        anchor = self._anchors[label]
-        if len(window.rows) < self.params.spectral_min_records or len(anchor) < 2:
+        clean = self._clean[label]
+        if len(window.rows) < self.params.spectral_min_records or len(clean.rows) < 2:
             return None
-        centre = anchor.mean(axis=0)
-        clean = anchor - centre
+        centre = clean.centre
         accepted = np.vstack(list(window.rows)) - centre
-        gram = clean.T @ clean + accepted.T @ accepted
+        gram = clean.gram + accepted.T @ accepted
         window.anchored_direction = top_direction(gram, window.anchored_direction)
         direction = window.anchored_direction
         # Floored (FLOOR_SHRINK): the clean rows are fewer than the features,
         # so along some directions they hardly vary while honest records do.
-        floor = float(((clean @ direction) ** 2).mean())
-        floor += FLOOR_SHRINK * float((clean**2).mean())
+        floor = floored_spread(
+            float(((clean.centred @ direction) ** 2).mean()), clean.per_feature
+        )
         spread = float(((accepted @ direction) ** 2).mean())
         if floor <= 0.0:
             # The clean rows do not vary at all (the floor is 0 only then):
