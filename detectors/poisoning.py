@@ -475,9 +475,10 @@ class PoisoningGuard:
             deque(list(scaled), maxlen=keep),
             deque(list(ids)[-keep:] if len(x) else [], maxlen=keep),
             deque(list(submitters)[-keep:] if len(x) else [], maxlen=keep),
-            # Still a good start for the power iteration: a window moves
+            # Still good starts for the power iterations: a window moves
             # little between two batches.
             old.direction,
+            old.anchored_direction,
         )
 
     def set_held_back(self, rows: dict[str, tuple[int, FloatArray, str, str]]) -> None:
@@ -668,6 +669,7 @@ class PoisoningGuard:
                 deque(w.ids, maxlen=w.ids.maxlen),
                 deque(w.submitters, maxlen=w.submitters.maxlen),
                 w.direction,
+                w.anchored_direction,
             )
             for w in self._classes
         ]
@@ -686,6 +688,7 @@ class PoisoningGuard:
                 deque(w.ids, maxlen=w.ids.maxlen),
                 deque(w.submitters, maxlen=w.submitters.maxlen),
                 w.direction,
+                w.anchored_direction,
             )
             for w in snapshot.windows
         ]

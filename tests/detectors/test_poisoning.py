@@ -608,6 +608,29 @@ def test_a_restored_snapshot_judges_a_batch_again_as_the_first_time(
     assert blob is not None and msgspec.json.decode(blob)["seen"] == 50 + 35
 
 
+def test_a_restored_snapshot_keeps_the_drift_checks_warm_start(digits: Zoo) -> None:
+    """Once a class window holds enough records for the drift check, a batch
+    judged again from a restored snapshot gets the same scores to the last
+    digit: the check's power iteration starts from the direction it had
+    (restored cold, it converged to other last digits)."""
+    zeros = np.flatnonzero(digits.y_held == 0)
+    proba = digits.model.predict_proba(digits.x_held)
+    guard = digits.guard()
+    rng = np.random.default_rng(11)
+    for k, i in enumerate(rng.choice(zeros, 60)):
+        guard.screen(f"h{k % 3}", digits.x_held[i], 0, proba[i], f"w{k}")
+    assert guard.window_size(0) >= PARAMS.spectral_min_records
+    snapshot = guard.snapshot(["b"])
+    batch = [(int(i), f"b{k}") for k, i in enumerate(rng.choice(zeros, 20))]
+    first = [guard.screen("b", digits.x_held[i], 0, proba[i], r) for i, r in batch]
+    assert all(v.scores["window_drift"] > 0.0 for v in first)  # the check ran
+    guard.restore(snapshot)
+    again = [guard.screen("b", digits.x_held[i], 0, proba[i], r) for i, r in batch]
+    assert [(v.accepted, v.code, v.scores) for v in again] == [
+        (v.accepted, v.code, v.scores) for v in first
+    ]
+
+
 def _patched_zeros(zoo: Zoo, n: int) -> Array:
     rows = zoo.x_held[zoo.y_held == 0][:n].astype(np.float64)
     rows[:, [54, 55, 62, 63]] = 16.0
