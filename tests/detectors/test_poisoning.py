@@ -29,6 +29,12 @@ from gateway.zoo import ensure_model
 
 Array = np.ndarray[Any, Any]
 PARAMS = PoisoningParams()
+# The guard without the distance check, for tests of what it would hide: the
+# spectral windows' own workings (trigger carriers the distance check refuses
+# from the first) and flip counting (a "correction" here is a held-out record
+# given a wrong label, which the distance check refuses on its own; true
+# labels of records the model gets wrong pass it: 0 of 26 refused on digits).
+SPECTRAL_ONLY = PoisoningParams(distance_check=False)
 # The stated false-rejection rate is 1%; the held-out half it is measured on
 # is 450 digits, so allow for sampling error (binomial sd about 0.5%).
 CLEAN_LIMIT = 0.025
@@ -148,7 +154,7 @@ def test_a_replayed_correction_is_counted_once(digits: Zoo) -> None:
     # redelivered after a crash). Counted each time, ten replays of a
     # victim's one honest correction made the victim a flipper, and its next
     # honest correction was refused.
-    guard = digits.guard()
+    guard = digits.guard(SPECTRAL_ONLY)
     proba = digits.model.predict_proba(digits.x_held)
     confident = np.flatnonzero(proba.max(axis=1) >= 0.99)
     for n, i in enumerate(confident[:30]):
@@ -306,7 +312,7 @@ PATCH = np.array([54, 55, 62, 63])
 
 
 def _drag_stream(
-    zoo: Zoo, guard: PoisoningGuard, steps: int, *, dragged: bool
+    zoo: Zoo, guard: PoisoningGuard, steps: int, *, dragged: bool, top: float = 16.0
 ) -> tuple[list[Any], list[Any]]:
     """The drag of evaluation.poisoning_evasion: four keys send real 0s
     labelled 0 whose bottom-right 2x2 pixels rise from 0 to 16 in ``steps``
@@ -327,7 +333,7 @@ def _drag_stream(
             )
         row = zoo.x_held[int(rng.choice(zeros))].copy()
         if dragged:
-            row[PATCH] = 16.0 * (k + 1) / steps
+            row[PATCH] = top * (k + 1) / steps
         proba = zoo.model.predict_proba(row[None, :])[0]
         own.append(guard.screen(f"dragger-{k % 4}", row, 0, proba, f"drag-{k}"))
     return own, honest
@@ -339,7 +345,7 @@ def test_a_dragged_window_is_judged_against_the_clean_rows(digits: Zoo) -> None:
     # patch set the denominator, and every carrier (a real 0 with the full
     # patch, label 0) then passed (this stream too). Undragged, 96% of
     # carriers were refused.
-    guard = digits.guard()
+    guard = digits.guard(SPECTRAL_ONLY)
     drag, _ = _drag_stream(digits, guard, 256, dragged=True)
     zeros = digits.x_held[digits.y_held == 0][:40].copy()
     zeros[:, PATCH] = 16.0
@@ -361,6 +367,59 @@ def test_a_dragged_window_is_judged_against_the_clean_rows(digits: Zoo) -> None:
     assert refused.code == "POISON_SPECTRAL"
     assert "a dragged window" in refused.evidence
     assert "'drag-" in refused.evidence  # it names drag rows among those beyond
+
+
+def test_a_drag_kept_under_the_bound_does_not_carry_the_patch(digits: Zoo) -> None:
+    # A drag to a quarter of the patch's height stays under the drift bound,
+    # so the spectral test judges the carriers against the dragged window:
+    # 27.8% of them passed (evaluation.poisoning_evasion, 3 seeds; this
+    # stream, without the distance check, lets 19 of the 40 through). The
+    # distance check reads only the clean rows, which the drag cannot move.
+    guard = digits.guard()
+    drag, _ = _drag_stream(digits, guard, 256, dragged=True, top=4.0)
+    assert max(v.scores["window_drift"] for v in drag) < (
+        guard.calibration.drift_threshold
+    )
+    zeros = digits.x_held[digits.y_held == 0][:40].copy()
+    zeros[:, PATCH] = 16.0
+    carriers = [
+        guard.screen(f"carrier-{i % 4}", r, 0, p)
+        for i, (r, p) in enumerate(
+            zip(zeros, digits.model.predict_proba(zeros), strict=True)
+        )
+    ]
+    assert not any(v.accepted for v in carriers), [v.scores for v in carriers]
+    first = carriers[0]
+    assert first.code == "POISON_OFF_CLASS" and first.detector == "distance"
+    assert "class 0's 45 clean records" in first.evidence
+
+
+def test_true_labels_the_model_gets_wrong_pass_the_distance_check(
+    digits: Zoo, cancer: Zoo, phishing: Zoo
+) -> None:
+    # An honest correction: the model is wrong and the submitter gives the
+    # true label. Its record lies among its class's clean rows however
+    # unsure the model is, so the check refuses it no more than any record.
+    judged = 0
+    for zoo in (digits, cancer, phishing):
+        guard = zoo.guard()
+        proba = zoo.model.predict_proba(zoo.x_held)
+        wrong = np.flatnonzero(proba.argmax(axis=1) != zoo.y_held)
+        verdicts = [
+            guard.screen(f"s{i}", zoo.x_held[i], int(zoo.y_held[i]), proba[i])
+            for i in wrong
+        ]
+        judged += len(verdicts)
+        assert all(v.code != "POISON_OFF_CLASS" for v in verdicts), [
+            v.scores["distance"] for v in verdicts
+        ]
+        assert all(v.scores["distance"] > 0.0 for v in verdicts)  # it ran
+        on = guard.calibration
+        off = zoo.guard(PoisoningParams(distance_check=False)).calibration
+        assert on.distance_threshold < float("inf") == off.distance_threshold
+        # Its quarter of the budget comes from the spectral check's half.
+        assert on.spectral_threshold >= off.spectral_threshold
+    assert judged >= 20, judged
 
 
 def test_a_clean_stream_as_long_as_the_drag_never_crosses(digits: Zoo) -> None:
@@ -675,7 +734,7 @@ def test_a_window_set_from_outside_judges_as_the_one_it_replaces(
     # A shared window (gateway.feedback_windows) hands a fresh guard the rows
     # another one accepted: the fresh guard must judge exactly as that one.
     rows = _patched_zeros(digits, 6)
-    first = digits.guard()
+    first = digits.guard(SPECTRAL_ONLY)
     accepted = []
     for i, row in enumerate(rows[:3]):
         verdict = first.screen(
@@ -684,7 +743,7 @@ def test_a_window_set_from_outside_judges_as_the_one_it_replaces(
         if verdict.learned:
             accepted.append(i)
     assert accepted, "no carrier was accepted"
-    fresh = digits.guard()
+    fresh = digits.guard(SPECTRAL_ONLY)
     fresh.set_window(
         0, rows[accepted], [f"p{i}" for i in accepted], ["a"] * len(accepted)
     )
@@ -717,7 +776,7 @@ def test_a_held_back_repeat_goes_back_into_the_window_once(digits: Zoo) -> None:
     # (not learned) and was left out of the window: held back, it re-enters
     # once accepted, so the records after it are judged as the first time.
     rows = _patched_zeros(digits, 2)
-    guard = digits.guard()
+    guard = digits.guard(SPECTRAL_ONLY)
     proba = digits.model.predict_proba(rows)
     first = guard.screen("a", rows[0], 0, proba[0], "p0")
     assert first.learned and guard.window_size(0) == 1
