@@ -11,6 +11,7 @@ or ``gateway``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +26,7 @@ from detectors._poisonspectral import (
 )
 
 FloatArray = npt.NDArray[np.float64]
+_Spread = TypeVar("_Spread", float, FloatArray)
 
 # The drift check's calibration (_anchored_calibration): random halvings of
 # each class's clean rows, from a fixed seed so that every guard of a
@@ -45,6 +47,18 @@ _DRIFT_MIN_ROWS = 8
 # out even against the floor (its pixels are ones the class never sets):
 # the 128- and 256-step drags are caught as without it (docs/feedback-guard.md).
 FLOOR_SHRINK = 8.0
+
+
+def floored_spread(along: _Spread, per_feature: _Spread) -> _Spread:
+    """The clean rows' spread along a direction (their mean squared
+    projection from their centre) floored by :data:`FLOOR_SHRINK` times their
+    mean spread per feature (mean squared deviation over rows and features):
+    what a record's or a window's squared projection is divided by when
+    judged against the clean rows (the guard's drift check, and its
+    calibration). Element-wise on arrays of subsets."""
+    return along + FLOOR_SHRINK * per_feature
+
+
 # Subsets whose (d, d) matrices are iterated at once: 64 of 64 features is
 # 2 MB.
 _BATCH = 64
@@ -81,6 +95,11 @@ class Calibration:
         rows' centre, on the top direction of both) to the clean rows' own at
         which the window is judged dragged; ``inf`` when no class has rows
         enough.
+    distance_threshold
+        Distance score (a record's squared distance from its label's clean
+        centre over the clean rows' floored spread along that record's own
+        direction) at which a record is rejected; ``inf`` when the check is
+        off or no class has rows enough.
     """
 
     disagree_rate: float
@@ -91,6 +110,7 @@ class Calibration:
     rows: int
     anchored_threshold: float = float("inf")
     drift_threshold: float = float("inf")
+    distance_threshold: float = float("inf")
 
 
 def calibrate(
@@ -103,10 +123,12 @@ def calibrate(
     """Thresholds and clean rates from clean labelled records (held-out data
     the model did not train on).
 
-    ``rarity`` and ``spectral`` each get half of ``false_rejection_rate``:
-    each threshold lies just above the split-conformal order statistic of the
-    clean scores (rank ceil((n + 1)(1 - share))), so a new record exchangeable
-    with the clean ones is rejected with probability at most that share.
+    ``rarity`` gets half of ``false_rejection_rate`` and ``spectral`` the
+    other half, or a quarter with ``distance`` the last quarter
+    (``distance_check``): each threshold lies just above the split-conformal
+    order statistic of the clean scores (rank ceil((n + 1)(1 - share))), so
+    a new record exchangeable with the clean ones is rejected with
+    probability at most that share.
     With fewer than ``1 / share - 1`` clean rows (199 at the default) no
     order statistic gives the bound; the largest clean score is used, and
     the rate is then only estimated. The flip tests take the clean records'
@@ -130,6 +152,10 @@ def calibrate(
     if k < 2 or y.min() < 0 or y.max() >= k:
         raise ValueError("clean labels must be class indices of the probabilities")
     budget = params.false_rejection_rate / 2
+    # The distance check takes half of the spectral check's budget, so that
+    # the record-level checks together still reject at most
+    # false_rejection_rate of clean records (a union bound).
+    spectral_budget = budget / 2 if params.distance_check else budget
 
     # Step: confident disagreements of clean records, overall and per pair.
     predicted = proba.argmax(axis=1)
@@ -167,12 +193,18 @@ def calibrate(
     # The same order statistic; when the budget asks for more rows than
     # there are (k > m), the largest clean score is the best bound there is.
     ranked_scores = np.sort(all_scores)
-    order = _conformal_rank(len(ranked_scores), budget)
+    order = _conformal_rank(len(ranked_scores), spectral_budget)
     spectral = float(ranked_scores[min(order, len(ranked_scores)) - 1]) * 1.0001
 
     # Step: the check on a dragged window (the guard's ``_drift``) and the
     # score it falls back on, from the clean rows of each class.
-    anchored, drift = _anchored_calibration([scaled[y == c] for c in range(k)], budget)
+    by_class = [scaled[y == c] for c in range(k)]
+    anchored, drift = _anchored_calibration(by_class, budget)
+    distance = (
+        _distance_threshold(by_class, budget / 2)
+        if params.distance_check
+        else float("inf")
+    )
 
     rejected = (counts >= threshold).copy()
     return Calibration(
@@ -184,6 +216,7 @@ def calibrate(
         rows=len(x),
         anchored_threshold=anchored,
         drift_threshold=drift,
+        distance_threshold=distance,
     )
 
 
@@ -222,8 +255,10 @@ def _anchored_calibration(
             c = whole[chunk]
             grams = scatter[None] - (n / (n - 1)) * c[:, :, None] * c[:, None, :]
             v = _top_directions(grams, start)
-            floor = np.einsum("mi,mij,mj->m", v, grams, v) / (n - 1)
-            floor += FLOOR_SHRINK * np.einsum("mii->m", grams) / ((n - 1) * d)
+            floor = floored_spread(
+                np.einsum("mi,mij,mj->m", v, grams, v) / (n - 1),
+                np.einsum("mii->m", grams) / ((n - 1) * d),
+            )
             record = (n / (n - 1) * np.einsum("mi,mi->m", c, v)) ** 2
             ok = floor > 0.0
             loo.append(record[ok] / floor[ok])
@@ -241,7 +276,7 @@ def _anchored_calibration(
             a = np.einsum("mkd,md->mk", rows[clean_idx] - centres[:, None], v)
             w = np.einsum("mkd,md->mk", rows[window_idx] - centres[:, None], v)
             clean = rows[clean_idx] - centres[:, None]
-            floor = (a**2).mean(axis=1) + FLOOR_SHRINK * (clean**2).mean(axis=(1, 2))
+            floor = floored_spread((a**2).mean(axis=1), (clean**2).mean(axis=(1, 2)))
             ok = floor > 0.0
             ratios.append((w**2).mean(axis=1)[ok] / floor[ok])
     all_loo = np.concatenate(loo) if loo else np.zeros(0)
@@ -252,6 +287,46 @@ def _anchored_calibration(
     order = _conformal_rank(len(ranked), budget)
     anchored = float(ranked[min(order, len(ranked)) - 1]) * 1.0001
     return max(anchored, 1.0), max(float(all_ratios.max()) * 1.0001, 1.0)
+
+
+def _distance_threshold(classes: list[FloatArray], budget: float) -> float:
+    """The distance check's threshold: leave-one-out, each clean row is
+    scored against the other rows of its class as a record is against its
+    label's clean rows (:meth:`~detectors.poisoning.PoisoningGuard._distance`),
+    and the split-conformal order statistic of these scores at ``budget``
+    is taken. A class with fewer than ``_DRIFT_MIN_ROWS`` clean rows takes no
+    part (the guard does not judge its records by distance); ``inf`` when
+    none does."""
+    scores: list[FloatArray] = []
+    for rows in classes:
+        n, d = rows.shape
+        if n < _DRIFT_MIN_ROWS:
+            continue
+        mean = rows.mean(axis=0)
+        whole = rows - mean
+        scatter = whole.T @ whole
+        for chunk in np.array_split(np.arange(n), -(-n // _BATCH)):
+            # Without row i, the other rows' scatter about their centre is a
+            # rank-one downdate of the whole class's, and row i lies
+            # n / (n - 1) times further from that centre than from the mean.
+            c = whole[chunk]
+            grams = scatter[None] - (n / (n - 1)) * c[:, :, None] * c[:, None, :]
+            offset = n / (n - 1) * c
+            squared = np.einsum("mi,mi->m", offset, offset)
+            along = np.einsum("mi,mij,mj->m", offset, grams, offset)
+            # A row at the others' centre scores 0, as a record there does.
+            at = squared > 0.0
+            floor = floored_spread(
+                np.divide(along, squared * (n - 1), out=np.zeros(len(c)), where=at),
+                np.einsum("mii->m", grams) / ((n - 1) * d),
+            )
+            ok = floor > 0.0
+            scores.append(squared[ok] / floor[ok])
+    ranked = np.sort(np.concatenate(scores)) if scores else np.zeros(0)
+    if not len(ranked):
+        return float("inf")
+    order = _conformal_rank(len(ranked), budget)
+    return max(float(ranked[min(order, len(ranked)) - 1]) * 1.0001, 1.0)
 
 
 def _conformal_rank(n: int, share: float) -> int:

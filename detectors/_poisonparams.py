@@ -21,7 +21,16 @@ class PoisoningParams(BaseModel):
 
     false_rejection_rate: float = Field(0.01, gt=0.0, le=0.2)
     """Share of clean records the record-level checks may reject; half of it
-    goes to ``rarity`` and half to ``spectral`` when they are calibrated."""
+    goes to ``rarity``, and the other half to ``spectral`` or, with
+    ``distance_check``, a quarter each to ``spectral`` and ``distance``, when
+    they are calibrated."""
+
+    distance_check: bool = True
+    """Judge each record against its label's clean calibration rows alone
+    (the ``distance`` check), which no submitter's records can move. Off,
+    the guard is the one before session 13 (``spectral`` keeps half of
+    ``false_rejection_rate``): for tests of the spectral windows themselves,
+    whose trigger clusters the check would refuse from their first record."""
 
     # Source of the default: 1e-4 per record is a few chance rejections in
     # 10,000 clean records even if every test were independent; measured

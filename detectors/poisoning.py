@@ -10,7 +10,7 @@ Two kinds of training-data poisoning reach a model through labelled feedback:
   value in an unused feature), all labelled one class, so that the retrained
   model learns "pattern => class".
 
-Four checks, each with a stable code and a sentence of evidence:
+Five checks, each with a stable code and a sentence of evidence:
 
 ``rarity`` (``POISON_TRIGGER``)
     How many features of the record lie where at most ``rare_share`` of the
@@ -26,6 +26,14 @@ Four checks, each with a stable code and a sentence of evidence:
     window whose accepted records lie far beyond the clean rows along its
     top direction (a calibrated bound) is judged dragged, and the record is
     then scored against the clean rows alone.
+``distance`` (``POISON_OFF_CLASS``)
+    The record's squared distance from the centre of its label's clean
+    calibration rows over their spread along the record's own direction
+    (floored as the drift check's spread is). Rejected at a threshold
+    calibrated, leave-one-out, on those rows. No submitter's records move
+    it: a window dragged or spread by others changes nothing here, and
+    neither does a cluster too young to stand out. A trigger's pixels and
+    a wrong label both put a record far from its label's clean rows.
 ``flip_rate`` (``POISON_FLIP_RATE``)
     A *confident disagreement* is a record whose label the model gives less
     than ``1 - confidence`` while another class gets at least
@@ -46,13 +54,16 @@ spreading flips over many keys, stays under the binomial tests; the
 spectral test needs its cluster to be a few percent of the class window
 before it separates, so the first records of a trigger cluster that the
 rarity check misses are accepted (they are named in later evidence). A
-window dragged towards a trigger by small accepted steps is caught only
-once its drift passes the calibrated bound (2.04 times the clean rows'
-floored spread on digits); a drag kept under it still lets a quarter of
-later carriers through, and while a window is judged dragged its class's
-honest records are judged against the clean rows alone, which refuses a
-few more of them (the floor keeps a framer from choosing a direction where
-that refuses many: docs/feedback-guard.md).
+window dragged towards a trigger by small accepted steps is judged dragged
+only once its drift passes the calibrated bound (2.04 times the clean rows'
+floored spread on digits); a drag kept under it let a quarter of later
+carriers through the spectral test, which ``distance`` now refuses (0 of
+180 on digits); while a window is judged dragged its class's honest records
+are judged against the clean rows alone, which refuses a few more of them
+(the floor keeps a framer from choosing a direction where that refuses
+many: docs/feedback-guard.md). ``distance`` judges a record against about
+45 clean rows of its class (digits), so a trigger weaker than the class's
+own spread, or a flip to a class the record resembles, passes it.
 
 This module holds the guard: how a record is judged, the class windows and
 the submitters it keeps. The parameters are in :mod:`detectors._poisonparams`,
@@ -79,7 +90,7 @@ import numpy as np
 import numpy.typing as npt
 
 from detectors._binomial import upper_tail
-from detectors._poisoncalib import FLOOR_SHRINK
+from detectors._poisoncalib import _DRIFT_MIN_ROWS, floored_spread
 from detectors._poisoncalib import Calibration as Calibration
 from detectors._poisoncalib import calibrate as calibrate
 from detectors._poisonparams import PoisoningParams as PoisoningParams
@@ -101,6 +112,11 @@ from detectors._poisonstate import record_digest as record_digest
 
 logger = logging.getLogger(__name__)
 
+# Fewest clean rows of a class for the distance check to judge its records:
+# the calibration's (detectors._poisoncalib._DRIFT_MIN_ROWS), which leaves
+# classes with fewer out of the threshold too.
+_DISTANCE_MIN_ROWS = _DRIFT_MIN_ROWS
+
 FloatArray = npt.NDArray[np.float64]
 
 CODES: dict[str, str] = {
@@ -112,6 +128,8 @@ CODES: dict[str, str] = {
     "model far more often than clean feedback does",
     "POISON_TARGETED_FLIP": "the submitter's confident disagreements pile up on "
     "one (label, model class) pair",
+    "POISON_OFF_CLASS": "the record lies further from its label's clean records "
+    "than they lie from one another (a trigger or a wrong label)",
 }
 """Every rejection code this module gives, with its meaning."""
 
@@ -122,8 +140,10 @@ class Verdict:
 
     ``code`` and ``detector`` are ``None`` when it is accepted. ``scores``
     holds every check's value (``rarity``: rare features; ``spectral``:
-    ratio to the window mean; ``flip_tail`` and ``pair_tail``: binomial
-    tails, lower is more suspicious, 1.0 when not computed).
+    ratio to the window mean; ``distance``: squared distance from the
+    label's clean centre over their floored spread along it, 0.0 when not
+    computed; ``flip_tail`` and ``pair_tail``: binomial tails, lower is more
+    suspicious, 1.0 when not computed).
     """
 
     accepted: bool
@@ -146,6 +166,27 @@ class _ClassWindow:
     direction: FloatArray | None = None
     # The same for the drift check's direction (from the clean rows' centre).
     anchored_direction: FloatArray | None = None
+
+
+@dataclass(frozen=True)
+class _CleanRows:
+    """One class's scaled clean calibration rows and what the drift check
+    reads of them on every record, computed once (:meth:`PoisoningGuard.fit`):
+    their centre, the rows about it, their Gram matrix about it and their
+    mean squared deviation per feature."""
+
+    rows: FloatArray
+    centre: FloatArray
+    centred: FloatArray
+    gram: FloatArray
+    per_feature: float
+
+    @classmethod
+    def of(cls, rows: FloatArray) -> _CleanRows:
+        centre = rows.mean(axis=0) if len(rows) else np.zeros(rows.shape[1])
+        centred = rows - centre
+        per_feature = float((centred**2).mean()) if len(rows) else 0.0
+        return cls(rows, centre, centred, centred.T @ centred, per_feature)
 
 
 @dataclass(frozen=True)
@@ -227,6 +268,7 @@ class PoisoningGuard:
         self._anchors: list[FloatArray] = [
             np.empty((0, self.n_features)) for _ in range(n_classes)
         ]
+        self._clean = [_CleanRows.of(a) for a in self._anchors]
 
     @classmethod
     def fit(
@@ -252,6 +294,7 @@ class PoisoningGuard:
         scaled = guard._scale(np.asarray(x_clean, dtype=np.float64))
         labels = np.asarray(y_clean, dtype=np.int64)
         guard._anchors = [scaled[labels == c] for c in range(n_classes)]
+        guard._clean = [_CleanRows.of(a) for a in guard._anchors]
         return guard
 
     # -- screening --------------------------------------------------------------
@@ -305,6 +348,7 @@ class PoisoningGuard:
         scaled = self._scale(x[None, :])[0]
         spec = self._spectral(scaled, label)
         spectral = spec.score
+        distance = self._distance(scaled, label)
         predicted = int(np.argmax(p))
         disagreement = bool(predicted != label and p[predicted] >= prm.confidence)
 
@@ -329,6 +373,7 @@ class PoisoningGuard:
             "rarity": float(len(rare)),
             "spectral": spectral,
             "window_drift": spec.drift,
+            "distance": distance,
             "flip_tail": flip_tail,
             "pair_tail": pair_tail,
             "confidence": float(p[predicted]),
@@ -392,6 +437,18 @@ class PoisoningGuard:
                 f"model at {prm.confidence:.0%} confidence or more; clean rate "
                 f"{cal.disagree_rate:.2%}, tail {flip_tail:.1e}",
             )
+        elif distance >= cal.distance_threshold:
+            # Last: a cluster or a flipper named by the checks above says
+            # more than a distance does.
+            verdict = (
+                "POISON_OFF_CLASS",
+                "distance",
+                f"the record lies {distance:.1f}x further from the centre of "
+                f"class {label}'s {len(self._anchors[label])} clean records "
+                f"than they spread along its direction (threshold "
+                f"{cal.distance_threshold:.1f}; clean records reach it on "
+                f"{prm.false_rejection_rate / 4:.2%} or fewer)",
+            )
 
         if verdict is None:
             learned = learn and not repeat
@@ -452,9 +509,10 @@ class PoisoningGuard:
             deque(list(scaled), maxlen=keep),
             deque(list(ids)[-keep:] if len(x) else [], maxlen=keep),
             deque(list(submitters)[-keep:] if len(x) else [], maxlen=keep),
-            # Still a good start for the power iteration: a window moves
+            # Still good starts for the power iterations: a window moves
             # little between two batches.
             old.direction,
+            old.anchored_direction,
         )
 
     def set_held_back(self, rows: dict[str, tuple[int, FloatArray, str, str]]) -> None:
@@ -538,6 +596,36 @@ class PoisoningGuard:
             float(scores[-1]), threshold, [int(i) for i in over], ratio, False
         )
 
+    def _distance(self, scaled: FloatArray, label: int) -> float:
+        """The record's squared distance from the centre of class ``label``'s
+        clean rows over their spread along the record's own direction,
+        floored (:func:`~detectors._poisoncalib.floored_spread`); 0.0 when
+        the check is off or the class has too few clean rows (the
+        calibration's ``distance_threshold`` is then ``inf`` or the record at
+        the centre).
+
+        Why: the spectral test judges a record along one direction, the top
+        one of its class, which honest variation sets until a trigger
+        cluster has grown; records sent to spread a window along the trigger
+        (a drag) make that cluster need more members before it stands out.
+        Along the record's own direction the trigger stands out from its
+        first carrier, and only the clean rows, which no submitter can move,
+        are read.
+        """
+        clean = self._clean[label]
+        if (
+            self.calibration.distance_threshold == float("inf")
+            or len(clean.rows) < _DISTANCE_MIN_ROWS
+        ):
+            return 0.0
+        offset = scaled - clean.centre
+        squared = float(offset @ offset)
+        if squared <= 0.0:
+            return 0.0
+        along = float(offset @ clean.gram @ offset) / (squared * len(clean.rows))
+        floor = floored_spread(along, clean.per_feature)
+        return squared / floor if floor > 0.0 else 0.0
+
     def _drift(self, label: int) -> tuple[float, FloatArray, FloatArray, float] | None:
         """How far class ``label``'s window has moved from its clean rows:
         the accepted records' mean squared projection from the clean rows'
@@ -555,19 +643,19 @@ class PoisoningGuard:
         dragged direction, which the clean rows' centre makes the top one.
         """
         window = self._classes[label]
-        anchor = self._anchors[label]
-        if len(window.rows) < self.params.spectral_min_records or len(anchor) < 2:
+        clean = self._clean[label]
+        if len(window.rows) < self.params.spectral_min_records or len(clean.rows) < 2:
             return None
-        centre = anchor.mean(axis=0)
-        clean = anchor - centre
+        centre = clean.centre
         accepted = np.vstack(list(window.rows)) - centre
-        gram = clean.T @ clean + accepted.T @ accepted
+        gram = clean.gram + accepted.T @ accepted
         window.anchored_direction = top_direction(gram, window.anchored_direction)
         direction = window.anchored_direction
         # Floored (FLOOR_SHRINK): the clean rows are fewer than the features,
         # so along some directions they hardly vary while honest records do.
-        floor = float(((clean @ direction) ** 2).mean())
-        floor += FLOOR_SHRINK * float((clean**2).mean())
+        floor = floored_spread(
+            float(((clean.centred @ direction) ** 2).mean()), clean.per_feature
+        )
         spread = float(((accepted @ direction) ** 2).mean())
         if floor <= 0.0:
             # The clean rows do not vary at all (the floor is 0 only then):
@@ -645,6 +733,7 @@ class PoisoningGuard:
                 deque(w.ids, maxlen=w.ids.maxlen),
                 deque(w.submitters, maxlen=w.submitters.maxlen),
                 w.direction,
+                w.anchored_direction,
             )
             for w in self._classes
         ]
@@ -663,6 +752,7 @@ class PoisoningGuard:
                 deque(w.ids, maxlen=w.ids.maxlen),
                 deque(w.submitters, maxlen=w.submitters.maxlen),
                 w.direction,
+                w.anchored_direction,
             )
             for w in snapshot.windows
         ]

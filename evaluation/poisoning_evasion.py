@@ -23,8 +23,9 @@ accepted and what honest records were rejected:
   class between them, then carriers (real 0s with the full patch, label 0)
   arrive among honest records: what share of the drag rows and of the
   carriers pass, against carriers meeting an undragged window; and drags
-  that stop at a quarter to a half of the patch's height. With the
-  windows shared in Redis the drag need not reach the carriers' guard.
+  that stop at a quarter to a half of the patch's height (128 or 256
+  steps). With the windows shared in Redis the drag need not reach the
+  carriers' guard.
 
 Run: ``.venv/bin/python -m evaluation.poisoning_evasion [--seeds 3]``.
 Writes nothing but stdout.
@@ -307,9 +308,10 @@ def main(argv: list[str] | None = None) -> None:
             # Stopped short of the dragged-window check's bound.
             *[
                 (
-                    f"drag 256 steps to {t:g} of 16",
-                    lambda s, t=t: drag(env, params, 256, s, t),
+                    f"drag {n} steps to {t:g} of 16",
+                    lambda s, n=n, t=t: drag(env, params, n, s, t),
                 )
+                for n in (128, 256)
                 for t in (4.0, 6.0, 8.0)
             ],
         ]

@@ -192,6 +192,7 @@ class FeedbackGuard(GroupService):
                     # None: too few clean rows per class, the check is off.
                     "drift_threshold": _finite(cal.drift_threshold),
                     "anchored_threshold": _finite(cal.anchored_threshold),
+                    "distance_threshold": _finite(cal.distance_threshold),
                 },
             )
         # Before joining the group: a port clash (ConfigError) should stop the

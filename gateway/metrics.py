@@ -282,7 +282,7 @@ class GuardMetrics(GroupMetrics):
     models the guard screens, or ``""`` for a record that named none of
     them or was not authenticated; ``code`` one of
     ``gateway.feedback_wire.FEEDBACK_CODES`` or ``""``; ``detector`` one of
-    the guard's four checks or ``""``.
+    the guard's five checks or ``""``.
     """
 
     def __init__(self) -> None:

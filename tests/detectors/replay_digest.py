@@ -416,7 +416,8 @@ def _poisoning_digests() -> dict[str, str]:
                 h.update(
                     f"{cal.disagree_rate!r}|{cal.rarity_threshold}|"
                     f"{cal.spectral_threshold!r}|{cal.clean_rejected!r}|{cal.rows}|"
-                    f"{cal.anchored_threshold!r}|{cal.drift_threshold!r}\n".encode()
+                    f"{cal.anchored_threshold!r}|{cal.drift_threshold!r}|"
+                    f"{cal.distance_threshold!r}\n".encode()
                 )
                 h.update(cal.pair_rates.tobytes())
             stream = _poisoning_stream(name, model, x_held, y_held)

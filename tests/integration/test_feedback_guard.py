@@ -44,10 +44,15 @@ CLIENT = "fb-alice"
 
 @contextlib.contextmanager
 def _guard_settings(
-    stack: StackInfo, models_dir: Path, redis_url: str, **overrides: Any
+    stack: StackInfo,
+    models_dir: Path,
+    redis_url: str,
+    params: dict[str, Any] | None = None,
+    **overrides: Any,
 ) -> Iterator[Settings]:
-    """Isolated settings with feedback topics and a guard group of their own,
-    deleted at the end (the session's clean-up knows the request path's)."""
+    """Isolated settings with feedback topics and a guard group of their own
+    (and the guard's ``params``, if given), deleted at the end (the
+    session's clean-up knows the request path's)."""
     tag = uuid.uuid4().hex[:10]
     settings = isolated_settings(
         stack.kafka_bootstrap,
@@ -60,7 +65,11 @@ def _guard_settings(
                 "feedback_rejected": f"test-{tag}.feedback.rejected",
             }
         },
-        feedback={"group_id": f"test-{tag}-guard", "max_batch_records": 10},
+        feedback={
+            "group_id": f"test-{tag}-guard",
+            "max_batch_records": 10,
+            **({"params": params} if params is not None else {}),
+        },
         **overrides,
     )
     try:
