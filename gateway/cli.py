@@ -27,6 +27,7 @@ from gateway.cli_common import (
     exit_for,
     load_cli_settings,
     stop_on_signals,
+    token_or_exit,
 )
 from gateway.cli_config import config_app
 from gateway.cli_eval import evaluate
@@ -286,8 +287,6 @@ def send(
     """Send one request through Kafka and print the response as JSON."""
     import numpy as np
 
-    from gateway.keys import KeyStore
-
     settings = _settings(config)
     if (data is None) == (sample is None):
         typer.echo("error: give exactly one of --data or --sample", err=True)
@@ -306,11 +305,7 @@ def send(
         except (ValueError, TypeError) as exc:
             typer.echo(f"error: --data is not a JSON list of numbers: {exc}", err=True)
             raise typer.Exit(2) from exc
-    try:
-        key_id, secret = KeyStore.parse_token(token)
-    except ModelgateError as exc:
-        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
-        raise typer.Exit(2) from exc
+    key_id, secret = token_or_exit(settings, token)
     if client_id is None:
         client_id = _run(_client_of(settings, key_id))
     response = _run(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal, TypeVar
@@ -32,6 +33,11 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 SIGNATURE_HEADER = "mg-sig"
+# An API key id; here, not in gateway.keys, so that a client can tell a token
+# no key can have without importing the key store.
+# 12 hex digits = 48 random bits: ids are public, so they only need to be
+# unique, not unguessable (the secret is what proves possession).
+KEY_ID_PATTERN = re.compile(r"^mgk_[0-9a-f]{12}$")
 _SIGNING_PREFIX = b"mg1\n"
 
 Datatype = Literal["FP32", "FP64", "INT32", "INT64"]
