@@ -273,6 +273,42 @@ def verify(secret: bytes, value: bytes, signature: str) -> bool:
     return hmac.compare_digest(sign(secret, value), signature)
 
 
+def read_signature(headers: Any) -> tuple[str | None, int]:
+    """The ``mg-sig`` header of a consumer record, and how many it carries.
+
+    Kafka allows a header name more than once. A record with several
+    signatures is ambiguous, whichever one a reader picked, so the worker and
+    the poisoning guard refuse it (``AUTH_BAD_SIGNATURE``) when the count is
+    above one.
+
+    Returns
+    -------
+    tuple[str | None, int]
+        The signature (ASCII, undecodable bytes replaced), ``None`` unless
+        exactly one header carries a value; the number of ``mg-sig`` headers,
+        null ones included.
+
+    Examples
+    --------
+    >>> read_signature([("mg-sig", b"ab"), ("other", b"x")])
+    ('ab', 1)
+    >>> read_signature([("mg-sig", b"ab"), ("mg-sig", b"cd")])
+    (None, 2)
+    """
+    found = [raw for name, raw in headers or () if name == SIGNATURE_HEADER]
+    if len(found) != 1 or found[0] is None:
+        return None, len(found)
+    return found[0].decode("ascii", "replace"), 1
+
+
+def duplicate_signature_message(count: int) -> str:
+    """The error message of a record with ``count`` > 1 signatures."""
+    return (
+        f"the record carries {count} {SIGNATURE_HEADER} headers; "
+        "it must carry exactly one"
+    )
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
