@@ -415,6 +415,10 @@ async def _alerts(settings: Settings, follow: bool, as_json: bool) -> None:
             if not follow:
                 positions = {tp: await consumer.position(tp) for tp in tps}
                 if all(positions[tp] >= end[tp] for tp in tps):
+                    if not stored:
+                        # On stderr: stdout stays the (empty) list of alerts.
+                        typer.echo(f"no alerts in {topic}", err=True)
+                        return
                     # The earliest copy of an alert is the one printed.
                     for *_, value in sorted(stored, key=lambda r: r[:3]):
                         _print_alert(value, as_json, format_alert, seen)
