@@ -465,6 +465,8 @@ def keys_create(
 ) -> None:
     """Create an API key and print its token once; it is not stored in clear."""
     settings = _settings(config)
+    parsed = limits_cli.overrides_or_exit(overrides)
+    limits_cli.plan_or_exit(settings, plan)
 
     async def create() -> str:
         async with _key_store(settings) as store:
@@ -473,7 +475,7 @@ def keys_create(
                 models=tuple(model or ()),
                 ttl_s=None if ttl_days is None else ttl_days * 86_400,
                 plan=plan,
-                limit_overrides=limits_cli.parse_overrides(overrides),
+                limit_overrides=parsed,
             )
             return f"key_id={key.key_id} client={key.client_id}\ntoken={token}"
 
