@@ -110,7 +110,13 @@ class HeadLimitedH11(H11Protocol):
             content_type = b"text/plain; charset=utf-8"
             body = msg.encode("ascii")
             logger.info("refused a malformed HTTP request: %s", msg)
-        headers = [(b"content-type", content_type), (b"connection", b"close")]
+        # A length, so the client knows the answer is whole without waiting
+        # for the close, which lingers.
+        headers = [
+            (b"content-type", content_type),
+            (b"content-length", str(len(body)).encode("ascii")),
+            (b"connection", b"close"),
+        ]
         for event in (
             h11.Response(status_code=status, headers=headers),
             h11.Data(data=body),
@@ -123,6 +129,9 @@ class HeadLimitedH11(H11Protocol):
         # would see the reset instead of the answer.
         self._lingering = True
         self._linger_timer = self.loop.call_later(LINGER_S, self.transport.close)
+        if self.transport.can_write_eof():
+            # Our half is done: a client reading to the end sees it now.
+            self.transport.write_eof()
 
 
 class HeadLimit:
