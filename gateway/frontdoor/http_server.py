@@ -18,6 +18,12 @@ client still sends for a while (a "lingering close", as nginx does) so that
 the answer reaches it. Other malformed HTTP keeps uvicorn's plain-text 400,
 now also delivered before the close.
 
+Known shortcoming: :class:`HeadLimitedH11` overrides
+``H11Protocol.send_400_response``, which is uvicorn's internal, not an API
+(uvicorn has no hook for its refusals); the version is pinned in
+``requirements.lock``, and a uvicorn upgrade must pass
+``tests/integration/test_frontdoor_attack.py`` again.
+
 This module imports uvicorn, h11, starlette's types and the front door's
 error table.
 """
