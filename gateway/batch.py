@@ -18,7 +18,7 @@ import numpy as np
 from gateway import protocol
 from gateway.alerts import alert_id, build_alert
 from gateway.backends import ModelBackend
-from gateway.errors import ModelgateError, ValidationError
+from gateway.errors import AuthError, ModelgateError, ValidationError
 from gateway.keys import ApiKey
 from gateway.policy import Verdict
 from gateway.store import Admission
@@ -138,10 +138,7 @@ class BatchItem:
 def decode_record(topic: str, partition: int, record: Any, max_bytes: int) -> BatchItem:
     """Turn a consumer record into a batch item: size check, then the codec."""
     value: bytes = record.value or b""
-    signature = None
-    for name, raw in record.headers or ():
-        if name == protocol.SIGNATURE_HEADER and raw is not None:
-            signature = raw.decode("ascii", "replace")
+    signature, signatures = protocol.read_signature(record.headers)
     item = BatchItem(
         topic=topic,
         partition=partition,
@@ -161,6 +158,15 @@ def decode_record(topic: str, partition: int, record: Any, max_bytes: int) -> Ba
             )
         )
         return item
+    if signatures > 1:
+        # Refused before the key is looked up: which signature counts would
+        # be the reader's guess. The value is still decoded, to answer.
+        item.fail(
+            AuthError(
+                protocol.duplicate_signature_message(signatures),
+                code="AUTH_BAD_SIGNATURE",
+            )
+        )
     try:
         item.request = protocol.decode_request(value)
     except msgspec.ValidationError as exc:

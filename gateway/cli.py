@@ -28,6 +28,7 @@ from gateway.cli_common import (
     exit_for,
     load_cli_settings,
     stop_on_signals,
+    token_or_exit,
 )
 from gateway.cli_config import config_app
 from gateway.cli_eval import evaluate
@@ -289,8 +290,6 @@ def send(
     """Send one request through Kafka and print the response as JSON."""
     import numpy as np
 
-    from gateway.keys import KeyStore
-
     settings = _settings(config)
     if (data is None) == (sample is None):
         typer.echo("error: give exactly one of --data or --sample", err=True)
@@ -309,11 +308,7 @@ def send(
         except (ValueError, TypeError) as exc:
             typer.echo(f"error: --data is not a JSON list of numbers: {exc}", err=True)
             raise typer.Exit(2) from exc
-    try:
-        key_id, secret = KeyStore.parse_token(token)
-    except ModelgateError as exc:
-        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
-        raise typer.Exit(2) from exc
+    key_id, secret = token_or_exit(settings, token)
     if client_id is None:
         client_id = _run(_client_of(settings, key_id))
     response = _run(
@@ -423,6 +418,10 @@ async def _alerts(settings: Settings, follow: bool, as_json: bool) -> None:
             if not follow:
                 positions = {tp: await consumer.position(tp) for tp in tps}
                 if all(positions[tp] >= end[tp] for tp in tps):
+                    if not stored:
+                        # On stderr: stdout stays the (empty) list of alerts.
+                        typer.echo(f"no alerts in {topic}", err=True)
+                        return
                     # The earliest copy of an alert is the one printed.
                     for *_, value in sorted(stored, key=lambda r: r[:3]):
                         _print_alert(value, as_json, format_alert, seen)
@@ -469,6 +468,8 @@ def keys_create(
 ) -> None:
     """Create an API key and print its token once; it is not stored in clear."""
     settings = _settings(config)
+    parsed = limits_cli.overrides_or_exit(overrides)
+    limits_cli.plan_or_exit(settings, plan)
 
     async def create() -> str:
         async with _key_store(settings) as store:
@@ -477,7 +478,7 @@ def keys_create(
                 models=tuple(model or ()),
                 ttl_s=None if ttl_days is None else ttl_days * 86_400,
                 plan=plan,
-                limit_overrides=limits_cli.parse_overrides(overrides),
+                limit_overrides=parsed,
             )
             return f"key_id={key.key_id} client={key.client_id}\ntoken={token}"
 

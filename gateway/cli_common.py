@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from gateway.config import Settings, load_settings
-from gateway.errors import ConfigError, ModelgateError
+from gateway.errors import AuthError, ConfigError, ModelgateError
 
 ConfigOption = Annotated[
     Path | None,
@@ -60,6 +60,55 @@ def exit_for(exc: ModelgateError) -> typer.Exit:
     metrics port found taken as a service starts), 1 for anything else."""
     typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
     return typer.Exit(2 if isinstance(exc, ConfigError) else 1)
+
+
+def token_or_exit(settings: Settings, token: str) -> tuple[str, bytes]:
+    """The key id and secret of ``--token``, or exit 2 with the reason.
+
+    The code is the one the front door and the worker give the same token
+    (``KeyStore.check_token``): a well-formed key id with a malformed secret
+    is looked up in Redis, and is ``AUTH_UNKNOWN_KEY`` if no key has it.
+
+    Raises
+    ------
+    typer.Exit
+        Code 2 for an empty or malformed token (``AUTH_MISSING``,
+        ``AUTH_UNKNOWN_KEY`` or ``AUTH_BAD_SIGNATURE``), 1 when Redis could
+        not be asked about a malformed secret.
+    """
+    from gateway.keys import KeyStore
+    from gateway.store import redis_from_settings
+
+    if not token.strip():
+        typer.echo(
+            "error [AUTH_MISSING]: no API key token given: pass --token or set "
+            "MODELGATE_TOKEN to the token `modelgate keys create` printed",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+    async def check() -> tuple[str, bytes]:
+        client = redis_from_settings(settings)
+        try:
+            return await KeyStore(client, settings).check_token(token)
+        finally:
+            await client.aclose()
+
+    try:
+        return KeyStore.parse_token(token)
+    except ModelgateError as exc:
+        if exc.code != "AUTH_BAD_SIGNATURE":
+            typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+            raise typer.Exit(2) from exc
+    # Only a malformed secret needs the store: whether its key id exists
+    # decides the code.
+    try:
+        return asyncio.run(check())
+    except AuthError as exc:
+        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+    except ModelgateError as exc:
+        raise exit_for(exc) from exc
 
 
 def stop_on_signals() -> asyncio.Event:

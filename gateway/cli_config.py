@@ -183,11 +183,20 @@ def history(
     as_json: JsonOption = False,
     config: ConfigOption = None,
 ) -> None:
-    """Published versions, oldest first: who, when, from which version, what."""
+    """Published versions, oldest first: who, when, from which version, what
+    (--json: one JSON array of the records, `[]` before the first change)."""
     records = _with_service(config, lambda service: service.history(limit))
+    if as_json:
+        # One JSON array, so that no change yet is `[]`, still JSON to a
+        # parser, rather than an empty stdout.
+        typer.echo(
+            "["
+            + ",\n".join(r.model_dump_json(exclude={"document"}) for r in records)
+            + "]"
+        )
     if not records:
         # Not an error: every deployment starts here. On stderr under --json,
-        # so that stdout stays a (empty) stream of records.
+        # so that stdout stays JSON.
         typer.echo(
             "no change published yet: the workers run their settings files "
             "(version 0). The first `modelgate config set` or `apply` publishes "
@@ -195,10 +204,9 @@ def history(
             err=as_json,
         )
         return
+    if as_json:
+        return
     for record in records:
-        if as_json:
-            typer.echo(record.model_dump_json(exclude={"document"}))
-            continue
         typer.echo(
             f"v{record.version}  {_when(record.at_ms)}  {record.author}  "
             f"{record.kind} from v{record.parent}"

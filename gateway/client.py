@@ -34,6 +34,7 @@ from gateway.protocol import (
     build_request,
     decode_response,
 )
+from gateway.topics import wait_for_topic
 
 logger = logging.getLogger(__name__)
 
@@ -430,6 +431,8 @@ async def _open_tail(
     because aiokafka's consumer has no public call that waits for it."""
     kafka = settings.kafka
     timeout_s = kafka.request_timeout_s
+    # Quietly first: the producer logs an ERROR per retry on a missing topic.
+    await wait_for_topic(settings, topic)
     partitions = await asyncio.wait_for(producer.partitions_for(topic), timeout_s)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=kafka.bootstrap,

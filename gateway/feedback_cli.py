@@ -27,6 +27,7 @@ from gateway.cli_common import (
     exit_for,
     load_cli_settings,
     stop_on_signals,
+    token_or_exit,
 )
 from gateway.config import Settings
 from gateway.errors import ModelgateError
@@ -137,7 +138,6 @@ def feedback_send(
 ) -> None:
     """Sign every row of PATH with its label and produce it to the feedback
     topic, keyed by the client id."""
-    from gateway.keys import KeyStore
 
     settings = load_cli_settings(config)
     try:
@@ -145,11 +145,7 @@ def feedback_send(
     except (OSError, ValueError, KeyError) as exc:
         typer.echo(f"error: cannot read {path}: {exc}", err=True)
         raise typer.Exit(2) from exc
-    try:
-        key_id, secret = KeyStore.parse_token(token)
-    except ModelgateError as exc:
-        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
-        raise typer.Exit(2) from exc
+    key_id, secret = token_or_exit(settings, token)
     # Time-stamped by default: the guard counts a record with an id, label
     # and row it has seen once, so the same file sent twice must differ.
     prefix = id_prefix or f"{path.stem}-{time.strftime('%Y%m%dT%H%M%S')}"

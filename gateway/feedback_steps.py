@@ -84,10 +84,7 @@ class FeedbackItem:
 def decode(tp: TopicPartition, record: Any, max_bytes: int) -> FeedbackItem:
     """Size, JSON and schema checks of one consumer record; never raises."""
     value: bytes = record.value or b""
-    signature = None
-    for name, raw in record.headers or ():
-        if name == protocol.SIGNATURE_HEADER and raw is not None:
-            signature = raw.decode("ascii", "replace")
+    signature, signatures = protocol.read_signature(record.headers)
     item = FeedbackItem(
         tp=tp,
         offset=record.offset,
@@ -103,6 +100,15 @@ def decode(tp: TopicPartition, record: Any, max_bytes: int) -> FeedbackItem:
             )
         )
         return item
+    if signatures > 1:
+        # Refused before the key is looked up: which signature counts would
+        # be the reader's guess. The value is still decoded, to answer.
+        item.fail(
+            AuthError(
+                protocol.duplicate_signature_message(signatures),
+                code="AUTH_BAD_SIGNATURE",
+            )
+        )
     try:
         item.record = decode_feedback(value)
     except msgspec.ValidationError as exc:

@@ -40,9 +40,7 @@ from gateway.store import RedisClient, check_client_id, redis_guard
 logger = logging.getLogger(__name__)
 
 KEY_ID_PREFIX = "mgk_"
-# 12 hex digits = 48 random bits: ids are public, so they only need to be
-# unique, not unguessable (the secret is what proves possession).
-KEY_ID_PATTERN = re.compile(r"^mgk_[0-9a-f]{12}$")
+KEY_ID_PATTERN = protocol.KEY_ID_PATTERN
 SECRET_BYTES = 32
 
 KeyStatus = Literal["active", "revoked"]
@@ -340,6 +338,34 @@ class KeyStore:
         if len(secret) != SECRET_BYTES:
             raise bad_secret
         return key_id, secret
+
+    async def check_token(self, token: str) -> tuple[str, bytes]:
+        """:meth:`parse_token`, answering a malformed secret as the worker would.
+
+        The worker looks a key up before it checks the signature
+        (:func:`authenticate`), so a well-formed key id with a missing or
+        malformed secret is ``AUTH_UNKNOWN_KEY`` when no key has that id and
+        ``AUTH_BAD_SIGNATURE`` when one does. Everything that parses a token
+        next to a key store (the front door, the CLI) asks it here, so every
+        path gives one code for one token.
+
+        Raises
+        ------
+        AuthError
+            As :meth:`parse_token`, with ``AUTH_UNKNOWN_KEY`` for an unknown
+            key id followed by a malformed secret.
+        StoreError
+            Redis could not be reached (asked only for a malformed secret).
+        """
+        try:
+            return self.parse_token(token)
+        except AuthError as exc:
+            if exc.code != "AUTH_BAD_SIGNATURE":
+                raise
+            key_id = token.strip().partition(".")[0]
+            if (await self.get_many([key_id])).get(key_id) is None:
+                raise AuthError("unknown API key", code="AUTH_UNKNOWN_KEY") from None
+            raise
 
     async def create(
         self,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal, TypeVar
@@ -32,6 +33,11 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 SIGNATURE_HEADER = "mg-sig"
+# An API key id; here, not in gateway.keys, so that a client can tell a token
+# no key can have without importing the key store.
+# 12 hex digits = 48 random bits: ids are public, so they only need to be
+# unique, not unguessable (the secret is what proves possession).
+KEY_ID_PATTERN = re.compile(r"^mgk_[0-9a-f]{12}$")
 _SIGNING_PREFIX = b"mg1\n"
 
 Datatype = Literal["FP32", "FP64", "INT32", "INT64"]
@@ -265,6 +271,42 @@ def sign(secret: bytes, value: bytes) -> str:
 def verify(secret: bytes, value: bytes, signature: str) -> bool:
     """Constant-time check of an ``mg-sig`` header against the value bytes."""
     return hmac.compare_digest(sign(secret, value), signature)
+
+
+def read_signature(headers: Any) -> tuple[str | None, int]:
+    """The ``mg-sig`` header of a consumer record, and how many it carries.
+
+    Kafka allows a header name more than once. A record with several
+    signatures is ambiguous, whichever one a reader picked, so the worker and
+    the poisoning guard refuse it (``AUTH_BAD_SIGNATURE``) when the count is
+    above one.
+
+    Returns
+    -------
+    tuple[str | None, int]
+        The signature (ASCII, undecodable bytes replaced), ``None`` unless
+        exactly one header carries a value; the number of ``mg-sig`` headers,
+        null ones included.
+
+    Examples
+    --------
+    >>> read_signature([("mg-sig", b"ab"), ("other", b"x")])
+    ('ab', 1)
+    >>> read_signature([("mg-sig", b"ab"), ("mg-sig", b"cd")])
+    (None, 2)
+    """
+    found = [raw for name, raw in headers or () if name == SIGNATURE_HEADER]
+    if len(found) != 1 or found[0] is None:
+        return None, len(found)
+    return found[0].decode("ascii", "replace"), 1
+
+
+def duplicate_signature_message(count: int) -> str:
+    """The error message of a record with ``count`` > 1 signatures."""
+    return (
+        f"the record carries {count} {SIGNATURE_HEADER} headers; "
+        "it must carry exactly one"
+    )
 
 
 def now_ms() -> int:

@@ -116,6 +116,52 @@ async def partitions_of(settings: Settings, topic: str) -> list[int]:
     return []
 
 
+# Pause between two looks for a topic another process is to create, in seconds.
+_EXISTS_POLL_S = 0.25
+
+
+async def wait_for_topic(settings: Settings, topic: str) -> None:
+    """Return once ``topic`` exists and every partition has a leader.
+
+    A producer or consumer asked about a missing topic retries every 100 ms
+    and aiokafka logs an ERROR ("Topic ... not found in cluster metadata")
+    for each retry: about 300 lines while a client waits out its timeout
+    for a worker that is still loading its models. The admin client asks
+    quietly, so a client calls this before it touches the topic.
+
+    Raises
+    ------
+    BrokerError
+        The broker could not be reached, or the topic did not appear within
+        ``kafka.request_timeout_s`` (the message says who creates it).
+    """
+    timeout_s = settings.kafka.request_timeout_s
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    said = False
+    async with _admin(settings, f"describe {topic}") as admin:
+        while True:
+            described = await admin.describe_topics([topic])
+            for entry in described:
+                partitions = entry.get("partitions") or []
+                if (
+                    entry.get("topic") == topic
+                    and not entry.get("error_code")
+                    and partitions
+                    and all(p.get("leader", -1) >= 0 for p in partitions)
+                ):
+                    return
+            if asyncio.get_running_loop().time() >= deadline:
+                raise BrokerError(
+                    f"topic {topic} does not exist on {settings.kafka.bootstrap} "
+                    f"after {timeout_s:g} s: a worker (modelgate worker) creates "
+                    "the request path's topics when it starts"
+                )
+            if not said:
+                logger.info("waiting for topic to be created", extra={"topic": topic})
+                said = True
+            await asyncio.sleep(_EXISTS_POLL_S)
+
+
 def run_topics(settings: Settings) -> list[str]:
     """Every topic a run with topics of its own creates (the request path's
     and its live configuration topic), to delete at its end."""
@@ -147,6 +193,7 @@ async def ensure_compacted_topic(settings: Settings, name: str) -> None:
         with contextlib.suppress(TopicAlreadyExistsError):
             await admin.create_topics([topic])
         logger.info("created compacted topic", extra={"topics": [name]})
+        await _await_leaders(admin, [name], settings)
 
 
 @contextlib.asynccontextmanager

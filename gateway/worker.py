@@ -113,7 +113,10 @@ class Worker(GroupService):
             return
         s = self.settings
 
-        # Models and detectors first: a bad model file should fail before we
+        # Topics before the slow part (models, kernels, calibration: 5-20 s):
+        # a client started beside this worker waits for them to exist.
+        await ensure_topics(s)
+        # Models and detectors next: a bad model file should fail before we
         # join the group and take partitions we cannot serve.
         loop = asyncio.get_running_loop()
         if self._models is None:
@@ -147,7 +150,6 @@ class Worker(GroupService):
         self._clients = ClientStates(self._store, self._scorer, self.metrics, s.worker)
 
         try:
-            await ensure_topics(s)
             # The newest live configuration before serving anything, so a
             # worker started late runs the same version as the others.
             self._live = ConfigFollower(

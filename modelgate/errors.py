@@ -11,7 +11,8 @@ Hierarchy::
 
     GatewayError                       (gateway.errors.ModelgateError)
     ├── ValidationError                the request is malformed (HTTP 400/404/413)
-    │   └── MalformedJsonError ... UnknownModelError, PayloadTooLargeError
+    │   └── MalformedJsonError ... UnknownModelError, PayloadTooLargeError,
+    │       HeadersTooLargeError
     ├── AuthError                      the API key does not allow it (401/403)
     │   └── UnknownKeyError, RevokedKeyError, ..., ModelForbiddenError
     ├── RefusedError                   policy said no
@@ -119,6 +120,13 @@ class UnsupportedVersionError(ValidationError):
 
 class PayloadTooLargeError(ValidationError):
     default_code = "PAYLOAD_TOO_LARGE"
+
+
+class HeadersTooLargeError(ValidationError):
+    """The request line and headers are over the front door's 64 KiB (HTTP
+    431): a token or header far longer than any real one."""
+
+    default_code = "HEADERS_TOO_LARGE"
 
 
 class UnknownModelError(ValidationError):
@@ -354,6 +362,7 @@ _CLASSES: tuple[type[GatewayError], ...] = (
     SchemaInvalidError,
     UnsupportedVersionError,
     PayloadTooLargeError,
+    HeadersTooLargeError,
     UnknownModelError,
     TensorNameError,
     ShapeMismatchError,

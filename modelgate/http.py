@@ -44,6 +44,7 @@ from modelgate.errors import (
     error_for,
 )
 from modelgate.results import InferResult, RateInfo, array_from_tensor, tensor_dict
+from modelgate.tokens import split_token
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,14 @@ class HttpTransport:
     transport
         An ``httpx.AsyncBaseTransport`` to use instead of the network
         (``httpx.MockTransport`` in tests).
+
+    Raises
+    ------
+    modelgate.errors.AuthMissingError
+        The token is empty.
+    modelgate.errors.UnknownKeyError
+        The token does not start with a key id. A malformed secret after a
+        key id is the front door's to answer, at the first request.
     """
 
     def __init__(
@@ -81,12 +90,17 @@ class HttpTransport:
         max_connections: int = 16,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        if not token or any(c.isspace() for c in token.strip()):
-            raise ValueError("token must be the API key token, without spaces")
+        key_id, secret = split_token(token)
+        if any(c.isspace() for c in secret):
+            # White space cannot be a secret's, and a line break would not
+            # survive a header: send the key id alone, which the front door
+            # answers as any malformed secret (unknown key or bad signature),
+            # as the Kafka transport's worker does.
+            secret = ""
         self._connect_timeout_s = connect_timeout_s
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
-            headers={"Authorization": f"Bearer {token.strip()}"},
+            headers={"Authorization": f"Bearer {key_id}.{secret}"},
             timeout=httpx.Timeout(30.0, connect=connect_timeout_s),
             limits=httpx.Limits(
                 max_connections=max_connections,

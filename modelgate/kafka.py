@@ -38,8 +38,12 @@ from modelgate.errors import (
     error_for,
 )
 from modelgate.results import InferResult, RateInfo
+from modelgate.tokens import split_token
 
 logger = logging.getLogger(__name__)
+
+# The mg-sig of a request whose token has a malformed secret.
+_UNSIGNED = b"malformed-secret"
 
 
 class KafkaClientTransport:
@@ -63,10 +67,13 @@ class KafkaClientTransport:
 
     Raises
     ------
+    modelgate.errors.AuthMissingError
+        The token is empty.
     modelgate.errors.UnknownKeyError
-        The token does not start with a key id.
-    modelgate.errors.BadSignatureError
-        The token's key id is followed by a missing or malformed secret.
+        The token does not start with a key id. A missing or malformed
+        secret after a key id is the worker's to answer, at the first request
+        (``AUTH_UNKNOWN_KEY`` if no key has that id, else
+        ``AUTH_BAD_SIGNATURE``, as the front door answers it).
     """
 
     def __init__(
@@ -78,12 +85,20 @@ class KafkaClientTransport:
         transport: KafkaTransport | None = None,
         reply_topic: str | None = None,
     ) -> None:
+        self._key_id, _ = split_token(token)
+        self._secret: bytes | None
         try:
-            self._key_id, self._secret = KeyStore.parse_token(token)
-        except ModelgateError as exc:
-            # The gateway's AuthError; callers catch this library's classes.
-            # Not chained: nothing in it is worth keeping next to a secret.
-            raise error_for(exc.code, exc.message, retriable=False) from None
+            _, self._secret = KeyStore.parse_token(token)
+        except ModelgateError:
+            # A key id with a secret that cannot sign. Whether that id exists
+            # decides the code, and only the gateway knows: the worker
+            # answers each request (see infer), as the front door does.
+            logger.warning(
+                "the API key token's secret is malformed; the gateway will "
+                "refuse every request",
+                extra={"client": client_id},
+            )
+            self._secret = None
         self._client_id = client_id
         self._key = client_id.encode("utf-8")
         self._owned = transport is None
@@ -138,12 +153,16 @@ class KafkaClientTransport:
         """
         _, value, headers = protocol.build_request(
             key_id=self._key_id,
-            secret=self._secret,
+            secret=self._secret or b"",
             model=model,
             inputs=dict(inputs),
             request_id=request_id,
             reply_to=self._transport.reply_topic,
         )
+        if self._secret is None:
+            # Not hex, so it can never verify: the worker refuses it by key id
+            # alone, AUTH_UNKNOWN_KEY or AUTH_BAD_SIGNATURE.
+            headers = [(protocol.SIGNATURE_HEADER, _UNSIGNED)]
         try:
             async with asyncio.timeout(timeout_s):
                 delivery, reply = await self._transport.send(

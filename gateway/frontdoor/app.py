@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.config import Settings
 from gateway.errors import ModelgateError
 from gateway.frontdoor.errors import HTTP_STATUS, error_response, response_for_error
+from gateway.frontdoor.http_server import HeadLimit
 from gateway.frontdoor.metrics import FrontDoorMetrics
 from gateway.frontdoor.routers import health, infer, models
 from gateway.frontdoor.service import FrontDoor
@@ -76,6 +77,9 @@ def create_app(settings: Settings, *, server_key: bytes | None = None) -> FastAP
     # Outside the routes, so that an oversize body is refused before anything
     # reads it.
     app.add_middleware(BodyLimit, max_body_bytes=settings.frontdoor.max_body_bytes)
+    # A head h11 parsed whole in one read can be over the limit the server
+    # protocol enforces on heads that span reads (http_server.py).
+    app.add_middleware(HeadLimit)
     # Outermost, so that the guard's refusals are counted too; it reads no body.
     app.add_middleware(
         HttpMetricsMiddleware,

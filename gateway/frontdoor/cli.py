@@ -40,6 +40,7 @@ def serve(
     import uvicorn
 
     from gateway.frontdoor.app import create_app
+    from gateway.frontdoor.http_server import server_options
 
     logs.configure(log_level)
     settings = load_cli_settings(config)
@@ -79,6 +80,8 @@ def serve(
             # add one line per request at INFO.
             log_config=None,
             access_log=False,
+            # A request head over 64 KiB gets a 431 it can read, not a reset.
+            **server_options(),
         )
     finally:
         metrics.close()

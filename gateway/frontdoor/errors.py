@@ -22,6 +22,7 @@ FRONTDOOR_CODES: dict[str, str] = {
     "TRANSPORT_CLOSED": "the front door stopped while the request waited",
     "NOT_FOUND": "no such path",
     "METHOD_NOT_ALLOWED": "the path does not take this method",
+    "HEADERS_TOO_LARGE": "the request line and headers exceed 64 KiB",
 }
 
 _VALIDATION = (
@@ -51,6 +52,7 @@ _UNAUTHENTICATED = (
 HTTP_STATUS: dict[str, int] = {
     **dict.fromkeys(_VALIDATION, 400),
     "PAYLOAD_TOO_LARGE": 413,
+    "HEADERS_TOO_LARGE": 431,
     "UNKNOWN_MODEL": 404,
     "NOT_FOUND": 404,
     "METHOD_NOT_ALLOWED": 405,

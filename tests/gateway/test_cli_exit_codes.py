@@ -84,3 +84,22 @@ def test_feedback_rejected_refuses_a_limit_under_one(limit: str) -> None:
     result = CliRunner().invoke(app, ["feedback", "rejected", "--limit", limit])
     assert result.exit_code == 2, result.output
     assert "--limit" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["send", "--token", "", "--sample", "0"],
+        ["feedback", "send", "rows.csv", "--token", " ", "--client-id", "c"],
+    ],
+)
+def test_an_empty_token_says_none_was_given(
+    argv: list[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--token ""`` was called malformed; it is missing."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rows.csv").write_text("1,2,0\n3,4,1\n")
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 2, result.output
+    assert "error [AUTH_MISSING]: no API key token given" in result.output
+    assert "malformed" not in result.output

@@ -182,3 +182,27 @@ def test_a_rejection_stays_small_whatever_the_record_quotes(
     _, rejected = rejected_message(item, 0)
     # The kept value (its first 64 KiB, base64) and a clipped message.
     assert len(rejected) < 100_000, len(rejected)
+
+
+@pytest.mark.parametrize("second", [b"0" * 64, None, "same"])
+def test_a_feedback_record_with_several_signatures_is_refused(
+    second: bytes | str | None,
+) -> None:
+    """The guard read the last ``mg-sig`` header, as the worker did: several
+    are ambiguous, AUTH_BAD_SIGNATURE before the key is looked up."""
+    _, value, headers = build_feedback(
+        key_id="mgk_0123456789ab",
+        secret=b"s" * 32,
+        model="digits",
+        input_name="pixels",
+        row=np.zeros(64),
+        label=3,
+    )
+    extra = headers[0][1] if second == "same" else second
+    record = SimpleNamespace(
+        key=b"c", headers=[*headers, ("mg-sig", extra)], offset=0, value=value
+    )
+    item = decode(TopicPartition("t", 0), record, 1_048_576)
+    assert item.error is not None and item.error.code == "AUTH_BAD_SIGNATURE"
+    assert "2 mg-sig headers" in item.error.message
+    assert item.record is not None  # still decoded, so the rejection names it

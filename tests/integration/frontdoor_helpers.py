@@ -19,6 +19,7 @@ from fastapi import FastAPI
 
 from gateway.config import Settings
 from gateway.frontdoor.app import create_app
+from gateway.frontdoor.http_server import server_options
 from gateway.frontdoor.service import reply_topic_for
 from gateway.topics import delete_topics
 from tests.conftest import StackInfo
@@ -79,6 +80,7 @@ def _config(settings: Settings, app: FastAPI | None = None) -> uvicorn.Config:
         log_level="warning",
         lifespan="on",
         access_log=False,
+        **server_options(),
     )
 
 

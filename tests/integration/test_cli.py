@@ -308,3 +308,18 @@ async def _produce_alerts(
             )
     finally:
         await producer.stop()
+
+
+async def test_no_stored_alert_says_so_on_stderr(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    """It printed nothing at all, which reads as a hang or a fault."""
+    settings = isolated_settings(stack.kafka_bootstrap, stack.redis_url, models_dir)
+    await ensure_topics(settings)
+    for argv in (["alerts"], ["alerts", "--json"]):
+        printed = _cli(settings, *argv)
+        assert printed.returncode == 0, printed.stderr
+        assert printed.stdout == "", printed.stdout
+        assert printed.stderr.strip() == (
+            f"no alerts in {settings.kafka.topics.alerts}"
+        ), printed.stderr

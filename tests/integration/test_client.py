@@ -8,6 +8,7 @@ missed), and must hand each reply to the request with its id.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from gateway.client import (
     probabilities,
 )
 from gateway.config import Settings
+from gateway.errors import BrokerError
 from gateway.models import digits_split, ensure_digits_model, load_model
 from gateway.topics import ensure_topics
 from tests.conftest import StackInfo
@@ -242,3 +244,37 @@ async def test_stop_fails_pending_requests_and_is_idempotent(
     assert info.value.code == "TRANSPORT_CLOSED"
     with pytest.raises(GatewayRequestError):
         await transport.send(key=b"k", value=b"{}", headers=[], request_id="x")
+
+
+async def test_a_reply_topic_not_created_yet_is_awaited_quietly(
+    stack: StackInfo, client_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client started before any worker (a first start): it waited on the
+    producer's metadata, and aiokafka logged an ERROR "Topic ... not found"
+    every 100 ms (about 300 lines in 30 s). Now it asks the admin client,
+    quietly: it starts once the topic appears, or fails with a message
+    saying who creates it."""
+    fresh = isolated_settings(
+        stack.kafka_bootstrap,
+        stack.redis_url,
+        client_dir / "models",
+        kafka={"request_timeout_s": 3.0},
+    )
+    caplog.set_level(logging.INFO)
+    with pytest.raises(BrokerError, match=r"a worker .* creates"):
+        await KafkaTransport(fresh).start()
+
+    # Created a moment after the client starts waiting: it starts.
+    async def create_soon() -> None:
+        await asyncio.sleep(1.0)
+        await ensure_topics(fresh)
+
+    creating = asyncio.create_task(create_soon())
+    async with KafkaTransport(fresh) as started:
+        assert started.started
+    await creating
+
+    noise = [r for r in caplog.records if r.name.startswith("aiokafka")]
+    assert not [r for r in noise if r.levelno >= logging.ERROR], [
+        r.getMessage() for r in noise
+    ]

@@ -7,6 +7,8 @@ getting the kept answer, marked ``replayed``."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +30,14 @@ from tests.integration.frontdoor_helpers import (
     with_instance,
 )
 from tests.integration.helpers import (
+    REPO,
     LosesFirstAnswer,
     assert_answered_from_kept_copy,
     create_key,
     create_token,
     isolated_settings,
     running_worker,
+    settings_env,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -189,3 +193,52 @@ async def test_a_degraded_http_answer_says_its_level(
 
     assert result.action == "degrade" and result.degrade == "label", result
     assert sorted(set(result["probabilities"].ravel().tolist())) == [0.0, 1.0]
+
+
+async def test_one_malformed_token_gets_one_code_on_every_path(
+    settings: Settings,
+) -> None:
+    """A key id followed by a malformed secret: ``AUTH_UNKNOWN_KEY`` when no key
+    has that id, ``AUTH_BAD_SIGNATURE`` when one does, from the front door,
+    the Kafka client (the worker's answer) and ``modelgate send`` alike. The
+    Kafka client and the CLI said ``AUTH_BAD_SIGNATURE`` for both."""
+    settings = with_instance(settings)
+    key_id, _ = await create_key(settings, "garbled")
+    tokens = {
+        "AUTH_BAD_SIGNATURE": f"{key_id}.c2hvcnQ",
+        "AUTH_UNKNOWN_KEY": f"{_other_key_id(key_id)}.c2hvcnQ",
+    }
+    seen: dict[tuple[str, str], str] = {}
+
+    def cli_send(token: str) -> str:
+        done = subprocess.run(
+            [
+                *(sys.executable, "-m", "gateway", "send", "--token", token),
+                *("--client-id", "garbled", "--sample", "0"),
+            ],
+            env=settings_env(settings),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, done.stderr
+        return done.stderr.split("error [")[1].split("]")[0]
+
+    async with serving(settings) as url, running_worker(settings):
+        for want, token in tokens.items():
+            for name, client in [
+                ("http", AsyncClient.http(url, token, retry=NO_RETRY)),
+                (
+                    "kafka",
+                    AsyncClient.kafka(token, "garbled", settings=settings,
+                                      retry=NO_RETRY),
+                ),
+            ]:  # fmt: skip
+                async with client:
+                    with pytest.raises(errors.AuthError) as excinfo:
+                        await client.infer("digits", X_TEST[:1])
+                seen[(want, name)] = excinfo.value.code
+            seen[(want, "cli")] = await asyncio.to_thread(cli_send, token)
+
+    assert seen == {(w, n): w for w in tokens for n in ("http", "kafka", "cli")}, seen

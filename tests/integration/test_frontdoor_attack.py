@@ -15,6 +15,8 @@ import pytest
 from gateway.config import Settings
 from gateway.keys import format_token
 from gateway.models import digits_split, load_model
+from modelgate import errors
+from modelgate.client import AsyncClient
 from tests.integration.frontdoor_helpers import bearer, serving, with_instance
 from tests.integration.helpers import create_key, running_worker
 
@@ -125,3 +127,59 @@ async def test_hostile_numbers_and_key_headers_get_their_codes(
     for h, response in zip(headers, odd, strict=True):
         assert response.status_code == 401, (h[0][1][:40], response.text)
         assert response.json()["code"].startswith("AUTH_"), response.text
+
+
+@pytest.mark.parametrize("token_bytes", [70_000, 300_000, 2_000_000])
+async def test_an_oversize_authorization_header_gets_431_not_a_reset(
+    settings: Settings, token_bytes: int
+) -> None:
+    """Regression test: a head past h11's buffer made uvicorn write a plain
+    400 and close with the client's bytes unread, so the client saw the
+    connection reset; a head of 64-128 KiB that arrived in one read was
+    accepted. Now every head over 64 KiB is answered 431 HEADERS_TOO_LARGE,
+    and one just under it is read as usual."""
+    settings = with_instance(settings)
+    body = _body(X_TEST[:1], "big-head")
+    async with serving(settings) as url, httpx.AsyncClient(base_url=url) as http:
+        answer = await http.post(INFER, json=body, headers=bearer("a" * token_bytes))
+        under = await http.post(INFER, json=body, headers=bearer("a" * 60_000))
+        # The client library reads the answer as its typed error.
+        async with AsyncClient.http(
+            url, "mgk_" + "0" * 12 + "." + "a" * token_bytes
+        ) as client:
+            with pytest.raises(errors.HeadersTooLargeError) as excinfo:
+                await client.infer("digits", X_TEST[:1])
+
+    assert answer.status_code == 431, answer.text
+    assert answer.json()["code"] == "HEADERS_TOO_LARGE", answer.text
+    assert "65536 bytes" in answer.json()["error"], answer.text
+    assert under.status_code == 401, under.text
+    assert under.json()["code"] == "AUTH_UNKNOWN_KEY", under.text
+    assert excinfo.value.http_status == 431 and not excinfo.value.retriable
+
+
+async def test_a_refused_head_is_answered_to_a_client_still_sending(
+    settings: Settings,
+) -> None:
+    """A raw client that writes a 1 MB header line by line, then reads: the
+    server must keep reading (and dropping) until the client is done, or the
+    client's writes meet a reset before it can read the 431."""
+    settings = with_instance(settings)
+    async with serving(settings) as url:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"POST {INFER} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ".encode()
+        )
+        for _ in range(64):
+            writer.write(b"a" * 16_384)
+            await writer.drain()
+        writer.write(b"\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+        writer.close()
+
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b'"code":"HEADERS_TOO_LARGE"' in payload, answer[:400]

@@ -136,3 +136,54 @@ async def test_more_hostile_records_get_stable_codes(
     assert captured[2]["outputs"] == captured[0]["outputs"]
     assert by_id[last][0]["status"] == "ok"
     assert sorted(d["code"] for d in dead) == sorted(dead_expected), dead
+
+
+async def test_a_record_with_several_signatures_is_refused_and_answered(
+    settings: Settings, kafka: RawKafka
+) -> None:
+    """Regression test: the worker used the last ``mg-sig`` header, so a record
+    carrying a garbage signature and a good one was served. Several
+    signatures are ambiguous: AUTH_BAD_SIGNATURE, answered, a dead letter, and
+    the partition moves on."""
+    key_id, secret = await create_key(settings, "sigs")
+    topics = settings.kafka.topics
+    sent: list[str] = []
+    cases = {
+        "good-then-garbage": lambda good: [good, b"0" * 64],
+        "garbage-then-good": lambda good: [b"0" * 64, good],
+        "good-twice": lambda good: [good, good],
+        "null-then-good": lambda good: [None, good],
+    }
+    for rid, headers_of in cases.items():
+        raw = json.dumps(_body(key_id, request_id=rid)).encode()
+        good = _signed(secret, raw)[0][1]
+        await kafka.producer.send_and_wait(
+            topics.requests,
+            raw,
+            key=b"sigs",
+            headers=[("mg-sig", value) for value in headers_of(good)],
+        )
+        sent.append(rid)
+    last = await _valid(kafka, key_id, secret, "sigs")
+
+    async with running_worker(settings):
+        records = await read_topic(
+            settings,
+            topics.responses,
+            until=lambda r: {x["request_id"] for x in r} >= {*sent, last},
+            timeout_s=30,
+        )
+        dead = await read_topic(
+            settings,
+            topics.deadletter,
+            until=lambda r: len(r) >= len(sent),
+            timeout_s=10,
+        )
+
+    by_id = {r["request_id"]: r for r in records}
+    for rid in sent:
+        error = by_id[rid].get("error") or {}
+        assert error.get("code") == "AUTH_BAD_SIGNATURE", by_id[rid]
+        assert "2 mg-sig headers" in error.get("message", ""), by_id[rid]
+    assert [d["code"] for d in dead] == ["AUTH_BAD_SIGNATURE"] * len(sent), dead
+    assert by_id[last]["status"] == "ok", by_id[last]

@@ -159,6 +159,8 @@ async def test_cli_change_reaches_two_workers_within_a_second(
                 for line in history.stdout.splitlines()
                 if line.startswith("v")
             ] == ["v1", "v2", "v3"], history.stdout
+            as_json = await _cli_here(settings, "history", "--json")
+            assert [r["version"] for r in json.loads(as_json.stdout)] == [1, 2, 3]
             # Version 1 is summed up, not listed field by field from null.
             assert "null ->" not in history.stdout, history.stdout
             assert "  the whole document, " in history.stdout, history.stdout
@@ -176,10 +178,10 @@ async def test_history_before_the_first_change_says_there_is_none(
     assert history.returncode == 0, history
     assert "no change published yet" in history.stdout, history.stdout
     assert "version 0" in history.stdout, history.stdout
-    # Under --json, stdout stays a stream of records: none.
+    # Under --json, stdout stays JSON: an empty list (it was empty).
     as_json = await _cli_here(settings, "history", "--json")
     assert as_json.returncode == 0, as_json
-    assert as_json.stdout == "", as_json.stdout
+    assert json.loads(as_json.stdout) == [], as_json.stdout
     assert "no change published yet" in as_json.stderr, as_json.stderr
 
 
