@@ -99,6 +99,7 @@ def _stack_env() -> dict[str, str]:
 _APP_SERVICES = {
     "gateway": ["modelgate", "worker"],
     "guard": ["modelgate", "guard", "run"],
+    "admin": ["modelgate", "admin", "serve"],
 }
 
 
@@ -111,6 +112,7 @@ def test_compose_parses_and_has_the_services(compose: dict[str, Any]) -> None:
         assert service["command"] == command, service["command"]
     # One image: the guard runs the worker's code and settings.
     assert _service(compose, "guard")["image"] == _service(compose, "gateway")["image"]
+    assert _service(compose, "admin")["image"] == _service(compose, "gateway")["image"]
 
 
 @pytest.mark.parametrize("name", sorted(_APP_SERVICES))
