@@ -123,6 +123,10 @@ class AuditLog:
             outcome,
             extra={"actor": actor, "target": target, "source": source},
         )
+        # Kafka's share of this action's time starts now, not once the lock
+        # is ours: entries queued behind one waiting for Kafka wait at most
+        # their own timeout, not one more per entry ahead.
+        deadline = None if self._topic is None else self._topic.deadline()
         async with self._order:
             async with redis_guard("admin.audit.record", self._timeout_s, self._redis):
                 entry_id = await self._redis.xadd(
@@ -142,7 +146,7 @@ class AuditLog:
                 outcome=outcome,
                 detail=details,
             )
-            pending = await self._topic.enqueue(entry)
+            pending = await self._topic.enqueue(entry, deadline)
         await self._topic.confirm(pending)
 
     async def read(

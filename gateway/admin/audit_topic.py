@@ -168,15 +168,27 @@ class AuditTopic:
         logger.info("audit topic producer started", extra={"topic": self._topic})
         return True
 
-    async def enqueue(self, entry: AuditEntry) -> Pending:
-        """Hand ``entry`` to the producer, waiting at most
-        ``admin.audit_kafka_timeout_s`` (for a start under way, or for the
-        producer's buffer); never raises for Kafka's sake.
+    def deadline(self) -> float:
+        """When an entry whose action begins now stops waiting for Kafka
+        (``time.monotonic()`` plus ``admin.audit_kafka_timeout_s``)."""
+        return time.monotonic() + self._timeout_s
+
+    async def enqueue(
+        self, entry: AuditEntry, deadline: float | None = None
+    ) -> Pending:
+        """Hand ``entry`` to the producer, waiting until ``deadline`` at most
+        (default: :meth:`deadline` now) for a start under way or for the
+        producer's buffer; never raises for Kafka's sake.
 
         Call it in the order the entries must keep (the stream's), then
-        :meth:`confirm` each result.
+        :meth:`confirm` each result. Take ``deadline`` before queueing for
+        that order, so that entries queued behind a slow one do not each
+        wait a whole timeout more.
         """
-        deadline = time.monotonic() + self._timeout_s
+        if deadline is None:
+            deadline = self.deadline()
+        if time.monotonic() >= deadline:
+            return Pending(entry, deadline, missed="timeout")
         if self._producer is None:
             task = self._start_task()
             if task is None:

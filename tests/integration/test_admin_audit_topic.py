@@ -139,6 +139,10 @@ async def test_one_actors_entries_keep_the_streams_order(
     redis = redis_from_settings(settings)
     topic = AuditTopic(settings)
     try:
+        # Started first: an entry waits at most audit_kafka_timeout_s (0.5 s
+        # here) for the producer's start, which a loaded machine can exceed.
+        topic.start_soon()
+        assert await topic.wait_started()
         log = AuditLog(redis, settings, topic)
         # Concurrent, as requests of one admin can be: each append and hand-
         # over runs under the log's lock, so the topic gets the stream's order.
@@ -181,6 +185,10 @@ async def test_the_cli_reads_the_audit_topic(
     redis = redis_from_settings(settings)
     topic = AuditTopic(settings)
     try:
+        # Started first: an entry waits at most audit_kafka_timeout_s (0.5 s
+        # here) for the producer's start, which a loaded machine can exceed.
+        topic.start_soon()
+        assert await topic.wait_started()
         log = AuditLog(redis, settings, topic)
         for i in range(5):
             await log.record(
@@ -278,3 +286,44 @@ async def test_kafka_down_does_not_hang_or_fail_the_admin_api(
         e.entry_id for e in entries
     )
     assert all(getattr(r, "actor", None) == "dave" for r in errors)
+
+
+async def test_concurrent_actions_wait_one_timeout_not_one_each(
+    stack: StackInfo, models_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Entries are handed to the producer one at a time (the stream's order);
+    # while a connection attempt hangs, each must still wait only its own
+    # admin.audit_kafka_timeout_s from the start of its action, not a whole
+    # timeout more per entry queued ahead of it.
+    caplog.set_level(logging.ERROR, logger="gateway.admin.audit_topic")
+    async with _silent_broker() as bootstrap:
+        settings = _settings(stack, models_dir, bootstrap, request_timeout_s=10.0)
+        redis = redis_from_settings(settings)
+        topic = AuditTopic(settings)
+        try:
+            log = AuditLog(redis, settings, topic)
+            topic.start_soon()
+            began = time.monotonic()
+            await asyncio.gather(
+                *(
+                    log.record(
+                        actor="erin",
+                        action="test",
+                        target=str(i),
+                        source="127.0.0.1",
+                        outcome="ok",
+                    )
+                    for i in range(10)
+                )
+            )
+            elapsed = time.monotonic() - began
+            entries = await log.read(100)
+        finally:
+            await topic.close()
+            await redis.aclose()
+            await delete_prefix(settings)
+
+    assert len(entries) == 10
+    assert elapsed < 0.5 + 1.0, elapsed
+    missed = [r for r in caplog.records if r.name == "gateway.admin.audit_topic"]
+    assert len(missed) == 10
