@@ -9,8 +9,8 @@ entry also goes to the Kafka topic ``kafka.topics.audit``, which keeps it for
 ``kafka.topics.audit_retention_ms``; that module says what happens when Kafka
 cannot take it (the action proceeds; the miss is logged at ERROR and counted).
 
-Imports Redis and the gateway's config and store helpers, and the audit
-topic's module.
+Imports Redis and the gateway's config and store helpers only (the audit
+topic, which imports aiokafka, is handed in).
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from gateway import protocol
-from gateway.admin.audit_topic import AuditTopic
 from gateway.config import Settings
 from gateway.store import RedisClient, redis_guard
+
+if TYPE_CHECKING:
+    from gateway.admin.audit_topic import AuditTopic
 
 logger = logging.getLogger(__name__)
 
