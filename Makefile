@@ -17,7 +17,7 @@ BIN := $(VENV)/bin
 # Extra arguments for pytest, e.g. make test PYTEST_ARGS="-k stack -x".
 PYTEST_ARGS ?=
 
-.PHONY: help demo test lint fmt up down status bootstrap services kernels lock clean
+.PHONY: help demo test lint fmt up down status monitor bootstrap services kernels lock clean
 
 help:
 	@echo "make demo     run the demo (installs and starts what it needs)"
@@ -27,6 +27,7 @@ help:
 	@echo "make up       start Kafka and Redis and keep them running"
 	@echo "make down     drop the 'up' hold; they stop when nothing else holds them"
 	@echo "make status   holders and services"
+	@echo "make monitor  start Prometheus on 127.0.0.1:19090 with modelgate's alert rules"
 	@echo "make lock     regenerate requirements.lock from pyproject.toml"
 	@echo "make clean    remove var/ (jars, data, logs) and caches; keeps .venv"
 
@@ -35,11 +36,13 @@ bootstrap:
 
 # Fetch the Kafka jars and install redis-server ahead of time, so the first test run
 # does not spend its per-test timeout on downloads inside the pytest fixture. The
-# MLServer venv (remote-backend tests) likewise; it needs uv from bootstrap.
+# MLServer venv (remote-backend tests) likewise; it needs uv from bootstrap. Debian's
+# prometheus brings promtool, which checks the alert rules and the dashboard.
 services:
 	@infra/kafka/kafka.sh install
 	@infra/redis.sh install
 	@infra/mlserver/mlserver.sh install
+	@infra/prometheus.sh install
 
 demo: bootstrap services kernels
 	$(BIN)/modelgate demo
@@ -75,6 +78,11 @@ down:
 status:
 	@infra/stack.sh status
 
+# Scrapes the metrics listeners the settings (MODELGATE_CONFIG) give each process;
+# infra/prometheus.sh stop ends it (docs/monitoring.md).
+monitor: bootstrap services
+	@infra/prometheus.sh start
+
 lock:
 	@infra/bootstrap.sh lock
 
@@ -82,6 +90,7 @@ lock:
 # pull the data directory out from under a live broker.
 clean:
 	@infra/stack.sh down
+	@infra/prometheus.sh stop
 	@if infra/kafka/kafka.sh status >/dev/null || infra/redis.sh status >/dev/null; then \
 		echo "services from this checkout are still held by someone:"; \
 		infra/stack.sh status; \

@@ -19,6 +19,7 @@ import typer
 
 from gateway import limits_cli, logs
 from gateway.admin import cli as admin_cli
+from gateway.alert_forward import register as register_alert_forward
 from gateway.alerts import SeenAlerts
 from gateway.calibrate_cli import calibrate as calibrate_command
 from gateway.cli_common import (
@@ -34,6 +35,7 @@ from gateway.config import Settings
 from gateway.errors import ModelgateError
 from gateway.feedback_cli import register as register_feedback
 from gateway.frontdoor.cli import frontdoor_app
+from gateway.monitoring import monitoring_app
 
 app = typer.Typer(
     help="modelgate: a streaming inference gateway that catches model theft.",
@@ -45,6 +47,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
 limits_cli.register(keys_app)
 app.add_typer(frontdoor_app, name="frontdoor")
+app.add_typer(monitoring_app, name="monitoring")
 
 # Command groups import these too; ``_settings`` keeps its old name for them.
 _settings = load_cli_settings
@@ -531,6 +534,7 @@ app.command("login")(admin_cli.login)
 app.command("eval")(evaluate)
 app.command("calibrate")(calibrate_command)
 register_feedback(app)
+register_alert_forward(app)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ keys are rejected so a typo fails at start instead of silently doing nothing.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 from pathlib import Path
@@ -436,6 +437,14 @@ class BackendConfig(_Frozen):
     retries: int = Field(2, ge=0, le=10)
     retry_backoff_s: float = Field(0.05, ge=0, le=10)
     max_connections: int = Field(8, ge=1, le=1024)
+    # A batch is sent in calls of at most this many rows, one after another,
+    # so a server with a request-size limit still serves large batches.
+    max_batch_rows: int = Field(1024, ge=1, le=1_000_000)
+    # The longest one batch waits for the model, every call, retry, back-off
+    # and byte of every answer included: ``read_timeout_s`` bounds each
+    # socket read only, so a server trickling its answer would otherwise hold
+    # the batch for as long as it likes.
+    call_timeout_s: float = Field(30.0, gt=0, le=3600)
     breaker_failures: int = Field(5, ge=1, le=10_000)
     breaker_cooldown_s: float = Field(10.0, gt=0, le=3600)
 
@@ -543,6 +552,25 @@ class AdminConfig(_Frozen):
     # (docs/metrics.md); 0 turns it off, as ``worker.metrics_port``.
     metrics_port: int = Field(9466, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
+    # Addresses or networks of reverse proxies whose X-Forwarded-For is
+    # believed (docs/admin.md, "Behind a proxy"). Empty: the header is
+    # ignored and the source is the peer's address, whoever sends it.
+    trusted_proxies: list[str] = Field(default_factory=list, max_length=256)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_networks(cls, proxies: list[str]) -> list[str]:
+        # uvicorn takes a name it cannot parse as a literal to compare with
+        # the peer's text and never says so; an address or a network is
+        # checked here so a typo fails at start instead of trusting no one.
+        for proxy in proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"trusted_proxies: {proxy!r} is not an IP address or network"
+                ) from None
+        return proxies
 
 
 class CrossClientConfig(_Frozen):

@@ -26,16 +26,16 @@ import asyncio
 import dataclasses
 import logging
 import threading
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from concurrent.futures import Future
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, overload
 
 import httpx
 import numpy as np
 
 from gateway import protocol
-from modelgate.errors import ClientClosedError
+from modelgate.errors import ClientClosedError, GatewayError
 from modelgate.http import HttpTransport
 from modelgate.results import InferResult, as_inputs
 from modelgate.retry import RetryPolicy, call_with_retries
@@ -309,6 +309,99 @@ class AsyncClient:
         array = result.output(output)
         return array[0] if single_row and array.ndim >= 1 else array
 
+    @overload
+    async def infer_many(
+        self,
+        model: str,
+        batch: Iterable[Inputs],
+        *,
+        concurrency: int = ...,
+        timeout_s: float | None = ...,
+        retry: RetryPolicy | None = ...,
+        return_errors: Literal[False] = ...,
+    ) -> list[InferResult]: ...
+
+    @overload
+    async def infer_many(
+        self,
+        model: str,
+        batch: Iterable[Inputs],
+        *,
+        concurrency: int = ...,
+        timeout_s: float | None = ...,
+        retry: RetryPolicy | None = ...,
+        return_errors: Literal[True],
+    ) -> list[InferResult | GatewayError]: ...
+
+    async def infer_many(
+        self,
+        model: str,
+        batch: Iterable[Inputs],
+        *,
+        concurrency: int = 16,
+        timeout_s: float | None = None,
+        retry: RetryPolicy | None = None,
+        return_errors: bool = False,
+    ) -> list[InferResult] | list[InferResult | GatewayError]:
+        """``infer`` for each item of ``batch``, at most ``concurrency`` in
+        flight; the results in ``batch``'s order.
+
+        Each item is a request of its own (its own request id and retries),
+        so the gateway scores and may refuse each one separately. Every
+        item's inputs are checked before anything is sent.
+
+        Parameters
+        ----------
+        concurrency
+            Requests in flight at once. The HTTP transport pools 16
+            connections by default; more in flight than that only queue.
+        return_errors
+            False: the first ``GatewayError`` (after its retries) cancels
+            the requests not yet answered and is raised. True: each failed
+            item's place holds its ``GatewayError`` and every item is tried.
+
+        Raises
+        ------
+        ValueError
+            An item's inputs cannot be sent (naming the item), or
+            ``concurrency`` is below 1. Nothing was sent.
+        modelgate.errors.GatewayError
+            Unless ``return_errors``, as ``infer`` raises.
+        """
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        items = list(batch)
+        for index, inputs in enumerate(items):
+            try:
+                as_inputs(inputs, self.input_name)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"batch item {index}: {exc}") from exc
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(inputs: Inputs) -> InferResult:
+            async with gate:
+                return await self.infer(model, inputs, timeout_s=timeout_s, retry=retry)
+
+        if return_errors:
+
+            async def kept(inputs: Inputs) -> InferResult | GatewayError:
+                try:
+                    return await one(inputs)
+                except GatewayError as exc:
+                    return exc
+
+            return list(await asyncio.gather(*(kept(i) for i in items)))
+        tasks = [asyncio.ensure_future(one(inputs)) for inputs in items]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            # gather leaves the others running when one fails: nobody would
+            # read their answers, and a closed client must not find them.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
 
 class _LoopThread:
     """An event loop running in a daemon thread, for the blocking client."""
@@ -461,6 +554,60 @@ class Client:
         return self._thread.run(
             self._async.predict(
                 model, x, output=output, request_id=request_id, timeout_s=timeout_s
+            )
+        )
+
+    @overload
+    def infer_many(
+        self,
+        model: str,
+        batch: Iterable[Inputs],
+        *,
+        concurrency: int = ...,
+        timeout_s: float | None = ...,
+        retry: RetryPolicy | None = ...,
+        return_errors: Literal[False] = ...,
+    ) -> list[InferResult]: ...
+
+    @overload
+    def infer_many(
+        self,
+        model: str,
+        batch: Iterable[Inputs],
+        *,
+        concurrency: int = ...,
+        timeout_s: float | None = ...,
+        retry: RetryPolicy | None = ...,
+        return_errors: Literal[True],
+    ) -> list[InferResult | GatewayError]: ...
+
+    def infer_many(
+        self,
+        model: str,
+        batch: Iterable[Inputs],
+        *,
+        concurrency: int = 16,
+        timeout_s: float | None = None,
+        retry: RetryPolicy | None = None,
+        return_errors: bool = False,
+    ) -> list[InferResult] | list[InferResult | GatewayError]:
+        """See :meth:`AsyncClient.infer_many`."""
+        self._check_open()
+        items = list(batch)
+        if return_errors:
+            return self._thread.run(
+                self._async.infer_many(
+                    model,
+                    items,
+                    concurrency=concurrency,
+                    timeout_s=timeout_s,
+                    retry=retry,
+                    return_errors=True,
+                )
+            )
+        return self._thread.run(
+            self._async.infer_many(
+                model, items, concurrency=concurrency, timeout_s=timeout_s, retry=retry
             )
         )
 

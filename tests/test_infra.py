@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = [
     ROOT / "infra" / "kafka" / "kafka.sh",
     ROOT / "infra" / "redis.sh",
+    ROOT / "infra" / "prometheus.sh",
     ROOT / "infra" / "stack.sh",
     ROOT / "infra" / "bootstrap.sh",
     ROOT / ".ci" / "run",

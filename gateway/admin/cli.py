@@ -148,9 +148,25 @@ def serve(
             port=api_port,
             log_config=None,
             access_log=False,
+            **uvicorn_proxy_options(settings),
         )
     finally:
         metrics.close()
+
+
+def uvicorn_proxy_options(settings: Any) -> dict[str, Any]:
+    """How uvicorn treats ``X-Forwarded-For`` for the admin API.
+
+    uvicorn believes the header from 127.0.0.1 unless told otherwise, and the
+    admin API listens on loopback: every local caller could then name any
+    source it liked, and the per-source login limit and the audit log's
+    source would count what the caller wrote. Only ``admin.trusted_proxies``
+    are believed; with none, the header is ignored.
+    """
+    trusted = list(settings.admin.trusted_proxies)
+    if not trusted:
+        return {"proxy_headers": False}
+    return {"proxy_headers": True, "forwarded_allow_ips": trusted}
 
 
 # -- login -------------------------------------------------------------------------

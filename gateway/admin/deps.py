@@ -67,9 +67,9 @@ def get_context(request: Request) -> AdminContext:
 def client_source(request: Request) -> str:
     """The caller's address as the audit log and the login limit see it.
 
-    TODO: behind a reverse proxy this is the proxy's address; honouring
-    ``X-Forwarded-For`` needs a configured list of trusted proxies, which the
-    admin API does not have yet (it listens on loopback by default).
+    The peer's address, or the address a trusted proxy forwarded: uvicorn
+    rewrites the peer from ``X-Forwarded-For`` only for the peers in
+    ``admin.trusted_proxies`` (``gateway.admin.cli.uvicorn_proxy_options``).
     """
     return source_label(request.client.host if request.client else None)
 

@@ -3,8 +3,12 @@
 One pooled, synchronous ``httpx.Client`` per model (the scorer calls the model
 from an executor thread, so a blocking client is the simple fit), with:
 
-- connect and read timeouts from ``BackendConfig``; a timeout answers
-  BACKEND_TIMEOUT;
+- connect and read timeouts from ``BackendConfig``, and a deadline for the
+  whole batch (``call_timeout_s``) checked as each piece of an answer
+  arrives; a timeout answers BACKEND_TIMEOUT;
+- batches split into calls of at most ``max_batch_rows`` rows;
+- answers read as they stream in and refused past a size cap, so a
+  misbehaving server can neither hold a batch nor fill the worker's memory;
 - retries only where the request cannot have been processed (see ``_send``);
 - a circuit breaker (``gateway.backends.breaker``): after N consecutive
   failures the backend is not called for a cool-down and every call answers
@@ -24,7 +28,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -81,6 +85,7 @@ class OipBackend:
         self.reference = reference
         self._name = name
         self._config = config
+        self._clock = clock
         self._output = config.output or DEFAULT_OUTPUT
         remote = quote(config.remote_name or name, safe="")
         self._model_path = f"/v2/models/{remote}"
@@ -172,8 +177,11 @@ class OipBackend:
         Raises ``ConfigError`` when the server does not know the model: the
         name (or version) in our configuration is wrong.
         """
-        response = self._send("GET", self._model_path, None, accept=(200, 404))
-        if response.status_code == 404:
+        deadline = self._clock() + self._config.call_timeout_s
+        response = self._send(
+            "GET", self._model_path, None, deadline, accept=(200, 404)
+        )
+        if response.status == 404:
             raise ConfigError(
                 f"model {self._name}: the remote backend at {self._config.url} "
                 f"does not serve {self._model_path.removeprefix('/v2/models/')!r}"
@@ -181,6 +189,24 @@ class OipBackend:
         return self._json(response)
 
     def predict_proba(self, rows: np.ndarray) -> np.ndarray:
+        """Probabilities for ``rows``, in calls of at most ``max_batch_rows``.
+
+        The calls go one after another under one deadline. If any fails, the
+        whole batch fails: the worker answers every request of a batch with
+        the backend's error, so the rows already answered are wasted.
+        """
+        n = len(rows)
+        if n == 0:
+            return np.zeros((0, len(self.signature.classes)), np.float32)
+        deadline = self._clock() + self._config.call_timeout_s
+        step = self._config.max_batch_rows
+        parts = [
+            self._predict_chunk(rows[start : start + step], deadline)
+            for start in range(0, n, step)
+        ]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _predict_chunk(self, rows: np.ndarray, deadline: float) -> np.ndarray:
         spec = self.signature.inputs[0]
         n = len(rows)
         body = {
@@ -197,7 +223,9 @@ class OipBackend:
             ],
             "outputs": [{"name": self._output}],
         }
-        answer = self._json(self._send("POST", f"{self._model_path}/infer", body))
+        answer = self._json(
+            self._send("POST", f"{self._model_path}/infer", body, deadline)
+        )
         return self._probabilities(answer, n)
 
     def close(self) -> None:
@@ -206,8 +234,14 @@ class OipBackend:
     # -- internals -----------------------------------------------------------------
 
     def _send(
-        self, method: str, path: str, body: Any, *, accept: tuple[int, ...] = (200,)
-    ) -> httpx.Response:
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        deadline: float,
+        *,
+        accept: tuple[int, ...] = (200,),
+    ) -> _Answer:
         """One logical call through the breaker, with the retries that are safe.
 
         Retried (up to ``retries`` times, with exponential back-off):
@@ -229,6 +263,9 @@ class OipBackend:
           error): the server may have processed it;
         - any other status code. A status outside ``accept`` below 500 is a
           BACKEND_ERROR but not a breaker failure: the server is alive.
+
+        No retry, back-off or read goes past ``deadline`` (on ``clock``):
+        past it the call is a BACKEND_TIMEOUT, counted by the breaker.
         """
         self.breaker.acquire()
         config = self._config
@@ -238,12 +275,12 @@ class OipBackend:
         try:
             while True:
                 try:
-                    response = self._client.request(
-                        method, path, content=content, headers=headers
-                    )
+                    response = self._exchange(method, path, content, headers, deadline)
                 except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                    if attempt < config.retries:
-                        attempt = self._back_off(attempt, exc)
+                    if attempt < config.retries and self._back_off(
+                        attempt, exc, deadline
+                    ):
+                        attempt += 1
                         continue
                     raise BackendUnavailableError(
                         f"model backend for {self._name} cannot be reached "
@@ -251,26 +288,31 @@ class OipBackend:
                     ) from exc
                 except httpx.TimeoutException as exc:
                     raise BackendTimeoutError(
-                        f"model backend for {self._name} did not answer within "
-                        f"{config.read_timeout_s} s ({type(exc).__name__})"
+                        f"model backend for {self._name} did not answer in time "
+                        f"(read_timeout_s {config.read_timeout_s}, call_timeout_s "
+                        f"{config.call_timeout_s}): {type(exc).__name__}"
                     ) from exc
                 except httpx.TransportError as exc:
                     raise BackendError(
                         f"model backend for {self._name} failed mid-call: "
                         f"{type(exc).__name__}"
                     ) from exc
-                if response.status_code == 503 and attempt < config.retries:
-                    attempt = self._back_off(attempt, None)
+                if (
+                    response.status == 503
+                    and attempt < config.retries
+                    and self._back_off(attempt, None, deadline)
+                ):
+                    attempt += 1
                     continue
-                if response.status_code >= 500:
+                if response.status >= 500:
                     error = (
                         BackendUnavailableError
-                        if response.status_code == 503
+                        if response.status == 503
                         else BackendError
                     )
                     raise error(
                         f"model backend for {self._name} answered HTTP "
-                        f"{response.status_code}: {_excerpt(response)}"
+                        f"{response.status}: {response.excerpt()}"
                     )
                 break
         except BackendError:
@@ -283,15 +325,74 @@ class OipBackend:
             raise
         # The server answered: it is alive, whatever it thought of the request.
         self.breaker.record_success()
-        if response.status_code not in accept:
+        if response.status not in accept:
             raise BackendError(
                 f"model backend for {self._name} answered HTTP "
-                f"{response.status_code}: {_excerpt(response)}"
+                f"{response.status}: {response.excerpt()}"
             )
         return response
 
-    def _back_off(self, attempt: int, exc: Exception | None) -> int:
+    def _exchange(
+        self,
+        method: str,
+        path: str,
+        content: bytes | None,
+        headers: dict[str, str] | None,
+        deadline: float,
+    ) -> _Answer:
+        """One HTTP exchange, its answer read as it streams in.
+
+        httpx's timeouts bound each socket operation, not an exchange, so the
+        deadline is checked after every piece of the body (and each read is
+        given no more than the time left): a server trickling a byte at a
+        time is cut off at most one read after the deadline. The size cap is
+        checked on the decoded bytes as they come, so neither a large
+        ``content-length`` nor a compressed bomb is ever buffered whole.
+        """
+        config = self._config
+        left = deadline - self._clock()
+        if left <= 0:
+            raise BackendTimeoutError(self._late_message())
+        timeout = httpx.Timeout(
+            connect=min(config.connect_timeout_s, left),
+            read=min(config.read_timeout_s, left),
+            write=min(config.read_timeout_s, left),
+            pool=min(config.connect_timeout_s, left),
+        )
+        with self._client.stream(
+            method, path, content=content, headers=headers, timeout=timeout
+        ) as response:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > _MAX_RESPONSE_BYTES:
+                raise BackendError(
+                    f"model backend for {self._name}: response too large "
+                    f"({declared} bytes declared)"
+                )
+            pieces: list[bytes] = []
+            size = 0
+            for piece in response.iter_bytes():
+                size += len(piece)
+                if size > _MAX_RESPONSE_BYTES:
+                    raise BackendError(
+                        f"model backend for {self._name}: response too large"
+                    )
+                pieces.append(piece)
+                if self._clock() > deadline:
+                    raise BackendTimeoutError(self._late_message())
+            return _Answer(response.status_code, b"".join(pieces))
+
+    def _late_message(self) -> str:
+        return (
+            f"model backend for {self._name} did not finish within call_timeout_s "
+            f"{self._config.call_timeout_s} s"
+        )
+
+    def _back_off(self, attempt: int, exc: Exception | None, deadline: float) -> bool:
+        """Sleep before retry ``attempt + 1``; False (no sleep) when the
+        back-off would end past ``deadline``, so the last error stands."""
         delay_s = self._config.retry_backoff_s * (2**attempt)
+        if self._clock() + delay_s >= deadline:
+            return False
         logger.info(
             "retrying model backend call",
             extra={
@@ -302,13 +403,11 @@ class OipBackend:
             },
         )
         time.sleep(delay_s)
-        return attempt + 1
+        return True
 
-    def _json(self, response: httpx.Response) -> dict[str, Any]:
-        if len(response.content) > _MAX_RESPONSE_BYTES:
-            raise BackendError(f"model backend for {self._name}: response too large")
+    def _json(self, response: _Answer) -> dict[str, Any]:
         try:
-            answer = response.json()
+            answer = json.loads(response.body)
         except ValueError as exc:
             raise BackendError(
                 f"model backend for {self._name} answered invalid JSON"
@@ -337,8 +436,15 @@ class OipBackend:
         return proba
 
 
-def _excerpt(response: httpx.Response) -> str:
-    return response.text[:200].replace("\n", " ")
+@dataclass(frozen=True)
+class _Answer:
+    """A server's answer, read whole (within the size cap and the deadline)."""
+
+    status: int
+    body: bytes
+
+    def excerpt(self) -> str:
+        return self.body[:200].decode("utf-8", "replace").replace("\n", " ")
 
 
 def merge_signature(

@@ -48,18 +48,24 @@ class FrontDoorMetrics(HttpMetrics):
         self.watch_redis({"frontdoor": lambda: door.redis})
 
 
+# The gauges read from the door at each scrape (for what names exist before a
+# door does: gateway.monitoring).
+PENDING_GAUGE = "modelgate_frontdoor_replies_pending"
+READY_GAUGE = "modelgate_frontdoor_ready"
+
+
 class _DoorCollector(Collector):
     def __init__(self, door: FrontDoor) -> None:
         self._door = door
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
-            "modelgate_frontdoor_replies_pending",
+            PENDING_GAUGE,
             "Requests sent through Kafka whose answer this front door awaits.",
             value=self._door.pending_count,
         )
         yield GaugeMetricFamily(
-            "modelgate_frontdoor_ready",
+            READY_GAUGE,
             "1 when the front door answers inference (Kafka and Redis set up, "
             "reply topic settled), else 0; as /v2/health/ready.",
             value=1 if self._door.ready else 0,

@@ -237,6 +237,146 @@ def test_malformed_answer_is_a_backend_error() -> None:
         model.predict_proba(ROWS)
 
 
+# -- OIP client: batch size, deadline, size cap ------------------------------------
+
+
+def clocked(handler: Any, clock: Clock, **config: Any) -> OipBackend:
+    settings = BackendConfig(kind="oip", url="http://127.0.0.1:9", **config)
+    return OipBackend(
+        "m",
+        settings,
+        SIGNATURE,
+        np.zeros((1, 3), np.float32),
+        clock=clock,
+        transport=httpx.MockTransport(handler),
+    )
+
+
+def test_a_batch_goes_in_calls_of_at_most_max_batch_rows_in_order() -> None:
+    sizes: list[int] = []
+
+    def echo_first_feature(request: httpx.Request) -> httpx.Response:
+        tensor = json.loads(request.content)["inputs"][0]
+        rows = np.asarray(tensor["data"], np.float32).reshape(tensor["shape"])
+        sizes.append(len(rows))
+        data = np.stack([rows[:, 0], 1 - rows[:, 0]], axis=1).reshape(-1).tolist()
+        out = {"name": "predict_proba", "shape": [len(rows), 2], "data": data}
+        return httpx.Response(200, json={"outputs": [out]})
+
+    rows = np.zeros((5, 3), np.float32)
+    rows[:, 0] = [0.1, 0.2, 0.3, 0.4, 0.5]
+    proba = clocked(echo_first_feature, Clock(), max_batch_rows=2).predict_proba(rows)
+    assert sizes == [2, 2, 1]
+    np.testing.assert_allclose(proba[:, 0], rows[:, 0])
+    assert clocked(echo_first_feature, Clock()).predict_proba(rows).shape == (5, 2)
+    assert sizes == [2, 2, 1, 5]  # the default (1,024) sends five rows at once
+    empty = clocked(echo_first_feature, Clock()).predict_proba(rows[:0])
+    assert empty.shape == (0, 2) and sizes == [2, 2, 1, 5]  # no call at all
+
+
+class Trickle(httpx.SyncByteStream):
+    """A body arriving in small pieces, each one second later on ``clock``."""
+
+    def __init__(self, body: bytes, clock: Clock) -> None:
+        self.body = body
+        self.clock = clock
+
+    def __iter__(self) -> Any:
+        for start in range(0, len(self.body), 8):
+            self.clock.now += 1.0
+            yield self.body[start : start + 8]
+
+
+def test_an_answer_trickling_past_the_call_deadline_times_out() -> None:
+    clock = Clock()
+    out = {"name": "predict_proba", "shape": [2, 2], "data": [0.5] * 4}
+    body = json.dumps({"outputs": [out]}).encode()
+
+    def trickle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=Trickle(body, clock))
+
+    model = clocked(trickle, clock, call_timeout_s=5.0, breaker_failures=1)
+    with pytest.raises(BackendTimeoutError, match=r"call_timeout_s 5\.0"):
+        model.predict_proba(ROWS)
+    # Cut off at the first piece past the deadline, not at the body's end.
+    assert 5.0 < clock.now - 100.0 <= 6.0 < len(body) / 8
+    assert model.breaker.state == "open"
+    # The same body in time is an answer.
+    clock = Clock()
+    patient = clocked(trickle, clock, call_timeout_s=len(body))
+    assert patient.predict_proba(ROWS).shape == (2, 2)
+
+
+def test_a_later_chunk_gets_only_the_time_left() -> None:
+    clock = Clock()
+    calls: list[float] = []
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        calls.append(clock.now)
+        clock.now += 2.0  # each call takes two seconds
+        tensor = json.loads(request.content)["inputs"][0]
+        n = tensor["shape"][0]
+        out = {"name": "predict_proba", "shape": [n, 2], "data": [0.5] * (2 * n)}
+        return httpx.Response(200, json={"outputs": [out]})
+
+    model = clocked(slow, clock, max_batch_rows=1, call_timeout_s=3.0)
+    with pytest.raises(BackendTimeoutError, match=r"call_timeout_s 3\.0"):
+        model.predict_proba(np.zeros((4, 3), np.float32))
+    assert calls == [100.0, 102.0]  # the third call was never started
+
+
+def test_no_back_off_outlasts_the_deadline() -> None:
+    script = Script([503] * 5)
+    clock = Clock()
+    model = OipBackend(
+        "m",
+        BackendConfig(
+            kind="oip",
+            url="http://127.0.0.1:9",
+            retries=5,
+            retry_backoff_s=2.0,
+            call_timeout_s=1.0,
+        ),
+        SIGNATURE,
+        np.zeros((1, 3), np.float32),
+        clock=clock,
+        transport=httpx.MockTransport(script),
+    )
+    with pytest.raises(BackendUnavailableError, match="HTTP 503"):
+        model.predict_proba(ROWS)
+    assert script.calls == 1  # a 2 s back-off would end past the 1 s deadline
+
+
+def test_an_oversized_answer_is_refused_before_it_is_buffered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock()
+    pieces_read: list[int] = []
+
+    class Endless(httpx.SyncByteStream):
+        def __iter__(self) -> Any:
+            while True:
+                pieces_read.append(1)
+                yield b"x" * 1024
+
+    def endless(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=Endless())
+
+    monkeypatch.setattr("gateway.backends.oip._MAX_RESPONSE_BYTES", 10 * 1024)
+    with pytest.raises(BackendError, match="too large"):
+        clocked(endless, clock).predict_proba(ROWS)
+    assert len(pieces_read) == 11
+
+    def declared(request: httpx.Request) -> httpx.Response:
+        headers = {"content-length": str(64 * 1024 * 1024)}
+        return httpx.Response(200, headers=headers, stream=Endless())
+
+    pieces_read.clear()
+    with pytest.raises(BackendError, match="declared"):
+        clocked(declared, clock).predict_proba(ROWS)
+    assert pieces_read == []
+
+
 # -- settings and codes ----------------------------------------------------------------
 
 

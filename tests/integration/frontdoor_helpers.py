@@ -88,13 +88,10 @@ def _url(server: uvicorn.Server) -> str:
 
 
 @contextlib.asynccontextmanager
-async def serving(
-    settings: Settings, *, ready: bool = True, app: FastAPI | None = None
-) -> AsyncIterator[str]:
-    """A front door on a free port; yields its base URL once it is ready
-    (unless ``ready`` is False). Its reply topic is deleted afterwards.
-    ``app``: one the test built from ``settings`` (to reach its state)."""
-    server = _Server(_config(settings, app))
+async def listening(config: uvicorn.Config) -> AsyncIterator[str]:
+    """uvicorn serving ``config`` in this event loop; yields its base URL
+    once it listens, and stops it afterwards."""
+    server = _Server(config)
     task = asyncio.create_task(server.serve())
     try:
         async with asyncio.timeout(60):
@@ -102,18 +99,30 @@ async def serving(
                 if task.done():
                     task.result()
                 await asyncio.sleep(0.05)
-            url = _url(server)
+        yield _url(server)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    settings: Settings, *, ready: bool = True, app: FastAPI | None = None
+) -> AsyncIterator[str]:
+    """A front door on a free port; yields its base URL once it is ready
+    (unless ``ready`` is False). Its reply topic is deleted afterwards.
+    ``app``: one the test built from ``settings`` (to reach its state)."""
+    try:
+        async with listening(_config(settings, app)) as url:
             if ready:
-                async with httpx.AsyncClient() as client:
+                async with asyncio.timeout(60), httpx.AsyncClient() as client:
                     while True:
                         probe = await client.get(url + "/v2/health/ready")
                         if probe.status_code == 200:
                             break
                         await asyncio.sleep(0.1)
-        yield url
+            yield url
     finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 30)
         with contextlib.suppress(Exception):
             await delete_topics(settings, [reply_topic_for(settings)])
 

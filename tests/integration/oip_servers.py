@@ -73,7 +73,9 @@ class StubOip:
     ``stop`` closes the port (so calls get connection refused) and ``start``
     opens it again on the same port. The first ``unavailable_first``
     inference calls are answered 503 at once, as a server whose model is
-    still loading would.
+    still loading would. With ``trickle_s`` set (it may be set while the
+    server runs) an inference answer's body goes out one byte every
+    ``trickle_s``; ``rows_per_call`` records each inference call's row count.
     """
 
     def __init__(
@@ -83,6 +85,8 @@ class StubOip:
         self.delay_s = delay_s
         self.unavailable_first = unavailable_first
         self.infer_calls = 0
+        self.trickle_s = 0.0
+        self.rows_per_call: list[int] = []
         self.port = 0
         self._server: ThreadingHTTPServer | None = None
         self._stopping = threading.Event()
@@ -128,6 +132,8 @@ class StubOip:
                 stub._stopping.wait(stub.delay_s)
                 tensor = body["inputs"][0]
                 rows = np.asarray(tensor["data"], np.float32).reshape(tensor["shape"])
+                with stub._lock:
+                    stub.rows_per_call.append(len(rows))
                 proba = stub.model.predict_proba(rows)
                 output = {
                     "name": "predict_proba",
@@ -135,16 +141,29 @@ class StubOip:
                     "shape": list(proba.shape),
                     "data": proba.reshape(-1).tolist(),
                 }
-                self._reply(200, {"id": body.get("id"), "outputs": [output]})
+                self._reply(
+                    200,
+                    {"id": body.get("id"), "outputs": [output]},
+                    trickle_s=stub.trickle_s,
+                )
 
-            def _reply(self, status: int, payload: dict[str, Any]) -> None:
+            def _reply(
+                self, status: int, payload: dict[str, Any], trickle_s: float = 0.0
+            ) -> None:
                 raw = json.dumps(payload).encode()
                 try:
                     self.send_response(status)
                     self.send_header("content-type", "application/json")
                     self.send_header("content-length", str(len(raw)))
                     self.end_headers()
-                    self.wfile.write(raw)
+                    if not trickle_s:
+                        self.wfile.write(raw)
+                        return
+                    for i in range(len(raw)):
+                        if stub._stopping.wait(trickle_s):
+                            return
+                        self.wfile.write(raw[i : i + 1])
+                        self.wfile.flush()
                 except OSError:
                     pass  # the client gave up (timed out) first
 

@@ -16,12 +16,16 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import uvicorn
 from cryptography.fernet import Fernet
 from fastapi import APIRouter
 
 from gateway.admin.app import create_app
-from gateway.config import Settings
+from gateway.admin.cli import uvicorn_proxy_options
+from gateway.config import Settings, load_settings
+from gateway.errors import ConfigError
 from gateway.keys import KeyStore
 from tests.conftest import StackInfo
 from tests.integration.adminkit import (
@@ -32,6 +36,7 @@ from tests.integration.adminkit import (
     admin_app,
     dump_prefix,
 )
+from tests.integration.frontdoor_helpers import listening
 from tests.integration.helpers import delete_prefix, isolated_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -199,6 +204,65 @@ async def test_login_attempts_are_limited_per_source(make_admin: Factory) -> Non
             if e.detail.get("reason") == "LOGIN_RATE_LIMITED"
         ]
         assert limited_entries and limited_entries[0].source == "10.0.0.1"
+
+
+async def _forwarded_logins(admin: AdminHarness, forwarded: list[str]) -> list[int]:
+    """Wrong-password logins for "dave" through real uvicorn, configured as
+    ``modelgate admin serve`` configures it, one per X-Forwarded-For value."""
+    config = uvicorn.Config(
+        admin.app,
+        host="127.0.0.1",
+        port=0,
+        lifespan="off",  # the harness runs the app's lifespan
+        log_level="warning",
+        access_log=False,
+        **uvicorn_proxy_options(admin.settings),
+    )
+    statuses = []
+    async with (
+        listening(config) as url,
+        httpx.AsyncClient(base_url=url, trust_env=False) as http,
+    ):
+        for value in forwarded:
+            body = {"user": "dave", "password": "wrong password!!", "code": "000000"}
+            answer = await http.post(
+                "/v1/sessions", json=body, headers={"X-Forwarded-For": value}
+            )
+            statuses.append(answer.status_code)
+    return statuses
+
+
+async def test_a_forwarded_for_header_counts_only_from_a_trusted_proxy(
+    make_admin: Factory,
+) -> None:
+    # uvicorn alone believes the header from 127.0.0.1, where the admin API
+    # listens: each of these logins would then come from a new source.
+    async with make_admin(login_attempts_per_window=3, max_failures=100) as admin:
+        await admin.add_user("dave", "viewer")
+        statuses = await _forwarded_logins(admin, [f"10.9.0.{i}" for i in range(5)])
+        assert statuses == [401, 401, 401, 429, 429]
+        sources = {e.source for e in _logins(await admin.audit(), "dave")}
+        assert sources == {"127.0.0.1"}
+
+    trusted = {"trusted_proxies": ["127.0.0.0/8"]}
+    async with make_admin(
+        login_attempts_per_window=3, max_failures=100, **trusted
+    ) as admin:
+        await admin.add_user("dave", "viewer")
+        statuses = await _forwarded_logins(
+            admin, ["10.9.0.1", "10.9.0.2", "10.9.0.3", "10.9.0.4, 127.0.0.5"]
+        )
+        assert statuses == [401] * 4  # four sources, one attempt each
+        sources = [e.source for e in _logins(await admin.audit(), "dave")]
+        # The rightmost address no trusted proxy owns is the caller.
+        assert sorted(sources) == ["10.9.0.1", "10.9.0.2", "10.9.0.3", "10.9.0.4"]
+
+
+def test_trusted_proxies_must_be_addresses_or_networks() -> None:
+    assert load_settings(admin={"trusted_proxies": ["10.0.0.0/8", "::1"]})
+    with pytest.raises(ConfigError, match="not an IP address or network"):
+        load_settings(admin={"trusted_proxies": ["proxy.internal"]})
+    assert uvicorn_proxy_options(load_settings()) == {"proxy_headers": False}
 
 
 async def test_roles_are_enforced(admin: AdminHarness) -> None:

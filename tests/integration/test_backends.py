@@ -158,6 +158,54 @@ async def test_slow_backend_times_out_and_is_not_retried(
     assert errors == 1
 
 
+async def test_a_trickling_backend_is_cut_off_at_the_call_deadline(
+    settings: Settings, kafka: RawKafka, models_dir: Path
+) -> None:
+    """Every read is quick, so ``read_timeout_s`` never fires: only the
+    deadline on the whole call stops a server sending a byte at a time."""
+    stub = StubOip(load_model(models_dir, "digits")).start()
+    try:
+        trickled = with_backend(
+            settings, kind="oip", url=stub.url, read_timeout_s=1.0, call_timeout_s=1.0
+        )
+        key = await create_key(settings, "alice")
+        async with running_worker(trickled):
+            # ~400 bytes at 20 ms each: about 8 s to answer two rows in full.
+            stub.trickle_s = 0.02
+            answer = await ask(trickled, kafka, key, X_TEST[:2])
+    finally:
+        stub.stop()
+    assert answer["status"] == "error", answer
+    assert answer["error"]["code"] == "BACKEND_TIMEOUT", answer
+    assert "call_timeout_s 1.0" in answer["error"]["message"]
+
+
+async def test_a_batch_larger_than_max_batch_rows_goes_in_pieces(
+    settings: Settings, kafka: RawKafka, models_dir: Path
+) -> None:
+    model = load_model(models_dir, "digits")
+    stub = StubOip(model).start()
+    try:
+        small = with_backend(settings, kind="oip", url=stub.url, max_batch_rows=3)
+        key = await create_key(settings, "alice")
+        async with running_worker(small):
+            # At start the worker asked for its reference answers, in pieces.
+            assert stub.rows_per_call and max(stub.rows_per_call) == 3
+            stub.rows_per_call.clear()
+            answer = await ask(small, kafka, key, X_TEST[:7])
+    finally:
+        stub.stop()
+    assert answer["status"] == "ok", answer
+    assert stub.rows_per_call == [3, 3, 1]
+    # The stub's model ran on pieces of 3 rows: equal up to BLAS rounding.
+    np.testing.assert_allclose(
+        probabilities(answer),
+        model.predict_proba(X_TEST[:7]).reshape(-1),
+        rtol=0,
+        atol=1e-6,
+    )
+
+
 async def test_dead_backend_opens_the_breaker_and_recovers(
     settings: Settings, kafka: RawKafka, models_dir: Path
 ) -> None:

@@ -19,6 +19,7 @@ from gateway.topics import ensure_topics
 from modelgate import errors
 from modelgate.client import AsyncClient, Client
 from modelgate.kafka import KafkaClientTransport
+from modelgate.results import InferResult
 from modelgate.retry import RetryPolicy
 from tests.integration.helpers import (
     LosesFirstAnswer,
@@ -52,6 +53,35 @@ async def test_async_client_round_trip_with_numpy(
     np.testing.assert_allclose(one, expected[0], rtol=1e-5, atol=1e-7)
     assert result.action == "allow" and result.attempts == 1 and not result.replayed
     np.testing.assert_array_equal(result["label"], expected[:2].argmax(axis=1))
+
+
+async def test_infer_many_answers_each_item_in_order_through_a_worker(
+    settings: Settings, models_dir: Path
+) -> None:
+    token = await create_token(settings, "many-user")
+    expected = load_model(models_dir, "digits").predict_proba(
+        X_TEST[:12].astype(np.float32)
+    )
+    # Item 5 has the wrong number of features: refused by the worker alone.
+    batch = [X_TEST[i] for i in range(12)]
+    batch[5] = X_TEST[5][:10]
+    async with (
+        running_worker(settings),
+        AsyncClient.kafka(token, "many-user", settings=settings) as client,
+    ):
+        results = await client.infer_many(
+            "digits", batch, concurrency=4, return_errors=True
+        )
+        with pytest.raises(errors.ShapeMismatchError):
+            await client.infer_many("digits", batch, concurrency=4)
+    refused = results.pop(5)
+    assert isinstance(refused, errors.ShapeMismatchError), refused
+    assert all(isinstance(r, InferResult) for r in results), results
+    answered = np.vstack([r.output() for r in results if isinstance(r, InferResult)])
+    np.testing.assert_allclose(
+        answered, np.delete(expected, 5, axis=0), rtol=1e-5, atol=1e-7
+    )
+    assert len({r.request_id for r in results if isinstance(r, InferResult)}) == 11
 
 
 async def test_blocking_client_round_trip_and_typed_errors(

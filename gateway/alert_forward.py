@@ -1,0 +1,360 @@
+"""Forward alerts to an HTTP endpoint as CloudEvents: a SIEM's collector, an
+incident tool or a chat webhook (docs/alerts.md, "Forwarding alerts").
+
+``modelgate alerts-forward --url URL`` reads the alerts topic in a consumer
+group of its own and POSTs each alert in CloudEvents' structured HTTP mode
+(``Content-Type: application/cloudevents+json``, the event as the body), in
+the topic's order within each partition. Offsets are committed only for
+alerts already settled (delivered, or refused for good), so a forwarder
+stopped or killed mid-way resumes where it left off: every alert arrives at
+least once. Copies a worker produced again (same ``id``) are forwarded once
+while this process remembers the id (``SeenAlerts``).
+
+How an answer settles an alert:
+
+- 2xx: delivered.
+- 400, 409, 413, 415 or 422: the receiver refuses this event as it is, and
+  sending it again would not change that. Logged at ERROR with the alert's
+  id and the status, counted, and passed over, so one event the receiver
+  cannot take does not hold every later alert.
+- anything else (401 and 403 too: a credential is wrong, not the event),
+  a timeout or a connection failure: retried with a doubling back-off
+  (``Retry-After`` honoured, up to ``max_backoff_s``) until delivered or the
+  process stops. The partition waits rather than lose an alert.
+
+Imports aiokafka, httpx and the gateway's alerts and config modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import httpx
+import typer
+
+from gateway.alerts import SeenAlerts
+from gateway.cli_common import ConfigOption, load_cli_settings, stop_on_signals
+from gateway.config import Settings
+
+logger = logging.getLogger(__name__)
+
+CONTENT_TYPE = "application/cloudevents+json"
+# Statuses that refuse the event itself (RFC 9110): resending it is useless.
+REFUSED_STATUSES = frozenset({400, 409, 413, 415, 422})
+# Read from the environment, not the command line, where `ps` would show it.
+AUTHORIZATION_ENV = "MODELGATE_FORWARD_AUTHORIZATION"
+
+
+@dataclass(frozen=True)
+class ForwardOptions:
+    """Where and what to forward.
+
+    ``actions``: forward only alerts whose policy action is one of these
+    (``flag``, ``throttle``, ``degrade``, ``block``); empty forwards all.
+    """
+
+    url: str
+    group_id: str = "modelgate-alerts-forward"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    actions: frozenset[str] = frozenset()
+    from_beginning: bool = False
+    timeout_s: float = 10.0
+    first_backoff_s: float = 0.5
+    max_backoff_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"--url must be an http or https URL, got {self.url!r}")
+        if not 0 < self.first_backoff_s <= self.max_backoff_s:
+            raise ValueError("back-off: 0 < first_backoff_s <= max_backoff_s")
+
+
+@dataclass
+class ForwardStats:
+    delivered: int = 0
+    refused: int = 0
+    duplicates: int = 0
+    filtered: int = 0
+    unreadable: int = 0
+    retries: int = 0
+
+
+def endpoint_label(url: str) -> str:
+    """``scheme://host:port`` of ``url``, for logs: webhook URLs often carry
+    their secret in the path or the query."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}"
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header given in seconds; an HTTP date
+    or garbage gives None (the forwarder's own back-off applies)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
+
+
+class AlertForwarder:
+    """One forwarder process: consume, deliver, commit.
+
+    ``client`` and ``sleep`` are for tests (an in-memory transport, a
+    clock that does not wait).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        options: ForwardOptions,
+        *,
+        client: httpx.AsyncClient | None = None,
+        sleep: Callable[[float], Any] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._options = options
+        self._client = client or httpx.AsyncClient(
+            timeout=options.timeout_s,
+            # Alerts go to the configured URL and nowhere else.
+            trust_env=False,
+            follow_redirects=False,
+        )
+        self._owns_client = client is None
+        self._sleep = sleep
+        self._seen = SeenAlerts()
+        self.stats = ForwardStats()
+        self._endpoint = endpoint_label(options.url)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Forward until ``stop`` is set; what was settled is committed."""
+        from aiokafka import AIOKafkaConsumer
+
+        topic = self._settings.kafka.topics.alerts
+        consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=self._settings.kafka.bootstrap,
+            group_id=self._options.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest" if self._options.from_beginning else "latest",
+        )
+        await asyncio.wait_for(consumer.start(), self._settings.kafka.request_timeout_s)
+        logger.info(
+            "forwarding alerts",
+            extra={
+                "topic": topic,
+                "endpoint": self._endpoint,
+                "group": self._options.group_id,
+            },
+        )
+        try:
+            while not stop.is_set():
+                batch = await consumer.getmany(timeout_ms=500, max_records=200)
+                for tp, records in batch.items():
+                    settled = None
+                    for record in records:
+                        if not await self._settle(record.value, stop):
+                            break
+                        settled = record.offset
+                    if settled is not None:
+                        await self._commit(consumer, tp, settled)
+                    if stop.is_set():
+                        break
+        finally:
+            await consumer.stop()
+            if self._owns_client:
+                await self._client.aclose()
+            logger.info(
+                "alert forwarder stopped",
+                extra={"endpoint": self._endpoint, **vars(self.stats)},
+            )
+
+    async def _commit(self, consumer: Any, tp: Any, offset: int) -> None:
+        from aiokafka.errors import CommitFailedError, KafkaError
+
+        try:
+            await consumer.commit({tp: offset + 1})
+        except (CommitFailedError, KafkaError) as exc:
+            # The partition moved to another forwarder (or the broker hiccupped):
+            # it reads these alerts again and its receiver gets them twice, as
+            # at-least-once allows.
+            logger.warning(
+                "alert offsets not committed",
+                extra={"partition": tp.partition, "offset": offset, "error": repr(exc)},
+            )
+
+    async def _settle(self, value: bytes | None, stop: asyncio.Event) -> bool:
+        """Deliver, refuse or pass over one record; False only when ``stop``
+        came before it was settled (it is then not committed)."""
+        try:
+            event = json.loads(value or b"")
+        except ValueError:
+            event = None
+        if not isinstance(event, dict):
+            self.stats.unreadable += 1
+            logger.error(
+                "unreadable alert record passed over",
+                extra={"endpoint": self._endpoint},
+            )
+            return True
+        raw = event.get("data")
+        data: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
+        if self._options.actions and data.get("action") not in self._options.actions:
+            self.stats.filtered += 1
+            return True
+        if not self._seen.first(event):
+            self.stats.duplicates += 1
+            return True
+        return await self._deliver(event, data, stop)
+
+    async def _deliver(
+        self, event: dict[str, Any], data: Mapping[str, Any], stop: asyncio.Event
+    ) -> bool:
+        body = json.dumps(event).encode()
+        headers = {**self._options.headers, "content-type": CONTENT_TYPE}
+        fields = {
+            "alert_id": event.get("id"),
+            "client": data.get("client_id"),
+            "detector": data.get("detector"),
+            "endpoint": self._endpoint,
+        }
+        backoff = self._options.first_backoff_s
+        while True:
+            wait: float | None = None
+            try:
+                answer = await self._client.post(
+                    self._options.url, content=body, headers=headers
+                )
+            except httpx.HTTPError as exc:
+                reason = type(exc).__name__
+            else:
+                if 200 <= answer.status_code < 300:
+                    self.stats.delivered += 1
+                    return True
+                if answer.status_code in REFUSED_STATUSES:
+                    self.stats.refused += 1
+                    logger.error(
+                        "alert refused by the receiver, passed over",
+                        extra={**fields, "status": answer.status_code},
+                    )
+                    return True
+                reason = f"HTTP {answer.status_code}"
+                wait = retry_after_s(answer.headers.get("retry-after"))
+            delay = min(
+                wait if wait is not None else backoff, self._options.max_backoff_s
+            )
+            self.stats.retries += 1
+            logger.warning(
+                "alert not delivered, retrying",
+                extra={**fields, "reason": reason, "delay_s": delay},
+            )
+            if await self._wait(delay, stop):
+                return False
+            backoff = min(backoff * 2, self._options.max_backoff_s)
+
+    async def _wait(self, delay_s: float, stop: asyncio.Event) -> bool:
+        """Sleep ``delay_s`` or until ``stop``; True when stopped."""
+        if self._sleep is not None:
+            await self._sleep(delay_s)
+            return stop.is_set()
+        try:
+            await asyncio.wait_for(stop.wait(), delay_s)
+        except TimeoutError:
+            return False
+        return True
+
+
+def _headers(values: list[str]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for value in values:
+        name, sep, content = value.partition(":")
+        if not sep or not name.strip() or any(c.isspace() for c in name.strip()):
+            raise typer.BadParameter(f"--header wants NAME: VALUE, got {value!r}")
+        headers[name.strip()] = content.strip()
+    token = os.environ.get(AUTHORIZATION_ENV)
+    if token:
+        headers["Authorization"] = token
+    return headers
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``alerts-forward`` to the ``modelgate`` app."""
+
+    @app.command("alerts-forward")
+    def alerts_forward(
+        url: Annotated[
+            str, typer.Option(help="Where to POST each alert (http or https).")
+        ],
+        header: Annotated[
+            list[str] | None,
+            typer.Option(
+                help=(
+                    "Extra header NAME: VALUE (repeatable). Put a secret in "
+                    f"{AUTHORIZATION_ENV} instead: it becomes the Authorization "
+                    "header."
+                )
+            ),
+        ] = None,
+        action: Annotated[
+            list[str] | None,
+            typer.Option(help="Forward only alerts with this action (repeatable)."),
+        ] = None,
+        group: Annotated[
+            str,
+            typer.Option(
+                help="Consumer group: a restart resumes at its committed offsets."
+            ),
+        ] = "modelgate-alerts-forward",
+        from_beginning: Annotated[
+            bool,
+            typer.Option(
+                help=(
+                    "A group with no committed offsets starts at the oldest "
+                    "stored alert (else at new ones)."
+                )
+            ),
+        ] = False,
+        timeout_s: Annotated[
+            float, typer.Option(min=0.1, max=300.0, help="Timeout of one POST.")
+        ] = 10.0,
+        config: ConfigOption = None,
+    ) -> None:
+        """Forward alerts to an HTTP endpoint as CloudEvents until SIGTERM or
+        Ctrl-C; every alert arrives at least once (docs/alerts.md)."""
+        settings = load_cli_settings(config)
+        try:
+            options = ForwardOptions(
+                url=url,
+                group_id=group,
+                headers=_headers(header or []),
+                actions=frozenset(action or ()),
+                from_beginning=from_beginning,
+                timeout_s=timeout_s,
+            )
+        except ValueError as exc:
+            typer.echo(f"error [CONFIG_INVALID]: {exc}", err=True)
+            raise typer.Exit(2) from exc
+
+        async def main() -> ForwardStats:
+            stop = stop_on_signals()
+            forwarder = AlertForwarder(settings, options)
+            await forwarder.run(stop)
+            return forwarder.stats
+
+        stats = asyncio.run(main())
+        typer.echo(
+            f"forwarded {stats.delivered}, refused {stats.refused}, "
+            f"duplicates {stats.duplicates}, filtered {stats.filtered}, "
+            f"unreadable {stats.unreadable}",
+            err=True,
+        )

@@ -1,0 +1,177 @@
+"""The alert forwarder's delivery rules over httpx's in-memory transport:
+which answers deliver, refuse or retry an alert, the back-off, filters and
+copies. The whole path through the real broker and a loopback receiver is in
+tests/integration/test_alert_forward.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.alert_forward import (
+    AUTHORIZATION_ENV,
+    CONTENT_TYPE,
+    AlertForwarder,
+    ForwardOptions,
+    _headers,
+    endpoint_label,
+    retry_after_s,
+)
+from gateway.alerts import build_alert
+from gateway.config import load_settings
+
+URL = "http://127.0.0.1:9/hooks/secret-token?key=abc"
+
+
+def alert(event_id: str, action: str = "block") -> bytes:
+    event = build_alert(
+        worker_id="w",
+        client_id="mallory",
+        key_id="k",
+        model="digits",
+        detector="ood",
+        score=2.0,
+        threshold=1.0,
+        action=action,
+        evidence="e",
+        request_id="r",
+        query_index=1,
+        shadow=False,
+        event_id=event_id,
+    )
+    return json.dumps(event).encode()
+
+
+class Receiver:
+    """Answers POSTs from a list of statuses (then 200), or raises an
+    exception given in the list; keeps what it was sent."""
+
+    def __init__(self, answers: list[Any]) -> None:
+        self.answers = answers
+        self.bodies: list[dict[str, Any]] = []
+        self.headers: list[httpx.Headers] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        answer = self.answers.pop(0) if self.answers else 200
+        if isinstance(answer, Exception):
+            raise answer
+        self.bodies.append(json.loads(request.content))
+        self.headers.append(request.headers)
+        if isinstance(answer, tuple):
+            return httpx.Response(answer[0], headers=answer[1])
+        return httpx.Response(answer)
+
+
+def forwarder(receiver: Receiver, waits: list[float], **options: Any) -> AlertForwarder:
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(receiver))
+    return AlertForwarder(
+        load_settings(),
+        ForwardOptions(url=URL, first_backoff_s=0.5, max_backoff_s=4.0, **options),
+        client=client,
+        sleep=sleep,
+    )
+
+
+async def test_a_delivered_alert_is_one_cloudevent_post() -> None:
+    receiver = Receiver([])
+    forward = forwarder(receiver, [], headers={"X-Team": "ml"})
+    assert await forward._settle(alert("a1"), asyncio.Event())
+    (body,) = receiver.bodies
+    assert body["id"] == "a1" and body["specversion"] == "1.0"
+    assert receiver.headers[0]["content-type"] == CONTENT_TYPE
+    assert receiver.headers[0]["x-team"] == "ml"
+    assert forward.stats.delivered == 1
+
+
+async def test_server_and_auth_failures_are_retried_with_a_doubling_back_off() -> None:
+    refused = httpx.ConnectError("refused")
+    receiver = Receiver([503, refused, 401, 500, 502, 200])
+    waits: list[float] = []
+    forward = forwarder(receiver, waits)
+    assert await forward._settle(alert("a1"), asyncio.Event())
+    assert waits == [0.5, 1.0, 2.0, 4.0, 4.0]  # capped at max_backoff_s
+    assert forward.stats.delivered == 1 and forward.stats.retries == 5
+
+
+async def test_retry_after_is_honoured_up_to_the_cap() -> None:
+    receiver = Receiver([(429, {"retry-after": "3"}), (503, {"retry-after": "600"})])
+    waits: list[float] = []
+    assert await forwarder(receiver, waits)._settle(alert("a1"), asyncio.Event())
+    assert waits == [3.0, 4.0]
+    assert retry_after_s("Wed, 21 Oct 2026 07:28:00 GMT") is None
+    assert retry_after_s("-1") is None
+
+
+@pytest.mark.parametrize("status", [400, 409, 413, 415, 422])
+async def test_an_event_the_receiver_refuses_is_passed_over(
+    status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = Receiver([status])
+    waits: list[float] = []
+    forward = forwarder(receiver, waits)
+    assert await forward._settle(alert("bad"), asyncio.Event())
+    assert waits == [] and forward.stats.refused == 1
+    (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert record.alert_id == "bad" and record.status == status  # type: ignore[attr-defined]
+    # The URL's path and query (often the webhook's secret) are not logged.
+    assert record.endpoint == "http://127.0.0.1:9"  # type: ignore[attr-defined]
+
+
+async def test_a_stop_during_retries_leaves_the_alert_unsettled() -> None:
+    stop = asyncio.Event()
+    receiver = Receiver([503] * 10)
+
+    async def sleep(seconds: float) -> None:
+        stop.set()
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(receiver))
+    forward = AlertForwarder(
+        load_settings(), ForwardOptions(url=URL), client=client, sleep=sleep
+    )
+    assert await forward._settle(alert("a1"), stop) is False
+    assert forward.stats.delivered == 0
+
+
+async def test_copies_filters_and_unreadable_records_are_not_sent() -> None:
+    receiver = Receiver([])
+    forward = forwarder(receiver, [], actions=frozenset({"block", "throttle"}))
+    stop = asyncio.Event()
+    for value in (
+        alert("a1"),
+        alert("a1"),  # a copy a worker produced again
+        alert("a2", action="flag"),
+        b"not json",
+        b"[1, 2]",
+        None,
+        alert("a3", action="throttle"),
+    ):
+        assert await forward._settle(value, stop)
+    assert [b["id"] for b in receiver.bodies] == ["a1", "a3"]
+    stats = forward.stats
+    assert (stats.duplicates, stats.filtered, stats.unreadable) == (1, 1, 3)
+
+
+def test_options_and_headers_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    for bad in ("ftp://host/x", "http://", "127.0.0.1:8080"):
+        with pytest.raises(ValueError, match="http or https"):
+            ForwardOptions(url=bad)
+    assert endpoint_label("https://hooks.example:8443/T0/B1/xyz?t=1") == (
+        "https://hooks.example:8443"
+    )
+    monkeypatch.setenv(AUTHORIZATION_ENV, "Bearer s3cret")
+    assert _headers(["X-A: 1", "X-B:two"]) == {
+        "X-A": "1",
+        "X-B": "two",
+        "Authorization": "Bearer s3cret",
+    }
+    import typer
+
+    with pytest.raises(typer.BadParameter):
+        _headers(["no colon"])

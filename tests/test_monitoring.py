@@ -1,0 +1,179 @@
+"""The monitoring files: alert rules, their cases, the Grafana dashboard and
+the Prometheus configurations, checked by Prometheus's own promtool (Debian's
+package, installed by ``make services``) and against the metrics the code
+exports. A running Prometheus scraping a real worker is in
+tests/integration/test_monitoring.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from gateway.cli import app
+from gateway.config import load_settings
+from gateway.monitoring import ALERT_RULES, JOBS, exported_metric_names, scrape_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = ROOT / "tests" / "monitoring" / "alert_cases.yml"
+DASHBOARD = ROOT / "infra" / "grafana" / "dashboards" / "modelgate.json"
+DOCKER_CONFIG = ROOT / "infra" / "prometheus" / "prometheus.yml"
+# A metric name in PromQL: what is not a function, keyword or label.
+METRIC = re.compile(r"\b(modelgate_[a-z0-9_]+|up)\b")
+
+
+def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("promtool")
+    if binary is None:
+        pytest.fail("promtool is missing: run `make services` (infra/prometheus.sh)")
+    return subprocess.run(
+        [binary, *map(str, args)], capture_output=True, text=True, timeout=120
+    )
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    document = yaml.safe_load(ALERT_RULES.read_text())
+    return [rule for group in document["groups"] for rule in group["rules"]]
+
+
+def dashboard_queries() -> list[str]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [t["expr"] for p in panels for t in p.get("targets", ())]
+
+
+def test_promtool_accepts_the_alert_rules() -> None:
+    result = promtool("check", "rules", ALERT_RULES)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_each_alert_fires_and_stays_silent_as_its_cases_say(tmp_path: Path) -> None:
+    # promtool compares annotations too; the cases check when alerts fire and
+    # with which labels, so the rules run here without their texts.
+    document = yaml.safe_load(ALERT_RULES.read_text())
+    for group in document["groups"]:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    bare = tmp_path / "alerts.yml"
+    bare.write_text(yaml.safe_dump(document))
+    cases = yaml.safe_load(CASES.read_text())
+    cases["rule_files"] = [str(bare)]
+    spec = tmp_path / "cases.yml"
+    spec.write_text(yaml.safe_dump(cases))
+    result = promtool("test", "rules", spec)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    firing: set[str] = set()
+    silent: set[str] = set()
+    for test in cases["tests"]:
+        for check in test["alert_rule_test"]:
+            (firing if check["exp_alerts"] else silent).add(check["alertname"])
+    names = {rule["alert"] for rule in alert_rules()}
+    assert names - firing == set(), "alerts never shown to fire"
+    assert names - silent == set(), "alerts never shown to stay silent"
+
+
+def test_every_rule_and_panel_names_a_metric_modelgate_exports() -> None:
+    exported = exported_metric_names()
+    queries = [rule["expr"] for rule in alert_rules()] + dashboard_queries()
+    named = {name for query in queries for name in METRIC.findall(query)}
+    assert named - exported == set()
+    # The check can fail: a name the code does not export is caught.
+    assert "modelgate_no_such_metric_total" not in exported
+
+
+def test_every_panel_query_parses(tmp_path: Path) -> None:
+    queries = dashboard_queries()
+    assert len(queries) >= 20
+    # Grafana's own variable is the only one the dashboard uses.
+    rules = [
+        {"record": f"dashboard:query_{i}", "expr": q.replace("$__rate_interval", "5m")}
+        for i, q in enumerate(queries)
+    ]
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "d", "rules": rules}]}))
+    result = promtool("check", "rules", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    datasource = {p["datasource"]["uid"] for p in panels if "datasource" in p}
+    provisioned = yaml.safe_load(
+        (
+            ROOT
+            / "infra"
+            / "grafana"
+            / "provisioning"
+            / "datasources"
+            / "prometheus.yml"
+        ).read_text()
+    )
+    assert datasource == {provisioned["datasources"][0]["uid"]}
+
+
+def test_the_generated_configuration_follows_the_settings(tmp_path: Path) -> None:
+    settings = load_settings(
+        worker={"metrics_port": 19564, "metrics_host": "0.0.0.0"},
+        frontdoor={"metrics_port": 0},
+        admin={"metrics_port": 19566, "metrics_host": "::1"},
+        feedback={"metrics_port": 19567},
+    )
+    document = scrape_config(settings, rules=[ALERT_RULES], interval_s=5)
+    targets = {
+        job["job_name"]: job["static_configs"][0]["targets"]
+        for job in document["scrape_configs"]
+    }
+    assert targets == {
+        "modelgate-worker": ["127.0.0.1:19564"],
+        "modelgate-admin": ["[::1]:19566"],
+        "modelgate-guard": ["127.0.0.1:19567"],
+    }
+    assert document["global"]["scrape_interval"] == "5s"
+    path = tmp_path / "prometheus.yml"
+    path.write_text(json.dumps(document))
+    result = promtool("check", "config", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_command_prints_a_configuration_promtool_accepts(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["monitoring", "prometheus-config"])
+    assert result.exit_code == 0, result.output
+    path = tmp_path / "prometheus.yml"
+    path.write_text(result.stdout)
+    checked = promtool("check", "config", path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    jobs = [job["job_name"] for job in json.loads(result.stdout)["scrape_configs"]]
+    assert jobs == [job for job, _ in JOBS]
+    missing = CliRunner().invoke(
+        app, ["monitoring", "prometheus-config", "--rules", str(tmp_path / "none.yml")]
+    )
+    assert missing.exit_code == 2 and "no rule file" in missing.output
+
+
+def test_the_docker_configuration_scrapes_the_compose_services(tmp_path: Path) -> None:
+    config = yaml.safe_load(DOCKER_CONFIG.read_text())
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    mounts = services["prometheus"]["volumes"]
+    # The rule file the configuration names is the one compose mounts there.
+    (rules,) = config["rule_files"]
+    assert f"./infra/prometheus/alerts.yml:{rules}:ro" in mounts
+    known = {job for job, _ in JOBS}
+    for job in config["scrape_configs"]:
+        assert job["job_name"] in known
+        (target,) = job["static_configs"][0]["targets"]
+        host, port = target.split(":")
+        # Each target is a compose service, at the port it publishes.
+        assert f"127.0.0.1:{port}:{port}" in services[host]["ports"]
+    assert services["prometheus"]["profiles"] == ["monitoring"]
+    assert services["grafana"]["profiles"] == ["monitoring"]
+    # promtool reads the rule file at the path the container sees.
+    config["rule_files"] = [str(ALERT_RULES)]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    result = promtool("check", "config", path)
+    assert result.returncode == 0, result.stdout + result.stderr
