@@ -1,6 +1,6 @@
 """What admission decides, apart from Redis: the request to admit
 (:class:`AdmitItem`), the decision (:class:`Admission`, parsed from the
-script's reply by :func:`parse_admission`), the GCRA step the script takes
+script's reply by :func:`parse_reply`), the GCRA step the script takes
 (:func:`gcra`, a Python reference) and a plan with a key's overrides turned
 into script arguments (:func:`compile_plan`, :func:`apply_overrides`).
 
@@ -102,6 +102,10 @@ class AdmitItem:
             raise ValueError("cost must be between 1 and burst")
 
 
+HiddenAction = Literal["block", "throttle"]
+_HIDDEN: dict[str, HiddenAction | None] = {"block": "block", "throttle": "throttle"}
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
     """What the store decided for one item.
@@ -125,6 +129,13 @@ class Admission:
     ``in_flight`` says the item holds an in-flight slot (release it with
     :meth:`CounterStore.release_in_flight` once answered); ``without_store``
     that the decision was made without Redis (fail mode ``open``/``closed``).
+
+    ``hidden`` and ``hidden_ms`` are the client's hidden record
+    (:meth:`CounterStore.record_hidden`): ``"block"`` or ``"throttle"`` and
+    the ms left of it, or ``None`` and 0; ``released`` says a release marker
+    waits for the worker (``gateway.clientview``). They describe the client,
+    not the item, and are read in the same script call, so that the worker
+    applies them before scoring without a round trip of its own.
     """
 
     outcome: Outcome
@@ -136,6 +147,9 @@ class Admission:
     window_s: float = 0.0
     in_flight: bool = False
     without_store: bool = False
+    hidden: HiddenAction | None = None
+    hidden_ms: int = 0
+    released: bool = False
 
     @property
     def serve(self) -> bool:
@@ -244,21 +258,51 @@ def apply_overrides(plan: PlanConfig, overrides: str) -> PlanConfig:
     return PlanConfig.model_validate(plan.model_dump(exclude_unset=True) | changes)
 
 
-def parse_admission(line: str) -> Admission:
-    """One line of the admission script's reply as an :class:`Admission`."""
+def parse_reply(reply: str) -> list[Admission]:
+    """The admission script's reply for one client: its first line (the
+    client's hidden record and release marker), then one line per item."""
+    head, *lines = reply.split("\n")
+    hidden_ms, hidden, released = head.split(" ")
+    action = _HIDDEN.get(hidden)
+    return [
+        parse_admission(
+            line,
+            hidden=action,
+            hidden_ms=int(hidden_ms) if action is not None else 0,
+            released=released == "1",
+        )
+        for line in lines
+    ]
+
+
+def parse_admission(
+    line: str,
+    *,
+    hidden: HiddenAction | None = None,
+    hidden_ms: int = 0,
+    released: bool = False,
+) -> Admission:
+    """One item's line of the admission script's reply as an
+    :class:`Admission`, with the client's fields of the reply's first line."""
     name, retry_ms, requests, limit, remaining, reset_ms, window_ms, held = line.split(
         " "
     )
     outcome = _OUTCOMES.get(name)
     if outcome is None:
         raise StoreError(f"redis admit: unexpected outcome {name!r}", retriable=False)
+    # Positional, in field order: keywords cost a measurable share of the
+    # parse at 500 items a batch.
     return Admission(
-        outcome=outcome,
-        retry_after_ms=int(retry_ms),
-        client_requests=int(requests),
-        limit=int(limit),
-        remaining=int(remaining),
-        reset_ms=int(reset_ms),
-        window_s=int(window_ms) / 1000,
-        in_flight=held == "1",
+        outcome,
+        int(retry_ms),
+        int(requests),
+        int(limit),
+        int(remaining),
+        int(reset_ms),
+        int(window_ms) / 1000,
+        held == "1",
+        False,
+        hidden,
+        hidden_ms,
+        released,
     )

@@ -11,24 +11,31 @@ under the client's hash tag as in ``gateway.store``::
                                         capped at admin.client_history_max
     {prefix}:clients:risk               sorted set: client -> latest risk,
                                         capped at admin.clients_top_max
-    {prefix}:clients:released           hash: client -> release time (ms),
-                                        pending releases, consumed by owners
+    {prefix}:{c:<client_id>}:released   a release waiting for the owning
+                                        worker: release time (ms)
 
 Every key expires after ``admin.client_view_ttl_s`` without writes. A
 client's view is rewritten when its action changes and otherwise at most
 once a second, so its risk in the ranking may be that stale.
 
 Release means an operator vouches for the client: it starts again from a
-clean slate. The admin side leaves a marker, deletes the client's detector
+clean slate. The admin side leaves the marker, deletes the client's detector
 snapshot (so a worker that takes the client over later does not reload the
-old state) and lifts the Redis block. The worker that owns the client
-consumes the marker in its next batch with that client and forgets all its
-in-memory state for it: the policy's flag and query counts and every
-detector's history. That batch was already judged with the old state, so it
-may have blocked the client again; the worker therefore lifts the block once
-more after applying the marker. At most the first batch after a release is
-refused. TODO: applying the marker before scoring would close that gap, at
-the cost of a second Redis call in the worker's batch path.
+old state) and lifts the Redis block, visible or hidden (the hidden record
+of ``CounterStore.record_hidden``). The marker lives under the client's
+hash tag, so the admission script reads it with the client's other keys and
+reports it with every decision (``Admission.released``): the worker that
+owns the client learns of the release in the round trip admission already
+makes, and forgets all its in-memory state for the client *before* scoring
+the batch (:meth:`ClientView.apply_releases`): the policy's flags, blocks
+and query counts and every detector's history. So the very first request
+after a release is judged from a clean slate. The marker is deleted in the
+view's write of the same batch (:meth:`ClientView.observe`), so releasing
+costs the batch path no round trip of its own; if that write fails, the
+next batch applies the release again, resetting one batch's history more.
+A second release landing between a batch's admission and its view write is
+deleted with the first without being applied again; that batch was already
+judged from the clean slate of the first.
 
 Imports Redis and the gateway's batch, config, scoring and store modules;
 nothing from Kafka or FastAPI.
@@ -140,26 +147,44 @@ class ClientView:
     def risk_key(self) -> str:
         return f"{self._prefix}:clients:risk"
 
-    @property
-    def released_key(self) -> str:
-        """Hash of pending releases, client -> release time (ms). One key for
-        all clients so a worker checks a whole batch with one ``HMGET``."""
-        return f"{self._prefix}:clients:released"
+    def released_key(self, client_id: str) -> str:
+        """A client's pending release marker (value: release time, ms)."""
+        return self.key(client_id, "released")
 
     # Step: the worker's per-batch write ------------------------------------------
 
-    async def observe(self, items: Sequence[BatchItem], scorer: Scorer) -> None:
-        """Record this batch's outcome per client and apply pending releases.
+    def apply_releases(self, items: Sequence[BatchItem], scorer: Scorer) -> list[str]:
+        """Forget the state of every client of this batch with a release
+        waiting, before the batch is scored; returns those clients.
 
-        One pipelined round trip: one ``HMGET`` for release markers, then,
-        for each client whose view is due, its view, ranking and (when due)
-        history. A client's view is due when its action changed or
-        ``_VIEW_INTERVAL_S`` passed since this worker last wrote it, its
-        history on a change of action or every
-        ``admin.client_history_interval_s``; so a busy client costs a few
-        commands a second, not a few per batch. A Redis failure is logged
-        and swallowed: the view is for people, and retrying the whole batch
-        for it would re-send every answer.
+        No I/O: admission read the markers (``Admission.released``). Call it
+        after the batch's snapshots are loaded (a snapshot saved between the
+        release and now still holds the old state) and before scoring; the
+        markers are deleted by :meth:`observe`.
+        """
+        released = _released(items)
+        for client_id in released:
+            scorer.forget(client_id)
+            self._last_view.pop(client_id, None)
+            logger.info(
+                "client release applied: detector and policy state reset",
+                extra={"client": client_id},
+            )
+        return released
+
+    async def observe(self, items: Sequence[BatchItem]) -> None:
+        """Record this batch's outcome per client and delete the release
+        markers :meth:`apply_releases` applied.
+
+        One pipelined round trip: the markers, then, for each client whose
+        view is due, its view, ranking and (when due) history. A client's
+        view is due when its action changed or ``_VIEW_INTERVAL_S`` passed
+        since this worker last wrote it, its history on a change of action
+        or every ``admin.client_history_interval_s``; so a busy client costs
+        a few commands a second, not a few per batch. A Redis failure is
+        logged and swallowed: the view is for people, and retrying the
+        whole batch for it would re-send every answer (a marker left behind
+        is applied again by the next batch).
         """
         batches = _aggregate(items)
         if not batches:
@@ -171,7 +196,8 @@ class ClientView:
         pushed: dict[str, tuple[float, str]] = {}
 
         pipe = self._redis.pipeline(transaction=False)
-        pipe.hmget(self.released_key, clients)
+        for client_id in _released(items):
+            pipe.delete(self.released_key(client_id))
         for client_id in clients:
             batch = batches[client_id]
             if not _due(
@@ -218,38 +244,13 @@ class ClientView:
 
         try:
             async with redis_guard("clientview.observe", self._timeout_s, self._redis):
-                replies = await pipe.execute()
+                await pipe.execute()
         except StoreError as exc:
+            # Release markers included: the next batch applies them again.
             logger.warning("client view not written: %s", exc.message)
             return
         _remember(self._last_view, viewed)
         _remember(self._last_push, pushed)
-
-        markers = replies[0]
-        released = [c for c, m in zip(clients, markers, strict=True) if m is not None]
-        if released:
-            await self._apply_releases(released, scorer)
-
-    async def _apply_releases(self, released: list[str], scorer: Scorer) -> None:
-        # Safe here: the scorer (run in an executor thread) is done with this
-        # batch.
-        for client_id in released:
-            scorer.forget(client_id)
-            self._last_view.pop(client_id, None)
-            logger.info(
-                "client release applied: detector and policy state reset",
-                extra={"client": client_id},
-            )
-        try:
-            async with redis_guard("clientview.release", self._timeout_s, self._redis):
-                await self._redis.hdel(self.released_key, *released)
-            # This batch was judged with the old state and may have blocked
-            # the clients again.
-            for client_id in released:
-                await self._store.unblock(client_id)
-        except StoreError:
-            # The markers stay (or the blocks do): the next batch tries again.
-            logger.warning("release not completed", extra={"clients": released})
 
     def _push_history(self, pipe: Any, client_id: str, entry: dict[str, Any]) -> None:
         history = self.key(client_id, "history")
@@ -318,17 +319,19 @@ class ClientView:
 
     async def release(self, client_id: str, actor: str) -> bool:
         """Release a client: leave the marker for its worker, drop its detector
-        snapshot, then lift the block. Returns whether the client was blocked.
+        snapshot, then lift the block, visible or hidden. Returns whether the
+        client was blocked (or throttled hidden).
 
         The marker goes first so that a batch landing between the steps (still
-        refused as blocked) already resets the worker's state.
+        refused as blocked) already resets the worker's state, and does not
+        put a hidden block it still reads back into the policy
+        (``enforce.restore_hidden`` skips released clients).
         """
         check_client_id(client_id)
         now_ms = protocol.now_ms()
         async with redis_guard("clientview.release", self._timeout_s, self._redis):
             pipe = self._redis.pipeline(transaction=False)
-            pipe.hset(self.released_key, client_id, str(now_ms))
-            pipe.pexpire(self.released_key, self._ttl_ms)
+            pipe.set(self.released_key(client_id), str(now_ms), px=self._ttl_ms)
             pipe.delete(self.key(client_id, "state"))
             self._push_history(
                 pipe,
@@ -361,6 +364,18 @@ def _remember(
         marks[client_id] = mark
     while len(marks) > _LAST_WRITE_MAX:
         del marks[next(iter(marks))]
+
+
+def _released(items: Sequence[BatchItem]) -> list[str]:
+    return sorted(
+        {
+            i.client_id
+            for i in items
+            if i.client_id is not None
+            and i.admission is not None
+            and i.admission.released
+        }
+    )
 
 
 def _aggregate(items: Sequence[BatchItem]) -> dict[str, _ClientBatch]:

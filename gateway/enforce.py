@@ -6,7 +6,12 @@ there is nothing to do:
 
 - ``apply_throttle`` refuses throttled clients' requests beyond their
   penalised rate (gateway/throttle.py);
+- ``restore_hidden`` (before scoring, no round trip) puts blocks and
+  throttles served hidden back into the policy's memory from the record
+  admission read, for clients whose memory lost them;
 - ``enforce_blocks`` stores the blocks the batch decided;
+- ``record_hidden`` records the blocks and throttles the batch served
+  hidden, when Redis does not hold them yet;
 - ``release_unserved`` gives back the request ids of admitted requests that
   were refused after all, so that their retry is not a duplicate;
 - ``release_in_flight`` gives back the in-flight slots of answered requests.
@@ -22,11 +27,17 @@ from gateway.batch import BatchItem
 from gateway.errors import PolicyError, StoreError
 from gateway.intake import admit_item
 from gateway.limits import Admitter
-from gateway.policy import Policy
-from gateway.store import CounterStore
+from gateway.policy import SEVERITY, Policy
+from gateway.store import CounterStore, HiddenAction
 from gateway.throttle import ThrottleCheck, ThrottleStore, plan_rate
 
 logger = logging.getLogger(__name__)
+
+# A hidden record is written again only when the batch's verdict outlasts it
+# by more than this (ms): the policy's end and the record's PTTL drift apart
+# by the time between admission and scoring, which must not cost a write per
+# batch for every hidden-blocked client.
+_HIDDEN_SLACK_MS = 1000
 
 
 def decided_without_store(items: list[BatchItem]) -> bool:
@@ -130,6 +141,84 @@ async def enforce_blocks(
             # The answers still say BLOCKED; the next batch re-derives the
             # block from the same detector state.
             logger.warning("block not stored", extra={"client": client_id})
+
+
+def restore_hidden(items: list[BatchItem], policy: Policy) -> None:
+    """Put each client's hidden block or throttle, as admission read it from
+    Redis, back into the policy's memory before the batch is scored.
+
+    No I/O: the record came with the admission decisions. A client whose
+    memory still holds it is left as it is; one whose policy part was lost
+    (refused on restore, snapshot deleted, handed over before a save) is put
+    back in its cool-down, so it keeps being served late and coarse. A client
+    with a release waiting is skipped: the release lifts the record too.
+    """
+    seen: set[str] = set()
+    for item in items:
+        admission = item.admission
+        if (
+            admission is None
+            or admission.hidden is None
+            or admission.released
+            or item.key is None
+        ):
+            continue
+        client_id = item.key.client_id
+        if client_id in seen:
+            continue
+        seen.add(client_id)
+        policy.restore_hidden(client_id, admission.hidden, admission.hidden_ms / 1000)
+
+
+async def record_hidden(items: list[BatchItem], store: CounterStore) -> None:
+    """Record in Redis the blocks and throttles this batch served hidden, so
+    that they outlive the policy's memory (``CounterStore.record_hidden``).
+
+    Only what Redis does not hold yet: a new block or throttle, or one the
+    record (as admission read it) ends sooner than by ``_HIDDEN_SLACK_MS``, or
+    a block over a recorded throttle. A client in its cool-down costs no
+    write, so this is a round trip only in batches that start a hidden
+    block or throttle (or meet one recorded before the record existed). A
+    Redis failure is logged: the policy's memory still holds it, and the
+    next batch tries again.
+    """
+    wanted: dict[str, tuple[HiddenAction, float]] = {}
+    for item in items:
+        verdict = item.verdict
+        if verdict is None or verdict.hidden_action is None or item.key is None:
+            continue
+        client_id = item.key.client_id
+        action: HiddenAction = (
+            "block" if verdict.hidden_action == "block" else "throttle"
+        )
+        have = wanted.get(client_id)
+        if have is None or (SEVERITY[action], verdict.hidden_s) > (
+            SEVERITY[have[0]],
+            have[1],
+        ):
+            wanted[client_id] = (action, verdict.hidden_s)
+    recorded: dict[str, tuple[str | None, int]] = {
+        i.key.client_id: (i.admission.hidden, i.admission.hidden_ms)
+        for i in items
+        if i.key is not None and i.admission is not None
+    }
+    to_write = {}
+    for client_id, (action, left_s) in wanted.items():
+        have_action, have_ms = recorded.get(client_id, (None, 0))
+        if (
+            have_action is None
+            or SEVERITY[action] > SEVERITY[have_action]
+            or left_s * 1000 > have_ms + _HIDDEN_SLACK_MS
+        ):
+            to_write[client_id] = (action, left_s)
+    if not to_write:
+        return
+    try:
+        await store.record_hidden(to_write)
+    except StoreError:
+        logger.warning(
+            "hidden enforcement not recorded", extra={"clients": sorted(to_write)}
+        )
 
 
 async def release_unserved(items: list[BatchItem], store: CounterStore) -> None:

@@ -78,6 +78,8 @@ class _Step:
     action: str
     degrade: str | None
     reasons: tuple[str, ...]
+    # When a block or throttle this step stands in ends (wall clock, s).
+    until_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +109,12 @@ class Verdict:
     """Up to three detectors contributing most to ``risk`` (fused, decayed),
     with their contributions in threshold units; ``group`` when the linked
     group's risk is what drives it."""
+    hidden_action: str | None = None
+    """The enforced block or throttle a hidden answer stands for (``None``
+    when the answer hides none), and ``hidden_s`` the seconds left of it:
+    what the worker records in Redis (``CounterStore.record_hidden``) so that
+    losing the policy's memory does not lift it."""
+    hidden_s: float = 0.0
 
 
 GROUP = "group"
@@ -337,7 +345,7 @@ class Policy:
         live = _step(state.live, live_risk, bool(live_flagged), live_rules, cfg, now_s)
         if flagged and SEVERITY[would.action] >= SEVERITY["flag"]:
             state.lifetime_flags += 1
-        verdict = _verdict(cfg, would, live, risk, live_risk, flagged, top)
+        verdict = _verdict(cfg, would, live, risk, live_risk, flagged, now_s, top)
         if verdict.action != "allow":
             logger.debug(
                 "policy verdict %s (enforced %s)",
@@ -418,11 +426,47 @@ class Policy:
             return None
         # cooldown_s 0: a block seen again is not a new block to store.
         return dataclasses.replace(
-            _verdict(cfg, would, live, 0.0, 0.0, ()), cooldown_s=0.0
+            _verdict(cfg, would, live, 0.0, 0.0, (), now_s), cooldown_s=0.0
         )
 
     def forget(self, client_id: str) -> None:
         self._clients.pop(client_id, None)
+
+    def restore_hidden(self, client_id: str, action: str, left_s: float) -> None:
+        """Make the client's memory hold a hidden block or throttle for at
+        least ``left_s`` more seconds, as its Redis record says.
+
+        The record (``CounterStore.record_hidden``) outlives what can happen
+        to the policy's part of a snapshot (refused, deleted, never saved):
+        a client whose memory lost a hidden block is put back in its
+        cool-down on both tracks, so it keeps being served late and coarse,
+        never refused, until the cool-down ends. A memory that already holds
+        as much is left alone. Marks the client as flagged: a client under a
+        hidden block must not teach the detectors what normal looks like.
+
+        Raises
+        ------
+        ValueError
+            ``action`` is neither ``"block"`` nor ``"throttle"``, or
+            ``left_s`` is not positive and finite.
+        """
+        if action not in ("block", "throttle"):
+            raise ValueError(f"no hidden action {action!r}")
+        if not (left_s > 0 and math.isfinite(left_s)):
+            raise ValueError("left_s must be positive and finite")
+        state = self._clients.get(client_id)
+        if state is None:
+            state = self._clients[client_id] = _ClientPolicyState()
+        until_s = self._clock() + left_s
+        for track in (state.live, state.would):
+            if action == "block":
+                track.blocked_until_s = max(track.blocked_until_s, until_s)
+            elif track.throttled_until_s < until_s:
+                if track.throttled_until_s <= self._clock():
+                    # 0: hidden, a delay rather than a bucket.
+                    track.throttle_factor = 0.0
+                track.throttled_until_s = until_s
+        state.lifetime_flags = max(state.lifetime_flags, 1)
 
     def dump_state(self, client_id: str) -> bytes | None:
         state = self._clients.get(client_id)
@@ -542,6 +586,7 @@ def _verdict(
     risk: float,
     live_risk: float,
     flagged: tuple[DetectorScore, ...],
+    now_s: float,
     top: tuple[tuple[str, float], ...] = (),
 ) -> Verdict:
     """Join the two tracks' steps into what is recorded and what is enforced."""
@@ -559,7 +604,12 @@ def _verdict(
     # Hidden suspicion: a refusal (block, throttle) would tell an adaptive
     # attacker which queries gave it away. Serve it late and coarse.
     delay_s = 0.0
+    hidden_action: str | None = None
+    hidden_s = 0.0
     if cfg.hide_suspicion and enforced in ("block", "throttle"):
+        # What the worker records so that the policy's memory is not its
+        # only record (enforced is the live track's action here).
+        hidden_action, hidden_s = enforced, max(live.until_s - now_s, 0.0)
         enforced = "degrade"
         degrade = _stronger(degrade, cfg.hide_degrade)
         delay_s = cfg.hide_delay_s
@@ -581,6 +631,8 @@ def _verdict(
         hidden=hidden,
         cooldown_s=cfg.block_cooldown_s if enforced == "block" else 0.0,
         top=top,
+        hidden_action=hidden_action if hidden_s > 0 else None,
+        hidden_s=hidden_s,
     )
     return verdict
 
@@ -597,7 +649,12 @@ def _step(
     # 1. A block in its cool-down stays a block; it lifts by itself.
     if track.blocked_until_s > now_s:
         left_s = track.blocked_until_s - now_s
-        return _Step("block", None, (f"cool-down: {left_s:.1f} s left",))
+        return _Step(
+            "block",
+            None,
+            (f"cool-down: {left_s:.1f} s left",),
+            until_s=track.blocked_until_s,
+        )
 
     # 2. Forget flags with the configured half-life.
     if cfg.flag_half_life_s > 0 and track.flags > 0:
@@ -637,7 +694,15 @@ def _step(
     elif action == "throttle" and track.throttled_until_s <= now_s:
         track.throttled_until_s = now_s + cfg.throttle_s
         track.throttle_factor = 0.0 if cfg.hide_suspicion else cfg.throttle_factor
-    return _Step(action, degrade if action == "degrade" else None, reasons)
+    if action == "block":
+        until_s = track.blocked_until_s
+    elif action == "throttle":
+        until_s = track.throttled_until_s
+    else:
+        until_s = 0.0
+    return _Step(
+        action, degrade if action == "degrade" else None, reasons, until_s=until_s
+    )
 
 
 def _stronger(a: str | None, b: str) -> str:

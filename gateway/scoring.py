@@ -576,7 +576,10 @@ class Scorer:
         carries the client's enforcement (a block's cool-down, a throttle,
         flags, fused risk), so losing a detector's history never unblocks a
         client or steps it down the ladder; it only makes that detector
-        start warming up again. Parts of a model or detector this worker
+        start warming up again. A refused policy part does not lift a block
+        either: a visible one is refused by admission on its Redis key, and
+        one served hidden is put back from its hidden record before scoring
+        (``gateway.enforce.restore_hidden``). Parts of a model or detector this worker
         does not run are ignored. A snapshot whose envelope cannot be read
         at all (part ``snapshot``) starts the whole client afresh.
         """

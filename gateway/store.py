@@ -8,6 +8,11 @@ admission script touches one slot and the layout works on Redis Cluster::
     {prefix}:{c:<client_id>}:tat:<window_ms> GCRA theoretical arrival time (us)
     {prefix}:{c:<client_id>}:inflight        sorted set: admitted, unanswered
     {prefix}:{c:<client_id>}:block           present while blocked (value: reason)
+    {prefix}:{c:<client_id>}:hidden          present while a block or throttle is
+                                             served hidden (value: "block" or
+                                             "throttle"; expires with it)
+    {prefix}:{c:<client_id>}:released        a release waiting for the owning
+                                             worker (value: release time, ms)
     {prefix}:{c:<client_id>}:totals          hash: requests, refused
     {prefix}:{c:<client_id>}:day             hash: d (UTC day), requests, refused
     {prefix}:{c:<client_id>}:req:<request>   dedupe: delivery of the admitted copy
@@ -41,12 +46,14 @@ from gateway._admission import Admission as Admission
 from gateway._admission import AdmitItem as AdmitItem
 from gateway._admission import CompiledPlan as CompiledPlan
 from gateway._admission import GcraDecision as GcraDecision
+from gateway._admission import HiddenAction as HiddenAction
 from gateway._admission import Outcome as Outcome
 from gateway._admission import apply_overrides as apply_overrides
 from gateway._admission import check_client_id as check_client_id
 from gateway._admission import compile_plan as compile_plan
 from gateway._admission import gcra as gcra
-from gateway._admission import parse_admission
+from gateway._admission import parse_admission as parse_admission
+from gateway._admission import parse_reply
 from gateway._redisclient import RETRIABLE_REPLIES, check_decoding
 from gateway._redisclient import RedisClient as RedisClient
 from gateway._redisclient import redis_from_settings as redis_from_settings
@@ -257,9 +264,10 @@ class CounterStore:
                     f"redis admit: {type(reply).__name__}: {reply}",
                     retriable=isinstance(reply, RETRIABLE_REPLIES),
                 ) from reply
-            lines = reply.decode().split("\n")
-            for index, line in zip(indices, lines, strict=True):
-                results[index] = parse_admission(line)
+            for index, admission in zip(
+                indices, parse_reply(reply.decode()), strict=True
+            ):
+                results[index] = admission
 
         admissions = [a for a in results if a is not None]
         if logger.isEnabledFor(logging.DEBUG):
@@ -285,6 +293,8 @@ class CounterStore:
             self.client_key(client_id, "totals"),
             self.client_key(client_id, "day"),
             self.client_key(client_id, "inflight"),
+            self.client_key(client_id, "hidden"),
+            self.client_key(client_id, "released"),
             *(self.client_key(client_id, suffix) for suffix in plan.tat_suffixes),
         ]
         args: list[Any] = [
@@ -344,11 +354,47 @@ class CounterStore:
             extra={"client": client_id, "cooldown_s": cooldown_s, "reason": reason},
         )
 
+    async def record_hidden(
+        self, records: Mapping[str, tuple[HiddenAction, float]]
+    ) -> None:
+        """Record blocks and throttles served hidden, client -> (action, s
+        left), in one round trip.
+
+        Under ``hide_suspicion`` a block or throttle is served late and
+        coarse, not refused, so the block key above is not set; this record
+        keeps it for the rest of its time whatever happens to the policy's
+        memory (a snapshot refused, deleted or never saved): admission
+        returns it with every decision and the worker puts it back into the
+        policy before scoring. It refuses nothing. Recording again replaces
+        the action and the time left.
+        """
+        if not records:
+            return
+        async with redis_guard("record_hidden", self._timeout_s, self._redis):
+            pipe = self._redis.pipeline(transaction=False)
+            for client_id, (action, left_s) in records.items():
+                check_client_id(client_id)
+                if not (left_s > 0 and math.isfinite(left_s)):
+                    raise ValueError("the time left must be positive and finite")
+                pipe.set(
+                    self.client_key(client_id, "hidden"),
+                    action.encode(),
+                    px=max(1, math.ceil(left_s * 1000)),
+                )
+            await pipe.execute()
+        logger.debug("hidden enforcement recorded", extra={"clients": len(records)})
+
     async def unblock(self, client_id: str) -> bool:
-        """Lift a block early. Returns whether the client was blocked."""
+        """Lift a block early, visible or hidden (the record of
+        :meth:`record_hidden`). Returns whether the client was blocked
+        either way."""
         check_client_id(client_id)
         async with redis_guard("unblock", self._timeout_s, self._redis):
-            removed = await self._redis.delete(self.client_key(client_id, "block"))
+            # One DEL for both: they share the client's hash slot.
+            removed = await self._redis.delete(
+                self.client_key(client_id, "block"),
+                self.client_key(client_id, "hidden"),
+            )
         if removed:
             logger.info("client unblocked", extra={"client": client_id})
         return bool(removed)
@@ -402,8 +448,9 @@ class CounterStore:
         -------
         dict[str, int]
             ``requests`` and ``refused`` (totals), ``day_requests`` and
-            ``day_refused`` (current UTC day, server clock) and ``blocked_ms``
-            (remaining block, 0 if none).
+            ``day_refused`` (current UTC day, server clock), ``blocked_ms``
+            (remaining block, 0 if none) and ``hidden_ms`` (remaining block or
+            throttle served hidden, :meth:`record_hidden`; 0 if none).
         """
         check_client_id(client_id)
         async with redis_guard("client_counters", self._timeout_s, self._redis):
@@ -415,7 +462,8 @@ class CounterStore:
             pipe.hgetall(self.client_key(client_id, "totals"))
             pipe.hgetall(self.client_key(client_id, "day"))
             pipe.pttl(self.client_key(client_id, "block"))
-            (seconds, _), totals, day, block_pttl = await pipe.execute()
+            pipe.pttl(self.client_key(client_id, "hidden"))
+            (seconds, _), totals, day, block_pttl, hidden_pttl = await pipe.execute()
 
         today = int(seconds) // 86_400
         current = day if int(day.get(b"d", -1)) == today else {}
@@ -425,6 +473,7 @@ class CounterStore:
             "day_requests": int(current.get(b"requests", 0)),
             "day_refused": int(current.get(b"refused", 0)),
             "blocked_ms": max(int(block_pttl), 0),
+            "hidden_ms": max(int(hidden_pttl), 0),
         }
 
     # Step: detector snapshots --------------------------------------------------

@@ -302,6 +302,11 @@ class Worker(GroupService):
             await intake.admit_items(items, self._admitter)
             timer.lap("admit")
             await self._clients.load_new(items)
+            # Before scoring, from what admission read (no round trip): a
+            # release resets the client, and a hidden block or throttle the
+            # policy's memory lost is put back.
+            self._clientview.apply_releases(items, self._scorer)
+            enforce.restore_hidden(items, self._scorer.policy)
             await enforce.apply_throttle(
                 items, self._scorer.policy, self._throttle, self._store
             )
@@ -322,8 +327,9 @@ class Worker(GroupService):
             await enforce.enforce_blocks(
                 items, self._store, self.settings.policy.block_cooldown_s
             )
+            await enforce.record_hidden(items, self._store)
             await enforce.release_unserved(items, self._store)
-            await self._clientview.observe(items, self._scorer)
+            await self._clientview.observe(items)
             timer.lap("record")
         except (asyncio.CancelledError, StoreError, BrokerError):
             raise

@@ -8,8 +8,12 @@
 -- KEYS[2] totals    hash: requests (admitted), refused
 -- KEYS[3] day       hash: d (UTC day number), requests, refused for that day
 -- KEYS[4] inflight  sorted set: request -> time (us) its slot frees by itself
--- KEYS[4+r]         GCRA theoretical arrival time (us) of rule r, r = 1..R
--- KEYS[4+R+i]       dedupe key of item i: its delivery ("partition:offset")
+-- KEYS[5] hidden    present while a block or throttle is served hidden (value:
+--                   "block" or "throttle"); only read, it refuses nothing
+-- KEYS[6] released  present while a release waits for the owning worker
+--                   (value: release time ms); only read, the worker deletes it
+-- KEYS[6+r]         GCRA theoretical arrival time (us) of rule r, r = 1..R
+-- KEYS[6+R+i]       dedupe key of item i: its delivery ("partition:offset")
 --
 -- ARGV[1] replay window ms   ARGV[2] "1" if refused requests move the TATs
 -- ARGV[3] totals ttl ms      ARGV[4] day ttl ms
@@ -20,13 +24,16 @@
 -- then per rule r, from ARGV[10 + 3*(r-1)]: limit, burst, window ms
 -- then per item i, from ARGV[10 + 3*R + 3*(i-1)]: delivery, member, cost
 --
--- Returns one string, a line per item: "outcome retry_after_ms
--- client_requests limit remaining reset_ms window_ms in_flight". limit to
--- window_ms describe the binding window (the one with the fewest requests
--- left), window_ms 0 if the plan has neither rules nor quota; in_flight is 1
--- if the item holds a slot. One bulk string, not nested arrays: redis-py's
--- pure-Python parser pays per array element, and eight per item cost more
--- than the script itself.
+-- Returns one string: first a line of the client's "hidden_ms hidden
+-- released" (the hidden record's remaining ms and action, "-" when none; 1 if
+-- a release marker waits), which ride on this call so that the worker learns
+-- them without a round trip of its own; then a line per item: "outcome
+-- retry_after_ms client_requests limit remaining reset_ms window_ms
+-- in_flight". limit to window_ms describe the binding window (the one with
+-- the fewest requests left), window_ms 0 if the plan has neither rules nor
+-- quota; in_flight is 1 if the item holds a slot. One bulk string, not nested
+-- arrays: redis-py's pure-Python parser pays per array element, and eight per
+-- item cost more than the script itself.
 
 -- Effects replication is the default since Redis 5 (needed for TIME below);
 -- the call keeps 3.2 and 4.x correct and is a no-op later.
@@ -35,6 +42,8 @@ if redis.replicate_commands then
 end
 
 local block_key, totals_key, day_key, inflight_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local hidden_key, released_key = KEYS[5], KEYS[6]
+local N_FIXED = 6
 local replay_ms = tonumber(ARGV[1])
 local count_refused = ARGV[2] == "1"
 local totals_ttl_ms = tonumber(ARGV[3])
@@ -65,11 +74,22 @@ for r = 1, n_rules do
   window_ms[r] = tonumber(ARGV[base + 3])
   interval[r] = window_ms[r] * 1000 / tonumber(ARGV[base + 1])
   burst[r] = tonumber(ARGV[base + 2])
-  tat[r] = tonumber(redis.call("GET", KEYS[4 + r])) or now_us
+  tat[r] = tonumber(redis.call("GET", KEYS[N_FIXED + r])) or now_us
   tat_moved[r] = false
 end
 
 local block_pttl = redis.call("PTTL", block_key)
+-- The hidden record: what the worker's policy memory may have lost (a
+-- snapshot refused or deleted) and must go on serving late and coarse.
+local hidden_ms, hidden = 0, "-"
+local hidden_pttl = redis.call("PTTL", hidden_key)
+if hidden_pttl > 0 then
+  local value = redis.call("GET", hidden_key)
+  if value == "block" or value == "throttle" then
+    hidden_ms, hidden = hidden_pttl, value
+  end
+end
+local released = redis.call("EXISTS", released_key)
 local requests = tonumber(redis.call("HGET", totals_key, "requests")) or 0
 -- The day hash holds only one UTC day; another day's counts read as zero.
 local day_requests = 0
@@ -115,8 +135,8 @@ local function binding()
   return b_limit, math.max(b_remaining, 0), b_reset, b_window
 end
 
-for i = 1, #KEYS - 4 - n_rules do
-  local req_key = KEYS[4 + n_rules + i]
+for i = 1, #KEYS - N_FIXED - n_rules do
+  local req_key = KEYS[N_FIXED + n_rules + i]
   local base = items_base + 3 * (i - 1)
   local delivery = ARGV[base + 1]
   local member = ARGV[base + 2]
@@ -207,7 +227,7 @@ for r = 1, n_rules do
   if tat_moved[r] and tat[r] > now_us then
     local ttl_ms = math.ceil((tat[r] - now_us) / 1000) + 1
     -- %.17g: tostring keeps 14 digits, i.e. 100 us steps at today's epoch.
-    redis.call("SET", KEYS[4 + r], string.format("%.17g", tat[r]), "PX", ttl_ms)
+    redis.call("SET", KEYS[N_FIXED + r], string.format("%.17g", tat[r]), "PX", ttl_ms)
   end
 end
 
@@ -231,4 +251,5 @@ if admitted + refused > 0 then
   redis.call("PEXPIRE", day_key, day_ttl_ms)
 end
 
-return table.concat(results, "\n")
+return string.format("%d %s %d\n", hidden_ms, hidden, released)
+  .. table.concat(results, "\n")

@@ -65,11 +65,6 @@ def _modelgate(settings: Settings, *args: str, stdin: str = "") -> Any:
     return CliRunner().invoke(cli.app, list(args), input=stdin, env=env)
 
 
-class _NoScorer:
-    def forget(self, client_id: str) -> None:
-        raise AssertionError("no release is pending in this test")
-
-
 async def _seed_blocked_client(settings: Settings, client_id: str) -> None:
     """What a worker leaves behind after blocking a client: its view entry
     (written by the real ClientView) and the Redis block."""
@@ -79,7 +74,7 @@ async def _seed_blocked_client(settings: Settings, client_id: str) -> None:
         item = BatchItem("t", 0, 0, b"", client_id, None, key=key, action="block")
         item.verdict = Verdict("block", "block", 2.5, (), ("similarity: 45/50 near",))
         item.scores = {"similarity": 0.9}
-        await ClientView(redis, settings).observe([item], _NoScorer())  # type: ignore[arg-type]
+        await ClientView(redis, settings).observe([item])
         await CounterStore(redis, settings).block(client_id, 600, "similarity")
     finally:
         await redis.aclose()

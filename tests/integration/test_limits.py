@@ -26,6 +26,7 @@ from cryptography.fernet import Fernet
 from redis import exceptions as redis_exc
 from redis.asyncio import Redis
 
+from gateway.clientview import ClientView
 from gateway.config import LimitsConfig, Settings, load_settings
 from gateway.errors import StoreError
 from gateway.keys import KeyStore
@@ -418,15 +419,21 @@ async def test_every_counter_key_expires(redis: Redis, stack: StackInfo) -> None
     }
     counters = store_for(redis, stack, limits, clock)
     client = unique("ttl")
+    # A release first (its marker and history entry), as it deletes the
+    # block, the hidden record and the snapshot written after it here.
+    view = ClientView(redis, make_settings(stack.redis_url, limits))
+    await view.release(client, "tester")
     await counters.admit_batch([item(client) for _ in range(2)])
     await counters.block(client, 5, "test")
+    await counters.record_hidden({client: ("block", 5.0)})
     await counters.save_states({client: b"x"}, ttl_s=60)
     names = [
         n.decode() async for n in redis.scan_iter(match=f"{PREFIX}:{{c:{client}}}:*")
     ]
     suffixes = sorted(n.rsplit("}:", 1)[1].split(":")[0] for n in names)
     assert suffixes == [
-        "block", "day", "inflight", "req", "state", "tat", "tat", "totals"
+        "block", "day", "hidden", "history", "inflight", "released", "req",
+        "state", "tat", "tat", "totals",
     ]  # fmt: skip
     for name in names:
         assert await redis.pttl(name) > 0, name

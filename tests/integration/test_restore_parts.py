@@ -2,10 +2,12 @@
 handed to the next worker: real Kafka, real Redis, real workers.
 
 Under hidden suspicion a block is served late and coarse instead of refused,
-so no Redis block key stands in for it: the client's enforcement lives only
-in the policy's part of its snapshot. Before snapshots were restored part
-by part, the one corrupt detector part made the next worker forget the
-whole client, and a blocked thief came back in good standing.
+so no Redis block key stands in for it: the policy's part of its snapshot
+holds it, and so does its hidden record in Redis (what happens when the
+policy's part is lost is in tests/integration/test_hidden_record.py). Before
+snapshots were restored part by part, the one corrupt detector part made the
+next worker forget the whole client, and a blocked thief came back in good
+standing.
 """
 
 from __future__ import annotations

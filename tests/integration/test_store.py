@@ -428,6 +428,39 @@ async def test_block_and_unblock(redis: Redis, settings: Settings) -> None:
     assert result.outcome == "ok"
 
 
+async def test_hidden_record_and_release_marker_ride_on_admission(
+    redis: Redis, settings: Settings
+) -> None:
+    """The hidden record refuses nothing; admission reports it (and a waiting
+    release marker) on every line, and unblocking lifts it."""
+    counters = CounterStore(redis, settings)
+    client, other = unique("hidden"), unique("plain")
+    await counters.record_hidden({client: ("block", 30.0), other: ("throttle", 5.0)})
+    results = await counters.admit_batch(
+        [item(client, "r1", "0:1"), item(client, "r2", "0:2"), item(other, "r", "0:3")]
+    )
+    assert [r.outcome for r in results] == ["ok", "ok", "ok"]
+    for result in results[:2]:
+        assert result.hidden == "block" and 29_000 < result.hidden_ms <= 30_000
+        assert not result.released
+    assert results[2].hidden == "throttle" and 0 < results[2].hidden_ms <= 5_000
+    shown = await counters.client_counters(client)
+    assert shown["blocked_ms"] == 0 and 29_000 < shown["hidden_ms"] <= 30_000
+
+    # A release marker under the client's hash tag is reported, not consumed.
+    marker = counters.client_key(client, "released")
+    await redis.set(marker, b"1", px=10_000)
+    for delivery in ("0:4", "0:5"):
+        (seen,) = await counters.admit_batch([item(client, delivery, delivery)])
+        assert seen.released
+    await redis.delete(marker)
+
+    assert await counters.unblock(client)
+    (after,) = await counters.admit_batch([item(client, "r6", "0:6")])
+    assert (after.hidden, after.hidden_ms, after.released) == (None, 0, False)
+    assert not await counters.unblock(client)
+
+
 async def test_block_defaults_to_the_policy_cooldown(
     redis: Redis, settings: Settings
 ) -> None:
