@@ -309,6 +309,7 @@ async def _run_demo(
         settings.redis.url,
         socket_timeout=settings.redis.socket_timeout_s,
         socket_connect_timeout=settings.redis.socket_timeout_s,
+        password=settings.redis.password_value(),
     )
     transport = KafkaTransport(settings)
     worker = WorkerProcess(settings, report_dir / "worker.log")

@@ -248,6 +248,7 @@ async def _evaluate(
         settings.redis.url,
         socket_timeout=settings.redis.socket_timeout_s,
         socket_connect_timeout=settings.redis.socket_timeout_s,
+        password=settings.redis.password_value(),
     )
     transport = KafkaTransport(settings)
     worker: WorkerProcess | RunningWorker = (

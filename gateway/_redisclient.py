@@ -38,7 +38,10 @@ def redis_from_settings(settings: Settings) -> RedisClient:
     ``decode_responses`` stays off: snapshots and ciphertexts are bytes.
     Retries are few and short because callers also bound each operation by
     ``redis.socket_timeout_s`` (:func:`redis_guard`; breaker: ``redis.breaker_*``).
+    ``redis.password``, if set, authenticates every connection (each node's,
+    for a cluster); the URL never carries one (``RedisConfig`` refuses it).
     """
+    password = settings.redis.password_value()
     timeout_s = settings.redis.socket_timeout_s
     retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), retries=2)
     if settings.redis.cluster:
@@ -48,6 +51,7 @@ def redis_from_settings(settings: Settings) -> RedisClient:
             socket_connect_timeout=timeout_s,
             decode_responses=False,
             retry=retry,
+            password=password,
         )
         register_breaker(
             cluster,
@@ -62,6 +66,7 @@ def redis_from_settings(settings: Settings) -> RedisClient:
         socket_connect_timeout=timeout_s,
         decode_responses=False,
         retry=retry,
+        password=password,
     )
     register_breaker(
         client,

@@ -13,6 +13,7 @@ import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -36,7 +37,9 @@ _TOPIC_PATTERN = r"^[A-Za-z0-9._-]{1,200}$"
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # hide_input_in_errors: a refused value (a Redis URL with a password in
+    # it) must not reach logs through the chained ValidationError's text.
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
 
 class TopicsConfig(_Frozen):
@@ -58,6 +61,15 @@ class TopicsConfig(_Frozen):
     feedback_rejected: str = Field(
         "modelgate.feedback.rejected", pattern=_TOPIC_PATTERN
     )
+    # The admin audit log's copy (gateway/admin/audit_topic.py, docs/admin.md).
+    # Not in all_names() either: the admin API creates it (other_partitions),
+    # and a run's clean-up must not delete an audit trail.
+    audit: str = Field("modelgate.audit", pattern=_TOPIC_PATTERN)
+    # How long the broker keeps audit records, in ms (the topic's retention.ms,
+    # set when the topic is created); -1 keeps them for ever. 400 days: a
+    # yearly review still finds the previous year's entries. The broker's
+    # default (log.retention.hours=24 in infra/kafka) would keep a day.
+    audit_retention_ms: int = Field(400 * 86_400_000, ge=-1, le=100 * 365 * 86_400_000)
 
     def all_names(self) -> list[str]:
         return [
@@ -83,11 +95,14 @@ class KafkaConfig(_Frozen):
 
 
 class RedisConfig(_Frozen):
-    # TODO: a password inside this URL would show in a repr of the settings;
-    # a separate SecretStr password field (issue 4's production hardening)
-    # would let Redis with AUTH be configured safely. Until then use a
-    # loopback Redis without a password, as the local stack does.
+    # Never with a password in it: a URL is a plain string that shows in any
+    # repr or log of the settings, so one carrying a password is refused at
+    # start (_no_password_in_url); the password goes in ``password``.
     url: str = "redis://127.0.0.1:16379/0"
+    # Redis AUTH password (``requirepass``), sent by every connection, one
+    # node or each node of a cluster; also MODELGATE_REDIS__PASSWORD. A
+    # SecretStr: reprs, ``model_dump`` and logs show ``**********``.
+    password: SecretStr | None = None
     key_prefix: str = Field("mg", pattern=r"^[A-Za-z0-9_-]{1,32}$")
     socket_timeout_s: float = Field(2.0, gt=0, le=60)
     # True: ``url`` names one node of a Redis Cluster and the gateway finds
@@ -104,6 +119,29 @@ class RedisConfig(_Frozen):
     # seconds of the failure before it; 0 counts them however far apart
     # (docs/redis.md; the semantics in gateway/redis_breaker.py).
     breaker_window_s: float = Field(10.0, ge=0, le=3600)
+
+    @field_validator("url")
+    @classmethod
+    def _no_password_in_url(cls, url: str) -> str:
+        # Refused rather than given a precedence: the point of ``password``
+        # is that the secret is never in a plain string; a URL that carries
+        # one would leak it whichever of the two won.
+        try:
+            parsed = urlsplit(url)
+            has_password = parsed.password is not None
+        except ValueError as exc:
+            raise ValueError("not a valid Redis URL") from exc
+        if has_password:
+            raise ValueError(
+                "the URL carries a password, which would show wherever the "
+                "settings are printed; put it in redis.password "
+                "(MODELGATE_REDIS__PASSWORD) and leave it out of the URL"
+            )
+        return url
+
+    def password_value(self) -> str | None:
+        """The password in clear, for the Redis client only; never log it."""
+        return None if self.password is None else self.password.get_secret_value()
 
 
 class AuthConfig(_Frozen):
@@ -500,6 +538,11 @@ class AdminConfig(_Frozen):
     argon2_time_cost: int = Field(3, ge=1, le=20)
     argon2_memory_kib: int = Field(65_536, ge=8_192, le=4_194_304)
     audit_max_entries: int = Field(100_000, ge=100, le=10_000_000)
+    # Each audit entry is also produced to kafka.topics.audit; an action waits
+    # at most this long for the broker's acknowledgement, then proceeds
+    # (the entry is in the Redis stream; the miss is logged at ERROR and
+    # counted). See docs/admin.md, "Audit".
+    audit_kafka_timeout_s: float = Field(2.0, gt=0, le=60)
     # Client view written by the workers.
     clients_top_max: int = Field(10_000, ge=10, le=1_000_000)
     client_history_max: int = Field(200, ge=1, le=100_000)
@@ -651,6 +694,7 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
+        hide_input_in_errors=True,
     )
 
     kafka: KafkaConfig = KafkaConfig()

@@ -213,3 +213,31 @@ async def _admin(settings: Settings, doing: str) -> AsyncIterator[AIOKafkaAdminC
         ) from exc
     finally:
         await admin.close()
+
+
+async def ensure_audit_topic(settings: Settings) -> None:
+    """Create the admin audit topic (``kafka.topics.audit``) when missing,
+    with ``other_partitions`` partitions and ``audit_retention_ms`` as its
+    ``retention.ms``: the broker's default retention (a day on the local
+    stack) is far too short for an audit trail. An existing topic is left as
+    it is, retention included.
+
+    Raises
+    ------
+    BrokerError
+        The broker could not be reached within ``kafka.request_timeout_s``.
+    """
+    topics = settings.kafka.topics
+    async with _admin(settings, f"create {topics.audit}") as admin:
+        if topics.audit in set(await admin.list_topics()):
+            return
+        topic = NewTopic(
+            topics.audit,
+            topics.other_partitions,
+            topics.replication_factor,
+            topic_configs={"retention.ms": str(topics.audit_retention_ms)},
+        )
+        with contextlib.suppress(TopicAlreadyExistsError):
+            await admin.create_topics([topic])
+        logger.info("created audit topic", extra={"topics": [topics.audit]})
+        await _await_leaders(admin, [topics.audit], settings)

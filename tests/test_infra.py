@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from gateway.config import (
+    AdminConfig,
     FeedbackConfig,
     KafkaConfig,
     ModelsConfig,
@@ -100,6 +101,7 @@ def _stack_env() -> dict[str, str]:
 _APP_SERVICES = {
     "gateway": ["modelgate", "worker"],
     "guard": ["modelgate", "guard", "run"],
+    "admin": ["modelgate", "admin", "serve"],
 }
 
 
@@ -112,6 +114,7 @@ def test_compose_parses_and_has_the_services(compose: dict[str, Any]) -> None:
         assert service["command"] == command, service["command"]
     # One image: the guard runs the worker's code and settings.
     assert _service(compose, "guard")["image"] == _service(compose, "gateway")["image"]
+    assert _service(compose, "admin")["image"] == _service(compose, "gateway")["image"]
 
 
 @pytest.mark.parametrize("name", sorted(_APP_SERVICES))
@@ -179,6 +182,23 @@ def test_app_services_publish_their_metrics_on_loopback_only(
     }
     assert int(port) == defaults[section]
     assert _service(compose, name)["ports"] == [f"127.0.0.1:{port}:{port}"]
+
+
+def test_admin_service_publishes_api_and_metrics_on_loopback_only(
+    compose: dict[str, Any],
+) -> None:
+    env = _env(compose, "admin")
+    defaults = AdminConfig()
+    assert env["MODELGATE_ADMIN__HOST"] == "0.0.0.0"
+    assert env["MODELGATE_ADMIN__METRICS_HOST"] == "0.0.0.0"
+    assert int(env["MODELGATE_ADMIN__METRICS_PORT"]) == defaults.metrics_port
+    # Same volume as the worker: the server key that encrypts API keys.
+    assert (
+        _service(compose, "admin")["volumes"] == _service(compose, "gateway")["volumes"]
+    )
+    assert sorted(_service(compose, "admin")["ports"]) == sorted(
+        f"127.0.0.1:{p}:{p}" for p in (defaults.port, defaults.metrics_port)
+    )
 
 
 def test_kafka_image_is_the_version_the_pom_resolves(compose: dict[str, Any]) -> None:

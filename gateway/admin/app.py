@@ -7,7 +7,8 @@ operator role. Every refusal has the body ``{"error", "code", "retriable"}``
 with a code from ``gateway.admin.errors.ADMIN_ERROR_CODES``.
 
 Imports FastAPI, Redis and the admin package; Kafka only through the live
-configuration's service, which the lifespan starts in the background.
+configuration's service and the audit topic's producer, which the lifespan
+starts in the background.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from gateway.admin.audit import AuditLog
+from gateway.admin.audit_topic import AuditTopic
 from gateway.admin.deps import AdminContext, require_role
 from gateway.admin.errors import ADMIN_ERROR_CODES, AdminError
 from gateway.admin.live import LiveConfigHandle, config_router
@@ -88,7 +90,8 @@ def create_app(
     -------
     FastAPI
         Its lifespan opens the Redis client, loads the server key and starts
-        connecting the live configuration service in the background; the
+        connecting the live configuration service and the audit topic's
+        producer (``app.state.audit_topic``) in the background; the
         stores live on ``app.state.admin`` and the service on
         ``app.state.live_config`` while it runs. Its metrics are on
         ``app.state.metrics`` (an ``AdminMetrics``); ``modelgate admin serve``
@@ -99,13 +102,18 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server_key = await asyncio.to_thread(load_server_key, settings)
         redis = redis_from_settings(settings)
+        # Connects in the background: Kafka being down must not keep the
+        # admin API from starting (its entries then miss the topic, logged).
+        audit_topic = AuditTopic(settings, metrics)
+        audit_topic.start_soon()
+        app.state.audit_topic = audit_topic
         app.state.admin = AdminContext(
             settings=settings,
             redis=redis,
             users=UserStore(redis, settings, server_key, clock=clock),
             sessions=SessionStore(redis, settings),
             guard=LoginGuard(redis, settings),
-            audit=AuditLog(redis, settings),
+            audit=AuditLog(redis, settings, audit_topic),
             keys=KeyStore(redis, settings, server_key=server_key),
             clients=ClientView(redis, settings),
         )
@@ -119,7 +127,10 @@ def create_app(
             try:
                 await live_config.close()
             finally:
-                await redis.aclose()
+                try:
+                    await audit_topic.close()
+                finally:
+                    await redis.aclose()
 
     app = FastAPI(
         title="modelgate admin",

@@ -3,25 +3,30 @@
 Entries go to the Redis stream ``{prefix}:admin:audit``, trimmed to about
 ``admin.audit_max_entries`` (approximate trimming, so Redis trims whole
 nodes cheaply), and each is also logged at INFO on this module's logger so a
-log shipper keeps a copy past the cap.
+log shipper keeps a copy past the cap. With an
+:class:`~gateway.admin.audit_topic.AuditTopic` (the admin API has one), each
+entry also goes to the Kafka topic ``kafka.topics.audit``, which keeps it for
+``kafka.topics.audit_retention_ms``; that module says what happens when Kafka
+cannot take it (the action proceeds; the miss is logged at ERROR and counted).
 
-TODO: no Kafka topic (``modelgate.audit``) yet: the admin API holds no
-producer. Adding one would give a retention the stream's cap does not; until
-then, ship this module's log lines for long-term retention.
-
-Imports Redis and the gateway's config and store helpers only.
+Imports Redis and the gateway's config and store helpers only (the audit
+topic, which imports aiokafka, is handed in).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from gateway import protocol
 from gateway.config import Settings
 from gateway.store import RedisClient, redis_guard
+
+if TYPE_CHECKING:
+    from gateway.admin.audit_topic import AuditTopic
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +62,23 @@ class AuditLog:
     settings
         ``redis.key_prefix``, ``redis.socket_timeout_s``,
         ``admin.audit_max_entries``.
+    topic
+        Where each entry is also produced; None: the stream and log only.
     """
 
-    def __init__(self, redis: RedisClient, settings: Settings) -> None:
+    def __init__(
+        self, redis: RedisClient, settings: Settings, topic: AuditTopic | None = None
+    ) -> None:
         self._redis = redis
         self._key = f"{settings.redis.key_prefix}:admin:audit"
         self._timeout_s = settings.redis.socket_timeout_s
         self._max_entries = settings.admin.audit_max_entries
+        self._topic = topic
+        # Held from the stream append to the hand-over to the producer, so
+        # that the topic receives entries in the stream's order (one actor's
+        # on one partition stay in it); the broker's acknowledgement is
+        # awaited outside it.
+        self._order = asyncio.Lock()
 
     @property
     def key(self) -> str:
@@ -79,34 +94,62 @@ class AuditLog:
         outcome: str,
         detail: Mapping[str, str] | None = None,
     ) -> None:
-        """Append one entry.
+        """Append one entry (and produce it to the audit topic, if any).
 
         Raises
         ------
         StoreError
             Redis could not be reached: the caller's action must then fail too,
-            since it could not be audited.
+            since it could not be audited. Kafka failing raises nothing: see
+            :mod:`gateway.admin.audit_topic`.
         """
+        ts_ms = protocol.now_ms()
+        target = target[:_MAX_DETAIL_CHARS]
+        details = {
+            name: str(value)[:_MAX_DETAIL_CHARS]
+            for name, value in (detail or {}).items()
+        }
         fields: dict[Any, Any] = {
-            "ts_ms": protocol.now_ms(),
+            "ts_ms": ts_ms,
             "actor": actor,
             "action": action,
-            "target": target[:_MAX_DETAIL_CHARS],
+            "target": target,
             "source": source,
             "outcome": outcome,
         }
-        for name, value in (detail or {}).items():
-            fields[f"d.{name}"] = str(value)[:_MAX_DETAIL_CHARS]
+        for name, value in details.items():
+            fields[f"d.{name}"] = value
         logger.info(
             "audit %s %s",
             action,
             outcome,
             extra={"actor": actor, "target": target, "source": source},
         )
-        async with redis_guard("admin.audit.record", self._timeout_s, self._redis):
-            await self._redis.xadd(
-                self._key, fields, maxlen=self._max_entries, approximate=True
+        # Kafka's share of this action's time starts now, not once the lock
+        # is ours: entries queued behind one waiting for Kafka wait at most
+        # their own timeout, not one more per entry ahead.
+        deadline = None if self._topic is None else self._topic.deadline()
+        async with self._order:
+            async with redis_guard("admin.audit.record", self._timeout_s, self._redis):
+                entry_id = await self._redis.xadd(
+                    self._key, fields, maxlen=self._max_entries, approximate=True
+                )
+            if self._topic is None:
+                return
+            entry = AuditEntry(
+                entry_id=entry_id.decode()
+                if isinstance(entry_id, bytes)
+                else str(entry_id),
+                ts_ms=ts_ms,
+                actor=actor,
+                action=action,
+                target=target,
+                source=source,
+                outcome=outcome,
+                detail=details,
             )
+            pending = await self._topic.enqueue(entry, deadline)
+        await self._topic.confirm(pending)
 
     async def read(
         self, limit: int = 100, before: str | None = None

@@ -1,5 +1,5 @@
-"""Admin commands: ``modelgate admin user add|serve``, ``modelgate login`` and
-``modelgate clients top|show|release``.
+"""Admin commands: ``modelgate admin user add|serve``, ``modelgate admin
+audit``, ``modelgate login`` and ``modelgate clients top|show|release``.
 
 ``admin user add`` is the host-level bootstrap: it writes to Redis directly
 with the server key, so it works before any admin exists and only where the
@@ -267,6 +267,70 @@ def _call(
 def _session_call(session_file: Path, method: str, path: str, **kwargs: Any) -> Any:
     session = _load_session(session_file)
     return _call(method, session["url"], path, session.get("token"), **kwargs)
+
+
+# -- audit -------------------------------------------------------------------------
+
+
+@admin_app.command("audit")
+def audit(
+    limit: Annotated[
+        int, typer.Option(min=1, max=1000, help="How many of the newest entries.")
+    ] = 100,
+    from_kafka: Annotated[
+        bool,
+        typer.Option(
+            "--from-kafka",
+            help="Read kafka.topics.audit straight from the broker (no session; "
+            "needs Kafka access) instead of the API's Redis stream.",
+        ),
+    ] = False,
+    session_file: SessionFile = DEFAULT_SESSION_FILE,
+    config: ConfigOption = None,
+) -> None:
+    """Print audit entries as JSON lines: by default the newest from the admin
+    API (admin role, newest first); with --from-kafka the audit topic's,
+    oldest first, each with its partition, offset and key."""
+    if not from_kafka:
+        rows = _session_call(session_file, "GET", "/v1/audit", params={"limit": limit})
+        for row in rows:
+            typer.echo(json.dumps(row, sort_keys=True))
+        return
+
+    import asyncio
+
+    from gateway.admin.audit_topic import read_topic
+    from gateway.errors import ModelgateError
+
+    settings = _settings(config)
+    try:
+        records = asyncio.run(read_topic(settings, limit=limit))
+    except ModelgateError as exc:
+        raise _fail(exc.code, exc.message) from None
+    # Oldest first across partitions: ts_ms, then the stream id's order.
+    records.sort(key=lambda r: (_int(r.entry.get("ts_ms")), _stream_order(r.entry)))
+    for record in records[-limit:]:
+        typer.echo(
+            json.dumps(
+                {
+                    "partition": record.partition,
+                    "offset": record.offset,
+                    "key": record.key,
+                    **record.entry,
+                },
+                sort_keys=True,
+            )
+        )
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def _stream_order(entry: dict[str, object]) -> tuple[int, int]:
+    """A stream id (``ms-seq``) as numbers, so ``10-0`` follows ``9-0``."""
+    ms, _, seq = str(entry.get("entry_id", "")).partition("-")
+    return (int(ms), int(seq)) if ms.isdigit() and seq.isdigit() else (0, 0)
 
 
 # -- clients -----------------------------------------------------------------------

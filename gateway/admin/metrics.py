@@ -24,3 +24,18 @@ class AdminMetrics(HttpMetrics):
             ["action", "outcome"],
             registry=self.registry,
         )
+        self.audit_produced = Counter(
+            "modelgate_admin_audit_kafka_produced",
+            "Audit entries the broker acknowledged on kafka.topics.audit.",
+            registry=self.registry,
+        )
+        self.audit_missed = Counter(
+            "modelgate_admin_audit_kafka_missed",
+            "Audit entries not acknowledged on kafka.topics.audit (in the Redis "
+            "stream and the log only), by reason: unavailable (no producer: "
+            "Kafka unreachable at the last start attempt), timeout (no "
+            "acknowledgement within admin.audit_kafka_timeout_s), or the "
+            "broker's error class.",
+            ["reason"],
+            registry=self.registry,
+        )

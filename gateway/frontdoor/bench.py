@@ -96,6 +96,8 @@ def child_env(settings: Settings) -> dict[str, str]:
     server_key = settings.auth.server_key
     if server_key is not None:
         dumped["auth"]["server_key"] = server_key.get_secret_value()
+    if settings.redis.password is not None:
+        dumped["redis"]["password"] = settings.redis.password_value()
     for section, value in dumped.items():
         env[f"MODELGATE_{section.upper()}"] = json.dumps(value)
     return env

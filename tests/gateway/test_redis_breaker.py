@@ -642,8 +642,14 @@ async def test_each_client_has_its_own_breaker(client: Redis) -> None:
 
 
 def test_settings_set_the_cooldown_and_the_target_hides_the_password() -> None:
+    # The password is redis.password now (a URL carrying one is refused);
+    # the target still names host, port and db only.
     settings = load_settings(
-        redis={"url": "redis://:hunter2@127.0.0.1:1/3", "breaker_cooldown_s": 0.5}
+        redis={
+            "url": "redis://127.0.0.1:1/3",
+            "password": "hunter2",
+            "breaker_cooldown_s": 0.5,
+        }
     )
     breaker = breaker_for(redis_from_settings(settings))
     assert breaker.cooldown_s == 0.5

@@ -89,6 +89,7 @@ def isolated_settings(
             "alerts": f"test-{tag}.alerts",
             "decisions": f"test-{tag}.decisions",
             "deadletter": f"test-{tag}.deadletter",
+            "audit": f"test-{tag}.audit",
             "requests_partitions": overrides.pop("requests_partitions", 2),
             "other_partitions": 1,
         },
@@ -115,13 +116,19 @@ def isolated_settings(
     )
     # Checked before the run is registered: the session's end deletes every
     # registered run's topics, and must never delete shared ones.
-    shared = [name for name in run_topics(settings) if tag not in name]
+    shared = [name for name in isolated_topics(settings) if tag not in name]
     if shared:
         raise ValueError(
             f"isolated settings would use topics other runs share: {shared}"
         )
     _ISOLATED.append(settings)
     return settings
+
+
+def isolated_topics(settings: Settings) -> list[str]:
+    """A test run's topics: a run's (:func:`run_topics`) and the admin audit
+    topic, which a real run's clean-up keeps but a test's must not."""
+    return [*run_topics(settings), settings.kafka.topics.audit]
 
 
 async def drop_isolated_runs() -> tuple[int, int]:
@@ -142,7 +149,7 @@ async def drop_runs(runs: Sequence[Settings]) -> tuple[int, int]:
     if not runs:
         return 0, 0
     first = runs[0]
-    topics = sorted({name for run in runs for name in run_topics(run)})
+    topics = sorted({name for run in runs for name in isolated_topics(run)})
     try:
         async with asyncio.timeout(first.kafka.request_timeout_s * 2):
             await delete_topics(first, topics)

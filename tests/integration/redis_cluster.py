@@ -8,6 +8,7 @@ and removed at the end. It never touches the shared Redis of the stack.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import shutil
 import socket
@@ -70,17 +71,21 @@ def _wait(condition_name: str, check: object, timeout_s: float) -> None:
         time.sleep(0.05)  # polling interval of the condition
 
 
-def _ping(port: int) -> bool:
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0)
+def _ping(port: int, password: str | None = None) -> bool:
+    client = redis.Redis(
+        host="127.0.0.1", port=port, socket_timeout=1.0, password=password
+    )
     try:
         return bool(client.ping())
     finally:
         client.close()
 
 
-def _cluster_ok(ports: list[int]) -> bool:
+def _cluster_ok(ports: list[int], password: str | None = None) -> bool:
     for port in ports:
-        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0)
+        client = redis.Redis(
+            host="127.0.0.1", port=port, socket_timeout=1.0, password=password
+        )
         try:
             info = client.cluster("info")
         finally:
@@ -90,15 +95,23 @@ def _cluster_ok(ports: list[int]) -> bool:
     return True
 
 
-@pytest.fixture(scope="session")
-def redis_cluster(
-    tmp_path_factory: pytest.TempPathFactory,
+@contextlib.contextmanager
+def private_cluster(
+    root: Path, password: str | None = None
 ) -> Iterator[RedisClusterInfo]:
-    """A running three-primary Redis Cluster, private to this test session."""
+    """Start, join and finally stop a three-primary cluster under ``root``;
+    with ``password``, every node has ``requirepass`` (and ``masterauth``)."""
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
         pytest.fail("redis-server and redis-cli are needed (make services)")
-    root = tmp_path_factory.mktemp("redis-cluster")
     ports = _free_ports(PRIMARIES)
+    auth = (
+        []
+        if password is None
+        else ["--requirepass", password, "--masterauth", password]
+    )
+    # redis-cli reads the password from the environment, not its command line,
+    # so it does not show in a process listing.
+    cli_env = None if password is None else {**os.environ, "REDISCLI_AUTH": password}
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for port in ports:
@@ -125,6 +138,7 @@ def redis_cluster(
                             "",
                             "--appendonly",
                             "no",
+                            *auth,
                         ],
                         stdout=log,
                         stderr=subprocess.STDOUT,
@@ -133,7 +147,7 @@ def redis_cluster(
         for port in ports:
             _wait(
                 f"node {port} answering",
-                lambda port=port: _ping(port),
+                lambda port=port: _ping(port, password),
                 _START_TIMEOUT_S,
             )
         created = subprocess.run(
@@ -149,10 +163,13 @@ def redis_cluster(
             capture_output=True,
             text=True,
             timeout=_START_TIMEOUT_S,
+            env=cli_env,
         )
         if created.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create: {created.stdout}")
-        _wait("cluster_state ok", lambda: _cluster_ok(ports), _START_TIMEOUT_S)
+        _wait(
+            "cluster_state ok", lambda: _cluster_ok(ports, password), _START_TIMEOUT_S
+        )
         yield RedisClusterInfo(tuple(ports))
     finally:
         for proc in procs:
@@ -163,4 +180,16 @@ def redis_cluster(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RedisClusterInfo]:
+    """A running three-primary Redis Cluster, private to this test session."""
+    root = tmp_path_factory.mktemp("redis-cluster")
+    try:
+        with private_cluster(root) as info:
+            yield info
+    finally:
         shutil.rmtree(Path(root), ignore_errors=True)

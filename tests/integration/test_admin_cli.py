@@ -5,6 +5,7 @@ with the saved session."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
 import stat
@@ -170,6 +171,19 @@ def test_bootstrap_serve_login_and_clients_commands(
 
         unknown = _modelgate(cli_settings, "clients", "show", "nobody", *common)
         assert unknown.exit_code == 1 and "NOT_FOUND" in unknown.stderr
+
+        # The audit log: through the API it needs the admin role; from the
+        # audit topic (which the served API produces to), Kafka access.
+        denied = _modelgate(cli_settings, "admin", "audit", *common)
+        assert denied.exit_code == 1 and "ADMIN_FORBIDDEN" in denied.stderr
+        topic = _modelgate(cli_settings, "admin", "audit", "--from-kafka")
+        assert topic.exit_code == 0, topic.stderr
+        entries = [json.loads(line) for line in topic.stdout.splitlines()]
+        released = [e for e in entries if e["target"] == "probe-9"]
+        assert [(e["key"], e["actor"], e["outcome"]) for e in released] == [
+            ("ops", "ops", "ok")
+        ], entries
+        assert "release" in released[0]["action"], released
     finally:
         server.terminate()
         _, err = server.communicate(timeout=30)

@@ -13,7 +13,11 @@ from aiokafka.admin import AIOKafkaAdminClient
 from gateway.cleanup import delete_run_data
 from gateway.config import Settings
 from gateway.store import redis_from_settings
-from gateway.topics import ensure_compacted_topic, ensure_topics, run_topics
+from gateway.topics import (
+    ensure_audit_topic,
+    ensure_compacted_topic,
+    ensure_topics,
+)
 from tests.conftest import StackInfo
 from tests.integration import helpers
 from tests.integration.helpers import isolated_settings
@@ -50,6 +54,9 @@ async def test_a_sessions_isolated_runs_leave_no_topics_or_keys(
     assert mine in helpers._ISOLATED and other in helpers._ISOLATED
     await ensure_topics(mine)
     await ensure_compacted_topic(mine, mine.live.topic)
+    await ensure_audit_topic(mine)
+    mine_topics = helpers.isolated_topics(mine)
+    assert mine.kafka.topics.audit in mine_topics
     mine_keys = [
         f"{mine.redis.key_prefix}:{{c:a}}:tat:1000",
         f"{{{mine.redis.key_prefix}:fp}}:h:1",
@@ -63,17 +70,17 @@ async def test_a_sessions_isolated_runs_leave_no_topics_or_keys(
         # create call returns (KRaft); wait for them to be listed, as below for
         # their deletion.
         deadline = asyncio.get_running_loop().time() + 30.0
-        while not set(run_topics(mine)) <= set(await list_topics(mine)):
+        while not set(mine_topics) <= set(await list_topics(mine)):
             assert asyncio.get_running_loop().time() < deadline, "topics not listed"
             await asyncio.sleep(0.2)
 
         asked, unlinked = await helpers.drop_runs([mine])
 
-        assert (asked, unlinked) == (len(run_topics(mine)), 2)
+        assert (asked, unlinked) == (len(mine_topics), 2)
         assert [await redis.exists(k) for k in mine_keys] == [0, 0]
         assert await redis.exists(other_key) == 1
         deadline = asyncio.get_running_loop().time() + 30.0
-        while set(run_topics(mine)) & set(await list_topics(mine)):
+        while set(mine_topics) & set(await list_topics(mine)):
             assert asyncio.get_running_loop().time() < deadline, "topics still listed"
             await asyncio.sleep(0.2)
     finally:

@@ -519,3 +519,128 @@ async def test_windows_on_a_redis_cluster(
         assert digits_guard.window_size(int(y[0])) == expected
     finally:
         await redis.aclose()
+
+
+# -- reads reuse what they decoded before ------------------------------------------
+
+
+async def test_reads_decode_only_new_entries_and_see_every_change(
+    windows_settings: Settings,
+    digits_guard: PoisoningGuard,
+    held: tuple[np.ndarray, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # SharedWindows keeps what it decoded per window. After each change to
+    # the lists (this guard's writes, another guard's, an eviction, an expiry,
+    # foreign entries and their rebuild, a sound entry moved to another
+    # class's key) its guard must hold exactly the windows a fresh reader
+    # (a restart, nothing decoded before) builds from the same lists, and it
+    # must have decoded only the entries it had not seen.
+    from gateway import feedback_windows
+
+    x, _ = held
+    prefix = windows_settings.redis.key_prefix
+    decoded: list[int] = []
+    real_decode = feedback_windows.decode_entry
+
+    def counting(raw: bytes, label: int, n_features: int) -> Any:
+        decoded.append(label)
+        return real_decode(raw, label, n_features)
+
+    monkeypatch.setattr(feedback_windows, "decode_entry", counting)
+
+    def fresh_guard() -> PoisoningGuard:
+        return build_guard(
+            windows_settings,
+            "digits",
+            load_model(windows_settings.models.directory, "digits"),
+            digits_guard.params,
+        )
+
+    offsets = iter(range(1000, 2000))
+
+    def probes(*labels: int) -> list[WindowRecord]:
+        # Records of no window (new deliveries): a load reads these classes.
+        return [
+            dataclasses.replace(_record(x, 400, label=label), offset=next(offsets))
+            for label in labels
+        ]
+
+    redis = redis_from_settings(windows_settings)
+    other_guard = fresh_guard()
+    try:
+        mine = SharedWindows(
+            redis, windows_settings, {"digits": digits_guard}, {"digits": range(10)}
+        )
+        other = SharedWindows(
+            redis, windows_settings, {"digits": other_guard}, {"digits": range(10)}
+        )
+
+        async def same_as_a_fresh_read(*labels: int) -> int:
+            """Load ``labels`` with ``mine``; check them against a fresh
+            reader; return how many entries ``mine`` decoded."""
+            decoded.clear()
+            await mine.load(probes(*labels))
+            count = len(decoded)
+            guard = fresh_guard()
+            fresh = SharedWindows(
+                redis, windows_settings, {"digits": guard}, {"digits": range(10)}
+            )
+            await fresh.load(probes(*labels))
+            for label in labels:
+                rows, ids, submitters = digits_guard.window(label)
+                want_rows, want_ids, want_submitters = guard.window(label)
+                assert ids == want_ids, label
+                assert submitters == want_submitters, label
+                np.testing.assert_allclose(rows, want_rows)
+            return count
+
+        # This guard's own write; then a read of unchanged lists decodes none.
+        first = [_record(x, i, label=i % 2) for i in range(12)]
+        await mine.load(first)
+        await mine.save([(r, _accepted()) for r in first])
+        assert await same_as_a_fresh_read(0, 1) == 12
+        assert await same_as_a_fresh_read(0, 1) == 0
+        assert digits_guard.window_size(0) == 6
+
+        # Another guard adds four and rejects one of the first: only the four
+        # are decoded, and the rejected one is gone.
+        theirs = [_record(x, 100 + i, label=0, who="bob") for i in range(4)]
+        await other.load([*theirs, first[0]])
+        await other.save([*((r, _accepted()) for r in theirs), (first[0], _rejected())])
+        assert await same_as_a_fresh_read(0, 1) == 4
+        assert digits_guard.window(0)[1] == [r.record_id for r in first[2::2]] + [
+            r.record_id for r in theirs
+        ]
+
+        # A full window: the oldest are evicted by the other guard's write.
+        many = [_record(x, 300 + i, label=0, who="bob") for i in range(14)]
+        await other.load(many)
+        await other.save([(r, _accepted()) for r in many])
+        assert await same_as_a_fresh_read(0) == 14
+        assert digits_guard.window(0)[1] == [r.record_id for r in (theirs + many)[-16:]]
+
+        # An expiry: the list is gone, and so is the window.
+        await redis.delete(window_key(prefix, "digits", 0))
+        assert await same_as_a_fresh_read(0, 1) == 0
+        assert digits_guard.window_size(0) == 0
+        assert digits_guard.window_size(1) == 6
+
+        # Foreign entries: refused on every read (never kept as decoded),
+        # then rebuilt away by this guard's next write.
+        await redis.rpush(window_key(prefix, "digits", 1), b"\xff\x00garbage")
+        assert await same_as_a_fresh_read(1) == 1
+        assert digits_guard.window_size(1) == 6
+        assert await same_as_a_fresh_read(1) == 1
+        await mine.save([])
+        assert await same_as_a_fresh_read(1) == 0
+        assert len(await window_digests(windows_settings, 1)) == 6
+
+        # A sound class-1 entry, byte for byte, under class 2's key: decoded
+        # before as class 1, it is checked again as class 2's, and refused.
+        moved = (await _lrange(redis, window_key(prefix, "digits", 1), 0, 0))[0]
+        await redis.rpush(window_key(prefix, "digits", 2), moved)
+        assert await same_as_a_fresh_read(1, 2) == 1
+        assert digits_guard.window_size(2) == 0
+    finally:
+        await redis.aclose()

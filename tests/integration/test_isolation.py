@@ -21,7 +21,7 @@ from tests.integration.helpers import isolated_settings
 # Never contacted: the settings are only built and inspected.
 _BOOTSTRAP = "127.0.0.1:19092"
 _REDIS = "redis://127.0.0.1:16379/0"
-_SHARED = {*TopicsConfig().all_names(), LiveSettings().topic}
+_SHARED = {*TopicsConfig().all_names(), TopicsConfig().audit, LiveSettings().topic}
 
 
 @pytest.fixture(autouse=True)
@@ -46,8 +46,8 @@ def test_overrides_keep_the_run_on_topics_of_its_own(
     one = isolated_settings(_BOOTSTRAP, _REDIS, tmp_path, **overrides)
     two = isolated_settings(_BOOTSTRAP, _REDIS, tmp_path, **overrides)
 
-    assert not set(run_topics(one)) & _SHARED, run_topics(one)
-    assert not set(run_topics(one)) & set(run_topics(two))
+    assert not set(helpers.isolated_topics(one)) & _SHARED, run_topics(one)
+    assert not set(helpers.isolated_topics(one)) & set(helpers.isolated_topics(two))
     assert len(set(run_topics(one))) == len(run_topics(one))
     assert [one, two] == helpers._ISOLATED
 
