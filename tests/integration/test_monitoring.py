@@ -107,7 +107,7 @@ async def test_prometheus_scrapes_a_worker_and_evaluates_every_rule(
                 if all(r["health"] != "unknown" for r in rules):
                     break
                 await asyncio.sleep(0.5)
-    assert len(rules) >= 15
+    assert len(rules) >= 16
     assert {r["health"] for r in rules} == {"ok"}, [
         (r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"
     ]
