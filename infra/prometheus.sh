@@ -46,35 +46,13 @@ die() {
     exit 1
 }
 
-find_bin() {
-    command -v "$1" 2>/dev/null && return 0
-    local d
-    for d in /usr/bin /usr/sbin /usr/local/bin; do
-        [[ -x $d/$1 ]] && {
-            echo "$d/$1"
-            return 0
-        }
-    done
-    return 1
-}
+# shellcheck source=infra/lib.sh
+. "$ROOT/infra/lib.sh"
 
 cmd_install() {
-    find_bin prometheus >/dev/null && find_bin promtool >/dev/null && return 0
-    command -v apt-get >/dev/null || die "prometheus is missing and apt-get is not available"
-    local sudo=()
-    if [[ $(id -u) != 0 ]]; then
-        command -v sudo >/dev/null || die "prometheus is missing; run as root or install it"
-        sudo=(sudo -n)
-    fi
-    log "installing prometheus with apt-get (first run only)"
-    # policy-rc.d on most images keeps the package's own service from starting;
-    # either way this script never uses it.
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get -o DPkg::Lock::Timeout=300 \
-        update -qq </dev/null >&2 || die "apt-get update failed"
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get -o DPkg::Lock::Timeout=300 \
-        install -y -qq --no-install-recommends prometheus </dev/null >&2 ||
-        die "apt-get install prometheus failed"
-    find_bin promtool >/dev/null || die "promtool still missing after apt-get"
+    # policy-rc.d on most images keeps the package's own service from
+    # starting; either way this script never uses it.
+    apt_install prometheus prometheus promtool
 }
 
 write_config() {
@@ -190,17 +168,7 @@ cmd_stop() {
         log "not running"
         return 0
     fi
-    log "stopping (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
-    local deadline=$((SECONDS + 20))
-    while kill -0 "$pid" 2>/dev/null; do
-        if ((SECONDS >= deadline)); then
-            log "still running after 20s; sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-            break
-        fi
-        sleep 0.1
-    done
+    stop_pid "$pid"
     rm -f "$PIDFILE"
     log "stopped"
 }

@@ -36,37 +36,11 @@ die() {
     exit 1
 }
 
-# Debian installs the binaries in /usr/bin, but a minimal PATH may miss /usr/sbin
-# style locations on other layouts; look in both.
-find_bin() {
-    command -v "$1" 2>/dev/null && return 0
-    local d
-    for d in /usr/bin /usr/sbin /usr/local/bin; do
-        [[ -x $d/$1 ]] && {
-            echo "$d/$1"
-            return 0
-        }
-    done
-    return 1
-}
+# shellcheck source=infra/lib.sh
+. "$ROOT/infra/lib.sh"
 
 cmd_install() {
-    find_bin redis-server >/dev/null && find_bin redis-cli >/dev/null && return 0
-    command -v apt-get >/dev/null || die "redis-server is missing and apt-get is not available"
-    local sudo=()
-    if [[ $(id -u) != 0 ]]; then
-        command -v sudo >/dev/null || die "redis-server is missing; run as root or install it"
-        sudo=(sudo -n)
-    fi
-    log "installing redis-server with apt-get (first run only)"
-    # Lock timeout: another apt run (unattended-upgrades, a parallel first run)
-    # holds the dpkg lock for a while; wait instead of failing at once.
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get -o DPkg::Lock::Timeout=300 \
-        update -qq </dev/null >&2 || die "apt-get update failed"
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get -o DPkg::Lock::Timeout=300 \
-        install -y -qq --no-install-recommends redis-server </dev/null >&2 ||
-        die "apt-get install redis-server failed"
-    find_bin redis-server >/dev/null || die "redis-server still missing after apt-get"
+    apt_install redis-server redis-server redis-cli
 }
 
 ping() {
@@ -165,17 +139,7 @@ cmd_stop() {
         log "not running"
         return 0
     fi
-    log "stopping (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
-    local deadline=$((SECONDS + 20))
-    while kill -0 "$pid" 2>/dev/null; do
-        if ((SECONDS >= deadline)); then
-            log "still running after 20s; sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-            break
-        fi
-        sleep 0.1
-    done
+    stop_pid "$pid"
     rm -f "$PIDFILE"
     log "stopped"
 }
