@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 from redis import exceptions as redis_exc
 from redis.asyncio import Redis
@@ -44,30 +45,19 @@ def redis_from_settings(settings: Settings) -> RedisClient:
     password = settings.redis.password_value()
     timeout_s = settings.redis.socket_timeout_s
     retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), retries=2)
+    # The same options for one node and a cluster; only the class differs.
+    options: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "decode_responses": False,
+        "retry": retry,
+        "password": password,
+    }
+    client: RedisClient
     if settings.redis.cluster:
-        cluster: RedisCluster = RedisCluster.from_url(
-            settings.redis.url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            decode_responses=False,
-            retry=retry,
-            password=password,
-        )
-        register_breaker(
-            cluster,
-            settings.redis.breaker_cooldown_s,
-            failures=settings.redis.breaker_failures,
-            window_s=settings.redis.breaker_window_s,
-        )
-        return cluster
-    client: Redis = Redis.from_url(
-        settings.redis.url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        decode_responses=False,
-        retry=retry,
-        password=password,
-    )
+        client = RedisCluster.from_url(settings.redis.url, **options)
+    else:
+        client = Redis.from_url(settings.redis.url, **options)
     register_breaker(
         client,
         settings.redis.breaker_cooldown_s,
