@@ -22,7 +22,12 @@ How an answer settles an alert:
   (``Retry-After`` honoured, up to ``max_backoff_s``) until delivered or the
   process stops. The partition waits rather than lose an alert.
 
-Imports aiokafka, httpx and the gateway's alerts and config modules.
+The process serves Prometheus metrics on ``forward.metrics_port`` (9468):
+how alerts settled, retries, the last delivery's time, what is pending and
+the back-off (``gateway.metrics.ForwarderMetrics``); the rule
+ModelgateForwarderStuck fires when alerts wait and none is delivered.
+
+Imports aiokafka, httpx and the gateway's alerts, config and metrics modules.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -48,6 +54,8 @@ from gateway.cli_common import (
     stop_on_signals,
 )
 from gateway.config import Settings
+from gateway.errors import ConfigError
+from gateway.metrics import ForwarderMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +140,10 @@ def retry_after_s(value: str | None) -> float | None:
 class AlertForwarder:
     """One forwarder process: consume, deliver, commit.
 
-    ``client`` and ``sleep`` are for tests (an in-memory transport, a
-    clock that does not wait).
+    ``metrics`` is where counters and gauges go (a fresh registry if
+    None; the caller serves it). ``client``, ``sleep`` and ``clock`` are
+    for tests (an in-memory transport, a wait that does not wait, the time
+    of a delivery).
     """
 
     def __init__(
@@ -143,6 +153,8 @@ class AlertForwarder:
         *,
         client: httpx.AsyncClient | None = None,
         sleep: Callable[[float], Any] | None = None,
+        metrics: ForwarderMetrics | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
         self._options = options
@@ -156,7 +168,19 @@ class AlertForwarder:
         self._sleep = sleep
         self._seen = SeenAlerts()
         self.stats = ForwardStats()
+        self.metrics = metrics or ForwarderMetrics()
+        self._clock = clock
         self._endpoint = endpoint_label(options.url)
+        # Next offset to settle per partition, and the partitions whose lag
+        # is exported (a revoked one's series is removed, not left frozen).
+        self._next: dict[Any, int] = {}
+        self._lag_partitions: set[Any] = set()
+
+    def _count(self, outcome: str) -> None:
+        """One record settled as ``outcome`` (a FORWARD_OUTCOMES value)."""
+        field_name = {"duplicate": "duplicates"}.get(outcome, outcome)
+        setattr(self.stats, field_name, getattr(self.stats, field_name) + 1)
+        self.metrics.alerts.labels(outcome).inc()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Forward until ``stop`` is set; what was settled is committed."""
@@ -182,12 +206,16 @@ class AlertForwarder:
         try:
             while not stop.is_set():
                 batch = await consumer.getmany(timeout_ms=500, max_records=200)
+                await self._export_lag(consumer, batch)
+                self.metrics.pending.set(sum(map(len, batch.values())))
                 for tp, records in batch.items():
                     settled = None
                     for record in records:
                         if not await self._settle(record.value, stop):
                             break
                         settled = record.offset
+                        self.metrics.pending.dec()
+                        self._advance(consumer, tp, record.offset + 1)
                     if settled is not None:
                         await self._commit(consumer, tp, settled)
                     if stop.is_set():
@@ -200,6 +228,42 @@ class AlertForwarder:
                 "alert forwarder stopped",
                 extra={"endpoint": self._endpoint, **vars(self.stats)},
             )
+
+    async def _export_lag(self, consumer: Any, batch: Mapping[Any, Any]) -> None:
+        """Set each assigned partition's lag: alerts up to its high watermark
+        not yet settled (a fetched batch counts until settled)."""
+        from aiokafka.errors import KafkaError
+
+        assigned = set(consumer.assignment())
+        for tp in self._lag_partitions - assigned:
+            self.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
+            self._next.pop(tp, None)
+        self._lag_partitions &= assigned
+        for tp in assigned:
+            records = batch.get(tp)
+            if records:
+                self._next[tp] = records[0].offset
+            elif tp not in self._next:
+                # Where the group's committed offset (or the reset) put us.
+                # Only for the gauge: a partition revoked meanwhile, or a slow
+                # coordinator, leaves it unset until the next batch.
+                try:
+                    self._next[tp] = await asyncio.wait_for(
+                        consumer.position(tp), self._settings.kafka.request_timeout_s
+                    )
+                except (KafkaError, TimeoutError):  # IllegalStateError is one
+                    continue
+            self._advance(consumer, tp, self._next[tp])
+
+    def _advance(self, consumer: Any, tp: Any, next_offset: int) -> None:
+        self._next[tp] = next_offset
+        highwater = consumer.highwater(tp)
+        if highwater is None:  # no fetch answered for it yet
+            return
+        self._lag_partitions.add(tp)
+        self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
+            max(highwater - next_offset, 0)
+        )
 
     async def _commit(self, consumer: Any, tp: Any, offset: int) -> None:
         from aiokafka.errors import CommitFailedError, KafkaError
@@ -225,7 +289,7 @@ class AlertForwarder:
             # passed over like any record that is not an alert.
             event = None
         if not isinstance(event, dict):
-            self.stats.unreadable += 1
+            self._count("unreadable")
             logger.error(
                 "unreadable alert record passed over",
                 extra={"endpoint": self._endpoint},
@@ -234,10 +298,10 @@ class AlertForwarder:
         raw = event.get("data")
         data: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
         if self._options.actions and data.get("action") not in self._options.actions:
-            self.stats.filtered += 1
+            self._count("filtered")
             return True
         if not self._seen.first(event):
-            self.stats.duplicates += 1
+            self._count("duplicate")
             return True
         return await self._deliver(event, data, stop)
 
@@ -273,29 +337,38 @@ class AlertForwarder:
                 status, retry_after = post.result()
             except (httpx.HTTPError, TimeoutError) as exc:
                 reason = type(exc).__name__
+                timed_out = isinstance(exc, TimeoutError | httpx.TimeoutException)
+                cause = "timeout" if timed_out else "transport"
             else:
                 if 200 <= status < 300:
-                    self.stats.delivered += 1
+                    self._count("delivered")
+                    self.metrics.last_success.set(self._clock())
                     return True
                 if status in REFUSED_STATUSES:
-                    self.stats.refused += 1
+                    self._count("refused")
                     logger.error(
                         "alert refused by the receiver, passed over",
                         extra={**fields, "status": status},
                     )
                     return True
                 reason = f"HTTP {status}"
+                cause = "status"
                 wait = retry_after_s(retry_after)
             delay = min(
                 wait if wait is not None else backoff, self._options.max_backoff_s
             )
             self.stats.retries += 1
+            self.metrics.retries.labels(cause).inc()
             logger.warning(
                 "alert not delivered, retrying",
                 extra={**fields, "reason": reason, "delay_s": delay},
             )
-            if await self._wait(delay, stop):
-                return False
+            self.metrics.backoff_seconds.set(delay)
+            try:
+                if await self._wait(delay, stop):
+                    return False
+            finally:
+                self.metrics.backoff_seconds.set(0)
             backoff = min(backoff * 2, self._options.max_backoff_s)
 
     async def _post(
@@ -396,13 +469,23 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"error [CONFIG_INVALID]: {exc}", err=True)
             raise typer.Exit(2) from exc
 
+        metrics = ForwarderMetrics()
+        try:
+            metrics.serve(settings.forward.metrics_host, settings.forward.metrics_port)
+        except ConfigError as exc:
+            typer.echo(f"error [{exc.code}]: {exc}", err=True)
+            raise typer.Exit(2) from exc
+
         async def main() -> ForwardStats:
             stop = stop_on_signals()
-            forwarder = AlertForwarder(settings, options)
+            forwarder = AlertForwarder(settings, options, metrics=metrics)
             await forwarder.run(stop)
             return forwarder.stats
 
-        stats = asyncio.run(main())
+        try:
+            stats = asyncio.run(main())
+        finally:
+            metrics.close()
         typer.echo(
             f"forwarded {stats.delivered}, refused {stats.refused}, "
             f"duplicates {stats.duplicates}, filtered {stats.filtered}, "
