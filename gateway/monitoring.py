@@ -130,9 +130,7 @@ def scrape_config(
     if alertmanager is not None:
         host, sep, port = alertmanager.rpartition(":")
         if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-            raise MonitoringError(
-                f"alertmanager {alertmanager!r} is not host:port"
-            )
+            raise MonitoringError(f"alertmanager {alertmanager!r} is not host:port")
         target = _target("alertmanager", host, int(port))
         document["alerting"] = {
             "alertmanagers": [{"static_configs": [{"targets": [target]}]}]

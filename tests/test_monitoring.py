@@ -247,8 +247,9 @@ def test_the_docker_configuration_scrapes_the_compose_services(tmp_path: Path) -
     assert "127.0.0.1:19093:9093" in alertmanager["ports"]
     flag = next(c for c in alertmanager["command"] if c.startswith("--config.file="))
     mounted = flag.split("=", 1)[1]
-    assert f"./infra/alertmanager/alertmanager.yml:{mounted}:ro" in (
-        alertmanager["volumes"]
+    assert (
+        f"./infra/alertmanager/alertmanager.yml:{mounted}:ro"
+        in (alertmanager["volumes"])
     )
     # Gossip off: Alertmanager would otherwise listen on 9094 everywhere.
     assert "--cluster.listen-address=" in alertmanager["command"]

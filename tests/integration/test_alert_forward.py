@@ -148,11 +148,30 @@ async def test_an_alert_pending_when_the_forwarder_stops_is_delivered_later(
     await produce(settings, [alert("b1"), alert("b2")])
     first = Running(settings, receiver.url, group)
     await receiver.wait_for(3, posts=True)  # b1 tried, and retried
+    # What an operator scraping it sees: both alerts wait (fetched or not,
+    # none settled), retries on the status, nothing ever delivered.
+    stuck = first.forwarder.metrics.registry.get_sample_value
+    lag = {"topic": settings.kafka.topics.alerts, "partition": "0"}
+    assert stuck("modelgate_consumer_lag", lag) == 2
+    assert stuck("modelgate_forward_pending") in (1, 2)  # one fetch, or two
+    assert (stuck("modelgate_forward_retries_total", {"cause": "status"}) or 0) >= 2
+    assert stuck("modelgate_forward_last_success_timestamp_seconds") == 0
     await first.stop()
     assert receiver.ids() == [] and first.forwarder.stats.delivered == 0
 
     receiver.status = 200
     second = Running(settings, receiver.url, group)
     await receiver.wait_for(2)
+    caught_up = second.forwarder.metrics.registry.get_sample_value
+    # The receiver has b2 a moment before the forwarder has its answer; a
+    # stop in between would leave b2 unsettled (and sent again later).
+    async with asyncio.timeout(10):
+        while True:
+            if caught_up("modelgate_consumer_lag", lag) == 0:
+                break
+            await asyncio.sleep(0.05)
     await second.stop()
     assert receiver.ids() == ["b1", "b2"]
+    assert caught_up("modelgate_forward_pending") == 0
+    assert caught_up("modelgate_forward_alerts_total", {"outcome": "delivered"}) == 2
+    assert (caught_up("modelgate_forward_last_success_timestamp_seconds") or 0) > 0
