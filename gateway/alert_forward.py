@@ -4,7 +4,10 @@ incident tool or a chat webhook (docs/alerts.md, "Forwarding alerts").
 ``modelgate alerts-forward --url URL`` reads the alerts topic in a consumer
 group of its own and POSTs each alert in CloudEvents' structured HTTP mode
 (``Content-Type: application/cloudevents+json``, the event as the body), in
-the topic's order within each partition. Offsets are committed only for
+the topic's order within each partition; with ``--batch-max N`` (N > 1),
+up to N alerts of one fetch in one POST in CloudEvents' batched mode
+(``application/cloudevents-batch+json``, a JSON array of events), with no
+waiting for a batch to fill. Offsets are committed only for
 alerts already settled (delivered, or refused for good), so a forwarder
 stopped or killed mid-way resumes where it left off: every alert arrives at
 least once. Copies a worker produced again (same ``id``) are forwarded once
@@ -14,7 +17,8 @@ How an answer settles an alert:
 
 - 2xx: delivered.
 - 400, 409, 413, 415 or 422: the receiver refuses this event as it is, and
-  sending it again would not change that. Logged at ERROR with the alert's
+  sending it again would not change that. A refused batch is sent again one
+  event at a time, so only the event refused alone is passed over. Logged at ERROR with the alert's
   id and the status, counted, and passed over, so one event the receiver
   cannot take does not hold every later alert.
 - anything else (401 and 403 too: a credential is wrong, not the event),
@@ -60,6 +64,8 @@ from gateway.metrics import ForwarderMetrics
 logger = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/cloudevents+json"
+# CloudEvents' batched HTTP mode: a JSON array of structured-mode events.
+BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 # Statuses that refuse the event itself (RFC 9110): resending it is useless.
 REFUSED_STATUSES = frozenset({400, 409, 413, 415, 422})
 # Read from the environment, not the command line, where `ps` would show it.
@@ -87,6 +93,9 @@ class ForwardOptions:
     timeout_s: float = 10.0
     first_backoff_s: float = 0.5
     max_backoff_s: float = 60.0
+    # 1: one structured-mode POST per alert. More: up to this many alerts in
+    # one batched-mode POST (BATCH_CONTENT_TYPE), even a batch of one.
+    batch_max: int = 1
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -102,6 +111,8 @@ class ForwardOptions:
             raise ValueError(f"unknown action {', '.join(unknown)}; one of {known}")
         if not 0 < self.first_backoff_s <= self.max_backoff_s:
             raise ValueError("back-off: 0 < first_backoff_s <= max_backoff_s")
+        if not 1 <= self.batch_max <= 1000:
+            raise ValueError("--batch-max must be between 1 and 1000")
 
 
 @dataclass
@@ -209,13 +220,7 @@ class AlertForwarder:
                 await self._export_lag(consumer, batch)
                 self.metrics.pending.set(sum(map(len, batch.values())))
                 for tp, records in batch.items():
-                    settled = None
-                    for record in records:
-                        if not await self._settle(record.value, stop):
-                            break
-                        settled = record.offset
-                        self.metrics.pending.dec()
-                        self._advance(consumer, tp, record.offset + 1)
+                    settled = await self._settle_records(consumer, tp, records, stop)
                     if settled is not None:
                         await self._commit(consumer, tp, settled)
                     if stop.is_set():
@@ -279,9 +284,51 @@ class AlertForwarder:
                 extra={"partition": tp.partition, "offset": offset, "error": repr(exc)},
             )
 
+    async def _settle_records(
+        self, consumer: Any, tp: Any, records: list[Any], stop: asyncio.Event
+    ) -> int | None:
+        """Settle one partition's records in order, up to ``batch_max``
+        alerts per POST; the offset of the last one settled (None: none).
+
+        A record passed over (unreadable, filtered, a copy) behind alerts
+        still to be sent settles with them: offsets are committed in order
+        only, so it waits for the POST as they do."""
+        settled: int | None = None
+        group: list[dict[str, Any]] = []
+        span = 0  # records since the last settled one, group's included
+
+        async def flush(last: int) -> bool:
+            nonlocal settled, group, span
+            if group and not await self._deliver(group, stop):
+                return False
+            settled, group = last, []
+            self.metrics.pending.dec(span)
+            span = 0
+            self._advance(consumer, tp, last + 1)
+            return True
+
+        for record in records:
+            event = self._accept(record.value)
+            span += 1
+            if event is not None:
+                group.append(event)
+            if group and len(group) < self._options.batch_max:
+                continue  # room for more: this fetch's later alerts join it
+            if not await flush(record.offset):
+                return settled
+        if span:
+            await flush(records[-1].offset)
+        return settled
+
     async def _settle(self, value: bytes | None, stop: asyncio.Event) -> bool:
         """Deliver, refuse or pass over one record; False only when ``stop``
         came before it was settled (it is then not committed)."""
+        event = self._accept(value)
+        return event is None or await self._deliver([event], stop)
+
+    def _accept(self, value: bytes | None) -> dict[str, Any] | None:
+        """The alert of a record, to be delivered; None for one passed over
+        (unreadable, an action not forwarded, a copy), counted as such."""
         try:
             event = json.loads(value or b"")
         except (ValueError, RecursionError):
@@ -294,26 +341,36 @@ class AlertForwarder:
                 "unreadable alert record passed over",
                 extra={"endpoint": self._endpoint},
             )
-            return True
-        raw = event.get("data")
-        data: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
+            return None
+        data = _data(event)
         if self._options.actions and data.get("action") not in self._options.actions:
             self._count("filtered")
-            return True
+            return None
         if not self._seen.first(event):
             self._count("duplicate")
-            return True
-        return await self._deliver(event, data, stop)
+            return None
+        return event
 
-    async def _deliver(
-        self, event: dict[str, Any], data: Mapping[str, Any], stop: asyncio.Event
-    ) -> bool:
-        body = json.dumps(event).encode()
-        headers = {**self._options.headers, "content-type": CONTENT_TYPE}
+    async def _deliver(self, events: list[dict[str, Any]], stop: asyncio.Event) -> bool:
+        """POST ``events`` (one structured-mode event, or a batch) until
+        delivered or refused; False when ``stop`` came first.
+
+        A batch the receiver refuses is sent again one event at a time, so
+        that only the event it cannot take is passed over."""
+        if self._options.batch_max == 1:
+            (event,) = events
+            body = json.dumps(event).encode()
+            content_type = CONTENT_TYPE
+        else:
+            body = json.dumps(events).encode()
+            content_type = BATCH_CONTENT_TYPE
+        headers = {**self._options.headers, "content-type": content_type}
+        first = _data(events[0])
         fields = {
-            "alert_id": event.get("id"),
-            "client": data.get("client_id"),
-            "detector": data.get("detector"),
+            "alert_id": events[0].get("id"),
+            "alerts": len(events),
+            "client": first.get("client_id"),
+            "detector": first.get("detector"),
             "endpoint": self._endpoint,
         }
         backoff = self._options.first_backoff_s
@@ -341,8 +398,18 @@ class AlertForwarder:
                 cause = "timeout" if timed_out else "transport"
             else:
                 if 200 <= status < 300:
-                    self._count("delivered")
+                    for _ in events:
+                        self._count("delivered")
                     self.metrics.last_success.set(self._clock())
+                    return True
+                if status in REFUSED_STATUSES and len(events) > 1:
+                    logger.warning(
+                        "alert batch refused, sending its alerts one by one",
+                        extra={**fields, "status": status},
+                    )
+                    for event in events:
+                        if not await self._deliver([event], stop):
+                            return False
                     return True
                 if status in REFUSED_STATUSES:
                     self._count("refused")
@@ -393,6 +460,11 @@ class AlertForwarder:
         except TimeoutError:
             return False
         return True
+
+
+def _data(event: Mapping[str, Any]) -> Mapping[str, Any]:
+    raw = event.get("data")
+    return raw if isinstance(raw, dict) else {}
 
 
 def _headers(values: list[str]) -> dict[str, str]:
@@ -449,6 +521,17 @@ def register(app: typer.Typer) -> None:
             float,
             typer.Option(min=0.1, max=300.0, help="Timeout of one POST, as a whole."),
         ] = 10.0,
+        batch_max: Annotated[
+            int,
+            typer.Option(
+                min=1,
+                max=1000,
+                help=(
+                    "Up to this many alerts per POST, as a CloudEvents batch "
+                    f"({BATCH_CONTENT_TYPE}); 1 (default) posts each alone."
+                ),
+            ),
+        ] = 1,
         config: ConfigOption = None,
         log_level: LogLevel = "INFO",
     ) -> None:
@@ -464,6 +547,7 @@ def register(app: typer.Typer) -> None:
                 actions=frozenset(action or ()),
                 from_beginning=from_beginning,
                 timeout_s=timeout_s,
+                batch_max=batch_max,
             )
         except ValueError as exc:
             typer.echo(f"error [CONFIG_INVALID]: {exc}", err=True)

@@ -14,6 +14,7 @@ import pytest
 
 from gateway.alert_forward import (
     AUTHORIZATION_ENV,
+    BATCH_CONTENT_TYPE,
     CONTENT_TYPE,
     AlertForwarder,
     ForwardOptions,
@@ -299,8 +300,9 @@ class FakeConsumer:
 
 
 class Record:
-    def __init__(self, offset: int) -> None:
+    def __init__(self, offset: int, value: bytes | None = None) -> None:
         self.offset = offset
+        self.value = value
 
 
 async def test_lag_counts_alerts_not_yet_settled_and_drops_revoked_partitions() -> None:
@@ -347,3 +349,60 @@ def test_the_metrics_listener_serves_and_a_taken_port_is_a_config_error() -> Non
     finally:
         metrics.close()
     assert ForwarderMetrics().serve("127.0.0.1", 0) == 0
+
+
+async def test_a_batch_holds_up_to_batch_max_alerts_of_one_fetch_in_order() -> None:
+    from aiokafka import TopicPartition
+
+    tp = TopicPartition("alerts", 0)
+    consumer = FakeConsumer({tp: 6}, {})
+    receiver = Receiver([])
+    forward = forwarder(receiver, [], batch_max=3)
+    values = [alert("a1"), b"junk", alert("a2"), alert("a3"), alert("a4"), b"junk"]
+    records = [Record(i, value) for i, value in enumerate(values)]
+    settled = await forward._settle_records(consumer, tp, records, asyncio.Event())
+    assert settled == 5
+    assert [[e["id"] for e in body] for body in receiver.bodies] == [
+        ["a1", "a2", "a3"],
+        ["a4"],
+    ]
+    assert {h["content-type"] for h in receiver.headers} == {BATCH_CONTENT_TYPE}
+    assert forward.stats.delivered == 4 and forward.stats.unreadable == 2
+    assert sample(forward, "modelgate_consumer_lag", topic="alerts", partition="0") == 0
+
+
+async def test_a_refused_batch_is_sent_again_one_by_one() -> None:
+    receiver = Receiver([400, 200, 422])
+    forward = forwarder(receiver, [], batch_max=10)
+    events = [json.loads(alert("good")), json.loads(alert("bad"))]
+    assert await forward._deliver(events, asyncio.Event())
+    assert [[e["id"] for e in body] for body in receiver.bodies] == [
+        ["good", "bad"],
+        ["good"],
+        ["bad"],
+    ]
+    assert (forward.stats.delivered, forward.stats.refused) == (1, 1)
+
+
+async def test_a_stop_mid_batch_settles_none_of_it() -> None:
+    from aiokafka import TopicPartition
+
+    tp = TopicPartition("alerts", 0)
+    stop = asyncio.Event()
+    receiver = Receiver([503] * 5)
+
+    async def sleep(seconds: float) -> None:
+        stop.set()
+
+    forward = AlertForwarder(
+        load_settings(),
+        ForwardOptions(url=URL, batch_max=2),
+        client=httpx.AsyncClient(transport=httpx.MockTransport(receiver)),
+        sleep=sleep,
+    )
+    records = [Record(i, alert(name)) for i, name in enumerate(("a1", "a2", "a3"))]
+    consumer = FakeConsumer({tp: 3}, {})
+    assert await forward._settle_records(consumer, tp, records, stop) is None
+    assert forward.stats.delivered == 0
+    with pytest.raises(ValueError, match="batch-max"):
+        ForwardOptions(url=URL, batch_max=0)
