@@ -51,10 +51,6 @@ die() {
 # shellcheck source=infra/lib.sh
 . "$ROOT/infra/lib.sh"
 
-if [[ ! $PORT =~ ^[0-9]+$ ]] || ((PORT < 1 || PORT > 65535)); then
-    die "MODELGATE_ALERTMANAGER_PORT must be a port (1-65535), got '$PORT'"
-fi
-
 cmd_install() {
     # Debian names the server prometheus-alertmanager; amtool comes with it.
     apt_install prometheus-alertmanager prometheus-alertmanager amtool
@@ -117,6 +113,11 @@ cmd_status() {
 
 cmd_start() {
     local pid
+    # Checked here only: stop and status find ours by state directory, and
+    # 0 (what tells infra/prometheus.sh to send nowhere) must not block them.
+    if [[ ! $PORT =~ ^[0-9]+$ ]] || ((PORT < 1 || PORT > 65535)); then
+        die "MODELGATE_ALERTMANAGER_PORT must be a port (1-65535), got '$PORT'"
+    fi
     if pid=$(our_pid); then
         log "already running (pid $pid) on http://$(listening_on "$pid")"
         return 0
