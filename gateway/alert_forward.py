@@ -17,10 +17,10 @@ How an answer settles an alert:
 
 - 2xx: delivered.
 - 400, 409, 413, 415 or 422: the receiver refuses this event as it is, and
-  sending it again would not change that. A refused batch is sent again one
-  event at a time, so only the event refused alone is passed over. Logged at ERROR with the alert's
+  sending it again would not change that. Logged at ERROR with the alert's
   id and the status, counted, and passed over, so one event the receiver
-  cannot take does not hold every later alert.
+  cannot take does not hold every later alert. A refused batch is sent
+  again one event at a time, so only the event refused alone is passed over.
 - anything else (401 and 403 too: a credential is wrong, not the event),
   a timeout or a connection failure: retried with a doubling back-off
   (``Retry-After`` honoured, up to ``max_backoff_s``) until delivered or the
