@@ -68,6 +68,8 @@ CONTENT_TYPE = "application/cloudevents+json"
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 # Statuses that refuse the event itself (RFC 9110): resending it is useless.
 REFUSED_STATUSES = frozenset({400, 409, 413, 415, 422})
+# Longest wait for an idle partition's position, for its lag gauge only.
+_POSITION_WAIT_S = 1.0
 # Read from the environment, not the command line, where `ps` would show it.
 AUTHORIZATION_ENV = "MODELGATE_FORWARD_AUTHORIZATION"
 # The policy's actions an alert can name (gateway.policy).
@@ -249,12 +251,15 @@ class AlertForwarder:
             if records:
                 self._next[tp] = records[0].offset
             elif tp not in self._next:
-                # Where the group's committed offset (or the reset) put us.
-                # Only for the gauge: a partition revoked meanwhile, or a slow
-                # coordinator, leaves it unset until the next batch.
+                # Where the group's committed offset (or the reset) put us;
+                # aiokafka's fetcher sets it on its own, position() only waits
+                # for that. Only for the gauge, so the wait is short: alerts
+                # must not wait on it. A partition revoked meanwhile, or a
+                # position not known yet, leaves the gauge unset until the
+                # next batch.
                 try:
                     self._next[tp] = await asyncio.wait_for(
-                        consumer.position(tp), self._settings.kafka.request_timeout_s
+                        consumer.position(tp), _POSITION_WAIT_S
                     )
                 except (KafkaError, TimeoutError):  # IllegalStateError is one
                     continue
