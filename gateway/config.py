@@ -639,6 +639,44 @@ class FeedbackConfig(_Frozen):
     metrics_host: str = "127.0.0.1"
 
 
+class ForwardConfig(_Frozen):
+    """The alert forwarder (``modelgate alerts-forward``, docs/alerts.md)."""
+
+    # Prometheus /metrics of the forwarder; after the guard's 9467, so all
+    # five kinds of process can run on one host. 0 turns it off, as
+    # ``worker.metrics_port``.
+    metrics_port: int = Field(9468, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+
+
+class MonitoringConfig(_Frozen):
+    """Where Alertmanager sends notifications (infra/alertmanager.sh,
+    ``modelgate monitoring alertmanager-config``, docs/monitoring.md).
+
+    ``webhook_url``: Alertmanager POSTs each notification there (its webhook
+    format, not CloudEvents); None (the default) sends none, and alerts are
+    only shown by Alertmanager itself. A SecretStr: chat and incident
+    webhooks carry their credential in the URL.
+    """
+
+    webhook_url: SecretStr | None = None
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        parts = urlsplit(value.get_secret_value())
+        try:
+            parts.port  # noqa: B018 - raises on a port out of range
+        except ValueError:
+            raise ValueError("webhook_url has an invalid port") from None
+        # The URL itself stays out of the message: it may hold the secret.
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("webhook_url must be an http or https URL")
+        return value
+
+
 def _default_instance_id() -> str:
     """Host name and pid, reduced to what a topic name allows: every process
     loads this section, so the default must validate on any host."""
@@ -711,6 +749,8 @@ class Settings(BaseSettings):
     admin: AdminConfig = AdminConfig()
     cross_client: CrossClientConfig = CrossClientConfig()
     feedback: FeedbackConfig = FeedbackConfig()
+    forward: ForwardConfig = ForwardConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -34,6 +34,7 @@ SCRIPTS = [
     ROOT / "infra" / "kafka" / "kafka.sh",
     ROOT / "infra" / "redis.sh",
     ROOT / "infra" / "prometheus.sh",
+    ROOT / "infra" / "alertmanager.sh",
     ROOT / "infra" / "lib.sh",
     ROOT / "infra" / "stack.sh",
     ROOT / "infra" / "bootstrap.sh",

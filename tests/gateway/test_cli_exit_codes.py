@@ -78,6 +78,26 @@ def test_a_taken_metrics_port_exits_2_like_the_serve_commands(
     )
 
 
+def test_a_taken_metrics_port_stops_the_alert_forwarder_before_kafka(
+    monkeypatch: pytest.MonkeyPatch, taken_port: int
+) -> None:
+    import gateway.alert_forward as forward
+
+    class NeverRuns:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise AssertionError("the forwarder started with its port taken")
+
+    monkeypatch.setattr(forward, "AlertForwarder", NeverRuns)
+    monkeypatch.setenv("MODELGATE_FORWARD__METRICS_PORT", str(taken_port))
+    result = CliRunner().invoke(
+        app, ["alerts-forward", "--url", "http://127.0.0.1:9/hook"]
+    )
+    assert result.exit_code == 2, result.output
+    assert f"error [CONFIG_INVALID]: forward.metrics_port {taken_port}" in (
+        result.output
+    )
+
+
 @pytest.mark.parametrize("limit", ["0", "-1"])
 def test_feedback_rejected_refuses_a_limit_under_one(limit: str) -> None:
     """``--limit 0`` printed "0 rejected records" whatever the topic held."""
