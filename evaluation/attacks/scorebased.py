@@ -261,8 +261,13 @@ def run_square(
         memo.reset()
         image = np.zeros((1, side * side), dtype=np.float32)
         image[0, :n_features] = box.to_unit(x[index : index + 1])[0]
+        image = image.reshape(1, side, side, 1)
         try:
-            attack.generate(image.reshape(1, side, side, 1))
+            # The attacker's own label for the input: its first query. Given
+            # to ART, which would otherwise ask for it again (a memo hit, but
+            # logged at INFO for every target).
+            label = int(memo(image)[0].argmax())
+            attack.generate(image, y=np.eye(params.n_classes)[[label]])
         except QueryStopped as stop:
             result.stopped_by = stop.reason
             break
@@ -310,15 +315,14 @@ def nes_attack_one(
     used = 1
     half = params.samples // 2
     while used + params.samples + 1 <= max_queries:
-        # Antithetic pairs: u and -u, so the estimate is sum (L+ - L-) u.
+        # Antithetic pairs, asked in the paper's order (u_i, then -u_i), so
+        # the estimate is sum (L(x + s u_i) - L(x - s u_i)) u_i.
         noise = rng.standard_normal((half, start.size))
-        noise = np.concatenate([noise, -noise]) * movable
+        noise = np.stack([noise, -noise], axis=1).reshape(-1, start.size) * movable
         probes = box.to_input(point + params.sigma * noise)
         proba = np.asarray(query(probes), dtype=np.float64)
         loss = -np.log(np.maximum(proba[:, label], _PROBA_FLOOR))
-        gradient = (loss[:, None] * noise).sum(axis=0) / (
-            params.samples * params.sigma
-        )
+        gradient = (loss[:, None] * noise).sum(axis=0) / (params.samples * params.sigma)
 
         # Ascend the loss of the true class (untargeted), then project.
         point = point + params.step * np.sign(gradient)
