@@ -36,13 +36,13 @@ from evaluation.attacks.probing import (
     run_boundary,
     run_hopskipjump,
 )
-from evaluation.attacks.scorebased import NesParams, SquareParams, run_nes, run_square
 from evaluation.attacks.sampling import (
     SamplingParams,
     Strategy,
     natural_patches,
     run_sampling_extraction,
 )
+from evaluation.attacks.scorebased import NesParams, SquareParams, run_nes, run_square
 from evaluation.oracle import QueryFn
 from gateway.models import DIGITS, ServedModel
 from gateway.zoo import BREAST_CANCER, DIGITS_LR, PHISHING, SPLITS

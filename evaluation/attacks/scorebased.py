@@ -158,8 +158,8 @@ class UnitBox:
         else:
             low = np.full(n_features, clip[0])
             high = np.full(n_features, clip[1])
-        self.low = low.astype(np.float64)
-        self.span = np.maximum(high - low, 0.0).astype(np.float64)
+        self.low: Array = low.astype(np.float64)
+        self.span: Array = np.maximum(high - low, 0.0).astype(np.float64)
 
     def to_unit(self, rows: Array) -> Array:
         safe = np.where(self.span > 0, self.span, 1.0)
@@ -170,7 +170,8 @@ class UnitBox:
         # Clipped once more in input units: float rounding must not carry a
         # query a hair past the declared range, which the gateway refuses.
         rows = self.low + self.span * np.clip(unit, 0.0, 1.0)
-        return np.clip(rows, self.low, self.low + self.span).astype(np.float32)
+        bounded: Array = np.clip(rows, self.low, self.low + self.span)
+        return bounded.astype(np.float32)
 
 
 def grid_side(n_features: int) -> int:
@@ -208,7 +209,7 @@ class _Memo:
             answers = self._tracker(rows)
             for key, answer in zip(fresh, answers, strict=True):
                 self._seen[key] = answer
-        return np.stack([self._seen[key] for key in keys])
+        return np.stack([np.asarray(self._seen[key]) for key in keys])
 
 
 def run_square(
@@ -259,9 +260,9 @@ def run_square(
         tracker.outcome = outcome
         tracker.original = x[index].astype(np.float32)
         memo.reset()
-        image = np.zeros((1, side * side), dtype=np.float32)
-        image[0, :n_features] = box.to_unit(x[index : index + 1])[0]
-        image = image.reshape(1, side, side, 1)
+        flat = np.zeros((1, side * side), dtype=np.float32)
+        flat[0, :n_features] = box.to_unit(x[index : index + 1])[0]
+        image = flat.reshape(1, side, side, 1)
         try:
             # The attacker's own label for the input: its first query. Given
             # to ART, which would otherwise ask for it again (a memo hit, but

@@ -4,6 +4,7 @@ and keep every query inside the declared range and the L-inf ball."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -78,7 +79,7 @@ def test_nes_finds_an_adversarial_digit_within_its_budget_on_most_inputs(
 def test_nes_uses_exactly_one_query_plus_samples_and_a_check_per_iteration() -> None:
     # A model that never changes its mind: NES runs every iteration it can.
     def constant(rows: Array) -> Array:
-        return np.tile(np.float32([0.9, 0.1]), (len(rows), 1))
+        return np.tile(np.array([0.9, 0.1], dtype=np.float32), (len(rows), 1))
 
     x = np.random.default_rng(1).uniform(0, 16, (2, 64)).astype(np.float32)
     params = NesParams(samples=10, n_classes=2)
@@ -139,7 +140,7 @@ def test_square_finds_adversarial_digits_inside_the_ball_and_never_asks_twice(
     # Every query of target i lies in the L-inf ball around x[i], in range.
     asked = np.stack(oracle.rows)
     starts = np.cumsum([0] + [t.queries for t in result.targets])
-    for i, (begin, end) in enumerate(zip(starts[:-1], starts[1:], strict=True)):
+    for i, (begin, end) in enumerate(itertools.pairwise(starts)):
         mine = asked[begin:end]
         assert np.abs(mine - x[i]).max() <= EPS * 16 + 1e-4
         assert mine.min() >= 0.0 and mine.max() <= 16.0
