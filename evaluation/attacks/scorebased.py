@@ -27,7 +27,7 @@ that are neighbours only in the column order: the attack is a random search
 over blocks of coordinates there, not the image attack of the paper.
 
 ART's loop asks again for points it was already answered (the current
-iterate, three times per iteration); an attacker keeps its answers, so
+iterate, twice per iteration); an attacker keeps its answers, so
 repeated rows of one target are answered from a memo and never sent: one new
 query per iteration, as in the paper.
 
