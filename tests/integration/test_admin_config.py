@@ -307,6 +307,22 @@ async def test_config_routes_answer_503_without_kafka(
             ("olga", "BROKER_UNAVAILABLE")
         ]
 
+        # A key's plan other than "default" is checked against the live
+        # configuration, so it cannot be changed without Kafka either.
+        await admin.add_user("root", "admin")
+        root = await admin.session(client, "root")
+        plan = await client.put(
+            "/v1/keys/mgk_000000000000/plan", json={"plan": "gold"}, headers=root
+        )
+        assert plan.status_code == 503, plan.text
+        assert plan.json()["code"] == "BROKER_UNAVAILABLE", plan.text
+        refused = [
+            e for e in await admin.audit() if e.action.startswith("PUT /v1/keys")
+        ]
+        assert [(e.actor, e.outcome, e.detail) for e in refused] == [
+            ("root", "failed", {"reason": "BROKER_UNAVAILABLE"})
+        ]
+
 
 async def test_key_plans_through_the_api(stack: StackInfo, models_dir: Path) -> None:
     plans = {"gold": {"quota": {"daily": 10_000}}, "free": {"quota": {"daily": 10}}}
