@@ -545,7 +545,7 @@ class AdminConfig(_Frozen):
     audit_kafka_timeout_s: float = Field(2.0, gt=0, le=60)
     # HMAC-SHA256 key of the audit entries' chain (docs/admin.md, "Tamper
     # evidence"); unset: entries are hash-chained but not signed.
-    audit_key: SecretStr | None = None
+    audit_key: SecretStr | None = Field(None, min_length=16)
     # How often the admin API re-sends audit entries that missed the topic.
     audit_forward_interval_s: float = Field(2.0, gt=0, le=3600)
     # Largest request body the admin API reads (413 PAYLOAD_TOO_LARGE above).

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from pydantic import ValidationError
 
 from gateway.admin.audit_chain import (
     VERIFY_CODES,
@@ -17,6 +18,7 @@ from gateway.admin.audit_chain import (
     sign,
     verify,
 )
+from gateway.config import AdminConfig
 
 KEY = b"k" * 32
 
@@ -179,3 +181,8 @@ def test_a_restarted_chain_is_found() -> None:
 @pytest.mark.parametrize("code", sorted(VERIFY_CODES))
 def test_every_code_is_described(code: str) -> None:
     assert VERIFY_CODES[code]
+
+
+def test_a_short_audit_key_is_refused() -> None:
+    with pytest.raises(ValidationError, match="audit_key"):
+        AdminConfig(audit_key="too short")  # type: ignore[arg-type]

@@ -67,7 +67,11 @@ class KeyIn(Body):
 
 
 class PlanIn(Body):
-    plan: str = Field(pattern=PLAN_REGEX, description="Limits plan (limits.plans).")
+    plan: str = Field(
+        pattern=PLAN_REGEX,
+        description="Limits plan: 'default' or one the running configuration "
+        "defines in limits.plans (else 422 UNKNOWN_PLAN).",
+    )
     limit_overrides: PlanConfig | None = Field(
         default=None,
         description="Replaces the key's overrides; none: the plan as it is.",
