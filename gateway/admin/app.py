@@ -104,6 +104,12 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server_key = await asyncio.to_thread(load_server_key, settings)
+        if settings.admin.audit_key is None:
+            logger.warning(
+                "admin.audit_key is unset: audit entries are hash-chained but "
+                "not signed, so whoever can write the stream can rewrite them "
+                "undetected (docs/admin.md, Tamper evidence)"
+            )
         redis = redis_from_settings(settings)
         # Connects in the background: Kafka being down must not keep the
         # admin API from starting (its entries then miss the topic, logged).

@@ -139,12 +139,6 @@ class AuditLog:
         # race each other for the chain head; the broker's acknowledgement is
         # awaited outside it.
         self._order = asyncio.Lock()
-        if self._mac_key is None:
-            logger.warning(
-                "admin.audit_key is unset: audit entries are hash-chained but "
-                "not signed, so whoever can write the stream can rewrite it "
-                "undetected"
-            )
 
     @property
     def key(self) -> str:
