@@ -223,7 +223,7 @@ class AuditTopic:
         -------
         bool
             True once the broker has the entry; False on a miss, which is
-            then logged at ERROR and counted.
+            then logged at WARNING and counted (the forwarder sends it again).
         """
         missed = pending.missed
         delivery = pending.delivery
