@@ -543,6 +543,13 @@ class AdminConfig(_Frozen):
     # (the entry is in the Redis stream; the miss is logged at ERROR and
     # counted). See docs/admin.md, "Audit".
     audit_kafka_timeout_s: float = Field(2.0, gt=0, le=60)
+    # HMAC-SHA256 key of the audit entries' chain (docs/admin.md, "Tamper
+    # evidence"); unset: entries are hash-chained but not signed.
+    audit_key: SecretStr | None = Field(None, min_length=16)
+    # How often the admin API re-sends audit entries that missed the topic.
+    audit_forward_interval_s: float = Field(2.0, gt=0, le=3600)
+    # Largest request body the admin API reads (413 PAYLOAD_TOO_LARGE above).
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
     # Client view written by the workers.
     clients_top_max: int = Field(10_000, ge=10, le=1_000_000)
     client_history_max: int = Field(200, ge=1, le=100_000)
