@@ -252,6 +252,12 @@ def run_square(
     )
     # ART draws the squares from numpy's global generator (as HopSkipJump
     # does); seeding it makes the direct and the gateway runs comparable.
+    # TODO: in the evaluation, HopSkipJump and Boundary draw from the same
+    # generator in other threads at the same time, so a gateway run's squares
+    # need not be the direct run's (on digits, seed 0, run 013918-fb7b: 10
+    # queries through the gateway, 26 direct). ART takes no generator;
+    # running the ART attacks one at a time would make them repeatable, at
+    # the cost of time.
     np.random.seed(params.seed)
     result = ProbingResult()
     for index in indices:
