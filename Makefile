@@ -28,7 +28,7 @@ help:
 	@echo "make down     drop the 'up' hold; they stop when nothing else holds them"
 	@echo "make status   holders and services"
 	@echo "make monitor  start Prometheus (127.0.0.1:19090) with modelgate's alert rules"
-	@echo "              and Alertmanager (127.0.0.1:19093) receiving them"
+	@echo "              and Alertmanager (127.0.0.1:19095) receiving them"
 	@echo "make lock     regenerate requirements.lock from pyproject.toml"
 	@echo "make clean    remove var/ (jars, data, logs) and caches; keeps .venv"
 

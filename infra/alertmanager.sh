@@ -13,7 +13,7 @@
 #
 # Environment (all optional):
 #   MODELGATE_VAR                    state root, default <repo>/var
-#   MODELGATE_ALERTMANAGER_PORT      port, default 19093 (infra/prometheus.sh sends
+#   MODELGATE_ALERTMANAGER_PORT      port, default 19095 (infra/prometheus.sh sends
 #                                    its alerts there)
 #   MODELGATE_ALERTMANAGER_GROUP_WAIT_S      first notification of a new group after
 #   MODELGATE_ALERTMANAGER_GROUP_INTERVAL_S  this long; later changes to a group
@@ -33,7 +33,7 @@ VAR=${MODELGATE_VAR:-$ROOT/var}
 [[ $VAR == /* ]] || VAR=$PWD/$VAR
 # Loopback only, on purpose: the API silences alerts and has no login.
 HOST=127.0.0.1
-PORT=${MODELGATE_ALERTMANAGER_PORT:-19093}
+PORT=${MODELGATE_ALERTMANAGER_PORT:-19095}
 START_TIMEOUT_S=30
 
 ADIR=$VAR/alertmanager

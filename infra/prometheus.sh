@@ -19,7 +19,7 @@
 #   MODELGATE_PROMETHEUS_RULES  rule files, comma-separated; default
 #                               infra/prometheus/alerts.yml
 #   MODELGATE_ALERTMANAGER_PORT where firing alerts go: infra/alertmanager.sh's
-#                               Alertmanager on 127.0.0.1, default 19093; 0 for none
+#                               Alertmanager on 127.0.0.1, default 19095; 0 for none
 #   MODELGATE_CONFIG            the settings file whose metrics ports are scraped
 #                               (as for every modelgate command)
 #
@@ -37,7 +37,7 @@ PORT=${MODELGATE_PROMETHEUS_PORT:-19090}
 INTERVAL_S=${MODELGATE_PROMETHEUS_INTERVAL_S:-15}
 KINDS=${MODELGATE_PROMETHEUS_KINDS:-}
 RULES=${MODELGATE_PROMETHEUS_RULES:-}
-ALERTMANAGER_PORT=${MODELGATE_ALERTMANAGER_PORT:-19093}
+ALERTMANAGER_PORT=${MODELGATE_ALERTMANAGER_PORT:-19095}
 START_TIMEOUT_S=30
 
 PDIR=$VAR/prometheus

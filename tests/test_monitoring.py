@@ -244,7 +244,7 @@ def test_the_docker_configuration_scrapes_the_compose_services(tmp_path: Path) -
     alertmanager = services["alertmanager"]
     assert alertmanager["profiles"] == ["monitoring"]
     assert alertmanager["image"].startswith("prom/alertmanager:v")
-    assert "127.0.0.1:19093:9093" in alertmanager["ports"]
+    assert "127.0.0.1:19095:9093" in alertmanager["ports"]
     flag = next(c for c in alertmanager["command"] if c.startswith("--config.file="))
     mounted = flag.split("=", 1)[1]
     assert (
