@@ -40,5 +40,9 @@ def configure(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("aiokafka", "kafka"):
+    # httpx logs each request's whole URL at INFO (httpcore its traffic at
+    # DEBUG): a webhook's path and query often hold its secret
+    # (docs/alerts.md), and a backend's or receiver's URL is the settings'
+    # business, not every log line's.
+    for noisy in ("aiokafka", "kafka", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
