@@ -176,6 +176,14 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI reports a body that is not JSON at all as a validation
+        # error of type json_invalid; it is a malformed request (400), not
+        # JSON of the wrong shape (422), as docs/admin.md and the front door
+        # tell them apart.
+        if any(err.get("type") == "json_invalid" for err in exc.errors()):
+            return _error(
+                400, "MALFORMED_REQUEST", "the request body is not valid JSON", False
+            )
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
             for err in exc.errors()[:10]

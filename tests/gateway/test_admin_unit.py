@@ -129,3 +129,26 @@ def test_view_and_history_writes_follow_changes_or_the_interval() -> None:
     # A change of action is written at once; a repeated one waits.
     assert _due((0.0, "allow"), "block", 1.0, 10.0)
     assert not _due((0.0, "block"), "block", 1.0, 10.0)
+
+
+@pytest.mark.parametrize("body", [b'{"user": "olga", "password": ', b"\xff\xfe{}"])
+async def test_an_unparsable_body_is_malformed_not_invalid(body: bytes) -> None:
+    # docs/admin.md: a body that cannot be parsed is 400 MALFORMED_REQUEST;
+    # 422 SCHEMA_INVALID is for JSON of the wrong shape. The front door makes
+    # the same distinction (MALFORMED_JSON). No lifespan runs: the body is
+    # refused before the route, which would need the stores.
+    import httpx
+
+    from gateway.admin.app import create_app
+    from gateway.config import load_settings
+
+    app = create_app(load_settings())
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        answer = await http.post(
+            "/v1/sessions",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["code"] == "MALFORMED_REQUEST"
