@@ -556,6 +556,10 @@ class AdminConfig(_Frozen):
     # believed (docs/admin.md, "Behind a proxy"). Empty: the header is
     # ignored and the source is the peer's address, whoever sends it.
     trusted_proxies: list[str] = Field(default_factory=list, max_length=256)
+    # Request bodies above this get 413 before they are read whole: the
+    # login route takes bodies from anyone. The largest a legitimate call
+    # sends is a whole configuration document (PUT /config), a few KiB.
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
 
     @field_validator("trusted_proxies")
     @classmethod

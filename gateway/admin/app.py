@@ -37,6 +37,7 @@ from gateway.admin.users import UserStore
 from gateway.clientview import ClientView
 from gateway.config import Settings
 from gateway.errors import StoreError
+from gateway.http_body import TOO_LARGE, BodyLimit
 from gateway.http_metrics import HttpMetricsMiddleware
 from gateway.keys import KeyStore, load_server_key
 from gateway.store import RedisClient, redis_from_settings
@@ -200,6 +201,14 @@ def create_app(
         logger.exception("admin call failed", extra={"path": request.url.path})
         return _error(500, "INTERNAL", "internal error", False)
 
+    # Outside the routes, so that an oversize body is refused before anything
+    # reads it: the login route takes bodies from anyone.
+    app.add_middleware(
+        BodyLimit,
+        max_body_bytes=settings.admin.max_body_bytes,
+        refuse=_body_refusal,
+    )
+    # Outermost, so that the limit's refusals are counted too.
     app.add_middleware(
         HttpMetricsMiddleware,
         metrics=metrics,
@@ -207,3 +216,10 @@ def create_app(
         codes=ADMIN_ERROR_CODES,
     )
     return app
+
+
+def _body_refusal(status: int, message: str) -> JSONResponse:
+    """BodyLimit's refusals in the admin API's codes."""
+    if status == TOO_LARGE:
+        return _error(status, "PAYLOAD_TOO_LARGE", message, False)
+    return _error(status, "MALFORMED_REQUEST", message, False)

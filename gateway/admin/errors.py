@@ -18,6 +18,7 @@ ADMIN_ERROR_CODES: dict[str, tuple[int, str]] = {
     "NOT_FOUND": (404, "no such user, key, client or session"),
     "CONFLICT": (409, "the change contradicts the current state"),
     "MALFORMED_REQUEST": (400, "the request body could not be parsed"),
+    "PAYLOAD_TOO_LARGE": (413, "the request body is over admin.max_body_bytes"),
     "METHOD_NOT_ALLOWED": (405, "the path does not take this method"),
     "SCHEMA_INVALID": (422, "the request body or parameters are invalid"),
     "STORE_UNAVAILABLE": (503, "Redis could not be reached; retry"),
