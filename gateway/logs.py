@@ -18,13 +18,41 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
 }
 
 
+# Characters a value must not bring into a log line as they are: C0 and C1
+# controls (a newline would start a forged line of its own, an escape
+# sequence would rewrite the terminal), the Unicode line and paragraph
+# separators, and the bidirectional overrides that reorder what a reader
+# sees. Each is written as its Python escape instead.
+_UNSAFE = [
+    *range(0x20),
+    *range(0x7F, 0xA0),
+    0x2028,
+    0x2029,
+    *range(0x202A, 0x202F),
+    *range(0x2066, 0x206A),
+]
+_ESCAPES = {code: repr(chr(code))[1:-1] for code in _UNSAFE}
+
+
+def _escaped(text: str) -> str:
+    return text.translate(_ESCAPES)
+
+
 class FieldsFormatter(logging.Formatter):
-    """``time level logger: message key=value ...`` with the extra fields."""
+    """``time level logger: message key=value ...`` with the extra fields.
+
+    The message and the fields are escaped (``_UNSAFE``): they quote what
+    clients send (request ids, model names, error messages), and one record
+    must stay one line. A traceback keeps its lines.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return _escaped(super().formatMessage(record))
 
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
         fields = [
-            f"{key}={value}"
+            f"{key}={_escaped(str(value))}"
             for key, value in record.__dict__.items()
             if key not in _STANDARD and not key.startswith("_")
         ]
