@@ -11,10 +11,12 @@ import logging
 import sys
 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
+# uvicorn's ``color_message`` repeats the message with terminal colours.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
     "asctime",
     "taskName",
+    "color_message",
 }
 
 

@@ -44,3 +44,8 @@ def test_a_traceback_keeps_its_lines() -> None:
         )
     text = FieldsFormatter(FORMAT).format(record)
     assert text.count("\n") >= 2 and "Traceback" in text, text
+
+
+def test_uvicorns_coloured_copy_of_the_message_is_left_out() -> None:
+    line = _line("Uvicorn running", color_message="\x1b[1mUvicorn\x1b[0m running")
+    assert line.endswith("gateway.answers: Uvicorn running"), line
