@@ -157,6 +157,11 @@ def decode_record(topic: str, partition: int, record: Any, max_bytes: int) -> Ba
                 code="PAYLOAD_TOO_LARGE",
             )
         )
+        # Its sender is still waiting: read the reply fields, as for any
+        # invalid request. The value is already in memory and no larger than
+        # a fetch (the consumer's max_partition_fetch_bytes), so this parse
+        # is bounded; the request itself is never decoded.
+        item.envelope = protocol.decode_envelope(value)
         return item
     if signatures > 1:
         # Refused before the key is looked up: which signature counts would

@@ -548,8 +548,6 @@ class AdminConfig(_Frozen):
     audit_key: SecretStr | None = Field(None, min_length=16)
     # How often the admin API re-sends audit entries that missed the topic.
     audit_forward_interval_s: float = Field(2.0, gt=0, le=3600)
-    # Largest request body the admin API reads (413 PAYLOAD_TOO_LARGE above).
-    max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
     # Client view written by the workers.
     clients_top_max: int = Field(10_000, ge=10, le=1_000_000)
     client_history_max: int = Field(200, ge=1, le=100_000)
@@ -563,6 +561,10 @@ class AdminConfig(_Frozen):
     # believed (docs/admin.md, "Behind a proxy"). Empty: the header is
     # ignored and the source is the peer's address, whoever sends it.
     trusted_proxies: list[str] = Field(default_factory=list, max_length=256)
+    # Request bodies above this get 413 before they are read whole: the
+    # login route takes bodies from anyone. The largest a legitimate call
+    # sends is a whole configuration document (PUT /config), a few KiB.
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -7,8 +7,8 @@ PAYLOAD_TOO_LARGE``, both with the admin API's error body
 The machinery is the front door's (``gateway/frontdoor/http_server.py`` says
 why plain uvicorn resets a client still sending its head); only the answer's
 body differs. ``modelgate admin serve`` passes :func:`server_options` to
-uvicorn, and ``create_app`` adds :class:`AdminBodyLimit` and the ASGI head
-check. Imports starlette and the front door's HTTP pieces; nothing from Kafka
+uvicorn, and ``create_app`` adds the shared body limit
+(``gateway/http_body.py``) and the ASGI head check. Imports starlette and the front door's HTTP pieces; nothing from Kafka
 or Redis.
 """
 
@@ -17,9 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from starlette.responses import JSONResponse, Response
-from starlette.types import Message, Scope, Send
 
-from gateway.frontdoor.app import BodyLimit
 from gateway.frontdoor.http_server import MAX_HEAD_BYTES, HeadLimitedH11
 
 _HEAD_MESSAGE = (
@@ -57,21 +55,3 @@ def server_options() -> dict[str, Any]:
         "h11_max_incomplete_event_size": MAX_HEAD_BYTES,
     }
 
-
-class AdminBodyLimit(BodyLimit):
-    """The front door's body limit with the admin API's codes: a body over
-    the limit is ``413 PAYLOAD_TOO_LARGE``, an unreadable ``Content-Length``
-    ``400 MALFORMED_REQUEST``."""
-
-    @staticmethod
-    async def _refuse(send: Send, code: str, message: str) -> None:
-        if code == "PAYLOAD_TOO_LARGE":
-            response = error_body(413, code, message)
-        else:
-            response = error_body(400, "MALFORMED_REQUEST", message)
-        scope: Scope = {"type": "http"}
-
-        async def no_body() -> Message:
-            return {"type": "http.disconnect"}
-
-        await response(scope, no_body, send)

@@ -107,6 +107,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "MALFORMED_REQUEST"},
     401: {"model": ErrorBody, "description": "ADMIN_UNAUTHENTICATED"},
     403: {"model": ErrorBody, "description": "ADMIN_FORBIDDEN"},
+    413: {"model": ErrorBody, "description": "PAYLOAD_TOO_LARGE"},
     422: {"model": ErrorBody, "description": "SCHEMA_INVALID"},
     503: {"model": ErrorBody, "description": "STORE_UNAVAILABLE"},
 }

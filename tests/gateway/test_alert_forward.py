@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
+from gateway import logs
 from gateway.alert_forward import (
     AUTHORIZATION_ENV,
     BATCH_CONTENT_TYPE,
@@ -89,6 +92,40 @@ async def test_a_delivered_alert_is_one_cloudevent_post() -> None:
     assert receiver.headers[0]["content-type"] == CONTENT_TYPE
     assert receiver.headers[0]["x-team"] == "ml"
     assert forward.stats.delivered == 1
+
+
+@pytest.fixture
+def command_logging() -> Iterator[None]:
+    """The logging a command sets up (gateway.logs.configure), undone after
+    the test so that pytest's own handlers come back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    libraries = {
+        name: logging.getLogger(name).level
+        for name in ("httpx", "httpcore", "aiokafka", "kafka")
+    }
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, library_level in libraries.items():
+        logging.getLogger(name).setLevel(library_level)
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+async def test_no_log_line_names_the_webhook_path(
+    command_logging: None, level: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # httpx logs every request's whole URL at INFO ("HTTP Request: POST
+    # http://.../hooks/secret-token?key=abc"); a webhook's path and query
+    # are often its secret, and the forwarder promises to log only scheme,
+    # host and port.
+    logs.configure(level)
+    receiver = Receiver([503, 200])
+    forward = forwarder(receiver, [])
+    assert await forward._settle(alert("a1"), asyncio.Event())
+    err = capsys.readouterr().err
+    assert "alert not delivered, retrying" in err  # the forwarder's own line
+    assert "secret-token" not in err and "key=abc" not in err, err
 
 
 async def test_server_and_auth_failures_are_retried_with_a_doubling_back_off() -> None:

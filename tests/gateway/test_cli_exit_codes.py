@@ -123,3 +123,19 @@ def test_an_empty_token_says_none_was_given(
     assert result.exit_code == 2, result.output
     assert "error [AUTH_MISSING]: no API key token given" in result.output
     assert "malformed" not in result.output
+
+
+@pytest.mark.parametrize("data", ["[NaN, 1]", "[1, Infinity]", "[1e39, 1]"])
+def test_send_refuses_values_json_cannot_carry(
+    data: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--data '[NaN]'`` went out as null and came back SCHEMA_INVALID "got
+    null"; 1e39 is infinite as FP32. Refused before anything is sent."""
+    # Nothing listens here: were the request sent, the command would fail
+    # on the broker, not on the data.
+    monkeypatch.setenv("MODELGATE_KAFKA__BOOTSTRAP", "127.0.0.1:1")
+    token = "mgk_000000000000." + "A" * 43
+    argv = ["send", "--token", token, "--client-id", "c", "--timeout-s", "1"]
+    result = CliRunner().invoke(app, [*argv, "--data", data])
+    assert result.exit_code == 2, result.output
+    assert "NaN or infinity" in result.output, result.output
