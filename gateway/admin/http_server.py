@@ -8,8 +8,8 @@ The machinery is the front door's (``gateway/frontdoor/http_server.py`` says
 why plain uvicorn resets a client still sending its head); only the answer's
 body differs. ``modelgate admin serve`` passes :func:`server_options` to
 uvicorn, and ``create_app`` adds the shared body limit
-(``gateway/http_body.py``) and the ASGI head check. Imports starlette and the front door's HTTP pieces; nothing from Kafka
-or Redis.
+(``gateway/http_body.py``) and the ASGI head check. Imports starlette and
+the front door's HTTP pieces; nothing from Kafka or Redis.
 """
 
 from __future__ import annotations
@@ -54,4 +54,3 @@ def server_options() -> dict[str, Any]:
         "http": AdminHeadLimitedH11,
         "h11_max_incomplete_event_size": MAX_HEAD_BYTES,
     }
-

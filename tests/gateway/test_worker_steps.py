@@ -197,3 +197,43 @@ def test_an_oversize_request_is_answered_not_only_dead_lettered() -> None:
     answer = response_for(item, 0, 0)
     assert answer.error is not None, answer
     assert (answer.request_id, answer.error.code) == ("r-big", "PAYLOAD_TOO_LARGE")
+
+
+@pytest.mark.parametrize(
+    ("timestamp_type", "judged_when_sent"), [(1, True), (0, False)]
+)
+def test_only_a_broker_timestamp_dates_a_request_for_its_rate(
+    timestamp_type: int, judged_when_sent: bool
+) -> None:
+    """Admission judges the rate at the record's timestamp only when the
+    broker set it (LogAppendTime): a producer's CreateTime is the client's
+    own to choose, and a thief could date a burst as a slow trickle."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from gateway.intake import admit_item, decode
+    from gateway.keys import ApiKey
+
+    _, value, headers = protocol.build_request(
+        key_id="mgk_000000000001",
+        secret=b"s" * 32,
+        model="digits",
+        inputs={"pixels": np.ones((1, 64), dtype=np.float32)},
+        request_id="r-1",
+    )
+    record = SimpleNamespace(
+        value=value,
+        key=b"c",
+        headers=headers,
+        offset=3,
+        timestamp=1_765_000_000_123,
+        timestamp_type=timestamp_type,
+    )
+    item = decode(TopicPartition("modelgate.requests", 0), record, 1 << 20)
+    assert item.error is None and item.request is not None
+    item.key = cast(
+        ApiKey, SimpleNamespace(client_id="carol", plan="default", limit_overrides="")
+    )
+    sent_us = admit_item(item).sent_us
+    assert sent_us == (1_765_000_000_123_000 if judged_when_sent else None)
