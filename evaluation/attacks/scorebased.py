@@ -74,7 +74,10 @@ class SquareParams:
     cover; the paper's schedule halves it as the iterations go (ART rescales
     it to ``max_iter``, which here is each target's share of the budget).
     ART's default ``p_init`` is 0.8; 0.3 opens with 4 x 4 squares on the
-    8 x 8 digits, a quarter of the image.
+    8 x 8 digits, a quarter of the image. ART fails (numpy's ``randint``
+    on an empty range) when a square is as wide as the grid, so ``p_init``
+    must keep ``round(sqrt(p_init) * side)`` below ``side``: below about
+    0.69 on the 3 x 3 grid of a 9-feature model (0.7 fails).
     """
 
     budget: int = 500
