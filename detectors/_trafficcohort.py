@@ -11,7 +11,8 @@ share against honest arrivals' (:func:`detectors._binomial.binomial_z`). The det
 test catches and misses) turns the pooled z into a score.
 
 Imports numpy, :mod:`detectors._binomial`, :mod:`detectors._jit` (numba),
-:mod:`detectors._cohort` and :mod:`detectors._trafficparams` only; nothing
+:mod:`detectors._cohort`, :mod:`detectors._cohortindex`,
+:mod:`detectors._state` and :mod:`detectors._trafficparams` only; nothing
 from Kafka, Redis, FastAPI or ``gateway``.
 """
 
@@ -26,7 +27,9 @@ import numpy.typing as npt
 
 from detectors._binomial import binomial_z
 from detectors._cohort import cohort_sums, sorted_young
+from detectors._cohortindex import CohortIndex
 from detectors._jit import jit
+from detectors._state import SlotArena
 from detectors._trafficparams import TrafficParams
 
 STRONG_MIN_MATCHES = 2
@@ -59,6 +62,7 @@ def cohort_evidence(
     arrays: Mapping[str, npt.NDArray[Any]],
     slots: npt.NDArray[np.int64],
     p: TrafficParams,
+    index: tuple[CohortIndex, SlotArena] | None = None,
 ) -> CohortEvidence:
     """Per row: the pooled z of the key's cohort (0 when the key is not a
     young member of a cohort of ``cohort_min_keys`` with
@@ -77,19 +81,25 @@ def cohort_evidence(
     Only young keys whose own z reaches one of the two bars look for a
     cohort, once per key and batch, so rarely for honest keys by design;
     an attacker makes every key of every batch look. Each look therefore
-    costs a few binary searches, not a scan of every key: the young keys
-    are sorted once per batch by request count, then first request
-    time, with running sums of their counts and of their keys' at
-    ``member_z`` (:func:`running_sums`,
-    :func:`detectors._cohort.cohort_sums`). With
-    20,000 young keys and 256 looking keys in a batch this takes about
-    0.4 to 0.6 ms (sorting the young keys most of it; 1.9 ms over
-    100,000) where a scan per look took 20 ms, against 0.1 to 0.5 ms
-    for the rest of the detector's batch.
+    costs a few binary searches, not a scan of every key: ``index`` (the
+    detector's :class:`detectors._cohortindex.CohortIndex` and its arena)
+    keeps the young keys by first request time across batches, with sums
+    per request count of their counts and of their keys' at ``member_z``
+    (:func:`member_values`), and re-reads only the batch's keys. Without
+    ``index`` the young keys near the asking ones are sorted once per
+    batch by request count, then first request time, with running sums
+    (:func:`running_sums`, :func:`detectors._cohort.cohort_sums`): the
+    same result, kept as the reference the index is tested and measured
+    against, at a cost that grows with those keys (about 0.4 to 0.6 ms
+    with 20,000 young keys and 256 looking ones, 1.7 ms for a batch of
+    one row over 50,000 keys started in one instant).
     """
     n = len(slots)
     found = CohortEvidence.empty(n)
     if p.cohort_window_s <= 0.0:
+        if index is not None:
+            # Not kept while off: rebuilt when the test is back on.
+            index[0].stale()
         return found
     seen = arrays["n_seen"]
     pairs, matches = arrays["pairs"], arrays["matches"]
@@ -102,24 +112,34 @@ def cohort_evidence(
     )
     asking = np.unique(slots[ask])
     first = arrays["first_s"]
-    young, young_first, bounds = sorted_young(
-        asking, seen, first, p.window, p.cohort_window_s
-    )
-    # Running sums over them in that order (see running_sums).
-    sums = np.empty((5, len(young) + 1), dtype=np.int64)
-    running_sums(young, pairs, matches, member_bar(p), sums)
-    cohort = np.empty((6, len(asking)), dtype=np.int64)
-    cohort_sums(
-        asking,
-        seen,
-        first,
-        young_first,
-        bounds,
-        sums,
-        p.cohort_pace_share,
-        p.cohort_window_s,
-        cohort,
-    )
+    bar = member_bar(p)
+    if index is not None:
+        kept, arena = index
+
+        def values(some: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+            return member_values(some, pairs, matches, bar)
+
+        kept.update(arena, slots, p.window, values, bar)
+        cohort = kept.pool(asking, p.cohort_pace_share, p.cohort_window_s, values)
+    else:
+        young, young_first, bounds = sorted_young(
+            asking, seen, first, p.window, p.cohort_window_s
+        )
+        # Running sums over them in that order (see running_sums).
+        sums = np.empty((5, len(young) + 1), dtype=np.int64)
+        running_sums(young, pairs, matches, bar, sums)
+        cohort = np.empty((6, len(asking)), dtype=np.int64)
+        cohort_sums(
+            asking,
+            seen,
+            first,
+            young_first,
+            bounds,
+            sums,
+            p.cohort_pace_share,
+            p.cohort_window_s,
+            cohort,
+        )
     keys, total, hits, member_keys, member_total, member_hits = cohort
     pooled_z = np.maximum(binomial_z(hits, total, rate), 0.0)
     member_z = binomial_z(member_hits, member_total, rate)
@@ -159,6 +179,27 @@ def cohort_evidence(
     found.member_keys[rows] = member_keys[at]
     found.member_z[rows] = member_z[at]
     return found
+
+
+def member_values(
+    slots: npt.NDArray[np.int64],
+    pairs: npt.NDArray[np.int64],
+    matches: npt.NDArray[np.int64],
+    bar: npt.NDArray[np.int64],
+) -> npt.NDArray[np.int64]:
+    """Per slot, the five values :func:`running_sums` sums (pairs, matches,
+    whether the key is at ``member_z``, and its pairs and matches if so),
+    shape ``(len(slots), 5)``: what the index keeps per young key."""
+    n_pairs, n_hits = pairs[slots], matches[slots]
+    inside = (n_pairs > 0) & (n_pairs < len(bar))
+    member = inside & (n_hits >= bar[np.where(inside, n_pairs, 0)])
+    out = np.empty((len(slots), 5), dtype=np.int64)
+    out[:, 0] = n_pairs
+    out[:, 1] = n_hits
+    out[:, 2] = member
+    out[:, 3] = np.where(member, n_pairs, 0)
+    out[:, 4] = np.where(member, n_hits, 0)
+    return out
 
 
 @jit

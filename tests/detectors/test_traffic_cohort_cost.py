@@ -106,6 +106,10 @@ def _random_state(
     metronome = rng.random(n_keys) < 0.5
     matches = np.where(metronome, pairs, (rng.random(n_keys) * (pairs + 1)))
     arrays["matches"][slots] = matches.astype(np.int64)
+    # Written behind the detector's back: its index of young keys, kept from
+    # the batches and loads it saw, must be built again from these.
+    assert detector._cohort_index is not None
+    detector._cohort_index.stale()
     return detector
 
 
