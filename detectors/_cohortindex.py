@@ -180,10 +180,14 @@ class CohortIndex:
         seen, first = arrays["n_seen"], arrays["first_s"]
         asking = np.ascontiguousarray(asking, dtype=np.int64)
         out = np.zeros((1 + self.n_values, len(asking)), dtype=np.int64)
+        # Keys of one count and first time have one cohort: in this order the
+        # kernel looks it up once (a crowd started in one instant asks as one).
+        order = np.lexsort((first[asking], seen[asking]))
         # Always run the kernel: a warm-up whose traffic never asks compiles
         # it before an attacker's first batch would.
         _lookup(
             asking,
+            order,
             seen,
             first,
             self._window,
@@ -377,6 +381,7 @@ def _refresh(
 @jit
 def _lookup(
     asking: IntArray,
+    order: IntArray,
     seen: IntArray,
     first: npt.NDArray[np.float64],
     window: int,
@@ -400,13 +405,25 @@ def _lookup(
     one range (``abs`` of their difference grows away from the key's own
     count). The run's full blocks are summed from the tree over that
     range, its partial end blocks slot by slot; tombstones have count 0,
-    below every range.
+    below every range. ``order`` puts asking slots of one count and first
+    time next to each other; each such group is looked up once.
     """
     n_values = coord_values.shape[1]
-    for k in range(len(asking)):
+    previous = -1
+    for j in range(len(order)):
+        k = order[j]
         slot = asking[k]
         own_seen = seen[slot]
         own = first[slot]
+        if (
+            previous >= 0
+            and own_seen == seen[asking[previous]]
+            and own == first[asking[previous]]
+        ):
+            for r in range(n_values + 1):
+                out[r, k] = out[r, previous]
+            continue
+        previous = k
         pace = max(2.0, pace_share * own_seen)
         for r in range(n_values + 1):
             out[r, k] = 0
