@@ -62,6 +62,9 @@ IntArray = npt.NDArray[np.int64]
 FRESH = -2
 """``slot_coord`` of a slot waiting in the fresh list (-1: not indexed)."""
 
+PENDING = -3
+"""``slot_coord`` of a newly young slot while :func:`_refresh` places it."""
+
 FRESH_MIN = 256
 """Fresh slots held before a rebuild, plus one per 32 coordinates: a rebuild
 costs a sort of every young key, the fresh list a sort of its own slots per
@@ -139,7 +142,9 @@ class CohortIndex:
         if changed is None:
             self._rebuild(arena, window, values, key)
             return
-        slots = np.unique(np.concatenate([touched, changed]))
+        # Repeats are harmless: a slot read twice is unchanged the second time.
+        slots = np.concatenate([touched, changed]) if len(changed) else touched
+        slots = np.ascontiguousarray(slots, dtype=np.int64)
         if len(seen) > len(self._slot_coord):
             grown = np.full(len(seen), -1, dtype=np.int64)
             grown[: len(self._slot_coord)] = self._slot_coord
@@ -281,6 +286,33 @@ def _tree_add(
 
 
 @jit
+def _tree_move(
+    tree: IntArray,
+    block: int,
+    old_count: int,
+    new_count: int,
+    old_values: IntArray,
+    at: int,
+    new_values: IntArray,
+    j: int,
+) -> None:
+    """Move one slot of ``block`` from ``old_count`` rows and values
+    ``old_values[at]`` to ``new_count`` and ``new_values[j]``: one walk up
+    the tree where a removal and an addition took two (a batch's rows are
+    mostly such moves)."""
+    i = block + 1
+    n_nodes = tree.shape[0] - 1
+    n_values = old_values.shape[1]
+    while i <= n_nodes:
+        tree[i, old_count, 0] -= 1
+        tree[i, new_count, 0] += 1
+        for q in range(n_values):
+            tree[i, old_count, q + 1] -= old_values[at, q]
+            tree[i, new_count, q + 1] += new_values[j, q]
+        i += i & -i
+
+
+@jit
 def _build_tree(
     coord_count: IntArray,
     coord_values: IntArray,
@@ -322,14 +354,19 @@ def _refresh(
     fresh: IntArray,
     n_fresh: int,
 ) -> tuple[int, int, bool]:
-    """Re-read ``slots`` (unique; ``values`` theirs, in order): move each
-    indexed one to its present count and values, tombstone one no longer
-    young or whose first time changed, append or hold as fresh one newly
-    young. Returns the coordinates and fresh slots now used, and whether
-    either ran out (then the caller rebuilds; what was done is harmless)."""
+    """Re-read ``slots`` (repeats allowed; ``values`` theirs, in order):
+    move each indexed one to its present count and values, tombstone one
+    no longer young or whose first time changed, append or hold as fresh
+    one newly young. Returns the coordinates and fresh slots now used, and
+    whether either ran out (then the caller rebuilds; what was done is
+    harmless)."""
     n_values = values.shape[1]
     capacity = len(coord_time)
     n_blocks = tree.shape[0] - 1
+    # Newly young slots (their row j), placed after the others in order of
+    # first time: a batch's new keys then append rather than wait as fresh.
+    new_rows = np.empty(len(slots), dtype=np.int64)
+    n_new = 0
     for j in range(len(slots)):
         slot = slots[j]
         count = seen[slot]
@@ -343,20 +380,38 @@ def _refresh(
                     if coord_values[at, q] != values[j, q]:
                         same = False
                 if not same:
-                    block = at >> shift
-                    _tree_add(tree, block, coord_count[at], coord_values[at], -1)
+                    _tree_move(
+                        tree,
+                        at >> shift,
+                        coord_count[at],
+                        count,
+                        coord_values,
+                        at,
+                        values,
+                        j,
+                    )
                     coord_count[at] = count
-                    coord_values[at] = values[j]
-                    _tree_add(tree, block, count, values[j], 1)
+                    for q in range(n_values):
+                        coord_values[at, q] = values[j, q]
                 continue
             _tree_add(tree, at >> shift, coord_count[at], coord_values[at], -1)
             coord_count[at] = 0
             coord_values[at] = 0
             slot_coord[slot] = -1
             at = -1
-        if at == FRESH or count == 0:
+        if at == FRESH or at == PENDING or count == 0:
             # A fresh slot is read from the arena at each look-up.
             continue
+        slot_coord[slot] = PENDING
+        new_rows[n_new] = j
+        n_new += 1
+    new_rows = new_rows[:n_new]
+    new_times = np.empty(n_new)
+    for i in range(n_new):
+        new_times[i] = first[slots[new_rows[i]]]
+    for j in new_rows[np.argsort(new_times)]:
+        slot = slots[j]
+        count = seen[slot]
         t = first[slot]
         if (
             n_coords < capacity
@@ -374,6 +429,7 @@ def _refresh(
             n_fresh += 1
             slot_coord[slot] = FRESH
         else:
+            slot_coord[slot] = -1
             return n_coords, n_fresh, True
     return n_coords, n_fresh, False
 
