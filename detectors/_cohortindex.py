@@ -37,10 +37,11 @@ The index is derived, never saved: it is rebuilt from the arena when it is
 first used, when the arena, ``window`` or the caller's key (``traffic``'s
 member bar) changes, and when more slots were freed or loaded between two
 batches than :data:`detectors._state.CHANGED_MAX`; otherwise each slot freed,
-loaded or touched by a batch is re-read from the arena. It holds about 60
-bytes per young key (a coordinate's time, slot, count and values, twice over
-for tombstones and growth) plus ``(window + 1) * (values + 1) * 8`` bytes per
-block of at least 64 slots.
+loaded or touched by a batch is re-read from the arena. Per young key it
+holds a coordinate's time, count and values, and ``(window + 1) * (values +
+1) * 8`` bytes per block of at least 64 coordinates, all twice over for
+tombstones and growth (about 170 bytes in ``traffic``, 110 in ``ood``), and
+8 bytes per slot of the arena (:attr:`CohortIndex.nbytes`).
 
 Imports numpy, :mod:`detectors._cohort`, :mod:`detectors._jit` (numba) and
 :mod:`detectors._state` only.
@@ -107,6 +108,21 @@ class CohortIndex:
         self._tree = np.zeros((1, 1, n_values + 1), dtype=np.int64)
         self._fresh = np.zeros(0, dtype=np.int64)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the index holds (its arrays)."""
+        return sum(
+            a.nbytes
+            for a in (
+                self._slot_coord,
+                self._coord_time,
+                self._coord_count,
+                self._coord_values,
+                self._tree,
+                self._fresh,
+            )
+        )
+
     def stale(self) -> None:
         """Forget the index; the next :meth:`update` rebuilds it. For a
         caller that skips a batch's update (its cohort test off)."""
@@ -144,11 +160,18 @@ class CohortIndex:
             return
         # Repeats are harmless: a slot read twice is unchanged the second time.
         slots = np.concatenate([touched, changed]) if len(changed) else touched
-        slots = np.ascontiguousarray(slots, dtype=np.int64)
         if len(seen) > len(self._slot_coord):
             grown = np.full(len(seen), -1, dtype=np.int64)
             grown[: len(self._slot_coord)] = self._slot_coord
             self._slot_coord = grown
+        # Only young or indexed slots matter (a fresh one is read at each
+        # look-up): most of an established service's rows are neither, and
+        # their values are not computed.
+        count = seen[slots]
+        slots = slots[
+            ((count > 0) & (count <= window)) | (self._slot_coord[slots] >= 0)
+        ]
+        slots = np.ascontiguousarray(slots, dtype=np.int64)
         self._n_coords, self._n_fresh, full = _refresh(
             slots,
             seen,

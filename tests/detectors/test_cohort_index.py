@@ -295,3 +295,15 @@ def test_ood_scores_the_same_with_the_index(seed: int) -> None:
             arrival_s=np.asarray(times)[order],
         )
     assert flagged > 0, "the cohorts must speak for the comparison to mean much"
+
+
+def test_the_index_holds_a_bounded_few_bytes_per_young_key() -> None:
+    n_keys = 3000
+    detector = TrafficDetector(seed=0)
+    keys = [f"k{i}" for i in range(n_keys)]
+    detector.score_batch(keys, np.zeros((n_keys, 3)), arrival_s=np.full(n_keys, T0))
+    index = detector._cohort_index
+    assert index is not None and detector._arena is not None
+    slots = len(detector._arena.arrays["n_seen"])
+    # About 170 bytes per young key with the defaults (the module docstring).
+    assert 100 * n_keys < index.nbytes - 8 * slots < 200 * n_keys
