@@ -422,8 +422,8 @@ def _refresh(
             coord_values[at] = 0
             slot_coord[slot] = -1
             at = -1
-        if at == FRESH or at == PENDING or count == 0:
-            # A fresh slot is read from the arena at each look-up.
+        if at < -1 or count == 0:
+            # Fresh (read from the arena at each look-up) or already pending.
             continue
         slot_coord[slot] = PENDING
         new_rows[n_new] = j

@@ -10,9 +10,9 @@ catches and misses, with its measurements) decides which keys ask and
 scores them by the pooled share.
 
 Imports numpy, :mod:`detectors._binomial`, :mod:`detectors._cohort`,
-:mod:`detectors._cohortindex`, :mod:`detectors._oodparams` and
-:mod:`detectors._state` only; nothing from Kafka, Redis, FastAPI or
-``gateway``.
+:mod:`detectors._cohortindex`, :mod:`detectors._jit` (numba),
+:mod:`detectors._oodparams` and :mod:`detectors._state` only; nothing
+from Kafka, Redis, FastAPI or ``gateway``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import numpy.typing as npt
 from detectors._binomial import upper_tail
 from detectors._cohort import Pooled, candidates, pool
 from detectors._cohortindex import CohortIndex
+from detectors._jit import jit
 from detectors._oodparams import OodParams
 from detectors._state import SlotArena
 
@@ -82,10 +83,10 @@ def cohort_evidence(
         window = arena.arrays["outlier"]
 
         def values(some: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-            # A young key's window holds every query it sent.
             out = np.empty((len(some), 2), dtype=np.int64)
-            out[:, 0] = n_seen[some]
-            out[:, 1] = window[some].sum(axis=1)
+            young_counts(
+                np.ascontiguousarray(some, dtype=np.int64), n_seen, window, out
+            )
             return out
 
         kept.update(arena, slots, p.window, values)
@@ -151,3 +152,23 @@ class CohortEvidence:
             np.ones(n),
             *(np.zeros(n, dtype=np.int64) for _ in range(3)),
         )
+
+
+@jit
+def young_counts(
+    slots: npt.NDArray[np.int64],
+    n_seen: npt.NDArray[np.int64],
+    outlier: npt.NDArray[np.uint8],
+    out: npt.NDArray[np.int64],
+) -> None:
+    """Per slot, its query count and its outlier count (its window's sum: a
+    young key's window holds every query it sent) into ``out``; compiled,
+    where a gather of the windows and a numpy sum cost the index's update
+    as much again."""
+    for j in range(len(slots)):
+        slot = slots[j]
+        total = 0
+        for i in range(outlier.shape[1]):
+            total += outlier[slot, i]
+        out[j, 0] = n_seen[slot]
+        out[j, 1] = total

@@ -14,8 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from detectors import OodParams, OutOfDistributionDetector
-from detectors import _cohortindex
+from detectors import OodParams, OutOfDistributionDetector, _cohortindex
 from detectors._cohort import pool
 from detectors._cohortindex import CohortIndex
 from detectors._state import CHANGED_MAX, FieldSpec, SlotArena
