@@ -100,8 +100,11 @@ def test_flat_and_nested_data_give_the_same_array() -> None:
 def test_integer_data_for_a_float_input_is_converted_exactly() -> None:
     array = to_array(_tensor(list(range(64)), [1, 64], "INT32"), PIXELS)
     assert array.dtype == np.float32
-    fp64 = to_array(_tensor([0.5] * 64, [1, 64], "FP64"), PIXELS)
-    assert fp64.dtype == np.float64  # kept; the worker judges the datatype
+    fp64 = to_array(_tensor([0.1] * 64, [1, 64], "FP64"), PIXELS)
+    assert fp64.dtype == np.float32  # rounded to the model's FP32
+    assert fp64[0, 0] == np.float32(0.1)
+    no_model = to_array(_tensor([0.1] * 64, [1, 64], "FP64"), None)
+    assert no_model.dtype == np.float64  # no declared input: kept for the worker
     too_big = to_array(_tensor([2**40 + 1] * 2, [1, 2], "INT64"), PIXELS)
     assert too_big.dtype == np.int64  # not exact in float32
 

@@ -141,6 +141,10 @@ async def test_infer_returns_exactly_the_models_probabilities(
             json={**_body(rows[:1]), "outputs": [{"name": "label"}]},
             headers=bearer(token),
         )
+        # FP64 for the FP32 model is rounded to FP32, as MLServer does.
+        fp64_body = _body(rows)
+        fp64_body["inputs"][0]["datatype"] = "FP64"
+        fp64 = await http.post(INFER, json=fp64_body, headers=bearer(token))
 
     assert flat.status_code == 200, flat.text
     body = flat.json()
@@ -164,6 +168,8 @@ async def test_infer_returns_exactly_the_models_probabilities(
         expected,
     )
     assert [o["name"] for o in only_label.json()["outputs"]] == ["label"]
+    assert fp64.status_code == 200, fp64.text
+    assert fp64.json()["outputs"] == body["outputs"]
     # The same id and body again, after it was served, is a retry: the kept
     # answer, marked as such; the same id for other rows is a duplicate.
     assert again.status_code == 200, again.text
