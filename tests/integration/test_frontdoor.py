@@ -197,6 +197,14 @@ async def test_bad_keys_are_refused_before_kafka(settings: Settings) -> None:
     body = _body(_rows(1))
     async with serving(settings) as url, httpx.AsyncClient(base_url=url) as http:
         _assert_error(await http.post(INFER, json=body), 401, "AUTH_MISSING")
+        # The key before the body: a stranger learns nothing of the schema.
+        not_oip = {"inputs": [{"name": "pixels"}]}
+        _assert_error(await http.post(INFER, json=not_oip), 401, "AUTH_MISSING")
+        _assert_error(
+            await http.post(INFER, json=not_oip, headers=bearer(wrong_secret)),
+            401,
+            "AUTH_BAD_SIGNATURE",
+        )
         malformed = await http.post(INFER, json=body, headers=bearer("not-a-token"))
         _assert_error(malformed, 401, "AUTH_UNKNOWN_KEY")
         _assert_error(
