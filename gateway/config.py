@@ -39,7 +39,13 @@ _TOPIC_PATTERN = r"^[A-Za-z0-9._-]{1,200}$"
 class _Frozen(BaseModel):
     # hide_input_in_errors: a refused value (a Redis URL with a password in
     # it) must not reach logs through the chained ValidationError's text.
-    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+    # allow_inf_nan=False: NaN and infinity are refused as "not a finite
+    # number" before any bound is checked; otherwise NaN failed whichever
+    # bound came first ("should be <= 100") and an unbounded-above float
+    # took infinity.
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", hide_input_in_errors=True, allow_inf_nan=False
+    )
 
 
 class TopicsConfig(_Frozen):
