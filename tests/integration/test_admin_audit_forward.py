@@ -76,8 +76,10 @@ async def test_one_replica_resends_in_order_and_another_takes_over(
         stack.redis_url,
         models_dir,
         admin={"audit_kafka_timeout_s": 0.05, "audit_forward_interval_s": 0.1},
-        # The lease lasts three intervals plus this.
-        kafka={"request_timeout_s": 0.5},
+        # The lease lasts three intervals plus this: long enough that a
+        # loaded machine does not let it lapse between the steps below that
+        # assume it held (0.8 s did, once in a full run).
+        kafka={"request_timeout_s": 3.0},
     )
     redis = redis_from_settings(settings)
     topics = [_StandIn(settings), _StandIn(settings)]
@@ -133,7 +135,7 @@ async def test_one_replica_resends_in_order_and_another_takes_over(
             await second.run_once()
             return topics[1].sent == [newest]
 
-        await _until(resent_by_second, 10, "the other replica never took over")
+        await _until(resent_by_second, 20, "the other replica never took over")
         assert (
             metrics[1].registry.get_sample_value(
                 "modelgate_admin_audit_forwarder_lease"
