@@ -27,7 +27,8 @@ help:
 	@echo "make up       start Kafka and Redis and keep them running"
 	@echo "make down     drop the 'up' hold; they stop when nothing else holds them"
 	@echo "make status   holders and services"
-	@echo "make monitor  start Prometheus on 127.0.0.1:19090 with modelgate's alert rules"
+	@echo "make monitor  start Prometheus (127.0.0.1:19090) with modelgate's alert rules"
+	@echo "              and Alertmanager (127.0.0.1:19095) receiving them"
 	@echo "make lock     regenerate requirements.lock from pyproject.toml"
 	@echo "make clean    remove var/ (jars, data, logs) and caches; keeps .venv"
 
@@ -37,12 +38,14 @@ bootstrap:
 # Fetch the Kafka jars and install redis-server ahead of time, so the first test run
 # does not spend its per-test timeout on downloads inside the pytest fixture. The
 # MLServer venv (remote-backend tests) likewise; it needs uv from bootstrap. Debian's
-# prometheus brings promtool, which checks the alert rules and the dashboard.
+# prometheus brings promtool, which checks the alert rules and the dashboard;
+# prometheus-alertmanager brings amtool, which checks its configuration.
 services:
 	@infra/kafka/kafka.sh install
 	@infra/redis.sh install
 	@infra/mlserver/mlserver.sh install
 	@infra/prometheus.sh install
+	@infra/alertmanager.sh install
 
 demo: bootstrap services kernels
 	$(BIN)/modelgate demo
@@ -78,9 +81,11 @@ down:
 status:
 	@infra/stack.sh status
 
-# Scrapes the metrics listeners the settings (MODELGATE_CONFIG) give each process;
-# infra/prometheus.sh stop ends it (docs/monitoring.md).
+# Scrapes the metrics listeners the settings (MODELGATE_CONFIG) give each process
+# and sends firing alerts to the Alertmanager started first; infra/prometheus.sh
+# stop and infra/alertmanager.sh stop end them (docs/monitoring.md).
 monitor: bootstrap
+	@infra/alertmanager.sh start
 	@infra/prometheus.sh start
 
 lock:
@@ -91,6 +96,7 @@ lock:
 clean:
 	@infra/stack.sh down
 	@infra/prometheus.sh stop
+	@infra/alertmanager.sh stop
 	@if infra/kafka/kafka.sh status >/dev/null || infra/redis.sh status >/dev/null; then \
 		echo "services from this checkout are still held by someone:"; \
 		infra/stack.sh status; \

@@ -2,13 +2,22 @@
 
 A thief spreading one stream over many API keys gives each key too few rows
 to be judged alone, but its keys start within a moment of each other and send
-at one pace. ``ood`` and ``traffic`` pool their counts over such keys, and
-this module finds each asking key's cohort without a scan of every key: the
-young keys are sorted once per batch by row count, then by first request
+at one pace. ``ood``, ``traffic`` and ``margin`` pool their counts over
+such keys, and this module finds each asking key's cohort without a scan of
+every key: the young keys are sorted by row count, then by first request
 time, with running sums of the counts pooled, and each asking key's cohort
 is a few binary searches (:func:`cohort_sums`). ``ood`` pools two counts
 (:func:`pool`); ``traffic`` five, those of every key and those of its keys
-at the ordinary member bar, which its second, lower bar needs.
+at the ordinary member bar, which its second, lower bar needs; ``margin``
+float sums (:func:`float_pool`).
+
+Sorted here, the young keys are sorted on every batch, which costs a batch
+in proportion to the young keys near the asking ones whatever its own rows.
+``ood`` and ``traffic`` therefore keep them across batches in
+:class:`detectors._cohortindex.CohortIndex`, which finds the same members
+by the same tests (:func:`_run`); :func:`pool` and :func:`sorted_young`
+remain their reference (tests, ``tests/detectors/cohort_attack_sim.py``)
+and the index's way with its few fresh keys.
 
 Imports numpy and :mod:`detectors._jit` (numba) only.
 """
@@ -80,13 +89,6 @@ def sorted_young(
         return empty, np.empty(0), np.zeros(window + 2, dtype=np.int64)
     if young is None:
         young = candidates(asking, seen, first, window, window_s)
-    # TODO: this sort runs on every batch with an asking slot, over every
-    # young slot that started near it, however few rows the batch has: one
-    # row over 50,000 keys started in one instant costs 1.7 ms in traffic
-    # and 4.4 ms in ood, so an attacker holding that many young keys and
-    # trickling a row per batch holds a core with about 100 rows per second
-    # (docs/cohort-attacks.md). An index kept sorted across batches, updated
-    # for the slots each batch touches, would make it cost the batch only.
     # By count, then time: a sort by time, then a stable one by count (a
     # radix sort on 16 bits), five times faster than np.lexsort.
     young = young[np.argsort(first[young])]
@@ -274,6 +276,15 @@ def float_pool(
         running sums beyond, so a batch costs a sort of the slots that
         started near the asking ones and a few binary searches per asking
         slot, however large the cohorts.
+
+    Notes
+    -----
+    Unlike ``traffic`` and ``ood``'s look-up this one sorts per batch, so a
+    batch of one row over 50,000 keys started in one instant costs
+    ``margin`` about 3 ms (``docs/cohort-attacks.md``): its members
+    depend on the asking keys' counts (``top``) and its exact small sums on
+    the sorted order, which :class:`detectors._cohortindex.CohortIndex`
+    (integer sums in any order) does not keep.
     """
     n = len(asking)
     out = np.zeros((len(values) + 1, n))

@@ -13,7 +13,9 @@ class PoisoningParams(BaseModel):
     """Parameters of :class:`~detectors.poisoning.PoisoningGuard`; frozen,
     unknown keys refused."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # NaN and infinity are refused as not finite before any bound is
+    # checked, so every parameter gives the same message for them.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     confidence: float = Field(0.9, ge=0.5, lt=1.0)
     """Probability the model must give another class than the label for the

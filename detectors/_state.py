@@ -57,6 +57,10 @@ def describe_layout(fields: Mapping[str, FieldSpec]) -> str:
     )
 
 
+CHANGED_MAX = 4096
+"""Slots :meth:`SlotArena.changed` lists at most between two calls."""
+
+
 class SlotArena:
     """Per-client state as rows of preallocated arrays, one row per client.
 
@@ -83,6 +87,10 @@ class SlotArena:
         self._index: dict[str, int] = {}
         self._free: list[int] = []
         self._high_water = 0
+        # Slots released or loaded since changed() last ran, once watch() ran;
+        # None past CHANGED_MAX (the reader then rebuilds what it derived).
+        self._watched = False
+        self._changed: list[int] | None = []
 
     @property
     def slot_nbytes(self) -> int:
@@ -131,6 +139,7 @@ class SlotArena:
         for array in self.arrays.values():
             array[slot] = 0
         self._free.append(slot)
+        self._note_change(slot)
 
     def dump(self, client_id: str) -> dict[str, bytes] | None:
         slot = self._index.get(client_id)
@@ -156,6 +165,33 @@ class SlotArena:
         (slot,) = self.slots([client_id])
         for name, array in values.items():
             self.arrays[name][slot] = array
+        self._note_change(slot)
+
+    def watch(self) -> None:
+        """Record, from now on, each slot :meth:`release` or :meth:`load`
+        changes, for :meth:`changed`: for an index derived from the arrays
+        (:class:`detectors._cohortindex.CohortIndex`), which sees a batch's
+        own slots but not these."""
+        self._watched = True
+
+    def changed(self) -> IntArray | None:
+        """The slots released or loaded since the last call (repeats
+        possible), or None when more than :data:`CHANGED_MAX` were: the
+        caller then rebuilds from the arrays rather than the list grow
+        with a restore of every client."""
+        changed = self._changed
+        self._changed = []
+        if changed is None:
+            return None
+        return np.asarray(changed, dtype=np.int64)
+
+    def _note_change(self, slot: int) -> None:
+        if not self._watched or self._changed is None:
+            return
+        if len(self._changed) >= CHANGED_MAX:
+            self._changed = None
+        else:
+            self._changed.append(slot)
 
     def _allocate(self) -> int:
         if self._free:

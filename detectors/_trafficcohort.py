@@ -11,12 +11,14 @@ share against honest arrivals' (:func:`detectors._binomial.binomial_z`). The det
 test catches and misses) turns the pooled z into a score.
 
 Imports numpy, :mod:`detectors._binomial`, :mod:`detectors._jit` (numba),
-:mod:`detectors._cohort` and :mod:`detectors._trafficparams` only; nothing
+:mod:`detectors._cohort`, :mod:`detectors._cohortindex`,
+:mod:`detectors._state` and :mod:`detectors._trafficparams` only; nothing
 from Kafka, Redis, FastAPI or ``gateway``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +28,9 @@ import numpy.typing as npt
 
 from detectors._binomial import binomial_z
 from detectors._cohort import cohort_sums, sorted_young
+from detectors._cohortindex import CohortIndex
 from detectors._jit import jit
+from detectors._state import SlotArena
 from detectors._trafficparams import TrafficParams
 
 STRONG_MIN_MATCHES = 2
@@ -41,24 +45,36 @@ def member_bar(p: TrafficParams) -> npt.NDArray[np.int64]:
     binomial z reaches ``member_z`` (``count + 1`` when none does, and
     for no pairs): the same test as
     :func:`~detectors._binomial.binomial_z` per key, as one look-up in the
-    compiled running sums."""
-    counts = np.arange(p.window + 1)
+    compiled running sums. Read-only, and kept for the last few parameter
+    sets: computed per batch it cost 75 µs, 0.15 µs per query of a
+    500-row batch."""
+    return _member_bar(p.window, p.cohort_match_rate, p.member_z)
+
+
+@functools.lru_cache(maxsize=8)
+def _member_bar(
+    window: int, match_rate: float, member_z: float
+) -> npt.NDArray[np.int64]:
+    counts = np.arange(window + 1)
     trials = np.broadcast_to(counts[:, None], (len(counts), len(counts)))
     hits = np.broadcast_to(counts[None, :], trials.shape)
     reach = (
         (hits <= trials)
         & (trials > 0)
-        & (binomial_z(hits, trials, p.cohort_match_rate) >= p.member_z)
+        & (binomial_z(hits, trials, match_rate) >= member_z)
     )
     # z grows with matches at a fixed count, so the first reaching one is
     # the bar; a row with none reaches past every count.
-    return np.where(reach.any(axis=1), reach.argmax(axis=1), counts + 1)
+    bar = np.where(reach.any(axis=1), reach.argmax(axis=1), counts + 1)
+    bar.flags.writeable = False
+    return bar
 
 
 def cohort_evidence(
     arrays: Mapping[str, npt.NDArray[Any]],
     slots: npt.NDArray[np.int64],
     p: TrafficParams,
+    index: tuple[CohortIndex, SlotArena] | None = None,
 ) -> CohortEvidence:
     """Per row: the pooled z of the key's cohort (0 when the key is not a
     young member of a cohort of ``cohort_min_keys`` with
@@ -77,19 +93,25 @@ def cohort_evidence(
     Only young keys whose own z reaches one of the two bars look for a
     cohort, once per key and batch, so rarely for honest keys by design;
     an attacker makes every key of every batch look. Each look therefore
-    costs a few binary searches, not a scan of every key: the young keys
-    are sorted once per batch by request count, then first request
-    time, with running sums of their counts and of their keys' at
-    ``member_z`` (:func:`running_sums`,
-    :func:`detectors._cohort.cohort_sums`). With
-    20,000 young keys and 256 looking keys in a batch this takes about
-    0.4 to 0.6 ms (sorting the young keys most of it; 1.9 ms over
-    100,000) where a scan per look took 20 ms, against 0.1 to 0.5 ms
-    for the rest of the detector's batch.
+    costs a few binary searches, not a scan of every key: ``index`` (the
+    detector's :class:`detectors._cohortindex.CohortIndex` and its arena)
+    keeps the young keys by first request time across batches, with sums
+    per request count of their counts and of their keys' at ``member_z``
+    (:func:`member_values`), and re-reads only the batch's keys. Without
+    ``index`` the young keys near the asking ones are sorted once per
+    batch by request count, then first request time, with running sums
+    (:func:`running_sums`, :func:`detectors._cohort.cohort_sums`): the
+    same result, kept as the reference the index is tested and measured
+    against, at a cost that grows with those keys (about 0.4 to 0.6 ms
+    with 20,000 young keys and 256 looking ones, 1.7 ms for a batch of
+    one row over 50,000 keys started in one instant).
     """
     n = len(slots)
     found = CohortEvidence.empty(n)
     if p.cohort_window_s <= 0.0:
+        if index is not None:
+            # Not kept while off: rebuilt when the test is back on.
+            index[0].stale()
         return found
     seen = arrays["n_seen"]
     pairs, matches = arrays["pairs"], arrays["matches"]
@@ -102,24 +124,34 @@ def cohort_evidence(
     )
     asking = np.unique(slots[ask])
     first = arrays["first_s"]
-    young, young_first, bounds = sorted_young(
-        asking, seen, first, p.window, p.cohort_window_s
-    )
-    # Running sums over them in that order (see running_sums).
-    sums = np.empty((5, len(young) + 1), dtype=np.int64)
-    running_sums(young, pairs, matches, member_bar(p), sums)
-    cohort = np.empty((6, len(asking)), dtype=np.int64)
-    cohort_sums(
-        asking,
-        seen,
-        first,
-        young_first,
-        bounds,
-        sums,
-        p.cohort_pace_share,
-        p.cohort_window_s,
-        cohort,
-    )
+    bar = member_bar(p)
+    if index is not None:
+        kept, arena = index
+
+        def values(some: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+            return member_values(some, pairs, matches, bar)
+
+        kept.update(arena, slots, p.window, values, bar)
+        cohort = kept.pool(asking, p.cohort_pace_share, p.cohort_window_s, values)
+    else:
+        young, young_first, bounds = sorted_young(
+            asking, seen, first, p.window, p.cohort_window_s
+        )
+        # Running sums over them in that order (see running_sums).
+        sums = np.empty((5, len(young) + 1), dtype=np.int64)
+        running_sums(young, pairs, matches, bar, sums)
+        cohort = np.empty((6, len(asking)), dtype=np.int64)
+        cohort_sums(
+            asking,
+            seen,
+            first,
+            young_first,
+            bounds,
+            sums,
+            p.cohort_pace_share,
+            p.cohort_window_s,
+            cohort,
+        )
     keys, total, hits, member_keys, member_total, member_hits = cohort
     pooled_z = np.maximum(binomial_z(hits, total, rate), 0.0)
     member_z = binomial_z(member_hits, member_total, rate)
@@ -159,6 +191,45 @@ def cohort_evidence(
     found.member_keys[rows] = member_keys[at]
     found.member_z[rows] = member_z[at]
     return found
+
+
+def member_values(
+    slots: npt.NDArray[np.int64],
+    pairs: npt.NDArray[np.int64],
+    matches: npt.NDArray[np.int64],
+    bar: npt.NDArray[np.int64],
+) -> npt.NDArray[np.int64]:
+    """Per slot, the five values :func:`running_sums` sums (pairs, matches,
+    whether the key is at ``member_z``, and its pairs and matches if so),
+    shape ``(len(slots), 5)``: what the index keeps per young key."""
+    out = np.empty((len(slots), 5), dtype=np.int64)
+    # Compiled: as ten numpy calls it cost 30 µs a batch, as much as the
+    # rest of the index's update.
+    _member_values(
+        np.ascontiguousarray(slots, dtype=np.int64), pairs, matches, bar, out
+    )
+    return out
+
+
+@jit
+def _member_values(
+    slots: npt.NDArray[np.int64],
+    pairs: npt.NDArray[np.int64],
+    matches: npt.NDArray[np.int64],
+    bar: npt.NDArray[np.int64],
+    out: npt.NDArray[np.int64],
+) -> None:
+    """:func:`member_values` into ``out``, by the test of
+    :func:`running_sums`."""
+    for j in range(len(slots)):
+        n_pairs = pairs[slots[j]]
+        n_hits = matches[slots[j]]
+        member = 0 < n_pairs < len(bar) and n_hits >= bar[n_pairs]
+        out[j, 0] = n_pairs
+        out[j, 1] = n_hits
+        out[j, 2] = 1 if member else 0
+        out[j, 3] = n_pairs if member else 0
+        out[j, 4] = n_hits if member else 0
 
 
 @jit

@@ -64,7 +64,9 @@ class DetectorParams(BaseModel):
     subclasses set its default and bounds.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # NaN and infinity are refused as not finite before any bound is
+    # checked, so every parameter gives the same message for them.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     threshold: float = Field(0.5, gt=0.0)
     """Score at or above which a warm client is flagged."""

@@ -35,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from detectors._binomial import upper_tail
+from detectors._cohortindex import CohortIndex
 from detectors._hst import HalfSpaceForest
 from detectors._oodcohort import cohort_evidence
 from detectors._oodparams import OodParams as OodParams
@@ -301,6 +302,10 @@ class OutOfDistributionDetector(Detector[OodParams]):
         self.last_outliers: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)
         # And the share of outliers in its client's window after it.
         self.last_window_share: npt.NDArray[np.float64] = np.zeros(0)
+        # Young keys kept across batches for the cohort look-up; None sums
+        # and sorts them per batch instead (the reference tests and the
+        # benchmark compare it with).
+        self._cohort_index: CohortIndex | None = CohortIndex(2)
 
     @property
     def honest_rate(self) -> float:
@@ -636,7 +641,15 @@ class OutOfDistributionDetector(Detector[OodParams]):
                 & (off_rows + wide_rows >= params.cohort_min_own)
                 & (tail <= params.cohort_member_tail)
             )
-            cohort = cohort_evidence(arrays, slots, member, float(rate[0]), params)
+            index = self._cohort_index
+            cohort = cohort_evidence(
+                arrays,
+                slots,
+                member,
+                float(rate[0]),
+                params,
+                None if index is None else (index, self._arena),
+            )
 
             def evidence(row: int) -> str:
                 if from_run[row]:
@@ -707,6 +720,9 @@ class OutOfDistributionDetector(Detector[OodParams]):
             from_cohort &= ~from_run
             share = np.where(from_run, run_share, share)
             return self._scores(share, warm, evidence)
+        if self._cohort_index is not None:
+            # This batch's keys were not re-read: rebuilt once judged.
+            self._cohort_index.stale()
         cold = [
             "no baseline of normal traffic yet (learn_baseline has not "
             "completed a window), so no query is judged"

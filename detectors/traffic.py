@@ -60,6 +60,7 @@ import numpy as np
 import numpy.typing as npt
 
 from detectors._binomial import binomial_z
+from detectors._cohortindex import CohortIndex
 from detectors._state import (
     FieldSpec,
     check_counters,
@@ -297,6 +298,10 @@ class TrafficDetector(Detector[TrafficParams]):
         self._mean = np.zeros(len(FEATURES))
         self._m2 = np.zeros(len(FEATURES))
         self._learned = 0
+        # Young keys kept across batches for the cohort look-up; None sorts
+        # them per batch instead (the reference tests and the benchmark
+        # compare it with).
+        self._cohort_index: CohortIndex | None = CohortIndex(5)
 
     @property
     def baseline_size(self) -> int:
@@ -684,4 +689,7 @@ class TrafficDetector(Detector[TrafficParams]):
         """Per row: the pooled z of the key's cohort and the counts behind it
         (:func:`detectors._trafficcohort.cohort_evidence`)."""
         assert self._arena is not None
-        return cohort_evidence(self._arena.arrays, slots, self._params)
+        index = (
+            None if self._cohort_index is None else (self._cohort_index, self._arena)
+        )
+        return cohort_evidence(self._arena.arrays, slots, self._params, index)

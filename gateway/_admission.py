@@ -77,6 +77,13 @@ class AdmitItem:
         The key's own overrides of that plan (``ApiKey.limit_overrides``):
         canonical JSON of some :class:`~gateway.config.PlanConfig` fields,
         or ``""`` for none.
+    sent_us
+        When the request reached Kafka by the broker's clock (epoch us), or
+        None. The rate windows judge the request at that instant, not when
+        a worker gets to it, so that requests queued while no worker ran
+        (a restart, a Redis pause) are not refused for arriving together.
+        Clamped to ``[now - auth.replay_window_s, now]``. Only a broker's
+        timestamp may be passed: a producer's is the client's to choose.
     """
 
     client_id: str
@@ -87,9 +94,14 @@ class AdmitItem:
     cost: int = 1
     plan: str = "default"
     overrides: str = ""
+    sent_us: float | None = None
 
     def __post_init__(self) -> None:
         check_client_id(self.client_id)
+        if self.sent_us is not None and not (
+            self.sent_us > 0 and math.isfinite(self.sent_us)
+        ):
+            raise ValueError("sent_us must be positive and finite")
         if (self.rate_per_s is None) != (self.burst is None):
             raise ValueError("give both rate_per_s and burst, or neither")
         if self.rate_per_s is not None and not (
@@ -165,7 +177,12 @@ class GcraDecision:
 
 
 def gcra(
-    tat_us: float | None, now_us: float, rate_per_s: float, burst: int, cost: int = 1
+    tat_us: float | None,
+    now_us: float,
+    rate_per_s: float,
+    burst: int,
+    cost: int = 1,
+    at_us: float | None = None,
 ) -> GcraDecision:
     """The GCRA step ``admit.lua`` performs, in Python, as a reference.
 
@@ -174,6 +191,11 @@ def gcra(
     ``now >= max(TAT, now) + T * cost - T * burst`` (for ``cost`` 1:
     ``now >= TAT - tau``); then ``TAT = max(TAT, now) + T * cost``. A refusal
     leaves the TAT alone and waits ``TAT - tau - now`` (cost 1).
+
+    ``at_us`` (at most ``now_us``) judges the request at that earlier
+    instant instead, when it was sent (see :class:`AdmitItem`'s
+    ``sent_us``); the wait of a refusal still counts from ``now_us``, and
+    is at least 1 us.
 
     Examples
     --------
@@ -184,12 +206,13 @@ def gcra(
     100000.0
     """
     interval = 1e6 / rate_per_s
-    base = now_us if tat_us is None else max(tat_us, now_us)
+    at = now_us if at_us is None else min(at_us, now_us)
+    base = at if tat_us is None else max(tat_us, at)
     new_tat = base + interval * cost
     allow_at = new_tat - interval * burst
-    if now_us < allow_at:
-        unchanged = now_us if tat_us is None else tat_us
-        return GcraDecision(False, unchanged, allow_at - now_us)
+    if at < allow_at:
+        unchanged = at if tat_us is None else tat_us
+        return GcraDecision(False, unchanged, max(allow_at - now_us, 1.0))
     return GcraDecision(True, new_tat, 0.0)
 
 

@@ -4,7 +4,10 @@ incident tool or a chat webhook (docs/alerts.md, "Forwarding alerts").
 ``modelgate alerts-forward --url URL`` reads the alerts topic in a consumer
 group of its own and POSTs each alert in CloudEvents' structured HTTP mode
 (``Content-Type: application/cloudevents+json``, the event as the body), in
-the topic's order within each partition. Offsets are committed only for
+the topic's order within each partition; with ``--batch-max N`` (N > 1),
+up to N alerts of one fetch in one POST in CloudEvents' batched mode
+(``application/cloudevents-batch+json``, a JSON array of events), with no
+waiting for a batch to fill. Offsets are committed only for
 alerts already settled (delivered, or refused for good), so a forwarder
 stopped or killed mid-way resumes where it left off: every alert arrives at
 least once. Copies a worker produced again (same ``id``) are forwarded once
@@ -16,13 +19,19 @@ How an answer settles an alert:
 - 400, 409, 413, 415 or 422: the receiver refuses this event as it is, and
   sending it again would not change that. Logged at ERROR with the alert's
   id and the status, counted, and passed over, so one event the receiver
-  cannot take does not hold every later alert.
+  cannot take does not hold every later alert. A refused batch is sent
+  again one event at a time, so only the event refused alone is passed over.
 - anything else (401 and 403 too: a credential is wrong, not the event),
   a timeout or a connection failure: retried with a doubling back-off
   (``Retry-After`` honoured, up to ``max_backoff_s``) until delivered or the
   process stops. The partition waits rather than lose an alert.
 
-Imports aiokafka, httpx and the gateway's alerts and config modules.
+The process serves Prometheus metrics on ``forward.metrics_port`` (9468):
+how alerts settled, retries, the last delivery's time, what is pending and
+the back-off (``gateway.metrics.ForwarderMetrics``); the rule
+ModelgateForwarderStuck fires when alerts wait and none is delivered.
+
+Imports aiokafka, httpx and the gateway's alerts, config and metrics modules.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -48,12 +58,18 @@ from gateway.cli_common import (
     stop_on_signals,
 )
 from gateway.config import Settings
+from gateway.errors import ConfigError
+from gateway.metrics import ForwarderMetrics
 
 logger = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/cloudevents+json"
+# CloudEvents' batched HTTP mode: a JSON array of structured-mode events.
+BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 # Statuses that refuse the event itself (RFC 9110): resending it is useless.
 REFUSED_STATUSES = frozenset({400, 409, 413, 415, 422})
+# Longest wait for an idle partition's position, for its lag gauge only.
+_POSITION_WAIT_S = 1.0
 # Read from the environment, not the command line, where `ps` would show it.
 AUTHORIZATION_ENV = "MODELGATE_FORWARD_AUTHORIZATION"
 # The policy's actions an alert can name (gateway.policy).
@@ -79,6 +95,9 @@ class ForwardOptions:
     timeout_s: float = 10.0
     first_backoff_s: float = 0.5
     max_backoff_s: float = 60.0
+    # 1: one structured-mode POST per alert. More: up to this many alerts in
+    # one batched-mode POST (BATCH_CONTENT_TYPE), even a batch of one.
+    batch_max: int = 1
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -94,6 +113,8 @@ class ForwardOptions:
             raise ValueError(f"unknown action {', '.join(unknown)}; one of {known}")
         if not 0 < self.first_backoff_s <= self.max_backoff_s:
             raise ValueError("back-off: 0 < first_backoff_s <= max_backoff_s")
+        if not 1 <= self.batch_max <= 1000:
+            raise ValueError("--batch-max must be between 1 and 1000")
 
 
 @dataclass
@@ -132,8 +153,10 @@ def retry_after_s(value: str | None) -> float | None:
 class AlertForwarder:
     """One forwarder process: consume, deliver, commit.
 
-    ``client`` and ``sleep`` are for tests (an in-memory transport, a
-    clock that does not wait).
+    ``metrics`` is where counters and gauges go (a fresh registry if
+    None; the caller serves it). ``client``, ``sleep`` and ``clock`` are
+    for tests (an in-memory transport, a wait that does not wait, the time
+    of a delivery).
     """
 
     def __init__(
@@ -143,6 +166,8 @@ class AlertForwarder:
         *,
         client: httpx.AsyncClient | None = None,
         sleep: Callable[[float], Any] | None = None,
+        metrics: ForwarderMetrics | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
         self._options = options
@@ -156,7 +181,19 @@ class AlertForwarder:
         self._sleep = sleep
         self._seen = SeenAlerts()
         self.stats = ForwardStats()
+        self.metrics = metrics or ForwarderMetrics()
+        self._clock = clock
         self._endpoint = endpoint_label(options.url)
+        # Next offset to settle per partition, and the partitions whose lag
+        # is exported (a revoked one's series is removed, not left frozen).
+        self._next: dict[Any, int] = {}
+        self._lag_partitions: set[Any] = set()
+
+    def _count(self, outcome: str) -> None:
+        """One record settled as ``outcome`` (a FORWARD_OUTCOMES value)."""
+        field_name = {"duplicate": "duplicates"}.get(outcome, outcome)
+        setattr(self.stats, field_name, getattr(self.stats, field_name) + 1)
+        self.metrics.alerts.labels(outcome).inc()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Forward until ``stop`` is set; what was settled is committed."""
@@ -182,12 +219,10 @@ class AlertForwarder:
         try:
             while not stop.is_set():
                 batch = await consumer.getmany(timeout_ms=500, max_records=200)
+                await self._export_lag(consumer, batch)
+                self.metrics.pending.set(sum(map(len, batch.values())))
                 for tp, records in batch.items():
-                    settled = None
-                    for record in records:
-                        if not await self._settle(record.value, stop):
-                            break
-                        settled = record.offset
+                    settled = await self._settle_records(consumer, tp, records, stop)
                     if settled is not None:
                         await self._commit(consumer, tp, settled)
                     if stop.is_set():
@@ -200,6 +235,45 @@ class AlertForwarder:
                 "alert forwarder stopped",
                 extra={"endpoint": self._endpoint, **vars(self.stats)},
             )
+
+    async def _export_lag(self, consumer: Any, batch: Mapping[Any, Any]) -> None:
+        """Set each assigned partition's lag: alerts up to its high watermark
+        not yet settled (a fetched batch counts until settled)."""
+        from aiokafka.errors import KafkaError
+
+        assigned = set(consumer.assignment())
+        for tp in self._lag_partitions - assigned:
+            self.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
+            self._next.pop(tp, None)
+        self._lag_partitions &= assigned
+        for tp in assigned:
+            records = batch.get(tp)
+            if records:
+                self._next[tp] = records[0].offset
+            elif tp not in self._next:
+                # Where the group's committed offset (or the reset) put us;
+                # aiokafka's fetcher sets it on its own, position() only waits
+                # for that. Only for the gauge, so the wait is short: alerts
+                # must not wait on it. A partition revoked meanwhile, or a
+                # position not known yet, leaves the gauge unset until the
+                # next batch.
+                try:
+                    self._next[tp] = await asyncio.wait_for(
+                        consumer.position(tp), _POSITION_WAIT_S
+                    )
+                except (KafkaError, TimeoutError):  # IllegalStateError is one
+                    continue
+            self._advance(consumer, tp, self._next[tp])
+
+    def _advance(self, consumer: Any, tp: Any, next_offset: int) -> None:
+        self._next[tp] = next_offset
+        highwater = consumer.highwater(tp)
+        if highwater is None:  # no fetch answered for it yet
+            return
+        self._lag_partitions.add(tp)
+        self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
+            max(highwater - next_offset, 0)
+        )
 
     async def _commit(self, consumer: Any, tp: Any, offset: int) -> None:
         from aiokafka.errors import CommitFailedError, KafkaError
@@ -215,9 +289,51 @@ class AlertForwarder:
                 extra={"partition": tp.partition, "offset": offset, "error": repr(exc)},
             )
 
+    async def _settle_records(
+        self, consumer: Any, tp: Any, records: list[Any], stop: asyncio.Event
+    ) -> int | None:
+        """Settle one partition's records in order, up to ``batch_max``
+        alerts per POST; the offset of the last one settled (None: none).
+
+        A record passed over (unreadable, filtered, a copy) behind alerts
+        still to be sent settles with them: offsets are committed in order
+        only, so it waits for the POST as they do."""
+        settled: int | None = None
+        group: list[dict[str, Any]] = []
+        span = 0  # records since the last settled one, group's included
+
+        async def flush(last: int) -> bool:
+            nonlocal settled, group, span
+            if group and not await self._deliver(group, stop):
+                return False
+            settled, group = last, []
+            self.metrics.pending.dec(span)
+            span = 0
+            self._advance(consumer, tp, last + 1)
+            return True
+
+        for record in records:
+            event = self._accept(record.value)
+            span += 1
+            if event is not None:
+                group.append(event)
+            if group and len(group) < self._options.batch_max:
+                continue  # room for more: this fetch's later alerts join it
+            if not await flush(record.offset):
+                return settled
+        if span:
+            await flush(records[-1].offset)
+        return settled
+
     async def _settle(self, value: bytes | None, stop: asyncio.Event) -> bool:
         """Deliver, refuse or pass over one record; False only when ``stop``
         came before it was settled (it is then not committed)."""
+        event = self._accept(value)
+        return event is None or await self._deliver([event], stop)
+
+    def _accept(self, value: bytes | None) -> dict[str, Any] | None:
+        """The alert of a record, to be delivered; None for one passed over
+        (unreadable, an action not forwarded, a copy), counted as such."""
         try:
             event = json.loads(value or b"")
         except (ValueError, RecursionError):
@@ -225,31 +341,41 @@ class AlertForwarder:
             # passed over like any record that is not an alert.
             event = None
         if not isinstance(event, dict):
-            self.stats.unreadable += 1
+            self._count("unreadable")
             logger.error(
                 "unreadable alert record passed over",
                 extra={"endpoint": self._endpoint},
             )
-            return True
-        raw = event.get("data")
-        data: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
+            return None
+        data = _data(event)
         if self._options.actions and data.get("action") not in self._options.actions:
-            self.stats.filtered += 1
-            return True
+            self._count("filtered")
+            return None
         if not self._seen.first(event):
-            self.stats.duplicates += 1
-            return True
-        return await self._deliver(event, data, stop)
+            self._count("duplicate")
+            return None
+        return event
 
-    async def _deliver(
-        self, event: dict[str, Any], data: Mapping[str, Any], stop: asyncio.Event
-    ) -> bool:
-        body = json.dumps(event).encode()
-        headers = {**self._options.headers, "content-type": CONTENT_TYPE}
+    async def _deliver(self, events: list[dict[str, Any]], stop: asyncio.Event) -> bool:
+        """POST ``events`` (one structured-mode event, or a batch) until
+        delivered or refused; False when ``stop`` came first.
+
+        A batch the receiver refuses is sent again one event at a time, so
+        that only the event it cannot take is passed over."""
+        if self._options.batch_max == 1:
+            (event,) = events
+            body = json.dumps(event).encode()
+            content_type = CONTENT_TYPE
+        else:
+            body = json.dumps(events).encode()
+            content_type = BATCH_CONTENT_TYPE
+        headers = {**self._options.headers, "content-type": content_type}
+        first = _data(events[0])
         fields = {
-            "alert_id": event.get("id"),
-            "client": data.get("client_id"),
-            "detector": data.get("detector"),
+            "alert_id": events[0].get("id"),
+            "alerts": len(events),
+            "client": first.get("client_id"),
+            "detector": first.get("detector"),
             "endpoint": self._endpoint,
         }
         backoff = self._options.first_backoff_s
@@ -273,29 +399,48 @@ class AlertForwarder:
                 status, retry_after = post.result()
             except (httpx.HTTPError, TimeoutError) as exc:
                 reason = type(exc).__name__
+                timed_out = isinstance(exc, TimeoutError | httpx.TimeoutException)
+                cause = "timeout" if timed_out else "transport"
             else:
                 if 200 <= status < 300:
-                    self.stats.delivered += 1
+                    for _ in events:
+                        self._count("delivered")
+                    self.metrics.last_success.set(self._clock())
+                    return True
+                if status in REFUSED_STATUSES and len(events) > 1:
+                    logger.warning(
+                        "alert batch refused, sending its alerts one by one",
+                        extra={**fields, "status": status},
+                    )
+                    for event in events:
+                        if not await self._deliver([event], stop):
+                            return False
                     return True
                 if status in REFUSED_STATUSES:
-                    self.stats.refused += 1
+                    self._count("refused")
                     logger.error(
                         "alert refused by the receiver, passed over",
                         extra={**fields, "status": status},
                     )
                     return True
                 reason = f"HTTP {status}"
+                cause = "status"
                 wait = retry_after_s(retry_after)
             delay = min(
                 wait if wait is not None else backoff, self._options.max_backoff_s
             )
             self.stats.retries += 1
+            self.metrics.retries.labels(cause).inc()
             logger.warning(
                 "alert not delivered, retrying",
                 extra={**fields, "reason": reason, "delay_s": delay},
             )
-            if await self._wait(delay, stop):
-                return False
+            self.metrics.backoff_seconds.set(delay)
+            try:
+                if await self._wait(delay, stop):
+                    return False
+            finally:
+                self.metrics.backoff_seconds.set(0)
             backoff = min(backoff * 2, self._options.max_backoff_s)
 
     async def _post(
@@ -320,6 +465,11 @@ class AlertForwarder:
         except TimeoutError:
             return False
         return True
+
+
+def _data(event: Mapping[str, Any]) -> Mapping[str, Any]:
+    raw = event.get("data")
+    return raw if isinstance(raw, dict) else {}
 
 
 def _headers(values: list[str]) -> dict[str, str]:
@@ -376,6 +526,17 @@ def register(app: typer.Typer) -> None:
             float,
             typer.Option(min=0.1, max=300.0, help="Timeout of one POST, as a whole."),
         ] = 10.0,
+        batch_max: Annotated[
+            int,
+            typer.Option(
+                min=1,
+                max=1000,
+                help=(
+                    "Up to this many alerts per POST, as a CloudEvents batch "
+                    f"({BATCH_CONTENT_TYPE}); 1 (default) posts each alone."
+                ),
+            ),
+        ] = 1,
         config: ConfigOption = None,
         log_level: LogLevel = "INFO",
     ) -> None:
@@ -391,18 +552,29 @@ def register(app: typer.Typer) -> None:
                 actions=frozenset(action or ()),
                 from_beginning=from_beginning,
                 timeout_s=timeout_s,
+                batch_max=batch_max,
             )
         except ValueError as exc:
             typer.echo(f"error [CONFIG_INVALID]: {exc}", err=True)
             raise typer.Exit(2) from exc
 
+        metrics = ForwarderMetrics()
+        try:
+            metrics.serve(settings.forward.metrics_host, settings.forward.metrics_port)
+        except ConfigError as exc:
+            typer.echo(f"error [{exc.code}]: {exc}", err=True)
+            raise typer.Exit(2) from exc
+
         async def main() -> ForwardStats:
             stop = stop_on_signals()
-            forwarder = AlertForwarder(settings, options)
+            forwarder = AlertForwarder(settings, options, metrics=metrics)
             await forwarder.run(stop)
             return forwarder.stats
 
-        stats = asyncio.run(main())
+        try:
+            stats = asyncio.run(main())
+        finally:
+            metrics.close()
         typer.echo(
             f"forwarded {stats.delivered}, refused {stats.refused}, "
             f"duplicates {stats.duplicates}, filtered {stats.filtered}, "

@@ -40,6 +40,8 @@ _DEADLETTER_CODES = frozenset(
 
 
 _MAX_MESSAGE_CHARS = 500
+# Kafka's timestamp type of a record whose timestamp the broker set.
+_LOG_APPEND_TIME = 1
 # A dead letter keeps the head of the original value, its length and digest:
 # enough to diagnose it, never enough to exceed Kafka's 1 MiB record limit
 # (which would stall the partition on the dead-letter produce itself).
@@ -93,6 +95,11 @@ class BatchItem:
     # When the request reached Kafka (the record's timestamp, wall clock,
     # seconds); 0.0 when unknown. The traffic detector reads it.
     arrived_s: float = 0.0
+    # True when the broker set that timestamp (a LogAppendTime topic, as
+    # gateway.topics creates the request topic): only then may admission
+    # judge the rate at it, since a producer's own timestamp is the client's
+    # to choose.
+    stamped_by_broker: bool = False
 
     @property
     def client_id(self) -> str | None:
@@ -150,6 +157,9 @@ def decode_record(topic: str, partition: int, record: Any, max_bytes: int) -> Ba
     timestamp_ms = getattr(record, "timestamp", None)
     if isinstance(timestamp_ms, int) and timestamp_ms > 0:
         item.arrived_s = timestamp_ms / 1000.0
+        item.stamped_by_broker = (
+            getattr(record, "timestamp_type", None) == _LOG_APPEND_TIME
+        )
     if len(value) > max_bytes:
         item.fail(
             ValidationError(
@@ -157,6 +167,11 @@ def decode_record(topic: str, partition: int, record: Any, max_bytes: int) -> Ba
                 code="PAYLOAD_TOO_LARGE",
             )
         )
+        # Its sender is still waiting: read the reply fields, as for any
+        # invalid request. The value is already in memory and no larger than
+        # a fetch (the consumer's max_partition_fetch_bytes), so this parse
+        # is bounded; the request itself is never decoded.
+        item.envelope = protocol.decode_envelope(value)
         return item
     if signatures > 1:
         # Refused before the key is looked up: which signature counts would

@@ -304,10 +304,24 @@ def send(
         rows = held_out[sample : sample + 1]
     else:
         try:
-            rows = np.asarray(json.loads(data or ""), dtype=np.float32).reshape(1, -1)
+            # Overflow to infinity is refused below; numpy's warning would
+            # only repeat it.
+            with np.errstate(over="ignore"):
+                values = np.asarray(json.loads(data or ""), dtype=np.float32)
+            rows = values.reshape(1, -1)
         except (ValueError, TypeError) as exc:
             typer.echo(f"error: --data is not a JSON list of numbers: {exc}", err=True)
             raise typer.Exit(2) from exc
+        if not np.isfinite(rows).all():
+            # Python's json reads NaN and Infinity, and 1e39 is infinite as
+            # FP32, but a request cannot carry them: they would go as null
+            # and come back SCHEMA_INVALID.
+            typer.echo(
+                "error: --data holds NaN or infinity (or a value beyond FP32), "
+                "which a request cannot carry",
+                err=True,
+            )
+            raise typer.Exit(2)
     key_id, secret = token_or_exit(settings, token)
     if client_id is None:
         client_id = _run(_client_of(settings, key_id))

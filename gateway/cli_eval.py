@@ -43,7 +43,7 @@ def evaluate(
         str | None,
         typer.Option(
             help="Comma-separated attacks (equation, random, knockoff, active, "
-            "papernot, hopskipjump, boundary, onepixel); default: all."
+            "papernot, hopskipjump, boundary, onepixel, square, nes); default: all."
         ),
     ] = None,
     budget: Annotated[

@@ -39,7 +39,13 @@ _TOPIC_PATTERN = r"^[A-Za-z0-9._-]{1,200}$"
 class _Frozen(BaseModel):
     # hide_input_in_errors: a refused value (a Redis URL with a password in
     # it) must not reach logs through the chained ValidationError's text.
-    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+    # allow_inf_nan=False: NaN and infinity are refused as "not a finite
+    # number" before any bound is checked; otherwise NaN failed whichever
+    # bound came first ("should be <= 100") and an unbounded-above float
+    # took infinity.
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", hide_input_in_errors=True, allow_inf_nan=False
+    )
 
 
 class TopicsConfig(_Frozen):
@@ -543,6 +549,11 @@ class AdminConfig(_Frozen):
     # (the entry is in the Redis stream; the miss is logged at ERROR and
     # counted). See docs/admin.md, "Audit".
     audit_kafka_timeout_s: float = Field(2.0, gt=0, le=60)
+    # HMAC-SHA256 key of the audit entries' chain (docs/admin.md, "Tamper
+    # evidence"); unset: entries are hash-chained but not signed.
+    audit_key: SecretStr | None = Field(None, min_length=16)
+    # How often the admin API re-sends audit entries that missed the topic.
+    audit_forward_interval_s: float = Field(2.0, gt=0, le=3600)
     # Client view written by the workers.
     clients_top_max: int = Field(10_000, ge=10, le=1_000_000)
     client_history_max: int = Field(200, ge=1, le=100_000)
@@ -556,6 +567,10 @@ class AdminConfig(_Frozen):
     # believed (docs/admin.md, "Behind a proxy"). Empty: the header is
     # ignored and the source is the peer's address, whoever sends it.
     trusted_proxies: list[str] = Field(default_factory=list, max_length=256)
+    # Request bodies above this get 413 before they are read whole: the
+    # login route takes bodies from anyone. The largest a legitimate call
+    # sends is a whole configuration document (PUT /config), a few KiB.
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -639,6 +654,44 @@ class FeedbackConfig(_Frozen):
     metrics_host: str = "127.0.0.1"
 
 
+class ForwardConfig(_Frozen):
+    """The alert forwarder (``modelgate alerts-forward``, docs/alerts.md)."""
+
+    # Prometheus /metrics of the forwarder; after the guard's 9467, so all
+    # five kinds of process can run on one host. 0 turns it off, as
+    # ``worker.metrics_port``.
+    metrics_port: int = Field(9468, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+
+
+class MonitoringConfig(_Frozen):
+    """Where Alertmanager sends notifications (infra/alertmanager.sh,
+    ``modelgate monitoring alertmanager-config``, docs/monitoring.md).
+
+    ``webhook_url``: Alertmanager POSTs each notification there (its webhook
+    format, not CloudEvents); None (the default) sends none, and alerts are
+    only shown by Alertmanager itself. A SecretStr: chat and incident
+    webhooks carry their credential in the URL.
+    """
+
+    webhook_url: SecretStr | None = None
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        parts = urlsplit(value.get_secret_value())
+        try:
+            parts.port  # noqa: B018 - raises on a port out of range
+        except ValueError:
+            raise ValueError("webhook_url has an invalid port") from None
+        # The URL itself stays out of the message: it may hold the secret.
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("webhook_url must be an http or https URL")
+        return value
+
+
 def _default_instance_id() -> str:
     """Host name and pid, reduced to what a topic name allows: every process
     loads this section, so the default must validate on any host."""
@@ -711,6 +764,8 @@ class Settings(BaseSettings):
     admin: AdminConfig = AdminConfig()
     cross_client: CrossClientConfig = CrossClientConfig()
     feedback: FeedbackConfig = FeedbackConfig()
+    forward: ForwardConfig = ForwardConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
 
     @classmethod
     def settings_customise_sources(

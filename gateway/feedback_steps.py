@@ -99,6 +99,11 @@ def decode(tp: TopicPartition, record: Any, max_bytes: int) -> FeedbackItem:
                 code="PAYLOAD_TOO_LARGE",
             )
         )
+        # Its sender reads the rejected topic by feedback id, as a request's
+        # sender waits on its request id (``gateway.batch``): read the ids.
+        # The value is already in memory and no larger than a fetch, so the
+        # parse is bounded; the record itself is never decoded.
+        item.envelope = decode_envelope(value)
         return item
     if signatures > 1:
         # Refused before the key is looked up: which signature counts would

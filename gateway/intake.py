@@ -247,6 +247,7 @@ def admit_item(item: BatchItem) -> AdmitItem:
         cost=1,
         plan=item.key.plan,
         overrides=item.key.limit_overrides,
+        sent_us=item.arrived_s * 1e6 if item.stamped_by_broker else None,
     )
 
 

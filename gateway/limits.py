@@ -56,6 +56,9 @@ _DAY_S = 86_400
 # entries the rested ones are dropped, so an outage with many clients cannot
 # grow a worker's memory without bound.
 _MAX_LOCAL_ENTRIES = 100_000
+# How far back a request's sending time may be judged without Redis: the
+# default auth.max_clock_skew_s, past which its signature is refused as old.
+_BACKLOG_S = 300.0
 
 
 class LocalLimiter:
@@ -83,6 +86,11 @@ class LocalLimiter:
         """Judge ``item`` against ``plan`` with local state only."""
         now_s = self._clock_s()
         now_us = now_s * 1e6
+        # Judged when sent, as admit.lua judges (AdmitItem.sent_us), within
+        # the longest backlog a signature's age lets through.
+        at_us = now_us
+        if item.sent_us is not None:
+            at_us = min(max(item.sent_us, now_us - _BACKLOG_S * 1e6), now_us)
         client = item.client_id
         rules = plan.plan.rules
 
@@ -98,6 +106,7 @@ class LocalLimiter:
                 rate_per_s,
                 burst,
                 min(item.cost, burst),
+                at_us=at_us,
             )
             decisions.append(decision)
             if not decision.allowed:
@@ -130,7 +139,7 @@ class LocalLimiter:
                 # (count_refused) moves the TAT as an admission would.
                 interval_us = rule.window_s * 1e6 / (rule.limit * rule.local_fraction)
                 old = self._tats.get((client, rule.window_ms))
-                base = now_us if old is None else max(old, now_us)
+                base = at_us if old is None else max(old, at_us)
                 tat = decision.tat_us if decision.allowed else base + interval_us
                 self._tats[(client, rule.window_ms)] = tat
         if outcome == "ok":

@@ -30,6 +30,10 @@ _STAGE_BUCKETS_S = (
     1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 5.0,
 )  # fmt: skip
 _SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# The alert forwarder's label values, created up front so every series exists
+# (at 0) from the first scrape: increase() and rules see a start.
+FORWARD_OUTCOMES = ("delivered", "refused", "duplicate", "filtered", "unreadable")
+FORWARD_RETRY_CAUSES = ("status", "timeout", "transport")
 
 
 def start_metrics_server(
@@ -307,6 +311,85 @@ class GuardMetrics(GroupMetrics):
             ["model", "code", "detector"],
             registry=self.registry,
         )
+
+
+class ForwarderMetrics:
+    """What the alert forwarder (gateway/alert_forward.py) exports, on a
+    registry of its own: how each alert was settled, retries, when the last
+    delivery succeeded, what is in hand and not settled, the back-off being
+    waited, and how far behind the alerts topic it is.
+
+    ``modelgate_consumer_lag`` has the workers' name and labels, but counts
+    the alerts not yet *settled* (delivered or passed over), not merely not
+    yet fetched: a forwarder stuck retrying one alert shows its backlog.
+    """
+
+    def __init__(self) -> None:
+        self._server: WSGIServer | None = None
+        self.registry = CollectorRegistry()
+        self.alerts = Counter(
+            "modelgate_forward_alerts",
+            "Alert records settled, by outcome: delivered (2xx), refused (the "
+            "receiver refused the event for good), duplicate, filtered (an "
+            "action not forwarded), unreadable.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in FORWARD_OUTCOMES:
+            self.alerts.labels(outcome)
+        self.retries = Counter(
+            "modelgate_forward_retries",
+            "POSTs that failed and will be tried again, by cause: status (an "
+            "answer that is neither 2xx nor a refusal), timeout, transport "
+            "(connection or protocol failure).",
+            ["cause"],
+            registry=self.registry,
+        )
+        for cause in FORWARD_RETRY_CAUSES:
+            self.retries.labels(cause)
+        self.last_success = Gauge(
+            "modelgate_forward_last_success_timestamp_seconds",
+            "Unix time of the last alert delivered (2xx); 0 before the first.",
+            registry=self.registry,
+        )
+        self.pending = Gauge(
+            "modelgate_forward_pending",
+            "Alerts fetched from the topic and not yet settled.",
+            registry=self.registry,
+        )
+        self.backoff_seconds = Gauge(
+            "modelgate_forward_backoff_seconds",
+            "The wait before the next attempt at an undelivered alert; 0 when "
+            "not backing off.",
+            registry=self.registry,
+        )
+        self.consumer_lag = Gauge(
+            "modelgate_consumer_lag",
+            "Alerts behind the partition's high watermark not yet settled.",
+            ["topic", "partition"],
+            registry=self.registry,
+        )
+
+    def serve(self, host: str, port: int) -> int:
+        """Expose /metrics on ``host:port`` in a daemon thread and return the
+        bound port (0: none).
+
+        Raises
+        ------
+        ConfigError
+            The port is taken (or the host cannot be bound).
+        """
+        if port == 0:
+            return 0
+        self._server = start_metrics_server(
+            self.registry, host, port, "forward", "alert forwarder"
+        )
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        """Stop serving /metrics. Idempotent."""
+        server, self._server = self._server, None
+        stop_metrics_server(server)
 
 
 def breaker_families(

@@ -3,8 +3,12 @@ and the names of every metric the four kinds of process export.
 
 ``modelgate monitoring prometheus-config`` prints the configuration that
 ``infra/prometheus.sh`` runs Prometheus with: one job per kind of process
-(worker, front door, admin API, poisoning guard) at the metrics address the
-settings give it, and the alert rules of ``infra/prometheus/alerts.yml``.
+(worker, front door, admin API, poisoning guard, alert forwarder) at the
+metrics address the settings give it, the alert rules of
+``infra/prometheus/alerts.yml`` and the Alertmanager they go to.
+``modelgate monitoring alertmanager-config`` prints the one
+``infra/alertmanager.sh`` runs Alertmanager with: the shipped
+``infra/alertmanager/alertmanager.yml`` and the settings' webhook.
 ``exported_metric_names`` is what the rules and the Grafana dashboard may
 name (tests/test_monitoring.py checks both against it).
 
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import yaml
 from prometheus_client import CollectorRegistry
 
 from gateway.cli_common import ConfigOption, load_cli_settings
@@ -29,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 ALERT_RULES = REPO / "infra" / "prometheus" / "alerts.yml"
+ALERTMANAGER_CONFIG = REPO / "infra" / "alertmanager" / "alertmanager.yml"
+# The receiver of the shipped Alertmanager file that gets the settings' webhook.
+RECEIVER = "modelgate"
 
 # Job name and settings section of each kind of process; the job names are
 # the ones alerts.yml and the dashboard select on.
@@ -37,9 +45,11 @@ JOBS = (
     ("modelgate-frontdoor", "frontdoor"),
     ("modelgate-admin", "admin"),
     ("modelgate-guard", "feedback"),
+    ("modelgate-forwarder", "forward"),
 )
-# What --kind names them, in JOBS's order.
-KINDS = ("worker", "frontdoor", "admin", "guard")
+# What --kind names them, in JOBS's order; also the ``kind`` label each
+# job's targets get, which Alertmanager groups by.
+KINDS = ("worker", "frontdoor", "admin", "guard", "forwarder")
 
 
 class MonitoringError(ValueError):
@@ -68,10 +78,13 @@ def scrape_config(
     rules: Iterable[Path] = (ALERT_RULES,),
     interval_s: float = 15.0,
     kinds: Iterable[str] = KINDS,
+    alertmanager: str | None = None,
 ) -> dict[str, Any]:
     """Prometheus's configuration for the processes of ``settings`` on this
     host, of ``kinds`` only (``worker``, ``frontdoor``, ``admin``,
-    ``guard``); a kind whose metrics port is 0 (off) gets no job.
+    ``guard``, ``forwarder``); a kind whose metrics port is 0 (off) gets no
+    job. Firing alerts go to the Alertmanager at ``alertmanager``
+    (``host:port``); None sends them nowhere (Prometheus still shows them).
 
     Raises
     ------
@@ -98,17 +111,71 @@ def scrape_config(
                 f"{target}: give each kind of process its own port"
             )
         seen[target] = section
-        jobs.append({"job_name": job, "static_configs": [{"targets": [target]}]})
+        jobs.append(
+            {
+                "job_name": job,
+                "static_configs": [{"targets": [target], "labels": {"kind": kind}}],
+            }
+        )
     if not jobs:
         raise MonitoringError(
             "nothing to scrape: every chosen kind's metrics port is 0"
         )
     interval = f"{interval_s:g}s"
-    return {
+    document: dict[str, Any] = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
         "rule_files": [str(path) for path in rules],
         "scrape_configs": jobs,
     }
+    if alertmanager is not None:
+        host, sep, port = alertmanager.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise MonitoringError(f"alertmanager {alertmanager!r} is not host:port")
+        target = _target("alertmanager", host, int(port))
+        document["alerting"] = {
+            "alertmanagers": [{"static_configs": [{"targets": [target]}]}]
+        }
+    return document
+
+
+def alertmanager_config(
+    settings: Settings,
+    *,
+    group_wait_s: int | None = None,
+    group_interval_s: int | None = None,
+    repeat_interval_s: int | None = None,
+) -> dict[str, Any]:
+    """The shipped Alertmanager configuration with the webhook of
+    ``settings.monitoring.webhook_url`` on the ``modelgate`` receiver (none
+    when unset) and, where given, the route's timings in whole seconds.
+
+    The result holds the webhook URL in clear: write it where only its
+    owner reads it.
+
+    Raises
+    ------
+    MonitoringError
+        The shipped file has no ``modelgate`` receiver (it was edited).
+    """
+    document: dict[str, Any] = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
+    receivers = [r for r in document["receivers"] if r["name"] == RECEIVER]
+    if not receivers:
+        raise MonitoringError(f"{ALERTMANAGER_CONFIG} has no receiver {RECEIVER!r}")
+    url = settings.monitoring.webhook_url
+    if url is not None:
+        # send_resolved: the receiver learns when a process is back.
+        receivers[0]["webhook_configs"] = [
+            {"url": url.get_secret_value(), "send_resolved": True}
+        ]
+    timings = {
+        "group_wait": group_wait_s,
+        "group_interval": group_interval_s,
+        "repeat_interval": repeat_interval_s,
+    }
+    for key, seconds in timings.items():
+        if seconds is not None:
+            document["route"][key] = f"{seconds}s"
+    return document
 
 
 def _registry_names(registry: CollectorRegistry) -> set[str]:
@@ -127,14 +194,20 @@ def _registry_names(registry: CollectorRegistry) -> set[str]:
 
 
 def exported_metric_names() -> set[str]:
-    """Every metric name a worker, front door, admin API or guard exports."""
+    """Every metric name a worker, front door, admin API, guard or alert
+    forwarder exports."""
     from gateway.admin.metrics import AdminMetrics
     from gateway.frontdoor.metrics import (
         PENDING_GAUGE,
         READY_GAUGE,
         FrontDoorMetrics,
     )
-    from gateway.metrics import GuardMetrics, RedisBreakerCollector, WorkerMetrics
+    from gateway.metrics import (
+        ForwarderMetrics,
+        GuardMetrics,
+        RedisBreakerCollector,
+        WorkerMetrics,
+    )
     from gateway.redis_breaker import RedisBreaker
 
     names = {"up", PENDING_GAUGE, READY_GAUGE}  # up: Prometheus's, per target
@@ -143,6 +216,7 @@ def exported_metric_names() -> set[str]:
         GuardMetrics(),
         FrontDoorMetrics(),
         AdminMetrics(),
+        ForwarderMetrics(),
     ):
         names |= _registry_names(metrics.registry)
     # The Redis breakers' families exist once a client does; the front door
@@ -172,9 +246,13 @@ def prometheus_config(
         list[str] | None,
         typer.Option(
             help="Scrape only this kind (repeatable): worker, frontdoor, admin, "
-            "guard. Default: all four; a kind you do not run would fire "
-            "ModelgateTargetDown."
+            "guard, forwarder. Default: all five; a kind you do not run would "
+            "fire ModelgateTargetDown."
         ),
+    ] = None,
+    alertmanager: Annotated[
+        str | None,
+        typer.Option(help="Send firing alerts to the Alertmanager at HOST:PORT."),
     ] = None,
 ) -> None:
     """Print a Prometheus configuration (JSON, which is YAML) scraping the
@@ -187,7 +265,39 @@ def prometheus_config(
             raise typer.Exit(2)
     try:
         document = scrape_config(
-            settings, rules=chosen, interval_s=interval_s, kinds=kind or KINDS
+            settings,
+            rules=chosen,
+            interval_s=interval_s,
+            kinds=kind or KINDS,
+            alertmanager=alertmanager,
+        )
+    except MonitoringError as exc:
+        typer.echo(f"error [CONFIG_INVALID]: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(json.dumps(document, indent=2))
+
+
+_Seconds = Annotated[int | None, typer.Option(min=1, max=7 * 86_400)]
+
+
+@monitoring_app.command("alertmanager-config")
+def alertmanager_config_command(
+    config: ConfigOption = None,
+    group_wait_s: _Seconds = None,
+    group_interval_s: _Seconds = None,
+    repeat_interval_s: _Seconds = None,
+) -> None:
+    """Print an Alertmanager configuration (JSON, which is YAML): the shipped
+    infra/alertmanager/alertmanager.yml with the webhook of these settings
+    (monitoring.webhook_url) and any timing given here. It holds the
+    webhook URL in clear."""
+    settings = load_cli_settings(config)
+    try:
+        document = alertmanager_config(
+            settings,
+            group_wait_s=group_wait_s,
+            group_interval_s=group_interval_s,
+            repeat_interval_s=repeat_interval_s,
         )
     except MonitoringError as exc:
         typer.echo(f"error [CONFIG_INVALID]: {exc}", err=True)

@@ -314,7 +314,8 @@ class CounterStore:
             item = items[index]
             member = self.request_member(item.request_id)
             keys.append(req_prefix + member)
-            args.extend((item.delivery, member, item.cost))
+            sent = "" if item.sent_us is None else f"{item.sent_us:.0f}"
+            args.extend((item.delivery, member, item.cost, sent))
         return [len(keys), *keys, *args]
 
     async def _run_admit(self, calls: list[list[Any]]) -> list[Any]:

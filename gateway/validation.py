@@ -59,7 +59,12 @@ def validate_request(request: InferRequest, signature: ModelSignature) -> np.nda
             code="TENSOR_NAME",
         )
     tensor = request.inputs[0]
-    if tensor.datatype != spec.datatype:
+    # FP64 for an FP32 input is accepted and rounded, as OIP servers such as
+    # MLServer do; a value beyond FP32's range is refused as NON_FINITE below.
+    if tensor.datatype != spec.datatype and (tensor.datatype, spec.datatype) != (
+        "FP64",
+        "FP32",
+    ):
         raise ValidationError(
             f"input {spec.name!r} must be {spec.datatype}, got {tensor.datatype}",
             code="DTYPE_MISMATCH",

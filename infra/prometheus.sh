@@ -15,7 +15,11 @@
 #   MODELGATE_PROMETHEUS_PORT   port, default 19090
 #   MODELGATE_PROMETHEUS_INTERVAL_S  scrape and rule interval, default 15
 #   MODELGATE_PROMETHEUS_KINDS  the processes to scrape, comma-separated from
-#                               worker,frontdoor,admin,guard; default all four
+#                               worker,frontdoor,admin,guard,forwarder; default all
+#   MODELGATE_PROMETHEUS_RULES  rule files, comma-separated; default
+#                               infra/prometheus/alerts.yml
+#   MODELGATE_ALERTMANAGER_PORT where firing alerts go: infra/alertmanager.sh's
+#                               Alertmanager on 127.0.0.1, default 19095; 0 for none
 #   MODELGATE_CONFIG            the settings file whose metrics ports are scraped
 #                               (as for every modelgate command)
 #
@@ -32,6 +36,8 @@ HOST=127.0.0.1
 PORT=${MODELGATE_PROMETHEUS_PORT:-19090}
 INTERVAL_S=${MODELGATE_PROMETHEUS_INTERVAL_S:-15}
 KINDS=${MODELGATE_PROMETHEUS_KINDS:-}
+RULES=${MODELGATE_PROMETHEUS_RULES:-}
+ALERTMANAGER_PORT=${MODELGATE_ALERTMANAGER_PORT:-19095}
 START_TIMEOUT_S=30
 
 PDIR=$VAR/prometheus
@@ -66,6 +72,18 @@ write_config() {
     for kind in "${kinds[@]}"; do
         args+=(--kind "$kind")
     done
+    local rules=() rule
+    if [[ -n $RULES ]]; then
+        IFS=, read -r -a rules <<<"$RULES"
+    fi
+    for rule in "${rules[@]}"; do
+        args+=(--rules "$rule")
+    done
+    [[ $ALERTMANAGER_PORT =~ ^[0-9]+$ ]] ||
+        die "MODELGATE_ALERTMANAGER_PORT must be a port or 0, got '$ALERTMANAGER_PORT'"
+    if ((ALERTMANAGER_PORT != 0)); then
+        args+=(--alertmanager "$HOST:$ALERTMANAGER_PORT")
+    fi
     "$MODELGATE" monitoring prometheus-config "${args[@]}" >"$CONFIG.new" ||
         die "modelgate monitoring prometheus-config failed"
     "$(find_bin promtool)" check config "$CONFIG.new" >&2 ||

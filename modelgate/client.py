@@ -36,7 +36,7 @@ import httpx
 import numpy as np
 
 from gateway import protocol
-from modelgate.errors import ClientClosedError, GatewayError
+from modelgate.errors import ClientClosedError, GatewayError, NonFiniteError
 from modelgate.http import HttpTransport
 from modelgate.results import InferResult, as_inputs
 from modelgate.retry import RetryPolicy, call_with_retries
@@ -273,6 +273,7 @@ class AsyncClient:
         await self.start()
         named, _ = as_inputs(inputs, self.input_name)
         rid = request_id or protocol.new_request_id()
+        _check_finite(named, rid)
         per_attempt_s = self.timeout_s if timeout_s is None else timeout_s
         attempts = 0
 
@@ -402,6 +403,27 @@ class AsyncClient:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+
+
+def _check_finite(named: Mapping[str, np.ndarray[Any, Any]], request_id: str) -> None:
+    """Refuse NaN and infinities (and floats beyond FP32, infinite once
+    converted) with the gateway's own code, NON_FINITE, before anything is
+    sent: JSON cannot carry them, so over HTTP the encoder would fail with a
+    bare ValueError and over Kafka they would arrive as null, refused as
+    SCHEMA_INVALID. Either way the caller would not see what the gateway
+    answers to such a value.
+
+    Raises
+    ------
+    modelgate.errors.NonFiniteError
+        The first input holding such a value.
+    """
+    for name, array in named.items():
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            raise NonFiniteError(
+                f"input {name!r}: NaN or infinity (JSON cannot carry it)",
+                request_id=request_id,
+            )
 
 
 async def _cancel_other_tasks() -> None:

@@ -173,5 +173,9 @@ def as_inputs(
         if array.dtype.kind == "f":
             # Served models declare FP32 and the gateway refuses a datatype
             # mismatch; float64 is numpy's default, so convert rather than fail.
-            named[name] = array.astype(np.float32)
+            # A value beyond FP32 becomes infinite, which the client then
+            # refuses as NON_FINITE: numpy's overflow warning would only
+            # repeat that.
+            with np.errstate(over="ignore"):
+                named[name] = array.astype(np.float32)
     return named, single_row

@@ -34,6 +34,7 @@ SCRIPTS = [
     ROOT / "infra" / "kafka" / "kafka.sh",
     ROOT / "infra" / "redis.sh",
     ROOT / "infra" / "prometheus.sh",
+    ROOT / "infra" / "alertmanager.sh",
     ROOT / "infra" / "lib.sh",
     ROOT / "infra" / "stack.sh",
     ROOT / "infra" / "bootstrap.sh",
@@ -359,3 +360,43 @@ def test_kafka_sh_installed_follows_the_jar_stamp(tmp_path: Path) -> None:
     # Jars fetched for another pom (another Kafka version) are fetched again.
     stamp.write_text(f"kafka=0.0.1 pom={digest}\n")
     assert installed() == 1
+
+
+def _default_ports_in_scripts() -> dict[str, int]:
+    """Each ``MODELGATE_*PORT`` default the infra scripts fall back to."""
+    found: dict[str, int] = {}
+    for script in SCRIPTS:
+        for name, value in re.findall(
+            r"\$\{(MODELGATE_[A-Z_]*PORT):-(\d+)\}", script.read_text()
+        ):
+            # One variable read by two scripts must default the same in both,
+            # or the two would look for each other on different ports.
+            assert found.setdefault(name, int(value)) == int(value), (script, name)
+    return found
+
+
+def _default_ports_in_settings() -> dict[str, int]:
+    from gateway.config import Settings
+
+    settings = Settings()
+    ports: dict[str, int] = {}
+    for section_name, section in settings:
+        for field_name, value in section if hasattr(section, "__iter__") else []:
+            if field_name.endswith("port") and isinstance(value, int) and value:
+                ports[f"{section_name}.{field_name}"] = value
+    return ports
+
+
+def test_every_default_loopback_port_is_different() -> None:
+    # Alertmanager once defaulted to Kafka's controller port: each process
+    # alone started, but `make monitor` beside a running stack could not.
+    ports = {**_default_ports_in_scripts(), **_default_ports_in_settings()}
+    assert "MODELGATE_KAFKA_CONTROLLER_PORT" in ports
+    assert "worker.metrics_port" in ports
+    by_port: dict[int, list[str]] = {}
+    for name, port in ports.items():
+        by_port.setdefault(port, []).append(name)
+    shared = {port: names for port, names in by_port.items() if len(names) > 1}
+    # The stack script and the Kafka and Redis scripts name the same
+    # services' ports under the same variables; those are one entry each.
+    assert not shared, shared

@@ -1,7 +1,8 @@
 """The monitoring files: alert rules, their cases, the Grafana dashboard and
-the Prometheus configurations, checked by Prometheus's own promtool (Debian's
-package, installed by ``make services``) and against the metrics the code
-exports. A running Prometheus scraping a real worker is in
+the Prometheus and Alertmanager configurations, checked by Prometheus's own
+promtool and amtool (Debian's packages, installed by ``make services``) and
+against the metrics the code exports. A running Prometheus scraping a real
+worker, and one whose alert reaches a webhook through Alertmanager, are in
 tests/integration/test_monitoring.py."""
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ from typer.testing import CliRunner
 
 from gateway.cli import app
 from gateway.config import load_settings
+from gateway.errors import ConfigError
 from gateway.monitoring import (
     ALERT_RULES,
+    ALERTMANAGER_CONFIG,
     JOBS,
+    KINDS,
     MonitoringError,
+    alertmanager_config,
     exported_metric_names,
     scrape_config,
 )
@@ -41,6 +46,15 @@ def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
         pytest.fail("promtool is missing: run `make services` (infra/prometheus.sh)")
     return subprocess.run(
         [binary, *map(str, args)], capture_output=True, text=True, timeout=120
+    )
+
+
+def amtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("amtool")
+    if binary is None:
+        pytest.fail("amtool is missing: run `make services` (infra/alertmanager.sh)")
+    return subprocess.run(
+        [binary, *map(str, args)], capture_output=True, text=True, timeout=60
     )
 
 
@@ -127,8 +141,11 @@ def test_the_generated_configuration_follows_the_settings(tmp_path: Path) -> Non
         frontdoor={"metrics_port": 0},
         admin={"metrics_port": 19566, "metrics_host": "[::1]"},
         feedback={"metrics_port": 19567},
+        forward={"metrics_port": 19568},
     )
-    document = scrape_config(settings, rules=[ALERT_RULES], interval_s=5)
+    document = scrape_config(
+        settings, rules=[ALERT_RULES], interval_s=5, alertmanager="127.0.0.1:19593"
+    )
     targets = {
         job["job_name"]: job["static_configs"][0]["targets"]
         for job in document["scrape_configs"]
@@ -137,7 +154,22 @@ def test_the_generated_configuration_follows_the_settings(tmp_path: Path) -> Non
         "modelgate-worker": ["127.0.0.1:19564"],
         "modelgate-admin": ["[::1]:19566"],
         "modelgate-guard": ["127.0.0.1:19567"],
+        "modelgate-forwarder": ["127.0.0.1:19568"],
     }
+    # Alertmanager groups by this label.
+    kinds = {
+        job["job_name"]: job["static_configs"][0]["labels"]["kind"]
+        for job in document["scrape_configs"]
+    }
+    assert kinds == {
+        "modelgate-worker": "worker",
+        "modelgate-admin": "admin",
+        "modelgate-guard": "guard",
+        "modelgate-forwarder": "forwarder",
+    }
+    assert document["alerting"]["alertmanagers"] == [
+        {"static_configs": [{"targets": ["127.0.0.1:19593"]}]}
+    ]
     assert document["global"]["scrape_interval"] == "5s"
     path = tmp_path / "prometheus.yml"
     path.write_text(json.dumps(document))
@@ -154,6 +186,11 @@ def test_kinds_and_settings_that_give_nothing_sensible_are_refused() -> None:
     ]
     with pytest.raises(MonitoringError, match="unknown kind gaurd"):
         scrape_config(settings, kinds=["gaurd"])
+    for bad in ("19093", "127.0.0.1:", "127.0.0.1:70000", "a b:1"):
+        with pytest.raises(MonitoringError, match="host"):
+            scrape_config(settings, alertmanager=bad)
+    # Without an Alertmanager, alerts are evaluated and sent nowhere.
+    assert "alerting" not in only
     with pytest.raises(MonitoringError, match="is not a host"):
         scrape_config(load_settings(worker={"metrics_host": "1.2.3.4 x"}))
     with pytest.raises(MonitoringError, match="its own port"):
@@ -176,6 +213,7 @@ def test_the_command_prints_a_configuration_promtool_accepts(tmp_path: Path) -> 
     assert checked.returncode == 0, checked.stdout + checked.stderr
     jobs = [job["job_name"] for job in json.loads(result.stdout)["scrape_configs"]]
     assert jobs == [job for job, _ in JOBS]
+    assert len(KINDS) == len(JOBS) == 5
     missing = CliRunner().invoke(
         app, ["monitoring", "prometheus-config", "--rules", str(tmp_path / "none.yml")]
     )
@@ -199,9 +237,97 @@ def test_the_docker_configuration_scrapes_the_compose_services(tmp_path: Path) -
         assert f"127.0.0.1:{port}:{port}" in services[host]["ports"]
     assert services["prometheus"]["profiles"] == ["monitoring"]
     assert services["grafana"]["profiles"] == ["monitoring"]
+    # Alerts go to the compose Alertmanager, which runs the shipped file.
+    (alerting,) = config["alerting"]["alertmanagers"]
+    (target,) = alerting["static_configs"][0]["targets"]
+    assert target == "alertmanager:9093"
+    alertmanager = services["alertmanager"]
+    assert alertmanager["profiles"] == ["monitoring"]
+    assert alertmanager["image"].startswith("prom/alertmanager:v")
+    assert "127.0.0.1:19095:9093" in alertmanager["ports"]
+    flag = next(c for c in alertmanager["command"] if c.startswith("--config.file="))
+    mounted = flag.split("=", 1)[1]
+    assert (
+        f"./infra/alertmanager/alertmanager.yml:{mounted}:ro"
+        in (alertmanager["volumes"])
+    )
+    # Gossip off: Alertmanager would otherwise listen on 9094 everywhere.
+    assert "--cluster.listen-address=" in alertmanager["command"]
     # promtool reads the rule file at the path the container sees.
     config["rule_files"] = [str(ALERT_RULES)]
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
     result = promtool("check", "config", path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_amtool_accepts_the_shipped_alertmanager_configuration() -> None:
+    result = amtool("check-config", ALERTMANAGER_CONFIG)
+    assert result.returncode == 0, result.stdout + result.stderr
+    document = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
+    assert document["route"]["group_by"] == ["alertname", "kind"]
+    # As shipped, no notification is aimed anywhere.
+    (receiver,) = document["receivers"]
+    assert set(receiver) == {"name"}
+    # Every alert an inhibition names is one of the rules.
+    names = {rule["alert"] for rule in alert_rules()}
+    equal_to = re.compile(r"^alertname = (\w+)$")
+    named = {
+        found.group(1)
+        for rule in document["inhibit_rules"]
+        for side in ("source_matchers", "target_matchers")
+        for matcher in rule[side]
+        if (found := equal_to.match(matcher))
+    }
+    assert named and named <= names
+    routed = amtool(
+        "config",
+        "routes",
+        "test",
+        f"--config.file={ALERTMANAGER_CONFIG}",
+        "--verify.receivers=modelgate",
+        "alertname=ModelgateTargetDown",
+        "kind=worker",
+    )
+    assert routed.returncode == 0, routed.stdout + routed.stderr
+
+
+def test_the_generated_alertmanager_configuration_has_the_settings_webhook(
+    tmp_path: Path,
+) -> None:
+    url = "https://hooks.example.test/T0/secret"
+    settings = load_settings(monitoring={"webhook_url": url})
+    document = alertmanager_config(settings, group_wait_s=1, repeat_interval_s=60)
+    (receiver,) = document["receivers"]
+    assert receiver["webhook_configs"] == [{"url": url, "send_resolved": True}]
+    assert document["route"]["group_wait"] == "1s"
+    assert document["route"]["repeat_interval"] == "60s"
+    assert document["route"]["group_interval"] == "5m"  # the shipped one
+    path = tmp_path / "alertmanager.yml"
+    path.write_text(json.dumps(document))
+    result = amtool("check-config", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # No URL in the settings: no webhook.
+    (bare,) = alertmanager_config(load_settings())["receivers"]
+    assert "webhook_configs" not in bare
+    # The settings secret is not echoed in its own error.
+    with pytest.raises(ConfigError) as refused:
+        load_settings(monitoring={"webhook_url": "ftp://secret@host/x"})
+    assert refused.value.code == "CONFIG_INVALID"
+    assert "secret" not in str(refused.value)
+
+    printed = CliRunner().invoke(
+        app,
+        ["monitoring", "alertmanager-config", "--group-wait-s", "2"],
+        env={"MODELGATE_MONITORING__WEBHOOK_URL": "http://127.0.0.1:1/hook"},
+    )
+    assert printed.exit_code == 0, printed.output
+    document = json.loads(printed.stdout)
+    assert document["route"]["group_wait"] == "2s"
+    assert document["receivers"][0]["webhook_configs"][0]["url"] == (
+        "http://127.0.0.1:1/hook"
+    )
+    zero = CliRunner().invoke(
+        app, ["monitoring", "alertmanager-config", "--group-wait-s", "0"]
+    )
+    assert zero.exit_code == 2

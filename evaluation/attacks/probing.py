@@ -122,7 +122,7 @@ class ProbingResult:
         }
 
 
-class _Tracker:
+class Tracker:
     """Wraps the oracle: counts queries and keeps the closest input that the
     oracle labelled differently from the current target's label."""
 
@@ -160,7 +160,7 @@ class _Tracker:
 
 
 @contextlib.contextmanager
-def _quiet_art_import() -> Iterator[None]:
+def quiet_art_import() -> Iterator[None]:
     """Import ART inside this block. ART is imported only where an attack runs:
     it is slow to import and only these attacks need it. It warns at import
     that PyTorch is missing, which only matters for certification code these
@@ -172,13 +172,13 @@ def _quiet_art_import() -> Iterator[None]:
 
 def _black_box(
     query: QueryFn, n_features: int, params: HopSkipJumpParams | BoundaryParams
-) -> tuple[_Tracker, Any]:
-    """A ``_Tracker`` around the oracle, and ART's ``BlackBoxClassifier`` whose
+) -> tuple[Tracker, Any]:
+    """A ``Tracker`` around the oracle, and ART's ``BlackBoxClassifier`` whose
     every prediction goes through it."""
-    with _quiet_art_import():
+    with quiet_art_import():
         from art.estimators.classification import BlackBoxClassifier
 
-    tracker = _Tracker(query)
+    tracker = Tracker(query)
     classifier = BlackBoxClassifier(
         predict_fn=tracker,
         input_shape=(n_features,),
@@ -190,7 +190,7 @@ def _black_box(
 
 def _attack_each(
     attack: Any,
-    tracker: _Tracker,
+    tracker: Tracker,
     x: Array,
     indices: Array,
     labels: Array,
@@ -245,7 +245,7 @@ def run_hopskipjump(
     ProbingResult
         Per-input outcomes and why the run ended.
     """
-    with _quiet_art_import():
+    with quiet_art_import():
         from art.attacks.evasion import HopSkipJump
 
     started = time.monotonic()
@@ -295,7 +295,7 @@ def run_boundary(
 ) -> ProbingResult:
     """The Boundary attack on ``x[i]`` for each ``i`` in ``indices``; the same
     contract as ``run_hopskipjump``."""
-    with _quiet_art_import():
+    with quiet_art_import():
         from art.attacks.evasion import BoundaryAttack
 
     started = time.monotonic()

@@ -25,9 +25,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from gateway.admin.audit import AuditLog
+from gateway.admin.audit_forward import AuditForwarder
 from gateway.admin.audit_topic import AuditTopic
 from gateway.admin.deps import AdminContext, require_role
 from gateway.admin.errors import ADMIN_ERROR_CODES, AdminError
+from gateway.admin.http_server import head_refusal
 from gateway.admin.live import LiveConfigHandle, config_router
 from gateway.admin.metrics import AdminMetrics
 from gateway.admin.routers import audit, clients, keys, sessions, users
@@ -37,6 +39,8 @@ from gateway.admin.users import UserStore
 from gateway.clientview import ClientView
 from gateway.config import Settings
 from gateway.errors import StoreError
+from gateway.frontdoor.http_server import HeadLimit
+from gateway.http_body import TOO_LARGE, BodyLimit
 from gateway.http_metrics import HttpMetricsMiddleware
 from gateway.keys import KeyStore, load_server_key
 from gateway.store import RedisClient, redis_from_settings
@@ -101,12 +105,23 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server_key = await asyncio.to_thread(load_server_key, settings)
+        if settings.admin.audit_key is None:
+            logger.warning(
+                "admin.audit_key is unset: audit entries are hash-chained but "
+                "not signed, so whoever can write the stream can rewrite them "
+                "undetected (docs/admin.md, Tamper evidence)"
+            )
         redis = redis_from_settings(settings)
         # Connects in the background: Kafka being down must not keep the
         # admin API from starting (its entries then miss the topic, logged).
         audit_topic = AuditTopic(settings, metrics)
         audit_topic.start_soon()
         app.state.audit_topic = audit_topic
+        # Re-sends what missed the topic; only the lease holder among the
+        # admin replicas works (gateway/admin/audit_forward.py).
+        forwarder = AuditForwarder(redis, settings, audit_topic, metrics)
+        forwarder.start()
+        app.state.audit_forwarder = forwarder
         app.state.admin = AdminContext(
             settings=settings,
             redis=redis,
@@ -128,6 +143,7 @@ def create_app(
                 await live_config.close()
             finally:
                 try:
+                    await forwarder.close()
                     await audit_topic.close()
                 finally:
                     await redis.aclose()
@@ -176,6 +192,14 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI reports a body that is not JSON at all as a validation
+        # error of type json_invalid; it is a malformed request (400), not
+        # JSON of the wrong shape (422), as docs/admin.md and the front door
+        # tell them apart.
+        if any(err.get("type") == "json_invalid" for err in exc.errors()):
+            return _error(
+                400, "MALFORMED_REQUEST", "the request body is not valid JSON", False
+            )
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
             for err in exc.errors()[:10]
@@ -192,6 +216,17 @@ def create_app(
         logger.exception("admin call failed", extra={"path": request.url.path})
         return _error(500, "INTERNAL", "internal error", False)
 
+    # Outside the routes, so that an oversize body is refused before anything
+    # reads it: the login route takes bodies from anyone. A head parsed whole
+    # in one read can be over the limit the server protocol enforces on heads
+    # that span reads (http_server.py), hence the ASGI head check too.
+    app.add_middleware(
+        BodyLimit,
+        max_body_bytes=settings.admin.max_body_bytes,
+        refuse=_body_refusal,
+    )
+    app.add_middleware(HeadLimit, refusal=head_refusal)
+    # Outermost, so that the limits' refusals are counted too.
     app.add_middleware(
         HttpMetricsMiddleware,
         metrics=metrics,
@@ -199,3 +234,10 @@ def create_app(
         codes=ADMIN_ERROR_CODES,
     )
     return app
+
+
+def _body_refusal(status: int, message: str) -> JSONResponse:
+    """BodyLimit's refusals in the admin API's codes."""
+    if status == TOO_LARGE:
+        return _error(status, "PAYLOAD_TOO_LARGE", message, False)
+    return _error(status, "MALFORMED_REQUEST", message, False)

@@ -6,18 +6,18 @@ depends on: if it cannot be written the action fails. The topic is the copy
 with a long retention (``kafka.topics.audit_retention_ms``) that the stream's
 cap does not give. When Kafka cannot take an entry (not reachable, no
 acknowledgement within ``admin.audit_kafka_timeout_s``, or the record is
-refused) the action still proceeds, and the miss is logged at ERROR with the
+refused) the action still proceeds, and the miss is logged at WARNING with the
 entry's id, actor and action and counted in
-``modelgate_admin_audit_kafka_missed_total``: the entry is then in the stream
-and the log only, never lost silently. A miss is not retried later, so
-reconcile the topic against the stream by ``entry_id`` after an outage
-(docs/admin.md, "Audit").
+``modelgate_admin_audit_kafka_missed_total``: the entry is in the stream, and
+:class:`~gateway.admin.audit_forward.AuditForwarder` sends it again later
+with :meth:`AuditTopic.resend` (docs/admin.md, "The audit topic").
 
 Ordering: records are keyed by actor, so one actor's entries land on one
 partition; :class:`~gateway.admin.audit.AuditLog` appends to the stream and
 hands the record to the producer under one lock, so the topic holds them in
 the stream's order. An entry whose acknowledgement timed out may still arrive
-later, out of that order; its ``entry_id`` (the stream id) orders it.
+later, out of that order, and so does a re-sent one; its ``entry_id`` (the
+stream id) and ``seq`` order it, and a copy has the same ``entry_id``.
 
 Imports aiokafka and the gateway's config, topics and admin metrics; nothing
 from FastAPI.
@@ -30,7 +30,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -51,8 +51,9 @@ logger = logging.getLogger(__name__)
 # rather than each waiting for another connection attempt (as the admin
 # API's live configuration does, gateway/admin/live.py).
 START_RETRY_S = 5.0
-# Version of the record's JSON layout.
-RECORD_VERSION = 1
+# Version of the record's JSON layout: 2 added the chain (seq, prev, hash,
+# mac; gateway/admin/audit_chain.py).
+RECORD_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +223,7 @@ class AuditTopic:
         -------
         bool
             True once the broker has the entry; False on a miss, which is
-            then logged at ERROR and counted.
+            then logged at WARNING and counted (the forwarder sends it again).
         """
         missed = pending.missed
         delivery = pending.delivery
@@ -246,12 +247,61 @@ class AuditTopic:
         self._missed(pending.entry, missed)
         return False
 
+    async def resend(self, entries: Sequence[AuditEntry]) -> int:
+        """Produce ``entries`` again, in order, waiting at most
+        ``kafka.request_timeout_s`` in all; never raises for Kafka's sake.
+
+        Returns
+        -------
+        int
+            How many of ``entries``, from the first, the broker acknowledged.
+            An entry acknowledged after an unacknowledged one is not counted:
+            the caller sends from the first unacknowledged again, so the
+            topic may then hold that entry twice (same ``entry_id``).
+        """
+        if not entries:
+            return 0
+        timeout_s = self._settings.kafka.request_timeout_s
+        deliveries: list[asyncio.Future[object]] = []
+        acknowledged = 0
+        try:
+            async with asyncio.timeout(timeout_s):
+                if self._producer is None:
+                    task = self._start_task()
+                    if task is None or not await asyncio.shield(task):
+                        return 0
+                producer = self._producer
+                if producer is None:
+                    return 0
+                for entry in entries:
+                    deliveries.append(
+                        await producer.send(
+                            self._topic, encode(entry), key=entry.actor.encode("utf-8")
+                        )
+                    )
+                for delivery in deliveries:
+                    # Shielded: on a timeout the record may still be
+                    # delivered; cancelling its future would not take it back.
+                    await asyncio.shield(delivery)
+                    acknowledged += 1
+        except (TimeoutError, KafkaError) as exc:
+            logger.warning(
+                "audit topic took %d of %d re-sent entries: %r",
+                acknowledged,
+                len(entries),
+                exc,
+                extra={"topic": self._topic, "entry_id": entries[0].entry_id},
+            )
+        if self._metrics is not None and acknowledged:
+            self._metrics.audit_resent.inc(acknowledged)
+        return acknowledged
+
     def _missed(self, entry: AuditEntry, reason: str) -> None:
         if self._metrics is not None:
             self._metrics.audit_missed.labels(reason).inc()
-        logger.error(
+        logger.warning(
             "audit entry %s not written to Kafka (%s); it is in the Redis stream "
-            "and this log only",
+            "and will be sent again",
             entry.entry_id,
             reason,
             extra={

@@ -126,6 +126,7 @@ def serve(
 
     from gateway import logs
     from gateway.admin.app import create_app
+    from gateway.admin.http_server import server_options
     from gateway.errors import ModelgateError
 
     logs.configure(log_level)
@@ -149,6 +150,7 @@ def serve(
             log_config=None,
             access_log=False,
             **uvicorn_proxy_options(settings),
+            **server_options(),
         )
     finally:
         metrics.close()
@@ -285,12 +287,26 @@ def audit(
             "needs Kafka access) instead of the API's Redis stream.",
         ),
     ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Check the hash chain and signatures of every entry (the Redis "
+            "stream read directly, or with --from-kafka the whole topic) "
+            "under admin.audit_key; exit 1 naming the first broken entry.",
+        ),
+    ] = False,
     session_file: SessionFile = DEFAULT_SESSION_FILE,
     config: ConfigOption = None,
 ) -> None:
     """Print audit entries as JSON lines: by default the newest from the admin
     API (admin role, newest first); with --from-kafka the audit topic's,
-    oldest first, each with its partition, offset and key."""
+    oldest first, each with its partition, offset and key. With --verify,
+    check the entries' chain instead (host-level: needs Redis or Kafka
+    access and the key)."""
+    if verify:
+        _verify(_settings(config), from_kafka)
+        return
     if not from_kafka:
         rows = _session_call(session_file, "GET", "/v1/audit", params={"limit": limit})
         for row in rows:
@@ -321,6 +337,94 @@ def audit(
                 sort_keys=True,
             )
         )
+
+
+def _verify(settings: Any, from_kafka: bool) -> None:
+    """``admin audit --verify``: read every entry, oldest first, and check
+    the chain (gateway/admin/audit_chain.py); exit 1 with the first broken
+    entry's code."""
+    import asyncio
+
+    from gateway.admin.audit import AuditLog, audit_key
+    from gateway.admin.audit_chain import verify
+    from gateway.admin.audit_topic import read_topic
+    from gateway.errors import ModelgateError
+    from gateway.store import redis_from_settings
+
+    async def from_stream() -> list[Any]:
+        redis = redis_from_settings(settings)
+        try:
+            entries = await AuditLog(redis, settings).read_all()
+        finally:
+            await redis.aclose()
+        return [e.chained() for e in entries]
+
+    async def from_topic() -> list[Any]:
+        return topic_entries(await read_topic(settings))
+
+    key = audit_key(settings)
+    if key is None:
+        typer.echo(
+            "warning: admin.audit_key is unset: checking hashes and links only; "
+            "a writer who recomputed them would not be seen",
+            err=True,
+        )
+    try:
+        entries = asyncio.run(from_topic() if from_kafka else from_stream())
+    except ModelgateError as exc:
+        raise _fail(exc.code, exc.message) from None
+    except _CopyMismatch as exc:
+        raise _fail("AUDIT_ENTRY_ALTERED", str(exc)) from None
+    verdict = verify(entries, key)
+    if verdict.code is not None:
+        raise _fail(verdict.code, verdict.message)
+    typer.echo(verdict.message)
+
+
+class _CopyMismatch(Exception):
+    """Two records of one entry_id on the topic that differ."""
+
+
+def topic_entries(records: list[Any]) -> list[Any]:
+    """The audit topic's records as chain entries, oldest first, one per
+    ``entry_id`` (a re-sent entry is on the topic more than once).
+
+    Raises
+    ------
+    _CopyMismatch
+        Two records share an ``entry_id`` but not their content.
+    """
+    from gateway.admin.audit_chain import Chained
+
+    by_id: dict[str, Chained] = {}
+    for record in records:
+        raw = record.entry
+        detail = raw.get("detail")
+        entry = Chained(
+            entry_id=str(raw.get("entry_id", "")),
+            seq=_int(raw.get("seq")),
+            prev=str(raw.get("prev", "")),
+            hash=str(raw.get("hash", "")),
+            mac=str(raw.get("mac", "")),
+            ts_ms=_int(raw.get("ts_ms")),
+            actor=str(raw.get("actor", "")),
+            action=str(raw.get("action", "")),
+            target=str(raw.get("target", "")),
+            source=str(raw.get("source", "")),
+            outcome=str(raw.get("outcome", "")),
+            detail=(
+                {str(k): str(v) for k, v in detail.items()}
+                if isinstance(detail, dict)
+                else {}
+            ),
+        )
+        seen = by_id.setdefault(entry.entry_id, entry)
+        if seen != entry:
+            raise _CopyMismatch(
+                f"entry {entry.entry_id}: two records on the topic differ "
+                f"(partition {record.partition}, offset {record.offset})"
+            )
+    return sorted(by_id.values(), key=lambda e: _stream_order({"entry_id": e.entry_id}))
 
 
 def _int(value: object) -> int:

@@ -6,7 +6,7 @@ Imports prometheus-client and the gateway's HTTP metrics only.
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from gateway.http_metrics import HttpMetrics
 
@@ -31,11 +31,30 @@ class AdminMetrics(HttpMetrics):
         )
         self.audit_missed = Counter(
             "modelgate_admin_audit_kafka_missed",
-            "Audit entries not acknowledged on kafka.topics.audit (in the Redis "
-            "stream and the log only), by reason: unavailable (no producer: "
-            "Kafka unreachable at the last start attempt), timeout (no "
-            "acknowledgement within admin.audit_kafka_timeout_s), or the "
-            "broker's error class.",
+            "Audit entries not acknowledged on kafka.topics.audit when their "
+            "action ran (in the Redis stream; the forwarder sends them again), "
+            "by reason: unavailable (no producer: Kafka unreachable at the last "
+            "start attempt), timeout (no acknowledgement within "
+            "admin.audit_kafka_timeout_s), or the broker's error class.",
             ["reason"],
+            registry=self.registry,
+        )
+        self.audit_resent = Counter(
+            "modelgate_admin_audit_kafka_resent",
+            "Audit entries the forwarder sent again and the broker acknowledged.",
+            registry=self.registry,
+        )
+        self.audit_backlog = Gauge(
+            "modelgate_admin_audit_kafka_backlog",
+            "Audit entries in the Redis stream not yet on kafka.topics.audit, "
+            "older than admin.audit_kafka_timeout_s plus 1 s (counted over at "
+            "most 1000 entries per pass); set by the replica holding the "
+            "forwarder lease, 0 on the others.",
+            registry=self.registry,
+        )
+        self.audit_forwarder = Gauge(
+            "modelgate_admin_audit_forwarder_lease",
+            "1 while this admin API process holds the audit forwarder's lease "
+            "(re-sends what missed the topic), else 0.",
             registry=self.registry,
         )

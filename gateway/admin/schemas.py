@@ -97,12 +97,17 @@ class AuditEntryOut(Body):
     source: str
     outcome: str
     detail: dict[str, str]
+    seq: int = Field(0, description="Place in the chain; 0: written before chaining.")
+    prev: str = Field("", description="hash of the entry before.")
+    hash: str = Field("", description="SHA-256 of the entry with seq and prev.")
+    mac: str = Field("", description="HMAC-SHA256 of hash under admin.audit_key.")
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "MALFORMED_REQUEST"},
     401: {"model": ErrorBody, "description": "ADMIN_UNAUTHENTICATED"},
     403: {"model": ErrorBody, "description": "ADMIN_FORBIDDEN"},
+    413: {"model": ErrorBody, "description": "PAYLOAD_TOO_LARGE"},
     422: {"model": ErrorBody, "description": "SCHEMA_INVALID"},
     503: {"model": ErrorBody, "description": "STORE_UNAVAILABLE"},
 }

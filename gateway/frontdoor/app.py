@@ -10,13 +10,11 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.config import Settings
 from gateway.errors import ModelgateError
@@ -25,6 +23,7 @@ from gateway.frontdoor.http_server import HeadLimit
 from gateway.frontdoor.metrics import FrontDoorMetrics
 from gateway.frontdoor.routers import health, infer, models
 from gateway.frontdoor.service import FrontDoor
+from gateway.http_body import TOO_LARGE, BodyLimit
 from gateway.http_metrics import HttpMetricsMiddleware
 
 logger = logging.getLogger(__name__)
@@ -76,7 +75,11 @@ def create_app(settings: Settings, *, server_key: bytes | None = None) -> FastAP
     _add_handlers(app)
     # Outside the routes, so that an oversize body is refused before anything
     # reads it.
-    app.add_middleware(BodyLimit, max_body_bytes=settings.frontdoor.max_body_bytes)
+    app.add_middleware(
+        BodyLimit,
+        max_body_bytes=settings.frontdoor.max_body_bytes,
+        refuse=_body_refusal,
+    )
     # A head h11 parsed whole in one read can be over the limit the server
     # protocol enforces on heads that span reads (http_server.py).
     app.add_middleware(HeadLimit)
@@ -161,75 +164,7 @@ def _is_json(content_type: str | None) -> bool:
     )
 
 
-class BodyLimit:
-    """Refuse request bodies over ``max_body_bytes`` with 413, judged on
-    ``Content-Length`` when sent and on the bytes actually read otherwise.
-
-    The body is read here, up to the limit, and replayed to the app, so that
-    a chunked body without a length can never be read whole past the limit.
-    """
-
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
-            await self.app(scope, receive, send)
-            return
-
-        # Step: the declared length, when there is one.
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    await self._refuse(send, "MALFORMED_JSON", "bad Content-Length")
-                    return
-                if declared > self.max_body_bytes:
-                    await self._too_large(send)
-                    return
-
-        # Step: the bytes themselves.
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                await self._too_large(send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _too_large(self, send: Send) -> None:
-        await self._refuse(
-            send,
-            "PAYLOAD_TOO_LARGE",
-            f"request body exceeds {self.max_body_bytes} bytes",
-        )
-
-    @staticmethod
-    async def _refuse(send: Send, code: str, message: str) -> None:
-        response = error_response(code, message, False)
-        scope: Any = {"type": "http"}
-
-        async def no_body() -> Message:
-            return {"type": "http.disconnect"}
-
-        await response(scope, no_body, send)
+def _body_refusal(status: int, message: str) -> JSONResponse:
+    """BodyLimit's refusals in the front door's codes."""
+    code = "PAYLOAD_TOO_LARGE" if status == TOO_LARGE else "MALFORMED_JSON"
+    return error_response(code, message, False)

@@ -9,6 +9,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.datastructures import Headers
 
 from gateway.frontdoor.errors import HTTP_STATUS
 from gateway.frontdoor.schemas import ErrorResponse
@@ -40,6 +42,16 @@ def api_token(
     if bearer is not None and bearer.credentials:
         return bearer.credentials
     return header or None
+
+
+def token_of(headers: Headers) -> str | None:
+    """:func:`api_token` read straight from the headers, for checks that run
+    before FastAPI resolves dependencies (the inference route's key check).
+    The same rule: a ``Bearer`` credential first, else ``X-API-Key``."""
+    scheme, credentials = get_authorization_scheme_param(headers.get("authorization"))
+    if scheme.lower() == "bearer" and credentials:
+        return credentials
+    return headers.get("x-api-key") or None
 
 
 Door = Annotated[FrontDoor, Depends(get_frontdoor)]

@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import h11
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -58,6 +60,11 @@ _TOO_LARGE_MESSAGE = (
 )
 
 
+def head_refusal() -> Response:
+    """The front door's answer to a head over :data:`MAX_HEAD_BYTES`."""
+    return error_response("HEADERS_TOO_LARGE", _TOO_LARGE_MESSAGE, False)
+
+
 def server_options() -> dict[str, Any]:
     """The ``uvicorn.Config`` options that give the front door this module's
     limit (``modelgate frontdoor serve`` and the tests' servers use them)."""
@@ -71,7 +78,13 @@ class HeadLimitedH11(H11Protocol):
     body; any other malformed request uvicorn's plain-text 400. Either way
     the connection then drops what the client still sends, for at most
     :data:`LINGER_S` seconds and :data:`LINGER_MAX_BYTES` bytes, and closes.
+    Another app gives its own error body by overriding :meth:`head_refusal`
+    (the admin API does, gateway/admin/http_server.py).
     """
+
+    def head_refusal(self) -> Response:
+        """The JSON answer to a head over :data:`MAX_HEAD_BYTES`."""
+        return head_refusal()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -102,7 +115,7 @@ class HeadLimitedH11(H11Protocol):
         # h11 keeps the bytes it could not parse; more than the limit of them
         # is its "receive buffer too long", the only refusal of that size.
         if len(self.conn.trailing_data[0]) > MAX_HEAD_BYTES:
-            answer = error_response("HEADERS_TOO_LARGE", _TOO_LARGE_MESSAGE, False)
+            answer = self.head_refusal()
             status = answer.status_code
             content_type = b"application/json"
             body = bytes(answer.body)
@@ -146,10 +159,14 @@ class HeadLimit:
     For heads h11 parsed whole because they arrived in one read; the ones
     that did not are refused by :class:`HeadLimitedH11` with the same answer.
     The size counted is that of the request line and every header line.
+    ``refusal`` makes the answer (default: the front door's error body).
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(
+        self, app: ASGIApp, refusal: Callable[[], Response] = head_refusal
+    ) -> None:
         self.app = app
+        self.refusal = refusal
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and _head_bytes(scope) > MAX_HEAD_BYTES:
@@ -158,7 +175,7 @@ class HeadLimit:
                 MAX_HEAD_BYTES,
                 extra={"client": (scope.get("client") or (None,))[0]},
             )
-            response = error_response("HEADERS_TOO_LARGE", _TOO_LARGE_MESSAGE, False)
+            response = self.refusal()
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)

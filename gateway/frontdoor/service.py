@@ -23,6 +23,7 @@ import logging
 import math
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from gateway.errors import (
     ValidationError,
 )
 from gateway.frontdoor import metrics as fd_metrics
-from gateway.keys import KeyStore, authenticate, load_server_key
+from gateway.keys import ApiKey, KeyStore, authenticate, load_server_key
 from gateway.models import ModelSignature
 from gateway.store import RedisClient, redis_from_settings
 from gateway.topics import delete_topics, ensure_topics
@@ -100,6 +101,22 @@ def load_signatures(directory: Path, names: list[str]) -> dict[str, ModelSignatu
             raise ConfigError(f"model {name}: its signature names {signature.name!r}")
         found[name] = signature
     return found
+
+
+# What the early key check signs with the presented secret: the worker's own
+# check (``authenticate``) wants signed bytes, and the request's are not built
+# before the body is read.
+_KEY_PROBE = b"modelgate front door key check"
+
+
+@dataclass(frozen=True)
+class CheckedKey:
+    """A presented token whose key was found live for a model: its id, the
+    presented secret (which signs the request) and the key's record."""
+
+    key_id: str
+    secret: bytes
+    key: ApiKey
 
 
 class FrontDoor:
@@ -292,14 +309,58 @@ class FrontDoor:
             )
         return signature
 
+    async def check_key(self, token: str | None, model: str) -> CheckedKey:
+        """The worker's key check for ``model``, before any body is read.
+
+        The route runs it first, so that a caller without a live key learns
+        nothing about the request schema or the model's inputs from the
+        answer (only the body size limit comes earlier).
+
+        Raises
+        ------
+        AuthError
+            The key is missing, malformed, unknown, revoked, expired or not
+            scoped to ``model``.
+        BrokerError
+            ``NOT_READY`` before the front door is started.
+        StoreError
+            Redis could not be reached.
+        """
+        keys = self._keys
+        if keys is None or not self.ready:
+            raise BrokerError("front door is not ready", code="NOT_READY")
+        if not token:
+            raise AuthError("no API key presented", code="AUTH_MISSING")
+        # A key id with a malformed secret is answered as the worker would:
+        # unknown for an id no key has, else a bad secret.
+        key_id, secret = await keys.check_token(token)
+        record = (await keys.get_many([key_id])).get(key_id)
+        now_ms = protocol.now_ms()
+        key = authenticate(
+            record,
+            _KEY_PROBE,
+            protocol.sign(secret, _KEY_PROBE),
+            now_ms,
+            model,
+            now_ms,
+            int(self.settings.auth.max_clock_skew_s * 1000),
+        )
+        return CheckedKey(key_id, secret, key)
+
     async def infer(
         self,
         token: str | None,
         model: str,
         inputs: dict[str, np.ndarray[Any, Any]],
         request_id: str | None,
+        *,
+        checked: CheckedKey | None = None,
     ) -> protocol.InferResponse:
         """Check the key, send the request through Kafka, wait for the answer.
+
+        ``checked`` is :meth:`check_key`'s answer when the caller already
+        asked it (the key is then not looked up again; the signed bytes are
+        still checked as the worker will).
 
         Returns
         -------
@@ -319,19 +380,13 @@ class FrontDoor:
         BrokerError, StoreError
             Kafka or Redis could not be reached.
         """
-        keys = self._keys
-        if keys is None or not self.ready:
-            raise BrokerError("front door is not ready", code="NOT_READY")
-        if not token:
-            raise AuthError("no API key presented", code="AUTH_MISSING")
-        # A key id with a malformed secret is answered as the worker would:
-        # unknown for an id no key has, else a bad secret.
-        key_id, secret = await keys.check_token(token)
+        if checked is None:
+            checked = await self.check_key(token, model)
 
         # Step: build and sign exactly what the workers will check.
         request, value, headers = protocol.build_request(
-            key_id=key_id,
-            secret=secret,
+            key_id=checked.key_id,
+            secret=checked.secret,
             model=model,
             inputs=inputs,
             request_id=request_id,
@@ -344,14 +399,12 @@ class FrontDoor:
                 code="PAYLOAD_TOO_LARGE",
             )
 
-        # Step: the key check the worker makes, here, so that a bad key never
-        # reaches Kafka. The signature was made with the presented secret, so a
-        # wrong secret fails as AUTH_BAD_SIGNATURE, as it would in the worker.
-        key = (await keys.get_many([key_id])).get(key_id)
+        # Step: the key check the worker makes, on the exact bytes, so that
+        # the two always agree (the key's expiry may have passed meanwhile).
         signature = headers[0][1].decode("ascii")
         auth = self.settings.auth
         key = authenticate(
-            key,
+            checked.key,
             value,
             signature,
             request.ts_ms,

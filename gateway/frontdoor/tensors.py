@@ -71,14 +71,17 @@ def to_array(
 
     Integer data for a model input declared as floating point is converted
     when every value is exact in that type (a digit image sent as INT32, say);
-    otherwise the client's datatype is kept and the worker judges it.
+    FP64 data for an input declared FP32 is rounded to FP32 when every value
+    is within FP32's range. Otherwise the client's datatype is kept and the
+    worker judges it.
 
     Raises
     ------
     ValidationError
         ``SHAPE_MISMATCH`` (element count or nesting disagrees with shape),
         ``DTYPE_MISMATCH`` (a value that is not of the datatype),
-        ``NON_FINITE`` (NaN, infinity, or a value the datatype cannot hold).
+        ``NON_FINITE`` (NaN, infinity, or a value the datatype, or the FP32
+        it is narrowed to, cannot hold).
     """
     name = tensor.name
     flat = _flatten(tensor.data, tensor.shape, name)
@@ -105,12 +108,19 @@ def to_array(
             ) from exc
         if not np.isfinite(array).all():
             raise ValidationError(f"input {name!r}: NaN or infinity", code="NON_FINITE")
-        target = _FLOAT_DTYPES[tensor.datatype]
+        # FP64 data for an input the model declares FP32 is narrowed here, as
+        # OIP servers such as MLServer do: clients built on float64 (numpy's
+        # default, Python floats) need not cast, and the rounding is the
+        # model's own precision. A value beyond FP32 is refused below.
+        target_name = tensor.datatype
+        if declared is not None and declared.datatype == "FP32":
+            target_name = "FP32"
+        target = _FLOAT_DTYPES[target_name]
         # Finite as a double but not in FP32 (over about 3.4e38): the cast
         # would make it infinite, which JSON encodes as null.
         if np.abs(array).max() > np.finfo(target).max:
             raise ValidationError(
-                f"input {name!r}: a value too large for {tensor.datatype}",
+                f"input {name!r}: a value too large for {target_name}",
                 code="NON_FINITE",
             )
         return array.astype(target).reshape(tensor.shape)

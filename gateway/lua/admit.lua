@@ -22,7 +22,8 @@
 -- ARGV[7] daily quota (0: none)
 -- ARGV[8] in-flight cap (0: none)   ARGV[9] in-flight slot lifetime ms
 -- then per rule r, from ARGV[10 + 3*(r-1)]: limit, burst, window ms
--- then per item i, from ARGV[10 + 3*R + 3*(i-1)]: delivery, member, cost
+-- then per item i, from ARGV[10 + 3*R + 4*(i-1)]: delivery, member, cost,
+--   sent (when the broker appended the request, us; "" for "now")
 --
 -- Returns one string: first a line of the client's "hidden_ms hidden
 -- released" (the hidden record's remaining ms and action, "-" when none; 1 if
@@ -66,15 +67,16 @@ end
 local today = math.floor(now_us / DAY_US)
 local midnight_us = (today + 1) * DAY_US
 
--- Rules: emission interval T = window/limit, tolerance T*(burst-1). A missing
--- TAT means the client is fully rested, the same as TAT <= now.
+-- Rules: emission interval T = window/limit, tolerance T*(burst-1). A TAT is
+-- kept for the replay window after it passes (below), so a missing one means
+-- the client was rested before any request this call may judge: 0.
 local interval, burst, window_ms, tat, tat_moved = {}, {}, {}, {}, {}
 for r = 1, n_rules do
   local base = 9 + 3 * (r - 1)
   window_ms[r] = tonumber(ARGV[base + 3])
   interval[r] = window_ms[r] * 1000 / tonumber(ARGV[base + 1])
   burst[r] = tonumber(ARGV[base + 2])
-  tat[r] = tonumber(redis.call("GET", KEYS[N_FIXED + r])) or now_us
+  tat[r] = tonumber(redis.call("GET", KEYS[N_FIXED + r])) or 0
   tat_moved[r] = false
 end
 
@@ -106,6 +108,9 @@ local inflight_added = false
 local admitted, refused = 0, 0
 local results = {}
 local items_base = 9 + 3 * n_rules
+-- How far back a request may be judged: a request older than the replay
+-- window is refused by its signature's age before it gets here.
+local oldest_us = now_us - replay_ms * 1000
 
 -- The binding window after a decision: the rule (or quota) with the fewest
 -- requests left; on a tie the one that takes longest to refill.
@@ -137,10 +142,18 @@ end
 
 for i = 1, #KEYS - N_FIXED - n_rules do
   local req_key = KEYS[N_FIXED + n_rules + i]
-  local base = items_base + 3 * (i - 1)
+  local base = items_base + 4 * (i - 1)
   local delivery = ARGV[base + 1]
   local member = ARGV[base + 2]
   local cost = tonumber(ARGV[base + 3])
+  -- The instant the rate windows judge this request at: when the broker
+  -- took it, so that a backlog built while no worker ran is judged as it
+  -- was sent, not as one burst. Never later than now: the GCRA is monotone
+  -- in the TAT, so an earlier instant can only refuse more for a given TAT.
+  local at_us = now_us
+  if ARGV[base + 4] ~= "" then
+    at_us = math.max(math.min(tonumber(ARGV[base + 4]), now_us), oldest_us)
+  end
   local outcome, retry_ms, holds_slot = "ok", 0, 0
 
   -- 1. Dedupe. The key exists only for admitted requests: the same Kafka
@@ -172,22 +185,25 @@ for i = 1, #KEYS - N_FIXED - n_rules do
     -- 3. Limits, all judged before any is charged: the quota (its refusal
     -- lasts longest, so it is reported first), every GCRA window (GCRA,
     -- ATM Forum TM 4.0, in the form of brandur/redis-cell: allowed iff
-    -- now >= max(TAT, now) + T*cost - T*burst; the longest wait binds),
-    -- then the in-flight cap.
-    local new_tat, wait_us = {}, 0
+    -- at >= max(TAT, at) + T*cost - T*burst; the longest wait binds, counted
+    -- from now), then the in-flight cap.
+    local new_tat, limited, wait_us = {}, false, 0
     for r = 1, n_rules do
-      new_tat[r] = math.max(tat[r], now_us) + interval[r] * cost
+      new_tat[r] = math.max(tat[r], at_us) + interval[r] * cost
       local allow_at = new_tat[r] - interval[r] * burst[r]
-      if now_us < allow_at then
+      if at_us < allow_at then
+        limited = true
         wait_us = math.max(wait_us, allow_at - now_us)
       end
     end
     if quota > 0 and day_requests + 1 > quota then
       outcome = "quota_exceeded"
       retry_ms = math.ceil((midnight_us - now_us) / 1000)
-    elseif wait_us > 0 then
+    elseif limited then
       outcome = "rate_limited"
-      retry_ms = math.ceil(wait_us / 1000)
+      -- A backlogged request refused at its own instant may be allowed by
+      -- now: still a wait, the shortest there is.
+      retry_ms = math.max(math.ceil(wait_us / 1000), 1)
     elseif cap > 0 and in_flight >= cap then
       outcome = "too_many_in_flight"
     end
@@ -222,10 +238,11 @@ for i = 1, #KEYS - N_FIXED - n_rules do
     limit, remaining, reset_ms, window, holds_slot)
 end
 
--- A TAT only matters until it passes; after that a missing key means the same.
+-- A TAT matters until it passes, and for the replay window after that, while
+-- a request sent before it passed may still be judged at its sending.
 for r = 1, n_rules do
-  if tat_moved[r] and tat[r] > now_us then
-    local ttl_ms = math.ceil((tat[r] - now_us) / 1000) + 1
+  if tat_moved[r] and tat[r] > oldest_us then
+    local ttl_ms = math.ceil((tat[r] - oldest_us) / 1000) + 1
     -- %.17g: tostring keeps 14 digits, i.e. 100 us steps at today's epoch.
     redis.call("SET", KEYS[N_FIXED + r], string.format("%.17g", tat[r]), "PX", ttl_ms)
   end

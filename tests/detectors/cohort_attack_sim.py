@@ -1,8 +1,10 @@
 """Hostile traffic against the three cohort tests, measured by hand.
 
 Not a test module: ``python -m tests.detectors.cohort_attack_sim cost``
-prints what a batch of 256 rows costs each detector when N keys started
-in one instant and every one of them looks for its cohort;
+prints what a batch of 256 rows (``--batch 1``: one row, the trickle)
+costs each detector when N keys started in one instant and every one of
+them looks for its cohort, for ``traffic`` and ``ood`` with young keys
+sorted per batch (as before the index) and with the index, and the ratio;
 ``python -m tests.detectors.cohort_attack_sim frame-margin`` how many honest
 keys a crowd of hostile keys started in the same quarter second gets
 flagged through ``margin``'s cohorts. The numbers are quoted in
@@ -34,17 +36,21 @@ BATCH = 256
 
 def _median_ms(step: Callable[[], None], reps: int = 5) -> float:
     spent = []
-    for _ in range(reps):
+    # Small batches are quick and noisy: more of them.
+    for _ in range(reps if BATCH >= 64 else 8 * reps + 1):
         began = time.perf_counter()
         step()
         spent.append(time.perf_counter() - began)
     return 1e3 * float(np.median(spent))
 
 
-def traffic_cost(n_keys: int) -> float:
+def traffic_cost(n_keys: int, indexed: bool = True) -> float:
     """ms per batch: keys of four requests at one pace (two matching pairs,
-    so every key looks), a batch of their fifth."""
+    so every key looks), a batch of their fifth. ``indexed`` False sorts
+    the young keys per batch (the look-up before the index)."""
     detector = TrafficDetector(seed=0)
+    if not indexed:
+        detector._cohort_index = None
     ids = [f"k{i}" for i in range(n_keys)]
     for step in range(4):
         at = np.full(n_keys, T0 + step * 0.25)
@@ -59,9 +65,12 @@ def traffic_cost(n_keys: int) -> float:
     return _median_ms(batch)
 
 
-def ood_cost(n_keys: int) -> float:
-    """ms per batch: keys of one wide query each (every key looks)."""
+def ood_cost(n_keys: int, indexed: bool = True) -> float:
+    """ms per batch: keys of one wide query each (every key looks);
+    ``indexed`` as in :func:`traffic_cost`."""
     detector = OutOfDistributionDetector(OodParams())
+    if not indexed:
+        detector._cohort_index = None
     detector.learn_baseline(continuous_reference())
     ids = [f"k{i}" for i in range(n_keys)]
     quiet = [False] * n_keys
@@ -153,16 +162,21 @@ def _main() -> None:
     args = parser.parse_args()
     globals()["BATCH"] = args.batch
     if args.what == "cost":
-        for name, cost in (
-            ("traffic", traffic_cost),
-            ("ood", ood_cost),
-            ("margin", margin_cost),
-        ):
+        for name, indexed_cost in (("traffic", traffic_cost), ("ood", ood_cost)):
             for n in args.keys:
+                before = indexed_cost(n, False)
+                after = indexed_cost(n, True)
                 print(
-                    f"{name} {n} keys: {cost(n):.2f} ms per {BATCH}-row batch",
+                    f"{name} {n} keys: {before:.3f} ms per {BATCH}-row batch "
+                    f"sorted per batch, {after:.3f} ms indexed "
+                    f"({before / after:.1f} times less)",
                     flush=True,
                 )
+        for n in args.keys:
+            print(
+                f"margin {n} keys: {margin_cost(n):.2f} ms per {BATCH}-row batch",
+                flush=True,
+            )
         return
     params = {} if args.rank_member_z is None else {"rank_member_z": args.rank_member_z}
     for n_hostile in (0, 10, 50):

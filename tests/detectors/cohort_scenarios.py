@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from detectors import _trafficcohort
 from detectors._binomial import binomial_z
 from detectors.traffic import TrafficDetector, TrafficParams
 from tests.detectors.test_traffic_cohort import _play
@@ -115,17 +114,20 @@ def restart(
         for k in range(n_keys)
     }
     looked: list[npt.NDArray[np.int64]] = []
-    sums = _trafficcohort.cohort_sums
+    detector = TrafficDetector(params, seed=0)
+    # Every look goes through the detector's index of young keys.
+    index = detector._cohort_index
+    assert index is not None
+    pool = index.pool
 
-    def recording(*args: Any) -> None:
-        sums(*args)
-        looked.append(args[-1].copy())
+    def recording(*args: Any) -> npt.NDArray[np.int64]:
+        found = pool(*args)
+        looked.append(found.copy())
+        return found
 
-    _trafficcohort.cohort_sums = recording
-    try:
-        scores, highest = _replay(TrafficDetector(params, seed=0), streams)
-    finally:
-        _trafficcohort.cohort_sums = sums
+    # A recording wrapper in its place, for this detector only.
+    index.pool = recording  # type: ignore[method-assign,assignment]
+    scores, highest = _replay(detector, streams)
     through = sum(
         any(s.flagged and "successive gap pairs" in s.evidence for s in rows)
         for rows in scores.values()

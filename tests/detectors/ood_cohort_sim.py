@@ -41,7 +41,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from detectors import _oodcohort as ood_cohort_module
 from detectors._binomial import upper_tail
 from detectors._cohort import Pooled
 from detectors.calibration import calibrate
@@ -393,10 +392,14 @@ def restart(
     }
     ood = detector(**params)
     looks = Looks()
-    real_pool = ood_cohort_module.pool
+    # Every look goes through the detector's index of young keys.
+    index = ood._cohort_index
+    assert index is not None
+    real_pool = index.pool
 
-    def recording(*args: Any) -> Pooled:
-        found = real_pool(*args)
+    def recording(*args: Any) -> npt.NDArray[np.int64]:
+        sums = real_pool(*args)
+        found = Pooled(sums[0], sums[1], sums[2])
         looks.looks += len(found.keys)
         big = found.keys >= ood.params.cohort_min_keys
         if big.any():
@@ -408,13 +411,11 @@ def restart(
                 looks.share_at_lowest = float(
                     found.total_b[big][at] / found.total_a[big][at]
                 )
-        return found
+        return sums
 
-    ood_cohort_module.pool = recording  # type: ignore[assignment]
-    try:
-        return replay(ood, streams, [], batch_s=0.05), looks
-    finally:
-        ood_cohort_module.pool = real_pool  # type: ignore[assignment]
+    # A recording wrapper in its place, for this detector only.
+    index.pool = recording  # type: ignore[method-assign,assignment]
+    return replay(ood, streams, [], batch_s=0.05), looks
 
 
 def alongside(

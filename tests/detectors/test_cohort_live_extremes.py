@@ -106,7 +106,9 @@ CASES: list[tuple[Callable[[], tuple[Detector[Any], Step]], list[dict[str, Any]]
             {"cohort_window_s": 3600.0, "cohort_pace_share": 10.0},
             {"cohort_min_keys": 2, "member_z": 0.0, "rank_member_z": 0.0},
             {"cohort_z": 1e-300, "rank_z": 1e-300, "opening_z": 1e-300},
-            {"cohort_z": INF, "rank_z": INF},
+            # Infinity is refused as not finite (every float parameter);
+            # the largest double is the bar no key reaches.
+            {"cohort_z": 1.7e308, "rank_z": 1.7e308},
             {"rank_min_answers": 8, "rank_horizon": 16, "rank_min_baseline": 64},
             {"rank_horizon": 100_000, "rank_repeat_eps": 1.0},
             {"cohort_window_s": 0.0},

@@ -5,11 +5,12 @@ Each young key whose own z reaches ``member_z`` (or ``strong_member_z``)
 looks for its cohort once per batch. An attacker makes every key of every
 batch look; the look-up scanned every slot, 20 ms for a 256-row batch over
 20,000 keys against 0.1 to 0.5 ms for the rest of the detector's batch. It
-now binary-searches the young keys sorted once per batch (0.4 ms there;
+then binary-searched the young keys sorted once per batch (0.4 ms there;
 1.7 ms over 100,000 young keys, the sort most of it, measured once by hand:
-speed is not asserted in unit tests on this shared machine). These tests
-pin that it finds exactly what the scan found, boundaries and ties
-included."""
+speed is not asserted in unit tests on this shared machine), and now
+searches them kept in order across batches (``detectors._cohortindex``;
+``test_cohort_index.py`` checks the two agree). These tests pin that it
+finds exactly what the scan found, boundaries and ties included."""
 
 from __future__ import annotations
 
@@ -106,6 +107,10 @@ def _random_state(
     metronome = rng.random(n_keys) < 0.5
     matches = np.where(metronome, pairs, (rng.random(n_keys) * (pairs + 1)))
     arrays["matches"][slots] = matches.astype(np.int64)
+    # Written behind the detector's back: its index of young keys, kept from
+    # the batches and loads it saw, must be built again from these.
+    assert detector._cohort_index is not None
+    detector._cohort_index.stale()
     return detector
 
 

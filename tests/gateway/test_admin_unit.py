@@ -3,6 +3,8 @@ address checks, and secrets kept out of reprs."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from detectors import DetectorScore
@@ -129,3 +131,60 @@ def test_view_and_history_writes_follow_changes_or_the_interval() -> None:
     # A change of action is written at once; a repeated one waits.
     assert _due((0.0, "allow"), "block", 1.0, 10.0)
     assert not _due((0.0, "block"), "block", 1.0, 10.0)
+
+
+@pytest.mark.parametrize("body", [b'{"user": "olga", "password": ', b"\xff\xfe{}"])
+async def test_an_unparsable_body_is_malformed_not_invalid(body: bytes) -> None:
+    # docs/admin.md: a body that cannot be parsed is 400 MALFORMED_REQUEST;
+    # 422 SCHEMA_INVALID is for JSON of the wrong shape. The front door makes
+    # the same distinction (MALFORMED_JSON). No lifespan runs: the body is
+    # refused before the route, which would need the stores.
+    import httpx
+
+    from gateway.admin.app import create_app
+    from gateway.config import load_settings
+
+    app = create_app(load_settings())
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        answer = await http.post(
+            "/v1/sessions",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["code"] == "MALFORMED_REQUEST"
+
+
+async def test_an_oversize_body_is_refused_before_it_is_read() -> None:
+    # The login route takes bodies from anyone: without a limit a 400 MB
+    # body was read whole (over 1 GB resident) before the schema refused it.
+    import httpx
+
+    from gateway.admin.app import create_app
+    from gateway.config import load_settings
+
+    settings = load_settings(admin={"max_body_bytes": 4096})
+    app = create_app(settings)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    json_type = {"Content-Type": "application/json"}
+    big = b'{"user": "' + b"a" * 5000 + b'"}'
+
+    async def chunked() -> Any:
+        # No Content-Length: judged on the bytes read, never read past it.
+        for _ in range(100):
+            yield b"a" * 1000
+
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        declared = await http.post("/v1/sessions", content=big, headers=json_type)
+        streamed = await http.post("/v1/sessions", content=chunked(), headers=json_type)
+        bad_length = await http.post(
+            "/v1/sessions",
+            content=b"{}",
+            headers={**json_type, "Content-Length": "x"},
+        )
+    for answer in (declared, streamed):
+        assert answer.status_code == 413, answer.text
+        assert answer.json()["code"] == "PAYLOAD_TOO_LARGE", answer.text
+    assert bad_length.status_code == 400, bad_length.text
+    assert bad_length.json()["code"] == "MALFORMED_REQUEST", bad_length.text

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
+from gateway import logs
 from gateway.alert_forward import (
     AUTHORIZATION_ENV,
+    BATCH_CONTENT_TYPE,
     CONTENT_TYPE,
     AlertForwarder,
     ForwardOptions,
@@ -88,6 +92,40 @@ async def test_a_delivered_alert_is_one_cloudevent_post() -> None:
     assert receiver.headers[0]["content-type"] == CONTENT_TYPE
     assert receiver.headers[0]["x-team"] == "ml"
     assert forward.stats.delivered == 1
+
+
+@pytest.fixture
+def command_logging() -> Iterator[None]:
+    """The logging a command sets up (gateway.logs.configure), undone after
+    the test so that pytest's own handlers come back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    libraries = {
+        name: logging.getLogger(name).level
+        for name in ("httpx", "httpcore", "aiokafka", "kafka")
+    }
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, library_level in libraries.items():
+        logging.getLogger(name).setLevel(library_level)
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+async def test_no_log_line_names_the_webhook_path(
+    command_logging: None, level: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # httpx logs every request's whole URL at INFO ("HTTP Request: POST
+    # http://.../hooks/secret-token?key=abc"); a webhook's path and query
+    # are often its secret, and the forwarder promises to log only scheme,
+    # host and port.
+    logs.configure(level)
+    receiver = Receiver([503, 200])
+    forward = forwarder(receiver, [])
+    assert await forward._settle(alert("a1"), asyncio.Event())
+    err = capsys.readouterr().err
+    assert "alert not delivered, retrying" in err  # the forwarder's own line
+    assert "secret-token" not in err and "key=abc" not in err, err
 
 
 async def test_server_and_auth_failures_are_retried_with_a_doubling_back_off() -> None:
@@ -231,3 +269,177 @@ def test_unknown_actions_bad_ports_and_ipv6_endpoints() -> None:
     with pytest.raises(ValueError, match="invalid port"):
         ForwardOptions(url="http://127.0.0.1:99999/x")
     assert endpoint_label("http://[::1]:29900/hook") == "http://[::1]:29900"
+
+
+def sample(forward: AlertForwarder, name: str, **labels: str) -> float | None:
+    return forward.metrics.registry.get_sample_value(name, labels)
+
+
+async def test_metrics_count_outcomes_retries_by_cause_and_the_last_success() -> None:
+    timeout = httpx.ReadTimeout("slow")
+    refused = httpx.ConnectError("refused")
+    receiver = Receiver([503, timeout, refused, 200, 400])
+    backoffs: list[float | None] = []
+    forward = AlertForwarder(
+        load_settings(),
+        ForwardOptions(url=URL, first_backoff_s=0.5, max_backoff_s=4.0),
+        client=httpx.AsyncClient(transport=httpx.MockTransport(receiver)),
+        clock=lambda: 1_700_000_000.0,
+    )
+
+    async def sleep(seconds: float) -> None:
+        # What a scrape during the wait sees.
+        backoffs.append(sample(forward, "modelgate_forward_backoff_seconds"))
+
+    forward._sleep = sleep
+    assert sample(forward, "modelgate_forward_last_success_timestamp_seconds") == 0
+    stop = asyncio.Event()
+    for value in (alert("a1"), alert("a2"), alert("a2"), b"junk"):
+        assert await forward._settle(value, stop)
+    outcomes = {
+        outcome: sample(forward, "modelgate_forward_alerts_total", outcome=outcome)
+        for outcome in ("delivered", "refused", "duplicate", "filtered", "unreadable")
+    }
+    assert outcomes == {
+        "delivered": 1,
+        "refused": 1,
+        "duplicate": 1,
+        "filtered": 0,
+        "unreadable": 1,
+    }
+    causes = {
+        cause: sample(forward, "modelgate_forward_retries_total", cause=cause)
+        for cause in ("status", "timeout", "transport")
+    }
+    assert causes == {"status": 1, "timeout": 1, "transport": 1}
+    assert backoffs == [0.5, 1.0, 2.0]
+    assert sample(forward, "modelgate_forward_backoff_seconds") == 0
+    assert sample(
+        forward, "modelgate_forward_last_success_timestamp_seconds"
+    ) == pytest.approx(1_700_000_000.0)
+
+
+class FakeConsumer:
+    """What the lag export asks of aiokafka's consumer."""
+
+    def __init__(self, highwater: dict[Any, int], positions: dict[Any, int]) -> None:
+        self.highwaters = highwater
+        self.positions = positions
+
+    def assignment(self) -> set[Any]:
+        return set(self.highwaters)
+
+    def highwater(self, tp: Any) -> int | None:
+        return self.highwaters.get(tp)
+
+    async def position(self, tp: Any) -> int:
+        return self.positions[tp]
+
+
+class Record:
+    def __init__(self, offset: int, value: bytes | None = None) -> None:
+        self.offset = offset
+        self.value = value
+
+
+async def test_lag_counts_alerts_not_yet_settled_and_drops_revoked_partitions() -> None:
+    from aiokafka import TopicPartition
+
+    p0, p1 = TopicPartition("alerts", 0), TopicPartition("alerts", 1)
+    consumer = FakeConsumer({p0: 10, p1: 7}, {p1: 7})
+    forward = forwarder(Receiver([]), [])
+
+    def lag(tp: TopicPartition) -> float | None:
+        return sample(
+            forward,
+            "modelgate_consumer_lag",
+            topic="alerts",
+            partition=str(tp.partition),
+        )
+
+    # A batch of offsets 6..9 in hand on p0; p1 idle at its committed offset.
+    await forward._export_lag(consumer, {p0: [Record(6), Record(7)]})
+    assert (lag(p0), lag(p1)) == (4, 0)
+    forward._advance(consumer, p0, 7)  # offset 6 settled
+    assert lag(p0) == 3
+    # p1 revoked: its series goes rather than staying frozen.
+    del consumer.highwaters[p1]
+    await forward._export_lag(consumer, {})
+    assert lag(p0) == 3 and lag(p1) is None
+
+
+def test_the_metrics_listener_serves_and_a_taken_port_is_a_config_error() -> None:
+    from gateway.errors import ConfigError
+    from gateway.metrics import ForwarderMetrics
+    from tests.integration.oip_servers import free_port
+
+    metrics = ForwarderMetrics()
+    port = metrics.serve("127.0.0.1", free_port())
+    try:
+        body = httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False).text
+        assert 'modelgate_forward_alerts_total{outcome="delivered"} 0.0' in body
+        assert "modelgate_forward_pending 0.0" in body
+        with pytest.raises(ConfigError) as taken:
+            ForwarderMetrics().serve("127.0.0.1", port)
+        assert taken.value.code == "CONFIG_INVALID"
+        assert "forward.metrics_port" in str(taken.value)
+    finally:
+        metrics.close()
+    assert ForwarderMetrics().serve("127.0.0.1", 0) == 0
+
+
+async def test_a_batch_holds_up_to_batch_max_alerts_of_one_fetch_in_order() -> None:
+    from aiokafka import TopicPartition
+
+    tp = TopicPartition("alerts", 0)
+    consumer = FakeConsumer({tp: 6}, {})
+    receiver = Receiver([])
+    forward = forwarder(receiver, [], batch_max=3)
+    values = [alert("a1"), b"junk", alert("a2"), alert("a3"), alert("a4"), b"junk"]
+    records = [Record(i, value) for i, value in enumerate(values)]
+    settled = await forward._settle_records(consumer, tp, records, asyncio.Event())
+    assert settled == 5
+    assert [[e["id"] for e in body] for body in receiver.bodies] == [
+        ["a1", "a2", "a3"],
+        ["a4"],
+    ]
+    assert {h["content-type"] for h in receiver.headers} == {BATCH_CONTENT_TYPE}
+    assert forward.stats.delivered == 4 and forward.stats.unreadable == 2
+    assert sample(forward, "modelgate_consumer_lag", topic="alerts", partition="0") == 0
+
+
+async def test_a_refused_batch_is_sent_again_one_by_one() -> None:
+    receiver = Receiver([400, 200, 422])
+    forward = forwarder(receiver, [], batch_max=10)
+    events = [json.loads(alert("good")), json.loads(alert("bad"))]
+    assert await forward._deliver(events, asyncio.Event())
+    assert [[e["id"] for e in body] for body in receiver.bodies] == [
+        ["good", "bad"],
+        ["good"],
+        ["bad"],
+    ]
+    assert (forward.stats.delivered, forward.stats.refused) == (1, 1)
+
+
+async def test_a_stop_mid_batch_settles_none_of_it() -> None:
+    from aiokafka import TopicPartition
+
+    tp = TopicPartition("alerts", 0)
+    stop = asyncio.Event()
+    receiver = Receiver([503] * 5)
+
+    async def sleep(seconds: float) -> None:
+        stop.set()
+
+    forward = AlertForwarder(
+        load_settings(),
+        ForwardOptions(url=URL, batch_max=2),
+        client=httpx.AsyncClient(transport=httpx.MockTransport(receiver)),
+        sleep=sleep,
+    )
+    records = [Record(i, alert(name)) for i, name in enumerate(("a1", "a2", "a3"))]
+    consumer = FakeConsumer({tp: 3}, {})
+    assert await forward._settle_records(consumer, tp, records, stop) is None
+    assert forward.stats.delivered == 0
+    with pytest.raises(ValueError, match="batch-max"):
+        ForwardOptions(url=URL, batch_max=0)

@@ -78,6 +78,26 @@ def test_a_taken_metrics_port_exits_2_like_the_serve_commands(
     )
 
 
+def test_a_taken_metrics_port_stops_the_alert_forwarder_before_kafka(
+    monkeypatch: pytest.MonkeyPatch, taken_port: int
+) -> None:
+    import gateway.alert_forward as forward
+
+    class NeverRuns:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise AssertionError("the forwarder started with its port taken")
+
+    monkeypatch.setattr(forward, "AlertForwarder", NeverRuns)
+    monkeypatch.setenv("MODELGATE_FORWARD__METRICS_PORT", str(taken_port))
+    result = CliRunner().invoke(
+        app, ["alerts-forward", "--url", "http://127.0.0.1:9/hook"]
+    )
+    assert result.exit_code == 2, result.output
+    assert f"error [CONFIG_INVALID]: forward.metrics_port {taken_port}" in (
+        result.output
+    )
+
+
 @pytest.mark.parametrize("limit", ["0", "-1"])
 def test_feedback_rejected_refuses_a_limit_under_one(limit: str) -> None:
     """``--limit 0`` printed "0 rejected records" whatever the topic held."""
@@ -103,3 +123,19 @@ def test_an_empty_token_says_none_was_given(
     assert result.exit_code == 2, result.output
     assert "error [AUTH_MISSING]: no API key token given" in result.output
     assert "malformed" not in result.output
+
+
+@pytest.mark.parametrize("data", ["[NaN, 1]", "[1, Infinity]", "[1e39, 1]"])
+def test_send_refuses_values_json_cannot_carry(
+    data: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--data '[NaN]'`` went out as null and came back SCHEMA_INVALID "got
+    null"; 1e39 is infinite as FP32. Refused before anything is sent."""
+    # Nothing listens here: were the request sent, the command would fail
+    # on the broker, not on the data.
+    monkeypatch.setenv("MODELGATE_KAFKA__BOOTSTRAP", "127.0.0.1:1")
+    token = "mgk_000000000000." + "A" * 43
+    argv = ["send", "--token", token, "--client-id", "c", "--timeout-s", "1"]
+    result = CliRunner().invoke(app, [*argv, "--data", data])
+    assert result.exit_code == 2, result.output
+    assert "NaN or infinity" in result.output, result.output

@@ -18,7 +18,12 @@ from gateway.config import Settings
 from gateway.feedback import FeedbackGuard, build_guard, guard_params
 from gateway.feedback_data import calibration_rows
 from gateway.feedback_steps import FeedbackItem, decode, rejected_message, validate
-from gateway.feedback_wire import FEEDBACK_CODES, build_feedback, decode_feedback
+from gateway.feedback_wire import (
+    FEEDBACK_CODES,
+    build_feedback,
+    decode_feedback,
+    decode_rejected,
+)
 from gateway.models import ServedModel, load_model
 from gateway.zoo import ensure_model
 
@@ -182,6 +187,30 @@ def test_a_rejection_stays_small_whatever_the_record_quotes(
     _, rejected = rejected_message(item, 0)
     # The kept value (its first 64 KiB, base64) and a clipped message.
     assert len(rejected) < 100_000, len(rejected)
+
+
+def test_an_oversize_record_is_rejected_under_its_feedback_id(
+    service: tuple[FeedbackGuard, Any],
+) -> None:
+    """Regression: an oversize record's rejection named neither its feedback
+    id nor its key id, so its sender could not find it (the worker answers an
+    oversize request under its request id since e2f92df)."""
+    guard, _ = service
+    value = _value(feedback_id="fb-big", key_id="mgk_0123456789ab",
+                   tensor={"data": [0.0] * 10**6})  # fmt: skip
+    limit = guard.settings.kafka.max_message_bytes
+    assert len(value) > limit
+    record = SimpleNamespace(key=b"c", headers=[], offset=7, value=value)
+    item = decode(TopicPartition("t", 0), record, limit)
+    assert item.error is not None and item.error.code == "PAYLOAD_TOO_LARGE"
+    key, raw = rejected_message(item, 0)
+    rejected = decode_rejected(raw)
+    assert rejected.code == "PAYLOAD_TOO_LARGE"
+    assert rejected.feedback_id == "fb-big"
+    assert rejected.key_id == "mgk_0123456789ab"
+    assert rejected.offset == 7
+    # Not authenticated: the record names no client and is not keyed by one.
+    assert rejected.client_id is None and key is None
 
 
 @pytest.mark.parametrize("second", [b"0" * 64, None, "same"])

@@ -26,8 +26,17 @@ PIXELS = TensorSpec("pixels", "FP32", (-1, 64), 0.0, 16.0)
         # SCHEMA_INVALID (a dead letter for a front door's own record).
         ("FP32", 3.5e38),
         ("FP32", -1e39),
+        # FP64 for the FP32 model is narrowed to FP32; beyond FP32 it was
+        # passed on as FP64 and refused by the worker as DTYPE_MISMATCH.
+        ("FP64", 3.5e38),
     ],
-    ids=["fp32-400-digits", "fp64-400-digits", "fp32-3.5e38", "fp32-minus-1e39"],
+    ids=[
+        "fp32-400-digits",
+        "fp64-400-digits",
+        "fp32-3.5e38",
+        "fp32-minus-1e39",
+        "fp64-3.5e38-for-fp32",
+    ],
 )
 def test_numbers_no_float_type_holds_are_non_finite(
     datatype: str, first: float | int

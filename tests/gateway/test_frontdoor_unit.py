@@ -4,6 +4,7 @@ window numbers, and tensor conversion. No Kafka, Redis or sockets."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,6 +24,44 @@ from gateway.models import TensorSpec
 from gateway.protocol import RateInfo
 
 PIXELS = TensorSpec("pixels", "FP32", (-1, 64), 0.0, 16.0)
+_GOOD_TOKEN = "the-one-good-token"
+
+
+def _served_app() -> Any:
+    """A front door app serving digits, with a stand-in key store (one good
+    token) and no Kafka: a request that passes every check meets
+    ``NOT_READY`` from the stand-in round trip."""
+    from gateway.config import load_settings
+    from gateway.errors import AuthError, BrokerError
+    from gateway.frontdoor.app import create_app
+    from gateway.frontdoor.service import CheckedKey
+    from gateway.keys import ApiKey
+    from gateway.models import ModelSignature
+
+    app = create_app(load_settings())
+    door = app.state.frontdoor
+    door.signatures = {
+        "digits": ModelSignature(
+            name="digits", version="2", inputs=(PIXELS,),
+            outputs=(TensorSpec("label", "INT64", (-1,), None, None),),
+            classes=tuple(range(10)),
+        )
+    }  # fmt: skip
+
+    async def check_key(token: str | None, model: str) -> CheckedKey:
+        if not token:
+            raise AuthError("no API key presented", code="AUTH_MISSING")
+        if token != _GOOD_TOKEN:
+            raise AuthError("unknown API key", code="AUTH_UNKNOWN_KEY")
+        key = ApiKey.__new__(ApiKey)  # never read by the stand-in round trip
+        return CheckedKey("mgk_000000000001", b"s" * 32, key)
+
+    async def infer(*args: object, **kwargs: object) -> None:
+        raise BrokerError("stand-in: the request passed every check", code="NOT_READY")
+
+    door.check_key = check_key
+    door.infer = infer
+    return app
 
 
 @pytest.mark.parametrize("code", sorted({*ERROR_CODES, *FRONTDOOR_CODES}))
@@ -100,8 +139,11 @@ def test_flat_and_nested_data_give_the_same_array() -> None:
 def test_integer_data_for_a_float_input_is_converted_exactly() -> None:
     array = to_array(_tensor(list(range(64)), [1, 64], "INT32"), PIXELS)
     assert array.dtype == np.float32
-    fp64 = to_array(_tensor([0.5] * 64, [1, 64], "FP64"), PIXELS)
-    assert fp64.dtype == np.float64  # kept; the worker judges the datatype
+    fp64 = to_array(_tensor([0.1] * 64, [1, 64], "FP64"), PIXELS)
+    assert fp64.dtype == np.float32  # rounded to the model's FP32
+    assert fp64[0, 0] == np.float32(0.1)
+    no_model = to_array(_tensor([0.1] * 64, [1, 64], "FP64"), None)
+    assert no_model.dtype == np.float64  # no declared input: kept for the worker
     too_big = to_array(_tensor([2**40 + 1] * 2, [1, 2], "INT64"), PIXELS)
     assert too_big.dtype == np.int64  # not exact in float32
 
@@ -181,24 +223,25 @@ async def test_a_body_not_sent_as_json_is_told_to_use_the_json_content_type(
 
     import httpx
 
-    from gateway.config import load_settings
-    from gateway.frontdoor.app import create_app
-
-    app = create_app(load_settings())
-    transport = httpx.ASGITransport(app=app)
+    transport = httpx.ASGITransport(app=_served_app())
     body = {"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32",
                         "data": [0.0] * 64}]}  # fmt: skip
-    headers = {} if content_type is None else {"Content-Type": content_type}
+    headers = {"X-API-Key": _GOOD_TOKEN}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
         answer = await http.post(
             "/v2/models/digits/infer", content=json.dumps(body), headers=headers
         )
-        # The same bytes as JSON pass validation (and meet the unstarted
-        # front door's NOT_READY).
+        # The same bytes as JSON pass validation (and meet the stand-in
+        # round trip's NOT_READY).
         as_json = await http.post(
             "/v2/models/digits/infer",
             content=json.dumps(body),
-            headers={"Content-Type": "application/json; charset=utf-8"},
+            headers={
+                "X-API-Key": _GOOD_TOKEN,
+                "Content-Type": "application/json; charset=utf-8",
+            },
         )
     assert answer.status_code == 400, answer.text
     assert answer.json()["code"] == "SCHEMA_INVALID", answer.text
@@ -214,25 +257,82 @@ async def test_a_body_not_sent_as_json_is_told_to_use_the_json_content_type(
 )
 async def test_every_json_content_type_is_read_as_json(content_type: str) -> None:
     """``application/<x>+json`` is JSON too (docs/frontdoor.md): such a body
-    passes validation and meets the unstarted front door's NOT_READY."""
+    passes validation and meets the stand-in round trip's NOT_READY."""
     import json
 
     import httpx
 
-    from gateway.config import load_settings
-    from gateway.frontdoor.app import create_app
-
-    app = create_app(load_settings())
-    transport = httpx.ASGITransport(app=app)
+    transport = httpx.ASGITransport(app=_served_app())
     body = {"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32",
                         "data": [0.0] * 64}]}  # fmt: skip
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
         answer = await http.post(
             "/v2/models/digits/infer",
             content=json.dumps(body),
-            headers={"Content-Type": content_type},
+            headers={"Content-Type": content_type, "X-API-Key": _GOOD_TOKEN},
         )
     assert answer.json()["code"] == "NOT_READY", answer.text
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type"),
+    [
+        (b'{"inputs": [', "application/json"),  # MALFORMED_JSON with a key
+        (b'{"inputs": []}', "application/json"),  # SCHEMA_INVALID with a key
+        (b'{"inputs": [{"name": "pixels"}]}', "text/plain"),  # the wrong type
+        (b'{"inputs": [{"name": "pixels", "shape": [1, 2], "datatype": "FP32",'
+         b' "data": [0.0]}]}', "application/json"),  # SHAPE_MISMATCH with a key
+    ],
+    ids=["malformed", "schema", "content-type", "shape"],
+)  # fmt: skip
+async def test_the_key_is_checked_before_the_body(
+    content: bytes, content_type: str
+) -> None:
+    """An anonymous caller learns nothing about the request schema: its bad
+    body is answered as a missing or unknown key. Regression: FastAPI read
+    the body first, so the answer was the body's 400."""
+    import httpx
+
+    transport = httpx.ASGITransport(app=_served_app())
+    headers = {"Content-Type": content_type}
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        url = "/v2/models/digits/infer"
+        keyed = await http.post(
+            url, content=content, headers={**headers, "X-API-Key": _GOOD_TOKEN}
+        )
+        anonymous = await http.post(url, content=content, headers=headers)
+        unknown = await http.post(
+            url,
+            content=content,
+            headers={**headers, "Authorization": "Bearer someone-else"},
+        )
+        versioned = await http.post(
+            "/v2/models/digits/versions/2/infer", content=content, headers=headers
+        )
+        # Whether a model is served is public (its metadata needs no key).
+        other_model = await http.post(
+            "/v2/models/nope/infer", content=content, headers=headers
+        )
+    assert keyed.status_code == 400, keyed.text
+    assert anonymous.status_code == 401, anonymous.text
+    assert anonymous.json()["code"] == "AUTH_MISSING", anonymous.text
+    assert unknown.json()["code"] == "AUTH_UNKNOWN_KEY", unknown.text
+    assert versioned.json()["code"] == "AUTH_MISSING", versioned.text
+    assert other_model.json()["code"] == "UNKNOWN_MODEL", other_model.text
+
+
+async def test_the_body_limit_comes_before_the_key() -> None:
+    import httpx
+
+    transport = httpx.ASGITransport(app=_served_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        oversize = await http.post(
+            "/v2/models/digits/infer",
+            content=b"0" * 2_000_000,
+            headers={"Content-Type": "application/json"},
+        )
+    assert oversize.status_code == 413, oversize.text
+    assert oversize.json()["code"] == "PAYLOAD_TOO_LARGE"
 
 
 def test_default_instance_id_validates_on_any_host(

@@ -54,6 +54,44 @@ def test_refusal_names_field_and_rule(
     assert rule in info.value.message, info.value.message
 
 
+def _float_fields() -> list[str]:
+    """Every float leaf of the live document (limits, policy, every
+    detector's live parameters, links), plus the optional floats that are
+    unset by default."""
+    doc = LiveConfig.from_settings(load_settings()).as_dict()
+    found: list[str] = []
+
+    def walk(node: object, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{path}.{key}" if path else str(key))
+        elif isinstance(node, float):
+            found.append(path)
+
+    walk(doc, "")
+    return [*found, "detectors.ood.query_threshold", "detectors.knn.knn_threshold"]
+
+
+def test_every_float_setting_says_nan_and_infinity_are_not_finite() -> None:
+    """Regression: ``config set policy.flag_at=nan`` was refused as "should
+    be less than or equal to 100", and an unbounded-above float such as
+    ``limits.rate_per_s`` took ``inf``."""
+    fields = _float_fields()
+    assert {"policy.flag_at", "limits.rate_per_s", "detectors.similarity.eps"} <= set(
+        fields
+    ) and any(f.startswith("links.") for f in fields)
+    document = LiveConfig.from_settings(load_settings())
+    for field in fields:
+        for text in ("nan", "inf", "-inf", "Infinity", "NaN"):
+            # As `modelgate config set field=text` parses it.
+            changes = parse_assignments([f"{field}={text}"])
+            with pytest.raises(ConfigError) as info:
+                with_changes(document, changes)
+            message = info.value.message
+            assert f"{field}: Input should be a finite number" in message, message
+            assert "(rule: finite_number)" in message, message
+
+
 @pytest.mark.parametrize("key", ["policy.flag_att", "policy", "limits.burst.x", ""])
 def test_unknown_or_malformed_key_is_refused(key: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -51,7 +51,8 @@ def test_valid_request_returns_rows() -> None:
         ({"request_id": ""}, "SCHEMA_INVALID"),
         ({"request_id": "x" * 129}, "SCHEMA_INVALID"),
         ({"name": "image"}, "TENSOR_NAME"),
-        ({"datatype": "FP64"}, "DTYPE_MISMATCH"),
+        ({"datatype": "INT64"}, "DTYPE_MISMATCH"),
+        ({"datatype": "FP64", "data": [3.5e38] + [1.0] * 63}, "NON_FINITE"),
         ({"shape": [1, 63], "data": [1.0] * 63}, "SHAPE_MISMATCH"),
         ({"shape": [64]}, "SHAPE_MISMATCH"),
         ({"shape": [5, 64], "data": [1.0] * 320}, "SHAPE_MISMATCH"),
@@ -67,6 +68,16 @@ def test_each_bad_request_gets_its_code(changes: dict[str, object], code: str) -
     with pytest.raises(ValidationError) as info:
         validate_request(_request(**changes), SIGNATURE)
     assert info.value.code == code, info.value.message
+
+
+def test_fp64_for_an_fp32_input_is_rounded_to_fp32() -> None:
+    # Kafka clients built on float64 need not cast, as with OIP servers such
+    # as MLServer; the rows are the model's FP32.
+    rows = validate_request(
+        _request(datatype="FP64", data=[0.1] + [1.0] * 63), SIGNATURE
+    )
+    assert rows.dtype == np.float32
+    assert rows[0, 0] == np.float32(0.1)
 
 
 def test_two_tensors_are_refused() -> None:

@@ -166,3 +166,74 @@ async def test_a_held_answer_holds_its_partitions_commit_until_sent() -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
     # Once the answer is gone the partition commits as far as its batches went.
     assert held.committable({tp: 12}) == {tp: 12}
+
+
+def test_an_oversize_request_is_answered_not_only_dead_lettered() -> None:
+    """A request over kafka.max_message_bytes (32 rows of a wide model, say)
+    was refused without reading its request id, so its sender got no answer
+    and waited out its timeout, retrying; the reply fields are read as for
+    any other invalid request."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from gateway.batch import response_for
+    from gateway.intake import decode
+
+    _, value, headers = protocol.build_request(
+        key_id="mgk_000000000001",
+        secret=b"s" * 32,
+        model="digits",
+        inputs={"pixels": np.ones((32, 2000), dtype=np.float32)},
+        request_id="r-big",
+        reply_to="modelgate.responses.fd-1",
+    )
+    record = SimpleNamespace(
+        value=value, key=b"c", headers=headers, offset=7, timestamp=1
+    )
+    item = decode(TopicPartition("modelgate.requests", 0), record, 64 * 1024)
+    assert item.error is not None and item.error.code == "PAYLOAD_TOO_LARGE"
+    assert (item.request_id, item.reply_to) == ("r-big", "modelgate.responses.fd-1")
+    answer = response_for(item, 0, 0)
+    assert answer.error is not None, answer
+    assert (answer.request_id, answer.error.code) == ("r-big", "PAYLOAD_TOO_LARGE")
+
+
+@pytest.mark.parametrize(
+    ("timestamp_type", "judged_when_sent"), [(1, True), (0, False)]
+)
+def test_only_a_broker_timestamp_dates_a_request_for_its_rate(
+    timestamp_type: int, judged_when_sent: bool
+) -> None:
+    """Admission judges the rate at the record's timestamp only when the
+    broker set it (LogAppendTime): a producer's CreateTime is the client's
+    own to choose, and a thief could date a burst as a slow trickle."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from gateway.intake import admit_item, decode
+    from gateway.keys import ApiKey
+
+    _, value, headers = protocol.build_request(
+        key_id="mgk_000000000001",
+        secret=b"s" * 32,
+        model="digits",
+        inputs={"pixels": np.ones((1, 64), dtype=np.float32)},
+        request_id="r-1",
+    )
+    record = SimpleNamespace(
+        value=value,
+        key=b"c",
+        headers=headers,
+        offset=3,
+        timestamp=1_765_000_000_123,
+        timestamp_type=timestamp_type,
+    )
+    item = decode(TopicPartition("modelgate.requests", 0), record, 1 << 20)
+    assert item.error is None and item.request is not None
+    item.key = cast(
+        ApiKey, SimpleNamespace(client_id="carol", plan="default", limit_overrides="")
+    )
+    sent_us = admit_item(item).sent_us
+    assert sent_us == (1_765_000_000_123_000 if judged_when_sent else None)

@@ -66,8 +66,8 @@ def isolated_settings(
 
     ``kafka``, ``worker`` and ``redis`` overrides are merged into the isolated
     values (``redis`` may set timeouts and the breaker, not the key prefix);
-    ``frontdoor``, ``admin`` and ``feedback`` get ``metrics_port`` 0 unless
-    they set it;
+    ``frontdoor``, ``admin``, ``feedback`` and ``forward`` get
+    ``metrics_port`` 0 unless they set it;
     other overrides go to :func:`~gateway.config.load_settings` as they are.
     ``kafka.topics`` and ``live`` overrides are merged into the isolated
     topics too.
@@ -103,7 +103,7 @@ def isolated_settings(
     kafka.update(kafka_overrides)
     worker = {"metrics_port": 0, **overrides.pop("worker", {})}
     # No metrics listeners either: a fixed port is shared by every test run.
-    for app in ("frontdoor", "admin", "feedback"):
+    for app in ("frontdoor", "admin", "feedback", "forward"):
         overrides[app] = {"metrics_port": 0, **overrides.get(app, {})}
     redis = {**overrides.pop("redis", {}), "url": redis_url, "key_prefix": f"t{tag}"}
     overrides["live"] = {"topic": f"test-{tag}.config", **overrides.get("live", {})}

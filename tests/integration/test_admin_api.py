@@ -284,6 +284,7 @@ def test_trusted_proxies_must_be_addresses_or_networks() -> None:
 async def test_roles_are_enforced(admin: AdminHarness) -> None:
     await admin.add_user("vic", "viewer")
     await admin.add_user("otto", "operator")
+    await admin.context.keys.create("c1")  # a client to release
     async with admin.client() as http:
         viewer = await admin.session(http, "vic")
         operator = await admin.session(http, "otto")
@@ -310,6 +311,44 @@ async def test_roles_are_enforced(admin: AdminHarness) -> None:
         "POST /v1/keys",
         "POST /v1/clients/{client_id}/release",
     }, denied
+
+
+async def test_releasing_no_such_client_is_404_and_leaves_nothing(
+    admin: AdminHarness,
+) -> None:
+    """Regression: a release of a client id no key was issued to and the
+    gateway never saw answered 200 ``was_blocked: false`` and left a release
+    marker and a history entry behind."""
+    from gateway.store import redis_from_settings
+
+    await admin.add_user("otto", "operator")
+    await admin.context.keys.create("has-a-key")
+    async with admin.client() as http:
+        operator = await admin.session(http, "otto")
+        missing = await http.post("/v1/clients/nobody/release", headers=operator)
+        keyed = await http.post("/v1/clients/has-a-key/release", headers=operator)
+
+    assert missing.status_code == 404, missing.text
+    assert missing.json()["code"] == "NOT_FOUND"
+    assert keyed.status_code == 200, keyed.text
+    assert keyed.json() == {"client_id": "has-a-key", "was_blocked": False}
+    redis = redis_from_settings(admin.settings)
+    try:
+        clients = admin.context.clients
+        assert await redis.exists(clients.released_key("nobody")) == 0
+        assert await redis.exists(clients.key("nobody", "history")) == 0
+        assert await redis.exists(clients.released_key("has-a-key")) == 1
+    finally:
+        await redis.aclose()
+    releases = [
+        e
+        for e in await admin.audit()
+        if e.action == "POST /v1/clients/{client_id}/release"
+    ]
+    outcomes = {e.target: (e.outcome, e.detail) for e in releases}
+    assert len(releases) == 2, releases
+    assert outcomes["nobody"] == ("failed", {"reason": "no such client"})
+    assert outcomes["has-a-key"][0] == "ok"
 
 
 async def test_sessions_expire_and_can_be_revoked(make_admin: Factory) -> None:

@@ -37,6 +37,7 @@ APPLY_BUDGET_MS = 1000
 def _settings(stack: StackInfo, models_dir: Path, **overrides: Any) -> Settings:
     # Shadow mode and high limits, as the request-path tests use: only the
     # limits changed through the API may refuse a request.
+    limits = {"rate_per_s": 10_000, "burst": 10_000, **overrides.pop("limits", {})}
     return isolated_settings(
         stack.kafka_bootstrap,
         stack.redis_url,
@@ -44,7 +45,7 @@ def _settings(stack: StackInfo, models_dir: Path, **overrides: Any) -> Settings:
         auth={"server_key": Fernet.generate_key().decode()},
         admin=FAST_HASH,
         policy={"shadow": True},
-        limits={"rate_per_s": 10_000, "burst": 10_000},
+        limits=limits,
         **overrides,
     )
 
@@ -306,9 +307,26 @@ async def test_config_routes_answer_503_without_kafka(
             ("olga", "BROKER_UNAVAILABLE")
         ]
 
+        # A key's plan other than "default" is checked against the live
+        # configuration, so it cannot be changed without Kafka either.
+        await admin.add_user("root", "admin")
+        root = await admin.session(client, "root")
+        plan = await client.put(
+            "/v1/keys/mgk_000000000000/plan", json={"plan": "gold"}, headers=root
+        )
+        assert plan.status_code == 503, plan.text
+        assert plan.json()["code"] == "BROKER_UNAVAILABLE", plan.text
+        refused = [
+            e for e in await admin.audit() if e.action.startswith("PUT /v1/keys")
+        ]
+        assert [(e.actor, e.outcome, e.detail) for e in refused] == [
+            ("root", "failed", {"reason": "BROKER_UNAVAILABLE"})
+        ]
+
 
 async def test_key_plans_through_the_api(stack: StackInfo, models_dir: Path) -> None:
-    settings = _settings(stack, models_dir)
+    plans = {"gold": {"quota": {"daily": 10_000}}, "free": {"quota": {"daily": 10}}}
+    settings = _settings(stack, models_dir, limits={"plans": plans})
     async with admin_app(settings) as admin, admin.client() as client:
         await admin.add_user("root", "admin")
         await admin.add_user("olga", "operator")
@@ -360,6 +378,13 @@ async def test_key_plans_through_the_api(stack: StackInfo, models_dir: Path) -> 
             "/v1/keys/mgk_000000000000/plan", json={"plan": "free"}, headers=root
         )
         assert unknown.status_code == 404, unknown.text
+        # A plan no configuration defines is refused, not run as the default.
+        typo = await client.put(path, json={"plan": "glod"}, headers=root)
+        assert typo.status_code == 422, typo.text
+        assert typo.json()["code"] == "UNKNOWN_PLAN", typo.text
+        assert "free, gold" in typo.json()["error"], typo.text
+        stored = await KeyStore(admin.context.redis, settings).get(key_id)
+        assert stored is not None and stored.plan == "free"
 
         # The audit log reads newest first.
         entries = [
@@ -372,7 +397,9 @@ async def test_key_plans_through_the_api(stack: StackInfo, models_dir: Path) -> 
             ("root", "ok"),
             ("root", "ok"),
             ("root", "failed"),
+            ("root", "failed"),
         ]
+        assert entries[-1].detail == {"reason": "unknown plan glod"}
         first_change = entries[1].detail
         assert first_change["plan_before"] == "gold" and first_change["plan"] == "free"
         assert "3600" in first_change["limit_overrides_before"]

@@ -39,7 +39,7 @@ async def test_quick_eval_flags_the_caught_attacks_and_blocks_no_honest_client(
         settings,
         out,
         models=("digits",),
-        attacks=("hopskipjump", "papernot"),
+        attacks=("hopskipjump", "papernot", "nes"),
         n_benign=8,
         quick=True,
         use_stack=False,
@@ -61,13 +61,14 @@ async def test_quick_eval_flags_the_caught_attacks_and_blocks_no_honest_client(
     runs = {(a["attack"], a["variant"]): a for a in report["attacks"]}
     assert set(runs) == {
         (attack, variant)
-        for attack in ("hopskipjump", "papernot")
+        for attack in ("hopskipjump", "papernot", "nes")
         for variant in ("single", "distributed")
     }
     assert runs[("papernot", "distributed")]["keys"] == 10
     # What today's detectors catch from a single key (HopSkipJump's near
-    # duplicates, Papernot's synthetic points) must be flagged.
-    for attack in ("hopskipjump", "papernot"):
+    # duplicates, Papernot's synthetic points, NES's off-lattice samples) must
+    # be flagged.
+    for attack in ("hopskipjump", "papernot", "nes"):
         single = runs[(attack, "single")]
         assert single["flagged"], (attack, single["ledger"], context)
         assert single["direct"], attack  # the unhindered baseline ran

@@ -141,6 +141,10 @@ async def test_infer_returns_exactly_the_models_probabilities(
             json={**_body(rows[:1]), "outputs": [{"name": "label"}]},
             headers=bearer(token),
         )
+        # FP64 for the FP32 model is rounded to FP32, as MLServer does.
+        fp64_body = _body(rows)
+        fp64_body["inputs"][0]["datatype"] = "FP64"
+        fp64 = await http.post(INFER, json=fp64_body, headers=bearer(token))
 
     assert flat.status_code == 200, flat.text
     body = flat.json()
@@ -164,6 +168,8 @@ async def test_infer_returns_exactly_the_models_probabilities(
         expected,
     )
     assert [o["name"] for o in only_label.json()["outputs"]] == ["label"]
+    assert fp64.status_code == 200, fp64.text
+    assert fp64.json()["outputs"] == body["outputs"]
     # The same id and body again, after it was served, is a retry: the kept
     # answer, marked as such; the same id for other rows is a duplicate.
     assert again.status_code == 200, again.text
@@ -191,6 +197,14 @@ async def test_bad_keys_are_refused_before_kafka(settings: Settings) -> None:
     body = _body(_rows(1))
     async with serving(settings) as url, httpx.AsyncClient(base_url=url) as http:
         _assert_error(await http.post(INFER, json=body), 401, "AUTH_MISSING")
+        # The key before the body: a stranger learns nothing of the schema.
+        not_oip = {"inputs": [{"name": "pixels"}]}
+        _assert_error(await http.post(INFER, json=not_oip), 401, "AUTH_MISSING")
+        _assert_error(
+            await http.post(INFER, json=not_oip, headers=bearer(wrong_secret)),
+            401,
+            "AUTH_BAD_SIGNATURE",
+        )
         malformed = await http.post(INFER, json=body, headers=bearer("not-a-token"))
         _assert_error(malformed, 401, "AUTH_UNKNOWN_KEY")
         _assert_error(

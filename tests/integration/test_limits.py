@@ -597,3 +597,136 @@ async def test_fail_retry_raises_for_the_batch_to_be_retried(
         assert without_store(metrics, "open") == without_store(metrics, "closed") == 0
     finally:
         await client.aclose()
+
+
+# Requests judged when they were sent ---------------------------------------
+
+
+def reference_sent(
+    schedule: list[tuple[int, list[int]]], rules: list[dict[str, Any]]
+) -> list[tuple[str, int]]:
+    """``store.gcra`` at each request's sending instant (clamped to now)."""
+    tats: list[float | None] = [None] * len(rules)
+    out = []
+    for now_us, sent in schedule:
+        for sent_us in sent:
+            at_us = min(sent_us, now_us)
+            decisions = [
+                gcra(
+                    tats[r],
+                    now_us,
+                    rule["limit"] / rule["window_s"],
+                    rule.get("burst", rule["limit"]),
+                    at_us=at_us,
+                )
+                for r, rule in enumerate(rules)
+            ]
+            if all(d.allowed for d in decisions):
+                tats = [d.tat_us for d in decisions]
+                out.append(("ok", 0))
+            else:
+                wait_us = max(d.retry_after_us for d in decisions)
+                out.append(("rate_limited", max(-(-int(wait_us) // 1000), 1)))
+    return out
+
+
+async def test_sending_times_match_the_reference(
+    redis: Redis, stack: StackInfo
+) -> None:
+    rng = random.Random(11)
+    clock = Clock(EPOCH_DAY_US + 7_200 * 10**6)
+    counters = store_for(redis, stack, {"plans": {"default": {"rules": RULES}}}, clock)
+    client = unique("sent")
+    schedule: list[tuple[int, list[int]]] = []
+    last_sent = clock.now_us - 20 * 10**6
+    for _ in range(120):
+        clock.now_us += rng.choice([0, 100_000, rng.randrange(0, 3_000_000)])
+        # A batch of requests sent in order since the last one, some long
+        # before this batch is judged (a backlog), one now and then stamped
+        # a little after the worker's clock (the broker's runs ahead).
+        sent = []
+        for _ in range(rng.choice([1, 2, 5, 12])):
+            last_sent = min(last_sent + rng.randrange(0, 250_000), clock.now_us)
+            sent.append(last_sent + rng.choice([0, 0, 0, 0, 40_000]))
+        schedule.append((clock.now_us, sent))
+
+    got: list[tuple[str, int]] = []
+    for now_us, sent in schedule:
+        clock.now_us = now_us
+        results = await counters.admit_batch([item(client, sent_us=s) for s in sent])
+        got.extend((r.outcome, r.retry_after_ms) for r in results)
+
+    assert got == reference_sent(schedule, RULES)
+    assert 10 < sum(o == "ok" for o, _ in got) < len(got)
+
+
+async def test_a_backlog_is_judged_as_it_was_sent(
+    redis: Redis, stack: StackInfo
+) -> None:
+    # 5 requests a second for 6 s, queued while no worker ran, judged in one
+    # call: within a plan of 10 a second, burst 4, every one is admitted.
+    # Judged at the call's instant (a producer's timestamp, or none), the
+    # same requests are one burst of 30 and 26 are refused.
+    clock = Clock(EPOCH_DAY_US + 3 * 3_600 * 10**6)
+    rule = {"limit": 10, "window_s": 1, "burst": 4}
+    counters = store_for(redis, stack, {"plans": {"default": {"rules": [rule]}}}, clock)
+    start = clock.now_us - 6 * 10**6
+    sent = [start + i * 200_000 for i in range(30)]
+
+    client = unique("backlog")
+    backlog = await counters.admit_batch([item(client, sent_us=s) for s in sent])
+    other = unique("unstamped")
+    unstamped = await counters.admit_batch([item(other) for _ in sent])
+
+    assert [a.outcome for a in backlog] == ["ok"] * 30
+    assert [a.outcome for a in unstamped].count("ok") == 4
+    # A real burst stays a burst whenever it is judged.
+    bursting = unique("burst")
+    burst = await counters.admit_batch(
+        [item(bursting, sent_us=start) for _ in range(30)]
+    )
+    assert [a.outcome for a in burst].count("ok") == 4
+
+
+async def test_a_request_sent_before_its_tat_passed_is_refused_later(
+    redis: Redis, stack: StackInfo
+) -> None:
+    # The TAT outlives its passing (for the replay window), so a request
+    # sent within a spent burst is refused even when judged after the TAT
+    # would have expired, with the shortest wait there is.
+    clock = Clock(EPOCH_DAY_US + 4 * 3_600 * 10**6)
+    rule = {"limit": 1, "window_s": 1, "burst": 2}
+    counters = store_for(redis, stack, {"plans": {"default": {"rules": [rule]}}}, clock)
+    client = unique("late")
+    spent_at = clock.now_us
+    first = await counters.admit_batch([item(client) for _ in range(2)])
+    clock.advance_ms(30_000)
+    late = await counters.admit_batch([item(client, sent_us=spent_at + 10_000)])
+    fresh = await counters.admit_batch([item(client, sent_us=clock.now_us)])
+
+    assert [a.outcome for a in first] == ["ok", "ok"]
+    assert late[0].outcome == "rate_limited" and late[0].retry_after_ms == 1
+    assert fresh[0].outcome == "ok"
+
+
+async def test_sending_times_are_clamped_to_now_and_the_replay_window(
+    redis: Redis, stack: StackInfo
+) -> None:
+    clock = Clock(EPOCH_DAY_US + 5 * 3_600 * 10**6)
+    rule = {"limit": 1, "window_s": 1, "burst": 1}
+    counters = store_for(redis, stack, {"plans": {"default": {"rules": [rule]}}}, clock)
+    # Stamped in the future: judged now, so the next second is not lent.
+    ahead = unique("ahead")
+    future = clock.now_us + 10 * 10**6
+    results = await counters.admit_batch(
+        [item(ahead, sent_us=future), item(ahead, sent_us=future)]
+    )
+    assert [a.outcome for a in results] == ["ok", "rate_limited"]
+    # Older than the replay window (900 s): judged at its edge, so an hour
+    # of silence is not an hour of rate to spend at once.
+    old = unique("old")
+    hour_ago = clock.now_us - 3_600 * 10**6
+    results = await counters.admit_batch(
+        [item(old, sent_us=hour_ago + i * 10**6) for i in range(3)]
+    )
+    assert [a.outcome for a in results] == ["ok", "rate_limited", "rate_limited"]

@@ -157,3 +157,51 @@ async def test_fail_modes_through_the_worker(
                 after = await ask(2)
     finally:
         redis.stop()
+
+
+async def test_requests_queued_while_no_worker_ran_are_judged_as_sent(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    """A worker that starts on a backlog judges each request's rate when
+    the broker took it: a key that kept within its plan while no worker ran
+    is answered in full, and a key that sent a burst is still refused past
+    its burst. Judged when the worker got to them, both were one burst."""
+    settings = isolated_settings(
+        stack.kafka_bootstrap,
+        stack.redis_url,
+        models_dir,
+        policy={"shadow": True},
+        limits={
+            "plans": {"paced": {"rules": [{"limit": 5, "window_s": 1, "burst": 2}]}}
+        },
+    )
+    paced_id, paced_secret = await create_key(settings, "lim-paced", plan="paced")
+    burst_id, burst_secret = await create_key(settings, "lim-burst", plan="paced")
+    async with RawKafka(settings) as kafka:
+        bursting = [
+            await kafka.send_request(
+                burst_id, burst_secret, X_TEST[i : i + 1], client_id="lim-burst"
+            )
+            for i in range(12)
+        ]
+        paced = []
+        for i in range(12):
+            # 4 a second, within the plan's 5: what an honest client sends.
+            paced.append(
+                await kafka.send_request(
+                    paced_id, paced_secret, X_TEST[i : i + 1], client_id="lim-paced"
+                )
+            )
+            await kafka.flush()
+            await asyncio.sleep(0.25)
+        async with running_worker(settings):
+            answers = await responses_for(settings, [*bursting, *paced])
+
+    def codes(ids: list[str]) -> list[str]:
+        return [
+            answers[i]["error"]["code"] if answers[i]["status"] == "error" else "ok"
+            for i in ids
+        ]
+
+    assert codes(paced) == ["ok"] * 12, answers
+    assert codes(bursting) == ["ok"] * 2 + ["RATE_LIMITED"] * 10, answers

@@ -41,6 +41,9 @@ def prometheus_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         "MODELGATE_FRONTDOOR__METRICS_PORT": "0",
         "MODELGATE_ADMIN__METRICS_PORT": "0",
         "MODELGATE_FEEDBACK__METRICS_PORT": "0",
+        "MODELGATE_FORWARD__METRICS_PORT": "0",
+        # No Alertmanager here: firing alerts go nowhere.
+        "MODELGATE_ALERTMANAGER_PORT": "0",
     }
     env.pop("MODELGATE_CONFIG", None)
     yield env

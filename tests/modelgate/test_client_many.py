@@ -165,3 +165,34 @@ def test_closing_the_client_ends_calls_other_threads_wait_on() -> None:
     assert isinstance(outcome, errors.ClientClosedError), outcome
     with pytest.raises(errors.ClientClosedError):
         client.infer("m", rows(1)[0])
+
+
+@pytest.mark.parametrize(
+    "bad", [np.nan, np.inf, -np.inf, 1e39], ids=["nan", "inf", "-inf", "fp32-overflow"]
+)
+async def test_a_value_json_cannot_carry_is_non_finite_on_every_transport(
+    bad: float,
+) -> None:
+    # JSON has no NaN or infinity: over HTTP the encoder raised a bare
+    # ValueError, over Kafka the value went as null and came back
+    # SCHEMA_INVALID ("got null"). The gateway's code for such a value is
+    # NON_FINITE; the client gives it before sending anything, whatever the
+    # transport (1e39 is infinite once sent as FP32).
+    transport = Held()
+    transport.release.set()
+    client = AsyncClient(transport, retry=NO_RETRY)
+    row = np.full(64, 3.0)
+    row[5] = bad
+    with pytest.raises(errors.NonFiniteError) as raised:
+        await client.infer("digits", row, request_id="r-bad")
+    assert raised.value.code == "NON_FINITE" and raised.value.request_id == "r-bad"
+    assert "pixels" in str(raised.value)
+    # In a batch the bad item gets its own error; the others are answered.
+    results = await client.infer_many(
+        "digits", [np.full(64, 1.0), row, np.full(64, 2.0)], return_errors=True
+    )
+    first, middle, last = results
+    assert isinstance(middle, errors.NonFiniteError)
+    assert isinstance(first, InferResult) and isinstance(last, InferResult)
+    assert (first["label"][0], last["label"][0]) == (1, 2)
+    assert transport.sent[0] != "r-bad" and len(transport.sent) == 2

@@ -33,6 +33,10 @@ async def read_audit(
             source=e.source,
             outcome=e.outcome,
             detail=e.detail,
+            seq=e.seq,
+            prev=e.prev,
+            hash=e.hash,
+            mac=e.mac,
         )
         for e in entries
     ]

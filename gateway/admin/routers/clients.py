@@ -11,7 +11,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import Field
 
-from gateway.admin.deps import AdminContext, Principal, audit, get_context, require_role
+from gateway.admin.deps import (
+    AdminContext,
+    Principal,
+    audit,
+    get_context,
+    refuse,
+    require_role,
+)
 from gateway.admin.errors import AdminError
 from gateway.admin.schemas import (
     CLIENT_ID_REGEX,
@@ -79,9 +86,25 @@ async def show(
     )
 
 
+async def _known(context: AdminContext, client_id: str) -> bool:
+    """Whether ``client_id`` is a client: a key was issued to it (revoked and
+    expired keys count: their client may still be blocked) or the gateway
+    has seen it (view, history, counters or a block). The key listing is
+    read only when the view knows nothing, so a release of a client that
+    sent traffic costs no scan of the keys.
+
+    TODO: a release of a client the gateway never saw reads every key record
+    (``KeyStore.list``: two round trips, all keys), as the key store keeps no
+    index by client; an index set per client id would make it one lookup."""
+    if await context.clients.show(client_id, 1) is not None:
+        return True
+    return any(row["client_id"] == client_id for row in await context.keys.list())
+
+
 @router.post(
     "/{client_id}/release",
     response_model=ReleaseOut,
+    responses={404: {"model": ErrorBody, "description": "NOT_FOUND"}},
     summary="Unblock a client and reset its detector and policy state",
 )
 async def release(
@@ -90,6 +113,18 @@ async def release(
     principal: Annotated[Principal, Depends(require_role("operator"))],
     context: Context,
 ) -> ReleaseOut:
+    # A release of a mistyped id would leave a marker and a history entry for
+    # a client that does not exist and answer "was not blocked", which reads
+    # as success.
+    if not await _known(context, client_id):
+        await refuse(
+            context,
+            request,
+            AdminError("no such client", code="NOT_FOUND"),
+            actor=principal.user,
+            reason="no such client",
+            target=client_id,
+        )
     was_blocked = await context.clients.release(client_id, principal.user)
     await audit(
         context,

@@ -15,8 +15,16 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import Field
 
-from gateway.admin.deps import AdminContext, Principal, audit, get_context, require_role
+from gateway.admin.deps import (
+    AdminContext,
+    Principal,
+    audit,
+    get_context,
+    refuse,
+    require_role,
+)
 from gateway.admin.errors import AdminError
+from gateway.admin.live import LiveConfigHandle
 from gateway.admin.schemas import (
     CLIENT_ID_REGEX,
     ERROR_RESPONSES,
@@ -28,6 +36,7 @@ from gateway.admin.schemas import (
     KeyOut,
 )
 from gateway.config import PlanConfig
+from gateway.errors import ModelgateError
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"], responses=ERROR_RESPONSES)
 Context = Annotated[AdminContext, Depends(get_context)]
@@ -58,7 +67,11 @@ class KeyIn(Body):
 
 
 class PlanIn(Body):
-    plan: str = Field(pattern=PLAN_REGEX, description="Limits plan (limits.plans).")
+    plan: str = Field(
+        pattern=PLAN_REGEX,
+        description="Limits plan: 'default' or one the running configuration "
+        "defines in limits.plans (else 422 UNKNOWN_PLAN).",
+    )
     limit_overrides: PlanConfig | None = Field(
         default=None,
         description="Replaces the key's overrides; none: the plan as it is.",
@@ -155,6 +168,7 @@ async def set_key_plan(
     principal: Annotated[Principal, Depends(require_role("admin"))],
     context: Context,
 ) -> KeyOut:
+    await _known_plan_or_refuse(request, context, principal, key_id, body.plan)
     before = await context.keys.get(key_id)
     overrides = _given(body.limit_overrides)
     try:
@@ -180,6 +194,66 @@ async def set_key_plan(
             return KeyOut.model_validate(row)
     # Revoked keys stay listed, so only a deletion racing this call lands here.
     raise AdminError("no such key", code="NOT_FOUND")
+
+
+async def _known_plan_or_refuse(
+    request: Request,
+    context: AdminContext,
+    principal: Principal,
+    key_id: str,
+    plan: str,
+) -> None:
+    """Refuse (audited, as failed) a plan the running configuration does not
+    define, as ``modelgate keys set-plan`` does: a key naming no defined
+    plan would silently run on the default plan, so a typo would go unseen.
+
+    ``default`` is always known and needs no Kafka; any other name is looked
+    up in the live configuration's newest version (``limits.plans``).
+
+    Raises
+    ------
+    AdminError
+        ``UNKNOWN_PLAN`` (422), or ``BROKER_UNAVAILABLE`` (503) when the
+        configuration cannot be read.
+    """
+    if plan == "default":
+        return
+    handle: LiveConfigHandle = request.app.state.live_config
+    try:
+        service = await handle.get()
+        _, document = await service.current()
+    except AdminError as exc:
+        await refuse(
+            context, request, exc, actor=principal.user, reason=exc.code, target=key_id
+        )
+    except ModelgateError as exc:
+        error = AdminError(
+            f"the live configuration cannot be read: {exc.message}",
+            code="BROKER_UNAVAILABLE",
+        )
+        await refuse(
+            context,
+            request,
+            error,
+            actor=principal.user,
+            reason=exc.code,
+            target=key_id,
+        )
+    plans = sorted({"default", *document.limits.plans})
+    if plan not in plans:
+        error = AdminError(
+            f"no plan {plan!r} in the running configuration; the plans are: "
+            f"{', '.join(plans)} (define it in limits.plans first)",
+            code="UNKNOWN_PLAN",
+        )
+        await refuse(
+            context,
+            request,
+            error,
+            actor=principal.user,
+            reason=f"unknown plan {plan}",
+            target=key_id,
+        )
 
 
 @router.delete(

@@ -1,34 +1,70 @@
 """Inference: ``POST /v2/models/{name}[/versions/{v}]/infer``.
 
-The route checks the request's own consistency, then hands it to the
-``FrontDoor`` (key check, Kafka round trip) and turns the workers' answer into
-an OIP response, or an error with its HTTP status and rate-limit headers.
+The route checks, in this order: the body size (the app's middleware), that
+the model is served (public, as its metadata is), the API key, and only then
+the body and the request's own consistency. It hands the request to the
+``FrontDoor`` (Kafka round trip) and turns the workers' answer into an OIP
+response, or an error with its HTTP status and rate-limit headers.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 
 from gateway.errors import ValidationError
-from gateway.frontdoor.deps import Door, Token, error_responses
+from gateway.frontdoor.deps import Door, Token, error_responses, token_of
 from gateway.frontdoor.errors import error_response, rate_headers
 from gateway.frontdoor.schemas import (
     InferRequestBody,
     InferResponseBody,
     ResponseParameters,
 )
-from gateway.frontdoor.service import FrontDoor
+from gateway.frontdoor.service import CheckedKey, FrontDoor
 from gateway.frontdoor.tensors import to_array, to_output
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/v2/models", tags=["inference"])
+
+class _KeyFirstRoute(APIRoute):
+    """An inference route that checks the API key before FastAPI reads the
+    body: FastAPI parses and validates the body before any dependency runs,
+    so a dependency alone would answer an anonymous caller's bad body with
+    ``SCHEMA_INVALID`` and tell it about the request schema."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def key_first(request: Request) -> Response:
+            door: FrontDoor = request.app.state.frontdoor
+            model = str(request.path_params["model_name"])
+            version = request.path_params.get("model_version")
+            door.signature(model, None if version is None else str(version))
+            request.state.checked_key = await door.check_key(
+                token_of(request.headers), model
+            )
+            return await handler(request)
+
+        return key_first
+
+
+def _checked_key(request: Request, token: Token) -> CheckedKey:
+    """The key ``_KeyFirstRoute`` checked; ``token`` is declared so that the
+    OpenAPI document shows the two ways to send it."""
+    checked: CheckedKey = request.state.checked_key
+    return checked
+
+
+Checked = Annotated[CheckedKey, Depends(_checked_key)]
+
+router = APIRouter(prefix="/v2/models", tags=["inference"], route_class=_KeyFirstRoute)
 
 _ERRORS = error_responses(400, 401, 403, 404, 409, 413, 429, 500, 502, 503, 504)
 _RATE_HEADERS = {
@@ -65,7 +101,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     summary="Inference",
 )
 async def infer(
-    model_name: str, body: InferRequestBody, door: Door, token: Token
+    model_name: str, body: InferRequestBody, door: Door, key: Checked
 ) -> JSONResponse:
     """Run the model on ``inputs`` through the gateway's workers.
 
@@ -73,7 +109,7 @@ async def infer(
     `id` becomes the request id; send the same id to retry a request that
     timed out or was throttled.
     """
-    return await _infer(door, token, model_name, None, body)
+    return await _infer(door, key, model_name, None, body)
 
 
 @router.post(
@@ -87,20 +123,20 @@ async def infer_version(
     model_version: str,
     body: InferRequestBody,
     door: Door,
-    token: Token,
+    key: Checked,
 ) -> JSONResponse:
     """As `/v2/models/{model_name}/infer`, refusing any other version."""
-    return await _infer(door, token, model_name, model_version, body)
+    return await _infer(door, key, model_name, model_version, body)
 
 
 async def _infer(
     door: FrontDoor,
-    token: str | None,
+    key: CheckedKey,
     model: str,
     version: str | None,
     body: InferRequestBody,
 ) -> JSONResponse:
-    # Step: everything that needs no key and no Kafka.
+    # Step: the body's own consistency (the key was checked before it was read).
     signature = door.signature(model, version)
     _check_parameters(door, body)
     declared = {spec.name: spec for spec in signature.inputs}
@@ -113,8 +149,8 @@ async def _infer(
         inputs[tensor.name] = to_array(tensor, declared.get(tensor.name))
     wanted = _wanted_outputs(body, {spec.name for spec in signature.outputs})
 
-    # Step: the key check and the round trip.
-    answer = await door.infer(token, model, inputs, body.id)
+    # Step: the round trip.
+    answer = await door.infer(None, model, inputs, body.id, checked=key)
 
     # Step: the workers' answer as HTTP.
     headers = rate_headers(answer.rate) if answer.rate is not None else {}

@@ -1,0 +1,190 @@
+#!/usr/bin/env bash
+# Local Alertmanager for modelgate: Debian's prometheus-alertmanager on
+# loopback, receiving the alerts of infra/prometheus.sh's Prometheus and
+# grouping, inhibiting and sending them as infra/alertmanager/alertmanager.yml
+# says (docs/monitoring.md, "Alertmanager").
+#
+#   infra/alertmanager.sh install   apt-get install prometheus-alertmanager if missing
+#   infra/alertmanager.sh start     install if needed, write the configuration, start,
+#                                   wait until ready
+#   infra/alertmanager.sh stop      stop the instance this checkout started
+#   infra/alertmanager.sh status    exit 0 running (ours), 3 stopped
+#   infra/alertmanager.sh reload    write the configuration again and reload it
+#
+# Environment (all optional):
+#   MODELGATE_VAR                    state root, default <repo>/var
+#   MODELGATE_ALERTMANAGER_PORT      port, default 19095 (infra/prometheus.sh sends
+#                                    its alerts there)
+#   MODELGATE_ALERTMANAGER_GROUP_WAIT_S      first notification of a new group after
+#   MODELGATE_ALERTMANAGER_GROUP_INTERVAL_S  this long; later changes to a group
+#   MODELGATE_ALERTMANAGER_REPEAT_INTERVAL_S this long; unchanged groups again after
+#                                    this long (defaults: the shipped file's)
+#   MODELGATE_CONFIG                 the settings file; monitoring.webhook_url is where
+#                                    notifications go (none: kept in Alertmanager only)
+#
+# The configuration comes from `modelgate monitoring alertmanager-config`, which
+# adds the webhook of the settings to the shipped file. Written readable by the
+# owner only: a webhook URL often carries its secret. The gossip listener is off
+# (one instance; Alertmanager's default would listen on every interface).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VAR=${MODELGATE_VAR:-$ROOT/var}
+[[ $VAR == /* ]] || VAR=$PWD/$VAR
+# Loopback only, on purpose: the API silences alerts and has no login.
+HOST=127.0.0.1
+PORT=${MODELGATE_ALERTMANAGER_PORT:-19095}
+START_TIMEOUT_S=30
+
+ADIR=$VAR/alertmanager
+PIDFILE=$ADIR/alertmanager.pid
+LOG=$ADIR/alertmanager.log
+CONFIG=$ADIR/alertmanager.yml
+MODELGATE=$ROOT/.venv/bin/modelgate
+
+log() { printf '[alertmanager] %s\n' "$*" >&2; }
+die() {
+    printf '[alertmanager] error: %s\n' "$*" >&2
+    exit 1
+}
+
+# shellcheck source=infra/lib.sh
+. "$ROOT/infra/lib.sh"
+
+cmd_install() {
+    # Debian names the server prometheus-alertmanager; amtool comes with it.
+    apt_install prometheus-alertmanager prometheus-alertmanager amtool
+}
+
+write_config() {
+    [[ -x $MODELGATE ]] || die "no $MODELGATE: run make bootstrap first"
+    mkdir -p "$ADIR"
+    local args=() name var
+    for name in group-wait group-interval repeat-interval; do
+        var=MODELGATE_ALERTMANAGER_${name//-/_}_S
+        var=${var^^}
+        [[ -n ${!var:-} ]] && args+=("--$name-s" "${!var}")
+    done
+    (
+        umask 077
+        "$MODELGATE" monitoring alertmanager-config "${args[@]}" >"$CONFIG.new"
+    ) || die "modelgate monitoring alertmanager-config failed"
+    "$(find_bin amtool)" check-config "$CONFIG.new" >&2 ||
+        die "amtool refused the configuration (kept in $CONFIG.new)"
+    mv "$CONFIG.new" "$CONFIG"
+}
+
+# /-/ready answers 200 once the configuration is loaded.
+ready() {
+    local status=""
+    { exec 3<>"/dev/tcp/$HOST/$PORT"; } 2>/dev/null || return 1
+    printf 'GET /-/ready HTTP/1.0\r\nHost: %s\r\n\r\n' "$HOST" >&3
+    read -r -t 3 _ status _ <&3 || true
+    exec 3<&-
+    [[ $status == 200 ]]
+}
+
+# Ours: an alertmanager reading this state directory's configuration.
+is_ours() {
+    local pid=$1
+    [[ $pid =~ ^[0-9]+$ ]] && [[ -r /proc/$pid/cmdline ]] || return 1
+    tr '\0' '\n' <"/proc/$pid/cmdline" | grep -qxF -- "--config.file=$CONFIG"
+}
+
+listening_on() {
+    tr '\0' '\n' <"/proc/$1/cmdline" | sed -n 's/^--web.listen-address=//p'
+}
+
+our_pid() {
+    local pid=""
+    [[ -f $PIDFILE ]] && pid=$(cat "$PIDFILE")
+    [[ -n $pid ]] && is_ours "$pid" && echo "$pid"
+}
+
+cmd_status() {
+    local pid
+    if pid=$(our_pid); then
+        echo "alertmanager running (pid $pid) on http://$(listening_on "$pid")"
+        return 0
+    fi
+    echo "alertmanager stopped"
+    return 3
+}
+
+cmd_start() {
+    local pid
+    # Checked here only: stop and status find ours by state directory, and
+    # 0 (what tells infra/prometheus.sh to send nowhere) must not block them.
+    if [[ ! $PORT =~ ^[0-9]+$ ]] || ((PORT < 1 || PORT > 65535)); then
+        die "MODELGATE_ALERTMANAGER_PORT must be a port (1-65535), got '$PORT'"
+    fi
+    if pid=$(our_pid); then
+        log "already running (pid $pid) on http://$(listening_on "$pid")"
+        return 0
+    fi
+    rm -f "$PIDFILE"
+    if (exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null; then
+        die "port $HOST:$PORT is already in use by another process" \
+            "(set MODELGATE_ALERTMANAGER_PORT to move ours)"
+    fi
+    cmd_install
+    write_config
+    local server
+    server=$(find_bin prometheus-alertmanager)
+    log "starting alertmanager on http://$HOST:$PORT, log $LOG"
+    (
+        for fd in /proc/self/fd/*; do
+            fd=${fd##*/}
+            ((fd > 2)) && eval "exec $fd>&-"
+        done
+        exec "$server" --config.file="$CONFIG" \
+            --storage.path="$ADIR/data" \
+            --web.listen-address="$HOST:$PORT" \
+            --cluster.listen-address= \
+            </dev/null >>"$LOG" 2>&1
+    ) &
+    echo $! >"$PIDFILE"
+    local deadline=$((SECONDS + START_TIMEOUT_S))
+    until ready; do
+        if ! kill -0 "$(cat "$PIDFILE")" 2>/dev/null || ((SECONDS >= deadline)); then
+            log "not ready; last lines of $LOG:"
+            tail -n 20 "$LOG" >&2 || true
+            cmd_stop
+            die "alertmanager did not start"
+        fi
+        sleep 0.2
+    done
+    log "ready (pid $(cat "$PIDFILE"))"
+}
+
+cmd_reload() {
+    local pid
+    pid=$(our_pid) || die "not running"
+    write_config
+    kill -HUP "$pid"
+    log "configuration reloaded"
+}
+
+cmd_stop() {
+    local pid
+    if ! pid=$(our_pid); then
+        rm -f "$PIDFILE"
+        log "not running"
+        return 0
+    fi
+    stop_pid "$pid"
+    rm -f "$PIDFILE"
+    log "stopped"
+}
+
+case ${1:-} in
+install) cmd_install ;;
+start) cmd_start ;;
+stop) cmd_stop ;;
+status) cmd_status ;;
+reload) cmd_reload ;;
+*)
+    echo "usage: $0 install|start|stop|status|reload" >&2
+    exit 2
+    ;;
+esac
