@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# What infra/redis.sh and infra/prometheus.sh share: finding a Debian binary,
-# installing its package with apt-get, and stopping a process of ours. Sourced,
-# not run; the caller defines log and die first.
+# What the infra scripts (redis.sh, prometheus.sh, alertmanager.sh) share:
+# finding a Debian binary, installing its package with apt-get, and starting and
+# stopping a process of ours. Sourced, not run; the caller defines log and die
+# first.
 if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
     echo "infra/lib.sh is sourced by the infra scripts, not run" >&2
     exit 2
@@ -62,4 +63,54 @@ stop_pid() {
         fi
         sleep 0.1
     done
+}
+
+# The daemons started here (Prometheus, Alertmanager) share how they are run and
+# stopped; each script defines `our_pid` (its process, found by its state
+# directory) and `ready` (its health check) before calling these.
+
+# start_daemon PIDFILE LOG COMMAND...: run COMMAND in the background with only
+# stdin, stdout and stderr open (a daemon holding the caller's pipes would keep
+# `make` waiting), its output appended to LOG, its pid in PIDFILE.
+start_daemon() {
+    local pidfile=$1 logfile=$2
+    shift 2
+    (
+        for fd in /proc/self/fd/*; do
+            fd=${fd##*/}
+            ((fd > 2)) && eval "exec $fd>&-"
+        done
+        exec "$@" </dev/null >>"$logfile" 2>&1
+    ) &
+    echo $! >"$pidfile"
+}
+
+# await_ready NAME PIDFILE LOG TIMEOUT_S: wait for `ready`; if the process dies
+# or the time runs out, show the log's tail, stop it and die.
+await_ready() {
+    local name=$1 pidfile=$2 logfile=$3
+    local deadline=$((SECONDS + $4))
+    until ready; do
+        if ! kill -0 "$(cat "$pidfile")" 2>/dev/null || ((SECONDS >= deadline)); then
+            log "not ready; last lines of $logfile:"
+            tail -n 20 "$logfile" >&2 || true
+            stop_daemon "$pidfile"
+            die "$name did not start"
+        fi
+        sleep 0.2
+    done
+    log "ready (pid $(cat "$pidfile"))"
+}
+
+# stop_daemon PIDFILE: stop the process `our_pid` finds, if any.
+stop_daemon() {
+    local pid
+    if ! pid=$(our_pid); then
+        rm -f "$1"
+        log "not running"
+        return 0
+    fi
+    stop_pid "$pid"
+    rm -f "$1"
+    log "stopped"
 }

@@ -145,30 +145,12 @@ cmd_start() {
     local server
     server=$(find_bin prometheus)
     log "starting prometheus on http://$HOST:$PORT, log $LOG"
-    (
-        for fd in /proc/self/fd/*; do
-            fd=${fd##*/}
-            ((fd > 2)) && eval "exec $fd>&-"
-        done
-        exec "$server" --config.file="$CONFIG" \
-            --storage.tsdb.path="$PDIR/data" \
-            --storage.tsdb.retention.time=7d \
-            --web.listen-address="$HOST:$PORT" \
-            --web.enable-lifecycle \
-            </dev/null >>"$LOG" 2>&1
-    ) &
-    echo $! >"$PIDFILE"
-    local deadline=$((SECONDS + START_TIMEOUT_S))
-    until ready; do
-        if ! kill -0 "$(cat "$PIDFILE")" 2>/dev/null || ((SECONDS >= deadline)); then
-            log "not ready; last lines of $LOG:"
-            tail -n 20 "$LOG" >&2 || true
-            cmd_stop
-            die "prometheus did not start"
-        fi
-        sleep 0.2
-    done
-    log "ready (pid $(cat "$PIDFILE"))"
+    start_daemon "$PIDFILE" "$LOG" "$server" --config.file="$CONFIG" \
+        --storage.tsdb.path="$PDIR/data" \
+        --storage.tsdb.retention.time=7d \
+        --web.listen-address="$HOST:$PORT" \
+        --web.enable-lifecycle
+    await_ready prometheus "$PIDFILE" "$LOG" "$START_TIMEOUT_S"
 }
 
 cmd_reload() {
@@ -180,15 +162,7 @@ cmd_reload() {
 }
 
 cmd_stop() {
-    local pid
-    if ! pid=$(our_pid); then
-        rm -f "$PIDFILE"
-        log "not running"
-        return 0
-    fi
-    stop_pid "$pid"
-    rm -f "$PIDFILE"
-    log "stopped"
+    stop_daemon "$PIDFILE"
 }
 
 case ${1:-} in
