@@ -52,8 +52,8 @@ logger = logging.getLogger(__name__)
 # API's live configuration does, gateway/admin/live.py).
 START_RETRY_S = 5.0
 # Version of the record's JSON layout: 2 added the chain (seq, prev, hash,
-# mac; gateway/admin/audit_chain.py).
-RECORD_VERSION = 2
+# mac; gateway/admin/audit_chain.py), 3 the signing key's id (kid).
+RECORD_VERSION = 3
 
 
 @dataclass(frozen=True, slots=True)
