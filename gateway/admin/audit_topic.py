@@ -296,6 +296,13 @@ class AuditTopic:
             self._metrics.audit_resent.inc(acknowledged)
         return acknowledged
 
+    async def scan(
+        self, on_record: Callable[[TopicRecord], None], *, since_ms: int
+    ) -> bool:
+        """:func:`scan_topic` of this topic from ``since_ms`` (the
+        forwarder's first pass: which stream entries it already holds)."""
+        return await scan_topic(self._settings, on_record, since_ms=since_ms)
+
     def _missed(self, entry: AuditEntry, reason: str) -> None:
         if self._metrics is not None:
             self._metrics.audit_missed.labels(reason).inc()
@@ -374,6 +381,38 @@ async def read_topic(
         Kafka could not be reached or the topic does not exist, within
         ``kafka.request_timeout_s``.
     """
+    records: list[TopicRecord] = []
+    found = await scan_topic(settings, records.append, limit=limit)
+    if not found:
+        raise BrokerError(
+            f"the audit topic {settings.kafka.topics.audit} does not exist"
+        )
+    records.sort(key=lambda r: (r.partition, r.offset))
+    return records
+
+
+async def scan_topic(
+    settings: Settings,
+    on_record: Callable[[TopicRecord], None],
+    *,
+    limit: int | None = None,
+    since_ms: int | None = None,
+) -> bool:
+    """Hand each record on ``kafka.topics.audit`` to ``on_record``, up to the
+    end offsets seen at the call, keeping none: the newest ``limit`` per
+    partition, or those timestamped ``since_ms`` or later (the producer's
+    clock), or all. No consumer group.
+
+    Returns
+    -------
+    bool
+        False when the topic does not exist (nothing was read).
+
+    Raises
+    ------
+    BrokerError
+        Kafka could not be reached within ``kafka.request_timeout_s``.
+    """
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from gateway.topics import partitions_of
@@ -384,13 +423,12 @@ async def read_topic(
         TopicPartition(topic, p) for p in await partitions_of(settings, topic)
     ]
     if not partitions:
-        raise BrokerError(f"the audit topic {topic} does not exist")
+        return False
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka.bootstrap,
         enable_auto_commit=False,
         request_timeout_ms=int(timeout_s * 1000) + 10_000,
     )
-    records: list[TopicRecord] = []
     try:
         await asyncio.wait_for(consumer.start(), timeout_s)
         consumer.assign(partitions)
@@ -398,6 +436,15 @@ async def read_topic(
         starts = await asyncio.wait_for(
             consumer.beginning_offsets(partitions), timeout_s
         )
+        if since_ms is not None:
+            found = await asyncio.wait_for(
+                consumer.offsets_for_times(dict.fromkeys(partitions, since_ms)),
+                timeout_s,
+            )
+            # None: no record that new in the partition.
+            starts = {
+                tp: ends[tp] if at is None else at.offset for tp, at in found.items()
+            }
         wanted: set[TopicPartition] = set()
         for tp in partitions:
             first = starts[tp] if limit is None else max(starts[tp], ends[tp] - limit)
@@ -411,7 +458,7 @@ async def read_topic(
                     for message in messages:
                         if message.offset >= ends[tp]:
                             continue
-                        records.append(
+                        on_record(
                             _record(
                                 message.partition,
                                 message.offset,
@@ -428,8 +475,7 @@ async def read_topic(
     finally:
         with contextlib.suppress(KafkaError, TimeoutError, OSError):
             await asyncio.wait_for(consumer.stop(), timeout_s)
-    records.sort(key=lambda r: (r.partition, r.offset))
-    return records
+    return True
 
 
 def _record(
