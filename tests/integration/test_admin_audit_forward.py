@@ -219,6 +219,37 @@ async def test_the_first_pass_starts_at_the_oldest_entry_not_on_the_topic(
         await delete_prefix(settings)
 
 
+async def test_the_first_pass_reads_the_real_topic_and_sends_only_what_it_lacks(
+    stack: StackInfo, models_dir: Path
+) -> None:
+    settings = _forward_settings(stack, models_dir)
+    redis = redis_from_settings(settings)
+    topic = AuditTopic(settings)
+    try:
+        # Three entries reach the topic as their actions run; their marks
+        # are dropped, so only the topic itself can tell. Two more miss it.
+        await _log(AuditLog(redis, settings, topic), 3, "on")
+        await redis.delete(acked_key(settings))
+        await _log(AuditLog(redis, settings), 2, "off")
+        stream = [e.entry_id for e in reversed(await AuditLog(redis, settings).read())]
+        forwarder = AuditForwarder(redis, settings, topic)
+
+        async def caught_up() -> bool:
+            await forwarder.run_once()
+            cursor = await redis.get(forwarder.cursor_key)
+            return cursor == stream[-1].encode()
+
+        await _until(caught_up, 30, "the forwarder never caught up", step_s=0.3)
+        records = await read_topic(settings)
+    finally:
+        await topic.close()
+        await redis.aclose()
+        await delete_prefix(settings)
+
+    # Each entry once: the three already there were not sent again.
+    assert sorted(str(r.entry["entry_id"]) for r in records) == sorted(stream)
+
+
 async def test_entries_trimmed_before_the_topic_had_them_are_counted_lost(
     stack: StackInfo, models_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
