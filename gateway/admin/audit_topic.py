@@ -411,7 +411,8 @@ async def scan_topic(
     Raises
     ------
     BrokerError
-        Kafka could not be reached within ``kafka.request_timeout_s``.
+        Kafka could not be reached, or sent nothing for
+        ``kafka.request_timeout_s`` before the end.
     """
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -451,23 +452,31 @@ async def scan_topic(
             consumer.seek(tp, first)
             if first < ends[tp]:
                 wanted.add(tp)
-        async with asyncio.timeout(timeout_s):
-            while wanted:
-                batches = await consumer.getmany(*wanted, timeout_ms=200)
-                for tp, messages in batches.items():
-                    for message in messages:
-                        if message.offset >= ends[tp]:
-                            continue
-                        on_record(
-                            _record(
-                                message.partition,
-                                message.offset,
-                                message.key,
-                                message.value,
-                            )
+        # The limit is on a stall, not on the whole read: a topic holding a
+        # long stream's worth of records may take longer than one request.
+        progress_at = time.monotonic()
+        while wanted:
+            batches = await asyncio.wait_for(
+                consumer.getmany(*wanted, timeout_ms=200), timeout_s
+            )
+            if batches:
+                progress_at = time.monotonic()
+            elif time.monotonic() - progress_at > timeout_s:
+                raise TimeoutError(f"no record for {timeout_s} s before the end")
+            for tp, messages in batches.items():
+                for message in messages:
+                    if message.offset >= ends[tp]:
+                        continue
+                    on_record(
+                        _record(
+                            message.partition,
+                            message.offset,
+                            message.key,
+                            message.value,
                         )
-                    if await consumer.position(tp) >= ends[tp]:
-                        wanted.discard(tp)
+                    )
+                if await consumer.position(tp) >= ends[tp]:
+                    wanted.discard(tp)
     except (KafkaError, TimeoutError, OSError) as exc:
         raise BrokerError(
             f"cannot read {topic} on {settings.kafka.bootstrap}: {exc!r}"
