@@ -163,13 +163,15 @@ async def test_one_replica_resends_in_order_and_another_takes_over(
         await delete_prefix(settings)
 
 
-def _forward_settings(stack: StackInfo, models_dir: Path, **admin: Any) -> Settings:
+def _forward_settings(
+    stack: StackInfo, models_dir: Path, request_timeout_s: float = 3.0, **admin: Any
+) -> Settings:
     return isolated_settings(
         stack.kafka_bootstrap,
         stack.redis_url,
         models_dir,
         admin={"audit_kafka_timeout_s": 0.05, "audit_forward_interval_s": 0.1, **admin},
-        kafka={"request_timeout_s": 3.0},
+        kafka={"request_timeout_s": request_timeout_s},
     )
 
 
@@ -222,16 +224,18 @@ async def test_the_first_pass_starts_at_the_oldest_entry_not_on_the_topic(
 async def test_the_first_pass_reads_the_real_topic_and_sends_only_what_it_lacks(
     stack: StackInfo, models_dir: Path
 ) -> None:
-    settings = _forward_settings(stack, models_dir)
+    # A loaded machine needs the time to start a producer.
+    settings = _forward_settings(stack, models_dir, request_timeout_s=20.0)
     redis = redis_from_settings(settings)
     topic = AuditTopic(settings)
     try:
-        # Three entries reach the topic as their actions run; their marks
-        # are dropped, so only the topic itself can tell. Two more miss it.
-        await _log(AuditLog(redis, settings, topic), 3, "on")
-        await redis.delete(acked_key(settings))
-        await _log(AuditLog(redis, settings), 2, "off")
-        stream = [e.entry_id for e in reversed(await AuditLog(redis, settings).read())]
+        # Five entries, the first three already on the topic (put there
+        # without marks, so only the topic itself can tell).
+        log = AuditLog(redis, settings)
+        await _log(log, 5)
+        entries = list(reversed(await log.read()))
+        assert await topic.resend(entries[:3]) == 3
+        stream = [e.entry_id for e in entries]
         forwarder = AuditForwarder(redis, settings, topic)
 
         async def caught_up() -> bool:
