@@ -104,8 +104,8 @@ async def test_one_replica_resends_in_order_and_another_takes_over(
         for topic, m in zip(topics, metrics, strict=True)
     )
     try:
-        # The first pass ever puts the cursor at the stream's newest entry:
-        # none yet, so every entry below is the forwarder's to send.
+        # The first pass ever, on an empty stream, puts the cursor before
+        # its start: every entry below is the forwarder's to send.
         assert await first.run_once() == 0
         assert await second.run_once() is None
         log = AuditLog(redis, settings)  # no producer: nothing reaches Kafka
@@ -122,7 +122,18 @@ async def test_one_replica_resends_in_order_and_another_takes_over(
         # The holder sends five of the eight others; the cursor moves over
         # them and over the two already there, and no further.
         topics[0].accept = 5
-        backlog = await _until(first.run_once, 10, "entries never came due")
+        # All ten due at once (older than the grace, by Redis's clock): a
+        # pass while only some are due would send those and leave no
+        # backlog, as a loaded full run showed.
+        grace_ms = int(settings.admin.audit_kafka_timeout_s * 1000) + 1000
+        newest_ms = int(stream[-1].split("-")[0])
+
+        async def all_due() -> bool:
+            seconds, micros = await redis.time()
+            return int(seconds) * 1000 + int(micros) // 1000 > newest_ms + grace_ms
+
+        await _until(all_due, 10, "entries never came due")
+        backlog = await first.run_once()
         assert backlog == 3
         assert topics[0].sent == stream[:2] + stream[4:7]
         cursor = await redis.get(first.cursor_key)
