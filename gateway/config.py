@@ -552,6 +552,11 @@ class AdminConfig(_Frozen):
     # HMAC-SHA256 key of the audit entries' chain (docs/admin.md, "Tamper
     # evidence"); unset: entries are hash-chained but not signed.
     audit_key: SecretStr | None = Field(None, min_length=16)
+    # Keys audit_key held before, so that --verify still checks entries they
+    # signed (each entry names its key's id); the admin API signs with none.
+    audit_retired_keys: tuple[Annotated[SecretStr, Field(min_length=16)], ...] = Field(
+        (), max_length=32
+    )
     # How often the admin API re-sends audit entries that missed the topic.
     audit_forward_interval_s: float = Field(2.0, gt=0, le=3600)
     # Client view written by the workers.

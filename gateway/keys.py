@@ -69,17 +69,22 @@ redis.call("HSET", KEYS[1], unpack(ARGV))
 return 1
 """
 # Marks the record revoked only if it exists, so a typo creates nothing.
+# Returns the key's client id (for the by-client index), or false.
 _REVOKE_LUA = """
-if redis.call("EXISTS", KEYS[1]) == 0 then return 0 end
+if redis.call("EXISTS", KEYS[1]) == 0 then return false end
 redis.call("HSET", KEYS[1], "status", "revoked")
-return 1
+return redis.call("HGET", KEYS[1], "client_id")
 """
-# Sets a key's plan and overrides only if the record exists.
+# Sets a key's plan and overrides only if the record exists; returns as
+# _REVOKE_LUA does.
 _SET_PLAN_LUA = """
-if redis.call("EXISTS", KEYS[1]) == 0 then return 0 end
+if redis.call("EXISTS", KEYS[1]) == 0 then return false end
 redis.call("HSET", KEYS[1], "plan", ARGV[1], "limit_overrides", ARGV[2])
-return 1
+return redis.call("HGET", KEYS[1], "client_id")
 """
+# Version of the by-client index: the marker holding it says every record
+# written before the index existed has been added (KeyStore.key_ids_of).
+_CLIENT_INDEX_VERSION = b"1"
 _CREATE_ATTEMPTS = 3
 PLAN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -253,9 +258,11 @@ class KeyStore:
     ``secret_enc``, ``models`` as JSON, ``status``, ``created_ms``,
     ``expires_ms``, empty when none; ``plan`` and ``limit_overrides``, absent
     in records older than plans); ``{prefix}:keys`` is the set of ids, for
-    listing. The key id is the hash tag so a lookup touches one slot on Redis
-    Cluster. Records and the id set never expire (unlike every per-client
-    counter): revoked and expired keys stay for audit.
+    listing; ``{prefix}:client-keys:{<client_id>}`` the set of one client's
+    key ids, revoked ones included (:meth:`key_ids_of`). The key id is the
+    hash tag so a lookup touches one slot on Redis Cluster. Records and the
+    id sets never expire (unlike every per-client counter): revoked and
+    expired keys stay for audit.
 
     Parameters
     ----------
@@ -287,6 +294,16 @@ class KeyStore:
     def index_key(self) -> str:
         """Redis key of the set of all key ids."""
         return f"{self._prefix}:keys"
+
+    def client_index_key(self, client_id: str) -> str:
+        """Redis key of the set of one client's key ids."""
+        return f"{self._prefix}:client-keys:{{{client_id}}}"
+
+    @property
+    def client_index_marker(self) -> str:
+        """Redis key saying the by-client index covers every record (its
+        value is the index's version)."""
+        return f"{self._prefix}:client-keys:built"
 
     @staticmethod
     def parse_token(token: str) -> tuple[str, bytes]:
@@ -466,15 +483,19 @@ class KeyStore:
             overrides,
         ]
 
-        # The record and the id set live in different slots, so no MULTI. The
-        # set entry goes first and list() skips ids without a record, so a
-        # failure in between leaves nothing usable behind.
+        # The record and the id sets live in different slots, so no MULTI.
+        # The set entries go first and list() and key_ids_of() skip ids
+        # without a record, so a failure in between leaves nothing usable
+        # behind.
         async with redis_guard("keys.create", self._timeout_s, self._redis):
             pipe = self._redis.pipeline(transaction=False)
             pipe.sadd(self.index_key, key_id)
+            pipe.sadd(self.client_index_key(client_id), key_id)
             pipe.eval(_CREATE_IF_ABSENT_LUA, 1, self.record_key(key_id), *fields)
-            _, written = await pipe.execute()
+            _, _, written = await pipe.execute()
         if not written:
+            # The colliding id stays in this client's set: key_ids_of reads
+            # the records, and the other key's names its own client.
             logger.warning(
                 "api key id collision; drawing another", extra={"key_id": key_id}
             )
@@ -492,10 +513,11 @@ class KeyStore:
         if not KEY_ID_PATTERN.fullmatch(key_id):
             return False
         async with redis_guard("keys.revoke", self._timeout_s, self._redis):
-            revoked = await self._redis.eval(_REVOKE_LUA, 1, self.record_key(key_id))
-        if not revoked:
+            client = await self._redis.eval(_REVOKE_LUA, 1, self.record_key(key_id))
+        if not client:
             return False
         self._cache.pop(key_id, None)
+        await self._index_client(key_id, client)
         logger.info("api key revoked", extra={"key_id": key_id})
         return True
 
@@ -522,17 +544,99 @@ class KeyStore:
         if not KEY_ID_PATTERN.fullmatch(key_id):
             return False
         async with redis_guard("keys.set_plan", self._timeout_s, self._redis):
-            done = await self._redis.eval(
+            client = await self._redis.eval(
                 _SET_PLAN_LUA, 1, self.record_key(key_id), plan, overrides
             )
-        if not done:
+        if not client:
             return False
         self._cache.pop(key_id, None)
+        await self._index_client(key_id, client)
         logger.info(
             "api key plan set",
             extra={"key_id": key_id, "plan": plan, "overrides": overrides},
         )
         return True
+
+    async def _index_client(self, key_id: str, client: object) -> None:
+        """Put ``key_id`` in its client's set (again: idempotent), so a key
+        the index build missed, written by an older process during an
+        upgrade, is indexed once it is revoked or given a plan."""
+        client_id = client.decode() if isinstance(client, bytes) else str(client)
+        async with redis_guard("keys.index", self._timeout_s, self._redis):
+            await self._redis.sadd(self.client_index_key(client_id), key_id)
+
+    async def key_ids_of(self, client_id: str) -> builtins.list[str]:
+        """The ids of every key issued to ``client_id`` (revoked and expired
+        ones included), sorted; empty when none was.
+
+        Reads the client's set and its records: O(keys of that client),
+        whatever the number of keys. The first call ever against a Redis
+        whose records predate the index (no marker) builds it first, once:
+        every record is read then (:meth:`build_client_index`).
+
+        Known shortcoming: during a rolling upgrade, a key created by a
+        process older than the index after the build ran is in no client's
+        set until it is revoked or given a plan; no key-creating process of
+        an older version may run once the index is in use.
+
+        Raises
+        ------
+        ValueError
+            ``client_id`` is not a valid client id.
+        StoreError
+            Redis could not be reached.
+        """
+        check_client_id(client_id)
+        async with redis_guard("keys.of_client", self._timeout_s, self._redis):
+            built = await self._redis.get(self.client_index_marker)
+        if built != _CLIENT_INDEX_VERSION:
+            await self.build_client_index()
+        async with redis_guard("keys.of_client", self._timeout_s, self._redis):
+            members = await self._redis.smembers(self.client_index_key(client_id))
+            ids = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+            pipe = self._redis.pipeline(transaction=False)
+            for key_id in ids:
+                pipe.hget(self.record_key(key_id), "client_id")
+            owners = await pipe.execute() if ids else []
+        # An id whose record is missing (a failed create) or names another
+        # client (a colliding id drawn again) is not this client's key.
+        return [
+            key_id
+            for key_id, owner in zip(ids, owners, strict=True)
+            if owner is not None and owner.decode() == client_id
+        ]
+
+    async def build_client_index(self) -> int:
+        """Add every key record to its client's set, then set the marker
+        that :meth:`key_ids_of` checks. Idempotent, safe beside creates
+        (which index their own key) and beside another build.
+
+        Returns
+        -------
+        int
+            The number of records read.
+
+        Raises
+        ------
+        StoreError
+            Redis could not be reached (the marker is then not set, and the
+            next :meth:`key_ids_of` builds again).
+        """
+        async with redis_guard("keys.index_build", self._timeout_s, self._redis):
+            members = await self._redis.smembers(self.index_key)
+            ids = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+            pipe = self._redis.pipeline(transaction=False)
+            for key_id in ids:
+                pipe.hget(self.record_key(key_id), "client_id")
+            owners = await pipe.execute() if ids else []
+            pipe = self._redis.pipeline(transaction=False)
+            for key_id, owner in zip(ids, owners, strict=True):
+                if owner is not None:
+                    pipe.sadd(self.client_index_key(owner.decode()), key_id)
+            pipe.set(self.client_index_marker, _CLIENT_INDEX_VERSION)
+            await pipe.execute()
+        logger.info("api key index by client built", extra={"keys": len(ids)})
+        return len(ids)
 
     async def get(self, key_id: str) -> ApiKey | None:
         """One key, or ``None`` if unknown; see :meth:`get_many`."""

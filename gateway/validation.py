@@ -6,7 +6,9 @@ one of the stable codes listed in ``gateway.errors.ERROR_CODES``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -16,6 +18,73 @@ from gateway.models import ModelSignature
 from gateway.protocol import SCHEMA_VERSION, InferRequest
 
 _MAX_ID_CHARS = 128
+
+FLOAT_DTYPES: dict[str, type[np.floating[Any]]] = {
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
+INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "INT8": (-(2**7), 2**7 - 1),
+    "INT16": (-(2**15), 2**15 - 1),
+    "INT32": (-(2**31), 2**31 - 1),
+    "INT64": (-(2**63), 2**63 - 1),
+    "UINT8": (0, 2**8 - 1),
+    "UINT16": (0, 2**16 - 1),
+    "UINT32": (0, 2**32 - 1),
+    # The wire format carries integers as INT64.
+    "UINT64": (0, 2**63 - 1),
+}
+# int64's range as doubles: a float at or past 2**63 has no int64 to compare.
+_INT64_LOW, _INT64_END = -(2.0**63), 2.0**63
+
+
+def exact_floats(
+    ints: npt.NDArray[np.int64], datatype: str
+) -> npt.NDArray[np.floating[Any]] | None:
+    """``ints`` in the floating-point ``datatype`` (FP32 or FP64) if every
+    value converts exactly, else None.
+
+    The one rule for integer data sent to an input declared floating point,
+    applied by the HTTP front door (``gateway.frontdoor.tensors``) and by
+    :func:`validate_request` for requests produced straight to Kafka: a digit
+    image sent as INT32 is accepted, 16777217 for an FP32 input (which would
+    become 16777216) is not.
+
+    Examples
+    --------
+    >>> exact_floats(np.array([0, 16, -3]), "FP32").tolist()
+    [0.0, 16.0, -3.0]
+    >>> exact_floats(np.array([2**24 + 1]), "FP32") is None
+    True
+    """
+    as_float = ints.astype(FLOAT_DTYPES[datatype])
+    # Compared as float64, exact for FP32 too; a value rounded up to 2**63
+    # would overflow the cast back to int64, and is not exact anyway.
+    wide = as_float.astype(np.float64)
+    if not ((wide >= _INT64_LOW) & (wide < _INT64_END)).all():
+        return None
+    return as_float if np.array_equal(wide.astype(np.int64), ints) else None
+
+
+def integer_values(data: Sequence[object], datatype: str, name: str) -> np.ndarray:
+    """``data`` as int64 when every value is an integer within the integer
+    ``datatype``'s bounds.
+
+    Raises
+    ------
+    ValidationError
+        ``DTYPE_MISMATCH`` naming the tensor ``name``.
+    """
+    low, high = INT_BOUNDS[datatype]
+    # bool is an int subclass; JSON true/false are not numbers here.
+    if any(
+        isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high
+        for v in data
+    ):
+        raise ValidationError(
+            f"input {name!r}: values are not {datatype}", code="DTYPE_MISMATCH"
+        )
+    return np.asarray(data, dtype=np.int64)
 
 
 def validate_request(request: InferRequest, signature: ModelSignature) -> np.ndarray:
@@ -61,9 +130,13 @@ def validate_request(request: InferRequest, signature: ModelSignature) -> np.nda
     tensor = request.inputs[0]
     # FP64 for an FP32 input is accepted and rounded, as OIP servers such as
     # MLServer do; a value beyond FP32's range is refused as NON_FINITE below.
-    if tensor.datatype != spec.datatype and (tensor.datatype, spec.datatype) != (
-        "FP64",
-        "FP32",
+    # Integers for a floating-point input are accepted when exact in it
+    # (exact_floats), as the HTTP front door converts them.
+    ints_as_floats = tensor.datatype in INT_BOUNDS and spec.datatype in FLOAT_DTYPES
+    if (
+        tensor.datatype != spec.datatype
+        and (tensor.datatype, spec.datatype) != ("FP64", "FP32")
+        and not ints_as_floats
     ):
         raise ValidationError(
             f"input {spec.name!r} must be {spec.datatype}, got {tensor.datatype}",
@@ -96,7 +169,20 @@ def validate_request(request: InferRequest, signature: ModelSignature) -> np.nda
     # Values: finite and inside the declared range. The codec already refused
     # non-numbers; huge literals such as 1e999 decode to inf and stop here.
     try:
-        values = np.asarray(tensor.data, dtype=np.float64)
+        if ints_as_floats:
+            converted = exact_floats(
+                integer_values(tensor.data, tensor.datatype, spec.name),
+                spec.datatype,
+            )
+            if converted is None:
+                raise ValidationError(
+                    f"input {spec.name!r}: {tensor.datatype} values not exact "
+                    f"in {spec.datatype}",
+                    code="DTYPE_MISMATCH",
+                )
+            values = converted.astype(np.float64)
+        else:
+            values = np.asarray(tensor.data, dtype=np.float64)
     except OverflowError as exc:
         # A JSON integer too large for a double (the codec keeps it exact).
         raise ValidationError(

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from gateway.admin.audit import AuditLog
+from gateway.admin.audit_chain import key_id
 from gateway.admin.audit_forward import AuditForwarder
 from gateway.admin.audit_topic import AuditTopic
 from gateway.admin.deps import AdminContext, require_role
@@ -110,6 +111,13 @@ def create_app(
                 "admin.audit_key is unset: audit entries are hash-chained but "
                 "not signed, so whoever can write the stream can rewrite them "
                 "undetected (docs/admin.md, Tamper evidence)"
+            )
+        else:
+            # The id, never the key: what an operator matches against the
+            # entries' kid when rotating.
+            logger.info(
+                "audit entries signed under key id %s",
+                key_id(settings.admin.audit_key.get_secret_value().encode()),
             )
         redis = redis_from_settings(settings)
         # Connects in the background: Kafka being down must not keep the

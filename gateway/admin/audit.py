@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any, cast
 
 from gateway import protocol
-from gateway.admin.audit_chain import Chained, canonical, link_hash, sign
+from gateway.admin.audit_chain import Chained, canonical, key_id, link_hash, sign
 from gateway.config import Settings
 from gateway.errors import StoreError
 from gateway.store import RedisClient, redis_guard
@@ -55,9 +55,9 @@ class AuditEntry:
     ``outcome`` is ``ok``, ``denied`` (refused by authentication, role, lock or
     rate) or ``failed`` (allowed but could not be done, e.g. not found).
     ``detail`` never holds a password, code, token or key secret.
-    ``seq``, ``prev``, ``hash`` and ``mac`` are its link in the chain
-    (:mod:`gateway.admin.audit_chain`); empty for entries written before
-    chaining.
+    ``seq``, ``prev``, ``hash``, ``mac`` and ``kid`` are its link in the
+    chain (:mod:`gateway.admin.audit_chain`); empty for entries written
+    before chaining (``kid`` for entries signed before key ids).
     """
 
     entry_id: str
@@ -72,6 +72,7 @@ class AuditEntry:
     prev: str = ""
     hash: str = ""
     mac: str = ""
+    kid: str = ""
 
     def chained(self) -> Chained:
         """The entry as :func:`gateway.admin.audit_chain.verify` reads it."""
@@ -88,6 +89,7 @@ class AuditEntry:
             source=self.source,
             outcome=self.outcome,
             detail=self.detail,
+            kid=self.kid,
         )
 
 
@@ -95,6 +97,14 @@ def audit_key(settings: Settings) -> bytes | None:
     """The HMAC key of the chain, ``admin.audit_key``; None when unset."""
     secret = settings.admin.audit_key
     return None if secret is None else secret.get_secret_value().encode()
+
+
+def audit_keys(settings: Settings) -> list[bytes]:
+    """Every key an entry may be signed under: ``admin.audit_key`` first,
+    then ``admin.audit_retired_keys``; empty when none is set."""
+    current = audit_key(settings)
+    retired = [s.get_secret_value().encode() for s in settings.admin.audit_retired_keys]
+    return ([current] if current is not None else []) + retired
 
 
 def acked_key(settings: Settings) -> str:
@@ -128,6 +138,7 @@ class AuditLog:
         self._max_entries = settings.admin.audit_max_entries
         self._topic = topic
         self._mac_key = audit_key(settings)
+        self._kid = "" if self._mac_key is None else key_id(self._mac_key)
         self._append = redis.register_script(APPEND_LUA)
         # The newest entry's (hash, seq) as this process last saw it: a guess
         # the append script checks, so one process's appends usually take
@@ -224,6 +235,8 @@ class AuditLog:
             for name, value in entry.detail.items():
                 args += [f"d.{name}", value]
             args += ["seq", seq, "prev", prev, "hash", entry_hash, "mac", mac]
+            if self._kid:
+                args += ["kid", self._kid]
             async with redis_guard("admin.audit.record", self._timeout_s, self._redis):
                 result = cast(
                     list[Any], await self._append(keys=[self._key], args=args)
@@ -243,6 +256,7 @@ class AuditLog:
                     prev=prev,
                     hash=entry_hash,
                     mac=mac,
+                    kid=self._kid,
                 )
             prev, prev_seq = _text(result[1]), int(_text(result[2]) or "0")
         raise StoreError(
@@ -280,9 +294,16 @@ class AuditLog:
             )
         return [entry_from_stream(entry_id, row) for entry_id, row in rows]
 
-    async def read_all(self, page: int = 1000) -> list[AuditEntry]:
-        """Every entry in the stream, oldest first (for verification)."""
-        entries: list[AuditEntry] = []
+    async def pages(self, page: int = 1000) -> AsyncIterator[list[AuditEntry]]:
+        """Every entry in the stream, oldest first, ``page`` at a time: one
+        round trip and at most ``page`` entries in memory per step (for
+        verification of a stream of any length).
+
+        Raises
+        ------
+        StoreError
+            Redis could not be reached.
+        """
         lower = "-"
         while True:
             async with redis_guard("admin.audit.read", self._timeout_s, self._redis):
@@ -290,9 +311,10 @@ class AuditLog:
                     list[tuple[bytes, dict[bytes, bytes]]],
                     await self._redis.xrange(self._key, lower, "+", count=page),
                 )
-            entries += [entry_from_stream(entry_id, row) for entry_id, row in rows]
+            if rows:
+                yield [entry_from_stream(entry_id, row) for entry_id, row in rows]
             if len(rows) < page:
-                return entries
+                return
             lower = f"({_text(rows[-1][0])}"
 
 
@@ -317,4 +339,5 @@ def entry_from_stream(entry_id: bytes, row: dict[bytes, bytes]) -> AuditEntry:
         prev=text.get("prev", ""),
         hash=text.get("hash", ""),
         mac=text.get("mac", ""),
+        kid=text.get("kid", ""),
     )

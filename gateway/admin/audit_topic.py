@@ -52,8 +52,8 @@ logger = logging.getLogger(__name__)
 # API's live configuration does, gateway/admin/live.py).
 START_RETRY_S = 5.0
 # Version of the record's JSON layout: 2 added the chain (seq, prev, hash,
-# mac; gateway/admin/audit_chain.py).
-RECORD_VERSION = 2
+# mac; gateway/admin/audit_chain.py), 3 the signing key's id (kid).
+RECORD_VERSION = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +296,13 @@ class AuditTopic:
             self._metrics.audit_resent.inc(acknowledged)
         return acknowledged
 
+    async def scan(
+        self, on_record: Callable[[TopicRecord], None], *, since_ms: int
+    ) -> bool:
+        """:func:`scan_topic` of this topic from ``since_ms`` (the
+        forwarder's first pass: which stream entries it already holds)."""
+        return await scan_topic(self._settings, on_record, since_ms=since_ms)
+
     def _missed(self, entry: AuditEntry, reason: str) -> None:
         if self._metrics is not None:
             self._metrics.audit_missed.labels(reason).inc()
@@ -374,6 +381,39 @@ async def read_topic(
         Kafka could not be reached or the topic does not exist, within
         ``kafka.request_timeout_s``.
     """
+    records: list[TopicRecord] = []
+    found = await scan_topic(settings, records.append, limit=limit)
+    if not found:
+        raise BrokerError(
+            f"the audit topic {settings.kafka.topics.audit} does not exist"
+        )
+    records.sort(key=lambda r: (r.partition, r.offset))
+    return records
+
+
+async def scan_topic(
+    settings: Settings,
+    on_record: Callable[[TopicRecord], None],
+    *,
+    limit: int | None = None,
+    since_ms: int | None = None,
+) -> bool:
+    """Hand each record on ``kafka.topics.audit`` to ``on_record``, up to the
+    end offsets seen at the call, keeping none: the newest ``limit`` per
+    partition, or those timestamped ``since_ms`` or later (the producer's
+    clock), or all. No consumer group.
+
+    Returns
+    -------
+    bool
+        False when the topic does not exist (nothing was read).
+
+    Raises
+    ------
+    BrokerError
+        Kafka could not be reached, or sent nothing for
+        ``kafka.request_timeout_s`` before the end.
+    """
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from gateway.topics import partitions_of
@@ -384,13 +424,12 @@ async def read_topic(
         TopicPartition(topic, p) for p in await partitions_of(settings, topic)
     ]
     if not partitions:
-        raise BrokerError(f"the audit topic {topic} does not exist")
+        return False
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka.bootstrap,
         enable_auto_commit=False,
         request_timeout_ms=int(timeout_s * 1000) + 10_000,
     )
-    records: list[TopicRecord] = []
     try:
         await asyncio.wait_for(consumer.start(), timeout_s)
         consumer.assign(partitions)
@@ -398,29 +437,46 @@ async def read_topic(
         starts = await asyncio.wait_for(
             consumer.beginning_offsets(partitions), timeout_s
         )
+        if since_ms is not None:
+            found = await asyncio.wait_for(
+                consumer.offsets_for_times(dict.fromkeys(partitions, since_ms)),
+                timeout_s,
+            )
+            # None: no record that new in the partition.
+            starts = {
+                tp: ends[tp] if at is None else at.offset for tp, at in found.items()
+            }
         wanted: set[TopicPartition] = set()
         for tp in partitions:
             first = starts[tp] if limit is None else max(starts[tp], ends[tp] - limit)
             consumer.seek(tp, first)
             if first < ends[tp]:
                 wanted.add(tp)
-        async with asyncio.timeout(timeout_s):
-            while wanted:
-                batches = await consumer.getmany(*wanted, timeout_ms=200)
-                for tp, messages in batches.items():
-                    for message in messages:
-                        if message.offset >= ends[tp]:
-                            continue
-                        records.append(
-                            _record(
-                                message.partition,
-                                message.offset,
-                                message.key,
-                                message.value,
-                            )
+        # The limit is on a stall, not on the whole read: a topic holding a
+        # long stream's worth of records may take longer than one request.
+        progress_at = time.monotonic()
+        while wanted:
+            batches = await asyncio.wait_for(
+                consumer.getmany(*wanted, timeout_ms=200), timeout_s
+            )
+            if batches:
+                progress_at = time.monotonic()
+            elif time.monotonic() - progress_at > timeout_s:
+                raise TimeoutError(f"no record for {timeout_s} s before the end")
+            for tp, messages in batches.items():
+                for message in messages:
+                    if message.offset >= ends[tp]:
+                        continue
+                    on_record(
+                        _record(
+                            message.partition,
+                            message.offset,
+                            message.key,
+                            message.value,
                         )
-                    if await consumer.position(tp) >= ends[tp]:
-                        wanted.discard(tp)
+                    )
+                if await consumer.position(tp) >= ends[tp]:
+                    wanted.discard(tp)
     except (KafkaError, TimeoutError, OSError) as exc:
         raise BrokerError(
             f"cannot read {topic} on {settings.kafka.bootstrap}: {exc!r}"
@@ -428,8 +484,7 @@ async def read_topic(
     finally:
         with contextlib.suppress(KafkaError, TimeoutError, OSError):
             await asyncio.wait_for(consumer.stop(), timeout_s)
-    records.sort(key=lambda r: (r.partition, r.offset))
-    return records
+    return True
 
 
 def _record(

@@ -293,7 +293,8 @@ def audit(
             "--verify",
             help="Check the hash chain and signatures of every entry (the Redis "
             "stream read directly, or with --from-kafka the whole topic) "
-            "under admin.audit_key; exit 1 naming the first broken entry.",
+            "under admin.audit_key and admin.audit_retired_keys; exit 1 naming "
+            "the first broken entry.",
         ),
     ] = False,
     session_file: SessionFile = DEFAULT_SESSION_FILE,
@@ -341,44 +342,65 @@ def audit(
 
 def _verify(settings: Any, from_kafka: bool) -> None:
     """``admin audit --verify``: read every entry, oldest first, and check
-    the chain (gateway/admin/audit_chain.py); exit 1 with the first broken
-    entry's code."""
+    the chain (gateway/admin/audit_chain.py) under the current and retired
+    keys; exit 1 with the first broken entry's code. The Redis stream is read
+    a page at a time (memory bounded by the page, whatever its length); the
+    topic is read whole, to drop its copies."""
     import asyncio
 
-    from gateway.admin.audit import AuditLog, audit_key
+    from gateway.admin.audit import audit_keys
     from gateway.admin.audit_chain import verify
     from gateway.admin.audit_topic import read_topic
     from gateway.errors import ModelgateError
-    from gateway.store import redis_from_settings
 
-    async def from_stream() -> list[Any]:
-        redis = redis_from_settings(settings)
-        try:
-            entries = await AuditLog(redis, settings).read_all()
-        finally:
-            await redis.aclose()
-        return [e.chained() for e in entries]
-
-    async def from_topic() -> list[Any]:
-        return topic_entries(await read_topic(settings))
-
-    key = audit_key(settings)
-    if key is None:
+    keys = audit_keys(settings)
+    if not keys:
         typer.echo(
             "warning: admin.audit_key is unset: checking hashes and links only; "
             "a writer who recomputed them would not be seen",
             err=True,
         )
+
+    async def from_topic() -> Any:
+        return verify(topic_entries(await read_topic(settings)), keys)
+
     try:
-        entries = asyncio.run(from_topic() if from_kafka else from_stream())
+        verdict = asyncio.run(
+            from_topic() if from_kafka else verify_stream(settings, keys)
+        )
     except ModelgateError as exc:
         raise _fail(exc.code, exc.message) from None
     except _CopyMismatch as exc:
         raise _fail("AUDIT_ENTRY_ALTERED", str(exc)) from None
-    verdict = verify(entries, key)
     if verdict.code is not None:
         raise _fail(verdict.code, verdict.message)
     typer.echo(verdict.message)
+
+
+async def verify_stream(settings: Any, keys: list[bytes], page: int = 1000) -> Any:
+    """The verdict on the Redis audit stream, read ``page`` entries at a
+    time and checked as they come, stopping at the first broken entry.
+
+    Raises
+    ------
+    StoreError
+        Redis could not be reached.
+    """
+    from gateway.admin.audit import AuditLog
+    from gateway.admin.audit_chain import ChainVerifier
+    from gateway.store import redis_from_settings
+
+    verifier = ChainVerifier(keys)
+    redis = redis_from_settings(settings)
+    try:
+        async for entries in AuditLog(redis, settings).pages(page):
+            for entry in entries:
+                broken = verifier.feed(entry.chained())
+                if broken is not None:
+                    return broken
+    finally:
+        await redis.aclose()
+    return verifier.result()
 
 
 class _CopyMismatch(Exception):
@@ -406,6 +428,7 @@ def topic_entries(records: list[Any]) -> list[Any]:
             prev=str(raw.get("prev", "")),
             hash=str(raw.get("hash", "")),
             mac=str(raw.get("mac", "")),
+            kid=str(raw.get("kid", "")),
             ts_ms=_int(raw.get("ts_ms")),
             actor=str(raw.get("actor", "")),
             action=str(raw.get("action", "")),

@@ -44,6 +44,13 @@ class AdminMetrics(HttpMetrics):
             "Audit entries the forwarder sent again and the broker acknowledged.",
             registry=self.registry,
         )
+        self.audit_lost = Counter(
+            "modelgate_admin_audit_kafka_lost",
+            "Audit entries trimmed from the Redis stream (admin.audit_max_entries) "
+            "before they reached kafka.topics.audit: a gap in seq after the "
+            "forwarder's cursor, logged at ERROR with code AUDIT_ENTRIES_LOST.",
+            registry=self.registry,
+        )
         self.audit_backlog = Gauge(
             "modelgate_admin_audit_kafka_backlog",
             "Audit entries in the Redis stream not yet on kafka.topics.audit, "

@@ -101,6 +101,9 @@ class AuditEntryOut(Body):
     prev: str = Field("", description="hash of the entry before.")
     hash: str = Field("", description="SHA-256 of the entry with seq and prev.")
     mac: str = Field("", description="HMAC-SHA256 of hash under admin.audit_key.")
+    kid: str = Field(
+        "", description="Id of the key that made mac (empty: unsigned, or older)."
+    )
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -17,22 +17,8 @@ from gateway.errors import ValidationError
 from gateway.frontdoor.schemas import InferInputTensor, InferOutputTensor
 from gateway.models import TensorSpec
 from gateway.protocol import Tensor
+from gateway.validation import FLOAT_DTYPES, exact_floats, integer_values
 
-_FLOAT_DTYPES: dict[str, type[np.floating[Any]]] = {
-    "FP32": np.float32,
-    "FP64": np.float64,
-}
-_INT_BOUNDS: dict[str, tuple[int, int]] = {
-    "INT8": (-(2**7), 2**7 - 1),
-    "INT16": (-(2**15), 2**15 - 1),
-    "INT32": (-(2**31), 2**31 - 1),
-    "INT64": (-(2**63), 2**63 - 1),
-    "UINT8": (0, 2**8 - 1),
-    "UINT16": (0, 2**16 - 1),
-    "UINT32": (0, 2**32 - 1),
-    # The wire format carries integers as INT64.
-    "UINT64": (0, 2**63 - 1),
-}
 # Deeper nesting than any OIP shape we accept (schema: at most 8 dimensions).
 _MAX_DEPTH = 8
 
@@ -97,7 +83,7 @@ def to_array(
             f"input {name!r}: values must be numbers", code="DTYPE_MISMATCH"
         )
 
-    if tensor.datatype in _FLOAT_DTYPES:
+    if tensor.datatype in FLOAT_DTYPES:
         try:
             array = np.asarray(flat, dtype=np.float64)
         except OverflowError as exc:
@@ -115,7 +101,7 @@ def to_array(
         target_name = tensor.datatype
         if declared is not None and declared.datatype == "FP32":
             target_name = "FP32"
-        target = _FLOAT_DTYPES[target_name]
+        target = FLOAT_DTYPES[target_name]
         # Finite as a double but not in FP32 (over about 3.4e38): the cast
         # would make it infinite, which JSON encodes as null.
         if np.abs(array).max() > np.finfo(target).max:
@@ -125,16 +111,12 @@ def to_array(
             )
         return array.astype(target).reshape(tensor.shape)
 
-    low, high = _INT_BOUNDS[tensor.datatype]
-    if any(not isinstance(v, int) or not low <= v <= high for v in flat):
-        raise ValidationError(
-            f"input {name!r}: values are not {tensor.datatype}",
-            code="DTYPE_MISMATCH",
-        )
-    ints = np.asarray(flat, dtype=np.int64).reshape(tensor.shape)
-    if declared is not None and declared.datatype in _FLOAT_DTYPES:
-        as_float = ints.astype(_FLOAT_DTYPES[declared.datatype])
-        if np.array_equal(as_float.astype(np.int64), ints):
+    ints = integer_values(flat, tensor.datatype, name).reshape(tensor.shape)
+    if declared is not None and declared.datatype in FLOAT_DTYPES:
+        # The workers' rule too (gateway.validation.validate_request), so a
+        # request produced straight to Kafka is judged alike.
+        as_float = exact_floats(ints, declared.datatype)
+        if as_float is not None:
             return as_float
     return ints
 

@@ -14,6 +14,7 @@ from gateway.admin.audit_chain import (
     VERIFY_CODES,
     Chained,
     canonical,
+    key_id,
     link_hash,
     sign,
     verify,
@@ -186,3 +187,48 @@ def test_every_code_is_described(code: str) -> None:
 def test_a_short_audit_key_is_refused() -> None:
     with pytest.raises(ValidationError, match="audit_key"):
         AdminConfig(audit_key="too short")  # type: ignore[arg-type]
+
+
+OLD_KEY = b"o" * 32
+
+
+def _rotated() -> list[Chained]:
+    """Ten entries signed under OLD_KEY before key ids (no kid), five under
+    OLD_KEY with its id, five under KEY with its id: two rotations' worth."""
+    entries = _chain(20, key=OLD_KEY)
+    return (
+        entries[:10]
+        + [dataclasses.replace(e, kid=key_id(OLD_KEY)) for e in entries[10:15]]
+        + [
+            dataclasses.replace(e, mac=sign(KEY, e.hash), kid=key_id(KEY))
+            for e in entries[15:]
+        ]
+    )
+
+
+def test_a_rotation_verifies_with_the_retired_key_given() -> None:
+    verdict = verify(_rotated(), [KEY, OLD_KEY])
+    assert verdict.code is None and verdict.checked == 20, verdict.message
+
+
+def test_a_key_id_no_given_key_has_is_named() -> None:
+    verdict = verify(_rotated(), KEY)
+    # The entries without a kid fail first: no given key made their MAC.
+    assert verdict.code == "AUDIT_BAD_MAC", verdict.message
+    verdict = verify(_rotated()[10:], KEY)
+    assert verdict.code == "AUDIT_UNKNOWN_KEY", verdict.message
+    assert key_id(OLD_KEY) in verdict.message
+
+
+def test_a_forgery_claiming_a_retired_keys_id_is_refused() -> None:
+    entries = _rotated()
+    forged = _resign(entries[12], b"f" * 32, target="forged")
+    entries[12] = forged  # kid still OLD_KEY's
+    entries[13] = dataclasses.replace(entries[13], prev=forged.hash)
+    verdict = verify(entries, [KEY, OLD_KEY])
+    assert (verdict.code, verdict.entry_id) == ("AUDIT_BAD_MAC", forged.entry_id)
+
+
+def test_a_key_id_does_not_show_the_key() -> None:
+    assert len(key_id(KEY)) == 16
+    assert KEY.hex()[:16] != key_id(KEY) != key_id(OLD_KEY)

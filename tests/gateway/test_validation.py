@@ -6,7 +6,7 @@ import pytest
 from gateway.errors import ValidationError
 from gateway.models import ModelSignature, TensorSpec
 from gateway.protocol import InferRequest, Tensor
-from gateway.validation import scale_to_unit, validate_request
+from gateway.validation import exact_floats, scale_to_unit, validate_request
 
 SIGNATURE = ModelSignature(
     name="digits",
@@ -78,6 +78,53 @@ def test_fp64_for_an_fp32_input_is_rounded_to_fp32() -> None:
     )
     assert rows.dtype == np.float32
     assert rows[0, 0] == np.float32(0.1)
+
+
+def test_integers_exact_in_the_float_input_are_accepted() -> None:
+    # Requests produced straight to Kafka get the front door's rule.
+    rows = validate_request(
+        _request(datatype="INT64", data=list(range(16)) * 4), SIGNATURE
+    )
+    assert rows.dtype == np.float32
+    assert rows[0, :16].tolist() == [float(v) for v in range(16)]
+    rows32 = validate_request(_request(datatype="INT32", data=[16] * 64), SIGNATURE)
+    assert rows32.tolist() == [[16.0] * 64]
+
+
+UNBOUNDED = ModelSignature(
+    name="free",
+    version="1",
+    inputs=(TensorSpec("pixels", "FP32", (-1, 64)),),
+    outputs=SIGNATURE.outputs,
+    classes=SIGNATURE.classes,
+    max_batch_rows=4,
+)
+
+
+@pytest.mark.parametrize(
+    ("datatype", "first"),
+    [
+        ("INT64", 0.5),  # not an integer
+        ("INT32", 2**31),  # beyond INT32
+        ("INT64", 2**24 + 1),  # would round to 2**24 in FP32
+        ("INT64", 2**63 - 1),  # would round to 2**63, past int64
+        ("INT64", True),  # JSON true is not a number
+    ],
+)
+def test_integers_not_exact_in_the_float_input_are_refused(
+    datatype: str, first: object
+) -> None:
+    request = _request(datatype=datatype, data=[first] + [1] * 63)
+    with pytest.raises(ValidationError) as info:
+        validate_request(request, UNBOUNDED)
+    assert info.value.code == "DTYPE_MISMATCH", info.value.message
+
+
+def test_exact_floats_bounds() -> None:
+    assert exact_floats(np.array([2**53], dtype=np.int64), "FP64") is not None
+    assert exact_floats(np.array([2**53 + 1], dtype=np.int64), "FP64") is None
+    low = exact_floats(np.array([-(2**63)], dtype=np.int64), "FP64")
+    assert low is not None and low.tolist() == [-(2.0**63)]
 
 
 def test_two_tensors_are_refused() -> None:

@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
+from redis.asyncio import Redis
 from typer.testing import CliRunner
 
 from gateway.admin import cli as admin_cli
 from gateway.admin.audit import AuditLog
-from gateway.admin.audit_chain import canonical, link_hash, verify
+from gateway.admin.audit_chain import canonical, key_id, link_hash, verify
 from gateway.cli import app as cli_app
 from gateway.config import Settings
 from gateway.store import RedisClient, redis_from_settings
@@ -75,7 +77,7 @@ async def test_two_replicas_appending_at_once_keep_one_chain(
 
             log._append = counted  # type: ignore[method-assign]
         await asyncio.gather(_record(logs[0], "ann", 25), _record(logs[1], "bob", 25))
-        entries = await logs[0].read_all()
+        entries = [e async for page in logs[0].pages() for e in page]
     finally:
         await first.aclose()
         await second.aclose()
@@ -196,3 +198,77 @@ async def test_verify_without_the_key_says_it_checked_the_links_only(
     assert result.exit_code == 0, result.output
     assert "admin.audit_key is unset" in result.output, result.output
     assert "NOT signed" in result.output, result.output
+
+
+async def test_verify_passes_across_a_key_rotation_and_still_finds_tampering(
+    stack: StackInfo, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries name the id of the key that signed them, so after
+    ``admin.audit_key`` changes, the old key given as retired verifies the
+    entries it signed (they failed AUDIT_BAD_MAC before key ids)."""
+    old = _settings(stack, models_dir)
+    new_key = "the next audit key, also 32 chars"
+    rotated = old.model_copy(
+        update={"admin": old.admin.model_copy(update={"audit_key": SecretStr(new_key)})}
+    )
+    retired = rotated.model_copy(
+        update={
+            "admin": rotated.admin.model_copy(
+                update={"audit_retired_keys": (SecretStr(KEY),)}
+            )
+        }
+    )
+    redis = redis_from_settings(old)
+    try:
+        await _record(AuditLog(redis, old), "erin", 4)
+        await _record(AuditLog(redis, rotated), "erin", 4)
+        entries = [e async for page in AuditLog(redis, old).pages() for e in page]
+        new_only = await asyncio.to_thread(_verify_cli, rotated, monkeypatch)
+        both = await asyncio.to_thread(_verify_cli, retired, monkeypatch)
+        # An old entry edited and signed again under a key the verifier does
+        # not hold, its key id left as it was.
+        key = AuditLog(redis, old).key
+        rows = _edit(await _rows(redis, key))
+        rows[3][1][b"mac"] = b"0" * 64
+        await _rewrite(redis, key, rows)
+        tampered = await asyncio.to_thread(_verify_cli, retired, monkeypatch)
+    finally:
+        await redis.aclose()
+        await delete_prefix(old)
+
+    assert [e.kid for e in entries] == [key_id(KEY.encode())] * 4 + [
+        key_id(new_key.encode())
+    ] * 4
+    assert new_only.exit_code == 1, new_only.output
+    assert f"error [AUDIT_UNKNOWN_KEY]: entry {entries[0].entry_id} " in (
+        new_only.output
+    ), new_only.output
+    assert both.exit_code == 0, both.output
+    assert "8 chained entries verified, signed" in both.output, both.output
+    assert tampered.exit_code == 1, tampered.output
+    assert "error [AUDIT_ENTRY_ALTERED]: entry 4-0 " in tampered.output
+
+
+async def test_verify_reads_the_stream_a_page_at_a_time(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--verify`` holds one page of the stream, not the whole of it."""
+    redis = redis_from_settings(settings)
+    try:
+        await _record(AuditLog(redis, settings), "fay", 23)
+    finally:
+        await redis.aclose()
+    read: list[int] = []
+    original = Redis.xrange
+
+    async def counted(self: Redis, *args: Any, **kwargs: Any) -> Any:
+        rows = await original(self, *args, **kwargs)
+        read.append(len(rows))
+        return rows
+
+    # verify_stream opens its own client: count what any client reads.
+    monkeypatch.setattr(Redis, "xrange", counted)
+    verdict = await admin_cli.verify_stream(settings, [KEY.encode()], page=5)
+
+    assert verdict.code is None and verdict.checked == 23, verdict.message
+    assert read == [5, 5, 5, 5, 3]

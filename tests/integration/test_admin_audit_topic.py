@@ -99,11 +99,12 @@ async def test_an_admin_action_appears_on_the_audit_topic(
         record = by_id[entry_id]
         assert record.key == entry.actor
         assert record.entry == {
-            "v": 2,
+            "v": 3,
             "seq": entry.seq,
             "prev": entry.prev,
             "hash": entry.hash,
             "mac": entry.mac,
+            "kid": entry.kid,
             "entry_id": entry_id,
             "ts_ms": entry.ts_ms,
             "actor": entry.actor,

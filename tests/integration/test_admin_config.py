@@ -385,6 +385,23 @@ async def test_key_plans_through_the_api(stack: StackInfo, models_dir: Path) -> 
         assert "free, gold" in typo.json()["error"], typo.text
         stored = await KeyStore(admin.context.redis, settings).get(key_id)
         assert stored is not None and stored.plan == "free"
+        # Creating a key on one is refused alike, and creates nothing.
+        before = await admin.context.keys.list()
+        typo_key = await client.post(
+            "/v1/keys", json={"client_id": "typo", "plan": "glod"}, headers=root
+        )
+        assert typo_key.status_code == 422, typo_key.text
+        assert typo_key.json()["code"] == "UNKNOWN_PLAN", typo_key.text
+        assert "free, gold" in typo_key.json()["error"], typo_key.text
+        assert await admin.context.keys.list() == before
+        refused_create = [
+            e
+            for e in await admin.audit()
+            if e.action == "POST /v1/keys" and e.outcome == "failed"
+        ]
+        assert [(e.target, e.detail) for e in refused_create] == [
+            ("typo", {"reason": "unknown plan glod"})
+        ]
 
         # The audit log reads newest first.
         entries = [
@@ -403,5 +420,9 @@ async def test_key_plans_through_the_api(stack: StackInfo, models_dir: Path) -> 
         first_change = entries[1].detail
         assert first_change["plan_before"] == "gold" and first_change["plan"] == "free"
         assert "3600" in first_change["limit_overrides_before"]
-        creation = [e for e in await admin.audit() if e.action == "POST /v1/keys"]
+        creation = [
+            e
+            for e in await admin.audit()
+            if e.action == "POST /v1/keys" and e.outcome == "ok"
+        ]
         assert creation[0].detail["plan"] == "gold"

@@ -12,7 +12,7 @@ import hashlib
 import os
 import secrets
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from cryptography.fernet import Fernet
@@ -240,6 +240,66 @@ async def test_unknown_keys_are_cached_negatively(
         assert CountingConnection.sends - before == 1  # cached
     finally:
         await counting.aclose()
+
+
+class RecordingConnection(Connection):
+    """Keeps every packed command written to the socket."""
+
+    sent: ClassVar[list[bytes]] = []
+
+    async def send_packed_command(
+        self, command: Any, check_health: bool = True
+    ) -> None:
+        chunks = [command] if isinstance(command, bytes | str) else list(command)
+        type(self).sent += [
+            c.encode() if isinstance(c, str) else bytes(c) for c in chunks
+        ]
+        await super().send_packed_command(command, check_health)
+
+
+async def test_a_clients_keys_are_read_through_its_index_only(
+    redis: Redis, settings: Settings
+) -> None:
+    """Release of a client the gateway never saw asks whether a key was
+    issued to it (gateway/admin/routers/clients.py): that must cost the
+    client's keys, not a read of every key record."""
+    store_ = KeyStore(redis, settings)
+    target = unique("indexed")
+    mine = [(await store_.create(target))[0].key_id for _ in range(3)]
+    for i in range(150):
+        await store_.create(unique(f"other{i % 50}"))
+    assert await store_.revoke(mine[0])  # revoked keys still count
+
+    # Records from before the index: no client sets, no marker. The first
+    # lookup builds the index from every record, once.
+    stale = [k async for k in redis.scan_iter(match=f"{PREFIX}:client-keys:*")]
+    await redis.delete(*stale)
+    assert await KeyStore(redis, settings).key_ids_of(target) == sorted(mine)
+    assert await redis.get(store_.client_index_marker) == b"1"
+
+    # Built: the lookup names the client's set and its three records, and
+    # neither the set of all ids nor any other record.
+    pool = ConnectionPool.from_url(
+        settings.redis.url, connection_class=RecordingConnection
+    )
+    recording = Redis(connection_pool=pool)
+    try:
+        await recording.ping()
+        RecordingConnection.sent = []
+        assert await KeyStore(recording, settings).key_ids_of(target) == sorted(mine)
+        assert await KeyStore(recording, settings).key_ids_of(unique("none")) == []
+    finally:
+        await recording.aclose()
+    wire = b"".join(RecordingConnection.sent)
+    assert f"{PREFIX}:keys\r\n".encode() not in wire
+    assert wire.count(f"{PREFIX}:key:{{".encode()) == len(mine), wire[:2000]
+
+    # A key missing from its client's set (created by a process older than
+    # the index after the build) is put back when revoked or given a plan.
+    await redis.srem(store_.client_index_key(target), mine[1], mine[2])
+    assert await store_.set_plan(mine[1], "gold")
+    assert await store_.revoke(mine[2])
+    assert await store_.key_ids_of(target) == sorted(mine)
 
 
 # Admission ---------------------------------------------------------------------

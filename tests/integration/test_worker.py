@@ -137,6 +137,59 @@ async def test_each_bad_input_gets_its_code_and_a_dead_letter(
     assert base64.b64decode(not_json["value_b64"]) in (b"{not json", nan_raw)
 
 
+async def test_integers_for_a_float_model_are_converted_as_at_the_front_door(
+    settings: Settings, kafka: RawKafka, models_dir: Path
+) -> None:
+    # The front door converts INT data exact in the model's FP32
+    # (gateway.frontdoor.tensors); a request produced straight to Kafka gets
+    # the same rule (gateway.validation.exact_floats), not DTYPE_MISMATCH.
+    key_id, secret = await create_key(settings, "ivan")
+    rows = X_TEST[:2]
+    assert np.array_equal(rows, rows.round())  # digit pixels are whole numbers
+
+    def signed(request_id: str, datatype: str, data: list[object]) -> bytes:
+        _, value, _ = protocol.build_request(
+            key_id=key_id,
+            secret=secret,
+            model="digits",
+            inputs={"pixels": rows},
+            request_id=request_id,
+        )
+        body = json.loads(value)
+        body["inputs"][0].update(datatype=datatype, data=data)
+        return json.dumps(body).encode()
+
+    whole = [int(v) for v in rows.ravel()]
+    cases = {
+        "int64": signed("int64", "INT64", whole),
+        "int32": signed("int32", "INT32", whole),
+        # Not integers, or not INT32, or not exact in FP32: refused alike.
+        "half": signed("half", "INT64", [0.5, *whole[1:]]),
+        "wide": signed("wide", "INT32", [2**31, *whole[1:]]),
+        "inexact": signed("inexact", "INT64", [2**24 + 1, *whole[1:]]),
+    }
+    async with running_worker(settings):
+        for raw in cases.values():
+            sig = protocol.sign(secret, raw).encode()
+            await kafka.send_raw(
+                raw, key="ivan", headers=[(protocol.SIGNATURE_HEADER, sig)]
+            )
+        await kafka.flush()
+        answers = await responses_for(settings, list(cases))
+
+    expected = load_model(models_dir, "digits").predict_proba(rows)
+    for request_id in ("int64", "int32"):
+        answer = answers[request_id]
+        assert answer["status"] == "ok", answer
+        outputs = {o["name"]: o for o in answer["outputs"]}
+        got = np.asarray(outputs["probabilities"]["data"], dtype=np.float32)
+        np.testing.assert_array_equal(got.reshape(expected.shape), expected)
+    for request_id in ("half", "wide", "inexact"):
+        answer = answers[request_id]
+        assert answer["status"] == "error", answer
+        assert answer["error"]["code"] == "DTYPE_MISMATCH", answer
+
+
 async def test_revoked_key_is_refused(settings: Settings, kafka: RawKafka) -> None:
     from gateway.keys import KeyStore
     from gateway.store import redis_from_settings

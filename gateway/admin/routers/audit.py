@@ -37,6 +37,7 @@ async def read_audit(
             prev=e.prev,
             hash=e.hash,
             mac=e.mac,
+            kid=e.kid,
         )
         for e in entries
     ]

@@ -57,7 +57,8 @@ class KeyIn(Body):
     plan: str = Field(
         default="default",
         pattern=PLAN_REGEX,
-        description="Limits plan (limits.plans); an unknown name gets the default.",
+        description="Limits plan: 'default' or one the running configuration "
+        "defines in limits.plans (else 422 UNKNOWN_PLAN).",
     )
     limit_overrides: PlanConfig | None = Field(
         default=None,
@@ -117,6 +118,9 @@ async def create_key(
     principal: Annotated[Principal, Depends(require_role("admin"))],
     context: Context,
 ) -> KeyCreated:
+    # Checked before anything is written: a key created on a mistyped plan
+    # would run on the default plan unnoticed, as PUT .../plan refuses too.
+    await _known_plan_or_refuse(request, context, principal, body.client_id, body.plan)
     overrides = _given(body.limit_overrides)
     try:
         key, token = await context.keys.create(
@@ -200,12 +204,14 @@ async def _known_plan_or_refuse(
     request: Request,
     context: AdminContext,
     principal: Principal,
-    key_id: str,
+    target: str,
     plan: str,
 ) -> None:
-    """Refuse (audited, as failed) a plan the running configuration does not
-    define, as ``modelgate keys set-plan`` does: a key naming no defined
-    plan would silently run on the default plan, so a typo would go unseen.
+    """Refuse (audited, as failed, against ``target``: the key id, or the
+    client id of a key being created) a plan the running configuration does
+    not define, as ``modelgate keys create`` and ``set-plan`` do: a key naming
+    no defined plan would silently run on the default plan, so a typo would
+    go unseen.
 
     ``default`` is always known and needs no Kafka; any other name is looked
     up in the live configuration's newest version (``limits.plans``).
@@ -224,7 +230,7 @@ async def _known_plan_or_refuse(
         _, document = await service.current()
     except AdminError as exc:
         await refuse(
-            context, request, exc, actor=principal.user, reason=exc.code, target=key_id
+            context, request, exc, actor=principal.user, reason=exc.code, target=target
         )
     except ModelgateError as exc:
         error = AdminError(
@@ -237,7 +243,7 @@ async def _known_plan_or_refuse(
             error,
             actor=principal.user,
             reason=exc.code,
-            target=key_id,
+            target=target,
         )
     plans = sorted({"default", *document.limits.plans})
     if plan not in plans:
@@ -252,7 +258,7 @@ async def _known_plan_or_refuse(
             error,
             actor=principal.user,
             reason=f"unknown plan {plan}",
-            target=key_id,
+            target=target,
         )
 
 
