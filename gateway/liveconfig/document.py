@@ -262,13 +262,50 @@ def _describe(exc: pydantic.ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _boolean_taken_as_number(given: Any, kept: Any, path: str) -> str | None:
+    """The first dotted path where ``given`` (plain data) holds a boolean that
+    validation kept as a number, else None.
+
+    Pydantic's lax mode reads ``true`` as 1 for an int or float field, so
+    ``config set limits.burst=true`` published a burst of 1 and
+    ``policy.flag_at: true`` a flag level of 1.0: a typo that silently
+    retunes every worker. Strict mode would also refuse the strings a
+    settings file's environment variables carry, hence this walk.
+    """
+    if isinstance(given, bool):
+        number = isinstance(kept, int | float) and not isinstance(kept, bool)
+        return path if number else None
+    if isinstance(given, Mapping) and isinstance(kept, Mapping):
+        pairs: list[tuple[str, Any, Any]] = [
+            (str(k), v, kept[k]) for k, v in given.items() if k in kept
+        ]
+    elif isinstance(given, list) and isinstance(kept, list):
+        pairs = [(str(i), g, k) for i, (g, k) in enumerate(zip(given, kept))]
+    else:
+        return None
+    for key, value, counterpart in pairs:
+        found = _boolean_taken_as_number(
+            value, counterpart, f"{path}.{key}" if path else key
+        )
+        if found is not None:
+            return found
+    return None
+
+
 def validate_document(data: Mapping[str, Any]) -> LiveConfig:
     """A ``LiveConfig`` from plain data, or a ``ConfigError`` naming each bad
     field and the rule it breaks."""
     try:
-        return LiveConfig.model_validate(dict(data))
+        document = LiveConfig.model_validate(dict(data))
     except pydantic.ValidationError as exc:
         raise ConfigError(f"invalid configuration: {_describe(exc)}") from exc
+    where = _boolean_taken_as_number(dict(data), document.as_dict(), "")
+    if where is not None:
+        raise ConfigError(
+            f"invalid configuration: {where}: Input should be a number, "
+            "not a boolean (rule: bool_not_number)"
+        )
+    return document
 
 
 def parse_value(text: str) -> Any:

@@ -42,6 +42,16 @@ from gateway.scoring import Scorer
         ({"detectors.nosuch.eps": 1}, "detectors.nosuch", "rule"),
         ({"detector_shadow.nosuch": True}, "detector_shadow.nosuch", "rule"),
         ({"detector_shadow.ood": "maybe"}, "detector_shadow.ood", "bool_parsing"),
+        # Lax pydantic read these booleans as 1 and published them.
+        ({"limits.burst": True}, "limits.burst", "bool_not_number"),
+        ({"policy.flag_at": True}, "policy.flag_at", "bool_not_number"),
+        ({"detectors.ood.min_queries": True}, "detectors.ood.min_queries", "bool_not"),
+        ({"policy.detector_weights": {"ood": False}}, "weights.ood", "bool_not"),
+        (
+            {"policy.rules": [{"action": "block", "risk_at": True}]},
+            "policy.rules.0.risk_at",
+            "bool_not_number",
+        ),
     ],
 )
 def test_refusal_names_field_and_rule(
@@ -97,6 +107,17 @@ def test_unknown_or_malformed_key_is_refused(key: str) -> None:
     with pytest.raises(ConfigError) as info:
         with_changes(LiveConfig(), {key: 1})
     assert info.value.code == "CONFIG_INVALID"
+
+
+def test_a_boolean_for_a_number_is_refused_as_the_cli_parses_it() -> None:
+    """`modelgate config set limits.burst=true` published a burst of 1."""
+    with pytest.raises(ConfigError) as info:
+        with_changes(LiveConfig(), parse_assignments(["limits.burst=true"]))
+    assert info.value.code == "CONFIG_INVALID"
+    assert "limits.burst: Input should be a number" in info.value.message
+    # Booleans where the field is one still pass.
+    doc = with_changes(LiveConfig(), parse_assignments(["policy.shadow=false"]))
+    assert doc.policy.shadow is False
 
 
 def test_set_types_values_by_the_model() -> None:
