@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from detectors.registry import DETECTORS
 from gateway.config import CrossClientConfig, LimitsConfig, PolicyConfig, Settings
@@ -181,6 +181,33 @@ class LiveConfig(_Frozen):
             )
         return dict(sorted(value.items()))
 
+    @model_validator(mode="after")
+    def _policy_names_known(self) -> LiveConfig:
+        # A misspelt name here matched no detector and changed nothing, yet
+        # was published as if it had (``policy.shadow_detectors=["odd"]``).
+        # "group" shadows the linked-group risk (gateway.policy.GROUP).
+        policy = self.policy
+        listed = [("policy.shadow_detectors", policy.shadow_detectors)]
+        for kind, overrides in (("models", policy.models), ("plans", policy.plans)):
+            listed += [
+                (f"policy.{kind}.{name}.shadow_detectors", o.shadow_detectors or [])
+                for name, o in overrides.items()
+            ]
+        for where, names in listed:
+            unknown = sorted(set(names) - set(DETECTORS) - {"group"})
+            if unknown:
+                raise ValueError(
+                    f"{where}: unknown detector {unknown[0]!r} (rule: one of "
+                    f"{', '.join(sorted(DETECTORS))} or group)"
+                )
+        unknown = sorted(set(policy.detector_weights) - set(DETECTORS))
+        if unknown:
+            raise ValueError(
+                f"policy.detector_weights.{unknown[0]}: unknown detector "
+                f"(rule: one of {', '.join(sorted(DETECTORS))})"
+            )
+        return self
+
     @classmethod
     def from_settings(cls, settings: Settings) -> LiveConfig:
         """Version 1's document: this process's settings, keeping only the
@@ -254,7 +281,9 @@ def _describe(exc: pydantic.ValidationError) -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
-        if loc and msg.startswith(loc.split(".")[0] + "."):
+        if (loc and msg.startswith(loc.split(".")[0] + ".")) or (
+            not loc and "(rule: " in msg
+        ):
             # Our own validators already name the full path and the rule.
             parts.append(msg)
         else:

@@ -42,6 +42,14 @@ from gateway.scoring import Scorer
         ({"detectors.nosuch.eps": 1}, "detectors.nosuch", "rule"),
         ({"detector_shadow.nosuch": True}, "detector_shadow.nosuch", "rule"),
         ({"detector_shadow.ood": "maybe"}, "detector_shadow.ood", "bool_parsing"),
+        # Names that match no detector were published and changed nothing.
+        ({"policy.shadow_detectors": ["odd"]}, "policy.shadow_detectors", "rule"),
+        ({"policy.detector_weights": {"nope": 2}}, "weights.nope", "unknown"),
+        (
+            {"policy.models": {"digits": {"shadow_detectors": ["odd"]}}},
+            "policy.models.digits.shadow_detectors",
+            "unknown detector",
+        ),
         # Lax pydantic read these booleans as 1 and published them.
         ({"limits.burst": True}, "limits.burst", "bool_not_number"),
         ({"policy.flag_at": True}, "policy.flag_at", "bool_not_number"),
@@ -118,6 +126,15 @@ def test_a_boolean_for_a_number_is_refused_as_the_cli_parses_it() -> None:
     # Booleans where the field is one still pass.
     doc = with_changes(LiveConfig(), parse_assignments(["policy.shadow=false"]))
     assert doc.policy.shadow is False
+    # The group risk is shadowed by the name "group".
+    with pytest.raises(ConfigError) as info:
+        with_changes(LiveConfig(), {"policy.shadow_detectors": ["odd"]})
+    assert info.value.message == (
+        "invalid configuration: policy.shadow_detectors: unknown detector 'odd' "
+        "(rule: one of " + ", ".join(sorted(DETECTORS)) + " or group)"
+    )
+    doc = with_changes(LiveConfig(), {"policy.shadow_detectors": ["group", "ood"]})
+    assert doc.policy.shadow_detectors == ["group", "ood"]
 
 
 def test_set_types_values_by_the_model() -> None:
