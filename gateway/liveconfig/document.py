@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from detectors.registry import DETECTORS
 from gateway.config import CrossClientConfig, LimitsConfig, PolicyConfig, Settings
@@ -181,33 +181,6 @@ class LiveConfig(_Frozen):
             )
         return dict(sorted(value.items()))
 
-    @model_validator(mode="after")
-    def _policy_names_known(self) -> LiveConfig:
-        # A misspelt name here matched no detector and changed nothing, yet
-        # was published as if it had (``policy.shadow_detectors=["odd"]``).
-        # "group" shadows the linked-group risk (gateway.policy.GROUP).
-        policy = self.policy
-        listed = [("policy.shadow_detectors", policy.shadow_detectors)]
-        for kind, overrides in (("models", policy.models), ("plans", policy.plans)):
-            listed += [
-                (f"policy.{kind}.{name}.shadow_detectors", o.shadow_detectors or [])
-                for name, o in overrides.items()
-            ]
-        for where, names in listed:
-            unknown = sorted(set(names) - set(DETECTORS) - {"group"})
-            if unknown:
-                raise ValueError(
-                    f"{where}: unknown detector {unknown[0]!r} (rule: one of "
-                    f"{', '.join(sorted(DETECTORS))} or group)"
-                )
-        unknown = sorted(set(policy.detector_weights) - set(DETECTORS))
-        if unknown:
-            raise ValueError(
-                f"policy.detector_weights.{unknown[0]}: unknown detector "
-                f"(rule: one of {', '.join(sorted(DETECTORS))})"
-            )
-        return self
-
     @classmethod
     def from_settings(cls, settings: Settings) -> LiveConfig:
         """Version 1's document: this process's settings, keeping only the
@@ -281,9 +254,7 @@ def _describe(exc: pydantic.ValidationError) -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
-        if (loc and msg.startswith(loc.split(".")[0] + ".")) or (
-            not loc and "(rule: " in msg
-        ):
+        if loc and msg.startswith(loc.split(".")[0] + "."):
             # Our own validators already name the full path and the rule.
             parts.append(msg)
         else:
@@ -309,7 +280,9 @@ def _boolean_taken_as_number(given: Any, kept: Any, path: str) -> str | None:
             (str(k), v, kept[k]) for k, v in given.items() if k in kept
         ]
     elif isinstance(given, list) and isinstance(kept, list):
-        pairs = [(str(i), g, k) for i, (g, k) in enumerate(zip(given, kept))]
+        pairs = [
+            (str(i), g, k) for i, (g, k) in enumerate(zip(given, kept, strict=False))
+        ]
     else:
         return None
     for key, value, counterpart in pairs:
@@ -321,6 +294,38 @@ def _boolean_taken_as_number(given: Any, kept: Any, path: str) -> str | None:
     return None
 
 
+def _unknown_policy_name(policy: PolicyConfig) -> str | None:
+    """Why a detector named in ``policy`` is none, else None.
+
+    A misspelt name matched no detector and changed nothing, yet was
+    published as if it had (``policy.shadow_detectors=["odd"]``). Judged when
+    a document is made, not when a record is read, so versions published
+    before this check stay readable. "group" shadows the linked-group risk
+    (``gateway.policy.GROUP``).
+    """
+    known = ", ".join(sorted(DETECTORS))
+    listed = [("policy.shadow_detectors", policy.shadow_detectors)]
+    for kind, overrides in (("models", policy.models), ("plans", policy.plans)):
+        listed += [
+            (f"policy.{kind}.{name}.shadow_detectors", o.shadow_detectors or [])
+            for name, o in overrides.items()
+        ]
+    for where, names in listed:
+        unknown = sorted(set(names) - set(DETECTORS) - {"group"})
+        if unknown:
+            return (
+                f"{where}: unknown detector {unknown[0]!r} "
+                f"(rule: one of {known} or group)"
+            )
+    unknown = sorted(set(policy.detector_weights) - set(DETECTORS))
+    if unknown:
+        return (
+            f"policy.detector_weights.{unknown[0]}: unknown detector "
+            f"(rule: one of {known})"
+        )
+    return None
+
+
 def validate_document(data: Mapping[str, Any]) -> LiveConfig:
     """A ``LiveConfig`` from plain data, or a ``ConfigError`` naming each bad
     field and the rule it breaks."""
@@ -328,6 +333,9 @@ def validate_document(data: Mapping[str, Any]) -> LiveConfig:
         document = LiveConfig.model_validate(dict(data))
     except pydantic.ValidationError as exc:
         raise ConfigError(f"invalid configuration: {_describe(exc)}") from exc
+    unknown = _unknown_policy_name(document.policy)
+    if unknown is not None:
+        raise ConfigError(f"invalid configuration: {unknown}")
     where = _boolean_taken_as_number(dict(data), document.as_dict(), "")
     if where is not None:
         raise ConfigError(

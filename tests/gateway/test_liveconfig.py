@@ -296,3 +296,20 @@ def test_shadowed_detector_does_not_drive_policy(
     # Shadow enforces nothing: at most a flag, which only raises an alert
     # marked shadow (the would-be action goes to the decisions topic).
     assert set(_probe_stream(scorer, model)) <= {"allow", "flag"}
+
+
+def test_a_record_published_before_the_name_check_stays_readable() -> None:
+    """Workers must still read a version an older release published with a
+    name the check now refuses, or they would drop the version in force."""
+    document = LiveConfig().as_dict()
+    document["policy"]["shadow_detectors"] = ["odd"]
+    record = {
+        "version": 2,
+        "parent": 1,
+        "author": "cli",
+        "at_ms": 0,
+        "kind": "set",
+        "document": document,
+    }
+    decoded = ConfigRecord.decode(json.dumps(record).encode())
+    assert decoded.document.policy.shadow_detectors == ["odd"]
