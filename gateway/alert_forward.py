@@ -100,6 +100,12 @@ class ForwardOptions:
     batch_max: int = 1
 
     def __post_init__(self) -> None:
+        # httpx refuses such a URL only at the first POST, which ended the
+        # command in a traceback.
+        if any(c.isspace() or not c.isprintable() for c in self.url):
+            raise ValueError(
+                f"--url holds a space or a control character: {self.url!r}"
+            )
         parts = urlsplit(self.url)
         try:
             parts.port  # noqa: B018 - raises on a port out of range
