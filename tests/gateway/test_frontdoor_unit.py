@@ -438,3 +438,39 @@ async def test_a_model_not_built_yet_is_waited_for(
         assert door.signatures is not None and set(door.signatures) == {"digits"}
     finally:
         await door.stop()
+
+
+async def test_a_store_outage_shows_the_caller_no_internal_address(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The fresh user saw "redis keys.get_many: 127.0.0.1:26379/0: circuit
+    open" in a 503 body: the caller gets the code and a generic message, the
+    operator the detail in the log."""
+    import httpx
+
+    from gateway.errors import StoreError
+
+    app = _served_app()
+    internal = "redis keys.get_many: 127.0.0.1:26379/0: circuit open"
+
+    async def check_key(token: str | None, model: str) -> object:
+        raise StoreError(internal)
+
+    app.state.frontdoor.check_key = check_key
+    transport = httpx.ASGITransport(app=app)
+    with caplog.at_level("WARNING", logger="gateway.frontdoor.errors"):
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            answer = await http.post(
+                "/v2/models/digits/infer",
+                json={"inputs": []},
+                headers={"Authorization": f"Bearer {_GOOD_TOKEN}"},
+            )
+    assert answer.status_code == 503, answer.text
+    assert answer.json() == {
+        "error": "the counter store is unavailable; retry later",
+        "code": "STORE_UNAVAILABLE",
+        "retriable": True,
+    }
+    assert "127.0.0.1" not in answer.text and "get_many" not in answer.text
+    logged = [r for r in caplog.records if getattr(r, "detail", None) == internal]
+    assert logged and logged[0].__dict__["code"] == "STORE_UNAVAILABLE"
