@@ -474,3 +474,23 @@ async def test_a_store_outage_shows_the_caller_no_internal_address(
     assert "127.0.0.1" not in answer.text and "get_many" not in answer.text
     logged = [r for r in caplog.records if getattr(r, "detail", None) == internal]
     assert logged and logged[0].__dict__["code"] == "STORE_UNAVAILABLE"
+
+
+async def test_health_answers_head_like_get_without_a_body() -> None:
+    """Load balancers probe with HEAD; it was a 405."""
+    import httpx
+
+    from gateway.config import load_settings
+    from gateway.frontdoor.app import create_app
+
+    app = create_app(load_settings())
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        for path in ("/v2/health/live", "/v2/health/ready"):
+            got = await http.get(path)
+            head = await http.head(path)
+            # Not started under ASGITransport: ready is 503, as for GET.
+            assert head.status_code == got.status_code, (path, head.status_code)
+            assert head.content == b"", path
+            assert head.headers["content-type"] == got.headers["content-type"]
+            assert head.headers["content-length"] == str(len(got.content))
