@@ -24,6 +24,7 @@ FRONTDOOR_CODES: dict[str, str] = {
     "NOT_FOUND": "no such path",
     "METHOD_NOT_ALLOWED": "the path does not take this method",
     "HEADERS_TOO_LARGE": "the request line and headers exceed 64 KiB",
+    "AUTH_AMBIGUOUS": "Authorization or X-API-Key appears more than once",
 }
 
 _VALIDATION = (
@@ -52,6 +53,7 @@ _UNAUTHENTICATED = (
 
 HTTP_STATUS: dict[str, int] = {
     **dict.fromkeys(_VALIDATION, 400),
+    "AUTH_AMBIGUOUS": 400,
     "PAYLOAD_TOO_LARGE": 413,
     "HEADERS_TOO_LARGE": 431,
     "UNKNOWN_MODEL": 404,

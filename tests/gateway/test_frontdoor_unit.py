@@ -494,3 +494,28 @@ async def test_health_answers_head_like_get_without_a_body() -> None:
             assert head.content == b"", path
             assert head.headers["content-type"] == got.headers["content-type"]
             assert head.headers["content-length"] == str(len(got.content))
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Authorization", f"Bearer {_GOOD_TOKEN}"), ("Authorization", "Bearer x")],
+        # The same token twice is refused too: the rule is about the header.
+        [("X-API-Key", _GOOD_TOKEN), ("X-API-Key", _GOOD_TOKEN)],
+    ],
+    ids=["authorization", "x-api-key"],
+)
+async def test_a_credential_header_sent_twice_is_refused(
+    headers: list[tuple[str, str]],
+) -> None:
+    """The first Authorization was used, the second silently ignored."""
+    import httpx
+
+    transport = httpx.ASGITransport(app=_served_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        answer = await http.post(
+            "/v2/models/digits/infer", json={"inputs": []}, headers=headers
+        )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["code"] == "AUTH_AMBIGUOUS", answer.text
+    assert answer.json()["retriable"] is False
