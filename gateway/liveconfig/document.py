@@ -262,19 +262,32 @@ def _describe(exc: pydantic.ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _boolean_taken_as_number(given: Any, kept: Any, path: str) -> str | None:
-    """The first dotted path where ``given`` (plain data) holds a boolean that
-    validation kept as a number, else None.
+def _scalar_type_mismatch(given: Any, kept: Any, path: str) -> str | None:
+    """Where ``given`` (plain data) holds a scalar that validation converted
+    to a number or boolean from another JSON type, as ``"<path>: <message>
+    (rule: <rule>)"``, else None.
 
-    Pydantic's lax mode reads ``true`` as 1 for an int or float field, so
-    ``config set limits.burst=true`` published a burst of 1 and
-    ``policy.flag_at: true`` a flag level of 1.0: a typo that silently
-    retunes every worker. Strict mode would also refuse the strings a
-    settings file's environment variables carry, hence this walk.
+    Pydantic's lax mode reads ``true`` as 1 for an int or float field, the
+    string ``"81"`` as 81 and ``"yes"`` or ``1`` as true for a boolean, so
+    ``config set limits.burst=true`` published a burst of 1 and a PATCH with
+    ``"policy.shadow": "yes"`` turned shadow mode on: a typo or a client's
+    quoting that silently retunes every worker. Strict mode would also refuse
+    the strings a settings file's environment variables carry, hence this
+    walk over the documents made here only. The CLI parses its text values
+    as JSON first (:func:`parse_value`), so ``limits.burst=81`` stays a number.
     """
-    if isinstance(given, bool):
-        number = isinstance(kept, int | float) and not isinstance(kept, bool)
-        return path if number else None
+    if isinstance(kept, bool):
+        if isinstance(given, str):
+            return f"{path}: Input should be a boolean, not a string (rule: string_not_boolean)"
+        if isinstance(given, int | float) and not isinstance(given, bool):
+            return f"{path}: Input should be a boolean, not a number (rule: number_not_boolean)"
+        return None
+    if isinstance(kept, int | float):
+        if isinstance(given, bool):
+            return f"{path}: Input should be a number, not a boolean (rule: bool_not_number)"
+        if isinstance(given, str):
+            return f"{path}: Input should be a number, not a string (rule: string_not_number)"
+        return None
     if isinstance(given, Mapping) and isinstance(kept, Mapping):
         pairs: list[tuple[str, Any, Any]] = [
             (str(k), v, kept[k]) for k, v in given.items() if k in kept
@@ -286,7 +299,7 @@ def _boolean_taken_as_number(given: Any, kept: Any, path: str) -> str | None:
     else:
         return None
     for key, value, counterpart in pairs:
-        found = _boolean_taken_as_number(
+        found = _scalar_type_mismatch(
             value, counterpart, f"{path}.{key}" if path else key
         )
         if found is not None:
@@ -336,12 +349,9 @@ def validate_document(data: Mapping[str, Any]) -> LiveConfig:
     unknown = _unknown_policy_name(document.policy)
     if unknown is not None:
         raise ConfigError(f"invalid configuration: {unknown}")
-    where = _boolean_taken_as_number(dict(data), document.as_dict(), "")
-    if where is not None:
-        raise ConfigError(
-            f"invalid configuration: {where}: Input should be a number, "
-            "not a boolean (rule: bool_not_number)"
-        )
+    mismatch = _scalar_type_mismatch(dict(data), document.as_dict(), "")
+    if mismatch is not None:
+        raise ConfigError(f"invalid configuration: {mismatch}")
     return document
 
 

@@ -60,6 +60,18 @@ from gateway.scoring import Scorer
             "policy.rules.0.risk_at",
             "bool_not_number",
         ),
+        # Lax pydantic also read strings and 0/1 (a PATCH body's quoting).
+        ({"limits.burst": "81"}, "limits.burst", "string_not_number"),
+        ({"policy.flag_at": "1.2"}, "policy.flag_at", "string_not_number"),
+        ({"policy.shadow": "yes"}, "policy.shadow", "string_not_boolean"),
+        ({"policy.shadow": "true"}, "policy.shadow", "string_not_boolean"),
+        ({"policy.shadow": 1}, "policy.shadow", "number_not_boolean"),
+        ({"detector_shadow.ood": "true"}, "detector_shadow.ood", "string_not_bool"),
+        (
+            {"policy.rules": [{"action": "block", "risk_at": "2"}]},
+            "policy.rules.0.risk_at",
+            "string_not_number",
+        ),
     ],
 )
 def test_refusal_names_field_and_rule(
@@ -135,6 +147,20 @@ def test_a_boolean_for_a_number_is_refused_as_the_cli_parses_it() -> None:
     )
     doc = with_changes(LiveConfig(), {"policy.shadow_detectors": ["group", "ood"]})
     assert doc.policy.shadow_detectors == ["group", "ood"]
+
+
+def test_the_cli_text_for_a_number_or_boolean_is_still_taken() -> None:
+    """Strings are refused for numbers and booleans, but `config set` parses
+    its text as JSON first, so the same settings typed there still work."""
+    doc = with_changes(
+        LiveConfig(),
+        parse_assignments(
+            ["limits.burst=81", "policy.shadow=true", "policy.flag_at=1.2"]
+        ),
+    )
+    assert (doc.limits.burst, doc.policy.shadow, doc.policy.flag_at) == (81, True, 1.2)
+    with pytest.raises(ConfigError, match="string_not_boolean"):
+        with_changes(LiveConfig(), parse_assignments(["policy.shadow=yes"]))
 
 
 def test_set_types_values_by_the_model() -> None:
