@@ -410,7 +410,10 @@ def test_every_default_loopback_port_is_different() -> None:
         # stack's 19093: the second broker would fail to bind it.
         ({"MODELGATE_KAFKA_PORT": "29192"}, "client=29192 controller=29193"),
         (
-            {"MODELGATE_KAFKA_PORT": "29192", "MODELGATE_KAFKA_CONTROLLER_PORT": "29500"},
+            {
+                "MODELGATE_KAFKA_PORT": "29192",
+                "MODELGATE_KAFKA_CONTROLLER_PORT": "29500",
+            },
             "client=29192 controller=29500",
         ),
         ({"MODELGATE_KAFKA_CONTROLLER_PORT": "29500"}, "client=19092 controller=29500"),

@@ -262,6 +262,10 @@ def _describe(exc: pydantic.ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _mismatch(path: str, wanted: str, given: str, rule: str) -> str:
+    return f"{path}: Input should be {wanted}, not {given} (rule: {rule})"
+
+
 def _scalar_type_mismatch(given: Any, kept: Any, path: str) -> str | None:
     """Where ``given`` (plain data) holds a scalar that validation converted
     to a number or boolean from another JSON type, as ``"<path>: <message>
@@ -278,15 +282,15 @@ def _scalar_type_mismatch(given: Any, kept: Any, path: str) -> str | None:
     """
     if isinstance(kept, bool):
         if isinstance(given, str):
-            return f"{path}: Input should be a boolean, not a string (rule: string_not_boolean)"
+            return _mismatch(path, "a boolean", "a string", "string_not_boolean")
         if isinstance(given, int | float) and not isinstance(given, bool):
-            return f"{path}: Input should be a boolean, not a number (rule: number_not_boolean)"
+            return _mismatch(path, "a boolean", "a number", "number_not_boolean")
         return None
     if isinstance(kept, int | float):
         if isinstance(given, bool):
-            return f"{path}: Input should be a number, not a boolean (rule: bool_not_number)"
+            return _mismatch(path, "a number", "a boolean", "bool_not_number")
         if isinstance(given, str):
-            return f"{path}: Input should be a number, not a string (rule: string_not_number)"
+            return _mismatch(path, "a number", "a string", "string_not_number")
         return None
     if isinstance(given, Mapping) and isinstance(kept, Mapping):
         pairs: list[tuple[str, Any, Any]] = [
