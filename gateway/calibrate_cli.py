@@ -15,7 +15,6 @@ import logging
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 
 logger = logging.getLogger(__name__)
@@ -40,6 +39,9 @@ def calibrate(
 ) -> None:
     """Set every detector's threshold from benign traffic for a target
     false-positive rate (per query), and print them as live configuration."""
+    # Here, not at the top: `modelgate --help` imports this module.
+    import numpy as np
+
     from detectors.calibrate import benign_replay, silent, thresholds
     from detectors.registry import build_detectors
     from gateway.backends import close_backends, load_backends

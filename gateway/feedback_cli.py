@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
 import typer
 
 from gateway import logs
@@ -33,6 +32,7 @@ from gateway.config import Settings
 from gateway.errors import ModelgateError
 
 if TYPE_CHECKING:
+    import numpy as np
     from aiokafka import ConsumerRecord
 
 guard_app = typer.Typer(help="The poisoning guard that screens labelled feedback.")
@@ -98,6 +98,9 @@ def read_rows(path: Path) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     ValueError
         The file cannot be read as either.
     """
+    # Here, not at the top: `modelgate --help` imports this module.
+    import numpy as np
+
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as data:
             x, y = np.asarray(data["x"]), np.asarray(data["y"])
