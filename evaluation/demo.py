@@ -241,6 +241,7 @@ async def run_demo(
     )
     info = await loop.run_in_executor(None, holder.__enter__)
     try:
+        stack.warn_settings_replaced(settings, info, "demo")
         on_stack = own_run_settings(
             settings.model_copy(
                 update={

@@ -167,6 +167,7 @@ async def run_eval(
     say("starting (or joining) the local Kafka and Redis")
     info = await loop.run_in_executor(None, holder.__enter__)
     try:
+        stack.warn_settings_replaced(settings, info, "eval")
         on_stack = settings.model_copy(
             update={
                 "kafka": settings.kafka.model_copy(

@@ -43,10 +43,9 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
 
-import httpx
 import typer
 
 from gateway import logs
@@ -59,7 +58,11 @@ from gateway.cli_common import (
 )
 from gateway.config import Settings
 from gateway.errors import ConfigError
-from gateway.metrics import ForwarderMetrics
+
+if TYPE_CHECKING:
+    import httpx
+
+    from gateway.metrics import ForwarderMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +103,12 @@ class ForwardOptions:
     batch_max: int = 1
 
     def __post_init__(self) -> None:
+        # httpx refuses such a URL only at the first POST, which ended the
+        # command in a traceback.
+        if any(c.isspace() or not c.isprintable() for c in self.url):
+            raise ValueError(
+                f"--url holds a space or a control character: {self.url!r}"
+            )
         parts = urlsplit(self.url)
         try:
             parts.port  # noqa: B018 - raises on a port out of range
@@ -169,6 +178,13 @@ class AlertForwarder:
         metrics: ForwarderMetrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        # Here, not at the top: `modelgate --help` imports this module for
+        # its command, and httpx and the metrics (Redis, prometheus_client)
+        # cost most of its start.
+        import httpx
+
+        from gateway.metrics import ForwarderMetrics
+
         self._settings = settings
         self._options = options
         self._client = client or httpx.AsyncClient(
@@ -395,6 +411,8 @@ class AlertForwarder:
                 post.cancel()
                 await asyncio.gather(post, return_exceptions=True)
                 return False
+            import httpx
+
             try:
                 status, retry_after = post.result()
             except (httpx.HTTPError, TimeoutError) as exc:
@@ -557,6 +575,8 @@ def register(app: typer.Typer) -> None:
         except ValueError as exc:
             typer.echo(f"error [CONFIG_INVALID]: {exc}", err=True)
             raise typer.Exit(2) from exc
+
+        from gateway.metrics import ForwarderMetrics
 
         metrics = ForwarderMetrics()
         try:

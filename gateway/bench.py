@@ -757,6 +757,7 @@ def bench_command(quick: bool, out: Path | None) -> int:
 
     base = load_settings()
     with stack.hold(holder=f"bench-{os.getpid()}") as info:
+        stack.warn_settings_replaced(base, info, "bench")
         settings = base.model_copy(
             update={
                 "kafka": _patched(base.kafka, bootstrap=info.kafka_bootstrap),

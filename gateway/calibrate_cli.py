@@ -15,7 +15,6 @@ import logging
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 
 logger = logging.getLogger(__name__)
@@ -40,6 +39,9 @@ def calibrate(
 ) -> None:
     """Set every detector's threshold from benign traffic for a target
     false-positive rate (per query), and print them as live configuration."""
+    # Here, not at the top: `modelgate --help` imports this module.
+    import numpy as np
+
     from detectors.calibrate import benign_replay, silent, thresholds
     from detectors.registry import build_detectors
     from gateway.backends import close_backends, load_backends
@@ -118,6 +120,18 @@ def calibrate(
         )
     assignments = " ".join(f"detectors.{d}.threshold={v}" for d, v in found.items())
     typer.echo(f"\napply live:  modelgate config set {assignments}")
+    lowered = [d for d, v in found.items() if v < detectors[d].params.threshold]
+    if lowered:
+        # The line above is one paste away from every worker: the caveats of
+        # docs/fusion.md belong beside it, not only in the docs.
+        typer.echo(
+            f"warning: this lowers the threshold of {', '.join(lowered)}, so more "
+            "honest traffic flags. The replay's honest clients are simulated and "
+            "repeat about 900 rows; where honest scores are almost all 0 the "
+            "threshold lands just above their top percentile and the fused risk "
+            "becomes very sensitive. Try it with policy.shadow=true first "
+            "(docs/fusion.md)."
+        )
     if out is not None:
         snippet = {"detectors": {d: {"threshold": v} for d, v in found.items()}}
         out.write_text(json.dumps(snippet, indent=2) + "\n", encoding="utf-8")

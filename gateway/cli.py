@@ -526,7 +526,7 @@ def keys_revoke(
             return bool(await store.revoke(key_id))
 
     if not _run(revoke()):
-        typer.echo(f"no key {key_id}", err=True)
+        typer.echo(f"error [NOT_FOUND]: no key {key_id}", err=True)
         raise typer.Exit(1)
     typer.echo(f"revoked {key_id}")
 

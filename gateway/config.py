@@ -686,7 +686,13 @@ class MonitoringConfig(_Frozen):
     def _http_url(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None:
             return None
-        parts = urlsplit(value.get_secret_value())
+        url = value.get_secret_value()
+        # Alertmanager refuses its whole configuration over a control
+        # character in a URL, so `make monitor` would not start; a space is
+        # no URL either. Refused here, where the setting is named.
+        if any(c.isspace() or not c.isprintable() for c in url):
+            raise ValueError("webhook_url holds a space or a control character")
+        parts = urlsplit(url)
         try:
             parts.port  # noqa: B018 - raises on a port out of range
         except ValueError:

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
 import typer
 
 from gateway import logs
@@ -33,6 +32,7 @@ from gateway.config import Settings
 from gateway.errors import ModelgateError
 
 if TYPE_CHECKING:
+    import numpy as np
     from aiokafka import ConsumerRecord
 
 guard_app = typer.Typer(help="The poisoning guard that screens labelled feedback.")
@@ -98,6 +98,9 @@ def read_rows(path: Path) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     ValueError
         The file cannot be read as either.
     """
+    # Here, not at the top: `modelgate --help` imports this module.
+    import numpy as np
+
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as data:
             x, y = np.asarray(data["x"]), np.asarray(data["y"])
@@ -112,7 +115,18 @@ def read_rows(path: Path) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
         raise ValueError("x must be (n, d) and y (n,)")
     if not np.all(np.equal(np.mod(y, 1), 0)):
         raise ValueError("labels must be whole numbers")
-    return x.astype(np.float32), y.astype(np.int64)
+    # Checked after the cast: a value beyond FP32's range becomes infinite.
+    # Sent as it was, NaN went out as JSON null and the guard's refusal
+    # ("got `null`") did not name what was wrong in the file.
+    with np.errstate(over="ignore"):
+        features = x.astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
+    if bad.size:
+        raise ValueError(
+            f"row {int(bad[0])} (counting from 0) holds NaN, an infinity or a "
+            "value beyond FP32's range; every feature must be a finite number"
+        )
+    return features, y.astype(np.int64)
 
 
 @feedback_app.command("send")

@@ -168,7 +168,7 @@ def keys_set_plan(
             return bool(await store.set_plan(key_id, plan, parsed))
 
     if not _run(set_plan()):
-        typer.echo(f"no key {key_id}", err=True)
+        typer.echo(f"error [NOT_FOUND]: no key {key_id}", err=True)
         raise typer.Exit(1)
     typer.echo(f"key {key_id}: plan {plan}")
 

@@ -21,14 +21,16 @@ import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
-from prometheus_client import CollectorRegistry
 
 from gateway.cli_common import ConfigOption, load_cli_settings
 from gateway.config import Settings
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +223,8 @@ def exported_metric_names() -> set[str]:
         names |= _registry_names(metrics.registry)
     # The Redis breakers' families exist once a client does; the front door
     # and admin API export the same names with a ``client`` label.
+    from prometheus_client import CollectorRegistry
+
     registry = CollectorRegistry()
     registry.register(RedisBreakerCollector(RedisBreaker("redis", 1.0), "a"))
     names |= _registry_names(registry)

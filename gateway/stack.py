@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gateway.errors import ModelgateError
 
@@ -226,6 +227,42 @@ def hold(holder: str) -> Iterator[StackInfo]:
         yield info
     finally:
         release(holder)
+
+
+def warn_settings_replaced(settings: Any, info: StackInfo, command: str) -> list[str]:
+    """Log, and return, each address the settings gave explicitly
+    (``kafka.bootstrap``, ``redis.url``) that ``command`` replaces with the
+    held stack's.
+
+    ``demo``, ``eval`` and ``bench`` run on the stack they hold, whose ports
+    come from ``MODELGATE_KAFKA_PORT`` and ``MODELGATE_REDIS_PORT``: a
+    ``modelgate.toml`` pointing elsewhere was ignored without a word, and a
+    run meant for a private broker went to the shared one. Defaults are not
+    reported: nobody asked for them.
+    """
+    found = []
+    for section, field, used in (
+        ("kafka", "bootstrap", info.kafka_bootstrap),
+        ("redis", "url", info.redis_url),
+    ):
+        config = getattr(settings, section)
+        given = getattr(config, field)
+        if field in config.model_fields_set and given != used:
+            found.append(f"{section}.{field}")
+            logger.warning(
+                "%s ignores %s.%s from the settings and uses the local stack's "
+                "address (set MODELGATE_KAFKA_PORT / MODELGATE_REDIS_PORT to move it)",
+                command,
+                section,
+                field,
+                extra={
+                    "command": command,
+                    "setting": f"{section}.{field}",
+                    "given": given,
+                    "used": used,
+                },
+            )
+    return found
 
 
 def up() -> StackInfo:

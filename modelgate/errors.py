@@ -197,6 +197,13 @@ class WrongPartitionError(AuthError):
     default_code = "AUTH_WRONG_PARTITION"
 
 
+class AmbiguousCredentialsError(AuthError):
+    """The request carried ``Authorization`` or ``X-API-Key`` more than once
+    (HTTP 400): the front door uses no credential it would have to pick."""
+
+    default_code = "AUTH_AMBIGUOUS"
+
+
 # -- policy refused it ---------------------------------------------------------
 
 
@@ -360,6 +367,7 @@ class UnknownGatewayError(GatewayError):
 _CLASSES: tuple[type[GatewayError], ...] = (
     MalformedJsonError,
     SchemaInvalidError,
+    AmbiguousCredentialsError,
     UnsupportedVersionError,
     PayloadTooLargeError,
     HeadersTooLargeError,

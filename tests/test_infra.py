@@ -400,3 +400,39 @@ def test_every_default_loopback_port_is_different() -> None:
     # The stack script and the Kafka and Redis scripts name the same
     # services' ports under the same variables; those are one entry each.
     assert not shared, shared
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, "client=19092 controller=19093"),
+        # A private client port alone must not leave the controller on the shared
+        # stack's 19093: the second broker would fail to bind it.
+        ({"MODELGATE_KAFKA_PORT": "29192"}, "client=29192 controller=29193"),
+        (
+            {
+                "MODELGATE_KAFKA_PORT": "29192",
+                "MODELGATE_KAFKA_CONTROLLER_PORT": "29500",
+            },
+            "client=29192 controller=29500",
+        ),
+        ({"MODELGATE_KAFKA_CONTROLLER_PORT": "29500"}, "client=19092 controller=29500"),
+    ],
+)
+def test_kafka_controller_port_follows_a_moved_client_port(
+    env: dict[str, str], expected: str
+) -> None:
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MODELGATE_KAFKA_PORT", "MODELGATE_KAFKA_CONTROLLER_PORT")
+    }
+    result = subprocess.run(
+        ["bash", str(ROOT / "infra" / "kafka" / "kafka.sh"), "ports"],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert result.stdout.strip() == expected

@@ -315,6 +315,10 @@ def test_the_generated_alertmanager_configuration_has_the_settings_webhook(
         load_settings(monitoring={"webhook_url": "ftp://secret@host/x"})
     assert refused.value.code == "CONFIG_INVALID"
     assert "secret" not in str(refused.value)
+    # amtool refused the generated file over a newline in the URL.
+    for bad in ("http://127.0.0.1:1/a\nb", "http://127.0.0.1:1/a b", "http://h/\x7f"):
+        with pytest.raises(ConfigError, match="control character"):
+            load_settings(monitoring={"webhook_url": bad})
 
     printed = CliRunner().invoke(
         app,

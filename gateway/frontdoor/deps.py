@@ -12,6 +12,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.datastructures import Headers
 
+from gateway.errors import AuthError
 from gateway.frontdoor.errors import HTTP_STATUS
 from gateway.frontdoor.schemas import ErrorResponse
 from gateway.frontdoor.service import FrontDoor
@@ -47,7 +48,21 @@ def api_token(
 def token_of(headers: Headers) -> str | None:
     """:func:`api_token` read straight from the headers, for checks that run
     before FastAPI resolves dependencies (the inference route's key check).
-    The same rule: a ``Bearer`` credential first, else ``X-API-Key``."""
+    The same rule: a ``Bearer`` credential first, else ``X-API-Key``.
+
+    Raises
+    ------
+    AuthError
+        ``AUTH_AMBIGUOUS`` (400) if either header appears more than once:
+        which copy counts would be ours to guess, and a proxy in front may
+        have read the other one.
+    """
+    for name in ("authorization", "x-api-key"):
+        if len(headers.getlist(name)) > 1:
+            raise AuthError(
+                f"the {name} header appears more than once; send one credential",
+                code="AUTH_AMBIGUOUS",
+            )
     scheme, credentials = get_authorization_scheme_param(headers.get("authorization"))
     if scheme.lower() == "bearer" and credentials:
         return credentials

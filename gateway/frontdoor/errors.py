@@ -7,6 +7,7 @@ only the gateway's errors and protocol and starlette's response class.
 
 from __future__ import annotations
 
+import logging
 import math
 
 from starlette.responses import JSONResponse
@@ -23,6 +24,7 @@ FRONTDOOR_CODES: dict[str, str] = {
     "NOT_FOUND": "no such path",
     "METHOD_NOT_ALLOWED": "the path does not take this method",
     "HEADERS_TOO_LARGE": "the request line and headers exceed 64 KiB",
+    "AUTH_AMBIGUOUS": "Authorization or X-API-Key appears more than once",
 }
 
 _VALIDATION = (
@@ -51,6 +53,7 @@ _UNAUTHENTICATED = (
 
 HTTP_STATUS: dict[str, int] = {
     **dict.fromkeys(_VALIDATION, 400),
+    "AUTH_AMBIGUOUS": 400,
     "PAYLOAD_TOO_LARGE": 413,
     "HEADERS_TOO_LARGE": 431,
     "UNKNOWN_MODEL": 404,
@@ -72,6 +75,21 @@ HTTP_STATUS: dict[str, int] = {
     "BACKEND_TIMEOUT": 504,
     "GATEWAY_TIMEOUT": 504,
     "INTERNAL": 500,
+}
+
+logger = logging.getLogger(__name__)
+
+# Failures of what stands behind the front door. Their messages name internal
+# addresses and operations (a Redis host and command, a broker or backend URL):
+# the operator's business, not the caller's. The caller gets the code and one of
+# these; the original message goes to the log.
+PUBLIC_MESSAGES: dict[str, str] = {
+    "STORE_UNAVAILABLE": "the counter store is unavailable; retry later",
+    "BROKER_UNAVAILABLE": "the gateway cannot reach its message broker; retry later",
+    "BACKEND_ERROR": "the model failed to produce a prediction",
+    "BACKEND_UNAVAILABLE": "the model backend is unavailable; retry later",
+    "BACKEND_TIMEOUT": "the model backend did not answer in time",
+    "INTERNAL": "internal error",
 }
 
 # Statuses that tell the client when to come back.
@@ -121,6 +139,26 @@ def retry_after_s(retry_after_ms: int) -> int:
     return max(1, math.ceil(retry_after_ms / 1000))
 
 
+def public_message(code: str, message: str, *, path: str, source: str) -> str:
+    """The message a caller may see for ``code``: ``message`` itself, or for
+    a failure behind the front door (``PUBLIC_MESSAGES``) a generic one, the
+    original being logged with ``code``, ``path`` and ``source`` (``frontdoor``
+    or ``worker``: who raised it)."""
+    generic = PUBLIC_MESSAGES.get(code)
+    if generic is None or message == generic:
+        return message
+    # A worker's answer was logged by the worker already; ours is not logged
+    # anywhere else.
+    level = logging.WARNING if source == "frontdoor" else logging.INFO
+    logger.log(
+        level,
+        "answered %s with a generic message",
+        code,
+        extra={"code": code, "detail": message, "path": path, "source": source},
+    )
+    return generic
+
+
 def error_response(
     code: str,
     message: str,
@@ -143,6 +181,7 @@ def error_response(
     )
 
 
-def response_for_error(exc: ModelgateError) -> JSONResponse:
+def response_for_error(exc: ModelgateError, *, path: str) -> JSONResponse:
     """The HTTP answer for an error the front door raised itself."""
-    return error_response(exc.code, exc.message, exc.retriable)
+    message = public_message(exc.code, exc.message, path=path, source="frontdoor")
+    return error_response(exc.code, message, exc.retriable)

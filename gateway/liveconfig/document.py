@@ -262,13 +262,101 @@ def _describe(exc: pydantic.ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _mismatch(path: str, wanted: str, given: str, rule: str) -> str:
+    return f"{path}: Input should be {wanted}, not {given} (rule: {rule})"
+
+
+def _scalar_type_mismatch(given: Any, kept: Any, path: str) -> str | None:
+    """Where ``given`` (plain data) holds a scalar that validation converted
+    to a number or boolean from another JSON type, as ``"<path>: <message>
+    (rule: <rule>)"``, else None.
+
+    Pydantic's lax mode reads ``true`` as 1 for an int or float field, the
+    string ``"81"`` as 81 and ``"yes"`` or ``1`` as true for a boolean, so
+    ``config set limits.burst=true`` published a burst of 1 and a PATCH with
+    ``"policy.shadow": "yes"`` turned shadow mode on: a typo or a client's
+    quoting that silently retunes every worker. Strict mode would also refuse
+    the strings a settings file's environment variables carry, hence this
+    walk over the documents made here only. The CLI parses its text values
+    as JSON first (:func:`parse_value`), so ``limits.burst=81`` stays a number.
+    """
+    if isinstance(kept, bool):
+        if isinstance(given, str):
+            return _mismatch(path, "a boolean", "a string", "string_not_boolean")
+        if isinstance(given, int | float) and not isinstance(given, bool):
+            return _mismatch(path, "a boolean", "a number", "number_not_boolean")
+        return None
+    if isinstance(kept, int | float):
+        if isinstance(given, bool):
+            return _mismatch(path, "a number", "a boolean", "bool_not_number")
+        if isinstance(given, str):
+            return _mismatch(path, "a number", "a string", "string_not_number")
+        return None
+    if isinstance(given, Mapping) and isinstance(kept, Mapping):
+        pairs: list[tuple[str, Any, Any]] = [
+            (str(k), v, kept[k]) for k, v in given.items() if k in kept
+        ]
+    elif isinstance(given, list) and isinstance(kept, list):
+        pairs = [
+            (str(i), g, k) for i, (g, k) in enumerate(zip(given, kept, strict=False))
+        ]
+    else:
+        return None
+    for key, value, counterpart in pairs:
+        found = _scalar_type_mismatch(
+            value, counterpart, f"{path}.{key}" if path else key
+        )
+        if found is not None:
+            return found
+    return None
+
+
+def _unknown_policy_name(policy: PolicyConfig) -> str | None:
+    """Why a detector named in ``policy`` is none, else None.
+
+    A misspelt name matched no detector and changed nothing, yet was
+    published as if it had (``policy.shadow_detectors=["odd"]``). Judged when
+    a document is made, not when a record is read, so versions published
+    before this check stay readable. "group" shadows the linked-group risk
+    (``gateway.policy.GROUP``).
+    """
+    known = ", ".join(sorted(DETECTORS))
+    listed = [("policy.shadow_detectors", policy.shadow_detectors)]
+    for kind, overrides in (("models", policy.models), ("plans", policy.plans)):
+        listed += [
+            (f"policy.{kind}.{name}.shadow_detectors", o.shadow_detectors or [])
+            for name, o in overrides.items()
+        ]
+    for where, names in listed:
+        unknown = sorted(set(names) - set(DETECTORS) - {"group"})
+        if unknown:
+            return (
+                f"{where}: unknown detector {unknown[0]!r} "
+                f"(rule: one of {known} or group)"
+            )
+    unknown = sorted(set(policy.detector_weights) - set(DETECTORS))
+    if unknown:
+        return (
+            f"policy.detector_weights.{unknown[0]}: unknown detector "
+            f"(rule: one of {known})"
+        )
+    return None
+
+
 def validate_document(data: Mapping[str, Any]) -> LiveConfig:
     """A ``LiveConfig`` from plain data, or a ``ConfigError`` naming each bad
     field and the rule it breaks."""
     try:
-        return LiveConfig.model_validate(dict(data))
+        document = LiveConfig.model_validate(dict(data))
     except pydantic.ValidationError as exc:
         raise ConfigError(f"invalid configuration: {_describe(exc)}") from exc
+    unknown = _unknown_policy_name(document.policy)
+    if unknown is not None:
+        raise ConfigError(f"invalid configuration: {unknown}")
+    mismatch = _scalar_type_mismatch(dict(data), document.as_dict(), "")
+    if mismatch is not None:
+        raise ConfigError(f"invalid configuration: {mismatch}")
+    return document
 
 
 def parse_value(text: str) -> Any:

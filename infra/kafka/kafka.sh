@@ -11,11 +11,13 @@
 #   infra/kafka/kafka.sh status    exit 0 running (ours), 3 stopped, 4 port held by
 #                                  a Kafka this checkout did not start
 #   infra/kafka/kafka.sh probe     exit 0 if a broker on the client port answers
+#   infra/kafka/kafka.sh ports     print the client and controller ports it would use
 #
 # Environment (all optional):
 #   MODELGATE_VAR                    state root, default <repo>/var
 #   MODELGATE_KAFKA_PORT             client port, default 19092
-#   MODELGATE_KAFKA_CONTROLLER_PORT  controller port, default 19093
+#   MODELGATE_KAFKA_CONTROLLER_PORT  controller port, default 19093, or the client
+#                                    port + 1 when only MODELGATE_KAFKA_PORT is set
 #   MODELGATE_KAFKA_HEAP             JVM heap flags, default "-Xms256m -Xmx512m"
 #   MODELGATE_KAFKA_START_TIMEOUT_S  bounded wait for readiness, default 120
 #
@@ -28,7 +30,13 @@ VAR=${MODELGATE_VAR:-$ROOT/var}
 # Loopback only, on purpose: this broker has no authentication.
 HOST=127.0.0.1
 PORT=${MODELGATE_KAFKA_PORT:-19092}
-CONTROLLER_PORT=${MODELGATE_KAFKA_CONTROLLER_PORT:-19093}
+# A client port moved alone would otherwise leave the controller on 19093, where
+# the shared stack's controller already listens, and the private broker would die.
+if [[ -n ${MODELGATE_KAFKA_PORT:-} ]]; then
+    CONTROLLER_PORT=${MODELGATE_KAFKA_CONTROLLER_PORT:-$((PORT + 1))}
+else
+    CONTROLLER_PORT=${MODELGATE_KAFKA_CONTROLLER_PORT:-19093}
+fi
 HEAP=${MODELGATE_KAFKA_HEAP:--Xms256m -Xmx512m}
 START_TIMEOUT_S=${MODELGATE_KAFKA_START_TIMEOUT_S:-120}
 
@@ -368,8 +376,9 @@ stop) cmd_stop ;;
 status) cmd_status ;;
 probe) probe ;;
 version) echo "$VERSION" ;;
+ports) echo "client=$PORT controller=$CONTROLLER_PORT" ;;
 *)
-    echo "usage: $0 install|installed|format [--force]|start|stop|status|probe|version" >&2
+    echo "usage: $0 install|installed|format [--force]|start|stop|status|probe|version|ports" >&2
     exit 2
     ;;
 esac

@@ -268,6 +268,8 @@ def test_unknown_actions_bad_ports_and_ipv6_endpoints() -> None:
         ForwardOptions(url=URL, actions=frozenset({"blok"}))
     with pytest.raises(ValueError, match="invalid port"):
         ForwardOptions(url="http://127.0.0.1:99999/x")
+    with pytest.raises(ValueError, match="control character"):
+        ForwardOptions(url="http://127.0.0.1:29900/a\nb")
     assert endpoint_label("http://[::1]:29900/hook") == "http://[::1]:29900"
 
 

@@ -30,7 +30,18 @@ def test_calibrate_writes_a_snippet_live_config_accepts(tmp_path: Path) -> None:
     doc = LiveConfig.model_validate(snippet)
     for name, values in snippet["detectors"].items():
         assert doc.detectors[name]["threshold"] == values["threshold"]
-    line = next(x for x in result.output.splitlines() if "modelgate config set" in x)
+    lines = result.output.splitlines()
+    at = next(i for i, x in enumerate(lines) if "modelgate config set" in x)
+    line = lines[at]
+    # The line that applies them live carries the docs' warning beside it,
+    # naming each detector it makes more sensitive.
+    rows = [x.split() for x in lines if x.split()[:1] and x.split()[0] in DETECTORS]
+    lowered = [r[0] for r in rows if float(r[1]) < float(r[2])]
+    assert lowered, "this replay lowers some threshold: the case to warn about"
+    assert lines[at + 1].startswith("warning: this lowers the threshold of "), lines
+    for name in lowered:
+        assert name in lines[at + 1], (name, lines[at + 1])
+    assert "policy.shadow=true" in lines[at + 1]
     changes = parse_assignments(line.split("modelgate config set ")[1].split())
     assert (
         changes["detectors.margin.threshold"]

@@ -123,3 +123,11 @@ def test_read_rows_takes_csv_and_npz(tmp_path: Path) -> None:
         csv.write_text(text)
         with pytest.raises(ValueError):
             read_rows(csv)
+    # NaN went out as JSON null, and the guard's refusal did not say why.
+    for text in ("1,2,3,0\nnan,5,6,1\n", "1,inf,3,0\n", "1,1e39,3,0\n"):
+        csv.write_text(text)
+        with pytest.raises(ValueError, match="finite number"):
+            read_rows(csv)
+    np.savez(npz, x=np.array([[1.0, np.nan]]), y=np.array([1]))
+    with pytest.raises(ValueError, match="row 0"):
+        read_rows(npz)

@@ -438,3 +438,84 @@ async def test_a_model_not_built_yet_is_waited_for(
         assert door.signatures is not None and set(door.signatures) == {"digits"}
     finally:
         await door.stop()
+
+
+async def test_a_store_outage_shows_the_caller_no_internal_address(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The fresh user saw "redis keys.get_many: 127.0.0.1:26379/0: circuit
+    open" in a 503 body: the caller gets the code and a generic message, the
+    operator the detail in the log."""
+    import httpx
+
+    from gateway.errors import StoreError
+
+    app = _served_app()
+    internal = "redis keys.get_many: 127.0.0.1:26379/0: circuit open"
+
+    async def check_key(token: str | None, model: str) -> object:
+        raise StoreError(internal)
+
+    app.state.frontdoor.check_key = check_key
+    transport = httpx.ASGITransport(app=app)
+    with caplog.at_level("WARNING", logger="gateway.frontdoor.errors"):
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            answer = await http.post(
+                "/v2/models/digits/infer",
+                json={"inputs": []},
+                headers={"Authorization": f"Bearer {_GOOD_TOKEN}"},
+            )
+    assert answer.status_code == 503, answer.text
+    assert answer.json() == {
+        "error": "the counter store is unavailable; retry later",
+        "code": "STORE_UNAVAILABLE",
+        "retriable": True,
+    }
+    assert "127.0.0.1" not in answer.text and "get_many" not in answer.text
+    logged = [r for r in caplog.records if getattr(r, "detail", None) == internal]
+    assert logged and logged[0].__dict__["code"] == "STORE_UNAVAILABLE"
+
+
+async def test_health_answers_head_like_get_without_a_body() -> None:
+    """Load balancers probe with HEAD; it was a 405."""
+    import httpx
+
+    from gateway.config import load_settings
+    from gateway.frontdoor.app import create_app
+
+    app = create_app(load_settings())
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        for path in ("/v2/health/live", "/v2/health/ready"):
+            got = await http.get(path)
+            head = await http.head(path)
+            # Not started under ASGITransport: ready is 503, as for GET.
+            assert head.status_code == got.status_code, (path, head.status_code)
+            assert head.content == b"", path
+            assert head.headers["content-type"] == got.headers["content-type"]
+            assert head.headers["content-length"] == str(len(got.content))
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Authorization", f"Bearer {_GOOD_TOKEN}"), ("Authorization", "Bearer x")],
+        # The same token twice is refused too: the rule is about the header.
+        [("X-API-Key", _GOOD_TOKEN), ("X-API-Key", _GOOD_TOKEN)],
+    ],
+    ids=["authorization", "x-api-key"],
+)
+async def test_a_credential_header_sent_twice_is_refused(
+    headers: list[tuple[str, str]],
+) -> None:
+    """The first Authorization was used, the second silently ignored."""
+    import httpx
+
+    transport = httpx.ASGITransport(app=_served_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        answer = await http.post(
+            "/v2/models/digits/infer", json={"inputs": []}, headers=headers
+        )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["code"] == "AUTH_AMBIGUOUS", answer.text
+    assert answer.json()["retriable"] is False

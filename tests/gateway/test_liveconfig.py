@@ -42,6 +42,36 @@ from gateway.scoring import Scorer
         ({"detectors.nosuch.eps": 1}, "detectors.nosuch", "rule"),
         ({"detector_shadow.nosuch": True}, "detector_shadow.nosuch", "rule"),
         ({"detector_shadow.ood": "maybe"}, "detector_shadow.ood", "bool_parsing"),
+        # Names that match no detector were published and changed nothing.
+        ({"policy.shadow_detectors": ["odd"]}, "policy.shadow_detectors", "rule"),
+        ({"policy.detector_weights": {"nope": 2}}, "weights.nope", "unknown"),
+        (
+            {"policy.models": {"digits": {"shadow_detectors": ["odd"]}}},
+            "policy.models.digits.shadow_detectors",
+            "unknown detector",
+        ),
+        # Lax pydantic read these booleans as 1 and published them.
+        ({"limits.burst": True}, "limits.burst", "bool_not_number"),
+        ({"policy.flag_at": True}, "policy.flag_at", "bool_not_number"),
+        ({"detectors.ood.min_queries": True}, "detectors.ood.min_queries", "bool_not"),
+        ({"policy.detector_weights": {"ood": False}}, "weights.ood", "bool_not"),
+        (
+            {"policy.rules": [{"action": "block", "risk_at": True}]},
+            "policy.rules.0.risk_at",
+            "bool_not_number",
+        ),
+        # Lax pydantic also read strings and 0/1 (a PATCH body's quoting).
+        ({"limits.burst": "81"}, "limits.burst", "string_not_number"),
+        ({"policy.flag_at": "1.2"}, "policy.flag_at", "string_not_number"),
+        ({"policy.shadow": "yes"}, "policy.shadow", "string_not_boolean"),
+        ({"policy.shadow": "true"}, "policy.shadow", "string_not_boolean"),
+        ({"policy.shadow": 1}, "policy.shadow", "number_not_boolean"),
+        ({"detector_shadow.ood": "true"}, "detector_shadow.ood", "string_not_bool"),
+        (
+            {"policy.rules": [{"action": "block", "risk_at": "2"}]},
+            "policy.rules.0.risk_at",
+            "string_not_number",
+        ),
     ],
 )
 def test_refusal_names_field_and_rule(
@@ -97,6 +127,40 @@ def test_unknown_or_malformed_key_is_refused(key: str) -> None:
     with pytest.raises(ConfigError) as info:
         with_changes(LiveConfig(), {key: 1})
     assert info.value.code == "CONFIG_INVALID"
+
+
+def test_a_boolean_for_a_number_is_refused_as_the_cli_parses_it() -> None:
+    """`modelgate config set limits.burst=true` published a burst of 1."""
+    with pytest.raises(ConfigError) as info:
+        with_changes(LiveConfig(), parse_assignments(["limits.burst=true"]))
+    assert info.value.code == "CONFIG_INVALID"
+    assert "limits.burst: Input should be a number" in info.value.message
+    # Booleans where the field is one still pass.
+    doc = with_changes(LiveConfig(), parse_assignments(["policy.shadow=false"]))
+    assert doc.policy.shadow is False
+    # The group risk is shadowed by the name "group".
+    with pytest.raises(ConfigError) as info:
+        with_changes(LiveConfig(), {"policy.shadow_detectors": ["odd"]})
+    assert info.value.message == (
+        "invalid configuration: policy.shadow_detectors: unknown detector 'odd' "
+        "(rule: one of " + ", ".join(sorted(DETECTORS)) + " or group)"
+    )
+    doc = with_changes(LiveConfig(), {"policy.shadow_detectors": ["group", "ood"]})
+    assert doc.policy.shadow_detectors == ["group", "ood"]
+
+
+def test_the_cli_text_for_a_number_or_boolean_is_still_taken() -> None:
+    """Strings are refused for numbers and booleans, but `config set` parses
+    its text as JSON first, so the same settings typed there still work."""
+    doc = with_changes(
+        LiveConfig(),
+        parse_assignments(
+            ["limits.burst=81", "policy.shadow=true", "policy.flag_at=1.2"]
+        ),
+    )
+    assert (doc.limits.burst, doc.policy.shadow, doc.policy.flag_at) == (81, True, 1.2)
+    with pytest.raises(ConfigError, match="string_not_boolean"):
+        with_changes(LiveConfig(), parse_assignments(["policy.shadow=yes"]))
 
 
 def test_set_types_values_by_the_model() -> None:
@@ -258,3 +322,20 @@ def test_shadowed_detector_does_not_drive_policy(
     # Shadow enforces nothing: at most a flag, which only raises an alert
     # marked shadow (the would-be action goes to the decisions topic).
     assert set(_probe_stream(scorer, model)) <= {"allow", "flag"}
+
+
+def test_a_record_published_before_the_name_check_stays_readable() -> None:
+    """Workers must still read a version an older release published with a
+    name the check now refuses, or they would drop the version in force."""
+    document = LiveConfig().as_dict()
+    document["policy"]["shadow_detectors"] = ["odd"]
+    record = {
+        "version": 2,
+        "parent": 1,
+        "author": "cli",
+        "at_ms": 0,
+        "kind": "set",
+        "document": document,
+    }
+    decoded = ConfigRecord.decode(json.dumps(record).encode())
+    assert decoded.document.policy.shadow_detectors == ["odd"]

@@ -252,6 +252,21 @@ async def test_operator_changes_config_through_the_api(
             assert rolled[0].detail["version_after"] == "3"
             # Reads are not audited (only changes and logins are).
             assert not _config_entries(entries, "GET /config/status")
+
+            # A string for a number or a boolean is refused over HTTP too
+            # (lax pydantic published "81" as 81 and "yes" as true).
+            for changes, rule in (
+                ({"limits.burst": "81"}, "string_not_number"),
+                ({"policy.shadow": "yes"}, "string_not_boolean"),
+            ):
+                quoted = await client.patch(
+                    "/config", json={"changes": changes}, headers=olga
+                )
+                assert quoted.status_code == 422, quoted.text
+                assert quoted.json()["code"] == "CONFIG_INVALID"
+                assert f"(rule: {rule})" in quoted.json()["error"], quoted.text
+            current = (await client.get("/config", headers=vic)).json()
+            assert current["version"] == 3
     finally:
         worker.terminate()
         worker.wait(timeout=60)

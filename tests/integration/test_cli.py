@@ -83,6 +83,9 @@ def test_keys_send_and_revoke(settings: Settings, tmp_path: Path) -> None:
 
         revoked = _cli(settings, "keys", "revoke", key_id)
         assert revoked.returncode == 0, revoked.stderr
+        ghost = _cli(settings, "keys", "revoke", "mgk_000000000000")
+        assert ghost.returncode == 1
+        assert ghost.stderr.strip() == "error [NOT_FOUND]: no key mgk_000000000000"
         # Workers cache keys for auth.key_cache_ttl_s (1 s): within a few
         # seconds of the revoke, a send must be refused.
         deadline = time.monotonic() + 5

@@ -21,7 +21,7 @@ from fastapi.routing import APIRoute
 
 from gateway.errors import ValidationError
 from gateway.frontdoor.deps import Door, Token, error_responses, token_of
-from gateway.frontdoor.errors import error_response, rate_headers
+from gateway.frontdoor.errors import error_response, public_message, rate_headers
 from gateway.frontdoor.schemas import (
     InferRequestBody,
     InferResponseBody,
@@ -156,9 +156,13 @@ async def _infer(
     headers = rate_headers(answer.rate) if answer.rate is not None else {}
     if answer.status != "ok" or answer.error is not None:
         error = answer.error
+        code = error.code if error is not None else "INTERNAL"
+        message = error.message if error is not None else "error answer without a body"
         return error_response(
-            error.code if error is not None else "INTERNAL",
-            error.message if error is not None else "error answer without a body",
+            code,
+            public_message(
+                code, message, path=f"/v2/models/{model}/infer", source="worker"
+            ),
             error.retriable if error is not None else False,
             retry_after_ms=answer.retry_after_ms,
             rate=answer.rate,
