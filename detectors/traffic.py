@@ -110,11 +110,11 @@ the largest window."""
 
 STALL_S = 1.0
 """Seconds past which a wait for the gateway's answer is the gateway's,
-not the client's: a closed-loop client cannot send while it waits, so a
-Redis, broker-side or worker stall of 15 s put one 15 s gap among a fast
-client's 50 ms ones (burstiness near its ceiling, 4.9 of at most 5.5, and a
-block) although the client never paused. Gaps after a longer wait are
-measured from the answer instead (see
+not the client's: a closed-loop client cannot send while it waits, so
+Redis frozen for 15 s (24 s without answers, with the worker's back-off)
+put one 24 s gap among a fast client's 30 to 100 ms ones (burstiness 4.9
+of at most 5.5, and a block) although the client never paused. Gaps
+after a longer wait are measured from the answer instead (see
 :func:`~detectors._traffickernels.push_and_measure`). Answers normally take
 tens of milliseconds; a worker taking over a second per batch under load
 also has its share of each gap taken out."""

@@ -6,9 +6,9 @@ connections and answers nothing), the worker rewinds its batches (fail mode
 ``retry``) until it is resumed, so the client's request sent meanwhile is
 answered seconds late and its next request comes seconds after it: one long
 gap among round trips of a few tens of milliseconds. Before the fix the
-``traffic`` detector read that gap as the client's burstiness (4.9, against
-honest clients' 0.8 to 1.4; session 14's fresh user had two honest keys
-blocked at 5.35 after a 15 s freeze)."""
+``traffic`` detector read that gap as the client's burstiness (4.6 here;
+session 14's fresh user had two honest keys blocked at 5.35 after a 15 s
+freeze)."""
 
 from __future__ import annotations
 
