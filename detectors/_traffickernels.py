@@ -147,6 +147,8 @@ def push_and_measure(
     pairs: npt.NDArray[np.int64],
     matches: npt.NDArray[np.int64],
     min_gap: float,
+    answered_s: npt.NDArray[np.float64],
+    stall_s: float,
     judged: npt.NDArray[np.int64],
     stats: npt.NDArray[np.float64],
 ) -> int:
@@ -163,6 +165,15 @@ def push_and_measure(
     the time of its first row, its last positive gap, the successive pairs
     of positive gaps both at least ``min_gap``, and those whose two gaps are
     within ``cohort_tolerance`` of the larger.
+
+    A gap the gateway caused is taken out before the row's time is pushed:
+    when the client's last answer (``answered_s``, the worker's clock, as of
+    before the batch) came more than ``stall_s`` after its previous request
+    and this row arrived after that answer, the client was waiting for the
+    gateway (a Redis or worker stall), not pausing. Its older times move
+    forward by the wait, so the gap becomes the client's own (this row's
+    time minus the answer's), and the stall neither reads as a burst nor
+    lowers its rate. ``stall_s`` 0 turns this off.
     """
     width = ring.shape[1]
     window = np.empty(width)
@@ -175,7 +186,15 @@ def push_and_measure(
         if n_seen[slot] == 0:
             first_s[slot] = now
         elif length[slot] > 0:
-            gap = now - ring[slot, p - 1 if p > 0 else width - 1]
+            previous = ring[slot, p - 1 if p > 0 else width - 1]
+            waited = answered_s[slot] - previous
+            if stall_s > 0.0 and waited > stall_s and now >= answered_s[slot]:
+                cell = (p - length[slot]) % width
+                for _ in range(length[slot]):
+                    ring[slot, cell] += waited
+                    cell = cell + 1 if cell + 1 < width else 0
+                previous += waited
+            gap = now - previous
             if gap > 0.0:
                 last = last_gap[slot]
                 if n_seen[slot] < width and last >= min_gap and gap >= min_gap:
