@@ -73,6 +73,7 @@ def sorted_young(
     window: int,
     window_s: float,
     young: npt.NDArray[np.int64] | None = None,
+    stable: bool = False,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.int64]]:
     """The young slots that may be in an asking slot's cohort (``young``, or
     :func:`candidates` when None), sorted by row count, then first time; their
@@ -91,7 +92,7 @@ def sorted_young(
         young = candidates(asking, seen, first, window, window_s)
     # By count, then time: a sort by time, then a stable one by count (a
     # radix sort on 16 bits), five times faster than np.lexsort.
-    young = young[np.argsort(first[young])]
+    young = young[np.argsort(first[young], kind="stable" if stable else None)]
     young = young[np.argsort(seen[young].astype(np.uint16), kind="stable")]
     bounds = np.searchsorted(seen[young], np.arange(window + 2))
     return young, first[young], bounds
@@ -300,7 +301,11 @@ def float_pool(
     if n:
         young = candidates(asking, seen, first, top, window_s)
         young = young[members[young]]
-    young, young_first, bounds = sorted_young(asking, seen, first, top, window_s, young)
+    # Slots of one count and time in slot order (candidates lists them so):
+    # the order the sums run in, which :mod:`detectors._startorder` keeps.
+    young, young_first, bounds = sorted_young(
+        asking, seen, first, top, window_s, young, stable=True
+    )
     gathered = np.zeros((len(values), len(young)))
     for r, value in enumerate(values):
         gathered[r] = value[young]
