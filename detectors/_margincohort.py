@@ -10,7 +10,8 @@ up to date by the detector (:mod:`detectors.margin`, whose docstring says
 what these tests catch and miss) from :mod:`detectors._marginstats`.
 
 Imports numpy, :mod:`detectors._cohort`, :mod:`detectors._marginparams`,
-:mod:`detectors._startorder` and :mod:`detectors._state` only; nothing from Kafka, Redis, FastAPI or ``gateway``.
+:mod:`detectors._startorder` and :mod:`detectors._state` only; nothing
+from Kafka, Redis, FastAPI or ``gateway``.
 """
 
 from __future__ import annotations
@@ -141,11 +142,12 @@ def cohort_sums(
 ) -> npt.NDArray[np.float64]:
     """Per asking key (unique, sorted): its cohort's size, then the sum of
     each state field of ``names`` over it, one row each. The cohort is
-    every key whose state field ``counted`` is above 0 and whose first scored query came within
-    ``cohort_window_s`` of the asking key's own and whose answer count is
-    within ``cohort_pace_share`` of its own (at least 2 either way),
-    itself included. Time and pace only, never what the answers were, so
-    an honest cohort's pooled statistic is as honest as one key's.
+    every key whose state field ``counted`` is above 0 and whose first
+    scored query came within ``cohort_window_s`` of the asking key's own
+    and whose answer count is within ``cohort_pace_share`` of its own (at
+    least 2 either way), itself included. Time and pace only, never what
+    the answers were, so an honest cohort's pooled statistic is as honest
+    as one key's.
 
     An attacker makes every key of every batch look: each look is a few
     binary searches over the keys that started near the asking ones, where

@@ -111,7 +111,9 @@ class StartOrder:
             grown[: len(self._pos)] = self._pos
             self._pos = grown
         new = np.zeros(len(slots), dtype=np.int64)
-        n_new, removed = _drop_moved(slots, first, self._times, self._slots, self._pos, new)
+        n_new, removed = _drop_moved(
+            slots, first, self._times, self._slots, self._pos, new
+        )
         self._live -= removed
         if not n_new:
             return
@@ -222,6 +224,8 @@ def pool(
         top = 0
         young = np.zeros(0, dtype=np.int64)
         bounds = np.zeros(2, dtype=np.int64)
+        if not _upkeep_warm:
+            _warm_upkeep()
     else:
         own = seen[asking]
         pace = np.maximum(2.0, pace_share * own.astype(np.float64))
@@ -252,6 +256,36 @@ def pool(
         out,
     )
     return out
+
+
+_upkeep_warm = False
+"""Whether this process ran the order's kernels (see :func:`_warm_upkeep`)."""
+
+
+def _warm_upkeep() -> None:
+    """Run the order's kernels once on nothing: they run only when a key
+    asks, so a warm-up (:mod:`detectors.warm`) whose traffic never does
+    would leave them to compile in an attacker's first batch."""
+    global _upkeep_warm
+    ints = np.zeros(1, dtype=np.int64)
+    floats = np.zeros(1)
+    _drop_moved(ints[:0], floats, floats.copy(), ints.copy(), ints.copy(), ints.copy())
+    _merge(
+        floats, ints, 0, floats[:0], ints[:0], floats.copy(), ints.copy(), ints.copy()
+    )
+    _members(
+        floats,
+        ints,
+        0,
+        0.0,
+        0.0,
+        ints.copy(),
+        floats.copy(),
+        0,
+        ints.copy(),
+        ints.copy(),
+    )
+    _upkeep_warm = True
 
 
 @jit
@@ -378,4 +412,4 @@ def _members(
         if 1 <= count <= top and member_value[slot] > 0:
             young[cursor[count]] = slot
             cursor[count] += 1
-    return bounds[top + 1]
+    return int(bounds[top + 1])

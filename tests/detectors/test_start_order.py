@@ -42,7 +42,15 @@ def _both(
     seen, first = arrays["n_seen"], arrays["first_s"]
     values = [arrays["a"], arrays["b"]]
     kept = pool(
-        order, arena, asking, seen, first, values, arrays["member"], pace_share, window_s
+        order,
+        arena,
+        asking,
+        seen,
+        first,
+        values,
+        arrays["member"],
+        pace_share,
+        window_s,
     )
     reference = float_pool(
         asking,
@@ -127,7 +135,9 @@ def test_the_order_gives_the_sums_the_per_batch_sort_gave(
         if not clients or rng.random() < 0.2:
             # A batch whose keys do not ask: nothing synced.
             continue
-        asking = np.unique(arena.slots(list(rng.choice(clients, int(rng.integers(1, 8))))))
+        asking = np.unique(
+            arena.slots(list(rng.choice(clients, int(rng.integers(1, 8)))))
+        )
         pace_share = float(rng.choice([0.2, 0.5]))
         window_s = float(rng.choice([0.25, 1.0]))
         kept, reference = _both(order, arena, asking, pace_share, window_s)
@@ -136,7 +146,7 @@ def test_the_order_gives_the_sums_the_per_batch_sort_gave(
         large += int((reference[0] > DIRECT_MAX).sum())
         dated = arena.arrays["first_s"][asking]
         ties += int(
-            (np.isin(arena.arrays["first_s"], dated).sum() > len(np.unique(dated)))
+            np.isin(arena.arrays["first_s"], dated).sum() > len(np.unique(dated))
         )
     # The comparison must have covered what it is about.
     assert compared > 80
@@ -205,7 +215,9 @@ def test_margin_scores_the_same_with_the_order(seed: int) -> None:
         detector.observe_outputs(warm, x, proba)
     # Crowds of climbing keys started in one instant, and honest ones.
     keys = [f"k{i}" for i in range(120)] + [f"o{i}" for i in range(40)]
-    start = {k: T0 + 100.0 + (0.0 if k[0] == "k" else float(rng.uniform(0, 3))) for k in keys}
+    start = {
+        k: T0 + 100.0 + (0.0 if k[0] == "k" else float(rng.uniform(0, 3))) for k in keys
+    }
     sent = dict.fromkeys(keys, 0)
     flagged = 0
     for step in range(40):
@@ -234,10 +246,7 @@ def test_margin_scores_the_same_with_the_order(seed: int) -> None:
             )
             flagged += a.flagged
         m = np.array(
-            [
-                min(0.01 + 0.08 * sent[k], 0.99) if k[0] == "k" else 0.95
-                for k in batch
-            ]
+            [min(0.01 + 0.08 * sent[k], 0.99) if k[0] == "k" else 0.95 for k in batch]
         )
         answers = np.column_stack([(1.0 + m) / 2.0, (1.0 - m) / 2.0])
         for detector in pair:
