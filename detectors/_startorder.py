@@ -153,15 +153,16 @@ class StartOrder:
         seen: IntArray,
         member_value: FloatArray,
         top: int,
-    ) -> tuple[IntArray, IntArray]:
+        values: tuple[FloatArray, ...],
+    ) -> tuple[IntArray, IntArray, FloatArray, FloatArray]:
         """The slots dated within ``[low, high]`` (as ``first >= low`` and
         ``first <= high`` compute) whose count is 1 to ``top`` and whose
-        ``member_value`` is above 0, by count, then time, then slot; and
-        where each count's run starts (:func:`detectors._cohort.sorted_young`'s
-        ``bounds``). :meth:`sync` must have run since the arena changed."""
-        young = np.empty(self._n, dtype=np.int64)
+        ``member_value`` is above 0, by count, then time, then slot; where
+        each count's run starts (:func:`detectors._cohort.sorted_young`'s
+        ``bounds``); their first times; and each of ``values`` at them, one
+        row each. :meth:`sync` must have run since the arena changed."""
         bounds = np.zeros(top + 2, dtype=np.int64)
-        n_young = _members(
+        start, stop = _count_members(
             self._times,
             self._slots,
             self._n,
@@ -170,10 +171,27 @@ class StartOrder:
             seen,
             member_value,
             top,
-            young,
             bounds,
         )
-        return young[:n_young], bounds
+        n_young = int(bounds[top + 1])
+        young = np.empty(n_young, dtype=np.int64)
+        young_first = np.empty(n_young)
+        gathered = np.empty((len(values), n_young))
+        _place_members(
+            self._times,
+            self._slots,
+            start,
+            stop,
+            seen,
+            member_value,
+            top,
+            bounds,
+            values,
+            young,
+            young_first,
+            gathered,
+        )
+        return young, bounds, young_first, gathered
 
     def _rebuild(self, arena: SlotArena) -> None:
         """Every dated slot in order of first time, then slot."""
@@ -224,6 +242,8 @@ def pool(
         top = 0
         young = np.zeros(0, dtype=np.int64)
         bounds = np.zeros(2, dtype=np.int64)
+        young_first = np.zeros(0)
+        gathered = np.zeros((len(values), 0))
         if not _upkeep_warm:
             _warm_upkeep()
     else:
@@ -235,18 +255,15 @@ def pool(
         low, high = float(own_first.min()), float(own_first.max())
         margin = window_s + 1.0 + 4.0 * float(np.spacing(max(abs(low), abs(high))))
         order.sync(arena)
-        young, bounds = order.members(
-            low - margin, high + margin, seen, member_value, top
+        young, bounds, young_first, gathered = order.members(
+            low - margin, high + margin, seen, member_value, top, tuple(values)
         )
-    gathered = np.zeros((len(values), len(young)))
-    for r, value in enumerate(values):
-        gathered[r] = value[young]
     sums = np.empty((len(values), len(young) + 1))
     cohort_float_sums(
         np.ascontiguousarray(asking, dtype=np.int64),
         seen,
         first,
-        first[young],
+        young_first,
         bounds,
         gathered,
         sums,
@@ -273,18 +290,24 @@ def _warm_upkeep() -> None:
     _merge(
         floats, ints, 0, floats[:0], ints[:0], floats.copy(), ints.copy(), ints.copy()
     )
-    _members(
-        floats,
-        ints,
-        0,
-        0.0,
-        0.0,
-        ints.copy(),
-        floats.copy(),
-        0,
-        ints.copy(),
-        ints.copy(),
-    )
+    bounds = np.zeros(2, dtype=np.int64)
+    _count_members(floats, ints, 0, 0.0, 0.0, ints.copy(), floats.copy(), 0, bounds)
+    for n_values in (2, 3):
+        # margin's two look-ups: openings (2 values) and ranks (3).
+        _place_members(
+            floats,
+            ints,
+            0,
+            0,
+            ints.copy(),
+            floats.copy(),
+            0,
+            bounds,
+            tuple(floats.copy() for _ in range(n_values)),
+            ints[:0],
+            floats[:0],
+            np.zeros((n_values, 0)),
+        )
     _upkeep_warm = True
 
 
@@ -365,7 +388,7 @@ def _merge(
 
 
 @jit
-def _members(
+def _count_members(
     times: FloatArray,
     kept: IntArray,
     n: int,
@@ -374,13 +397,11 @@ def _members(
     seen: IntArray,
     member_value: FloatArray,
     top: int,
-    young: IntArray,
     bounds: IntArray,
-) -> int:
-    """:meth:`StartOrder.members`, into ``young`` and ``bounds`` (zeros,
-    ``top + 2`` long); returns the members found. Entries in ``[low,
-    high]`` are one run of the sorted times; one pass counts the members
-    of each count, a second places them (in order within a count)."""
+) -> tuple[int, int]:
+    """The run ``[start, stop)`` of entries dated in ``[low, high]`` (one
+    run of the sorted times), and into ``bounds`` (zeros, ``top + 2``
+    long) where each count's members start; returns the run."""
     lo = 0
     hi = n
     while lo < hi:
@@ -402,7 +423,27 @@ def _members(
             bounds[count + 1] += 1
     for count in range(1, top + 2):
         bounds[count] += bounds[count - 1]
-    # bounds[c] is now where count c starts; a cursor per count places them.
+    return start, stop
+
+
+@jit
+def _place_members(
+    times: FloatArray,
+    kept: IntArray,
+    start: int,
+    stop: int,
+    seen: IntArray,
+    member_value: FloatArray,
+    top: int,
+    bounds: IntArray,
+    values: tuple[FloatArray, ...],
+    young: IntArray,
+    young_first: FloatArray,
+    gathered: FloatArray,
+) -> None:
+    """Each member of the run into its count's place (in order within a
+    count), with its time and values: one pass where a placement and a
+    gather per value took one each."""
     cursor = bounds[: top + 1].copy()
     for i in range(start, stop):
         slot = kept[i]
@@ -410,6 +451,9 @@ def _members(
             continue
         count = seen[slot]
         if 1 <= count <= top and member_value[slot] > 0:
-            young[cursor[count]] = slot
+            at = cursor[count]
             cursor[count] += 1
-    return int(bounds[top + 1])
+            young[at] = slot
+            young_first[at] = times[i]
+            for r in range(len(values)):
+                gathered[r, at] = values[r][slot]
