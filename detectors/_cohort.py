@@ -15,9 +15,12 @@ Sorted here, the young keys are sorted on every batch, which costs a batch
 in proportion to the young keys near the asking ones whatever its own rows.
 ``ood`` and ``traffic`` therefore keep them across batches in
 :class:`detectors._cohortindex.CohortIndex`, which finds the same members
-by the same tests (:func:`_run`); :func:`pool` and :func:`sorted_young`
-remain their reference (tests, ``tests/detectors/cohort_attack_sim.py``)
-and the index's way with its few fresh keys.
+by the same tests (:func:`_run`), and ``margin`` keeps its keys in order of
+first time in :class:`detectors._startorder.StartOrder`, which hands
+:func:`cohort_float_sums` the very list :func:`float_pool` sorts;
+:func:`pool`, :func:`float_pool` and :func:`sorted_young` remain their
+reference (tests, ``tests/detectors/cohort_attack_sim.py``) and the
+index's way with its few fresh keys.
 
 Imports numpy and :mod:`detectors._jit` (numba) only.
 """
@@ -280,12 +283,16 @@ def float_pool(
 
     Notes
     -----
-    Unlike ``traffic`` and ``ood``'s look-up this one sorts per batch, so a
-    batch of one row over 50,000 keys started in one instant costs
-    ``margin`` about 3 ms (``docs/cohort-attacks.md``): its members
-    depend on the asking keys' counts (``top``) and its exact small sums on
-    the sorted order, which :class:`detectors._cohortindex.CohortIndex`
-    (integer sums in any order) does not keep.
+    Slots of one count and one first time are summed in slot order (a
+    stable sort of :func:`candidates`' list), so the result does not hang
+    on how numpy's sort breaks ties. ``margin`` no longer calls this per
+    batch: :func:`detectors._startorder.pool` gives the same result from
+    keys kept in order across batches, without this function's scan of
+    every slot and sort (``docs/cohort-attacks.md``). The integer index of
+    ``traffic`` and ``ood`` (:class:`detectors._cohortindex.CohortIndex`,
+    sums in any grouping) could not: members here depend on the asking
+    keys' counts (``top``), small sums on the sorted order, large ones on
+    which keys the running sums start from.
     """
     n = len(asking)
     out = np.zeros((len(values) + 1, n))

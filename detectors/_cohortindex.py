@@ -33,15 +33,28 @@ count passes ``abs(count - own) <= pace``. Sums of integers, so the result is
 the same however the members are grouped: bit for bit what the per-batch
 sort gave (``tests/detectors/test_cohort_index.py``).
 
+The upkeep is lazy: :meth:`CohortIndex.update` only notes a batch's slots
+(and :meth:`CohortIndex.touch` a batch that looked nothing up), and the
+index catches up at the next :meth:`CohortIndex.pool` with a key asking.
+An established service's batches, where no key asks, so pay one
+comparison of the caller's key instead of a re-read of every row (which
+made ``ood`` 6 to 10% dearer on ``modelgate bench detectors``' traffic,
+against 0 to 2% now; ``docs/cohort-attacks.md``). Slots noted past the
+young keys indexed (or :data:`detectors._state.CHANGED_MAX`) drop the
+list and rebuild at the next look-up instead, which costs no more than
+re-reading them.
+
 The index is derived, never saved: it is rebuilt from the arena when it is
 first used, when the arena, ``window`` or the caller's key (``traffic``'s
-member bar) changes, and when more slots were freed or loaded between two
-batches than :data:`detectors._state.CHANGED_MAX`; otherwise each slot freed,
-loaded or touched by a batch is re-read from the arena. Per young key it
+member bar) changes, when the cohort test was off, and when more slots
+were freed or loaded between two look-ups than
+:data:`detectors._state.CHANGED_MAX`; otherwise each slot freed, loaded
+or noted is re-read from the arena. Per young key it
 holds a coordinate's time, count and values, and ``(window + 1) * (values +
 1) * 8`` bytes per block of at least 64 coordinates, all twice over for
 tombstones and growth (about 170 bytes in ``traffic``, 110 in ``ood``), and
-8 bytes per slot of the arena (:attr:`CohortIndex.nbytes`).
+8 bytes per slot of the arena (:attr:`CohortIndex.nbytes`), and 8 bytes per
+slot noted while it waits for a look-up.
 
 Imports numpy, :mod:`detectors._cohort`, :mod:`detectors._jit` (numba) and
 :mod:`detectors._state` only.

@@ -254,3 +254,30 @@ def test_margin_scores_the_same_with_the_order(seed: int) -> None:
         for k in batch:
             sent[k] += 1
     assert flagged > 0, "the cohorts must speak for the comparison to mean much"
+
+
+def test_the_order_holds_a_bounded_few_bytes_per_key() -> None:
+    """Two entries (time and slot, 16 bytes) per dated key, twice over for
+    growth and tombstones, and 8 bytes per slot of the arena: about 40
+    bytes per key (the module docstring)."""
+    n_keys = 3000
+    arena = SlotArena(FIELDS, initial_slots=4)
+    order = StartOrder()
+    slots = arena.slots([f"k{i}" for i in range(n_keys)])
+    arena.arrays["first_s"][slots] = T0 + np.arange(n_keys) * 0.01
+    arena.arrays["n_seen"][slots] = 1
+    arena.arrays["member"][slots] = 1.0
+    values = [arena.arrays["a"], arena.arrays["b"]]
+    pool(
+        order,
+        arena,
+        slots[:1],
+        *(arena.arrays[k] for k in ("n_seen", "first_s")),
+        values,
+        arena.arrays["member"],
+        0.2,
+        0.25,
+    )
+    assert order.rebuilds == 1
+    per_slot = 8 * len(arena.arrays["first_s"])
+    assert 16 * n_keys <= order.nbytes - per_slot <= 40 * n_keys
