@@ -15,9 +15,12 @@ Sorted here, the young keys are sorted on every batch, which costs a batch
 in proportion to the young keys near the asking ones whatever its own rows.
 ``ood`` and ``traffic`` therefore keep them across batches in
 :class:`detectors._cohortindex.CohortIndex`, which finds the same members
-by the same tests (:func:`_run`); :func:`pool` and :func:`sorted_young`
-remain their reference (tests, ``tests/detectors/cohort_attack_sim.py``)
-and the index's way with its few fresh keys.
+by the same tests (:func:`_run`), and ``margin`` keeps its keys in order of
+first time in :class:`detectors._startorder.StartOrder`, which hands
+:func:`cohort_float_sums` the very list :func:`float_pool` sorts;
+:func:`pool`, :func:`float_pool` and :func:`sorted_young` remain their
+reference (tests, ``tests/detectors/cohort_attack_sim.py``) and the
+index's way with its few fresh keys.
 
 Imports numpy and :mod:`detectors._jit` (numba) only.
 """
@@ -73,6 +76,7 @@ def sorted_young(
     window: int,
     window_s: float,
     young: npt.NDArray[np.int64] | None = None,
+    stable: bool = False,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.int64]]:
     """The young slots that may be in an asking slot's cohort (``young``, or
     :func:`candidates` when None), sorted by row count, then first time; their
@@ -91,7 +95,7 @@ def sorted_young(
         young = candidates(asking, seen, first, window, window_s)
     # By count, then time: a sort by time, then a stable one by count (a
     # radix sort on 16 bits), five times faster than np.lexsort.
-    young = young[np.argsort(first[young])]
+    young = young[np.argsort(first[young], kind="stable" if stable else None)]
     young = young[np.argsort(seen[young].astype(np.uint16), kind="stable")]
     bounds = np.searchsorted(seen[young], np.arange(window + 2))
     return young, first[young], bounds
@@ -279,12 +283,16 @@ def float_pool(
 
     Notes
     -----
-    Unlike ``traffic`` and ``ood``'s look-up this one sorts per batch, so a
-    batch of one row over 50,000 keys started in one instant costs
-    ``margin`` about 3 ms (``docs/cohort-attacks.md``): its members
-    depend on the asking keys' counts (``top``) and its exact small sums on
-    the sorted order, which :class:`detectors._cohortindex.CohortIndex`
-    (integer sums in any order) does not keep.
+    Slots of one count and one first time are summed in slot order (a
+    stable sort of :func:`candidates`' list), so the result does not hang
+    on how numpy's sort breaks ties. ``margin`` no longer calls this per
+    batch: :func:`detectors._startorder.pool` gives the same result from
+    keys kept in order across batches, without this function's scan of
+    every slot and sort (``docs/cohort-attacks.md``). The integer index of
+    ``traffic`` and ``ood`` (:class:`detectors._cohortindex.CohortIndex`,
+    sums in any grouping) could not: members here depend on the asking
+    keys' counts (``top``), small sums on the sorted order, large ones on
+    which keys the running sums start from.
     """
     n = len(asking)
     out = np.zeros((len(values) + 1, n))
@@ -300,7 +308,11 @@ def float_pool(
     if n:
         young = candidates(asking, seen, first, top, window_s)
         young = young[members[young]]
-    young, young_first, bounds = sorted_young(asking, seen, first, top, window_s, young)
+    # Slots of one count and time in slot order (candidates lists them so):
+    # the order the sums run in, which :mod:`detectors._startorder` keeps.
+    young, young_first, bounds = sorted_young(
+        asking, seen, first, top, window_s, young, stable=True
+    )
     gathered = np.zeros((len(values), len(young)))
     for r, value in enumerate(values):
         gathered[r] = value[young]

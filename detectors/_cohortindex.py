@@ -33,15 +33,28 @@ count passes ``abs(count - own) <= pace``. Sums of integers, so the result is
 the same however the members are grouped: bit for bit what the per-batch
 sort gave (``tests/detectors/test_cohort_index.py``).
 
+The upkeep is lazy: :meth:`CohortIndex.update` only notes a batch's slots
+(and :meth:`CohortIndex.touch` a batch that looked nothing up), and the
+index catches up at the next :meth:`CohortIndex.pool` with a key asking.
+An established service's batches, where no key asks, so pay one
+comparison of the caller's key instead of a re-read of every row (which
+made ``ood`` 6 to 10% dearer on ``modelgate bench detectors``' traffic,
+against 0 to 2% now; ``docs/cohort-attacks.md``). Slots noted past the
+young keys indexed (or :data:`detectors._state.CHANGED_MAX`) drop the
+list and rebuild at the next look-up instead, which costs no more than
+re-reading them.
+
 The index is derived, never saved: it is rebuilt from the arena when it is
 first used, when the arena, ``window`` or the caller's key (``traffic``'s
-member bar) changes, and when more slots were freed or loaded between two
-batches than :data:`detectors._state.CHANGED_MAX`; otherwise each slot freed,
-loaded or touched by a batch is re-read from the arena. Per young key it
+member bar) changes, when the cohort test was off, and when more slots
+were freed or loaded between two look-ups than
+:data:`detectors._state.CHANGED_MAX`; otherwise each slot freed, loaded
+or noted is re-read from the arena. Per young key it
 holds a coordinate's time, count and values, and ``(window + 1) * (values +
 1) * 8`` bytes per block of at least 64 coordinates, all twice over for
 tombstones and growth (about 170 bytes in ``traffic``, 110 in ``ood``), and
-8 bytes per slot of the arena (:attr:`CohortIndex.nbytes`).
+8 bytes per slot of the arena (:attr:`CohortIndex.nbytes`), and 8 bytes per
+slot noted while it waits for a look-up.
 
 Imports numpy, :mod:`detectors._cohort`, :mod:`detectors._jit` (numba) and
 :mod:`detectors._state` only.
@@ -56,7 +69,7 @@ import numpy.typing as npt
 
 from detectors._cohort import _run, cohort_sums, sorted_young
 from detectors._jit import jit
-from detectors._state import SlotArena
+from detectors._state import CHANGED_MAX, SlotArena
 
 IntArray = npt.NDArray[np.int64]
 
@@ -107,6 +120,9 @@ class CohortIndex:
         self._coord_values = np.zeros((0, n_values), dtype=np.int64)
         self._tree = np.zeros((1, 1, n_values + 1), dtype=np.int64)
         self._fresh = np.zeros(0, dtype=np.int64)
+        # Slots noted since the last look-up (update, touch), re-read then.
+        self._pending: list[IntArray] = []
+        self._n_pending = 0
 
     @property
     def nbytes(self) -> int:
@@ -124,9 +140,18 @@ class CohortIndex:
         )
 
     def stale(self) -> None:
-        """Forget the index; the next :meth:`update` rebuilds it. For a
-        caller that skips a batch's update (its cohort test off)."""
+        """Forget the index; the next look-up rebuilds it. For a caller
+        that skips a batch's update (its cohort test off)."""
         self._built = False
+        self._pending.clear()
+        self._n_pending = 0
+
+    def touch(self, touched: IntArray) -> None:
+        """Note slots whose counts changed in a batch that did not look
+        anything up (nor call :meth:`update`): re-read at the next look-up,
+        as :meth:`update`'s are."""
+        if self._built:
+            self._note(touched)
 
     def update(
         self,
@@ -136,15 +161,19 @@ class CohortIndex:
         values: Values,
         key: IntArray | None = None,
     ) -> None:
-        """Bring the index up to date before a look-up: re-read ``touched``
-        (the batch's slots, in any order, repeats allowed) and every slot
-        the arena freed or loaded since the last update, or rebuild.
+        """Note a batch: ``touched`` (its slots, in any order, repeats
+        allowed) are re-read, with every slot the arena freed or loaded
+        meanwhile, at the next :meth:`pool` with a key asking; a change of
+        ``arena``, ``window`` or ``key`` (anything ``values`` depends on
+        besides the arena: ``traffic``'s member bar) rebuilds it then.
 
-        ``values`` gives the values of any slots from the arena as it now
-        is; ``key`` is anything those values depend on besides the arena
-        (``traffic``'s member bar), compared with the last one's.
+        Lazy: a batch with no key asking, an established service's usual
+        one, pays for this call only (one comparison of ``key``), not for
+        re-reading its slots. Slots noted past the young keys indexed (or
+        :data:`detectors._state.CHANGED_MAX`) drop the list and rebuild
+        at the next look-up instead, which costs no more than re-reading
+        them and keeps the list bounded.
         """
-        seen = arena.arrays["n_seen"]
         key = np.zeros(0, dtype=np.int64) if key is None else key
         if (
             not self._built
@@ -152,14 +181,31 @@ class CohortIndex:
             or window != self._window
             or not np.array_equal(key, self._key)
         ):
-            self._rebuild(arena, window, values, key)
+            self.stale()
+            self._arena, self._window, self._key = arena, window, key.copy()
             return
-        changed = arena.changed()
+        self._note(touched)
+
+    def _note(self, touched: IntArray) -> None:
+        self._pending.append(touched)
+        self._n_pending += len(touched)
+        if self._n_pending > max(CHANGED_MAX, self._n_coords):
+            self.stale()
+
+    def _catch_up(self, values: Values) -> None:
+        """Re-read the slots noted and those the arena freed or loaded since
+        the last look-up, or rebuild (see :meth:`update`)."""
+        arena, window, key = self._arena, self._window, self._key
+        assert arena is not None
+        seen = arena.arrays["n_seen"]
+        changed = arena.changed() if self._built else None
         if changed is None:
             self._rebuild(arena, window, values, key)
             return
         # Repeats are harmless: a slot read twice is unchanged the second time.
-        slots = np.concatenate([touched, changed]) if len(changed) else touched
+        slots = np.concatenate([*self._pending, changed])
+        self._pending.clear()
+        self._n_pending = 0
         if len(seen) > len(self._slot_coord):
             grown = np.full(len(seen), -1, dtype=np.int64)
             grown[: len(self._slot_coord)] = self._slot_coord
@@ -167,6 +213,7 @@ class CohortIndex:
         # Only young or indexed slots matter (a fresh one is read at each
         # look-up): most of an established service's rows are neither, and
         # their values are not computed.
+        slots = slots.astype(np.int64, copy=False)
         count = seen[slots]
         slots = slots[
             ((count > 0) & (count <= window)) | (self._slot_coord[slots] >= 0)
@@ -202,8 +249,13 @@ class CohortIndex:
         shape ``(1 + n_values, len(asking))``, the number of members, then
         the sum of each value over them; what
         :func:`detectors._cohort.cohort_sums` gives over young slots sorted
-        per batch. :meth:`update` must have run since the arena changed."""
-        assert self._arena is not None and self._built
+        per batch. :meth:`update` must have run since the arena changed
+        (the index catches up here, if a key asks)."""
+        assert self._arena is not None
+        if len(asking):
+            self._catch_up(values)
+        elif not _upkeep_warm:
+            _warm_upkeep(self.n_values)
         arrays = self._arena.arrays
         seen, first = arrays["n_seen"], arrays["first_s"]
         asking = np.ascontiguousarray(asking, dtype=np.int64)
@@ -262,6 +314,8 @@ class CohortIndex:
         arena.watch()
         # What was freed or loaded before now is in the arrays read here.
         arena.changed()
+        self._pending.clear()
+        self._n_pending = 0
         seen, first = arena.arrays["n_seen"], arena.arrays["first_s"]
         young = np.flatnonzero((seen > 0) & (seen <= window))
         young = young[np.argsort(first[young], kind="stable")]
@@ -287,6 +341,49 @@ class CohortIndex:
         self._arena, self._window, self._key = arena, window, key.copy()
         self._built = True
         self.rebuilds += 1
+
+
+_upkeep_warm = False
+"""Whether this process ran the upkeep kernels (see :func:`_warm_upkeep`)."""
+
+
+def _warm_upkeep(n_values: int) -> None:
+    """Run the upkeep kernels once on nothing: with the upkeep lazy, a
+    warm-up (:mod:`detectors.warm`) whose traffic never asks would leave
+    them to compile in an attacker's first batch, seconds late."""
+    global _upkeep_warm
+    ints = np.zeros(0, dtype=np.int64)
+    tree = np.zeros((2, 2, n_values + 1), dtype=np.int64)
+    table = np.zeros((0, n_values), dtype=np.int64)
+    _refresh(
+        ints,
+        ints,
+        np.zeros(0),
+        table,
+        1,
+        6,
+        ints,
+        np.zeros(0),
+        ints.copy(),
+        table.copy(),
+        tree,
+        0,
+        ints.copy(),
+        0,
+    )
+    _build_tree(ints, table, 0, 6, tree)
+    _tree_add(tree, 0, 1, np.zeros(n_values, dtype=np.int64), 0)
+    _tree_move(
+        tree,
+        0,
+        1,
+        1,
+        np.zeros((1, n_values), dtype=np.int64),
+        0,
+        np.zeros((1, n_values), dtype=np.int64),
+        0,
+    )
+    _upkeep_warm = True
 
 
 @jit

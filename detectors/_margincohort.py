@@ -5,12 +5,13 @@ A key's opening (the Mann-Kendall trend of its first answers) and its
 decaying rank sums are read here per row of a batch; a young key that
 leans the attacker's way on its own pools them with the keys that started
 in the same moment at the same pace (:func:`cohort_sums`, through
-:func:`detectors._cohort.float_pool`). The statistics themselves are kept
+:func:`detectors._startorder.pool`). The statistics themselves are kept
 up to date by the detector (:mod:`detectors.margin`, whose docstring says
 what these tests catch and miss) from :mod:`detectors._marginstats`.
 
-Imports numpy, :mod:`detectors._cohort` and :mod:`detectors._marginparams`
-only; nothing from Kafka, Redis, FastAPI or ``gateway``.
+Imports numpy, :mod:`detectors._cohort`, :mod:`detectors._marginparams`,
+:mod:`detectors._startorder` and :mod:`detectors._state` only; nothing
+from Kafka, Redis, FastAPI or ``gateway``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import numpy.typing as npt
 
 from detectors._cohort import float_pool
 from detectors._marginparams import MarginParams
+from detectors._startorder import StartOrder, pool
+from detectors._state import SlotArena
 
 
 @dataclass
@@ -44,6 +47,7 @@ def rank_evidence(
     p: MarginParams,
     ranks: tuple[npt.NDArray[np.float64], float] | None,
     base_live: int,
+    order: tuple[StartOrder, SlotArena] | None = None,
 ) -> RankEvidence:
     """Per row: the client's decaying mean rank and its z (positive when
     the answers are less confident than honest ones), whether that counts
@@ -53,7 +57,9 @@ def rank_evidence(
 
     ``ranks`` is the rank table of the live honest answers and its
     variance (``MarginDetector._rank_baseline``, None while there is
-    none), ``base_live`` how many live honest answers it was made from.
+    none), ``base_live`` how many live honest answers it was made from,
+    ``order`` the detector's keys kept in order of first time (see
+    :func:`cohort_sums`).
     """
     n = len(slots)
     out = RankEvidence(
@@ -86,7 +92,7 @@ def rank_evidence(
     ask = some & (answers <= p.window) & (own_z >= p.rank_member_z)
     asking = np.unique(slots[ask])
     found = cohort_sums(
-        arrays, asking, arrays["rank_w2"] > 0, ("rank_w", "rank_w2", "rank_wu"), p
+        arrays, asking, "rank_w2", ("rank_w", "rank_w2", "rank_wu"), p, order
     )
     count, total_w, total_w2, total_wu = found
     pooled_n = np.divide(
@@ -129,31 +135,48 @@ def rank_z(
 def cohort_sums(
     arrays: Mapping[str, npt.NDArray[Any]],
     asking: npt.NDArray[np.int64],
-    counted: npt.NDArray[np.bool_],
+    counted: str,
     names: tuple[str, ...],
     p: MarginParams,
+    order: tuple[StartOrder, SlotArena] | None = None,
 ) -> npt.NDArray[np.float64]:
     """Per asking key (unique, sorted): its cohort's size, then the sum of
     each state field of ``names`` over it, one row each. The cohort is
-    every key of ``counted`` whose first scored query came within
-    ``cohort_window_s`` of the asking key's own and whose answer count is
-    within ``cohort_pace_share`` of its own (at least 2 either way),
-    itself included. Time and pace only, never what the answers were, so
-    an honest cohort's pooled statistic is as honest as one key's.
+    every key whose state field ``counted`` is above 0 and whose first
+    scored query came within ``cohort_window_s`` of the asking key's own
+    and whose answer count is within ``cohort_pace_share`` of its own (at
+    least 2 either way), itself included. Time and pace only, never what
+    the answers were, so an honest cohort's pooled statistic is as honest
+    as one key's.
 
     An attacker makes every key of every batch look: each look is a few
-    binary searches over the keys that started near the asking ones,
-    sorted once per batch (:func:`detectors._cohort.float_pool`), where a
-    scan of every key per asking key took 373 ms for a 256-row batch
-    over 50,000 such keys.
+    binary searches over the keys that started near the asking ones, where
+    a scan of every key per asking key took 373 ms for a 256-row batch
+    over 50,000 such keys. With ``order`` (the detector's
+    :class:`detectors._startorder.StartOrder` and its arena) those keys are
+    found in the order kept across batches; without it they are found by
+    a scan and sorted per batch (:func:`detectors._cohort.float_pool`, the
+    reference, the same result bit for bit).
     """
     first = arrays["first_s"]
+    if order is not None:
+        return pool(
+            order[0],
+            order[1],
+            asking,
+            arrays["n_answers"],
+            first,
+            [arrays[name] for name in names],
+            arrays[counted],
+            p.cohort_pace_share,
+            p.cohort_window_s,
+        )
     return float_pool(
         asking,
         arrays["n_answers"],
         first,
         [arrays[name] for name in names],
-        counted & (first > 0),
+        (arrays[counted] > 0) & (first > 0),
         p.cohort_pace_share,
         p.cohort_window_s,
     )
@@ -163,6 +186,7 @@ def opening_evidence(
     arrays: Mapping[str, npt.NDArray[Any]],
     slots: npt.NDArray[np.int64],
     p: MarginParams,
+    order: tuple[StartOrder, SlotArena] | None = None,
 ) -> tuple[
     npt.NDArray[np.float64],
     npt.NDArray[np.float64],
@@ -203,7 +227,7 @@ def opening_evidence(
     # per key and batch.
     asking = np.unique(slots[young & (young_z >= p.member_z)])
     count, total_s, total_v = cohort_sums(
-        arrays, asking, arrays["young_v"] > 0, ("young_s", "young_v"), p
+        arrays, asking, "young_v", ("young_s", "young_v"), p, order
     )
     counted = count >= p.cohort_min_keys
     if not counted.any():

@@ -69,7 +69,14 @@ from detectors._marginstats import mann_kendall_extend, rank_kernel
 from detectors._marginstats import margins_and_entropy as margins_and_entropy
 from detectors._marginstats import rank_table as rank_table
 from detectors._ring import push_ring
-from detectors._state import FieldSpec, check_counters, check_ring_counters, group_rows
+from detectors._startorder import StartOrder
+from detectors._state import (
+    FieldSpec,
+    SlotArena,
+    check_counters,
+    check_ring_counters,
+    group_rows,
+)
 from detectors.base import Detector, DetectorScore, LiveBaseline
 from detectors.baselines import BaselineRefused, check_fields, read_field
 from detectors.traffic import MAX_TIME_S
@@ -261,6 +268,9 @@ class MarginDetector(Detector[MarginParams]):
         # (not the reference sample), and the rank table made from them.
         self._base_live = 0
         self._rank: tuple[npt.NDArray[np.float64], float] | None = None
+        # Keys in order of first time, kept across batches for the cohort
+        # look-ups; None scans and sorts per batch (the reference).
+        self._start_order: StartOrder | None = StartOrder()
 
     @property
     def baseline_share(self) -> float | None:
@@ -566,6 +576,8 @@ class MarginDetector(Detector[MarginParams]):
             new = slots[fresh]
             first[new] = np.inf
             np.minimum.at(first, new, times[fresh])
+            if self._start_order is not None:
+                self._start_order.touch(self._arena, new)
         length = arrays["len"][slots]
         filled = np.arange(p.window)[None, :] < length[:, None]
         uncertain = (arrays["margin"][slots] < p.margin_at * _LEVELS) | (
@@ -687,6 +699,7 @@ class MarginDetector(Detector[MarginParams]):
             self._params,
             self._rank_baseline(),
             self._base_live,
+            self._order(),
         )
 
     def _rank_z(
@@ -710,4 +723,10 @@ class MarginDetector(Detector[MarginParams]):
         """Per row: the key's opening z, its young z, its cohort's pooled z
         and the cohort's size (:func:`detectors._margincohort.opening_evidence`)."""
         assert self._arena is not None
-        return opening_evidence(self._arena.arrays, slots, self._params)
+        return opening_evidence(self._arena.arrays, slots, self._params, self._order())
+
+    def _order(self) -> tuple[StartOrder, SlotArena] | None:
+        """The keys in order of first time for the cohort look-ups, or None
+        (the reference: a scan and sort per batch)."""
+        assert self._arena is not None
+        return None if self._start_order is None else (self._start_order, self._arena)

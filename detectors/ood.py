@@ -721,8 +721,9 @@ class OutOfDistributionDetector(Detector[OodParams]):
             share = np.where(from_run, run_share, share)
             return self._scores(share, warm, evidence)
         if self._cohort_index is not None:
-            # This batch's keys were not re-read: rebuilt once judged.
-            self._cohort_index.stale()
+            # Not judged, so no look-up noted this batch's keys, whose counts
+            # grew: re-read at the next look-up.
+            self._cohort_index.touch(slots)
         cold = [
             "no baseline of normal traffic yet (learn_baseline has not "
             "completed a window), so no query is judged"

@@ -2,9 +2,10 @@
 
 Not a test module: ``python -m tests.detectors.cohort_attack_sim cost``
 prints what a batch of 256 rows (``--batch 1``: one row, the trickle)
-costs each detector when N keys started in one instant and every one of
-them looks for its cohort, for ``traffic`` and ``ood`` with young keys
-sorted per batch (as before the index) and with the index, and the ratio;
+costs each detector when N keys started in one instant and every one
+of them looks for its cohort, with the keys sorted per batch (as before
+``traffic`` and ``ood``'s index and ``margin``'s start order) and kept
+across batches, and the ratio (``--only`` one detector);
 ``python -m tests.detectors.cohort_attack_sim frame-margin`` how many honest
 keys a crowd of hostile keys started in the same quarter second gets
 flagged through ``margin``'s cohorts. The numbers are quoted in
@@ -90,12 +91,16 @@ def ood_cost(n_keys: int, indexed: bool = True) -> float:
     return _median_ms(batch)
 
 
-def margin_cost(n_keys: int) -> float:
+def margin_cost(n_keys: int, indexed: bool = True) -> float:
     """ms per batch: keys of 12 answers whose confidence climbs from under
-    honest answers' (every key looks for both cohorts)."""
+    honest answers' (every key looks for both cohorts). ``indexed`` False
+    scans and sorts the keys per batch (the look-up before the start
+    order)."""
     from tests.detectors.test_margin_cohort_cost import _crowd
 
     detector, ids = _crowd(n_keys)
+    if not indexed:
+        detector._start_order = None
     rng = np.random.default_rng(1)
 
     def batch() -> None:
@@ -159,10 +164,14 @@ def _main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--rank-member-z", type=float, default=None)
     parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--only", choices=["traffic", "ood", "margin"], default=None)
     args = parser.parse_args()
     globals()["BATCH"] = args.batch
     if args.what == "cost":
-        for name, indexed_cost in (("traffic", traffic_cost), ("ood", ood_cost)):
+        costs = (("traffic", traffic_cost), ("ood", ood_cost), ("margin", margin_cost))
+        for name, indexed_cost in costs:
+            if args.only not in (None, name):
+                continue
             for n in args.keys:
                 before = indexed_cost(n, False)
                 after = indexed_cost(n, True)
@@ -172,11 +181,6 @@ def _main() -> None:
                     f"({before / after:.1f} times less)",
                     flush=True,
                 )
-        for n in args.keys:
-            print(
-                f"margin {n} keys: {margin_cost(n):.2f} ms per {BATCH}-row batch",
-                flush=True,
-            )
         return
     params = {} if args.rank_member_z is None else {"rank_member_z": args.rank_member_z}
     for n_hostile in (0, 10, 50):

@@ -136,14 +136,19 @@ def test_more_changes_than_the_arena_lists_rebuild_the_index() -> None:
     arena.arrays["n_seen"][slots] = 1
     arena.arrays["first_s"][slots] = T0
     index.update(arena, slots, 8, values)
+    # Built at the first look-up with a key asking (the upkeep is lazy).
+    index.pool(slots[:0], 0.0, 0.25, values)
+    assert index.rebuilds == 0
+    index.pool(slots[:1], 0.0, 0.25, values)
+    assert index.rebuilds == 1
     for i in range(CHANGED_MAX + 1):
         arena.slots([f"x{i}"])
         arena.release(f"x{i}")
     # k1 changed behind the index's back, and a rebuild is what finds it.
     arena.arrays["n_seen"][slots[1]] = 6
     index.update(arena, slots[:0], 8, values)
-    assert index.rebuilds == 2
     got = index.pool(slots[1:2], 0.0, 0.25, values)
+    assert index.rebuilds == 2
     assert got[0].tolist() == [1]
 
 
@@ -300,9 +305,68 @@ def test_the_index_holds_a_bounded_few_bytes_per_young_key() -> None:
     n_keys = 3000
     detector = TrafficDetector(seed=0)
     keys = [f"k{i}" for i in range(n_keys)]
-    detector.score_batch(keys, np.zeros((n_keys, 3)), arrival_s=np.full(n_keys, T0))
+    # Keys at one pace: they ask from their fourth request, which builds
+    # the index (its upkeep waits for a look-up).
+    for step in range(5):
+        at = np.full(n_keys, T0 + 0.25 * step)
+        detector.score_batch(keys, np.zeros((n_keys, 3)), arrival_s=at)
     index = detector._cohort_index
     assert index is not None and detector._arena is not None
+    assert index.rebuilds >= 1
     slots = len(detector._arena.arrays["n_seen"])
     # About 170 bytes per young key with the defaults (the module docstring).
     assert 100 * n_keys < index.nbytes - 8 * slots < 200 * n_keys
+
+
+def test_ood_batches_not_judged_still_count_in_the_index() -> None:
+    """A threshold cleared live stops ``ood`` judging (no look-up, so no
+    update of the index) while its keys keep sending: once judged again,
+    their grown counts must be what the index pools."""
+    rng = np.random.default_rng(3)
+    threshold = 0.9
+
+    def make() -> Detector:
+        detector = OutOfDistributionDetector(
+            OodParams(window=8, window_size=64, query_threshold=threshold)
+        )
+        # The reference's range and lattice (what makes a wide query count
+        # from the first) without the calibrated threshold learn_baseline
+        # would also set, which would keep it judging.
+        detector._on_n_features(honest.shape[1])
+        detector._learn_lattice(continuous_reference())
+        return detector
+
+    honest = continuous_reference(seed=1)
+    pair = [make(), _reference(make())]
+    # The forest learns live traffic (no reference sample, so no
+    # calibrated threshold to fall back on): judged once it is ready.
+    for detector in pair:
+        detector.score_batch(
+            [f"w{i}" for i in range(128)],
+            honest[:128],
+            learn=[True] * 128,
+            arrival_s=np.full(128, T0 - 100.0),
+        )
+    keys = [f"k{i}" for i in range(30)]
+    sent = dict.fromkeys(keys, 0)
+    flagged = 0
+    for step in range(14):
+        # Judged, not judged for three batches, judged again.
+        for detector in pair:
+            detector.set_params(query_threshold=None if 7 <= step < 10 else threshold)
+        if step == 7:
+            index = pair[0]._cohort_index  # type: ignore[attr-defined]
+            assert index.rebuilds > 0, "the index must be in use before"
+        batch = [str(k) for k in rng.choice(keys, 12)]
+        times = [T0 + 0.01 * int(k[1:]) + 0.5 * sent[k] for k in batch]
+        for key in batch:
+            sent[key] += 1
+        order = np.argsort(times, kind="stable")
+        flagged += _same_scores(
+            pair,
+            [batch[i] for i in order],
+            wide_queries(len(batch), seed=step)[order],
+            learn=[False] * len(batch),
+            arrival_s=np.asarray(times)[order],
+        )
+    assert flagged > 0, "the cohorts must speak for the comparison to mean much"

@@ -9,7 +9,9 @@ instant took 373 ms (110 ms over 20,000, 13 ms over 1,000; traffic's
 look-up 1.9 ms over 50,000). They now binary-search the keys that started
 near the looking ones, sorted once per batch
 (:func:`detectors._cohort.float_pool`): 3.9 ms over 50,000 (measured by
-hand on the shared 2-core machine). These tests pin that the look-ups find
+hand on the shared 2-core machine); since, they are kept in order of first
+time across batches (:mod:`detectors._startorder`, the same sums bit for
+bit: ``tests/detectors/test_start_order.py``). These tests pin that the look-ups find
 what the scan found, boundaries, ties and large cohorts included, and bound
 the cost of the attack's batch far above the new cost and below the old."""
 
