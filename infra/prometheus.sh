@@ -16,6 +16,7 @@
 #   MODELGATE_PROMETHEUS_INTERVAL_S  scrape and rule interval, default 15
 #   MODELGATE_PROMETHEUS_KINDS  the processes to scrape, comma-separated from
 #                               worker,frontdoor,admin,guard,forwarder; default all
+#                               but forwarder (an add-on; name it if you run one)
 #   MODELGATE_PROMETHEUS_RULES  rule files, comma-separated; default
 #                               infra/prometheus/alerts.yml
 #   MODELGATE_ALERTMANAGER_PORT where firing alerts go: infra/alertmanager.sh's
