@@ -56,9 +56,6 @@ _DAY_S = 86_400
 # entries the rested ones are dropped, so an outage with many clients cannot
 # grow a worker's memory without bound.
 _MAX_LOCAL_ENTRIES = 100_000
-# How far back a request's sending time may be judged without Redis: the
-# default auth.max_clock_skew_s, past which its signature is refused as old.
-_BACKLOG_S = 300.0
 
 
 class LocalLimiter:
@@ -72,11 +69,21 @@ class LocalLimiter:
 
     Parameters
     ----------
+    backlog_s
+        How far back a request's broker time may be judged: the store's
+        ``auth.replay_window_s`` (:attr:`CounterStore.replay_window_s`), the
+        bound ``admit.lua`` clamps to, so a backlog is judged alike with and
+        without Redis.
     clock_s
         Seconds since the epoch (tests pass their own).
     """
 
-    def __init__(self, clock_s: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, *, backlog_s: float, clock_s: Callable[[], float] = time.time
+    ) -> None:
+        if not (backlog_s > 0 and math.isfinite(backlog_s)):
+            raise ValueError("backlog_s must be positive and finite")
+        self._backlog_us = backlog_s * 1e6
         self._clock_s = clock_s
         self._tats: dict[tuple[str, int], float] = {}
         self._days: dict[str, tuple[int, int]] = {}
@@ -86,11 +93,11 @@ class LocalLimiter:
         """Judge ``item`` against ``plan`` with local state only."""
         now_s = self._clock_s()
         now_us = now_s * 1e6
-        # Judged when sent, as admit.lua judges (AdmitItem.sent_us), within
-        # the longest backlog a signature's age lets through.
+        # Judged when sent, as admit.lua judges (AdmitItem.sent_us), and no
+        # further back than its bound, auth.replay_window_s.
         at_us = now_us
         if item.sent_us is not None:
-            at_us = min(max(item.sent_us, now_us - _BACKLOG_S * 1e6), now_us)
+            at_us = min(max(item.sent_us, now_us - self._backlog_us), now_us)
         client = item.client_id
         rules = plan.plan.rules
 
@@ -183,7 +190,8 @@ class Admitter:
     without_store
         The ``modelgate_decisions_without_store`` counter (label ``mode``).
     limiter
-        The local stand-in; a fresh one when omitted.
+        The local stand-in; when omitted, a fresh one judging backlogs over
+        the store's ``replay_window_s``.
     """
 
     def __init__(
@@ -193,7 +201,7 @@ class Admitter:
         limiter: LocalLimiter | None = None,
     ) -> None:
         self.store = store
-        self.limiter = limiter or LocalLimiter()
+        self.limiter = limiter or LocalLimiter(backlog_s=store.replay_window_s)
         self._without_store = without_store
         self._outage_logged = False
 

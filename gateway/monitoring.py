@@ -3,8 +3,8 @@ and the names of every metric the four kinds of process export.
 
 ``modelgate monitoring prometheus-config`` prints the configuration that
 ``infra/prometheus.sh`` runs Prometheus with: one job per kind of process
-(worker, front door, admin API, poisoning guard, alert forwarder) at the
-metrics address the settings give it, the alert rules of
+(worker, front door, admin API, poisoning guard; the alert forwarder when
+asked for) at the metrics address the settings give it, the alert rules of
 ``infra/prometheus/alerts.yml`` and the Alertmanager they go to.
 ``modelgate monitoring alertmanager-config`` prints the one
 ``infra/alertmanager.sh`` runs Alertmanager with: the shipped
@@ -52,6 +52,12 @@ JOBS = (
 # What --kind names them, in JOBS's order; also the ``kind`` label each
 # job's targets get, which Alertmanager groups by.
 KINDS = ("worker", "frontdoor", "admin", "guard", "forwarder")
+# What is scraped unless kinds are named: the gateway's own processes. The
+# alert forwarder is an add-on, run only where alerts go on to an HTTP
+# endpoint (``modelgate alerts-forward``, whose URL is a command-line option,
+# not a setting); scraping it by default fired ModelgateTargetDown on every
+# host that runs none, so it is scraped only when named.
+DEFAULT_KINDS = ("worker", "frontdoor", "admin", "guard")
 
 
 class MonitoringError(ValueError):
@@ -79,12 +85,13 @@ def scrape_config(
     *,
     rules: Iterable[Path] = (ALERT_RULES,),
     interval_s: float = 15.0,
-    kinds: Iterable[str] = KINDS,
+    kinds: Iterable[str] = DEFAULT_KINDS,
     alertmanager: str | None = None,
 ) -> dict[str, Any]:
     """Prometheus's configuration for the processes of ``settings`` on this
     host, of ``kinds`` only (``worker``, ``frontdoor``, ``admin``,
-    ``guard``, ``forwarder``); a kind whose metrics port is 0 (off) gets no
+    ``guard``, ``forwarder``; by default all but the forwarder, see
+    :data:`DEFAULT_KINDS`); a kind whose metrics port is 0 (off) gets no
     job. Firing alerts go to the Alertmanager at ``alertmanager``
     (``host:port``); None sends them nowhere (Prometheus still shows them).
 
@@ -250,8 +257,9 @@ def prometheus_config(
         list[str] | None,
         typer.Option(
             help="Scrape only this kind (repeatable): worker, frontdoor, admin, "
-            "guard, forwarder. Default: all five; a kind you do not run would "
-            "fire ModelgateTargetDown."
+            "guard, forwarder. Default: worker, frontdoor, admin and guard; the "
+            "alert forwarder only when named. A kind you do not run would fire "
+            "ModelgateTargetDown."
         ),
     ] = None,
     alertmanager: Annotated[
@@ -272,7 +280,7 @@ def prometheus_config(
             settings,
             rules=chosen,
             interval_s=interval_s,
-            kinds=kind or KINDS,
+            kinds=kind or DEFAULT_KINDS,
             alertmanager=alertmanager,
         )
     except MonitoringError as exc:

@@ -108,6 +108,7 @@ class CounterStore:
         self._redis = redis
         self._prefix = settings.redis.key_prefix
         self._timeout_s = settings.redis.socket_timeout_s
+        self._replay_window_s = settings.auth.replay_window_s
         self._replay_ms = max(1, round(settings.auth.replay_window_s * 1000))
         self._default_cooldown_s = settings.policy.block_cooldown_s
         self._clock_us = clock_us
@@ -117,6 +118,13 @@ class CounterStore:
         self._compiled: dict[
             tuple[str, str, float | None, int | None], CompiledPlan
         ] = {}
+
+    @property
+    def replay_window_s(self) -> float:
+        """``auth.replay_window_s``: how long a request id is remembered, and
+        how far back a request's broker time is judged (``admit.lua``). Read
+        once: ``auth`` is not live, a change needs a restart."""
+        return self._replay_window_s
 
     @property
     def limits(self) -> LimitsConfig:

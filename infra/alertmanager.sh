@@ -35,18 +35,13 @@ VAR=${MODELGATE_VAR:-$ROOT/var}
 HOST=127.0.0.1
 PORT=${MODELGATE_ALERTMANAGER_PORT:-19095}
 START_TIMEOUT_S=30
+NAME=alertmanager
 
 ADIR=$VAR/alertmanager
 PIDFILE=$ADIR/alertmanager.pid
 LOG=$ADIR/alertmanager.log
 CONFIG=$ADIR/alertmanager.yml
 MODELGATE=$ROOT/.venv/bin/modelgate
-
-log() { printf '[alertmanager] %s\n' "$*" >&2; }
-die() {
-    printf '[alertmanager] error: %s\n' "$*" >&2
-    exit 1
-}
 
 # shellcheck source=infra/lib.sh
 . "$ROOT/infra/lib.sh"
@@ -74,89 +69,28 @@ write_config() {
     mv "$CONFIG.new" "$CONFIG"
 }
 
-# /-/ready answers 200 once the configuration is loaded.
-ready() {
-    local status=""
-    { exec 3<>"/dev/tcp/$HOST/$PORT"; } 2>/dev/null || return 1
-    printf 'GET /-/ready HTTP/1.0\r\nHost: %s\r\n\r\n' "$HOST" >&3
-    read -r -t 3 _ status _ <&3 || true
-    exec 3<&-
-    [[ $status == 200 ]]
-}
-
-# Ours: an alertmanager reading this state directory's configuration.
-is_ours() {
-    local pid=$1
-    [[ $pid =~ ^[0-9]+$ ]] && [[ -r /proc/$pid/cmdline ]] || return 1
-    tr '\0' '\n' <"/proc/$pid/cmdline" | grep -qxF -- "--config.file=$CONFIG"
-}
-
-listening_on() {
-    tr '\0' '\n' <"/proc/$1/cmdline" | sed -n 's/^--web.listen-address=//p'
-}
-
-our_pid() {
-    local pid=""
-    [[ -f $PIDFILE ]] && pid=$(cat "$PIDFILE")
-    [[ -n $pid ]] && is_ours "$pid" && echo "$pid"
-}
-
-cmd_status() {
-    local pid
-    if pid=$(our_pid); then
-        echo "alertmanager running (pid $pid) on http://$(listening_on "$pid")"
-        return 0
-    fi
-    echo "alertmanager stopped"
-    return 3
-}
+is_ours() { reads_config "$1"; }
 
 cmd_start() {
-    local pid
-    # Checked here only: stop and status find ours by state directory, and
-    # 0 (what tells infra/prometheus.sh to send nowhere) must not block them.
-    if [[ ! $PORT =~ ^[0-9]+$ ]] || ((PORT < 1 || PORT > 65535)); then
-        die "MODELGATE_ALERTMANAGER_PORT must be a port (1-65535), got '$PORT'"
-    fi
-    if pid=$(our_pid); then
-        log "already running (pid $pid) on http://$(listening_on "$pid")"
-        return 0
-    fi
-    rm -f "$PIDFILE"
-    if (exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null; then
-        die "port $HOST:$PORT is already in use by another process" \
-            "(set MODELGATE_ALERTMANAGER_PORT to move ours)"
-    fi
+    # The port is checked here only (already_running): 0, which tells
+    # infra/prometheus.sh to send nowhere, must not block stop and status.
+    already_running MODELGATE_ALERTMANAGER_PORT && return 0
     cmd_install
     write_config
     local server
     server=$(find_bin prometheus-alertmanager)
-    log "starting alertmanager on http://$HOST:$PORT, log $LOG"
-    start_daemon "$PIDFILE" "$LOG" "$server" --config.file="$CONFIG" \
+    start_daemon "$server" --config.file="$CONFIG" \
         --storage.path="$ADIR/data" \
         --web.listen-address="$HOST:$PORT" \
         --cluster.listen-address=
-    await_ready alertmanager "$PIDFILE" "$LOG" "$START_TIMEOUT_S"
-}
-
-cmd_reload() {
-    local pid
-    pid=$(our_pid) || die "not running"
-    write_config
-    kill -HUP "$pid"
-    log "configuration reloaded"
-}
-
-cmd_stop() {
-    stop_daemon "$PIDFILE"
 }
 
 case ${1:-} in
 install) cmd_install ;;
 start) cmd_start ;;
-stop) cmd_stop ;;
-status) cmd_status ;;
-reload) cmd_reload ;;
+stop) stop_daemon ;;
+status) daemon_status ;;
+reload) daemon_reload ;;
 *)
     echo "usage: $0 install|start|stop|status|reload" >&2
     exit 2

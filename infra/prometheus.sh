@@ -16,6 +16,7 @@
 #   MODELGATE_PROMETHEUS_INTERVAL_S  scrape and rule interval, default 15
 #   MODELGATE_PROMETHEUS_KINDS  the processes to scrape, comma-separated from
 #                               worker,frontdoor,admin,guard,forwarder; default all
+#                               but forwarder (an add-on; name it if you run one)
 #   MODELGATE_PROMETHEUS_RULES  rule files, comma-separated; default
 #                               infra/prometheus/alerts.yml
 #   MODELGATE_ALERTMANAGER_PORT where firing alerts go: infra/alertmanager.sh's
@@ -39,18 +40,13 @@ KINDS=${MODELGATE_PROMETHEUS_KINDS:-}
 RULES=${MODELGATE_PROMETHEUS_RULES:-}
 ALERTMANAGER_PORT=${MODELGATE_ALERTMANAGER_PORT:-19095}
 START_TIMEOUT_S=30
+NAME=prometheus
 
 PDIR=$VAR/prometheus
 PIDFILE=$PDIR/prometheus.pid
 LOG=$PDIR/prometheus.log
 CONFIG=$PDIR/prometheus.yml
 MODELGATE=$ROOT/.venv/bin/modelgate
-
-log() { printf '[prometheus] %s\n' "$*" >&2; }
-die() {
-    printf '[prometheus] error: %s\n' "$*" >&2
-    exit 1
-}
 
 # shellcheck source=infra/lib.sh
 . "$ROOT/infra/lib.sh"
@@ -91,86 +87,27 @@ write_config() {
     mv "$CONFIG.new" "$CONFIG"
 }
 
-# /-/ready answers 200 once the configuration is loaded and the storage open.
-ready() {
-    local status=""
-    { exec 3<>"/dev/tcp/$HOST/$PORT"; } 2>/dev/null || return 1
-    printf 'GET /-/ready HTTP/1.0\r\nHost: %s\r\n\r\n' "$HOST" >&3
-    read -r -t 3 _ status _ <&3 || true
-    exec 3<&-
-    [[ $status == 200 ]]
-}
-
-# Ours: a prometheus reading this state directory's configuration, whatever
-# port it was started on (stop and status need not be given the same port).
-is_ours() {
-    local pid=$1
-    [[ $pid =~ ^[0-9]+$ ]] && [[ -r /proc/$pid/cmdline ]] || return 1
-    tr '\0' '\n' <"/proc/$pid/cmdline" | grep -qxF -- "--config.file=$CONFIG"
-}
-
-listening_on() {
-    tr '\0' '\n' <"/proc/$1/cmdline" | sed -n 's/^--web.listen-address=//p'
-}
-
-our_pid() {
-    local pid=""
-    [[ -f $PIDFILE ]] && pid=$(cat "$PIDFILE")
-    [[ -n $pid ]] && is_ours "$pid" && echo "$pid"
-}
-
-cmd_status() {
-    local pid
-    if pid=$(our_pid); then
-        echo "prometheus running (pid $pid) on http://$(listening_on "$pid")"
-        return 0
-    fi
-    echo "prometheus stopped"
-    return 3
-}
+is_ours() { reads_config "$1"; }
 
 cmd_start() {
-    local pid
-    if pid=$(our_pid); then
-        log "already running (pid $pid) on http://$(listening_on "$pid")"
-        return 0
-    fi
-    rm -f "$PIDFILE"
-    if (exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null; then
-        die "port $HOST:$PORT is already in use by another process" \
-            "(set MODELGATE_PROMETHEUS_PORT to move ours)"
-    fi
+    already_running MODELGATE_PROMETHEUS_PORT && return 0
     cmd_install
     write_config
     local server
     server=$(find_bin prometheus)
-    log "starting prometheus on http://$HOST:$PORT, log $LOG"
-    start_daemon "$PIDFILE" "$LOG" "$server" --config.file="$CONFIG" \
+    start_daemon "$server" --config.file="$CONFIG" \
         --storage.tsdb.path="$PDIR/data" \
         --storage.tsdb.retention.time=7d \
         --web.listen-address="$HOST:$PORT" \
         --web.enable-lifecycle
-    await_ready prometheus "$PIDFILE" "$LOG" "$START_TIMEOUT_S"
-}
-
-cmd_reload() {
-    local pid
-    pid=$(our_pid) || die "not running"
-    write_config
-    kill -HUP "$pid"
-    log "configuration reloaded"
-}
-
-cmd_stop() {
-    stop_daemon "$PIDFILE"
 }
 
 case ${1:-} in
 install) cmd_install ;;
 start) cmd_start ;;
-stop) cmd_stop ;;
-status) cmd_status ;;
-reload) cmd_reload ;;
+stop) stop_daemon ;;
+status) daemon_status ;;
+reload) daemon_reload ;;
 *)
     echo "usage: $0 install|start|stop|status|reload" >&2
     exit 2

@@ -25,16 +25,11 @@ HOST=127.0.0.1
 PORT=${MODELGATE_REDIS_PORT:-16379}
 MAXMEMORY=${MODELGATE_REDIS_MAXMEMORY:-512mb}
 START_TIMEOUT_S=20
+NAME=redis
 
 RDIR=$VAR/redis
 PIDFILE=$RDIR/redis.pid
 LOG=$RDIR/redis.log
-
-log() { printf '[redis] %s\n' "$*" >&2; }
-die() {
-    printf '[redis] error: %s\n' "$*" >&2
-    exit 1
-}
 
 # shellcheck source=infra/lib.sh
 . "$ROOT/infra/lib.sh"
@@ -58,9 +53,8 @@ is_ours() {
 }
 
 cmd_status() {
-    local pid=""
-    [[ -f $PIDFILE ]] && pid=$(cat "$PIDFILE")
-    if [[ -n $pid ]] && is_ours "$pid"; then
+    local pid
+    if pid=$(our_pid); then
         if ping; then
             echo "redis running (pid $pid) on $HOST:$PORT"
         else
@@ -89,31 +83,22 @@ wait_ready() {
 }
 
 cmd_start() {
-    local pid=""
-    [[ -f $PIDFILE ]] && pid=$(cat "$PIDFILE")
-    if [[ -n $pid ]] && is_ours "$pid"; then
+    local pid
+    if pid=$(our_pid); then
         wait_ready
         log "already running (pid $pid) on $HOST:$PORT"
         return 0
     fi
     rm -f "$PIDFILE"
-    if (exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null; then
-        die "port $HOST:$PORT is already in use by another process" \
-            "(set MODELGATE_REDIS_PORT to move ours)"
-    fi
+    refuse_taken_port MODELGATE_REDIS_PORT
 
     cmd_install
     mkdir -p "$RDIR"
     local server
     server=$(find_bin redis-server)
     log "starting redis on $HOST:$PORT, log $LOG"
-    # The fd loop closes descriptors inherited from callers (stack.sh holds its
-    # flock on one); the daemonised server would otherwise keep them open.
     (
-        for fd in /proc/self/fd/*; do
-            fd=${fd##*/}
-            ((fd > 2)) && eval "exec $fd>&-"
-        done
+        close_inherited_fds
         # No config file: every setting is here so nothing from /etc/redis applies.
         exec "$server" --bind "$HOST" --port "$PORT" --protected-mode yes \
             --save '' --appendonly no --dir "$RDIR" \
@@ -131,23 +116,10 @@ cmd_start() {
     log "ready (pid $(cat "$PIDFILE" 2>/dev/null || echo '?'))"
 }
 
-cmd_stop() {
-    local pid=""
-    [[ -f $PIDFILE ]] && pid=$(cat "$PIDFILE")
-    if [[ -z $pid ]] || ! is_ours "$pid"; then
-        rm -f "$PIDFILE"
-        log "not running"
-        return 0
-    fi
-    stop_pid "$pid"
-    rm -f "$PIDFILE"
-    log "stopped"
-}
-
 case ${1:-} in
 install) cmd_install ;;
 start) cmd_start ;;
-stop) cmd_stop ;;
+stop) stop_daemon ;;
 status) cmd_status ;;
 *)
     echo "usage: $0 install|start|stop|status" >&2

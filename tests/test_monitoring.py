@@ -24,6 +24,7 @@ from gateway.errors import ConfigError
 from gateway.monitoring import (
     ALERT_RULES,
     ALERTMANAGER_CONFIG,
+    DEFAULT_KINDS,
     JOBS,
     KINDS,
     MonitoringError,
@@ -99,11 +100,98 @@ def test_each_alert_fires_and_stays_silent_as_its_cases_say(tmp_path: Path) -> N
     assert names - silent == set(), "alerts never shown to stay silent"
 
 
+# What ModelgateConsumerLagHigh's description says for each kind that exports
+# modelgate_consumer_lag: (job, its topic, the text). Changing a text here
+# and in alerts.yml together is the point: each must name what waits.
+LAG_DESCRIPTIONS = {
+    "worker": (
+        "modelgate-worker",
+        "modelgate.requests",
+        "Requests wait in Kafka before they are judged. Add workers (up to the "
+        "requests topic's partitions) or look at modelgate_stage_seconds for the "
+        "slow stage.",
+    ),
+    "guard": (
+        "modelgate-guard",
+        "modelgate.feedback",
+        "Feedback waits in Kafka before the poisoning guard screens it. Add guards "
+        "(up to the feedback topic's partitions) or look at modelgate_batch_seconds "
+        "for slow batches.",
+    ),
+    "forwarder": (
+        "modelgate-forwarder",
+        "modelgate.alerts",
+        "Alerts wait in Kafka before they are sent on (the lag counts alerts not "
+        "yet delivered or passed over): the receiver is slow or refusing. See "
+        "modelgate_forward_retries_total and modelgate_forward_backoff_seconds; "
+        "ModelgateForwarderStuck fires if none is delivered at all.",
+    ),
+}
+
+
+def test_consumer_lag_is_described_for_the_kind_that_lags(tmp_path: Path) -> None:
+    """The rule covers workers, the guard and the alert forwarder; promtool
+    renders its real annotations for each (the cases above run without)."""
+    series = []
+    expected = []
+    for job, topic, description in LAG_DESCRIPTIONS.values():
+        series.append(
+            {
+                "series": f'modelgate_consumer_lag{{job="{job}", instance="i", '
+                f'topic="{topic}", partition="0"}}',
+                "values": "6000x10",
+            }
+        )
+        expected.append(
+            {
+                "exp_labels": {
+                    "severity": "warning",
+                    "job": job,
+                    "instance": "i",
+                    "topic": topic,
+                },
+                "exp_annotations": {
+                    "summary": f"{job} i is 6000 records behind on {topic}",
+                    "description": description,
+                },
+            }
+        )
+    spec = tmp_path / "lag.yml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "rule_files": [str(ALERT_RULES)],
+                "evaluation_interval": "1m",
+                "tests": [
+                    {
+                        "interval": "1m",
+                        "input_series": series,
+                        "alert_rule_test": [
+                            {
+                                "eval_time": "6m",
+                                "alertname": "ModelgateConsumerLagHigh",
+                                "exp_alerts": expected,
+                            }
+                        ],
+                    }
+                ],
+            }
+        )
+    )
+    result = promtool("test", "rules", spec)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_every_rule_and_panel_names_a_metric_modelgate_exports() -> None:
     exported = exported_metric_names()
     queries = [rule["expr"] for rule in alert_rules()] + dashboard_queries()
     named = {name for query in queries for name in METRIC.findall(query)}
     assert named - exported == set()
+    # A description that sends the reader to a metric must name a real one
+    # (a histogram by its family's name).
+    texts = [rule["annotations"]["description"] for rule in alert_rules()]
+    told = {name for text in texts for name in METRIC.findall(text)}
+    assert {n for n in told if f"{n}_count" not in exported} - exported == set()
     # The check can fail: a name the code does not export is caught.
     assert "modelgate_no_such_metric_total" not in exported
 
@@ -144,7 +232,11 @@ def test_the_generated_configuration_follows_the_settings(tmp_path: Path) -> Non
         forward={"metrics_port": 19568},
     )
     document = scrape_config(
-        settings, rules=[ALERT_RULES], interval_s=5, alertmanager="127.0.0.1:19593"
+        settings,
+        rules=[ALERT_RULES],
+        interval_s=5,
+        kinds=KINDS,
+        alertmanager="127.0.0.1:19593",
     )
     targets = {
         job["job_name"]: job["static_configs"][0]["targets"]
@@ -175,6 +267,25 @@ def test_the_generated_configuration_follows_the_settings(tmp_path: Path) -> Non
     path.write_text(json.dumps(document))
     result = promtool("check", "config", path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_alert_forwarder_is_scraped_only_when_named() -> None:
+    """The forwarder is an add-on most hosts do not run: scraped by default,
+    it fired ModelgateTargetDown there. Named, it is scraped like any kind."""
+    settings = load_settings()
+    assert set(DEFAULT_KINDS) == set(KINDS) - {"forwarder"}
+    jobs = [job["job_name"] for job in scrape_config(settings)["scrape_configs"]]
+    assert "modelgate-forwarder" not in jobs and len(jobs) == 4, jobs
+    result = CliRunner().invoke(app, ["monitoring", "prometheus-config"])
+    assert result.exit_code == 0, result.output
+    assert "modelgate-forwarder" not in result.stdout
+    named = CliRunner().invoke(
+        app,
+        ["monitoring", "prometheus-config", "--kind", "worker", "--kind", "forwarder"],
+    )
+    assert named.exit_code == 0, named.output
+    jobs = [job["job_name"] for job in json.loads(named.stdout)["scrape_configs"]]
+    assert jobs == ["modelgate-worker", "modelgate-forwarder"]
 
 
 def test_kinds_and_settings_that_give_nothing_sensible_are_refused() -> None:
@@ -212,7 +323,7 @@ def test_the_command_prints_a_configuration_promtool_accepts(tmp_path: Path) -> 
     checked = promtool("check", "config", path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     jobs = [job["job_name"] for job in json.loads(result.stdout)["scrape_configs"]]
-    assert jobs == [job for job, _ in JOBS]
+    assert jobs == [job for job, _ in JOBS if job != "modelgate-forwarder"]
     assert len(KINDS) == len(JOBS) == 5
     missing = CliRunner().invoke(
         app, ["monitoring", "prometheus-config", "--rules", str(tmp_path / "none.yml")]

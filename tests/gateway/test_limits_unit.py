@@ -3,15 +3,25 @@ compilation and overrides, and the local limiter used without Redis."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter
+from redis.asyncio import Redis
 
 from gateway.config import LimitsConfig, PlanConfig, load_settings
-from gateway.errors import ERROR_CODES, ConfigError
+from gateway.errors import ERROR_CODES, ConfigError, StoreError
 from gateway.keys import canonical_overrides
-from gateway.limits import LocalLimiter
-from gateway.store import AdmitItem, apply_overrides, compile_plan
+from gateway.limits import Admitter, LocalLimiter
+from gateway.store import (
+    Admission,
+    AdmitItem,
+    CounterStore,
+    apply_overrides,
+    compile_plan,
+)
 
 
 @pytest.mark.parametrize(
@@ -98,7 +108,9 @@ class FakeClock:
 
 def local(plan: dict[str, Any], clock: FakeClock) -> tuple[LocalLimiter, Any]:
     limits = LimitsConfig.model_validate({"plans": {"p": plan}})
-    return LocalLimiter(clock), compile_plan(limits, limits.plan("p"))
+    return LocalLimiter(backlog_s=900.0, clock_s=clock), compile_plan(
+        limits, limits.plan("p")
+    )
 
 
 def test_local_limiter_applies_rate_quota_and_in_flight() -> None:
@@ -128,6 +140,56 @@ def test_local_limiter_applies_rate_quota_and_in_flight() -> None:
     assert quota.retry_after_ms == 375  # until midnight UTC
     clock.now_s += 0.375
     assert limiter.decide(item, plan).outcome == "ok"  # a new day
+
+
+async def test_without_redis_a_backlog_is_judged_over_the_replay_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """admit.lua judges a request at its broker time, no further back than
+    auth.replay_window_s; the local limiter standing in for it must use the
+    same bound, not one of its own (it used a fixed 300 s)."""
+    settings = load_settings(
+        auth={"replay_window_s": 1200},
+        limits={
+            "plans": {
+                "default": {
+                    "rules": [{"limit": 1, "window_s": 1, "burst": 1}],
+                    "fail_mode": "open",
+                }
+            }
+        },
+    )
+    # Never connected: admit_batch is replaced by a Redis outage below. The
+    # address is loopback all the same, so nothing could leave the machine.
+    store = CounterStore(Redis(host="127.0.0.1", port=36379), settings)
+
+    async def redis_down(items: Sequence[AdmitItem]) -> list[Admission]:
+        raise StoreError("redis unreachable (test)")
+
+    monkeypatch.setattr(store, "admit_batch", redis_down)
+    counter = Counter("t", "t", ["mode"], registry=CollectorRegistry())
+    admitter = Admitter(store, counter)
+
+    def sent(client: str, seconds_ago: float, n: int) -> AdmitItem:
+        return AdmitItem(
+            client, f"r{n}", f"0:{n}", sent_us=(time.time() - seconds_ago) * 1e6
+        )
+
+    # Sent 1000 s and 998 s ago, inside the 1200 s window: judged 2 s apart,
+    # so both pass a 1/s bucket (a 300 s bound judged both at now - 300 s,
+    # the second refused).
+    inside = await admitter.admit([sent("a", 1000, 0), sent("a", 998, 1)])
+    assert [a.outcome for a in inside] == ["ok", "ok"], inside
+    assert all(a.without_store for a in inside)
+    # Older than the window: both judged at now - 1200 s, as admit.lua would.
+    beyond = await admitter.admit([sent("b", 1500, 2), sent("b", 1400, 3)])
+    assert [a.outcome for a in beyond] == ["ok", "rate_limited"], beyond
+
+
+def test_local_limiter_refuses_a_backlog_bound_that_is_not_one() -> None:
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="backlog_s"):
+            LocalLimiter(backlog_s=bad)
 
 
 def test_new_codes_are_documented() -> None:

@@ -30,7 +30,7 @@ from gateway.clientview import ClientView
 from gateway.config import LimitsConfig, Settings, load_settings
 from gateway.errors import StoreError
 from gateway.keys import KeyStore
-from gateway.limits import Admitter, LocalLimiter
+from gateway.limits import Admitter
 from gateway.metrics import WorkerMetrics
 from gateway.redis_breaker import breaker_for
 from gateway.store import AdmitItem, CounterStore, gcra, redis_from_settings
@@ -520,7 +520,7 @@ async def admitter_for(
     metrics = WorkerMetrics()
     counters = CounterStore(client, settings)
     return (
-        Admitter(counters, metrics.decisions_without_store, LocalLimiter()),
+        Admitter(counters, metrics.decisions_without_store),
         metrics,
         client,
     )
