@@ -24,7 +24,8 @@ FRONTDOOR_CODES: dict[str, str] = {
     "NOT_FOUND": "no such path",
     "METHOD_NOT_ALLOWED": "the path does not take this method",
     "HEADERS_TOO_LARGE": "the request line and headers exceed 64 KiB",
-    "AUTH_AMBIGUOUS": "Authorization or X-API-Key appears more than once",
+    "AUTH_AMBIGUOUS": "Authorization or X-API-Key appears more than once, "
+    "or the two carry different credentials",
 }
 
 _VALIDATION = (

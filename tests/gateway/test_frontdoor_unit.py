@@ -476,6 +476,30 @@ async def test_a_store_outage_shows_the_caller_no_internal_address(
     assert logged and logged[0].__dict__["code"] == "STORE_UNAVAILABLE"
 
 
+@pytest.mark.parametrize(
+    ("x_api_key", "code"),
+    [("someone-elses-token", "AUTH_AMBIGUOUS"), (_GOOD_TOKEN, "SCHEMA_INVALID")],
+    ids=["different", "equal"],
+)
+async def test_bearer_and_x_api_key_must_agree(x_api_key: str, code: str) -> None:
+    """A Bearer token and a different X-API-Key: the Bearer one was used
+    silently. Equal ones name one key and pass the key check, so the empty
+    body is what gets refused next."""
+    import httpx
+
+    transport = httpx.ASGITransport(app=_served_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        answer = await http.post(
+            "/v2/models/digits/infer",
+            json={"inputs": []},
+            headers={"Authorization": f"Bearer {_GOOD_TOKEN}", "X-API-Key": x_api_key},
+        )
+    assert answer.json()["code"] == code, answer.text
+    if code == "AUTH_AMBIGUOUS":
+        assert answer.status_code == 400
+        assert answer.json()["retriable"] is False
+
+
 async def test_health_answers_head_like_get_without_a_body() -> None:
     """Load balancers probe with HEAD; it was a 405."""
     import httpx
