@@ -198,8 +198,9 @@ class WrongPartitionError(AuthError):
 
 
 class AmbiguousCredentialsError(AuthError):
-    """The request carried ``Authorization`` or ``X-API-Key`` more than once
-    (HTTP 400): the front door uses no credential it would have to pick."""
+    """The request carried ``Authorization`` or ``X-API-Key`` more than once,
+    or a ``Bearer`` credential and an ``X-API-Key`` that differ (HTTP 400):
+    the front door uses no credential it would have to pick."""
 
     default_code = "AUTH_AMBIGUOUS"
 

@@ -98,7 +98,8 @@ def _add_handlers(app: FastAPI) -> None:
     async def modelgate_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ModelgateError)
         logger.debug("refused %s", exc.code, extra={"path": request.url.path})
-        return response_for_error(exc, path=request.url.path)
+        door: FrontDoor = request.app.state.frontdoor
+        return response_for_error(exc, path=request.url.path, log=door.error_log)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: Exception) -> JSONResponse:

@@ -39,7 +39,10 @@ def api_token(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     header: Annotated[str | None, Depends(_api_key)],
 ) -> str | None:
-    """The presented token: ``Authorization: Bearer`` first, else ``X-API-Key``."""
+    """The presented token: ``Authorization: Bearer`` first, else ``X-API-Key``.
+
+    OpenAPI only; :func:`token_of` is the check that runs (and refuses two
+    different tokens)."""
     if bearer is not None and bearer.credentials:
         return bearer.credentials
     return header or None
@@ -55,7 +58,9 @@ def token_of(headers: Headers) -> str | None:
     AuthError
         ``AUTH_AMBIGUOUS`` (400) if either header appears more than once:
         which copy counts would be ours to guess, and a proxy in front may
-        have read the other one.
+        have read the other one. Also if a ``Bearer`` credential and an
+        ``X-API-Key`` both arrive and differ, for the same reason; equal
+        ones name one key and are accepted.
     """
     for name in ("authorization", "x-api-key"):
         if len(headers.getlist(name)) > 1:
@@ -64,9 +69,15 @@ def token_of(headers: Headers) -> str | None:
                 code="AUTH_AMBIGUOUS",
             )
     scheme, credentials = get_authorization_scheme_param(headers.get("authorization"))
+    header = headers.get("x-api-key") or None
     if scheme.lower() == "bearer" and credentials:
+        if header is not None and header != credentials:
+            raise AuthError(
+                "Authorization and X-API-Key carry different credentials; send one",
+                code="AUTH_AMBIGUOUS",
+            )
         return credentials
-    return headers.get("x-api-key") or None
+    return header
 
 
 Door = Annotated[FrontDoor, Depends(get_frontdoor)]

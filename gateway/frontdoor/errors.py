@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from starlette.responses import JSONResponse
 
@@ -24,7 +27,8 @@ FRONTDOOR_CODES: dict[str, str] = {
     "NOT_FOUND": "no such path",
     "METHOD_NOT_ALLOWED": "the path does not take this method",
     "HEADERS_TOO_LARGE": "the request line and headers exceed 64 KiB",
-    "AUTH_AMBIGUOUS": "Authorization or X-API-Key appears more than once",
+    "AUTH_AMBIGUOUS": "Authorization or X-API-Key appears more than once, "
+    "or the two carry different credentials",
 }
 
 _VALIDATION = (
@@ -139,23 +143,72 @@ def retry_after_s(retry_after_ms: int) -> int:
     return max(1, math.ceil(retry_after_ms / 1000))
 
 
-def public_message(code: str, message: str, *, path: str, source: str) -> str:
+@dataclass
+class _Quiet:
+    """One code's logging state: when its last line went out, and how many
+    of its answers have gone unlogged since."""
+
+    logged_at: float
+    suppressed: int = 0
+
+
+class ErrorLogThrottle:
+    """Keeps a store or broker outage from logging one line per refused
+    request. Per code: the first answer is logged; later ones within
+    ``every_s`` of the last line are counted, and the first answer after that
+    logs one summary line with ``count`` (how many went unlogged) and its own
+    ``detail``.
+
+    Known shortcoming: the count is flushed by the next answer with that code,
+    not by a timer, so answers suppressed at the very end of an outage are
+    never reported.
+    """
+
+    def __init__(
+        self, every_s: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.every_s = every_s
+        self._clock = clock
+        self._codes: dict[str, _Quiet] = {}
+
+    def log(
+        self, level: int, code: str, detail: str, *, path: str, source: str
+    ) -> None:
+        """Log (or count) one answer given a generic message for ``code``."""
+        now = self._clock()
+        quiet = self._codes.get(code)
+        fields = {"code": code, "detail": detail, "path": path, "source": source}
+        if quiet is None:
+            self._codes[code] = _Quiet(logged_at=now)
+            logger.log(level, "answered %s with a generic message", code, extra=fields)
+            return
+        if now - quiet.logged_at < self.every_s:
+            quiet.suppressed += 1
+            return
+        count, quiet.suppressed, quiet.logged_at = quiet.suppressed, 0, now
+        logger.log(
+            level,
+            "answered %s with a generic message; %d more since the last line",
+            code,
+            count,
+            extra={**fields, "count": count},
+        )
+
+
+def public_message(
+    code: str, message: str, *, path: str, source: str, log: ErrorLogThrottle
+) -> str:
     """The message a caller may see for ``code``: ``message`` itself, or for
     a failure behind the front door (``PUBLIC_MESSAGES``) a generic one, the
-    original being logged with ``code``, ``path`` and ``source`` (``frontdoor``
-    or ``worker``: who raised it)."""
+    original being logged through ``log`` with ``code``, ``path`` and
+    ``source`` (``frontdoor`` or ``worker``: who raised it)."""
     generic = PUBLIC_MESSAGES.get(code)
     if generic is None or message == generic:
         return message
     # A worker's answer was logged by the worker already; ours is not logged
     # anywhere else.
     level = logging.WARNING if source == "frontdoor" else logging.INFO
-    logger.log(
-        level,
-        "answered %s with a generic message",
-        code,
-        extra={"code": code, "detail": message, "path": path, "source": source},
-    )
+    log.log(level, code, message, path=path, source=source)
     return generic
 
 
@@ -181,7 +234,11 @@ def error_response(
     )
 
 
-def response_for_error(exc: ModelgateError, *, path: str) -> JSONResponse:
+def response_for_error(
+    exc: ModelgateError, *, path: str, log: ErrorLogThrottle
+) -> JSONResponse:
     """The HTTP answer for an error the front door raised itself."""
-    message = public_message(exc.code, exc.message, path=path, source="frontdoor")
+    message = public_message(
+        exc.code, exc.message, path=path, source="frontdoor", log=log
+    )
     return error_response(exc.code, message, exc.retriable)

@@ -41,6 +41,7 @@ from gateway.errors import (
     ValidationError,
 )
 from gateway.frontdoor import metrics as fd_metrics
+from gateway.frontdoor.errors import ErrorLogThrottle
 from gateway.keys import ApiKey, KeyStore, authenticate, load_server_key
 from gateway.models import ModelSignature
 from gateway.store import RedisClient, redis_from_settings
@@ -150,6 +151,8 @@ class FrontDoor:
         self.reply_topic = reply_topic_for(settings)
         # None until start has read them: no model is known served or not.
         self.signatures: dict[str, ModelSignature] | None = None
+        # One per front door, so that one outage is summarised, not logged per request.
+        self.error_log = ErrorLogThrottle()
         self._server_key = server_key
         self._transport = KafkaTransport(settings, reply_topic=self.reply_topic)
         self._redis: RedisClient | None = None

@@ -476,6 +476,92 @@ async def test_a_store_outage_shows_the_caller_no_internal_address(
     assert logged and logged[0].__dict__["code"] == "STORE_UNAVAILABLE"
 
 
+@pytest.mark.parametrize(
+    ("x_api_key", "code"),
+    [("someone-elses-token", "AUTH_AMBIGUOUS"), (_GOOD_TOKEN, "SCHEMA_INVALID")],
+    ids=["different", "equal"],
+)
+async def test_bearer_and_x_api_key_must_agree(x_api_key: str, code: str) -> None:
+    """A Bearer token and a different X-API-Key: the Bearer one was used
+    silently. Equal ones name one key and pass the key check, so the empty
+    body is what gets refused next."""
+    import httpx
+
+    transport = httpx.ASGITransport(app=_served_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        answer = await http.post(
+            "/v2/models/digits/infer",
+            json={"inputs": []},
+            headers={"Authorization": f"Bearer {_GOOD_TOKEN}", "X-API-Key": x_api_key},
+        )
+    assert answer.json()["code"] == code, answer.text
+    if code == "AUTH_AMBIGUOUS":
+        assert answer.status_code == 400
+        assert answer.json()["retriable"] is False
+
+
+def test_an_outage_logs_the_first_refusal_then_a_summary_per_code(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Redis outage logged one warning per refused request. With a fake
+    clock: the first line, silence within ``every_s``, then one summary with
+    the count, each code on its own."""
+    from gateway.frontdoor.errors import ErrorLogThrottle, public_message
+
+    now = [100.0]
+    log = ErrorLogThrottle(every_s=10.0, clock=lambda: now[0])
+
+    def refuse(code: str, n: int) -> None:
+        for i in range(n):
+            public_message(code, f"down {i}", path="/p", source="frontdoor", log=log)
+
+    with caplog.at_level("WARNING", logger="gateway.frontdoor.errors"):
+        refuse("STORE_UNAVAILABLE", 50)
+        refuse("BROKER_UNAVAILABLE", 3)  # its own first line, not suppressed
+        now[0] += 9.9
+        refuse("STORE_UNAVAILABLE", 5)
+        now[0] += 0.1
+        refuse("STORE_UNAVAILABLE", 2)
+    lines = [
+        (r.__dict__["code"], r.__dict__.get("count"), r.__dict__["detail"])
+        for r in caplog.records
+    ]
+    assert lines == [
+        ("STORE_UNAVAILABLE", None, "down 0"),
+        ("BROKER_UNAVAILABLE", None, "down 0"),
+        # 49 + 5 unlogged since the first line; this one is the summary.
+        ("STORE_UNAVAILABLE", 54, "down 0"),
+    ]
+
+
+async def test_a_store_outage_under_load_is_not_logged_per_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Through the app: twenty refused requests, one log line."""
+    import httpx
+
+    from gateway.errors import StoreError
+
+    app = _served_app()
+
+    async def check_key(token: str | None, model: str) -> object:
+        raise StoreError("redis keys.get_many: circuit open")
+
+    app.state.frontdoor.check_key = check_key
+    transport = httpx.ASGITransport(app=app)
+    with caplog.at_level("WARNING", logger="gateway.frontdoor.errors"):
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            for _ in range(20):
+                answer = await http.post(
+                    "/v2/models/digits/infer",
+                    json={"inputs": []},
+                    headers={"X-API-Key": _GOOD_TOKEN},
+                )
+                assert answer.json()["code"] == "STORE_UNAVAILABLE"
+    codes = [r.__dict__.get("code") for r in caplog.records]
+    assert codes == ["STORE_UNAVAILABLE"], codes
+
+
 async def test_health_answers_head_like_get_without_a_body() -> None:
     """Load balancers probe with HEAD; it was a 405."""
     import httpx

@@ -161,7 +161,11 @@ async def _infer(
         return error_response(
             code,
             public_message(
-                code, message, path=f"/v2/models/{model}/infer", source="worker"
+                code,
+                message,
+                path=f"/v2/models/{model}/infer",
+                source="worker",
+                log=door.error_log,
             ),
             error.retriable if error is not None else False,
             retry_after_ms=answer.retry_after_ms,
