@@ -42,6 +42,17 @@ class TrafficParams(DetectorParams):
     regular_tolerance: float = Field(0.05, gt=0.0, lt=1.0)
     """A gap within this fraction of the median gap counts as regular."""
 
+    stall_s: float = Field(1.0, ge=0.0, le=3600.0)
+    """Seconds past which a wait for the gateway's answer is the gateway's,
+    not the client's: a closed-loop client cannot send while it waits, so
+    Redis frozen for 15 s (24 s without answers, with the worker's back-off)
+    put one 24 s gap among a fast client's 30 to 100 ms ones (burstiness 4.9
+    of at most 5.5, and a block) although the client never paused. Gaps
+    after a longer wait are measured from the answer instead (see
+    :func:`~detectors._traffickernels.push_and_measure`). Answers normally
+    take tens of milliseconds; a worker taking over a second per batch under
+    load also has its share of each gap taken out. 0 turns this off."""
+
     z_half: float = Field(3.0, gt=0.0, le=100.0)
     """z-score at which the score is 0.5 (score = z / (z + z_half))."""
 

@@ -108,16 +108,8 @@ coefficient of variation of ``W - 1`` gaps is at most ``sqrt(W - 2)``, 32 at
 the largest window."""
 
 
-STALL_S = 1.0
-"""Seconds past which a wait for the gateway's answer is the gateway's,
-not the client's: a closed-loop client cannot send while it waits, so
-Redis frozen for 15 s (24 s without answers, with the worker's back-off)
-put one 24 s gap among a fast client's 30 to 100 ms ones (burstiness 4.9
-of at most 5.5, and a block) although the client never paused. Gaps
-after a longer wait are measured from the answer instead (see
-:func:`~detectors._traffickernels.push_and_measure`). Answers normally take
-tens of milliseconds; a worker taking over a second per batch under load
-also has its share of each gap taken out."""
+STALL_S: float = TrafficParams.model_fields["stall_s"].default
+"""The default of :attr:`TrafficParams.stall_s`."""
 
 _MAX_COHORT_SCORE = 0.999
 """Scores stay below 1, as ``z / (z + z_half)`` does."""
@@ -199,7 +191,7 @@ class TrafficDetector(Detector[TrafficParams]):
     - arrival times are the Kafka record times of the requests, to the
       millisecond: rows of one request are one arrival, and requests in the
       same millisecond look like one;
-    - a gap that follows an answer more than :data:`STALL_S` late is
+    - a gap that follows an answer more than ``stall_s`` late is
       measured from that answer (the client was waiting for the gateway);
       a broker that stalls stamps the requests producers held back all
       at once, and that burst is the broker's, unrecognised here (after a
@@ -281,6 +273,7 @@ class TrafficDetector(Detector[TrafficParams]):
         {
             "stride",
             "regular_tolerance",
+            "stall_s",
             "z_half",
             "threshold",
             "min_queries",
@@ -561,7 +554,7 @@ class TrafficDetector(Detector[TrafficParams]):
             arrays["matches"],
             TIME_RESOLUTION_S / p.cohort_tolerance,
             arrays["answered_s"],
-            STALL_S,
+            p.stall_s,
             judged,
             stats,
         )

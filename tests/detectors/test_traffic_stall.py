@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from detectors.traffic import STALL_S, TrafficDetector
+from detectors.traffic import STALL_S, TrafficDetector, TrafficParams
 
 T0 = 1.7e9
 ROUND_TRIP_S = 0.03
@@ -93,3 +93,21 @@ def test_waits_under_stall_s_and_open_loop_keys_are_measured_as_before() -> None
         ring = with_answers._arena.arrays["times"]  # type: ignore[union-attr]
         assert np.array_equal(ring, replay._arena.arrays["times"])  # type: ignore[union-attr]
         assert _burstiness(with_answers, "k") == _burstiness(replay, "k")
+
+
+def test_stall_s_is_a_live_parameter_and_zero_turns_the_rule_off() -> None:
+    batches = _closed_loop(np.random.default_rng(3), 64, stall_at=40, stall_s=15.0)
+    off = TrafficDetector(TrafficParams(stall_s=0.0))
+    _send(off, "k", batches)
+    assert _burstiness(off, "k") > 4.0
+    # Raised live past the stall before it happens: the wait is the client's.
+    above = TrafficDetector()
+    _send(above, "k", batches[:30])
+    above.set_params(stall_s=20.0)
+    _send(above, "k", batches[30:])
+    assert _burstiness(above, "k") > 4.0
+    below = TrafficDetector()
+    _send(below, "k", batches[:30])
+    below.set_params(stall_s=10.0)
+    _send(below, "k", batches[30:])
+    assert _burstiness(below, "k") < 1.5
